@@ -1,0 +1,34 @@
+# The two commands a newcomer needs: `make run` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+STAMP := $(VENV)/.installed-stamp
+PORT ?= 8080
+
+.PHONY: run test lint bench venv clean
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "idgate needs Python >= 3.11")'
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet -e '.[test]'
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+## Run the gateway on 127.0.0.1:$(PORT) with the example config (embedded: SQLite + files under ./var).
+run: $(STAMP)
+	$(VENV)/bin/idgate serve --config idgate.example.toml --port $(PORT)
+
+## Run the whole test suite (uses PostgreSQL and Redis on localhost where a feature needs them).
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check gateway identity consent export tests bench
+
+## Benchmarks print figures; see README "Benchmarks".
+bench: $(STAMP)
+	$(VENV)/bin/python bench/ingest.py
+
+clean:
+	rm -rf $(VENV) var .pytest_cache

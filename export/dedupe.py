@@ -1,0 +1,75 @@
+"""Message-id dedupe shared by all replicas, on Redis (used when REDIS_URL is set).
+
+A message id is first *claimed* (a short-lived "pending" mark), then *confirmed* for the
+dedupe window once the outbox append is durable. A replica that dies between claim and
+append leaves only the pending mark, which expires, so the client's retry is accepted
+later instead of being dropped as a duplicate. A retry that arrives while the claim is
+still pending is answered "in flight, retry later", never silently dropped.
+
+Keys hold a hash of source and message id, never the id itself.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Sequence
+from enum import IntEnum
+
+import redis.asyncio as aioredis
+
+from export.outbox import dedupe_key
+
+
+class ClaimStatus(IntEnum):
+    DUPLICATE = 0
+    NEW = 1
+    IN_FLIGHT = 2
+
+
+_CLAIM = """
+local out = {}
+for i, key in ipairs(KEYS) do
+  if redis.call('SET', key, 'p', 'NX', 'EX', ARGV[1]) then
+    out[i] = 1
+  elseif redis.call('GET', key) == 'p' then
+    out[i] = 2
+  else
+    out[i] = 0
+  end
+end
+return out
+"""
+
+
+class RedisDedupe:
+    def __init__(self, client: aioredis.Redis, *, window_seconds: int, claim_seconds: int = 30,
+                 prefix: str = "idgate:dedupe") -> None:
+        self.client = client
+        self.window_seconds = window_seconds
+        self.claim_seconds = claim_seconds
+        self.prefix = prefix
+        self._claim = client.register_script(_CLAIM)
+
+    def key(self, source: str, message_id: str) -> str:
+        digest = base64.urlsafe_b64encode(dedupe_key(source, message_id)).rstrip(b"=").decode()
+        # The hash tag keeps one source's keys in one cluster slot, so the claim script
+        # can touch a whole batch at once.
+        return f"{self.prefix}:{{{source}}}:{digest}"
+
+    async def claim(self, keys: Sequence[str]) -> list[ClaimStatus]:
+        if not keys:
+            return []
+        result = await self._claim(keys=list(keys), args=[self.claim_seconds])
+        return [ClaimStatus(int(x)) for x in result]
+
+    async def confirm(self, keys: Sequence[str]) -> None:
+        if not keys:
+            return
+        async with self.client.pipeline(transaction=False) as pipe:
+            for k in keys:
+                pipe.set(k, "d", ex=self.window_seconds)
+            await pipe.execute()
+
+    async def release(self, keys: Sequence[str]) -> None:
+        if keys:
+            await self.client.delete(*keys)

@@ -1,0 +1,124 @@
+"""In-process delivery: one worker per destination moves events from the outbox to its sink.
+
+Each destination has its own cursor, so a slow or failing destination never holds back
+the others. A failed write is cut back to the last commit and retried with exponential
+backoff and jitter; nothing is skipped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Sequence
+
+import structlog
+from prometheus_client import Counter
+
+from export.outbox import SqliteOutbox
+from export.sinks import Sink
+
+log = structlog.get_logger(__name__)
+
+DELIVERED = Counter("idgate_delivered_events_total", "Events written to a destination", ["destination"])
+DELIVERY_ERRORS = Counter("idgate_delivery_errors_total", "Failed delivery attempts", ["destination"])
+
+
+class DeliveryWorker:
+    def __init__(
+        self, outbox: SqliteOutbox, sink: Sink, *, batch_size: int = 2000, poll_seconds: float = 0.2
+    ) -> None:
+        self.outbox = outbox
+        self.sink = sink
+        self.destination = sink.destination
+        self.batch_size = batch_size
+        self.poll_seconds = poll_seconds
+        self.wakeup = asyncio.Event()
+        self.last_seq = 0
+        self.healthy = True
+
+    async def _recover(self) -> None:
+        state = await self.outbox.delivery_state(self.destination)
+        self.last_seq = state.last_seq
+        removed = await asyncio.to_thread(self.sink.recover, state.sink_files)
+        if removed:
+            log.warning("delivery.recovered", destination=self.destination, truncated_bytes=removed)
+
+    async def step(self) -> int:
+        """Deliver one batch; returns how many outbox rows it moved past."""
+        rows = await self.outbox.read_after(self.last_seq, self.batch_size)
+        if not rows:
+            return 0
+        mine = [r for r in rows if self.destination in r.destinations]
+        sizes = await asyncio.to_thread(self.sink.write, mine) if mine else {}
+        await self.outbox.commit_delivery(self.destination, rows[-1].seq, len(mine), sizes)
+        self.last_seq = rows[-1].seq
+        DELIVERED.labels(self.destination).inc(len(mine))
+        return len(rows)
+
+    async def run(self) -> None:
+        await self._recover()
+        failures = 0
+        while True:
+            try:
+                moved = await self.step()
+                failures = 0
+                self.healthy = True
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                failures += 1
+                self.healthy = False
+                DELIVERY_ERRORS.labels(self.destination).inc()
+                delay = min(30.0, 0.1 * 2**failures) * random.uniform(0.5, 1.0)
+                log.error("delivery.failed", destination=self.destination, error=type(exc).__name__,
+                          attempt=failures, retry_in=round(delay, 2))
+                await asyncio.sleep(delay)
+                try:
+                    await self._recover()
+                except Exception as rexc:  # the next loop turn retries both
+                    log.error("delivery.recover_failed", destination=self.destination, error=type(rexc).__name__)
+                continue
+            if moved < self.batch_size:
+                self.wakeup.clear()
+                try:
+                    await asyncio.wait_for(self.wakeup.wait(), self.poll_seconds)
+                except TimeoutError:
+                    pass
+
+
+class DeliveryService:
+    """Runs the destination workers and the outbox pruning as background tasks."""
+
+    def __init__(self, outbox: SqliteOutbox, workers: Sequence[DeliveryWorker], prune_seconds: float = 30) -> None:
+        self.outbox = outbox
+        self.workers = list(workers)
+        self.prune_seconds = prune_seconds
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def notify(self) -> None:
+        for w in self.workers:
+            w.wakeup.set()
+
+    async def _prune_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.prune_seconds)
+            try:
+                delivered, expired = await self.outbox.prune()
+                if delivered or expired:
+                    log.info("outbox.pruned", delivered_rows=delivered, expired_dedupe=expired)
+            except Exception as exc:
+                log.error("outbox.prune_failed", error=type(exc).__name__)
+
+    async def start(self) -> None:
+        await self.outbox.register_destinations(w.destination for w in self.workers)
+        for w in self.workers:
+            self._tasks.append(asyncio.create_task(w.run(), name=f"deliver-{w.destination}"))
+        self._tasks.append(asyncio.create_task(self._prune_loop(), name="outbox-prune"))
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        for w in self.workers:
+            w.sink.close()

@@ -1,0 +1,366 @@
+"""The durable outbox: the gateway's ack point, with message-id dedupe and delivery cursors.
+
+Embedded mode keeps it in one SQLite database in WAL mode. All writes go through a single
+writer thread that takes every job waiting in its queue and commits them in one
+transaction with ``synchronous=FULL`` (group commit): one fsync serves many concurrent
+requests, and an append's future resolves only after that fsync, so an acknowledged event
+survives a kill -9 of the process.
+
+Each destination has a delivery cursor (last delivered sequence number) and the committed
+byte sizes of its sink files, updated in one transaction, which is what makes the file
+sink exactly-once across crashes (see export.sinks).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+import msgspec
+import structlog
+
+log = structlog.get_logger(__name__)
+T = TypeVar("T")
+
+SCHEMA_VERSION = 1
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS outbox (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    tenant TEXT NOT NULL,
+    source TEXT NOT NULL,
+    message_id TEXT NOT NULL,
+    received_at_ms INTEGER NOT NULL,
+    destinations TEXT NOT NULL,
+    payload BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS dedupe (
+    key BLOB PRIMARY KEY,
+    seen_at_ms INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS delivery_cursor (
+    destination TEXT PRIMARY KEY,
+    last_seq INTEGER NOT NULL,
+    delivered INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS sink_file (
+    destination TEXT NOT NULL,
+    file TEXT NOT NULL,
+    committed_bytes INTEGER NOT NULL,
+    PRIMARY KEY (destination, file)
+) WITHOUT ROWID;
+"""
+
+
+class OutboxUnavailable(Exception):
+    """The outbox could not durably store the events; nothing from the request was acked."""
+
+
+class OutboxRecord(msgspec.Struct, frozen=True):
+    tenant: str
+    source: str
+    message_id: str
+    received_at_ms: int
+    destinations: tuple[str, ...]
+    payload: bytes
+
+
+class StoredRecord(msgspec.Struct, frozen=True):
+    seq: int
+    received_at_ms: int
+    destinations: tuple[str, ...]
+    payload: bytes
+
+
+class DeliveryState(msgspec.Struct):
+    last_seq: int
+    delivered: int
+    sink_files: dict[str, int]
+
+
+def dedupe_key(source: str, message_id: str) -> bytes:
+    """Message ids are hashed with their source so the dedupe table holds nothing readable."""
+    return hashlib.blake2b(f"{source}\x1f{message_id}".encode(), digest_size=16).digest()
+
+
+class Outbox(Protocol):
+    async def append(self, records: Sequence[OutboxRecord], *, dedupe: bool) -> list[bool]: ...
+    async def read_after(self, last_seq: int, limit: int) -> list[StoredRecord]: ...
+    async def delivery_state(self, destination: str) -> DeliveryState: ...
+    async def commit_delivery(
+        self, destination: str, last_seq: int, delivered: int, sink_files: dict[str, int]
+    ) -> None: ...
+    async def pending(self) -> int: ...
+    async def prune(self) -> tuple[int, int]: ...
+
+
+class _Job:
+    __slots__ = ("fn", "future")
+
+    def __init__(self, fn: Callable[[sqlite3.Connection], Any]) -> None:
+        self.fn = fn
+        self.future: Future[Any] = Future()
+
+
+_STOP = object()
+
+
+class SqliteOutbox:
+    """Embedded outbox on SQLite with a group-committing writer thread."""
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        dedupe_window_seconds: int = 24 * 3600,
+        max_group: int = 512,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.path = path
+        self.dedupe_window_ms = dedupe_window_seconds * 1000
+        self._max_group = max_group
+        self._clock = clock
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._reader: sqlite3.Connection | None = None
+        self._reader_lock = threading.Lock()
+        self.commits = 0
+        self.jobs_committed = 0
+
+    # -- lifecycle -------------------------------------------------------------------
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("PRAGMA busy_timeout=30000")
+        return conn
+
+    def open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        writer = self._connect()
+        (version,) = writer.execute("PRAGMA user_version").fetchone()
+        if version > SCHEMA_VERSION:
+            raise OutboxUnavailable(f"outbox schema {version} is newer than this idgate ({SCHEMA_VERSION})")
+        writer.executescript(_SCHEMA)
+        writer.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        self._reader = self._connect()
+        self._thread = threading.Thread(target=self._run, args=(writer,), name="outbox-writer", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self._queue.put(_STOP)
+            self._thread.join(timeout=30)
+            self._thread = None
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    # -- the writer thread -----------------------------------------------------------
+    def _run(self, conn: sqlite3.Connection) -> None:
+        try:
+            while True:
+                first = self._queue.get()
+                if first is _STOP:
+                    return
+                jobs: list[_Job] = [first]
+                stop = False
+                while len(jobs) < self._max_group:
+                    try:
+                        nxt = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if nxt is _STOP:
+                        stop = True
+                        break
+                    jobs.append(nxt)
+                self._commit_group(conn, jobs)
+                if stop:
+                    return
+        finally:
+            conn.close()
+
+    def _commit_group(self, conn: sqlite3.Connection, jobs: list[_Job]) -> None:
+        results: list[tuple[bool, Any]] = []
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for job in jobs:
+                # A savepoint per job: one failing job leaves no half-written rows behind.
+                conn.execute("SAVEPOINT job")
+                try:
+                    results.append((True, job.fn(conn)))
+                    conn.execute("RELEASE job")
+                except Exception as exc:  # reported to that job's caller only
+                    conn.execute("ROLLBACK TO job")
+                    conn.execute("RELEASE job")
+                    results.append((False, exc))
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            log.error("outbox.commit_failed", error=type(exc).__name__, detail=str(exc), jobs=len(jobs))
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            failure = OutboxUnavailable(f"outbox commit failed: {exc}")
+            for job in jobs:
+                job.future.set_exception(failure)
+            return
+        self.commits += 1
+        self.jobs_committed += len(jobs)
+        for job, (ok, value) in zip(jobs, results, strict=True):
+            if ok:
+                job.future.set_result(value)
+            else:
+                job.future.set_exception(value)
+
+    def submit(self, fn: Callable[[sqlite3.Connection], T]) -> Future[T]:
+        if not self.alive:
+            failed: Future[T] = Future()
+            failed.set_exception(OutboxUnavailable("outbox writer is not running"))
+            return failed
+        job = _Job(fn)
+        self._queue.put(job)
+        return job.future
+
+    async def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        return await asyncio.wrap_future(self.submit(fn))
+
+    async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        def run() -> T:
+            assert self._reader is not None, "outbox is not open"
+            with self._reader_lock:
+                return fn(self._reader)
+
+        return await asyncio.to_thread(run)
+
+    # -- appends ---------------------------------------------------------------------
+    def _append_tx(self, records: Sequence[OutboxRecord], dedupe: bool, conn: sqlite3.Connection) -> list[bool]:
+        now_ms = int(self._clock() * 1000)
+        expired_before = now_ms - self.dedupe_window_ms
+        appended: list[bool] = []
+        rows = []
+        for r in records:
+            if dedupe:
+                cur = conn.execute(
+                    "INSERT INTO dedupe(key, seen_at_ms) VALUES (?, ?) "
+                    "ON CONFLICT(key) DO UPDATE SET seen_at_ms = excluded.seen_at_ms "
+                    "WHERE dedupe.seen_at_ms < ?",
+                    (dedupe_key(r.source, r.message_id), now_ms, expired_before),
+                )
+                if cur.rowcount != 1:
+                    appended.append(False)
+                    continue
+            appended.append(True)
+            if r.destinations:
+                rows.append(
+                    (r.tenant, r.source, r.message_id, r.received_at_ms, ",".join(r.destinations), r.payload)
+                )
+        conn.executemany(
+            "INSERT INTO outbox(tenant, source, message_id, received_at_ms, destinations, payload) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            rows,
+        )
+        return appended
+
+    async def append(self, records: Sequence[OutboxRecord], *, dedupe: bool) -> list[bool]:
+        """Durably append; returns per record True (stored) or False (duplicate message id).
+
+        Records with no destination still pass through dedupe but are not stored.
+        """
+        records = list(records)
+        return await self._write(lambda conn: self._append_tx(records, dedupe, conn))
+
+    def append_sync(self, records: Sequence[OutboxRecord], *, dedupe: bool) -> list[bool]:
+        records = list(records)
+        return self.submit(lambda conn: self._append_tx(records, dedupe, conn)).result()
+
+    # -- delivery --------------------------------------------------------------------
+    async def register_destinations(self, destinations: Iterable[str]) -> None:
+        names = list(destinations)
+
+        def tx(conn: sqlite3.Connection) -> None:
+            conn.executemany(
+                "INSERT OR IGNORE INTO delivery_cursor(destination, last_seq) VALUES (?, 0)",
+                [(n,) for n in names],
+            )
+
+        await self._write(tx)
+
+    async def read_after(self, last_seq: int, limit: int) -> list[StoredRecord]:
+        def q(conn: sqlite3.Connection) -> list[StoredRecord]:
+            rows = conn.execute(
+                "SELECT seq, received_at_ms, destinations, payload FROM outbox WHERE seq > ? ORDER BY seq LIMIT ?",
+                (last_seq, limit),
+            ).fetchall()
+            return [StoredRecord(s, r, tuple(d.split(",")), p) for s, r, d, p in rows]
+
+        return await self._read(q)
+
+    async def delivery_state(self, destination: str) -> DeliveryState:
+        def q(conn: sqlite3.Connection) -> DeliveryState:
+            row = conn.execute(
+                "SELECT last_seq, delivered FROM delivery_cursor WHERE destination = ?", (destination,)
+            ).fetchone()
+            files = conn.execute(
+                "SELECT file, committed_bytes FROM sink_file WHERE destination = ?", (destination,)
+            ).fetchall()
+            last_seq, delivered = row if row else (0, 0)
+            return DeliveryState(last_seq=last_seq, delivered=delivered, sink_files=dict(files))
+
+        return await self._read(q)
+
+    async def commit_delivery(
+        self, destination: str, last_seq: int, delivered: int, sink_files: dict[str, int]
+    ) -> None:
+        def tx(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT INTO delivery_cursor(destination, last_seq, delivered) VALUES (?, ?, ?) "
+                "ON CONFLICT(destination) DO UPDATE SET last_seq = excluded.last_seq, "
+                "delivered = delivery_cursor.delivered + excluded.delivered",
+                (destination, last_seq, delivered),
+            )
+            conn.executemany(
+                "INSERT INTO sink_file(destination, file, committed_bytes) VALUES (?, ?, ?) "
+                "ON CONFLICT(destination, file) DO UPDATE SET committed_bytes = excluded.committed_bytes",
+                [(destination, f, size) for f, size in sink_files.items()],
+            )
+
+        await self._write(tx)
+
+    async def pending(self) -> int:
+        """Events appended but not yet delivered to every destination."""
+
+        def q(conn: sqlite3.Connection) -> int:
+            row = conn.execute(
+                "SELECT COUNT(*) FROM outbox WHERE seq > (SELECT COALESCE(MIN(last_seq), 0) FROM delivery_cursor)"
+            ).fetchone()
+            return int(row[0])
+
+        return await self._read(q)
+
+    async def prune(self, chunk: int = 50_000) -> tuple[int, int]:
+        """Delete rows every destination has delivered and dedupe entries past the window."""
+        cutoff = int(self._clock() * 1000) - self.dedupe_window_ms
+
+        def tx(conn: sqlite3.Connection) -> tuple[int, int]:
+            delivered = conn.execute(
+                "DELETE FROM outbox WHERE seq IN (SELECT seq FROM outbox WHERE seq <= "
+                "(SELECT COALESCE(MIN(last_seq), 0) FROM delivery_cursor) LIMIT ?)",
+                (chunk,),
+            ).rowcount
+            expired = conn.execute(
+                "DELETE FROM dedupe WHERE key IN (SELECT key FROM dedupe WHERE seen_at_ms < ? LIMIT ?)",
+                (cutoff, chunk),
+            ).rowcount
+            return delivered, expired
+
+        return await self._write(tx)

@@ -1,0 +1,104 @@
+"""The ``idgate`` command line: serve, keys, config check."""
+
+from __future__ import annotations
+
+import secrets
+import sys
+from pathlib import Path
+
+import click
+
+from gateway.config import ConfigProblems, hash_write_key, load_config
+from gateway.settings import Settings, SettingsError
+from identity.pseudonym import InvalidKeyMaterial, MissingKey, new_key_document, write_private_file
+
+
+@click.group()
+def main() -> None:
+    """idgate: PIPL consent, pseudonymisation and identity resolution in front of your analytics."""
+
+
+@main.command()
+@click.option("--config", "config_path", type=click.Path(path_type=Path), default=None,
+              help="Tenant config TOML (default: $IDGATE_CONFIG or idgate.example.toml).")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8080, show_default=True, type=int)
+@click.option("--data-dir", type=click.Path(path_type=Path), default=None,
+              help="Outbox, sinks and dev keys (default: $IDGATE_DATA_DIR or ./var).")
+def serve(config_path: Path | None, host: str, port: int, data_dir: Path | None) -> None:
+    """Run the gateway."""
+    import uvicorn
+
+    from gateway.app import create_app
+    from gateway.logging import configure_logging
+
+    try:
+        settings = Settings.from_env(config_path=config_path, data_dir=data_dir)
+        configure_logging(fmt=settings.log_format, level=settings.log_level)
+        app = create_app(settings)
+        config = load_config(settings.config_path, dev=settings.dev)
+    except (SettingsError, ConfigProblems, InvalidKeyMaterial, MissingKey) as exc:
+        click.echo(f"idgate: cannot start: {exc}", err=True)
+        sys.exit(2)
+    base = f"http://{host}:{port}"
+    click.echo(f"idgate {settings.env} on {base}  (config {settings.config_path}, data {settings.data_dir})")
+    if settings.dev:
+        for tenant in config.tenants:
+            for source in tenant.sources:
+                if source.dev_write_key:
+                    click.echo(f"  write key  {tenant.id}/{source.id} ({source.platform}): {source.dev_write_key}")
+    click.echo(f"  API docs   {base}/docs   sink files under {settings.sink_dir}/")
+    uvicorn.run(app, host=host, port=port, loop="uvloop", http="httptools", log_config=None,
+                access_log=False, lifespan="on", timeout_graceful_shutdown=10)
+
+
+@main.group()
+def keys() -> None:
+    """Pseudonymisation keys and write keys."""
+
+
+@keys.command("generate")
+@click.option("--tenant", "tenants", multiple=True, required=True, help="Tenant id (repeatable).")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Key file to create or rotate (mode 0600). Without it the document goes to stdout.")
+def keys_generate(tenants: tuple[str, ...], out: Path | None) -> None:
+    """Add a new active key version per tenant (use for first keys and for rotation)."""
+    existing = out.read_text(encoding="utf-8") if out is not None and out.exists() else None
+    doc = new_key_document(list(tenants), existing)
+    if out is None:
+        click.echo(doc, nl=False)
+    else:
+        write_private_file(out, doc)
+        click.echo(f"wrote {out}; set IDGATE_KEY_FILE={out}", err=True)
+
+
+@keys.command("write-key")
+def keys_write_key() -> None:
+    """Generate a write key for a source and the hash that goes into the config."""
+    key = secrets.token_urlsafe(24)
+    click.echo(f"write key (give to the SDK): {key}")
+    click.echo(f'write_key_sha256 = "{hash_write_key(key)}"')
+
+
+@main.group()
+def config() -> None:
+    """Configuration tools."""
+
+
+@config.command("check")
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--production", is_flag=True, help="Check as IDGATE_ENV=production would (no dev keys).")
+def config_check(path: Path, production: bool) -> None:
+    """Report every problem in a config file, with its location."""
+    try:
+        cfg = load_config(path, dev=not production)
+    except ConfigProblems as exc:
+        click.echo(str(exc), err=True)
+        sys.exit(1)
+    sources = sum(len(t.sources) for t in cfg.tenants)
+    dests = sum(len(t.destinations) for t in cfg.tenants)
+    click.echo(f"{path}: OK ({len(cfg.tenants)} tenant(s), {sources} source(s), {dests} destination(s))")
+
+
+if __name__ == "__main__":
+    main()

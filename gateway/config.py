@@ -1,0 +1,245 @@
+"""The tenant configuration file (TOML): tenants, sources, purposes, tracking plan, destinations.
+
+Secrets are not in this file: write keys are stored as SHA-256 hashes, pseudonymisation
+keys come from the environment or a key file. ``check_config`` reports every problem with
+its location instead of stopping at the first one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import msgspec
+
+Platform = Literal["app", "web", "miniprogram", "server"]
+LegalBasis = Literal["consent", "contract"]
+ConsentKind = Literal["general", "separate", "guardian"]
+Region = Literal["mainland", "overseas"]
+SinkKind = Literal["jsonl"]
+
+_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+_SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+
+
+class Purpose(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    legal_basis: LegalBasis = "consent"
+    kind: ConsentKind = "general"
+    description: str = ""
+
+
+DEFAULT_PURPOSES: dict[str, Purpose] = {
+    "necessary_service": Purpose(legal_basis="contract", description="Providing the requested service"),
+    "analytics": Purpose(description="Product and usage analytics"),
+    "personalisation": Purpose(description="Personalised content and recommendations"),
+    "marketing": Purpose(description="Marketing communication"),
+    "ad_measurement": Purpose(description="Advertising measurement and attribution"),
+    "identity_linking": Purpose(description="Linking identifiers across App, Web and mini-programs"),
+    "third_party_sharing": Purpose(kind="separate", description="Sharing with third-party recipients"),
+    "cross_border": Purpose(kind="separate", description="Transfer outside mainland China"),
+    "sensitive_pi": Purpose(kind="separate", description="Processing sensitive personal information"),
+}
+
+
+class Recipient(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    name: str
+    contact: str = ""
+    third_party: bool = False
+
+
+class Source(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    id: str
+    platform: Platform
+    write_key_sha256: str = ""
+    # Accepted only when IDGATE_ENV=dev, so the shipped example runs with known demo keys.
+    dev_write_key: str = ""
+    name: str = ""
+
+
+class Destination(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    id: str
+    sink: SinkKind = "jsonl"
+    purposes: list[str] = []
+    region: Region = "mainland"
+    recipient: Recipient | None = None
+
+
+class Tenant(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    id: str
+    name: str = ""
+    sources: list[Source] = []
+    destinations: list[Destination] = []
+    purposes: dict[str, Purpose] = {}
+    # Event name -> purposes; "*" is the default for events not listed.
+    tracking_plan: dict[str, list[str]] = {}
+    # Segment context.externalIds[].type -> idgate identifier type.
+    external_id_types: dict[str, str] = {}
+
+    def all_purposes(self) -> dict[str, Purpose]:
+        return {**DEFAULT_PURPOSES, **self.purposes}
+
+    def purposes_for(self, event_name: str) -> tuple[str, ...]:
+        plan = self.tracking_plan
+        return tuple(plan.get(event_name) or plan.get("*") or ("analytics",))
+
+
+class Limits(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    max_message_bytes: int = 32 * 1024
+    max_batch_bytes: int = 500 * 1024
+    max_batch_messages: int = 2500
+    max_property_depth: int = 32
+    dedupe_window_seconds: int = 24 * 3600
+
+
+class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    tenants: list[Tenant]
+    limits: Limits = Limits()
+
+
+@dataclass(frozen=True)
+class ResolvedSource:
+    """A source with its tenant, as found from a write key."""
+
+    tenant: Tenant
+    source: Source
+    destinations: tuple[Destination, ...]
+
+
+@dataclass
+class ConfigProblems(Exception):
+    path: str
+    problems: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        return f"{self.path}: {len(self.problems)} problem(s)\n{lines}"
+
+
+def hash_write_key(write_key: str) -> str:
+    return hashlib.sha256(write_key.encode("utf-8")).hexdigest()
+
+
+def _decode_part(data: Any, type_: type, where: str, problems: list[str]) -> Any:
+    try:
+        return msgspec.convert(data, type_)
+    except msgspec.ValidationError as exc:
+        msg = str(exc)
+        # msgspec appends " - at `$.x.y`"; turn that into our dotted location.
+        text, _, at = msg.partition(" - at `$")
+        loc = where + at.rstrip("`") if at else where
+        problems.append(f"{loc}: {text}")
+        return None
+
+
+def _check_tenant(t: Tenant, where: str, dev: bool, problems: list[str], seen_keys: dict[str, str]) -> None:
+    if not _ID.match(t.id):
+        problems.append(f"{where}.id: {t.id!r} must match {_ID.pattern}")
+    purposes = t.all_purposes()
+    if not t.sources:
+        problems.append(f"{where}.sources: a tenant needs at least one source")
+    source_ids: set[str] = set()
+    for j, s in enumerate(t.sources):
+        sw = f"{where}.sources[{j}]"
+        if not _ID.match(s.id):
+            problems.append(f"{sw}.id: {s.id!r} must match {_ID.pattern}")
+        if s.id in source_ids:
+            problems.append(f"{sw}.id: duplicate source id {s.id!r}")
+        source_ids.add(s.id)
+        hashes = []
+        if s.write_key_sha256:
+            if not _SHA256_HEX.match(s.write_key_sha256):
+                problems.append(f"{sw}.write_key_sha256: must be 64 lowercase hex characters")
+            hashes.append(s.write_key_sha256)
+        if s.dev_write_key:
+            if not dev:
+                problems.append(
+                    f"{sw}.dev_write_key: plain write keys are only allowed with IDGATE_ENV=dev; "
+                    "use write_key_sha256 (see `idgate keys write-key`)"
+                )
+            elif len(s.dev_write_key) < 8:
+                problems.append(f"{sw}.dev_write_key: must be at least 8 characters")
+            hashes.append(hash_write_key(s.dev_write_key))
+        if not hashes:
+            problems.append(f"{sw}: needs write_key_sha256")
+        for h in hashes:
+            if h in seen_keys:
+                problems.append(f"{sw}: write key already used by {seen_keys[h]}")
+            seen_keys[h] = sw
+    dest_ids: set[str] = set()
+    for j, d in enumerate(t.destinations):
+        dw = f"{where}.destinations[{j}]"
+        if not _ID.match(d.id):
+            problems.append(f"{dw}.id: {d.id!r} must match {_ID.pattern}")
+        if d.id in dest_ids:
+            problems.append(f"{dw}.id: duplicate destination id {d.id!r}")
+        dest_ids.add(d.id)
+        for p in d.purposes:
+            if p not in purposes:
+                problems.append(f"{dw}.purposes: unknown purpose {p!r}")
+    for event_name, event_purposes in t.tracking_plan.items():
+        for p in event_purposes:
+            if p not in purposes:
+                problems.append(f"{where}.tracking_plan.{event_name!r}: unknown purpose {p!r}")
+    from identity.identifiers import IDENTIFIER_TYPES
+
+    for ext, id_type in t.external_id_types.items():
+        if id_type not in IDENTIFIER_TYPES:
+            problems.append(f"{where}.external_id_types.{ext}: unknown identifier type {id_type!r}")
+
+
+def parse_config(text: str, *, path: str = "<config>", dev: bool = False) -> Config:
+    """Parse and validate a config document; raise ConfigProblems listing every problem."""
+    problems: list[str] = []
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigProblems(path, [f"TOML syntax: {exc}"]) from None
+    raw_tenants = raw.pop("tenants", None)
+    if not isinstance(raw_tenants, list) or not raw_tenants:
+        problems.append("tenants: at least one [[tenants]] table is required")
+        raw_tenants = []
+    limits = _decode_part(raw.pop("limits", {}), Limits, "limits", problems)
+    for key in raw:
+        problems.append(f"{key}: unknown top-level key")
+    tenants: list[Tenant] = []
+    seen_keys: dict[str, str] = {}
+    tenant_ids: set[str] = set()
+    for i, rt in enumerate(raw_tenants):
+        where = f"tenants[{i}]"
+        tenant = _decode_part(rt, Tenant, where, problems)
+        if tenant is None:
+            continue
+        if tenant.id in tenant_ids:
+            problems.append(f"{where}.id: duplicate tenant id {tenant.id!r}")
+        tenant_ids.add(tenant.id)
+        _check_tenant(tenant, where, dev, problems, seen_keys)
+        tenants.append(tenant)
+    if problems:
+        raise ConfigProblems(path, problems)
+    return Config(tenants=tenants, limits=limits or Limits())
+
+
+def load_config(path: Path, *, dev: bool) -> Config:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigProblems(str(path), [f"cannot read: {exc.strerror}"]) from None
+    return parse_config(text, path=str(path), dev=dev)
+
+
+def index_write_keys(config: Config, *, dev: bool) -> dict[str, ResolvedSource]:
+    """Map write-key hash -> source, for authentication."""
+    index: dict[str, ResolvedSource] = {}
+    for tenant in config.tenants:
+        dests = tuple(tenant.destinations)
+        for source in tenant.sources:
+            resolved = ResolvedSource(tenant=tenant, source=source, destinations=dests)
+            if source.write_key_sha256:
+                index[source.write_key_sha256] = resolved
+            if dev and source.dev_write_key:
+                index[hash_write_key(source.dev_write_key)] = resolved
+    return index

@@ -1,0 +1,70 @@
+"""The internal event model every protocol adapter decodes into, and the per-batch envelope.
+
+``Event`` is what leaves the gateway (Segment spec field names, camelCase) after its
+identifiers were pseudonymised and its properties scrubbed. ``Envelope`` carries what the
+pipeline learns about an event on its way (identifiers, purposes, destinations, proof) and
+is never serialised as a whole.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import msgspec
+
+from identity.identifiers import Identifier
+
+
+class Event(msgspec.Struct, rename="camel", omit_defaults=True, kw_only=True):
+    type: str
+    message_id: str
+    timestamp: datetime
+    received_at: datetime
+    original_timestamp: datetime | None = None
+    sent_at: datetime | None = None
+    user_id: str | None = None
+    anonymous_id: str | None = None
+    previous_id: str | None = None
+    group_id: str | None = None
+    event: str | None = None
+    name: str | None = None
+    category: str | None = None
+    properties: dict[str, Any] | None = None
+    traits: dict[str, Any] | None = None
+    context: dict[str, Any] = {}
+    integrations: dict[str, Any] | None = None
+
+
+@dataclass(slots=True)
+class Envelope:
+    event: Event
+    index: int
+    # Pseudonymised identifiers found in the event (filled by pseudonymise_identifiers).
+    identifiers: list[Identifier] = field(default_factory=list)
+    purposes: tuple[str, ...] = ()
+    destinations: tuple[str, ...] = ()
+    # Ledger sequence numbers of the consent records that allowed the forward.
+    consent_proof: tuple[int, ...] = ()
+    unified_id: str | None = None
+
+
+class Rejection(msgspec.Struct, omit_defaults=True):
+    """One message of a request that was not accepted, and why."""
+
+    index: int
+    error: str
+    detail: str
+    field: str | None = None
+    message_id: str | None = msgspec.field(default=None, name="messageId")
+
+
+class RejectMessage(Exception):
+    """Raised by a pipeline stage for one message; the rest of the batch goes on."""
+
+    def __init__(self, error: str, detail: str, field: str | None = None) -> None:
+        super().__init__(detail)
+        self.error = error
+        self.detail = detail
+        self.field = field

@@ -1,0 +1,78 @@
+"""structlog configuration: JSON in production, console in dev, identifiers always redacted.
+
+The redaction processor is the last line of defence: the code never logs identifiers on
+purpose, and this processor replaces identifier-named fields and scrubs phone numbers, ID
+card numbers and emails out of every string that reaches a log line anyway.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+import structlog
+
+from identity.scrub import scrub_text
+
+REDACTED_KEYS = frozenset(
+    {
+        "user_id", "userid", "anonymous_id", "anonymousid", "previous_id", "previousid", "distinct_id",
+        "phone", "mobile", "email", "openid", "unionid", "wechat_openid", "wechat_unionid", "idfa",
+        "idfv", "oaid", "android_id", "device_id", "ip", "write_key", "writekey", "authorization",
+        "id_card", "traits", "properties", "password", "token", "key",
+    }
+)
+
+
+def _redact(value: Any, depth: int = 0) -> Any:
+    if isinstance(value, str):
+        return scrub_text(value)
+    if depth > 8:
+        return "[redacted:deep]"
+    if isinstance(value, dict):
+        return {
+            k: "[redacted]" if str(k).lower() in REDACTED_KEYS else _redact(v, depth + 1) for k, v in value.items()
+        }
+    if isinstance(value, list | tuple):
+        return [_redact(v, depth + 1) for v in value]
+    return value
+
+
+def redact_identifiers(_: Any, __: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+    return _redact(event_dict)  # type: ignore[no-any-return]
+
+
+def configure_logging(*, fmt: str = "json", level: str = "INFO") -> None:
+    shared: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_log_level,
+        structlog.stdlib.add_logger_name,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        structlog.processors.format_exc_info,
+        redact_identifiers,
+    ]
+    renderer: Any = (
+        structlog.processors.JSONRenderer() if fmt == "json" else structlog.dev.ConsoleRenderer(colors=False)
+    )
+    structlog.configure(
+        processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=True,
+    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=shared,
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+        )
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    # uvicorn's access log would write client IPs and full query strings: we log requests ourselves.
+    for name in ("uvicorn", "uvicorn.error", "litestar"):
+        logging.getLogger(name).handlers[:] = []
+        logging.getLogger(name).propagate = True
+    logging.getLogger("uvicorn.access").disabled = True

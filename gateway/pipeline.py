@@ -1,0 +1,317 @@
+"""The ingest pipeline: one plain function per stage, each over a batch of envelopes.
+
+decode (protocol adapter) -> pseudonymise_identifiers -> decide_consent -> resolve_identity
+-> scrub_personal_data -> encode_for_outbox -> durable append (the ack point).
+
+``Ingestor`` runs the stages for one request and appends the survivors to the outbox. Raw
+identifiers exist only between decode and ``pseudonymise_identifiers``; every later stage,
+and everything stored, sees pseudonyms.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+
+from consent.decisions import ConsentPolicy, ConsentQuery, DestinationSpec
+from export.dedupe import ClaimStatus, RedisDedupe
+from export.outbox import OutboxRecord, SqliteOutbox
+from gateway import metrics
+from gateway.config import Destination, ResolvedSource, Tenant
+from gateway.events import Envelope, RejectMessage, Rejection
+from identity.identifiers import IDENTIFIER_TYPES, Identifier, InvalidIdentifier, normalise
+from identity.pseudonym import KeyRing, Pseudonymiser
+from identity.resolution import IdentityResolver
+from identity.scrub import KEEP, scrub_text, scrub_value, truncate_ip
+
+# Keys that hold an identifier wherever they appear in traits, properties or context.
+TRAIT_IDENTIFIER_TYPES = {"phone": "phone", "mobile": "phone", "email": "email"}
+IDENTIFIER_LIKE_KEYS = frozenset(
+    {
+        "phone", "mobile", "email", "openid", "unionid", "userid", "user_id", "anonymousid", "anonymous_id",
+        "distinct_id", "idfa", "idfv", "oaid", "imei", "android_id", "androidid", "device_id", "deviceid",
+        "advertisingid", "id_card", "idcard",
+    }
+)
+
+
+# -- stage: pseudonymise_identifiers -------------------------------------------------------
+def pseudonymise_identifiers(env: Envelope, tenant: Tenant, pseudonym: Pseudonymiser) -> None:
+    """Normalise every identifier field, replace it by its pseudonym, collect the linkable ones.
+
+    Junk values (``null``, all-zero IDFA, ...) in the id fields are removed; a value that
+    is personal but not a valid identifier (a malformed phone) is pseudonymised and not
+    linked. Raises RejectMessage when no usable userId/anonymousId is left.
+    """
+    ev = env.event
+    found = env.identifiers
+
+    def link(id_type: str, raw: Any, scope: str | None = None) -> str | None:
+        try:
+            ident = normalise(id_type, raw, scope=scope)
+        except InvalidIdentifier:
+            return None
+        value = pseudonym(ident.value)
+        found.append(Identifier(id_type, value))
+        return value
+
+    def opaque(raw: Any) -> str:
+        return pseudonym(str(raw).strip())
+
+    if ev.user_id is not None:
+        ev.user_id = link("user_id", ev.user_id)
+    if ev.anonymous_id is not None:
+        ev.anonymous_id = link("anonymous_id", ev.anonymous_id)
+    if ev.user_id is None and ev.anonymous_id is None:
+        raise RejectMessage("missing_identity", "userId/anonymousId hold no usable identifier", "userId")
+    if ev.previous_id is not None:
+        # The previous id may have been a userId or an anonymousId; pseudonyms do not carry
+        # the type, so it matches either.
+        try:
+            ev.previous_id = pseudonym(normalise("user_id", ev.previous_id).value)
+        except InvalidIdentifier as exc:
+            raise RejectMessage("invalid_identifier", f"previousId: {exc.reason}", "previousId") from None
+
+    def on_identifier_key(key: str, value: Any) -> Any:
+        lowered = key.lower()
+        if lowered not in IDENTIFIER_LIKE_KEYS:
+            return KEEP
+        if isinstance(value, str | int) and not isinstance(value, bool):
+            id_type = TRAIT_IDENTIFIER_TYPES.get(lowered)
+            return (link(id_type, value) if id_type else None) or opaque(value)
+        return scrub_value(value, on_identifier_key)
+
+    ctx = ev.context
+    device = ctx.get("device")
+    if isinstance(device, dict):
+        device = dict(device)
+        os_name = str((ctx.get("os") or {}).get("name", "") if isinstance(ctx.get("os"), dict) else "").lower()
+        for key, id_type in (("id", "device_id"), ("advertisingId", "idfa" if "ios" in os_name else "oaid")):
+            if key in device:
+                value = link(id_type, device[key])
+                if value is None:
+                    del device[key]
+                else:
+                    device[key] = value
+        ctx["device"] = device
+    external = ctx.get("externalIds")
+    if isinstance(external, list):
+        cleaned = []
+        for item in external:
+            if not isinstance(item, dict) or "id" not in item:
+                continue
+            ext_type = str(item.get("type", ""))
+            id_type = tenant.external_id_types.get(ext_type) or (ext_type if ext_type in IDENTIFIER_TYPES else None)
+            scope = str(item["appid"]) if id_type == "wechat_openid" and item.get("appid") else None
+            value = link(id_type, item["id"], scope) if id_type else opaque(item["id"])
+            if value is not None:
+                cleaned.append({**item, "id": value})
+        ctx["externalIds"] = cleaned
+    if ev.traits is not None:
+        ev.traits = scrub_value(ev.traits, on_identifier_key)
+    if isinstance(ctx.get("traits"), dict):
+        ctx["traits"] = scrub_value(ctx["traits"], on_identifier_key)
+    if ev.properties is not None:
+        ev.properties = scrub_value(ev.properties, on_identifier_key)
+    for key in ("page", "campaign", "referrer"):
+        if isinstance(ctx.get(key), dict):
+            ctx[key] = scrub_value(ctx[key], on_identifier_key)
+
+
+# -- stage: scrub_personal_data ------------------------------------------------------------
+def scrub_personal_data(env: Envelope) -> None:
+    """Truncate the IP, scrub free text in the context fields not yet cleaned."""
+    ctx = env.event.context
+    ip = ctx.get("ip")
+    if ip is not None:
+        truncated = truncate_ip(str(ip))
+        if truncated is None:
+            del ctx["ip"]
+        else:
+            ctx["ip"] = truncated
+    for key in ("userAgent", "locale", "timezone", "groupId"):
+        value = ctx.get(key)
+        if isinstance(value, str):
+            ctx[key] = scrub_text(value)
+    env.event.name = scrub_text(env.event.name) if env.event.name else env.event.name
+    if env.event.group_id is not None:
+        env.event.group_id = scrub_text(env.event.group_id)
+
+
+# -- stage: decide_consent -----------------------------------------------------------------
+def consent_queries(envs: Sequence[Envelope], tenant: Tenant) -> list[ConsentQuery]:
+    queries = []
+    for env in envs:
+        ev = env.event
+        plan_key = ev.event if ev.type == "track" and ev.event else f"${ev.type}"
+        env.purposes = tenant.purposes_for(plan_key)
+        queries.append(
+            ConsentQuery(
+                tenant=tenant.id,
+                subject=tuple(i.value for i in env.identifiers),
+                purposes=env.purposes,
+                at=ev.received_at,
+            )
+        )
+    return queries
+
+
+def destination_specs(destinations: Sequence[Destination]) -> list[DestinationSpec]:
+    return [
+        DestinationSpec(
+            id=d.id,
+            purposes=tuple(d.purposes),
+            overseas=d.region == "overseas",
+            third_party=bool(d.recipient and d.recipient.third_party),
+        )
+        for d in destinations
+    ]
+
+
+# -- stage: encode_for_outbox --------------------------------------------------------------
+def encode_for_outbox(env: Envelope, src: ResolvedSource, key_version: int, encoder: msgspec.json.Encoder) -> OutboxRecord:
+    ev = env.event
+    ctx = ev.context
+    ctx["idgate"] = {
+        "tenant": src.tenant.id,
+        "source": src.source.id,
+        "platform": src.source.platform,
+        "keyVersion": key_version,
+        "purposes": list(env.purposes),
+        "consentProof": list(env.consent_proof),
+    }
+    if env.unified_id is not None:
+        ctx["unified_id"] = env.unified_id
+    return OutboxRecord(
+        tenant=src.tenant.id,
+        source=src.source.id,
+        message_id=ev.message_id,
+        received_at_ms=int(ev.received_at.timestamp() * 1000),
+        destinations=env.destinations,
+        payload=encoder.encode(ev),
+    )
+
+
+# -- orchestration -------------------------------------------------------------------------
+@dataclass
+class IngestResult:
+    received: int
+    accepted: int = 0
+    duplicates: int = 0
+    in_flight: int = 0
+    rejected: list[Rejection] = field(default_factory=list)
+    dropped: Counter[str] = field(default_factory=Counter)
+
+    def body(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "success": self.accepted > 0 or not self.rejected,
+            "received": self.received,
+            "accepted": self.accepted,
+            "duplicates": self.duplicates,
+            "rejected": self.rejected,
+            "dropped": dict(self.dropped),
+        }
+        if self.in_flight:
+            out["inFlight"] = self.in_flight
+        return out
+
+
+class Ingestor:
+    """Runs the stages for one request and appends the result durably."""
+
+    def __init__(
+        self,
+        *,
+        keyring: KeyRing,
+        outbox: SqliteOutbox,
+        consent: ConsentPolicy,
+        resolver: IdentityResolver,
+        redis_dedupe: RedisDedupe | None = None,
+        on_appended: Callable[[], None] | None = None,
+    ) -> None:
+        self.keyring = keyring
+        self.outbox = outbox
+        self.consent = consent
+        self.resolver = resolver
+        self.redis_dedupe = redis_dedupe
+        self.on_appended = on_appended
+        self._encoder = msgspec.json.Encoder()
+        self._specs: dict[str, list[DestinationSpec]] = {}
+
+    async def ingest(self, src: ResolvedSource, envs: list[Envelope], result: IngestResult) -> IngestResult:
+        tenant, source = src.tenant, src.source
+        metrics.RECEIVED.labels(tenant.id, source.id).inc(result.received)
+        pseudonym = self.keyring.pseudonymiser(tenant.id)
+
+        kept: list[Envelope] = []
+        for env in envs:
+            try:
+                pseudonymise_identifiers(env, tenant, pseudonym)
+            except RejectMessage as exc:
+                result.rejected.append(Rejection(env.index, exc.error, exc.detail, exc.field, env.event.message_id))
+                continue
+            kept.append(env)
+        for r in result.rejected:
+            metrics.REJECTED.labels(tenant.id, source.id, r.error).inc()
+        if not kept:
+            return result
+
+        specs = self._specs.get(tenant.id)
+        if specs is None:
+            specs = self._specs[tenant.id] = destination_specs(src.destinations)
+        decisions = await self.consent.decide_batch(consent_queries(kept, tenant), specs)
+        allowed: list[Envelope] = []
+        linking: list[bool] = []
+        for env, decision in zip(kept, decisions, strict=True):
+            if decision.dropped_reason is not None or not decision.destinations:
+                reason = decision.dropped_reason or "no_destination"
+                result.dropped[reason] += 1
+                metrics.DROPPED.labels(tenant.id, reason).inc()
+                continue
+            env.destinations = decision.destinations
+            env.consent_proof = decision.proof
+            allowed.append(env)
+            linking.append(decision.linking_allowed)
+        if not allowed:
+            return result
+
+        unified = await self.resolver.resolve_batch(tenant.id, [e.identifiers for e in allowed], linking)
+        for env, uid in zip(allowed, unified, strict=True):
+            env.unified_id = uid
+            scrub_personal_data(env)
+
+        records = [encode_for_outbox(env, src, pseudonym.version, self._encoder) for env in allowed]
+        started = time.perf_counter()
+        await self._append(source.id, records, result)
+        metrics.OUTBOX_APPEND_SECONDS.observe(time.perf_counter() - started)
+        metrics.ACCEPTED.labels(tenant.id, source.id).inc(result.accepted)
+        if result.duplicates:
+            metrics.DUPLICATES.labels(tenant.id, source.id).inc(result.duplicates)
+        if result.accepted and self.on_appended is not None:
+            self.on_appended()
+        return result
+
+    async def _append(self, source_id: str, records: list[OutboxRecord], result: IngestResult) -> None:
+        if self.redis_dedupe is None:
+            stored = await self.outbox.append(records, dedupe=True)
+            result.accepted += sum(stored)
+            result.duplicates += len(stored) - sum(stored)
+            return
+        keys = [self.redis_dedupe.key(source_id, r.message_id) for r in records]
+        statuses = await self.redis_dedupe.claim(keys)
+        new = [(k, r) for k, r, s in zip(keys, records, statuses, strict=True) if s is ClaimStatus.NEW]
+        result.duplicates += sum(1 for s in statuses if s is ClaimStatus.DUPLICATE)
+        result.in_flight += sum(1 for s in statuses if s is ClaimStatus.IN_FLIGHT)
+        new_keys = [k for k, _ in new]
+        try:
+            await self.outbox.append([r for _, r in new], dedupe=False)
+        except BaseException:
+            await self.redis_dedupe.release(new_keys)
+            raise
+        await self.redis_dedupe.confirm(new_keys)
+        result.accepted += len(new)

@@ -1,0 +1,84 @@
+"""Process settings from the environment, typed and failing fast.
+
+Everything about tenants lives in the TOML config (gateway.config); this module holds what
+differs per deployment: where data goes, which services to use, where secrets come from.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+Environment = Literal["dev", "production"]
+
+
+class SettingsError(Exception):
+    pass
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise SettingsError(f"{name} must be an integer, got {raw!r}") from None
+
+
+@dataclass(frozen=True)
+class Settings:
+    env: Environment
+    config_path: Path
+    data_dir: Path
+    key_file: Path | None
+    keys_json: str | None
+    redis_url: str | None
+    log_format: Literal["json", "console"]
+    log_level: str
+    delivery_batch_size: int
+    delivery_poll_seconds: float
+
+    @property
+    def dev(self) -> bool:
+        return self.env == "dev"
+
+    @property
+    def outbox_path(self) -> Path:
+        return self.data_dir / "outbox.sqlite3"
+
+    @property
+    def sink_dir(self) -> Path:
+        return self.data_dir / "sinks"
+
+    @property
+    def dev_key_file(self) -> Path:
+        return self.data_dir / "dev-keys.json"
+
+    @classmethod
+    def from_env(cls, *, config_path: Path | None = None, data_dir: Path | None = None) -> Settings:
+        env = os.environ.get("IDGATE_ENV", "dev")
+        if env not in ("dev", "production"):
+            raise SettingsError(f"IDGATE_ENV must be 'dev' or 'production', got {env!r}")
+        log_format = os.environ.get("IDGATE_LOG_FORMAT", "json")
+        if log_format not in ("json", "console"):
+            raise SettingsError(f"IDGATE_LOG_FORMAT must be 'json' or 'console', got {log_format!r}")
+        key_file = os.environ.get("IDGATE_KEY_FILE")
+        keys_json = os.environ.get("IDGATE_KEYS") or None
+        if env == "production" and not (key_file or keys_json):
+            raise SettingsError("IDGATE_ENV=production needs IDGATE_KEYS or IDGATE_KEY_FILE")
+        config = config_path or Path(os.environ.get("IDGATE_CONFIG", "idgate.example.toml"))
+        return cls(
+            env=env,  # type: ignore[arg-type]
+            config_path=config,
+            data_dir=data_dir or Path(os.environ.get("IDGATE_DATA_DIR", "var")),
+            key_file=Path(key_file) if key_file else None,
+            keys_json=keys_json,
+            redis_url=os.environ.get("REDIS_URL") or None,
+            log_format=log_format,  # type: ignore[arg-type]
+            log_level=os.environ.get("IDGATE_LOG_LEVEL", "INFO").upper(),
+            delivery_batch_size=_env_int("IDGATE_DELIVERY_BATCH", 2000),
+            delivery_poll_seconds=_env_int("IDGATE_DELIVERY_POLL_MS", 200) / 1000,
+        )
