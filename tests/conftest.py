@@ -1,0 +1,188 @@
+"""Shared fixtures: gateway processes on free ports, real Redis, helpers to read the sink."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+IDGATE = Path(sys.executable).with_name("idgate")
+REDIS_URL = os.environ.get("IDGATE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+TEST_CONFIG = """
+[limits]
+max_message_bytes = 32768
+max_batch_bytes = 512000
+dedupe_window_seconds = 86400
+
+[[tenants]]
+id = "shop"
+
+[[tenants.sources]]
+id = "shop-web"
+platform = "web"
+dev_write_key = "web-test-key-0001"
+
+[[tenants.sources]]
+id = "shop-app"
+platform = "app"
+dev_write_key = "app-test-key-0001"
+
+[tenants.tracking_plan]
+"*" = ["analytics"]
+
+[tenants.external_id_types]
+wx_openid = "wechat_openid"
+
+[[tenants.destinations]]
+id = "warehouse"
+sink = "jsonl"
+purposes = ["analytics"]
+
+[[tenants.destinations]]
+id = "stream"
+sink = "jsonl"
+purposes = ["analytics"]
+"""
+
+WEB_KEY = "web-test-key-0001"
+APP_KEY = "app-test-key-0001"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Gateway:
+    """A real `idgate serve` process with its own data directory and captured log."""
+
+    data_dir: Path
+    config_path: Path
+    log_path: Path
+    env: dict[str, str]
+    port: int = 0
+    proc: subprocess.Popen[bytes] | None = None
+    _logs: list[Path] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> Gateway:
+        self.port = free_port()
+        log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the process
+        self.proc = subprocess.Popen(
+            [str(IDGATE), "serve", "--config", str(self.config_path), "--port", str(self.port),
+             "--data-dir", str(self.data_dir)],
+            stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=ROOT,
+        )
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"gateway exited: {self.log_path.read_text()}")
+            try:
+                if httpx.get(self.url + "/readyz", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError("gateway did not become ready")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait()
+        self.proc = None
+
+    def client(self, write_key: str = WEB_KEY) -> httpx.Client:
+        return httpx.Client(base_url=self.url, auth=(write_key, ""), timeout=10)
+
+    def sink_lines(self, destination: str = "warehouse") -> list[dict]:
+        out = []
+        for path in sorted((self.data_dir / "sinks" / destination).glob("*.jsonl")):
+            out.extend(json.loads(line) for line in path.read_text().splitlines() if line)
+        return out
+
+    def wait_for_sink(self, message_ids: set[str], destination: str = "warehouse",
+                      timeout: float = 20) -> list[dict]:
+        deadline = time.monotonic() + timeout
+        while True:
+            lines = [e for e in self.sink_lines(destination) if e["messageId"] in message_ids]
+            if {e["messageId"] for e in lines} >= message_ids or time.monotonic() > deadline:
+                return lines
+            time.sleep(0.05)
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def make_gateway(tmp: Path, *, config: str = TEST_CONFIG, extra_env: dict[str, str] | None = None) -> Gateway:
+    tmp.mkdir(parents=True, exist_ok=True)
+    config_path = tmp / "idgate.toml"
+    config_path.write_text(config)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IDGATE_") and k != "REDIS_URL"}
+    env.update({"IDGATE_ENV": "dev", "IDGATE_LOG_LEVEL": "DEBUG", "IDGATE_DELIVERY_POLL_MS": "50"})
+    env.update(extra_env or {})
+    return Gateway(data_dir=tmp / "var", config_path=config_path, log_path=tmp / "gateway.log", env=env)
+
+
+@pytest.fixture(scope="session")
+def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    """One shared gateway for tests that only need isolation by unique message ids."""
+    gw = make_gateway(tmp_path_factory.mktemp("gateway")).start()
+    yield gw
+    gw.stop()
+
+
+@pytest.fixture
+def fresh_gateway(tmp_path: Path) -> Iterator[Gateway]:
+    """A gateway of the test's own (clean data dir and log), started by the test."""
+    gw = make_gateway(tmp_path)
+    yield gw
+    gw.stop()
+
+
+@pytest.fixture
+def redis_db() -> Iterator[str]:
+    """A flushed Redis database for the test (db 9), or a loud failure when Redis is down."""
+    import redis
+
+    url = REDIS_URL.rsplit("/", 1)[0] + "/9"
+    client = redis.Redis.from_url(url)
+    try:
+        client.ping()
+    except redis.ConnectionError as exc:
+        pytest.fail(f"Redis is required at {url}: {exc}")
+    client.flushdb()
+    yield url
+    client.flushdb()
+    client.close()
+
+
+def mid() -> str:
+    return f"m-{uuid.uuid4()}"
