@@ -41,9 +41,25 @@ return out
 """
 
 
+DEFAULT_PREFIX = "idgate:dedupe"
+
+
+def redis_dedupe_key(source: str, message_id: str, prefix: str = DEFAULT_PREFIX) -> str:
+    digest = base64.urlsafe_b64encode(dedupe_key(source, message_id)).rstrip(b"=").decode()
+    # The hash tag keeps one source's keys in one cluster slot, so the claim script can
+    # touch a whole batch at once.
+    return f"{prefix}:{{{source}}}:{digest}"
+
+
 class RedisDedupe:
-    def __init__(self, client: aioredis.Redis, *, window_seconds: int, claim_seconds: int = 30,
-                 prefix: str = "idgate:dedupe") -> None:
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        *,
+        window_seconds: int,
+        claim_seconds: int = 30,
+        prefix: str = DEFAULT_PREFIX,
+    ) -> None:
         self.client = client
         self.window_seconds = window_seconds
         self.claim_seconds = claim_seconds
@@ -51,10 +67,7 @@ class RedisDedupe:
         self._claim = client.register_script(_CLAIM)
 
     def key(self, source: str, message_id: str) -> str:
-        digest = base64.urlsafe_b64encode(dedupe_key(source, message_id)).rstrip(b"=").decode()
-        # The hash tag keeps one source's keys in one cluster slot, so the claim script
-        # can touch a whole batch at once.
-        return f"{self.prefix}:{{{source}}}:{digest}"
+        return redis_dedupe_key(source, message_id, self.prefix)
 
     async def claim(self, keys: Sequence[str]) -> list[ClaimStatus]:
         if not keys:

@@ -8,6 +8,7 @@ backoff and jitter; nothing is skipped.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 from collections.abc import Sequence
 
@@ -70,26 +71,33 @@ class DeliveryWorker:
                 self.healthy = False
                 DELIVERY_ERRORS.labels(self.destination).inc()
                 delay = min(30.0, 0.1 * 2**failures) * random.uniform(0.5, 1.0)
-                log.error("delivery.failed", destination=self.destination, error=type(exc).__name__,
-                          attempt=failures, retry_in=round(delay, 2))
+                log.error(
+                    "delivery.failed",
+                    destination=self.destination,
+                    error=type(exc).__name__,
+                    attempt=failures,
+                    retry_in=round(delay, 2),
+                )
                 await asyncio.sleep(delay)
                 try:
                     await self._recover()
                 except Exception as rexc:  # the next loop turn retries both
-                    log.error("delivery.recover_failed", destination=self.destination, error=type(rexc).__name__)
+                    log.error(
+                        "delivery.recover_failed", destination=self.destination, error=type(rexc).__name__
+                    )
                 continue
             if moved < self.batch_size:
                 self.wakeup.clear()
-                try:
+                with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.wakeup.wait(), self.poll_seconds)
-                except TimeoutError:
-                    pass
 
 
 class DeliveryService:
     """Runs the destination workers and the outbox pruning as background tasks."""
 
-    def __init__(self, outbox: SqliteOutbox, workers: Sequence[DeliveryWorker], prune_seconds: float = 30) -> None:
+    def __init__(
+        self, outbox: SqliteOutbox, workers: Sequence[DeliveryWorker], prune_seconds: float = 30
+    ) -> None:
         self.outbox = outbox
         self.workers = list(workers)
         self.prune_seconds = prune_seconds

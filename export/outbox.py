@@ -243,7 +243,9 @@ class SqliteOutbox:
         return await asyncio.to_thread(run)
 
     # -- appends ---------------------------------------------------------------------
-    def _append_tx(self, records: Sequence[OutboxRecord], dedupe: bool, conn: sqlite3.Connection) -> list[bool]:
+    def _append_tx(
+        self, records: Sequence[OutboxRecord], dedupe: bool, conn: sqlite3.Connection
+    ) -> list[bool]:
         now_ms = int(self._clock() * 1000)
         expired_before = now_ms - self.dedupe_window_ms
         appended: list[bool] = []
@@ -298,7 +300,8 @@ class SqliteOutbox:
     async def read_after(self, last_seq: int, limit: int) -> list[StoredRecord]:
         def q(conn: sqlite3.Connection) -> list[StoredRecord]:
             rows = conn.execute(
-                "SELECT seq, received_at_ms, destinations, payload FROM outbox WHERE seq > ? ORDER BY seq LIMIT ?",
+                "SELECT seq, received_at_ms, destinations, payload FROM outbox "
+                "WHERE seq > ? ORDER BY seq LIMIT ?",
                 (last_seq, limit),
             ).fetchall()
             return [StoredRecord(s, r, tuple(d.split(",")), p) for s, r, d, p in rows]
@@ -341,7 +344,8 @@ class SqliteOutbox:
 
         def q(conn: sqlite3.Connection) -> int:
             row = conn.execute(
-                "SELECT COUNT(*) FROM outbox WHERE seq > (SELECT COALESCE(MIN(last_seq), 0) FROM delivery_cursor)"
+                "SELECT COUNT(*) FROM outbox "
+                "WHERE seq > (SELECT COALESCE(MIN(last_seq), 0) FROM delivery_cursor)"
             ).fetchone()
             return int(row[0])
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import time
 import uuid
 import zlib
 from collections.abc import AsyncIterator
@@ -33,7 +32,7 @@ from export.sinks import build_sink
 from gateway import metrics
 from gateway.config import Config, ResolvedSource, hash_write_key, index_write_keys, load_config
 from gateway.events import Envelope
-from gateway.pipeline import IngestResult, Ingestor
+from gateway.pipeline import Ingestor, IngestResult
 from gateway.segment import MESSAGE_TYPES, InvalidRequest, body_write_key, decode_batch, decode_single
 from gateway.settings import Settings
 from identity.pseudonym import KeyRing, new_key_document, write_private_file
@@ -78,8 +77,14 @@ def error_body(error: str, detail: str, field: str | None = None, **extra: Any) 
     return {"error": error, "detail": detail, "field": field, **extra}
 
 
-def _error_response(status: int, error: str, detail: str, field: str | None = None,
-                    headers: dict[str, str] | None = None, **extra: Any) -> Response[Any]:
+def _error_response(
+    status: int,
+    error: str,
+    detail: str,
+    field: str | None = None,
+    headers: dict[str, str] | None = None,
+    **extra: Any,
+) -> Response[Any]:
     metrics.REQUESTS_REFUSED.labels(error).inc()
     return Response(error_body(error, detail, field, **extra), status_code=status, headers=headers)
 
@@ -93,7 +98,10 @@ async def _read_body(request: Request[Any, Any, Any], limit: int) -> bytes:
     ctype = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
     if ctype not in JSON_TYPES:
         raise InvalidRequest(
-            "unsupported_media_type", f"Content-Type must be application/json, got {ctype!r}", "Content-Type", 415
+            "unsupported_media_type",
+            f"Content-Type must be application/json, got {ctype!r}",
+            "Content-Type",
+            415,
         )
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
@@ -110,7 +118,10 @@ async def _read_body(request: Request[Any, Any, Any], limit: int) -> bytes:
             raise InvalidRequest("too_large", f"decompressed body exceeds {limit} bytes", None, 413)
     elif encoding not in ("", "identity"):
         raise InvalidRequest(
-            "unsupported_media_type", f"Content-Encoding {encoding!r} is not supported", "Content-Encoding", 415
+            "unsupported_media_type",
+            f"Content-Encoding {encoding!r} is not supported",
+            "Content-Encoding",
+            415,
         )
     if len(body) > limit:
         raise InvalidRequest("too_large", f"request body exceeds {limit} bytes", None, 413)
@@ -125,8 +136,9 @@ def _authenticate(request: Request[Any, Any, Any], body: bytes) -> ResolvedSourc
         try:
             write_key = base64.b64decode(auth[6:].strip(), validate=True).decode("utf-8").split(":", 1)[0]
         except (binascii.Error, UnicodeDecodeError):
-            raise InvalidRequest("invalid_write_key", "malformed Basic authorization header",
-                                 "Authorization", 401) from None
+            raise InvalidRequest(
+                "invalid_write_key", "malformed Basic authorization header", "Authorization", 401
+            ) from None
     if not write_key:
         write_key = body_write_key(body)
     if not write_key:
@@ -153,19 +165,21 @@ def _ingest_response(result: IngestResult) -> Response[Any]:
         return Response(body, status_code=503, headers={"Retry-After": "5"})
     if result.accepted == 0 and result.rejected and result.duplicates == 0 and not result.dropped:
         first = result.rejected[0]
-        return Response(
-            {**error_body(first.error, first.detail, first.field), **body}, status_code=400
-        )
+        return Response({**error_body(first.error, first.detail, first.field), **body}, status_code=400)
     return Response(body, status_code=200)
 
 
-async def _run_ingest(request: Request[Any, Any, Any], src: ResolvedSource, envs: list[Envelope],
-                      result: IngestResult) -> Response[Any]:
+async def _run_ingest(
+    request: Request[Any, Any, Any], src: ResolvedSource, envs: list[Envelope], result: IngestResult
+) -> Response[Any]:
     structlog.contextvars.bind_contextvars(tenant=src.tenant.id, source=src.source.id)
     await _state(request).ingestor.ingest(src, envs, result)
     if result.rejected:
-        log.info("ingest.rejected", rejected=len(result.rejected),
-                 errors=sorted({r.error for r in result.rejected}))
+        log.info(
+            "ingest.rejected",
+            rejected=len(result.rejected),
+            errors=sorted({r.error for r in result.rejected}),
+        )
     return _ingest_response(result)
 
 
@@ -188,8 +202,13 @@ async def ingest_batch(request: Request[Any, Any, Any]) -> Response[Any]:
 
 
 def _single_handler(message_type: str) -> Any:
-    @post(f"/v1/{message_type}", status_code=200, summary=f"Segment {message_type}", tags=["ingest"],
-          name=f"ingest_{message_type}")
+    @post(
+        f"/v1/{message_type}",
+        status_code=200,
+        summary=f"Segment {message_type}",
+        tags=["ingest"],
+        name=f"ingest_{message_type}",
+    )
     async def handler(request: Request[Any, Any, Any]) -> Response[Any]:
         _bind_request(request)
         state = _state(request)
@@ -219,7 +238,9 @@ async def readyz(request: Request[Any, Any, Any]) -> Response[Any]:
         except Exception:
             checks["redis"] = False
     ok = all(checks.values())
-    return Response({"status": "ready" if ok else "not_ready", "checks": checks}, status_code=200 if ok else 503)
+    return Response(
+        {"status": "ready" if ok else "not_ready", "checks": checks}, status_code=200 if ok else 503
+    )
 
 
 @get("/metrics", tags=["operations"], summary="Prometheus metrics", include_in_schema=False)
@@ -240,13 +261,16 @@ def _http_exception(_: Request[Any, Any, Any], exc: HTTPException) -> Response[A
 
 def _outbox_unavailable(_: Request[Any, Any, Any], exc: OutboxUnavailable) -> Response[Any]:
     log.error("ingest.outbox_unavailable", detail=str(exc))
-    return _error_response(503, "unavailable", "events could not be stored durably; retry", None,
-                           headers={"Retry-After": "2"})
+    return _error_response(
+        503, "unavailable", "events could not be stored durably; retry", None, headers={"Retry-After": "2"}
+    )
 
 
 def _unexpected(_: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
     log.exception("unexpected_error", error=type(exc).__name__)
-    return _error_response(500, "internal_error", "unexpected error; nothing from this request was acknowledged")
+    return _error_response(
+        500, "internal_error", "unexpected error; nothing from this request was acknowledged"
+    )
 
 
 # -- factory ---------------------------------------------------------------------------------
@@ -298,9 +322,14 @@ def create_app(settings: Settings | None = None) -> Litestar:
             redis=redis_client,
         )
         await delivery.start()
-        log.info("gateway.started", env=settings.env, tenants=[t.id for t in config.tenants],
-                 destinations=[w.destination for w in workers], redis=bool(redis_client),
-                 consent_enforced=consent.enforced)
+        log.info(
+            "gateway.started",
+            env=settings.env,
+            tenants=[t.id for t in config.tenants],
+            destinations=[w.destination for w in workers],
+            redis=bool(redis_client),
+            consent_enforced=consent.enforced,
+        )
         try:
             yield
         finally:
@@ -333,5 +362,3 @@ def create_app(settings: Settings | None = None) -> Litestar:
         debug=False,
         logging_config=None,  # gateway.logging configures structlog JSON for everything
     )
-
-

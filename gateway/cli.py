@@ -19,12 +19,21 @@ def main() -> None:
 
 
 @main.command()
-@click.option("--config", "config_path", type=click.Path(path_type=Path), default=None,
-              help="Tenant config TOML (default: $IDGATE_CONFIG or idgate.example.toml).")
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Tenant config TOML (default: $IDGATE_CONFIG or idgate.example.toml).",
+)
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8080, show_default=True, type=int)
-@click.option("--data-dir", type=click.Path(path_type=Path), default=None,
-              help="Outbox, sinks and dev keys (default: $IDGATE_DATA_DIR or ./var).")
+@click.option(
+    "--data-dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Outbox, sinks and dev keys (default: $IDGATE_DATA_DIR or ./var).",
+)
 def serve(config_path: Path | None, host: str, port: int, data_dir: Path | None) -> None:
     """Run the gateway."""
     import uvicorn
@@ -46,10 +55,21 @@ def serve(config_path: Path | None, host: str, port: int, data_dir: Path | None)
         for tenant in config.tenants:
             for source in tenant.sources:
                 if source.dev_write_key:
-                    click.echo(f"  write key  {tenant.id}/{source.id} ({source.platform}): {source.dev_write_key}")
+                    click.echo(
+                        f"  write key  {tenant.id}/{source.id} ({source.platform}): {source.dev_write_key}"
+                    )
     click.echo(f"  API docs   {base}/docs   sink files under {settings.sink_dir}/")
-    uvicorn.run(app, host=host, port=port, loop="uvloop", http="httptools", log_config=None,
-                access_log=False, lifespan="on", timeout_graceful_shutdown=10)
+    uvicorn.run(
+        app,
+        host=host,
+        port=port,
+        loop="uvloop",
+        http="httptools",
+        log_config=None,
+        access_log=False,
+        lifespan="on",
+        timeout_graceful_shutdown=10,
+    )
 
 
 @main.group()
@@ -59,8 +79,12 @@ def keys() -> None:
 
 @keys.command("generate")
 @click.option("--tenant", "tenants", multiple=True, required=True, help="Tenant id (repeatable).")
-@click.option("--out", type=click.Path(path_type=Path), default=None,
-              help="Key file to create or rotate (mode 0600). Without it the document goes to stdout.")
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Key file to create or rotate (mode 0600). Without it the document goes to stdout.",
+)
 def keys_generate(tenants: tuple[str, ...], out: Path | None) -> None:
     """Add a new active key version per tenant (use for first keys and for rotation)."""
     existing = out.read_text(encoding="utf-8") if out is not None and out.exists() else None

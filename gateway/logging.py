@@ -17,10 +17,35 @@ from identity.scrub import scrub_text
 
 REDACTED_KEYS = frozenset(
     {
-        "user_id", "userid", "anonymous_id", "anonymousid", "previous_id", "previousid", "distinct_id",
-        "phone", "mobile", "email", "openid", "unionid", "wechat_openid", "wechat_unionid", "idfa",
-        "idfv", "oaid", "android_id", "device_id", "ip", "write_key", "writekey", "authorization",
-        "id_card", "traits", "properties", "password", "token", "key",
+        "user_id",
+        "userid",
+        "anonymous_id",
+        "anonymousid",
+        "previous_id",
+        "previousid",
+        "distinct_id",
+        "phone",
+        "mobile",
+        "email",
+        "openid",
+        "unionid",
+        "wechat_openid",
+        "wechat_unionid",
+        "idfa",
+        "idfv",
+        "oaid",
+        "android_id",
+        "device_id",
+        "ip",
+        "write_key",
+        "writekey",
+        "authorization",
+        "id_card",
+        "traits",
+        "properties",
+        "password",
+        "token",
+        "key",
     }
 )
 
@@ -32,7 +57,8 @@ def _redact(value: Any, depth: int = 0) -> Any:
         return "[redacted:deep]"
     if isinstance(value, dict):
         return {
-            k: "[redacted]" if str(k).lower() in REDACTED_KEYS else _redact(v, depth + 1) for k, v in value.items()
+            k: "[redacted]" if str(k).lower() in REDACTED_KEYS else _redact(v, depth + 1)
+            for k, v in value.items()
         }
     if isinstance(value, list | tuple):
         return [_redact(v, depth + 1) for v in value]

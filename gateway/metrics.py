@@ -4,9 +4,13 @@ from prometheus_client import Counter, Histogram
 
 RECEIVED = Counter("idgate_events_received_total", "Messages received", ["tenant", "source"])
 ACCEPTED = Counter("idgate_events_accepted_total", "Messages durably accepted", ["tenant", "source"])
-REJECTED = Counter("idgate_events_rejected_total", "Messages rejected as invalid", ["tenant", "source", "error"])
+REJECTED = Counter(
+    "idgate_events_rejected_total", "Messages rejected as invalid", ["tenant", "source", "error"]
+)
 DUPLICATES = Counter("idgate_events_duplicate_total", "Messages dropped as duplicates", ["tenant", "source"])
-DROPPED = Counter("idgate_events_dropped_total", "Messages not stored for lack of a basis", ["tenant", "reason"])
+DROPPED = Counter(
+    "idgate_events_dropped_total", "Messages not stored for lack of a basis", ["tenant", "reason"]
+)
 REQUESTS_REFUSED = Counter("idgate_requests_refused_total", "Requests refused as a whole", ["error"])
 OUTBOX_APPEND_SECONDS = Histogram(
     "idgate_outbox_append_seconds",

@@ -23,7 +23,7 @@ from export.dedupe import ClaimStatus, RedisDedupe
 from export.outbox import OutboxRecord, SqliteOutbox
 from gateway import metrics
 from gateway.config import Destination, ResolvedSource, Tenant
-from gateway.events import Envelope, RejectMessage, Rejection
+from gateway.events import Envelope, Rejection, RejectMessage
 from identity.identifiers import IDENTIFIER_TYPES, Identifier, InvalidIdentifier, normalise
 from identity.pseudonym import KeyRing, Pseudonymiser
 from identity.resolution import IdentityResolver
@@ -33,9 +33,27 @@ from identity.scrub import KEEP, scrub_text, scrub_value, truncate_ip
 TRAIT_IDENTIFIER_TYPES = {"phone": "phone", "mobile": "phone", "email": "email"}
 IDENTIFIER_LIKE_KEYS = frozenset(
     {
-        "phone", "mobile", "email", "openid", "unionid", "userid", "user_id", "anonymousid", "anonymous_id",
-        "distinct_id", "idfa", "idfv", "oaid", "imei", "android_id", "androidid", "device_id", "deviceid",
-        "advertisingid", "id_card", "idcard",
+        "phone",
+        "mobile",
+        "email",
+        "openid",
+        "unionid",
+        "userid",
+        "user_id",
+        "anonymousid",
+        "anonymous_id",
+        "distinct_id",
+        "idfa",
+        "idfv",
+        "oaid",
+        "imei",
+        "android_id",
+        "androidid",
+        "device_id",
+        "deviceid",
+        "advertisingid",
+        "id_card",
+        "idcard",
     }
 )
 
@@ -90,7 +108,9 @@ def pseudonymise_identifiers(env: Envelope, tenant: Tenant, pseudonym: Pseudonym
     device = ctx.get("device")
     if isinstance(device, dict):
         device = dict(device)
-        os_name = str((ctx.get("os") or {}).get("name", "") if isinstance(ctx.get("os"), dict) else "").lower()
+        os_name = str(
+            (ctx.get("os") or {}).get("name", "") if isinstance(ctx.get("os"), dict) else ""
+        ).lower()
         for key, id_type in (("id", "device_id"), ("advertisingId", "idfa" if "ios" in os_name else "oaid")):
             if key in device:
                 value = link(id_type, device[key])
@@ -106,7 +126,9 @@ def pseudonymise_identifiers(env: Envelope, tenant: Tenant, pseudonym: Pseudonym
             if not isinstance(item, dict) or "id" not in item:
                 continue
             ext_type = str(item.get("type", ""))
-            id_type = tenant.external_id_types.get(ext_type) or (ext_type if ext_type in IDENTIFIER_TYPES else None)
+            id_type = tenant.external_id_types.get(ext_type) or (
+                ext_type if ext_type in IDENTIFIER_TYPES else None
+            )
             scope = str(item["appid"]) if id_type == "wechat_openid" and item.get("appid") else None
             value = link(id_type, item["id"], scope) if id_type else opaque(item["id"])
             if value is not None:
@@ -174,7 +196,9 @@ def destination_specs(destinations: Sequence[Destination]) -> list[DestinationSp
 
 
 # -- stage: encode_for_outbox --------------------------------------------------------------
-def encode_for_outbox(env: Envelope, src: ResolvedSource, key_version: int, encoder: msgspec.json.Encoder) -> OutboxRecord:
+def encode_for_outbox(
+    env: Envelope, src: ResolvedSource, key_version: int, encoder: msgspec.json.Encoder
+) -> OutboxRecord:
     ev = env.event
     ctx = ev.context
     ctx["idgate"] = {
@@ -253,7 +277,9 @@ class Ingestor:
             try:
                 pseudonymise_identifiers(env, tenant, pseudonym)
             except RejectMessage as exc:
-                result.rejected.append(Rejection(env.index, exc.error, exc.detail, exc.field, env.event.message_id))
+                result.rejected.append(
+                    Rejection(env.index, exc.error, exc.detail, exc.field, env.event.message_id)
+                )
                 continue
             kept.append(env)
         for r in result.rejected:

@@ -16,7 +16,7 @@ from typing import Any
 import msgspec
 
 from gateway.config import Limits
-from gateway.events import Envelope, Event, RejectMessage, Rejection
+from gateway.events import Envelope, Event, Rejection, RejectMessage
 
 Id = str | int
 
@@ -249,8 +249,13 @@ def decode_batch(
         prefix = f"batch[{i}]."
         if len(raw) > limits.max_message_bytes:
             rejected.append(
-                Rejection(i, "too_large", f"message exceeds {limits.max_message_bytes} bytes",
-                          f"batch[{i}]", _message_id_hint(bytes(raw)))
+                Rejection(
+                    i,
+                    "too_large",
+                    f"message exceeds {limits.max_message_bytes} bytes",
+                    f"batch[{i}]",
+                    _message_id_hint(bytes(raw)),
+                )
             )
             continue
         try:

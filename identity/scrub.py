@@ -12,9 +12,9 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-# One pass per string: emails, or runs of 11-19 digits (optionally ending in X for ID cards).
+# One pass per string: emails, ID numbers ending in X, or runs of 11-19 digits.
 _CANDIDATES = re.compile(
-    r"[A-Za-z0-9._%+\-]+@[A-Za-z0-9\-]+(?:\.[A-Za-z0-9\-]+)+|(?<![\dA-Za-z])(?:\+?86[\s-]?)?\d{11,19}[Xx]?(?![\dA-Za-z])"
+    r"[A-Za-z0-9._%+\-]+@[A-Za-z0-9\-]+(?:\.[A-Za-z0-9\-]+)+|(?<!\d)(?:\d{17}[Xx]|(?:\+?86[\s-]?)?\d{11,19})(?!\d)"
 )
 _MOBILE = re.compile(r"^(?:\+?86[\s-]?)?1[3-9]\d{9}$")
 _ID_WEIGHTS = (7, 9, 10, 5, 8, 4, 2, 1, 6, 3, 7, 9, 10, 5, 8, 4, 2)

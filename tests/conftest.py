@@ -87,9 +87,20 @@ class Gateway:
         self.port = free_port()
         log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the process
         self.proc = subprocess.Popen(
-            [str(IDGATE), "serve", "--config", str(self.config_path), "--port", str(self.port),
-             "--data-dir", str(self.data_dir)],
-            stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=ROOT,
+            [
+                str(IDGATE),
+                "serve",
+                "--config",
+                str(self.config_path),
+                "--port",
+                str(self.port),
+                "--data-dir",
+                str(self.data_dir),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=self.env,
+            cwd=ROOT,
         )
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
@@ -128,8 +139,9 @@ class Gateway:
             out.extend(json.loads(line) for line in path.read_text().splitlines() if line)
         return out
 
-    def wait_for_sink(self, message_ids: set[str], destination: str = "warehouse",
-                      timeout: float = 20) -> list[dict]:
+    def wait_for_sink(
+        self, message_ids: set[str], destination: str = "warehouse", timeout: float = 20
+    ) -> list[dict]:
         deadline = time.monotonic() + timeout
         while True:
             lines = [e for e in self.sink_lines(destination) if e["messageId"] in message_ids]

@@ -39,21 +39,40 @@ def events(c: dict[str, str]) -> list[dict]:
         "ip": c["ip"],
         "device": {"id": c["device_id"], "advertisingId": c["idfa"], "model": "iPhone"},
         "os": {"name": "iOS"},
-        "externalIds": [{"id": c["openid"], "type": "wx_openid", "appid": "wx123", "collection": "users"},
-                        {"id": c["unionid"], "type": "wechat_unionid", "collection": "users"}],
+        "externalIds": [
+            {"id": c["openid"], "type": "wx_openid", "appid": "wx123", "collection": "users"},
+            {"id": c["unionid"], "type": "wechat_unionid", "collection": "users"},
+        ],
         "traits": {"phone": c["phone"], "email": c["email"]},
         "page": {"url": f"https://shop.example/pay?mobile={c['phone']}"},
     }
     return [
-        {"type": "identify", "userId": c["user_id"], "anonymousId": c["anonymous_id"], "context": context,
-         "messageId": f"canary-{uuid.uuid4()}",
-         "traits": {"phone": c["phone"], "email": c["email"].upper(), "idCard": c["id_card"]}},
-        {"type": "track", "userId": c["user_id"], "event": "Order Completed", "context": context,
-         "messageId": f"canary-{uuid.uuid4()}",
-         "properties": {"note": f"ship to {c['phone']}, id {c['id_card']}, mail {c['email']}",
-                        "openid": c["openid"], "buyer": {"mobile": c["phone"]}}},
-        {"type": "alias", "userId": c["user_id"], "previousId": c["previous_id"],
-         "messageId": f"canary-{uuid.uuid4()}"},
+        {
+            "type": "identify",
+            "userId": c["user_id"],
+            "anonymousId": c["anonymous_id"],
+            "context": context,
+            "messageId": f"canary-{uuid.uuid4()}",
+            "traits": {"phone": c["phone"], "email": c["email"].upper(), "idCard": c["id_card"]},
+        },
+        {
+            "type": "track",
+            "userId": c["user_id"],
+            "event": "Order Completed",
+            "context": context,
+            "messageId": f"canary-{uuid.uuid4()}",
+            "properties": {
+                "note": f"ship to {c['phone']}, id {c['id_card']}, mail {c['email']}",
+                "openid": c["openid"],
+                "buyer": {"mobile": c["phone"]},
+            },
+        },
+        {
+            "type": "alias",
+            "userId": c["user_id"],
+            "previousId": c["previous_id"],
+            "messageId": f"canary-{uuid.uuid4()}",
+        },
     ]
 
 

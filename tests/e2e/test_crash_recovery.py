@@ -12,8 +12,15 @@ def test_acknowledged_events_survive_kill9_exactly_once(fresh_gateway: Gateway) 
     acknowledged: list[str] = []
     with gw.client() as c:
         for round_ in range(5):
-            batch = [{"type": "track", "userId": f"crash-{round_}-{i}", "event": "Order Completed",
-                      "messageId": mid()} for i in range(200)]
+            batch = [
+                {
+                    "type": "track",
+                    "userId": f"crash-{round_}-{i}",
+                    "event": "Order Completed",
+                    "messageId": mid(),
+                }
+                for i in range(200)
+            ]
             r = c.post("/v1/batch", json={"batch": batch})
             assert r.status_code == 200 and r.json()["accepted"] == 200
             acknowledged += [m["messageId"] for m in batch]
@@ -22,9 +29,15 @@ def test_acknowledged_events_survive_kill9_exactly_once(fresh_gateway: Gateway) 
     gw.start()
     # A client that did not see the ack would resend: dedupe holds across the restart.
     with gw.client() as c:
-        replay = c.post("/v1/batch", json={"batch": [{"type": "track", "userId": "crash-0-0",
-                                                      "event": "Order Completed", "messageId": m}
-                                                     for m in acknowledged[-100:]]}).json()
+        replay = c.post(
+            "/v1/batch",
+            json={
+                "batch": [
+                    {"type": "track", "userId": "crash-0-0", "event": "Order Completed", "messageId": m}
+                    for m in acknowledged[-100:]
+                ]
+            },
+        ).json()
     assert (replay["accepted"], replay["duplicates"]) == (0, 100)
 
     gw.wait_for_sink(set(acknowledged), timeout=30)
@@ -39,8 +52,15 @@ def test_half_written_sink_lines_are_cut_back_and_redelivered(fresh_gateway: Gat
     gw = fresh_gateway.start()
     ids = [mid() for _ in range(20)]
     with gw.client() as c:
-        assert c.post("/v1/batch", json={"batch": [{"type": "track", "userId": "u-1", "event": "e",
-                                                    "messageId": m} for m in ids]}).status_code == 200
+        assert (
+            c.post(
+                "/v1/batch",
+                json={
+                    "batch": [{"type": "track", "userId": "u-1", "event": "e", "messageId": m} for m in ids]
+                },
+            ).status_code
+            == 200
+        )
     gw.wait_for_sink(set(ids))
     gw.kill9()
     # Simulate a write that was not committed: a duplicate line and half a line.
@@ -50,8 +70,15 @@ def test_half_written_sink_lines_are_cut_back_and_redelivered(fresh_gateway: Gat
     gw.start()
     more = [mid() for _ in range(5)]
     with gw.client() as c:
-        assert c.post("/v1/batch", json={"batch": [{"type": "track", "userId": "u-1", "event": "e",
-                                                    "messageId": m} for m in more]}).status_code == 200
+        assert (
+            c.post(
+                "/v1/batch",
+                json={
+                    "batch": [{"type": "track", "userId": "u-1", "event": "e", "messageId": m} for m in more]
+                },
+            ).status_code
+            == 200
+        )
     gw.wait_for_sink(set(ids) | set(more))
     counts = Counter(e["messageId"] for e in gw.sink_lines("warehouse"))  # parses every line
     assert set(counts) == set(ids) | set(more) and max(counts.values()) == 1

@@ -13,8 +13,9 @@ from tests.conftest import WEB_KEY, Gateway
 def test_every_call_type_and_a_200_event_flush_reach_the_sink(fresh_gateway: Gateway) -> None:
     gw = fresh_gateway.start()
     errors: list[Exception] = []
-    client = Client(WEB_KEY, host=gw.url, on_error=lambda e, _batch: errors.append(e), max_retries=2,
-                    upload_size=100)
+    client = Client(
+        WEB_KEY, host=gw.url, on_error=lambda e, _batch: errors.append(e), max_retries=2, upload_size=100
+    )
     run = uuid.uuid4().hex[:8]
     user, anon = f"sdk-user-{run}", f"sdk-anon-{run}"
     sent: dict[str, str] = {}

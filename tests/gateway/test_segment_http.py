@@ -13,20 +13,41 @@ from tests.conftest import APP_KEY, WEB_KEY, Gateway, mid
 
 
 def track(message_id: str, **extra: object) -> dict:
-    return {"type": "track", "userId": "shopper-42", "event": "Product Viewed", "messageId": message_id,
-            "properties": {"sku": "A-1", "price": 12.5}, **extra}
+    return {
+        "type": "track",
+        "userId": "shopper-42",
+        "event": "Product Viewed",
+        "messageId": message_id,
+        "properties": {"sku": "A-1", "price": 12.5},
+        **extra,
+    }
 
 
 def test_batch_reaches_sink_pseudonymised_with_received_at(gateway: Gateway) -> None:
     ids = [mid() for _ in range(3)]
-    body = {"batch": [track(ids[0]), {**track(ids[1]), "type": "page", "name": "Home"},
-                      {"type": "identify", "userId": "shopper-42", "messageId": ids[2],
-                       "traits": {"email": "Shopper@Example.com", "plan": "gold"}}]}
+    body = {
+        "batch": [
+            track(ids[0]),
+            {**track(ids[1]), "type": "page", "name": "Home"},
+            {
+                "type": "identify",
+                "userId": "shopper-42",
+                "messageId": ids[2],
+                "traits": {"email": "Shopper@Example.com", "plan": "gold"},
+            },
+        ]
+    }
     with gateway.client() as c:
         r = c.post("/v1/batch", json=body)
     assert r.status_code == 200, r.text
-    assert r.json() | {"rejected": []} == {"success": True, "received": 3, "accepted": 3, "duplicates": 0,
-                                           "rejected": [], "dropped": {}}
+    assert r.json() | {"rejected": []} == {
+        "success": True,
+        "received": 3,
+        "accepted": 3,
+        "duplicates": 0,
+        "rejected": [],
+        "dropped": {},
+    }
     events = {e["messageId"]: e for e in gateway.wait_for_sink(set(ids))}
     assert set(events) == set(ids)
     for e in events.values():
@@ -46,8 +67,14 @@ def test_batch_reaches_sink_pseudonymised_with_received_at(gateway: Gateway) -> 
 def test_single_endpoints(gateway: Gateway, kind: str) -> None:
     m = mid()
     body: dict[str, object] = {"userId": "single-user", "messageId": m}
-    body |= {"track": {"event": "Clicked"}, "group": {"groupId": "g-1"}, "alias": {"previousId": "anon-xyz-1"},
-             "page": {"name": "Cart"}, "screen": {"name": "Cart"}, "identify": {"traits": {"age": 3}}}[kind]
+    body |= {
+        "track": {"event": "Clicked"},
+        "group": {"groupId": "g-1"},
+        "alias": {"previousId": "anon-xyz-1"},
+        "page": {"name": "Cart"},
+        "screen": {"name": "Cart"},
+        "identify": {"traits": {"age": 3}},
+    }[kind]
     with gateway.client() as c:
         r = c.post(f"/v1/{kind}", json=body)
     assert r.status_code == 200, r.text
@@ -65,8 +92,9 @@ def test_clock_skew_correction_and_batch_context(gateway: Gateway) -> None:
     body = {
         "sentAt": device_now.isoformat(),
         "context": {"library": {"name": "test"}, "locale": "zh-CN"},
-        "batch": [track(m, timestamp=(device_now - timedelta(seconds=10)).isoformat(),
-                        context={"locale": "en-US"})],
+        "batch": [
+            track(m, timestamp=(device_now - timedelta(seconds=10)).isoformat(), context={"locale": "en-US"})
+        ],
     }
     with gateway.client() as c:
         assert c.post("/v1/batch", json=body).status_code == 200
@@ -81,8 +109,11 @@ def test_clock_skew_correction_and_batch_context(gateway: Gateway) -> None:
 def test_write_key_in_body_and_gzip(gateway: Gateway) -> None:
     m = mid()
     raw = json.dumps({"writeKey": APP_KEY, "batch": [track(m)]}).encode()
-    r = httpx.post(gateway.url + "/v1/batch", content=gzip.compress(raw),
-                   headers={"Content-Type": "application/json", "Content-Encoding": "gzip"})
+    r = httpx.post(
+        gateway.url + "/v1/batch",
+        content=gzip.compress(raw),
+        headers={"Content-Type": "application/json", "Content-Encoding": "gzip"},
+    )
     assert r.status_code == 200, r.text
     (event,) = gateway.wait_for_sink({m})
     assert event["context"]["idgate"]["source"] == "shop-app"
@@ -124,48 +155,166 @@ def test_partial_batch_accepts_good_and_lists_bad(gateway: Gateway) -> None:
     assert {e["messageId"] for e in gateway.wait_for_sink({good})} == {good}
 
 
-DEEP = ('{"batch":[{"type":"track","userId":"u","event":"e","properties":' + '{"a":' * 10_000 + "1"
-        + "}" * 10_000 + "}]}")
+DEEP = (
+    '{"batch":[{"type":"track","userId":"u","event":"e","properties":'
+    + '{"a":' * 10_000
+    + "1"
+    + "}" * 10_000
+    + "}]}"
+)
 
 BAD_INPUTS = [
     # (name, path, body bytes, headers, auth key, status, error, field)
     ("malformed json", "/v1/batch", b'{"batch": [', {}, WEB_KEY, 400, "invalid_json", None),
     ("not an object", "/v1/batch", b"[1, 2]", {}, WEB_KEY, 400, "invalid_field", None),
-    ("wrong content type", "/v1/batch", b"batch=1", {"Content-Type": "application/x-www-form-urlencoded"},
-     WEB_KEY, 415, "unsupported_media_type", "Content-Type"),
+    (
+        "wrong content type",
+        "/v1/batch",
+        b"batch=1",
+        {"Content-Type": "application/x-www-form-urlencoded"},
+        WEB_KEY,
+        415,
+        "unsupported_media_type",
+        "Content-Type",
+    ),
     ("missing ids", "/v1/track", b'{"event": "e"}', {}, WEB_KEY, 400, "missing_identity", "userId"),
-    ("placeholder ids", "/v1/track", b'{"event": "e", "userId": "undefined", "anonymousId": "null"}', {},
-     WEB_KEY, 400, "missing_identity", "userId"),
+    (
+        "placeholder ids",
+        "/v1/track",
+        b'{"event": "e", "userId": "undefined", "anonymousId": "null"}',
+        {},
+        WEB_KEY,
+        400,
+        "missing_identity",
+        "userId",
+    ),
     ("missing event", "/v1/track", b'{"userId": "u-1"}', {}, WEB_KEY, 400, "invalid_field", "event"),
     ("empty batch", "/v1/batch", b'{"batch": []}', {}, WEB_KEY, 400, "invalid_field", "batch"),
-    ("oversized message", "/v1/track",
-     json.dumps({"userId": "u", "event": "e", "properties": {"x": "y" * 40_000}}).encode(), {}, WEB_KEY,
-     413, "too_large", None),
-    ("oversized batch", "/v1/batch",
-     json.dumps({"batch": [track(f"big-{i}", properties={"x": "y" * 20_000}) for i in range(30)]}).encode(),
-     {}, WEB_KEY, 413, "too_large", None),
+    (
+        "oversized message",
+        "/v1/track",
+        json.dumps({"userId": "u", "event": "e", "properties": {"x": "y" * 40_000}}).encode(),
+        {},
+        WEB_KEY,
+        413,
+        "too_large",
+        None,
+    ),
+    (
+        "oversized batch",
+        "/v1/batch",
+        json.dumps(
+            {"batch": [track(f"big-{i}", properties={"x": "y" * 20_000}) for i in range(30)]}
+        ).encode(),
+        {},
+        WEB_KEY,
+        413,
+        "too_large",
+        None,
+    ),
     ("deep nesting", "/v1/batch", DEEP.encode(), {}, WEB_KEY, 400, "too_deep", None),
-    ("properties deeper than the limit", "/v1/batch",
-     json.dumps({"batch": [track("deep-1", properties=json.loads('{"a":' * 40 + "1" + "}" * 40))]}).encode(),
-     {}, WEB_KEY, 400, "too_deep", "batch[0].properties"),
-    ("invalid utf-8", "/v1/track", b'{"userId": "\xff\xfe", "event": "e"}', {}, WEB_KEY, 400,
-     "invalid_encoding", None),
-    ("wrong write key", "/v1/batch", json.dumps({"batch": [track("k")]}).encode(), {}, "nope-nope-nope",
-     401, "invalid_write_key", "Authorization"),
-    ("no write key", "/v1/batch", json.dumps({"batch": [track("k")]}).encode(), {}, None,
-     401, "missing_write_key", "Authorization"),
-    ("bad timestamp", "/v1/track", b'{"userId": "u", "event": "e", "timestamp": "yesterday"}', {}, WEB_KEY,
-     400, "invalid_field", "timestamp"),
-    ("numeric timestamp", "/v1/batch", b'{"batch": [{"type": "track", "userId": "u", "event": "e", '
-     b'"timestamp": 12}]}', {}, WEB_KEY, 400, "invalid_field", "batch[0].timestamp"),
-    ("non-object batch items", "/v1/batch", b'{"batch": ["a", null, 3]}', {}, WEB_KEY, 400, "invalid_field",
-     "batch[0]"),
-    ("unknown type", "/v1/batch", b'{"batch": [{"type": "purchase", "userId": "u"}]}', {}, WEB_KEY, 400,
-     "invalid_field", "batch[0].type"),
-    ("bad gzip", "/v1/batch", b"not gzip", {"Content-Encoding": "gzip"}, WEB_KEY, 400, "invalid_encoding",
-     "Content-Encoding"),
-    ("gzip bomb", "/v1/batch", gzip.compress(b" " * 5_000_000), {"Content-Encoding": "gzip"}, WEB_KEY, 413,
-     "too_large", None),
+    (
+        "properties deeper than the limit",
+        "/v1/batch",
+        json.dumps(
+            {"batch": [track("deep-1", properties=json.loads('{"a":' * 40 + "1" + "}" * 40))]}
+        ).encode(),
+        {},
+        WEB_KEY,
+        400,
+        "too_deep",
+        "batch[0].properties",
+    ),
+    (
+        "invalid utf-8",
+        "/v1/track",
+        b'{"userId": "\xff\xfe", "event": "e"}',
+        {},
+        WEB_KEY,
+        400,
+        "invalid_encoding",
+        None,
+    ),
+    (
+        "wrong write key",
+        "/v1/batch",
+        json.dumps({"batch": [track("k")]}).encode(),
+        {},
+        "nope-nope-nope",
+        401,
+        "invalid_write_key",
+        "Authorization",
+    ),
+    (
+        "no write key",
+        "/v1/batch",
+        json.dumps({"batch": [track("k")]}).encode(),
+        {},
+        None,
+        401,
+        "missing_write_key",
+        "Authorization",
+    ),
+    (
+        "bad timestamp",
+        "/v1/track",
+        b'{"userId": "u", "event": "e", "timestamp": "yesterday"}',
+        {},
+        WEB_KEY,
+        400,
+        "invalid_field",
+        "timestamp",
+    ),
+    (
+        "numeric timestamp",
+        "/v1/batch",
+        b'{"batch": [{"type": "track", "userId": "u", "event": "e", "timestamp": 12}]}',
+        {},
+        WEB_KEY,
+        400,
+        "invalid_field",
+        "batch[0].timestamp",
+    ),
+    (
+        "non-object batch items",
+        "/v1/batch",
+        b'{"batch": ["a", null, 3]}',
+        {},
+        WEB_KEY,
+        400,
+        "invalid_field",
+        "batch[0]",
+    ),
+    (
+        "unknown type",
+        "/v1/batch",
+        b'{"batch": [{"type": "purchase", "userId": "u"}]}',
+        {},
+        WEB_KEY,
+        400,
+        "invalid_field",
+        "batch[0].type",
+    ),
+    (
+        "bad gzip",
+        "/v1/batch",
+        b"not gzip",
+        {"Content-Encoding": "gzip"},
+        WEB_KEY,
+        400,
+        "invalid_encoding",
+        "Content-Encoding",
+    ),
+    (
+        "gzip bomb",
+        "/v1/batch",
+        gzip.compress(b" " * 5_000_000),
+        {"Content-Encoding": "gzip"},
+        WEB_KEY,
+        413,
+        "too_large",
+        None,
+    ),
     ("wrong method", "/v1/batch", None, {}, WEB_KEY, 405, "method_not_allowed", None),
     ("unknown path", "/v1/purchase", b"{}", {}, WEB_KEY, 404, "not_found", None),
 ]
@@ -177,8 +326,14 @@ BAD_INPUTS = [
     ids=[case[0] for case in BAD_INPUTS],
 )
 def test_bad_input_gets_documented_4xx_and_keeps_earlier_data(
-    gateway: Gateway, path: str, body: bytes | None, headers: dict[str, str], key: str | None, status: int,
-    error: str, field: str | None,
+    gateway: Gateway,
+    path: str,
+    body: bytes | None,
+    headers: dict[str, str],
+    key: str | None,
+    status: int,
+    error: str,
+    field: str | None,
 ) -> None:
     before = mid()
     with gateway.client() as c:

@@ -1,0 +1,64 @@
+"""Redis dedupe across replicas: claim, confirm, in-flight, expiry of abandoned claims."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import redis
+import redis.asyncio as aioredis
+
+from export.dedupe import ClaimStatus, RedisDedupe, redis_dedupe_key
+from tests.conftest import Gateway, make_gateway, mid
+
+
+def test_claim_confirm_release(redis_db: str) -> None:
+    async def main() -> None:
+        client = aioredis.from_url(redis_db)
+        d = RedisDedupe(client, window_seconds=60, claim_seconds=1)
+        k1, k2, k3 = d.key("src", "m1"), d.key("src", "m2"), d.key("other", "m1")
+        assert len({k1, k2, k3}) == 3 and "m1" not in k1
+        assert await d.claim([k1, k2]) == [ClaimStatus.NEW, ClaimStatus.NEW]
+        assert await d.claim([k1, k3]) == [ClaimStatus.IN_FLIGHT, ClaimStatus.NEW]
+        await d.confirm([k1])
+        await d.release([k2])
+        assert await d.claim([k1, k2]) == [ClaimStatus.DUPLICATE, ClaimStatus.NEW]
+        assert 55 <= await client.ttl(k1) <= 60
+        # A claim whose owner died expires, and the retry is then accepted.
+        await asyncio.sleep(1.2)
+        assert await d.claim([k2]) == [ClaimStatus.NEW]
+        await client.aclose()
+
+    asyncio.run(main())
+
+
+def test_two_replicas_share_dedupe_and_in_flight_is_retryable(tmp_path, redis_db: str) -> None:
+    a: Gateway = make_gateway(tmp_path / "a", extra_env={"REDIS_URL": redis_db}).start()
+    b: Gateway = make_gateway(tmp_path / "b", extra_env={"REDIS_URL": redis_db}).start()
+    try:
+        m = mid()
+        event = {"userId": "u-1", "event": "Paid", "messageId": m}
+        with a.client() as ca, b.client() as cb:
+            assert ca.post("/v1/track", json=event).json()["accepted"] == 1
+            again = cb.post("/v1/track", json=event)
+            assert again.status_code == 200 and again.json()["duplicates"] == 1
+            # Another replica is storing this id right now (its claim is pending):
+            sync = redis.Redis.from_url(redis_db)
+            pending = mid()
+            sync.set(redis_dedupe_key("shop-web", pending), "p", ex=30)
+            r = cb.post(
+                "/v1/batch",
+                json={
+                    "batch": [
+                        {**event, "type": "track", "messageId": pending},
+                        {**event, "type": "track", "messageId": mid()},
+                    ]
+                },
+            )
+            assert r.status_code == 503 and r.headers["Retry-After"]
+            assert r.json()["inFlight"] == 1 and r.json()["accepted"] == 1
+        time.sleep(0.2)
+        assert [e["messageId"] for e in a.sink_lines() + b.sink_lines()].count(m) == 1
+    finally:
+        a.stop()
+        b.stop()

@@ -1,0 +1,137 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gateway.config import ConfigProblems, hash_write_key, index_write_keys, parse_config
+
+ROOT = Path(__file__).resolve().parents[2]
+IDGATE = str(Path(sys.executable).with_name("idgate"))
+
+BROKEN = """
+surprise = 1
+
+[limits]
+max_message_bytes = "big"
+
+[[tenants]]
+id = "Acme Corp"
+
+[[tenants.sources]]
+id = "web"
+platform = "tv"
+
+[[tenants.sources]]
+id = "app"
+platform = "app"
+write_key_sha256 = "abc"
+
+[[tenants.sources]]
+id = "app"
+platform = "app"
+dev_write_key = "demo-key-123"
+
+[tenants.tracking_plan]
+"Order Completed" = ["analytics", "telepathy"]
+
+[[tenants.destinations]]
+id = "wh"
+purposes = ["nope"]
+region = "moon"
+"""
+
+
+def test_every_problem_is_reported_with_its_location() -> None:
+    with pytest.raises(ConfigProblems) as info:
+        parse_config(BROKEN, path="broken.toml", dev=False)
+    problems = info.value.problems
+    text = "\n".join(problems)
+    for expected in [
+        "surprise: unknown top-level key",
+        "limits.max_message_bytes",
+        "tenants[0].sources[0].platform",
+    ]:
+        assert expected in text, text
+    # The tenant with an invalid source is reported once as a whole; fix it and the rest shows up.
+    fixed = (
+        BROKEN.replace('platform = "tv"', 'platform = "web"\ndev_write_key = "demo-key-000"')
+        .replace('region = "moon"', 'region = "overseas"')
+        .replace('max_message_bytes = "big"', "")
+    )
+    with pytest.raises(ConfigProblems) as info:
+        parse_config(fixed, dev=False)
+    text = "\n".join(info.value.problems)
+    for expected in [
+        "tenants[0].id: 'Acme Corp' must match",
+        "tenants[0].sources[0].dev_write_key: plain write keys are only allowed with IDGATE_ENV=dev",
+        "tenants[0].sources[1].write_key_sha256: must be 64 lowercase hex characters",
+        "tenants[0].sources[2].id: duplicate source id 'app'",
+        "tenants[0].tracking_plan.'Order Completed': unknown purpose 'telepathy'",
+        "tenants[0].destinations[0].purposes: unknown purpose 'nope'",
+    ]:
+        assert expected in text, text
+
+
+def test_toml_syntax_error() -> None:
+    with pytest.raises(ConfigProblems) as info:
+        parse_config("[[tenants]\nid=", dev=True)
+    assert info.value.problems[0].startswith("TOML syntax")
+
+
+def test_write_keys_indexed_by_hash_dev_keys_only_in_dev() -> None:
+    cfg = parse_config(
+        '[[tenants]]\nid="a"\n[[tenants.sources]]\nid="s"\nplatform="web"\n'
+        f'write_key_sha256="{hash_write_key("real-key-1")}"\ndev_write_key="demo-key-1"\n',
+        dev=True,
+    )
+    assert set(index_write_keys(cfg, dev=True)) == {
+        hash_write_key("real-key-1"),
+        hash_write_key("demo-key-1"),
+    }
+    assert set(index_write_keys(cfg, dev=False)) == {hash_write_key("real-key-1")}
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([IDGATE, *args], capture_output=True, text=True, cwd=ROOT, timeout=60)
+
+
+def test_cli_config_check(tmp_path: Path) -> None:
+    ok = run_cli("config", "check", "idgate.example.toml")
+    assert ok.returncode == 0 and "OK" in ok.stdout
+    prod = run_cli("config", "check", "--production", "idgate.example.toml")
+    assert prod.returncode == 1 and "dev_write_key" in prod.stderr
+    broken = tmp_path / "broken.toml"
+    broken.write_text(BROKEN)
+    bad = run_cli("config", "check", str(broken))
+    assert bad.returncode == 1 and "tenants[0].sources[0].platform" in bad.stderr
+
+
+def test_cli_keys(tmp_path: Path) -> None:
+    out = tmp_path / "keys.json"
+    assert run_cli("keys", "generate", "--tenant", "acme", "--out", str(out)).returncode == 0
+    assert out.stat().st_mode & 0o777 == 0o600
+    assert run_cli("keys", "generate", "--tenant", "acme", "--out", str(out)).returncode == 0
+    assert '"active": 2' in out.read_text()
+    wk = run_cli("keys", "write-key").stdout.splitlines()
+    key = wk[0].split(": ", 1)[1]
+    assert wk[1] == f'write_key_sha256 = "{hash_write_key(key)}"'
+
+
+def test_serve_refuses_production_without_keys(tmp_path: Path) -> None:
+    import os
+
+    env = {**os.environ, "IDGATE_ENV": "production"}
+    env.pop("IDGATE_KEYS", None)
+    env.pop("IDGATE_KEY_FILE", None)
+    r = subprocess.run(
+        [IDGATE, "serve", "--data-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=60,
+    )
+    assert r.returncode == 2 and "IDGATE_KEYS" in r.stderr
