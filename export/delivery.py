@@ -26,13 +26,20 @@ DELIVERY_ERRORS = Counter("idgate_delivery_errors_total", "Failed delivery attem
 
 class DeliveryWorker:
     def __init__(
-        self, outbox: SqliteOutbox, sink: Sink, *, batch_size: int = 2000, poll_seconds: float = 0.2
+        self,
+        outbox: SqliteOutbox,
+        sink: Sink,
+        *,
+        batch_size: int = 2000,
+        poll_seconds: float = 0.2,
+        linger_seconds: float = 0.02,
     ) -> None:
         self.outbox = outbox
         self.sink = sink
         self.destination = sink.destination
         self.batch_size = batch_size
         self.poll_seconds = poll_seconds
+        self.linger_seconds = linger_seconds
         self.wakeup = asyncio.Event()
         self.last_seq = 0
         self.healthy = True
@@ -90,6 +97,9 @@ class DeliveryWorker:
                 self.wakeup.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.wakeup.wait(), self.poll_seconds)
+                # Let more events arrive before the next read: one sink write and one cursor
+                # commit then serve many requests instead of one each.
+                await asyncio.sleep(self.linger_seconds)
 
 
 class DeliveryService:

@@ -14,6 +14,7 @@ sink exactly-once across crashes (see export.sinks).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import queue
 import sqlite3
@@ -102,11 +103,29 @@ class Outbox(Protocol):
 
 
 class _Job:
-    __slots__ = ("fn", "future")
+    """One unit of work for the writer thread, answered through a concurrent future
+    (synchronous callers) or an asyncio future (the event loop)."""
 
-    def __init__(self, fn: Callable[[sqlite3.Connection], Any]) -> None:
+    __slots__ = ("fn", "future", "loop")
+
+    def __init__(
+        self,
+        fn: Callable[[sqlite3.Connection], Any],
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
         self.fn = fn
-        self.future: Future[Any] = Future()
+        self.loop = loop
+        self.future: Future[Any] | asyncio.Future[Any] = loop.create_future() if loop else Future()
+
+
+def _settle(outcomes: list[tuple[asyncio.Future[Any], bool, Any]]) -> None:
+    for fut, ok, value in outcomes:
+        if fut.cancelled():  # the request went away; its events are stored all the same
+            continue
+        if ok:
+            fut.set_result(value)
+        else:
+            fut.set_exception(value)
 
 
 _STOP = object()
@@ -211,28 +230,44 @@ class SqliteOutbox:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             failure = OutboxUnavailable(f"outbox commit failed: {exc}")
-            for job in jobs:
-                job.future.set_exception(failure)
+            self._answer(jobs, [(False, failure)] * len(jobs))
             return
         self.commits += 1
         self.jobs_committed += len(jobs)
-        for job, (ok, value) in zip(jobs, results, strict=True):
-            if ok:
-                job.future.set_result(value)
+        self._answer(jobs, results)
+
+    @staticmethod
+    def _answer(jobs: list[_Job], outcomes: list[tuple[bool, Any]]) -> None:
+        # One wake-up of each event loop per group, not one per job.
+        per_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], bool, Any]]] = {}
+        for job, (ok, value) in zip(jobs, outcomes, strict=True):
+            if job.loop is None:
+                sync_future: Future[Any] = job.future  # type: ignore[assignment]
+                if ok:
+                    sync_future.set_result(value)
+                else:
+                    sync_future.set_exception(value)
             else:
-                job.future.set_exception(value)
+                per_loop.setdefault(job.loop, []).append((job.future, ok, value))  # type: ignore[arg-type]
+        for loop, outcomes_ in per_loop.items():
+            with contextlib.suppress(RuntimeError):  # the loop was closed meanwhile
+                loop.call_soon_threadsafe(_settle, outcomes_)
+
+    def _enqueue(self, job: _Job) -> None:
+        if not self.alive:
+            raise OutboxUnavailable("outbox writer is not running")
+        self._queue.put(job)
 
     def submit(self, fn: Callable[[sqlite3.Connection], T]) -> Future[T]:
-        if not self.alive:
-            failed: Future[T] = Future()
-            failed.set_exception(OutboxUnavailable("outbox writer is not running"))
-            return failed
+        """Run ``fn`` in the writer's next transaction; for synchronous callers."""
         job = _Job(fn)
-        self._queue.put(job)
-        return job.future
+        self._enqueue(job)
+        return job.future  # type: ignore[return-value]
 
     async def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        return await asyncio.wrap_future(self.submit(fn))
+        job = _Job(fn, asyncio.get_running_loop())
+        self._enqueue(job)
+        return await job.future  # type: ignore[no-any-return]
 
     async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         def run() -> T:

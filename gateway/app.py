@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import base64
 import binascii
-import uuid
+import itertools
+import os
 import zlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+import msgspec
 import structlog
 from litestar import Litestar, Request, Response, get, post
 from litestar.exceptions import HTTPException
@@ -53,6 +55,7 @@ class GatewayState:
     delivery: DeliveryService
     ingestor: Ingestor
     redis: Any = None
+    auth_cache: dict[str, ResolvedSource] = field(default_factory=dict)
 
 
 def load_keyring(settings: Settings, config: Config) -> KeyRing:
@@ -128,10 +131,17 @@ async def _read_body(request: Request[Any, Any, Any], limit: int) -> bytes:
     return body
 
 
+_AUTH_CACHE_SIZE = 1024
+
+
 def _authenticate(request: Request[Any, Any, Any], body: bytes) -> ResolvedSource:
     state = _state(request)
-    write_key: str | None = None
     auth = request.headers.get("authorization", "")
+    # Clients send the same header on every request: remember the answer, not the key.
+    cached = state.auth_cache.get(auth) if auth else None
+    if cached is not None:
+        return cached
+    write_key: str | None = None
     if auth[:6].lower() == "basic ":
         try:
             write_key = base64.b64decode(auth[6:].strip(), validate=True).decode("utf-8").split(":", 1)[0]
@@ -148,35 +158,51 @@ def _authenticate(request: Request[Any, Any, Any], body: bytes) -> ResolvedSourc
     resolved = state.write_keys.get(hash_write_key(write_key))
     if resolved is None:
         raise InvalidRequest("invalid_write_key", "unknown write key", "Authorization", 401)
+    if auth[:6].lower() == "basic ":
+        if len(state.auth_cache) >= _AUTH_CACHE_SIZE:
+            state.auth_cache.clear()
+        state.auth_cache[auth] = resolved
     return resolved
 
 
-def _bind_request(request: Request[Any, Any, Any]) -> None:
-    structlog.contextvars.clear_contextvars()
+_request_numbers = itertools.count(1)
+
+
+def _request_id(request: Request[Any, Any, Any]) -> str:
+    """The caller's X-Request-ID, or a process-unique number; only computed when logging."""
     rid = request.headers.get("x-request-id")
-    structlog.contextvars.bind_contextvars(request_id=rid[:64] if rid else uuid.uuid4().hex[:16])
+    return rid[:64] if rid else f"{os.getpid():x}-{next(_request_numbers)}"
 
 
-def _ingest_response(result: IngestResult) -> Response[Any]:
+_encode = msgspec.json.Encoder().encode
+
+
+def _json(body: Any, status: int, headers: dict[str, str] | None = None) -> Response[bytes]:
+    return Response(_encode(body), status_code=status, media_type="application/json", headers=headers)
+
+
+def _ingest_response(result: IngestResult) -> Response[bytes]:
     body = result.body()
     if result.in_flight:
         # Some message ids are being stored by another request right now; their client must
         # retry, not forget them.
-        return Response(body, status_code=503, headers={"Retry-After": "5"})
+        return _json(body, 503, {"Retry-After": "5"})
     if result.accepted == 0 and result.rejected and result.duplicates == 0 and not result.dropped:
         first = result.rejected[0]
-        return Response({**error_body(first.error, first.detail, first.field), **body}, status_code=400)
-    return Response(body, status_code=200)
+        return _json({**error_body(first.error, first.detail, first.field), **body}, 400)
+    return _json(body, 200)
 
 
 async def _run_ingest(
     request: Request[Any, Any, Any], src: ResolvedSource, envs: list[Envelope], result: IngestResult
-) -> Response[Any]:
-    structlog.contextvars.bind_contextvars(tenant=src.tenant.id, source=src.source.id)
+) -> Response[bytes]:
     await _state(request).ingestor.ingest(src, envs, result)
     if result.rejected:
         log.info(
             "ingest.rejected",
+            request_id=_request_id(request),
+            tenant=src.tenant.id,
+            source=src.source.id,
             rejected=len(result.rejected),
             errors=sorted({r.error for r in result.rejected}),
         )
@@ -191,7 +217,6 @@ async def ingest_batch(request: Request[Any, Any, Any]) -> Response[Any]:
     Authenticate with the write key as HTTP Basic user (or `writeKey` in the body). Each
     message is accepted or rejected on its own; the response lists the rejected ones.
     """
-    _bind_request(request)
     state = _state(request)
     limits = state.config.limits
     body = await _read_body(request, limits.max_batch_bytes)
@@ -210,7 +235,6 @@ def _single_handler(message_type: str) -> Any:
         name=f"ingest_{message_type}",
     )
     async def handler(request: Request[Any, Any, Any]) -> Response[Any]:
-        _bind_request(request)
         state = _state(request)
         limits = state.config.limits
         body = await _read_body(request, limits.max_batch_bytes)

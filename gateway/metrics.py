@@ -1,5 +1,8 @@
 """Prometheus metrics of the ingest path. Labels carry tenant/source ids, never identifiers."""
 
+from dataclasses import dataclass
+from functools import cache
+
 from prometheus_client import Counter, Histogram
 
 RECEIVED = Counter("idgate_events_received_total", "Messages received", ["tenant", "source"])
@@ -17,3 +20,28 @@ OUTBOX_APPEND_SECONDS = Histogram(
     "Time to durably append one request's events",
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
 )
+
+
+@dataclass(frozen=True)
+class SourceCounters:
+    """The labelled children of one source, looked up once instead of on every request."""
+
+    tenant: str
+    source: str
+    received: Counter
+    accepted: Counter
+    duplicates: Counter
+
+    def rejected(self, error: str) -> Counter:
+        return REJECTED.labels(self.tenant, self.source, error)
+
+
+@cache
+def source_counters(tenant: str, source: str) -> SourceCounters:
+    return SourceCounters(
+        tenant,
+        source,
+        RECEIVED.labels(tenant, source),
+        ACCEPTED.labels(tenant, source),
+        DUPLICATES.labels(tenant, source),
+    )

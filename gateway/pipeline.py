@@ -269,7 +269,8 @@ class Ingestor:
 
     async def ingest(self, src: ResolvedSource, envs: list[Envelope], result: IngestResult) -> IngestResult:
         tenant, source = src.tenant, src.source
-        metrics.RECEIVED.labels(tenant.id, source.id).inc(result.received)
+        counters = metrics.source_counters(tenant.id, source.id)
+        counters.received.inc(result.received)
         pseudonym = self.keyring.pseudonymiser(tenant.id)
 
         kept: list[Envelope] = []
@@ -283,7 +284,7 @@ class Ingestor:
                 continue
             kept.append(env)
         for r in result.rejected:
-            metrics.REJECTED.labels(tenant.id, source.id, r.error).inc()
+            counters.rejected(r.error).inc()
         if not kept:
             return result
 
@@ -315,9 +316,9 @@ class Ingestor:
         started = time.perf_counter()
         await self._append(source.id, records, result)
         metrics.OUTBOX_APPEND_SECONDS.observe(time.perf_counter() - started)
-        metrics.ACCEPTED.labels(tenant.id, source.id).inc(result.accepted)
+        counters.accepted.inc(result.accepted)
         if result.duplicates:
-            metrics.DUPLICATES.labels(tenant.id, source.id).inc(result.duplicates)
+            counters.duplicates.inc(result.duplicates)
         if result.accepted and self.on_appended is not None:
             self.on_appended()
         return result
