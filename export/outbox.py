@@ -43,7 +43,7 @@ CREATE TABLE IF NOT EXISTS outbox (
     payload BLOB NOT NULL
 );
 CREATE TABLE IF NOT EXISTS dedupe (
-    key BLOB PRIMARY KEY,
+    key TEXT PRIMARY KEY,
     seen_at_ms INTEGER NOT NULL
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS delivery_cursor (
@@ -91,6 +91,19 @@ def dedupe_key(source: str, message_id: str) -> bytes:
     return hashlib.blake2b(f"{source}\x1f{message_id}".encode(), digest_size=16).digest()
 
 
+# One statement claims every message id of a group commit: the rows it inserts (or revives
+# after the window) come back, the ones it leaves alone are duplicates.
+_CLAIM_SQL = (
+    "INSERT INTO dedupe(key, seen_at_ms) SELECT value, ? FROM json_each(?) WHERE true "
+    "ON CONFLICT(key) DO UPDATE SET seen_at_ms = excluded.seen_at_ms WHERE dedupe.seen_at_ms < ? "
+    "RETURNING key"
+)
+_INSERT_SQL = (
+    "INSERT INTO outbox(tenant, source, message_id, received_at_ms, destinations, payload) "
+    "VALUES (?, ?, ?, ?, ?, ?)"
+)
+
+
 class Outbox(Protocol):
     async def append(self, records: Sequence[OutboxRecord], *, dedupe: bool) -> list[bool]: ...
     async def read_after(self, last_seq: int, limit: int) -> list[StoredRecord]: ...
@@ -103,17 +116,23 @@ class Outbox(Protocol):
 
 
 class _Job:
-    """One unit of work for the writer thread, answered through a concurrent future
-    (synchronous callers) or an asyncio future (the event loop)."""
+    """One unit of work for the writer thread: a function to run in the transaction, or
+    records to append. Answered through a concurrent future (synchronous callers) or an
+    asyncio future (the event loop)."""
 
-    __slots__ = ("fn", "future", "loop")
+    __slots__ = ("fn", "records", "dedupe", "future", "loop")
 
     def __init__(
         self,
-        fn: Callable[[sqlite3.Connection], Any],
+        fn: Callable[[sqlite3.Connection], Any] | None = None,
         loop: asyncio.AbstractEventLoop | None = None,
+        *,
+        records: Sequence[OutboxRecord] | None = None,
+        dedupe: bool = True,
     ) -> None:
         self.fn = fn
+        self.records = records
+        self.dedupe = dedupe
         self.loop = loop
         self.future: Future[Any] | asyncio.Future[Any] = loop.create_future() if loop else Future()
 
@@ -150,6 +169,7 @@ class SqliteOutbox:
         self._thread: threading.Thread | None = None
         self._reader: sqlite3.Connection | None = None
         self._reader_lock = threading.Lock()
+        self._running = False
         self.commits = 0
         self.jobs_committed = 0
 
@@ -171,9 +191,11 @@ class SqliteOutbox:
         writer.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         self._reader = self._connect()
         self._thread = threading.Thread(target=self._run, args=(writer,), name="outbox-writer", daemon=True)
+        self._running = True
         self._thread.start()
 
     def close(self) -> None:
+        self._running = False
         if self._thread is not None:
             self._queue.put(_STOP)
             self._thread.join(timeout=30)
@@ -208,24 +230,33 @@ class SqliteOutbox:
                 if stop:
                     return
         finally:
+            self._running = False
             conn.close()
 
     def _commit_group(self, conn: sqlite3.Connection, jobs: list[_Job]) -> None:
-        results: list[tuple[bool, Any]] = []
+        appends = [j for j in jobs if j.records is not None]
+        others = [j for j in jobs if j.records is None]
+        outcomes: dict[int, tuple[bool, Any]] = {}
         try:
             conn.execute("BEGIN IMMEDIATE")
-            for job in jobs:
+            if appends:
+                # All appends of the group in a fixed number of statements: every statement
+                # hands the GIL to the event loop and back, so per-job statements cost more
+                # in thread switches than in SQLite.
+                for job, stored in zip(appends, self._append_group(conn, appends), strict=True):
+                    outcomes[id(job)] = (True, stored)
+            for job in others:
                 # A savepoint per job: one failing job leaves no half-written rows behind.
                 conn.execute("SAVEPOINT job")
                 try:
-                    results.append((True, job.fn(conn)))
+                    outcomes[id(job)] = (True, job.fn(conn))  # type: ignore[misc]
                     conn.execute("RELEASE job")
                 except Exception as exc:  # reported to that job's caller only
                     conn.execute("ROLLBACK TO job")
                     conn.execute("RELEASE job")
-                    results.append((False, exc))
+                    outcomes[id(job)] = (False, exc)
             conn.execute("COMMIT")
-        except sqlite3.Error as exc:
+        except Exception as exc:  # the whole group failed; the writer thread lives on
             log.error("outbox.commit_failed", error=type(exc).__name__, detail=str(exc), jobs=len(jobs))
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
@@ -234,7 +265,46 @@ class SqliteOutbox:
             return
         self.commits += 1
         self.jobs_committed += len(jobs)
-        self._answer(jobs, results)
+        self._answer(jobs, [outcomes[id(j)] for j in jobs])
+
+    def _append_group(self, conn: sqlite3.Connection, jobs: list[_Job]) -> list[list[bool]]:
+        now_ms = int(self._clock() * 1000)
+        keys = [
+            dedupe_key(r.source, r.message_id).hex() if job.dedupe else ""
+            for job in jobs
+            for r in job.records  # type: ignore[union-attr]
+        ]
+        claimed = {k for k in keys if k}
+        if claimed:
+            fresh = {
+                k
+                for (k,) in conn.execute(
+                    _CLAIM_SQL, (now_ms, msgspec.json.encode(sorted(claimed)), now_ms - self.dedupe_window_ms)
+                )
+            }
+        else:
+            fresh = set()
+        results: list[list[bool]] = []
+        rows = []
+        position = 0
+        for job in jobs:
+            stored: list[bool] = []
+            for r in job.records:  # type: ignore[union-attr]
+                key = keys[position]
+                position += 1
+                if key:
+                    if key not in fresh:  # seen before, or earlier in this same group
+                        stored.append(False)
+                        continue
+                    fresh.discard(key)
+                stored.append(True)
+                if r.destinations:
+                    destinations = ",".join(r.destinations)
+                    rows.append((r.tenant, r.source, r.message_id, r.received_at_ms, destinations, r.payload))
+            results.append(stored)
+        if rows:
+            conn.executemany(_INSERT_SQL, rows)
+        return results
 
     @staticmethod
     def _answer(jobs: list[_Job], outcomes: list[tuple[bool, Any]]) -> None:
@@ -254,7 +324,7 @@ class SqliteOutbox:
                 loop.call_soon_threadsafe(_settle, outcomes_)
 
     def _enqueue(self, job: _Job) -> None:
-        if not self.alive:
+        if not self._running:
             raise OutboxUnavailable("outbox writer is not running")
         self._queue.put(job)
 
@@ -278,47 +348,19 @@ class SqliteOutbox:
         return await asyncio.to_thread(run)
 
     # -- appends ---------------------------------------------------------------------
-    def _append_tx(
-        self, records: Sequence[OutboxRecord], dedupe: bool, conn: sqlite3.Connection
-    ) -> list[bool]:
-        now_ms = int(self._clock() * 1000)
-        expired_before = now_ms - self.dedupe_window_ms
-        appended: list[bool] = []
-        rows = []
-        for r in records:
-            if dedupe:
-                cur = conn.execute(
-                    "INSERT INTO dedupe(key, seen_at_ms) VALUES (?, ?) "
-                    "ON CONFLICT(key) DO UPDATE SET seen_at_ms = excluded.seen_at_ms "
-                    "WHERE dedupe.seen_at_ms < ?",
-                    (dedupe_key(r.source, r.message_id), now_ms, expired_before),
-                )
-                if cur.rowcount != 1:
-                    appended.append(False)
-                    continue
-            appended.append(True)
-            if r.destinations:
-                rows.append(
-                    (r.tenant, r.source, r.message_id, r.received_at_ms, ",".join(r.destinations), r.payload)
-                )
-        conn.executemany(
-            "INSERT INTO outbox(tenant, source, message_id, received_at_ms, destinations, payload) "
-            "VALUES (?, ?, ?, ?, ?, ?)",
-            rows,
-        )
-        return appended
-
     async def append(self, records: Sequence[OutboxRecord], *, dedupe: bool) -> list[bool]:
         """Durably append; returns per record True (stored) or False (duplicate message id).
 
         Records with no destination still pass through dedupe but are not stored.
         """
-        records = list(records)
-        return await self._write(lambda conn: self._append_tx(records, dedupe, conn))
+        job = _Job(loop=asyncio.get_running_loop(), records=list(records), dedupe=dedupe)
+        self._enqueue(job)
+        return await job.future  # type: ignore[no-any-return]
 
     def append_sync(self, records: Sequence[OutboxRecord], *, dedupe: bool) -> list[bool]:
-        records = list(records)
-        return self.submit(lambda conn: self._append_tx(records, dedupe, conn)).result()
+        job = _Job(records=list(records), dedupe=dedupe)
+        self._enqueue(job)
+        return job.future.result()  # type: ignore[no-any-return]
 
     # -- delivery --------------------------------------------------------------------
     async def register_destinations(self, destinations: Iterable[str]) -> None:
