@@ -1,10 +1,9 @@
 """The durable outbox: the gateway's ack point, with message-id dedupe and delivery cursors.
 
-Embedded mode keeps it in one SQLite database in WAL mode. All writes go through a single
-writer thread that takes every job waiting in its queue and commits them in one
-transaction with ``synchronous=FULL`` (group commit): one fsync serves many concurrent
-requests, and an append's future resolves only after that fsync, so an acknowledged event
-survives a kill -9 of the process.
+Embedded mode keeps it in one SQLite database in WAL mode with ``synchronous=FULL``.
+Appends are group-committed: the requests that arrive while one commit runs share the
+next transaction and its fsync, and an append resolves only after that fsync, so an
+acknowledged event survives a kill -9 of the process.
 
 Each destination has a delivery cursor (last delivered sequence number) and the committed
 byte sizes of its sink files, updated in one transaction, which is what makes the file
@@ -14,16 +13,15 @@ sink exactly-once across crashes (see export.sinks).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
-import queue
 import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Protocol, TypeVar
 
 import msgspec
 import structlog
@@ -115,63 +113,44 @@ class Outbox(Protocol):
     async def prune(self) -> tuple[int, int]: ...
 
 
-class _Job:
-    """One unit of work for the writer thread: a function to run in the transaction, or
-    records to append. Answered through a concurrent future (synchronous callers) or an
-    asyncio future (the event loop)."""
+class _PendingAppend:
+    __slots__ = ("records", "dedupe", "future")
 
-    __slots__ = ("fn", "records", "dedupe", "future", "loop")
-
-    def __init__(
-        self,
-        fn: Callable[[sqlite3.Connection], Any] | None = None,
-        loop: asyncio.AbstractEventLoop | None = None,
-        *,
-        records: Sequence[OutboxRecord] | None = None,
-        dedupe: bool = True,
-    ) -> None:
-        self.fn = fn
+    def __init__(self, records: list[OutboxRecord], dedupe: bool, future: asyncio.Future[list[bool]]) -> None:
         self.records = records
         self.dedupe = dedupe
-        self.loop = loop
-        self.future: Future[Any] | asyncio.Future[Any] = loop.create_future() if loop else Future()
-
-
-def _settle(outcomes: list[tuple[asyncio.Future[Any], bool, Any]]) -> None:
-    for fut, ok, value in outcomes:
-        if fut.cancelled():  # the request went away; its events are stored all the same
-            continue
-        if ok:
-            fut.set_result(value)
-        else:
-            fut.set_exception(value)
-
-
-_STOP = object()
+        self.future = future
 
 
 class SqliteOutbox:
-    """Embedded outbox on SQLite with a group-committing writer thread."""
+    """Embedded outbox on SQLite with group commit.
+
+    Appends from concurrent requests queue up on the event loop while the previous group
+    is being committed; the next group takes all of them at once. Each group is one
+    transaction of four statements (begin, claim message ids, insert rows, commit) run on
+    the single writer thread, so the fsync and the GIL hand-overs are paid per group, not
+    per request. Every other write (delivery cursors, pruning) runs on the same thread,
+    which keeps SQLite to one writer.
+    """
 
     def __init__(
         self,
         path: Path,
         *,
         dedupe_window_seconds: int = 24 * 3600,
-        max_group: int = 512,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.path = path
         self.dedupe_window_ms = dedupe_window_seconds * 1000
-        self._max_group = max_group
         self._clock = clock
-        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
+        self._writer: sqlite3.Connection | None = None
         self._reader: sqlite3.Connection | None = None
         self._reader_lock = threading.Lock()
-        self._running = False
+        self._executor: ThreadPoolExecutor | None = None
+        self._pending: list[_PendingAppend] = []
+        self._flushing = False
         self.commits = 0
-        self.jobs_committed = 0
+        self.appends_committed = 0
 
     # -- lifecycle -------------------------------------------------------------------
     def _connect(self) -> sqlite3.Connection:
@@ -189,107 +168,90 @@ class SqliteOutbox:
             raise OutboxUnavailable(f"outbox schema {version} is newer than this idgate ({SCHEMA_VERSION})")
         writer.executescript(_SCHEMA)
         writer.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        self._writer = writer
         self._reader = self._connect()
-        self._thread = threading.Thread(target=self._run, args=(writer,), name="outbox-writer", daemon=True)
-        self._running = True
-        self._thread.start()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="outbox-writer")
 
     def close(self) -> None:
-        self._running = False
-        if self._thread is not None:
-            self._queue.put(_STOP)
-            self._thread.join(timeout=30)
-            self._thread = None
-        if self._reader is not None:
-            self._reader.close()
-            self._reader = None
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+        for conn in (self._writer, self._reader):
+            if conn is not None:
+                conn.close()
+        self._writer = self._reader = None
 
     @property
     def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        return self._executor is not None
 
     # -- the writer thread -----------------------------------------------------------
-    def _run(self, conn: sqlite3.Connection) -> None:
-        try:
-            while True:
-                first = self._queue.get()
-                if first is _STOP:
-                    return
-                jobs: list[_Job] = [first]
-                stop = False
-                while len(jobs) < self._max_group:
-                    try:
-                        nxt = self._queue.get_nowait()
-                    except queue.Empty:
-                        break
-                    if nxt is _STOP:
-                        stop = True
-                        break
-                    jobs.append(nxt)
-                self._commit_group(conn, jobs)
-                if stop:
-                    return
-        finally:
-            self._running = False
-            conn.close()
-
-    def _commit_group(self, conn: sqlite3.Connection, jobs: list[_Job]) -> None:
-        appends = [j for j in jobs if j.records is not None]
-        others = [j for j in jobs if j.records is None]
-        outcomes: dict[int, tuple[bool, Any]] = {}
+    def _transaction(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``fn`` in one transaction on the writer connection (writer thread only)."""
+        conn = self._writer
+        if conn is None:
+            raise OutboxUnavailable("outbox is closed")
         try:
             conn.execute("BEGIN IMMEDIATE")
-            if appends:
-                # All appends of the group in a fixed number of statements: every statement
-                # hands the GIL to the event loop and back, so per-job statements cost more
-                # in thread switches than in SQLite.
-                for job, stored in zip(appends, self._append_group(conn, appends), strict=True):
-                    outcomes[id(job)] = (True, stored)
-            for job in others:
-                # A savepoint per job: one failing job leaves no half-written rows behind.
-                conn.execute("SAVEPOINT job")
-                try:
-                    outcomes[id(job)] = (True, job.fn(conn))  # type: ignore[misc]
-                    conn.execute("RELEASE job")
-                except Exception as exc:  # reported to that job's caller only
-                    conn.execute("ROLLBACK TO job")
-                    conn.execute("RELEASE job")
-                    outcomes[id(job)] = (False, exc)
+            result = fn(conn)
             conn.execute("COMMIT")
-        except Exception as exc:  # the whole group failed; the writer thread lives on
-            log.error("outbox.commit_failed", error=type(exc).__name__, detail=str(exc), jobs=len(jobs))
+        except sqlite3.Error as exc:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
-            failure = OutboxUnavailable(f"outbox commit failed: {exc}")
-            self._answer(jobs, [(False, failure)] * len(jobs))
-            return
+            log.error("outbox.commit_failed", error=type(exc).__name__, detail=str(exc))
+            raise OutboxUnavailable(f"outbox commit failed: {exc}") from exc
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
         self.commits += 1
-        self.jobs_committed += len(jobs)
-        self._answer(jobs, [outcomes[id(j)] for j in jobs])
+        return result
 
-    def _append_group(self, conn: sqlite3.Connection, jobs: list[_Job]) -> list[list[bool]]:
+    def _run_on_writer(self, fn: Callable[[sqlite3.Connection], T]) -> Future[T]:
+        if self._executor is None:
+            raise OutboxUnavailable("outbox is not open")
+        try:
+            return self._executor.submit(self._transaction, fn)
+        except RuntimeError:  # shut down meanwhile
+            raise OutboxUnavailable("outbox is closing") from None
+
+    def submit(self, fn: Callable[[sqlite3.Connection], T]) -> Future[T]:
+        """Run ``fn`` in its own transaction on the writer thread; for synchronous callers."""
+        return self._run_on_writer(fn)
+
+    async def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        return await asyncio.wrap_future(self._run_on_writer(fn))
+
+    async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        def run() -> T:
+            if self._reader is None:
+                raise OutboxUnavailable("outbox is not open")
+            with self._reader_lock:
+                return fn(self._reader)
+
+        return await asyncio.to_thread(run)
+
+    # -- appends ---------------------------------------------------------------------
+    def _append_group(self, groups: list[tuple[list[OutboxRecord], bool]], conn: sqlite3.Connection
+                      ) -> list[list[bool]]:
+        """Claim the message ids of every record, then insert the fresh ones: one statement each."""
         now_ms = int(self._clock() * 1000)
         keys = [
-            dedupe_key(r.source, r.message_id).hex() if job.dedupe else ""
-            for job in jobs
-            for r in job.records  # type: ignore[union-attr]
+            dedupe_key(r.source, r.message_id).hex() if dedupe else ""
+            for records, dedupe in groups
+            for r in records
         ]
-        claimed = {k for k in keys if k}
+        claimed = sorted({k for k in keys if k})
+        fresh: set[str] = set()
         if claimed:
-            fresh = {
-                k
-                for (k,) in conn.execute(
-                    _CLAIM_SQL, (now_ms, msgspec.json.encode(sorted(claimed)), now_ms - self.dedupe_window_ms)
-                )
-            }
-        else:
-            fresh = set()
+            params = (now_ms, msgspec.json.encode(claimed), now_ms - self.dedupe_window_ms)
+            fresh = {k for (k,) in conn.execute(_CLAIM_SQL, params)}
         results: list[list[bool]] = []
         rows = []
         position = 0
-        for job in jobs:
+        for records, _ in groups:
             stored: list[bool] = []
-            for r in job.records:  # type: ignore[union-attr]
+            for r in records:
                 key = keys[position]
                 position += 1
                 if key:
@@ -304,63 +266,48 @@ class SqliteOutbox:
             results.append(stored)
         if rows:
             conn.executemany(_INSERT_SQL, rows)
+        self.appends_committed += len(groups)
         return results
 
-    @staticmethod
-    def _answer(jobs: list[_Job], outcomes: list[tuple[bool, Any]]) -> None:
-        # One wake-up of each event loop per group, not one per job.
-        per_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], bool, Any]]] = {}
-        for job, (ok, value) in zip(jobs, outcomes, strict=True):
-            if job.loop is None:
-                sync_future: Future[Any] = job.future  # type: ignore[assignment]
-                if ok:
-                    sync_future.set_result(value)
-                else:
-                    sync_future.set_exception(value)
-            else:
-                per_loop.setdefault(job.loop, []).append((job.future, ok, value))  # type: ignore[arg-type]
-        for loop, outcomes_ in per_loop.items():
-            with contextlib.suppress(RuntimeError):  # the loop was closed meanwhile
-                loop.call_soon_threadsafe(_settle, outcomes_)
-
-    def _enqueue(self, job: _Job) -> None:
-        if not self._running:
-            raise OutboxUnavailable("outbox writer is not running")
-        self._queue.put(job)
-
-    def submit(self, fn: Callable[[sqlite3.Connection], T]) -> Future[T]:
-        """Run ``fn`` in the writer's next transaction; for synchronous callers."""
-        job = _Job(fn)
-        self._enqueue(job)
-        return job.future  # type: ignore[return-value]
-
-    async def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        job = _Job(fn, asyncio.get_running_loop())
-        self._enqueue(job)
-        return await job.future  # type: ignore[no-any-return]
-
-    async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        def run() -> T:
-            assert self._reader is not None, "outbox is not open"
-            with self._reader_lock:
-                return fn(self._reader)
-
-        return await asyncio.to_thread(run)
-
-    # -- appends ---------------------------------------------------------------------
     async def append(self, records: Sequence[OutboxRecord], *, dedupe: bool) -> list[bool]:
         """Durably append; returns per record True (stored) or False (duplicate message id).
 
-        Records with no destination still pass through dedupe but are not stored.
+        Resolves only after the commit (fsync) that holds the records. Records with no
+        destination still pass through dedupe but are not stored.
         """
-        job = _Job(loop=asyncio.get_running_loop(), records=list(records), dedupe=dedupe)
-        self._enqueue(job)
-        return await job.future  # type: ignore[no-any-return]
+        if self._executor is None:
+            raise OutboxUnavailable("outbox is not open")
+        loop = asyncio.get_running_loop()
+        pending = _PendingAppend(list(records), dedupe, loop.create_future())
+        self._pending.append(pending)
+        if not self._flushing:
+            self._flushing = True
+            loop.create_task(self._flush())
+        return await pending.future
+
+    async def _flush(self) -> None:
+        try:
+            while self._pending:
+                batch, self._pending = self._pending, []
+                groups = [(p.records, p.dedupe) for p in batch]
+                try:
+                    results = await self._write(partial(self._append_group, groups))
+                except BaseException as exc:
+                    failure = exc if isinstance(exc, OutboxUnavailable) else OutboxUnavailable(str(exc))
+                    for p in batch:
+                        if not p.future.done():
+                            p.future.set_exception(failure)
+                    if not isinstance(exc, Exception):
+                        raise
+                    continue
+                for p, stored in zip(batch, results, strict=True):
+                    if not p.future.done():  # a cancelled request's events are stored all the same
+                        p.future.set_result(stored)
+        finally:
+            self._flushing = False
 
     def append_sync(self, records: Sequence[OutboxRecord], *, dedupe: bool) -> list[bool]:
-        job = _Job(records=list(records), dedupe=dedupe)
-        self._enqueue(job)
-        return job.future.result()  # type: ignore[no-any-return]
+        return self._run_on_writer(partial(self._append_group, [(list(records), dedupe)])).result()[0]
 
     # -- delivery --------------------------------------------------------------------
     async def register_destinations(self, destinations: Iterable[str]) -> None:

@@ -36,7 +36,7 @@ def test_concurrent_appends_are_group_committed(outbox: SqliteOutbox) -> None:
 
     results = asyncio.run(main())
     assert all(r == [True] for r in results)
-    assert outbox.jobs_committed == 300
+    assert outbox.appends_committed == 300
     assert outbox.commits < 300  # several requests shared one fsync
     rows = asyncio.run(outbox.read_after(0, 1000))
     assert sorted(json.loads(r.payload)["i"] for r in rows) == list(range(300))
@@ -51,7 +51,7 @@ def test_dedupe_window_per_source(outbox: SqliteOutbox) -> None:
     assert outbox.append_sync([record(1)], dedupe=True) == [True]  # the window has passed
 
 
-def test_failed_job_rolls_back_alone(outbox: SqliteOutbox) -> None:
+def test_failed_write_rolls_back_and_the_writer_goes_on(outbox: SqliteOutbox) -> None:
     def broken(conn):  # type: ignore[no-untyped-def]
         conn.execute(
             "INSERT INTO outbox(tenant, source, message_id, received_at_ms, destinations, payload) "
@@ -60,7 +60,7 @@ def test_failed_job_rolls_back_alone(outbox: SqliteOutbox) -> None:
         raise RuntimeError("boom")
 
     bad = outbox.submit(broken)
-    good = outbox.append_sync([record(5)], dedupe=True)  # most likely in the same group
+    good = outbox.append_sync([record(5)], dedupe=True)
     with pytest.raises(RuntimeError):
         bad.result()
     assert good == [True]
