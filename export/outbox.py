@@ -25,8 +25,20 @@ from typing import Protocol, TypeVar
 
 import msgspec
 import structlog
+from prometheus_client import Histogram
 
 log = structlog.get_logger(__name__)
+
+COMMIT_SECONDS = Histogram(
+    "idgate_outbox_commit_seconds",
+    "Time to durably commit one group of appends (the wait before a request is acknowledged)",
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
+)
+GROUP_REQUESTS = Histogram(
+    "idgate_outbox_group_requests",
+    "Requests sharing one group commit",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+)
 T = TypeVar("T")
 
 SCHEMA_VERSION = 1
@@ -232,8 +244,9 @@ class SqliteOutbox:
         return await asyncio.to_thread(run)
 
     # -- appends ---------------------------------------------------------------------
-    def _append_group(self, groups: list[tuple[list[OutboxRecord], bool]], conn: sqlite3.Connection
-                      ) -> list[list[bool]]:
+    def _append_group(
+        self, groups: list[tuple[list[OutboxRecord], bool]], conn: sqlite3.Connection
+    ) -> list[list[bool]]:
         """Claim the message ids of every record, then insert the fresh ones: one statement each."""
         now_ms = int(self._clock() * 1000)
         keys = [
@@ -290,6 +303,7 @@ class SqliteOutbox:
             while self._pending:
                 batch, self._pending = self._pending, []
                 groups = [(p.records, p.dedupe) for p in batch]
+                started = time.perf_counter()
                 try:
                     results = await self._write(partial(self._append_group, groups))
                 except BaseException as exc:
@@ -300,6 +314,8 @@ class SqliteOutbox:
                     if not isinstance(exc, Exception):
                         raise
                     continue
+                COMMIT_SECONDS.observe(time.perf_counter() - started)
+                GROUP_REQUESTS.observe(len(batch))
                 for p, stored in zip(batch, results, strict=True):
                     if not p.future.done():  # a cancelled request's events are stored all the same
                         p.future.set_result(stored)

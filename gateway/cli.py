@@ -66,7 +66,11 @@ def serve(config_path: Path | None, host: str, port: int, data_dir: Path | None)
         loop="uvloop",
         http="httptools",
         log_config=None,
+        # No access log and no X-Forwarded-For handling: idgate never uses the client IP of
+        # a request, and an access log would write it to disk.
         access_log=False,
+        proxy_headers=False,
+        server_header=False,
         lifespan="on",
         timeout_graceful_shutdown=10,
     )

@@ -10,7 +10,6 @@ and everything stored, sees pseudonyms.
 
 from __future__ import annotations
 
-import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -269,8 +268,9 @@ class Ingestor:
 
     async def ingest(self, src: ResolvedSource, envs: list[Envelope], result: IngestResult) -> IngestResult:
         tenant, source = src.tenant, src.source
-        counters = metrics.source_counters(tenant.id, source.id)
-        counters.received.inc(result.received)
+        counts = metrics.INGEST
+        labels = (tenant.id, source.id)
+        counts.add("received", labels, result.received)
         pseudonym = self.keyring.pseudonymiser(tenant.id)
 
         kept: list[Envelope] = []
@@ -284,7 +284,7 @@ class Ingestor:
                 continue
             kept.append(env)
         for r in result.rejected:
-            counters.rejected(r.error).inc()
+            counts.add("rejected", (*labels, r.error))
         if not kept:
             return result
 
@@ -298,7 +298,7 @@ class Ingestor:
             if decision.dropped_reason is not None or not decision.destinations:
                 reason = decision.dropped_reason or "no_destination"
                 result.dropped[reason] += 1
-                metrics.DROPPED.labels(tenant.id, reason).inc()
+                counts.add("dropped", (tenant.id, reason))
                 continue
             env.destinations = decision.destinations
             env.consent_proof = decision.proof
@@ -313,12 +313,10 @@ class Ingestor:
             scrub_personal_data(env)
 
         records = [encode_for_outbox(env, src, pseudonym.version, self._encoder) for env in allowed]
-        started = time.perf_counter()
         await self._append(source.id, records, result)
-        metrics.OUTBOX_APPEND_SECONDS.observe(time.perf_counter() - started)
-        counters.accepted.inc(result.accepted)
+        counts.add("accepted", labels, result.accepted)
         if result.duplicates:
-            counters.duplicates.inc(result.duplicates)
+            counts.add("duplicate", labels, result.duplicates)
         if result.accepted and self.on_appended is not None:
             self.on_appended()
         return result
