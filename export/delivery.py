@@ -32,7 +32,7 @@ class DeliveryWorker:
         *,
         batch_size: int = 2000,
         poll_seconds: float = 0.2,
-        linger_seconds: float = 0.02,
+        linger_seconds: float = 0.05,
     ) -> None:
         self.outbox = outbox
         self.sink = sink

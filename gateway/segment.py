@@ -138,6 +138,12 @@ def body_write_key(body: bytes) -> str | None:
         return None
 
 
+def may_nest_deeper(raw: bytes | msgspec.Raw, limit: int) -> bool:
+    """Cheap upper bound: JSON cannot nest deeper than its number of opening brackets."""
+    data = bytes(raw) if isinstance(raw, msgspec.Raw) else raw
+    return data.count(b"{") + data.count(b"[") > limit
+
+
 def _depth_exceeds(value: Any, limit: int) -> bool:
     stack: list[tuple[Any, int]] = [(value, 0)]
     while stack:
@@ -171,6 +177,7 @@ def to_event(
     batch_context: dict[str, Any] | None = None,
     batch_integrations: dict[str, Any] | None = None,
     batch_sent_at: datetime | None = None,
+    check_depth: bool = True,
 ) -> Event:
     """Validate one decoded message against the limits and build the internal Event."""
     context = msg.context
@@ -181,9 +188,11 @@ def to_event(
         integrations = {**batch_integrations, **(integrations or {})}
     properties = getattr(msg, "properties", None)
     traits = getattr(msg, "traits", None)
-    for name, value in (("properties", properties), ("traits", traits), ("context", context)):
-        if value is not None and _depth_exceeds(value, limits.max_property_depth):
-            raise RejectMessage("too_deep", f"{name} nested deeper than {limits.max_property_depth}", name)
+    if check_depth:
+        for name, value in (("properties", properties), ("traits", traits), ("context", context)):
+            if value is not None and _depth_exceeds(value, limits.max_property_depth):
+                detail = f"{name} nested deeper than {limits.max_property_depth}"
+                raise RejectMessage("too_deep", detail, name)
 
     user_id, anonymous_id = _id(msg.user_id), _id(msg.anonymous_id)
     if not user_id and not anonymous_id:
@@ -243,6 +252,9 @@ def decode_batch(
         raise InvalidRequest(
             "too_large", f"batch holds more than {limits.max_batch_messages} messages", "batch", status=413
         )
+    batch_may_be_deep = envelope.context is not None and _depth_exceeds(
+        envelope.context, limits.max_property_depth
+    )
     events: list[Envelope] = []
     rejected: list[Rejection] = []
     for i, raw in enumerate(envelope.batch):
@@ -267,6 +279,8 @@ def decode_batch(
                 batch_context=envelope.context,
                 batch_integrations=envelope.integrations,
                 batch_sent_at=envelope.sent_at,
+                # The batch context is merged in: count its brackets too.
+                check_depth=batch_may_be_deep or may_nest_deeper(raw, limits.max_property_depth),
             )
         except RejectMessage as exc:
             field = prefix + exc.field if exc.field else None
@@ -288,7 +302,12 @@ def decode_single(body: bytes, message_type: str, *, limits: Limits, received_at
         )
     try:
         msg = _single_decoders[message_type].decode(body)
-        return to_event(msg, received_at=received_at, limits=limits)
+        return to_event(
+            msg,
+            received_at=received_at,
+            limits=limits,
+            check_depth=may_nest_deeper(body, limits.max_property_depth),
+        )
     except RejectMessage as exc:
         raise InvalidRequest(exc.error, exc.detail, exc.field) from None
     except _DECODE_ERRORS as exc:
