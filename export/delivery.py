@@ -121,9 +121,16 @@ class DeliveryService:
         while True:
             await asyncio.sleep(self.prune_seconds)
             try:
-                delivered, expired = await self.outbox.prune()
-                if delivered or expired:
-                    log.info("outbox.pruned", delivered_rows=delivered, expired_dedupe=expired)
+                total_delivered = total_expired = 0
+                while True:
+                    delivered, expired = await self.outbox.prune(chunk=5_000)
+                    total_delivered += delivered
+                    total_expired += expired
+                    if delivered < 5_000 and expired < 5_000:
+                        break
+                    await asyncio.sleep(0.01)  # let requests in between chunks
+                if total_delivered or total_expired:
+                    log.info("outbox.pruned", delivered_rows=total_delivered, expired_dedupe=total_expired)
             except Exception as exc:
                 log.error("outbox.prune_failed", error=type(exc).__name__)
 
