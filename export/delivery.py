@@ -106,16 +106,29 @@ class DeliveryService:
     """Runs the destination workers and the outbox pruning as background tasks."""
 
     def __init__(
-        self, outbox: SqliteOutbox, workers: Sequence[DeliveryWorker], prune_seconds: float = 30
+        self,
+        outbox: SqliteOutbox,
+        workers: Sequence[DeliveryWorker],
+        prune_seconds: float = 30,
+        checkpoint_seconds: float = 1,
     ) -> None:
         self.outbox = outbox
         self.workers = list(workers)
         self.prune_seconds = prune_seconds
+        self.checkpoint_seconds = checkpoint_seconds
         self._tasks: list[asyncio.Task[None]] = []
 
     def notify(self) -> None:
         for w in self.workers:
             w.wakeup.set()
+
+    async def _checkpoint_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.checkpoint_seconds)
+            try:
+                await self.outbox.checkpoint()
+            except Exception as exc:
+                log.error("outbox.checkpoint_failed", error=type(exc).__name__)
 
     async def _prune_loop(self) -> None:
         while True:
@@ -139,6 +152,7 @@ class DeliveryService:
         for w in self.workers:
             self._tasks.append(asyncio.create_task(w.run(), name=f"deliver-{w.destination}"))
         self._tasks.append(asyncio.create_task(self._prune_loop(), name="outbox-prune"))
+        self._tasks.append(asyncio.create_task(self._checkpoint_loop(), name="outbox-checkpoint"))
 
     async def stop(self) -> None:
         for t in self._tasks:

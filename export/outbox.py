@@ -179,6 +179,9 @@ class SqliteOutbox:
             raise OutboxUnavailable(f"outbox schema {version} is newer than this idgate ({SCHEMA_VERSION})")
         writer.executescript(_SCHEMA)
         writer.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        # Checkpoints copy the WAL into the database and fsync it: done in the background by
+        # checkpoint(), not inside a request's commit on the event loop.
+        writer.execute("PRAGMA wal_autocheckpoint=0")
         self._writer = writer
         self._reader = self._connect()
 
@@ -370,6 +373,17 @@ class SqliteOutbox:
                 "WHERE seq > (SELECT COALESCE(MIN(last_seq), 0) FROM delivery_cursor)"
             ).fetchone()
             return int(row[0])
+
+        return await self._read(q)
+
+    async def checkpoint(self) -> tuple[int, int]:
+        """Copy committed WAL frames into the database (PASSIVE: never blocks the writer).
+
+        Returns (frames in the WAL, frames checkpointed)."""
+
+        def q(conn: sqlite3.Connection) -> tuple[int, int]:
+            _, log_frames, done = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            return int(log_frames), int(done)
 
         return await self._read(q)
 
