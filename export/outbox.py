@@ -18,6 +18,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 from typing import Protocol, TypeVar
@@ -136,13 +137,14 @@ class _PendingAppend:
 class SqliteOutbox:
     """Embedded outbox on SQLite with group commit on the event loop.
 
-    Appends made while the loop is busy with other requests wait for the loop's next turn
-    and are committed together: one transaction of four statements (begin, claim the
-    message ids, insert the rows, commit with fsync) for the whole group. The commit runs
-    on the event-loop thread itself, as Redis does its ``appendfsync always``: measured
-    here, handing each group to a writer thread cost more in GIL hand-overs than the
-    fsync (about 0.1 ms) blocks the loop. Every write goes through this one connection, so
-    SQLite has a single writer; reads use a second connection from worker threads.
+    Appends made while a group commits wait and are committed together as the next
+    group: one transaction of four statements (begin, claim the message ids, insert the
+    rows, commit with fsync). The statements run on the event loop (measured: handing the
+    whole transaction to a writer thread cost more in GIL hand-overs than it saved); only
+    the COMMIT, where SQLite fsyncs with the GIL released, runs on a commit thread, so the
+    loop serves other requests meanwhile. Every write goes through this one connection,
+    one transaction at a time, so SQLite has a single writer; reads use a second
+    connection from worker threads.
     """
 
     def __init__(
@@ -159,7 +161,9 @@ class SqliteOutbox:
         self._reader: sqlite3.Connection | None = None
         self._reader_lock = threading.Lock()
         self._pending: list[_PendingAppend] = []
-        self._flush_scheduled = False
+        self._flushing = False
+        self._write_lock = asyncio.Lock()
+        self._committer: ThreadPoolExecutor | None = None
         self.commits = 0
         self.appends_committed = 0
 
@@ -184,10 +188,12 @@ class SqliteOutbox:
         writer.execute("PRAGMA wal_autocheckpoint=0")
         self._writer = writer
         self._reader = self._connect()
+        self._committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="outbox-commit")
 
     def close(self) -> None:
-        if self._pending:
-            self._flush()
+        if self._committer is not None:
+            self._committer.shutdown(wait=True)
+            self._committer = None
         for conn in (self._writer, self._reader):
             if conn is not None:
                 conn.close()
@@ -220,7 +226,30 @@ class SqliteOutbox:
         return result
 
     async def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        return self._transaction(fn)
+        """Run ``fn`` on the loop, then COMMIT (the fsync) on the commit thread.
+
+        sqlite3 releases the GIL while it commits, so the loop keeps serving requests
+        during the fsync; the lock keeps the next transaction out until it is done.
+        """
+        conn = self._writer
+        if conn is None or self._committer is None:
+            raise OutboxUnavailable("outbox is not open")
+        async with self._write_lock:
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                result = fn(conn)
+                await asyncio.get_running_loop().run_in_executor(self._committer, conn.execute, "COMMIT")
+            except sqlite3.Error as exc:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                log.error("outbox.commit_failed", error=type(exc).__name__, detail=str(exc))
+                raise OutboxUnavailable(f"outbox commit failed: {exc}") from exc
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+            self.commits += 1
+            return result
 
     async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         def run() -> T:
@@ -281,31 +310,36 @@ class SqliteOutbox:
         loop = asyncio.get_running_loop()
         pending = _PendingAppend(list(records), dedupe, loop.create_future())
         self._pending.append(pending)
-        if not self._flush_scheduled:
-            # After the callbacks already due: requests that are ready now join this group.
-            self._flush_scheduled = True
-            loop.call_soon(self._flush)
+        if not self._flushing:
+            self._flushing = True
+            loop.create_task(self._flush())
         return await pending.future
 
-    def _flush(self) -> None:
-        self._flush_scheduled = False
-        batch, self._pending = self._pending, []
-        if not batch:
-            return
-        started = time.perf_counter()
+    async def _flush(self) -> None:
+        """Commit everything pending, group after group, until nothing is left.
+
+        Requests that arrive while a group commits wait in ``_pending`` and form the next
+        group: the classic group commit."""
         try:
-            results = self._transaction(partial(self._append_group, [(p.records, p.dedupe) for p in batch]))
-        except Exception as exc:
-            failure = exc if isinstance(exc, OutboxUnavailable) else OutboxUnavailable(str(exc))
-            for p in batch:
-                if not p.future.done():
-                    p.future.set_exception(failure)
-            return
-        COMMIT_SECONDS.observe(time.perf_counter() - started)
-        GROUP_REQUESTS.observe(len(batch))
-        for p, stored in zip(batch, results, strict=True):
-            if not p.future.done():  # a cancelled request's events are stored all the same
-                p.future.set_result(stored)
+            while self._pending:
+                batch, self._pending = self._pending, []
+                started = time.perf_counter()
+                groups = [(p.records, p.dedupe) for p in batch]
+                try:
+                    results = await self._write(partial(self._append_group, groups))
+                except Exception as exc:
+                    failure = exc if isinstance(exc, OutboxUnavailable) else OutboxUnavailable(str(exc))
+                    for p in batch:
+                        if not p.future.done():
+                            p.future.set_exception(failure)
+                    continue
+                COMMIT_SECONDS.observe(time.perf_counter() - started)
+                GROUP_REQUESTS.observe(len(batch))
+                for p, stored in zip(batch, results, strict=True):
+                    if not p.future.done():  # a cancelled request's events are stored all the same
+                        p.future.set_result(stored)
+        finally:
+            self._flushing = False
 
     def append_sync(self, records: Sequence[OutboxRecord], *, dedupe: bool) -> list[bool]:
         return self._transaction(partial(self._append_group, [(list(records), dedupe)]))[0]
