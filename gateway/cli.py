@@ -49,6 +49,8 @@ def serve(config_path: Path | None, host: str, port: int, data_dir: Path | None)
     except (SettingsError, ConfigProblems, InvalidKeyMaterial, MissingKey) as exc:
         click.echo(f"idgate: cannot start: {exc}", err=True)
         sys.exit(2)
+    if settings.gil_switch_interval_seconds > 0:
+        sys.setswitchinterval(settings.gil_switch_interval_seconds)
     base = f"http://{host}:{port}"
     click.echo(f"idgate {settings.env} on {base}  (config {settings.config_path}, data {settings.data_dir})")
     if settings.dev:

@@ -40,6 +40,10 @@ class Settings:
     log_level: str
     delivery_batch_size: int
     delivery_poll_seconds: float
+    # How long a thread may hold the GIL while another waits (CPython default 5 ms). The
+    # loop shares the GIL with the outbox commit thread and the delivery threads; a short
+    # interval lets a finished fsync hand its result back without waiting 5 ms.
+    gil_switch_interval_seconds: float
 
     @property
     def dev(self) -> bool:
@@ -81,4 +85,5 @@ class Settings:
             log_level=os.environ.get("IDGATE_LOG_LEVEL", "INFO").upper(),
             delivery_batch_size=_env_int("IDGATE_DELIVERY_BATCH", 2000),
             delivery_poll_seconds=_env_int("IDGATE_DELIVERY_POLL_MS", 200) / 1000,
+            gil_switch_interval_seconds=_env_int("IDGATE_GIL_SWITCH_US", 200) / 1_000_000,
         )
