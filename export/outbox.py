@@ -17,8 +17,9 @@ import hashlib
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 from typing import Protocol, TypeVar
@@ -204,15 +205,10 @@ class SqliteOutbox:
         return self._writer is not None
 
     # -- writes ----------------------------------------------------------------------
-    def _transaction(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """Run ``fn`` in one transaction on the writer connection."""
-        conn = self._writer
-        if conn is None:
-            raise OutboxUnavailable("outbox is not open")
+    @contextmanager
+    def _rolled_back_on_error(self, conn: sqlite3.Connection) -> Iterator[None]:
         try:
-            conn.execute("BEGIN IMMEDIATE")
-            result = fn(conn)
-            conn.execute("COMMIT")
+            yield
         except sqlite3.Error as exc:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
@@ -223,6 +219,16 @@ class SqliteOutbox:
                 conn.execute("ROLLBACK")
             raise
         self.commits += 1
+
+    def _transaction(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``fn`` in one transaction on the writer connection, synchronously."""
+        conn = self._writer
+        if conn is None:
+            raise OutboxUnavailable("outbox is not open")
+        with self._rolled_back_on_error(conn):
+            conn.execute("BEGIN IMMEDIATE")
+            result = fn(conn)
+            conn.execute("COMMIT")
         return result
 
     async def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
@@ -235,20 +241,17 @@ class SqliteOutbox:
         if conn is None or self._committer is None:
             raise OutboxUnavailable("outbox is not open")
         async with self._write_lock:
-            try:
+            with self._rolled_back_on_error(conn):
                 conn.execute("BEGIN IMMEDIATE")
                 result = fn(conn)
-                await asyncio.get_running_loop().run_in_executor(self._committer, conn.execute, "COMMIT")
-            except sqlite3.Error as exc:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                log.error("outbox.commit_failed", error=type(exc).__name__, detail=str(exc))
-                raise OutboxUnavailable(f"outbox commit failed: {exc}") from exc
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
-            self.commits += 1
+                commit = asyncio.get_running_loop().run_in_executor(self._committer, conn.execute, "COMMIT")
+                try:
+                    await asyncio.shield(commit)
+                except asyncio.CancelledError:
+                    # The connection is busy committing: let it finish before anything else
+                    # (a rollback included) touches it.
+                    await asyncio.wait([commit])
+                    raise
             return result
 
     async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:

@@ -133,6 +133,14 @@ class Gateway:
     def client(self, write_key: str = WEB_KEY) -> httpx.Client:
         return httpx.Client(base_url=self.url, auth=(write_key, ""), timeout=10)
 
+    def send_tracks(self, message_ids: list[str], user: str = "u-1", event: str = "Order Completed") -> dict:
+        """POST one /v1/batch of track calls with these message ids; assert the 200."""
+        batch = [{"type": "track", "userId": user, "event": event, "messageId": m} for m in message_ids]
+        with self.client() as c:
+            r = c.post("/v1/batch", json={"batch": batch})
+        assert r.status_code == 200, r.text
+        return r.json()
+
     def sink_lines(self, destination: str = "warehouse") -> list[dict]:
         out = []
         for path in sorted((self.data_dir / "sinks" / destination).glob("*.jsonl")):

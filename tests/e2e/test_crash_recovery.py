@@ -10,34 +10,15 @@ from tests.conftest import Gateway, mid
 def test_acknowledged_events_survive_kill9_exactly_once(fresh_gateway: Gateway) -> None:
     gw = fresh_gateway.start()
     acknowledged: list[str] = []
-    with gw.client() as c:
-        for round_ in range(5):
-            batch = [
-                {
-                    "type": "track",
-                    "userId": f"crash-{round_}-{i}",
-                    "event": "Order Completed",
-                    "messageId": mid(),
-                }
-                for i in range(200)
-            ]
-            r = c.post("/v1/batch", json={"batch": batch})
-            assert r.status_code == 200 and r.json()["accepted"] == 200
-            acknowledged += [m["messageId"] for m in batch]
+    for _ in range(5):
+        ids = [mid() for _ in range(200)]
+        assert gw.send_tracks(ids)["accepted"] == 200
+        acknowledged += ids
     gw.kill9()  # immediately after the last 2xx, delivery most likely still running
 
     gw.start()
     # A client that did not see the ack would resend: dedupe holds across the restart.
-    with gw.client() as c:
-        replay = c.post(
-            "/v1/batch",
-            json={
-                "batch": [
-                    {"type": "track", "userId": "crash-0-0", "event": "Order Completed", "messageId": m}
-                    for m in acknowledged[-100:]
-                ]
-            },
-        ).json()
+    replay = gw.send_tracks(acknowledged[-100:])
     assert (replay["accepted"], replay["duplicates"]) == (0, 100)
 
     gw.wait_for_sink(set(acknowledged), timeout=30)
@@ -51,16 +32,7 @@ def test_half_written_sink_lines_are_cut_back_and_redelivered(fresh_gateway: Gat
     """A crash between the sink write and the cursor commit leaves extra bytes: they are cut."""
     gw = fresh_gateway.start()
     ids = [mid() for _ in range(20)]
-    with gw.client() as c:
-        assert (
-            c.post(
-                "/v1/batch",
-                json={
-                    "batch": [{"type": "track", "userId": "u-1", "event": "e", "messageId": m} for m in ids]
-                },
-            ).status_code
-            == 200
-        )
+    gw.send_tracks(ids)
     gw.wait_for_sink(set(ids))
     gw.kill9()
     # Simulate a write that was not committed: a duplicate line and half a line.
@@ -69,16 +41,7 @@ def test_half_written_sink_lines_are_cut_back_and_redelivered(fresh_gateway: Gat
         fh.write(path.read_bytes().splitlines(keepends=True)[0] + b'{"type":"tra')
     gw.start()
     more = [mid() for _ in range(5)]
-    with gw.client() as c:
-        assert (
-            c.post(
-                "/v1/batch",
-                json={
-                    "batch": [{"type": "track", "userId": "u-1", "event": "e", "messageId": m} for m in more]
-                },
-            ).status_code
-            == 200
-        )
+    gw.send_tracks(more)
     gw.wait_for_sink(set(ids) | set(more))
     counts = Counter(e["messageId"] for e in gw.sink_lines("warehouse"))  # parses every line
     assert set(counts) == set(ids) | set(more) and max(counts.values()) == 1
