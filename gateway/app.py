@@ -146,7 +146,11 @@ def create_app(settings: Settings | None = None) -> Litestar:
 
             redis_client = aioredis.from_url(settings.redis_url)
             await redis_client.ping()
-            redis_dedupe = RedisDedupe(redis_client, window_seconds=config.limits.dedupe_window_seconds)
+            redis_dedupe = RedisDedupe(
+                redis_client,
+                window_seconds=config.limits.dedupe_window_seconds,
+                prefix=f"{settings.redis_prefix}:dedupe",
+            )
         workers = [
             DeliveryWorker(
                 outbox,

@@ -36,6 +36,8 @@ class Settings:
     key_file: Path | None
     keys_json: str | None
     redis_url: str | None
+    # Namespace of every Redis key, so several deployments (or test runs) can share a server.
+    redis_prefix: str
     log_format: Literal["json", "console"]
     log_level: str
     delivery_batch_size: int
@@ -81,6 +83,7 @@ class Settings:
             key_file=Path(key_file) if key_file else None,
             keys_json=keys_json,
             redis_url=os.environ.get("REDIS_URL") or None,
+            redis_prefix=os.environ.get("IDGATE_REDIS_PREFIX", "idgate"),
             log_format=log_format,  # type: ignore[arg-type]
             log_level=os.environ.get("IDGATE_LOG_LEVEL", "INFO").upper(),
             delivery_batch_size=_env_int("IDGATE_DELIVERY_BATCH", 2000),

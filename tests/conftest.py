@@ -187,9 +187,22 @@ def fresh_gateway(tmp_path: Path) -> Iterator[Gateway]:
     gw.stop()
 
 
+@dataclass(frozen=True)
+class RedisNamespace:
+    """A key prefix of the test's own on the shared Redis server (db 9)."""
+
+    url: str
+    prefix: str
+
+    def env(self) -> dict[str, str]:
+        return {"REDIS_URL": self.url, "IDGATE_REDIS_PREFIX": self.prefix}
+
+
 @pytest.fixture
-def redis_db() -> Iterator[str]:
-    """A flushed Redis database for the test (db 9), or a loud failure when Redis is down."""
+def redis_ns() -> Iterator[RedisNamespace]:
+    """A Redis namespace for the test, removed afterwards; a loud failure when Redis is down.
+
+    Tests never flush the database: another suite (CI, a colleague) may share the server."""
     import redis
 
     url = REDIS_URL.rsplit("/", 1)[0] + "/9"
@@ -198,9 +211,11 @@ def redis_db() -> Iterator[str]:
         client.ping()
     except redis.ConnectionError as exc:
         pytest.fail(f"Redis is required at {url}: {exc}")
-    client.flushdb()
-    yield url
-    client.flushdb()
+    ns = RedisNamespace(url, f"idgate-test-{uuid.uuid4().hex[:12]}")
+    yield ns
+    keys = list(client.scan_iter(match=f"{ns.prefix}:*"))
+    if keys:
+        client.delete(*keys)
     client.close()
 
 

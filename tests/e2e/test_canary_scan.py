@@ -13,7 +13,7 @@ import uuid
 
 import redis
 
-from tests.conftest import WEB_KEY, Gateway, make_gateway
+from tests.conftest import WEB_KEY, Gateway, RedisNamespace, make_gateway
 
 
 def canaries() -> dict[str, str]:
@@ -82,8 +82,8 @@ def assert_nowhere(text: str, where: str, c: dict[str, str]) -> None:
     assert not leaked, f"raw identifiers {leaked} found in {where}"
 
 
-def test_canary_identifiers_never_stored_logged_or_cached(tmp_path, redis_db: str) -> None:
-    gw: Gateway = make_gateway(tmp_path, extra_env={"REDIS_URL": redis_db}).start()
+def test_canary_identifiers_never_stored_logged_or_cached(tmp_path, redis_ns: RedisNamespace) -> None:
+    gw: Gateway = make_gateway(tmp_path, extra_env=redis_ns.env()).start()
     c = canaries()
     try:
         with gw.client(WEB_KEY) as client:
@@ -111,10 +111,9 @@ def test_canary_identifiers_never_stored_logged_or_cached(tmp_path, redis_db: st
         for row in db.execute(f"SELECT * FROM {table}"):  # noqa: S608 - names from sqlite_master
             assert_nowhere(repr(row), f"sqlite table {table}", c)
 
-    r = redis.Redis.from_url(redis_db)
-    keys = r.keys("*")
-    assert keys, "the Redis dedupe path was not exercised"
-    for key in keys:
+    r = redis.Redis.from_url(redis_ns.url)
+    assert list(r.scan_iter(match=f"{redis_ns.prefix}:*")), "the Redis dedupe path was not exercised"
+    for key in r.scan_iter():  # every key on the database, not only this test's
         assert_nowhere(key.decode(), "redis key", c)
         assert_nowhere(repr(r.dump(key)), f"redis value of {key!r}", c)
 

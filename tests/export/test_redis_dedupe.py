@@ -9,13 +9,13 @@ import redis
 import redis.asyncio as aioredis
 
 from export.dedupe import ClaimStatus, RedisDedupe, redis_dedupe_key
-from tests.conftest import Gateway, make_gateway, mid
+from tests.conftest import Gateway, RedisNamespace, make_gateway, mid
 
 
-def test_claim_confirm_release(redis_db: str) -> None:
+def test_claim_confirm_release(redis_ns: RedisNamespace) -> None:
     async def main() -> None:
-        client = aioredis.from_url(redis_db)
-        d = RedisDedupe(client, window_seconds=60, claim_seconds=1)
+        client = aioredis.from_url(redis_ns.url)
+        d = RedisDedupe(client, window_seconds=60, claim_seconds=1, prefix=f"{redis_ns.prefix}:dedupe")
         k1, k2, k3 = d.key("src", "m1"), d.key("src", "m2"), d.key("other", "m1")
         assert len({k1, k2, k3}) == 3 and "m1" not in k1
         assert await d.claim([k1, k2]) == [ClaimStatus.NEW, ClaimStatus.NEW]
@@ -32,9 +32,9 @@ def test_claim_confirm_release(redis_db: str) -> None:
     asyncio.run(main())
 
 
-def test_two_replicas_share_dedupe_and_in_flight_is_retryable(tmp_path, redis_db: str) -> None:
-    a: Gateway = make_gateway(tmp_path / "a", extra_env={"REDIS_URL": redis_db}).start()
-    b: Gateway = make_gateway(tmp_path / "b", extra_env={"REDIS_URL": redis_db}).start()
+def test_two_replicas_share_dedupe_and_in_flight_is_retryable(tmp_path, redis_ns: RedisNamespace) -> None:
+    a: Gateway = make_gateway(tmp_path / "a", extra_env=redis_ns.env()).start()
+    b: Gateway = make_gateway(tmp_path / "b", extra_env=redis_ns.env()).start()
     try:
         m = mid()
         event = {"userId": "u-1", "event": "Paid", "messageId": m}
@@ -43,9 +43,9 @@ def test_two_replicas_share_dedupe_and_in_flight_is_retryable(tmp_path, redis_db
             again = cb.post("/v1/track", json=event)
             assert again.status_code == 200 and again.json()["duplicates"] == 1
             # Another replica is storing this id right now (its claim is pending):
-            sync = redis.Redis.from_url(redis_db)
+            sync = redis.Redis.from_url(redis_ns.url)
             pending = mid()
-            sync.set(redis_dedupe_key("shop-web", pending), "p", ex=30)
+            sync.set(redis_dedupe_key("shop-web", pending, f"{redis_ns.prefix}:dedupe"), "p", ex=30)
             r = cb.post(
                 "/v1/batch",
                 json={
