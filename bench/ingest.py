@@ -1,26 +1,46 @@
-"""Ingest benchmark: the real gateway against a bare Litestar app, same server, same load.
+"""Ingest benchmark: the real gateway against a bare Litestar app, and what consent enforcement costs.
 
-Starts, in one run and on loopback only:
+Two scenario sets, each run on loopback only with servers it starts itself:
 
-* the gateway: ``idgate serve`` with the shipped ``idgate.example.toml`` (IDGATE_ENV=dev,
-  embedded mode: SQLite outbox + JSONL sink in a temporary data dir, no Redis);
-* ``bench/bare_app.py``: Litestar handlers that only read and decode the body.
+* gateway vs bare (``--scenario single`` / ``batch``): ``idgate serve`` (IDGATE_ENV=dev,
+  embedded mode: SQLite outbox + JSONL sink + SQLite consent store in a temporary data dir,
+  no Redis) against ``bench/bare_app.py`` (Litestar handlers that only read and decode the
+  body). The gateway runs an "unenforced" copy of ``idgate.example.toml``: the same tenants,
+  sources and destinations, with ``consent = { enforce = false }`` on tenant ``acme`` (allowed
+  only with IDGATE_ENV=dev). With the shipped config every event of a subject without
+  consent is dropped (HTTP 200, ``"accepted": 0``), so this comparison measures the ingest
+  path (auth, validation, pseudonymisation, dedupe, durable outbox, delivery) with consent
+  enforcement off.
+* consent (``--scenario consent``): what enforcement costs. Two gateways, one with the
+  "unenforced" config and one with the shipped config unchanged ("enforced"). Before the
+  load, a pool of K subjects (``--consent-users``, default 2,000) is granted the
+  ``analytics`` purpose on the enforced gateway through ``POST /v1/consent``. Both gateways
+  then get the same load, every event's userId drawn at random from u-1..u-K (event
+  "Product Viewed", which the tracking plan maps to analytics, the purpose the ``warehouse``
+  destination needs). After each phase the sink files show whether the events were really
+  forwarded; if the enforced gateway dropped them for lack of consent, the script prints a
+  loud WARNING and the comparison is void.
 
-Both run under uvicorn with uvloop + httptools, one worker, access log off. Each is driven
-with single events to ``/v1/track`` and with batches of 100 events to ``/v1/batch``; every
-message carries a unique messageId (the gateway dedupes by messageId). Each phase runs a
-fixed time with a fixed number of keep-alive connections. The load generator is ``wrk``
-with a generated Lua script when it is on PATH (``apt-get install wrk``), otherwise a
-single-process asyncio (uvloop) HTTP/1.1 client built on raw sockets.
+Each server runs under uvicorn with uvloop + httptools, one worker, access log off. Each is
+driven with single events to ``/v1/track`` and with batches of 100 events to ``/v1/batch``;
+every message carries a unique messageId (the gateway dedupes by messageId) and only a
+userId. Each phase runs a fixed time with a fixed number of keep-alive connections. The load
+generator is ``wrk`` with a generated Lua script when it is on PATH (``apt-get install wrk``),
+otherwise a single-process asyncio (uvloop) HTTP/1.1 client built on raw sockets.
 
 After each gateway phase the script waits (up to 60 s) until the sink files
-``<data dir>/sinks/warehouse/*.jsonl`` hold every event the gateway acknowledged, and
-reports how long delivery lagged behind the load.
+``<data dir>/sinks/warehouse/*.jsonl`` hold every event the gateway acknowledged, reports how
+long delivery lagged behind the load, and compares the events that reached the sink with
+the events sent in 2xx requests.
 
-    .venv/bin/python bench/ingest.py [--duration 10] [--connections 32] [--scenario all] [--json]
+    .venv/bin/python bench/ingest.py [--duration 10] [--connections 32] [--scenario all]
+                                     [--consent-users 2000] [--json]
+
+``--scenario all`` runs gateway vs bare, then the consent set (with fresh gateways).
 
 Targets checked: batches of 100 reach >= 20,000 events/s end to end on the gateway; the
-gateway's single-event rate is >= 60 % of the bare app's.
+gateway's single-event rate is >= 60 % of the bare app's; consent enforcement loses at most
+15 % of the events/s, for single events and for batches of 100.
 """
 
 from __future__ import annotations
@@ -32,6 +52,7 @@ import contextlib
 import http.client
 import json
 import os
+import random
 import re
 import resource
 import shutil
@@ -41,10 +62,12 @@ import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -58,9 +81,20 @@ BATCH_SIZE = 100
 TARGET_BATCH_EVENTS_PER_S = 20_000
 TARGET_SINGLE_RATIO = 0.60
 DELIVERY_TIMEOUT_S = 60.0
-# Environment that would change what is measured (Redis dedupe, keys, another config).
+# Consent comparison
+TENANT = "acme"  # the tenant of WRITE_KEY
+CONSENT_NOTICE = "privacy-2026-11"  # [[tenants.notices]] of the example config
+CONSENT_PURPOSES = ["analytics"]  # what "Product Viewed" is collected for, what `warehouse` needs
+DEFAULT_CONSENT_USERS = 2_000
+CONSENT_CONCURRENCY = 16  # connections used to record the grants
+CONSENT_MAX_FAILURES = 20  # stop granting after this many failed requests
+TARGET_CONSENT_LOSS = 0.15  # enforcement may cost at most this share of the events/s
+MIN_FORWARDED = 0.98  # a gateway phase must get this share of the events sent into the sink
+# Environment that would change what is measured (Redis dedupe and consent state, keys,
+# another config or consent database).
 STRIPPED_ENV = ("REDIS_URL", "IDGATE_KEYS", "IDGATE_KEY_FILE", "IDGATE_CONFIG", "IDGATE_DATA_DIR",
-                "IDGATE_DELIVERY_BATCH", "IDGATE_DELIVERY_POLL_MS", "IDGATE_LOG_FORMAT")
+                "IDGATE_DELIVERY_BATCH", "IDGATE_DELIVERY_POLL_MS", "IDGATE_LOG_FORMAT", "DATABASE_URL",
+                "IDGATE_LEDGER_KEY", "IDGATE_LEDGER_KEY_FILE", "IDGATE_REDIS_PREFIX")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 NCPU = os.cpu_count() or 1
 
@@ -142,6 +176,12 @@ class Server:
     proc: subprocess.Popen[bytes]
     port: int
     log_path: Path
+    data_dir: Path | None = None
+
+    @property
+    def sink_dir(self) -> Path:
+        assert self.data_dir is not None
+        return self.data_dir / "sinks" / "warehouse"
 
     def log_tail(self, lines: int = 30) -> str:
         try:
@@ -176,17 +216,80 @@ class Server:
             conn.close()
 
 
-def start_gateway(tmp: Path) -> Server:
+def start_gateway(tmp: Path, config: Path, name: str = "gateway") -> Server:
+    """``idgate serve`` with ``config``, its own data dir (outbox, sinks, consent.sqlite3, dev
+    keys) and log file under ``tmp``."""
     port = free_port()
-    data_dir = tmp / "gateway-data"
+    data_dir = tmp / f"{name}-data"
     env = {k: v for k, v in os.environ.items() if k not in STRIPPED_ENV}
     env.update(IDGATE_ENV="dev", IDGATE_LOG_LEVEL="WARNING", PYTHONUNBUFFERED="1")
-    log_path = tmp / "gateway.log"
+    log_path = tmp / f"{name}.log"
     with open(log_path, "wb") as log:
-        proc = spawn([str(_venv_bin("idgate")), "serve", "--config", str(CONFIG), "--host", HOST,
+        proc = spawn([str(_venv_bin("idgate")), "serve", "--config", str(config), "--host", HOST,
                       "--port", str(port), "--data-dir", str(data_dir)],
                      env=env, cwd=tmp, stdout=log, stderr=subprocess.STDOUT)
-    return Server("gateway", proc, port, log_path)
+    return Server(name, proc, port, log_path, data_dir)
+
+
+# -- configs --------------------------------------------------------------------------------
+_TABLE_HEADER = re.compile(r"^\s*(\[\[?)\s*([^\]]+?)\s*\]\]?\s*(#.*)?$")
+CONSENT_OFF = "consent = { enforce = false }  # written by bench/ingest.py (IDGATE_ENV=dev only)"
+
+
+def _tenant(doc: dict[str, Any], tenant_id: str) -> dict[str, Any]:
+    for t in doc.get("tenants", []):
+        if t.get("id") == tenant_id:
+            return t  # type: ignore[no-any-return]
+    raise RuntimeError(f"{CONFIG} has no tenant {tenant_id!r}")
+
+
+def consent_off_text(text: str, tenant_id: str) -> str:
+    """``text`` with ``consent = { enforce = false }`` as a key of that ``[[tenants]]`` table,
+    right after its ``name = ...`` line (after its last key if it has no name)."""
+    lines = text.splitlines()
+    headers = [(i, m.group(1), m.group(2)) for i, line in enumerate(lines)
+               if (m := _TABLE_HEADER.match(line))]
+    for n, (start, bracket, table) in enumerate(headers):
+        if bracket != "[[" or table != "tenants":
+            continue
+        end = headers[n + 1][0] if n + 1 < len(headers) else len(lines)
+        block = tomllib.loads("\n".join(lines[start + 1:end]))
+        if block.get("id") != tenant_id:
+            continue
+        body = range(start + 1, end)
+        existing = [i for i in body if re.match(r"\s*consent\s*=", lines[i])]
+        if existing:  # a one-line `consent = {...}`: replace it
+            lines[existing[0]] = CONSENT_OFF
+        elif "consent" in block:
+            raise RuntimeError(f"{CONFIG}: cannot rewrite the consent setting of tenant {tenant_id!r}")
+        else:
+            names = [i for i in body if re.match(r"\s*name\s*=", lines[i])]
+            keys = [i for i in body if re.match(r"\s*[A-Za-z0-9_\"'-]+\s*=", lines[i])]
+            at = names[0] if names else (keys[-1] if keys else start)
+            lines.insert(at + 1, CONSENT_OFF)
+        return "\n".join(lines) + "\n"
+    raise RuntimeError(f"{CONFIG} has no [[tenants]] table with id = {tenant_id!r}")
+
+
+def write_configs(tmp: Path) -> tuple[Path, Path]:
+    """(unenforced, enforced): copies of the example config, one snapshot of it, with every
+    tenant, source and destination as shipped; "unenforced" turns consent enforcement off
+    for ``TENANT``. Both are checked by parsing them back."""
+    text = CONFIG.read_text(encoding="utf-8")
+    shipped = tomllib.loads(text)
+    if _tenant(shipped, TENANT).get("consent", {}).get("enforce", True) is not True:
+        raise RuntimeError(f"{CONFIG} already turns consent enforcement off for {TENANT!r}")
+    off_text = consent_off_text(text, TENANT)
+    off = tomllib.loads(off_text)
+    expected = tomllib.loads(text)
+    _tenant(expected, TENANT)["consent"] = {"enforce": False}
+    if off != expected:
+        raise RuntimeError("bench: the unenforced config differs from the shipped one in more than "
+                           "tenants.consent (a bug in consent_off_text)")
+    unenforced, enforced = tmp / "idgate-unenforced.toml", tmp / "idgate-enforced.toml"
+    unenforced.write_text(off_text, encoding="utf-8")
+    enforced.write_text(text, encoding="utf-8")
+    return unenforced, enforced
 
 
 def start_bare(tmp: Path) -> Server:
@@ -203,18 +306,23 @@ def _iso_now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
 
 
-def single_body(prefix: str, n: int) -> bytes:
+def _user(n: int, users: int) -> int:
+    """users > 0: a random subject of the pool u-1..u-users; 0: u-<n mod 100000>."""
+    return random.randint(1, users) if users > 0 else n % 100000
+
+
+def single_body(prefix: str, n: int, users: int = 0) -> bytes:
     return (
-        f'{{"userId":"u-{n % 100000}","event":"Product Viewed","properties":{{"sku":"A1","price":12.5}},'
+        f'{{"userId":"u-{_user(n, users)}","event":"Product Viewed","properties":{{"sku":"A1","price":12.5}},'
         f'"messageId":"{prefix}{n}","timestamp":"{_iso_now()}"}}'
     ).encode()
 
 
-def batch_body(prefix: str, n: int, size: int = BATCH_SIZE) -> bytes:
+def batch_body(prefix: str, n: int, size: int = BATCH_SIZE, users: int = 0) -> bytes:
     ts = _iso_now()
     base = n * size
     items = ",".join(
-        f'{{"type":"track","userId":"u-{(base + i) % 100000}","event":"Product Viewed",'
+        f'{{"type":"track","userId":"u-{_user(base + i, users)}","event":"Product Viewed",'
         f'"properties":{{"sku":"A1","price":12.5}},"messageId":"{prefix}{n}-{i}","timestamp":"{ts}"}}'
         for i in range(1, size + 1)
     )
@@ -230,12 +338,15 @@ class PhaseResult:
     events_per_request: int
     loadgen: str
     connections: int
+    users: int = 0  # > 0: userIds drawn from u-1..u-users; 0: u-<counter mod 100000>
     elapsed_s: float = 0.0
     requests: int = 0
     ok: int = 0
     non2xx: int = 0
     socket_errors: int = 0
     events: int = 0  # events acknowledged ("accepted" for the gateway, 2xx x size for bare)
+    dropped: int = 0  # events the gateway answered as dropped (sum of "dropped" in the responses)
+    sink_events: int | None = None  # events that reached the sink files during the phase
     p50_ms: float = 0.0
     p90_ms: float = 0.0
     p99_ms: float = 0.0
@@ -254,10 +365,24 @@ class PhaseResult:
     def eps(self) -> float:
         return self.events / self.elapsed_s if self.elapsed_s else 0.0
 
+    @property
+    def sent_events(self) -> int:
+        """Events sent in requests answered 2xx."""
+        return self.ok * self.events_per_request
+
+    @property
+    def forwarded(self) -> float | None:
+        """Share of the events sent in 2xx requests that reached the sink."""
+        if self.sink_events is None or not self.sent_events:
+            return None
+        return self.sink_events / self.sent_events
+
     def summary(self) -> dict[str, Any]:
         d = asdict(self)
         d["requests_per_s"] = round(self.rps, 1)
         d["events_per_s"] = round(self.eps, 1)
+        d["sent_events"] = self.sent_events
+        d["forwarded"] = None if self.forwarded is None else round(self.forwarded, 4)
         return d
 
 
@@ -267,6 +392,7 @@ WRK_LUA = r"""
 local PATH = "@PATH@"
 local EVENTS = @EVENTS@          -- 0: one event per request (/v1/track), n: batch of n
 local AUTH = "@AUTH@"
+local USERS = @USERS@            -- n > 0: userId drawn from u-1..u-n; 0: u-<counter mod 100000>
 local headers = {["Content-Type"] = "application/json", ["Authorization"] = AUTH}
 local threads = {}
 local nthreads = 0
@@ -278,7 +404,7 @@ function setup(thread)
 end
 
 -- per-thread state; globals so that done() can read them with thread:get()
-ok, bad, accepted, counter = 0, 0, 0, 0
+ok, bad, accepted, dropped, counter = 0, 0, 0, 0, 0
 first_bad = ""
 local prefix = ""
 local parts = {}
@@ -297,20 +423,26 @@ function init(args)
   -- args[1]: a token unique to this run and phase; with the thread id and a counter every
   -- messageId is unique.
   prefix = (args[1] or tostring(os.time())) .. "-" .. tostring(tid) .. "-"
+  math.randomseed(os.time() + 7919 * tid)
+end
+
+local function user(n)
+  if USERS > 0 then return math.random(USERS) end
+  return n % 100000
 end
 
 function request()
   counter = counter + 1
   local body
   if EVENTS == 0 then
-    body = '{"userId":"u-' .. (counter % 100000) ..
+    body = '{"userId":"u-' .. user(counter) ..
       '","event":"Product Viewed","properties":{"sku":"A1","price":12.5},"messageId":"' ..
       prefix .. counter .. '","timestamp":"' .. now_iso() .. '"}'
   else
     local ts = now_iso()
     local base = counter * EVENTS
     for i = 1, EVENTS do
-      parts[i] = '{"type":"track","userId":"u-' .. ((base + i) % 100000) ..
+      parts[i] = '{"type":"track","userId":"u-' .. user(base + i) ..
         '","event":"Product Viewed","properties":{"sku":"A1","price":12.5},"messageId":"' ..
         prefix .. counter .. '-' .. i .. '","timestamp":"' .. ts .. '"}'
     end
@@ -328,6 +460,10 @@ function response(status, hdrs, body)
     else
       accepted = accepted + math.max(EVENTS, 1)
     end
+    local d = body and string.match(body, '"dropped":{([^}]*)}')
+    if d then
+      for n in string.gmatch(d, ':(%d+)') do dropped = dropped + tonumber(n) end
+    end
   else
     bad = bad + 1
     if first_bad == "" then
@@ -337,20 +473,21 @@ function response(status, hdrs, body)
 end
 
 function done(summary, latency, requests)
-  local t_ok, t_bad, t_acc, fb = 0, 0, 0, ""
+  local t_ok, t_bad, t_acc, t_drop, fb = 0, 0, 0, 0, ""
   for _, t in ipairs(threads) do
     t_ok = t_ok + t:get("ok")
     t_bad = t_bad + t:get("bad")
     t_acc = t_acc + t:get("accepted")
+    t_drop = t_drop + t:get("dropped")
     if fb == "" then fb = t:get("first_bad") end
   end
   local e = summary.errors
   fb = string.gsub(fb, '[%c"\\]', " ")
   io.write(string.format(
-    'BENCH_RESULT {"requests":%d,"duration_us":%d,"ok":%d,"non2xx":%d,"accepted":%d,' ..
+    'BENCH_RESULT {"requests":%d,"duration_us":%d,"ok":%d,"non2xx":%d,"accepted":%d,"dropped":%d,' ..
     '"connect":%d,"read":%d,"write":%d,"timeout":%d,' ..
     '"p50_us":%d,"p90_us":%d,"p99_us":%d,"max_us":%d,"first_bad":"%s"}\n',
-    summary.requests, summary.duration, t_ok, t_bad, t_acc,
+    summary.requests, summary.duration, t_ok, t_bad, t_acc, t_drop,
     e.connect, e.read, e.write, e.timeout,
     latency:percentile(50), latency:percentile(90), latency:percentile(99), latency.max, fb))
 end
@@ -361,7 +498,8 @@ def run_wrk(server: Server, res: PhaseResult, duration: float, threads: int, tmp
     path = "/v1/track" if res.kind == "single" else "/v1/batch"
     events = 0 if res.kind == "single" else res.events_per_request
     script = tmp / f"wrk-{res.scenario.replace(' ', '-')}.lua"
-    lua = WRK_LUA.replace("@PATH@", path).replace("@EVENTS@", str(events)).replace("@AUTH@", AUTH)
+    lua = (WRK_LUA.replace("@PATH@", path).replace("@EVENTS@", str(events)).replace("@AUTH@", AUTH)
+           .replace("@USERS@", str(res.users)))
     script.write_text(lua)
     token = uuid.uuid4().hex[:12]
     argv = ["wrk", f"-t{threads}", f"-c{res.connections}", f"-d{max(1, round(duration))}s",
@@ -380,6 +518,7 @@ def run_wrk(server: Server, res: PhaseResult, duration: float, threads: int, tmp
     res.non2xx = r["non2xx"]
     res.socket_errors = r["connect"] + r["read"] + r["write"] + r["timeout"]
     res.events = r["accepted"]
+    res.dropped = r["dropped"]
     res.p50_ms, res.p90_ms = r["p50_us"] / 1000, r["p90_us"] / 1000
     res.p99_ms, res.max_ms = r["p99_us"] / 1000, r["max_us"] / 1000
     res.first_error = r["first_bad"] or None
@@ -387,6 +526,8 @@ def run_wrk(server: Server, res: PhaseResult, duration: float, threads: int, tmp
 
 # -- load generator: Python fallback --------------------------------------------------------
 _ACCEPTED = re.compile(rb'"accepted":(\d+)')
+_DROPPED = re.compile(rb'"dropped":\{([^}]*)\}')
+_NUMBER = re.compile(rb':(\d+)')
 
 
 class _HttpConn(asyncio.Protocol):
@@ -439,7 +580,10 @@ async def _python_load(server: Server, res: PhaseResult, duration: float) -> lis
     path = "/v1/track" if res.kind == "single" else "/v1/batch"
     head = (f"POST {path} HTTP/1.1\r\nHost: {HOST}:{server.port}\r\nAuthorization: {AUTH}\r\n"
             "Content-Type: application/json\r\nContent-Length: ")
-    make: Callable[[str, int], bytes] = single_body if res.kind == "single" else batch_body
+    make: Callable[[str, int], bytes] = (
+        partial(single_body, users=res.users) if res.kind == "single"
+        else partial(batch_body, size=res.events_per_request, users=res.users)
+    )
     token = uuid.uuid4().hex[:12]
     latencies: list[float] = []
     deadline = loop.time() + duration
@@ -474,6 +618,9 @@ async def _python_load(server: Server, res: PhaseResult, duration: float) -> lis
                 res.ok += 1
                 m = _ACCEPTED.search(rbody)
                 res.events += int(m.group(1)) if m else res.events_per_request
+                d = _DROPPED.search(rbody)
+                if d:
+                    res.dropped += sum(int(x) for x in _NUMBER.findall(d.group(1)))
             else:
                 res.non2xx += 1
                 if res.first_error is None:
@@ -592,43 +739,138 @@ def run_phase(server: Server, res: PhaseResult, args: argparse.Namespace, tmp: P
     return ended
 
 
+def wait_sink(counter: SinkCounter, n: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while counter.count() < n:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"a test event did not reach {counter.directory} within {timeout:.0f} s")
+        time.sleep(0.05)
+
+
+def probe(server: Server, user: str) -> tuple[int, int, bytes]:
+    """One event of ``user`` to /v1/track: (accepted, dropped, response body); non-200 raises."""
+    body = (f'{{"userId":"{user}","event":"Product Viewed","properties":{{"sku":"A1","price":12.5}},'
+            f'"messageId":"probe-{uuid.uuid4().hex}","timestamp":"{_iso_now()}"}}').encode()
+    status, raw = server.post("/v1/track", body)
+    if status != 200:
+        raise RuntimeError(
+            f"{server.name} answered {status} to a test event: {raw[:300]!r}\n{server.log_tail()}"
+        )
+    doc = json.loads(raw)
+    dropped = doc.get("dropped") or {}
+    return int(doc.get("accepted", 0)), sum(int(v) for v in dropped.values()), raw
+
+
+def preflight_gateway(gateway: Server, counter: SinkCounter, user: str = "u-0") -> None:
+    """One event through an unenforced (or consented) gateway, into its sink."""
+    before = counter.count()
+    accepted, _, raw = probe(gateway, user)
+    if accepted != 1:
+        raise RuntimeError(f"{gateway.name} did not accept a test event: {raw[:300]!r}\n{gateway.log_tail()}")
+    wait_sink(counter, before + 1)
+
+
 def preflight(gateway: Server, bare: Server, counter: SinkCounter) -> None:
     """One event through each server: fail early and clearly on a config or auth problem."""
-    body = single_body(f"preflight-{uuid.uuid4().hex[:8]}-", 0)
-    status, raw = bare.post("/v1/track", body)
+    status, raw = bare.post("/v1/track", single_body(f"preflight-{uuid.uuid4().hex[:8]}-", 0))
     if status != 200:
         raise RuntimeError(f"bare app answered {status}: {raw[:300]!r}")
-    status, raw = gateway.post("/v1/track", body)
-    if status != 200 or json.loads(raw).get("accepted") != 1:
-        raise RuntimeError(
-            f"gateway did not accept a test event ({status}): {raw[:300]!r}\n{gateway.log_tail()}"
-        )
-    deadline = time.monotonic() + 10
-    while counter.count() < 1:
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"the test event did not reach {counter.directory} within 10 s")
-        time.sleep(0.05)
+    preflight_gateway(gateway, counter)
+
+
+def warn(warnings: list[str], message: str) -> None:
+    """A loud warning now (stderr) and again under the report (stdout)."""
+    warnings.append(message)
+    bar = "!" * 78
+    print(f"{bar}\nWARNING: {message}\n{bar}", file=sys.stderr)
+
+
+def grant_consent(server: Server, users: int, concurrency: int = CONSENT_CONCURRENCY) -> dict[str, Any]:
+    """Records consent to CONSENT_PURPOSES under CONSENT_NOTICE for u-1..u-users with
+    ``POST /v1/consent``, ``concurrency`` requests in flight; a non-200 raises RuntimeError."""
+    import httpx
+
+    failures: list[str] = []
+    granted = 0
+
+    async def run() -> None:
+        todo = iter(range(1, users + 1))  # shared by the workers
+        limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+        async with httpx.AsyncClient(base_url=f"http://{HOST}:{server.port}", limits=limits, timeout=30.0,
+                                     trust_env=False, headers={"Authorization": AUTH}) as client:
+
+            async def worker() -> None:
+                nonlocal granted
+                for i in todo:
+                    if len(failures) >= CONSENT_MAX_FAILURES:
+                        return
+                    body = {"userId": f"u-{i}", "grant": CONSENT_PURPOSES, "noticeId": CONSENT_NOTICE}
+                    try:
+                        resp = await client.post("/v1/consent", json=body)
+                    except httpx.HTTPError as exc:
+                        failures.append(f"u-{i}: {type(exc).__name__}: {exc}")
+                        continue
+                    if resp.status_code == 200:
+                        granted += 1
+                    else:
+                        failures.append(f"u-{i}: HTTP {resp.status_code} {resp.text[:300]}")
+
+            await asyncio.gather(*(worker() for _ in range(min(concurrency, users))))
+
+    started = time.monotonic()
+    asyncio.run(run())
+    elapsed = time.monotonic() - started
+    if failures:
+        raise RuntimeError(f"POST /v1/consent failed on {server.name}: {len(failures)} failure(s), "
+                           f"{granted} granted; first: {failures[0]}\n{server.log_tail()}")
+    return {"users": users, "concurrency": min(concurrency, users), "seconds": round(elapsed, 3),
+            "per_s": round(users / elapsed, 1) if elapsed else None}
+
+
+def gateway_phase(server: Server, counter: SinkCounter, res: PhaseResult, args: argparse.Namespace,
+                  tmp: Path) -> None:
+    """A load phase on a gateway, then the delivery check: how many events reached the sink."""
+    before = counter.count()
+    print(f"running {res.scenario} for {args.duration:g} s ...", file=sys.stderr)
+    ended = run_phase(server, res, args, tmp)
+    res.delivery = wait_delivery(counter, before + res.events, ended,
+                                 max_extra=args.connections * res.events_per_request)
+    res.sink_events = res.delivery["delivered"] - before
+
+
+def check_forwarded(res: PhaseResult, warnings: list[str], enforced: bool) -> None:
+    fwd = res.forwarded
+    if fwd is None or fwd >= MIN_FORWARDED:
+        return
+    what = (f"{res.scenario}: only {fwd:.1%} of the {res.sent_events:,} events sent in 2xx requests reached "
+            f"the sink ({res.events:,} acknowledged as accepted, {res.dropped:,} answered as dropped)")
+    if enforced and (res.dropped or res.events < res.sent_events):
+        warn(warnings, f"{what}: events were dropped for lack of consent, the figures are not comparable")
+    elif res.dropped:
+        warn(warnings, f"{what}: the gateway dropped events, the figures do not measure durable ingest")
+    else:
+        warn(warnings, f"{what}: delivery did not catch up, see the delivery lines")
 
 
 def fmt(v: float | None, spec: str) -> str:
     return "n/a" if v is None else format(v, spec)
 
 
-def print_report(results: list[PhaseResult], args: argparse.Namespace) -> dict[str, Any]:
-    by = {r.scenario: r for r in results}
-    loadgen = results[0].loadgen if results else "-"
-    print()
-    print(f"idgate ingest benchmark: {args.duration:g} s per phase, {args.connections} connections, "
-          f"load generator {loadgen}" + (f" ({args.threads} thread(s))" if loadgen == "wrk" else "")
-          + f", {NCPU} CPUs")
-    header = (f"{'scenario':<18}{'req/s':>10}{'events/s':>11}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}"
-              f"{'server%':>9}{'loadgen%':>10}{'host%':>7}")
-    print(header)
-    print("-" * len(header))
-    for r in results:
-        print(f"{r.scenario:<18}{r.rps:>10,.0f}{r.eps:>11,.0f}{r.p50_ms:>9.2f}{r.p99_ms:>9.2f}{r.non2xx:>8}"
-              f"{r.server_cpu_pct:>9.0f}{r.loadgen_cpu_pct:>10.0f}{r.host_cpu_pct:>7.0f}")
-    print(f"(server%/loadgen%: CPU of that process, 100 = one core; host%: whole machine, max {NCPU * 100})")
+def phase_name(prefix: str, kind: str) -> str:
+    return f"{prefix} {'single' if kind == 'single' else f'batch{BATCH_SIZE}'}"
+
+
+def new_result(name: str, target: str, kind: str, args: argparse.Namespace, users: int = 0) -> PhaseResult:
+    return PhaseResult(scenario=name, target=target, kind=kind,
+                       events_per_request=1 if kind == "single" else BATCH_SIZE,
+                       loadgen=args.loadgen, connections=args.connections, users=users)
+
+
+def verdict(ok: bool | None) -> str:
+    return "not run" if ok is None else ("MET" if ok else "NOT MET")
+
+
+def print_notes(results: list[PhaseResult]) -> None:
     for r in results:
         if r.socket_errors:
             print(f"note: {r.scenario}: {r.socket_errors} socket errors/timeouts (not counted as non-2xx)")
@@ -638,6 +880,39 @@ def print_report(results: list[PhaseResult], args: argparse.Namespace) -> dict[s
         if other > 30:
             print(f"note: {r.scenario}: {other:.0f} % CPU went to other processes or kernel I/O threads "
                   "during the phase; figures may be low")
+
+
+def print_delivery(results: list[PhaseResult]) -> bool | None:
+    delivery_ok: bool | None = None
+    for r in results:
+        d = r.delivery
+        if d is None:
+            continue
+        good = d["complete"] and d["extra_within_bound"]
+        delivery_ok = good if delivery_ok is None else delivery_ok and good
+        lag = "never caught up" if d["lag_s"] is None else f"lag {d['lag_s']:.2f} s after the load stopped"
+        extra = f", {d['unacknowledged_extra']} more than acknowledged" if d["unacknowledged_extra"] else ""
+        print(f"delivery {r.scenario}: {d['delivered']:,}/{d['expected']:,} events in the sink files, {lag} "
+              f"(backlog at load end {d['backlog_at_load_end']:,}){extra}: {'OK' if good else 'FAILED'}")
+        if d["unacknowledged_extra"] and d["extra_within_bound"]:
+            print("  (extra: requests in flight when the load generator stopped, stored, not acknowledged)")
+    return delivery_ok
+
+
+def print_report(results: list[PhaseResult]) -> dict[str, Any]:
+    """Gateway vs bare: the table, the ratios and their targets."""
+    by = {r.scenario: r for r in results}
+    print()
+    print("gateway vs bare (gateway with consent enforcement off: the ingest path itself)")
+    header = (f"{'scenario':<18}{'req/s':>10}{'events/s':>11}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}"
+              f"{'server%':>9}{'loadgen%':>10}{'host%':>7}")
+    print(header)
+    print("-" * len(header))
+    for r in results:
+        print(f"{r.scenario:<18}{r.rps:>10,.0f}{r.eps:>11,.0f}{r.p50_ms:>9.2f}{r.p99_ms:>9.2f}{r.non2xx:>8}"
+              f"{r.server_cpu_pct:>9.0f}{r.loadgen_cpu_pct:>10.0f}{r.host_cpu_pct:>7.0f}")
+    print(f"(server%/loadgen%: CPU of that process, 100 = one core; host%: whole machine, max {NCPU * 100})")
+    print_notes(results)
 
     def ratio(a: str, b: str, attr: str) -> float | None:
         ra, rb = by.get(a), by.get(b)
@@ -653,9 +928,6 @@ def print_report(results: list[PhaseResult], args: argparse.Namespace) -> dict[s
         batch_ok = gw_batch.eps >= TARGET_BATCH_EVENTS_PER_S and gw_batch.non2xx == 0
     single_ok = None if single_ratio is None else single_ratio >= TARGET_SINGLE_RATIO
 
-    def verdict(ok: bool | None) -> str:
-        return "not run" if ok is None else ("MET" if ok else "NOT MET")
-
     print()
     print(f"gateway/bare, single events: {fmt(single_ratio and 100 * single_ratio, '.1f')} %")
     print(f"gateway/bare, batches of {BATCH_SIZE}: {fmt(batch_ratio and 100 * batch_ratio, '.1f')} %")
@@ -663,37 +935,84 @@ def print_report(results: list[PhaseResult], args: argparse.Namespace) -> dict[s
           f"{verdict(batch_ok)}" + (f" ({gw_batch.eps:,.0f} events/s)" if gw_batch else ""))
     print(f"target gateway single-event rate >= {TARGET_SINGLE_RATIO:.0%} of bare: {verdict(single_ok)}"
           + (f" ({100 * single_ratio:.1f} %)" if single_ratio is not None else ""))
-
-    delivery_ok: bool | None = None
-    for r in results:
-        d = r.delivery
-        if d is None:
-            continue
-        good = d["complete"] and d["extra_within_bound"]
-        delivery_ok = good if delivery_ok is None else delivery_ok and good
-        lag = "never caught up" if d["lag_s"] is None else f"lag {d['lag_s']:.2f} s after the load stopped"
-        extra = f", {d['unacknowledged_extra']} more than acknowledged" if d["unacknowledged_extra"] else ""
-        print(f"delivery {r.scenario}: {d['delivered']:,}/{d['expected']:,} events in the sink files, {lag} "
-              f"(backlog at load end {d['backlog_at_load_end']:,}){extra}: {'OK' if good else 'FAILED'}")
-        if d["unacknowledged_extra"] and d["extra_within_bound"]:
-            print("  (extra: requests in flight when the load generator stopped, stored, not acknowledged)")
+    delivery_ok = print_delivery(results)
     return {
-        "duration_s": args.duration,
-        "connections": args.connections,
-        "loadgen": loadgen,
-        "cpus": NCPU,
-        "scenarios": {r.scenario: r.summary() for r in results},
         "ratios": {"single": single_ratio, "batch100": batch_ratio},
         "targets": {"batch100_events_per_s": batch_ok, "single_ratio": single_ok, "delivery": delivery_ok},
     }
 
 
+def print_consent_report(results: list[PhaseResult], grants: dict[str, Any] | None,
+                         warnings: list[str]) -> dict[str, Any]:
+    """Consent enforcement: the four phases, the loss per kind and its target."""
+    by = {r.scenario: r for r in results}
+    users = results[0].users if results else 0
+    print()
+    print(f"consent enforcement off vs on: userIds drawn from u-1..u-{users:,}")
+    if grants is not None:
+        print(f"(enforced gateway: {grants['users']:,} subjects granted {', '.join(CONSENT_PURPOSES)} under "
+              f"{CONSENT_NOTICE} in {grants['seconds']:.2f} s, {fmt(grants['per_s'], ',.0f')} grants/s "
+              f"with {grants['concurrency']} connections)")
+    header = (f"{'phase':<20}{'req/s':>10}{'events/s':>11}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}"
+              f"{'dropped':>9}{'in sink':>9}{'server%':>9}")
+    print(header)
+    print("-" * len(header))
+    for r in results:
+        fwd = "n/a" if r.forwarded is None else f"{100 * r.forwarded:.1f}%"
+        print(f"{r.scenario:<20}{r.rps:>10,.0f}{r.eps:>11,.0f}{r.p50_ms:>9.2f}{r.p99_ms:>9.2f}{r.non2xx:>8}"
+              f"{r.dropped:>9,}{fwd:>9}{r.server_cpu_pct:>9.0f}")
+    print("(dropped: events the responses counted as dropped; in sink: events in the sink files / events "
+          "sent in 2xx requests)")
+    print_notes(results)
+
+    losses: dict[str, float | None] = {}
+    for kind in ("single", "batch"):
+        off, on = by.get(phase_name("unenforced", kind)), by.get(phase_name("enforced", kind))
+        key = "single" if kind == "single" else f"batch{BATCH_SIZE}"
+        losses[key] = None if off is None or on is None or not off.eps else 1 - on.eps / off.eps
+    comparable = bool(results) and all(
+        r.forwarded is not None and r.forwarded >= MIN_FORWARDED and r.non2xx == 0 for r in results
+    )
+    measured = [v for v in losses.values() if v is not None]
+    target_ok: bool | None = None
+    if comparable and measured:
+        target_ok = all(v <= TARGET_CONSENT_LOSS for v in measured)
+    print()
+    for key, loss in losses.items():
+        off, on = by.get(f"unenforced {key}"), by.get(f"enforced {key}")
+        detail = f" ({on.eps:,.0f} vs {off.eps:,.0f} events/s)" if off and on else ""
+        print(f"consent enforcement loss, {key}: {fmt(loss and 100 * loss, '.1f')} %{detail}")
+    if comparable or not results:
+        target = verdict(target_ok)
+    else:
+        target = "NOT COMPARABLE (events were not forwarded, or non-2xx answers; see the warnings)"
+    print(f"target consent enforcement loses at most {TARGET_CONSENT_LOSS:.0%}: {target}")
+    delivery_ok = print_delivery(results)
+    for w in warnings:
+        print(f"WARNING: {w}")
+    return {
+        "users": users,
+        "grants": grants,
+        "loss": losses,
+        "comparable": comparable,
+        "target_loss_max": TARGET_CONSENT_LOSS,
+        "target_met": target_ok,
+        "delivery": delivery_ok,
+        "warnings": warnings,
+    }
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Benchmark the idgate gateway against a bare Litestar app.")
+    p = argparse.ArgumentParser(description="Benchmark the idgate gateway against a bare Litestar app, "
+                                "and consent enforcement off against on.")
     p.add_argument("--duration", type=float, default=10.0, help="seconds per phase (default 10)")
     p.add_argument("--connections", type=int, default=32,
                    help="concurrent keep-alive connections (default 32)")
-    p.add_argument("--scenario", choices=("all", "single", "batch"), default="all")
+    p.add_argument("--scenario", choices=("all", "single", "batch", "consent"), default="all",
+                   help="single/batch: gateway vs bare; consent: enforcement off vs on; all: everything")
+    p.add_argument("--consent-users", type=int, default=DEFAULT_CONSENT_USERS,
+                   help="subjects granted consent before the consent phases "
+                   f"(default {DEFAULT_CONSENT_USERS:,})")
     p.add_argument("--json", action="store_true", help="also print a JSON summary line")
     p.add_argument("--loadgen", choices=("auto", "wrk", "python"), default="auto",
                    help="auto: wrk when on PATH, else the Python client")
@@ -703,6 +1022,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.duration <= 0 or args.connections < 1 or args.threads < 1:
         p.error("--duration, --connections and --threads must be positive")
+    if not 1 <= args.consent_users <= 1_000_000:
+        p.error("--consent-users must be between 1 and 1,000,000")
     if args.loadgen == "auto":
         args.loadgen = "wrk" if shutil.which("wrk") else "python"
     elif args.loadgen == "wrk" and not shutil.which("wrk"):
@@ -717,6 +1038,77 @@ def _on_sigterm(signum: int, frame: Any) -> None:
     raise SystemExit(128 + signum)
 
 
+def run_gateway_vs_bare(args: argparse.Namespace, tmp: Path, config: Path, kinds: list[str],
+                        servers: list[Server], warnings: list[str]) -> list[PhaseResult]:
+    gateway, bare = start_gateway(tmp, config), start_bare(tmp)
+    servers += [gateway, bare]
+    try:
+        gateway.wait_healthy()
+        bare.wait_healthy()
+        counter = SinkCounter(gateway.sink_dir)
+        preflight(gateway, bare, counter)
+        print(f"gateway (consent enforcement off) pid {gateway.proc.pid} on :{gateway.port}, bare app pid "
+              f"{bare.proc.pid} on :{bare.port}, data {tmp}", file=sys.stderr)
+        results: list[PhaseResult] = []
+        for kind in kinds:
+            for server in (bare, gateway):
+                res = new_result(phase_name(server.name, kind), server.name, kind, args)
+                if server is gateway:
+                    gateway_phase(gateway, counter, res, args, tmp)
+                    check_forwarded(res, warnings, enforced=False)
+                else:
+                    print(f"running {res.scenario} for {args.duration:g} s ...", file=sys.stderr)
+                    run_phase(server, res, args, tmp)
+                results.append(res)
+        return results
+    finally:  # free the cores for what runs next
+        stop(bare)
+        stop(gateway)
+
+
+def run_consent(args: argparse.Namespace, tmp: Path, configs: tuple[Path, Path], kinds: list[str],
+                servers: list[Server], warnings: list[str]) -> tuple[list[PhaseResult], dict[str, Any]]:
+    off = start_gateway(tmp, configs[0], "unenforced")
+    on = start_gateway(tmp, configs[1], "enforced")
+    servers += [off, on]
+    try:
+        off.wait_healthy()
+        on.wait_healthy()
+        counters = {off.name: SinkCounter(off.sink_dir), on.name: SinkCounter(on.sink_dir)}
+        preflight_gateway(off, counters[off.name])
+        # Enforcement on: an event of a subject without consent must be dropped ...
+        accepted, dropped, raw = probe(on, f"bench-no-consent-{uuid.uuid4().hex[:8]}")
+        if accepted or not dropped:
+            warn(warnings, f"the enforced gateway did not drop an event of a subject without consent "
+                           f"({raw[:200]!r}): is consent enforcement on? The comparison measures nothing")
+        print(f"unenforced gateway pid {off.proc.pid} on :{off.port}, enforced gateway pid {on.proc.pid} "
+              f"on :{on.port}, data {tmp}", file=sys.stderr)
+        print(f"granting consent to {args.consent_users:,} subjects on the enforced gateway ...",
+              file=sys.stderr)
+        grants = grant_consent(on, args.consent_users)
+        print(f"granted in {grants['seconds']:.2f} s ({fmt(grants['per_s'], ',.0f')}/s)", file=sys.stderr)
+        # ... and one of a subject with consent forwarded.
+        before = counters[on.name].count()
+        accepted, dropped, raw = probe(on, "u-1")
+        if accepted == 1:
+            wait_sink(counters[on.name], before + 1)
+        else:
+            warn(warnings, f"the enforced gateway dropped an event of u-1 after the grants ({raw[:200]!r}): "
+                           "events were dropped for lack of consent, the figures are not comparable")
+        results: list[PhaseResult] = []
+        for kind in kinds:
+            for server in (off, on):
+                res = new_result(phase_name(server.name, kind), server.name, kind, args,
+                                 users=args.consent_users)
+                gateway_phase(server, counters[server.name], res, args, tmp)
+                check_forwarded(res, warnings, enforced=server is on)
+                results.append(res)
+        return results, grants
+    finally:
+        stop(on)
+        stop(off)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with SIGINT ignored
@@ -725,31 +1117,43 @@ def main(argv: list[str] | None = None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="idgate-bench-"))
     servers: list[Server] = []
     try:
-        gateway, bare = start_gateway(tmp), start_bare(tmp)
-        servers += [gateway, bare]
-        gateway.wait_healthy()
-        bare.wait_healthy()
-        counter = SinkCounter(tmp / "gateway-data" / "sinks" / "warehouse")
-        preflight(gateway, bare, counter)
-        print(f"gateway pid {gateway.proc.pid} on :{gateway.port}, bare app pid {bare.proc.pid} "
-              f"on :{bare.port}, data {tmp}", file=sys.stderr)
-
-        kinds = ["single", "batch"] if args.scenario == "all" else [args.scenario]
+        configs = write_configs(tmp)
+        vs_bare = {"all": ["single", "batch"], "single": ["single"], "batch": ["batch"]}.get(args.scenario)
+        consent = ["single", "batch"] if args.scenario in ("all", "consent") else []
+        warnings: list[str] = []  # gateway vs bare
+        consent_warnings: list[str] = []
         results: list[PhaseResult] = []
-        for kind in kinds:
-            for server in (bare, gateway):
-                name = f"{server.name} {'single' if kind == 'single' else f'batch{BATCH_SIZE}'}"
-                res = PhaseResult(scenario=name, target=server.name, kind=kind,
-                                  events_per_request=1 if kind == "single" else BATCH_SIZE,
-                                  loadgen=args.loadgen, connections=args.connections)
-                before = counter.count()
-                print(f"running {name} for {args.duration:g} s ...", file=sys.stderr)
-                ended = run_phase(server, res, args, tmp)
-                if server is gateway:
-                    res.delivery = wait_delivery(counter, before + res.events, ended,
-                                                 max_extra=args.connections * res.events_per_request)
-                results.append(res)
-        summary = print_report(results, args)
+        consent_results: list[PhaseResult] = []
+        grants: dict[str, Any] | None = None
+        if vs_bare:
+            results = run_gateway_vs_bare(args, tmp, configs[0], vs_bare, servers, warnings)
+        if consent:
+            consent_results, grants = run_consent(args, tmp, configs, consent, servers, consent_warnings)
+
+        loadgen = args.loadgen
+        print()
+        print(f"idgate ingest benchmark: {args.duration:g} s per phase, {args.connections} connections, "
+              f"load generator {loadgen}" + (f" ({args.threads} thread(s))" if loadgen == "wrk" else "")
+              + f", {NCPU} CPUs")
+        summary: dict[str, Any] = {
+            "duration_s": args.duration,
+            "connections": args.connections,
+            "loadgen": loadgen,
+            "cpus": NCPU,
+            "scenarios": {r.scenario: r.summary() for r in results + consent_results},
+            "ratios": {},
+            "targets": {},
+        }
+        if results:
+            summary.update(print_report(results))
+            for w in warnings:
+                print(f"WARNING: {w}")
+            summary["warnings"] = warnings
+        if consent_results:
+            c = print_consent_report(consent_results, grants, consent_warnings)
+            summary["consent"] = c
+            summary["ratios"]["consent_loss"] = c["loss"]
+            summary["targets"]["consent_loss"] = c["target_met"]
         for s in servers:
             log = s.log_path.read_text(errors="replace").splitlines()
             bad = [line for line in log if '"level":"error"' in line or '"level":"critical"' in line]

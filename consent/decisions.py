@@ -1,21 +1,37 @@
-"""Consent decisions: which destinations may receive an event, and on what basis.
+"""Consent decisions under PIPL: which destinations may receive an event, and on what basis.
 
-The pipeline asks a ``ConsentPolicy`` once per batch. A decision lists the destinations
-allowed, the ledger sequence numbers that prove it, and, for an event that goes nowhere,
-the reason it was dropped (counted, never stored).
+``decide`` is a pure function of the event's subject, the purposes involved, the
+destinations and the subject's current consent state. The rules (design section 5):
 
-The only policy today is ``LedgerlessPolicy``: routing by configuration without a consent
-ledger. The ledger-backed PIPL policy (default deny, withdrawal, minors) replaces it.
+- A purpose whose legal basis is ``contract`` (``necessary_service``) needs no consent.
+- Default deny: any other purpose needs a current grant; before any record exists only
+  ``necessary_service`` passes.
+- Most restrictive wins: a withdrawal on any identifier of the subject (the event's own
+  identifiers and those linked to the same person) denies the purpose; a grant counts only
+  when it was given for this event's own device (its device identifiers, or its user id
+  when the event carries no device identifier), so a grant on one device never spreads to
+  another.
+- A grant bound to a notice older than the last material change of that purpose needs
+  re-consent.
+- A subject flagged under 14 needs grants of kind ``guardian``.
+- Overseas destinations also need ``cross_border``, third-party recipients
+  ``third_party_sharing``; both are separate consents.
+- A consent claim carried in the event itself can only narrow what the ledger allows.
+
+Each allowed destination's decision carries the ledger sequence numbers of the grants it
+relied on (the proof), so every forward can be justified later.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Protocol
 
 import msgspec
+
+CONTRACT_PURPOSES_DEFAULT = frozenset({"necessary_service"})
+MINOR_FLAG = "__minor__"
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,12 +41,36 @@ class DestinationSpec:
     overseas: bool
     third_party: bool
 
+    def required(self) -> tuple[str, ...]:
+        extra = (("cross_border",) if self.overseas else ()) + (
+            ("third_party_sharing",) if self.third_party else ()
+        )
+        return self.purposes + tuple(p for p in extra if p not in self.purposes)
+
+
+class StateEntry(msgspec.Struct, frozen=True, array_like=True):
+    """The latest ledger record of one purpose for one identifier."""
+
+    state: str  # given | withdrawn | flagged | cleared
+    seq: int
+    notice_seq: int = 0  # ledger seq of the notice the grant was bound to
+    kind: str = "general"  # general | separate | guardian
+
+
+SubjectState = Mapping[str, Mapping[str, StateEntry]]  # identifier -> purpose -> entry
+
 
 class ConsentQuery(msgspec.Struct, frozen=True):
     tenant: str
-    subject: tuple[str, ...]  # pseudonymised identifiers of the event's subject
-    purposes: tuple[str, ...]  # what the event itself is collected for (tracking plan)
-    at: datetime
+    device_ids: tuple[str, ...]  # pseudonyms of this event's device (anonymousId, device ids)
+    user_ids: tuple[str, ...]  # pseudonyms of the logged-in user (userId)
+    purposes: tuple[str, ...]  # what the event is collected for (tracking plan)
+    narrowed: tuple[str, ...] = ()  # purposes the event's own consent claim refuses
+    linked_ids: tuple[str, ...] = ()  # other identifiers of the same person (identity graph)
+    has_sensitive: bool = False
+
+    def all_ids(self) -> tuple[str, ...]:
+        return self.device_ids + self.user_ids + self.linked_ids
 
 
 class ConsentDecision(msgspec.Struct, frozen=True):
@@ -39,6 +79,106 @@ class ConsentDecision(msgspec.Struct, frozen=True):
     dropped_reason: str | None = None
     # Whether the subject's identifiers may be linked into one person (identity_linking).
     linking_allowed: bool = False
+    # Sensitive properties must be removed (no sensitive_pi consent).
+    strip_sensitive: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Basis:
+    ok: bool
+    proof: int | None = None  # ledger seq of the grant; None for contract necessity
+    reason: str | None = None
+
+
+_DENY_REASON = {
+    "cross_border": "cross_border_without_consent",
+    "third_party_sharing": "third_party_without_consent",
+}
+
+
+def purpose_basis(
+    purpose: str,
+    query: ConsentQuery,
+    state: SubjectState,
+    *,
+    contract_purposes: frozenset[str],
+    notice_floor: Mapping[str, int],
+) -> Basis:
+    """Whether ``purpose`` has a lawful basis for the event's subject right now."""
+    if purpose in contract_purposes:
+        return Basis(True)
+    if purpose in query.narrowed:
+        return Basis(False, reason="refused_in_event")
+    minor = False
+    for ident in query.all_ids():
+        entries = state.get(ident)
+        if not entries:
+            continue
+        entry = entries.get(purpose)
+        if entry is not None and entry.state == "withdrawn":
+            return Basis(False, reason="withdrawn")
+        flag = entries.get(MINOR_FLAG)
+        if flag is not None and flag.state == "flagged":
+            minor = True
+    grant: StateEntry | None = None
+    for ident in query.device_ids or query.user_ids:
+        entry = (state.get(ident) or {}).get(purpose)
+        if entry is not None and entry.state == "given" and (grant is None or entry.seq > grant.seq):
+            grant = entry
+    if grant is None:
+        return Basis(False, reason=_DENY_REASON.get(purpose, "no_consent"))
+    if minor and grant.kind != "guardian":
+        return Basis(False, reason="minor_without_guardian")
+    if grant.notice_seq < notice_floor.get(purpose, 0):
+        return Basis(False, reason="needs_reconsent")
+    return Basis(True, proof=grant.seq)
+
+
+def decide(
+    query: ConsentQuery,
+    destinations: Sequence[DestinationSpec],
+    state: SubjectState,
+    *,
+    contract_purposes: frozenset[str] = CONTRACT_PURPOSES_DEFAULT,
+    notice_floor: Mapping[str, int] | None = None,
+) -> ConsentDecision:
+    """Route one event: the destinations allowed, their proof, or why it goes nowhere."""
+    floor = notice_floor or {}
+    cache: dict[str, Basis] = {}
+
+    def basis(p: str) -> Basis:
+        b = cache.get(p)
+        if b is None:
+            b = cache[p] = purpose_basis(
+                p, query, state, contract_purposes=contract_purposes, notice_floor=floor
+            )
+        return b
+
+    allowed: list[str] = []
+    proof: set[int] = set()
+    first_reason: str | None = None
+    event_purposes = set(query.purposes)
+    for dest in destinations:
+        if not event_purposes.intersection(dest.purposes):
+            continue  # the event is not collected for anything this destination does
+        failing = next((basis(p) for p in dest.required() if not basis(p).ok), None)
+        if failing is not None:
+            first_reason = first_reason or failing.reason
+            continue
+        allowed.append(dest.id)
+        proof.update(b.proof for p in dest.required() if (b := basis(p)).proof is not None)
+    linking = basis("identity_linking").ok
+    strip = False
+    if query.has_sensitive:
+        sensitive = basis("sensitive_pi")
+        strip = not sensitive.ok
+        if sensitive.proof is not None and allowed:
+            proof.add(sensitive.proof)
+    if not allowed:
+        return ConsentDecision((), dropped_reason=first_reason or "no_destination", linking_allowed=linking)
+    return ConsentDecision(
+        tuple(allowed), tuple(sorted(proof)), linking_allowed=linking, strip_sensitive=strip
+    )
 
 
 class ConsentPolicy(Protocol):
@@ -47,16 +187,3 @@ class ConsentPolicy(Protocol):
     async def decide_batch(
         self, queries: Sequence[ConsentQuery], destinations: Sequence[DestinationSpec]
     ) -> list[ConsentDecision]: ...
-
-
-class LedgerlessPolicy:
-    """Routes every event to every configured destination; consent is not enforced."""
-
-    enforced = False
-
-    async def decide_batch(
-        self, queries: Sequence[ConsentQuery], destinations: Sequence[DestinationSpec]
-    ) -> list[ConsentDecision]:
-        ids = tuple(d.id for d in destinations)
-        decision = ConsentDecision(ids) if ids else ConsentDecision((), dropped_reason="no_destination")
-        return [decision] * len(queries)

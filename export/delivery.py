@@ -10,18 +10,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 import structlog
 from prometheus_client import Counter
 
-from export.outbox import SqliteOutbox
+from export.outbox import SqliteOutbox, StoredRecord
 from export.sinks import Sink
 
 log = structlog.get_logger(__name__)
 
 DELIVERED = Counter("idgate_delivered_events_total", "Events written to a destination", ["destination"])
 DELIVERY_ERRORS = Counter("idgate_delivery_errors_total", "Failed delivery attempts", ["destination"])
+WITHHELD = Counter(
+    "idgate_delivery_withheld_total",
+    "Events not sent because consent was withdrawn between ingest and delivery",
+    ["destination"],
+)
+
+# Asked again at send time: which of these records may still go to this destination?
+Recheck = Callable[[str, Sequence[StoredRecord]], Awaitable[list[bool]]]
 
 
 class DeliveryWorker:
@@ -33,6 +41,7 @@ class DeliveryWorker:
         batch_size: int = 2000,
         poll_seconds: float = 0.2,
         linger_seconds: float = 0.05,
+        recheck: Recheck | None = None,
     ) -> None:
         self.outbox = outbox
         self.sink = sink
@@ -40,6 +49,7 @@ class DeliveryWorker:
         self.batch_size = batch_size
         self.poll_seconds = poll_seconds
         self.linger_seconds = linger_seconds
+        self.recheck = recheck
         self.wakeup = asyncio.Event()
         self.last_seq = 0
         self.healthy = True
@@ -57,8 +67,14 @@ class DeliveryWorker:
         if not rows:
             return 0
         mine = [r for r in rows if self.destination in r.destinations]
+        if mine and self.recheck is not None:
+            still = await self.recheck(self.destination, mine)
+            withheld = len(mine) - sum(still)
+            if withheld:
+                WITHHELD.labels(self.destination).inc(withheld)
+                mine = [r for r, ok in zip(mine, still, strict=True) if ok]
         sizes = await asyncio.to_thread(self.sink.write, mine) if mine else {}
-        await self.outbox.commit_delivery(self.destination, rows[-1].seq, len(mine), sizes)
+        await self.outbox.commit_delivery(self.destination, rows[-1].seq, mine, sizes)
         self.last_seq = rows[-1].seq
         DELIVERED.labels(self.destination).inc(len(mine))
         return len(rows)

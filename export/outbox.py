@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import msgspec
 import structlog
@@ -42,7 +42,7 @@ GROUP_REQUESTS = Histogram(
 )
 T = TypeVar("T")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -51,8 +51,18 @@ CREATE TABLE IF NOT EXISTS outbox (
     message_id TEXT NOT NULL,
     received_at_ms INTEGER NOT NULL,
     destinations TEXT NOT NULL,
-    payload BLOB NOT NULL
+    payload BLOB NOT NULL,
+    consent BLOB NOT NULL DEFAULT x'',
+    proof TEXT NOT NULL DEFAULT ''
 );
+-- Which deliveries relied on which consent record: "what did we send to whom, and why".
+CREATE TABLE IF NOT EXISTS delivery_proof (
+    ledger_seq INTEGER NOT NULL,
+    destination TEXT NOT NULL,
+    message_id TEXT NOT NULL,
+    delivered_at_ms INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS delivery_proof_by_seq ON delivery_proof(ledger_seq);
 CREATE TABLE IF NOT EXISTS dedupe (
     key TEXT PRIMARY KEY,
     seen_at_ms INTEGER NOT NULL
@@ -82,6 +92,10 @@ class OutboxRecord(msgspec.Struct, frozen=True):
     received_at_ms: int
     destinations: tuple[str, ...]
     payload: bytes
+    # The encoded consent question the event was routed by, asked again at delivery.
+    consent: bytes = b""
+    # Ledger seqs of the consent records that allowed the forward.
+    proof: tuple[int, ...] = ()
 
 
 class StoredRecord(msgspec.Struct, frozen=True):
@@ -89,6 +103,9 @@ class StoredRecord(msgspec.Struct, frozen=True):
     received_at_ms: int
     destinations: tuple[str, ...]
     payload: bytes
+    consent: bytes = b""
+    message_id: str = ""
+    proof: tuple[int, ...] = ()
 
 
 class DeliveryState(msgspec.Struct):
@@ -110,8 +127,8 @@ _CLAIM_SQL = (
     "RETURNING key"
 )
 _INSERT_SQL = (
-    "INSERT INTO outbox(tenant, source, message_id, received_at_ms, destinations, payload) "
-    "VALUES (?, ?, ?, ?, ?, ?)"
+    "INSERT INTO outbox(tenant, source, message_id, received_at_ms, destinations, payload, consent, proof) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
 )
 
 
@@ -120,7 +137,7 @@ class Outbox(Protocol):
     async def read_after(self, last_seq: int, limit: int) -> list[StoredRecord]: ...
     async def delivery_state(self, destination: str) -> DeliveryState: ...
     async def commit_delivery(
-        self, destination: str, last_seq: int, delivered: int, sink_files: dict[str, int]
+        self, destination: str, last_seq: int, delivered: Sequence[StoredRecord], sink_files: dict[str, int]
     ) -> None: ...
     async def pending(self) -> int: ...
     async def prune(self) -> tuple[int, int]: ...
@@ -182,6 +199,9 @@ class SqliteOutbox:
         (version,) = writer.execute("PRAGMA user_version").fetchone()
         if version > SCHEMA_VERSION:
             raise OutboxUnavailable(f"outbox schema {version} is newer than this idgate ({SCHEMA_VERSION})")
+        if version == 1:  # 1 -> 2: the consent question travels with each event
+            writer.execute("ALTER TABLE outbox ADD COLUMN consent BLOB NOT NULL DEFAULT x''")
+            writer.execute("ALTER TABLE outbox ADD COLUMN proof TEXT NOT NULL DEFAULT ''")
         writer.executescript(_SCHEMA)
         writer.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         # Checkpoints copy the WAL into the database and fsync it: done in the background by
@@ -294,8 +314,8 @@ class SqliteOutbox:
                     fresh.discard(key)
                 stored.append(True)
                 if r.destinations:
-                    destinations = ",".join(r.destinations)
-                    rows.append((r.tenant, r.source, r.message_id, r.received_at_ms, destinations, r.payload))
+                    route = (",".join(r.destinations), r.payload, r.consent, ",".join(map(str, r.proof)))
+                    rows.append((r.tenant, r.source, r.message_id, r.received_at_ms, *route))
             results.append(stored)
         if rows:
             conn.executemany(_INSERT_SQL, rows)
@@ -362,11 +382,14 @@ class SqliteOutbox:
     async def read_after(self, last_seq: int, limit: int) -> list[StoredRecord]:
         def q(conn: sqlite3.Connection) -> list[StoredRecord]:
             rows = conn.execute(
-                "SELECT seq, received_at_ms, destinations, payload FROM outbox "
+                "SELECT seq, received_at_ms, destinations, payload, consent, message_id, proof FROM outbox "
                 "WHERE seq > ? ORDER BY seq LIMIT ?",
                 (last_seq, limit),
             ).fetchall()
-            return [StoredRecord(s, r, tuple(d.split(",")), p) for s, r, d, p in rows]
+            return [
+                StoredRecord(s, r, tuple(d.split(",")), p, c, m, tuple(int(x) for x in pr.split(",") if x))
+                for s, r, d, p, c, m, pr in rows
+            ]
 
         return await self._read(q)
 
@@ -384,15 +407,26 @@ class SqliteOutbox:
         return await self._read(q)
 
     async def commit_delivery(
-        self, destination: str, last_seq: int, delivered: int, sink_files: dict[str, int]
+        self, destination: str, last_seq: int, delivered: Sequence[StoredRecord], sink_files: dict[str, int]
     ) -> None:
+        """Advance the cursor past ``last_seq``, record the sink sizes and, for every event
+        delivered, the consent records it relied on; one transaction."""
+        now_ms = int(self._clock() * 1000)
+        proofs = [(seq, destination, r.message_id, now_ms) for r in delivered for seq in r.proof]
+
         def tx(conn: sqlite3.Connection) -> None:
             conn.execute(
                 "INSERT INTO delivery_cursor(destination, last_seq, delivered) VALUES (?, ?, ?) "
                 "ON CONFLICT(destination) DO UPDATE SET last_seq = excluded.last_seq, "
                 "delivered = delivery_cursor.delivered + excluded.delivered",
-                (destination, last_seq, delivered),
+                (destination, last_seq, len(delivered)),
             )
+            if proofs:
+                conn.executemany(
+                    "INSERT INTO delivery_proof(ledger_seq, destination, message_id, delivered_at_ms) "
+                    "VALUES (?, ?, ?, ?)",
+                    proofs,
+                )
             conn.executemany(
                 "INSERT INTO sink_file(destination, file, committed_bytes) VALUES (?, ?, ?) "
                 "ON CONFLICT(destination, file) DO UPDATE SET committed_bytes = excluded.committed_bytes",
@@ -410,6 +444,27 @@ class SqliteOutbox:
                 "WHERE seq > (SELECT COALESCE(MIN(last_seq), 0) FROM delivery_cursor)"
             ).fetchone()
             return int(row[0])
+
+        return await self._read(q)
+
+    async def deliveries_relying_on(
+        self, ledger_seqs: Sequence[int], limit: int = 1000
+    ) -> list[dict[str, Any]]:
+        """Deliveries whose consent proof includes one of these ledger records."""
+        seqs = list(ledger_seqs)
+
+        def q(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+            if not seqs:
+                return []
+            marks = ",".join("?" * len(seqs))
+            rows = conn.execute(
+                f"SELECT ledger_seq, destination, message_id, delivered_at_ms FROM delivery_proof "  # noqa: S608
+                f"WHERE ledger_seq IN ({marks}) ORDER BY delivered_at_ms LIMIT ?",
+                (*seqs, limit),
+            ).fetchall()
+            return [
+                {"ledgerSeq": s, "destination": d, "messageId": m, "deliveredAtMs": t} for s, d, m, t in rows
+            ]
 
         return await self._read(q)
 

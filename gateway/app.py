@@ -20,18 +20,21 @@ from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import JsonRenderPlugin, SwaggerRenderPlugin
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from consent.decisions import ConsentPolicy, LedgerlessPolicy
+from consent.service import ConsentRefused
 from export.dedupe import RedisDedupe
 from export.delivery import DeliveryService, DeliveryWorker
 from export.outbox import OutboxUnavailable, SqliteOutbox
 from export.sinks import build_sink
 from gateway import metrics
+from gateway.admin_http import AdminContext, AdminController, index_admin_tokens
 from gateway.config import Config, index_write_keys, load_config
+from gateway.consent_http import consent_route
+from gateway.consent_setup import delivery_recheck, ledger_signer, open_consent
 from gateway.ingest_http import INGEST_ROUTES, IngestContext, document_ingest_routes, error_body
-from gateway.pipeline import Ingestor
+from gateway.pipeline import Ingestor, destination_specs
 from gateway.segment import InvalidRequest
 from gateway.settings import Settings
-from identity.pseudonym import KeyRing, new_key_document, write_private_file
+from identity.pseudonym import InvalidKeyMaterial, KeyRing, new_key_document, write_private_file
 from identity.resolution import NoResolution
 
 log = structlog.get_logger("idgate.gateway")
@@ -50,6 +53,11 @@ class GatewayState:
 def load_keyring(settings: Settings, config: Config) -> KeyRing:
     """Keys from IDGATE_KEYS / IDGATE_KEY_FILE; in dev, a generated key file under the data dir."""
     key_file = settings.key_file
+    if not settings.keys_json and key_file is None and (settings.redis_url or settings.database_url):
+        raise InvalidKeyMaterial(
+            "replicas sharing Redis or PostgreSQL must share pseudonymisation keys: "
+            "set IDGATE_KEYS or IDGATE_KEY_FILE (idgate keys generate)"
+        )
     if not settings.keys_json and key_file is None:
         key_file = settings.dev_key_file
         tenants = [t.id for t in config.tenants]
@@ -110,9 +118,26 @@ def _invalid_request(_: Request[Any, Any, Any], exc: InvalidRequest) -> Response
 
 
 def _http_exception(_: Request[Any, Any, Any], exc: HTTPException) -> Response[Any]:
-    names = {404: "not_found", 405: "method_not_allowed", 413: "too_large", 429: "rate_limited"}
+    names = {
+        400: "invalid_request",
+        401: "unauthorized",
+        403: "forbidden",
+        404: "not_found",
+        405: "method_not_allowed",
+        413: "too_large",
+        429: "rate_limited",
+    }
     error = names.get(exc.status_code, "invalid_request" if exc.status_code < 500 else "unavailable")
-    return _error_response(exc.status_code, error, str(exc.detail), None, headers=exc.headers)
+    # Litestar's parameter validation names the offending query/path parameter in ``extra``.
+    extra = getattr(exc, "extra", None)
+    field = None
+    if isinstance(extra, list) and extra and isinstance(extra[0], dict):
+        field = extra[0].get("key")
+    return _error_response(exc.status_code, error, str(exc.detail), field, headers=exc.headers)
+
+
+def _consent_refused(_: Request[Any, Any, Any], exc: ConsentRefused) -> Response[Any]:
+    return _error_response(400, "invalid_consent", exc.detail, exc.field)
 
 
 def _outbox_unavailable(_: Request[Any, Any, Any], exc: OutboxUnavailable) -> Response[Any]:
@@ -134,6 +159,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
     settings = settings or Settings.from_env()
     config = load_config(settings.config_path, dev=settings.dev)
     keyring = load_keyring(settings, config)
+    signer = ledger_signer(settings)
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
@@ -151,25 +177,32 @@ def create_app(settings: Settings | None = None) -> Litestar:
                 window_seconds=config.limits.dedupe_window_seconds,
                 prefix=f"{settings.redis_prefix}:dedupe",
             )
+        consent = await open_consent(settings, config, redis_client, signer)
+        specs = {
+            d.id: spec
+            for t in config.tenants
+            for d, spec in zip(t.destinations, destination_specs(t.destinations), strict=True)
+        }
         workers = [
             DeliveryWorker(
                 outbox,
                 build_sink(d.sink, root=settings.sink_dir, destination=d.id),
                 batch_size=settings.delivery_batch_size,
                 poll_seconds=settings.delivery_poll_seconds,
+                recheck=delivery_recheck(consent.policy, specs),
             )
             for t in config.tenants
             for d in t.destinations
         ]
         delivery = DeliveryService(outbox, workers)
-        consent: ConsentPolicy = LedgerlessPolicy()
         ingestor = Ingestor(
             keyring=keyring,
             outbox=outbox,
-            consent=consent,
+            consent=consent.policy,
             resolver=NoResolution(),
             redis_dedupe=redis_dedupe,
             on_appended=delivery.notify,
+            consent_service=consent.service,
         )
         app.state.gateway = GatewayState(
             settings=settings,
@@ -180,7 +213,19 @@ def create_app(settings: Settings | None = None) -> Litestar:
             redis=redis_client,
         )
         app.state.ingest = IngestContext(
-            config=config, write_keys=index_write_keys(config, dev=settings.dev), ingestor=ingestor
+            config=config,
+            write_keys=index_write_keys(config, dev=settings.dev),
+            ingestor=ingestor,
+            keyring=keyring,
+        )
+        app.state.consent = consent.service
+        app.state.admin = AdminContext(
+            config=config,
+            tokens=index_admin_tokens(config.admin_tokens, dev=settings.dev),
+            keyring=keyring,
+            ledger=consent.ledger,
+            consent=consent.service,
+            outbox=outbox,
         )
         await delivery.start()
         log.info(
@@ -189,19 +234,21 @@ def create_app(settings: Settings | None = None) -> Litestar:
             tenants=[t.id for t in config.tenants],
             destinations=[w.destination for w in workers],
             redis=bool(redis_client),
-            consent_enforced=consent.enforced,
+            consent_enforced={t.id: t.consent.enforce for t in config.tenants},
+            consent_store=consent.store_kind,
         )
         try:
             yield
         finally:
             await delivery.stop()
             outbox.close()
+            consent.engine.dispose()
             if redis_client is not None:
                 await redis_client.aclose()
             log.info("gateway.stopped")
 
     return Litestar(
-        route_handlers=[*INGEST_ROUTES, healthz, readyz, prometheus_metrics],
+        route_handlers=[*INGEST_ROUTES, consent_route, AdminController, healthz, readyz, prometheus_metrics],
         lifespan=[lifespan],
         on_startup=[document_ingest_routes],
         # Above this Litestar refuses the body before reading it; _read_body applies the exact limit.
@@ -209,6 +256,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         exception_handlers={
             InvalidRequest: _invalid_request,
             OutboxUnavailable: _outbox_unavailable,
+            ConsentRefused: _consent_refused,
             HTTPException: _http_exception,
             Exception: _unexpected,
         },

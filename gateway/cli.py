@@ -8,6 +8,8 @@ from pathlib import Path
 
 import click
 
+from consent.cli import ledger
+from consent.signing import InvalidLedgerKey, new_ledger_key_b64
 from gateway.config import ConfigProblems, hash_write_key, load_config
 from gateway.settings import Settings, SettingsError
 from identity.pseudonym import InvalidKeyMaterial, MissingKey, new_key_document, write_private_file
@@ -46,7 +48,7 @@ def serve(config_path: Path | None, host: str, port: int, data_dir: Path | None)
         configure_logging(fmt=settings.log_format, level=settings.log_level)
         app = create_app(settings)
         config = load_config(settings.config_path, dev=settings.dev)
-    except (SettingsError, ConfigProblems, InvalidKeyMaterial, MissingKey) as exc:
+    except (SettingsError, ConfigProblems, InvalidKeyMaterial, MissingKey, InvalidLedgerKey) as exc:
         click.echo(f"idgate: cannot start: {exc}", err=True)
         sys.exit(2)
     if settings.gil_switch_interval_seconds > 0:
@@ -102,6 +104,18 @@ def keys_generate(tenants: tuple[str, ...], out: Path | None) -> None:
         click.echo(f"wrote {out}; set IDGATE_KEY_FILE={out}", err=True)
 
 
+@keys.command("ledger-key")
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="Key file to create (mode 0600).")
+def keys_ledger_key(out: Path | None) -> None:
+    """Generate the Ed25519 key that signs consent-ledger checkpoints (IDGATE_LEDGER_KEY[_FILE])."""
+    key = new_ledger_key_b64()
+    if out is None:
+        click.echo(key)
+    else:
+        write_private_file(out, key + "\n")
+        click.echo(f"wrote {out}; set IDGATE_LEDGER_KEY_FILE={out}", err=True)
+
+
 @keys.command("write-key")
 def keys_write_key() -> None:
     """Generate a write key for a source and the hash that goes into the config."""
@@ -128,6 +142,20 @@ def config_check(path: Path, production: bool) -> None:
     sources = sum(len(t.sources) for t in cfg.tenants)
     dests = sum(len(t.destinations) for t in cfg.tenants)
     click.echo(f"{path}: OK ({len(cfg.tenants)} tenant(s), {sources} source(s), {dests} destination(s))")
+
+
+main.add_command(ledger)
+
+
+@main.command("migrate")
+def migrate_command() -> None:
+    """Create or upgrade the consent database schema (DATABASE_URL, else the embedded SQLite)."""
+    from consent.db import make_engine, migrate
+
+    settings = Settings.from_env()
+    engine = make_engine(settings.consent_database_url)
+    migrate(engine)
+    click.echo(f"consent schema up to date ({engine.dialect.name})")
 
 
 if __name__ == "__main__":

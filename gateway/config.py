@@ -68,9 +68,30 @@ class Destination(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     recipient: Recipient | None = None
 
 
+class NoticeConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """A privacy-notice version published at start (later versions come through the admin API)."""
+
+    id: str
+    content_sha256: str
+    url: str = ""
+
+
+class ConsentConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    # false routes every event without consent checks: allowed only with IDGATE_ENV=dev
+    # (benchmarks, local experiments), never in production.
+    enforce: bool = True
+
+
 class Tenant(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     id: str
     name: str = ""
+    consent: ConsentConfig = ConsentConfig()
+    notices: list[NoticeConfig] = []
+    # Segment context.consent.categoryPreferences category -> purposes.
+    consent_categories: dict[str, list[str]] = {}
+    # Event properties that are sensitive personal information (PIPL Art 28): they pass
+    # only with sensitive_pi consent and are removed otherwise.
+    sensitive_properties: list[str] = []
     sources: list[Source] = []
     destinations: list[Destination] = []
     purposes: dict[str, Purpose] = {}
@@ -95,9 +116,20 @@ class Limits(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     dedupe_window_seconds: int = 24 * 3600
 
 
+class AdminToken(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """A compliance officer's or operator's API token (stored as a hash)."""
+
+    name: str
+    role: Literal["compliance", "operator"]
+    token_sha256: str = ""
+    dev_token: str = ""  # accepted only with IDGATE_ENV=dev
+    tenants: list[str] = []  # empty: every tenant
+
+
 class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     tenants: list[Tenant]
     limits: Limits = Limits()
+    admin_tokens: list[AdminToken] = []
 
 
 @dataclass(frozen=True)
@@ -184,6 +216,19 @@ def _check_tenant(t: Tenant, where: str, dev: bool, problems: list[str], seen_ke
         for p in event_purposes:
             if p not in purposes:
                 problems.append(f"{where}.tracking_plan.{event_name!r}: unknown purpose {p!r}")
+    for category, category_purposes in t.consent_categories.items():
+        for p in category_purposes:
+            if p not in purposes:
+                problems.append(f"{where}.consent_categories.{category!r}: unknown purpose {p!r}")
+    notice_ids: set[str] = set()
+    for j, n in enumerate(t.notices):
+        if not _SHA256_HEX.match(n.content_sha256):
+            problems.append(f"{where}.notices[{j}].content_sha256: must be 64 lowercase hex characters")
+        if n.id in notice_ids:
+            problems.append(f"{where}.notices[{j}].id: duplicate notice id {n.id!r}")
+        notice_ids.add(n.id)
+    if not t.consent.enforce and not dev:
+        problems.append(f"{where}.consent.enforce: false is only allowed with IDGATE_ENV=dev")
     from identity.identifiers import IDENTIFIER_TYPES
 
     for ext, id_type in t.external_id_types.items():
@@ -203,6 +248,21 @@ def parse_config(text: str, *, path: str = "<config>", dev: bool = False) -> Con
         problems.append("tenants: at least one [[tenants]] table is required")
         raw_tenants = []
     limits = _decode_part(raw.pop("limits", {}), Limits, "limits", problems)
+    admin_tokens: list[AdminToken] = []
+    for i, rt in enumerate(raw.pop("admin_tokens", [])):
+        token = _decode_part(rt, AdminToken, f"admin_tokens[{i}]", problems)
+        if token is None:
+            continue
+        where = f"admin_tokens[{i}]"
+        if token.token_sha256 and not _SHA256_HEX.match(token.token_sha256):
+            problems.append(f"{where}.token_sha256: must be 64 lowercase hex characters")
+        if token.dev_token and not dev:
+            problems.append(f"{where}.dev_token: plain tokens are only allowed with IDGATE_ENV=dev")
+        if token.dev_token and len(token.dev_token) < 12:
+            problems.append(f"{where}.dev_token: must be at least 12 characters")
+        if not token.token_sha256 and not token.dev_token:
+            problems.append(f"{where}: needs token_sha256")
+        admin_tokens.append(token)
     for key in raw:
         problems.append(f"{key}: unknown top-level key")
     tenants: list[Tenant] = []
@@ -218,9 +278,14 @@ def parse_config(text: str, *, path: str = "<config>", dev: bool = False) -> Con
         tenant_ids.add(tenant.id)
         _check_tenant(tenant, where, dev, problems, seen_keys)
         tenants.append(tenant)
+    known_tenants = {t.id for t in tenants}
+    for i, token in enumerate(admin_tokens):
+        for tid in token.tenants:
+            if tid not in known_tenants:
+                problems.append(f"admin_tokens[{i}].tenants: unknown tenant {tid!r}")
     if problems:
         raise ConfigProblems(path, problems)
-    return Config(tenants=tenants, limits=limits or Limits())
+    return Config(tenants=tenants, limits=limits or Limits(), admin_tokens=admin_tokens)
 
 
 def load_config(path: Path, *, dev: bool) -> Config:

@@ -35,6 +35,7 @@ from gateway.config import Config, ResolvedSource, hash_write_key
 from gateway.events import Envelope
 from gateway.pipeline import Ingestor, IngestResult
 from gateway.segment import MESSAGE_TYPES, InvalidRequest, body_write_key, decode_batch, decode_single
+from identity.pseudonym import KeyRing
 
 log = structlog.get_logger("idgate.ingest")
 
@@ -49,6 +50,7 @@ class IngestContext:
     config: Config
     write_keys: dict[str, ResolvedSource]
     ingestor: Ingestor
+    keyring: KeyRing
     auth_cache: dict[str, ResolvedSource] = field(default_factory=dict)
 
 

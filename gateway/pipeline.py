@@ -18,6 +18,7 @@ from typing import Any
 import msgspec
 
 from consent.decisions import ConsentPolicy, ConsentQuery, DestinationSpec
+from consent.service import ConsentRefused, ConsentService
 from export.dedupe import ClaimStatus, RedisDedupe
 from export.outbox import OutboxRecord, SqliteOutbox
 from gateway import metrics
@@ -165,21 +166,58 @@ def scrub_personal_data(env: Envelope) -> None:
 
 
 # -- stage: decide_consent -----------------------------------------------------------------
-def consent_queries(envs: Sequence[Envelope], tenant: Tenant) -> list[ConsentQuery]:
-    queries = []
-    for env in envs:
-        ev = env.event
-        plan_key = ev.event if ev.type == "track" and ev.event else f"${ev.type}"
-        env.purposes = tenant.purposes_for(plan_key)
-        queries.append(
-            ConsentQuery(
-                tenant=tenant.id,
-                subject=tuple(i.value for i in env.identifiers),
-                purposes=env.purposes,
-                at=ev.received_at,
-            )
-        )
-    return queries
+# Identifier types that belong to one device or app install; the rest name the person.
+DEVICE_ID_TYPES = frozenset(
+    {"anonymous_id", "device_id", "idfa", "idfv", "oaid", "android_id", "wechat_openid"}
+)
+CONSENT_PREFERENCE_EVENT = "Segment Consent Preference Updated"
+
+
+def category_preferences(ev_context: dict[str, Any]) -> dict[str, bool]:
+    """Segment's consent convention: ``context.consent.categoryPreferences``."""
+    consent = ev_context.get("consent")
+    prefs = consent.get("categoryPreferences") if isinstance(consent, dict) else None
+    if not isinstance(prefs, dict):
+        return {}
+    return {str(k): v for k, v in prefs.items() if isinstance(v, bool)}
+
+
+def consent_query(env: Envelope, tenant: Tenant) -> ConsentQuery:
+    ev = env.event
+    plan_key = ev.event if ev.type == "track" and ev.event else f"${ev.type}"
+    env.purposes = tenant.purposes_for(plan_key)
+    device = tuple(i.value for i in env.identifiers if i.type in DEVICE_ID_TYPES)
+    person = tuple(i.value for i in env.identifiers if i.type not in DEVICE_ID_TYPES)
+    # A claim in the event can only narrow: a refused category removes its purposes.
+    narrowed = tuple(
+        p
+        for category, allowed in category_preferences(ev.context).items()
+        if not allowed
+        for p in tenant.consent_categories.get(category, ())
+    )
+    sensitive = bool(tenant.sensitive_properties) and any(
+        key in fields
+        for fields in (ev.properties, ev.traits)
+        if fields
+        for key in tenant.sensitive_properties
+    )
+    return ConsentQuery(
+        tenant=tenant.id,
+        device_ids=device,
+        user_ids=person,
+        purposes=env.purposes,
+        narrowed=narrowed,
+        has_sensitive=sensitive,
+    )
+
+
+def strip_sensitive(env: Envelope, tenant: Tenant) -> None:
+    """Remove properties classified sensitive (no sensitive_pi consent)."""
+    ev = env.event
+    for fields in (ev.properties, ev.traits):
+        if fields:
+            for key in tenant.sensitive_properties:
+                fields.pop(key, None)
 
 
 def destination_specs(destinations: Sequence[Destination]) -> list[DestinationSpec]:
@@ -217,6 +255,8 @@ def encode_for_outbox(
         received_at_ms=int(ev.received_at.timestamp() * 1000),
         destinations=env.destinations,
         payload=encoder.encode(ev),
+        consent=encoder.encode(env.consent_query) if env.consent_query is not None else b"",
+        proof=env.consent_proof,
     )
 
 
@@ -256,6 +296,7 @@ class Ingestor:
         resolver: IdentityResolver,
         redis_dedupe: RedisDedupe | None = None,
         on_appended: Callable[[], None] | None = None,
+        consent_service: ConsentService | None = None,
     ) -> None:
         self.keyring = keyring
         self.outbox = outbox
@@ -263,6 +304,7 @@ class Ingestor:
         self.resolver = resolver
         self.redis_dedupe = redis_dedupe
         self.on_appended = on_appended
+        self.consent_service = consent_service
         self._encoder = msgspec.json.Encoder()
         self._specs: dict[str, list[DestinationSpec]] = {}
 
@@ -283,6 +325,8 @@ class Ingestor:
                 )
                 continue
             kept.append(env)
+        if self.consent_service is not None:
+            kept = await self._record_consent_events(src, kept, result)
         for r in result.rejected:
             counts.add("rejected", (*labels, r.error))
         if not kept:
@@ -291,10 +335,11 @@ class Ingestor:
         specs = self._specs.get(tenant.id)
         if specs is None:
             specs = self._specs[tenant.id] = destination_specs(src.destinations)
-        decisions = await self.consent.decide_batch(consent_queries(kept, tenant), specs)
+        queries = [consent_query(env, tenant) for env in kept]
+        decisions = await self.consent.decide_batch(queries, specs)
         allowed: list[Envelope] = []
         linking: list[bool] = []
-        for env, decision in zip(kept, decisions, strict=True):
+        for env, query, decision in zip(kept, queries, decisions, strict=True):
             if decision.dropped_reason is not None or not decision.destinations:
                 reason = decision.dropped_reason or "no_destination"
                 result.dropped[reason] += 1
@@ -302,6 +347,9 @@ class Ingestor:
                 continue
             env.destinations = decision.destinations
             env.consent_proof = decision.proof
+            env.consent_query = query
+            if decision.strip_sensitive:
+                strip_sensitive(env, tenant)
             allowed.append(env)
             linking.append(decision.linking_allowed)
         if not allowed:
@@ -320,6 +368,47 @@ class Ingestor:
         if result.accepted and self.on_appended is not None:
             self.on_appended()
         return result
+
+    async def _record_consent_events(
+        self, src: ResolvedSource, envs: list[Envelope], result: IngestResult
+    ) -> list[Envelope]:
+        """Segment's "Segment Consent Preference Updated" track call records consent."""
+        assert self.consent_service is not None
+        kept = []
+        for env in envs:
+            ev = env.event
+            prefs = category_preferences(ev.context) if ev.event == CONSENT_PREFERENCE_EVENT else {}
+            if not prefs:
+                kept.append(env)
+                continue
+            categories = src.tenant.consent_categories
+            granted = {p for c, ok in prefs.items() if ok for p in categories.get(c, ())}
+            refused = {p for c, ok in prefs.items() if not ok for p in categories.get(c, ())} - granted
+            consent = ev.context.get("consent")
+            notice_id = consent.get("noticeId") if isinstance(consent, dict) else None
+            library = ev.context.get("library")
+            sdk = str(library.get("name")) if isinstance(library, dict) and library.get("name") else None
+            try:
+                await self.consent_service.record(
+                    tenant=src.tenant.id,
+                    identifiers=[(i.type, i.value) for i in env.identifiers],
+                    grant=sorted(granted),
+                    withdraw=sorted(refused),
+                    notice_id=str(notice_id)
+                    if notice_id
+                    else await self.consent_service.current_notice(src.tenant.id),
+                    source=src.source.id,
+                    platform=src.source.platform,
+                    sdk=sdk,
+                )
+            except ConsentRefused as exc:
+                field = f"context.consent.{exc.field}" if exc.field else "context.consent"
+                result.rejected.append(
+                    Rejection(env.index, "invalid_consent", exc.detail, field, ev.message_id)
+                )
+                continue
+            kept.append(env)
+        return kept
 
     async def _append(self, source_id: str, records: list[OutboxRecord], result: IngestResult) -> None:
         if self.redis_dedupe is None:

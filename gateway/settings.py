@@ -36,6 +36,10 @@ class Settings:
     key_file: Path | None
     keys_json: str | None
     redis_url: str | None
+    # Consent ledger and state: PostgreSQL in distributed mode, SQLite under data_dir otherwise.
+    database_url: str | None
+    ledger_key: str | None
+    ledger_key_file: Path | None
     # Namespace of every Redis key, so several deployments (or test runs) can share a server.
     redis_prefix: str
     log_format: Literal["json", "console"]
@@ -63,6 +67,14 @@ class Settings:
     def dev_key_file(self) -> Path:
         return self.data_dir / "dev-keys.json"
 
+    @property
+    def dev_ledger_key_file(self) -> Path:
+        return self.data_dir / "dev-ledger-key"
+
+    @property
+    def consent_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir / 'consent.sqlite3'}"
+
     @classmethod
     def from_env(cls, *, config_path: Path | None = None, data_dir: Path | None = None) -> Settings:
         env = os.environ.get("IDGATE_ENV", "dev")
@@ -75,6 +87,10 @@ class Settings:
         keys_json = os.environ.get("IDGATE_KEYS") or None
         if env == "production" and not (key_file or keys_json):
             raise SettingsError("IDGATE_ENV=production needs IDGATE_KEYS or IDGATE_KEY_FILE")
+        ledger_key = os.environ.get("IDGATE_LEDGER_KEY") or None
+        ledger_key_file = os.environ.get("IDGATE_LEDGER_KEY_FILE") or None
+        if env == "production" and not (ledger_key or ledger_key_file):
+            raise SettingsError("IDGATE_ENV=production needs IDGATE_LEDGER_KEY or IDGATE_LEDGER_KEY_FILE")
         config = config_path or Path(os.environ.get("IDGATE_CONFIG", "idgate.example.toml"))
         return cls(
             env=env,  # type: ignore[arg-type]
@@ -83,6 +99,9 @@ class Settings:
             key_file=Path(key_file) if key_file else None,
             keys_json=keys_json,
             redis_url=os.environ.get("REDIS_URL") or None,
+            database_url=os.environ.get("DATABASE_URL") or None,
+            ledger_key=ledger_key,
+            ledger_key_file=Path(ledger_key_file) if ledger_key_file else None,
             redis_prefix=os.environ.get("IDGATE_REDIS_PREFIX", "idgate"),
             log_format=log_format,  # type: ignore[arg-type]
             log_level=os.environ.get("IDGATE_LOG_LEVEL", "INFO").upper(),

@@ -17,6 +17,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from consent.signing import new_ledger_key_b64
+from identity.pseudonym import new_key_document
+
 ROOT = Path(__file__).resolve().parent.parent
 IDGATE = Path(sys.executable).with_name("idgate")
 REDIS_URL = os.environ.get("IDGATE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -27,8 +30,27 @@ max_message_bytes = 32768
 max_batch_bytes = 512000
 dedupe_window_seconds = 86400
 
+[[admin_tokens]]
+name = "dpo"
+role = "compliance"
+dev_token = "compliance-test-token"
+
+[[admin_tokens]]
+name = "ops"
+role = "operator"
+dev_token = "operator-test-token"
+
+[[admin_tokens]]
+name = "other-dpo"
+role = "compliance"
+dev_token = "other-compliance-token"
+tenants = ["shop"]
+
+# "shop" tests the ingest mechanics with consent enforcement off (allowed in dev only);
+# "mall" enforces PIPL consent like every production tenant.
 [[tenants]]
 id = "shop"
+consent = { enforce = false }
 
 [[tenants.sources]]
 id = "shop-web"
@@ -55,10 +77,73 @@ purposes = ["analytics"]
 id = "stream"
 sink = "jsonl"
 purposes = ["analytics"]
+
+[[tenants]]
+id = "mall"
+sensitive_properties = ["health_condition"]
+
+[[tenants.sources]]
+id = "mall-web"
+platform = "web"
+dev_write_key = "mall-web-key-0001"
+
+[[tenants.sources]]
+id = "mall-app"
+platform = "app"
+dev_write_key = "mall-app-key-0001"
+
+[[tenants.sources]]
+id = "mall-mp"
+platform = "miniprogram"
+dev_write_key = "mall-mp-key-00001"
+
+[[tenants.notices]]
+id = "notice-v1"
+content_sha256 = "1111111111111111111111111111111111111111111111111111111111111111"
+
+[tenants.tracking_plan]
+"*" = ["analytics"]
+"Payment Requested" = ["necessary_service"]
+"Ad Clicked" = ["ad_measurement"]
+
+[tenants.consent_categories]
+Analytics = ["analytics"]
+Advertising = ["ad_measurement", "marketing"]
+
+[[tenants.destinations]]
+id = "mall-warehouse"
+purposes = ["analytics"]
+
+[[tenants.destinations]]
+id = "mall-orders"
+purposes = ["necessary_service"]
+
+[[tenants.destinations]]
+id = "mall-overseas"
+purposes = ["analytics"]
+region = "overseas"
+recipient = { name = "Global BI", contact = "bi@example.com" }
+
+[[tenants.destinations]]
+id = "mall-ads"
+purposes = ["ad_measurement"]
+recipient = { name = "Ad network", contact = "ads@example.com", third_party = true }
 """
 
 WEB_KEY = "web-test-key-0001"
 APP_KEY = "app-test-key-0001"
+MALL_WEB_KEY = "mall-web-key-0001"
+MALL_APP_KEY = "mall-app-key-0001"
+MALL_MP_KEY = "mall-mp-key-00001"
+COMPLIANCE_TOKEN = "compliance-test-token"
+OPERATOR_TOKEN = "operator-test-token"
+
+
+# Keys for gateways that share Redis/PostgreSQL in tests (fixed, test-only material).
+SHARED_KEYS = {
+    "IDGATE_KEYS": new_key_document(["shop", "mall"]),
+    "IDGATE_LEDGER_KEY": new_ledger_key_b64(),
+}
 
 
 def free_port() -> int:
@@ -195,7 +280,8 @@ class RedisNamespace:
     prefix: str
 
     def env(self) -> dict[str, str]:
-        return {"REDIS_URL": self.url, "IDGATE_REDIS_PREFIX": self.prefix}
+        # Replicas sharing state must share keys: pseudonyms have to agree.
+        return {"REDIS_URL": self.url, "IDGATE_REDIS_PREFIX": self.prefix, **SHARED_KEYS}
 
 
 @pytest.fixture

@@ -109,8 +109,9 @@ def test_delivery_is_exactly_once_across_crash_between_write_and_commit(tmp_path
 def test_prune_keeps_undelivered_rows(outbox: SqliteOutbox) -> None:
     asyncio.run(outbox.register_destinations(["d", "e"]))
     outbox.append_sync([record(i) for i in range(10)], dedupe=True)
-    asyncio.run(outbox.commit_delivery("d", 10, 10, {}))
+    stored = asyncio.run(outbox.read_after(0, 100))
+    asyncio.run(outbox.commit_delivery("d", 10, stored, {}))
     assert asyncio.run(outbox.prune()) == (0, 0)  # "e" has delivered nothing yet
-    asyncio.run(outbox.commit_delivery("e", 4, 4, {}))
+    asyncio.run(outbox.commit_delivery("e", 4, stored[:4], {}))
     assert asyncio.run(outbox.prune())[0] == 4
     assert len(asyncio.run(outbox.read_after(0, 100))) == 6

@@ -1,0 +1,133 @@
+"""``idgate ledger``: verify an export offline, export the ledger, force a signed checkpoint.
+
+Registered on the main command group by ``gateway.cli`` (``main.add_command(ledger)``);
+usable on its own, e.g. by an auditor who only has an export file.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from consent.db import make_engine, migrate
+from consent.ledger import Ledger, verify_export
+from consent.signing import InvalidLedgerKey, LedgerSigner, load_signer
+
+_DATABASE_URL = click.option(
+    "--database-url",
+    envvar="IDGATE_CONSENT_DATABASE_URL",
+    required=True,
+    help="sqlite:///path/consent.sqlite3 or postgresql+psycopg://... ($IDGATE_CONSENT_DATABASE_URL).",
+)
+_KEY_FILE = click.option(
+    "--key-file",
+    envvar="IDGATE_LEDGER_KEY_FILE",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="File with the base64 ledger signing key ($IDGATE_LEDGER_KEY_FILE; $IDGATE_LEDGER_KEY wins).",
+)
+
+
+def _signer(key_file: Path | None) -> LedgerSigner:
+    env_value = os.environ.get("IDGATE_LEDGER_KEY") or None
+    return load_signer(env_value=env_value, key_file=key_file, dev_file=None)
+
+
+@click.group("ledger")
+def ledger() -> None:
+    """The consent ledger: verify exports, export, checkpoint."""
+
+
+@ledger.command("verify")
+@click.argument("export_path", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option(
+    "--public-key",
+    "public_keys",
+    multiple=True,
+    help="Trusted signing key (base64), repeatable. Signatures by any other key then fail; "
+    "without it the key ids found are printed, to compare with the operator's.",
+)
+def verify_command(export_path: Path, public_keys: tuple[str, ...]) -> None:
+    """Verify a JSONL export offline: exit 0 when intact, 1 when tampered."""
+    with export_path.open("rb") as fh:
+        result = verify_export(fh, trusted_keys=public_keys or None)
+    if not result.ok:
+        where = f" at seq {result.first_bad_seq}" if result.first_bad_seq is not None else ""
+        click.echo(f"TAMPERED: {result.problem}{where}: {result.detail}")
+        sys.exit(1)
+    click.echo(f"OK: {result.records} records, {result.checkpoints} checkpoints")
+    if not result.complete:
+        click.echo("PARTIAL: tenant-filtered export; the global hash chain was not verified")
+    click.echo(result.detail)
+
+
+@ledger.command("export")
+@_DATABASE_URL
+@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(["jsonl", "csv"]), default="jsonl", show_default=True)
+@click.option("--tenant", default=None, help="Only this tenant's records (not chain-verifiable on its own).")
+@_KEY_FILE
+def export_command(
+    database_url: str, out_path: Path, fmt: str, tenant: str | None, key_file: Path | None
+) -> None:
+    """Export the ledger: JSONL (verifiable, sealed with the key when available) or CSV.
+
+    CSV writes the records to OUT and the checkpoints to OUT with ``.checkpoints.csv``."""
+    try:
+        signer: LedgerSigner | None = _signer(key_file)
+    except InvalidLedgerKey:
+        signer = None  # the export is still verifiable; only its seal goes unsigned
+    engine = make_engine(database_url)
+    try:
+        store = Ledger(engine, signer)
+        total = store.count(tenant=tenant)
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        partial = out_path.with_name(out_path.name + ".partial")
+        with (
+            partial.open("w", encoding="utf-8", newline="") as fh,
+            click.progressbar(length=total, label="exporting", file=sys.stderr) as bar,
+        ):
+            if fmt == "jsonl":
+                written = store.export_jsonl(fh, tenant=tenant, progress=bar.update)
+            else:
+                written = store.export_csv(fh, tenant=tenant, progress=bar.update)
+            fh.flush()
+            os.fsync(fh.fileno())
+        partial.replace(out_path)
+        message = f"exported {written} records to {out_path}"
+        if fmt == "csv":
+            cp_path = out_path.with_name(out_path.stem + ".checkpoints.csv")
+            with cp_path.open("w", encoding="utf-8", newline="") as fh:
+                checkpoints = store.export_checkpoints_csv(fh)
+            message += f" and {checkpoints} checkpoints to {cp_path}"
+        elif signer is None:
+            message += " (seal unsigned: no ledger key)"
+        click.echo(message)
+    finally:
+        engine.dispose()
+
+
+@ledger.command("checkpoint")
+@_DATABASE_URL
+@_KEY_FILE
+def checkpoint_command(database_url: str, key_file: Path | None) -> None:
+    """Sign a checkpoint over every record not yet covered by one."""
+    try:
+        signer = _signer(key_file)
+    except InvalidLedgerKey as exc:
+        click.echo(f"idgate: {exc}", err=True)
+        sys.exit(2)
+    engine = make_engine(database_url)
+    try:
+        migrate(engine)
+        checkpoint = Ledger(engine, signer).checkpoint()
+    finally:
+        engine.dispose()
+    if checkpoint is None:
+        click.echo("nothing to checkpoint: every record is covered")
+        return
+    span = f"{checkpoint.from_seq}..{checkpoint.to_seq}"
+    click.echo(f"checkpoint {span} root {checkpoint.root} key {checkpoint.key_id}")

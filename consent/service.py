@@ -1,0 +1,270 @@
+"""Recording consent and deciding with it: the consent domain's entry points.
+
+``ConsentService`` turns a consent call (grant / withdraw purposes for a subject's
+identifiers, bound to a notice) into ledger records, then applies them to the state
+projection before returning, so the decision that follows sees them. ``LedgerPolicy`` is
+the pipeline's consent stage: one state lookup per batch, then ``decide`` per event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import msgspec
+import structlog
+
+from consent.decisions import (
+    MINOR_FLAG,
+    ConsentDecision,
+    ConsentQuery,
+    DestinationSpec,
+    decide,
+)
+from consent.ledger import Ledger, RecordDraft
+from consent.state import ConsentStateStore, RecordView, UnknownNotice, notice_floor
+
+log = structlog.get_logger(__name__)
+
+
+class ConsentRefused(Exception):
+    """A consent call that cannot be recorded as asked (maps to 400)."""
+
+    def __init__(self, detail: str, field: str | None = None) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.field = field
+
+
+@dataclass(frozen=True)
+class PurposeRules:
+    """The configured purposes of one tenant: their legal basis and consent kind."""
+
+    contract: frozenset[str]
+    kinds: Mapping[str, str]  # purpose -> general | separate | guardian
+    enforce: bool = True
+
+    @property
+    def known(self) -> frozenset[str]:
+        return frozenset(self.kinds)
+
+
+class Receipt(msgspec.Struct, frozen=True):
+    record_id: str
+    seq: int
+    purposes: tuple[str, ...]
+    state: str
+    at: datetime
+
+
+def view(record: Any) -> RecordView:
+    return RecordView(
+        seq=record.seq,
+        tenant=record.tenant,
+        record_type=record.record_type,
+        identifiers=tuple(record.identifiers or ()),
+        purposes=tuple(record.purposes or ()),
+        state=record.state,
+        consent_kind=record.consent_kind,
+        notice_id=record.notice_id,
+        notice_hash=record.notice_hash,
+        at=record.at,
+        detail=dict(record.detail or {}),
+    )
+
+
+class ConsentService:
+    def __init__(self, ledger: Ledger, state: ConsentStateStore, rules: Mapping[str, PurposeRules]) -> None:
+        self.ledger = ledger
+        self.state = state
+        self.rules = rules
+        self._lock = asyncio.Lock()  # one projection writer per process
+
+    async def _append(self, drafts: list[RecordDraft]) -> list[Any]:
+        records = await asyncio.to_thread(self.ledger.append, drafts)
+        async with self._lock:
+            await self.state.apply([view(r) for r in records])
+        return records
+
+    async def catch_up(self, batch: int = 5_000) -> int:
+        """Apply ledger records the projection has not seen (after a crash or a new replica)."""
+        applied = 0
+        async with self._lock:
+            after = await self.state.applied_seq()
+            while True:
+                records = await asyncio.to_thread(self.ledger.records, after_seq=after, limit=batch)
+                if not records:
+                    return applied
+                await self.state.apply([view(r) for r in records])
+                applied += len(records)
+                after = records[-1].seq
+
+    async def current_notice(self, tenant: str) -> str | None:
+        """The most recently published notice of the tenant."""
+        notices = await self.state.notices(tenant)
+        return max(notices.values(), key=lambda n: n.seq).notice_id if notices else None
+
+    async def publish_notice(
+        self,
+        tenant: str,
+        notice_id: str,
+        content_hash: str,
+        *,
+        material: bool = False,
+        purposes_changed: Sequence[str] = (),
+        actor: str = "config",
+    ) -> Receipt | None:
+        """Publish a privacy-notice version; a material one sends the purposes it changes
+        (all purposes when none are named) back to re-consent. Idempotent per notice id."""
+        existing = (await self.state.notices(tenant)).get(notice_id)
+        if existing is not None:
+            if existing.content_hash != content_hash:
+                raise ConsentRefused(f"notice {notice_id!r} was published with other content", "contentHash")
+            return None
+        unknown = set(purposes_changed) - self.rules[tenant].known
+        if unknown:
+            raise ConsentRefused(f"unknown purposes {sorted(unknown)}", "purposesChanged")
+        (record,) = await self._append(
+            [
+                RecordDraft(
+                    tenant=tenant,
+                    record_type="notice",
+                    subject=None,
+                    identifiers=[],
+                    notice_id=notice_id,
+                    notice_hash=content_hash,
+                    purposes=list(purposes_changed),
+                    state="published",
+                    consent_kind="general",
+                    legal_basis="consent",
+                    source=actor,
+                    detail={"material": material, "purposes_changed": list(purposes_changed)},
+                )
+            ]
+        )
+        log.info(
+            "consent.notice_published", tenant=tenant, notice_id=notice_id, material=material, seq=record.seq
+        )
+        return Receipt(record.record_id, record.seq, tuple(purposes_changed), "published", record.at)
+
+    async def record(
+        self,
+        *,
+        tenant: str,
+        identifiers: Sequence[tuple[str, str]],
+        grant: Sequence[str] = (),
+        withdraw: Sequence[str] = (),
+        notice_id: str | None,
+        source: str,
+        platform: str,
+        sdk: str | None = None,
+        evidence_hash: str | None = None,
+        guardian: bool = False,
+        minor: bool | None = None,
+    ) -> list[Receipt]:
+        """Record grants and withdrawals for the subject known by ``identifiers``
+        (``(type, pseudonym)`` pairs, already pseudonymised)."""
+        rules = self.rules[tenant]
+        if not identifiers:
+            raise ConsentRefused("no usable identifier for the subject", "userId")
+        overlap = set(grant) & set(withdraw)
+        if overlap:
+            raise ConsentRefused(f"purposes both granted and withdrawn: {sorted(overlap)}", "grant")
+        unknown = (set(grant) | set(withdraw)) - rules.known
+        if unknown:
+            raise ConsentRefused(
+                f"unknown purposes {sorted(unknown)}", "grant" if set(grant) & unknown else "withdraw"
+            )
+        if not grant and not withdraw and minor is None:
+            raise ConsentRefused("nothing to record: grant, withdraw or subjectIsMinor is required", "grant")
+        notice_hash = None
+        if grant:
+            if not notice_id:
+                raise ConsentRefused("a grant must name the notice the person agreed to", "noticeId")
+            notice = (await self.state.notices(tenant)).get(notice_id)
+            if notice is None:
+                raise ConsentRefused(f"unknown notice {notice_id!r}", "noticeId")
+            notice_hash = notice.content_hash
+        ids = [f"{t}:{p}" for t, p in identifiers]
+        subject = next((p for t, p in identifiers if t == "user_id"), identifiers[0][1])
+        common = {
+            "tenant": tenant,
+            "subject": subject,
+            "identifiers": ids,
+            "source": source,
+            "platform": platform,
+            "sdk": sdk,
+            "evidence_hash": evidence_hash,
+            "at": datetime.now(UTC),
+        }
+        drafts: list[RecordDraft] = []
+        if minor is not None:
+            drafts.append(
+                RecordDraft(
+                    record_type="subject_flag",
+                    notice_id=notice_id,
+                    notice_hash=notice_hash,
+                    purposes=[MINOR_FLAG],
+                    state="flagged" if minor else "cleared",
+                    consent_kind="general",
+                    legal_basis="consent",
+                    detail={"under_14": minor},
+                    **common,
+                )
+            )
+        # One record per consent kind, so separate consents stand as their own records.
+        for state, purposes in (("given", grant), ("withdrawn", withdraw)):
+            by_kind: dict[str, list[str]] = {}
+            for p in purposes:
+                kind = "guardian" if guardian else rules.kinds.get(p, "general")
+                by_kind.setdefault(kind, []).append(p)
+            for kind, ps in by_kind.items():
+                drafts.append(
+                    RecordDraft(
+                        record_type="consent",
+                        notice_id=notice_id,
+                        notice_hash=notice_hash,
+                        purposes=sorted(ps),
+                        state=state,
+                        consent_kind=kind,
+                        legal_basis="consent",
+                        detail={},
+                        **common,
+                    )
+                )
+        records = await self._append(drafts)
+        return [Receipt(r.record_id, r.seq, tuple(r.purposes), r.state, r.at) for r in records]
+
+
+class LedgerPolicy:
+    """The pipeline's consent stage, enforcing PIPL from the ledger's projection."""
+
+    enforced = True
+
+    def __init__(self, state: ConsentStateStore, rules: Mapping[str, PurposeRules]) -> None:
+        self.state = state
+        self.rules = rules
+
+    async def decide_batch(
+        self, queries: Sequence[ConsentQuery], destinations: Sequence[DestinationSpec]
+    ) -> list[ConsentDecision]:
+        if not queries:
+            return []
+        tenant = queries[0].tenant
+        rules = self.rules[tenant]
+        if not rules.enforce:  # dev-only configuration, refused by config check elsewhere
+            ids = tuple(d.id for d in destinations)
+            return [ConsentDecision(ids, linking_allowed=True) for _ in queries]
+        identifiers = list(dict.fromkeys(i for q in queries for i in q.all_ids()))
+        state = await self.state.lookup(tenant, identifiers)
+        floor = notice_floor((await self.state.notices(tenant)).values(), rules.known)
+        return [
+            decide(q, destinations, state, contract_purposes=rules.contract, notice_floor=floor)
+            for q in queries
+        ]
+
+
+__all__ = ["ConsentRefused", "ConsentService", "LedgerPolicy", "PurposeRules", "Receipt", "UnknownNotice"]

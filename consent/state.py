@@ -1,0 +1,360 @@
+"""The current consent state: a projection of the ledger, for fast decisions.
+
+The ledger (consent.ledger) is the truth; this module keeps, per tenant and identifier
+pseudonym, the latest record of each purpose, plus the published notices, and answers the
+pipeline's lookups. A projection watermark (the last ledger seq applied) lets any process
+catch up from the ledger after a crash, and ``rebuild`` recomputes it from scratch.
+
+Two stores, one interface:
+
+- ``SqlConsentState``: tables in the consent database (SQLite embedded, or PostgreSQL).
+  On SQLite, the only writer is this process, so lookups are served from an in-process
+  cache that ``apply`` keeps current.
+- ``RedisConsentState``: hashes in Redis shared by every replica; ``apply`` runs before a
+  consent call is acknowledged, so a withdrawal is seen by every replica's next decision.
+  Entries only move forward (a record never overwrites a later one), whatever order
+  replicas apply them in.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import datetime
+from typing import Any, Protocol
+
+import msgspec
+import sqlalchemy as sa
+from sqlmodel import JSON, Column, Field, SQLModel
+
+from consent.decisions import MINOR_FLAG, StateEntry
+from consent.models import UTCDateTime
+
+ALL_PURPOSES = "*"
+
+
+class ConsentStateRow(SQLModel, table=True):
+    __tablename__ = "consent_state"
+
+    tenant: str = Field(primary_key=True)
+    identifier: str = Field(primary_key=True)
+    purpose: str = Field(primary_key=True)
+    state: str
+    seq: int
+    notice_seq: int = 0
+    kind: str = "general"
+
+
+class NoticeRow(SQLModel, table=True):
+    __tablename__ = "consent_notice"
+
+    tenant: str = Field(primary_key=True)
+    notice_id: str = Field(primary_key=True)
+    content_hash: str
+    seq: int  # the ledger seq of its publication
+    material: bool = False
+    purposes: list[str] = Field(default_factory=list, sa_column=Column(JSON))
+    at: datetime = Field(sa_column=Column(UTCDateTime(), nullable=False))
+
+
+STATE_TABLES: tuple[str, ...] = ("consent_state", "consent_notice", "consent_projection")
+
+
+class ProjectionRow(SQLModel, table=True):
+    __tablename__ = "consent_projection"
+
+    name: str = Field(primary_key=True)
+    applied_seq: int = 0
+
+
+class RecordView(msgspec.Struct, frozen=True):
+    """What the projection needs of a ledger record."""
+
+    seq: int
+    tenant: str
+    record_type: str
+    identifiers: tuple[str, ...]
+    purposes: tuple[str, ...]
+    state: str
+    consent_kind: str = "general"
+    notice_id: str | None = None
+    notice_hash: str | None = None
+    at: datetime | None = None
+    detail: dict[str, Any] = {}
+
+
+def pseudonym_of(identifier: str) -> str:
+    """Ledger identifiers are ``type:pseudonym``; state is keyed by the pseudonym alone."""
+    return identifier.rsplit(":", 1)[-1]
+
+
+class Notice(msgspec.Struct, frozen=True):
+    notice_id: str
+    content_hash: str
+    seq: int
+    material: bool
+    purposes: tuple[str, ...]
+
+
+class UnknownNotice(Exception):
+    def __init__(self, notice_id: str) -> None:
+        super().__init__(f"unknown notice {notice_id!r}")
+        self.notice_id = notice_id
+
+
+def notice_floor(notices: Iterable[Notice], purposes: Iterable[str]) -> dict[str, int]:
+    """Per purpose, the seq of the last material notice that changed it."""
+    floor: dict[str, int] = {}
+    all_purposes = list(purposes)
+    for n in notices:
+        if not n.material:
+            continue
+        for p in n.purposes or all_purposes:
+            floor[p] = max(floor.get(p, 0), n.seq)
+    return floor
+
+
+class ConsentStateStore(Protocol):
+    async def lookup(self, tenant: str, identifiers: Sequence[str]) -> dict[str, dict[str, StateEntry]]: ...
+    async def notices(self, tenant: str) -> dict[str, Notice]: ...
+    async def apply(self, records: Sequence[RecordView]) -> None: ...
+    async def applied_seq(self) -> int: ...
+
+
+def _entries_from_record(r: RecordView, notices: Mapping[str, Notice]) -> list[tuple[str, str, StateEntry]]:
+    """(identifier pseudonym, purpose, entry) for every state change a record makes."""
+    if r.record_type == "consent":
+        notice_seq = notices[r.notice_id].seq if r.notice_id and r.notice_id in notices else 0
+        entry = StateEntry(r.state, r.seq, notice_seq, r.consent_kind)
+        return [(pseudonym_of(i), p, entry) for i in r.identifiers for p in r.purposes]
+    if r.record_type == "subject_flag":
+        entry = StateEntry(r.state, r.seq)
+        return [(pseudonym_of(i), MINOR_FLAG, entry) for i in r.identifiers]
+    return []
+
+
+def _notice_from_record(r: RecordView) -> Notice | None:
+    if r.record_type != "notice" or not r.notice_id:
+        return None
+    return Notice(
+        notice_id=r.notice_id,
+        content_hash=r.notice_hash or "",
+        seq=r.seq,
+        material=bool(r.detail.get("material")),
+        purposes=tuple(r.detail.get("purposes_changed") or ()),
+    )
+
+
+class SqlConsentState:
+    """The projection in SQL tables; cached in process when this process is the only writer."""
+
+    def __init__(self, engine: sa.Engine, *, cache_size: int = 200_000) -> None:
+        self.engine = engine
+        self.single_writer = engine.dialect.name == "sqlite"
+        self._cache: OrderedDict[tuple[str, str], dict[str, StateEntry]] = OrderedDict()
+        self._cache_size = cache_size
+        self._notices: dict[str, dict[str, Notice]] = {}
+
+    # -- reads -----------------------------------------------------------------------
+    def _query(self, tenant: str, identifiers: Sequence[str]) -> dict[str, dict[str, StateEntry]]:
+        t = ConsentStateRow.__table__  # type: ignore[attr-defined]
+        out: dict[str, dict[str, StateEntry]] = {i: {} for i in identifiers}
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(t.c.identifier, t.c.purpose, t.c.state, t.c.seq, t.c.notice_seq, t.c.kind).where(
+                    t.c.tenant == tenant, t.c.identifier.in_(list(identifiers))
+                )
+            )
+            for ident, purpose, state, seq, notice_seq, kind in rows:
+                out[ident][purpose] = StateEntry(state, seq, notice_seq, kind)
+        return out
+
+    async def lookup(self, tenant: str, identifiers: Sequence[str]) -> dict[str, dict[str, StateEntry]]:
+        if not identifiers:
+            return {}
+        if not self.single_writer:
+            return self._query(tenant, identifiers)
+        found: dict[str, dict[str, StateEntry]] = {}
+        missing = []
+        for ident in identifiers:
+            entries = self._cache.get((tenant, ident))
+            if entries is None:
+                missing.append(ident)
+            else:
+                found[ident] = entries
+        if missing:
+            for ident, entries in self._query(tenant, missing).items():
+                self._remember(tenant, ident, entries)
+                found[ident] = entries
+        return found
+
+    def _remember(self, tenant: str, ident: str, entries: dict[str, StateEntry]) -> None:
+        self._cache[(tenant, ident)] = entries
+        if len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+
+    async def notices(self, tenant: str) -> dict[str, Notice]:
+        cached = self._notices.get(tenant) if self.single_writer else None
+        if cached is not None:
+            return cached
+        t = NoticeRow.__table__  # type: ignore[attr-defined]
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(t).where(t.c.tenant == tenant)).mappings()
+            result = {
+                r["notice_id"]: Notice(
+                    r["notice_id"], r["content_hash"], r["seq"], r["material"], tuple(r["purposes"])
+                )
+                for r in rows
+            }
+        self._notices[tenant] = result
+        return result
+
+    async def applied_seq(self) -> int:
+        with self.engine.connect() as conn:
+            value = conn.execute(
+                sa.select(ProjectionRow.applied_seq).where(ProjectionRow.name == "consent_state")  # type: ignore[arg-type]
+            ).scalar()
+        return int(value or 0)
+
+    # -- writes ----------------------------------------------------------------------
+    async def apply(self, records: Sequence[RecordView]) -> None:
+        if not records:
+            return
+        state_t = ConsentStateRow.__table__  # type: ignore[attr-defined]
+        notice_t = NoticeRow.__table__  # type: ignore[attr-defined]
+        proj_t = ProjectionRow.__table__  # type: ignore[attr-defined]
+        insert = _dialect_insert(self.engine)
+        touched: set[tuple[str, str]] = set()
+        with self.engine.connect() as plain, plain.execution_options(sqlite_begin="IMMEDIATE").begin():
+            conn = plain
+            for r in sorted(records, key=lambda x: x.seq):
+                notice = _notice_from_record(r)
+                if notice is not None:
+                    stmt = insert(notice_t).values(
+                        tenant=r.tenant,
+                        notice_id=notice.notice_id,
+                        content_hash=notice.content_hash,
+                        seq=notice.seq,
+                        material=notice.material,
+                        purposes=list(notice.purposes),
+                        at=r.at,
+                    )
+                    conn.execute(stmt.on_conflict_do_nothing())
+                    self._notices.pop(r.tenant, None)
+                    continue
+                notices = await self.notices(r.tenant) if r.record_type == "consent" else {}
+                rows = [
+                    {
+                        "tenant": r.tenant,
+                        "identifier": ident,
+                        "purpose": purpose,
+                        "state": e.state,
+                        "seq": e.seq,
+                        "notice_seq": e.notice_seq,
+                        "kind": e.kind,
+                    }
+                    for ident, purpose, e in _entries_from_record(r, notices)
+                ]
+                if not rows:
+                    continue
+                stmt = insert(state_t).values(rows)
+                stmt = stmt.on_conflict_do_update(
+                    index_elements=["tenant", "identifier", "purpose"],
+                    set_={c: stmt.excluded[c] for c in ("state", "seq", "notice_seq", "kind")},
+                    where=state_t.c.seq < stmt.excluded.seq,
+                )
+                conn.execute(stmt)
+                touched.update((r.tenant, row["identifier"]) for row in rows)
+            last = max(r.seq for r in records)
+            stmt = insert(proj_t).values(name="consent_state", applied_seq=last)
+            conn.execute(
+                stmt.on_conflict_do_update(
+                    index_elements=["name"],
+                    set_={"applied_seq": stmt.excluded.applied_seq},
+                    where=proj_t.c.applied_seq < stmt.excluded.applied_seq,
+                )
+            )
+        for key in touched:
+            self._cache.pop(key, None)
+
+
+def _dialect_insert(engine: sa.Engine) -> Any:
+    if engine.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert
+    return insert
+
+
+# A field moves forward only: the stored entry keeps its seq as the second element.
+_APPLY_LUA = """
+for i = 1, #KEYS do
+  local field = ARGV[3 * i - 2]
+  local value = ARGV[3 * i - 1]
+  local seq = tonumber(ARGV[3 * i])
+  local old = redis.call('HGET', KEYS[i], field)
+  local old_seq = old and tonumber(string.match(old, '^%[[^,]*,(%d+)')) or -1
+  if seq > old_seq then redis.call('HSET', KEYS[i], field, value) end
+end
+return #KEYS
+"""
+_ADVANCE_LUA = """
+local cur = tonumber(redis.call('GET', KEYS[1]) or '0')
+if tonumber(ARGV[1]) > cur then redis.call('SET', KEYS[1], ARGV[1]) end
+return 1
+"""
+
+
+class RedisConsentState:
+    """The projection in Redis, shared by every replica (used when REDIS_URL is set)."""
+
+    def __init__(self, client: Any, *, prefix: str = "idgate") -> None:
+        self.client = client
+        self.prefix = prefix
+        self._apply = client.register_script(_APPLY_LUA)
+        self._advance = client.register_script(_ADVANCE_LUA)
+        self._encode = msgspec.json.Encoder().encode
+        self._decode = msgspec.json.Decoder(StateEntry).decode
+        self._notice_decode = msgspec.json.Decoder(Notice).decode
+
+    def _key(self, tenant: str, ident: str) -> str:
+        return f"{self.prefix}:consent:{tenant}:{ident}"
+
+    async def lookup(self, tenant: str, identifiers: Sequence[str]) -> dict[str, dict[str, StateEntry]]:
+        if not identifiers:
+            return {}
+        async with self.client.pipeline(transaction=False) as pipe:
+            for ident in identifiers:
+                pipe.hgetall(self._key(tenant, ident))
+            results = await pipe.execute()
+        return {
+            ident: {k.decode(): self._decode(v) for k, v in raw.items()}
+            for ident, raw in zip(identifiers, results, strict=True)
+        }
+
+    async def notices(self, tenant: str) -> dict[str, Notice]:
+        raw = await self.client.hgetall(f"{self.prefix}:notices:{tenant}")
+        return {k.decode(): self._notice_decode(v) for k, v in raw.items()}
+
+    async def applied_seq(self) -> int:
+        return int(await self.client.get(f"{self.prefix}:consent:applied") or 0)
+
+    async def apply(self, records: Sequence[RecordView]) -> None:
+        if not records:
+            return
+        keys: list[str] = []
+        args: list[Any] = []
+        for r in sorted(records, key=lambda x: x.seq):
+            notice = _notice_from_record(r)
+            if notice is not None:
+                await self.client.hset(
+                    f"{self.prefix}:notices:{r.tenant}", notice.notice_id, self._encode(notice)
+                )
+                continue
+            notices = await self.notices(r.tenant) if r.record_type == "consent" else {}
+            for ident, purpose, e in _entries_from_record(r, notices):
+                keys.append(self._key(r.tenant, ident))
+                args += [purpose, self._encode(e), e.seq]
+        if keys:
+            await self._apply(keys=keys, args=args)
+        await self._advance(keys=[f"{self.prefix}:consent:applied"], args=[max(r.seq for r in records)])

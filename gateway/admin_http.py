@@ -1,0 +1,388 @@
+"""Admin and compliance API: consent records, point-in-time views, exports, statistics,
+notices, and the access log of officers' own queries.
+
+Tokens are separate from write keys and carry a role: ``compliance`` reads personal data
+(every such read is itself written to the access log), ``operator`` runs the gateway
+(publishes notices, verifies the ledger). Officers name a subject by its raw identifier;
+it is pseudonymised here with the tenant's key, and only the pseudonym is stored or logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+from collections import Counter
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import msgspec
+import sqlalchemy as sa
+from consent.ledger import Ledger, verify_database
+from litestar import Controller, Request, Response, get, post
+from litestar.exceptions import NotAuthorizedException, PermissionDeniedException
+
+from consent.models import AccessLogEntry
+from consent.service import ConsentRefused, ConsentService
+from export.outbox import SqliteOutbox
+from gateway.config import AdminToken, Config
+from gateway.segment import InvalidRequest
+from identity.identifiers import IDENTIFIER_TYPES, InvalidIdentifier, normalise
+from identity.pseudonym import KeyRing
+
+ROLES = ("compliance", "operator")
+
+
+@dataclass(frozen=True)
+class Officer:
+    name: str
+    role: str
+    tenants: frozenset[str]  # empty: all
+
+    def may_see(self, tenant: str) -> bool:
+        return not self.tenants or tenant in self.tenants
+
+
+@dataclass
+class AdminContext:
+    config: Config
+    tokens: dict[str, Officer]  # sha256(token) -> officer
+    keyring: KeyRing
+    ledger: Ledger
+    consent: ConsentService
+    outbox: SqliteOutbox
+
+
+def index_admin_tokens(tokens: list[AdminToken], *, dev: bool) -> dict[str, Officer]:
+    out: dict[str, Officer] = {}
+    for t in tokens:
+        officer = Officer(t.name, t.role, frozenset(t.tenants))
+        if t.token_sha256:
+            out[t.token_sha256] = officer
+        if dev and t.dev_token:
+            out[hashlib.sha256(t.dev_token.encode()).hexdigest()] = officer
+    return out
+
+
+def _ctx(request: Request[Any, Any, Any]) -> AdminContext:
+    return request.app.state.admin  # type: ignore[no-any-return]
+
+
+def officer_for(request: Request[Any, Any, Any], role: str, tenant: str | None) -> Officer:
+    auth = request.headers.get("authorization", "")
+    if auth[:7].lower() != "bearer ":
+        raise NotAuthorizedException(detail="send an admin token as 'Authorization: Bearer <token>'")
+    officer = _ctx(request).tokens.get(hashlib.sha256(auth[7:].strip().encode()).hexdigest())
+    if officer is None:
+        raise NotAuthorizedException(detail="unknown admin token")
+    if officer.role != role:
+        raise PermissionDeniedException(
+            detail=f"this needs the {role} role; {officer.name} has {officer.role}"
+        )
+    if tenant is not None:
+        if tenant not in {t.id for t in _ctx(request).config.tenants}:
+            raise InvalidRequest("invalid_field", f"unknown tenant {tenant!r}", "tenant")
+        if not officer.may_see(tenant):
+            raise PermissionDeniedException(detail=f"{officer.name} may not see tenant {tenant!r}")
+    return officer
+
+
+def subject_pseudonym(
+    ctx: AdminContext, tenant: str, identifier: str, id_type: str, appid: str | None
+) -> str:
+    if id_type not in IDENTIFIER_TYPES:
+        raise InvalidRequest("invalid_field", f"unknown identifier type {id_type!r}", "type")
+    try:
+        ident = normalise(id_type, identifier, scope=appid if id_type == "wechat_openid" else None)
+    except InvalidIdentifier as exc:
+        raise InvalidRequest("invalid_identifier", exc.reason, "identifier") from None
+    return ctx.keyring.pseudonymiser(tenant)(ident.value)
+
+
+def parse_time(value: str | None, field: str) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        ts = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise InvalidRequest("invalid_field", f"{field} must be an ISO 8601 time", field) from None
+    return ts if ts.tzinfo else ts.replace(tzinfo=UTC)
+
+
+async def log_access(
+    ctx: AdminContext, officer: Officer, action: str, tenant: str | None, params: dict[str, Any], count: int
+) -> None:
+    """Every officer query is itself recorded (params hold pseudonyms, never raw identifiers)."""
+
+    def write() -> None:
+        with ctx.ledger.engine.begin() as conn:
+            conn.execute(
+                sa.insert(AccessLogEntry.__table__).values(  # type: ignore[attr-defined]
+                    at=datetime.now(UTC),
+                    officer=officer.name,
+                    role=officer.role,
+                    action=action,
+                    tenant=tenant,
+                    params=params,
+                    result_count=count,
+                )
+            )
+
+    await asyncio.to_thread(write)
+
+
+def record_json(r: Any) -> dict[str, Any]:
+    return {
+        "seq": r.seq,
+        "recordId": r.record_id,
+        "tenant": r.tenant,
+        "type": r.record_type,
+        "subject": r.subject,
+        "identifiers": list(r.identifiers or []),
+        "noticeId": r.notice_id,
+        "noticeHash": r.notice_hash,
+        "purposes": list(r.purposes or []),
+        "state": r.state,
+        "consentKind": r.consent_kind,
+        "legalBasis": r.legal_basis,
+        "source": r.source,
+        "platform": r.platform,
+        "sdk": r.sdk,
+        "at": r.at.astimezone(UTC).isoformat() if r.at.tzinfo else r.at.isoformat() + "+00:00",
+        "evidenceHash": r.evidence_hash,
+        "detail": r.detail or {},
+        "prevHash": r.prev_hash,
+        "hash": r.hash,
+    }
+
+
+class NoticeRequest(msgspec.Struct, rename="camel", forbid_unknown_fields=True):
+    tenant: str
+    id: str
+    content_sha256: str
+    material: bool = False
+    purposes_changed: list[str] = []
+
+
+class AdminController(Controller):
+    path = "/admin"
+    tags = ["admin"]
+
+    @get("/consent/records", summary="Consent records of a subject, time range, purpose or notice")
+    async def records(
+        self,
+        request: Request[Any, Any, Any],
+        tenant: str,
+        identifier: str | None = None,
+        type: str = "user_id",  # noqa: A002 - the query parameter's name
+        appid: str | None = None,
+        since: str | None = None,
+        until: str | None = None,
+        purpose: str | None = None,
+        notice: str | None = None,
+        after_seq: int = 0,
+        limit: int = 500,
+    ) -> dict[str, Any]:
+        """Compliance role. The raw identifier is pseudonymised server-side."""
+        officer = officer_for(request, "compliance", tenant)
+        ctx = _ctx(request)
+        if not 1 <= limit <= 5000:
+            raise InvalidRequest("invalid_field", "limit must be between 1 and 5000", "limit")
+        pseudonym = subject_pseudonym(ctx, tenant, identifier, type, appid) if identifier else None
+        records = await asyncio.to_thread(
+            ctx.ledger.records,
+            tenant=tenant,
+            identifier=f"{type}:{pseudonym}" if pseudonym else None,
+            since=parse_time(since, "since"),
+            until=parse_time(until, "until"),
+            purpose=purpose,
+            notice_id=notice,
+            after_seq=after_seq,
+            limit=limit,
+        )
+        params = {
+            "subject": pseudonym,
+            "type": type,
+            "since": since,
+            "until": until,
+            "purpose": purpose,
+            "notice": notice,
+            "after_seq": after_seq,
+        }
+        await log_access(ctx, officer, "consent.records", tenant, params, len(records))
+        return {
+            "subject": pseudonym,
+            "records": [record_json(r) for r in records],
+            "nextAfterSeq": records[-1].seq if len(records) == limit else None,
+        }
+
+    @get(
+        "/consent/subject", summary="Point in time: what a subject allowed, and which deliveries relied on it"
+    )
+    async def subject_at(
+        self,
+        request: Request[Any, Any, Any],
+        tenant: str,
+        identifier: str,
+        type: str = "user_id",  # noqa: A002
+        appid: str | None = None,
+        at: str | None = None,
+    ) -> dict[str, Any]:
+        officer = officer_for(request, "compliance", tenant)
+        ctx = _ctx(request)
+        pseudonym = subject_pseudonym(ctx, tenant, identifier, type, appid)
+        moment = parse_time(at, "at") or datetime.now(UTC)
+        records = await asyncio.to_thread(
+            ctx.ledger.records, tenant=tenant, identifier=f"{type}:{pseudonym}", until=moment, limit=100_000
+        )
+        purposes: dict[str, dict[str, Any]] = {}
+        minor = None
+        for r in records:  # seq order: the last one per purpose is the state at that moment
+            if r.record_type == "subject_flag":
+                minor = r.state == "flagged"
+            if r.record_type != "consent":
+                continue
+            for p in r.purposes or []:
+                purposes[p] = {
+                    "state": r.state,
+                    "seq": r.seq,
+                    "recordId": r.record_id,
+                    "noticeId": r.notice_id,
+                    "consentKind": r.consent_kind,
+                    "at": record_json(r)["at"],
+                }
+        grant_seqs = [v["seq"] for v in purposes.values() if v["state"] == "given"]
+        deliveries = await ctx.outbox.deliveries_relying_on(grant_seqs)
+        await log_access(
+            ctx,
+            officer,
+            "consent.subject_at",
+            tenant,
+            {"subject": pseudonym, "type": type, "at": moment.isoformat()},
+            len(records),
+        )
+        return {
+            "subject": pseudonym,
+            "at": moment.isoformat(),
+            "underFourteen": minor,
+            "purposes": purposes,
+            "deliveries": deliveries,
+        }
+
+    @get("/consent/export", summary="Ledger export (JSONL with checkpoints, or CSV)")
+    async def export(
+        self,
+        request: Request[Any, Any, Any],
+        tenant: str | None = None,
+        format: str = "jsonl",  # noqa: A002
+    ) -> Response[bytes]:
+        officer = officer_for(request, "compliance", tenant)
+        if tenant is None and officer.tenants:
+            raise PermissionDeniedException(detail="a tenant-scoped officer must name the tenant")
+        if format not in ("jsonl", "csv"):
+            raise InvalidRequest("invalid_field", "format must be jsonl or csv", "format")
+        ctx = _ctx(request)
+
+        def build() -> str:
+            buf = io.StringIO()
+            if format == "jsonl":
+                ctx.ledger.export_jsonl(buf, tenant=tenant)
+            else:
+                ctx.ledger.export_csv(buf, tenant=tenant)
+            return buf.getvalue()
+
+        text = await asyncio.to_thread(build)
+        lines = text.count("\n")
+        await log_access(ctx, officer, "consent.export", tenant, {"format": format}, lines)
+        media = "application/x-ndjson" if format == "jsonl" else "text/csv"
+        name = f"consent-ledger-{tenant or 'all'}.{format}"
+        return Response(
+            text.encode(), media_type=media, headers={"Content-Disposition": f'attachment; filename="{name}"'}
+        )
+
+    @get("/consent/stats", summary="Consent rates by purpose, notice or platform")
+    async def stats(
+        self, request: Request[Any, Any, Any], tenant: str, by: str = "purpose"
+    ) -> dict[str, Any]:
+        officer = officer_for(request, "compliance", tenant)
+        if by not in ("purpose", "notice", "platform"):
+            raise InvalidRequest("invalid_field", "by must be purpose, notice or platform", "by")
+        ctx = _ctx(request)
+        records = await asyncio.to_thread(
+            ctx.ledger.records, tenant=tenant, record_type="consent", limit=10_000_000
+        )
+        latest: dict[tuple[str, str], Any] = {}
+        for r in records:
+            for p in r.purposes or []:
+                latest[(r.subject or "", p)] = (r, p)
+        counts: dict[str, Counter[str]] = {}
+        for r, p in latest.values():
+            key = {"purpose": p, "notice": r.notice_id or "-", "platform": r.platform or "-"}[by]
+            counts.setdefault(key, Counter())[r.state] += 1
+        groups = {
+            k: {
+                "given": c["given"],
+                "withdrawn": c["withdrawn"],
+                "rate": round(c["given"] / (c["given"] + c["withdrawn"]), 4)
+                if c["given"] + c["withdrawn"]
+                else None,
+            }
+            for k, c in sorted(counts.items())
+        }
+        await log_access(ctx, officer, "consent.stats", tenant, {"by": by}, len(groups))
+        return {"tenant": tenant, "by": by, "subjects": len({s for s, _ in latest}), "groups": groups}
+
+    @get("/consent/verify", summary="Verify the ledger's hash chain and signed checkpoints")
+    async def verify(self, request: Request[Any, Any, Any]) -> dict[str, Any]:
+        officer_for(request, "operator", None)
+        result = await asyncio.to_thread(verify_database, _ctx(request).ledger)
+        return msgspec.to_builtins(result)  # type: ignore[no-any-return]
+
+    @post("/notices", summary="Publish a privacy-notice version", status_code=201)
+    async def publish_notice(self, request: Request[Any, Any, Any]) -> dict[str, Any]:
+        """Operator role. A material notice sends the purposes it changes (all when none are
+        named) back to re-consent for everyone who agreed to an older version."""
+        try:
+            body = msgspec.json.decode(await request.body(), type=NoticeRequest)
+        except (msgspec.MsgspecError, ValueError) as exc:
+            from gateway.segment import describe_decode_error
+
+            error, detail, field = describe_decode_error(exc)
+            raise InvalidRequest(error, detail, field) from None
+        officer = officer_for(request, "operator", body.tenant)
+        receipt = await _ctx(request).consent.publish_notice(
+            body.tenant,
+            body.id,
+            body.content_sha256,
+            material=body.material,
+            purposes_changed=body.purposes_changed,
+            actor=f"admin:{officer.name}",
+        )
+        if receipt is None:
+            raise ConsentRefused(f"notice {body.id!r} is already published", "id")
+        return {
+            "noticeId": body.id,
+            "seq": receipt.seq,
+            "recordId": receipt.record_id,
+            "material": body.material,
+        }
+
+    @get("/access-log", summary="Officers' queries of personal data")
+    async def access_log(self, request: Request[Any, Any, Any], limit: int = 200) -> dict[str, Any]:
+        officer = officer_for(request, "compliance", None)
+        ctx = _ctx(request)
+
+        def read() -> list[dict[str, Any]]:
+            t = AccessLogEntry.__table__  # type: ignore[attr-defined]
+            with ctx.ledger.engine.connect() as conn:
+                rows = conn.execute(sa.select(t).order_by(t.c.id.desc()).limit(min(limit, 5000))).mappings()
+                return [
+                    {**dict(r), "at": r["at"].isoformat()}
+                    for r in rows
+                    if not officer.tenants or r["tenant"] in officer.tenants
+                ]
+
+        entries = await asyncio.to_thread(read)
+        await log_access(ctx, officer, "admin.access_log", None, {"limit": limit}, len(entries))
+        return {"entries": entries}
