@@ -1062,8 +1062,8 @@ def run_gateway_vs_bare(args: argparse.Namespace, tmp: Path, config: Path, kinds
                 results.append(res)
         return results
     finally:  # free the cores for what runs next
-        stop(bare)
-        stop(gateway)
+        stop(bare.proc)
+        stop(gateway.proc)
 
 
 def run_consent(args: argparse.Namespace, tmp: Path, configs: tuple[Path, Path], kinds: list[str],
@@ -1105,8 +1105,8 @@ def run_consent(args: argparse.Namespace, tmp: Path, configs: tuple[Path, Path],
                 results.append(res)
         return results, grants
     finally:
-        stop(on)
-        stop(off)
+        stop(on.proc)
+        stop(off.proc)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,6 +30,7 @@ What verification proves, and what it does not:
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import json
@@ -102,6 +103,15 @@ CHECKPOINT_FIELDS: tuple[str, ...] = (
     "public_key",
     "key_id",
     "at",
+)
+
+# In exports the checkpoint id is left out: it is the database's row id, covered by no signature.
+_EXPORTED_CHECKPOINT_FIELDS = CHECKPOINT_FIELDS[1:]
+_HEADER_KEYS = frozenset({"kind", "format", "tenant_filter", "exported_at", "ledger_last_seq"})
+_CHECKPOINT_KEYS = frozenset({"kind", *_EXPORTED_CHECKPOINT_FIELDS})
+_END_KEYS = frozenset(
+    {"kind", "records", "last_seq", "last_hash", "digest", "checkpoints", "last_checkpoint_root"}
+    | {"signature", "public_key", "key_id"}
 )
 
 _LEDGER: sa.Table = LedgerRecord.__table__  # type: ignore[attr-defined]
@@ -253,6 +263,7 @@ def seal_message(header: Mapping[str, Any], end: Mapping[str, Any]) -> bytes:
         "format": header.get("format"),
         "tenant_filter": header.get("tenant_filter"),
         "exported_at": header.get("exported_at"),
+        "ledger_last_seq": header.get("ledger_last_seq"),
         **{k: end.get(k) for k in _SEAL_FIELDS},
     }
     return _SEAL_DOMAIN + _canonical_json(body)
@@ -301,9 +312,11 @@ def _record_object(row: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _checkpoint_object(row: Mapping[str, Any]) -> dict[str, Any]:
+def _checkpoint_object(
+    row: Mapping[str, Any], fields: Sequence[str] = _EXPORTED_CHECKPOINT_FIELDS
+) -> dict[str, Any]:
     out: dict[str, Any] = {"kind": "checkpoint"}
-    for name in CHECKPOINT_FIELDS:
+    for name in fields:
         value = row[name]
         out[name] = rfc3339(value) if isinstance(value, datetime) else value
     return out
@@ -540,18 +553,21 @@ class Ledger:
                 query = query.where(_LEDGER.c.tenant == tenant)
             digest = hashlib.sha256()
             count, last_seq, last_hash, pending, next_cp = 0, 0, GENESIS_HASH, 0, 0
-            for row in conn.execution_options(yield_per=_EXPORT_BATCH).execute(query).mappings():
-                while next_cp < len(checkpoints) and checkpoints[next_cp]["to_seq"] < row["seq"]:
-                    yield checkpoints[next_cp]
-                    next_cp += 1
-                yield _record_object(row)
-                count += 1
-                last_seq, last_hash = int(row["seq"]), str(row["hash"])
-                digest.update(last_hash.encode("ascii", "replace") + b"\n")
-                pending += 1
-                if progress is not None and pending >= _EXPORT_BATCH:
-                    progress(pending)
-                    pending = 0
+            result = conn.execution_options(yield_per=_EXPORT_BATCH).execute(query)
+            # Closed explicitly: a consumer that stops early must not leave a server-side cursor.
+            with contextlib.closing(result):
+                for row in result.mappings():
+                    while next_cp < len(checkpoints) and checkpoints[next_cp]["to_seq"] < row["seq"]:
+                        yield checkpoints[next_cp]
+                        next_cp += 1
+                    yield _record_object(row)
+                    count += 1
+                    last_seq, last_hash = int(row["seq"]), str(row["hash"])
+                    digest.update(last_hash.encode("ascii", "replace") + b"\n")
+                    pending += 1
+                    if progress is not None and pending >= _EXPORT_BATCH:
+                        progress(pending)
+                        pending = 0
             yield from checkpoints[next_cp:]
             if progress is not None and pending:
                 progress(pending)
@@ -625,7 +641,10 @@ class Ledger:
         rows = self.checkpoints()
         for cp in rows:
             writer.writerow(
-                [_csv_cell(_checkpoint_object(cp.model_dump())[name]) for name in CHECKPOINT_FIELDS]
+                [
+                    _csv_cell(_checkpoint_object(cp.model_dump(), CHECKPOINT_FIELDS)[name])
+                    for name in CHECKPOINT_FIELDS
+                ]
             )
         return len(rows)
 
@@ -652,7 +671,9 @@ class _Failure(Exception):
 class _Anomaly(msgspec.Struct):
     """A break in seq order, classified once the rest of the export has been seen."""
 
-    kind: str  # "seq": seq != expected; "link": prev_hash does not link
+    # "seq": seq != expected; "link": prev_hash does not link; "checkpoint": records
+    # expected..got came before the checkpoint that ends at expected - 1.
+    kind: str
     expected: int
     got: int | None
     line: int
@@ -705,6 +726,13 @@ class _Verifier:
         if not isinstance(obj, dict):
             raise _Failure("malformed", self._here(), f"line {line}: not a JSON object")
         kind = obj.get("kind")
+        expected_keys = {"header": _HEADER_KEYS, "checkpoint": _CHECKPOINT_KEYS, "end": _END_KEYS}.get(
+            str(kind)
+        )
+        if expected_keys is not None and obj.keys() != expected_keys:
+            raise _Failure(
+                "malformed", self._here(), f"line {line}: unexpected or missing fields in a {kind} line"
+            )
         if self.header is None:
             if kind != "header" or obj.get("format") != EXPORT_FORMAT:
                 raise _Failure("malformed", None, f"line {line}: not an {EXPORT_FORMAT} export header")
@@ -729,20 +757,20 @@ class _Verifier:
         self.records += 1
         fields = {k: v for k, v in obj.items() if k != "kind"}
         seq = fields.get("seq")
-        if not _is_int(seq):
-            raise _Failure("malformed", self._here(), f"line {line}: record without an integer seq")
         claimed = fields.get("hash")
         try:
-            computed = record_hash(fields)
+            computed: str | None = record_hash(fields)
         except (TypeError, ValueError):
             computed = None
         if computed is None or computed != claimed:
-            named = seq if self.partial else self.expected
+            named = (seq if _is_int(seq) else None) if self.partial else self.expected
             raise _Failure(
                 "edited",
                 named,
-                f"line {line}: record seq {seq} does not match its hash (its content was changed)",
+                f"line {line}: record seq {seq!r} does not match its hash (its content was changed)",
             )
+        if not _is_int(seq):  # hashed as such: a forged record, made without the ledger's encoder
+            raise _Failure("malformed", self._here(), f"line {line}: record without an integer seq")
         self.digest.update(str(claimed).encode("ascii", "replace") + b"\n")
         if self.partial:
             self._partial_record(fields, seq, line)
@@ -790,8 +818,9 @@ class _Verifier:
             if to_seq > last:  # records it covers are missing before it
                 self.anomaly = _Anomaly("seq", self.expected, None, line)
                 return
-            if to_seq < last:
-                raise _Failure("bad_checkpoint", from_seq, f"{span} is out of place (after seq {last})")
+            if to_seq < last:  # records after it came first: inserted there, or this line moved
+                self.anomaly = _Anomaly("checkpoint", to_seq + 1, last, line)
+                return
             if obj["root"] != merkle_root(self.pending):
                 raise _Failure(
                     "bad_checkpoint", from_seq, f"{span}: the root does not match the records it covers"
@@ -838,6 +867,8 @@ class _Verifier:
             raise _Failure("malformed", self._here(), "no end line: the export was cut short")
         if not all(_is_int(end.get(k)) for k in ("records", "last_seq", "checkpoints")):
             raise _Failure("malformed", None, "end line fields missing or mistyped")
+        if not self.partial and self.header.get("ledger_last_seq") != end["last_seq"]:
+            raise _Failure("malformed", None, "the header and the end line disagree on the last seq")
         if self.partial:
             self._finish_partial(end)
         else:
@@ -912,6 +943,16 @@ class _Verifier:
                 f"seq {seq - 1} was rewritten (or seq {seq} forged)",
             )
         expected, got = anomaly.expected, anomaly.got
+        if anomaly.kind == "checkpoint":
+            assert got is not None
+            # Records expected..got came before the checkpoint that ends at expected - 1: if one
+            # of them appears again later, that earlier one was an insertion.
+            again = min((s for s in self.later if expected <= s <= got), default=None)
+            if again is not None:
+                raise _Failure("inserted", again, f"{at}: seq {again} appears twice")
+            raise _Failure(
+                "bad_checkpoint", None, f"{at}: the checkpoint through seq {expected - 1} is out of place"
+            )
         if got is not None:
             if got < expected:
                 raise _Failure("inserted", got, f"{at}: seq {got} appears again (a copy or forged record)")
@@ -1002,4 +1043,5 @@ def verify_database(ledger: Ledger, *, trusted_keys: Collection[str] | None = No
     Records deleted from the very end, after the last checkpoint, leave no trace in the
     database itself: that is what the checkpoints and the seals of earlier exports are for."""
     objects = ledger.export_objects(sign=False)
-    return _verify_objects(enumerate(objects, start=1), trusted_keys)
+    with contextlib.closing(objects):  # stopping at the first problem ends the read transaction now
+        return _verify_objects(enumerate(objects, start=1), trusted_keys)

@@ -11,6 +11,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -303,6 +304,37 @@ def redis_ns() -> Iterator[RedisNamespace]:
     if keys:
         client.delete(*keys)
     client.close()
+
+
+PG_URL = os.environ.get("IDGATE_TEST_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+
+
+@contextmanager
+def postgres_schema(prefix: str = "t") -> Iterator[str]:
+    """A fresh PostgreSQL schema for one test (dropped after); the URL selects it by
+    search_path. A loud failure when PostgreSQL is down."""
+    import sqlalchemy as sa
+
+    schema = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    engine = sa.create_engine(PG_URL)
+    try:
+        with engine.begin() as conn:
+            conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
+    except sa.exc.OperationalError as exc:
+        pytest.fail(f"PostgreSQL is required at {PG_URL}: {exc}")
+    try:
+        yield f"{PG_URL}?options=-csearch_path%3D{schema}"
+    finally:
+        with engine.begin() as conn:
+            conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
+        engine.dispose()
+
+
+def backend_env(backend: str, stack: ExitStack) -> dict[str, str]:
+    """Environment for a gateway on ``sqlite`` (embedded) or ``postgres`` (shared keys)."""
+    if backend == "sqlite":
+        return {}
+    return {"DATABASE_URL": stack.enter_context(postgres_schema(backend)), **SHARED_KEYS}
 
 
 def mid() -> str:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import uuid
+from contextlib import ExitStack
 
 import httpx
 import pytest
 
-from tests.conftest import MALL_APP_KEY, MALL_WEB_KEY, OPERATOR_TOKEN, Gateway, mid
+from tests.conftest import MALL_APP_KEY, MALL_WEB_KEY, OPERATOR_TOKEN, Gateway, backend_env, make_gateway, mid
 
 NOTICE = "notice-v1"
 
@@ -37,13 +38,15 @@ def delivered(gw: Gateway, m: str, destination: str, timeout: float = 3) -> dict
     return found[0] if found else None
 
 
-@pytest.fixture(scope="module")
-def mall(tmp_path_factory: pytest.TempPathFactory):
-    from tests.conftest import make_gateway
-
-    gw = make_gateway(tmp_path_factory.mktemp("mall")).start()
-    yield gw
-    gw.stop()
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def mall(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    """The embedded gateway (SQLite) and one on PostgreSQL: every rule on both stores."""
+    with ExitStack() as stack:
+        env = backend_env(request.param, stack)
+        gw = make_gateway(tmp_path_factory.mktemp(f"mall-{request.param}"), extra_env=env).start()
+        gw.backend_env = env  # type: ignore[attr-defined]
+        yield gw
+        gw.stop()
 
 
 def test_default_deny_before_any_consent(mall: Gateway) -> None:
@@ -126,10 +129,11 @@ def test_minor_needs_guardian_consent(mall: Gateway) -> None:
     assert out["accepted"] == 1
 
 
-def test_material_notice_requires_reconsent(tmp_path) -> None:
-    from tests.conftest import make_gateway
-
-    gw = make_gateway(tmp_path).start()  # its own ledger: a material notice affects everyone
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_material_notice_requires_reconsent(tmp_path, backend: str) -> None:
+    stack = ExitStack()
+    # its own ledger: a material notice affects everyone
+    gw = make_gateway(tmp_path, extra_env=backend_env(backend, stack)).start()
     try:
         _, anon, _ = ids()
         consent(gw, anonymousId=anon, grant=["analytics", "ad_measurement"])
@@ -155,6 +159,7 @@ def test_material_notice_requires_reconsent(tmp_path) -> None:
         assert out["accepted"] == 1
     finally:
         gw.stop()
+        stack.close()
 
 
 def test_segment_consent_event_records_and_event_claims_only_narrow(mall: Gateway) -> None:

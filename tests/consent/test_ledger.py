@@ -82,7 +82,8 @@ def test_migration_creates_exactly_the_models(engine: Engine, database: Database
         with engine.connect() as conn:
             where = conn.scalar(
                 sa.text(
-                    "SELECT table_schema FROM information_schema.tables WHERE table_name = 'alembic_version'"
+                    "SELECT n.nspname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+                    "WHERE c.oid = to_regclass('alembic_version')"
                 )
             )
         assert where == database.schema

@@ -7,26 +7,14 @@ import uuid
 
 import httpx
 import pytest
-import sqlalchemy as sa
 
-from tests.conftest import MALL_WEB_KEY, RedisNamespace, make_gateway, mid
-
-PG = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+from tests.conftest import MALL_WEB_KEY, RedisNamespace, make_gateway, mid, postgres_schema
 
 
 @pytest.fixture
 def pg_schema_url():
-    schema = f"replicas_{uuid.uuid4().hex[:10]}"
-    engine = sa.create_engine(PG)
-    try:
-        with engine.begin() as conn:
-            conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
-    except sa.exc.OperationalError as exc:
-        pytest.fail(f"PostgreSQL is required at {PG}: {exc}")
-    yield f"{PG}?options=-csearch_path%3D{schema}"
-    with engine.begin() as conn:
-        conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
-    engine.dispose()
+    with postgres_schema("replicas") as url:
+        yield url
 
 
 def test_withdrawal_through_one_replica_stops_the_other_at_once(

@@ -10,10 +10,22 @@ from __future__ import annotations
 
 import sqlite3
 import uuid
+from contextlib import ExitStack
 
+import httpx
+import pytest
 import redis
+import sqlalchemy as sa
 
-from tests.conftest import WEB_KEY, Gateway, RedisNamespace, make_gateway
+from tests.conftest import (
+    COMPLIANCE_TOKEN,
+    MALL_WEB_KEY,
+    WEB_KEY,
+    Gateway,
+    RedisNamespace,
+    backend_env,
+    make_gateway,
+)
 
 
 def canaries() -> dict[str, str]:
@@ -82,8 +94,28 @@ def assert_nowhere(text: str, where: str, c: dict[str, str]) -> None:
     assert not leaked, f"raw identifiers {leaked} found in {where}"
 
 
-def test_canary_identifiers_never_stored_logged_or_cached(tmp_path, redis_ns: RedisNamespace) -> None:
-    gw: Gateway = make_gateway(tmp_path, extra_env=redis_ns.env()).start()
+def consent_call(c: dict[str, str]) -> dict:
+    return {
+        "userId": c["user_id"],
+        "anonymousId": c["anonymous_id"],
+        "identifiers": [
+            {"type": "wechat_openid", "id": c["openid"], "appid": "wx123"},
+            {"type": "phone", "id": c["phone"]},
+            {"type": "email", "id": c["email"]},
+        ],
+        "grant": ["analytics", "identity_linking"],
+        "noticeId": "notice-v1",
+    }
+
+
+@pytest.mark.parametrize("setup", ["embedded", "distributed"])
+def test_canary_identifiers_never_stored_logged_or_cached(
+    tmp_path, redis_ns: RedisNamespace, setup: str
+) -> None:
+    """Embedded: SQLite only. Distributed: consent in PostgreSQL, shared state in Redis."""
+    stack = ExitStack()
+    env = {**redis_ns.env(), **backend_env("postgres", stack)} if setup == "distributed" else {}
+    gw: Gateway = make_gateway(tmp_path, extra_env=env).start()
     c = canaries()
     try:
         with gw.client(WEB_KEY) as client:
@@ -95,30 +127,59 @@ def test_canary_identifiers_never_stored_logged_or_cached(tmp_path, redis_ns: Re
             # and rejected ones, whose error path must not leak either
             client.post("/v1/track", json={"userId": c["user_id"], "event": 5, "messageId": "bad"})
             client.post("/v1/batch", json={"batch": [{"type": "track", "userId": c["user_id"]}]})
+        with gw.client(MALL_WEB_KEY) as mall:
+            assert mall.post("/v1/consent", json=consent_call(c)).status_code == 200
+            assert mall.post("/v1/batch", json={"batch": events(c)}).json()["accepted"] >= 2
+            # a refused consent call, whose error path must not leak either
+            mall.post("/v1/consent", json={**consent_call(c), "grant": ["telepathy"]})
+        # an officer looks the person up by raw identifier: only the pseudonym is kept
+        officer = httpx.get(
+            gw.url + "/admin/consent/records",
+            headers={"Authorization": f"Bearer {COMPLIANCE_TOKEN}"},
+            params={"tenant": "mall", "identifier": c["user_id"]},
+        )
+        assert officer.status_code == 200 and len(officer.json()["records"]) == 1
         delivered = gw.wait_for_sink({e["messageId"] for e in batch})
         assert len(delivered) == 3
     finally:
         gw.stop()
 
-    files = [p for p in gw.data_dir.rglob("*") if p.is_file()]
-    assert any(p.suffix == ".jsonl" for p in files) and any(p.name.startswith("outbox") for p in files)
-    for path in files:
-        assert_nowhere(path.read_bytes().decode("latin-1"), str(path), c)
+    try:
+        files = [p for p in gw.data_dir.rglob("*") if p.is_file()]
+        assert any(p.suffix == ".jsonl" for p in files) and any(p.name.startswith("outbox") for p in files)
+        for path in files:
+            assert_nowhere(path.read_bytes().decode("latin-1"), str(path), c)
 
-    db = sqlite3.connect(gw.data_dir / "outbox.sqlite3")
-    tables = [t for (t,) in db.execute("SELECT name FROM sqlite_master WHERE type='table'")]
-    for table in tables:
-        for row in db.execute(f"SELECT * FROM {table}"):  # noqa: S608 - names from sqlite_master
-            assert_nowhere(repr(row), f"sqlite table {table}", c)
+        for db_path in gw.data_dir.glob("*.sqlite3"):
+            db = sqlite3.connect(db_path)
+            tables = [t for (t,) in db.execute("SELECT name FROM sqlite_master WHERE type='table'")]
+            for table in tables:
+                for row in db.execute(f'SELECT * FROM "{table}"'):  # noqa: S608 - names from sqlite_master
+                    assert_nowhere(repr(row), f"sqlite {db_path.name} table {table}", c)
+            db.close()
 
-    r = redis.Redis.from_url(redis_ns.url)
-    assert list(r.scan_iter(match=f"{redis_ns.prefix}:*")), "the Redis dedupe path was not exercised"
-    for key in r.scan_iter():  # every key on the database, not only this test's
-        assert_nowhere(key.decode(), "redis key", c)
-        assert_nowhere(repr(r.dump(key)), f"redis value of {key!r}", c)
+        if setup == "distributed":
+            engine = sa.create_engine(env["DATABASE_URL"].replace("%3D", "="))
+            with engine.connect() as conn:
+                tables = conn.execute(
+                    sa.text("SELECT tablename FROM pg_tables WHERE schemaname = current_schema()")
+                )
+                names = [t for (t,) in tables]
+                assert "consent_ledger" in names
+                for table in names:
+                    for row in conn.execute(sa.text(f'SELECT * FROM "{table}"')):
+                        assert_nowhere(repr(tuple(row)), f"postgres table {table}", c)
+            engine.dispose()
+            r = redis.Redis.from_url(redis_ns.url)
+            assert list(r.scan_iter(match=f"{redis_ns.prefix}:consent:*")), "consent state not in Redis"
+            for key in r.scan_iter():  # every key on the database, not only this test's
+                assert_nowhere(key.decode(), "redis key", c)
+                assert_nowhere(repr(r.dump(key)), f"redis value of {key!r}", c)
 
-    log = gw.log_text()
-    assert "ingest.rejected" in log  # the flow was logged at all
-    assert_nowhere(log, "gateway log", c)
-    # The dev banner prints the demo write keys on purpose; structured log lines never carry them.
-    assert not [line for line in log.splitlines() if line.startswith("{") and WEB_KEY in line]
+        log = gw.log_text()
+        assert "ingest.rejected" in log  # the flow was logged at all
+        assert_nowhere(log, "gateway log", c)
+        # The dev banner prints the demo write keys on purpose; structured log lines never carry them.
+        assert not [line for line in log.splitlines() if line.startswith("{") and WEB_KEY in line]
+    finally:
+        stack.close()
