@@ -962,7 +962,8 @@ def print_consent_report(results: list[PhaseResult], grants: dict[str, Any] | No
         print(f"{r.scenario:<20}{r.rps:>10,.0f}{r.eps:>11,.0f}{r.p50_ms:>9.2f}{r.p99_ms:>9.2f}{r.non2xx:>8}"
               f"{r.dropped:>9,}{fwd:>9}{r.server_cpu_pct:>9.0f}")
     print("(dropped: events the responses counted as dropped; in sink: events in the sink files / events "
-          "sent in 2xx requests)")
+          "sent in 2xx requests,\n above 100 % by what was in flight when the load stopped: stored, "
+          "not counted)")
     print_notes(results)
 
     losses: dict[str, float | None] = {}

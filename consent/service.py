@@ -22,12 +22,14 @@ from consent.decisions import (
     ConsentDecision,
     ConsentQuery,
     DestinationSpec,
+    StateEntry,
     decide,
 )
 from consent.ledger import Ledger, RecordDraft
 from consent.state import ConsentStateStore, RecordView, UnknownNotice, notice_floor
 
 log = structlog.get_logger(__name__)
+_NOT_FLAGGED = StateEntry("cleared", 0)
 
 
 class ConsentRefused(Exception):
@@ -101,6 +103,23 @@ class ConsentService:
                 await self.state.apply([view(r) for r in records])
                 applied += len(records)
                 after = records[-1].seq
+
+    async def flag_minor(
+        self, *, tenant: str, identifiers: Sequence[tuple[str, str]], source: str, platform: str
+    ) -> bool:
+        """Flag a subject as under 14 unless already flagged; True when a record was written."""
+        state = await self.state.lookup(tenant, [p for _, p in identifiers])
+        if any((entries.get(MINOR_FLAG) or _NOT_FLAGGED).state == "flagged" for entries in state.values()):
+            return False
+        await self.record(
+            tenant=tenant,
+            identifiers=identifiers,
+            notice_id=None,
+            source=source,
+            platform=platform,
+            minor=True,
+        )
+        return True
 
     async def current_notice(self, tenant: str) -> str | None:
         """The most recently published notice of the tenant."""

@@ -92,6 +92,9 @@ class Tenant(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     # Event properties that are sensitive personal information (PIPL Art 28): they pass
     # only with sensitive_pi consent and are removed otherwise.
     sensitive_properties: list[str] = []
+    # An identify trait holding the person's age: a value under 14 flags the subject as a
+    # minor (PIPL Art 31), who then needs guardian consent.
+    minor_age_trait: str = ""
     sources: list[Source] = []
     destinations: list[Destination] = []
     purposes: dict[str, Purpose] = {}

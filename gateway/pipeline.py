@@ -375,8 +375,18 @@ class Ingestor:
         """Segment's "Segment Consent Preference Updated" track call records consent."""
         assert self.consent_service is not None
         kept = []
+        trait = src.tenant.minor_age_trait
         for env in envs:
             ev = env.event
+            if trait and ev.type == "identify" and ev.traits and env.identifiers:
+                age = ev.traits.get(trait)
+                if isinstance(age, int | float) and not isinstance(age, bool) and 0 <= age < 14:
+                    await self.consent_service.flag_minor(
+                        tenant=src.tenant.id,
+                        identifiers=[(i.type, i.value) for i in env.identifiers],
+                        source=src.source.id,
+                        platform=src.source.platform,
+                    )
             prefs = category_preferences(ev.context) if ev.event == CONSENT_PREFERENCE_EVENT else {}
             if not prefs:
                 kept.append(env)

@@ -82,6 +82,7 @@ purposes = ["analytics"]
 [[tenants]]
 id = "mall"
 sensitive_properties = ["health_condition"]
+minor_age_trait = "age"
 
 [[tenants.sources]]
 id = "mall-web"

@@ -129,6 +129,29 @@ def test_minor_needs_guardian_consent(mall: Gateway) -> None:
     assert out["accepted"] == 1
 
 
+def test_age_trait_under_14_flags_a_minor(mall: Gateway) -> None:
+    _, anon, _ = ids()
+    consent(mall, anonymousId=anon, grant=["analytics"])
+    _, out = track(mall, anonymousId=anon)
+    assert out["accepted"] == 1
+    r = httpx.post(
+        mall.url + "/v1/identify",
+        auth=(MALL_WEB_KEY, ""),
+        json={"anonymousId": anon, "traits": {"age": 12}, "messageId": mid()},
+    )
+    assert r.status_code == 200
+    _, out = track(mall, anonymousId=anon)
+    assert out["dropped"] == {"minor_without_guardian": 1}
+    records = admin_records(mall, anon, "anonymous_id")
+    assert [r["type"] for r in records].count("subject_flag") == 1
+    httpx.post(
+        mall.url + "/v1/identify",
+        auth=(MALL_WEB_KEY, ""),
+        json={"anonymousId": anon, "traits": {"age": 12}, "messageId": mid()},
+    )
+    assert [r["type"] for r in admin_records(mall, anon, "anonymous_id")].count("subject_flag") == 1
+
+
 @pytest.mark.parametrize("backend", ["sqlite", "postgres"])
 def test_material_notice_requires_reconsent(tmp_path, backend: str) -> None:
     stack = ExitStack()
