@@ -9,18 +9,21 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 import click
+import sqlalchemy as sa
 
-from consent.db import make_engine, migrate
+from consent.db import default_sqlite_url, make_engine, migrate
 from consent.ledger import Ledger, verify_export
 from consent.signing import InvalidLedgerKey, LedgerSigner, load_signer
 
 _DATABASE_URL = click.option(
     "--database-url",
-    envvar="IDGATE_CONSENT_DATABASE_URL",
-    required=True,
-    help="sqlite:///path/consent.sqlite3 or postgresql+psycopg://... ($IDGATE_CONSENT_DATABASE_URL).",
+    envvar="DATABASE_URL",
+    default=None,
+    help="postgresql+psycopg://... or sqlite:///path ($DATABASE_URL; default: consent.sqlite3 under "
+    "$IDGATE_DATA_DIR or ./var, like the gateway).",
 )
 _KEY_FILE = click.option(
     "--key-file",
@@ -29,6 +32,15 @@ _KEY_FILE = click.option(
     default=None,
     help="File with the base64 ledger signing key ($IDGATE_LEDGER_KEY_FILE; $IDGATE_LEDGER_KEY wins).",
 )
+
+
+def _database_url(database_url: str | None) -> str:
+    return database_url or default_sqlite_url(Path(os.environ.get("IDGATE_DATA_DIR", "var")))
+
+
+def _fail(message: str) -> NoReturn:
+    click.echo(f"idgate: {message}", err=True)
+    sys.exit(2)
 
 
 def _signer(key_file: Path | None) -> LedgerSigner:
@@ -71,7 +83,7 @@ def verify_command(export_path: Path, public_keys: tuple[str, ...]) -> None:
 @click.option("--tenant", default=None, help="Only this tenant's records (not chain-verifiable on its own).")
 @_KEY_FILE
 def export_command(
-    database_url: str, out_path: Path, fmt: str, tenant: str | None, key_file: Path | None
+    database_url: str | None, out_path: Path, fmt: str, tenant: str | None, key_file: Path | None
 ) -> None:
     """Export the ledger: JSONL (verifiable, sealed with the key when available) or CSV.
 
@@ -80,23 +92,33 @@ def export_command(
         signer: LedgerSigner | None = _signer(key_file)
     except InvalidLedgerKey:
         signer = None  # the export is still verifiable; only its seal goes unsigned
-    engine = make_engine(database_url)
+    url = _database_url(database_url)
+    database = sa.make_url(url).database
+    if url.startswith("sqlite") and database and not Path(database).exists():
+        _fail(f"no consent database at {database}")
+    engine = make_engine(url)
     try:
         store = Ledger(engine, signer)
-        total = store.count(tenant=tenant)
+        try:
+            total = store.count(tenant=tenant)
+        except sa.exc.DBAPIError as exc:
+            _fail(f"cannot read the ledger: {exc.orig or exc}")
         out_path.parent.mkdir(parents=True, exist_ok=True)
         partial = out_path.with_name(out_path.name + ".partial")
-        with (
-            partial.open("w", encoding="utf-8", newline="") as fh,
-            click.progressbar(length=total, label="exporting", file=sys.stderr) as bar,
-        ):
-            if fmt == "jsonl":
-                written = store.export_jsonl(fh, tenant=tenant, progress=bar.update)
-            else:
-                written = store.export_csv(fh, tenant=tenant, progress=bar.update)
-            fh.flush()
-            os.fsync(fh.fileno())
-        partial.replace(out_path)
+        try:
+            with (
+                partial.open("w", encoding="utf-8", newline="") as fh,
+                click.progressbar(length=total, label="exporting", file=sys.stderr) as bar,
+            ):
+                if fmt == "jsonl":
+                    written = store.export_jsonl(fh, tenant=tenant, progress=bar.update)
+                else:
+                    written = store.export_csv(fh, tenant=tenant, progress=bar.update)
+                fh.flush()
+                os.fsync(fh.fileno())
+            partial.replace(out_path)  # a reader of OUT never sees half an export
+        finally:
+            partial.unlink(missing_ok=True)
         message = f"exported {written} records to {out_path}"
         if fmt == "csv":
             cp_path = out_path.with_name(out_path.stem + ".checkpoints.csv")
@@ -113,14 +135,13 @@ def export_command(
 @ledger.command("checkpoint")
 @_DATABASE_URL
 @_KEY_FILE
-def checkpoint_command(database_url: str, key_file: Path | None) -> None:
+def checkpoint_command(database_url: str | None, key_file: Path | None) -> None:
     """Sign a checkpoint over every record not yet covered by one."""
     try:
         signer = _signer(key_file)
     except InvalidLedgerKey as exc:
-        click.echo(f"idgate: {exc}", err=True)
-        sys.exit(2)
-    engine = make_engine(database_url)
+        _fail(str(exc))
+    engine = make_engine(_database_url(database_url))
     try:
         migrate(engine)
         checkpoint = Ledger(engine, signer).checkpoint()

@@ -2,7 +2,7 @@
 
 ``migrate`` hands over a connection that is already inside the transaction (and holds the
 migration lock), so the whole upgrade commits or rolls back as one. Autogenerate compares
-only the consent tables: other packages may register SQLModel tables of their own.
+only the consent store's tables: other packages may register SQLModel tables of their own.
 """
 
 from __future__ import annotations
@@ -12,23 +12,27 @@ from typing import Any
 from alembic import context
 from sqlmodel import SQLModel
 
-from consent.models import CONSENT_TABLES
+import consent.models  # noqa: F401 - registers the consent tables on SQLModel.metadata
+
+# The consent store's tables (consent.models and the consent state projection); other
+# packages' SQLModel tables are not this migration history's business.
+CONSENT_TABLE_PREFIXES = ("consent_", "admin_")
 
 connection = context.config.attributes.get("connection")
 if connection is None:
     raise RuntimeError("consent migrations run through consent.db.migrate(engine), not the alembic CLI")
 
 
-def include_name(name: str | None, type_: str, parent_names: Any) -> bool:
+def include_object(obj: Any, name: str | None, type_: str, reflected: bool, compare_to: Any) -> bool:
     if type_ == "table":
-        return name in CONSENT_TABLES
+        return bool(name) and str(name).startswith(CONSENT_TABLE_PREFIXES)
     return True
 
 
 context.configure(
     connection=connection,
     target_metadata=SQLModel.metadata,
-    include_name=include_name,
+    include_object=include_object,
     compare_type=True,
 )
 with context.begin_transaction():

@@ -56,7 +56,9 @@ def admin_connection() -> psycopg.Connection[Any]:
     try:
         return psycopg.connect(_libpq_conninfo(POSTGRES_URL), autocommit=True, connect_timeout=5)
     except psycopg.OperationalError as exc:
-        pytest.fail(f"PostgreSQL is required at {POSTGRES_URL} (set IDGATE_TEST_POSTGRES_URL): {exc}")
+        problem = str(exc).strip()
+    # Outside the except block, so the report is this one line rather than psycopg's traceback.
+    pytest.fail(f"PostgreSQL is required at {POSTGRES_URL} (set IDGATE_TEST_POSTGRES_URL): {problem}")
 
 
 @pytest.fixture

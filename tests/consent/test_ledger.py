@@ -60,11 +60,11 @@ def export_text(ledger: Ledger, **kwargs: str) -> str:
 
 
 def test_migration_creates_exactly_the_models(engine: Engine, database: Database) -> None:
-    def only_consent(name: str | None, type_: str, parent: object) -> bool:
-        return name in CONSENT_TABLES if type_ == "table" else True
+    def only_ledger(obj: object, name: str | None, type_: str, reflected: bool, compare_to: object) -> bool:
+        return name in CONSENT_TABLES if type_ == "table" else True  # other migrations own other tables
 
     with engine.connect() as conn:
-        context = MigrationContext.configure(conn, opts={"include_name": only_consent, "compare_type": True})
+        context = MigrationContext.configure(conn, opts={"include_object": only_ledger, "compare_type": True})
         assert compare_metadata(context, SQLModel.metadata) == []
         tables = set(sa.inspect(conn).get_table_names())
         indexes = {
@@ -462,6 +462,15 @@ def test_cli_verify_on_a_tenant_export_says_partial(
         "OK: 2 records, 0 checkpoints",
         "PARTIAL: tenant-filtered export; the global hash chain was not verified",
     ]
+
+
+def test_cli_export_needs_an_existing_database(tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere" / "consent.sqlite3"
+    result = CliRunner().invoke(
+        ledger_cli, ["export", "--database-url", f"sqlite:///{missing}", "--out", str(tmp_path / "x.jsonl")]
+    )
+    assert result.exit_code == 2 and "no consent database" in result.output
+    assert not missing.parent.exists() and not (tmp_path / "x.jsonl").exists()
 
 
 # -- keys ----------------------------------------------------------------------------------

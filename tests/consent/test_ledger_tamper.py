@@ -35,7 +35,7 @@ from consent.ledger import (
 from consent.signing import LedgerSigner, new_ledger_key_b64
 
 SIZES = (1, 2, 5, 8, 23)
-PROPERTY = settings(max_examples=3000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+PROPERTY = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 @dataclass(frozen=True)
