@@ -25,7 +25,7 @@ relied on (the proof), so every forward can be justified later.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import msgspec
@@ -40,12 +40,19 @@ class DestinationSpec:
     purposes: tuple[str, ...]
     overseas: bool
     third_party: bool
+    # purposes + cross_border (overseas) + third_party_sharing (third party), computed once
+    required_purposes: tuple[str, ...] = field(init=False)
 
-    def required(self) -> tuple[str, ...]:
+    def __post_init__(self) -> None:
         extra = (("cross_border",) if self.overseas else ()) + (
             ("third_party_sharing",) if self.third_party else ()
         )
-        return self.purposes + tuple(p for p in extra if p not in self.purposes)
+        object.__setattr__(
+            self, "required_purposes", self.purposes + tuple(p for p in extra if p not in self.purposes)
+        )
+
+    def required(self) -> tuple[str, ...]:
+        return self.required_purposes
 
 
 class StateEntry(msgspec.Struct, frozen=True, array_like=True):
@@ -73,6 +80,13 @@ class ConsentQuery(msgspec.Struct, frozen=True):
         return self.device_ids + self.user_ids + self.linked_ids
 
 
+class ConsentTicket(msgspec.Struct, frozen=True, array_like=True):
+    """What travels with an event in the outbox so delivery can ask again."""
+
+    epoch: int
+    query: ConsentQuery
+
+
 class ConsentDecision(msgspec.Struct, frozen=True):
     destinations: tuple[str, ...]
     proof: tuple[int, ...] = ()
@@ -81,6 +95,9 @@ class ConsentDecision(msgspec.Struct, frozen=True):
     linking_allowed: bool = False
     # Sensitive properties must be removed (no sensitive_pi consent).
     strip_sensitive: bool = False
+    # The store's restrictive epoch when the state was read: delivery asks again only if a
+    # restricting record has been applied since.
+    epoch: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,42 +113,62 @@ _DENY_REASON = {
 }
 
 
+class _Subject:
+    """The state entries of one event's subject, gathered once per decision."""
+
+    __slots__ = ("everyone", "own", "minor", "narrowed")
+
+    def __init__(self, query: ConsentQuery, state: SubjectState) -> None:
+        get = state.get
+        # every identifier of the person (withdrawals and flags count from any of them)
+        self.everyone = [e for i in query.all_ids() if (e := get(i))]
+        # this event's own device (or user, for device-less events): only its grants count
+        self.own = [e for i in (query.device_ids or query.user_ids) if (e := get(i))]
+        self.minor = any((f := e.get(MINOR_FLAG)) is not None and f.state == "flagged" for e in self.everyone)
+        self.narrowed = query.narrowed
+
+    def basis(
+        self, purpose: str, contract_purposes: frozenset[str], notice_floor: Mapping[str, int]
+    ) -> Basis:
+        if purpose in contract_purposes:
+            return _CONTRACT
+        if purpose in self.narrowed:
+            return _REFUSED_IN_EVENT
+        for entries in self.everyone:
+            entry = entries.get(purpose)
+            if entry is not None and entry.state == "withdrawn":
+                return _WITHDRAWN
+        grant: StateEntry | None = None
+        for entries in self.own:
+            entry = entries.get(purpose)
+            if entry is not None and entry.state == "given" and (grant is None or entry.seq > grant.seq):
+                grant = entry
+        if grant is None:
+            return Basis(False, reason=_DENY_REASON.get(purpose, "no_consent"))
+        if self.minor and grant.kind != "guardian":
+            return _MINOR
+        if grant.notice_seq < notice_floor.get(purpose, 0):
+            return _RECONSENT
+        return Basis(True, proof=grant.seq)
+
+
+_CONTRACT = Basis(True)
+_REFUSED_IN_EVENT = Basis(False, reason="refused_in_event")
+_WITHDRAWN = Basis(False, reason="withdrawn")
+_MINOR = Basis(False, reason="minor_without_guardian")
+_RECONSENT = Basis(False, reason="needs_reconsent")
+
+
 def purpose_basis(
     purpose: str,
     query: ConsentQuery,
     state: SubjectState,
     *,
-    contract_purposes: frozenset[str],
-    notice_floor: Mapping[str, int],
+    contract_purposes: frozenset[str] = CONTRACT_PURPOSES_DEFAULT,
+    notice_floor: Mapping[str, int] | None = None,
 ) -> Basis:
     """Whether ``purpose`` has a lawful basis for the event's subject right now."""
-    if purpose in contract_purposes:
-        return Basis(True)
-    if purpose in query.narrowed:
-        return Basis(False, reason="refused_in_event")
-    minor = False
-    for ident in query.all_ids():
-        entries = state.get(ident)
-        if not entries:
-            continue
-        entry = entries.get(purpose)
-        if entry is not None and entry.state == "withdrawn":
-            return Basis(False, reason="withdrawn")
-        flag = entries.get(MINOR_FLAG)
-        if flag is not None and flag.state == "flagged":
-            minor = True
-    grant: StateEntry | None = None
-    for ident in query.device_ids or query.user_ids:
-        entry = (state.get(ident) or {}).get(purpose)
-        if entry is not None and entry.state == "given" and (grant is None or entry.seq > grant.seq):
-            grant = entry
-    if grant is None:
-        return Basis(False, reason=_DENY_REASON.get(purpose, "no_consent"))
-    if minor and grant.kind != "guardian":
-        return Basis(False, reason="minor_without_guardian")
-    if grant.notice_seq < notice_floor.get(purpose, 0):
-        return Basis(False, reason="needs_reconsent")
-    return Basis(True, proof=grant.seq)
+    return _Subject(query, state).basis(purpose, contract_purposes, notice_floor or {})
 
 
 def decide(
@@ -144,14 +181,13 @@ def decide(
 ) -> ConsentDecision:
     """Route one event: the destinations allowed, their proof, or why it goes nowhere."""
     floor = notice_floor or {}
+    subject = _Subject(query, state)
     cache: dict[str, Basis] = {}
 
     def basis(p: str) -> Basis:
         b = cache.get(p)
         if b is None:
-            b = cache[p] = purpose_basis(
-                p, query, state, contract_purposes=contract_purposes, notice_floor=floor
-            )
+            b = cache[p] = subject.basis(p, contract_purposes, floor)
         return b
 
     allowed: list[str] = []
@@ -161,12 +197,13 @@ def decide(
     for dest in destinations:
         if not event_purposes.intersection(dest.purposes):
             continue  # the event is not collected for anything this destination does
-        failing = next((basis(p) for p in dest.required() if not basis(p).ok), None)
+        required = dest.required_purposes
+        failing = next((b for p in required if not (b := basis(p)).ok), None)
         if failing is not None:
             first_reason = first_reason or failing.reason
             continue
         allowed.append(dest.id)
-        proof.update(b.proof for p in dest.required() if (b := basis(p)).proof is not None)
+        proof.update(b.proof for p in required if (b := basis(p)).proof is not None)
     linking = basis("identity_linking").ok
     strip = False
     if query.has_sensitive:

@@ -276,14 +276,21 @@ class LedgerPolicy:
         rules = self.rules[tenant]
         if not rules.enforce:  # dev-only configuration, refused by config check elsewhere
             ids = tuple(d.id for d in destinations)
-            return [ConsentDecision(ids, linking_allowed=True) for _ in queries]
+            # an epoch no restriction reaches: delivery has nothing to ask again
+            return [ConsentDecision(ids, linking_allowed=True, epoch=2**62) for _ in queries]
         identifiers = list(dict.fromkeys(i for q in queries for i in q.all_ids()))
-        state = await self.state.lookup(tenant, identifiers)
-        floor = notice_floor((await self.state.notices(tenant)).values(), rules.known)
-        return [
-            decide(q, destinations, state, contract_purposes=rules.contract, notice_floor=floor)
+        snap = await self.state.snapshot(tenant, identifiers)
+        floor = notice_floor(snap.notices.values(), rules.known)
+        decisions = [
+            decide(q, destinations, snap.state, contract_purposes=rules.contract, notice_floor=floor)
             for q in queries
         ]
+        if snap.epoch:
+            decisions = [msgspec.structs.replace(d, epoch=snap.epoch) for d in decisions]
+        return decisions
+
+    async def restrictive_seq(self) -> int:
+        return await self.state.restrictive_seq()
 
 
 __all__ = ["ConsentRefused", "ConsentService", "LedgerPolicy", "PurposeRules", "Receipt", "UnknownNotice"]

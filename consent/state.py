@@ -114,11 +114,35 @@ def notice_floor(notices: Iterable[Notice], purposes: Iterable[str]) -> dict[str
     return floor
 
 
+class Snapshot(msgspec.Struct):
+    """What one batch's decisions read: the subjects' state, the tenant's notices, and the
+    restrictive epoch read *before* them (see ``restrictive_seq``)."""
+
+    state: dict[str, dict[str, StateEntry]]
+    notices: dict[str, Notice]
+    epoch: int
+
+
 class ConsentStateStore(Protocol):
     async def lookup(self, tenant: str, identifiers: Sequence[str]) -> dict[str, dict[str, StateEntry]]: ...
+    async def snapshot(self, tenant: str, identifiers: Sequence[str]) -> Snapshot: ...
     async def notices(self, tenant: str) -> dict[str, Notice]: ...
     async def apply(self, records: Sequence[RecordView]) -> None: ...
     async def applied_seq(self) -> int: ...
+    async def restrictive_seq(self) -> int: ...
+
+
+def is_restrictive(r: RecordView) -> bool:
+    """Records that can take away a basis an earlier decision relied on (grants never do)."""
+    if r.record_type == "consent":
+        return r.state != "given"
+    if r.record_type == "subject_flag":
+        return r.state == "flagged"
+    return r.record_type == "notice" and bool(r.detail.get("material"))
+
+
+# An epoch that is never reached: with it every queued event is checked again.
+ALWAYS_RECHECK = 2**62
 
 
 def _entries_from_record(r: RecordView, notices: Mapping[str, Notice]) -> list[tuple[str, str, StateEntry]]:
@@ -154,6 +178,7 @@ class SqlConsentState:
         self._cache: OrderedDict[tuple[str, str], dict[str, StateEntry]] = OrderedDict()
         self._cache_size = cache_size
         self._notices: dict[str, dict[str, Notice]] = {}
+        self._restrictive: int | None = None
 
     # -- reads -----------------------------------------------------------------------
     def _query(self, tenant: str, identifiers: Sequence[str]) -> dict[str, dict[str, StateEntry]]:
@@ -208,6 +233,20 @@ class SqlConsentState:
             }
         self._notices[tenant] = result
         return result
+
+    async def restrictive_seq(self) -> int:
+        """The last ledger seq that restricted consent. Another process may write to a shared
+        database, so only a single writer can know it; after a restart it starts at the
+        watermark, so events decided before the restart are checked again."""
+        if not self.single_writer:
+            return ALWAYS_RECHECK
+        if self._restrictive is None:
+            self._restrictive = await self.applied_seq()
+        return self._restrictive
+
+    async def snapshot(self, tenant: str, identifiers: Sequence[str]) -> Snapshot:
+        epoch = await self.restrictive_seq()
+        return Snapshot(await self.lookup(tenant, identifiers), await self.notices(tenant), epoch)
 
     async def applied_seq(self) -> int:
         with self.engine.connect() as conn:
@@ -276,6 +315,9 @@ class SqlConsentState:
             )
         for key in touched:
             self._cache.pop(key, None)
+        restrictive = [r.seq for r in records if is_restrictive(r)]
+        if restrictive and self._restrictive is not None:
+            self._restrictive = max(self._restrictive, *restrictive)
 
 
 def _dialect_insert(engine: sa.Engine) -> Any:
@@ -339,6 +381,28 @@ class RedisConsentState:
     async def applied_seq(self) -> int:
         return int(await self.client.get(f"{self.prefix}:consent:applied") or 0)
 
+    async def restrictive_seq(self) -> int:
+        return int(await self.client.get(f"{self.prefix}:consent:restrictive") or 0)
+
+    async def snapshot(self, tenant: str, identifiers: Sequence[str]) -> Snapshot:
+        """One round trip: the epoch first, then notices and state (apply writes the state
+        before it advances the epoch, so a change seen here with an older epoch is simply
+        checked again at delivery)."""
+        async with self.client.pipeline(transaction=False) as pipe:
+            pipe.get(f"{self.prefix}:consent:restrictive")
+            pipe.hgetall(f"{self.prefix}:notices:{tenant}")
+            for ident in identifiers:
+                pipe.hgetall(self._key(tenant, ident))
+            epoch, notices, *states = await pipe.execute()
+        return Snapshot(
+            state={
+                ident: {k.decode(): self._decode(v) for k, v in raw.items()}
+                for ident, raw in zip(identifiers, states, strict=True)
+            },
+            notices={k.decode(): self._notice_decode(v) for k, v in notices.items()},
+            epoch=int(epoch or 0),
+        )
+
     async def apply(self, records: Sequence[RecordView]) -> None:
         if not records:
             return
@@ -357,4 +421,7 @@ class RedisConsentState:
                 args += [purpose, self._encode(e), e.seq]
         if keys:
             await self._apply(keys=keys, args=args)
+        restrictive = [r.seq for r in records if is_restrictive(r)]
+        if restrictive:
+            await self._advance(keys=[f"{self.prefix}:consent:restrictive"], args=[max(restrictive)])
         await self._advance(keys=[f"{self.prefix}:consent:applied"], args=[max(r.seq for r in records)])

@@ -12,7 +12,7 @@ import sqlalchemy as sa
 import structlog
 
 from consent.db import make_engine, migrate
-from consent.decisions import ConsentQuery, DestinationSpec
+from consent.decisions import ConsentQuery, ConsentTicket, DestinationSpec
 from consent.ledger import Ledger
 from consent.service import ConsentService, LedgerPolicy, PurposeRules
 from consent.signing import InvalidLedgerKey, LedgerSigner, load_signer
@@ -82,15 +82,22 @@ async def open_consent(
 
 def delivery_recheck(policy: LedgerPolicy, specs: Mapping[str, DestinationSpec]) -> Recheck:
     """Consent asked again at send time: a withdrawal that landed while an event waited in
-    the outbox stops it for the withdrawn purposes."""
-    decode = msgspec.json.Decoder(ConsentQuery).decode
+    the outbox stops it for the withdrawn purposes. Events decided after the last
+    restricting record (a withdrawal, a minor flag, a material notice) cannot have lost
+    their basis and are not asked again."""
+    decode = msgspec.json.Decoder(ConsentTicket).decode
 
     async def recheck(destination: str, records: Sequence[StoredRecord]) -> list[bool]:
         still = [True] * len(records)
-        asked = [(i, decode(r.consent)) for i, r in enumerate(records) if r.consent]
+        current = await policy.restrictive_seq()
         by_tenant: dict[str, list[tuple[int, ConsentQuery]]] = {}
-        for i, q in asked:
-            by_tenant.setdefault(q.tenant, []).append((i, q))
+        for i, r in enumerate(records):
+            if not r.consent:
+                continue
+            ticket = decode(r.consent)
+            if ticket.epoch >= current:
+                continue
+            by_tenant.setdefault(ticket.query.tenant, []).append((i, ticket.query))
         for items in by_tenant.values():
             decisions = await policy.decide_batch([q for _, q in items], [specs[destination]])
             for (i, _), decision in zip(items, decisions, strict=True):

@@ -48,8 +48,8 @@ class Envelope:
     # Ledger sequence numbers of the consent records that allowed the forward.
     consent_proof: tuple[int, ...] = ()
     unified_id: str | None = None
-    # What the consent decision was asked, kept so delivery can ask again.
-    consent_query: Any = None
+    # What the consent decision was asked (and when), kept so delivery can ask again.
+    consent_ticket: Any = None
 
 
 class Rejection(msgspec.Struct, omit_defaults=True):

@@ -17,7 +17,7 @@ from typing import Any
 
 import msgspec
 
-from consent.decisions import ConsentPolicy, ConsentQuery, DestinationSpec
+from consent.decisions import ConsentPolicy, ConsentQuery, ConsentTicket, DestinationSpec
 from consent.service import ConsentRefused, ConsentService
 from export.dedupe import ClaimStatus, RedisDedupe
 from export.outbox import OutboxRecord, SqliteOutbox
@@ -255,7 +255,7 @@ def encode_for_outbox(
         received_at_ms=int(ev.received_at.timestamp() * 1000),
         destinations=env.destinations,
         payload=encoder.encode(ev),
-        consent=encoder.encode(env.consent_query) if env.consent_query is not None else b"",
+        consent=encoder.encode(env.consent_ticket) if env.consent_ticket is not None else b"",
         proof=env.consent_proof,
     )
 
@@ -347,7 +347,7 @@ class Ingestor:
                 continue
             env.destinations = decision.destinations
             env.consent_proof = decision.proof
-            env.consent_query = query
+            env.consent_ticket = ConsentTicket(decision.epoch, query)
             if decision.strip_sensitive:
                 strip_sensitive(env, tenant)
             allowed.append(env)

@@ -7,10 +7,10 @@ import asyncio
 from pathlib import Path
 
 import msgspec
-from consent.ledger import Ledger
 
 from consent.db import make_engine, migrate
-from consent.decisions import ConsentQuery
+from consent.decisions import ConsentQuery, ConsentTicket
+from consent.ledger import Ledger
 from consent.service import ConsentService, LedgerPolicy
 from consent.signing import load_signer
 from consent.state import SqlConsentState
@@ -57,6 +57,9 @@ def test_withdrawal_between_ingest_and_delivery_withholds_the_event(tmp_path: Pa
         )
         for i, subject in enumerate(["k1.kept", "k1.gone"]):
             query = ConsentQuery(tenant="mall", device_ids=(subject,), user_ids=(), purposes=("analytics",))
+            (decision,) = await policy.decide_batch([query], list(specs.values()))
+            assert "mall-warehouse" in decision.destinations
+            ticket = ConsentTicket(decision.epoch, query)
             await outbox.append(
                 [
                     OutboxRecord(
@@ -66,7 +69,7 @@ def test_withdrawal_between_ingest_and_delivery_withholds_the_event(tmp_path: Pa
                         1_763_700_000_000,
                         ("mall-warehouse",),
                         msgspec.json.encode({"messageId": f"m{i}"}),
-                        msgspec.json.encode(query),
+                        msgspec.json.encode(ticket),
                     )
                 ],
                 dedupe=True,
