@@ -135,6 +135,9 @@ _INSERT_SQL = (
 class Outbox(Protocol):
     async def append(self, records: Sequence[OutboxRecord], *, dedupe: bool) -> list[bool]: ...
     async def read_after(self, last_seq: int, limit: int) -> list[StoredRecord]: ...
+    async def read_for(
+        self, destination: str, last_seq: int, limit: int
+    ) -> tuple[list[StoredRecord], int, int]: ...
     async def delivery_state(self, destination: str) -> DeliveryState: ...
     async def commit_delivery(
         self, destination: str, last_seq: int, delivered: Sequence[StoredRecord], sink_files: dict[str, int]
@@ -390,6 +393,33 @@ class SqliteOutbox:
                 StoredRecord(s, r, tuple(d.split(",")), p, c, m, tuple(int(x) for x in pr.split(",") if x))
                 for s, r, d, p, c, m, pr in rows
             ]
+
+        return await self._read(q)
+
+    async def read_for(
+        self, destination: str, last_seq: int, limit: int
+    ) -> tuple[list[StoredRecord], int, int]:
+        """The next window of up to ``limit`` rows after ``last_seq``: the rows routed to
+        ``destination`` (filtered in SQLite, so other destinations' payloads are not read),
+        the last seq of the window and how many rows it spanned."""
+
+        def q(conn: sqlite3.Connection) -> tuple[list[StoredRecord], int, int]:
+            upper, count = conn.execute(
+                "SELECT max(seq), count(*) FROM (SELECT seq FROM outbox WHERE seq > ? ORDER BY seq LIMIT ?)",
+                (last_seq, limit),
+            ).fetchone()
+            if not count:
+                return [], last_seq, 0
+            rows = conn.execute(
+                "SELECT seq, received_at_ms, destinations, payload, consent, message_id, proof FROM outbox "
+                "WHERE seq > ? AND seq <= ? AND instr(',' || destinations || ',', ?) > 0 ORDER BY seq",
+                (last_seq, upper, f",{destination},"),
+            ).fetchall()
+            records = [
+                StoredRecord(s, r, tuple(d.split(",")), p, c, m, tuple(int(x) for x in pr.split(",") if x))
+                for s, r, d, p, c, m, pr in rows
+            ]
+            return records, int(upper), int(count)
 
         return await self._read(q)
 
