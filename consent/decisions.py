@@ -67,7 +67,7 @@ class StateEntry(msgspec.Struct, frozen=True, array_like=True):
 SubjectState = Mapping[str, Mapping[str, StateEntry]]  # identifier -> purpose -> entry
 
 
-class ConsentQuery(msgspec.Struct, frozen=True):
+class ConsentQuery(msgspec.Struct, frozen=True, array_like=True):
     tenant: str
     device_ids: tuple[str, ...]  # pseudonyms of this event's device (anonymousId, device ids)
     user_ids: tuple[str, ...]  # pseudonyms of the logged-in user (userId)

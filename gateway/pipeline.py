@@ -17,7 +17,7 @@ from typing import Any
 
 import msgspec
 
-from consent.decisions import ConsentPolicy, ConsentQuery, ConsentTicket, DestinationSpec
+from consent.decisions import ConsentDecision, ConsentPolicy, ConsentQuery, ConsentTicket, DestinationSpec
 from consent.service import ConsentRefused, ConsentService
 from export.dedupe import ClaimStatus, RedisDedupe
 from export.outbox import OutboxRecord, SqliteOutbox
@@ -182,10 +182,15 @@ def category_preferences(ev_context: dict[str, Any]) -> dict[str, bool]:
     return {str(k): v for k, v in prefs.items() if isinstance(v, bool)}
 
 
+def purposes_of(env: Envelope, tenant: Tenant) -> tuple[str, ...]:
+    """What the tracking plan says this event is collected for."""
+    ev = env.event
+    return tenant.purposes_for(ev.event if ev.type == "track" and ev.event else f"${ev.type}")
+
+
 def consent_query(env: Envelope, tenant: Tenant) -> ConsentQuery:
     ev = env.event
-    plan_key = ev.event if ev.type == "track" and ev.event else f"${ev.type}"
-    env.purposes = tenant.purposes_for(plan_key)
+    env.purposes = purposes_of(env, tenant)
     device = tuple(i.value for i in env.identifiers if i.type in DEVICE_ID_TYPES)
     person = tuple(i.value for i in env.identifiers if i.type not in DEVICE_ID_TYPES)
     # A claim in the event can only narrow: a refused category removes its purposes.
@@ -335,8 +340,15 @@ class Ingestor:
         specs = self._specs.get(tenant.id)
         if specs is None:
             specs = self._specs[tenant.id] = destination_specs(src.destinations)
-        queries = [consent_query(env, tenant) for env in kept]
-        decisions = await self.consent.decide_batch(queries, specs)
+        if tenant.consent.enforce:
+            queries: list[ConsentQuery | None] = [consent_query(env, tenant) for env in kept]
+            decisions = await self.consent.decide_batch(queries, specs)  # type: ignore[arg-type]
+        else:  # dev-only configuration (config check refuses it in production)
+            for env in kept:
+                env.purposes = purposes_of(env, tenant)
+            queries = [None] * len(kept)
+            everywhere = ConsentDecision(tuple(s.id for s in specs), linking_allowed=True)
+            decisions = [everywhere] * len(kept)
         allowed: list[Envelope] = []
         linking: list[bool] = []
         for env, query, decision in zip(kept, queries, decisions, strict=True):
@@ -347,7 +359,8 @@ class Ingestor:
                 continue
             env.destinations = decision.destinations
             env.consent_proof = decision.proof
-            env.consent_ticket = ConsentTicket(decision.epoch, query)
+            if query is not None:
+                env.consent_ticket = ConsentTicket(decision.epoch, query)
             if decision.strip_sensitive:
                 strip_sensitive(env, tenant)
             allowed.append(env)
