@@ -116,7 +116,7 @@ _DENY_REASON = {
 class _Subject:
     """The state entries of one event's subject, gathered once per decision."""
 
-    __slots__ = ("everyone", "own", "minor", "narrowed")
+    __slots__ = ("everyone", "own", "_minor", "narrowed")
 
     def __init__(self, query: ConsentQuery, state: SubjectState) -> None:
         get = state.get
@@ -124,8 +124,16 @@ class _Subject:
         self.everyone = [e for i in query.all_ids() if (e := get(i))]
         # this event's own device (or user, for device-less events): only its grants count
         self.own = [e for i in (query.device_ids or query.user_ids) if (e := get(i))]
-        self.minor = any((f := e.get(MINOR_FLAG)) is not None and f.state == "flagged" for e in self.everyone)
+        self._minor: bool | None = None
         self.narrowed = query.narrowed
+
+    @property
+    def minor(self) -> bool:
+        if self._minor is None:
+            self._minor = any(
+                (f := e.get(MINOR_FLAG)) is not None and f.state == "flagged" for e in self.everyone
+            )
+        return self._minor
 
     def basis(
         self, purpose: str, contract_purposes: frozenset[str], notice_floor: Mapping[str, int]
@@ -178,43 +186,54 @@ def decide(
     *,
     contract_purposes: frozenset[str] = CONTRACT_PURPOSES_DEFAULT,
     notice_floor: Mapping[str, int] | None = None,
+    epoch: int = 0,
+    want_linking: bool = True,
 ) -> ConsentDecision:
-    """Route one event: the destinations allowed, their proof, or why it goes nowhere."""
+    """Route one event: the destinations allowed, their proof, or why it goes nowhere.
+
+    ``want_linking`` False skips the identity_linking question when nobody will link."""
     floor = notice_floor or {}
     subject = _Subject(query, state)
     cache: dict[str, Basis] = {}
-
-    def basis(p: str) -> Basis:
-        b = cache.get(p)
-        if b is None:
-            b = cache[p] = subject.basis(p, contract_purposes, floor)
-        return b
-
     allowed: list[str] = []
     proof: set[int] = set()
     first_reason: str | None = None
-    event_purposes = set(query.purposes)
+    event_purposes = query.purposes
     for dest in destinations:
-        if not event_purposes.intersection(dest.purposes):
+        if not any(p in dest.purposes for p in event_purposes):
             continue  # the event is not collected for anything this destination does
-        required = dest.required_purposes
-        failing = next((b for p in required if not (b := basis(p)).ok), None)
+        failing: Basis | None = None
+        relied: list[int] = []
+        for p in dest.required_purposes:
+            b = cache.get(p)
+            if b is None:
+                b = cache[p] = subject.basis(p, contract_purposes, floor)
+            if not b.ok:
+                failing = b
+                break
+            if b.proof is not None:
+                relied.append(b.proof)
         if failing is not None:
             first_reason = first_reason or failing.reason
             continue
         allowed.append(dest.id)
-        proof.update(b.proof for p in required if (b := basis(p)).proof is not None)
-    linking = basis("identity_linking").ok
+        proof.update(relied)
+    linking = want_linking and subject.basis("identity_linking", contract_purposes, floor).ok
     strip = False
     if query.has_sensitive:
-        sensitive = basis("sensitive_pi")
+        sensitive = subject.basis("sensitive_pi", contract_purposes, floor)
         strip = not sensitive.ok
         if sensitive.proof is not None and allowed:
             proof.add(sensitive.proof)
     if not allowed:
-        return ConsentDecision((), dropped_reason=first_reason or "no_destination", linking_allowed=linking)
+        reason = first_reason or "no_destination"
+        return ConsentDecision((), dropped_reason=reason, linking_allowed=linking, epoch=epoch)
     return ConsentDecision(
-        tuple(allowed), tuple(sorted(proof)), linking_allowed=linking, strip_sensitive=strip
+        tuple(allowed),
+        tuple(sorted(proof)) if len(proof) > 1 else tuple(proof),
+        linking_allowed=linking,
+        strip_sensitive=strip,
+        epoch=epoch,
     )
 
 
@@ -222,5 +241,9 @@ class ConsentPolicy(Protocol):
     enforced: bool
 
     async def decide_batch(
-        self, queries: Sequence[ConsentQuery], destinations: Sequence[DestinationSpec]
+        self,
+        queries: Sequence[ConsentQuery],
+        destinations: Sequence[DestinationSpec],
+        *,
+        want_linking: bool = True,
     ) -> list[ConsentDecision]: ...

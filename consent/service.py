@@ -266,9 +266,14 @@ class LedgerPolicy:
     def __init__(self, state: ConsentStateStore, rules: Mapping[str, PurposeRules]) -> None:
         self.state = state
         self.rules = rules
+        self._floors: dict[str, tuple[Any, dict[str, int]]] = {}
 
     async def decide_batch(
-        self, queries: Sequence[ConsentQuery], destinations: Sequence[DestinationSpec]
+        self,
+        queries: Sequence[ConsentQuery],
+        destinations: Sequence[DestinationSpec],
+        *,
+        want_linking: bool = True,
     ) -> list[ConsentDecision]:
         if not queries:
             return []
@@ -280,14 +285,22 @@ class LedgerPolicy:
             return [ConsentDecision(ids, linking_allowed=True, epoch=2**62) for _ in queries]
         identifiers = list(dict.fromkeys(i for q in queries for i in q.all_ids()))
         snap = await self.state.snapshot(tenant, identifiers)
-        floor = notice_floor(snap.notices.values(), rules.known)
-        decisions = [
-            decide(q, destinations, snap.state, contract_purposes=rules.contract, notice_floor=floor)
+        floor = self._floors.get(tenant)
+        if floor is None or floor[0] is not snap.notices:  # notices change rarely
+            floor = self._floors[tenant] = (snap.notices, notice_floor(snap.notices.values(), rules.known))
+        contract, state, epoch = rules.contract, snap.state, snap.epoch
+        return [
+            decide(
+                q,
+                destinations,
+                state,
+                contract_purposes=contract,
+                notice_floor=floor[1],
+                epoch=epoch,
+                want_linking=want_linking,
+            )
             for q in queries
         ]
-        if snap.epoch:
-            decisions = [msgspec.structs.replace(d, epoch=snap.epoch) for d in decisions]
-        return decisions
 
     async def restrictive_seq(self) -> int:
         return await self.state.restrictive_seq()

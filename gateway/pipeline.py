@@ -191,25 +191,27 @@ def purposes_of(env: Envelope, tenant: Tenant) -> tuple[str, ...]:
 def consent_query(env: Envelope, tenant: Tenant) -> ConsentQuery:
     ev = env.event
     env.purposes = purposes_of(env, tenant)
-    device = tuple(i.value for i in env.identifiers if i.type in DEVICE_ID_TYPES)
-    person = tuple(i.value for i in env.identifiers if i.type not in DEVICE_ID_TYPES)
+    device: list[str] = []
+    person: list[str] = []
+    for ident in env.identifiers:
+        (device if ident.type in DEVICE_ID_TYPES else person).append(ident.value)
     # A claim in the event can only narrow: a refused category removes its purposes.
-    narrowed = tuple(
-        p
-        for category, allowed in category_preferences(ev.context).items()
-        if not allowed
-        for p in tenant.consent_categories.get(category, ())
-    )
-    sensitive = bool(tenant.sensitive_properties) and any(
-        key in fields
-        for fields in (ev.properties, ev.traits)
-        if fields
-        for key in tenant.sensitive_properties
-    )
+    narrowed: tuple[str, ...] = ()
+    if "consent" in ev.context:
+        narrowed = tuple(
+            p
+            for category, allowed in category_preferences(ev.context).items()
+            if not allowed
+            for p in tenant.consent_categories.get(category, ())
+        )
+    sensitive = False
+    if tenant.sensitive_properties:
+        keys = tenant.sensitive_properties
+        sensitive = any(fields and any(k in fields for k in keys) for fields in (ev.properties, ev.traits))
     return ConsentQuery(
         tenant=tenant.id,
-        device_ids=device,
-        user_ids=person,
+        device_ids=tuple(device),
+        user_ids=tuple(person),
         purposes=env.purposes,
         narrowed=narrowed,
         has_sensitive=sensitive,
@@ -342,7 +344,11 @@ class Ingestor:
             specs = self._specs[tenant.id] = destination_specs(src.destinations)
         if tenant.consent.enforce:
             queries: list[ConsentQuery | None] = [consent_query(env, tenant) for env in kept]
-            decisions = await self.consent.decide_batch(queries, specs)  # type: ignore[arg-type]
+            decisions = await self.consent.decide_batch(
+                queries,  # type: ignore[arg-type]
+                specs,
+                want_linking=self.resolver.links,
+            )
         else:  # dev-only configuration (config check refuses it in production)
             for env in kept:
                 env.purposes = purposes_of(env, tenant)

@@ -14,6 +14,9 @@ from identity.identifiers import Identifier
 
 
 class IdentityResolver(Protocol):
+    # Whether the resolver links identifiers (and so needs identity_linking decisions).
+    links: bool
+
     async def resolve_batch(
         self, tenant: str, identifier_sets: Sequence[Sequence[Identifier]], linking_allowed: Sequence[bool]
     ) -> list[str | None]: ...
@@ -21,6 +24,8 @@ class IdentityResolver(Protocol):
 
 class NoResolution:
     """No identity graph: events keep their own identifiers and carry no unified ID."""
+
+    links = False
 
     async def resolve_batch(
         self, tenant: str, identifier_sets: Sequence[Sequence[Identifier]], linking_allowed: Sequence[bool]
