@@ -129,4 +129,23 @@ class AccessLogEntry(SQLModel, table=True):
     result_count: int
 
 
-CONSENT_TABLES: tuple[str, ...] = ("consent_ledger", "consent_checkpoint", "admin_access_log")
+class DeliveryProof(SQLModel, table=True):
+    """One forwarded event and a consent record it relied on: "what we sent to whom, and why".
+
+    Kept in the consent store (shared by every replica) so an officer's point-in-time view
+    sees the deliveries of all replicas."""
+
+    __tablename__ = "consent_delivery"
+
+    ledger_seq: int = Field(sa_column=sa.Column(sa.BigInteger(), primary_key=True))
+    destination: str = Field(primary_key=True)
+    message_id: str = Field(primary_key=True)
+    delivered_at: datetime = Field(sa_column=sa.Column(UTCDateTime(), nullable=False))
+
+
+CONSENT_TABLES: tuple[str, ...] = (
+    "consent_ledger",
+    "consent_checkpoint",
+    "admin_access_log",
+    "consent_delivery",
+)

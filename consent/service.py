@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
+import sqlalchemy as sa
 import structlog
 
 from consent.decisions import (
@@ -26,6 +27,7 @@ from consent.decisions import (
     decide,
 )
 from consent.ledger import Ledger, RecordDraft
+from consent.models import DeliveryProof
 from consent.state import ConsentStateStore, RecordView, UnknownNotice, notice_floor
 
 log = structlog.get_logger(__name__)
@@ -120,6 +122,44 @@ class ConsentService:
             minor=True,
         )
         return True
+
+    def record_deliveries(self, destination: str, delivered: Sequence[tuple[str, Sequence[int]]]) -> int:
+        """Remember which consent records each delivered event relied on (idempotent:
+        a redelivery after a crash adds nothing). Blocking; run it in a thread."""
+        rows = [
+            {"ledger_seq": seq, "destination": destination, "message_id": message_id, "delivered_at": now}
+            for now in (datetime.now(UTC),)
+            for message_id, proof in delivered
+            for seq in proof
+        ]
+        if not rows:
+            return 0
+        table = DeliveryProof.__table__  # type: ignore[attr-defined]
+        engine = self.ledger.engine
+        if engine.dialect.name == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert
+        else:
+            from sqlalchemy.dialects.sqlite import insert
+        with engine.begin() as conn:
+            conn.execute(insert(table).values(rows).on_conflict_do_nothing())
+        return len(rows)
+
+    def deliveries_relying_on(self, ledger_seqs: Sequence[int], limit: int = 1000) -> list[dict[str, Any]]:
+        """Deliveries whose consent proof includes one of these ledger records. Blocking."""
+        if not ledger_seqs:
+            return []
+        t = DeliveryProof.__table__  # type: ignore[attr-defined]
+        with self.ledger.engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(t.c.ledger_seq, t.c.destination, t.c.message_id, t.c.delivered_at)
+                .where(t.c.ledger_seq.in_(list(ledger_seqs)))
+                .order_by(t.c.delivered_at)
+                .limit(limit)
+            )
+            return [
+                {"ledgerSeq": s, "destination": d, "messageId": m, "deliveredAt": at.isoformat()}
+                for s, d, m, at in rows
+            ]
 
     async def current_notice(self, tenant: str) -> str | None:
         """The most recently published notice of the tenant."""

@@ -31,6 +31,8 @@ WITHHELD = Counter(
 
 # Asked again at send time: which of these records may still go to this destination?
 Recheck = Callable[[str, Sequence[StoredRecord]], Awaitable[list[bool]]]
+# Told, before the sink write, what is about to be delivered (the audit trail of proofs).
+OnDelivered = Callable[[str, Sequence[StoredRecord]], Awaitable[None]]
 
 
 class DeliveryWorker:
@@ -43,6 +45,7 @@ class DeliveryWorker:
         poll_seconds: float = 0.2,
         linger_seconds: float = 0.05,
         recheck: Recheck | None = None,
+        on_delivered: OnDelivered | None = None,
     ) -> None:
         self.outbox = outbox
         self.sink = sink
@@ -51,6 +54,7 @@ class DeliveryWorker:
         self.poll_seconds = poll_seconds
         self.linger_seconds = linger_seconds
         self.recheck = recheck
+        self.on_delivered = on_delivered
         self.wakeup = asyncio.Event()
         self.last_seq = 0
         self._cursor_saved_at = 0.0
@@ -80,6 +84,9 @@ class DeliveryWorker:
                 mine = [r for r, ok in zip(mine, still, strict=True) if ok]
         now = time.monotonic()
         if mine or now - self._cursor_saved_at > 1.0:
+            if mine and self.on_delivered is not None:
+                # before the write: a crash after it redelivers, and the trail is idempotent
+                await self.on_delivered(self.destination, mine)
             sizes = await asyncio.to_thread(self.sink.write, mine) if mine else {}
             await self.outbox.commit_delivery(self.destination, upper, mine, sizes)
             self._cursor_saved_at = now

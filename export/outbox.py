@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Protocol, TypeVar
 
 import msgspec
 import structlog
@@ -55,14 +55,6 @@ CREATE TABLE IF NOT EXISTS outbox (
     consent BLOB NOT NULL DEFAULT x'',
     proof TEXT NOT NULL DEFAULT ''
 );
--- Which deliveries relied on which consent record: "what did we send to whom, and why".
-CREATE TABLE IF NOT EXISTS delivery_proof (
-    ledger_seq INTEGER NOT NULL,
-    destination TEXT NOT NULL,
-    message_id TEXT NOT NULL,
-    delivered_at_ms INTEGER NOT NULL
-);
-CREATE INDEX IF NOT EXISTS delivery_proof_by_seq ON delivery_proof(ledger_seq);
 CREATE TABLE IF NOT EXISTS dedupe (
     key TEXT PRIMARY KEY,
     seen_at_ms INTEGER NOT NULL
@@ -439,10 +431,7 @@ class SqliteOutbox:
     async def commit_delivery(
         self, destination: str, last_seq: int, delivered: Sequence[StoredRecord], sink_files: dict[str, int]
     ) -> None:
-        """Advance the cursor past ``last_seq``, record the sink sizes and, for every event
-        delivered, the consent records it relied on; one transaction."""
-        now_ms = int(self._clock() * 1000)
-        proofs = [(seq, destination, r.message_id, now_ms) for r in delivered for seq in r.proof]
+        """Advance the cursor past ``last_seq`` and record the sink sizes; one transaction."""
 
         def tx(conn: sqlite3.Connection) -> None:
             conn.execute(
@@ -451,12 +440,6 @@ class SqliteOutbox:
                 "delivered = delivery_cursor.delivered + excluded.delivered",
                 (destination, last_seq, len(delivered)),
             )
-            if proofs:
-                conn.executemany(
-                    "INSERT INTO delivery_proof(ledger_seq, destination, message_id, delivered_at_ms) "
-                    "VALUES (?, ?, ?, ?)",
-                    proofs,
-                )
             conn.executemany(
                 "INSERT INTO sink_file(destination, file, committed_bytes) VALUES (?, ?, ?) "
                 "ON CONFLICT(destination, file) DO UPDATE SET committed_bytes = excluded.committed_bytes",
@@ -474,27 +457,6 @@ class SqliteOutbox:
                 "WHERE seq > (SELECT COALESCE(MIN(last_seq), 0) FROM delivery_cursor)"
             ).fetchone()
             return int(row[0])
-
-        return await self._read(q)
-
-    async def deliveries_relying_on(
-        self, ledger_seqs: Sequence[int], limit: int = 1000
-    ) -> list[dict[str, Any]]:
-        """Deliveries whose consent proof includes one of these ledger records."""
-        seqs = list(ledger_seqs)
-
-        def q(conn: sqlite3.Connection) -> list[dict[str, Any]]:
-            if not seqs:
-                return []
-            marks = ",".join("?" * len(seqs))
-            rows = conn.execute(
-                f"SELECT ledger_seq, destination, message_id, delivered_at_ms FROM delivery_proof "  # noqa: S608
-                f"WHERE ledger_seq IN ({marks}) ORDER BY delivered_at_ms LIMIT ?",
-                (*seqs, limit),
-            ).fetchall()
-            return [
-                {"ledgerSeq": s, "destination": d, "messageId": m, "deliveredAtMs": t} for s, d, m, t in rows
-            ]
 
         return await self._read(q)
 

@@ -19,10 +19,10 @@ from typing import Any
 
 import msgspec
 import sqlalchemy as sa
-from consent.ledger import Ledger, verify_database
 from litestar import Controller, Request, Response, get, post
 from litestar.exceptions import NotAuthorizedException, PermissionDeniedException
 
+from consent.ledger import Ledger, verify_database
 from consent.models import AccessLogEntry
 from consent.service import ConsentRefused, ConsentService
 from export.outbox import SqliteOutbox
@@ -253,7 +253,7 @@ class AdminController(Controller):
                     "at": record_json(r)["at"],
                 }
         grant_seqs = [v["seq"] for v in purposes.values() if v["state"] == "given"]
-        deliveries = await ctx.outbox.deliveries_relying_on(grant_seqs)
+        deliveries = await asyncio.to_thread(ctx.consent.deliveries_relying_on, grant_seqs)
         await log_access(
             ctx,
             officer,

@@ -29,7 +29,7 @@ from gateway import metrics
 from gateway.admin_http import AdminContext, AdminController, index_admin_tokens
 from gateway.config import Config, index_write_keys, load_config
 from gateway.consent_http import consent_route
-from gateway.consent_setup import delivery_recheck, ledger_signer, open_consent
+from gateway.consent_setup import delivery_recheck, delivery_trail, ledger_signer, open_consent
 from gateway.ingest_http import INGEST_ROUTES, IngestContext, document_ingest_routes, error_body
 from gateway.pipeline import Ingestor, destination_specs
 from gateway.segment import InvalidRequest
@@ -190,6 +190,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
                 batch_size=settings.delivery_batch_size,
                 poll_seconds=settings.delivery_poll_seconds,
                 recheck=delivery_recheck(consent.policy, specs),
+                on_delivered=delivery_trail(consent.service),
             )
             for t in config.tenants
             for d in t.destinations

@@ -17,7 +17,7 @@ from consent.ledger import Ledger
 from consent.service import ConsentService, LedgerPolicy, PurposeRules
 from consent.signing import InvalidLedgerKey, LedgerSigner, load_signer
 from consent.state import ConsentStateStore, RedisConsentState, SqlConsentState
-from export.delivery import Recheck
+from export.delivery import OnDelivered, Recheck
 from export.outbox import StoredRecord
 from gateway.config import Config, Tenant
 from gateway.settings import Settings
@@ -105,3 +105,14 @@ def delivery_recheck(policy: LedgerPolicy, specs: Mapping[str, DestinationSpec])
         return still
 
     return recheck
+
+
+def delivery_trail(service: ConsentService) -> OnDelivered:
+    """Record, in the shared consent store, which consent records each delivery relied on."""
+
+    async def on_delivered(destination: str, records: Sequence[StoredRecord]) -> None:
+        delivered = [(r.message_id, r.proof) for r in records if r.proof]
+        if delivered:
+            await asyncio.to_thread(service.record_deliveries, destination, delivered)
+
+    return on_delivered
