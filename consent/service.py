@@ -9,6 +9,8 @@ the pipeline's consent stage: one state lookup per batch, then ``decide`` per ev
 from __future__ import annotations
 
 import asyncio
+import sqlite3
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -86,6 +88,8 @@ class ConsentService:
         self.state = state
         self.rules = rules
         self._lock = asyncio.Lock()  # one projection writer per process
+        self._trail: sqlite3.Connection | None = None
+        self._trail_lock = threading.Lock()
 
     async def _append(self, drafts: list[RecordDraft]) -> list[Any]:
         records = await asyncio.to_thread(self.ledger.append, drafts)
@@ -136,12 +140,34 @@ class ConsentService:
             return 0
         table = DeliveryProof.__table__  # type: ignore[attr-defined]
         engine = self.ledger.engine
+        if engine.dialect.name == "sqlite" and engine.url.database not in (None, "", ":memory:"):
+            # the delivery path writes this for every event: plain sqlite3 is ~20x cheaper
+            with self._trail_lock:
+                if self._trail is None:
+                    self._trail = sqlite3.connect(engine.url.database, timeout=30, check_same_thread=False)
+                    self._trail.execute("PRAGMA synchronous=FULL")
+                with self._trail:
+                    self._trail.executemany(
+                        "INSERT OR IGNORE INTO consent_delivery"
+                        "(ledger_seq, destination, message_id, delivered_at) VALUES (?, ?, ?, ?)",
+                        [
+                            (
+                                r["ledger_seq"],
+                                r["destination"],
+                                r["message_id"],
+                                r["delivered_at"].replace(tzinfo=None).isoformat(sep=" "),
+                            )
+                            for r in rows
+                        ],
+                    )
+            return len(rows)
         if engine.dialect.name == "postgresql":
             from sqlalchemy.dialects.postgresql import insert
         else:
             from sqlalchemy.dialects.sqlite import insert
         with engine.begin() as conn:
-            conn.execute(insert(table).values(rows).on_conflict_do_nothing())
+            # executemany with one compiled statement, not one giant VALUES list per call
+            conn.execute(insert(table).on_conflict_do_nothing(), rows)
         return len(rows)
 
     def deliveries_relying_on(self, ledger_seqs: Sequence[int], limit: int = 1000) -> list[dict[str, Any]]:
