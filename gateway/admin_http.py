@@ -270,33 +270,40 @@ class AdminController(Controller):
             "deliveries": deliveries,
         }
 
-    @get("/consent/export", summary="Ledger export (JSONL with checkpoints, or CSV)")
+    @get("/consent/export", summary="Ledger export: JSONL with checkpoints, or CSV (records or checkpoints)")
     async def export(
         self,
         request: Request[Any, Any, Any],
         tenant: str | None = None,
         format: str = "jsonl",  # noqa: A002
+        part: str = "records",
     ) -> Response[bytes]:
+        """JSONL carries records, signed checkpoints and a seal (``idgate ledger verify`` checks
+        it offline). CSV comes in two parts: ``part=records`` and ``part=checkpoints``."""
         officer = officer_for(request, "compliance", tenant)
         if tenant is None and officer.tenants:
             raise PermissionDeniedException(detail="a tenant-scoped officer must name the tenant")
         if format not in ("jsonl", "csv"):
             raise InvalidRequest("invalid_field", "format must be jsonl or csv", "format")
+        if part not in ("records", "checkpoints"):
+            raise InvalidRequest("invalid_field", "part must be records or checkpoints", "part")
         ctx = _ctx(request)
 
         def build() -> str:
             buf = io.StringIO()
             if format == "jsonl":
                 ctx.ledger.export_jsonl(buf, tenant=tenant)
+            elif part == "checkpoints":
+                ctx.ledger.export_checkpoints_csv(buf)
             else:
                 ctx.ledger.export_csv(buf, tenant=tenant)
             return buf.getvalue()
 
         text = await asyncio.to_thread(build)
         lines = text.count("\n")
-        await log_access(ctx, officer, "consent.export", tenant, {"format": format}, lines)
+        await log_access(ctx, officer, "consent.export", tenant, {"format": format, "part": part}, lines)
         media = "application/x-ndjson" if format == "jsonl" else "text/csv"
-        name = f"consent-ledger-{tenant or 'all'}.{format}"
+        name = f"consent-ledger-{tenant or 'all'}{'-checkpoints' if part == 'checkpoints' else ''}.{format}"
         return Response(
             text.encode(), media_type=media, headers={"Content-Disposition": f'attachment; filename="{name}"'}
         )

@@ -8,6 +8,7 @@ the operations endpoints and the one place where errors become HTTP responses.
 
 from __future__ import annotations
 
+import asyncio
 import gc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -30,7 +31,13 @@ from gateway import metrics
 from gateway.admin_http import AdminContext, AdminController, index_admin_tokens
 from gateway.config import Config, index_write_keys, load_config
 from gateway.consent_http import consent_route
-from gateway.consent_setup import delivery_recheck, delivery_trail, ledger_signer, open_consent
+from gateway.consent_setup import (
+    checkpoint_periodically,
+    delivery_recheck,
+    delivery_trail,
+    ledger_signer,
+    open_consent,
+)
 from gateway.ingest_http import INGEST_ROUTES, IngestContext, document_ingest_routes, error_body
 from gateway.pipeline import Ingestor, destination_specs
 from gateway.segment import InvalidRequest
@@ -230,6 +237,9 @@ def create_app(settings: Settings | None = None) -> Litestar:
             outbox=outbox,
         )
         await delivery.start()
+        checkpoints = asyncio.create_task(
+            checkpoint_periodically(consent.ledger, settings.checkpoint_seconds), name="ledger-checkpoint"
+        )
         # Everything allocated so far lives as long as the process: keep it out of the
         # collector's way, so full collections stay short on the hot path.
         gc.collect()
@@ -246,6 +256,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         try:
             yield
         finally:
+            checkpoints.cancel()
             await delivery.stop()
             outbox.close()
             consent.engine.dispose()

@@ -116,3 +116,17 @@ def delivery_trail(service: ConsentService) -> OnDelivered:
             await asyncio.to_thread(service.record_deliveries, destination, delivered)
 
     return on_delivered
+
+
+async def checkpoint_periodically(ledger: Ledger, seconds: float) -> None:
+    """Sign a checkpoint over the records appended since the last one, every ``seconds``
+    (the ledger also checkpoints every 1,000 records). Replicas may all run this: the
+    ledger's lock lets one of them find something to sign."""
+    while True:
+        await asyncio.sleep(seconds)
+        try:
+            checkpoint = await asyncio.to_thread(ledger.checkpoint)
+            if checkpoint is not None:
+                log.info("ledger.checkpointed", from_seq=checkpoint.from_seq, to_seq=checkpoint.to_seq)
+        except Exception as exc:  # retried at the next period
+            log.error("ledger.checkpoint_failed", error=type(exc).__name__)

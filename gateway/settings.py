@@ -50,6 +50,8 @@ class Settings:
     # loop shares the GIL with the outbox commit thread and the delivery threads; a short
     # interval lets a finished fsync hand its result back without waiting 5 ms.
     gil_switch_interval_seconds: float
+    # How often to sign a checkpoint over new consent-ledger records.
+    checkpoint_seconds: float
 
     @property
     def dev(self) -> bool:
@@ -108,4 +110,5 @@ class Settings:
             delivery_batch_size=_env_int("IDGATE_DELIVERY_BATCH", 2000),
             delivery_poll_seconds=_env_int("IDGATE_DELIVERY_POLL_MS", 200) / 1000,
             gil_switch_interval_seconds=_env_int("IDGATE_GIL_SWITCH_US", 200) / 1_000_000,
+            checkpoint_seconds=max(1, _env_int("IDGATE_CHECKPOINT_SECONDS", 300)),
         )

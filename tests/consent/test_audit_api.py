@@ -20,7 +20,7 @@ def bearer(token: str) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def gw(tmp_path_factory: pytest.TempPathFactory):
-    g = make_gateway(tmp_path_factory.mktemp("audit")).start()
+    g = make_gateway(tmp_path_factory.mktemp("audit"), extra_env={"IDGATE_CHECKPOINT_SECONDS": "1"}).start()
     yield g
     g.stop()
 
@@ -128,6 +128,12 @@ def test_exports_verify_offline_and_csv(gw: Gateway, tmp_path) -> None:
         params={"tenant": "mall", "format": "csv"},
     )
     assert csv_r.status_code == 200 and csv_r.text.splitlines()[0].startswith(("seq", "kind", "#"))
+    cps = httpx.get(
+        gw.url + "/admin/consent/export",
+        headers=bearer(COMPLIANCE_TOKEN),
+        params={"format": "csv", "part": "checkpoints"},
+    )
+    assert cps.status_code == 200 and "root" in cps.text.splitlines()[0]
 
 
 def test_stats_by_purpose_notice_platform(gw: Gateway) -> None:
