@@ -98,21 +98,21 @@ def make_engine(url: str, *, connect_args: dict[str, Any] | None = None, echo: b
     raise ValueError(f"unsupported consent database backend {backend!r} (use sqlite or postgresql+psycopg)")
 
 
-def alembic_config() -> Config:
-    """Alembic configuration without an ini file: script location from this package."""
+def alembic_config(script_location: Path = MIGRATIONS_DIR) -> Config:
+    """Alembic configuration without an ini file: script location from a package."""
     config = Config()
-    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    config.set_main_option("script_location", str(script_location))
     config.set_main_option("path_separator", "os")
     return config
 
 
-def migrate(engine: Engine, *, revision: str = "head") -> None:
+def migrate(engine: Engine, *, revision: str = "head", script_location: Path = MIGRATIONS_DIR) -> None:
     """Upgrade the schema to ``revision`` in one transaction; safe at every start and concurrently.
 
     The Alembic version table lives next to the tables, in the first schema of the
     connection's search path on PostgreSQL.
     """
-    config = alembic_config()
+    config = alembic_config(script_location)
     with engine.connect() as conn:
         if is_sqlite(engine):
             conn = conn.execution_options(sqlite_begin="IMMEDIATE")

@@ -52,6 +52,7 @@ class AdminContext:
     ledger: Ledger
     consent: ConsentService
     outbox: SqliteOutbox
+    resolver: Any = None  # identity.resolver.GraphResolver when identity resolution is on
 
 
 def index_admin_tokens(tokens: list[AdminToken], *, dev: bool) -> dict[str, Officer]:
@@ -155,6 +156,42 @@ def record_json(r: Any) -> dict[str, Any]:
         "prevHash": r.prev_hash,
         "hash": r.hash,
     }
+
+
+class IdentifierRef(msgspec.Struct):
+    type: str
+    id: str
+    appid: str | None = None
+
+
+class UnlinkRequest(msgspec.Struct, forbid_unknown_fields=True):
+    tenant: str
+    a: IdentifierRef
+    b: IdentifierRef
+
+
+def _graph(ctx: AdminContext, tenant: str) -> Any:
+    graph = ctx.resolver.graphs.get(tenant) if ctx.resolver is not None else None
+    if graph is None:
+        raise InvalidRequest("invalid_field", f"identity resolution is off for tenant {tenant!r}", "tenant")
+    return graph
+
+
+def _node(ctx: AdminContext, tenant: str, ref: IdentifierRef, field: str) -> str:
+    try:
+        return f"{ref.type}:{subject_pseudonym(ctx, tenant, ref.id, ref.type, ref.appid)}"
+    except InvalidRequest as exc:
+        raise InvalidRequest(exc.error, exc.detail, f"{field}.{exc.field}" if exc.field else field) from None
+
+
+def _decode_body(raw: bytes, type_: type[Any]) -> Any:
+    try:
+        return msgspec.json.decode(raw, type=type_)
+    except (msgspec.MsgspecError, ValueError) as exc:
+        from gateway.segment import describe_decode_error
+
+        error, detail, field = describe_decode_error(exc)
+        raise InvalidRequest(error, detail, field) from None
 
 
 class NoticeRequest(msgspec.Struct, rename="camel", forbid_unknown_fields=True):
@@ -373,6 +410,94 @@ class AdminController(Controller):
             "seq": receipt.seq,
             "recordId": receipt.record_id,
             "material": body.material,
+        }
+
+    @get("/identity/explain", summary="The chain of links that joins two identifiers, with provenance")
+    async def explain(
+        self,
+        request: Request[Any, Any, Any],
+        tenant: str,
+        a: str,
+        b: str,
+        a_type: str = "user_id",
+        b_type: str = "user_id",
+        a_appid: str | None = None,
+        b_appid: str | None = None,
+    ) -> dict[str, Any]:
+        """Operator role. Raw identifiers are pseudonymised server-side."""
+        officer = officer_for(request, "operator", tenant)
+        ctx = _ctx(request)
+        graph = _graph(ctx, tenant)
+        node_a = _node(ctx, tenant, IdentifierRef(a_type, a, a_appid), "a")
+        node_b = _node(ctx, tenant, IdentifierRef(b_type, b, b_appid), "b")
+        path = graph.explain(node_a, node_b)
+        await log_access(
+            ctx, officer, "identity.explain", tenant, {"a": node_a, "b": node_b}, len(path or [])
+        )
+        return {
+            "a": node_a,
+            "b": node_b,
+            "linked": path is not None,
+            "unifiedId": graph.unified_id(node_a) if path is not None else None,
+            "path": [
+                {
+                    "from": x,
+                    "to": y,
+                    "source": p.source,
+                    "eventId": p.event_id,
+                    "at": p.at.isoformat(),
+                    "rule": p.rule,
+                }
+                for x, y, p in (path or [])
+            ],
+        }
+
+    @post(
+        "/identity/unlink",
+        status_code=200,
+        summary="Remove one link (a wrong bind); the person splits if it was the only path",
+    )
+    async def unlink(self, request: Request[Any, Any, Any]) -> dict[str, Any]:
+        body: UnlinkRequest = _decode_body(await request.body(), UnlinkRequest)
+        officer = officer_for(request, "operator", body.tenant)
+        ctx = _ctx(request)
+        _graph(ctx, body.tenant)
+        node_a = _node(ctx, body.tenant, body.a, "a")
+        node_b = _node(ctx, body.tenant, body.b, "b")
+        changes = await ctx.resolver.unlink(body.tenant, node_a, node_b)
+        if not changes:
+            raise InvalidRequest("not_linked", "there is no direct link between these identifiers", "b")
+        await log_access(
+            ctx, officer, "identity.unlink", body.tenant, {"a": node_a, "b": node_b}, len(changes)
+        )
+        splits = [c for c in changes if type(c).__name__ == "Split"]
+        return {
+            "removed": True,
+            "split": bool(splits),
+            "unifiedIds": {
+                "a": ctx.resolver.graphs[body.tenant].unified_id(node_a),
+                "b": ctx.resolver.graphs[body.tenant].unified_id(node_b),
+            },
+        }
+
+    @get("/identity/quarantine", summary="Merges held back by the circuit breaker, for review")
+    async def quarantine(
+        self, request: Request[Any, Any, Any], tenant: str, limit: int = 200
+    ) -> dict[str, Any]:
+        officer_for(request, "operator", tenant)
+        held = _graph(_ctx(request), tenant).quarantine()[-limit:]
+        return {
+            "quarantined": [
+                {
+                    "a": q.a,
+                    "b": q.b,
+                    "reason": q.reason,
+                    "source": q.provenance.source,
+                    "eventId": q.provenance.event_id,
+                    "at": q.at.isoformat(),
+                }
+                for q in held
+            ]
         }
 
     @get("/access-log", summary="Officers' queries of personal data")

@@ -38,12 +38,13 @@ from gateway.consent_setup import (
     ledger_signer,
     open_consent,
 )
+from gateway.identity_setup import open_identity
 from gateway.ingest_http import INGEST_ROUTES, IngestContext, document_ingest_routes, error_body
 from gateway.pipeline import Ingestor, destination_specs
 from gateway.segment import InvalidRequest
 from gateway.settings import Settings
 from identity.pseudonym import InvalidKeyMaterial, KeyRing, new_key_document, write_private_file
-from identity.resolution import NoResolution
+from identity.resolver import GraphResolver
 
 log = structlog.get_logger("idgate.gateway")
 
@@ -204,11 +205,12 @@ def create_app(settings: Settings | None = None) -> Litestar:
             for d in t.destinations
         ]
         delivery = DeliveryService(outbox, workers)
+        resolver, identity_engine = await open_identity(settings, config, outbox, delivery.notify)
         ingestor = Ingestor(
             keyring=keyring,
             outbox=outbox,
             consent=consent.policy,
-            resolver=NoResolution(),
+            resolver=resolver,
             redis_dedupe=redis_dedupe,
             on_appended=delivery.notify,
             consent_service=consent.service,
@@ -235,6 +237,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             ledger=consent.ledger,
             consent=consent.service,
             outbox=outbox,
+            resolver=resolver,
         )
         await delivery.start()
         checkpoints = asyncio.create_task(
@@ -257,9 +260,13 @@ def create_app(settings: Settings | None = None) -> Litestar:
             yield
         finally:
             checkpoints.cancel()
+            if isinstance(resolver, GraphResolver):
+                await resolver.stop()
             await delivery.stop()
             outbox.close()
             consent.engine.dispose()
+            if identity_engine is not None:
+                identity_engine.dispose()
             if redis_client is not None:
                 await redis_client.aclose()
             log.info("gateway.stopped")

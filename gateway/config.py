@@ -82,10 +82,23 @@ class ConsentConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     enforce: bool = True
 
 
+class IdentityConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """Identity resolution rules of a tenant (design section 6)."""
+
+    enabled: bool = True
+    # identifier type -> how many one person may have (defaults: user_id 1, phone 1,
+    # wechat_unionid 1, email 3, device-like types 10)
+    max_per_type: dict[str, int] = {}
+    max_component: int = 50
+    breaker_max_merges: int = 5
+    breaker_window_seconds: int = 3600
+
+
 class Tenant(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     id: str
     name: str = ""
     consent: ConsentConfig = ConsentConfig()
+    identity: IdentityConfig = IdentityConfig()
     notices: list[NoticeConfig] = []
     # Segment context.consent.categoryPreferences category -> purposes.
     consent_categories: dict[str, list[str]] = {}

@@ -188,7 +188,7 @@ def purposes_of(env: Envelope, tenant: Tenant) -> tuple[str, ...]:
     return tenant.purposes_for(ev.event if ev.type == "track" and ev.event else f"${ev.type}")
 
 
-def consent_query(env: Envelope, tenant: Tenant) -> ConsentQuery:
+def consent_query(env: Envelope, tenant: Tenant, linked: tuple[str, ...] = ()) -> ConsentQuery:
     ev = env.event
     env.purposes = purposes_of(env, tenant)
     device: list[str] = []
@@ -214,6 +214,7 @@ def consent_query(env: Envelope, tenant: Tenant) -> ConsentQuery:
         user_ids=tuple(person),
         purposes=env.purposes,
         narrowed=narrowed,
+        linked_ids=linked,
         has_sensitive=sensitive,
     )
 
@@ -343,7 +344,15 @@ class Ingestor:
         if specs is None:
             specs = self._specs[tenant.id] = destination_specs(src.destinations)
         if tenant.consent.enforce:
-            queries: list[ConsentQuery | None] = [consent_query(env, tenant) for env in kept]
+            # the person's other identifiers: a withdrawal on any of them counts
+            linked = (
+                self.resolver.linked_identifiers(tenant.id, [e.identifiers for e in kept])
+                if self.resolver.links
+                else [()] * len(kept)
+            )
+            queries: list[ConsentQuery | None] = [
+                consent_query(env, tenant, other) for env, other in zip(kept, linked, strict=True)
+            ]
             decisions = await self.consent.decide_batch(
                 queries,  # type: ignore[arg-type]
                 specs,
@@ -374,7 +383,12 @@ class Ingestor:
         if not allowed:
             return result
 
-        unified = await self.resolver.resolve_batch(tenant.id, [e.identifiers for e in allowed], linking)
+        unified = await self.resolver.resolve_batch(
+            tenant.id,
+            [e.identifiers for e in allowed],
+            linking,
+            [(source.id, e.event.message_id) for e in allowed],
+        )
         for env, uid in zip(allowed, unified, strict=True):
             env.unified_id = uid
             scrub_personal_data(env)

@@ -17,8 +17,16 @@ class IdentityResolver(Protocol):
     # Whether the resolver links identifiers (and so needs identity_linking decisions).
     links: bool
 
+    def linked_identifiers(
+        self, tenant: str, identifier_sets: Sequence[Sequence[Identifier]]
+    ) -> list[tuple[str, ...]]: ...
+
     async def resolve_batch(
-        self, tenant: str, identifier_sets: Sequence[Sequence[Identifier]], linking_allowed: Sequence[bool]
+        self,
+        tenant: str,
+        identifier_sets: Sequence[Sequence[Identifier]],
+        linking_allowed: Sequence[bool],
+        provenance: Sequence[tuple[str, str]] | None = None,
     ) -> list[str | None]: ...
 
 
@@ -27,7 +35,16 @@ class NoResolution:
 
     links = False
 
+    def linked_identifiers(
+        self, tenant: str, identifier_sets: Sequence[Sequence[Identifier]]
+    ) -> list[tuple[str, ...]]:
+        return [()] * len(identifier_sets)
+
     async def resolve_batch(
-        self, tenant: str, identifier_sets: Sequence[Sequence[Identifier]], linking_allowed: Sequence[bool]
+        self,
+        tenant: str,
+        identifier_sets: Sequence[Sequence[Identifier]],
+        linking_allowed: Sequence[bool],
+        provenance: Sequence[tuple[str, str]] | None = None,
     ) -> list[str | None]:
         return [None] * len(identifier_sets)

@@ -112,6 +112,10 @@ content_sha256 = "11111111111111111111111111111111111111111111111111111111111111
 Analytics = ["analytics"]
 Advertising = ["ad_measurement", "marketing"]
 
+[tenants.external_id_types]
+wx_openid = "wechat_openid"
+wx_unionid = "wechat_unionid"
+
 [[tenants.destinations]]
 id = "mall-warehouse"
 purposes = ["analytics"]

@@ -1,0 +1,94 @@
+"""Wiring of the identity domain for the app: database, log, resolver, downstream notices."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+from datetime import UTC
+from typing import Any
+
+import msgspec
+import sqlalchemy as sa
+
+from consent.db import make_engine, migrate
+from export.outbox import OutboxRecord, SqliteOutbox
+from gateway.config import Config, Tenant
+from gateway.settings import Settings
+from identity.graph import GraphChange, IdentityRules, Merged, Split
+from identity.resolution import IdentityResolver, NoResolution
+from identity.resolver import GraphResolver
+from identity.store import MIGRATIONS_DIR, IdentityLogStore
+
+
+def identity_rules(tenant: Tenant) -> IdentityRules:
+    base = IdentityRules()
+    cfg = tenant.identity
+    return IdentityRules(
+        max_per_type={**base.max_per_type, **cfg.max_per_type},
+        priority=base.priority,
+        max_component=cfg.max_component,
+        breaker_max_merges=cfg.breaker_max_merges,
+        breaker_window_seconds=cfg.breaker_window_seconds,
+    )
+
+
+def notices_for(tenant: Tenant, changes: Sequence[GraphChange]) -> list[OutboxRecord]:
+    """Merge and split notices for every destination of the tenant, in its outbox format."""
+    records = []
+    destinations = tuple(d.id for d in tenant.destinations)
+    for c in changes:
+        at = c.at.astimezone(UTC)
+        if isinstance(c, Merged):
+            body: dict[str, Any] = {
+                "type": "identity.merged",
+                "messageId": f"identity.merged:{c.merged}",
+                "survivor": c.survivor,
+                "merged": c.merged,
+            }
+        elif isinstance(c, Split):
+            body = {
+                "type": "identity.split",
+                "messageId": f"identity.split:{c.old_unified_id}:{at.timestamp()}",
+                "previous": c.old_unified_id,
+                "parts": sorted(set(c.parts.values())),
+            }
+        else:
+            continue
+        body["receivedAt"] = at.isoformat()
+        body["context"] = {"idgate": {"tenant": tenant.id, "notice": True}}
+        records.append(
+            OutboxRecord(
+                tenant=tenant.id,
+                source="idgate",
+                message_id=body["messageId"],
+                received_at_ms=int(at.timestamp() * 1000),
+                destinations=destinations,
+                payload=msgspec.json.encode(body),
+            )
+        )
+    return records
+
+
+async def open_identity(
+    settings: Settings, config: Config, outbox: SqliteOutbox, notify: Callable[[], None]
+) -> tuple[IdentityResolver, sa.Engine | None]:
+    tenants = {t.id: t for t in config.tenants if t.identity.enabled}
+    if not tenants:
+        return NoResolution(), None
+    url = settings.database_url or f"sqlite:///{settings.data_dir / 'identity.sqlite3'}"
+    engine = make_engine(url)
+    await asyncio.to_thread(migrate, engine, script_location=MIGRATIONS_DIR)
+
+    async def on_changes(tenant: str, changes: Sequence[GraphChange]) -> None:
+        records = notices_for(tenants[tenant], changes)
+        if records:
+            await outbox.append(records, dedupe=True)
+            notify()
+
+    resolver = GraphResolver(
+        IdentityLogStore(engine),
+        {tid: identity_rules(t) for tid, t in tenants.items()},
+        on_changes=on_changes,
+    )
+    await resolver.start()
+    return resolver, engine

@@ -1,0 +1,82 @@
+"""The identity change log on SQLite (embedded) or PostgreSQL (shared by replicas).
+
+The graph (identity.graph) is a deterministic state machine; this log is its history.
+Writers append under one lock (``BEGIN IMMEDIATE`` on SQLite, a transaction-scoped
+advisory lock on PostgreSQL) after reading what others appended, so every replica applies
+the same changes in the same order and converges to the same partition. Readers follow the
+log by sequence number without the lock.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import sqlalchemy as sa
+
+MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
+APPEND_LOCK_KEY = 0x6964_6761_7465_0101
+
+LOG = sa.Table(
+    "identity_log",
+    sa.MetaData(),
+    sa.Column(
+        "seq", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), primary_key=True, autoincrement=True
+    ),
+    sa.Column("tenant", sa.String(), nullable=False),
+    sa.Column("kind", sa.String(), nullable=False),
+    sa.Column("change", sa.LargeBinary(), nullable=False),
+    sa.Column("at_ms", sa.BigInteger(), nullable=False),
+)
+
+LogRow = tuple[int, str, bytes]  # seq, tenant, encoded change
+
+
+class IdentityLogStore:
+    def __init__(self, engine: sa.Engine) -> None:
+        self.engine = engine
+
+    def read_after(
+        self, after_seq: int, limit: int = 50_000, conn: sa.Connection | None = None
+    ) -> list[LogRow]:
+        stmt = (
+            sa.select(LOG.c.seq, LOG.c.tenant, LOG.c.change)
+            .where(LOG.c.seq > after_seq)
+            .order_by(LOG.c.seq)
+            .limit(limit)
+        )
+        if conn is not None:
+            return [(int(s), t, bytes(c)) for s, t, c in conn.execute(stmt)]
+        with self.engine.connect() as own:
+            return [(int(s), t, bytes(c)) for s, t, c in own.execute(stmt)]
+
+    def begin_locked(self) -> tuple[sa.Connection, sa.RootTransaction]:
+        """Open the one writer's transaction; the caller reads, decides, then commits."""
+        conn = self.engine.connect()
+        if self.engine.dialect.name == "sqlite":
+            conn = conn.execution_options(sqlite_begin="IMMEDIATE")
+        tx = conn.begin()
+        if self.engine.dialect.name == "postgresql":
+            conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": APPEND_LOCK_KEY})
+        return conn, tx
+
+    def insert_and_commit(
+        self, conn: sa.Connection, tx: sa.RootTransaction, rows: Sequence[tuple[str, str, bytes, int]]
+    ) -> int:
+        """Append (tenant, kind, change, at_ms) rows, commit; returns the last seq of the log."""
+        try:
+            if rows:
+                conn.execute(
+                    LOG.insert(), [{"tenant": t, "kind": k, "change": c, "at_ms": a} for t, k, c, a in rows]
+                )
+            last = conn.execute(sa.select(sa.func.max(LOG.c.seq))).scalar()
+            tx.commit()
+            return int(last or 0)
+        finally:
+            conn.close()
+
+    def abandon(self, conn: sa.Connection, tx: sa.RootTransaction) -> None:
+        try:
+            tx.rollback()
+        finally:
+            conn.close()

@@ -1,0 +1,202 @@
+"""One person across App, Web and mini-program, over real HTTP; over-merge protection."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import httpx
+import pytest
+
+from tests.conftest import MALL_APP_KEY, MALL_MP_KEY, MALL_WEB_KEY, OPERATOR_TOKEN, Gateway, make_gateway, mid
+
+OPS = {"Authorization": f"Bearer {OPERATOR_TOKEN}"}
+
+
+@pytest.fixture
+def gw(tmp_path):
+    g = make_gateway(tmp_path).start()
+    yield g
+    g.stop()
+
+
+def send(gw: Gateway, key: str, kind: str, **body: object) -> str:
+    m = mid()
+    r = httpx.post(f"{gw.url}/v1/{kind}", auth=(key, ""), json={"messageId": m, **body}, timeout=10)
+    assert r.status_code == 200 and r.json()["accepted"] == 1, r.text
+    return m
+
+
+def grant(gw: Gateway, key: str, purposes: list[str], **subject: object) -> None:
+    r = httpx.post(
+        f"{gw.url}/v1/consent",
+        auth=(key, ""),
+        json={"grant": purposes, "noticeId": "notice-v1", **subject},
+        timeout=10,
+    )
+    assert r.status_code == 200, r.text
+
+
+def shopper_journey(gw: Gateway, with_linking: bool) -> tuple[list[str], str]:
+    tag = uuid.uuid4().hex[:8]
+    user, cookie, device, openid = f"user-{tag}", f"cookie-{tag}", f"idfv-{tag}-0000", f"oOpenId{tag}"
+    wx = {"externalIds": [{"id": openid, "type": "wx_openid", "appid": "wxA", "collection": "users"}]}
+    purposes = ["analytics"] + (["identity_linking"] if with_linking else [])
+    # consent on each device, as each SDK asks for it
+    grant(
+        gw,
+        MALL_MP_KEY,
+        purposes,
+        anonymousId=f"mp-{tag}",
+        identifiers=[{"type": "wechat_openid", "id": openid, "appid": "wxA"}],
+    )
+    grant(gw, MALL_WEB_KEY, purposes, anonymousId=cookie)
+    grant(gw, MALL_APP_KEY, purposes, userId=user, identifiers=[{"type": "device_id", "id": device}])
+    sent = [
+        # browses the mini-program
+        send(gw, MALL_MP_KEY, "page", anonymousId=f"mp-{tag}", name="Home", context=wx),
+        # the website: anonymous, then logs in
+        send(gw, MALL_WEB_KEY, "track", anonymousId=cookie, event="Product Viewed"),
+        send(gw, MALL_WEB_KEY, "identify", anonymousId=cookie, userId=user),
+        # pays in the App
+        send(
+            gw,
+            MALL_APP_KEY,
+            "track",
+            userId=user,
+            event="Order Completed",
+            context={"device": {"id": device}},
+        ),
+        # logs in in the mini-program too
+        send(gw, MALL_MP_KEY, "identify", anonymousId=f"mp-{tag}", userId=user, context=wx),
+    ]
+    return sent, user
+
+
+def unified_ids(gw: Gateway, message_ids: list[str]) -> list[str]:
+    events = {e["messageId"]: e for e in gw.wait_for_sink(set(message_ids), "mall-warehouse")}
+    assert set(events) == set(message_ids)
+    return [events[m]["context"]["unified_id"] for m in message_ids]
+
+
+def current(unified: list[str], notices: list[dict]) -> set[str]:
+    """What downstream knows after applying the merge notices it received."""
+    alias = {n["merged"]: n["survivor"] for n in notices if n["type"] == "identity.merged"}
+
+    def follow(u: str) -> str:
+        while u in alias:
+            u = alias[u]
+        return u
+
+    return {follow(u) for u in unified}
+
+
+def test_one_person_across_app_web_and_miniprogram_with_linking_consent(gw: Gateway) -> None:
+    sent, user = shopper_journey(gw, with_linking=True)
+    ids = unified_ids(gw, sent)
+    notices = [e for e in gw.sink_lines("mall-warehouse") if e["type"].startswith("identity.")]
+    assert len(current(ids, notices)) == 1
+    # the events after the last merge already carry the survivor
+    assert ids[-1] in current(ids, notices)
+    # never derived from an identifier
+    assert all(u.startswith("p_") and user not in u for u in ids)
+    # the operator can explain the link between the web cookie and the mini-program openid
+    r = httpx.get(
+        f"{gw.url}/admin/identity/explain",
+        headers=OPS,
+        params={"tenant": "mall", "a": user, "a_type": "user_id", "b": sent and user, "b_type": "user_id"},
+    )
+    assert r.status_code == 200 and r.json()["linked"] is True
+
+
+def test_without_identity_linking_consent_three_people(gw: Gateway) -> None:
+    sent, _ = shopper_journey(gw, with_linking=False)
+    ids = unified_ids(gw, sent)
+    notices = [e for e in gw.sink_lines("mall-warehouse") if e["type"].startswith("identity.")]
+    assert notices == []
+    # mini-program browser, web cookie, and the logged-in user (web identify, App, mini-program login)
+    assert len(set(ids)) == 3
+    assert ids[2] == ids[3] == ids[4]
+
+
+def test_shared_shop_tablet_is_quarantined_not_merged(gw: Gateway) -> None:
+    tablet = f"tablet-{uuid.uuid4().hex[:8]}"
+    grant(
+        gw, MALL_APP_KEY, ["analytics", "identity_linking"], identifiers=[{"type": "device_id", "id": tablet}]
+    )
+    people = []
+    for i in range(60):
+        user = f"customer-{uuid.uuid4().hex[:6]}-{i}"
+        grant(
+            gw,
+            MALL_APP_KEY,
+            ["analytics", "identity_linking"],
+            userId=user,
+            identifiers=[{"type": "device_id", "id": tablet}],
+        )
+        people.append(
+            send(
+                gw,
+                MALL_APP_KEY,
+                "track",
+                userId=user,
+                event="Product Viewed",
+                context={"device": {"id": tablet}},
+            )
+        )
+    ids = unified_ids(gw, people)
+    notices = [e for e in gw.sink_lines("mall-warehouse") if e["type"] == "identity.merged"]
+    # no mega-person: at most the breaker's allowance of merges went through
+    biggest = max(
+        sum(1 for n in notices if n["survivor"] == s) for s in {n["survivor"] for n in notices} or {""}
+    )
+    assert biggest <= 6
+    assert len(current(ids, notices)) >= 54
+    held = httpx.get(f"{gw.url}/admin/identity/quarantine", headers=OPS, params={"tenant": "mall"}).json()
+    assert len(held["quarantined"]) >= 50
+    assert all(q["reason"].startswith(("breaker:", "component_too_large")) for q in held["quarantined"])
+
+
+def test_operator_unlinks_a_wrong_bind_and_the_person_splits(gw: Gateway) -> None:
+    tag = uuid.uuid4().hex[:8]
+    user, device = f"user-{tag}", f"device-{tag}-00"
+    grant(
+        gw,
+        MALL_APP_KEY,
+        ["analytics", "identity_linking"],
+        userId=user,
+        identifiers=[{"type": "device_id", "id": device}],
+    )
+    first = send(
+        gw, MALL_APP_KEY, "track", userId=user, event="Product Viewed", context={"device": {"id": device}}
+    )
+    r = httpx.post(
+        f"{gw.url}/admin/identity/unlink",
+        headers=OPS,
+        json={
+            "tenant": "mall",
+            "a": {"type": "user_id", "id": user},
+            "b": {"type": "device_id", "id": device},
+        },
+    )
+    assert r.status_code == 200 and r.json()["split"] is True, r.text
+    assert r.json()["unifiedIds"]["a"] != r.json()["unifiedIds"]["b"]
+    (event,) = gw.wait_for_sink({first}, "mall-warehouse")
+    for _ in range(100):  # the split notice goes downstream through the outbox
+        splits = [e for e in gw.sink_lines("mall-warehouse") if e["type"] == "identity.split"]
+        if splits:
+            break
+        time.sleep(0.05)
+    assert [s["previous"] for s in splits] == [event["context"]["unified_id"]]
+    assert set(splits[0]["parts"]) == set(r.json()["unifiedIds"].values())
+    again = httpx.post(
+        f"{gw.url}/admin/identity/unlink",
+        headers=OPS,
+        json={
+            "tenant": "mall",
+            "a": {"type": "user_id", "id": user},
+            "b": {"type": "device_id", "id": device},
+        },
+    )
+    assert again.status_code == 400 and again.json()["error"] == "not_linked"
+    assert httpx.post(f"{gw.url}/admin/identity/unlink", json={}).status_code in (400, 401)
