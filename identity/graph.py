@@ -9,10 +9,13 @@ through ``apply`` themselves, which is what keeps the two paths identical.
 
 Rules against over-merging (design section 6), checked for every link that would join two persons:
 
-1. circuit breaker: an identifier that was already proposed to join ``breaker_max_merges``
-   other persons within ``breaker_window_seconds`` (a shared shop tablet, a hard-coded QA
-   id) is held: ``Quarantined("breaker:<node>")``. Checked first, so such an identifier is
-   held for review rather than refused one conflict at a time;
+1. circuit breaker: every identifier remembers the other persons it was proposed to join,
+   whatever the outcome (merged, refused, held), each person once and each event once. One
+   that already has ``breaker_max_merges`` of them within ``breaker_window_seconds`` (a
+   shared shop tablet, a hard-coded QA id) is held: ``Quarantined("breaker:<node>")``.
+   Refusals count because a shared device is usually stopped by a limit (a second user_id)
+   after its first person; checked first, so it is held for review instead of refused one
+   shopper at a time;
 2. per-type maxima: ``EdgeRefused("limit:<type>")``;
 3. component bound: ``Quarantined("component_too_large")``.
 
@@ -27,7 +30,8 @@ from __future__ import annotations
 import secrets
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import datetime
-from typing import Final
+from itertools import pairwise
+from typing import Final, cast
 
 import msgspec
 import networkx as nx
@@ -108,13 +112,13 @@ class _Change(msgspec.Struct, frozen=True, tag_field="kind", tag=True):
     """Base of the change records; the tag is the class name."""
 
 
-class NodeAdded(_Change):
+class NodeAdded(_Change, frozen=True):
     node: str
     unified_id: str
     at: datetime
 
 
-class EdgeAdded(_Change):
+class EdgeAdded(_Change, frozen=True):
     """An accepted link, inside one person or joining two (then a Merged follows)."""
 
     a: str
@@ -126,7 +130,7 @@ class EdgeAdded(_Change):
         return self.provenance.at
 
 
-class Merged(_Change):
+class Merged(_Change, frozen=True):
     """Two persons became one: ``survivor`` keeps its ID, ``merged`` becomes its alias."""
 
     survivor: str
@@ -134,7 +138,7 @@ class Merged(_Change):
     at: datetime
 
 
-class EdgeRefused(_Change):
+class EdgeRefused(_Change, frozen=True):
     """A proposed link that would exceed a per-type maximum (reason ``limit:<type>``)."""
 
     a: str
@@ -147,7 +151,7 @@ class EdgeRefused(_Change):
         return self.provenance.at
 
 
-class Quarantined(_Change):
+class Quarantined(_Change, frozen=True):
     """A proposed link held for review: ``component_too_large`` or ``breaker:<node>``."""
 
     a: str
@@ -160,18 +164,18 @@ class Quarantined(_Change):
         return self.provenance.at
 
 
-class EdgeRemoved(_Change):
+class EdgeRemoved(_Change, frozen=True):
     a: str
     b: str
     at: datetime
 
 
-class NodeRemoved(_Change):
+class NodeRemoved(_Change, frozen=True):
     node: str
     at: datetime
 
 
-class Split(_Change):
+class Split(_Change, frozen=True):
     """A person fell apart: representative (smallest node) of each part -> its unified ID.
 
     The part that keeps ``old_unified_id`` is listed with it; entries are ordered by
@@ -286,7 +290,7 @@ class IdentityGraph:
         if a == b:
             return []
         path: list[str] = nx.shortest_path(self._subgraph(self._members(a)), a, b)
-        return [(x, y, self._provenance[_edge_key(x, y)]) for x, y in zip(path, path[1:], strict=False)]
+        return [(x, y, self._provenance[_edge_key(x, y)]) for x, y in pairwise(path)]
 
     def quarantine(self) -> list[Quarantined]:
         """Proposals held for review, oldest first; one per pair (its first occurrence)."""
@@ -416,15 +420,12 @@ class IdentityGraph:
         changes += (added, merged)
 
     def _breaker_tripped(self, node: str, other_uid: str, now: float) -> bool:
+        """Whether the node already tried to join enough *other* persons within the window."""
         joins = self._nodes[node].joins
         if not joins:
             return False
         since = now - self.rules.breaker_window_seconds
-        others = sum(
-            1
-            for i in range(0, len(joins), 3)
-            if joins[i] > since and joins[i + 1] != other_uid  # type: ignore[operator]
-        )
+        others = sum(1 for at, uid, _ in _join_entries(joins) if at > since and uid != other_uid)
         return others >= self.rules.breaker_max_merges
 
     def _exceeded_type(self, *parts: Iterable[str]) -> str | None:
@@ -617,17 +618,24 @@ class IdentityGraph:
 
     def _remember_join(self, node: str, now: float, other_uid: str, event_id: str) -> None:
         state = self._nodes[node]
-        joins = state.joins
-        if not joins:
+        if not state.joins:
             state.joins = (now, other_uid, event_id)
             return
-        entries = [joins[i : i + 3] for i in range(0, len(joins), 3)]
+        entries = _join_entries(state.joins)
         # one event is one occasion, however many new identifiers it brings
-        if any(e[0] == now and e[2] == event_id for e in entries):
+        if any(at == now and event == event_id for at, _, event in entries):
             return
         # one person counts once: keep its latest proposal only
         entries = [e for e in entries if e[1] != other_uid]
         entries.append((now, other_uid, event_id))
-        entries.sort(key=lambda e: e[0])  # type: ignore[arg-type,return-value]
+        entries.sort(key=lambda e: e[0])
+        # enough to tell whether breaker_max_merges persons other than the next one are in the window
         keep = max(self.rules.breaker_max_merges, 0) + 1
         state.joins = tuple(x for e in entries[-keep:] for x in e)
+
+
+def _join_entries(joins: tuple[float | str, ...]) -> list[tuple[float, str, str]]:
+    return [
+        (cast(float, joins[i]), cast(str, joins[i + 1]), cast(str, joins[i + 2]))
+        for i in range(0, len(joins), 3)
+    ]

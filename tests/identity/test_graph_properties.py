@@ -169,7 +169,8 @@ def test_random_operations_keep_the_graph_consistent(ops: list[tuple[Any, ...]])
     assert replica.stats() == run.graph.stats()
     every_id = {c.unified_id for c in log if isinstance(c, NodeAdded)}
     every_id |= {u for c in log if isinstance(c, Split) for u in c.parts.values()}
-    assert {u: replica.resolve_alias(u) for u in every_id} == {u: run.graph.resolve_alias(u) for u in every_id}
+    aliases = {u: run.graph.resolve_alias(u) for u in every_id}
+    assert {u: replica.resolve_alias(u) for u in every_id} == aliases
     # and it decides the next event the same way (rules and breaker history included)
     probe = [n for n in UNIVERSE if n in run.graph][:4]
     if probe:
