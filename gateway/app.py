@@ -205,7 +205,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             for d in t.destinations
         ]
         delivery = DeliveryService(outbox, workers)
-        resolver, identity_engine = await open_identity(settings, config, outbox, delivery.notify)
+        resolver, identity_engine = await open_identity(settings, config, outbox, delivery.notify, keyring)
         ingestor = Ingestor(
             keyring=keyring,
             outbox=outbox,

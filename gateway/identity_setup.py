@@ -15,6 +15,7 @@ from export.outbox import OutboxRecord, SqliteOutbox
 from gateway.config import Config, Tenant
 from gateway.settings import Settings
 from identity.graph import GraphChange, IdentityRules, Merged, Split
+from identity.pseudonym import KeyRing
 from identity.resolution import IdentityResolver, NoResolution
 from identity.resolver import GraphResolver
 from identity.store import MIGRATIONS_DIR, IdentityLogStore
@@ -69,8 +70,19 @@ def notices_for(tenant: Tenant, changes: Sequence[GraphChange]) -> list[OutboxRe
     return records
 
 
+def derived_unified_id(pseudonym: Callable[[str], str]) -> Callable[[str], str]:
+    """A new identifier's first unified ID: a keyed PRF (the tenant's key) of its node, so
+    every replica gives it the same opaque ID without coordination. It reveals nothing:
+    without the key it cannot be computed from the identifier or its pseudonym."""
+
+    def node_id(node: str) -> str:
+        return "p_" + pseudonym(f"unified-id\x1f{node}").split(".", 1)[1]
+
+    return node_id
+
+
 async def open_identity(
-    settings: Settings, config: Config, outbox: SqliteOutbox, notify: Callable[[], None]
+    settings: Settings, config: Config, outbox: SqliteOutbox, notify: Callable[[], None], keyring: KeyRing
 ) -> tuple[IdentityResolver, sa.Engine | None]:
     tenants = {t.id: t for t in config.tenants if t.identity.enabled}
     if not tenants:

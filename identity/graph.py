@@ -213,10 +213,17 @@ class IdentityGraph:
     """The persons of one tenant. Not thread-safe: one writer, readers between changes."""
 
     def __init__(
-        self, rules: IdentityRules | None = None, *, new_id: Callable[[], str] | None = None
+        self,
+        rules: IdentityRules | None = None,
+        *,
+        new_id: Callable[[], str] | None = None,
+        node_id: Callable[[str], str] | None = None,
     ) -> None:
         self.rules = rules if rules is not None else IdentityRules()
         self._new_id = new_id if new_id is not None else new_unified_id
+        # When given, a new node's first unified ID is derived from the node (a keyed PRF of
+        # its pseudonym): every replica gives a new identifier the same ID without asking.
+        self._node_id = node_id
         self._rank = {t: i for i, t in enumerate(self.rules.priority)}
         self._nodes: dict[str, _Node] = {}
         self._uf = UnionFind()
@@ -327,7 +334,8 @@ class IdentityGraph:
         changes: list[GraphChange] = []
         for node in order:
             if node not in self._nodes:
-                added = NodeAdded(node, self._new_id(), provenance.at)
+                uid = self._node_id(node) if self._node_id is not None else self._new_id()
+                added = NodeAdded(node, uid, provenance.at)
                 self._apply_node_added(added)
                 changes.append(added)
         anchor = order[0]

@@ -24,7 +24,16 @@ from typing import Any, TypeVar
 import msgspec
 import structlog
 
-from identity.graph import GraphChange, IdentityGraph, IdentityRules, Provenance
+from identity.graph import (
+    EdgeRemoved,
+    GraphChange,
+    IdentityGraph,
+    IdentityRules,
+    Merged,
+    NodeRemoved,
+    Provenance,
+    Split,
+)
 from identity.identifiers import Identifier
 from identity.store import IdentityLogStore, LogRow
 
@@ -66,10 +75,19 @@ class GraphResolver:
         *,
         on_changes: OnChanges | None = None,
         follow_seconds: float = 1.0,
+        node_ids: Mapping[str, Callable[[str], str]] | None = None,
+        linger_seconds: float = 0.02,
     ) -> None:
         self.store = store
         self.rules = rules
-        self.graphs = {tenant: IdentityGraph(r) for tenant, r in rules.items()}
+        self.node_ids = node_ids or {}
+        self.graphs = self._fresh_graphs()
+        self.linger_seconds = linger_seconds
+        # New identifiers added on the fast path, appended to the log in the background.
+        self._lazy: list[tuple[str, list[GraphChange]]] = []
+        self._lazy_scheduled = False
+        # Links the rules refused or quarantined: not proposed again until a merge or split.
+        self._settled: dict[str, set[frozenset[str]]] = {t: set() for t in rules}
         self.on_changes = on_changes
         self.follow_seconds = follow_seconds
         self.applied_seq = 0
@@ -80,6 +98,9 @@ class GraphResolver:
         self._follower: asyncio.Task[None] | None = None
         self._priority = {t: {name: i for i, name in enumerate(r.priority)} for t, r in rules.items()}
 
+    def _fresh_graphs(self) -> dict[str, IdentityGraph]:
+        return {t: IdentityGraph(r, node_id=self.node_ids.get(t)) for t, r in self.rules.items()}
+
     async def _io(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
@@ -88,7 +109,10 @@ class GraphResolver:
         for seq, tenant, raw in rows:
             graph = self.graphs.get(tenant)
             if graph is not None:
-                graph.apply(_decode(raw))
+                change = _decode(raw)
+                graph.apply(change)
+                if isinstance(change, Merged | Split | EdgeRemoved | NodeRemoved):
+                    self._settled[tenant].clear()
             self.applied_seq = seq
 
     async def catch_up(self) -> int:
@@ -149,14 +173,39 @@ class GraphResolver:
             out.append(tuple(pseudonym_of(n) for n in linked - own))
         return out
 
-    def _known_answer(self, tenant: str, nodes: list[str], link: bool) -> str | None:
+    def _fast_answer(self, tenant: str, nodes: list[str], link: bool, prov: Provenance) -> str | None:
+        """Answer without the log's lock when nothing needs linking: known identifiers are
+        read, new ones are added with their derived ID (logged in the background). None
+        when the event proposes a link between persons."""
         graph = self.graphs[tenant]
-        ids = [graph.unified_id(n) for n in nodes]
-        if any(i is None for i in ids):
+        ids = {graph.unified_id(n) for n in nodes}
+        proposes_link = link and len(nodes) > 1 and (None in ids or len(ids) > 1)
+        if proposes_link and (None in ids or frozenset(nodes) not in self._settled[tenant]):
             return None
-        if link and len(set(ids)) > 1:
-            return None
+        if None in ids:
+            if tenant not in self.node_ids:
+                return None  # without derived IDs a new identifier needs the lock
+            uid, changes = graph.resolve(nodes, link=False, provenance=prov)
+            if changes:
+                self._lazy.append((tenant, changes))
+                if not self._lazy_scheduled:
+                    self._lazy_scheduled = True
+                    asyncio.get_running_loop().call_later(
+                        self.linger_seconds, lambda: asyncio.ensure_future(self._flush_lazy())
+                    )
+            return uid
         return graph.unified_id(self.anchor(tenant, nodes))
+
+    async def _flush_lazy(self) -> None:
+        self._lazy_scheduled = False
+        pending, self._lazy = self._lazy, []
+        if not pending:
+            return
+        try:
+            await self._locked(lambda: pending)
+        except Exception as exc:
+            # the identifiers keep their derived IDs; they are logged when next seen or linked
+            log.error("identity.lazy_append_failed", error=type(exc).__name__, changes=len(pending))
 
     # -- resolution ------------------------------------------------------------------
     async def resolve_batch(
@@ -169,41 +218,37 @@ class GraphResolver:
         results: list[str | None] = [None] * len(identifier_sets)
         if tenant not in self.graphs:  # identity resolution is off for this tenant
             return results
-        slow: list[int] = []
+        slow: list[tuple[int, list[str], Provenance]] = []
+        now = datetime.now(UTC)
         for i, (ids, link) in enumerate(zip(identifier_sets, linking_allowed, strict=True)):
             nodes = [node_of(x) for x in ids]
             if not nodes:
                 continue
-            known = self._known_answer(tenant, nodes, link)
+            source, event_id = provenance[i] if provenance else ("", "")
+            prov = Provenance(source=source, event_id=event_id, at=now, rule="event")
+            known = self._fast_answer(tenant, nodes, link, prov)
             if known is None:
-                slow.append(i)
+                slow.append((i, nodes, prov))
             else:
                 results[i] = known
         if not slow:
             return results
-        now = datetime.now(UTC)
-        items = []
-        for i in slow:
-            source, event_id = provenance[i] if provenance else ("", "")
-            nodes = [node_of(x) for x in identifier_sets[i]]
-            items.append(
-                (
-                    nodes,
-                    linking_allowed[i],
-                    Provenance(source=source, event_id=event_id, at=now, rule="event"),
-                )
-            )
+        items = [(nodes, linking_allowed[i], prov) for i, nodes, prov in slow]
         future: asyncio.Future[list[str]] = asyncio.get_running_loop().create_future()
         self._pending.append(_Pending(tenant, items, future))
         if not self._flushing:
             self._flushing = True
             asyncio.get_running_loop().create_task(self._flush())
-        for i, uid in zip(slow, await future, strict=True):
+        for (i, _, _), uid in zip(slow, await future, strict=True):
             results[i] = uid
         return results
 
     async def _locked(self, decide: Callable[[], list[tuple[str, list[GraphChange]]]]) -> None:
-        """Catch up and decide under the log's lock, append what was decided, commit."""
+        """Catch up and decide under the log's lock, append what was decided, commit.
+
+        ``decide`` may also return changes already in the graph (identifiers added on the
+        fast path): the lock only orders them in the log, and replaying a known node does
+        nothing."""
         async with self._write_lock:
             conn, tx = await self._io(self.store.begin_locked)
             try:
@@ -224,7 +269,7 @@ class GraphResolver:
             except BaseException:
                 # the graph holds changes the log does not: rebuild it from the log
                 log.error("identity.commit_failed_rebuilding")
-                self.graphs = {t: IdentityGraph(r) for t, r in self.rules.items()}
+                self.graphs = self._fresh_graphs()
                 self.applied_seq = 0
                 await self.catch_up()
                 raise
@@ -267,6 +312,14 @@ class GraphResolver:
                 uid, changes = graph.resolve(nodes, link=link, provenance=prov)
                 uids.append(uid)
                 decided.append((p.tenant, changes))
+                kinds = {type(c).__name__ for c in changes}
+                if kinds & {"Merged", "Split"}:
+                    self._settled[p.tenant].clear()
+                elif link and kinds & {"EdgeRefused", "Quarantined"}:
+                    settled = self._settled[p.tenant]
+                    if len(settled) > 100_000:
+                        settled.clear()
+                    settled.add(frozenset(nodes))
             answers.append(uids)
         return decided
 

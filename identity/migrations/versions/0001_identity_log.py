@@ -23,8 +23,9 @@ depends_on: str | Sequence[str] | None = None
 def upgrade() -> None:
     op.create_table(
         "identity_log",
-        sa.Column("seq", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), primary_key=True,
-                  autoincrement=True),
+        sa.Column(
+            "seq", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), primary_key=True, autoincrement=True
+        ),
         sa.Column("tenant", sa.String(), nullable=False),
         sa.Column("kind", sa.String(), nullable=False),
         sa.Column("change", sa.LargeBinary(), nullable=False),
