@@ -282,6 +282,11 @@ class IdentityGraph:
             unified_id = aliases[unified_id]
         return unified_id
 
+    def has_links(self, node: str) -> bool:
+        """Whether the node's person has more than this identifier (cheap)."""
+        n = self._nodes.get(node)
+        return n is not None and bool(n.adj)
+
     def component(self, node: str) -> frozenset[str]:
         """The identifiers of the node's person; empty for an unknown node."""
         if node not in self._nodes:

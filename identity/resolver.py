@@ -168,9 +168,9 @@ class GraphResolver:
             own = {node_of(i) for i in ids}
             linked: set[str] = set()
             for node in own:
-                if graph.unified_id(node) is not None:
+                if graph.has_links(node):
                     linked.update(graph.component(node))
-            out.append(tuple(pseudonym_of(n) for n in linked - own))
+            out.append(tuple(pseudonym_of(n) for n in linked - own) if linked else ())
         return out
 
     def _fast_answer(self, tenant: str, nodes: list[str], link: bool, prov: Provenance) -> str | None:

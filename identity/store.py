@@ -66,8 +66,12 @@ class IdentityLogStore:
         """Append (tenant, kind, change, at_ms) rows, commit; returns the last seq of the log."""
         try:
             if rows:
-                conn.execute(
-                    LOG.insert(), [{"tenant": t, "kind": k, "change": c, "at_ms": a} for t, k, c, a in rows]
+                # one driver-level executemany: this runs for every batch of new identifiers
+                mark = "?" if self.engine.dialect.name == "sqlite" else "%s"
+                conn.exec_driver_sql(
+                    "INSERT INTO identity_log (tenant, kind, change, at_ms) "
+                    f"VALUES ({mark}, {mark}, {mark}, {mark})",
+                    list(rows),
                 )
             last = conn.execute(sa.select(sa.func.max(LOG.c.seq))).scalar()
             tx.commit()
