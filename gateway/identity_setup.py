@@ -101,6 +101,7 @@ async def open_identity(
         IdentityLogStore(engine),
         {tid: identity_rules(t) for tid, t in tenants.items()},
         on_changes=on_changes,
+        node_ids={tid: derived_unified_id(keyring.pseudonymiser(tid)) for tid in tenants},
     )
     await resolver.start()
     return resolver, engine
