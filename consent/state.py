@@ -181,6 +181,8 @@ class SqlConsentState:
         self._notices: dict[str, dict[str, Notice]] = {}
         self._restrictive: int | None = None
         self._sqlite_reader: sqlite3.Connection | None = None
+        # True while every row of the projection is in the cache (None: not loaded yet)
+        self._complete: bool | None = None
         if self.single_writer and engine.url.database and engine.url.database != ":memory:":
             self._sqlite_reader = sqlite3.connect(
                 f"file:{engine.url.database}?mode=ro", uri=True, check_same_thread=False
@@ -216,6 +218,8 @@ class SqlConsentState:
             return {}
         if not self.single_writer:
             return self._query(tenant, identifiers)
+        if self._complete is None:
+            self._load_all()
         found: dict[str, dict[str, StateEntry]] = {}
         missing = []
         for ident in identifiers:
@@ -224,7 +228,11 @@ class SqlConsentState:
                 missing.append(ident)
             else:
                 found[ident] = entries
-        if missing:
+        if missing and self._complete:
+            # the whole table is in memory: an identifier not there has no record
+            for ident in missing:
+                found[ident] = {}
+        elif missing:
             for ident, entries in self._query(tenant, missing).items():
                 self._remember(tenant, ident, entries)
                 found[ident] = entries
@@ -234,6 +242,25 @@ class SqlConsentState:
         self._cache[(tenant, ident)] = entries
         if len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)
+            self._complete = False
+
+    def _load_all(self) -> None:
+        """Embedded mode: hold the whole projection in memory when it fits, so an unknown
+        identifier (a new visitor) costs no query."""
+        self._complete = False
+        if self._sqlite_reader is None:
+            return
+        (count,) = self._sqlite_reader.execute(
+            "SELECT count(DISTINCT tenant || ':' || identifier) FROM consent_state"
+        ).fetchone()
+        if count > self._cache_size // 2:
+            return
+        rows = self._sqlite_reader.execute(
+            "SELECT tenant, identifier, purpose, state, seq, notice_seq, kind FROM consent_state"
+        )
+        for tenant, ident, purpose, state, seq, notice_seq, kind in rows:
+            self._cache.setdefault((tenant, ident), {})[purpose] = StateEntry(state, seq, notice_seq, kind)
+        self._complete = True
 
     async def notices(self, tenant: str) -> dict[str, Notice]:
         cached = self._notices.get(tenant) if self.single_writer else None
@@ -340,6 +367,9 @@ class SqlConsentState:
         # are read on their next lookup.
         for tenant, ident, purpose, entry in changed:
             cached = self._cache.get((tenant, ident))
+            if cached is None and self._complete:
+                cached = {}
+                self._remember(tenant, ident, cached)
             if cached is not None and (purpose not in cached or cached[purpose].seq < entry.seq):
                 cached[purpose] = entry
         restrictive = [r.seq for r in records if is_restrictive(r)]
