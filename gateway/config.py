@@ -92,6 +92,12 @@ class IdentityConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     max_component: int = 50
     breaker_max_merges: int = 5
     breaker_window_seconds: int = 3600
+    # Where identifiers come from in a Segment event, beyond userId / anonymousId /
+    # previousId and context.externalIds (external_id_types): trait or property key ->
+    # type (defaults phone, mobile -> phone; email -> email) and context.device field ->
+    # type (defaults id -> device_id; advertisingId -> "advertising", IDFA or OAID by OS).
+    trait_types: dict[str, str] = {}
+    device_fields: dict[str, str] = {}
 
 
 class Tenant(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -250,6 +256,15 @@ def _check_tenant(t: Tenant, where: str, dev: bool, problems: list[str], seen_ke
     for ext, id_type in t.external_id_types.items():
         if id_type not in IDENTIFIER_TYPES:
             problems.append(f"{where}.external_id_types.{ext}: unknown identifier type {id_type!r}")
+    for section, mapping in (
+        ("trait_types", t.identity.trait_types),
+        ("device_fields", t.identity.device_fields),
+    ):
+        for key, id_type in mapping.items():
+            if id_type not in IDENTIFIER_TYPES and not (
+                section == "device_fields" and id_type == "advertising"
+            ):
+                problems.append(f"{where}.identity.{section}.{key}: unknown identifier type {id_type!r}")
 
 
 def parse_config(text: str, *, path: str = "<config>", dev: bool = False) -> Config:

@@ -31,6 +31,21 @@ from identity.scrub import KEEP, scrub_text, scrub_value, truncate_ip
 
 # Keys that hold an identifier wherever they appear in traits, properties or context.
 TRAIT_IDENTIFIER_TYPES = {"phone": "phone", "mobile": "phone", "email": "email"}
+DEVICE_FIELD_TYPES = {"id": "device_id", "advertisingId": "advertising"}  # advertising: IDFA or OAID by OS
+_field_maps: dict[int, tuple[dict[str, str], dict[str, str], frozenset[str]]] = {}
+
+
+def field_maps(tenant: Tenant) -> tuple[dict[str, str], dict[str, str], frozenset[str]]:
+    """Where identifiers come from for this tenant: trait/property keys and context.device
+    fields (defaults above, extended by ``[tenants.identity]`` in the config)."""
+    maps = _field_maps.get(id(tenant))
+    if maps is None:
+        traits = {**TRAIT_IDENTIFIER_TYPES, **{k.lower(): v for k, v in tenant.identity.trait_types.items()}}
+        device = {**DEVICE_FIELD_TYPES, **tenant.identity.device_fields}
+        maps = _field_maps[id(tenant)] = (traits, device, IDENTIFIER_LIKE_KEYS | frozenset(traits))
+    return maps
+
+
 IDENTIFIER_LIKE_KEYS = frozenset(
     {
         "phone",
@@ -95,12 +110,14 @@ def pseudonymise_identifiers(env: Envelope, tenant: Tenant, pseudonym: Pseudonym
         except InvalidIdentifier as exc:
             raise RejectMessage("invalid_identifier", f"previousId: {exc.reason}", "previousId") from None
 
+    trait_types, device_types, identifier_keys = field_maps(tenant)
+
     def on_identifier_key(key: str, value: Any) -> Any:
         lowered = key.lower()
-        if lowered not in IDENTIFIER_LIKE_KEYS:
+        if lowered not in identifier_keys:
             return KEEP
         if isinstance(value, str | int) and not isinstance(value, bool):
-            id_type = TRAIT_IDENTIFIER_TYPES.get(lowered)
+            id_type = trait_types.get(lowered)
             return (link(id_type, value) if id_type else None) or opaque(value)
         return scrub_value(value, on_identifier_key)
 
@@ -111,7 +128,9 @@ def pseudonymise_identifiers(env: Envelope, tenant: Tenant, pseudonym: Pseudonym
         os_name = str(
             (ctx.get("os") or {}).get("name", "") if isinstance(ctx.get("os"), dict) else ""
         ).lower()
-        for key, id_type in (("id", "device_id"), ("advertisingId", "idfa" if "ios" in os_name else "oaid")):
+        for key, id_type in device_types.items():
+            if id_type == "advertising":
+                id_type = "idfa" if "ios" in os_name else "oaid"
             if key in device:
                 value = link(id_type, device[key])
                 if value is None:

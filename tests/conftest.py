@@ -116,6 +116,9 @@ Advertising = ["ad_measurement", "marketing"]
 wx_openid = "wechat_openid"
 wx_unionid = "wechat_unionid"
 
+[tenants.identity.trait_types]
+unionid = "wechat_unionid"
+
 [[tenants.destinations]]
 id = "mall-warehouse"
 purposes = ["analytics"]

@@ -200,3 +200,18 @@ def test_operator_unlinks_a_wrong_bind_and_the_person_splits(gw: Gateway) -> Non
     )
     assert again.status_code == 400 and again.json()["error"] == "not_linked"
     assert httpx.post(f"{gw.url}/admin/identity/unlink", json={}).status_code in (400, 401)
+
+
+def test_configured_trait_types_link(gw: Gateway) -> None:
+    """mall maps the trait "unionid" to wechat_unionid: an identify with it links."""
+    tag = uuid.uuid4().hex[:8]
+    cookie, unionid = f"cookie-{tag}", f"oUnion{tag}00"
+    grant(gw, MALL_WEB_KEY, ["analytics", "identity_linking"], anonymousId=cookie)
+    m1 = send(gw, MALL_WEB_KEY, "identify", anonymousId=cookie, traits={"unionid": unionid})
+    grant(gw, MALL_MP_KEY, ["analytics", "identity_linking"], anonymousId=f"mp-{tag}")
+    m2 = send(gw, MALL_MP_KEY, "identify", anonymousId=f"mp-{tag}", traits={"unionid": unionid})
+    ids = unified_ids(gw, [m1, m2])
+    notices = [e for e in gw.sink_lines("mall-warehouse") if e["type"].startswith("identity.")]
+    assert len(current(ids, notices)) == 1
+    events = gw.wait_for_sink({m1}, "mall-warehouse")
+    assert events[0]["traits"]["unionid"].startswith("k1.")
