@@ -1,20 +1,18 @@
 """Identity resolution benchmark: GraphResolver throughput and memory with N identifiers loaded.
 
-For each backend (SQLite file in a temp dir; PostgreSQL in a fresh schema of
-``postgresql+psycopg://postgres@127.0.0.1:5432/test``, dropped at the end) it migrates a fresh
-identity log, then runs, for tenant "bench" with the default rules and derived unified IDs:
+Per backend (SQLite file in a temp dir; PostgreSQL in a fresh schema of PG_URL, dropped after),
+on a fresh identity log, tenant "bench", default rules, derived unified IDs:
 
 * load: N identifiers as N/2 persons (user_id + device_id, linked) through ``resolve_batch``
   in batches (locked path: log lock, append, commit per batch); RSS growth per identifier;
 * lookup (timed): known persons picked at random, both identifiers, link=True (memory only);
-* new: single new anonymous_id per set, link=False (fast path, log appended in the
-  background; the drain time of those appends is reported);
+* new: one new anonymous_id per set, link=False (fast path; log appends in the background,
+  their drain time after the phase is reported);
 * merge (timed): pairs of never-seen identifiers, link=True (locked path, 4 changes each);
 * restart: a new GraphResolver on the same log, ``start()`` replays it.
 
-There is no Redis part in identity resolution: the graph lives in memory and replicas follow
-the PostgreSQL log, so "Postgres+Redis" is the postgres backend. Each backend runs in its own
-process (with ``--backend both``) so RSS figures do not mix.
+Identity resolution has no Redis part (NO_REDIS); with ``--backend both`` each backend runs in
+its own process so the RSS figures do not mix.
 
     .venv/bin/python bench/identity.py [--identifiers 1000000] [--backend both] [--batch 100]
                                        [--seconds 5] [--json]
@@ -36,7 +34,8 @@ import time
 import uuid
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+# this file is bench/identity.py: with bench/ first on sys.path it would shadow the identity package
+sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 import sqlalchemy as sa  # noqa: E402
 import structlog  # noqa: E402
@@ -51,12 +50,17 @@ from identity.store import MIGRATIONS_DIR, IdentityLogStore  # noqa: E402
 
 PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 TENANT = "bench"
+NO_REDIS = (
+    "note: identity resolution has no Redis part (the graph is in memory, replicas follow the "
+    "PostgreSQL log): 'Postgres+Redis' is the postgres backend"
+)
 ROWS = [
     ("load_ids_per_s", "load identifiers/s (locked, merges)"),
     ("rss_bytes_per_id", "RSS growth bytes/identifier"),
     ("lookup_ids_per_s", "lookup identifiers/s (known)"),
     ("new_ids_per_s", "new anonymous identifiers/s"),
     ("new_drain_s", "  background append drain s"),
+    ("new_logged_ids_per_s", "  incl. drain (all logged) id/s"),
     ("merge_ids_per_s", "merge identifiers/s (new pairs)"),
     ("restart_s", "restart: replay seconds"),
     ("restart_changes_per_s", "restart: changes/s"),
@@ -144,19 +148,14 @@ async def run_backend(backend: str, args: argparse.Namespace) -> dict:
         )
         say(f"  [{backend}] lookup: {res['lookup_ids_per_s']:,.0f} id/s")
 
-        tag = uuid.uuid4().hex[:6]
-        res["new_ids_per_s"], new_sets = await timed(
-            resolver,
-            lambda i: [Identifier("anonymous_id", pseud(f"a{tag}{i}"))],
-            args.seconds,
-            1,
-            batch,
-            False,
-        )
+        def anon(i: int) -> list[Identifier]:
+            return [Identifier("anonymous_id", pseud(f"a{i}"))]
+
+        res["new_ids_per_s"], new_sets = await timed(resolver, anon, args.seconds, 1, batch, False)
         t0 = time.perf_counter()
-        while resolver._lazy or resolver._lazy_scheduled or resolver._write_lock.locked():
-            await asyncio.sleep(0.005)
+        await resolver.flush()  # every new identifier is in the log
         res["new_drain_s"] = time.perf_counter() - t0
+        res["new_logged_ids_per_s"] = new_sets / (new_sets / res["new_ids_per_s"] + res["new_drain_s"])
         say(f"  [{backend}] new: {res['new_ids_per_s']:,.0f} id/s ({new_sets:,} sets)")
 
         res["merge_ids_per_s"], _ = await timed(
@@ -194,10 +193,10 @@ def in_child(backend: str, args: argparse.Namespace) -> dict:
 
 
 def table(results: list[dict]) -> str:
-    def fmt(v: object) -> str:
-        return (
-            f"{v:,.0f}" if isinstance(v, int | float) and v >= 100 else f"{v:.2f}" if v is not None else "-"
-        )
+    def fmt(v: float | None) -> str:
+        if v is None:
+            return "-"
+        return f"{v:,.0f}" if v >= 100 else f"{v:.2f}"
 
     lines = [f"{'':36}" + "".join(f"{r['backend']:>14}" for r in results)]
     lines += [f"{label:36}" + "".join(f"{fmt(r.get(key)):>14}" for r in results) for key, label in ROWS]
@@ -214,9 +213,6 @@ def main() -> None:
     args = p.parse_args()
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     backends = ["sqlite", "postgres"] if args.backend == "both" else [args.backend]
-    if "postgres" in backends:
-        say("note: identity has no Redis part (graph in memory, replicas follow the PostgreSQL log);")
-        say("      'Postgres+Redis' is measured as the postgres backend.")
     if len(backends) > 1:
         results = [in_child(b, args) for b in backends]
     else:
@@ -225,6 +221,8 @@ def main() -> None:
         f"identity resolution, {args.identifiers:,} identifiers, batch {args.batch}, {args.seconds:g} s/phase"
     )
     print(table(results))
+    if "postgres" in backends:
+        print(NO_REDIS)
     for r in results:
         if not r["replay_matches"]:
             print(f"WARNING [{r['backend']}]: replayed graph differs from {r['graph_before_restart']}")

@@ -107,6 +107,8 @@ class GraphResolver:
     # -- lifecycle -------------------------------------------------------------------
     def _apply_rows(self, rows: Sequence[LogRow]) -> None:
         for seq, tenant, raw in rows:
+            if seq <= self.applied_seq:  # already in the graph (our own append, read again)
+                continue
             graph = self.graphs.get(tenant)
             if graph is not None:
                 change = _decode(raw)
@@ -116,14 +118,23 @@ class GraphResolver:
             self.applied_seq = seq
 
     async def catch_up(self) -> int:
-        """Apply what was appended since the last look (other replicas' changes)."""
+        """Apply what was appended since the last look (other replicas' changes). Holds the
+        write lock, so it never interleaves with this process's own appends."""
         applied = 0
-        while True:
-            rows = await self._io(self.store.read_after, self.applied_seq)
-            if not rows:
-                return applied
-            self._apply_rows(rows)
-            applied += len(rows)
+        async with self._write_lock:
+            while True:
+                rows = await self._io(self.store.read_after, self.applied_seq)
+                if not rows:
+                    return applied
+                self._apply_rows(rows)
+                applied += len(rows)
+
+    async def flush(self) -> None:
+        """Wait until identifiers added on the fast path are in the log."""
+        while self._lazy or self._lazy_scheduled:
+            await self._flush_lazy()
+        async with self._write_lock:
+            pass
 
     async def start(self) -> None:
         started = time.perf_counter()
@@ -137,6 +148,10 @@ class GraphResolver:
         self._follower = asyncio.create_task(self._follow(), name="identity-follow")
 
     async def stop(self) -> None:
+        try:
+            await self.flush()
+        except Exception as exc:  # derived IDs come back the same when the identifiers are seen again
+            log.error("identity.flush_on_stop_failed", error=type(exc).__name__)
         if self._follower is not None:
             self._follower.cancel()
             await asyncio.gather(self._follower, return_exceptions=True)
