@@ -76,16 +76,11 @@ class GraphResolver:
         on_changes: OnChanges | None = None,
         follow_seconds: float = 1.0,
         node_ids: Mapping[str, Callable[[str], str]] | None = None,
-        linger_seconds: float = 0.02,
     ) -> None:
         self.store = store
         self.rules = rules
         self.node_ids = node_ids or {}
         self.graphs = self._fresh_graphs()
-        self.linger_seconds = linger_seconds
-        # New identifiers added on the fast path, appended to the log in the background.
-        self._lazy: list[tuple[str, list[GraphChange]]] = []
-        self._lazy_scheduled = False
         # Links the rules refused or quarantined: not proposed again until a merge or split.
         self._settled: dict[str, set[frozenset[str]]] = {t: set() for t in rules}
         self.on_changes = on_changes
@@ -130,9 +125,7 @@ class GraphResolver:
                 applied += len(rows)
 
     async def flush(self) -> None:
-        """Wait until identifiers added on the fast path are in the log."""
-        while self._lazy or self._lazy_scheduled:
-            await self._flush_lazy()
+        """Wait until every change decided so far is in the log."""
         async with self._write_lock:
             pass
 
@@ -188,39 +181,24 @@ class GraphResolver:
             out.append(tuple(pseudonym_of(n) for n in linked - own) if linked else ())
         return out
 
-    def _fast_answer(self, tenant: str, nodes: list[str], link: bool, prov: Provenance) -> str | None:
-        """Answer without the log's lock when nothing needs linking: known identifiers are
-        read, new ones are added with their derived ID (logged in the background). None
-        when the event proposes a link between persons."""
+    def _fast_answer(self, tenant: str, nodes: list[str], link: bool) -> str | None:
+        """Answer without the log's lock when nothing needs linking. An identifier that was
+        never linked is not even stored: its unified ID is derived from it (a keyed PRF), the
+        same on every replica, and it enters the graph and the log the day it is linked.
+        None when the event proposes a link between persons."""
         graph = self.graphs[tenant]
         ids = {graph.unified_id(n) for n in nodes}
         proposes_link = link and len(nodes) > 1 and (None in ids or len(ids) > 1)
         if proposes_link and (None in ids or frozenset(nodes) not in self._settled[tenant]):
             return None
-        if None in ids:
-            if tenant not in self.node_ids:
+        anchor = self.anchor(tenant, nodes)
+        uid = graph.unified_id(anchor)
+        if uid is None:
+            derive = self.node_ids.get(tenant)
+            if derive is None:
                 return None  # without derived IDs a new identifier needs the lock
-            uid, changes = graph.resolve(nodes, link=False, provenance=prov)
-            if changes:
-                self._lazy.append((tenant, changes))
-                if not self._lazy_scheduled:
-                    self._lazy_scheduled = True
-                    asyncio.get_running_loop().call_later(
-                        self.linger_seconds, lambda: asyncio.ensure_future(self._flush_lazy())
-                    )
-            return uid
-        return graph.unified_id(self.anchor(tenant, nodes))
-
-    async def _flush_lazy(self) -> None:
-        self._lazy_scheduled = False
-        pending, self._lazy = self._lazy, []
-        if not pending:
-            return
-        try:
-            await self._locked(lambda: pending)
-        except Exception as exc:
-            # the identifiers keep their derived IDs; they are logged when next seen or linked
-            log.error("identity.lazy_append_failed", error=type(exc).__name__, changes=len(pending))
+            uid = derive(anchor)
+        return uid
 
     # -- resolution ------------------------------------------------------------------
     async def resolve_batch(
@@ -241,7 +219,7 @@ class GraphResolver:
                 continue
             source, event_id = provenance[i] if provenance else ("", "")
             prov = Provenance(source=source, event_id=event_id, at=now, rule="event")
-            known = self._fast_answer(tenant, nodes, link, prov)
+            known = self._fast_answer(tenant, nodes, link)
             if known is None:
                 slow.append((i, nodes, prov))
             else:
