@@ -118,16 +118,21 @@ class NodeAdded(_Change, frozen=True):
     at: datetime
 
 
-class EdgeAdded(_Change, frozen=True):
-    """An accepted link, inside one person or joining two (then a Merged follows)."""
+class _Link(_Change, frozen=True):
+    """A link between two nodes, as proposed by an event: its time is the event's."""
 
     a: str
     b: str
-    provenance: Provenance
 
     @property
     def at(self) -> datetime:
-        return self.provenance.at
+        return self.provenance.at  # type: ignore[attr-defined,no-any-return]
+
+
+class EdgeAdded(_Link, frozen=True):
+    """An accepted link, inside one person or joining two (then a Merged follows)."""
+
+    provenance: Provenance
 
 
 class Merged(_Change, frozen=True):
@@ -138,30 +143,18 @@ class Merged(_Change, frozen=True):
     at: datetime
 
 
-class EdgeRefused(_Change, frozen=True):
+class EdgeRefused(_Link, frozen=True):
     """A proposed link that would exceed a per-type maximum (reason ``limit:<type>``)."""
 
-    a: str
-    b: str
     reason: str
     provenance: Provenance
 
-    @property
-    def at(self) -> datetime:
-        return self.provenance.at
 
-
-class Quarantined(_Change, frozen=True):
+class Quarantined(_Link, frozen=True):
     """A proposed link held for review: ``component_too_large`` or ``breaker:<node>``."""
 
-    a: str
-    b: str
     reason: str
     provenance: Provenance
-
-    @property
-    def at(self) -> datetime:
-        return self.provenance.at
 
 
 class EdgeRemoved(_Change, frozen=True):
