@@ -27,7 +27,7 @@ from consent.models import AccessLogEntry
 from consent.service import ConsentRefused, ConsentService
 from export.outbox import SqliteOutbox
 from gateway.config import AdminToken, Config
-from gateway.segment import InvalidRequest
+from gateway.segment import InvalidRequest, decode_body
 from identity.identifiers import IDENTIFIER_TYPES, InvalidIdentifier, normalise
 from identity.pseudonym import KeyRing
 
@@ -184,22 +184,16 @@ def _node(ctx: AdminContext, tenant: str, ref: IdentifierRef, field: str) -> str
         raise InvalidRequest(exc.error, exc.detail, f"{field}.{exc.field}" if exc.field else field) from None
 
 
-def _decode_body(raw: bytes, type_: type[Any]) -> Any:
-    try:
-        return msgspec.json.decode(raw, type=type_)
-    except (msgspec.MsgspecError, ValueError) as exc:
-        from gateway.segment import describe_decode_error
-
-        error, detail, field = describe_decode_error(exc)
-        raise InvalidRequest(error, detail, field) from None
-
-
 class NoticeRequest(msgspec.Struct, rename="camel", forbid_unknown_fields=True):
     tenant: str
     id: str
     content_sha256: str
     material: bool = False
     purposes_changed: list[str] = []
+
+
+_NOTICE = msgspec.json.Decoder(NoticeRequest)
+_UNLINK = msgspec.json.Decoder(UnlinkRequest)
 
 
 class AdminController(Controller):
@@ -387,13 +381,7 @@ class AdminController(Controller):
     async def publish_notice(self, request: Request[Any, Any, Any]) -> dict[str, Any]:
         """Operator role. A material notice sends the purposes it changes (all when none are
         named) back to re-consent for everyone who agreed to an older version."""
-        try:
-            body = msgspec.json.decode(await request.body(), type=NoticeRequest)
-        except (msgspec.MsgspecError, ValueError) as exc:
-            from gateway.segment import describe_decode_error
-
-            error, detail, field = describe_decode_error(exc)
-            raise InvalidRequest(error, detail, field) from None
+        body = decode_body(_NOTICE, await request.body())
         officer = officer_for(request, "operator", body.tenant)
         receipt = await _ctx(request).consent.publish_notice(
             body.tenant,
@@ -458,7 +446,7 @@ class AdminController(Controller):
         summary="Remove one link (a wrong bind); the person splits if it was the only path",
     )
     async def unlink(self, request: Request[Any, Any, Any]) -> dict[str, Any]:
-        body: UnlinkRequest = _decode_body(await request.body(), UnlinkRequest)
+        body = decode_body(_UNLINK, await request.body())
         officer = officer_for(request, "operator", body.tenant)
         ctx = _ctx(request)
         _graph(ctx, body.tenant)

@@ -19,7 +19,7 @@ from litestar.types import Receive, Scope, Send
 
 from consent.service import ConsentRefused, ConsentService
 from gateway.ingest_http import IngestContext, IngestHeaders, authenticate, read_body, send_json
-from gateway.segment import InvalidRequest, describe_decode_error
+from gateway.segment import InvalidRequest, decode_body
 from identity.identifiers import IDENTIFIER_TYPES, InvalidIdentifier, normalise
 from identity.pseudonym import Pseudonymiser
 
@@ -85,11 +85,7 @@ async def _consent(scope: Scope, receive: Receive, send: Send) -> None:
     headers = IngestHeaders.from_scope(scope)
     body = await read_body(receive, headers, ctx.config.limits.max_message_bytes)
     src = authenticate(ctx, headers, body)
-    try:
-        req = _decoder.decode(body)
-    except (msgspec.MsgspecError, ValueError, RecursionError) as exc:
-        error, detail, field = describe_decode_error(exc)
-        raise InvalidRequest(error, detail, field) from None
+    req = decode_body(_decoder, body)
     if req.consent_kind not in ("general", "guardian"):
         raise InvalidRequest("invalid_field", "consentKind must be 'general' or 'guardian'", "consentKind")
     identifiers = subject_identifiers(req, ctx.keyring.pseudonymiser(src.tenant.id))

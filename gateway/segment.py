@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 import uuid
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 
@@ -124,6 +124,18 @@ def describe_decode_error(exc: Exception, prefix: str = "") -> tuple[str, str, s
 
 
 _DECODE_ERRORS = (msgspec.MsgspecError, ValueError, RecursionError)
+T = TypeVar("T")
+
+
+def decode_body(decoder: msgspec.json.Decoder[T], body: bytes) -> T:
+    """Decode a whole request body; any failure is a 400 naming the field."""
+    try:
+        return decoder.decode(body)
+    except _DECODE_ERRORS as exc:
+        error, detail, field = describe_decode_error(exc)
+        raise InvalidRequest(error, detail, field) from None
+
+
 _single_decoders = {name: msgspec.json.Decoder(t) for name, t in MESSAGE_TYPES.items()}
 _union_decoder = msgspec.json.Decoder(SegmentMessage)
 _batch_decoder = msgspec.json.Decoder(BatchEnvelope)

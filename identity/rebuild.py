@@ -97,16 +97,3 @@ def rebuild(
             "links": t.edges.number_of_edges(),
         }
     return report
-
-
-def partition_digest(graph: IdentityGraph, nodes: Iterable[str]) -> str:
-    """A fingerprint of the partition (and unified ids) over these nodes, to compare replicas."""
-    import hashlib
-
-    people: dict[str, list[str]] = {}
-    for node in nodes:
-        uid = graph.unified_id(node)
-        if uid is not None:
-            people.setdefault(uid, []).append(node)
-    canonical = sorted((uid, sorted(members)) for uid, members in people.items())
-    return hashlib.sha256(msgspec.json.encode(canonical)).hexdigest()
