@@ -51,7 +51,6 @@ class PurposeRules:
 
     contract: frozenset[str]
     kinds: Mapping[str, str]  # purpose -> general | separate | guardian
-    enforce: bool = True
 
     @property
     def known(self) -> frozenset[str]:
@@ -345,10 +344,6 @@ class LedgerPolicy:
             return []
         tenant = queries[0].tenant
         rules = self.rules[tenant]
-        if not rules.enforce:  # dev-only configuration, refused by config check elsewhere
-            ids = tuple(d.id for d in destinations)
-            # an epoch no restriction reaches: delivery has nothing to ask again
-            return [ConsentDecision(ids, linking_allowed=True, epoch=2**62) for _ in queries]
         identifiers = list(dict.fromkeys(i for q in queries for i in q.all_ids()))
         snap = await self.state.snapshot(tenant, identifiers)
         floor = self._floors.get(tenant)

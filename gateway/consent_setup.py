@@ -40,7 +40,6 @@ def purpose_rules(tenant: Tenant) -> PurposeRules:
     return PurposeRules(
         contract=frozenset(p for p, spec in purposes.items() if spec.legal_basis == "contract"),
         kinds={p: spec.kind for p, spec in purposes.items()},
-        enforce=tenant.consent.enforce,
     )
 
 
