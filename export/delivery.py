@@ -64,7 +64,7 @@ class DeliveryWorker:
     async def _recover(self) -> None:
         state = await self.outbox.delivery_state(self.destination)
         self.last_seq = self._saved_seq = state.last_seq
-        removed = await asyncio.to_thread(self.sink.recover, state.sink_files)
+        removed = await self.sink.recover(state.sink_files)
         if removed:
             log.warning("delivery.recovered", destination=self.destination, truncated_bytes=removed)
 
@@ -87,7 +87,7 @@ class DeliveryWorker:
             if mine and self.on_delivered is not None:
                 # before the write: a crash after it redelivers, and the trail is idempotent
                 await self.on_delivered(self.destination, mine)
-            sizes = await asyncio.to_thread(self.sink.write, mine) if mine else {}
+            sizes = await self.sink.write(mine) if mine else {}
             await self.outbox.commit_delivery(self.destination, upper, mine, sizes)
             self._cursor_saved_at = now
             self._saved_seq = upper
@@ -194,4 +194,4 @@ class DeliveryService:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
         for w in self.workers:
-            w.sink.close()
+            await w.sink.close()

@@ -9,21 +9,44 @@ line behind: the outbox redelivers exactly what was cut.
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Protocol
+from typing import IO, Any, Protocol
 
 from export.outbox import StoredRecord
 
 
 class Sink(Protocol):
+    """Where one destination's events go. ``records`` hold the cleaned event JSON (identifiers
+    already re-keyed for the destination's pseudonym domain) and its message id, which every
+    sink passes on so the receiver can dedupe (delivery is at-least-once).
+
+    ``write`` returns the committed size of each file it appended to (file sinks that cut
+    back on recovery) or ``{}``. It raises ``RetryableSinkError`` (or any other exception)
+    for a failure worth retrying, ``PermanentSinkError`` when the receiver refused the
+    records themselves (the worker then isolates the bad ones into the dead-letter store).
+    """
+
     destination: str
 
-    def recover(self, committed: Mapping[str, int]) -> int: ...
-    def write(self, records: Sequence[StoredRecord]) -> dict[str, int]: ...
-    def close(self) -> None: ...
+    async def recover(self, committed: Mapping[str, int]) -> int: ...
+    async def write(self, records: Sequence[StoredRecord]) -> dict[str, int]: ...
+    async def close(self) -> None: ...
+
+
+class SinkError(Exception):
+    """A sink write failed; ``detail`` is safe to log (no payload, no identifiers)."""
+
+
+class RetryableSinkError(SinkError):
+    """Timeouts, connection errors, 5xx, 429: the same records may succeed later."""
+
+
+class PermanentSinkError(SinkError):
+    """The receiver refused the records (4xx other than 408/429): retrying cannot help."""
 
 
 def _day(received_at_ms: int) -> str:
@@ -46,9 +69,18 @@ class JsonlFileSink:
         self.directory = root / destination
         self._handles: dict[str, IO[bytes]] = {}
 
-    def recover(self, committed: Mapping[str, int]) -> int:
+    async def recover(self, committed: Mapping[str, int]) -> int:
+        return await asyncio.to_thread(self._recover, committed)
+
+    async def write(self, records: Sequence[StoredRecord]) -> dict[str, int]:
+        return await asyncio.to_thread(self._write, records)
+
+    async def close(self) -> None:
+        self._close()
+
+    def _recover(self, committed: Mapping[str, int]) -> int:
         """Cut every file back to its committed size; returns the bytes removed."""
-        self.close()
+        self._close()
         self.directory.mkdir(parents=True, exist_ok=True)
         removed = 0
         for path in self.directory.glob("*.jsonl"):
@@ -76,7 +108,7 @@ class JsonlFileSink:
                 self._handles.pop(oldest).close()
         return fh
 
-    def write(self, records: Sequence[StoredRecord]) -> dict[str, int]:
+    def _write(self, records: Sequence[StoredRecord]) -> dict[str, int]:
         """Append records, fsync, and return the new size of each file written."""
         by_file: dict[str, list[bytes]] = {}
         for r in records:
@@ -90,13 +122,23 @@ class JsonlFileSink:
             sizes[name] = fh.tell()
         return sizes
 
-    def close(self) -> None:
+    def _close(self) -> None:
         for fh in self._handles.values():
             fh.close()
         self._handles.clear()
 
 
-def build_sink(kind: str, *, root: Path, destination: str) -> Sink:
+def validate_options(kind: str, options: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """Problems with a destination's sink options, as (option name, problem) pairs."""
+    if kind == "jsonl":
+        return [(name, "unknown option for the jsonl sink") for name in options]
+    return [("sink", f"unknown sink kind {kind!r}")]
+
+
+def build_sink(
+    kind: str, *, root: Path, destination: str, options: Mapping[str, Any] | None = None
+) -> Sink:
+    """The sink of one destination; ``options`` were checked by validate_options."""
     if kind == "jsonl":
         return JsonlFileSink(root, destination)
     raise ValueError(f"unknown sink kind {kind!r}")

@@ -195,7 +195,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         workers = [
             DeliveryWorker(
                 outbox,
-                build_sink(d.sink, root=settings.sink_dir, destination=d.id),
+                build_sink(d.sink, root=settings.sink_dir, destination=d.id, options=d.options),
                 batch_size=settings.delivery_batch_size,
                 poll_seconds=settings.delivery_poll_seconds,
                 recheck=delivery_recheck(consent.policy, specs),

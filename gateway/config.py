@@ -20,7 +20,7 @@ Platform = Literal["app", "web", "miniprogram", "server"]
 LegalBasis = Literal["consent", "contract"]
 ConsentKind = Literal["general", "separate", "guardian"]
 Region = Literal["mainland", "overseas"]
-SinkKind = Literal["jsonl"]
+SinkKind = Literal["jsonl", "parquet", "webhook", "segment", "sensors", "redis_stream", "nats"]
 
 _ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 _SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
@@ -60,12 +60,28 @@ class Source(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     name: str = ""
 
 
+class RetryPolicy(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """How a destination's failed writes are retried before they go to the dead-letter store."""
+
+    max_attempts: int = 8
+    max_age_seconds: int = 24 * 3600
+    initial_backoff_ms: int = 200
+    max_backoff_ms: int = 60_000
+
+
 class Destination(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     id: str
     sink: SinkKind = "jsonl"
     purposes: list[str] = []
     region: Region = "mainland"
     recipient: Recipient | None = None
+    # Sink-specific settings (url, stream, subject, timeout_seconds, ...): export.sinks.
+    options: dict[str, Any] = {}
+    # Identifiers leave re-keyed for this domain; destinations sharing a domain can join
+    # their data, others cannot. Empty: the destination's own id.
+    pseudonym_domain: str = ""
+    batch_size: int = 500
+    retry: RetryPolicy = RetryPolicy()
 
 
 class NoticeConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -234,6 +250,19 @@ def _check_tenant(t: Tenant, where: str, dev: bool, problems: list[str], seen_ke
         for p in d.purposes:
             if p not in purposes:
                 problems.append(f"{dw}.purposes: unknown purpose {p!r}")
+        from export.sinks import validate_options
+
+        problems.extend(
+            f"{dw}.options.{name}: {problem}" for name, problem in validate_options(d.sink, d.options)
+        )
+        if not 1 <= d.batch_size <= 10_000:
+            problems.append(f"{dw}.batch_size: must be between 1 and 10000")
+        if d.retry.max_attempts < 1:
+            problems.append(f"{dw}.retry.max_attempts: must be at least 1")
+        if d.retry.initial_backoff_ms < 1 or d.retry.max_backoff_ms < d.retry.initial_backoff_ms:
+            problems.append(f"{dw}.retry: need 1 <= initial_backoff_ms <= max_backoff_ms")
+        if d.pseudonym_domain and not _ID.match(d.pseudonym_domain):
+            problems.append(f"{dw}.pseudonym_domain: {d.pseudonym_domain!r} must match {_ID.pattern}")
     for event_name, event_purposes in t.tracking_plan.items():
         for p in event_purposes:
             if p not in purposes:
