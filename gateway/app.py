@@ -42,6 +42,7 @@ from gateway.identity_setup import open_identity
 from gateway.ingest_http import INGEST_ROUTES, IngestContext, document_ingest_routes, error_body
 from gateway.pipeline import Ingestor, destination_specs
 from gateway.segment import InvalidRequest
+from gateway.sensors_http import SENSORS_ROUTES, document_sensors_routes
 from gateway.settings import Settings
 from identity.pseudonym import InvalidKeyMaterial, KeyRing, new_key_document, write_private_file
 from identity.resolver import GraphResolver
@@ -272,9 +273,17 @@ def create_app(settings: Settings | None = None) -> Litestar:
             log.info("gateway.stopped")
 
     return Litestar(
-        route_handlers=[*INGEST_ROUTES, consent_route, AdminController, healthz, readyz, prometheus_metrics],
+        route_handlers=[
+            *INGEST_ROUTES,
+            *SENSORS_ROUTES,
+            consent_route,
+            AdminController,
+            healthz,
+            readyz,
+            prometheus_metrics,
+        ],
         lifespan=[lifespan],
-        on_startup=[document_ingest_routes],
+        on_startup=[document_ingest_routes, document_sensors_routes],
         # Above this Litestar refuses the body before reading it; _read_body applies the exact limit.
         request_max_body_size=config.limits.max_batch_bytes + 1024,
         exception_handlers={

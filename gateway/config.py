@@ -24,6 +24,7 @@ SinkKind = Literal["jsonl", "parquet", "webhook", "segment", "sensors", "redis_s
 
 _ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 _SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+_SENSORS_PROJECT = re.compile(r"^[a-zA-Z][a-zA-Z0-9_]{0,99}$")
 
 
 class Purpose(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -58,6 +59,12 @@ class Source(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     # Accepted only when IDGATE_ENV=dev, so the shipped example runs with known demo keys.
     dev_write_key: str = ""
     name: str = ""
+    # Sensors Data SDKs send to ``/sa?project=<sensors_project>&token=<token>``; the token
+    # is stored as its SHA-256 (`idgate keys write-key` makes one), the plain
+    # ``sensors_dev_token`` is accepted only with IDGATE_ENV=dev.
+    sensors_project: str = ""
+    sensors_token_sha256: str = ""
+    sensors_dev_token: str = ""
 
 
 class RetryPolicy(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -205,6 +212,33 @@ def _decode_part(data: Any, type_: type, where: str, problems: list[str]) -> Any
         return None
 
 
+def _check_sensors_source(s: Source, sw: str, dev: bool, problems: list[str], seen: dict[str, str]) -> None:
+    tokens = []
+    if s.sensors_token_sha256:
+        if not _SHA256_HEX.match(s.sensors_token_sha256):
+            problems.append(f"{sw}.sensors_token_sha256: must be 64 lowercase hex characters")
+        tokens.append(s.sensors_token_sha256)
+    if s.sensors_dev_token:
+        if not dev:
+            problems.append(
+                f"{sw}.sensors_dev_token: plain tokens are only allowed with IDGATE_ENV=dev; "
+                "use sensors_token_sha256 (see `idgate keys write-key`)"
+            )
+        elif len(s.sensors_dev_token) < 8:
+            problems.append(f"{sw}.sensors_dev_token: must be at least 8 characters")
+        tokens.append(hash_write_key(s.sensors_dev_token))
+    if s.sensors_project and not _SENSORS_PROJECT.match(s.sensors_project):
+        problems.append(f"{sw}.sensors_project: {s.sensors_project!r} must match {_SENSORS_PROJECT.pattern}")
+    if s.sensors_project and not tokens:
+        problems.append(f"{sw}: sensors_project needs sensors_token_sha256")
+    if tokens and not s.sensors_project:
+        problems.append(f"{sw}: a Sensors token needs sensors_project")
+    for h in tokens:
+        if "sensors:" + h in seen:
+            problems.append(f"{sw}: Sensors token already used by {seen['sensors:' + h]}")
+        seen["sensors:" + h] = sw
+
+
 def _check_tenant(t: Tenant, where: str, dev: bool, problems: list[str], seen_keys: dict[str, str]) -> None:
     if not _ID.match(t.id):
         problems.append(f"{where}.id: {t.id!r} must match {_ID.pattern}")
@@ -233,12 +267,13 @@ def _check_tenant(t: Tenant, where: str, dev: bool, problems: list[str], seen_ke
             elif len(s.dev_write_key) < 8:
                 problems.append(f"{sw}.dev_write_key: must be at least 8 characters")
             hashes.append(hash_write_key(s.dev_write_key))
-        if not hashes:
+        if not hashes and not s.sensors_project:
             problems.append(f"{sw}: needs write_key_sha256")
         for h in hashes:
             if h in seen_keys:
                 problems.append(f"{sw}: write key already used by {seen_keys[h]}")
             seen_keys[h] = sw
+        _check_sensors_source(s, sw, dev, problems, seen_keys)
     dest_ids: set[str] = set()
     for j, d in enumerate(t.destinations):
         dw = f"{where}.destinations[{j}]"
@@ -367,4 +402,20 @@ def index_write_keys(config: Config, *, dev: bool) -> dict[str, ResolvedSource]:
                 index[source.write_key_sha256] = resolved
             if dev and source.dev_write_key:
                 index[hash_write_key(source.dev_write_key)] = resolved
+    return index
+
+
+def index_sensors_tokens(config: Config, *, dev: bool) -> dict[str, ResolvedSource]:
+    """Map Sensors token hash -> source (the request's project must be the source's)."""
+    index: dict[str, ResolvedSource] = {}
+    for tenant in config.tenants:
+        dests = tuple(tenant.destinations)
+        for source in tenant.sources:
+            if not source.sensors_project:
+                continue
+            resolved = ResolvedSource(tenant=tenant, source=source, destinations=dests)
+            if source.sensors_token_sha256:
+                index[source.sensors_token_sha256] = resolved
+            if dev and source.sensors_dev_token:
+                index[hash_write_key(source.sensors_dev_token)] = resolved
     return index

@@ -421,6 +421,25 @@ class Ingestor:
             self.on_appended()
         return result
 
+    async def detach_identifiers(self, tenant: str, identifiers: Sequence[Identifier]) -> int:
+        """Remove every link of these (pseudonymised) identifiers, as a Sensors
+        ``track_id_unbind`` asks: each leaves its person, which splits where those links
+        were the only path (split notices go downstream). Needs no consent: it only ever
+        separates. Returns the number of links removed."""
+        graph = getattr(self.resolver, "graphs", {}).get(tenant)
+        unlink = getattr(self.resolver, "unlink", None)
+        if graph is None or unlink is None:
+            return 0
+        removed = 0
+        for ident in identifiers:
+            node = f"{ident.type}:{ident.value}"
+            for other in sorted(graph.component(node) - {node}):
+                path = graph.explain(node, other)
+                if path is not None and len(path) == 1:  # a direct link
+                    changes = await unlink(tenant, node, other)
+                    removed += sum(1 for c in changes if type(c).__name__ == "EdgeRemoved")
+        return removed
+
     async def _record_consent_events(
         self, src: ResolvedSource, envs: list[Envelope], result: IngestResult
     ) -> list[Envelope]:

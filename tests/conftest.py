@@ -62,6 +62,8 @@ dev_write_key = "web-test-key-0001"
 id = "shop-app"
 platform = "app"
 dev_write_key = "app-test-key-0001"
+sensors_project = "shop"
+sensors_dev_token = "shop-sensors-token-01"
 
 [tenants.tracking_plan]
 "*" = ["analytics"]
@@ -98,6 +100,8 @@ dev_write_key = "mall-app-key-0001"
 id = "mall-mp"
 platform = "miniprogram"
 dev_write_key = "mall-mp-key-00001"
+sensors_project = "mall"
+sensors_dev_token = "mall-sensors-token-01"
 
 [[tenants.notices]]
 id = "notice-v1"
@@ -144,6 +148,8 @@ APP_KEY = "app-test-key-0001"
 MALL_WEB_KEY = "mall-web-key-0001"
 MALL_APP_KEY = "mall-app-key-0001"
 MALL_MP_KEY = "mall-mp-key-00001"
+SHOP_SENSORS_TOKEN = "shop-sensors-token-01"
+MALL_SENSORS_TOKEN = "mall-sensors-token-01"
 COMPLIANCE_TOKEN = "compliance-test-token"
 OPERATOR_TOKEN = "operator-test-token"
 

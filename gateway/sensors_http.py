@@ -1,0 +1,309 @@
+"""The Sensors Data ingest endpoints: ``/sa`` and ``/sa.gif``, GET and POST, as SDKs send them.
+
+A team moves its Sensors SDKs to idgate by changing the server URL to
+``https://<idgate>/sa?project=<project>&token=<token>``; the token (with its project)
+names the source, like a Segment write key. Like ``gateway.ingest_http`` these are raw
+ASGI handlers (the hot path); errors are raised as ``InvalidRequest`` and become JSON in the
+app's exception handlers.
+
+What the SDKs do with the answer decides the status codes:
+
+- the web SDK's batch mode and the Python ``BatchConsumer`` send the same batch again after
+  any non-2xx answer, forever (the ``BatchConsumer`` holds back everything after it), so a
+  ``data_list`` whose events were all rejected is answered 200 with the rejections listed
+  (and logged and counted), never 400;
+- single sends (``data=``: web ajax/beacon/image mode, Python ``DefaultConsumer``) are not
+  retried: a rejected event is a 400 naming the field, which the Python client raises;
+- 401 (unknown token), 413 and 415 are answered as such: nothing in the request could be
+  read, and the batch senders keep the data until the configuration is fixed;
+- 503 with Retry-After when nothing could be stored; batch senders retry, the Python client
+  raises. The WeChat mini-program SDK drops a batch on any answer, whatever its status, and
+  re-sends only when the request itself failed: idgate cannot do better for it than not
+  failing;
+- a GET of ``/sa.gif`` (the web SDK's image mode) that succeeds is answered with a 1x1 GIF;
+- every answer allows any origin (the web SDK posts cross-origin without credentials).
+"""
+
+from __future__ import annotations
+
+import zlib
+from datetime import UTC, datetime
+
+import msgspec
+import structlog
+from litestar import Litestar, asgi
+from litestar.exceptions import MethodNotAllowedException
+from litestar.openapi.spec import OpenAPIMediaType as MediaType
+from litestar.openapi.spec import (
+    OpenAPIResponse,
+    Operation,
+    Parameter,
+    PathItem,
+    RequestBody,
+    Schema,
+)
+from litestar.openapi.spec.enums import OpenAPIType
+from litestar.types import Receive, Scope, Send
+
+from gateway.config import ResolvedSource, hash_write_key, index_sensors_tokens
+from gateway.ingest_http import IngestContext, IngestHeaders, ingest_response, request_id
+from gateway.pipeline import IngestResult
+from gateway.segment import InvalidRequest
+from gateway.sensors import SensorsBatch, decode_events, parse_form, payload_json
+
+log = structlog.get_logger("idgate.ingest")
+
+FORM_TYPES = frozenset(
+    {
+        "application/x-www-form-urlencoded",  # web ajax and batch modes, server SDKs
+        "text/plain",  # the mini-program SDK, navigator.sendBeacon
+        "application/json",  # what IngestHeaders assumes when there is no Content-Type
+        "application/octet-stream",
+    }
+)
+# The encoding overhead of a form (base64, percent escapes) on top of the JSON limit.
+FORM_OVERHEAD = 2
+CORS = [(b"access-control-allow-origin", b"*")]
+PREFLIGHT = [
+    *CORS,
+    (b"access-control-allow-methods", b"GET, POST, OPTIONS"),
+    (b"access-control-allow-headers", b"Content-Type, Content-Encoding, Dry-Run"),
+    (b"access-control-max-age", b"86400"),
+]
+# A transparent 1x1 GIF: what an <img> expects from /sa.gif.
+PIXEL = bytes.fromhex(
+    "47494638396101000100800000000000ffffff21f90401000000002c00000000010001000002024401003b"
+)
+_encode = msgspec.json.Encoder().encode
+
+
+async def read_form(receive: Receive, headers: IngestHeaders, limit: int) -> bytes:
+    """The form body, refused with 413 as soon as it passes ``limit`` (also after gunzip)."""
+    if headers.content_type not in FORM_TYPES:
+        raise InvalidRequest(
+            "unsupported_media_type",
+            f"Content-Type must be application/x-www-form-urlencoded or text/plain, "
+            f"got {headers.content_type[:60]!r}",
+            "Content-Type",
+            415,
+        )
+    if headers.content_length is not None and headers.content_length > limit:
+        raise InvalidRequest("too_large", f"request body exceeds {limit} bytes", None, 413)
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise InvalidRequest("client_disconnected", "the client went away before the body arrived")
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise InvalidRequest("too_large", f"request body exceeds {limit} bytes", None, 413)
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            break
+    body = b"".join(chunks)
+    if headers.content_encoding == "gzip":
+        try:
+            inflater = zlib.decompressobj(wbits=31)
+            body = inflater.decompress(body, limit + 1)
+        except zlib.error:
+            raise InvalidRequest("invalid_encoding", "body is not valid gzip", "Content-Encoding") from None
+        if len(body) > limit or inflater.unconsumed_tail:
+            raise InvalidRequest("too_large", f"decompressed body exceeds {limit} bytes", None, 413)
+    elif headers.content_encoding not in ("", "identity"):
+        raise InvalidRequest(
+            "unsupported_media_type",
+            f"Content-Encoding {headers.content_encoding[:40]!r} is not supported",
+            "Content-Encoding",
+            415,
+        )
+    return body
+
+
+def authenticate_sensors(tokens: dict[str, ResolvedSource], form: dict[str, str]) -> ResolvedSource:
+    """``token`` (and ``project``, when given) from the server URL to its source."""
+    token = form.get("token", "").strip()
+    if not token:
+        raise InvalidRequest(
+            "missing_token", "add &token=<the source's Sensors token> to the server URL", "token", 401
+        )
+    resolved = tokens.get(hash_write_key(token))
+    if resolved is None:
+        raise InvalidRequest("invalid_token", "unknown Sensors token", "token", 401)
+    project = form.get("project", "").strip()
+    if project and project != resolved.source.sensors_project:
+        raise InvalidRequest("invalid_token", "the token belongs to another project", "project", 401)
+    return resolved
+
+
+def _token_index(scope: Scope) -> dict[str, ResolvedSource]:
+    state = scope["app"].state
+    index: dict[str, ResolvedSource] | None = getattr(state, "sensors_tokens", None)
+    if index is None:
+        ctx: IngestContext = state.ingest
+        index = index_sensors_tokens(ctx.config, dev=state.gateway.settings.dev)
+        state.sensors_tokens = index
+    return index
+
+
+async def _send(send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-length", str(len(body)).encode()), *headers],
+        }
+    )
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+def sensors_response(result: IngestResult, *, batch: bool) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
+    status, body, extra = ingest_response(result)
+    if status == 400 and batch:
+        # Every event of the batch was rejected. Batch senders would send it again after a
+        # 400, forever: the rejections are in the body, the log and the metrics instead.
+        return 200, _encode(result.body()), extra
+    return status, body, extra
+
+
+async def ingest_in_order(
+    ctx: IngestContext, src: ResolvedSource, batch: SensorsBatch, result: IngestResult
+) -> None:
+    """Run the pipeline over the batch; an unbind takes effect where it stands in it: the
+    events before it are resolved first, the events after it see the person split."""
+    if not batch.unbind:
+        await ctx.ingestor.ingest(src, batch.envelopes, result)
+        return
+    unbind = dict(batch.unbind)
+    start = 0
+    for end, env in enumerate(batch.envelopes, 1):
+        if env.index not in unbind and end < len(batch.envelopes):
+            continue
+        part = result if start == 0 else IngestResult(received=0)
+        await ctx.ingestor.ingest(src, batch.envelopes[start:end], part)
+        if part is not result:
+            result.accepted += part.accepted
+            result.duplicates += part.duplicates
+            result.in_flight += part.in_flight
+            result.rejected.extend(part.rejected)
+            result.dropped.update(part.dropped)
+        if env.index in unbind and all(r.index != env.index for r in part.rejected):
+            await ctx.ingestor.detach_identifiers(src.tenant.id, unbind[env.index])
+        start = end
+
+
+async def _sensors(scope: Scope, receive: Receive, send: Send) -> None:
+    method = scope["method"]
+    if method == "OPTIONS":
+        await _send(send, 204, b"", PREFLIGHT)
+        return
+    if method not in ("GET", "POST"):
+        raise MethodNotAllowedException(detail="/sa accepts GET and POST")
+    ctx: IngestContext = scope["app"].state.ingest
+    limits = ctx.config.limits
+    headers = IngestHeaders.from_scope(scope)
+    form = parse_form(scope.get("query_string", b""))
+    if method == "POST":
+        body = await read_form(receive, headers, FORM_OVERHEAD * limits.max_batch_bytes)
+        form = {**form, **parse_form(body)}
+    src = authenticate_sensors(_token_index(scope), form)
+    payload, single = payload_json(form, limit=limits.max_batch_bytes)
+    batch = decode_events(
+        payload,
+        single=single,
+        limits=limits,
+        received_at=datetime.now(UTC),
+        pseudonym=ctx.keyring.pseudonymiser(src.tenant.id),
+        project=src.source.sensors_project,
+    )
+    result = IngestResult(received=batch.received, rejected=batch.rejected)
+    await ingest_in_order(ctx, src, batch, result)
+    if result.rejected:
+        log.info(
+            "ingest.rejected",
+            request_id=request_id(headers),
+            tenant=src.tenant.id,
+            source=src.source.id,
+            protocol="sensors",
+            rejected=len(result.rejected),
+            errors=sorted({r.error for r in result.rejected}),
+        )
+    status, body, extra = sensors_response(result, batch=not single)
+    if method == "GET" and status == 200:
+        await _send(
+            send, 200, PIXEL, [(b"content-type", b"image/gif"), (b"cache-control", b"no-store"), *CORS]
+        )
+        return
+    await _send(send, status, body, [(b"content-type", b"application/json"), *extra, *CORS])
+
+
+SENSORS_ROUTES = [
+    asgi("/sa", name="ingest_sensors")(_sensors),
+    asgi("/sa.gif", name="ingest_sensors_gif")(_sensors),
+]
+
+
+def document_sensors_routes(app: Litestar) -> None:
+    """ASGI handlers are not in the generated OpenAPI document: describe them there."""
+    paths = app.openapi_schema.paths
+    if paths is None:
+        return
+    string = Schema(type=OpenAPIType.STRING)
+    form = Schema(
+        type=OpenAPIType.OBJECT,
+        properties={
+            "data": Schema(type=OpenAPIType.STRING, description="One event: base64 of JSON"),
+            "data_list": Schema(type=OpenAPIType.STRING, description="Events: base64 of a JSON array"),
+            "gzip": Schema(type=OpenAPIType.STRING, description="1: the JSON was gzipped before base64"),
+            "ext": Schema(type=OpenAPIType.STRING, description="The web SDK's checksum (ignored)"),
+        },
+    )
+    parameters = [
+        Parameter(
+            name="project", param_in="query", required=False, schema=string, description="Sensors project"
+        ),
+        Parameter(
+            name="token", param_in="query", required=True, schema=string, description="The source's token"
+        ),
+    ]
+    responses = {
+        "200": OpenAPIResponse(
+            description="Stored durably (a GIF for GET /sa.gif): counts of accepted, duplicate, "
+            "rejected (with index, field, reason) and dropped (by reason) events. A data_list whose "
+            "events were all rejected is a 200 too (batch senders would re-send it forever).",
+            content={"application/json": MediaType(schema=Schema(type=OpenAPIType.OBJECT))},
+        ),
+        "400": OpenAPIResponse(description="Unreadable request, or the one event of data= rejected"),
+        "401": OpenAPIResponse(description="Missing or unknown token, or a token of another project"),
+        "413": OpenAPIResponse(description="Event over 32 KB or request over 500 KB of JSON"),
+        "415": OpenAPIResponse(description="Unsupported Content-Type or Content-Encoding, or gzip=9"),
+        "503": OpenAPIResponse(description="Could not store durably: retry"),
+    }
+    description = (
+        "Sensors Data SDKs (web, mini-program, App, server): form fields `data` (one event) or "
+        "`data_list` (several), base64 of JSON or, with `gzip=1`, of gzipped JSON; in the body "
+        "(POST) or the query string (GET). Each event is accepted or rejected on its own."
+    )
+
+    def operation(method: str, path: str) -> Operation:
+        return Operation(
+            tags=["ingest"],
+            summary=f"Sensors Data events ({method} {path})",
+            description=description,
+            operation_id=f"ingest_sensors_{method.lower()}_{path.strip('/').replace('.', '_')}",
+            parameters=parameters,
+            request_body=RequestBody(
+                content={
+                    "application/x-www-form-urlencoded": MediaType(schema=form),
+                    "text/plain": MediaType(schema=form),
+                },
+                required=True,
+            )
+            if method == "POST"
+            else None,
+            responses=responses,
+        )
+
+    for path in ("/sa", "/sa.gif"):
+        paths[path] = PathItem(post=operation("POST", path), get=operation("GET", path))

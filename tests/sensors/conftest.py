@@ -1,0 +1,108 @@
+"""Helpers for the Sensors Data tests: request bodies as the SDKs build them, the mini-program
+runner (the real npm SDK under Node), and reading persons back from the sink."""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import json
+import shutil
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import MALL_SENSORS_TOKEN, SHOP_SENSORS_TOKEN, Gateway
+
+MINIPROGRAM = Path(__file__).resolve().parent / "miniprogram"
+
+
+def sensors_url(gw: Gateway, tenant: str = "shop", path: str = "/sa") -> str:
+    token = SHOP_SENSORS_TOKEN if tenant == "shop" else MALL_SENSORS_TOKEN
+    return f"{gw.url}{path}?project={tenant}&token={token}"
+
+
+def encode(events: Any, *, compress: bool = True) -> str:
+    """base64 of (gzipped) JSON, as the SDKs put it in data= / data_list=."""
+    raw = json.dumps(events).encode()
+    return base64.b64encode(gzip.compress(raw) if compress else raw).decode()
+
+
+def sensors_event(distinct_id: str, event: str = "ViewProduct", **fields: Any) -> dict[str, Any]:
+    ev: dict[str, Any] = {
+        "type": "track",
+        "event": event,
+        "distinct_id": distinct_id,
+        "time": int(time.time() * 1000),
+        "lib": {"$lib": "test", "$lib_version": "1.0"},
+        "properties": {},
+    }
+    ev.update(fields)
+    return ev
+
+
+def sensors_events(gw: Gateway, destination: str = "warehouse") -> list[dict[str, Any]]:
+    return [e for e in gw.sink_lines(destination) if "sensors" in e.get("context", {})]
+
+
+def wait_for(
+    gw: Gateway,
+    predicate: Callable[[dict[str, Any]], bool],
+    count: int,
+    destination: str = "warehouse",
+    timeout: float = 20,
+) -> list[dict[str, Any]]:
+    """The sink lines matching ``predicate``, once there are ``count`` of them (or at the timeout)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        lines = [e for e in gw.sink_lines(destination) if predicate(e)]
+        if len(lines) >= count or time.monotonic() > deadline:
+            return lines
+        time.sleep(0.05)
+
+
+def current_persons(unified: list[str], lines: list[dict[str, Any]]) -> set[str]:
+    """The persons downstream knows after applying the merge and split notices it received."""
+    alias = {n["merged"]: n["survivor"] for n in lines if n["type"] == "identity.merged"}
+
+    def follow(u: str) -> str:
+        while u in alias:
+            u = alias[u]
+        return u
+
+    return {follow(u) for u in unified}
+
+
+@pytest.fixture(scope="session")
+def miniprogram() -> Callable[[dict[str, Any]], dict[str, Any]]:
+    """Run tests/sensors/miniprogram/run.js (the npm SDK under Node) with a scenario.
+
+    Installs the locked SDK with `npm ci` the first time, so a fresh checkout gets there."""
+    node, npm = shutil.which("node"), shutil.which("npm")
+    if node is None or npm is None:
+        pytest.skip("Node.js and npm are needed for the mini-program SDK tests")
+    if not (MINIPROGRAM / "node_modules" / "sa-sdk-miniprogram").is_dir():
+        done = subprocess.run(
+            [npm, "ci", "--no-audit", "--no-fund"],
+            cwd=MINIPROGRAM,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert done.returncode == 0, f"npm ci failed:\n{done.stdout}\n{done.stderr}"
+
+    def run(scenario: dict[str, Any]) -> dict[str, Any]:
+        done = subprocess.run(
+            [node, "run.js", json.dumps(scenario)],
+            cwd=MINIPROGRAM,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 0, f"mini-program run failed:\n{done.stdout}\n{done.stderr}"
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    return run
