@@ -44,15 +44,9 @@ def people() -> tuple[str, str, str]:
 
 def journey(sa: SensorsAnalytics, anon: str, user: str, mobile: str) -> int:
     """A shopper browses anonymously, signs up, buys, gets a profile, binds a phone number
-    that turns out to be wrong (unbind), and the phone is used alone afterwards.
-
-    Flushes after each call that changes who is who: within one request, events answered
-    before a merge of that request keep the ID they got (reported: identity resolution
-    sends no merge notice for IDs handed out earlier in the same batch)."""
+    that turns out to be wrong (unbind), and the phone is used alone afterwards."""
     sa.track(anon, "ViewProduct", {"sku": "SKU-1", "$device_id": f"dev-{anon}"})
-    sa.flush()
     sa.track_signup(user, anon, {"channel": "web"})
-    sa.flush()
     sa.track(user, "PayOrder", {"amount": 99, "note": f"call me on {mobile}"}, is_login_id=True)
     sa.profile_set(user, {"plan": "gold"}, is_login_id=True)
     sa.profile_set_once(user, {"first_channel": "web"}, is_login_id=True)
@@ -60,11 +54,9 @@ def journey(sa: SensorsAnalytics, anon: str, user: str, mobile: str) -> int:
     sa.profile_append(user, {"tags": ["vip"]}, is_login_id=True)
     sa.profile_unset(user, ["plan"], is_login_id=True)
     sa.bind(Identity(Identity.LOGIN_ID, user), Identity(Identity.MOBILE, mobile))
-    sa.flush()
     sa.profile_set_by_id({"city": "Shanghai"}, Identity(Identity.MOBILE, mobile))
-    sa.flush()
-    # The unbind takes effect where it stands in its batch: the event after it is the
-    # phone's alone.
+    # The unbind takes effect where it stands, also inside a batch: the events after it
+    # see the phone alone.
     sa.unbind(Identity(Identity.MOBILE, mobile))
     sa.track_by_id("ViewProduct", {"sku": "SKU-2"}, Identity(Identity.MOBILE, mobile))
     sa.profile_delete(user, is_login_id=True)
@@ -138,13 +130,8 @@ def test_batch_consumer_and_a_resent_batch_is_deduplicated(fresh_gateway: Gatewa
         sa.track(anon, "ViewProduct", {"i": i})
     sent = 40 + journey(sa, anon, user, mobile)
     sa.close()
-    assert [len(json.loads(gzip.decompress(base64.b64decode(d["data_list"])))) for d in consumer.sent] == [
-        41,
-        1,
-        7,
-        1,
-        3,
-    ]  # one request per flush
+    sizes = [len(json.loads(gzip.decompress(base64.b64decode(d["data_list"])))) for d in consumer.sent]
+    assert sizes == [50, 3]  # max_size, then the rest on close
     events = wait_for(gw, lambda e: "sensors" in e.get("context", {}), sent)
     assert len(events) == sent == len({e["messageId"] for e in events})
     check_journey(gw, [e for e in events if "i" not in e.get("properties", {})], anon, user, mobile)
@@ -158,7 +145,7 @@ def test_batch_consumer_and_a_resent_batch_is_deduplicated(fresh_gateway: Gatewa
         timeout=10,
     )
     assert again.status_code == 200, again.text
-    assert again.json()["duplicates"] == 41 and again.json()["accepted"] == 0
+    assert again.json()["duplicates"] == 50 and again.json()["accepted"] == 0
     assert len(sensors_events(gw)) == sent
 
 
