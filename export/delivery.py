@@ -1,8 +1,20 @@
-"""In-process delivery: one worker per destination moves events from the outbox to its sink.
+"""Delivery: one worker per destination moves events from its queue on the outbox to its sink.
 
-Each destination has its own cursor, so a slow or failing destination never holds back
-the others. A failed write is cut back to the last commit and retried with exponential
-backoff and jitter; nothing is skipped.
+Each destination reads its own queue (a cursor on the embedded outbox, a consumer group on
+the Redis Streams outbox), so a slow or failing destination never holds back the others.
+For each batch the worker:
+
+1. asks consent again (a withdrawal that landed while the events waited stops them);
+2. drops identity notices about persons the destination never received data of;
+3. re-keys pseudonyms and unified IDs for the destination's pseudonym domain;
+4. writes to the sink, retrying with exponential backoff and jitter; a batch the receiver
+   refuses (``PermanentSinkError``) is bisected so only the refused events are set aside;
+   events still failing after ``Retry.max_attempts`` attempts or ``Retry.max_age_seconds``
+   since they were received go to the dead-letter store (never silently dropped);
+5. commits the batch (cursor or stream acks, sink file sizes, persons now held) at once.
+
+Delivery is at-least-once; every record carries its message id so receivers can dedupe,
+and the file sinks are exactly-once through their committed sizes.
 """
 
 from __future__ import annotations
@@ -10,14 +22,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import re
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
 
+import msgspec
 import structlog
-from prometheus_client import Counter
+from prometheus_client import Counter, Gauge
 
-from export.outbox import SqliteOutbox, StoredRecord
-from export.sinks import Sink
+from export.deadletter import DeadLetterStore
+from export.domains import DomainRekeyer, notice_subjects, persons_of
+from export.outbox import DestinationQueue, StoredRecord
+from export.sinks import PermanentSinkError, Sink
 
 log = structlog.get_logger(__name__)
 
@@ -28,90 +46,222 @@ WITHHELD = Counter(
     "Events not sent because consent was withdrawn between ingest and delivery",
     ["destination"],
 )
+DEAD_LETTERED = Counter(
+    "idgate_dead_lettered_total", "Events moved to the dead-letter store", ["destination", "reason"]
+)
+NOTICES_SKIPPED = Counter(
+    "idgate_notices_skipped_total",
+    "Identity notices not sent to a destination that never received the person's data",
+    ["destination"],
+)
+BACKLOG = Gauge("idgate_outbox_backlog", "Events in the outbox not yet delivered everywhere")
 
 # Asked again at send time: which of these records may still go to this destination?
 Recheck = Callable[[str, Sequence[StoredRecord]], Awaitable[list[bool]]]
 # Told, before the sink write, what is about to be delivered (the audit trail of proofs).
 OnDelivered = Callable[[str, Sequence[StoredRecord]], Awaitable[None]]
 
+_UNIFIED_ID = re.compile(rb'"unified_id":"(p_[A-Za-z0-9_-]{22})"')
+_NOTICE_PREFIX = b'{"type":"identity.'
+
+
+@dataclass(frozen=True)
+class Retry:
+    """A destination's retry policy (config: ``[tenants.destinations.retry]``)."""
+
+    max_attempts: int = 8
+    max_age_seconds: float = 24 * 3600
+    initial_backoff: float = 0.2
+    max_backoff: float = 60.0
+
+    def backoff(self, attempt: int) -> float:
+        """Full jitter: uniform in [base/2, base] where base doubles per attempt, capped."""
+        base = min(self.max_backoff, self.initial_backoff * 2 ** (attempt - 1))
+        return base * random.uniform(0.5, 1.0)
+
+
+class _GaveUp(Exception):
+    """The retry policy ran out for the records still pending."""
+
 
 class DeliveryWorker:
     def __init__(
         self,
-        outbox: SqliteOutbox,
+        queue: DestinationQueue,
         sink: Sink,
         *,
-        batch_size: int = 2000,
+        batch_size: int = 500,
         poll_seconds: float = 0.2,
         linger_seconds: float = 0.05,
+        retry: Retry | None = None,
+        dead_letters: DeadLetterStore | None = None,
+        rekey: DomainRekeyer | None = None,
         recheck: Recheck | None = None,
         on_delivered: OnDelivered | None = None,
     ) -> None:
-        self.outbox = outbox
+        self.queue = queue
         self.sink = sink
-        self.destination = sink.destination
+        self.destination = queue.destination
         self.batch_size = batch_size
         self.poll_seconds = poll_seconds
         self.linger_seconds = linger_seconds
+        self.retry = retry or Retry()
+        self.dead_letters = dead_letters
+        self.rekey = rekey
         self.recheck = recheck
         self.on_delivered = on_delivered
         self.wakeup = asyncio.Event()
-        self.last_seq = 0
-        self._cursor_saved_at = 0.0
-        self._saved_seq = 0
+        self.committed_files: dict[str, int] = {}
         self.healthy = True
 
     async def _recover(self) -> None:
-        state = await self.outbox.delivery_state(self.destination)
-        self.last_seq = self._saved_seq = state.last_seq
-        removed = await self.sink.recover(state.sink_files)
+        self.committed_files = dict(await self.queue.open())
+        removed = await self.sink.recover(self.committed_files)
         if removed:
             log.warning("delivery.recovered", destination=self.destination, truncated_bytes=removed)
 
+    # -- one batch ---------------------------------------------------------------------
     async def step(self) -> int:
-        """Deliver one batch; returns how many outbox rows it moved past."""
-        mine, upper, scanned = await self.outbox.read_for(self.destination, self.last_seq, self.batch_size)
-        if not scanned:
-            if self._saved_seq < self.last_seq:  # idle: save the cursor moved in memory
-                await self.outbox.commit_delivery(self.destination, self.last_seq, [], {})
-                self._saved_seq = self.last_seq
+        """Deliver one batch; returns how many queue entries it moved past."""
+        batch = await self.queue.fetch(self.batch_size)
+        if not batch.scanned:
             return 0
-        if mine and self.recheck is not None:
-            still = await self.recheck(self.destination, mine)
-            withheld = len(mine) - sum(still)
+        records = batch.records
+        if records and self.recheck is not None:
+            still = await self.recheck(self.destination, records)
+            withheld = len(records) - sum(still)
             if withheld:
                 WITHHELD.labels(self.destination).inc(withheld)
-                mine = [r for r, ok in zip(mine, still, strict=True) if ok]
-        now = time.monotonic()
-        if mine or now - self._cursor_saved_at > 1.0:
-            if mine and self.on_delivered is not None:
-                # before the write: a crash after it redelivers, and the trail is idempotent
-                await self.on_delivered(self.destination, mine)
-            sizes = await self.sink.write(mine) if mine else {}
-            await self.outbox.commit_delivery(self.destination, upper, mine, sizes)
-            self._cursor_saved_at = now
-            self._saved_seq = upper
-        # else: nothing for this destination in the window; the cursor moves on in memory and
-        # is saved within a second (after a crash the window is only scanned again).
-        self.last_seq = upper
-        DELIVERED.labels(self.destination).inc(len(mine))
-        return scanned
+                records = [r for r, ok in zip(records, still, strict=True) if ok]
+        persons: set[str] = set()
+        if records:
+            records = await self._concerned(records, persons)
+        delivered, sizes = await self._deliver(records) if records else (0, {})
+        await self.queue.commit(batch, delivered, sizes, persons)
+        self.committed_files.update(sizes)
+        DELIVERED.labels(self.destination).inc(delivered)
+        return batch.scanned
 
+    async def _concerned(self, records: list[StoredRecord], persons: set[str]) -> list[StoredRecord]:
+        """Drop notices about persons this destination never got data of; collect in
+        ``persons`` the unified IDs whose data (or notice) is sent now."""
+        notices = [r for r in records if r.payload.startswith(_NOTICE_PREFIX)]
+        if not notices:
+            for r in records:
+                m = _UNIFIED_ID.search(r.payload)
+                if m:
+                    persons.add(m.group(1).decode())
+            return records
+        asked = {p for r in notices for p in notice_subjects(r.payload)}
+        known = await self.queue.received(asked)
+        kept = []
+        for r in records:
+            if r.payload.startswith(_NOTICE_PREFIX):
+                subjects = notice_subjects(r.payload)
+                if not any(s in known or s in persons for s in subjects):
+                    NOTICES_SKIPPED.labels(self.destination).inc()
+                    continue
+                # the persons a notice names (a merge survivor, split parts) are now known here
+                persons.update(persons_of(r.payload)[1])
+            else:
+                m = _UNIFIED_ID.search(r.payload)
+                if m:
+                    persons.add(m.group(1).decode())
+            kept.append(r)
+        return kept
+
+    async def _deliver(self, records: list[StoredRecord]) -> tuple[int, dict[str, int]]:
+        """Write with retries; returns (records written, sink file sizes)."""
+        outgoing = records
+        if self.rekey is not None:
+            rekey = self.rekey.payload
+            outgoing = [msgspec.structs.replace(r, payload=rekey(r.payload)) for r in records]
+        original = {r.seq: r for r in records}
+        dead: set[int] = set()
+        attempt = 0
+        while True:
+            pending = [r for r in outgoing if r.seq not in dead]
+            if not pending:
+                return 0, {}
+            try:
+                if self.on_delivered is not None:
+                    # before the write: a crash after it redelivers, and the trail is idempotent
+                    await self.on_delivered(self.destination, [original[r.seq] for r in pending])
+                sizes = await self._write_isolating(pending, original, dead)
+                self.healthy = True
+                return len(pending) - sum(1 for r in pending if r.seq in dead), sizes
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                attempt += 1
+                self.healthy = False
+                DELIVERY_ERRORS.labels(self.destination).inc()
+                oldest = min(r.received_at_ms for r in pending) / 1000
+                too_old = time.time() - oldest > self.retry.max_age_seconds
+                if attempt >= self.retry.max_attempts or too_old:
+                    reason = f"{'max_age' if too_old else 'max_attempts'}: {type(exc).__name__}: {exc}"
+                    await self._dead_letter([original[r.seq] for r in pending], reason, attempt)
+                    return 0, {}
+                delay = self.retry.backoff(attempt)
+                log.warning(
+                    "delivery.retry",
+                    destination=self.destination,
+                    error=type(exc).__name__,
+                    detail=str(exc)[:200],
+                    attempt=attempt,
+                    retry_in=round(delay, 3),
+                    records=len(pending),
+                )
+                await asyncio.sleep(delay)
+                # file sinks cut back what the failed write left behind
+                await self.sink.recover(self.committed_files)
+
+    async def _write_isolating(
+        self, records: list[StoredRecord], original: dict[int, StoredRecord], dead: set[int]
+    ) -> dict[str, int]:
+        """Write; when the receiver refuses the batch, bisect it so only the records it
+        refuses one by one are set aside (dead-lettered) and the rest go through."""
+        try:
+            return await self.sink.write(records)
+        except PermanentSinkError as exc:
+            if len(records) == 1:
+                r = records[0]
+                await self._dead_letter([original[r.seq]], f"refused: {exc}", 1)
+                dead.add(r.seq)
+                return {}
+            half = len(records) // 2
+            sizes = await self._write_isolating(records[:half], original, dead)
+            sizes.update(await self._write_isolating(records[half:], original, dead))
+            return sizes
+
+    async def _dead_letter(self, records: list[StoredRecord], reason: str, attempts: int) -> None:
+        if self.dead_letters is None:
+            raise _GaveUp(f"{len(records)} records failed and no dead-letter store is configured")
+        await asyncio.to_thread(self.dead_letters.add, self.destination, records, reason, attempts)
+        DEAD_LETTERED.labels(self.destination, reason.split(":", 1)[0]).inc(len(records))
+        log.error(
+            "delivery.dead_lettered",
+            destination=self.destination,
+            records=len(records),
+            reason=reason[:200],
+            attempts=attempts,
+        )
+
+    # -- loop --------------------------------------------------------------------------
     async def run(self) -> None:
-        await self._recover()
+        await self._recover_until_ok()
         failures = 0
         while True:
             try:
                 moved = await self.step()
                 failures = 0
-                self.healthy = True
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:
+            except Exception as exc:  # the queue itself (outbox, Redis) failed: back off
                 failures += 1
                 self.healthy = False
                 DELIVERY_ERRORS.labels(self.destination).inc()
-                delay = min(30.0, 0.1 * 2**failures) * random.uniform(0.5, 1.0)
+                delay = self.retry.backoff(min(failures, 12))
                 log.error(
                     "delivery.failed",
                     destination=self.destination,
@@ -120,37 +270,86 @@ class DeliveryWorker:
                     retry_in=round(delay, 2),
                 )
                 await asyncio.sleep(delay)
-                try:
-                    await self._recover()
-                except Exception as rexc:  # the next loop turn retries both
-                    log.error(
-                        "delivery.recover_failed", destination=self.destination, error=type(rexc).__name__
-                    )
+                await self._recover_until_ok()
                 continue
             if moved < self.batch_size:
                 self.wakeup.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.wakeup.wait(), self.poll_seconds)
-                # Let more events arrive before the next read: one sink write and one cursor
-                # commit then serve many requests instead of one each.
+                # Let more events arrive before the next read: one sink write and one commit
+                # then serve many requests instead of one each.
                 await asyncio.sleep(self.linger_seconds)
+
+    async def _recover_until_ok(self) -> None:
+        attempt = 0
+        while True:
+            try:
+                await self._recover()
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                attempt += 1
+                log.error("delivery.recover_failed", destination=self.destination, error=type(exc).__name__)
+                await asyncio.sleep(self.retry.backoff(min(attempt, 12)))
+
+
+class OutboxMaintenance(Protocol):
+    """What the delivery service runs in the background on an outbox."""
+
+    async def register_destinations(self, destinations: Iterable[str]) -> None: ...
+    async def backlog(self) -> int: ...
+    async def prune(self, chunk: int = 5_000) -> tuple[int, int]: ...
+    async def checkpoint(self) -> tuple[int, int]: ...
 
 
 class DeliveryService:
-    """Runs the destination workers and the outbox pruning as background tasks."""
+    """Runs the destination workers, outbox pruning and the backlog watch as background tasks.
+
+    ``overloaded`` turns true while the outbox holds more than ``max_backlog`` undelivered
+    events (ingest then answers 503 with Retry-After) and false again below 90 % of it.
+    """
 
     def __init__(
         self,
-        outbox: SqliteOutbox,
+        outbox: OutboxMaintenance,
         workers: Sequence[DeliveryWorker],
         prune_seconds: float = 30,
         checkpoint_seconds: float = 1,
+        max_backlog: int = 0,
+        backlog_seconds: float = 0.5,
     ) -> None:
         self.outbox = outbox
         self.workers = list(workers)
         self.prune_seconds = prune_seconds
         self.checkpoint_seconds = checkpoint_seconds
+        self.max_backlog = max_backlog
+        self.backlog_seconds = backlog_seconds
+        self.backlog = 0
+        self.overloaded = False
         self._tasks: list[asyncio.Task[None]] = []
+
+    async def measure_backlog(self) -> int:
+        self.backlog = await self.outbox.backlog()
+        BACKLOG.set(self.backlog)
+        if self.max_backlog:
+            if self.backlog > self.max_backlog:
+                if not self.overloaded:
+                    log.warning("outbox.overloaded", backlog=self.backlog, bound=self.max_backlog)
+                self.overloaded = True
+            elif self.backlog < self.max_backlog * 0.9:
+                if self.overloaded:
+                    log.info("outbox.recovered", backlog=self.backlog)
+                self.overloaded = False
+        return self.backlog
+
+    async def _backlog_loop(self) -> None:
+        while True:
+            try:
+                await self.measure_backlog()
+            except Exception as exc:
+                log.error("outbox.backlog_failed", error=type(exc).__name__)
+            await asyncio.sleep(self.backlog_seconds)
 
     def notify(self) -> None:
         for w in self.workers:
@@ -187,6 +386,7 @@ class DeliveryService:
             self._tasks.append(asyncio.create_task(w.run(), name=f"deliver-{w.destination}"))
         self._tasks.append(asyncio.create_task(self._prune_loop(), name="outbox-prune"))
         self._tasks.append(asyncio.create_task(self._checkpoint_loop(), name="outbox-checkpoint"))
+        self._tasks.append(asyncio.create_task(self._backlog_loop(), name="outbox-backlog"))
 
     async def stop(self) -> None:
         for t in self._tasks:

@@ -64,6 +64,11 @@ CREATE TABLE IF NOT EXISTS delivery_cursor (
     last_seq INTEGER NOT NULL,
     delivered INTEGER NOT NULL DEFAULT 0
 );
+CREATE TABLE IF NOT EXISTS delivered_person (
+    destination TEXT NOT NULL,
+    unified_id TEXT NOT NULL,
+    PRIMARY KEY (destination, unified_id)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS sink_file (
     destination TEXT NOT NULL,
     file TEXT NOT NULL,
@@ -132,8 +137,35 @@ class Outbox(Protocol):
     ) -> tuple[list[StoredRecord], int, int]: ...
     async def delivery_state(self, destination: str) -> DeliveryState: ...
     async def commit_delivery(
-        self, destination: str, last_seq: int, delivered: Sequence[StoredRecord], sink_files: dict[str, int]
+        self, destination: str, last_seq: int, delivered: int, sink_files: dict[str, int]
     ) -> None: ...
+    async def received(self, destination: str, persons: Iterable[str]) -> set[str]:
+        """Which of ``persons`` the destination has been sent data of."""
+        wanted = sorted(set(persons))
+
+        def q(conn: sqlite3.Connection) -> set[str]:
+            rows = conn.execute(
+                "SELECT unified_id FROM delivered_person WHERE destination = ? "
+                "AND unified_id IN (SELECT value FROM json_each(?))",
+                (destination, msgspec.json.encode(wanted)),
+            )
+            return {r[0] for r in rows}
+
+        return await self._read(q) if wanted else set()
+
+    async def backlog(self) -> int:
+        """Rows appended after the slowest destination's cursor (cheap: two index lookups)."""
+
+        def q(conn: sqlite3.Connection) -> int:
+            (top,) = conn.execute("SELECT COALESCE(MAX(seq), 0) FROM outbox").fetchone()
+            (low,) = conn.execute("SELECT COALESCE(MIN(last_seq), 0) FROM delivery_cursor").fetchone()
+            return max(0, int(top) - int(low))
+
+        return await self._read(q)
+
+    def queue(self, destination: str) -> SqliteDestinationQueue:
+        return SqliteDestinationQueue(self, destination)
+
     async def pending(self) -> int: ...
     async def prune(self) -> tuple[int, int]: ...
 
@@ -429,16 +461,27 @@ class SqliteOutbox:
         return await self._read(q)
 
     async def commit_delivery(
-        self, destination: str, last_seq: int, delivered: Sequence[StoredRecord], sink_files: dict[str, int]
+        self,
+        destination: str,
+        last_seq: int,
+        delivered: int,
+        sink_files: dict[str, int],
+        persons: Iterable[str] = (),
     ) -> None:
-        """Advance the cursor past ``last_seq`` and record the sink sizes; one transaction."""
+        """Advance the cursor past ``last_seq``, record the sink sizes and the persons whose
+        data the destination now holds (notices go only where a person's data went); one
+        transaction."""
 
         def tx(conn: sqlite3.Connection) -> None:
+            conn.executemany(
+                "INSERT OR IGNORE INTO delivered_person(destination, unified_id) VALUES (?, ?)",
+                [(destination, p) for p in persons],
+            )
             conn.execute(
                 "INSERT INTO delivery_cursor(destination, last_seq, delivered) VALUES (?, ?, ?) "
                 "ON CONFLICT(destination) DO UPDATE SET last_seq = excluded.last_seq, "
                 "delivered = delivery_cursor.delivered + excluded.delivered",
-                (destination, last_seq, len(delivered)),
+                (destination, last_seq, delivered),
             )
             conn.executemany(
                 "INSERT INTO sink_file(destination, file, committed_bytes) VALUES (?, ?, ?) "
@@ -447,6 +490,33 @@ class SqliteOutbox:
             )
 
         await self._write(tx)
+
+    async def received(self, destination: str, persons: Iterable[str]) -> set[str]:
+        """Which of ``persons`` the destination has been sent data of."""
+        wanted = sorted(set(persons))
+
+        def q(conn: sqlite3.Connection) -> set[str]:
+            rows = conn.execute(
+                "SELECT unified_id FROM delivered_person WHERE destination = ? "
+                "AND unified_id IN (SELECT value FROM json_each(?))",
+                (destination, msgspec.json.encode(wanted)),
+            )
+            return {r[0] for r in rows}
+
+        return await self._read(q) if wanted else set()
+
+    async def backlog(self) -> int:
+        """Rows appended after the slowest destination's cursor (cheap: two index lookups)."""
+
+        def q(conn: sqlite3.Connection) -> int:
+            (top,) = conn.execute("SELECT COALESCE(MAX(seq), 0) FROM outbox").fetchone()
+            (low,) = conn.execute("SELECT COALESCE(MIN(last_seq), 0) FROM delivery_cursor").fetchone()
+            return max(0, int(top) - int(low))
+
+        return await self._read(q)
+
+    def queue(self, destination: str) -> SqliteDestinationQueue:
+        return SqliteDestinationQueue(self, destination)
 
     async def pending(self) -> int:
         """Events appended but not yet delivered to every destination."""
@@ -489,3 +559,68 @@ class SqliteOutbox:
             return delivered, expired
 
         return await self._write(tx)
+
+
+class DeliveryBatch(msgspec.Struct):
+    """One read of a destination's queue: its records and what acknowledges the read."""
+
+    records: list[StoredRecord]
+    scanned: int
+    token: object = None
+
+
+class DestinationQueue(Protocol):
+    """One destination's view of the outbox: read a batch, then commit it as delivered."""
+
+    destination: str
+
+    async def open(self) -> dict[str, int]:
+        """Start reading; returns the committed sizes of the destination's sink files."""
+        ...
+
+    async def fetch(self, limit: int) -> DeliveryBatch: ...
+    async def commit(
+        self, batch: DeliveryBatch, delivered: int, sink_files: dict[str, int], persons: Iterable[str]
+    ) -> None: ...
+    async def received(self, persons: Iterable[str]) -> set[str]: ...
+
+
+class SqliteDestinationQueue:
+    """A delivery cursor on the embedded outbox. A window with nothing for this destination
+    moves the cursor in memory only; it is saved within a second (after a crash the window
+    is merely scanned again)."""
+
+    def __init__(self, outbox: SqliteOutbox, destination: str) -> None:
+        self.outbox = outbox
+        self.destination = destination
+        self.last_seq = 0
+        self._saved_seq = 0
+        self._saved_at = 0.0
+
+    async def open(self) -> dict[str, int]:
+        await self.outbox.register_destinations([self.destination])
+        state = await self.outbox.delivery_state(self.destination)
+        self.last_seq = self._saved_seq = state.last_seq
+        return state.sink_files
+
+    async def fetch(self, limit: int) -> DeliveryBatch:
+        mine, upper, scanned = await self.outbox.read_for(self.destination, self.last_seq, limit)
+        if not scanned and self._saved_seq < self.last_seq:  # idle: save the cursor moved in memory
+            await self.outbox.commit_delivery(self.destination, self.last_seq, 0, {})
+            self._saved_seq = self.last_seq
+        return DeliveryBatch(mine, scanned, upper)
+
+    async def commit(
+        self, batch: DeliveryBatch, delivered: int, sink_files: dict[str, int], persons: Iterable[str]
+    ) -> None:
+        upper = int(batch.token)  # type: ignore[call-overload]
+        now = time.monotonic()
+        persons = list(persons)
+        if delivered or sink_files or persons or now - self._saved_at > 1.0:
+            await self.outbox.commit_delivery(self.destination, upper, delivered, sink_files, persons)
+            self._saved_at = now
+            self._saved_seq = upper
+        self.last_seq = upper
+
+    async def received(self, persons: Iterable[str]) -> set[str]:
+        return await self.outbox.received(self.destination, persons)

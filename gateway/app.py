@@ -24,23 +24,17 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from consent.service import ConsentRefused
 from export.dedupe import RedisDedupe
-from export.delivery import DeliveryService, DeliveryWorker
-from export.outbox import OutboxUnavailable, SqliteOutbox
-from export.sinks import build_sink
+from export.delivery import DeliveryService
+from export.outbox import OutboxUnavailable
 from gateway import metrics
 from gateway.admin_http import AdminContext, AdminController, index_admin_tokens
 from gateway.config import Config, index_write_keys, load_config
 from gateway.consent_http import consent_route
-from gateway.consent_setup import (
-    checkpoint_periodically,
-    delivery_recheck,
-    delivery_trail,
-    ledger_signer,
-    open_consent,
-)
+from gateway.consent_setup import checkpoint_periodically, ledger_signer, open_consent
+from gateway.delivery_setup import build_delivery, open_outbox
 from gateway.identity_setup import open_identity
 from gateway.ingest_http import INGEST_ROUTES, IngestContext, document_ingest_routes, error_body
-from gateway.pipeline import Ingestor, destination_specs
+from gateway.pipeline import Ingestor, Overloaded
 from gateway.segment import InvalidRequest
 from gateway.sensors_http import SENSORS_ROUTES, document_sensors_routes
 from gateway.settings import Settings
@@ -55,7 +49,7 @@ class GatewayState:
     settings: Settings
     config: Config
     keyring: KeyRing
-    outbox: SqliteOutbox
+    outbox: Any  # SqliteOutbox or RedisStreamOutbox
     delivery: DeliveryService
     redis: Any = None
 
@@ -101,19 +95,22 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@get("/readyz", tags=["operations"], summary="Readiness: outbox writer, delivery, Redis")
+@get("/readyz", tags=["operations"], summary="Readiness: outbox writer, Redis; delivery state")
 async def readyz(request: Request[Any, Any, Any]) -> Response[Any]:
+    """Ready while events can be accepted durably. A failing destination does not make the
+    gateway unready (its events wait in the outbox); it is reported under ``destinations``."""
     state: GatewayState = request.app.state.gateway
-    checks: dict[str, bool] = {"outbox": state.outbox.alive}
-    checks["delivery"] = all(w.healthy for w in state.delivery.workers)
+    checks: dict[str, bool] = {"outbox": state.outbox.alive, "backlog": not state.delivery.overloaded}
     if state.redis is not None:
         try:
             checks["redis"] = bool(await state.redis.ping())
         except Exception:
             checks["redis"] = False
     ok = all(checks.values())
+    destinations = {w.destination: "ok" if w.healthy else "retrying" for w in state.delivery.workers}
     return Response(
-        {"status": "ready" if ok else "not_ready", "checks": checks}, status_code=200 if ok else 503
+        {"status": "ready" if ok else "not_ready", "checks": checks, "destinations": destinations},
+        status_code=200 if ok else 503,
     )
 
 
@@ -157,6 +154,12 @@ def _outbox_unavailable(_: Request[Any, Any, Any], exc: OutboxUnavailable) -> Re
     )
 
 
+def _overloaded(_: Request[Any, Any, Any], exc: Overloaded) -> Response[Any]:
+    return _error_response(
+        503, "overloaded", str(exc), None, headers={"Retry-After": str(exc.retry_after)}
+    )
+
+
 def _unexpected(_: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
     log.exception("unexpected_error", error=type(exc).__name__)
     return _error_response(
@@ -173,8 +176,6 @@ def create_app(settings: Settings | None = None) -> Litestar:
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
-        outbox = SqliteOutbox(settings.outbox_path, dedupe_window_seconds=config.limits.dedupe_window_seconds)
-        outbox.open()
         redis_client = None
         redis_dedupe = None
         if settings.redis_url:
@@ -187,25 +188,9 @@ def create_app(settings: Settings | None = None) -> Litestar:
                 window_seconds=config.limits.dedupe_window_seconds,
                 prefix=f"{settings.redis_prefix}:dedupe",
             )
+        outbox, dead_letters = open_outbox(settings, config, redis_client)
         consent = await open_consent(settings, config, redis_client, signer)
-        specs = {
-            d.id: spec
-            for t in config.tenants
-            for d, spec in zip(t.destinations, destination_specs(t.destinations), strict=True)
-        }
-        workers = [
-            DeliveryWorker(
-                outbox,
-                build_sink(d.sink, root=settings.sink_dir, destination=d.id, options=d.options),
-                batch_size=settings.delivery_batch_size,
-                poll_seconds=settings.delivery_poll_seconds,
-                recheck=delivery_recheck(consent.policy, specs),
-                on_delivered=delivery_trail(consent.service),
-            )
-            for t in config.tenants
-            for d in t.destinations
-        ]
-        delivery = DeliveryService(outbox, workers)
+        delivery = build_delivery(settings, config, keyring, consent, outbox, outbox.queue, dead_letters)
         resolver, identity_engine = await open_identity(settings, config, outbox, delivery.notify, keyring)
         ingestor = Ingestor(
             keyring=keyring,
@@ -215,6 +200,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             redis_dedupe=redis_dedupe,
             on_appended=delivery.notify,
             consent_service=consent.service,
+            overloaded=lambda: delivery.overloaded,
         )
         app.state.gateway = GatewayState(
             settings=settings,
@@ -252,7 +238,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             "gateway.started",
             env=settings.env,
             tenants=[t.id for t in config.tenants],
-            destinations=[w.destination for w in workers],
+            destinations=[w.destination for w in delivery.workers],
             redis=bool(redis_client),
             consent_enforced={t.id: t.consent.enforce for t in config.tenants},
             consent_store=consent.store_kind,
@@ -265,6 +251,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
                 await resolver.stop()
             await delivery.stop()
             outbox.close()
+            dead_letters.close()
             consent.engine.dispose()
             if identity_engine is not None:
                 identity_engine.dispose()
@@ -289,6 +276,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         exception_handlers={
             InvalidRequest: _invalid_request,
             OutboxUnavailable: _outbox_unavailable,
+            Overloaded: _overloaded,
             ConsentRefused: _consent_refused,
             HTTPException: _http_exception,
             Exception: _unexpected,

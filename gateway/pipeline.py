@@ -288,6 +288,14 @@ def encode_for_outbox(
 
 
 # -- orchestration -------------------------------------------------------------------------
+class Overloaded(Exception):
+    """The outbox holds more undelivered events than its bound: the client retries later."""
+
+    def __init__(self, retry_after: int = 5) -> None:
+        super().__init__("the gateway is holding too many undelivered events; retry later")
+        self.retry_after = retry_after
+
+
 @dataclass
 class IngestResult:
     received: int
@@ -324,8 +332,10 @@ class Ingestor:
         redis_dedupe: RedisDedupe | None = None,
         on_appended: Callable[[], None] | None = None,
         consent_service: ConsentService | None = None,
+        overloaded: Callable[[], bool] | None = None,
     ) -> None:
         self.keyring = keyring
+        self.overloaded = overloaded
         self.outbox = outbox
         self.consent = consent
         self.resolver = resolver
@@ -336,6 +346,8 @@ class Ingestor:
         self._specs: dict[str, list[DestinationSpec]] = {}
 
     async def ingest(self, src: ResolvedSource, envs: list[Envelope], result: IngestResult) -> IngestResult:
+        if self.overloaded is not None and self.overloaded():
+            raise Overloaded()  # before anything is recorded: the whole request is retried
         tenant, source = src.tenant, src.source
         counts = metrics.INGEST
         labels = (tenant.id, source.id)

@@ -6,7 +6,9 @@ differs per deployment: where data goes, which services to use, where secrets co
 
 from __future__ import annotations
 
+import hashlib
 import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -52,6 +54,15 @@ class Settings:
     gil_switch_interval_seconds: float
     # How often to sign a checkpoint over new consent-ledger records.
     checkpoint_seconds: float
+    # Backpressure: past this many undelivered events ingest answers 503 with Retry-After.
+    outbox_max_pending: int = 1_000_000
+    # "sqlite" (embedded) or "redis" (a Redis stream shared by every replica).
+    outbox_kind: Literal["sqlite", "redis"] = "sqlite"
+    # This process's consumer name on the shared outbox: unique and stable per replica.
+    replica_id: str = "local"
+    # How long another replica's read-but-unacknowledged outbox entries wait before this
+    # one takes them over (the other replica is presumed dead).
+    claim_idle_ms: int = 30_000
 
     @property
     def dev(self) -> bool:
@@ -59,6 +70,10 @@ class Settings:
 
     @property
     def outbox_path(self) -> Path:
+        return self.data_dir / "outbox.sqlite3"
+
+    @property
+    def dead_letter_path(self) -> Path:
         return self.data_dir / "outbox.sqlite3"
 
     @property
@@ -94,14 +109,25 @@ class Settings:
         if env == "production" and not (ledger_key or ledger_key_file):
             raise SettingsError("IDGATE_ENV=production needs IDGATE_LEDGER_KEY or IDGATE_LEDGER_KEY_FILE")
         config = config_path or Path(os.environ.get("IDGATE_CONFIG", "idgate.example.toml"))
+        data = data_dir or Path(os.environ.get("IDGATE_DATA_DIR", "var"))
+        redis_url = os.environ.get("REDIS_URL") or None
+        database_url = os.environ.get("DATABASE_URL") or None
+        outbox_kind = os.environ.get("IDGATE_OUTBOX") or ("redis" if redis_url and database_url else "sqlite")
+        if outbox_kind not in ("sqlite", "redis"):
+            raise SettingsError(f"IDGATE_OUTBOX must be 'sqlite' or 'redis', got {outbox_kind!r}")
+        if outbox_kind == "redis" and not redis_url:
+            raise SettingsError("IDGATE_OUTBOX=redis needs REDIS_URL")
+        # default: host name plus the data directory, stable across restarts of one replica
+        where = hashlib.blake2b(str(data.resolve()).encode(), digest_size=4).hexdigest()
+        replica_id = os.environ.get("IDGATE_REPLICA_ID") or f"{socket.gethostname()}-{where}"
         return cls(
             env=env,  # type: ignore[arg-type]
             config_path=config,
-            data_dir=data_dir or Path(os.environ.get("IDGATE_DATA_DIR", "var")),
+            data_dir=data,
             key_file=Path(key_file) if key_file else None,
             keys_json=keys_json,
-            redis_url=os.environ.get("REDIS_URL") or None,
-            database_url=os.environ.get("DATABASE_URL") or None,
+            redis_url=redis_url,
+            database_url=database_url,
             ledger_key=ledger_key,
             ledger_key_file=Path(ledger_key_file) if ledger_key_file else None,
             redis_prefix=os.environ.get("IDGATE_REDIS_PREFIX", "idgate"),
@@ -111,4 +137,8 @@ class Settings:
             delivery_poll_seconds=_env_int("IDGATE_DELIVERY_POLL_MS", 200) / 1000,
             gil_switch_interval_seconds=_env_int("IDGATE_GIL_SWITCH_US", 200) / 1_000_000,
             checkpoint_seconds=max(1, _env_int("IDGATE_CHECKPOINT_SECONDS", 300)),
+            outbox_max_pending=max(1, _env_int("IDGATE_OUTBOX_MAX_PENDING", 1_000_000)),
+            outbox_kind=outbox_kind,  # type: ignore[arg-type]
+            replica_id=replica_id,
+            claim_idle_ms=max(100, _env_int("IDGATE_CLAIM_IDLE_MS", 30_000)),
         )

@@ -84,7 +84,7 @@ def test_withdrawal_between_ingest_and_delivery_withholds_the_event(tmp_path: Pa
             platform="web",
         )
         worker = DeliveryWorker(
-            outbox,
+            outbox.queue("mall-warehouse"),
             JsonlFileSink(tmp_path / "sinks", "mall-warehouse"),
             poll_seconds=0.01,
             recheck=delivery_recheck(policy, specs),

@@ -1,0 +1,258 @@
+"""The dead-letter store: events a destination could not take after its retry policy ran out.
+
+An event lands here when its sink kept failing for ``retry.max_attempts`` attempts or
+``retry.max_age_seconds`` since it was received, or at once when the receiver refused that
+one event (a 4xx after the batch was bisected down to it). Nothing is dropped: each entry
+keeps the stored event as it was in the outbox (tenant pseudonyms, consent ticket, proof),
+so ``idgate dlq replay`` puts it back in the outbox for its destination, where delivery
+asks consent again before sending it.
+
+Two implementations: SQLite (a table in the embedded outbox database) and Redis (one
+stream per destination, for the distributed mode). The CLI and the delivery workers use
+the same classes; methods are synchronous (workers call them from a thread).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import msgspec
+
+from export.outbox import OutboxRecord, StoredRecord
+
+
+class DeadLetter(msgspec.Struct, frozen=True):
+    id: str
+    destination: str
+    message_id: str
+    received_at_ms: int
+    dead_at_ms: int
+    attempts: int
+    reason: str
+    payload: bytes
+    consent: bytes = b""
+    proof: tuple[int, ...] = ()
+
+    def summary(self) -> dict[str, Any]:
+        """What ``dlq list`` shows: no payload."""
+        return {
+            "id": self.id,
+            "destination": self.destination,
+            "messageId": self.message_id,
+            "receivedAtMs": self.received_at_ms,
+            "deadAtMs": self.dead_at_ms,
+            "attempts": self.attempts,
+            "reason": self.reason,
+        }
+
+    def to_outbox(self) -> OutboxRecord:
+        """The event as an outbox record routed to its destination only (for replay)."""
+        meta = _decode_meta(self.payload).context.get("idgate", {})
+        tenant = str(meta.get("tenant", "")) if isinstance(meta, dict) else ""
+        source = str(meta.get("source", "idgate")) if isinstance(meta, dict) else "idgate"
+        return OutboxRecord(
+            tenant=tenant,
+            source=source or "idgate",
+            message_id=self.message_id,
+            received_at_ms=self.received_at_ms,
+            destinations=(self.destination,),
+            payload=self.payload,
+            consent=self.consent,
+            proof=self.proof,
+        )
+
+
+class _Meta(msgspec.Struct):
+    context: dict[str, Any] = {}
+
+
+_decode_meta = msgspec.json.Decoder(_Meta).decode
+
+
+class DeadLetterStore(Protocol):
+    def add(self, destination: str, records: Sequence[StoredRecord], reason: str, attempts: int) -> None: ...
+    def list(self, destination: str | None = None, limit: int = 100) -> list[DeadLetter]: ...
+    def get(self, entry_id: str) -> DeadLetter | None: ...
+    def delete(self, entry_ids: Sequence[str]) -> int: ...
+    def counts(self) -> dict[str, int]: ...
+    def close(self) -> None: ...
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class SqliteDeadLetters:
+    """The ``dead_letter`` table beside the embedded outbox (its own connection)."""
+
+    _SCHEMA = """
+    CREATE TABLE IF NOT EXISTS dead_letter (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        destination TEXT NOT NULL,
+        message_id TEXT NOT NULL,
+        received_at_ms INTEGER NOT NULL,
+        dead_at_ms INTEGER NOT NULL,
+        attempts INTEGER NOT NULL,
+        reason TEXT NOT NULL,
+        payload BLOB NOT NULL,
+        consent BLOB NOT NULL,
+        proof TEXT NOT NULL
+    );
+    CREATE INDEX IF NOT EXISTS dead_letter_destination ON dead_letter(destination, id);
+    """
+    _COLUMNS = (
+        "id, destination, message_id, received_at_ms, dead_at_ms, attempts, reason, payload, consent, proof"
+    )
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute("PRAGMA synchronous=FULL")
+        self._conn.execute("PRAGMA busy_timeout=30000")
+        self._conn.executescript(self._SCHEMA)
+
+    def close(self) -> None:
+        self._conn.close()
+
+    @staticmethod
+    def _row(row: tuple[Any, ...]) -> DeadLetter:
+        i, d, m, r, dead, a, reason, p, c, pr = row
+        proof = tuple(int(x) for x in pr.split(",") if x)
+        return DeadLetter(str(i), d, m, r, dead, a, reason, bytes(p), bytes(c), proof)
+
+    def add(self, destination: str, records: Sequence[StoredRecord], reason: str, attempts: int) -> None:
+        now = _now_ms()
+        rows = [
+            (destination, r.message_id, r.received_at_ms, now, attempts, reason[:500], r.payload, r.consent,
+             ",".join(map(str, r.proof)))
+            for r in records
+        ]
+        with self._conn:
+            self._conn.execute("BEGIN IMMEDIATE")
+            self._conn.executemany(
+                "INSERT INTO dead_letter(destination, message_id, received_at_ms, dead_at_ms, attempts, "
+                "reason, payload, consent, proof) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                rows,
+            )
+
+    def list(self, destination: str | None = None, limit: int = 100) -> list[DeadLetter]:
+        if destination is None:
+            rows = self._conn.execute(
+                f"SELECT {self._COLUMNS} FROM dead_letter ORDER BY id LIMIT ?", (limit,)
+            ).fetchall()
+        else:
+            rows = self._conn.execute(
+                f"SELECT {self._COLUMNS} FROM dead_letter WHERE destination = ? ORDER BY id LIMIT ?",
+                (destination, limit),
+            ).fetchall()
+        return [self._row(r) for r in rows]
+
+    def get(self, entry_id: str) -> DeadLetter | None:
+        if not entry_id.isdigit():
+            return None
+        row = self._conn.execute(
+            f"SELECT {self._COLUMNS} FROM dead_letter WHERE id = ?", (int(entry_id),)
+        ).fetchone()
+        return self._row(row) if row else None
+
+    def delete(self, entry_ids: Sequence[str]) -> int:
+        ids = [(int(i),) for i in entry_ids if i.isdigit()]
+        with self._conn:
+            self._conn.execute("BEGIN IMMEDIATE")
+            return sum(self._conn.execute("DELETE FROM dead_letter WHERE id = ?", i).rowcount for i in ids)
+
+    def counts(self) -> dict[str, int]:
+        rows = self._conn.execute("SELECT destination, COUNT(*) FROM dead_letter GROUP BY destination")
+        return {d: n for d, n in rows}
+
+
+class RedisDeadLetters:
+    """One Redis stream per destination (``<prefix>:dlq:<destination>``), for distributed mode.
+
+    Uses a synchronous client: the CLI calls it directly, workers from a thread."""
+
+    def __init__(self, client: Any, prefix: str) -> None:
+        self.client = client
+        self.prefix = f"{prefix}:dlq"
+
+    def close(self) -> None:
+        self.client.close()
+
+    def _key(self, destination: str) -> str:
+        return f"{self.prefix}:{destination}"
+
+    def _destinations(self) -> list[str]:
+        return sorted(
+            k.decode().rsplit(":", 1)[1] for k in self.client.scan_iter(match=f"{self.prefix}:*", count=1000)
+        )
+
+    def _entry(self, destination: str, entry_id: bytes | str, fields: dict[bytes, bytes]) -> DeadLetter:
+        eid = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+        proof = fields.get(b"proof", b"").decode()
+        return DeadLetter(
+            id=f"{destination}/{eid}",
+            destination=destination,
+            message_id=fields[b"message_id"].decode(),
+            received_at_ms=int(fields[b"received_at_ms"]),
+            dead_at_ms=int(fields[b"dead_at_ms"]),
+            attempts=int(fields[b"attempts"]),
+            reason=fields[b"reason"].decode(),
+            payload=fields[b"payload"],
+            consent=fields.get(b"consent", b""),
+            proof=tuple(int(x) for x in proof.split(",") if x),
+        )
+
+    def add(self, destination: str, records: Sequence[StoredRecord], reason: str, attempts: int) -> None:
+        now = _now_ms()
+        pipe = self.client.pipeline(transaction=True)
+        for r in records:
+            pipe.xadd(
+                self._key(destination),
+                {
+                    "message_id": r.message_id,
+                    "received_at_ms": r.received_at_ms,
+                    "dead_at_ms": now,
+                    "attempts": attempts,
+                    "reason": reason[:500],
+                    "payload": r.payload,
+                    "consent": r.consent,
+                    "proof": ",".join(map(str, r.proof)),
+                },
+            )
+        pipe.execute()
+
+    def list(self, destination: str | None = None, limit: int = 100) -> list[DeadLetter]:
+        out: list[DeadLetter] = []
+        for d in [destination] if destination else self._destinations():
+            for eid, fields in self.client.xrange(self._key(d), count=limit - len(out)):
+                out.append(self._entry(d, eid, fields))
+            if len(out) >= limit:
+                break
+        return out
+
+    def get(self, entry_id: str) -> DeadLetter | None:
+        destination, _, eid = entry_id.partition("/")
+        if not eid:
+            return None
+        try:
+            rows = self.client.xrange(self._key(destination), min=eid, max=eid)
+        except Exception:  # a malformed stream id
+            return None
+        return self._entry(destination, rows[0][0], rows[0][1]) if rows else None
+
+    def delete(self, entry_ids: Sequence[str]) -> int:
+        removed = 0
+        for entry_id in entry_ids:
+            destination, _, eid = entry_id.partition("/")
+            if eid:
+                removed += int(self.client.xdel(self._key(destination), eid))
+        return removed
+
+    def counts(self) -> dict[str, int]:
+        return {d: int(self.client.xlen(self._key(d))) for d in self._destinations()}

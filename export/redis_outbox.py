@@ -1,0 +1,255 @@
+"""The distributed outbox: one Redis stream shared by every replica, a consumer group per destination.
+
+An append is one MULTI/EXEC of XADDs; it is acknowledged to the client once Redis has it
+(run Redis with ``appendonly yes`` and ``appendfsync always`` so that means on disk). Each
+destination is a consumer group and each replica a consumer in it, so:
+
+* any replica's workers deliver any replica's events (XREADGROUP hands each entry to one);
+* a replica that dies holding read-but-unacknowledged entries loses nothing: after
+  ``claim_idle_ms`` another replica's worker takes them over (XAUTOCLAIM), and the replica
+  itself, when it comes back, first re-reads its own pending entries;
+* a destination that is down or slow only grows its own group's lag.
+
+A batch is committed with one MULTI/EXEC: XACK of every entry it spanned, the committed
+sizes of this replica's sink files (file sinks cut back to them on restart, so they stay
+exactly-once) and the persons whose data the destination now holds (for notices).
+Entries every group has acknowledged are trimmed by ``prune``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import structlog
+
+from export.outbox import DeliveryBatch, OutboxRecord, OutboxUnavailable, StoredRecord, dedupe_key
+
+log = structlog.get_logger(__name__)
+
+
+def _seq(entry_id: bytes) -> int:
+    """A stream id ``<ms>-<n>`` as one increasing integer (the worker's record key)."""
+    ms, _, n = entry_id.partition(b"-")
+    return (int(ms) << 20) | int(n)
+
+
+def _record(entry_id: bytes, f: dict[bytes, bytes]) -> StoredRecord:
+    proof = f.get(b"pr", b"")
+    return StoredRecord(
+        seq=_seq(entry_id),
+        received_at_ms=int(f[b"rat"]),
+        destinations=tuple(f[b"dst"].decode().split(",")),
+        payload=f[b"p"],
+        consent=f.get(b"c", b""),
+        message_id=f[b"mid"].decode(),
+        proof=tuple(int(x) for x in proof.split(b",") if x),
+    )
+
+
+class RedisStreamOutbox:
+    def __init__(
+        self,
+        client: Any,
+        *,
+        prefix: str,
+        replica: str,
+        dedupe_window_seconds: int = 24 * 3600,
+        claim_idle_ms: int = 30_000,
+    ) -> None:
+        self.client = client  # redis.asyncio.Redis
+        self.prefix = prefix
+        self.stream = f"{prefix}:outbox"
+        self.replica = replica
+        self.dedupe_window_seconds = dedupe_window_seconds
+        self.claim_idle_ms = claim_idle_ms
+        self.destinations: set[str] = set()
+        self.alive = True
+
+    def open(self) -> None:  # the connection is opened by the app; nothing to do
+        pass
+
+    def close(self) -> None:
+        self.alive = False
+
+    # -- appends -----------------------------------------------------------------------
+    async def append(self, records: Sequence[OutboxRecord], *, dedupe: bool) -> list[bool]:
+        """XADD every record in one transaction. With ``dedupe`` (notices) a record whose
+        message id was appended within the window is skipped; ingest dedupes before, with
+        claim/confirm in Redis (export.dedupe)."""
+        records = list(records)
+        stored = [True] * len(records)
+        try:
+            if dedupe and records:
+                pipe = self.client.pipeline(transaction=False)
+                for r in records:
+                    key = f"{self.prefix}:outbox-dedupe:{dedupe_key(r.source, r.message_id).hex()}"
+                    pipe.set(key, 1, nx=True, ex=self.dedupe_window_seconds)
+                stored = [bool(x) for x in await pipe.execute()]
+            pipe = self.client.pipeline(transaction=True)
+            for r, fresh in zip(records, stored, strict=True):
+                if fresh and r.destinations:
+                    pipe.xadd(
+                        self.stream,
+                        {
+                            "t": r.tenant,
+                            "s": r.source,
+                            "mid": r.message_id,
+                            "rat": r.received_at_ms,
+                            "dst": ",".join(r.destinations),
+                            "p": r.payload,
+                            "c": r.consent,
+                            "pr": ",".join(map(str, r.proof)),
+                        },
+                    )
+            if len(pipe):
+                await pipe.execute()
+        except Exception as exc:
+            log.error("outbox.append_failed", error=type(exc).__name__)
+            raise OutboxUnavailable(f"outbox append failed: {type(exc).__name__}") from exc
+        return stored
+
+    # -- delivery ----------------------------------------------------------------------
+    async def register_destinations(self, destinations: Iterable[str]) -> None:
+        """Create a consumer group per destination (from the stream's start, so nothing
+        appended before the group existed is trimmed away from it)."""
+        for d in destinations:
+            self.destinations.add(d)
+            try:
+                await self.client.xgroup_create(self.stream, d, id="0", mkstream=True)
+            except Exception as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
+
+    def queue(self, destination: str) -> RedisDestinationQueue:
+        return RedisDestinationQueue(self, destination)
+
+    async def _groups(self) -> list[dict[Any, Any]]:
+        try:
+            return list(await self.client.xinfo_groups(self.stream))
+        except Exception as exc:
+            if "no such key" in str(exc).lower():
+                return []
+            raise
+
+    async def backlog(self) -> int:
+        """The largest number of entries a destination has not acknowledged yet."""
+        worst = 0
+        for g in await self._groups():
+            if g["name"].decode() not in self.destinations:
+                continue
+            lag = g.get("lag")
+            if lag is None:  # unknown after trims/deletes: bound it by the stream length
+                lag = await self.client.xlen(self.stream)
+            worst = max(worst, int(lag) + int(g.get("pending", 0)))
+        return worst
+
+    pending = backlog
+
+    async def prune(self, chunk: int = 5_000) -> tuple[int, int]:
+        """Trim entries every registered destination has acknowledged."""
+        floor: bytes | None = None
+        groups = {g["name"].decode(): g for g in await self._groups()}
+        if not self.destinations or any(d not in groups for d in self.destinations):
+            return 0, 0
+        for d in self.destinations:
+            g = groups[d]
+            if int(g.get("pending", 0)):
+                summary = await self.client.xpending(self.stream, d)
+                low = summary["min"]
+                low = low if isinstance(low, bytes) else str(low).encode()
+            else:
+                low = g["last-delivered-id"]
+                low = low if isinstance(low, bytes) else str(low).encode()
+            if floor is None or _seq(low) < _seq(floor):
+                floor = low
+        if floor is None or floor == b"0-0":
+            return 0, 0
+        trimmed = await self.client.xtrim(self.stream, minid=floor.decode(), approximate=False)
+        return int(trimmed), 0
+
+    async def checkpoint(self) -> tuple[int, int]:
+        return 0, 0
+
+
+class RedisDestinationQueue:
+    """One destination's consumer group, read by this replica's consumer."""
+
+    def __init__(self, outbox: RedisStreamOutbox, destination: str) -> None:
+        self.outbox = outbox
+        self.client = outbox.client
+        self.destination = destination
+        self.consumer = outbox.replica
+        self._files_key = f"{outbox.prefix}:sinkfile:{destination}:{outbox.replica}"
+        self._persons_key = f"{outbox.prefix}:received:{destination}"
+        self._own_pending = True
+        self._next_claim = 0.0
+        self._claim_cursor = "0-0"
+
+    async def open(self) -> dict[str, int]:
+        await self.outbox.register_destinations([self.destination])
+        self._own_pending = True  # after a restart or failure: our unacknowledged entries first
+        raw = await self.client.hgetall(self._files_key)
+        return {k.decode(): int(v) for k, v in raw.items()}
+
+    def _batch(self, entries: Sequence[tuple[bytes, dict[bytes, bytes] | None]]) -> DeliveryBatch:
+        ids: list[bytes] = []
+        mine: list[StoredRecord] = []
+        needle = self.destination
+        for entry_id, fields in entries:
+            ids.append(entry_id)
+            if fields and needle in fields[b"dst"].decode().split(","):
+                mine.append(_record(entry_id, fields))
+        return DeliveryBatch(mine, len(ids), ids)
+
+    async def fetch(self, limit: int) -> DeliveryBatch:
+        stream = self.outbox.stream
+        if self._own_pending:
+            got = await self.client.xreadgroup(self.destination, self.consumer, {stream: "0"}, count=limit)
+            entries = got[0][1] if got else []
+            if entries:
+                return self._batch(entries)
+            self._own_pending = False
+        now = time.monotonic()
+        if now >= self._next_claim:
+            # entries another replica read and never acknowledged (it died or hung)
+            cursor, claimed, *_ = await self.client.xautoclaim(
+                stream,
+                self.destination,
+                self.consumer,
+                min_idle_time=self.outbox.claim_idle_ms,
+                start_id=self._claim_cursor,
+                count=limit,
+            )
+            self._claim_cursor = cursor.decode() if isinstance(cursor, bytes) else str(cursor)
+            if self._claim_cursor == "0-0":
+                self._next_claim = now + min(5.0, self.outbox.claim_idle_ms / 4000)
+            if claimed:
+                log.warning("outbox.claimed", destination=self.destination, entries=len(claimed))
+                return self._batch(claimed)
+        got = await self.client.xreadgroup(self.destination, self.consumer, {stream: ">"}, count=limit)
+        return self._batch(got[0][1] if got else [])
+
+    async def commit(
+        self, batch: DeliveryBatch, delivered: int, sink_files: dict[str, int], persons: Iterable[str]
+    ) -> None:
+        ids = batch.token
+        assert isinstance(ids, list)
+        pipe = self.client.pipeline(transaction=True)
+        if ids:
+            pipe.xack(self.outbox.stream, self.destination, *ids)
+        if sink_files:
+            pipe.hset(self._files_key, mapping=sink_files)
+        people = list(persons)
+        if people:
+            pipe.sadd(self._persons_key, *people)
+        if len(pipe):
+            await pipe.execute()
+
+    async def received(self, persons: Iterable[str]) -> set[str]:
+        wanted = sorted(set(persons))
+        if not wanted:
+            return set()
+        flags = await self.client.smismember(self._persons_key, wanted)
+        return {p for p, ok in zip(wanted, flags, strict=True) if ok}

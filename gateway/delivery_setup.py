@@ -1,0 +1,92 @@
+"""Wiring of the delivery domain for the app: one worker per destination of every tenant.
+
+Each worker gets its destination's queue on the outbox, its sink, its retry policy, the
+dead-letter store, the re-keying for its pseudonym domain, and the consent re-check.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from export.deadletter import DeadLetterStore, RedisDeadLetters, SqliteDeadLetters
+from export.delivery import DeliveryService, DeliveryWorker, OutboxMaintenance, Retry
+from export.domains import DomainRekeyer
+from export.outbox import DestinationQueue, SqliteOutbox
+from export.redis_outbox import RedisStreamOutbox
+from export.sinks import build_sink
+from gateway.config import Config, Destination
+from gateway.consent_setup import ConsentRuntime, delivery_recheck, delivery_trail
+from gateway.pipeline import destination_specs
+from gateway.settings import Settings
+from identity.pseudonym import KeyRing
+
+
+def open_outbox(
+    settings: Settings, config: Config, redis_client: Any
+) -> tuple[SqliteOutbox | RedisStreamOutbox, SqliteDeadLetters | RedisDeadLetters]:
+    """The outbox and dead-letter store of the deployment mode (settings.outbox_kind)."""
+    window = config.limits.dedupe_window_seconds
+    if settings.outbox_kind == "redis":
+        import redis
+
+        assert redis_client is not None and settings.redis_url
+        outbox: SqliteOutbox | RedisStreamOutbox = RedisStreamOutbox(
+            redis_client,
+            prefix=settings.redis_prefix,
+            replica=settings.replica_id,
+            dedupe_window_seconds=window,
+            claim_idle_ms=settings.claim_idle_ms,
+        )
+        return outbox, RedisDeadLetters(redis.Redis.from_url(settings.redis_url), settings.redis_prefix)
+    outbox = SqliteOutbox(settings.outbox_path, dedupe_window_seconds=window)
+    outbox.open()
+    return outbox, SqliteDeadLetters(settings.dead_letter_path)
+
+
+def retry_policy(d: Destination) -> Retry:
+    r = d.retry
+    return Retry(
+        max_attempts=r.max_attempts,
+        max_age_seconds=r.max_age_seconds,
+        initial_backoff=r.initial_backoff_ms / 1000,
+        max_backoff=r.max_backoff_ms / 1000,
+    )
+
+
+def rekeyer(keyring: KeyRing, tenant: str, d: Destination) -> DomainRekeyer:
+    return DomainRekeyer(keyring.pseudonymiser(tenant), d.pseudonym_domain or d.id)
+
+
+def build_delivery(
+    settings: Settings,
+    config: Config,
+    keyring: KeyRing,
+    consent: ConsentRuntime,
+    outbox: OutboxMaintenance,
+    queue: Callable[[str], DestinationQueue],
+    dead_letters: DeadLetterStore,
+) -> DeliveryService:
+    specs = {
+        d.id: spec
+        for t in config.tenants
+        for d, spec in zip(t.destinations, destination_specs(t.destinations), strict=True)
+    }
+    recheck = delivery_recheck(consent.policy, specs)
+    trail = delivery_trail(consent.service)
+    workers = [
+        DeliveryWorker(
+            queue(d.id),
+            build_sink(d.sink, root=settings.sink_dir, destination=d.id, options=d.options),
+            batch_size=min(d.batch_size, settings.delivery_batch_size),
+            poll_seconds=settings.delivery_poll_seconds,
+            retry=retry_policy(d),
+            dead_letters=dead_letters,
+            rekey=rekeyer(keyring, t.id, d),
+            recheck=recheck,
+            on_delivered=trail,
+        )
+        for t in config.tenants
+        for d in t.destinations
+    ]
+    return DeliveryService(outbox, workers, max_backlog=settings.outbox_max_pending)
