@@ -1,4 +1,4 @@
-"""The ``idgate`` command line: serve, keys, config check."""
+"""The ``idgate`` command line: serve, keys, config check, ledger, dlq, identity, migrate."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import click
 
 from consent.cli import ledger
 from consent.signing import InvalidLedgerKey, new_ledger_key_b64
+from export.cli import dlq
 from gateway.config import ConfigProblems, hash_write_key, load_config
 from gateway.settings import Settings, SettingsError
 from identity.pseudonym import InvalidKeyMaterial, MissingKey, new_key_document, write_private_file
@@ -145,6 +146,7 @@ def config_check(path: Path, production: bool) -> None:
 
 
 main.add_command(ledger)
+main.add_command(dlq)
 
 
 @main.group()
