@@ -186,6 +186,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             redis_dedupe = RedisDedupe(
                 redis_client,
                 window_seconds=config.limits.dedupe_window_seconds,
+                claim_seconds=settings.dedupe_claim_seconds,
                 prefix=f"{settings.redis_prefix}:dedupe",
             )
         outbox, dead_letters = open_outbox(settings, config, redis_client)

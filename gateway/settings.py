@@ -63,6 +63,9 @@ class Settings:
     # How long another replica's read-but-unacknowledged outbox entries wait before this
     # one takes them over (the other replica is presumed dead).
     claim_idle_ms: int = 30_000
+    # How long a message id claimed in Redis by a request stays "in flight" (retry later)
+    # before another request may take it over (the first replica died mid-append).
+    dedupe_claim_seconds: int = 30
 
     @property
     def dev(self) -> bool:
@@ -141,4 +144,5 @@ class Settings:
             outbox_kind=outbox_kind,  # type: ignore[arg-type]
             replica_id=replica_id,
             claim_idle_ms=max(100, _env_int("IDGATE_CLAIM_IDLE_MS", 30_000)),
+            dedupe_claim_seconds=max(1, _env_int("IDGATE_DEDUPE_CLAIM_SECONDS", 30)),
         )
