@@ -541,6 +541,8 @@ def decode_events(
             continue
         except _DECODE_ERRORS as exc:
             error, detail, field_name = describe_decode_error(exc, where)
+            # msgspec writes a dict key it does not name as "[...]"
+            field_name = field_name.replace("[...]", "") if field_name else field_name
             batch.rejected.append(Rejection(i, error, detail, field_name, mid))
             continue
         batch.envelopes.append(Envelope(event, i))

@@ -70,6 +70,7 @@ PREFLIGHT = [
     (b"access-control-allow-headers", b"Content-Type, Content-Encoding, Dry-Run"),
     (b"access-control-max-age", b"86400"),
 ]
+PIPELINE_FIELDS = {"userId": "distinct_id", "anonymousId": "distinct_id", "previousId": "original_id"}
 # A transparent 1x1 GIF: what an <img> expects from /sa.gif.
 PIXEL = bytes.fromhex(
     "47494638396101000100800000000000ffffff21f90401000000002c00000000010001000002024401003b"
@@ -219,6 +220,14 @@ async def _sensors(scope: Scope, receive: Receive, send: Send) -> None:
     )
     result = IngestResult(received=batch.received, rejected=batch.rejected)
     await ingest_in_order(ctx, src, batch, result)
+    for r in result.rejected:  # the pipeline names the Segment fields
+        if r.field in PIPELINE_FIELDS:
+            where = (
+                "data."
+                if single and batch.received == 1
+                else f"{'data' if single else 'data_list'}[{r.index}]."
+            )
+            r.field = where + PIPELINE_FIELDS[r.field]
     if result.rejected:
         log.info(
             "ingest.rejected",
