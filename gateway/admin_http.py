@@ -13,6 +13,7 @@ import asyncio
 import hashlib
 import io
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -25,8 +26,8 @@ from litestar.exceptions import NotAuthorizedException, PermissionDeniedExceptio
 from consent.ledger import Ledger, verify_database
 from consent.models import AccessLogEntry
 from consent.service import ConsentRefused, ConsentService
-from export.outbox import SqliteOutbox
 from gateway.config import AdminToken, Config
+from gateway.identity_setup import deletion_notice
 from gateway.segment import InvalidRequest, decode_body
 from identity.identifiers import IDENTIFIER_TYPES, InvalidIdentifier, normalise
 from identity.pseudonym import KeyRing
@@ -51,8 +52,9 @@ class AdminContext:
     keyring: KeyRing
     ledger: Ledger
     consent: ConsentService
-    outbox: SqliteOutbox
+    outbox: Any  # the deployment's outbox (SQLite or Redis Streams)
     resolver: Any = None  # identity.resolver.GraphResolver when identity resolution is on
+    notify: Callable[[], None] | None = None  # wakes the delivery workers
 
 
 def index_admin_tokens(tokens: list[AdminToken], *, dev: bool) -> dict[str, Officer]:
@@ -194,6 +196,14 @@ class NoticeRequest(msgspec.Struct, rename="camel", forbid_unknown_fields=True):
 
 _NOTICE = msgspec.json.Decoder(NoticeRequest)
 _UNLINK = msgspec.json.Decoder(UnlinkRequest)
+
+
+class EraseRequest(msgspec.Struct, forbid_unknown_fields=True):
+    tenant: str
+    identifiers: list[IdentifierRef]
+
+
+_ERASE = msgspec.json.Decoder(EraseRequest)
 
 
 class AdminController(Controller):
@@ -467,6 +477,38 @@ class AdminController(Controller):
                 "b": ctx.resolver.graphs[body.tenant].unified_id(node_b),
             },
         }
+
+    @post(
+        "/identity/erase",
+        status_code=200,
+        summary="Erase identifiers from the identity graph; deletion notices go downstream",
+    )
+    async def erase(self, request: Request[Any, Any, Any]) -> dict[str, Any]:
+        """Compliance role (a deletion request, PIPL Art 47). The identifiers leave the graph
+        (the person splits where they held it together) and an ``identity.deleted`` notice
+        per person goes to every destination that received that person's data."""
+        body = decode_body(_ERASE, await request.body())
+        officer = officer_for(request, "compliance", body.tenant)
+        ctx = _ctx(request)
+        graph = _graph(ctx, body.tenant)
+        if not 1 <= len(body.identifiers) <= 100:
+            raise InvalidRequest("invalid_field", "give between 1 and 100 identifiers", "identifiers")
+        nodes = [_node(ctx, body.tenant, ref, f"identifiers[{i}]") for i, ref in enumerate(body.identifiers)]
+        by_person: dict[str, list[str]] = {}
+        for node in dict.fromkeys(nodes):
+            by_person.setdefault(ctx.resolver.unified_id(body.tenant, node), []).append(node)
+        changes = 0
+        for node in dict.fromkeys(nodes):
+            if node in graph:
+                changes += len(await ctx.resolver.remove(body.tenant, node))
+        tenant = next(t for t in ctx.config.tenants if t.id == body.tenant)
+        now = datetime.now(UTC)
+        notices = [deletion_notice(tenant, uid, person_nodes, now) for uid, person_nodes in by_person.items()]
+        await ctx.outbox.append(notices, dedupe=True)
+        if ctx.notify is not None:
+            ctx.notify()
+        await log_access(ctx, officer, "identity.erase", body.tenant, {"nodes": sorted(set(nodes))}, changes)
+        return {"erased": len(set(nodes)), "unifiedIds": sorted(by_person), "notices": len(notices)}
 
     @get("/identity/quarantine", summary="Merges held back by the circuit breaker, for review")
     async def quarantine(

@@ -226,6 +226,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             consent=consent.service,
             outbox=outbox,
             resolver=resolver,
+            notify=delivery.notify,
         )
         await delivery.start()
         checkpoints = asyncio.create_task(

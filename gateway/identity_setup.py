@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from collections.abc import Callable, Sequence
-from datetime import UTC
+from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
@@ -33,6 +34,12 @@ def identity_rules(tenant: Tenant) -> IdentityRules:
     )
 
 
+def _notice_id(kind: str, *parts: str) -> str:
+    """A notice's message id: stable (redelivery dedupes) and opaque (it must not carry the
+    tenant-domain unified ID, which destinations only see re-keyed for their domain)."""
+    return f"{kind}:" + hashlib.blake2b("\x1f".join(parts).encode(), digest_size=12).hexdigest()
+
+
 def notices_for(tenant: Tenant, changes: Sequence[GraphChange]) -> list[OutboxRecord]:
     """Merge and split notices for every destination of the tenant, in its outbox format."""
     records = []
@@ -42,14 +49,14 @@ def notices_for(tenant: Tenant, changes: Sequence[GraphChange]) -> list[OutboxRe
         if isinstance(c, Merged):
             body: dict[str, Any] = {
                 "type": "identity.merged",
-                "messageId": f"identity.merged:{c.merged}",
+                "messageId": _notice_id("identity.merged", c.merged),
                 "survivor": c.survivor,
                 "merged": c.merged,
             }
         elif isinstance(c, Split):
             body = {
                 "type": "identity.split",
-                "messageId": f"identity.split:{c.old_unified_id}:{at.timestamp()}",
+                "messageId": _notice_id("identity.split", c.old_unified_id, str(at.timestamp())),
                 "previous": c.old_unified_id,
                 "parts": sorted(set(c.parts.values())),
             }
@@ -68,6 +75,29 @@ def notices_for(tenant: Tenant, changes: Sequence[GraphChange]) -> list[OutboxRe
             )
         )
     return records
+
+
+def deletion_notice(tenant: Tenant, unified_id: str, nodes: Sequence[str], at: datetime) -> OutboxRecord:
+    """``identity.deleted``: these identifiers of the person were erased; recipients delete
+    what they hold under them (and under the unified ID when ``person`` is true)."""
+    when = at.astimezone(UTC)
+    identifiers = [{"type": n.split(":", 1)[0], "id": n.split(":", 1)[1]} for n in sorted(nodes)]
+    body: dict[str, Any] = {
+        "type": "identity.deleted",
+        "messageId": _notice_id("identity.deleted", unified_id, *sorted(nodes)),
+        "unifiedId": unified_id,
+        "identifiers": identifiers,
+        "receivedAt": when.isoformat(),
+        "context": {"idgate": {"tenant": tenant.id, "notice": True}},
+    }
+    return OutboxRecord(
+        tenant=tenant.id,
+        source="idgate",
+        message_id=body["messageId"],
+        received_at_ms=int(when.timestamp() * 1000),
+        destinations=tuple(d.id for d in tenant.destinations),
+        payload=msgspec.json.encode(body),
+    )
 
 
 def derived_unified_id(pseudonym: Callable[[str], str]) -> Callable[[str], str]:

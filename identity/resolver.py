@@ -327,6 +327,14 @@ class GraphResolver:
         await self._locked(decide)
         return out
 
+    def unified_id(self, tenant: str, node: str) -> str:
+        """The node's unified ID: its person's, or the derived one of a never-linked node."""
+        uid = self.graphs[tenant].unified_id(node)
+        if uid is not None:
+            return uid
+        derive = self.node_ids.get(tenant)
+        return derive(node) if derive is not None else node
+
     async def remove(self, tenant: str, node: str) -> list[GraphChange]:
         out: list[GraphChange] = []
 
