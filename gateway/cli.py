@@ -194,6 +194,52 @@ def identity_rebuild(database_url: str | None) -> None:
         sys.exit(1)
 
 
+@identity.command("export-map")
+@click.option("--tenant", required=True, help="Tenant id.")
+@click.option("--destination", required=True, help="Destination whose pseudonym domain the map uses.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Parquet file.")
+@click.option(
+    "--config", "config_path", type=click.Path(path_type=Path), default=None, help="Tenant config TOML."
+)
+def identity_export_map(tenant: str, destination: str, out: Path, config_path: Path | None) -> None:
+    """Write the identity_map (pseudonym -> unified ID, valid from/to) as Parquet for a destination."""
+    from consent.db import make_engine
+    from export.identity_map import write_identity_map
+    from gateway.app import load_keyring
+    from gateway.delivery_setup import rekeyer
+    from gateway.identity_setup import identity_rules
+    from identity.identity_map import identity_map
+    from identity.store import IdentityLogStore
+
+    try:
+        settings = Settings.from_env(config_path=config_path)
+        cfg = load_config(settings.config_path, dev=settings.dev)
+        keyring = load_keyring(settings, cfg)
+    except (SettingsError, ConfigProblems, InvalidKeyMaterial, MissingKey) as exc:
+        click.echo(f"idgate: {exc}", err=True)
+        sys.exit(2)
+    found = next((t for t in cfg.tenants if t.id == tenant), None)
+    if found is None:
+        click.echo(f"idgate: unknown tenant {tenant!r}", err=True)
+        sys.exit(2)
+    dest = next((d for d in found.destinations if d.id == destination), None)
+    if dest is None:
+        click.echo(f"idgate: tenant {tenant!r} has no destination {destination!r}", err=True)
+        sys.exit(2)
+    url = settings.database_url or f"sqlite:///{settings.data_dir / 'identity.sqlite3'}"
+    store = IdentityLogStore(make_engine(url))
+
+    def rows():  # type: ignore[no-untyped-def]
+        after = 0
+        while batch := store.read_after(after):
+            yield from batch
+            after = batch[-1][0]
+
+    intervals = identity_map(rows(), tenant, identity_rules(found))
+    count = write_identity_map(intervals, rekeyer(keyring, tenant, dest), out)
+    click.echo(f"wrote {count} rows to {out} (domain {dest.pseudonym_domain or dest.id})")
+
+
 @main.command("migrate")
 def migrate_command() -> None:
     """Create or upgrade the consent database schema (DATABASE_URL, else the embedded SQLite)."""
