@@ -373,6 +373,14 @@ def parse_config(text: str, *, path: str = "<config>", dev: bool = False) -> Con
         tenant_ids.add(tenant.id)
         _check_tenant(tenant, where, dev, problems, seen_keys)
         tenants.append(tenant)
+    # Destinations name sink directories, outbox consumer groups and dead-letter streams:
+    # unique across tenants, not only within one.
+    owners: dict[str, str] = {}
+    for t in tenants:
+        for d in t.destinations:
+            if d.id in owners and owners[d.id] != t.id:
+                problems.append(f"destination {d.id!r}: used by tenants {owners[d.id]!r} and {t.id!r}")
+            owners.setdefault(d.id, t.id)
     known_tenants = {t.id for t in tenants}
     for i, token in enumerate(admin_tokens):
         for tid in token.tenants:

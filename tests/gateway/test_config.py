@@ -135,3 +135,48 @@ def test_serve_refuses_production_without_keys(tmp_path: Path) -> None:
         timeout=60,
     )
     assert r.returncode == 2 and "IDGATE_KEYS" in r.stderr
+
+
+DESTINATIONS = """
+[[tenants]]
+id = "a"
+[[tenants.sources]]
+id = "web"
+platform = "web"
+write_key_sha256 = "{h1}"
+[[tenants.destinations]]
+id = "hook"
+sink = "webhook"
+options = {{ url = "ftp://nowhere", retries = 3 }}
+batch_size = 0
+pseudonym_domain = "Not A Domain"
+retry = {{ max_attempts = 0, initial_backoff_ms = 500, max_backoff_ms = 100 }}
+[[tenants.destinations]]
+id = "shared"
+
+[[tenants]]
+id = "b"
+[[tenants.sources]]
+id = "web-b"
+platform = "web"
+write_key_sha256 = "{h2}"
+[[tenants.destinations]]
+id = "shared"
+sink = "redis_stream"
+"""
+
+
+def test_destination_delivery_settings_are_checked() -> None:
+    text = DESTINATIONS.format(h1="1" * 64, h2="2" * 64)
+    with pytest.raises(ConfigProblems) as info:
+        parse_config(text, dev=False)
+    problems = "\n".join(info.value.problems)
+    where = "tenants[0].destinations[0]"
+    assert f"{where}.options.url" in problems
+    assert f"{where}.options.retries" in problems
+    assert f"{where}.batch_size" in problems
+    assert f"{where}.pseudonym_domain" in problems
+    assert f"{where}.retry.max_attempts" in problems
+    assert f"{where}.retry: need 1 <= initial_backoff_ms <= max_backoff_ms" in problems
+    assert "tenants[1].destinations[0].options.stream" in problems  # required option missing
+    assert "destination 'shared': used by tenants 'a' and 'b'" in problems
