@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import MALL_SENSORS_TOKEN, SHOP_SENSORS_TOKEN, Gateway
+from tests.conftest import MALL_SENSORS_TOKEN, OPERATOR_TOKEN, SHOP_SENSORS_TOKEN, Gateway
 
 MINIPROGRAM = Path(__file__).resolve().parent / "miniprogram"
 
@@ -74,6 +74,36 @@ def current_persons(unified: list[str], lines: list[dict[str, Any]]) -> set[str]
         return u
 
     return {follow(u) for u in unified}
+
+
+def explain(gw: Gateway, tenant: str, a: tuple[str, str, str | None], b: tuple[str, str, str | None]) -> dict:
+    """The identity graph's answer (operator API): are a and b one person, and its unified ID.
+    Each side is (type, raw id, appid or None)."""
+    params = {"tenant": tenant, "a_type": a[0], "a": a[1], "b_type": b[0], "b": b[1]}
+    if a[2]:
+        params["a_appid"] = a[2]
+    if b[2]:
+        params["b_appid"] = b[2]
+    import httpx
+
+    r = httpx.get(
+        f"{gw.url}/admin/identity/explain",
+        params=params,
+        headers={"Authorization": f"Bearer {OPERATOR_TOKEN}"},
+        timeout=10,
+    )
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+# Downstream reconciliation of IDs handed out earlier in the same request: the merge notice
+# is queued before that request's events, and delivery (since "notices only where the
+# person's data went") skips a notice about persons it has not delivered data of yet.
+NOTICE_BEFORE_EVENTS = pytest.mark.xfail(
+    reason="merge notices from inside one batch are skipped by delivery: they are queued "
+    "before the batch's own events (reported)",
+    strict=False,
+)
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from tests.conftest import MALL_MP_KEY, MALL_WEB_KEY, Gateway, make_gateway, mid
-from tests.sensors.conftest import current_persons, sensors_url, wait_for
+from tests.sensors.conftest import NOTICE_BEFORE_EVENTS, current_persons, explain, sensors_url, wait_for
 
 APPID_A = "wx1a2b3c4d5e6f7a8b"
 APPID_B = "wx9f8e7d6c5b4a3f2e"
@@ -81,9 +81,7 @@ def shopper() -> dict[str, str]:
     }
 
 
-def test_two_miniprograms_of_one_open_platform_account_are_one_person(
-    gw: Gateway, miniprogram: Runner
-) -> None:
+def two_miniprograms(gw: Gateway, miniprogram: Runner) -> tuple[dict[str, str], list[dict[str, Any]]]:
     s = shopper()
     linking = ["analytics", "identity_linking"]
     a = miniprogram(
@@ -95,18 +93,40 @@ def test_two_miniprograms_of_one_open_platform_account_are_one_person(
     assert all(r["statusCode"] == 200 for r in a["responses"] + b["responses"]), a["responses"]
     # A: first visit profile, launch, show, 2 page views, AddToCart, 2 binds, sign-up, hide
     assert accepted(a) == 10 and accepted(b) == 9
-
+    s["mp_a"], s["mp_b"] = a["anonymous_id"], b["anonymous_id"]
     events = mp_events(gw, 19)
     assert len(events) == 19
+    return s, events
+
+
+def test_two_miniprograms_of_one_open_platform_account_are_one_person(
+    gw: Gateway, miniprogram: Runner
+) -> None:
+    s, events = two_miniprograms(gw, miniprogram)
     names = sorted(e.get("event") or e["context"]["sensors"]["type"] for e in events)
     assert names.count("$MPViewScreen") == 4 and names.count("$BindID") == 4
     assert {"$MPLaunch", "$MPShow", "$MPHide", "AddToCart", "$SignUp", "profile_set_once"} <= set(names)
-    lines = gw.sink_lines("mall-warehouse")
-    persons = current_persons([e["context"]["unified_id"] for e in events], lines)
-    assert len(persons) == 1, persons
 
-    dump = json.dumps(lines)
-    raw = [s["openid_a"], s["openid_b"], s["unionid"], s["user"], a["anonymous_id"], b["anonymous_id"]]
+    # The graph: both installs, both openids, the unionid and the login are one person.
+    openid_a = ("wechat_openid", s["openid_a"], APPID_A)
+    person = explain(gw, "mall", openid_a, ("wechat_openid", s["openid_b"], APPID_B))
+    assert person["linked"] is True
+    for other in [
+        ("anonymous_id", s["mp_a"], None),
+        ("anonymous_id", s["mp_b"], None),
+        ("user_id", s["user"], None),
+    ]:
+        assert explain(gw, "mall", openid_a, other)["unifiedId"] == person["unifiedId"]
+    # the same openid string under another appid would be somebody else
+    assert explain(gw, "mall", openid_a, ("wechat_openid", s["openid_a"], APPID_B))["linked"] is False
+    # downstream (IDs re-keyed for the destination's pseudonym domain): the two visits'
+    # last events (app hide, after the binds) are one person
+    lines = gw.sink_lines("mall-warehouse")
+    hides = [e["context"]["unified_id"] for e in events if e.get("event") == "$MPHide"]
+    assert len(hides) == 2 and len(current_persons(hides, lines)) == 1
+
+    dump = json.dumps(gw.sink_lines("mall-warehouse"))
+    raw = [s["openid_a"], s["openid_b"], s["unionid"], s["user"], s["mp_a"], s["mp_b"]]
     assert not [r for r in raw if r in dump]
     # the openids are scoped by their mini-program's appid; every id left is a pseudonym
     binds = [e for e in events if e.get("event") == "$BindID"]
@@ -120,6 +140,16 @@ def test_two_miniprograms_of_one_open_platform_account_are_one_person(
     unionids = {x["id"] for e in binds for x in e["context"]["externalIds"] if x["type"] == "wechat_unionid"}
     assert len(unionids) == 1
     assert all(e["context"]["idgate"]["source"] == "mall-mp" for e in events)
+
+
+@NOTICE_BEFORE_EVENTS
+def test_downstream_can_reconcile_every_event_of_the_two_miniprograms(
+    gw: Gateway, miniprogram: Runner
+) -> None:
+    """With the merge notices it received, downstream sees one person for all 19 events."""
+    _, events = two_miniprograms(gw, miniprogram)
+    lines = gw.sink_lines("mall-warehouse")
+    assert len(current_persons([e["context"]["unified_id"] for e in events], lines)) == 1
 
 
 def test_without_identity_linking_the_miniprograms_stay_apart(gw: Gateway, miniprogram: Runner) -> None:
@@ -173,12 +203,22 @@ def test_miniprogram_browsing_then_website_login_is_one_person_across_protocols(
     for message in batch:  # one request each, as a browser SDK sends them
         r = web.post("/v1/batch", json={"batch": [message]})
         assert r.status_code == 200 and r.json()["accepted"] == 1, r.text
-    web_events = gw.wait_for_sink(set(sent), "mall-warehouse")
+    web_events = sorted(
+        gw.wait_for_sink(set(sent), "mall-warehouse"), key=lambda e: sent.index(e["messageId"])
+    )
     assert len(web_events) == 3
-    events = mp_events(gw, 10) + web_events
-    lines = gw.sink_lines("mall-warehouse")
-    assert len(current_persons([e["context"]["unified_id"] for e in events], lines)) == 1
+    # the graph: the mini-program install, its openid and the website cookie are one person
+    person = explain(gw, "mall", ("anonymous_id", cookie, None), ("wechat_openid", s["openid_a"], APPID_A))
+    assert person["linked"] is True
+    assert explain(gw, "mall", ("anonymous_id", cookie, None), ("anonymous_id", run["anonymous_id"], None))[
+        "linked"
+    ]
+    # downstream (IDs re-keyed for the destination's domain): the website's events from the
+    # login on and the mini-program's last event are one person
+    hide = next(e for e in mp_events(gw, 10) if e.get("event") == "$MPHide")
+    ids = [hide["context"]["unified_id"]] + [e["context"]["unified_id"] for e in web_events[1:]]
+    assert len(current_persons(ids, gw.sink_lines("mall-warehouse"))) == 1
     # and the login id is the same pseudonym in both protocols
-    signup = next(e for e in events if e.get("event") == "$SignUp")
+    signup = next(e for e in mp_events(gw, 10) if e.get("event") == "$SignUp")
     identify = next(e for e in web_events if e["type"] == "identify")
     assert signup["userId"] == identify["userId"]

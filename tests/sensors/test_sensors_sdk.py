@@ -21,7 +21,14 @@ from sensorsanalytics import (
 from sensorsanalytics import SensorsAnalyticsIdentity as Identity
 
 from tests.conftest import Gateway
-from tests.sensors.conftest import current_persons, sensors_events, sensors_url, wait_for
+from tests.sensors.conftest import (
+    NOTICE_BEFORE_EVENTS,
+    current_persons,
+    explain,
+    sensors_events,
+    sensors_url,
+    wait_for,
+)
 
 
 class RecordingBatchConsumer(BatchConsumer):
@@ -63,7 +70,9 @@ def journey(sa: SensorsAnalytics, anon: str, user: str, mobile: str) -> int:
     return 13
 
 
-def check_journey(gw: Gateway, events: list[dict[str, Any]], anon: str, user: str, mobile: str) -> None:
+def check_journey(
+    gw: Gateway, events: list[dict[str, Any]], anon: str, user: str, mobile: str, downstream: bool = True
+) -> None:
     dump = json.dumps(events)
     for raw in (anon, user, mobile, "+86" + mobile):
         assert raw not in dump
@@ -92,6 +101,19 @@ def check_journey(gw: Gateway, events: list[dict[str, Any]], anon: str, user: st
     assert [x["type"] for x in bind["context"]["externalIds"]] == ["phone"]
     assert bind["context"]["externalIds"][0]["id"].startswith("k1.")
 
+    unbind = by_kind["track_id_unbind"]
+    assert unbind["event"] == "$UnbindID"
+    assert [u["type"] for u in unbind["context"]["sensors"]["unbind"]] == ["phone"]
+    # The graph: anonymous browsing, sign-up and login are one person; the phone was bound
+    # and then unbound, and is somebody else now.
+    assert explain(gw, "shop", ("anonymous_id", anon, None), ("user_id", user, None))["linked"] is True
+    assert explain(gw, "shop", ("phone", mobile, None), ("user_id", user, None))["linked"] is False
+    if downstream:
+        check_downstream(gw, events)
+
+
+def check_downstream(gw: Gateway, events: list[dict[str, Any]]) -> None:
+    """What downstream sees with the notices it received (IDs in its pseudonym domain)."""
     # One person until the unbind: anonymous browsing, sign-up, purchase, profile, phone.
     lines = gw.sink_lines("warehouse")
     before = [e for e in events if e["context"]["sensors"]["type"] != "track_id_unbind"]
@@ -104,9 +126,6 @@ def check_journey(gw: Gateway, events: list[dict[str, Any]], anon: str, user: st
     assert splits and splits[0]["previous"] in person
     after = next(e for e in events if e.get("properties", {}).get("sku") == "SKU-2")
     assert current_persons([after["context"]["unified_id"]], lines) != person
-    unbind = by_kind["track_id_unbind"]
-    assert unbind["event"] == "$UnbindID"
-    assert [u["type"] for u in unbind["context"]["sensors"]["unbind"]] == ["phone"]
 
 
 def test_default_consumer_every_call_type_arrives_cleaned_with_unified_ids(fresh_gateway: Gateway) -> None:
@@ -134,7 +153,9 @@ def test_batch_consumer_and_a_resent_batch_is_deduplicated(fresh_gateway: Gatewa
     assert sizes == [50, 3]  # max_size, then the rest on close
     events = wait_for(gw, lambda e: "sensors" in e.get("context", {}), sent)
     assert len(events) == sent == len({e["messageId"] for e in events})
-    check_journey(gw, [e for e in events if "i" not in e.get("properties", {})], anon, user, mobile)
+    # Inside one batch, downstream reconciliation is the known delivery issue: see below.
+    journey_events = [e for e in events if "i" not in e.get("properties", {})]
+    check_journey(gw, journey_events, anon, user, mobile, downstream=False)
 
     # The SDK sends a batch again after an error it did not see the answer of: same events,
     # same derived message ids, nothing stored twice.
@@ -147,6 +168,16 @@ def test_batch_consumer_and_a_resent_batch_is_deduplicated(fresh_gateway: Gatewa
     assert again.status_code == 200, again.text
     assert again.json()["duplicates"] == 50 and again.json()["accepted"] == 0
     assert len(sensors_events(gw)) == sent
+
+
+@NOTICE_BEFORE_EVENTS
+def test_batch_consumer_downstream_reconciles_the_journey(fresh_gateway: Gateway) -> None:
+    gw = fresh_gateway.start()
+    anon, user, mobile = people()
+    sa = SensorsAnalytics(BatchConsumer(sensors_url(gw), max_size=50))
+    sent = journey(sa, anon, user, mobile)
+    sa.close()
+    check_downstream(gw, wait_for(gw, lambda e: "sensors" in e.get("context", {}), sent))
 
 
 def test_the_python_client_raises_on_a_rejected_single_event(gateway: Gateway) -> None:
