@@ -61,7 +61,7 @@ Recheck = Callable[[str, Sequence[StoredRecord]], Awaitable[list[bool]]]
 # Told, before the sink write, what is about to be delivered (the audit trail of proofs).
 OnDelivered = Callable[[str, Sequence[StoredRecord]], Awaitable[None]]
 
-_UNIFIED_ID = re.compile(rb'"unified_id":"(p_[A-Za-z0-9_-]{22})"')
+_UNIFIED_ID = re.compile(rb'"unified_id":"(p_[A-Za-z0-9_-]{20,22})"')
 _NOTICE_PREFIX = b'{"type":"identity.'
 
 

@@ -19,8 +19,9 @@ from collections.abc import Callable, Iterable
 
 import msgspec
 
-# A JSON string that is exactly one pseudonym or unified ID.
-_VALUE = re.compile(rb'"(k\d{1,4}\.[A-Za-z0-9_-]{22}|p_[A-Za-z0-9_-]{22})"')
+# A JSON string that is exactly one pseudonym or unified ID (derived IDs carry 22
+# base64url characters, the random ones given to split-off parts 20 hex digits).
+_VALUE = re.compile(rb'"(k\d{1,4}\.[A-Za-z0-9_-]{22}|p_[A-Za-z0-9_-]{20,22})"')
 _CACHE_LIMIT = 200_000
 
 

@@ -179,6 +179,17 @@ def _graph(ctx: AdminContext, tenant: str) -> Any:
     return graph
 
 
+def by_destination(ctx: AdminContext, tenant: str, unified_id: str | None) -> dict[str, str | None]:
+    """The unified ID as each destination of the tenant knows it (its pseudonym domain)."""
+    from gateway.delivery_setup import rekeyer
+
+    found = next(t for t in ctx.config.tenants if t.id == tenant)
+    return {
+        d.id: rekeyer(ctx.keyring, tenant, d).value(unified_id) if unified_id else None
+        for d in found.destinations
+    }
+
+
 def _node(ctx: AdminContext, tenant: str, ref: IdentifierRef, field: str) -> str:
     try:
         return f"{ref.type}:{subject_pseudonym(ctx, tenant, ref.id, ref.type, ref.appid)}"
@@ -437,6 +448,9 @@ class AdminController(Controller):
             "b": node_b,
             "linked": path is not None,
             "unifiedId": graph.unified_id(node_a) if path is not None else None,
+            "unifiedIdByDestination": by_destination(
+                ctx, tenant, graph.unified_id(node_a) if path is not None else None
+            ),
             "path": [
                 {
                     "from": x,
@@ -469,12 +483,16 @@ class AdminController(Controller):
             ctx, officer, "identity.unlink", body.tenant, {"a": node_a, "b": node_b}, len(changes)
         )
         splits = [c for c in changes if type(c).__name__ == "Split"]
+        graph = ctx.resolver.graphs[body.tenant]
+        uids = {"a": graph.unified_id(node_a), "b": graph.unified_id(node_b)}
+        per_destination = {k: by_destination(ctx, body.tenant, v) for k, v in uids.items()}
         return {
             "removed": True,
             "split": bool(splits),
-            "unifiedIds": {
-                "a": ctx.resolver.graphs[body.tenant].unified_id(node_a),
-                "b": ctx.resolver.graphs[body.tenant].unified_id(node_b),
+            "unifiedIds": uids,
+            # what each destination received the parts as (its pseudonym domain)
+            "unifiedIdsByDestination": {
+                d: {k: per_destination[k][d] for k in uids} for d in per_destination["a"]
             },
         }
 

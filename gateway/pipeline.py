@@ -24,6 +24,7 @@ from export.outbox import OutboxRecord, SqliteOutbox
 from gateway import metrics
 from gateway.config import Destination, ResolvedSource, Tenant
 from gateway.events import Envelope, Rejection, RejectMessage
+from gateway.identity_setup import notices_for
 from identity.identifiers import IDENTIFIER_TYPES, Identifier, InvalidIdentifier, normalise
 from identity.pseudonym import KeyRing, Pseudonymiser
 from identity.resolution import IdentityResolver
@@ -414,18 +415,23 @@ class Ingestor:
         if not allowed:
             return result
 
+        changes: list[Any] = []  # merges and splits: their notices follow the events
         unified = await self.resolver.resolve_batch(
             tenant.id,
             [e.identifiers for e in allowed],
             linking,
             [(source.id, e.event.message_id) for e in allowed],
+            notices=changes,
         )
         for env, uid in zip(allowed, unified, strict=True):
             env.unified_id = uid
             scrub_personal_data(env)
 
         records = [encode_for_outbox(env, src, pseudonym.version, self._encoder) for env in allowed]
-        await self._append(source.id, records, result)
+        # after the events that may carry a pre-merge ID, in the same durable append, so a
+        # destination has received the person by the time it reads the notice
+        notices = notices_for(tenant, changes) if changes else []
+        await self._append(source.id, records, result, notices)
         counts.add("accepted", labels, result.accepted)
         if result.duplicates:
             counts.add("duplicate", labels, result.duplicates)
@@ -503,9 +509,16 @@ class Ingestor:
             kept.append(env)
         return kept
 
-    async def _append(self, source_id: str, records: list[OutboxRecord], result: IngestResult) -> None:
+    async def _append(
+        self,
+        source_id: str,
+        records: list[OutboxRecord],
+        result: IngestResult,
+        notices: Sequence[OutboxRecord] = (),
+    ) -> None:
+        """Append the events, then the identity notices they caused, in one durable write."""
         if self.redis_dedupe is None:
-            stored = await self.outbox.append(records, dedupe=True)
+            stored = (await self.outbox.append([*records, *notices], dedupe=True))[: len(records)]
             result.accepted += sum(stored)
             result.duplicates += len(stored) - sum(stored)
             return
@@ -516,7 +529,7 @@ class Ingestor:
         result.in_flight += sum(1 for s in statuses if s is ClaimStatus.IN_FLIGHT)
         new_keys = [k for k, _ in new]
         try:
-            await self.outbox.append([r for _, r in new], dedupe=False)
+            await self.outbox.append([*(r for _, r in new), *notices], dedupe=False)
         except BaseException:
             await self.redis_dedupe.release(new_keys)
             raise

@@ -8,7 +8,7 @@ whether linking them is allowed (``identity_linking`` consent), and returns the 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 from identity.identifiers import Identifier
 
@@ -27,7 +27,11 @@ class IdentityResolver(Protocol):
         identifier_sets: Sequence[Sequence[Identifier]],
         linking_allowed: Sequence[bool],
         provenance: Sequence[tuple[str, str]] | None = None,
-    ) -> list[str | None]: ...
+        notices: list[Any] | None = None,
+    ) -> list[str | None]:
+        """``notices``, when given, receives the merges and splits this call caused (for
+        the caller to send after its events) instead of the resolver's change hook."""
+        ...
 
 
 class NoResolution:
@@ -46,5 +50,6 @@ class NoResolution:
         identifier_sets: Sequence[Sequence[Identifier]],
         linking_allowed: Sequence[bool],
         provenance: Sequence[tuple[str, str]] | None = None,
+        notices: list[Any] | None = None,
     ) -> list[str | None]:
         return [None] * len(identifier_sets)

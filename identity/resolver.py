@@ -55,14 +55,19 @@ def pseudonym_of(node: str) -> str:
 
 
 class _Pending:
-    __slots__ = ("tenant", "items", "future")
+    __slots__ = ("tenant", "items", "future", "notices")
 
     def __init__(
-        self, tenant: str, items: list[tuple[list[str], bool, Provenance]], future: asyncio.Future[Any]
+        self,
+        tenant: str,
+        items: list[tuple[list[str], bool, Provenance]],
+        future: asyncio.Future[Any],
+        notices: list[GraphChange] | None = None,
     ):
         self.tenant = tenant
         self.items = items
         self.future = future
+        self.notices = notices
 
 
 class GraphResolver:
@@ -88,6 +93,8 @@ class GraphResolver:
         self.applied_seq = 0
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="identity-log")
         self._pending: list[_Pending] = []
+        # ids of changes a caller of resolve_batch collects (not sent through on_changes)
+        self._collected: set[int] = set()
         self._flushing = False
         self._write_lock = asyncio.Lock()
         self._follower: asyncio.Task[None] | None = None
@@ -207,6 +214,7 @@ class GraphResolver:
         identifier_sets: Sequence[Sequence[Identifier]],
         linking_allowed: Sequence[bool],
         provenance: Sequence[tuple[str, str]] | None = None,
+        notices: list[GraphChange] | None = None,
     ) -> list[str | None]:
         results: list[str | None] = [None] * len(identifier_sets)
         if tenant not in self.graphs:  # identity resolution is off for this tenant
@@ -228,7 +236,7 @@ class GraphResolver:
             return results
         items = [(nodes, linking_allowed[i], prov) for i, nodes, prov in slow]
         future: asyncio.Future[list[str]] = asyncio.get_running_loop().create_future()
-        self._pending.append(_Pending(tenant, items, future))
+        self._pending.append(_Pending(tenant, items, future, notices))
         if not self._flushing:
             self._flushing = True
             asyncio.get_running_loop().create_task(self._flush())
@@ -247,6 +255,7 @@ class GraphResolver:
             try:
                 rows = await self._io(self.store.read_after, self.applied_seq, 10_000_000, conn)
                 self._apply_rows(rows)
+                self._collected = set()
                 decided = decide()
                 now_ms = int(time.time() * 1000)
                 encoded = [
@@ -266,9 +275,12 @@ class GraphResolver:
                 self.applied_seq = 0
                 await self.catch_up()
                 raise
+        collected, self._collected = self._collected, set()
         if self.on_changes is not None:
             for tenant, changes in decided:
-                notable = [c for c in changes if type(c).__name__ in ("Merged", "Split")]
+                notable = [
+                    c for c in changes if type(c).__name__ in ("Merged", "Split") and id(c) not in collected
+                ]
                 if notable:
                     await self.on_changes(tenant, notable)
 
@@ -305,6 +317,11 @@ class GraphResolver:
                 uid, changes = graph.resolve(nodes, link=link, provenance=prov)
                 uids.append(uid)
                 decided.append((p.tenant, changes))
+                if p.notices is not None:  # the caller sends these after its own events
+                    for c in changes:
+                        if isinstance(c, Merged | Split):
+                            p.notices.append(c)
+                            self._collected.add(id(c))
                 kinds = {type(c).__name__ for c in changes}
                 if kinds & {"Merged", "Split"}:
                     self._settled[p.tenant].clear()

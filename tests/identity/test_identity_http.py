@@ -188,7 +188,9 @@ def test_operator_unlinks_a_wrong_bind_and_the_person_splits(gw: Gateway) -> Non
             break
         time.sleep(0.05)
     assert [s["previous"] for s in splits] == [event["context"]["unified_id"]]
-    assert set(splits[0]["parts"]) == set(r.json()["unifiedIds"].values())
+    parts = r.json()["unifiedIdsByDestination"]["mall-warehouse"]  # the warehouse's pseudonym domain
+    assert set(splits[0]["parts"]) == set(parts.values())
+    assert not set(parts.values()) & set(r.json()["unifiedIds"].values())
     again = httpx.post(
         f"{gw.url}/admin/identity/unlink",
         headers=OPS,

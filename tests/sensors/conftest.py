@@ -96,16 +96,6 @@ def explain(gw: Gateway, tenant: str, a: tuple[str, str, str | None], b: tuple[s
     return r.json()
 
 
-# Downstream reconciliation of IDs handed out earlier in the same request: the merge notice
-# is queued before that request's events, and delivery (since "notices only where the
-# person's data went") skips a notice about persons it has not delivered data of yet.
-NOTICE_BEFORE_EVENTS = pytest.mark.xfail(
-    reason="merge notices from inside one batch are skipped by delivery: they are queued "
-    "before the batch's own events (reported)",
-    strict=False,
-)
-
-
 @pytest.fixture(scope="session")
 def miniprogram() -> Callable[[dict[str, Any]], dict[str, Any]]:
     """Run tests/sensors/miniprogram/run.js (the npm SDK under Node) with a scenario.

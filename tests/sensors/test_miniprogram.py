@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from tests.conftest import MALL_MP_KEY, MALL_WEB_KEY, Gateway, make_gateway, mid
-from tests.sensors.conftest import NOTICE_BEFORE_EVENTS, current_persons, explain, sensors_url, wait_for
+from tests.sensors.conftest import current_persons, explain, sensors_url, wait_for
 
 APPID_A = "wx1a2b3c4d5e6f7a8b"
 APPID_B = "wx9f8e7d6c5b4a3f2e"
@@ -142,7 +142,6 @@ def test_two_miniprograms_of_one_open_platform_account_are_one_person(
     assert all(e["context"]["idgate"]["source"] == "mall-mp" for e in events)
 
 
-@NOTICE_BEFORE_EVENTS
 def test_downstream_can_reconcile_every_event_of_the_two_miniprograms(
     gw: Gateway, miniprogram: Runner
 ) -> None:

@@ -22,7 +22,6 @@ from sensorsanalytics import SensorsAnalyticsIdentity as Identity
 
 from tests.conftest import Gateway
 from tests.sensors.conftest import (
-    NOTICE_BEFORE_EVENTS,
     current_persons,
     explain,
     sensors_events,
@@ -170,7 +169,6 @@ def test_batch_consumer_and_a_resent_batch_is_deduplicated(fresh_gateway: Gatewa
     assert len(sensors_events(gw)) == sent
 
 
-@NOTICE_BEFORE_EVENTS
 def test_batch_consumer_downstream_reconciles_the_journey(fresh_gateway: Gateway) -> None:
     gw = fresh_gateway.start()
     anon, user, mobile = people()
