@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -134,6 +135,8 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=15.0, help="seconds of load")
     parser.add_argument("--connections", type=int, default=8, help="wrk connections per replica")
     args = parser.parse_args()
+    if shutil.which("wrk") is None:
+        sys.exit("bench/distributed.py needs wrk (apt-get install wrk), one per replica")
 
     import redis
     import sqlalchemy as sa

@@ -1,7 +1,7 @@
 """The distributed outbox: one Redis stream shared by every replica, a consumer group per destination.
 
-An append is one MULTI/EXEC of XADDs; it is acknowledged to the client once Redis has it
-(run Redis with ``appendonly yes`` and ``appendfsync always`` so that means on disk). Each
+An append is acknowledged to the client once Redis has it (run Redis with ``appendonly
+yes`` and ``appendfsync always`` so that means on disk). Each
 destination is a consumer group and each replica a consumer in it, so:
 
 * any replica's workers deliver any replica's events (XREADGROUP hands each entry to one);
@@ -9,6 +9,10 @@ destination is a consumer group and each replica a consumer in it, so:
   ``claim_idle_ms`` another replica's worker takes them over (XAUTOCLAIM), and the replica
   itself, when it comes back, first re-reads its own pending entries;
 * a destination that is down or slow only grows its own group's lag.
+
+An append is one Lua script (atomic): the XADDs, each entry one msgpack field, and the
+confirmation of the request's message-id claims (export.dedupe), so a message id counts as
+seen exactly when its event is in the stream.
 
 A batch is committed with one MULTI/EXEC: XACK of every entry it spanned, the committed
 sizes of this replica's sink files (file sinks cut back to them on restart, so they stay
@@ -22,11 +26,38 @@ import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+import msgspec
 import structlog
 
 from export.outbox import DeliveryBatch, OutboxRecord, OutboxUnavailable, StoredRecord, dedupe_key
 
 log = structlog.get_logger(__name__)
+
+# KEYS: the stream, then message-id claims to confirm; ARGV: the dedupe window, the entries.
+_APPEND = """
+for i = 2, #ARGV do
+  redis.call('XADD', KEYS[1], '*', 'r', ARGV[i])
+end
+for i = 2, #KEYS do
+  redis.call('SET', KEYS[i], 'd', 'EX', ARGV[1])
+end
+return #ARGV - 1
+"""
+
+
+class _Entry(msgspec.Struct, array_like=True, frozen=True):
+    tenant: str
+    source: str
+    message_id: str
+    received_at_ms: int
+    destinations: tuple[str, ...]
+    payload: bytes
+    consent: bytes
+    proof: tuple[int, ...]
+
+
+_encode_entry = msgspec.msgpack.Encoder().encode
+_decode_entry = msgspec.msgpack.Decoder(_Entry).decode
 
 
 def _seq(entry_id: bytes) -> int:
@@ -35,16 +66,15 @@ def _seq(entry_id: bytes) -> int:
     return (int(ms) << 20) | int(n)
 
 
-def _record(entry_id: bytes, f: dict[bytes, bytes]) -> StoredRecord:
-    proof = f.get(b"pr", b"")
+def _record(entry_id: bytes, e: _Entry) -> StoredRecord:
     return StoredRecord(
         seq=_seq(entry_id),
-        received_at_ms=int(f[b"rat"]),
-        destinations=tuple(f[b"dst"].decode().split(",")),
-        payload=f[b"p"],
-        consent=f.get(b"c", b""),
-        message_id=f[b"mid"].decode(),
-        proof=tuple(int(x) for x in proof.split(b",") if x),
+        received_at_ms=e.received_at_ms,
+        destinations=e.destinations,
+        payload=e.payload,
+        consent=e.consent,
+        message_id=e.message_id,
+        proof=e.proof,
     )
 
 
@@ -66,6 +96,7 @@ class RedisStreamOutbox:
         self.claim_idle_ms = claim_idle_ms
         self.destinations: set[str] = set()
         self.alive = True
+        self._append_script = client.register_script(_APPEND)
 
     def open(self) -> None:  # the connection is opened by the app; nothing to do
         pass
@@ -74,10 +105,21 @@ class RedisStreamOutbox:
         self.alive = False
 
     # -- appends -----------------------------------------------------------------------
-    async def append(self, records: Sequence[OutboxRecord], *, dedupe: bool) -> list[bool]:
-        """XADD every record in one transaction. With ``dedupe`` (notices) a record whose
+    # ingest confirms its Redis message-id claims inside the append (see append)
+    confirms_dedupe = True
+
+    async def append(
+        self,
+        records: Sequence[OutboxRecord],
+        *,
+        dedupe: bool,
+        confirm: Sequence[str] = (),
+        confirm_seconds: int = 0,
+    ) -> list[bool]:
+        """Append in one atomic script that also confirms ``confirm`` (message-id claims of
+        export.dedupe) for ``confirm_seconds``. With ``dedupe`` (notices) a record whose
         message id was appended within the window is skipped; ingest dedupes before, with
-        claim/confirm in Redis (export.dedupe)."""
+        claim/confirm."""
         records = list(records)
         stored = [True] * len(records)
         try:
@@ -87,24 +129,27 @@ class RedisStreamOutbox:
                     key = f"{self.prefix}:outbox-dedupe:{dedupe_key(r.source, r.message_id).hex()}"
                     pipe.set(key, 1, nx=True, ex=self.dedupe_window_seconds)
                 stored = [bool(x) for x in await pipe.execute()]
-            pipe = self.client.pipeline(transaction=True)
-            for r, fresh in zip(records, stored, strict=True):
-                if fresh and r.destinations:
-                    pipe.xadd(
-                        self.stream,
-                        {
-                            "t": r.tenant,
-                            "s": r.source,
-                            "mid": r.message_id,
-                            "rat": r.received_at_ms,
-                            "dst": ",".join(r.destinations),
-                            "p": r.payload,
-                            "c": r.consent,
-                            "pr": ",".join(map(str, r.proof)),
-                        },
+            entries = [
+                _encode_entry(
+                    _Entry(
+                        r.tenant,
+                        r.source,
+                        r.message_id,
+                        r.received_at_ms,
+                        tuple(r.destinations),
+                        r.payload,
+                        r.consent,
+                        tuple(r.proof),
                     )
-            if len(pipe):
-                await pipe.execute()
+                )
+                for r, fresh in zip(records, stored, strict=True)
+                if fresh and r.destinations
+            ]
+            if entries or confirm:
+                await self._append_script(
+                    keys=[self.stream, *confirm],
+                    args=[confirm_seconds or self.dedupe_window_seconds, *entries],
+                )
         except Exception as exc:
             log.error("outbox.append_failed", error=type(exc).__name__)
             raise OutboxUnavailable(f"outbox append failed: {type(exc).__name__}") from exc
@@ -199,8 +244,10 @@ class RedisDestinationQueue:
         needle = self.destination
         for entry_id, fields in entries:
             ids.append(entry_id)
-            if fields and needle in fields[b"dst"].decode().split(","):
-                mine.append(_record(entry_id, fields))
+            if fields:  # None: trimmed or deleted while pending
+                entry = _decode_entry(fields[b"r"])
+                if needle in entry.destinations:
+                    mine.append(_record(entry_id, entry))
         return DeliveryBatch(mine, len(ids), ids)
 
     async def fetch(self, limit: int) -> DeliveryBatch:

@@ -29,6 +29,7 @@ committed.
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -178,8 +179,14 @@ def message_id_of(record: StoredRecord) -> str:
         return ""
 
 
+@functools.lru_cache(maxsize=64)
+def _day_of(day_number: int) -> str:
+    return datetime.fromtimestamp(day_number * 86_400, UTC).strftime("%Y-%m-%d")
+
+
 def _day(received_at_ms: int) -> str:
-    return datetime.fromtimestamp(received_at_ms / 1000, UTC).strftime("%Y-%m-%d")
+    """The UTC date of a timestamp in ms (cached per day: called for every record)."""
+    return _day_of(received_at_ms // 86_400_000)
 
 
 def _fsync_dir(path: Path) -> None:

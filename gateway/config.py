@@ -87,7 +87,7 @@ class Destination(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     # Identifiers leave re-keyed for this domain; destinations sharing a domain can join
     # their data, others cannot. Empty: the destination's own id.
     pseudonym_domain: str = ""
-    batch_size: int = 500
+    batch_size: int = 1000
     retry: RetryPolicy = RetryPolicy()
 
 

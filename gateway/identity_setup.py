@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
@@ -105,6 +106,8 @@ def derived_unified_id(pseudonym: Callable[[str], str]) -> Callable[[str], str]:
     every replica gives it the same opaque ID without coordination. It reveals nothing:
     without the key it cannot be computed from the identifier or its pseudonym."""
 
+    # Derived again for every event of a never-linked identifier (it is not stored): cached.
+    @functools.lru_cache(maxsize=100_000)
     def node_id(node: str) -> str:
         return "p_" + pseudonym(f"unified-id\x1f{node}").split(".", 1)[1]
 

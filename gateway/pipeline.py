@@ -528,10 +528,18 @@ class Ingestor:
         result.duplicates += sum(1 for s in statuses if s is ClaimStatus.DUPLICATE)
         result.in_flight += sum(1 for s in statuses if s is ClaimStatus.IN_FLIGHT)
         new_keys = [k for k, _ in new]
+        fresh = [*(r for _, r in new), *notices]
+        confirm_inside = getattr(self.outbox, "confirms_dedupe", False)
         try:
-            await self.outbox.append([*(r for _, r in new), *notices], dedupe=False)
+            if confirm_inside:  # the Redis outbox: appended and confirmed in one atomic script
+                await self.outbox.append(  # type: ignore[call-arg]
+                    fresh, dedupe=False, confirm=new_keys, confirm_seconds=self.redis_dedupe.window_seconds
+                )
+            else:
+                await self.outbox.append(fresh, dedupe=False)
         except BaseException:
             await self.redis_dedupe.release(new_keys)
             raise
-        await self.redis_dedupe.confirm(new_keys)
+        if not confirm_inside:
+            await self.redis_dedupe.confirm(new_keys)
         result.accepted += len(new)
