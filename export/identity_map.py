@@ -13,6 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from export.domains import DomainRekeyer
+from export.sinks import fsync_path
 from identity.identity_map import MapInterval
 
 SCHEMA = pa.schema(
@@ -46,7 +47,7 @@ def write_identity_map(intervals: Sequence[MapInterval], rekey: DomainRekeyer, p
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     pq.write_table(table, tmp, compression="zstd")
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
+    fsync_path(tmp)
     os.replace(tmp, path)
+    fsync_path(path.parent)
     return table.num_rows

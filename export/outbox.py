@@ -130,44 +130,11 @@ _INSERT_SQL = (
 
 
 class Outbox(Protocol):
+    """Where ingest appends (SQLite embedded, or the Redis stream of export.redis_outbox).
+    Delivery reads through each destination's ``DestinationQueue``."""
+
     async def append(self, records: Sequence[OutboxRecord], *, dedupe: bool) -> list[bool]: ...
-    async def read_after(self, last_seq: int, limit: int) -> list[StoredRecord]: ...
-    async def read_for(
-        self, destination: str, last_seq: int, limit: int
-    ) -> tuple[list[StoredRecord], int, int]: ...
-    async def delivery_state(self, destination: str) -> DeliveryState: ...
-    async def commit_delivery(
-        self, destination: str, last_seq: int, delivered: int, sink_files: dict[str, int]
-    ) -> None: ...
-    async def received(self, destination: str, persons: Iterable[str]) -> set[str]:
-        """Which of ``persons`` the destination has been sent data of."""
-        wanted = sorted(set(persons))
-
-        def q(conn: sqlite3.Connection) -> set[str]:
-            rows = conn.execute(
-                "SELECT unified_id FROM delivered_person WHERE destination = ? "
-                "AND unified_id IN (SELECT value FROM json_each(?))",
-                (destination, msgspec.json.encode(wanted)),
-            )
-            return {r[0] for r in rows}
-
-        return await self._read(q) if wanted else set()
-
-    async def backlog(self) -> int:
-        """Rows appended after the slowest destination's cursor (cheap: two index lookups)."""
-
-        def q(conn: sqlite3.Connection) -> int:
-            (top,) = conn.execute("SELECT COALESCE(MAX(seq), 0) FROM outbox").fetchone()
-            (low,) = conn.execute("SELECT COALESCE(MIN(last_seq), 0) FROM delivery_cursor").fetchone()
-            return max(0, int(top) - int(low))
-
-        return await self._read(q)
-
-    def queue(self, destination: str) -> SqliteDestinationQueue:
-        return SqliteDestinationQueue(self, destination)
-
-    async def pending(self) -> int: ...
-    async def prune(self) -> tuple[int, int]: ...
+    def queue(self, destination: str) -> DestinationQueue: ...
 
 
 class _PendingAppend:

@@ -189,7 +189,8 @@ def _day(received_at_ms: int) -> str:
     return _day_of(received_at_ms // 86_400_000)
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """fsync a file or a directory (a rename or a new file is durable once its directory is)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -237,7 +238,7 @@ class JsonlFileSink:
             created = not path.exists()
             fh = open(path, "ab")  # noqa: SIM115 - kept open across batches, closed in close()
             if created:
-                _fsync_dir(self.directory)
+                fsync_path(self.directory)
             self._handles[name] = fh
             if len(self._handles) > 4:  # keep only the newest few days open
                 oldest = min(self._handles)
@@ -323,14 +324,6 @@ def _parquet_schema() -> Any:
     )
 
 
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class ParquetFileSink:
     """``<root>/<destination>/date=YYYY-MM-DD/part-<first seq>-<last seq>.parquet``.
 
@@ -393,10 +386,10 @@ class ParquetFileSink:
                 removed += temp.stat().st_size
                 temp.unlink()
         for directory in touched:
-            _fsync_dir(directory)
+            fsync_path(directory)
         with open(journal, "wb") as fh:  # everything in it is now settled
             os.fsync(fh.fileno())
-        _fsync_dir(self.directory)
+        fsync_path(self.directory)
         self._writes = committed_writes
         self._journal_entries = 0
         return removed
@@ -426,15 +419,15 @@ class ParquetFileSink:
             temp = staging / f"{final.name}.{os.getpid()}.tmp"
             try:
                 pq.write_table(self._table(group), temp, compression=self.compression)
-                _fsync_file(temp)
+                fsync_path(temp)
                 if not final.parent.is_dir():
                     final.parent.mkdir(parents=True, exist_ok=True)
-                    _fsync_dir(self.directory)
+                    fsync_path(self.directory)
                 os.replace(temp, final)  # atomic: readers see no file or the whole file
             except BaseException:
                 temp.unlink(missing_ok=True)
                 raise
-            _fsync_dir(final.parent)
+            fsync_path(final.parent)
         self._writes = number
         return {PARQUET_COMMITTED: number}
 
@@ -454,7 +447,7 @@ class ParquetFileSink:
                 fh.flush()
                 os.fsync(fh.fileno())
             os.replace(temp, journal)
-            _fsync_dir(self.directory)
+            fsync_path(self.directory)
             self._journal_entries = len(keep)
         with open(journal, "a", encoding="utf-8") as fh:
             fh.writelines(entries)

@@ -212,21 +212,37 @@ def _decode_part(data: Any, type_: type, where: str, problems: list[str]) -> Any
         return None
 
 
-def _check_sensors_source(s: Source, sw: str, dev: bool, problems: list[str], seen: dict[str, str]) -> None:
-    tokens = []
-    if s.sensors_token_sha256:
-        if not _SHA256_HEX.match(s.sensors_token_sha256):
-            problems.append(f"{sw}.sensors_token_sha256: must be 64 lowercase hex characters")
-        tokens.append(s.sensors_token_sha256)
-    if s.sensors_dev_token:
+def _secret_hashes(
+    where: str, hashed: tuple[str, str], plain: tuple[str, str], dev: bool, problems: list[str]
+) -> list[str]:
+    """The SHA-256 hashes a source accepts for one secret (write key or Sensors token): the
+    stored hash, and in dev only the demo value given in plain. Problems are reported."""
+    (hashed_name, hashed_value), (plain_name, plain_value) = hashed, plain
+    hashes = []
+    if hashed_value:
+        if not _SHA256_HEX.match(hashed_value):
+            problems.append(f"{where}.{hashed_name}: must be 64 lowercase hex characters")
+        hashes.append(hashed_value)
+    if plain_value:
         if not dev:
             problems.append(
-                f"{sw}.sensors_dev_token: plain tokens are only allowed with IDGATE_ENV=dev; "
-                "use sensors_token_sha256 (see `idgate keys write-key`)"
+                f"{where}.{plain_name}: plain secrets are only allowed with IDGATE_ENV=dev; "
+                f"use {hashed_name} (see `idgate keys write-key`)"
             )
-        elif len(s.sensors_dev_token) < 8:
-            problems.append(f"{sw}.sensors_dev_token: must be at least 8 characters")
-        tokens.append(hash_write_key(s.sensors_dev_token))
+        elif len(plain_value) < 8:
+            problems.append(f"{where}.{plain_name}: must be at least 8 characters")
+        hashes.append(hash_write_key(plain_value))
+    return hashes
+
+
+def _check_sensors_source(s: Source, sw: str, dev: bool, problems: list[str], seen: dict[str, str]) -> None:
+    tokens = _secret_hashes(
+        sw,
+        ("sensors_token_sha256", s.sensors_token_sha256),
+        ("sensors_dev_token", s.sensors_dev_token),
+        dev,
+        problems,
+    )
     if s.sensors_project and not _SENSORS_PROJECT.match(s.sensors_project):
         problems.append(f"{sw}.sensors_project: {s.sensors_project!r} must match {_SENSORS_PROJECT.pattern}")
     if s.sensors_project and not tokens:
@@ -253,20 +269,9 @@ def _check_tenant(t: Tenant, where: str, dev: bool, problems: list[str], seen_ke
         if s.id in source_ids:
             problems.append(f"{sw}.id: duplicate source id {s.id!r}")
         source_ids.add(s.id)
-        hashes = []
-        if s.write_key_sha256:
-            if not _SHA256_HEX.match(s.write_key_sha256):
-                problems.append(f"{sw}.write_key_sha256: must be 64 lowercase hex characters")
-            hashes.append(s.write_key_sha256)
-        if s.dev_write_key:
-            if not dev:
-                problems.append(
-                    f"{sw}.dev_write_key: plain write keys are only allowed with IDGATE_ENV=dev; "
-                    "use write_key_sha256 (see `idgate keys write-key`)"
-                )
-            elif len(s.dev_write_key) < 8:
-                problems.append(f"{sw}.dev_write_key: must be at least 8 characters")
-            hashes.append(hash_write_key(s.dev_write_key))
+        hashes = _secret_hashes(
+            sw, ("write_key_sha256", s.write_key_sha256), ("dev_write_key", s.dev_write_key), dev, problems
+        )
         if not hashes and not s.sensors_project:
             problems.append(f"{sw}: needs write_key_sha256")
         for h in hashes:

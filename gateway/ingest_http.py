@@ -87,12 +87,19 @@ def request_id(headers: IngestHeaders) -> str:
     return headers.request_id or f"{os.getpid():x}-{next(_request_numbers)}"
 
 
-async def read_body(receive: Receive, headers: IngestHeaders, limit: int) -> bytes:
-    """The request body, refused with 413 as soon as it passes ``limit`` (also after gunzip)."""
-    if headers.content_type not in JSON_TYPES:
+async def read_body(
+    receive: Receive,
+    headers: IngestHeaders,
+    limit: int,
+    content_types: frozenset[str] = JSON_TYPES,
+    expected: str = "application/json",
+) -> bytes:
+    """The request body, refused with 413 as soon as it passes ``limit`` (also after gunzip);
+    415 for a Content-Type outside ``content_types`` (``expected`` names them)."""
+    if headers.content_type not in content_types:
         raise InvalidRequest(
             "unsupported_media_type",
-            f"Content-Type must be application/json, got {headers.content_type!r}",
+            f"Content-Type must be {expected}, got {headers.content_type[:60]!r}",
             "Content-Type",
             415,
         )
@@ -124,7 +131,7 @@ async def read_body(receive: Receive, headers: IngestHeaders, limit: int) -> byt
     elif encoding not in ("", "identity"):
         raise InvalidRequest(
             "unsupported_media_type",
-            f"Content-Encoding {encoding!r} is not supported",
+            f"Content-Encoding {encoding[:40]!r} is not supported",
             "Content-Encoding",
             415,
         )

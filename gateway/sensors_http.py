@@ -26,7 +26,6 @@ What the SDKs do with the answer decides the status codes:
 
 from __future__ import annotations
 
-import zlib
 from datetime import UTC, datetime
 
 import msgspec
@@ -46,7 +45,7 @@ from litestar.openapi.spec.enums import OpenAPIType
 from litestar.types import Receive, Scope, Send
 
 from gateway.config import ResolvedSource, hash_write_key, index_sensors_tokens
-from gateway.ingest_http import IngestContext, IngestHeaders, ingest_response, request_id
+from gateway.ingest_http import IngestContext, IngestHeaders, ingest_response, read_body, request_id
 from gateway.pipeline import IngestResult
 from gateway.segment import InvalidRequest
 from gateway.sensors import SensorsBatch, decode_events, parse_form, payload_json
@@ -80,46 +79,9 @@ _encode = msgspec.json.Encoder().encode
 
 async def read_form(receive: Receive, headers: IngestHeaders, limit: int) -> bytes:
     """The form body, refused with 413 as soon as it passes ``limit`` (also after gunzip)."""
-    if headers.content_type not in FORM_TYPES:
-        raise InvalidRequest(
-            "unsupported_media_type",
-            f"Content-Type must be application/x-www-form-urlencoded or text/plain, "
-            f"got {headers.content_type[:60]!r}",
-            "Content-Type",
-            415,
-        )
-    if headers.content_length is not None and headers.content_length > limit:
-        raise InvalidRequest("too_large", f"request body exceeds {limit} bytes", None, 413)
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise InvalidRequest("client_disconnected", "the client went away before the body arrived")
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            raise InvalidRequest("too_large", f"request body exceeds {limit} bytes", None, 413)
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            break
-    body = b"".join(chunks)
-    if headers.content_encoding == "gzip":
-        try:
-            inflater = zlib.decompressobj(wbits=31)
-            body = inflater.decompress(body, limit + 1)
-        except zlib.error:
-            raise InvalidRequest("invalid_encoding", "body is not valid gzip", "Content-Encoding") from None
-        if len(body) > limit or inflater.unconsumed_tail:
-            raise InvalidRequest("too_large", f"decompressed body exceeds {limit} bytes", None, 413)
-    elif headers.content_encoding not in ("", "identity"):
-        raise InvalidRequest(
-            "unsupported_media_type",
-            f"Content-Encoding {headers.content_encoding[:40]!r} is not supported",
-            "Content-Encoding",
-            415,
-        )
-    return body
+    return await read_body(
+        receive, headers, limit, FORM_TYPES, "application/x-www-form-urlencoded or text/plain"
+    )
 
 
 def authenticate_sensors(tokens: dict[str, ResolvedSource], form: dict[str, str]) -> ResolvedSource:

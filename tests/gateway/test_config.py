@@ -66,7 +66,7 @@ def test_every_problem_is_reported_with_its_location() -> None:
     text = "\n".join(info.value.problems)
     for expected in [
         "tenants[0].id: 'Acme Corp' must match",
-        "tenants[0].sources[0].dev_write_key: plain write keys are only allowed with IDGATE_ENV=dev",
+        "tenants[0].sources[0].dev_write_key: plain secrets are only allowed with IDGATE_ENV=dev",
         "tenants[0].sources[1].write_key_sha256: must be 64 lowercase hex characters",
         "tenants[0].sources[2].id: duplicate source id 'app'",
         "tenants[0].tracking_plan.'Order Completed': unknown purpose 'telepathy'",
