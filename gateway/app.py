@@ -97,10 +97,12 @@ async def healthz() -> dict[str, str]:
 
 @get("/readyz", tags=["operations"], summary="Readiness: outbox writer, Redis; delivery state")
 async def readyz(request: Request[Any, Any, Any]) -> Response[Any]:
-    """Ready while events can be accepted durably. A failing destination does not make the
-    gateway unready (its events wait in the outbox); it is reported under ``destinations``."""
+    """Ready while events can be stored durably. A failing destination does not make the
+    gateway unready (its events wait in the outbox; reported under ``destinations``), nor
+    does a full outbox: ingest itself answers 503 with Retry-After then, which SDKs retry,
+    where an unready replica would only be taken out of the load balancer."""
     state: GatewayState = request.app.state.gateway
-    checks: dict[str, bool] = {"outbox": state.outbox.alive, "backlog": not state.delivery.overloaded}
+    checks: dict[str, bool] = {"outbox": state.outbox.alive}
     if state.redis is not None:
         try:
             checks["redis"] = bool(await state.redis.ping())
@@ -108,8 +110,14 @@ async def readyz(request: Request[Any, Any, Any]) -> Response[Any]:
             checks["redis"] = False
     ok = all(checks.values())
     destinations = {w.destination: "ok" if w.healthy else "retrying" for w in state.delivery.workers}
+    backlog = {"events": state.delivery.backlog, "overloaded": state.delivery.overloaded}
     return Response(
-        {"status": "ready" if ok else "not_ready", "checks": checks, "destinations": destinations},
+        {
+            "status": "ready" if ok else "not_ready",
+            "checks": checks,
+            "destinations": destinations,
+            "backlog": backlog,
+        },
         status_code=200 if ok else 503,
     )
 

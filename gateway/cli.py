@@ -242,13 +242,18 @@ def identity_export_map(tenant: str, destination: str, out: Path, config_path: P
 
 @main.command("migrate")
 def migrate_command() -> None:
-    """Create or upgrade the consent database schema (DATABASE_URL, else the embedded SQLite)."""
+    """Create or upgrade the consent and identity schemas (DATABASE_URL, else the embedded SQLite)."""
     from consent.db import make_engine, migrate
+    from identity.store import MIGRATIONS_DIR
 
     settings = Settings.from_env()
     engine = make_engine(settings.consent_database_url)
     migrate(engine)
     click.echo(f"consent schema up to date ({engine.dialect.name})")
+    identity_url = settings.database_url or f"sqlite:///{settings.data_dir / 'identity.sqlite3'}"
+    identity_engine = make_engine(identity_url)
+    migrate(identity_engine, script_location=MIGRATIONS_DIR)
+    click.echo(f"identity schema up to date ({identity_engine.dialect.name})")
 
 
 if __name__ == "__main__":

@@ -324,3 +324,41 @@ def test_backlog_turns_overloaded_on_and_off(backend: Backend) -> None:
         assert service.backlog == 30 and not service.overloaded
 
     asyncio.run(go())
+
+
+def test_a_down_destination_does_not_hold_back_the_others(backend: Backend) -> None:
+    down = MemorySink("a", lambda _: RetryableSinkError("connection refused"))
+    up = MemorySink("b")
+    patient = Retry(max_attempts=10_000, initial_backoff=0.01, max_backoff=0.02)
+
+    async def go() -> None:
+        async with running(backend, [worker(backend, down, retry=patient), worker(backend, up)]):
+            for n in range(5):
+                await backend.append([event(10 * n + i, destinations=("a", "b")) for i in range(10)])
+                await until(lambda n=n: len(up.received) == 10 * (n + 1))
+            assert down.received == [] and down.writes > 5
+
+    asyncio.run(go())
+    assert backend.dead_letters.list() == []  # still retrying, nothing given up
+
+
+@pytest.mark.parametrize("backend", ["redis"], indirect=True)
+def test_redis_outbox_trims_what_every_destination_acknowledged(backend: Backend) -> None:
+    async def go() -> None:
+        box = backend.outbox
+        await box.register_destinations(["a", "b"])
+        await backend.append([event(i, destinations=("a", "b")) for i in range(30)])
+        qa, qb = box.queue("a"), box.queue("b")
+        await qa.open()
+        await qb.open()
+        batch = await qa.fetch(30)
+        await qa.commit(batch, len(batch.records), {}, ())
+        assert await box.prune() == (0, 0)  # "b" has read nothing yet
+        batch = await qb.fetch(20)
+        await qb.commit(batch, len(batch.records), {}, ())
+        trimmed, _ = await box.prune()
+        assert 19 <= trimmed <= 20 and await box.backlog() == 10
+        rest = await qb.fetch(100)
+        assert [r.message_id for r in rest.records] == [f"m{i}" for i in range(20, 30)]
+
+    asyncio.run(go())
