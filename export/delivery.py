@@ -177,6 +177,11 @@ class DeliveryWorker:
             rekey = self.rekey.payload
             outgoing = [msgspec.structs.replace(r, payload=rekey(r.payload)) for r in records]
         original = {r.seq: r for r in records}
+        if self.on_delivered is not None:
+            # Before the write: a crash after it redelivers, and the trail is idempotent. Not
+            # part of the sink's retries: if the trail cannot be written, the batch is not
+            # sent and the worker retries it whole (nothing is dead-lettered for it).
+            await self.on_delivered(self.destination, records)
         dead: set[int] = set()
         attempt = 0
         while True:
@@ -184,9 +189,6 @@ class DeliveryWorker:
             if not pending:
                 return 0, {}
             try:
-                if self.on_delivered is not None:
-                    # before the write: a crash after it redelivers, and the trail is idempotent
-                    await self.on_delivered(self.destination, [original[r.seq] for r in pending])
                 sizes = await self._write_isolating(pending, original, dead)
                 self.healthy = True
                 return len(pending) - sum(1 for r in pending if r.seq in dead), sizes

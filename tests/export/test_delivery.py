@@ -362,3 +362,22 @@ def test_redis_outbox_trims_what_every_destination_acknowledged(backend: Backend
         assert [r.message_id for r in rest.records] == [f"m{i}" for i in range(20, 30)]
 
     asyncio.run(go())
+
+
+def test_a_failing_audit_trail_holds_the_batch_back_instead_of_dead_lettering_it(backend: Backend) -> None:
+    sink = MemorySink("a")
+    failures = {"left": 6}
+
+    async def trail(destination: str, records: Sequence[StoredRecord]) -> None:
+        if failures["left"]:
+            failures["left"] -= 1
+            raise ConnectionError("consent store down")
+
+    async def go() -> None:
+        await backend.append([event(i) for i in range(10)])
+        async with running(backend, [worker(backend, sink, on_delivered=trail)]):
+            await until(lambda: len(sink.received) == 10)
+
+    asyncio.run(go())
+    assert sink.ids() == [f"m{i}" for i in range(10)]  # more failures than max_attempts, none lost
+    assert backend.dead_letters.list() == []
