@@ -4,7 +4,7 @@ VENV ?= .venv
 STAMP := $(VENV)/.installed-stamp
 PORT ?= 8080
 
-.PHONY: run test lint bench venv clean
+.PHONY: run test lint bench bench-sinks bench-distributed venv clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "idgate needs Python >= 3.11")'
@@ -29,6 +29,14 @@ lint: $(STAMP)
 ## Benchmarks print figures; see README "Benchmarks".
 bench: $(STAMP)
 	$(VENV)/bin/python bench/ingest.py
+
+## Records/s of every sink kind (needs Redis and NATS on localhost).
+bench-sinks: $(STAMP)
+	$(VENV)/bin/python bench/sinks.py
+
+## End to end with 2 replicas on PostgreSQL + Redis (needs wrk).
+bench-distributed: $(STAMP)
+	$(VENV)/bin/python bench/distributed.py
 
 clean:
 	rm -rf $(VENV) var .pytest_cache
