@@ -83,9 +83,14 @@ def _error_response(
     detail: str,
     field: str | None = None,
     headers: dict[str, str] | None = None,
+    request: Request[Any, Any, Any] | None = None,
     **extra: Any,
 ) -> Response[Any]:
     metrics.REQUESTS_REFUSED.labels(error).inc()
+    if request is not None and request.scope["path"] in ("/sa", "/sa.gif"):
+        # Browser Sensors SDKs post cross-origin: without this header they cannot read the
+        # error and treat it as a network failure (and retry).
+        headers = {**(headers or {}), "Access-Control-Allow-Origin": "*"}
     return Response(error_body(error, detail, field, **extra), status_code=status, headers=headers)
 
 
@@ -128,11 +133,11 @@ async def prometheus_metrics() -> Response[bytes]:
 
 
 # -- errors ----------------------------------------------------------------------------------
-def _invalid_request(_: Request[Any, Any, Any], exc: InvalidRequest) -> Response[Any]:
-    return _error_response(exc.status, exc.error, exc.detail, exc.field)
+def _invalid_request(request: Request[Any, Any, Any], exc: InvalidRequest) -> Response[Any]:
+    return _error_response(exc.status, exc.error, exc.detail, exc.field, request=request)
 
 
-def _http_exception(_: Request[Any, Any, Any], exc: HTTPException) -> Response[Any]:
+def _http_exception(request: Request[Any, Any, Any], exc: HTTPException) -> Response[Any]:
     names = {
         400: "invalid_request",
         401: "unauthorized",
@@ -148,30 +153,40 @@ def _http_exception(_: Request[Any, Any, Any], exc: HTTPException) -> Response[A
     field = None
     if isinstance(extra, list) and extra and isinstance(extra[0], dict):
         field = extra[0].get("key")
-    return _error_response(exc.status_code, error, str(exc.detail), field, headers=exc.headers)
+    return _error_response(
+        exc.status_code, error, str(exc.detail), field, headers=exc.headers, request=request
+    )
 
 
-def _consent_refused(_: Request[Any, Any, Any], exc: ConsentRefused) -> Response[Any]:
-    return _error_response(400, "invalid_consent", exc.detail, exc.field)
+def _consent_refused(request: Request[Any, Any, Any], exc: ConsentRefused) -> Response[Any]:
+    return _error_response(400, "invalid_consent", exc.detail, exc.field, request=request)
 
 
-def _outbox_unavailable(_: Request[Any, Any, Any], exc: OutboxUnavailable) -> Response[Any]:
+def _outbox_unavailable(request: Request[Any, Any, Any], exc: OutboxUnavailable) -> Response[Any]:
     log.error("ingest.outbox_unavailable", detail=str(exc))
     return _error_response(
-        503, "unavailable", "events could not be stored durably; retry", None, headers={"Retry-After": "2"}
+        503,
+        "unavailable",
+        "events could not be stored durably; retry",
+        None,
+        headers={"Retry-After": "2"},
+        request=request,
     )
 
 
-def _overloaded(_: Request[Any, Any, Any], exc: Overloaded) -> Response[Any]:
+def _overloaded(request: Request[Any, Any, Any], exc: Overloaded) -> Response[Any]:
     return _error_response(
-        503, "overloaded", str(exc), None, headers={"Retry-After": str(exc.retry_after)}
+        503, "overloaded", str(exc), None, headers={"Retry-After": str(exc.retry_after)}, request=request
     )
 
 
-def _unexpected(_: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
+def _unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
     log.exception("unexpected_error", error=type(exc).__name__)
     return _error_response(
-        500, "internal_error", "unexpected error; nothing from this request was acknowledged"
+        500,
+        "internal_error",
+        "unexpected error; nothing from this request was acknowledged",
+        request=request,
     )
 
 

@@ -376,3 +376,5 @@ def test_bad_inputs_get_their_4xx_and_field(
     got = r.json()
     assert (got["error"], got["field"]) == (error, field), got
     assert got["detail"]
+    # browser SDKs post cross-origin: every answer, errors included, must be readable
+    assert r.headers.get("access-control-allow-origin") == "*", (case, dict(r.headers))
