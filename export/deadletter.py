@@ -255,4 +255,5 @@ class RedisDeadLetters:
         return removed
 
     def counts(self) -> dict[str, int]:
-        return {d: int(self.client.xlen(self._key(d))) for d in self._destinations()}
+        counts = {d: int(self.client.xlen(self._key(d))) for d in self._destinations()}
+        return {d: n for d, n in counts.items() if n}  # a stream stays behind, empty, after XDEL
