@@ -75,7 +75,7 @@ class Retry:
     max_backoff: float = 60.0
 
     def backoff(self, attempt: int) -> float:
-        """Full jitter: uniform in [base/2, base] where base doubles per attempt, capped."""
+        """Equal jitter: uniform in [base/2, base], where base doubles per attempt up to the cap."""
         base = min(self.max_backoff, self.initial_backoff * 2 ** (attempt - 1))
         return base * random.uniform(0.5, 1.0)
 
