@@ -33,7 +33,7 @@ import structlog
 from prometheus_client import Counter, Gauge
 
 from export.deadletter import DeadLetterStore
-from export.domains import DomainRekeyer, notice_subjects, persons_of
+from export.domains import DomainRekeyer, notice_persons
 from export.outbox import DestinationQueue, StoredRecord
 from export.sinks import PermanentSinkError, Sink
 
@@ -145,28 +145,22 @@ class DeliveryWorker:
     async def _concerned(self, records: list[StoredRecord], persons: set[str]) -> list[StoredRecord]:
         """Drop notices about persons this destination never got data of; collect in
         ``persons`` the unified IDs whose data (or notice) is sent now."""
-        notices = [r for r in records if r.payload.startswith(_NOTICE_PREFIX)]
-        if not notices:
-            for r in records:
+        notices = {r.seq: notice_persons(r.payload) for r in records if r.payload.startswith(_NOTICE_PREFIX)}
+        known = await self.queue.received({p for subjects, _ in notices.values() for p in subjects})
+        kept = []
+        for r in records:
+            notice = notices.get(r.seq)
+            if notice is None:
                 m = _UNIFIED_ID.search(r.payload)
                 if m:
                     persons.add(m.group(1).decode())
-            return records
-        asked = {p for r in notices for p in notice_subjects(r.payload)}
-        known = await self.queue.received(asked)
-        kept = []
-        for r in records:
-            if r.payload.startswith(_NOTICE_PREFIX):
-                subjects = notice_subjects(r.payload)
+            else:
+                subjects, named = notice
                 if not any(s in known or s in persons for s in subjects):
                     NOTICES_SKIPPED.labels(self.destination).inc()
                     continue
                 # the persons a notice names (a merge survivor, split parts) are now known here
-                persons.update(persons_of(r.payload)[1])
-            else:
-                m = _UNIFIED_ID.search(r.payload)
-                if m:
-                    persons.add(m.group(1).decode())
+                persons.update(named)
             kept.append(r)
         return kept
 

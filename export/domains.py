@@ -15,7 +15,7 @@ properties, context.externalIds, the unified ID and the IDs inside identity noti
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
 import msgspec
 
@@ -56,9 +56,8 @@ class DomainRekeyer:
         return _VALUE.sub(lambda m: b'"' + self._map(m.group(1)) + b'"', payload)
 
 
-class _PersonView(msgspec.Struct):
+class _NoticeView(msgspec.Struct):
     type: str = ""
-    context: dict[str, object] = {}
     survivor: str | None = None
     merged: str | None = None
     previous: str | None = None
@@ -66,28 +65,19 @@ class _PersonView(msgspec.Struct):
     unifiedId: str | None = None  # noqa: N815 - the notice's wire name
 
 
-_decode_person = msgspec.json.Decoder(_PersonView).decode
-NOTICE_TYPES = frozenset({"identity.merged", "identity.split", "identity.deleted"})
+_decode_notice = msgspec.json.Decoder(_NoticeView).decode
 
 
-def persons_of(payload: bytes) -> tuple[bool, tuple[str, ...]]:
-    """(is a notice, the unified IDs the record is about), from a stored payload."""
-    view = _decode_person(payload)
-    if view.type in NOTICE_TYPES:
-        ids = [view.survivor, view.merged, view.previous, view.unifiedId, *view.parts]
-        return True, tuple(i for i in ids if i)
-    uid = view.context.get("unified_id")
-    return False, (uid,) if isinstance(uid, str) else ()
-
-
-def notice_subjects(payload: bytes) -> tuple[str, ...]:
-    """The unified IDs a destination must have received data of for a notice to concern it."""
-    view = _decode_person(payload)
-    ids: Iterable[str | None]
+def notice_persons(payload: bytes) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """For an identity notice: (the unified IDs a destination must have received data of
+    for the notice to concern it, every unified ID the notice names)."""
+    view = _decode_notice(payload)
+    subjects: tuple[str | None, ...]
     if view.type == "identity.merged":
-        ids = (view.survivor, view.merged)
+        subjects = (view.survivor, view.merged)
     elif view.type == "identity.split":
-        ids = (view.previous,)
+        subjects = (view.previous,)
     else:
-        ids = (view.unifiedId,)
-    return tuple(i for i in ids if i)
+        subjects = (view.unifiedId,)
+    named = (view.survivor, view.merged, view.previous, view.unifiedId, *view.parts)
+    return tuple(i for i in subjects if i), tuple(i for i in named if i)
