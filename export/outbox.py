@@ -82,7 +82,7 @@ class OutboxUnavailable(Exception):
     """The outbox could not durably store the events; nothing from the request was acked."""
 
 
-class OutboxRecord(msgspec.Struct, frozen=True):
+class OutboxRecord(msgspec.Struct, frozen=True, array_like=True):  # compact in the Redis outbox
     tenant: str
     source: str
     message_id: str

@@ -45,19 +45,8 @@ return #ARGV - 1
 """
 
 
-class _Entry(msgspec.Struct, array_like=True, frozen=True):
-    tenant: str
-    source: str
-    message_id: str
-    received_at_ms: int
-    destinations: tuple[str, ...]
-    payload: bytes
-    consent: bytes
-    proof: tuple[int, ...]
-
-
 _encode_entry = msgspec.msgpack.Encoder().encode
-_decode_entry = msgspec.msgpack.Decoder(_Entry).decode
+_decode_entry = msgspec.msgpack.Decoder(OutboxRecord).decode
 
 
 def _seq(entry_id: bytes) -> int:
@@ -66,7 +55,7 @@ def _seq(entry_id: bytes) -> int:
     return (int(ms) << 20) | int(n)
 
 
-def _record(entry_id: bytes, e: _Entry) -> StoredRecord:
+def _record(entry_id: bytes, e: OutboxRecord) -> StoredRecord:
     return StoredRecord(
         seq=_seq(entry_id),
         received_at_ms=e.received_at_ms,
@@ -98,9 +87,6 @@ class RedisStreamOutbox:
         self.alive = True
         self._append_script = client.register_script(_APPEND)
 
-    def open(self) -> None:  # the connection is opened by the app; nothing to do
-        pass
-
     def close(self) -> None:
         self.alive = False
 
@@ -130,20 +116,7 @@ class RedisStreamOutbox:
                     pipe.set(key, 1, nx=True, ex=self.dedupe_window_seconds)
                 stored = [bool(x) for x in await pipe.execute()]
             entries = [
-                _encode_entry(
-                    _Entry(
-                        r.tenant,
-                        r.source,
-                        r.message_id,
-                        r.received_at_ms,
-                        tuple(r.destinations),
-                        r.payload,
-                        r.consent,
-                        tuple(r.proof),
-                    )
-                )
-                for r, fresh in zip(records, stored, strict=True)
-                if fresh and r.destinations
+                _encode_entry(r) for r, fresh in zip(records, stored, strict=True) if fresh and r.destinations
             ]
             if entries or confirm:
                 await self._append_script(
