@@ -12,15 +12,18 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 import click
 
-from export.deadletter import DeadLetter, DeadLetterStore, RedisDeadLetters, SqliteDeadLetters
-from export.outbox import OutboxRecord, SqliteOutbox
+if TYPE_CHECKING:
+    from gateway.settings import Settings
+
+from export.deadletter import DeadLetter, DeadLetterStore
+from export.outbox import OutboxRecord
 
 
 def _fail(message: str) -> NoReturn:
@@ -29,7 +32,8 @@ def _fail(message: str) -> NoReturn:
 
 
 @contextmanager
-def _stores() -> Iterator[tuple[DeadLetterStore, str]]:
+def _stores() -> Iterator[tuple[Settings, DeadLetterStore, str]]:
+    from gateway.delivery_setup import open_dead_letters
     from gateway.settings import Settings, SettingsError
 
     try:
@@ -37,50 +41,38 @@ def _stores() -> Iterator[tuple[DeadLetterStore, str]]:
     except SettingsError as exc:
         _fail(str(exc))
     if settings.outbox_kind == "redis":
-        import redis
-
-        assert settings.redis_url
-        store: DeadLetterStore = RedisDeadLetters(
-            redis.Redis.from_url(settings.redis_url), settings.redis_prefix
-        )
         where = f"redis prefix {settings.redis_prefix!r}"
-    else:
-        if not settings.outbox_path.exists():
-            _fail(f"no outbox at {settings.outbox_path} (set IDGATE_DATA_DIR)")
-        store = SqliteDeadLetters(settings.dead_letter_path)
+    elif settings.outbox_path.exists():
         where = str(settings.outbox_path)
+    else:
+        _fail(f"no outbox at {settings.outbox_path} (set IDGATE_DATA_DIR)")
+    store = open_dead_letters(settings)
     try:
-        yield store, where
+        yield settings, store, where
     finally:
         store.close()
 
 
-def _append(records: list[OutboxRecord]) -> None:
-    """Put records back in the outbox of the deployment mode."""
-    from gateway.settings import Settings
+@contextmanager
+def _appender(settings: Settings) -> Iterator[Callable[[list[OutboxRecord]], object]]:
+    """Appends to the deployment's outbox (dedupe off: these events were stored before),
+    opened once for the whole replay."""
+    from gateway.delivery_setup import open_outbox
 
-    settings = Settings.from_env()
+    loop = asyncio.new_event_loop()
+    client = None
     if settings.outbox_kind == "redis":
         import redis.asyncio as aioredis
 
-        from export.redis_outbox import RedisStreamOutbox
-
-        async def go() -> None:
-            client = aioredis.from_url(settings.redis_url or "")
-            try:
-                box = RedisStreamOutbox(client, prefix=settings.redis_prefix, replica=settings.replica_id)
-                await box.append(records, dedupe=False)
-            finally:
-                await client.aclose()
-
-        asyncio.run(go())
-        return
-    box = SqliteOutbox(settings.outbox_path)
-    box.open()
+        client = aioredis.from_url(settings.redis_url or "")
+    outbox = open_outbox(settings, 24 * 3600, client)
     try:
-        box.append_sync(records, dedupe=False)
+        yield lambda records: loop.run_until_complete(outbox.append(records, dedupe=False))
     finally:
-        box.close()
+        outbox.close()
+        if client is not None:
+            loop.run_until_complete(client.aclose())
+        loop.close()
 
 
 def _when(ms: int) -> str:
@@ -112,7 +104,7 @@ def dlq() -> None:
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
 def dlq_list(destination: str | None, limit: int, as_json: bool) -> None:
     """Entries with their destination, message id, attempts and reason (no payload)."""
-    with _stores() as (store, where):
+    with _stores() as (_, store, where):
         entries = store.list(destination, limit)
         counts = store.counts()
     if as_json:
@@ -131,7 +123,7 @@ def dlq_list(destination: str | None, limit: int, as_json: bool) -> None:
 @click.argument("entry_id")
 def dlq_show(entry_id: str) -> None:
     """One entry with its stored event (pseudonymised, as it sat in the outbox)."""
-    with _stores() as (store, _):
+    with _stores() as (_, store, _where):
         entry = store.get(entry_id)
     if entry is None:
         _fail(f"no dead letter with id {entry_id}")
@@ -147,15 +139,15 @@ def dlq_show(entry_id: str) -> None:
 @click.option("--all", "every", is_flag=True, help="Every entry.")
 def dlq_replay(entry_ids: tuple[str, ...], destination: str | None, every: bool) -> None:
     """Put entries back in the outbox for their destination; consent is asked again at send."""
-    with _stores() as (store, _):
+    with _stores() as (settings, store, _where):
         entries = _select(store, entry_ids, destination, every)
         if not entries:
             click.echo("nothing to replay")
             return
-        with click.progressbar(length=len(entries), label="replaying") as bar:
+        with _appender(settings) as append, click.progressbar(length=len(entries), label="replaying") as bar:
             for start in range(0, len(entries), 500):
                 chunk = entries[start : start + 500]
-                _append([e.to_outbox() for e in chunk])  # first into the outbox, then off the store
+                append([e.to_outbox() for e in chunk])  # first into the outbox, then off the store
                 store.delete([e.id for e in chunk])
                 bar.update(len(chunk))
     click.echo(f"replayed {len(entries)} event(s)")
@@ -168,7 +160,7 @@ def dlq_replay(entry_ids: tuple[str, ...], destination: str | None, every: bool)
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 def dlq_purge(entry_ids: tuple[str, ...], destination: str | None, every: bool, yes: bool) -> None:
     """Delete entries for good (the events are not delivered)."""
-    with _stores() as (store, _):
+    with _stores() as (_, store, _where):
         entries = _select(store, entry_ids, destination, every)
         if not entries:
             click.echo("nothing to purge")

@@ -31,7 +31,7 @@ from gateway.admin_http import AdminContext, AdminController, index_admin_tokens
 from gateway.config import Config, index_write_keys, load_config
 from gateway.consent_http import consent_route
 from gateway.consent_setup import checkpoint_periodically, ledger_signer, open_consent
-from gateway.delivery_setup import build_delivery, open_outbox
+from gateway.delivery_setup import build_delivery, open_dead_letters, open_outbox
 from gateway.identity_setup import open_identity
 from gateway.ingest_http import INGEST_ROUTES, IngestContext, document_ingest_routes, error_body
 from gateway.pipeline import Ingestor, Overloaded
@@ -212,9 +212,10 @@ def create_app(settings: Settings | None = None) -> Litestar:
                 claim_seconds=settings.dedupe_claim_seconds,
                 prefix=f"{settings.redis_prefix}:dedupe",
             )
-        outbox, dead_letters = open_outbox(settings, config, redis_client)
+        outbox = open_outbox(settings, config.limits.dedupe_window_seconds, redis_client)
+        dead_letters = open_dead_letters(settings)
         consent = await open_consent(settings, config, redis_client, signer)
-        delivery = build_delivery(settings, config, keyring, consent, outbox, outbox.queue, dead_letters)
+        delivery = build_delivery(settings, config, keyring, consent, outbox, dead_letters)
         resolver, identity_engine = await open_identity(settings, config, outbox, delivery.notify, keyring)
         ingestor = Ingestor(
             keyring=keyring,

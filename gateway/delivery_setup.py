@@ -6,13 +6,12 @@ dead-letter store, the re-keying for its pseudonym domain, and the consent re-ch
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 from export.deadletter import DeadLetterStore, RedisDeadLetters, SqliteDeadLetters
 from export.delivery import DeliveryService, DeliveryWorker, OutboxMaintenance, Retry
 from export.domains import DomainRekeyer
-from export.outbox import DestinationQueue, SqliteOutbox
+from export.outbox import SqliteOutbox
 from export.redis_outbox import RedisStreamOutbox
 from export.sinks import build_sink
 from gateway.config import Config, Destination
@@ -23,25 +22,32 @@ from identity.pseudonym import KeyRing
 
 
 def open_outbox(
-    settings: Settings, config: Config, redis_client: Any
-) -> tuple[SqliteOutbox | RedisStreamOutbox, SqliteDeadLetters | RedisDeadLetters]:
-    """The outbox and dead-letter store of the deployment mode (settings.outbox_kind)."""
-    window = config.limits.dedupe_window_seconds
+    settings: Settings, dedupe_window_seconds: int, redis_client: Any
+) -> SqliteOutbox | RedisStreamOutbox:
+    """The outbox of the deployment mode (settings.outbox_kind); Redis needs ``redis_client``
+    (redis.asyncio)."""
     if settings.outbox_kind == "redis":
-        import redis
-
-        assert redis_client is not None and settings.redis_url
-        outbox: SqliteOutbox | RedisStreamOutbox = RedisStreamOutbox(
+        assert redis_client is not None
+        return RedisStreamOutbox(
             redis_client,
             prefix=settings.redis_prefix,
             replica=settings.replica_id,
-            dedupe_window_seconds=window,
+            dedupe_window_seconds=dedupe_window_seconds,
             claim_idle_ms=settings.claim_idle_ms,
         )
-        return outbox, RedisDeadLetters(redis.Redis.from_url(settings.redis_url), settings.redis_prefix)
-    outbox = SqliteOutbox(settings.outbox_path, dedupe_window_seconds=window)
+    outbox = SqliteOutbox(settings.outbox_path, dedupe_window_seconds=dedupe_window_seconds)
     outbox.open()
-    return outbox, SqliteDeadLetters(settings.dead_letter_path)
+    return outbox
+
+
+def open_dead_letters(settings: Settings) -> SqliteDeadLetters | RedisDeadLetters:
+    """The dead-letter store beside the deployment's outbox."""
+    if settings.outbox_kind == "redis":
+        import redis
+
+        assert settings.redis_url
+        return RedisDeadLetters(redis.Redis.from_url(settings.redis_url), settings.redis_prefix)
+    return SqliteDeadLetters(settings.dead_letter_path)
 
 
 def retry_policy(d: Destination) -> Retry:
@@ -64,7 +70,6 @@ def build_delivery(
     keyring: KeyRing,
     consent: ConsentRuntime,
     outbox: OutboxMaintenance,
-    queue: Callable[[str], DestinationQueue],
     dead_letters: DeadLetterStore,
 ) -> DeliveryService:
     specs = {
@@ -76,7 +81,7 @@ def build_delivery(
     trail = delivery_trail(consent.service)
     workers = [
         DeliveryWorker(
-            queue(d.id),
+            outbox.queue(d.id),
             build_sink(d.sink, root=settings.sink_dir, destination=d.id, options=d.options),
             batch_size=min(d.batch_size, settings.delivery_batch_size),
             poll_seconds=settings.delivery_poll_seconds,
