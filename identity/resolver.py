@@ -54,6 +54,11 @@ def pseudonym_of(node: str) -> str:
     return node.rsplit(":", 1)[-1]
 
 
+# What was decided under the log's lock: per tenant, the changes, and the list collecting
+# their merges and splits for the caller (None: they go to on_changes).
+Decided = list[tuple[str, list[GraphChange], list[GraphChange] | None]]
+
+
 class _Pending:
     __slots__ = ("tenant", "items", "future", "notices")
 
@@ -93,8 +98,6 @@ class GraphResolver:
         self.applied_seq = 0
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="identity-log")
         self._pending: list[_Pending] = []
-        # ids of changes a caller of resolve_batch collects (not sent through on_changes)
-        self._collected: set[int] = set()
         self._flushing = False
         self._write_lock = asyncio.Lock()
         self._follower: asyncio.Task[None] | None = None
@@ -244,8 +247,10 @@ class GraphResolver:
             results[i] = uid
         return results
 
-    async def _locked(self, decide: Callable[[], list[tuple[str, list[GraphChange]]]]) -> None:
-        """Catch up and decide under the log's lock, append what was decided, commit.
+    async def _locked(self, decide: Callable[[], Decided]) -> None:
+        """Catch up and decide under the log's lock, append what was decided, commit, then
+        hand the merges and splits on: to the list a caller gave to collect them, else to
+        ``on_changes``.
 
         ``decide`` may also return changes already in the graph (identifiers added on the
         fast path): the lock only orders them in the log, and replaying a known node does
@@ -255,12 +260,11 @@ class GraphResolver:
             try:
                 rows = await self._io(self.store.read_after, self.applied_seq, 10_000_000, conn)
                 self._apply_rows(rows)
-                self._collected = set()
                 decided = decide()
                 now_ms = int(time.time() * 1000)
                 encoded = [
                     (tenant, type(c).__name__, _encode(c), now_ms)
-                    for tenant, changes in decided
+                    for tenant, changes, _ in decided
                     for c in changes
                 ]
             except BaseException:
@@ -275,14 +279,14 @@ class GraphResolver:
                 self.applied_seq = 0
                 await self.catch_up()
                 raise
-        collected, self._collected = self._collected, set()
-        if self.on_changes is not None:
-            for tenant, changes in decided:
-                notable = [
-                    c for c in changes if type(c).__name__ in ("Merged", "Split") and id(c) not in collected
-                ]
-                if notable:
-                    await self.on_changes(tenant, notable)
+        for tenant, changes, collect in decided:
+            notable = [c for c in changes if isinstance(c, Merged | Split)]
+            if not notable:
+                continue
+            if collect is not None:  # the caller sends these after its own events
+                collect.extend(notable)
+            elif self.on_changes is not None:
+                await self.on_changes(tenant, notable)
 
     async def _flush(self) -> None:
         try:
@@ -305,10 +309,8 @@ class GraphResolver:
         finally:
             self._flushing = False
 
-    def _resolve_pending(
-        self, batch: list[_Pending], answers: list[list[str]]
-    ) -> list[tuple[str, list[GraphChange]]]:
-        decided = []
+    def _resolve_pending(self, batch: list[_Pending], answers: list[list[str]]) -> Decided:
+        decided: Decided = []
         answers.clear()
         for p in batch:
             graph = self.graphs[p.tenant]
@@ -316,12 +318,7 @@ class GraphResolver:
             for nodes, link, prov in p.items:
                 uid, changes = graph.resolve(nodes, link=link, provenance=prov)
                 uids.append(uid)
-                decided.append((p.tenant, changes))
-                if p.notices is not None:  # the caller sends these after its own events
-                    for c in changes:
-                        if isinstance(c, Merged | Split):
-                            p.notices.append(c)
-                            self._collected.add(id(c))
+                decided.append((p.tenant, changes, p.notices))
                 kinds = {type(c).__name__ for c in changes}
                 if kinds & {"Merged", "Split"}:
                     self._settled[p.tenant].clear()
@@ -337,9 +334,9 @@ class GraphResolver:
     async def unlink(self, tenant: str, a: str, b: str) -> list[GraphChange]:
         out: list[GraphChange] = []
 
-        def decide() -> list[tuple[str, list[GraphChange]]]:
+        def decide() -> Decided:
             out[:] = self.graphs[tenant].unlink(a, b, at=datetime.now(UTC))
-            return [(tenant, list(out))]
+            return [(tenant, list(out), None)]
 
         await self._locked(decide)
         return out
@@ -355,9 +352,9 @@ class GraphResolver:
     async def remove(self, tenant: str, node: str) -> list[GraphChange]:
         out: list[GraphChange] = []
 
-        def decide() -> list[tuple[str, list[GraphChange]]]:
+        def decide() -> Decided:
             out[:] = self.graphs[tenant].remove(node, at=datetime.now(UTC))
-            return [(tenant, list(out))]
+            return [(tenant, list(out), None)]
 
         await self._locked(decide)
         return out
