@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import re
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -404,31 +405,31 @@ def load_config(path: Path, *, dev: bool) -> Config:
     return parse_config(text, path=str(path), dev=dev)
 
 
-def index_write_keys(config: Config, *, dev: bool) -> dict[str, ResolvedSource]:
-    """Map write-key hash -> source, for authentication."""
+def _index_sources(config: Config, hashes: Callable[[Source], list[str]]) -> dict[str, ResolvedSource]:
     index: dict[str, ResolvedSource] = {}
     for tenant in config.tenants:
         dests = tuple(tenant.destinations)
         for source in tenant.sources:
-            resolved = ResolvedSource(tenant=tenant, source=source, destinations=dests)
-            if source.write_key_sha256:
-                index[source.write_key_sha256] = resolved
-            if dev and source.dev_write_key:
-                index[hash_write_key(source.dev_write_key)] = resolved
+            keys = hashes(source)
+            if keys:
+                resolved = ResolvedSource(tenant=tenant, source=source, destinations=dests)
+                index.update(dict.fromkeys(keys, resolved))
     return index
+
+
+def _accepted(hashed: str, plain: str, dev: bool) -> list[str]:
+    """The hashes a secret is accepted under: the stored one, and the demo value in dev."""
+    return [h for h in (hashed, hash_write_key(plain) if dev and plain else "") if h]
+
+
+def index_write_keys(config: Config, *, dev: bool) -> dict[str, ResolvedSource]:
+    """Map write-key hash -> source, for authentication."""
+    return _index_sources(config, lambda s: _accepted(s.write_key_sha256, s.dev_write_key, dev))
 
 
 def index_sensors_tokens(config: Config, *, dev: bool) -> dict[str, ResolvedSource]:
     """Map Sensors token hash -> source (the request's project must be the source's)."""
-    index: dict[str, ResolvedSource] = {}
-    for tenant in config.tenants:
-        dests = tuple(tenant.destinations)
-        for source in tenant.sources:
-            if not source.sensors_project:
-                continue
-            resolved = ResolvedSource(tenant=tenant, source=source, destinations=dests)
-            if source.sensors_token_sha256:
-                index[source.sensors_token_sha256] = resolved
-            if dev and source.sensors_dev_token:
-                index[hash_write_key(source.sensors_dev_token)] = resolved
-    return index
+    return _index_sources(
+        config,
+        lambda s: _accepted(s.sensors_token_sha256, s.sensors_dev_token, dev) if s.sensors_project else [],
+    )

@@ -138,6 +138,20 @@ async def read_body(
     return body
 
 
+def log_rejections(headers: IngestHeaders, src: ResolvedSource, result: IngestResult, **extra: Any) -> None:
+    """One log line per request with rejected messages (kinds of error, never the content)."""
+    if result.rejected:
+        log.info(
+            "ingest.rejected",
+            request_id=request_id(headers),
+            tenant=src.tenant.id,
+            source=src.source.id,
+            rejected=len(result.rejected),
+            errors=sorted({r.error for r in result.rejected}),
+            **extra,
+        )
+
+
 def authenticate(ctx: IngestContext, headers: IngestHeaders, body: bytes) -> ResolvedSource:
     """Write key as HTTP Basic user, or ``writeKey`` in the body, to its source."""
     auth = headers.authorization
@@ -221,15 +235,7 @@ def _ingest_handler(path: str, decode: Decoder) -> Any:
         src = authenticate(ctx, headers, body)
         envs, result = decode(body, ctx.config, datetime.now(UTC))
         await ctx.ingestor.ingest(src, envs, result)
-        if result.rejected:
-            log.info(
-                "ingest.rejected",
-                request_id=request_id(headers),
-                tenant=src.tenant.id,
-                source=src.source.id,
-                rejected=len(result.rejected),
-                errors=sorted({r.error for r in result.rejected}),
-            )
+        log_rejections(headers, src, result)
         await send_json(send, *ingest_response(result))
 
     handler.__name__ = "ingest_" + path.rsplit("/", 1)[-1]

@@ -45,7 +45,7 @@ from litestar.openapi.spec.enums import OpenAPIType
 from litestar.types import Receive, Scope, Send
 
 from gateway.config import ResolvedSource, hash_write_key, index_sensors_tokens
-from gateway.ingest_http import IngestContext, IngestHeaders, ingest_response, read_body, request_id
+from gateway.ingest_http import IngestContext, IngestHeaders, ingest_response, log_rejections, read_body
 from gateway.pipeline import IngestResult
 from gateway.segment import InvalidRequest
 from gateway.sensors import SensorsBatch, decode_events, parse_form, payload_json
@@ -190,16 +190,7 @@ async def _sensors(scope: Scope, receive: Receive, send: Send) -> None:
                 else f"{'data' if single else 'data_list'}[{r.index}]."
             )
             r.field = where + PIPELINE_FIELDS[r.field]
-    if result.rejected:
-        log.info(
-            "ingest.rejected",
-            request_id=request_id(headers),
-            tenant=src.tenant.id,
-            source=src.source.id,
-            protocol="sensors",
-            rejected=len(result.rejected),
-            errors=sorted({r.error for r in result.rejected}),
-        )
+    log_rejections(headers, src, result, protocol="sensors")
     status, body, extra = sensors_response(result, batch=not single)
     if method == "GET" and status == 200:
         await _send(
