@@ -27,6 +27,7 @@ from consent.ledger import Ledger, verify_database
 from consent.models import AccessLogEntry
 from consent.service import ConsentRefused, ConsentService
 from gateway.config import AdminToken, Config
+from gateway.delivery_setup import rekeyer
 from gateway.identity_setup import deletion_notice
 from gateway.segment import InvalidRequest, decode_body
 from identity.identifiers import IDENTIFIER_TYPES, InvalidIdentifier, normalise
@@ -181,8 +182,6 @@ def _graph(ctx: AdminContext, tenant: str) -> Any:
 
 def by_destination(ctx: AdminContext, tenant: str, unified_id: str | None) -> dict[str, str | None]:
     """The unified ID as each destination of the tenant knows it (its pseudonym domain)."""
-    from gateway.delivery_setup import rekeyer
-
     found = next(t for t in ctx.config.tenants if t.id == tenant)
     return {
         d.id: rekeyer(ctx.keyring, tenant, d).value(unified_id) if unified_id else None

@@ -173,14 +173,8 @@ def identity_rebuild(database_url: str | None) -> None:
     with engine.connect() as conn:
         total = conn.execute(sa.select(sa.func.count()).select_from(LOG)).scalar() or 0
 
-    def rows():  # type: ignore[no-untyped-def]
-        after = 0
-        while batch := store.read_after(after):
-            yield from batch
-            after = batch[-1][0]
-
     with click.progressbar(length=total, label="replaying the identity log") as bar:
-        report = rebuild(rows(), progress=bar.update)
+        report = rebuild(store.all_rows(), progress=bar.update)
     for tenant, figures in report.tenants.items():
         click.echo(
             f"{tenant}: {figures['identifiers']} identifiers, {figures['persons']} persons, "
@@ -229,13 +223,7 @@ def identity_export_map(tenant: str, destination: str, out: Path, config_path: P
     url = settings.database_url or f"sqlite:///{settings.data_dir / 'identity.sqlite3'}"
     store = IdentityLogStore(make_engine(url))
 
-    def rows():  # type: ignore[no-untyped-def]
-        after = 0
-        while batch := store.read_after(after):
-            yield from batch
-            after = batch[-1][0]
-
-    intervals = identity_map(rows(), tenant, identity_rules(found))
+    intervals = identity_map(store.all_rows(), tenant, identity_rules(found))
     count = write_identity_map(intervals, rekeyer(keyring, tenant, dest), out)
     click.echo(f"wrote {count} rows to {out} (domain {dest.pseudonym_domain or dest.id})")
 

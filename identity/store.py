@@ -9,7 +9,7 @@ log by sequence number without the lock.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -49,6 +49,13 @@ class IdentityLogStore:
             return [(int(s), t, bytes(c)) for s, t, c in conn.execute(stmt)]
         with self.engine.connect() as own:
             return [(int(s), t, bytes(c)) for s, t, c in own.execute(stmt)]
+
+    def all_rows(self, page: int = 50_000) -> Iterator[LogRow]:
+        """The whole log in order, read page by page (for offline replays)."""
+        after = 0
+        while batch := self.read_after(after, page):
+            yield from batch
+            after = batch[-1][0]
 
     def begin_locked(self) -> tuple[sa.Connection, sa.RootTransaction]:
         """Open the one writer's transaction; the caller reads, decides, then commits."""
