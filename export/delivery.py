@@ -270,8 +270,11 @@ class DeliveryWorker:
                 continue
             if moved < self.batch_size:
                 self.wakeup.clear()
+                # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a
+                # cancellation that lands as the wait ends, and the worker then outlives stop()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.wakeup.wait(), self.poll_seconds)
+                    async with asyncio.timeout(self.poll_seconds):
+                        await self.wakeup.wait()
                 # Let more events arrive before the next read: one sink write and one commit
                 # then serve many requests instead of one each.
                 await asyncio.sleep(self.linger_seconds)
@@ -386,9 +389,14 @@ class DeliveryService:
         self._tasks.append(asyncio.create_task(self._backlog_loop(), name="outbox-backlog"))
 
     async def stop(self) -> None:
-        for t in self._tasks:
-            t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        # Cancel until every task has ended: a cancellation that lands inside a client call
+        # can come back as that client's own error (caught by the loops' error handling), and
+        # the task would then run on and stop() wait for it forever.
+        pending = set(self._tasks)
+        while pending:
+            for t in pending:
+                t.cancel()
+            _, pending = await asyncio.wait(pending, timeout=1.0)
         self._tasks.clear()
         for w in self.workers:
             await w.sink.close()
