@@ -239,14 +239,16 @@ def test_kill9_of_a_replica_loses_no_acknowledged_event(tmp_path: Path, redis_ns
             for n, ids in enumerate(batches[:50]):
                 load.post(ids, n)
             # Make sure a dies holding entries it read and never acknowledged (its worker may
-            # happen to be idle at the kill): read a window of new entries as a's consumer.
+            # happen to be idle at the kill): right after each acknowledged batch, before the
+            # workers' next poll, read the new entries as a's consumer.
             import redis
 
             r = redis.Redis.from_url(redis_ns.url)
             stream = f"{redis_ns.prefix}:outbox"
+            held = []
             for n, ids in enumerate(batches[50:60]):
-                load.post(ids, 2 * n)  # to a: its worker has not read them yet, or is reading
-            held = r.xreadgroup("warehouse", "a", {stream: ">"}, count=1000)
+                load.post(ids, 2 * n)  # to a
+                held += r.xreadgroup("warehouse", "a", {stream: ">"}, count=1000)
             a.kill9()
             pending = r.xpending(stream, "warehouse")
             r.close()
