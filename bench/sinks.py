@@ -36,7 +36,8 @@ sys.path[0] = str(ROOT)
 import structlog  # noqa: E402
 
 from export.outbox import StoredRecord  # noqa: E402
-from export.sinks import Sink, build_sink  # noqa: E402
+from export.sink import Sink  # noqa: E402
+from export.sinks import build_sink  # noqa: E402
 
 KINDS = ("jsonl", "parquet", "webhook", "segment", "sensors", "redis_stream", "nats")
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0").rsplit("/", 1)[0] + "/9"

@@ -61,6 +61,7 @@ from consent.models import (
     RecordType,
 )
 from consent.signing import LedgerSigner, key_id_of, verify
+from identity.identifiers import is_node
 
 log = structlog.get_logger(__name__)
 
@@ -163,8 +164,7 @@ class RecordDraft(msgspec.Struct, kw_only=True, frozen=True):
         if not isinstance(self.tenant, str) or not self.tenant:
             raise InvalidRecord("tenant is required")
         for identifier in self.identifiers:
-            kind, sep, pseudonym = identifier.partition(":") if isinstance(identifier, str) else ("", "", "")
-            if not (kind and sep and pseudonym):
+            if not is_node(identifier):
                 raise InvalidRecord("identifiers must be '<type>:<pseudonym>' strings")
         if not all(isinstance(p, str) and p for p in self.purposes):
             raise InvalidRecord("purposes must be non-empty strings")

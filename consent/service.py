@@ -9,27 +9,24 @@ the pipeline's consent stage: one state lookup per batch, then ``decide`` per ev
 from __future__ import annotations
 
 import asyncio
-import sqlite3
-import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
-import sqlalchemy as sa
 import structlog
 
 from consent.decisions import (
     MINOR_FLAG,
     ConsentDecision,
     ConsentQuery,
+    ConsentTicket,
     DestinationSpec,
     StateEntry,
     decide,
 )
 from consent.ledger import Ledger, RecordDraft
-from consent.models import DeliveryProof
 from consent.state import ConsentStateStore, RecordView, UnknownNotice, notice_floor
 
 log = structlog.get_logger(__name__)
@@ -87,8 +84,6 @@ class ConsentService:
         self.state = state
         self.rules = rules
         self._lock = asyncio.Lock()  # one projection writer per process
-        self._trail: sqlite3.Connection | None = None
-        self._trail_lock = threading.Lock()
 
     async def _append(self, drafts: list[RecordDraft]) -> list[Any]:
         records = await asyncio.to_thread(self.ledger.append, drafts)
@@ -125,66 +120,6 @@ class ConsentService:
             minor=True,
         )
         return True
-
-    def record_deliveries(self, destination: str, delivered: Sequence[tuple[str, Sequence[int]]]) -> int:
-        """Remember which consent records each delivered event relied on (idempotent:
-        a redelivery after a crash adds nothing). Blocking; run it in a thread."""
-        rows = [
-            {"ledger_seq": seq, "destination": destination, "message_id": message_id, "delivered_at": now}
-            for now in (datetime.now(UTC),)
-            for message_id, proof in delivered
-            for seq in proof
-        ]
-        if not rows:
-            return 0
-        table = DeliveryProof.__table__  # type: ignore[attr-defined]
-        engine = self.ledger.engine
-        if engine.dialect.name == "sqlite" and engine.url.database not in (None, "", ":memory:"):
-            # the delivery path writes this for every event: plain sqlite3 is ~20x cheaper
-            with self._trail_lock:
-                if self._trail is None:
-                    self._trail = sqlite3.connect(engine.url.database, timeout=30, check_same_thread=False)
-                    self._trail.execute("PRAGMA synchronous=FULL")
-                with self._trail:
-                    self._trail.executemany(
-                        "INSERT OR IGNORE INTO consent_delivery"
-                        "(ledger_seq, destination, message_id, delivered_at) VALUES (?, ?, ?, ?)",
-                        [
-                            (
-                                r["ledger_seq"],
-                                r["destination"],
-                                r["message_id"],
-                                r["delivered_at"].replace(tzinfo=None).isoformat(sep=" "),
-                            )
-                            for r in rows
-                        ],
-                    )
-            return len(rows)
-        if engine.dialect.name == "postgresql":
-            from sqlalchemy.dialects.postgresql import insert
-        else:
-            from sqlalchemy.dialects.sqlite import insert
-        with engine.begin() as conn:
-            # executemany with one compiled statement, not one giant VALUES list per call
-            conn.execute(insert(table).on_conflict_do_nothing(), rows)
-        return len(rows)
-
-    def deliveries_relying_on(self, ledger_seqs: Sequence[int], limit: int = 1000) -> list[dict[str, Any]]:
-        """Deliveries whose consent proof includes one of these ledger records. Blocking."""
-        if not ledger_seqs:
-            return []
-        t = DeliveryProof.__table__  # type: ignore[attr-defined]
-        with self.ledger.engine.connect() as conn:
-            rows = conn.execute(
-                sa.select(t.c.ledger_seq, t.c.destination, t.c.message_id, t.c.delivered_at)
-                .where(t.c.ledger_seq.in_(list(ledger_seqs)))
-                .order_by(t.c.delivered_at)
-                .limit(limit)
-            )
-            return [
-                {"ledgerSeq": s, "destination": d, "messageId": m, "deliveredAt": at.isoformat()}
-                for s, d, m, at in rows
-            ]
 
     async def current_notice(self, tenant: str) -> str | None:
         """The most recently published notice of the tenant."""
@@ -365,6 +300,30 @@ class LedgerPolicy:
 
     async def restrictive_seq(self) -> int:
         return await self.state.restrictive_seq()
+
+    async def still_allowed(self, destination: DestinationSpec, tickets: Sequence[bytes]) -> list[bool]:
+        """Consent asked again at send time: may each event (by the consent ticket it was
+        routed with; empty: no consent was asked) still go to ``destination``? Events decided
+        after the last restricting record (a withdrawal, a minor flag, a material notice)
+        cannot have lost their basis and are not asked again."""
+        still = [True] * len(tickets)
+        current = await self.restrictive_seq()
+        by_tenant: dict[str, list[tuple[int, ConsentQuery]]] = {}
+        for i, raw in enumerate(tickets):
+            if not raw:
+                continue
+            ticket = _decode_ticket(raw)
+            if ticket.epoch >= current:
+                continue
+            by_tenant.setdefault(ticket.query.tenant, []).append((i, ticket.query))
+        for items in by_tenant.values():
+            decisions = await self.decide_batch([q for _, q in items], [destination])
+            for (i, _), decision in zip(items, decisions, strict=True):
+                still[i] = destination.id in decision.destinations
+        return still
+
+
+_decode_ticket = msgspec.json.Decoder(ConsentTicket).decode
 
 
 __all__ = ["ConsentRefused", "ConsentService", "LedgerPolicy", "PurposeRules", "Receipt", "UnknownNotice"]

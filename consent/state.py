@@ -30,6 +30,7 @@ from sqlmodel import JSON, Column, Field, SQLModel
 
 from consent.decisions import MINOR_FLAG, StateEntry
 from consent.models import UTCDateTime
+from identity.identifiers import node_value
 
 ALL_PURPOSES = "*"
 
@@ -82,11 +83,6 @@ class RecordView(msgspec.Struct, frozen=True):
     notice_hash: str | None = None
     at: datetime | None = None
     detail: dict[str, Any] = {}
-
-
-def pseudonym_of(identifier: str) -> str:
-    """Ledger identifiers are ``type:pseudonym``; state is keyed by the pseudonym alone."""
-    return identifier.rsplit(":", 1)[-1]
 
 
 class Notice(msgspec.Struct, frozen=True):
@@ -151,10 +147,10 @@ def _entries_from_record(r: RecordView, notices: Mapping[str, Notice]) -> list[t
     if r.record_type == "consent":
         notice_seq = notices[r.notice_id].seq if r.notice_id and r.notice_id in notices else 0
         entry = StateEntry(r.state, r.seq, notice_seq, r.consent_kind)
-        return [(pseudonym_of(i), p, entry) for i in r.identifiers for p in r.purposes]
+        return [(node_value(i), p, entry) for i in r.identifiers for p in r.purposes]
     if r.record_type == "subject_flag":
         entry = StateEntry(r.state, r.seq)
-        return [(pseudonym_of(i), MINOR_FLAG, entry) for i in r.identifiers]
+        return [(node_value(i), MINOR_FLAG, entry) for i in r.identifiers]
     return []
 
 

@@ -14,7 +14,6 @@ the same classes; methods are synchronous (workers call them from a thread).
 
 from __future__ import annotations
 
-import sqlite3
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,7 +21,8 @@ from typing import Any, Protocol
 
 import msgspec
 
-from export.outbox import OutboxRecord, StoredRecord
+from export.outbox import OutboxRecord, RecordKind, StoredRecord
+from export.outbox_schema import migrate_outbox_database, open_outbox_database, v2_record_fields
 
 
 class DeadLetter(msgspec.Struct, frozen=True):
@@ -36,6 +36,11 @@ class DeadLetter(msgspec.Struct, frozen=True):
     payload: bytes
     consent: bytes = b""
     proof: tuple[int, ...] = ()
+    tenant: str = ""
+    source: str = ""
+    kind: RecordKind = "event"
+    person: str = ""
+    pseudonyms: tuple[str, ...] = ()
 
     def summary(self) -> dict[str, Any]:
         """What ``dlq list`` shows: no payload."""
@@ -51,9 +56,11 @@ class DeadLetter(msgspec.Struct, frozen=True):
 
     def to_outbox(self) -> OutboxRecord:
         """The event as an outbox record routed to its destination only (for replay)."""
-        meta = _decode_meta(self.payload).context.get("idgate", {})
-        tenant = str(meta.get("tenant", "")) if isinstance(meta, dict) else ""
-        source = str(meta.get("source", "idgate")) if isinstance(meta, dict) else "idgate"
+        tenant, source = self.tenant, self.source
+        if not tenant:  # dead-lettered before entries kept their tenant and source
+            meta = _decode_meta(self.payload).context.get("idgate", {})
+            tenant = str(meta.get("tenant", "")) if isinstance(meta, dict) else ""
+            source = str(meta.get("source", "idgate")) if isinstance(meta, dict) else "idgate"
         return OutboxRecord(
             tenant=tenant,
             source=source or "idgate",
@@ -63,6 +70,9 @@ class DeadLetter(msgspec.Struct, frozen=True):
             payload=self.payload,
             consent=self.consent,
             proof=self.proof,
+            kind=self.kind,
+            person=self.person,
+            pseudonyms=self.pseudonyms,
         )
 
 
@@ -89,55 +99,67 @@ def _now_ms() -> int:
 class SqliteDeadLetters:
     """The ``dead_letter`` table beside the embedded outbox (its own connection)."""
 
-    _SCHEMA = """
-    CREATE TABLE IF NOT EXISTS dead_letter (
-        id INTEGER PRIMARY KEY AUTOINCREMENT,
-        destination TEXT NOT NULL,
-        message_id TEXT NOT NULL,
-        received_at_ms INTEGER NOT NULL,
-        dead_at_ms INTEGER NOT NULL,
-        attempts INTEGER NOT NULL,
-        reason TEXT NOT NULL,
-        payload BLOB NOT NULL,
-        consent BLOB NOT NULL,
-        proof TEXT NOT NULL
-    );
-    CREATE INDEX IF NOT EXISTS dead_letter_destination ON dead_letter(destination, id);
-    """
     _COLUMNS = (
-        "id, destination, message_id, received_at_ms, dead_at_ms, attempts, reason, payload, consent, proof"
+        "id, destination, message_id, received_at_ms, dead_at_ms, attempts, reason, payload, consent, proof, "
+        "tenant, source, kind, person, pseudonyms"
     )
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
-        self._conn.execute("PRAGMA journal_mode=WAL")
-        self._conn.execute("PRAGMA synchronous=FULL")
-        self._conn.execute("PRAGMA busy_timeout=30000")
-        self._conn.executescript(self._SCHEMA)
+        self._conn = open_outbox_database(path)
+        migrate_outbox_database(self._conn)
 
     def close(self) -> None:
         self._conn.close()
 
     @staticmethod
     def _row(row: tuple[Any, ...]) -> DeadLetter:
-        i, d, m, r, dead, a, reason, p, c, pr = row
-        proof = tuple(int(x) for x in pr.split(",") if x)
-        return DeadLetter(str(i), d, m, r, dead, a, reason, bytes(p), bytes(c), proof)
+        i, d, m, r, dead, a, reason, p, c, pr, tenant, source, kind, person, pseudonyms = row
+        return DeadLetter(
+            id=str(i),
+            destination=d,
+            message_id=m,
+            received_at_ms=r,
+            dead_at_ms=dead,
+            attempts=a,
+            reason=reason,
+            payload=bytes(p),
+            consent=bytes(c),
+            proof=tuple(int(x) for x in pr.split(",") if x),
+            tenant=tenant,
+            source=source,
+            kind="notice" if kind == "notice" else "event",
+            person=person,
+            pseudonyms=tuple(x for x in pseudonyms.split(",") if x),
+        )
 
     def add(self, destination: str, records: Sequence[StoredRecord], reason: str, attempts: int) -> None:
         now = _now_ms()
         rows = [
-            (destination, r.message_id, r.received_at_ms, now, attempts, reason[:500], r.payload, r.consent,
-             ",".join(map(str, r.proof)))
+            (
+                destination,
+                r.message_id,
+                r.received_at_ms,
+                now,
+                attempts,
+                reason[:500],
+                r.payload,
+                r.consent,
+                ",".join(map(str, r.proof)),
+                r.tenant,
+                r.source,
+                r.kind,
+                r.person,
+                ",".join(r.pseudonyms),
+            )
             for r in records
         ]
         with self._conn:
             self._conn.execute("BEGIN IMMEDIATE")
             self._conn.executemany(
                 "INSERT INTO dead_letter(destination, message_id, received_at_ms, dead_at_ms, attempts, "
-                "reason, payload, consent, proof) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "reason, payload, consent, proof, tenant, source, kind, person, pseudonyms) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 rows,
             )
 
@@ -195,6 +217,12 @@ class RedisDeadLetters:
     def _entry(self, destination: str, entry_id: bytes | str, fields: dict[bytes, bytes]) -> DeadLetter:
         eid = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
         proof = fields.get(b"proof", b"").decode()
+        if b"kind" in fields:
+            kind: RecordKind = "notice" if fields[b"kind"] == b"notice" else "event"
+            person, pseudonyms = fields.get(b"person", b"").decode(), fields.get(b"pseudonyms", b"").decode()
+        else:  # dead-lettered before entries kept these
+            legacy_kind, person, pseudonyms = v2_record_fields(fields[b"payload"])
+            kind = "notice" if legacy_kind == "notice" else "event"
         return DeadLetter(
             id=f"{destination}/{eid}",
             destination=destination,
@@ -206,6 +234,11 @@ class RedisDeadLetters:
             payload=fields[b"payload"],
             consent=fields.get(b"consent", b""),
             proof=tuple(int(x) for x in proof.split(",") if x),
+            tenant=fields.get(b"tenant", b"").decode(),
+            source=fields.get(b"source", b"").decode(),
+            kind=kind,
+            person=person,
+            pseudonyms=tuple(x for x in pseudonyms.split(",") if x),
         )
 
     def add(self, destination: str, records: Sequence[StoredRecord], reason: str, attempts: int) -> None:
@@ -223,6 +256,11 @@ class RedisDeadLetters:
                     "payload": r.payload,
                     "consent": r.consent,
                     "proof": ",".join(map(str, r.proof)),
+                    "tenant": r.tenant,
+                    "source": r.source,
+                    "kind": r.kind,
+                    "person": r.person,
+                    "pseudonyms": ",".join(r.pseudonyms),
                 },
             )
         pipe.execute()

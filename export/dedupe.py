@@ -13,18 +13,10 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Sequence
-from enum import IntEnum
 
 import redis.asyncio as aioredis
 
-from export.outbox import dedupe_key
-
-
-class ClaimStatus(IntEnum):
-    DUPLICATE = 0
-    NEW = 1
-    IN_FLIGHT = 2
-
+from export.outbox import ClaimStatus, dedupe_key
 
 _CLAIM = """
 local out = {}

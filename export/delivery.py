@@ -22,20 +22,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-import re
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
 
 import msgspec
 import structlog
 from prometheus_client import Counter, Gauge
 
 from export.deadletter import DeadLetterStore
-from export.domains import DomainRekeyer, notice_persons
-from export.outbox import DestinationQueue, StoredRecord
-from export.sinks import PermanentSinkError, Sink
+from export.domains import DomainRekeyer
+from export.outbox import DestinationQueue, Outbox, StoredRecord
+from export.sink import PermanentSinkError, Sink
+from identity.notices import decode_notice
 
 log = structlog.get_logger(__name__)
 
@@ -60,9 +59,6 @@ BACKLOG = Gauge("idgate_outbox_backlog", "Events in the outbox not yet delivered
 Recheck = Callable[[str, Sequence[StoredRecord]], Awaitable[list[bool]]]
 # Told, before the sink write, what is about to be delivered (the audit trail of proofs).
 OnDelivered = Callable[[str, Sequence[StoredRecord]], Awaitable[None]]
-
-_UNIFIED_ID = re.compile(rb'"unified_id":"(p_[A-Za-z0-9_-]{20,22})"')
-_NOTICE_PREFIX = b'{"type":"identity.'
 
 
 @dataclass(frozen=True)
@@ -145,22 +141,20 @@ class DeliveryWorker:
     async def _concerned(self, records: list[StoredRecord], persons: set[str]) -> list[StoredRecord]:
         """Drop notices about persons this destination never got data of; collect in
         ``persons`` the unified IDs whose data (or notice) is sent now."""
-        notices = {r.seq: notice_persons(r.payload) for r in records if r.payload.startswith(_NOTICE_PREFIX)}
-        known = await self.queue.received({p for subjects, _ in notices.values() for p in subjects})
+        notices = {r.seq: decode_notice(r.payload) for r in records if r.kind == "notice"}
+        known = await self.queue.received({p for n in notices.values() for p in n.subjects()})
         kept = []
         for r in records:
             notice = notices.get(r.seq)
             if notice is None:
-                m = _UNIFIED_ID.search(r.payload)
-                if m:
-                    persons.add(m.group(1).decode())
+                if r.person:
+                    persons.add(r.person)
             else:
-                subjects, named = notice
-                if not any(s in known or s in persons for s in subjects):
+                if not any(s in known or s in persons for s in notice.subjects()):
                     NOTICES_SKIPPED.labels(self.destination).inc()
                     continue
                 # the persons a notice names (a merge survivor, split parts) are now known here
-                persons.update(named)
+                persons.update(notice.named())
             kept.append(r)
         return kept
 
@@ -169,7 +163,7 @@ class DeliveryWorker:
         outgoing = records
         if self.rekey is not None:
             rekey = self.rekey.payload
-            outgoing = [msgspec.structs.replace(r, payload=rekey(r.payload)) for r in records]
+            outgoing = [msgspec.structs.replace(r, payload=rekey(r)) for r in records]
         original = {r.seq: r for r in records}
         if self.on_delivered is not None:
             # Before the write: a crash after it redelivers, and the trail is idempotent. Not
@@ -293,16 +287,6 @@ class DeliveryWorker:
                 await asyncio.sleep(self.retry.backoff(min(attempt, 12)))
 
 
-class OutboxMaintenance(Protocol):
-    """What the delivery service runs in the background on an outbox."""
-
-    def queue(self, destination: str) -> DestinationQueue: ...
-    async def register_destinations(self, destinations: Iterable[str]) -> None: ...
-    async def backlog(self) -> int: ...
-    async def prune(self, chunk: int = 5_000) -> tuple[int, int]: ...
-    async def checkpoint(self) -> tuple[int, int]: ...
-
-
 class DeliveryService:
     """Runs the destination workers, outbox pruning and the backlog watch as background tasks.
 
@@ -312,7 +296,7 @@ class DeliveryService:
 
     def __init__(
         self,
-        outbox: OutboxMaintenance,
+        outbox: Outbox,
         workers: Sequence[DeliveryWorker],
         prune_seconds: float = 30,
         checkpoint_seconds: float = 1,

@@ -49,7 +49,7 @@ import httpx
 import msgspec
 
 from export.outbox import StoredRecord
-from export.sinks import (
+from export.sink import (
     Option,
     PermanentSinkError,
     RetryableSinkError,
@@ -61,6 +61,7 @@ from export.sinks import (
     url_check,
     with_defaults,
 )
+from identity.notices import IdentityMerged, IdentitySplit, Notice, decode_notice
 
 try:
     IDGATE_VERSION = metadata.version("idgate")
@@ -300,39 +301,36 @@ DELETED_EVENT = "idgate Identity Deleted"
 NOTICE_EVENT = "idgate Identity Notice"
 
 
-def _segment_notice(notice: Mapping[str, Any], message_id: str) -> dict[str, Any]:
-    kind = notice.get("type")
-    base: dict[str, Any] = {"messageId": message_id, "context": notice.get("context") or {}}
-    if notice.get("receivedAt"):
-        base["timestamp"] = notice["receivedAt"]
-    if kind == "identity.merged":
-        return {**base, "type": "alias", "previousId": notice["merged"], "userId": notice["survivor"]}
-    if kind == "identity.split":
-        properties = {"previous": notice["previous"], "parts": list(notice.get("parts") or [])}
+def segment_notice(notice: Notice, message_id: str) -> dict[str, Any]:
+    """The Segment call for an identity notice."""
+    base: dict[str, Any] = {
+        "messageId": message_id,
+        "timestamp": notice.received_at.isoformat(),
+        "context": msgspec.to_builtins(notice.context),
+    }
+    if isinstance(notice, IdentityMerged):
+        return {**base, "type": "alias", "previousId": notice.merged, "userId": notice.survivor}
+    if isinstance(notice, IdentitySplit):
+        properties = {"previous": notice.previous, "parts": list(notice.parts)}
         return {
             **base,
             "type": "track",
             "event": SPLIT_EVENT,
-            "userId": notice["previous"],
+            "userId": notice.previous,
             "properties": properties,
         }
-    if kind == "identity.deleted":
-        properties = {"unifiedId": notice["unifiedId"]}
-        return {
-            **base,
-            "type": "track",
-            "event": DELETED_EVENT,
-            "userId": notice["unifiedId"],
-            "properties": properties,
-        }
-    properties = {k: v for k, v in notice.items() if k not in ("messageId", "receivedAt", "context")}
-    return {**base, "type": "track", "event": NOTICE_EVENT, "anonymousId": "idgate", "properties": properties}
+    properties = {"unifiedId": notice.unified_id}
+    return {
+        **base,
+        "type": "track",
+        "event": DELETED_EVENT,
+        "userId": notice.unified_id,
+        "properties": properties,
+    }
 
 
 def segment_message(event: Mapping[str, Any], message_id: str) -> dict[str, Any]:
-    """The Segment call sent for one cleaned event or identity notice."""
-    if str(event.get("type", "")).startswith("identity."):
-        return _segment_notice(event, message_id)
+    """The Segment call sent for one cleaned event."""
     message = dict(event)
     message["messageId"] = message_id
     context = dict(message.get("context") or {})
@@ -388,7 +386,14 @@ class SegmentSink(HttpSink):
         self.max_request_bytes = max_request_bytes
 
     async def write(self, records: Sequence[StoredRecord]) -> dict[str, int]:
-        messages = [_encoder.encode(segment_message(self._decode(r), message_id_of(r))) for r in records]
+        messages = [
+            _encoder.encode(
+                segment_notice(decode_notice(r.payload), message_id_of(r))
+                if r.kind == "notice"
+                else segment_message(self._decode(r), message_id_of(r))
+            )
+            for r in records
+        ]
         # room for the envelope and sentAt
         for chunk in _chunks_by_size(messages, self.max_request_bytes - 80):
             sent_at = datetime.now(UTC).isoformat(timespec="milliseconds").encode()
@@ -481,26 +486,26 @@ def _sensors_lib(platform: str | None, os_name: str | None) -> str:
     return _SENSORS_LIB.get(platform or "", "idgate")
 
 
-def sensors_event(event: Mapping[str, Any], message_id: str, *, project: str | None = None) -> dict[str, Any]:
-    """The Sensors record sent for one cleaned event or identity notice."""
+def sensors_event(
+    event: Mapping[str, Any], message_id: str, *, project: str | None = None, notice: Notice | None = None
+) -> dict[str, Any]:
+    """The Sensors record sent for one cleaned event, or for an identity notice (``notice``
+    given, ``event`` its JSON object)."""
     kind = str(event.get("type", ""))
     context = event.get("context") or {}
     idgate = context.get("idgate") or {}
     properties: dict[str, Any] = {}
     record: dict[str, Any] = {"_track_id": track_id(message_id)}
-    if kind.startswith("identity."):
-        if kind == "identity.merged":
-            record.update(type="track_signup", event="$SignUp", distinct_id=event["survivor"])
-            record["original_id"] = event["merged"]
-        elif kind == "identity.split":
-            record.update(type="track", event="idgate_identity_split", distinct_id=event["previous"])
-            properties["idgate_parts"] = [str(p) for p in event.get("parts") or []]
-        elif kind == "identity.deleted":
-            record.update(type="track", event="idgate_identity_deleted", distinct_id=event["unifiedId"])
+    if notice is not None:
+        if isinstance(notice, IdentityMerged):
+            record.update(type="track_signup", event="$SignUp", distinct_id=notice.survivor)
+            record["original_id"] = notice.merged
+        elif isinstance(notice, IdentitySplit):
+            record.update(type="track", event="idgate_identity_split", distinct_id=notice.previous)
+            properties["idgate_parts"] = list(notice.parts)
         else:
-            record.update(type="track", event="idgate_identity_notice", distinct_id="idgate")
-            properties["idgate_notice"] = kind
-        time_source = event.get("receivedAt")
+            record.update(type="track", event="idgate_identity_deleted", distinct_id=notice.unified_id)
+        time_source: Any = notice.received_at.isoformat()
     else:
         distinct_id = context.get("unified_id") or event.get("userId") or event.get("anonymousId") or ""
         record["distinct_id"] = distinct_id
@@ -585,7 +590,15 @@ class SensorsSink(HttpSink):
         self.events_per_request = events_per_request
 
     async def write(self, records: Sequence[StoredRecord]) -> dict[str, int]:
-        events = [sensors_event(self._decode(r), message_id_of(r), project=self.project) for r in records]
+        events = [
+            sensors_event(
+                self._decode(r),
+                message_id_of(r),
+                project=self.project,
+                notice=decode_notice(r.payload) if r.kind == "notice" else None,
+            )
+            for r in records
+        ]
         for start in range(0, len(events), self.events_per_request):
             body = sensors_form(events[start : start + self.events_per_request])
             await self._post(body, {"Content-Type": "application/x-www-form-urlencoded"})

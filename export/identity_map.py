@@ -13,7 +13,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from export.domains import DomainRekeyer
-from export.sinks import fsync_path
+from export.sink import fsync_path
+from identity.identifiers import Identifier
 from identity.identity_map import MapInterval
 
 SCHEMA = pa.schema(
@@ -31,9 +32,9 @@ def write_identity_map(intervals: Sequence[MapInterval], rekey: DomainRekeyer, p
     """Write the map for ``rekey``'s domain to ``path``; returns the number of rows."""
     types, pseudonyms = [], []
     for i in intervals:
-        id_type, _, pseudonym = i.node.partition(":")
-        types.append(id_type)
-        pseudonyms.append(rekey.value(pseudonym))
+        ident = Identifier.from_node(i.node)
+        types.append(ident.type)
+        pseudonyms.append(rekey.value(ident.value))
     table = pa.table(
         {
             "id_type": types,

@@ -1,81 +1,34 @@
-"""The durable outbox: the gateway's ack point, with message-id dedupe and delivery cursors.
+"""The outbox contract: what ingest appends, what delivery reads, and the dedupe claims.
 
-Embedded mode keeps it in one SQLite database in WAL mode with ``synchronous=FULL``.
-Appends are group-committed: the requests that arrive while one commit runs share the
-next transaction and its fsync, and an append resolves only after that fsync, so an
-acknowledged event survives a kill -9 of the process.
+The outbox is the gateway's ack point: a request is answered 2xx only after its records
+are durable there. Two implementations share this contract: the embedded SQLite outbox
+(export.sqlite_outbox) and the Redis stream shared by replicas (export.redis_outbox).
 
-Each destination has a delivery cursor (last delivered sequence number) and the committed
-byte sizes of its sink files, updated in one transaction, which is what makes the file
-sink exactly-once across crashes (see export.sinks).
+Dedupe happens before any side effect of a request: ingest first *claims* its message ids
+(``Outbox.claim``), does its work (consent records, identity links) only for the new ones,
+then appends the records together with the claim (``Outbox.append(..., claim=...)``), which
+confirms the claimed ids durably with the records; on failure it releases them
+(``Outbox.release``) so the client's retry is accepted. A message id claimed by a request
+still in flight is answered IN_FLIGHT (the client retries later), never dropped.
+
+Records say what they are (``kind``: an event or a notice), whose data they carry
+(``person``: the unified ID, for the per-destination person index) and which pseudonyms
+and unified IDs their payload holds (``pseudonyms``: what delivery re-keys for each
+destination's pseudonym domain). Delivery never parses payload bytes to find these.
 """
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
-import sqlite3
-import threading
-import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
-from functools import partial
-from pathlib import Path
-from typing import Protocol, TypeVar
+from collections.abc import Iterable, Sequence
+from enum import IntEnum
+from typing import Literal, Protocol
 
 import msgspec
-import structlog
-from prometheus_client import Histogram
 
-log = structlog.get_logger(__name__)
+from identity.notices import Notice, encode_notice
 
-COMMIT_SECONDS = Histogram(
-    "idgate_outbox_commit_seconds",
-    "Time to durably commit one group of appends (the wait before a request is acknowledged)",
-    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
-)
-GROUP_REQUESTS = Histogram(
-    "idgate_outbox_group_requests",
-    "Requests sharing one group commit",
-    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
-)
-T = TypeVar("T")
-
-SCHEMA_VERSION = 2
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS outbox (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    tenant TEXT NOT NULL,
-    source TEXT NOT NULL,
-    message_id TEXT NOT NULL,
-    received_at_ms INTEGER NOT NULL,
-    destinations TEXT NOT NULL,
-    payload BLOB NOT NULL,
-    consent BLOB NOT NULL DEFAULT x'',
-    proof TEXT NOT NULL DEFAULT ''
-);
-CREATE TABLE IF NOT EXISTS dedupe (
-    key TEXT PRIMARY KEY,
-    seen_at_ms INTEGER NOT NULL
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS delivery_cursor (
-    destination TEXT PRIMARY KEY,
-    last_seq INTEGER NOT NULL,
-    delivered INTEGER NOT NULL DEFAULT 0
-);
-CREATE TABLE IF NOT EXISTS delivered_person (
-    destination TEXT NOT NULL,
-    unified_id TEXT NOT NULL,
-    PRIMARY KEY (destination, unified_id)
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS sink_file (
-    destination TEXT NOT NULL,
-    file TEXT NOT NULL,
-    committed_bytes INTEGER NOT NULL,
-    PRIMARY KEY (destination, file)
-) WITHOUT ROWID;
-"""
+RecordKind = Literal["event", "notice"]
 
 
 class OutboxUnavailable(Exception):
@@ -93,9 +46,16 @@ class OutboxRecord(msgspec.Struct, frozen=True, array_like=True):  # compact in 
     consent: bytes = b""
     # Ledger seqs of the consent records that allowed the forward.
     proof: tuple[int, ...] = ()
+    kind: RecordKind = "event"
+    # The unified ID whose data the event carries ("" for notices and unresolved events).
+    person: str = ""
+    # Every pseudonym and unified ID in the payload, as stored (tenant domain).
+    pseudonyms: tuple[str, ...] = ()
 
 
 class StoredRecord(msgspec.Struct, frozen=True):
+    """An outbox record as a destination's queue hands it out, with its position."""
+
     seq: int
     received_at_ms: int
     destinations: tuple[str, ...]
@@ -103,429 +63,82 @@ class StoredRecord(msgspec.Struct, frozen=True):
     consent: bytes = b""
     message_id: str = ""
     proof: tuple[int, ...] = ()
+    kind: RecordKind = "event"
+    person: str = ""
+    pseudonyms: tuple[str, ...] = ()
+    tenant: str = ""
+    source: str = ""
+
+    def to_outbox(self, destinations: tuple[str, ...] | None = None) -> OutboxRecord:
+        return OutboxRecord(
+            tenant=self.tenant,
+            source=self.source,
+            message_id=self.message_id,
+            received_at_ms=self.received_at_ms,
+            destinations=self.destinations if destinations is None else destinations,
+            payload=self.payload,
+            consent=self.consent,
+            proof=self.proof,
+            kind=self.kind,
+            person=self.person,
+            pseudonyms=self.pseudonyms,
+        )
+
+
+def stored(seq: int, r: OutboxRecord) -> StoredRecord:
+    return StoredRecord(
+        seq=seq,
+        received_at_ms=r.received_at_ms,
+        destinations=r.destinations,
+        payload=r.payload,
+        consent=r.consent,
+        message_id=r.message_id,
+        proof=r.proof,
+        kind=r.kind,
+        person=r.person,
+        pseudonyms=r.pseudonyms,
+        tenant=r.tenant,
+        source=r.source,
+    )
+
+
+def notice_record(notice: Notice, destinations: tuple[str, ...]) -> OutboxRecord:
+    """A notice as an outbox record for the tenant's destinations (delivery sends it only
+    to those that received the person's data)."""
+    return OutboxRecord(
+        tenant=notice.tenant,
+        source="idgate",
+        message_id=notice.message_id,
+        received_at_ms=int(notice.received_at.timestamp() * 1000),
+        destinations=destinations,
+        payload=encode_notice(notice),
+        kind="notice",
+    )
+
+
+def dedupe_key(source: str, message_id: str) -> bytes:
+    """Message ids are hashed with their source so no dedupe store holds anything readable."""
+    return hashlib.blake2b(f"{source}\x1f{message_id}".encode(), digest_size=16).digest()
+
+
+class ClaimStatus(IntEnum):
+    DUPLICATE = 0
+    NEW = 1
+    IN_FLIGHT = 2
+
+
+class Claim(msgspec.Struct):
+    """What a request holds between claiming its message ids and appending its records:
+    the status of each id asked, and the keys it claimed (NEW ones), opaque to the caller."""
+
+    statuses: list[ClaimStatus]
+    keys: list[str]
 
 
 class DeliveryState(msgspec.Struct):
     last_seq: int
     delivered: int
     sink_files: dict[str, int]
-
-
-def dedupe_key(source: str, message_id: str) -> bytes:
-    """Message ids are hashed with their source so the dedupe table holds nothing readable."""
-    return hashlib.blake2b(f"{source}\x1f{message_id}".encode(), digest_size=16).digest()
-
-
-# One statement claims every message id of a group commit: the rows it inserts (or revives
-# after the window) come back, the ones it leaves alone are duplicates.
-_CLAIM_SQL = (
-    "INSERT INTO dedupe(key, seen_at_ms) SELECT value, ? FROM json_each(?) WHERE true "
-    "ON CONFLICT(key) DO UPDATE SET seen_at_ms = excluded.seen_at_ms WHERE dedupe.seen_at_ms < ? "
-    "RETURNING key"
-)
-_INSERT_SQL = (
-    "INSERT INTO outbox(tenant, source, message_id, received_at_ms, destinations, payload, consent, proof) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
-)
-
-
-class Outbox(Protocol):
-    """Where ingest appends (SQLite embedded, or the Redis stream of export.redis_outbox).
-    Delivery reads through each destination's ``DestinationQueue``."""
-
-    async def append(self, records: Sequence[OutboxRecord], *, dedupe: bool) -> list[bool]: ...
-    def queue(self, destination: str) -> DestinationQueue: ...
-
-
-class _PendingAppend:
-    __slots__ = ("records", "dedupe", "future")
-
-    def __init__(self, records: list[OutboxRecord], dedupe: bool, future: asyncio.Future[list[bool]]) -> None:
-        self.records = records
-        self.dedupe = dedupe
-        self.future = future
-
-
-class SqliteOutbox:
-    """Embedded outbox on SQLite with group commit on the event loop.
-
-    Appends made while a group commits wait and are committed together as the next
-    group: one transaction of four statements (begin, claim the message ids, insert the
-    rows, commit with fsync). The statements run on the event loop (measured: handing the
-    whole transaction to a writer thread cost more in GIL hand-overs than it saved); only
-    the COMMIT, where SQLite fsyncs with the GIL released, runs on a commit thread, so the
-    loop serves other requests meanwhile. Every write goes through this one connection,
-    one transaction at a time, so SQLite has a single writer; reads use a second
-    connection from worker threads.
-    """
-
-    def __init__(
-        self,
-        path: Path,
-        *,
-        dedupe_window_seconds: int = 24 * 3600,
-        clock: Callable[[], float] = time.time,
-    ) -> None:
-        self.path = path
-        self.dedupe_window_ms = dedupe_window_seconds * 1000
-        self._clock = clock
-        self._writer: sqlite3.Connection | None = None
-        self._reader: sqlite3.Connection | None = None
-        self._reader_lock = threading.Lock()
-        self._pending: list[_PendingAppend] = []
-        self._flushing = False
-        self._write_lock = asyncio.Lock()
-        self._committer: ThreadPoolExecutor | None = None
-        self.commits = 0
-        self.appends_committed = 0
-
-    # -- lifecycle -------------------------------------------------------------------
-    def _connect(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=FULL")
-        conn.execute("PRAGMA busy_timeout=30000")
-        return conn
-
-    def open(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        writer = self._connect()
-        (version,) = writer.execute("PRAGMA user_version").fetchone()
-        if version > SCHEMA_VERSION:
-            raise OutboxUnavailable(f"outbox schema {version} is newer than this idgate ({SCHEMA_VERSION})")
-        if version == 1:  # 1 -> 2: the consent question travels with each event
-            writer.execute("ALTER TABLE outbox ADD COLUMN consent BLOB NOT NULL DEFAULT x''")
-            writer.execute("ALTER TABLE outbox ADD COLUMN proof TEXT NOT NULL DEFAULT ''")
-        writer.executescript(_SCHEMA)
-        writer.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-        # Checkpoints copy the WAL into the database and fsync it: done in the background by
-        # checkpoint(), not inside a request's commit on the event loop.
-        writer.execute("PRAGMA wal_autocheckpoint=0")
-        self._writer = writer
-        self._reader = self._connect()
-        self._committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="outbox-commit")
-
-    def close(self) -> None:
-        if self._committer is not None:
-            self._committer.shutdown(wait=True)
-            self._committer = None
-        for conn in (self._writer, self._reader):
-            if conn is not None:
-                conn.close()
-        self._writer = self._reader = None
-
-    @property
-    def alive(self) -> bool:
-        return self._writer is not None
-
-    # -- writes ----------------------------------------------------------------------
-    @contextmanager
-    def _rolled_back_on_error(self, conn: sqlite3.Connection) -> Iterator[None]:
-        try:
-            yield
-        except sqlite3.Error as exc:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            log.error("outbox.commit_failed", error=type(exc).__name__, detail=str(exc))
-            raise OutboxUnavailable(f"outbox commit failed: {exc}") from exc
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
-        self.commits += 1
-
-    def _transaction(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """Run ``fn`` in one transaction on the writer connection, synchronously."""
-        conn = self._writer
-        if conn is None:
-            raise OutboxUnavailable("outbox is not open")
-        with self._rolled_back_on_error(conn):
-            conn.execute("BEGIN IMMEDIATE")
-            result = fn(conn)
-            conn.execute("COMMIT")
-        return result
-
-    async def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """Run ``fn`` on the loop, then COMMIT (the fsync) on the commit thread.
-
-        sqlite3 releases the GIL while it commits, so the loop keeps serving requests
-        during the fsync; the lock keeps the next transaction out until it is done.
-        """
-        conn = self._writer
-        if conn is None or self._committer is None:
-            raise OutboxUnavailable("outbox is not open")
-        async with self._write_lock:
-            with self._rolled_back_on_error(conn):
-                conn.execute("BEGIN IMMEDIATE")
-                result = fn(conn)
-                commit = asyncio.get_running_loop().run_in_executor(self._committer, conn.execute, "COMMIT")
-                try:
-                    await asyncio.shield(commit)
-                except asyncio.CancelledError:
-                    # The connection is busy committing: let it finish before anything else
-                    # (a rollback included) touches it.
-                    await asyncio.wait([commit])
-                    raise
-            return result
-
-    async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        def run() -> T:
-            if self._reader is None:
-                raise OutboxUnavailable("outbox is not open")
-            with self._reader_lock:
-                return fn(self._reader)
-
-        return await asyncio.to_thread(run)
-
-    # -- appends ---------------------------------------------------------------------
-    def _append_group(
-        self, groups: list[tuple[list[OutboxRecord], bool]], conn: sqlite3.Connection
-    ) -> list[list[bool]]:
-        """Claim the message ids of every record, then insert the fresh ones: one statement each."""
-        now_ms = int(self._clock() * 1000)
-        keys = [
-            dedupe_key(r.source, r.message_id).hex() if dedupe else ""
-            for records, dedupe in groups
-            for r in records
-        ]
-        claimed = sorted({k for k in keys if k})
-        fresh: set[str] = set()
-        if claimed:
-            params = (now_ms, msgspec.json.encode(claimed), now_ms - self.dedupe_window_ms)
-            fresh = {k for (k,) in conn.execute(_CLAIM_SQL, params)}
-        results: list[list[bool]] = []
-        rows = []
-        position = 0
-        for records, _ in groups:
-            stored: list[bool] = []
-            for r in records:
-                key = keys[position]
-                position += 1
-                if key:
-                    if key not in fresh:  # seen before, or earlier in this same group
-                        stored.append(False)
-                        continue
-                    fresh.discard(key)
-                stored.append(True)
-                if r.destinations:
-                    route = (",".join(r.destinations), r.payload, r.consent, ",".join(map(str, r.proof)))
-                    rows.append((r.tenant, r.source, r.message_id, r.received_at_ms, *route))
-            results.append(stored)
-        if rows:
-            conn.executemany(_INSERT_SQL, rows)
-        self.appends_committed += len(groups)
-        return results
-
-    async def append(self, records: Sequence[OutboxRecord], *, dedupe: bool) -> list[bool]:
-        """Durably append; returns per record True (stored) or False (duplicate message id).
-
-        Resolves only after the commit (fsync) that holds the records. Records with no
-        destination still pass through dedupe but are not stored.
-        """
-        if self._writer is None:
-            raise OutboxUnavailable("outbox is not open")
-        loop = asyncio.get_running_loop()
-        pending = _PendingAppend(list(records), dedupe, loop.create_future())
-        self._pending.append(pending)
-        if not self._flushing:
-            self._flushing = True
-            loop.create_task(self._flush())
-        return await pending.future
-
-    async def _flush(self) -> None:
-        """Commit everything pending, group after group, until nothing is left.
-
-        Requests that arrive while a group commits wait in ``_pending`` and form the next
-        group: the classic group commit."""
-        try:
-            while self._pending:
-                batch, self._pending = self._pending, []
-                started = time.perf_counter()
-                groups = [(p.records, p.dedupe) for p in batch]
-                try:
-                    results = await self._write(partial(self._append_group, groups))
-                except Exception as exc:
-                    failure = exc if isinstance(exc, OutboxUnavailable) else OutboxUnavailable(str(exc))
-                    for p in batch:
-                        if not p.future.done():
-                            p.future.set_exception(failure)
-                    continue
-                COMMIT_SECONDS.observe(time.perf_counter() - started)
-                GROUP_REQUESTS.observe(len(batch))
-                for p, stored in zip(batch, results, strict=True):
-                    if not p.future.done():  # a cancelled request's events are stored all the same
-                        p.future.set_result(stored)
-        finally:
-            self._flushing = False
-
-    def append_sync(self, records: Sequence[OutboxRecord], *, dedupe: bool) -> list[bool]:
-        return self._transaction(partial(self._append_group, [(list(records), dedupe)]))[0]
-
-    # -- delivery --------------------------------------------------------------------
-    async def register_destinations(self, destinations: Iterable[str]) -> None:
-        names = list(destinations)
-
-        def tx(conn: sqlite3.Connection) -> None:
-            conn.executemany(
-                "INSERT OR IGNORE INTO delivery_cursor(destination, last_seq) VALUES (?, 0)",
-                [(n,) for n in names],
-            )
-
-        await self._write(tx)
-
-    async def read_after(self, last_seq: int, limit: int) -> list[StoredRecord]:
-        def q(conn: sqlite3.Connection) -> list[StoredRecord]:
-            rows = conn.execute(
-                "SELECT seq, received_at_ms, destinations, payload, consent, message_id, proof FROM outbox "
-                "WHERE seq > ? ORDER BY seq LIMIT ?",
-                (last_seq, limit),
-            ).fetchall()
-            return [
-                StoredRecord(s, r, tuple(d.split(",")), p, c, m, tuple(int(x) for x in pr.split(",") if x))
-                for s, r, d, p, c, m, pr in rows
-            ]
-
-        return await self._read(q)
-
-    async def read_for(
-        self, destination: str, last_seq: int, limit: int
-    ) -> tuple[list[StoredRecord], int, int]:
-        """The next window of up to ``limit`` rows after ``last_seq``: the rows routed to
-        ``destination`` (filtered in SQLite, so other destinations' payloads are not read),
-        the last seq of the window and how many rows it spanned."""
-
-        def q(conn: sqlite3.Connection) -> tuple[list[StoredRecord], int, int]:
-            upper, count = conn.execute(
-                "SELECT max(seq), count(*) FROM (SELECT seq FROM outbox WHERE seq > ? ORDER BY seq LIMIT ?)",
-                (last_seq, limit),
-            ).fetchone()
-            if not count:
-                return [], last_seq, 0
-            rows = conn.execute(
-                "SELECT seq, received_at_ms, destinations, payload, consent, message_id, proof FROM outbox "
-                "WHERE seq > ? AND seq <= ? AND instr(',' || destinations || ',', ?) > 0 ORDER BY seq",
-                (last_seq, upper, f",{destination},"),
-            ).fetchall()
-            records = [
-                StoredRecord(s, r, tuple(d.split(",")), p, c, m, tuple(int(x) for x in pr.split(",") if x))
-                for s, r, d, p, c, m, pr in rows
-            ]
-            return records, int(upper), int(count)
-
-        return await self._read(q)
-
-    async def delivery_state(self, destination: str) -> DeliveryState:
-        def q(conn: sqlite3.Connection) -> DeliveryState:
-            row = conn.execute(
-                "SELECT last_seq, delivered FROM delivery_cursor WHERE destination = ?", (destination,)
-            ).fetchone()
-            files = conn.execute(
-                "SELECT file, committed_bytes FROM sink_file WHERE destination = ?", (destination,)
-            ).fetchall()
-            last_seq, delivered = row if row else (0, 0)
-            return DeliveryState(last_seq=last_seq, delivered=delivered, sink_files=dict(files))
-
-        return await self._read(q)
-
-    async def commit_delivery(
-        self,
-        destination: str,
-        last_seq: int,
-        delivered: int,
-        sink_files: dict[str, int],
-        persons: Iterable[str] = (),
-    ) -> None:
-        """Advance the cursor past ``last_seq``, record the sink sizes and the persons whose
-        data the destination now holds (notices go only where a person's data went); one
-        transaction."""
-
-        def tx(conn: sqlite3.Connection) -> None:
-            conn.executemany(
-                "INSERT OR IGNORE INTO delivered_person(destination, unified_id) VALUES (?, ?)",
-                [(destination, p) for p in persons],
-            )
-            conn.execute(
-                "INSERT INTO delivery_cursor(destination, last_seq, delivered) VALUES (?, ?, ?) "
-                "ON CONFLICT(destination) DO UPDATE SET last_seq = excluded.last_seq, "
-                "delivered = delivery_cursor.delivered + excluded.delivered",
-                (destination, last_seq, delivered),
-            )
-            conn.executemany(
-                "INSERT INTO sink_file(destination, file, committed_bytes) VALUES (?, ?, ?) "
-                "ON CONFLICT(destination, file) DO UPDATE SET committed_bytes = excluded.committed_bytes",
-                [(destination, f, size) for f, size in sink_files.items()],
-            )
-
-        await self._write(tx)
-
-    async def received(self, destination: str, persons: Iterable[str]) -> set[str]:
-        """Which of ``persons`` the destination has been sent data of."""
-        wanted = sorted(set(persons))
-
-        def q(conn: sqlite3.Connection) -> set[str]:
-            rows = conn.execute(
-                "SELECT unified_id FROM delivered_person WHERE destination = ? "
-                "AND unified_id IN (SELECT value FROM json_each(?))",
-                (destination, msgspec.json.encode(wanted)),
-            )
-            return {r[0] for r in rows}
-
-        return await self._read(q) if wanted else set()
-
-    async def backlog(self) -> int:
-        """Rows appended after the slowest destination's cursor (cheap: two index lookups)."""
-
-        def q(conn: sqlite3.Connection) -> int:
-            (top,) = conn.execute("SELECT COALESCE(MAX(seq), 0) FROM outbox").fetchone()
-            (low,) = conn.execute("SELECT COALESCE(MIN(last_seq), 0) FROM delivery_cursor").fetchone()
-            return max(0, int(top) - int(low))
-
-        return await self._read(q)
-
-    def queue(self, destination: str) -> SqliteDestinationQueue:
-        return SqliteDestinationQueue(self, destination)
-
-    async def pending(self) -> int:
-        """Events appended but not yet delivered to every destination."""
-
-        def q(conn: sqlite3.Connection) -> int:
-            row = conn.execute(
-                "SELECT COUNT(*) FROM outbox "
-                "WHERE seq > (SELECT COALESCE(MIN(last_seq), 0) FROM delivery_cursor)"
-            ).fetchone()
-            return int(row[0])
-
-        return await self._read(q)
-
-    async def checkpoint(self) -> tuple[int, int]:
-        """Copy committed WAL frames into the database (PASSIVE: never blocks the writer).
-
-        Returns (frames in the WAL, frames checkpointed)."""
-
-        def q(conn: sqlite3.Connection) -> tuple[int, int]:
-            _, log_frames, done = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-            return int(log_frames), int(done)
-
-        return await self._read(q)
-
-    async def prune(self, chunk: int = 5_000) -> tuple[int, int]:
-        """Delete up to ``chunk`` rows every destination has delivered and as many dedupe
-        entries past the window; small chunks keep each transaction short for the loop."""
-        cutoff = int(self._clock() * 1000) - self.dedupe_window_ms
-
-        def tx(conn: sqlite3.Connection) -> tuple[int, int]:
-            delivered = conn.execute(
-                "DELETE FROM outbox WHERE seq IN (SELECT seq FROM outbox WHERE seq <= "
-                "(SELECT COALESCE(MIN(last_seq), 0) FROM delivery_cursor) LIMIT ?)",
-                (chunk,),
-            ).rowcount
-            expired = conn.execute(
-                "DELETE FROM dedupe WHERE key IN (SELECT key FROM dedupe WHERE seen_at_ms < ? LIMIT ?)",
-                (cutoff, chunk),
-            ).rowcount
-            return delivered, expired
-
-        return await self._write(tx)
 
 
 class DeliveryBatch(msgspec.Struct):
@@ -549,45 +162,34 @@ class DestinationQueue(Protocol):
     async def commit(
         self, batch: DeliveryBatch, delivered: int, sink_files: dict[str, int], persons: Iterable[str]
     ) -> None: ...
-    async def received(self, persons: Iterable[str]) -> set[str]: ...
-
-
-class SqliteDestinationQueue:
-    """A delivery cursor on the embedded outbox. A window with nothing for this destination
-    moves the cursor in memory only; it is saved within a second (after a crash the window
-    is merely scanned again)."""
-
-    def __init__(self, outbox: SqliteOutbox, destination: str) -> None:
-        self.outbox = outbox
-        self.destination = destination
-        self.last_seq = 0
-        self._saved_seq = 0
-        self._saved_at = 0.0
-
-    async def open(self) -> dict[str, int]:
-        await self.outbox.register_destinations([self.destination])
-        state = await self.outbox.delivery_state(self.destination)
-        self.last_seq = self._saved_seq = state.last_seq
-        return state.sink_files
-
-    async def fetch(self, limit: int) -> DeliveryBatch:
-        mine, upper, scanned = await self.outbox.read_for(self.destination, self.last_seq, limit)
-        if not scanned and self._saved_seq < self.last_seq:  # idle: save the cursor moved in memory
-            await self.outbox.commit_delivery(self.destination, self.last_seq, 0, {})
-            self._saved_seq = self.last_seq
-        return DeliveryBatch(mine, scanned, upper)
-
-    async def commit(
-        self, batch: DeliveryBatch, delivered: int, sink_files: dict[str, int], persons: Iterable[str]
-    ) -> None:
-        upper = int(batch.token)  # type: ignore[call-overload]
-        now = time.monotonic()
-        persons = list(persons)
-        if delivered or sink_files or persons or now - self._saved_at > 1.0:
-            await self.outbox.commit_delivery(self.destination, upper, delivered, sink_files, persons)
-            self._saved_at = now
-            self._saved_seq = upper
-        self.last_seq = upper
-
     async def received(self, persons: Iterable[str]) -> set[str]:
-        return await self.outbox.received(self.destination, persons)
+        """Which of ``persons`` the destination has been sent data of."""
+        ...
+
+
+class Outbox(Protocol):
+    """Where ingest appends and delivery reads (SQLite embedded, or the Redis stream)."""
+
+    @property
+    def alive(self) -> bool: ...
+
+    async def claim(self, source: str, message_ids: Sequence[str]) -> Claim: ...
+
+    async def append(
+        self, records: Sequence[OutboxRecord], *, dedupe: bool = False, claim: Claim | None = None
+    ) -> list[bool]:
+        """Durably append; returns per record True (stored) or False (a duplicate message
+        id, only with ``dedupe``). With ``claim`` the claimed message ids are confirmed
+        together with the records."""
+        ...
+
+    async def release(self, claim: Claim) -> None: ...
+    def queue(self, destination: str) -> DestinationQueue: ...
+    async def register_destinations(self, destinations: Iterable[str]) -> None: ...
+    async def backlog(self) -> int:
+        """The largest number of events a destination has not taken yet."""
+        ...
+
+    async def prune(self, chunk: int = 5_000) -> tuple[int, int]: ...
+    async def checkpoint(self) -> tuple[int, int]: ...
+    def close(self) -> None: ...

@@ -29,7 +29,18 @@ from typing import Any
 import msgspec
 import structlog
 
-from export.outbox import DeliveryBatch, OutboxRecord, OutboxUnavailable, StoredRecord, dedupe_key
+from export.dedupe import RedisDedupe
+from export.outbox import (
+    Claim,
+    ClaimStatus,
+    DeliveryBatch,
+    OutboxRecord,
+    OutboxUnavailable,
+    StoredRecord,
+    dedupe_key,
+    stored,
+)
+from export.outbox_schema import v2_record_fields
 
 log = structlog.get_logger(__name__)
 
@@ -56,15 +67,17 @@ def _seq(entry_id: bytes) -> int:
 
 
 def _record(entry_id: bytes, e: OutboxRecord) -> StoredRecord:
-    return StoredRecord(
-        seq=_seq(entry_id),
-        received_at_ms=e.received_at_ms,
-        destinations=e.destinations,
-        payload=e.payload,
-        consent=e.consent,
-        message_id=e.message_id,
-        proof=e.proof,
-    )
+    if e.kind == "event" and not e.pseudonyms:
+        # an entry appended by a version without these fields (every event idgate writes
+        # now names at least its userId or anonymousId pseudonym)
+        kind, person, pseudonyms = v2_record_fields(e.payload)
+        e = msgspec.structs.replace(
+            e,
+            kind="notice" if kind == "notice" else "event",
+            person=person,
+            pseudonyms=tuple(pseudonyms.split(",") if pseudonyms else ()),
+        )
+    return stored(_seq(entry_id), e)
 
 
 class RedisStreamOutbox:
@@ -74,10 +87,12 @@ class RedisStreamOutbox:
         *,
         prefix: str,
         replica: str,
+        dedupe: RedisDedupe,
         dedupe_window_seconds: int = 24 * 3600,
         claim_idle_ms: int = 30_000,
     ) -> None:
         self.client = client  # redis.asyncio.Redis
+        self.dedupe = dedupe
         self.prefix = prefix
         self.stream = f"{prefix}:outbox"
         self.replica = replica
@@ -90,23 +105,27 @@ class RedisStreamOutbox:
     def close(self) -> None:
         self.alive = False
 
-    # -- appends -----------------------------------------------------------------------
-    # ingest confirms its Redis message-id claims inside the append (see append)
-    confirms_dedupe = True
+    # -- claims and appends -------------------------------------------------------------
+    async def claim(self, source: str, message_ids: Sequence[str]) -> Claim:
+        keys = [self.dedupe.key(source, m) for m in message_ids]
+        try:
+            statuses = await self.dedupe.claim(keys)
+        except Exception as exc:
+            log.error("outbox.claim_failed", error=type(exc).__name__)
+            raise OutboxUnavailable(f"dedupe claim failed: {type(exc).__name__}") from exc
+        return Claim(statuses, [k for k, s in zip(keys, statuses, strict=True) if s is ClaimStatus.NEW])
+
+    async def release(self, claim: Claim) -> None:
+        await self.dedupe.release(claim.keys)
 
     async def append(
-        self,
-        records: Sequence[OutboxRecord],
-        *,
-        dedupe: bool,
-        confirm: Sequence[str] = (),
-        confirm_seconds: int = 0,
+        self, records: Sequence[OutboxRecord], *, dedupe: bool = False, claim: Claim | None = None
     ) -> list[bool]:
-        """Append in one atomic script that also confirms ``confirm`` (message-id claims of
-        export.dedupe) for ``confirm_seconds``. With ``dedupe`` (notices) a record whose
-        message id was appended within the window is skipped; ingest dedupes before, with
-        claim/confirm."""
+        """Append in one atomic script that also confirms ``claim``'s message ids for the
+        dedupe window. With ``dedupe`` (notices, replays) a record whose message id was
+        appended within the window is skipped."""
         records = list(records)
+        confirm = claim.keys if claim is not None else []
         stored = [True] * len(records)
         try:
             if dedupe and records:
@@ -121,7 +140,7 @@ class RedisStreamOutbox:
             if entries or confirm:
                 await self._append_script(
                     keys=[self.stream, *confirm],
-                    args=[confirm_seconds or self.dedupe_window_seconds, *entries],
+                    args=[self.dedupe.window_seconds, *entries],
                 )
         except Exception as exc:
             log.error("outbox.append_failed", error=type(exc).__name__)

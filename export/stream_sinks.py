@@ -38,7 +38,7 @@ from typing import Any
 import structlog
 
 from export.outbox import StoredRecord
-from export.sinks import (
+from export.sink import (
     Option,
     PermanentSinkError,
     RetryableSinkError,

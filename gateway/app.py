@@ -17,29 +17,27 @@ from typing import Any
 
 import structlog
 from litestar import Litestar, Request, Response, get
-from litestar.exceptions import HTTPException
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import JsonRenderPlugin, SwaggerRenderPlugin
+from litestar.openapi.spec import Components, SecurityScheme
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from consent.service import ConsentRefused
-from export.dedupe import RedisDedupe
+from consent.ledger import verify_database
 from export.delivery import DeliveryService
-from export.outbox import OutboxUnavailable
-from gateway import metrics
-from gateway.admin_http import AdminContext, AdminController, index_admin_tokens
-from gateway.config import Config, index_write_keys, load_config
-from gateway.consent_http import consent_route
+from export.outbox import Outbox
+from gateway.admin import ADMIN_CONTROLLERS, AdminServices
+from gateway.auth import AdminTokens, WriteKeys
+from gateway.config import Config, index_sensors_tokens, index_write_keys, load_config
+from gateway.consent_api import consent_controller
 from gateway.consent_setup import checkpoint_periodically, ledger_signer, open_consent
-from gateway.delivery_setup import build_delivery, open_dead_letters, open_outbox
-from gateway.identity_setup import open_identity
-from gateway.ingest_http import INGEST_ROUTES, IngestContext, document_ingest_routes, error_body
-from gateway.pipeline import Ingestor, Overloaded
-from gateway.segment import InvalidRequest
+from gateway.delivery_setup import build_delivery, open_dead_letters, open_outbox, rekeyer
+from gateway.errors import exception_handlers
+from gateway.identity_setup import notice_publisher, open_identity
+from gateway.ingest_http import INGEST_ROUTES, IngestContext, document_ingest_routes
+from gateway.pipeline import Ingestor, IngestServices
 from gateway.sensors_http import SENSORS_ROUTES, document_sensors_routes
 from gateway.settings import Settings
 from identity.pseudonym import InvalidKeyMaterial, KeyRing, new_key_document, write_private_file
-from identity.resolver import GraphResolver
 
 log = structlog.get_logger("idgate.gateway")
 
@@ -49,7 +47,7 @@ class GatewayState:
     settings: Settings
     config: Config
     keyring: KeyRing
-    outbox: Any  # SqliteOutbox or RedisStreamOutbox
+    outbox: Outbox
     delivery: DeliveryService
     redis: Any = None
 
@@ -75,23 +73,6 @@ def load_keyring(settings: Settings, config: Config) -> KeyRing:
     for tenant in config.tenants:
         keyring.pseudonymiser(tenant.id)  # raises MissingKey now rather than on the first event
     return keyring
-
-
-def _error_response(
-    status: int,
-    error: str,
-    detail: str,
-    field: str | None = None,
-    headers: dict[str, str] | None = None,
-    request: Request[Any, Any, Any] | None = None,
-    **extra: Any,
-) -> Response[Any]:
-    metrics.REQUESTS_REFUSED.labels(error).inc()
-    if request is not None and request.scope["path"] in ("/sa", "/sa.gif"):
-        # Browser Sensors SDKs post cross-origin: without this header they cannot read the
-        # error and treat it as a network failure (and retry).
-        headers = {**(headers or {}), "Access-Control-Allow-Origin": "*"}
-    return Response(error_body(error, detail, field, **extra), status_code=status, headers=headers)
 
 
 # -- operations ------------------------------------------------------------------------------
@@ -132,64 +113,6 @@ async def prometheus_metrics() -> Response[bytes]:
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
 
-# -- errors ----------------------------------------------------------------------------------
-def _invalid_request(request: Request[Any, Any, Any], exc: InvalidRequest) -> Response[Any]:
-    return _error_response(exc.status, exc.error, exc.detail, exc.field, request=request)
-
-
-def _http_exception(request: Request[Any, Any, Any], exc: HTTPException) -> Response[Any]:
-    names = {
-        400: "invalid_request",
-        401: "unauthorized",
-        403: "forbidden",
-        404: "not_found",
-        405: "method_not_allowed",
-        413: "too_large",
-        429: "rate_limited",
-    }
-    error = names.get(exc.status_code, "invalid_request" if exc.status_code < 500 else "unavailable")
-    # Litestar's parameter validation names the offending query/path parameter in ``extra``.
-    extra = getattr(exc, "extra", None)
-    field = None
-    if isinstance(extra, list) and extra and isinstance(extra[0], dict):
-        field = extra[0].get("key")
-    return _error_response(
-        exc.status_code, error, str(exc.detail), field, headers=exc.headers, request=request
-    )
-
-
-def _consent_refused(request: Request[Any, Any, Any], exc: ConsentRefused) -> Response[Any]:
-    return _error_response(400, "invalid_consent", exc.detail, exc.field, request=request)
-
-
-def _outbox_unavailable(request: Request[Any, Any, Any], exc: OutboxUnavailable) -> Response[Any]:
-    log.error("ingest.outbox_unavailable", detail=str(exc))
-    return _error_response(
-        503,
-        "unavailable",
-        "events could not be stored durably; retry",
-        None,
-        headers={"Retry-After": "2"},
-        request=request,
-    )
-
-
-def _overloaded(request: Request[Any, Any, Any], exc: Overloaded) -> Response[Any]:
-    return _error_response(
-        503, "overloaded", str(exc), None, headers={"Retry-After": str(exc.retry_after)}, request=request
-    )
-
-
-def _unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
-    log.exception("unexpected_error", error=type(exc).__name__)
-    return _error_response(
-        500,
-        "internal_error",
-        "unexpected error; nothing from this request was acknowledged",
-        request=request,
-    )
-
-
 # -- factory ---------------------------------------------------------------------------------
 def create_app(settings: Settings | None = None) -> Litestar:
     settings = settings or Settings.from_env()
@@ -200,34 +123,34 @@ def create_app(settings: Settings | None = None) -> Litestar:
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         redis_client = None
-        redis_dedupe = None
         if settings.redis_url:
             import redis.asyncio as aioredis
 
             redis_client = aioredis.from_url(settings.redis_url)
             await redis_client.ping()
-            redis_dedupe = RedisDedupe(
-                redis_client,
-                window_seconds=config.limits.dedupe_window_seconds,
-                claim_seconds=settings.dedupe_claim_seconds,
-                prefix=f"{settings.redis_prefix}:dedupe",
-            )
         outbox = open_outbox(settings, config.limits.dedupe_window_seconds, redis_client)
         dead_letters = open_dead_letters(settings)
         consent = await open_consent(settings, config, redis_client, signer)
         delivery = build_delivery(settings, config, keyring, consent, outbox, dead_letters)
-        resolver, identity_engine = await open_identity(settings, config, outbox, delivery.notify, keyring)
+        resolver, identity, identity_engine = await open_identity(
+            settings, config, keyring, notice_publisher(config, outbox, delivery.notify)
+        )
         ingestor = Ingestor(
-            keyring=keyring,
-            outbox=outbox,
-            consent=consent.policy,
-            resolver=resolver,
-            redis_dedupe=redis_dedupe,
+            IngestServices(
+                keyring=keyring,
+                outbox=outbox,
+                consent=consent.policy,
+                resolver=resolver,
+                consent_service=consent.service,
+                identity=identity,
+            ),
             on_appended=delivery.notify,
-            consent_service=consent.service,
             overloaded=lambda: delivery.overloaded,
         )
-        app.state.gateway = GatewayState(
+        write_keys = WriteKeys(index_write_keys(config, dev=settings.dev))
+        tokens = AdminTokens.build(config, config.admin_tokens, dev=settings.dev)
+        state = app.state
+        state.gateway = GatewayState(
             settings=settings,
             config=config,
             keyring=keyring,
@@ -235,22 +158,24 @@ def create_app(settings: Settings | None = None) -> Litestar:
             delivery=delivery,
             redis=redis_client,
         )
-        app.state.ingest = IngestContext(
+        state.ingest = IngestContext(config=config, write_keys=write_keys, ingestor=ingestor, keyring=keyring)
+        state.write_keys = write_keys
+        state.sensors_tokens = index_sensors_tokens(config, dev=settings.dev)
+        state.keyring = keyring
+        state.consent = consent.service
+        state.admin_tokens = tokens
+        state.services = AdminServices(
             config=config,
-            write_keys=index_write_keys(config, dev=settings.dev),
-            ingestor=ingestor,
             keyring=keyring,
-        )
-        app.state.consent = consent.service
-        app.state.admin = AdminContext(
-            config=config,
-            tokens=index_admin_tokens(config.admin_tokens, dev=settings.dev),
-            keyring=keyring,
-            ledger=consent.ledger,
+            tokens=tokens,
+            audit=consent.audit,
+            access_log=consent.access_log,
             consent=consent.service,
-            outbox=outbox,
-            resolver=resolver,
-            notify=delivery.notify,
+            identity=identity,
+            rekeyers={
+                t.id: {d.id: rekeyer(keyring, t.id, d) for d in t.destinations} for t in config.tenants
+            },
+            verify_ledger=lambda: verify_database(consent.ledger),
         )
         await delivery.start()
         checkpoints = asyncio.create_task(
@@ -273,12 +198,11 @@ def create_app(settings: Settings | None = None) -> Litestar:
             yield
         finally:
             checkpoints.cancel()
-            if isinstance(resolver, GraphResolver):
-                await resolver.stop()
+            await resolver.stop()
             await delivery.stop()
             outbox.close()
             dead_letters.close()
-            consent.engine.dispose()
+            consent.close()
             if identity_engine is not None:
                 identity_engine.dispose()
             if redis_client is not None:
@@ -289,8 +213,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
         route_handlers=[
             *INGEST_ROUTES,
             *SENSORS_ROUTES,
-            consent_route,
-            AdminController,
+            consent_controller(config.limits.max_message_bytes),
+            *ADMIN_CONTROLLERS,
             healthz,
             readyz,
             prometheus_metrics,
@@ -299,14 +223,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         on_startup=[document_ingest_routes, document_sensors_routes],
         # Above this Litestar refuses the body before reading it; _read_body applies the exact limit.
         request_max_body_size=config.limits.max_batch_bytes + 1024,
-        exception_handlers={
-            InvalidRequest: _invalid_request,
-            OutboxUnavailable: _outbox_unavailable,
-            Overloaded: _overloaded,
-            ConsentRefused: _consent_refused,
-            HTTPException: _http_exception,
-            Exception: _unexpected,
-        },
+        exception_handlers=exception_handlers(),
         openapi_config=OpenAPIConfig(
             title="idgate",
             version="0.1.0",
@@ -314,6 +231,20 @@ def create_app(settings: Settings | None = None) -> Litestar:
             path="/docs",
             render_plugins=[SwaggerRenderPlugin(), JsonRenderPlugin()],
             use_handler_docstrings=True,
+            components=Components(
+                security_schemes={
+                    "WriteKey": SecurityScheme(
+                        type="http",
+                        scheme="basic",
+                        description="A source's write key as the HTTP Basic user (empty password)",
+                    ),
+                    "AdminToken": SecurityScheme(
+                        type="http",
+                        scheme="bearer",
+                        description="An admin token (role compliance or operator)",
+                    ),
+                }
+            ),
         ),
         debug=False,
         logging_config=None,  # gateway.logging configures structlog JSON for everything

@@ -10,7 +10,7 @@ import click
 
 from consent.cli import ledger
 from consent.signing import InvalidLedgerKey, new_ledger_key_b64
-from export.cli import dlq
+from gateway.dlq_cli import dlq
 from gateway.config import ConfigProblems, hash_write_key, load_config
 from gateway.settings import Settings, SettingsError
 from identity.pseudonym import InvalidKeyMaterial, MissingKey, new_key_document, write_private_file

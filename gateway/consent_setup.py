@@ -1,4 +1,4 @@
-"""Wiring of the consent domain for the app: database, ledger, state store, service, policy."""
+"""Wiring of the consent domain for the app: database, ledger, state store, services, policy."""
 
 from __future__ import annotations
 
@@ -7,13 +7,15 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import msgspec
 import sqlalchemy as sa
 import structlog
 
+from consent.access_log import AccessLog
+from consent.audit import ConsentAudit
 from consent.db import make_engine, migrate
-from consent.decisions import ConsentQuery, ConsentTicket, DestinationSpec
+from consent.decisions import DestinationSpec
 from consent.ledger import Ledger
+from consent.proofs import DeliveryProofs
 from consent.service import ConsentService, LedgerPolicy, PurposeRules
 from consent.signing import InvalidLedgerKey, LedgerSigner, load_signer
 from consent.state import ConsentStateStore, RedisConsentState, SqlConsentState
@@ -32,7 +34,14 @@ class ConsentRuntime:
     store: ConsentStateStore
     service: ConsentService
     policy: LedgerPolicy
+    audit: ConsentAudit
+    proofs: DeliveryProofs
+    access_log: AccessLog
     store_kind: str
+
+    def close(self) -> None:
+        self.proofs.close()
+        self.engine.dispose()
 
 
 def purpose_rules(tenant: Tenant) -> PurposeRules:
@@ -76,43 +85,36 @@ async def open_consent(
     for tenant in config.tenants:
         for notice in tenant.notices:
             await service.publish_notice(tenant.id, notice.id, notice.content_sha256)
-    return ConsentRuntime(engine, ledger, store, service, LedgerPolicy(store, rules), kind)
+    proofs = DeliveryProofs(engine)
+    return ConsentRuntime(
+        engine=engine,
+        ledger=ledger,
+        store=store,
+        service=service,
+        policy=LedgerPolicy(store, rules),
+        audit=ConsentAudit(ledger, proofs),
+        proofs=proofs,
+        access_log=AccessLog(engine),
+        store_kind=kind,
+    )
 
 
 def delivery_recheck(policy: LedgerPolicy, specs: Mapping[str, DestinationSpec]) -> Recheck:
-    """Consent asked again at send time: a withdrawal that landed while an event waited in
-    the outbox stops it for the withdrawn purposes. Events decided after the last
-    restricting record (a withdrawal, a minor flag, a material notice) cannot have lost
-    their basis and are not asked again."""
-    decode = msgspec.json.Decoder(ConsentTicket).decode
+    """Consent asked again at send time, for the delivery workers."""
 
     async def recheck(destination: str, records: Sequence[StoredRecord]) -> list[bool]:
-        still = [True] * len(records)
-        current = await policy.restrictive_seq()
-        by_tenant: dict[str, list[tuple[int, ConsentQuery]]] = {}
-        for i, r in enumerate(records):
-            if not r.consent:
-                continue
-            ticket = decode(r.consent)
-            if ticket.epoch >= current:
-                continue
-            by_tenant.setdefault(ticket.query.tenant, []).append((i, ticket.query))
-        for items in by_tenant.values():
-            decisions = await policy.decide_batch([q for _, q in items], [specs[destination]])
-            for (i, _), decision in zip(items, decisions, strict=True):
-                still[i] = destination in decision.destinations
-        return still
+        return await policy.still_allowed(specs[destination], [r.consent for r in records])
 
     return recheck
 
 
-def delivery_trail(service: ConsentService) -> OnDelivered:
+def delivery_trail(proofs: DeliveryProofs) -> OnDelivered:
     """Record, in the shared consent store, which consent records each delivery relied on."""
 
     async def on_delivered(destination: str, records: Sequence[StoredRecord]) -> None:
         delivered = [(r.message_id, r.proof) for r in records if r.proof]
         if delivered:
-            await asyncio.to_thread(service.record_deliveries, destination, delivered)
+            await asyncio.to_thread(proofs.record, destination, delivered)
 
     return on_delivered
 

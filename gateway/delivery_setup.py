@@ -1,4 +1,5 @@
-"""Wiring of the delivery domain for the app: one worker per destination of every tenant.
+"""Wiring of the delivery domain for the app: the outbox, dead letters, and one worker per
+destination of every tenant.
 
 Each worker gets its destination's queue on the outbox, its sink, its retry policy, the
 dead-letter store, the re-keying for its pseudonym domain, and the consent re-check.
@@ -9,11 +10,13 @@ from __future__ import annotations
 from typing import Any
 
 from export.deadletter import DeadLetterStore, RedisDeadLetters, SqliteDeadLetters
-from export.delivery import DeliveryService, DeliveryWorker, OutboxMaintenance, Retry
+from export.dedupe import RedisDedupe
+from export.delivery import DeliveryService, DeliveryWorker, Retry
 from export.domains import DomainRekeyer
-from export.outbox import SqliteOutbox
+from export.outbox import Outbox
 from export.redis_outbox import RedisStreamOutbox
 from export.sinks import build_sink
+from export.sqlite_outbox import SqliteOutbox
 from gateway.config import Config, Destination
 from gateway.consent_setup import ConsentRuntime, delivery_recheck, delivery_trail
 from gateway.pipeline import destination_specs
@@ -21,26 +24,37 @@ from gateway.settings import Settings
 from identity.pseudonym import KeyRing
 
 
-def open_outbox(
-    settings: Settings, dedupe_window_seconds: int, redis_client: Any
-) -> SqliteOutbox | RedisStreamOutbox:
+def open_outbox(settings: Settings, dedupe_window_seconds: int, redis_client: Any) -> Outbox:
     """The outbox of the deployment mode (settings.outbox_kind); Redis needs ``redis_client``
-    (redis.asyncio)."""
+    (redis.asyncio). With Redis, message-id claims are shared by every replica."""
+    dedupe = (
+        RedisDedupe(
+            redis_client,
+            window_seconds=dedupe_window_seconds,
+            claim_seconds=settings.dedupe_claim_seconds,
+            prefix=f"{settings.redis_prefix}:dedupe",
+        )
+        if redis_client is not None
+        else None
+    )
     if settings.outbox_kind == "redis":
-        assert redis_client is not None
+        assert dedupe is not None
         return RedisStreamOutbox(
             redis_client,
             prefix=settings.redis_prefix,
             replica=settings.replica_id,
+            dedupe=dedupe,
             dedupe_window_seconds=dedupe_window_seconds,
             claim_idle_ms=settings.claim_idle_ms,
         )
-    outbox = SqliteOutbox(settings.outbox_path, dedupe_window_seconds=dedupe_window_seconds)
+    outbox = SqliteOutbox(
+        settings.outbox_path, dedupe_window_seconds=dedupe_window_seconds, shared_dedupe=dedupe
+    )
     outbox.open()
     return outbox
 
 
-def open_dead_letters(settings: Settings) -> SqliteDeadLetters | RedisDeadLetters:
+def open_dead_letters(settings: Settings) -> DeadLetterStore:
     """The dead-letter store beside the deployment's outbox."""
     if settings.outbox_kind == "redis":
         import redis
@@ -69,7 +83,7 @@ def build_delivery(
     config: Config,
     keyring: KeyRing,
     consent: ConsentRuntime,
-    outbox: OutboxMaintenance,
+    outbox: Outbox,
     dead_letters: DeadLetterStore,
 ) -> DeliveryService:
     specs = {
@@ -78,7 +92,7 @@ def build_delivery(
         for d, spec in zip(t.destinations, destination_specs(t.destinations), strict=True)
     }
     recheck = delivery_recheck(consent.policy, specs)
-    trail = delivery_trail(consent.service)
+    trail = delivery_trail(consent.proofs)
     workers = [
         DeliveryWorker(
             outbox.queue(d.id),

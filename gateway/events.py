@@ -10,10 +10,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 
+from consent.decisions import ConsentTicket
 from identity.identifiers import Identifier
 
 
@@ -37,19 +38,33 @@ class Event(msgspec.Struct, rename="camel", omit_defaults=True, kw_only=True):
     integrations: dict[str, Any] | None = None
 
 
+class RawIdentifier(NamedTuple):
+    """An identifier as a protocol adapter found it, before pseudonymisation."""
+
+    type: str
+    value: str | int
+    scope: str | None = None
+
+
 @dataclass(slots=True)
 class Envelope:
     event: Event
     index: int
     # Pseudonymised identifiers found in the event (filled by pseudonymise_identifiers).
     identifiers: list[Identifier] = field(default_factory=list)
+    # Every pseudonym written into the event (what delivery re-keys per destination).
+    pseudonyms: set[str] = field(default_factory=set)
+    # Identifiers the event asks to detach from their person (a Sensors track_id_unbind):
+    # raw from the adapter, pseudonymised by pseudonymise_identifiers into ``detach``.
+    unbind: list[RawIdentifier] = field(default_factory=list)
+    detach: list[Identifier] = field(default_factory=list)
     purposes: tuple[str, ...] = ()
     destinations: tuple[str, ...] = ()
     # Ledger sequence numbers of the consent records that allowed the forward.
     consent_proof: tuple[int, ...] = ()
     unified_id: str | None = None
     # What the consent decision was asked (and when), kept so delivery can ask again.
-    consent_ticket: Any = None
+    consent_ticket: ConsentTicket | None = None
 
 
 class Rejection(msgspec.Struct, omit_defaults=True):

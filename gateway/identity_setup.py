@@ -1,26 +1,24 @@
-"""Wiring of the identity domain for the app: database, log, resolver, downstream notices."""
+"""Wiring of the identity domain for the app: database, change log, resolver, service."""
 
 from __future__ import annotations
 
 import asyncio
-import functools
-import hashlib
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
-from typing import Any
 
-import msgspec
 import sqlalchemy as sa
 
 from consent.db import make_engine, migrate
-from export.outbox import OutboxRecord, SqliteOutbox
+from export.outbox import Outbox, notice_record
 from gateway.config import Config, Tenant
 from gateway.settings import Settings
-from identity.graph import GraphChange, IdentityRules, Merged, Split
+from identity.graph import IdentityRules
+from identity.notices import Notice
 from identity.pseudonym import KeyRing
 from identity.resolution import IdentityResolver, NoResolution
 from identity.resolver import GraphResolver
+from identity.service import IdentityService, NoticePublisher
 from identity.store import MIGRATIONS_DIR, IdentityLogStore
+from identity.unified_ids import derived_unified_id
 
 
 def identity_rules(tenant: Tenant) -> IdentityRules:
@@ -35,106 +33,38 @@ def identity_rules(tenant: Tenant) -> IdentityRules:
     )
 
 
-def _notice_id(kind: str, *parts: str) -> str:
-    """A notice's message id: stable (redelivery dedupes) and opaque (it must not carry the
-    tenant-domain unified ID, which destinations only see re-keyed for their domain)."""
-    return f"{kind}:" + hashlib.blake2b("\x1f".join(parts).encode(), digest_size=12).hexdigest()
+def identity_database_url(settings: Settings) -> str:
+    return settings.database_url or f"sqlite:///{settings.data_dir / 'identity.sqlite3'}"
 
 
-def notices_for(tenant: Tenant, changes: Sequence[GraphChange]) -> list[OutboxRecord]:
-    """Merge and split notices for every destination of the tenant, in its outbox format."""
-    records = []
-    destinations = tuple(d.id for d in tenant.destinations)
-    for c in changes:
-        at = c.at.astimezone(UTC)
-        if isinstance(c, Merged):
-            body: dict[str, Any] = {
-                "type": "identity.merged",
-                "messageId": _notice_id("identity.merged", c.merged),
-                "survivor": c.survivor,
-                "merged": c.merged,
-            }
-        elif isinstance(c, Split):
-            body = {
-                "type": "identity.split",
-                "messageId": _notice_id("identity.split", c.old_unified_id, str(at.timestamp())),
-                "previous": c.old_unified_id,
-                "parts": sorted(set(c.parts.values())),
-            }
-        else:
-            continue
-        body["receivedAt"] = at.isoformat()
-        body["context"] = {"idgate": {"tenant": tenant.id, "notice": True}}
-        records.append(
-            OutboxRecord(
-                tenant=tenant.id,
-                source="idgate",
-                message_id=body["messageId"],
-                received_at_ms=int(at.timestamp() * 1000),
-                destinations=destinations,
-                payload=msgspec.json.encode(body),
-            )
-        )
-    return records
+def notice_publisher(config: Config, outbox: Outbox, notify: Callable[[], None]) -> NoticePublisher:
+    """Notices go to the outbox for every destination of their tenant (delivery sends each
+    only where the person's data went), deduplicated by their stable message ids."""
+    destinations = {t.id: tuple(d.id for d in t.destinations) for t in config.tenants}
 
+    async def publish(tenant: str, notices: Sequence[Notice]) -> None:
+        if notices:
+            await outbox.append([notice_record(n, destinations[tenant]) for n in notices], dedupe=True)
+            notify()
 
-def deletion_notice(tenant: Tenant, unified_id: str, nodes: Sequence[str], at: datetime) -> OutboxRecord:
-    """``identity.deleted``: these identifiers of the person were erased; recipients delete
-    what they hold under them (and under the unified ID when ``person`` is true)."""
-    when = at.astimezone(UTC)
-    identifiers = [{"type": n.split(":", 1)[0], "id": n.split(":", 1)[1]} for n in sorted(nodes)]
-    body: dict[str, Any] = {
-        "type": "identity.deleted",
-        "messageId": _notice_id("identity.deleted", unified_id, *sorted(nodes)),
-        "unifiedId": unified_id,
-        "identifiers": identifiers,
-        "receivedAt": when.isoformat(),
-        "context": {"idgate": {"tenant": tenant.id, "notice": True}},
-    }
-    return OutboxRecord(
-        tenant=tenant.id,
-        source="idgate",
-        message_id=body["messageId"],
-        received_at_ms=int(when.timestamp() * 1000),
-        destinations=tuple(d.id for d in tenant.destinations),
-        payload=msgspec.json.encode(body),
-    )
-
-
-def derived_unified_id(pseudonym: Callable[[str], str]) -> Callable[[str], str]:
-    """A new identifier's first unified ID: a keyed PRF (the tenant's key) of its node, so
-    every replica gives it the same opaque ID without coordination. It reveals nothing:
-    without the key it cannot be computed from the identifier or its pseudonym."""
-
-    # Derived again for every event of a never-linked identifier (it is not stored): cached.
-    @functools.lru_cache(maxsize=100_000)
-    def node_id(node: str) -> str:
-        return "p_" + pseudonym(f"unified-id\x1f{node}").split(".", 1)[1]
-
-    return node_id
+    return publish
 
 
 async def open_identity(
-    settings: Settings, config: Config, outbox: SqliteOutbox, notify: Callable[[], None], keyring: KeyRing
-) -> tuple[IdentityResolver, sa.Engine | None]:
+    settings: Settings, config: Config, keyring: KeyRing, publish: NoticePublisher
+) -> tuple[IdentityResolver, IdentityService, sa.Engine | None]:
     tenants = {t.id: t for t in config.tenants if t.identity.enabled}
     if not tenants:
-        return NoResolution(), None
-    url = settings.database_url or f"sqlite:///{settings.data_dir / 'identity.sqlite3'}"
-    engine = make_engine(url)
+        resolver: IdentityResolver = NoResolution()
+        return resolver, IdentityService(resolver, publish), None
+    engine = make_engine(identity_database_url(settings))
     await asyncio.to_thread(migrate, engine, script_location=MIGRATIONS_DIR)
-
-    async def on_changes(tenant: str, changes: Sequence[GraphChange]) -> None:
-        records = notices_for(tenants[tenant], changes)
-        if records:
-            await outbox.append(records, dedupe=True)
-            notify()
-
-    resolver = GraphResolver(
+    graph_resolver = GraphResolver(
         IdentityLogStore(engine),
         {tid: identity_rules(t) for tid, t in tenants.items()},
-        on_changes=on_changes,
         node_ids={tid: derived_unified_id(keyring.pseudonymiser(tid)) for tid in tenants},
     )
-    await resolver.start()
-    return resolver, engine
+    service = IdentityService(graph_resolver, publish)
+    graph_resolver.on_changes = service.on_changes
+    await graph_resolver.start()
+    return graph_resolver, service, engine

@@ -12,13 +12,11 @@ handlers, like everywhere else.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import itertools
 import os
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -31,16 +29,17 @@ from litestar.openapi.spec import OpenAPIResponse, Operation, PathItem, RequestB
 from litestar.openapi.spec.enums import OpenAPIType
 from litestar.types import Receive, Scope, Send
 
-from gateway.config import Config, ResolvedSource, hash_write_key
+from gateway.auth import WriteKeys
+from gateway.config import Config, ResolvedSource
+from gateway.errors import InvalidRequest, error_body
 from gateway.events import Envelope
 from gateway.pipeline import Ingestor, IngestResult
-from gateway.segment import MESSAGE_TYPES, InvalidRequest, body_write_key, decode_batch, decode_single
+from gateway.segment import MESSAGE_TYPES, body_write_key, decode_batch, decode_single
 from identity.pseudonym import KeyRing
 
 log = structlog.get_logger("idgate.ingest")
 
 JSON_TYPES = frozenset({"application/json", "text/plain"})
-AUTH_CACHE_SIZE = 1024
 
 
 @dataclass
@@ -48,10 +47,9 @@ class IngestContext:
     """What the ingest handlers need, put on ``app.state.ingest`` by the lifespan."""
 
     config: Config
-    write_keys: dict[str, ResolvedSource]
+    write_keys: WriteKeys
     ingestor: Ingestor
     keyring: KeyRing
-    auth_cache: dict[str, ResolvedSource] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -154,41 +152,10 @@ def log_rejections(headers: IngestHeaders, src: ResolvedSource, result: IngestRe
 
 def authenticate(ctx: IngestContext, headers: IngestHeaders, body: bytes) -> ResolvedSource:
     """Write key as HTTP Basic user, or ``writeKey`` in the body, to its source."""
-    auth = headers.authorization
-    # Clients send the same header on every request: remember the answer, not the key.
-    cached = ctx.auth_cache.get(auth) if auth else None
-    if cached is not None:
-        return cached
-    basic = auth[:6].lower() == "basic "
-    write_key: str | None = None
-    if basic:
-        try:
-            write_key = base64.b64decode(auth[6:].strip(), validate=True).decode("utf-8").split(":", 1)[0]
-        except (binascii.Error, UnicodeDecodeError):
-            raise InvalidRequest(
-                "invalid_write_key", "malformed Basic authorization header", "Authorization", 401
-            ) from None
-    if not write_key:
-        write_key = body_write_key(body)
-    if not write_key:
-        raise InvalidRequest(
-            "missing_write_key", "send the write key as HTTP Basic user or as writeKey", "Authorization", 401
-        )
-    resolved = ctx.write_keys.get(hash_write_key(write_key))
-    if resolved is None:
-        raise InvalidRequest("invalid_write_key", "unknown write key", "Authorization", 401)
-    if basic:
-        if len(ctx.auth_cache) >= AUTH_CACHE_SIZE:
-            ctx.auth_cache.clear()
-        ctx.auth_cache[auth] = resolved
-    return resolved
+    return ctx.write_keys.authenticate(headers.authorization, lambda: body_write_key(body))
 
 
 _encode = msgspec.json.Encoder().encode
-
-
-def error_body(error: str, detail: str, field: str | None = None, **extra: Any) -> dict[str, Any]:
-    return {"error": error, "detail": detail, "field": field, **extra}
 
 
 def ingest_response(result: IngestResult) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:

@@ -1,17 +1,24 @@
-"""The ingest pipeline: one plain function per stage, each over a batch of envelopes.
+"""The ingest pipeline: an explicit, ordered list of named stages over one batch.
 
-decode (protocol adapter) -> pseudonymise_identifiers -> decide_consent -> resolve_identity
--> scrub_personal_data -> encode_for_outbox -> durable append (the ack point).
+    pseudonymise -> claim_message_ids -> record_consent_signals -> decide_consent
+    -> resolve_identity -> transform -> encode -> append -> detach_identifiers
 
-``Ingestor`` runs the stages for one request and appends the survivors to the outbox. Raw
-identifiers exist only between decode and ``pseudonymise_identifiers``; every later stage,
-and everything stored, sees pseudonyms.
+Protocol adapters (gateway.segment, gateway.sensors) decode a request into envelopes of the
+one internal ``Event``; ``Ingestor.ingest`` then runs ``STAGES`` in order over the batch.
+Each stage is a named function of (dependencies, batch) that can be run alone in a test.
+
+- Raw identifiers exist only between decode and ``pseudonymise``; every later stage, and
+  everything stored, sees pseudonyms.
+- Dedupe (``claim_message_ids``) comes before any side effect: a retried batch records no
+  consent, links nothing and appends nothing twice. Claimed ids are confirmed by the
+  append; if the request fails before it, they are released so the retry is accepted.
+- ``append`` is the ack point: the request is answered after the outbox holds the records.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,83 +26,76 @@ import msgspec
 
 from consent.decisions import ConsentDecision, ConsentPolicy, ConsentQuery, ConsentTicket, DestinationSpec
 from consent.service import ConsentRefused, ConsentService
-from export.dedupe import ClaimStatus, RedisDedupe
-from export.outbox import OutboxRecord, SqliteOutbox
+from consent.signals import (
+    CONSENT_PREFERENCE_EVENT,
+    category_preferences,
+    choice_from_categories,
+    is_minor_age,
+    narrowed_purposes,
+)
+from export.outbox import Claim, ClaimStatus, Outbox, OutboxRecord, notice_record
 from gateway import metrics
 from gateway.config import Destination, ResolvedSource, Tenant
+from gateway.errors import Overloaded
 from gateway.events import Envelope, Rejection, RejectMessage
-from gateway.identity_setup import notices_for
-from identity.identifiers import IDENTIFIER_TYPES, Identifier, InvalidIdentifier, normalise
-from identity.pseudonym import KeyRing, Pseudonymiser
+from identity.graph import GraphChange
+from identity.identifiers import (
+    DEVICE_TYPES,
+    IDENTIFIER_TYPES,
+    SCOPED_TYPES,
+    InvalidIdentifier,
+    is_identifier_key,
+)
+from identity.notices import notices_for_changes
+from identity.pseudonym import KeyRing, Pseudonymiser, pseudonymise_identifier
 from identity.resolution import IdentityResolver
 from identity.scrub import KEEP, scrub_text, scrub_value, truncate_ip
+from identity.service import IdentityService
 
-# Keys that hold an identifier wherever they appear in traits, properties or context.
+# Where identifiers come from in an event beyond userId / anonymousId / previousId and
+# context.externalIds: trait and property keys, and context.device fields.
 TRAIT_IDENTIFIER_TYPES = {"phone": "phone", "mobile": "phone", "email": "email"}
 DEVICE_FIELD_TYPES = {"id": "device_id", "advertisingId": "advertising"}  # advertising: IDFA or OAID by OS
-_field_maps: dict[int, tuple[dict[str, str], dict[str, str], frozenset[str]]] = {}
+_field_maps: dict[int, tuple[dict[str, str], dict[str, str]]] = {}
 
 
-def field_maps(tenant: Tenant) -> tuple[dict[str, str], dict[str, str], frozenset[str]]:
+def field_maps(tenant: Tenant) -> tuple[dict[str, str], dict[str, str]]:
     """Where identifiers come from for this tenant: trait/property keys and context.device
     fields (defaults above, extended by ``[tenants.identity]`` in the config)."""
     maps = _field_maps.get(id(tenant))
     if maps is None:
         traits = {**TRAIT_IDENTIFIER_TYPES, **{k.lower(): v for k, v in tenant.identity.trait_types.items()}}
         device = {**DEVICE_FIELD_TYPES, **tenant.identity.device_fields}
-        maps = _field_maps[id(tenant)] = (traits, device, IDENTIFIER_LIKE_KEYS | frozenset(traits))
+        maps = _field_maps[id(tenant)] = (traits, device)
     return maps
 
 
-IDENTIFIER_LIKE_KEYS = frozenset(
-    {
-        "phone",
-        "mobile",
-        "email",
-        "openid",
-        "unionid",
-        "userid",
-        "user_id",
-        "anonymousid",
-        "anonymous_id",
-        "distinct_id",
-        "idfa",
-        "idfv",
-        "oaid",
-        "imei",
-        "android_id",
-        "androidid",
-        "device_id",
-        "deviceid",
-        "advertisingid",
-        "id_card",
-        "idcard",
-    }
-)
-
-
-# -- stage: pseudonymise_identifiers -------------------------------------------------------
-def pseudonymise_identifiers(env: Envelope, tenant: Tenant, pseudonym: Pseudonymiser) -> None:
+# -- stage: pseudonymise ---------------------------------------------------------------------
+def pseudonymise_identifiers(env: Envelope, tenant: Tenant, pseudonymiser: Pseudonymiser) -> None:
     """Normalise every identifier field, replace it by its pseudonym, collect the linkable ones.
 
     Junk values (``null``, all-zero IDFA, ...) in the id fields are removed; a value that
     is personal but not a valid identifier (a malformed phone) is pseudonymised and not
-    linked. Raises RejectMessage when no usable userId/anonymousId is left.
+    linked. Every pseudonym written is recorded in ``env.pseudonyms``. Raises
+    RejectMessage when no usable userId/anonymousId is left.
     """
     ev = env.event
     found = env.identifiers
+    written = env.pseudonyms
 
     def link(id_type: str, raw: Any, scope: str | None = None) -> str | None:
         try:
-            ident = normalise(id_type, raw, scope=scope)
+            ident = pseudonymise_identifier(pseudonymiser, id_type, raw, scope=scope)
         except InvalidIdentifier:
             return None
-        value = pseudonym(ident.value)
-        found.append(Identifier(id_type, value))
-        return value
+        found.append(ident)
+        written.add(ident.value)
+        return ident.value
 
     def opaque(raw: Any) -> str:
-        return pseudonym(str(raw).strip())
+        value = pseudonymiser(str(raw).strip())
+        written.add(value)
+        return value
 
     if ev.user_id is not None:
         ev.user_id = link("user_id", ev.user_id)
@@ -107,18 +107,22 @@ def pseudonymise_identifiers(env: Envelope, tenant: Tenant, pseudonym: Pseudonym
         # The previous id may have been a userId or an anonymousId; pseudonyms do not carry
         # the type, so it matches either.
         try:
-            ev.previous_id = pseudonym(normalise("user_id", ev.previous_id).value)
+            previous = pseudonymise_identifier(pseudonymiser, "user_id", ev.previous_id)
         except InvalidIdentifier as exc:
             raise RejectMessage("invalid_identifier", f"previousId: {exc.reason}", "previousId") from None
+        ev.previous_id = previous.value
+        written.add(previous.value)
 
-    trait_types, device_types, identifier_keys = field_maps(tenant)
+    trait_types, device_types = field_maps(tenant)
 
     def on_identifier_key(key: str, value: Any) -> Any:
         lowered = key.lower()
-        if lowered not in identifier_keys:
+        id_type = trait_types.get(lowered)
+        if id_type is None and not is_identifier_key(key):
             return KEEP
         if isinstance(value, str | int) and not isinstance(value, bool):
-            id_type = trait_types.get(lowered)
+            if value == "":
+                return value
             return (link(id_type, value) if id_type else None) or opaque(value)
         return scrub_value(value, on_identifier_key)
 
@@ -149,8 +153,13 @@ def pseudonymise_identifiers(env: Envelope, tenant: Tenant, pseudonym: Pseudonym
             id_type = tenant.external_id_types.get(ext_type) or (
                 ext_type if ext_type in IDENTIFIER_TYPES else None
             )
-            scope = str(item["appid"]) if id_type == "wechat_openid" and item.get("appid") else None
-            value = link(id_type, item["id"], scope) if id_type else opaque(item["id"])
+            scope = str(item["appid"]) if item.get("appid") else None
+            value: str | None
+            if id_type is None or (id_type in SCOPED_TYPES and scope is None):
+                # an unknown type, or an openid without its appid: kept pseudonymised, never linked
+                value = opaque(item["id"])
+            else:
+                value = link(id_type, item["id"], scope)  # junk (``null``, all-zero ids) is dropped
             if value is not None:
                 cleaned.append({**item, "id": value})
         ctx["externalIds"] = cleaned
@@ -163,9 +172,22 @@ def pseudonymise_identifiers(env: Envelope, tenant: Tenant, pseudonym: Pseudonym
     for key in ("page", "campaign", "referrer"):
         if isinstance(ctx.get(key), dict):
             ctx[key] = scrub_value(ctx[key], on_identifier_key)
+    if env.unbind:
+        detached = []
+        for raw in env.unbind:
+            try:
+                ident = pseudonymise_identifier(pseudonymiser, raw.type, raw.value, scope=raw.scope)
+            except InvalidIdentifier:
+                continue
+            detached.append(ident)
+            written.add(ident.value)
+        env.detach = detached
+        sensors = ctx.get("sensors")
+        if isinstance(sensors, dict):
+            sensors["unbind"] = [{"type": i.type, "id": i.value} for i in detached]
 
 
-# -- stage: scrub_personal_data ------------------------------------------------------------
+# -- stage: transform ------------------------------------------------------------------------
 def scrub_personal_data(env: Envelope) -> None:
     """Truncate the IP, scrub free text in the context fields not yet cleaned."""
     ctx = env.event.context
@@ -185,23 +207,16 @@ def scrub_personal_data(env: Envelope) -> None:
         env.event.group_id = scrub_text(env.event.group_id)
 
 
-# -- stage: decide_consent -----------------------------------------------------------------
-# Identifier types that belong to one device or app install; the rest name the person.
-DEVICE_ID_TYPES = frozenset(
-    {"anonymous_id", "device_id", "idfa", "idfv", "oaid", "android_id", "wechat_openid"}
-)
-CONSENT_PREFERENCE_EVENT = "Segment Consent Preference Updated"
+def strip_sensitive(env: Envelope, tenant: Tenant) -> None:
+    """Remove properties classified sensitive (no sensitive_pi consent)."""
+    ev = env.event
+    for fields in (ev.properties, ev.traits):
+        if fields:
+            for key in tenant.sensitive_properties:
+                fields.pop(key, None)
 
 
-def category_preferences(ev_context: dict[str, Any]) -> dict[str, bool]:
-    """Segment's consent convention: ``context.consent.categoryPreferences``."""
-    consent = ev_context.get("consent")
-    prefs = consent.get("categoryPreferences") if isinstance(consent, dict) else None
-    if not isinstance(prefs, dict):
-        return {}
-    return {str(k): v for k, v in prefs.items() if isinstance(v, bool)}
-
-
+# -- stage: decide_consent -------------------------------------------------------------------
 def purposes_of(env: Envelope, tenant: Tenant) -> tuple[str, ...]:
     """What the tracking plan says this event is collected for."""
     ev = env.event
@@ -214,16 +229,7 @@ def consent_query(env: Envelope, tenant: Tenant, linked: tuple[str, ...] = ()) -
     device: list[str] = []
     person: list[str] = []
     for ident in env.identifiers:
-        (device if ident.type in DEVICE_ID_TYPES else person).append(ident.value)
-    # A claim in the event can only narrow: a refused category removes its purposes.
-    narrowed: tuple[str, ...] = ()
-    if "consent" in ev.context:
-        narrowed = tuple(
-            p
-            for category, allowed in category_preferences(ev.context).items()
-            if not allowed
-            for p in tenant.consent_categories.get(category, ())
-        )
+        (device if ident.type in DEVICE_TYPES else person).append(ident.value)
     sensitive = False
     if tenant.sensitive_properties:
         keys = tenant.sensitive_properties
@@ -233,19 +239,10 @@ def consent_query(env: Envelope, tenant: Tenant, linked: tuple[str, ...] = ()) -
         device_ids=tuple(device),
         user_ids=tuple(person),
         purposes=env.purposes,
-        narrowed=narrowed,
+        narrowed=narrowed_purposes(ev.context, tenant.consent_categories),
         linked_ids=linked,
         has_sensitive=sensitive,
     )
-
-
-def strip_sensitive(env: Envelope, tenant: Tenant) -> None:
-    """Remove properties classified sensitive (no sensitive_pi consent)."""
-    ev = env.event
-    for fields in (ev.properties, ev.traits):
-        if fields:
-            for key in tenant.sensitive_properties:
-                fields.pop(key, None)
 
 
 def destination_specs(destinations: Sequence[Destination]) -> list[DestinationSpec]:
@@ -260,7 +257,7 @@ def destination_specs(destinations: Sequence[Destination]) -> list[DestinationSp
     ]
 
 
-# -- stage: encode_for_outbox --------------------------------------------------------------
+# -- stage: encode ---------------------------------------------------------------------------
 def encode_for_outbox(
     env: Envelope, src: ResolvedSource, key_version: int, encoder: msgspec.json.Encoder
 ) -> OutboxRecord:
@@ -274,8 +271,10 @@ def encode_for_outbox(
         "purposes": list(env.purposes),
         "consentProof": list(env.consent_proof),
     }
+    pseudonyms = env.pseudonyms
     if env.unified_id is not None:
         ctx["unified_id"] = env.unified_id
+        pseudonyms.add(env.unified_id)
     return OutboxRecord(
         tenant=src.tenant.id,
         source=src.source.id,
@@ -285,18 +284,12 @@ def encode_for_outbox(
         payload=encoder.encode(ev),
         consent=encoder.encode(env.consent_ticket) if env.consent_ticket is not None else b"",
         proof=env.consent_proof,
+        person=env.unified_id or "",
+        pseudonyms=tuple(sorted(pseudonyms)),
     )
 
 
-# -- orchestration -------------------------------------------------------------------------
-class Overloaded(Exception):
-    """The outbox holds more undelivered events than its bound: the client retries later."""
-
-    def __init__(self, retry_after: int = 5) -> None:
-        super().__init__("the gateway is holding too many undelivered events; retry later")
-        self.retry_after = retry_after
-
-
+# -- the batch and its stages ------------------------------------------------------------------
 @dataclass
 class IngestResult:
     received: int
@@ -319,227 +312,278 @@ class IngestResult:
             out["inFlight"] = self.in_flight
         return out
 
+    def merge(self, other: IngestResult) -> None:
+        """Add the counts of a part of the same request."""
+        self.accepted += other.accepted
+        self.duplicates += other.duplicates
+        self.in_flight += other.in_flight
+        self.rejected.extend(other.rejected)
+        self.dropped.update(other.dropped)
+
+
+@dataclass
+class IngestBatch:
+    """One request's events on their way through the stages."""
+
+    src: ResolvedSource
+    envelopes: list[Envelope]
+    result: IngestResult
+    pseudonymiser: Pseudonymiser
+    # set by claim_message_ids: the claim to confirm with the append (or release)
+    claim: Claim | None = None
+    # the envelopes past the claim, whatever happened to them later (detach works on these)
+    claimed: list[Envelope] = field(default_factory=list)
+    linking: list[bool] = field(default_factory=list)
+    # merges and splits this batch caused: their notices follow its events
+    changes: list[GraphChange] = field(default_factory=list)
+    records: list[OutboxRecord] = field(default_factory=list)
+    appended: bool = False
+
+    def reject(self, env: Envelope, error: str, detail: str, field_name: str | None) -> None:
+        self.result.rejected.append(Rejection(env.index, error, detail, field_name, env.event.message_id))
+
+    def drop(self, reason: str) -> None:
+        self.result.dropped[reason] += 1
+        metrics.INGEST.add("dropped", (self.src.tenant.id, reason))
+
+
+@dataclass
+class IngestServices:
+    """What the stages use, wired once by the app."""
+
+    keyring: KeyRing
+    outbox: Outbox
+    consent: ConsentPolicy
+    resolver: IdentityResolver
+    consent_service: ConsentService | None = None
+    identity: IdentityService | None = None
+    encoder: msgspec.json.Encoder = field(default_factory=msgspec.json.Encoder)
+    specs: dict[str, list[DestinationSpec]] = field(default_factory=dict)
+
+
+Stage = Callable[[IngestServices, IngestBatch], Awaitable[None]]
+
+
+async def pseudonymise(s: IngestServices, batch: IngestBatch) -> None:
+    kept = []
+    for env in batch.envelopes:
+        try:
+            pseudonymise_identifiers(env, batch.src.tenant, batch.pseudonymiser)
+        except RejectMessage as exc:
+            batch.reject(env, exc.error, exc.detail, exc.field)
+            continue
+        kept.append(env)
+    batch.envelopes = kept
+
+
+async def claim_message_ids(s: IngestServices, batch: IngestBatch) -> None:
+    """Dedupe before any side effect: only events whose message id is new go on."""
+    envs = batch.envelopes
+    if not envs:
+        return
+    claim = await s.outbox.claim(batch.src.source.id, [e.event.message_id for e in envs])
+    batch.claim = claim
+    kept = []
+    for env, status in zip(envs, claim.statuses, strict=True):
+        if status is ClaimStatus.NEW:
+            kept.append(env)
+        elif status is ClaimStatus.DUPLICATE:
+            batch.result.duplicates += 1
+        else:  # another request is storing this message id right now: the client retries
+            batch.result.in_flight += 1
+    batch.envelopes = kept
+    batch.claimed = list(kept)
+
+
+async def record_consent_signals(s: IngestServices, batch: IngestBatch) -> None:
+    """Consent carried by events: an under-14 age trait flags the subject, and Segment's
+    "Segment Consent Preference Updated" event records the categories it names."""
+    service = s.consent_service
+    if service is None or not batch.envelopes:
+        return
+    src = batch.src
+    tenant = src.tenant
+    kept = []
+    for env in batch.envelopes:
+        ev = env.event
+        identifiers = [(i.type, i.value) for i in env.identifiers]
+        if ev.type == "identify" and identifiers and is_minor_age(ev.traits, tenant.minor_age_trait):
+            await service.flag_minor(
+                tenant=tenant.id, identifiers=identifiers, source=src.source.id, platform=src.source.platform
+            )
+        prefs = category_preferences(ev.context) if ev.event == CONSENT_PREFERENCE_EVENT else {}
+        if not prefs:
+            kept.append(env)
+            continue
+        choice = choice_from_categories(prefs, tenant.consent_categories)
+        consent = ev.context.get("consent")
+        notice_id = consent.get("noticeId") if isinstance(consent, dict) else None
+        library = ev.context.get("library")
+        sdk = str(library.get("name")) if isinstance(library, dict) and library.get("name") else None
+        try:
+            await service.record(
+                tenant=tenant.id,
+                identifiers=identifiers,
+                grant=choice.granted,
+                withdraw=choice.refused,
+                notice_id=str(notice_id) if notice_id else await service.current_notice(tenant.id),
+                source=src.source.id,
+                platform=src.source.platform,
+                sdk=sdk,
+            )
+        except ConsentRefused as exc:
+            field_name = f"context.consent.{exc.field}" if exc.field else "context.consent"
+            batch.reject(env, "invalid_consent", exc.detail, field_name)
+            continue
+        kept.append(env)
+    batch.envelopes = kept
+
+
+async def decide_consent(s: IngestServices, batch: IngestBatch) -> None:
+    """Per event and destination: is there a lawful basis right now? Events with none are
+    dropped (counted by reason, never stored)."""
+    envs = batch.envelopes
+    if not envs:
+        return
+    tenant = batch.src.tenant
+    specs = s.specs.get(tenant.id)
+    if specs is None:
+        specs = s.specs[tenant.id] = destination_specs(batch.src.destinations)
+    queries: list[ConsentQuery | None]
+    if tenant.consent.enforce:
+        # the person's other identifiers: a withdrawal on any of them counts
+        linked = (
+            s.resolver.linked_identifiers(tenant.id, [e.identifiers for e in envs])
+            if s.resolver.links
+            else [()] * len(envs)
+        )
+        asked = [consent_query(env, tenant, other) for env, other in zip(envs, linked, strict=True)]
+        decisions = await s.consent.decide_batch(asked, specs, want_linking=s.resolver.links)
+        queries = list(asked)
+    else:  # dev-only configuration (config check refuses it in production)
+        for env in envs:
+            env.purposes = purposes_of(env, tenant)
+        queries = [None] * len(envs)
+        everywhere = ConsentDecision(tuple(sp.id for sp in specs), linking_allowed=True)
+        decisions = [everywhere] * len(envs)
+    allowed: list[Envelope] = []
+    batch.linking = []
+    for env, query, decision in zip(envs, queries, decisions, strict=True):
+        if decision.dropped_reason is not None or not decision.destinations:
+            batch.drop(decision.dropped_reason or "no_destination")
+            continue
+        env.destinations = decision.destinations
+        env.consent_proof = decision.proof
+        if query is not None:
+            env.consent_ticket = ConsentTicket(decision.epoch, query)
+        if decision.strip_sensitive:
+            strip_sensitive(env, tenant)
+        allowed.append(env)
+        batch.linking.append(decision.linking_allowed)
+    batch.envelopes = allowed
+
+
+async def resolve_identity(s: IngestServices, batch: IngestBatch) -> None:
+    """The unified person of each event; links its identifiers where consent allows."""
+    envs = batch.envelopes
+    if not envs:
+        return
+    unified = await s.resolver.resolve_batch(
+        batch.src.tenant.id,
+        [e.identifiers for e in envs],
+        batch.linking,
+        [(batch.src.source.id, e.event.message_id) for e in envs],
+        notices=batch.changes,
+    )
+    for env, uid in zip(envs, unified, strict=True):
+        env.unified_id = uid
+
+
+async def transform(s: IngestServices, batch: IngestBatch) -> None:
+    """PII scrubbing and IP truncation on what is about to be stored."""
+    for env in batch.envelopes:
+        scrub_personal_data(env)
+
+
+async def encode(s: IngestServices, batch: IngestBatch) -> None:
+    """The outbox records: the events, then the notices of the merges and splits they
+    caused (a destination has received the person by the time it reads the notice)."""
+    version = batch.pseudonymiser.version
+    batch.records = [encode_for_outbox(env, batch.src, version, s.encoder) for env in batch.envelopes]
+    if batch.changes:
+        destinations = tuple(d.id for d in batch.src.destinations)
+        batch.records += [
+            notice_record(n, destinations) for n in notices_for_changes(batch.src.tenant.id, batch.changes)
+        ]
+
+
+async def append(s: IngestServices, batch: IngestBatch) -> None:
+    """The ack point: records and confirmed message ids in one durable write."""
+    if batch.claim is None:
+        return
+    await s.outbox.append(batch.records, claim=batch.claim)
+    batch.appended = True
+    batch.result.accepted += len(batch.envelopes)
+
+
+async def detach_identifiers(s: IngestServices, batch: IngestBatch) -> None:
+    """What a Sensors ``track_id_unbind`` asks: its identifiers leave their person."""
+    if s.identity is None:
+        return
+    for env in batch.claimed:
+        if env.detach:
+            await s.identity.detach(batch.src.tenant.id, env.detach)
+
+
+STAGES: tuple[Stage, ...] = (
+    pseudonymise,
+    claim_message_ids,
+    record_consent_signals,
+    decide_consent,
+    resolve_identity,
+    transform,
+    encode,
+    append,
+    detach_identifiers,
+)
+
 
 class Ingestor:
-    """Runs the stages for one request and appends the result durably."""
+    """Runs ``STAGES`` over one request's events."""
 
     def __init__(
         self,
+        services: IngestServices,
         *,
-        keyring: KeyRing,
-        outbox: SqliteOutbox,
-        consent: ConsentPolicy,
-        resolver: IdentityResolver,
-        redis_dedupe: RedisDedupe | None = None,
+        stages: Sequence[Stage] = STAGES,
         on_appended: Callable[[], None] | None = None,
-        consent_service: ConsentService | None = None,
         overloaded: Callable[[], bool] | None = None,
     ) -> None:
-        self.keyring = keyring
-        self.overloaded = overloaded
-        self.outbox = outbox
-        self.consent = consent
-        self.resolver = resolver
-        self.redis_dedupe = redis_dedupe
+        self.services = services
+        self.stages = tuple(stages)
         self.on_appended = on_appended
-        self.consent_service = consent_service
-        self._encoder = msgspec.json.Encoder()
-        self._specs: dict[str, list[DestinationSpec]] = {}
+        self.overloaded = overloaded
 
     async def ingest(self, src: ResolvedSource, envs: list[Envelope], result: IngestResult) -> IngestResult:
         if self.overloaded is not None and self.overloaded():
             raise Overloaded()  # before anything is recorded: the whole request is retried
-        tenant, source = src.tenant, src.source
         counts = metrics.INGEST
-        labels = (tenant.id, source.id)
+        labels = (src.tenant.id, src.source.id)
         counts.add("received", labels, result.received)
-        pseudonym = self.keyring.pseudonymiser(tenant.id)
-
-        kept: list[Envelope] = []
-        for env in envs:
-            try:
-                pseudonymise_identifiers(env, tenant, pseudonym)
-            except RejectMessage as exc:
-                result.rejected.append(
-                    Rejection(env.index, exc.error, exc.detail, exc.field, env.event.message_id)
-                )
-                continue
-            kept.append(env)
-        if self.consent_service is not None:
-            kept = await self._record_consent_events(src, kept, result)
+        batch = IngestBatch(src, envs, result, self.services.keyring.pseudonymiser(src.tenant.id))
+        try:
+            for stage in self.stages:
+                await stage(self.services, batch)
+        finally:
+            if batch.claim is not None and not batch.appended:
+                # nothing acknowledged: the client's retry must not be taken for a duplicate
+                await self.services.outbox.release(batch.claim)
         for r in result.rejected:
             counts.add("rejected", (*labels, r.error))
-        if not kept:
-            return result
-
-        specs = self._specs.get(tenant.id)
-        if specs is None:
-            specs = self._specs[tenant.id] = destination_specs(src.destinations)
-        if tenant.consent.enforce:
-            # the person's other identifiers: a withdrawal on any of them counts
-            linked = (
-                self.resolver.linked_identifiers(tenant.id, [e.identifiers for e in kept])
-                if self.resolver.links
-                else [()] * len(kept)
-            )
-            queries: list[ConsentQuery | None] = [
-                consent_query(env, tenant, other) for env, other in zip(kept, linked, strict=True)
-            ]
-            decisions = await self.consent.decide_batch(
-                queries,  # type: ignore[arg-type]
-                specs,
-                want_linking=self.resolver.links,
-            )
-        else:  # dev-only configuration (config check refuses it in production)
-            for env in kept:
-                env.purposes = purposes_of(env, tenant)
-            queries = [None] * len(kept)
-            everywhere = ConsentDecision(tuple(s.id for s in specs), linking_allowed=True)
-            decisions = [everywhere] * len(kept)
-        allowed: list[Envelope] = []
-        linking: list[bool] = []
-        for env, query, decision in zip(kept, queries, decisions, strict=True):
-            if decision.dropped_reason is not None or not decision.destinations:
-                reason = decision.dropped_reason or "no_destination"
-                result.dropped[reason] += 1
-                counts.add("dropped", (tenant.id, reason))
-                continue
-            env.destinations = decision.destinations
-            env.consent_proof = decision.proof
-            if query is not None:
-                env.consent_ticket = ConsentTicket(decision.epoch, query)
-            if decision.strip_sensitive:
-                strip_sensitive(env, tenant)
-            allowed.append(env)
-            linking.append(decision.linking_allowed)
-        if not allowed:
-            return result
-
-        changes: list[Any] = []  # merges and splits: their notices follow the events
-        unified = await self.resolver.resolve_batch(
-            tenant.id,
-            [e.identifiers for e in allowed],
-            linking,
-            [(source.id, e.event.message_id) for e in allowed],
-            notices=changes,
-        )
-        for env, uid in zip(allowed, unified, strict=True):
-            env.unified_id = uid
-            scrub_personal_data(env)
-
-        records = [encode_for_outbox(env, src, pseudonym.version, self._encoder) for env in allowed]
-        # after the events that may carry a pre-merge ID, in the same durable append, so a
-        # destination has received the person by the time it reads the notice
-        notices = notices_for(tenant, changes) if changes else []
-        await self._append(source.id, records, result, notices)
-        counts.add("accepted", labels, result.accepted)
+        if result.accepted:
+            counts.add("accepted", labels, result.accepted)
+            if self.on_appended is not None:
+                self.on_appended()
         if result.duplicates:
             counts.add("duplicate", labels, result.duplicates)
-        if result.accepted and self.on_appended is not None:
-            self.on_appended()
         return result
-
-    async def detach_identifiers(self, tenant: str, identifiers: Sequence[Identifier]) -> int:
-        """Remove every link of these (pseudonymised) identifiers, as a Sensors
-        ``track_id_unbind`` asks: each leaves its person, which splits where those links
-        were the only path (split notices go downstream). Needs no consent: it only ever
-        separates. Returns the number of links removed."""
-        graph = getattr(self.resolver, "graphs", {}).get(tenant)
-        unlink = getattr(self.resolver, "unlink", None)
-        if graph is None or unlink is None:
-            return 0
-        removed = 0
-        for ident in identifiers:
-            node = f"{ident.type}:{ident.value}"
-            for other in sorted(graph.component(node) - {node}):
-                path = graph.explain(node, other)
-                if path is not None and len(path) == 1:  # a direct link
-                    changes = await unlink(tenant, node, other)
-                    removed += sum(1 for c in changes if type(c).__name__ == "EdgeRemoved")
-        return removed
-
-    async def _record_consent_events(
-        self, src: ResolvedSource, envs: list[Envelope], result: IngestResult
-    ) -> list[Envelope]:
-        """Segment's "Segment Consent Preference Updated" track call records consent."""
-        assert self.consent_service is not None
-        kept = []
-        trait = src.tenant.minor_age_trait
-        for env in envs:
-            ev = env.event
-            if trait and ev.type == "identify" and ev.traits and env.identifiers:
-                age = ev.traits.get(trait)
-                if isinstance(age, int | float) and not isinstance(age, bool) and 0 <= age < 14:
-                    await self.consent_service.flag_minor(
-                        tenant=src.tenant.id,
-                        identifiers=[(i.type, i.value) for i in env.identifiers],
-                        source=src.source.id,
-                        platform=src.source.platform,
-                    )
-            prefs = category_preferences(ev.context) if ev.event == CONSENT_PREFERENCE_EVENT else {}
-            if not prefs:
-                kept.append(env)
-                continue
-            categories = src.tenant.consent_categories
-            granted = {p for c, ok in prefs.items() if ok for p in categories.get(c, ())}
-            refused = {p for c, ok in prefs.items() if not ok for p in categories.get(c, ())} - granted
-            consent = ev.context.get("consent")
-            notice_id = consent.get("noticeId") if isinstance(consent, dict) else None
-            library = ev.context.get("library")
-            sdk = str(library.get("name")) if isinstance(library, dict) and library.get("name") else None
-            try:
-                await self.consent_service.record(
-                    tenant=src.tenant.id,
-                    identifiers=[(i.type, i.value) for i in env.identifiers],
-                    grant=sorted(granted),
-                    withdraw=sorted(refused),
-                    notice_id=str(notice_id)
-                    if notice_id
-                    else await self.consent_service.current_notice(src.tenant.id),
-                    source=src.source.id,
-                    platform=src.source.platform,
-                    sdk=sdk,
-                )
-            except ConsentRefused as exc:
-                field = f"context.consent.{exc.field}" if exc.field else "context.consent"
-                result.rejected.append(
-                    Rejection(env.index, "invalid_consent", exc.detail, field, ev.message_id)
-                )
-                continue
-            kept.append(env)
-        return kept
-
-    async def _append(
-        self,
-        source_id: str,
-        records: list[OutboxRecord],
-        result: IngestResult,
-        notices: Sequence[OutboxRecord] = (),
-    ) -> None:
-        """Append the events, then the identity notices they caused, in one durable write."""
-        if self.redis_dedupe is None:
-            stored = (await self.outbox.append([*records, *notices], dedupe=True))[: len(records)]
-            result.accepted += sum(stored)
-            result.duplicates += len(stored) - sum(stored)
-            return
-        keys = [self.redis_dedupe.key(source_id, r.message_id) for r in records]
-        statuses = await self.redis_dedupe.claim(keys)
-        new = [(k, r) for k, r, s in zip(keys, records, statuses, strict=True) if s is ClaimStatus.NEW]
-        result.duplicates += sum(1 for s in statuses if s is ClaimStatus.DUPLICATE)
-        result.in_flight += sum(1 for s in statuses if s is ClaimStatus.IN_FLIGHT)
-        new_keys = [k for k, _ in new]
-        fresh = [*(r for _, r in new), *notices]
-        confirm_inside = getattr(self.outbox, "confirms_dedupe", False)
-        try:
-            if confirm_inside:  # the Redis outbox: appended and confirmed in one atomic script
-                await self.outbox.append(  # type: ignore[call-arg]
-                    fresh, dedupe=False, confirm=new_keys, confirm_seconds=self.redis_dedupe.window_seconds
-                )
-            else:
-                await self.outbox.append(fresh, dedupe=False)
-        except BaseException:
-            await self.redis_dedupe.release(new_keys)
-            raise
-        if not confirm_inside:
-            await self.redis_dedupe.confirm(new_keys)
-        result.accepted += len(new)

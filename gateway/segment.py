@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 import msgspec
 
 from gateway.config import Limits
+from gateway.errors import InvalidRequest
 from gateway.events import Envelope, Event, Rejection, RejectMessage
 
 Id = str | int
@@ -83,17 +84,6 @@ class BatchEnvelope(msgspec.Struct, rename="camel", kw_only=True):
 
 class WriteKeyOnly(msgspec.Struct, rename="camel"):
     write_key: str | None = None
-
-
-class InvalidRequest(Exception):
-    """The request as a whole is unusable (maps to a 4xx)."""
-
-    def __init__(self, error: str, detail: str, field: str | None = None, status: int = 400) -> None:
-        super().__init__(detail)
-        self.error = error
-        self.detail = detail
-        self.field = field
-        self.status = status
 
 
 _AT = re.compile(r" - at `\$\.?(.*)`$")

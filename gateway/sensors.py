@@ -19,8 +19,8 @@ scrubbing and delivery treat both protocols alike:
   to ``context.externalIds`` typed as idgate identifier types (a WeChat openid scoped by its
   mini-program appid), where the pipeline pseudonymises them and links the identifiers of
   one event (``track_signup`` and ``track_id_bind`` are such events);
-- ``track_id_unbind`` names identifiers to detach from their person: they are returned,
-  already pseudonymised, beside the events, for ``Ingestor.detach_identifiers``;
+- ``track_id_unbind`` names identifiers to detach from their person: they travel raw in
+  the envelope (``Envelope.unbind``); the pipeline pseudonymises them and detaches them;
 - Sensors events carry no message id: one is derived (keyed, so it reveals nothing) from
   ``_track_id``, ``distinct_id``, ``time``, the type and the event name, or from the whole
   event when an SDK sends no ``_track_id``; ``_flush_time`` corrects the device clock;
@@ -48,13 +48,13 @@ from urllib.parse import parse_qsl
 import msgspec
 
 from gateway.config import Limits
-from gateway.events import Envelope, Event, Rejection, RejectMessage
-from gateway.pipeline import IDENTIFIER_LIKE_KEYS
-from gateway.segment import InvalidRequest, describe_decode_error
-from identity.identifiers import Identifier, InvalidIdentifier, normalise
+from gateway.errors import InvalidRequest
+from gateway.events import Envelope, Event, RawIdentifier, Rejection, RejectMessage
+from gateway.segment import describe_decode_error
 
 Id = str | int
-Pseudonym = Callable[[str], str]
+# The tenant's keyed derivation, for message ids only (they must reveal nothing).
+Derive = Callable[[str], str]
 
 # Sensors' rules for event names, property keys and identity keys (sa-sdk NAME_PATTERN).
 NAME = re.compile(r"^[a-zA-Z_$][a-zA-Z\d_$]{0,99}$")
@@ -104,12 +104,6 @@ IDENTITY_TYPES = {
 }
 # "$identity_mp_openid" (appid from the properties) or "$identity_mp_<appid>_openid".
 _OPENID_KEY = re.compile(r"^\$identity_mp_(?:(?P<appid>[A-Za-z0-9]+)_)?openid$")
-# Property keys (lower case, without the "$") that hold someone's identifier: replaced by
-# their pseudonym here, since the pipeline only knows the Segment spellings.
-_ID_PROPERTY = re.compile(
-    r"(?:^|_)(?:distinct_id|openid|unionid|login_id|anonymous_id|device_id|cookie_id|mp_id"
-    r"|android_id|oaid|idfa|idfv|imei|uuid)$"
-)
 
 
 class SensorsEvent(msgspec.Struct, kw_only=True):
@@ -144,8 +138,8 @@ class SensorsBatch:
     envelopes: list[Envelope]
     rejected: list[Rejection]
     received: int
-    # Per track_id_unbind event (by index): the pseudonymised identifiers to detach.
-    unbind: list[tuple[int, list[Identifier]]] = field(default_factory=list)
+    # Indexes of the track_id_unbind events (their envelopes carry what to detach).
+    unbind: list[int] = field(default_factory=list)
 
 
 # -- transport --------------------------------------------------------------------------------
@@ -334,43 +328,18 @@ def _subject(ev: SensorsEvent, ids: dict[str, str], appid: str | None, where: st
     return s
 
 
-def _unbind_identifiers(s: _Subject, pseudonym: Pseudonym) -> list[Identifier]:
-    out = []
-    for id_type, value, scope, _ in s.identities:
-        if id_type is None:
-            continue
-        try:
-            ident = normalise(id_type, value, scope=scope)
-        except InvalidIdentifier:
-            continue
-        out.append(Identifier(id_type, pseudonym(ident.value)))
-    return out
+def _unbind_identifiers(s: _Subject) -> list[RawIdentifier]:
+    return [RawIdentifier(t, value, scope) for t, value, scope, _ in s.identities if t is not None]
 
 
-def _pseudonymise_id_properties(props: dict[str, Any], pseudonym: Pseudonym) -> dict[str, Any]:
-    out = dict(props)
-    for key, value in props.items():
-        lowered = key.lower()
-        if lowered in IDENTIFIER_LIKE_KEYS:  # the pipeline handles the Segment spellings
-            continue
-        if (
-            _ID_PROPERTY.search(lowered.lstrip("$"))
-            and isinstance(value, str | int)
-            and not isinstance(value, bool)
-            and value != ""
-        ):
-            out[key] = pseudonym(str(value).strip())
-    return out
-
-
-def derive_message_id(ev: SensorsEvent, raw: bytes, pseudonym: Pseudonym) -> str:
+def derive_message_id(ev: SensorsEvent, raw: bytes, derive: Derive) -> str:
     """A stable id for dedupe: the same event sent twice gets the same one; keyed, so it
     reveals nothing about the distinct id in it."""
     if ev.track_id is not None:
         basis = f"{ev.type}\x1f{ev.event}\x1f{ev.distinct_id}\x1f{ev.time}\x1f{ev.track_id}"
     else:  # server SDKs send no _track_id: the event itself (a retry sends the same bytes)
         basis = f"{ev.type}\x1fraw\x1f{hashlib.sha256(raw).hexdigest()}"
-    return "sa-" + pseudonym(basis)
+    return "sa-" + derive(basis)
 
 
 def to_event(
@@ -378,12 +347,11 @@ def to_event(
     *,
     message_id: str,
     received_at: datetime,
-    pseudonym: Pseudonym,
     project: str,
     where: str = "",
-) -> tuple[Event, list[Identifier]]:
+) -> tuple[Event, list[RawIdentifier]]:
     """Validate one record and build the internal Event (and, for an unbind, the
-    pseudonymised identifiers to detach). Raises RejectMessage naming the field."""
+    identifiers to detach). Raises RejectMessage naming the field."""
     kind = ev.type
     if kind in ITEM_TYPES:
         raise RejectMessage(
@@ -414,14 +382,14 @@ def to_event(
         raise RejectMessage("invalid_field", "track_signup needs original_id", f"{where}original_id")
     appid = properties.get("$app_id") or (ev.lib or {}).get("$app_id")
     subject = _subject(ev, ids, str(appid) if isinstance(appid, str | int) and appid else None, where)
-    unbind: list[Identifier] = []
+    unbind: list[RawIdentifier] = []
     if kind == "track_id_unbind":
         if not subject.identities:
             raise RejectMessage(
                 "invalid_field", "track_id_unbind names the identity to unbind", f"{where}identities"
             )
         # The event is about the person of distinct_id; the identities are only detached.
-        unbind = _unbind_identifiers(subject, pseudonym)
+        unbind = _unbind_identifiers(subject)
         distinct = ids.get("distinct_id")
         logins = {v for t, v, _, _ in subject.identities if t == "user_id"}
         subject = _Subject(
@@ -448,11 +416,8 @@ def to_event(
         context["library"] = {"name": lib["$lib"], "version": str(lib.get("$lib_version", ""))}
     if project:
         context["sensors"]["project"] = project
-    if unbind:
-        context["sensors"]["unbind"] = [{"type": i.type, "id": i.value} for i in unbind]
     if subject.external:
         context["externalIds"] = subject.external
-    properties = _pseudonymise_id_properties(properties, pseudonym) if properties else properties
     if "$ip" in properties:  # the pipeline truncates context.ip
         properties = dict(properties)
         context["ip"] = str(properties.pop("$ip"))
@@ -486,7 +451,7 @@ def decode_events(
     single: bool,
     limits: Limits,
     received_at: datetime,
-    pseudonym: Pseudonym,
+    derive: Derive,
     project: str = "",
 ) -> SensorsBatch:
     """Decode the JSON of ``data`` (one event, or a list) or ``data_list`` (a list).
@@ -527,14 +492,9 @@ def decode_events(
         mid: str | None = None
         try:
             ev = _event_decoder.decode(raw)
-            mid = derive_message_id(ev, raw, pseudonym)
+            mid = derive_message_id(ev, raw, derive)
             event, unbind = to_event(
-                ev,
-                message_id=mid,
-                received_at=received_at,
-                pseudonym=pseudonym,
-                project=project,
-                where=where,
+                ev, message_id=mid, received_at=received_at, project=project, where=where
             )
         except RejectMessage as exc:
             batch.rejected.append(Rejection(i, exc.error, exc.detail, exc.field, mid))
@@ -545,7 +505,7 @@ def decode_events(
             field_name = field_name.replace("[...]", "") if field_name else field_name
             batch.rejected.append(Rejection(i, error, detail, field_name, mid))
             continue
-        batch.envelopes.append(Envelope(event, i))
+        batch.envelopes.append(Envelope(event, i, unbind=unbind))
         if unbind:
-            batch.unbind.append((i, unbind))
+            batch.unbind.append(i)
     return batch

@@ -45,9 +45,9 @@ from litestar.openapi.spec.enums import OpenAPIType
 from litestar.types import Receive, Scope, Send
 
 from gateway.config import ResolvedSource, hash_write_key, index_sensors_tokens
+from gateway.errors import InvalidRequest
 from gateway.ingest_http import IngestContext, IngestHeaders, ingest_response, log_rejections, read_body
 from gateway.pipeline import IngestResult
-from gateway.segment import InvalidRequest
 from gateway.sensors import SensorsBatch, decode_events, parse_form, payload_json
 
 log = structlog.get_logger("idgate.ingest")
@@ -134,25 +134,20 @@ async def ingest_in_order(
     ctx: IngestContext, src: ResolvedSource, batch: SensorsBatch, result: IngestResult
 ) -> None:
     """Run the pipeline over the batch; an unbind takes effect where it stands in it: the
-    events before it are resolved first, the events after it see the person split."""
+    events before it are resolved first, the events after it see the person split (the
+    batch is cut after each unbind, and the pipeline detaches at the end of each part)."""
     if not batch.unbind:
         await ctx.ingestor.ingest(src, batch.envelopes, result)
         return
-    unbind = dict(batch.unbind)
+    cuts = set(batch.unbind)
     start = 0
     for end, env in enumerate(batch.envelopes, 1):
-        if env.index not in unbind and end < len(batch.envelopes):
+        if env.index not in cuts and end < len(batch.envelopes):
             continue
         part = result if start == 0 else IngestResult(received=0)
         await ctx.ingestor.ingest(src, batch.envelopes[start:end], part)
         if part is not result:
-            result.accepted += part.accepted
-            result.duplicates += part.duplicates
-            result.in_flight += part.in_flight
-            result.rejected.extend(part.rejected)
-            result.dropped.update(part.dropped)
-        if env.index in unbind and all(r.index != env.index for r in part.rejected):
-            await ctx.ingestor.detach_identifiers(src.tenant.id, unbind[env.index])
+            result.merge(part)
         start = end
 
 
@@ -177,7 +172,7 @@ async def _sensors(scope: Scope, receive: Receive, send: Send) -> None:
         single=single,
         limits=limits,
         received_at=datetime.now(UTC),
-        pseudonym=ctx.keyring.pseudonymiser(src.tenant.id),
+        derive=ctx.keyring.pseudonymiser(src.tenant.id),
         project=src.source.sensors_project,
     )
     result = IngestResult(received=batch.received, rejected=batch.rejected)

@@ -37,6 +37,8 @@ import msgspec
 import networkx as nx
 from networkx.utils import UnionFind
 
+from identity.identifiers import is_node, node_type
+
 DEVICE_LIKE_LIMIT: Final = 10
 DEFAULT_MAX_PER_TYPE: Final[dict[str, int]] = {
     "user_id": 1,
@@ -72,11 +74,6 @@ def _default_max_per_type() -> dict[str, int]:
 def new_unified_id() -> str:
     """A fresh opaque unified ID; random, so it reveals nothing about the identifiers."""
     return "p_" + secrets.token_hex(10)
-
-
-def node_type(node: str) -> str:
-    """The identifier type of a ``"<type>:<pseudonym>"`` node."""
-    return node.partition(":")[0]
 
 
 class Provenance(msgspec.Struct, frozen=True, gc=False):
@@ -326,8 +323,7 @@ class IdentityGraph:
             raise ValueError("resolve needs at least one node")
         order = sorted(set(nodes), key=self._priority_key)
         for node in order:
-            kind, sep, value = node.partition(":")
-            if not (kind and sep and value):
+            if not is_node(node):
                 raise ValueError("a node is '<type>:<pseudonym>'")
         changes: list[GraphChange] = []
         for node in order:

@@ -24,10 +24,44 @@ class InvalidIdentifier(ValueError):
 
 
 class Identifier(msgspec.Struct, frozen=True, array_like=True):
-    """A normalised identifier. After pseudonymisation ``value`` holds the pseudonym."""
+    """A normalised identifier. After pseudonymisation ``value`` holds the pseudonym.
+
+    Its ``node`` (``"<type>:<pseudonym>"``) is how the identity graph, the consent ledger
+    and the identity log name a pseudonymised identifier; ``from_node`` reads one back.
+    Nothing else builds or splits that string."""
 
     type: str
     value: str
+
+    @property
+    def node(self) -> str:
+        return f"{self.type}:{self.value}"
+
+    @classmethod
+    def from_node(cls, node: str) -> Identifier:
+        """The identifier a node string names; ValueError when it is not one."""
+        kind, sep, value = node.partition(":")
+        if not (kind and sep and value):
+            raise ValueError("a node is '<type>:<pseudonym>'")
+        return cls(kind, value)
+
+
+def node_type(node: str) -> str:
+    """The identifier type of a ``"<type>:<pseudonym>"`` node."""
+    return node.partition(":")[0]
+
+
+def node_value(node: str) -> str:
+    """The pseudonym of a ``"<type>:<pseudonym>"`` node."""
+    return node.partition(":")[2]
+
+
+def is_node(value: object) -> bool:
+    """Whether ``value`` is a well-formed ``"<type>:<pseudonym>"`` node string."""
+    if not isinstance(value, str):
+        return False
+    kind, sep, rest = value.partition(":")
+    return bool(kind and sep and rest)
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,12 +69,16 @@ class IdentifierType:
     name: str
     min_length: int = 1
     max_length: int = 255
+    # Names one device or app install (an anonymous id, a device id, the openid one
+    # mini-program gets), not the person: a client source may assert consent for these.
     device_like: bool = False
 
 
 JUNK_VALUES: Final = frozenset(
     {"", "null", "undefined", "none", "nan", "0", "-1", "anonymous", "guest", "[object object]", "nil"}
 )
+# Identifiers only unique inside a namespace: a WeChat openid belongs to one mini-program.
+SCOPED_TYPES: Final = frozenset({"wechat_openid"})
 _ALL_ZERO = re.compile(r"^[0-]*$")
 _PHONE_PUNCTUATION = re.compile(r"[\s\-().]")
 _CN_MOBILE = re.compile(r"^1[3-9]\d{9}$")
@@ -54,7 +92,7 @@ IDENTIFIER_TYPES: Final[dict[str, IdentifierType]] = {
         IdentifierType("phone", min_length=7, max_length=32),
         IdentifierType("email", min_length=5),
         IdentifierType("wechat_unionid", min_length=8),
-        IdentifierType("wechat_openid", min_length=8),
+        IdentifierType("wechat_openid", min_length=8, device_like=True),
         IdentifierType("oaid", min_length=8, device_like=True),
         IdentifierType("idfv", min_length=8, device_like=True),
         IdentifierType("idfa", min_length=8, device_like=True),
@@ -63,6 +101,48 @@ IDENTIFIER_TYPES: Final[dict[str, IdentifierType]] = {
         IdentifierType("anonymous_id", min_length=4, device_like=True),
     )
 }
+
+
+# Identifier types naming one device or app install; the others name the person.
+DEVICE_TYPES: Final = frozenset(t.name for t in IDENTIFIER_TYPES.values() if t.device_like)
+
+# Property and trait keys that hold someone's identifier (lower case, a leading "$" removed):
+# pseudonymised wherever they appear, whatever protocol the event came in.
+IDENTIFIER_KEYS: Final = frozenset(
+    {
+        "phone",
+        "mobile",
+        "email",
+        "openid",
+        "unionid",
+        "userid",
+        "user_id",
+        "anonymousid",
+        "anonymous_id",
+        "distinct_id",
+        "idfa",
+        "idfv",
+        "oaid",
+        "imei",
+        "android_id",
+        "androidid",
+        "device_id",
+        "deviceid",
+        "advertisingid",
+        "id_card",
+        "idcard",
+    }
+)
+_IDENTIFIER_KEY = re.compile(
+    r"(?:^|_)(?:distinct_id|openid|unionid|login_id|anonymous_id|device_id|cookie_id|mp_id"
+    r"|android_id|oaid|idfa|idfv|imei|uuid)$"
+)
+
+
+def is_identifier_key(key: str) -> bool:
+    """Whether a property or trait key names someone's identifier."""
+    lowered = key.lower().lstrip("$")
+    return lowered in IDENTIFIER_KEYS or _IDENTIFIER_KEY.search(lowered) is not None
 
 
 def normalise_phone(value: str) -> str:
@@ -95,6 +175,8 @@ def normalise(id_type: str, raw: object, *, scope: str | None = None) -> Identif
     spec = IDENTIFIER_TYPES.get(id_type)
     if spec is None:
         raise InvalidIdentifier(id_type, "unknown identifier type")
+    if id_type in SCOPED_TYPES and not scope:
+        raise InvalidIdentifier(id_type, "needs the appid it belongs to")
     if isinstance(raw, bool) or not isinstance(raw, str | int):
         raise InvalidIdentifier(id_type, "must be a string or an integer")
     value = str(raw).strip()

@@ -16,6 +16,8 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
+from identity.identifiers import Identifier, normalise
+
 MIN_KEY_BYTES = 32
 
 
@@ -53,6 +55,18 @@ class Pseudonymiser:
 
     def __repr__(self) -> str:  # never show key material
         return f"Pseudonymiser(version={self.version})"
+
+
+def pseudonymise_identifier(
+    pseudonymiser: Pseudonymiser, id_type: str, raw: object, *, scope: str | None = None
+) -> Identifier:
+    """Normalise one raw identifier and replace its value by the pseudonym: the one way a
+    raw identifier becomes what idgate stores (ingest adapters, the consent API and the
+    admin API all come through here). Raises ``InvalidIdentifier`` (unknown type, junk
+    value, a WeChat openid without its appid, ...) with the reason; the raw value never
+    appears in it."""
+    ident = normalise(id_type, raw, scope=scope)
+    return Identifier(id_type, pseudonymiser(ident.value))
 
 
 @dataclass(frozen=True)

@@ -1,15 +1,18 @@
-"""Identity resolution interface: the pipeline asks for the unified person of each event.
+"""Identity resolution interface: what the gateway asks of the identity domain.
 
 ``IdentityResolver.resolve_batch`` takes, per event, its pseudonymised identifiers and
 whether linking them is allowed (``identity_linking`` consent), and returns the unified ID
-(or None when no resolver is configured).
+(or None when no resolver is configured). The operator actions (unlink, remove) and the
+reads (unified IDs, the graph of a tenant for explain and review) are part of the same
+contract, so callers never reach past it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Protocol
 
+from identity.graph import GraphChange, IdentityGraph
 from identity.identifiers import Identifier
 
 
@@ -17,9 +20,18 @@ class IdentityResolver(Protocol):
     # Whether the resolver links identifiers (and so needs identity_linking decisions).
     links: bool
 
+    async def start(self) -> None: ...
+    async def stop(self) -> None: ...
+
+    def graph(self, tenant: str) -> IdentityGraph | None:
+        """The tenant's graph (read it between awaits only), None when resolution is off."""
+        ...
+
     def linked_identifiers(
         self, tenant: str, identifier_sets: Sequence[Sequence[Identifier]]
-    ) -> list[tuple[str, ...]]: ...
+    ) -> list[tuple[str, ...]]:
+        """Per set: the pseudonyms of the other identifiers its person already has."""
+        ...
 
     async def resolve_batch(
         self,
@@ -27,17 +39,33 @@ class IdentityResolver(Protocol):
         identifier_sets: Sequence[Sequence[Identifier]],
         linking_allowed: Sequence[bool],
         provenance: Sequence[tuple[str, str]] | None = None,
-        notices: list[Any] | None = None,
+        notices: list[GraphChange] | None = None,
     ) -> list[str | None]:
         """``notices``, when given, receives the merges and splits this call caused (for
         the caller to send after its events) instead of the resolver's change hook."""
         ...
+
+    def unified_id(self, tenant: str, node: str) -> str:
+        """The node's unified ID: its person's, or the derived one of a never-linked node."""
+        ...
+
+    async def unlink(self, tenant: str, a: str, b: str) -> list[GraphChange]: ...
+    async def remove(self, tenant: str, node: str) -> list[GraphChange]: ...
 
 
 class NoResolution:
     """No identity graph: events keep their own identifiers and carry no unified ID."""
 
     links = False
+
+    async def start(self) -> None:
+        return None
+
+    async def stop(self) -> None:
+        return None
+
+    def graph(self, tenant: str) -> IdentityGraph | None:
+        return None
 
     def linked_identifiers(
         self, tenant: str, identifier_sets: Sequence[Sequence[Identifier]]
@@ -50,6 +78,15 @@ class NoResolution:
         identifier_sets: Sequence[Sequence[Identifier]],
         linking_allowed: Sequence[bool],
         provenance: Sequence[tuple[str, str]] | None = None,
-        notices: list[Any] | None = None,
+        notices: list[GraphChange] | None = None,
     ) -> list[str | None]:
         return [None] * len(identifier_sets)
+
+    def unified_id(self, tenant: str, node: str) -> str:
+        return node
+
+    async def unlink(self, tenant: str, a: str, b: str) -> list[GraphChange]:
+        return []
+
+    async def remove(self, tenant: str, node: str) -> list[GraphChange]:
+        return []

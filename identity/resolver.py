@@ -25,6 +25,7 @@ import msgspec
 import structlog
 
 from identity.graph import (
+    EdgeRefused,
     EdgeRemoved,
     GraphChange,
     IdentityGraph,
@@ -32,9 +33,10 @@ from identity.graph import (
     Merged,
     NodeRemoved,
     Provenance,
+    Quarantined,
     Split,
 )
-from identity.identifiers import Identifier
+from identity.identifiers import Identifier, node_type, node_value
 from identity.store import IdentityLogStore, LogRow
 
 log = structlog.get_logger(__name__)
@@ -44,14 +46,6 @@ OnChanges = Callable[[str, Sequence[GraphChange]], Awaitable[None]]
 
 _encode = msgspec.json.Encoder().encode
 _decode = msgspec.json.Decoder(GraphChange).decode
-
-
-def node_of(ident: Identifier) -> str:
-    return f"{ident.type}:{ident.value}"
-
-
-def pseudonym_of(node: str) -> str:
-    return node.rsplit(":", 1)[-1]
 
 
 # What was decided under the log's lock: per tenant, the changes, and the list collecting
@@ -102,6 +96,9 @@ class GraphResolver:
         self._write_lock = asyncio.Lock()
         self._follower: asyncio.Task[None] | None = None
         self._priority = {t: {name: i for i, name in enumerate(r.priority)} for t, r in rules.items()}
+
+    def graph(self, tenant: str) -> IdentityGraph | None:
+        return self.graphs.get(tenant)
 
     def _fresh_graphs(self) -> dict[str, IdentityGraph]:
         return {t: IdentityGraph(r, node_id=self.node_ids.get(t)) for t, r in self.rules.items()}
@@ -171,7 +168,7 @@ class GraphResolver:
     # -- reads -----------------------------------------------------------------------
     def anchor(self, tenant: str, nodes: Sequence[str]) -> str:
         order = self._priority[tenant]
-        return min(nodes, key=lambda n: (order.get(n.split(":", 1)[0], len(order)), n))
+        return min(nodes, key=lambda n: (order.get(node_type(n), len(order)), n))
 
     def linked_identifiers(
         self, tenant: str, identifier_sets: Sequence[Sequence[Identifier]]
@@ -183,12 +180,12 @@ class GraphResolver:
             return [()] * len(identifier_sets)
         out = []
         for ids in identifier_sets:
-            own = {node_of(i) for i in ids}
+            own = {i.node for i in ids}
             linked: set[str] = set()
             for node in own:
                 if graph.has_links(node):
                     linked.update(graph.component(node))
-            out.append(tuple(pseudonym_of(n) for n in linked - own) if linked else ())
+            out.append(tuple(node_value(n) for n in linked - own) if linked else ())
         return out
 
     def _fast_answer(self, tenant: str, nodes: list[str], link: bool) -> str | None:
@@ -225,7 +222,7 @@ class GraphResolver:
         slow: list[tuple[int, list[str], Provenance]] = []
         now = datetime.now(UTC)
         for i, (ids, link) in enumerate(zip(identifier_sets, linking_allowed, strict=True)):
-            nodes = [node_of(x) for x in ids]
+            nodes = [x.node for x in ids]
             if not nodes:
                 continue
             source, event_id = provenance[i] if provenance else ("", "")
@@ -319,10 +316,9 @@ class GraphResolver:
                 uid, changes = graph.resolve(nodes, link=link, provenance=prov)
                 uids.append(uid)
                 decided.append((p.tenant, changes, p.notices))
-                kinds = {type(c).__name__ for c in changes}
-                if kinds & {"Merged", "Split"}:
+                if any(isinstance(c, Merged | Split) for c in changes):
                     self._settled[p.tenant].clear()
-                elif link and kinds & {"EdgeRefused", "Quarantined"}:
+                elif link and any(isinstance(c, EdgeRefused | Quarantined) for c in changes):
                     settled = self._settled[p.tenant]
                     if len(settled) > 100_000:
                         settled.clear()

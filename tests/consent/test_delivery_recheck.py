@@ -15,8 +15,9 @@ from consent.service import ConsentService, LedgerPolicy
 from consent.signing import load_signer
 from consent.state import SqlConsentState
 from export.delivery import DeliveryService, DeliveryWorker
-from export.outbox import OutboxRecord, SqliteOutbox
-from export.sinks import JsonlFileSink
+from export.outbox import OutboxRecord
+from export.sqlite_outbox import SqliteOutbox
+from export.file_sinks import JsonlFileSink
 from gateway.config import parse_config
 from gateway.consent_setup import delivery_recheck, purpose_rules
 from gateway.pipeline import destination_specs

@@ -10,17 +10,21 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from export.deadletter import DeadLetterStore, RedisDeadLetters, SqliteDeadLetters
+from export.dedupe import RedisDedupe
 from export.delivery import DeliveryService, DeliveryWorker, Retry
 from export.domains import DomainRekeyer
-from export.outbox import OutboxRecord, SqliteOutbox, StoredRecord
+from export.outbox import OutboxRecord, StoredRecord, notice_record
 from export.redis_outbox import RedisStreamOutbox
-from export.sinks import PermanentSinkError, RetryableSinkError
+from export.sink import PermanentSinkError, RetryableSinkError
+from export.sqlite_outbox import SqliteOutbox
+from identity.notices import IdentityMerged, NoticeContext, NoticeMeta
 from identity.pseudonym import Pseudonymiser
 from tests.conftest import REDIS_URL
 
@@ -70,25 +74,20 @@ def event(i: int, person: str = "", destinations: tuple[str, ...] = ("a",), user
         received_at_ms=int(time.time() * 1000) + i,
         destinations=destinations,
         payload=json.dumps(body, separators=(",", ":")).encode(),
+        person=person,
+        pseudonyms=tuple(v for v in (person, user) if v),
     )
 
 
 def merged_notice(survivor: str, merged: str, destinations: tuple[str, ...]) -> OutboxRecord:
-    body = {
-        "type": "identity.merged",
-        "messageId": f"identity.merged:{merged}",
-        "survivor": survivor,
-        "merged": merged,
-        "context": {"idgate": {"tenant": "t", "notice": True}},
-    }
-    return OutboxRecord(
-        "t",
-        "idgate",
-        body["messageId"],
-        int(time.time() * 1000),
-        destinations,
-        json.dumps(body, separators=(",", ":")).encode(),
+    notice = IdentityMerged(
+        message_id=f"identity.merged:{merged}",
+        received_at=datetime.now(UTC),
+        context=NoticeContext(NoticeMeta("t")),
+        survivor=survivor,
+        merged=merged,
     )
+    return notice_record(notice, destinations)
 
 
 def person(n: int) -> str:
@@ -127,7 +126,8 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]
     def make(replica: str) -> RedisStreamOutbox:
         client = aioredis.from_url(url)
         clients.append(client)
-        return RedisStreamOutbox(client, prefix=prefix, replica=replica, claim_idle_ms=200)
+        dedupe = RedisDedupe(client, window_seconds=3600, prefix=f"{prefix}:dedupe")
+        return RedisStreamOutbox(client, prefix=prefix, replica=replica, dedupe=dedupe, claim_idle_ms=200)
 
     sync = redis.Redis.from_url(url)
     yield Backend(make("r1"), RedisDeadLetters(redis.Redis.from_url(url), prefix), make)
@@ -253,11 +253,13 @@ def test_notices_go_only_to_destinations_that_received_the_person(backend: Backe
 
 
 def test_pseudonym_domains_keep_recipients_unjoinable_unless_shared() -> None:
-    stored = json.dumps(
-        {"userId": PRF("user-1"), "anonymousId": PRF("anon-1"), "context": {"unified_id": person(7)}}
-    ).encode()
+    values = {"userId": PRF("user-1"), "anonymousId": PRF("anon-1"), "context": {"unified_id": person(7)}}
+    stored = json.dumps(values).encode()
+    record = StoredRecord(
+        1, 0, ("a",), stored, pseudonyms=(PRF("user-1"), PRF("anon-1"), person(7)), person=person(7)
+    )
     a, b, a2 = (DomainRekeyer(PRF, d) for d in ("warehouse", "ads", "warehouse"))
-    out = {name: json.loads(r.payload(stored)) for name, r in (("a", a), ("b", b), ("a2", a2))}
+    out = {name: json.loads(r.payload(record)) for name, r in (("a", a), ("b", b), ("a2", a2))}
     assert out["a"] == out["a2"]  # one domain: the same values, joinable
     for key in ("userId", "anonymousId"):
         assert out["a"][key] != out["b"][key] != json.loads(stored)[key]

@@ -8,7 +8,8 @@ import time
 import redis
 import redis.asyncio as aioredis
 
-from export.dedupe import ClaimStatus, RedisDedupe, redis_dedupe_key
+from export.dedupe import RedisDedupe, redis_dedupe_key
+from export.outbox import ClaimStatus
 from tests.conftest import Gateway, RedisNamespace, make_gateway, mid
 
 

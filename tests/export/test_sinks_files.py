@@ -11,13 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from export.outbox import StoredRecord
-from export.sinks import (
-    PARQUET_COMMITTED,
-    JsonlFileSink,
-    ParquetFileSink,
-    build_sink,
-    validate_options,
-)
+from export.file_sinks import PARQUET_COMMITTED, JsonlFileSink, ParquetFileSink
+from export.sinks import build_sink, validate_options
 from tests.receivers import sample_records
 
 DAY_MS = 86_400_000
@@ -26,7 +21,7 @@ T0 = 1_763_700_000_000  # 2025-11-21
 
 def _notice(seq: int, body: dict) -> StoredRecord:
     payload = json.dumps(body).encode()
-    return StoredRecord(seq, T0, ("d",), payload, b"", body["messageId"])
+    return StoredRecord(seq, T0, ("d",), payload, b"", body["messageId"], kind="notice")
 
 
 def _read(directory: Path) -> list[dict]:

@@ -28,7 +28,9 @@ from export.http_sinks import (
     track_id,
 )
 from export.outbox import StoredRecord
-from export.sinks import PermanentSinkError, RetryableSinkError, build_sink
+from identity.notices import decode_notice
+from export.sink import PermanentSinkError, RetryableSinkError
+from export.sinks import build_sink
 from tests.conftest import free_port
 from tests.receivers import Receiver, decode_sensors_form, sample_records
 
@@ -38,7 +40,8 @@ NO_ROOT = Path("/nonexistent")  # HTTP sinks write no files
 
 
 def _record(seq: int, body: dict) -> StoredRecord:
-    return StoredRecord(seq, T0, ("d",), json.dumps(body).encode(), b"", body["messageId"], ())
+    kind = "notice" if body["type"].startswith("identity.") else "event"
+    return StoredRecord(seq, T0, ("d",), json.dumps(body).encode(), b"", body["messageId"], (), kind=kind)
 
 
 def _batches(records: Sequence[StoredRecord], size: int) -> list[Sequence[StoredRecord]]:
@@ -337,7 +340,15 @@ def test_sensors_body_decodes_to_what_the_sink_derived() -> None:
         asyncio.run(_deliver(sink, [records]))
     # the receiver checked every record with the Sensors SDK's own rules (else 400)
     assert rx.statuses == {200: 3} and [r.path for r in rx.requests] == ["/sa?project=default"] * 3
-    derived = [sensors_event(json.loads(r.payload), r.message_id, project="production") for r in records]
+    derived = [
+        sensors_event(
+            json.loads(r.payload),
+            r.message_id,
+            project="production",
+            notice=decode_notice(r.payload) if r.kind == "notice" else None,
+        )
+        for r in records
+    ]
     assert rx.events == derived
     assert rx.message_ids == [r.message_id for r in records]
 

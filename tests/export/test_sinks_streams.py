@@ -16,7 +16,8 @@ import pytest
 import redis
 
 from export.outbox import StoredRecord
-from export.sinks import PermanentSinkError, RetryableSinkError, build_sink
+from export.sink import PermanentSinkError, RetryableSinkError
+from export.sinks import build_sink
 from export.stream_sinks import NatsSink, RedisStreamSink
 from tests.conftest import RedisNamespace, free_port
 from tests.receivers import sample_records

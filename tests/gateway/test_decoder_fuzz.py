@@ -9,7 +9,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gateway.config import Limits
-from gateway.segment import InvalidRequest, decode_batch, decode_single
+from gateway.errors import InvalidRequest
+from gateway.segment import decode_batch, decode_single
 
 NOW = datetime(2026, 11, 21, tzinfo=UTC)
 json_values = st.recursive(

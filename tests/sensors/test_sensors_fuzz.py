@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from gateway.config import Limits, Tenant
 from gateway.events import RejectMessage
 from gateway.pipeline import pseudonymise_identifiers, scrub_personal_data
-from gateway.segment import InvalidRequest
+from gateway.errors import InvalidRequest
 from gateway.sensors import decode_events, parse_form, payload_json
 from identity.pseudonym import Pseudonymiser
 from tests.conftest import Gateway
@@ -89,7 +89,7 @@ event_like = st.fixed_dictionaries(
 def check_batch(payload: bytes, single: bool) -> None:
     try:
         batch = decode_events(
-            payload, single=single, limits=Limits(), received_at=NOW, pseudonym=PSEUDONYM, project="shop"
+            payload, single=single, limits=Limits(), received_at=NOW, derive=PSEUDONYM, project="shop"
         )
     except InvalidRequest as exc:
         assert 400 <= exc.status < 500

@@ -1,0 +1,588 @@
+"""The embedded outbox: SQLite, group commit, message-id dedupe and delivery cursors.
+
+One SQLite database in WAL mode with ``synchronous=FULL``. Appends are group-committed:
+the requests that arrive while one commit runs share the next transaction and its fsync,
+and an append resolves only after that fsync, so an acknowledged event survives a kill -9
+of the process.
+
+Dedupe (export.outbox's claim / append / release): a claim checks the ``dedupe`` table
+(message ids confirmed within the window) and this process's in-flight claims; the claimed
+keys are inserted in the same transaction as the records. With ``REDIS_URL`` set, replicas
+that each keep an embedded outbox share their claims in Redis instead (export.dedupe).
+
+Each destination has a delivery cursor (last delivered sequence number) and the committed
+byte sizes of its sink files, updated in one transaction, which is what makes the file
+sink exactly-once across crashes (see export.file_sinks).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from functools import partial
+from pathlib import Path
+from typing import TypeVar
+
+import msgspec
+import structlog
+from prometheus_client import Histogram
+
+from export.dedupe import RedisDedupe
+from export.outbox import (
+    Claim,
+    ClaimStatus,
+    DeliveryBatch,
+    DeliveryState,
+    OutboxRecord,
+    OutboxUnavailable,
+    StoredRecord,
+    dedupe_key,
+)
+from export.outbox_schema import migrate_outbox_database, open_outbox_database
+
+log = structlog.get_logger(__name__)
+
+COMMIT_SECONDS = Histogram(
+    "idgate_outbox_commit_seconds",
+    "Time to durably commit one group of appends (the wait before a request is acknowledged)",
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
+)
+GROUP_REQUESTS = Histogram(
+    "idgate_outbox_group_requests",
+    "Requests sharing one group commit",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+)
+T = TypeVar("T")
+
+# One statement marks every message id a group confirms: a claimed id is inserted, or
+# revived when its earlier sighting has left the window. With ``dedupe`` (notices, replays
+# of stored records) the ids come back only when they were new: the rest are duplicates.
+_CLAIM_SQL = (
+    "INSERT INTO dedupe(key, seen_at_ms) SELECT value, ? FROM json_each(?) WHERE true "
+    "ON CONFLICT(key) DO UPDATE SET seen_at_ms = excluded.seen_at_ms WHERE dedupe.seen_at_ms < ? "
+    "RETURNING key"
+)
+_SEEN_SQL = "SELECT key FROM dedupe WHERE seen_at_ms >= ? AND key IN (SELECT value FROM json_each(?))"
+_INSERT_SQL = (
+    "INSERT INTO outbox(tenant, source, message_id, received_at_ms, destinations, payload, consent, proof, "
+    "kind, person, pseudonyms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_COLUMNS = (
+    "seq, received_at_ms, destinations, payload, consent, message_id, proof, kind, person, pseudonyms, "
+    "tenant, source"
+)
+
+
+def _row_record(row: tuple[object, ...]) -> StoredRecord:
+    s, r, d, p, c, m, pr, kind, person, pseudonyms, tenant, source = row
+    return StoredRecord(
+        seq=int(s),  # type: ignore[call-overload]
+        received_at_ms=int(r),  # type: ignore[call-overload]
+        destinations=tuple(str(d).split(",")),
+        payload=bytes(p),  # type: ignore[call-overload]
+        consent=bytes(c),  # type: ignore[call-overload]
+        message_id=str(m),
+        proof=tuple(int(x) for x in str(pr).split(",") if x),
+        kind="notice" if kind == "notice" else "event",
+        person=str(person),
+        pseudonyms=tuple(x for x in str(pseudonyms).split(",") if x),
+        tenant=str(tenant),
+        source=str(source),
+    )
+
+
+class _PendingAppend:
+    __slots__ = ("records", "dedupe", "claimed", "future")
+
+    def __init__(
+        self,
+        records: list[OutboxRecord],
+        dedupe: bool,
+        claimed: list[str],
+        future: asyncio.Future[list[bool]] | None,
+    ) -> None:
+        self.records = records
+        self.dedupe = dedupe
+        self.claimed = claimed
+        self.future = future
+
+
+class SqliteOutbox:
+    """Embedded outbox on SQLite with group commit on the event loop.
+
+    Appends made while a group commits wait and are committed together as the next
+    group: one transaction (begin, mark the message ids, insert the rows, commit with
+    fsync). The statements run on the event loop (measured: handing the whole
+    transaction to a writer thread cost more in GIL hand-overs than it saved); only the
+    COMMIT, where SQLite fsyncs with the GIL released, runs on a commit thread, so the
+    loop serves other requests meanwhile. Every write goes through this one connection,
+    one transaction at a time, so SQLite has a single writer; reads use other connections.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        dedupe_window_seconds: int = 24 * 3600,
+        clock: Callable[[], float] = time.time,
+        shared_dedupe: RedisDedupe | None = None,
+    ) -> None:
+        self.path = path
+        self.dedupe_window_ms = dedupe_window_seconds * 1000
+        self._clock = clock
+        # Replicas with an outbox each share their message-id claims in Redis.
+        self.shared_dedupe = shared_dedupe
+        self._writer: sqlite3.Connection | None = None
+        self._reader: sqlite3.Connection | None = None
+        self._claims: sqlite3.Connection | None = None  # read on the loop by claim()
+        self._reader_lock = threading.Lock()
+        self._pending: list[_PendingAppend] = []
+        self._flushing = False
+        self._write_lock = asyncio.Lock()
+        self._committer: ThreadPoolExecutor | None = None
+        # message-id keys claimed by requests of this process that have not appended yet
+        self._in_flight: set[str] = set()
+        self.commits = 0
+        self.appends_committed = 0
+
+    # -- lifecycle -------------------------------------------------------------------
+    def open(self) -> None:
+        writer = open_outbox_database(self.path)
+        migrate_outbox_database(writer)
+        # Checkpoints copy the WAL into the database and fsync it: done in the background by
+        # checkpoint(), not inside a request's commit on the event loop.
+        writer.execute("PRAGMA wal_autocheckpoint=0")
+        self._writer = writer
+        self._reader = open_outbox_database(self.path)
+        self._claims = open_outbox_database(self.path)
+        self._committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="outbox-commit")
+
+    def close(self) -> None:
+        if self._committer is not None:
+            self._committer.shutdown(wait=True)
+            self._committer = None
+        for conn in (self._writer, self._reader, self._claims):
+            if conn is not None:
+                conn.close()
+        self._writer = self._reader = self._claims = None
+
+    @property
+    def alive(self) -> bool:
+        return self._writer is not None
+
+    # -- writes ----------------------------------------------------------------------
+    @contextmanager
+    def _rolled_back_on_error(self, conn: sqlite3.Connection) -> Iterator[None]:
+        try:
+            yield
+        except sqlite3.Error as exc:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            log.error("outbox.commit_failed", error=type(exc).__name__, detail=str(exc))
+            raise OutboxUnavailable(f"outbox commit failed: {exc}") from exc
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        self.commits += 1
+
+    def _transaction(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``fn`` in one transaction on the writer connection, synchronously."""
+        conn = self._writer
+        if conn is None:
+            raise OutboxUnavailable("outbox is not open")
+        with self._rolled_back_on_error(conn):
+            conn.execute("BEGIN IMMEDIATE")
+            result = fn(conn)
+            conn.execute("COMMIT")
+        return result
+
+    async def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``fn`` on the loop, then COMMIT (the fsync) on the commit thread.
+
+        sqlite3 releases the GIL while it commits, so the loop keeps serving requests
+        during the fsync; the lock keeps the next transaction out until it is done.
+        """
+        conn = self._writer
+        if conn is None or self._committer is None:
+            raise OutboxUnavailable("outbox is not open")
+        async with self._write_lock:
+            with self._rolled_back_on_error(conn):
+                conn.execute("BEGIN IMMEDIATE")
+                result = fn(conn)
+                commit = asyncio.get_running_loop().run_in_executor(self._committer, conn.execute, "COMMIT")
+                try:
+                    await asyncio.shield(commit)
+                except asyncio.CancelledError:
+                    # The connection is busy committing: let it finish before anything else
+                    # (a rollback included) touches it.
+                    await asyncio.wait([commit])
+                    raise
+            return result
+
+    async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        def run() -> T:
+            if self._reader is None:
+                raise OutboxUnavailable("outbox is not open")
+            with self._reader_lock:
+                return fn(self._reader)
+
+        return await asyncio.to_thread(run)
+
+    # -- claims ----------------------------------------------------------------------
+    async def claim(self, source: str, message_ids: Sequence[str]) -> Claim:
+        """Claim message ids before the request does anything with its events."""
+        if self.shared_dedupe is not None:
+            keys = [self.shared_dedupe.key(source, m) for m in message_ids]
+            try:
+                statuses = await self.shared_dedupe.claim(keys)
+            except Exception as exc:
+                raise OutboxUnavailable(f"dedupe claim failed: {type(exc).__name__}") from exc
+            return Claim(statuses, [k for k, s in zip(keys, statuses, strict=True) if s is ClaimStatus.NEW])
+        conn = self._claims
+        if conn is None:
+            raise OutboxUnavailable("outbox is not open")
+        keys = [dedupe_key(source, m).hex() for m in message_ids]
+        cutoff = int(self._clock() * 1000) - self.dedupe_window_ms
+        asked = sorted(set(keys) - self._in_flight)
+        try:
+            seen = (
+                {k for (k,) in conn.execute(_SEEN_SQL, (cutoff, msgspec.json.encode(asked)))}
+                if asked
+                else set()
+            )
+        except sqlite3.Error as exc:
+            raise OutboxUnavailable(f"dedupe lookup failed: {exc}") from exc
+        statuses: list[ClaimStatus] = []
+        claimed: list[str] = []
+        mine: set[str] = set()
+        for key in keys:
+            if key in self._in_flight:
+                # claimed by another request still in flight, or earlier in this one
+                statuses.append(ClaimStatus.DUPLICATE if key in mine else ClaimStatus.IN_FLIGHT)
+            elif key in seen:
+                statuses.append(ClaimStatus.DUPLICATE)
+            else:
+                statuses.append(ClaimStatus.NEW)
+                claimed.append(key)
+                mine.add(key)
+                self._in_flight.add(key)
+        return Claim(statuses, claimed)
+
+    async def release(self, claim: Claim) -> None:
+        """Give claimed ids back (the request failed before its append): a retry is new."""
+        if self.shared_dedupe is not None:
+            await self.shared_dedupe.release(claim.keys)
+            return
+        self._in_flight.difference_update(claim.keys)
+
+    # -- appends ---------------------------------------------------------------------
+    def _append_group(self, groups: list[_PendingAppend], conn: sqlite3.Connection) -> list[list[bool]]:
+        """Mark the message ids of the group and insert its rows: one statement each."""
+        now_ms = int(self._clock() * 1000)
+        keys = [
+            dedupe_key(r.source, r.message_id).hex() if p.dedupe else "" for p in groups for r in p.records
+        ]
+        marked = sorted({k for k in keys if k} | {k for p in groups for k in p.claimed})
+        fresh: set[str] = set()
+        if marked:
+            params = (now_ms, msgspec.json.encode(marked), now_ms - self.dedupe_window_ms)
+            fresh = {k for (k,) in conn.execute(_CLAIM_SQL, params)}
+        results: list[list[bool]] = []
+        rows = []
+        position = 0
+        for p in groups:
+            stored: list[bool] = []
+            for r in p.records:
+                key = keys[position]
+                position += 1
+                if key:
+                    if key not in fresh:  # seen before, or earlier in this same group
+                        stored.append(False)
+                        continue
+                    fresh.discard(key)
+                stored.append(True)
+                if r.destinations:
+                    rows.append(
+                        (
+                            r.tenant,
+                            r.source,
+                            r.message_id,
+                            r.received_at_ms,
+                            ",".join(r.destinations),
+                            r.payload,
+                            r.consent,
+                            ",".join(map(str, r.proof)),
+                            r.kind,
+                            r.person,
+                            ",".join(r.pseudonyms),
+                        )
+                    )
+            results.append(stored)
+        if rows:
+            conn.executemany(_INSERT_SQL, rows)
+        self.appends_committed += len(groups)
+        return results
+
+    async def append(
+        self, records: Sequence[OutboxRecord], *, dedupe: bool = False, claim: Claim | None = None
+    ) -> list[bool]:
+        """Durably append; returns per record True (stored) or False (duplicate message id,
+        with ``dedupe``). ``claim``'s ids are confirmed in the same transaction.
+
+        Resolves only after the commit (fsync) that holds the records. Records with no
+        destination still pass through dedupe but are not stored.
+        """
+        if self._writer is None:
+            raise OutboxUnavailable("outbox is not open")
+        local = list(claim.keys) if claim is not None and self.shared_dedupe is None else []
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[list[bool]] = loop.create_future()
+        self._pending.append(_PendingAppend(list(records), dedupe, local, future))
+        if not self._flushing:
+            self._flushing = True
+            loop.create_task(self._flush())
+        try:
+            stored = await future
+        finally:
+            # committed or failed, these ids are no longer in flight here (a failed append's
+            # ids are free for the client's retry)
+            self._in_flight.difference_update(local)
+        if claim is not None and self.shared_dedupe is not None and claim.keys:
+            await self.shared_dedupe.confirm(claim.keys)
+        return stored
+
+    async def _flush(self) -> None:
+        """Commit everything pending, group after group, until nothing is left.
+
+        Requests that arrive while a group commits wait in ``_pending`` and form the next
+        group: the classic group commit."""
+        try:
+            while self._pending:
+                batch, self._pending = self._pending, []
+                started = time.perf_counter()
+                try:
+                    results = await self._write(partial(self._append_group, batch))
+                except Exception as exc:
+                    failure = exc if isinstance(exc, OutboxUnavailable) else OutboxUnavailable(str(exc))
+                    for p in batch:
+                        if p.future is not None and not p.future.done():
+                            p.future.set_exception(failure)
+                    continue
+                COMMIT_SECONDS.observe(time.perf_counter() - started)
+                GROUP_REQUESTS.observe(len(batch))
+                for p, stored in zip(batch, results, strict=True):
+                    # a cancelled request's events are stored all the same
+                    if p.future is not None and not p.future.done():
+                        p.future.set_result(stored)
+        finally:
+            self._flushing = False
+
+    def append_sync(self, records: Sequence[OutboxRecord], *, dedupe: bool) -> list[bool]:
+        group = _PendingAppend(list(records), dedupe, [], None)
+        return self._transaction(partial(self._append_group, [group]))[0]
+
+    # -- delivery --------------------------------------------------------------------
+    async def register_destinations(self, destinations: Iterable[str]) -> None:
+        names = list(destinations)
+
+        def tx(conn: sqlite3.Connection) -> None:
+            conn.executemany(
+                "INSERT OR IGNORE INTO delivery_cursor(destination, last_seq) VALUES (?, 0)",
+                [(n,) for n in names],
+            )
+
+        await self._write(tx)
+
+    async def read_after(self, last_seq: int, limit: int) -> list[StoredRecord]:
+        def q(conn: sqlite3.Connection) -> list[StoredRecord]:
+            rows = conn.execute(
+                f"SELECT {_COLUMNS} FROM outbox WHERE seq > ? ORDER BY seq LIMIT ?",  # noqa: S608
+                (last_seq, limit),
+            ).fetchall()
+            return [_row_record(row) for row in rows]
+
+        return await self._read(q)
+
+    async def read_for(
+        self, destination: str, last_seq: int, limit: int
+    ) -> tuple[list[StoredRecord], int, int]:
+        """The next window of up to ``limit`` rows after ``last_seq``: the rows routed to
+        ``destination`` (filtered in SQLite, so other destinations' payloads are not read),
+        the last seq of the window and how many rows it spanned."""
+
+        def q(conn: sqlite3.Connection) -> tuple[list[StoredRecord], int, int]:
+            upper, count = conn.execute(
+                "SELECT max(seq), count(*) FROM (SELECT seq FROM outbox WHERE seq > ? ORDER BY seq LIMIT ?)",
+                (last_seq, limit),
+            ).fetchone()
+            if not count:
+                return [], last_seq, 0
+            rows = conn.execute(
+                f"SELECT {_COLUMNS} FROM outbox "  # noqa: S608
+                "WHERE seq > ? AND seq <= ? AND instr(',' || destinations || ',', ?) > 0 ORDER BY seq",
+                (last_seq, upper, f",{destination},"),
+            ).fetchall()
+            records = [_row_record(row) for row in rows]
+            return records, int(upper), int(count)
+
+        return await self._read(q)
+
+    async def delivery_state(self, destination: str) -> DeliveryState:
+        def q(conn: sqlite3.Connection) -> DeliveryState:
+            row = conn.execute(
+                "SELECT last_seq, delivered FROM delivery_cursor WHERE destination = ?", (destination,)
+            ).fetchone()
+            files = conn.execute(
+                "SELECT file, committed_bytes FROM sink_file WHERE destination = ?", (destination,)
+            ).fetchall()
+            last_seq, delivered = row if row else (0, 0)
+            return DeliveryState(last_seq=last_seq, delivered=delivered, sink_files=dict(files))
+
+        return await self._read(q)
+
+    async def commit_delivery(
+        self,
+        destination: str,
+        last_seq: int,
+        delivered: int,
+        sink_files: dict[str, int],
+        persons: Iterable[str] = (),
+    ) -> None:
+        """Advance the cursor past ``last_seq``, record the sink sizes and the persons whose
+        data the destination now holds (notices go only where a person's data went); one
+        transaction."""
+
+        def tx(conn: sqlite3.Connection) -> None:
+            conn.executemany(
+                "INSERT OR IGNORE INTO delivered_person(destination, unified_id) VALUES (?, ?)",
+                [(destination, p) for p in persons],
+            )
+            conn.execute(
+                "INSERT INTO delivery_cursor(destination, last_seq, delivered) VALUES (?, ?, ?) "
+                "ON CONFLICT(destination) DO UPDATE SET last_seq = excluded.last_seq, "
+                "delivered = delivery_cursor.delivered + excluded.delivered",
+                (destination, last_seq, delivered),
+            )
+            conn.executemany(
+                "INSERT INTO sink_file(destination, file, committed_bytes) VALUES (?, ?, ?) "
+                "ON CONFLICT(destination, file) DO UPDATE SET committed_bytes = excluded.committed_bytes",
+                [(destination, f, size) for f, size in sink_files.items()],
+            )
+
+        await self._write(tx)
+
+    async def received(self, destination: str, persons: Iterable[str]) -> set[str]:
+        """Which of ``persons`` the destination has been sent data of."""
+        wanted = sorted(set(persons))
+
+        def q(conn: sqlite3.Connection) -> set[str]:
+            rows = conn.execute(
+                "SELECT unified_id FROM delivered_person WHERE destination = ? "
+                "AND unified_id IN (SELECT value FROM json_each(?))",
+                (destination, msgspec.json.encode(wanted)),
+            )
+            return {r[0] for r in rows}
+
+        return await self._read(q) if wanted else set()
+
+    async def backlog(self) -> int:
+        """Rows appended after the slowest destination's cursor (cheap: two index lookups)."""
+
+        def q(conn: sqlite3.Connection) -> int:
+            (top,) = conn.execute("SELECT COALESCE(MAX(seq), 0) FROM outbox").fetchone()
+            (low,) = conn.execute("SELECT COALESCE(MIN(last_seq), 0) FROM delivery_cursor").fetchone()
+            return max(0, int(top) - int(low))
+
+        return await self._read(q)
+
+    def queue(self, destination: str) -> SqliteDestinationQueue:
+        return SqliteDestinationQueue(self, destination)
+
+    async def pending(self) -> int:
+        """Events appended but not yet delivered to every destination."""
+
+        def q(conn: sqlite3.Connection) -> int:
+            row = conn.execute(
+                "SELECT COUNT(*) FROM outbox "
+                "WHERE seq > (SELECT COALESCE(MIN(last_seq), 0) FROM delivery_cursor)"
+            ).fetchone()
+            return int(row[0])
+
+        return await self._read(q)
+
+    async def checkpoint(self) -> tuple[int, int]:
+        """Copy committed WAL frames into the database (PASSIVE: never blocks the writer).
+
+        Returns (frames in the WAL, frames checkpointed)."""
+
+        def q(conn: sqlite3.Connection) -> tuple[int, int]:
+            _, log_frames, done = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            return int(log_frames), int(done)
+
+        return await self._read(q)
+
+    async def prune(self, chunk: int = 5_000) -> tuple[int, int]:
+        """Delete up to ``chunk`` rows every destination has delivered and as many dedupe
+        entries past the window; small chunks keep each transaction short for the loop."""
+        cutoff = int(self._clock() * 1000) - self.dedupe_window_ms
+
+        def tx(conn: sqlite3.Connection) -> tuple[int, int]:
+            delivered = conn.execute(
+                "DELETE FROM outbox WHERE seq IN (SELECT seq FROM outbox WHERE seq <= "
+                "(SELECT COALESCE(MIN(last_seq), 0) FROM delivery_cursor) LIMIT ?)",
+                (chunk,),
+            ).rowcount
+            expired = conn.execute(
+                "DELETE FROM dedupe WHERE key IN (SELECT key FROM dedupe WHERE seen_at_ms < ? LIMIT ?)",
+                (cutoff, chunk),
+            ).rowcount
+            return delivered, expired
+
+        return await self._write(tx)
+
+
+class SqliteDestinationQueue:
+    """A delivery cursor on the embedded outbox. A window with nothing for this destination
+    moves the cursor in memory only; it is saved within a second (after a crash the window
+    is merely scanned again)."""
+
+    def __init__(self, outbox: SqliteOutbox, destination: str) -> None:
+        self.outbox = outbox
+        self.destination = destination
+        self.last_seq = 0
+        self._saved_seq = 0
+        self._saved_at = 0.0
+
+    async def open(self) -> dict[str, int]:
+        await self.outbox.register_destinations([self.destination])
+        state = await self.outbox.delivery_state(self.destination)
+        self.last_seq = self._saved_seq = state.last_seq
+        return state.sink_files
+
+    async def fetch(self, limit: int) -> DeliveryBatch:
+        mine, upper, scanned = await self.outbox.read_for(self.destination, self.last_seq, limit)
+        if not scanned and self._saved_seq < self.last_seq:  # idle: save the cursor moved in memory
+            await self.outbox.commit_delivery(self.destination, self.last_seq, 0, {})
+            self._saved_seq = self.last_seq
+        return DeliveryBatch(mine, scanned, upper)
+
+    async def commit(
+        self, batch: DeliveryBatch, delivered: int, sink_files: dict[str, int], persons: Iterable[str]
+    ) -> None:
+        upper = int(batch.token)  # type: ignore[call-overload]
+        now = time.monotonic()
+        persons = list(persons)
+        if delivered or sink_files or persons or now - self._saved_at > 1.0:
+            await self.outbox.commit_delivery(self.destination, upper, delivered, sink_files, persons)
+            self._saved_at = now
+            self._saved_seq = upper
+        self.last_seq = upper
+
+    async def received(self, persons: Iterable[str]) -> set[str]:
+        return await self.outbox.received(self.destination, persons)

@@ -1,0 +1,9 @@
+"""The admin and compliance API: Litestar controllers behind role guards (gateway.auth)."""
+
+from gateway.admin.consent import ConsentAuditController, NoticesController
+from gateway.admin.deps import AdminServices
+from gateway.admin.identity import IdentityController
+
+ADMIN_CONTROLLERS = [ConsentAuditController, NoticesController, IdentityController]
+
+__all__ = ["ADMIN_CONTROLLERS", "AdminServices"]

@@ -1,0 +1,199 @@
+"""Compliance API over the consent store: records, point-in-time views, exports, statistics,
+verification, notices, and the access log of officers' own queries.
+
+Thin handlers: check the tenant scope, pseudonymise the subject, call the consent domain
+(consent.audit, consent.service), write the access log, return typed views.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime
+from typing import Annotated
+
+from litestar import Controller, Response, get, post
+from litestar.exceptions import PermissionDeniedException
+from litestar.params import Parameter
+
+from consent.audit import ConsentStats, ExportFormat, ExportPart, StatsGroup, SubjectView
+from consent.ledger import VerifyResult
+from consent.service import ConsentRefused
+from gateway.admin.deps import ADMIN_DEPENDENCIES, AdminServices, log_access, parse_time
+from gateway.admin.schemas import AccessLogPage, NoticePublished, NoticeRequest, RecordsPage
+from gateway.auth import Officer, admin_guard, roles
+
+Limit = Annotated[int, Parameter(ge=1, le=5000, description="at most this many")]
+
+
+class ConsentAuditController(Controller):
+    path = "/admin"
+    tags = ["compliance"]
+    guards = [admin_guard]
+    dependencies = ADMIN_DEPENDENCIES
+    security = [{"AdminToken": []}]
+
+    @get(
+        "/consent/records",
+        summary="Consent records of a subject, time range, purpose or notice",
+        opt=roles("compliance"),
+    )
+    async def records(
+        self,
+        services: AdminServices,
+        officer: Officer,
+        tenant: str,
+        identifier: str | None = None,
+        id_type: Annotated[str, Parameter(query="type")] = "user_id",
+        appid: str | None = None,
+        since: str | None = None,
+        until: str | None = None,
+        purpose: str | None = None,
+        notice: str | None = None,
+        after_seq: Annotated[int, Parameter(ge=0)] = 0,
+        limit: Limit = 500,
+    ) -> RecordsPage:
+        """Compliance role. A raw identifier is pseudonymised server-side; only the
+        pseudonym is stored or logged."""
+        services.tokens.check_tenant(officer, tenant)
+        node = services.subject(tenant, identifier, id_type, appid).node if identifier else None
+        found = await asyncio.to_thread(
+            services.audit.records,
+            tenant=tenant,
+            node=node,
+            since=parse_time(since, "since"),
+            until=parse_time(until, "until"),
+            purpose=purpose,
+            notice_id=notice,
+            after_seq=after_seq,
+            limit=limit,
+        )
+        subject = node.partition(":")[2] if node else None
+        params = {
+            "subject": subject,
+            "type": id_type,
+            "since": since,
+            "until": until,
+            "purpose": purpose,
+            "notice": notice,
+            "after_seq": after_seq,
+        }
+        await log_access(services, officer, "consent.records", tenant, params, len(found))
+        return RecordsPage(
+            subject=subject, records=found, next_after_seq=found[-1].seq if len(found) == limit else None
+        )
+
+    @get(
+        "/consent/subject",
+        summary="Point in time: what a subject allowed, and which deliveries relied on it",
+        opt=roles("compliance"),
+    )
+    async def subject_at(
+        self,
+        services: AdminServices,
+        officer: Officer,
+        tenant: str,
+        identifier: str,
+        id_type: Annotated[str, Parameter(query="type")] = "user_id",
+        appid: str | None = None,
+        at: str | None = None,
+    ) -> SubjectView:
+        services.tokens.check_tenant(officer, tenant)
+        subject = services.subject(tenant, identifier, id_type, appid)
+        moment = parse_time(at, "at") or datetime.now(UTC)
+        view = await asyncio.to_thread(services.audit.subject_at, tenant=tenant, node=subject.node, at=moment)
+        params = {"subject": subject.value, "type": id_type, "at": moment.isoformat()}
+        await log_access(services, officer, "consent.subject_at", tenant, params, view.records)
+        return view
+
+    @get(
+        "/consent/export",
+        summary="Ledger export: JSONL with checkpoints, or CSV (records or checkpoints)",
+        opt=roles("compliance"),
+        media_type="application/x-ndjson",
+    )
+    async def export(
+        self,
+        services: AdminServices,
+        officer: Officer,
+        tenant: str | None = None,
+        fmt: Annotated[ExportFormat, Parameter(query="format")] = "jsonl",
+        part: ExportPart = "records",
+    ) -> Response[bytes]:
+        """JSONL carries records, signed checkpoints and a seal (``idgate ledger verify`` checks
+        it offline). CSV comes in two parts: ``part=records`` and ``part=checkpoints``."""
+        if tenant is None and officer.tenants:
+            raise PermissionDeniedException(detail="a tenant-scoped officer must name the tenant")
+        if tenant is not None:
+            services.tokens.check_tenant(officer, tenant)
+        text = await asyncio.to_thread(services.audit.export, tenant=tenant, fmt=fmt, part=part)
+        lines = text.count("\n")
+        await log_access(services, officer, "consent.export", tenant, {"format": fmt, "part": part}, lines)
+        media = "application/x-ndjson" if fmt == "jsonl" else "text/csv"
+        name = f"consent-ledger-{tenant or 'all'}{'-checkpoints' if part == 'checkpoints' else ''}.{fmt}"
+        return Response(
+            text.encode(), media_type=media, headers={"Content-Disposition": f'attachment; filename="{name}"'}
+        )
+
+    @get("/consent/stats", summary="Consent rates by purpose, notice or platform", opt=roles("compliance"))
+    async def stats(
+        self, services: AdminServices, officer: Officer, tenant: str, by: StatsGroup = "purpose"
+    ) -> ConsentStats:
+        services.tokens.check_tenant(officer, tenant)
+        result = await asyncio.to_thread(services.audit.stats, tenant=tenant, by=by)
+        await log_access(services, officer, "consent.stats", tenant, {"by": by}, len(result.groups))
+        return result
+
+    @get(
+        "/consent/verify",
+        summary="Verify the ledger's hash chain and signed checkpoints",
+        opt=roles("operator", "compliance"),
+    )
+    async def verify(self, services: AdminServices, officer: Officer) -> VerifyResult:
+        result: VerifyResult = await asyncio.to_thread(services.verify_ledger)
+        await log_access(services, officer, "consent.verify", None, {}, result.records)
+        return result
+
+    @get("/access-log", summary="Officers' queries of personal data", opt=roles("compliance"))
+    async def access_log(
+        self, services: AdminServices, officer: Officer, limit: Limit = 200
+    ) -> AccessLogPage:
+        entries = await asyncio.to_thread(services.access_log.entries, limit=limit, tenants=officer.tenants)
+        await log_access(services, officer, "admin.access_log", None, {"limit": limit}, len(entries))
+        return AccessLogPage(entries=entries)
+
+
+class NoticesController(Controller):
+    path = "/admin/notices"
+    tags = ["operations"]
+    guards = [admin_guard]
+    dependencies = ADMIN_DEPENDENCIES
+    security = [{"AdminToken": []}]
+
+    @post("/", summary="Publish a privacy-notice version", status_code=201, opt=roles("operator"))
+    async def publish(
+        self, services: AdminServices, officer: Officer, data: NoticeRequest
+    ) -> NoticePublished:
+        """Operator role. A material notice sends the purposes it changes (all when none are
+        named) back to re-consent for everyone who agreed to an older version."""
+        services.tokens.check_tenant(officer, data.tenant)
+        receipt = await services.consent.publish_notice(
+            data.tenant,
+            data.id,
+            data.content_sha256,
+            material=data.material,
+            purposes_changed=data.purposes_changed,
+            actor=f"admin:{officer.name}",
+        )
+        if receipt is None:
+            raise ConsentRefused(f"notice {data.id!r} is already published", "id")
+        await log_access(
+            services,
+            officer,
+            "notice.publish",
+            data.tenant,
+            {"notice": data.id, "material": data.material},
+            1,
+        )
+        return NoticePublished(
+            notice_id=data.id, seq=receipt.seq, record_id=receipt.record_id, material=data.material
+        )

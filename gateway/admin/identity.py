@@ -1,0 +1,152 @@
+"""Operator and compliance API over the identity graph: explain, unlink, erase, quarantine.
+
+Raw identifiers named in a request are pseudonymised here with the tenant's key; the
+identity domain (identity.service) sees pseudonyms only.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from litestar import Controller, get, post
+from litestar.params import Parameter
+
+from gateway.admin.deps import ADMIN_DEPENDENCIES, AdminServices, log_access
+from gateway.admin.schemas import (
+    EraseRequest,
+    ErasureResult,
+    Explained,
+    LinkHop,
+    QuarantinedMerge,
+    QuarantineList,
+    UnlinkRequest,
+    UnlinkResult,
+)
+from gateway.auth import Officer, admin_guard, roles
+
+
+class IdentityController(Controller):
+    path = "/admin/identity"
+    tags = ["identity"]
+    guards = [admin_guard]
+    dependencies = ADMIN_DEPENDENCIES
+    security = [{"AdminToken": []}]
+
+    @get(
+        "/explain",
+        summary="The chain of links that joins two identifiers, with provenance",
+        opt=roles("operator"),
+    )
+    async def explain(
+        self,
+        services: AdminServices,
+        officer: Officer,
+        tenant: str,
+        a: str,
+        b: str,
+        a_type: str = "user_id",
+        b_type: str = "user_id",
+        a_appid: str | None = None,
+        b_appid: str | None = None,
+    ) -> Explained:
+        """Operator role. Raw identifiers are pseudonymised server-side."""
+        services.tokens.check_tenant(officer, tenant)
+        node_a = services.subject(tenant, a, a_type, a_appid, fields=("a", "a_type", "a_appid")).node
+        node_b = services.subject(tenant, b, b_type, b_appid, fields=("b", "b_type", "b_appid")).node
+        found = services.identity.explain(tenant, node_a, node_b)
+        await log_access(
+            services, officer, "identity.explain", tenant, {"a": node_a, "b": node_b}, len(found.path)
+        )
+        return Explained(
+            a=found.a,
+            b=found.b,
+            linked=found.linked,
+            unified_id=found.unified_id,
+            unified_id_by_destination=services.by_destination(tenant, found.unified_id),
+            path=[
+                LinkHop(
+                    h.a, h.b, h.provenance.source, h.provenance.event_id, h.provenance.at, h.provenance.rule
+                )
+                for h in found.path
+            ],
+        )
+
+    @post(
+        "/unlink",
+        status_code=200,
+        summary="Remove one link (a wrong bind); the person splits if it was the only path",
+        opt=roles("operator"),
+    )
+    async def unlink(self, services: AdminServices, officer: Officer, data: UnlinkRequest) -> UnlinkResult:
+        services.tokens.check_tenant(officer, data.tenant)
+        node_a = services.subject_of(data.tenant, data.a, "a").node
+        node_b = services.subject_of(data.tenant, data.b, "b").node
+        result = await services.identity.unlink(data.tenant, node_a, node_b)
+        await log_access(
+            services,
+            officer,
+            "identity.unlink",
+            data.tenant,
+            {"a": node_a, "b": node_b},
+            int(result.split) + 1,
+        )
+        per_destination = {k: services.by_destination(data.tenant, v) for k, v in result.unified_ids.items()}
+        return UnlinkResult(
+            removed=True,
+            split=result.split,
+            unified_ids=result.unified_ids,
+            unified_ids_by_destination={
+                d: {k: str(per_destination[k][d]) for k in result.unified_ids} for d in per_destination["a"]
+            },
+        )
+
+    @post(
+        "/erase",
+        status_code=200,
+        summary="Erase identifiers from the identity graph; deletion notices go downstream",
+        opt=roles("compliance"),
+    )
+    async def erase(self, services: AdminServices, officer: Officer, data: EraseRequest) -> ErasureResult:
+        """Compliance role (a deletion request, PIPL Art 47). The identifiers leave the graph
+        (the person splits where they held it together) and an ``identity.deleted`` notice
+        per person goes to every destination that received that person's data. ``erased``
+        counts the identifiers removed from the graph; ``notInGraph`` those it never held
+        (never linked: only their derived unified ID went downstream, and it is notified)."""
+        services.tokens.check_tenant(officer, data.tenant)
+        idents = [
+            services.subject_of(data.tenant, ref, f"identifiers[{i}]")
+            for i, ref in enumerate(data.identifiers)
+        ]
+        done = await services.identity.erase(data.tenant, idents)
+        await log_access(
+            services,
+            officer,
+            "identity.erase",
+            data.tenant,
+            {"nodes": sorted({i.node for i in idents})},
+            len(done.removed),
+        )
+        return ErasureResult(
+            erased=len(done.removed),
+            not_in_graph=len(done.not_in_graph),
+            unified_ids=done.unified_ids,
+            notices=done.notices,
+        )
+
+    @get("/quarantine", summary="Merges held back by the circuit breaker, for review", opt=roles("operator"))
+    async def quarantine(
+        self,
+        services: AdminServices,
+        officer: Officer,
+        tenant: str,
+        limit: Annotated[int, Parameter(ge=1, le=5000)] = 200,
+    ) -> QuarantineList:
+        services.tokens.check_tenant(officer, tenant)
+        held = services.identity.quarantine(tenant, limit)
+        await log_access(services, officer, "identity.quarantine", tenant, {"limit": limit}, len(held))
+        return QuarantineList(
+            quarantined=[
+                QuarantinedMerge(q.a, q.b, q.reason, q.provenance.source, q.provenance.event_id, q.at)
+                for q in held
+            ]
+        )

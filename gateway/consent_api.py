@@ -1,0 +1,153 @@
+"""``POST /v1/consent``: SDKs record a person's consent choices (write-key auth).
+
+The body names the subject by the same identifiers events carry (``userId``,
+``anonymousId``, ``identifiers[]`` such as a WeChat openid with its appid), the purposes
+granted and withdrawn, and the notice the person saw. Identifiers are pseudonymised
+before anything is recorded; the response is sent after the ledger records are stored
+and the consent state every replica reads is updated.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+
+import msgspec
+from litestar import Controller, Request, post
+from litestar.datastructures import State
+from litestar.di import Provide
+
+from consent.service import ConsentService
+from gateway.auth import WriteKeys
+from gateway.config import ResolvedSource
+from gateway.errors import InvalidRequest
+from identity.identifiers import IDENTIFIER_TYPES, SCOPED_TYPES, InvalidIdentifier
+from identity.pseudonym import Pseudonymiser, pseudonymise_identifier
+
+Purpose = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+RawId = Annotated[str, msgspec.Meta(min_length=1, max_length=255)] | int
+
+
+class ConsentIdentifier(msgspec.Struct, forbid_unknown_fields=True):
+    """Another identifier of the subject (e.g. a WeChat openid with the appid it belongs to)."""
+
+    type: str
+    id: RawId
+    appid: str | None = None
+
+
+class ConsentRequest(msgspec.Struct, rename="camel", kw_only=True):
+    user_id: RawId | None = None
+    anonymous_id: RawId | None = None
+    identifiers: Annotated[list[ConsentIdentifier], msgspec.Meta(max_length=20)] = []
+    grant: Annotated[list[Purpose], msgspec.Meta(max_length=32)] = []
+    withdraw: Annotated[list[Purpose], msgspec.Meta(max_length=32)] = []
+    notice_id: str | None = None
+    sdk: str | None = None
+    evidence_hash: str | None = None
+    # "guardian": a parent or guardian consents for a subject under 14.
+    consent_kind: Literal["general", "guardian"] = "general"
+    subject_is_minor: bool | None = None
+    write_key: str | None = None
+
+
+class ConsentReceipt(msgspec.Struct, rename="camel"):
+    record_id: str
+    seq: int
+    purposes: list[str]
+    state: str
+    at: datetime
+
+
+class ConsentRecorded(msgspec.Struct):
+    success: bool
+    recorded: list[ConsentReceipt]
+    at: datetime
+
+
+def subject_identifiers(req: ConsentRequest, pseudonymiser: Pseudonymiser) -> list[tuple[str, str]]:
+    """The subject's identifiers as (type, pseudonym); a junk value is a 400 naming it."""
+    raw: list[tuple[str, Any, str | None, str]] = []
+    if req.user_id is not None:
+        raw.append(("user_id", req.user_id, None, "userId"))
+    if req.anonymous_id is not None:
+        raw.append(("anonymous_id", req.anonymous_id, None, "anonymousId"))
+    for i, item in enumerate(req.identifiers):
+        raw.append((item.type, item.id, item.appid, f"identifiers[{i}]"))
+    out = []
+    for id_type, value, scope, where in raw:
+        if id_type not in IDENTIFIER_TYPES:
+            raise InvalidRequest("invalid_field", f"unknown identifier type {id_type!r}", f"{where}.type")
+        if id_type in SCOPED_TYPES and not scope:
+            raise InvalidRequest(
+                "invalid_field", "a WeChat openid needs the appid it belongs to", f"{where}.appid"
+            )
+        try:
+            ident = pseudonymise_identifier(pseudonymiser, id_type, value, scope=scope)
+        except InvalidIdentifier as exc:
+            raise InvalidRequest("invalid_identifier", f"{where}: {exc.reason}", where) from None
+        out.append((ident.type, ident.value))
+    if not out:
+        raise InvalidRequest("missing_identity", "userId, anonymousId or identifiers is required", "userId")
+    return out
+
+
+def provide_source(request: Request[Any, Any, Any], state: State, data: ConsentRequest) -> ResolvedSource:
+    """The source of the write key (HTTP Basic user, or ``writeKey`` in the body)."""
+    keys: WriteKeys = state.write_keys
+    return keys.authenticate(request.headers.get("authorization", ""), lambda: data.write_key)
+
+
+def provide_consent(state: State) -> ConsentService:
+    service: ConsentService = state.consent
+    return service
+
+
+def consent_controller(max_body_bytes: int) -> type[Controller]:
+    """The controller, with the request size limit of one message."""
+
+    class ConsentController(Controller):
+        path = "/v1/consent"
+        tags = ["consent"]
+        security = [{"WriteKey": []}]
+        dependencies = {
+            "source": Provide(provide_source, sync_to_thread=False),
+            "consent": Provide(provide_consent, sync_to_thread=False),
+        }
+
+        @post(
+            "/",
+            status_code=200,
+            summary="Record a person's consent choices",
+            request_max_body_size=max_body_bytes,
+        )
+        async def record(
+            self, data: ConsentRequest, source: ResolvedSource, consent: ConsentService, state: State
+        ) -> ConsentRecorded:
+            """Grants and withdrawals of purposes for the subject the identifiers name, bound
+            to the notice the person saw (required for a grant). ``consentKind: "guardian"``
+            and ``subjectIsMinor: true`` cover children under 14."""
+            identifiers = subject_identifiers(data, state.keyring.pseudonymiser(source.tenant.id))
+            receipts = await consent.record(
+                tenant=source.tenant.id,
+                identifiers=identifiers,
+                grant=data.grant,
+                withdraw=data.withdraw,
+                notice_id=data.notice_id,
+                source=source.source.id,
+                platform=source.source.platform,
+                sdk=data.sdk,
+                evidence_hash=data.evidence_hash,
+                guardian=data.consent_kind == "guardian",
+                minor=data.subject_is_minor,
+            )
+            return ConsentRecorded(
+                success=True,
+                recorded=[
+                    ConsentReceipt(r.record_id, r.seq, list(r.purposes), r.state, r.at.astimezone(UTC))
+                    for r in receipts
+                ],
+                at=datetime.now(UTC),
+            )
+
+    return ConsentController
