@@ -15,8 +15,9 @@ import click
 import sqlalchemy as sa
 
 from consent.db import default_sqlite_url, make_engine, migrate
-from consent.ledger import Ledger, verify_export
+from consent.ledger import Ledger
 from consent.signing import InvalidLedgerKey, LedgerSigner, load_signer
+from consent.verify import verify_export
 
 _DATABASE_URL = click.option(
     "--database-url",

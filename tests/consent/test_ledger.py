@@ -26,17 +26,8 @@ from structlog.testing import capture_logs
 
 from consent.cli import ledger as ledger_cli
 from consent.db import alembic_config, default_sqlite_url, make_engine, migrate
-from consent.ledger import (
-    GENESIS_HASH,
-    InvalidRecord,
-    Ledger,
-    LedgerReadOnly,
-    checkpoint_message,
-    merkle_root,
-    record_hash,
-    verify_database,
-    verify_export,
-)
+from consent.ledger import InvalidRecord, Ledger, LedgerReadOnly, verify_database
+from consent.ledger_format import GENESIS_HASH, checkpoint_message, merkle_root, record_hash
 from consent.models import CONSENT_TABLES
 from consent.signing import (
     InvalidLedgerKey,
@@ -45,6 +36,7 @@ from consent.signing import (
     new_ledger_key_b64,
     verify,
 )
+from consent.verify import verify_export
 
 if TYPE_CHECKING:  # fixtures' types; conftest modules are not imported by name at run time
     from conftest import Database, DraftFactory

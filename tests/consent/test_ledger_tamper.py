@@ -21,18 +21,17 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from consent.db import make_engine, migrate
-from consent.ledger import (
+from consent.ledger import Ledger, RecordDraft
+from consent.ledger_format import (
     GENESIS_HASH,
     RECORD_FIELDS,
-    Ledger,
-    RecordDraft,
     checkpoint_message,
     merkle_root,
     record_hash,
     seal_message,
-    verify_export,
 )
 from consent.signing import LedgerSigner, new_ledger_key_b64
+from consent.verify import verify_export
 
 SIZES = (1, 2, 5, 8, 23)
 PROPERTY = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
