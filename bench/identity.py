@@ -40,8 +40,8 @@ sys.path[0] = str(Path(__file__).resolve().parent.parent)
 import sqlalchemy as sa  # noqa: E402
 import structlog  # noqa: E402
 
-from consent.db import make_engine, migrate  # noqa: E402
 from gateway.identity_setup import derived_unified_id  # noqa: E402
+from identity.db import make_engine, migrate  # noqa: E402
 from identity.graph import IdentityRules  # noqa: E402
 from identity.identifiers import Identifier  # noqa: E402
 from identity.pseudonym import KeyRing, new_key_document  # noqa: E402

@@ -33,7 +33,6 @@ import structlog
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Engine
 
-from consent.db import is_postgres, is_sqlite
 from consent.ledger_format import (
     CHECKPOINT_FIELDS,
     EXPORT_FORMAT,
@@ -64,6 +63,7 @@ from consent.models import (
 )
 from consent.signing import LedgerSigner
 from consent.verify import VerifyResult, verify_objects
+from identity.db import is_postgres, is_sqlite
 
 log = structlog.get_logger(__name__)
 

@@ -31,6 +31,7 @@ from consent.decisions import (
 from consent.ledger import Ledger, RecordDraft
 from consent.models import DeliveryProof
 from consent.state import ConsentStateStore, RecordView, UnknownNotice, notice_floor
+from identity.db import sqlite_connect
 
 log = structlog.get_logger(__name__)
 _NOT_FLAGGED = StateEntry("cleared", 0)
@@ -143,8 +144,9 @@ class ConsentService:
             # the delivery path writes this for every event: plain sqlite3 is ~20x cheaper
             with self._trail_lock:
                 if self._trail is None:
-                    self._trail = sqlite3.connect(engine.url.database, timeout=30, check_same_thread=False)
-                    self._trail.execute("PRAGMA synchronous=FULL")
+                    self._trail = sqlite_connect(
+                        engine.url.database, check_same_thread=False, isolation_level="DEFERRED"
+                    )
                 with self._trail:
                     self._trail.executemany(
                         "INSERT OR IGNORE INTO consent_delivery"

@@ -30,6 +30,7 @@ from sqlmodel import JSON, Column, Field, SQLModel
 
 from consent.decisions import MINOR_FLAG, StateEntry
 from consent.models import UTCDateTime
+from identity.db import sqlite_connect
 
 ALL_PURPOSES = "*"
 
@@ -184,9 +185,7 @@ class SqlConsentState:
         # True while every row of the projection is in the cache (None: not loaded yet)
         self._complete: bool | None = None
         if self.single_writer and engine.url.database and engine.url.database != ":memory:":
-            self._sqlite_reader = sqlite3.connect(
-                f"file:{engine.url.database}?mode=ro", uri=True, check_same_thread=False
-            )
+            self._sqlite_reader = sqlite_connect(engine.url.database, readonly=True, check_same_thread=False)
 
     # -- reads -----------------------------------------------------------------------
     def _query(self, tenant: str, identifiers: Sequence[str]) -> dict[str, dict[str, StateEntry]]:

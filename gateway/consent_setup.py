@@ -11,7 +11,7 @@ import msgspec
 import sqlalchemy as sa
 import structlog
 
-from consent.db import make_engine, migrate
+from consent.db import migrate_consent
 from consent.decisions import ConsentQuery, ConsentTicket, DestinationSpec
 from consent.ledger import Ledger
 from consent.service import ConsentService, LedgerPolicy, PurposeRules
@@ -21,6 +21,7 @@ from export.delivery import OnDelivered, Recheck
 from export.outbox import StoredRecord
 from gateway.config import Config, Tenant
 from gateway.settings import Settings
+from identity.db import make_engine
 
 log = structlog.get_logger(__name__)
 
@@ -61,7 +62,7 @@ async def open_consent(
     settings: Settings, config: Config, redis_client: Any, signer: LedgerSigner
 ) -> ConsentRuntime:
     engine = make_engine(settings.consent_database_url)
-    await asyncio.to_thread(migrate, engine)
+    await asyncio.to_thread(migrate_consent, engine)
     ledger = Ledger(engine, signer)
     store: ConsentStateStore
     if redis_client is not None:

@@ -12,10 +12,10 @@ from typing import Any
 import msgspec
 import sqlalchemy as sa
 
-from consent.db import make_engine, migrate
 from export.outbox import OutboxRecord, SqliteOutbox
 from gateway.config import Config, Tenant
 from gateway.settings import Settings
+from identity.db import make_engine, migrate
 from identity.graph import GraphChange, IdentityRules, Merged, Split
 from identity.pseudonym import KeyRing
 from identity.resolution import IdentityResolver, NoResolution

@@ -1,4 +1,4 @@
-"""Alembic environment for the consent store, driven only by ``consent.db.migrate``.
+"""Alembic environment for the consent store, driven only by ``consent.db.migrate_consent``.
 
 ``migrate`` hands over a connection that is already inside the transaction (and holds the
 migration lock), so the whole upgrade commits or rolls back as one. Autogenerate compares
@@ -20,7 +20,7 @@ CONSENT_TABLE_PREFIXES = ("consent_", "admin_")
 
 connection = context.config.attributes.get("connection")
 if connection is None:
-    raise RuntimeError("consent migrations run through consent.db.migrate(engine), not the alembic CLI")
+    raise RuntimeError("consent migrations run through consent.db.migrate_consent(engine), not the CLI")
 
 
 def include_object(obj: Any, name: str | None, type_: str, reflected: bool, compare_to: Any) -> bool:

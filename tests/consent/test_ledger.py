@@ -25,7 +25,7 @@ from sqlmodel import SQLModel
 from structlog.testing import capture_logs
 
 from consent.cli import ledger as ledger_cli
-from consent.db import alembic_config, default_sqlite_url, make_engine, migrate
+from consent.db import MIGRATIONS_DIR, default_sqlite_url, migrate_consent
 from consent.ledger import InvalidRecord, Ledger, LedgerReadOnly, verify_database
 from consent.ledger_format import GENESIS_HASH, checkpoint_message, merkle_root, record_hash
 from consent.models import CONSENT_TABLES
@@ -37,6 +37,7 @@ from consent.signing import (
     verify,
 )
 from consent.verify import verify_export
+from identity.db import alembic_config, make_engine
 
 if TYPE_CHECKING:  # fixtures' types; conftest modules are not imported by name at run time
     from conftest import Database, DraftFactory
@@ -87,7 +88,7 @@ def test_migrate_is_idempotent_and_safe_concurrently(database: Database) -> None
 
     def run(eng: Engine) -> None:
         try:
-            migrate(eng)
+            migrate_consent(eng)
         except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
             errors.append(exc)
 
@@ -96,10 +97,10 @@ def test_migrate_is_idempotent_and_safe_concurrently(database: Database) -> None
         t.start()
     for t in threads:
         t.join(timeout=30)
-    migrate(engines[0])
+    migrate_consent(engines[0])
     assert errors == []
     with engines[0].connect() as conn:
-        head = ScriptDirectory.from_config(alembic_config()).get_current_head()
+        head = ScriptDirectory.from_config(alembic_config(MIGRATIONS_DIR)).get_current_head()
         assert conn.scalar(sa.text("SELECT version_num FROM alembic_version")) == head
     for e in engines:
         e.dispose()
@@ -229,7 +230,7 @@ def test_sqlite_appenders_in_parallel_stay_contiguous(
 ) -> None:
     """BEGIN IMMEDIATE serialises appenders with engines (connection pools) of their own."""
     setup = sqlite_database.engine()
-    migrate(setup)
+    migrate_consent(setup)
     setup.dispose()
     errors: list[BaseException] = []
 

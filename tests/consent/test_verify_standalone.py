@@ -14,7 +14,7 @@ import textwrap
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from consent.db import migrate
+from consent.db import migrate_consent
 from consent.ledger import Ledger
 from consent.signing import LedgerSigner
 
@@ -65,7 +65,7 @@ def test_verify_runs_without_sqlalchemy_on_a_real_export(
     sqlite_database: Database, signer: LedgerSigner, make_draft: DraftFactory, tmp_path: Path
 ) -> None:
     engine = sqlite_database.engine()
-    migrate(engine)
+    migrate_consent(engine)
     ledger = Ledger(engine, signer, checkpoint_every=4)
     for i in range(10):  # checkpoints over seq 1..4 and 5..8, an uncovered tail
         ledger.append([make_draft(subject=f"k1.s{i}", purposes=["analytics", "marketing"][: 1 + i % 2])])
