@@ -12,11 +12,7 @@ from typing import Any
 from alembic import context
 from sqlmodel import SQLModel
 
-import consent.models  # noqa: F401 - registers the consent tables on SQLModel.metadata
-
-# The consent store's tables (consent.models and the consent state projection); other
-# packages' SQLModel tables are not this migration history's business.
-CONSENT_TABLE_PREFIXES = ("consent_", "admin_")
+from consent.models import CONSENT_TABLES  # and registers them on SQLModel.metadata
 
 connection = context.config.attributes.get("connection")
 if connection is None:
@@ -24,9 +20,8 @@ if connection is None:
 
 
 def include_object(obj: Any, name: str | None, type_: str, reflected: bool, compare_to: Any) -> bool:
-    if type_ == "table":
-        return bool(name) and str(name).startswith(CONSENT_TABLE_PREFIXES)
-    return True
+    # Other packages' SQLModel tables are not this migration history's business.
+    return name in CONSENT_TABLES if type_ == "table" else True
 
 
 context.configure(

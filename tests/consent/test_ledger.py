@@ -16,19 +16,15 @@ from typing import TYPE_CHECKING
 
 import pytest
 import sqlalchemy as sa
-from alembic.autogenerate import compare_metadata
-from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from click.testing import CliRunner
 from sqlalchemy.engine import Engine
-from sqlmodel import SQLModel
 from structlog.testing import capture_logs
 
 from consent.cli import ledger as ledger_cli
 from consent.db import MIGRATIONS_DIR, default_sqlite_url, migrate_consent
 from consent.ledger import InvalidRecord, Ledger, LedgerReadOnly, verify_database
 from consent.ledger_format import GENESIS_HASH, checkpoint_message, merkle_root, record_hash
-from consent.models import CONSENT_TABLES
 from consent.signing import (
     InvalidLedgerKey,
     LedgerSigner,
@@ -50,36 +46,6 @@ def export_text(ledger: Ledger, **kwargs: str) -> str:
 
 
 # -- schema --------------------------------------------------------------------------------
-
-
-def test_migration_creates_exactly_the_models(engine: Engine, database: Database) -> None:
-    def only_ledger(obj: object, name: str | None, type_: str, reflected: bool, compare_to: object) -> bool:
-        return name in CONSENT_TABLES if type_ == "table" else True  # other migrations own other tables
-
-    with engine.connect() as conn:
-        context = MigrationContext.configure(conn, opts={"include_object": only_ledger, "compare_type": True})
-        assert compare_metadata(context, SQLModel.metadata) == []
-        tables = set(sa.inspect(conn).get_table_names())
-        indexes = {
-            i["name"]
-            for i in sa.inspect(conn).get_indexes("consent_ledger")
-            if not i.get("duplicates_constraint")  # PostgreSQL lists the unique constraint's index too
-        }
-    assert tables >= {*CONSENT_TABLES, "alembic_version"}  # later migrations add tables of their own
-    assert indexes == {
-        "ix_consent_ledger_tenant_at",
-        "ix_consent_ledger_subject",
-        "ix_consent_ledger_notice_id",
-    }
-    if database.schema is not None:  # the version table lives in the test's schema, not in public
-        with engine.connect() as conn:
-            where = conn.scalar(
-                sa.text(
-                    "SELECT n.nspname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
-                    "WHERE c.oid = to_regclass('alembic_version')"
-                )
-            )
-        assert where == database.schema
 
 
 def test_migrate_is_idempotent_and_safe_concurrently(database: Database) -> None:
