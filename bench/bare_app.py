@@ -53,8 +53,17 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8081)
     args = parser.parse_args()
-    uvicorn.run(create_app(), host=args.host, port=args.port, loop="uvloop", http="httptools",
-                log_config=None, access_log=False, lifespan="on", timeout_graceful_shutdown=10)
+    uvicorn.run(
+        create_app(),
+        host=args.host,
+        port=args.port,
+        loop="uvloop",
+        http="httptools",
+        log_config=None,
+        access_log=False,
+        lifespan="on",
+        timeout_graceful_shutdown=10,
+    )
 
 
 if __name__ == "__main__":

@@ -40,13 +40,13 @@ sys.path[0] = str(Path(__file__).resolve().parent.parent)
 import sqlalchemy as sa  # noqa: E402
 import structlog  # noqa: E402
 
-from consent.db import make_engine, migrate  # noqa: E402
-from identity.unified_ids import derived_unified_id  # noqa: E402
+from identity.db import make_engine, migrate  # noqa: E402
 from identity.graph import IdentityRules  # noqa: E402
 from identity.identifiers import Identifier  # noqa: E402
 from identity.pseudonym import KeyRing, new_key_document  # noqa: E402
 from identity.resolver import GraphResolver  # noqa: E402
 from identity.store import MIGRATIONS_DIR, IdentityLogStore  # noqa: E402
+from identity.unified_ids import derived_unified_id  # noqa: E402
 
 PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 TENANT = "bench"

@@ -14,9 +14,11 @@ from typing import NoReturn
 import click
 import sqlalchemy as sa
 
-from consent.db import default_sqlite_url, make_engine, migrate
-from consent.ledger import Ledger, verify_export
+from consent.db import default_sqlite_url, migrate_consent
+from consent.ledger import Ledger
 from consent.signing import InvalidLedgerKey, LedgerSigner, load_signer
+from consent.verify import verify_export
+from identity.db import make_engine
 
 _DATABASE_URL = click.option(
     "--database-url",
@@ -143,7 +145,7 @@ def checkpoint_command(database_url: str | None, key_file: Path | None) -> None:
         _fail(str(exc))
     engine = make_engine(_database_url(database_url))
     try:
-        migrate(engine)
+        migrate_consent(engine)
         checkpoint = Ledger(engine, signer).checkpoint()
     finally:
         engine.dispose()

@@ -1,9 +1,10 @@
-"""Tables of the consent store: the hash-chained ledger, its signed checkpoints, the officer access log.
+"""Tables of the consent store: the hash-chained ledger and its signed checkpoints, the officer
+access log, the deliveries with the consent records they relied on, the state projection.
 
 The schema is created by the Alembic migrations in ``consent/migrations`` (never by
-``create_all``), and ``tests/consent`` checks that the migrated schema matches these
-classes. Times are stored as UTC: timezone-aware on PostgreSQL, naive UTC with
-microseconds on SQLite, and always handed back timezone-aware.
+``create_all``), and ``tests/test_schema_migrations.py`` checks that the migrated schema
+matches these classes on SQLite and PostgreSQL. Times are stored as UTC: timezone-aware on
+PostgreSQL, naive UTC with microseconds on SQLite, and always handed back timezone-aware.
 """
 
 from __future__ import annotations
@@ -143,9 +144,55 @@ class DeliveryProof(SQLModel, table=True):
     delivered_at: datetime = Field(sa_column=sa.Column(UTCDateTime(), nullable=False))
 
 
+# -- the consent state projection (consent.state): derived from the ledger, rebuildable from it --
+
+
+class ConsentStateRow(SQLModel, table=True):
+    """The latest record of one purpose (or the minor flag) for one identifier pseudonym."""
+
+    __tablename__ = "consent_state"
+
+    tenant: str = Field(primary_key=True)
+    identifier: str = Field(primary_key=True)
+    purpose: str = Field(primary_key=True)
+    state: str
+    seq: int = Field(sa_column=sa.Column(sa.BigInteger(), nullable=False))
+    notice_seq: int = Field(default=0, sa_column=sa.Column(sa.BigInteger(), nullable=False))
+    kind: str = "general"
+
+
+class NoticeRow(SQLModel, table=True):
+    """A published notice (privacy policy version) of a tenant."""
+
+    __tablename__ = "consent_notice"
+
+    tenant: str = Field(primary_key=True)
+    notice_id: str = Field(primary_key=True)
+    content_hash: str
+    seq: int = Field(
+        sa_column=sa.Column(sa.BigInteger(), nullable=False)
+    )  # the ledger seq of its publication
+    material: bool = False
+    purposes: list[str] = Field(default_factory=list, sa_column=sa.Column(sa.JSON, nullable=False))
+    at: datetime = Field(sa_column=sa.Column(UTCDateTime(), nullable=False))
+
+
+class ProjectionRow(SQLModel, table=True):
+    """The projection's watermark: the last ledger seq applied."""
+
+    __tablename__ = "consent_projection"
+
+    name: str = Field(primary_key=True)
+    applied_seq: int = Field(default=0, sa_column=sa.Column(sa.BigInteger(), nullable=False))
+
+
+# Every table of the consent store, i.e. every table class above.
 CONSENT_TABLES: tuple[str, ...] = (
     "consent_ledger",
     "consent_checkpoint",
     "admin_access_log",
     "consent_delivery",
+    "consent_state",
+    "consent_notice",
+    "consent_projection",
 )

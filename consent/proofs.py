@@ -19,6 +19,7 @@ import msgspec
 import sqlalchemy as sa
 
 from consent.models import DeliveryProof
+from identity.db import sqlite_connect
 
 _TABLE: sa.Table = DeliveryProof.__table__  # type: ignore[attr-defined]
 
@@ -71,9 +72,9 @@ class DeliveryProofs:
         # the delivery path writes this for every event: plain sqlite3 is ~20x cheaper
         with self._trail_lock:
             if self._trail is None:
-                database = str(self.engine.url.database)
-                self._trail = sqlite3.connect(database, timeout=30, check_same_thread=False)
-                self._trail.execute("PRAGMA synchronous=FULL")
+                self._trail = sqlite_connect(
+                    str(self.engine.url.database), check_same_thread=False, isolation_level="DEFERRED"
+                )
             with self._trail:
                 self._trail.executemany(
                     "INSERT OR IGNORE INTO consent_delivery"

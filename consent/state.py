@@ -26,47 +26,13 @@ from typing import Any, Protocol
 
 import msgspec
 import sqlalchemy as sa
-from sqlmodel import JSON, Column, Field, SQLModel
 
 from consent.decisions import MINOR_FLAG, StateEntry
-from consent.models import UTCDateTime
+from consent.models import ConsentStateRow, NoticeRow, ProjectionRow
+from identity.db import sqlite_connect
 from identity.identifiers import node_value
 
 ALL_PURPOSES = "*"
-
-
-class ConsentStateRow(SQLModel, table=True):
-    __tablename__ = "consent_state"
-
-    tenant: str = Field(primary_key=True)
-    identifier: str = Field(primary_key=True)
-    purpose: str = Field(primary_key=True)
-    state: str
-    seq: int
-    notice_seq: int = 0
-    kind: str = "general"
-
-
-class NoticeRow(SQLModel, table=True):
-    __tablename__ = "consent_notice"
-
-    tenant: str = Field(primary_key=True)
-    notice_id: str = Field(primary_key=True)
-    content_hash: str
-    seq: int  # the ledger seq of its publication
-    material: bool = False
-    purposes: list[str] = Field(default_factory=list, sa_column=Column(JSON))
-    at: datetime = Field(sa_column=Column(UTCDateTime(), nullable=False))
-
-
-STATE_TABLES: tuple[str, ...] = ("consent_state", "consent_notice", "consent_projection")
-
-
-class ProjectionRow(SQLModel, table=True):
-    __tablename__ = "consent_projection"
-
-    name: str = Field(primary_key=True)
-    applied_seq: int = 0
 
 
 class RecordView(msgspec.Struct, frozen=True):
@@ -180,9 +146,7 @@ class SqlConsentState:
         # True while every row of the projection is in the cache (None: not loaded yet)
         self._complete: bool | None = None
         if self.single_writer and engine.url.database and engine.url.database != ":memory:":
-            self._sqlite_reader = sqlite3.connect(
-                f"file:{engine.url.database}?mode=ro", uri=True, check_same_thread=False
-            )
+            self._sqlite_reader = sqlite_connect(engine.url.database, readonly=True, check_same_thread=False)
 
     # -- reads -----------------------------------------------------------------------
     def _query(self, tenant: str, identifiers: Sequence[str]) -> dict[str, dict[str, StateEntry]]:

@@ -10,8 +10,8 @@ import click
 
 from consent.cli import ledger
 from consent.signing import InvalidLedgerKey, new_ledger_key_b64
-from gateway.dlq_cli import dlq
 from gateway.config import ConfigProblems, hash_write_key, load_config
+from gateway.dlq_cli import dlq
 from gateway.settings import Settings, SettingsError
 from identity.pseudonym import InvalidKeyMaterial, MissingKey, new_key_document, write_private_file
 
@@ -162,7 +162,7 @@ def identity_rebuild(database_url: str | None) -> None:
     """Recompute every person from the change log and report differences."""
     import sqlalchemy as sa
 
-    from consent.db import make_engine
+    from identity.db import make_engine
     from identity.rebuild import rebuild
     from identity.store import LOG, IdentityLogStore
 
@@ -197,11 +197,11 @@ def identity_rebuild(database_url: str | None) -> None:
 )
 def identity_export_map(tenant: str, destination: str, out: Path, config_path: Path | None) -> None:
     """Write the identity_map (pseudonym -> unified ID, valid from/to) as Parquet for a destination."""
-    from consent.db import make_engine
     from export.identity_map import write_identity_map
     from gateway.app import load_keyring
     from gateway.delivery_setup import rekeyer
     from gateway.identity_setup import identity_rules
+    from identity.db import make_engine
     from identity.identity_map import identity_map
     from identity.store import IdentityLogStore
 
@@ -231,12 +231,13 @@ def identity_export_map(tenant: str, destination: str, out: Path, config_path: P
 @main.command("migrate")
 def migrate_command() -> None:
     """Create or upgrade the consent and identity schemas (DATABASE_URL, else the embedded SQLite)."""
-    from consent.db import make_engine, migrate
+    from consent.db import migrate_consent
+    from identity.db import make_engine, migrate
     from identity.store import MIGRATIONS_DIR
 
     settings = Settings.from_env()
     engine = make_engine(settings.consent_database_url)
-    migrate(engine)
+    migrate_consent(engine)
     click.echo(f"consent schema up to date ({engine.dialect.name})")
     identity_url = settings.database_url or f"sqlite:///{settings.data_dir / 'identity.sqlite3'}"
     identity_engine = make_engine(identity_url)

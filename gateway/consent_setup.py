@@ -12,7 +12,7 @@ import structlog
 
 from consent.access_log import AccessLog
 from consent.audit import ConsentAudit
-from consent.db import make_engine, migrate
+from consent.db import migrate_consent
 from consent.decisions import DestinationSpec
 from consent.ledger import Ledger
 from consent.proofs import DeliveryProofs
@@ -23,6 +23,7 @@ from export.delivery import OnDelivered, Recheck
 from export.outbox import StoredRecord
 from gateway.config import Config, Tenant
 from gateway.settings import Settings
+from identity.db import make_engine
 
 log = structlog.get_logger(__name__)
 
@@ -70,7 +71,7 @@ async def open_consent(
     settings: Settings, config: Config, redis_client: Any, signer: LedgerSigner
 ) -> ConsentRuntime:
     engine = make_engine(settings.consent_database_url)
-    await asyncio.to_thread(migrate, engine)
+    await asyncio.to_thread(migrate_consent, engine)
     ledger = Ledger(engine, signer)
     store: ConsentStateStore
     if redis_client is not None:

@@ -7,17 +7,17 @@ from collections.abc import Callable, Sequence
 
 import sqlalchemy as sa
 
-from consent.db import make_engine, migrate
 from export.outbox import Outbox, notice_record
 from gateway.config import Config, Tenant
 from gateway.settings import Settings
+from identity.db import make_engine
 from identity.graph import IdentityRules
 from identity.notices import Notice
 from identity.pseudonym import KeyRing
 from identity.resolution import IdentityResolver, NoResolution
 from identity.resolver import GraphResolver
 from identity.service import IdentityService, NoticePublisher
-from identity.store import MIGRATIONS_DIR, IdentityLogStore
+from identity.store import IdentityLogStore, migrate_identity
 from identity.unified_ids import derived_unified_id
 
 
@@ -58,7 +58,7 @@ async def open_identity(
         resolver: IdentityResolver = NoResolution()
         return resolver, IdentityService(resolver, publish), None
     engine = make_engine(identity_database_url(settings))
-    await asyncio.to_thread(migrate, engine, script_location=MIGRATIONS_DIR)
+    await asyncio.to_thread(migrate_identity, engine)
     graph_resolver = GraphResolver(
         IdentityLogStore(engine),
         {tid: identity_rules(t) for tid, t in tenants.items()},

@@ -5,6 +5,9 @@ Writers append under one lock (``BEGIN IMMEDIATE`` on SQLite, a transaction-scop
 advisory lock on PostgreSQL) after reading what others appended, so every replica applies
 the same changes in the same order and converges to the same partition. Readers follow the
 log by sequence number without the lock.
+
+The table is ``identity.models.IdentityLogEntry``; its schema comes from the Alembic
+migrations in ``identity/migrations`` (``migrate_identity``).
 """
 
 from __future__ import annotations
@@ -14,22 +17,20 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
+from identity.db import migrate
+from identity.models import IdentityLogEntry
+
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 APPEND_LOCK_KEY = 0x6964_6761_7465_0101
 
-LOG = sa.Table(
-    "identity_log",
-    sa.MetaData(),
-    sa.Column(
-        "seq", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), primary_key=True, autoincrement=True
-    ),
-    sa.Column("tenant", sa.String(), nullable=False),
-    sa.Column("kind", sa.String(), nullable=False),
-    sa.Column("change", sa.LargeBinary(), nullable=False),
-    sa.Column("at_ms", sa.BigInteger(), nullable=False),
-)
+LOG: sa.Table = IdentityLogEntry.__table__  # type: ignore[attr-defined]
 
 LogRow = tuple[int, str, bytes]  # seq, tenant, encoded change
+
+
+def migrate_identity(engine: sa.Engine, *, revision: str = "head") -> None:
+    """Create or upgrade the identity tables; safe at every start and from many processes at once."""
+    migrate(engine, script_location=MIGRATIONS_DIR, revision=revision)
 
 
 class IdentityLogStore:

@@ -1,4 +1,4 @@
-"""Alembic environment for the consent store, driven only by ``consent.db.migrate``.
+"""Alembic environment for the consent store, driven only by ``consent.db.migrate_consent``.
 
 ``migrate`` hands over a connection that is already inside the transaction (and holds the
 migration lock), so the whole upgrade commits or rolls back as one. Autogenerate compares
@@ -12,21 +12,16 @@ from typing import Any
 from alembic import context
 from sqlmodel import SQLModel
 
-import consent.models  # noqa: F401 - registers the consent tables on SQLModel.metadata
-
-# The consent store's tables (consent.models and the consent state projection); other
-# packages' SQLModel tables are not this migration history's business.
-CONSENT_TABLE_PREFIXES = ("consent_", "admin_")
+from consent.models import CONSENT_TABLES  # and registers them on SQLModel.metadata
 
 connection = context.config.attributes.get("connection")
 if connection is None:
-    raise RuntimeError("consent migrations run through consent.db.migrate(engine), not the alembic CLI")
+    raise RuntimeError("consent migrations run through consent.db.migrate_consent(engine), not the CLI")
 
 
 def include_object(obj: Any, name: str | None, type_: str, reflected: bool, compare_to: Any) -> bool:
-    if type_ == "table":
-        return bool(name) and str(name).startswith(CONSENT_TABLE_PREFIXES)
-    return True
+    # Other packages' SQLModel tables are not this migration history's business.
+    return name in CONSENT_TABLES if type_ == "table" else True
 
 
 context.configure(

@@ -16,8 +16,8 @@ from litestar.exceptions import PermissionDeniedException
 from litestar.params import Parameter
 
 from consent.audit import ConsentStats, ExportFormat, ExportPart, StatsGroup, SubjectView
-from consent.ledger import VerifyResult
 from consent.service import ConsentRefused
+from consent.verify import VerifyResult
 from gateway.admin.deps import ADMIN_DEPENDENCIES, AdminServices, log_access, parse_time
 from gateway.admin.schemas import AccessLogPage, NoticePublished, NoticeRequest, RecordsPage
 from gateway.auth import Officer, admin_guard, roles

@@ -21,9 +21,10 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from consent.db import make_engine, migrate
+from consent.db import migrate_consent
 from consent.ledger import Ledger, RecordDraft
 from consent.signing import LedgerSigner, new_ledger_key_b64
+from identity.db import make_engine
 
 POSTGRES_URL = os.environ.get("IDGATE_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 
@@ -87,7 +88,7 @@ def database(request: pytest.FixtureRequest) -> Database:
 @pytest.fixture
 def engine(database: Database) -> Iterator[Engine]:
     eng = database.engine()
-    migrate(eng)
+    migrate_consent(eng)
     yield eng
     eng.dispose()
 

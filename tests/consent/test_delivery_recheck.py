@@ -8,19 +8,20 @@ from pathlib import Path
 
 import msgspec
 
-from consent.db import make_engine, migrate
+from consent.db import migrate_consent
 from consent.decisions import ConsentQuery, ConsentTicket
 from consent.ledger import Ledger
 from consent.service import ConsentService, LedgerPolicy
 from consent.signing import load_signer
 from consent.state import SqlConsentState
 from export.delivery import DeliveryService, DeliveryWorker
+from export.file_sinks import JsonlFileSink
 from export.outbox import OutboxRecord
 from export.sqlite_outbox import SqliteOutbox
-from export.file_sinks import JsonlFileSink
 from gateway.config import parse_config
 from gateway.consent_setup import delivery_recheck, purpose_rules
 from gateway.pipeline import destination_specs
+from identity.db import make_engine
 from tests.conftest import TEST_CONFIG
 
 
@@ -28,7 +29,7 @@ def test_withdrawal_between_ingest_and_delivery_withholds_the_event(tmp_path: Pa
     config = parse_config(TEST_CONFIG, dev=True)
     mall = next(t for t in config.tenants if t.id == "mall")
     engine = make_engine(f"sqlite:///{tmp_path / 'consent.sqlite3'}")
-    migrate(engine)
+    migrate_consent(engine)
     ledger = Ledger(engine, load_signer(env_value=None, key_file=None, dev_file=tmp_path / "ledger-key"))
     store = SqlConsentState(engine)
     rules = {"mall": purpose_rules(mall)}

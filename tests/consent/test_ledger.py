@@ -16,28 +16,15 @@ from typing import TYPE_CHECKING
 
 import pytest
 import sqlalchemy as sa
-from alembic.autogenerate import compare_metadata
-from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from click.testing import CliRunner
 from sqlalchemy.engine import Engine
-from sqlmodel import SQLModel
 from structlog.testing import capture_logs
 
 from consent.cli import ledger as ledger_cli
-from consent.db import alembic_config, default_sqlite_url, make_engine, migrate
-from consent.ledger import (
-    GENESIS_HASH,
-    InvalidRecord,
-    Ledger,
-    LedgerReadOnly,
-    checkpoint_message,
-    merkle_root,
-    record_hash,
-    verify_database,
-    verify_export,
-)
-from consent.models import CONSENT_TABLES
+from consent.db import MIGRATIONS_DIR, default_sqlite_url, migrate_consent
+from consent.ledger import InvalidRecord, Ledger, LedgerReadOnly, verify_database
+from consent.ledger_format import GENESIS_HASH, checkpoint_message, merkle_root, record_hash
 from consent.signing import (
     InvalidLedgerKey,
     LedgerSigner,
@@ -45,6 +32,8 @@ from consent.signing import (
     new_ledger_key_b64,
     verify,
 )
+from consent.verify import verify_export
+from identity.db import alembic_config, make_engine
 
 if TYPE_CHECKING:  # fixtures' types; conftest modules are not imported by name at run time
     from conftest import Database, DraftFactory
@@ -59,43 +48,13 @@ def export_text(ledger: Ledger, **kwargs: str) -> str:
 # -- schema --------------------------------------------------------------------------------
 
 
-def test_migration_creates_exactly_the_models(engine: Engine, database: Database) -> None:
-    def only_ledger(obj: object, name: str | None, type_: str, reflected: bool, compare_to: object) -> bool:
-        return name in CONSENT_TABLES if type_ == "table" else True  # other migrations own other tables
-
-    with engine.connect() as conn:
-        context = MigrationContext.configure(conn, opts={"include_object": only_ledger, "compare_type": True})
-        assert compare_metadata(context, SQLModel.metadata) == []
-        tables = set(sa.inspect(conn).get_table_names())
-        indexes = {
-            i["name"]
-            for i in sa.inspect(conn).get_indexes("consent_ledger")
-            if not i.get("duplicates_constraint")  # PostgreSQL lists the unique constraint's index too
-        }
-    assert tables >= {*CONSENT_TABLES, "alembic_version"}  # later migrations add tables of their own
-    assert indexes == {
-        "ix_consent_ledger_tenant_at",
-        "ix_consent_ledger_subject",
-        "ix_consent_ledger_notice_id",
-    }
-    if database.schema is not None:  # the version table lives in the test's schema, not in public
-        with engine.connect() as conn:
-            where = conn.scalar(
-                sa.text(
-                    "SELECT n.nspname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
-                    "WHERE c.oid = to_regclass('alembic_version')"
-                )
-            )
-        assert where == database.schema
-
-
 def test_migrate_is_idempotent_and_safe_concurrently(database: Database) -> None:
     engines = [database.engine() for _ in range(3)]
     errors: list[BaseException] = []
 
     def run(eng: Engine) -> None:
         try:
-            migrate(eng)
+            migrate_consent(eng)
         except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
             errors.append(exc)
 
@@ -104,10 +63,10 @@ def test_migrate_is_idempotent_and_safe_concurrently(database: Database) -> None
         t.start()
     for t in threads:
         t.join(timeout=30)
-    migrate(engines[0])
+    migrate_consent(engines[0])
     assert errors == []
     with engines[0].connect() as conn:
-        head = ScriptDirectory.from_config(alembic_config()).get_current_head()
+        head = ScriptDirectory.from_config(alembic_config(MIGRATIONS_DIR)).get_current_head()
         assert conn.scalar(sa.text("SELECT version_num FROM alembic_version")) == head
     for e in engines:
         e.dispose()
@@ -237,7 +196,7 @@ def test_sqlite_appenders_in_parallel_stay_contiguous(
 ) -> None:
     """BEGIN IMMEDIATE serialises appenders with engines (connection pools) of their own."""
     setup = sqlite_database.engine()
-    migrate(setup)
+    migrate_consent(setup)
     setup.dispose()
     errors: list[BaseException] = []
 

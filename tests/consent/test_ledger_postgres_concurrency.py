@@ -11,9 +11,10 @@ import queue
 import time
 from typing import TYPE_CHECKING, Any
 
-from consent.db import make_engine, migrate
+from consent.db import migrate_consent
 from consent.ledger import Ledger, RecordDraft, verify_database
 from consent.signing import LedgerSigner
+from identity.db import make_engine
 
 if TYPE_CHECKING:
     from conftest import Database
@@ -67,7 +68,7 @@ def test_concurrent_appenders_in_processes_keep_one_contiguous_chain(
     postgres_database: Database, signing_key: str
 ) -> None:
     setup = postgres_database.engine()
-    migrate(setup)
+    migrate_consent(setup)
     setup.dispose()
 
     started = time.monotonic()

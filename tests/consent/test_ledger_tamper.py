@@ -20,19 +20,19 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from consent.db import make_engine, migrate
-from consent.ledger import (
+from consent.db import migrate_consent
+from consent.ledger import Ledger, RecordDraft
+from consent.ledger_format import (
     GENESIS_HASH,
     RECORD_FIELDS,
-    Ledger,
-    RecordDraft,
     checkpoint_message,
     merkle_root,
     record_hash,
     seal_message,
-    verify_export,
 )
 from consent.signing import LedgerSigner, new_ledger_key_b64
+from consent.verify import verify_export
+from identity.db import make_engine
 
 SIZES = (1, 2, 5, 8, 23)
 PROPERTY = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -89,7 +89,7 @@ def exports(tmp_path_factory: pytest.TempPathFactory) -> Exports:
     full, filtered = [], []
     for size in SIZES:
         engine = make_engine(f"sqlite:///{tmp_path_factory.mktemp('tamper') / 'consent.sqlite3'}")
-        migrate(engine)
+        migrate_consent(engine)
         ledger = Ledger(engine, signer, checkpoint_every=4)
         i = 0
         while i < size:  # batches of 1 to 3 records

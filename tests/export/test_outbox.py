@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from export.delivery import DeliveryService, DeliveryWorker
+from export.file_sinks import JsonlFileSink
 from export.outbox import OutboxRecord
 from export.sqlite_outbox import SqliteOutbox
-from export.file_sinks import JsonlFileSink
 
 
 def record(

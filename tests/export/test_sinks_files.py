@@ -10,8 +10,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from export.outbox import StoredRecord
 from export.file_sinks import PARQUET_COMMITTED, JsonlFileSink, ParquetFileSink
+from export.outbox import StoredRecord
 from export.sinks import build_sink, validate_options
 from tests.receivers import sample_records
 

@@ -28,9 +28,9 @@ from export.http_sinks import (
     track_id,
 )
 from export.outbox import StoredRecord
-from identity.notices import decode_notice
 from export.sink import PermanentSinkError, RetryableSinkError
 from export.sinks import build_sink
+from identity.notices import decode_notice
 from tests.conftest import free_port
 from tests.receivers import Receiver, decode_sensors_form, sample_records
 

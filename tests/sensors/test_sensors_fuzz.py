@@ -15,9 +15,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gateway.config import Limits, Tenant
+from gateway.errors import InvalidRequest
 from gateway.events import RejectMessage
 from gateway.pipeline import pseudonymise_identifiers, scrub_personal_data
-from gateway.errors import InvalidRequest
 from gateway.sensors import decode_events, parse_form, payload_json
 from identity.pseudonym import Pseudonymiser
 from tests.conftest import Gateway
