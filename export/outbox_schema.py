@@ -20,6 +20,8 @@ import re
 import sqlite3
 from pathlib import Path
 
+from identity.db import sqlite_connect
+
 SCHEMA_VERSION = 3
 
 _TABLES = """
@@ -83,15 +85,10 @@ class OutboxSchemaError(Exception):
 
 
 def open_outbox_database(path: Path) -> sqlite3.Connection:
-    """A connection to the outbox database: autocommit (transactions are explicit), WAL,
-    ``synchronous=FULL`` (an acknowledged append survives power loss), usable from the
-    thread that runs it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
-    conn.execute("PRAGMA busy_timeout=30000")
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("PRAGMA synchronous=FULL")
-    return conn
+    """A connection to the outbox database (identity.db's one SQLite setup: autocommit, so
+    transactions are explicit; WAL; ``synchronous=FULL``, an acknowledged append survives
+    power loss), usable from whichever thread runs it."""
+    return sqlite_connect(path, check_same_thread=False, timeout=30)
 
 
 # -- version 2 rows -----------------------------------------------------------------------------
