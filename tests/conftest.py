@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +20,7 @@ import pytest
 
 from consent.signing import new_ledger_key_b64
 from identity.pseudonym import new_key_document
+from tests.waiting import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 IDGATE = Path(sys.executable).with_name("idgate")
@@ -256,6 +257,39 @@ class Gateway:
             if {e["messageId"] for e in lines} >= message_ids or time.monotonic() > deadline:
                 return lines
             time.sleep(0.05)
+
+    def wait_past(
+        self,
+        destination: str = "warehouse",
+        *,
+        write_key: str = WEB_KEY,
+        grant: Sequence[str] = (),
+        timeout: float = 20,
+    ) -> dict:
+        """Send a sentinel event after everything sent so far and wait until ``destination``
+        has it; returns the sentinel as delivered.
+
+        The outbox delivers to each destination in order, so once the sentinel is there,
+        whatever was accepted for that destination before it has been written too: wait
+        with this before asserting that something was NOT delivered. ``grant`` records
+        consent for the sentinel's subject first (tenants that enforce consent)."""
+        anonymous_id = f"sentinel-{uuid.uuid4().hex[:12]}"
+        message_id = mid()
+        with self.client(write_key) as c:
+            if grant:
+                body = {"anonymousId": anonymous_id, "grant": list(grant), "noticeId": "notice-v1"}
+                r = c.post("/v1/consent", json=body)
+                assert r.status_code == 200, r.text
+            r = c.post(
+                "/v1/track", json={"anonymousId": anonymous_id, "event": "Sentinel", "messageId": message_id}
+            )
+            assert r.status_code == 200 and r.json()["accepted"] == 1, r.text
+        (sentinel,) = wait_until(
+            lambda: [e for e in self.sink_lines(destination) if e.get("messageId") == message_id],
+            timeout,
+            what=f"the sentinel event at {destination}",
+        )
+        return sentinel
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace")

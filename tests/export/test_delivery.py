@@ -23,6 +23,7 @@ from export.redis_outbox import RedisStreamOutbox
 from export.sinks import PermanentSinkError, RetryableSinkError
 from identity.pseudonym import Pseudonymiser
 from tests.conftest import REDIS_URL
+from tests.waiting import async_wait_until
 
 FAST = Retry(max_attempts=4, max_age_seconds=3600, initial_backoff=0.001, max_backoff=0.005)
 PRF = Pseudonymiser(b"k" * 32, 1)
@@ -148,11 +149,12 @@ async def running(backend: Backend, workers: list[DeliveryWorker]) -> AsyncItera
 
 
 async def until(predicate: Callable[[], bool], seconds: float = 10) -> None:
-    for _ in range(int(seconds / 0.02)):
-        if predicate():
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError("condition not reached in time")
+    await async_wait_until(predicate, seconds, what="what the sinks received to match")
+
+
+async def drained(outbox: Any) -> bool:
+    """Every destination has been given (or has skipped) every record: nothing in flight."""
+    return await outbox.pending() == 0
 
 
 def worker(backend: Backend, sink: MemorySink, **kw: Any) -> DeliveryWorker:
@@ -243,7 +245,8 @@ def test_notices_go_only_to_destinations_that_received_the_person(backend: Backe
                 ]
             )
             await until(lambda: len(a.received) == 4 and len(b.received) == 2)
-            await asyncio.sleep(0.1)
+            # nothing more may arrive: wait until both workers are past the last notice
+            await async_wait_until(lambda: drained(backend.outbox), what="the outbox to drain")
 
     asyncio.run(go())
     assert [r["type"] for r in a.received] == ["track", "track", "identity.merged", "identity.merged"]

@@ -11,6 +11,7 @@ import pytest
 from export.delivery import DeliveryService, DeliveryWorker
 from export.outbox import OutboxRecord, SqliteOutbox
 from export.sinks import JsonlFileSink
+from tests.waiting import async_wait_until
 
 
 def record(
@@ -83,10 +84,11 @@ def test_delivery_is_exactly_once_across_crash_between_write_and_commit(tmp_path
         ]
         service = DeliveryService(box, workers)
         await service.start()
-        for _ in range(200):
-            if await box.pending() == 0:
-                break
-            await asyncio.sleep(0.01)
+
+        async def drained() -> bool:
+            return await box.pending() == 0
+
+        await async_wait_until(drained, what="the outbox to drain")
         await service.stop()
 
     asyncio.run(deliver_all(tmp_path / "sinks"))

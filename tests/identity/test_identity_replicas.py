@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -21,6 +20,7 @@ from tests.conftest import (
     mid,
     postgres_schema,
 )
+from tests.waiting import wait_until
 
 IDGATE = str(Path(sys.executable).with_name("idgate"))
 OPS = {"Authorization": f"Bearer {OPERATOR_TOKEN}"}
@@ -72,7 +72,6 @@ def test_concurrent_conflicting_merges_converge(tmp_path, redis_ns: RedisNamespa
                 ]
                 for f in futures:
                     f.result()
-            time.sleep(1.5)  # replicas follow each other's log entries
 
             def view(gw_url: str, device: str, user: str) -> tuple[bool, str | None]:
                 r = httpx.get(
@@ -89,6 +88,16 @@ def test_concurrent_conflicting_merges_converge(tmp_path, redis_ns: RedisNamespa
                 assert r.status_code == 200, r.text
                 return r.json()["linked"], r.json()["unifiedId"]
 
+            def replicas_agree() -> bool:
+                return all(
+                    view(a.url, device, user) == view(b.url, device, user)
+                    for device, alice, bob in cases
+                    for user in (alice, bob)
+                )
+
+            # Each replica applies the other's log entries when it next follows the log (every
+            # second): wait until they answer alike, then check what they agree on.
+            wait_until(replicas_agree, timeout=20, what="replicas a and b to follow each other's binds")
             for device, alice, bob in cases:
                 seen_a = [view(a.url, device, alice), view(a.url, device, bob)]
                 seen_b = [view(b.url, device, alice), view(b.url, device, bob)]
