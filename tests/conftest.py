@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -14,6 +15,8 @@ from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+from urllib.parse import quote, urlsplit
 
 import httpx
 import pytest
@@ -25,6 +28,7 @@ from tests.waiting import wait_until
 ROOT = Path(__file__).resolve().parent.parent
 IDGATE = Path(sys.executable).with_name("idgate")
 REDIS_URL = os.environ.get("IDGATE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+DATABASE_URL = os.environ.get("IDGATE_TEST_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 
 TEST_CONFIG = """
 [limits]
@@ -354,35 +358,69 @@ def redis_ns() -> Iterator[RedisNamespace]:
     client.close()
 
 
-PG_URL = os.environ.get("IDGATE_TEST_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+@dataclass(frozen=True)
+class PostgresSchema:
+    """A schema of one test's own on the local PostgreSQL. Connections opened with ``url`` (or
+    ``server_url`` and ``connect_args``) have it as their search path, so the tables, the
+    triggers and the Alembic version table all live in it."""
+
+    name: str
+    server_url: str = DATABASE_URL
+
+    @property
+    def connect_args(self) -> dict[str, str]:
+        return {"options": f"-csearch_path={self.name}"}
+
+    @property
+    def url(self) -> str:
+        """One URL that carries the search path: a gateway's DATABASE_URL, the CLI's --database-url."""
+        separator = "&" if urlsplit(self.server_url).query else "?"
+        return f"{self.server_url}{separator}options={quote(f'-csearch_path={self.name}')}"
+
+
+def _postgres_admin() -> Any:
+    import psycopg
+    import sqlalchemy as sa
+
+    conninfo = sa.make_url(DATABASE_URL).set(drivername="postgresql").render_as_string(hide_password=False)
+    try:
+        return psycopg.connect(conninfo, autocommit=True, connect_timeout=5)
+    except psycopg.OperationalError as exc:
+        problem = str(exc).strip()
+    # Outside the except block, so the report is this one line rather than psycopg's traceback.
+    pytest.fail(
+        f"PostgreSQL is required at {DATABASE_URL} (IDGATE_TEST_DATABASE_URL): {problem}", pytrace=False
+    )
 
 
 @contextmanager
-def postgres_schema(prefix: str = "t") -> Iterator[str]:
-    """A fresh PostgreSQL schema for one test (dropped after); the URL selects it by
-    search_path. A loud failure when PostgreSQL is down."""
-    import sqlalchemy as sa
-
-    schema = f"{prefix}_{uuid.uuid4().hex[:10]}"
-    engine = sa.create_engine(PG_URL)
+def postgres_schema(prefix: str = "t") -> Iterator[PostgresSchema]:
+    """A fresh, empty schema on the local PostgreSQL, dropped with everything in it afterwards;
+    a loud failure when PostgreSQL is down. For a test that needs more than one, or one
+    that lives as long as a module-scoped fixture; otherwise use the ``pg_schema`` fixture."""
+    schema = PostgresSchema(f"{prefix}_{uuid.uuid4().hex[:12]}")
+    with _postgres_admin() as admin:
+        admin.execute(f'CREATE SCHEMA "{schema.name}"')
     try:
-        with engine.begin() as conn:
-            conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
-    except sa.exc.OperationalError as exc:
-        pytest.fail(f"PostgreSQL is required at {PG_URL}: {exc}")
-    try:
-        yield f"{PG_URL}?options=-csearch_path%3D{schema}"
+        yield schema
     finally:
-        with engine.begin() as conn:
-            conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
-        engine.dispose()
+        with _postgres_admin() as admin:
+            admin.execute(f'DROP SCHEMA "{schema.name}" CASCADE')
+
+
+@pytest.fixture
+def pg_schema(request: pytest.FixtureRequest) -> Iterator[PostgresSchema]:
+    """A fresh schema on the local PostgreSQL for the test (see ``postgres_schema``)."""
+    prefix = re.sub(r"[^a-z0-9]+", "_", request.node.originalname.lower().removeprefix("test_"))[:20]
+    with postgres_schema(prefix or "t") as schema:
+        yield schema
 
 
 def backend_env(backend: str, stack: ExitStack) -> dict[str, str]:
     """Environment for a gateway on ``sqlite`` (embedded) or ``postgres`` (shared keys)."""
     if backend == "sqlite":
         return {}
-    return {"DATABASE_URL": stack.enter_context(postgres_schema(backend)), **SHARED_KEYS}
+    return {"DATABASE_URL": stack.enter_context(postgres_schema(backend)).url, **SHARED_KEYS}
 
 
 def mid() -> str:

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import IDGATE, WEB_KEY, Gateway, RedisNamespace, make_gateway, postgres_schema
+from tests.conftest import IDGATE, WEB_KEY, Gateway, PostgresSchema, RedisNamespace, make_gateway
 from tests.receivers import Receiver
 from tests.waiting import wait_until
 
@@ -228,65 +228,64 @@ class Load:
         raise AssertionError("a batch was never acknowledged")
 
 
-def test_kill9_of_a_replica_loses_no_acknowledged_event(tmp_path: Path, redis_ns: RedisNamespace) -> None:
-    with postgres_schema("killnine") as pg:
-        env = {
-            **redis_ns.env(),
-            "DATABASE_URL": pg,
-            "IDGATE_CLAIM_IDLE_MS": "1500",
-            "IDGATE_DEDUPE_CLAIM_SECONDS": "3",
-        }
-        dest = config(
-            '[[tenants.destinations]]\nid = "warehouse"\nsink = "jsonl"\npurposes = ["analytics"]\n'
-        )
-        a = make_gateway(tmp_path / "a", config=dest, extra_env={**env, "IDGATE_REPLICA_ID": "a"}).start()
-        b = make_gateway(tmp_path / "b", config=dest, extra_env={**env, "IDGATE_REPLICA_ID": "b"}).start()
-        try:
-            load = Load([a, b])
-            batches = [[f"k-{n:03d}-{i:02d}-{uuid.uuid4().hex[:6]}" for i in range(40)] for n in range(150)]
-            for n, ids in enumerate(batches[:50]):
-                load.post(ids, n)
-            # Make sure a dies holding entries it read and never acknowledged (its worker may
-            # happen to be idle at the kill): right after each acknowledged batch, before the
-            # workers' next poll, read the new entries as a's consumer.
-            import redis
+def test_kill9_of_a_replica_loses_no_acknowledged_event(
+    tmp_path: Path, pg_schema: PostgresSchema, redis_ns: RedisNamespace
+) -> None:
+    env = {
+        **redis_ns.env(),
+        "DATABASE_URL": pg_schema.url,
+        "IDGATE_CLAIM_IDLE_MS": "1500",
+        "IDGATE_DEDUPE_CLAIM_SECONDS": "3",
+    }
+    dest = config('[[tenants.destinations]]\nid = "warehouse"\nsink = "jsonl"\npurposes = ["analytics"]\n')
+    a = make_gateway(tmp_path / "a", config=dest, extra_env={**env, "IDGATE_REPLICA_ID": "a"}).start()
+    b = make_gateway(tmp_path / "b", config=dest, extra_env={**env, "IDGATE_REPLICA_ID": "b"}).start()
+    try:
+        load = Load([a, b])
+        batches = [[f"k-{n:03d}-{i:02d}-{uuid.uuid4().hex[:6]}" for i in range(40)] for n in range(150)]
+        for n, ids in enumerate(batches[:50]):
+            load.post(ids, n)
+        # Make sure a dies holding entries it read and never acknowledged (its worker may
+        # happen to be idle at the kill): right after each acknowledged batch, before the
+        # workers' next poll, read the new entries as a's consumer.
+        import redis
 
-            r = redis.Redis.from_url(redis_ns.url)
-            stream = f"{redis_ns.prefix}:outbox"
-            held = []
-            for n, ids in enumerate(batches[50:60]):
-                load.post(ids, 2 * n)  # to a
-                held += r.xreadgroup("warehouse", "a", {stream: ">"}, count=1000)
-            a.kill9()
-            pending = r.xpending(stream, "warehouse")
-            r.close()
-            assert pending["pending"] > 0, (held, pending)
-            for n, ids in enumerate(batches[60:120]):
-                load.post(ids, n)
-            a.start()  # the replica comes back and cuts its files back to what it committed
-            for n, ids in enumerate(batches[120:]):
-                load.post(ids, n)
-            expected = set(load.acked)
-            assert len(expected) == 150 * 40
+        r = redis.Redis.from_url(redis_ns.url)
+        stream = f"{redis_ns.prefix}:outbox"
+        held = []
+        for n, ids in enumerate(batches[50:60]):
+            load.post(ids, 2 * n)  # to a
+            held += r.xreadgroup("warehouse", "a", {stream: ">"}, count=1000)
+        a.kill9()
+        pending = r.xpending(stream, "warehouse")
+        r.close()
+        assert pending["pending"] > 0, (held, pending)
+        for n, ids in enumerate(batches[60:120]):
+            load.post(ids, n)
+        a.start()  # the replica comes back and cuts its files back to what it committed
+        for n, ids in enumerate(batches[120:]):
+            load.post(ids, n)
+        expected = set(load.acked)
+        assert len(expected) == 150 * 40
 
-            def delivered() -> list[str]:
-                return [e["messageId"] for gw in (a, b) for e in gw.sink_lines("warehouse")]
+        def delivered() -> list[str]:
+            return [e["messageId"] for gw in (a, b) for e in gw.sink_lines("warehouse")]
 
-            wait_until(lambda: set(delivered()) >= expected, timeout=60, what="every acknowledged event")
+        wait_until(lambda: set(delivered()) >= expected, timeout=60, what="every acknowledged event")
 
-            def nothing_in_flight() -> bool:
-                # The warehouse group has read the whole stream and acknowledged every entry
-                # (after writing it): nothing left that a worker or a takeover could write again.
-                with redis.Redis.from_url(redis_ns.url) as client:
-                    last = client.xinfo_stream(stream)["last-generated-id"]
-                    (group,) = [g for g in client.xinfo_groups(stream) if g["name"] == b"warehouse"]
-                return group["pending"] == 0 and group["last-delivered-id"] == last
+        def nothing_in_flight() -> bool:
+            # The warehouse group has read the whole stream and acknowledged every entry
+            # (after writing it): nothing left that a worker or a takeover could write again.
+            with redis.Redis.from_url(redis_ns.url) as client:
+                last = client.xinfo_stream(stream)["last-generated-id"]
+                (group,) = [g for g in client.xinfo_groups(stream) if g["name"] == b"warehouse"]
+            return group["pending"] == 0 and group["last-delivered-id"] == last
 
-            wait_until(nothing_in_flight, timeout=30, what="the outbox stream to be read and acknowledged")
-            got = delivered()
-            assert set(got) == expected
-            assert len(got) == len(expected), f"{len(got) - len(expected)} duplicates"
-            assert "outbox.claimed" in b.log_text() or "outbox.claimed" in a.log_text()
-        finally:
-            a.stop()
-            b.stop()
+        wait_until(nothing_in_flight, timeout=30, what="the outbox stream to be read and acknowledged")
+        got = delivered()
+        assert set(got) == expected
+        assert len(got) == len(expected), f"{len(got) - len(expected)} duplicates"
+        assert "outbox.claimed" in b.log_text() or "outbox.claimed" in a.log_text()
+    finally:
+        a.stop()
+        b.stop()
