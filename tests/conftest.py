@@ -1,4 +1,22 @@
-"""Shared fixtures: gateway processes on free ports, real Redis, helpers to read the sink."""
+"""Shared fixtures: gateway processes on free ports, real Redis, PostgreSQL and NATS, helpers
+to read the sink; the test markers.
+
+Markers (registered in pyproject.toml) select the tests by what they need:
+
+    redis     the Redis server (IDGATE_TEST_REDIS_URL; db 9, a key prefix per test)
+    postgres  the PostgreSQL server (IDGATE_TEST_DATABASE_URL; a fresh schema per test)
+    nats      the NATS JetStream server (IDGATE_TEST_NATS_URL)
+    node      Node.js and npm (the WeChat mini-program SDK tests under tests/sensors)
+    browser   a browser driven by Playwright (reserved for the browser tests to come)
+    slow      starts `idgate serve` processes (deselect for the quick in-process suite)
+
+e.g. ``pytest -m "not postgres"``, ``pytest -m redis``, ``pytest -m "not slow"``. They are
+applied at collection from the fixtures a test uses (MARKERS_BY_FIXTURE), by parameters
+(``pytest.param("postgres", marks=pytest.mark.postgres)``) or by ``pytestmark``; whatever
+opens the resource (``redis_ns``, ``postgres_schema``, ``nats_url``, ``miniprogram``,
+``Gateway.start``) fails a test that uses it without the marker, so a selection never
+misses one.
+"""
 
 from __future__ import annotations
 
@@ -29,6 +47,48 @@ ROOT = Path(__file__).resolve().parent.parent
 IDGATE = Path(sys.executable).with_name("idgate")
 REDIS_URL = os.environ.get("IDGATE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 DATABASE_URL = os.environ.get("IDGATE_TEST_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+NATS_URL = os.environ.get("IDGATE_TEST_NATS_URL", "nats://127.0.0.1:4222")
+
+# A test that uses one of these fixtures (directly or through another fixture) gets the markers.
+MARKERS_BY_FIXTURE: dict[str, tuple[str, ...]] = {
+    "redis_ns": ("redis",),
+    "pg_schema": ("postgres",),
+    "nats_url": ("nats",),
+    "miniprogram": ("node",),
+    "gateway": ("slow",),
+    "fresh_gateway": ("slow",),
+}
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects by marker
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        for name in getattr(item, "fixturenames", ()):
+            for marker in MARKERS_BY_FIXTURE.get(name, ()):
+                if item.get_closest_marker(marker) is None:
+                    item.add_marker(marker)
+
+
+_running: pytest.Item | None = None
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    global _running
+    _running = item  # before its fixtures, so a session fixture knows who asked first
+
+
+def require_marker(marker: str, what: str) -> None:
+    """Fail the running test if it uses ``what`` without the marker that selects it."""
+    item = _running
+    if item is not None and item.get_closest_marker(marker) is None:
+        pytest.fail(
+            f"{item.nodeid} uses {what} but is not marked {marker!r}: mark it "
+            f"(@pytest.mark.{marker}, pytest.param(..., marks=...) or a fixture in "
+            "MARKERS_BY_FIXTURE) so that -m selects it",
+            pytrace=False,
+        )
+
 
 TEST_CONFIG = """
 [limits]
@@ -189,6 +249,7 @@ class Gateway:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> Gateway:
+        require_marker("slow", "an idgate serve process")
         self.port = free_port()
         log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the process
         self.proc = subprocess.Popen(
@@ -344,6 +405,7 @@ def redis_ns() -> Iterator[RedisNamespace]:
     Tests never flush the database: another suite (CI, a colleague) may share the server."""
     import redis
 
+    require_marker("redis", "Redis")
     url = REDIS_URL.rsplit("/", 1)[0] + "/9"
     client = redis.Redis.from_url(url)
     try:
@@ -398,6 +460,7 @@ def postgres_schema(prefix: str = "t") -> Iterator[PostgresSchema]:
     """A fresh, empty schema on the local PostgreSQL, dropped with everything in it afterwards;
     a loud failure when PostgreSQL is down. For a test that needs more than one, or one
     that lives as long as a module-scoped fixture; otherwise use the ``pg_schema`` fixture."""
+    require_marker("postgres", "PostgreSQL")
     schema = PostgresSchema(f"{prefix}_{uuid.uuid4().hex[:12]}")
     with _postgres_admin() as admin:
         admin.execute(f'CREATE SCHEMA "{schema.name}"')
@@ -414,6 +477,13 @@ def pg_schema(request: pytest.FixtureRequest) -> Iterator[PostgresSchema]:
     prefix = re.sub(r"[^a-z0-9]+", "_", request.node.originalname.lower().removeprefix("test_"))[:20]
     with postgres_schema(prefix or "t") as schema:
         yield schema
+
+
+@pytest.fixture
+def nats_url() -> str:
+    """The NATS JetStream server's URL."""
+    require_marker("nats", "NATS JetStream")
+    return NATS_URL
 
 
 def backend_env(backend: str, stack: ExitStack) -> dict[str, str]:

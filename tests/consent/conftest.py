@@ -50,7 +50,7 @@ def sqlite_database(tmp_path: Path) -> Database:
     return Database("sqlite", f"sqlite:///{tmp_path / 'var' / 'consent.sqlite3'}")
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def database(request: pytest.FixtureRequest) -> Database:
     return request.getfixturevalue(f"{request.param}_database")  # type: ignore[no-any-return]
 

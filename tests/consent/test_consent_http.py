@@ -40,7 +40,11 @@ def delivered(gw: Gateway, m: str, destination: str, timeout: float = 3) -> dict
     return found[0] if found else None
 
 
-@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+pytestmark = pytest.mark.slow
+BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
 def mall(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
     """The embedded gateway (SQLite) and one on PostgreSQL: every rule on both stores."""
     with ExitStack() as stack:
@@ -157,7 +161,7 @@ def test_age_trait_under_14_flags_a_minor(mall: Gateway) -> None:
     assert [r["type"] for r in admin_records(mall, anon, "anonymous_id")].count("subject_flag") == 1
 
 
-@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_material_notice_requires_reconsent(tmp_path, backend: str) -> None:
     stack = ExitStack()
     # its own ledger: a material notice affects everyone

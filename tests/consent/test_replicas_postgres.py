@@ -6,8 +6,11 @@ from __future__ import annotations
 import uuid
 
 import httpx
+import pytest
 
 from tests.conftest import MALL_WEB_KEY, PostgresSchema, RedisNamespace, make_gateway, mid
+
+pytestmark = pytest.mark.slow
 
 
 def test_withdrawal_through_one_replica_stops_the_other_at_once(

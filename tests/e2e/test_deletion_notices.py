@@ -7,9 +7,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import httpx
+import pytest
 
 from tests.conftest import COMPLIANCE_TOKEN, MALL_WEB_KEY, OPERATOR_TOKEN, make_gateway, mid
 from tests.waiting import wait_until
+
+pytestmark = pytest.mark.slow
 
 CONFIG = f"""
 [[admin_tokens]]

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -22,7 +21,7 @@ from export.outbox import OutboxRecord, SqliteOutbox, StoredRecord
 from export.redis_outbox import RedisStreamOutbox
 from export.sinks import PermanentSinkError, RetryableSinkError
 from identity.pseudonym import Pseudonymiser
-from tests.conftest import REDIS_URL
+from tests.conftest import RedisNamespace
 from tests.waiting import async_wait_until
 
 FAST = Retry(max_attempts=4, max_age_seconds=3600, initial_backoff=0.001, max_backoff=0.005)
@@ -108,7 +107,10 @@ class Backend:
         await self.outbox.append(records, dedupe=False)
 
 
-@pytest.fixture(params=["sqlite", "redis"])
+REDIS = pytest.param("redis", marks=pytest.mark.redis)
+
+
+@pytest.fixture(params=["sqlite", REDIS])
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
     if request.param == "sqlite":
         box = SqliteOutbox(tmp_path / "outbox.sqlite3")
@@ -121,21 +123,14 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]
     import redis
     import redis.asyncio as aioredis
 
-    url = REDIS_URL.rsplit("/", 1)[0] + "/9"
-    prefix = f"idgate-test-{uuid.uuid4().hex[:12]}"
-    clients: list[Any] = []
+    ns: RedisNamespace = request.getfixturevalue("redis_ns")  # removes its keys afterwards
 
     def make(replica: str) -> RedisStreamOutbox:
-        client = aioredis.from_url(url)
-        clients.append(client)
-        return RedisStreamOutbox(client, prefix=prefix, replica=replica, claim_idle_ms=200)
+        return RedisStreamOutbox(
+            aioredis.from_url(ns.url), prefix=ns.prefix, replica=replica, claim_idle_ms=200
+        )
 
-    sync = redis.Redis.from_url(url)
-    yield Backend(make("r1"), RedisDeadLetters(redis.Redis.from_url(url), prefix), make)
-    keys = list(sync.scan_iter(match=f"{prefix}:*"))
-    if keys:
-        sync.delete(*keys)
-    sync.close()
+    yield Backend(make("r1"), RedisDeadLetters(redis.Redis.from_url(ns.url), ns.prefix), make)
 
 
 @asynccontextmanager
@@ -285,7 +280,7 @@ def test_rekeyed_values_reach_the_sink(backend: Backend) -> None:
     assert got["context"]["unified_id"] == rekey.value(person(1))
 
 
-@pytest.mark.parametrize("backend", ["redis"], indirect=True)  # one process owns the embedded outbox
+@pytest.mark.parametrize("backend", [REDIS], indirect=True)  # one process owns the embedded outbox
 def test_another_replica_takes_over_a_dead_replicas_entries(backend: Backend) -> None:
     sink = MemorySink("a")
 
@@ -345,7 +340,7 @@ def test_a_down_destination_does_not_hold_back_the_others(backend: Backend) -> N
     assert backend.dead_letters.list() == []  # still retrying, nothing given up
 
 
-@pytest.mark.parametrize("backend", ["redis"], indirect=True)
+@pytest.mark.parametrize("backend", [REDIS], indirect=True)
 def test_redis_outbox_trims_what_every_destination_acknowledged(backend: Backend) -> None:
     async def go() -> None:
         box = backend.outbox

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 import redis
 import redis.asyncio as aioredis
 
@@ -37,6 +38,7 @@ def test_claim_confirm_release(redis_ns: RedisNamespace) -> None:
     asyncio.run(main())
 
 
+@pytest.mark.slow
 def test_two_replicas_share_dedupe_and_in_flight_is_retryable(tmp_path, redis_ns: RedisNamespace) -> None:
     a: Gateway = make_gateway(tmp_path / "a", extra_env=redis_ns.env()).start()
     b: Gateway = make_gateway(tmp_path / "b", extra_env=redis_ns.env()).start()

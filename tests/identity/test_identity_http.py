@@ -12,6 +12,8 @@ from tests.waiting import wait_until
 
 OPS = {"Authorization": f"Bearer {OPERATOR_TOKEN}"}
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture
 def gw(tmp_path):

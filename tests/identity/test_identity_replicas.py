@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import pytest
 
 from tests.conftest import (
     MALL_APP_KEY,
@@ -24,6 +25,8 @@ from tests.waiting import wait_until
 
 IDGATE = str(Path(sys.executable).with_name("idgate"))
 OPS = {"Authorization": f"Bearer {OPERATOR_TOKEN}"}
+
+pytestmark = pytest.mark.slow
 
 
 def test_concurrent_conflicting_merges_converge(

@@ -15,7 +15,13 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import MALL_SENSORS_TOKEN, OPERATOR_TOKEN, SHOP_SENSORS_TOKEN, Gateway
+from tests.conftest import (
+    MALL_SENSORS_TOKEN,
+    OPERATOR_TOKEN,
+    SHOP_SENSORS_TOKEN,
+    Gateway,
+    require_marker,
+)
 
 MINIPROGRAM = Path(__file__).resolve().parent / "miniprogram"
 
@@ -101,6 +107,7 @@ def miniprogram() -> Callable[[dict[str, Any]], dict[str, Any]]:
     """Run tests/sensors/miniprogram/run.js (the npm SDK under Node) with a scenario.
 
     Installs the locked SDK with `npm ci` the first time, so a fresh checkout gets there."""
+    require_marker("node", "Node.js")
     node, npm = shutil.which("node"), shutil.which("npm")
     if node is None or npm is None:
         pytest.skip("Node.js and npm are needed for the mini-program SDK tests")
