@@ -1,5 +1,5 @@
 """Shared fixtures: gateway processes on free ports, real Redis, PostgreSQL and NATS, helpers
-to read the sink; the test markers.
+to read the sink; the test markers and the rule that a test never skips silently.
 
 Markers (registered in pyproject.toml) select the tests by what they need:
 
@@ -16,6 +16,11 @@ applied at collection from the fixtures a test uses (MARKERS_BY_FIXTURE), by par
 opens the resource (``redis_ns``, ``postgres_schema``, ``nats_url``, ``miniprogram``,
 ``Gateway.start``) fails a test that uses it without the marker, so a selection never
 misses one.
+
+A missing tool or service FAILS the tests that need it, with a message naming it. A
+developer without one deselects its group (``-m "not node"``), or opts out by name with
+``IDGATE_TEST_ALLOW_MISSING=node`` (comma-separated), which turns those failures into skips
+that say so. Any other skip is reported as an error: CI never passes by skipping.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 from urllib.parse import quote, urlsplit
 
 import httpx
@@ -48,6 +53,8 @@ IDGATE = Path(sys.executable).with_name("idgate")
 REDIS_URL = os.environ.get("IDGATE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 DATABASE_URL = os.environ.get("IDGATE_TEST_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 NATS_URL = os.environ.get("IDGATE_TEST_NATS_URL", "nats://127.0.0.1:4222")
+ALLOW_MISSING = frozenset(re.split(r"[\s,]+", os.environ.get("IDGATE_TEST_ALLOW_MISSING", "").strip())) - {""}
+OPTED_OUT = "opted out with IDGATE_TEST_ALLOW_MISSING"
 
 # A test that uses one of these fixtures (directly or through another fixture) gets the markers.
 MARKERS_BY_FIXTURE: dict[str, tuple[str, ...]] = {
@@ -88,6 +95,51 @@ def require_marker(marker: str, what: str) -> None:
             "MARKERS_BY_FIXTURE) so that -m selects it",
             pytrace=False,
         )
+
+
+def missing(group: str, problem: str) -> NoReturn:
+    """A tool or service the test needs is not there: fail, unless the developer opted out."""
+    if group in ALLOW_MISSING:
+        pytest.skip(f"{OPTED_OUT}={group}: {problem}")
+    pytest.fail(
+        f"{problem}\nThe {group!r} tests need it: start or install it, or deselect them with "
+        f"-m 'not {group}' (IDGATE_TEST_ALLOW_MISSING={group} turns this failure into a skip).",
+        pytrace=False,
+    )
+
+
+def _unexplained_skip(report: pytest.TestReport | pytest.CollectReport) -> str | None:
+    if not report.skipped or hasattr(report, "wasxfail"):
+        return None
+    longrepr = report.longrepr
+    reason = str(longrepr[2] if isinstance(longrepr, tuple) else longrepr)
+    return None if OPTED_OUT in reason else reason
+
+
+def _refuse_skip(report: pytest.TestReport | pytest.CollectReport, reason: str) -> None:
+    report.outcome = "failed"
+    report.longrepr = (
+        f"skipped without an opt-out ({reason}). A test that cannot run fails here: fix what it "
+        "needs, deselect it with -m, or opt out with IDGATE_TEST_ALLOW_MISSING (see tests/conftest.py)."
+    )
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[Any]:
+    outcome = yield
+    report = outcome.get_result()
+    reason = _unexplained_skip(report)
+    if reason is not None:
+        _refuse_skip(report, reason)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector: pytest.Collector) -> Iterator[Any]:
+    outcome = yield
+    report = outcome.get_result()
+    reason = _unexplained_skip(report)
+    if reason is not None:
+        _refuse_skip(report, reason)
 
 
 TEST_CONFIG = """
@@ -411,7 +463,8 @@ def redis_ns() -> Iterator[RedisNamespace]:
     try:
         client.ping()
     except redis.ConnectionError as exc:
-        pytest.fail(f"Redis is required at {url}: {exc}")
+        client.close()
+        missing("redis", f"Redis is required at {url} (IDGATE_TEST_REDIS_URL): {exc}")
     ns = RedisNamespace(url, f"idgate-test-{uuid.uuid4().hex[:12]}")
     yield ns
     keys = list(client.scan_iter(match=f"{ns.prefix}:*"))
@@ -450,9 +503,7 @@ def _postgres_admin() -> Any:
     except psycopg.OperationalError as exc:
         problem = str(exc).strip()
     # Outside the except block, so the report is this one line rather than psycopg's traceback.
-    pytest.fail(
-        f"PostgreSQL is required at {DATABASE_URL} (IDGATE_TEST_DATABASE_URL): {problem}", pytrace=False
-    )
+    missing("postgres", f"PostgreSQL is required at {DATABASE_URL} (IDGATE_TEST_DATABASE_URL): {problem}")
 
 
 @contextmanager
@@ -481,9 +532,16 @@ def pg_schema(request: pytest.FixtureRequest) -> Iterator[PostgresSchema]:
 
 @pytest.fixture
 def nats_url() -> str:
-    """The NATS JetStream server's URL."""
+    """The NATS JetStream server's URL; a loud failure when nothing answers there."""
     require_marker("nats", "NATS JetStream")
-    return NATS_URL
+    where = urlsplit(NATS_URL)
+    try:
+        socket.create_connection((where.hostname or "127.0.0.1", where.port or 4222), timeout=3).close()
+    except OSError as exc:
+        problem = str(exc)
+    else:
+        return NATS_URL
+    missing("nats", f"NATS JetStream is required at {NATS_URL} (IDGATE_TEST_NATS_URL): {problem}")
 
 
 def backend_env(backend: str, stack: ExitStack) -> dict[str, str]:
