@@ -19,9 +19,12 @@ venv: $(STAMP)
 run: $(STAMP)
 	$(VENV)/bin/idgate serve --config idgate.example.toml --port $(PORT)
 
-## Run the whole test suite (uses PostgreSQL and Redis on localhost where a feature needs them).
+## Run the whole test suite (uses PostgreSQL, Redis, NATS and Node.js on localhost where a feature
+## needs them; a missing one fails its tests). Select groups by marker, e.g.
+## make test PYTEST_ARGS='-m "not slow"'   (markers: redis postgres nats node browser slow)
+PYTEST_ARGS ?=
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -q
+	$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check gateway identity consent export tests bench

@@ -1,29 +1,146 @@
-"""Shared fixtures: gateway processes on free ports, real Redis, helpers to read the sink."""
+"""Shared fixtures: gateway processes on free ports, real Redis, PostgreSQL and NATS, helpers
+to read the sink; the test markers and the rule that a test never skips silently.
+
+Markers (registered in pyproject.toml) select the tests by what they need:
+
+    redis     the Redis server (IDGATE_TEST_REDIS_URL; db 9, a key prefix per test)
+    postgres  the PostgreSQL server (IDGATE_TEST_DATABASE_URL; a fresh schema per test)
+    nats      the NATS JetStream server (IDGATE_TEST_NATS_URL)
+    node      Node.js and npm (the WeChat mini-program SDK tests under tests/sensors)
+    browser   a browser driven by Playwright (reserved for the browser tests to come)
+    slow      starts `idgate serve` processes (deselect for the quick in-process suite)
+
+e.g. ``pytest -m "not postgres"``, ``pytest -m redis``, ``pytest -m "not slow"``. They are
+applied at collection from the fixtures a test uses (MARKERS_BY_FIXTURE), by parameters
+(``pytest.param("postgres", marks=pytest.mark.postgres)``) or by ``pytestmark``; whatever
+opens the resource (``redis_ns``, ``postgres_schema``, ``nats_url``, ``miniprogram``,
+``Gateway.start``) fails a test that uses it without the marker, so a selection never
+misses one.
+
+A missing tool or service FAILS the tests that need it, with a message naming it. A
+developer without one deselects its group (``-m "not node"``), or opts out by name with
+``IDGATE_TEST_ALLOW_MISSING=node`` (comma-separated), which turns those failures into skips
+that say so. Any other skip is reported as an error: CI never passes by skipping.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, NoReturn
+from urllib.parse import quote, urlsplit
 
 import httpx
 import pytest
 
 from consent.signing import new_ledger_key_b64
 from identity.pseudonym import new_key_document
+from tests.waiting import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 IDGATE = Path(sys.executable).with_name("idgate")
 REDIS_URL = os.environ.get("IDGATE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+DATABASE_URL = os.environ.get("IDGATE_TEST_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+NATS_URL = os.environ.get("IDGATE_TEST_NATS_URL", "nats://127.0.0.1:4222")
+ALLOW_MISSING = frozenset(re.split(r"[\s,]+", os.environ.get("IDGATE_TEST_ALLOW_MISSING", "").strip())) - {""}
+OPTED_OUT = "opted out with IDGATE_TEST_ALLOW_MISSING"
+
+# A test that uses one of these fixtures (directly or through another fixture) gets the markers.
+MARKERS_BY_FIXTURE: dict[str, tuple[str, ...]] = {
+    "redis_ns": ("redis",),
+    "pg_schema": ("postgres",),
+    "nats_url": ("nats",),
+    "miniprogram": ("node",),
+    "gateway": ("slow",),
+    "fresh_gateway": ("slow",),
+}
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects by marker
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        for name in getattr(item, "fixturenames", ()):
+            for marker in MARKERS_BY_FIXTURE.get(name, ()):
+                if item.get_closest_marker(marker) is None:
+                    item.add_marker(marker)
+
+
+_running: pytest.Item | None = None
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    global _running
+    _running = item  # before its fixtures, so a session fixture knows who asked first
+
+
+def require_marker(marker: str, what: str) -> None:
+    """Fail the running test if it uses ``what`` without the marker that selects it."""
+    item = _running
+    if item is not None and item.get_closest_marker(marker) is None:
+        pytest.fail(
+            f"{item.nodeid} uses {what} but is not marked {marker!r}: mark it "
+            f"(@pytest.mark.{marker}, pytest.param(..., marks=...) or a fixture in "
+            "MARKERS_BY_FIXTURE) so that -m selects it",
+            pytrace=False,
+        )
+
+
+def missing(group: str, problem: str) -> NoReturn:
+    """A tool or service the test needs is not there: fail, unless the developer opted out."""
+    if group in ALLOW_MISSING:
+        pytest.skip(f"{OPTED_OUT}={group}: {problem}")
+    pytest.fail(
+        f"{problem}\nThe {group!r} tests need it: start or install it, or deselect them with "
+        f"-m 'not {group}' (IDGATE_TEST_ALLOW_MISSING={group} turns this failure into a skip).",
+        pytrace=False,
+    )
+
+
+def _unexplained_skip(report: pytest.TestReport | pytest.CollectReport) -> str | None:
+    if not report.skipped or hasattr(report, "wasxfail"):
+        return None
+    longrepr = report.longrepr
+    reason = str(longrepr[2] if isinstance(longrepr, tuple) else longrepr)
+    return None if OPTED_OUT in reason else reason
+
+
+def _refuse_skip(report: pytest.TestReport | pytest.CollectReport, reason: str) -> None:
+    report.outcome = "failed"
+    report.longrepr = (
+        f"skipped without an opt-out ({reason}). A test that cannot run fails here: fix what it "
+        "needs, deselect it with -m, or opt out with IDGATE_TEST_ALLOW_MISSING (see tests/conftest.py)."
+    )
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[Any]:
+    outcome = yield
+    report = outcome.get_result()
+    reason = _unexplained_skip(report)
+    if reason is not None:
+        _refuse_skip(report, reason)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector: pytest.Collector) -> Iterator[Any]:
+    outcome = yield
+    report = outcome.get_result()
+    reason = _unexplained_skip(report)
+    if reason is not None:
+        _refuse_skip(report, reason)
+
 
 TEST_CONFIG = """
 [limits]
@@ -184,6 +301,7 @@ class Gateway:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> Gateway:
+        require_marker("slow", "an idgate serve process")
         self.port = free_port()
         log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the process
         self.proc = subprocess.Popen(
@@ -257,6 +375,39 @@ class Gateway:
                 return lines
             time.sleep(0.05)
 
+    def wait_past(
+        self,
+        destination: str = "warehouse",
+        *,
+        write_key: str = WEB_KEY,
+        grant: Sequence[str] = (),
+        timeout: float = 20,
+    ) -> dict:
+        """Send a sentinel event after everything sent so far and wait until ``destination``
+        has it; returns the sentinel as delivered.
+
+        The outbox delivers to each destination in order, so once the sentinel is there,
+        whatever was accepted for that destination before it has been written too: wait
+        with this before asserting that something was NOT delivered. ``grant`` records
+        consent for the sentinel's subject first (tenants that enforce consent)."""
+        anonymous_id = f"sentinel-{uuid.uuid4().hex[:12]}"
+        message_id = mid()
+        with self.client(write_key) as c:
+            if grant:
+                body = {"anonymousId": anonymous_id, "grant": list(grant), "noticeId": "notice-v1"}
+                r = c.post("/v1/consent", json=body)
+                assert r.status_code == 200, r.text
+            r = c.post(
+                "/v1/track", json={"anonymousId": anonymous_id, "event": "Sentinel", "messageId": message_id}
+            )
+            assert r.status_code == 200 and r.json()["accepted"] == 1, r.text
+        (sentinel,) = wait_until(
+            lambda: [e for e in self.sink_lines(destination) if e.get("messageId") == message_id],
+            timeout,
+            what=f"the sentinel event at {destination}",
+        )
+        return sentinel
+
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace")
 
@@ -306,12 +457,14 @@ def redis_ns() -> Iterator[RedisNamespace]:
     Tests never flush the database: another suite (CI, a colleague) may share the server."""
     import redis
 
+    require_marker("redis", "Redis")
     url = REDIS_URL.rsplit("/", 1)[0] + "/9"
     client = redis.Redis.from_url(url)
     try:
         client.ping()
     except redis.ConnectionError as exc:
-        pytest.fail(f"Redis is required at {url}: {exc}")
+        client.close()
+        missing("redis", f"Redis is required at {url} (IDGATE_TEST_REDIS_URL): {exc}")
     ns = RedisNamespace(url, f"idgate-test-{uuid.uuid4().hex[:12]}")
     yield ns
     keys = list(client.scan_iter(match=f"{ns.prefix}:*"))
@@ -320,35 +473,82 @@ def redis_ns() -> Iterator[RedisNamespace]:
     client.close()
 
 
-PG_URL = os.environ.get("IDGATE_TEST_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+@dataclass(frozen=True)
+class PostgresSchema:
+    """A schema of one test's own on the local PostgreSQL. Connections opened with ``url`` (or
+    ``server_url`` and ``connect_args``) have it as their search path, so the tables, the
+    triggers and the Alembic version table all live in it."""
+
+    name: str
+    server_url: str = DATABASE_URL
+
+    @property
+    def connect_args(self) -> dict[str, str]:
+        return {"options": f"-csearch_path={self.name}"}
+
+    @property
+    def url(self) -> str:
+        """One URL that carries the search path: a gateway's DATABASE_URL, the CLI's --database-url."""
+        separator = "&" if urlsplit(self.server_url).query else "?"
+        return f"{self.server_url}{separator}options={quote(f'-csearch_path={self.name}')}"
+
+
+def _postgres_admin() -> Any:
+    import psycopg
+    import sqlalchemy as sa
+
+    conninfo = sa.make_url(DATABASE_URL).set(drivername="postgresql").render_as_string(hide_password=False)
+    try:
+        return psycopg.connect(conninfo, autocommit=True, connect_timeout=5)
+    except psycopg.OperationalError as exc:
+        problem = str(exc).strip()
+    # Outside the except block, so the report is this one line rather than psycopg's traceback.
+    missing("postgres", f"PostgreSQL is required at {DATABASE_URL} (IDGATE_TEST_DATABASE_URL): {problem}")
 
 
 @contextmanager
-def postgres_schema(prefix: str = "t") -> Iterator[str]:
-    """A fresh PostgreSQL schema for one test (dropped after); the URL selects it by
-    search_path. A loud failure when PostgreSQL is down."""
-    import sqlalchemy as sa
-
-    schema = f"{prefix}_{uuid.uuid4().hex[:10]}"
-    engine = sa.create_engine(PG_URL)
+def postgres_schema(prefix: str = "t") -> Iterator[PostgresSchema]:
+    """A fresh, empty schema on the local PostgreSQL, dropped with everything in it afterwards;
+    a loud failure when PostgreSQL is down. For a test that needs more than one, or one
+    that lives as long as a module-scoped fixture; otherwise use the ``pg_schema`` fixture."""
+    require_marker("postgres", "PostgreSQL")
+    schema = PostgresSchema(f"{prefix}_{uuid.uuid4().hex[:12]}")
+    with _postgres_admin() as admin:
+        admin.execute(f'CREATE SCHEMA "{schema.name}"')
     try:
-        with engine.begin() as conn:
-            conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
-    except sa.exc.OperationalError as exc:
-        pytest.fail(f"PostgreSQL is required at {PG_URL}: {exc}")
-    try:
-        yield f"{PG_URL}?options=-csearch_path%3D{schema}"
+        yield schema
     finally:
-        with engine.begin() as conn:
-            conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
-        engine.dispose()
+        with _postgres_admin() as admin:
+            admin.execute(f'DROP SCHEMA "{schema.name}" CASCADE')
+
+
+@pytest.fixture
+def pg_schema(request: pytest.FixtureRequest) -> Iterator[PostgresSchema]:
+    """A fresh schema on the local PostgreSQL for the test (see ``postgres_schema``)."""
+    prefix = re.sub(r"[^a-z0-9]+", "_", request.node.originalname.lower().removeprefix("test_"))[:20]
+    with postgres_schema(prefix or "t") as schema:
+        yield schema
+
+
+@pytest.fixture
+def nats_url() -> str:
+    """The NATS JetStream server's URL; a loud failure when nothing answers there."""
+    require_marker("nats", "NATS JetStream")
+    where = urlsplit(NATS_URL)
+    try:
+        socket.create_connection((where.hostname or "127.0.0.1", where.port or 4222), timeout=3).close()
+    except OSError as exc:
+        problem = str(exc)
+    else:
+        return NATS_URL
+    missing("nats", f"NATS JetStream is required at {NATS_URL} (IDGATE_TEST_NATS_URL): {problem}")
 
 
 def backend_env(backend: str, stack: ExitStack) -> dict[str, str]:
     """Environment for a gateway on ``sqlite`` (embedded) or ``postgres`` (shared keys)."""
     if backend == "sqlite":
         return {}
-    return {"DATABASE_URL": stack.enter_context(postgres_schema(backend)), **SHARED_KEYS}
+    return {"DATABASE_URL": stack.enter_context(postgres_schema(backend)).url, **SHARED_KEYS}
 
 
 def mid() -> str:

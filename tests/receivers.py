@@ -283,7 +283,7 @@ def _handler_for(receiver: Receiver) -> type[BaseHTTPRequestHandler]:
             body = self.rfile.read(length)
             headers = {k.lower(): v for k, v in self.headers.items()}
             status, answer, hang = receiver.handle(self.path, headers, body)
-            if hang:
+            if hang:  # the simulated fault itself: answer only after the client's timeout
                 time.sleep(hang)
             try:
                 self._answer(status, answer)

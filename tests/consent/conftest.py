@@ -1,32 +1,25 @@
 """Consent store fixtures: a migrated database of the test's own on each backend.
 
-SQLite lives in the test's tmp_path; PostgreSQL (the local server, trust auth) gets a fresh
-schema per test, named ``ledger_<hex>``, set as the connections' search path so the
-tables, the triggers and the Alembic version table all live in it, and dropped afterwards.
-A PostgreSQL that cannot be reached fails the test: it is never skipped.
+SQLite lives in the test's tmp_path; PostgreSQL (the local server) gets a fresh schema per
+test from ``pg_schema`` (tests/conftest.py), dropped afterwards. A PostgreSQL that cannot
+be reached fails the test: it is never skipped.
 """
 
 from __future__ import annotations
 
-import os
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
-import psycopg
 import pytest
-import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from consent.db import migrate_consent
 from consent.ledger import Ledger, RecordDraft
 from consent.signing import LedgerSigner, new_ledger_key_b64
 from identity.db import make_engine
-
-POSTGRES_URL = os.environ.get("IDGATE_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+from tests.conftest import PostgresSchema
 
 
 @dataclass(frozen=True)
@@ -44,35 +37,13 @@ class Database:
     @property
     def cli_url(self) -> str:
         """One URL that carries the search path too, for the CLI's --database-url."""
-        if self.schema is None:
-            return self.url
-        return f"{self.url}?options={quote(f'-csearch_path={self.schema}')}"
-
-
-def _libpq_conninfo(url: str) -> str:
-    return sa.make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
-
-
-def admin_connection() -> psycopg.Connection[Any]:
-    try:
-        return psycopg.connect(_libpq_conninfo(POSTGRES_URL), autocommit=True, connect_timeout=5)
-    except psycopg.OperationalError as exc:
-        problem = str(exc).strip()
-    # Outside the except block, so the report is this one line rather than psycopg's traceback.
-    pytest.fail(f"PostgreSQL is required at {POSTGRES_URL} (set IDGATE_TEST_POSTGRES_URL): {problem}")
+        return self.url if self.schema is None else PostgresSchema(self.schema, self.url).url
 
 
 @pytest.fixture
-def postgres_database() -> Iterator[Database]:
+def postgres_database(pg_schema: PostgresSchema) -> Database:
     """A fresh, empty schema on the local PostgreSQL, dropped with everything in it afterwards."""
-    schema = f"ledger_{uuid.uuid4().hex[:16]}"
-    with admin_connection() as admin:
-        admin.execute(f'CREATE SCHEMA "{schema}"')
-    try:
-        yield Database("postgres", POSTGRES_URL, {"options": f"-csearch_path={schema}"}, schema)
-    finally:
-        with admin_connection() as admin:
-            admin.execute(f'DROP SCHEMA "{schema}" CASCADE')
+    return Database("postgres", pg_schema.server_url, pg_schema.connect_args, pg_schema.name)
 
 
 @pytest.fixture
@@ -80,7 +51,7 @@ def sqlite_database(tmp_path: Path) -> Database:
     return Database("sqlite", f"sqlite:///{tmp_path / 'var' / 'consent.sqlite3'}")
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def database(request: pytest.FixtureRequest) -> Database:
     return request.getfixturevalue(f"{request.param}_database")  # type: ignore[no-any-return]
 

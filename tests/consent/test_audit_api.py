@@ -13,6 +13,8 @@ from click.testing import CliRunner
 
 from tests.conftest import COMPLIANCE_TOKEN, MALL_WEB_KEY, OPERATOR_TOKEN, Gateway, make_gateway, mid
 
+pytestmark = pytest.mark.slow
+
 
 def bearer(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}

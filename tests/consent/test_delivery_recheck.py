@@ -23,6 +23,7 @@ from gateway.consent_setup import delivery_recheck, purpose_rules
 from gateway.pipeline import destination_specs
 from identity.db import make_engine
 from tests.conftest import TEST_CONFIG
+from tests.waiting import async_wait_until
 
 
 def test_withdrawal_between_ingest_and_delivery_withholds_the_event(tmp_path: Path) -> None:
@@ -93,10 +94,11 @@ def test_withdrawal_between_ingest_and_delivery_withholds_the_event(tmp_path: Pa
         )
         delivery = DeliveryService(outbox, [worker])
         await delivery.start()
-        for _ in range(100):
-            if await outbox.pending() == 0:
-                break
-            await asyncio.sleep(0.02)
+
+        async def drained() -> bool:  # delivered, or withheld by the recheck
+            return await outbox.pending() == 0
+
+        await async_wait_until(drained, what="the outbox to drain")
         await delivery.stop()
         files = list((tmp_path / "sinks" / "mall-warehouse").glob("*.jsonl"))
         return [msgspec.json.decode(line)["messageId"] for f in files for line in f.read_bytes().splitlines()]

@@ -8,19 +8,15 @@ import uuid
 import httpx
 import pytest
 
-from tests.conftest import MALL_WEB_KEY, RedisNamespace, make_gateway, mid, postgres_schema
+from tests.conftest import MALL_WEB_KEY, PostgresSchema, RedisNamespace, make_gateway, mid
 
-
-@pytest.fixture
-def pg_schema_url():
-    with postgres_schema("replicas") as url:
-        yield url
+pytestmark = pytest.mark.slow
 
 
 def test_withdrawal_through_one_replica_stops_the_other_at_once(
-    tmp_path, pg_schema_url, redis_ns: RedisNamespace
+    tmp_path, pg_schema: PostgresSchema, redis_ns: RedisNamespace
 ):
-    env = {**redis_ns.env(), "DATABASE_URL": pg_schema_url}
+    env = {**redis_ns.env(), "DATABASE_URL": pg_schema.url}
     a = make_gateway(tmp_path / "a", extra_env=env).start()
     b = make_gateway(tmp_path / "b", extra_env=env).start()
     try:
@@ -53,11 +49,13 @@ def test_withdrawal_through_one_replica_stops_the_other_at_once(
         b.stop()
 
 
-def test_a_new_replica_catches_up_from_the_ledger(tmp_path, pg_schema_url, redis_ns: RedisNamespace):
+def test_a_new_replica_catches_up_from_the_ledger(
+    tmp_path, pg_schema: PostgresSchema, redis_ns: RedisNamespace
+):
     """Redis lost its state (or is new): the projection is rebuilt from the ledger."""
     import redis
 
-    env = {**redis_ns.env(), "DATABASE_URL": pg_schema_url}
+    env = {**redis_ns.env(), "DATABASE_URL": pg_schema.url}
     a = make_gateway(tmp_path / "a", extra_env=env).start()
     anon = f"anon-{uuid.uuid4().hex[:10]}"
     httpx.post(

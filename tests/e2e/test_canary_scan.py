@@ -27,6 +27,8 @@ from tests.conftest import (
     make_gateway,
 )
 
+pytestmark = pytest.mark.slow
+
 
 def canaries() -> dict[str, str]:
     tag = uuid.uuid4().hex[:10]
@@ -108,13 +110,18 @@ def consent_call(c: dict[str, str]) -> dict:
     }
 
 
-@pytest.mark.parametrize("setup", ["embedded", "distributed"])
+@pytest.mark.parametrize(
+    "setup", ["embedded", pytest.param("distributed", marks=[pytest.mark.redis, pytest.mark.postgres])]
+)
 def test_canary_identifiers_never_stored_logged_or_cached(
-    tmp_path, redis_ns: RedisNamespace, setup: str
+    tmp_path, request: pytest.FixtureRequest, setup: str
 ) -> None:
     """Embedded: SQLite only. Distributed: consent in PostgreSQL, shared state in Redis."""
     stack = ExitStack()
-    env = {**redis_ns.env(), **backend_env("postgres", stack)} if setup == "distributed" else {}
+    env: dict[str, str] = {}
+    if setup == "distributed":
+        redis_ns: RedisNamespace = request.getfixturevalue("redis_ns")
+        env = {**redis_ns.env(), **backend_env("postgres", stack)}
     gw: Gateway = make_gateway(tmp_path, extra_env=env).start()
     c = canaries()
     try:

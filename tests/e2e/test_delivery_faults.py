@@ -15,8 +15,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import IDGATE, WEB_KEY, Gateway, RedisNamespace, make_gateway, postgres_schema
+from tests.conftest import IDGATE, WEB_KEY, Gateway, PostgresSchema, RedisNamespace, make_gateway
 from tests.receivers import Receiver
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -57,14 +58,6 @@ def send(gw: Gateway, ids: list[str], users: list[str]) -> httpx.Response:
         return c.post("/v1/batch", json={"batch": batch})
 
 
-def wait(predicate, timeout: float = 30, what: str = "condition") -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
 def idgate(gw: Gateway, *args: str) -> subprocess.CompletedProcess[str]:
     env = {**gw.env, "IDGATE_DATA_DIR": str(gw.data_dir)}
     return subprocess.run([str(IDGATE), *args], env=env, capture_output=True, text=True, timeout=60)
@@ -82,15 +75,17 @@ def test_destination_down_then_back_delivers_everything_in_order_per_person(tmp_
                 r = send(gw, ids, users)
                 assert r.status_code == 200 and r.json()["accepted"] == 25, r.text
                 sent += list(zip(ids, users, strict=True))
-                if b == 3:  # down for a while
-                    time.sleep(1.5)
+                if b == 3:  # down for a while: the gateway is refused again and again, backing off
+                    wait_until(lambda: rx.statuses[503] >= 5, what="the gateway retrying the down receiver")
                     assert rx.message_ids == []
             assert any(s >= 500 for s in rx.statuses) or rx.statuses[503] > 0
             ready = httpx.get(gw.url + "/readyz").json()
             assert ready["status"] == "ready" and ready["destinations"] == {"hook": "retrying"}
             # back, but flaky: 30 % errors and some timeouts
             rx.fail_rate, rx.timeout_rate, rx.down = 0.3, 0.05, False
-            wait(lambda: len(rx.message_ids) == len(sent), what="every event at the receiver")
+            wait_until(
+                lambda: len(rx.message_ids) == len(sent), timeout=30, what="every event at the receiver"
+            )
         finally:
             gw.stop()
     assert sorted(rx.message_ids) == sorted(m for m, _ in sent)
@@ -115,7 +110,7 @@ def test_dead_letters_are_listed_and_replayed_with_the_cli(tmp_path: Path) -> No
         try:
             ids = [f"d-{i}" for i in range(20)]
             assert send(gw, ids, ["person-1"] * 20).json()["accepted"] == 20
-            wait(lambda: "delivery.dead_lettered" in gw.log_text(), what="dead letters")
+            wait_until(lambda: "delivery.dead_lettered" in gw.log_text(), timeout=30, what="dead letters")
             listed = idgate(gw, "dlq", "list", "--json")
             assert listed.returncode == 0, listed.stderr
             entries = [json.loads(line) for line in listed.stdout.splitlines()]
@@ -127,7 +122,7 @@ def test_dead_letters_are_listed_and_replayed_with_the_cli(tmp_path: Path) -> No
             rx.down = False
             replay = idgate(gw, "dlq", "replay", "--all")
             assert replay.returncode == 0 and "replayed 20" in replay.stdout, replay.stderr
-            wait(lambda: len(rx.message_ids) == 20, what="replayed events")
+            wait_until(lambda: len(rx.message_ids) == 20, timeout=30, what="replayed events")
             assert idgate(gw, "dlq", "list", "--json").stdout == ""
 
             # a receiver that refuses one event (4xx): only that one is set aside
@@ -144,7 +139,9 @@ def test_dead_letters_are_listed_and_replayed_with_the_cli(tmp_path: Path) -> No
             ]
             with gw.client() as c:
                 assert c.post("/v1/batch", json={"batch": body}).json()["accepted"] == 10
-            wait(lambda: len(rx.message_ids) == 29, what="the good events of the refused batch")
+            wait_until(
+                lambda: len(rx.message_ids) == 29, timeout=30, what="the good events of the refused batch"
+            )
             [poison] = [json.loads(x) for x in idgate(gw, "dlq", "list", "--json").stdout.splitlines()]
             assert poison["messageId"] == "p-4" and poison["reason"].startswith("refused")
             purged = idgate(gw, "dlq", "purge", poison["id"], "--yes")
@@ -172,19 +169,28 @@ def test_backpressure_answers_503_and_loses_nothing(tmp_path: Path) -> None:
                     break
                 assert r.status_code == 200
                 acked += ids
-                time.sleep(0.3)  # let the gateway measure its backlog
+                # the backlog is measured every 0.5 s: once it counts these, the bound (60) decides
+                counted = len(acked)
+                wait_until(
+                    lambda: httpx.get(gw.url + "/readyz").json()["backlog"]["events"] >= counted,  # noqa: B023
+                    what=f"the gateway to count {counted} events in its backlog",
+                )
             assert refused is not None, "never overloaded"
             assert refused.json()["error"] == "overloaded" and int(refused.headers["Retry-After"]) > 0
             ready = httpx.get(gw.url + "/readyz")  # still ready: SDKs get the 503 and retry
             assert ready.status_code == 200 and ready.json()["backlog"]["overloaded"] is True
             rx.down = False
-            wait(lambda: len(rx.message_ids) == len(acked), what="the acknowledged events")
+            wait_until(lambda: len(rx.message_ids) == len(acked), timeout=30, what="the acknowledged events")
 
             def accepted_again() -> bool:
                 return send(gw, ["bp-after"], ["person-1"]).status_code == 200
 
-            wait(accepted_again, what="ingest to accept again")
-            wait(lambda: len(rx.message_ids) == len(acked) + 1, what="the event sent after recovery")
+            wait_until(accepted_again, timeout=30, what="ingest to accept again")
+            wait_until(
+                lambda: len(rx.message_ids) == len(acked) + 1,
+                timeout=30,
+                what="the event sent after recovery",
+            )
         finally:
             gw.stop()
     assert sorted(rx.message_ids) == sorted([*acked, "bp-after"])
@@ -216,60 +222,70 @@ class Load:
                 self.acked += ids
                 return
             self.errors += 1
+            # A client's pause before it sends again (what an SDK does on a 503), part of the
+            # load simulated here; nothing waits on the gateway reaching some state.
             time.sleep(0.2)
         raise AssertionError("a batch was never acknowledged")
 
 
-def test_kill9_of_a_replica_loses_no_acknowledged_event(tmp_path: Path, redis_ns: RedisNamespace) -> None:
-    with postgres_schema("killnine") as pg:
-        env = {
-            **redis_ns.env(),
-            "DATABASE_URL": pg,
-            "IDGATE_CLAIM_IDLE_MS": "1500",
-            "IDGATE_DEDUPE_CLAIM_SECONDS": "3",
-        }
-        dest = config(
-            '[[tenants.destinations]]\nid = "warehouse"\nsink = "jsonl"\npurposes = ["analytics"]\n'
-        )
-        a = make_gateway(tmp_path / "a", config=dest, extra_env={**env, "IDGATE_REPLICA_ID": "a"}).start()
-        b = make_gateway(tmp_path / "b", config=dest, extra_env={**env, "IDGATE_REPLICA_ID": "b"}).start()
-        try:
-            load = Load([a, b])
-            batches = [[f"k-{n:03d}-{i:02d}-{uuid.uuid4().hex[:6]}" for i in range(40)] for n in range(150)]
-            for n, ids in enumerate(batches[:50]):
-                load.post(ids, n)
-            # Make sure a dies holding entries it read and never acknowledged (its worker may
-            # happen to be idle at the kill): right after each acknowledged batch, before the
-            # workers' next poll, read the new entries as a's consumer.
-            import redis
+def test_kill9_of_a_replica_loses_no_acknowledged_event(
+    tmp_path: Path, pg_schema: PostgresSchema, redis_ns: RedisNamespace
+) -> None:
+    env = {
+        **redis_ns.env(),
+        "DATABASE_URL": pg_schema.url,
+        "IDGATE_CLAIM_IDLE_MS": "1500",
+        "IDGATE_DEDUPE_CLAIM_SECONDS": "3",
+    }
+    dest = config('[[tenants.destinations]]\nid = "warehouse"\nsink = "jsonl"\npurposes = ["analytics"]\n')
+    a = make_gateway(tmp_path / "a", config=dest, extra_env={**env, "IDGATE_REPLICA_ID": "a"}).start()
+    b = make_gateway(tmp_path / "b", config=dest, extra_env={**env, "IDGATE_REPLICA_ID": "b"}).start()
+    try:
+        load = Load([a, b])
+        batches = [[f"k-{n:03d}-{i:02d}-{uuid.uuid4().hex[:6]}" for i in range(40)] for n in range(150)]
+        for n, ids in enumerate(batches[:50]):
+            load.post(ids, n)
+        # Make sure a dies holding entries it read and never acknowledged (its worker may
+        # happen to be idle at the kill): right after each acknowledged batch, before the
+        # workers' next poll, read the new entries as a's consumer.
+        import redis
 
-            r = redis.Redis.from_url(redis_ns.url)
-            stream = f"{redis_ns.prefix}:outbox"
-            held = []
-            for n, ids in enumerate(batches[50:60]):
-                load.post(ids, 2 * n)  # to a
-                held += r.xreadgroup("warehouse", "a", {stream: ">"}, count=1000)
-            a.kill9()
-            pending = r.xpending(stream, "warehouse")
-            r.close()
-            assert pending["pending"] > 0, (held, pending)
-            for n, ids in enumerate(batches[60:120]):
-                load.post(ids, n)
-            a.start()  # the replica comes back and cuts its files back to what it committed
-            for n, ids in enumerate(batches[120:]):
-                load.post(ids, n)
-            expected = set(load.acked)
-            assert len(expected) == 150 * 40
+        r = redis.Redis.from_url(redis_ns.url)
+        stream = f"{redis_ns.prefix}:outbox"
+        held = []
+        for n, ids in enumerate(batches[50:60]):
+            load.post(ids, 2 * n)  # to a
+            held += r.xreadgroup("warehouse", "a", {stream: ">"}, count=1000)
+        a.kill9()
+        pending = r.xpending(stream, "warehouse")
+        r.close()
+        assert pending["pending"] > 0, (held, pending)
+        for n, ids in enumerate(batches[60:120]):
+            load.post(ids, n)
+        a.start()  # the replica comes back and cuts its files back to what it committed
+        for n, ids in enumerate(batches[120:]):
+            load.post(ids, n)
+        expected = set(load.acked)
+        assert len(expected) == 150 * 40
 
-            def delivered() -> list[str]:
-                return [e["messageId"] for gw in (a, b) for e in gw.sink_lines("warehouse")]
+        def delivered() -> list[str]:
+            return [e["messageId"] for gw in (a, b) for e in gw.sink_lines("warehouse")]
 
-            wait(lambda: set(delivered()) >= expected, timeout=60, what="every acknowledged event")
-            time.sleep(1)  # anything still in flight would show up as a duplicate now
-            got = delivered()
-            assert set(got) == expected
-            assert len(got) == len(expected), f"{len(got) - len(expected)} duplicates"
-            assert "outbox.claimed" in b.log_text() or "outbox.claimed" in a.log_text()
-        finally:
-            a.stop()
-            b.stop()
+        wait_until(lambda: set(delivered()) >= expected, timeout=60, what="every acknowledged event")
+
+        def nothing_in_flight() -> bool:
+            # The warehouse group has read the whole stream and acknowledged every entry
+            # (after writing it): nothing left that a worker or a takeover could write again.
+            with redis.Redis.from_url(redis_ns.url) as client:
+                last = client.xinfo_stream(stream)["last-generated-id"]
+                (group,) = [g for g in client.xinfo_groups(stream) if g["name"] == b"warehouse"]
+            return group["pending"] == 0 and group["last-delivered-id"] == last
+
+        wait_until(nothing_in_flight, timeout=30, what="the outbox stream to be read and acknowledged")
+        got = delivered()
+        assert set(got) == expected
+        assert len(got) == len(expected), f"{len(got) - len(expected)} duplicates"
+        assert "outbox.claimed" in b.log_text() or "outbox.claimed" in a.log_text()
+    finally:
+        a.stop()
+        b.stop()

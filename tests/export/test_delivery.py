@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
@@ -26,7 +25,8 @@ from export.sink import PermanentSinkError, RetryableSinkError
 from export.sqlite_outbox import SqliteOutbox
 from identity.notices import IdentityMerged, NoticeContext, NoticeMeta
 from identity.pseudonym import Pseudonymiser
-from tests.conftest import REDIS_URL
+from tests.conftest import RedisNamespace
+from tests.waiting import async_wait_until
 
 FAST = Retry(max_attempts=4, max_age_seconds=3600, initial_backoff=0.001, max_backoff=0.005)
 PRF = Pseudonymiser(b"k" * 32, 1)
@@ -106,7 +106,10 @@ class Backend:
         await self.outbox.append(records, dedupe=False)
 
 
-@pytest.fixture(params=["sqlite", "redis"])
+REDIS = pytest.param("redis", marks=pytest.mark.redis)
+
+
+@pytest.fixture(params=["sqlite", REDIS])
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
     if request.param == "sqlite":
         box = SqliteOutbox(tmp_path / "outbox.sqlite3")
@@ -119,22 +122,14 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]
     import redis
     import redis.asyncio as aioredis
 
-    url = REDIS_URL.rsplit("/", 1)[0] + "/9"
-    prefix = f"idgate-test-{uuid.uuid4().hex[:12]}"
-    clients: list[Any] = []
+    ns: RedisNamespace = request.getfixturevalue("redis_ns")  # removes its keys afterwards
 
     def make(replica: str) -> RedisStreamOutbox:
-        client = aioredis.from_url(url)
-        clients.append(client)
-        dedupe = RedisDedupe(client, window_seconds=3600, prefix=f"{prefix}:dedupe")
-        return RedisStreamOutbox(client, prefix=prefix, replica=replica, dedupe=dedupe, claim_idle_ms=200)
+        client = aioredis.from_url(ns.url)
+        dedupe = RedisDedupe(client, window_seconds=3600, prefix=f"{ns.prefix}:dedupe")
+        return RedisStreamOutbox(client, prefix=ns.prefix, replica=replica, dedupe=dedupe, claim_idle_ms=200)
 
-    sync = redis.Redis.from_url(url)
-    yield Backend(make("r1"), RedisDeadLetters(redis.Redis.from_url(url), prefix), make)
-    keys = list(sync.scan_iter(match=f"{prefix}:*"))
-    if keys:
-        sync.delete(*keys)
-    sync.close()
+    yield Backend(make("r1"), RedisDeadLetters(redis.Redis.from_url(ns.url), ns.prefix), make)
 
 
 @asynccontextmanager
@@ -148,11 +143,12 @@ async def running(backend: Backend, workers: list[DeliveryWorker]) -> AsyncItera
 
 
 async def until(predicate: Callable[[], bool], seconds: float = 10) -> None:
-    for _ in range(int(seconds / 0.02)):
-        if predicate():
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError("condition not reached in time")
+    await async_wait_until(predicate, seconds, what="what the sinks received to match")
+
+
+async def drained(outbox: Any) -> bool:
+    """Every destination has been given (or has skipped) every record: nothing in flight."""
+    return await outbox.pending() == 0
 
 
 def worker(backend: Backend, sink: MemorySink, **kw: Any) -> DeliveryWorker:
@@ -243,7 +239,8 @@ def test_notices_go_only_to_destinations_that_received_the_person(backend: Backe
                 ]
             )
             await until(lambda: len(a.received) == 4 and len(b.received) == 2)
-            await asyncio.sleep(0.1)
+            # nothing more may arrive: wait until both workers are past the last notice
+            await async_wait_until(lambda: drained(backend.outbox), what="the outbox to drain")
 
     asyncio.run(go())
     assert [r["type"] for r in a.received] == ["track", "track", "identity.merged", "identity.merged"]
@@ -284,7 +281,7 @@ def test_rekeyed_values_reach_the_sink(backend: Backend) -> None:
     assert got["context"]["unified_id"] == rekey.value(person(1))
 
 
-@pytest.mark.parametrize("backend", ["redis"], indirect=True)  # one process owns the embedded outbox
+@pytest.mark.parametrize("backend", [REDIS], indirect=True)  # one process owns the embedded outbox
 def test_another_replica_takes_over_a_dead_replicas_entries(backend: Backend) -> None:
     sink = MemorySink("a")
 
@@ -344,7 +341,7 @@ def test_a_down_destination_does_not_hold_back_the_others(backend: Backend) -> N
     assert backend.dead_letters.list() == []  # still retrying, nothing given up
 
 
-@pytest.mark.parametrize("backend", ["redis"], indirect=True)
+@pytest.mark.parametrize("backend", [REDIS], indirect=True)
 def test_redis_outbox_trims_what_every_destination_acknowledged(backend: Backend) -> None:
     async def go() -> None:
         box = backend.outbox

@@ -12,6 +12,7 @@ from export.delivery import DeliveryService, DeliveryWorker
 from export.file_sinks import JsonlFileSink
 from export.outbox import OutboxRecord
 from export.sqlite_outbox import SqliteOutbox
+from tests.waiting import async_wait_until
 
 
 def record(
@@ -84,10 +85,11 @@ def test_delivery_is_exactly_once_across_crash_between_write_and_commit(tmp_path
         ]
         service = DeliveryService(box, workers)
         await service.start()
-        for _ in range(200):
-            if await box.pending() == 0:
-                break
-            await asyncio.sleep(0.01)
+
+        async def drained() -> bool:
+            return await box.pending() == 0
+
+        await async_wait_until(drained, what="the outbox to drain")
         await service.stop()
 
     asyncio.run(deliver_all(tmp_path / "sinks"))

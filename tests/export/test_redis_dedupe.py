@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import time
 
+import pytest
 import redis
 import redis.asyncio as aioredis
 
 from export.dedupe import RedisDedupe, redis_dedupe_key
 from export.outbox import ClaimStatus
 from tests.conftest import Gateway, RedisNamespace, make_gateway, mid
+from tests.waiting import async_wait_until
 
 
 def test_claim_confirm_release(redis_ns: RedisNamespace) -> None:
@@ -25,14 +26,20 @@ def test_claim_confirm_release(redis_ns: RedisNamespace) -> None:
         await d.release([k2])
         assert await d.claim([k1, k2]) == [ClaimStatus.DUPLICATE, ClaimStatus.NEW]
         assert 55 <= await client.ttl(k1) <= 60
-        # A claim whose owner died expires, and the retry is then accepted.
-        await asyncio.sleep(1.2)
+
+        # A claim whose owner died expires, and the retry is then accepted. The claim's TTL
+        # must really run out (1 s, the shortest claim_seconds takes): poll Redis for it.
+        async def claim_expired() -> bool:
+            return await client.exists(k2) == 0
+
+        await async_wait_until(claim_expired, timeout=5, what="the abandoned claim to expire")
         assert await d.claim([k2]) == [ClaimStatus.NEW]
         await client.aclose()
 
     asyncio.run(main())
 
 
+@pytest.mark.slow
 def test_two_replicas_share_dedupe_and_in_flight_is_retryable(tmp_path, redis_ns: RedisNamespace) -> None:
     a: Gateway = make_gateway(tmp_path / "a", extra_env=redis_ns.env()).start()
     b: Gateway = make_gateway(tmp_path / "b", extra_env=redis_ns.env()).start()
@@ -58,7 +65,10 @@ def test_two_replicas_share_dedupe_and_in_flight_is_retryable(tmp_path, redis_ns
             )
             assert r.status_code == 503 and r.headers["Retry-After"]
             assert r.json()["inFlight"] == 1 and r.json()["accepted"] == 1
-        time.sleep(0.2)
+        # Had either replica stored m twice, the copy would be delivered before a later
+        # event of its own: wait for one through each replica, then count.
+        a.wait_past()
+        b.wait_past()
         assert [e["messageId"] for e in a.sink_lines() + b.sink_lines()].count(m) == 1
     finally:
         a.stop()

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,10 +18,9 @@ from export.outbox import StoredRecord
 from export.sink import PermanentSinkError, RetryableSinkError
 from export.sinks import build_sink
 from export.stream_sinks import NatsSink, RedisStreamSink
-from tests.conftest import RedisNamespace, free_port
+from tests.conftest import NATS_URL, RedisNamespace, free_port
 from tests.receivers import sample_records
 
-NATS_URL = os.environ.get("IDGATE_TEST_NATS_URL", "nats://127.0.0.1:4222")
 NO_ROOT = Path("/nonexistent")  # stream sinks write no files
 
 
@@ -135,8 +133,8 @@ async def _nats_manager() -> Any:
 
 
 @pytest.fixture
-def jetstream_names() -> Iterator[tuple[str, str]]:
-    """A stream and subject of the test's own; the stream is deleted afterwards."""
+def jetstream_names(nats_url: str) -> Iterator[tuple[str, str]]:
+    """A stream and subject of the test's own on NATS_URL; the stream is deleted afterwards."""
     token = uuid.uuid4().hex[:12]
     stream, subject = f"IDGATE_TEST_{token}", f"idgate.test.{token}"
     yield stream, subject

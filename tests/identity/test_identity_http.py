@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-import time
 import uuid
 
 import httpx
 import pytest
 
 from tests.conftest import MALL_APP_KEY, MALL_MP_KEY, MALL_WEB_KEY, OPERATOR_TOKEN, Gateway, make_gateway, mid
+from tests.waiting import wait_until
 
 OPS = {"Authorization": f"Bearer {OPERATOR_TOKEN}"}
+
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
@@ -182,11 +184,10 @@ def test_operator_unlinks_a_wrong_bind_and_the_person_splits(gw: Gateway) -> Non
     assert r.status_code == 200 and r.json()["split"] is True, r.text
     assert r.json()["unifiedIds"]["a"] != r.json()["unifiedIds"]["b"]
     (event,) = gw.wait_for_sink({first}, "mall-warehouse")
-    for _ in range(100):  # the split notice goes downstream through the outbox
-        splits = [e for e in gw.sink_lines("mall-warehouse") if e["type"] == "identity.split"]
-        if splits:
-            break
-        time.sleep(0.05)
+    splits = wait_until(  # the split notice goes downstream through the outbox
+        lambda: [e for e in gw.sink_lines("mall-warehouse") if e["type"] == "identity.split"],
+        what="the split notice at mall-warehouse",
+    )
     assert [s["previous"] for s in splits] == [event["context"]["unified_id"]]
     parts = r.json()["unifiedIdsByDestination"]["mall-warehouse"]  # the warehouse's pseudonym domain
     assert set(splits[0]["parts"]) == set(parts.values())

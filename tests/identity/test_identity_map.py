@@ -10,6 +10,7 @@ from pathlib import Path
 
 import msgspec
 import pyarrow.parquet as pq
+import pytest
 
 from identity.graph import GraphChange, IdentityGraph, Provenance
 from identity.identity_map import identity_map
@@ -52,6 +53,7 @@ def test_intervals_follow_merges_splits_and_erasure() -> None:
     assert identity_map(rows, "other-tenant") == []
 
 
+@pytest.mark.slow
 def test_export_map_cli_joins_with_what_the_destination_received(tmp_path: Path) -> None:
     gw = make_gateway(tmp_path).start()
     try:

@@ -15,7 +15,14 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import MALL_SENSORS_TOKEN, OPERATOR_TOKEN, SHOP_SENSORS_TOKEN, Gateway
+from tests.conftest import (
+    MALL_SENSORS_TOKEN,
+    OPERATOR_TOKEN,
+    SHOP_SENSORS_TOKEN,
+    Gateway,
+    missing,
+    require_marker,
+)
 
 MINIPROGRAM = Path(__file__).resolve().parent / "miniprogram"
 
@@ -100,10 +107,12 @@ def explain(gw: Gateway, tenant: str, a: tuple[str, str, str | None], b: tuple[s
 def miniprogram() -> Callable[[dict[str, Any]], dict[str, Any]]:
     """Run tests/sensors/miniprogram/run.js (the npm SDK under Node) with a scenario.
 
-    Installs the locked SDK with `npm ci` the first time, so a fresh checkout gets there."""
+    Installs the locked SDK with `npm ci` the first time, so a fresh checkout gets there.
+    Without Node.js and npm the tests fail (marker ``node``; see tests/conftest.py)."""
+    require_marker("node", "Node.js")
     node, npm = shutil.which("node"), shutil.which("npm")
     if node is None or npm is None:
-        pytest.skip("Node.js and npm are needed for the mini-program SDK tests")
+        missing("node", "Node.js and npm are needed for the mini-program SDK tests: not found on PATH")
     if not (MINIPROGRAM / "node_modules" / "sa-sdk-miniprogram").is_dir():
         done = subprocess.run(
             [npm, "ci", "--no-audit", "--no-fund"],

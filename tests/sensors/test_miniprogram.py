@@ -15,6 +15,8 @@ import pytest
 from tests.conftest import MALL_MP_KEY, MALL_WEB_KEY, Gateway, make_gateway, mid
 from tests.sensors.conftest import current_persons, explain, sensors_url, wait_for
 
+pytestmark = pytest.mark.slow
+
 APPID_A = "wx1a2b3c4d5e6f7a8b"
 APPID_B = "wx9f8e7d6c5b4a3f2e"
 Runner = Callable[[dict[str, Any]], dict[str, Any]]

@@ -12,9 +12,12 @@ from typing import Any
 from urllib.parse import quote
 
 import httpx
+import pytest
 
 from tests.conftest import MALL_MP_KEY, Gateway, make_gateway
 from tests.sensors.conftest import encode, sensors_url, wait_for
+
+pytestmark = pytest.mark.slow
 
 APPID = "wx00c0ffee00c0ffee"
 

@@ -10,6 +10,10 @@ const scenario = JSON.parse(process.argv[2]);
 const runtime = install({ appid: scenario.appid });
 const sensors = require("sa-sdk-miniprogram");
 
+// Gives the SDK's own timers (set by init, track, app hide) a turn: it offers no completion
+// callback to wait for. What the scenario needs is awaited by condition: drain() loops until
+// the SDK's queue is empty, runtime.idle() until no request is in flight, and the Python
+// side then polls the sink.
 const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 
 function postJson(url, auth, body) {
