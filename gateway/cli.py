@@ -1,24 +1,142 @@
-"""The ``idgate`` command line: serve, keys, config check, ledger, dlq, identity, migrate."""
+"""The ``idgate`` command line: serve, keys, config check, ledger, dlq, identity, migrate.
+
+Every command logs through one configuration (``gateway.logging``: redacting, on stderr),
+set up in the group callback before the command runs, so what a command prints on stdout
+(JSON lines, exports, keys) is never mixed with log lines.
+"""
 
 from __future__ import annotations
 
+import errno
+import fcntl
+import os
 import secrets
+import socket
 import sys
 from pathlib import Path
+from typing import IO, NoReturn
 
 import click
 
 from consent.cli import ledger
 from consent.signing import InvalidLedgerKey, new_ledger_key_b64
 from export.cli import dlq
-from gateway.config import ConfigProblems, hash_write_key, load_config
-from gateway.settings import Settings, SettingsError
+from gateway.config import Config, ConfigProblems, hash_write_key, load_config
+from gateway.logging import configure_logging
+from gateway.settings import LogSettings, Settings, SettingsError, environment_from_env
 from identity.pseudonym import InvalidKeyMaterial, MissingKey, new_key_document, write_private_file
+
+LOCK_FILE = "idgate.lock"
+
+
+def _fail(message: str, code: int = 2) -> NoReturn:
+    click.echo(f"idgate: {message}", err=True)
+    sys.exit(code)
 
 
 @click.group()
+@click.version_option(package_name="idgate", prog_name="idgate", message="%(prog)s %(version)s")
 def main() -> None:
     """idgate: PIPL consent, pseudonymisation and identity resolution in front of your analytics."""
+    try:
+        env = environment_from_env()
+        logs = LogSettings.from_env(env)
+    except SettingsError as exc:
+        _fail(str(exc))
+    configure_logging(fmt=logs.format, level=logs.level)
+
+
+def _lock_data_dir(data_dir: Path) -> IO[str]:
+    """Hold an exclusive lock on the data directory for the life of the process: one
+    gateway per data directory (its SQLite outbox, sink files and cursors have one writer).
+    The lock goes with the process, however it ends."""
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        fh = open(data_dir / LOCK_FILE, "a+", encoding="utf-8")  # noqa: SIM115 - held until exit
+    except OSError as exc:
+        _fail(f"cannot start: data directory {data_dir}: {exc.strerror}")
+    try:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno not in (errno.EAGAIN, errno.EACCES):
+            raise
+        fh.seek(0)
+        holder = fh.read().strip() or "?"
+        fh.close()
+        _fail(
+            f"cannot start: another idgate (pid {holder}) is serving data directory {data_dir} "
+            f"(lock {data_dir / LOCK_FILE}); stop it or use another --data-dir"
+        )
+    fh.seek(0)
+    fh.truncate()
+    fh.write(f"{os.getpid()}\n")
+    fh.flush()
+    return fh
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """Bind and listen on host:port before any start-up work, so a busy port is reported
+    first and no second process can take it between the check and the start. Connections
+    that arrive while the gateway starts wait in the backlog."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        reason = "already in use" if exc.errno == errno.EADDRINUSE else exc.strerror
+        _fail(f"cannot start: {host}:{port}: {reason} (another process listens there? use --port)")
+    sock.set_inheritable(False)
+    return sock
+
+
+def _banner(settings: Settings, config: Config, base: str) -> list[str]:
+    """What a newcomer needs to follow the README: in dev the demo secrets of the config,
+    in production none (its config holds only hashes)."""
+    lines = [
+        f"idgate {settings.env} on {base}  (config {settings.config_path}, data {settings.data_dir})",
+        f"  API docs      {base}/docs   (OpenAPI JSON: {base}/docs/openapi.json)",
+        f"  sink files    {settings.sink_dir}/<destination>/<date>.jsonl",
+    ]
+    if not settings.dev:
+        return lines
+    write_keys = [
+        (f"{t.id}/{s.id}", s.platform, s.dev_write_key)
+        for t in config.tenants
+        for s in t.sources
+        if s.dev_write_key
+    ]
+    sensors = [
+        (f"{t.id}/{s.id}", s.sensors_project, s.sensors_dev_token)
+        for t in config.tenants
+        for s in t.sources
+        if s.sensors_project and s.sensors_dev_token
+    ]
+    admins = [
+        (a.name, a.role + (f" ({', '.join(a.tenants)})" if a.tenants else ""), a.dev_token)
+        for a in config.admin_tokens
+        if a.dev_token
+    ]
+
+    def table(rows: list[tuple[str, str, str]]) -> list[str]:
+        w0 = max(len(r[0]) for r in rows)
+        w1 = max(len(r[1]) for r in rows)
+        return [f"    {a:<{w0}}  {b:<{w1}}  {c}" for a, b, c in rows]
+
+    if write_keys:
+        lines.append("  write keys (HTTP Basic user, e.g. curl -u KEY: ...):")
+        lines += table(write_keys)
+    if sensors:
+        lines.append(f"  Sensors SDKs ({base}/sa?project=PROJECT&token=TOKEN):")
+        lines += table([(src, f"project {project}", f"token {token}") for src, project, token in sensors])
+    if admins:
+        lines.append("  admin tokens (Authorization: Bearer TOKEN):")
+        lines += table(admins)
+    if write_keys or sensors or admins:
+        lines.append("  (demo keys and tokens from the config: accepted with IDGATE_ENV=dev only)")
+    return lines
 
 
 @main.command()
@@ -40,45 +158,53 @@ def main() -> None:
 def serve(config_path: Path | None, host: str, port: int, data_dir: Path | None) -> None:
     """Run the gateway."""
     import uvicorn
+    from uvicorn.config import STARTUP_FAILURE
 
     from gateway.app import create_app
-    from gateway.logging import configure_logging
 
     try:
         settings = Settings.from_env(config_path=config_path, data_dir=data_dir)
-        configure_logging(fmt=settings.log_format, level=settings.log_level)
+    except SettingsError as exc:
+        _fail(f"cannot start: {exc}")
+    # Before any start-up work: the port (nothing on disk yet), then the data directory's lock.
+    listener = _listen(host, port)
+    lock = _lock_data_dir(settings.data_dir)
+    try:
         app = create_app(settings)
         config = load_config(settings.config_path, dev=settings.dev)
     except (SettingsError, ConfigProblems, InvalidKeyMaterial, MissingKey, InvalidLedgerKey) as exc:
-        click.echo(f"idgate: cannot start: {exc}", err=True)
-        sys.exit(2)
+        _fail(f"cannot start: {exc}")
     if settings.gil_switch_interval_seconds > 0:
         sys.setswitchinterval(settings.gil_switch_interval_seconds)
-    base = f"http://{host}:{port}"
-    click.echo(f"idgate {settings.env} on {base}  (config {settings.config_path}, data {settings.data_dir})")
-    if settings.dev:
-        for tenant in config.tenants:
-            for source in tenant.sources:
-                if source.dev_write_key:
-                    click.echo(
-                        f"  write key  {tenant.id}/{source.id} ({source.platform}): {source.dev_write_key}"
-                    )
-    click.echo(f"  API docs   {base}/docs   sink files under {settings.sink_dir}/")
-    uvicorn.run(
-        app,
-        host=host,
-        port=port,
-        loop="uvloop",
-        http="httptools",
-        log_config=None,
-        # No access log and no X-Forwarded-For handling: idgate never uses the client IP of
-        # a request, and an access log would write it to disk.
-        access_log=False,
-        proxy_headers=False,
-        server_header=False,
-        lifespan="on",
-        timeout_graceful_shutdown=10,
+    shown_host = f"[{host}]" if ":" in host else host
+    for line in _banner(settings, config, f"http://{shown_host}:{port}"):
+        click.echo(line)
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            host=host,
+            port=port,
+            loop="uvloop",
+            http="httptools",
+            log_config=None,
+            # No access log and no X-Forwarded-For handling: idgate never uses the client IP
+            # of a request, and an access log would write it to disk.
+            access_log=False,
+            proxy_headers=False,
+            server_header=False,
+            lifespan="on",
+            timeout_graceful_shutdown=10,
+        )
     )
+    try:
+        server.run(sockets=[listener])
+    except KeyboardInterrupt:
+        pass
+    finally:
+        listener.close()
+        lock.close()
+    if not server.started:
+        sys.exit(STARTUP_FAILURE)  # the lifespan failed (logged), as uvicorn.run would exit
 
 
 @main.group()
