@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import json
 import os
 import secrets
 import socket
@@ -18,13 +19,20 @@ from typing import IO, NoReturn
 
 import click
 
-from consent.cli import ledger
+from consent.cli import DEV_LEDGER_KEY_META, ledger, load_cli_signer
 from consent.signing import InvalidLedgerKey, new_ledger_key_b64
 from export.cli import dlq
 from gateway.config import Config, ConfigProblems, hash_write_key, load_config
 from gateway.logging import configure_logging
-from gateway.settings import LogSettings, Settings, SettingsError, environment_from_env
-from identity.pseudonym import InvalidKeyMaterial, MissingKey, new_key_document, write_private_file
+from gateway.settings import (
+    DEV_LEDGER_KEY_FILE,
+    LogSettings,
+    Settings,
+    SettingsError,
+    data_dir_from_env,
+    environment_from_env,
+)
+from identity.pseudonym import InvalidKeyMaterial, KeyRing, MissingKey, new_key_document
 
 LOCK_FILE = "idgate.lock"
 
@@ -36,7 +44,8 @@ def _fail(message: str, code: int = 2) -> NoReturn:
 
 @click.group()
 @click.version_option(package_name="idgate", prog_name="idgate", message="%(prog)s %(version)s")
-def main() -> None:
+@click.pass_context
+def main(ctx: click.Context) -> None:
     """idgate: PIPL consent, pseudonymisation and identity resolution in front of your analytics."""
     try:
         env = environment_from_env()
@@ -44,6 +53,10 @@ def main() -> None:
     except SettingsError as exc:
         _fail(str(exc))
     configure_logging(fmt=logs.format, level=logs.level)
+    if env == "dev":
+        # The ledger commands sign with the key a dev gateway generated in its data
+        # directory when no key is given (never outside dev).
+        ctx.meta[DEV_LEDGER_KEY_META] = data_dir_from_env() / DEV_LEDGER_KEY_FILE
 
 
 def _lock_data_dir(data_dir: Path) -> IO[str]:
@@ -212,35 +225,114 @@ def keys() -> None:
     """Pseudonymisation keys and write keys."""
 
 
+def _write_secret_file(path: Path, text: str, *, replace: bool) -> None:
+    """Write a key file (mode 0600) atomically: a crash leaves the old file or the new one,
+    never half of either. Without ``replace`` an existing file is left alone
+    (FileExistsError), even one created a moment ago by someone else."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        if replace:
+            os.replace(tmp, path)
+        else:
+            os.link(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _key_versions(document: str) -> dict[str, set[int]]:
+    """Tenant -> key versions of a key document (InvalidKeyMaterial when it is not one)."""
+    KeyRing.from_json(document)  # checks the structure and every key
+    tenants = json.loads(document)["tenants"]
+    return {tenant: {int(v) for v in entry["keys"]} for tenant, entry in tenants.items()}
+
+
 @keys.command("generate")
 @click.option("--tenant", "tenants", multiple=True, required=True, help="Tenant id (repeatable).")
 @click.option(
     "--out",
-    type=click.Path(path_type=Path),
+    type=click.Path(dir_okay=False, path_type=Path),
     default=None,
     help="Key file to create or rotate (mode 0600). Without it the document goes to stdout.",
 )
 def keys_generate(tenants: tuple[str, ...], out: Path | None) -> None:
-    """Add a new active key version per tenant (use for first keys and for rotation)."""
-    existing = out.read_text(encoding="utf-8") if out is not None and out.exists() else None
+    """Add a new active key version per tenant (use for first keys and for rotation).
+
+    An existing --out file keeps every key version it has: pseudonyms made with them stay
+    readable. A file that is not a key document is refused, never overwritten."""
+    existing = None
+    before: dict[str, set[int]] = {}
+    if out is not None and out.exists():
+        try:
+            existing = out.read_text(encoding="utf-8")
+            before = _key_versions(existing) if existing.strip() else {}
+        except (OSError, UnicodeDecodeError, InvalidKeyMaterial) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) else "it is not a key document"
+            _fail(f"{out}: {reason}; refusing to overwrite it (choose another --out)")
+        existing = existing if existing.strip() else None
     doc = new_key_document(list(tenants), existing)
     if out is None:
         click.echo(doc, nl=False)
-    else:
-        write_private_file(out, doc)
-        click.echo(f"wrote {out}; set IDGATE_KEY_FILE={out}", err=True)
+        return
+    after = _key_versions(doc)
+    lost = [f"{t} v{v}" for t, versions in before.items() for v in versions if v not in after.get(t, ())]
+    if lost:  # new_key_document only adds versions; this guards the file against any change to that
+        _fail(f"{out}: rotation would drop key versions {', '.join(lost)}; file left unchanged")
+    _write_secret_file(out, doc, replace=True)
+    rotated = ", ".join(f"{t} v{max(after[t])}" for t in tenants)
+    click.echo(f"wrote {out} (active: {rotated}); set IDGATE_KEY_FILE={out}", err=True)
 
 
 @keys.command("ledger-key")
-@click.option("--out", type=click.Path(path_type=Path), default=None, help="Key file to create (mode 0600).")
-def keys_ledger_key(out: Path | None) -> None:
-    """Generate the Ed25519 key that signs consent-ledger checkpoints (IDGATE_LEDGER_KEY[_FILE])."""
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Key file to create (mode 0600).",
+)
+@click.option("--force", is_flag=True, help="Replace an existing --out file (its key is lost for good).")
+def keys_ledger_key(out: Path | None, force: bool) -> None:
+    """Generate the Ed25519 key that signs consent-ledger checkpoints (IDGATE_LEDGER_KEY[_FILE]).
+
+    An existing --out file is never overwritten without --force: losing the ledger key
+    breaks the chain of signed checkpoints."""
     key = new_ledger_key_b64()
     if out is None:
         click.echo(key)
-    else:
-        write_private_file(out, key + "\n")
-        click.echo(f"wrote {out}; set IDGATE_LEDGER_KEY_FILE={out}", err=True)
+        return
+    try:
+        _write_secret_file(out, key + "\n", replace=force)
+    except FileExistsError:
+        _fail(f"{out} exists; refusing to overwrite a ledger key (--force replaces it, and its key is lost)")
+    except OSError as exc:
+        _fail(f"cannot write {out}: {exc.strerror}")
+    click.echo(f"wrote {out}; set IDGATE_LEDGER_KEY_FILE={out}", err=True)
+
+
+@keys.command("ledger-public-key")
+@click.option(
+    "--key-file",
+    envvar="IDGATE_LEDGER_KEY_FILE",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Ledger key file ($IDGATE_LEDGER_KEY_FILE; $IDGATE_LEDGER_KEY wins; in dev the gateway's "
+    f"generated $IDGATE_DATA_DIR/{DEV_LEDGER_KEY_FILE}).",
+)
+def keys_ledger_public_key(key_file: Path | None) -> None:
+    """Print the ledger's public key (base64), for `idgate ledger verify --public-key`.
+
+    Only the public key goes to stdout; its key id and where it came from go to stderr."""
+    try:
+        signer, where = load_cli_signer(key_file)
+    except InvalidLedgerKey as exc:
+        _fail(str(exc))
+    click.echo(signer.public_key_b64)
+    click.echo(f"key id {signer.key_id} (from {where})", err=True)
 
 
 @keys.command("write-key")
