@@ -384,14 +384,19 @@ def identity_rebuild(database_url: str | None) -> None:
     from identity.rebuild import rebuild
     from identity.store import LOG, IdentityLogStore
 
-    settings = Settings.from_env()
-    url = database_url or settings.database_url or f"sqlite:///{settings.data_dir / 'identity.sqlite3'}"
+    path = data_dir_from_env() / "identity.sqlite3"
+    url = database_url or os.environ.get("DATABASE_URL") or f"sqlite:///{path}"
+    if url == f"sqlite:///{path}" and not path.exists():
+        _fail(f"no identity log at {path} (set IDGATE_DATA_DIR, or --database-url)")
     engine = make_engine(url)
     store = IdentityLogStore(engine)
-    with engine.connect() as conn:
-        total = conn.execute(sa.select(sa.func.count()).select_from(LOG)).scalar() or 0
+    try:
+        with engine.connect() as conn:
+            total = conn.execute(sa.select(sa.func.count()).select_from(LOG)).scalar() or 0
+    except sa.exc.DBAPIError as exc:
+        _fail(f"cannot read the identity log: {exc.orig or exc}")
 
-    with click.progressbar(length=total, label="replaying the identity log") as bar:
+    with click.progressbar(length=total, label="replaying the identity log", file=sys.stderr) as bar:
         report = rebuild(store.all_rows(), progress=bar.update)
     for tenant, figures in report.tenants.items():
         click.echo(
