@@ -92,9 +92,20 @@ TARGET_CONSENT_LOSS = 0.15  # enforcement may cost at most this share of the eve
 MIN_FORWARDED = 0.98  # a gateway phase must get this share of the events sent into the sink
 # Environment that would change what is measured (Redis dedupe and consent state, keys,
 # another config or consent database).
-STRIPPED_ENV = ("REDIS_URL", "IDGATE_KEYS", "IDGATE_KEY_FILE", "IDGATE_CONFIG", "IDGATE_DATA_DIR",
-                "IDGATE_DELIVERY_BATCH", "IDGATE_DELIVERY_POLL_MS", "IDGATE_LOG_FORMAT", "DATABASE_URL",
-                "IDGATE_LEDGER_KEY", "IDGATE_LEDGER_KEY_FILE", "IDGATE_REDIS_PREFIX")
+STRIPPED_ENV = (
+    "REDIS_URL",
+    "IDGATE_KEYS",
+    "IDGATE_KEY_FILE",
+    "IDGATE_CONFIG",
+    "IDGATE_DATA_DIR",
+    "IDGATE_DELIVERY_BATCH",
+    "IDGATE_DELIVERY_POLL_MS",
+    "IDGATE_LOG_FORMAT",
+    "DATABASE_URL",
+    "IDGATE_LEDGER_KEY",
+    "IDGATE_LEDGER_KEY_FILE",
+    "IDGATE_REDIS_PREFIX",
+)
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 NCPU = os.cpu_count() or 1
 
@@ -122,12 +133,26 @@ def _die_with_parent() -> None:
         pass
 
 
-def spawn(argv: list[str], *, env: dict[str, str] | None = None, cwd: Path | None = None,
-          stdout: Any = None, stderr: Any = None) -> subprocess.Popen[bytes]:
+def spawn(
+    argv: list[str],
+    *,
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
+    stdout: Any = None,
+    stderr: Any = None,
+) -> subprocess.Popen[bytes]:
     # A new session: a Ctrl-C in the terminal reaches only this script, which then stops
     # the children in order (see stop()).
-    proc = subprocess.Popen(argv, env=env, cwd=cwd, stdout=stdout, stderr=stderr, stdin=subprocess.DEVNULL,
-                            start_new_session=True, preexec_fn=_die_with_parent)
+    proc = subprocess.Popen(
+        argv,
+        env=env,
+        cwd=cwd,
+        stdout=stdout,
+        stderr=stderr,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+        preexec_fn=_die_with_parent,
+    )
     _children.append(proc)
     return proc
 
@@ -226,9 +251,24 @@ def start_gateway(tmp: Path, config: Path, name: str = "gateway") -> Server:
     env.update(IDGATE_ENV="dev", IDGATE_LOG_LEVEL="WARNING", IDGATE_LOG_FORMAT="json", PYTHONUNBUFFERED="1")
     log_path = tmp / f"{name}.log"
     with open(log_path, "wb") as log:
-        proc = spawn([str(_venv_bin("idgate")), "serve", "--config", str(config), "--host", HOST,
-                      "--port", str(port), "--data-dir", str(data_dir)],
-                     env=env, cwd=tmp, stdout=log, stderr=subprocess.STDOUT)
+        proc = spawn(
+            [
+                str(_venv_bin("idgate")),
+                "serve",
+                "--config",
+                str(config),
+                "--host",
+                HOST,
+                "--port",
+                str(port),
+                "--data-dir",
+                str(data_dir),
+            ],
+            env=env,
+            cwd=tmp,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     return Server(name, proc, port, log_path, data_dir)
 
 
@@ -248,13 +288,14 @@ def consent_off_text(text: str, tenant_id: str) -> str:
     """``text`` with ``consent = { enforce = false }`` as a key of that ``[[tenants]]`` table,
     right after its ``name = ...`` line (after its last key if it has no name)."""
     lines = text.splitlines()
-    headers = [(i, m.group(1), m.group(2)) for i, line in enumerate(lines)
-               if (m := _TABLE_HEADER.match(line))]
+    headers = [
+        (i, m.group(1), m.group(2)) for i, line in enumerate(lines) if (m := _TABLE_HEADER.match(line))
+    ]
     for n, (start, bracket, table) in enumerate(headers):
         if bracket != "[[" or table != "tenants":
             continue
         end = headers[n + 1][0] if n + 1 < len(headers) else len(lines)
-        block = tomllib.loads("\n".join(lines[start + 1:end]))
+        block = tomllib.loads("\n".join(lines[start + 1 : end]))
         if block.get("id") != tenant_id:
             continue
         body = range(start + 1, end)
@@ -285,8 +326,10 @@ def write_configs(tmp: Path) -> tuple[Path, Path]:
     expected = tomllib.loads(text)
     _tenant(expected, TENANT)["consent"] = {"enforce": False}
     if off != expected:
-        raise RuntimeError("bench: the unenforced config differs from the shipped one in more than "
-                           "tenants.consent (a bug in consent_off_text)")
+        raise RuntimeError(
+            "bench: the unenforced config differs from the shipped one in more than "
+            "tenants.consent (a bug in consent_off_text)"
+        )
     unenforced, enforced = tmp / "idgate-unenforced.toml", tmp / "idgate-enforced.toml"
     unenforced.write_text(off_text, encoding="utf-8")
     enforced.write_text(text, encoding="utf-8")
@@ -499,12 +542,27 @@ def run_wrk(server: Server, res: PhaseResult, duration: float, threads: int, tmp
     path = "/v1/track" if res.kind == "single" else "/v1/batch"
     events = 0 if res.kind == "single" else res.events_per_request
     script = tmp / f"wrk-{res.scenario.replace(' ', '-')}.lua"
-    lua = (WRK_LUA.replace("@PATH@", path).replace("@EVENTS@", str(events)).replace("@AUTH@", AUTH)
-           .replace("@USERS@", str(res.users)))
+    lua = (
+        WRK_LUA.replace("@PATH@", path)
+        .replace("@EVENTS@", str(events))
+        .replace("@AUTH@", AUTH)
+        .replace("@USERS@", str(res.users))
+    )
     script.write_text(lua)
     token = uuid.uuid4().hex[:12]
-    argv = ["wrk", f"-t{threads}", f"-c{res.connections}", f"-d{max(1, round(duration))}s",
-            "--timeout", "30s", "-s", str(script), f"http://{HOST}:{server.port}", "--", token]
+    argv = [
+        "wrk",
+        f"-t{threads}",
+        f"-c{res.connections}",
+        f"-d{max(1, round(duration))}s",
+        "--timeout",
+        "30s",
+        "-s",
+        str(script),
+        f"http://{HOST}:{server.port}",
+        "--",
+        token,
+    ]
     proc = spawn(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     out, _ = proc.communicate()
     _children.remove(proc)
@@ -528,7 +586,7 @@ def run_wrk(server: Server, res: PhaseResult, duration: float, threads: int, tmp
 # -- load generator: Python fallback --------------------------------------------------------
 _ACCEPTED = re.compile(rb'"accepted":(\d+)')
 _DROPPED = re.compile(rb'"dropped":\{([^}]*)\}')
-_NUMBER = re.compile(rb':(\d+)')
+_NUMBER = re.compile(rb":(\d+)")
 
 
 class _HttpConn(asyncio.Protocol):
@@ -562,12 +620,12 @@ class _HttpConn(asyncio.Protocol):
             w.set_exception(ConnectionError("response without Content-Length"))
             return
         j = head.find(b"\r\n", i + 2)
-        length = int(head[i + 17: j if j > 0 else len(head)])
+        length = int(head[i + 17 : j if j > 0 else len(head)])
         total = end + 4 + length
         if len(self.buf) < total:
             return
         status = int(head[9:12])
-        body = bytes(self.buf[end + 4: total])
+        body = bytes(self.buf[end + 4 : total])
         del self.buf[:total]
         w.set_result((status, body))
 
@@ -579,10 +637,13 @@ class _HttpConn(asyncio.Protocol):
 async def _python_load(server: Server, res: PhaseResult, duration: float) -> list[float]:
     loop = asyncio.get_running_loop()
     path = "/v1/track" if res.kind == "single" else "/v1/batch"
-    head = (f"POST {path} HTTP/1.1\r\nHost: {HOST}:{server.port}\r\nAuthorization: {AUTH}\r\n"
-            "Content-Type: application/json\r\nContent-Length: ")
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: {HOST}:{server.port}\r\nAuthorization: {AUTH}\r\n"
+        "Content-Type: application/json\r\nContent-Length: "
+    )
     make: Callable[[str, int], bytes] = (
-        partial(single_body, users=res.users) if res.kind == "single"
+        partial(single_body, users=res.users)
+        if res.kind == "single"
         else partial(batch_body, size=res.events_per_request, users=res.users)
     )
     token = uuid.uuid4().hex[:12]
@@ -650,6 +711,7 @@ def run_python(server: Server, res: PhaseResult, duration: float) -> None:
         latencies = runner.run(_python_load(server, res, duration))
     latencies.sort()
     if latencies:
+
         def pct(q: float) -> float:
             return latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1000
 
@@ -750,8 +812,10 @@ def wait_sink(counter: SinkCounter, n: int, timeout: float = 10.0) -> None:
 
 def probe(server: Server, user: str) -> tuple[int, int, bytes]:
     """One event of ``user`` to /v1/track: (accepted, dropped, response body); non-200 raises."""
-    body = (f'{{"userId":"{user}","event":"Product Viewed","properties":{{"sku":"A1","price":12.5}},'
-            f'"messageId":"probe-{uuid.uuid4().hex}","timestamp":"{_iso_now()}"}}').encode()
+    body = (
+        f'{{"userId":"{user}","event":"Product Viewed","properties":{{"sku":"A1","price":12.5}},'
+        f'"messageId":"probe-{uuid.uuid4().hex}","timestamp":"{_iso_now()}"}}'
+    ).encode()
     status, raw = server.post("/v1/track", body)
     if status != 200:
         raise RuntimeError(
@@ -797,8 +861,13 @@ def grant_consent(server: Server, users: int, concurrency: int = CONSENT_CONCURR
     async def run() -> None:
         todo = iter(range(1, users + 1))  # shared by the workers
         limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-        async with httpx.AsyncClient(base_url=f"http://{HOST}:{server.port}", limits=limits, timeout=30.0,
-                                     trust_env=False, headers={"Authorization": AUTH}) as client:
+        async with httpx.AsyncClient(
+            base_url=f"http://{HOST}:{server.port}",
+            limits=limits,
+            timeout=30.0,
+            trust_env=False,
+            headers={"Authorization": AUTH},
+        ) as client:
 
             async def worker() -> None:
                 nonlocal granted
@@ -822,20 +891,28 @@ def grant_consent(server: Server, users: int, concurrency: int = CONSENT_CONCURR
     asyncio.run(run())
     elapsed = time.monotonic() - started
     if failures:
-        raise RuntimeError(f"POST /v1/consent failed on {server.name}: {len(failures)} failure(s), "
-                           f"{granted} granted; first: {failures[0]}\n{server.log_tail()}")
-    return {"users": users, "concurrency": min(concurrency, users), "seconds": round(elapsed, 3),
-            "per_s": round(users / elapsed, 1) if elapsed else None}
+        raise RuntimeError(
+            f"POST /v1/consent failed on {server.name}: {len(failures)} failure(s), "
+            f"{granted} granted; first: {failures[0]}\n{server.log_tail()}"
+        )
+    return {
+        "users": users,
+        "concurrency": min(concurrency, users),
+        "seconds": round(elapsed, 3),
+        "per_s": round(users / elapsed, 1) if elapsed else None,
+    }
 
 
-def gateway_phase(server: Server, counter: SinkCounter, res: PhaseResult, args: argparse.Namespace,
-                  tmp: Path) -> None:
+def gateway_phase(
+    server: Server, counter: SinkCounter, res: PhaseResult, args: argparse.Namespace, tmp: Path
+) -> None:
     """A load phase on a gateway, then the delivery check: how many events reached the sink."""
     before = counter.count()
     print(f"running {res.scenario} for {args.duration:g} s ...", file=sys.stderr)
     ended = run_phase(server, res, args, tmp)
-    res.delivery = wait_delivery(counter, before + res.events, ended,
-                                 max_extra=args.connections * res.events_per_request)
+    res.delivery = wait_delivery(
+        counter, before + res.events, ended, max_extra=args.connections * res.events_per_request
+    )
     res.sink_events = res.delivery["delivered"] - before
 
 
@@ -843,8 +920,10 @@ def check_forwarded(res: PhaseResult, warnings: list[str], enforced: bool) -> No
     fwd = res.forwarded
     if fwd is None or fwd >= MIN_FORWARDED:
         return
-    what = (f"{res.scenario}: only {fwd:.1%} of the {res.sent_events:,} events sent in 2xx requests reached "
-            f"the sink ({res.events:,} acknowledged as accepted, {res.dropped:,} answered as dropped)")
+    what = (
+        f"{res.scenario}: only {fwd:.1%} of the {res.sent_events:,} events sent in 2xx requests reached "
+        f"the sink ({res.events:,} acknowledged as accepted, {res.dropped:,} answered as dropped)"
+    )
     if enforced and (res.dropped or res.events < res.sent_events):
         warn(warnings, f"{what}: events were dropped for lack of consent, the figures are not comparable")
     elif res.dropped:
@@ -862,9 +941,15 @@ def phase_name(prefix: str, kind: str) -> str:
 
 
 def new_result(name: str, target: str, kind: str, args: argparse.Namespace, users: int = 0) -> PhaseResult:
-    return PhaseResult(scenario=name, target=target, kind=kind,
-                       events_per_request=1 if kind == "single" else BATCH_SIZE,
-                       loadgen=args.loadgen, connections=args.connections, users=users)
+    return PhaseResult(
+        scenario=name,
+        target=target,
+        kind=kind,
+        events_per_request=1 if kind == "single" else BATCH_SIZE,
+        loadgen=args.loadgen,
+        connections=args.connections,
+        users=users,
+    )
 
 
 def verdict(ok: bool | None) -> str:
@@ -879,8 +964,10 @@ def print_notes(results: list[PhaseResult]) -> None:
             print(f"note: {r.scenario}: first non-2xx: {r.first_error}")
         other = r.host_cpu_pct - r.server_cpu_pct - r.loadgen_cpu_pct
         if other > 30:
-            print(f"note: {r.scenario}: {other:.0f} % CPU went to other processes or kernel I/O threads "
-                  "during the phase; figures may be low")
+            print(
+                f"note: {r.scenario}: {other:.0f} % CPU went to other processes or kernel I/O threads "
+                "during the phase; figures may be low"
+            )
 
 
 def print_delivery(results: list[PhaseResult]) -> bool | None:
@@ -893,8 +980,10 @@ def print_delivery(results: list[PhaseResult]) -> bool | None:
         delivery_ok = good if delivery_ok is None else delivery_ok and good
         lag = "never caught up" if d["lag_s"] is None else f"lag {d['lag_s']:.2f} s after the load stopped"
         extra = f", {d['unacknowledged_extra']} more than acknowledged" if d["unacknowledged_extra"] else ""
-        print(f"delivery {r.scenario}: {d['delivered']:,}/{d['expected']:,} events in the sink files, {lag} "
-              f"(backlog at load end {d['backlog_at_load_end']:,}){extra}: {'OK' if good else 'FAILED'}")
+        print(
+            f"delivery {r.scenario}: {d['delivered']:,}/{d['expected']:,} events in the sink files, {lag} "
+            f"(backlog at load end {d['backlog_at_load_end']:,}){extra}: {'OK' if good else 'FAILED'}"
+        )
         if d["unacknowledged_extra"] and d["extra_within_bound"]:
             print("  (extra: requests in flight when the load generator stopped, stored, not acknowledged)")
     return delivery_ok
@@ -905,13 +994,17 @@ def print_report(results: list[PhaseResult]) -> dict[str, Any]:
     by = {r.scenario: r for r in results}
     print()
     print("gateway vs bare (gateway with consent enforcement off: the ingest path itself)")
-    header = (f"{'scenario':<18}{'req/s':>10}{'events/s':>11}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}"
-              f"{'server%':>9}{'loadgen%':>10}{'host%':>7}")
+    header = (
+        f"{'scenario':<18}{'req/s':>10}{'events/s':>11}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}"
+        f"{'server%':>9}{'loadgen%':>10}{'host%':>7}"
+    )
     print(header)
     print("-" * len(header))
     for r in results:
-        print(f"{r.scenario:<18}{r.rps:>10,.0f}{r.eps:>11,.0f}{r.p50_ms:>9.2f}{r.p99_ms:>9.2f}{r.non2xx:>8}"
-              f"{r.server_cpu_pct:>9.0f}{r.loadgen_cpu_pct:>10.0f}{r.host_cpu_pct:>7.0f}")
+        print(
+            f"{r.scenario:<18}{r.rps:>10,.0f}{r.eps:>11,.0f}{r.p50_ms:>9.2f}{r.p99_ms:>9.2f}{r.non2xx:>8}"
+            f"{r.server_cpu_pct:>9.0f}{r.loadgen_cpu_pct:>10.0f}{r.host_cpu_pct:>7.0f}"
+        )
     print(f"(server%/loadgen%: CPU of that process, 100 = one core; host%: whole machine, max {NCPU * 100})")
     print_notes(results)
 
@@ -932,10 +1025,14 @@ def print_report(results: list[PhaseResult]) -> dict[str, Any]:
     print()
     print(f"gateway/bare, single events: {fmt(single_ratio and 100 * single_ratio, '.1f')} %")
     print(f"gateway/bare, batches of {BATCH_SIZE}: {fmt(batch_ratio and 100 * batch_ratio, '.1f')} %")
-    print(f"target batches of {BATCH_SIZE} >= {TARGET_BATCH_EVENTS_PER_S:,} events/s on the gateway: "
-          f"{verdict(batch_ok)}" + (f" ({gw_batch.eps:,.0f} events/s)" if gw_batch else ""))
-    print(f"target gateway single-event rate >= {TARGET_SINGLE_RATIO:.0%} of bare: {verdict(single_ok)}"
-          + (f" ({100 * single_ratio:.1f} %)" if single_ratio is not None else ""))
+    print(
+        f"target batches of {BATCH_SIZE} >= {TARGET_BATCH_EVENTS_PER_S:,} events/s on the gateway: "
+        f"{verdict(batch_ok)}" + (f" ({gw_batch.eps:,.0f} events/s)" if gw_batch else "")
+    )
+    print(
+        f"target gateway single-event rate >= {TARGET_SINGLE_RATIO:.0%} of bare: {verdict(single_ok)}"
+        + (f" ({100 * single_ratio:.1f} %)" if single_ratio is not None else "")
+    )
     delivery_ok = print_delivery(results)
     return {
         "ratios": {"single": single_ratio, "batch100": batch_ratio},
@@ -943,28 +1040,37 @@ def print_report(results: list[PhaseResult]) -> dict[str, Any]:
     }
 
 
-def print_consent_report(results: list[PhaseResult], grants: dict[str, Any] | None,
-                         warnings: list[str]) -> dict[str, Any]:
+def print_consent_report(
+    results: list[PhaseResult], grants: dict[str, Any] | None, warnings: list[str]
+) -> dict[str, Any]:
     """Consent enforcement: the four phases, the loss per kind and its target."""
     by = {r.scenario: r for r in results}
     users = results[0].users if results else 0
     print()
     print(f"consent enforcement off vs on: userIds drawn from u-1..u-{users:,}")
     if grants is not None:
-        print(f"(enforced gateway: {grants['users']:,} subjects granted {', '.join(CONSENT_PURPOSES)} under "
-              f"{CONSENT_NOTICE} in {grants['seconds']:.2f} s, {fmt(grants['per_s'], ',.0f')} grants/s "
-              f"with {grants['concurrency']} connections)")
-    header = (f"{'phase':<20}{'req/s':>10}{'events/s':>11}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}"
-              f"{'dropped':>9}{'in sink':>9}{'server%':>9}")
+        print(
+            f"(enforced gateway: {grants['users']:,} subjects granted {', '.join(CONSENT_PURPOSES)} under "
+            f"{CONSENT_NOTICE} in {grants['seconds']:.2f} s, {fmt(grants['per_s'], ',.0f')} grants/s "
+            f"with {grants['concurrency']} connections)"
+        )
+    header = (
+        f"{'phase':<20}{'req/s':>10}{'events/s':>11}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}"
+        f"{'dropped':>9}{'in sink':>9}{'server%':>9}"
+    )
     print(header)
     print("-" * len(header))
     for r in results:
         fwd = "n/a" if r.forwarded is None else f"{100 * r.forwarded:.1f}%"
-        print(f"{r.scenario:<20}{r.rps:>10,.0f}{r.eps:>11,.0f}{r.p50_ms:>9.2f}{r.p99_ms:>9.2f}{r.non2xx:>8}"
-              f"{r.dropped:>9,}{fwd:>9}{r.server_cpu_pct:>9.0f}")
-    print("(dropped: events the responses counted as dropped; in sink: events in the sink files / events "
-          "sent in 2xx requests,\n above 100 % by what was in flight when the load stopped: stored, "
-          "not counted)")
+        print(
+            f"{r.scenario:<20}{r.rps:>10,.0f}{r.eps:>11,.0f}{r.p50_ms:>9.2f}{r.p99_ms:>9.2f}{r.non2xx:>8}"
+            f"{r.dropped:>9,}{fwd:>9}{r.server_cpu_pct:>9.0f}"
+        )
+    print(
+        "(dropped: events the responses counted as dropped; in sink: events in the sink files / events "
+        "sent in 2xx requests,\n above 100 % by what was in flight when the load stopped: stored, "
+        "not counted)"
+    )
     print_notes(results)
 
     losses: dict[str, float | None] = {}
@@ -1005,21 +1111,39 @@ def print_consent_report(results: list[PhaseResult], grants: dict[str, Any] | No
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Benchmark the idgate gateway against a bare Litestar app, "
-                                "and consent enforcement off against on.")
+    p = argparse.ArgumentParser(
+        description="Benchmark the idgate gateway against a bare Litestar app, "
+        "and consent enforcement off against on."
+    )
     p.add_argument("--duration", type=float, default=10.0, help="seconds per phase (default 10)")
-    p.add_argument("--connections", type=int, default=32,
-                   help="concurrent keep-alive connections (default 32)")
-    p.add_argument("--scenario", choices=("all", "single", "batch", "consent"), default="all",
-                   help="single/batch: gateway vs bare; consent: enforcement off vs on; all: everything")
-    p.add_argument("--consent-users", type=int, default=DEFAULT_CONSENT_USERS,
-                   help="subjects granted consent before the consent phases "
-                   f"(default {DEFAULT_CONSENT_USERS:,})")
+    p.add_argument(
+        "--connections", type=int, default=32, help="concurrent keep-alive connections (default 32)"
+    )
+    p.add_argument(
+        "--scenario",
+        choices=("all", "single", "batch", "consent"),
+        default="all",
+        help="single/batch: gateway vs bare; consent: enforcement off vs on; all: everything",
+    )
+    p.add_argument(
+        "--consent-users",
+        type=int,
+        default=DEFAULT_CONSENT_USERS,
+        help=f"subjects granted consent before the consent phases (default {DEFAULT_CONSENT_USERS:,})",
+    )
     p.add_argument("--json", action="store_true", help="also print a JSON summary line")
-    p.add_argument("--loadgen", choices=("auto", "wrk", "python"), default="auto",
-                   help="auto: wrk when on PATH, else the Python client")
-    p.add_argument("--threads", type=int, default=1,
-                   help="wrk threads (default 1: on a small machine the servers need the cores)")
+    p.add_argument(
+        "--loadgen",
+        choices=("auto", "wrk", "python"),
+        default="auto",
+        help="auto: wrk when on PATH, else the Python client",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="wrk threads (default 1: on a small machine the servers need the cores)",
+    )
     p.add_argument("--keep", action="store_true", help="keep the temporary data dir and logs")
     args = p.parse_args(argv)
     if args.duration <= 0 or args.connections < 1 or args.threads < 1:
@@ -1040,8 +1164,14 @@ def _on_sigterm(signum: int, frame: Any) -> None:
     raise SystemExit(128 + signum)
 
 
-def run_gateway_vs_bare(args: argparse.Namespace, tmp: Path, config: Path, kinds: list[str],
-                        servers: list[Server], warnings: list[str]) -> list[PhaseResult]:
+def run_gateway_vs_bare(
+    args: argparse.Namespace,
+    tmp: Path,
+    config: Path,
+    kinds: list[str],
+    servers: list[Server],
+    warnings: list[str],
+) -> list[PhaseResult]:
     gateway, bare = start_gateway(tmp, config), start_bare(tmp)
     servers += [gateway, bare]
     try:
@@ -1049,8 +1179,11 @@ def run_gateway_vs_bare(args: argparse.Namespace, tmp: Path, config: Path, kinds
         bare.wait_healthy()
         counter = SinkCounter(gateway.sink_dir)
         preflight(gateway, bare, counter)
-        print(f"gateway (consent enforcement off) pid {gateway.proc.pid} on :{gateway.port}, bare app pid "
-              f"{bare.proc.pid} on :{bare.port}, data {tmp}", file=sys.stderr)
+        print(
+            f"gateway (consent enforcement off) pid {gateway.proc.pid} on :{gateway.port}, bare app pid "
+            f"{bare.proc.pid} on :{bare.port}, data {tmp}",
+            file=sys.stderr,
+        )
         results: list[PhaseResult] = []
         for kind in kinds:
             for server in (bare, gateway):
@@ -1068,8 +1201,14 @@ def run_gateway_vs_bare(args: argparse.Namespace, tmp: Path, config: Path, kinds
         stop(gateway.proc)
 
 
-def run_consent(args: argparse.Namespace, tmp: Path, configs: tuple[Path, Path], kinds: list[str],
-                servers: list[Server], warnings: list[str]) -> tuple[list[PhaseResult], dict[str, Any]]:
+def run_consent(
+    args: argparse.Namespace,
+    tmp: Path,
+    configs: tuple[Path, Path],
+    kinds: list[str],
+    servers: list[Server],
+    warnings: list[str],
+) -> tuple[list[PhaseResult], dict[str, Any]]:
     off = start_gateway(tmp, configs[0], "unenforced")
     on = start_gateway(tmp, configs[1], "enforced")
     servers += [off, on]
@@ -1081,12 +1220,20 @@ def run_consent(args: argparse.Namespace, tmp: Path, configs: tuple[Path, Path],
         # Enforcement on: an event of a subject without consent must be dropped ...
         accepted, dropped, raw = probe(on, f"bench-no-consent-{uuid.uuid4().hex[:8]}")
         if accepted or not dropped:
-            warn(warnings, f"the enforced gateway did not drop an event of a subject without consent "
-                           f"({raw[:200]!r}): is consent enforcement on? The comparison measures nothing")
-        print(f"unenforced gateway pid {off.proc.pid} on :{off.port}, enforced gateway pid {on.proc.pid} "
-              f"on :{on.port}, data {tmp}", file=sys.stderr)
-        print(f"granting consent to {args.consent_users:,} subjects on the enforced gateway ...",
-              file=sys.stderr)
+            warn(
+                warnings,
+                f"the enforced gateway did not drop an event of a subject without consent "
+                f"({raw[:200]!r}): is consent enforcement on? The comparison measures nothing",
+            )
+        print(
+            f"unenforced gateway pid {off.proc.pid} on :{off.port}, enforced gateway pid {on.proc.pid} "
+            f"on :{on.port}, data {tmp}",
+            file=sys.stderr,
+        )
+        print(
+            f"granting consent to {args.consent_users:,} subjects on the enforced gateway ...",
+            file=sys.stderr,
+        )
         grants = grant_consent(on, args.consent_users)
         print(f"granted in {grants['seconds']:.2f} s ({fmt(grants['per_s'], ',.0f')}/s)", file=sys.stderr)
         # ... and one of a subject with consent forwarded.
@@ -1095,13 +1242,17 @@ def run_consent(args: argparse.Namespace, tmp: Path, configs: tuple[Path, Path],
         if accepted == 1:
             wait_sink(counters[on.name], before + 1)
         else:
-            warn(warnings, f"the enforced gateway dropped an event of u-1 after the grants ({raw[:200]!r}): "
-                           "events were dropped for lack of consent, the figures are not comparable")
+            warn(
+                warnings,
+                f"the enforced gateway dropped an event of u-1 after the grants ({raw[:200]!r}): "
+                "events were dropped for lack of consent, the figures are not comparable",
+            )
         results: list[PhaseResult] = []
         for kind in kinds:
             for server in (off, on):
-                res = new_result(phase_name(server.name, kind), server.name, kind, args,
-                                 users=args.consent_users)
+                res = new_result(
+                    phase_name(server.name, kind), server.name, kind, args, users=args.consent_users
+                )
                 gateway_phase(server, counters[server.name], res, args, tmp)
                 check_forwarded(res, warnings, enforced=server is on)
                 results.append(res)
@@ -1134,9 +1285,12 @@ def main(argv: list[str] | None = None) -> int:
 
         loadgen = args.loadgen
         print()
-        print(f"idgate ingest benchmark: {args.duration:g} s per phase, {args.connections} connections, "
-              f"load generator {loadgen}" + (f" ({args.threads} thread(s))" if loadgen == "wrk" else "")
-              + f", {NCPU} CPUs")
+        print(
+            f"idgate ingest benchmark: {args.duration:g} s per phase, {args.connections} connections, "
+            f"load generator {loadgen}"
+            + (f" ({args.threads} thread(s))" if loadgen == "wrk" else "")
+            + f", {NCPU} CPUs"
+        )
         summary: dict[str, Any] = {
             "duration_s": args.duration,
             "connections": args.connections,
