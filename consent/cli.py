@@ -43,7 +43,7 @@ _KEY_FILE = click.option(
 def _database_url(database_url: str | None) -> str:
     from consent.db import default_sqlite_url
 
-    return database_url or default_sqlite_url(Path(os.environ.get("IDGATE_DATA_DIR", "var")))
+    return database_url or default_sqlite_url(Path(os.environ.get("IDGATE_DATA_DIR") or "var"))
 
 
 def _fail(message: str) -> NoReturn:
