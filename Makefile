@@ -4,7 +4,7 @@ VENV ?= .venv
 STAMP := $(VENV)/.installed-stamp
 PORT ?= 8080
 
-.PHONY: run test lint bench bench-sinks bench-distributed venv clean
+.PHONY: run run-distributed test lint bench bench-sinks bench-distributed venv clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "idgate needs Python >= 3.11")'
@@ -18,6 +18,11 @@ venv: $(STAMP)
 ## Run the gateway on 127.0.0.1:$(PORT) with the example config (embedded: SQLite + files under ./var).
 run: $(STAMP)
 	$(VENV)/bin/idgate serve --config idgate.example.toml --port $(PORT)
+
+## Two replicas on the local PostgreSQL and Redis (distributed mode, no Docker), ports 8081 and 8082;
+## Ctrl-C stops both. Options: make run-distributed ARGS="--replicas 3 --reset" (deploy/README.md).
+run-distributed: $(STAMP)
+	$(VENV)/bin/python deploy/run_distributed.py $(ARGS)
 
 ## Run the whole test suite (uses PostgreSQL, Redis, NATS and Node.js on localhost where a feature
 ## needs them; a missing one fails its tests). Select groups by marker, e.g.

@@ -45,6 +45,7 @@ def start_replica(tmp: Path, config: Path, name: str, shared_env: dict[str, str]
     data_dir = tmp / f"{name}-data"
     env = {k: v for k, v in os.environ.items() if k not in ingest.STRIPPED_ENV}
     env.update(IDGATE_ENV="dev", IDGATE_LOG_LEVEL="WARNING", PYTHONUNBUFFERED="1", IDGATE_REPLICA_ID=name)
+    env.update(IDGATE_LOG_FORMAT="json")  # as in bench/ingest.py
     env.update(shared_env)
     log_path = tmp / f"{name}.log"
     with open(log_path, "wb") as log:

@@ -247,7 +247,8 @@ def start_gateway(tmp: Path, config: Path, name: str = "gateway") -> Server:
     port = free_port()
     data_dir = tmp / f"{name}-data"
     env = {k: v for k, v in os.environ.items() if k not in STRIPPED_ENV}
-    env.update(IDGATE_ENV="dev", IDGATE_LOG_LEVEL="WARNING", PYTHONUNBUFFERED="1")
+    # JSON logs (dev defaults to console lines): the report scans them for error lines
+    env.update(IDGATE_ENV="dev", IDGATE_LOG_LEVEL="WARNING", IDGATE_LOG_FORMAT="json", PYTHONUNBUFFERED="1")
     log_path = tmp / f"{name}.log"
     with open(log_path, "wb") as log:
         proc = spawn(

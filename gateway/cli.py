@@ -1,24 +1,155 @@
-"""The ``idgate`` command line: serve, keys, config check, ledger, dlq, identity, migrate."""
+"""The ``idgate`` command line: serve, keys, config check, ledger, dlq, identity, migrate.
+
+Every command logs through one configuration (``gateway.logging``: redacting, on stderr),
+set up in the group callback before the command runs, so what a command prints on stdout
+(JSON lines, exports, keys) is never mixed with log lines.
+"""
 
 from __future__ import annotations
 
+import errno
+import fcntl
+import json
+import os
 import secrets
+import socket
 import sys
 from pathlib import Path
+from typing import IO, NoReturn
 
 import click
 
-from consent.cli import ledger
+from consent.cli import DEV_LEDGER_KEY_META, ledger, load_cli_signer
 from consent.signing import InvalidLedgerKey, new_ledger_key_b64
-from gateway.config import ConfigProblems, hash_write_key, load_config
+from gateway.config import Config, ConfigProblems, hash_write_key, load_config
 from gateway.dlq_cli import dlq
-from gateway.settings import Settings, SettingsError
-from identity.pseudonym import InvalidKeyMaterial, MissingKey, new_key_document, write_private_file
+from gateway.logging import configure_logging
+from gateway.settings import (
+    DEV_LEDGER_KEY_FILE,
+    LogSettings,
+    Settings,
+    SettingsError,
+    data_dir_from_env,
+    environment_from_env,
+)
+from identity.pseudonym import InvalidKeyMaterial, KeyRing, MissingKey, new_key_document
+
+LOCK_FILE = "idgate.lock"
+
+
+def _fail(message: str, code: int = 2) -> NoReturn:
+    click.echo(f"idgate: {message}", err=True)
+    sys.exit(code)
 
 
 @click.group()
-def main() -> None:
+@click.version_option(package_name="idgate", prog_name="idgate", message="%(prog)s %(version)s")
+@click.pass_context
+def main(ctx: click.Context) -> None:
     """idgate: PIPL consent, pseudonymisation and identity resolution in front of your analytics."""
+    try:
+        env = environment_from_env()
+        logs = LogSettings.from_env(env)
+    except SettingsError as exc:
+        _fail(str(exc))
+    configure_logging(fmt=logs.format, level=logs.level)
+    if env == "dev":
+        # The ledger commands sign with the key a dev gateway generated in its data
+        # directory when no key is given (never outside dev).
+        ctx.meta[DEV_LEDGER_KEY_META] = data_dir_from_env() / DEV_LEDGER_KEY_FILE
+
+
+def _lock_data_dir(data_dir: Path) -> IO[str]:
+    """Hold an exclusive lock on the data directory for the life of the process: one
+    gateway per data directory (its SQLite outbox, sink files and cursors have one writer).
+    The lock goes with the process, however it ends."""
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        fh = open(data_dir / LOCK_FILE, "a+", encoding="utf-8")  # noqa: SIM115 - held until exit
+    except OSError as exc:
+        _fail(f"cannot start: data directory {data_dir}: {exc.strerror}")
+    try:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno not in (errno.EAGAIN, errno.EACCES):
+            raise
+        fh.seek(0)
+        holder = fh.read().strip() or "?"
+        fh.close()
+        _fail(
+            f"cannot start: another idgate (pid {holder}) is serving data directory {data_dir} "
+            f"(lock {data_dir / LOCK_FILE}); stop it or use another --data-dir"
+        )
+    fh.seek(0)
+    fh.truncate()
+    fh.write(f"{os.getpid()}\n")
+    fh.flush()
+    return fh
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """Bind and listen on host:port before any start-up work, so a busy port is reported
+    first and no second process can take it between the check and the start. Connections
+    that arrive while the gateway starts wait in the backlog."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        reason = "already in use" if exc.errno == errno.EADDRINUSE else exc.strerror
+        _fail(f"cannot start: {host}:{port}: {reason} (another process listens there? use --port)")
+    sock.set_inheritable(False)
+    return sock
+
+
+def _banner(settings: Settings, config: Config, base: str) -> list[str]:
+    """What a newcomer needs to follow the README: in dev the demo secrets of the config,
+    in production none (its config holds only hashes)."""
+    lines = [
+        f"idgate {settings.env} on {base}  (config {settings.config_path}, data {settings.data_dir})",
+        f"  API docs      {base}/docs   (OpenAPI JSON: {base}/docs/openapi.json)",
+        f"  sink files    {settings.sink_dir}/<destination>/<date>.jsonl",
+    ]
+    if not settings.dev:
+        return lines
+    write_keys = [
+        (f"{t.id}/{s.id}", s.platform, s.dev_write_key)
+        for t in config.tenants
+        for s in t.sources
+        if s.dev_write_key
+    ]
+    sensors = [
+        (f"{t.id}/{s.id}", s.sensors_project, s.sensors_dev_token)
+        for t in config.tenants
+        for s in t.sources
+        if s.sensors_project and s.sensors_dev_token
+    ]
+    admins = [
+        (a.name, a.role + (f" ({', '.join(a.tenants)})" if a.tenants else ""), a.dev_token)
+        for a in config.admin_tokens
+        if a.dev_token
+    ]
+
+    def table(rows: list[tuple[str, str, str]]) -> list[str]:
+        w0 = max(len(r[0]) for r in rows)
+        w1 = max(len(r[1]) for r in rows)
+        return [f"    {a:<{w0}}  {b:<{w1}}  {c}" for a, b, c in rows]
+
+    if write_keys:
+        lines.append("  write keys (HTTP Basic user, e.g. curl -u KEY: ...):")
+        lines += table(write_keys)
+    if sensors:
+        lines.append(f"  Sensors SDKs ({base}/sa?project=PROJECT&token=TOKEN):")
+        lines += table([(src, f"project {project}", f"token {token}") for src, project, token in sensors])
+    if admins:
+        lines.append("  admin tokens (Authorization: Bearer TOKEN):")
+        lines += table(admins)
+    if write_keys or sensors or admins:
+        lines.append("  (demo keys and tokens from the config: accepted with IDGATE_ENV=dev only)")
+    return lines
 
 
 @main.command()
@@ -40,45 +171,53 @@ def main() -> None:
 def serve(config_path: Path | None, host: str, port: int, data_dir: Path | None) -> None:
     """Run the gateway."""
     import uvicorn
+    from uvicorn.config import STARTUP_FAILURE
 
     from gateway.app import create_app
-    from gateway.logging import configure_logging
 
     try:
         settings = Settings.from_env(config_path=config_path, data_dir=data_dir)
-        configure_logging(fmt=settings.log_format, level=settings.log_level)
+    except SettingsError as exc:
+        _fail(f"cannot start: {exc}")
+    # Before any start-up work: the port (nothing on disk yet), then the data directory's lock.
+    listener = _listen(host, port)
+    lock = _lock_data_dir(settings.data_dir)
+    try:
         app = create_app(settings)
         config = load_config(settings.config_path, dev=settings.dev)
     except (SettingsError, ConfigProblems, InvalidKeyMaterial, MissingKey, InvalidLedgerKey) as exc:
-        click.echo(f"idgate: cannot start: {exc}", err=True)
-        sys.exit(2)
+        _fail(f"cannot start: {exc}")
     if settings.gil_switch_interval_seconds > 0:
         sys.setswitchinterval(settings.gil_switch_interval_seconds)
-    base = f"http://{host}:{port}"
-    click.echo(f"idgate {settings.env} on {base}  (config {settings.config_path}, data {settings.data_dir})")
-    if settings.dev:
-        for tenant in config.tenants:
-            for source in tenant.sources:
-                if source.dev_write_key:
-                    click.echo(
-                        f"  write key  {tenant.id}/{source.id} ({source.platform}): {source.dev_write_key}"
-                    )
-    click.echo(f"  API docs   {base}/docs   sink files under {settings.sink_dir}/")
-    uvicorn.run(
-        app,
-        host=host,
-        port=port,
-        loop="uvloop",
-        http="httptools",
-        log_config=None,
-        # No access log and no X-Forwarded-For handling: idgate never uses the client IP of
-        # a request, and an access log would write it to disk.
-        access_log=False,
-        proxy_headers=False,
-        server_header=False,
-        lifespan="on",
-        timeout_graceful_shutdown=10,
+    shown_host = f"[{host}]" if ":" in host else host
+    for line in _banner(settings, config, f"http://{shown_host}:{port}"):
+        click.echo(line)
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            host=host,
+            port=port,
+            loop="uvloop",
+            http="httptools",
+            log_config=None,
+            # No access log and no X-Forwarded-For handling: idgate never uses the client IP
+            # of a request, and an access log would write it to disk.
+            access_log=False,
+            proxy_headers=False,
+            server_header=False,
+            lifespan="on",
+            timeout_graceful_shutdown=10,
+        )
     )
+    try:
+        server.run(sockets=[listener])
+    except KeyboardInterrupt:
+        pass
+    finally:
+        listener.close()
+        lock.close()
+    if not server.started:
+        sys.exit(STARTUP_FAILURE)  # the lifespan failed (logged), as uvicorn.run would exit
 
 
 @main.group()
@@ -86,35 +225,114 @@ def keys() -> None:
     """Pseudonymisation keys and write keys."""
 
 
+def _write_secret_file(path: Path, text: str, *, replace: bool) -> None:
+    """Write a key file (mode 0600) atomically: a crash leaves the old file or the new one,
+    never half of either. Without ``replace`` an existing file is left alone
+    (FileExistsError), even one created a moment ago by someone else."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        if replace:
+            os.replace(tmp, path)
+        else:
+            os.link(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _key_versions(document: str) -> dict[str, set[int]]:
+    """Tenant -> key versions of a key document (InvalidKeyMaterial when it is not one)."""
+    KeyRing.from_json(document)  # checks the structure and every key
+    tenants = json.loads(document)["tenants"]
+    return {tenant: {int(v) for v in entry["keys"]} for tenant, entry in tenants.items()}
+
+
 @keys.command("generate")
 @click.option("--tenant", "tenants", multiple=True, required=True, help="Tenant id (repeatable).")
 @click.option(
     "--out",
-    type=click.Path(path_type=Path),
+    type=click.Path(dir_okay=False, path_type=Path),
     default=None,
     help="Key file to create or rotate (mode 0600). Without it the document goes to stdout.",
 )
 def keys_generate(tenants: tuple[str, ...], out: Path | None) -> None:
-    """Add a new active key version per tenant (use for first keys and for rotation)."""
-    existing = out.read_text(encoding="utf-8") if out is not None and out.exists() else None
+    """Add a new active key version per tenant (use for first keys and for rotation).
+
+    An existing --out file keeps every key version it has: pseudonyms made with them stay
+    readable. A file that is not a key document is refused, never overwritten."""
+    existing = None
+    before: dict[str, set[int]] = {}
+    if out is not None and out.exists():
+        try:
+            existing = out.read_text(encoding="utf-8")
+            before = _key_versions(existing) if existing.strip() else {}
+        except (OSError, UnicodeDecodeError, InvalidKeyMaterial) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) else "it is not a key document"
+            _fail(f"{out}: {reason}; refusing to overwrite it (choose another --out)")
+        existing = existing if existing.strip() else None
     doc = new_key_document(list(tenants), existing)
     if out is None:
         click.echo(doc, nl=False)
-    else:
-        write_private_file(out, doc)
-        click.echo(f"wrote {out}; set IDGATE_KEY_FILE={out}", err=True)
+        return
+    after = _key_versions(doc)
+    lost = [f"{t} v{v}" for t, versions in before.items() for v in versions if v not in after.get(t, ())]
+    if lost:  # new_key_document only adds versions; this guards the file against any change to that
+        _fail(f"{out}: rotation would drop key versions {', '.join(lost)}; file left unchanged")
+    _write_secret_file(out, doc, replace=True)
+    rotated = ", ".join(f"{t} v{max(after[t])}" for t in tenants)
+    click.echo(f"wrote {out} (active: {rotated}); set IDGATE_KEY_FILE={out}", err=True)
 
 
 @keys.command("ledger-key")
-@click.option("--out", type=click.Path(path_type=Path), default=None, help="Key file to create (mode 0600).")
-def keys_ledger_key(out: Path | None) -> None:
-    """Generate the Ed25519 key that signs consent-ledger checkpoints (IDGATE_LEDGER_KEY[_FILE])."""
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Key file to create (mode 0600).",
+)
+@click.option("--force", is_flag=True, help="Replace an existing --out file (its key is lost for good).")
+def keys_ledger_key(out: Path | None, force: bool) -> None:
+    """Generate the Ed25519 key that signs consent-ledger checkpoints (IDGATE_LEDGER_KEY[_FILE]).
+
+    An existing --out file is never overwritten without --force: losing the ledger key
+    breaks the chain of signed checkpoints."""
     key = new_ledger_key_b64()
     if out is None:
         click.echo(key)
-    else:
-        write_private_file(out, key + "\n")
-        click.echo(f"wrote {out}; set IDGATE_LEDGER_KEY_FILE={out}", err=True)
+        return
+    try:
+        _write_secret_file(out, key + "\n", replace=force)
+    except FileExistsError:
+        _fail(f"{out} exists; refusing to overwrite a ledger key (--force replaces it, and its key is lost)")
+    except OSError as exc:
+        _fail(f"cannot write {out}: {exc.strerror}")
+    click.echo(f"wrote {out}; set IDGATE_LEDGER_KEY_FILE={out}", err=True)
+
+
+@keys.command("ledger-public-key")
+@click.option(
+    "--key-file",
+    envvar="IDGATE_LEDGER_KEY_FILE",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Ledger key file ($IDGATE_LEDGER_KEY_FILE; $IDGATE_LEDGER_KEY wins; in dev the gateway's "
+    f"generated $IDGATE_DATA_DIR/{DEV_LEDGER_KEY_FILE}).",
+)
+def keys_ledger_public_key(key_file: Path | None) -> None:
+    """Print the ledger's public key (base64), for `idgate ledger verify --public-key`.
+
+    Only the public key goes to stdout; its key id and where it came from go to stderr."""
+    try:
+        signer, where = load_cli_signer(key_file)
+    except InvalidLedgerKey as exc:
+        _fail(str(exc))
+    click.echo(signer.public_key_b64)
+    click.echo(f"key id {signer.key_id} (from {where})", err=True)
 
 
 @keys.command("write-key")
@@ -166,14 +384,19 @@ def identity_rebuild(database_url: str | None) -> None:
     from identity.rebuild import rebuild
     from identity.store import LOG, IdentityLogStore
 
-    settings = Settings.from_env()
-    url = database_url or settings.database_url or f"sqlite:///{settings.data_dir / 'identity.sqlite3'}"
+    path = data_dir_from_env() / "identity.sqlite3"
+    url = database_url or os.environ.get("DATABASE_URL") or f"sqlite:///{path}"
+    if url == f"sqlite:///{path}" and not path.exists():
+        _fail(f"no identity log at {path} (set IDGATE_DATA_DIR, or --database-url)")
     engine = make_engine(url)
     store = IdentityLogStore(engine)
-    with engine.connect() as conn:
-        total = conn.execute(sa.select(sa.func.count()).select_from(LOG)).scalar() or 0
+    try:
+        with engine.connect() as conn:
+            total = conn.execute(sa.select(sa.func.count()).select_from(LOG)).scalar() or 0
+    except sa.exc.DBAPIError as exc:
+        _fail(f"cannot read the identity log: {exc.orig or exc}")
 
-    with click.progressbar(length=total, label="replaying the identity log") as bar:
+    with click.progressbar(length=total, label="replaying the identity log", file=sys.stderr) as bar:
         report = rebuild(store.all_rows(), progress=bar.update)
     for tenant, figures in report.tenants.items():
         click.echo(

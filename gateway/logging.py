@@ -1,5 +1,8 @@
 """structlog configuration: JSON in production, console in dev, identifiers always redacted.
 
+Every log line of the process, ours and the libraries', goes through one handler on
+stderr: stdout belongs to what a CLI command prints (JSON lines, exports, keys).
+
 The redaction processor is the last line of defence: the code never logs identifiers on
 purpose, and this processor replaces identifier-named fields and scrubs phone numbers, ID
 card numbers and emails out of every string that reaches a log line anyway.
@@ -69,7 +72,15 @@ def redact_identifiers(_: Any, __: str, event_dict: dict[str, Any]) -> dict[str,
     return _redact(event_dict)  # type: ignore[no-any-return]
 
 
+# Libraries whose INFO lines are noise on the console: Alembic announces every migration
+# step at every start, SQLAlchemy can echo statements, httpx logs every request URL of
+# the HTTP sinks (which may carry a receiver's token). Their warnings still show.
+QUIET_LIBRARIES = ("alembic", "sqlalchemy", "httpx", "httpcore")
+
+
 def configure_logging(*, fmt: str = "json", level: str = "INFO") -> None:
+    """Route structlog and the standard library's logging to stderr, formatted as ``fmt``
+    (``json`` or ``console``). Safe to call again (the last call wins)."""
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
         structlog.stdlib.add_log_level,
@@ -102,3 +113,5 @@ def configure_logging(*, fmt: str = "json", level: str = "INFO") -> None:
         logging.getLogger(name).handlers[:] = []
         logging.getLogger(name).propagate = True
     logging.getLogger("uvicorn.access").disabled = True
+    for name in QUIET_LIBRARIES:
+        logging.getLogger(name).setLevel(max(logging.WARNING, root.level))

@@ -7,6 +7,7 @@ differs per deployment: where data goes, which services to use, where secrets co
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import socket
 from dataclasses import dataclass
@@ -14,10 +15,49 @@ from pathlib import Path
 from typing import Literal
 
 Environment = Literal["dev", "production"]
+LogFormat = Literal["json", "console"]
 
 
 class SettingsError(Exception):
     pass
+
+
+def environment_from_env() -> Environment:
+    """``IDGATE_ENV``: ``dev`` or ``production`` (the one place that reads it and its default)."""
+    env = os.environ.get("IDGATE_ENV", "dev")
+    if env not in ("dev", "production"):
+        raise SettingsError(f"IDGATE_ENV must be 'dev' or 'production', got {env!r}")
+    return env  # type: ignore[return-value]
+
+
+def data_dir_from_env(override: Path | None = None) -> Path:
+    """The data directory: ``--data-dir``, else ``$IDGATE_DATA_DIR``, else ``./var``."""
+    return override or Path(os.environ.get("IDGATE_DATA_DIR") or "var")
+
+
+# The ledger key a dev gateway generates in its data directory when none is configured.
+DEV_LEDGER_KEY_FILE = "dev-ledger-key"
+
+
+@dataclass(frozen=True)
+class LogSettings:
+    """How to log: read on its own (before and without the rest of the settings), so every
+    CLI command logs the same way, including the ones that need no keys."""
+
+    format: LogFormat
+    level: str
+
+    @classmethod
+    def from_env(cls, env: Environment | None = None) -> LogSettings:
+        env = env or environment_from_env()
+        # dev: readable lines on a terminal; anything else: one JSON object per line.
+        fmt = os.environ.get("IDGATE_LOG_FORMAT") or ("console" if env == "dev" else "json")
+        if fmt not in ("json", "console"):
+            raise SettingsError(f"IDGATE_LOG_FORMAT must be 'json' or 'console', got {fmt!r}")
+        level = (os.environ.get("IDGATE_LOG_LEVEL") or "INFO").upper()
+        if level not in logging.getLevelNamesMapping():
+            raise SettingsError(f"IDGATE_LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR, got {level!r}")
+        return cls(format=fmt, level=level)  # type: ignore[arg-type]
 
 
 def _env_int(name: str, default: int) -> int:
@@ -44,7 +84,7 @@ class Settings:
     ledger_key_file: Path | None
     # Namespace of every Redis key, so several deployments (or test runs) can share a server.
     redis_prefix: str
-    log_format: Literal["json", "console"]
+    log_format: LogFormat
     log_level: str
     delivery_batch_size: int
     delivery_poll_seconds: float
@@ -89,7 +129,7 @@ class Settings:
 
     @property
     def dev_ledger_key_file(self) -> Path:
-        return self.data_dir / "dev-ledger-key"
+        return self.data_dir / DEV_LEDGER_KEY_FILE
 
     @property
     def consent_database_url(self) -> str:
@@ -97,12 +137,8 @@ class Settings:
 
     @classmethod
     def from_env(cls, *, config_path: Path | None = None, data_dir: Path | None = None) -> Settings:
-        env = os.environ.get("IDGATE_ENV", "dev")
-        if env not in ("dev", "production"):
-            raise SettingsError(f"IDGATE_ENV must be 'dev' or 'production', got {env!r}")
-        log_format = os.environ.get("IDGATE_LOG_FORMAT", "json")
-        if log_format not in ("json", "console"):
-            raise SettingsError(f"IDGATE_LOG_FORMAT must be 'json' or 'console', got {log_format!r}")
+        env = environment_from_env()
+        logs = LogSettings.from_env(env)
         key_file = os.environ.get("IDGATE_KEY_FILE")
         keys_json = os.environ.get("IDGATE_KEYS") or None
         if env == "production" and not (key_file or keys_json):
@@ -112,7 +148,7 @@ class Settings:
         if env == "production" and not (ledger_key or ledger_key_file):
             raise SettingsError("IDGATE_ENV=production needs IDGATE_LEDGER_KEY or IDGATE_LEDGER_KEY_FILE")
         config = config_path or Path(os.environ.get("IDGATE_CONFIG", "idgate.example.toml"))
-        data = data_dir or Path(os.environ.get("IDGATE_DATA_DIR", "var"))
+        data = data_dir_from_env(data_dir)
         redis_url = os.environ.get("REDIS_URL") or None
         database_url = os.environ.get("DATABASE_URL") or None
         outbox_kind = os.environ.get("IDGATE_OUTBOX") or ("redis" if redis_url and database_url else "sqlite")
@@ -124,7 +160,7 @@ class Settings:
         where = hashlib.blake2b(str(data.resolve()).encode(), digest_size=4).hexdigest()
         replica_id = os.environ.get("IDGATE_REPLICA_ID") or f"{socket.gethostname()}-{where}"
         return cls(
-            env=env,  # type: ignore[arg-type]
+            env=env,
             config_path=config,
             data_dir=data,
             key_file=Path(key_file) if key_file else None,
@@ -134,8 +170,8 @@ class Settings:
             ledger_key=ledger_key,
             ledger_key_file=Path(ledger_key_file) if ledger_key_file else None,
             redis_prefix=os.environ.get("IDGATE_REDIS_PREFIX", "idgate"),
-            log_format=log_format,  # type: ignore[arg-type]
-            log_level=os.environ.get("IDGATE_LOG_LEVEL", "INFO").upper(),
+            log_format=logs.format,
+            log_level=logs.level,
             delivery_batch_size=_env_int("IDGATE_DELIVERY_BATCH", 2000),
             delivery_poll_seconds=_env_int("IDGATE_DELIVERY_POLL_MS", 200) / 1000,
             gil_switch_interval_seconds=_env_int("IDGATE_GIL_SWITCH_US", 200) / 1_000_000,

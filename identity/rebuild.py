@@ -25,6 +25,8 @@ from identity.graph import (
 from identity.store import LogRow
 
 _decode = msgspec.json.Decoder(GraphChange).decode
+# ``progress`` is called every this many changes, and once more with the remainder.
+PROGRESS_STEP = 10_000
 
 
 @dataclass
@@ -67,8 +69,10 @@ def replay(
         elif isinstance(change, NodeRemoved) and change.node in t.edges:
             t.edges.remove_node(change.node)
         count += 1
-        if progress is not None and count % 10_000 == 0:
-            progress(10_000)
+        if progress is not None and count % PROGRESS_STEP == 0:
+            progress(PROGRESS_STEP)
+    if progress is not None and count % PROGRESS_STEP:
+        progress(count % PROGRESS_STEP)  # the last, partial step: progress adds up to count
     return tenants, count
 
 

@@ -417,7 +417,15 @@ def make_gateway(tmp: Path, *, config: str = TEST_CONFIG, extra_env: dict[str, s
     config_path = tmp / "idgate.toml"
     config_path.write_text(config)
     env = {k: v for k, v in os.environ.items() if not k.startswith("IDGATE_") and k != "REDIS_URL"}
-    env.update({"IDGATE_ENV": "dev", "IDGATE_LOG_LEVEL": "DEBUG", "IDGATE_DELIVERY_POLL_MS": "50"})
+    # JSON logs (dev defaults to console lines): the log scans tell log lines from the banner.
+    env.update(
+        {
+            "IDGATE_ENV": "dev",
+            "IDGATE_LOG_LEVEL": "DEBUG",
+            "IDGATE_LOG_FORMAT": "json",
+            "IDGATE_DELIVERY_POLL_MS": "50",
+        }
+    )
     env.update(extra_env or {})
     return Gateway(data_dir=tmp / "var", config_path=config_path, log_path=tmp / "gateway.log", env=env)
 
