@@ -34,6 +34,7 @@ from gateway.delivery_setup import build_delivery, open_dead_letters, open_outbo
 from gateway.errors import exception_handlers
 from gateway.identity_setup import notice_publisher, open_identity
 from gateway.ingest_http import INGEST_ROUTES, IngestContext, document_ingest_routes
+from gateway.logging import request_context
 from gateway.pipeline import Ingestor, IngestServices
 from gateway.sensors_http import SENSORS_ROUTES, document_sensors_routes
 from gateway.settings import Settings
@@ -224,6 +225,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         # Above this Litestar refuses the body before reading it; _read_body applies the exact limit.
         request_max_body_size=config.limits.max_batch_bytes + 1024,
         exception_handlers=exception_handlers(),
+        middleware=[request_context],
         openapi_config=OpenAPIConfig(
             title="idgate",
             version="0.1.0",

@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import structlog
 from litestar.connection import ASGIConnection
 from litestar.exceptions import NotAuthorizedException, PermissionDeniedException
 from litestar.handlers.base import BaseRouteHandler
@@ -132,6 +133,7 @@ def admin_guard(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRou
             detail=f"this needs the {' or '.join(roles)} role; {officer.name} has {officer.role}"
         )
     connection.state.officer = officer
+    structlog.contextvars.bind_contextvars(officer=officer.name, role=officer.role)
 
 
 def roles(*allowed: Role) -> dict[str, Any]:

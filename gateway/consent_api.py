@@ -21,6 +21,7 @@ from consent.service import ConsentService
 from gateway.auth import WriteKeys
 from gateway.config import ResolvedSource
 from gateway.errors import InvalidRequest
+from gateway.logging import bind_source
 from identity.identifiers import IDENTIFIER_TYPES, SCOPED_TYPES, InvalidIdentifier
 from identity.pseudonym import Pseudonymiser, pseudonymise_identifier
 
@@ -95,7 +96,9 @@ def subject_identifiers(req: ConsentRequest, pseudonymiser: Pseudonymiser) -> li
 def provide_source(request: Request[Any, Any, Any], state: State, data: ConsentRequest) -> ResolvedSource:
     """The source of the write key (HTTP Basic user, or ``writeKey`` in the body)."""
     keys: WriteKeys = state.write_keys
-    return keys.authenticate(request.headers.get("authorization", ""), lambda: data.write_key)
+    source = keys.authenticate(request.headers.get("authorization", ""), lambda: data.write_key)
+    bind_source(source.tenant.id, source.source.id)
+    return source
 
 
 def provide_consent(state: State) -> ConsentService:

@@ -12,8 +12,6 @@ handlers, like everywhere else.
 
 from __future__ import annotations
 
-import itertools
-import os
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,6 +31,7 @@ from gateway.auth import WriteKeys
 from gateway.config import Config, ResolvedSource
 from gateway.errors import InvalidRequest, error_body
 from gateway.events import Envelope
+from gateway.logging import bind_source
 from gateway.pipeline import Ingestor, IngestResult
 from gateway.segment import MESSAGE_TYPES, body_write_key, decode_batch, decode_single
 from identity.pseudonym import KeyRing
@@ -58,7 +57,6 @@ class IngestHeaders:
     content_length: int | None = None
     content_encoding: str = ""
     authorization: str = ""
-    request_id: str = ""
 
     @classmethod
     def from_scope(cls, scope: Scope) -> IngestHeaders:
@@ -72,17 +70,7 @@ class IngestHeaders:
                 h.content_encoding = value.decode("latin-1").strip().lower()
             elif name == b"authorization":
                 h.authorization = value.decode("latin-1")
-            elif name == b"x-request-id":
-                h.request_id = value.decode("latin-1")[:64]
         return h
-
-
-_request_numbers = itertools.count(1)
-
-
-def request_id(headers: IngestHeaders) -> str:
-    """The caller's X-Request-ID, or a process-unique number; only computed when logging."""
-    return headers.request_id or f"{os.getpid():x}-{next(_request_numbers)}"
 
 
 async def read_body(
@@ -136,14 +124,12 @@ async def read_body(
     return body
 
 
-def log_rejections(headers: IngestHeaders, src: ResolvedSource, result: IngestResult, **extra: Any) -> None:
-    """One log line per request with rejected messages (kinds of error, never the content)."""
+def log_rejections(result: IngestResult, **extra: Any) -> None:
+    """One log line per request with rejected messages (kinds of error, never the content);
+    the request id, tenant and source come from the request's log context."""
     if result.rejected:
         log.info(
             "ingest.rejected",
-            request_id=request_id(headers),
-            tenant=src.tenant.id,
-            source=src.source.id,
             rejected=len(result.rejected),
             errors=sorted({r.error for r in result.rejected}),
             **extra,
@@ -152,7 +138,9 @@ def log_rejections(headers: IngestHeaders, src: ResolvedSource, result: IngestRe
 
 def authenticate(ctx: IngestContext, headers: IngestHeaders, body: bytes) -> ResolvedSource:
     """Write key as HTTP Basic user, or ``writeKey`` in the body, to its source."""
-    return ctx.write_keys.authenticate(headers.authorization, lambda: body_write_key(body))
+    src = ctx.write_keys.authenticate(headers.authorization, lambda: body_write_key(body))
+    bind_source(src.tenant.id, src.source.id)
+    return src
 
 
 _encode = msgspec.json.Encoder().encode
@@ -202,7 +190,7 @@ def _ingest_handler(path: str, decode: Decoder) -> Any:
         src = authenticate(ctx, headers, body)
         envs, result = decode(body, ctx.config, datetime.now(UTC))
         await ctx.ingestor.ingest(src, envs, result)
-        log_rejections(headers, src, result)
+        log_rejections(result)
         await send_json(send, *ingest_response(result))
 
     handler.__name__ = "ingest_" + path.rsplit("/", 1)[-1]

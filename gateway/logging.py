@@ -10,11 +10,16 @@ card numbers and emails out of every string that reaches a log line anyway.
 
 from __future__ import annotations
 
+import itertools
 import logging
+import os
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
+
+if TYPE_CHECKING:
+    from litestar.types import ASGIApp, Receive, Scope, Send
 
 from identity.scrub import scrub_text
 
@@ -115,3 +120,39 @@ def configure_logging(*, fmt: str = "json", level: str = "INFO") -> None:
     logging.getLogger("uvicorn.access").disabled = True
     for name in QUIET_LIBRARIES:
         logging.getLogger(name).setLevel(max(logging.WARNING, root.level))
+
+
+_REQUEST_HEADER = b"x-request-id"
+_request_numbers = itertools.count(1)
+_PREFIX = f"{os.getpid():x}"
+
+
+def request_context(app: ASGIApp) -> ASGIApp:
+    """ASGI middleware: every log line of a request carries its ``request_id`` (the caller's
+    ``X-Request-ID``, cut to 64 characters, else a process-unique number); handlers add
+    ``tenant`` and ``source`` (``bind_source``) once they know them. The context is cleared
+    when the request ends, so nothing leaks into the next one."""
+
+    async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await app(scope, receive, send)
+            return
+        rid = ""
+        for name, value in scope["headers"]:
+            if name == _REQUEST_HEADER:
+                rid = value.decode("latin-1")[:64]
+                break
+        token = structlog.contextvars.bind_contextvars(
+            request_id=rid or f"{_PREFIX}-{next(_request_numbers)}"
+        )
+        try:
+            await app(scope, receive, send)
+        finally:
+            structlog.contextvars.reset_contextvars(**token)
+
+    return middleware
+
+
+def bind_source(tenant: str, source: str) -> None:
+    """Name the request's tenant and source in its log lines."""
+    structlog.contextvars.bind_contextvars(tenant=tenant, source=source)

@@ -44,9 +44,10 @@ from litestar.openapi.spec import (
 from litestar.openapi.spec.enums import OpenAPIType
 from litestar.types import Receive, Scope, Send
 
-from gateway.config import ResolvedSource, hash_write_key, index_sensors_tokens
+from gateway.config import ResolvedSource, hash_write_key
 from gateway.errors import InvalidRequest
 from gateway.ingest_http import IngestContext, IngestHeaders, ingest_response, log_rejections, read_body
+from gateway.logging import bind_source
 from gateway.pipeline import IngestResult
 from gateway.sensors import SensorsBatch, decode_events, parse_form, payload_json
 
@@ -101,12 +102,7 @@ def authenticate_sensors(tokens: dict[str, ResolvedSource], form: dict[str, str]
 
 
 def _token_index(scope: Scope) -> dict[str, ResolvedSource]:
-    state = scope["app"].state
-    index: dict[str, ResolvedSource] | None = getattr(state, "sensors_tokens", None)
-    if index is None:
-        ctx: IngestContext = state.ingest
-        index = index_sensors_tokens(ctx.config, dev=state.gateway.settings.dev)
-        state.sensors_tokens = index
+    index: dict[str, ResolvedSource] = scope["app"].state.sensors_tokens  # set by the lifespan
     return index
 
 
@@ -166,6 +162,7 @@ async def _sensors(scope: Scope, receive: Receive, send: Send) -> None:
         body = await read_form(receive, headers, FORM_OVERHEAD * limits.max_batch_bytes)
         form = {**form, **parse_form(body)}
     src = authenticate_sensors(_token_index(scope), form)
+    bind_source(src.tenant.id, src.source.id)
     payload, single = payload_json(form, limit=limits.max_batch_bytes)
     batch = decode_events(
         payload,
@@ -185,7 +182,7 @@ async def _sensors(scope: Scope, receive: Receive, send: Send) -> None:
                 else f"{'data' if single else 'data_list'}[{r.index}]."
             )
             r.field = where + PIPELINE_FIELDS[r.field]
-    log_rejections(headers, src, result, protocol="sensors")
+    log_rejections(result, protocol="sensors")
     status, body, extra = sensors_response(result, batch=not single)
     if method == "GET" and status == 200:
         await _send(

@@ -12,12 +12,14 @@ import uuid
 from pathlib import Path
 
 import httpx
+import pytest
 import sqlalchemy as sa
 
 from tests.cli.conftest import clean_env
-from tests.conftest import PG_URL, ROOT, RedisNamespace, free_port
+from tests.conftest import DATABASE_URL, ROOT, RedisNamespace, free_port
 
 SCRIPT = ROOT / "deploy" / "run_distributed.py"
+pytestmark = [pytest.mark.postgres, pytest.mark.redis, pytest.mark.slow]
 
 
 def read_until(proc: subprocess.Popen[str], marker: str, timeout: float = 120) -> list[str]:
@@ -40,7 +42,7 @@ def test_two_local_replicas_share_consent_dedupe_and_delivery(
     schema = f"t_rd_{uuid.uuid4().hex[:10]}"
     ports = [free_port(), free_port()]
     data = tmp_path / "distributed"
-    argv = [sys.executable, str(SCRIPT), "--data-dir", str(data), "--database-url", PG_URL]
+    argv = [sys.executable, str(SCRIPT), "--data-dir", str(data), "--database-url", DATABASE_URL]
     argv += ["--schema", schema, "--redis-url", redis_ns.url, "--redis-prefix", redis_ns.prefix]
     argv += [a for p in ports for a in ("--port", str(p))]
     proc = subprocess.Popen(
@@ -81,7 +83,7 @@ def test_two_local_replicas_share_consent_dedupe_and_delivery(
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=60)
-        engine = sa.create_engine(PG_URL)
+        engine = sa.create_engine(DATABASE_URL)
         with engine.begin() as conn:
             conn.execute(sa.text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
         engine.dispose()

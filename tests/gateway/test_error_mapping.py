@@ -189,7 +189,7 @@ def test_admin_without_a_known_token_is_a_401(client: TestClient[Any], headers: 
 @pytest.mark.parametrize(
     ("path", "token", "params"),
     [
-        ("/admin/consent/verify", COMPLIANCE_TOKEN, {}),  # an operator's endpoint
+        ("/admin/identity/quarantine", COMPLIANCE_TOKEN, {"tenant": "mall"}),  # an operator's endpoint
         ("/admin/consent/records", OPERATOR_TOKEN, {"tenant": "mall", "identifier": "u-1"}),  # compliance's
         (
             "/admin/consent/records",
