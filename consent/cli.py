@@ -93,7 +93,7 @@ def verify_command(export_path: Path, public_keys: tuple[str, ...]) -> None:
     from consent.verify import verify_export
 
     if str(export_path) == "-":
-        result = verify_export(click.get_binary_stream("stdin"), trusted_keys=public_keys or None)
+        result = verify_export(sys.stdin.buffer, trusted_keys=public_keys or None)
     else:
         with export_path.open("rb") as fh:
             result = verify_export(fh, trusted_keys=public_keys or None)
@@ -149,7 +149,7 @@ def export_command(
         except sa.exc.DBAPIError as exc:
             _fail(f"cannot read the ledger: {exc.orig or exc}")
         if to_stdout:
-            stdout = click.get_text_stream("stdout")
+            stdout = sys.stdout
             with click.progressbar(length=total, label="exporting", file=sys.stderr) as bar:
                 written = store.export_jsonl(stdout, tenant=tenant, progress=bar.update)
             stdout.flush()

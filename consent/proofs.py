@@ -59,10 +59,9 @@ class DeliveryProofs:
         if engine.dialect.name == "sqlite" and engine.url.database not in (None, "", ":memory:"):
             self._record_sqlite(rows)
             return len(rows)
-        if engine.dialect.name == "postgresql":
-            from sqlalchemy.dialects.postgresql import insert
-        else:
-            from sqlalchemy.dialects.sqlite import insert
+        from sqlalchemy.dialects import postgresql, sqlite
+
+        insert = postgresql.insert if engine.dialect.name == "postgresql" else sqlite.insert
         with engine.begin() as conn:
             # executemany with one compiled statement, not one giant VALUES list per call
             conn.execute(insert(_TABLE).on_conflict_do_nothing(), rows)

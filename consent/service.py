@@ -27,7 +27,9 @@ from consent.decisions import (
     decide,
 )
 from consent.ledger import Ledger, RecordDraft
+from consent.models import ConsentKind, RecordState, RecordType
 from consent.state import ConsentStateStore, RecordView, UnknownNotice, notice_floor
+from identity.identifiers import Identifier
 
 log = structlog.get_logger(__name__)
 _NOT_FLAGGED = StateEntry("cleared", 0)
@@ -207,53 +209,49 @@ class ConsentService:
             if notice is None:
                 raise ConsentRefused(f"unknown notice {notice_id!r}", "noticeId")
             notice_hash = notice.content_hash
-        ids = [f"{t}:{p}" for t, p in identifiers]
+        ids = [Identifier(t, p).node for t, p in identifiers]
         subject = next((p for t, p in identifiers if t == "user_id"), identifiers[0][1])
-        common = {
-            "tenant": tenant,
-            "subject": subject,
-            "identifiers": ids,
-            "source": source,
-            "platform": platform,
-            "sdk": sdk,
-            "evidence_hash": evidence_hash,
-            "at": datetime.now(UTC),
-        }
+        now = datetime.now(UTC)
+
+        def draft(
+            record_type: RecordType,
+            state: RecordState,
+            purposes: list[str],
+            kind: ConsentKind,
+            detail: dict[str, Any],
+        ) -> RecordDraft:
+            return RecordDraft(
+                tenant=tenant,
+                record_type=record_type,
+                subject=subject,
+                identifiers=ids,
+                notice_id=notice_id,
+                notice_hash=notice_hash,
+                purposes=purposes,
+                state=state,
+                consent_kind=kind,
+                legal_basis="consent",
+                source=source,
+                platform=platform,
+                sdk=sdk,
+                at=now,
+                evidence_hash=evidence_hash,
+                detail=detail,
+            )
+
         drafts: list[RecordDraft] = []
         if minor is not None:
-            drafts.append(
-                RecordDraft(
-                    record_type="subject_flag",
-                    notice_id=notice_id,
-                    notice_hash=notice_hash,
-                    purposes=[MINOR_FLAG],
-                    state="flagged" if minor else "cleared",
-                    consent_kind="general",
-                    legal_basis="consent",
-                    detail={"under_14": minor},
-                    **common,
-                )
-            )
+            flag: RecordState = "flagged" if minor else "cleared"
+            drafts.append(draft("subject_flag", flag, [MINOR_FLAG], "general", {"under_14": minor}))
         # One record per consent kind, so separate consents stand as their own records.
-        for state, purposes in (("given", grant), ("withdrawn", withdraw)):
-            by_kind: dict[str, list[str]] = {}
+        states: tuple[tuple[RecordState, Sequence[str]], ...] = (("given", grant), ("withdrawn", withdraw))
+        for state, purposes in states:
+            by_kind: dict[ConsentKind, list[str]] = {}
             for p in purposes:
-                kind = "guardian" if guardian else rules.kinds.get(p, "general")
+                kind = "guardian" if guardian else _consent_kind(rules.kinds.get(p, "general"))
                 by_kind.setdefault(kind, []).append(p)
             for kind, ps in by_kind.items():
-                drafts.append(
-                    RecordDraft(
-                        record_type="consent",
-                        notice_id=notice_id,
-                        notice_hash=notice_hash,
-                        purposes=sorted(ps),
-                        state=state,
-                        consent_kind=kind,
-                        legal_basis="consent",
-                        detail={},
-                        **common,
-                    )
-                )
+                drafts.append(draft("consent", state, sorted(ps), kind, {}))
         records = await self._append(drafts)
         return [Receipt(r.record_id, r.seq, tuple(r.purposes), r.state, r.at) for r in records]
 
@@ -324,6 +322,14 @@ class LedgerPolicy:
 
 
 _decode_ticket = msgspec.json.Decoder(ConsentTicket).decode
+
+
+def _consent_kind(value: str) -> ConsentKind:
+    if value == "separate":
+        return "separate"
+    if value == "guardian":
+        return "guardian"
+    return "general"
 
 
 __all__ = ["ConsentRefused", "ConsentService", "LedgerPolicy", "PurposeRules", "Receipt", "UnknownNotice"]

@@ -62,7 +62,7 @@ class LedgerSigner:
     def __repr__(self) -> str:  # never show key material
         return f"LedgerSigner(key_id={self.key_id})"
 
-    def __reduce__(self) -> object:
+    def __reduce__(self) -> str | tuple[object, ...]:
         raise TypeError("LedgerSigner holds a private key and is not picklable")
 
 

@@ -164,12 +164,12 @@ class SqlConsentState:
             return out
         t = ConsentStateRow.__table__  # type: ignore[attr-defined]
         with self.engine.connect() as conn:
-            rows = conn.execute(
+            found = conn.execute(
                 sa.select(t.c.identifier, t.c.purpose, t.c.state, t.c.seq, t.c.notice_seq, t.c.kind).where(
                     t.c.tenant == tenant, t.c.identifier.in_(list(identifiers))
                 )
             )
-            for ident, purpose, state, seq, notice_seq, kind in rows:
+            for ident, purpose, state, seq, notice_seq, kind in found:
                 out[ident][purpose] = StateEntry(state, seq, notice_seq, kind)
         return out
 
@@ -254,9 +254,8 @@ class SqlConsentState:
 
     async def applied_seq(self) -> int:
         with self.engine.connect() as conn:
-            value = conn.execute(
-                sa.select(ProjectionRow.applied_seq).where(ProjectionRow.name == "consent_state")  # type: ignore[arg-type]
-            ).scalar()
+            t = ProjectionRow.__table__  # type: ignore[attr-defined]
+            value = conn.execute(sa.select(t.c.applied_seq).where(t.c.name == "consent_state")).scalar()
         return int(value or 0)
 
     # -- writes ----------------------------------------------------------------------
@@ -338,11 +337,10 @@ class SqlConsentState:
 
 
 def _dialect_insert(engine: sa.Engine) -> Any:
-    if engine.dialect.name == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert
-    else:
-        from sqlalchemy.dialects.sqlite import insert
-    return insert
+    """The dialect's INSERT (both have ON CONFLICT)."""
+    from sqlalchemy.dialects import postgresql, sqlite
+
+    return postgresql.insert if engine.dialect.name == "postgresql" else sqlite.insert
 
 
 # A field moves forward only: the stored entry keeps its seq as the second element.

@@ -73,7 +73,7 @@ class Retry:
     def backoff(self, attempt: int) -> float:
         """Equal jitter: uniform in [base/2, base], where base doubles per attempt up to the cap."""
         base = min(self.max_backoff, self.initial_backoff * 2 ** (attempt - 1))
-        return base * random.uniform(0.5, 1.0)
+        return float(base * random.uniform(0.5, 1.0))
 
 
 class _GaveUp(Exception):

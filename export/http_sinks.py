@@ -227,6 +227,10 @@ class HttpSink:
         self._where = safe_location(url)
         self._client: httpx.AsyncClient | None = None
 
+    async def write(self, records: Sequence[StoredRecord]) -> dict[str, int]:
+        """Each kind turns the records into its receiver's requests."""
+        raise NotImplementedError
+
     async def recover(self, committed: Mapping[str, int]) -> int:
         return 0  # nothing local to cut back; the receiver dedupes by message id
 

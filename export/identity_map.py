@@ -51,4 +51,4 @@ def write_identity_map(intervals: Sequence[MapInterval], rekey: DomainRekeyer, p
     fsync_path(tmp)
     os.replace(tmp, path)
     fsync_path(path.parent)
-    return table.num_rows
+    return int(table.num_rows)

@@ -240,10 +240,10 @@ class SqliteOutbox:
         if self.shared_dedupe is not None:
             keys = [self.shared_dedupe.key(source, m) for m in message_ids]
             try:
-                statuses = await self.shared_dedupe.claim(keys)
+                shared = await self.shared_dedupe.claim(keys)
             except Exception as exc:
                 raise OutboxUnavailable(f"dedupe claim failed: {type(exc).__name__}") from exc
-            return Claim(statuses, [k for k, s in zip(keys, statuses, strict=True) if s is ClaimStatus.NEW])
+            return Claim(shared, [k for k, s in zip(keys, shared, strict=True) if s is ClaimStatus.NEW])
         conn = self._claims
         if conn is None:
             raise OutboxUnavailable("outbox is not open")

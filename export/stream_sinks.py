@@ -338,6 +338,7 @@ class NatsSink:
         self._refusal = refusal
         futures: list[asyncio.Future[Any]] = []
         acks_wait: asyncio.Future[list[Any]] | None = None
+        waiters: set[asyncio.Future[Any]]
         try:
             async with asyncio.timeout(self.timeout_seconds):
                 js = await self._connect()
@@ -345,7 +346,8 @@ class NatsSink:
                     headers = {"Nats-Msg-Id": message_id_of(r)}
                     futures.append(await js.publish_async(self.subject, r.payload, headers=headers))
                 acks_wait = asyncio.gather(*futures)
-                await asyncio.wait([acks_wait, refusal], return_when=asyncio.FIRST_COMPLETED)
+                waiters = {acks_wait, refusal}
+                await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
                 if refusal.done():
                     raise refusal.result()
                 acks = acks_wait.result()

@@ -14,6 +14,7 @@ import os
 import secrets
 import socket
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, NoReturn
 
@@ -133,7 +134,7 @@ def _banner(settings: Settings, config: Config, base: str) -> list[str]:
         if a.dev_token
     ]
 
-    def table(rows: list[tuple[str, str, str]]) -> list[str]:
+    def table(rows: Sequence[tuple[str, str, str]]) -> list[str]:
         w0 = max(len(r[0]) for r in rows)
         w1 = max(len(r[1]) for r in rows)
         return [f"    {a:<{w0}}  {b:<{w1}}  {c}" for a, b, c in rows]

@@ -25,7 +25,7 @@ from litestar.exceptions import MethodNotAllowedException
 from litestar.openapi.spec import OpenAPIMediaType as MediaType
 from litestar.openapi.spec import OpenAPIResponse, Operation, PathItem, RequestBody, Schema
 from litestar.openapi.spec.enums import OpenAPIType
-from litestar.types import Receive, Scope, Send
+from litestar.types import HTTPScope, Receive, Scope, Send
 
 from gateway.auth import WriteKeys
 from gateway.config import Config, ResolvedSource
@@ -97,7 +97,7 @@ async def read_body(
         message = await receive()
         if message["type"] == "http.disconnect":
             raise InvalidRequest("client_disconnected", "the client went away before the body arrived")
-        chunk = message.get("body", b"")
+        chunk: bytes = message.get("body", b"")  # type: ignore[assignment]  # an http.request message
         size += len(chunk)
         if size > limit:
             raise InvalidRequest("too_large", f"request body exceeds {limit} bytes", None, 413)
@@ -181,7 +181,7 @@ def _single_decoder(message_type: str) -> Decoder:
 
 
 def _ingest_handler(path: str, decode: Decoder) -> Any:
-    async def handler(scope: Scope, receive: Receive, send: Send) -> None:
+    async def handler(scope: HTTPScope, receive: Receive, send: Send) -> None:
         if scope["method"] != "POST":
             raise MethodNotAllowedException(detail=f"{path} accepts POST")
         ctx: IngestContext = scope["app"].state.ingest

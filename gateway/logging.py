@@ -18,10 +18,12 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
+from identity.scrub import scrub_text
+
 if TYPE_CHECKING:
     from litestar.types import ASGIApp, Receive, Scope, Send
 
-from identity.scrub import scrub_text
+_HTTP = "http"
 
 REDACTED_KEYS = frozenset(
     {
@@ -134,7 +136,7 @@ def request_context(app: ASGIApp) -> ASGIApp:
     when the request ends, so nothing leaks into the next one."""
 
     async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != _HTTP:
             await app(scope, receive, send)
             return
         rid = ""

@@ -137,11 +137,11 @@ def pseudonymise_identifiers(env: Envelope, tenant: Tenant, pseudonymiser: Pseud
             if id_type == "advertising":
                 id_type = "idfa" if "ios" in os_name else "oaid"
             if key in device:
-                value = link(id_type, device[key])
-                if value is None:
+                linked = link(id_type, device[key])
+                if linked is None:
                     del device[key]
                 else:
-                    device[key] = value
+                    device[key] = linked
         ctx["device"] = device
     external = ctx.get("externalIds")
     if isinstance(external, list):
@@ -150,16 +150,16 @@ def pseudonymise_identifiers(env: Envelope, tenant: Tenant, pseudonymiser: Pseud
             if not isinstance(item, dict) or "id" not in item:
                 continue
             ext_type = str(item.get("type", ""))
-            id_type = tenant.external_id_types.get(ext_type) or (
+            ext_id_type: str | None = tenant.external_id_types.get(ext_type) or (
                 ext_type if ext_type in IDENTIFIER_TYPES else None
             )
             scope = str(item["appid"]) if item.get("appid") else None
             value: str | None
-            if id_type is None or (id_type in SCOPED_TYPES and scope is None):
+            if ext_id_type is None or (ext_id_type in SCOPED_TYPES and scope is None):
                 # an unknown type, or an openid without its appid: kept pseudonymised, never linked
                 value = opaque(item["id"])
             else:
-                value = link(id_type, item["id"], scope)  # junk (``null``, all-zero ids) is dropped
+                value = link(ext_id_type, item["id"], scope)  # junk (``null``, all-zero ids) is dropped
             if value is not None:
                 cleaned.append({**item, "id": value})
         ctx["externalIds"] = cleaned

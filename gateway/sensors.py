@@ -301,14 +301,14 @@ def _subject(ev: SensorsEvent, ids: dict[str, str], appid: str | None, where: st
     login = ids.get("login_id")
     anonymous = ids.get("anonymous_id")
     distinct = ids.get("distinct_id")
-    for id_type, value, _, _ in s.identities:
+    for id_type, text, _, _ in s.identities:
         if id_type == "user_id" and login is None:
-            login = value
+            login = text
     if anonymous is None:
         for key in ANONYMOUS_KEYS:
-            value = next((v for t, v, _, k in s.identities if k == key), None)
-            if value is not None:
-                anonymous = value
+            found = next((v for t, v, _, k in s.identities if k == key), None)
+            if found is not None:
+                anonymous = found
                 break
     if ev.type == "track_signup":
         login = login or distinct

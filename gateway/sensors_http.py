@@ -42,7 +42,7 @@ from litestar.openapi.spec import (
     Schema,
 )
 from litestar.openapi.spec.enums import OpenAPIType
-from litestar.types import Receive, Scope, Send
+from litestar.types import HTTPScope, Receive, Scope, Send
 
 from gateway.config import ResolvedSource, hash_write_key
 from gateway.errors import InvalidRequest
@@ -147,7 +147,7 @@ async def ingest_in_order(
         start = end
 
 
-async def _sensors(scope: Scope, receive: Receive, send: Send) -> None:
+async def _sensors(scope: HTTPScope, receive: Receive, send: Send) -> None:
     method = scope["method"]
     if method == "OPTIONS":
         await _send(send, 204, b"", PREFLIGHT)
