@@ -133,7 +133,8 @@ class EdgeAdded(_Link, frozen=True):
 
 
 class Merged(_Change, frozen=True):
-    """Two persons became one: ``survivor`` keeps its ID, ``merged`` becomes its alias."""
+    """Two persons became one: ``survivor`` (the older: its ID went downstream first) keeps
+    its ID, ``merged`` becomes its alias."""
 
     survivor: str
     merged: str
@@ -326,7 +327,11 @@ class IdentityGraph:
             if not is_node(node):
                 raise ValueError("a node is '<type>:<pseudonym>'")
         changes: list[GraphChange] = []
-        for node in order:
+        # New identifiers are born in reverse priority: a visitor's anonymous id is on every
+        # event from the first launch, device ids and openids come next, the login that names
+        # the person last. So when they first meet in one event, the ID their earlier (never
+        # linked) events carried downstream is the oldest and survives the merge.
+        for node in sorted(order, key=self._birth_key):
             if node not in self._nodes:
                 uid = self._node_id(node) if self._node_id is not None else self._new_id()
                 added = NodeAdded(node, uid, provenance.at)
@@ -552,6 +557,10 @@ class IdentityGraph:
 
     def _priority_key(self, node: str) -> tuple[int, str]:
         return self._rank.get(node_type(node), len(self._rank)), node
+
+    def _birth_key(self, node: str) -> tuple[bool, int, str]:
+        rank = self._rank.get(node_type(node))
+        return rank is None, -(rank or 0), node
 
     def _type_key(self, kind: str) -> tuple[int, str]:
         return self._rank.get(kind, len(self._rank)), kind

@@ -149,9 +149,12 @@ def test_links_go_to_the_anchor_chosen_by_priority_whatever_the_order() -> None:
         ("user_id:u", "loyalty:l"),
     ]
     assert uid == r.graph.unified_id("user_id:u")
-    # new nodes are created in the same order, so the anchor's fresh ID is the oldest and survives
-    assert [c.node for c in changes if isinstance(c, NodeAdded)][0] == "user_id:u"
-    assert {c.survivor for c in changes if isinstance(c, Merged)} == {uid}
+    # new nodes are born in reverse priority (the visitor's anonymous id first, the login that
+    # names the person last), so the ID their earlier events carried is the oldest and survives
+    born = [c.node for c in changes if isinstance(c, NodeAdded)]
+    assert born == ["anonymous_id:x", "device_id:d", "wechat_openid:o", "phone:p", "user_id:u", "loyalty:l"]
+    assert [c for c in changes if isinstance(c, Merged)][-1].survivor == uid
+    assert uid == r.graph.unified_id("anonymous_id:x")
     # same nodes, other order: same anchor, nothing new to do
     uid2, changes2 = r.link(*reversed(nodes))
     assert (uid2, changes2) == (uid, [])
@@ -334,8 +337,8 @@ def test_erasure_removes_the_node_and_splits_what_it_held_together() -> None:
     assert changes[3] == NodeRemoved("user_id:u", T0)
     split = changes[-1]
     assert isinstance(split, Split)
-    # d1 was created right after u: its part keeps the ID
-    assert split.parts == {"anonymous_id:a": "p7", "anonymous_id:b": "p8", "device_id:d1": uid}
+    # a was born first (the visitor's anonymous id): its part keeps the ID
+    assert split.parts == {"anonymous_id:a": uid, "anonymous_id:b": "p7", "device_id:d1": "p8"}
     assert r.graph.unified_id("user_id:u") is None
     assert "user_id:u" not in r.graph
     assert r.graph.component("user_id:u") == frozenset()

@@ -33,22 +33,24 @@ def test_intervals_follow_merges_splits_and_erasure() -> None:
         log.extend(changes)
         return uid
 
-    first = resolve(["anonymous_id:k1.a", "user_id:k1.u"], 1)  # a person
+    first = resolve(["anonymous_id:k1.a", "user_id:k1.u"], 1)  # a person (a is born first: its ID)
     resolve(["anonymous_id:k1.b"], 2)  # another, then merged into the first
     assert resolve(["anonymous_id:k1.b", "user_id:k1.u"], 3) == first
-    log.extend(graph.unlink("anonymous_id:k1.a", "user_id:k1.u", at=at(4)))  # a splits off
+    log.extend(graph.unlink("anonymous_id:k1.a", "user_id:k1.u", at=at(4)))  # u and b split off a
     log.extend(graph.remove("anonymous_id:k1.b", at=at(5)))  # b erased
     rows = [(i, "shop", msgspec.json.encode(c)) for i, c in enumerate(log, 1)]
     got = {(i.node, i.valid_from, i.valid_to): i.unified_id for i in identity_map(rows, "shop")}
-    a_now = graph.unified_id("anonymous_id:k1.a")
-    assert a_now is not None and a_now != first
+    assert graph.unified_id("anonymous_id:k1.a") == first  # the part with the oldest node keeps the ID
+    u_now = graph.unified_id("user_id:k1.u")
+    assert u_now is not None and u_now != first
     second = "p_" + "2".zfill(22)
     assert got == {
-        ("anonymous_id:k1.a", at(1), at(4)): first,
-        ("anonymous_id:k1.a", at(4), None): a_now,
-        ("user_id:k1.u", at(1), None): first,
+        ("anonymous_id:k1.a", at(1), None): first,
+        ("user_id:k1.u", at(1), at(4)): first,
+        ("user_id:k1.u", at(4), None): u_now,
         ("anonymous_id:k1.b", at(2), at(3)): second,
-        ("anonymous_id:k1.b", at(3), at(5)): first,
+        ("anonymous_id:k1.b", at(3), at(4)): first,
+        ("anonymous_id:k1.b", at(4), at(5)): u_now,
     }
     assert identity_map(rows, "other-tenant") == []
 
