@@ -1,6 +1,8 @@
 """The unified ID downstream received first survives a merge: an anonymous visitor keeps
 theirs when they log in, with each SDK family (Segment, Sensors, the WeChat mini-program).
 
+(The mini-program's is in tests/sensors/test_miniprogram.py, beside its SDK harness.)
+
 A visitor's events before login carry their anonymous ID's unified ID (never linked yet,
 so it is derived from that ID). At login the anonymous ID and the login id first meet; the
 warehouse must not see the person change ID: every event, before and after the login, is
@@ -10,8 +12,7 @@ delivered under one unified ID, with no merge notice needed to reconcile them.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Iterator
 
 import httpx
 import pytest
@@ -19,8 +20,7 @@ from segment.analytics import Client
 from sensorsanalytics import DefaultConsumer, SensorsAnalytics
 
 from tests.conftest import MALL_APP_KEY, MALL_WEB_KEY, Gateway, make_gateway
-from tests.sensors.conftest import miniprogram, sensors_url, wait_for  # noqa: F401 - the fixture
-from tests.sensors.test_miniprogram import APPID_A, accepted, mp_events, visit
+from tests.sensors.conftest import sensors_url, wait_for
 
 pytestmark = pytest.mark.slow
 LINKING = ["analytics", "identity_linking"]
@@ -85,28 +85,4 @@ def test_sensors_visitor_keeps_their_id_at_sign_up(gw: Gateway) -> None:
     assert sorted(e["event"] for e in events) == ["$SignUp", "ViewProduct"]
     ids = {e["context"]["unified_id"] for e in events}
     assert len(ids) == 1, events
-    assert never_retired(gw, ids.pop())
-
-
-def test_miniprogram_visitor_keeps_their_id_through_binds_and_login(
-    gw: Gateway, miniprogram: Callable[[dict[str, Any]], dict[str, Any]]
-) -> None:
-    tag = uuid.uuid4().hex[:10]
-    scenario = visit(
-        gw,
-        APPID_A,
-        openid=f"oStable{tag}openid00",
-        unionid=f"oStable{tag}union000",
-        login=f"mp-user-{tag}",
-        grant=LINKING,
-    )
-    run = miniprogram(scenario)
-    assert run["consent"] == 200 and accepted(run) == 10
-    # the run tag is a super property: on every track-like event of this visit
-    events = [e for e in mp_events(gw, 10) if (e.get("properties") or {}).get("run_tag") == scenario["tag"]]
-    names = {e.get("event") for e in events}
-    assert {"$MPLaunch", "$MPViewScreen", "$BindID", "$SignUp", "$MPHide"} <= names, names
-    ids = {e["context"]["unified_id"] for e in events}
-    # launch and page views (anonymous), the openid and unionid binds, the sign-up, app hide
-    assert len(ids) == 1, sorted((e.get("event") or "", e["context"]["unified_id"]) for e in events)
     assert never_retired(gw, ids.pop())

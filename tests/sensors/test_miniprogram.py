@@ -223,3 +223,28 @@ def test_miniprogram_browsing_then_website_login_is_one_person_across_protocols(
     signup = next(e for e in mp_events(gw, 10) if e.get("event") == "$SignUp")
     identify = next(e for e in web_events if e["type"] == "identify")
     assert signup["userId"] == identify["userId"]
+
+
+def test_the_visitors_unified_id_survives_binds_and_login(gw: Gateway, miniprogram: Runner) -> None:
+    """Launch and page views (anonymous), the openid and unionid binds, the sign-up, app
+    hide: one unified ID downstream, the one the first event carried (issue 12, item 7)."""
+    tag = uuid.uuid4().hex[:10]
+    scenario = visit(
+        gw,
+        APPID_A,
+        openid=f"oStable{tag}openid00",
+        unionid=f"oStable{tag}union000",
+        login=f"mp-user-{tag}",
+        grant=["analytics", "identity_linking"],
+    )
+    run = miniprogram(scenario)
+    assert run["consent"] == 200 and accepted(run) == 10
+    # the run tag is a super property: on every track-like event of this visit
+    events = [e for e in mp_events(gw, 10) if (e.get("properties") or {}).get("run_tag") == scenario["tag"]]
+    names = {e.get("event") for e in events}
+    assert {"$MPLaunch", "$MPViewScreen", "$BindID", "$SignUp", "$MPHide"} <= names, names
+    ids = {e["context"]["unified_id"] for e in events}
+    # launch and page views (anonymous), the openid and unionid binds, the sign-up, app hide
+    assert len(ids) == 1, sorted((e.get("event") or "", e["context"]["unified_id"]) for e in events)
+    retired = {n["merged"] for n in gw.sink_lines("mall-warehouse") if n.get("type") == "identity.merged"}
+    assert not ids & retired  # the ID downstream received first was never made an alias
