@@ -46,7 +46,7 @@ STORES = {
 }
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def empty_engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
     """An engine on an empty database: a new SQLite file, or a new PostgreSQL schema."""
     if request.param == "sqlite":
@@ -54,8 +54,8 @@ def empty_engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Eng
         yield engine
         engine.dispose()
         return
-    with postgres_schema("schema") as url:
-        engine = make_engine(url)
+    with postgres_schema("schema") as schema:
+        engine = make_engine(schema.url)
         try:
             yield engine
         finally:
