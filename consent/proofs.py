@@ -89,6 +89,18 @@ class DeliveryProofs:
                     ],
                 )
 
+    def forget(self, destination: str, message_ids: Sequence[str]) -> int:
+        """Take back the proofs of events that were not delivered after all (withheld at a
+        retry because consent was withdrawn meanwhile); returns the rows removed."""
+        if not message_ids:
+            return 0
+        t = _TABLE
+        with self.engine.begin() as conn:
+            result = conn.execute(
+                sa.delete(t).where(t.c.destination == destination, t.c.message_id.in_(list(message_ids)))
+            )
+            return int(result.rowcount or 0)
+
     def relying_on(self, ledger_seqs: Sequence[int], limit: int = 1000) -> list[Delivery]:
         """Deliveries whose consent proof includes one of these ledger records."""
         if not ledger_seqs:

@@ -7,11 +7,17 @@ For each batch the worker:
 1. asks consent again (a withdrawal that landed while the events waited stops them);
 2. drops identity notices about persons the destination never received data of;
 3. re-keys pseudonyms and unified IDs for the destination's pseudonym domain;
-4. writes to the sink, retrying with exponential backoff and jitter; a batch the receiver
-   refuses (``PermanentSinkError``) is bisected so only the refused events are set aside;
-   events still failing after ``Retry.max_attempts`` attempts or ``Retry.max_age_seconds``
-   since they were received go to the dead-letter store (never silently dropped);
+4. writes to the sink, retrying with exponential backoff and jitter, and asking consent
+   again before every retry (a withdrawal that lands while a destination is down stops
+   the events still waiting for it); a batch the receiver refuses
+   (``PermanentSinkError``) is bisected so only the refused events are set aside; events
+   still failing after ``Retry.max_attempts`` attempts or ``Retry.max_age_seconds`` since
+   they were received go to the dead-letter store (never silently dropped; a replay puts
+   them back in the outbox, where consent is asked again like for any event);
 5. commits the batch (cursor or stream acks, sink file sizes, persons now held) at once.
+
+Which consent records the events relied on (delivery proofs) is written ahead of each
+attempt; events withheld at a retry have theirs taken back.
 
 Delivery is at-least-once; every record carries its message id so receivers can dedupe,
 and the file sinks are exactly-once through their committed sizes.
@@ -57,8 +63,10 @@ BACKLOG = Gauge("idgate_outbox_backlog", "Events in the outbox not yet delivered
 
 # Asked again at send time: which of these records may still go to this destination?
 Recheck = Callable[[str, Sequence[StoredRecord]], Awaitable[list[bool]]]
-# Told, before the sink write, what is about to be delivered (the audit trail of proofs).
+# Told before each sink attempt what is about to be delivered (the audit trail of proofs;
+# idempotent, and a crash after the write redelivers); and what a retry then withheld.
 OnDelivered = Callable[[str, Sequence[StoredRecord]], Awaitable[None]]
+OnWithheld = Callable[[str, Sequence[StoredRecord]], Awaitable[None]]
 
 
 @dataclass(frozen=True)
@@ -74,6 +82,18 @@ class Retry:
         """Equal jitter: uniform in [base/2, base], where base doubles per attempt up to the cap."""
         base = min(self.max_backoff, self.initial_backoff * 2 ** (attempt - 1))
         return float(base * random.uniform(0.5, 1.0))
+
+
+def persons_held(written: Sequence[StoredRecord]) -> set[str]:
+    """The unified IDs a destination holds data of (or knows from a notice) once these
+    records are written: what identity notices are routed by."""
+    held: set[str] = set()
+    for r in written:
+        if r.kind == "notice":
+            held.update(decode_notice(r.payload).named())
+        elif r.person:
+            held.add(r.person)
+    return held
 
 
 class _GaveUp(Exception):
@@ -94,6 +114,7 @@ class DeliveryWorker:
         rekey: DomainRekeyer | None = None,
         recheck: Recheck | None = None,
         on_delivered: OnDelivered | None = None,
+        on_withheld: OnWithheld | None = None,
     ) -> None:
         self.queue = queue
         self.sink = sink
@@ -106,6 +127,7 @@ class DeliveryWorker:
         self.rekey = rekey
         self.recheck = recheck
         self.on_delivered = on_delivered
+        self.on_withheld = on_withheld
         self.wakeup = asyncio.Event()
         self.committed_files: dict[str, int] = {}
         self.healthy = True
@@ -122,27 +144,33 @@ class DeliveryWorker:
         batch = await self.queue.fetch(self.batch_size)
         if not batch.scanned:
             return 0
-        records = batch.records
-        if records and self.recheck is not None:
-            still = await self.recheck(self.destination, records)
-            withheld = len(records) - sum(still)
-            if withheld:
-                WITHHELD.labels(self.destination).inc(withheld)
-                records = [r for r, ok in zip(records, still, strict=True) if ok]
-        persons: set[str] = set()
+        records = await self._still_allowed(batch.records)
         if records:
-            records = await self._concerned(records, persons)
-        delivered, sizes = await self._deliver(records) if records else (0, {})
-        await self.queue.commit(batch, delivered, sizes, persons)
+            records = await self._concerned(records)
+        written, sizes = await self._deliver(records) if records else ([], {})
+        await self.queue.commit(batch, len(written), sizes, persons_held(written))
         self.committed_files.update(sizes)
-        DELIVERED.labels(self.destination).inc(delivered)
+        DELIVERED.labels(self.destination).inc(len(written))
         return batch.scanned
 
-    async def _concerned(self, records: list[StoredRecord], persons: set[str]) -> list[StoredRecord]:
-        """Drop notices about persons this destination never got data of; collect in
-        ``persons`` the unified IDs whose data (or notice) is sent now."""
+    async def _still_allowed(self, records: list[StoredRecord]) -> list[StoredRecord]:
+        """The records consent still allows for this destination (asked again now)."""
+        if not records or self.recheck is None:
+            return records
+        still = await self.recheck(self.destination, records)
+        withheld = len(records) - sum(still)
+        if not withheld:
+            return records
+        WITHHELD.labels(self.destination).inc(withheld)
+        return [r for r, ok in zip(records, still, strict=True) if ok]
+
+    async def _concerned(self, records: list[StoredRecord]) -> list[StoredRecord]:
+        """Drop notices about persons this destination never got data of (nor gets now)."""
         notices = {r.seq: decode_notice(r.payload) for r in records if r.kind == "notice"}
+        if not notices:
+            return records
         known = await self.queue.received({p for n in notices.values() for p in n.subjects()})
+        persons: set[str] = set()  # what the batch sends, in order, before each notice
         kept = []
         for r in records:
             notice = notices.get(r.seq)
@@ -158,28 +186,37 @@ class DeliveryWorker:
             kept.append(r)
         return kept
 
-    async def _deliver(self, records: list[StoredRecord]) -> tuple[int, dict[str, int]]:
-        """Write with retries; returns (records written, sink file sizes)."""
+    async def _deliver(self, records: list[StoredRecord]) -> tuple[list[StoredRecord], dict[str, int]]:
+        """Write with retries; returns (the records written, sink file sizes)."""
         outgoing = records
         if self.rekey is not None:
             rekey = self.rekey.payload
             outgoing = [msgspec.structs.replace(r, payload=rekey(r)) for r in records]
         original = {r.seq: r for r in records}
-        if self.on_delivered is not None:
-            # Before the write: a crash after it redelivers, and the trail is idempotent. Not
-            # part of the sink's retries: if the trail cannot be written, the batch is not
-            # sent and the worker retries it whole (nothing is dead-lettered for it).
-            await self.on_delivered(self.destination, records)
         dead: set[int] = set()
         attempt = 0
         while True:
             pending = [r for r in outgoing if r.seq not in dead]
+            if attempt:
+                # a retry: what the destination may still receive is asked again
+                allowed = {r.seq for r in await self._still_allowed([original[r.seq] for r in pending])}
+                withheld = [original[r.seq] for r in pending if r.seq not in allowed]
+                if withheld:
+                    dead.update(r.seq for r in withheld)  # set aside like refused ones
+                    pending = [r for r in pending if r.seq in allowed]
+                    if self.on_withheld is not None:
+                        await self.on_withheld(self.destination, withheld)
             if not pending:
-                return 0, {}
+                return [], {}
+            if self.on_delivered is not None:
+                # Ahead of the write, not part of the sink's retries: if the trail cannot be
+                # written nothing is sent and the worker retries the batch whole (nothing is
+                # dead-lettered for it).
+                await self.on_delivered(self.destination, [original[r.seq] for r in pending])
             try:
                 sizes = await self._write_isolating(pending, original, dead)
                 self.healthy = True
-                return len(pending) - sum(1 for r in pending if r.seq in dead), sizes
+                return [original[r.seq] for r in pending if r.seq not in dead], sizes
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -191,7 +228,7 @@ class DeliveryWorker:
                 if attempt >= self.retry.max_attempts or too_old:
                     reason = f"{'max_age' if too_old else 'max_attempts'}: {type(exc).__name__}: {exc}"
                     await self._dead_letter([original[r.seq] for r in pending], reason, attempt)
-                    return 0, {}
+                    return [], {}
                 delay = self.retry.backoff(attempt)
                 log.warning(
                     "delivery.retry",

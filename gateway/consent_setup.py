@@ -19,7 +19,7 @@ from consent.proofs import DeliveryProofs
 from consent.service import ConsentService, LedgerPolicy, PurposeRules
 from consent.signing import InvalidLedgerKey, LedgerSigner, load_signer
 from consent.state import ConsentStateStore, RedisConsentState, SqlConsentState
-from export.delivery import OnDelivered, Recheck
+from export.delivery import OnDelivered, OnWithheld, Recheck
 from export.outbox import StoredRecord
 from gateway.config import Config, Tenant
 from gateway.settings import Settings
@@ -118,6 +118,15 @@ def delivery_trail(proofs: DeliveryProofs) -> OnDelivered:
             await asyncio.to_thread(proofs.record, destination, delivered)
 
     return on_delivered
+
+
+def delivery_retraction(proofs: DeliveryProofs) -> OnWithheld:
+    """Take back the proofs of events a retry withheld (consent withdrawn meanwhile)."""
+
+    async def on_withheld(destination: str, records: Sequence[StoredRecord]) -> None:
+        await asyncio.to_thread(proofs.forget, destination, [r.message_id for r in records if r.proof])
+
+    return on_withheld
 
 
 async def checkpoint_periodically(ledger: Ledger, seconds: float) -> None:

@@ -18,7 +18,7 @@ from export.redis_outbox import RedisStreamOutbox
 from export.sinks import build_sink
 from export.sqlite_outbox import SqliteOutbox
 from gateway.config import Config, Destination
-from gateway.consent_setup import ConsentRuntime, delivery_recheck, delivery_trail
+from gateway.consent_setup import ConsentRuntime, delivery_recheck, delivery_retraction, delivery_trail
 from gateway.pipeline import destination_specs
 from gateway.settings import Settings
 from identity.pseudonym import KeyRing
@@ -93,6 +93,7 @@ def build_delivery(
     }
     recheck = delivery_recheck(consent.policy, specs)
     trail = delivery_trail(consent.proofs)
+    retraction = delivery_retraction(consent.proofs)
     workers = [
         DeliveryWorker(
             outbox.queue(d.id),
@@ -104,6 +105,7 @@ def build_delivery(
             rekey=rekeyer(keyring, t.id, d),
             recheck=recheck,
             on_delivered=trail,
+            on_withheld=retraction,
         )
         for t in config.tenants
         for d in t.destinations

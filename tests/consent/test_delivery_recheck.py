@@ -4,9 +4,13 @@ lands is not sent for the withdrawn purpose."""
 from __future__ import annotations
 
 import asyncio
+import uuid
+from contextlib import ExitStack
 from pathlib import Path
 
+import httpx
 import msgspec
+import pytest
 
 from consent.db import migrate_consent
 from consent.decisions import ConsentQuery, ConsentTicket
@@ -22,8 +26,9 @@ from gateway.config import parse_config
 from gateway.consent_setup import delivery_recheck, purpose_rules
 from gateway.pipeline import destination_specs
 from identity.db import make_engine
-from tests.conftest import TEST_CONFIG
-from tests.waiting import async_wait_until
+from tests.conftest import MALL_WEB_KEY, TEST_CONFIG, RedisNamespace, backend_env, make_gateway, mid
+from tests.receivers import Receiver
+from tests.waiting import async_wait_until, wait_until
 
 
 def test_withdrawal_between_ingest_and_delivery_withholds_the_event(tmp_path: Path) -> None:
@@ -106,3 +111,75 @@ def test_withdrawal_between_ingest_and_delivery_withholds_the_event(tmp_path: Pa
     assert asyncio.run(main()) == ["m0"]
     outbox.close()
     engine.dispose()
+
+
+HOOK_CONFIG = """
+[[tenants]]
+id = "mall"
+
+[[tenants.sources]]
+id = "mall-web"
+platform = "web"
+dev_write_key = "{key}"
+
+[[tenants.notices]]
+id = "notice-v1"
+content_sha256 = "{sha}"
+
+[tenants.tracking_plan]
+"*" = ["analytics"]
+
+[[tenants.destinations]]
+id = "hook"
+sink = "webhook"
+purposes = ["analytics"]
+options = {{ url = "{url}", timeout_seconds = 1 }}
+retry = {{ max_attempts = 1000, initial_backoff_ms = 20, max_backoff_ms = 200 }}
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["sqlite", pytest.param("distributed", marks=[pytest.mark.postgres, pytest.mark.redis])])
+def test_a_withdrawal_while_the_destination_is_down_stops_its_waiting_events(
+    backend: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """The events are in the outbox and being retried against a receiver that is down when
+    the person withdraws; when it comes back, none of them is delivered (asked again before
+    every attempt), on the embedded outbox and on the Redis stream outbox."""
+    with ExitStack() as stack, Receiver(seed=3) as rx:
+        rx.down = True
+        env: dict[str, str] = {}
+        if backend == "distributed":
+            redis_ns: RedisNamespace = request.getfixturevalue("redis_ns")
+            env = {**backend_env("postgres", stack), **redis_ns.env()}
+        config = HOOK_CONFIG.format(key=MALL_WEB_KEY, sha="1" * 64, url=rx.webhook_url)
+        gw = make_gateway(tmp_path, config=config, extra_env=env).start()
+        stack.callback(gw.stop)
+        web = stack.enter_context(httpx.Client(base_url=gw.url, auth=(MALL_WEB_KEY, ""), timeout=10))
+        tag = uuid.uuid4().hex[:8]
+        leaving, staying = f"anon-leaving-{tag}", f"anon-staying-{tag}"
+        for anon in (leaving, staying):
+            r = web.post(
+                "/v1/consent", json={"anonymousId": anon, "grant": ["analytics"], "noticeId": "notice-v1"}
+            )
+            assert r.status_code == 200, r.text
+
+        def send(anon: str, count: int) -> list[str]:
+            ids = [mid() for _ in range(count)]
+            batch = [{"type": "track", "anonymousId": anon, "event": "Viewed", "messageId": m} for m in ids]
+            r = web.post("/v1/batch", json={"batch": batch})
+            assert r.status_code == 200 and r.json()["accepted"] == count, r.text
+            return ids
+
+        gone, kept = send(leaving, 3), send(staying, 3)
+        wait_until(lambda: rx.statuses[503] >= 3, what="the gateway retrying the down receiver")
+        r = web.post("/v1/consent", json={"anonymousId": leaving, "withdraw": ["analytics"]})
+        assert r.status_code == 200, r.text
+        rx.down = False
+        wait_until(lambda: set(kept) <= set(rx.message_ids), timeout=30, what="the staying person's events")
+        # everything queued before this one has been through delivery by the time it arrives
+        marker = send(staying, 1)
+        wait_until(lambda: set(marker) <= set(rx.message_ids), timeout=30, what="the marker event")
+        assert not set(gone) & set(rx.message_ids)
+        metrics = httpx.get(gw.url + "/metrics").text
+        assert 'idgate_delivery_withheld_total{destination="hook"} 3.0' in metrics
