@@ -209,7 +209,14 @@ def to_event(
     original = _as_utc(msg.timestamp)
     sent_at = _as_utc(msg.sent_at or batch_sent_at)
     if original is not None and sent_at is not None:
-        timestamp = received_at - (sent_at - original)
+        try:
+            timestamp = received_at - (sent_at - original)
+        except OverflowError:  # e.g. timestamp year 1 and sentAt year 9999: no real clock
+            raise RejectMessage(
+                "invalid_field",
+                "timestamp and sentAt are too far apart to correct the device clock",
+                "timestamp",
+            ) from None
     else:
         timestamp = original or received_at
 

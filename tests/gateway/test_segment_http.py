@@ -368,3 +368,29 @@ def test_health_readiness_and_docs(gateway: Gateway) -> None:
     assert ready["status"] == "ready" and ready["checks"]["outbox"] is True
     spec = httpx.get(gateway.url + "/docs/openapi.json").json()
     assert {"/v1/batch", "/v1/track", "/v1/identify", "/v1/alias", "/healthz"} <= set(spec["paths"])
+
+
+def test_an_out_of_range_timestamp_rejects_that_message_only(gateway: Gateway) -> None:
+    """A message whose timestamp and sentAt cannot be reconciled is rejected alone (the
+    rest of the batch is stored), instead of failing the whole batch with a 500 that a
+    retrying SDK would send again forever."""
+    good, bad = mid(), mid()
+    batch = [
+        {"type": "track", "userId": "u-time", "event": "Viewed", "messageId": good},
+        {
+            "type": "track",
+            "userId": "u-time",
+            "event": "Viewed",
+            "messageId": bad,
+            "timestamp": "0001-01-01T00:00:00Z",
+            "sentAt": "9999-12-31T23:59:59Z",
+        },
+    ]
+    with gateway.client() as c:
+        r = c.post("/v1/batch", json={"batch": batch})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["accepted"] == 1
+    [rejected] = body["rejected"]
+    assert (rejected["index"], rejected["field"], rejected["messageId"]) == (1, "batch[1].timestamp", bad)
+    assert gateway.wait_for_sink({good})
