@@ -4,6 +4,13 @@
 identifiers, bound to a notice) into ledger records, then applies them to the state
 projection before returning, so the decision that follows sees them. ``LedgerPolicy`` is
 the pipeline's consent stage: one state lookup per batch, then ``decide`` per event.
+
+The ledger is the truth and the projection heals from it (``reconcile``, run every second
+by the gateway on every replica): the projection's watermark only advances over a run of
+records applied in seq order, so a record whose immediate apply failed (Redis down at that
+moment) is applied by the next reconcile, whichever replica runs it; a projection that went
+back in time (a restored Redis snapshot) or lost everything is replayed from where it is,
+and decisions are refused (503) while it has less than it had.
 """
 
 from __future__ import annotations
@@ -35,6 +42,10 @@ log = structlog.get_logger(__name__)
 _NOT_FLAGGED = StateEntry("cleared", 0)
 
 
+class ConsentStateUnavailable(Exception):
+    """The consent state is being rebuilt from the ledger: no decision can be trusted yet."""
+
+
 class ConsentRefused(Exception):
     """A consent call that cannot be recorded as asked (maps to 400)."""
 
@@ -62,6 +73,13 @@ class Receipt(msgspec.Struct, frozen=True):
     purposes: tuple[str, ...]
     state: str
     at: datetime
+    # Recorded in the ledger but not yet in the state decisions read (it was unavailable):
+    # effective at the next reconcile, within the reconcile period.
+    pending: bool = False
+
+
+# A reconcile keeps track of this many records it need not apply again (applied here first).
+_APPLIED_HERE_LIMIT = 1_000_000
 
 
 def view(record: Any) -> RecordView:
@@ -86,15 +104,30 @@ class ConsentService:
         self.state = state
         self.rules = rules
         self._lock = asyncio.Lock()  # one projection writer per process
+        # seqs this process applied at once after appending: a reconcile skips them
+        self._applied_here: set[int] = set()
+        self._watermark = 0  # the projection's watermark as last seen by reconcile
 
-    async def _append(self, drafts: list[RecordDraft]) -> list[Any]:
+    async def _append(self, drafts: list[RecordDraft]) -> tuple[list[Any], bool]:
+        """Append to the ledger, then apply to the projection at once; returns the records
+        and whether the apply succeeded (when not, the next reconcile applies them: the
+        records are in the ledger, so the call is acknowledged all the same)."""
         records = await asyncio.to_thread(self.ledger.append, drafts)
-        async with self._lock:
-            await self.state.apply([view(r) for r in records])
-        return records
+        try:
+            async with self._lock:
+                await self.state.apply([view(r) for r in records], advance=False)
+        except Exception as exc:
+            log.error("consent.projection_apply_failed", error=type(exc).__name__, records=len(records))
+            return records, False
+        if self.state.beside_ledger:
+            if len(self._applied_here) > _APPLIED_HERE_LIMIT:
+                self._applied_here.clear()  # a reconcile then applies them again: harmless
+            self._applied_here.update(r.seq for r in records)
+        return records, True
 
     async def catch_up(self, batch: int = 5_000) -> int:
-        """Apply ledger records the projection has not seen (after a crash or a new replica)."""
+        """Apply, in seq order, the ledger records after the projection's watermark and move
+        the watermark over them; returns how many records were applied."""
         applied = 0
         async with self._lock:
             after = await self.state.applied_seq()
@@ -102,9 +135,34 @@ class ConsentService:
                 records = await asyncio.to_thread(self.ledger.records, after_seq=after, limit=batch)
                 if not records:
                     return applied
-                await self.state.apply([view(r) for r in records])
-                applied += len(records)
+                if self.state.beside_ledger:
+                    todo = [view(r) for r in records if r.seq not in self._applied_here]
+                else:
+                    todo = [view(r) for r in records]
+                if todo:
+                    await self.state.apply(todo, advance=False)
+                    applied += len(todo)
                 after = records[-1].seq
+                await self.state.advance(after)
+                self._applied_here = {s for s in self._applied_here if s > after}
+
+    async def reconcile(self) -> int:
+        """Heal the projection from the ledger (run periodically, and on demand). A watermark
+        lower than the last one seen means the projection lost records (a restored or emptied
+        Redis): decisions are refused until it has them back."""
+        watermark = await self.state.applied_seq()
+        if watermark < self._watermark:
+            log.error("consent.projection_went_back", had=self._watermark, has=watermark)
+            self.state.rebuilding = True
+            self._applied_here.clear()  # what was applied here may be what was lost
+        try:
+            applied = await self.catch_up()
+        finally:
+            self._watermark = await self.state.applied_seq()
+        if self.state.rebuilding:
+            log.info("consent.projection_rebuilt", watermark=self._watermark)
+            self.state.rebuilding = False
+        return applied
 
     async def flag_minor(
         self, *, tenant: str, identifiers: Sequence[tuple[str, str]], source: str, platform: str
@@ -148,7 +206,7 @@ class ConsentService:
         unknown = set(purposes_changed) - self.rules[tenant].known
         if unknown:
             raise ConsentRefused(f"unknown purposes {sorted(unknown)}", "purposesChanged")
-        (record,) = await self._append(
+        (record,), _ = await self._append(
             [
                 RecordDraft(
                     tenant=tenant,
@@ -252,8 +310,8 @@ class ConsentService:
                 by_kind.setdefault(kind, []).append(p)
             for kind, ps in by_kind.items():
                 drafts.append(draft("consent", state, sorted(ps), kind, {}))
-        records = await self._append(drafts)
-        return [Receipt(r.record_id, r.seq, tuple(r.purposes), r.state, r.at) for r in records]
+        records, applied = await self._append(drafts)
+        return [Receipt(r.record_id, r.seq, tuple(r.purposes), r.state, r.at, not applied) for r in records]
 
 
 class LedgerPolicy:
@@ -275,6 +333,8 @@ class LedgerPolicy:
     ) -> list[ConsentDecision]:
         if not queries:
             return []
+        if self.state.rebuilding:
+            raise ConsentStateUnavailable("the consent state is being rebuilt from the ledger")
         tenant = queries[0].tenant
         rules = self.rules[tenant]
         identifiers = list(dict.fromkeys(i for q in queries for i in q.all_ids()))
@@ -332,4 +392,12 @@ def _consent_kind(value: str) -> ConsentKind:
     return "general"
 
 
-__all__ = ["ConsentRefused", "ConsentService", "LedgerPolicy", "PurposeRules", "Receipt", "UnknownNotice"]
+__all__ = [
+    "ConsentRefused",
+    "ConsentService",
+    "ConsentStateUnavailable",
+    "LedgerPolicy",
+    "PurposeRules",
+    "Receipt",
+    "UnknownNotice",
+]

@@ -90,7 +90,23 @@ class ConsentStateStore(Protocol):
     async def lookup(self, tenant: str, identifiers: Sequence[str]) -> dict[str, dict[str, StateEntry]]: ...
     async def snapshot(self, tenant: str, identifiers: Sequence[str]) -> Snapshot: ...
     async def notices(self, tenant: str) -> dict[str, Notice]: ...
-    async def apply(self, records: Sequence[RecordView]) -> None: ...
+
+    # True while the projection is being rebuilt after it lost records it had (a restored
+    # or emptied Redis): decisions are refused meanwhile rather than made on partial state.
+    rebuilding: bool
+    # True when the projection lives in the ledger's own database (one backup, one restore):
+    # what was applied there stays applied, so a reconcile need not apply it again.
+    beside_ledger: bool
+
+    async def apply(self, records: Sequence[RecordView], *, advance: bool = True) -> None:
+        """Apply records (idempotent: a field only moves forward). ``advance`` also moves the
+        watermark to their last seq: only for a run contiguous with it."""
+        ...
+
+    async def advance(self, seq: int) -> None:
+        """Move the watermark forward to ``seq`` (every record up to it is applied)."""
+        ...
+
     async def applied_seq(self) -> int: ...
     async def restrictive_seq(self) -> int: ...
 
@@ -142,6 +158,8 @@ class SqlConsentState:
         self._cache_size = cache_size
         self._notices: dict[str, dict[str, Notice]] = {}
         self._restrictive: int | None = None
+        self.rebuilding = False
+        self.beside_ledger = True
         self._sqlite_reader: sqlite3.Connection | None = None
         # True while every row of the projection is in the cache (None: not loaded yet)
         self._complete: bool | None = None
@@ -259,7 +277,20 @@ class SqlConsentState:
         return int(value or 0)
 
     # -- writes ----------------------------------------------------------------------
-    async def apply(self, records: Sequence[RecordView]) -> None:
+    async def advance(self, seq: int) -> None:
+        proj_t = ProjectionRow.__table__  # type: ignore[attr-defined]
+        insert = _dialect_insert(self.engine)
+        with self.engine.begin() as conn:
+            stmt = insert(proj_t).values(name="consent_state", applied_seq=seq)
+            conn.execute(
+                stmt.on_conflict_do_update(
+                    index_elements=["name"],
+                    set_={"applied_seq": stmt.excluded.applied_seq},
+                    where=proj_t.c.applied_seq < stmt.excluded.applied_seq,
+                )
+            )
+
+    async def apply(self, records: Sequence[RecordView], *, advance: bool = True) -> None:
         if not records:
             return
         state_t = ConsentStateRow.__table__  # type: ignore[attr-defined]
@@ -311,15 +342,16 @@ class SqlConsentState:
                     where=state_t.c.seq < stmt.excluded.seq,
                 )
                 conn.execute(stmt)
-            last = max(r.seq for r in records)
-            stmt = insert(proj_t).values(name="consent_state", applied_seq=last)
-            conn.execute(
-                stmt.on_conflict_do_update(
-                    index_elements=["name"],
-                    set_={"applied_seq": stmt.excluded.applied_seq},
-                    where=proj_t.c.applied_seq < stmt.excluded.applied_seq,
+            if advance:
+                last = max(r.seq for r in records)
+                stmt = insert(proj_t).values(name="consent_state", applied_seq=last)
+                conn.execute(
+                    stmt.on_conflict_do_update(
+                        index_elements=["name"],
+                        set_={"applied_seq": stmt.excluded.applied_seq},
+                        where=proj_t.c.applied_seq < stmt.excluded.applied_seq,
+                    )
                 )
-            )
         for tenant, notices in known.items():
             self._notices[tenant] = notices
         # Write-through: cached subjects take the new entries (a later seq wins); the others
@@ -373,6 +405,10 @@ class RedisConsentState:
         self._encode = msgspec.json.Encoder().encode
         self._decode = msgspec.json.Decoder(StateEntry).decode
         self._notice_decode = msgspec.json.Decoder(Notice).decode
+        self.rebuilding = False
+        # Redis can lose or go back on what it applied (restart, restored snapshot) while the
+        # ledger does not: a reconcile applies every record after the watermark again.
+        self.beside_ledger = False
 
     def _key(self, tenant: str, ident: str) -> str:
         return f"{self.prefix}:consent:{tenant}:{ident}"
@@ -418,7 +454,10 @@ class RedisConsentState:
             epoch=int(epoch or 0),
         )
 
-    async def apply(self, records: Sequence[RecordView]) -> None:
+    async def advance(self, seq: int) -> None:
+        await self._advance(keys=[f"{self.prefix}:consent:applied"], args=[seq])
+
+    async def apply(self, records: Sequence[RecordView], *, advance: bool = True) -> None:
         if not records:
             return
         keys: list[str] = []
@@ -439,4 +478,5 @@ class RedisConsentState:
         restrictive = [r.seq for r in records if is_restrictive(r)]
         if restrictive:
             await self._advance(keys=[f"{self.prefix}:consent:restrictive"], args=[max(restrictive)])
-        await self._advance(keys=[f"{self.prefix}:consent:applied"], args=[max(r.seq for r in records)])
+        if advance:
+            await self.advance(max(r.seq for r in records))

@@ -327,8 +327,9 @@ class DeliveryWorker:
 class DeliveryService:
     """Runs the destination workers, outbox pruning and the backlog watch as background tasks.
 
-    ``overloaded`` turns true while the outbox holds more than ``max_backlog`` undelivered
-    events (ingest then answers 503 with Retry-After) and false again below 90 % of it.
+    ``overloaded`` (reported by readiness) turns true while the outbox holds ``max_backlog``
+    undelivered events and false again below 90 % of it; ingest itself answers 503 with
+    Retry-After when an append would pass the bound (the outbox checks it exactly).
     """
 
     def __init__(
@@ -354,7 +355,7 @@ class DeliveryService:
         self.backlog = await self.outbox.backlog()
         BACKLOG.set(self.backlog)
         if self.max_backlog:
-            if self.backlog > self.max_backlog:
+            if self.backlog >= self.max_backlog:
                 if not self.overloaded:
                     log.warning("outbox.overloaded", backlog=self.backlog, bound=self.max_backlog)
                 self.overloaded = True

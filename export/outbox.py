@@ -35,6 +35,17 @@ class OutboxUnavailable(Exception):
     """The outbox could not durably store the events; nothing from the request was acked."""
 
 
+class OutboxFull(Exception):
+    """The outbox holds as many undelivered events as its bound allows: the client retries
+    later (backpressure; nothing of the request was acknowledged or recorded)."""
+
+    def __init__(self, backlog: int, bound: int, retry_after: int = 5) -> None:
+        super().__init__(f"the gateway is holding {backlog} undelivered events (bound {bound}); retry later")
+        self.backlog = backlog
+        self.bound = bound
+        self.retry_after = retry_after
+
+
 class OutboxRecord(msgspec.Struct, frozen=True, array_like=True):  # compact in the Redis outbox
     tenant: str
     source: str
@@ -129,10 +140,12 @@ class ClaimStatus(IntEnum):
 
 class Claim(msgspec.Struct):
     """What a request holds between claiming its message ids and appending its records:
-    the status of each id asked, and the keys it claimed (NEW ones), opaque to the caller."""
+    the status of each id asked, the keys it claimed (NEW ones), opaque to the caller, and
+    the room it reserved in the outbox's bound for them."""
 
     statuses: list[ClaimStatus]
     keys: list[str]
+    reserved: int = 0
 
 
 class DeliveryState(msgspec.Struct):
@@ -173,7 +186,20 @@ class Outbox(Protocol):
     @property
     def alive(self) -> bool: ...
 
-    async def claim(self, source: str, message_ids: Sequence[str]) -> Claim: ...
+    @property
+    def accepting(self) -> bool:
+        """False after an append failed (a full disk, the store down) until ``probe`` or an
+        append succeeds again: readiness reports it."""
+        ...
+
+    async def probe(self) -> bool:
+        """Try a tiny durable write (or a ping); True when the outbox can accept again."""
+        ...
+
+    async def claim(self, source: str, message_ids: Sequence[str]) -> Claim:
+        """Claim message ids before any side effect of the request, and check the bound:
+        ``OutboxFull`` when the new ones would take the backlog past it."""
+        ...
 
     async def append(
         self, records: Sequence[OutboxRecord], *, dedupe: bool = False, claim: Claim | None = None

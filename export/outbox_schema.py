@@ -77,6 +77,10 @@ CREATE TABLE IF NOT EXISTS dead_letter (
     pseudonyms TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS dead_letter_destination ON dead_letter(destination, id);
+CREATE TABLE IF NOT EXISTS probe (
+    id INTEGER PRIMARY KEY,
+    at_ms INTEGER NOT NULL
+);
 """
 
 

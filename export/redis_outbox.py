@@ -34,6 +34,7 @@ from export.outbox import (
     Claim,
     ClaimStatus,
     DeliveryBatch,
+    OutboxFull,
     OutboxRecord,
     OutboxUnavailable,
     StoredRecord,
@@ -44,16 +45,50 @@ from export.outbox_schema import v2_record_fields
 
 log = structlog.get_logger(__name__)
 
-# KEYS: the stream, then message-id claims to confirm; ARGV: the dedupe window, the entries.
-_APPEND = """
-for i = 2, #ARGV do
+# The exact backlog, shared by the replicas: entries ever appended minus, per destination,
+# entries its group acknowledged; the largest of those is the backlog (like the slowest
+# cursor of the embedded outbox).
+_BACKLOG = """
+local function backlog(first_acked, count)
+  local appended = tonumber(redis.call('GET', KEYS[first_acked - 1]) or '0')
+  local worst = 0
+  for i = first_acked, first_acked + count - 1 do
+    local lag = appended - tonumber(redis.call('GET', KEYS[i]) or '0')
+    if lag > worst then worst = lag end
+  end
+  return worst
+end
+"""
+# KEYS: the stream, the appended counter, k acked counters, then message-id claims to
+# confirm; ARGV: the dedupe window, k, the bound (0: none), then the entries. Refuses
+# (returns -1 and the backlog) when the entries would take the backlog past the bound.
+_APPEND = (
+    _BACKLOG
+    + """
+local k = tonumber(ARGV[2])
+local bound = tonumber(ARGV[3])
+local n = #ARGV - 3
+if bound > 0 and n > 0 then
+  local worst = backlog(3, k)
+  if worst + n > bound then return {-1, worst} end
+end
+for i = 4, #ARGV do
   redis.call('XADD', KEYS[1], '*', 'r', ARGV[i])
 end
-for i = 2, #KEYS do
+if n > 0 then redis.call('INCRBY', KEYS[2], n) end
+for i = 3 + k, #KEYS do
   redis.call('SET', KEYS[i], 'd', 'EX', ARGV[1])
 end
-return #ARGV - 1
+return {n, 0}
 """
+)
+# KEYS: the appended counter, k acked counters; returns the backlog.
+_MEASURE = (
+    _BACKLOG
+    + """
+return backlog(2, #KEYS - 1)
+"""
+)
 
 
 _encode_entry = msgspec.msgpack.Encoder().encode
@@ -90,9 +125,12 @@ class RedisStreamOutbox:
         dedupe: RedisDedupe,
         dedupe_window_seconds: int = 24 * 3600,
         claim_idle_ms: int = 30_000,
+        max_pending: int = 0,
     ) -> None:
         self.client = client  # redis.asyncio.Redis
         self.dedupe = dedupe
+        self.max_pending = max_pending
+        self._appended_key = f"{prefix}:outbox:appended"
         self.prefix = prefix
         self.stream = f"{prefix}:outbox"
         self.replica = replica
@@ -100,20 +138,37 @@ class RedisStreamOutbox:
         self.claim_idle_ms = claim_idle_ms
         self.destinations: set[str] = set()
         self.alive = True
+        self.accepting = True
         self._append_script = client.register_script(_APPEND)
+        self._measure_script = client.register_script(_MEASURE)
 
     def close(self) -> None:
         self.alive = False
 
     # -- claims and appends -------------------------------------------------------------
+    def acked_key(self, destination: str) -> str:
+        return f"{self.prefix}:outbox:acked:{destination}"
+
+    def _counter_keys(self) -> list[str]:
+        return [self._appended_key, *(self.acked_key(d) for d in sorted(self.destinations))]
+
+    async def exact_backlog(self) -> int:
+        """Entries appended that the slowest destination has not acknowledged yet."""
+        return int(await self._measure_script(keys=self._counter_keys(), args=[]))
+
     async def claim(self, source: str, message_ids: Sequence[str]) -> Claim:
+        """Claim the message ids; refuse (``OutboxFull``) before any side effect of the
+        request when the new ones would take the backlog past the bound (checked again,
+        atomically, by the append)."""
         keys = [self.dedupe.key(source, m) for m in message_ids]
-        try:
-            statuses = await self.dedupe.claim(keys)
-        except Exception as exc:
-            log.error("outbox.claim_failed", error=type(exc).__name__)
-            raise OutboxUnavailable(f"dedupe claim failed: {type(exc).__name__}") from exc
-        return Claim(statuses, [k for k, s in zip(keys, statuses, strict=True) if s is ClaimStatus.NEW])
+        statuses = await self.dedupe.claim(keys)
+        claim = Claim(statuses, [k for k, s in zip(keys, statuses, strict=True) if s is ClaimStatus.NEW])
+        if self.max_pending and claim.keys:
+            backlog = await self.exact_backlog()
+            if backlog + len(claim.keys) > self.max_pending:
+                await self.dedupe.release(claim.keys)
+                raise OutboxFull(backlog, self.max_pending)
+        return claim
 
     async def release(self, claim: Claim) -> None:
         await self.dedupe.release(claim.keys)
@@ -137,15 +192,31 @@ class RedisStreamOutbox:
             entries = [
                 _encode_entry(r) for r, fresh in zip(records, stored, strict=True) if fresh and r.destinations
             ]
+            refused: list[int] | None = None
             if entries or confirm:
-                await self._append_script(
-                    keys=[self.stream, *confirm],
-                    args=[self.dedupe.window_seconds, *entries],
+                counters = self._counter_keys()
+                bound = self.max_pending if claim is not None else 0  # internal appends: unbounded
+                done, backlog = await self._append_script(
+                    keys=[self.stream, *counters, *confirm],
+                    args=[self.dedupe.window_seconds, len(counters) - 1, bound, *entries],
                 )
+                if int(done) < 0:
+                    refused = [int(backlog)]
         except Exception as exc:
-            log.error("outbox.append_failed", error=type(exc).__name__)
+            self.accepting = False
             raise OutboxUnavailable(f"outbox append failed: {type(exc).__name__}") from exc
+        if refused is not None:
+            raise OutboxFull(refused[0], self.max_pending)
+        self.accepting = True
         return stored
+
+    async def probe(self) -> bool:
+        try:
+            ok = bool(await self.client.ping())
+        except Exception:
+            ok = False
+        self.accepting = ok
+        return ok
 
     # -- delivery ----------------------------------------------------------------------
     async def register_destinations(self, destinations: Iterable[str]) -> None:
@@ -158,6 +229,11 @@ class RedisStreamOutbox:
             except Exception as exc:
                 if "BUSYGROUP" not in str(exc):
                     raise
+            else:
+                # a new group owes only the entries still in the stream, not those trimmed
+                appended = int(await self.client.get(self._appended_key) or 0)
+                held = int(await self.client.xlen(self.stream))
+                await self.client.set(self.acked_key(d), max(0, appended - held), nx=True)
 
     def queue(self, destination: str) -> RedisDestinationQueue:
         return RedisDestinationQueue(self, destination)
@@ -278,6 +354,7 @@ class RedisDestinationQueue:
         pipe = self.client.pipeline(transaction=True)
         if ids:
             pipe.xack(self.outbox.stream, self.destination, *ids)
+            pipe.incrby(self.outbox.acked_key(self.destination), len(ids))
         if sink_files:
             pipe.hset(self._files_key, mapping=sink_files)
         people = list(persons)

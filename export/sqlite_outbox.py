@@ -38,6 +38,7 @@ from export.outbox import (
     ClaimStatus,
     DeliveryBatch,
     DeliveryState,
+    OutboxFull,
     OutboxRecord,
     OutboxUnavailable,
     StoredRecord,
@@ -131,6 +132,7 @@ class SqliteOutbox:
         dedupe_window_seconds: int = 24 * 3600,
         clock: Callable[[], float] = time.time,
         shared_dedupe: RedisDedupe | None = None,
+        max_pending: int = 0,
     ) -> None:
         self.path = path
         self.dedupe_window_ms = dedupe_window_seconds * 1000
@@ -149,6 +151,15 @@ class SqliteOutbox:
         self._in_flight: set[str] = set()
         self.commits = 0
         self.appends_committed = 0
+        self.accepting = True
+        # The exact backlog, kept in memory (this process is the only writer): the last seq
+        # committed, rows waiting in the next group, room claims reserved, each cursor.
+        self.max_pending = max_pending
+        self._top_seq = 0
+        self._queued_rows = 0
+        self._reserved = 0
+        self._cursors: dict[str, int] = {}
+        self._written_top = 0
 
     # -- lifecycle -------------------------------------------------------------------
     def open(self) -> None:
@@ -158,6 +169,11 @@ class SqliteOutbox:
         # checkpoint(), not inside a request's commit on the event loop.
         writer.execute("PRAGMA wal_autocheckpoint=0")
         self._writer = writer
+        row = writer.execute("SELECT seq FROM sqlite_sequence WHERE name = 'outbox'").fetchone()
+        self._top_seq = int(row[0]) if row else 0
+        self._cursors = {
+            d: int(s) for d, s in writer.execute("SELECT destination, last_seq FROM delivery_cursor")
+        }
         self._reader = open_outbox_database(self.path)
         self._claims = open_outbox_database(self.path)
         self._committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="outbox-commit")
@@ -234,16 +250,54 @@ class SqliteOutbox:
 
         return await asyncio.to_thread(run)
 
+    async def probe(self) -> bool:
+        """One tiny durable write: can the outbox accept again (after a full disk)?"""
+        now = int(self._clock() * 1000)
+        try:
+            await self._write(
+                lambda conn: conn.execute("INSERT OR REPLACE INTO probe(id, at_ms) VALUES (1, ?)", (now,))
+            )
+        except Exception:
+            self.accepting = False
+            return False
+        self.accepting = True
+        return True
+
+    # -- the bound ---------------------------------------------------------------------
+    @property
+    def exact_backlog(self) -> int:
+        """Rows after the slowest destination's cursor, with those about to be committed."""
+        low = min(self._cursors.values()) if self._cursors else self._top_seq
+        return max(0, self._top_seq - low) + self._queued_rows
+
+    def note_cursor(self, destination: str, last_seq: int) -> None:
+        """A destination's queue moved its cursor (kept here for the exact backlog)."""
+        if last_seq > self._cursors.get(destination, -1):
+            self._cursors[destination] = last_seq
+
+    def _reserve(self, rows: int) -> int:
+        if not self.max_pending or not rows:
+            return 0
+        backlog = self.exact_backlog + self._reserved
+        if backlog + rows > self.max_pending:
+            raise OutboxFull(backlog, self.max_pending)
+        self._reserved += rows
+        return rows
+
     # -- claims ----------------------------------------------------------------------
     async def claim(self, source: str, message_ids: Sequence[str]) -> Claim:
-        """Claim message ids before the request does anything with its events."""
+        """Claim message ids before the request does anything with its events, and reserve
+        room for them under the bound (``OutboxFull`` when there is none)."""
         if self.shared_dedupe is not None:
             keys = [self.shared_dedupe.key(source, m) for m in message_ids]
+            shared = await self.shared_dedupe.claim(keys)
+            claim = Claim(shared, [k for k, s in zip(keys, shared, strict=True) if s is ClaimStatus.NEW])
             try:
-                shared = await self.shared_dedupe.claim(keys)
-            except Exception as exc:
-                raise OutboxUnavailable(f"dedupe claim failed: {type(exc).__name__}") from exc
-            return Claim(shared, [k for k, s in zip(keys, shared, strict=True) if s is ClaimStatus.NEW])
+                claim.reserved = self._reserve(len(claim.keys))
+            except OutboxFull:
+                await self.shared_dedupe.release(claim.keys)
+                raise
+            return claim
         conn = self._claims
         if conn is None:
             raise OutboxUnavailable("outbox is not open")
@@ -271,11 +325,14 @@ class SqliteOutbox:
                 statuses.append(ClaimStatus.NEW)
                 claimed.append(key)
                 mine.add(key)
-                self._in_flight.add(key)
-        return Claim(statuses, claimed)
+        reserved = self._reserve(len(claimed))  # before anything is marked in flight
+        self._in_flight.update(claimed)
+        return Claim(statuses, claimed, reserved)
 
     async def release(self, claim: Claim) -> None:
         """Give claimed ids back (the request failed before its append): a retry is new."""
+        self._reserved -= claim.reserved
+        claim.reserved = 0
         if self.shared_dedupe is not None:
             await self.shared_dedupe.release(claim.keys)
             return
@@ -326,6 +383,8 @@ class SqliteOutbox:
             results.append(stored)
         if rows:
             conn.executemany(_INSERT_SQL, rows)
+            top = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'outbox'").fetchone()
+            self._written_top = int(top[0])  # counts once the commit is through
         self.appends_committed += len(groups)
         return results
 
@@ -341,6 +400,11 @@ class SqliteOutbox:
         if self._writer is None:
             raise OutboxUnavailable("outbox is not open")
         local = list(claim.keys) if claim is not None and self.shared_dedupe is None else []
+        if claim is not None:
+            self._reserved -= claim.reserved  # the rows themselves count from now on
+            claim.reserved = 0
+        rows = sum(1 for r in records if r.destinations)
+        self._queued_rows += rows
         loop = asyncio.get_running_loop()
         future: asyncio.Future[list[bool]] = loop.create_future()
         self._pending.append(_PendingAppend(list(records), dedupe, local, future))
@@ -353,6 +417,7 @@ class SqliteOutbox:
             # committed or failed, these ids are no longer in flight here (a failed append's
             # ids are free for the client's retry)
             self._in_flight.difference_update(local)
+            self._queued_rows -= rows
         if claim is not None and self.shared_dedupe is not None and claim.keys:
             await self.shared_dedupe.confirm(claim.keys)
         return stored
@@ -369,11 +434,14 @@ class SqliteOutbox:
                 try:
                     results = await self._write(partial(self._append_group, batch))
                 except Exception as exc:
+                    self.accepting = False
                     failure = exc if isinstance(exc, OutboxUnavailable) else OutboxUnavailable(str(exc))
                     for p in batch:
                         if p.future is not None and not p.future.done():
                             p.future.set_exception(failure)
                     continue
+                self.accepting = True
+                self._top_seq = max(self._top_seq, self._written_top)
                 COMMIT_SECONDS.observe(time.perf_counter() - started)
                 GROUP_REQUESTS.observe(len(batch))
                 for p, stored in zip(batch, results, strict=True):
@@ -398,6 +466,8 @@ class SqliteOutbox:
             )
 
         await self._write(tx)
+        for name in names:
+            self._cursors.setdefault(name, 0)
 
     async def read_after(self, last_seq: int, limit: int) -> list[StoredRecord]:
         def q(conn: sqlite3.Connection) -> list[StoredRecord]:
@@ -476,6 +546,7 @@ class SqliteOutbox:
             )
 
         await self._write(tx)
+        self.note_cursor(destination, last_seq)
 
     async def received(self, destination: str, persons: Iterable[str]) -> set[str]:
         """Which of ``persons`` the destination has been sent data of."""
@@ -583,6 +654,7 @@ class SqliteDestinationQueue:
             self._saved_at = now
             self._saved_seq = upper
         self.last_seq = upper
+        self.outbox.note_cursor(self.destination, upper)
 
     async def received(self, persons: Iterable[str]) -> set[str]:
         return await self.outbox.received(self.destination, persons)

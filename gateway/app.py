@@ -30,11 +30,12 @@ from gateway.auth import AdminTokens, WriteKeys
 from gateway.config import Config, index_sensors_tokens, index_write_keys, load_config
 from gateway.consent_api import consent_controller
 from gateway.consent_setup import checkpoint_periodically, ledger_signer, open_consent
-from gateway.delivery_setup import build_delivery, open_dead_letters, open_outbox, rekeyer
+from gateway.delivery_setup import build_delivery, open_dead_letters, open_outbox, redis_options, rekeyer
 from gateway.errors import exception_handlers
 from gateway.identity_setup import notice_publisher, open_identity
 from gateway.ingest_http import INGEST_ROUTES, IngestContext, document_ingest_routes
 from gateway.logging import request_context
+from gateway.maintenance import keep_healthy
 from gateway.pipeline import Ingestor, IngestServices
 from gateway.sensors_http import SENSORS_ROUTES, document_sensors_routes
 from gateway.settings import Settings
@@ -89,7 +90,7 @@ async def readyz(request: Request[Any, Any, Any]) -> Response[Any]:
     does a full outbox: ingest itself answers 503 with Retry-After then, which SDKs retry,
     where an unready replica would only be taken out of the load balancer."""
     state: GatewayState = request.app.state.gateway
-    checks: dict[str, bool] = {"outbox": state.outbox.alive}
+    checks: dict[str, bool] = {"outbox": state.outbox.alive and state.outbox.accepting}
     if state.redis is not None:
         try:
             checks["redis"] = bool(await state.redis.ping())
@@ -127,7 +128,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         if settings.redis_url:
             import redis.asyncio as aioredis
 
-            redis_client = aioredis.from_url(settings.redis_url)
+            redis_client = aioredis.from_url(settings.redis_url, **redis_options())
             await redis_client.ping()
         outbox = open_outbox(settings, config.limits.dedupe_window_seconds, redis_client)
         dead_letters = open_dead_letters(settings)
@@ -146,7 +147,6 @@ def create_app(settings: Settings | None = None) -> Litestar:
                 identity=identity,
             ),
             on_appended=delivery.notify,
-            overloaded=lambda: delivery.overloaded,
         )
         write_keys = WriteKeys(index_write_keys(config, dev=settings.dev))
         tokens = AdminTokens.build(config, config.admin_tokens, dev=settings.dev)
@@ -182,6 +182,9 @@ def create_app(settings: Settings | None = None) -> Litestar:
         checkpoints = asyncio.create_task(
             checkpoint_periodically(consent.ledger, settings.checkpoint_seconds), name="ledger-checkpoint"
         )
+        health = asyncio.create_task(
+            keep_healthy(consent.service, outbox, settings.consent_reconcile_seconds), name="keep-healthy"
+        )
         # Everything allocated so far lives as long as the process: keep it out of the
         # collector's way, so full collections stay short on the hot path.
         gc.collect()
@@ -199,6 +202,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             yield
         finally:
             checkpoints.cancel()
+            health.cancel()
             await resolver.stop()
             await delivery.stop()
             outbox.close()

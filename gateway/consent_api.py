@@ -52,12 +52,15 @@ class ConsentRequest(msgspec.Struct, rename="camel", kw_only=True):
     write_key: str | None = None
 
 
-class ConsentReceipt(msgspec.Struct, rename="camel"):
+class ConsentReceipt(msgspec.Struct, rename="camel", omit_defaults=True):
     record_id: str
     seq: int
     purposes: list[str]
     state: str
     at: datetime
+    # In the ledger, not yet in the state every replica decides with (it was unavailable):
+    # effective within the reconcile period (IDGATE_CONSENT_RECONCILE_MS).
+    pending: bool = False
 
 
 class ConsentRecorded(msgspec.Struct):
@@ -147,7 +150,9 @@ def consent_controller(max_body_bytes: int) -> type[Controller]:
             return ConsentRecorded(
                 success=True,
                 recorded=[
-                    ConsentReceipt(r.record_id, r.seq, list(r.purposes), r.state, r.at.astimezone(UTC))
+                    ConsentReceipt(
+                        r.record_id, r.seq, list(r.purposes), r.state, r.at.astimezone(UTC), r.pending
+                    )
                     for r in receipts
                 ],
                 at=datetime.now(UTC),

@@ -24,6 +24,24 @@ from gateway.settings import Settings
 from identity.pseudonym import KeyRing
 
 
+def redis_options() -> dict[str, Any]:
+    """How every replica talks to Redis: a command that meets a connection Redis (or a
+    network device) dropped is retried once on a new one, instead of failing the request
+    that happened to take it from the pool; a Redis that hangs fails a request after 2 s
+    rather than holding it."""
+    import redis.asyncio.retry
+    from redis.backoff import NoBackoff
+    from redis.exceptions import ConnectionError, TimeoutError
+
+    return {
+        "retry": redis.asyncio.retry.Retry(NoBackoff(), 1),
+        "retry_on_error": [ConnectionError, TimeoutError],
+        "socket_connect_timeout": 1.0,
+        "socket_timeout": 2.0,
+        "health_check_interval": 15,
+    }
+
+
 def open_outbox(settings: Settings, dedupe_window_seconds: int, redis_client: Any) -> Outbox:
     """The outbox of the deployment mode (settings.outbox_kind); Redis needs ``redis_client``
     (redis.asyncio). With Redis, message-id claims are shared by every replica."""
@@ -46,9 +64,13 @@ def open_outbox(settings: Settings, dedupe_window_seconds: int, redis_client: An
             dedupe=dedupe,
             dedupe_window_seconds=dedupe_window_seconds,
             claim_idle_ms=settings.claim_idle_ms,
+            max_pending=settings.outbox_max_pending,
         )
     outbox = SqliteOutbox(
-        settings.outbox_path, dedupe_window_seconds=dedupe_window_seconds, shared_dedupe=dedupe
+        settings.outbox_path,
+        dedupe_window_seconds=dedupe_window_seconds,
+        shared_dedupe=dedupe,
+        max_pending=settings.outbox_max_pending,
     )
     outbox.open()
     return outbox

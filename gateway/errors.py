@@ -13,13 +13,16 @@ from __future__ import annotations
 from typing import Any
 
 import msgspec
+import redis.exceptions
+import sqlalchemy.exc
 import structlog
 from litestar import Request, Response
 from litestar.exceptions import HTTPException
 from litestar.types import ExceptionHandlersMap
+from prometheus_client import Counter
 
-from consent.service import ConsentRefused
-from export.outbox import OutboxUnavailable
+from consent.service import ConsentRefused, ConsentStateUnavailable
+from export.outbox import OutboxFull, OutboxUnavailable
 from gateway import metrics
 from identity.service import IdentityResolutionOff, NotLinked
 
@@ -41,12 +44,54 @@ class InvalidRequest(Exception):
         self.status = status
 
 
-class Overloaded(Exception):
-    """The outbox holds more undelivered events than its bound: the client retries later."""
+DEPENDENCY_REFUSALS = Counter(
+    "idgate_dependency_refusals_total",
+    "Requests answered 503 because a dependency was unavailable",
+    ["dependency"],
+)
 
-    def __init__(self, retry_after: int = 5) -> None:
-        super().__init__("the gateway is holding too many undelivered events; retry later")
-        self.retry_after = retry_after
+
+class Outages:
+    """One log line when a dependency (Redis, the database, the outbox) becomes unavailable
+    and one when it is back, not one per refused request; refusals are counted meanwhile."""
+
+    def __init__(self) -> None:
+        self.refused: dict[str, int] = {}
+
+    def down(self, dependency: str, exc: BaseException, *, refused: bool = True) -> None:
+        """The dependency failed (``refused``: and a request was answered 503 for it)."""
+        if refused:
+            DEPENDENCY_REFUSALS.labels(dependency).inc()
+        if dependency not in self.refused:
+            log.error("dependency.unavailable", dependency=dependency, error=type(exc).__name__)
+            self.refused[dependency] = 0
+        self.refused[dependency] += int(refused)
+
+    def up(self, dependency: str) -> None:
+        refused = self.refused.pop(dependency, None)
+        if refused is not None:
+            log.info("dependency.recovered", dependency=dependency, refused_requests=refused)
+
+    def is_down(self, dependency: str) -> bool:
+        return dependency in self.refused
+
+
+OUTAGES = Outages()
+
+
+def dependency_of(exc: BaseException) -> str | None:
+    """Which dependency an exception says is unavailable, if any."""
+    if isinstance(exc, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError):
+        return "redis"
+    if isinstance(exc, sqlalchemy.exc.OperationalError | sqlalchemy.exc.InterfaceError):
+        return "database"
+    if isinstance(exc, sqlalchemy.exc.DBAPIError) and exc.connection_invalidated:
+        return "database"
+    if isinstance(exc, OutboxUnavailable):
+        return "outbox"
+    if isinstance(exc, ConsentStateUnavailable):
+        return "consent-state"
+    return None
 
 
 class ErrorBody(msgspec.Struct, omit_defaults=False):
@@ -118,25 +163,37 @@ def _not_linked(request: Request[Any, Any, Any], exc: NotLinked) -> Response[Any
     return error_response(400, "not_linked", "there is no direct link between these identifiers", "b")
 
 
-def _outbox_unavailable(request: Request[Any, Any, Any], exc: OutboxUnavailable) -> Response[Any]:
-    log.error("ingest.outbox_unavailable", detail=str(exc))
+_UNAVAILABLE_DETAIL = {
+    "outbox": "events could not be stored durably; nothing from this request was acknowledged; retry",
+    "redis": "Redis is unavailable; nothing from this request was acknowledged; retry",
+    "database": "the database is unavailable; nothing from this request was acknowledged; retry",
+    "consent-state": "the consent state is being rebuilt from the ledger; retry",
+}
+
+
+def unavailable(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
+    """503 with Retry-After for an unavailable dependency (one log line per outage)."""
+    dependency = dependency_of(exc) or "outbox"
+    OUTAGES.down(dependency, exc)
     return error_response(
         503,
         "unavailable",
-        "events could not be stored durably; retry",
+        _UNAVAILABLE_DETAIL[dependency],
         None,
         headers={"Retry-After": "2"},
         request=request,
     )
 
 
-def _overloaded(request: Request[Any, Any, Any], exc: Overloaded) -> Response[Any]:
+def _overloaded(request: Request[Any, Any, Any], exc: OutboxFull) -> Response[Any]:
     return error_response(
         503, "overloaded", str(exc), None, headers={"Retry-After": str(exc.retry_after)}, request=request
     )
 
 
 def _unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
+    if dependency_of(exc) is not None:  # wrapped by a library on its way up
+        return unavailable(request, exc)
     log.exception("unexpected_error", error=type(exc).__name__)
     return error_response(
         500,
@@ -149,8 +206,13 @@ def _unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[Any
 def exception_handlers() -> ExceptionHandlersMap:
     return {
         InvalidRequest: _invalid_request,
-        OutboxUnavailable: _outbox_unavailable,
-        Overloaded: _overloaded,
+        OutboxUnavailable: unavailable,
+        ConsentStateUnavailable: unavailable,
+        redis.exceptions.ConnectionError: unavailable,
+        redis.exceptions.TimeoutError: unavailable,
+        sqlalchemy.exc.OperationalError: unavailable,
+        sqlalchemy.exc.InterfaceError: unavailable,
+        OutboxFull: _overloaded,
         ConsentRefused: _consent_refused,
         IdentityResolutionOff: _resolution_off,
         NotLinked: _not_linked,

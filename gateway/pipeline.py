@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
+import structlog
 
 from consent.decisions import ConsentDecision, ConsentPolicy, ConsentQuery, ConsentTicket, DestinationSpec
 from consent.service import ConsentRefused, ConsentService
@@ -36,7 +37,6 @@ from consent.signals import (
 from export.outbox import Claim, ClaimStatus, Outbox, OutboxRecord, notice_record
 from gateway import metrics
 from gateway.config import Destination, ResolvedSource, Tenant
-from gateway.errors import Overloaded
 from gateway.events import Envelope, Rejection, RejectMessage
 from identity.graph import GraphChange
 from identity.identifiers import (
@@ -51,6 +51,8 @@ from identity.pseudonym import KeyRing, Pseudonymiser, pseudonymise_identifier
 from identity.resolution import IdentityResolver
 from identity.scrub import KEEP, scrub_text, scrub_value, truncate_ip
 from identity.service import IdentityService
+
+log = structlog.get_logger("idgate.ingest")
 
 # Where identifiers come from in an event beyond userId / anonymousId / previousId and
 # context.externalIds: trait and property keys, and context.device fields.
@@ -557,16 +559,12 @@ class Ingestor:
         *,
         stages: Sequence[Stage] = STAGES,
         on_appended: Callable[[], None] | None = None,
-        overloaded: Callable[[], bool] | None = None,
     ) -> None:
         self.services = services
         self.stages = tuple(stages)
         self.on_appended = on_appended
-        self.overloaded = overloaded
 
     async def ingest(self, src: ResolvedSource, envs: list[Envelope], result: IngestResult) -> IngestResult:
-        if self.overloaded is not None and self.overloaded():
-            raise Overloaded()  # before anything is recorded: the whole request is retried
         counts = metrics.INGEST
         labels = (src.tenant.id, src.source.id)
         counts.add("received", labels, result.received)
@@ -577,7 +575,7 @@ class Ingestor:
         finally:
             if batch.claim is not None and not batch.appended:
                 # nothing acknowledged: the client's retry must not be taken for a duplicate
-                await self.services.outbox.release(batch.claim)
+                await self._release(batch.claim)
         for r in result.rejected:
             counts.add("rejected", (*labels, r.error))
         if result.accepted:
@@ -587,3 +585,11 @@ class Ingestor:
         if result.duplicates:
             counts.add("duplicate", labels, result.duplicates)
         return result
+
+    async def _release(self, claim: Claim) -> None:
+        """Best effort: when the store that holds the claims is down, they expire on their
+        own (IDGATE_DEDUPE_CLAIM_SECONDS), and the request's own error is what is answered."""
+        try:
+            await self.services.outbox.release(claim)
+        except Exception as exc:
+            log.warning("ingest.claim_release_failed", error=type(exc).__name__)

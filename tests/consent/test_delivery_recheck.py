@@ -139,7 +139,9 @@ retry = {{ max_attempts = 1000, initial_backoff_ms = 20, max_backoff_ms = 200 }}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("backend", ["sqlite", pytest.param("distributed", marks=[pytest.mark.postgres, pytest.mark.redis])])
+@pytest.mark.parametrize(
+    "backend", ["sqlite", pytest.param("distributed", marks=[pytest.mark.postgres, pytest.mark.redis])]
+)
 def test_a_withdrawal_while_the_destination_is_down_stops_its_waiting_events(
     backend: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
