@@ -10,6 +10,7 @@ without touching the shared server other tests use.
 
 from __future__ import annotations
 
+import contextlib
 import selectors
 import socket
 import threading
@@ -57,10 +58,8 @@ class TcpProxy:
             peers = list(self._peers)
             self._peers.clear()
         for sock in peers:
-            try:
+            with contextlib.suppress(KeyError, ValueError):
                 self._selector.unregister(sock)
-            except (KeyError, ValueError):
-                pass
             sock.close()
 
     def _serve(self) -> None:
@@ -112,8 +111,6 @@ class TcpProxy:
             self._peers.pop(sock, None)
             self._peers.pop(other, None)
         for s in (sock, other):
-            try:
+            with contextlib.suppress(KeyError, ValueError):
                 self._selector.unregister(s)
-            except (KeyError, ValueError):
-                pass
             s.close()
