@@ -316,9 +316,10 @@ class SqliteOutbox:
         claimed: list[str] = []
         mine: set[str] = set()
         for key in keys:
-            if key in self._in_flight:
-                # claimed by another request still in flight, or earlier in this one
-                statuses.append(ClaimStatus.DUPLICATE if key in mine else ClaimStatus.IN_FLIGHT)
+            if key in mine:  # earlier in this same request
+                statuses.append(ClaimStatus.DUPLICATE)
+            elif key in self._in_flight:  # claimed by another request still in flight
+                statuses.append(ClaimStatus.IN_FLIGHT)
             elif key in seen:
                 statuses.append(ClaimStatus.DUPLICATE)
             else:

@@ -10,7 +10,7 @@ import pytest
 
 from export.delivery import DeliveryService, DeliveryWorker
 from export.file_sinks import JsonlFileSink
-from export.outbox import OutboxRecord
+from export.outbox import ClaimStatus, OutboxRecord
 from export.sqlite_outbox import SqliteOutbox
 from tests.waiting import async_wait_until
 
@@ -118,3 +118,18 @@ def test_prune_keeps_undelivered_rows(outbox: SqliteOutbox) -> None:
     asyncio.run(outbox.commit_delivery("e", 4, 4, {}))
     assert asyncio.run(outbox.prune())[0] == 4
     assert len(asyncio.run(outbox.read_after(0, 100))) == 6
+
+
+def test_claims_dedupe_within_a_request_and_across_requests_in_flight(outbox: SqliteOutbox) -> None:
+    async def go() -> None:
+        first = await outbox.claim("web", ["a", "a", "b"])
+        assert first.statuses == [ClaimStatus.NEW, ClaimStatus.DUPLICATE, ClaimStatus.NEW]
+        assert len(first.keys) == 2
+        second = await outbox.claim("web", ["a", "c"])  # "a" is still being stored by the first
+        assert second.statuses == [ClaimStatus.IN_FLIGHT, ClaimStatus.NEW]
+        await outbox.append([record(1)], claim=first)
+        await outbox.release(second)
+        third = await outbox.claim("web", ["a", "c"])  # "a" confirmed; "c" was given back
+        assert third.statuses == [ClaimStatus.DUPLICATE, ClaimStatus.NEW]
+
+    asyncio.run(go())
