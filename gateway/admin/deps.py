@@ -25,6 +25,7 @@ from gateway.admin.schemas import IdentifierRef
 from gateway.auth import AdminTokens, Officer
 from gateway.config import Config
 from gateway.errors import InvalidRequest
+from gateway.openapi import error_responses
 from identity.identifiers import IDENTIFIER_TYPES, SCOPED_TYPES, Identifier, InvalidIdentifier
 from identity.pseudonym import KeyRing, pseudonymise_identifier
 from identity.service import IdentityService
@@ -92,6 +93,16 @@ def provide_services(state: State) -> AdminServices:
     services: AdminServices = state.services
     return services
 
+
+# What the admin routes answer besides success (all ErrorBody): 401 without a known bearer
+# token, 403 for the wrong role or tenant (admin_guard), 400 for a bad parameter or body, 413
+# for a body over the gateway's request size limit, 503 while the database or Redis is down.
+_UNAVAILABLE = {
+    503: "The database or Redis is unavailable: nothing was done; retry after `Retry-After` seconds"
+}
+ADMIN_ERRORS = error_responses(401, 403, 503, described=_UNAVAILABLE)
+READ_ERRORS = error_responses(400, 401, 403, 503, described=_UNAVAILABLE)
+WRITE_ERRORS = error_responses(400, 401, 403, 413, 503, described=_UNAVAILABLE)
 
 ADMIN_DEPENDENCIES = {
     "services": Provide(provide_services, sync_to_thread=False),
