@@ -165,8 +165,9 @@ def ingest_response(result: IngestResult) -> tuple[int, bytes, list[tuple[bytes,
     body = result.body()
     if result.in_flight:
         # Some message ids are being stored by another request right now; their client must
-        # retry, not forget them.
-        return 503, _encode(body), [(b"retry-after", b"5")]
+        # retry, not forget them. An error like any other (ErrorBody), with the counts.
+        detail = "another request is storing some of these message ids right now (see inFlight); retry"
+        return 503, _encode({**error_body("in_flight", detail), **body}), [(b"retry-after", b"5")]
     if result.accepted == 0 and result.rejected and result.duplicates == 0 and not result.dropped:
         first = result.rejected[0]
         return 400, _encode({**error_body(first.error, first.detail, first.field), **body}), []

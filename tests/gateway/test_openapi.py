@@ -25,6 +25,7 @@ from gateway.config import Limits
 from gateway.consent_api import ConsentRequest
 from gateway.errors import ErrorBody
 from gateway.events import Rejection
+from gateway.ingest_http import ingest_response
 from gateway.openapi import (
     IngestResponse,
     register_components,
@@ -413,6 +414,16 @@ def test_ingest_response_is_the_ingest_answer() -> None:
         json.loads(msgspec.json.encode(msgspec.convert(without_in_flight, IngestResponse)))
         == without_in_flight
     )
+
+
+def test_an_in_flight_answer_is_an_error_body_with_the_counts() -> None:
+    status, raw, headers = ingest_response(IngestResult(received=2, accepted=1, in_flight=1))
+    body = json.loads(raw)
+    assert status == 503 and (b"retry-after", b"5") in headers
+    assert body["error"] == "in_flight" and body["detail"] and body["field"] is None
+    assert body["inFlight"] == 1 and body["accepted"] == 1
+    msgspec.convert(body, ErrorBody)
+    msgspec.convert(body, IngestResponse)
 
 
 # -- the pages load nothing from outside -----------------------------------------------------
