@@ -34,6 +34,18 @@ from gateway.openapi import answered_also_as
 Limit = Annotated[int, Parameter(ge=1, le=5000, description="at most this many")]
 # ISO 8601 times (a time without offset is UTC), parsed by parse_time into a 400 naming the field.
 Time = Annotated[str | None, Parameter(schema_extra={"format": "date-time"}, description="ISO 8601")]
+# The ledger's sequence numbers are 64-bit signed integers (the maximum repeated as an int:
+# Litestar documents bounds as floats, and 2**63 - 1 is not one).
+MAX_SEQ = 2**63 - 1
+AfterSeq = Annotated[
+    int,
+    Parameter(
+        ge=0,
+        le=MAX_SEQ,
+        schema_extra={"maximum": MAX_SEQ},
+        description="continue after this sequence number (nextAfterSeq)",
+    ),
+]
 
 
 class ConsentAuditController(Controller):
@@ -61,7 +73,7 @@ class ConsentAuditController(Controller):
         until: Time = None,
         purpose: str | None = None,
         notice: str | None = None,
-        after_seq: Annotated[int, Parameter(ge=0)] = 0,
+        after_seq: AfterSeq = 0,
         limit: Limit = 500,
     ) -> RecordsPage:
         """Compliance role. A raw identifier is pseudonymised server-side; only the

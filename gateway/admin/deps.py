@@ -131,10 +131,15 @@ async def log_access(
 
 
 def parse_time(value: str | None, field: str) -> datetime | None:
+    """An ISO 8601 time as UTC (a time without offset is UTC); a 400 naming ``field`` otherwise,
+    also for one that has no UTC equivalent (``0001-01-01T00:00:00+01:00``)."""
     if value is None:
         return None
     try:
         ts = datetime.fromisoformat(value.replace("Z", "+00:00"))
     except ValueError:
         raise InvalidRequest("invalid_field", f"{field} must be an ISO 8601 time", field) from None
-    return ts if ts.tzinfo else ts.replace(tzinfo=UTC)
+    try:
+        return ts.replace(tzinfo=UTC) if ts.tzinfo is None else ts.astimezone(UTC)
+    except OverflowError:
+        raise InvalidRequest("invalid_field", f"{field} is out of range in UTC", field) from None

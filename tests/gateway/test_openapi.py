@@ -36,7 +36,7 @@ from gateway.openapi import (
 from gateway.pipeline import IngestResult
 from gateway.segment import BatchEnvelope, SegmentMessage
 from gateway.sensors import SensorsEvent
-from tests.conftest import TEST_CONFIG
+from tests.conftest import COMPLIANCE_TOKEN, TEST_CONFIG
 from tests.gateway.conftest import in_process_app
 
 # Routes that are deliberately not in the document, and why.
@@ -242,6 +242,7 @@ def test_query_parameter_bounds_are_documented(document: dict[str, Any]) -> None
     for path in ("/admin/consent/records", "/admin/access-log", "/admin/identity/quarantine"):
         schema = parameter(path, "limit")["schema"]
         assert (schema["minimum"], schema["maximum"]) == (1, 5000), path
+    assert parameter("/admin/consent/records", "after_seq")["schema"]["maximum"] == 2**63 - 1
     assert parameter("/admin/consent/records", "since")["schema"]["format"] == "date-time"
 
 
@@ -459,3 +460,23 @@ def test_the_bundled_assets_are_what_the_pages_need(client: TestClient[Litestar]
     redoc = client.get("/static/vendor/redoc/redoc.standalone.js")
     assert redoc.status_code == 200 and "Redoc" in redoc.text[:1000]
     assert client.get("/static/vendor/redoc/LICENSE").status_code == 200
+
+
+# -- what schemathesis found (tests/gateway/test_openapi_fuzz.py), fixed -----------------------
+@pytest.mark.parametrize(
+    ("path", "params", "field"),
+    [
+        ("/admin/consent/records", {"after_seq": str(2**64)}, "after_seq"),
+        ("/admin/consent/records", {"until": "9999-12-31T23:59:59-14:00"}, "until"),
+        ("/admin/consent/records", {"since": "0001-01-01T00:00:00+14:00"}, "since"),
+        ("/admin/consent/subject", {"identifier": "u-1", "at": "9999-12-31T23:59:59-14:00"}, "at"),
+    ],
+    ids=["sequence number over 64 bits", "until after 9999 in UTC", "since before year 1 in UTC", "at"],
+)
+def test_admin_parameters_out_of_range_are_a_400(
+    client: TestClient[Litestar], path: str, params: dict[str, str], field: str
+) -> None:
+    headers = {"Authorization": f"Bearer {COMPLIANCE_TOKEN}"}
+    r = client.get(path, params={"tenant": "mall", **params}, headers=headers)
+    assert r.status_code == 400, r.text
+    assert r.json()["field"] == field
