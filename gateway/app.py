@@ -13,13 +13,12 @@ import gc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any, Literal
 
+import msgspec
 import structlog
 from litestar import Litestar, Request, Response, get
-from litestar.openapi import OpenAPIConfig
-from litestar.openapi.plugins import JsonRenderPlugin, SwaggerRenderPlugin
-from litestar.openapi.spec import Components, SecurityScheme
+from litestar.openapi import ResponseSpec
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from consent.ledger import verify_database
@@ -36,6 +35,7 @@ from gateway.identity_setup import notice_publisher, open_identity
 from gateway.ingest_http import INGEST_ROUTES, IngestContext, document_ingest_routes
 from gateway.logging import request_context
 from gateway.maintenance import keep_healthy
+from gateway.openapi import docs_assets_routers, finish_document, openapi_config
 from gateway.pipeline import Ingestor, IngestServices
 from gateway.sensors_http import SENSORS_ROUTES, document_sensors_routes
 from gateway.settings import Settings
@@ -78,13 +78,39 @@ def load_keyring(settings: Settings, config: Config) -> KeyRing:
 
 
 # -- operations ------------------------------------------------------------------------------
+class Health(msgspec.Struct):
+    status: Literal["ok"]
+
+
+class Backlog(msgspec.Struct):
+    events: Annotated[int, msgspec.Meta(ge=0, description="undelivered events a destination has not taken")]
+    overloaded: Annotated[bool, msgspec.Meta(description="ingest answers 503 while true")]
+
+
+class Readiness(msgspec.Struct):
+    status: Literal["ready", "not_ready"]
+    checks: Annotated[dict[str, bool], msgspec.Meta(description="what readiness needs: outbox, redis")]
+    destinations: Annotated[
+        dict[str, Literal["ok", "retrying"]],
+        msgspec.Meta(description="delivery state per destination (does not affect readiness)"),
+    ]
+    backlog: Backlog
+
+
 @get("/healthz", tags=["operations"], summary="Liveness")
-async def healthz() -> dict[str, str]:
-    return {"status": "ok"}
+async def healthz() -> Health:
+    return Health(status="ok")
 
 
-@get("/readyz", tags=["operations"], summary="Readiness: outbox writer, Redis; delivery state")
-async def readyz(request: Request[Any, Any, Any]) -> Response[Any]:
+@get(
+    "/readyz",
+    tags=["operations"],
+    summary="Readiness: outbox writer, Redis; delivery state",
+    responses={
+        503: ResponseSpec(Readiness, description="Not ready: a check failed", generate_examples=False)
+    },
+)
+async def readyz(request: Request[Any, Any, Any]) -> Response[Readiness]:
     """Ready while events can be stored durably. A failing destination does not make the
     gateway unready (its events wait in the outbox; reported under ``destinations``), nor
     does a full outbox: ingest itself answers 503 with Retry-After then, which SDKs retry,
@@ -97,19 +123,19 @@ async def readyz(request: Request[Any, Any, Any]) -> Response[Any]:
         except Exception:
             checks["redis"] = False
     ok = all(checks.values())
-    destinations = {w.destination: "ok" if w.healthy else "retrying" for w in state.delivery.workers}
-    backlog = {"events": state.delivery.backlog, "overloaded": state.delivery.overloaded}
+    destinations: dict[str, Literal["ok", "retrying"]] = {
+        w.destination: "ok" if w.healthy else "retrying" for w in state.delivery.workers
+    }
+    backlog = Backlog(events=state.delivery.backlog, overloaded=state.delivery.overloaded)
     return Response(
-        {
-            "status": "ready" if ok else "not_ready",
-            "checks": checks,
-            "destinations": destinations,
-            "backlog": backlog,
-        },
+        Readiness(
+            status="ready" if ok else "not_ready", checks=checks, destinations=destinations, backlog=backlog
+        ),
         status_code=200 if ok else 503,
     )
 
 
+# Prometheus' text format, for scrapers: not part of the OpenAPI document.
 @get("/metrics", tags=["operations"], summary="Prometheus metrics", include_in_schema=False)
 async def prometheus_metrics() -> Response[bytes]:
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
@@ -214,44 +240,29 @@ def create_app(settings: Settings | None = None) -> Litestar:
                 await redis_client.aclose()
             log.info("gateway.stopped")
 
-    return Litestar(
+    app = Litestar(
         route_handlers=[
             *INGEST_ROUTES,
             *SENSORS_ROUTES,
-            consent_controller(config.limits.max_message_bytes),
+            consent_controller(config.limits),
             *ADMIN_CONTROLLERS,
             healthz,
             readyz,
             prometheus_metrics,
+            *docs_assets_routers(),
         ],
         lifespan=[lifespan],
-        on_startup=[document_ingest_routes, document_sensors_routes],
         # Above this Litestar refuses the body before reading it; _read_body applies the exact limit.
         request_max_body_size=config.limits.max_batch_bytes + 1024,
         exception_handlers=exception_handlers(),
         middleware=[request_context],
-        openapi_config=OpenAPIConfig(
-            title="idgate",
-            version="0.1.0",
-            description="Privacy-compliant identity resolution and consent gateway",
-            path="/docs",
-            render_plugins=[SwaggerRenderPlugin(), JsonRenderPlugin()],
-            use_handler_docstrings=True,
-            components=Components(
-                security_schemes={
-                    "WriteKey": SecurityScheme(
-                        type="http",
-                        scheme="basic",
-                        description="A source's write key as the HTTP Basic user (empty password)",
-                    ),
-                    "AdminToken": SecurityScheme(
-                        type="http",
-                        scheme="bearer",
-                        description="An admin token (role compliance or operator)",
-                    ),
-                }
-            ),
-        ),
+        openapi_config=openapi_config(),
         debug=False,
         logging_config=None,  # gateway.logging configures structlog JSON for everything
     )
+    # The document is built now, from this configuration (its limits), not on the first request.
+    openapi = app.openapi_schema
+    document_ingest_routes(openapi, config.limits)
+    document_sensors_routes(openapi, config.limits)
+    finish_document(openapi)
+    return app

@@ -19,9 +19,10 @@ from litestar.di import Provide
 
 from consent.service import ConsentService
 from gateway.auth import WriteKeys
-from gateway.config import ResolvedSource
+from gateway.config import Limits, ResolvedSource
 from gateway.errors import InvalidRequest
 from gateway.logging import bind_source
+from gateway.openapi import error_responses, limits_text
 from identity.identifiers import IDENTIFIER_TYPES, SCOPED_TYPES, InvalidIdentifier
 from identity.pseudonym import Pseudonymiser, pseudonymise_identifier
 
@@ -109,8 +110,8 @@ def provide_consent(state: State) -> ConsentService:
     return service
 
 
-def consent_controller(max_body_bytes: int) -> type[Controller]:
-    """The controller, with the request size limit of one message."""
+def consent_controller(limits: Limits) -> type[Controller]:
+    """The controller, with the request size limit of one message (and the limits in its docs)."""
 
     class ConsentController(Controller):
         path = "/v1/consent"
@@ -125,14 +126,31 @@ def consent_controller(max_body_bytes: int) -> type[Controller]:
             "/",
             status_code=200,
             summary="Record a person's consent choices",
-            request_max_body_size=max_body_bytes,
+            description="Grants and withdrawals of purposes for the subject the identifiers name, "
+            'bound to the notice the person saw (required for a grant). `consentKind: "guardian"` '
+            "and `subjectIsMinor: true` cover children under 14. Answered once the ledger records "
+            "are stored. Authenticate with the write key as HTTP Basic user (empty password), or "
+            f"as `writeKey` in the body. The body counts as one message. {limits_text(limits)}",
+            request_max_body_size=limits.max_message_bytes,
+            responses=error_responses(
+                400,
+                401,
+                413,
+                429,
+                503,
+                described={
+                    400: "Invalid body, an unknown purpose or identifier type, a junk identifier, "
+                    "or a grant without a known notice; `field` names it",
+                    401: "Missing or unknown write key (HTTP Basic user, or `writeKey` in the body)",
+                    413: f"The body is over {limits.max_message_bytes} bytes",
+                    503: "Redis, the database or the consent state is unavailable: nothing was "
+                    "recorded; retry after `Retry-After` seconds",
+                },
+            ),
         )
         async def record(
             self, data: ConsentRequest, source: ResolvedSource, consent: ConsentService, state: State
         ) -> ConsentRecorded:
-            """Grants and withdrawals of purposes for the subject the identifiers name, bound
-            to the notice the person saw (required for a grant). ``consentKind: "guardian"``
-            and ``subjectIsMinor: true`` cover children under 14."""
             identifiers = subject_identifiers(data, state.keyring.pseudonymiser(source.tenant.id))
             receipts = await consent.record(
                 tenant=source.tenant.id,

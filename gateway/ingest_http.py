@@ -20,20 +20,35 @@ from typing import Any
 
 import msgspec
 import structlog
-from litestar import Litestar, asgi
+from litestar import asgi
 from litestar.exceptions import MethodNotAllowedException
+from litestar.openapi.spec import OpenAPI, OpenAPIResponse, Operation, PathItem, RequestBody
 from litestar.openapi.spec import OpenAPIMediaType as MediaType
-from litestar.openapi.spec import OpenAPIResponse, Operation, PathItem, RequestBody, Schema
-from litestar.openapi.spec.enums import OpenAPIType
 from litestar.types import HTTPScope, Receive, Scope, Send
 
 from gateway.auth import WriteKeys
-from gateway.config import Config, ResolvedSource
+from gateway.config import Config, Limits, ResolvedSource
 from gateway.errors import InvalidRequest, error_body
 from gateway.events import Envelope
 from gateway.logging import bind_source
+from gateway.openapi import (
+    JSON,
+    IngestResponse,
+    error_response,
+    limits_text,
+    ref,
+    register_components,
+    struct_components,
+)
 from gateway.pipeline import Ingestor, IngestResult
-from gateway.segment import MESSAGE_TYPES, body_write_key, decode_batch, decode_single
+from gateway.segment import (
+    MESSAGE_TYPES,
+    BatchEnvelope,
+    SegmentMessage,
+    body_write_key,
+    decode_batch,
+    decode_single,
+)
 from identity.pseudonym import KeyRing
 
 log = structlog.get_logger("idgate.ingest")
@@ -150,8 +165,9 @@ def ingest_response(result: IngestResult) -> tuple[int, bytes, list[tuple[bytes,
     body = result.body()
     if result.in_flight:
         # Some message ids are being stored by another request right now; their client must
-        # retry, not forget them.
-        return 503, _encode(body), [(b"retry-after", b"5")]
+        # retry, not forget them. An error like any other (ErrorBody), with the counts.
+        detail = "another request is storing some of these message ids right now (see inFlight); retry"
+        return 503, _encode({**error_body("in_flight", detail), **body}), [(b"retry-after", b"5")]
     if result.accepted == 0 and result.rejected and result.duplicates == 0 and not result.dropped:
         first = result.rejected[0]
         return 400, _encode({**error_body(first.error, first.detail, first.field), **body}), []
@@ -203,41 +219,104 @@ INGEST_ROUTES = [
 ]
 
 
-def document_ingest_routes(app: Litestar) -> None:
-    """ASGI handlers are not in the generated OpenAPI document: describe them there."""
-    json_object = Schema(type=OpenAPIType.OBJECT)
-    responses = {
-        "200": OpenAPIResponse(
-            description="Stored durably: counts of accepted, duplicate, rejected (with index, field, "
-            "reason) and dropped (by reason) messages",
-            content={"application/json": MediaType(schema=json_object)},
-        ),
-        "400": OpenAPIResponse(description="Invalid input: {error, detail, field}"),
-        "401": OpenAPIResponse(description="Missing or unknown write key"),
-        "413": OpenAPIResponse(description="Message over 32 KB or request over 500 KB"),
-        "415": OpenAPIResponse(description="Content-Type is not application/json"),
-        "503": OpenAPIResponse(description="Could not store durably, or a message id is in flight: retry"),
+def _single_call_component(name: str, component: dict[str, Any]) -> dict[str, Any]:
+    """The body of ``/v1/<type>``: the message's struct without ``type`` (the path says it)."""
+    properties = {k: v for k, v in component["properties"].items() if k != "type"}
+    required = [r for r in component.get("required", []) if r != "type"]
+    return {
+        **component,
+        "title": f"{name}Call",
+        "description": f"The body of POST /v1/{name.lower()}: a {name} message without `type`. "
+        + component.get("description", ""),
+        "properties": properties,
+        "required": required,
     }
-    paths = app.openapi_schema.paths
-    if paths is None:
-        return
+
+
+def document_ingest_routes(openapi: OpenAPI, limits: Limits) -> None:
+    """ASGI handlers are not in the generated document: describe them there, with the schemas
+    of the msgspec structs they decode (``gateway.segment``) and answer (``IngestResponse``),
+    and the limits of the running configuration."""
+    refs, components = struct_components([SegmentMessage, BatchEnvelope, IngestResponse])
+    # The batch is decoded item by item (msgspec.Raw): each item is one of the messages.
+    components["BatchEnvelope"]["properties"]["batch"] = {
+        "type": "array",
+        "items": refs[0],
+        "minItems": 1,
+        "maxItems": limits.max_batch_messages,
+        "description": f"1 to {limits.max_batch_messages} messages, each up to "
+        f"{limits.max_message_bytes} bytes; each is accepted or rejected on its own",
+    }
+    for struct in MESSAGE_TYPES.values():
+        name = struct.__name__
+        components[f"{name}Call"] = _single_call_component(name, components[name])
+    register_components(openapi, components)
+
+    answered = OpenAPIResponse(
+        description="Stored durably (the answer is sent after the outbox append): counts of accepted, "
+        "duplicate, rejected (with index, field, reason) and dropped (by reason) messages",
+        content={JSON: MediaType(schema=ref("IngestResponse"))},
+    )
+    errors = {
+        "401": error_response(
+            401, "Missing or unknown write key (HTTP Basic user, or `writeKey` in the body)"
+        ),
+        "415": error_response(
+            415, "Content-Type is not application/json (or text/plain), or a Content-Encoding other than gzip"
+        ),
+        "429": error_response(429),
+        "503": error_response(
+            503,
+            "Nothing acknowledged: the outbox is over its bound (`overloaded`), or events could not be "
+            "stored durably or Redis or the database is down (`unavailable`); or (`in_flight`) a "
+            "message id is being stored by another request right now: the body also carries the "
+            "IngestResponse counts, and the client retries the whole request (the messages stored "
+            "already count as duplicates then)",
+        ),
+    }
+    if openapi.paths is None:
+        openapi.paths = {}
     for name in ["batch", *MESSAGE_TYPES]:
-        summary = "Segment batch" if name == "batch" else f"Segment {name} (one message)"
-        description = (
-            'Segment HTTP Tracking API. Body `{"batch": [...], "context": {...}, "sentAt": "..."}`; '
-            "each message is accepted or rejected on its own."
-            if name == "batch"
-            else f"Segment HTTP Tracking API `{name}` call; the body is one message without `type`."
-        )
-        paths[f"/v1/{name}"] = PathItem(
+        if name == "batch":
+            summary = "Segment batch"
+            description = (
+                'Segment HTTP Tracking API. Body `{"batch": [...], "context": {...}, "sentAt": "..."}`; '
+                "each message is accepted or rejected on its own (a message over "
+                f"{limits.max_message_bytes} bytes is rejected alone)."
+            )
+            body = ref("BatchEnvelope")
+            invalid = (
+                "Invalid request: malformed JSON, an empty batch, or every message rejected (then the "
+                "body also carries the IngestResponse counts and rejections); `field` names the field"
+            )
+            too_large = (
+                f"Too large: a request body over {limits.max_batch_bytes} bytes (also after gunzip), "
+                f"or a batch of more than {limits.max_batch_messages} messages"
+            )
+        else:
+            summary = f"Segment {name} (one message)"
+            description = f"Segment HTTP Tracking API `{name}` call; the body is one message without `type`."
+            body = ref(f"{MESSAGE_TYPES[name].__name__}Call")
+            invalid = "Invalid request: malformed JSON, or the message rejected; `field` names the field"
+            too_large = f"Too large: the message is over {limits.max_message_bytes} bytes (also after gunzip)"
+        openapi.paths[f"/v1/{name}"] = PathItem(
             post=Operation(
                 tags=["ingest"],
                 summary=summary,
-                description=description + " Authenticate with the write key as HTTP Basic user.",
+                description=f"{description} Authenticate with the write key as HTTP Basic user "
+                f"(empty password), or as `writeKey` in the body. {limits_text(limits)}",
                 operation_id=f"ingest_{name}",
                 request_body=RequestBody(
-                    content={"application/json": MediaType(schema=json_object)}, required=True
+                    content={JSON: MediaType(schema=body)},
+                    required=True,
+                    description="JSON, optionally gzip-compressed (Content-Encoding: gzip)",
                 ),
-                responses=responses,
+                responses={
+                    "200": answered,
+                    "400": error_response(400, invalid),
+                    "413": error_response(413, too_large),
+                    **errors,
+                },
+                security=[{"WriteKey": []}],
             )
         )

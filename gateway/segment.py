@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 import uuid
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import msgspec
 
@@ -20,46 +20,60 @@ from gateway.errors import InvalidRequest
 from gateway.events import Envelope, Event, Rejection, RejectMessage
 
 Id = str | int
+# ISO 8601 / RFC 3339 (the JSON Schema says so; msgspec also accepts a time without offset, as UTC).
+Timestamp = Annotated[datetime, msgspec.Meta(extra_json_schema={"format": "date-time"})]
 
 
 class _Message(msgspec.Struct, tag_field="type", rename="camel", kw_only=True):
     message_id: str | None = None
     user_id: Id | None = None
     anonymous_id: Id | None = None
-    timestamp: datetime | None = None
-    sent_at: datetime | None = None
+    timestamp: Timestamp | None = None
+    sent_at: Timestamp | None = None
     context: dict[str, Any] | None = None
     integrations: dict[str, Any] | None = None
     write_key: str | None = None
 
 
 class Track(_Message, tag="track"):
+    """Something the person did (`event`), with its properties. `userId` or `anonymousId` is required."""
+
     event: str
     properties: dict[str, Any] | None = None
 
 
 class Identify(_Message, tag="identify"):
+    """Who the person is: their identifiers and traits. `userId` or `anonymousId` is required."""
+
     traits: dict[str, Any] | None = None
 
 
 class Page(_Message, tag="page"):
+    """A page view on a website. `userId` or `anonymousId` is required."""
+
     name: str | None = None
     category: str | None = None
     properties: dict[str, Any] | None = None
 
 
 class Screen(_Message, tag="screen"):
+    """A screen view in an app. `userId` or `anonymousId` is required."""
+
     name: str | None = None
     category: str | None = None
     properties: dict[str, Any] | None = None
 
 
 class Group(_Message, tag="group"):
+    """The person belongs to a group (`groupId`, e.g. a company). `userId` or `anonymousId` is required."""
+
     group_id: Id
     traits: dict[str, Any] | None = None
 
 
 class Alias(_Message, tag="alias"):
+    """`previousId` and `userId` are the same person. `userId` is required."""
+
     previous_id: Id
 
 
@@ -75,10 +89,12 @@ MESSAGE_TYPES: dict[str, type[_Message]] = {
 
 
 class BatchEnvelope(msgspec.Struct, rename="camel", kw_only=True):
+    """The body of POST /v1/batch: messages, and the context, integrations and sentAt they share."""
+
     batch: list[msgspec.Raw]
     context: dict[str, Any] | None = None
     integrations: dict[str, Any] | None = None
-    sent_at: datetime | None = None
+    sent_at: Timestamp | None = None
     write_key: str | None = None
 
 

@@ -30,26 +30,29 @@ from datetime import UTC, datetime
 
 import msgspec
 import structlog
-from litestar import Litestar, asgi
+from litestar import asgi
 from litestar.exceptions import MethodNotAllowedException
-from litestar.openapi.spec import OpenAPIMediaType as MediaType
 from litestar.openapi.spec import (
+    OpenAPI,
     OpenAPIResponse,
+    OpenAPIType,
     Operation,
     Parameter,
     PathItem,
+    Reference,
     RequestBody,
     Schema,
 )
-from litestar.openapi.spec.enums import OpenAPIType
+from litestar.openapi.spec import OpenAPIMediaType as MediaType
 from litestar.types import HTTPScope, Receive, Scope, Send
 
-from gateway.config import ResolvedSource, hash_write_key
+from gateway.config import Limits, ResolvedSource, hash_write_key
 from gateway.errors import InvalidRequest
 from gateway.ingest_http import IngestContext, IngestHeaders, ingest_response, log_rejections, read_body
 from gateway.logging import bind_source
+from gateway.openapi import JSON, error_response, limits_text, ref, register_structs
 from gateway.pipeline import IngestResult
-from gateway.sensors import SensorsBatch, decode_events, parse_form, payload_json
+from gateway.sensors import SensorsBatch, SensorsEvent, decode_events, parse_form, payload_json
 
 log = structlog.get_logger("idgate.ingest")
 
@@ -198,66 +201,132 @@ SENSORS_ROUTES = [
 ]
 
 
-def document_sensors_routes(app: Litestar) -> None:
-    """ASGI handlers are not in the generated OpenAPI document: describe them there."""
-    paths = app.openapi_schema.paths
-    if paths is None:
-        return
-    string = Schema(type=OpenAPIType.STRING)
+def document_sensors_routes(openapi: OpenAPI, limits: Limits) -> None:
+    """ASGI handlers are not in the generated document: describe them there: the form fields,
+    the events they carry (``SensorsEvent``), the answer (``IngestResponse``) and the limits of
+    the running configuration."""
+    (event,) = register_structs(openapi, SensorsEvent)
+    events = Schema(
+        type=OpenAPIType.ARRAY,
+        items=event,
+        min_items=1,
+        max_items=limits.max_batch_messages,
+    )
+    payload = (
+        f"base64 of JSON (up to {limits.max_batch_bytes} bytes), or with `gzip=1` of gzipped JSON; "
+        "plain JSON is accepted too"
+    )
+    fields: dict[str, Schema | Reference] = {
+        "data": Schema(
+            type=OpenAPIType.STRING,
+            description=f"One event (or an array of events): {payload}",
+            content_media_type=JSON,
+            content_schema=Schema(any_of=[event, events]),
+        ),
+        "data_list": Schema(
+            type=OpenAPIType.STRING,
+            description=f"Events, a JSON array of 1 to {limits.max_batch_messages}: {payload}",
+            content_media_type=JSON,
+            content_schema=events,
+        ),
+        "gzip": Schema(
+            type=OpenAPIType.STRING,
+            enum=["0", "1"],
+            description="1: the JSON was gzipped before base64 (9, the encryption plugin: refused, 415)",
+        ),
+        "ext": Schema(type=OpenAPIType.STRING, description="The web SDK's checksum (ignored)"),
+    }
     form = Schema(
         type=OpenAPIType.OBJECT,
         properties={
-            "data": Schema(type=OpenAPIType.STRING, description="One event: base64 of JSON"),
-            "data_list": Schema(type=OpenAPIType.STRING, description="Events: base64 of a JSON array"),
-            "gzip": Schema(type=OpenAPIType.STRING, description="1: the JSON was gzipped before base64"),
-            "ext": Schema(type=OpenAPIType.STRING, description="The web SDK's checksum (ignored)"),
+            **fields,
+            "project": Schema(type=OpenAPIType.STRING, description="Sensors project (or in the query)"),
+            "token": Schema(type=OpenAPIType.STRING, description="The source's token (or in the query)"),
+        },
+        any_of=[Schema(required=["data"]), Schema(required=["data_list"])],
+        description="`data` or `data_list`, with `gzip`",
+    )
+    project = Parameter(
+        name="project",
+        param_in="query",
+        required=False,
+        schema=Schema(type=OpenAPIType.STRING),
+        description="Sensors project; when given, it must be the token's",
+    )
+    query_fields = [
+        Parameter(name=name, param_in="query", required=False, schema=schema, description=schema.description)
+        for name, schema in fields.items()
+        if isinstance(schema, Schema)
+    ]
+    stored = (
+        "Stored durably: counts of accepted, duplicate, rejected (with index, field, reason) and "
+        "dropped (by reason) events. A data_list whose events were all rejected is a 200 too "
+        "(batch senders would re-send it forever)."
+    )
+    json_answer = OpenAPIResponse(description=stored, content={JSON: MediaType(schema=ref("IngestResponse"))})
+    gif_answer = OpenAPIResponse(
+        description=f"{stored} The answer is a transparent 1x1 GIF, for an <img>.",
+        content={
+            "image/gif": MediaType(schema=Schema(type=OpenAPIType.STRING, content_media_type="image/gif"))
         },
     )
-    parameters = [
-        Parameter(
-            name="project", param_in="query", required=False, schema=string, description="Sensors project"
+    errors: dict[str, OpenAPIResponse | Reference] = {
+        "400": error_response(
+            400,
+            "Unreadable request (no data or data_list, bad base64 or gzip, malformed "
+            "JSON), or the one event of `data=` rejected; `field` names the field",
         ),
-        Parameter(
-            name="token", param_in="query", required=True, schema=string, description="The source's token"
+        "401": error_response(401, "Missing or unknown token, or a token of another project"),
+        "413": error_response(
+            413,
+            f"Too large: a form body over {FORM_OVERHEAD * limits.max_batch_bytes} bytes, JSON over "
+            f"{limits.max_batch_bytes} bytes (also after gunzip), or more than "
+            f"{limits.max_batch_messages} events",
         ),
-    ]
-    responses = {
-        "200": OpenAPIResponse(
-            description="Stored durably (a GIF for GET /sa.gif): counts of accepted, duplicate, "
-            "rejected (with index, field, reason) and dropped (by reason) events. A data_list whose "
-            "events were all rejected is a 200 too (batch senders would re-send it forever).",
-            content={"application/json": MediaType(schema=Schema(type=OpenAPIType.OBJECT))},
+        "415": error_response(415, "Unsupported Content-Type or Content-Encoding, or gzip=9 (encrypted)"),
+        "429": error_response(429),
+        "503": error_response(
+            503,
+            "Nothing acknowledged: the outbox is over its bound (`overloaded`), or events could not be "
+            "stored durably or Redis or the database is down (`unavailable`): retry",
         ),
-        "400": OpenAPIResponse(description="Unreadable request, or the one event of data= rejected"),
-        "401": OpenAPIResponse(description="Missing or unknown token, or a token of another project"),
-        "413": OpenAPIResponse(description="Event over 32 KB or request over 500 KB of JSON"),
-        "415": OpenAPIResponse(description="Unsupported Content-Type or Content-Encoding, or gzip=9"),
-        "503": OpenAPIResponse(description="Could not store durably: retry"),
     }
     description = (
         "Sensors Data SDKs (web, mini-program, App, server): form fields `data` (one event) or "
         "`data_list` (several), base64 of JSON or, with `gzip=1`, of gzipped JSON; in the body "
-        "(POST) or the query string (GET). Each event is accepted or rejected on its own."
+        "(POST) or the query string (GET). The source is named by `token` (and `project`) in the "
+        "query string or the form, as in the SDKs' server URL. Each event is accepted or rejected "
+        f"on its own; an event over {limits.max_message_bytes} bytes is rejected alone. "
+        f"{limits_text(limits)}"
     )
 
     def operation(method: str, path: str) -> Operation:
+        post = method == "POST"
         return Operation(
             tags=["ingest"],
             summary=f"Sensors Data events ({method} {path})",
             description=description,
             operation_id=f"ingest_sensors_{method.lower()}_{path.strip('/').replace('.', '_')}",
-            parameters=parameters,
+            parameters=[project] if post else [project, *query_fields],
             request_body=RequestBody(
                 content={
                     "application/x-www-form-urlencoded": MediaType(schema=form),
-                    "text/plain": MediaType(schema=form),
+                    "text/plain": MediaType(
+                        schema=Schema(
+                            type=OpenAPIType.STRING,
+                            description="The same form as text/plain (the mini-program SDK, sendBeacon)",
+                        )
+                    ),
                 },
                 required=True,
             )
-            if method == "POST"
+            if post
             else None,
-            responses=responses,
+            responses={"200": json_answer if post else gif_answer, **errors},
+            security=[{"SensorsToken": []}],
         )
 
+    if openapi.paths is None:
+        openapi.paths = {}
     for path in ("/sa", "/sa.gif"):
-        paths[path] = PathItem(post=operation("POST", path), get=operation("GET", path))
+        openapi.paths[path] = PathItem(post=operation("POST", path), get=operation("GET", path))

@@ -18,11 +18,34 @@ from litestar.params import Parameter
 from consent.audit import ConsentStats, ExportFormat, ExportPart, StatsGroup, SubjectView
 from consent.service import ConsentRefused
 from consent.verify import VerifyResult
-from gateway.admin.deps import ADMIN_DEPENDENCIES, AdminServices, log_access, parse_time
+from gateway.admin.deps import (
+    ADMIN_DEPENDENCIES,
+    ADMIN_ERRORS,
+    READ_ERRORS,
+    WRITE_ERRORS,
+    AdminServices,
+    log_access,
+    parse_time,
+)
 from gateway.admin.schemas import AccessLogPage, NoticePublished, NoticeRequest, RecordsPage
 from gateway.auth import Officer, admin_guard, roles
+from gateway.openapi import answered_also_as
 
 Limit = Annotated[int, Parameter(ge=1, le=5000, description="at most this many")]
+# ISO 8601 times (a time without offset is UTC), parsed by parse_time into a 400 naming the field.
+Time = Annotated[str | None, Parameter(schema_extra={"format": "date-time"}, description="ISO 8601")]
+# The ledger's sequence numbers are 64-bit signed integers (the maximum repeated as an int:
+# Litestar documents bounds as floats, and 2**63 - 1 is not one).
+MAX_SEQ = 2**63 - 1
+AfterSeq = Annotated[
+    int,
+    Parameter(
+        ge=0,
+        le=MAX_SEQ,
+        schema_extra={"maximum": MAX_SEQ},
+        description="continue after this sequence number (nextAfterSeq)",
+    ),
+]
 
 
 class ConsentAuditController(Controller):
@@ -34,6 +57,7 @@ class ConsentAuditController(Controller):
 
     @get(
         "/consent/records",
+        responses=READ_ERRORS,
         summary="Consent records of a subject, time range, purpose or notice",
         opt=roles("compliance"),
     )
@@ -45,11 +69,11 @@ class ConsentAuditController(Controller):
         identifier: str | None = None,
         id_type: Annotated[str, Parameter(query="type")] = "user_id",
         appid: str | None = None,
-        since: str | None = None,
-        until: str | None = None,
+        since: Time = None,
+        until: Time = None,
         purpose: str | None = None,
         notice: str | None = None,
-        after_seq: Annotated[int, Parameter(ge=0)] = 0,
+        after_seq: AfterSeq = 0,
         limit: Limit = 500,
     ) -> RecordsPage:
         """Compliance role. A raw identifier is pseudonymised server-side; only the
@@ -84,6 +108,7 @@ class ConsentAuditController(Controller):
 
     @get(
         "/consent/subject",
+        responses=READ_ERRORS,
         summary="Point in time: what a subject allowed, and which deliveries relied on it",
         opt=roles("compliance"),
     )
@@ -95,7 +120,7 @@ class ConsentAuditController(Controller):
         identifier: str,
         id_type: Annotated[str, Parameter(query="type")] = "user_id",
         appid: str | None = None,
-        at: str | None = None,
+        at: Time = None,
     ) -> SubjectView:
         services.tokens.check_tenant(officer, tenant)
         subject = services.subject(tenant, identifier, id_type, appid)
@@ -107,9 +132,11 @@ class ConsentAuditController(Controller):
 
     @get(
         "/consent/export",
+        responses=READ_ERRORS,
         summary="Ledger export: JSONL with checkpoints, or CSV (records or checkpoints)",
         opt=roles("compliance"),
         media_type="application/x-ndjson",
+        operation_class=answered_also_as("text/csv"),
     )
     async def export(
         self,
@@ -134,7 +161,12 @@ class ConsentAuditController(Controller):
             text.encode(), media_type=media, headers={"Content-Disposition": f'attachment; filename="{name}"'}
         )
 
-    @get("/consent/stats", summary="Consent rates by purpose, notice or platform", opt=roles("compliance"))
+    @get(
+        "/consent/stats",
+        summary="Consent rates by purpose, notice or platform",
+        opt=roles("compliance"),
+        responses=READ_ERRORS,
+    )
     async def stats(
         self, services: AdminServices, officer: Officer, tenant: str, by: StatsGroup = "purpose"
     ) -> ConsentStats:
@@ -145,6 +177,7 @@ class ConsentAuditController(Controller):
 
     @get(
         "/consent/verify",
+        responses=ADMIN_ERRORS,
         summary="Verify the ledger's hash chain and signed checkpoints",
         opt=roles("operator", "compliance"),
     )
@@ -153,7 +186,12 @@ class ConsentAuditController(Controller):
         await log_access(services, officer, "consent.verify", None, {}, result.records)
         return result
 
-    @get("/access-log", summary="Officers' queries of personal data", opt=roles("compliance"))
+    @get(
+        "/access-log",
+        summary="Officers' queries of personal data",
+        opt=roles("compliance"),
+        responses=READ_ERRORS,
+    )
     async def access_log(
         self, services: AdminServices, officer: Officer, limit: Limit = 200
     ) -> AccessLogPage:
@@ -169,7 +207,13 @@ class NoticesController(Controller):
     dependencies = ADMIN_DEPENDENCIES
     security = [{"AdminToken": []}]
 
-    @post("/", summary="Publish a privacy-notice version", status_code=201, opt=roles("operator"))
+    @post(
+        "/",
+        summary="Publish a privacy-notice version",
+        status_code=201,
+        opt=roles("operator"),
+        responses=WRITE_ERRORS,
+    )
     async def publish(
         self, services: AdminServices, officer: Officer, data: NoticeRequest
     ) -> NoticePublished:

@@ -25,6 +25,7 @@ from gateway.admin.schemas import IdentifierRef
 from gateway.auth import AdminTokens, Officer
 from gateway.config import Config
 from gateway.errors import InvalidRequest
+from gateway.openapi import error_responses
 from identity.identifiers import IDENTIFIER_TYPES, SCOPED_TYPES, Identifier, InvalidIdentifier
 from identity.pseudonym import KeyRing, pseudonymise_identifier
 from identity.service import IdentityService
@@ -93,6 +94,16 @@ def provide_services(state: State) -> AdminServices:
     return services
 
 
+# What the admin routes answer besides success (all ErrorBody): 401 without a known bearer
+# token, 403 for the wrong role or tenant (admin_guard), 400 for a bad parameter or body, 413
+# for a body over the gateway's request size limit, 503 while the database or Redis is down.
+_UNAVAILABLE = {
+    503: "The database or Redis is unavailable: nothing was done; retry after `Retry-After` seconds"
+}
+ADMIN_ERRORS = error_responses(401, 403, 503, described=_UNAVAILABLE)
+READ_ERRORS = error_responses(400, 401, 403, 503, described=_UNAVAILABLE)
+WRITE_ERRORS = error_responses(400, 401, 403, 413, 503, described=_UNAVAILABLE)
+
 ADMIN_DEPENDENCIES = {
     "services": Provide(provide_services, sync_to_thread=False),
     "officer": Provide(_officer, sync_to_thread=False),
@@ -120,10 +131,15 @@ async def log_access(
 
 
 def parse_time(value: str | None, field: str) -> datetime | None:
+    """An ISO 8601 time as UTC (a time without offset is UTC); a 400 naming ``field`` otherwise,
+    also for one that has no UTC equivalent (``0001-01-01T00:00:00+01:00``)."""
     if value is None:
         return None
     try:
         ts = datetime.fromisoformat(value.replace("Z", "+00:00"))
     except ValueError:
         raise InvalidRequest("invalid_field", f"{field} must be an ISO 8601 time", field) from None
-    return ts if ts.tzinfo else ts.replace(tzinfo=UTC)
+    try:
+        return ts.replace(tzinfo=UTC) if ts.tzinfo is None else ts.astimezone(UTC)
+    except OverflowError:
+        raise InvalidRequest("invalid_field", f"{field} is out of range in UTC", field) from None

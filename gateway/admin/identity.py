@@ -11,7 +11,7 @@ from typing import Annotated
 from litestar import Controller, get, post
 from litestar.params import Parameter
 
-from gateway.admin.deps import ADMIN_DEPENDENCIES, AdminServices, log_access
+from gateway.admin.deps import ADMIN_DEPENDENCIES, READ_ERRORS, WRITE_ERRORS, AdminServices, log_access
 from gateway.admin.schemas import (
     EraseRequest,
     ErasureResult,
@@ -34,6 +34,7 @@ class IdentityController(Controller):
 
     @get(
         "/explain",
+        responses=READ_ERRORS,
         summary="The chain of links that joins two identifiers, with provenance",
         opt=roles("operator"),
     )
@@ -73,6 +74,7 @@ class IdentityController(Controller):
 
     @post(
         "/unlink",
+        responses=WRITE_ERRORS,
         status_code=200,
         summary="Remove one link (a wrong bind); the person splits if it was the only path",
         opt=roles("operator"),
@@ -102,6 +104,7 @@ class IdentityController(Controller):
 
     @post(
         "/erase",
+        responses=WRITE_ERRORS,
         status_code=200,
         summary="Erase identifiers from the identity graph; deletion notices go downstream",
         opt=roles("compliance"),
@@ -133,13 +136,18 @@ class IdentityController(Controller):
             notices=done.notices,
         )
 
-    @get("/quarantine", summary="Merges held back by the circuit breaker, for review", opt=roles("operator"))
+    @get(
+        "/quarantine",
+        summary="Merges held back by the circuit breaker, for review",
+        opt=roles("operator"),
+        responses=READ_ERRORS,
+    )
     async def quarantine(
         self,
         services: AdminServices,
         officer: Officer,
         tenant: str,
-        limit: Annotated[int, Parameter(ge=1, le=5000)] = 200,
+        limit: Annotated[int, Parameter(ge=1, le=5000, description="at most this many")] = 200,
     ) -> QuarantineList:
         services.tokens.check_tenant(officer, tenant)
         held = services.identity.quarantine(tenant, limit)
