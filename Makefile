@@ -31,8 +31,12 @@ PYTEST_ARGS ?=
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
 
+## ruff (lint and format), mypy --strict over the four packages, and the import layers.
 lint: $(STAMP)
-	$(VENV)/bin/ruff check gateway identity consent export tests bench
+	$(VENV)/bin/ruff check gateway identity consent export tests bench deploy
+	$(VENV)/bin/ruff format --check gateway identity consent export tests bench deploy
+	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 
 ## Benchmarks print figures; see README "Benchmarks".
 bench: $(STAMP)
