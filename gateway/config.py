@@ -122,6 +122,10 @@ class IdentityConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     # type (defaults id -> device_id; advertisingId -> "advertising", IDFA or OAID by OS).
     trait_types: dict[str, str] = {}
     device_fields: dict[str, str] = {}
+    # Glob patterns of keys (properties, traits, URL query parameters) whose values are
+    # identifiers, pseudonymised wherever they appear; added to the defaults
+    # (identity.identifiers.DEFAULT_IDENTIFIER_KEY_PATTERNS: *openid*, *unionid*, member_id...).
+    identifier_keys: list[str] = []
 
 
 class Tenant(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
