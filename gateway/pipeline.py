@@ -39,7 +39,13 @@ from gateway import metrics
 from gateway.config import Destination, ResolvedSource, Tenant
 from gateway.events import Envelope, Rejection, RejectMessage
 from identity.graph import GraphChange
-from gateway.privacy import SAFE_CONTEXT, clean_message_id, scrubber_for, url_pseudonymiser
+from gateway.privacy import (
+    SAFE_CONTEXT,
+    clean_message_id,
+    message_id_digest,
+    scrubber_for,
+    url_pseudonymiser,
+)
 from identity.identifiers import DEVICE_TYPES, IDENTIFIER_TYPES, SCOPED_TYPES, InvalidIdentifier
 from identity.notices import notices_for_changes
 from identity.pseudonym import KeyRing, Pseudonymiser, pseudonymise_identifier
@@ -511,7 +517,8 @@ async def resolve_identity(s: IngestServices, batch: IngestBatch) -> None:
         batch.src.tenant.id,
         [e.identifiers for e in envs],
         batch.linking,
-        [(batch.src.source.id, e.event.message_id) for e in envs],
+        # provenance outlives the outbox: the message id only as a keyed hash
+        [(batch.src.source.id, message_id_digest(e.event.message_id, batch.pseudonymiser)) for e in envs],
         notices=batch.changes,
     )
     for env, uid in zip(envs, unified, strict=True):

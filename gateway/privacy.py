@@ -181,9 +181,13 @@ def url_pseudonymiser(pseudonymiser: Pseudonymiser) -> Callable[[str], str]:
     return url_pseudonym
 
 
+def message_id_digest(message_id: str, pseudonymiser: Pseudonymiser) -> str:
+    """How a message id is kept beyond the outbox (delivery proofs, identity provenance):
+    a keyed hash, ``mid-`` + 22 characters; the same id always gives the same digest."""
+    return "mid-" + pseudonymiser("messageId\x1f" + message_id).split(".", 1)[1]
+
+
 def clean_message_id(message_id: str, pseudonymiser: Pseudonymiser) -> str:
     """The message id as stored and forwarded: as sent when it holds no personal data,
     else a keyed hash of it (the same for every retry, so dedupe still works)."""
-    if has_personal_data(message_id):
-        return "mid-" + pseudonymiser("messageId\x1f" + message_id).split(".", 1)[1]
-    return message_id
+    return message_id_digest(message_id, pseudonymiser) if has_personal_data(message_id) else message_id
