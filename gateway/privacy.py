@@ -86,17 +86,25 @@ def _safe(shape: Any, value: str) -> bool:
     return False
 
 
+_MAX_CLEAN = 16384
+_MAX_REMEMBERED = 512
+
+
 class EventScrubber:
     """One tenant's rules: which keys hold identifiers (properties, traits, URL query
     parameters). Built once per tenant; ``clean`` is the walk every client value takes."""
 
-    __slots__ = ("_names", "identifier_keys", "url_keys")
+    __slots__ = ("_clean", "_names", "identifier_keys", "url_keys")
 
     def __init__(self, patterns: Iterable[str] = ()) -> None:
         patterns = tuple(patterns)
         self.identifier_keys = IdentifierKeys(patterns)
         self.url_keys = IdentifierKeys((*patterns, *URL_IDENTIFIER_KEY_PATTERNS))
         self._names: dict[str, str] = {}
+        # strings already found free of personal data (user agents, library names, URLs
+        # without identifiers repeat from event to event): not scanned again. Only clean
+        # strings are remembered, never one that held personal data.
+        self._clean: set[str] = set()
 
     def name(self, key: str) -> str:
         """A key or event name with personal data replaced (memoised: keys repeat)."""
@@ -109,9 +117,12 @@ class EventScrubber:
 
     def text(self, value: str, url_pseudonym: Callable[[str], str]) -> str:
         """Free text: identifier-like query parameters pseudonymised, then the scrubber."""
-        if "=" in value:
-            value = scrub_query(value, self.url_keys, url_pseudonym)
-        return scrub_text(value)
+        if value in self._clean:
+            return value
+        out = scrub_text(scrub_query(value, self.url_keys, url_pseudonym) if "=" in value else value)
+        if out == value and len(value) <= _MAX_REMEMBERED and len(self._clean) < _MAX_CLEAN:
+            self._clean.add(value)
+        return out
 
     def clean(
         self,
@@ -127,7 +138,7 @@ class EventScrubber:
         scalar under a key first (returns its replacement, or None); identifier-like keys
         get their value pseudonymised with ``opaque``; the rest is scrubbed."""
         if isinstance(value, str):
-            if value in keep or _safe(schema, value):
+            if value in keep or (schema is not None and _safe(schema, value)):
                 return value
             if schema is PSEUDONYMISE and value:
                 return opaque(value)
@@ -135,26 +146,46 @@ class EventScrubber:
         if isinstance(value, dict):
             out: dict[str, Any] = {}
             ids = self.identifier_keys
+            names = self._names
+            nodes = schema if isinstance(schema, dict) else None
             for k, v in value.items():
-                node = schema.get(k) if isinstance(schema, dict) else None
-                if node is None and isinstance(v, str | int) and not isinstance(v, bool) and v != "":
-                    if on_key is not None:
-                        claimed = on_key(k, v)
-                        if claimed is not None:
-                            out[self.name(k)] = claimed
+                nk = names.get(k)
+                if nk is None:
+                    nk = self.name(k)
+                node = nodes.get(k) if nodes is not None else None
+                if node is None:
+                    # the common case, inline: a scalar under an ordinary key
+                    kind = v.__class__
+                    if kind is str or kind is int:
+                        if v == "":
+                            out[nk] = v
                             continue
-                    if v not in keep and ids(k):
-                        out[self.name(k)] = opaque(v)
+                        if on_key is not None:
+                            claimed = on_key(k, v)
+                            if claimed is not None:
+                                out[nk] = claimed
+                                continue
+                        if v in keep:
+                            out[nk] = v
+                        elif ids(k):
+                            out[nk] = opaque(v)
+                        elif kind is int:
+                            out[nk] = v
+                        else:
+                            out[nk] = self.text(v, url_pseudonym)
                         continue
-                elif node is None and isinstance(v, list) and ids(k):  # a list of identifiers
-                    out[self.name(k)] = [
-                        x if x in keep or x == "" else opaque(x)
-                        if isinstance(x, str | int) and not isinstance(x, bool)
-                        else self.clean(x, None, keep, opaque, url_pseudonym, on_key)
-                        for x in v
-                    ]
-                    continue
-                out[self.name(k)] = self.clean(v, node, keep, opaque, url_pseudonym, on_key)
+                    if kind is float or kind is bool or v is None:
+                        out[nk] = v
+                        continue
+                    if kind is list and ids(k):  # a list of identifiers
+                        out[nk] = [
+                            x if x in keep or x == "" else opaque(x)
+                            if isinstance(x, str | int) and not isinstance(x, bool)
+                            else self.clean(x, None, keep, opaque, url_pseudonym, on_key)
+                            for x in v
+                        ]
+                        continue
+                out[nk] = self.clean(v, node, keep, opaque, url_pseudonym, on_key)
             return out
         if isinstance(value, list):
             return [self.clean(v, schema, keep, opaque, url_pseudonym, on_key) for v in value]

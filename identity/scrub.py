@@ -77,6 +77,10 @@ _PHONE = (
     r"1[3-9]\d(?:\d{8}|[ \-.]\d{4}[ \-.]\d{4}|\d{4}[ \-.]\d{4}|[ \-.]\d{8}|[ \-]\d{2}[ \-]\d{3}[ \-]\d{3}))"
 )
 _CANDIDATES: Final = re.compile(rf"{_EMAIL}|(?<!\d)(?:{_ID}|{_CARD}|{_PHONE})(?!\d)", re.ASCII)
+# Without an "@" no email can match: the pattern without its (backtracking) email branch.
+_NUMBERS: Final = re.compile(rf"(?<!\d)(?:{_ID}|{_CARD}|{_PHONE})(?!\d)", re.ASCII)
+# Fewer than 11 digits and no "@": nothing to find (one cheap scan instead of the full one).
+_ENOUGH_DIGITS: Final = re.compile(r"(?:\D*\d){11}", re.ASCII)
 _NOT_DIGIT: Final = re.compile(r"[^\dXx]", re.ASCII)
 _ID_WEIGHTS = (7, 9, 10, 5, 8, 4, 2, 1, 6, 3, 7, 9, 10, 5, 8, 4, 2)
 _ID_CHECK = "10X98765432"
@@ -124,9 +128,15 @@ def classify(candidate: str) -> str | None:
 
 def _sub(text: str, replace: Callable[[str], str]) -> str:
     folded = text if text.isascii() else text.translate(_FOLD)
+    if "@" in folded:
+        pattern = _CANDIDATES
+    elif len(folded) >= 11 and _ENOUGH_DIGITS.match(folded) is not None:
+        pattern = _NUMBERS
+    else:
+        return text
     out: list[str] = []
     last = 0
-    for m in _CANDIDATES.finditer(folded):
+    for m in pattern.finditer(folded):
         kind = _kind(m)
         if kind is not None:
             out.append(text[last : m.start()])
