@@ -71,7 +71,9 @@ def worst(i: int) -> list[dict[str, Any]]:
 
 
 def run(kind: str, n: int, rounds: int) -> float:
-    body = [typical(i) for i in range(n)] if kind == "typical" else [e for i in range(n // 4) for e in worst(i)]
+    body = (
+        [typical(i) for i in range(n)] if kind == "typical" else [e for i in range(n // 4) for e in worst(i)]
+    )
     raw = json.dumps({"batch": body}).encode()
     new_signature = len(inspect.signature(scrub_personal_data).parameters) == 3
     times = []

@@ -262,7 +262,9 @@ class ConsentService:
             raise ConsentRefused("nothing to record: grant, withdraw or subjectIsMinor is required", "grant")
         # Nothing free-text from a client is written to the ledger (it cannot be rewritten).
         if evidence_hash is not None and not is_digest(evidence_hash):
-            raise ConsentRefused("evidenceHash must be a hex digest (e.g. sha256:<64 hex digits>)", "evidenceHash")
+            raise ConsentRefused(
+                "evidenceHash must be a hex digest (e.g. sha256:<64 hex digits>)", "evidenceHash"
+            )
         sdk = ledger_sdk(sdk)
         notice_hash = None
         if grant:

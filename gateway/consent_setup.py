@@ -117,6 +117,7 @@ MessageKey = Callable[[str, str], str]
 
 def message_keys(keyring: KeyRing) -> MessageKey:
     """Message ids as the delivery proofs keep them (gateway.privacy.message_id_digest)."""
+
     def key(tenant: str, message_id: str) -> str:
         return message_id_digest(message_id, keyring.pseudonymiser(tenant))
 

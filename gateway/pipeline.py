@@ -38,7 +38,6 @@ from export.outbox import Claim, ClaimStatus, Outbox, OutboxRecord, notice_recor
 from gateway import metrics
 from gateway.config import Destination, ResolvedSource, Tenant
 from gateway.events import Envelope, Rejection, RejectMessage
-from identity.graph import GraphChange
 from gateway.privacy import (
     SAFE_CONTEXT,
     clean_message_id,
@@ -46,6 +45,7 @@ from gateway.privacy import (
     scrubber_for,
     url_pseudonymiser,
 )
+from identity.graph import GraphChange
 from identity.identifiers import DEVICE_TYPES, IDENTIFIER_TYPES, SCOPED_TYPES, InvalidIdentifier
 from identity.notices import notices_for_changes
 from identity.pseudonym import KeyRing, Pseudonymiser, pseudonymise_identifier

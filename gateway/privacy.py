@@ -30,9 +30,13 @@ from identity.pseudonym import Pseudonymiser
 from identity.scrub import has_personal_data, scrub_name, scrub_query, scrub_text
 
 # -- the allowlist ---------------------------------------------------------------------------
-VERSION: Final = re.compile(r"[vV]?\d{1,4}(?:\.\d{1,6}){0,4}(?:[-+][0-9A-Za-z][0-9A-Za-z.\-]{0,23})?", re.ASCII)
+VERSION: Final = re.compile(
+    r"[vV]?\d{1,4}(?:\.\d{1,6}){0,4}(?:[-+][0-9A-Za-z][0-9A-Za-z.\-]{0,23})?", re.ASCII
+)
 LOCALE: Final = re.compile(r"[A-Za-z]{2,3}(?:[-_][A-Za-z0-9]{2,8}){0,3}", re.ASCII)
-TIMEZONE: Final = re.compile(r"[A-Za-z]{1,32}(?:/[A-Za-z_+\-]{1,32}){0,2}|UTC[+\-]\d{1,2}(?::\d{2})?", re.ASCII)
+TIMEZONE: Final = re.compile(
+    r"[A-Za-z]{1,32}(?:/[A-Za-z_+\-]{1,32}){0,2}|UTC[+\-]\d{1,2}(?::\d{2})?", re.ASCII
+)
 NAME: Final = re.compile(r"[A-Za-z_$][A-Za-z_$]{0,63}", re.ASCII)  # no digits: no number fits
 PSEUDONYMISE: Final = object()  # marker: the value is an identifier, pseudonymised
 
@@ -179,7 +183,9 @@ class EventScrubber:
                         continue
                     if kind is list and ids(k):  # a list of identifiers
                         out[nk] = [
-                            x if x in keep or x == "" else opaque(x)
+                            x
+                            if x in keep or x == ""
+                            else opaque(x)
                             if isinstance(x, str | int) and not isinstance(x, bool)
                             else self.clean(x, None, keep, opaque, url_pseudonym, on_key)
                             for x in v

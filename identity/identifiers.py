@@ -183,7 +183,9 @@ class IdentifierKeys:
 
     __slots__ = ("_cache", "_pattern")
 
-    def __init__(self, patterns: Iterable[str] = (), *, defaults: Iterable[str] = DEFAULT_IDENTIFIER_KEY_PATTERNS) -> None:
+    def __init__(
+        self, patterns: Iterable[str] = (), *, defaults: Iterable[str] = DEFAULT_IDENTIFIER_KEY_PATTERNS
+    ) -> None:
         globs = [p.lower().lstrip("$") for p in (*defaults, *patterns)]
         self._pattern = re.compile("|".join(f"(?:{fnmatch.translate(g)})" for g in globs) or "(?!)")
         self._cache: dict[str, bool] = {}

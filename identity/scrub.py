@@ -176,9 +176,12 @@ def has_personal_data(text: str) -> bool:
 _PARAM: Final = re.compile(r"(^|[?&;#])([^=&;#?/\s]{1,128})=([^&;#\s]*)")
 # Values that are identifiers whatever their key: WeChat openid / unionid shapes, UUIDs,
 # long hex strings (device and session ids).
-_OPENID_SHAPE: Final = re.compile(r"o(?=[0-9A-Za-z_\-]*\d)(?=[0-9A-Za-z_\-]*[A-Z])[0-9A-Za-z_\-]{19,40}", re.ASCII)
+_OPENID_SHAPE: Final = re.compile(
+    r"o(?=[0-9A-Za-z_\-]*\d)(?=[0-9A-Za-z_\-]*[A-Z])[0-9A-Za-z_\-]{19,40}", re.ASCII
+)
 _HEXISH: Final = re.compile(
-    r"[0-9A-Fa-f]{8}-?[0-9A-Fa-f]{4}-?[0-9A-Fa-f]{4}-?[0-9A-Fa-f]{4}-?[0-9A-Fa-f]{12}|[0-9A-Fa-f]{24,}", re.ASCII
+    r"[0-9A-Fa-f]{8}-?[0-9A-Fa-f]{4}-?[0-9A-Fa-f]{4}-?[0-9A-Fa-f]{4}-?[0-9A-Fa-f]{12}|[0-9A-Fa-f]{24,}",
+    re.ASCII,
 )
 
 
@@ -191,7 +194,9 @@ def looks_like_identifier(value: str) -> bool:
     )
 
 
-def scrub_query(text: str, is_identifier_key: Callable[[str], bool], pseudonymise: Callable[[str], str]) -> str:
+def scrub_query(
+    text: str, is_identifier_key: Callable[[str], bool], pseudonymise: Callable[[str], str]
+) -> str:
     """Pseudonymise the values of query parameters (in a URL, a search string or a
     fragment) whose key names an identifier or whose value looks like one."""
     if "=" not in text:

@@ -25,7 +25,8 @@ _FULL_WIDTH = str.maketrans("0123456789+-@.", "０１２３４５６７８９＋
 
 
 def resident_id(rng: random.Random) -> str:
-    body = f"110105{rng.randrange(1950, 2005)}{rng.randrange(1, 13):02d}{rng.randrange(1, 29):02d}{rng.randrange(1000):03d}"
+    birth = f"{rng.randrange(1950, 2005)}{rng.randrange(1, 13):02d}{rng.randrange(1, 29):02d}"
+    body = f"110105{birth}{rng.randrange(1000):03d}"
     total = sum(int(d) * w for d, w in zip(body, _ID_WEIGHTS, strict=True))
     return body + _ID_CHECK[total % 11]
 
@@ -159,7 +160,12 @@ class Canaries:
                 }
             ],
             "traits": {"wx_openid": i["wx_openid"], "phone": f["phone_dash"], "note": f["id_card"]},
-            "page": {"url": url, "referrer": url, "search": f"?openid={i['url_openid']}", "path": f"/u/{f['phone']}"},
+            "page": {
+                "url": url,
+                "referrer": url,
+                "search": f"?openid={i['url_openid']}",
+                "path": f"/u/{f['phone']}",
+            },
             "campaign": {"name": f"c {f['phone_e164']}"},
         }
         properties = {
@@ -202,7 +208,12 @@ class Canaries:
                 "userId": i["user_id"],
                 "messageId": f"identify-{uuid.uuid4()}",
                 "context": context,
-                "traits": {**properties, "phone": f["phone_cc"], "email": f["email_upper"], "marker": marker + "-identify"},
+                "traits": {
+                    **properties,
+                    "phone": f["phone_cc"],
+                    "email": f["email_upper"],
+                    "marker": marker + "-identify",
+                },
             },
             {
                 "type": "group",
@@ -218,7 +229,9 @@ class Canaries:
     def sensors_batch(self, track_id: int) -> list[dict[str, Any]]:
         f, i = self.forms, self.ids
         now = int(time.time() * 1000)
-        url = f"https://shop.example/pay?openid={i['url_openid']}&uid={i['url_uid']}&m={quote(f['phone_dash'])}"
+        url = (
+            f"https://shop.example/pay?openid={i['url_openid']}&uid={i['url_uid']}&m={quote(f['phone_dash'])}"
+        )
         lib = {
             "$lib": f"MiniProgram{f['phone']}",
             "$lib_version": f["phone_dot"],
@@ -253,6 +266,10 @@ class Canaries:
                 "login_id": i["user_id"],
                 "time": now,
                 "lib": lib,
-                "properties": {"customer_id": i["customer_id"], "mobile": f["phone_cc"], f"e_{f['phone']}": 1},
+                "properties": {
+                    "customer_id": i["customer_id"],
+                    "mobile": f["phone_cc"],
+                    f"e_{f['phone']}": 1,
+                },
             },
         ]

@@ -410,9 +410,7 @@ class Gateway:
 
     def keyring(self) -> KeyRing:
         """The pseudonymisation keys this gateway uses (IDGATE_KEYS, else its dev key file)."""
-        return KeyRing.load(
-            env_value=self.env.get("IDGATE_KEYS"), key_file=self.data_dir / "dev-keys.json"
-        )
+        return KeyRing.load(env_value=self.env.get("IDGATE_KEYS"), key_file=self.data_dir / "dev-keys.json")
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace")

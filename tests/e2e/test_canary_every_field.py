@@ -62,12 +62,13 @@ options = {{ url = "{doomed_url}", timeout_seconds = 1 }}
 retry = {{ max_attempts = 1, initial_backoff_ms = 10, max_backoff_ms = 10 }}
 """
     if redis_ns is not None:
+        prefix = redis_ns.prefix
         extra += f"""
 [[tenants.destinations]]
 id = "redis-out"
 sink = "redis_stream"
 purposes = ["analytics"]
-options = {{ url = "{redis_ns.url}", stream = "{redis_ns.prefix}:events", key_prefix = "{redis_ns.prefix}:sink" }}
+options = {{ url = "{redis_ns.url}", stream = "{redis_ns.prefix}:events", key_prefix = "{prefix}:sink" }}
 """
     assert _SHOP_LAST_DESTINATION in TEST_CONFIG
     return TEST_CONFIG.replace(_SHOP_LAST_DESTINATION, _SHOP_LAST_DESTINATION + extra, 1)
@@ -91,7 +92,9 @@ def send_everything(gw: Gateway, c: Canaries, marker: str) -> None:
         for e in batch:  # the single endpoints (duplicates of the batch's messages)
             assert shop.post(f"/v1/{e['type']}", json=e).status_code == 200
         # rejected ones, whose error path must not leak
-        shop.post("/v1/track", json={"userId": c.ids["user_id"], "event": 5, "messageId": c.ids["message_id"]})
+        shop.post(
+            "/v1/track", json={"userId": c.ids["user_id"], "event": 5, "messageId": c.ids["message_id"]}
+        )
         bad = {"type": "track", "userId": c.ids["user_id"], "messageId": c.ids["message_id"]}  # no event
         assert shop.post("/v1/batch", json={"batch": [bad]}).json()["rejected"]
     r = httpx.post(
