@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 import msgspec
 import pytest
 
-from gateway.config import IdentityConfig, Limits, Tenant
+from gateway.config import IdentityConfig, Limits, Tenant, parse_config
 from gateway.events import Envelope
 from gateway.pipeline import pseudonymise_identifiers, scrub_personal_data
 from gateway.privacy import EventScrubber, clean_message_id, message_id_digest
@@ -110,6 +110,32 @@ def test_identifier_keys_are_configurable_per_tenant() -> None:
     assert props["vip_no"].startswith("k1.") and props["shop_loyalty_card"].startswith("k1.")
     assert props["sku"] == "S-1"
     assert "V12345678" not in event["context"]["page"]["url"] and "sku=S-1" in event["context"]["page"]["url"]
+
+
+def test_identifier_keys_come_from_the_tenant_config() -> None:
+    config = parse_config(
+        """
+[[tenants]]
+id = "t3"
+consent = { enforce = false }
+[tenants.identity]
+identifier_keys = ["vip_no"]
+[[tenants.sources]]
+id = "w"
+platform = "web"
+dev_write_key = "w-key-000000001"
+""",
+        dev=True,
+    )
+    (tenant,) = config.tenants
+    assert tenant.identity.identifier_keys == ["vip_no"]
+    envs, _, _ = decode_batch(
+        json.dumps({"batch": [{"type": "identify", "userId": "u", "traits": {"VIP_NO": "V1"}}]}).encode(),
+        limits=Limits(),
+        received_at=NOW,
+    )
+    (event,) = run_stages(envs, tenant)
+    assert event["traits"]["VIP_NO"].startswith("k1.")
 
 
 @pytest.mark.parametrize(
