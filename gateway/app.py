@@ -28,8 +28,8 @@ from gateway.admin import ADMIN_CONTROLLERS, AdminServices
 from gateway.auth import AdminTokens, WriteKeys
 from gateway.config import Config, index_sensors_tokens, index_write_keys, load_config
 from gateway.consent_api import consent_controller
-from gateway.cors import cors, document_cors
 from gateway.consent_setup import checkpoint_periodically, ledger_signer, open_consent
+from gateway.cors import cors, document_cors
 from gateway.delivery_setup import build_delivery, open_dead_letters, open_outbox, redis_options, rekeyer
 from gateway.errors import exception_handlers
 from gateway.identity_setup import notice_publisher, open_identity

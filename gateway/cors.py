@@ -31,7 +31,7 @@ from __future__ import annotations
 from typing import Any
 
 import msgspec
-
+from litestar.enums import ScopeType
 from litestar.openapi.spec import OpenAPI, OpenAPIResponse, Operation, Parameter, Schema
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -69,7 +69,7 @@ def check_origin(scope: Scope, src: ResolvedSource) -> None:
     list (403, and the answer carries no CORS grant). Requests without ``Origin`` pass."""
     origin = request_origin(scope)
     if origin is not None and origin not in src.source.allowed_origins:
-        scope.setdefault("state", {})[_REFUSED] = True  # type: ignore[typeddict-unknown-key]
+        scope.setdefault("state", {})[_REFUSED] = True
         raise InvalidRequest(
             "origin_not_allowed",
             "this source does not allow requests from the page's origin (allowed_origins)",
@@ -98,7 +98,7 @@ def cors(config: Config) -> Any:
 
     def middleware(app: ASGIApp) -> ASGIApp:
         async def handle(scope: Scope, receive: Receive, send: Send) -> None:
-            if scope["type"] != "http" or scope["path"].rstrip("/") not in CORS_PATHS:
+            if scope["type"] != ScopeType.HTTP or scope["path"].rstrip("/") not in CORS_PATHS:
                 await app(scope, receive, send)
                 return
             origin = request_origin(scope)

@@ -95,7 +95,9 @@ def test_analytics_js_from_another_origin_records_consent_and_tracks_through_idg
     try:
         assert shop.origin != gw.url  # another port: another origin
         page.goto(shop.origin + "/index.html")
-        out = page.evaluate(SHOP_SCRIPT, {"gateway": gw.url, "writeKey": MALL_WEB_KEY, "grant": ["analytics"]})
+        out = page.evaluate(
+            SHOP_SCRIPT, {"gateway": gw.url, "writeKey": MALL_WEB_KEY, "grant": ["analytics"]}
+        )
         assert out["consent"].get("status") == 200, (out, page.console)
         assert out["consent"]["body"]["success"] is True
         assert out["failed"] == [], (out, page.console)
@@ -104,7 +106,9 @@ def test_analytics_js_from_another_origin_records_consent_and_tracks_through_idg
         # The mall enforces consent: the events pass because the page recorded it first.
         sent = {out["pageId"], out["messageId"]}
         events = wait_until(
-            lambda: (lines := gw.wait_for_sink(sent, "mall-warehouse", timeout=0.5)) and len(lines) == 2 and lines,
+            lambda: (
+                (lines := gw.wait_for_sink(sent, "mall-warehouse", timeout=0.5)) and len(lines) == 2 and lines
+            ),
             20,
             what="analytics.js' page and track events in the mall-warehouse sink",
         )
@@ -134,7 +138,9 @@ def test_a_page_of_an_origin_no_source_allows_can_send_nothing(
     gw = gateway_for(tmp_path / "gw", shop.origin).start()
     try:
         page.goto(stranger.origin + "/index.html")
-        out = page.evaluate(SHOP_SCRIPT, {"gateway": gw.url, "writeKey": MALL_WEB_KEY, "grant": ["analytics"]})
+        out = page.evaluate(
+            SHOP_SCRIPT, {"gateway": gw.url, "writeKey": MALL_WEB_KEY, "grant": ["analytics"]}
+        )
         # The browser refused to send (the preflight got no grant): fetch fails, the SDK too.
         assert "Failed to fetch" in out["consent"].get("error", ""), out
         assert page.outside == []

@@ -38,7 +38,10 @@ SEGMENT_PATHS = [
     "/v1/a",
 ]
 CORS_PATHS = [*SEGMENT_PATHS, "/v1/consent"]
-PREFLIGHT = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization,content-type"}
+PREFLIGHT = {
+    "Access-Control-Request-Method": "POST",
+    "Access-Control-Request-Headers": "authorization,content-type",
+}
 
 
 def with_origins(config: str, key: str, origins: list[str]) -> str:
@@ -79,7 +82,9 @@ def test_a_preflight_from_an_origin_a_source_lists_is_granted(
 
 
 @pytest.mark.parametrize("path", CORS_PATHS)
-@pytest.mark.parametrize("origin", [STRANGER, "null", SHOP + ".evil.example", "http://shop.example.cn", SHOP + "/"])
+@pytest.mark.parametrize(
+    "origin", [STRANGER, "null", SHOP + ".evil.example", "http://shop.example.cn", SHOP + "/"]
+)
 def test_a_preflight_from_an_origin_no_source_lists_gets_no_grant(
     client: TestClient[Litestar], path: str, origin: str
 ) -> None:
@@ -103,7 +108,13 @@ def test_options_without_origin_names_the_methods(client: TestClient[Litestar], 
 
 # -- the requests themselves ------------------------------------------------------------------
 def track(**extra: object) -> dict[str, object]:
-    return {"type": "track", "anonymousId": "anon-cors-1", "event": "Product Viewed", "messageId": mid(), **extra}
+    return {
+        "type": "track",
+        "anonymousId": "anon-cors-1",
+        "event": "Product Viewed",
+        "messageId": mid(),
+        **extra,
+    }
 
 
 @pytest.mark.parametrize("origin", [SHOP, SHOP_DEV])
@@ -182,10 +193,16 @@ def test_requests_without_origin_are_not_affected(client: TestClient[Litestar]) 
     assert cors_headers(r.headers) == {}
 
 
-@pytest.mark.parametrize(("short", "long"), [("/v1/b", "/v1/batch"), ("/v1/t", "/v1/track"), ("/v1/i", "/v1/identify")])
-def test_the_short_paths_answer_like_the_long_ones(client: TestClient[Litestar], short: str, long: str) -> None:
+@pytest.mark.parametrize(
+    ("short", "long"), [("/v1/b", "/v1/batch"), ("/v1/t", "/v1/track"), ("/v1/i", "/v1/identify")]
+)
+def test_the_short_paths_answer_like_the_long_ones(
+    client: TestClient[Litestar], short: str, long: str
+) -> None:
     """analytics.js posts to /v1/t, /v1/b...: the same handlers as /v1/track, /v1/batch."""
-    message = track() if long != "/v1/identify" else {"type": "identify", "userId": "member-1", "messageId": mid()}
+    message = (
+        track() if long != "/v1/identify" else {"type": "identify", "userId": "member-1", "messageId": mid()}
+    )
     body = {"batch": [message]} if long == "/v1/batch" else message
     answers = [client.post(p, json=body, auth=(WEB_KEY, "")) for p in (short, long)]
     assert [a.status_code for a in answers] == [200, 200], [a.text for a in answers]
@@ -253,7 +270,14 @@ def test_origins_are_checked(origin: str, problem: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "origin", [SHOP, "http://127.0.0.1:8080", "http://localhost:3000", "https://[::1]:8443", "https://shop.example.cn:8443"]
+    "origin",
+    [
+        SHOP,
+        "http://127.0.0.1:8080",
+        "http://localhost:3000",
+        "https://[::1]:8443",
+        "https://shop.example.cn:8443",
+    ],
 )
 def test_well_formed_origins_are_accepted(origin: str) -> None:
     assert [p for p in problems_for([origin]) if p.startswith("tenants[0].sources[0]")] == []
