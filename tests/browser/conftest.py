@@ -49,7 +49,9 @@ def analytics_js() -> Path:
     return UMD
 
 
-@pytest.fixture(scope="session")
+# Module scope: Playwright's sync API runs an event loop of its own; it is gone before the
+# next module's tests (asyncio ones among them) run.
+@pytest.fixture(scope="module")
 def chromium() -> Iterator[Any]:
     """A headless Chromium browser (Playwright's ``Browser``)."""
     require_marker("browser", "a Chromium browser")
@@ -60,8 +62,11 @@ def chromium() -> Iterator[Any]:
     if not os.access(CHROMIUM, os.X_OK):
         missing("browser", f"Chromium is not installed at {CHROMIUM} (apt-get install chromium)")
     with sync_playwright() as p:
-        # --no-sandbox: CI runs as root, where Chromium's sandbox refuses to start.
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+        # --no-sandbox: CI runs as root, where Chromium's sandbox refuses to start; a small
+        # /dev/shm (containers) would crash pages without --disable-dev-shm-usage.
+        browser = p.chromium.launch(
+            executable_path=CHROMIUM, headless=True, args=["--no-sandbox", "--disable-dev-shm-usage"]
+        )
         yield browser
         browser.close()
 
