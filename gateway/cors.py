@@ -32,7 +32,7 @@ from typing import Any
 
 import msgspec
 from litestar.enums import ScopeType
-from litestar.openapi.spec import OpenAPI, OpenAPIResponse, Operation, Parameter, Schema
+from litestar.openapi.spec import OpenAPI, OpenAPIResponse, Operation
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway import metrics
@@ -140,13 +140,6 @@ def cors(config: Config) -> Any:
 
 def document_cors(openapi: OpenAPI) -> None:
     """The preflight (``OPTIONS``) of every CORS path, in the document."""
-    origin = Parameter(
-        name="Origin",
-        param_in="header",
-        required=False,
-        schema=Schema(type="string"),  # type: ignore[arg-type]
-        description="The page's origin; granted when a source lists it in allowed_origins",
-    )
     for path in sorted(CORS_PATHS):
         item = (openapi.paths or {}).get(path)
         if item is None:
@@ -154,13 +147,13 @@ def document_cors(openapi: OpenAPI) -> None:
         item.options = Operation(
             tags=["consent" if path == "/v1/consent" else "ingest"],
             summary="CORS preflight",
-            description="Browsers ask before they post from another origin. Granted (204 with "
+            description="Browsers ask before they post from another origin (headers `Origin`, "
+            "`Access-Control-Request-Method`, `Access-Control-Request-Headers`). Granted (204 with "
             "Access-Control-Allow-Origin, -Methods, -Headers: Authorization, Content-Type, "
             f"Content-Encoding; Max-Age {MAX_AGE}) when some source lists the page's origin in its "
             "allowed_origins; the request itself is then checked against its write key's source "
             "(403 origin_not_allowed, without the grant, when that source does not list it).",
             operation_id="cors" + path.replace("/", "_"),
-            parameters=[origin],
             responses={
                 "204": OpenAPIResponse(description="Granted, or (without Origin) the allowed methods"),
                 "403": error_response(403, "No source of this gateway allows the origin (no CORS grant)"),
