@@ -29,6 +29,7 @@ from gateway.auth import AdminTokens, WriteKeys
 from gateway.config import Config, index_sensors_tokens, index_write_keys, load_config
 from gateway.consent_api import consent_controller
 from gateway.consent_setup import checkpoint_periodically, ledger_signer, open_consent
+from gateway.cors import cors, document_cors
 from gateway.delivery_setup import build_delivery, open_dead_letters, open_outbox, redis_options, rekeyer
 from gateway.errors import exception_handlers
 from gateway.identity_setup import notice_publisher, open_identity
@@ -255,7 +256,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         # Above this Litestar refuses the body before reading it; _read_body applies the exact limit.
         request_max_body_size=config.limits.max_batch_bytes + 1024,
         exception_handlers=exception_handlers(),
-        middleware=[request_context],
+        middleware=[request_context, cors(config)],
         openapi_config=openapi_config(),
         debug=False,
         logging_config=None,  # gateway.logging configures structlog JSON for everything
@@ -264,5 +265,6 @@ def create_app(settings: Settings | None = None) -> Litestar:
     openapi = app.openapi_schema
     document_ingest_routes(openapi, config.limits)
     document_sensors_routes(openapi, config.limits)
+    document_cors(openapi)
     finish_document(openapi)
     return app
