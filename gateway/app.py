@@ -27,6 +27,7 @@ from export.outbox import Outbox
 from gateway.admin import ADMIN_CONTROLLERS, AdminServices
 from gateway.auth import AdminTokens, WriteKeys
 from gateway.config import Config, index_sensors_tokens, index_write_keys, load_config
+from gateway.trust import assertion_verifiers
 from gateway.consent_api import consent_controller
 from gateway.consent_setup import checkpoint_periodically, ledger_signer, open_consent
 from gateway.delivery_setup import build_delivery, open_dead_letters, open_outbox, redis_options, rekeyer
@@ -147,6 +148,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
     config = load_config(settings.config_path, dev=settings.dev)
     keyring = load_keyring(settings, config)
     signer = ledger_signer(settings)
+    verifiers = assertion_verifiers(config, path=str(settings.config_path))
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
@@ -171,6 +173,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
                 resolver=resolver,
                 consent_service=consent.service,
                 identity=identity,
+                assertions=verifiers,
             ),
             on_appended=delivery.notify,
         )
@@ -190,6 +193,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         state.sensors_tokens = index_sensors_tokens(config, dev=settings.dev)
         state.keyring = keyring
         state.consent = consent.service
+        state.assertions = verifiers
         state.admin_tokens = tokens
         state.services = AdminServices(
             config=config,
