@@ -74,7 +74,9 @@ def screen(
                 )
             )
     if standing.assertion is not None:  # the call speaks for the person the assertion names
-        proven.extend(i for i in sorted(standing.assertion.person, key=lambda i: (i.type, i.value)) if i not in proven)
+        proven.extend(
+            i for i in sorted(standing.assertion.person, key=lambda i: (i.type, i.value)) if i not in proven
+        )
     if not proven:
         first = refused[-1] if refused else Refusal("userId", "unproven_identifier", "no identifier")
         raise ConsentForbidden("assertion_required", first.detail, first.field)
@@ -89,7 +91,8 @@ def screen(
             Refusal(
                 "subjectIsMinor",
                 "guardian_assertion_required",
-                "clearing an under-14 flag needs a server source or an identity assertion with guardian: true",
+                "clearing an under-14 flag needs a server source or an identity assertion "
+                "with guardian: true",
             )
         )
         minor = None

@@ -27,9 +27,9 @@ from export.outbox import Outbox
 from gateway.admin import ADMIN_CONTROLLERS, AdminServices
 from gateway.auth import AdminTokens, WriteKeys
 from gateway.config import Config, index_sensors_tokens, index_write_keys, load_config
-from gateway.trust import assertion_verifiers
 from gateway.consent_api import consent_controller
 from gateway.consent_setup import checkpoint_periodically, ledger_signer, open_consent
+from gateway.cors import cors, document_cors
 from gateway.delivery_setup import build_delivery, open_dead_letters, open_outbox, redis_options, rekeyer
 from gateway.errors import exception_handlers
 from gateway.identity_setup import notice_publisher, open_identity
@@ -40,6 +40,7 @@ from gateway.openapi import docs_assets_routers, finish_document, openapi_config
 from gateway.pipeline import Ingestor, IngestServices
 from gateway.sensors_http import SENSORS_ROUTES, document_sensors_routes
 from gateway.settings import Settings
+from gateway.trust import assertion_verifiers
 from identity.pseudonym import InvalidKeyMaterial, KeyRing, new_key_document, write_private_file
 
 log = structlog.get_logger("idgate.gateway")
@@ -259,7 +260,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         # Above this Litestar refuses the body before reading it; _read_body applies the exact limit.
         request_max_body_size=config.limits.max_batch_bytes + 1024,
         exception_handlers=exception_handlers(),
-        middleware=[request_context],
+        middleware=[request_context, cors(config)],
         openapi_config=openapi_config(),
         debug=False,
         logging_config=None,  # gateway.logging configures structlog JSON for everything
@@ -268,5 +269,6 @@ def create_app(settings: Settings | None = None) -> Litestar:
     openapi = app.openapi_schema
     document_ingest_routes(openapi, config.limits)
     document_sensors_routes(openapi, config.limits)
+    document_cors(openapi)
     finish_document(openapi)
     return app

@@ -23,6 +23,7 @@ from consent.trust import screen
 from gateway import metrics
 from gateway.auth import WriteKeys
 from gateway.config import Limits, ResolvedSource
+from gateway.cors import check_origin
 from gateway.errors import InvalidRequest
 from gateway.logging import bind_source
 from gateway.openapi import error_responses, limits_text
@@ -119,6 +120,7 @@ def provide_source(request: Request[Any, Any, Any], state: State, data: ConsentR
     keys: WriteKeys = state.write_keys
     source = keys.authenticate(request.headers.get("authorization", ""), lambda: data.write_key)
     bind_source(source.tenant.id, source.source.id)
+    check_origin(request.scope, source)
     return source
 
 
@@ -152,6 +154,7 @@ def consent_controller(limits: Limits) -> type[Controller]:
             responses=error_responses(
                 400,
                 401,
+                403,
                 413,
                 429,
                 503,
@@ -159,6 +162,8 @@ def consent_controller(limits: Limits) -> type[Controller]:
                     400: "Invalid body, an unknown purpose or identifier type, a junk identifier, "
                     "or a grant without a known notice; `field` names it",
                     401: "Missing or unknown write key (HTTP Basic user, or `writeKey` in the body)",
+                    403: "The request comes from a web page whose origin the source does not "
+                    "allow (`allowed_origins`; answered without a CORS grant)",
                     413: f"The body is over {limits.max_message_bytes} bytes",
                     503: "Redis, the database or the consent state is unavailable: nothing was "
                     "recorded; retry after `Retry-After` seconds",

@@ -17,8 +17,8 @@ Each stage is a named function of (dependencies, batch) that can be run alone in
 
 from __future__ import annotations
 
-from collections import Counter
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -214,7 +214,11 @@ def take_assertion(env: Envelope) -> None:
 
 
 def establish_standing(
-    env: Envelope, src: ResolvedSource, verifier: AssertionVerifier | None, pseudonymiser: Pseudonymiser, now: float
+    env: Envelope,
+    src: ResolvedSource,
+    verifier: AssertionVerifier | None,
+    pseudonymiser: Pseudonymiser,
+    now: float,
 ) -> None:
     """What this event's sender proved; a client may only detach its own device's identifiers."""
     env.standing = standing(

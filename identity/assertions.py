@@ -153,7 +153,9 @@ class AssertionVerifier:
         except jwt.ExpiredSignatureError:
             raise AssertionRefused("assertion_expired", "the identity assertion has expired") from None
         except jwt.InvalidSignatureError:
-            raise AssertionRefused("assertion_signature", "the identity assertion's signature is wrong") from None
+            raise AssertionRefused(
+                "assertion_signature", "the identity assertion's signature is wrong"
+            ) from None
         except jwt.PyJWTError as exc:
             raise AssertionRefused("assertion_invalid", f"identity assertion: {exc}") from None
         exp, iat = payload["exp"], payload["iat"]
@@ -170,7 +172,9 @@ class AssertionVerifier:
         person: list[tuple[str, str]] = [("user_id", sub)]
         ids = payload.get("ids", [])
         if not isinstance(ids, list) or len(ids) > 10:
-            raise AssertionRefused("assertion_invalid", "identity assertion: 'ids' must be a list (at most 10)")
+            raise AssertionRefused(
+                "assertion_invalid", "identity assertion: 'ids' must be a list (at most 10)"
+            )
         for item in ids:
             if not isinstance(item, dict) or item.get("type") not in PERSON_TYPES:
                 raise AssertionRefused(
@@ -182,8 +186,6 @@ class AssertionVerifier:
                 raise AssertionRefused("assertion_invalid", "identity assertion: each of 'ids' needs an id")
             person.append((str(item["type"]), str(value)))
         return _Claims(tuple(person), device.strip(), payload.get("guardian") is True, float(exp))
-
-
 
 
 @dataclass(frozen=True, slots=True)
@@ -240,7 +242,8 @@ def standing(
         return CLIENT
     if verifier is None:
         return Standing(
-            False, refused=AssertionRefused("assertion_not_configured", "this source takes no identity assertions")
+            False,
+            refused=AssertionRefused("assertion_not_configured", "this source takes no identity assertions"),
         )
     try:
         assertion = verifier.verify(token, pseudonymiser, now=now)

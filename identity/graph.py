@@ -435,7 +435,10 @@ class IdentityGraph:
             return
         rules = self.rules
         now = provenance.at.timestamp()
-        sides = ((anchor, self._persons[root_b]), (other, self._persons[root_a]))
+        sides: tuple[tuple[str, _Person], ...] = (
+            (anchor, self._persons[root_b]),
+            (other, self._persons[root_a]),
+        )
         if provenance.rule == UNVERIFIED:  # only the claiming client's own identifiers answer for it
             sides = sides[:1]
         for node, other_person in sides:

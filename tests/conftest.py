@@ -7,7 +7,7 @@ Markers (registered in pyproject.toml) select the tests by what they need:
     postgres  the PostgreSQL server (IDGATE_TEST_DATABASE_URL; a fresh schema per test)
     nats      the NATS JetStream server (IDGATE_TEST_NATS_URL)
     node      Node.js and npm (the WeChat mini-program SDK tests under tests/sensors)
-    browser   a browser driven by Playwright (reserved for the browser tests to come)
+    browser   Chromium driven by Playwright (analytics.js in tests/browser)
     slow      starts `idgate serve` processes (deselect for the quick in-process suite)
 
 e.g. ``pytest -m "not postgres"``, ``pytest -m redis``, ``pytest -m "not slow"``. They are
@@ -62,6 +62,8 @@ MARKERS_BY_FIXTURE: dict[str, tuple[str, ...]] = {
     "pg_schema": ("postgres",),
     "nats_url": ("nats",),
     "miniprogram": ("node",),
+    "analytics_js": ("node",),
+    "chromium": ("browser",),
     "gateway": ("slow",),
     "fresh_gateway": ("slow",),
 }
@@ -597,7 +599,13 @@ def assertion(
     import jwt
 
     issued = int(time.time() if now is None else now)
-    claims: dict[str, Any] = {"aud": "idgate", "iat": issued, "exp": issued + lifetime, "sub": user, "device": device}
+    claims: dict[str, Any] = {
+        "aud": "idgate",
+        "iat": issued,
+        "exp": issued + lifetime,
+        "sub": user,
+        "device": device,
+    }
     if ids:
         claims["ids"] = [{"type": t, "id": v} for t, v in ids]
     if guardian:

@@ -17,10 +17,10 @@ import httpx
 import pytest
 
 from tests.conftest import (
-    OPERATOR_TOKEN,
     MALL_SENSORS_TOKEN,
     MALL_SERVER_KEY,
     MALL_WEB_KEY,
+    OPERATOR_TOKEN,
     Gateway,
     assertion,
     make_gateway,
