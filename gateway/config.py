@@ -313,8 +313,11 @@ def _check_trust(s: Source, sw: str, problems: list[str]) -> None:
                 f"{sw}.dev_write_key: a server source needs a secret of at least "
                 f"{SERVER_KEY_MIN_LENGTH} characters (`idgate keys write-key`)"
             )
-        if s.sensors_dev_token:
-            problems.append(f"{sw}.sensors_dev_token: a server source cannot take a demo token")
+        if s.sensors_dev_token and len(s.sensors_dev_token) < SERVER_KEY_MIN_LENGTH:
+            problems.append(
+                f"{sw}.sensors_dev_token: a server source needs a token of at least "
+                f"{SERVER_KEY_MIN_LENGTH} characters"
+            )
         if s.assertions is not None:
             problems.append(f"{sw}.assertions: a server source asserts identities itself")
     a = s.assertions

@@ -205,11 +205,12 @@ _ASSERTING_TYPES = frozenset({"identify", "alias"})
 def take_assertion(env: Envelope) -> None:
     ev = env.event
     token = ev.context.pop(ASSERTION_CONTEXT_KEY, None)
-    if ev.properties:
-        for key in ASSERTION_PROPERTY_KEYS:
-            found = ev.properties.pop(key, None)
-            if token is None:
-                token = found
+    for fields in (ev.properties, ev.traits):  # Sensors profile calls carry it as a trait
+        if fields:
+            for key in ASSERTION_PROPERTY_KEYS:
+                found = fields.pop(key, None)
+                if token is None:
+                    token = found
     env.assertion_token = token
 
 

@@ -8,9 +8,10 @@ person logged in: it issues a short-lived JWT that the client passes along, bind
 identifiers to the device. The claims:
 
     {"aud": "idgate", "iat": ..., "exp": ...,       # short-lived (max_lifetime_seconds)
-     "sub": "<the user id>",
+     "sub": "<the user id>",                         # and/or "ids"
      "device": "<the anonymousId (or device id) the SDK sends>",
-     "ids": [{"type": "phone", "id": "13912345678"}, ...],   # optional, person-level
+     "ids": [{"type": "phone", "id": "13912345678"}, ...],   # person-level: phone, email,
+                                                     # wechat_unionid (or user_id)
      "guardian": true}                               # optional: guardian consent verified
 
 Signed with HS256 (a per-source secret) or EdDSA (Ed25519, the backend's public key
@@ -147,7 +148,7 @@ class AssertionVerifier:
                 algorithms=[k.algorithm],
                 audience=k.audience,
                 issuer=k.issuer or None,
-                options={"require": ["exp", "iat", "sub", "aud"]},
+                options={"require": ["exp", "iat", "aud"]},
                 leeway=5,
             )
         except jwt.ExpiredSignatureError:
@@ -166,10 +167,12 @@ class AssertionVerifier:
         device = payload.get("device")
         if not isinstance(device, str) or not device.strip():
             raise AssertionRefused("assertion_invalid", "identity assertion: 'device' is required")
-        sub = payload["sub"]
-        if not isinstance(sub, str) or not sub.strip():
-            raise AssertionRefused("assertion_invalid", "identity assertion: 'sub' must be the user id")
-        person: list[tuple[str, str]] = [("user_id", sub)]
+        sub = payload.get("sub")
+        person: list[tuple[str, str]] = []
+        if sub is not None:
+            if not isinstance(sub, str) or not sub.strip():
+                raise AssertionRefused("assertion_invalid", "identity assertion: 'sub' must be the user id")
+            person.append(("user_id", sub))
         ids = payload.get("ids", [])
         if not isinstance(ids, list) or len(ids) > 10:
             raise AssertionRefused(
@@ -185,6 +188,10 @@ class AssertionVerifier:
             if not isinstance(value, str | int) or isinstance(value, bool):
                 raise AssertionRefused("assertion_invalid", "identity assertion: each of 'ids' needs an id")
             person.append((str(item["type"]), str(value)))
+        if not person:
+            raise AssertionRefused(
+                "assertion_invalid", "identity assertion: names no one ('sub' or 'ids' is required)"
+            )
         return _Claims(tuple(person), device.strip(), payload.get("guardian") is True, float(exp))
 
 

@@ -187,6 +187,14 @@ dev_write_key = "app-test-key-0001"
 sensors_project = "shop"
 sensors_dev_token = "shop-sensors-token-01"
 
+# The shop's backend: the server-side SDKs (analytics-python, the Sensors Python SDK).
+[[tenants.sources]]
+id = "shop-server"
+platform = "server"
+dev_write_key = "shop-server-secret-key-000000000000001"
+sensors_project = "shop"
+sensors_dev_token = "shop-server-sensors-token-0000000001"
+
 [tenants.tracking_plan]
 "*" = ["analytics"]
 
@@ -278,6 +286,8 @@ recipient = { name = "Ad network", contact = "ads@example.com", third_party = tr
 WEB_KEY = "web-test-key-0001"
 APP_KEY = "app-test-key-0001"
 MALL_WEB_KEY = "mall-web-key-0001"
+SHOP_SERVER_KEY = "shop-server-secret-key-000000000000001"
+SHOP_SERVER_SENSORS_TOKEN = "shop-server-sensors-token-0000000001"
 MALL_APP_KEY = "mall-app-key-0001"
 MALL_MP_KEY = "mall-mp-key-00001"
 MALL_SERVER_KEY = "mall-server-secret-key-0000000000000001"

@@ -285,3 +285,29 @@ def test_assertion_for_another_device_or_expired_is_refused(gw: Gateway) -> None
         "unproven_identifier",
     ):
         assert f'idgate_events_refused_assertion_total{{reason="{reason}",tenant="mall"}}' in metrics
+
+
+def test_segment_client_links_after_a_signed_login_and_not_without(gw: Gateway) -> None:
+    """The real segment-analytics-python client: consent for its own device, then identify
+    with the backend's assertion in the context links the login; the same call without it
+    (or from another device) leaves the person alone."""
+    from segment.analytics import Client
+
+    t = tag()
+    user, device, other = f"user-{t}", f"dev-{t}", f"other-{t}"
+    for anon in (device, other):
+        assert consent(gw, MALL_WEB_KEY, anonymousId=anon, grant=LINKING).status_code == 200
+    errors: list[Exception] = []
+    client = Client(MALL_WEB_KEY, host=gw.url, on_error=lambda e, _b: errors.append(e), max_retries=1)
+    client.identify(user, {}, anonymous_id=other)  # no assertion: not linked
+    client.identify(user, {}, anonymous_id=device, context={"identityAssertion": assertion(user, device)})
+    client.track(user, "Product Viewed", {"sku": "SKU-1"}, anonymous_id=device)
+    client.flush()
+    client.shutdown()
+    assert errors == []
+    wait_until(
+        lambda: explain(gw, ("user_id", user), ("anonymous_id", device))["linked"],
+        20,
+        what="the signed login to link",
+    )
+    assert not explain(gw, ("user_id", user), ("anonymous_id", other))["linked"]
