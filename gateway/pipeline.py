@@ -30,10 +30,10 @@ from consent.decisions import ConsentDecision, ConsentPolicy, ConsentQuery, Cons
 from consent.service import ConsentRefused, ConsentService
 from consent.signals import (
     CONSENT_PREFERENCE_EVENT,
-    category_preferences,
     choice_from_categories,
     is_minor_age,
     narrowed_purposes,
+    signalled,
 )
 from export.outbox import Claim, ClaimStatus, Outbox, OutboxRecord, notice_record
 from gateway import metrics
@@ -487,7 +487,8 @@ def _proven(env: Envelope) -> list[Identifier]:
 
 
 def _is_consent_event(env: Envelope) -> bool:
-    return env.event.event == CONSENT_PREFERENCE_EVENT
+    ctx = env.event.context
+    return env.event.event == CONSENT_PREFERENCE_EVENT or "consent" in ctx or "consentManagement" in ctx
 
 
 async def claim_message_ids(s: IngestServices, batch: IngestBatch) -> None:
@@ -525,7 +526,7 @@ async def record_consent_signals(s: IngestServices, batch: IngestBatch) -> None:
             await service.flag_minor(
                 tenant=tenant.id, identifiers=identifiers, source=src.source.id, platform=src.source.platform
             )
-        prefs = category_preferences(ev.context) if ev.event == CONSENT_PREFERENCE_EVENT else {}
+        prefs = signalled(ev.context)
         if not prefs or not identifiers:
             kept.append(env)
             continue
@@ -535,16 +536,29 @@ async def record_consent_signals(s: IngestServices, batch: IngestBatch) -> None:
         library = ev.context.get("library")
         sdk = str(library.get("name")) if isinstance(library, dict) and library.get("name") else None
         try:
-            await service.record(
-                tenant=tenant.id,
-                identifiers=identifiers,
-                grant=choice.granted,
-                withdraw=choice.refused,
-                notice_id=str(notice_id) if notice_id else await service.current_notice(tenant.id),
-                source=src.source.id,
-                platform=src.source.platform,
-                sdk=sdk,
-            )
+            if ev.event == CONSENT_PREFERENCE_EVENT:  # the choice itself, recorded as made
+                await service.record(
+                    tenant=tenant.id,
+                    identifiers=identifiers,
+                    grant=choice.granted,
+                    withdraw=choice.refused,
+                    notice_id=str(notice_id) if notice_id else await service.current_notice(tenant.id),
+                    source=src.source.id,
+                    platform=src.source.platform,
+                    sdk=sdk,
+                )
+            elif choice.granted or choice.refused:  # repeated on every event: what changed
+                await service.record_changes(
+                    tenant=tenant.id,
+                    identifiers=identifiers,
+                    device=[i.value for i in env.identifiers if i.type in DEVICE_TYPES],
+                    grant=choice.granted,
+                    withdraw=choice.refused,
+                    notice_id=str(notice_id) if notice_id else None,
+                    source=src.source.id,
+                    platform=src.source.platform,
+                    sdk=sdk,
+                )
         except ConsentRefused as exc:
             field_name = f"context.consent.{exc.field}" if exc.field else "context.consent"
             batch.reject(env, "invalid_consent", exc.detail, field_name)

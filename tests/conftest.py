@@ -255,6 +255,7 @@ content_sha256 = "11111111111111111111111111111111111111111111111111111111111111
 [tenants.consent_categories]
 Analytics = ["analytics"]
 Advertising = ["ad_measurement", "marketing"]
+C0002 = ["analytics"]  # OneTrust's performance cookies, as RudderStack's consentManagement sends them
 
 [tenants.external_id_types]
 wx_openid = "wechat_openid"

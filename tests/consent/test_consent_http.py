@@ -223,7 +223,7 @@ def test_material_notice_requires_reconsent(tmp_path, backend: str) -> None:
         stack.close()
 
 
-def test_segment_consent_event_records_and_event_claims_only_narrow(mall: Gateway) -> None:
+def test_segment_consent_signals_are_records_of_what_changed(mall: Gateway) -> None:
     _, anon, _ = ids()
     prefs = {"consent": {"categoryPreferences": {"Analytics": True, "Advertising": False}}}
     _, out = track(mall, "Segment Consent Preference Updated", anonymousId=anon, context=prefs)
@@ -233,19 +233,45 @@ def test_segment_consent_event_records_and_event_claims_only_narrow(mall: Gatewa
         (("analytics",), "given"),
         (("ad_measurement", "marketing"), "withdrawn"),
     }
-    # A later event claiming Analytics=false is not sent, but does not withdraw anything.
-    _, out = track(mall, anonymousId=anon, context={"consent": {"categoryPreferences": {"Analytics": False}}})
+    # the consent tool repeats the choice on every event: nothing new is recorded
+    _, out = track(mall, anonymousId=anon, context=prefs)
+    assert out["accepted"] == 1 and len(admin_records(mall, anon, "anonymous_id")) == 2
+    # the person turns analytics off: a withdrawal is recorded, this event is not sent
+    off = {"consent": {"categoryPreferences": {"Analytics": False}}}
+    _, out = track(mall, anonymousId=anon, context=off)
     assert out["dropped"] == {"refused_in_event": 1}
-    # ...and a claim of Advertising=true does not widen what the ledger refused.
-    _, out = track(
-        mall,
-        "Ad Clicked",
-        anonymousId=anon,
-        context={"consent": {"categoryPreferences": {"Advertising": True}}},
-    )
-    assert out["dropped"] == {"withdrawn": 1}
     _, out = track(mall, anonymousId=anon)
+    assert out["dropped"] == {"withdrawn": 1}
+    states = [(r["purposes"], r["state"]) for r in admin_records(mall, anon, "anonymous_id")]
+    assert states.count((["analytics"], "withdrawn")) == 1
+    # and on again
+    _, out = track(mall, anonymousId=anon, context={"consent": {"categoryPreferences": {"Analytics": True}}})
     assert out["accepted"] == 1
+
+
+def test_rudderstack_consent_management_ids_map_to_purposes(mall: Gateway) -> None:
+    """RudderStack's context.consentManagement (OneTrust category ids, mapped in
+    consent_categories: C0002 = analytics) is a record of what changed, for the device."""
+    user, anon, _ = ids()
+    cm = {
+        "consentManagement": {"provider": "oneTrust", "allowedConsentIds": ["C0002"], "deniedConsentIds": []}
+    }
+    _, out = track(mall, anonymousId=anon, context=cm)
+    assert out["accepted"] == 1
+    denied = {
+        "consentManagement": {"provider": "oneTrust", "allowedConsentIds": [], "deniedConsentIds": ["C0002"]}
+    }
+    _, out = track(mall, anonymousId=anon, userId=user, context=denied)
+    assert out["dropped"] == {"refused_in_event": 1}
+    assert (
+        out["refusedAssertions"][0]["error"] == "unproven_identifier"
+    )  # the user id: not theirs to withdraw
+    records = admin_records(mall, anon, "anonymous_id")
+    assert [(r["purposes"], r["state"]) for r in records] == [
+        (["analytics"], "given"),
+        (["analytics"], "withdrawn"),
+    ]
+    assert admin_records(mall, user, "user_id") == []
 
 
 def test_sensitive_properties_pass_only_with_sensitive_pi(mall: Gateway) -> None:
