@@ -40,6 +40,7 @@ from gateway.openapi import docs_assets_routers, finish_document, openapi_config
 from gateway.pipeline import Ingestor, IngestServices
 from gateway.sensors_http import SENSORS_ROUTES, document_sensors_routes
 from gateway.settings import Settings
+from gateway.trust import assertion_verifiers
 from identity.pseudonym import InvalidKeyMaterial, KeyRing, new_key_document, write_private_file
 
 log = structlog.get_logger("idgate.gateway")
@@ -148,6 +149,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
     config = load_config(settings.config_path, dev=settings.dev)
     keyring = load_keyring(settings, config)
     signer = ledger_signer(settings)
+    verifiers = assertion_verifiers(config, path=str(settings.config_path))
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
@@ -172,6 +174,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
                 resolver=resolver,
                 consent_service=consent.service,
                 identity=identity,
+                assertions=verifiers,
             ),
             on_appended=delivery.notify,
         )
@@ -191,6 +194,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         state.sensors_tokens = index_sensors_tokens(config, dev=settings.dev)
         state.keyring = keyring
         state.consent = consent.service
+        state.assertions = verifiers
         state.admin_tokens = tokens
         state.services = AdminServices(
             config=config,
