@@ -312,8 +312,16 @@ class ConsentService:
             if notice is None:
                 raise ConsentRefused(f"unknown notice {notice_id!r}", "noticeId")
             notice_hash = notice.content_hash
-        elif notice_id is not None and notice_id not in await self.state.notices(tenant):
-            notice_id = None  # a withdrawal stands whatever notice it names; an unknown name is not kept
+        elif notice_id is not None:
+            # a withdrawal stands whatever notice it names; an unknown name is not kept, and
+            # neither is a name that cannot be checked now (the state store is down): the
+            # withdrawal itself must reach the ledger
+            try:
+                known = notice_id in await self.state.notices(tenant)
+            except Exception:
+                known = False
+            if not known:
+                notice_id = None
         ids = [Identifier(t, p).node for t, p in identifiers]
         subject = next((p for t, p in identifiers if t == "user_id"), identifiers[0][1])
         now = datetime.now(UTC)
