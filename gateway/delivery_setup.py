@@ -21,7 +21,7 @@ from gateway.config import Config, Destination
 from gateway.consent_setup import ConsentRuntime, delivery_recheck, delivery_retraction, delivery_trail
 from gateway.pipeline import destination_specs
 from gateway.settings import Settings
-from identity.pseudonym import KeyRing
+from identity.pseudonym import DOMAIN, KeyRing
 
 
 def redis_options() -> dict[str, Any]:
@@ -97,7 +97,8 @@ def retry_policy(d: Destination) -> Retry:
 
 
 def rekeyer(keyring: KeyRing, tenant: str, d: Destination) -> DomainRekeyer:
-    return DomainRekeyer(keyring.pseudonymiser(tenant), d.pseudonym_domain or d.id)
+    # the anchor version, not the active one: a rotation must not change every value downstream
+    return DomainRekeyer(keyring.anchor(tenant).internal(DOMAIN), d.pseudonym_domain or d.id)
 
 
 def build_delivery(
