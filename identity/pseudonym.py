@@ -130,6 +130,20 @@ def pseudonymise_identifier(
     return Identifier(id_type, pseudonymiser(ident.value))
 
 
+def pseudonymise_identifier_aliases(
+    pseudonymiser: Pseudonymiser,
+    older: tuple[Pseudonymiser, ...],
+    id_type: str,
+    raw: object,
+    *,
+    scope: str | None = None,
+) -> tuple[Identifier, tuple[str, ...]]:
+    """``pseudonymise_identifier`` under the active version, plus the identifier's pseudonyms
+    under the older live versions (one normalisation for all)."""
+    ident = normalise(id_type, raw, scope=scope)
+    return Identifier(id_type, pseudonymiser(ident.value)), tuple(p(ident.value) for p in older)
+
+
 @dataclass(frozen=True)
 class TenantKeys:
     active: int

@@ -48,3 +48,27 @@ def versioned_unified_id(keyring: KeyRing, tenant: str) -> Callable[[str], str]:
         return "p_" + version.internal(UNIFIED_ID)(node).split(".", 1)[1]
 
     return node_id
+
+
+class AliasedUnifiedIds:
+    """The unified-ID derivation of a tenant's resolver, aware of key rotation.
+
+    A never-linked identifier is not stored: its unified ID is derived from its node. After
+    a rotation its node changes (new key version), but downstream must keep seeing the ID
+    its old node gave, so the ingest pipeline, which holds the raw identifier and so knows
+    both pseudonyms, hints "new node -> oldest live node" and the derivation follows the
+    hint (deterministic: every replica seeing the event derives the same ID)."""
+
+    _LIMIT = 200_000
+
+    def __init__(self, derive: Callable[[str], str]) -> None:
+        self._derive = derive
+        self._hints: dict[str, str] = {}
+
+    def hint(self, node: str, oldest: str) -> None:
+        if len(self._hints) >= self._LIMIT:
+            self._hints.clear()
+        self._hints[node] = oldest
+
+    def __call__(self, node: str) -> str:
+        return self._derive(self._hints.get(node, node))
