@@ -11,6 +11,7 @@ them in a thread.
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -121,6 +122,7 @@ class ConsentAudit:
         *,
         tenant: str,
         node: str | None = None,
+        aliases: Sequence[str] = (),
         since: datetime | None = None,
         until: datetime | None = None,
         purpose: str | None = None,
@@ -128,9 +130,11 @@ class ConsentAudit:
         after_seq: int = 0,
         limit: int = 500,
     ) -> list[LedgerEntry]:
+        """``aliases``: the subject's pseudonyms under older live key versions (matched too)."""
         found = self.ledger.records(
             tenant=tenant,
-            identifier=node,
+            identifier=None if aliases else node,
+            any_identifier=[node, *aliases] if node is not None and aliases else None,
             since=since,
             until=until,
             purpose=purpose,
@@ -140,10 +144,17 @@ class ConsentAudit:
         )
         return [ledger_entry(r) for r in found]
 
-    def subject_at(self, *, tenant: str, node: str, at: datetime) -> SubjectView:
+    def subject_at(self, *, tenant: str, node: str, at: datetime, aliases: Sequence[str] = ()) -> SubjectView:
         """Point in time: the state of each purpose for the subject (the records naming this
-        identifier up to ``at``), the minor flag, and the deliveries relying on the grants."""
-        found = self.ledger.records(tenant=tenant, identifier=node, until=at, limit=100_000)
+        identifier, under any live key version (``aliases``), up to ``at``), the minor flag,
+        and the deliveries relying on the grants."""
+        found = self.ledger.records(
+            tenant=tenant,
+            identifier=None if aliases else node,
+            any_identifier=[node, *aliases] if aliases else None,
+            until=at,
+            limit=100_000,
+        )
         purposes: dict[str, PurposeState] = {}
         minor: bool | None = None
         for r in found:  # seq order: the last one per purpose is the state at that moment

@@ -53,10 +53,10 @@ from identity.pseudonym import (
     pseudonymise_identifier,
     pseudonymise_identifier_aliases,
 )
-from identity.unified_ids import AliasedUnifiedIds
 from identity.resolution import IdentityResolver
 from identity.scrub import KEEP, scrub_text, scrub_value, truncate_ip
 from identity.service import IdentityService
+from identity.unified_ids import AliasedUnifiedIds
 
 log = structlog.get_logger("idgate.ingest")
 
@@ -250,9 +250,7 @@ def consent_query(env: Envelope, tenant: Tenant, linked: tuple[str, ...] = ()) -
     person: list[str] = []
     for ident in env.identifiers:
         (device if ident.type in DEVICE_TYPES else person).append(ident.value)
-    aliases = (
-        tuple((old, new) for new, olds in env.aliases.items() for old in olds) if env.aliases else ()
-    )
+    aliases = tuple((old, new) for new, olds in env.aliases.items() for old in olds) if env.aliases else ()
     sensitive = False
     if tenant.sensitive_properties:
         keys = tenant.sensitive_properties

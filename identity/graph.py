@@ -191,7 +191,15 @@ class NodeRekeyed(_Change, frozen=True):
 
 
 GraphChange = (
-    NodeAdded | EdgeAdded | Merged | EdgeRefused | Quarantined | EdgeRemoved | NodeRemoved | Split | NodeRekeyed
+    NodeAdded
+    | EdgeAdded
+    | Merged
+    | EdgeRefused
+    | Quarantined
+    | EdgeRemoved
+    | NodeRemoved
+    | Split
+    | NodeRekeyed
 )
 
 
