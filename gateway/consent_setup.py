@@ -16,6 +16,7 @@ from consent.db import migrate_consent
 from consent.decisions import DestinationSpec
 from consent.ledger import Ledger
 from consent.proofs import DeliveryProofs
+from consent.rotation import SubjectAliases
 from consent.service import ConsentService, LedgerPolicy, PurposeRules
 from consent.signing import InvalidLedgerKey, LedgerSigner, load_signer
 from consent.state import ConsentStateStore, RedisConsentState, SqlConsentState
@@ -92,7 +93,7 @@ async def open_consent(
         ledger=ledger,
         store=store,
         service=service,
-        policy=LedgerPolicy(store, rules),
+        policy=LedgerPolicy(store, rules, SubjectAliases(engine)),
         audit=ConsentAudit(ledger, proofs),
         proofs=proofs,
         access_log=AccessLog(engine),
