@@ -12,6 +12,7 @@ refers to it; ``retire`` refuses while anything does.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -40,6 +41,20 @@ from identity.pseudonym import (
     key_version_of,
     retire_key_version,
 )
+
+
+def _replace_key_file(path: Path, text: str) -> None:
+    """Replace the key file atomically (mode 0600): a crash leaves the old or the new one."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _fail(message: str, code: int = 2) -> NoReturn:
@@ -174,7 +189,8 @@ def keys_rotate(tenants: tuple[str, ...], batch_size: int, throttle_ms: int) -> 
                     if throttle_ms:
                         time.sleep(throttle_ms / 1000)
             click.echo(
-                f"{tenant}: {total} subject(s) re-keyed ({moved} state entries) to v{stores.keyring.active_version(tenant)}"
+                f"{tenant}: {total} subject(s) re-keyed ({moved} state entries) "
+                f"to v{stores.keyring.active_version(tenant)}"
             )
             for version, left in references(stores, tenant).items():
                 if any(left.values()):
@@ -184,7 +200,8 @@ def keys_rotate(tenants: tuple[str, ...], batch_size: int, throttle_ms: int) -> 
                     )
                 else:
                     click.echo(
-                        f"{tenant}: v{version} no longer referred to (idgate keys retire --tenant {tenant} --version {version})"
+                        f"{tenant}: v{version} no longer referred to "
+                        f"(idgate keys retire --tenant {tenant} --version {version})"
                     )
     finally:
         stores.close()
@@ -219,9 +236,7 @@ def keys_retire(tenant: str, version: int) -> None:
             document = retire_key_version(key_file.read_text(encoding="utf-8"), tenant, version)
         except InvalidKeyMaterial as exc:
             _fail(str(exc), code=1)
-        from gateway.cli import _write_secret_file
-
-        _write_secret_file(key_file, document, replace=True)
+        _replace_key_file(key_file, document)
         remaining = sorted(int(v) for v in json.loads(document)["tenants"][tenant]["keys"])
         click.echo(f"retired {tenant} v{version}; live versions {remaining}; restart the gateways", err=True)
     finally:
