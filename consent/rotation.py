@@ -80,6 +80,22 @@ class SubjectAliases:
         with self.engine.connect() as conn:
             return [Alias(int(r.id), r.old, r.new) for r in conn.execute(query)]
 
+    def olds_of(self, tenant: str, values: Sequence[str]) -> list[str]:
+        """Every earlier pseudonym remembered for these (followed back through rotations):
+        a subject's ledger history stays findable after its old key version is retired."""
+        seen = set(values)
+        found: list[str] = []
+        frontier = list(values)
+        with self.engine.connect() as conn:
+            while frontier and len(found) < 1000:
+                rows = conn.execute(
+                    sa.select(_ALIAS.c.old).where(_ALIAS.c.tenant == tenant, _ALIAS.c.new.in_(frontier))
+                )
+                frontier = [r.old for r in rows if r.old not in seen]
+                seen.update(frontier)
+                found += frontier
+        return found
+
     def count_after(self, tenant: str, after_id: int) -> int:
         query = sa.select(sa.func.count()).where(_ALIAS.c.tenant == tenant, _ALIAS.c.id > after_id)
         with self.engine.connect() as conn:

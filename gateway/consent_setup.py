@@ -88,13 +88,14 @@ async def open_consent(
         for notice in tenant.notices:
             await service.publish_notice(tenant.id, notice.id, notice.content_sha256)
     proofs = DeliveryProofs(engine)
+    aliases = SubjectAliases(engine)
     return ConsentRuntime(
         engine=engine,
         ledger=ledger,
         store=store,
         service=service,
-        policy=LedgerPolicy(store, rules, SubjectAliases(engine)),
-        audit=ConsentAudit(ledger, proofs),
+        policy=LedgerPolicy(store, rules, aliases),
+        audit=ConsentAudit(ledger, proofs, aliases),
         proofs=proofs,
         access_log=AccessLog(engine),
         store_kind=kind,

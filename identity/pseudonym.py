@@ -117,6 +117,25 @@ class KeyVersion:
         return f"KeyVersion(version={self.version}, derivation={self.derivation})"
 
 
+class RetiredAnchor:
+    """The internal derivations of a retired derivation-2 anchor version: its identifier key
+    is destroyed (no pseudonym can be computed under it any more), its domain and message-id
+    sub-keys are kept so destinations keep their values."""
+
+    __slots__ = ("version", "derivation", "_internal")
+
+    def __init__(self, version: int, sub_keys: dict[str, bytes]) -> None:
+        self.version = version
+        self.derivation = 2
+        self._internal = {p: Pseudonymiser(k, version) for p, k in sub_keys.items()}
+
+    def internal(self, purpose: str) -> Pseudonymiser:
+        return self._internal[purpose]
+
+    def __repr__(self) -> str:
+        return f"RetiredAnchor(version={self.version})"
+
+
 def pseudonymise_identifier(
     pseudonymiser: Pseudonymiser, id_type: str, raw: object, *, scope: str | None = None
 ) -> Identifier:
@@ -153,6 +172,8 @@ class TenantKeys:
     # version (destinations must not see every unified ID change at a rotation); default:
     # the oldest live version
     anchor: int | None = None
+    # the retired anchor's kept sub-keys (purpose -> key), when the anchor is not live
+    anchor_keys: dict[str, bytes] = field(default_factory=dict)
 
     def __repr__(self) -> str:
         return f"TenantKeys(active={self.active}, versions={sorted(self.keys)})"
@@ -167,7 +188,7 @@ class KeyRing:
         self._active: dict[str, Pseudonymiser] = {}
         self._versions: dict[str, dict[int, KeyVersion]] = {}
         self._older: dict[str, tuple[Pseudonymiser, ...]] = {}
-        self._anchor: dict[str, KeyVersion] = {}
+        self._anchor: dict[str, KeyVersion | RetiredAnchor] = {}
         for tenant, tk in tenants.items():
             if tk.active not in tk.keys:
                 raise InvalidKeyMaterial(f"tenant {tenant!r}: active key version {tk.active} is missing")
@@ -179,9 +200,12 @@ class KeyRing:
                 versions[v].identifiers for v in sorted(versions, reverse=True) if v != tk.active
             )
             anchor = tk.anchor if tk.anchor is not None else min(versions)
-            if anchor not in versions:
+            if anchor in versions:
+                self._anchor[tenant] = versions[anchor]
+            elif set(tk.anchor_keys) >= {DOMAIN, MESSAGE_ID}:
+                self._anchor[tenant] = RetiredAnchor(anchor, tk.anchor_keys)
+            else:
                 raise InvalidKeyMaterial(f"tenant {tenant!r}: anchor key version {anchor} is missing")
-            self._anchor[tenant] = versions[anchor]
 
     @property
     def tenants(self) -> frozenset[str]:
@@ -211,7 +235,7 @@ class KeyRing:
     def active_version(self, tenant: str) -> int:
         return self.pseudonymiser(tenant).version
 
-    def anchor(self, tenant: str) -> KeyVersion:
+    def anchor(self, tenant: str) -> KeyVersion | RetiredAnchor:
         """The version whose domain and message-id derivations the tenant uses (stable
         across rotations)."""
         try:
@@ -237,11 +261,15 @@ class KeyRing:
                 keys = {int(v): base64.b64decode(k, validate=True) for v, k in entry["keys"].items()}
                 derivations = {int(v): int(d) for v, d in entry.get("derivations", {}).items()}
                 anchor = entry.get("anchor")
+                anchor_keys = {
+                    p: base64.b64decode(k, validate=True) for p, k in entry.get("anchor_keys", {}).items()
+                }
                 tenants[tenant] = TenantKeys(
                     active=int(entry["active"]),
                     keys=keys,
                     derivations=derivations,
                     anchor=int(anchor) if anchor is not None else None,
+                    anchor_keys=anchor_keys,
                 )
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             # The message names the structure problem only, never the key material.
@@ -279,7 +307,9 @@ def new_key_document(tenants: list[str], existing: str | None = None) -> str:
 
 def retire_key_version(existing: str, tenant: str, version: int) -> str:
     """The key document without ``version`` of ``tenant`` (the caller has checked that
-    nothing refers to it). The active version and the anchor cannot be retired."""
+    nothing refers to it). The active version cannot be retired. Retiring the anchor keeps
+    its domain and message-id sub-keys (derivation 2 only: a legacy anchor has one keyed
+    function for everything, so keeping it would keep every pseudonym computable)."""
     doc = json.loads(existing)
     entry = doc["tenants"].get(tenant)
     if entry is None or str(version) not in entry["keys"]:
@@ -288,10 +318,16 @@ def retire_key_version(existing: str, tenant: str, version: int) -> str:
         raise InvalidKeyMaterial(f"tenant {tenant!r}: version {version} is the active one")
     anchor = int(entry.get("anchor", min(int(v) for v in entry["keys"])))
     if anchor == version:
-        raise InvalidKeyMaterial(
-            f"tenant {tenant!r}: version {version} anchors the destinations' pseudonym domains "
-            "and Sensors message ids; retiring it would change every unified ID downstream"
-        )
+        if int(entry.get("derivations", {}).get(str(version), 1)) != 2:
+            raise InvalidKeyMaterial(
+                f"tenant {tenant!r}: version {version} (legacy derivation 1) anchors the destinations' "
+                "pseudonym domains and Sensors message ids; retiring it would change every unified "
+                "ID downstream"
+            )
+        key = base64.b64decode(entry["keys"][str(version)])
+        entry["anchor_keys"] = {
+            p: base64.b64encode(_sub_key(key, p)).decode("ascii") for p in (DOMAIN, MESSAGE_ID)
+        }
     entry["anchor"] = anchor
     del entry["keys"][str(version)]
     entry.get("derivations", {}).pop(str(version), None)

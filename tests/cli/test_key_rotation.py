@@ -7,13 +7,18 @@ a kill) and ``idgate keys retire`` refuses while anything still refers to the ol
 from __future__ import annotations
 
 import json
+import os
+import sqlite3
+import subprocess
 import time
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
 import httpx
 
 from tests.cli.conftest import Served, ServeFactory, clean_env, idgate
+from tests.conftest import IDGATE
 
 APP = ("acme-app-demo-key", "")
 COMPLIANCE = {"Authorization": "Bearer compliance-demo-token"}
@@ -173,3 +178,113 @@ def test_a_never_linked_visitor_keeps_their_unified_id_across_a_rotation(
     gw = serve(data, env=keyed_env(keys, data)).wait_ready()
     assert track(gw, "b-2", anonymousId="anon-B")["accepted"] == 1
     assert delivered(data, "b-2")["context"]["unified_id"] == uid
+
+
+def consent_db(data: Path) -> sqlite3.Connection:
+    return sqlite3.connect(data / "consent.sqlite3", timeout=30)
+
+
+def rotation_cursor(data: Path) -> int:
+    with closing(consent_db(data)) as db:
+        row = db.execute(
+            "SELECT applied_seq FROM consent_projection WHERE name = 'key_rotation:acme'"
+        ).fetchone()
+    return int(row[0]) if row else 0
+
+
+def subjects_under(data: Path, version: int) -> int:
+    with closing(consent_db(data)) as db:
+        row = db.execute(
+            "SELECT count(DISTINCT identifier) FROM consent_state WHERE identifier LIKE ?", (f"k{version}.%",)
+        ).fetchone()
+    return int(row[0])
+
+
+def test_keys_rotate_resumes_after_a_kill_and_retire_waits_for_nothing_to_refer_to_the_version(
+    tmp_path: Path, serve: ServeFactory
+) -> None:
+    keys, data = tmp_path / "keys.json", tmp_path / "var"
+    env = keyed_env(keys, data)
+    generate(keys)
+    gw = serve(data, env=env).wait_ready()
+    visitors = [f"anon-{i}" for i in range(120)]
+    with httpx.Client(base_url=gw.url, auth=APP, timeout=10) as client:
+        for anon in visitors:
+            r = client.post(
+                "/v1/consent",
+                json={"anonymousId": anon, "grant": ["analytics"], "noticeId": "privacy-2026-11"},
+            )
+            assert r.status_code == 200, r.text
+    uid = seen_before_rotation(gw)  # anon-A and u-A, linked: identity nodes under v1
+    gw.stop()
+    assert subjects_under(data, 1) == len(visitors) + 1
+
+    generate(keys)
+    gw = serve(data, env=env).wait_ready()
+    # the visitors come back: their subjects' new pseudonyms are learned from their events
+    with httpx.Client(base_url=gw.url, auth=APP, timeout=10) as client:
+        for start in range(0, len(visitors), 40):
+            batch = [
+                {"type": "track", "event": "Product Viewed", "anonymousId": anon, "messageId": f"r-{anon}"}
+                for anon in visitors[start : start + 40]
+            ]
+            r = client.post("/v1/batch", json={"batch": batch})
+            assert r.json()["accepted"] == len(batch), r.text
+    assert subjects_under(data, 1) == len(visitors) + 1  # nothing moved yet: read through aliases
+
+    # a run killed mid-way leaves its cursor where it stopped
+    argv = [str(IDGATE), "keys", "rotate", "--batch-size", "1", "--throttle-ms", "25"]
+    run = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while rotation_cursor(data) < 20:
+        assert run.poll() is None, run.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    run.kill()
+    run.wait()
+    stopped_at = rotation_cursor(data)
+    assert 20 <= stopped_at < len(visitors)
+    assert 0 < subjects_under(data, 1) < len(visitors) + 1
+
+    # retire refuses while anything refers to v1
+    refused = idgate("keys", "retire", "--tenant", "acme", "--version", "1", env=env)
+    assert refused.returncode == 1 and "refusing to retire acme v1" in refused.stderr, refused.stderr
+    assert "1" in json.loads(keys.read_text())["tenants"]["acme"]["keys"]
+
+    # resumed: the rest is moved, nothing twice; A (anon-A, dev-A, u-A) not seen since the rotation
+    resumed = idgate("keys", "rotate", env=env)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"{len(visitors) - stopped_at} subject(s) re-keyed" in resumed.stdout, resumed.stdout
+    assert "v1 still referred to by 1 consent subject(s), 3 identity node(s)" in resumed.stdout
+    assert "re-keying consent subjects" in resumed.stderr  # the progress bar
+    assert subjects_under(data, 1) == 1 and subjects_under(data, 2) == len(visitors)
+    # the moved subjects' consent still holds
+    assert track(gw, "r2-anon-7", anonymousId="anon-7")["accepted"] == 1
+
+    # A comes back on the same device: their nodes and consent move too, then v1 can go
+    login = {
+        "type": "identify",
+        "userId": "u-A",
+        "anonymousId": "anon-A",
+        "messageId": "a-9",
+        "context": {"device": {"id": "dev-A"}},
+    }
+    assert (
+        httpx.post(gw.url + "/v1/batch", auth=APP, json={"batch": [login]}, timeout=10).json()["accepted"]
+        == 1
+    )
+    done = idgate("keys", "rotate", env=env)
+    assert "v1 no longer referred to" in done.stdout, done.stdout
+    retired = idgate("keys", "retire", "--tenant", "acme", "--version", "1", env=env)
+    assert retired.returncode == 0, retired.stderr
+    doc = json.loads(keys.read_text())["tenants"]["acme"]
+    assert set(doc["keys"]) == {"2"} and set(doc["anchor_keys"]) == {"domain", "message-id"}
+    assert os.stat(keys).st_mode & 0o077 == 0
+    gw.stop()
+
+    # with v2 alone the person keeps consent, links and their unified ID downstream
+    gw = serve(data, env=env).wait_ready()
+    assert track(gw, "a-10", anonymousId="anon-A")["accepted"] == 1
+    assert delivered(data, "a-10")["context"]["unified_id"] == uid
+    assert explain(gw, "anon-A", "u-A")["linked"] is True
+    assert len(audit_records(gw, "anon-A")) >= 1
