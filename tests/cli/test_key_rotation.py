@@ -17,8 +17,9 @@ from typing import Any
 
 import httpx
 
+from consent.signing import new_ledger_key_b64
 from tests.cli.conftest import Served, ServeFactory, clean_env, idgate
-from tests.conftest import IDGATE
+from tests.conftest import IDGATE, PostgresSchema, RedisNamespace
 
 APP = ("acme-app-demo-key", "")
 COMPLIANCE = {"Authorization": "Bearer compliance-demo-token"}
@@ -288,3 +289,53 @@ def test_keys_rotate_resumes_after_a_kill_and_retire_waits_for_nothing_to_refer_
     assert delivered(data, "a-10")["context"]["unified_id"] == uid
     assert explain(gw, "anon-A", "u-A")["linked"] is True
     assert len(audit_records(gw, "anon-A")) >= 1
+
+
+def test_rotation_in_distributed_mode_rekeys_the_redis_projection(
+    tmp_path: Path, serve: ServeFactory, pg_schema: PostgresSchema, redis_ns: RedisNamespace
+) -> None:
+    import redis
+
+    keys, data = tmp_path / "keys.json", tmp_path / "var"
+    env = {
+        **keyed_env(keys, data),
+        "DATABASE_URL": pg_schema.url,
+        "REDIS_URL": redis_ns.url,
+        "IDGATE_REDIS_PREFIX": redis_ns.prefix,
+        "IDGATE_LEDGER_KEY": new_ledger_key_b64(),
+    }
+    client = redis.Redis.from_url(redis_ns.url)
+
+    def under(version: int) -> int:
+        return sum(1 for _ in client.scan_iter(match=f"{redis_ns.prefix}:consent:acme:k{version}.*"))
+
+    generate(keys)
+    gw = serve(data, env=env).wait_ready()
+    visitors = [f"anon-{i}" for i in range(30)]
+    for anon in visitors:
+        grant(gw, anon, "analytics")
+    gw.stop()
+    generate(keys)
+    gw = serve(data, env=env).wait_ready()
+    batch = [
+        {"type": "track", "event": "Product Viewed", "anonymousId": anon, "messageId": f"r-{anon}"}
+        for anon in visitors
+    ]
+    r = httpx.post(gw.url + "/v1/batch", auth=APP, json={"batch": batch}, timeout=10)
+    assert r.json()["accepted"] == len(visitors), r.text
+    assert under(1) == len(visitors) and under(2) == 0
+
+    done = idgate("keys", "rotate", env=env)
+    assert done.returncode == 0, done.stderr
+    assert f"{len(visitors)} subject(s) re-keyed" in done.stdout and "v1 no longer referred to" in done.stdout
+    assert under(1) == 0 and under(2) == len(visitors)
+    # the gateway reads the moved state: consent holds, and a withdrawal under v2 stops events
+    assert track(gw, "r2-anon-3", anonymousId="anon-3")["accepted"] == 1
+    withdraw(gw, "anon-3", "analytics")
+    assert track(gw, "r3-anon-3", anonymousId="anon-3")["dropped"] == {"withdrawn": 1}
+    assert idgate("keys", "retire", "--tenant", "acme", "--version", "1", env=env).returncode == 0
+    gw.stop()
+    gw = serve(data, env=env).wait_ready()
+    assert track(gw, "r4-anon-4", anonymousId="anon-4")["accepted"] == 1
+    assert track(gw, "r4-anon-3", anonymousId="anon-3")["dropped"] == {"withdrawn": 1}
+    client.close()
