@@ -24,6 +24,7 @@ relied on (the proof), so every forward can be justified later.
 
 from __future__ import annotations
 
+from collections import ChainMap
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -172,18 +173,19 @@ def fold_aliases(state: SubjectState, aliases: Sequence[tuple[str, str]]) -> Sub
     """The state with each alias's entries merged into its identifier's, per purpose the
     later record winning: a grant under the old key version counts until a later withdrawal
     under either version, and an old withdrawal until a later grant."""
-    folded: dict[str, Mapping[str, StateEntry]] = dict(state)
+    # only the query's own identifiers change: a small overlay on the (batch-wide) state
+    folded: dict[str, Mapping[str, StateEntry]] = {}
     for old, new in aliases:
         entries = state.get(old)
         if not entries:
             continue
-        merged = dict(folded.get(new) or {})
+        merged = dict(folded.get(new) or state.get(new) or {})
         for purpose, entry in entries.items():
             current = merged.get(purpose)
             if current is None or entry.seq > current.seq:
                 merged[purpose] = entry
         folded[new] = merged
-    return folded
+    return ChainMap(folded, state) if folded else state
 
 
 _CONTRACT = Basis(True)

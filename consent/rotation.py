@@ -122,27 +122,40 @@ def rekey_sql_state(engine: sa.Engine, tenant: str, aliases: Sequence[Alias]) ->
     """Move the SQL projection's entries of each alias's old pseudonym to its new one (per
     purpose the later record wins) and advance the cursor, in one transaction. Returns how
     many entries moved."""
-    moved = 0
     insert = _dialect_insert(engine)
+    new_of = {a.old: a.new for a in aliases}
+
+    def final(pseudonym: str) -> str:  # a chain of rotations in one batch: A -> B -> C
+        for _ in range(len(new_of)):
+            if pseudonym not in new_of:
+                break
+            pseudonym = new_of[pseudonym]
+        return pseudonym
+
     with engine.begin() as conn:
-        for alias in aliases:
-            rows = conn.execute(
-                sa.select(_STATE).where(_STATE.c.tenant == tenant, _STATE.c.identifier == alias.old)
-            ).mappings()
-            values = [{**row, "identifier": alias.new} for row in rows]
-            if values:
-                stmt = insert(_STATE).values(values)
-                conn.execute(
-                    stmt.on_conflict_do_update(
-                        index_elements=["tenant", "identifier", "purpose"],
-                        set_={c: stmt.excluded[c] for c in ("state", "seq", "notice_seq", "kind")},
-                        where=_STATE.c.seq < stmt.excluded.seq,
-                    )
+        rows = conn.execute(
+            sa.select(_STATE).where(_STATE.c.tenant == tenant, _STATE.c.identifier.in_(list(new_of)))
+        ).mappings()
+        # per (new, purpose) the latest entry (a chain of rotations may name one new twice)
+        latest: dict[tuple[str, str], dict[str, Any]] = {}
+        for row in rows:
+            value = {**row, "identifier": final(row["identifier"])}
+            key = (value["identifier"], value["purpose"])
+            if key not in latest or latest[key]["seq"] < value["seq"]:
+                latest[key] = value
+        moved = len(latest)
+        if latest:
+            stmt = insert(_STATE).values(list(latest.values()))
+            conn.execute(
+                stmt.on_conflict_do_update(
+                    index_elements=["tenant", "identifier", "purpose"],
+                    set_={c: stmt.excluded[c] for c in ("state", "seq", "notice_seq", "kind")},
+                    where=_STATE.c.seq < stmt.excluded.seq,
                 )
-                conn.execute(
-                    sa.delete(_STATE).where(_STATE.c.tenant == tenant, _STATE.c.identifier == alias.old)
-                )
-                moved += len(values)
+            )
+            conn.execute(
+                sa.delete(_STATE).where(_STATE.c.tenant == tenant, _STATE.c.identifier.in_(list(new_of)))
+            )
         if aliases:
             _set_cursor(conn, engine, tenant, aliases[-1].id)
     return moved
