@@ -25,9 +25,9 @@ relied on (the proof), so every forward can be justified later.
 from __future__ import annotations
 
 from collections import ChainMap
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, cast
 
 import msgspec
 
@@ -185,7 +185,8 @@ def fold_aliases(state: SubjectState, aliases: Sequence[tuple[str, str]]) -> Sub
             if current is None or entry.seq > current.seq:
                 merged[purpose] = entry
         folded[new] = merged
-    return ChainMap(folded, state) if folded else state
+    # read-only use: ChainMap only writes to its first map
+    return ChainMap(folded, cast(MutableMapping[str, Mapping[str, StateEntry]], state)) if folded else state
 
 
 _CONTRACT = Basis(True)
