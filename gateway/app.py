@@ -31,7 +31,7 @@ from gateway.consent_api import consent_controller
 from gateway.consent_setup import checkpoint_periodically, ledger_signer, open_consent
 from gateway.delivery_setup import build_delivery, open_dead_letters, open_outbox, redis_options, rekeyer
 from gateway.errors import exception_handlers
-from gateway.identity_setup import notice_publisher, open_identity, rotation_hints
+from gateway.identity_setup import notice_publisher, open_identity
 from gateway.ingest_http import INGEST_ROUTES, IngestContext, document_ingest_routes
 from gateway.logging import request_context
 from gateway.maintenance import keep_healthy
@@ -171,7 +171,6 @@ def create_app(settings: Settings | None = None) -> Litestar:
                 resolver=resolver,
                 consent_service=consent.service,
                 identity=identity,
-                unified_ids=rotation_hints(resolver),
             ),
             on_appended=delivery.notify,
         )

@@ -18,7 +18,7 @@ from identity.resolution import IdentityResolver, NoResolution
 from identity.resolver import GraphResolver
 from identity.service import IdentityService, NoticePublisher
 from identity.store import IdentityLogStore, migrate_identity
-from identity.unified_ids import AliasedUnifiedIds, versioned_unified_id
+from identity.unified_ids import versioned_unified_id
 
 
 def identity_rules(tenant: Tenant) -> IdentityRules:
@@ -62,17 +62,9 @@ async def open_identity(
     graph_resolver = GraphResolver(
         IdentityLogStore(engine),
         {tid: identity_rules(t) for tid, t in tenants.items()},
-        node_ids={tid: AliasedUnifiedIds(versioned_unified_id(keyring, tid)) for tid in tenants},
+        node_ids={tid: versioned_unified_id(keyring, tid) for tid in tenants},
     )
     service = IdentityService(graph_resolver, publish)
     graph_resolver.on_changes = service.on_changes
     await graph_resolver.start()
     return graph_resolver, service, engine
-
-
-def rotation_hints(resolver: IdentityResolver) -> dict[str, AliasedUnifiedIds]:
-    """Per tenant, the resolver's unified-ID derivation the pipeline tells about identifiers
-    seen under a new key version (empty without a graph)."""
-    if not isinstance(resolver, GraphResolver):
-        return {}
-    return {t: ids for t, ids in resolver.node_ids.items() if isinstance(ids, AliasedUnifiedIds)}

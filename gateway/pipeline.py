@@ -56,7 +56,6 @@ from identity.pseudonym import (
 from identity.resolution import IdentityResolver
 from identity.scrub import KEEP, scrub_text, scrub_value, truncate_ip
 from identity.service import IdentityService
-from identity.unified_ids import AliasedUnifiedIds
 
 log = structlog.get_logger("idgate.ingest")
 
@@ -383,8 +382,6 @@ class IngestServices:
     identity: IdentityService | None = None
     encoder: msgspec.json.Encoder = field(default_factory=msgspec.json.Encoder)
     specs: dict[str, list[DestinationSpec]] = field(default_factory=dict)
-    # tenant -> the unified-ID derivation of never-linked identifiers (key rotation hints)
-    unified_ids: dict[str, AliasedUnifiedIds] = field(default_factory=dict)
 
 
 Stage = Callable[[IngestServices, IngestBatch], Awaitable[None]]
@@ -425,31 +422,29 @@ async def rekey_on_sight(s: IngestServices, batch: IngestBatch) -> None:
     """Key rotation, lazily: an event carries the raw identifier, so both its old-version
     and its active-version pseudonyms are known. An identifier the graph holds under an
     older live version moves to the active one (``NodeRekeyed``: same person, same unified
-    ID; an ``identity.rekeyed`` notice follows the batch's events). A never-linked one
-    keeps the unified ID derived from its oldest live pseudonym. Only runs while more than
-    one key version is live; before consent, so the person's other identifiers are found."""
+    ID; an ``identity.rekeyed`` notice follows the batch's events). A never-linked one (not
+    stored) is stored under the active version with the unified ID derived from its oldest
+    live pseudonym, so it keeps that ID after the old version is retired. Only runs while
+    more than one key version is live, once per identifier (then it is in the graph);
+    before consent, so the person's other identifiers are found."""
     if not batch.older or not batch.envelopes:
         return
     tenant = batch.src.tenant.id
     graph = s.resolver.graph(tenant)
     if graph is None:
         return
-    hints = s.unified_ids.get(tenant)
     moves: dict[str, str] = {}
+    moved: set[str] = set()
     for env in batch.envelopes:
         for ident in env.identifiers:
             olds = env.aliases.get(ident.value)
             new = ident.node
-            if not olds or new in graph or new in moves.values():
+            if not olds or new in graph or new in moved:
                 continue
-            for old in olds:
-                old_node = f"{ident.type}:{old}"
-                if old_node in graph:
-                    moves[old_node] = new
-                    break
-            else:
-                if hints is not None:
-                    hints.hint(new, f"{ident.type}:{olds[-1]}")
+            held = next((f"{ident.type}:{o}" for o in olds if f"{ident.type}:{o}" in graph), None)
+            # never linked: its ID is derived from its oldest live pseudonym
+            moves[held or f"{ident.type}:{olds[-1]}"] = new
+            moved.add(new)
     if moves:
         batch.changes += await s.resolver.rekey(tenant, list(moves.items()))
 

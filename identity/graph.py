@@ -181,8 +181,8 @@ class NodeRekeyed(_Change, frozen=True):
     """Key rotation: the identifier ``old`` (a pseudonym under an older key version) is
     ``new`` (the same raw identifier under the active version), seen together in one event.
     ``new`` takes ``old``'s place, links and person; ``unified_id`` is the person's ID then,
-    kept (a never-stored ``old``, never linked, adds ``new`` with the ID derived from ``old``).
-    ``old`` empty: not used."""
+    kept. When ``old`` is not in the graph (never linked, so never stored) ``new`` is added
+    with the ID derived from ``old``, the one downstream has seen."""
 
     old: str
     new: str
@@ -421,7 +421,7 @@ class IdentityGraph:
         if new in self._nodes:
             return []
         uid = self.unified_id(old) or unified_id
-        change = NodeRekeyed(old if old in self._nodes else "", new, uid, at)
+        change = NodeRekeyed(old, new, uid, at)
         self._apply_node_rekeyed(change)
         return [change]
 
@@ -581,7 +581,7 @@ class IdentityGraph:
         old, new = change.old, change.new
         if new in self._nodes:
             return
-        state = self._nodes.get(old) if old else None
+        state = self._nodes.get(old)
         if state is None:
             self._apply_node_added(NodeAdded(new, change.unified_id, change.at))
             return

@@ -198,7 +198,7 @@ def notices_for_changes(tenant: str, changes: Iterable[GraphChange]) -> list[Not
                     parts=tuple(sorted(set(c.parts.values()))),
                 )
             )
-        elif isinstance(c, NodeRekeyed) and c.old:
+        elif isinstance(c, NodeRekeyed):
             out.append(rekey_notice(tenant, c))
     return out
 

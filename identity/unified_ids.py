@@ -10,7 +10,8 @@ The PRF is that of the key version the node's pseudonym was made with: a derivat
 version has a sub-key of its own for unified IDs (domain separation); a derivation-1
 (legacy) version keeps its original derivation, so every ID already handed out is derived
 again the same way while its version is live. After a rotation an identifier seen under the
-new version keeps the ID of its old-version node (``identity.rotation``).
+new version is stored with the ID of its old-version node (``NodeRekeyed``), so it keeps it
+once the old version is retired.
 """
 
 from __future__ import annotations
@@ -48,27 +49,3 @@ def versioned_unified_id(keyring: KeyRing, tenant: str) -> Callable[[str], str]:
         return "p_" + version.internal(UNIFIED_ID)(node).split(".", 1)[1]
 
     return node_id
-
-
-class AliasedUnifiedIds:
-    """The unified-ID derivation of a tenant's resolver, aware of key rotation.
-
-    A never-linked identifier is not stored: its unified ID is derived from its node. After
-    a rotation its node changes (new key version), but downstream must keep seeing the ID
-    its old node gave, so the ingest pipeline, which holds the raw identifier and so knows
-    both pseudonyms, hints "new node -> oldest live node" and the derivation follows the
-    hint (deterministic: every replica seeing the event derives the same ID)."""
-
-    _LIMIT = 200_000
-
-    def __init__(self, derive: Callable[[str], str]) -> None:
-        self._derive = derive
-        self._hints: dict[str, str] = {}
-
-    def hint(self, node: str, oldest: str) -> None:
-        if len(self._hints) >= self._LIMIT:
-            self._hints.clear()
-        self._hints[node] = oldest
-
-    def __call__(self, node: str) -> str:
-        return self._derive(self._hints.get(node, node))

@@ -217,6 +217,8 @@ def test_keys_rotate_resumes_after_a_kill_and_retire_waits_for_nothing_to_refer_
             )
             assert r.status_code == 200, r.text
     uid = seen_before_rotation(gw)  # anon-A and u-A, linked: identity nodes under v1
+    assert track(gw, "v-anon-5", anonymousId="anon-5")["accepted"] == 1  # never linked
+    uid5 = delivered(data, "v-anon-5")["context"]["unified_id"]
     gw.stop()
     assert subjects_under(data, 1) == len(visitors) + 1
 
@@ -289,6 +291,9 @@ def test_keys_rotate_resumes_after_a_kill_and_retire_waits_for_nothing_to_refer_
     assert delivered(data, "a-10")["context"]["unified_id"] == uid
     assert explain(gw, "anon-A", "u-A")["linked"] is True
     assert len(audit_records(gw, "anon-A")) >= 1
+    # a never-linked visitor seen during the overlap keeps their ID too
+    assert track(gw, "v2-anon-5", anonymousId="anon-5")["accepted"] == 1
+    assert delivered(data, "v2-anon-5")["context"]["unified_id"] == uid5
 
 
 def test_rotation_in_distributed_mode_rekeys_the_redis_projection(
