@@ -24,10 +24,9 @@ relied on (the proof), so every forward can be justified later.
 
 from __future__ import annotations
 
-from collections import ChainMap
-from collections.abc import Mapping, MutableMapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, cast
+from typing import Protocol
 
 import msgspec
 
@@ -125,9 +124,15 @@ class _Subject:
     __slots__ = ("everyone", "own", "_minor", "narrowed")
 
     def __init__(self, query: ConsentQuery, state: SubjectState) -> None:
-        if query.aliases:
-            state = fold_aliases(state, query.aliases)
         get = state.get
+        if query.aliases:
+            folded = fold_aliases(state, query.aliases)
+            if folded:
+                overlay = folded.get
+
+                def get(i: str, /) -> Mapping[str, StateEntry] | None:  # type: ignore[misc]
+                    return overlay(i) or state.get(i)
+
         # every identifier of the person (withdrawals and flags count from any of them)
         ids = query.device_ids + query.user_ids + query.linked_ids
         self.everyone = [e for i in ids if (e := get(i))]
@@ -169,10 +174,13 @@ class _Subject:
         return Basis(True, proof=grant.seq)
 
 
-def fold_aliases(state: SubjectState, aliases: Sequence[tuple[str, str]]) -> SubjectState:
-    """The state with each alias's entries merged into its identifier's, per purpose the
-    later record winning: a grant under the old key version counts until a later withdrawal
-    under either version, and an old withdrawal until a later grant."""
+def fold_aliases(
+    state: SubjectState, aliases: Sequence[tuple[str, str]]
+) -> dict[str, Mapping[str, StateEntry]]:
+    """The entries of the query's identifiers that aliases change: each alias's entries
+    merged into its identifier's, per purpose the later record winning (a grant under the
+    old key version counts until a later withdrawal under either version, and an old
+    withdrawal until a later grant). Read over ``state``."""
     # only the query's own identifiers change: a small overlay on the (batch-wide) state
     folded: dict[str, Mapping[str, StateEntry]] = {}
     for old, new in aliases:
@@ -185,8 +193,7 @@ def fold_aliases(state: SubjectState, aliases: Sequence[tuple[str, str]]) -> Sub
             if current is None or entry.seq > current.seq:
                 merged[purpose] = entry
         folded[new] = merged
-    # read-only use: ChainMap only writes to its first map
-    return ChainMap(folded, cast(MutableMapping[str, Mapping[str, StateEntry]], state)) if folded else state
+    return folded
 
 
 _CONTRACT = Basis(True)

@@ -79,7 +79,11 @@ def field_maps(tenant: Tenant) -> tuple[dict[str, str], dict[str, str]]:
 
 # -- stage: pseudonymise ---------------------------------------------------------------------
 def pseudonymise_identifiers(
-    env: Envelope, tenant: Tenant, pseudonymiser: Pseudonymiser, older: tuple[Pseudonymiser, ...] = ()
+    env: Envelope,
+    tenant: Tenant,
+    pseudonymiser: Pseudonymiser,
+    older: tuple[Pseudonymiser, ...] = (),
+    alias_cache: dict[str, tuple[str, ...]] | None = None,
 ) -> None:
     """Normalise every identifier field, replace it by its pseudonym, collect the linkable ones.
 
@@ -100,7 +104,7 @@ def pseudonymise_identifiers(
         try:
             if older:
                 ident, aliases = pseudonymise_identifier_aliases(
-                    pseudonymiser, older, id_type, raw, scope=scope
+                    pseudonymiser, older, id_type, raw, scope=scope, cache=alias_cache
                 )
                 env.aliases[ident.value] = aliases
             else:
@@ -382,6 +386,8 @@ class IngestServices:
     identity: IdentityService | None = None
     encoder: msgspec.json.Encoder = field(default_factory=msgspec.json.Encoder)
     specs: dict[str, list[DestinationSpec]] = field(default_factory=dict)
+    # key rotation: active pseudonym -> its pseudonyms under the older live versions
+    alias_cache: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 Stage = Callable[[IngestServices, IngestBatch], Awaitable[None]]
@@ -391,7 +397,7 @@ async def pseudonymise(s: IngestServices, batch: IngestBatch) -> None:
     kept = []
     for env in batch.envelopes:
         try:
-            pseudonymise_identifiers(env, batch.src.tenant, batch.pseudonymiser, batch.older)
+            pseudonymise_identifiers(env, batch.src.tenant, batch.pseudonymiser, batch.older, s.alias_cache)
         except RejectMessage as exc:
             batch.reject(env, exc.error, exc.detail, exc.field)
             continue

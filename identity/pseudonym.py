@@ -40,6 +40,7 @@ UNIFIED_ID = "unified-id"
 DOMAIN = "domain"
 MESSAGE_ID = "message-id"
 INTERNAL_PURPOSES = (UNIFIED_ID, DOMAIN, MESSAGE_ID)
+ALIAS_CACHE_LIMIT = 200_000
 
 
 class KeyError_(Exception):
@@ -155,11 +156,22 @@ def pseudonymise_identifier_aliases(
     raw: object,
     *,
     scope: str | None = None,
+    cache: dict[str, tuple[str, ...]] | None = None,
 ) -> tuple[Identifier, tuple[str, ...]]:
     """``pseudonymise_identifier`` under the active version, plus the identifier's pseudonyms
-    under the older live versions (one normalisation for all)."""
+    under the older live versions (one normalisation for all). ``cache`` maps an active
+    pseudonym to its older ones (keyed by pseudonym, so it holds nothing raw): a returning
+    identifier costs one HMAC, as before the rotation."""
     ident = normalise(id_type, raw, scope=scope)
-    return Identifier(id_type, pseudonymiser(ident.value)), tuple(p(ident.value) for p in older)
+    current = pseudonymiser(ident.value)
+    aliases = cache.get(current) if cache is not None else None
+    if aliases is None:
+        aliases = tuple(p(ident.value) for p in older)
+        if cache is not None:
+            if len(cache) >= ALIAS_CACHE_LIMIT:
+                cache.clear()
+            cache[current] = aliases
+    return Identifier(id_type, current), aliases
 
 
 @dataclass(frozen=True)
