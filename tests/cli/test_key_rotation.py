@@ -22,6 +22,8 @@ from tests.cli.conftest import Served, ServeFactory, clean_env, idgate
 from tests.conftest import IDGATE, PostgresSchema, RedisNamespace
 
 APP = ("acme-app-demo-key", "")
+# person-level identifiers (a login) are asserted by the shop's backend (trust model)
+SERVER = ("acme-server-demo-key-0000000000000001", "")
 COMPLIANCE = {"Authorization": "Bearer compliance-demo-token"}
 OPERATOR = {"Authorization": "Bearer operator-demo-token"}
 
@@ -109,7 +111,7 @@ def seen_before_rotation(gw: Served) -> str:
     grant(gw, "anon-A", "analytics", "identity_linking")
     assert track(gw, "a-1", anonymousId="anon-A", context={"device": {"id": "dev-A"}})["accepted"] == 1
     login = {"type": "identify", "userId": "u-A", "anonymousId": "anon-A", "messageId": "a-2"}
-    r = httpx.post(gw.url + "/v1/batch", auth=APP, json={"batch": [login]}, timeout=10)
+    r = httpx.post(gw.url + "/v1/batch", auth=SERVER, json={"batch": [login]}, timeout=10)
     assert r.json()["accepted"] == 1, r.text
     uid: str = delivered(gw.data_dir, "a-1")["context"]["unified_id"]
     assert delivered(gw.data_dir, "a-2")["context"]["unified_id"] == uid
@@ -273,7 +275,7 @@ def test_keys_rotate_resumes_after_a_kill_and_retire_waits_for_nothing_to_refer_
         "context": {"device": {"id": "dev-A"}},
     }
     assert (
-        httpx.post(gw.url + "/v1/batch", auth=APP, json={"batch": [login]}, timeout=10).json()["accepted"]
+        httpx.post(gw.url + "/v1/batch", auth=SERVER, json={"batch": [login]}, timeout=10).json()["accepted"]
         == 1
     )
     done = idgate("keys", "rotate", env=env)
