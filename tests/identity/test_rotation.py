@@ -150,3 +150,18 @@ def test_retiring_keeps_only_the_anchor_sub_keys_and_never_the_active_version() 
     }
     with pytest.raises(InvalidKeyMaterial, match="legacy"):
         retire_key_version(json.dumps(legacy), "acme", 1)
+
+
+def test_sinks_send_rekey_notices_as_their_own_call_never_as_a_deletion() -> None:
+    from export.http_sinks import REKEYED_EVENT, segment_notice, sensors_event
+    from identity.notices import encode_notice
+
+    notice = notices_for_changes("acme", [NodeRekeyed("anonymous_id:k1.a", "anonymous_id:k2.a", "p_1", T0)])[
+        0
+    ]
+    call = segment_notice(notice, "n-1")
+    assert call["event"] == REKEYED_EVENT and call["userId"] == "p_1"
+    assert call["properties"]["newIdentifier"] == {"type": "anonymous_id", "id": "k2.a"}
+    record = sensors_event(json.loads(encode_notice(notice)), "n-1", notice=notice)
+    assert record["event"] == "idgate_identity_rekeyed" and record["distinct_id"] == "p_1"
+    assert record["properties"]["idgate_old_identifier"] == "k1.a"
