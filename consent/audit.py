@@ -11,6 +11,7 @@ them in a thread.
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -20,6 +21,7 @@ import sqlalchemy as sa
 from consent.ledger import Ledger
 from consent.models import LedgerRecord
 from consent.proofs import Delivery, DeliveryProofs
+from consent.rotation import SubjectAliases
 
 StatsGroup = Literal["purpose", "notice", "platform"]
 ExportFormat = Literal["jsonl", "csv"]
@@ -112,15 +114,31 @@ class ConsentStats(msgspec.Struct, frozen=True):
 
 
 class ConsentAudit:
-    def __init__(self, ledger: Ledger, proofs: DeliveryProofs) -> None:
+    def __init__(self, ledger: Ledger, proofs: DeliveryProofs, aliases: SubjectAliases | None = None) -> None:
         self.ledger = ledger
         self.proofs = proofs
+        # key rotation: earlier pseudonyms of a subject, remembered when its events were seen
+        self.aliases = aliases
+
+    def _every_node(self, tenant: str, node: str, aliases: Sequence[str]) -> list[str]:
+        """The subject under the live versions given, and every earlier pseudonym remembered."""
+        nodes = list(dict.fromkeys([node, *aliases]))
+        if self.aliases is not None:
+            kind = node.partition(":")[0]
+            values = [n.partition(":")[2] for n in nodes]
+            nodes += [
+                f"{kind}:{old}"
+                for old in self.aliases.olds_of(tenant, values)
+                if f"{kind}:{old}" not in nodes
+            ]
+        return nodes
 
     def records(
         self,
         *,
         tenant: str,
         node: str | None = None,
+        aliases: Sequence[str] = (),
         since: datetime | None = None,
         until: datetime | None = None,
         purpose: str | None = None,
@@ -128,9 +146,13 @@ class ConsentAudit:
         after_seq: int = 0,
         limit: int = 500,
     ) -> list[LedgerEntry]:
+        """``aliases``: the subject's pseudonyms under older live key versions (matched too,
+        with the earlier pseudonyms remembered at rotations)."""
+        every = self._every_node(tenant, node, aliases) if node is not None else []
         found = self.ledger.records(
             tenant=tenant,
-            identifier=node,
+            identifier=node if len(every) == 1 else None,
+            any_identifier=every if len(every) > 1 else None,
             since=since,
             until=until,
             purpose=purpose,
@@ -140,10 +162,18 @@ class ConsentAudit:
         )
         return [ledger_entry(r) for r in found]
 
-    def subject_at(self, *, tenant: str, node: str, at: datetime) -> SubjectView:
+    def subject_at(self, *, tenant: str, node: str, at: datetime, aliases: Sequence[str] = ()) -> SubjectView:
         """Point in time: the state of each purpose for the subject (the records naming this
-        identifier up to ``at``), the minor flag, and the deliveries relying on the grants."""
-        found = self.ledger.records(tenant=tenant, identifier=node, until=at, limit=100_000)
+        identifier, under any live key version (``aliases``), up to ``at``), the minor flag,
+        and the deliveries relying on the grants."""
+        every = self._every_node(tenant, node, aliases)
+        found = self.ledger.records(
+            tenant=tenant,
+            identifier=node if len(every) == 1 else None,
+            any_identifier=every if len(every) > 1 else None,
+            until=at,
+            limit=100_000,
+        )
         purposes: dict[str, PurposeState] = {}
         minor: bool | None = None
         for r in found:  # seq order: the last one per purpose is the state at that moment

@@ -75,9 +75,14 @@ class ConsentQuery(msgspec.Struct, frozen=True, array_like=True):
     narrowed: tuple[str, ...] = ()  # purposes the event's own consent claim refuses
     linked_ids: tuple[str, ...] = ()  # other identifiers of the same person (identity graph)
     has_sensitive: bool = False
+    # key rotation: (pseudonym under an older live key version, the same identifier's
+    # pseudonym in this query); their state counts as one identifier's (latest record wins)
+    aliases: tuple[tuple[str, str], ...] = ()
 
     def all_ids(self) -> tuple[str, ...]:
-        return self.device_ids + self.user_ids + self.linked_ids
+        """Every pseudonym whose state the decision reads (aliases included)."""
+        ids = self.device_ids + self.user_ids + self.linked_ids
+        return ids + tuple(old for old, _ in self.aliases) if self.aliases else ids
 
 
 class ConsentTicket(msgspec.Struct, frozen=True, array_like=True):
@@ -120,8 +125,17 @@ class _Subject:
 
     def __init__(self, query: ConsentQuery, state: SubjectState) -> None:
         get = state.get
+        if query.aliases:
+            folded = fold_aliases(state, query.aliases)
+            if folded:
+                overlay = folded.get
+
+                def get(i: str, /) -> Mapping[str, StateEntry] | None:  # type: ignore[misc]
+                    return overlay(i) or state.get(i)
+
         # every identifier of the person (withdrawals and flags count from any of them)
-        self.everyone = [e for i in query.all_ids() if (e := get(i))]
+        ids = query.device_ids + query.user_ids + query.linked_ids
+        self.everyone = [e for i in ids if (e := get(i))]
         # this event's own device (or user, for device-less events): only its grants count
         self.own = [e for i in (query.device_ids or query.user_ids) if (e := get(i))]
         self._minor: bool | None = None
@@ -158,6 +172,28 @@ class _Subject:
         if grant.notice_seq < notice_floor.get(purpose, 0):
             return _RECONSENT
         return Basis(True, proof=grant.seq)
+
+
+def fold_aliases(
+    state: SubjectState, aliases: Sequence[tuple[str, str]]
+) -> dict[str, Mapping[str, StateEntry]]:
+    """The entries of the query's identifiers that aliases change: each alias's entries
+    merged into its identifier's, per purpose the later record winning (a grant under the
+    old key version counts until a later withdrawal under either version, and an old
+    withdrawal until a later grant). Read over ``state``."""
+    # only the query's own identifiers change: a small overlay on the (batch-wide) state
+    folded: dict[str, Mapping[str, StateEntry]] = {}
+    for old, new in aliases:
+        entries = state.get(old)
+        if not entries:
+            continue
+        merged = dict(folded.get(new) or state.get(new) or {})
+        for purpose, entry in entries.items():
+            current = merged.get(purpose)
+            if current is None or entry.seq > current.seq:
+                merged[purpose] = entry
+        folded[new] = merged
+    return folded
 
 
 _CONTRACT = Basis(True)

@@ -300,13 +300,15 @@ class Ledger:
         purpose: str | None = None,
         notice_id: str | None = None,
         record_type: str | None = None,
+        any_identifier: Sequence[str] | None = None,
         after_seq: int = 0,
         limit: int = 1000,
     ) -> list[LedgerRecord]:
         """Records in seq order matching every filter given (``since <= at <= until``).
 
         ``identifier`` (``"<type>:<pseudonym>"``) and ``purpose`` match an element of the
-        record's list; page with ``after_seq`` = the last seq returned."""
+        record's list; ``any_identifier`` matches records naming any of them (one identifier
+        under every live key version); page with ``after_seq`` = the last seq returned."""
         query = sa.select(_LEDGER).where(_LEDGER.c.seq > after_seq)
         if tenant is not None:
             query = query.where(_LEDGER.c.tenant == tenant)
@@ -322,6 +324,8 @@ class Ledger:
             query = query.where(_LEDGER.c.at <= until)
         if identifier is not None:
             query = query.where(self._contains(_LEDGER.c.identifiers, identifier))
+        if any_identifier:
+            query = query.where(sa.or_(*(self._contains(_LEDGER.c.identifiers, i) for i in any_identifier)))
         if purpose is not None:
             query = query.where(self._contains(_LEDGER.c.purposes, purpose))
         query = query.order_by(_LEDGER.c.seq).limit(limit)

@@ -186,6 +186,27 @@ class ProjectionRow(SQLModel, table=True):
     applied_seq: int = Field(default=0, sa_column=sa.Column(sa.BigInteger(), nullable=False))
 
 
+class SubjectAliasRow(SQLModel, table=True):
+    """Key rotation: ``old`` (a subject pseudonym under an older key version) is the same
+    identifier as ``new`` (under a newer one), learned from an event that carried the raw
+    identifier. ``idgate keys rotate`` moves the projection's entries from old to new in
+    ``id`` order (its cursor), so a chain of rotations is followed."""
+
+    __tablename__ = "consent_subject_alias"
+    __table_args__ = (sa.UniqueConstraint("tenant", "old", name="uq_consent_subject_alias_old"),)
+
+    id: int | None = Field(
+        default=None,
+        sa_column=sa.Column(
+            sa.BigInteger().with_variant(sa.Integer(), "sqlite"), primary_key=True, autoincrement=True
+        ),
+    )
+    tenant: str
+    old: str
+    new: str
+    at: datetime = Field(sa_column=sa.Column(UTCDateTime(), nullable=False))
+
+
 # Every table of the consent store, i.e. every table class above.
 CONSENT_TABLES: tuple[str, ...] = (
     "consent_ledger",
@@ -195,4 +216,5 @@ CONSENT_TABLES: tuple[str, ...] = (
     "consent_state",
     "consent_notice",
     "consent_projection",
+    "consent_subject_alias",
 )

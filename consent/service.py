@@ -36,6 +36,7 @@ from consent.decisions import (
 )
 from consent.ledger import Ledger, RecordDraft
 from consent.models import ConsentKind, RecordState, RecordType
+from consent.rotation import SubjectAliases
 from consent.state import ConsentStateStore, RecordView, UnknownNotice, notice_floor
 from identity.identifiers import Identifier
 
@@ -374,9 +375,16 @@ class LedgerPolicy:
 
     enforced = True
 
-    def __init__(self, state: ConsentStateStore, rules: Mapping[str, PurposeRules]) -> None:
+    def __init__(
+        self,
+        state: ConsentStateStore,
+        rules: Mapping[str, PurposeRules],
+        aliases: SubjectAliases | None = None,
+    ) -> None:
         self.state = state
         self.rules = rules
+        # key rotation: where old -> new pseudonym pairs seen with state are remembered
+        self.aliases = aliases
         self._floors: dict[str, tuple[Any, dict[str, int]]] = {}
 
     async def decide_batch(
@@ -398,6 +406,10 @@ class LedgerPolicy:
         if floor is None or floor[0] is not snap.notices:  # notices change rarely
             floor = self._floors[tenant] = (snap.notices, notice_floor(snap.notices.values(), rules.known))
         contract, state, epoch = rules.contract, snap.state, snap.epoch
+        if self.aliases is not None:
+            held = [pair for q in queries for pair in q.aliases if state.get(pair[0])]
+            if held:  # for `idgate keys rotate` (consent.rotation)
+                await self.aliases.remember(tenant, held)
         return [
             decide(
                 q,

@@ -27,7 +27,9 @@ class DomainRekeyer:
     """Re-keys the pseudonyms and unified IDs of outbox records for one pseudonym domain."""
 
     def __init__(self, prf: Callable[[str], str], domain: str) -> None:
-        # prf: the tenant's keyed pseudonymiser ("k<v>." + 22 base64url chars of HMAC)
+        # prf: the tenant's "domain" derivation under its anchor key version ("k<v>." + 22
+        # base64url chars of HMAC): not the active version, so a key rotation does not
+        # change the values destinations hold (identity.pseudonym, docs/key-rotation.md)
         self.domain = domain
         self._prf = prf
         self._label = f"domain\x1f{domain}\x1f"

@@ -61,7 +61,7 @@ from export.sink import (
     url_check,
     with_defaults,
 )
-from identity.notices import IdentityMerged, IdentitySplit, Notice, decode_notice
+from identity.notices import IdentityMerged, IdentityRekeyed, IdentitySplit, Notice, decode_notice
 
 try:
     IDGATE_VERSION = metadata.version("idgate")
@@ -302,6 +302,7 @@ class WebhookSink(HttpSink):
 # -- Segment ---------------------------------------------------------------------------------
 SPLIT_EVENT = "idgate Identity Split"
 DELETED_EVENT = "idgate Identity Deleted"
+REKEYED_EVENT = "idgate Identity Rekeyed"
 NOTICE_EVENT = "idgate Identity Notice"
 
 
@@ -322,6 +323,18 @@ def segment_notice(notice: Notice, message_id: str) -> dict[str, Any]:
             "event": SPLIT_EVENT,
             "userId": notice.previous,
             "properties": properties,
+        }
+    if isinstance(notice, IdentityRekeyed):
+        return {
+            **base,
+            "type": "track",
+            "event": REKEYED_EVENT,
+            "userId": notice.unified_id,
+            "properties": {
+                "unifiedId": notice.unified_id,
+                "oldIdentifier": msgspec.to_builtins(notice.old_identifier),
+                "newIdentifier": msgspec.to_builtins(notice.new_identifier),
+            },
         }
     properties = {"unifiedId": notice.unified_id}
     return {
@@ -507,6 +520,10 @@ def sensors_event(
         elif isinstance(notice, IdentitySplit):
             record.update(type="track", event="idgate_identity_split", distinct_id=notice.previous)
             properties["idgate_parts"] = list(notice.parts)
+        elif isinstance(notice, IdentityRekeyed):
+            record.update(type="track", event="idgate_identity_rekeyed", distinct_id=notice.unified_id)
+            properties["idgate_old_identifier"] = notice.old_identifier.id
+            properties["idgate_new_identifier"] = notice.new_identifier.id
         else:
             record.update(type="track", event="idgate_identity_deleted", distinct_id=notice.unified_id)
         time_source: Any = notice.received_at.isoformat()

@@ -16,6 +16,7 @@ from consent.db import migrate_consent
 from consent.decisions import DestinationSpec
 from consent.ledger import Ledger
 from consent.proofs import DeliveryProofs
+from consent.rotation import SubjectAliases
 from consent.service import ConsentService, LedgerPolicy, PurposeRules
 from consent.signing import InvalidLedgerKey, LedgerSigner, load_signer
 from consent.state import ConsentStateStore, RedisConsentState, SqlConsentState
@@ -89,13 +90,14 @@ async def open_consent(
         for notice in tenant.notices:
             await service.publish_notice(tenant.id, notice.id, notice.content_sha256)
     proofs = DeliveryProofs(engine)
+    aliases = SubjectAliases(engine)
     return ConsentRuntime(
         engine=engine,
         ledger=ledger,
         store=store,
         service=service,
-        policy=LedgerPolicy(store, rules),
-        audit=ConsentAudit(ledger, proofs),
+        policy=LedgerPolicy(store, rules, aliases),
+        audit=ConsentAudit(ledger, proofs, aliases),
         proofs=proofs,
         access_log=AccessLog(engine),
         store_kind=kind,

@@ -27,7 +27,7 @@ from gateway.consent_setup import (
 )
 from gateway.pipeline import destination_specs
 from gateway.settings import Settings
-from identity.pseudonym import KeyRing
+from identity.pseudonym import DOMAIN, KeyRing
 
 
 def redis_options() -> dict[str, Any]:
@@ -103,7 +103,8 @@ def retry_policy(d: Destination) -> Retry:
 
 
 def rekeyer(keyring: KeyRing, tenant: str, d: Destination) -> DomainRekeyer:
-    return DomainRekeyer(keyring.pseudonymiser(tenant), d.pseudonym_domain or d.id)
+    # the anchor version, not the active one: a rotation must not change every value downstream
+    return DomainRekeyer(keyring.anchor(tenant).internal(DOMAIN), d.pseudonym_domain or d.id)
 
 
 def build_delivery(

@@ -55,6 +55,9 @@ class Envelope:
     identifiers: list[Identifier] = field(default_factory=list)
     # Every pseudonym written into the event (what delivery re-keys per destination).
     pseudonyms: set[str] = field(default_factory=set)
+    # Key rotation: pseudonym of a linkable identifier under the active key -> its
+    # pseudonyms under the older live versions, newest first (empty with one live version).
+    aliases: dict[str, tuple[str, ...]] = field(default_factory=dict)
     # Identifiers the event asks to detach from their person (a Sensors track_id_unbind):
     # raw from the adapter, pseudonymised by pseudonymise_identifiers into ``detach``.
     unbind: list[RawIdentifier] = field(default_factory=list)

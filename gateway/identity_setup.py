@@ -18,7 +18,7 @@ from identity.resolution import IdentityResolver, NoResolution
 from identity.resolver import GraphResolver
 from identity.service import IdentityService, NoticePublisher
 from identity.store import IdentityLogStore, migrate_identity
-from identity.unified_ids import derived_unified_id
+from identity.unified_ids import versioned_unified_id
 
 
 def identity_rules(tenant: Tenant) -> IdentityRules:
@@ -62,7 +62,7 @@ async def open_identity(
     graph_resolver = GraphResolver(
         IdentityLogStore(engine),
         {tid: identity_rules(t) for tid, t in tenants.items()},
-        node_ids={tid: derived_unified_id(keyring.pseudonymiser(tid)) for tid in tenants},
+        node_ids={tid: versioned_unified_id(keyring, tid) for tid in tenants},
     )
     service = IdentityService(graph_resolver, publish)
     graph_resolver.on_changes = service.on_changes

@@ -1,6 +1,6 @@
 """The ingest pipeline: an explicit, ordered list of named stages over one batch.
 
-    pseudonymise -> claim_message_ids -> record_consent_signals -> decide_consent
+    pseudonymise -> claim_message_ids -> rekey_on_sight -> record_consent_signals -> decide_consent
     -> resolve_identity -> transform -> encode -> append -> detach_identifiers
 
 Protocol adapters (gateway.segment, gateway.sensors) decode a request into envelopes of the
@@ -50,7 +50,12 @@ from identity.assertions import AssertionVerifier, standing
 from identity.graph import GraphChange
 from identity.identifiers import DEVICE_TYPES, IDENTIFIER_TYPES, SCOPED_TYPES, Identifier, InvalidIdentifier
 from identity.notices import notices_for_changes
-from identity.pseudonym import KeyRing, Pseudonymiser, pseudonymise_identifier
+from identity.pseudonym import (
+    KeyRing,
+    Pseudonymiser,
+    pseudonymise_identifier,
+    pseudonymise_identifier_aliases,
+)
 from identity.resolution import IdentityResolver
 from identity.scrub import truncate_ip
 from identity.service import IdentityService
@@ -76,13 +81,23 @@ def field_maps(tenant: Tenant) -> tuple[dict[str, str], dict[str, str]]:
 
 
 # -- stage: pseudonymise ---------------------------------------------------------------------
-def pseudonymise_identifiers(env: Envelope, tenant: Tenant, pseudonymiser: Pseudonymiser) -> None:
+def pseudonymise_identifiers(
+    env: Envelope,
+    tenant: Tenant,
+    pseudonymiser: Pseudonymiser,
+    older: tuple[Pseudonymiser, ...] = (),
+    alias_cache: dict[str, tuple[str, ...]] | None = None,
+) -> None:
     """Normalise every identifier field, replace it by its pseudonym, collect the linkable ones.
 
     Junk values (``null``, all-zero IDFA, ...) in the id fields are removed; a value that
     is personal but not a valid identifier (a malformed phone) is pseudonymised and not
     linked. Every pseudonym written is recorded in ``env.pseudonyms``. Raises
     RejectMessage when no usable userId/anonymousId is left.
+
+    While older key versions are live (``older``), each linkable identifier's pseudonyms
+    under them are recorded in ``env.aliases`` (consent and identity look-ups use them; they
+    are never written into the event).
     """
     ev = env.event
     found = env.identifiers
@@ -92,7 +107,13 @@ def pseudonymise_identifiers(env: Envelope, tenant: Tenant, pseudonymiser: Pseud
 
     def link(id_type: str, raw: Any, scope: str | None = None) -> str | None:
         try:
-            ident = pseudonymise_identifier(pseudonymiser, id_type, raw, scope=scope)
+            if older:
+                ident, aliases = pseudonymise_identifier_aliases(
+                    pseudonymiser, older, id_type, raw, scope=scope, cache=alias_cache
+                )
+                env.aliases[ident.value] = aliases
+            else:
+                ident = pseudonymise_identifier(pseudonymiser, id_type, raw, scope=scope)
         except InvalidIdentifier:
             return None
         found.append(ident)
@@ -322,6 +343,8 @@ def consent_query(env: Envelope, tenant: Tenant, linked: tuple[str, ...] = ()) -
             person.append(ident.value)
     if unproven:  # named without proof: their withdrawals count, their grants do not
         linked = linked + tuple(i.value for i in unproven)
+    # key rotation: each identifier's older-version pseudonyms fold into it (same standing)
+    aliases = tuple((old, new) for new, olds in env.aliases.items() for old in olds) if env.aliases else ()
     sensitive = False
     if tenant.sensitive_properties:
         keys = tenant.sensitive_properties
@@ -334,6 +357,7 @@ def consent_query(env: Envelope, tenant: Tenant, linked: tuple[str, ...] = ()) -
         narrowed=narrowed_purposes(ev.context, tenant.consent_categories),
         linked_ids=linked,
         has_sensitive=sensitive,
+        aliases=aliases,
     )
 
 
@@ -427,6 +451,8 @@ class IngestBatch:
     envelopes: list[Envelope]
     result: IngestResult
     pseudonymiser: Pseudonymiser
+    # the older live key versions, newest first (empty: one version, no alias look-ups)
+    older: tuple[Pseudonymiser, ...] = ()
     # set by claim_message_ids: the claim to confirm with the append (or release)
     claim: Claim | None = None
     # the envelopes past the claim, whatever happened to them later (detach works on these)
@@ -464,6 +490,8 @@ class IngestServices:
     specs: dict[str, list[DestinationSpec]] = field(default_factory=dict)
     # (tenant, source) -> how its identity assertions are checked (client sources with keys)
     assertions: Mapping[tuple[str, str], AssertionVerifier] = field(default_factory=dict)
+    # key rotation: active pseudonym -> its pseudonyms under the older live versions
+    alias_cache: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 Stage = Callable[[IngestServices, IngestBatch], Awaitable[None]]
@@ -480,7 +508,7 @@ async def pseudonymise(s: IngestServices, batch: IngestBatch) -> None:
     for env in batch.envelopes:
         take_assertion(env)
         try:
-            pseudonymise_identifiers(env, src.tenant, batch.pseudonymiser)
+            pseudonymise_identifiers(env, src.tenant, batch.pseudonymiser, batch.older, s.alias_cache)
         except RejectMessage as exc:
             batch.reject(env, exc.error, exc.detail, exc.field)
             continue
@@ -530,6 +558,37 @@ async def claim_message_ids(s: IngestServices, batch: IngestBatch) -> None:
             batch.result.in_flight += 1
     batch.envelopes = kept
     batch.claimed = list(kept)
+
+
+async def rekey_on_sight(s: IngestServices, batch: IngestBatch) -> None:
+    """Key rotation, lazily: an event carries the raw identifier, so both its old-version
+    and its active-version pseudonyms are known. An identifier the graph holds under an
+    older live version moves to the active one (``NodeRekeyed``: same person, same unified
+    ID; an ``identity.rekeyed`` notice follows the batch's events). A never-linked one (not
+    stored) is stored under the active version with the unified ID derived from its oldest
+    live pseudonym, so it keeps that ID after the old version is retired. Only runs while
+    more than one key version is live, once per identifier (then it is in the graph);
+    before consent, so the person's other identifiers are found."""
+    if not batch.older or not batch.envelopes:
+        return
+    tenant = batch.src.tenant.id
+    graph = s.resolver.graph(tenant)
+    if graph is None:
+        return
+    moves: dict[str, str] = {}
+    moved: set[str] = set()
+    for env in batch.envelopes:
+        for ident in env.identifiers:
+            olds = env.aliases.get(ident.value)
+            new = ident.node
+            if not olds or new in graph or new in moved:
+                continue
+            held = next((f"{ident.type}:{o}" for o in olds if f"{ident.type}:{o}" in graph), None)
+            # never linked: its ID is derived from its oldest live pseudonym
+            moves[held or f"{ident.type}:{olds[-1]}"] = new
+            moved.add(new)
+    if moves:
+        batch.changes += await s.resolver.rekey(tenant, list(moves.items()))
 
 
 async def record_consent_signals(s: IngestServices, batch: IngestBatch) -> None:
@@ -716,6 +775,7 @@ async def detach_identifiers(s: IngestServices, batch: IngestBatch) -> None:
 STAGES: tuple[Stage, ...] = (
     pseudonymise,
     claim_message_ids,
+    rekey_on_sight,
     record_consent_signals,
     decide_consent,
     resolve_identity,
@@ -744,7 +804,11 @@ class Ingestor:
         counts = metrics.INGEST
         labels = (src.tenant.id, src.source.id)
         counts.add("received", labels, result.received)
-        batch = IngestBatch(src, envs, result, self.services.keyring.pseudonymiser(src.tenant.id))
+        keyring = self.services.keyring
+        tenant = src.tenant.id
+        batch = IngestBatch(
+            src, envs, result, keyring.pseudonymiser(tenant), keyring.older_pseudonymisers(tenant)
+        )
         try:
             for stage in self.stages:
                 await stage(self.services, batch)

@@ -53,6 +53,7 @@ from gateway.logging import bind_source
 from gateway.openapi import JSON, error_response, limits_text, ref, register_structs
 from gateway.pipeline import IngestResult
 from gateway.sensors import SensorsBatch, SensorsEvent, decode_events, parse_form, payload_json
+from identity.pseudonym import MESSAGE_ID
 
 log = structlog.get_logger("idgate.ingest")
 
@@ -172,7 +173,7 @@ async def _sensors(scope: HTTPScope, receive: Receive, send: Send) -> None:
         single=single,
         limits=limits,
         received_at=datetime.now(UTC),
-        derive=ctx.keyring.pseudonymiser(src.tenant.id),
+        derive=ctx.keyring.anchor(src.tenant.id).internal(MESSAGE_ID),
         project=src.source.sensors_project,
     )
     result = IngestResult(received=batch.received, rejected=batch.rejected)

@@ -181,7 +181,30 @@ class Split(_Change, frozen=True):
     at: datetime
 
 
-GraphChange = NodeAdded | EdgeAdded | Merged | EdgeRefused | Quarantined | EdgeRemoved | NodeRemoved | Split
+class NodeRekeyed(_Change, frozen=True):
+    """Key rotation: the identifier ``old`` (a pseudonym under an older key version) is
+    ``new`` (the same raw identifier under the active version), seen together in one event.
+    ``new`` takes ``old``'s place, links and person; ``unified_id`` is the person's ID then,
+    kept. When ``old`` is not in the graph (never linked, so never stored) ``new`` is added
+    with the ID derived from ``old``, the one downstream has seen."""
+
+    old: str
+    new: str
+    unified_id: str
+    at: datetime
+
+
+GraphChange = (
+    NodeAdded
+    | EdgeAdded
+    | Merged
+    | EdgeRefused
+    | Quarantined
+    | EdgeRemoved
+    | NodeRemoved
+    | Split
+    | NodeRekeyed
+)
 
 
 # -- state ---------------------------------------------------------------------------------------------
@@ -241,6 +264,7 @@ class IdentityGraph:
             EdgeRemoved: self._apply_edge_removed,  # type: ignore[dict-item]
             NodeRemoved: self._apply_node_removed,  # type: ignore[dict-item]
             Split: self._apply_split,  # type: ignore[dict-item]
+            NodeRekeyed: self._apply_node_rekeyed,  # type: ignore[dict-item]
         }
 
     # -- reads -------------------------------------------------------------------------------------
@@ -424,6 +448,18 @@ class IdentityGraph:
             changes.append(split)
         return changes
 
+    def rekey(self, old: str, new: str, *, unified_id: str, at: datetime) -> list[GraphChange]:
+        """Move an identifier to its pseudonym under a new key version (see NodeRekeyed).
+
+        ``unified_id`` is the ID ``old`` has downstream when it is not in the graph (its
+        derived one). Returns ``[]`` when ``new`` is already known (nothing to move)."""
+        if new in self._nodes:
+            return []
+        uid = self.unified_id(old) or unified_id
+        change = NodeRekeyed(old, new, uid, at)
+        self._apply_node_rekeyed(change)
+        return [change]
+
     def _propose(self, anchor: str, other: str, provenance: Provenance, changes: list[GraphChange]) -> None:
         root_a, root_b = self._find(anchor), self._find(other)
         change: GraphChange
@@ -581,6 +617,42 @@ class IdentityGraph:
         # erasure: no pseudonym of this node stays in the review list (a scan; erasures are rare)
         for key in [k for k in self._quarantine if node in k]:
             del self._quarantine[key]
+
+    def _apply_node_rekeyed(self, change: NodeRekeyed) -> None:
+        old, new = change.old, change.new
+        if new in self._nodes:
+            return
+        state = self._nodes.get(old)
+        if state is None:
+            self._apply_node_added(NodeAdded(new, change.unified_id, change.at))
+            return
+        members = self._members(old)
+        person = self._persons.pop(self._find(old))
+        for other in state.adj:
+            neighbour = self._nodes[other]
+            neighbour.adj = tuple(new if n == old else n for n in neighbour.adj)
+            self._provenance[_edge_key(new, other)] = self._provenance.pop(_edge_key(old, other))
+        del self._nodes[old]
+        self._nodes[new] = state
+        members.discard(old)
+        members.add(new)
+        # the component gets fresh union-find entries (as _drop_edge does for a part)
+        parents, weights = self._parents, self._weights
+        del parents[old], weights[old]
+        root = min(members)
+        for node in members:
+            parents[node] = root
+            weights[node] = 1
+        weights[root] = len(members)
+        self._persons[root] = person
+        for key in [k for k in self._quarantine if old in k]:
+            held = self._quarantine.pop(key)
+            a, b = (new if x == old else x for x in key)
+            self._quarantine[_edge_key(a, b)] = msgspec.structs.replace(
+                held, a=new if held.a == old else held.a, b=new if held.b == old else held.b
+            )
+        if self._pending_join is not None and self._pending_join[0] == old:
+            self._pending_join = None
 
     def _apply_split(self, change: Split) -> None:
         old = change.old_unified_id

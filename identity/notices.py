@@ -22,7 +22,7 @@ from typing import Self
 
 import msgspec
 
-from identity.graph import GraphChange, Merged, Split
+from identity.graph import GraphChange, Merged, NodeRekeyed, Split
 from identity.identifiers import Identifier
 
 
@@ -122,8 +122,32 @@ class IdentityDeleted(_Notice, frozen=True, tag="identity.deleted"):
         )
 
 
-Notice = IdentityMerged | IdentitySplit | IdentityDeleted
-NOTICE_TYPES: tuple[str, ...] = ("identity.merged", "identity.split", "identity.deleted")
+class IdentityRekeyed(_Notice, frozen=True, tag="identity.rekeyed"):
+    """A key rotation: the identifier recipients know as ``old_identifier`` is now
+    ``new_identifier`` (same person, same ``unified_id``); recipients re-key what they hold."""
+
+    unified_id: str
+    old_identifier: NoticeIdentifier
+    new_identifier: NoticeIdentifier
+
+    def subjects(self) -> tuple[str, ...]:
+        return (self.unified_id,)
+
+    def named(self) -> tuple[str, ...]:
+        return (self.unified_id,)
+
+    def rekeyed(self, value: Callable[[str], str]) -> Self:
+        old, new = self.old_identifier, self.new_identifier
+        return msgspec.structs.replace(
+            self,
+            unified_id=value(self.unified_id),
+            old_identifier=NoticeIdentifier(old.type, value(old.id)),
+            new_identifier=NoticeIdentifier(new.type, value(new.id)),
+        )
+
+
+Notice = IdentityMerged | IdentitySplit | IdentityDeleted | IdentityRekeyed
+NOTICE_TYPES: tuple[str, ...] = ("identity.merged", "identity.split", "identity.deleted", "identity.rekeyed")
 
 _encode = msgspec.json.Encoder().encode
 _decode = msgspec.json.Decoder(Notice).decode
@@ -174,7 +198,23 @@ def notices_for_changes(tenant: str, changes: Iterable[GraphChange]) -> list[Not
                     parts=tuple(sorted(set(c.parts.values()))),
                 )
             )
+        elif isinstance(c, NodeRekeyed):
+            out.append(rekey_notice(tenant, c))
     return out
+
+
+def rekey_notice(tenant: str, change: NodeRekeyed) -> IdentityRekeyed:
+    """``identity.rekeyed`` for one identifier moved to a new key version."""
+    old_type, _, old_value = change.old.partition(":")
+    new_type, _, new_value = change.new.partition(":")
+    return IdentityRekeyed(
+        message_id=notice_message_id("identity.rekeyed", change.old, change.new),
+        received_at=change.at.astimezone(UTC),
+        context=_context(tenant),
+        unified_id=change.unified_id,
+        old_identifier=NoticeIdentifier(old_type, old_value),
+        new_identifier=NoticeIdentifier(new_type, new_value),
+    )
 
 
 def deletion_notice(

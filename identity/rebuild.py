@@ -20,6 +20,7 @@ from identity.graph import (
     IdentityGraph,
     IdentityRules,
     NodeAdded,
+    NodeRekeyed,
     NodeRemoved,
 )
 from identity.store import LogRow
@@ -68,6 +69,11 @@ def replay(
                 t.edges.remove_edge(change.a, change.b)
         elif isinstance(change, NodeRemoved) and change.node in t.edges:
             t.edges.remove_node(change.node)
+        elif isinstance(change, NodeRekeyed) and change.new not in t.edges:
+            if change.old in t.edges:
+                nx.relabel_nodes(t.edges, {change.old: change.new}, copy=False)
+            else:
+                t.edges.add_node(change.new)
         count += 1
         if progress is not None and count % PROGRESS_STEP == 0:
             progress(PROGRESS_STEP)

@@ -57,6 +57,10 @@ class IdentityResolver(Protocol):
     async def unlink(self, tenant: str, a: str, b: str) -> list[GraphChange]: ...
     async def remove(self, tenant: str, node: str) -> list[GraphChange]: ...
 
+    async def rekey(self, tenant: str, moves: Sequence[tuple[str, str]]) -> list[GraphChange]:
+        """Key rotation: (old node, new node) pairs, the same identifier under two versions."""
+        ...
+
 
 class NoResolution:
     """No identity graph: events keep their own identifiers and carry no unified ID."""
@@ -95,4 +99,7 @@ class NoResolution:
         return []
 
     async def remove(self, tenant: str, node: str) -> list[GraphChange]:
+        return []
+
+    async def rekey(self, tenant: str, moves: Sequence[tuple[str, str]]) -> list[GraphChange]:
         return []

@@ -357,6 +357,24 @@ class GraphResolver:
         derive = self.node_ids.get(tenant)
         return derive(node) if derive is not None else node
 
+    async def rekey(self, tenant: str, moves: Sequence[tuple[str, str]]) -> list[GraphChange]:
+        """Key rotation: move each (old node, new node) to the new key version's pseudonym
+        (``IdentityGraph.rekey``), in the log like any change; returns the changes made."""
+        out: list[GraphChange] = []
+        derive = self.node_ids.get(tenant)
+
+        def decide() -> Decided:
+            graph = self.graphs[tenant]
+            now = datetime.now(UTC)
+            out.clear()
+            for old, new in moves:
+                uid = derive(old) if derive is not None else new
+                out.extend(graph.rekey(old, new, unified_id=uid, at=now))
+            return [(tenant, list(out), None)]
+
+        await self._locked(decide)
+        return out
+
     async def remove(self, tenant: str, node: str) -> list[GraphChange]:
         out: list[GraphChange] = []
 

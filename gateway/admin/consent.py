@@ -79,11 +79,13 @@ class ConsentAuditController(Controller):
         """Compliance role. A raw identifier is pseudonymised server-side; only the
         pseudonym is stored or logged."""
         services.tokens.check_tenant(officer, tenant)
-        node = services.subject(tenant, identifier, id_type, appid).node if identifier else None
+        every = services.subjects(tenant, identifier, id_type, appid) if identifier else []
+        node = every[0].node if every else None
         found = await asyncio.to_thread(
             services.audit.records,
             tenant=tenant,
             node=node,
+            aliases=[i.node for i in every[1:]],
             since=parse_time(since, "since"),
             until=parse_time(until, "until"),
             purpose=purpose,
@@ -123,9 +125,16 @@ class ConsentAuditController(Controller):
         at: Time = None,
     ) -> SubjectView:
         services.tokens.check_tenant(officer, tenant)
-        subject = services.subject(tenant, identifier, id_type, appid)
+        every = services.subjects(tenant, identifier, id_type, appid)
+        subject = every[0]
         moment = parse_time(at, "at") or datetime.now(UTC)
-        view = await asyncio.to_thread(services.audit.subject_at, tenant=tenant, node=subject.node, at=moment)
+        view = await asyncio.to_thread(
+            services.audit.subject_at,
+            tenant=tenant,
+            node=subject.node,
+            at=moment,
+            aliases=[i.node for i in every[1:]],
+        )
         params = {"subject": subject.value, "type": id_type, "at": moment.isoformat()}
         await log_access(services, officer, "consent.subject_at", tenant, params, view.records)
         return view

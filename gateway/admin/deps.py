@@ -27,8 +27,8 @@ from gateway.config import Config
 from gateway.errors import InvalidRequest
 from gateway.openapi import error_responses
 from identity.identifiers import IDENTIFIER_TYPES, SCOPED_TYPES, Identifier, InvalidIdentifier
-from identity.pseudonym import KeyRing, pseudonymise_identifier
-from identity.service import IdentityService
+from identity.pseudonym import KeyRing, pseudonymise_identifier_aliases
+from identity.service import IdentityResolutionOff, IdentityService
 
 
 @dataclass
@@ -59,8 +59,37 @@ class AdminServices:
         *,
         fields: tuple[str, str, str] = ("identifier", "type", "appid"),
     ) -> Identifier:
-        """A raw identifier named by an officer, pseudonymised with the tenant's key; a 400
-        naming the field (``fields``: the names of the value, type and appid) otherwise."""
+        """A raw identifier named by an officer, pseudonymised with the tenant's active key;
+        a 400 naming the field (``fields``: the names of the value, type and appid) otherwise."""
+        return self.subjects(tenant, raw, id_type, appid, fields=fields)[0]
+
+    def subjects(
+        self,
+        tenant: str,
+        raw: str,
+        id_type: str,
+        appid: str | None,
+        *,
+        fields: tuple[str, str, str] = ("identifier", "type", "appid"),
+    ) -> list[Identifier]:
+        """The identifier under every live key version, the active one first: what was
+        stored before a key rotation is found under its old pseudonym."""
+        first, older = self._pseudonymise(tenant, raw, id_type, appid, fields)
+        return [first, *(Identifier(first.type, value) for value in older)]
+
+    def graph_subjects(self, tenant: str, ref_subjects: list[Identifier]) -> list[Identifier]:
+        """Of an identifier's live-version pseudonyms, those the identity graph holds; when
+        it holds none, the oldest (a never-linked identifier's unified ID derives from it)."""
+        try:
+            graph = self.identity.graph(tenant)
+        except IdentityResolutionOff:  # the caller reports it
+            return ref_subjects[:1]
+        held = [i for i in ref_subjects if i.node in graph]
+        return held or ref_subjects[-1:]
+
+    def _pseudonymise(
+        self, tenant: str, raw: str, id_type: str, appid: str | None, fields: tuple[str, str, str]
+    ) -> tuple[Identifier, tuple[str, ...]]:
         id_field, type_field, appid_field = fields
         if id_type not in IDENTIFIER_TYPES:
             raise InvalidRequest("invalid_field", f"unknown identifier type {id_type!r}", type_field)
@@ -69,8 +98,9 @@ class AdminServices:
                 "invalid_field", "a WeChat openid needs the appid it belongs to", appid_field
             )
         try:
-            return pseudonymise_identifier(
+            return pseudonymise_identifier_aliases(
                 self.keyring.pseudonymiser(tenant),
+                self.keyring.older_pseudonymisers(tenant),
                 id_type,
                 raw,
                 scope=appid if id_type in SCOPED_TYPES else None,
@@ -82,6 +112,13 @@ class AdminServices:
         return self.subject(
             tenant, ref.id, ref.type, ref.appid, fields=(where, f"{where}.type", f"{where}.appid")
         )
+
+    def graph_subjects_of(self, tenant: str, ref: IdentifierRef, where: str) -> list[Identifier]:
+        """``graph_subjects`` of an identifier named in a request body."""
+        every = self.subjects(
+            tenant, ref.id, ref.type, ref.appid, fields=(where, f"{where}.type", f"{where}.appid")
+        )
+        return self.graph_subjects(tenant, every)
 
 
 def _officer(request: Request[Any, Any, Any]) -> Officer:

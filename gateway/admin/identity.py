@@ -52,8 +52,12 @@ class IdentityController(Controller):
     ) -> Explained:
         """Operator role. Raw identifiers are pseudonymised server-side."""
         services.tokens.check_tenant(officer, tenant)
-        node_a = services.subject(tenant, a, a_type, a_appid, fields=("a", "a_type", "a_appid")).node
-        node_b = services.subject(tenant, b, b_type, b_appid, fields=("b", "b_type", "b_appid")).node
+        node_a = services.graph_subjects(
+            tenant, services.subjects(tenant, a, a_type, a_appid, fields=("a", "a_type", "a_appid"))
+        )[0].node
+        node_b = services.graph_subjects(
+            tenant, services.subjects(tenant, b, b_type, b_appid, fields=("b", "b_type", "b_appid"))
+        )[0].node
         found = services.identity.explain(tenant, node_a, node_b)
         await log_access(
             services, officer, "identity.explain", tenant, {"a": node_a, "b": node_b}, len(found.path)
@@ -81,8 +85,8 @@ class IdentityController(Controller):
     )
     async def unlink(self, services: AdminServices, officer: Officer, data: UnlinkRequest) -> UnlinkResult:
         services.tokens.check_tenant(officer, data.tenant)
-        node_a = services.subject_of(data.tenant, data.a, "a").node
-        node_b = services.subject_of(data.tenant, data.b, "b").node
+        node_a = services.graph_subjects_of(data.tenant, data.a, "a")[0].node
+        node_b = services.graph_subjects_of(data.tenant, data.b, "b")[0].node
         result = await services.identity.unlink(data.tenant, node_a, node_b)
         await log_access(
             services,
@@ -116,9 +120,11 @@ class IdentityController(Controller):
         counts the identifiers removed from the graph; ``notInGraph`` those it never held
         (never linked: only their derived unified ID went downstream, and it is notified)."""
         services.tokens.check_tenant(officer, data.tenant)
+        # under every live key version the graph holds it (a rotation keeps the past)
         idents = [
-            services.subject_of(data.tenant, ref, f"identifiers[{i}]")
+            ident
             for i, ref in enumerate(data.identifiers)
+            for ident in services.graph_subjects_of(data.tenant, ref, f"identifiers[{i}]")
         ]
         done = await services.identity.erase(data.tenant, idents)
         await log_access(

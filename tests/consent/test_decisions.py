@@ -115,3 +115,18 @@ def test_identity_linking_flag() -> None:
 def test_irrelevant_destinations_are_not_reasons() -> None:
     d = decide(query(purposes=("marketing",)), ALL, {})
     assert d.destinations == () and d.dropped_reason == "no_destination"
+
+
+def test_key_rotation_aliases_count_as_one_identifier_and_the_later_record_wins() -> None:
+    # granted under the old key version: still a basis for the new pseudonym
+    q = query(device=("k2.a",), aliases=(("k1.a", "k2.a"),))
+    assert decide(q, [WAREHOUSE], {"k1.a": {"analytics": given(3)}}).destinations == ("warehouse",)
+    # withdrawn under the old version after... nothing newer: withdrawn
+    assert decide(q, [WAREHOUSE], {"k1.a": {"analytics": withdrawn(4)}}).dropped_reason == "withdrawn"
+    # an old withdrawal does not outlive a later grant under the new version
+    state = {"k1.a": {"analytics": withdrawn(4)}, "k2.a": {"analytics": given(9)}}
+    assert decide(q, [WAREHOUSE], state).destinations == ("warehouse",)
+    # nor an old grant a later withdrawal
+    state = {"k1.a": {"analytics": given(4)}, "k2.a": {"analytics": withdrawn(9)}}
+    assert decide(q, [WAREHOUSE], state).dropped_reason == "withdrawn"
+    assert "k1.a" in q.all_ids()

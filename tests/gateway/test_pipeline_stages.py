@@ -19,6 +19,7 @@ from gateway.pipeline import (
     detach_identifiers,
     pseudonymise,
     record_consent_signals,
+    rekey_on_sight,
     resolve_identity,
 )
 from tests.conftest import COMPLIANCE_TOKEN, MALL_WEB_KEY, Gateway, mid
@@ -29,6 +30,7 @@ def test_the_stages_run_in_the_documented_order() -> None:
     assert names == [
         "pseudonymise",
         "claim_message_ids",
+        "rekey_on_sight",
         "record_consent_signals",
         "decide_consent",
         "resolve_identity",
@@ -40,7 +42,14 @@ def test_the_stages_run_in_the_documented_order() -> None:
     order = {s: i for i, s in enumerate(STAGES)}
     # nothing that records, links or stores runs before the claim; pseudonymising changes nothing
     assert order[pseudonymise] < order[claim_message_ids]
-    for side_effect in (record_consent_signals, decide_consent, resolve_identity, append, detach_identifiers):
+    for side_effect in (
+        rekey_on_sight,
+        record_consent_signals,
+        decide_consent,
+        resolve_identity,
+        append,
+        detach_identifiers,
+    ):
         assert order[claim_message_ids] < order[side_effect]
 
 
