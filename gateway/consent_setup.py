@@ -26,7 +26,7 @@ from gateway.config import Config, Tenant
 from gateway.privacy import message_id_digest
 from gateway.settings import Settings
 from identity.db import make_engine
-from identity.pseudonym import KeyRing
+from identity.pseudonym import MESSAGE_ID, KeyRing
 
 log = structlog.get_logger(__name__)
 
@@ -121,7 +121,8 @@ def message_keys(keyring: KeyRing) -> MessageKey:
     """Message ids as the delivery proofs keep them (gateway.privacy.message_id_digest)."""
 
     def key(tenant: str, message_id: str) -> str:
-        return message_id_digest(message_id, keyring.pseudonymiser(tenant))
+        # the anchor version's message-id derivation: the same digest across key rotations
+        return message_id_digest(message_id, keyring.anchor(tenant).internal(MESSAGE_ID))
 
     return key
 

@@ -51,6 +51,7 @@ from identity.graph import GraphChange
 from identity.identifiers import DEVICE_TYPES, IDENTIFIER_TYPES, SCOPED_TYPES, Identifier, InvalidIdentifier
 from identity.notices import notices_for_changes
 from identity.pseudonym import (
+    MESSAGE_ID,
     KeyRing,
     Pseudonymiser,
     pseudonymise_identifier,
@@ -87,6 +88,7 @@ def pseudonymise_identifiers(
     pseudonymiser: Pseudonymiser,
     older: tuple[Pseudonymiser, ...] = (),
     alias_cache: dict[str, tuple[str, ...]] | None = None,
+    message_ids: Pseudonymiser | None = None,
 ) -> None:
     """Normalise every identifier field, replace it by its pseudonym, collect the linkable ones.
 
@@ -103,7 +105,7 @@ def pseudonymise_identifiers(
     found = env.identifiers
     written = env.pseudonyms
     # before dedupe claims it: a message id is stored (claims, proofs) and forwarded
-    ev.message_id = clean_message_id(ev.message_id, pseudonymiser)
+    ev.message_id = clean_message_id(ev.message_id, message_ids or pseudonymiser)
 
     def link(id_type: str, raw: Any, scope: str | None = None) -> str | None:
         try:
@@ -453,6 +455,8 @@ class IngestBatch:
     pseudonymiser: Pseudonymiser
     # the older live key versions, newest first (empty: one version, no alias look-ups)
     older: tuple[Pseudonymiser, ...] = ()
+    # message-id digests: the anchor version's own derivation, stable across rotations
+    message_ids: Pseudonymiser | None = None
     # set by claim_message_ids: the claim to confirm with the append (or release)
     claim: Claim | None = None
     # the envelopes past the claim, whatever happened to them later (detach works on these)
@@ -508,7 +512,9 @@ async def pseudonymise(s: IngestServices, batch: IngestBatch) -> None:
     for env in batch.envelopes:
         take_assertion(env)
         try:
-            pseudonymise_identifiers(env, src.tenant, batch.pseudonymiser, batch.older, s.alias_cache)
+            pseudonymise_identifiers(
+                env, src.tenant, batch.pseudonymiser, batch.older, s.alias_cache, batch.message_ids
+            )
         except RejectMessage as exc:
             batch.reject(env, exc.error, exc.detail, exc.field)
             continue
@@ -727,7 +733,13 @@ async def resolve_identity(s: IngestServices, batch: IngestBatch) -> None:
         sets,
         linking,
         # provenance outlives the outbox: the message id only as a keyed hash
-        [(batch.src.source.id, message_id_digest(e.event.message_id, batch.pseudonymiser)) for e in envs],
+        [
+            (
+                batch.src.source.id,
+                message_id_digest(e.event.message_id, batch.message_ids or batch.pseudonymiser),
+            )
+            for e in envs
+        ],
         notices=batch.changes,
         guarded=guarded,
     )
@@ -807,7 +819,12 @@ class Ingestor:
         keyring = self.services.keyring
         tenant = src.tenant.id
         batch = IngestBatch(
-            src, envs, result, keyring.pseudonymiser(tenant), keyring.older_pseudonymisers(tenant)
+            src,
+            envs,
+            result,
+            keyring.pseudonymiser(tenant),
+            keyring.older_pseudonymisers(tenant),
+            keyring.anchor(tenant).internal(MESSAGE_ID),
         )
         try:
             for stage in self.stages:

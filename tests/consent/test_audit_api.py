@@ -12,6 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from gateway.privacy import message_id_digest
+from identity.pseudonym import MESSAGE_ID
 from tests.conftest import (
     COMPLIANCE_TOKEN,
     MALL_SERVER_KEY,
@@ -85,7 +86,7 @@ def test_point_in_time_view_names_the_deliveries_that_relied_on_consent(gw: Gate
     assert deadline_ok
     assert view["purposes"]["analytics"]["state"] == "given" and view["purposes"]["analytics"]["seq"] == seq
     # message ids are kept in the proofs as keyed hashes, never as the client sent them
-    digest = message_id_digest(m, gw.keyring().pseudonymiser("mall"))
+    digest = message_id_digest(m, gw.keyring().anchor("mall").internal(MESSAGE_ID))
     assert {(d["destination"], d["messageId"], d["ledgerSeq"]) for d in view["deliveries"]} == {
         ("mall-warehouse", digest, seq)
     }
