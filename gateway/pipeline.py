@@ -34,7 +34,7 @@ from consent.signals import (
     is_minor_age,
     narrowed_purposes,
 )
-from export.outbox import Claim, ClaimStatus, Outbox, OutboxRecord, notice_record
+from export.outbox import Claim, ClaimStatus, Outbox, OutboxRecord, notice_record, scoped_message_id
 from gateway import metrics
 from gateway.config import Destination, ResolvedSource, Tenant
 from gateway.events import Envelope, Rejection, RejectMessage
@@ -379,11 +379,14 @@ async def pseudonymise(s: IngestServices, batch: IngestBatch) -> None:
 
 
 async def claim_message_ids(s: IngestServices, batch: IngestBatch) -> None:
-    """Dedupe before any side effect: only events whose message id is new go on."""
+    """Dedupe before any side effect: only events whose message id is new for their sender
+    (source, anonymous id and user id pseudonyms) go on."""
     envs = batch.envelopes
     if not envs:
         return
-    claim = await s.outbox.claim(batch.src.source.id, [e.event.message_id for e in envs])
+    # Scoped by the sender's pseudonyms: one device cannot pre-claim another's message ids.
+    scoped = [scoped_message_id(e.event.message_id, e.event.anonymous_id, e.event.user_id) for e in envs]
+    claim = await s.outbox.claim(batch.src.source.id, scoped)
     batch.claim = claim
     kept = []
     for env, status in zip(envs, claim.statuses, strict=True):
