@@ -38,6 +38,7 @@ from gateway.maintenance import keep_healthy
 from gateway.openapi import docs_assets_routers, finish_document, openapi_config
 from gateway.pipeline import Ingestor, IngestServices
 from gateway.sensors_http import SENSORS_ROUTES, document_sensors_routes
+from gateway.rate_limits import open_rate_limiter
 from gateway.settings import Settings
 from identity.pseudonym import InvalidKeyMaterial, KeyRing, new_key_document, write_private_file
 
@@ -174,6 +175,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
             ),
             on_appended=delivery.notify,
         )
+        rate_limiter = open_rate_limiter(config.rate_limits, redis_client, settings.redis_prefix)
+        ingestor.services.rate_limiter = rate_limiter
         write_keys = WriteKeys(index_write_keys(config, dev=settings.dev))
         tokens = AdminTokens.build(config, config.admin_tokens, dev=settings.dev)
         state = app.state
@@ -185,7 +188,10 @@ def create_app(settings: Settings | None = None) -> Litestar:
             delivery=delivery,
             redis=redis_client,
         )
-        state.ingest = IngestContext(config=config, write_keys=write_keys, ingestor=ingestor, keyring=keyring)
+        state.ingest = IngestContext(
+            config=config, write_keys=write_keys, ingestor=ingestor, keyring=keyring, rate_limiter=rate_limiter
+        )
+        state.rate_limiter = rate_limiter
         state.write_keys = write_keys
         state.sensors_tokens = index_sensors_tokens(config, dev=settings.dev)
         state.keyring = keyring

@@ -23,6 +23,7 @@ from gateway.config import Limits, ResolvedSource
 from gateway.errors import InvalidRequest
 from gateway.logging import bind_source
 from gateway.openapi import error_responses, limits_text
+from gateway.rate_limits import RateLimiter, client_ip
 from identity.identifiers import IDENTIFIER_TYPES, SCOPED_TYPES, InvalidIdentifier
 from identity.pseudonym import Pseudonymiser, pseudonymise_identifier
 
@@ -143,15 +144,28 @@ def consent_controller(limits: Limits) -> type[Controller]:
                     "or a grant without a known notice; `field` names it",
                     401: "Missing or unknown write key (HTTP Basic user, or `writeKey` in the body)",
                     413: f"The body is over {limits.max_message_bytes} bytes",
+                    429: "Over a rate limit of the source or client network, or over "
+                    "`rate_limits.consent_records_per_subject_per_day` for an identifier named; "
+                    "`field` names the limit; retry after `Retry-After` seconds",
                     503: "Redis, the database or the consent state is unavailable: nothing was "
                     "recorded; retry after `Retry-After` seconds",
                 },
             ),
         )
         async def record(
-            self, data: ConsentRequest, source: ResolvedSource, consent: ConsentService, state: State
+            self,
+            request: Request[Any, Any, Any],
+            data: ConsentRequest,
+            source: ResolvedSource,
+            consent: ConsentService,
+            state: State,
         ) -> ConsentRecorded:
             identifiers = subject_identifiers(data, state.keyring.pseudonymiser(source.tenant.id))
+            limiter: RateLimiter | None = state.get("rate_limiter")
+            if limiter is not None:
+                ip = client_ip(request.scope, limiter.limits.forwarded_hops)
+                await limiter.check_request(source.tenant.id, source.source.id, ip, 1)
+                await limiter.check_consent(source.tenant.id, source.source.id, [v for _, v in identifiers])
             receipts = await consent.record(
                 tenant=source.tenant.id,
                 identifiers=identifiers,

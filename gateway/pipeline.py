@@ -1,7 +1,7 @@
 """The ingest pipeline: an explicit, ordered list of named stages over one batch.
 
     pseudonymise -> claim_message_ids -> record_consent_signals -> decide_consent
-    -> resolve_identity -> transform -> encode -> append -> detach_identifiers
+    -> limit_new_identifiers -> resolve_identity -> transform -> encode -> append -> detach_identifiers
 
 Protocol adapters (gateway.segment, gateway.sensors) decode a request into envelopes of the
 one internal ``Event``; ``Ingestor.ingest`` then runs ``STAGES`` in order over the batch.
@@ -37,6 +37,7 @@ from consent.signals import (
 from export.outbox import Claim, ClaimStatus, Outbox, OutboxRecord, notice_record, scoped_message_id
 from gateway import metrics
 from gateway.config import Destination, ResolvedSource, Tenant
+from gateway.rate_limits import RateLimited, RateLimiter
 from gateway.events import Envelope, Rejection, RejectMessage
 from identity.graph import GraphChange
 from identity.identifiers import (
@@ -359,6 +360,8 @@ class IngestServices:
     resolver: IdentityResolver
     consent_service: ConsentService | None = None
     identity: IdentityService | None = None
+    # quotas per person (gateway.rate_limits); None: unlimited
+    rate_limiter: RateLimiter | None = None
     encoder: msgspec.json.Encoder = field(default_factory=msgspec.json.Encoder)
     specs: dict[str, list[DestinationSpec]] = field(default_factory=dict)
 
@@ -420,6 +423,12 @@ async def record_consent_signals(s: IngestServices, batch: IngestBatch) -> None:
         if not prefs:
             kept.append(env)
             continue
+        if s.rate_limiter is not None:
+            try:
+                await s.rate_limiter.check_consent(tenant.id, src.source.id, [v for _, v in identifiers])
+            except RateLimited as exc:
+                batch.reject(env, "rate_limited", exc.detail, exc.limit)
+                continue
         choice = choice_from_categories(prefs, tenant.consent_categories)
         consent = ev.context.get("consent")
         notice_id = consent.get("noticeId") if isinstance(consent, dict) else None
@@ -488,6 +497,29 @@ async def decide_consent(s: IngestServices, batch: IngestBatch) -> None:
     batch.envelopes = allowed
 
 
+async def limit_new_identifiers(s: IngestServices, batch: IngestBatch) -> None:
+    """The per-person quota of new identifiers a day: an event that would take its subject
+    (user id, else anonymous id pseudonym) past it is still processed, but not linked."""
+    limiter = s.rate_limiter
+    if limiter is None or not s.resolver.links:
+        return
+    asking = [
+        i
+        for i, (env, linking) in enumerate(zip(batch.envelopes, batch.linking, strict=True))
+        if linking and len(env.identifiers) > 1
+    ]
+    if not asking:
+        return
+    subjects = []
+    for i in asking:
+        ev = batch.envelopes[i].event
+        subjects.append((ev.user_id or ev.anonymous_id or "", [x.value for x in batch.envelopes[i].identifiers]))
+    allowed = await limiter.allow_links(batch.src.tenant.id, batch.src.source.id, subjects)
+    for i, ok in zip(asking, allowed, strict=True):
+        if not ok:
+            batch.linking[i] = False
+
+
 async def resolve_identity(s: IngestServices, batch: IngestBatch) -> None:
     """The unified person of each event; links its identifiers where consent allows."""
     envs = batch.envelopes
@@ -545,6 +577,7 @@ STAGES: tuple[Stage, ...] = (
     claim_message_ids,
     record_consent_signals,
     decide_consent,
+    limit_new_identifiers,
     resolve_identity,
     transform,
     encode,

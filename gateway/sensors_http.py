@@ -175,6 +175,7 @@ async def _sensors(scope: HTTPScope, receive: Receive, send: Send) -> None:
         derive=ctx.keyring.pseudonymiser(src.tenant.id),
         project=src.source.sensors_project,
     )
+    await ctx.check_rate(scope, src, batch.received)
     result = IngestResult(received=batch.received, rejected=batch.rejected)
     await ingest_in_order(ctx, src, batch, result)
     for r in result.rejected:  # the pipeline names the Segment fields
