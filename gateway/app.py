@@ -37,8 +37,8 @@ from gateway.logging import request_context
 from gateway.maintenance import keep_healthy
 from gateway.openapi import docs_assets_routers, finish_document, openapi_config
 from gateway.pipeline import Ingestor, IngestServices
-from gateway.sensors_http import SENSORS_ROUTES, document_sensors_routes
 from gateway.rate_limits import open_rate_limiter
+from gateway.sensors_http import SENSORS_ROUTES, document_sensors_routes
 from gateway.settings import Settings
 from identity.pseudonym import InvalidKeyMaterial, KeyRing, new_key_document, write_private_file
 
@@ -189,7 +189,11 @@ def create_app(settings: Settings | None = None) -> Litestar:
             redis=redis_client,
         )
         state.ingest = IngestContext(
-            config=config, write_keys=write_keys, ingestor=ingestor, keyring=keyring, rate_limiter=rate_limiter
+            config=config,
+            write_keys=write_keys,
+            ingestor=ingestor,
+            keyring=keyring,
+            rate_limiter=rate_limiter,
         )
         state.rate_limiter = rate_limiter
         state.write_keys = write_keys

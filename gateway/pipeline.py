@@ -37,8 +37,8 @@ from consent.signals import (
 from export.outbox import Claim, ClaimStatus, Outbox, OutboxRecord, notice_record, scoped_message_id
 from gateway import metrics
 from gateway.config import Destination, ResolvedSource, Tenant
-from gateway.rate_limits import RateLimited, RateLimiter
 from gateway.events import Envelope, Rejection, RejectMessage
+from gateway.rate_limits import RateLimited, RateLimiter
 from identity.graph import GraphChange
 from identity.identifiers import (
     DEVICE_TYPES,
@@ -513,7 +513,9 @@ async def limit_new_identifiers(s: IngestServices, batch: IngestBatch) -> None:
     subjects = []
     for i in asking:
         ev = batch.envelopes[i].event
-        subjects.append((ev.user_id or ev.anonymous_id or "", [x.value for x in batch.envelopes[i].identifiers]))
+        subjects.append(
+            (ev.user_id or ev.anonymous_id or "", [x.value for x in batch.envelopes[i].identifiers])
+        )
     allowed = await limiter.allow_links(batch.src.tenant.id, batch.src.source.id, subjects)
     for i, ok in zip(asking, allowed, strict=True):
         if not ok:

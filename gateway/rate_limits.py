@@ -293,5 +293,7 @@ class RateLimiter:
 
 def open_rate_limiter(limits: RateLimits, redis_client: Any, prefix: str) -> RateLimiter:
     """Shared counters in Redis when the gateway has one (distributed mode), else in memory."""
-    store: CounterStore = RedisCounters(redis_client, prefix) if redis_client is not None else MemoryCounters()
+    store: CounterStore = (
+        RedisCounters(redis_client, prefix) if redis_client is not None else MemoryCounters()
+    )
     return RateLimiter(limits, store)

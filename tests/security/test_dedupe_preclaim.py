@@ -54,7 +54,11 @@ def test_preclaimed_message_id_does_not_suppress_another_device_across_replicas(
     b = make_gateway(tmp_path / "b", extra_env=redis_ns.env()).start()
     try:
         message_id = f"order-{uuid.uuid4().hex[:8]}"
-        attacker = {"anonymousId": f"attacker-{uuid.uuid4().hex[:8]}", "event": "Paid", "messageId": message_id}
+        attacker = {
+            "anonymousId": f"attacker-{uuid.uuid4().hex[:8]}",
+            "event": "Paid",
+            "messageId": message_id,
+        }
         victim = {"anonymousId": f"victim-{uuid.uuid4().hex[:8]}", "event": "Paid", "messageId": message_id}
         with a.client() as ca, b.client() as cb:
             assert ca.post("/v1/track", json=attacker).json()["accepted"] == 1

@@ -52,8 +52,9 @@ def test_flood_from_one_network_is_answered_429_with_retry_after(tmp_path: Path)
         assert body["error"] == "rate_limited" and body["field"] == "rate_limits.ip_requests_per_second"
         assert 1 <= int(r.headers["Retry-After"]) <= 1
         metrics = client.get("/metrics").text
-        assert 'idgate_rate_limited_total{limit="ip_requests_per_second",source="mall-web",tenant="mall"}' in (
-            metrics
+        assert (
+            'idgate_rate_limited_total{limit="ip_requests_per_second",source="mall-web",tenant="mall"}'
+            in (metrics)
         )
 
 
@@ -84,7 +85,9 @@ def test_one_person_cannot_link_unbounded_identifiers(tmp_path: Path) -> None:
             auth=(MALL_APP_KEY, ""),
         )
         assert r.status_code == 200, r.text
-        external = [{"type": "wx_openid", "id": f"o-{i:03d}-{uuid.uuid4().hex}", "appid": "wx1"} for i in range(45)]
+        external = [
+            {"type": "wx_openid", "id": f"o-{i:03d}-{uuid.uuid4().hex}", "appid": "wx1"} for i in range(45)
+        ]
         r = client.post(
             "/v1/identify",
             json={"anonymousId": device, "messageId": uuid.uuid4().hex, "context": {"externalIds": external}},
