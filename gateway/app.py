@@ -25,6 +25,7 @@ from consent.ledger import verify_database
 from export.delivery import DeliveryService
 from export.outbox import Outbox
 from gateway.admin import ADMIN_CONTROLLERS, AdminServices
+from gateway.admin.deps import log_refused_admin_request
 from gateway.auth import AdminTokens, WriteKeys
 from gateway.config import Config, index_sensors_tokens, index_write_keys, load_config
 from gateway.consent_api import consent_controller
@@ -265,6 +266,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
         # Above this Litestar refuses the body before reading it; _read_body applies the exact limit.
         request_max_body_size=config.limits.max_batch_bytes + 1024,
         exception_handlers=exception_handlers(),
+        # refused admin requests (401/403) go to the officers' access log too
+        after_exception=[log_refused_admin_request],
         middleware=[request_context],
         openapi_config=openapi_config(),
         debug=False,

@@ -291,6 +291,24 @@ class RateLimiter:
         return allowed
 
 
+# Refused admin requests written to the access log per client network and minute: beyond
+# this a flood of bad tokens is only counted, so it cannot grow the database.
+REFUSALS_LOGGED_PER_MINUTE = 60
+
+
+async def may_log_refusal(limiter: RateLimiter | None, ip: str) -> bool:
+    """Whether this client network's refused admin request still goes to the access log."""
+    if limiter is None:
+        return True
+    hit = Hit(
+        "admin_refusals_logged_per_minute", f"{{admin}}:refused:{ip}", 1, REFUSALS_LOGGED_PER_MINUTE, 60
+    )
+    if await limiter.store.hit((hit,)) is None:
+        return True
+    RATE_LIMITED.labels("", "admin", hit.limit).inc()
+    return False
+
+
 def open_rate_limiter(limits: RateLimits, redis_client: Any, prefix: str) -> RateLimiter:
     """Shared counters in Redis when the gateway has one (distributed mode), else in memory."""
     store: CounterStore = (
