@@ -176,6 +176,9 @@ class RateLimits(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     new_identifiers_per_person_per_day: int = 30
     # consent calls (API or consent events) naming one identifier per day
     consent_records_per_subject_per_day: int = 50
+    # consent calls (API or consent events) from one client network per hour: what bounds
+    # how many subjects one network can make the ledger and the consent state hold
+    ip_consent_calls_per_hour: int = 3_600
     # proxies in front of idgate that append to X-Forwarded-For (0: use the peer address)
     forwarded_hops: int = 0
 

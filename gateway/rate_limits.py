@@ -22,6 +22,7 @@ import functools
 import math
 import time
 from collections.abc import Callable, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -37,7 +38,12 @@ RATE_LIMITED = Counter(
 )
 
 SECOND = 1
+HOUR = 3_600
 DAY = 86_400
+
+# The client network of the request being handled (set by the rate check at its start), so
+# the pipeline's consent events count against the same network as the consent API.
+CLIENT_NETWORK: ContextVar[str] = ContextVar("client_network", default="unknown")
 
 
 class RateLimited(Exception):
@@ -219,6 +225,7 @@ _DETAIL = {
     "ip_requests_per_second": "requests per second from this client network",
     "ip_events_per_second": "events per second from this client network",
     "consent_records_per_subject_per_day": "consent calls per day for this subject",
+    "ip_consent_calls_per_hour": "consent calls per hour from this client network",
 }
 
 
@@ -243,6 +250,7 @@ class RateLimiter:
         lim = self.limits
         if not lim.enabled:
             return
+        CLIENT_NETWORK.set(ip)
         src = f"{{{tenant}}}:src:{source}"
         net = f"{{{tenant}}}:ip:{ip}"
         hits = (
@@ -256,11 +264,20 @@ class RateLimiter:
             raise self._refuse(tenant, source, hits[over[0]], over[1])
 
     async def check_consent(self, tenant: str, source: str, subjects: Sequence[str]) -> None:
-        """Count one consent call for each pseudonym it names."""
+        """Count one consent call for its client network (per hour: what bounds how many
+        subjects one network can make the ledger and the consent state hold) and for each
+        pseudonym it names (per day)."""
         lim = self.limits
         if not lim.enabled or not subjects:
             return
-        hits = [
+        network = Hit(
+            "ip_consent_calls_per_hour",
+            f"{{{tenant}}}:ip:{CLIENT_NETWORK.get()}:consent",
+            1,
+            lim.ip_consent_calls_per_hour,
+            HOUR,
+        )
+        hits = [network] + [
             Hit(
                 "consent_records_per_subject_per_day",
                 f"{{{tenant}}}:consent:{s}",

@@ -155,6 +155,7 @@ ip_requests_per_second = 100000
 ip_events_per_second = 1000000
 new_identifiers_per_person_per_day = 1000
 consent_records_per_subject_per_day = 1000
+ip_consent_calls_per_hour = 1000000
 
 [[admin_tokens]]
 name = "dpo"

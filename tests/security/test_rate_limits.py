@@ -102,6 +102,57 @@ def test_one_person_cannot_link_unbounded_identifiers(tmp_path: Path) -> None:
         ), metrics
 
 
+def test_consent_calls_per_client_network_are_limited_per_hour(tmp_path: Path) -> None:
+    """What bounds how many subjects one network can make the ledger hold (the growth
+    attack: fresh fake subjects, each one consent call), for API calls and consent events."""
+    app = in_process_app(tmp_path, limited_config(ip_consent_calls_per_hour=3))
+    with TestClient(app) as client:
+        for i in range(3):
+            r = client.post(
+                "/v1/consent", json=consent_call(f"fake-{i}-{uuid.uuid4().hex[:6]}"), auth=(MALL_WEB_KEY, "")
+            )
+            assert r.status_code == 200, r.text
+        r = client.post(
+            "/v1/consent", json=consent_call(f"fake-{uuid.uuid4().hex[:6]}"), auth=(MALL_WEB_KEY, "")
+        )
+        assert r.status_code == 429 and r.json()["field"] == "rate_limits.ip_consent_calls_per_hour", r.text
+        assert 1 <= int(r.headers["Retry-After"]) <= 3600
+        # the same call as a Segment consent event: rejected, the rest of the batch goes on
+        r = client.post(
+            "/v1/track",
+            json={
+                "anonymousId": f"fake-{uuid.uuid4().hex[:6]}",
+                "event": "Segment Consent Preference Updated",
+                "messageId": uuid.uuid4().hex,
+                "context": {"consent": {"categoryPreferences": {"Analytics": True}}},
+            },
+            auth=(MALL_WEB_KEY, ""),
+        )
+        assert r.status_code == 400, r.text
+        (rejected,) = r.json()["rejected"]
+        assert (
+            rejected["error"] == "rate_limited"
+            and rejected["field"] == "rate_limits.ip_consent_calls_per_hour"
+        )
+
+
+def test_client_network_behind_a_proxy_comes_from_x_forwarded_for(tmp_path: Path) -> None:
+    """With forwarded_hops = 1 every client network has its own budget (not the proxy's)."""
+    app = in_process_app(tmp_path, limited_config(ip_consent_calls_per_hour=1, forwarded_hops=1))
+    with TestClient(app) as client:
+        for network in ("203.0.113.7", "198.51.100.9"):
+            headers = {"X-Forwarded-For": f"10.9.9.9, {network}"}  # a spoofed entry, then the proxy's
+            r = client.post(
+                "/v1/consent", json=consent_call(uuid.uuid4().hex), auth=(MALL_WEB_KEY, ""), headers=headers
+            )
+            assert r.status_code == 200, r.text
+        headers = {"X-Forwarded-For": "203.0.113.200"}  # the same /24 as the first
+        r = client.post(
+            "/v1/consent", json=consent_call(uuid.uuid4().hex), auth=(MALL_WEB_KEY, ""), headers=headers
+        )
+        assert r.status_code == 429, r.text
+
+
 @pytest.mark.slow
 def test_limits_hold_across_two_replicas(tmp_path: Path, redis_ns: RedisNamespace) -> None:
     """Two `idgate serve` processes sharing Redis share one budget."""
