@@ -67,6 +67,13 @@ class IngestContext:
     keyring: KeyRing
     rate_limiter: RateLimiter | None = None
 
+    def refuse_early(self, scope: Scope, src: ResolvedSource) -> None:
+        """429 before decoding when the source's or network's budget of this second is spent."""
+        limiter = self.rate_limiter
+        if limiter is not None and limiter.limits.enabled:
+            ip = client_ip(scope, self.config.rate_limits.forwarded_hops)
+            limiter.refuse_early(src.tenant.id, src.source.id, ip)
+
     async def check_rate(self, scope: Scope, src: ResolvedSource, events: int) -> None:
         """Count the request against its source's and client network's limits (429 over)."""
         limiter = self.rate_limiter
@@ -213,6 +220,7 @@ def _ingest_handler(path: str, decode: Decoder) -> Any:
         headers = IngestHeaders.from_scope(scope)
         body = await read_body(receive, headers, ctx.config.limits.max_batch_bytes)
         src = authenticate(ctx, headers, body)
+        ctx.refuse_early(scope, src)
         envs, result = decode(body, ctx.config, datetime.now(UTC))
         await ctx.check_rate(scope, src, result.received)
         await ctx.ingestor.ingest(src, envs, result)

@@ -235,6 +235,34 @@ class RateLimiter:
 
     limits: RateLimits
     store: CounterStore
+    # per-second limits known to be used up in this window: (src, net) key -> (monotonic
+    # end of the window, the hit). Counters only grow within a window, so every later
+    # request of that source or network is refused there too: without the round trip, and
+    # before its body is decoded (a flood costs little more than its bytes).
+    _spent: dict[str, tuple[float, Hit]] = field(default_factory=dict)
+
+    def refuse_early(self, tenant: str, source: str, ip: str) -> None:
+        """``RateLimited`` at once when the source's or network's per-second budget of this
+        window is known to be spent."""
+        spent = self._spent
+        if not spent:
+            return
+        now = time.monotonic()
+        for key in (f"{{{tenant}}}:src:{source}", f"{{{tenant}}}:ip:{ip}"):
+            found = spent.get(key)
+            if found is not None:
+                until, hit = found
+                if now < until:
+                    raise self._refuse(tenant, source, hit, max(1, math.ceil(until - now)))
+                del spent[key]
+
+    def _remember_spent(self, hit: Hit, retry_after: int) -> None:
+        if hit.window != SECOND:
+            return
+        if len(self._spent) >= 10_000:  # a flood from many networks: forget the expired
+            now = time.monotonic()
+            self._spent = {k: v for k, v in self._spent.items() if v[0] > now}
+        self._spent[hit.key.rsplit(":", 1)[0]] = (time.monotonic() + retry_after, hit)
 
     def _refuse(self, tenant: str, source: str, hit: Hit, retry_after: int) -> RateLimited:
         RATE_LIMITED.labels(tenant, source, hit.limit).inc()
@@ -261,7 +289,9 @@ class RateLimiter:
         )
         over = await self.store.hit(hits)
         if over is not None:
-            raise self._refuse(tenant, source, hits[over[0]], over[1])
+            hit = hits[over[0]]
+            self._remember_spent(hit, over[1])
+            raise self._refuse(tenant, source, hit, over[1])
 
     async def check_consent(self, tenant: str, source: str, subjects: Sequence[str]) -> None:
         """Count one consent call for its client network (per hour: what bounds how many

@@ -166,6 +166,7 @@ async def _sensors(scope: HTTPScope, receive: Receive, send: Send) -> None:
         form = {**form, **parse_form(body)}
     src = authenticate_sensors(_token_index(scope), form)
     bind_source(src.tenant.id, src.source.id)
+    ctx.refuse_early(scope, src)
     payload, single = payload_json(form, limit=limits.max_batch_bytes)
     batch = decode_events(
         payload,
