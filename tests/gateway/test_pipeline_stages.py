@@ -31,6 +31,7 @@ def test_the_stages_run_in_the_documented_order() -> None:
         "claim_message_ids",
         "record_consent_signals",
         "decide_consent",
+        "limit_new_identifiers",
         "resolve_identity",
         "transform",
         "encode",
