@@ -30,6 +30,7 @@ from gateway.auth import AdminTokens, WriteKeys
 from gateway.config import Config, index_sensors_tokens, index_write_keys, load_config
 from gateway.consent_api import consent_controller
 from gateway.consent_setup import checkpoint_periodically, ledger_signer, open_consent
+from gateway.cors import cors, document_cors
 from gateway.delivery_setup import build_delivery, open_dead_letters, open_outbox, redis_options, rekeyer
 from gateway.errors import exception_handlers
 from gateway.identity_setup import notice_publisher, open_identity
@@ -41,6 +42,7 @@ from gateway.pipeline import Ingestor, IngestServices
 from gateway.rate_limits import open_rate_limiter
 from gateway.sensors_http import SENSORS_ROUTES, document_sensors_routes
 from gateway.settings import Settings
+from gateway.trust import assertion_verifiers
 from identity.pseudonym import InvalidKeyMaterial, KeyRing, new_key_document, write_private_file
 
 log = structlog.get_logger("idgate.gateway")
@@ -149,6 +151,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
     config = load_config(settings.config_path, dev=settings.dev)
     keyring = load_keyring(settings, config)
     signer = ledger_signer(settings)
+    verifiers = assertion_verifiers(config, path=str(settings.config_path))
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
@@ -173,6 +176,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
                 resolver=resolver,
                 consent_service=consent.service,
                 identity=identity,
+                assertions=verifiers,
             ),
             on_appended=delivery.notify,
         )
@@ -201,6 +205,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         state.sensors_tokens = index_sensors_tokens(config, dev=settings.dev)
         state.keyring = keyring
         state.consent = consent.service
+        state.assertions = verifiers
         state.admin_tokens = tokens
         state.services = AdminServices(
             config=config,
@@ -268,7 +273,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         exception_handlers=exception_handlers(),
         # refused admin requests (401/403) go to the officers' access log too
         after_exception=[log_refused_admin_request],
-        middleware=[request_context],
+        middleware=[request_context, cors(config)],
         openapi_config=openapi_config(),
         debug=False,
         logging_config=None,  # gateway.logging configures structlog JSON for everything
@@ -277,5 +282,6 @@ def create_app(settings: Settings | None = None) -> Litestar:
     openapi = app.openapi_schema
     document_ingest_routes(openapi, config.limits)
     document_sensors_routes(openapi, config.limits)
+    document_cors(openapi)
     finish_document(openapi)
     return app

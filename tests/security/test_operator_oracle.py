@@ -15,7 +15,7 @@ from typing import Any
 
 from litestar.testing import TestClient
 
-from tests.conftest import COMPLIANCE_TOKEN, MALL_APP_KEY, OPERATOR_TOKEN
+from tests.conftest import COMPLIANCE_TOKEN, MALL_SERVER_KEY, OPERATOR_TOKEN
 from tests.gateway.conftest import in_process_app
 
 OPS = {"Authorization": f"Bearer {OPERATOR_TOKEN}"}
@@ -23,7 +23,8 @@ DPO = {"Authorization": f"Bearer {COMPLIANCE_TOKEN}"}
 
 
 def linked_person(client: TestClient[Any]) -> tuple[str, str]:
-    """A user and a device of one person (consent to link, then an event with both)."""
+    """A user and a device of one person (consent to link, then an event with both), from
+    the shop's server source (a client source needs the backend's assertion for a user id)."""
     tag = uuid.uuid4().hex[:8]
     user, device = f"user-{tag}", f"device-{tag}"
     r = client.post(
@@ -34,7 +35,7 @@ def linked_person(client: TestClient[Any]) -> tuple[str, str]:
             "grant": ["analytics", "identity_linking"],
             "noticeId": "notice-v1",
         },
-        auth=(MALL_APP_KEY, ""),
+        auth=(MALL_SERVER_KEY, ""),
     )
     assert r.status_code == 200, r.text
     r = client.post(
@@ -45,7 +46,7 @@ def linked_person(client: TestClient[Any]) -> tuple[str, str]:
             "messageId": uuid.uuid4().hex,
             "context": {"device": {"id": device}},
         },
-        auth=(MALL_APP_KEY, ""),
+        auth=(MALL_SERVER_KEY, ""),
     )
     assert r.status_code == 200 and r.json()["accepted"] == 1, r.text
     return user, device
