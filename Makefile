@@ -15,9 +15,10 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-## Run the gateway on 127.0.0.1:$(PORT) with the example config (embedded: SQLite + files under ./var).
+## Run the gateway on 127.0.0.1:$(PORT) with the example config (embedded: SQLite + files under ./var),
+## in dev mode (IDGATE_ENV=dev: its demo keys and tokens work; without it idgate runs as production).
 run: $(STAMP)
-	$(VENV)/bin/idgate serve --config idgate.example.toml --port $(PORT)
+	IDGATE_ENV=dev $(VENV)/bin/idgate serve --config idgate.example.toml --port $(PORT)
 
 ## Two replicas on the local PostgreSQL and Redis (distributed mode, no Docker), ports 8081 and 8082;
 ## Ctrl-C stops both. Options: make run-distributed ARGS="--replicas 3 --reset" (deploy/README.md).

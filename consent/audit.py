@@ -252,12 +252,15 @@ class ConsentAudit:
             groups[group] = RateGroup(given, withdrawn, rate)
         return ConsentStats(tenant=tenant, by=by, subjects=total, groups=groups)
 
-    def export(self, *, tenant: str | None, fmt: ExportFormat, part: ExportPart) -> str:
+    def export(
+        self, *, tenant: str | None, fmt: ExportFormat, part: ExportPart, tenant_only: bool = False
+    ) -> str:
         """JSONL (records, signed checkpoints, a seal: ``idgate ledger verify`` checks it
-        offline), or CSV of the records or of the checkpoints."""
+        offline), or CSV of the records or of the checkpoints. ``tenant_only``: nothing
+        about other tenants' records (no checkpoints; see ``Ledger.export_objects``)."""
         buf = io.StringIO()
         if fmt == "jsonl":
-            self.ledger.export_jsonl(buf, tenant=tenant)
+            self.ledger.export_jsonl(buf, tenant=tenant, tenant_only=tenant_only)
         elif part == "checkpoints":
             self.ledger.export_checkpoints_csv(buf)
         else:

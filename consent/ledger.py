@@ -364,23 +364,38 @@ class Ledger:
                 yield conn
 
     def export_objects(
-        self, *, tenant: str | None = None, progress: Callable[[int], None] | None = None, sign: bool = True
+        self,
+        *,
+        tenant: str | None = None,
+        progress: Callable[[int], None] | None = None,
+        sign: bool = True,
+        tenant_only: bool = False,
     ) -> Generator[dict[str, Any]]:
         """The export as objects: header, records with checkpoints interleaved, end (the seal).
 
         A checkpoint follows the record with seq == its to_seq (in a tenant-filtered export:
         the last exported record at or before it). ``progress`` gets the number of records
-        written since its last call."""
+        written since its last call. ``tenant_only`` (with ``tenant``): nothing about the
+        other tenants' records either, for an officer who may see one tenant only: no
+        checkpoints (their ranges count every tenant's records) and ``ledger_last_seq`` is
+        the tenant's own last record."""
         with self._snapshot() as conn:
-            upper = int(conn.scalar(sa.select(sa.func.max(_LEDGER.c.seq))) or 0)
-            checkpoints = [
-                checkpoint_object(row)
-                for row in conn.execute(
-                    sa.select(_CHECKPOINTS)
-                    .where(_CHECKPOINTS.c.to_seq <= upper)
-                    .order_by(_CHECKPOINTS.c.to_seq)
-                ).mappings()
-            ]
+            last = sa.select(sa.func.max(_LEDGER.c.seq))
+            if tenant_only and tenant is not None:
+                last = last.where(_LEDGER.c.tenant == tenant)
+            upper = int(conn.scalar(last) or 0)
+            checkpoints = (
+                []
+                if tenant_only and tenant is not None
+                else [
+                    checkpoint_object(row)
+                    for row in conn.execute(
+                        sa.select(_CHECKPOINTS)
+                        .where(_CHECKPOINTS.c.to_seq <= upper)
+                        .order_by(_CHECKPOINTS.c.to_seq)
+                    ).mappings()
+                ]
+            )
             header = {
                 "kind": "header",
                 "format": EXPORT_FORMAT,
@@ -431,7 +446,12 @@ class Ledger:
             yield end
 
     def export_jsonl(
-        self, fh: IO[str], *, tenant: str | None = None, progress: Callable[[int], None] | None = None
+        self,
+        fh: IO[str],
+        *,
+        tenant: str | None = None,
+        progress: Callable[[int], None] | None = None,
+        tenant_only: bool = False,
     ) -> int:
         """Write the verifiable JSONL export; returns the number of records.
 
@@ -452,7 +472,7 @@ class Ledger:
         ``verify_export`` reports it as incomplete.
         """
         records = 0
-        for obj in self.export_objects(tenant=tenant, progress=progress):
+        for obj in self.export_objects(tenant=tenant, progress=progress, tenant_only=tenant_only):
             records += obj["kind"] == "record"
             fh.write(export_line(obj))
         return records

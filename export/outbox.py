@@ -127,6 +127,18 @@ def notice_record(notice: Notice, destinations: tuple[str, ...]) -> OutboxRecord
     )
 
 
+def scoped_message_id(message_id: str, *subjects: str | None) -> str:
+    """What a message id is claimed as: the id within the subject that sent it.
+
+    ``subjects`` are the event's pseudonyms (anonymous id, user id): keyed hashes, so the
+    key reveals nothing, and a client that does not know another device's identifiers
+    cannot produce its claim. Claimed bare, a predictable message id sent first by one
+    device would make another device's later event with that id a "duplicate" (a
+    pre-claim); scoped, only the same device's retries (same ids, same message id) are.
+    """
+    return "\x1f".join((*(s or "" for s in subjects), message_id))
+
+
 def dedupe_key(source: str, message_id: str) -> bytes:
     """Message ids are hashed with their source so no dedupe store holds anything readable."""
     return hashlib.blake2b(f"{source}\x1f{message_id}".encode(), digest_size=16).digest()

@@ -25,6 +25,7 @@ from consent.ledger import verify_database
 from export.delivery import DeliveryService
 from export.outbox import Outbox
 from gateway.admin import ADMIN_CONTROLLERS, AdminServices
+from gateway.admin.deps import log_refused_admin_request
 from gateway.auth import AdminTokens, WriteKeys
 from gateway.config import Config, index_sensors_tokens, index_write_keys, load_config
 from gateway.consent_api import consent_controller
@@ -38,6 +39,7 @@ from gateway.logging import request_context
 from gateway.maintenance import keep_healthy
 from gateway.openapi import docs_assets_routers, finish_document, openapi_config
 from gateway.pipeline import Ingestor, IngestServices
+from gateway.rate_limits import open_rate_limiter
 from gateway.sensors_http import SENSORS_ROUTES, document_sensors_routes
 from gateway.settings import Settings
 from gateway.trust import assertion_verifiers
@@ -178,6 +180,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
             ),
             on_appended=delivery.notify,
         )
+        rate_limiter = open_rate_limiter(config.rate_limits, redis_client, settings.redis_prefix)
+        ingestor.services.rate_limiter = rate_limiter
         write_keys = WriteKeys(index_write_keys(config, dev=settings.dev))
         tokens = AdminTokens.build(config, config.admin_tokens, dev=settings.dev)
         state = app.state
@@ -189,7 +193,14 @@ def create_app(settings: Settings | None = None) -> Litestar:
             delivery=delivery,
             redis=redis_client,
         )
-        state.ingest = IngestContext(config=config, write_keys=write_keys, ingestor=ingestor, keyring=keyring)
+        state.ingest = IngestContext(
+            config=config,
+            write_keys=write_keys,
+            ingestor=ingestor,
+            keyring=keyring,
+            rate_limiter=rate_limiter,
+        )
+        state.rate_limiter = rate_limiter
         state.write_keys = write_keys
         state.sensors_tokens = index_sensors_tokens(config, dev=settings.dev)
         state.keyring = keyring
@@ -260,6 +271,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
         # Above this Litestar refuses the body before reading it; _read_body applies the exact limit.
         request_max_body_size=config.limits.max_batch_bytes + 1024,
         exception_handlers=exception_handlers(),
+        # refused admin requests (401/403) go to the officers' access log too
+        after_exception=[log_refused_admin_request],
         middleware=[request_context, cors(config)],
         openapi_config=openapi_config(),
         debug=False,

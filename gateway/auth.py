@@ -128,11 +128,12 @@ def admin_guard(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRou
         raise PermissionDeniedException(detail="this endpoint declares no role: refused to everyone")
     tokens: AdminTokens = connection.app.state.admin_tokens
     officer = tokens.officer(connection.headers.get("authorization", ""))
+    # known before the role check, so a refusal is logged with who asked
+    connection.state.officer = officer
     if officer.role not in roles:
         raise PermissionDeniedException(
             detail=f"this needs the {' or '.join(roles)} role; {officer.name} has {officer.role}"
         )
-    connection.state.officer = officer
     structlog.contextvars.bind_contextvars(officer=officer.name, role=officer.role)
 
 

@@ -117,6 +117,11 @@ def _banner(settings: Settings, config: Config, base: str) -> list[str]:
     ]
     if not settings.dev:
         return lines
+    lines.insert(
+        1,
+        "  DEV MODE (IDGATE_ENV=dev, set explicitly): demo keys and tokens accepted, keys generated "
+        "under the data directory. Not for production: without IDGATE_ENV the gateway runs as production.",
+    )
     write_keys = [
         (f"{t.id}/{s.id}", s.platform, s.dev_write_key)
         for t in config.tenants

@@ -209,6 +209,27 @@ class Limits(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     dedupe_window_seconds: int = 24 * 3600
 
 
+class RateLimits(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """``[rate_limits]``: what one source, one client network (IP truncated to /24 or /48)
+    and one person may make idgate do. Shared by all replicas through Redis when it is
+    configured. Per-IP defaults leave room for many people behind one carrier NAT."""
+
+    enabled: bool = True
+    source_requests_per_second: int = 5_000
+    source_events_per_second: int = 50_000
+    ip_requests_per_second: int = 200
+    ip_events_per_second: int = 2_000
+    # identifiers one person (by its event's user id or anonymous id pseudonym) may link per day
+    new_identifiers_per_person_per_day: int = 30
+    # consent calls (API or consent events) naming one identifier per day
+    consent_records_per_subject_per_day: int = 50
+    # consent calls (API or consent events) from one client network per hour: what bounds
+    # how many subjects one network can make the ledger and the consent state hold
+    ip_consent_calls_per_hour: int = 3_600
+    # proxies in front of idgate that append to X-Forwarded-For (0: use the peer address)
+    forwarded_hops: int = 0
+
+
 class AdminToken(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     """A compliance officer's or operator's API token (stored as a hash)."""
 
@@ -223,6 +244,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     tenants: list[Tenant]
     limits: Limits = Limits()
     admin_tokens: list[AdminToken] = []
+    rate_limits: RateLimits = RateLimits()
 
 
 @dataclass(frozen=True)
@@ -458,6 +480,15 @@ def parse_config(text: str, *, path: str = "<config>", dev: bool = False) -> Con
         problems.append("tenants: at least one [[tenants]] table is required")
         raw_tenants = []
     limits = _decode_part(raw.pop("limits", {}), Limits, "limits", problems)
+    rate_limits = _decode_part(raw.pop("rate_limits", {}), RateLimits, "rate_limits", problems)
+    if rate_limits is not None:
+        for name in RateLimits.__struct_fields__:
+            value = getattr(rate_limits, name)
+            if name == "forwarded_hops":
+                if not 0 <= value <= 10:
+                    problems.append("rate_limits.forwarded_hops: must be between 0 and 10")
+            elif name != "enabled" and value < 1:
+                problems.append(f"rate_limits.{name}: must be at least 1")
     admin_tokens: list[AdminToken] = []
     for i, rt in enumerate(raw.pop("admin_tokens", [])):
         token = _decode_part(rt, AdminToken, f"admin_tokens[{i}]", problems)
@@ -503,7 +534,12 @@ def parse_config(text: str, *, path: str = "<config>", dev: bool = False) -> Con
                 problems.append(f"admin_tokens[{i}].tenants: unknown tenant {tid!r}")
     if problems:
         raise ConfigProblems(path, problems)
-    return Config(tenants=tenants, limits=limits or Limits(), admin_tokens=admin_tokens)
+    return Config(
+        tenants=tenants,
+        limits=limits or Limits(),
+        admin_tokens=admin_tokens,
+        rate_limits=rate_limits or RateLimits(),
+    )
 
 
 def load_config(path: Path, *, dev: bool) -> Config:

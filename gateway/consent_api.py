@@ -27,6 +27,7 @@ from gateway.cors import check_origin
 from gateway.errors import InvalidRequest
 from gateway.logging import bind_source
 from gateway.openapi import error_responses, limits_text
+from gateway.rate_limits import RateLimiter, client_ip
 from identity.assertions import standing
 from identity.identifiers import IDENTIFIER_TYPES, SCOPED_TYPES, Identifier, InvalidIdentifier
 from identity.pseudonym import Pseudonymiser, pseudonymise_identifier
@@ -165,16 +166,29 @@ def consent_controller(limits: Limits) -> type[Controller]:
                     403: "The request comes from a web page whose origin the source does not "
                     "allow (`allowed_origins`; answered without a CORS grant)",
                     413: f"The body is over {limits.max_message_bytes} bytes",
+                    429: "Over a rate limit of the source or client network, or over "
+                    "`rate_limits.consent_records_per_subject_per_day` for an identifier named; "
+                    "`field` names the limit; retry after `Retry-After` seconds",
                     503: "Redis, the database or the consent state is unavailable: nothing was "
                     "recorded; retry after `Retry-After` seconds",
                 },
             ),
         )
         async def record(
-            self, data: ConsentRequest, source: ResolvedSource, consent: ConsentService, state: State
+            self,
+            request: Request[Any, Any, Any],
+            data: ConsentRequest,
+            source: ResolvedSource,
+            consent: ConsentService,
+            state: State,
         ) -> ConsentRecorded:
             pseudonymiser = state.keyring.pseudonymiser(source.tenant.id)
             named = subject_identifiers(data, pseudonymiser)
+            limiter: RateLimiter | None = state.get("rate_limiter")
+            if limiter is not None:
+                ip = client_ip(request.scope, limiter.limits.forwarded_hops)
+                await limiter.check_request(source.tenant.id, source.source.id, ip, 1)
+                await limiter.check_consent(source.tenant.id, source.source.id, [i.value for i, _ in named])
             sender = standing(
                 server=source.source.is_server,
                 verifier=state.assertions.get((source.tenant.id, source.source.id)),

@@ -25,6 +25,7 @@ from consent.service import ConsentRefused, ConsentStateUnavailable
 from consent.trust import ConsentForbidden
 from export.outbox import OutboxFull, OutboxUnavailable
 from gateway import metrics
+from gateway.rate_limits import RateLimited
 from identity.service import IdentityResolutionOff, NotLinked
 
 log = structlog.get_logger("idgate.gateway")
@@ -196,6 +197,17 @@ def _overloaded(request: Request[Any, Any, Any], exc: OutboxFull) -> Response[An
     )
 
 
+def _rate_limited(request: Request[Any, Any, Any], exc: RateLimited) -> Response[Any]:
+    return error_response(
+        429,
+        "rate_limited",
+        exc.detail,
+        exc.limit,
+        headers={"Retry-After": str(exc.retry_after)},
+        request=request,
+    )
+
+
 def _unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
     if dependency_of(exc) is not None:  # wrapped by a library on its way up
         return unavailable(request, exc)
@@ -218,6 +230,7 @@ def exception_handlers() -> ExceptionHandlersMap:
         sqlalchemy.exc.OperationalError: unavailable,
         sqlalchemy.exc.InterfaceError: unavailable,
         OutboxFull: _overloaded,
+        RateLimited: _rate_limited,
         ConsentRefused: _consent_refused,
         ConsentForbidden: _consent_forbidden,
         IdentityResolutionOff: _resolution_off,

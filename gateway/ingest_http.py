@@ -42,6 +42,7 @@ from gateway.openapi import (
     struct_components,
 )
 from gateway.pipeline import Ingestor, IngestResult
+from gateway.rate_limits import RateLimiter, client_ip
 from gateway.segment import (
     MESSAGE_TYPES,
     BatchEnvelope,
@@ -65,6 +66,21 @@ class IngestContext:
     write_keys: WriteKeys
     ingestor: Ingestor
     keyring: KeyRing
+    rate_limiter: RateLimiter | None = None
+
+    def refuse_early(self, scope: Scope, src: ResolvedSource) -> None:
+        """429 before decoding when the source's or network's budget of this second is spent."""
+        limiter = self.rate_limiter
+        if limiter is not None and limiter.limits.enabled:
+            ip = client_ip(scope, self.config.rate_limits.forwarded_hops)
+            limiter.refuse_early(src.tenant.id, src.source.id, ip)
+
+    async def check_rate(self, scope: Scope, src: ResolvedSource, events: int) -> None:
+        """Count the request against its source's and client network's limits (429 over)."""
+        limiter = self.rate_limiter
+        if limiter is not None:
+            ip = client_ip(scope, self.config.rate_limits.forwarded_hops)
+            await limiter.check_request(src.tenant.id, src.source.id, ip, max(events, 1))
 
 
 @dataclass(slots=True)
@@ -206,7 +222,9 @@ def _ingest_handler(path: str, decode: Decoder) -> Any:
         body = await read_body(receive, headers, ctx.config.limits.max_batch_bytes)
         src = authenticate(ctx, headers, body)
         check_origin(scope, src)
+        ctx.refuse_early(scope, src)
         envs, result = decode(body, ctx.config, datetime.now(UTC))
+        await ctx.check_rate(scope, src, result.received)
         await ctx.ingestor.ingest(src, envs, result)
         log_rejections(result)
         await send_json(send, *ingest_response(result))

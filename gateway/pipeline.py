@@ -1,7 +1,7 @@
 """The ingest pipeline: an explicit, ordered list of named stages over one batch.
 
     pseudonymise -> claim_message_ids -> rekey_on_sight -> record_consent_signals -> decide_consent
-    -> resolve_identity -> transform -> encode -> append -> detach_identifiers
+    -> limit_new_identifiers -> resolve_identity -> transform -> encode -> append -> detach_identifiers
 
 Protocol adapters (gateway.segment, gateway.sensors) decode a request into envelopes of the
 one internal ``Event``; ``Ingestor.ingest`` then runs ``STAGES`` in order over the batch.
@@ -35,7 +35,7 @@ from consent.signals import (
     narrowed_purposes,
     signalled,
 )
-from export.outbox import Claim, ClaimStatus, Outbox, OutboxRecord, notice_record
+from export.outbox import Claim, ClaimStatus, Outbox, OutboxRecord, notice_record, scoped_message_id
 from gateway import metrics
 from gateway.config import Destination, ResolvedSource, Tenant
 from gateway.events import Envelope, Rejection, RejectMessage
@@ -46,6 +46,7 @@ from gateway.privacy import (
     scrubber_for,
     url_pseudonymiser,
 )
+from gateway.rate_limits import RateLimited, RateLimiter
 from identity.assertions import AssertionVerifier, standing
 from identity.graph import GraphChange
 from identity.identifiers import DEVICE_TYPES, IDENTIFIER_TYPES, SCOPED_TYPES, Identifier, InvalidIdentifier
@@ -490,6 +491,8 @@ class IngestServices:
     resolver: IdentityResolver
     consent_service: ConsentService | None = None
     identity: IdentityService | None = None
+    # quotas per person (gateway.rate_limits); None: unlimited
+    rate_limiter: RateLimiter | None = None
     encoder: msgspec.json.Encoder = field(default_factory=msgspec.json.Encoder)
     specs: dict[str, list[DestinationSpec]] = field(default_factory=dict)
     # (tenant, source) -> how its identity assertions are checked (client sources with keys)
@@ -548,11 +551,14 @@ def _is_consent_event(env: Envelope) -> bool:
 
 
 async def claim_message_ids(s: IngestServices, batch: IngestBatch) -> None:
-    """Dedupe before any side effect: only events whose message id is new go on."""
+    """Dedupe before any side effect: only events whose message id is new for their sender
+    (source, anonymous id and user id pseudonyms) go on."""
     envs = batch.envelopes
     if not envs:
         return
-    claim = await s.outbox.claim(batch.src.source.id, [e.event.message_id for e in envs])
+    # Scoped by the sender's pseudonyms: one device cannot pre-claim another's message ids.
+    scoped = [scoped_message_id(e.event.message_id, e.event.anonymous_id, e.event.user_id) for e in envs]
+    claim = await s.outbox.claim(batch.src.source.id, scoped)
     batch.claim = claim
     kept = []
     for env, status in zip(envs, claim.statuses, strict=True):
@@ -617,6 +623,12 @@ async def record_consent_signals(s: IngestServices, batch: IngestBatch) -> None:
         if not prefs or not identifiers:
             kept.append(env)
             continue
+        if s.rate_limiter is not None:
+            try:
+                await s.rate_limiter.check_consent(tenant.id, src.source.id, [v for _, v in identifiers])
+            except RateLimited as exc:
+                batch.reject(env, "rate_limited", exc.detail, exc.limit)
+                continue
         choice = choice_from_categories(prefs, tenant.consent_categories)
         consent = ev.context.get("consent")
         notice_id = consent.get("noticeId") if isinstance(consent, dict) else None
@@ -698,6 +710,31 @@ async def decide_consent(s: IngestServices, batch: IngestBatch) -> None:
         allowed.append(env)
         batch.linking.append(decision.linking_allowed)
     batch.envelopes = allowed
+
+
+async def limit_new_identifiers(s: IngestServices, batch: IngestBatch) -> None:
+    """The per-person quota of new identifiers a day: an event that would take its subject
+    (user id, else anonymous id pseudonym) past it is still processed, but not linked."""
+    limiter = s.rate_limiter
+    if limiter is None or not s.resolver.links:
+        return
+    asking = [
+        i
+        for i, (env, linking) in enumerate(zip(batch.envelopes, batch.linking, strict=True))
+        if linking and len(env.identifiers) > 1
+    ]
+    if not asking:
+        return
+    subjects = []
+    for i in asking:
+        ev = batch.envelopes[i].event
+        subjects.append(
+            (ev.user_id or ev.anonymous_id or "", [x.value for x in batch.envelopes[i].identifiers])
+        )
+    allowed = await limiter.allow_links(batch.src.tenant.id, batch.src.source.id, subjects)
+    for i, ok in zip(asking, allowed, strict=True):
+        if not ok:
+            batch.linking[i] = False
 
 
 async def resolve_identity(s: IngestServices, batch: IngestBatch) -> None:
@@ -790,6 +827,7 @@ STAGES: tuple[Stage, ...] = (
     rekey_on_sight,
     record_consent_signals,
     decide_consent,
+    limit_new_identifiers,
     resolve_identity,
     transform,
     encode,

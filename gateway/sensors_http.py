@@ -167,6 +167,7 @@ async def _sensors(scope: HTTPScope, receive: Receive, send: Send) -> None:
         form = {**form, **parse_form(body)}
     src = authenticate_sensors(_token_index(scope), form)
     bind_source(src.tenant.id, src.source.id)
+    ctx.refuse_early(scope, src)
     payload, single = payload_json(form, limit=limits.max_batch_bytes)
     batch = decode_events(
         payload,
@@ -176,6 +177,7 @@ async def _sensors(scope: HTTPScope, receive: Receive, send: Send) -> None:
         derive=ctx.keyring.anchor(src.tenant.id).internal(MESSAGE_ID),
         project=src.source.sensors_project,
     )
+    await ctx.check_rate(scope, src, batch.received)
     result = IngestResult(received=batch.received, rejected=batch.rejected)
     await ingest_in_order(ctx, src, batch, result)
     for r in result.rejected:  # the pipeline names the Segment fields

@@ -23,8 +23,12 @@ class SettingsError(Exception):
 
 
 def environment_from_env() -> Environment:
-    """``IDGATE_ENV``: ``dev`` or ``production`` (the one place that reads it and its default)."""
-    env = os.environ.get("IDGATE_ENV", "dev")
+    """``IDGATE_ENV``: ``dev`` or ``production`` (the one place that reads it and its default).
+
+    Production unless dev is asked for explicitly: a deployment that forgets the variable
+    refuses the demo secrets and generated keys instead of accepting them (fail closed);
+    ``make run`` and the tests opt in with ``IDGATE_ENV=dev``."""
+    env = os.environ.get("IDGATE_ENV") or "production"
     if env not in ("dev", "production"):
         raise SettingsError(f"IDGATE_ENV must be 'dev' or 'production', got {env!r}")
     return env  # type: ignore[return-value]
@@ -146,11 +150,17 @@ class Settings:
         key_file = os.environ.get("IDGATE_KEY_FILE")
         keys_json = os.environ.get("IDGATE_KEYS") or None
         if env == "production" and not (key_file or keys_json):
-            raise SettingsError("IDGATE_ENV=production needs IDGATE_KEYS or IDGATE_KEY_FILE")
+            raise SettingsError(
+                "IDGATE_ENV=production (the default) needs IDGATE_KEYS or IDGATE_KEY_FILE; "
+                "for a local trial with demo keys set IDGATE_ENV=dev (make run does)"
+            )
         ledger_key = os.environ.get("IDGATE_LEDGER_KEY") or None
         ledger_key_file = os.environ.get("IDGATE_LEDGER_KEY_FILE") or None
         if env == "production" and not (ledger_key or ledger_key_file):
-            raise SettingsError("IDGATE_ENV=production needs IDGATE_LEDGER_KEY or IDGATE_LEDGER_KEY_FILE")
+            raise SettingsError(
+                "IDGATE_ENV=production (the default) needs IDGATE_LEDGER_KEY or IDGATE_LEDGER_KEY_FILE; "
+                "for a local trial set IDGATE_ENV=dev (make run does)"
+            )
         config = config_path or Path(os.environ.get("IDGATE_CONFIG", "idgate.example.toml"))
         data = data_dir_from_env(data_dir)
         redis_url = os.environ.get("REDIS_URL") or None

@@ -150,6 +150,15 @@ max_message_bytes = 32768
 max_batch_bytes = 512000
 dedupe_window_seconds = 86400
 
+# Every test sends from one loopback address, many per second: room for that. The limits
+# themselves are tested with configs of their own (tests/security/test_rate_limits.py).
+[rate_limits]
+ip_requests_per_second = 100000
+ip_events_per_second = 1000000
+new_identifiers_per_person_per_day = 1000
+consent_records_per_subject_per_day = 1000
+ip_consent_calls_per_hour = 1000000
+
 [[admin_tokens]]
 name = "dpo"
 role = "compliance"

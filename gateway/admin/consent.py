@@ -156,12 +156,22 @@ class ConsentAuditController(Controller):
         part: ExportPart = "records",
     ) -> Response[bytes]:
         """JSONL carries records, signed checkpoints and a seal (``idgate ledger verify`` checks
-        it offline). CSV comes in two parts: ``part=records`` and ``part=checkpoints``."""
+        it offline). CSV comes in two parts: ``part=records`` and ``part=checkpoints``. A
+        tenant-scoped officer gets the tenant's records only: no checkpoints (their ranges
+        count every tenant's records; ``part=checkpoints`` is 403) and ``ledger_last_seq``
+        is the tenant's own last record."""
         if tenant is None and officer.tenants:
             raise PermissionDeniedException(detail="a tenant-scoped officer must name the tenant")
         if tenant is not None:
             services.tokens.check_tenant(officer, tenant)
-        text = await asyncio.to_thread(services.audit.export, tenant=tenant, fmt=fmt, part=part)
+        scoped = bool(officer.tenants)
+        if scoped and fmt == "csv" and part == "checkpoints":
+            raise PermissionDeniedException(
+                detail="checkpoints cover every tenant's records: a tenant-scoped officer may not read them"
+            )
+        text = await asyncio.to_thread(
+            services.audit.export, tenant=tenant, fmt=fmt, part=part, tenant_only=scoped
+        )
         lines = text.count("\n")
         await log_access(services, officer, "consent.export", tenant, {"format": fmt, "part": part}, lines)
         media = "application/x-ndjson" if fmt == "jsonl" else "text/csv"
@@ -191,7 +201,19 @@ class ConsentAuditController(Controller):
         opt=roles("operator", "compliance"),
     )
     async def verify(self, services: AdminServices, officer: Officer) -> VerifyResult:
+        """The whole ledger (its chain is global). A tenant-scoped officer gets the verdict
+        only (``ok``, ``problem``, ``complete``, key ids): the counts, positions and details
+        describe every tenant's records and are withheld."""
         result: VerifyResult = await asyncio.to_thread(services.verify_ledger)
+        if officer.tenants:
+            result = VerifyResult(
+                ok=result.ok,
+                records=0,
+                checkpoints=0,
+                problem=result.problem,
+                complete=result.complete,
+                key_ids=result.key_ids,
+            )
         await log_access(services, officer, "consent.verify", None, {}, result.records)
         return result
 

@@ -8,14 +8,19 @@ ask for them by name (``audit``, ``access_log``, ``identity``, ...) and for the 
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import parse_qs
 
+import structlog
 from litestar import Request
 from litestar.datastructures import State
 from litestar.di import Provide
+from litestar.exceptions import PermissionDeniedException
+from litestar.types import Scope
 
 from consent.access_log import AccessLog
 from consent.audit import ConsentAudit
@@ -26,9 +31,12 @@ from gateway.auth import AdminTokens, Officer
 from gateway.config import Config
 from gateway.errors import InvalidRequest
 from gateway.openapi import error_responses
+from gateway.rate_limits import client_ip, may_log_refusal
 from identity.identifiers import IDENTIFIER_TYPES, SCOPED_TYPES, Identifier, InvalidIdentifier
 from identity.pseudonym import KeyRing, pseudonymise_identifier_aliases
 from identity.service import IdentityResolutionOff, IdentityService
+
+log = structlog.get_logger("idgate.admin")
 
 
 @dataclass
@@ -108,17 +116,60 @@ class AdminServices:
         except InvalidIdentifier as exc:
             raise InvalidRequest("invalid_identifier", exc.reason, id_field) from None
 
-    def subject_of(self, tenant: str, ref: IdentifierRef, where: str) -> Identifier:
+    def subject_of(self, officer: Officer, tenant: str, ref: IdentifierRef, where: str) -> Identifier:
+        """A body's identifier: its node id, or (compliance only) the raw identifier."""
+        if ref.node is not None:
+            if ref.id is not None or ref.type is not None:
+                raise InvalidRequest("invalid_field", "name either node or type and id, not both", where)
+            return node_identifier(ref.node, f"{where}.node")
+        if ref.id is None or ref.type is None:
+            raise InvalidRequest("invalid_field", "needs node, or type and id", where)
+        require_raw_lookup(officer, f"{where}.id")
         return self.subject(
-            tenant, ref.id, ref.type, ref.appid, fields=(where, f"{where}.type", f"{where}.appid")
+            tenant, ref.id, ref.type, ref.appid, fields=(f"{where}.id", f"{where}.type", f"{where}.appid")
         )
 
-    def graph_subjects_of(self, tenant: str, ref: IdentifierRef, where: str) -> list[Identifier]:
-        """``graph_subjects`` of an identifier named in a request body."""
+    def graph_subjects_of(
+        self, officer: Officer, tenant: str, ref: IdentifierRef, where: str
+    ) -> list[Identifier]:
+        """A body's identifier as the graph holds it: its node id, or (compliance only) the
+        raw identifier under every live key version (``graph_subjects``)."""
+        if ref.node is not None or ref.id is None or ref.type is None:
+            return [self.subject_of(officer, tenant, ref, where)]
+        require_raw_lookup(officer, f"{where}.id")
         every = self.subjects(
-            tenant, ref.id, ref.type, ref.appid, fields=(where, f"{where}.type", f"{where}.appid")
+            tenant, ref.id, ref.type, ref.appid, fields=(f"{where}.id", f"{where}.type", f"{where}.appid")
         )
         return self.graph_subjects(tenant, every)
+
+
+_PSEUDONYM = re.compile(r"^k[0-9]{1,6}\.[A-Za-z0-9_-]{22}$")
+
+
+def node_identifier(node: str, field: str) -> Identifier:
+    """A node id (``<type>:<pseudonym>``) an officer names; a 400 naming ``field`` otherwise."""
+    try:
+        ident = Identifier.from_node(node)
+    except ValueError:
+        ident = None
+    if ident is None or ident.type not in IDENTIFIER_TYPES or not _PSEUDONYM.match(ident.value):
+        raise InvalidRequest(
+            "invalid_field",
+            "a node id is '<type>:<pseudonym>' as the quarantine list and explain show it "
+            "(raw identifiers: the compliance role, with the type given)",
+            field,
+        )
+    return ident
+
+
+def require_raw_lookup(officer: Officer, field: str) -> None:
+    """Turning a raw identifier into its pseudonym is a look-up of personal data: the
+    compliance role's (and logged). Operators work on node ids."""
+    if officer.role != "compliance":
+        raise PermissionDeniedException(
+            detail=f"{field}: raw identifiers are looked up by the compliance role; "
+            f"{officer.name} has {officer.role}: name node ids ('<type>:<pseudonym>') instead"
+        )
 
 
 def _officer(request: Request[Any, Any, Any]) -> Officer:
@@ -165,6 +216,46 @@ async def log_access(
         params=params,
         count=count,
     )
+
+
+async def log_refused_admin_request(exc: Exception, scope: Scope) -> None:
+    """An app ``after_exception`` hook: every admin request refused 401 or 403 (no or an
+    unknown token, the wrong role, another tenant, a raw look-up by an operator) is in the
+    access log too, with who asked when known, the method and path (never the query
+    string, which may hold raw identifiers) and the reason."""
+    path = str(scope.get("path", ""))
+    if not path.startswith("/admin"):
+        return
+    status = getattr(exc, "status_code", None) or getattr(exc, "status", None)
+    if status not in (401, 403):
+        return
+    services: AdminServices | None = getattr(scope["app"].state, "services", None)
+    if services is None:
+        return
+    officer = (scope.get("state") or {}).get("officer")
+    asked = parse_qs(bytes(scope.get("query_string", b"")).decode("latin-1")).get("tenant", [None])[0]
+    known = {t.id for t in services.config.tenants}
+    params = {
+        "status": status,
+        "method": scope.get("method", ""),
+        "path": path[:200],
+        "reason": str(getattr(exc, "detail", "") or exc)[:300],
+    }
+    limiter = getattr(scope["app"].state, "rate_limiter", None)
+    try:
+        if not await may_log_refusal(limiter, client_ip(scope, services.config.rate_limits.forwarded_hops)):
+            return
+        await asyncio.to_thread(
+            services.access_log.write,
+            officer=officer.name if isinstance(officer, Officer) else "(unauthenticated)",
+            role=officer.role if isinstance(officer, Officer) else "",
+            action="admin.refused",
+            tenant=asked if asked in known else None,
+            params=params,
+            count=0,
+        )
+    except Exception as error:  # the refusal is answered all the same
+        log.warning("access_log.refusal_not_written", error=type(error).__name__)
 
 
 def parse_time(value: str | None, field: str) -> datetime | None:

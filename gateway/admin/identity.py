@@ -1,7 +1,10 @@
 """Operator and compliance API over the identity graph: explain, unlink, erase, quarantine.
 
-Raw identifiers named in a request are pseudonymised here with the tenant's key; the
-identity domain (identity.service) sees pseudonyms only.
+Operators work on node ids (``<type>:<pseudonym>``): the quarantine list and explain's
+path give them. Turning a raw identifier into its pseudonym is a look-up of personal data
+for the compliance role only, recorded in the access log; raw identifiers are
+pseudonymised here with the tenant's key, and the identity domain (identity.service) sees
+pseudonyms only.
 """
 
 from __future__ import annotations
@@ -11,7 +14,15 @@ from typing import Annotated
 from litestar import Controller, get, post
 from litestar.params import Parameter
 
-from gateway.admin.deps import ADMIN_DEPENDENCIES, READ_ERRORS, WRITE_ERRORS, AdminServices, log_access
+from gateway.admin.deps import (
+    ADMIN_DEPENDENCIES,
+    READ_ERRORS,
+    WRITE_ERRORS,
+    AdminServices,
+    log_access,
+    node_identifier,
+    require_raw_lookup,
+)
 from gateway.admin.schemas import (
     EraseRequest,
     ErasureResult,
@@ -32,36 +43,54 @@ class IdentityController(Controller):
     dependencies = ADMIN_DEPENDENCIES
     security = [{"AdminToken": []}]
 
+    @staticmethod
+    def _node(
+        services: AdminServices,
+        officer: Officer,
+        tenant: str,
+        value: str,
+        id_type: str | None,
+        appid: str | None,
+        side: str,
+    ) -> str:
+        if id_type is None:
+            return node_identifier(value, side).node
+        require_raw_lookup(officer, side)
+        # under every live key version: the one the graph holds (a rotation keeps the past)
+        every = services.subjects(
+            tenant, value, id_type, appid, fields=(side, f"{side}_type", f"{side}_appid")
+        )
+        return services.graph_subjects(tenant, every)[0].node
+
     @get(
         "/explain",
         responses=READ_ERRORS,
         summary="The chain of links that joins two identifiers, with provenance",
-        opt=roles("operator"),
+        opt=roles("operator", "compliance"),
     )
     async def explain(
         self,
         services: AdminServices,
         officer: Officer,
         tenant: str,
-        a: str,
-        b: str,
-        a_type: str = "user_id",
-        b_type: str = "user_id",
+        a: Annotated[str, Parameter(max_length=255, description="a node id, or raw with a_type")],
+        b: Annotated[str, Parameter(max_length=255, description="a node id, or raw with b_type")],
+        a_type: str | None = None,
+        b_type: str | None = None,
         a_appid: str | None = None,
         b_appid: str | None = None,
     ) -> Explained:
-        """Operator role. Raw identifiers are pseudonymised server-side."""
+        """``a`` and ``b`` are node ids (``<type>:<pseudonym>``, as the quarantine list and
+        explain's own path show them): operators work on those. With ``a_type`` / ``b_type``
+        they are raw identifiers, pseudonymised server-side: a look-up of personal data for
+        the compliance role only (403 for operators), recorded in the access log."""
         services.tokens.check_tenant(officer, tenant)
-        node_a = services.graph_subjects(
-            tenant, services.subjects(tenant, a, a_type, a_appid, fields=("a", "a_type", "a_appid"))
-        )[0].node
-        node_b = services.graph_subjects(
-            tenant, services.subjects(tenant, b, b_type, b_appid, fields=("b", "b_type", "b_appid"))
-        )[0].node
+        node_a = self._node(services, officer, tenant, a, a_type, a_appid, "a")
+        node_b = self._node(services, officer, tenant, b, b_type, b_appid, "b")
         found = services.identity.explain(tenant, node_a, node_b)
-        await log_access(
-            services, officer, "identity.explain", tenant, {"a": node_a, "b": node_b}, len(found.path)
-        )
+        raw = [side for side, t in (("a", a_type), ("b", b_type)) if t is not None]
+        params = {"a": node_a, "b": node_b, **({"raw_lookup": raw} if raw else {})}
+        await log_access(services, officer, "identity.explain", tenant, params, len(found.path))
         return Explained(
             a=found.a,
             b=found.b,
@@ -81,12 +110,14 @@ class IdentityController(Controller):
         responses=WRITE_ERRORS,
         status_code=200,
         summary="Remove one link (a wrong bind); the person splits if it was the only path",
-        opt=roles("operator"),
+        opt=roles("operator", "compliance"),
     )
     async def unlink(self, services: AdminServices, officer: Officer, data: UnlinkRequest) -> UnlinkResult:
+        """``a`` and ``b`` name node ids (``{"node": "<type>:<pseudonym>"}``); raw identifiers
+        (``{"type", "id"}``) only with the compliance role."""
         services.tokens.check_tenant(officer, data.tenant)
-        node_a = services.graph_subjects_of(data.tenant, data.a, "a")[0].node
-        node_b = services.graph_subjects_of(data.tenant, data.b, "b")[0].node
+        node_a = services.graph_subjects_of(officer, data.tenant, data.a, "a")[0].node
+        node_b = services.graph_subjects_of(officer, data.tenant, data.b, "b")[0].node
         result = await services.identity.unlink(data.tenant, node_a, node_b)
         await log_access(
             services,
@@ -124,7 +155,7 @@ class IdentityController(Controller):
         idents = [
             ident
             for i, ref in enumerate(data.identifiers)
-            for ident in services.graph_subjects_of(data.tenant, ref, f"identifiers[{i}]")
+            for ident in services.graph_subjects_of(officer, data.tenant, ref, f"identifiers[{i}]")
         ]
         done = await services.identity.erase(data.tenant, idents)
         await log_access(

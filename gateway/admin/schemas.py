@@ -14,12 +14,26 @@ Sha256Hex = Annotated[str, msgspec.Meta(pattern="^[0-9a-f]{64}$", description="6
 TenantId = Annotated[str, msgspec.Meta(min_length=1, max_length=63)]
 
 
-class IdentifierRef(msgspec.Struct, forbid_unknown_fields=True):
-    """A raw identifier as an officer names it; pseudonymised on the server."""
+NodeId = Annotated[
+    str,
+    msgspec.Meta(
+        min_length=3,
+        max_length=128,
+        description="a pseudonymised identifier as the graph names it: `<type>:<pseudonym>`",
+    ),
+]
 
-    type: str
-    id: Annotated[str, msgspec.Meta(min_length=1, max_length=255)]
+
+class IdentifierRef(msgspec.Struct, forbid_unknown_fields=True):
+    """An identifier as an officer names it: a node id (``node``: ``<type>:<pseudonym>``,
+    as the quarantine list, explain and the access log show them), or raw (``type``,
+    ``id``, ``appid``), which only the compliance role may look up (pseudonymised on the
+    server, and access-logged)."""
+
+    type: str | None = None
+    id: Annotated[str, msgspec.Meta(min_length=1, max_length=255)] | None = None
     appid: str | None = None
+    node: NodeId | None = None
 
 
 class RecordsPage(msgspec.Struct, rename="camel"):

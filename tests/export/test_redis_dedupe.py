@@ -9,8 +9,9 @@ import redis
 import redis.asyncio as aioredis
 
 from export.dedupe import RedisDedupe, redis_dedupe_key
-from export.outbox import ClaimStatus
-from tests.conftest import Gateway, RedisNamespace, make_gateway, mid
+from export.outbox import ClaimStatus, scoped_message_id
+from identity.pseudonym import KeyRing, pseudonymise_identifier
+from tests.conftest import SHARED_KEYS, Gateway, RedisNamespace, make_gateway, mid
 from tests.waiting import async_wait_until
 
 
@@ -53,7 +54,12 @@ def test_two_replicas_share_dedupe_and_in_flight_is_retryable(tmp_path, redis_ns
             # Another replica is storing this id right now (its claim is pending):
             sync = redis.Redis.from_url(redis_ns.url)
             pending = mid()
-            sync.set(redis_dedupe_key("shop-web", pending, f"{redis_ns.prefix}:dedupe"), "p", ex=30)
+            # claims are scoped by the sender's pseudonyms (export.outbox.scoped_message_id)
+            user = pseudonymise_identifier(
+                KeyRing.from_json(SHARED_KEYS["IDGATE_KEYS"]).pseudonymiser("shop"), "user_id", "u-1"
+            ).value
+            scoped = scoped_message_id(pending, None, user)
+            sync.set(redis_dedupe_key("shop-web", scoped, f"{redis_ns.prefix}:dedupe"), "p", ex=30)
             r = cb.post(
                 "/v1/batch",
                 json={

@@ -18,6 +18,7 @@ DOC = (ROOT / "docs" / "configuration.md").read_text(encoding="utf-8")
 STRUCTS = (
     cfg.Config,
     cfg.Limits,
+    cfg.RateLimits,
     cfg.AdminToken,
     cfg.Tenant,
     cfg.Source,

@@ -33,6 +33,7 @@ def test_the_stages_run_in_the_documented_order() -> None:
         "rekey_on_sight",
         "record_consent_signals",
         "decide_consent",
+        "limit_new_identifiers",
         "resolve_identity",
         "transform",
         "encode",

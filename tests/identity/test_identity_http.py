@@ -8,6 +8,7 @@ import httpx
 import pytest
 
 from tests.conftest import (
+    COMPLIANCE_TOKEN,
     MALL_APP_KEY,
     MALL_MP_KEY,
     MALL_SERVER_KEY,
@@ -21,6 +22,8 @@ from tests.conftest import (
 from tests.waiting import wait_until
 
 OPS = {"Authorization": f"Bearer {OPERATOR_TOKEN}"}
+# raw identifiers are looked up by the compliance role; operators name node ids
+DPO = {"Authorization": f"Bearer {COMPLIANCE_TOKEN}"}
 
 pytestmark = pytest.mark.slow
 
@@ -134,10 +137,10 @@ def test_one_person_across_app_web_and_miniprogram_with_linking_consent(gw: Gate
     assert ids[-1] in current(ids, notices)
     # never derived from an identifier
     assert all(u.startswith("p_") and user not in u for u in ids)
-    # the operator can explain the link between the web cookie and the mini-program openid
+    # compliance can explain the link between the web cookie and the mini-program openid
     r = httpx.get(
         f"{gw.url}/admin/identity/explain",
-        headers=OPS,
+        headers=DPO,
         params={"tenant": "mall", "a": user, "a_type": "user_id", "b": sent and user, "b_type": "user_id"},
     )
     assert r.status_code == 200 and r.json()["linked"] is True
@@ -214,15 +217,14 @@ def test_operator_unlinks_a_wrong_bind_and_the_person_splits(gw: Gateway) -> Non
         event="Product Viewed",
         context={"device": {"id": device}, "identityAssertion": token},
     )
-    r = httpx.post(
-        f"{gw.url}/admin/identity/unlink",
-        headers=OPS,
-        json={
-            "tenant": "mall",
-            "a": {"type": "user_id", "id": user},
-            "b": {"type": "device_id", "id": device},
-        },
-    )
+    # a support case: compliance looks the raw identifiers up, the operator unlinks the nodes
+    found = httpx.get(
+        f"{gw.url}/admin/identity/explain",
+        headers=DPO,
+        params={"tenant": "mall", "a": user, "a_type": "user_id", "b": device, "b_type": "device_id"},
+    ).json()
+    nodes = {"tenant": "mall", "a": {"node": found["a"]}, "b": {"node": found["b"]}}
+    r = httpx.post(f"{gw.url}/admin/identity/unlink", headers=OPS, json=nodes)
     assert r.status_code == 200 and r.json()["split"] is True, r.text
     assert r.json()["unifiedIds"]["a"] != r.json()["unifiedIds"]["b"]
     (event,) = gw.wait_for_sink({first}, "mall-warehouse")
@@ -234,15 +236,7 @@ def test_operator_unlinks_a_wrong_bind_and_the_person_splits(gw: Gateway) -> Non
     parts = r.json()["unifiedIdsByDestination"]["mall-warehouse"]  # the warehouse's pseudonym domain
     assert set(splits[0]["parts"]) == set(parts.values())
     assert not set(parts.values()) & set(r.json()["unifiedIds"].values())
-    again = httpx.post(
-        f"{gw.url}/admin/identity/unlink",
-        headers=OPS,
-        json={
-            "tenant": "mall",
-            "a": {"type": "user_id", "id": user},
-            "b": {"type": "device_id", "id": device},
-        },
-    )
+    again = httpx.post(f"{gw.url}/admin/identity/unlink", headers=OPS, json=nodes)
     assert again.status_code == 400 and again.json()["error"] == "not_linked"
     assert httpx.post(f"{gw.url}/admin/identity/unlink", json={}).status_code in (400, 401)
 

@@ -13,9 +13,9 @@ import httpx
 import pytest
 
 from tests.conftest import (
+    COMPLIANCE_TOKEN,
     MALL_APP_KEY,
     MALL_WEB_KEY,
-    OPERATOR_TOKEN,
     PostgresSchema,
     RedisNamespace,
     assertion,
@@ -25,7 +25,7 @@ from tests.conftest import (
 from tests.waiting import wait_until
 
 IDGATE = str(Path(sys.executable).with_name("idgate"))
-OPS = {"Authorization": f"Bearer {OPERATOR_TOKEN}"}
+DPO = {"Authorization": f"Bearer {COMPLIANCE_TOKEN}"}
 
 pytestmark = pytest.mark.slow
 
@@ -83,7 +83,7 @@ def test_concurrent_conflicting_merges_converge(
         def view(gw_url: str, device: str, user: str) -> tuple[bool, str | None]:
             r = httpx.get(
                 gw_url + "/admin/identity/explain",
-                headers=OPS,
+                headers=DPO,  # raw identifiers: the compliance role's look-up
                 params={
                     "tenant": "mall",
                     "a": device,

@@ -17,10 +17,10 @@ import httpx
 import pytest
 
 from tests.conftest import (
+    COMPLIANCE_TOKEN,
     MALL_SENSORS_TOKEN,
     MALL_SERVER_KEY,
     MALL_WEB_KEY,
-    OPERATOR_TOKEN,
     Gateway,
     assertion,
     make_gateway,
@@ -92,7 +92,8 @@ def explain(gw: Gateway, a: tuple[str, str], b: tuple[str, str]) -> dict[str, An
     r = httpx.get(
         f"{gw.url}/admin/identity/explain",
         params={"tenant": "mall", "a_type": a[0], "a": a[1], "b_type": b[0], "b": b[1]},
-        headers={"Authorization": f"Bearer {OPERATOR_TOKEN}"},
+        # raw identifiers: a compliance look-up (operators work on node ids)
+        headers={"Authorization": f"Bearer {COMPLIANCE_TOKEN}"},
         timeout=10,
     )
     assert r.status_code == 200, r.text

@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 
 from tests.conftest import (
+    COMPLIANCE_TOKEN,
     MALL_SENSORS_TOKEN,
-    OPERATOR_TOKEN,
     SHOP_SENSORS_TOKEN,
     SHOP_SERVER_SENSORS_TOKEN,
     Gateway,
@@ -91,8 +91,8 @@ def current_persons(unified: list[str], lines: list[dict[str, Any]]) -> set[str]
 
 
 def explain(gw: Gateway, tenant: str, a: tuple[str, str, str | None], b: tuple[str, str, str | None]) -> dict:
-    """The identity graph's answer (operator API): are a and b one person, and its unified ID.
-    Each side is (type, raw id, appid or None)."""
+    """The identity graph's answer: are a and b one person, and its unified ID. Each side
+    is (type, raw id, appid or None): a look-up of raw identifiers, the compliance role's."""
     params = {"tenant": tenant, "a_type": a[0], "a": a[1], "b_type": b[0], "b": b[1]}
     if a[2]:
         params["a_appid"] = a[2]
@@ -103,7 +103,7 @@ def explain(gw: Gateway, tenant: str, a: tuple[str, str, str | None], b: tuple[s
     r = httpx.get(
         f"{gw.url}/admin/identity/explain",
         params=params,
-        headers={"Authorization": f"Bearer {OPERATOR_TOKEN}"},
+        headers={"Authorization": f"Bearer {COMPLIANCE_TOKEN}"},  # raw look-ups: compliance
         timeout=10,
     )
     assert r.status_code == 200, r.text

@@ -1,0 +1,301 @@
+"""Rate-limit benchmark: what the limiter costs per request, and that a flood from one source
+does not slow another source's events.
+
+1. **Cost**: ``RateLimiter.check_request`` (four counters: source and client network,
+   requests and events) called N times in a row, on the memory store (embedded mode) and
+   on Redis (one Lua script per request, distributed mode): microseconds per request.
+2. **Isolation**: one ``idgate serve`` (embedded, dev) with two sources of one tenant,
+   ``flood-web`` and ``quiet-app``, behind a pretend proxy (``forwarded_hops = 1``: the
+   client networks come from ``X-Forwarded-For``). The quiet source sends batches of 10
+   events at a steady rate from its network; the flood source sends batches of 100 as fast
+   as ``--flood-connections`` connections can from another. Three phases: quiet alone;
+   quiet + flood with the limits on; quiet + flood with ``enabled = false`` (what the flood
+   does without them). Printed: the quiet source's p50/p99/max latency and errors, and the
+   flood's answers (2xx, 429) and accepted events/s.
+
+    .venv/bin/python bench/rate_limits.py [--seconds 10] [--quiet-rate 50] [--flood-connections 8]
+                                          [--calls 20000] [--json]
+
+The flood and the quiet client run in this process, beside the gateway, on the same
+machine: on two cores they compete with it for CPU, so compare the phases with each other.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+sys.path[0] = str(Path(__file__).resolve().parent.parent)
+
+import httpx  # noqa: E402
+
+from gateway.config import RateLimits  # noqa: E402
+from gateway.rate_limits import MemoryCounters, RateLimiter, RedisCounters  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+REDIS_URL = os.environ.get("IDGATE_BENCH_REDIS_URL", "redis://127.0.0.1:6379/8")
+FLOOD_KEY, QUIET_KEY = "flood-key-0001", "quiet-key-0001"
+
+CONFIG = """
+[rate_limits]
+enabled = {enabled}
+forwarded_hops = 1
+source_requests_per_second = 200
+source_events_per_second = 2000
+ip_requests_per_second = 100
+ip_events_per_second = 2000
+
+[[tenants]]
+id = "acme"
+consent = {{ enforce = false }}
+
+[[tenants.sources]]
+id = "flood-web"
+platform = "web"
+dev_write_key = "{flood}"
+
+[[tenants.sources]]
+id = "quiet-app"
+platform = "app"
+dev_write_key = "{quiet}"
+
+[tenants.tracking_plan]
+"*" = ["analytics"]
+
+[[tenants.destinations]]
+id = "warehouse"
+sink = "jsonl"
+purposes = ["analytics"]
+"""
+
+
+def percentile(values: list[float], p: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))]
+
+
+# -- 1. cost -------------------------------------------------------------------------------------
+async def limiter_cost(calls: int) -> dict[str, float]:
+    import redis.asyncio as aioredis
+
+    limits = RateLimits(
+        source_requests_per_second=10**9,
+        source_events_per_second=10**9,
+        ip_requests_per_second=10**9,
+        ip_events_per_second=10**9,
+    )
+    out: dict[str, float] = {}
+    client = aioredis.from_url(REDIS_URL)
+    prefix = f"idgate-bench-rl-{uuid.uuid4().hex[:8]}"
+    try:
+        for name, store in (("memory", MemoryCounters()), ("redis", RedisCounters(client, prefix))):
+            limiter = RateLimiter(limits, store)
+            for _ in range(200):  # warm up (script load, connection)
+                await limiter.check_request("acme", "web", "203.0.113.0", 1)
+            start = time.perf_counter()
+            for i in range(calls):
+                await limiter.check_request("acme", "web", f"203.0.{i % 250}.0", 10)
+            out[name] = (time.perf_counter() - start) / calls * 1e6
+    finally:
+        keys = [k async for k in client.scan_iter(match=f"{prefix}:*")]
+        if keys:
+            await client.delete(*keys)
+        await client.aclose()
+    return out
+
+
+# -- 2. isolation --------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_gateway(tmp: Path, enabled: bool) -> tuple[subprocess.Popen[bytes], str]:
+    config = tmp / f"idgate-{enabled}.toml"
+    config.write_text(CONFIG.format(enabled=str(enabled).lower(), flood=FLOOD_KEY, quiet=QUIET_KEY))
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IDGATE_") and k != "REDIS_URL"}
+    env.update(IDGATE_ENV="dev", IDGATE_LOG_LEVEL="WARNING", IDGATE_LOG_FORMAT="json")
+    log = open(tmp / f"gateway-{enabled}.log", "wb")  # noqa: SIM115 - owned by the process
+    idgate = Path(sys.executable).with_name("idgate")
+    argv = [str(idgate), "serve", "--config", str(config), "--port", str(port)]
+    argv += ["--data-dir", str(tmp / f"data-{enabled}")]
+    proc = subprocess.Popen(argv, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            sys.exit(f"the gateway exited: {(tmp / f'gateway-{enabled}.log').read_text()}")
+        try:
+            if httpx.get(url + "/readyz", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    sys.exit("the gateway did not become ready")
+
+
+def batch(n: int) -> dict[str, Any]:
+    return {
+        "batch": [
+            {
+                "type": "track",
+                "anonymousId": f"anonymous-device-{i % 50:04d}",
+                "event": "Viewed",
+                "messageId": uuid.uuid4().hex,
+            }
+            for i in range(n)
+        ]
+    }
+
+
+async def quiet_client(url: str, seconds: float, rate: float) -> dict[str, Any]:
+    latencies: list[float] = []
+    errors = 0
+    headers = {"X-Forwarded-For": "198.51.100.10"}
+    async with httpx.AsyncClient(base_url=url, auth=(QUIET_KEY, ""), timeout=30) as client:
+        start = time.monotonic()
+        n = 0
+        while (now := time.monotonic()) < start + seconds:
+            due = start + n / rate
+            if due > now:
+                await asyncio.sleep(due - now)
+            n += 1
+            t0 = time.perf_counter()
+            r = await client.post("/v1/batch", json=batch(10), headers=headers)
+            latencies.append((time.perf_counter() - t0) * 1000)
+            if r.status_code != 200:
+                errors += 1
+    return {
+        "requests": len(latencies),
+        "errors": errors,
+        "p50_ms": percentile(latencies, 50),
+        "p99_ms": percentile(latencies, 99),
+        "max_ms": max(latencies, default=float("nan")),
+    }
+
+
+async def flood_client(url: str, seconds: float, connections: int) -> dict[str, Any]:
+    counts = {"ok": 0, "limited": 0, "other": 0, "events": 0}
+    body = json.dumps(batch(100)).encode()  # the same ids each time: the work is the decode and checks
+
+    async def one(i: int) -> None:
+        headers = {"X-Forwarded-For": f"203.0.113.{i + 1}", "Content-Type": "application/json"}
+        async with httpx.AsyncClient(base_url=url, auth=(FLOOD_KEY, ""), timeout=30) as client:
+            end = time.monotonic() + seconds
+            while time.monotonic() < end:
+                fresh = body.replace(b'"messageId": "', f'"messageId": "{uuid.uuid4().hex[:6]}'.encode())
+                r = await client.post("/v1/batch", content=fresh, headers=headers)
+                if r.status_code == 200:
+                    counts["ok"] += 1
+                    counts["events"] += r.json().get("accepted", 0)
+                elif r.status_code == 429:
+                    counts["limited"] += 1
+                else:
+                    counts["other"] += 1
+
+    await asyncio.gather(*(one(i) for i in range(connections)))
+    return {**counts, "accepted_events_per_s": counts["events"] / seconds}
+
+
+def run_flood(url: str, seconds: float, connections: int, out: Any) -> None:
+    """In a process of its own, so the flood's client work does not delay the quiet
+    client's event loop (its latencies would then measure this script, not the gateway)."""
+    out.put(asyncio.run(flood_client(url, seconds, connections)))
+
+
+def phase(url: str, args: argparse.Namespace, flood: bool) -> dict[str, Any]:
+    import multiprocessing
+
+    flooder = None
+    if flood:
+        results: Any = multiprocessing.get_context("spawn").Queue()
+        flooder = multiprocessing.get_context("spawn").Process(
+            target=run_flood, args=(url, args.seconds + 1, args.flood_connections, results)
+        )
+        flooder.start()
+        time.sleep(1)  # the flood is under way when the quiet source starts
+    quiet = asyncio.run(quiet_client(url, args.seconds, args.quiet_rate))
+    flooded = None
+    if flooder is not None:
+        flooded = results.get(timeout=120)
+        flooder.join()
+    return {"quiet": quiet, "flood": flooded}
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--seconds", type=float, default=10.0, help="seconds per phase")
+    parser.add_argument("--quiet-rate", type=float, default=50.0, help="quiet source requests per second")
+    parser.add_argument("--flood-connections", type=int, default=8)
+    parser.add_argument("--calls", type=int, default=20_000, help="limiter calls for the cost figures")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+
+    cost = asyncio.run(limiter_cost(args.calls))
+    print(f"limiter cost per request (4 counters), {args.calls:,} calls in a row:")
+    for name, us in cost.items():
+        print(f"  {name:<7} {us:8.1f} us")
+
+    results: dict[str, Any] = {"cost_us": cost}
+    with tempfile.TemporaryDirectory(prefix="idgate-bench-rl-") as tmp_name:
+        tmp = Path(tmp_name)
+        for enabled, phases in ((True, (False, True)), (False, (True,))):
+            proc, url = start_gateway(tmp, enabled)
+            try:
+                for flood in phases:
+                    name = ("quiet + flood" if flood else "quiet alone") + (
+                        " (limits on)" if enabled else " (limits off)"
+                    )
+                    print(f"running {name} for {args.seconds:g} s ...", flush=True)
+                    results[name] = phase(url, args, flood)
+            finally:
+                stop(proc)
+
+    print()
+    print(
+        f"quiet source: {args.quiet_rate:g} req/s of 10 events; "
+        f"flood: {args.flood_connections} connections of 100-event batches"
+    )
+    columns = ("quiet p50", "quiet p99", "quiet max", "q.errors", "flood 2xx", "flood 429", "flood ev/s")
+    print(f"{'phase':<30} " + " ".join(f"{c:>10}" for c in columns))
+    for name, r in results.items():
+        if name == "cost_us":
+            continue
+        q, f = r["quiet"], r["flood"] or {}
+        print(
+            f"{name:<30} {q['p50_ms']:>8.1f}ms {q['p99_ms']:>8.1f}ms {q['max_ms']:>8.1f}ms {q['errors']:>10} "
+            f"{f.get('ok', '-'):>10} {f.get('limited', '-'):>10} {f.get('accepted_events_per_s', 0):>11,.0f}"
+        )
+    if args.json:
+        print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
