@@ -119,6 +119,21 @@ def _kind(m: re.Match[str]) -> str | None:
     return None
 
 
+_SEPARATED: Final = frozenset(" -.")
+
+
+def _inside_token(text: str, m: re.Match[str]) -> bool:
+    """A number written in groups (``139-1234-0020``) is someone's only when it stands on
+    its own: digit groups glued to letters are part of a longer token (the middle of a
+    UUID, ``m-b4fc7239-9957-4160-8060-0877...``, passes the Luhn check one time in ten)."""
+    if m.lastgroup == "email" or not any(c in _SEPARATED for c in m.group(0)):
+        return False
+    start, end = m.start(), m.end()
+    before = text[start - 1] if start else ""
+    after = text[end : end + 2]
+    return before.isalnum() or (after[:1].isalnum()) or (after[:1] == "-" and after[1:2].isalnum())
+
+
 def classify(candidate: str) -> str | None:
     """Which kind of personal data a whole string is, if any."""
     folded = candidate if candidate.isascii() else candidate.translate(_FOLD)
@@ -137,6 +152,8 @@ def _sub(text: str, replace: Callable[[str], str]) -> str:
     out: list[str] = []
     last = 0
     for m in pattern.finditer(folded):
+        if _inside_token(folded, m):
+            continue
         kind = _kind(m)
         if kind is not None:
             out.append(text[last : m.start()])

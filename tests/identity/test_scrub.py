@@ -144,3 +144,20 @@ def test_ip_truncation(ip: str, expected: str | None) -> None:
 @given(st.from_regex(r"1[3-9][0-9]{9}", fullmatch=True), st.text(alphabet="abc ,.:", max_size=10))
 def test_any_cn_mobile_in_text_is_redacted(mobile: str, around: str) -> None:
     assert mobile not in scrub_text(f"{around}{mobile}{around}")
+
+
+def _luhn_complete(prefix: str) -> str:
+    from identity.scrub import passes_luhn
+
+    return next(prefix + str(d) for d in range(10) if passes_luhn(prefix + str(d)))
+
+
+def test_digit_groups_inside_a_uuid_are_not_a_bank_card() -> None:
+    """A random UUID's middle groups can be all digits and pass the Luhn check: glued to
+    letters they are part of the token, not someone's card (message ids stay as sent)."""
+    card = _luhn_complete("723999574160806")
+    token = f"m-b4fc{card[:4]}-{card[4:8]}-{card[8:12]}-{card[12:]}-08770b1dbd15"
+    assert scrub_text(token) == token
+    spaced = f"{card[:4]} {card[4:8]} {card[8:12]} {card[12:]}"
+    assert scrub_text(f"paid with {spaced}.") == "paid with [redacted:bank_card]."
+    assert scrub_text(f"card:{card[:4]}-{card[4:8]}-{card[8:12]}-{card[12:]}") == "card:[redacted:bank_card]"
