@@ -171,9 +171,9 @@ def _banner(settings: Settings, config: Config, base: str) -> list[str]:
 )
 def serve(config_path: Path | None, host: str, port: int, data_dir: Path | None) -> None:
     """Run the gateway."""
-    import uvicorn
     from uvicorn.config import STARTUP_FAILURE
 
+    from gateway import front_end
     from gateway.app import create_app
 
     try:
@@ -193,23 +193,7 @@ def serve(config_path: Path | None, host: str, port: int, data_dir: Path | None)
     shown_host = f"[{host}]" if ":" in host else host
     for line in _banner(settings, config, f"http://{shown_host}:{port}"):
         click.echo(line)
-    server = uvicorn.Server(
-        uvicorn.Config(
-            app,
-            host=host,
-            port=port,
-            loop="uvloop",
-            http="httptools",
-            log_config=None,
-            # No access log and no X-Forwarded-For handling: idgate never uses the client IP
-            # of a request, and an access log would write it to disk.
-            access_log=False,
-            proxy_headers=False,
-            server_header=False,
-            lifespan="on",
-            timeout_graceful_shutdown=10,
-        )
-    )
+    server = front_end.server(app, host, port, settings.http)
     try:
         server.run(sockets=[listener])
     except KeyboardInterrupt:

@@ -1,0 +1,322 @@
+"""The HTTP front end of ``idgate serve``: uvicorn (uvloop + httptools) with the limits it lacks.
+
+httptools parses fast but bounds nothing: one client streaming a header line forever grows
+the server's memory without end, and a connection that sent half of its headers (or half of
+its body) is kept for as long as the client likes, so a few thousand of them hold every file
+descriptor. uvicorn's h11 parser bounds the headers but costs a large part of the request rate
+and still has no read timeouts (see bench/front_end.py), so the limits are enforced here, on
+the httptools protocol, at a cost of a few attribute updates per request:
+
+* request line (``max_request_line_bytes``, 414), header bytes (``max_header_bytes``, 431,
+  checked while they arrive, before the parser buffers more) and header count
+  (``max_headers``, 431);
+* headers that must come once (``Authorization``): a second one is refused (400) instead of
+  letting one of them win silently;
+* time to send the headers, from the connection or the first byte of a request
+  (``header_timeout``), and to send the body once the headers are in (``body_timeout``):
+  408 and the connection closed; idle keep-alive connections are closed by uvicorn after
+  ``keep_alive_timeout``;
+* at most ``max_connections`` open connections: a new one past the cap closes the oldest
+  connection that has no request in progress (a slow or idle client), else it is answered
+  503 with Retry-After.
+
+Each refusal is a JSON ErrorBody like every other error of the gateway, then the connection
+is closed. Deadlines are checked by a sweep on uvicorn's 0.1 s tick (every ``SWEEP_TICKS``),
+so no timer is armed per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import resource
+from typing import Any, ClassVar
+
+import msgspec
+import structlog
+import uvicorn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.server import ServerState
+
+from gateway.errors import ErrorBody
+from gateway.settings import HttpLimits
+
+log = structlog.get_logger("idgate.front_end")
+
+SWEEP_TICKS = 5  # uvicorn ticks every 0.1 s: deadlines are checked every 0.5 s
+# Descriptors kept for everything but client connections (outbox, logs, Redis, database...).
+RESERVED_FDS = 256
+# Headers that a request carries at most once: with two, which one is used is up to whichever
+# code reads them (the last one won), so the request is ambiguous and refused.
+SINGLE_HEADERS = frozenset({b"authorization"})
+
+_IDLE, _HEADERS, _BODY, _APP = 0, 1, 2, 3
+
+REASONS = {
+    400: b"Bad Request",
+    408: b"Request Timeout",
+    414: b"URI Too Long",
+    431: b"Request Header Fields Too Large",
+    503: b"Service Unavailable",
+}
+
+
+def error_response(status: int, error: str, detail: str, field: str | None, retry_after: int = 0) -> bytes:
+    body = msgspec.json.encode(ErrorBody(error, detail, field))
+    head = [
+        b"HTTP/1.1 %d %s\r\n" % (status, REASONS[status]),
+        b"content-type: application/json\r\n",
+        b"content-length: %d\r\n" % len(body),
+        b"connection: close\r\n",
+    ]
+    if retry_after:
+        head.append(b"retry-after: %d\r\n" % retry_after)
+    return b"".join(head) + b"\r\n" + body
+
+
+class _Refused(Exception):
+    """Raised in a parser callback to stop parsing; the protocol holds the answer."""
+
+
+class GuardedHttpToolsProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with header, time and connection limits (module docstring)."""
+
+    limits: ClassVar[HttpLimits] = HttpLimits()
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._phase = _HEADERS
+        self._since = 0.0
+        self._header_bytes = 0  # bytes received since the request's headers began
+        self._header_count = 0
+        self._header_size = 0
+        self._refusal: bytes | None = None
+
+    # -- connection -------------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._since = self.loop.time()
+        if len(self.connections) > self.limits.max_connections and not self._evict_one():
+            self._refuse(
+                error_response(
+                    503,
+                    "too_many_connections",
+                    f"the server holds its maximum of {self.limits.max_connections} connections",
+                    None,
+                    retry_after=1,
+                )
+            )
+
+    def _evict_one(self) -> bool:
+        """Close the oldest other connection that has no request in progress."""
+        oldest: GuardedHttpToolsProtocol | None = None
+        for conn in self.connections:
+            if (
+                conn is not self
+                and isinstance(conn, GuardedHttpToolsProtocol)
+                and conn._phase in (_IDLE, _HEADERS)
+                and not conn.transport.is_closing()
+                and (oldest is None or conn._since < oldest._since)
+            ):
+                oldest = conn
+        if oldest is None:
+            return False
+        oldest.timed_out("connection_evicted", "the server is at its connection limit")
+        return True
+
+    def data_received(self, data: bytes) -> None:
+        self._unset_keepalive_if_required()
+        if self._phase != _BODY and self._phase != _APP:
+            self._header_bytes += len(data)
+        try:
+            self.parser.feed_data(data)
+        except _Refused:  # pragma: no cover - httptools wraps callback errors (below)
+            pass
+        except self._parser_errors as exc:
+            if self._refusal is None:
+                if isinstance(exc, self._upgrade_error):
+                    self._unsupported_upgrade_warning()
+                    return
+                self.logger.warning("Invalid HTTP request received.")
+                self.send_400_response("Invalid HTTP request received.")
+                return
+        if self._refusal is not None:
+            self._refuse(self._refusal)
+            return
+        if self._phase == _HEADERS and self._header_bytes > self.limits.max_header_bytes:
+            self._refuse(self._too_large_headers())
+
+    # -- parser callbacks -------------------------------------------------------------------
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        if self._phase == _IDLE:
+            self._since = self.loop.time()
+        self._phase = _HEADERS
+        self._header_count = 0
+        self._header_size = 0
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+        if len(self.url) > self.limits.max_request_line_bytes:
+            self._stop(
+                error_response(
+                    414,
+                    "request_line_too_long",
+                    f"the request line exceeds {self.limits.max_request_line_bytes} bytes",
+                    "url",
+                )
+            )
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        name = name.lower()
+        self._header_count += 1
+        self._header_size += len(name) + len(value) + 4
+        if self._header_count > self.limits.max_headers:
+            self._stop(
+                error_response(
+                    431, "too_many_headers", f"a request may carry at most {self.limits.max_headers} headers", None
+                )
+            )
+        if self._header_size > self.limits.max_header_bytes:
+            self._stop(self._too_large_headers())
+        if name in SINGLE_HEADERS and any(n == name for n, _ in self.headers):
+            field = name.decode("latin-1").title()
+            self._stop(error_response(400, "duplicate_header", f"the {field} header is sent twice", field))
+        if name == b"expect" and value.lower() == b"100-continue":
+            self.expect_100_continue = True
+        self.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        self._phase = _BODY
+        self._since = self.loop.time()
+        self._header_bytes = 0
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        self._phase = _APP
+        super().on_message_complete()
+
+    def on_response_complete(self) -> None:
+        if self._phase == _APP and not self.pipeline:
+            self._phase = _IDLE  # uvicorn's keep-alive timeout applies from here
+            self._since = self.loop.time()
+        super().on_response_complete()
+
+    # -- refusals ---------------------------------------------------------------------------
+    def _too_large_headers(self) -> bytes:
+        return error_response(
+            431,
+            "headers_too_large",
+            f"the request line and headers exceed {self.limits.max_header_bytes} bytes",
+            None,
+        )
+
+    def _stop(self, response: bytes) -> None:
+        if self._refusal is None:
+            self._refusal = response
+        raise _Refused
+
+    def _refuse(self, response: bytes) -> None:
+        """Answer ``response`` unless a response already began, and close the connection."""
+        if self.transport.is_closing():
+            return
+        # An app waiting for the body sees the client disconnect (connection_lost); its
+        # answer goes nowhere.
+        if self.cycle is None or not self.cycle.response_started:
+            self.transport.write(response)
+        self.transport.close()
+
+    def timed_out(self, error: str, detail: str) -> None:
+        self._refuse(error_response(408, error, detail, None))
+
+    def check_deadline(self, now: float) -> None:
+        phase = self._phase
+        if phase == _HEADERS:
+            if now - self._since > self.limits.header_timeout:
+                self.timed_out(
+                    "header_timeout", f"the request headers did not arrive within {self.limits.header_timeout:g} s"
+                )
+        elif (
+            phase == _BODY
+            and now - self._since > self.limits.body_timeout
+            and not (self.cycle is not None and self.cycle.response_started)
+        ):
+            self.timed_out("body_timeout", f"the request body did not arrive within {self.limits.body_timeout:g} s")
+
+    _parser_errors: ClassVar[tuple[type[BaseException], ...]]
+    _upgrade_error: ClassVar[type[BaseException]]
+
+
+def _bind_parser_errors() -> None:
+    import httptools
+
+    GuardedHttpToolsProtocol._parser_errors = (httptools.HttpParserError, httptools.HttpParserUpgrade)
+    GuardedHttpToolsProtocol._upgrade_error = httptools.HttpParserUpgrade
+
+
+_bind_parser_errors()
+
+
+def sweep(state: ServerState, now: float) -> None:
+    """Close the connections past their header or body deadline."""
+    for conn in list(state.connections):
+        if isinstance(conn, GuardedHttpToolsProtocol):
+            conn.check_deadline(now)
+
+
+class GuardedServer(uvicorn.Server):
+    """uvicorn's server, sweeping its connections' deadlines on its own tick."""
+
+    async def on_tick(self, counter: int) -> bool:
+        if counter % SWEEP_TICKS == 0:
+            sweep(self.server_state, asyncio.get_running_loop().time())
+        return await super().on_tick(counter)
+
+
+def raise_fd_limit(wanted: int) -> int:
+    """Raise this process's soft RLIMIT_NOFILE towards its hard limit (as nginx and Go do):
+    the default soft limit of 1,024 is less than one connection cap. Returns the soft limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if target > soft:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        soft = target
+    return soft
+
+
+def protocol_class(limits: HttpLimits) -> type[GuardedHttpToolsProtocol]:
+    """The protocol with these limits, its connection cap lowered to what the descriptor
+    limit allows (logged)."""
+    soft = raise_fd_limit(limits.max_connections + RESERVED_FDS)
+    if soft < limits.max_connections + RESERVED_FDS:
+        lowered = max(16, soft - RESERVED_FDS)
+        log.warning(
+            "http.connection_cap_lowered",
+            configured=limits.max_connections,
+            cap=lowered,
+            rlimit_nofile=soft,
+        )
+        limits = dataclasses.replace(limits, max_connections=lowered)
+    return type("GuardedHttpToolsProtocol", (GuardedHttpToolsProtocol,), {"limits": limits})
+
+
+def server(app: Any, host: str, port: int, limits: HttpLimits) -> GuardedServer:
+    """The uvicorn server ``idgate serve`` runs."""
+    return GuardedServer(
+        uvicorn.Config(
+            app,
+            host=host,
+            port=port,
+            loop="uvloop",
+            http=protocol_class(limits),
+            log_config=None,
+            # No access log and no X-Forwarded-For handling: idgate never uses the client IP
+            # of a request, and an access log would write it to disk.
+            access_log=False,
+            proxy_headers=False,
+            server_header=False,
+            lifespan="on",
+            timeout_graceful_shutdown=10,
+            timeout_keep_alive=limits.keep_alive_seconds,
+        )
+    )
