@@ -21,8 +21,9 @@ the httptools protocol, at a cost of a few attribute updates per request:
   503 with Retry-After.
 
 Each refusal is a JSON ErrorBody like every other error of the gateway, then the connection
-is closed. Deadlines are checked by a sweep on uvicorn's 0.1 s tick (every ``SWEEP_TICKS``),
-so no timer is armed per request.
+is closed. Deadlines are checked on uvicorn's 0.1 s tick against queues of the connections
+in each phase, oldest first, so no timer is armed per request and a check looks only at the
+connections past their deadline.
 """
 
 from __future__ import annotations
@@ -36,16 +37,17 @@ import msgspec
 import structlog
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
-from uvicorn.server import ServerState
 
 from gateway.errors import ErrorBody
 from gateway.settings import HttpLimits
 
 log = structlog.get_logger("idgate.front_end")
 
-SWEEP_TICKS = 5  # uvicorn ticks every 0.1 s: deadlines are checked every 0.5 s
 # Descriptors kept for everything but client connections (outbox, logs, Redis, database...).
 RESERVED_FDS = 256
+# Connections closed for a deadline per 0.1 s tick (5,000/s): thousands of slow connections
+# that expire at once are closed over a few ticks, without one long stall of the loop.
+CLOSES_PER_TICK = 500
 # Headers that a request carries at most once: with two, which one is used is up to whichever
 # code reads them (the last one won), so the request is ambiguous and refused.
 SINGLE_HEADERS = frozenset({b"authorization"})
@@ -78,10 +80,51 @@ class _Refused(Exception):
     """Raised in a parser callback to stop parsing; the protocol holds the answer."""
 
 
+class DeadlineQueue:
+    """Connections in one phase, oldest first: entering moves a connection to the end, so the
+    ones past a deadline are always at the front and a sweep looks at no others."""
+
+    __slots__ = ("members",)
+
+    def __init__(self) -> None:
+        self.members: dict[GuardedHttpToolsProtocol, None] = {}  # insertion-ordered set
+
+    def enter(self, conn: GuardedHttpToolsProtocol) -> None:
+        self.members.pop(conn, None)
+        self.members[conn] = None
+
+    def leave(self, conn: GuardedHttpToolsProtocol) -> None:
+        self.members.pop(conn, None)
+
+    def oldest(self, besides: GuardedHttpToolsProtocol) -> GuardedHttpToolsProtocol | None:
+        for conn in self.members:
+            if conn is not besides:
+                return conn
+        return None
+
+    def expired(self, before: float, limit: int) -> list[GuardedHttpToolsProtocol]:
+        """Remove and return the connections that entered before ``before``, at most ``limit``."""
+        out = []
+        for conn in self.members:
+            if conn._since >= before or len(out) >= limit:
+                break
+            out.append(conn)
+        for conn in out:
+            del self.members[conn]
+        return out
+
+
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol with header, time and connection limits (module docstring)."""
+    """uvicorn's httptools protocol with header, time and connection limits (module docstring).
+
+    ``protocol_class`` makes a subclass per server, with its limits and its queues."""
 
     limits: ClassVar[HttpLimits] = HttpLimits()
+    # Connections waiting for headers (new, or a request begun), for a body, and idle
+    # between requests (uvicorn's keep-alive timer closes those).
+    headers_queue: ClassVar[DeadlineQueue] = DeadlineQueue()
+    body_queue: ClassVar[DeadlineQueue] = DeadlineQueue()
+    idle_queue: ClassVar[DeadlineQueue] = DeadlineQueue()
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -96,6 +139,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._since = self.loop.time()
+        self.headers_queue.enter(self)
         if len(self.connections) > self.limits.max_connections and not self._evict_one():
             self._refuse(
                 error_response(
@@ -108,21 +152,19 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             )
 
     def _evict_one(self) -> bool:
-        """Close the oldest other connection that has no request in progress."""
-        oldest: GuardedHttpToolsProtocol | None = None
-        for conn in self.connections:
-            if (
-                conn is not self
-                and isinstance(conn, GuardedHttpToolsProtocol)
-                and conn._phase in (_IDLE, _HEADERS)
-                and not conn.transport.is_closing()
-                and (oldest is None or conn._since < oldest._since)
-            ):
-                oldest = conn
+        """Close the oldest other connection with no request in progress: one still waiting
+        for its headers, else an idle one."""
+        oldest = self.headers_queue.oldest(self) or self.idle_queue.oldest(self)
         if oldest is None:
             return False
         oldest.timed_out("connection_evicted", "the server is at its connection limit")
         return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.headers_queue.leave(self)
+        self.body_queue.leave(self)
+        self.idle_queue.leave(self)
+        super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
         self._unset_keepalive_if_required()
@@ -130,8 +172,6 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self._header_bytes += len(data)
         try:
             self.parser.feed_data(data)
-        except _Refused:  # pragma: no cover - httptools wraps callback errors (below)
-            pass
         except self._parser_errors as exc:
             if self._refusal is None:
                 if isinstance(exc, self._upgrade_error):
@@ -149,9 +189,12 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     # -- parser callbacks -------------------------------------------------------------------
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        if self._phase == _IDLE:
+        if self._phase != _HEADERS:  # a request after another on this connection
+            if self._phase == _IDLE:
+                self.idle_queue.leave(self)
+            self._phase = _HEADERS
             self._since = self.loop.time()
-        self._phase = _HEADERS
+            self.headers_queue.enter(self)
         self._header_count = 0
         self._header_size = 0
 
@@ -187,19 +230,23 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
+        self.headers_queue.leave(self)
         self._phase = _BODY
         self._since = self.loop.time()
+        self.body_queue.enter(self)
         self._header_bytes = 0
         super().on_headers_complete()
 
     def on_message_complete(self) -> None:
+        self.body_queue.leave(self)
         self._phase = _APP
         super().on_message_complete()
 
     def on_response_complete(self) -> None:
         if self._phase == _APP and not self.pipeline:
-            self._phase = _IDLE  # uvicorn's keep-alive timeout applies from here
+            self._phase = _IDLE
             self._since = self.loop.time()
+            self.idle_queue.enter(self)
         super().on_response_complete()
 
     # -- refusals ---------------------------------------------------------------------------
@@ -229,19 +276,17 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def timed_out(self, error: str, detail: str) -> None:
         self._refuse(error_response(408, error, detail, None))
 
-    def check_deadline(self, now: float) -> None:
-        phase = self._phase
-        if phase == _HEADERS:
-            if now - self._since > self.limits.header_timeout:
-                self.timed_out(
-                    "header_timeout", f"the request headers did not arrive within {self.limits.header_timeout:g} s"
-                )
-        elif (
-            phase == _BODY
-            and now - self._since > self.limits.body_timeout
-            and not (self.cycle is not None and self.cycle.response_started)
-        ):
-            self.timed_out("body_timeout", f"the request body did not arrive within {self.limits.body_timeout:g} s")
+    @classmethod
+    def sweep(cls, now: float) -> None:
+        """Close the connections past their header or body deadline."""
+        limits = cls.limits
+        for conn in cls.headers_queue.expired(now - limits.header_timeout, CLOSES_PER_TICK):
+            conn.timed_out(
+                "header_timeout", f"the request headers did not arrive within {limits.header_timeout:g} s"
+            )
+        for conn in cls.body_queue.expired(now - limits.body_timeout, CLOSES_PER_TICK):
+            if conn.cycle is None or not conn.cycle.response_started:  # else the app answered early
+                conn.timed_out("body_timeout", f"the request body did not arrive within {limits.body_timeout:g} s")
 
     _parser_errors: ClassVar[tuple[type[BaseException], ...]]
     _upgrade_error: ClassVar[type[BaseException]]
@@ -257,19 +302,13 @@ def _bind_parser_errors() -> None:
 _bind_parser_errors()
 
 
-def sweep(state: ServerState, now: float) -> None:
-    """Close the connections past their header or body deadline."""
-    for conn in list(state.connections):
-        if isinstance(conn, GuardedHttpToolsProtocol):
-            conn.check_deadline(now)
-
-
 class GuardedServer(uvicorn.Server):
-    """uvicorn's server, sweeping its connections' deadlines on its own tick."""
+    """uvicorn's server, sweeping its connections' deadlines on its own 0.1 s tick."""
 
     async def on_tick(self, counter: int) -> bool:
-        if counter % SWEEP_TICKS == 0:
-            sweep(self.server_state, asyncio.get_running_loop().time())
+        protocol = self.config.http_protocol_class
+        if isinstance(protocol, type) and issubclass(protocol, GuardedHttpToolsProtocol):
+            protocol.sweep(asyncio.get_running_loop().time())
         return await super().on_tick(counter)
 
 
@@ -297,7 +336,16 @@ def protocol_class(limits: HttpLimits) -> type[GuardedHttpToolsProtocol]:
             rlimit_nofile=soft,
         )
         limits = dataclasses.replace(limits, max_connections=lowered)
-    return type("GuardedHttpToolsProtocol", (GuardedHttpToolsProtocol,), {"limits": limits})
+    return type(
+        "GuardedHttpToolsProtocol",
+        (GuardedHttpToolsProtocol,),
+        {
+            "limits": limits,
+            "headers_queue": DeadlineQueue(),
+            "body_queue": DeadlineQueue(),
+            "idle_queue": DeadlineQueue(),
+        },
+    )
 
 
 def server(app: Any, host: str, port: int, limits: HttpLimits) -> GuardedServer:
