@@ -72,7 +72,7 @@ def serve_refuses(tmp_path: Path, env: dict[str, str]) -> subprocess.CompletedPr
 
 
 @pytest.mark.parametrize("variable", ["IDGATE_KEY_FILE", "IDGATE_LEDGER_KEY_FILE"])
-@pytest.mark.parametrize("mode", [0o644, 0o604, 0o660])
+@pytest.mark.parametrize("mode", [0o644, 0o604, 0o660], ids=["0644", "0604", "0660"])
 def test_key_files_other_users_can_read_are_refused_at_start(tmp_path: Path, variable: str, mode: int) -> None:
     key_file = tmp_path / "secret.key"
     key_file.write_text(new_key_document(["shop", "mall"]) if variable == "IDGATE_KEY_FILE" else new_ledger_key_b64())
@@ -104,9 +104,12 @@ BATCH = json.dumps({"batch": [{"type": "track", "userId": "u-gz", "event": "Gz",
 @pytest.mark.parametrize(
     ("case", "body"),
     [
-        ("a second gzip member", gzip.compress(BATCH) + gzip.compress(b'{"batch": []}')),
-        ("bytes after the member", gzip.compress(BATCH) + b"trailing"),
-        ("a truncated member", gzip.compress(BATCH)[:-6]),
+        pytest.param(case, body, id=case)
+        for case, body in [
+            ("a second gzip member", gzip.compress(BATCH) + gzip.compress(b'{"batch": []}')),
+            ("bytes after the member", gzip.compress(BATCH) + b"trailing"),
+            ("a truncated member", gzip.compress(BATCH)[:-6]),
+        ]
     ],
 )
 def test_a_gzip_body_must_be_exactly_one_member(gateway: Gateway, case: str, body: bytes) -> None:
