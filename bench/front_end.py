@@ -1,0 +1,227 @@
+"""Front-end benchmark: what the HTTP limits of ``idgate serve`` cost, side by side.
+
+Runs the same gateway (embedded mode, the example config with consent enforcement off for
+``acme``, as bench/ingest.py's "gateway" phases) under several HTTP front ends, one at a time,
+with the same load:
+
+* ``old``: the server config before the limits (uvicorn, uvloop + httptools, no header-size
+  limit, no header or body timeout, no connection cap), started by this script;
+* ``new``: ``idgate serve`` itself (gateway/front_end.py: httptools with header size and
+  count, request line, header and body timeouts, idle keep-alive and a connection cap);
+* ``h11`` (``--variants old,new,h11``): uvicorn's h11 parser with its own limits
+  (``h11_max_incomplete_event_size``, ``limit_concurrency``, ``timeout_keep_alive``), the
+  other way to bound headers, which has no header or body timeout.
+
+Each variant gets single events on ``/v1/track`` and batches of 100 on ``/v1/batch``, in
+``--rounds`` rounds that alternate the variants (so a noisy neighbour hits them alike); the
+report gives the median events/s per variant and kind, the p99 latency, and new/old.
+Target: ``new`` loses at most 5 % of ``old``'s events/s, for single events and for batches.
+The load generator is bench/ingest.py's (``wrk`` when on PATH, else its Python client).
+
+    .venv/bin/python bench/front_end.py [--duration 8] [--rounds 3] [--connections 32]
+                                        [--variants old,new] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import ingest  # bench/ingest.py: servers, load generators, delivery check
+from ingest import HOST, PhaseResult, Server, SinkCounter, spawn, stop
+
+TARGET_RATIO = 0.95
+VARIANTS = ("old", "new", "h11")
+
+
+def serve_variant(variant: str, config: Path, port: int, data_dir: Path) -> None:
+    """Run the gateway the way ``variant`` serves it (in this process, until SIGTERM)."""
+    # bench/identity.py would shadow the identity package
+    here = Path(__file__).resolve().parent
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != here]
+    import uvicorn
+
+    from gateway.app import create_app
+    from gateway.logging import configure_logging
+    from gateway.settings import LogSettings, Settings
+
+    logs = LogSettings.from_env()
+    configure_logging(fmt=logs.format, level=logs.level)
+    os.umask(0o077)
+    settings = Settings.from_env(config_path=config, data_dir=data_dir)
+    app = create_app(settings)
+    if settings.gil_switch_interval_seconds > 0:
+        sys.setswitchinterval(settings.gil_switch_interval_seconds)
+    common: dict[str, Any] = {
+        "host": HOST,
+        "port": port,
+        "loop": "uvloop",
+        "log_config": None,
+        "access_log": False,
+        "proxy_headers": False,
+        "server_header": False,
+        "lifespan": "on",
+        "timeout_graceful_shutdown": 10,
+    }
+    if variant == "old":  # idgate serve before gateway/front_end.py
+        config_ = uvicorn.Config(app, http="httptools", **common)
+    elif variant == "h11":
+        limits = settings.http
+        config_ = uvicorn.Config(
+            app,
+            http="h11",
+            h11_max_incomplete_event_size=limits.max_header_bytes,
+            limit_concurrency=limits.max_connections,
+            timeout_keep_alive=limits.keep_alive_seconds,
+            **common,
+        )
+    else:
+        raise SystemExit(f"unknown variant {variant!r}")
+    uvicorn.Server(config_).run()
+
+
+def start_variant(variant: str, tmp: Path, config: Path) -> Server:
+    if variant == "new":
+        return ingest.start_gateway(tmp, config, name="new")
+    port = ingest.free_port()
+    data_dir = tmp / f"{variant}-data"
+    env = {k: v for k, v in os.environ.items() if k not in ingest.STRIPPED_ENV}
+    env.update(IDGATE_ENV="dev", IDGATE_LOG_LEVEL="WARNING", IDGATE_LOG_FORMAT="json", PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ingest.REPO), env.get("PYTHONPATH", "")) if p)
+    log_path = tmp / f"{variant}.log"
+    argv = [sys.executable, str(Path(__file__).resolve()), "--serve", variant, "--config", str(config)]
+    argv += ["--port", str(port), "--data-dir", str(data_dir)]
+    with open(log_path, "wb") as log:
+        proc = spawn(argv, env=env, cwd=tmp, stdout=log, stderr=subprocess.STDOUT)
+    return Server(variant, proc, port, log_path, data_dir)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="HTTP front ends of idgate serve, side by side")
+    p.add_argument("--duration", type=float, default=8.0, help="seconds per phase (default 8)")
+    p.add_argument("--rounds", type=int, default=3, help="rounds over the variants (default 3)")
+    p.add_argument("--connections", type=int, default=32, help="keep-alive connections (default 32)")
+    p.add_argument("--variants", default="old,new", help=f"comma-separated, of {', '.join(VARIANTS)}")
+    p.add_argument("--kinds", default="single,batch", help="single, batch or both (default both)")
+    p.add_argument("--loadgen", choices=("auto", "wrk", "python"), default="auto")
+    p.add_argument("--json", action="store_true", help="also print a JSON summary line")
+    p.add_argument("--keep", action="store_true", help="keep the temporary data dirs and logs")
+    # internal: run one server variant (started by this script)
+    p.add_argument("--serve", choices=VARIANTS, help=argparse.SUPPRESS)
+    p.add_argument("--config", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--data-dir", type=Path, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    args.variant_list = [v.strip() for v in args.variants.split(",") if v.strip()]
+    args.kind_list = [k.strip() for k in args.kinds.split(",") if k.strip()]
+    if not set(args.variant_list) <= set(VARIANTS) or not set(args.kind_list) <= {"single", "batch"}:
+        p.error("unknown variant or kind")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.serve:
+        serve_variant(args.serve, args.config, args.port, args.data_dir)
+        return 0
+    load_args = ingest.parse_args(
+        ["--duration", str(args.duration), "--connections", str(args.connections), "--loadgen", args.loadgen]
+    )
+    signal.signal(signal.SIGTERM, ingest._on_sigterm)
+    tmp = Path(tempfile.mkdtemp(prefix="idgate-bench-front-end-"))
+    results: dict[tuple[str, str], list[PhaseResult]] = {}
+    warnings: list[str] = []
+    try:
+        config, _ = ingest.write_configs(tmp)
+        servers = {v: start_variant(v, tmp, config) for v in args.variant_list}
+        counters = {}
+        for variant, server in servers.items():
+            server.wait_healthy()
+            counters[variant] = SinkCounter(server.sink_dir)
+            ingest.preflight_gateway(server, counters[variant])
+        for round_no in range(args.rounds):
+            order = args.variant_list if round_no % 2 == 0 else list(reversed(args.variant_list))
+            for kind in args.kind_list:
+                for variant in order:
+                    res = ingest.new_result(f"{variant} {kind} r{round_no + 1}", variant, kind, load_args)
+                    ingest.gateway_phase(servers[variant], counters[variant], res, load_args, tmp)
+                    ingest.check_forwarded(res, warnings, enforced=False)
+                    results.setdefault((variant, kind), []).append(res)
+        for server in servers.values():
+            stop(server.proc)
+        return report(args, load_args, results, warnings)
+    except KeyboardInterrupt:
+        return 130
+    except RuntimeError as exc:
+        print(f"bench: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        for proc in list(reversed(ingest._children)):
+            stop(proc)
+        if args.keep:
+            print(f"kept {tmp}", file=sys.stderr)
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def report(
+    args: argparse.Namespace,
+    load_args: argparse.Namespace,
+    results: dict[tuple[str, str], list[PhaseResult]],
+    warnings: list[str],
+) -> int:
+    print()
+    print(
+        f"idgate front-end benchmark: {args.rounds} round(s) x {args.duration:g} s per phase, "
+        f"{args.connections} connections, load generator {load_args.loadgen}, {ingest.NCPU} CPUs"
+    )
+    header = f"{'kind':<8}" + "".join(f"{v + ' events/s':>18}{v + ' p99 ms':>14}" for v in args.variant_list)
+    print(header)
+    summary: dict[str, Any] = {"rounds": args.rounds, "duration_s": args.duration, "medians": {}, "ratios": {}}
+    met = True
+    for kind in args.kind_list:
+        row = f"{kind:<8}"
+        medians = {}
+        for variant in args.variant_list:
+            runs = results[(variant, kind)]
+            eps = statistics.median(r.eps for r in runs)
+            p99 = statistics.median(r.p99_ms for r in runs)
+            medians[variant] = eps
+            summary["medians"][f"{variant} {kind}"] = {
+                "events_per_s": round(eps, 1),
+                "p99_ms": round(p99, 2),
+                "runs_events_per_s": [round(r.eps, 1) for r in runs],
+            }
+            row += f"{eps:>18,.0f}{p99:>14.1f}"
+        print(row)
+        for variant in args.variant_list:
+            if variant != "old" and "old" in medians and medians["old"]:
+                ratio = medians[variant] / medians["old"]
+                summary["ratios"][f"{variant}/old {kind}"] = round(ratio, 4)
+                ok = ratio >= TARGET_RATIO
+                if variant == "new":
+                    met = met and ok
+                print(f"  {variant}/old {kind}: {ratio:.3f} ({'MET' if ok else 'NOT MET'}: >= {TARGET_RATIO})")
+    for kind in args.kind_list:
+        for variant in args.variant_list:
+            runs = ", ".join(f"{r.eps:,.0f}" for r in results[(variant, kind)])
+            print(f"  runs {variant} {kind}: {runs} events/s")
+    for w in warnings:
+        print(f"WARNING: {w}")
+    summary["target_met"] = met
+    if args.json:
+        print(json.dumps(summary, separators=(",", ":")))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
