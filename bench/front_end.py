@@ -186,7 +186,12 @@ def report(
     )
     header = f"{'kind':<8}" + "".join(f"{v + ' events/s':>18}{v + ' p99 ms':>14}" for v in args.variant_list)
     print(header)
-    summary: dict[str, Any] = {"rounds": args.rounds, "duration_s": args.duration, "medians": {}, "ratios": {}}
+    summary: dict[str, Any] = {
+        "rounds": args.rounds,
+        "duration_s": args.duration,
+        "medians": {},
+        "ratios": {},
+    }
     met = True
     for kind in args.kind_list:
         row = f"{kind:<8}"
@@ -210,7 +215,9 @@ def report(
                 ok = ratio >= TARGET_RATIO
                 if variant == "new":
                     met = met and ok
-                print(f"  {variant}/old {kind}: {ratio:.3f} ({'MET' if ok else 'NOT MET'}: >= {TARGET_RATIO})")
+                print(
+                    f"  {variant}/old {kind}: {ratio:.3f} ({'MET' if ok else 'NOT MET'}: >= {TARGET_RATIO})"
+                )
     for kind in args.kind_list:
         for variant in args.variant_list:
             runs = ", ".join(f"{r.eps:,.0f}" for r in results[(variant, kind)])

@@ -104,7 +104,7 @@ class DeadlineQueue:
 
     def expired(self, before: float, limit: int) -> list[GuardedHttpToolsProtocol]:
         """Remove and return the connections that entered before ``before``, at most ``limit``."""
-        out = []
+        out: list[GuardedHttpToolsProtocol] = []
         for conn in self.members:
             if conn._since >= before or len(out) >= limit:
                 break
@@ -217,7 +217,10 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if self._header_count > self.limits.max_headers:
             self._stop(
                 error_response(
-                    431, "too_many_headers", f"a request may carry at most {self.limits.max_headers} headers", None
+                    431,
+                    "too_many_headers",
+                    f"a request may carry at most {self.limits.max_headers} headers",
+                    None,
                 )
             )
         if self._header_size > self.limits.max_header_bytes:
@@ -286,7 +289,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             )
         for conn in cls.body_queue.expired(now - limits.body_timeout, CLOSES_PER_TICK):
             if conn.cycle is None or not conn.cycle.response_started:  # else the app answered early
-                conn.timed_out("body_timeout", f"the request body did not arrive within {limits.body_timeout:g} s")
+                conn.timed_out(
+                    "body_timeout", f"the request body did not arrive within {limits.body_timeout:g} s"
+                )
 
     _parser_errors: ClassVar[tuple[type[BaseException], ...]]
     _upgrade_error: ClassVar[type[BaseException]]

@@ -135,7 +135,9 @@ async def read_body(
             # A second gzip member (or anything) after the first would be ignored: refuse it
             # rather than accept a body that is not what the client thinks it sent.
             raise InvalidRequest(
-                "invalid_encoding", "data after the end of the gzip body (one gzip member only)", "Content-Encoding"
+                "invalid_encoding",
+                "data after the end of the gzip body (one gzip member only)",
+                "Content-Encoding",
             )
     elif encoding not in ("", "identity"):
         raise InvalidRequest(

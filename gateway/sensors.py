@@ -205,7 +205,9 @@ def payload_json(form: dict[str, str], *, limit: int) -> tuple[bytes, bool]:
                 raise InvalidRequest("invalid_encoding", f"the gzip data of {name} is truncated", name)
             if inflater.unused_data:
                 raise InvalidRequest(
-                    "invalid_encoding", f"data after the end of the gzip data of {name} (one member only)", name
+                    "invalid_encoding",
+                    f"data after the end of the gzip data of {name} (one member only)",
+                    name,
                 )
             raw = inflated
     if len(raw) > limit:

@@ -62,7 +62,16 @@ def test_data_files_and_dev_keys_are_private(fresh_gateway: Gateway) -> None:
 def serve_refuses(tmp_path: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     gw = make_gateway(tmp_path, extra_env=env)
     return subprocess.run(
-        [str(IDGATE), "serve", "--config", str(gw.config_path), "--port", "0", "--data-dir", str(gw.data_dir)],
+        [
+            str(IDGATE),
+            "serve",
+            "--config",
+            str(gw.config_path),
+            "--port",
+            "0",
+            "--data-dir",
+            str(gw.data_dir),
+        ],
         env=gw.env,
         cwd=ROOT,
         capture_output=True,
@@ -73,13 +82,20 @@ def serve_refuses(tmp_path: Path, env: dict[str, str]) -> subprocess.CompletedPr
 
 @pytest.mark.parametrize("variable", ["IDGATE_KEY_FILE", "IDGATE_LEDGER_KEY_FILE"])
 @pytest.mark.parametrize("mode", [0o644, 0o604, 0o660], ids=["0644", "0604", "0660"])
-def test_key_files_other_users_can_read_are_refused_at_start(tmp_path: Path, variable: str, mode: int) -> None:
+def test_key_files_other_users_can_read_are_refused_at_start(
+    tmp_path: Path, variable: str, mode: int
+) -> None:
     key_file = tmp_path / "secret.key"
-    key_file.write_text(new_key_document(["shop", "mall"]) if variable == "IDGATE_KEY_FILE" else new_ledger_key_b64())
+    key_file.write_text(
+        new_key_document(["shop", "mall"]) if variable == "IDGATE_KEY_FILE" else new_ledger_key_b64()
+    )
     key_file.chmod(mode)
     done = serve_refuses(tmp_path, {variable: str(key_file)})
     assert done.returncode == 2, done.stdout + done.stderr
-    assert f"cannot start: {'pseudonymisation' if variable == 'IDGATE_KEY_FILE' else 'ledger'} key file" in done.stderr
+    assert (
+        f"cannot start: {'pseudonymisation' if variable == 'IDGATE_KEY_FILE' else 'ledger'} key file"
+        in done.stderr
+    )
     assert f"{key_file} has mode {mode:04o}" in done.stderr
     assert f"chmod 600 {key_file}" in done.stderr
 
@@ -90,7 +106,9 @@ def test_private_key_files_are_accepted(tmp_path: Path) -> None:
     ledger.write_text(new_ledger_key_b64())
     keys.chmod(0o600)
     ledger.chmod(0o440)  # a Kubernetes Secret mounted for the pod's fsGroup
-    gw = make_gateway(tmp_path / "gw", extra_env={"IDGATE_KEY_FILE": str(keys), "IDGATE_LEDGER_KEY_FILE": str(ledger)})
+    gw = make_gateway(
+        tmp_path / "gw", extra_env={"IDGATE_KEY_FILE": str(keys), "IDGATE_LEDGER_KEY_FILE": str(ledger)}
+    )
     try:
         gw.start()
         gw.send_tracks([mid()])
@@ -98,7 +116,9 @@ def test_private_key_files_are_accepted(tmp_path: Path) -> None:
         gw.stop()
 
 
-BATCH = json.dumps({"batch": [{"type": "track", "userId": "u-gz", "event": "Gz", "messageId": "m-gz"}]}).encode()
+BATCH = json.dumps(
+    {"batch": [{"type": "track", "userId": "u-gz", "event": "Gz", "messageId": "m-gz"}]}
+).encode()
 
 
 @pytest.mark.parametrize(
@@ -118,7 +138,9 @@ def test_a_gzip_body_must_be_exactly_one_member(gateway: Gateway, case: str, bod
         r = c.post("/v1/batch", content=body, headers=headers)
         assert r.status_code == 400, (case, r.text)
         assert r.json()["error"] == "invalid_encoding" and r.json()["field"] == "Content-Encoding", r.text
-        whole = json.dumps({"batch": [{"type": "track", "userId": "u-gz", "event": "Gz", "messageId": mid()}]})
+        whole = json.dumps(
+            {"batch": [{"type": "track", "userId": "u-gz", "event": "Gz", "messageId": mid()}]}
+        )
         ok = c.post("/v1/batch", content=gzip.compress(whole.encode()), headers=headers)
         assert ok.status_code == 200 and ok.json()["accepted"] == 1, ok.text
 

@@ -237,4 +237,3 @@ def test_slowloris_and_slow_bodies_do_not_delay_a_normal_client(limited: Gateway
     assert report["longest_s"]["slow_body"] < BODY_TIMEOUT_MS / 1000 + 2, report
     # and it still answers
     assert httpx.get(limited.url + "/readyz", timeout=10).status_code == 200
-

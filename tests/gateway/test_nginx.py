@@ -27,8 +27,8 @@ from tests.conftest import (
     SHOP_SENSORS_TOKEN,
     Gateway,
     free_port,
-    missing,
     mid,
+    missing,
     require_marker,
 )
 from tests.sensors.conftest import encode, sensors_event
@@ -45,7 +45,12 @@ class Nginx:
     internal: int
 
     def request(
-        self, port: int, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None
+        self,
+        port: int,
+        method: str,
+        path: str,
+        body: bytes | None = None,
+        headers: dict[str, str] | None = None,
     ) -> tuple[int, bytes]:
         """``path`` goes on the request line exactly as given (no client-side normalising)."""
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
@@ -160,7 +165,9 @@ PRIVATE_PATHS = [
 def test_no_spelling_of_a_private_path_gets_through_the_public_listener(lb: Nginx, path: str) -> None:
     auth = {"Authorization": f"Bearer {COMPLIANCE_TOKEN}"}
     for method in ("GET", "HEAD", "POST"):
-        status, body = lb.request(lb.public, method, path, body=b"{}" if method == "POST" else None, headers=auth)
+        status, body = lb.request(
+            lb.public, method, path, body=b"{}" if method == "POST" else None, headers=auth
+        )
         # nginx's own 404 (or its 400 for a path that climbs above the root), never the gateway's
         assert status in (400, 404), (method, path, status, body[:200])
         assert method == "HEAD" or status == 400 or PUBLIC_404 in body, (method, path, body[:200])
