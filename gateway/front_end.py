@@ -7,9 +7,10 @@ descriptor. uvicorn's h11 parser bounds the headers but costs a large part of th
 and still has no read timeouts (see bench/front_end.py), so the limits are enforced here, on
 the httptools protocol, at a cost of a few attribute updates per request:
 
-* request line (``max_request_line_bytes``, 414), header bytes (``max_header_bytes``, 431,
-  checked while they arrive, before the parser buffers more) and header count
-  (``max_headers``, 431);
+* request line (``max_request_line_bytes``, 414), header bytes (``max_header_bytes``, 431)
+  and header count (``max_headers``, 431); the bytes received before the headers end are
+  counted as they arrive, so a header streamed without end is cut at the sum of the two
+  limits (plus one read) instead of growing httptools' buffer;
 * headers that must come once (``Authorization``): a second one is refused (400) instead of
   letting one of them win silently;
 * time to send the headers, from the connection or the first byte of a request
@@ -128,6 +129,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        # bytes a request may send before its headers end: request line and header lines
+        self._head_limit = self.limits.max_request_line_bytes + self.limits.max_header_bytes
         self._phase = _HEADERS
         self._since = 0.0
         self._header_bytes = 0  # bytes received since the request's headers began
@@ -157,6 +160,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         oldest = self.headers_queue.oldest(self) or self.idle_queue.oldest(self)
         if oldest is None:
             return False
+        self.headers_queue.leave(oldest)  # closing: never picked twice
+        self.idle_queue.leave(oldest)
         oldest.timed_out("connection_evicted", "the server is at its connection limit")
         return True
 
@@ -167,15 +172,23 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
-        self._unset_keepalive_if_required()
-        if self._phase != _BODY and self._phase != _APP:
+        self._unset_keepalive_if_required()  # uvicorn's idle timer: from here the header deadline
+        if self._phase == _IDLE:  # the next request begins (even with bytes the parser skips)
+            self.idle_queue.leave(self)
+            self._phase = _HEADERS
+            self._since = self.loop.time()
+            self.headers_queue.enter(self)
+        if self._phase == _HEADERS:
             self._header_bytes += len(data)
         try:
             self.parser.feed_data(data)
         except self._parser_errors as exc:
             if self._refusal is None:
-                if isinstance(exc, self._upgrade_error):
-                    self._unsupported_upgrade_warning()
+                if isinstance(exc, self._upgrade_error):  # as uvicorn does
+                    if self._should_upgrade():
+                        self.handle_websocket_upgrade()
+                    else:
+                        self._unsupported_upgrade_warning()
                     return
                 self.logger.warning("Invalid HTTP request received.")
                 self.send_400_response("Invalid HTTP request received.")
@@ -183,15 +196,13 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if self._refusal is not None:
             self._refuse(self._refusal)
             return
-        if self._phase == _HEADERS and self._header_bytes > self.limits.max_header_bytes:
+        if self._phase == _HEADERS and self._header_bytes > self._head_limit:
             self._refuse(self._too_large_headers())
 
     # -- parser callbacks -------------------------------------------------------------------
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        if self._phase != _HEADERS:  # a request after another on this connection
-            if self._phase == _IDLE:
-                self.idle_queue.leave(self)
+        if self._phase != _HEADERS:  # a pipelined request, after another in the same read
             self._phase = _HEADERS
             self._since = self.loop.time()
             self.headers_queue.enter(self)
@@ -257,7 +268,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         return error_response(
             431,
             "headers_too_large",
-            f"the request line and headers exceed {self.limits.max_header_bytes} bytes",
+            f"the request headers exceed {self.limits.max_header_bytes} bytes",
             None,
         )
 
@@ -288,10 +299,16 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
                 "header_timeout", f"the request headers did not arrive within {limits.header_timeout:g} s"
             )
         for conn in cls.body_queue.expired(now - limits.body_timeout, CLOSES_PER_TICK):
-            if conn.cycle is None or not conn.cycle.response_started:  # else the app answered early
+            cycle = conn.cycle
+            if cycle is None or not cycle.response_started:
                 conn.timed_out(
                     "body_timeout", f"the request body did not arrive within {limits.body_timeout:g} s"
                 )
+            elif cycle.response_complete:  # answered early (413...): the rest of the body is not wanted
+                conn.transport.close()
+            else:  # still answering: look again after another period
+                conn._since = now
+                cls.body_queue.enter(conn)
 
     _parser_errors: ClassVar[tuple[type[BaseException], ...]]
     _upgrade_error: ClassVar[type[BaseException]]

@@ -74,11 +74,12 @@ def _env_int(name: str, default: int) -> int:
 class HttpLimits:
     """What one client may hold of the HTTP front end (gateway.front_end)."""
 
-    # Request line plus headers, in bytes (431 past it), and the number of headers (431).
+    # Header lines, in bytes (431 past it), and the number of headers (431).
     max_header_bytes: int = 16_384
     max_headers: int = 100
-    # The request line's URL (414 past it).
-    max_request_line_bytes: int = 8_192
+    # The request line's URL (414 past it): room for a Sensors GET /sa.gif?data=... carrying
+    # a whole event (limits.max_message_bytes, base64 and URL-encoded).
+    max_request_line_bytes: int = 65_536
     # From the connection (or a request's first byte) to the end of its headers, and from
     # there to the end of its body: 408 and the connection closed past either.
     header_timeout: float = 10.0
@@ -93,7 +94,7 @@ class HttpLimits:
         return cls(
             max_header_bytes=max(1024, _env_int("IDGATE_HTTP_MAX_HEADER_BYTES", 16_384)),
             max_headers=max(8, _env_int("IDGATE_HTTP_MAX_HEADERS", 100)),
-            max_request_line_bytes=max(256, _env_int("IDGATE_HTTP_MAX_REQUEST_LINE_BYTES", 8_192)),
+            max_request_line_bytes=max(256, _env_int("IDGATE_HTTP_MAX_REQUEST_LINE_BYTES", 65_536)),
             header_timeout=max(0.5, _env_int("IDGATE_HTTP_HEADER_TIMEOUT_MS", 10_000) / 1000),
             body_timeout=max(0.5, _env_int("IDGATE_HTTP_BODY_TIMEOUT_MS", 30_000) / 1000),
             keep_alive_seconds=max(1, _env_int("IDGATE_HTTP_KEEPALIVE_SECONDS", 5)),

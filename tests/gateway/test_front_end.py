@@ -111,7 +111,7 @@ def test_many_headers_and_long_request_lines_are_refused(limited: Gateway) -> No
     )
     assert (status, error["error"]) == (431, "headers_too_large")
 
-    line = b"GET /readyz?" + b"q" * 10_000 + b" HTTP/1.1\r\nHost: idgate\r\n\r\n"
+    line = b"GET /readyz?" + b"q" * 70_000 + b" HTTP/1.1\r\nHost: idgate\r\n\r\n"
     status, error = status_and_error(raw_exchange(limited.port, line))
     assert (status, error["error"], error["field"]) == (414, "request_line_too_long", "url")
 
@@ -237,3 +237,31 @@ def test_slowloris_and_slow_bodies_do_not_delay_a_normal_client(limited: Gateway
     assert report["longest_s"]["slow_body"] < BODY_TIMEOUT_MS / 1000 + 2, report
     # and it still answers
     assert httpx.get(limited.url + "/readyz", timeout=10).status_code == 200
+
+
+def test_past_the_connection_cap_the_oldest_slow_connection_makes_room(fresh_gateway: Gateway) -> None:
+    """At the cap a new connection closes the oldest one that has no request in progress
+    (408), so slow or idle clients cannot keep a new client out."""
+    fresh_gateway.env["IDGATE_HTTP_MAX_CONNECTIONS"] = "16"
+    fresh_gateway.start()
+    slow = []
+    for _ in range(20):
+        sock = socket.create_connection(("127.0.0.1", fresh_gateway.port), timeout=10)
+        sock.sendall(b"GET /readyz HTTP/1.1\r\nHost: idgate\r\n")
+        slow.append(sock)
+    try:
+        with httpx.Client(base_url=fresh_gateway.url, auth=(WEB_KEY, ""), timeout=10) as c:
+            r = c.post("/v1/track", json={"userId": "u-cap", "event": "Cap", "messageId": mid()})
+        assert r.status_code == 200, r.text
+        answers = []
+        for sock in slow[:5]:
+            answer = b""
+            while chunk := sock.recv(65536):
+                answer += chunk
+            status, error = status_and_error(answer)
+            answers.append((status, error["error"]))
+        assert answers == [(408, "connection_evicted")] * 5
+    finally:
+        for sock in slow:
+            sock.close()
+
