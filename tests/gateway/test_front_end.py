@@ -264,4 +264,3 @@ def test_past_the_connection_cap_the_oldest_slow_connection_makes_room(fresh_gat
     finally:
         for sock in slow:
             sock.close()
-
