@@ -18,13 +18,21 @@ report gives the median events/s per variant and kind, the p99 latency, and new/
 Target: ``new`` loses at most 5 % of ``old``'s events/s, for single events and for batches.
 The load generator is bench/ingest.py's (``wrk`` when on PATH, else its Python client).
 
+``--attack`` measures instead what slow clients do to a normal one, per variant: a client
+that posts single events one after another, each on a new connection, gives its p50/p99
+alone, then while tests/gateway/slow_clients.py holds 2,000 slowloris connections, 20 slow
+bodies and (``--bombs``) connections streaming a header without end; with the server's
+memory (RSS) before and after. Target: ``new``'s p99 under attack within 100 ms of alone.
+
     .venv/bin/python bench/front_end.py [--duration 8] [--rounds 3] [--connections 32]
                                         [--variants old,new] [--json]
+    .venv/bin/python bench/front_end.py --attack [--requests 500] [--bombs 1]
 """
 
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import os
 import shutil
@@ -33,6 +41,8 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +51,8 @@ from ingest import HOST, PhaseResult, Server, SinkCounter, spawn, stop
 
 TARGET_RATIO = 0.95
 VARIANTS = ("old", "new", "h11")
+SLOW_CLIENTS = ingest.REPO / "tests" / "gateway" / "slow_clients.py"
+TARGET_ATTACK_P99_MS = 100.0
 
 
 def serve_variant(variant: str, config: Path, port: int, data_dir: Path) -> None:
@@ -115,6 +127,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--loadgen", choices=("auto", "wrk", "python"), default="auto")
     p.add_argument("--json", action="store_true", help="also print a JSON summary line")
     p.add_argument("--keep", action="store_true", help="keep the temporary data dirs and logs")
+    p.add_argument("--attack", action="store_true", help="a normal client's latency under slow clients")
+    p.add_argument("--requests", type=int, default=500, help="--attack: requests per measurement")
+    p.add_argument("--slowloris", type=int, default=2000, help="--attack: slowloris connections")
+    p.add_argument("--bombs", type=int, default=1, help="--attack: header-bomb connections")
     # internal: run one server variant (started by this script)
     p.add_argument("--serve", choices=VARIANTS, help=argparse.SUPPRESS)
     p.add_argument("--config", type=Path, help=argparse.SUPPRESS)
@@ -133,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.serve:
         serve_variant(args.serve, args.config, args.port, args.data_dir)
         return 0
+    if args.attack:
+        return run_attack(args)
     load_args = ingest.parse_args(
         ["--duration", str(args.duration), "--connections", str(args.connections), "--loadgen", args.loadgen]
     )
@@ -171,6 +189,136 @@ def main(argv: list[str] | None = None) -> int:
             print(f"kept {tmp}", file=sys.stderr)
         else:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+# -- slow clients against a normal one ---------------------------------------------------------
+def rss_mb(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def normal_client(port: int, n: int, budget_s: float = 90.0) -> tuple[list[float], int]:
+    """``n`` single events one after another, each on a new connection: (latencies of the
+    answered ones in seconds, failures). What ``budget_s`` leaves unsent counts as failed."""
+    latencies, failures = [], 0
+    deadline = time.monotonic() + budget_s
+    for sent in range(n):
+        if time.monotonic() > deadline:
+            failures += n - sent
+            break
+        body = json.dumps({"userId": "u-normal", "event": "Product Viewed", "messageId": uuid.uuid4().hex})
+        started = time.perf_counter()
+        conn = http.client.HTTPConnection(HOST, port, timeout=10)
+        try:
+            headers = {"Content-Type": "application/json", "Authorization": ingest.AUTH}
+            conn.request("POST", "/v1/track", body, headers)
+            ok = conn.getresponse().status == 200
+        except OSError:
+            ok = False
+        finally:
+            conn.close()
+        if ok:
+            latencies.append(time.perf_counter() - started)
+        else:
+            failures += 1
+    return latencies, failures
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
+
+
+def run_attack(args: argparse.Namespace) -> int:
+    tmp = Path(tempfile.mkdtemp(prefix="idgate-bench-front-end-"))
+    rows: dict[str, dict[str, Any]] = {}
+    try:
+        config, _ = ingest.write_configs(tmp)
+        for variant in args.variant_list:
+            server = start_variant(variant, tmp, config)
+            server.wait_healthy()
+            normal_client(server.port, 50)  # warm up
+            rss0 = rss_mb(server.proc.pid)
+            alone, failed_alone = normal_client(server.port, args.requests)
+            print(f"{variant}: attacking ...", file=sys.stderr)
+            attack = spawn(
+                [
+                    sys.executable,
+                    str(SLOW_CLIENTS),
+                    "--port",
+                    str(server.port),
+                    "--slowloris",
+                    str(args.slowloris),
+                    "--slow-bodies",
+                    "20",
+                    "--bombs",
+                    str(args.bombs),
+                    "--duration",
+                    "600",
+                    "--write-key",
+                    ingest.WRITE_KEY,
+                ],
+                stdout=subprocess.PIPE,
+            )
+            assert attack.stdout is not None
+            attack.stdout.readline()  # {"ready": n}
+            under, failed_under = normal_client(server.port, args.requests)
+            rss1 = rss_mb(server.proc.pid)
+            stop(attack)
+            stop(server.proc)
+            rows[variant] = {
+                "alone_p50_ms": round(pct(alone, 0.50), 2),
+                "alone_p99_ms": round(pct(alone, 0.99), 2),
+                "attack_p50_ms": round(pct(under, 0.50), 2),
+                "attack_p99_ms": round(pct(under, 0.99), 2),
+                "failed_alone": failed_alone,
+                "failed_under_attack": failed_under,
+                "rss_mb_before": round(rss0, 1),
+                "rss_mb_under_attack": round(rss1, 1),
+            }
+    except RuntimeError as exc:
+        print(f"bench: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        for proc in list(reversed(ingest._children)):
+            stop(proc)
+        if not args.keep:
+            shutil.rmtree(tmp, ignore_errors=True)
+    print()
+    print(
+        f"a normal client ({args.requests} single events, one connection each) alone and under "
+        f"{args.slowloris:,} slowloris + 20 slow bodies + {args.bombs} header bomb(s), {ingest.NCPU} CPUs"
+    )
+    print(
+        f"{'variant':<8}{'alone p50':>11}{'alone p99':>11}{'attack p50':>12}{'attack p99':>12}"
+        f"{'failed':>8}{'RSS MB':>16}"
+    )
+    met = None
+    for variant, r in rows.items():
+        print(
+            f"{variant:<8}{r['alone_p50_ms']:>11.1f}{r['alone_p99_ms']:>11.1f}{r['attack_p50_ms']:>12.1f}"
+            f"{r['attack_p99_ms']:>12.1f}{r['failed_under_attack']:>8}"
+            f"{r['rss_mb_before']:>8.0f}->{r['rss_mb_under_attack']:.0f}"
+        )
+        if variant == "new":
+            met = (
+                r["failed_under_attack"] == 0
+                and r["attack_p99_ms"] - r["alone_p99_ms"] <= TARGET_ATTACK_P99_MS
+            )
+    if met is not None:
+        verdict = "MET" if met else "NOT MET"
+        print(f"new: p99 under attack within {TARGET_ATTACK_P99_MS:.0f} ms of alone: {verdict}")
+    if args.json:
+        print(json.dumps({"attack": rows, "target_met": met}, separators=(",", ":")))
+    return 0
 
 
 def report(

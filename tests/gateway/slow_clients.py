@@ -1,11 +1,13 @@
 """Slow clients against a gateway, run as a process of its own by tests/gateway/test_front_end.py.
 
-    python -m tests.gateway.slow_clients --port P [--slowloris 2000] [--slow-bodies 20] [--duration 10]
+    python -m tests.gateway.slow_clients --port P [--slowloris 2000] [--slow-bodies 20] [--bombs 0]
+                                          [--duration 10]
 
 Keeps ``--slowloris`` connections open that send a partial request (a request line and a
 header, then one more header line per second, never the blank line), and ``--slow-bodies``
 connections that send complete headers of a POST announcing a body, then one byte of it per
-half second. A connection the server closes is opened again at once, so the attack holds
+half second, and ``--bombs`` connections that stream one header line without end (as fast
+as the server reads it). A connection the server closes is opened again at once, so the attack holds
 its numbers for ``--duration`` seconds. Prints ``{"ready": n}`` once every connection is open,
 then at the end one JSON line of counts: connections opened, closed by the server, and the
 status codes the server answered before closing (with the largest time a connection lived).
@@ -27,6 +29,8 @@ from dataclasses import dataclass, field
 
 SLOWLORIS_HEAD = b"GET /v1/track HTTP/1.1\r\nHost: idgate\r\nUser-Agent: slowloris\r\n"
 SLOWLORIS_DRIP = b"X-Slow: 1\r\n"
+BOMB_HEAD = b"POST /v1/batch HTTP/1.1\r\nHost: idgate\r\nX-Bomb: "
+BOMB_CHUNK = b"a" * 65536
 
 
 def slow_body_head(write_key: str) -> bytes:
@@ -59,6 +63,7 @@ def main() -> None:
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--slowloris", type=int, default=2000)
     p.add_argument("--slow-bodies", type=int, default=20)
+    p.add_argument("--bombs", type=int, default=0)
     p.add_argument("--duration", type=float, default=10.0)
     p.add_argument("--write-key", default="web-test-key-0001")
     args = p.parse_args()
@@ -72,7 +77,7 @@ def main() -> None:
 
     def open_one(kind: str) -> None:
         sock = socket.create_connection(("127.0.0.1", args.port), timeout=10)
-        sock.sendall(SLOWLORIS_HEAD if kind == "slowloris" else body_head)
+        sock.sendall({"slowloris": SLOWLORIS_HEAD, "slow_body": body_head, "bomb": BOMB_HEAD}[kind])
         sock.setblocking(False)
         conns[sock.fileno()] = Conn(sock, kind, time.monotonic())
         sel.register(sock, selectors.EVENT_READ)
@@ -95,11 +100,21 @@ def main() -> None:
         open_one("slowloris")
     for _ in range(args.slow_bodies):
         open_one("slow_body")
+    for _ in range(args.bombs):
+        open_one("bomb")
+    bomb_bytes = 0
     print(json.dumps({"ready": len(conns)}), flush=True)
 
     next_drip = {"slowloris": time.monotonic() + 1.0, "slow_body": time.monotonic() + 0.5}
     while time.monotonic() < end:
-        for key, _ in sel.select(timeout=0.1):
+        for conn in [c for c in conns.values() if c.kind == "bomb"]:
+            try:
+                bomb_bytes += conn.sock.send(BOMB_CHUNK)
+            except BlockingIOError:
+                pass
+            except OSError:
+                closed(conn)
+        for key, _ in sel.select(timeout=0.01 if args.bombs else 0.1):
             conn = conns.get(key.fd)
             if conn is None:
                 continue
@@ -129,6 +144,7 @@ def main() -> None:
                 "closed_by_server": dict(stats.closed_by_server),
                 "statuses": dict(stats.statuses),
                 "longest_s": stats.longest_s,
+                "bomb_bytes_sent": bomb_bytes,
             }
         ),
         flush=True,
