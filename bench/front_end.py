@@ -332,7 +332,9 @@ def report(
         f"idgate front-end benchmark: {args.rounds} round(s) x {args.duration:g} s per phase, "
         f"{args.connections} connections, load generator {load_args.loadgen}, {ingest.NCPU} CPUs"
     )
-    header = f"{'kind':<8}" + "".join(f"{v + ' events/s':>18}{v + ' p99 ms':>14}" for v in args.variant_list)
+    header = f"{'kind':<8}" + "".join(
+        f"{v + ' events/s':>18}{v + ' p99 ms':>14}{v + ' CPU us/ev':>14}" for v in args.variant_list
+    )
     print(header)
     summary: dict[str, Any] = {
         "rounds": args.rounds,
@@ -343,18 +345,26 @@ def report(
     met = True
     for kind in args.kind_list:
         row = f"{kind:<8}"
-        medians = {}
+        medians: dict[str, float] = {}
+        cpu: dict[str, float] = {}
         for variant in args.variant_list:
             runs = results[(variant, kind)]
             eps = statistics.median(r.eps for r in runs)
             p99 = statistics.median(r.p99_ms for r in runs)
+            # server CPU per event: what the front end costs, less sensitive than events/s to
+            # neighbours taking the cores
+            cpu_us = statistics.median(
+                r.server_cpu_pct / 100 * r.elapsed_s / r.events * 1e6 for r in runs if r.events
+            )
             medians[variant] = eps
+            cpu[variant] = cpu_us
             summary["medians"][f"{variant} {kind}"] = {
                 "events_per_s": round(eps, 1),
                 "p99_ms": round(p99, 2),
+                "server_cpu_us_per_event": round(cpu_us, 1),
                 "runs_events_per_s": [round(r.eps, 1) for r in runs],
             }
-            row += f"{eps:>18,.0f}{p99:>14.1f}"
+            row += f"{eps:>18,.0f}{p99:>14.1f}{cpu_us:>14.1f}"
         print(row)
         for variant in args.variant_list:
             if variant != "old" and "old" in medians and medians["old"]:
@@ -363,8 +373,12 @@ def report(
                 ok = ratio >= TARGET_RATIO
                 if variant == "new":
                     met = met and ok
+                cpu_ratio = cpu[variant] / cpu["old"] if cpu.get("old") else float("nan")
+                summary["ratios"][f"{variant}/old {kind} server CPU per event"] = round(cpu_ratio, 4)
+                verdict = "MET" if ok else "NOT MET"
                 print(
-                    f"  {variant}/old {kind}: {ratio:.3f} ({'MET' if ok else 'NOT MET'}: >= {TARGET_RATIO})"
+                    f"  {variant}/old {kind}: events/s {ratio:.3f} ({verdict}: >= {TARGET_RATIO}), "
+                    f"server CPU per event {cpu_ratio:.3f}"
                 )
     for kind in args.kind_list:
         for variant in args.variant_list:
