@@ -181,6 +181,44 @@ class ConsentService:
         )
         return True
 
+    async def record_changes(
+        self,
+        *,
+        tenant: str,
+        identifiers: Sequence[tuple[str, str]],
+        device: Sequence[str],
+        grant: Sequence[str],
+        withdraw: Sequence[str],
+        notice_id: str | None,
+        source: str,
+        platform: str,
+        sdk: str | None = None,
+    ) -> list[Receipt]:
+        """A consent signal carried on an ordinary event: record only what the state of the
+        sender's ``device`` identifiers does not already show (SDKs repeat the signal on
+        every event; the ledger gets one record per change)."""
+        state = await self.state.lookup(tenant, list(device))
+
+        def shown(purpose: str, wanted: str) -> bool:
+            return any((entries.get(purpose) or _NOT_FLAGGED).state == wanted for entries in state.values())
+
+        new_grants = [p for p in grant if not shown(p, "given")]
+        new_withdrawals = [p for p in withdraw if not shown(p, "withdrawn")]
+        if not new_grants and not new_withdrawals:
+            return []
+        if new_grants and not notice_id:
+            notice_id = await self.current_notice(tenant)
+        return await self.record(
+            tenant=tenant,
+            identifiers=identifiers,
+            grant=new_grants,
+            withdraw=new_withdrawals,
+            notice_id=notice_id,
+            source=source,
+            platform=platform,
+            sdk=sdk,
+        )
+
     async def current_notice(self, tenant: str) -> str | None:
         """The most recently published notice of the tenant."""
         notices = await self.state.notices(tenant)

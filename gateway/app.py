@@ -29,6 +29,7 @@ from gateway.auth import AdminTokens, WriteKeys
 from gateway.config import Config, index_sensors_tokens, index_write_keys, load_config
 from gateway.consent_api import consent_controller
 from gateway.consent_setup import checkpoint_periodically, ledger_signer, open_consent
+from gateway.cors import cors, document_cors
 from gateway.delivery_setup import build_delivery, open_dead_letters, open_outbox, redis_options, rekeyer
 from gateway.errors import exception_handlers
 from gateway.identity_setup import notice_publisher, open_identity
@@ -39,6 +40,7 @@ from gateway.openapi import docs_assets_routers, finish_document, openapi_config
 from gateway.pipeline import Ingestor, IngestServices
 from gateway.sensors_http import SENSORS_ROUTES, document_sensors_routes
 from gateway.settings import Settings
+from gateway.trust import assertion_verifiers
 from identity.key_files import key_file_mode_problem
 from identity.pseudonym import InvalidKeyMaterial, KeyRing, new_key_document, write_private_file
 
@@ -151,6 +153,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
     config = load_config(settings.config_path, dev=settings.dev)
     keyring = load_keyring(settings, config)
     signer = ledger_signer(settings)
+    verifiers = assertion_verifiers(config, path=str(settings.config_path))
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
@@ -175,6 +178,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
                 resolver=resolver,
                 consent_service=consent.service,
                 identity=identity,
+                assertions=verifiers,
             ),
             on_appended=delivery.notify,
         )
@@ -194,6 +198,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         state.sensors_tokens = index_sensors_tokens(config, dev=settings.dev)
         state.keyring = keyring
         state.consent = consent.service
+        state.assertions = verifiers
         state.admin_tokens = tokens
         state.services = AdminServices(
             config=config,
@@ -259,7 +264,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         # Above this Litestar refuses the body before reading it; _read_body applies the exact limit.
         request_max_body_size=config.limits.max_batch_bytes + 1024,
         exception_handlers=exception_handlers(),
-        middleware=[request_context],
+        middleware=[request_context, cors(config)],
         openapi_config=openapi_config(),
         debug=False,
         logging_config=None,  # gateway.logging configures structlog JSON for everything
@@ -268,5 +273,6 @@ def create_app(settings: Settings | None = None) -> Litestar:
     openapi = app.openapi_schema
     document_ingest_routes(openapi, config.limits)
     document_sensors_routes(openapi, config.limits)
+    document_cors(openapi)
     finish_document(openapi)
     return app

@@ -26,6 +26,11 @@ SinkKind = Literal["jsonl", "parquet", "webhook", "segment", "sensors", "redis_s
 _ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 _SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 _SENSORS_PROJECT = re.compile(r"^[a-zA-Z][a-zA-Z0-9_]{0,99}$")
+# A browser's Origin header: scheme://host[:port], lowercase, nothing after (gateway.cors).
+_ORIGIN = re.compile(
+    r"^https?://(?:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)*"
+    r"|\[[0-9a-f:.]+\])(?::[1-9][0-9]{0,4})?$"
+)
 
 
 class Purpose(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -53,9 +58,34 @@ class Recipient(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     third_party: bool = False
 
 
+Trust = Literal["client", "server"]
+SERVER_KEY_MIN_LENGTH = 32
+
+
+class AssertionKeys(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """How a source's signed identity assertions are checked (identity.assertions): a JWT
+    the shop's own backend issues after login, binding the person's identifiers to one
+    device. HS256 with a shared secret read from an environment variable or a file (never
+    from this file), or EdDSA (Ed25519) with the backend's public key."""
+
+    hs256_secret_env: str = ""
+    hs256_secret_file: str = ""
+    ed25519_public_key: str = ""  # PEM
+    audience: str = "idgate"
+    issuer: str = ""
+    # The longest lifetime (exp - iat) accepted: assertions are short-lived.
+    max_lifetime_seconds: int = 3600
+
+
 class Source(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     id: str
     platform: Platform
+    # client: the key ships inside an App, a web page or a mini-program (anyone can read
+    # it); server: a secret key held by the shop's backend. Empty: "server" for the server
+    # platform, "client" for the others (a client platform can never be "server").
+    trust: Trust | Literal[""] = ""
+    # Signed identity assertions from the shop's backend (client sources).
+    assertions: AssertionKeys | None = None
     write_key_sha256: str = ""
     # Accepted only when IDGATE_ENV=dev, so the shipped example runs with known demo keys.
     dev_write_key: str = ""
@@ -66,6 +96,14 @@ class Source(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     sensors_project: str = ""
     sensors_token_sha256: str = ""
     sensors_dev_token: str = ""
+    # Web pages (origins: scheme://host[:port]) allowed to call the Segment endpoints and
+    # /v1/consent from a browser (CORS); never "*": the write key is a credential.
+    allowed_origins: list[str] = []
+
+    @property
+    def is_server(self) -> bool:
+        """May assert anything for its tenant (its key is a secret)."""
+        return (self.trust or ("server" if self.platform == "server" else "client")) == "server"
 
 
 class RetryPolicy(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -122,6 +160,11 @@ class IdentityConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     # type (defaults id -> device_id; advertisingId -> "advertising", IDFA or OAID by OS).
     trait_types: dict[str, str] = {}
     device_fields: dict[str, str] = {}
+    # What a client source (public key) may link without a signed identity assertion:
+    # "verified" links person-level identifiers (user id, phone, email, unionid) only when
+    # asserted; "unowned" also links those that no other person holds yet (never one that
+    # belongs to another person).
+    client_links: Literal["verified", "unowned"] = "verified"
 
 
 class Tenant(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -256,6 +299,66 @@ def _check_sensors_source(s: Source, sw: str, dev: bool, problems: list[str], se
         seen["sensors:" + h] = sw
 
 
+def _check_trust(s: Source, sw: str, problems: list[str]) -> None:
+    """A client platform's key is public: it can never be trusted; a server source's key
+    must be a real secret."""
+    if s.trust == "server" and s.platform != "server":
+        problems.append(
+            f"{sw}.trust: a {s.platform} source's key ships to every device and cannot be trusted "
+            'as server; use a separate source with platform = "server"'
+        )
+    if s.is_server:
+        if s.dev_write_key and len(s.dev_write_key) < SERVER_KEY_MIN_LENGTH:
+            problems.append(
+                f"{sw}.dev_write_key: a server source needs a secret of at least "
+                f"{SERVER_KEY_MIN_LENGTH} characters (`idgate keys write-key`)"
+            )
+        if s.sensors_dev_token and len(s.sensors_dev_token) < SERVER_KEY_MIN_LENGTH:
+            problems.append(
+                f"{sw}.sensors_dev_token: a server source needs a token of at least "
+                f"{SERVER_KEY_MIN_LENGTH} characters"
+            )
+        if s.assertions is not None:
+            problems.append(f"{sw}.assertions: a server source asserts identities itself")
+    a = s.assertions
+    if a is not None:
+        keys = [k for k in (a.hs256_secret_env, a.hs256_secret_file, a.ed25519_public_key) if k]
+        if len(keys) != 1:
+            problems.append(
+                f"{sw}.assertions: needs exactly one of hs256_secret_env, hs256_secret_file, "
+                "ed25519_public_key"
+            )
+        if not 1 <= a.max_lifetime_seconds <= 24 * 3600:
+            problems.append(f"{sw}.assertions.max_lifetime_seconds: must be between 1 and 86400")
+        if not a.audience:
+            problems.append(f"{sw}.assertions.audience: must not be empty")
+
+
+def _check_origins(s: Source, sw: str, has_write_key: bool, problems: list[str]) -> None:
+    """``allowed_origins``: exact origins as browsers send them; no wildcard (the browser sends
+    the write key, a credential: a page of any site could send as this source)."""
+    if s.allowed_origins and not has_write_key:
+        problems.append(f"{sw}.allowed_origins: needs a write key (browsers send it to the Segment API)")
+    for k, origin in enumerate(s.allowed_origins):
+        where = f"{sw}.allowed_origins[{k}]"
+        if "*" in origin:
+            problems.append(
+                f"{where}: {origin[:80]!r}: no wildcard: the source takes a write key, list each "
+                "origin (https://shop.example.cn)"
+            )
+        elif not _ORIGIN.match(origin):
+            problems.append(
+                f"{where}: {origin[:80]!r} is not an origin: scheme://host[:port] in lowercase, "
+                "http or https, no path, query or trailing slash (https://shop.example.cn)"
+            )
+        elif (origin.startswith("http://") and origin.endswith(":80")) or (
+            origin.startswith("https://") and origin.endswith(":443")
+        ):
+            problems.append(f"{where}: {origin!r}: browsers omit the default port: drop it")
+        if origin in s.allowed_origins[:k]:
+            problems.append(f"{where}: {origin!r} is listed twice")
+
+
 def _check_tenant(t: Tenant, where: str, dev: bool, problems: list[str], seen_keys: dict[str, str]) -> None:
     if not _ID.match(t.id):
         problems.append(f"{where}.id: {t.id!r} must match {_ID.pattern}")
@@ -280,6 +383,8 @@ def _check_tenant(t: Tenant, where: str, dev: bool, problems: list[str], seen_ke
                 problems.append(f"{sw}: write key already used by {seen_keys[h]}")
             seen_keys[h] = sw
         _check_sensors_source(s, sw, dev, problems, seen_keys)
+        _check_trust(s, sw, problems)
+        _check_origins(s, sw, bool(hashes), problems)
     dest_ids: set[str] = set()
     for j, d in enumerate(t.destinations):
         dw = f"{where}.destinations[{j}]"
@@ -425,6 +530,11 @@ def _accepted(hashed: str, plain: str, dev: bool) -> list[str]:
 def index_write_keys(config: Config, *, dev: bool) -> dict[str, ResolvedSource]:
     """Map write-key hash -> source, for authentication."""
     return _index_sources(config, lambda s: _accepted(s.write_key_sha256, s.dev_write_key, dev))
+
+
+def allowed_origins(config: Config) -> frozenset[str]:
+    """Every origin some source allows (a preflight carries no write key: gateway.cors)."""
+    return frozenset(o for t in config.tenants for s in t.sources for o in s.allowed_origins)
 
 
 def index_sensors_tokens(config: Config, *, dev: bool) -> dict[str, ResolvedSource]:

@@ -9,6 +9,7 @@ and the consent state every replica reads is updated.
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
@@ -18,12 +19,16 @@ from litestar.datastructures import State
 from litestar.di import Provide
 
 from consent.service import ConsentService
+from consent.trust import screen
+from gateway import metrics
 from gateway.auth import WriteKeys
 from gateway.config import Limits, ResolvedSource
+from gateway.cors import check_origin
 from gateway.errors import InvalidRequest
 from gateway.logging import bind_source
 from gateway.openapi import error_responses, limits_text
-from identity.identifiers import IDENTIFIER_TYPES, SCOPED_TYPES, InvalidIdentifier
+from identity.assertions import standing
+from identity.identifiers import IDENTIFIER_TYPES, SCOPED_TYPES, Identifier, InvalidIdentifier
 from identity.pseudonym import Pseudonymiser, pseudonymise_identifier
 
 Purpose = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
@@ -51,6 +56,9 @@ class ConsentRequest(msgspec.Struct, rename="camel", kw_only=True):
     consent_kind: Literal["general", "guardian"] = "general"
     subject_is_minor: bool | None = None
     write_key: str | None = None
+    # A signed identity assertion (JWT) from the shop's backend: lets a client source
+    # record consent for person-level identifiers (user id, phone, email, unionid).
+    identity_assertion: str | None = None
 
 
 class ConsentReceipt(msgspec.Struct, rename="camel", omit_defaults=True):
@@ -64,14 +72,24 @@ class ConsentReceipt(msgspec.Struct, rename="camel", omit_defaults=True):
     pending: bool = False
 
 
-class ConsentRecorded(msgspec.Struct):
+class RefusedPart(msgspec.Struct):
+    """A part of the call the sender could not back: not recorded (the rest was)."""
+
+    field: str
+    reason: str
+    detail: str
+
+
+class ConsentRecorded(msgspec.Struct, omit_defaults=True):
     success: bool
     recorded: list[ConsentReceipt]
     at: datetime
+    refused: list[RefusedPart] = []
 
 
-def subject_identifiers(req: ConsentRequest, pseudonymiser: Pseudonymiser) -> list[tuple[str, str]]:
-    """The subject's identifiers as (type, pseudonym); a junk value is a 400 naming it."""
+def subject_identifiers(req: ConsentRequest, pseudonymiser: Pseudonymiser) -> list[tuple[Identifier, str]]:
+    """The subject's identifiers (pseudonymised), each with the field it came from; a junk
+    value is a 400 naming it."""
     raw: list[tuple[str, Any, str | None, str]] = []
     if req.user_id is not None:
         raw.append(("user_id", req.user_id, None, "userId"))
@@ -91,7 +109,7 @@ def subject_identifiers(req: ConsentRequest, pseudonymiser: Pseudonymiser) -> li
             ident = pseudonymise_identifier(pseudonymiser, id_type, value, scope=scope)
         except InvalidIdentifier as exc:
             raise InvalidRequest("invalid_identifier", f"{where}: {exc.reason}", where) from None
-        out.append((ident.type, ident.value))
+        out.append((ident, where))
     if not out:
         raise InvalidRequest("missing_identity", "userId, anonymousId or identifiers is required", "userId")
     return out
@@ -102,6 +120,7 @@ def provide_source(request: Request[Any, Any, Any], state: State, data: ConsentR
     keys: WriteKeys = state.write_keys
     source = keys.authenticate(request.headers.get("authorization", ""), lambda: data.write_key)
     bind_source(source.tenant.id, source.source.id)
+    check_origin(request.scope, source)
     return source
 
 
@@ -135,6 +154,7 @@ def consent_controller(limits: Limits) -> type[Controller]:
             responses=error_responses(
                 400,
                 401,
+                403,
                 413,
                 429,
                 503,
@@ -142,6 +162,8 @@ def consent_controller(limits: Limits) -> type[Controller]:
                     400: "Invalid body, an unknown purpose or identifier type, a junk identifier, "
                     "or a grant without a known notice; `field` names it",
                     401: "Missing or unknown write key (HTTP Basic user, or `writeKey` in the body)",
+                    403: "The request comes from a web page whose origin the source does not "
+                    "allow (`allowed_origins`; answered without a CORS grant)",
                     413: f"The body is over {limits.max_message_bytes} bytes",
                     503: "Redis, the database or the consent state is unavailable: nothing was "
                     "recorded; retry after `Retry-After` seconds",
@@ -151,10 +173,28 @@ def consent_controller(limits: Limits) -> type[Controller]:
         async def record(
             self, data: ConsentRequest, source: ResolvedSource, consent: ConsentService, state: State
         ) -> ConsentRecorded:
-            identifiers = subject_identifiers(data, state.keyring.pseudonymiser(source.tenant.id))
+            pseudonymiser = state.keyring.pseudonymiser(source.tenant.id)
+            named = subject_identifiers(data, pseudonymiser)
+            sender = standing(
+                server=source.source.is_server,
+                verifier=state.assertions.get((source.tenant.id, source.source.id)),
+                token=data.identity_assertion,
+                identifiers=[i for i, _ in named],
+                pseudonymiser=pseudonymiser,
+                now=time.time(),
+            )
+            screened = screen(
+                sender,
+                named,
+                minor=data.subject_is_minor,
+                guardian=data.consent_kind == "guardian",
+                asks_consent=bool(data.grant or data.withdraw),
+            )
+            for part in screened.refused:
+                metrics.INGEST.add("refused_assertion", (source.tenant.id, part.reason))
             receipts = await consent.record(
                 tenant=source.tenant.id,
-                identifiers=identifiers,
+                identifiers=screened.identifiers,
                 grant=data.grant,
                 withdraw=data.withdraw,
                 notice_id=data.notice_id,
@@ -162,8 +202,8 @@ def consent_controller(limits: Limits) -> type[Controller]:
                 platform=source.source.platform,
                 sdk=data.sdk,
                 evidence_hash=data.evidence_hash,
-                guardian=data.consent_kind == "guardian",
-                minor=data.subject_is_minor,
+                guardian=screened.guardian,
+                minor=screened.minor,
             )
             return ConsentRecorded(
                 success=True,
@@ -174,6 +214,7 @@ def consent_controller(limits: Limits) -> type[Controller]:
                     for r in receipts
                 ],
                 at=datetime.now(UTC),
+                refused=[RefusedPart(r.field, r.reason, r.detail) for r in screened.refused],
             )
 
     return ConsentController

@@ -22,6 +22,7 @@ from litestar.types import ExceptionHandlersMap
 from prometheus_client import Counter
 
 from consent.service import ConsentRefused, ConsentStateUnavailable
+from consent.trust import ConsentForbidden
 from export.outbox import OutboxFull, OutboxUnavailable
 from gateway import metrics
 from identity.service import IdentityResolutionOff, NotLinked
@@ -155,6 +156,10 @@ def _consent_refused(request: Request[Any, Any, Any], exc: ConsentRefused) -> Re
     return error_response(400, "invalid_consent", exc.detail, exc.field, request=request)
 
 
+def _consent_forbidden(request: Request[Any, Any, Any], exc: ConsentForbidden) -> Response[Any]:
+    return error_response(403, exc.error, exc.detail, exc.field, request=request)
+
+
 def _resolution_off(request: Request[Any, Any, Any], exc: IdentityResolutionOff) -> Response[Any]:
     return error_response(400, "invalid_field", str(exc), "tenant", request=request)
 
@@ -214,6 +219,7 @@ def exception_handlers() -> ExceptionHandlersMap:
         sqlalchemy.exc.InterfaceError: unavailable,
         OutboxFull: _overloaded,
         ConsentRefused: _consent_refused,
+        ConsentForbidden: _consent_forbidden,
         IdentityResolutionOff: _resolution_off,
         NotLinked: _not_linked,
         HTTPException: _http_exception,

@@ -15,6 +15,7 @@ from typing import Any, NamedTuple
 import msgspec
 
 from consent.decisions import ConsentTicket
+from identity.assertions import CLIENT, Standing
 from identity.identifiers import Identifier
 
 
@@ -65,6 +66,13 @@ class Envelope:
     unified_id: str | None = None
     # What the consent decision was asked (and when), kept so delivery can ask again.
     consent_ticket: ConsentTicket | None = None
+    # What the sender proved (server source, or a client with a signed identity assertion),
+    # and the identifiers it named without proof (person-level ones from a client source):
+    # those never carry consent, never set flags, and never link (by default).
+    standing: Standing = CLIENT
+    unproven: list[Identifier] = field(default_factory=list)
+    # The raw identity assertion (a JWT), taken out of the event before anything is stored.
+    assertion_token: object = None
 
 
 class Rejection(msgspec.Struct, omit_defaults=True):

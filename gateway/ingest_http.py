@@ -28,6 +28,7 @@ from litestar.types import HTTPScope, Receive, Scope, Send
 
 from gateway.auth import WriteKeys
 from gateway.config import Config, Limits, ResolvedSource
+from gateway.cors import check_origin
 from gateway.errors import InvalidRequest, error_body
 from gateway.events import Envelope
 from gateway.logging import bind_source
@@ -214,6 +215,7 @@ def _ingest_handler(path: str, decode: Decoder) -> Any:
         headers = IngestHeaders.from_scope(scope)
         body = await read_body(receive, headers, ctx.config.limits.max_batch_bytes)
         src = authenticate(ctx, headers, body)
+        check_origin(scope, src)
         envs, result = decode(body, ctx.config, datetime.now(UTC))
         await ctx.ingestor.ingest(src, envs, result)
         log_rejections(result)
@@ -226,6 +228,9 @@ def _ingest_handler(path: str, decode: Decoder) -> Any:
 INGEST_ROUTES = [
     _ingest_handler("/v1/batch", _decode_batch),
     *(_ingest_handler(f"/v1/{t}", _single_decoder(t)) for t in MESSAGE_TYPES),
+    # The short paths analytics.js posts to (Segment's API answers them too): /v1/b, /v1/t...
+    _ingest_handler("/v1/b", _decode_batch),
+    *(_ingest_handler(f"/v1/{t[0]}", _single_decoder(t)) for t in MESSAGE_TYPES),
 ]
 
 
@@ -309,24 +314,29 @@ def document_ingest_routes(openapi: OpenAPI, limits: Limits) -> None:
             body = ref(f"{MESSAGE_TYPES[name].__name__}Call")
             invalid = "Invalid request: malformed JSON, or the message rejected; `field` names the field"
             too_large = f"Too large: the message is over {limits.max_message_bytes} bytes (also after gunzip)"
-        openapi.paths[f"/v1/{name}"] = PathItem(
-            post=Operation(
-                tags=["ingest"],
-                summary=summary,
-                description=f"{description} Authenticate with the write key as HTTP Basic user "
-                f"(empty password), or as `writeKey` in the body. {limits_text(limits)}",
-                operation_id=f"ingest_{name}",
-                request_body=RequestBody(
-                    content={JSON: MediaType(schema=body)},
-                    required=True,
-                    description="JSON, optionally gzip-compressed (Content-Encoding: gzip)",
-                ),
-                responses={
-                    "200": answered,
-                    "400": error_response(400, invalid),
-                    "413": error_response(413, too_large),
-                    **errors,
-                },
-                security=[{"WriteKey": []}],
+        short = "b" if name == "batch" else name[0]
+        for path, also in ((name, ""), (short, f" (`/v1/{short}`: the short path analytics.js uses)")):
+            openapi.paths[f"/v1/{path}"] = PathItem(
+                post=Operation(
+                    tags=["ingest"],
+                    summary=summary + also,
+                    description=f"{description} Authenticate with the write key as HTTP Basic user "
+                    f"(empty password), or as `writeKey` in the body. {limits_text(limits)}",
+                    operation_id=f"ingest_{path}" if not also else f"ingest_{name}_short",
+                    request_body=RequestBody(
+                        content={JSON: MediaType(schema=body)},
+                        required=True,
+                        description="JSON, optionally gzip-compressed (Content-Encoding: gzip)",
+                    ),
+                    responses={
+                        "200": answered,
+                        "400": error_response(400, invalid),
+                        "403": error_response(
+                            403, "The request comes from a web page whose origin the source does not allow"
+                        ),
+                        "413": error_response(413, too_large),
+                        **errors,
+                    },
+                    security=[{"WriteKey": []}],
+                )
             )
-        )

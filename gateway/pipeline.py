@@ -17,8 +17,9 @@ Each stage is a named function of (dependencies, batch) that can be run alone in
 
 from __future__ import annotations
 
+import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,20 +30,22 @@ from consent.decisions import ConsentDecision, ConsentPolicy, ConsentQuery, Cons
 from consent.service import ConsentRefused, ConsentService
 from consent.signals import (
     CONSENT_PREFERENCE_EVENT,
-    category_preferences,
     choice_from_categories,
     is_minor_age,
     narrowed_purposes,
+    signalled,
 )
 from export.outbox import Claim, ClaimStatus, Outbox, OutboxRecord, notice_record
 from gateway import metrics
 from gateway.config import Destination, ResolvedSource, Tenant
 from gateway.events import Envelope, Rejection, RejectMessage
+from identity.assertions import AssertionVerifier, standing
 from identity.graph import GraphChange
 from identity.identifiers import (
     DEVICE_TYPES,
     IDENTIFIER_TYPES,
     SCOPED_TYPES,
+    Identifier,
     InvalidIdentifier,
     is_identifier_key,
 )
@@ -189,6 +192,65 @@ def pseudonymise_identifiers(env: Envelope, tenant: Tenant, pseudonymiser: Pseud
             sensors["unbind"] = [{"type": i.type, "id": i.value} for i in detached]
 
 
+# -- what the sender proved ------------------------------------------------------------------
+# Where an identity assertion (a JWT from the shop's backend) travels in an event: Segment
+# context.identityAssertion; Sensors (and any SDK with super properties) the
+# $identity_assertion property. Taken out before anything is stored: it holds raw identifiers.
+ASSERTION_CONTEXT_KEY = "identityAssertion"
+ASSERTION_PROPERTY_KEYS = ("$identity_assertion", "identity_assertion")
+# Events whose identifiers are assertions in themselves: a refusal is answered per message.
+_ASSERTING_TYPES = frozenset({"identify", "alias"})
+
+
+def take_assertion(env: Envelope) -> None:
+    ev = env.event
+    token = ev.context.pop(ASSERTION_CONTEXT_KEY, None)
+    for fields in (ev.properties, ev.traits):  # Sensors profile calls carry it as a trait
+        if fields:
+            for key in ASSERTION_PROPERTY_KEYS:
+                found = fields.pop(key, None)
+                if token is None:
+                    token = found
+    env.assertion_token = token
+
+
+def establish_standing(
+    env: Envelope,
+    src: ResolvedSource,
+    verifier: AssertionVerifier | None,
+    pseudonymiser: Pseudonymiser,
+    now: float,
+) -> None:
+    """What this event's sender proved; a client may only detach its own device's identifiers."""
+    env.standing = standing(
+        server=src.source.is_server,
+        verifier=verifier,
+        token=env.assertion_token,
+        identifiers=env.identifiers,
+        pseudonymiser=pseudonymiser,
+        now=now,
+    )
+    env.assertion_token = None
+    if env.standing.server:
+        return
+    _, env.unproven = env.standing.split(env.identifiers)
+    if env.detach:
+        own = set(env.identifiers)
+        kept = [i for i in env.detach if (i in own if i.type in DEVICE_TYPES else env.standing.proves(i))]
+        if len(kept) != len(env.detach):
+            env.unproven.extend(i for i in env.detach if i not in kept)
+            env.detach = kept
+            sensors = env.event.context.get("sensors")
+            if isinstance(sensors, dict):
+                sensors["unbind"] = [{"type": i.type, "id": i.value} for i in kept]
+
+
+def proven_identifiers(env: Envelope) -> list[tuple[str, str]]:
+    """(type, pseudonym) of the identifiers the sender proved: what consent may be recorded on."""
+    proves = env.standing.proves
+    return [(i.type, i.value) for i in env.identifiers if proves(i)]
+
+
 # -- stage: transform ------------------------------------------------------------------------
 def scrub_personal_data(env: Envelope) -> None:
     """Truncate the IP, scrub free text in the context fields not yet cleaned."""
@@ -230,8 +292,14 @@ def consent_query(env: Envelope, tenant: Tenant, linked: tuple[str, ...] = ()) -
     env.purposes = purposes_of(env, tenant)
     device: list[str] = []
     person: list[str] = []
+    unproven = env.unproven
     for ident in env.identifiers:
-        (device if ident.type in DEVICE_TYPES else person).append(ident.value)
+        if ident.type in DEVICE_TYPES:
+            device.append(ident.value)
+        elif not unproven or ident not in unproven:
+            person.append(ident.value)
+    if unproven:  # named without proof: their withdrawals count, their grants do not
+        linked = linked + tuple(i.value for i in unproven)
     sensitive = False
     if tenant.sensitive_properties:
         keys = tenant.sensitive_properties
@@ -300,6 +368,9 @@ class IngestResult:
     in_flight: int = 0
     rejected: list[Rejection] = field(default_factory=list)
     dropped: Counter[str] = field(default_factory=Counter)
+    # Assertions the sender could not back (unproven identifiers, a bad identity assertion):
+    # the events went on without them.
+    refused: list[Rejection] = field(default_factory=list)
 
     def body(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -312,6 +383,8 @@ class IngestResult:
         }
         if self.in_flight:
             out["inFlight"] = self.in_flight
+        if self.refused:
+            out["refusedAssertions"] = self.refused
         return out
 
     def merge(self, other: IngestResult) -> None:
@@ -321,6 +394,7 @@ class IngestResult:
         self.in_flight += other.in_flight
         self.rejected.extend(other.rejected)
         self.dropped.update(other.dropped)
+        self.refused.extend(other.refused)
 
 
 @dataclass
@@ -344,6 +418,11 @@ class IngestBatch:
     def reject(self, env: Envelope, error: str, detail: str, field_name: str | None) -> None:
         self.result.rejected.append(Rejection(env.index, error, detail, field_name, env.event.message_id))
 
+    def refuse_assertion(self, env: Envelope, reason: str, detail: str, field_name: str | None) -> None:
+        """An assertion the sender could not back (the event itself goes on)."""
+        self.result.refused.append(Rejection(env.index, reason, detail, field_name, env.event.message_id))
+        metrics.INGEST.add("refused_assertion", (self.src.tenant.id, reason))
+
     def drop(self, reason: str) -> None:
         self.result.dropped[reason] += 1
         metrics.INGEST.add("dropped", (self.src.tenant.id, reason))
@@ -361,21 +440,55 @@ class IngestServices:
     identity: IdentityService | None = None
     encoder: msgspec.json.Encoder = field(default_factory=msgspec.json.Encoder)
     specs: dict[str, list[DestinationSpec]] = field(default_factory=dict)
+    # (tenant, source) -> how its identity assertions are checked (client sources with keys)
+    assertions: Mapping[tuple[str, str], AssertionVerifier] = field(default_factory=dict)
 
 
 Stage = Callable[[IngestServices, IngestBatch], Awaitable[None]]
 
 
 async def pseudonymise(s: IngestServices, batch: IngestBatch) -> None:
+    """Identifiers replaced by pseudonyms, and what the sender proved about them."""
     kept = []
+    src = batch.src
+    verifier = s.assertions.get((src.tenant.id, src.source.id))
+    # with the tenant's "unowned" rule, an unproven claim may still link (the graph decides)
+    unowned = src.tenant.identity.client_links == "unowned"
+    now = time.time()
     for env in batch.envelopes:
+        take_assertion(env)
         try:
-            pseudonymise_identifiers(env, batch.src.tenant, batch.pseudonymiser)
+            pseudonymise_identifiers(env, src.tenant, batch.pseudonymiser)
         except RejectMessage as exc:
             batch.reject(env, exc.error, exc.detail, exc.field)
             continue
+        establish_standing(env, src, verifier, batch.pseudonymiser, now)
+        refused = env.standing.refused
+        if refused is not None:
+            batch.refuse_assertion(env, refused.reason, refused.detail, f"context.{ASSERTION_CONTEXT_KEY}")
+        if env.unproven and (
+            (env.event.type in _ASSERTING_TYPES and not unowned) or env.unbind or _is_consent_event(env)
+        ):
+            batch.refuse_assertion(
+                env,
+                "unproven_identifier",
+                f"{', '.join(sorted({i.type for i in env.unproven}))}: a client source needs a signed "
+                "identity assertion to link, unbind or record consent for a person-level identifier",
+                "userId",
+            )
         kept.append(env)
     batch.envelopes = kept
+
+
+def _proven(env: Envelope) -> list[Identifier]:
+    if not env.unproven:
+        return env.identifiers
+    return [i for i in env.identifiers if i not in env.unproven]
+
+
+def _is_consent_event(env: Envelope) -> bool:
+    ctx = env.event.context
+    return env.event.event == CONSENT_PREFERENCE_EVENT or "consent" in ctx or "consentManagement" in ctx
 
 
 async def claim_message_ids(s: IngestServices, batch: IngestBatch) -> None:
@@ -408,13 +521,13 @@ async def record_consent_signals(s: IngestServices, batch: IngestBatch) -> None:
     kept = []
     for env in batch.envelopes:
         ev = env.event
-        identifiers = [(i.type, i.value) for i in env.identifiers]
+        identifiers = proven_identifiers(env)
         if ev.type == "identify" and identifiers and is_minor_age(ev.traits, tenant.minor_age_trait):
             await service.flag_minor(
                 tenant=tenant.id, identifiers=identifiers, source=src.source.id, platform=src.source.platform
             )
-        prefs = category_preferences(ev.context) if ev.event == CONSENT_PREFERENCE_EVENT else {}
-        if not prefs:
+        prefs = signalled(ev.context)
+        if not prefs or not identifiers:
             kept.append(env)
             continue
         choice = choice_from_categories(prefs, tenant.consent_categories)
@@ -423,16 +536,29 @@ async def record_consent_signals(s: IngestServices, batch: IngestBatch) -> None:
         library = ev.context.get("library")
         sdk = str(library.get("name")) if isinstance(library, dict) and library.get("name") else None
         try:
-            await service.record(
-                tenant=tenant.id,
-                identifiers=identifiers,
-                grant=choice.granted,
-                withdraw=choice.refused,
-                notice_id=str(notice_id) if notice_id else await service.current_notice(tenant.id),
-                source=src.source.id,
-                platform=src.source.platform,
-                sdk=sdk,
-            )
+            if ev.event == CONSENT_PREFERENCE_EVENT:  # the choice itself, recorded as made
+                await service.record(
+                    tenant=tenant.id,
+                    identifiers=identifiers,
+                    grant=choice.granted,
+                    withdraw=choice.refused,
+                    notice_id=str(notice_id) if notice_id else await service.current_notice(tenant.id),
+                    source=src.source.id,
+                    platform=src.source.platform,
+                    sdk=sdk,
+                )
+            elif choice.granted or choice.refused:  # repeated on every event: what changed
+                await service.record_changes(
+                    tenant=tenant.id,
+                    identifiers=identifiers,
+                    device=[i.value for i in env.identifiers if i.type in DEVICE_TYPES],
+                    grant=choice.granted,
+                    withdraw=choice.refused,
+                    notice_id=str(notice_id) if notice_id else None,
+                    source=src.source.id,
+                    platform=src.source.platform,
+                    sdk=sdk,
+                )
         except ConsentRefused as exc:
             field_name = f"context.consent.{exc.field}" if exc.field else "context.consent"
             batch.reject(env, "invalid_consent", exc.detail, field_name)
@@ -454,8 +580,10 @@ async def decide_consent(s: IngestServices, batch: IngestBatch) -> None:
     queries: list[ConsentQuery | None]
     if tenant.consent.enforce:
         # the person's other identifiers: a withdrawal on any of them counts
+        # the person's other person-level identifiers: a withdrawal or a flag recorded on
+        # them (which takes proof) counts for every device of the person
         linked = (
-            s.resolver.linked_identifiers(tenant.id, [e.identifiers for e in envs])
+            s.resolver.linked_identifiers(tenant.id, [_proven(e) for e in envs], person_level=True)
             if s.resolver.links
             else [()] * len(envs)
         )
@@ -490,12 +618,36 @@ async def resolve_identity(s: IngestServices, batch: IngestBatch) -> None:
     envs = batch.envelopes
     if not envs:
         return
+    tenant = batch.src.tenant
+    sets: list[Sequence[Identifier]] = []
+    linking = list(batch.linking)
+    guarded: list[frozenset[str]] | None = None
+    if any(e.unproven for e in envs):
+        # unproven person-level identifiers: never the anchor; linked only with the tenant's
+        # "unowned" rule and only while no other person holds them
+        unowned = tenant.identity.client_links == "unowned"
+        guarded = []
+        for i, env in enumerate(envs):
+            if not env.unproven:
+                sets.append(env.identifiers)
+                guarded.append(frozenset())
+            elif unowned:
+                sets.append(env.identifiers)
+                guarded.append(frozenset(u.node for u in env.unproven))
+            else:
+                proven = _proven(env)
+                sets.append(proven or env.identifiers)
+                linking[i] = linking[i] and bool(proven)
+                guarded.append(frozenset() if proven else frozenset(u.node for u in env.unproven))
+    else:
+        sets = [e.identifiers for e in envs]
     unified = await s.resolver.resolve_batch(
-        batch.src.tenant.id,
-        [e.identifiers for e in envs],
-        batch.linking,
+        tenant.id,
+        sets,
+        linking,
         [(batch.src.source.id, e.event.message_id) for e in envs],
         notices=batch.changes,
+        guarded=guarded,
     )
     for env, uid in zip(envs, unified, strict=True):
         env.unified_id = uid

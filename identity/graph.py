@@ -76,6 +76,10 @@ def new_unified_id() -> str:
     return "p_" + secrets.token_hex(10)
 
 
+# Provenance.rule of a link a client source proposed for an identifier it did not prove.
+UNVERIFIED: Final = "unverified"
+
+
 class Provenance(msgspec.Struct, frozen=True, gc=False):
     """Where a link (or a refused or quarantined proposal) came from."""
 
@@ -312,13 +316,23 @@ class IdentityGraph:
     # -- decisions ---------------------------------------------------------------------------------
 
     def resolve(
-        self, nodes: Sequence[str], *, link: bool, provenance: Provenance
+        self,
+        nodes: Sequence[str],
+        *,
+        link: bool,
+        provenance: Provenance,
+        guarded: frozenset[str] = frozenset(),
     ) -> tuple[str, list[GraphChange]]:
         """Add unknown nodes and, if ``link``, link the rest to the anchor; return the anchor's ID.
 
         The anchor is the first node by ``rules.priority`` (then by node string), the same
         for every replica and for any order of ``nodes``. Refused or quarantined links leave
         the persons apart; the event still gets the anchor's ID.
+
+        ``guarded`` nodes were asserted by a client without proof (a public write key): never
+        the anchor; linked only when no other person holds them (else ``EdgeRefused("owned:
+        <type>")``); their proposals are marked ``rule="unverified"`` and count against the
+        client's own identifiers' breaker only, so a storm of them cannot lock a person out.
         """
         if not nodes:
             raise ValueError("resolve needs at least one node")
@@ -337,11 +351,32 @@ class IdentityGraph:
                 added = NodeAdded(node, uid, provenance.at)
                 self._apply_node_added(added)
                 changes.append(added)
-        anchor = order[0]
+        trusted = [n for n in order if n not in guarded] if guarded else order
+        if not trusted:  # nothing but unproven claims: looked up, never linked
+            return self._persons[self._find(order[0])].uid, changes
+        anchor = trusted[0]
         if link:
-            for other in order[1:]:
-                self._propose(anchor, other, provenance, changes)
+            unverified = None
+            for other in order:
+                if other == anchor:
+                    continue
+                if other in guarded:
+                    if unverified is None:
+                        unverified = msgspec.structs.replace(provenance, rule=UNVERIFIED)
+                    if self._owned_elsewhere(other, anchor):
+                        refused = EdgeRefused(anchor, other, f"owned:{node_type(other)}", unverified)
+                        self._apply_edge_refused(refused)
+                        changes.append(refused)
+                        continue
+                    self._propose(anchor, other, unverified, changes)
+                else:
+                    self._propose(anchor, other, provenance, changes)
         return self._persons[self._find(anchor)].uid, changes
+
+    def _owned_elsewhere(self, node: str, anchor: str) -> bool:
+        """Whether ``node`` belongs to a person other than the anchor's (it has links there)."""
+        root = self._find(node)
+        return root != self._find(anchor) and bool(self._nodes[node].adj)
 
     def unlink(self, a: str, b: str, *, at: datetime) -> list[GraphChange]:
         """Remove the link a-b (a wrong bind); the person splits if it was the only path.
@@ -400,7 +435,13 @@ class IdentityGraph:
             return
         rules = self.rules
         now = provenance.at.timestamp()
-        for node, other_person in ((anchor, self._persons[root_b]), (other, self._persons[root_a])):
+        sides: tuple[tuple[str, _Person], ...] = (
+            (anchor, self._persons[root_b]),
+            (other, self._persons[root_a]),
+        )
+        if provenance.rule == UNVERIFIED:  # only the claiming client's own identifiers answer for it
+            sides = sides[:1]
+        for node, other_person in sides:
             if self._breaker_tripped(node, other_person.uid, now):
                 change = Quarantined(anchor, other, f"breaker:{node}", provenance)
                 self._apply_quarantined(change)
@@ -625,7 +666,8 @@ class IdentityGraph:
         now = provenance.at.timestamp()
         uid_a, uid_b = self._persons[root_a].uid, self._persons[root_b].uid
         self._remember_join(a, now, uid_b, provenance.event_id)
-        self._remember_join(b, now, uid_a, provenance.event_id)
+        if provenance.rule != UNVERIFIED:  # an unproven claim never counts against the claimed
+            self._remember_join(b, now, uid_a, provenance.event_id)
 
     def _remember_join(self, node: str, now: float, other_uid: str, event_id: str) -> None:
         state = self._nodes[node]

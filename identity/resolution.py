@@ -28,9 +28,10 @@ class IdentityResolver(Protocol):
         ...
 
     def linked_identifiers(
-        self, tenant: str, identifier_sets: Sequence[Sequence[Identifier]]
+        self, tenant: str, identifier_sets: Sequence[Sequence[Identifier]], *, person_level: bool = False
     ) -> list[tuple[str, ...]]:
-        """Per set: the pseudonyms of the other identifiers its person already has."""
+        """Per set: the pseudonyms of the other identifiers its person already has (with
+        ``person_level``, only the person-level ones: user id, phone, email, unionid)."""
         ...
 
     async def resolve_batch(
@@ -40,8 +41,12 @@ class IdentityResolver(Protocol):
         linking_allowed: Sequence[bool],
         provenance: Sequence[tuple[str, str]] | None = None,
         notices: list[GraphChange] | None = None,
+        guarded: Sequence[frozenset[str]] | None = None,
     ) -> list[str | None]:
-        """``notices``, when given, receives the merges and splits this call caused (for
+        """``guarded``, per set, holds the nodes a client asserted without proof: they are
+        linked only when no other person holds them, never chosen as the anchor, and their
+        proposals never count against another person's breaker.
+        ``notices``, when given, receives the merges and splits this call caused (for
         the caller to send after its events) instead of the resolver's change hook."""
         ...
 
@@ -68,7 +73,7 @@ class NoResolution:
         return None
 
     def linked_identifiers(
-        self, tenant: str, identifier_sets: Sequence[Sequence[Identifier]]
+        self, tenant: str, identifier_sets: Sequence[Sequence[Identifier]], *, person_level: bool = False
     ) -> list[tuple[str, ...]]:
         return [()] * len(identifier_sets)
 
@@ -79,6 +84,7 @@ class NoResolution:
         linking_allowed: Sequence[bool],
         provenance: Sequence[tuple[str, str]] | None = None,
         notices: list[GraphChange] | None = None,
+        guarded: Sequence[frozenset[str]] | None = None,
     ) -> list[str | None]:
         return [None] * len(identifier_sets)
 

@@ -36,7 +36,7 @@ from identity.graph import (
     Quarantined,
     Split,
 )
-from identity.identifiers import Identifier, node_type, node_value
+from identity.identifiers import DEVICE_TYPES, Identifier, node_type, node_value
 from identity.store import IdentityLogStore, LogRow
 
 log = structlog.get_logger(__name__)
@@ -53,13 +53,16 @@ _decode = msgspec.json.Decoder(GraphChange).decode
 Decided = list[tuple[str, list[GraphChange], list[GraphChange] | None]]
 
 
+_NO_GUARD: frozenset[str] = frozenset()
+
+
 class _Pending:
     __slots__ = ("tenant", "items", "future", "notices")
 
     def __init__(
         self,
         tenant: str,
-        items: list[tuple[list[str], bool, Provenance]],
+        items: list[tuple[list[str], bool, Provenance, frozenset[str]]],
         future: asyncio.Future[Any],
         notices: list[GraphChange] | None = None,
     ):
@@ -166,15 +169,17 @@ class GraphResolver:
                 log.error("identity.follow_failed", error=type(exc).__name__)
 
     # -- reads -----------------------------------------------------------------------
-    def anchor(self, tenant: str, nodes: Sequence[str]) -> str:
+    def anchor(self, tenant: str, nodes: Sequence[str], guarded: frozenset[str] = _NO_GUARD) -> str:
         order = self._priority[tenant]
-        return min(nodes, key=lambda n: (order.get(node_type(n), len(order)), n))
+        trusted = [n for n in nodes if n not in guarded] if guarded else nodes
+        return min(trusted or nodes, key=lambda n: (order.get(node_type(n), len(order)), n))
 
     def linked_identifiers(
-        self, tenant: str, identifier_sets: Sequence[Sequence[Identifier]]
+        self, tenant: str, identifier_sets: Sequence[Sequence[Identifier]], *, person_level: bool = False
     ) -> list[tuple[str, ...]]:
         """Pseudonyms of the other identifiers each event's person already has (for consent:
-        a withdrawal anywhere in the person counts)."""
+        a withdrawal or a flag recorded on a person-level identifier counts for the whole
+        person)."""
         graph = self.graphs.get(tenant)
         if graph is None:
             return [()] * len(identifier_sets)
@@ -185,10 +190,15 @@ class GraphResolver:
             for node in own:
                 if graph.has_links(node):
                     linked.update(graph.component(node))
-            out.append(tuple(node_value(n) for n in linked - own) if linked else ())
+            if person_level:
+                out.append(tuple(node_value(n) for n in linked - own if node_type(n) not in DEVICE_TYPES))
+            else:
+                out.append(tuple(node_value(n) for n in linked - own) if linked else ())
         return out
 
-    def _fast_answer(self, tenant: str, nodes: list[str], link: bool) -> str | None:
+    def _fast_answer(
+        self, tenant: str, nodes: list[str], link: bool, guarded: frozenset[str] = _NO_GUARD
+    ) -> str | None:
         """Answer without the log's lock when nothing needs linking. An identifier that was
         never linked is not even stored: its unified ID is derived from it (a keyed PRF), the
         same on every replica, and it enters the graph and the log the day it is linked.
@@ -198,7 +208,7 @@ class GraphResolver:
         proposes_link = link and len(nodes) > 1 and (None in ids or len(ids) > 1)
         if proposes_link and (None in ids or frozenset(nodes) not in self._settled[tenant]):
             return None
-        anchor = self.anchor(tenant, nodes)
+        anchor = self.anchor(tenant, nodes, guarded)
         uid = graph.unified_id(anchor)
         if uid is None:
             derive = self.node_ids.get(tenant)
@@ -215,11 +225,12 @@ class GraphResolver:
         linking_allowed: Sequence[bool],
         provenance: Sequence[tuple[str, str]] | None = None,
         notices: list[GraphChange] | None = None,
+        guarded: Sequence[frozenset[str]] | None = None,
     ) -> list[str | None]:
         results: list[str | None] = [None] * len(identifier_sets)
         if tenant not in self.graphs:  # identity resolution is off for this tenant
             return results
-        slow: list[tuple[int, list[str], Provenance]] = []
+        slow: list[tuple[int, list[str], Provenance, frozenset[str]]] = []
         now = datetime.now(UTC)
         for i, (ids, link) in enumerate(zip(identifier_sets, linking_allowed, strict=True)):
             nodes = [x.node for x in ids]
@@ -227,20 +238,21 @@ class GraphResolver:
                 continue
             source, event_id = provenance[i] if provenance else ("", "")
             prov = Provenance(source=source, event_id=event_id, at=now, rule="event")
-            known = self._fast_answer(tenant, nodes, link)
+            guard = guarded[i] if guarded else _NO_GUARD
+            known = self._fast_answer(tenant, nodes, link, guard)
             if known is None:
-                slow.append((i, nodes, prov))
+                slow.append((i, nodes, prov, guard))
             else:
                 results[i] = known
         if not slow:
             return results
-        items = [(nodes, linking_allowed[i], prov) for i, nodes, prov in slow]
+        items = [(nodes, linking_allowed[i], prov, guard) for i, nodes, prov, guard in slow]
         future: asyncio.Future[list[str]] = asyncio.get_running_loop().create_future()
         self._pending.append(_Pending(tenant, items, future, notices))
         if not self._flushing:
             self._flushing = True
             asyncio.get_running_loop().create_task(self._flush())
-        for (i, _, _), uid in zip(slow, await future, strict=True):
+        for (i, _, _, _), uid in zip(slow, await future, strict=True):
             results[i] = uid
         return results
 
@@ -312,8 +324,8 @@ class GraphResolver:
         for p in batch:
             graph = self.graphs[p.tenant]
             uids = []
-            for nodes, link, prov in p.items:
-                uid, changes = graph.resolve(nodes, link=link, provenance=prov)
+            for nodes, link, prov, guard in p.items:
+                uid, changes = graph.resolve(nodes, link=link, provenance=prov, guarded=guard)
                 uids.append(uid)
                 decided.append((p.tenant, changes, p.notices))
                 if any(isinstance(c, Merged | Split) for c in changes):

@@ -7,7 +7,7 @@ Markers (registered in pyproject.toml) select the tests by what they need:
     postgres  the PostgreSQL server (IDGATE_TEST_DATABASE_URL; a fresh schema per test)
     nats      the NATS JetStream server (IDGATE_TEST_NATS_URL)
     node      Node.js and npm (the WeChat mini-program SDK tests under tests/sensors)
-    browser   a browser driven by Playwright (reserved for the browser tests to come)
+    browser   Chromium driven by Playwright (analytics.js in tests/browser)
     slow      starts `idgate serve` processes (deselect for the quick in-process suite)
     nginx     nginx (deploy/nginx.conf in front of a gateway, tests/gateway/test_nginx.py)
 
@@ -63,6 +63,8 @@ MARKERS_BY_FIXTURE: dict[str, tuple[str, ...]] = {
     "pg_schema": ("postgres",),
     "nats_url": ("nats",),
     "miniprogram": ("node",),
+    "analytics_js": ("node",),
+    "chromium": ("browser",),
     "gateway": ("slow",),
     "fresh_gateway": ("slow",),
 }
@@ -167,9 +169,12 @@ tenants = ["shop"]
 
 # "shop" tests the ingest mechanics with consent enforcement off (allowed in dev only);
 # "mall" enforces PIPL consent like every production tenant.
+# "shop" also lets its client sources link person-level identifiers nobody holds yet
+# without an identity assertion (client_links = "unowned"); "mall" needs the assertion.
 [[tenants]]
 id = "shop"
 consent = { enforce = false }
+identity = { client_links = "unowned" }
 
 [[tenants.sources]]
 id = "shop-web"
@@ -182,6 +187,14 @@ platform = "app"
 dev_write_key = "app-test-key-0001"
 sensors_project = "shop"
 sensors_dev_token = "shop-sensors-token-01"
+
+# The shop's backend: the server-side SDKs (analytics-python, the Sensors Python SDK).
+[[tenants.sources]]
+id = "shop-server"
+platform = "server"
+dev_write_key = "shop-server-secret-key-000000000000001"
+sensors_project = "shop"
+sensors_dev_token = "shop-server-sensors-token-0000000001"
 
 [tenants.tracking_plan]
 "*" = ["analytics"]
@@ -204,15 +217,19 @@ id = "mall"
 sensitive_properties = ["health_condition"]
 minor_age_trait = "age"
 
+# The mall's client sources take the identity assertions its backend signs after login
+# (tests.conftest.assertion); "mall-server" is the backend itself.
 [[tenants.sources]]
 id = "mall-web"
 platform = "web"
 dev_write_key = "mall-web-key-0001"
+assertions = { hs256_secret_env = "MALL_ASSERTION_SECRET" }
 
 [[tenants.sources]]
 id = "mall-app"
 platform = "app"
 dev_write_key = "mall-app-key-0001"
+assertions = { hs256_secret_env = "MALL_ASSERTION_SECRET" }
 
 [[tenants.sources]]
 id = "mall-mp"
@@ -220,6 +237,12 @@ platform = "miniprogram"
 dev_write_key = "mall-mp-key-00001"
 sensors_project = "mall"
 sensors_dev_token = "mall-sensors-token-01"
+assertions = { hs256_secret_env = "MALL_ASSERTION_SECRET" }
+
+[[tenants.sources]]
+id = "mall-server"
+platform = "server"
+dev_write_key = "mall-server-secret-key-0000000000000001"
 
 [[tenants.notices]]
 id = "notice-v1"
@@ -233,6 +256,7 @@ content_sha256 = "11111111111111111111111111111111111111111111111111111111111111
 [tenants.consent_categories]
 Analytics = ["analytics"]
 Advertising = ["ad_measurement", "marketing"]
+C0002 = ["analytics"]  # OneTrust's performance cookies, as RudderStack's consentManagement sends them
 
 [tenants.external_id_types]
 wx_openid = "wechat_openid"
@@ -264,8 +288,15 @@ recipient = { name = "Ad network", contact = "ads@example.com", third_party = tr
 WEB_KEY = "web-test-key-0001"
 APP_KEY = "app-test-key-0001"
 MALL_WEB_KEY = "mall-web-key-0001"
+SHOP_SERVER_KEY = "shop-server-secret-key-000000000000001"
+SHOP_SERVER_SENSORS_TOKEN = "shop-server-sensors-token-0000000001"
 MALL_APP_KEY = "mall-app-key-0001"
 MALL_MP_KEY = "mall-mp-key-00001"
+MALL_SERVER_KEY = "mall-server-secret-key-0000000000000001"
+# The secret the mall's backend signs identity assertions with (HS256; test-only material).
+MALL_ASSERTION_SECRET = "mall-assertion-secret-for-tests-only-0001"
+# In-process apps (create_app in the test process) read it from here too.
+os.environ.setdefault("MALL_ASSERTION_SECRET", MALL_ASSERTION_SECRET)
 SHOP_SENSORS_TOKEN = "shop-sensors-token-01"
 MALL_SENSORS_TOKEN = "mall-sensors-token-01"
 COMPLIANCE_TOKEN = "compliance-test-token"
@@ -425,6 +456,7 @@ def make_gateway(tmp: Path, *, config: str = TEST_CONFIG, extra_env: dict[str, s
             "IDGATE_LOG_LEVEL": "DEBUG",
             "IDGATE_LOG_FORMAT": "json",
             "IDGATE_DELIVERY_POLL_MS": "50",
+            "MALL_ASSERTION_SECRET": MALL_ASSERTION_SECRET,
         }
     )
     env.update(extra_env or {})
@@ -562,3 +594,32 @@ def backend_env(backend: str, stack: ExitStack) -> dict[str, str]:
 
 def mid() -> str:
     return f"m-{uuid.uuid4()}"
+
+
+def assertion(
+    user: str,
+    device: str,
+    *,
+    ids: Sequence[tuple[str, str]] = (),
+    guardian: bool = False,
+    lifetime: int = 600,
+    secret: str = MALL_ASSERTION_SECRET,
+    now: float | None = None,
+) -> str:
+    """An identity assertion as the shop's backend issues it after login: binds the user id
+    (and ``ids``, e.g. ("phone", "13912345678")) to the device the SDK sends from."""
+    import jwt
+
+    issued = int(time.time() if now is None else now)
+    claims: dict[str, Any] = {
+        "aud": "idgate",
+        "iat": issued,
+        "exp": issued + lifetime,
+        "sub": user,
+        "device": device,
+    }
+    if ids:
+        claims["ids"] = [{"type": t, "id": v} for t, v in ids]
+    if guardian:
+        claims["guardian"] = True
+    return jwt.encode(claims, secret, algorithm="HS256")

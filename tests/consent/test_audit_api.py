@@ -11,7 +11,16 @@ import httpx
 import pytest
 from click.testing import CliRunner
 
-from tests.conftest import COMPLIANCE_TOKEN, MALL_WEB_KEY, OPERATOR_TOKEN, Gateway, make_gateway, mid
+from tests.conftest import (
+    COMPLIANCE_TOKEN,
+    MALL_SERVER_KEY,
+    MALL_WEB_KEY,
+    OPERATOR_TOKEN,
+    Gateway,
+    assertion,
+    make_gateway,
+    mid,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -31,7 +40,13 @@ def grant_and_send(gw: Gateway, user: str, anon: str) -> tuple[int, str]:
     r = httpx.post(
         gw.url + "/v1/consent",
         auth=(MALL_WEB_KEY, ""),
-        json={"userId": user, "anonymousId": anon, "grant": ["analytics"], "noticeId": "notice-v1"},
+        json={
+            "userId": user,
+            "anonymousId": anon,
+            "grant": ["analytics"],
+            "noticeId": "notice-v1",
+            "identityAssertion": assertion(user, anon),
+        },
     )
     seq = r.json()["recorded"][0]["seq"]
     m = mid()
@@ -48,9 +63,11 @@ def test_point_in_time_view_names_the_deliveries_that_relied_on_consent(gw: Gate
     user, anon = f"officer-case-{uuid.uuid4().hex[:6]}", f"anon-{uuid.uuid4().hex[:8]}"
     seq, m = grant_and_send(gw, user, anon)
     before_withdrawal = datetime.now(UTC).isoformat()
-    httpx.post(
-        gw.url + "/v1/consent", auth=(MALL_WEB_KEY, ""), json={"userId": user, "withdraw": ["analytics"]}
+    # withdrawn in the account settings: the shop's backend records it (server source)
+    r = httpx.post(
+        gw.url + "/v1/consent", auth=(MALL_SERVER_KEY, ""), json={"userId": user, "withdraw": ["analytics"]}
     )
+    assert r.status_code == 200, r.text
     headers = bearer(COMPLIANCE_TOKEN)
     deadline_ok = False
     for _ in range(50):  # the delivery proof is written with the delivery cursor

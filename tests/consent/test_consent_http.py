@@ -9,7 +9,16 @@ from contextlib import ExitStack
 import httpx
 import pytest
 
-from tests.conftest import MALL_APP_KEY, MALL_WEB_KEY, OPERATOR_TOKEN, Gateway, backend_env, make_gateway, mid
+from tests.conftest import (
+    MALL_APP_KEY,
+    MALL_WEB_KEY,
+    OPERATOR_TOKEN,
+    Gateway,
+    assertion,
+    backend_env,
+    make_gateway,
+    mid,
+)
 
 NOTICE = "notice-v1"
 
@@ -77,6 +86,7 @@ def test_grant_then_forward_with_proof_then_withdraw_at_once(mall: Gateway) -> N
         grant=["analytics"],
         sdk="web-sdk/1.0",
         evidenceHash="sha256:" + "ab" * 32,
+        identityAssertion=assertion(user, anon),
     )
     assert r.status_code == 200, r.text
     (receipt,) = r.json()["recorded"]
@@ -89,7 +99,11 @@ def test_grant_then_forward_with_proof_then_withdraw_at_once(mall: Gateway) -> N
     mall.wait_past("mall-overseas", write_key=MALL_WEB_KEY, grant=["analytics", "cross_border"])
     assert delivered(mall, m, "mall-overseas", timeout=0) is None
 
-    assert consent(mall, userId=user, withdraw=["analytics"]).status_code == 200
+    # logged in (the backend's assertion), the withdrawal speaks for the person
+    r = consent(
+        mall, userId=user, anonymousId=anon, withdraw=["analytics"], identityAssertion=assertion(user, anon)
+    )
+    assert r.status_code == 200, r.text
     m2, out = track(mall, userId=user, anonymousId=anon)
     assert out["accepted"] == 0 and out["dropped"] == {"withdrawn": 1}
 
@@ -115,7 +129,9 @@ def test_cross_border_and_third_party_need_separate_consent(mall: Gateway) -> No
 
 def test_user_withdrawal_covers_other_devices_but_grants_do_not_spread(mall: Gateway) -> None:
     user, anon_a, anon_b = ids()
-    consent(mall, userId=user, anonymousId=anon_a, grant=["analytics"])
+    consent(
+        mall, userId=user, anonymousId=anon_a, grant=["analytics"], identityAssertion=assertion(user, anon_a)
+    )
     # device B, same logged-in user: the grant was given on device A
     _, out = track(mall, userId=user, anonymousId=anon_b)
     assert out["dropped"] == {"no_consent": 1}
@@ -123,17 +139,30 @@ def test_user_withdrawal_covers_other_devices_but_grants_do_not_spread(mall: Gat
     _, out = track(mall, userId=user, anonymousId=anon_b)
     assert out["accepted"] == 1
     # the person withdraws while logged in on device A: device B stops too
-    consent(mall, userId=user, anonymousId=anon_a, withdraw=["analytics"])
+    consent(
+        mall,
+        userId=user,
+        anonymousId=anon_a,
+        withdraw=["analytics"],
+        identityAssertion=assertion(user, anon_a),
+    )
     _, out = track(mall, userId=user, anonymousId=anon_b)
     assert out["dropped"] == {"withdrawn": 1}
 
 
 def test_minor_needs_guardian_consent(mall: Gateway) -> None:
-    _, anon, _ = ids()
+    child, anon, _ = ids()
     assert consent(mall, anonymousId=anon, grant=["analytics"], subjectIsMinor=True).status_code == 200
     _, out = track(mall, anonymousId=anon)
     assert out["dropped"] == {"minor_without_guardian": 1}
-    assert consent(mall, anonymousId=anon, grant=["analytics"], consentKind="guardian").status_code == 200
+    # a guardian's consent is only taken with the backend's word that a guardian gave it
+    r = consent(mall, anonymousId=anon, grant=["analytics"], consentKind="guardian")
+    assert r.status_code == 403 and r.json()["field"] == "consentKind", r.text
+    verified = assertion(child, anon, guardian=True)
+    r = consent(
+        mall, anonymousId=anon, grant=["analytics"], consentKind="guardian", identityAssertion=verified
+    )
+    assert r.status_code == 200, r.text
     _, out = track(mall, anonymousId=anon)
     assert out["accepted"] == 1
 
@@ -194,7 +223,7 @@ def test_material_notice_requires_reconsent(tmp_path, backend: str) -> None:
         stack.close()
 
 
-def test_segment_consent_event_records_and_event_claims_only_narrow(mall: Gateway) -> None:
+def test_segment_consent_signals_are_records_of_what_changed(mall: Gateway) -> None:
     _, anon, _ = ids()
     prefs = {"consent": {"categoryPreferences": {"Analytics": True, "Advertising": False}}}
     _, out = track(mall, "Segment Consent Preference Updated", anonymousId=anon, context=prefs)
@@ -204,19 +233,45 @@ def test_segment_consent_event_records_and_event_claims_only_narrow(mall: Gatewa
         (("analytics",), "given"),
         (("ad_measurement", "marketing"), "withdrawn"),
     }
-    # A later event claiming Analytics=false is not sent, but does not withdraw anything.
-    _, out = track(mall, anonymousId=anon, context={"consent": {"categoryPreferences": {"Analytics": False}}})
+    # the consent tool repeats the choice on every event: nothing new is recorded
+    _, out = track(mall, anonymousId=anon, context=prefs)
+    assert out["accepted"] == 1 and len(admin_records(mall, anon, "anonymous_id")) == 2
+    # the person turns analytics off: a withdrawal is recorded, this event is not sent
+    off = {"consent": {"categoryPreferences": {"Analytics": False}}}
+    _, out = track(mall, anonymousId=anon, context=off)
     assert out["dropped"] == {"refused_in_event": 1}
-    # ...and a claim of Advertising=true does not widen what the ledger refused.
-    _, out = track(
-        mall,
-        "Ad Clicked",
-        anonymousId=anon,
-        context={"consent": {"categoryPreferences": {"Advertising": True}}},
-    )
-    assert out["dropped"] == {"withdrawn": 1}
     _, out = track(mall, anonymousId=anon)
+    assert out["dropped"] == {"withdrawn": 1}
+    states = [(r["purposes"], r["state"]) for r in admin_records(mall, anon, "anonymous_id")]
+    assert states.count((["analytics"], "withdrawn")) == 1
+    # and on again
+    _, out = track(mall, anonymousId=anon, context={"consent": {"categoryPreferences": {"Analytics": True}}})
     assert out["accepted"] == 1
+
+
+def test_rudderstack_consent_management_ids_map_to_purposes(mall: Gateway) -> None:
+    """RudderStack's context.consentManagement (OneTrust category ids, mapped in
+    consent_categories: C0002 = analytics) is a record of what changed, for the device."""
+    user, anon, _ = ids()
+    cm = {
+        "consentManagement": {"provider": "oneTrust", "allowedConsentIds": ["C0002"], "deniedConsentIds": []}
+    }
+    _, out = track(mall, anonymousId=anon, context=cm)
+    assert out["accepted"] == 1
+    denied = {
+        "consentManagement": {"provider": "oneTrust", "allowedConsentIds": [], "deniedConsentIds": ["C0002"]}
+    }
+    _, out = track(mall, anonymousId=anon, userId=user, context=denied)
+    assert out["dropped"] == {"refused_in_event": 1}
+    assert (
+        out["refusedAssertions"][0]["error"] == "unproven_identifier"
+    )  # the user id: not theirs to withdraw
+    records = admin_records(mall, anon, "anonymous_id")
+    assert [(r["purposes"], r["state"]) for r in records] == [
+        (["analytics"], "given"),
+        (["analytics"], "withdrawn"),
+    ]
+    assert admin_records(mall, user, "user_id") == []
 
 
 def test_sensitive_properties_pass_only_with_sensitive_pi(mall: Gateway) -> None:

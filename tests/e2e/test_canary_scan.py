@@ -23,6 +23,7 @@ from tests.conftest import (
     WEB_KEY,
     Gateway,
     RedisNamespace,
+    assertion,
     backend_env,
     make_gateway,
 )
@@ -107,6 +108,8 @@ def consent_call(c: dict[str, str]) -> dict:
         ],
         "grant": ["analytics", "identity_linking"],
         "noticeId": "notice-v1",
+        # the backend's identity assertion: a JWT holding raw identifiers, scanned for too
+        "identityAssertion": c["assertion"],
     }
 
 
@@ -124,6 +127,9 @@ def test_canary_identifiers_never_stored_logged_or_cached(
         env = {**redis_ns.env(), **backend_env("postgres", stack)}
     gw: Gateway = make_gateway(tmp_path, extra_env=env).start()
     c = canaries()
+    c["assertion"] = assertion(
+        c["user_id"], c["anonymous_id"], ids=[("phone", c["phone"]), ("email", c["email"])]
+    )
     try:
         with gw.client(WEB_KEY) as client:
             batch = events(c)

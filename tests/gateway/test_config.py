@@ -180,3 +180,40 @@ def test_destination_delivery_settings_are_checked() -> None:
     assert f"{where}.retry: need 1 <= initial_backoff_ms <= max_backoff_ms" in problems
     assert "tenants[1].destinations[0].options.stream" in problems  # required option missing
     assert "destination 'shared': used by tenants 'a' and 'b'" in problems
+
+
+def test_trust_levels_are_checked() -> None:
+    """A client platform's key is public: never trusted as server; a server source's demo key
+    must be a real secret; assertions need exactly one key."""
+    text = """
+[[tenants]]
+id = "t1"
+[[tenants.sources]]
+id = "web"
+platform = "web"
+trust = "server"
+dev_write_key = "web-demo-key-1"
+[[tenants.sources]]
+id = "backend"
+platform = "server"
+dev_write_key = "short-server-key"
+[[tenants.sources]]
+id = "app"
+platform = "app"
+dev_write_key = "app-demo-key-1"
+assertions = { hs256_secret_env = "X", ed25519_public_key = "pem" }
+"""
+    with pytest.raises(ConfigProblems) as info:
+        parse_config(text, dev=True)
+    problems = "\n".join(info.value.problems)
+    assert "tenants[0].sources[0].trust: a web source's key ships to every device" in problems
+    assert "tenants[0].sources[1].dev_write_key: a server source needs a secret of at least 32" in problems
+    assert "tenants[0].sources[2].assertions: needs exactly one of" in problems
+    ok = parse_config(
+        text.replace('trust = "server"\n', "")
+        .replace("short-server-key", "s" * 32)
+        .replace(', ed25519_public_key = "pem"', ""),
+        dev=True,
+    )
+    web, backend, app = ok.tenants[0].sources
+    assert not web.is_server and backend.is_server and not app.is_server

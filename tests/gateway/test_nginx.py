@@ -191,6 +191,10 @@ def test_the_public_listener_serves_ingest_and_consent(lb: Nginx) -> None:
     batch = f'{{"batch": [{{"type": "track", "userId": "u-lb", "event": "B", "messageId": "{mid()}"}}]}}'
     status, body = lb.request(lb.public, "POST", "/v1/batch?x=1", body=batch.encode(), headers=basic)
     assert status == 200, body
+    # analytics.js' short path for track
+    short = f'{{"userId": "u-lb", "event": "Short", "messageId": "{mid()}"}}'
+    status, body = lb.request(lb.public, "POST", "/v1/t", body=short.encode(), headers=basic)
+    assert status == 200 and b'"accepted":1' in body, body
     form = {"Content-Type": "application/x-www-form-urlencoded"}
     data = encode(sensors_event("visitor-lb"), compress=False)
     status, body = lb.request(

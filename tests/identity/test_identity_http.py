@@ -7,7 +7,17 @@ import uuid
 import httpx
 import pytest
 
-from tests.conftest import MALL_APP_KEY, MALL_MP_KEY, MALL_WEB_KEY, OPERATOR_TOKEN, Gateway, make_gateway, mid
+from tests.conftest import (
+    MALL_APP_KEY,
+    MALL_MP_KEY,
+    MALL_SERVER_KEY,
+    MALL_WEB_KEY,
+    OPERATOR_TOKEN,
+    Gateway,
+    assertion,
+    make_gateway,
+    mid,
+)
 from tests.waiting import wait_until
 
 OPS = {"Authorization": f"Bearer {OPERATOR_TOKEN}"}
@@ -53,13 +63,28 @@ def shopper_journey(gw: Gateway, with_linking: bool) -> tuple[list[str], str]:
         identifiers=[{"type": "wechat_openid", "id": openid, "appid": "wxA"}],
     )
     grant(gw, MALL_WEB_KEY, purposes, anonymousId=cookie)
-    grant(gw, MALL_APP_KEY, purposes, userId=user, identifiers=[{"type": "device_id", "id": device}])
+    grant(
+        gw,
+        MALL_APP_KEY,
+        purposes,
+        userId=user,
+        identifiers=[{"type": "device_id", "id": device}],
+        identityAssertion=assertion(user, device),
+    )
+    # at each login the shop's backend signs an assertion for that device (tests.conftest.assertion)
     sent = [
         # browses the mini-program
         send(gw, MALL_MP_KEY, "page", anonymousId=f"mp-{tag}", name="Home", context=wx),
         # the website: anonymous, then logs in
         send(gw, MALL_WEB_KEY, "track", anonymousId=cookie, event="Product Viewed"),
-        send(gw, MALL_WEB_KEY, "identify", anonymousId=cookie, userId=user),
+        send(
+            gw,
+            MALL_WEB_KEY,
+            "identify",
+            anonymousId=cookie,
+            userId=user,
+            context={"identityAssertion": assertion(user, cookie)},
+        ),
         # pays in the App
         send(
             gw,
@@ -67,10 +92,17 @@ def shopper_journey(gw: Gateway, with_linking: bool) -> tuple[list[str], str]:
             "track",
             userId=user,
             event="Order Completed",
-            context={"device": {"id": device}},
+            context={"device": {"id": device}, "identityAssertion": assertion(user, device)},
         ),
         # logs in in the mini-program too
-        send(gw, MALL_MP_KEY, "identify", anonymousId=f"mp-{tag}", userId=user, context=wx),
+        send(
+            gw,
+            MALL_MP_KEY,
+            "identify",
+            anonymousId=f"mp-{tag}",
+            userId=user,
+            context={**wx, "identityAssertion": assertion(user, f"mp-{tag}")},
+        ),
     ]
     return sent, user
 
@@ -129,12 +161,15 @@ def test_shared_shop_tablet_is_quarantined_not_merged(gw: Gateway) -> None:
     people = []
     for i in range(60):
         user = f"customer-{uuid.uuid4().hex[:6]}-{i}"
+        # each customer logs in on the tablet: the backend vouches for each login
+        token = assertion(user, tablet)
         grant(
             gw,
             MALL_APP_KEY,
             ["analytics", "identity_linking"],
             userId=user,
             identifiers=[{"type": "device_id", "id": tablet}],
+            identityAssertion=token,
         )
         people.append(
             send(
@@ -143,7 +178,7 @@ def test_shared_shop_tablet_is_quarantined_not_merged(gw: Gateway) -> None:
                 "track",
                 userId=user,
                 event="Product Viewed",
-                context={"device": {"id": tablet}},
+                context={"device": {"id": tablet}, "identityAssertion": token},
             )
         )
     ids = unified_ids(gw, people)
@@ -162,15 +197,22 @@ def test_shared_shop_tablet_is_quarantined_not_merged(gw: Gateway) -> None:
 def test_operator_unlinks_a_wrong_bind_and_the_person_splits(gw: Gateway) -> None:
     tag = uuid.uuid4().hex[:8]
     user, device = f"user-{tag}", f"device-{tag}-00"
+    token = assertion(user, device)
     grant(
         gw,
         MALL_APP_KEY,
         ["analytics", "identity_linking"],
         userId=user,
         identifiers=[{"type": "device_id", "id": device}],
+        identityAssertion=token,
     )
     first = send(
-        gw, MALL_APP_KEY, "track", userId=user, event="Product Viewed", context={"device": {"id": device}}
+        gw,
+        MALL_APP_KEY,
+        "track",
+        userId=user,
+        event="Product Viewed",
+        context={"device": {"id": device}, "identityAssertion": token},
     )
     r = httpx.post(
         f"{gw.url}/admin/identity/unlink",
@@ -206,13 +248,14 @@ def test_operator_unlinks_a_wrong_bind_and_the_person_splits(gw: Gateway) -> Non
 
 
 def test_configured_trait_types_link(gw: Gateway) -> None:
-    """mall maps the trait "unionid" to wechat_unionid: an identify with it links."""
+    """mall maps the trait "unionid" to wechat_unionid: an identify with it links (sent by
+    the shop's backend, which knows the unionid, naming each device)."""
     tag = uuid.uuid4().hex[:8]
     cookie, unionid = f"cookie-{tag}", f"oUnion{tag}00"
     grant(gw, MALL_WEB_KEY, ["analytics", "identity_linking"], anonymousId=cookie)
-    m1 = send(gw, MALL_WEB_KEY, "identify", anonymousId=cookie, traits={"unionid": unionid})
+    m1 = send(gw, MALL_SERVER_KEY, "identify", anonymousId=cookie, traits={"unionid": unionid})
     grant(gw, MALL_MP_KEY, ["analytics", "identity_linking"], anonymousId=f"mp-{tag}")
-    m2 = send(gw, MALL_MP_KEY, "identify", anonymousId=f"mp-{tag}", traits={"unionid": unionid})
+    m2 = send(gw, MALL_SERVER_KEY, "identify", anonymousId=f"mp-{tag}", traits={"unionid": unionid})
     ids = unified_ids(gw, [m1, m2])
     notices = [e for e in gw.sink_lines("mall-warehouse") if e["type"].startswith("identity.")]
     assert len(current(ids, notices)) == 1

@@ -14,7 +14,7 @@ import pytest
 
 from identity.graph import GraphChange, IdentityGraph, Provenance
 from identity.identity_map import identity_map
-from tests.conftest import IDGATE, WEB_KEY, make_gateway, mid
+from tests.conftest import IDGATE, SHOP_SERVER_KEY, make_gateway, mid
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -59,7 +59,8 @@ def test_intervals_follow_merges_splits_and_erasure() -> None:
 def test_export_map_cli_joins_with_what_the_destination_received(tmp_path: Path) -> None:
     gw = make_gateway(tmp_path).start()
     try:
-        with gw.client(WEB_KEY) as c:
+        # the shop's backend tells idgate about each login (a server source)
+        with gw.client(SHOP_SERVER_KEY) as c:
             for anon in ("anon-1", "anon-2"):
                 r = c.post("/v1/identify", json={"anonymousId": anon, "userId": "user-7", "messageId": mid()})
                 assert r.status_code == 200

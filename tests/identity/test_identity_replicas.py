@@ -18,6 +18,7 @@ from tests.conftest import (
     OPERATOR_TOKEN,
     PostgresSchema,
     RedisNamespace,
+    assertion,
     make_gateway,
     mid,
 )
@@ -49,6 +50,7 @@ def test_concurrent_conflicting_merges_converge(
                         "identifiers": [{"type": "device_id", "id": device}],
                         "grant": ["analytics", "identity_linking"],
                         "noticeId": "notice-v1",
+                        "identityAssertion": assertion(user, device),
                     },
                 )
                 assert r.status_code == 200, r.text
@@ -62,7 +64,7 @@ def test_concurrent_conflicting_merges_converge(
                     "userId": user,
                     "event": "Product Viewed",
                     "messageId": mid(),
-                    "context": {"device": {"id": device}},
+                    "context": {"device": {"id": device}, "identityAssertion": assertion(user, device)},
                 },
             )
             assert r.status_code == 200 and r.json()["accepted"] == 1, r.text

@@ -19,6 +19,7 @@ from tests.conftest import (
     MALL_SENSORS_TOKEN,
     OPERATOR_TOKEN,
     SHOP_SENSORS_TOKEN,
+    SHOP_SERVER_SENSORS_TOKEN,
     Gateway,
     missing,
     require_marker,
@@ -27,8 +28,14 @@ from tests.conftest import (
 MINIPROGRAM = Path(__file__).resolve().parent / "miniprogram"
 
 
-def sensors_url(gw: Gateway, tenant: str = "shop", path: str = "/sa") -> str:
-    token = SHOP_SENSORS_TOKEN if tenant == "shop" else MALL_SENSORS_TOKEN
+def sensors_url(gw: Gateway, tenant: str = "shop", path: str = "/sa", *, server: bool = False) -> str:
+    """Where a Sensors SDK of the tenant sends; ``server``: the shop's backend (the Python
+    SDK runs there), whose source may assert identities."""
+    if server:
+        assert tenant == "shop", "only shop has a server Sensors source"
+        token = SHOP_SERVER_SENSORS_TOKEN
+    else:
+        token = SHOP_SENSORS_TOKEN if tenant == "shop" else MALL_SENSORS_TOKEN
     return f"{gw.url}{path}?project={tenant}&token={token}"
 
 

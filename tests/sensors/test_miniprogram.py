@@ -12,7 +12,15 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import MALL_MP_KEY, MALL_WEB_KEY, Gateway, make_gateway, mid
+from tests.conftest import (
+    MALL_ASSERTION_SECRET,
+    MALL_MP_KEY,
+    MALL_WEB_KEY,
+    Gateway,
+    assertion,
+    make_gateway,
+    mid,
+)
 from tests.sensors.conftest import current_persons, explain, sensors_url, wait_for
 
 pytestmark = pytest.mark.slow
@@ -45,6 +53,8 @@ def visit(
         "openid": openid,
         "unionid": unionid,
         "login": login,
+        # the shop's backend signs identity assertions with this (run.js plays the backend)
+        "assertion_secret": MALL_ASSERTION_SECRET,
         "pages": ["pages/index/index", "pages/product/product"],
         "events": [{"name": "AddToCart", "properties": {"sku": "SKU-1", "price": 99}}],
         "consent": {
@@ -192,7 +202,14 @@ def test_miniprogram_browsing_then_website_login_is_one_person_across_protocols(
     sent = [mid(), mid(), mid()]
     batch = [
         {"type": "page", "anonymousId": cookie, "name": "Home", "messageId": sent[0]},
-        {"type": "identify", "anonymousId": cookie, "userId": s["user"], "messageId": sent[1]},
+        {
+            "type": "identify",
+            "anonymousId": cookie,
+            "userId": s["user"],
+            "messageId": sent[1],
+            # the website's backend vouches for the login on this browser
+            "context": {"identityAssertion": assertion(s["user"], cookie)},
+        },
         {
             "type": "track",
             "userId": s["user"],

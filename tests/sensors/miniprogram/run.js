@@ -38,6 +38,20 @@ async function drain() {
   }
 }
 
+// What the shop's backend does after wx.login (code2session gives it the openid and unionid)
+// and after the shopper logs in: sign an identity assertion (HS256 JWT) binding the unionid
+// and the user id to this install's anonymous id. The SDK sends it as a super property.
+function base64url(value) {
+  return Buffer.from(value).toString("base64").replace(/=+$/, "").replace(/\+/g, "-").replace(/\//g, "_");
+}
+
+function signAssertion(secret, claims) {
+  const crypto = require("crypto");
+  const head = base64url(JSON.stringify({ alg: "HS256", typ: "JWT" })) + "." + base64url(JSON.stringify(claims));
+  const mac = crypto.createHmac("sha256", secret).update(head).digest();
+  return head + "." + base64url(mac);
+}
+
 async function main() {
   sensors.setPara({
     name: "sensors",
@@ -66,6 +80,14 @@ async function main() {
       sdk: "sa-sdk-miniprogram",
     });
     out.consent = res.statusCode;
+  }
+
+  if (scenario.assertion_secret && (scenario.unionid || scenario.login)) {
+    const now = Math.floor(Date.now() / 1000);
+    const claims = { aud: "idgate", iat: now, exp: now + 600, device: anonymousId };
+    if (scenario.login) claims.sub = scenario.login;
+    if (scenario.unionid) claims.ids = [{ type: "wechat_unionid", id: scenario.unionid }];
+    sensors.registerApp({ $identity_assertion: signAssertion(scenario.assertion_secret, claims) });
   }
 
   for (const route of scenario.pages || []) runtime.openPage(route, { from: "test" });
