@@ -4,7 +4,7 @@ VENV ?= .venv
 STAMP := $(VENV)/.installed-stamp
 PORT ?= 8080
 
-.PHONY: run run-distributed test lint bench bench-sinks bench-distributed venv clean
+.PHONY: run run-distributed test lint bench bench-front-end bench-sinks bench-distributed venv clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "idgate needs Python >= 3.11")'
@@ -44,6 +44,9 @@ bench: $(STAMP)
 	$(VENV)/bin/python bench/ingest.py
 
 ## Records/s of every sink kind (needs Redis and NATS on localhost).
+bench-front-end: $(STAMP)
+	$(VENV)/bin/python bench/front_end.py
+
 bench-sinks: $(STAMP)
 	$(VENV)/bin/python bench/sinks.py
 

@@ -12,13 +12,14 @@ import base64
 import binascii
 import hashlib
 import os
-import stat
 from pathlib import Path
 
 import structlog
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, PublicFormat
+
+from identity.key_files import key_file_mode_problem
 
 log = structlog.get_logger(__name__)
 
@@ -105,9 +106,9 @@ def _read_key_file(path: Path) -> LedgerSigner:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise InvalidLedgerKey(f"cannot read ledger key file {path}: {exc.strerror}") from None
-    mode = path.stat().st_mode
-    if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        log.warning("ledger.key_file_permissions", path=str(path), mode=oct(stat.S_IMODE(mode)))
+    problem = key_file_mode_problem(path)
+    if problem is not None:
+        raise InvalidLedgerKey(f"ledger {problem}")
     return LedgerSigner.from_b64(text)
 
 

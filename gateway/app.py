@@ -43,6 +43,7 @@ from gateway.rate_limits import open_rate_limiter
 from gateway.sensors_http import SENSORS_ROUTES, document_sensors_routes
 from gateway.settings import Settings
 from gateway.trust import assertion_verifiers
+from identity.key_files import key_file_mode_problem
 from identity.pseudonym import InvalidKeyMaterial, KeyRing, new_key_document, write_private_file
 
 log = structlog.get_logger("idgate.gateway")
@@ -75,6 +76,9 @@ def load_keyring(settings: Settings, config: Config) -> KeyRing:
         if missing:
             write_private_file(key_file, new_key_document(missing, existing))
             log.warning("keys.dev_generated", path=str(key_file), tenants=missing)
+    problem = key_file_mode_problem(key_file) if key_file is not None and not settings.keys_json else None
+    if problem is not None:
+        raise InvalidKeyMaterial(f"pseudonymisation {problem}")
     keyring = KeyRing.load(env_value=settings.keys_json, key_file=key_file)
     for tenant in config.tenants:
         keyring.pseudonymiser(tenant.id)  # raises MissingKey now rather than on the first event

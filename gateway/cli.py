@@ -13,12 +13,14 @@ import json
 import os
 import secrets
 import socket
+import stat
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, NoReturn
 
 import click
+import structlog
 
 from consent.cli import DEV_LEDGER_KEY_META, ledger, load_cli_signer
 from consent.signing import InvalidLedgerKey, new_ledger_key_b64
@@ -37,6 +39,7 @@ from gateway.settings import (
 from identity.pseudonym import InvalidKeyMaterial, KeyRing, MissingKey, new_key_document
 
 LOCK_FILE = "idgate.lock"
+PRIVATE_UMASK = 0o077
 
 
 def _fail(message: str, code: int = 2) -> NoReturn:
@@ -55,6 +58,9 @@ def main(ctx: click.Context) -> None:
     except SettingsError as exc:
         _fail(str(exc))
     configure_logging(fmt=logs.format, level=logs.level)
+    # Every file a command creates (SQLite databases and their journals, the outbox, sink
+    # files, dev keys, exports) is readable by its owner only: they hold personal data or keys.
+    os.umask(PRIVATE_UMASK)
     if env == "dev":
         # The ledger commands sign with the key a dev gateway generated in its data
         # directory when no key is given (never outside dev).
@@ -86,7 +92,34 @@ def _lock_data_dir(data_dir: Path) -> IO[str]:
     fh.truncate()
     fh.write(f"{os.getpid()}\n")
     fh.flush()
+    _make_private(data_dir)
     return fh
+
+
+def _make_private(data_dir: Path) -> None:
+    """Take group and other permissions off what an earlier version (or a copy) left readable
+    in the data directory: new files are private by the umask, old ones are made so here."""
+    tightened = 0
+    for root, dirs, files in os.walk(data_dir):
+        for name in [*dirs, *files]:
+            path = Path(root) / name
+            try:
+                st = path.lstat()
+                if not stat.S_ISLNK(st.st_mode) and stat.S_IMODE(st.st_mode) & 0o077:
+                    path.chmod(stat.S_IMODE(st.st_mode) & 0o700)
+                    tightened += 1
+            except OSError:
+                continue
+    try:
+        if stat.S_IMODE(data_dir.stat().st_mode) & 0o077:
+            data_dir.chmod(stat.S_IMODE(data_dir.stat().st_mode) & 0o700)
+            tightened += 1
+    except OSError:
+        pass
+    if tightened:
+        structlog.get_logger("idgate.gateway").warning(
+            "data_dir.permissions_tightened", path=str(data_dir), files=tightened
+        )
 
 
 def _listen(host: str, port: int) -> socket.socket:
@@ -177,9 +210,9 @@ def _banner(settings: Settings, config: Config, base: str) -> list[str]:
 )
 def serve(config_path: Path | None, host: str, port: int, data_dir: Path | None) -> None:
     """Run the gateway."""
-    import uvicorn
     from uvicorn.config import STARTUP_FAILURE
 
+    from gateway import front_end
     from gateway.app import create_app
 
     try:
@@ -199,23 +232,7 @@ def serve(config_path: Path | None, host: str, port: int, data_dir: Path | None)
     shown_host = f"[{host}]" if ":" in host else host
     for line in _banner(settings, config, f"http://{shown_host}:{port}"):
         click.echo(line)
-    server = uvicorn.Server(
-        uvicorn.Config(
-            app,
-            host=host,
-            port=port,
-            loop="uvloop",
-            http="httptools",
-            log_config=None,
-            # No access log and no X-Forwarded-For handling: idgate never uses the client IP
-            # of a request, and an access log would write it to disk.
-            access_log=False,
-            proxy_headers=False,
-            server_header=False,
-            lifespan="on",
-            timeout_graceful_shutdown=10,
-        )
-    )
+    server = front_end.server(app, host, port, settings.http)
     try:
         server.run(sockets=[listener])
     except KeyboardInterrupt:

@@ -146,6 +146,16 @@ async def read_body(
             raise InvalidRequest("invalid_encoding", "body is not valid gzip", "Content-Encoding") from None
         if len(body) > limit or inflater.unconsumed_tail:
             raise InvalidRequest("too_large", f"decompressed body exceeds {limit} bytes", None, 413)
+        if not inflater.eof:
+            raise InvalidRequest("invalid_encoding", "the gzip body is truncated", "Content-Encoding")
+        if inflater.unused_data:
+            # A second gzip member (or anything) after the first would be ignored: refuse it
+            # rather than accept a body that is not what the client thinks it sent.
+            raise InvalidRequest(
+                "invalid_encoding",
+                "data after the end of the gzip body (one gzip member only)",
+                "Content-Encoding",
+            )
     elif encoding not in ("", "identity"):
         raise InvalidRequest(
             "unsupported_media_type",

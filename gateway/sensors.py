@@ -201,6 +201,14 @@ def payload_json(form: dict[str, str], *, limit: int) -> tuple[bytes, bool]:
                 raise InvalidRequest("invalid_encoding", f"{name} is not valid gzip", name) from None
             if len(inflated) > limit or inflater.unconsumed_tail:
                 raise InvalidRequest("too_large", f"decompressed {name} exceeds {limit} bytes", name, 413)
+            if not inflater.eof:
+                raise InvalidRequest("invalid_encoding", f"the gzip data of {name} is truncated", name)
+            if inflater.unused_data:
+                raise InvalidRequest(
+                    "invalid_encoding",
+                    f"data after the end of the gzip data of {name} (one member only)",
+                    name,
+                )
             raw = inflated
     if len(raw) > limit:
         raise InvalidRequest("too_large", f"{name} exceeds {limit} bytes", name, 413)

@@ -75,6 +75,38 @@ def _env_int(name: str, default: int) -> int:
 
 
 @dataclass(frozen=True)
+class HttpLimits:
+    """What one client may hold of the HTTP front end (gateway.front_end)."""
+
+    # Header lines, in bytes (431 past it), and the number of headers (431).
+    max_header_bytes: int = 16_384
+    max_headers: int = 100
+    # The request line's URL (414 past it): room for a Sensors GET /sa.gif?data=... carrying
+    # a whole event (limits.max_message_bytes, base64 and URL-encoded).
+    max_request_line_bytes: int = 65_536
+    # From the connection (or a request's first byte) to the end of its headers, and from
+    # there to the end of its body: 408 and the connection closed past either.
+    header_timeout: float = 10.0
+    body_timeout: float = 30.0
+    # An idle keep-alive connection is closed after this many seconds.
+    keep_alive_seconds: int = 5
+    # Open connections; past it the oldest idle or slow one is closed (else 503).
+    max_connections: int = 4_096
+
+    @classmethod
+    def from_env(cls) -> HttpLimits:
+        return cls(
+            max_header_bytes=max(1024, _env_int("IDGATE_HTTP_MAX_HEADER_BYTES", 16_384)),
+            max_headers=max(8, _env_int("IDGATE_HTTP_MAX_HEADERS", 100)),
+            max_request_line_bytes=max(256, _env_int("IDGATE_HTTP_MAX_REQUEST_LINE_BYTES", 65_536)),
+            header_timeout=max(0.5, _env_int("IDGATE_HTTP_HEADER_TIMEOUT_MS", 10_000) / 1000),
+            body_timeout=max(0.5, _env_int("IDGATE_HTTP_BODY_TIMEOUT_MS", 30_000) / 1000),
+            keep_alive_seconds=max(1, _env_int("IDGATE_HTTP_KEEPALIVE_SECONDS", 5)),
+            max_connections=max(16, _env_int("IDGATE_HTTP_MAX_CONNECTIONS", 4_096)),
+        )
+
+
+@dataclass(frozen=True)
 class Settings:
     env: Environment
     config_path: Path
@@ -114,6 +146,7 @@ class Settings:
     # immediate apply failed (Redis down), or that a restored Redis lost, takes effect on
     # every replica within this period.
     consent_reconcile_seconds: float = 1.0
+    http: HttpLimits = HttpLimits()
 
     @property
     def dev(self) -> bool:
@@ -198,4 +231,5 @@ class Settings:
             consent_reconcile_seconds=min(
                 4.0, max(0.1, _env_int("IDGATE_CONSENT_RECONCILE_MS", 1000) / 1000)
             ),
+            http=HttpLimits.from_env(),
         )

@@ -30,6 +30,7 @@ from typing import Any, Final
 import jwt
 
 from identity.identifiers import DEVICE_TYPES, Identifier, InvalidIdentifier
+from identity.key_files import key_file_mode_problem
 from identity.pseudonym import Pseudonymiser, pseudonymise_identifier
 
 _CACHE_SIZE: Final = 10_000
@@ -102,6 +103,9 @@ def load_key(
                 raise ValueError(f"environment variable {hs256_secret_env} (assertion secret) is not set")
         else:
             path = Path(hs256_secret_file)
+            problem = key_file_mode_problem(path)  # anyone who reads it can forge assertions
+            if problem is not None:
+                raise ValueError(problem)
             try:
                 secret = path.read_text(encoding="utf-8").strip()
             except OSError as exc:

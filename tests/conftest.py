@@ -9,6 +9,7 @@ Markers (registered in pyproject.toml) select the tests by what they need:
     node      Node.js and npm (the WeChat mini-program SDK tests under tests/sensors)
     browser   Chromium driven by Playwright (analytics.js in tests/browser)
     slow      starts `idgate serve` processes (deselect for the quick in-process suite)
+    nginx     nginx (deploy/nginx.conf in front of a gateway, tests/gateway/test_nginx.py)
 
 e.g. ``pytest -m "not postgres"``, ``pytest -m redis``, ``pytest -m "not slow"``. They are
 applied at collection from the fixtures a test uses (MARKERS_BY_FIXTURE), by parameters

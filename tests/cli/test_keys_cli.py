@@ -94,18 +94,21 @@ def test_ledger_public_key_from_env_file_and_the_dev_key(tmp_path: Path) -> None
 
 
 def test_log_lines_go_to_stderr_never_into_stdout(tmp_path: Path) -> None:
-    """A warning while a command prints its result (a group-readable key file) stays on
-    stderr, formatted like every other idgate log line."""
+    """What a command says about its work stays on stderr: a key file other users can read is
+    refused there (nothing on stdout), and with a private one stdout holds the result only."""
     private = new_ledger_key_b64()
     key_file = tmp_path / "ledger.key"
     key_file.write_text(private + "\n")
     key_file.chmod(0o644)
     env = clean_env(IDGATE_ENV="production", IDGATE_LEDGER_KEY_FILE=str(key_file))
+    refused = idgate("keys", "ledger-public-key", env=env)
+    assert refused.returncode == 2 and refused.stdout == ""
+    assert f"ledger key file {key_file} has mode 0644" in refused.stderr
+    assert f"chmod 600 {key_file}" in refused.stderr
+
+    key_file.chmod(0o600)
     done = idgate("keys", "ledger-public-key", env=env)
     assert done.stdout == LedgerSigner.from_b64(private).public_key_b64 + "\n"
-    warnings = [json.loads(line) for line in done.stderr.splitlines() if line.startswith("{")]
-    assert [w["event"] for w in warnings] == ["ledger.key_file_permissions"]
-    assert warnings[0]["level"] == "warning"
 
     # the same for the ledger commands, which existed before: a checkpoint prints one line
     data = tmp_path / "var"
@@ -118,4 +121,3 @@ def test_log_lines_go_to_stderr_never_into_stdout(tmp_path: Path) -> None:
     )
     assert checkpoint.returncode == 0, checkpoint.stderr
     assert checkpoint.stdout == "nothing to checkpoint: every record is covered\n"
-    assert "ledger.key_file_permissions" in checkpoint.stderr

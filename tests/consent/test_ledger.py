@@ -470,18 +470,27 @@ def test_key_material_never_shows(
         store.append([make_draft(), make_draft(), make_draft()])
         store.checkpoint()
         exported = export_text(store)
-        # A key file readable by others is logged as a warning, by path and mode only.
+        # A key file readable by others is refused, naming its path and mode only.
         loose = tmp_path / "loose.key"
         loose.write_text(dev_file.read_text())
         loose.chmod(0o644)
-        load_signer(env_value=None, key_file=loose, dev_file=None)
+        with pytest.raises(InvalidLedgerKey) as refused:
+            load_signer(env_value=None, key_file=loose, dev_file=None)
     secret = dev_file.read_text().strip()
     raw = base64.b64decode(secret)
-    shown = [repr(signer), str(signer), repr(store), repr(logs), capsys.readouterr().out, exported]
+    assert "has mode 0644" in str(refused.value)
+    shown = [
+        repr(signer),
+        str(signer),
+        repr(store),
+        repr(logs),
+        capsys.readouterr().out,
+        exported,
+        str(refused.value),
+    ]
     for text in shown:
         assert secret not in text and raw.hex() not in text
     assert any(e["event"] == "ledger.dev_key_generated" for e in logs)
-    assert any(e["event"] == "ledger.key_file_permissions" for e in logs)
     with pytest.raises(TypeError):
         pickle.dumps(signer)
     with pytest.raises(InvalidLedgerKey) as bad:

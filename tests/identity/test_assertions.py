@@ -112,3 +112,13 @@ def test_short_secrets_and_missing_variables_fail_at_start(monkeypatch: pytest.M
 def test_server_sources_prove_everything() -> None:
     s = standing(server=True, verifier=None, token=None, identifiers=[], pseudonymiser=P, now=0)
     assert s == Standing(server=True) and s.proves(ident("phone", "13912345678")) and s.guardian
+
+
+def test_a_secret_file_others_can_read_is_refused(tmp_path) -> None:
+    secret = tmp_path / "assertion.secret"
+    secret.write_text(SECRET)
+    secret.chmod(0o644)
+    with pytest.raises(ValueError, match="chmod 600"):
+        load_key(hs256_secret_file=str(secret))
+    secret.chmod(0o600)
+    assert load_key(hs256_secret_file=str(secret)).algorithm == "HS256"
