@@ -97,8 +97,9 @@ def audit_records(gw: Served, anon: str) -> list[dict[str, Any]]:
 def explain(gw: Served, anon: str, user: str) -> dict[str, Any]:
     r = httpx.get(
         gw.url + "/admin/identity/explain",
-        params={"tenant": "acme", "a": anon, "a_type": "anonymous_id", "b": user},
-        headers=OPERATOR,
+        # raw identifiers: a look-up for the compliance role
+        params={"tenant": "acme", "a": anon, "a_type": "anonymous_id", "b": user, "b_type": "user_id"},
+        headers=COMPLIANCE,
         timeout=10,
     )
     assert r.status_code == 200, r.text
