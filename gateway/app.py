@@ -38,6 +38,7 @@ from gateway.logging import request_context
 from gateway.maintenance import keep_healthy
 from gateway.openapi import docs_assets_routers, finish_document, openapi_config
 from gateway.pipeline import Ingestor, IngestServices
+from gateway.rights_setup import open_rights
 from gateway.sensors_http import SENSORS_ROUTES, document_sensors_routes
 from gateway.settings import Settings
 from gateway.trust import assertion_verifiers
@@ -209,6 +210,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             },
             verify_ledger=lambda: verify_database(consent.ledger),
         )
+        state.rights = open_rights(config.rights, consent.service, identity)
         await delivery.start()
         checkpoints = asyncio.create_task(
             checkpoint_periodically(consent.ledger, settings.checkpoint_seconds), name="ledger-checkpoint"

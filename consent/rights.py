@@ -1,0 +1,391 @@
+"""Data-subject rights requests (PIPL Art. 44-50): intake, the clock, and what each kind does.
+
+A request names its subject by one identifier, already pseudonymised by the caller (raw
+identifiers never reach this module). Every state change of a request is one
+``rights_request`` record appended to the consent ledger, so requests survive restarts, are
+hash-chained and signed like consents, and an officer can prove when each was received,
+verified, acted on and answered. The current state of a request is the fold of its records
+(``detail.request_id`` ties them together); nothing else is stored.
+
+Records of one request, in order:
+
+- ``requested`` / ``opened``: kind, who asked (``requested_by``), the channel, how the
+  subject's identity was verified, the time of receipt and the due time (the clock,
+  ``consent.rights_clock``);
+- ``refused``: the subject's identity could not be verified (Art. 50: a refusal is recorded
+  with its reason); the request ends there;
+- ``requested`` / ``step``: a part of the work done (consents withdrawn, graph erased, events
+  purged), with counts and the ledger seqs it wrote;
+- ``completed`` / ``completed``: the outcome, the completion time and how long it took (seconds
+  and working days).
+
+``withdraw_all`` and ``delete`` are carried out when they are opened; ``access``, ``copy``,
+``correct`` and ``restrict`` stay open until an officer completes them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+
+import msgspec
+import structlog
+
+from consent.ledger import RecordDraft
+from consent.models import RecordState
+from consent.rights_clock import RightsClock, local_day
+from consent.service import ConsentService
+from identity.identifiers import Identifier, node_type, node_value
+
+log = structlog.get_logger(__name__)
+
+RightsKind = Literal["access", "copy", "correct", "delete", "restrict", "withdraw_all"]
+RIGHTS_KINDS: tuple[str, ...] = RightsKind.__args__  # type: ignore[attr-defined]
+# Who made the request: the person, a guardian (a minor, Art. 31), an authorised agent, or a
+# next of kin exercising a deceased person's rights (Art. 49).
+Requester = Literal["subject", "guardian", "agent", "next_of_kin"]
+Channel = Literal["app", "web", "miniprogram", "email", "phone", "letter", "in_person", "customer_service"]
+VerificationMethod = Literal[
+    "account_login", "sms_code", "id_document", "in_person", "notarised_letter", "none"
+]
+VerificationOutcome = Literal["verified", "failed", "not_possible"]
+RequestStatus = Literal["open", "refused", "completed"]
+Outcome = Literal["done", "partly_done", "declined"]
+ClockStatus = Literal["on_time", "nearly_due", "overdue", "closed"]
+
+
+class Verification(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """How the subject's identity was checked. ``reference`` is the officer's own case or
+    ticket number (never personal data: letters, digits and ``._:-`` only)."""
+
+    method: VerificationMethod
+    outcome: VerificationOutcome
+    reference: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9._:-]{1,64}$")] | None = None
+
+
+class RightsError(Exception):
+    """A rights request that cannot be taken or changed as asked (maps to a 4xx)."""
+
+    def __init__(self, error: str, detail: str, field: str | None = None, status: int = 400) -> None:
+        super().__init__(detail)
+        self.error = error
+        self.detail = detail
+        self.field = field
+        self.status = status
+
+
+class RightsRequest(msgspec.Struct, rename="camel"):
+    """A request as its ledger records tell it."""
+
+    request_id: str
+    tenant: str
+    kind: str
+    subject: str  # "<type>:<pseudonym>" named at intake
+    status: str
+    requested_by: str
+    channel: str
+    verification: dict[str, Any]
+    received_at: datetime
+    due_at: datetime
+    officer: str
+    records: list[int]  # ledger seqs of its records, in order
+    steps: list[dict[str, Any]] = []
+    refusal_reason: str | None = None
+    completed_at: datetime | None = None
+    outcome: str | None = None
+    seconds_to_complete: float | None = None
+    working_days_to_complete: int | None = None
+    # filled in by the listing at the time it answers
+    clock: str = "on_time"
+    working_days_left: int | None = None
+
+
+# The identity cluster (every node of the person) of a node: node -> nodes including itself.
+PersonOf = Callable[[str, str], Sequence[str]]
+# A step of a deletion carried out by another domain (identity graph, outbox, dead letters):
+# (tenant, nodes of the person) -> counts to record.
+DeletionStep = Callable[[str, Sequence[str]], Awaitable[Mapping[str, int]]]
+
+
+def _refusal(v: Verification) -> str | None:
+    if v.method == "none":
+        return "identity_not_verified: no verification method"
+    if v.outcome == "failed":
+        return f"identity_not_verified: {v.method} check failed"
+    if v.outcome == "not_possible":
+        return f"identity_not_verified: {v.method} check not possible"
+    return None
+
+
+class RightsService:
+    """Opens, carries out and answers rights requests; the ledger holds every step."""
+
+    def __init__(
+        self,
+        consent: ConsentService,
+        clock: RightsClock,
+        *,
+        person_of: PersonOf,
+        deletion_steps: Mapping[str, DeletionStep] | None = None,
+        now: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self.consent = consent
+        self.clock = clock
+        self.person_of = person_of
+        self.deletion_steps = dict(deletion_steps or {})
+        self.now = now
+
+    # -- writing -------------------------------------------------------------------------
+    async def _write(
+        self,
+        tenant: str,
+        subject: str,
+        nodes: Sequence[str],
+        state: RecordState,
+        detail: dict[str, Any],
+        officer: str,
+    ) -> int:
+        draft = RecordDraft(
+            tenant=tenant,
+            record_type="rights_request",
+            subject=node_value(subject),
+            identifiers=list(dict.fromkeys([subject, *nodes])),
+            state=state,
+            source=f"admin:{officer}",
+            platform="admin",
+            at=self.now(),
+            detail=detail,
+        )
+        (record,), _ = await self.consent._append([draft])
+        return int(record.seq)
+
+    async def open(
+        self,
+        *,
+        tenant: str,
+        subject: Identifier,
+        kind: RightsKind,
+        requested_by: Requester,
+        channel: Channel,
+        verification: Verification,
+        officer: str,
+        received_at: datetime | None = None,
+    ) -> RightsRequest:
+        """Take a request: refused (and recorded) when the subject's identity is not verified;
+        otherwise opened with its due date, and carried out at once for ``withdraw_all`` and
+        ``delete``."""
+        now = self.now()
+        received = received_at or now
+        if received > now:
+            raise RightsError("invalid_field", "receivedAt is in the future", "receivedAt")
+        request_id = f"dsr-{uuid.uuid4()}"
+        due = self.clock.due(received)
+        detail: dict[str, Any] = {
+            "request_id": request_id,
+            "event": "opened",
+            "kind": kind,
+            "requested_by": requested_by,
+            "channel": channel,
+            "verification": msgspec.to_builtins(verification),
+            "received_at": received.isoformat(),
+            "due_at": due.isoformat(),
+            "officer": officer,
+        }
+        reason = _refusal(verification)
+        if reason is not None:
+            detail["event"] = "refused"
+            detail["reason"] = reason
+            await self._write(tenant, subject.node, [], "refused", detail, officer)
+            log.info("rights.refused", tenant=tenant, request_id=request_id, kind=kind, reason=reason)
+            raise RightsError(
+                "unverified_request",
+                f"the subject's identity is not verified ({reason}); refused and recorded as {request_id}",
+                "verification",
+                422,
+            )
+        await self._write(tenant, subject.node, [], "requested", detail, officer)
+        log.info("rights.opened", tenant=tenant, request_id=request_id, kind=kind, due_at=due.isoformat())
+        if kind == "withdraw_all":
+            await self._withdraw_all(tenant, request_id, subject.node, officer)
+            return await self.complete(tenant=tenant, request_id=request_id, outcome="done", officer=officer)
+        if kind == "delete":
+            await self._delete(tenant, request_id, subject.node, officer)
+            return await self.complete(tenant=tenant, request_id=request_id, outcome="done", officer=officer)
+        return await self.get(tenant, request_id)
+
+    async def _step(
+        self,
+        tenant: str,
+        request_id: str,
+        subject: str,
+        nodes: Sequence[str],
+        officer: str,
+        step: dict[str, Any],
+    ) -> None:
+        await self._write(
+            tenant, subject, nodes, "requested", {"request_id": request_id, "event": "step", **step}, officer
+        )
+
+    async def _withdraw_all(self, tenant: str, request_id: str, subject: str, officer: str) -> list[str]:
+        """Withdraw every purpose that rests on consent, for every identifier of the person."""
+        nodes = list(dict.fromkeys([subject, *self.person_of(tenant, subject)]))
+        rules = self.consent.rules[tenant]
+        purposes = sorted(rules.known - rules.contract)
+        receipts = await self.consent.record(
+            tenant=tenant,
+            identifiers=[(node_type(n), node_value(n)) for n in nodes],
+            withdraw=purposes,
+            notice_id=None,
+            source=f"rights:{request_id}",
+            platform="admin",
+        )
+        step = {
+            "step": "withdraw_all",
+            "purposes": purposes,
+            "identifiers": len(nodes),
+            "consent_records": [r.seq for r in receipts],
+        }
+        await self._step(tenant, request_id, subject, nodes, officer, step)
+        return nodes
+
+    async def _delete(self, tenant: str, request_id: str, subject: str, officer: str) -> None:
+        """Withdraw everything (the withdrawals stay in the ledger: they are what keeps the
+        person's re-sent events out), then every deletion step (graph, outbox, dead letters)."""
+        nodes = await self._withdraw_all(tenant, request_id, subject, officer)
+        for name, run in self.deletion_steps.items():
+            counts = await run(tenant, nodes)
+            await self._step(tenant, request_id, subject, nodes, officer, {"step": name, **dict(counts)})
+
+    async def complete(
+        self, *, tenant: str, request_id: str, outcome: Outcome, officer: str
+    ) -> RightsRequest:
+        """Answer a request: records the completion time and how long it took."""
+        request = await self.get(tenant, request_id)
+        if request.status != "open":
+            raise RightsError("not_open", f"request {request_id} is {request.status}", "requestId", 409)
+        done = self.now()
+        seconds = (done - request.received_at).total_seconds()
+        days = self.clock.calendar.working_days_between(local_day(request.received_at), local_day(done))
+        detail: dict[str, Any] = {
+            "request_id": request_id,
+            "event": "completed",
+            "outcome": outcome,
+            "completed_at": done.isoformat(),
+            "seconds_to_complete": round(seconds, 3),
+            "working_days_to_complete": days,
+            "on_time": done <= request.due_at,
+        }
+        await self._write(tenant, request.subject, [], "completed", detail, officer)
+        log.info(
+            "rights.completed",
+            tenant=tenant,
+            request_id=request_id,
+            outcome=outcome,
+            seconds=round(seconds, 3),
+        )
+        return await self.get(tenant, request_id)
+
+    # -- reading -------------------------------------------------------------------------
+    def _records(self, tenant: str | None) -> list[Any]:
+        out: list[Any] = []
+        after = 0
+        while True:
+            page = self.consent.ledger.records(
+                tenant=tenant, record_type="rights_request", after_seq=after, limit=5000
+            )
+            out.extend(page)
+            if len(page) < 5000:
+                return out
+            after = page[-1].seq
+
+    def fold(self, records: Sequence[Any], now: datetime | None = None) -> list[RightsRequest]:
+        """The requests these ``rights_request`` records tell, with their clock at ``now``."""
+        now = now or self.now()
+        by_id: dict[str, RightsRequest] = {}
+        for r in records:
+            d = r.detail or {}
+            rid = d.get("request_id")
+            if not rid:
+                continue
+            event = d.get("event")
+            if event in ("opened", "refused"):
+                by_id[rid] = RightsRequest(
+                    request_id=rid,
+                    tenant=r.tenant,
+                    kind=d["kind"],
+                    subject=(r.identifiers or [""])[0],
+                    status="open" if event == "opened" else "refused",
+                    requested_by=d["requested_by"],
+                    channel=d["channel"],
+                    verification=d["verification"],
+                    received_at=datetime.fromisoformat(d["received_at"]),
+                    due_at=datetime.fromisoformat(d["due_at"]),
+                    officer=d["officer"],
+                    records=[r.seq],
+                    refusal_reason=d.get("reason"),
+                )
+                continue
+            request = by_id.get(rid)
+            if request is None:
+                continue
+            request.records.append(r.seq)
+            if event == "step":
+                request.steps.append({k: v for k, v in d.items() if k not in ("request_id", "event")})
+            elif event == "completed":
+                request.status = "completed"
+                request.outcome = d.get("outcome")
+                request.completed_at = datetime.fromisoformat(d["completed_at"])
+                request.seconds_to_complete = d.get("seconds_to_complete")
+                request.working_days_to_complete = d.get("working_days_to_complete")
+        for request in by_id.values():
+            if request.status == "open":
+                request.clock = self.clock.status(request.due_at, now)
+                request.working_days_left = self.clock.working_days_left(request.due_at, now)
+            else:
+                request.clock = "closed"
+        return list(by_id.values())
+
+    async def list(
+        self, *, tenant: str | None, status: str | None = None, clock: str | None = None
+    ) -> list[RightsRequest]:
+        records = await asyncio.to_thread(self._records, tenant)
+        out = self.fold(records)
+        if status is not None:
+            out = [r for r in out if r.status == status]
+        if clock is not None:
+            out = [r for r in out if r.clock == clock]
+        return out
+
+    async def get(self, tenant: str, request_id: str) -> RightsRequest:
+        for request in await self.list(tenant=tenant):
+            if request.request_id == request_id:
+                return request
+        raise RightsError(
+            "not_found", f"no rights request {request_id} for tenant {tenant!r}", "requestId", 404
+        )
+
+    def open_counts(self) -> dict[tuple[str, str, str], int]:
+        """(tenant, kind, clock) -> open requests, for the ``/metrics`` gauge (blocking)."""
+        counts: dict[tuple[str, str, str], int] = {}
+        for r in self.fold(self._records(None)):
+            if r.status == "open":
+                key = (r.tenant, r.kind, r.clock)
+                counts[key] = counts.get(key, 0) + 1
+        return counts
+
+
+__all__ = [
+    "RIGHTS_KINDS",
+    "Channel",
+    "DeletionStep",
+    "PersonOf",
+    "Requester",
+    "RightsError",
+    "RightsKind",
+    "RightsRequest",
+    "RightsService",
+    "Verification",
+]

@@ -1,0 +1,183 @@
+"""Compliance API of data-subject rights requests (consent.rights): open, list, answer.
+
+Thin handlers: check the tenant scope, pseudonymise the subject (the raw identifier an officer
+names never goes further than this module), call ``RightsService`` (on ``app.state.rights``),
+write the access log, return typed views. Compliance role only.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+import msgspec
+from litestar import Controller, get, post
+from litestar.datastructures import State
+from litestar.di import Provide
+from litestar.exceptions import PermissionDeniedException
+
+from consent.rights import (
+    Channel,
+    Outcome,
+    Requester,
+    RightsError,
+    RightsKind,
+    RightsRequest,
+    RightsService,
+    Verification,
+)
+from gateway.admin.deps import ADMIN_DEPENDENCIES, READ_ERRORS, WRITE_ERRORS, AdminServices, log_access
+from gateway.admin.schemas import IdentifierRef, TenantId
+from gateway.auth import Officer, admin_guard, roles
+from gateway.errors import InvalidRequest
+
+
+class OpenRightsRequest(msgspec.Struct, rename="camel", forbid_unknown_fields=True):
+    """A data subject's request as the officer took it."""
+
+    tenant: TenantId
+    kind: RightsKind
+    subject: IdentifierRef
+    requested_by: Requester
+    channel: Channel
+    verification: Verification
+    # When the request reached the company (a letter received last week); default: now.
+    received_at: datetime | None = None
+
+
+class CompleteRightsRequest(msgspec.Struct, rename="camel", forbid_unknown_fields=True):
+    tenant: TenantId
+    outcome: Outcome
+
+
+class RightsList(msgspec.Struct, rename="camel"):
+    requests: list[RightsRequest]
+    open: int
+    overdue: int
+    nearly_due: int
+
+
+def _rights(state: State) -> RightsService:
+    service: RightsService = state.rights
+    return service
+
+
+def _domain(exc: RightsError) -> InvalidRequest:
+    return InvalidRequest(exc.error, exc.detail, exc.field, exc.status)
+
+
+class RightsController(Controller):
+    path = "/admin/rights"
+    tags = ["compliance"]
+    guards = [admin_guard]
+    dependencies = {**ADMIN_DEPENDENCIES, "rights": Provide(_rights, sync_to_thread=False)}
+    security = [{"AdminToken": []}]
+
+    @post(
+        "/",
+        status_code=201,
+        responses=WRITE_ERRORS,
+        summary="Open a data-subject rights request (PIPL Art. 44-50)",
+        opt=roles("compliance"),
+    )
+    async def open_request(
+        self, services: AdminServices, rights: RightsService, officer: Officer, data: OpenRightsRequest
+    ) -> RightsRequest:
+        """Compliance role. The subject is named by a raw identifier, pseudonymised here. A
+        request whose subject's identity is not verified is refused (422) and recorded with
+        its reason; ``withdraw_all`` and ``delete`` are carried out before the answer."""
+        services.tokens.check_tenant(officer, data.tenant)
+        subject = services.subject_of(data.tenant, data.subject, "subject")
+        received = data.received_at
+        if received is not None:
+            received = received.replace(tzinfo=UTC) if received.tzinfo is None else received.astimezone(UTC)
+        params: dict[str, Any] = {"subject": subject.value, "type": subject.type, "kind": data.kind}
+        try:
+            request = await rights.open(
+                tenant=data.tenant,
+                subject=subject,
+                kind=data.kind,
+                requested_by=data.requested_by,
+                channel=data.channel,
+                verification=data.verification,
+                officer=officer.name,
+                received_at=received,
+            )
+        except RightsError as exc:
+            await log_access(services, officer, "rights.refused", data.tenant, params, 0)
+            raise _domain(exc) from None
+        await log_access(
+            services, officer, "rights.open", data.tenant, {**params, "request": request.request_id}, 1
+        )
+        return request
+
+    @get("/", responses=READ_ERRORS, summary="Rights requests, with their due dates", opt=roles("compliance"))
+    async def list_requests(
+        self,
+        services: AdminServices,
+        rights: RightsService,
+        officer: Officer,
+        tenant: str | None = None,
+        status: Literal["open", "refused", "completed"] | None = None,
+        clock: Literal["on_time", "nearly_due", "overdue", "closed"] | None = None,
+    ) -> RightsList:
+        """``clock`` of an open request: ``overdue`` past its due time, ``nearly_due`` within
+        ``[rights] nearly_due_working_days`` working days of it."""
+        if tenant is None and officer.tenants:
+            raise PermissionDeniedException(detail="a tenant-scoped officer must name the tenant")
+        if tenant is not None:
+            services.tokens.check_tenant(officer, tenant)
+        found = await rights.list(tenant=tenant, status=status, clock=clock)
+        await log_access(
+            services, officer, "rights.list", tenant, {"status": status, "clock": clock}, len(found)
+        )
+        return RightsList(
+            requests=found,
+            open=sum(1 for r in found if r.status == "open"),
+            overdue=sum(1 for r in found if r.clock == "overdue"),
+            nearly_due=sum(1 for r in found if r.clock == "nearly_due"),
+        )
+
+    @get("/{request_id:str}", responses=READ_ERRORS, summary="One rights request", opt=roles("compliance"))
+    async def get_request(
+        self, services: AdminServices, rights: RightsService, officer: Officer, request_id: str, tenant: str
+    ) -> RightsRequest:
+        services.tokens.check_tenant(officer, tenant)
+        try:
+            request = await rights.get(tenant, request_id)
+        except RightsError as exc:
+            raise _domain(exc) from None
+        await log_access(services, officer, "rights.get", tenant, {"request": request_id}, 1)
+        return request
+
+    @post(
+        "/{request_id:str}/complete",
+        status_code=200,
+        responses=WRITE_ERRORS,
+        summary="Answer an open rights request (records when, and how long it took)",
+        opt=roles("compliance"),
+    )
+    async def complete(
+        self,
+        services: AdminServices,
+        rights: RightsService,
+        officer: Officer,
+        request_id: str,
+        data: CompleteRightsRequest,
+    ) -> RightsRequest:
+        services.tokens.check_tenant(officer, data.tenant)
+        try:
+            request = await rights.complete(
+                tenant=data.tenant, request_id=request_id, outcome=data.outcome, officer=officer.name
+            )
+        except RightsError as exc:
+            raise _domain(exc) from None
+        await log_access(
+            services,
+            officer,
+            "rights.complete",
+            data.tenant,
+            {"request": request_id, "outcome": data.outcome},
+            1,
+        )
+        return request
