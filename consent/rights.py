@@ -120,6 +120,53 @@ def _refusal(v: Verification) -> str | None:
     return None
 
 
+def fold_requests(records: Sequence[Any], clock: RightsClock, now: datetime) -> list[RightsRequest]:
+    """The requests these ``rights_request`` ledger records tell, with their clock at ``now``."""
+    by_id: dict[str, RightsRequest] = {}
+    for r in records:
+        d = r.detail or {}
+        rid = d.get("request_id")
+        if not rid:
+            continue
+        event = d.get("event")
+        if event in ("opened", "refused"):
+            by_id[rid] = RightsRequest(
+                request_id=rid,
+                tenant=r.tenant,
+                kind=d["kind"],
+                subject=(r.identifiers or [""])[0],
+                status="open" if event == "opened" else "refused",
+                requested_by=d["requested_by"],
+                channel=d["channel"],
+                verification=d["verification"],
+                received_at=datetime.fromisoformat(d["received_at"]),
+                due_at=datetime.fromisoformat(d["due_at"]),
+                officer=d["officer"],
+                records=[r.seq],
+                refusal_reason=d.get("reason"),
+            )
+            continue
+        request = by_id.get(rid)
+        if request is None:
+            continue
+        request.records.append(r.seq)
+        if event == "step":
+            request.steps.append({k: v for k, v in d.items() if k not in ("request_id", "event")})
+        elif event == "completed":
+            request.status = "completed"
+            request.outcome = d.get("outcome")
+            request.completed_at = datetime.fromisoformat(d["completed_at"])
+            request.seconds_to_complete = d.get("seconds_to_complete")
+            request.working_days_to_complete = d.get("working_days_to_complete")
+    for request in by_id.values():
+        if request.status == "open":
+            request.clock = clock.status(request.due_at, now)
+            request.working_days_left = clock.working_days_left(request.due_at, now)
+        else:
+            request.clock = "closed"
+    return list(by_id.values())
+
+
 class RightsService:
     """Opens, carries out and answers rights requests; the ledger holds every step."""
 
@@ -302,51 +349,7 @@ class RightsService:
             after = page[-1].seq
 
     def fold(self, records: Sequence[Any], now: datetime | None = None) -> list[RightsRequest]:
-        """The requests these ``rights_request`` records tell, with their clock at ``now``."""
-        now = now or self.now()
-        by_id: dict[str, RightsRequest] = {}
-        for r in records:
-            d = r.detail or {}
-            rid = d.get("request_id")
-            if not rid:
-                continue
-            event = d.get("event")
-            if event in ("opened", "refused"):
-                by_id[rid] = RightsRequest(
-                    request_id=rid,
-                    tenant=r.tenant,
-                    kind=d["kind"],
-                    subject=(r.identifiers or [""])[0],
-                    status="open" if event == "opened" else "refused",
-                    requested_by=d["requested_by"],
-                    channel=d["channel"],
-                    verification=d["verification"],
-                    received_at=datetime.fromisoformat(d["received_at"]),
-                    due_at=datetime.fromisoformat(d["due_at"]),
-                    officer=d["officer"],
-                    records=[r.seq],
-                    refusal_reason=d.get("reason"),
-                )
-                continue
-            request = by_id.get(rid)
-            if request is None:
-                continue
-            request.records.append(r.seq)
-            if event == "step":
-                request.steps.append({k: v for k, v in d.items() if k not in ("request_id", "event")})
-            elif event == "completed":
-                request.status = "completed"
-                request.outcome = d.get("outcome")
-                request.completed_at = datetime.fromisoformat(d["completed_at"])
-                request.seconds_to_complete = d.get("seconds_to_complete")
-                request.working_days_to_complete = d.get("working_days_to_complete")
-        for request in by_id.values():
-            if request.status == "open":
-                request.clock = self.clock.status(request.due_at, now)
-                request.working_days_left = self.clock.working_days_left(request.due_at, now)
-            else:
-                request.clock = "closed"
-        return list(by_id.values())
+        return fold_requests(records, self.clock, now or self.now())
 
     async def list(
         self, *, tenant: str | None, status: str | None = None, clock: str | None = None
@@ -388,4 +391,5 @@ __all__ = [
     "RightsRequest",
     "RightsService",
     "Verification",
+    "fold_requests",
 ]

@@ -5,6 +5,7 @@ listing and in /metrics, and what ``withdraw_all`` does to the person's next eve
 from __future__ import annotations
 
 import json
+import subprocess
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -15,6 +16,7 @@ import pytest
 
 from tests.conftest import (
     COMPLIANCE_TOKEN,
+    IDGATE,
     MALL_APP_KEY,
     MALL_WEB_KEY,
     OPERATOR_TOKEN,
@@ -219,8 +221,17 @@ def test_overdue_requests_show_in_the_listing_and_in_metrics(gw: Gateway) -> Non
         if m.startswith('idgate_rights_requests_open{clock="overdue",kind="correct",tenant="mall"}')
     ]
     assert float(line.split()[-1]) >= 1
-    # a request nearly due: received 14 calendar days ago is within 3 working days of its due date?
-    # (not asserted here: the clock's unit tests cover nearly_due on a fixed calendar)
+    # and in the CLI listing, which exits 1 while any request is overdue
+    env = {**gw.env, "IDGATE_DATA_DIR": str(gw.data_dir)}
+    args = [str(IDGATE), "rights", "list", "--tenant", "mall", "--config", str(gw.config_path)]
+    table = subprocess.run(args, env=env, capture_output=True, text=True, timeout=60)
+    assert table.returncode == 1, table.stderr
+    (row,) = [x for x in table.stdout.splitlines() if x.startswith(r.json()["requestId"])]
+    assert " correct " in row and " overdue (-" in row, row
+    assert "overdue" in table.stderr and user not in table.stdout
+    as_json = subprocess.run([*args, "--json", "--clock", "overdue"], env=env, capture_output=True, text=True)
+    listed_ids = {json.loads(x)["requestId"] for x in as_json.stdout.splitlines()}
+    assert r.json()["requestId"] in listed_ids
 
 
 def test_withdraw_all_stops_the_next_event_from_every_device_of_the_person(gw: Gateway) -> None:
