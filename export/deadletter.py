@@ -15,7 +15,7 @@ the same classes; methods are synchronous (workers call them from a thread).
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -88,6 +88,7 @@ class DeadLetterStore(Protocol):
     def list(self, destination: str | None = None, limit: int = 100) -> list[DeadLetter]: ...
     def get(self, entry_id: str) -> DeadLetter | None: ...
     def delete(self, entry_ids: Sequence[str]) -> int: ...
+    def purge_person(self, tenant: str, pseudonyms: Collection[str]) -> int: ...
     def counts(self) -> dict[str, int]: ...
     def close(self) -> None: ...
 
@@ -188,6 +189,20 @@ class SqliteDeadLetters:
         with self._conn:
             self._conn.execute("BEGIN IMMEDIATE")
             return sum(self._conn.execute("DELETE FROM dead_letter WHERE id = ?", i).rowcount for i in ids)
+
+    def purge_person(self, tenant: str, pseudonyms: Collection[str]) -> int:
+        """Delete the dead-lettered events of a person (a deletion request): every event of
+        ``tenant`` whose person or pseudonyms include one of ``pseudonyms``. Notices stay."""
+        wanted = set(pseudonyms)
+        with self._conn:
+            self._conn.execute("BEGIN IMMEDIATE")
+            rows = self._conn.execute(
+                "SELECT id, person, pseudonyms FROM dead_letter WHERE tenant = ? AND kind = 'event'",
+                (tenant,),
+            ).fetchall()
+            ids = [(i,) for i, person, names in rows if person in wanted or wanted & set(names.split(","))]
+            self._conn.executemany("DELETE FROM dead_letter WHERE id = ?", ids)
+        return len(ids)
 
     def counts(self) -> dict[str, int]:
         rows = self._conn.execute("SELECT destination, COUNT(*) FROM dead_letter GROUP BY destination")
@@ -290,6 +305,31 @@ class RedisDeadLetters:
             destination, _, eid = entry_id.partition("/")
             if eid:
                 removed += int(self.client.xdel(self._key(destination), eid))
+        return removed
+
+    def purge_person(self, tenant: str, pseudonyms: Collection[str]) -> int:
+        """Delete the dead-lettered events of a person (see SqliteDeadLetters.purge_person)."""
+        wanted = set(pseudonyms)
+        removed = 0
+        for d in self._destinations():
+            key, start = self._key(d), "-"
+            while True:
+                rows = self.client.xrange(key, min=start, count=1000)
+                if not rows:
+                    break
+                doomed = []
+                for eid, fields in rows:
+                    entry = self._entry(d, eid, fields)
+                    if (
+                        entry.kind == "event"
+                        and entry.tenant == tenant
+                        and (entry.person in wanted or wanted & set(entry.pseudonyms))
+                    ):
+                        doomed.append(eid)
+                if doomed:
+                    removed += int(self.client.xdel(key, *doomed))
+                last = rows[-1][0]
+                start = "(" + (last.decode() if isinstance(last, bytes) else str(last))
         return removed
 
     def counts(self) -> dict[str, int]:

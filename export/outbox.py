@@ -20,7 +20,7 @@ destination's pseudonym domain). Delivery never parses payload bytes to find the
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from enum import IntEnum
 from typing import Literal, Protocol
 
@@ -217,5 +217,9 @@ class Outbox(Protocol):
         ...
 
     async def prune(self, chunk: int = 5_000) -> tuple[int, int]: ...
+    async def purge_person(self, tenant: str, pseudonyms: Collection[str]) -> int:
+        """Delete the events held for a person (a deletion request); notices stay."""
+        ...
+
     async def checkpoint(self) -> tuple[int, int]: ...
     def close(self) -> None: ...

@@ -3,6 +3,7 @@ lookup and the deletion steps of the other domains, and the ``/metrics`` gauge."
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator, Mapping, Sequence
 
 import structlog
@@ -13,6 +14,8 @@ from prometheus_client.registry import Collector
 from consent.rights import DeletionStep, RightsService
 from consent.rights_clock import RightsClock, WorkingCalendar
 from consent.service import ConsentService
+from export.deadletter import DeadLetterStore
+from export.outbox import Outbox
 from gateway.config import RightsConfig
 from identity.identifiers import Identifier, node_type, node_value
 from identity.service import IdentityService
@@ -35,13 +38,33 @@ def identity_erasure(identity: IdentityService) -> DeletionStep:
     return erase
 
 
+def event_purge(identity: IdentityService, outbox: Outbox, dead_letters: DeadLetterStore) -> DeletionStep:
+    """The person's events still held: in the outbox (delivered or not) and in the dead
+    letters, found by their pseudonyms and unified ID (read before the graph is erased)."""
+
+    async def purge(tenant: str, nodes: Sequence[str]) -> Mapping[str, int]:
+        keys = {node_value(n) for n in nodes} | {identity.unified_id(tenant, n) for n in nodes}
+        held = await outbox.purge_person(tenant, keys)
+        dead = await asyncio.to_thread(dead_letters.purge_person, tenant, keys)
+        return {"outbox_events": held, "dead_letters": dead}
+
+    return purge
+
+
 def open_rights(
     config: RightsConfig,
     consent: ConsentService,
     identity: IdentityService,
-    extra_steps: Mapping[str, DeletionStep] | None = None,
+    outbox: Outbox,
+    dead_letters: DeadLetterStore,
 ) -> RightsService:
-    steps: dict[str, DeletionStep] = {"identity_graph": identity_erasure(identity), **(extra_steps or {})}
+    # In this order: consent is withdrawn first (by the service: events in flight are then
+    # withheld at delivery), the held events go while the unified ID is still known, and
+    # the graph last (its deletion notices go to the outbox after the purge).
+    steps: dict[str, DeletionStep] = {
+        "events": event_purge(identity, outbox, dead_letters),
+        "identity_graph": identity_erasure(identity),
+    }
     service = RightsService(consent, rights_clock(config), person_of=identity.person, deletion_steps=steps)
     RIGHTS_GAUGE.service = service
     return service

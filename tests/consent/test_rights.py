@@ -5,6 +5,7 @@ listing and in /metrics, and what ``withdraw_all`` does to the person's next eve
 from __future__ import annotations
 
 import json
+import sqlite3
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -20,8 +21,10 @@ from tests.conftest import (
     MALL_APP_KEY,
     MALL_WEB_KEY,
     OPERATOR_TOKEN,
+    TEST_CONFIG,
     Gateway,
     assertion,
+    free_port,
     make_gateway,
     mid,
 )
@@ -241,6 +244,11 @@ def test_withdraw_all_stops_the_next_event_from_every_device_of_the_person(gw: G
     login(gw, MALL_APP_KEY, user, app_device)
     before = send(gw, MALL_APP_KEY, "track", anonymousId=app_device, event="Product Viewed")
     assert before["accepted"] == 1, before
+    wait_until(  # delivered before the withdrawal (after it, delivery would withhold it)
+        lambda: [e for e in gw.sink_lines("mall-warehouse") if e["messageId"] == before["messageId"]],
+        20,
+        what="the event before the withdrawal at mall-warehouse",
+    )
 
     r = open_request(
         gw, kind="withdraw_all", subject={"type": "user_id", "id": user}, channel="customer_service"
@@ -261,7 +269,6 @@ def test_withdraw_all_stops_the_next_event_from_every_device_of_the_person(gw: G
         assert sent["accepted"] == 0 and sum(sent["dropped"].values()) == 1, sent
     gw.wait_past("mall-warehouse", write_key=MALL_WEB_KEY, grant=["analytics"])
     at_sink = {e["messageId"] for e in gw.sink_lines("mall-warehouse")}
-    assert before["messageId"] in at_sink
     assert not at_sink & {s["messageId"] for s in after}
     # the withdrawals are ledger records of every identifier of the person, tied to the request
     withdrawals = [
@@ -284,5 +291,115 @@ def test_requests_survive_a_restart(tmp_path: Any) -> None:
         assert "13912345678" not in json.dumps(got.json())
         missing = httpx.get(f"{g.url}/admin/rights/dsr-nope", params={"tenant": "mall"}, headers=bearer())
         assert missing.status_code == 404, missing.text
+    finally:
+        g.stop()
+
+
+def held_events(gw: Gateway) -> list[tuple[str, str, str, str]]:
+    """(table, message id, person, pseudonyms) of every event the embedded outbox database
+    still holds: the outbox and the dead letters."""
+    conn = sqlite3.connect(gw.data_dir / "outbox.sqlite3")
+    try:
+        rows = [
+            ("outbox", *r)
+            for r in conn.execute("SELECT message_id, person, pseudonyms FROM outbox WHERE kind = 'event'")
+        ]
+        rows += [
+            ("dead_letter", *r)
+            for r in conn.execute(
+                "SELECT message_id, person, pseudonyms FROM dead_letter WHERE kind = 'event'"
+            )
+        ]
+        return rows
+    finally:
+        conn.close()
+
+
+def test_delete_purges_held_events_erases_the_graph_and_keeps_the_person_out(tmp_path: Any) -> None:
+    closed = free_port()  # nothing listens: one destination dead-letters, one keeps retrying
+    extra = f"""
+[[tenants.destinations]]
+id = "mall-dead"
+sink = "webhook"
+purposes = ["analytics"]
+options = {{ url = "http://127.0.0.1:{closed}/hook", timeout_seconds = 1 }}
+retry = {{ max_attempts = 1, initial_backoff_ms = 20, max_backoff_ms = 50 }}
+
+[[tenants.destinations]]
+id = "mall-stuck"
+sink = "webhook"
+purposes = ["analytics"]
+options = {{ url = "http://127.0.0.1:{closed}/hook", timeout_seconds = 1 }}
+retry = {{ max_attempts = 1000, initial_backoff_ms = 30000, max_backoff_ms = 60000 }}
+"""
+    g = make_gateway(tmp_path, config=TEST_CONFIG + extra).start()
+    try:
+        t = tag()
+        user, web_device, app_device = f"rights-del-{t}", f"web-{t}", f"app-{t}"
+        other, other_device = f"rights-keep-{t}", f"keep-{t}"
+        login(g, MALL_WEB_KEY, user, web_device)
+        login(g, MALL_APP_KEY, user, app_device)
+        login(g, MALL_WEB_KEY, other, other_device)
+        mine = [
+            send(g, MALL_WEB_KEY, "track", anonymousId=web_device, userId=user, event="Product Viewed"),
+            send(g, MALL_APP_KEY, "track", anonymousId=app_device, event="Product Viewed"),
+        ]
+        theirs = send(
+            g, MALL_WEB_KEY, "track", anonymousId=other_device, userId=other, event="Product Viewed"
+        )
+        sent = {s["messageId"] for s in [*mine, theirs]}
+        wait_until(
+            lambda: sent <= {m for table, m, *_ in held_events(g) if table == "dead_letter"},
+            30,
+            what="the events dead-lettered at mall-dead",
+        )
+        assert sent <= {m for table, m, *_ in held_events(g) if table == "outbox"}  # mall-stuck
+
+        r = open_request(g, kind="delete", subject={"type": "user_id", "id": user}, channel="web")
+        assert r.status_code == 201, r.text
+        request = r.json()
+        assert request["status"] == "completed" and request["outcome"] == "done", request
+        steps = {s["step"]: s for s in request["steps"]}
+        assert steps["withdraw_all"]["identifiers"] == 3
+        assert steps["events"]["dead_letters"] >= 2 and steps["events"]["outbox_events"] >= 2, steps
+        assert steps["identity_graph"]["erased"] == 3 and steps["identity_graph"]["notices"] == 1, steps
+
+        held = held_events(g)
+        held_ids = {m for _, m, *_ in held}
+        assert not held_ids & {s["messageId"] for s in mine}, held
+        assert theirs["messageId"] in {m for table, m, *_ in held if table == "outbox"}
+        assert theirs["messageId"] in {m for table, m, *_ in held if table == "dead_letter"}
+        person_nodes = {x for rec in ledger_records(g, identifier=user) for x in rec["identifiers"]}
+        pseudonyms = {n.split(":", 1)[1] for n in person_nodes}
+        assert len(pseudonyms) == 3
+        assert not any(pseudonyms & set(names.split(",")) for *_, names in held)
+
+        # downstream is told, and the graph no longer links the person's identifiers
+        wait_until(
+            lambda: [e for e in g.sink_lines("mall-warehouse") if e.get("type") == "identity.deleted"],
+            20,
+            what="the deletion notice at mall-warehouse",
+        )
+        explained = httpx.get(
+            f"{g.url}/admin/identity/explain",
+            params={"tenant": "mall", "a": user, "b_type": "anonymous_id", "b": app_device},
+            headers=bearer(OPERATOR_TOKEN),
+        )
+        assert explained.status_code == 200 and explained.json()["linked"] is False, explained.text
+
+        # a re-sent old event of the person is dropped, before anything is stored or linked
+        again = send(g, MALL_APP_KEY, "track", anonymousId=app_device, userId=user, event="Product Viewed")
+        assert again["accepted"] == 0 and sum(again["dropped"].values()) == 1, again
+        assert again["messageId"] not in {m for _, m, *_ in held_events(g)}
+        explained = httpx.get(
+            f"{g.url}/admin/identity/explain",
+            params={"tenant": "mall", "a": user, "b_type": "anonymous_id", "b": app_device},
+            headers=bearer(OPERATOR_TOKEN),
+        )
+        assert explained.json()["linked"] is False, explained.text
+        # the whole story is in the ledger, which still verifies
+        verify = httpx.get(f"{g.url}/admin/consent/verify", headers=bearer(OPERATOR_TOKEN))
+        assert verify.status_code == 200 and verify.json()["ok"] is True, verify.text
+        assert user not in g.log_text()
     finally:
         g.stop()
