@@ -29,13 +29,15 @@ import asyncio
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Protocol
 
 import msgspec
 import structlog
 
 from consent.ledger import RecordDraft
 from consent.models import RecordState
+from consent.proofs import DeliveryProofs
+from consent.rights_bundle import build_bundle, bundle_digest, sign_bundle
 from consent.rights_clock import RightsClock, local_day
 from consent.service import ConsentService
 from identity.identifiers import Identifier, node_type, node_value
@@ -103,8 +105,26 @@ class RightsRequest(msgspec.Struct, rename="camel"):
     working_days_left: int | None = None
 
 
-# The identity cluster (every node of the person) of a node: node -> nodes including itself.
-PersonOf = Callable[[str, str], Sequence[str]]
+class People(Protocol):
+    """The identity graph as rights requests need it (identity.service.IdentityService)."""
+
+    def person(self, tenant: str, node: str) -> list[str]:
+        """Every node of the person ``node`` belongs to, itself included."""
+        ...
+
+    def unified_id(self, tenant: str, node: str) -> str: ...
+
+
+class Holdings(msgspec.Struct):
+    """What the export stores hold on a person: the events still held (outbox, dead
+    letters) and the destinations that received the person's data."""
+
+    events: list[dict[str, Any]]
+    recipients: list[str]
+
+
+# (tenant, nodes of the person, their unified IDs) -> what is held on them
+HoldingsOf = Callable[[str, Sequence[str], Sequence[str]], Awaitable[Holdings]]
 # A step of a deletion carried out by another domain (identity graph, outbox, dead letters):
 # (tenant, nodes of the person) -> counts to record.
 DeletionStep = Callable[[str, Sequence[str]], Awaitable[Mapping[str, int]]]
@@ -175,13 +195,17 @@ class RightsService:
         consent: ConsentService,
         clock: RightsClock,
         *,
-        person_of: PersonOf,
+        people: People,
+        proofs: DeliveryProofs | None = None,
+        holdings: HoldingsOf | None = None,
         deletion_steps: Mapping[str, DeletionStep] | None = None,
         now: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self.consent = consent
         self.clock = clock
-        self.person_of = person_of
+        self.people = people
+        self.proofs = proofs
+        self.holdings = holdings
         self.deletion_steps = dict(deletion_steps or {})
         self.now = now
 
@@ -278,7 +302,7 @@ class RightsService:
 
     async def _withdraw_all(self, tenant: str, request_id: str, subject: str, officer: str) -> list[str]:
         """Withdraw every purpose that rests on consent, for every identifier of the person."""
-        nodes = list(dict.fromkeys([subject, *self.person_of(tenant, subject)]))
+        nodes = list(dict.fromkeys([subject, *self.people.person(tenant, subject)]))
         rules = self.consent.rules[tenant]
         purposes = sorted(rules.known - rules.contract)
         receipts = await self.consent.record(
@@ -335,6 +359,72 @@ class RightsService:
         )
         return await self.get(tenant, request_id)
 
+    async def bundle(self, *, tenant: str, request_id: str, officer: str) -> dict[str, Any]:
+        """The signed bundle answering an access or copy request (consent.rights_bundle):
+        recorded as a step with the bundle's digest; an open request is then completed."""
+        request = await self.get(tenant, request_id)
+        if request.kind not in ("access", "copy"):
+            raise RightsError(
+                "wrong_kind",
+                f"request {request_id} is a {request.kind} request, not access or copy",
+                "requestId",
+                409,
+            )
+        if request.status == "refused":
+            raise RightsError("not_open", f"request {request_id} was refused", "requestId", 409)
+        signer = self.consent.ledger.signer
+        if signer is None:
+            raise RightsError("unavailable", "this gateway holds no ledger signing key", None, 503)
+        nodes = list(dict.fromkeys([request.subject, *self.people.person(tenant, request.subject)]))
+        unified = sorted({self.people.unified_id(tenant, n) for n in nodes})
+        records = await asyncio.to_thread(self._history, tenant, nodes)
+        consent_seqs = [r.seq for r in records if r.record_type == "consent"]
+        deliveries = (
+            await asyncio.to_thread(self.proofs.relying_on, consent_seqs, 10_000) if self.proofs else []
+        )
+        held = await self.holdings(tenant, nodes, unified) if self.holdings else Holdings([], [])
+        bundle = build_bundle(
+            request_id=request_id,
+            tenant=tenant,
+            kind=request.kind,
+            subject=request.subject,
+            nodes=nodes,
+            unified_ids=unified,
+            records=records,
+            deliveries=deliveries,
+            held=held.events,
+            recipients=held.recipients,
+            generated_at=self.now(),
+        )
+        step = {
+            "step": "bundle",
+            "sha256": bundle_digest(bundle),
+            "identifiers": len(nodes),
+            "consent_records": len(records),
+            "deliveries": len(deliveries),
+            "held_events": len(held.events),
+            "destinations": len(bundle["destinations"]),
+        }
+        await self._step(tenant, request_id, request.subject, nodes, officer, step)
+        if request.status == "open":
+            await self.complete(tenant=tenant, request_id=request_id, outcome="done", officer=officer)
+        return sign_bundle(bundle, signer)
+
+    def _history(self, tenant: str, nodes: Sequence[str]) -> list[Any]:
+        """Every ledger record naming one of ``nodes``, rights requests included, in seq order."""
+        by_seq: dict[int, Any] = {}
+        for node in nodes:
+            after = 0
+            while True:
+                page = self.consent.ledger.records(
+                    tenant=tenant, identifier=node, after_seq=after, limit=5000
+                )
+                by_seq.update((r.seq, r) for r in page)
+                if len(page) < 5000:
+                    break
+                after = page[-1].seq
+        return [by_seq[s] for s in sorted(by_seq)]
+
     # -- reading -------------------------------------------------------------------------
     def _records(self, tenant: str | None) -> list[Any]:
         out: list[Any] = []
@@ -384,7 +474,9 @@ __all__ = [
     "RIGHTS_KINDS",
     "Channel",
     "DeletionStep",
-    "PersonOf",
+    "Holdings",
+    "HoldingsOf",
+    "People",
     "Requester",
     "RightsError",
     "RightsKind",

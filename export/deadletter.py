@@ -89,6 +89,9 @@ class DeadLetterStore(Protocol):
     def get(self, entry_id: str) -> DeadLetter | None: ...
     def delete(self, entry_ids: Sequence[str]) -> int: ...
     def purge_person(self, tenant: str, pseudonyms: Collection[str]) -> int: ...
+    def find_person(
+        self, tenant: str, pseudonyms: Collection[str], limit: int = 10_000
+    ) -> Sequence[DeadLetter]: ...
     def counts(self) -> dict[str, int]: ...
     def close(self) -> None: ...
 
@@ -189,6 +192,18 @@ class SqliteDeadLetters:
         with self._conn:
             self._conn.execute("BEGIN IMMEDIATE")
             return sum(self._conn.execute("DELETE FROM dead_letter WHERE id = ?", i).rowcount for i in ids)
+
+    def find_person(
+        self, tenant: str, pseudonyms: Collection[str], limit: int = 10_000
+    ) -> Sequence[DeadLetter]:
+        """The dead-lettered events of a person (an access request)."""
+        wanted = set(pseudonyms)
+        rows = self._conn.execute(
+            f"SELECT {self._COLUMNS} FROM dead_letter WHERE tenant = ? AND kind = 'event' ORDER BY id",
+            (tenant,),
+        )
+        found = [e for e in map(self._row, rows) if e.person in wanted or wanted & set(e.pseudonyms)]
+        return found[:limit]
 
     def purge_person(self, tenant: str, pseudonyms: Collection[str]) -> int:
         """Delete the dead-lettered events of a person (a deletion request): every event of
@@ -306,6 +321,23 @@ class RedisDeadLetters:
             if eid:
                 removed += int(self.client.xdel(self._key(destination), eid))
         return removed
+
+    def find_person(
+        self, tenant: str, pseudonyms: Collection[str], limit: int = 10_000
+    ) -> Sequence[DeadLetter]:
+        """The dead-lettered events of a person (an access request)."""
+        wanted = set(pseudonyms)
+        found: list[DeadLetter] = []
+        for d in self._destinations():
+            for eid, fields in self.client.xrange(self._key(d)):
+                entry = self._entry(d, eid, fields)
+                if (
+                    entry.kind == "event"
+                    and entry.tenant == tenant
+                    and (entry.person in wanted or wanted & set(entry.pseudonyms))
+                ):
+                    found.append(entry)
+        return found[:limit]
 
     def purge_person(self, tenant: str, pseudonyms: Collection[str]) -> int:
         """Delete the dead-lettered events of a person (see SqliteDeadLetters.purge_person)."""

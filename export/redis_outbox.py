@@ -247,6 +247,27 @@ class RedisStreamOutbox:
         self.accepting = True
         return stored
 
+    async def find_person(
+        self, tenant: str, pseudonyms: Collection[str], limit: int = 10_000
+    ) -> list[StoredRecord]:
+        """The events of a person still in the stream (an access request)."""
+        wanted = set(pseudonyms)
+        found: list[StoredRecord] = []
+        start = "-"
+        while len(found) < limit:
+            rows = await self.client.xrange(self.stream, min=start, count=1000)
+            if not rows:
+                break
+            for eid, fields in rows:
+                entry = _decode_entry(fields[b"r"])
+                if entry.kind == "event" and entry.tenant == tenant:
+                    record = _record(eid, entry)
+                    if record.person in wanted or wanted & set(record.pseudonyms):
+                        found.append(record)
+            last = rows[-1][0]
+            start = "(" + (last.decode() if isinstance(last, bytes) else str(last))
+        return found[:limit]
+
     async def purge_person(self, tenant: str, pseudonyms: Collection[str]) -> int:
         """Delete the events of a person still in the stream (a deletion request): every
         event of ``tenant`` whose person or pseudonyms include one of ``pseudonyms``.

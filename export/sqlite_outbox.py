@@ -599,6 +599,27 @@ class SqliteOutbox:
 
         return await self._read(q)
 
+    async def find_person(
+        self, tenant: str, pseudonyms: Collection[str], limit: int = 10_000
+    ) -> list[StoredRecord]:
+        """The events of a person still held (an access request), as ``purge_person`` finds them."""
+        wanted = set(pseudonyms)
+
+        def q(conn: sqlite3.Connection) -> list[StoredRecord]:
+            rows = conn.execute(
+                f"SELECT {_COLUMNS} FROM outbox WHERE tenant = ? AND kind = 'event' ORDER BY seq", (tenant,)
+            )
+            found = []
+            for row in rows:
+                record = _row_record(row)
+                if record.person in wanted or wanted & set(record.pseudonyms):
+                    found.append(record)
+                    if len(found) >= limit:
+                        break
+            return found
+
+        return await self._read(q)
+
     async def purge_person(self, tenant: str, pseudonyms: Collection[str]) -> int:
         """Delete the events of a person still held (a deletion request): every event row of
         ``tenant`` whose person or pseudonyms include one of ``pseudonyms``, delivered or not.

@@ -210,7 +210,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             },
             verify_ledger=lambda: verify_database(consent.ledger),
         )
-        state.rights = open_rights(config.rights, consent.service, identity, outbox, dead_letters)
+        state.rights = open_rights(config, consent.service, consent.proofs, identity, outbox, dead_letters)
         await delivery.start()
         checkpoints = asyncio.create_task(
             checkpoint_periodically(consent.ledger, settings.checkpoint_seconds), name="ledger-checkpoint"

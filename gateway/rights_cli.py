@@ -90,3 +90,40 @@ def rights_list(
         click.echo(f"{len(found)} request(s): {overdue} overdue, {nearly} nearly due", err=True)
     if any(r.clock == "overdue" for r in found):
         sys.exit(1)
+
+
+@rights.command("verify-bundle")
+@click.argument("path", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option(
+    "--public-key",
+    "public_keys",
+    multiple=True,
+    help="Trusted ledger public key (base64; `idgate keys ledger-public-key`); repeatable. "
+    "Without it, the key the bundle names is used and printed.",
+)
+def rights_verify_bundle(path: Path, public_keys: tuple[str, ...]) -> None:
+    """Check an access bundle's signature offline (no database, no gateway). Exits 1 when it fails."""
+    import json
+
+    from consent.rights_bundle import verify_bundle
+
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        click.echo(f"idgate: cannot read {path}: {exc}", err=True)
+        sys.exit(2)
+    ok = verify_bundle(document, set(public_keys) if public_keys else None)
+    signature = document.get("signature", {}) if isinstance(document, dict) else {}
+    key = signature.get("keyId") if isinstance(signature, dict) else None
+    if not ok:
+        click.echo(
+            f"FAILED: {path} is not a bundle signed by {'a trusted key' if public_keys else 'its key'}"
+        )
+        sys.exit(1)
+    bundle = document["bundle"]
+    click.echo(
+        f"OK: {path}: request {bundle.get('requestId')} ({bundle.get('kind')}), signed by key {key}; "
+        f"{len(bundle.get('identifiers', []))} identifier(s), {len(bundle.get('consentHistory', []))} "
+        f"ledger record(s), {len(bundle.get('deliveries', []))} deliveries, "
+        f"{len(bundle.get('heldEvents', []))} held event(s)"
+    )

@@ -4,19 +4,24 @@ lookup and the deletion steps of the other domains, and the ``/metrics`` gauge."
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Iterator, Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any
 
 import structlog
 from prometheus_client import REGISTRY
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from consent.rights import DeletionStep, RightsService
+from consent.ledger_format import rfc3339
+from consent.proofs import DeliveryProofs
+from consent.rights import DeletionStep, Holdings, HoldingsOf, RightsService
 from consent.rights_clock import RightsClock, WorkingCalendar
 from consent.service import ConsentService
 from export.deadletter import DeadLetterStore
 from export.outbox import Outbox
-from gateway.config import RightsConfig
+from gateway.config import Config, RightsConfig
 from identity.identifiers import Identifier, node_type, node_value
 from identity.service import IdentityService
 
@@ -51,9 +56,56 @@ def event_purge(identity: IdentityService, outbox: Outbox, dead_letters: DeadLet
     return purge
 
 
+def _event(payload: bytes) -> Any:
+    try:
+        return json.loads(payload)
+    except ValueError:
+        return None
+
+
+def _ms(ms: int) -> str:
+    return rfc3339(datetime.fromtimestamp(ms / 1000, UTC))
+
+
+def holdings_of(config: Config, outbox: Outbox, dead_letters: DeadLetterStore) -> HoldingsOf:
+    """The events held on a person (outbox and dead letters) and the destinations that
+    received their data (the per-destination person index), for access bundles."""
+    destinations = {t.id: [d.id for d in t.destinations] for t in config.tenants}
+
+    async def holdings(tenant: str, nodes: Sequence[str], unified_ids: Sequence[str]) -> Holdings:
+        keys = {node_value(n) for n in nodes} | set(unified_ids)
+        events: list[dict[str, Any]] = [
+            {
+                "store": "outbox",
+                "messageId": r.message_id,
+                "receivedAt": _ms(r.received_at_ms),
+                "destinations": list(r.destinations),
+                "event": _event(r.payload),
+            }
+            for r in await outbox.find_person(tenant, keys)
+        ]
+        for d in await asyncio.to_thread(dead_letters.find_person, tenant, keys):
+            events.append(
+                {
+                    "store": "dead_letter",
+                    "messageId": d.message_id,
+                    "receivedAt": _ms(d.received_at_ms),
+                    "destinations": [d.destination],
+                    "deadAt": _ms(d.dead_at_ms),
+                    "reason": d.reason,
+                    "event": _event(d.payload),
+                }
+            )
+        recipients = [d for d in destinations.get(tenant, []) if await outbox.queue(d).received(unified_ids)]
+        return Holdings(events, recipients)
+
+    return holdings
+
+
 def open_rights(
-    config: RightsConfig,
+    config: Config,
     consent: ConsentService,
+    proofs: DeliveryProofs,
     identity: IdentityService,
     outbox: Outbox,
     dead_letters: DeadLetterStore,
@@ -65,7 +117,14 @@ def open_rights(
         "events": event_purge(identity, outbox, dead_letters),
         "identity_graph": identity_erasure(identity),
     }
-    service = RightsService(consent, rights_clock(config), person_of=identity.person, deletion_steps=steps)
+    service = RightsService(
+        consent,
+        rights_clock(config.rights),
+        people=identity,
+        proofs=proofs,
+        holdings=holdings_of(config, outbox, dead_letters),
+        deletion_steps=steps,
+    )
     RIGHTS_GAUGE.service = service
     return service
 

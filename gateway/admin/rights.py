@@ -7,11 +7,12 @@ write the access log, return typed views. Compliance role only.
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
 from typing import Any, Literal
 
 import msgspec
-from litestar import Controller, get, post
+from litestar import Controller, Response, get, post
 from litestar.datastructures import State
 from litestar.di import Provide
 from litestar.exceptions import PermissionDeniedException
@@ -48,6 +49,10 @@ class OpenRightsRequest(msgspec.Struct, rename="camel", forbid_unknown_fields=Tr
 class CompleteRightsRequest(msgspec.Struct, rename="camel", forbid_unknown_fields=True):
     tenant: TenantId
     outcome: Outcome
+
+
+class BundleRequest(msgspec.Struct, rename="camel", forbid_unknown_fields=True):
+    tenant: TenantId
 
 
 class RightsList(msgspec.Struct, rename="camel"):
@@ -181,3 +186,43 @@ class RightsController(Controller):
             1,
         )
         return request
+
+    @post(
+        "/{request_id:str}/bundle",
+        status_code=200,
+        responses=WRITE_ERRORS,
+        summary="The signed bundle of what idgate holds on the person (access, copy)",
+        opt=roles("compliance"),
+        media_type="application/json",
+    )
+    async def bundle(
+        self,
+        services: AdminServices,
+        rights: RightsService,
+        officer: Officer,
+        request_id: str,
+        data: BundleRequest,
+    ) -> Response[bytes]:
+        """Compliance role, for an ``access`` or ``copy`` request: identifiers (pseudonyms and
+        types), consent history with notice versions, the deliveries that relied on consent,
+        events still held, the destinations that received the person's data; signed with
+        the ledger key (``idgate rights verify-bundle`` checks it offline). Recorded as a
+        step of the request with the bundle's SHA-256; an open request is then completed."""
+        services.tokens.check_tenant(officer, data.tenant)
+        try:
+            document = await rights.bundle(tenant=data.tenant, request_id=request_id, officer=officer.name)
+        except RightsError as exc:
+            raise _domain(exc) from None
+        await log_access(
+            services,
+            officer,
+            "rights.bundle",
+            data.tenant,
+            {"request": request_id},
+            len(document["bundle"]["consentHistory"]) + len(document["bundle"]["heldEvents"]),
+        )
+        return Response(
+            json.dumps(document, ensure_ascii=False, sort_keys=True).encode(),
+            media_type="application/json",
+            headers={"Content-Disposition": f'attachment; filename="{request_id}.json"'},
+        )

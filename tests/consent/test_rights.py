@@ -403,3 +403,77 @@ retry = {{ max_attempts = 1000, initial_backoff_ms = 30000, max_backoff_ms = 600
         assert user not in g.log_text()
     finally:
         g.stop()
+
+
+def test_an_access_bundle_is_signed_verifies_offline_and_holds_no_raw_identifier(
+    gw: Gateway, tmp_path: Any
+) -> None:
+    t = tag()
+    user, web_device, app_device = f"rights-acc-{t}", f"web-{t}", f"app-{t}"
+    login(gw, MALL_WEB_KEY, user, web_device)
+    login(gw, MALL_APP_KEY, user, app_device)
+    viewed = send(gw, MALL_APP_KEY, "track", anonymousId=app_device, event="Product Viewed")
+    wait_until(
+        lambda: [e for e in gw.sink_lines("mall-warehouse") if e["messageId"] == viewed["messageId"]],
+        20,
+        what="the event at mall-warehouse",
+    )
+    r = open_request(gw, kind="copy", subject={"type": "anonymous_id", "id": web_device}, channel="app")
+    assert r.status_code == 201, r.text
+    request_id = r.json()["requestId"]
+    url = f"{gw.url}/admin/rights/{request_id}/bundle"
+    refused = httpx.post(url, json={"tenant": "mall"}, headers=bearer(OPERATOR_TOKEN))
+    assert refused.status_code == 403, refused.text
+
+    def fetched() -> dict[str, Any]:
+        got = httpx.post(url, json={"tenant": "mall"}, headers=bearer(), timeout=30)
+        assert got.status_code == 200, got.text
+        assert user not in got.text and web_device not in got.text and app_device not in got.text
+        return dict(got.json())
+
+    # the delivery proofs are written with the delivery cursor: wait until the bundle has them
+    document = wait_until(
+        lambda: (lambda d: d if d["bundle"]["deliveries"] else None)(fetched()), 20, what="deliveries in it"
+    )
+    bundle = document["bundle"]
+    assert bundle["requestId"] == request_id and bundle["kind"] == "copy"
+    assert {i["type"] for i in bundle["identifiers"]} == {"user_id", "anonymous_id"}
+    assert len(bundle["identifiers"]) == 3 and len(bundle["unifiedIds"]) == 1
+    grants = [x for x in bundle["consentHistory"] if x["record_type"] == "consent" and x["state"] == "given"]
+    assert len(grants) == 2 and all(x["notice_id"] == "notice-v1" and x["notice_hash"] for x in grants)
+    assert viewed["messageId"] in {d["messageId"] for d in bundle["deliveries"]}
+    assert "mall-warehouse" in bundle["destinations"]
+
+    # offline: the signature is the ledger key's (the key of the ledger export's checkpoints)
+    from consent.rights_bundle import verify_bundle
+
+    export = httpx.get(f"{gw.url}/admin/consent/export", params={"tenant": "mall"}, headers=bearer())
+    keys = {json.loads(x).get("public_key") for x in export.text.splitlines()} - {None}
+    assert keys and verify_bundle(document, keys)
+    tampered = json.loads(json.dumps(document))
+    tampered["bundle"]["destinations"] = []
+    assert not verify_bundle(tampered, keys)
+    path = tmp_path / "bundle.json"
+    path.write_text(json.dumps(document))
+    cli = subprocess.run(
+        [str(IDGATE), "rights", "verify-bundle", str(path), "--public-key", next(iter(keys))],
+        env=gw.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert cli.returncode == 0 and cli.stdout.startswith("OK:"), cli.stdout + cli.stderr
+    path.write_text(json.dumps(tampered))
+    cli = subprocess.run(
+        [str(IDGATE), "rights", "verify-bundle", str(path)], env=gw.env, capture_output=True, text=True
+    )
+    assert cli.returncode == 1 and cli.stdout.startswith("FAILED"), cli.stdout
+
+    # the answer is on the request: a step with the bundle's digest, then completed
+    got = httpx.get(f"{gw.url}/admin/rights/{request_id}", params={"tenant": "mall"}, headers=bearer()).json()
+    assert got["status"] == "completed" and got["steps"][0]["step"] == "bundle"
+    assert len(got["steps"][0]["sha256"]) == 64
+    # a bundle only answers access and copy requests
+    other = open_request(gw, kind="restrict", subject={"type": "user_id", "id": user}).json()["requestId"]
+    wrong = httpx.post(f"{gw.url}/admin/rights/{other}/bundle", json={"tenant": "mall"}, headers=bearer())
+    assert wrong.status_code == 409 and wrong.json()["error"] == "wrong_kind", wrong.text
