@@ -27,10 +27,11 @@ from consent.rights import (
     RightsService,
     Verification,
 )
-from gateway.admin.deps import ADMIN_DEPENDENCIES, READ_ERRORS, WRITE_ERRORS, AdminServices, log_access
+from gateway.admin.deps import ADMIN_DEPENDENCIES, READ_ERRORS, AdminServices, log_access
 from gateway.admin.schemas import IdentifierRef, TenantId
 from gateway.auth import Officer, admin_guard, roles
 from gateway.errors import InvalidRequest
+from gateway.openapi import error_responses
 
 
 class OpenRightsRequest(msgspec.Struct, rename="camel", forbid_unknown_fields=True):
@@ -62,6 +63,17 @@ class RightsList(msgspec.Struct, rename="camel"):
     nearly_due: int
 
 
+_DESCRIBED = {
+    503: "The database or Redis is unavailable: nothing was done; retry after `Retry-After` seconds",
+    404: "No rights request with this id for this tenant",
+    409: "The request is not open (already completed or refused), or not of the kind this needs",
+    422: "The subject's identity is not verified: the request is refused and recorded (PIPL Art. 50)",
+}
+OPEN_ERRORS = error_responses(400, 401, 403, 413, 422, 503, described=_DESCRIBED)
+ONE_ERRORS = error_responses(400, 401, 403, 404, 503, described=_DESCRIBED)
+ACT_ERRORS = error_responses(400, 401, 403, 404, 409, 413, 503, described=_DESCRIBED)
+
+
 def _rights(state: State) -> RightsService:
     service: RightsService = state.rights
     return service
@@ -81,7 +93,7 @@ class RightsController(Controller):
     @post(
         "/",
         status_code=201,
-        responses=WRITE_ERRORS,
+        responses=OPEN_ERRORS,
         summary="Open a data-subject rights request (PIPL Art. 44-50)",
         opt=roles("compliance"),
     )
@@ -143,7 +155,7 @@ class RightsController(Controller):
             nearly_due=sum(1 for r in found if r.clock == "nearly_due"),
         )
 
-    @get("/{request_id:str}", responses=READ_ERRORS, summary="One rights request", opt=roles("compliance"))
+    @get("/{request_id:str}", responses=ONE_ERRORS, summary="One rights request", opt=roles("compliance"))
     async def get_request(
         self, services: AdminServices, rights: RightsService, officer: Officer, request_id: str, tenant: str
     ) -> RightsRequest:
@@ -158,7 +170,7 @@ class RightsController(Controller):
     @post(
         "/{request_id:str}/complete",
         status_code=200,
-        responses=WRITE_ERRORS,
+        responses=ACT_ERRORS,
         summary="Answer an open rights request (records when, and how long it took)",
         opt=roles("compliance"),
     )
@@ -190,7 +202,7 @@ class RightsController(Controller):
     @post(
         "/{request_id:str}/bundle",
         status_code=200,
-        responses=WRITE_ERRORS,
+        responses=ACT_ERRORS,
         summary="The signed bundle of what idgate holds on the person (access, copy)",
         opt=roles("compliance"),
         media_type="application/json",
