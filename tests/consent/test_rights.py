@@ -237,6 +237,43 @@ def test_overdue_requests_show_in_the_listing_and_in_metrics(gw: Gateway) -> Non
     assert r.json()["requestId"] in listed_ids
 
 
+def test_due_dates_skip_cn_public_holidays_and_count_make_up_days(gw: Gateway) -> None:
+    # received on 30 September 2026 (Shanghai): 1-7 October are the National Day holidays,
+    # Saturday 10 October is a make-up working day -> due at the end of Tuesday 27 October
+    r = open_request(
+        gw,
+        kind="access",
+        subject={"type": "user_id", "id": f"rights-nd-{tag()}"},
+        channel="letter",
+        receivedAt="2026-09-30T10:00:00+08:00",
+    )
+    assert r.status_code == 201, r.text
+    assert r.json()["dueAt"] == "2026-10-27T15:59:59.999999Z"
+
+
+def test_a_tenant_scoped_officer_sees_only_their_tenant(gw: Gateway) -> None:
+    other = {"Authorization": "Bearer other-compliance-token"}  # compliance, tenants = ["shop"]
+    r = httpx.get(f"{gw.url}/admin/rights", params={"tenant": "mall"}, headers=other)
+    assert r.status_code == 403, r.text
+    r = httpx.get(f"{gw.url}/admin/rights", headers=other)
+    assert r.status_code == 403, r.text  # must name the tenant
+    r = httpx.post(
+        f"{gw.url}/admin/rights",
+        headers=other,
+        json={
+            "tenant": "mall",
+            "kind": "access",
+            "subject": {"type": "user_id", "id": "x"},
+            "requestedBy": "subject",
+            "channel": "app",
+            "verification": VERIFIED,
+        },
+    )
+    assert r.status_code == 403, r.text
+    r = httpx.get(f"{gw.url}/admin/rights", params={"tenant": "shop"}, headers=other)
+    assert r.status_code == 200 and all(x["tenant"] == "shop" for x in r.json()["requests"]), r.text
+
+
 def test_withdraw_all_stops_the_next_event_from_every_device_of_the_person(gw: Gateway) -> None:
     t = tag()
     user, web_device, app_device = f"rights-wd-{t}", f"web-{t}", f"app-{t}"
