@@ -359,6 +359,32 @@ class RightsService:
         )
         return await self.get(tenant, request_id)
 
+    async def resume(self) -> list[str]:
+        """Carry out the ``withdraw_all`` and ``delete`` requests left open (the process died
+        between their records): every step again (each is idempotent: a second withdrawal,
+        purge or erasure finds nothing more), then complete them. Run at start; returns the
+        ids completed. Another replica completing one first is not an error."""
+        done: list[str] = []
+        for request in await self.list(tenant=None, status="open"):
+            if request.kind not in ("withdraw_all", "delete"):
+                continue
+            log.warning("rights.resuming", tenant=request.tenant, request_id=request.request_id)
+            if request.kind == "withdraw_all":
+                await self._withdraw_all(request.tenant, request.request_id, request.subject, request.officer)
+            else:
+                await self._delete(request.tenant, request.request_id, request.subject, request.officer)
+            try:
+                await self.complete(
+                    tenant=request.tenant,
+                    request_id=request.request_id,
+                    outcome="done",
+                    officer=request.officer,
+                )
+            except RightsError:
+                continue
+            done.append(request.request_id)
+        return done
+
     async def bundle(self, *, tenant: str, request_id: str, officer: str) -> dict[str, Any]:
         """The signed bundle answering an access or copy request (consent.rights_bundle):
         recorded as a step with the bundle's digest; an open request is then completed."""

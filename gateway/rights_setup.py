@@ -129,6 +129,17 @@ def open_rights(
     return service
 
 
+async def resume_open_requests(service: RightsService) -> None:
+    """At start: finish the withdrawals and deletions a crash left half done."""
+    try:
+        done = await service.resume()
+    except Exception as exc:  # the requests stay open, listed as such; the next start tries again
+        log.error("rights.resume_failed", error=type(exc).__name__)
+        return
+    if done:
+        log.info("rights.resumed", requests=len(done))
+
+
 class RightsGauge(Collector):
     """``idgate_rights_requests_open{tenant,kind,clock}``: open requests by their clock
     (``on_time``, ``nearly_due``, ``overdue``), read from the ledger at each scrape."""

@@ -514,3 +514,69 @@ def test_an_access_bundle_is_signed_verifies_offline_and_holds_no_raw_identifier
     other = open_request(gw, kind="restrict", subject={"type": "user_id", "id": user}).json()["requestId"]
     wrong = httpx.post(f"{gw.url}/admin/rights/{other}/bundle", json={"tenant": "mall"}, headers=bearer())
     assert wrong.status_code == 409 and wrong.json()["error"] == "wrong_kind", wrong.text
+
+
+def test_a_deletion_cut_short_by_a_crash_is_finished_at_the_next_start(tmp_path: Any) -> None:
+    """The process died right after the request's first record (``opened``): the next start
+    carries out every step and completes it."""
+    from consent.ledger import Ledger, RecordDraft
+    from consent.signing import LedgerSigner
+    from identity.db import make_engine
+
+    g = make_gateway(tmp_path).start()
+    try:
+        t = tag()
+        user, web_device, app_device = f"rights-crash-{t}", f"web-{t}", f"app-{t}"
+        login(g, MALL_WEB_KEY, user, web_device)
+        login(g, MALL_APP_KEY, user, app_device)
+        # the pseudonym of the user id, as the API names it
+        probe = open_request(g, kind="access", subject={"type": "user_id", "id": user}).json()
+        subject = probe["subject"]
+        g.kill9()
+
+        signer = LedgerSigner.from_b64((g.data_dir / "dev-ledger-key").read_text())
+        ledger = Ledger(make_engine(f"sqlite:///{g.data_dir / 'consent.sqlite3'}"), signer)
+        now = datetime.now(UTC)
+        request_id = f"dsr-{uuid.uuid4()}"
+        detail = {
+            "request_id": request_id,
+            "event": "opened",
+            "kind": "delete",
+            "requested_by": "subject",
+            "channel": "app",
+            "verification": VERIFIED,
+            "received_at": now.isoformat(),
+            "due_at": (now + timedelta(days=21)).isoformat(),
+            "officer": "dpo",
+        }
+        ledger.append(
+            [
+                RecordDraft(
+                    tenant="mall",
+                    record_type="rights_request",
+                    subject=subject.split(":", 1)[1],
+                    identifiers=[subject],
+                    state="requested",
+                    source="admin:dpo",
+                    platform="admin",
+                    at=now,
+                    detail=detail,
+                )
+            ]
+        )
+        ledger.engine.dispose()
+
+        g.start()
+
+        def completed() -> dict[str, Any] | None:
+            got = httpx.get(f"{g.url}/admin/rights/{request_id}", params={"tenant": "mall"}, headers=bearer())
+            assert got.status_code == 200, got.text
+            return dict(got.json()) if got.json()["status"] == "completed" else None
+
+        request = wait_until(completed, 20, what="the deletion completed after the restart")
+        steps = {s["step"]: s for s in request["steps"]}
+        assert steps["withdraw_all"]["identifiers"] == 3 and steps["identity_graph"]["erased"] == 3, steps
+        again = send(g, MALL_APP_KEY, "track", anonymousId=app_device, event="Product Viewed")
+        assert again["accepted"] == 0, again
+    finally:
+        g.stop()
