@@ -9,6 +9,7 @@ import sqlite3
 import subprocess
 import uuid
 from collections.abc import Iterator
+from contextlib import ExitStack
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -24,6 +25,7 @@ from tests.conftest import (
     TEST_CONFIG,
     Gateway,
     assertion,
+    backend_env,
     free_port,
     make_gateway,
     mid,
@@ -580,3 +582,42 @@ def test_a_deletion_cut_short_by_a_crash_is_finished_at_the_next_start(tmp_path:
         assert again["accepted"] == 0, again
     finally:
         g.stop()
+
+
+@pytest.mark.postgres
+@pytest.mark.redis
+def test_access_and_delete_on_postgresql_and_redis(tmp_path: Any, redis_ns: Any) -> None:
+    """The distributed mode: the ledger on PostgreSQL, the outbox a Redis stream."""
+    from consent.rights_bundle import verify_bundle
+
+    with ExitStack() as stack:
+        env = {**backend_env("postgres", stack), **redis_ns.env()}
+        g = make_gateway(tmp_path, extra_env=env).start()
+        stack.callback(g.stop)
+        t = tag()
+        user, web_device, app_device = f"rights-pg-{t}", f"web-{t}", f"app-{t}"
+        login(g, MALL_WEB_KEY, user, web_device)
+        login(g, MALL_APP_KEY, user, app_device)
+
+        r = open_request(g, kind="access", subject={"type": "anonymous_id", "id": app_device})
+        assert r.status_code == 201, r.text
+        got = httpx.post(
+            f"{g.url}/admin/rights/{r.json()['requestId']}/bundle", json={"tenant": "mall"}, headers=bearer()
+        )
+        assert got.status_code == 200, got.text
+        document = got.json()
+        assert verify_bundle(document) and len(document["bundle"]["identifiers"]) == 3
+        assert len([x for x in document["bundle"]["consentHistory"] if x["state"] == "given"]) == 2
+
+        r = open_request(g, kind="delete", subject={"type": "user_id", "id": user})
+        assert r.status_code == 201 and r.json()["status"] == "completed", r.text
+        steps = {s["step"]: s for s in r.json()["steps"]}
+        assert steps["identity_graph"]["erased"] == 3 and "outbox_events" in steps["events"], steps
+        again = send(g, MALL_APP_KEY, "track", anonymousId=app_device, userId=user, event="Product Viewed")
+        assert again["accepted"] == 0, again
+        listed = httpx.get(f"{g.url}/admin/rights", params={"tenant": "mall"}, headers=bearer()).json()
+        assert {x["kind"]: x["status"] for x in listed["requests"]} == {
+            "access": "completed",
+            "delete": "completed",
+        }
+        assert "idgate_rights_requests_open" in httpx.get(f"{g.url}/metrics").text
