@@ -19,8 +19,9 @@ Records of one request, in order:
 - ``completed`` / ``completed``: the outcome, the completion time and how long it took (seconds
   and working days).
 
-``withdraw_all`` and ``delete`` are carried out when they are opened; ``access``, ``copy``,
-``correct`` and ``restrict`` stay open until an officer completes them.
+``withdraw_all``, ``restrict`` and ``delete`` are carried out when they are opened;
+``access`` and ``copy`` are answered with a signed bundle (``bundle``); ``correct`` stays open
+until an officer completes it.
 """
 
 from __future__ import annotations
@@ -279,8 +280,8 @@ class RightsService:
             )
         await self._write(tenant, subject.node, [], "requested", detail, officer)
         log.info("rights.opened", tenant=tenant, request_id=request_id, kind=kind, due_at=due.isoformat())
-        if kind == "withdraw_all":
-            await self._withdraw_all(tenant, request_id, subject.node, officer)
+        if kind in ("withdraw_all", "restrict"):
+            await self._withdraw_all(tenant, request_id, subject.node, officer, step=kind)
             return await self.complete(tenant=tenant, request_id=request_id, outcome="done", officer=officer)
         if kind == "delete":
             await self._delete(tenant, request_id, subject.node, officer)
@@ -300,8 +301,12 @@ class RightsService:
             tenant, subject, nodes, "requested", {"request_id": request_id, "event": "step", **step}, officer
         )
 
-    async def _withdraw_all(self, tenant: str, request_id: str, subject: str, officer: str) -> list[str]:
-        """Withdraw every purpose that rests on consent, for every identifier of the person."""
+    async def _withdraw_all(
+        self, tenant: str, request_id: str, subject: str, officer: str, step: str = "withdraw_all"
+    ) -> list[str]:
+        """Withdraw every purpose that rests on consent, for every identifier of the person
+        (``restrict`` locks processing the same way: nothing that needs consent is forwarded
+        until the person grants again; only contract-necessary processing goes on)."""
         nodes = list(dict.fromkeys([subject, *self.people.person(tenant, subject)]))
         rules = self.consent.rules[tenant]
         purposes = sorted(rules.known - rules.contract)
@@ -313,13 +318,13 @@ class RightsService:
             source=f"rights:{request_id}",
             platform="admin",
         )
-        step = {
-            "step": "withdraw_all",
+        record = {
+            "step": step,
             "purposes": purposes,
             "identifiers": len(nodes),
             "consent_records": [r.seq for r in receipts],
         }
-        await self._step(tenant, request_id, subject, nodes, officer, step)
+        await self._step(tenant, request_id, subject, nodes, officer, record)
         return nodes
 
     async def _delete(self, tenant: str, request_id: str, subject: str, officer: str) -> None:
@@ -366,11 +371,13 @@ class RightsService:
         ids completed. Another replica completing one first is not an error."""
         done: list[str] = []
         for request in await self.list(tenant=None, status="open"):
-            if request.kind not in ("withdraw_all", "delete"):
+            if request.kind not in ("withdraw_all", "restrict", "delete"):
                 continue
             log.warning("rights.resuming", tenant=request.tenant, request_id=request.request_id)
-            if request.kind == "withdraw_all":
-                await self._withdraw_all(request.tenant, request.request_id, request.subject, request.officer)
+            if request.kind != "delete":
+                await self._withdraw_all(
+                    request.tenant, request.request_id, request.subject, request.officer, step=request.kind
+                )
             else:
                 await self._delete(request.tenant, request.request_id, request.subject, request.officer)
             try:

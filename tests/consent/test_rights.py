@@ -316,17 +316,33 @@ def test_withdraw_all_stops_the_next_event_from_every_device_of_the_person(gw: G
     assert withdrawals and all(x["source"] == f"rights:{request['requestId']}" for x in withdrawals)
 
 
+def test_restrict_locks_processing_for_the_whole_person(gw: Gateway) -> None:
+    t = tag()
+    user, device = f"rights-rs-{t}", f"web-{t}"
+    login(gw, MALL_WEB_KEY, user, device)
+    r = open_request(gw, kind="restrict", subject={"type": "anonymous_id", "id": device}, channel="web")
+    assert r.status_code == 201, r.text
+    request = r.json()
+    assert request["status"] == "completed" and request["steps"][0]["step"] == "restrict", request
+    assert request["steps"][0]["identifiers"] == 2
+    viewed = send(gw, MALL_WEB_KEY, "track", anonymousId=device, event="Product Viewed")
+    assert viewed["accepted"] == 0, viewed
+    # contract-necessary processing goes on (a payment)
+    paid = send(gw, MALL_WEB_KEY, "track", anonymousId=device, event="Payment Requested")
+    assert paid["accepted"] == 1, paid
+
+
 def test_requests_survive_a_restart(tmp_path: Any) -> None:
     g = make_gateway(tmp_path).start()
     try:
-        r = open_request(g, kind="restrict", subject={"type": "phone", "id": "13912345678"})
+        r = open_request(g, kind="correct", subject={"type": "phone", "id": "13912345678"})
         assert r.status_code == 201, r.text
         request_id = r.json()["requestId"]
         g.stop()
         g.start()
         got = httpx.get(f"{g.url}/admin/rights/{request_id}", params={"tenant": "mall"}, headers=bearer())
         assert got.status_code == 200, got.text
-        assert got.json()["status"] == "open" and got.json()["kind"] == "restrict"
+        assert got.json()["status"] == "open" and got.json()["kind"] == "correct"
         assert "13912345678" not in json.dumps(got.json())
         missing = httpx.get(f"{g.url}/admin/rights/dsr-nope", params={"tenant": "mall"}, headers=bearer())
         assert missing.status_code == 404, missing.text
@@ -513,7 +529,7 @@ def test_an_access_bundle_is_signed_verifies_offline_and_holds_no_raw_identifier
     assert got["status"] == "completed" and got["steps"][0]["step"] == "bundle"
     assert len(got["steps"][0]["sha256"]) == 64
     # a bundle only answers access and copy requests
-    other = open_request(gw, kind="restrict", subject={"type": "user_id", "id": user}).json()["requestId"]
+    other = open_request(gw, kind="correct", subject={"type": "user_id", "id": user}).json()["requestId"]
     wrong = httpx.post(f"{gw.url}/admin/rights/{other}/bundle", json={"tenant": "mall"}, headers=bearer())
     assert wrong.status_code == 409 and wrong.json()["error"] == "wrong_kind", wrong.text
 
