@@ -606,16 +606,17 @@ class SqliteOutbox:
         wanted = set(pseudonyms)
 
         def q(conn: sqlite3.Connection) -> list[StoredRecord]:
+            # the matching is done on two short columns; whole rows only for the matches
             rows = conn.execute(
-                f"SELECT {_COLUMNS} FROM outbox WHERE tenant = ? AND kind = 'event' ORDER BY seq", (tenant,)
+                "SELECT seq, person, pseudonyms FROM outbox WHERE tenant = ? AND kind = 'event' ORDER BY seq",
+                (tenant,),
             )
+            seqs = [seq for seq, person, names in rows if person in wanted or wanted & set(names.split(","))]
             found = []
-            for row in rows:
-                record = _row_record(row)
-                if record.person in wanted or wanted & set(record.pseudonyms):
-                    found.append(record)
-                    if len(found) >= limit:
-                        break
+            for seq in seqs[:limit]:
+                row = conn.execute(f"SELECT {_COLUMNS} FROM outbox WHERE seq = ?", (seq,)).fetchone()
+                if row is not None:
+                    found.append(_row_record(row))
             return found
 
         return await self._read(q)
