@@ -99,6 +99,8 @@ class RightsRequest(msgspec.Struct, rename="camel"):
     refusal_reason: str | None = None
     completed_at: datetime | None = None
     outcome: str | None = None
+    # what a partly done request could not reach (e.g. stores a deletion does not cover yet)
+    remaining: list[str] = []
     seconds_to_complete: float | None = None
     working_days_to_complete: int | None = None
     # filled in by the listing at the time it answers
@@ -179,6 +181,7 @@ def fold_requests(records: Sequence[Any], clock: RightsClock, now: datetime) -> 
             request.completed_at = datetime.fromisoformat(d["completed_at"])
             request.seconds_to_complete = d.get("seconds_to_complete")
             request.working_days_to_complete = d.get("working_days_to_complete")
+            request.remaining = list(d.get("remaining") or [])
     for request in by_id.values():
         if request.status == "open":
             request.clock = clock.status(request.due_at, now)
@@ -200,6 +203,7 @@ class RightsService:
         proofs: DeliveryProofs | None = None,
         holdings: HoldingsOf | None = None,
         deletion_steps: Mapping[str, DeletionStep] | None = None,
+        deletion_gaps: Sequence[str] = (),
         now: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self.consent = consent
@@ -208,6 +212,7 @@ class RightsService:
         self.proofs = proofs
         self.holdings = holdings
         self.deletion_steps = dict(deletion_steps or {})
+        self.deletion_gaps = list(deletion_gaps)
         self.now = now
 
     # -- writing -------------------------------------------------------------------------
@@ -285,7 +290,7 @@ class RightsService:
             return await self.complete(tenant=tenant, request_id=request_id, outcome="done", officer=officer)
         if kind == "delete":
             await self._delete(tenant, request_id, subject.node, officer)
-            return await self.complete(tenant=tenant, request_id=request_id, outcome="done", officer=officer)
+            return await self._complete_deletion(tenant, request_id, officer)
         return await self.get(tenant, request_id)
 
     async def _step(
@@ -335,10 +340,23 @@ class RightsService:
             counts = await run(tenant, nodes)
             await self._step(tenant, request_id, subject, nodes, officer, {"step": name, **dict(counts)})
 
+    async def _complete_deletion(self, tenant: str, request_id: str, officer: str) -> RightsRequest:
+        """A deletion is ``done`` only when no store it should reach is left out: the stores
+        this deployment cannot delete from yet (``deletion_gaps``) make it ``partly_done``."""
+        outcome: Outcome = "partly_done" if self.deletion_gaps else "done"
+        return await self.complete(
+            tenant=tenant,
+            request_id=request_id,
+            outcome=outcome,
+            officer=officer,
+            remaining=self.deletion_gaps,
+        )
+
     async def complete(
-        self, *, tenant: str, request_id: str, outcome: Outcome, officer: str
+        self, *, tenant: str, request_id: str, outcome: Outcome, officer: str, remaining: Sequence[str] = ()
     ) -> RightsRequest:
-        """Answer a request: records the completion time and how long it took."""
+        """Answer a request: records the completion time and how long it took (and, for a
+        ``partly_done`` one, what ``remaining`` it could not reach)."""
         request = await self.get(tenant, request_id)
         if request.status != "open":
             raise RightsError("not_open", f"request {request_id} is {request.status}", "requestId", 409)
@@ -354,6 +372,8 @@ class RightsService:
             "working_days_to_complete": days,
             "on_time": done <= request.due_at,
         }
+        if remaining:
+            detail["remaining"] = list(remaining)
         await self._write(tenant, request.subject, [], "completed", detail, officer)
         log.info(
             "rights.completed",
@@ -381,12 +401,15 @@ class RightsService:
             else:
                 await self._delete(request.tenant, request.request_id, request.subject, request.officer)
             try:
-                await self.complete(
-                    tenant=request.tenant,
-                    request_id=request.request_id,
-                    outcome="done",
-                    officer=request.officer,
-                )
+                if request.kind == "delete":
+                    await self._complete_deletion(request.tenant, request.request_id, request.officer)
+                else:
+                    await self.complete(
+                        tenant=request.tenant,
+                        request_id=request.request_id,
+                        outcome="done",
+                        officer=request.officer,
+                    )
             except RightsError:
                 continue
             done.append(request.request_id)
