@@ -20,8 +20,8 @@ Records of one request, in order:
   and working days).
 
 ``withdraw_all``, ``restrict`` and ``delete`` are carried out when they are opened;
-``access`` and ``copy`` are answered with a signed bundle (``bundle``); ``correct`` stays open
-until an officer completes it.
+``correct`` too (the wrong identifier leaves the person; the right one links at the next
+event); ``access`` and ``copy`` are answered with a signed bundle (``bundle``).
 """
 
 from __future__ import annotations
@@ -99,6 +99,7 @@ class RightsRequest(msgspec.Struct, rename="camel"):
     refusal_reason: str | None = None
     completed_at: datetime | None = None
     outcome: str | None = None
+    correction: str | None = None  # a correct request: the right identifier ("<type>:<pseudonym>")
     # what a partly done request could not reach (e.g. stores a deletion does not cover yet)
     remaining: list[str] = []
     seconds_to_complete: float | None = None
@@ -116,6 +117,10 @@ class People(Protocol):
         ...
 
     def unified_id(self, tenant: str, node: str) -> str: ...
+
+    async def detach(self, tenant: str, identifiers: Sequence[Identifier]) -> int:
+        """Remove every direct link of these identifiers; returns the links removed."""
+        ...
 
 
 class Holdings(msgspec.Struct):
@@ -167,6 +172,7 @@ def fold_requests(records: Sequence[Any], clock: RightsClock, now: datetime) -> 
                 officer=d["officer"],
                 records=[r.seq],
                 refusal_reason=d.get("reason"),
+                correction=d.get("correction"),
             )
             continue
         request = by_id.get(rid)
@@ -250,11 +256,21 @@ class RightsService:
         verification: Verification,
         officer: str,
         received_at: datetime | None = None,
+        correction: Identifier | None = None,
     ) -> RightsRequest:
         """Take a request: refused (and recorded) when the subject's identity is not verified;
-        otherwise opened with its due date, and carried out at once for ``withdraw_all`` and
-        ``delete``."""
+        otherwise opened with its due date, and carried out at once for ``withdraw_all``,
+        ``restrict``, ``delete`` and ``correct`` (which needs ``correction``: the right value
+        of the subject identifier, pseudonymised)."""
         now = self.now()
+        if (kind == "correct") != (correction is not None):
+            raise RightsError(
+                "invalid_field",
+                "correction is required for a correct request, and only for one",
+                "correction",
+            )
+        if correction is not None and correction.node == subject.node:
+            raise RightsError("invalid_field", "the correction is the identifier it corrects", "correction")
         received = received_at or now
         if received > now:
             raise RightsError("invalid_field", "receivedAt is in the future", "receivedAt")
@@ -271,6 +287,8 @@ class RightsService:
             "due_at": due.isoformat(),
             "officer": officer,
         }
+        if correction is not None:
+            detail["correction"] = correction.node
         reason = _refusal(verification)
         if reason is not None:
             detail["event"] = "refused"
@@ -291,6 +309,9 @@ class RightsService:
         if kind == "delete":
             await self._delete(tenant, request_id, subject.node, officer)
             return await self._complete_deletion(tenant, request_id, officer)
+        if correction is not None:
+            await self._correct(tenant, request_id, subject, correction, officer)
+            return await self.complete(tenant=tenant, request_id=request_id, outcome="done", officer=officer)
         return await self.get(tenant, request_id)
 
     async def _step(
@@ -331,6 +352,18 @@ class RightsService:
         }
         await self._step(tenant, request_id, subject, nodes, officer, record)
         return nodes
+
+    async def _correct(
+        self, tenant: str, request_id: str, wrong: Identifier, right: Identifier, officer: str
+    ) -> None:
+        """The wrong identifier (a mistyped phone) leaves the person: its links are removed,
+        the person splits where they held it together (``identity.split`` notices go
+        downstream). The right value links through the normal rules (consent, limits, the
+        trust model) at the person's next event that carries it; the ledger keeps both."""
+        nodes = self.people.person(tenant, wrong.node)
+        removed = await self.people.detach(tenant, [wrong])
+        step = {"step": "correct", "wrong": wrong.node, "corrected": right.node, "links_removed": removed}
+        await self._step(tenant, request_id, wrong.node, [*nodes, right.node], officer, step)
 
     async def _delete(self, tenant: str, request_id: str, subject: str, officer: str) -> None:
         """Withdraw everything (the withdrawals stay in the ledger: they are what keeps the
@@ -391,10 +424,21 @@ class RightsService:
         ids completed. Another replica completing one first is not an error."""
         done: list[str] = []
         for request in await self.list(tenant=None, status="open"):
-            if request.kind not in ("withdraw_all", "restrict", "delete"):
+            if request.kind not in ("withdraw_all", "restrict", "delete", "correct"):
+                continue
+            if request.kind == "correct" and not request.correction:
                 continue
             log.warning("rights.resuming", tenant=request.tenant, request_id=request.request_id)
-            if request.kind != "delete":
+            if request.kind == "correct":
+                wrong, right = request.subject, str(request.correction)
+                await self._correct(
+                    request.tenant,
+                    request.request_id,
+                    Identifier(node_type(wrong), node_value(wrong)),
+                    Identifier(node_type(right), node_value(right)),
+                    request.officer,
+                )
+            elif request.kind != "delete":
                 await self._withdraw_all(
                     request.tenant, request.request_id, request.subject, request.officer, step=request.kind
                 )

@@ -45,6 +45,8 @@ class OpenRightsRequest(msgspec.Struct, rename="camel", forbid_unknown_fields=Tr
     verification: Verification
     # When the request reached the company (a letter received last week); default: now.
     received_at: datetime | None = None
+    # A correct request: the right value of the subject identifier (e.g. the phone as it should be).
+    correction: IdentifierRef | None = None
 
 
 class CompleteRightsRequest(msgspec.Struct, rename="camel", forbid_unknown_fields=True):
@@ -105,6 +107,9 @@ class RightsController(Controller):
         its reason; ``withdraw_all`` and ``delete`` are carried out before the answer."""
         services.tokens.check_tenant(officer, data.tenant)
         subject = services.subject_of(data.tenant, data.subject, "subject")
+        correction = (
+            services.subject_of(data.tenant, data.correction, "correction") if data.correction else None
+        )
         received = data.received_at
         if received is not None:
             received = received.replace(tzinfo=UTC) if received.tzinfo is None else received.astimezone(UTC)
@@ -119,6 +124,7 @@ class RightsController(Controller):
                 verification=data.verification,
                 officer=officer.name,
                 received_at=received,
+                correction=correction,
             )
         except RightsError as exc:
             await log_access(services, officer, "rights.refused", data.tenant, params, 0)

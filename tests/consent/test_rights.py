@@ -196,6 +196,31 @@ def test_an_unverifiable_request_is_refused_and_recorded_with_its_reason(gw: Gat
             },
             "receivedAt",
         ),
+        ({"kind": "correct", "subject": {"type": "phone", "id": "13912345678"}}, "correction"),
+        (
+            {
+                "kind": "access",
+                "subject": {"type": "user_id", "id": "x"},
+                "correction": {"type": "user_id", "id": "y"},
+            },
+            "correction",
+        ),
+        (
+            {
+                "kind": "correct",
+                "subject": {"type": "phone", "id": "13912345678"},
+                "correction": {"type": "phone", "id": "12"},
+            },
+            "correction",
+        ),
+        (
+            {
+                "kind": "correct",
+                "subject": {"type": "phone", "id": "13912345678"},
+                "correction": {"type": "phone", "id": "+8613912345678"},
+            },
+            "correction",
+        ),
     ],
 )
 def test_malformed_requests_are_400_naming_the_field(gw: Gateway, body: dict[str, Any], field: str) -> None:
@@ -209,7 +234,7 @@ def test_overdue_requests_show_in_the_listing_and_in_metrics(gw: Gateway) -> Non
     # a letter received 40 days ago, logged only now: past 15 working days whatever the holidays
     received = (datetime.now(UTC) - timedelta(days=40)).isoformat()
     r = open_request(
-        gw, kind="correct", subject={"type": "user_id", "id": user}, channel="letter", receivedAt=received
+        gw, kind="access", subject={"type": "user_id", "id": user}, channel="letter", receivedAt=received
     )
     assert r.status_code == 201, r.text
     assert r.json()["clock"] == "overdue" and r.json()["workingDaysLeft"] < 0
@@ -223,7 +248,7 @@ def test_overdue_requests_show_in_the_listing_and_in_metrics(gw: Gateway) -> Non
     (line,) = [
         m
         for m in metrics.splitlines()
-        if m.startswith('idgate_rights_requests_open{clock="overdue",kind="correct",tenant="mall"}')
+        if m.startswith('idgate_rights_requests_open{clock="overdue",kind="access",tenant="mall"}')
     ]
     assert float(line.split()[-1]) >= 1
     # and in the CLI listing, which exits 1 while any request is overdue
@@ -232,7 +257,7 @@ def test_overdue_requests_show_in_the_listing_and_in_metrics(gw: Gateway) -> Non
     table = subprocess.run(args, env=env, capture_output=True, text=True, timeout=60)
     assert table.returncode == 1, table.stderr
     (row,) = [x for x in table.stdout.splitlines() if x.startswith(r.json()["requestId"])]
-    assert " correct " in row and " overdue (-" in row, row
+    assert " access " in row and " overdue (-" in row, row
     assert "overdue" in table.stderr and user not in table.stdout
     as_json = subprocess.run([*args, "--json", "--clock", "overdue"], env=env, capture_output=True, text=True)
     listed_ids = {json.loads(x)["requestId"] for x in as_json.stdout.splitlines()}
@@ -332,17 +357,82 @@ def test_restrict_locks_processing_for_the_whole_person(gw: Gateway) -> None:
     assert paid["accepted"] == 1, paid
 
 
+def test_correct_takes_the_wrong_identifier_off_the_person_and_the_right_one_links_next(gw: Gateway) -> None:
+    t = tag()
+    user, device = f"rights-cor-{t}", f"web-{t}"
+    n = int(t[:6], 16) % 10_000_000
+    wrong, right = f"139{n:08d}", f"138{n:08d}"
+
+    def identify(phone: str) -> None:
+        token = assertion(user, device, ids=[("phone", phone)])
+        r = httpx.post(
+            f"{gw.url}/v1/consent",
+            auth=(MALL_WEB_KEY, ""),
+            json={
+                "anonymousId": device,
+                "userId": user,
+                "grant": LINKING,
+                "noticeId": "notice-v1",
+                "identityAssertion": token,
+            },
+        )
+        assert r.status_code == 200, r.text
+        sent = send(
+            gw,
+            MALL_WEB_KEY,
+            "identify",
+            anonymousId=device,
+            userId=user,
+            traits={"phone": phone},
+            context={"identityAssertion": token},
+        )
+        wait_until(
+            lambda: [e for e in gw.sink_lines("mall-warehouse") if e["messageId"] == sent["messageId"]],
+            20,
+            what="the identify at mall-warehouse",
+        )
+
+    def linked(phone: str) -> bool:
+        r = httpx.get(
+            f"{gw.url}/admin/identity/explain",
+            params={"tenant": "mall", "a": user, "b_type": "phone", "b": phone},
+            headers=bearer(OPERATOR_TOKEN),
+        )
+        assert r.status_code == 200, r.text
+        return bool(r.json()["linked"])
+
+    identify(wrong)  # the shop's backend had the mistyped phone
+    assert linked(wrong)
+    r = open_request(
+        gw,
+        kind="correct",
+        subject={"type": "phone", "id": wrong},
+        correction={"type": "phone", "id": right},
+        channel="customer_service",
+    )
+    assert r.status_code == 201, r.text
+    request = r.json()
+    assert request["status"] == "completed" and request["outcome"] == "done", request
+    (step,) = request["steps"]
+    assert step["step"] == "correct" and step["links_removed"] >= 1
+    assert step["wrong"] == request["subject"] and step["corrected"] == request["correction"]
+    assert wrong not in r.text and right not in r.text
+    assert not linked(wrong)
+    identify(right)  # the next login carries the right phone: the normal rules link it
+    assert linked(right) and not linked(wrong)
+
+
 def test_requests_survive_a_restart(tmp_path: Any) -> None:
     g = make_gateway(tmp_path).start()
     try:
-        r = open_request(g, kind="correct", subject={"type": "phone", "id": "13912345678"})
+        r = open_request(g, kind="access", subject={"type": "phone", "id": "13912345678"})
         assert r.status_code == 201, r.text
         request_id = r.json()["requestId"]
         g.stop()
         g.start()
         got = httpx.get(f"{g.url}/admin/rights/{request_id}", params={"tenant": "mall"}, headers=bearer())
         assert got.status_code == 200, got.text
-        assert got.json()["status"] == "open" and got.json()["kind"] == "correct"
+        assert got.json()["status"] == "open" and got.json()["kind"] == "access"
         assert "13912345678" not in json.dumps(got.json())
         missing = httpx.get(f"{g.url}/admin/rights/dsr-nope", params={"tenant": "mall"}, headers=bearer())
         assert missing.status_code == 404, missing.text
@@ -542,7 +632,7 @@ def test_an_access_bundle_is_signed_verifies_offline_and_holds_no_raw_identifier
     assert got["status"] == "completed" and got["steps"][0]["step"] == "bundle"
     assert len(got["steps"][0]["sha256"]) == 64
     # a bundle only answers access and copy requests
-    other = open_request(gw, kind="correct", subject={"type": "user_id", "id": user}).json()["requestId"]
+    other = open_request(gw, kind="restrict", subject={"type": "user_id", "id": user}).json()["requestId"]
     wrong = httpx.post(f"{gw.url}/admin/rights/{other}/bundle", json={"tenant": "mall"}, headers=bearer())
     assert wrong.status_code == 409 and wrong.json()["error"] == "wrong_kind", wrong.text
 
