@@ -58,6 +58,8 @@ VerificationOutcome = Literal["verified", "failed", "not_possible"]
 RequestStatus = Literal["open", "refused", "completed"]
 Outcome = Literal["done", "partly_done", "declined"]
 ClockStatus = Literal["on_time", "nearly_due", "overdue", "closed"]
+# Why a due date was moved: no free text (it would invite personal data into the ledger).
+ExtensionReason = Literal["complex_request", "many_requests", "awaiting_subject", "awaiting_third_party"]
 
 
 class Verification(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -181,6 +183,8 @@ def fold_requests(records: Sequence[Any], clock: RightsClock, now: datetime) -> 
         request.records.append(r.seq)
         if event == "step":
             request.steps.append({k: v for k, v in d.items() if k not in ("request_id", "event")})
+            if d.get("step") == "extended":
+                request.due_at = datetime.fromisoformat(d["due_at"])
         elif event == "completed":
             request.status = "completed"
             request.outcome = d.get("outcome")
@@ -372,6 +376,27 @@ class RightsService:
         for name, run in self.deletion_steps.items():
             counts = await run(tenant, nodes)
             await self._step(tenant, request_id, subject, nodes, officer, {"step": name, **dict(counts)})
+
+    async def extend(
+        self, *, tenant: str, request_id: str, working_days: int, reason: ExtensionReason, officer: str
+    ) -> RightsRequest:
+        """Move an open request's due date ``working_days`` further, with a reason (recorded;
+        the original due date stays in the ledger)."""
+        if not 1 <= working_days <= 30:
+            raise RightsError("invalid_field", "workingDays must be between 1 and 30", "workingDays")
+        request = await self.get(tenant, request_id)
+        if request.status != "open":
+            raise RightsError("not_open", f"request {request_id} is {request.status}", "requestId", 409)
+        due = self.clock.extend(request.due_at, working_days)
+        step = {
+            "step": "extended",
+            "working_days": working_days,
+            "reason": reason,
+            "due_at": due.isoformat(),
+            "previous_due_at": request.due_at.isoformat(),
+        }
+        await self._step(tenant, request_id, request.subject, [], officer, step)
+        return await self.get(tenant, request_id)
 
     async def _complete_deletion(self, tenant: str, request_id: str, officer: str) -> RightsRequest:
         """A deletion is ``done`` only when no store it should reach is left out: the stores
@@ -574,6 +599,7 @@ __all__ = [
     "RIGHTS_KINDS",
     "Channel",
     "DeletionStep",
+    "ExtensionReason",
     "Holdings",
     "HoldingsOf",
     "People",

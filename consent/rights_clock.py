@@ -91,6 +91,11 @@ class RightsClock:
         day = self.calendar.add_working_days(local_day(received), self.due_working_days)
         return datetime.combine(day, time.max, tzinfo=SHANGHAI).astimezone(UTC)
 
+    def extend(self, due: datetime, working_days: int) -> datetime:
+        """A due time moved ``working_days`` working days later (end of that day)."""
+        day = self.calendar.add_working_days(local_day(due), working_days)
+        return datetime.combine(day, time.max, tzinfo=SHANGHAI).astimezone(UTC)
+
     def working_days_left(self, due: datetime, now: datetime) -> int:
         """Working days from today to the due day (0 on the due day itself, negative when late)."""
         return self.calendar.working_days_between(local_day(now), local_day(due))

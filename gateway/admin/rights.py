@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 from litestar import Controller, Response, get, post
@@ -19,6 +19,7 @@ from litestar.exceptions import PermissionDeniedException
 
 from consent.rights import (
     Channel,
+    ExtensionReason,
     Outcome,
     Requester,
     RightsError,
@@ -52,6 +53,12 @@ class OpenRightsRequest(msgspec.Struct, rename="camel", forbid_unknown_fields=Tr
 class CompleteRightsRequest(msgspec.Struct, rename="camel", forbid_unknown_fields=True):
     tenant: TenantId
     outcome: Outcome
+
+
+class ExtendRequest(msgspec.Struct, rename="camel", forbid_unknown_fields=True):
+    tenant: TenantId
+    working_days: Annotated[int, msgspec.Meta(ge=1, le=30)]
+    reason: ExtensionReason
 
 
 class BundleRequest(msgspec.Struct, rename="camel", forbid_unknown_fields=True):
@@ -244,3 +251,41 @@ class RightsController(Controller):
             media_type="application/json",
             headers={"Content-Disposition": f'attachment; filename="{request_id}.json"'},
         )
+
+    @post(
+        "/{request_id:str}/extend",
+        status_code=200,
+        responses=ACT_ERRORS,
+        summary="Move an open request's due date, with a reason",
+        opt=roles("compliance"),
+    )
+    async def extend(
+        self,
+        services: AdminServices,
+        rights: RightsService,
+        officer: Officer,
+        request_id: str,
+        data: ExtendRequest,
+    ) -> RightsRequest:
+        """``reason``: ``complex_request``, ``many_requests``, ``awaiting_subject`` or
+        ``awaiting_third_party``; the previous due date stays in the ledger."""
+        services.tokens.check_tenant(officer, data.tenant)
+        try:
+            request = await rights.extend(
+                tenant=data.tenant,
+                request_id=request_id,
+                working_days=data.working_days,
+                reason=data.reason,
+                officer=officer.name,
+            )
+        except RightsError as exc:
+            raise _domain(exc) from None
+        await log_access(
+            services,
+            officer,
+            "rights.extend",
+            data.tenant,
+            {"request": request_id, "working_days": data.working_days, "reason": data.reason},
+            1,
+        )
+        return request

@@ -238,6 +238,13 @@ def test_overdue_requests_show_in_the_listing_and_in_metrics(gw: Gateway) -> Non
     )
     assert r.status_code == 201, r.text
     assert r.json()["clock"] == "overdue" and r.json()["workingDaysLeft"] < 0
+    # an officer may move the due date, with a reason; the old one stays in the ledger
+    late = httpx.post(
+        f"{gw.url}/admin/rights/{r.json()['requestId']}/extend",
+        json={"tenant": "mall", "workingDays": 15, "reason": "free text with 13912345678"},
+        headers=bearer(),
+    )
+    assert late.status_code == 400 and late.json()["field"] == "reason", late.text
     listed = httpx.get(
         f"{gw.url}/admin/rights", params={"tenant": "mall", "clock": "overdue"}, headers=bearer()
     )
@@ -251,7 +258,7 @@ def test_overdue_requests_show_in_the_listing_and_in_metrics(gw: Gateway) -> Non
         if m.startswith('idgate_rights_requests_open{clock="overdue",kind="access",tenant="mall"}')
     ]
     assert float(line.split()[-1]) >= 1
-    # and in the CLI listing, which exits 1 while any request is overdue
+    # and in the CLI listing, which exits 1 while any request is overdue (extended below)
     env = {**gw.env, "IDGATE_DATA_DIR": str(gw.data_dir)}
     args = [str(IDGATE), "rights", "list", "--tenant", "mall", "--config", str(gw.config_path)]
     table = subprocess.run(args, env=env, capture_output=True, text=True, timeout=60)
@@ -262,6 +269,14 @@ def test_overdue_requests_show_in_the_listing_and_in_metrics(gw: Gateway) -> Non
     as_json = subprocess.run([*args, "--json", "--clock", "overdue"], env=env, capture_output=True, text=True)
     listed_ids = {json.loads(x)["requestId"] for x in as_json.stdout.splitlines()}
     assert r.json()["requestId"] in listed_ids
+    moved = httpx.post(
+        f"{gw.url}/admin/rights/{r.json()['requestId']}/extend",
+        json={"tenant": "mall", "workingDays": 30, "reason": "awaiting_subject"},
+        headers=bearer(),
+    )
+    assert moved.status_code == 200, moved.text
+    assert moved.json()["dueAt"] > r.json()["dueAt"] and moved.json()["clock"] != "overdue"
+    assert moved.json()["steps"][-1]["previous_due_at"].startswith(r.json()["dueAt"][:10])
 
 
 def test_due_dates_skip_cn_public_holidays_and_count_make_up_days(gw: Gateway) -> None:
