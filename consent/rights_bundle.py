@@ -17,7 +17,10 @@ offline with nothing but the document and, optionally, the trusted public key.
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
+import json
 from collections.abc import Collection, Mapping, Sequence
 from datetime import datetime
 from typing import Any
@@ -27,6 +30,28 @@ from consent.proofs import Delivery
 from consent.signing import LedgerSigner, verify
 
 BUNDLE_FORMAT = "idgate-rights-bundle/1"
+# The tabular parts of a bundle, as CSV: part -> its columns.
+CSV_PARTS: dict[str, tuple[str, ...]] = {
+    "identifiers": ("type", "pseudonym"),
+    "consentHistory": (
+        "seq",
+        "record_id",
+        "record_type",
+        "state",
+        "purposes",
+        "notice_id",
+        "notice_hash",
+        "consent_kind",
+        "legal_basis",
+        "source",
+        "platform",
+        "at",
+        "identifiers",
+        "hash",
+    ),
+    "deliveries": ("destination", "messageId", "deliveredAt", "ledgerSeq"),
+    "heldEvents": ("store", "messageId", "receivedAt", "destinations", "deadAt", "reason", "event"),
+}
 
 
 def consent_history(records: Sequence[Any]) -> list[dict[str, Any]]:
@@ -107,3 +132,24 @@ def verify_bundle(document: Mapping[str, Any], trusted_keys: Collection[str] | N
         return verify(public_key, canonical_json(bundle), str(signature["value"]))
     except (KeyError, TypeError, AttributeError, ValueError):
         return False
+
+
+def bundle_csv(bundle: Mapping[str, Any], part: str) -> str:
+    """One tabular part of a bundle as CSV (lists joined with ``;``, nested values as JSON).
+    Not signed itself: it is derived from the signed JSON, whose digest the caller names."""
+    columns = CSV_PARTS[part]
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(columns)
+    for row in bundle[part]:
+        cells = []
+        for column in columns:
+            value = row.get(column)
+            if isinstance(value, list) and all(isinstance(v, str) for v in value):
+                cells.append(";".join(value))
+            elif isinstance(value, dict | list):
+                cells.append(json.dumps(value, sort_keys=True, ensure_ascii=False, separators=(",", ":")))
+            else:
+                cells.append("" if value is None else str(value))
+        writer.writerow(cells)
+    return out.getvalue()

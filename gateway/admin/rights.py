@@ -28,11 +28,12 @@ from consent.rights import (
     RightsService,
     Verification,
 )
+from consent.rights_bundle import bundle_csv, bundle_digest
 from gateway.admin.deps import ADMIN_DEPENDENCIES, READ_ERRORS, AdminServices, log_access
 from gateway.admin.schemas import IdentifierRef, TenantId
 from gateway.auth import Officer, admin_guard, roles
 from gateway.errors import InvalidRequest
-from gateway.openapi import error_responses
+from gateway.openapi import answered_also_as, error_responses
 
 
 class OpenRightsRequest(msgspec.Struct, rename="camel", forbid_unknown_fields=True):
@@ -63,6 +64,10 @@ class ExtendRequest(msgspec.Struct, rename="camel", forbid_unknown_fields=True):
 
 class BundleRequest(msgspec.Struct, rename="camel", forbid_unknown_fields=True):
     tenant: TenantId
+    # json: the signed bundle; csv: one tabular part of it (``part``), derived from the signed
+    # JSON whose SHA-256 the X-Bundle-SHA256 header names
+    format: Literal["json", "csv"] = "json"
+    part: Literal["identifiers", "consentHistory", "deliveries", "heldEvents"] = "consentHistory"
 
 
 class RightsList(msgspec.Struct, rename="camel"):
@@ -219,6 +224,7 @@ class RightsController(Controller):
         summary="The signed bundle of what idgate holds on the person (access, copy)",
         opt=roles("compliance"),
         media_type="application/json",
+        operation_class=answered_also_as("text/csv"),
     )
     async def bundle(
         self,
@@ -246,6 +252,16 @@ class RightsController(Controller):
             {"request": request_id},
             len(document["bundle"]["consentHistory"]) + len(document["bundle"]["heldEvents"]),
         )
+        if data.format == "csv":
+            digest = bundle_digest(document["bundle"])
+            return Response(
+                bundle_csv(document["bundle"], data.part).encode(),
+                media_type="text/csv",
+                headers={
+                    "Content-Disposition": f'attachment; filename="{request_id}-{data.part}.csv"',
+                    "X-Bundle-SHA256": digest,
+                },
+            )
         return Response(
             json.dumps(document, ensure_ascii=False, sort_keys=True).encode(),
             media_type="application/json",

@@ -642,6 +642,17 @@ def test_an_access_bundle_is_signed_verifies_offline_and_holds_no_raw_identifier
     )
     assert cli.returncode == 1 and cli.stdout.startswith("FAILED"), cli.stdout
 
+    # the tabular parts as CSV, naming the digest of the signed JSON they come from
+    as_csv = httpx.post(url, json={"tenant": "mall", "format": "csv", "part": "deliveries"}, headers=bearer())
+    assert as_csv.status_code == 200 and as_csv.headers["content-type"].startswith("text/csv"), as_csv.text
+    lines = as_csv.text.splitlines()
+    assert lines[0] == "destination,messageId,deliveredAt,ledgerSeq"
+    assert any(viewed["messageId"] in x and x.startswith("mall-warehouse,") for x in lines[1:])
+    assert len(as_csv.headers["x-bundle-sha256"]) == 64
+    history = httpx.post(url, json={"tenant": "mall", "format": "csv"}, headers=bearer()).text
+    assert history.splitlines()[0].startswith("seq,record_id,record_type,state,purposes,notice_id")
+    assert user not in history and app_device not in history
+
     # the answer is on the request: a step with the bundle's digest, then completed
     got = httpx.get(f"{gw.url}/admin/rights/{request_id}", params={"tenant": "mall"}, headers=bearer()).json()
     assert got["status"] == "completed" and got["steps"][0]["step"] == "bundle"
