@@ -24,6 +24,7 @@ from typing import Any
 import msgspec
 import structlog
 
+from consent.client_text import is_digest, ledger_sdk
 from consent.decisions import (
     MINOR_FLAG,
     ConsentDecision,
@@ -297,6 +298,12 @@ class ConsentService:
             )
         if not grant and not withdraw and minor is None:
             raise ConsentRefused("nothing to record: grant, withdraw or subjectIsMinor is required", "grant")
+        # Nothing free-text from a client is written to the ledger (it cannot be rewritten).
+        if evidence_hash is not None and not is_digest(evidence_hash):
+            raise ConsentRefused(
+                "evidenceHash must be a hex digest (e.g. sha256:<64 hex digits>)", "evidenceHash"
+            )
+        sdk = ledger_sdk(sdk)
         notice_hash = None
         if grant:
             if not notice_id:
@@ -305,6 +312,16 @@ class ConsentService:
             if notice is None:
                 raise ConsentRefused(f"unknown notice {notice_id!r}", "noticeId")
             notice_hash = notice.content_hash
+        elif notice_id is not None:
+            # a withdrawal stands whatever notice it names; an unknown name is not kept, and
+            # neither is a name that cannot be checked now (the state store is down): the
+            # withdrawal itself must reach the ledger
+            try:
+                known = notice_id in await self.state.notices(tenant)
+            except Exception:
+                known = False
+            if not known:
+                notice_id = None
         ids = [Identifier(t, p).node for t, p in identifiers]
         subject = next((p for t, p in identifiers if t == "user_id"), identifiers[0][1])
         now = datetime.now(UTC)

@@ -14,6 +14,7 @@ the same classes; methods are synchronous (workers call them from a thread).
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Collection, Sequence
 from pathlib import Path
@@ -112,9 +113,13 @@ class SqliteDeadLetters:
         self.path = path
         self._conn = open_outbox_database(path)
         migrate_outbox_database(self._conn)
+        # Workers write from a thread, the CLI and admin read on theirs: one statement at a
+        # time, and never a close under a running one (SQLite would crash the process).
+        self._lock = threading.RLock()
 
     def close(self) -> None:
-        self._conn.close()
+        with self._lock:
+            self._conn.close()
 
     @staticmethod
     def _row(row: tuple[Any, ...]) -> DeadLetter:
@@ -158,7 +163,7 @@ class SqliteDeadLetters:
             )
             for r in records
         ]
-        with self._conn:
+        with self._lock, self._conn:
             self._conn.execute("BEGIN IMMEDIATE")
             self._conn.executemany(
                 "INSERT INTO dead_letter(destination, message_id, received_at_ms, dead_at_ms, attempts, "
@@ -168,28 +173,30 @@ class SqliteDeadLetters:
             )
 
     def list(self, destination: str | None = None, limit: int = 100) -> list[DeadLetter]:
-        if destination is None:
-            rows = self._conn.execute(
-                f"SELECT {self._COLUMNS} FROM dead_letter ORDER BY id LIMIT ?", (limit,)
-            ).fetchall()
-        else:
-            rows = self._conn.execute(
-                f"SELECT {self._COLUMNS} FROM dead_letter WHERE destination = ? ORDER BY id LIMIT ?",
-                (destination, limit),
-            ).fetchall()
+        with self._lock:
+            if destination is None:
+                rows = self._conn.execute(
+                    f"SELECT {self._COLUMNS} FROM dead_letter ORDER BY id LIMIT ?", (limit,)
+                ).fetchall()
+            else:
+                rows = self._conn.execute(
+                    f"SELECT {self._COLUMNS} FROM dead_letter WHERE destination = ? ORDER BY id LIMIT ?",
+                    (destination, limit),
+                ).fetchall()
         return [self._row(r) for r in rows]
 
     def get(self, entry_id: str) -> DeadLetter | None:
         if not entry_id.isdigit():
             return None
-        row = self._conn.execute(
-            f"SELECT {self._COLUMNS} FROM dead_letter WHERE id = ?", (int(entry_id),)
-        ).fetchone()
+        with self._lock:
+            row = self._conn.execute(
+                f"SELECT {self._COLUMNS} FROM dead_letter WHERE id = ?", (int(entry_id),)
+            ).fetchone()
         return self._row(row) if row else None
 
     def delete(self, entry_ids: Sequence[str]) -> int:
         ids = [(int(i),) for i in entry_ids if i.isdigit()]
-        with self._conn:
+        with self._lock, self._conn:
             self._conn.execute("BEGIN IMMEDIATE")
             return sum(self._conn.execute("DELETE FROM dead_letter WHERE id = ?", i).rowcount for i in ids)
 
@@ -220,7 +227,10 @@ class SqliteDeadLetters:
         return len(ids)
 
     def counts(self) -> dict[str, int]:
-        rows = self._conn.execute("SELECT destination, COUNT(*) FROM dead_letter GROUP BY destination")
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT destination, COUNT(*) FROM dead_letter GROUP BY destination"
+            ).fetchall()
         return {d: n for d, n in rows}
 
 

@@ -182,10 +182,17 @@ class SqliteOutbox:
         if self._committer is not None:
             self._committer.shutdown(wait=True)
             self._committer = None
-        for conn in (self._writer, self._reader, self._claims):
+        # A read started by a task that was cancelled at shutdown may still be running in its
+        # worker thread: closing the connection under it crashes the process (SQLite frees
+        # what the query is using). Take the reader's lock first; later reads find it closed.
+        with self._reader_lock:
+            reader, self._reader = self._reader, None
+            if reader is not None:
+                reader.close()
+        for conn in (self._writer, self._claims):
             if conn is not None:
                 conn.close()
-        self._writer = self._reader = self._claims = None
+        self._writer = self._claims = None
 
     @property
     def alive(self) -> bool:

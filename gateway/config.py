@@ -161,6 +161,10 @@ class IdentityConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     # type (defaults id -> device_id; advertisingId -> "advertising", IDFA or OAID by OS).
     trait_types: dict[str, str] = {}
     device_fields: dict[str, str] = {}
+    # Glob patterns of keys (properties, traits, URL query parameters) whose values are
+    # identifiers, pseudonymised wherever they appear; added to the defaults
+    # (identity.identifiers.DEFAULT_IDENTIFIER_KEY_PATTERNS: *openid*, *unionid*, member_id...).
+    identifier_keys: list[str] = []
     # What a client source (public key) may link without a signed identity assertion:
     # "verified" links person-level identifiers (user id, phone, email, unionid) only when
     # asserted; "unowned" also links those that no other person holds yet (never one that

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,8 +22,10 @@ from consent.state import ConsentStateStore, RedisConsentState, SqlConsentState
 from export.delivery import OnDelivered, OnWithheld, Recheck
 from export.outbox import StoredRecord
 from gateway.config import Config, Tenant
+from gateway.privacy import message_id_digest
 from gateway.settings import Settings
 from identity.db import make_engine
+from identity.pseudonym import KeyRing
 
 log = structlog.get_logger(__name__)
 
@@ -109,22 +111,37 @@ def delivery_recheck(policy: LedgerPolicy, specs: Mapping[str, DestinationSpec])
     return recheck
 
 
-def delivery_trail(proofs: DeliveryProofs) -> OnDelivered:
-    """Record, in the shared consent store, which consent records each delivery relied on."""
+# (tenant, message id) -> how the proofs table keeps it: a keyed hash
+MessageKey = Callable[[str, str], str]
+
+
+def message_keys(keyring: KeyRing) -> MessageKey:
+    """Message ids as the delivery proofs keep them (gateway.privacy.message_id_digest)."""
+
+    def key(tenant: str, message_id: str) -> str:
+        return message_id_digest(message_id, keyring.pseudonymiser(tenant))
+
+    return key
+
+
+def delivery_trail(proofs: DeliveryProofs, message_key: MessageKey) -> OnDelivered:
+    """Record, in the shared consent store, which consent records each delivery relied on
+    (message ids as keyed hashes: ``message_key(tenant, message_id)``)."""
 
     async def on_delivered(destination: str, records: Sequence[StoredRecord]) -> None:
-        delivered = [(r.message_id, r.proof) for r in records if r.proof]
+        delivered = [(message_key(r.tenant, r.message_id), r.proof) for r in records if r.proof]
         if delivered:
             await asyncio.to_thread(proofs.record, destination, delivered)
 
     return on_delivered
 
 
-def delivery_retraction(proofs: DeliveryProofs) -> OnWithheld:
+def delivery_retraction(proofs: DeliveryProofs, message_key: MessageKey) -> OnWithheld:
     """Take back the proofs of events a retry withheld (consent withdrawn meanwhile)."""
 
     async def on_withheld(destination: str, records: Sequence[StoredRecord]) -> None:
-        await asyncio.to_thread(proofs.forget, destination, [r.message_id for r in records if r.proof])
+        withheld = [message_key(r.tenant, r.message_id) for r in records if r.proof]
+        await asyncio.to_thread(proofs.forget, destination, withheld)
 
     return on_withheld
 

@@ -18,7 +18,13 @@ from export.redis_outbox import RedisStreamOutbox
 from export.sinks import build_sink
 from export.sqlite_outbox import SqliteOutbox
 from gateway.config import Config, Destination
-from gateway.consent_setup import ConsentRuntime, delivery_recheck, delivery_retraction, delivery_trail
+from gateway.consent_setup import (
+    ConsentRuntime,
+    delivery_recheck,
+    delivery_retraction,
+    delivery_trail,
+    message_keys,
+)
 from gateway.pipeline import destination_specs
 from gateway.settings import Settings
 from identity.pseudonym import KeyRing
@@ -114,8 +120,8 @@ def build_delivery(
         for d, spec in zip(t.destinations, destination_specs(t.destinations), strict=True)
     }
     recheck = delivery_recheck(consent.policy, specs)
-    trail = delivery_trail(consent.proofs)
-    retraction = delivery_retraction(consent.proofs)
+    trail = delivery_trail(consent.proofs, message_keys(keyring))
+    retraction = delivery_retraction(consent.proofs, message_keys(keyring))
     workers = [
         DeliveryWorker(
             outbox.queue(d.id),

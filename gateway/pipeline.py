@@ -39,20 +39,20 @@ from export.outbox import Claim, ClaimStatus, Outbox, OutboxRecord, notice_recor
 from gateway import metrics
 from gateway.config import Destination, ResolvedSource, Tenant
 from gateway.events import Envelope, Rejection, RejectMessage
+from gateway.privacy import (
+    SAFE_CONTEXT,
+    clean_message_id,
+    message_id_digest,
+    scrubber_for,
+    url_pseudonymiser,
+)
 from identity.assertions import AssertionVerifier, standing
 from identity.graph import GraphChange
-from identity.identifiers import (
-    DEVICE_TYPES,
-    IDENTIFIER_TYPES,
-    SCOPED_TYPES,
-    Identifier,
-    InvalidIdentifier,
-    is_identifier_key,
-)
+from identity.identifiers import DEVICE_TYPES, IDENTIFIER_TYPES, SCOPED_TYPES, Identifier, InvalidIdentifier
 from identity.notices import notices_for_changes
 from identity.pseudonym import KeyRing, Pseudonymiser, pseudonymise_identifier
 from identity.resolution import IdentityResolver
-from identity.scrub import KEEP, scrub_text, scrub_value, truncate_ip
+from identity.scrub import truncate_ip
 from identity.service import IdentityService
 
 log = structlog.get_logger("idgate.ingest")
@@ -87,6 +87,8 @@ def pseudonymise_identifiers(env: Envelope, tenant: Tenant, pseudonymiser: Pseud
     ev = env.event
     found = env.identifiers
     written = env.pseudonyms
+    # before dedupe claims it: a message id is stored (claims, proofs) and forwarded
+    ev.message_id = clean_message_id(ev.message_id, pseudonymiser)
 
     def link(id_type: str, raw: Any, scope: str | None = None) -> str | None:
         try:
@@ -120,16 +122,13 @@ def pseudonymise_identifiers(env: Envelope, tenant: Tenant, pseudonymiser: Pseud
 
     trait_types, device_types = field_maps(tenant)
 
-    def on_identifier_key(key: str, value: Any) -> Any:
-        lowered = key.lower()
-        id_type = trait_types.get(lowered)
-        if id_type is None and not is_identifier_key(key):
-            return KEEP
-        if isinstance(value, str | int) and not isinstance(value, bool):
-            if value == "":
-                return value
-            return (link(id_type, value) if id_type else None) or opaque(value)
-        return scrub_value(value, on_identifier_key)
+    def link_trait(key: str, value: str | int) -> str | None:
+        """Trait and property keys that name an identifier type: linked (or, when not a
+        valid identifier of that type, pseudonymised)."""
+        id_type = trait_types.get(key.lower())
+        if id_type is None:
+            return None
+        return link(id_type, value) or opaque(value)
 
     ctx = ev.context
     device = ctx.get("device")
@@ -168,15 +167,17 @@ def pseudonymise_identifiers(env: Envelope, tenant: Tenant, pseudonymiser: Pseud
             if value is not None:
                 cleaned.append({**item, "id": value})
         ctx["externalIds"] = cleaned
+    # Every key and string of traits and properties (any depth): identifier-like keys
+    # pseudonymised, URLs' identifier parameters pseudonymised, the rest scrubbed. The
+    # rest of the context is cleaned by scrub_personal_data.
+    clean = scrubber_for(tenant).clean
+    in_url = url_pseudonymiser(pseudonymiser)
     if ev.traits is not None:
-        ev.traits = scrub_value(ev.traits, on_identifier_key)
+        ev.traits = clean(ev.traits, None, written, opaque, in_url, link_trait)
     if isinstance(ctx.get("traits"), dict):
-        ctx["traits"] = scrub_value(ctx["traits"], on_identifier_key)
+        ctx["traits"] = clean(ctx["traits"], None, written, opaque, in_url, link_trait)
     if ev.properties is not None:
-        ev.properties = scrub_value(ev.properties, on_identifier_key)
-    for key in ("page", "campaign", "referrer"):
-        if isinstance(ctx.get(key), dict):
-            ctx[key] = scrub_value(ctx[key], on_identifier_key)
+        ev.properties = clean(ev.properties, None, written, opaque, in_url, link_trait)
     if env.unbind:
         detached = []
         for raw in env.unbind:
@@ -251,10 +252,14 @@ def proven_identifiers(env: Envelope) -> list[tuple[str, str]]:
     return [(i.type, i.value) for i in env.identifiers if proves(i)]
 
 
-# -- stage: transform ------------------------------------------------------------------------
-def scrub_personal_data(env: Envelope) -> None:
-    """Truncate the IP, scrub free text in the context fields not yet cleaned."""
-    ctx = env.event.context
+# -- stage: transform ---------------------------------------------------------------------
+def scrub_personal_data(env: Envelope, tenant: Tenant, pseudonymiser: Pseudonymiser) -> None:
+    """What ``pseudonymise_identifiers`` left: truncate the IP; clean every key and string
+    of the context (but its traits, already cleaned) and integrations, the event name, the
+    page/screen name and category and the group id. Only pseudonyms and the values
+    ``gateway.privacy.SAFE_CONTEXT`` allows pass unscrubbed."""
+    ev = env.event
+    ctx = ev.context
     ip = ctx.get("ip")
     if ip is not None:
         truncated = truncate_ip(str(ip))
@@ -262,13 +267,30 @@ def scrub_personal_data(env: Envelope) -> None:
             del ctx["ip"]
         else:
             ctx["ip"] = truncated
-    for key in ("userAgent", "locale", "timezone", "groupId"):
-        value = ctx.get(key)
-        if isinstance(value, str):
-            ctx[key] = scrub_text(value)
-    env.event.name = scrub_text(env.event.name) if env.event.name else env.event.name
-    if env.event.group_id is not None:
-        env.event.group_id = scrub_text(env.event.group_id)
+    scrubber = scrubber_for(tenant)
+    written = env.pseudonyms
+    in_url = url_pseudonymiser(pseudonymiser)
+
+    def opaque(raw: Any) -> str:
+        value = pseudonymiser(str(raw).strip())
+        written.add(value)
+        return value
+
+    clean = scrubber.clean
+    traits = ctx.pop("traits", None)
+    ev.context = clean(ctx, SAFE_CONTEXT, written, opaque, in_url)
+    if traits is not None:
+        ev.context["traits"] = traits
+    if ev.integrations:
+        ev.integrations = clean(ev.integrations, None, written, opaque, in_url)
+    if ev.event:
+        ev.event = scrubber.name(ev.event)
+    if ev.name:
+        ev.name = scrubber.text(ev.name, in_url)
+    if ev.category:
+        ev.category = scrubber.text(ev.category, in_url)
+    if ev.group_id is not None:
+        ev.group_id = scrubber.text(ev.group_id, in_url)
 
 
 def strip_sensitive(env: Envelope, tenant: Tenant) -> None:
@@ -645,7 +667,8 @@ async def resolve_identity(s: IngestServices, batch: IngestBatch) -> None:
         tenant.id,
         sets,
         linking,
-        [(batch.src.source.id, e.event.message_id) for e in envs],
+        # provenance outlives the outbox: the message id only as a keyed hash
+        [(batch.src.source.id, message_id_digest(e.event.message_id, batch.pseudonymiser)) for e in envs],
         notices=batch.changes,
         guarded=guarded,
     )
@@ -655,8 +678,9 @@ async def resolve_identity(s: IngestServices, batch: IngestBatch) -> None:
 
 async def transform(s: IngestServices, batch: IngestBatch) -> None:
     """PII scrubbing and IP truncation on what is about to be stored."""
+    tenant, pseudonymiser = batch.src.tenant, batch.pseudonymiser
     for env in batch.envelopes:
-        scrub_personal_data(env)
+        scrub_personal_data(env, tenant, pseudonymiser)
 
 
 async def encode(s: IngestServices, batch: IngestBatch) -> None:

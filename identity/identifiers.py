@@ -7,7 +7,9 @@ SDKs emit when they have nothing real to send (``null``, ``undefined``, all-zero
 
 from __future__ import annotations
 
+import fnmatch
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Final
 
@@ -139,10 +141,75 @@ _IDENTIFIER_KEY = re.compile(
 )
 
 
+# Glob patterns (over the lower-cased key, a leading "$" removed) of keys that hold an
+# identifier under a name nobody can list in advance (``wechat_openid``, ``buyerOpenId``,
+# ``union_id``, ``memberId``): extended per tenant by ``[tenants.identity] identifier_keys``.
+DEFAULT_IDENTIFIER_KEY_PATTERNS: Final = (
+    "*openid*",
+    "*open_id*",
+    "*unionid*",
+    "*union_id*",
+    "member_id",
+    "memberid",
+    "*_member_id",
+    "customer_id",
+    "customerid",
+    "*_customer_id",
+    "buyer*id",
+    "*_user_id",
+    "*_userid",
+    "*_phone",
+    "*_mobile",
+    "*_email",
+    "phone_number",
+    "phonenumber",
+    "mobile_number",
+    "mobilenumber",
+    "email_address",
+    "emailaddress",
+    "id_card*",
+    "idcard*",
+)
+# Query-string keys that carry an identifier in URLs, beyond the keys above.
+URL_IDENTIFIER_KEY_PATTERNS: Final = ("uid", "user", "u_id", "*token*", "ticket", "*session*", "sid")
+_MAX_CACHED_KEYS = 4096
+
+
+class IdentifierKeys:
+    """Recognises keys that name someone's identifier: the exact names of
+    ``IDENTIFIER_KEYS``, the ``*_openid``-style suffixes and glob patterns (defaults plus the
+    tenant's). Answers are memoised for the keys seen (bounded), so the hot path pays one
+    dict look-up per key."""
+
+    __slots__ = ("_cache", "_pattern")
+
+    def __init__(
+        self, patterns: Iterable[str] = (), *, defaults: Iterable[str] = DEFAULT_IDENTIFIER_KEY_PATTERNS
+    ) -> None:
+        globs = [p.lower().lstrip("$") for p in (*defaults, *patterns)]
+        self._pattern = re.compile("|".join(f"(?:{fnmatch.translate(g)})" for g in globs) or "(?!)")
+        self._cache: dict[str, bool] = {}
+
+    def __call__(self, key: str) -> bool:
+        found = self._cache.get(key)
+        if found is None:
+            lowered = key.lower().lstrip("$")
+            found = (
+                lowered in IDENTIFIER_KEYS
+                or _IDENTIFIER_KEY.search(lowered) is not None
+                or self._pattern.match(lowered) is not None
+            )
+            if len(self._cache) < _MAX_CACHED_KEYS:
+                self._cache[key] = found
+        return found
+
+
+_DEFAULT_KEYS = IdentifierKeys()
+
+
 def is_identifier_key(key: str) -> bool:
-    """Whether a property or trait key names someone's identifier."""
-    lowered = key.lower().lstrip("$")
-    return lowered in IDENTIFIER_KEYS or _IDENTIFIER_KEY.search(lowered) is not None
+    """Whether a property or trait key names someone's identifier (default patterns)."""
+    return _DEFAULT_KEYS(key)
 
 
 def normalise_phone(value: str) -> str:

@@ -45,7 +45,7 @@ import httpx
 import pytest
 
 from consent.signing import new_ledger_key_b64
-from identity.pseudonym import new_key_document
+from identity.pseudonym import KeyRing, new_key_document
 from tests.waiting import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -438,6 +438,10 @@ class Gateway:
             what=f"the sentinel event at {destination}",
         )
         return sentinel
+
+    def keyring(self) -> KeyRing:
+        """The pseudonymisation keys this gateway uses (IDGATE_KEYS, else its dev key file)."""
+        return KeyRing.load(env_value=self.env.get("IDGATE_KEYS"), key_file=self.data_dir / "dev-keys.json")
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace")

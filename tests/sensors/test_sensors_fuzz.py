@@ -102,7 +102,7 @@ def check_batch(payload: bytes, single: bool) -> None:
             pseudonymise_identifiers(env, TENANT, PSEUDONYM)
         except RejectMessage:
             continue
-        scrub_personal_data(env)
+        scrub_personal_data(env, TENANT, PSEUDONYM)
         msgspec.json.encode(env.event)
 
 
