@@ -42,6 +42,7 @@ from consent.rights_bundle import build_bundle, bundle_digest, sign_bundle
 from consent.rights_clock import RightsClock, local_day
 from consent.service import ConsentService
 from identity.identifiers import Identifier, node_type, node_value
+from identity.scrub import looks_like_identifier
 
 log = structlog.get_logger(__name__)
 
@@ -275,6 +276,13 @@ class RightsService:
             )
         if correction is not None and correction.node == subject.node:
             raise RightsError("invalid_field", "the correction is the identifier it corrects", "correction")
+        if verification.reference is not None and looks_like_identifier(verification.reference):
+            # the ledger never holds personal data: a case number, not a phone or an id card
+            raise RightsError(
+                "invalid_field",
+                "reference looks like personal data (a phone, an ID number...): give the case number",
+                "verification.reference",
+            )
         received = received_at or now
         if received > now:
             raise RightsError("invalid_field", "receivedAt is in the future", "receivedAt")
