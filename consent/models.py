@@ -25,6 +25,7 @@ RecordState = Literal[
     "invalidated",
     "published",
     "requested",
+    "refused",
     "completed",
     "flagged",
     "cleared",

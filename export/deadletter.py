@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -89,6 +89,10 @@ class DeadLetterStore(Protocol):
     def list(self, destination: str | None = None, limit: int = 100) -> list[DeadLetter]: ...
     def get(self, entry_id: str) -> DeadLetter | None: ...
     def delete(self, entry_ids: Sequence[str]) -> int: ...
+    def purge_person(self, tenant: str, pseudonyms: Collection[str]) -> int: ...
+    def find_person(
+        self, tenant: str, pseudonyms: Collection[str], limit: int = 10_000
+    ) -> Sequence[DeadLetter]: ...
     def counts(self) -> dict[str, int]: ...
     def close(self) -> None: ...
 
@@ -196,6 +200,32 @@ class SqliteDeadLetters:
             self._conn.execute("BEGIN IMMEDIATE")
             return sum(self._conn.execute("DELETE FROM dead_letter WHERE id = ?", i).rowcount for i in ids)
 
+    def find_person(
+        self, tenant: str, pseudonyms: Collection[str], limit: int = 10_000
+    ) -> Sequence[DeadLetter]:
+        """The dead-lettered events of a person (an access request)."""
+        wanted = set(pseudonyms)
+        rows = self._conn.execute(
+            f"SELECT {self._COLUMNS} FROM dead_letter WHERE tenant = ? AND kind = 'event' ORDER BY id",
+            (tenant,),
+        )
+        found = [e for e in map(self._row, rows) if e.person in wanted or wanted & set(e.pseudonyms)]
+        return found[:limit]
+
+    def purge_person(self, tenant: str, pseudonyms: Collection[str]) -> int:
+        """Delete the dead-lettered events of a person (a deletion request): every event of
+        ``tenant`` whose person or pseudonyms include one of ``pseudonyms``. Notices stay."""
+        wanted = set(pseudonyms)
+        with self._conn:
+            self._conn.execute("BEGIN IMMEDIATE")
+            rows = self._conn.execute(
+                "SELECT id, person, pseudonyms FROM dead_letter WHERE tenant = ? AND kind = 'event'",
+                (tenant,),
+            ).fetchall()
+            ids = [(i,) for i, person, names in rows if person in wanted or wanted & set(names.split(","))]
+            self._conn.executemany("DELETE FROM dead_letter WHERE id = ?", ids)
+        return len(ids)
+
     def counts(self) -> dict[str, int]:
         with self._lock:
             rows = self._conn.execute(
@@ -300,6 +330,48 @@ class RedisDeadLetters:
             destination, _, eid = entry_id.partition("/")
             if eid:
                 removed += int(self.client.xdel(self._key(destination), eid))
+        return removed
+
+    def find_person(
+        self, tenant: str, pseudonyms: Collection[str], limit: int = 10_000
+    ) -> Sequence[DeadLetter]:
+        """The dead-lettered events of a person (an access request)."""
+        wanted = set(pseudonyms)
+        found: list[DeadLetter] = []
+        for d in self._destinations():
+            for eid, fields in self.client.xrange(self._key(d)):
+                entry = self._entry(d, eid, fields)
+                if (
+                    entry.kind == "event"
+                    and entry.tenant == tenant
+                    and (entry.person in wanted or wanted & set(entry.pseudonyms))
+                ):
+                    found.append(entry)
+        return found[:limit]
+
+    def purge_person(self, tenant: str, pseudonyms: Collection[str]) -> int:
+        """Delete the dead-lettered events of a person (see SqliteDeadLetters.purge_person)."""
+        wanted = set(pseudonyms)
+        removed = 0
+        for d in self._destinations():
+            key, start = self._key(d), "-"
+            while True:
+                rows = self.client.xrange(key, min=start, count=1000)
+                if not rows:
+                    break
+                doomed = []
+                for eid, fields in rows:
+                    entry = self._entry(d, eid, fields)
+                    if (
+                        entry.kind == "event"
+                        and entry.tenant == tenant
+                        and (entry.person in wanted or wanted & set(entry.pseudonyms))
+                    ):
+                        doomed.append(eid)
+                if doomed:
+                    removed += int(self.client.xdel(key, *doomed))
+                last = rows[-1][0]
+                start = "(" + (last.decode() if isinstance(last, bytes) else str(last))
         return removed
 
     def counts(self) -> dict[str, int]:

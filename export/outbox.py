@@ -20,7 +20,7 @@ destination's pseudonym domain). Delivery never parses payload bytes to find the
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from enum import IntEnum
 from typing import Literal, Protocol
 
@@ -229,5 +229,15 @@ class Outbox(Protocol):
         ...
 
     async def prune(self, chunk: int = 5_000) -> tuple[int, int]: ...
+    async def purge_person(self, tenant: str, pseudonyms: Collection[str]) -> int:
+        """Delete the events held for a person (a deletion request); notices stay."""
+        ...
+
+    async def find_person(
+        self, tenant: str, pseudonyms: Collection[str], limit: int = 10_000
+    ) -> list[StoredRecord]:
+        """The events held for a person (an access request)."""
+        ...
+
     async def checkpoint(self) -> tuple[int, int]: ...
     def close(self) -> None: ...

@@ -23,7 +23,7 @@ Entries every group has acknowledged are trimmed by ``prune``.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from typing import Any
 
 import msgspec
@@ -89,7 +89,43 @@ _MEASURE = (
 return backlog(2, #KEYS - 1)
 """
 )
-
+# KEYS: the stream, then the acked counter of each destination; ARGV: the number of
+# destinations k, their group names, then the entry ids to delete. An entry deleted before a
+# group read it (after the group's last-delivered-id) will never be acknowledged by that
+# group: its acked counter is moved on by one, so the backlog stays exact.
+_PURGE = """
+local function parse(id)
+  local ms, n = string.match(id, '^(%d+)%-(%d+)$')
+  return tonumber(ms), tonumber(n)
+end
+local function after(a, b)
+  local am, an = parse(a)
+  local bm, bn = parse(b)
+  return am > bm or (am == bm and an > bn)
+end
+local k = tonumber(ARGV[1])
+local last = {}
+for _, group in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
+  local name, delivered
+  for i = 1, #group, 2 do
+    if group[i] == 'name' then name = group[i + 1] end
+    if group[i] == 'last-delivered-id' then delivered = group[i + 1] end
+  end
+  if name then last[name] = delivered end
+end
+local removed = 0
+for i = 2 + k, #ARGV do
+  local id = ARGV[i]
+  if redis.call('XDEL', KEYS[1], id) == 1 then
+    removed = removed + 1
+    for j = 1, k do
+      local seen = last[ARGV[1 + j]]
+      if seen == nil or after(id, seen) then redis.call('INCR', KEYS[1 + j]) end
+    end
+  end
+end
+return removed
+"""
 
 _encode_entry = msgspec.msgpack.Encoder().encode
 _decode_entry = msgspec.msgpack.Decoder(OutboxRecord).decode
@@ -141,6 +177,7 @@ class RedisStreamOutbox:
         self.accepting = True
         self._append_script = client.register_script(_APPEND)
         self._measure_script = client.register_script(_MEASURE)
+        self._purge_script = client.register_script(_PURGE)
 
     def close(self) -> None:
         self.alive = False
@@ -209,6 +246,56 @@ class RedisStreamOutbox:
             raise OutboxFull(refused[0], self.max_pending)
         self.accepting = True
         return stored
+
+    async def find_person(
+        self, tenant: str, pseudonyms: Collection[str], limit: int = 10_000
+    ) -> list[StoredRecord]:
+        """The events of a person still in the stream (an access request)."""
+        wanted = set(pseudonyms)
+        found: list[StoredRecord] = []
+        start = "-"
+        while len(found) < limit:
+            rows = await self.client.xrange(self.stream, min=start, count=1000)
+            if not rows:
+                break
+            for eid, fields in rows:
+                entry = _decode_entry(fields[b"r"])
+                if entry.kind == "event" and entry.tenant == tenant:
+                    record = _record(eid, entry)
+                    if record.person in wanted or wanted & set(record.pseudonyms):
+                        found.append(record)
+            last = rows[-1][0]
+            start = "(" + (last.decode() if isinstance(last, bytes) else str(last))
+        return found[:limit]
+
+    async def purge_person(self, tenant: str, pseudonyms: Collection[str]) -> int:
+        """Delete the events of a person still in the stream (a deletion request): every
+        event of ``tenant`` whose person or pseudonyms include one of ``pseudonyms``.
+        Notices stay. Each chunk's deletions and counter moves are one atomic script."""
+        wanted = set(pseudonyms)
+        groups = sorted(self.destinations)
+        removed, start = 0, "-"
+        while True:
+            rows = await self.client.xrange(self.stream, min=start, count=1000)
+            if not rows:
+                return removed
+            doomed = []
+            for eid, fields in rows:
+                entry = _decode_entry(fields[b"r"])
+                if entry.kind == "event" and entry.tenant == tenant:
+                    if not entry.pseudonyms:
+                        entry = _record(eid, entry).to_outbox()
+                    if entry.person in wanted or wanted & set(entry.pseudonyms):
+                        doomed.append(eid.decode() if isinstance(eid, bytes) else str(eid))
+            if doomed:
+                removed += int(
+                    await self._purge_script(
+                        keys=[self.stream, *(self.acked_key(d) for d in groups)],
+                        args=[len(groups), *groups, *doomed],
+                    )
+                )
+            last = rows[-1][0]
+            start = "(" + (last.decode() if isinstance(last, bytes) else str(last))
 
     async def probe(self) -> bool:
         try:

@@ -21,7 +21,7 @@ import asyncio
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from functools import partial
@@ -605,6 +605,47 @@ class SqliteOutbox:
             return int(log_frames), int(done)
 
         return await self._read(q)
+
+    async def find_person(
+        self, tenant: str, pseudonyms: Collection[str], limit: int = 10_000
+    ) -> list[StoredRecord]:
+        """The events of a person still held (an access request), as ``purge_person`` finds them."""
+        wanted = set(pseudonyms)
+
+        def q(conn: sqlite3.Connection) -> list[StoredRecord]:
+            # the matching is done on two short columns; whole rows only for the matches
+            rows = conn.execute(
+                "SELECT seq, person, pseudonyms FROM outbox WHERE tenant = ? AND kind = 'event' ORDER BY seq",
+                (tenant,),
+            )
+            seqs = [seq for seq, person, names in rows if person in wanted or wanted & set(names.split(","))]
+            found = []
+            for seq in seqs[:limit]:
+                row = conn.execute(f"SELECT {_COLUMNS} FROM outbox WHERE seq = ?", (seq,)).fetchone()
+                if row is not None:
+                    found.append(_row_record(row))
+            return found
+
+        return await self._read(q)
+
+    async def purge_person(self, tenant: str, pseudonyms: Collection[str]) -> int:
+        """Delete the events of a person still held (a deletion request): every event row of
+        ``tenant`` whose person or pseudonyms include one of ``pseudonyms``, delivered or not.
+        Notices (merges, splits, deletions) stay: downstream needs them. Sequence numbers
+        are never reused (AUTOINCREMENT), so delivery cursors stay right."""
+        wanted = set(pseudonyms)
+
+        def tx(conn: sqlite3.Connection) -> int:
+            rows = conn.execute(
+                "SELECT seq, person, pseudonyms FROM outbox WHERE tenant = ? AND kind = 'event'", (tenant,)
+            ).fetchall()
+            doomed = [
+                (seq,) for seq, person, names in rows if person in wanted or wanted & set(names.split(","))
+            ]
+            conn.executemany("DELETE FROM outbox WHERE seq = ?", doomed)
+            return len(doomed)
+
+        return await self._write(tx)
 
     async def prune(self, chunk: int = 5_000) -> tuple[int, int]:
         """Delete up to ``chunk`` rows every destination has delivered and as many dedupe

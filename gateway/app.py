@@ -40,6 +40,7 @@ from gateway.maintenance import keep_healthy
 from gateway.openapi import docs_assets_routers, finish_document, openapi_config
 from gateway.pipeline import Ingestor, IngestServices
 from gateway.rate_limits import open_rate_limiter
+from gateway.rights_setup import open_rights, resume_open_requests
 from gateway.sensors_http import SENSORS_ROUTES, document_sensors_routes
 from gateway.settings import Settings
 from gateway.trust import assertion_verifiers
@@ -224,7 +225,9 @@ def create_app(settings: Settings | None = None) -> Litestar:
             },
             verify_ledger=lambda: verify_database(consent.ledger),
         )
+        state.rights = open_rights(config, consent.service, consent.proofs, identity, outbox, dead_letters)
         await delivery.start()
+        resumed = asyncio.create_task(resume_open_requests(state.rights), name="rights-resume")
         checkpoints = asyncio.create_task(
             checkpoint_periodically(consent.ledger, settings.checkpoint_seconds), name="ledger-checkpoint"
         )
@@ -249,6 +252,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         finally:
             checkpoints.cancel()
             health.cancel()
+            resumed.cancel()
             await resolver.stop()
             await delivery.stop()
             outbox.close()

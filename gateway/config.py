@@ -12,6 +12,7 @@ import re
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import date
 from pathlib import Path
 from typing import Any, Literal
 
@@ -240,11 +241,22 @@ class AdminToken(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     tenants: list[str] = []  # empty: every tenant
 
 
+class RightsConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """The clock of data-subject rights requests (consent.rights_clock)."""
+
+    due_working_days: int = 15
+    nearly_due_working_days: int = 3
+    official_calendar: bool = True  # the chinese-calendar package's holidays and make-up days
+    holidays: list[date] = []  # extra public holidays (ISO dates)
+    workdays: list[date] = []  # extra make-up working days (ISO dates)
+
+
 class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     tenants: list[Tenant]
     limits: Limits = Limits()
     admin_tokens: list[AdminToken] = []
     rate_limits: RateLimits = RateLimits()
+    rights: RightsConfig = RightsConfig()
 
 
 @dataclass(frozen=True)
@@ -489,6 +501,15 @@ def parse_config(text: str, *, path: str = "<config>", dev: bool = False) -> Con
                     problems.append("rate_limits.forwarded_hops: must be between 0 and 10")
             elif name != "enabled" and value < 1:
                 problems.append(f"rate_limits.{name}: must be at least 1")
+    rights = _decode_part(raw.pop("rights", {}), RightsConfig, "rights", problems)
+    if rights is not None:
+        if not 1 <= rights.due_working_days <= 60:
+            problems.append("rights.due_working_days: must be between 1 and 60")
+        if not 0 <= rights.nearly_due_working_days < rights.due_working_days:
+            problems.append("rights.nearly_due_working_days: must be at least 0 and below due_working_days")
+        both = set(rights.holidays) & set(rights.workdays)
+        if both:
+            problems.append(f"rights: days both holidays and workdays: {sorted(d.isoformat() for d in both)}")
     admin_tokens: list[AdminToken] = []
     for i, rt in enumerate(raw.pop("admin_tokens", [])):
         token = _decode_part(rt, AdminToken, f"admin_tokens[{i}]", problems)
@@ -539,6 +560,7 @@ def parse_config(text: str, *, path: str = "<config>", dev: bool = False) -> Con
         limits=limits or Limits(),
         admin_tokens=admin_tokens,
         rate_limits=rate_limits or RateLimits(),
+        rights=rights or RightsConfig(),
     )
 
 

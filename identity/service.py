@@ -92,6 +92,15 @@ class IdentityService:
     def unified_id(self, tenant: str, node: str) -> str:
         return self.resolver.unified_id(tenant, node)
 
+    def person(self, tenant: str, node: str) -> list[str]:
+        """Every identifier node of the person ``node`` belongs to (its identity-graph
+        component), itself included; only itself when the graph does not hold it or the
+        tenant has no graph."""
+        graph = self.resolver.graph(tenant)
+        if graph is None or node not in graph:
+            return [node]
+        return sorted(graph.component(node))
+
     def explain(self, tenant: str, a: str, b: str) -> Explanation:
         graph = self.graph(tenant)
         path = graph.explain(a, b)

@@ -29,6 +29,7 @@ STRUCTS = (
     cfg.Destination,
     cfg.Recipient,
     cfg.RetryPolicy,
+    cfg.RightsConfig,
 )
 
 

@@ -1,0 +1,621 @@
+"""Data-subject rights requests (PIPL Art. 44-50): intake, the clock, and what each kind does.
+
+A request names its subject by one identifier, already pseudonymised by the caller (raw
+identifiers never reach this module). Every state change of a request is one
+``rights_request`` record appended to the consent ledger, so requests survive restarts, are
+hash-chained and signed like consents, and an officer can prove when each was received,
+verified, acted on and answered. The current state of a request is the fold of its records
+(``detail.request_id`` ties them together); nothing else is stored.
+
+Records of one request, in order:
+
+- ``requested`` / ``opened``: kind, who asked (``requested_by``), the channel, how the
+  subject's identity was verified, the time of receipt and the due time (the clock,
+  ``consent.rights_clock``);
+- ``refused``: the subject's identity could not be verified (Art. 50: a refusal is recorded
+  with its reason); the request ends there;
+- ``requested`` / ``step``: a part of the work done (consents withdrawn, graph erased, events
+  purged), with counts and the ledger seqs it wrote;
+- ``completed`` / ``completed``: the outcome, the completion time and how long it took (seconds
+  and working days).
+
+``withdraw_all``, ``restrict`` and ``delete`` are carried out when they are opened;
+``correct`` too (the wrong identifier leaves the person; the right one links at the next
+event); ``access`` and ``copy`` are answered with a signed bundle (``bundle``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal, Protocol
+
+import msgspec
+import structlog
+
+from consent.ledger import RecordDraft
+from consent.models import RecordState
+from consent.proofs import DeliveryProofs
+from consent.rights_bundle import build_bundle, bundle_digest, sign_bundle
+from consent.rights_clock import RightsClock, local_day
+from consent.service import ConsentService
+from identity.identifiers import Identifier, node_type, node_value
+from identity.scrub import looks_like_identifier
+
+log = structlog.get_logger(__name__)
+
+RightsKind = Literal["access", "copy", "correct", "delete", "restrict", "withdraw_all"]
+RIGHTS_KINDS: tuple[str, ...] = RightsKind.__args__  # type: ignore[attr-defined]
+# Who made the request: the person, a guardian (a minor, Art. 31), an authorised agent, or a
+# next of kin exercising a deceased person's rights (Art. 49).
+Requester = Literal["subject", "guardian", "agent", "next_of_kin"]
+Channel = Literal["app", "web", "miniprogram", "email", "phone", "letter", "in_person", "customer_service"]
+VerificationMethod = Literal[
+    "account_login", "sms_code", "id_document", "in_person", "notarised_letter", "none"
+]
+VerificationOutcome = Literal["verified", "failed", "not_possible"]
+RequestStatus = Literal["open", "refused", "completed"]
+Outcome = Literal["done", "partly_done", "declined"]
+ClockStatus = Literal["on_time", "nearly_due", "overdue", "closed"]
+# Why a due date was moved: no free text (it would invite personal data into the ledger).
+ExtensionReason = Literal["complex_request", "many_requests", "awaiting_subject", "awaiting_third_party"]
+
+
+class Verification(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """How the subject's identity was checked. ``reference`` is the officer's own case or
+    ticket number (never personal data: letters, digits and ``._:-`` only)."""
+
+    method: VerificationMethod
+    outcome: VerificationOutcome
+    reference: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9._:-]{1,64}$")] | None = None
+
+
+class RightsError(Exception):
+    """A rights request that cannot be taken or changed as asked (maps to a 4xx)."""
+
+    def __init__(self, error: str, detail: str, field: str | None = None, status: int = 400) -> None:
+        super().__init__(detail)
+        self.error = error
+        self.detail = detail
+        self.field = field
+        self.status = status
+
+
+class RightsRequest(msgspec.Struct, rename="camel"):
+    """A request as its ledger records tell it."""
+
+    request_id: str
+    tenant: str
+    kind: str
+    subject: str  # "<type>:<pseudonym>" named at intake
+    status: str
+    requested_by: str
+    channel: str
+    verification: dict[str, Any]
+    received_at: datetime
+    due_at: datetime
+    officer: str
+    records: list[int]  # ledger seqs of its records, in order
+    steps: list[dict[str, Any]] = []
+    refusal_reason: str | None = None
+    completed_at: datetime | None = None
+    outcome: str | None = None
+    correction: str | None = None  # a correct request: the right identifier ("<type>:<pseudonym>")
+    # what a partly done request could not reach (e.g. stores a deletion does not cover yet)
+    remaining: list[str] = []
+    seconds_to_complete: float | None = None
+    working_days_to_complete: int | None = None
+    # filled in by the listing at the time it answers
+    clock: str = "on_time"
+    working_days_left: int | None = None
+
+
+class People(Protocol):
+    """The identity graph as rights requests need it (identity.service.IdentityService)."""
+
+    def person(self, tenant: str, node: str) -> list[str]:
+        """Every node of the person ``node`` belongs to, itself included."""
+        ...
+
+    def unified_id(self, tenant: str, node: str) -> str: ...
+
+    async def detach(self, tenant: str, identifiers: Sequence[Identifier]) -> int:
+        """Remove every direct link of these identifiers; returns the links removed."""
+        ...
+
+
+class Holdings(msgspec.Struct):
+    """What the export stores hold on a person: the events still held (outbox, dead
+    letters) and the destinations that received the person's data."""
+
+    events: list[dict[str, Any]]
+    recipients: list[str]
+
+
+# (tenant, nodes of the person, their unified IDs) -> what is held on them
+HoldingsOf = Callable[[str, Sequence[str], Sequence[str]], Awaitable[Holdings]]
+# A step of a deletion carried out by another domain (identity graph, outbox, dead letters):
+# (tenant, nodes of the person) -> counts to record.
+DeletionStep = Callable[[str, Sequence[str]], Awaitable[Mapping[str, int]]]
+
+
+def _refusal(v: Verification) -> str | None:
+    if v.method == "none":
+        return "identity_not_verified: no verification method"
+    if v.outcome == "failed":
+        return f"identity_not_verified: {v.method} check failed"
+    if v.outcome == "not_possible":
+        return f"identity_not_verified: {v.method} check not possible"
+    return None
+
+
+def fold_requests(records: Sequence[Any], clock: RightsClock, now: datetime) -> list[RightsRequest]:
+    """The requests these ``rights_request`` ledger records tell, with their clock at ``now``."""
+    by_id: dict[str, RightsRequest] = {}
+    for r in records:
+        d = r.detail or {}
+        rid = d.get("request_id")
+        if not rid:
+            continue
+        event = d.get("event")
+        if event in ("opened", "refused"):
+            by_id[rid] = RightsRequest(
+                request_id=rid,
+                tenant=r.tenant,
+                kind=d["kind"],
+                subject=(r.identifiers or [""])[0],
+                status="open" if event == "opened" else "refused",
+                requested_by=d["requested_by"],
+                channel=d["channel"],
+                verification=d["verification"],
+                received_at=datetime.fromisoformat(d["received_at"]),
+                due_at=datetime.fromisoformat(d["due_at"]),
+                officer=d["officer"],
+                records=[r.seq],
+                refusal_reason=d.get("reason"),
+                correction=d.get("correction"),
+            )
+            continue
+        request = by_id.get(rid)
+        if request is None:
+            continue
+        request.records.append(r.seq)
+        if event == "step":
+            request.steps.append({k: v for k, v in d.items() if k not in ("request_id", "event")})
+            if d.get("step") == "extended":
+                request.due_at = datetime.fromisoformat(d["due_at"])
+        elif event == "completed":
+            request.status = "completed"
+            request.outcome = d.get("outcome")
+            request.completed_at = datetime.fromisoformat(d["completed_at"])
+            request.seconds_to_complete = d.get("seconds_to_complete")
+            request.working_days_to_complete = d.get("working_days_to_complete")
+            request.remaining = list(d.get("remaining") or [])
+    for request in by_id.values():
+        if request.status == "open":
+            request.clock = clock.status(request.due_at, now)
+            request.working_days_left = clock.working_days_left(request.due_at, now)
+        else:
+            request.clock = "closed"
+    return list(by_id.values())
+
+
+class RightsService:
+    """Opens, carries out and answers rights requests; the ledger holds every step."""
+
+    def __init__(
+        self,
+        consent: ConsentService,
+        clock: RightsClock,
+        *,
+        people: People,
+        proofs: DeliveryProofs | None = None,
+        holdings: HoldingsOf | None = None,
+        deletion_steps: Mapping[str, DeletionStep] | None = None,
+        deletion_gaps: Sequence[str] = (),
+        now: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self.consent = consent
+        self.clock = clock
+        self.people = people
+        self.proofs = proofs
+        self.holdings = holdings
+        self.deletion_steps = dict(deletion_steps or {})
+        self.deletion_gaps = list(deletion_gaps)
+        self.now = now
+
+    # -- writing -------------------------------------------------------------------------
+    async def _write(
+        self,
+        tenant: str,
+        subject: str,
+        nodes: Sequence[str],
+        state: RecordState,
+        detail: dict[str, Any],
+        officer: str,
+    ) -> int:
+        draft = RecordDraft(
+            tenant=tenant,
+            record_type="rights_request",
+            subject=node_value(subject),
+            identifiers=list(dict.fromkeys([subject, *nodes])),
+            state=state,
+            source=f"admin:{officer}",
+            platform="admin",
+            at=self.now(),
+            detail=detail,
+        )
+        (record,), _ = await self.consent._append([draft])
+        return int(record.seq)
+
+    async def open(
+        self,
+        *,
+        tenant: str,
+        subject: Identifier,
+        kind: RightsKind,
+        requested_by: Requester,
+        channel: Channel,
+        verification: Verification,
+        officer: str,
+        received_at: datetime | None = None,
+        correction: Identifier | None = None,
+    ) -> RightsRequest:
+        """Take a request: refused (and recorded) when the subject's identity is not verified;
+        otherwise opened with its due date, and carried out at once for ``withdraw_all``,
+        ``restrict``, ``delete`` and ``correct`` (which needs ``correction``: the right value
+        of the subject identifier, pseudonymised)."""
+        now = self.now()
+        if (kind == "correct") != (correction is not None):
+            raise RightsError(
+                "invalid_field",
+                "correction is required for a correct request, and only for one",
+                "correction",
+            )
+        if correction is not None and correction.node == subject.node:
+            raise RightsError("invalid_field", "the correction is the identifier it corrects", "correction")
+        if verification.reference is not None and looks_like_identifier(verification.reference):
+            # the ledger never holds personal data: a case number, not a phone or an id card
+            raise RightsError(
+                "invalid_field",
+                "reference looks like personal data (a phone, an ID number...): give the case number",
+                "verification.reference",
+            )
+        received = received_at or now
+        if received > now:
+            raise RightsError("invalid_field", "receivedAt is in the future", "receivedAt")
+        request_id = f"dsr-{uuid.uuid4()}"
+        due = self.clock.due(received)
+        detail: dict[str, Any] = {
+            "request_id": request_id,
+            "event": "opened",
+            "kind": kind,
+            "requested_by": requested_by,
+            "channel": channel,
+            "verification": msgspec.to_builtins(verification),
+            "received_at": received.isoformat(),
+            "due_at": due.isoformat(),
+            "officer": officer,
+        }
+        if correction is not None:
+            detail["correction"] = correction.node
+        reason = _refusal(verification)
+        if reason is not None:
+            detail["event"] = "refused"
+            detail["reason"] = reason
+            await self._write(tenant, subject.node, [], "refused", detail, officer)
+            log.info("rights.refused", tenant=tenant, request_id=request_id, kind=kind, reason=reason)
+            raise RightsError(
+                "unverified_request",
+                f"the subject's identity is not verified ({reason}); refused and recorded as {request_id}",
+                "verification",
+                422,
+            )
+        await self._write(tenant, subject.node, [], "requested", detail, officer)
+        log.info("rights.opened", tenant=tenant, request_id=request_id, kind=kind, due_at=due.isoformat())
+        if kind in ("withdraw_all", "restrict"):
+            await self._withdraw_all(tenant, request_id, subject.node, officer, step=kind)
+            return await self.complete(tenant=tenant, request_id=request_id, outcome="done", officer=officer)
+        if kind == "delete":
+            await self._delete(tenant, request_id, subject.node, officer)
+            return await self._complete_deletion(tenant, request_id, officer)
+        if correction is not None:
+            await self._correct(tenant, request_id, subject, correction, officer)
+            return await self.complete(tenant=tenant, request_id=request_id, outcome="done", officer=officer)
+        return await self.get(tenant, request_id)
+
+    async def _step(
+        self,
+        tenant: str,
+        request_id: str,
+        subject: str,
+        nodes: Sequence[str],
+        officer: str,
+        step: dict[str, Any],
+    ) -> None:
+        await self._write(
+            tenant, subject, nodes, "requested", {"request_id": request_id, "event": "step", **step}, officer
+        )
+
+    async def _withdraw_all(
+        self, tenant: str, request_id: str, subject: str, officer: str, step: str = "withdraw_all"
+    ) -> list[str]:
+        """Withdraw every purpose that rests on consent, for every identifier of the person
+        (``restrict`` locks processing the same way: nothing that needs consent is forwarded
+        until the person grants again; only contract-necessary processing goes on)."""
+        nodes = list(dict.fromkeys([subject, *self.people.person(tenant, subject)]))
+        rules = self.consent.rules[tenant]
+        purposes = sorted(rules.known - rules.contract)
+        receipts = await self.consent.record(
+            tenant=tenant,
+            identifiers=[(node_type(n), node_value(n)) for n in nodes],
+            withdraw=purposes,
+            notice_id=None,
+            source=f"rights:{request_id}",
+            platform="admin",
+        )
+        record = {
+            "step": step,
+            "purposes": purposes,
+            "identifiers": len(nodes),
+            "consent_records": [r.seq for r in receipts],
+        }
+        await self._step(tenant, request_id, subject, nodes, officer, record)
+        return nodes
+
+    async def _correct(
+        self, tenant: str, request_id: str, wrong: Identifier, right: Identifier, officer: str
+    ) -> None:
+        """The wrong identifier (a mistyped phone) leaves the person: its links are removed,
+        the person splits where they held it together (``identity.split`` notices go
+        downstream). The right value links through the normal rules (consent, limits, the
+        trust model) at the person's next event that carries it; the ledger keeps both."""
+        nodes = self.people.person(tenant, wrong.node)
+        removed = await self.people.detach(tenant, [wrong])
+        step = {"step": "correct", "wrong": wrong.node, "corrected": right.node, "links_removed": removed}
+        await self._step(tenant, request_id, wrong.node, [*nodes, right.node], officer, step)
+
+    async def _delete(self, tenant: str, request_id: str, subject: str, officer: str) -> None:
+        """Withdraw everything (the withdrawals stay in the ledger: they are what keeps the
+        person's re-sent events out), then every deletion step (graph, outbox, dead letters)."""
+        nodes = await self._withdraw_all(tenant, request_id, subject, officer)
+        for name, run in self.deletion_steps.items():
+            counts = await run(tenant, nodes)
+            await self._step(tenant, request_id, subject, nodes, officer, {"step": name, **dict(counts)})
+
+    async def extend(
+        self, *, tenant: str, request_id: str, working_days: int, reason: ExtensionReason, officer: str
+    ) -> RightsRequest:
+        """Move an open request's due date ``working_days`` further, with a reason (recorded;
+        the original due date stays in the ledger)."""
+        if not 1 <= working_days <= 30:
+            raise RightsError("invalid_field", "workingDays must be between 1 and 30", "workingDays")
+        request = await self.get(tenant, request_id)
+        if request.status != "open":
+            raise RightsError("not_open", f"request {request_id} is {request.status}", "requestId", 409)
+        due = self.clock.extend(request.due_at, working_days)
+        step = {
+            "step": "extended",
+            "working_days": working_days,
+            "reason": reason,
+            "due_at": due.isoformat(),
+            "previous_due_at": request.due_at.isoformat(),
+        }
+        await self._step(tenant, request_id, request.subject, [], officer, step)
+        return await self.get(tenant, request_id)
+
+    async def _complete_deletion(self, tenant: str, request_id: str, officer: str) -> RightsRequest:
+        """A deletion is ``done`` only when no store it should reach is left out: the stores
+        this deployment cannot delete from yet (``deletion_gaps``) make it ``partly_done``."""
+        outcome: Outcome = "partly_done" if self.deletion_gaps else "done"
+        return await self.complete(
+            tenant=tenant,
+            request_id=request_id,
+            outcome=outcome,
+            officer=officer,
+            remaining=self.deletion_gaps,
+        )
+
+    async def complete(
+        self, *, tenant: str, request_id: str, outcome: Outcome, officer: str, remaining: Sequence[str] = ()
+    ) -> RightsRequest:
+        """Answer a request: records the completion time and how long it took (and, for a
+        ``partly_done`` one, what ``remaining`` it could not reach)."""
+        request = await self.get(tenant, request_id)
+        if request.status != "open":
+            raise RightsError("not_open", f"request {request_id} is {request.status}", "requestId", 409)
+        done = self.now()
+        seconds = (done - request.received_at).total_seconds()
+        days = self.clock.calendar.working_days_between(local_day(request.received_at), local_day(done))
+        detail: dict[str, Any] = {
+            "request_id": request_id,
+            "event": "completed",
+            "outcome": outcome,
+            "completed_at": done.isoformat(),
+            "seconds_to_complete": round(seconds, 3),
+            "working_days_to_complete": days,
+            "on_time": done <= request.due_at,
+        }
+        if remaining:
+            detail["remaining"] = list(remaining)
+        await self._write(tenant, request.subject, [], "completed", detail, officer)
+        log.info(
+            "rights.completed",
+            tenant=tenant,
+            request_id=request_id,
+            outcome=outcome,
+            seconds=round(seconds, 3),
+        )
+        return await self.get(tenant, request_id)
+
+    async def resume(self) -> list[str]:
+        """Carry out the ``withdraw_all`` and ``delete`` requests left open (the process died
+        between their records): every step again (each is idempotent: a second withdrawal,
+        purge or erasure finds nothing more), then complete them. Run at start; returns the
+        ids completed. Another replica completing one first is not an error."""
+        done: list[str] = []
+        for request in await self.list(tenant=None, status="open"):
+            if request.kind not in ("withdraw_all", "restrict", "delete", "correct"):
+                continue
+            if request.kind == "correct" and not request.correction:
+                continue
+            log.warning("rights.resuming", tenant=request.tenant, request_id=request.request_id)
+            if request.kind == "correct":
+                wrong, right = request.subject, str(request.correction)
+                await self._correct(
+                    request.tenant,
+                    request.request_id,
+                    Identifier(node_type(wrong), node_value(wrong)),
+                    Identifier(node_type(right), node_value(right)),
+                    request.officer,
+                )
+            elif request.kind != "delete":
+                await self._withdraw_all(
+                    request.tenant, request.request_id, request.subject, request.officer, step=request.kind
+                )
+            else:
+                await self._delete(request.tenant, request.request_id, request.subject, request.officer)
+            try:
+                if request.kind == "delete":
+                    await self._complete_deletion(request.tenant, request.request_id, request.officer)
+                else:
+                    await self.complete(
+                        tenant=request.tenant,
+                        request_id=request.request_id,
+                        outcome="done",
+                        officer=request.officer,
+                    )
+            except RightsError:
+                continue
+            done.append(request.request_id)
+        return done
+
+    async def bundle(self, *, tenant: str, request_id: str, officer: str) -> dict[str, Any]:
+        """The signed bundle answering an access or copy request (consent.rights_bundle):
+        recorded as a step with the bundle's digest; an open request is then completed."""
+        request = await self.get(tenant, request_id)
+        if request.kind not in ("access", "copy"):
+            raise RightsError(
+                "wrong_kind",
+                f"request {request_id} is a {request.kind} request, not access or copy",
+                "requestId",
+                409,
+            )
+        if request.status == "refused":
+            raise RightsError("not_open", f"request {request_id} was refused", "requestId", 409)
+        signer = self.consent.ledger.signer
+        if signer is None:
+            raise RightsError("unavailable", "this gateway holds no ledger signing key", None, 503)
+        nodes = list(dict.fromkeys([request.subject, *self.people.person(tenant, request.subject)]))
+        unified = sorted({self.people.unified_id(tenant, n) for n in nodes})
+        records = await asyncio.to_thread(self._history, tenant, nodes)
+        consent_seqs = [r.seq for r in records if r.record_type == "consent"]
+        deliveries = (
+            await asyncio.to_thread(self.proofs.relying_on, consent_seqs, 10_000) if self.proofs else []
+        )
+        held = await self.holdings(tenant, nodes, unified) if self.holdings else Holdings([], [])
+        bundle = build_bundle(
+            request_id=request_id,
+            tenant=tenant,
+            kind=request.kind,
+            subject=request.subject,
+            nodes=nodes,
+            unified_ids=unified,
+            records=records,
+            deliveries=deliveries,
+            held=held.events,
+            recipients=held.recipients,
+            generated_at=self.now(),
+        )
+        step = {
+            "step": "bundle",
+            "sha256": bundle_digest(bundle),
+            "identifiers": len(nodes),
+            "consent_records": len(records),
+            "deliveries": len(deliveries),
+            "held_events": len(held.events),
+            "destinations": len(bundle["destinations"]),
+        }
+        await self._step(tenant, request_id, request.subject, nodes, officer, step)
+        if request.status == "open":
+            await self.complete(tenant=tenant, request_id=request_id, outcome="done", officer=officer)
+        return sign_bundle(bundle, signer)
+
+    def _history(self, tenant: str, nodes: Sequence[str]) -> list[Any]:
+        """Every ledger record naming one of ``nodes``, rights requests included, in seq order."""
+        by_seq: dict[int, Any] = {}
+        for node in nodes:
+            after = 0
+            while True:
+                page = self.consent.ledger.records(
+                    tenant=tenant, identifier=node, after_seq=after, limit=5000
+                )
+                by_seq.update((r.seq, r) for r in page)
+                if len(page) < 5000:
+                    break
+                after = page[-1].seq
+        return [by_seq[s] for s in sorted(by_seq)]
+
+    # -- reading -------------------------------------------------------------------------
+    def _records(self, tenant: str | None) -> list[Any]:
+        out: list[Any] = []
+        after = 0
+        while True:
+            page = self.consent.ledger.records(
+                tenant=tenant, record_type="rights_request", after_seq=after, limit=5000
+            )
+            out.extend(page)
+            if len(page) < 5000:
+                return out
+            after = page[-1].seq
+
+    def fold(self, records: Sequence[Any], now: datetime | None = None) -> list[RightsRequest]:
+        return fold_requests(records, self.clock, now or self.now())
+
+    async def list(
+        self, *, tenant: str | None, status: str | None = None, clock: str | None = None
+    ) -> list[RightsRequest]:
+        records = await asyncio.to_thread(self._records, tenant)
+        out = self.fold(records)
+        if status is not None:
+            out = [r for r in out if r.status == status]
+        if clock is not None:
+            out = [r for r in out if r.clock == clock]
+        return out
+
+    async def get(self, tenant: str, request_id: str) -> RightsRequest:
+        for request in await self.list(tenant=tenant):
+            if request.request_id == request_id:
+                return request
+        raise RightsError(
+            "not_found", f"no rights request {request_id} for tenant {tenant!r}", "requestId", 404
+        )
+
+    def open_counts(self) -> dict[tuple[str, str, str], int]:
+        """(tenant, kind, clock) -> open requests, for the ``/metrics`` gauge (blocking)."""
+        counts: dict[tuple[str, str, str], int] = {}
+        for r in self.fold(self._records(None)):
+            if r.status == "open":
+                key = (r.tenant, r.kind, r.clock)
+                counts[key] = counts.get(key, 0) + 1
+        return counts
+
+
+__all__ = [
+    "RIGHTS_KINDS",
+    "Channel",
+    "DeletionStep",
+    "ExtensionReason",
+    "Holdings",
+    "HoldingsOf",
+    "People",
+    "Requester",
+    "RightsError",
+    "RightsKind",
+    "RightsRequest",
+    "RightsService",
+    "Verification",
+    "fold_requests",
+]
