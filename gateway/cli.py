@@ -24,6 +24,7 @@ from consent.cli import DEV_LEDGER_KEY_META, ledger, load_cli_signer
 from consent.signing import InvalidLedgerKey, new_ledger_key_b64
 from gateway.config import Config, ConfigProblems, hash_write_key, load_config
 from gateway.dlq_cli import dlq
+from gateway.plan_cli import plan
 from gateway.logging import configure_logging
 from gateway.settings import (
     DEV_LEDGER_KEY_FILE,
@@ -366,6 +367,7 @@ def config_check(path: Path, production: bool) -> None:
 
 main.add_command(ledger)
 main.add_command(dlq)
+main.add_command(plan)
 
 
 @main.group()

@@ -322,3 +322,99 @@ def keys_of_class(tenant: Any, *classes: str) -> tuple[str, ...]:
     if plan is None:
         return ()
     return tuple(sorted({k for c in classes for k in plan.keys_of_class.get(c, ())}))
+
+
+_sensitive: dict[int, tuple[Any, tuple[str, ...]]] = {}
+
+
+def sensitive_keys(tenant: Any) -> tuple[str, ...]:
+    """Properties that pass only with ``sensitive_pi`` consent: the tenant's
+    ``sensitive_properties`` and the plan's ``sensitive`` class."""
+    found = _sensitive.get(id(tenant))
+    if found is None or found[0] is not tenant:
+        keys = tuple(dict.fromkeys((*tenant.sensitive_properties, *keys_of_class(tenant, "sensitive"))))
+        found = _sensitive[id(tenant)] = (tenant, keys)
+    return found[1]
+
+
+def planned_purposes(tenant: Any, key: str | None) -> tuple[str, ...] | None:
+    """The purposes the tenant's plan gives an event, or None (not in a plan)."""
+    if key is None:
+        return None
+    plan = plan_for(tenant)
+    entry = plan.find(key) if plan is not None else None
+    return tuple(entry.spec.purposes) if entry is not None else None
+
+
+class PlanReport(msgspec.Struct, frozen=True, rename="camel", omit_defaults=True):
+    """What the ingest response says about one message that broke the plan (like ``rejected``):
+    ``action`` is ``delivered`` (plan_mode observe) or ``kept`` (enforce: a violation record,
+    replayable, instead of a delivery)."""
+
+    index: int
+    event: str
+    action: Literal["delivered", "kept", "rejected"]
+    violations: list[Violation]
+    message_id: str | None = None
+
+
+# -- launch checks -----------------------------------------------------------------------------
+@dataclass
+class SampleReport:
+    """What a plan says about a sample of events (``idgate plan check``)."""
+
+    plan: TrackingPlan
+    checked: int = 0
+    valid: int = 0
+    unreadable: int = 0
+    # plan event (or "unplanned") -> "rule path" (or the unplanned name) -> events
+    violations: dict[str, dict[str, int]] = field(default_factory=dict)
+    seen: dict[str, int] = field(default_factory=dict)
+
+    def add(self, raw: Any) -> None:
+        if not isinstance(raw, dict) or not isinstance(raw.get("type", "track"), str):
+            self.unreadable += 1
+            return
+        key = lookup_key(str(raw.get("type", "track")), raw.get("event"), raw.get("name"))
+        if key is None:
+            return
+        self.checked += 1
+        props = raw.get("properties")
+        entry, found = self.plan.check(key, props if isinstance(props, dict) else None)
+        label = entry.id if entry is not None else (UNPLANNED if found else "ignored")
+        self.seen[label] = self.seen.get(label, 0) + 1
+        if not found:
+            self.valid += 1
+            return
+        bucket = self.violations.setdefault(label, {})
+        for v in found:
+            what = key if v.rule == UNPLANNED else f"{v.rule} {v.path}"
+            bucket[what] = bucket.get(what, 0) + 1
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "plan": self.plan.name,
+            "version": self.plan.version,
+            "checked": self.checked,
+            "valid": self.valid,
+            "unreadable": self.unreadable,
+            "seen": self.seen,
+            "violations": self.violations,
+            "neverSeen": sorted(set(self.plan.events) - set(self.seen)),
+        }
+
+    def lines(self) -> list[str]:
+        bad = self.checked - self.valid
+        unreadable = f", {self.unreadable} line{'s' if self.unreadable != 1 else ''} unreadable"
+        out = [
+            f"plan {self.plan.name} v{self.plan.version}: {self.checked} events checked: "
+            f"{self.valid} valid, {bad} with violations{unreadable if self.unreadable else ''}"
+        ]
+        for label in sorted(self.violations):
+            out.append(f"  {label} ({self.seen.get(label, 0)} seen):")
+            for what, n in sorted(self.violations[label].items()):
+                out.append(f"    {n:>6}  {'not in the plan: ' + what if label == UNPLANNED else what}")
+        never = sorted(set(self.plan.events) - set(self.seen))
+        if never:
+            out.append(f"  planned, never seen in the sample: {', '.join(never)}")
+        return out
