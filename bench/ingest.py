@@ -331,6 +331,7 @@ def write_configs(tmp: Path) -> tuple[Path, Path]:
             "tenants.consent (a bug in consent_off_text)"
         )
     unenforced, enforced = tmp / "idgate-unenforced.toml", tmp / "idgate-enforced.toml"
+    shutil.copytree(REPO / "plans", tmp / "plans", dirs_exist_ok=True)  # tracking_plan_file, relative
     unenforced.write_text(off_text, encoding="utf-8")
     enforced.write_text(text, encoding="utf-8")
     return unenforced, enforced

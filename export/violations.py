@@ -101,7 +101,8 @@ class SqliteViolations:
     """The ``plan_violation`` table in ``violations.sqlite3``."""
 
     _COLUMNS = (
-        "id, tenant, source, message_id, event, plan_version, received_at_ms, kept_at_ms, findings, payload, envelope"
+        "id, tenant, source, message_id, event, plan_version, received_at_ms, kept_at_ms, findings, payload,"
+        " envelope"
     )
 
     def __init__(self, path: Path) -> None:
@@ -139,8 +140,9 @@ class SqliteViolations:
             self._conn.execute("BEGIN IMMEDIATE")
             try:
                 self._conn.executemany(
-                    "INSERT INTO plan_violation (tenant, source, message_id, event, plan_version, received_at_ms,"
-                    " kept_at_ms, findings, payload, envelope) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                    "INSERT INTO plan_violation (tenant, source, message_id, event, plan_version,"
+                    " received_at_ms, kept_at_ms, findings, payload, envelope)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
                     " ON CONFLICT (tenant, source, message_id) DO UPDATE SET event = excluded.event,"
                     " plan_version = excluded.plan_version, kept_at_ms = excluded.kept_at_ms,"
                     " findings = excluded.findings, payload = excluded.payload, envelope = excluded.envelope",
@@ -172,7 +174,9 @@ class SqliteViolations:
             server=env.server,
         )
 
-    def list(self, tenant: str | None = None, limit: int = 100, event: str | None = None) -> list[ViolationRecord]:
+    def list(
+        self, tenant: str | None = None, limit: int = 100, event: str | None = None
+    ) -> list[ViolationRecord]:
         where, args = [], []
         if tenant is not None:
             where.append("tenant = ?")

@@ -24,8 +24,8 @@ from consent.cli import DEV_LEDGER_KEY_META, ledger, load_cli_signer
 from consent.signing import InvalidLedgerKey, new_ledger_key_b64
 from gateway.config import Config, ConfigProblems, hash_write_key, load_config
 from gateway.dlq_cli import dlq
-from gateway.plan_cli import plan
 from gateway.logging import configure_logging
+from gateway.plan_cli import plan
 from gateway.settings import (
     DEV_LEDGER_KEY_FILE,
     LogSettings,

@@ -26,7 +26,10 @@ _FAMILIES: dict[str, tuple[str, tuple[str, ...]]] = {
         "Tracking plan violations by plan event (or unplanned) and rule",
         ("tenant", "source", "event", "rule"),
     ),
-    "plan_kept": ("Events kept as violation records instead of delivered (plan_mode enforce)", ("tenant", "source")),
+    "plan_kept": (
+        "Events kept as violation records instead of delivered (plan_mode enforce)",
+        ("tenant", "source"),
+    ),
     "refused_assertion": (
         "Assertions a sender could not back (unproven identifiers, bad identity assertions, "
         "minor-flag clearing without a guardian assertion): refused, the rest went on",

@@ -579,7 +579,9 @@ async def check_plan(s: IngestServices, batch: IngestBatch) -> None:
         for record in held:
             index = next(r.index for r in reports if r.message_id == record.message_id)
             batch.result.rejected.append(
-                Rejection(index, "plan_violation", "breaks the tracking plan", "properties", record.message_id)
+                Rejection(
+                    index, "plan_violation", "breaks the tracking plan", "properties", record.message_id
+                )
             )
     elif held and s.violations is not None:
         await asyncio.to_thread(s.violations.keep, held)

@@ -119,20 +119,24 @@ class PlanEvent:
         found: list[Violation] = []
         for err in sorted(self.explain.iter_errors(data), key=lambda e: list(map(str, e.absolute_path))):
             rule = str(err.validator)
+            instance: Any = err.instance
+            wanted: Any = err.validator_value
             where = ".".join(["properties", *map(str, err.absolute_path)])
             if rule == "required":
-                missing = [r for r in err.validator_value if isinstance(err.instance, dict) and r not in err.instance]
+                missing = [r for r in wanted if isinstance(instance, dict) and r not in instance]
                 found.extend(
                     Violation("required", f"{where}.{name}", "required property missing") for name in missing
                 )
             elif rule == "additionalProperties":
-                known = err.schema.get("properties", {})
-                extra = sorted(k for k in err.instance if k not in known) if isinstance(err.instance, dict) else []
+                schema: Any = err.schema
+                known = schema.get("properties", {}) if isinstance(schema, dict) else {}
+                extra = sorted(k for k in instance if k not in known) if isinstance(instance, dict) else []
                 found.extend(
-                    Violation("additionalProperties", f"{where}.{name}", "property not in the plan") for name in extra
+                    Violation("additionalProperties", f"{where}.{name}", "property not in the plan")
+                    for name in extra
                 )
             else:
-                found.append(Violation(rule, where, f"must satisfy {rule}: {err.validator_value!r}"[:200]))
+                found.append(Violation(rule, where, f"must satisfy {rule}: {wanted!r}"[:200]))
         return found or [Violation("schema", "properties", "does not fit the plan")]
 
 
@@ -154,7 +158,9 @@ class TrackingPlan:
     def ignored(self, key: str) -> bool:
         return self.ignore is not None and self.ignore.match(key) is not None
 
-    def check(self, key: str, properties: Mapping[str, Any] | None) -> tuple[PlanEvent | None, list[Violation]]:
+    def check(
+        self, key: str, properties: Mapping[str, Any] | None
+    ) -> tuple[PlanEvent | None, list[Violation]]:
         """The event's plan entry and what it broke; (None, []) for an ignored name."""
         event = self.by_name.get(key)
         if event is None:

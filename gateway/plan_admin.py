@@ -105,7 +105,12 @@ class PlanViolationsController(Controller):
     dependencies = ADMIN_DEPENDENCIES
     security = [{"AdminToken": []}]
 
-    @get("/", responses=READ_ERRORS, summary="Events kept for breaking the tracking plan", opt=roles("operator"))
+    @get(
+        "/",
+        responses=READ_ERRORS,
+        summary="Events kept for breaking the tracking plan",
+        opt=roles("operator"),
+    )
     async def list_violations(
         self,
         request: Request[Any, Any, Any],
@@ -149,7 +154,9 @@ class PlanViolationsController(Controller):
         services.tokens.check_tenant(officer, data.tenant)
         store = _store(request)
         if data.ids:
-            records = [r for r in (store.get(i) for i in data.ids) if r is not None and r.tenant == data.tenant]
+            records = [
+                r for r in (store.get(i) for i in data.ids) if r is not None and r.tenant == data.tenant
+            ]
             if len(records) != len(data.ids):
                 raise InvalidRequest("invalid_field", "unknown violation record id for this tenant", "ids")
         elif data.all:

@@ -38,7 +38,10 @@ def plan_check(config_path: Path, tenant: str | None, events_path: Path, as_json
         sys.exit(2)
     tenants = [t for t in cfg.tenants if t.tracking_plan_file and (tenant is None or t.id == tenant)]
     if not tenants:
-        click.echo(f"idgate: no tenant {'named ' + repr(tenant) + ' ' if tenant else ''}with a tracking_plan_file", err=True)
+        click.echo(
+            f"idgate: no tenant {'named ' + repr(tenant) + ' ' if tenant else ''}with a tracking_plan_file",
+            err=True,
+        )
         sys.exit(2)
     found = plan_for(tenants[0])
     assert found is not None
