@@ -133,11 +133,13 @@ def main() -> None:
     only_wrong = statistics.median(time_check(wrong, 100) for _ in range(args.rounds))
     print(f"plan {plan.name} v{plan.version}: {len(plan.events)} events; {args.events} events a round")
     print(
-        "mix: 1/4 valid Product Added, 1/4 valid Order Completed (3 products), 1/4 string price, 1/4 unplanned"
+        "mix: 1/4 valid Product Added, 1/4 valid Order Completed (3 products), "
+        "1/4 string price, 1/4 unplanned"
     )
     print(f"  pseudonymise + scrub (yardstick)  {scrub * 1e6:8.2f} us/event")
     print(
-        f"  check_plan, batches of 1          {single * 1e6:8.2f} us/event  ({single / scrub:6.1%} of the yardstick)"
+        f"  check_plan, batches of 1          {single * 1e6:8.2f} us/event  "
+        f"({single / scrub:6.1%} of the yardstick)"
     )
     print(f"  check_plan, batches of 100        {batched * 1e6:8.2f} us/event  ({batched / scrub:6.1%})")
     print(
