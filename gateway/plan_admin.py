@@ -14,6 +14,7 @@ from typing import Annotated, Any
 
 import msgspec
 from litestar import Controller, Request, get, post
+from litestar.exceptions import NotFoundException
 from litestar.params import Parameter
 
 from export.violations import SqliteViolations, ViolationRecord
@@ -22,10 +23,12 @@ from gateway.auth import Officer, admin_guard, roles
 from gateway.config import Config, ResolvedSource
 from gateway.errors import InvalidRequest
 from gateway.events import Envelope, Event
+from gateway.openapi import error_responses
 from gateway.pipeline import Ingestor, IngestResult, pseudonymise
 from identity.assertions import CLIENT, SERVER
 
 _decode_event = msgspec.json.Decoder(Event).decode
+_SHOW_ERRORS = {**READ_ERRORS, **error_responses(404)}
 
 
 class ReplayRequest(msgspec.Struct, forbid_unknown_fields=True):
@@ -128,14 +131,14 @@ class PlanViolationsController(Controller):
             "violations": [r.summary() for r in store.list(tenant, limit, event)],
         }
 
-    @get("/{record_id:str}", responses=READ_ERRORS, summary="One kept event", opt=roles("operator"))
+    @get("/{record_id:str}", responses=_SHOW_ERRORS, summary="One kept event", opt=roles("operator"))
     async def show_violation(
         self, request: Request[Any, Any, Any], services: AdminServices, officer: Officer, record_id: str
     ) -> dict[str, Any]:
         """Operator role. The record with its event as stored (pseudonymised, scrubbed)."""
         record = _store(request).get(record_id)
         if record is None:
-            raise InvalidRequest("invalid_field", f"no violation record {record_id!r}", "record_id")
+            raise NotFoundException(detail=f"no violation record {record_id!r}")
         services.tokens.check_tenant(officer, record.tenant)
         return {**record.summary(), "event": msgspec.json.decode(record.payload)}
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.canaries import Canaries
 from tests.conftest import (
     IDGATE,
     MALL_WEB_KEY,
@@ -390,3 +391,27 @@ def test_plan_check_reports_a_sample_of_events(tmp_path: Path) -> None:
     summary = json.loads(as_json.stdout)
     assert summary["checked"] == 5 and summary["valid"] == 2
     assert summary["violations"]["product_added"]["type properties.price"] == 1
+
+
+def test_violation_records_and_reports_pass_the_canary_scan(enforcing: tuple[Gateway, Path]) -> None:
+    """Events full of personal data in every field, kept as violations: the records, the
+    ingest response and the log hold none of it."""
+    gw, _ = enforcing
+    c = Canaries()
+    messages = c.segment_batch(uuid.uuid4().hex[:8])
+    for m in messages:  # every one breaks the plan: a string price, or not planned at all
+        if m.get("type") == "track":
+            m["properties"] = {**m.get("properties", {}), "price": c.forms["phone"]}
+    out = batch(gw, *messages)
+    kept = [v for v in out["planViolations"] if v["action"] == "kept"]
+    assert kept, out
+    c.assert_nowhere(json.dumps(out, ensure_ascii=False), "the ingest response")
+    listed = admin(gw, "GET", "/admin/plan/violations/", params={"tenant": "shop"}).json()
+    assert sum(listed["counts"].values()) == len(kept)
+    for record in listed["violations"]:
+        shown = admin(gw, "GET", f"/admin/plan/violations/{record['id']}")
+        c.assert_nowhere(shown.text, "a violation record")
+    store = gw.data_dir / "violations.sqlite3"
+    raw = b"".join(p.read_bytes() for p in store.parent.glob("violations.sqlite3*"))
+    c.assert_nowhere(raw.decode("latin-1"), "violations.sqlite3")
+    c.assert_nowhere(gw.log_text(), "the gateway log")
