@@ -454,16 +454,18 @@ def _check_tenant(t: Tenant, where: str, dev: bool, problems: list[str], seen_ke
 
 def _load_tenant_plan(tenant: Tenant, where: str, path: str, problems: list[str]) -> Tenant:
     """Check and compile the tenant's plan file; the tenant keeps its resolved path."""
-    from gateway.plan import PlanProblems, load_plan
+    from gateway.plan import PlanProblems, load_plan, use_plan
 
     plan_path = Path(tenant.tracking_plan_file)
     if not plan_path.is_absolute() and not path.startswith("<"):
         plan_path = Path(path).resolve().parent / plan_path
+    resolved = msgspec.structs.replace(tenant, tracking_plan_file=str(plan_path))
     try:
-        load_plan(plan_path, purposes=tenant.all_purposes())
+        # the plan checked now is the one the tenant runs (a later edit needs a restart)
+        use_plan(resolved, load_plan(plan_path, purposes=tenant.all_purposes()))
     except PlanProblems as exc:
         problems.extend(f"{where}.tracking_plan_file: {exc.path}: {p}" for p in exc.problems)
-    return msgspec.structs.replace(tenant, tracking_plan_file=str(plan_path))
+    return resolved
 
 
 def parse_config(text: str, *, path: str = "<config>", dev: bool = False) -> Config:

@@ -322,6 +322,11 @@ def plan_for(tenant: Any) -> TrackingPlan | None:
     return found[1]
 
 
+def use_plan(tenant: Any, plan: TrackingPlan) -> None:
+    """The plan this tenant runs (set when its config is parsed)."""
+    _tenant_plans[id(tenant)] = (tenant, plan)
+
+
 def keys_of_class(tenant: Any, *classes: str) -> tuple[str, ...]:
     """The plan's property names of these data classes (empty without a plan)."""
     plan = plan_for(tenant)
