@@ -358,7 +358,7 @@ def _user(n: int, users: int) -> int:
 
 def single_body(prefix: str, n: int, users: int = 0) -> bytes:
     return (
-        f'{{"userId":"u-{_user(n, users)}","event":"Product Viewed","properties":{{"sku":"A1","price":12.5}},'
+        f'{{"userId":"u-{_user(n, users)}","event":"Product Viewed","properties":{{"product_id":"A1","sku":"A1","price":12.5}},'
         f'"messageId":"{prefix}{n}","timestamp":"{_iso_now()}"}}'
     ).encode()
 
@@ -368,7 +368,7 @@ def batch_body(prefix: str, n: int, size: int = BATCH_SIZE, users: int = 0) -> b
     base = n * size
     items = ",".join(
         f'{{"type":"track","userId":"u-{_user(base + i, users)}","event":"Product Viewed",'
-        f'"properties":{{"sku":"A1","price":12.5}},"messageId":"{prefix}{n}-{i}","timestamp":"{ts}"}}'
+        f'"properties":{{"product_id":"A1","sku":"A1","price":12.5}},"messageId":"{prefix}{n}-{i}","timestamp":"{ts}"}}'
         for i in range(1, size + 1)
     )
     return f'{{"batch":[{items}]}}'.encode()
@@ -481,14 +481,14 @@ function request()
   local body
   if EVENTS == 0 then
     body = '{"userId":"u-' .. user(counter) ..
-      '","event":"Product Viewed","properties":{"sku":"A1","price":12.5},"messageId":"' ..
+      '","event":"Product Viewed","properties":{"product_id":"A1","sku":"A1","price":12.5},"messageId":"' ..
       prefix .. counter .. '","timestamp":"' .. now_iso() .. '"}'
   else
     local ts = now_iso()
     local base = counter * EVENTS
     for i = 1, EVENTS do
       parts[i] = '{"type":"track","userId":"u-' .. user(base + i) ..
-        '","event":"Product Viewed","properties":{"sku":"A1","price":12.5},"messageId":"' ..
+        '","event":"Product Viewed","properties":{"product_id":"A1","sku":"A1","price":12.5},"messageId":"' ..
         prefix .. counter .. '-' .. i .. '","timestamp":"' .. ts .. '"}'
     end
     body = '{"batch":[' .. table.concat(parts, ",", 1, EVENTS) .. ']}'
@@ -814,7 +814,7 @@ def wait_sink(counter: SinkCounter, n: int, timeout: float = 10.0) -> None:
 def probe(server: Server, user: str) -> tuple[int, int, bytes]:
     """One event of ``user`` to /v1/track: (accepted, dropped, response body); non-200 raises."""
     body = (
-        f'{{"userId":"{user}","event":"Product Viewed","properties":{{"sku":"A1","price":12.5}},'
+        f'{{"userId":"{user}","event":"Product Viewed","properties":{{"product_id":"A1","sku":"A1","price":12.5}},'
         f'"messageId":"probe-{uuid.uuid4().hex}","timestamp":"{_iso_now()}"}}'
     ).encode()
     status, raw = server.post("/v1/track", body)
