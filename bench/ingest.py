@@ -358,7 +358,8 @@ def _user(n: int, users: int) -> int:
 
 def single_body(prefix: str, n: int, users: int = 0) -> bytes:
     return (
-        f'{{"userId":"u-{_user(n, users)}","event":"Product Viewed","properties":{{"product_id":"A1","sku":"A1","price":12.5}},'
+        f'{{"userId":"u-{_user(n, users)}","event":"Product Viewed",'
+        f'"properties":{{"product_id":"A1","sku":"A1","price":12.5}},'
         f'"messageId":"{prefix}{n}","timestamp":"{_iso_now()}"}}'
     ).encode()
 
@@ -814,7 +815,8 @@ def wait_sink(counter: SinkCounter, n: int, timeout: float = 10.0) -> None:
 def probe(server: Server, user: str) -> tuple[int, int, bytes]:
     """One event of ``user`` to /v1/track: (accepted, dropped, response body); non-200 raises."""
     body = (
-        f'{{"userId":"{user}","event":"Product Viewed","properties":{{"product_id":"A1","sku":"A1","price":12.5}},'
+        f'{{"userId":"{user}","event":"Product Viewed",'
+        f'"properties":{{"product_id":"A1","sku":"A1","price":12.5}},'
         f'"messageId":"probe-{uuid.uuid4().hex}","timestamp":"{_iso_now()}"}}'
     ).encode()
     status, raw = server.post("/v1/track", body)
