@@ -313,7 +313,7 @@ def consent_off_text(text: str, tenant_id: str) -> str:
     raise RuntimeError(f"{CONFIG} has no [[tenants]] table with id = {tenant_id!r}")
 
 
-def write_configs(tmp: Path) -> tuple[Path, Path]:
+def write_configs(tmp: Path, *, plan: bool = True) -> tuple[Path, Path]:
     """(unenforced, enforced): copies of the example config, one snapshot of it, with every
     tenant, source and destination as shipped; "unenforced" turns consent enforcement off
     for ``TENANT``. Both are checked by parsing them back."""
@@ -332,6 +332,8 @@ def write_configs(tmp: Path) -> tuple[Path, Path]:
         )
     unenforced, enforced = tmp / "idgate-unenforced.toml", tmp / "idgate-enforced.toml"
     shutil.copytree(REPO / "plans", tmp / "plans", dirs_exist_ok=True)  # tracking_plan_file, relative
+    if not plan:  # --no-plan: the same configs without the tracking plan, to see what it costs
+        off_text, text = (re.sub(r"(?m)^tracking_plan_file = .*\n", "", t) for t in (off_text, text))
     unenforced.write_text(off_text, encoding="utf-8")
     enforced.write_text(text, encoding="utf-8")
     return unenforced, enforced
@@ -1148,6 +1150,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="wrk threads (default 1: on a small machine the servers need the cores)",
     )
     p.add_argument("--keep", action="store_true", help="keep the temporary data dir and logs")
+    p.add_argument(
+        "--no-plan",
+        dest="plan",
+        action="store_false",
+        help="run the gateways without the example's tracking plan (what validation costs)",
+    )
     args = p.parse_args(argv)
     if args.duration <= 0 or args.connections < 1 or args.threads < 1:
         p.error("--duration, --connections and --threads must be positive")
@@ -1273,7 +1281,7 @@ def main(argv: list[str] | None = None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="idgate-bench-"))
     servers: list[Server] = []
     try:
-        configs = write_configs(tmp)
+        configs = write_configs(tmp, plan=args.plan)
         vs_bare = {"all": ["single", "batch"], "single": ["single"], "batch": ["batch"]}.get(args.scenario)
         consent = ["single", "batch"] if args.scenario in ("all", "consent") else []
         warnings: list[str] = []  # gateway vs bare
