@@ -59,3 +59,38 @@ def plan_check(config_path: Path, tenant: str | None, events_path: Path, as_json
     else:
         click.echo("\n".join(report.lines()))
     sys.exit(1 if report.valid < report.checked else 0)
+
+
+@plan.command("violations")
+@click.option(
+    "--data-dir", type=click.Path(path_type=Path), default=None, help="Default: $IDGATE_DATA_DIR, else ./var."
+)
+@click.option("--tenant", default=None)
+@click.option("--event", default=None, help="A plan event id, or unplanned.")
+@click.option("--limit", type=click.IntRange(1, 1_000_000), default=100)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object: counts and records.")
+def plan_violations(
+    data_dir: Path | None, tenant: str | None, event: str | None, limit: int, as_json: bool
+) -> None:
+    """List the events plan_mode "enforce" kept (replay them with POST
+    /admin/plan/violations/replay on the running gateway after a fix)."""
+    from export.violations import SqliteViolations
+    from gateway.settings import data_dir_from_env
+
+    path = data_dir_from_env(data_dir) / "violations.sqlite3"
+    if not path.exists():
+        click.echo(f"idgate: no violation store at {path} (set IDGATE_DATA_DIR)", err=True)
+        sys.exit(2)
+    store = SqliteViolations(path)
+    try:
+        counts = store.counts(tenant)
+        records = [r.summary() for r in store.list(tenant, limit, event)]
+    finally:
+        store.close()
+    if as_json:
+        click.echo(json.dumps({"counts": counts, "violations": records}, sort_keys=True))
+        return
+    click.echo(f"{sum(counts.values())} kept: " + ", ".join(f"{e} {n}" for e, n in sorted(counts.items())))
+    for r in records:
+        rules = "; ".join(f"{v['rule']} {v['path']}" for v in r["violations"])
+        click.echo(f"{r['id']:>8}  {r['tenant']}/{r['source']}  {r['event']}  {r['messageId']}  {rules}")

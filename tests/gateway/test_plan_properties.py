@@ -55,7 +55,11 @@ def fits(props: dict[str, Any]) -> bool:
     )
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=150,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 @given(product_id=maybe, price=maybe, quantity=maybe)
 def test_valid_events_pass_unchanged_and_violating_ones_are_kept(
     tmp_path: Path, product_id: Any, price: Any, quantity: Any

@@ -272,6 +272,9 @@ def test_enforce_keeps_violations_then_replays_them_after_the_plan_is_fixed(
     assert record["violations"] == [
         {"rule": "type", "path": "properties.price", "detail": "must satisfy type: 'number'"}
     ]
+    listed_cli = run_cli("plan", "violations", "--data-dir", str(gw.data_dir), "--tenant", "shop", "--json")
+    assert listed_cli.returncode == 0, listed_cli.stderr
+    assert json.loads(listed_cli.stdout)["counts"] == {"product_added": 1, "unplanned": 1}
     shown = admin(gw, "GET", f"/admin/plan/violations/{record['id']}").json()
     assert shown["event"]["properties"]["price"] == "9.90"
     assert shown["event"]["anonymousId"] != bad["anonymousId"]  # pseudonymised, never raw
