@@ -379,20 +379,23 @@ def test_plan_check_reports_a_sample_of_events(tmp_path: Path) -> None:
         {"type": "track", "event": "Order Completed", "properties": {"order_id": "o"}},
         {"type": "track", "event": "Wishlist Shared"},
         {"type": "page", "name": "Home", "properties": {"dwell_time": 4.5}},
+        {"type": "track", "event": "$MPViewScreen", "properties": {"$title": "Home"}},
+        {"type": "track", "event": "$MPPageLeave", "properties": {"event_duration": -2}},
     ]
     sample.write_text("\n".join(json.dumps(e) for e in events) + "\nnot json\n")
     out = run_cli("plan", "check", "--config", str(config), "--tenant", "shop", "--events", str(sample))
     assert out.returncode == 1, out.stderr
     report = out.stdout
-    assert "5 events checked: 2 valid, 3 with violations, 1 line unreadable" in report
+    assert "7 events checked: 3 valid, 4 with violations, 1 line unreadable" in report
     assert "product_added" in report and "properties.price" in report and "type" in report
     assert "order_completed" in report and "properties.products" in report and "required" in report
     assert "unplanned" in report and "Wishlist Shared" in report
+    assert "page_left" in report and "minimum properties.event_duration" in report
     as_json = run_cli(
         "plan", "check", "--config", str(config), "--tenant", "shop", "--events", str(sample), "--json"
     )
     summary = json.loads(as_json.stdout)
-    assert summary["checked"] == 5 and summary["valid"] == 2
+    assert summary["checked"] == 7 and summary["valid"] == 3
     assert summary["violations"]["product_added"]["type properties.price"] == 1
 
 
