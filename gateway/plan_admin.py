@@ -18,7 +18,7 @@ from litestar.exceptions import NotFoundException
 from litestar.params import Parameter
 
 from export.violations import SqliteViolations, ViolationRecord
-from gateway.admin.deps import ADMIN_DEPENDENCIES, READ_ERRORS, WRITE_ERRORS, AdminServices
+from gateway.admin.deps import ADMIN_DEPENDENCIES, READ_ERRORS, WRITE_ERRORS, AdminServices, log_access
 from gateway.auth import Officer, admin_guard, roles
 from gateway.config import Config, ResolvedSource
 from gateway.errors import InvalidRequest
@@ -126,10 +126,9 @@ class PlanViolationsController(Controller):
         """Operator role. Summaries (rule, property path, detail; no payload) and counts per event."""
         services.tokens.check_tenant(officer, tenant)
         store = _store(request)
-        return {
-            "counts": store.counts(tenant),
-            "violations": [r.summary() for r in store.list(tenant, limit, event)],
-        }
+        records = [r.summary() for r in store.list(tenant, limit, event)]
+        await log_access(services, officer, "plan.violations.list", tenant, {"event": event}, len(records))
+        return {"counts": store.counts(tenant), "violations": records}
 
     @get("/{record_id:str}", responses=_SHOW_ERRORS, summary="One kept event", opt=roles("operator"))
     async def show_violation(
@@ -140,6 +139,7 @@ class PlanViolationsController(Controller):
         if record is None:
             raise NotFoundException(detail=f"no violation record {record_id!r}")
         services.tokens.check_tenant(officer, record.tenant)
+        await log_access(services, officer, "plan.violations.show", record.tenant, {"id": record_id}, 1)
         return {**record.summary(), "event": msgspec.json.decode(record.payload)}
 
     @post(
@@ -166,4 +166,13 @@ class PlanViolationsController(Controller):
             records = store.list(data.tenant, limit=1_000_000)
         else:
             raise InvalidRequest("invalid_field", "name record ids, or set all", "ids")
-        return await replay_records(request.app.state.ingest.ingestor, services.config, store, records)
+        outcome = await replay_records(request.app.state.ingest.ingestor, services.config, store, records)
+        await log_access(
+            services,
+            officer,
+            "plan.violations.replay",
+            data.tenant,
+            {"ids": data.ids, "all": data.all},
+            len(records),
+        )
+        return outcome
