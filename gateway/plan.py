@@ -130,7 +130,12 @@ class PlanEvent:
             elif rule == "additionalProperties":
                 schema: Any = err.schema
                 known = schema.get("properties", {}) if isinstance(schema, dict) else {}
-                extra = sorted(k for k in instance if k not in known) if isinstance(instance, dict) else []
+                presets = "patternProperties" in schema  # "$" keys pass (_compile_event)
+                extra = (
+                    sorted(k for k in instance if k not in known and not (presets and k.startswith("$")))
+                    if isinstance(instance, dict)
+                    else []
+                )
                 found.extend(
                     Violation("additionalProperties", f"{where}.{name}", "property not in the plan")
                     for name in extra
@@ -205,29 +210,33 @@ def _compile_event(
         if not isinstance(fragment, dict):
             problems.append(f"{pw}: must be a mapping (a JSON Schema and its class)")
             continue
-        schema = dict(fragment)
-        data_class = schema.pop("class", None)
+        fragment_schema = dict(fragment)
+        data_class = fragment_schema.pop("class", None)
         if data_class not in DATA_CLASSES:
             problems.append(f"{pw}.class: {data_class!r} is not one of {', '.join(DATA_CLASSES)}")
             continue
         if data_class in ("identifier", "contact"):
             for keyword in _VALUE_KEYWORDS:
-                if keyword in schema:
+                if keyword in fragment_schema:
                     problems.append(
                         f"{pw}.{keyword}: a {data_class} property is checked after pseudonymisation: "
                         "only its presence and type can be checked"
                     )
         classes[name] = data_class
-        properties[name] = schema
+        properties[name] = fragment_schema
     for name in spec.required:
         if name not in spec.properties:
             problems.append(f"{here}.required: {name!r} is not among the event's properties")
-    schema = {
+    schema: dict[str, Any] = {
         "type": "object",
         "properties": properties,
         "required": list(spec.required),
         "additionalProperties": spec.additional_properties,
     }
+    if not spec.additional_properties:
+        # SDK preset properties ($lib, $os, $device_id...: Sensors adds them to every event)
+        # are never "not in the plan"
+        schema["patternProperties"] = {"^\\$": {}}
     try:
         jsonschema.Draft202012Validator.check_schema(schema)
     except jsonschema.SchemaError as exc:

@@ -105,3 +105,16 @@ def test_valid_events_pass_unchanged_and_violating_ones_are_kept(
             assert batch.result.plan_violations[0].action == "kept"
     finally:
         store.close()
+
+
+def test_a_closed_event_refuses_unplanned_properties_but_not_sdk_presets() -> None:
+    from gateway.plan import parse_plan
+
+    plan = parse_plan(
+        "plan: closed\nversion: 1\nevents:\n  a:\n    description: d\n    owner: o\n"
+        "    purposes: [analytics]\n    legal_basis: consent\n    additional_properties: false\n"
+        "    properties:\n      x: {class: none, type: integer}\n"
+    )
+    assert plan.check("a", {"x": 1, "$lib": "MiniProgram", "$device_id": "d"})[1] == []
+    (found,) = plan.check("a", {"x": 1, "$lib": "MiniProgram", "colour": "red"})[1]
+    assert (found.rule, found.path) == ("additionalProperties", "properties.colour")
