@@ -326,7 +326,7 @@ ip_consent_calls_per_hour = 100000000
 """
 
 
-def write_configs(tmp: Path) -> tuple[Path, Path]:
+def write_configs(tmp: Path, *, plan: bool = True) -> tuple[Path, Path]:
     """(unenforced, enforced): copies of the example config, one snapshot of it, with every
     tenant, source and destination as shipped, and rate limits with room for the load
     (``BENCH_RATE_LIMITS``); "unenforced" turns consent enforcement off for ``TENANT``.
@@ -348,6 +348,9 @@ def write_configs(tmp: Path) -> tuple[Path, Path]:
             "tenants.consent (a bug in consent_off_text)"
         )
     unenforced, enforced = tmp / "idgate-unenforced.toml", tmp / "idgate-enforced.toml"
+    shutil.copytree(REPO / "plans", tmp / "plans", dirs_exist_ok=True)  # tracking_plan_file, relative
+    if not plan:  # --no-plan: the same configs without the tracking plan, to see what it costs
+        off_text, text = (re.sub(r"(?m)^tracking_plan_file = .*\n", "", t) for t in (off_text, text))
     unenforced.write_text(off_text, encoding="utf-8")
     enforced.write_text(text, encoding="utf-8")
     return unenforced, enforced
@@ -374,7 +377,8 @@ def _user(n: int, users: int) -> int:
 
 def single_body(prefix: str, n: int, users: int = 0) -> bytes:
     return (
-        f'{{"userId":"u-{_user(n, users)}","event":"Product Viewed","properties":{{"sku":"A1","price":12.5}},'
+        f'{{"userId":"u-{_user(n, users)}","event":"Product Viewed",'
+        f'"properties":{{"product_id":"A1","sku":"A1","price":12.5}},'
         f'"messageId":"{prefix}{n}","timestamp":"{_iso_now()}"}}'
     ).encode()
 
@@ -384,7 +388,7 @@ def batch_body(prefix: str, n: int, size: int = BATCH_SIZE, users: int = 0) -> b
     base = n * size
     items = ",".join(
         f'{{"type":"track","userId":"u-{_user(base + i, users)}","event":"Product Viewed",'
-        f'"properties":{{"sku":"A1","price":12.5}},"messageId":"{prefix}{n}-{i}","timestamp":"{ts}"}}'
+        f'"properties":{{"product_id":"A1","sku":"A1","price":12.5}},"messageId":"{prefix}{n}-{i}","timestamp":"{ts}"}}'
         for i in range(1, size + 1)
     )
     return f'{{"batch":[{items}]}}'.encode()
@@ -497,14 +501,14 @@ function request()
   local body
   if EVENTS == 0 then
     body = '{"userId":"u-' .. user(counter) ..
-      '","event":"Product Viewed","properties":{"sku":"A1","price":12.5},"messageId":"' ..
+      '","event":"Product Viewed","properties":{"product_id":"A1","sku":"A1","price":12.5},"messageId":"' ..
       prefix .. counter .. '","timestamp":"' .. now_iso() .. '"}'
   else
     local ts = now_iso()
     local base = counter * EVENTS
     for i = 1, EVENTS do
       parts[i] = '{"type":"track","userId":"u-' .. user(base + i) ..
-        '","event":"Product Viewed","properties":{"sku":"A1","price":12.5},"messageId":"' ..
+        '","event":"Product Viewed","properties":{"product_id":"A1","sku":"A1","price":12.5},"messageId":"' ..
         prefix .. counter .. '-' .. i .. '","timestamp":"' .. ts .. '"}'
     end
     body = '{"batch":[' .. table.concat(parts, ",", 1, EVENTS) .. ']}'
@@ -830,7 +834,8 @@ def wait_sink(counter: SinkCounter, n: int, timeout: float = 10.0) -> None:
 def probe(server: Server, user: str) -> tuple[int, int, bytes]:
     """One event of ``user`` to /v1/track: (accepted, dropped, response body); non-200 raises."""
     body = (
-        f'{{"userId":"{user}","event":"Product Viewed","properties":{{"sku":"A1","price":12.5}},'
+        f'{{"userId":"{user}","event":"Product Viewed",'
+        f'"properties":{{"product_id":"A1","sku":"A1","price":12.5}},'
         f'"messageId":"probe-{uuid.uuid4().hex}","timestamp":"{_iso_now()}"}}'
     ).encode()
     status, raw = server.post("/v1/track", body)
@@ -1162,6 +1167,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="wrk threads (default 1: on a small machine the servers need the cores)",
     )
     p.add_argument("--keep", action="store_true", help="keep the temporary data dir and logs")
+    p.add_argument(
+        "--no-plan",
+        dest="plan",
+        action="store_false",
+        help="run the gateways without the example's tracking plan (what validation costs)",
+    )
     args = p.parse_args(argv)
     if args.duration <= 0 or args.connections < 1 or args.threads < 1:
         p.error("--duration, --connections and --threads must be positive")
@@ -1287,7 +1298,7 @@ def main(argv: list[str] | None = None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="idgate-bench-"))
     servers: list[Server] = []
     try:
-        configs = write_configs(tmp)
+        configs = write_configs(tmp, plan=args.plan)
         vs_bare = {"all": ["single", "batch"], "single": ["single"], "batch": ["batch"]}.get(args.scenario)
         consent = ["single", "batch"] if args.scenario in ("all", "consent") else []
         warnings: list[str] = []  # gateway vs bare

@@ -24,6 +24,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from consent.ledger import verify_database
 from export.delivery import DeliveryService
 from export.outbox import Outbox
+from export.violations import SqliteViolations
 from gateway.admin import ADMIN_CONTROLLERS, AdminServices
 from gateway.admin.deps import log_refused_admin_request
 from gateway.auth import AdminTokens, WriteKeys
@@ -39,6 +40,7 @@ from gateway.logging import request_context
 from gateway.maintenance import keep_healthy
 from gateway.openapi import docs_assets_routers, finish_document, openapi_config
 from gateway.pipeline import Ingestor, IngestServices
+from gateway.plan_admin import PlanViolationsController
 from gateway.rate_limits import open_rate_limiter
 from gateway.rights_setup import open_rights, resume_open_requests
 from gateway.sensors_http import SENSORS_ROUTES, document_sensors_routes
@@ -168,6 +170,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             await redis_client.ping()
         outbox = open_outbox(settings, config.limits.dedupe_window_seconds, redis_client)
         dead_letters = open_dead_letters(settings)
+        violations = SqliteViolations(settings.data_dir / "violations.sqlite3")  # tracking plan
         consent = await open_consent(settings, config, redis_client, signer)
         delivery = build_delivery(settings, config, keyring, consent, outbox, dead_letters)
         resolver, identity, identity_engine = await open_identity(
@@ -182,6 +185,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
                 consent_service=consent.service,
                 identity=identity,
                 assertions=verifiers,
+                violations=violations,
             ),
             on_appended=delivery.notify,
         )
@@ -209,6 +213,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         state.write_keys = write_keys
         state.sensors_tokens = index_sensors_tokens(config, dev=settings.dev)
         state.keyring = keyring
+        state.violations = violations
         state.consent = consent.service
         state.assertions = verifiers
         state.admin_tokens = tokens
@@ -257,6 +262,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             await delivery.stop()
             outbox.close()
             dead_letters.close()
+            violations.close()
             consent.close()
             if identity_engine is not None:
                 identity_engine.dispose()
@@ -270,6 +276,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             *SENSORS_ROUTES,
             consent_controller(config.limits),
             *ADMIN_CONTROLLERS,
+            PlanViolationsController,
             healthz,
             readyz,
             prometheus_metrics,

@@ -28,6 +28,7 @@ from gateway.config import Config, ConfigProblems, hash_write_key, load_config
 from gateway.dlq_cli import dlq
 from gateway.keys_cli import keys_retire, keys_rotate
 from gateway.logging import configure_logging
+from gateway.plan_cli import plan
 from gateway.rights_cli import rights
 from gateway.settings import (
     DEV_LEDGER_KEY_FILE,
@@ -393,6 +394,7 @@ main.add_command(dlq)
 keys.add_command(keys_rotate)
 keys.add_command(keys_retire)
 main.add_command(rights)
+main.add_command(plan)
 
 
 @main.group()

@@ -191,6 +191,12 @@ class Tenant(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     purposes: dict[str, Purpose] = {}
     # Event name -> purposes; "*" is the default for events not listed.
     tracking_plan: dict[str, list[str]] = {}
+    # A tracking plan file (YAML, gateway.plan; relative to this config file): events,
+    # their purposes, property schemas and data classes. Its purposes win over the table above.
+    tracking_plan_file: str = ""
+    # What a plan violation does: "observe" delivers the event and counts the violation,
+    # "enforce" keeps the event as a violation record (replayable) instead of delivering it.
+    plan_mode: Literal["observe", "enforce"] = "observe"
     # Segment context.externalIds[].type -> idgate identifier type.
     external_id_types: dict[str, str] = {}
 
@@ -480,6 +486,22 @@ def _check_tenant(t: Tenant, where: str, dev: bool, problems: list[str], seen_ke
                 problems.append(f"{where}.identity.{section}.{key}: unknown identifier type {id_type!r}")
 
 
+def _load_tenant_plan(tenant: Tenant, where: str, path: str, problems: list[str]) -> Tenant:
+    """Check and compile the tenant's plan file; the tenant keeps its resolved path."""
+    from gateway.plan import PlanProblems, load_plan, use_plan
+
+    plan_path = Path(tenant.tracking_plan_file)
+    if not plan_path.is_absolute() and not path.startswith("<"):
+        plan_path = Path(path).resolve().parent / plan_path
+    resolved = msgspec.structs.replace(tenant, tracking_plan_file=str(plan_path))
+    try:
+        # the plan checked now is the one the tenant runs (a later edit needs a restart)
+        use_plan(resolved, load_plan(plan_path, purposes=tenant.all_purposes()))
+    except PlanProblems as exc:
+        problems.extend(f"{where}.tracking_plan_file: {exc.path}: {p}" for p in exc.problems)
+    return resolved
+
+
 def parse_config(text: str, *, path: str = "<config>", dev: bool = False) -> Config:
     """Parse and validate a config document; raise ConfigProblems listing every problem."""
     problems: list[str] = []
@@ -539,6 +561,8 @@ def parse_config(text: str, *, path: str = "<config>", dev: bool = False) -> Con
             problems.append(f"{where}.id: duplicate tenant id {tenant.id!r}")
         tenant_ids.add(tenant.id)
         _check_tenant(tenant, where, dev, problems, seen_keys)
+        if tenant.tracking_plan_file:
+            tenant = _load_tenant_plan(tenant, where, path, problems)
         tenants.append(tenant)
     # Destinations name sink directories, outbox consumer groups and dead-letter streams:
     # unique across tenants, not only within one.

@@ -22,6 +22,14 @@ _FAMILIES: dict[str, tuple[str, tuple[str, ...]]] = {
     "duplicate": ("Messages dropped as duplicates of an earlier messageId", ("tenant", "source")),
     "rejected": ("Messages rejected as invalid", ("tenant", "source", "error")),
     "dropped": ("Messages not stored for lack of a lawful basis or destination", ("tenant", "reason")),
+    "plan_violation": (
+        "Tracking plan violations by plan event (or unplanned) and rule",
+        ("tenant", "source", "event", "rule"),
+    ),
+    "plan_kept": (
+        "Events kept as violation records instead of delivered (plan_mode enforce)",
+        ("tenant", "source"),
+    ),
     "refused_assertion": (
         "Assertions a sender could not back (unproven identifiers, bad identity assertions, "
         "minor-flag clearing without a guardian assertion): refused, the rest went on",

@@ -1,7 +1,8 @@
 """The ingest pipeline: an explicit, ordered list of named stages over one batch.
 
-    pseudonymise -> claim_message_ids -> rekey_on_sight -> record_consent_signals -> decide_consent
-    -> limit_new_identifiers -> resolve_identity -> transform -> encode -> append -> detach_identifiers
+    pseudonymise -> check_plan -> claim_message_ids -> rekey_on_sight -> record_consent_signals
+    -> decide_consent -> limit_new_identifiers -> resolve_identity -> transform -> encode -> append
+    -> detach_identifiers
 
 Protocol adapters (gateway.segment, gateway.sensors) decode a request into envelopes of the
 one internal ``Event``; ``Ingestor.ingest`` then runs ``STAGES`` in order over the batch.
@@ -17,6 +18,7 @@ Each stage is a named function of (dependencies, batch) that can be run alone in
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -36,9 +38,11 @@ from consent.signals import (
     signalled,
 )
 from export.outbox import Claim, ClaimStatus, Outbox, OutboxRecord, notice_record, scoped_message_id
+from export.violations import PlanFinding, SqliteViolations, ViolationRecord
 from gateway import metrics
 from gateway.config import Destination, ResolvedSource, Tenant
 from gateway.events import Envelope, Rejection, RejectMessage
+from gateway.plan import UNPLANNED, PlanReport, lookup_key, plan_for, planned_purposes, sensitive_keys
 from gateway.privacy import (
     SAFE_CONTEXT,
     clean_message_id,
@@ -322,7 +326,7 @@ def strip_sensitive(env: Envelope, tenant: Tenant) -> None:
     ev = env.event
     for fields in (ev.properties, ev.traits):
         if fields:
-            for key in tenant.sensitive_properties:
+            for key in sensitive_keys(tenant):
                 fields.pop(key, None)
 
 
@@ -330,6 +334,9 @@ def strip_sensitive(env: Envelope, tenant: Tenant) -> None:
 def purposes_of(env: Envelope, tenant: Tenant) -> tuple[str, ...]:
     """What the tracking plan says this event is collected for."""
     ev = env.event
+    planned = planned_purposes(tenant, lookup_key(ev.type, ev.event, ev.name))
+    if planned is not None:
+        return planned
     return tenant.purposes_for(ev.event if ev.type == "track" and ev.event else f"${ev.type}")
 
 
@@ -349,8 +356,8 @@ def consent_query(env: Envelope, tenant: Tenant, linked: tuple[str, ...] = ()) -
     # key rotation: each identifier's older-version pseudonyms fold into it (same standing)
     aliases = tuple((old, new) for new, olds in env.aliases.items() for old in olds) if env.aliases else ()
     sensitive = False
-    if tenant.sensitive_properties:
-        keys = tenant.sensitive_properties
+    keys = sensitive_keys(tenant)
+    if keys:
         sensitive = any(fields and any(k in fields for k in keys) for fields in (ev.properties, ev.traits))
     return ConsentQuery(
         tenant=tenant.id,
@@ -420,6 +427,8 @@ class IngestResult:
     # Assertions the sender could not back (unproven identifiers, a bad identity assertion):
     # the events went on without them.
     refused: list[Rejection] = field(default_factory=list)
+    # Messages that broke the tenant's tracking plan (gateway.plan), delivered or kept.
+    plan_violations: list[PlanReport] = field(default_factory=list)
 
     def body(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -434,6 +443,8 @@ class IngestResult:
             out["inFlight"] = self.in_flight
         if self.refused:
             out["refusedAssertions"] = self.refused
+        if self.plan_violations:
+            out["planViolations"] = self.plan_violations
         return out
 
     def merge(self, other: IngestResult) -> None:
@@ -444,6 +455,7 @@ class IngestResult:
         self.rejected.extend(other.rejected)
         self.dropped.update(other.dropped)
         self.refused.extend(other.refused)
+        self.plan_violations.extend(other.plan_violations)
 
 
 @dataclass
@@ -499,6 +511,8 @@ class IngestServices:
     assertions: Mapping[tuple[str, str], AssertionVerifier] = field(default_factory=dict)
     # key rotation: active pseudonym -> its pseudonyms under the older live versions
     alias_cache: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    # where plan_mode "enforce" keeps the events that broke the tracking plan
+    violations: SqliteViolations | None = None
 
 
 Stage = Callable[[IngestServices, IngestBatch], Awaitable[None]]
@@ -548,6 +562,69 @@ def _proven(env: Envelope) -> list[Identifier]:
 def _is_consent_event(env: Envelope) -> bool:
     ctx = env.event.context
     return env.event.event == CONSENT_PREFERENCE_EVENT or "consent" in ctx or "consentManagement" in ctx
+
+
+async def check_plan(s: IngestServices, batch: IngestBatch) -> None:
+    """The tenant's tracking plan (gateway.plan): each violation counted by event and rule and
+    reported per message; with plan_mode "enforce" a violating event is kept as a violation
+    record (scrubbed like a stored event) instead of going on. Before the dedupe claim, so a
+    replay after a fix is not taken for a duplicate."""
+    src = batch.src
+    tenant = src.tenant
+    plan = plan_for(tenant)
+    if plan is None or not batch.envelopes:
+        return
+    enforce = tenant.plan_mode == "enforce"
+    kept: list[Envelope] = []
+    held: list[ViolationRecord] = []
+    reports = batch.result.plan_violations
+    for env in batch.envelopes:
+        ev = env.event
+        key = lookup_key(ev.type, ev.event, ev.name)
+        if key is None:
+            kept.append(env)
+            continue
+        entry, found = plan.check(key, ev.properties)
+        if not found:
+            kept.append(env)
+            continue
+        label = entry.id if entry is not None else UNPLANNED
+        for v in found:
+            metrics.INGEST.add("plan_violation", (tenant.id, src.source.id, label, v.rule))
+        if not enforce:
+            reports.append(PlanReport(env.index, label, "delivered", found, ev.message_id))
+            kept.append(env)
+            continue
+        scrub_personal_data(env, tenant, batch.pseudonymiser)
+        reports.append(PlanReport(env.index, label, "kept", found, ev.message_id))
+        held.append(
+            ViolationRecord(
+                tenant=tenant.id,
+                source=src.source.id,
+                message_id=ev.message_id,
+                event=label,
+                plan_version=plan.version,
+                received_at_ms=int(ev.received_at.timestamp() * 1000),
+                findings=tuple(PlanFinding(v.rule, v.path, v.detail) for v in found),
+                payload=s.encoder.encode(ev),
+                identifiers=tuple(env.identifiers),
+                unproven=tuple(env.unproven),
+                pseudonyms=tuple(sorted(env.pseudonyms)),
+                server=env.standing.server,
+            )
+        )
+    if held and s.violations is None:  # nowhere to keep them (a bare pipeline): refused, the client knows
+        for record in held:
+            index = next(r.index for r in reports if r.message_id == record.message_id)
+            batch.result.rejected.append(
+                Rejection(
+                    index, "plan_violation", "breaks the tracking plan", "properties", record.message_id
+                )
+            )
+    elif held and s.violations is not None:
+        await asyncio.to_thread(s.violations.keep, held)
+        metrics.INGEST.add("plan_kept", (tenant.id, src.source.id), len(held))
+    batch.envelopes = kept
 
 
 async def claim_message_ids(s: IngestServices, batch: IngestBatch) -> None:
@@ -823,6 +900,7 @@ async def detach_identifiers(s: IngestServices, batch: IngestBatch) -> None:
 
 STAGES: tuple[Stage, ...] = (
     pseudonymise,
+    check_plan,
     claim_message_ids,
     rekey_on_sight,
     record_consent_signals,

@@ -20,11 +20,13 @@ text. Numbers and booleans are left as sent.
 
 from __future__ import annotations
 
+import glob
 import re
 from collections.abc import Callable, Iterable
 from typing import Any, Final
 
 from gateway.config import Tenant
+from gateway.plan import keys_of_class
 from identity.identifiers import URL_IDENTIFIER_KEY_PATTERNS, IdentifierKeys
 from identity.pseudonym import Pseudonymiser
 from identity.scrub import has_personal_data, scrub_name, scrub_query, scrub_text
@@ -204,7 +206,9 @@ _scrubbers: dict[int, EventScrubber] = {}
 def scrubber_for(tenant: Tenant) -> EventScrubber:
     found = _scrubbers.get(id(tenant))
     if found is None:
-        found = _scrubbers[id(tenant)] = EventScrubber(tenant.identity.identifier_keys)
+        # the tracking plan's identifier and contact properties are identifier keys too
+        planned = (glob.escape(k) for k in keys_of_class(tenant, "identifier", "contact"))
+        found = _scrubbers[id(tenant)] = EventScrubber((*tenant.identity.identifier_keys, *planned))
     return found
 
 

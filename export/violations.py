@@ -1,0 +1,218 @@
+"""The violation store: events a tenant's tracking plan kept from delivery (``plan_mode =
+"enforce"``), so that nothing is lost and each can be replayed once the plan or the client
+is fixed.
+
+A record holds the event as it would have been stored in the outbox (identifiers
+pseudonymised, properties and context scrubbed: never raw), the pseudonymised identifiers
+the pipeline found in it, and what the plan said (rule, property path, detail; never a
+value). One record per (tenant, source, message id): a client's retry of the same bad event
+replaces its record instead of adding one, and a replay that gets the event through
+deletes it.
+
+SQLite under the data dir (``violations.sqlite3``), one file per gateway; methods are
+synchronous (the pipeline calls them from a thread).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from identity.identifiers import Identifier
+
+
+class PlanFinding(msgspec.Struct, frozen=True, omit_defaults=True):
+    """One rule an event broke (gateway.plan.Violation as stored)."""
+
+    rule: str
+    path: str
+    detail: str
+
+
+class ViolationRecord(msgspec.Struct, frozen=True, kw_only=True):
+    tenant: str
+    source: str
+    message_id: str
+    event: str  # the plan event id, or "unplanned"
+    plan_version: int
+    received_at_ms: int
+    findings: tuple[PlanFinding, ...]
+    payload: bytes  # the event (gateway.events.Event) as JSON, pseudonymised and scrubbed
+    identifiers: tuple[Identifier, ...] = ()
+    unproven: tuple[Identifier, ...] = ()
+    pseudonyms: tuple[str, ...] = ()
+    server: bool = False  # sent by a server source (it proves its identifiers)
+    id: str = ""
+    kept_at_ms: int = 0
+
+    def summary(self) -> dict[str, Any]:
+        """What a listing shows: no payload."""
+        return {
+            "id": self.id,
+            "tenant": self.tenant,
+            "source": self.source,
+            "messageId": self.message_id,
+            "event": self.event,
+            "planVersion": self.plan_version,
+            "receivedAtMs": self.received_at_ms,
+            "keptAtMs": self.kept_at_ms,
+            "violations": [msgspec.structs.asdict(f) for f in self.findings],
+        }
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS plan_violation (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    tenant TEXT NOT NULL,
+    source TEXT NOT NULL,
+    message_id TEXT NOT NULL,
+    event TEXT NOT NULL,
+    plan_version INTEGER NOT NULL,
+    received_at_ms INTEGER NOT NULL,
+    kept_at_ms INTEGER NOT NULL,
+    findings BLOB NOT NULL,
+    payload BLOB NOT NULL,
+    envelope BLOB NOT NULL,
+    UNIQUE (tenant, source, message_id)
+);
+CREATE INDEX IF NOT EXISTS plan_violation_tenant ON plan_violation (tenant, id);
+"""
+
+
+class _Envelope(msgspec.Struct, frozen=True):
+    identifiers: tuple[Identifier, ...] = ()
+    unproven: tuple[Identifier, ...] = ()
+    pseudonyms: tuple[str, ...] = ()
+    server: bool = False
+
+
+_encode = msgspec.json.Encoder().encode
+_decode_findings = msgspec.json.Decoder(tuple[PlanFinding, ...]).decode
+_decode_envelope = msgspec.json.Decoder(_Envelope).decode
+
+
+class SqliteViolations:
+    """The ``plan_violation`` table in ``violations.sqlite3``."""
+
+    _COLUMNS = (
+        "id, tenant, source, message_id, event, plan_version, received_at_ms, kept_at_ms, findings, payload,"
+        " envelope"
+    )
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute("PRAGMA synchronous=FULL")
+        self._conn.execute("PRAGMA busy_timeout=5000")
+        self._conn.executescript(_SCHEMA)
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        self._conn.close()
+
+    def keep(self, records: Sequence[ViolationRecord]) -> None:
+        """Store (or, for a message id already kept, replace) records in one transaction."""
+        now = int(time.time() * 1000)
+        rows = [
+            (
+                r.tenant,
+                r.source,
+                r.message_id,
+                r.event,
+                r.plan_version,
+                r.received_at_ms,
+                now,
+                _encode(r.findings),
+                r.payload,
+                _encode(_Envelope(r.identifiers, r.unproven, r.pseudonyms, r.server)),
+            )
+            for r in records
+        ]
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                self._conn.executemany(
+                    "INSERT INTO plan_violation (tenant, source, message_id, event, plan_version,"
+                    " received_at_ms, kept_at_ms, findings, payload, envelope)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                    " ON CONFLICT (tenant, source, message_id) DO UPDATE SET event = excluded.event,"
+                    " plan_version = excluded.plan_version, kept_at_ms = excluded.kept_at_ms,"
+                    " findings = excluded.findings, payload = excluded.payload, envelope = excluded.envelope",
+                    rows,
+                )
+                self._conn.execute("COMMIT")
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+
+    @staticmethod
+    def _row(row: tuple[Any, ...]) -> ViolationRecord:
+        i, tenant, source, mid, event, version, received, kept, findings, payload, envelope = row
+        env = _decode_envelope(envelope)
+        return ViolationRecord(
+            id=str(i),
+            tenant=tenant,
+            source=source,
+            message_id=mid,
+            event=event,
+            plan_version=version,
+            received_at_ms=received,
+            kept_at_ms=kept,
+            findings=_decode_findings(findings),
+            payload=bytes(payload),
+            identifiers=env.identifiers,
+            unproven=env.unproven,
+            pseudonyms=env.pseudonyms,
+            server=env.server,
+        )
+
+    def list(
+        self, tenant: str | None = None, limit: int = 100, event: str | None = None
+    ) -> list[ViolationRecord]:
+        where, args = [], []
+        if tenant is not None:
+            where.append("tenant = ?")
+            args.append(tenant)
+        if event is not None:
+            where.append("event = ?")
+            args.append(event)
+        sql = f"SELECT {self._COLUMNS} FROM plan_violation"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        with self._lock:
+            rows = self._conn.execute(sql + " ORDER BY id LIMIT ?", (*args, limit)).fetchall()
+        return [self._row(r) for r in rows]
+
+    def get(self, record_id: str) -> ViolationRecord | None:
+        if not record_id.isdigit():
+            return None
+        with self._lock:
+            row = self._conn.execute(
+                f"SELECT {self._COLUMNS} FROM plan_violation WHERE id = ?", (int(record_id),)
+            ).fetchone()
+        return self._row(row) if row else None
+
+    def delete(self, record_ids: Sequence[str]) -> int:
+        ids = [(int(i),) for i in record_ids if i.isdigit()]
+        with self._lock:
+            before = self._conn.total_changes
+            self._conn.executemany("DELETE FROM plan_violation WHERE id = ?", ids)
+            return self._conn.total_changes - before
+
+    def counts(self, tenant: str | None = None) -> dict[str, int]:
+        """Records kept per plan event (or "unplanned")."""
+        sql = "SELECT event, count(*) FROM plan_violation"
+        args: tuple[str, ...] = ()
+        if tenant is not None:
+            sql += " WHERE tenant = ?"
+            args = (tenant,)
+        with self._lock:
+            return {e: n for e, n in self._conn.execute(sql + " GROUP BY event", args).fetchall()}

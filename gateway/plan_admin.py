@@ -1,0 +1,178 @@
+"""The tracking plan's violation records over the admin API: list, show, replay.
+
+Replay puts a kept event back through the pipeline after ``pseudonymise`` (the record holds
+the pseudonymised identifiers the first pass found): it is checked against the plan the
+gateway runs now, claims its message id (a replay of an event already delivered is a
+duplicate), asks consent again and is stored for delivery. A record is deleted once its
+event went through (accepted, a duplicate, or dropped for lack of consent); an event that
+still breaks the plan keeps its record, updated.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import msgspec
+from litestar import Controller, Request, get, post
+from litestar.exceptions import NotFoundException
+from litestar.params import Parameter
+
+from export.violations import SqliteViolations, ViolationRecord
+from gateway.admin.deps import ADMIN_DEPENDENCIES, READ_ERRORS, WRITE_ERRORS, AdminServices, log_access
+from gateway.auth import Officer, admin_guard, roles
+from gateway.config import Config, ResolvedSource
+from gateway.errors import InvalidRequest
+from gateway.events import Envelope, Event
+from gateway.openapi import error_responses
+from gateway.pipeline import Ingestor, IngestResult, pseudonymise
+from identity.assertions import CLIENT, SERVER
+
+_decode_event = msgspec.json.Decoder(Event).decode
+_SHOW_ERRORS = {**READ_ERRORS, **error_responses(404)}
+
+
+class ReplayRequest(msgspec.Struct, forbid_unknown_fields=True):
+    tenant: str
+    ids: list[str] = []
+    all: bool = False  # every record of the tenant
+
+
+class ReplayOutcome(msgspec.Struct):
+    replayed: int = 0  # went through: stored for delivery
+    duplicates: int = 0  # already delivered under the same message id
+    dropped: int = 0  # no lawful basis now (consent): not stored, record deleted
+    still_violating: int = msgspec.field(default=0, name="stillViolating")
+    rejected: int = 0  # refused by another stage: record kept
+    unknown_source: int = msgspec.field(default=0, name="unknownSource")
+
+
+def _source(config: Config, tenant: str, source: str) -> ResolvedSource | None:
+    for t in config.tenants:
+        if t.id == tenant:
+            for s in t.sources:
+                if s.id == source:
+                    return ResolvedSource(tenant=t, source=s, destinations=tuple(t.destinations))
+    return None
+
+
+async def replay_records(
+    ingestor: Ingestor, config: Config, store: SqliteViolations, records: list[ViolationRecord]
+) -> ReplayOutcome:
+    runner = Ingestor(
+        ingestor.services,
+        stages=tuple(st for st in ingestor.stages if st is not pseudonymise),
+        on_appended=ingestor.on_appended,
+    )
+    outcome = ReplayOutcome()
+    done: list[str] = []
+    for record in records:
+        src = _source(config, record.tenant, record.source)
+        if src is None:
+            outcome.unknown_source += 1
+            continue
+        env = Envelope(
+            event=_decode_event(record.payload),
+            index=0,
+            identifiers=list(record.identifiers),
+            pseudonyms=set(record.pseudonyms),
+            unproven=list(record.unproven),
+            standing=SERVER if record.server else CLIENT,
+        )
+        result = await runner.ingest(src, [env], IngestResult(received=1))
+        if result.accepted:
+            outcome.replayed += 1
+        elif result.duplicates:
+            outcome.duplicates += 1
+        elif result.dropped:
+            outcome.dropped += 1
+        elif any(r.action == "kept" for r in result.plan_violations):
+            outcome.still_violating += 1
+            continue
+        else:
+            outcome.rejected += 1
+            continue
+        done.append(record.id)
+    store.delete(done)
+    return outcome
+
+
+def _store(request: Request[Any, Any, Any]) -> SqliteViolations:
+    store: SqliteViolations = request.app.state.violations
+    return store
+
+
+class PlanViolationsController(Controller):
+    path = "/admin/plan/violations"
+    tags = ["tracking plan"]
+    guards = [admin_guard]
+    dependencies = ADMIN_DEPENDENCIES
+    security = [{"AdminToken": []}]
+
+    @get(
+        "/",
+        responses=READ_ERRORS,
+        summary="Events kept for breaking the tracking plan",
+        opt=roles("operator"),
+    )
+    async def list_violations(
+        self,
+        request: Request[Any, Any, Any],
+        services: AdminServices,
+        officer: Officer,
+        tenant: str,
+        event: str | None = None,
+        limit: Annotated[int, Parameter(ge=1, le=10_000)] = 100,
+    ) -> dict[str, Any]:
+        """Operator role. Summaries (rule, property path, detail; no payload) and counts per event."""
+        services.tokens.check_tenant(officer, tenant)
+        store = _store(request)
+        records = [r.summary() for r in store.list(tenant, limit, event)]
+        await log_access(services, officer, "plan.violations.list", tenant, {"event": event}, len(records))
+        return {"counts": store.counts(tenant), "violations": records}
+
+    @get("/{record_id:str}", responses=_SHOW_ERRORS, summary="One kept event", opt=roles("operator"))
+    async def show_violation(
+        self, request: Request[Any, Any, Any], services: AdminServices, officer: Officer, record_id: str
+    ) -> dict[str, Any]:
+        """Operator role. The record with its event as stored (pseudonymised, scrubbed)."""
+        record = _store(request).get(record_id)
+        if record is None:
+            raise NotFoundException(detail=f"no violation record {record_id!r}")
+        services.tokens.check_tenant(officer, record.tenant)
+        await log_access(services, officer, "plan.violations.show", record.tenant, {"id": record_id}, 1)
+        return {**record.summary(), "event": msgspec.json.decode(record.payload)}
+
+    @post(
+        "/replay",
+        responses=WRITE_ERRORS,
+        status_code=200,
+        summary="Put kept events back through the pipeline (after a plan or client fix)",
+        opt=roles("operator"),
+    )
+    async def replay(
+        self, request: Request[Any, Any, Any], services: AdminServices, officer: Officer, data: ReplayRequest
+    ) -> ReplayOutcome:
+        """Operator role. Each event is checked against the current plan, deduplicated by
+        message id and asked consent again."""
+        services.tokens.check_tenant(officer, data.tenant)
+        store = _store(request)
+        if data.ids:
+            records = [
+                r for r in (store.get(i) for i in data.ids) if r is not None and r.tenant == data.tenant
+            ]
+            if len(records) != len(data.ids):
+                raise InvalidRequest("invalid_field", "unknown violation record id for this tenant", "ids")
+        elif data.all:
+            records = store.list(data.tenant, limit=1_000_000)
+        else:
+            raise InvalidRequest("invalid_field", "name record ids, or set all", "ids")
+        outcome = await replay_records(request.app.state.ingest.ingestor, services.config, store, records)
+        await log_access(
+            services,
+            officer,
+            "plan.violations.replay",
+            data.tenant,
+            {"ids": data.ids, "all": data.all},
+            len(records),
+        )
+        return outcome

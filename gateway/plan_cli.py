@@ -1,0 +1,96 @@
+"""``idgate plan check``: a launch check of a sample of events against a tenant's plan."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from gateway.config import ConfigProblems, load_config
+from gateway.plan import SampleReport, plan_for
+
+
+@click.group("plan")
+def plan() -> None:
+    """Tracking plans: launch checks."""
+
+
+@plan.command("check")
+@click.option("--config", "config_path", type=click.Path(path_type=Path), default=Path("idgate.toml"))
+@click.option("--tenant", default=None, help="Whose plan (default: the first tenant with one).")
+@click.option(
+    "--events",
+    "events_path",
+    type=click.Path(path_type=Path, exists=True, dir_okay=False),
+    required=True,
+    help="A sample: one Segment or Sensors event (JSON) a line.",
+)
+@click.option("--json", "as_json", is_flag=True, help="The report as JSON.")
+def plan_check(config_path: Path, tenant: str | None, events_path: Path, as_json: bool) -> None:
+    """Validate a sample of events against the plan: which events and properties are missing,
+    of the wrong type, out of range, or not planned. Exit status 1 when any event violates."""
+    try:
+        cfg = load_config(config_path, dev=True)
+    except ConfigProblems as exc:
+        click.echo(str(exc), err=True)
+        sys.exit(2)
+    tenants = [t for t in cfg.tenants if t.tracking_plan_file and (tenant is None or t.id == tenant)]
+    if not tenants:
+        click.echo(
+            f"idgate: no tenant {'named ' + repr(tenant) + ' ' if tenant else ''}with a tracking_plan_file",
+            err=True,
+        )
+        sys.exit(2)
+    found = plan_for(tenants[0])
+    assert found is not None
+    report = SampleReport(plan=found)
+    with events_path.open(encoding="utf-8") as lines:
+        for line in lines:
+            if not line.strip():
+                continue
+            try:
+                report.add(json.loads(line))
+            except json.JSONDecodeError:
+                report.unreadable += 1
+    if as_json:
+        click.echo(json.dumps(report.summary(), indent=2, sort_keys=True))
+    else:
+        click.echo("\n".join(report.lines()))
+    sys.exit(1 if report.valid < report.checked else 0)
+
+
+@plan.command("violations")
+@click.option(
+    "--data-dir", type=click.Path(path_type=Path), default=None, help="Default: $IDGATE_DATA_DIR, else ./var."
+)
+@click.option("--tenant", default=None)
+@click.option("--event", default=None, help="A plan event id, or unplanned.")
+@click.option("--limit", type=click.IntRange(1, 1_000_000), default=100)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object: counts and records.")
+def plan_violations(
+    data_dir: Path | None, tenant: str | None, event: str | None, limit: int, as_json: bool
+) -> None:
+    """List the events plan_mode "enforce" kept (replay them with POST
+    /admin/plan/violations/replay on the running gateway after a fix)."""
+    from export.violations import SqliteViolations
+    from gateway.settings import data_dir_from_env
+
+    path = data_dir_from_env(data_dir) / "violations.sqlite3"
+    if not path.exists():
+        click.echo(f"idgate: no violation store at {path} (set IDGATE_DATA_DIR)", err=True)
+        sys.exit(2)
+    store = SqliteViolations(path)
+    try:
+        counts = store.counts(tenant)
+        records = [r.summary() for r in store.list(tenant, limit, event)]
+    finally:
+        store.close()
+    if as_json:
+        click.echo(json.dumps({"counts": counts, "violations": records}, sort_keys=True))
+        return
+    click.echo(f"{sum(counts.values())} kept: " + ", ".join(f"{e} {n}" for e, n in sorted(counts.items())))
+    for r in records:
+        rules = "; ".join(f"{v['rule']} {v['path']}" for v in r["violations"])
+        click.echo(f"{r['id']:>8}  {r['tenant']}/{r['source']}  {r['event']}  {r['messageId']}  {rules}")

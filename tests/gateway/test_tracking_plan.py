@@ -1,0 +1,423 @@
+"""Tracking plans over real HTTP (issue 14): the seed e-commerce plan validates Segment and
+Sensors events alike; observe delivers and counts, enforce keeps violating events as
+records that can be replayed once the plan is fixed; data classes drive consent and
+pseudonymisation; ``config check`` and ``plan check`` report a broken plan or bad events."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.canaries import Canaries
+from tests.conftest import (
+    IDGATE,
+    MALL_WEB_KEY,
+    OPERATOR_TOKEN,
+    ROOT,
+    TEST_CONFIG,
+    WEB_KEY,
+    Gateway,
+    make_gateway,
+    mid,
+)
+from tests.sensors.conftest import encode, sensors_event, sensors_url
+
+pytestmark = pytest.mark.slow
+SEED = ROOT / "plans" / "ecommerce.yaml"
+# The mall's own small plan: a sensitive-class and a contact-class property.
+MALL_PLAN = """
+plan: mall
+version: 1
+ignore: ["Sentinel", "Payment Requested"]
+events:
+  product_viewed:
+    description: A product detail page was shown.
+    owner: merchandising
+    purposes: [analytics]
+    legal_basis: consent
+    segment: ["Product Viewed"]
+    properties:
+      sku: {class: none, type: string}
+      skin_type: {class: sensitive, type: string}
+      stylist_wechat: {class: contact, type: string}
+"""
+
+
+PRICE_RULE = "      price: {class: financial, type: number, minimum: 0}\n"
+
+
+def seed_plan(tmp: Path) -> Path:
+    """The seed plan, with the test's sentinel event (Gateway.wait_past) ignored."""
+    path = tmp / "ecommerce.yaml"
+    path.write_text(SEED.read_text().replace("ignore:\n", 'ignore:\n  - "Sentinel"\n', 1))
+    return path
+
+
+def plan_config(shop_plan: Path, mode: str, mall_plan: Path | None = None) -> str:
+    config = TEST_CONFIG.replace(
+        'id = "shop"\n', f'id = "shop"\ntracking_plan_file = "{shop_plan}"\nplan_mode = "{mode}"\n', 1
+    )
+    if mall_plan is not None:
+        config = config.replace('id = "mall"\n', f'id = "mall"\ntracking_plan_file = "{mall_plan}"\n', 1)
+    return config
+
+
+def product_added(price: object, **extra: object) -> dict:
+    return {
+        "type": "track",
+        "event": "Product Added",
+        "messageId": mid(),
+        "anonymousId": f"anon-{uuid.uuid4().hex[:8]}",
+        "properties": {"product_id": "sku-1", "price": price, "quantity": 1, **extra},
+    }
+
+
+def batch(gw: Gateway, *messages: dict, key: str = WEB_KEY) -> dict:
+    r = httpx.post(gw.url + "/v1/batch", json={"batch": list(messages)}, auth=(key, ""), timeout=10)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def metric(gw: Gateway, name: str, **labels: str) -> float:
+    text = httpx.get(gw.url + "/metrics", timeout=10).text
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def admin(gw: Gateway, method: str, path: str, **kw: object) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {OPERATOR_TOKEN}"}
+    return httpx.request(method, gw.url + path, headers=headers, timeout=30, **kw)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def observing(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    tmp = tmp_path_factory.mktemp("plan-observe")
+    mall_plan = tmp / "mall.yaml"
+    mall_plan.write_text(MALL_PLAN)
+    gw = make_gateway(tmp, config=plan_config(seed_plan(tmp), "observe", mall_plan)).start()
+    yield gw
+    gw.stop()
+
+
+def test_observe_delivers_a_string_price_and_counts_it(observing: Gateway) -> None:
+    good, bad = product_added(9.9), product_added("9.90")
+    before = metric(observing, "idgate_events_plan_violation_total", event="product_added", rule="type")
+    out = batch(observing, good, bad)
+    assert out["accepted"] == 2
+    assert out["planViolations"] == [
+        {
+            "index": 1,
+            "event": "product_added",
+            "action": "delivered",
+            "violations": [
+                {"rule": "type", "path": "properties.price", "detail": "must satisfy type: 'number'"}
+            ],
+            "messageId": bad["messageId"],
+        }
+    ]
+    delivered = observing.wait_for_sink({good["messageId"], bad["messageId"]})
+    assert {e["messageId"] for e in delivered} == {good["messageId"], bad["messageId"]}
+    after = metric(observing, "idgate_events_plan_violation_total", event="product_added", rule="type")
+    assert after == before + 1
+
+
+def test_unplanned_events_are_counted_in_observe(observing: Gateway) -> None:
+    before = metric(observing, "idgate_events_plan_violation_total", event="unplanned", rule="unplanned")
+    msg = {"type": "track", "event": "Wishlist Shared", "messageId": mid(), "anonymousId": "anon-unplanned"}
+    ignored = {"type": "track", "event": "$AppStart", "messageId": mid(), "anonymousId": "anon-unplanned"}
+    out = batch(observing, msg, ignored)
+    assert out["accepted"] == 2
+    assert [(v["index"], v["event"], v["violations"][0]["rule"]) for v in out["planViolations"]] == [
+        (0, "unplanned", "unplanned")
+    ]
+    assert (
+        metric(observing, "idgate_events_plan_violation_total", event="unplanned", rule="unplanned")
+        == before + 1
+    )
+
+
+def test_segment_page_calls_and_missing_required_properties(observing: Gateway) -> None:
+    home = {
+        "type": "page",
+        "name": "Home",
+        "messageId": mid(),
+        "anonymousId": "anon-p",
+        "properties": {"dwell_time": -3},
+    }
+    order = {
+        "type": "track",
+        "event": "Order Completed",
+        "messageId": mid(),
+        "anonymousId": "anon-p",
+        "properties": {"order_id": "o-1", "total": 10, "currency": "cny"},
+    }
+    out = batch(observing, home, order)
+    found = {v["event"]: v["violations"] for v in out["planViolations"]}
+    assert found["home_viewed"] == [
+        {"rule": "minimum", "path": "properties.dwell_time", "detail": "must satisfy minimum: 0"}
+    ]
+    assert sorted((v["rule"], v["path"]) for v in found["order_completed"]) == [
+        ("pattern", "properties.currency"),
+        ("required", "properties.products"),
+    ]
+
+
+def test_segment_and_sensors_validate_against_one_plan_entry(observing: Gateway) -> None:
+    """Segment "Product Added" and Sensors "AddToShoppingCart" are one plan event: the
+    same string price is the same violation for both."""
+    labels = {"event": "product_added", "rule": "type"}
+    web = metric(observing, "idgate_events_plan_violation_total", source="shop-web", **labels)
+    app = metric(observing, "idgate_events_plan_violation_total", source="shop-app", **labels)
+    batch(observing, product_added("12"))
+    tag = uuid.uuid4().hex[:10]
+    ev = sensors_event(
+        f"visitor-{tag}",
+        event="AddToShoppingCart",
+        properties={"product_id": "sku-1", "price": "12", "quantity": 1, "run_tag": tag},
+    )
+    r = httpx.post(
+        sensors_url(observing),
+        content=f"data_list={encode([ev])}&gzip=1",
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+        timeout=10,
+    )
+    assert r.status_code == 200, r.text
+    assert metric(observing, "idgate_events_plan_violation_total", source="shop-web", **labels) == web + 1
+    assert metric(observing, "idgate_events_plan_violation_total", source="shop-app", **labels) == app + 1
+    # a valid Sensors event is no violation
+    ok = sensors_event(
+        f"visitor-{tag}", event="AddToShoppingCart", properties={"product_id": "s", "price": 3, "quantity": 2}
+    )
+    httpx.post(
+        sensors_url(observing),
+        content=f"data_list={encode([ok])}&gzip=1",
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+        timeout=10,
+    )
+    assert metric(observing, "idgate_events_plan_violation_total", source="shop-app", **labels) == app + 1
+
+
+def test_data_classes_sensitive_needs_sensitive_pi_and_contact_is_pseudonymised(observing: Gateway) -> None:
+    anon = f"anon-{uuid.uuid4().hex[:8]}"
+    r = httpx.post(
+        observing.url + "/v1/consent",
+        json={"noticeId": "notice-v1", "anonymousId": anon, "grant": ["analytics"]},
+        auth=(MALL_WEB_KEY, ""),
+        timeout=10,
+    )
+    assert r.status_code == 200, r.text
+    props = {"sku": "A1", "skin_type": "dry", "stylist_wechat": "wxid_stylist_8841"}
+    m = mid()
+    out = batch(
+        observing,
+        {
+            "type": "track",
+            "event": "Product Viewed",
+            "messageId": m,
+            "anonymousId": anon,
+            "properties": props,
+        },
+        key=MALL_WEB_KEY,
+    )
+    assert out["accepted"] == 1 and "planViolations" not in out
+    (event,) = observing.wait_for_sink({m}, "mall-warehouse")
+    delivered = event["properties"]
+    assert "skin_type" not in delivered  # sensitive class, no sensitive_pi consent
+    assert delivered["sku"] == "A1"
+    assert delivered["stylist_wechat"] != "wxid_stylist_8841" and "8841" not in json.dumps(event)
+
+
+@pytest.fixture
+def enforcing(tmp_path: Path) -> Iterator[tuple[Gateway, Path]]:
+    plan = seed_plan(tmp_path)
+    gw = make_gateway(tmp_path, config=plan_config(plan, "enforce")).start()
+    yield gw, plan
+    gw.stop()
+
+
+def test_enforce_keeps_violations_then_replays_them_after_the_plan_is_fixed(
+    enforcing: tuple[Gateway, Path],
+) -> None:
+    gw, plan = enforcing
+    good, bad = product_added(9.9), product_added("9.90")
+    unplanned = {"type": "track", "event": "Wishlist Shared", "messageId": mid(), "anonymousId": "anon-w"}
+    out = batch(gw, good, bad, unplanned)
+    assert out["accepted"] == 1
+    assert [(v["index"], v["event"], v["action"]) for v in out["planViolations"]] == [
+        (1, "product_added", "kept"),
+        (2, "unplanned", "kept"),
+    ]
+    gw.wait_past()
+    delivered = {e["messageId"] for e in gw.sink_lines()}
+    assert good["messageId"] in delivered
+    assert bad["messageId"] not in delivered and unplanned["messageId"] not in delivered
+    # a retry of the same bad event is not a second record
+    batch(gw, bad)
+    listed = admin(gw, "GET", "/admin/plan/violations/", params={"tenant": "shop"})
+    assert listed.status_code == 200, listed.text
+    body = listed.json()
+    assert body["counts"] == {"product_added": 1, "unplanned": 1}
+    record = next(v for v in body["violations"] if v["event"] == "product_added")
+    assert record["messageId"] == bad["messageId"]
+    assert record["violations"] == [
+        {"rule": "type", "path": "properties.price", "detail": "must satisfy type: 'number'"}
+    ]
+    listed_cli = run_cli("plan", "violations", "--data-dir", str(gw.data_dir), "--tenant", "shop", "--json")
+    assert listed_cli.returncode == 0, listed_cli.stderr
+    assert json.loads(listed_cli.stdout)["counts"] == {"product_added": 1, "unplanned": 1}
+    shown = admin(gw, "GET", f"/admin/plan/violations/{record['id']}").json()
+    assert shown["event"]["properties"]["price"] == "9.90"
+    assert shown["event"]["anonymousId"] != bad["anonymousId"]  # pseudonymised, never raw
+    assert bad["anonymousId"] not in (gw.data_dir / "violations.sqlite3").read_bytes().decode("latin-1")
+
+    # replay before the fix: still violating, kept
+    again = admin(gw, "POST", "/admin/plan/violations/replay", json={"tenant": "shop", "all": True})
+    assert again.status_code == 200, again.text
+    assert again.json()["stillViolating"] == 2
+
+    # product_added's price may be a decimal string now; the unplanned event is planned
+    head, tail = plan.read_text().split("  product_added:\n", 1)
+    fixed = '      price: {class: financial, type: [number, string], pattern: "^[0-9]+(\\\\.[0-9]+)?$"}\n'
+    assert PRICE_RULE in tail
+    text = (head + "  product_added:\n" + tail.replace(PRICE_RULE, fixed, 1)).replace(
+        "version: 1\n", "version: 2\n", 1
+    )
+    text += (
+        "  wishlist_shared:\n    description: A wishlist was shared.\n    owner: growth\n"
+        '    purposes: [analytics]\n    legal_basis: consent\n    segment: ["Wishlist Shared"]\n'
+    )
+    plan.write_text(text)
+    gw.stop()
+    gw.start()
+    replayed = admin(gw, "POST", "/admin/plan/violations/replay", json={"tenant": "shop", "all": True})
+    assert replayed.json() == {
+        "replayed": 2,
+        "duplicates": 0,
+        "dropped": 0,
+        "stillViolating": 0,
+        "rejected": 0,
+        "unknownSource": 0,
+    }
+    found = gw.wait_for_sink({bad["messageId"], unplanned["messageId"]})
+    assert {e["messageId"] for e in found} == {bad["messageId"], unplanned["messageId"]}
+    assert admin(gw, "GET", "/admin/plan/violations/", params={"tenant": "shop"}).json()["counts"] == {}
+    # the client's retry after the replay is a duplicate, not a second delivery
+    assert batch(gw, bad)["duplicates"] == 1
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([IDGATE, *args], capture_output=True, text=True, cwd=ROOT, timeout=60)
+
+
+BROKEN_PLAN = """
+plan: broken
+version: 1
+events:
+  product_added:
+    description: Add to cart.
+    owner: checkout
+    purposes: [analytics, spying]
+    legal_basis: consent
+    required: [price]
+    properties:
+      price: {class: money, type: number}
+      buyer_phone: {class: contact, type: string, pattern: "^1[0-9]{10}$"}
+      quantity: {class: none, type: integr}
+"""
+
+
+def test_config_check_reports_a_broken_plan_with_its_location(tmp_path: Path) -> None:
+    ok = tmp_path / "ok.toml"
+    ok.write_text(plan_config(SEED, "enforce"))
+    good = run_cli("config", "check", str(ok))
+    assert good.returncode == 0, good.stderr
+    plan = tmp_path / "plans" / "broken.yaml"
+    plan.parent.mkdir()
+    plan.write_text(BROKEN_PLAN)
+    config = tmp_path / "idgate.toml"
+    config.write_text(plan_config(Path("plans/broken.yaml"), "observe"))  # relative to the config
+    bad = run_cli("config", "check", str(config))
+    assert bad.returncode == 1
+    where = f"tenants[0].tracking_plan_file: {plan}: events.product_added"
+    for problem in (
+        f"{where}.purposes: unknown purpose 'spying'",
+        f"{where}.properties.price.class: 'money' is not one of",
+        f"{where}.properties.buyer_phone.pattern: a contact property is checked after pseudonymisation",
+        f"{where}.properties.quantity.type: not a valid JSON Schema",
+    ):
+        assert problem in bad.stderr, bad.stderr
+    plan.write_text("plan: x\nversion: 1\nevents:\n  a: {description: d, owner: o, purposes: [analytics]\n")
+    syntax = run_cli("config", "check", str(config))
+    assert syntax.returncode == 1 and re.search(r"YAML syntax \(line \d+\)", syntax.stderr), syntax.stderr
+
+
+def test_plan_check_reports_a_sample_of_events(tmp_path: Path) -> None:
+    config = tmp_path / "idgate.toml"
+    config.write_text(plan_config(SEED, "observe"))
+    sample = tmp_path / "sample.jsonl"
+    events = [
+        {
+            "type": "track",
+            "event": "Product Added",
+            "properties": {"product_id": "a", "price": "9", "quantity": 1},
+        },
+        {
+            "type": "track",
+            "event": "AddToShoppingCart",
+            "properties": {"product_id": "a", "price": 9, "quantity": 1},
+        },
+        {"type": "track", "event": "Order Completed", "properties": {"order_id": "o"}},
+        {"type": "track", "event": "Wishlist Shared"},
+        {"type": "page", "name": "Home", "properties": {"dwell_time": 4.5}},
+        {"type": "track", "event": "$MPViewScreen", "properties": {"$title": "Home"}},
+        {"type": "track", "event": "$MPPageLeave", "properties": {"event_duration": -2}},
+    ]
+    sample.write_text("\n".join(json.dumps(e) for e in events) + "\nnot json\n")
+    out = run_cli("plan", "check", "--config", str(config), "--tenant", "shop", "--events", str(sample))
+    assert out.returncode == 1, out.stderr
+    report = out.stdout
+    assert "7 events checked: 3 valid, 4 with violations, 1 line unreadable" in report
+    assert "product_added" in report and "properties.price" in report and "type" in report
+    assert "order_completed" in report and "properties.products" in report and "required" in report
+    assert "unplanned" in report and "Wishlist Shared" in report
+    assert "page_left" in report and "minimum properties.event_duration" in report
+    as_json = run_cli(
+        "plan", "check", "--config", str(config), "--tenant", "shop", "--events", str(sample), "--json"
+    )
+    summary = json.loads(as_json.stdout)
+    assert summary["checked"] == 7 and summary["valid"] == 3
+    assert summary["violations"]["product_added"]["type properties.price"] == 1
+
+
+def test_violation_records_and_reports_pass_the_canary_scan(enforcing: tuple[Gateway, Path]) -> None:
+    """Events full of personal data in every field, kept as violations: the records, the
+    ingest response and the log hold none of it."""
+    gw, _ = enforcing
+    c = Canaries()
+    messages = c.segment_batch(uuid.uuid4().hex[:8])
+    for m in messages:  # every one breaks the plan: a string price, or not planned at all
+        if m.get("type") == "track":
+            m["properties"] = {**m.get("properties", {}), "price": c.forms["phone"]}
+    out = batch(gw, *messages)
+    kept = [v for v in out["planViolations"] if v["action"] == "kept"]
+    assert kept, out
+    c.assert_nowhere(json.dumps(out, ensure_ascii=False), "the ingest response")
+    listed = admin(gw, "GET", "/admin/plan/violations/", params={"tenant": "shop"}).json()
+    assert sum(listed["counts"].values()) == len(kept)
+    for record in listed["violations"]:
+        shown = admin(gw, "GET", f"/admin/plan/violations/{record['id']}")
+        c.assert_nowhere(shown.text, "a violation record")
+    store = gw.data_dir / "violations.sqlite3"
+    raw = b"".join(p.read_bytes() for p in store.parent.glob("violations.sqlite3*"))
+    c.assert_nowhere(raw.decode("latin-1"), "violations.sqlite3")
+    c.assert_nowhere(gw.log_text(), "the gateway log")
