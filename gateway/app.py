@@ -36,6 +36,7 @@ from gateway.identity_setup import notice_publisher, open_identity
 from gateway.ingest_http import INGEST_ROUTES, IngestContext, document_ingest_routes
 from gateway.logging import request_context
 from gateway.maintenance import keep_healthy
+from gateway.monitoring import build_monitoring
 from gateway.openapi import docs_assets_routers, finish_document, openapi_config
 from gateway.pipeline import Ingestor, IngestServices
 from gateway.sensors_http import SENSORS_ROUTES, document_sensors_routes
@@ -166,6 +167,13 @@ def create_app(settings: Settings | None = None) -> Litestar:
         resolver, identity, identity_engine = await open_identity(
             settings, config, keyring, notice_publisher(config, outbox, delivery.notify)
         )
+        monitoring = build_monitoring(
+            config,
+            redis_client,
+            prefix=settings.redis_prefix,
+            bucket_seconds=settings.kpi_bucket_seconds,
+            interval_seconds=settings.alert_interval_seconds,
+        )
         ingestor = Ingestor(
             IngestServices(
                 keyring=keyring,
@@ -175,6 +183,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
                 consent_service=consent.service,
                 identity=identity,
                 assertions=verifiers,
+                kpis=monitoring.feed,
             ),
             on_appended=delivery.notify,
         )
@@ -196,6 +205,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         state.consent = consent.service
         state.assertions = verifiers
         state.admin_tokens = tokens
+        state.monitoring = monitoring
         state.services = AdminServices(
             config=config,
             keyring=keyring,
@@ -210,6 +220,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             verify_ledger=lambda: verify_database(consent.ledger),
         )
         await delivery.start()
+        monitoring.start()
         checkpoints = asyncio.create_task(
             checkpoint_periodically(consent.ledger, settings.checkpoint_seconds), name="ledger-checkpoint"
         )
@@ -234,6 +245,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         finally:
             checkpoints.cancel()
             health.cancel()
+            await monitoring.stop()
             await resolver.stop()
             await delivery.stop()
             outbox.close()

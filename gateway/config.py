@@ -17,6 +17,8 @@ from typing import Any, Literal
 
 import msgspec
 
+from export.kpis import DEFAULT_KPIS, KpiDefinition, check_kpis
+
 Platform = Literal["app", "web", "miniprogram", "server"]
 LegalBasis = Literal["consent", "contract"]
 ConsentKind = Literal["general", "separate", "guardian"]
@@ -192,6 +194,15 @@ class Tenant(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     tracking_plan: dict[str, list[str]] = {}
     # Segment context.externalIds[].type -> idgate identifier type.
     external_id_types: dict[str, str] = {}
+    # Business KPIs (export.kpis): the seed's set unless default_kpis = false, plus these
+    # (one with a default's id replaces it).
+    default_kpis: bool = True
+    kpis: list[KpiDefinition] = []
+
+    def all_kpis(self) -> list[KpiDefinition]:
+        own = {k.id for k in self.kpis}
+        defaults = [k for k in DEFAULT_KPIS if k.id not in own] if self.default_kpis else []
+        return [*defaults, *self.kpis]
 
     def all_purposes(self) -> dict[str, Purpose]:
         return {**DEFAULT_PURPOSES, **self.purposes}
@@ -428,6 +439,7 @@ def _check_tenant(t: Tenant, where: str, dev: bool, problems: list[str], seen_ke
         if n.id in notice_ids:
             problems.append(f"{where}.notices[{j}].id: duplicate notice id {n.id!r}")
         notice_ids.add(n.id)
+    problems.extend(check_kpis(t.kpis, purposes, f"{where}.kpis", t.all_kpis()))
     if not t.consent.enforce and not dev:
         problems.append(f"{where}.consent.enforce: false is only allowed with IDGATE_ENV=dev")
     from identity.identifiers import IDENTIFIER_TYPES

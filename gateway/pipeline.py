@@ -1,7 +1,7 @@
 """The ingest pipeline: an explicit, ordered list of named stages over one batch.
 
     pseudonymise -> claim_message_ids -> record_consent_signals -> decide_consent
-    -> resolve_identity -> transform -> encode -> append -> detach_identifiers
+    -> resolve_identity -> transform -> encode -> append -> detach_identifiers -> observe_kpis
 
 Protocol adapters (gateway.segment, gateway.sensors) decode a request into envelopes of the
 one internal ``Event``; ``Ingestor.ingest`` then runs ``STAGES`` in order over the batch.
@@ -464,6 +464,8 @@ class IngestServices:
     specs: dict[str, list[DestinationSpec]] = field(default_factory=dict)
     # (tenant, source) -> how its identity assertions are checked (client sources with keys)
     assertions: Mapping[tuple[str, str], AssertionVerifier] = field(default_factory=dict)
+    # business KPIs over the batch once appended (gateway.monitoring.KpiFeed)
+    kpis: Callable[[IngestBatch], Awaitable[None]] | None = None
 
 
 Stage = Callable[[IngestServices, IngestBatch], Awaitable[None]]
@@ -713,6 +715,12 @@ async def detach_identifiers(s: IngestServices, batch: IngestBatch) -> None:
             await s.identity.detach(batch.src.tenant.id, env.detach)
 
 
+async def observe_kpis(s: IngestServices, batch: IngestBatch) -> None:
+    """Business KPIs over the events past dedupe, stored or dropped (consent coverage)."""
+    if s.kpis is not None and batch.appended:
+        await s.kpis(batch)
+
+
 STAGES: tuple[Stage, ...] = (
     pseudonymise,
     claim_message_ids,
@@ -723,6 +731,7 @@ STAGES: tuple[Stage, ...] = (
     encode,
     append,
     detach_identifiers,
+    observe_kpis,
 )
 
 

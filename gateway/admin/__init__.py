@@ -3,7 +3,8 @@
 from gateway.admin.consent import ConsentAuditController, NoticesController
 from gateway.admin.deps import AdminServices
 from gateway.admin.identity import IdentityController
+from gateway.admin.monitoring import MonitoringController
 
-ADMIN_CONTROLLERS = [ConsentAuditController, NoticesController, IdentityController]
+ADMIN_CONTROLLERS = [ConsentAuditController, NoticesController, IdentityController, MonitoringController]
 
 __all__ = ["ADMIN_CONTROLLERS", "AdminServices"]

@@ -28,6 +28,7 @@ STRUCTS = (
     cfg.Destination,
     cfg.Recipient,
     cfg.RetryPolicy,
+    cfg.KpiDefinition,
 )
 
 
