@@ -334,6 +334,9 @@ class KpiReport(msgspec.Struct, rename="camel"):
     windows: list[KpiWindow]
 
 
+_Memo = dict[tuple[str, tuple[str, ...], int, int], WindowValue]
+
+
 def _person_digest(person: str) -> bytes:
     # the sketch sees a digest of the (already pseudonymous) unified ID, never the ID itself
     return hashlib.blake2b(person.encode(), digest_size=8, person=b"idgate-kpi-uv").digest()
@@ -420,6 +423,7 @@ class KpiEngine:
             groups.append(("platform", platform, [s for s in sources if state.sources[s] == platform]))
         groups += [("source", s, [s]) for s in sources]
         defs = {k.id: k for k in state.definitions}
+        memo: _Memo = {}
         out: list[KpiReport] = []
         for k in state.definitions:
             report_windows = []
@@ -428,8 +432,8 @@ class KpiEngine:
                 before = list(range(now - 2 * w + 1, now - w + 1))
                 values: dict[tuple[str, str], WindowValue] = {}
                 for kind, name, members in groups:
-                    cur = await self._value(tenant, k, defs, members, current, held)
-                    prev = await self._value(tenant, k, defs, members, before, held)
+                    cur = await self._value(tenant, k, defs, members, current, held, memo)
+                    prev = await self._value(tenant, k, defs, members, before, held, memo)
                     cur.previous = prev.value
                     values[(kind, name)] = cur
                 report_windows.append(
@@ -453,14 +457,19 @@ class KpiEngine:
         sources: Sequence[str],
         buckets: Sequence[int],
         held: Mapping[int, Mapping[tuple[str, str], Cell]],
+        memo: _Memo,
     ) -> WindowValue:
         if k.kind == "ratio":
-            num = await self._value(tenant, defs[k.numerator], defs, sources, buckets, held)
-            den = await self._value(tenant, defs[k.denominator], defs, sources, buckets, held)
+            num = await self._value(tenant, defs[k.numerator], defs, sources, buckets, held, memo)
+            den = await self._value(tenant, defs[k.denominator], defs, sources, buckets, held, memo)
             ratio = num.value / den.value if num.value is not None and den.value else None
             matched, counted = num.matched + den.matched, num.counted + den.counted
             # the ratio's volume is its denominator's (what min_volume compares against)
             return WindowValue(ratio, den.matched, den.counted, counted / matched if matched else None)
+        memo_key = (k.id, tuple(sources), buckets[0], buckets[-1])
+        known = memo.get(memo_key)
+        if known is not None:
+            return WindowValue(known.value, known.matched, known.counted, known.coverage)
         matched = counted = 0
         total = 0.0
         for b in buckets:
@@ -479,7 +488,9 @@ class KpiEngine:
             value = round(total, 6)
         else:
             value = await self.store.distinct(tenant, k.id, sources, buckets) if counted else 0
-        return WindowValue(value, matched, counted, counted / matched if matched else None)
+        found = WindowValue(value, matched, counted, counted / matched if matched else None)
+        memo[memo_key] = found
+        return WindowValue(value, matched, counted, found.coverage)
 
 
 def _matches(where: tuple[tuple[str, PropertyValue], ...], ev: KpiEvent) -> bool:

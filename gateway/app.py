@@ -36,7 +36,7 @@ from gateway.identity_setup import notice_publisher, open_identity
 from gateway.ingest_http import INGEST_ROUTES, IngestContext, document_ingest_routes
 from gateway.logging import request_context
 from gateway.maintenance import keep_healthy
-from gateway.monitoring import build_monitoring
+from gateway.monitoring import build_monitoring, check_alert_secrets
 from gateway.openapi import docs_assets_routers, finish_document, openapi_config
 from gateway.pipeline import Ingestor, IngestServices
 from gateway.sensors_http import SENSORS_ROUTES, document_sensors_routes
@@ -151,6 +151,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
     keyring = load_keyring(settings, config)
     signer = ledger_signer(settings)
     verifiers = assertion_verifiers(config, path=str(settings.config_path))
+    check_alert_secrets(config, path=str(settings.config_path))
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
@@ -173,6 +174,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             prefix=settings.redis_prefix,
             bucket_seconds=settings.kpi_bucket_seconds,
             interval_seconds=settings.alert_interval_seconds,
+            replica=settings.replica_id,
         )
         ingestor = Ingestor(
             IngestServices(

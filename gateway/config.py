@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 import msgspec
 
+from export.alerts import AlertChannel, AlertRule, check_alerts, check_channels
 from export.kpis import DEFAULT_KPIS, KpiDefinition, check_kpis
 
 Platform = Literal["app", "web", "miniprogram", "server"]
@@ -198,6 +199,8 @@ class Tenant(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     # (one with a default's id replaces it).
     default_kpis: bool = True
     kpis: list[KpiDefinition] = []
+    # Alert rules over the KPIs (export.alerts), notifying [[alert_channels]].
+    alerts: list[AlertRule] = []
 
     def all_kpis(self) -> list[KpiDefinition]:
         own = {k.id for k in self.kpis}
@@ -234,6 +237,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     tenants: list[Tenant]
     limits: Limits = Limits()
     admin_tokens: list[AdminToken] = []
+    alert_channels: list[AlertChannel] = []
 
 
 @dataclass(frozen=True)
@@ -485,6 +489,12 @@ def parse_config(text: str, *, path: str = "<config>", dev: bool = False) -> Con
         if not token.token_sha256 and not token.dev_token:
             problems.append(f"{where}: needs token_sha256")
         admin_tokens.append(token)
+    channels: list[AlertChannel] = []
+    for i, rc in enumerate(raw.pop("alert_channels", [])):
+        channel = _decode_part(rc, AlertChannel, f"alert_channels[{i}]", problems)
+        if channel is not None:
+            channels.append(channel)
+    problems.extend(check_channels(channels, "alert_channels"))
     for key in raw:
         problems.append(f"{key}: unknown top-level key")
     tenants: list[Tenant] = []
@@ -499,6 +509,7 @@ def parse_config(text: str, *, path: str = "<config>", dev: bool = False) -> Con
             problems.append(f"{where}.id: duplicate tenant id {tenant.id!r}")
         tenant_ids.add(tenant.id)
         _check_tenant(tenant, where, dev, problems, seen_keys)
+        problems.extend(check_alerts(tenant.alerts, tenant.all_kpis(), channels, f"{where}.alerts"))
         tenants.append(tenant)
     # Destinations name sink directories, outbox consumer groups and dead-letter streams:
     # unique across tenants, not only within one.
@@ -515,7 +526,9 @@ def parse_config(text: str, *, path: str = "<config>", dev: bool = False) -> Con
                 problems.append(f"admin_tokens[{i}].tenants: unknown tenant {tid!r}")
     if problems:
         raise ConfigProblems(path, problems)
-    return Config(tenants=tenants, limits=limits or Limits(), admin_tokens=admin_tokens)
+    return Config(
+        tenants=tenants, limits=limits or Limits(), admin_tokens=admin_tokens, alert_channels=channels
+    )
 
 
 def load_config(path: Path, *, dev: bool) -> Config:

@@ -10,6 +10,7 @@ count (consent coverage).
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -17,9 +18,19 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 import structlog
 
+from export.alerts import (
+    AlertEvaluator,
+    LocalLease,
+    MemoryStateStore,
+    Notifier,
+    RedisLease,
+    RedisStateStore,
+    StateStore,
+    missing_secrets,
+)
 from export.kpis import WINDOWS, KpiEngine, KpiEvent, KpiReport, KpiStore, MemoryKpiStore, RedisKpiStore
 from gateway import metrics
-from gateway.config import Config, Tenant
+from gateway.config import Config, ConfigProblems, Tenant
 
 if TYPE_CHECKING:
     from gateway.pipeline import IngestBatch
@@ -93,9 +104,19 @@ class KpiFeed:
             log.warning("kpis.observe_failed", tenant=src.tenant.id, error=type(exc).__name__)
 
 
-class AlertStatus(msgspec.Struct, rename="camel", omit_defaults=True):
+class AlertStatus(msgspec.Struct, rename="camel"):
+    """An alert rule's shared state (the same whichever replica answers)."""
+
     rule: str
+    kpi: str
     state: str
+    since: float | None
+    value: float | None
+    previous: float | None
+    evaluated_at: float | None
+    evaluations: int
+    notifications: int
+    failures: int
 
 
 @dataclass
@@ -105,16 +126,49 @@ class Monitoring:
     engine: KpiEngine
     feed: KpiFeed
     interval_seconds: float
+    alerts: AlertEvaluator
+    states: StateStore
+    replica: str
+    config: Config
     reports: dict[str, list[KpiReport]] = field(default_factory=dict)
     _task: asyncio.Task[None] | None = None
 
-    def alert_states(self, tenant: str) -> list[AlertStatus]:
-        return []
+    async def alert_states(self, tenant: str) -> list[AlertStatus]:
+        held = await self.states.load(tenant)
+        out = []
+        for t in self.config.tenants:
+            if t.id != tenant:
+                continue
+            for rule in t.alerts:
+                st = held.get(rule.id)
+                out.append(
+                    AlertStatus(
+                        rule=rule.id,
+                        kpi=rule.kpi,
+                        state=st.state if st else "ok",
+                        since=st.since if st and st.since else None,
+                        value=st.value if st else None,
+                        previous=st.previous if st else None,
+                        evaluated_at=st.evaluated_at if st else None,
+                        evaluations=st.evaluations if st else 0,
+                        notifications=st.notifications if st else 0,
+                        failures=st.failures if st else 0,
+                    )
+                )
+        return out
 
     async def refresh(self) -> None:
         for tenant in self.engine.tenants:
             self.reports[tenant] = await self.engine.report(tenant)
         metrics.KPIS.reports = self.reports
+        if await self.alerts.run(self.reports):
+            metrics.KPIS.alerts = dict(self.alerts.firing)
+        else:  # another replica evaluates: show the shared states
+            firing = {}
+            for tenant in self.engine.tenants:
+                for status in await self.alert_states(tenant):
+                    firing[(tenant, status.rule)] = status.state == "firing"
+            metrics.KPIS.alerts = firing
 
     async def _loop(self) -> None:
         while True:
@@ -134,7 +188,7 @@ class Monitoring:
 
 
 def build_monitoring(
-    config: Config, redis: Any, *, prefix: str, bucket_seconds: float, interval_seconds: float
+    config: Config, redis: Any, *, prefix: str, bucket_seconds: float, interval_seconds: float, replica: str
 ) -> Monitoring:
     retention = 2 * max(WINDOWS) + 2
     store: KpiStore = (
@@ -148,4 +202,24 @@ def build_monitoring(
         {t.id: {s.id: s.platform for s in t.sources} for t in config.tenants},
         bucket_seconds=bucket_seconds,
     )
-    return Monitoring(engine, KpiFeed(engine, config), interval_seconds)
+    states: StateStore
+    if redis is not None:
+        states = RedisStateStore(redis, prefix)
+        lease: Any = RedisLease(redis, prefix, replica, max(1000, int(interval_seconds * 3000)))
+    else:
+        states, lease = MemoryStateStore(), LocalLease(replica)
+    evaluator = AlertEvaluator(
+        {t.id: t.alerts for t in config.tenants},
+        states,
+        lease,
+        Notifier(config.alert_channels),
+        bucket_seconds,
+    )
+    return Monitoring(engine, KpiFeed(engine, config), interval_seconds, evaluator, states, replica, config)
+
+
+def check_alert_secrets(config: Config, *, path: str) -> None:
+    """Every alert channel's secrets are in the environment, or the gateway does not start."""
+    problems = missing_secrets(config.alert_channels, os.environ)
+    if problems:
+        raise ConfigProblems(path, problems)

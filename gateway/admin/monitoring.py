@@ -23,6 +23,8 @@ class KpiValues(msgspec.Struct, rename="camel"):
     bucket_seconds: float
     kpis: list[KpiReport]
     alerts: list[AlertStatus]
+    replica: str  # the replica that answered
+    evaluator: str | None  # the replica evaluating the alert rules (holding the lease)
 
 
 def _monitoring(request: Request[Any, Any, Any]) -> Monitoring:
@@ -62,5 +64,7 @@ class MonitoringController(Controller):
             tenant=tenant,
             bucket_seconds=monitoring.engine.bucket_seconds,
             kpis=reports,
-            alerts=monitoring.alert_states(tenant),
+            alerts=await monitoring.alert_states(tenant),
+            replica=monitoring.replica,
+            evaluator=await monitoring.alerts.lease.holder(),
         )
