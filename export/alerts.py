@@ -158,7 +158,8 @@ def evaluate(rule: AlertRule, value: WindowValue) -> Verdict:
 class RuleState(msgspec.Struct, rename="camel", omit_defaults=True):
     state: Literal["ok", "firing"] = "ok"
     since: float = 0.0
-    last_notified: float = 0.0
+    last_notified: float = 0.0  # the last firing notification
+    announced: bool = False  # this firing was notified (so its resolution is too)
     evaluated_at: float = 0.0
     evaluations: int = 0
     value: float | None = None
@@ -432,14 +433,18 @@ class AlertEvaluator:
         status: Literal["firing", "resolved"] | None = None
         if verdict == "firing" and state.state == "ok":
             state.state, state.since = "firing", now
-            if now - state.last_notified >= rule.cooldown_seconds or not state.last_notified:
+            # within the cooldown of the last firing notification it fires silently (and
+            # resolves silently): a flapping KPI pages once
+            state.announced = not state.last_notified or now - state.last_notified >= rule.cooldown_seconds
+            if state.announced:
                 status = "firing"
+                # saved before notifying: a replica taking over mid-send does not repeat it
+                state.last_notified = now
         elif verdict == "ok" and state.state == "firing":
             state.state, state.since = "ok", now
-            status = "resolved"
-        # saved before notifying: a replica taking over mid-send does not send it again
-        if status is not None:
-            state.last_notified = now
+            if state.announced:
+                status = "resolved"
+            state.announced = False
         await self.states.save(tenant, rule.id, state)
         if status is None:
             return

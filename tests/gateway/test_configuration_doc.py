@@ -29,6 +29,8 @@ STRUCTS = (
     cfg.Recipient,
     cfg.RetryPolicy,
     cfg.KpiDefinition,
+    cfg.AlertRule,
+    cfg.AlertChannel,
 )
 
 
