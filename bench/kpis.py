@@ -4,7 +4,8 @@ Two measurements, side by side in one run:
 
 * engine: ``KpiEngine.observe`` alone on the seed's default KPIs (20 KPIs), for batches of
   100 events and single events, with the in-memory store and, when ``--redis URL`` is given,
-  the Redis store (one pipeline per batch: HINCRBY + PFADD); microseconds per event;
+  the Redis store (one pipeline per batch: HINCRBY + PFADD) unbuffered and as the gateway
+  runs it (write-behind, flushed every 0.5 s); microseconds per event;
 * gateway: two real apps (``gateway.app.create_app``, embedded: SQLite outbox, JSONL sinks)
   in process through Litestar's ASGI test client, one with the default KPIs and one with
   ``default_kpis = false``, the load alternating between them in short rounds: events/s
@@ -78,14 +79,17 @@ def message(rng: random.Random) -> dict[str, Any]:
 
 # -- engine ----------------------------------------------------------------------------------
 async def engine_phase(store_kind: str, redis_url: str | None, batch: int, seconds: float) -> dict[str, Any]:
-    from export.kpis import DEFAULT_KPIS, KpiEngine, KpiEvent, MemoryKpiStore, RedisKpiStore
+    from export.kpis import DEFAULT_KPIS, BufferedKpiStore, KpiEngine, KpiEvent, MemoryKpiStore, RedisKpiStore
 
     client = None
-    if store_kind == "redis":
+    shared: Any = None
+    if store_kind.startswith("redis"):
         import redis.asyncio as aioredis
 
         client = aioredis.from_url(redis_url)
-        store: Any = RedisKpiStore(client, f"bench-{uuid.uuid4().hex[:8]}", 122, 60)
+        shared = store = RedisKpiStore(client, f"bench-{uuid.uuid4().hex[:8]}", 122, 60)
+        if store_kind == "redis-buffered":  # what the gateway runs: flushed every 0.5 s
+            store = BufferedKpiStore(shared)
     else:
         store = MemoryKpiStore(122)
     engine = KpiEngine(store, {"bench": DEFAULT_KPIS}, {"bench": {"bench-web": "web"}})
@@ -106,13 +110,19 @@ async def engine_phase(store_kind: str, redis_url: str | None, batch: int, secon
     n = 0
     start = time.perf_counter()
     deadline = start + seconds
-    while time.perf_counter() < deadline:
+    next_flush = start + 0.5
+    while (now := time.perf_counter()) < deadline:
         i = (n // batch) % (len(pool) // batch)
         await engine.observe("bench", "bench-web", pool[i * batch : (i + 1) * batch])
         n += batch
+        if isinstance(store, BufferedKpiStore) and now >= next_flush:
+            await store.flush()
+            next_flush = now + 0.5
+    if isinstance(store, BufferedKpiStore):
+        await store.flush()
     elapsed = time.perf_counter() - start
     if client is not None:
-        keys = [k async for k in client.scan_iter(match=f"{store.prefix}*")]
+        keys = [k async for k in client.scan_iter(match=f"{shared.prefix}*")]
         if keys:
             await client.delete(*keys)
         await client.aclose()
@@ -181,7 +191,7 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     out: dict[str, Any] = {"engine": [], "gateway": []}
-    stores = ["memory", *(["redis"] if args.redis else [])]
+    stores = ["memory", *(["redis", "redis-buffered"] if args.redis else [])]
     for store in stores:
         for batch in (100, 1):
             out["engine"].append(asyncio.run(engine_phase(store, args.redis, batch, args.seconds)))
@@ -193,7 +203,7 @@ def main() -> None:
     print("KPI engine (20 default KPIs), microseconds per event:")
     for r in out["engine"]:
         us, n = r["us_per_event"], r["events"]
-        print(f"  {r['store']:6} batch {r['batch']:>3}: {us:8.2f} us/event ({n} events)")
+        print(f"  {r['store']:14} batch {r['batch']:>3}: {us:8.2f} us/event ({n} events)")
     print("Gateway in process (ASGI test client), events/s with and without the default KPIs:")
     for r in out["gateway"]:
         print(

@@ -294,6 +294,56 @@ class RedisKpiStore:
         return int(await self.redis.pfcount(*keys))
 
 
+class BufferedKpiStore:
+    """Write-behind in front of the shared store: a batch's increments merge in memory and
+    go out every ``flush`` (one pipeline per tenant and bucket), so a single-event request
+    does not pay a Redis round trip for its KPIs. Reads see the shared figures, at most one
+    flush period behind; a flush that fails is merged back and retried."""
+
+    def __init__(self, inner: KpiStore) -> None:
+        self.inner = inner
+        self._cells: dict[tuple[str, int], dict[tuple[str, str], Cell]] = {}
+        self._members: dict[tuple[str, int], dict[tuple[str, str], set[bytes]]] = {}
+
+    async def add(
+        self,
+        tenant: str,
+        bucket: int,
+        cells: Mapping[tuple[str, str], Cell],
+        members: Mapping[tuple[str, str], set[bytes]],
+    ) -> None:
+        held = self._cells.setdefault((tenant, bucket), {})
+        for key, (m, c, s) in cells.items():
+            cell = held.get(key)
+            if cell is None:
+                held[key] = [m, c, s]
+            else:
+                cell[0] += m
+                cell[1] += c
+                cell[2] += s
+        if members:
+            sets = self._members.setdefault((tenant, bucket), {})
+            for key, values in members.items():
+                sets.setdefault(key, set()).update(values)
+
+    async def flush(self) -> None:
+        cells, self._cells = self._cells, {}
+        members, self._members = self._members, {}
+        for (tenant, bucket), held in cells.items():
+            sets = members.get((tenant, bucket), {})
+            try:
+                await self.inner.add(tenant, bucket, held, sets)
+            except Exception:
+                await self.add(tenant, bucket, held, sets)  # next time
+                raise
+
+    async def cells(self, tenant: str, buckets: Sequence[int]) -> dict[int, dict[tuple[str, str], Cell]]:
+        return await self.inner.cells(tenant, buckets)
+
+    async def distinct(self, tenant: str, kpi: str, sources: Sequence[str], buckets: Sequence[int]) -> int:
+        return await self.inner.distinct(tenant, kpi, sources, buckets)
+
+
 # -- the engine ------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class _Compiled:
@@ -309,7 +359,7 @@ class _TenantKpis:
     sources: dict[str, str]
 
 
-class WindowValue(msgspec.Struct, rename="camel", omit_defaults=True):
+class WindowValue(msgspec.Struct, rename="camel"):
     """A KPI over one sliding window (ending now), in total, per platform or per source."""
 
     value: float | None

@@ -28,7 +28,16 @@ from export.alerts import (
     StateStore,
     missing_secrets,
 )
-from export.kpis import WINDOWS, KpiEngine, KpiEvent, KpiReport, KpiStore, MemoryKpiStore, RedisKpiStore
+from export.kpis import (
+    WINDOWS,
+    BufferedKpiStore,
+    KpiEngine,
+    KpiEvent,
+    KpiReport,
+    KpiStore,
+    MemoryKpiStore,
+    RedisKpiStore,
+)
 from gateway import metrics
 from gateway.config import Config, ConfigProblems, Tenant
 
@@ -130,8 +139,9 @@ class Monitoring:
     states: StateStore
     replica: str
     config: Config
+    buffer: BufferedKpiStore | None = None
     reports: dict[str, list[KpiReport]] = field(default_factory=dict)
-    _task: asyncio.Task[None] | None = None
+    _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     async def alert_states(self, tenant: str) -> list[AlertStatus]:
         held = await self.states.load(tenant)
@@ -178,24 +188,41 @@ class Monitoring:
                 log.warning("kpis.refresh_failed", error=type(exc).__name__)
             await asyncio.sleep(self.interval_seconds)
 
+    async def _flush_loop(self, buffer: BufferedKpiStore) -> None:
+        period = min(0.5, self.interval_seconds)
+        while True:
+            await asyncio.sleep(period)
+            try:
+                await buffer.flush()
+            except Exception as exc:
+                log.warning("kpis.flush_failed", error=type(exc).__name__)
+
     def start(self) -> None:
-        self._task = asyncio.create_task(self._loop(), name="kpi-monitoring")
+        self._tasks.append(asyncio.create_task(self._loop(), name="kpi-monitoring"))
+        if self.buffer is not None:
+            self._tasks.append(asyncio.create_task(self._flush_loop(self.buffer), name="kpi-flush"))
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.buffer is not None:
+            try:
+                await self.buffer.flush()
+            except Exception as exc:
+                log.warning("kpis.flush_failed", error=type(exc).__name__)
 
 
 def build_monitoring(
     config: Config, redis: Any, *, prefix: str, bucket_seconds: float, interval_seconds: float, replica: str
 ) -> Monitoring:
     retention = 2 * max(WINDOWS) + 2
-    store: KpiStore = (
-        RedisKpiStore(redis, prefix, retention, bucket_seconds)
-        if redis is not None
-        else MemoryKpiStore(retention)
-    )
+    buffer = None
+    store: KpiStore
+    if redis is not None:
+        store = buffer = BufferedKpiStore(RedisKpiStore(redis, prefix, retention, bucket_seconds))
+    else:
+        store = MemoryKpiStore(retention)
     engine = KpiEngine(
         store,
         {t.id: t.all_kpis() for t in config.tenants},
@@ -215,7 +242,9 @@ def build_monitoring(
         Notifier(config.alert_channels),
         bucket_seconds,
     )
-    return Monitoring(engine, KpiFeed(engine, config), interval_seconds, evaluator, states, replica, config)
+    return Monitoring(
+        engine, KpiFeed(engine, config), interval_seconds, evaluator, states, replica, config, buffer
+    )
 
 
 def check_alert_secrets(config: Config, *, path: str) -> None:
