@@ -15,6 +15,7 @@ from tests.conftest import (
     APP_KEY,
     MALL_WEB_KEY,
     OPERATOR_TOKEN,
+    SHOP_SERVER_KEY,
     WEB_KEY,
     Gateway,
     RedisNamespace,
@@ -203,3 +204,27 @@ def test_kpis_are_summed_over_replicas_and_hold_no_pseudonym(
     finally:
         one.stop()
         two.stop()
+
+
+def test_a_person_on_two_platforms_counts_once_in_uv_once_linked(tmp_path: Path) -> None:
+    """UV by person, not by device: the app's anonymous visitor logs in (the shop's backend
+    identifies both devices with the user id), then views the home page on the web."""
+    gw = make_gateway(tmp_path).start()
+    try:
+        app_device, web_device, stranger = (f"uv-{n}-{uuid.uuid4().hex[:8]}" for n in ("app", "web", "other"))
+        user = f"user-{uuid.uuid4().hex[:8]}"
+        send(gw, APP_KEY, [page(app_device, "Home")])
+        login = [
+            {"type": "identify", "anonymousId": device, "userId": user, "messageId": mid()}
+            for device in (app_device, web_device)
+        ]
+        send(gw, SHOP_SERVER_KEY, login)
+        send(gw, WEB_KEY, [page(web_device, "Home")])
+        got = kpis(gw, "shop")["uv_home"]
+        assert got["total"]["value"] == 1, got
+        assert got["byPlatform"]["app"]["value"] == 1 and got["byPlatform"]["web"]["value"] == 1
+        send(gw, WEB_KEY, [page(stranger, "Home")])  # somebody else: a second person
+        got = kpis(gw, "shop")
+        assert got["uv_home"]["total"]["value"] == 2 and got["pv_home"]["total"]["value"] == 3
+    finally:
+        gw.stop()
