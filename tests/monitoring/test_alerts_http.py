@@ -21,6 +21,7 @@ import httpx
 import pytest
 from aiosmtpd.controller import Controller
 
+from identity.pseudonym import pseudonymise_identifier
 from tests.conftest import (
     MALL_SERVER_KEY,
     OPERATOR_TOKEN,
@@ -146,10 +147,14 @@ recipients = ["oncall@shop.example"]
     )
 
 
+SENT_IDS: list[str] = []  # every anonymousId sent: canaries for the notifications
+
+
 def payments(requested: int, succeeded: int) -> list[dict[str, Any]]:
     batch = []
     for i in range(requested):
         anon = f"pay-{uuid.uuid4().hex[:10]}"
+        SENT_IDS.append(anon)
         batch.append({"type": "track", "anonymousId": anon, "event": "Payment Requested", "messageId": mid()})
         if i < succeeded:
             batch.append(
@@ -268,6 +273,15 @@ def test_a_payment_success_drop_notifies_once_and_survives_the_evaluator(
         assert "[RESOLVED] mall/payment-success-drop" in ding.posts[1][1]["markdown"]["title"]
         assert sum("[FIRING]" in t for t in ding.texts() + feishu.texts()) == 2  # one per robot
         assert state(survivor)["alert"]["state"] == "ok"
+
+        # no identifier, raw or pseudonymous, in any notification or alert state
+        pseudonymiser = survivor.keyring().pseudonymiser("mall")
+        canaries = set(SENT_IDS) | {
+            pseudonymise_identifier(pseudonymiser, "anonymous_id", x).value for x in SENT_IDS
+        }
+        sent = json.dumps([ding.posts, feishu.posts]) + "".join(m.as_string() for m in mailbox.messages)
+        sent += json.dumps(state(survivor)) + httpx.get(f"{survivor.url}/metrics").text
+        assert not [c for c in canaries if c in sent]
     finally:
         for gw in gateways:
             gw.stop()
