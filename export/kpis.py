@@ -178,6 +178,11 @@ class MemoryKpiStore:
     """The embedded store: dicts and ``datasketch`` HyperLogLogs, pruned past retention."""
 
     def __init__(self, retention_buckets: int) -> None:
+        # imported here, at start: datasketch pulls numpy and scipy (about a second), which
+        # must not land on the first request
+        from datasketch import HyperLogLog
+
+        self._sketch = HyperLogLog
         self.retention = retention_buckets
         self._cells: dict[tuple[str, int], dict[tuple[str, str], Cell]] = {}
         self._sketches: dict[tuple[str, int, str, str], Any] = {}
@@ -190,8 +195,6 @@ class MemoryKpiStore:
         cells: Mapping[tuple[str, str], Cell],
         members: Mapping[tuple[str, str], set[bytes]],
     ) -> None:
-        from datasketch import HyperLogLog
-
         if bucket > self._newest:
             self._newest = bucket
             self._prune(bucket - self.retention)
@@ -207,7 +210,7 @@ class MemoryKpiStore:
         for (kpi, source), values in members.items():
             sketch = self._sketches.get((tenant, bucket, kpi, source))
             if sketch is None:
-                sketch = self._sketches[(tenant, bucket, kpi, source)] = HyperLogLog(p=12)
+                sketch = self._sketches[(tenant, bucket, kpi, source)] = self._sketch(p=12)
             for v in values:
                 sketch.update(v)
 
@@ -221,9 +224,7 @@ class MemoryKpiStore:
         return {b: dict(self._cells.get((tenant, b), {})) for b in buckets}
 
     async def distinct(self, tenant: str, kpi: str, sources: Sequence[str], buckets: Sequence[int]) -> int:
-        from datasketch import HyperLogLog
-
-        union = HyperLogLog(p=12)
+        union = self._sketch(p=12)
         found = False
         for b in buckets:
             for s in sources:
