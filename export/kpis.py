@@ -35,7 +35,8 @@ class KpiDefinition(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     kind: KpiKind = "count"
     # track event names; "$page" / "$screen" for page and screen calls
     events: list[str] = []
-    # property (or, for page/screen calls, "name") -> the value it must have
+    # property -> the value it must have; "name" also matches a page or screen call's name
+    # (a Sensors view event's $title, else $screen_name)
     where: dict[str, PropertyValue] = {}
     # sum: the properties holding the amount, the first present one counts
     fields: list[str] = []
@@ -62,7 +63,8 @@ def _ratio(id: str, numerator: str, denominator: str, description: str) -> KpiDe
     )
 
 
-_PAGES = ["$page", "$screen"]
+# Segment page/screen calls, and the Sensors SDKs' view events (web, App, mini-program)
+_PAGES = ["$page", "$screen", "$pageview", "$AppViewScreen", "$MPViewScreen"]
 _AMOUNT = ["revenue", "total", "amount"]
 # The seed's set (Segment e-commerce spec event names): what a tenant without
 # [[tenants.kpis]] gets. Behavioural KPIs need analytics consent; the transaction ones run

@@ -46,6 +46,9 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("idgate.monitoring")
 
+# The Sensors SDKs' page views: their page name is $title (else $screen_name).
+SENSORS_VIEWS = frozenset({"$pageview", "$AppViewScreen", "$MPViewScreen"})
+
 
 @dataclass(frozen=True)
 class _Bases:
@@ -98,11 +101,15 @@ class KpiFeed:
                         out = out | bases.by_destination.get(dest, frozenset())
                     return out
 
+            props = ev.properties or {}
+            page_name = ev.name
+            if name in SENSORS_VIEWS:
+                page_name = props.get("$title") or props.get("$screen_name")
             events.append(
                 KpiEvent(
                     name,
-                    ev.name,
-                    ev.properties or {},
+                    page_name,
+                    props,
                     purposes,
                     env.unified_id or ev.user_id or ev.anonymous_id,
                 )

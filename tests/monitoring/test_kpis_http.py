@@ -228,3 +228,32 @@ def test_a_person_on_two_platforms_counts_once_in_uv_once_linked(tmp_path: Path)
         assert got["uv_home"]["total"]["value"] == 2 and got["pv_home"]["total"]["value"] == 3
     finally:
         gw.stop()
+
+
+def test_sensors_view_events_count_as_page_views(tmp_path: Path) -> None:
+    """The mini-program's Sensors SDK: $MPViewScreen with $title "Home" is a home page view."""
+    from urllib.parse import quote
+
+    from tests.sensors.conftest import encode, sensors_event, sensors_url
+
+    gw = make_gateway(tmp_path).start()
+    try:
+        visitor = f"mp-{uuid.uuid4().hex[:10]}"
+        views = [
+            sensors_event(
+                visitor, "$MPViewScreen", properties={"$title": "Home", "$url_path": "pages/index"}
+            ),
+            sensors_event(visitor, "$MPViewScreen", properties={"$title": "Product", "$url_path": "pages/p"}),
+        ]
+        r = httpx.post(
+            sensors_url(gw),
+            content=f"data_list={quote(encode(views))}&gzip=1",
+            headers={"Content-Type": "application/x-www-form-urlencoded"},
+            timeout=10,
+        )
+        assert r.status_code == 200, r.text
+        got = kpis(gw, "shop")
+        assert got["pv_home"]["total"]["value"] == 1 and got["uv_home"]["total"]["value"] == 1
+        assert got["pv_home"]["byPlatform"]["app"]["value"] == 1
+    finally:
+        gw.stop()
