@@ -251,7 +251,7 @@ class RedisLease:
 class Notice:
     tenant: str
     rule: AlertRule
-    status: Literal["firing", "resolved"]
+    status: Literal["firing", "resolved", "test"]
     value: float | None
     previous: float | None
     volume: int

@@ -22,6 +22,7 @@ import click
 
 from consent.cli import DEV_LEDGER_KEY_META, ledger, load_cli_signer
 from consent.signing import InvalidLedgerKey, new_ledger_key_b64
+from gateway.alerts_cli import alerts
 from gateway.config import Config, ConfigProblems, hash_write_key, load_config
 from gateway.dlq_cli import dlq
 from gateway.logging import configure_logging
@@ -366,6 +367,7 @@ def config_check(path: Path, production: bool) -> None:
 
 main.add_command(ledger)
 main.add_command(dlq)
+main.add_command(alerts)
 
 
 @main.group()

@@ -7,7 +7,7 @@ import asyncio
 
 from export.alerts import AlertChannel, AlertRule, Notice, Notifier
 from tests.conftest import free_port
-from tests.monitoring.test_alerts_http import Mailbox, RobotReceiver
+from tests.monitoring.conftest import Mailbox, RobotReceiver
 
 RULE = AlertRule(id="gmv-low", kpi="gmv", window=5, condition="below", threshold=1000, severity="critical")
 NOTICE = Notice("mall", RULE, "firing", 420.0, 1800.0, 37, 5)
