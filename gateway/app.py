@@ -38,6 +38,7 @@ from gateway.identity_setup import notice_publisher, open_identity
 from gateway.ingest_http import INGEST_ROUTES, IngestContext, document_ingest_routes
 from gateway.logging import request_context
 from gateway.maintenance import keep_healthy
+from gateway.monitoring import build_monitoring, check_alert_secrets
 from gateway.openapi import docs_assets_routers, finish_document, openapi_config
 from gateway.pipeline import Ingestor, IngestServices
 from gateway.plan_admin import PlanViolationsController
@@ -159,6 +160,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
     keyring = load_keyring(settings, config)
     signer = ledger_signer(settings)
     verifiers = assertion_verifiers(config, path=str(settings.config_path))
+    check_alert_secrets(config, path=str(settings.config_path))
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
@@ -176,6 +178,14 @@ def create_app(settings: Settings | None = None) -> Litestar:
         resolver, identity, identity_engine = await open_identity(
             settings, config, keyring, notice_publisher(config, outbox, delivery.notify)
         )
+        monitoring = build_monitoring(
+            config,
+            redis_client,
+            prefix=settings.redis_prefix,
+            bucket_seconds=settings.kpi_bucket_seconds,
+            interval_seconds=settings.alert_interval_seconds,
+            replica=settings.replica_id,
+        )
         ingestor = Ingestor(
             IngestServices(
                 keyring=keyring,
@@ -186,6 +196,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
                 identity=identity,
                 assertions=verifiers,
                 violations=violations,
+                kpis=monitoring.feed,
             ),
             on_appended=delivery.notify,
         )
@@ -217,6 +228,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         state.consent = consent.service
         state.assertions = verifiers
         state.admin_tokens = tokens
+        state.monitoring = monitoring
         state.services = AdminServices(
             config=config,
             keyring=keyring,
@@ -233,6 +245,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         state.rights = open_rights(config, consent.service, consent.proofs, identity, outbox, dead_letters)
         await delivery.start()
         resumed = asyncio.create_task(resume_open_requests(state.rights), name="rights-resume")
+        monitoring.start()
         checkpoints = asyncio.create_task(
             checkpoint_periodically(consent.ledger, settings.checkpoint_seconds), name="ledger-checkpoint"
         )
@@ -258,6 +271,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             checkpoints.cancel()
             health.cancel()
             resumed.cancel()
+            await monitoring.stop()
             await resolver.stop()
             await delivery.stop()
             outbox.close()

@@ -24,6 +24,7 @@ import structlog
 
 from consent.cli import DEV_LEDGER_KEY_META, ledger, load_cli_signer
 from consent.signing import InvalidLedgerKey, new_ledger_key_b64
+from gateway.alerts_cli import alerts
 from gateway.config import Config, ConfigProblems, hash_write_key, load_config
 from gateway.dlq_cli import dlq
 from gateway.keys_cli import keys_retire, keys_rotate
@@ -395,6 +396,7 @@ keys.add_command(keys_rotate)
 keys.add_command(keys_retire)
 main.add_command(rights)
 main.add_command(plan)
+main.add_command(alerts)
 
 
 @main.group()

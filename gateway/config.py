@@ -18,6 +18,9 @@ from typing import Any, Literal
 
 import msgspec
 
+from export.alerts import AlertChannel, AlertRule, check_alerts, check_channels
+from export.kpis import DEFAULT_KPIS, KpiDefinition, check_kpis
+
 Platform = Literal["app", "web", "miniprogram", "server"]
 LegalBasis = Literal["consent", "contract"]
 ConsentKind = Literal["general", "separate", "guardian"]
@@ -199,6 +202,17 @@ class Tenant(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     plan_mode: Literal["observe", "enforce"] = "observe"
     # Segment context.externalIds[].type -> idgate identifier type.
     external_id_types: dict[str, str] = {}
+    # Business KPIs (export.kpis): the seed's set unless default_kpis = false, plus these
+    # (one with a default's id replaces it).
+    default_kpis: bool = True
+    kpis: list[KpiDefinition] = []
+    # Alert rules over the KPIs (export.alerts), notifying [[alert_channels]].
+    alerts: list[AlertRule] = []
+
+    def all_kpis(self) -> list[KpiDefinition]:
+        own = {k.id for k in self.kpis}
+        defaults = [k for k in DEFAULT_KPIS if k.id not in own] if self.default_kpis else []
+        return [*defaults, *self.kpis]
 
     def all_purposes(self) -> dict[str, Purpose]:
         return {**DEFAULT_PURPOSES, **self.purposes}
@@ -263,6 +277,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     admin_tokens: list[AdminToken] = []
     rate_limits: RateLimits = RateLimits()
     rights: RightsConfig = RightsConfig()
+    alert_channels: list[AlertChannel] = []
 
 
 @dataclass(frozen=True)
@@ -468,6 +483,7 @@ def _check_tenant(t: Tenant, where: str, dev: bool, problems: list[str], seen_ke
         if n.id in notice_ids:
             problems.append(f"{where}.notices[{j}].id: duplicate notice id {n.id!r}")
         notice_ids.add(n.id)
+    problems.extend(check_kpis(t.kpis, purposes, f"{where}.kpis", t.all_kpis()))
     if not t.consent.enforce and not dev:
         problems.append(f"{where}.consent.enforce: false is only allowed with IDGATE_ENV=dev")
     from identity.identifiers import IDENTIFIER_TYPES
@@ -547,6 +563,12 @@ def parse_config(text: str, *, path: str = "<config>", dev: bool = False) -> Con
         if not token.token_sha256 and not token.dev_token:
             problems.append(f"{where}: needs token_sha256")
         admin_tokens.append(token)
+    channels: list[AlertChannel] = []
+    for i, rc in enumerate(raw.pop("alert_channels", [])):
+        channel = _decode_part(rc, AlertChannel, f"alert_channels[{i}]", problems)
+        if channel is not None:
+            channels.append(channel)
+    problems.extend(check_channels(channels, "alert_channels"))
     for key in raw:
         problems.append(f"{key}: unknown top-level key")
     tenants: list[Tenant] = []
@@ -563,6 +585,7 @@ def parse_config(text: str, *, path: str = "<config>", dev: bool = False) -> Con
         _check_tenant(tenant, where, dev, problems, seen_keys)
         if tenant.tracking_plan_file:
             tenant = _load_tenant_plan(tenant, where, path, problems)
+        problems.extend(check_alerts(tenant.alerts, tenant.all_kpis(), channels, f"{where}.alerts"))
         tenants.append(tenant)
     # Destinations name sink directories, outbox consumer groups and dead-letter streams:
     # unique across tenants, not only within one.
@@ -585,6 +608,7 @@ def parse_config(text: str, *, path: str = "<config>", dev: bool = False) -> Con
         admin_tokens=admin_tokens,
         rate_limits=rate_limits or RateLimits(),
         rights=rights or RightsConfig(),
+        alert_channels=channels,
     )
 
 

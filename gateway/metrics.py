@@ -8,10 +8,11 @@ takes a lock on every increment, which the hot path does not need.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 from prometheus_client import REGISTRY, Counter
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 REQUESTS_REFUSED = Counter("idgate_requests_refused_total", "Requests refused as a whole", ["error"])
@@ -57,3 +58,41 @@ class IngestCounts(Collector):
 
 INGEST = IngestCounts()
 REGISTRY.register(INGEST)
+
+
+class KpiGauges(Collector):
+    """``idgate_kpi_value`` / ``idgate_kpi_coverage`` per tenant, KPI, window and platform
+    ("all" for the total), and ``idgate_alert_firing`` per rule: the latest values the
+    monitoring loop read (gateway.monitoring). Labels are config ids, never identifiers."""
+
+    def __init__(self) -> None:
+        self.reports: Mapping[str, Sequence[Any]] = {}
+        self.alerts: Mapping[tuple[str, str], bool] = {}
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        labels = ["tenant", "kpi", "window", "platform"]
+        value = GaugeMetricFamily("idgate_kpi_value", "Business KPI over a sliding window", labels=labels)
+        coverage = GaugeMetricFamily(
+            "idgate_kpi_coverage", "Share of matching events the KPI could count (consent)", labels=labels
+        )
+        for tenant, reports in list(self.reports.items()):
+            for r in reports:
+                for w in r.windows:
+                    window = f"{w.minutes:g}m"
+                    for platform, v in [("all", w.total), *w.by_platform.items()]:
+                        if v.value is not None:
+                            value.add_metric([tenant, r.id, window, platform], v.value)
+                        if v.coverage is not None:
+                            coverage.add_metric([tenant, r.id, window, platform], v.coverage)
+        firing = GaugeMetricFamily(
+            "idgate_alert_firing", "1 while an alert rule fires", labels=["tenant", "rule"]
+        )
+        for (tenant, rule), on in list(self.alerts.items()):
+            firing.add_metric([tenant, rule], 1.0 if on else 0.0)
+        yield value
+        yield coverage
+        yield firing
+
+
+KPIS = KpiGauges()
+REGISTRY.register(KPIS)

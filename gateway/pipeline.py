@@ -2,7 +2,7 @@
 
     pseudonymise -> check_plan -> claim_message_ids -> rekey_on_sight -> record_consent_signals
     -> decide_consent -> limit_new_identifiers -> resolve_identity -> transform -> encode -> append
-    -> detach_identifiers
+    -> detach_identifiers -> observe_kpis
 
 Protocol adapters (gateway.segment, gateway.sensors) decode a request into envelopes of the
 one internal ``Event``; ``Ingestor.ingest`` then runs ``STAGES`` in order over the batch.
@@ -513,6 +513,8 @@ class IngestServices:
     alias_cache: dict[str, tuple[str, ...]] = field(default_factory=dict)
     # where plan_mode "enforce" keeps the events that broke the tracking plan
     violations: SqliteViolations | None = None
+    # business KPIs over the batch once appended (gateway.monitoring.KpiFeed)
+    kpis: Callable[[IngestBatch], Awaitable[None]] | None = None
 
 
 Stage = Callable[[IngestServices, IngestBatch], Awaitable[None]]
@@ -898,6 +900,12 @@ async def detach_identifiers(s: IngestServices, batch: IngestBatch) -> None:
             await s.identity.detach(batch.src.tenant.id, env.detach)
 
 
+async def observe_kpis(s: IngestServices, batch: IngestBatch) -> None:
+    """Business KPIs over the events past dedupe, stored or dropped (consent coverage)."""
+    if s.kpis is not None and batch.appended:
+        await s.kpis(batch)
+
+
 STAGES: tuple[Stage, ...] = (
     pseudonymise,
     check_plan,
@@ -911,6 +919,7 @@ STAGES: tuple[Stage, ...] = (
     encode,
     append,
     detach_identifiers,
+    observe_kpis,
 )
 
 

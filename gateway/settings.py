@@ -142,6 +142,10 @@ class Settings:
     # How long a message id claimed in Redis by a request stays "in flight" (retry later)
     # before another request may take it over (the first replica died mid-append).
     dedupe_claim_seconds: int = 30
+    # Business KPIs: the tumbling bucket (sliding windows are 1/5/10/60 buckets) and how
+    # often KPIs are re-read for /metrics and alert rules evaluated.
+    kpi_bucket_seconds: float = 60.0
+    alert_interval_seconds: float = 15.0
     # How often each replica heals the consent state from the ledger: a withdrawal whose
     # immediate apply failed (Redis down), or that a restored Redis lost, takes effect on
     # every replica within this period.
@@ -228,6 +232,8 @@ class Settings:
             replica_id=replica_id,
             claim_idle_ms=max(100, _env_int("IDGATE_CLAIM_IDLE_MS", 30_000)),
             dedupe_claim_seconds=max(1, _env_int("IDGATE_DEDUPE_CLAIM_SECONDS", 30)),
+            kpi_bucket_seconds=max(0.1, _env_int("IDGATE_KPI_BUCKET_MS", 60_000) / 1000),
+            alert_interval_seconds=max(0.05, _env_int("IDGATE_ALERT_INTERVAL_MS", 15_000) / 1000),
             consent_reconcile_seconds=min(
                 4.0, max(0.1, _env_int("IDGATE_CONSENT_RECONCILE_MS", 1000) / 1000)
             ),

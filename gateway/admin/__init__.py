@@ -3,8 +3,15 @@
 from gateway.admin.consent import ConsentAuditController, NoticesController
 from gateway.admin.deps import AdminServices
 from gateway.admin.identity import IdentityController
+from gateway.admin.monitoring import MonitoringController
 from gateway.admin.rights import RightsController
 
-ADMIN_CONTROLLERS = [ConsentAuditController, NoticesController, IdentityController, RightsController]
+ADMIN_CONTROLLERS = [
+    ConsentAuditController,
+    NoticesController,
+    IdentityController,
+    RightsController,
+    MonitoringController,
+]
 
 __all__ = ["ADMIN_CONTROLLERS", "AdminServices"]

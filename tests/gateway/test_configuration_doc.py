@@ -30,6 +30,9 @@ STRUCTS = (
     cfg.Recipient,
     cfg.RetryPolicy,
     cfg.RightsConfig,
+    cfg.KpiDefinition,
+    cfg.AlertRule,
+    cfg.AlertChannel,
 )
 
 

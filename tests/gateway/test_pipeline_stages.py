@@ -43,6 +43,7 @@ def test_the_stages_run_in_the_documented_order() -> None:
         "encode",
         "append",
         "detach_identifiers",
+        "observe_kpis",
     ]
     order = {s: i for i, s in enumerate(STAGES)}
     # nothing that records, links or stores runs before the claim; pseudonymising changes nothing

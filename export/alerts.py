@@ -1,0 +1,456 @@
+"""Alert rules over the business KPIs, their shared state, the evaluation lease and the
+notification channels (DingTalk, Feishu/Lark, WeCom robots, a generic webhook, e-mail).
+
+With several replicas exactly one evaluates at a time: it holds a lease in Redis
+(``SET NX PX``, renewed by a compare-and-extend script); when it dies the lease expires
+and another takes over. The rule states (firing since, last notified) live beside the
+lease, so the new holder neither fires again what already fired nor forgets to resolve.
+Alert texts carry config ids and numbers only, never an identifier.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import os
+import smtplib
+import time
+import urllib.parse
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from email.message import EmailMessage
+from typing import Any, Literal, Protocol
+
+import msgspec
+import structlog
+
+from export.kpis import WINDOWS, KpiDefinition, KpiReport, WindowValue
+
+log = structlog.get_logger("idgate.alerts")
+
+Condition = Literal["below", "above", "drop", "rise"]
+ChannelKind = Literal["dingtalk", "feishu", "wecom", "webhook", "email"]
+
+
+class AlertRule(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """``[[tenants.alerts]]``: when a KPI over a window crosses a line."""
+
+    id: str
+    kpi: str
+    # the sliding window, in KPI buckets (1, 5, 10 or 60)
+    window: int = 10
+    # below / above: the value against ``threshold``; drop / rise: the relative change
+    # against the window before (threshold 0.2: by 20 %)
+    condition: Condition = "below"
+    threshold: float = 0.0
+    # fewer counted events than this in the window: the rule stays quiet
+    min_volume: int = 0
+    # after a notification, another firing one waits at least this long (no flapping spam)
+    cooldown_seconds: int = 600
+    severity: Literal["info", "warning", "critical"] = "warning"
+    channels: list[str] = []
+    description: str = ""
+
+
+class AlertChannel(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """``[[alert_channels]]``: where notifications go. Secrets are named by env variable."""
+
+    id: str
+    kind: ChannelKind
+    # dingtalk / feishu / wecom / webhook: the variable holding the URL (robot URLs carry
+    # their access token)
+    url_env: str = ""
+    # dingtalk / feishu: the variable holding the signing secret
+    secret_env: str = ""
+    # email
+    smtp_host: str = ""
+    smtp_port: int = 25
+    smtp_starttls: bool = False
+    smtp_user_env: str = ""
+    smtp_password_env: str = ""
+    sender: str = ""
+    recipients: list[str] = []
+
+
+def check_alerts(
+    rules: Sequence[AlertRule], kpis: Sequence[KpiDefinition], channels: Sequence[AlertChannel], where: str
+) -> list[str]:
+    problems: list[str] = []
+    kpi_ids = {k.id for k in kpis}
+    channel_ids = {c.id for c in channels}
+    seen: set[str] = set()
+    for i, r in enumerate(rules):
+        w = f"{where}[{i}]"
+        if r.id in seen:
+            problems.append(f"{w}.id: duplicate alert id {r.id!r}")
+        seen.add(r.id)
+        if r.kpi not in kpi_ids:
+            problems.append(f"{w}.kpi: unknown KPI {r.kpi!r}")
+        if r.window not in WINDOWS:
+            problems.append(f"{w}.window: must be one of {', '.join(map(str, WINDOWS))} (buckets)")
+        if r.condition in ("drop", "rise") and not 0 < r.threshold < 1:
+            problems.append(f"{w}.threshold: a relative change is a fraction between 0 and 1")
+        if r.min_volume < 0 or r.cooldown_seconds < 0:
+            problems.append(f"{w}: min_volume and cooldown_seconds cannot be negative")
+        for c in r.channels:
+            if c not in channel_ids:
+                problems.append(f"{w}.channels: unknown channel {c!r}")
+    return problems
+
+
+def check_channels(channels: Sequence[AlertChannel], where: str) -> list[str]:
+    problems: list[str] = []
+    seen: set[str] = set()
+    for i, c in enumerate(channels):
+        w = f"{where}[{i}]"
+        if c.id in seen:
+            problems.append(f"{w}.id: duplicate channel id {c.id!r}")
+        seen.add(c.id)
+        if c.kind == "email":
+            if not c.smtp_host or not c.sender or not c.recipients:
+                problems.append(f"{w}: an email channel needs smtp_host, sender and recipients")
+            if bool(c.smtp_user_env) != bool(c.smtp_password_env):
+                problems.append(f"{w}: smtp_user_env and smtp_password_env go together")
+            continue
+        if not c.url_env:
+            problems.append(f"{w}.url_env: name the variable holding the {c.kind} URL")
+        if c.kind in ("dingtalk", "feishu") and not c.secret_env:
+            problems.append(f"{w}.secret_env: a {c.kind} robot needs its signing secret (variable name)")
+    return problems
+
+
+def missing_secrets(channels: Sequence[AlertChannel], env: Mapping[str, str]) -> list[str]:
+    """The channel secrets absent from the environment (the gateway refuses to start)."""
+    out = []
+    for c in channels:
+        for name in ("url_env", "secret_env", "smtp_user_env", "smtp_password_env"):
+            var = getattr(c, name)
+            if var and not env.get(var):
+                out.append(f"alert_channels {c.id!r}: {name} {var} is not set")
+    return out
+
+
+# -- evaluation ------------------------------------------------------------------------------
+Verdict = Literal["firing", "ok", "quiet"]
+
+
+def evaluate(rule: AlertRule, value: WindowValue) -> Verdict:
+    """Whether the rule holds over this window: ``quiet`` below the minimum volume or
+    without a value (the state stays as it was)."""
+    if value.counted < rule.min_volume or value.value is None:
+        return "quiet"
+    v = value.value
+    if rule.condition == "below":
+        return "firing" if v < rule.threshold else "ok"
+    if rule.condition == "above":
+        return "firing" if v > rule.threshold else "ok"
+    prev = value.previous
+    if not prev:  # nothing to compare with: no change can be seen
+        return "ok"
+    change = (v - prev) / abs(prev)
+    if rule.condition == "drop":
+        return "firing" if change <= -rule.threshold else "ok"
+    return "firing" if change >= rule.threshold else "ok"
+
+
+class RuleState(msgspec.Struct, rename="camel", omit_defaults=True):
+    state: Literal["ok", "firing"] = "ok"
+    since: float = 0.0
+    last_notified: float = 0.0  # the last firing notification
+    announced: bool = False  # this firing was notified (so its resolution is too)
+    evaluated_at: float = 0.0
+    evaluations: int = 0
+    value: float | None = None
+    previous: float | None = None
+    notifications: int = 0
+    failures: int = 0
+
+
+class StateStore(Protocol):
+    async def load(self, tenant: str) -> dict[str, RuleState]: ...
+
+    async def save(self, tenant: str, rule: str, state: RuleState) -> None: ...
+
+
+class MemoryStateStore:
+    def __init__(self) -> None:
+        self.states: dict[str, dict[str, RuleState]] = {}
+
+    async def load(self, tenant: str) -> dict[str, RuleState]:
+        return dict(self.states.get(tenant, {}))
+
+    async def save(self, tenant: str, rule: str, state: RuleState) -> None:
+        self.states.setdefault(tenant, {})[rule] = state
+
+
+class RedisStateStore:
+    def __init__(self, redis: Any, prefix: str) -> None:
+        self.redis = redis
+        self.prefix = f"{prefix}:alerts:state"
+
+    async def load(self, tenant: str) -> dict[str, RuleState]:
+        raw = await self.redis.hgetall(f"{self.prefix}:{tenant}")
+        return {
+            (k.decode() if isinstance(k, bytes) else k): msgspec.json.decode(v, type=RuleState)
+            for k, v in raw.items()
+        }
+
+    async def save(self, tenant: str, rule: str, state: RuleState) -> None:
+        await self.redis.hset(f"{self.prefix}:{tenant}", rule, msgspec.json.encode(state))
+
+
+class Lease(Protocol):
+    async def hold(self) -> bool: ...
+
+    async def holder(self) -> str | None: ...
+
+
+class LocalLease:
+    """One process: it always holds the lease."""
+
+    def __init__(self, owner: str) -> None:
+        self.owner = owner
+
+    async def hold(self) -> bool:
+        return True
+
+    async def holder(self) -> str | None:
+        return self.owner
+
+
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) and 1 or 0
+"""
+
+
+class RedisLease:
+    """The evaluator's lease: taken with SET NX PX, extended only by its holder."""
+
+    def __init__(self, redis: Any, prefix: str, owner: str, ttl_ms: int) -> None:
+        self.redis = redis
+        self.key = f"{prefix}:alerts:lease"
+        self.owner = owner
+        self.ttl_ms = ttl_ms
+        self._renew = redis.register_script(_RENEW)
+
+    async def hold(self) -> bool:
+        return bool(await self._renew(keys=[self.key], args=[self.owner, self.ttl_ms]))
+
+    async def holder(self) -> str | None:
+        raw = await self.redis.get(self.key)
+        return raw.decode() if isinstance(raw, bytes) else raw
+
+
+# -- notifications ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Notice:
+    tenant: str
+    rule: AlertRule
+    status: Literal["firing", "resolved", "test"]
+    value: float | None
+    previous: float | None
+    volume: int
+    window_minutes: float
+
+    def title(self) -> str:
+        return f"[{self.status.upper()}] {self.tenant}/{self.rule.id} ({self.rule.severity})"
+
+    def text(self) -> str:
+        def fmt(v: float | None) -> str:
+            return "n/a" if v is None else f"{v:.4g}"
+
+        r = self.rule
+        line = f"{r.kpi} {r.condition} {r.threshold:g} over {self.window_minutes:g} min"
+        return (
+            f"{self.title()}\n{r.description or line}\n"
+            f"{r.kpi}: {fmt(self.value)} (window before: {fmt(self.previous)}), "
+            f"{self.volume} events; rule: {line}\n"
+            f"dashboard: /admin/kpis?tenant={self.tenant}&kpi={r.kpi}"
+        )
+
+
+def dingtalk_signed_url(url: str, secret: str, now_ms: int) -> str:
+    """DingTalk custom robot: timestamp and sign = base64(HMAC-SHA256(secret, ts\\nsecret))."""
+    digest = hmac.new(secret.encode(), f"{now_ms}\n{secret}".encode(), hashlib.sha256).digest()
+    sign = urllib.parse.quote_plus(base64.b64encode(digest))
+    return f"{url}{'&' if '?' in url else '?'}timestamp={now_ms}&sign={sign}"
+
+
+def feishu_sign(secret: str, now_s: int) -> str:
+    """Feishu/Lark custom bot: base64(HMAC-SHA256 keyed with ts\\nsecret over nothing)."""
+    digest = hmac.new(f"{now_s}\n{secret}".encode(), b"", hashlib.sha256).digest()
+    return base64.b64encode(digest).decode()
+
+
+class Notifier:
+    """Sends a notice to a channel, retrying a few times; True when it arrived."""
+
+    def __init__(
+        self, channels: Sequence[AlertChannel], env: Mapping[str, str] | None = None, attempts: int = 3
+    ):
+        self.channels = {c.id: c for c in channels}
+        self.env = dict(os.environ if env is None else env)
+        self.attempts = attempts
+
+    async def send(self, channel_id: str, notice: Notice) -> bool:
+        channel = self.channels[channel_id]
+        for attempt in range(self.attempts):
+            try:
+                await self._send(channel, notice)
+                return True
+            except Exception as exc:
+                log.warning(
+                    "alerts.notify_failed",
+                    channel=channel_id,
+                    rule=notice.rule.id,
+                    attempt=attempt + 1,
+                    error=type(exc).__name__,
+                )
+                await asyncio.sleep(0.2 * 2**attempt)
+        return False
+
+    async def _send(self, c: AlertChannel, notice: Notice) -> None:
+        if c.kind == "email":
+            await asyncio.to_thread(self._email, c, notice)
+            return
+        import httpx
+
+        url = self.env[c.url_env]
+        text = notice.text()
+        body: dict[str, Any]
+        if c.kind == "dingtalk":
+            url = dingtalk_signed_url(url, self.env[c.secret_env], int(time.time() * 1000))
+            body = {"msgtype": "markdown", "markdown": {"title": notice.title(), "text": text}}
+        elif c.kind == "feishu":
+            ts = int(time.time())
+            body = {
+                "timestamp": str(ts),
+                "sign": feishu_sign(self.env[c.secret_env], ts),
+                "msg_type": "text",
+                "content": {"text": text},
+            }
+        elif c.kind == "wecom":
+            body = {"msgtype": "markdown", "markdown": {"content": text}}
+        else:
+            body = {
+                "tenant": notice.tenant,
+                "rule": notice.rule.id,
+                "kpi": notice.rule.kpi,
+                "status": notice.status,
+                "severity": notice.rule.severity,
+                "value": notice.value,
+                "previous": notice.previous,
+                "volume": notice.volume,
+                "windowMinutes": notice.window_minutes,
+                "text": text,
+            }
+        async with httpx.AsyncClient(timeout=10) as client:
+            r = await client.post(url, json=body)
+            r.raise_for_status()
+            if c.kind in ("dingtalk", "feishu", "wecom"):
+                # the robots answer 200 with an error code in the body
+                reply = r.json() if r.content else {}
+                code = reply.get("errcode", reply.get("code", 0)) if isinstance(reply, dict) else 0
+                if code:
+                    raise RuntimeError(f"{c.kind} refused the message: code {code}")
+
+    def _email(self, c: AlertChannel, notice: Notice) -> None:
+        msg = EmailMessage()
+        msg["Subject"] = notice.title()
+        msg["From"] = c.sender
+        msg["To"] = ", ".join(c.recipients)
+        msg.set_content(notice.text())
+        with smtplib.SMTP(c.smtp_host, c.smtp_port, timeout=10) as smtp:
+            if c.smtp_starttls:
+                smtp.starttls()
+            if c.smtp_user_env:
+                smtp.login(self.env[c.smtp_user_env], self.env[c.smtp_password_env])
+            smtp.send_message(msg)
+
+
+# -- the evaluator ---------------------------------------------------------------------------
+class AlertEvaluator:
+    """Evaluates every tenant's rules against fresh KPI reports, while holding the lease."""
+
+    def __init__(
+        self,
+        rules: Mapping[str, Sequence[AlertRule]],
+        states: StateStore,
+        lease: Lease,
+        notifier: Notifier,
+        bucket_seconds: float,
+    ) -> None:
+        self.rules = rules
+        self.states = states
+        self.lease = lease
+        self.notifier = notifier
+        self.bucket_seconds = bucket_seconds
+        self.firing: dict[tuple[str, str], bool] = {}
+
+    async def run(self, reports: Mapping[str, Sequence[KpiReport]], now: float | None = None) -> bool:
+        """One evaluation round; False when another replica holds the lease."""
+        if not await self.lease.hold():
+            return False
+        now = time.time() if now is None else now
+        for tenant, rules in self.rules.items():
+            if not rules:
+                continue
+            by_kpi = {r.id: r for r in reports.get(tenant, ())}
+            states = await self.states.load(tenant)
+            for rule in rules:
+                report = by_kpi.get(rule.kpi)
+                window = (
+                    next(
+                        (
+                            w
+                            for w in report.windows
+                            if round(w.minutes * 60 / self.bucket_seconds) == rule.window
+                        ),
+                        None,
+                    )
+                    if report
+                    else None
+                )
+                if window is None:
+                    continue
+                state = states.get(rule.id) or RuleState()
+                await self._step(tenant, rule, window.total, window.minutes, state, now)
+                self.firing[(tenant, rule.id)] = state.state == "firing"
+        return True
+
+    async def _step(
+        self, tenant: str, rule: AlertRule, value: WindowValue, minutes: float, state: RuleState, now: float
+    ) -> None:
+        verdict = evaluate(rule, value)
+        state.evaluated_at = now
+        state.evaluations += 1
+        state.value, state.previous = value.value, value.previous
+        status: Literal["firing", "resolved"] | None = None
+        if verdict == "firing" and state.state == "ok":
+            state.state, state.since = "firing", now
+            # within the cooldown of the last firing notification it fires silently (and
+            # resolves silently): a flapping KPI pages once
+            state.announced = not state.last_notified or now - state.last_notified >= rule.cooldown_seconds
+            if state.announced:
+                status = "firing"
+                # saved before notifying: a replica taking over mid-send does not repeat it
+                state.last_notified = now
+        elif verdict == "ok" and state.state == "firing":
+            state.state, state.since = "ok", now
+            if state.announced:
+                status = "resolved"
+            state.announced = False
+        await self.states.save(tenant, rule.id, state)
+        if status is None:
+            return
+        log.info("alerts.transition", tenant=tenant, rule=rule.id, status=status, value=value.value)
+        notice = Notice(tenant, rule, status, value.value, value.previous, value.counted, minutes)
+        sent = await asyncio.gather(*(self.notifier.send(c, notice) for c in rule.channels))
+        state.notifications += sum(sent)
+        state.failures += len(sent) - sum(sent)
+        await self.states.save(tenant, rule.id, state)

@@ -1,0 +1,261 @@
+"""Wiring of the business KPIs (export.kpis) into the gateway: the pipeline's feed, the
+refresh loop that keeps the latest values for /metrics and evaluates alert rules.
+
+The feed sees every event of a batch past dedupe: the accepted ones with the purposes the
+consent decision found a basis for (contract purposes, and what the allowed destinations
+need), the dropped ones with contract purposes only, so each KPI knows what it could not
+count (consent coverage).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+import structlog
+
+from export.alerts import (
+    AlertEvaluator,
+    LocalLease,
+    MemoryStateStore,
+    Notifier,
+    RedisLease,
+    RedisStateStore,
+    StateStore,
+    missing_secrets,
+)
+from export.kpis import (
+    WINDOWS,
+    BufferedKpiStore,
+    KpiEngine,
+    KpiEvent,
+    KpiReport,
+    KpiStore,
+    MemoryKpiStore,
+    RedisKpiStore,
+)
+from gateway import metrics
+from gateway.config import Config, ConfigProblems, Tenant
+
+if TYPE_CHECKING:
+    from gateway.pipeline import IngestBatch
+
+log = structlog.get_logger("idgate.monitoring")
+
+# The Sensors SDKs' page views: their page name is $title (else $screen_name).
+SENSORS_VIEWS = frozenset({"$pageview", "$AppViewScreen", "$MPViewScreen"})
+
+
+@dataclass(frozen=True)
+class _Bases:
+    contract: frozenset[str]
+    by_destination: Mapping[str, frozenset[str]]
+    everything: frozenset[str]
+    enforced: bool
+
+
+def _bases(tenant: Tenant) -> _Bases:
+    purposes = tenant.all_purposes()
+    contract = frozenset(p for p, v in purposes.items() if v.legal_basis == "contract")
+    by_destination: dict[str, frozenset[str]] = {}
+    for d in tenant.destinations:
+        needed = set(d.purposes)
+        if d.region == "overseas":
+            needed.add("cross_border")
+        if d.recipient and d.recipient.third_party:
+            needed.add("third_party_sharing")
+        by_destination[d.id] = contract | needed
+    return _Bases(contract, by_destination, frozenset(purposes), tenant.consent.enforce)
+
+
+class KpiFeed:
+    """The pipeline's ``observe_kpis`` callback: one batch's events into the engine."""
+
+    def __init__(self, engine: KpiEngine, config: Config) -> None:
+        self.engine = engine
+        self.bases = {t.id: _bases(t) for t in config.tenants}
+
+    async def __call__(self, batch: IngestBatch) -> None:
+        src = batch.src
+        bases = self.bases[src.tenant.id]
+        accepted = {id(e) for e in batch.envelopes}
+        events = []
+        for env in batch.claimed:
+            ev = env.event
+            name = ev.event if ev.type == "track" and ev.event else f"${ev.type}"
+            purposes: Any
+            if id(env) not in accepted:
+                purposes = bases.contract  # dropped: only what needs no consent
+            elif not bases.enforced:
+                purposes = bases.everything
+            else:
+                destinations = env.destinations
+
+                def purposes(d: tuple[str, ...] = destinations) -> frozenset[str]:
+                    out = bases.contract
+                    for dest in d:
+                        out = out | bases.by_destination.get(dest, frozenset())
+                    return out
+
+            props = ev.properties or {}
+            page_name = ev.name
+            if name in SENSORS_VIEWS:
+                page_name = props.get("$title") or props.get("$screen_name")
+            events.append(
+                KpiEvent(
+                    name,
+                    page_name,
+                    props,
+                    purposes,
+                    env.unified_id or ev.user_id or ev.anonymous_id,
+                )
+            )
+        try:
+            await self.engine.observe(src.tenant.id, src.source.id, events)
+        except Exception as exc:  # after the ack point: the events are stored, KPIs lag
+            log.warning("kpis.observe_failed", tenant=src.tenant.id, error=type(exc).__name__)
+
+
+class AlertStatus(msgspec.Struct, rename="camel"):
+    """An alert rule's shared state (the same whichever replica answers)."""
+
+    rule: str
+    kpi: str
+    state: str
+    since: float | None
+    value: float | None
+    previous: float | None
+    evaluated_at: float | None
+    evaluations: int
+    notifications: int
+    failures: int
+
+
+@dataclass
+class Monitoring:
+    """The KPI engine, the latest reports per tenant and the refresh/evaluation loop."""
+
+    engine: KpiEngine
+    feed: KpiFeed
+    interval_seconds: float
+    alerts: AlertEvaluator
+    states: StateStore
+    replica: str
+    config: Config
+    buffer: BufferedKpiStore | None = None
+    reports: dict[str, list[KpiReport]] = field(default_factory=dict)
+    _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    async def alert_states(self, tenant: str) -> list[AlertStatus]:
+        held = await self.states.load(tenant)
+        out = []
+        for t in self.config.tenants:
+            if t.id != tenant:
+                continue
+            for rule in t.alerts:
+                st = held.get(rule.id)
+                out.append(
+                    AlertStatus(
+                        rule=rule.id,
+                        kpi=rule.kpi,
+                        state=st.state if st else "ok",
+                        since=st.since if st and st.since else None,
+                        value=st.value if st else None,
+                        previous=st.previous if st else None,
+                        evaluated_at=st.evaluated_at if st else None,
+                        evaluations=st.evaluations if st else 0,
+                        notifications=st.notifications if st else 0,
+                        failures=st.failures if st else 0,
+                    )
+                )
+        return out
+
+    async def refresh(self) -> None:
+        for tenant in self.engine.tenants:
+            self.reports[tenant] = await self.engine.report(tenant)
+        metrics.KPIS.reports = self.reports
+        if await self.alerts.run(self.reports):
+            metrics.KPIS.alerts = dict(self.alerts.firing)
+        else:  # another replica evaluates: show the shared states
+            firing = {}
+            for tenant in self.engine.tenants:
+                for status in await self.alert_states(tenant):
+                    firing[(tenant, status.rule)] = status.state == "firing"
+            metrics.KPIS.alerts = firing
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                await self.refresh()
+            except Exception as exc:
+                log.warning("kpis.refresh_failed", error=type(exc).__name__)
+            await asyncio.sleep(self.interval_seconds)
+
+    async def _flush_loop(self, buffer: BufferedKpiStore) -> None:
+        period = min(0.5, self.interval_seconds)
+        while True:
+            await asyncio.sleep(period)
+            try:
+                await buffer.flush()
+            except Exception as exc:
+                log.warning("kpis.flush_failed", error=type(exc).__name__)
+
+    def start(self) -> None:
+        self._tasks.append(asyncio.create_task(self._loop(), name="kpi-monitoring"))
+        if self.buffer is not None:
+            self._tasks.append(asyncio.create_task(self._flush_loop(self.buffer), name="kpi-flush"))
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.buffer is not None:
+            try:
+                await self.buffer.flush()
+            except Exception as exc:
+                log.warning("kpis.flush_failed", error=type(exc).__name__)
+
+
+def build_monitoring(
+    config: Config, redis: Any, *, prefix: str, bucket_seconds: float, interval_seconds: float, replica: str
+) -> Monitoring:
+    retention = 2 * max(WINDOWS) + 2
+    buffer = None
+    store: KpiStore
+    if redis is not None:
+        store = buffer = BufferedKpiStore(RedisKpiStore(redis, prefix, retention, bucket_seconds))
+    else:
+        store = MemoryKpiStore(retention)
+    engine = KpiEngine(
+        store,
+        {t.id: t.all_kpis() for t in config.tenants},
+        {t.id: {s.id: s.platform for s in t.sources} for t in config.tenants},
+        bucket_seconds=bucket_seconds,
+    )
+    states: StateStore
+    if redis is not None:
+        states = RedisStateStore(redis, prefix)
+        lease: Any = RedisLease(redis, prefix, replica, max(1000, int(interval_seconds * 3000)))
+    else:
+        states, lease = MemoryStateStore(), LocalLease(replica)
+    evaluator = AlertEvaluator(
+        {t.id: t.alerts for t in config.tenants},
+        states,
+        lease,
+        Notifier(config.alert_channels),
+        bucket_seconds,
+    )
+    return Monitoring(
+        engine, KpiFeed(engine, config), interval_seconds, evaluator, states, replica, config, buffer
+    )
+
+
+def check_alert_secrets(config: Config, *, path: str) -> None:
+    """Every alert channel's secrets are in the environment, or the gateway does not start."""
+    problems = missing_secrets(config.alert_channels, os.environ)
+    if problems:
+        raise ConfigProblems(path, problems)
