@@ -19,8 +19,6 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, PublicFormat
 
-from identity.key_files import key_file_mode_problem
-
 log = structlog.get_logger(__name__)
 
 LEDGER_KEY_BYTES = 32
@@ -106,6 +104,9 @@ def _read_key_file(path: Path) -> LedgerSigner:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise InvalidLedgerKey(f"cannot read ledger key file {path}: {exc.strerror}") from None
+    # imported here: the offline verifier imports this module and must not need identity
+    from identity.key_files import key_file_mode_problem
+
     problem = key_file_mode_problem(path)
     if problem is not None:
         raise InvalidLedgerKey(f"ledger {problem}")

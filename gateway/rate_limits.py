@@ -26,10 +26,13 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import structlog
 from prometheus_client import Counter
 
 from gateway.config import RateLimits
 from identity.scrub import truncate_ip
+
+_log = structlog.get_logger("idgate.rate_limits")
 
 RATE_LIMITED = Counter(
     "idgate_rate_limited_total",
@@ -240,6 +243,23 @@ class RateLimiter:
     # request of that source or network is refused there too: without the round trip, and
     # before its body is decoded (a flood costs little more than its bytes).
     _spent: dict[str, tuple[float, Hit]] = field(default_factory=dict)
+    # The counters' store (Redis) is unreachable: limits fail open (they protect capacity;
+    # what must not be lost, a withdrawal above all, must not wait on them), one log line
+    # per outage. Dedupe and the outbox still answer 503 where they need the store.
+    _store_down: bool = False
+
+    async def _counted(self, call: Any) -> Any:
+        try:
+            result = await call
+        except Exception as exc:
+            if not self._store_down:
+                self._store_down = True
+                _log.warning("rate_limits.store_unavailable", error=type(exc).__name__, effect="limits off")
+            return None
+        if self._store_down:
+            self._store_down = False
+            _log.info("rate_limits.store_back")
+        return result
 
     def refuse_early(self, tenant: str, source: str, ip: str) -> None:
         """``RateLimited`` at once when the source's or network's per-second budget of this
@@ -287,7 +307,7 @@ class RateLimiter:
             Hit("ip_requests_per_second", net + ":req", 1, lim.ip_requests_per_second, SECOND),
             Hit("ip_events_per_second", net + ":ev", events, lim.ip_events_per_second, SECOND),
         )
-        over = await self.store.hit(hits)
+        over = await self._counted(self.store.hit(hits))
         if over is not None:
             hit = hits[over[0]]
             self._remember_spent(hit, over[1])
@@ -317,7 +337,7 @@ class RateLimiter:
             )
             for s in subjects
         ]
-        over = await self.store.hit(hits)
+        over = await self._counted(self.store.hit(hits))
         if over is not None:
             raise self._refuse(tenant, source, hits[over[0]], over[1])
 
@@ -329,13 +349,18 @@ class RateLimiter:
         lim = self.limits
         if not lim.enabled or not subjects:
             return [True] * len(subjects)
-        allowed = await self.store.add_members(
-            [(f"{{{tenant}}}:{s}", m) for s, m in subjects], lim.new_identifiers_per_person_per_day
+        allowed = await self._counted(
+            self.store.add_members(
+                [(f"{{{tenant}}}:{s}", m) for s, m in subjects], lim.new_identifiers_per_person_per_day
+            )
         )
-        refused = allowed.count(False)
+        if allowed is None:
+            return [True] * len(subjects)
+        verdicts: list[bool] = allowed
+        refused = verdicts.count(False)
         if refused:
             RATE_LIMITED.labels(tenant, source, "new_identifiers_per_person_per_day").inc(refused)
-        return allowed
+        return verdicts
 
 
 # Refused admin requests written to the access log per client network and minute: beyond

@@ -35,5 +35,7 @@ def test_a_test_notification_reaches_every_channel(
     wait_until(lambda: mailbox.messages, what="the test e-mail")
     missing = idgate(*args, env=clean_env(IDGATE_ENV="dev", TEST_DINGTALK_URL=ding.url))
     assert missing.returncode == 2 and "secret_env TEST_DINGTALK_SECRET is not set" in missing.stderr
-    unknown = idgate("alerts", "test", "nope", "--tenant", "mall", "--config", str(config), env=clean_env())
+    unknown = idgate(
+        "alerts", "test", "nope", "--tenant", "mall", "--config", str(config), env=clean_env(IDGATE_ENV="dev")
+    )
     assert unknown.returncode == 2 and "no alert rule 'nope'" in unknown.stderr
