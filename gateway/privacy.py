@@ -232,4 +232,6 @@ def message_id_digest(message_id: str, pseudonymiser: Pseudonymiser) -> str:
 def clean_message_id(message_id: str, pseudonymiser: Pseudonymiser) -> str:
     """The message id as stored and forwarded: as sent when it holds no personal data,
     else a keyed hash of it (the same for every retry, so dedupe still works)."""
-    return message_id_digest(message_id, pseudonymiser) if has_personal_data(message_id) else message_id
+    if has_personal_data(message_id, whole_tokens=True):
+        return message_id_digest(message_id, pseudonymiser)
+    return message_id

@@ -122,10 +122,15 @@ def _kind(m: re.Match[str]) -> str | None:
 _SEPARATED: Final = frozenset(" -.")
 
 
-def _inside_token(text: str, m: re.Match[str]) -> bool:
+def _inside_token(text: str, m: re.Match[str], whole_tokens: bool = False) -> bool:
     """A number written in groups (``139-1234-0020``) is someone's only when it stands on
     its own: digit groups glued to letters are part of a longer token (the middle of a
     UUID, ``m-b4fc7239-9957-4160-8060-0877...``, passes the Luhn check one time in ten)."""
+    if whole_tokens and m.lastgroup != "email":
+        # an identifier-shaped string (a message id): a bare digit run glued to letters,
+        # ``...f19097133865``, is part of its random token too
+        start, end = m.start(), m.end()
+        return (start > 0 and text[start - 1].isalnum()) or (end < len(text) and text[end].isalnum())
     if m.lastgroup == "email" or not any(c in _SEPARATED for c in m.group(0)):
         return False
     start, end = m.start(), m.end()
@@ -141,7 +146,7 @@ def classify(candidate: str) -> str | None:
     return _kind(m) if m is not None else None
 
 
-def _sub(text: str, replace: Callable[[str], str]) -> str:
+def _sub(text: str, replace: Callable[[str], str], whole_tokens: bool = False) -> str:
     folded = text if text.isascii() else text.translate(_FOLD)
     if "@" in folded:
         pattern = _CANDIDATES
@@ -152,7 +157,7 @@ def _sub(text: str, replace: Callable[[str], str]) -> str:
     out: list[str] = []
     last = 0
     for m in pattern.finditer(folded):
-        if _inside_token(folded, m):
+        if _inside_token(folded, m, whole_tokens):
             continue
         kind = _kind(m)
         if kind is not None:
@@ -184,8 +189,10 @@ def scrub_name(text: str) -> str:
     return _sub(text, _key_mark)
 
 
-def has_personal_data(text: str) -> bool:
-    return _sub(text, _key_mark) is not text
+def has_personal_data(text: str, *, whole_tokens: bool = False) -> bool:
+    """``whole_tokens``: for identifier-shaped strings (message ids), where digits glued to
+    letters belong to a random token (a UUID's hex may hold ``19097133865``)."""
+    return _sub(text, _key_mark, whole_tokens) is not text
 
 
 # -- URL query strings ---------------------------------------------------------------------

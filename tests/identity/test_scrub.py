@@ -161,3 +161,14 @@ def test_digit_groups_inside_a_uuid_are_not_a_bank_card() -> None:
     spaced = f"{card[:4]} {card[4:8]} {card[8:12]} {card[12:]}"
     assert scrub_text(f"paid with {spaced}.") == "paid with [redacted:bank_card]."
     assert scrub_text(f"card:{card[:4]}-{card[4:8]}-{card[8:12]}-{card[12:]}") == "card:[redacted:bank_card]"
+
+
+def test_message_ids_are_whole_tokens() -> None:
+    """In a message id a digit run glued to hex letters is part of the random token; one that
+    stands apart is still found."""
+    from identity.scrub import has_personal_data
+
+    assert not has_personal_data("prop-49299a4c-77f1-4d2b-9b1e-f19097133865", whole_tokens=True)
+    assert has_personal_data("prop-49299a4c-77f1-4d2b-9b1e-f19097133865")  # free text: still found
+    assert has_personal_data("order-13912340020-1", whole_tokens=True)
+    assert has_personal_data("m-li.lei@example.com", whole_tokens=True)
