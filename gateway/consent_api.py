@@ -16,7 +16,8 @@ from typing import Annotated, Any, Literal
 import msgspec
 from litestar import Controller, Request, post
 from litestar.datastructures import State
-from litestar.di import Provide
+from litestar.di import NamedDependency, Provide
+from litestar.params import JSONBody
 
 from consent.service import ConsentService
 from consent.trust import screen
@@ -116,7 +117,9 @@ def subject_identifiers(req: ConsentRequest, pseudonymiser: Pseudonymiser) -> li
     return out
 
 
-def provide_source(request: Request[Any, Any, Any], state: State, data: ConsentRequest) -> ResolvedSource:
+def provide_source(
+    request: Request[Any, Any, Any], state: State, data: JSONBody[ConsentRequest]
+) -> ResolvedSource:
     """The source of the write key (HTTP Basic user, or ``writeKey`` in the body)."""
     keys: WriteKeys = state.write_keys
     source = keys.authenticate(request.headers.get("authorization", ""), lambda: data.write_key)
@@ -177,9 +180,9 @@ def consent_controller(limits: Limits) -> type[Controller]:
         async def record(
             self,
             request: Request[Any, Any, Any],
-            data: ConsentRequest,
-            source: ResolvedSource,
-            consent: ConsentService,
+            data: JSONBody[ConsentRequest],
+            source: NamedDependency[ResolvedSource],
+            consent: NamedDependency[ConsentService],
             state: State,
         ) -> ConsentRecorded:
             pseudonymiser = state.keyring.pseudonymiser(source.tenant.id)

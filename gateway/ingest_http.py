@@ -240,7 +240,8 @@ def _ingest_handler(path: str, decode: Decoder) -> Any:
         await send_json(send, *ingest_response(result))
 
     handler.__name__ = "ingest_" + path.rsplit("/", 1)[-1]
-    return asgi(path, name=handler.__name__)(handler)
+    # The handler answers the request itself (no mounted app): the scope is passed as is.
+    return asgi(path, name=handler.__name__, copy_scope=False)(handler)
 
 
 INGEST_ROUTES = [

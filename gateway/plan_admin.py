@@ -14,8 +14,9 @@ from typing import Annotated, Any
 
 import msgspec
 from litestar import Controller, Request, get, post
+from litestar.di import NamedDependency
 from litestar.exceptions import NotFoundException
-from litestar.params import Parameter
+from litestar.params import FromPath, FromQuery, JSONBody, QueryParameter
 
 from export.violations import SqliteViolations, ViolationRecord
 from gateway.admin.deps import ADMIN_DEPENDENCIES, READ_ERRORS, WRITE_ERRORS, AdminServices, log_access
@@ -117,11 +118,11 @@ class PlanViolationsController(Controller):
     async def list_violations(
         self,
         request: Request[Any, Any, Any],
-        services: AdminServices,
-        officer: Officer,
-        tenant: str,
-        event: str | None = None,
-        limit: Annotated[int, Parameter(ge=1, le=10_000)] = 100,
+        services: NamedDependency[AdminServices],
+        officer: NamedDependency[Officer],
+        tenant: FromQuery[str],
+        event: FromQuery[str | None] = None,
+        limit: Annotated[int, QueryParameter(ge=1, le=10_000)] = 100,
     ) -> dict[str, Any]:
         """Operator role. Summaries (rule, property path, detail; no payload) and counts per event."""
         services.tokens.check_tenant(officer, tenant)
@@ -132,7 +133,11 @@ class PlanViolationsController(Controller):
 
     @get("/{record_id:str}", responses=_SHOW_ERRORS, summary="One kept event", opt=roles("operator"))
     async def show_violation(
-        self, request: Request[Any, Any, Any], services: AdminServices, officer: Officer, record_id: str
+        self,
+        request: Request[Any, Any, Any],
+        services: NamedDependency[AdminServices],
+        officer: NamedDependency[Officer],
+        record_id: FromPath[str],
     ) -> dict[str, Any]:
         """Operator role. The record with its event as stored (pseudonymised, scrubbed)."""
         record = _store(request).get(record_id)
@@ -150,7 +155,11 @@ class PlanViolationsController(Controller):
         opt=roles("operator"),
     )
     async def replay(
-        self, request: Request[Any, Any, Any], services: AdminServices, officer: Officer, data: ReplayRequest
+        self,
+        request: Request[Any, Any, Any],
+        services: NamedDependency[AdminServices],
+        officer: NamedDependency[Officer],
+        data: JSONBody[ReplayRequest],
     ) -> ReplayOutcome:
         """Operator role. Each event is checked against the current plan, deduplicated by
         message id and asked consent again."""

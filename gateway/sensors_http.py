@@ -198,9 +198,10 @@ async def _sensors(scope: HTTPScope, receive: Receive, send: Send) -> None:
     await _send(send, status, body, [(b"content-type", b"application/json"), *extra, *CORS])
 
 
+# The handler answers the request itself (no mounted app): the scope is passed as is.
 SENSORS_ROUTES = [
-    asgi("/sa", name="ingest_sensors")(_sensors),
-    asgi("/sa.gif", name="ingest_sensors_gif")(_sensors),
+    asgi("/sa", name="ingest_sensors", copy_scope=False)(_sensors),
+    asgi("/sa.gif", name="ingest_sensors_gif", copy_scope=False)(_sensors),
 ]
 
 

@@ -12,8 +12,9 @@ from datetime import UTC, datetime
 from typing import Annotated
 
 from litestar import Controller, Response, get, post
+from litestar.di import NamedDependency
 from litestar.exceptions import PermissionDeniedException
-from litestar.params import Parameter
+from litestar.params import FromQuery, JSONBody, QueryParameter
 
 from consent.audit import ConsentStats, ExportFormat, ExportPart, StatsGroup, SubjectView
 from consent.service import ConsentRefused
@@ -31,15 +32,15 @@ from gateway.admin.schemas import AccessLogPage, NoticePublished, NoticeRequest,
 from gateway.auth import Officer, admin_guard, roles
 from gateway.openapi import answered_also_as
 
-Limit = Annotated[int, Parameter(ge=1, le=5000, description="at most this many")]
+Limit = Annotated[int, QueryParameter(ge=1, le=5000, description="at most this many")]
 # ISO 8601 times (a time without offset is UTC), parsed by parse_time into a 400 naming the field.
-Time = Annotated[str | None, Parameter(schema_extra={"format": "date-time"}, description="ISO 8601")]
+Time = Annotated[str | None, QueryParameter(schema_extra={"format": "date-time"}, description="ISO 8601")]
 # The ledger's sequence numbers are 64-bit signed integers (the maximum repeated as an int:
 # Litestar documents bounds as floats, and 2**63 - 1 is not one).
 MAX_SEQ = 2**63 - 1
 AfterSeq = Annotated[
     int,
-    Parameter(
+    QueryParameter(
         ge=0,
         le=MAX_SEQ,
         schema_extra={"maximum": MAX_SEQ},
@@ -63,16 +64,16 @@ class ConsentAuditController(Controller):
     )
     async def records(
         self,
-        services: AdminServices,
-        officer: Officer,
-        tenant: str,
-        identifier: str | None = None,
-        id_type: Annotated[str, Parameter(query="type")] = "user_id",
-        appid: str | None = None,
+        services: NamedDependency[AdminServices],
+        officer: NamedDependency[Officer],
+        tenant: FromQuery[str],
+        identifier: FromQuery[str | None] = None,
+        id_type: Annotated[str, QueryParameter(name="type")] = "user_id",
+        appid: FromQuery[str | None] = None,
         since: Time = None,
         until: Time = None,
-        purpose: str | None = None,
-        notice: str | None = None,
+        purpose: FromQuery[str | None] = None,
+        notice: FromQuery[str | None] = None,
         after_seq: AfterSeq = 0,
         limit: Limit = 500,
     ) -> RecordsPage:
@@ -116,12 +117,12 @@ class ConsentAuditController(Controller):
     )
     async def subject_at(
         self,
-        services: AdminServices,
-        officer: Officer,
-        tenant: str,
-        identifier: str,
-        id_type: Annotated[str, Parameter(query="type")] = "user_id",
-        appid: str | None = None,
+        services: NamedDependency[AdminServices],
+        officer: NamedDependency[Officer],
+        tenant: FromQuery[str],
+        identifier: FromQuery[str],
+        id_type: Annotated[str, QueryParameter(name="type")] = "user_id",
+        appid: FromQuery[str | None] = None,
         at: Time = None,
     ) -> SubjectView:
         services.tokens.check_tenant(officer, tenant)
@@ -149,11 +150,11 @@ class ConsentAuditController(Controller):
     )
     async def export(
         self,
-        services: AdminServices,
-        officer: Officer,
-        tenant: str | None = None,
-        fmt: Annotated[ExportFormat, Parameter(query="format")] = "jsonl",
-        part: ExportPart = "records",
+        services: NamedDependency[AdminServices],
+        officer: NamedDependency[Officer],
+        tenant: FromQuery[str | None] = None,
+        fmt: Annotated[ExportFormat, QueryParameter(name="format")] = "jsonl",
+        part: FromQuery[ExportPart] = "records",
     ) -> Response[bytes]:
         """JSONL carries records, signed checkpoints and a seal (``idgate ledger verify`` checks
         it offline). CSV comes in two parts: ``part=records`` and ``part=checkpoints``. A
@@ -187,7 +188,11 @@ class ConsentAuditController(Controller):
         responses=READ_ERRORS,
     )
     async def stats(
-        self, services: AdminServices, officer: Officer, tenant: str, by: StatsGroup = "purpose"
+        self,
+        services: NamedDependency[AdminServices],
+        officer: NamedDependency[Officer],
+        tenant: FromQuery[str],
+        by: FromQuery[StatsGroup] = "purpose",
     ) -> ConsentStats:
         services.tokens.check_tenant(officer, tenant)
         result = await asyncio.to_thread(services.audit.stats, tenant=tenant, by=by)
@@ -200,7 +205,9 @@ class ConsentAuditController(Controller):
         summary="Verify the ledger's hash chain and signed checkpoints",
         opt=roles("operator", "compliance"),
     )
-    async def verify(self, services: AdminServices, officer: Officer) -> VerifyResult:
+    async def verify(
+        self, services: NamedDependency[AdminServices], officer: NamedDependency[Officer]
+    ) -> VerifyResult:
         """The whole ledger (its chain is global). A tenant-scoped officer gets the verdict
         only (``ok``, ``problem``, ``complete``, key ids): the counts, positions and details
         describe every tenant's records and are withheld."""
@@ -224,7 +231,7 @@ class ConsentAuditController(Controller):
         responses=READ_ERRORS,
     )
     async def access_log(
-        self, services: AdminServices, officer: Officer, limit: Limit = 200
+        self, services: NamedDependency[AdminServices], officer: NamedDependency[Officer], limit: Limit = 200
     ) -> AccessLogPage:
         entries = await asyncio.to_thread(services.access_log.entries, limit=limit, tenants=officer.tenants)
         await log_access(services, officer, "admin.access_log", None, {"limit": limit}, len(entries))
@@ -246,7 +253,10 @@ class NoticesController(Controller):
         responses=WRITE_ERRORS,
     )
     async def publish(
-        self, services: AdminServices, officer: Officer, data: NoticeRequest
+        self,
+        services: NamedDependency[AdminServices],
+        officer: NamedDependency[Officer],
+        data: JSONBody[NoticeRequest],
     ) -> NoticePublished:
         """Operator role. A material notice sends the purposes it changes (all when none are
         named) back to re-consent for everyone who agreed to an older version."""

@@ -12,7 +12,8 @@ from __future__ import annotations
 from typing import Annotated
 
 from litestar import Controller, get, post
-from litestar.params import Parameter
+from litestar.di import NamedDependency
+from litestar.params import FromQuery, JSONBody, QueryParameter
 
 from gateway.admin.deps import (
     ADMIN_DEPENDENCIES,
@@ -70,15 +71,15 @@ class IdentityController(Controller):
     )
     async def explain(
         self,
-        services: AdminServices,
-        officer: Officer,
-        tenant: str,
-        a: Annotated[str, Parameter(max_length=255, description="a node id, or raw with a_type")],
-        b: Annotated[str, Parameter(max_length=255, description="a node id, or raw with b_type")],
-        a_type: str | None = None,
-        b_type: str | None = None,
-        a_appid: str | None = None,
-        b_appid: str | None = None,
+        services: NamedDependency[AdminServices],
+        officer: NamedDependency[Officer],
+        tenant: FromQuery[str],
+        a: Annotated[str, QueryParameter(max_length=255, description="a node id, or raw with a_type")],
+        b: Annotated[str, QueryParameter(max_length=255, description="a node id, or raw with b_type")],
+        a_type: FromQuery[str | None] = None,
+        b_type: FromQuery[str | None] = None,
+        a_appid: FromQuery[str | None] = None,
+        b_appid: FromQuery[str | None] = None,
     ) -> Explained:
         """``a`` and ``b`` are node ids (``<type>:<pseudonym>``, as the quarantine list and
         explain's own path show them): operators work on those. With ``a_type`` / ``b_type``
@@ -112,7 +113,12 @@ class IdentityController(Controller):
         summary="Remove one link (a wrong bind); the person splits if it was the only path",
         opt=roles("operator", "compliance"),
     )
-    async def unlink(self, services: AdminServices, officer: Officer, data: UnlinkRequest) -> UnlinkResult:
+    async def unlink(
+        self,
+        services: NamedDependency[AdminServices],
+        officer: NamedDependency[Officer],
+        data: JSONBody[UnlinkRequest],
+    ) -> UnlinkResult:
         """``a`` and ``b`` name node ids (``{"node": "<type>:<pseudonym>"}``); raw identifiers
         (``{"type", "id"}``) only with the compliance role."""
         services.tokens.check_tenant(officer, data.tenant)
@@ -144,7 +150,12 @@ class IdentityController(Controller):
         summary="Erase identifiers from the identity graph; deletion notices go downstream",
         opt=roles("compliance"),
     )
-    async def erase(self, services: AdminServices, officer: Officer, data: EraseRequest) -> ErasureResult:
+    async def erase(
+        self,
+        services: NamedDependency[AdminServices],
+        officer: NamedDependency[Officer],
+        data: JSONBody[EraseRequest],
+    ) -> ErasureResult:
         """Compliance role (a deletion request, PIPL Art 47). The identifiers leave the graph
         (the person splits where they held it together) and an ``identity.deleted`` notice
         per person goes to every destination that received that person's data. ``erased``
@@ -181,10 +192,10 @@ class IdentityController(Controller):
     )
     async def quarantine(
         self,
-        services: AdminServices,
-        officer: Officer,
-        tenant: str,
-        limit: Annotated[int, Parameter(ge=1, le=5000, description="at most this many")] = 200,
+        services: NamedDependency[AdminServices],
+        officer: NamedDependency[Officer],
+        tenant: FromQuery[str],
+        limit: Annotated[int, QueryParameter(ge=1, le=5000, description="at most this many")] = 200,
     ) -> QuarantineList:
         services.tokens.check_tenant(officer, tenant)
         held = services.identity.quarantine(tenant, limit)

@@ -6,7 +6,8 @@ from typing import Any
 
 import msgspec
 from litestar import Controller, Request, get
-from litestar.di import Provide
+from litestar.di import NamedDependency, Provide
+from litestar.params import FromQuery
 
 from export.kpis import KpiReport
 from gateway.admin.deps import ADMIN_DEPENDENCIES, READ_ERRORS, AdminServices
@@ -47,11 +48,11 @@ class MonitoringController(Controller):
     )
     async def kpis(
         self,
-        services: AdminServices,
-        officer: Officer,
-        monitoring: Monitoring,
-        tenant: str,
-        kpi: str | None = None,
+        services: NamedDependency[AdminServices],
+        officer: NamedDependency[Officer],
+        monitoring: NamedDependency[Monitoring],
+        tenant: FromQuery[str],
+        kpi: FromQuery[str | None] = None,
     ) -> KpiValues:
         """Operator role. ``kpi`` narrows the answer to one KPI."""
         services.tokens.check_tenant(officer, tenant)

@@ -14,8 +14,9 @@ from typing import Annotated, Any, Literal
 import msgspec
 from litestar import Controller, Response, get, post
 from litestar.datastructures import State
-from litestar.di import Provide
+from litestar.di import NamedDependency, Provide
 from litestar.exceptions import PermissionDeniedException
+from litestar.params import FromPath, FromQuery, JSONBody
 
 from consent.rights import (
     Channel,
@@ -112,7 +113,11 @@ class RightsController(Controller):
         opt=roles("compliance"),
     )
     async def open_request(
-        self, services: AdminServices, rights: RightsService, officer: Officer, data: OpenRightsRequest
+        self,
+        services: NamedDependency[AdminServices],
+        rights: NamedDependency[RightsService],
+        officer: NamedDependency[Officer],
+        data: JSONBody[OpenRightsRequest],
     ) -> RightsRequest:
         """Compliance role. The subject is named by a raw identifier, pseudonymised here. A
         request whose subject's identity is not verified is refused (422) and recorded with
@@ -151,12 +156,12 @@ class RightsController(Controller):
     @get("/", responses=READ_ERRORS, summary="Rights requests, with their due dates", opt=roles("compliance"))
     async def list_requests(
         self,
-        services: AdminServices,
-        rights: RightsService,
-        officer: Officer,
-        tenant: str | None = None,
-        status: Literal["open", "refused", "completed"] | None = None,
-        clock: Literal["on_time", "nearly_due", "overdue", "closed"] | None = None,
+        services: NamedDependency[AdminServices],
+        rights: NamedDependency[RightsService],
+        officer: NamedDependency[Officer],
+        tenant: FromQuery[str | None] = None,
+        status: FromQuery[Literal["open", "refused", "completed"] | None] = None,
+        clock: FromQuery[Literal["on_time", "nearly_due", "overdue", "closed"] | None] = None,
     ) -> RightsList:
         """``clock`` of an open request: ``overdue`` past its due time, ``nearly_due`` within
         ``[rights] nearly_due_working_days`` working days of it."""
@@ -177,7 +182,12 @@ class RightsController(Controller):
 
     @get("/{request_id:str}", responses=ONE_ERRORS, summary="One rights request", opt=roles("compliance"))
     async def get_request(
-        self, services: AdminServices, rights: RightsService, officer: Officer, request_id: str, tenant: str
+        self,
+        services: NamedDependency[AdminServices],
+        rights: NamedDependency[RightsService],
+        officer: NamedDependency[Officer],
+        request_id: FromPath[str],
+        tenant: FromQuery[str],
     ) -> RightsRequest:
         services.tokens.check_tenant(officer, tenant)
         try:
@@ -196,11 +206,11 @@ class RightsController(Controller):
     )
     async def complete(
         self,
-        services: AdminServices,
-        rights: RightsService,
-        officer: Officer,
-        request_id: str,
-        data: CompleteRightsRequest,
+        services: NamedDependency[AdminServices],
+        rights: NamedDependency[RightsService],
+        officer: NamedDependency[Officer],
+        request_id: FromPath[str],
+        data: JSONBody[CompleteRightsRequest],
     ) -> RightsRequest:
         services.tokens.check_tenant(officer, data.tenant)
         try:
@@ -230,11 +240,11 @@ class RightsController(Controller):
     )
     async def bundle(
         self,
-        services: AdminServices,
-        rights: RightsService,
-        officer: Officer,
-        request_id: str,
-        data: BundleRequest,
+        services: NamedDependency[AdminServices],
+        rights: NamedDependency[RightsService],
+        officer: NamedDependency[Officer],
+        request_id: FromPath[str],
+        data: JSONBody[BundleRequest],
     ) -> Response[bytes]:
         """Compliance role, for an ``access`` or ``copy`` request: identifiers (pseudonyms and
         types), consent history with notice versions, the deliveries that relied on consent,
@@ -279,11 +289,11 @@ class RightsController(Controller):
     )
     async def extend(
         self,
-        services: AdminServices,
-        rights: RightsService,
-        officer: Officer,
-        request_id: str,
-        data: ExtendRequest,
+        services: NamedDependency[AdminServices],
+        rights: NamedDependency[RightsService],
+        officer: NamedDependency[Officer],
+        request_id: FromPath[str],
+        data: JSONBody[ExtendRequest],
     ) -> RightsRequest:
         """``reason``: ``complex_request``, ``many_requests``, ``awaiting_subject`` or
         ``awaiting_third_party``; the previous due date stays in the ledger."""
