@@ -74,7 +74,10 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 BENCH = Path(__file__).resolve().parent
 CONFIG = REPO / "idgate.example.toml"
-WRITE_KEY = "acme-web-demo-key"  # dev_write_key of acme/acme-web in the example config
+# dev_write_key of acme/acme-server in the example config: the load's events carry only a
+# userId, as a shop's backend sends them, and its consent grants name that user id, which a
+# client source (a public key) may not do without the backend's identity assertion
+WRITE_KEY = "acme-server-demo-key-0000000000000001"
 AUTH = "Basic " + base64.b64encode(f"{WRITE_KEY}:".encode()).decode()
 HOST = "127.0.0.1"
 BATCH_SIZE = 100
