@@ -158,6 +158,18 @@ class KpiEvent:
 Cell = list[float]  # [matched, counted, sum]
 
 
+def fold_cells(held: dict[tuple[str, str], Cell], cells: Mapping[tuple[str, str], Cell]) -> None:
+    """Add ``cells`` into ``held``, cell by cell (new keys get a copy)."""
+    for key, (m, c, s) in cells.items():
+        cell = held.get(key)
+        if cell is None:
+            held[key] = [m, c, s]
+        else:
+            cell[0] += m
+            cell[1] += c
+            cell[2] += s
+
+
 class KpiStore(Protocol):
     """Where the per-bucket aggregates live: memory (one process) or Redis (every replica)."""
 
@@ -200,15 +212,7 @@ class MemoryKpiStore:
         if bucket > self._newest:
             self._newest = bucket
             self._prune(bucket - self.retention)
-        held = self._cells.setdefault((tenant, bucket), {})
-        for key, (m, c, s) in cells.items():
-            cell = held.get(key)
-            if cell is None:
-                held[key] = [m, c, s]
-            else:
-                cell[0] += m
-                cell[1] += c
-                cell[2] += s
+        fold_cells(self._cells.setdefault((tenant, bucket), {}), cells)
         for (kpi, source), values in members.items():
             sketch = self._sketches.get((tenant, bucket, kpi, source))
             if sketch is None:
@@ -315,15 +319,7 @@ class BufferedKpiStore:
         cells: Mapping[tuple[str, str], Cell],
         members: Mapping[tuple[str, str], set[bytes]],
     ) -> None:
-        held = self._cells.setdefault((tenant, bucket), {})
-        for key, (m, c, s) in cells.items():
-            cell = held.get(key)
-            if cell is None:
-                held[key] = [m, c, s]
-            else:
-                cell[0] += m
-                cell[1] += c
-                cell[2] += s
+        fold_cells(self._cells.setdefault((tenant, bucket), {}), cells)
         if members:
             sets = self._members.setdefault((tenant, bucket), {})
             for key, values in members.items():
