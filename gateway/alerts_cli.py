@@ -11,8 +11,7 @@ from pathlib import Path
 import click
 
 from export.alerts import Notice, Notifier, missing_secrets
-from gateway.config import ConfigProblems, load_config
-from gateway.settings import Settings, SettingsError
+from gateway.cli_support import settings_and_config, tenant_of
 
 
 @click.group()
@@ -28,16 +27,8 @@ def alerts() -> None:
 )
 def alerts_test(rule: str, tenant: str, config_path: Path | None) -> None:
     """Send a test notification of RULE to each of its channels; exit 1 if one failed."""
-    try:
-        settings = Settings.from_env(config_path=config_path)
-        cfg = load_config(settings.config_path, dev=settings.dev)
-    except (SettingsError, ConfigProblems) as exc:
-        click.echo(f"idgate: {exc}", err=True)
-        sys.exit(2)
-    found = next((t for t in cfg.tenants if t.id == tenant), None)
-    if found is None:
-        click.echo(f"idgate: unknown tenant {tenant!r}", err=True)
-        sys.exit(2)
+    _, cfg = settings_and_config(config_path)
+    found = tenant_of(cfg, tenant)
     alert = next((a for a in found.alerts if a.id == rule), None)
     if alert is None:
         click.echo(f"idgate: tenant {tenant!r} has no alert rule {rule!r}", err=True)

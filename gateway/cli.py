@@ -17,7 +17,7 @@ import stat
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import IO, NoReturn
+from typing import IO
 
 import click
 import structlog
@@ -25,6 +25,7 @@ import structlog
 from consent.cli import DEV_LEDGER_KEY_META, ledger, load_cli_signer
 from consent.signing import InvalidLedgerKey, new_ledger_key_b64
 from gateway.alerts_cli import alerts
+from gateway.cli_support import fail, settings_and_config, tenant_of
 from gateway.config import Config, ConfigProblems, hash_write_key, load_config
 from gateway.dlq_cli import dlq
 from gateway.keys_cli import keys_retire, keys_rotate
@@ -45,11 +46,6 @@ LOCK_FILE = "idgate.lock"
 PRIVATE_UMASK = 0o077
 
 
-def _fail(message: str, code: int = 2) -> NoReturn:
-    click.echo(f"idgate: {message}", err=True)
-    sys.exit(code)
-
-
 @click.group()
 @click.version_option(package_name="idgate", prog_name="idgate", message="%(prog)s %(version)s")
 @click.pass_context
@@ -59,7 +55,7 @@ def main(ctx: click.Context) -> None:
         env = environment_from_env()
         logs = LogSettings.from_env(env)
     except SettingsError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     configure_logging(fmt=logs.format, level=logs.level)
     # Every file a command creates (SQLite databases and their journals, the outbox, sink
     # files, dev keys, exports) is readable by its owner only: they hold personal data or keys.
@@ -78,7 +74,7 @@ def _lock_data_dir(data_dir: Path) -> IO[str]:
         data_dir.mkdir(parents=True, exist_ok=True)
         fh = open(data_dir / LOCK_FILE, "a+", encoding="utf-8")  # noqa: SIM115 - held until exit
     except OSError as exc:
-        _fail(f"cannot start: data directory {data_dir}: {exc.strerror}")
+        fail(f"cannot start: data directory {data_dir}: {exc.strerror}")
     try:
         fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as exc:
@@ -87,7 +83,7 @@ def _lock_data_dir(data_dir: Path) -> IO[str]:
         fh.seek(0)
         holder = fh.read().strip() or "?"
         fh.close()
-        _fail(
+        fail(
             f"cannot start: another idgate (pid {holder}) is serving data directory {data_dir} "
             f"(lock {data_dir / LOCK_FILE}); stop it or use another --data-dir"
         )
@@ -138,7 +134,7 @@ def _listen(host: str, port: int) -> socket.socket:
     except OSError as exc:
         sock.close()
         reason = "already in use" if exc.errno == errno.EADDRINUSE else exc.strerror
-        _fail(f"cannot start: {host}:{port}: {reason} (another process listens there? use --port)")
+        fail(f"cannot start: {host}:{port}: {reason} (another process listens there? use --port)")
     sock.set_inheritable(False)
     return sock
 
@@ -221,7 +217,7 @@ def serve(config_path: Path | None, host: str, port: int, data_dir: Path | None)
     try:
         settings = Settings.from_env(config_path=config_path, data_dir=data_dir)
     except SettingsError as exc:
-        _fail(f"cannot start: {exc}")
+        fail(f"cannot start: {exc}")
     # Before any start-up work: the port (nothing on disk yet), then the data directory's lock.
     listener = _listen(host, port)
     lock = _lock_data_dir(settings.data_dir)
@@ -229,7 +225,7 @@ def serve(config_path: Path | None, host: str, port: int, data_dir: Path | None)
         app = create_app(settings)
         config = load_config(settings.config_path, dev=settings.dev)
     except (SettingsError, ConfigProblems, InvalidKeyMaterial, MissingKey, InvalidLedgerKey) as exc:
-        _fail(f"cannot start: {exc}")
+        fail(f"cannot start: {exc}")
     if settings.gil_switch_interval_seconds > 0:
         sys.setswitchinterval(settings.gil_switch_interval_seconds)
     shown_host = f"[{host}]" if ":" in host else host
@@ -300,7 +296,7 @@ def keys_generate(tenants: tuple[str, ...], out: Path | None) -> None:
             before = _key_versions(existing) if existing.strip() else {}
         except (OSError, UnicodeDecodeError, InvalidKeyMaterial) as exc:
             reason = exc.strerror if isinstance(exc, OSError) else "it is not a key document"
-            _fail(f"{out}: {reason}; refusing to overwrite it (choose another --out)")
+            fail(f"{out}: {reason}; refusing to overwrite it (choose another --out)")
         existing = existing if existing.strip() else None
     doc = new_key_document(list(tenants), existing)
     if out is None:
@@ -309,7 +305,7 @@ def keys_generate(tenants: tuple[str, ...], out: Path | None) -> None:
     after = _key_versions(doc)
     lost = [f"{t} v{v}" for t, versions in before.items() for v in versions if v not in after.get(t, ())]
     if lost:  # new_key_document only adds versions; this guards the file against any change to that
-        _fail(f"{out}: rotation would drop key versions {', '.join(lost)}; file left unchanged")
+        fail(f"{out}: rotation would drop key versions {', '.join(lost)}; file left unchanged")
     _write_secret_file(out, doc, replace=True)
     rotated = ", ".join(f"{t} v{max(after[t])}" for t in tenants)
     click.echo(f"wrote {out} (active: {rotated}); set IDGATE_KEY_FILE={out}", err=True)
@@ -335,9 +331,9 @@ def keys_ledger_key(out: Path | None, force: bool) -> None:
     try:
         _write_secret_file(out, key + "\n", replace=force)
     except FileExistsError:
-        _fail(f"{out} exists; refusing to overwrite a ledger key (--force replaces it, and its key is lost)")
+        fail(f"{out} exists; refusing to overwrite a ledger key (--force replaces it, and its key is lost)")
     except OSError as exc:
-        _fail(f"cannot write {out}: {exc.strerror}")
+        fail(f"cannot write {out}: {exc.strerror}")
     click.echo(f"wrote {out}; set IDGATE_LEDGER_KEY_FILE={out}", err=True)
 
 
@@ -357,7 +353,7 @@ def keys_ledger_public_key(key_file: Path | None) -> None:
     try:
         signer, where = load_cli_signer(key_file)
     except InvalidLedgerKey as exc:
-        _fail(str(exc))
+        fail(str(exc))
     click.echo(signer.public_key_b64)
     click.echo(f"key id {signer.key_id} (from {where})", err=True)
 
@@ -419,14 +415,14 @@ def identity_rebuild(database_url: str | None) -> None:
     path = data_dir_from_env() / "identity.sqlite3"
     url = database_url or os.environ.get("DATABASE_URL") or f"sqlite:///{path}"
     if url == f"sqlite:///{path}" and not path.exists():
-        _fail(f"no identity log at {path} (set IDGATE_DATA_DIR, or --database-url)")
+        fail(f"no identity log at {path} (set IDGATE_DATA_DIR, or --database-url)")
     engine = make_engine(url)
     store = IdentityLogStore(engine)
     try:
         with engine.connect() as conn:
             total = conn.execute(sa.select(sa.func.count()).select_from(LOG)).scalar() or 0
     except sa.exc.DBAPIError as exc:
-        _fail(f"cannot read the identity log: {exc.orig or exc}")
+        fail(f"cannot read the identity log: {exc.orig or exc}")
 
     with click.progressbar(length=total, label="replaying the identity log", file=sys.stderr) as bar:
         report = rebuild(store.all_rows(), progress=bar.update)
@@ -460,17 +456,12 @@ def identity_export_map(tenant: str, destination: str, out: Path, config_path: P
     from identity.identity_map import identity_map
     from identity.store import IdentityLogStore
 
+    settings, cfg = settings_and_config(config_path)
     try:
-        settings = Settings.from_env(config_path=config_path)
-        cfg = load_config(settings.config_path, dev=settings.dev)
         keyring = load_keyring(settings, cfg)
-    except (SettingsError, ConfigProblems, InvalidKeyMaterial, MissingKey) as exc:
-        click.echo(f"idgate: {exc}", err=True)
-        sys.exit(2)
-    found = next((t for t in cfg.tenants if t.id == tenant), None)
-    if found is None:
-        click.echo(f"idgate: unknown tenant {tenant!r}", err=True)
-        sys.exit(2)
+    except (InvalidKeyMaterial, MissingKey) as exc:
+        fail(str(exc))
+    found = tenant_of(cfg, tenant)
     dest = next((d for d in found.destinations if d.id == destination), None)
     if dest is None:
         click.echo(f"idgate: tenant {tenant!r} has no destination {destination!r}", err=True)

@@ -17,7 +17,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import click
 
@@ -30,8 +30,9 @@ from consent.rotation import (
     rekey_sql_state,
     sql_subjects_under,
 )
-from gateway.config import Config, ConfigProblems, load_config
-from gateway.settings import Settings, SettingsError
+from gateway.cli_support import fail, settings_and_config
+from gateway.config import Config
+from gateway.settings import Settings
 from identity.db import make_engine
 from identity.identifiers import node_value
 from identity.pseudonym import (
@@ -57,11 +58,6 @@ def _replace_key_file(path: Path, text: str) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def _fail(message: str, code: int = 2) -> NoReturn:
-    click.echo(f"idgate: {message}", err=True)
-    sys.exit(code)
-
-
 @dataclass
 class _Stores:
     settings: Settings
@@ -79,12 +75,11 @@ class _Stores:
 def _open() -> _Stores:
     from gateway.app import load_keyring
 
+    settings, config = settings_and_config(None)
     try:
-        settings = Settings.from_env()
-        config = load_config(settings.config_path, dev=settings.dev)
         keyring = load_keyring(settings, config)
-    except (SettingsError, ConfigProblems, InvalidKeyMaterial, MissingKey) as exc:
-        _fail(str(exc))
+    except (InvalidKeyMaterial, MissingKey) as exc:
+        fail(str(exc))
     engine = make_engine(settings.consent_database_url)
     migrate_consent(engine)
     client = None
@@ -145,7 +140,7 @@ def _tenants(stores: _Stores, chosen: tuple[str, ...]) -> list[str]:
     known = sorted(stores.keyring.tenants)
     for tenant in chosen:
         if tenant not in known:
-            _fail(f"no key for tenant {tenant!r} (tenants with keys: {', '.join(known)})")
+            fail(f"no key for tenant {tenant!r} (tenants with keys: {', '.join(known)})")
     return list(chosen) or known
 
 
@@ -216,14 +211,14 @@ def keys_retire(tenant: str, version: int) -> None:
     stores = _open()
     try:
         if tenant not in stores.keyring.tenants:
-            _fail(f"no key for tenant {tenant!r}")
+            fail(f"no key for tenant {tenant!r}")
         if version not in stores.keyring.versions(tenant):
-            _fail(f"tenant {tenant!r} has no live key version {version}")
+            fail(f"tenant {tenant!r} has no live key version {version}")
         if version == stores.keyring.active_version(tenant):
-            _fail(f"v{version} is the active version of {tenant!r}: generate a new one first")
+            fail(f"v{version} is the active version of {tenant!r}: generate a new one first")
         left = references(stores, tenant).get(version, {})
         if any(left.values()):
-            _fail(
+            fail(
                 f"refusing to retire {tenant} v{version}: still referred to by "
                 f"{left['consent_subjects']} consent subject(s) and {left['identity_nodes']} identity "
                 "node(s); run `idgate keys rotate` after their identifiers are seen again",
@@ -231,11 +226,11 @@ def keys_retire(tenant: str, version: int) -> None:
             )
         key_file = stores.settings.key_file
         if key_file is None:
-            _fail("retire edits the key file: set IDGATE_KEY_FILE (keys from IDGATE_KEYS cannot be edited)")
+            fail("retire edits the key file: set IDGATE_KEY_FILE (keys from IDGATE_KEYS cannot be edited)")
         try:
             document = retire_key_version(key_file.read_text(encoding="utf-8"), tenant, version)
         except InvalidKeyMaterial as exc:
-            _fail(str(exc), code=1)
+            fail(str(exc), code=1)
         _replace_key_file(key_file, document)
         remaining = sorted(int(v) for v in json.loads(document)["tenants"][tenant]["keys"])
         click.echo(f"retired {tenant} v{version}; live versions {remaining}; restart the gateways", err=True)

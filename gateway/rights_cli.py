@@ -15,8 +15,7 @@ from pathlib import Path
 import click
 import msgspec
 
-from gateway.config import ConfigProblems, load_config
-from gateway.settings import Settings, SettingsError
+from gateway.cli_support import settings_and_config
 
 
 @click.group()
@@ -48,12 +47,7 @@ def rights_list(
     from gateway.rights_setup import rights_clock
     from identity.db import make_engine
 
-    try:
-        settings = Settings.from_env(config_path=config_path)
-        cfg = load_config(settings.config_path, dev=settings.dev)
-    except (SettingsError, ConfigProblems) as exc:
-        click.echo(f"idgate: {exc}", err=True)
-        sys.exit(2)
+    settings, cfg = settings_and_config(config_path)
     ledger = Ledger(make_engine(settings.consent_database_url), None)
     records = []
     after = 0
