@@ -10,7 +10,6 @@ import json
 import os
 import sqlite3
 import subprocess
-import time
 from contextlib import closing
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ import httpx
 from consent.signing import new_ledger_key_b64
 from tests.cli.conftest import Served, ServeFactory, clean_env, idgate
 from tests.conftest import IDGATE, PostgresSchema, RedisNamespace
+from tests.waiting import wait_until
 
 APP = ("acme-app-demo-key", "")
 # person-level identifiers (a login) are asserted by the shop's backend (trust model)
@@ -73,13 +73,12 @@ def sink_events(data_dir: Path) -> list[dict[str, Any]]:
 
 
 def delivered(data_dir: Path, message_id: str, timeout: float = 20) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while True:
-        found = [e for e in sink_events(data_dir) if e.get("messageId") == message_id]
-        if found:
-            return found[0]
-        assert time.monotonic() < deadline, f"{message_id} never reached the warehouse"
-        time.sleep(0.1)
+    found = wait_until(
+        lambda: [e for e in sink_events(data_dir) if e.get("messageId") == message_id],
+        timeout,
+        what=f"{message_id} at the warehouse",
+    )
+    return found[0]
 
 
 def audit_records(gw: Served, anon: str) -> list[dict[str, Any]]:
@@ -241,11 +240,12 @@ def test_keys_rotate_resumes_after_a_kill_and_retire_waits_for_nothing_to_refer_
     # a run killed mid-way leaves its cursor where it stopped
     argv = [str(IDGATE), "keys", "rotate", "--batch-size", "1", "--throttle-ms", "25"]
     run = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 60
-    while rotation_cursor(data) < 20:
+
+    def moved_twenty() -> bool:
         assert run.poll() is None, run.communicate()
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
+        return rotation_cursor(data) >= 20
+
+    wait_until(moved_twenty, 60, what="keys rotate to move 20 subjects")
     run.kill()
     run.wait()
     stopped_at = rotation_cursor(data)

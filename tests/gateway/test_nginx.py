@@ -13,7 +13,6 @@ import base64
 import http.client
 import shutil
 import subprocess
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +31,7 @@ from tests.conftest import (
     require_marker,
 )
 from tests.sensors.conftest import encode, sensors_event
+from tests.waiting import wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.nginx]
 
@@ -100,17 +100,16 @@ def lb(gateway: Gateway, tmp_path_factory: pytest.TempPathFactory) -> Iterator[N
         stderr=subprocess.STDOUT,
     )
     lb = Nginx(public, internal)
-    deadline = time.monotonic() + 20
-    while True:
+
+    def healthy() -> bool:
         if proc.poll() is not None:
             raise RuntimeError(f"nginx exited: {proc.stdout.read().decode() if proc.stdout else ''}")
         try:
-            if lb.request(public, "GET", "/lb-health")[0] == 200:
-                break
+            return lb.request(public, "GET", "/lb-health")[0] == 200
         except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
+            return False
+
+    wait_until(healthy, 20, what="nginx's /lb-health")
     yield lb
     proc.terminate()
     proc.wait(timeout=15)
