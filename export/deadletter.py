@@ -24,6 +24,7 @@ import msgspec
 
 from export.outbox import OutboxRecord, RecordKind, StoredRecord
 from export.outbox_schema import migrate_outbox_database, open_outbox_database, v2_record_fields
+from identity.db import row_id
 
 
 class DeadLetter(msgspec.Struct, frozen=True):
@@ -186,16 +187,17 @@ class SqliteDeadLetters:
         return [self._row(r) for r in rows]
 
     def get(self, entry_id: str) -> DeadLetter | None:
-        if not entry_id.isdigit():
+        rowid = row_id(entry_id)
+        if rowid is None:
             return None
         with self._lock:
             row = self._conn.execute(
-                f"SELECT {self._COLUMNS} FROM dead_letter WHERE id = ?", (int(entry_id),)
+                f"SELECT {self._COLUMNS} FROM dead_letter WHERE id = ?", (rowid,)
             ).fetchone()
         return self._row(row) if row else None
 
     def delete(self, entry_ids: Sequence[str]) -> int:
-        ids = [(int(i),) for i in entry_ids if i.isdigit()]
+        ids = [(rowid,) for rowid in map(row_id, entry_ids) if rowid is not None]
         with self._lock, self._conn:
             self._conn.execute("BEGIN IMMEDIATE")
             return sum(self._conn.execute("DELETE FROM dead_letter WHERE id = ?", i).rowcount for i in ids)

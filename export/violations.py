@@ -24,6 +24,7 @@ from typing import Any
 
 import msgspec
 
+from identity.db import row_id
 from identity.identifiers import Identifier
 
 
@@ -192,16 +193,17 @@ class SqliteViolations:
         return [self._row(r) for r in rows]
 
     def get(self, record_id: str) -> ViolationRecord | None:
-        if not record_id.isdigit():
+        rowid = row_id(record_id)
+        if rowid is None:
             return None
         with self._lock:
             row = self._conn.execute(
-                f"SELECT {self._COLUMNS} FROM plan_violation WHERE id = ?", (int(record_id),)
+                f"SELECT {self._COLUMNS} FROM plan_violation WHERE id = ?", (rowid,)
             ).fetchone()
         return self._row(row) if row else None
 
     def delete(self, record_ids: Sequence[str]) -> int:
-        ids = [(int(i),) for i in record_ids if i.isdigit()]
+        ids = [(rowid,) for rowid in map(row_id, record_ids) if rowid is not None]
         with self._lock:
             before = self._conn.total_changes
             self._conn.executemany("DELETE FROM plan_violation WHERE id = ?", ids)

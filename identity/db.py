@@ -111,6 +111,19 @@ def sqlite_connect(
 # -- SQLAlchemy engines -----------------------------------------------------------------------
 
 
+_MAX_ROW_ID = 2**63 - 1
+
+
+def row_id(text: str) -> int | None:
+    """A SQLite rowid named in a URL or a CLI argument, or None when it cannot be one: only
+    ASCII digits (``"²".isdigit()`` is true but ``int`` refuses it) and within SQLite's
+    64-bit integer range (a longer number would overflow the driver, not miss the row)."""
+    if not (text.isascii() and text.isdigit()):
+        return None
+    value = int(text)
+    return value if value <= _MAX_ROW_ID else None
+
+
 def _sqlite_on_connect(dbapi_connection: sqlite3.Connection, _record: Any) -> None:
     # pysqlite's own implicit BEGIN would be DEFERRED and would come too late; we emit BEGIN
     # ourselves in _sqlite_on_begin (the SQLAlchemy recipe for SQLite transactions).

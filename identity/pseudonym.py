@@ -82,7 +82,7 @@ class Pseudonymiser:
 def key_version_of(pseudonym: str) -> int | None:
     """The key version a pseudonym (``k<v>.<22 chars>``) was made with; None otherwise."""
     head, dot, _ = pseudonym.partition(".")
-    if not dot or len(head) < 2 or head[0] != "k" or not head[1:].isdigit():
+    if not dot or len(head) < 2 or head[0] != "k" or not (head[1:].isascii() and head[1:].isdigit()):
         return None
     return int(head[1:])
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import gzip
 import json
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -43,7 +44,8 @@ from tests.gateway.conftest import in_process_app
 
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
 # Examples per operation and generation mode: about 25 operations, well under two minutes.
-EXAMPLES_PER_OPERATION = 30
+# A deeper hunt: IDGATE_FUZZ_EXAMPLES=300 make test PYTEST_ARGS=tests/gateway/test_openapi_fuzz.py
+EXAMPLES_PER_OPERATION = int(os.environ.get("IDGATE_FUZZ_EXAMPLES", "30"))
 ADMIN_TOKENS = {"compliance": COMPLIANCE_TOKEN, "operator": OPERATOR_TOKEN}
 TENANTS = ("shop", "mall")
 NOTICES = ("notice-v1",)

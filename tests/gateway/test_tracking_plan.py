@@ -279,6 +279,11 @@ def test_enforce_keeps_violations_then_replays_them_after_the_plan_is_fixed(
     assert shown["event"]["properties"]["price"] == "9.90"
     assert shown["event"]["anonymousId"] != bad["anonymousId"]  # pseudonymised, never raw
     assert bad["anonymousId"] not in (gw.data_dir / "violations.sqlite3").read_bytes().decode("latin-1")
+    # ids that are not a stored row: a clear 404, never a 500 (fuzzing found "²", a digit to
+    # str.isdigit that int() refuses, and a number past SQLite's 64-bit range)
+    for missing in ("%C2%B2", "99999999999999999999999", "0", "abc"):
+        answer = admin(gw, "GET", f"/admin/plan/violations/{missing}")
+        assert answer.status_code == 404, (missing, answer.text)
 
     # replay before the fix: still violating, kept
     again = admin(gw, "POST", "/admin/plan/violations/replay", json={"tenant": "shop", "all": True})
