@@ -16,7 +16,8 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Dialect
 from sqlmodel import Field, SQLModel
 
-RecordType = Literal["consent", "notice", "rights_request", "subject_flag"]
+# "retention_run": what one retention run removed from the stores (consent.retention).
+RecordType = Literal["consent", "notice", "rights_request", "subject_flag", "retention_run"]
 # "cleared" undoes a subject flag (a subject no longer flagged as a minor).
 RecordState = Literal[
     "given",
