@@ -139,6 +139,8 @@ class DeliveryProof(SQLModel, table=True):
     sees the deliveries of all replicas."""
 
     __tablename__ = "consent_delivery"
+    # retention runs and breach queries select by destination and time
+    __table_args__ = (sa.Index("ix_consent_delivery_destination_at", "destination", "delivered_at"),)
 
     ledger_seq: int = Field(sa_column=sa.Column(sa.BigInteger(), primary_key=True))
     destination: str = Field(primary_key=True)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import msgspec
 import structlog
+from prometheus_client import Counter
 
 from consent.access_log import AccessLog
 from consent.ledger import Ledger
@@ -23,6 +24,13 @@ from export.retention import EXPORT_STORES, DestinationPeriod, cutoff, destinati
 from gateway.config import Config, Tenant
 
 log = structlog.get_logger(__name__)
+
+REMOVED = Counter(
+    "idgate_retention_removed_total",
+    "Entries (files for the file sinks) removed by retention runs, by tenant (none for the "
+    "shared dedupe entries) and store",
+    ["tenant", "store"],
+)
 
 # what one tenant's run goes through, in order (a progress bar counts these)
 RUN_STEPS = (*EXPORT_STORES, "consent")
@@ -68,11 +76,15 @@ async def run_retention(
     only: str | None = None,
     now: datetime | None = None,
     step: Callable[[str], None] = lambda store: None,
+    record_empty: bool = True,
 ) -> list[RetentionRun]:
     """One run over every store for each tenant with periods; an applied run is recorded in
-    the ledger per tenant (``by``: who ran it). ``step`` is called after each of ``RUN_STEPS``."""
+    the ledger per tenant (``by``: who ran it; without ``record_empty`` only when it removed
+    something). ``step`` is called after each of ``RUN_STEPS``."""
     started = now or datetime.now(UTC)
     dedupe = await stores.outbox.expire_dedupe(apply=apply)
+    if apply:
+        REMOVED.labels("", "dedupe_entries").inc(dedupe)  # shared by the tenants
     runs = []
     for tenant in limited_tenants(config, only):
         periods = tenant_periods(tenant)
@@ -110,6 +122,10 @@ async def run_retention(
             access_log_cutoff=access_cutoff,
         )
         if apply:
+            for store, n in removed.items():
+                if store != "dedupe_entries":
+                    REMOVED.labels(tenant.id, store).inc(n)
+        if apply and (record_empty or any(removed.values())):
             seq = await asyncio.to_thread(record_run, stores.ledger, run, started_at=started, by=by)
             run = msgspec.structs.replace(run, ledger_seq=seq)
         log.info("retention.run", tenant=tenant.id, apply=apply, removed=removed, ledger_seq=run.ledger_seq)
@@ -121,12 +137,15 @@ async def retention_periodically(
     config: Config, stores: RetentionStores, interval_seconds: float, replica: str
 ) -> None:
     """The gateway's job: an applied run every ``interval_seconds`` (the first one interval
-    after the start); a failed run is logged and tried again at the next interval."""
+    after the start), ledgered when it removed something (an hourly "nothing to do" would
+    only fill the ledger); a failed run is logged and tried again at the next interval.
+    Every replica runs it: the file sinks are each replica's own, and the shared stores
+    make a second removal a no-op."""
     if interval_seconds <= 0 or not limited_tenants(config):
         return
     while True:
         await asyncio.sleep(interval_seconds)
         try:
-            await run_retention(config, stores, apply=True, by=f"retention-job:{replica}")
+            await run_retention(config, stores, apply=True, by=f"retention-job:{replica}", record_empty=False)
         except Exception as exc:  # the next interval tries again
             log.error("retention.run_failed", error=type(exc).__name__)

@@ -418,6 +418,8 @@ def test_the_gateway_enforces_retention_on_its_own(old_sink_file_gateway: Gatewa
         return [r for r in got.json()["records"] if r["type"] == "retention_run"]
 
     runs = wait_until(ledgered_runs, 10, what="the job's retention_run record")
+    metrics = httpx.get(f"{gw.url}/metrics", timeout=10).text
+    assert 'idgate_retention_removed_total{store="sink_files",tenant="mall"} 1.0' in metrics
     assert runs[0]["detail"]["removed"]["sink_files"] == 1 and runs[0]["source"].startswith(
         "retention-job:"
     ), runs
