@@ -69,6 +69,13 @@ class BreachReport(msgspec.Struct, frozen=True, rename="camel"):
     truncated: bool = False
 
 
+def subject_node(subject: str | None, identifiers: list[str]) -> str | None:
+    """The node (``<type>:<pseudonym>``) of a record's subject among its identifiers."""
+    return next(
+        (n for n in identifiers if n.partition(":")[2] == subject), identifiers[0] if identifiers else None
+    )
+
+
 @dataclass
 class _Seen:
     first: datetime
@@ -95,16 +102,14 @@ def breach_report(
     rows = rows[:limit]
     seqs = sorted({seq for _, seq, _ in rows})
     records: dict[int, tuple[str | None, list[str]]] = {}
+    t = _LEDGER.c
     with proofs.engine.connect() as conn:
         for chunk in range(0, len(seqs), 1000):
-            part = seqs[chunk : chunk + 1000]
-            for seq, identifiers, purposes, record_tenant in conn.execute(
-                sa.select(_LEDGER.c.seq, _LEDGER.c.identifiers, _LEDGER.c.purposes, _LEDGER.c.tenant).where(
-                    _LEDGER.c.seq.in_(part)
-                )
-            ):
-                if record_tenant == tenant:
-                    records[int(seq)] = ((identifiers or [None])[0], list(purposes or []))
+            query = sa.select(t.seq, t.subject, t.identifiers, t.purposes).where(
+                t.seq.in_(seqs[chunk : chunk + 1000]), t.tenant == tenant
+            )
+            for seq, subject, identifiers, purposes in conn.execute(query):
+                records[int(seq)] = (subject_node(subject, identifiers or []), list(purposes or []))
     needed = set(destination_purposes)
     by_subject: dict[str, _Seen] = {}
     message_purposes: dict[str, set[str]] = {}
