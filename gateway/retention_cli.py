@@ -150,43 +150,26 @@ def breach(
     """Breach query (PIPL Art. 57): the subjects (pseudonyms), purposes and number of events
     sent to a destination in a window, to notify the people concerned. Access-logged."""
     from consent.access_log import AccessLog
-    from consent.breach import BreachQueryError, breach_report
     from consent.proofs import DeliveryProofs
-    from gateway.admin.deps import parse_time
+    from gateway.admin.breach import access_params, breach_query
     from gateway.errors import InvalidRequest
 
     settings, cfg = settings_and_config(config_path)
-    found = tenant_of(cfg, tenant)
-    dest = next((d for d in found.destinations if d.id == destination), None)
-    if dest is None:
-        fail(f"--destination: tenant {tenant!r} has no destination {destination!r}")
-    try:
-        moment_from, moment_to = parse_time(start, "from"), parse_time(end, "to")
-    except InvalidRequest as exc:
-        fail(f"--{exc.field}: {exc.detail}")
-    assert moment_from is not None and moment_to is not None
+    tenant_of(cfg, tenant)
     engine = _consent_engine(settings)
     proofs = DeliveryProofs(engine)
     try:
-        report = breach_report(
-            proofs,
-            tenant=tenant,
-            destination=destination,
-            destination_purposes=dest.purposes,
-            start=moment_from,
-            end=moment_to,
-        )
-    except BreachQueryError as exc:
+        report = breach_query(cfg, proofs, tenant=tenant, destination=destination, start=start, end=end)
+    except InvalidRequest as exc:
         fail(f"--{exc.field}: {exc.detail}")
     finally:
         proofs.close()
-    params = {"destination": destination, "from": moment_from.isoformat(), "to": moment_to.isoformat()}
     AccessLog(engine).write(
         officer=f"cli:{getpass.getuser()}",
         role="cli",
         action="breach.query",
         tenant=tenant,
-        params=params,
+        params=access_params(report),
         count=len(report.subjects),
     )
     if as_json:
@@ -194,7 +177,7 @@ def breach(
         return
     purposes = ", ".join(f"{p} {n}" for p, n in report.purposes.items()) or "none"
     click.echo(
-        f"{destination} from {moment_from.isoformat()} to {moment_to.isoformat()}: {report.events} events, "
+        f"{destination} from {report.start.isoformat()} to {report.end.isoformat()}: {report.events} events, "
         f"{len(report.subjects)} subjects; purposes: {purposes}"
         + (" (truncated: narrow the window)" if report.truncated else "")
     )

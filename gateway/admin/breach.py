@@ -7,7 +7,6 @@ only; every query is in the access log.
 from __future__ import annotations
 
 import asyncio
-from datetime import datetime
 from typing import Annotated
 
 import msgspec
@@ -20,6 +19,7 @@ from consent.breach import BreachQueryError, BreachReport, breach_report
 from consent.proofs import DeliveryProofs
 from gateway.admin.deps import ADMIN_DEPENDENCIES, READ_ERRORS, AdminServices, log_access, parse_time
 from gateway.auth import Officer, admin_guard, roles
+from gateway.config import Config
 from gateway.errors import InvalidRequest
 from identity.service import IdentityResolutionOff
 
@@ -30,10 +30,6 @@ _EDGE = {"schema_extra": {"format": "date-time"}, "description": "ISO 8601 (a ti
 def _proofs(state: State) -> DeliveryProofs:
     proofs: DeliveryProofs = state.proofs
     return proofs
-
-
-def query_error(exc: BreachQueryError) -> InvalidRequest:
-    return InvalidRequest("invalid_field", exc.detail, exc.field)
 
 
 class BreachController(Controller):
@@ -64,36 +60,55 @@ class BreachController(Controller):
         the person's unified ID) and purpose. A window spans at most 366 days; 400 names the
         field (``from``, ``to``, ``destination``) of a bad query."""
         services.tokens.check_tenant(officer, tenant)
-        found = next((t for t in services.config.tenants if t.id == tenant), None)
-        dest = next((d for d in found.destinations if d.id == destination), None) if found else None
-        if dest is None:
-            raise InvalidRequest(
-                "invalid_field", f"tenant {tenant!r} has no destination {destination!r}", "destination"
-            )
-        moment_from, moment_to = window_edge(start, "from"), window_edge(end, "to")
-        try:
-            report = await asyncio.to_thread(
-                breach_report,
-                proofs,
-                tenant=tenant,
-                destination=destination,
-                destination_purposes=dest.purposes,
-                start=moment_from,
-                end=moment_to,
-            )
-        except BreachQueryError as exc:
-            raise query_error(exc) from None
+        report = await asyncio.to_thread(
+            breach_query,
+            services.config,
+            proofs,
+            tenant=tenant,
+            destination=destination,
+            start=start,
+            end=end,
+        )
         report = with_unified_ids(services, tenant, report)
-        params = {"destination": destination, "from": moment_from.isoformat(), "to": moment_to.isoformat()}
-        await log_access(services, officer, "breach.query", tenant, params, len(report.subjects))
+        await log_access(
+            services, officer, "breach.query", tenant, access_params(report), len(report.subjects)
+        )
         return report
 
 
-def window_edge(value: str, field: str) -> datetime:
-    moment = parse_time(value, field)
-    if moment is None:  # only for an absent value, which Litestar answers before
-        raise InvalidRequest("invalid_field", f"{field} is required", field)
-    return moment
+def breach_query(
+    config: Config, proofs: DeliveryProofs, *, tenant: str, destination: str, start: str, end: str
+) -> BreachReport:
+    """The breach report of a query as an officer writes it (the API's and the CLI's): a 400
+    ``InvalidRequest`` naming the field (``destination``, ``from``, ``to``) otherwise.
+    Blocking; the tenant is known and the caller's to see."""
+    found = next(t for t in config.tenants if t.id == tenant)
+    dest = next((d for d in found.destinations if d.id == destination), None)
+    if dest is None:
+        raise InvalidRequest(
+            "invalid_field", f"tenant {tenant!r} has no destination {destination!r}", "destination"
+        )
+    moment_from, moment_to = parse_time(start, "from"), parse_time(end, "to")
+    if moment_from is None or moment_to is None:  # parse_time answers None only for None
+        raise InvalidRequest(
+            "invalid_field", "from and to are required", "from" if moment_from is None else "to"
+        )
+    try:
+        return breach_report(
+            proofs,
+            tenant=tenant,
+            destination=destination,
+            destination_purposes=dest.purposes,
+            start=moment_from,
+            end=moment_to,
+        )
+    except BreachQueryError as exc:
+        raise InvalidRequest("invalid_field", exc.detail, exc.field) from None
+
+
+def access_params(report: BreachReport) -> dict[str, str]:
+    """What the access log keeps of a breach query."""
+    return {"destination": report.destination, "from": report.start.isoformat(), "to": report.end.isoformat()}
 
 
 def with_unified_ids(services: AdminServices, tenant: str, report: BreachReport) -> BreachReport:
