@@ -43,6 +43,7 @@ from gateway.openapi import docs_assets_routers, finish_document, openapi_config
 from gateway.pipeline import Ingestor, IngestServices
 from gateway.plan_admin import PlanViolationsController
 from gateway.rate_limits import open_rate_limiter
+from gateway.retention_setup import RetentionStores, retention_periodically
 from gateway.rights_setup import open_rights, resume_open_requests
 from gateway.sensors_http import SENSORS_ROUTES, document_sensors_routes
 from gateway.settings import Settings
@@ -246,6 +247,16 @@ def create_app(settings: Settings | None = None) -> Litestar:
         await delivery.start()
         resumed = asyncio.create_task(resume_open_requests(state.rights), name="rights-resume")
         monitoring.start()
+        state.proofs = consent.proofs  # the breach query (gateway.admin.breach)
+        retention_stores = RetentionStores(
+            outbox, dead_letters, consent.proofs, consent.access_log, consent.ledger, settings.sink_dir
+        )
+        retention = asyncio.create_task(
+            retention_periodically(
+                config, retention_stores, settings.retention_interval_seconds, settings.replica_id
+            ),
+            name="retention",
+        )
         checkpoints = asyncio.create_task(
             checkpoint_periodically(consent.ledger, settings.checkpoint_seconds), name="ledger-checkpoint"
         )
@@ -269,6 +280,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             yield
         finally:
             checkpoints.cancel()
+            retention.cancel()
             health.cancel()
             resumed.cancel()
             await monitoring.stop()

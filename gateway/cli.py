@@ -31,6 +31,7 @@ from gateway.dlq_cli import dlq
 from gateway.keys_cli import keys_retire, keys_rotate
 from gateway.logging import configure_logging
 from gateway.plan_cli import plan
+from gateway.retention_cli import breach, retention
 from gateway.rights_cli import rights
 from gateway.settings import (
     DEV_LEDGER_KEY_FILE,
@@ -393,6 +394,8 @@ keys.add_command(keys_retire)
 main.add_command(rights)
 main.add_command(plan)
 main.add_command(alerts)
+main.add_command(retention)
+main.add_command(breach)
 
 
 @main.group()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import re
 import tomllib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
@@ -175,6 +175,29 @@ class IdentityConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     client_links: Literal["verified", "unowned"] = "verified"
 
 
+class RetentionConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """``[tenants.retention]``: how long idgate keeps what it holds for delivery (outbox, dead
+    letters, file sinks, delivery proofs, person index), in days (export.retention). A
+    destination keeps data for the shortest of its own period and its purposes'; ``days``
+    applies when neither is set; 0 keeps data until delivered and pruned. The floors are
+    the law's (consent.retention): lower values are refused."""
+
+    days: int = 0
+    purposes: dict[str, int] = {}
+    destinations: dict[str, int] = {}
+    # The consent ledger and the rights-request records in it (never removed by idgate: the
+    # hash chain proves it); at least 3 years.
+    ledger_days: int = 3 * 365
+    rights_requests_days: int = 3 * 365
+    # The officers' access log: entries older than this are removed; 0 keeps them for good;
+    # otherwise at least 183 days (6 months).
+    access_log_days: int = 0
+
+    @property
+    def limits_data(self) -> bool:
+        return bool(self.days or self.purposes or self.destinations or self.access_log_days)
+
+
 class Tenant(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     id: str
     name: str = ""
@@ -208,6 +231,7 @@ class Tenant(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     kpis: list[KpiDefinition] = []
     # Alert rules over the KPIs (export.alerts), notifying [[alert_channels]].
     alerts: list[AlertRule] = []
+    retention: RetentionConfig = RetentionConfig()
 
     def all_kpis(self) -> list[KpiDefinition]:
         own = {k.id for k in self.kpis}
@@ -484,6 +508,7 @@ def _check_tenant(t: Tenant, where: str, dev: bool, problems: list[str], seen_ke
             problems.append(f"{where}.notices[{j}].id: duplicate notice id {n.id!r}")
         notice_ids.add(n.id)
     problems.extend(check_kpis(t.kpis, purposes, f"{where}.kpis", t.all_kpis()))
+    _check_retention(t, f"{where}.retention", purposes, dest_ids, problems)
     if not t.consent.enforce and not dev:
         problems.append(f"{where}.consent.enforce: false is only allowed with IDGATE_ENV=dev")
     from identity.identifiers import IDENTIFIER_TYPES
@@ -500,6 +525,33 @@ def _check_tenant(t: Tenant, where: str, dev: bool, problems: list[str], seen_ke
                 section == "device_fields" and id_type == "advertising"
             ):
                 problems.append(f"{where}.identity.{section}.{key}: unknown identifier type {id_type!r}")
+
+
+def _check_retention(
+    t: Tenant, where: str, purposes: Mapping[str, Purpose], destinations: set[str], problems: list[str]
+) -> None:
+    from consent.retention import floor_problems
+
+    r = t.retention
+    if r.days < 0:
+        problems.append(f"{where}.days: must be 0 (no limit) or a number of days")
+    for section, periods, known in (
+        ("purposes", r.purposes, set(purposes)),
+        ("destinations", r.destinations, destinations),
+    ):
+        for name, days in periods.items():
+            if name not in known:
+                problems.append(f"{where}.{section}.{name}: unknown {section[:-1]} {name!r}")
+            if days < 1:
+                problems.append(f"{where}.{section}.{name}: must be at least 1 day")
+    problems.extend(
+        floor_problems(
+            ledger_days=r.ledger_days,
+            rights_requests_days=r.rights_requests_days,
+            access_log_days=r.access_log_days,
+            where=where,
+        )
+    )
 
 
 def _load_tenant_plan(tenant: Tenant, where: str, path: str, problems: list[str]) -> Tenant:

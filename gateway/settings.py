@@ -150,6 +150,8 @@ class Settings:
     # immediate apply failed (Redis down), or that a restored Redis lost, takes effect on
     # every replica within this period.
     consent_reconcile_seconds: float = 1.0
+    # How often the gateway enforces the tenants' retention periods (0: never; the CLI can).
+    retention_interval_seconds: float = 3600.0
     http: HttpLimits = HttpLimits()
 
     @property
@@ -237,5 +239,6 @@ class Settings:
             consent_reconcile_seconds=min(
                 4.0, max(0.1, _env_int("IDGATE_CONSENT_RECONCILE_MS", 1000) / 1000)
             ),
+            retention_interval_seconds=max(0, _env_int("IDGATE_RETENTION_INTERVAL_SECONDS", 3600)),
             http=HttpLimits.from_env(),
         )

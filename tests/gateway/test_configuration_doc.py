@@ -30,6 +30,7 @@ STRUCTS = (
     cfg.Recipient,
     cfg.RetryPolicy,
     cfg.RightsConfig,
+    cfg.RetentionConfig,
     cfg.KpiDefinition,
     cfg.AlertRule,
     cfg.AlertChannel,
