@@ -26,11 +26,14 @@ from typing import Any, Literal, Protocol
 import msgspec
 import structlog
 
-from export.kpis import WINDOWS, KpiDefinition, KpiReport, WindowValue
+from export.kpis import COMPARE_OFFSETS, WINDOWS, KpiDefinition, KpiReport, WindowValue
 
 log = structlog.get_logger("idgate.alerts")
 
 Condition = Literal["below", "above", "drop", "rise"]
+Compare = Literal["previous", "day_ago", "week_ago"]
+# How long a window lasts in config checks, which know no IDGATE_KPI_BUCKET_MS: the default.
+CHECK_BUCKET_SECONDS = 60
 ChannelKind = Literal["dingtalk", "feishu", "wecom", "webhook", "email"]
 
 
@@ -42,11 +45,15 @@ class AlertRule(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     # the sliding window, in KPI buckets (1, 5, 10 or 60)
     window: int = 10
     # below / above: the value against ``threshold``; drop / rise: the relative change
-    # against the window before (threshold 0.2: by 20 %)
+    # against ``compare`` (threshold 0.2: by 20 %)
     condition: Condition = "below"
     threshold: float = 0.0
+    # drop / rise: the window before, or the same window a day or a week earlier
+    compare: Compare = "previous"
     # fewer counted events than this in the window: the rule stays quiet
     min_volume: int = 0
+    # how long the condition must hold before the rule fires (pending until then)
+    for_seconds: int = 0
     # after a notification, another firing one waits at least this long (no flapping spam)
     cooldown_seconds: int = 600
     severity: Literal["info", "warning", "critical"] = "warning"
@@ -75,8 +82,14 @@ class AlertChannel(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
 
 
 def check_alerts(
-    rules: Sequence[AlertRule], kpis: Sequence[KpiDefinition], channels: Sequence[AlertChannel], where: str
+    rules: Sequence[AlertRule],
+    kpis: Sequence[KpiDefinition],
+    channels: Sequence[AlertChannel],
+    where: str,
+    history_seconds: float = 0,
 ) -> list[str]:
+    """The problems of a tenant's rules; ``history_seconds``: how long the tenant keeps KPI
+    history (``kpi_history_days``), which a day / week comparison must fit in."""
     problems: list[str] = []
     kpi_ids = {k.id for k in kpis}
     channel_ids = {c.id for c in channels}
@@ -92,8 +105,18 @@ def check_alerts(
             problems.append(f"{w}.window: must be one of {', '.join(map(str, WINDOWS))} (buckets)")
         if r.condition in ("drop", "rise") and not 0 < r.threshold < 1:
             problems.append(f"{w}.threshold: a relative change is a fraction between 0 and 1")
-        if r.min_volume < 0 or r.cooldown_seconds < 0:
-            problems.append(f"{w}: min_volume and cooldown_seconds cannot be negative")
+        if r.min_volume < 0 or r.cooldown_seconds < 0 or r.for_seconds < 0:
+            problems.append(f"{w}: min_volume, for_seconds and cooldown_seconds cannot be negative")
+        if r.compare != "previous":
+            if r.condition not in ("drop", "rise"):
+                problems.append(f"{w}.compare: only a drop or rise compares with {r.compare}")
+            reach = COMPARE_OFFSETS[r.compare] + r.window * CHECK_BUCKET_SECONDS
+            if reach > history_seconds:
+                problems.append(
+                    f"{w}.compare: {r.compare} over a {r.window}-bucket window reaches back "
+                    f"{reach / 86400:.2f} days, beyond the tenant's kpi_history_days "
+                    f"({history_seconds / 86400:g})"
+                )
         for c in r.channels:
             if c not in channel_ids:
                 problems.append(f"{w}.channels: unknown channel {c!r}")
@@ -146,7 +169,7 @@ def evaluate(rule: AlertRule, value: WindowValue) -> Verdict:
         return "firing" if v < rule.threshold else "ok"
     if rule.condition == "above":
         return "firing" if v > rule.threshold else "ok"
-    prev = value.previous
+    prev = value.compared(rule.compare)
     if not prev:  # nothing to compare with: no change can be seen
         return "ok"
     change = (v - prev) / abs(prev)
@@ -156,14 +179,15 @@ def evaluate(rule: AlertRule, value: WindowValue) -> Verdict:
 
 
 class RuleState(msgspec.Struct, rename="camel", omit_defaults=True):
-    state: Literal["ok", "firing"] = "ok"
+    # pending: the condition holds, for less than the rule's for_seconds yet
+    state: Literal["ok", "pending", "firing"] = "ok"
     since: float = 0.0
     last_notified: float = 0.0  # the last firing notification
     announced: bool = False  # this firing was notified (so its resolution is too)
     evaluated_at: float = 0.0
     evaluations: int = 0
     value: float | None = None
-    previous: float | None = None
+    previous: float | None = None  # what the value was compared with (the rule's compare)
     notifications: int = 0
     failures: int = 0
 
@@ -268,10 +292,17 @@ class Notice:
         line = f"{r.kpi} {r.condition} {r.threshold:g} over {self.window_minutes:g} min"
         return (
             f"{self.title()}\n{r.description or line}\n"
-            f"{r.kpi}: {fmt(self.value)} (window before: {fmt(self.previous)}), "
+            f"{r.kpi}: {fmt(self.value)} ({COMPARED_WITH[r.compare]}: {fmt(self.previous)}), "
             f"{self.volume} events; rule: {line}\n"
             f"dashboard: /admin/kpis?tenant={self.tenant}&kpi={r.kpi}"
         )
+
+
+COMPARED_WITH: dict[str, str] = {
+    "previous": "window before",
+    "day_ago": "a day earlier",
+    "week_ago": "a week earlier",
+}
 
 
 def dingtalk_signed_url(url: str, secret: str, now_ms: int) -> str:
@@ -429,10 +460,14 @@ class AlertEvaluator:
         verdict = evaluate(rule, value)
         state.evaluated_at = now
         state.evaluations += 1
-        state.value, state.previous = value.value, value.previous
+        state.value, state.previous = value.value, value.compared(rule.compare)
         status: Literal["firing", "resolved"] | None = None
         if verdict == "firing" and state.state == "ok":
-            state.state, state.since = "firing", now
+            state.state, state.since = "pending", now
+        if verdict == "ok" and state.state == "pending":  # did not hold for long enough
+            state.state, state.since = "ok", now
+        if verdict == "firing" and state.state == "pending" and now - state.since >= rule.for_seconds:
+            state.state = "firing"  # since: when the condition started to hold
             # within the cooldown of the last firing notification it fires silently (and
             # resolves silently): a flapping KPI pages once
             state.announced = not state.last_notified or now - state.last_notified >= rule.cooldown_seconds
@@ -449,7 +484,7 @@ class AlertEvaluator:
         if status is None:
             return
         log.info("alerts.transition", tenant=tenant, rule=rule.id, status=status, value=value.value)
-        notice = Notice(tenant, rule, status, value.value, value.previous, value.counted, minutes)
+        notice = Notice(tenant, rule, status, value.value, state.previous, value.counted, minutes)
         sent = await asyncio.gather(*(self.notifier.send(c, notice) for c in rule.channels))
         state.notifications += sum(sent)
         state.failures += len(sent) - sum(sent)

@@ -11,6 +11,12 @@ Each KPI declares the purpose it serves: an event feeds it only with a lawful ba
 purpose (a contract purpose, or a destination the consent decision allowed that needs it).
 Every matching event is counted as "matched", so each KPI reports its consent coverage
 (counted / matched) and a dashboard never undercounts silently.
+
+Comparisons with the same window a day or a week earlier need the buckets of a week ago,
+which the per-source buckets (kept for two of the longest windows) do not reach. The KPIs
+a tenant compares that way (``history``) also go, summed over sources, into a second set
+of buckets kept for the tenant's history retention: totals only, one hash field (or one
+HyperLogLog) per KPI and bucket, so a week costs what one KPI needs, not every KPI.
 """
 
 from __future__ import annotations
@@ -25,6 +31,11 @@ import msgspec
 
 KpiKind = Literal["count", "sum", "distinct", "ratio"]
 WINDOWS: tuple[int, ...] = (1, 5, 10, 60)  # sliding windows, in buckets
+# The source of the history buckets: every source summed (source ids never are "*").
+ALL_SOURCES = "*"
+DAY_SECONDS = 86_400
+# What a rule compares a window with, and how far back that is (seconds; 0: the window before).
+COMPARE_OFFSETS: dict[str, int] = {"previous": 0, "day_ago": DAY_SECONDS, "week_ago": 7 * DAY_SECONDS}
 PropertyValue = str | int | float | bool
 
 
@@ -181,7 +192,11 @@ class KpiStore(Protocol):
         members: Mapping[tuple[str, str], set[bytes]],
     ) -> None: ...
 
-    async def cells(self, tenant: str, buckets: Sequence[int]) -> dict[int, dict[tuple[str, str], Cell]]: ...
+    async def cells(
+        self, tenant: str, buckets: Sequence[int], source: str = ""
+    ) -> dict[int, dict[tuple[str, str], Cell]]:
+        """The cells of these buckets: per source, or (``ALL_SOURCES``) the history."""
+        ...
 
     async def distinct(
         self, tenant: str, kpi: str, sources: Sequence[str], buckets: Sequence[int]
@@ -191,13 +206,15 @@ class KpiStore(Protocol):
 class MemoryKpiStore:
     """The embedded store: dicts and ``datasketch`` HyperLogLogs, pruned past retention."""
 
-    def __init__(self, retention_buckets: int) -> None:
+    def __init__(self, retention_buckets: int, history_buckets: Mapping[str, int] | None = None) -> None:
         # imported here, at start: datasketch pulls numpy and scipy (about a second), which
         # must not land on the first request
         from datasketch import HyperLogLog
 
         self._sketch = HyperLogLog
         self.retention = retention_buckets
+        # tenant -> how many buckets its history (source "*") is kept
+        self.history = dict(history_buckets or {})
         self._cells: dict[tuple[str, int], dict[tuple[str, str], Cell]] = {}
         self._sketches: dict[tuple[str, int, str, str], Any] = {}
         self._newest = 0
@@ -221,13 +238,31 @@ class MemoryKpiStore:
                 sketch.update(v)
 
     def _prune(self, oldest: int) -> None:
-        for key in [k for k in self._cells if k[1] < oldest]:
-            del self._cells[key]
-        for skey in [k for k in self._sketches if k[1] < oldest]:
+        newest = oldest + self.retention
+
+        def expired(tenant: str, bucket: int, source: str) -> bool:
+            if source == ALL_SOURCES:
+                return bucket < newest - max(self.retention, self.history.get(tenant, 0))
+            return bucket < oldest
+
+        for key, cells in list(self._cells.items()):
+            if key[1] >= oldest:
+                continue
+            for cell in [c for c in cells if expired(key[0], key[1], c[1])]:
+                del cells[cell]
+            if not cells:
+                del self._cells[key]
+        for skey in [k for k in self._sketches if k[1] < oldest and expired(k[0], k[1], k[3])]:
             del self._sketches[skey]
 
-    async def cells(self, tenant: str, buckets: Sequence[int]) -> dict[int, dict[tuple[str, str], Cell]]:
-        return {b: dict(self._cells.get((tenant, b), {})) for b in buckets}
+    async def cells(
+        self, tenant: str, buckets: Sequence[int], source: str = ""
+    ) -> dict[int, dict[tuple[str, str], Cell]]:
+        history = source == ALL_SOURCES
+        return {
+            b: {k: c for k, c in self._cells.get((tenant, b), {}).items() if (k[1] == ALL_SOURCES) == history}
+            for b in buckets
+        }
 
     async def distinct(self, tenant: str, kpi: str, sources: Sequence[str], buckets: Sequence[int]) -> int:
         union = self._sketch(p=12)
@@ -245,13 +280,29 @@ class RedisKpiStore:
     """KPIs summed over every replica: one hash per tenant and bucket (``HINCRBY``) and one
     HyperLogLog per KPI, source and bucket (``PFADD``), both expiring after retention."""
 
-    def __init__(self, redis: Any, prefix: str, retention_buckets: int, bucket_seconds: float) -> None:
+    def __init__(
+        self,
+        redis: Any,
+        prefix: str,
+        retention_buckets: int,
+        bucket_seconds: float,
+        history_buckets: Mapping[str, int] | None = None,
+    ) -> None:
         self.redis = redis
         self.prefix = f"{prefix}:kpi"
         self.ttl = max(1, int(retention_buckets * bucket_seconds) + 60)
+        # tenant -> TTL of its history keys (source "*")
+        self.history_ttl = {
+            t: max(self.ttl, int(n * bucket_seconds) + 60) for t, n in (history_buckets or {}).items()
+        }
 
-    def _hash(self, tenant: str, bucket: int) -> str:
-        return f"{self.prefix}:{tenant}:{bucket}"
+    def _hash(self, tenant: str, bucket: int, source: str = "") -> str:
+        # the history (every source summed) in a hash of its own, so it expires on its own
+        where = "history:" if source == ALL_SOURCES else ""
+        return f"{self.prefix}:{where}{tenant}:{bucket}"
+
+    def _ttl(self, tenant: str, source: str) -> int:
+        return self.history_ttl.get(tenant, self.ttl) if source == ALL_SOURCES else self.ttl
 
     def _hll(self, tenant: str, bucket: int, kpi: str, source: str) -> str:
         return f"{self.prefix}:hll:{tenant}:{kpi}:{source}:{bucket}"
@@ -264,25 +315,31 @@ class RedisKpiStore:
         members: Mapping[tuple[str, str], set[bytes]],
     ) -> None:
         pipe = self.redis.pipeline(transaction=False)
-        key = self._hash(tenant, bucket)
+        keys: set[tuple[str, str]] = set()
         for (kpi, source), (m, c, s) in cells.items():
+            key = self._hash(tenant, bucket, source)
+            keys.add((key, source))
             base = f"{kpi}\x1f{source}"
-            pipe.hincrby(key, base + "\x1fm", int(m))
+            if m:  # the history keeps no matched count
+                pipe.hincrby(key, base + "\x1fm", int(m))
             if c:
                 pipe.hincrby(key, base + "\x1fc", int(c))
             if s:
                 pipe.hincrbyfloat(key, base + "\x1fs", s)
-        pipe.expire(key, self.ttl)
+        for key, source in keys:
+            pipe.expire(key, self._ttl(tenant, source))
         for (kpi, source), values in members.items():
             hll = self._hll(tenant, bucket, kpi, source)
             pipe.pfadd(hll, *values)
-            pipe.expire(hll, self.ttl)
+            pipe.expire(hll, self._ttl(tenant, source))
         await pipe.execute()
 
-    async def cells(self, tenant: str, buckets: Sequence[int]) -> dict[int, dict[tuple[str, str], Cell]]:
+    async def cells(
+        self, tenant: str, buckets: Sequence[int], source: str = ""
+    ) -> dict[int, dict[tuple[str, str], Cell]]:
         pipe = self.redis.pipeline(transaction=False)
         for b in buckets:
-            pipe.hgetall(self._hash(tenant, b))
+            pipe.hgetall(self._hash(tenant, b, source))
         out: dict[int, dict[tuple[str, str], Cell]] = {}
         for b, raw in zip(buckets, await pipe.execute(), strict=True):
             held: dict[tuple[str, str], Cell] = {}
@@ -336,8 +393,10 @@ class BufferedKpiStore:
                 await self.add(tenant, bucket, held, sets)  # next time
                 raise
 
-    async def cells(self, tenant: str, buckets: Sequence[int]) -> dict[int, dict[tuple[str, str], Cell]]:
-        return await self.inner.cells(tenant, buckets)
+    async def cells(
+        self, tenant: str, buckets: Sequence[int], source: str = ""
+    ) -> dict[int, dict[tuple[str, str], Cell]]:
+        return await self.inner.cells(tenant, buckets, source)
 
     async def distinct(self, tenant: str, kpi: str, sources: Sequence[str], buckets: Sequence[int]) -> int:
         return await self.inner.distinct(tenant, kpi, sources, buckets)
@@ -356,6 +415,9 @@ class _TenantKpis:
     by_event: dict[str, list[_Compiled]]
     # source id -> platform
     sources: dict[str, str]
+    # the KPIs kept (summed over sources) for day / week comparisons, and for how many buckets
+    history: frozenset[str] = frozenset()
+    history_buckets: int = 0
 
 
 class WindowValue(msgspec.Struct, rename="camel"):
@@ -366,6 +428,14 @@ class WindowValue(msgspec.Struct, rename="camel"):
     counted: int
     coverage: float | None
     previous: float | None = None  # the same KPI over the window before
+    # the same window a day / a week earlier: totals of KPIs kept in history only
+    day_ago: float | None = None
+    week_ago: float | None = None
+
+    def compared(self, compare: str) -> float | None:
+        """The value a rule compares with: ``previous``, ``day_ago`` or ``week_ago``."""
+        value: float | None = getattr(self, compare)
+        return value
 
 
 class KpiWindow(msgspec.Struct, rename="camel"):
@@ -402,7 +472,10 @@ class KpiEngine:
         *,
         bucket_seconds: float = 60.0,
         clock: Callable[[], float] = time.time,
+        history: Mapping[str, tuple[Iterable[str], int]] | None = None,
     ) -> None:
+        """``history``: tenant -> (the KPIs to keep for day / week comparisons, ratios
+        standing for their parts; how many buckets)."""
         self.store = store
         self.bucket_seconds = bucket_seconds
         self.clock = clock
@@ -415,7 +488,18 @@ class KpiEngine:
                 compiled = _Compiled(k, tuple(k.where.items()))
                 for name in k.events:
                     by_event.setdefault(name, []).append(compiled)
-            self.tenants[tenant] = _TenantKpis(tuple(defs), by_event, dict(platforms.get(tenant, {})))
+            kept, kept_buckets = (history or {}).get(tenant, ((), 0))
+            self.tenants[tenant] = _TenantKpis(
+                tuple(defs),
+                by_event,
+                dict(platforms.get(tenant, {})),
+                history_parts(defs, kept),
+                kept_buckets,
+            )
+
+    def offset_buckets(self, compare: str) -> int:
+        """How many buckets back a comparison looks (``day_ago``, ``week_ago``)."""
+        return round(COMPARE_OFFSETS[compare] / self.bucket_seconds)
 
     def bucket(self, now: float | None = None) -> int:
         return int((self.clock() if now is None else now) // self.bucket_seconds)
@@ -426,6 +510,7 @@ class KpiEngine:
         if state is None or not state.by_event:
             return
         by_event = state.by_event
+        history = state.history
         cells: dict[tuple[str, str], Cell] = {}
         members: dict[tuple[str, str], set[bytes]] = {}
         for ev in events:
@@ -449,10 +534,19 @@ class KpiEngine:
                 if k.purpose not in purposes:
                     continue
                 cell[1] += 1
-                if k.kind == "sum":
-                    cell[2] += _amount(ev.properties, k.fields)
-                elif k.kind == "distinct" and ev.person:
-                    members.setdefault(key, set()).add(_person_digest(ev.person))
+                amount = _amount(ev.properties, k.fields) if k.kind == "sum" else 0.0
+                cell[2] += amount
+                digest = _person_digest(ev.person) if k.kind == "distinct" and ev.person else None
+                if digest is not None:
+                    members.setdefault(key, set()).add(digest)
+                if k.id in history:  # the totals kept for day / week comparisons
+                    total = cells.get((k.id, ALL_SOURCES))
+                    if total is None:
+                        total = cells[(k.id, ALL_SOURCES)] = [0, 0, 0.0]
+                    total[1] += 1
+                    total[2] += amount
+                    if digest is not None:
+                        members.setdefault((k.id, ALL_SOURCES), set()).add(digest)
         if cells:
             await self.store.add(tenant, self.bucket(), cells, members)
 
@@ -473,6 +567,16 @@ class KpiEngine:
         groups += [("source", s, [s]) for s in sources]
         defs = {k.id: k for k in state.definitions}
         memo: _Memo = {}
+        # the history of a day and a week ago, where it is kept long enough
+        back = {
+            compare: self.offset_buckets(compare)
+            for compare in ("day_ago", "week_ago")
+            if state.history and self.offset_buckets(compare) + longest <= state.history_buckets
+        }
+        history_held = {
+            compare: await self.store.cells(tenant, range(now - n - longest + 1, now - n + 1), ALL_SOURCES)
+            for compare, n in back.items()
+        }
         out: list[KpiReport] = []
         for k in state.definitions:
             report_windows = []
@@ -485,6 +589,13 @@ class KpiEngine:
                     prev = await self._value(tenant, k, defs, members, before, held, memo)
                     cur.previous = prev.value
                     values[(kind, name)] = cur
+                if history_parts([k], (k.id,), defs) <= state.history:
+                    total = values[("total", "")]
+                    for compare, n in back.items():
+                        then = [b - n for b in current]
+                        held_then = history_held[compare]
+                        value = await self._value(tenant, k, defs, [ALL_SOURCES], then, held_then, memo)
+                        setattr(total, compare, value.value)
                 report_windows.append(
                     KpiWindow(
                         minutes=w * self.bucket_seconds / 60,
@@ -540,6 +651,22 @@ class KpiEngine:
         found = WindowValue(value, matched, counted, counted / matched if matched else None)
         memo[memo_key] = found
         return WindowValue(value, matched, counted, found.coverage)
+
+
+def history_parts(
+    kpis: Iterable[KpiDefinition], ids: Iterable[str], defs: Mapping[str, KpiDefinition] | None = None
+) -> frozenset[str]:
+    """The KPIs whose buckets keep the history of ``ids``: a ratio's numerator and
+    denominator stand for it."""
+    by_id = dict(defs) if defs is not None else {}
+    by_id.update({k.id: k for k in kpis})
+    out: set[str] = set()
+    for i in ids:
+        k = by_id.get(i)
+        if k is None:
+            continue
+        out.update((k.numerator, k.denominator) if k.kind == "ratio" else (k.id,))
+    return frozenset(out)
 
 
 def _matches(where: tuple[tuple[str, PropertyValue], ...], ev: KpiEvent) -> bool:

@@ -10,9 +10,12 @@ count (consent coverage).
 from __future__ import annotations
 
 import asyncio
+import math
 import os
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -29,6 +32,7 @@ from export.alerts import (
     missing_secrets,
 )
 from export.kpis import (
+    DAY_SECONDS,
     WINDOWS,
     BufferedKpiStore,
     KpiEngine,
@@ -148,6 +152,7 @@ class Monitoring:
     config: Config
     buffer: BufferedKpiStore | None = None
     reports: dict[str, list[KpiReport]] = field(default_factory=dict)
+    clock: Callable[[], float] = time.time
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     async def alert_states(self, tenant: str) -> list[AlertStatus]:
@@ -178,7 +183,7 @@ class Monitoring:
         for tenant in self.engine.tenants:
             self.reports[tenant] = await self.engine.report(tenant)
         metrics.KPIS.reports = self.reports
-        if await self.alerts.run(self.reports):
+        if await self.alerts.run(self.reports, now=self.clock()):
             metrics.KPIS.alerts = dict(self.alerts.firing)
         else:  # another replica evaluates: show the shared states
             firing = {}
@@ -220,21 +225,60 @@ class Monitoring:
                 log.warning("kpis.flush_failed", error=type(exc).__name__)
 
 
+def file_clock(path: Path) -> Callable[[], float]:
+    """``IDGATE_DEV_CLOCK_FILE`` (dev only): the KPIs' and alert rules' time is the epoch
+    seconds written in this file, the system's while the file is absent or empty, so a test
+    can put the gateway a week back and forth."""
+
+    def now() -> float:
+        try:
+            text = path.read_text().strip()
+            return float(text) if text else time.time()
+        except (OSError, ValueError):
+            return time.time()
+
+    return now
+
+
+def kpi_history(config: Config, bucket_seconds: float) -> dict[str, tuple[list[str], int]]:
+    """Per tenant: the KPIs its rules compare with a day or a week earlier, and how many
+    buckets they are kept (``kpi_history_days``). Tenants without such a rule keep none."""
+    out: dict[str, tuple[list[str], int]] = {}
+    for t in config.tenants:
+        kept = [r.kpi for r in t.alerts if r.compare != "previous"]
+        if kept and t.kpi_history_days:
+            out[t.id] = (kept, math.ceil(t.kpi_history_days * DAY_SECONDS / bucket_seconds))
+    return out
+
+
 def build_monitoring(
-    config: Config, redis: Any, *, prefix: str, bucket_seconds: float, interval_seconds: float, replica: str
+    config: Config,
+    redis: Any,
+    *,
+    prefix: str,
+    bucket_seconds: float,
+    interval_seconds: float,
+    replica: str,
+    clock: Callable[[], float] = time.time,
 ) -> Monitoring:
     retention = 2 * max(WINDOWS) + 2
+    history = kpi_history(config, bucket_seconds)
+    history_buckets = {t: n for t, (_, n) in history.items()}
     buffer = None
     store: KpiStore
     if redis is not None:
-        store = buffer = BufferedKpiStore(RedisKpiStore(redis, prefix, retention, bucket_seconds))
+        store = buffer = BufferedKpiStore(
+            RedisKpiStore(redis, prefix, retention, bucket_seconds, history_buckets)
+        )
     else:
-        store = MemoryKpiStore(retention)
+        store = MemoryKpiStore(retention, history_buckets)
     engine = KpiEngine(
         store,
         {t.id: t.all_kpis() for t in config.tenants},
         {t.id: {s.id: s.platform for s in t.sources} for t in config.tenants},
         bucket_seconds=bucket_seconds,
+        clock=clock,
+        history=history,
     )
     states: StateStore
     if redis is not None:
@@ -250,7 +294,15 @@ def build_monitoring(
         bucket_seconds,
     )
     return Monitoring(
-        engine, KpiFeed(engine, config), interval_seconds, evaluator, states, replica, config, buffer
+        engine,
+        KpiFeed(engine, config),
+        interval_seconds,
+        evaluator,
+        states,
+        replica,
+        config,
+        buffer,
+        clock=clock,
     )
 
 
