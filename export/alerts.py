@@ -26,6 +26,7 @@ from typing import Any, Literal, Protocol
 import msgspec
 import structlog
 
+from export.alert_history import AlertHistory, AlertRecord, ChannelDelivery
 from export.kpis import COMPARE_OFFSETS, WINDOWS, KpiDefinition, KpiReport, WindowValue
 
 log = structlog.get_logger("idgate.alerts")
@@ -319,31 +320,44 @@ def feishu_sign(secret: str, now_s: int) -> str:
 
 
 class Notifier:
-    """Sends a notice to a channel, retrying a few times; True when it arrived."""
+    """Sends a notice to a channel, retrying with a bounded exponential backoff (``backoff``
+    seconds doubling between attempts, at most ``max_backoff``); the outcome says whether it
+    arrived, after how many attempts, and the last failure's exception class."""
 
     def __init__(
-        self, channels: Sequence[AlertChannel], env: Mapping[str, str] | None = None, attempts: int = 3
+        self,
+        channels: Sequence[AlertChannel],
+        env: Mapping[str, str] | None = None,
+        attempts: int = 3,
+        backoff: float = 0.5,
+        max_backoff: float = 5.0,
     ):
         self.channels = {c.id: c for c in channels}
         self.env = dict(os.environ if env is None else env)
         self.attempts = attempts
+        self.backoff = backoff
+        self.max_backoff = max_backoff
 
-    async def send(self, channel_id: str, notice: Notice) -> bool:
+    async def send(self, channel_id: str, notice: Notice) -> ChannelDelivery:
         channel = self.channels[channel_id]
+        error = None
         for attempt in range(self.attempts):
+            if attempt:
+                await asyncio.sleep(min(self.max_backoff, self.backoff * 2 ** (attempt - 1)))
             try:
                 await self._send(channel, notice)
-                return True
+                return ChannelDelivery(channel_id, channel.kind, True, attempt + 1)
             except Exception as exc:
+                error = type(exc).__name__
                 log.warning(
                     "alerts.notify_failed",
                     channel=channel_id,
                     rule=notice.rule.id,
                     attempt=attempt + 1,
-                    error=type(exc).__name__,
+                    error=error,
                 )
-                await asyncio.sleep(0.2 * 2**attempt)
-        return False
+        log.error("alerts.notify_gave_up", channel=channel_id, rule=notice.rule.id, attempts=self.attempts)
+        return ChannelDelivery(channel_id, channel.kind, False, self.attempts, error)
 
     async def _send(self, c: AlertChannel, notice: Notice) -> None:
         if c.kind == "email":
@@ -415,12 +429,14 @@ class AlertEvaluator:
         lease: Lease,
         notifier: Notifier,
         bucket_seconds: float,
+        history: AlertHistory | None = None,
     ) -> None:
         self.rules = rules
         self.states = states
         self.lease = lease
         self.notifier = notifier
         self.bucket_seconds = bucket_seconds
+        self.history = history
         self.firing: dict[tuple[str, str], bool] = {}
 
     async def run(self, reports: Mapping[str, Sequence[KpiReport]], now: float | None = None) -> bool:
@@ -462,12 +478,14 @@ class AlertEvaluator:
         state.evaluations += 1
         state.value, state.previous = value.value, value.compared(rule.compare)
         status: Literal["firing", "resolved"] | None = None
+        transition: Literal["firing", "resolved"] | None = None
         if verdict == "firing" and state.state == "ok":
             state.state, state.since = "pending", now
         if verdict == "ok" and state.state == "pending":  # did not hold for long enough
             state.state, state.since = "ok", now
         if verdict == "firing" and state.state == "pending" and now - state.since >= rule.for_seconds:
             state.state = "firing"  # since: when the condition started to hold
+            transition = "firing"
             # within the cooldown of the last firing notification it fires silently (and
             # resolves silently): a flapping KPI pages once
             state.announced = not state.last_notified or now - state.last_notified >= rule.cooldown_seconds
@@ -477,15 +495,39 @@ class AlertEvaluator:
                 state.last_notified = now
         elif verdict == "ok" and state.state == "firing":
             state.state, state.since = "ok", now
+            transition = "resolved"
             if state.announced:
                 status = "resolved"
             state.announced = False
         await self.states.save(tenant, rule.id, state)
-        if status is None:
+        if transition is None:
             return
-        log.info("alerts.transition", tenant=tenant, rule=rule.id, status=status, value=value.value)
-        notice = Notice(tenant, rule, status, value.value, state.previous, value.counted, minutes)
-        sent = await asyncio.gather(*(self.notifier.send(c, notice) for c in rule.channels))
-        state.notifications += sum(sent)
-        state.failures += len(sent) - sum(sent)
-        await self.states.save(tenant, rule.id, state)
+        log.info("alerts.transition", tenant=tenant, rule=rule.id, status=transition, notified=bool(status))
+        deliveries: list[ChannelDelivery] = []
+        if status is not None:
+            notice = Notice(tenant, rule, status, value.value, state.previous, value.counted, minutes)
+            deliveries = list(await asyncio.gather(*(self.notifier.send(c, notice) for c in rule.channels)))
+            sent = sum(d.delivered for d in deliveries)
+            state.notifications += sent
+            state.failures += len(deliveries) - sent
+            await self.states.save(tenant, rule.id, state)
+        if self.history is not None:
+            record = AlertRecord(
+                tenant=tenant,
+                rule=rule.id,
+                kpi=rule.kpi,
+                status=transition,
+                severity=rule.severity,
+                at=now,
+                value=value.value,
+                compared=state.previous,
+                compare=rule.compare,
+                volume=value.counted,
+                window_minutes=minutes,
+                notified=status is not None,
+                deliveries=deliveries,
+            )
+            try:
+                await asyncio.to_thread(self.history.record, record)
+            except Exception as exc:  # the notification went out; only its record is lost
+                log.warning("alerts.history_failed", tenant=tenant, rule=rule.id, error=type(exc).__name__)

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 import structlog
 
+from export.alert_history import AlertHistory, RedisAlertHistory, SqliteAlertHistory
 from export.alerts import (
     AlertEvaluator,
     LocalLease,
@@ -44,6 +45,7 @@ from export.kpis import (
 )
 from gateway import metrics
 from gateway.config import Config, ConfigProblems, Tenant
+from gateway.settings import Settings
 
 if TYPE_CHECKING:
     from gateway.pipeline import IngestBatch
@@ -151,6 +153,7 @@ class Monitoring:
     replica: str
     config: Config
     buffer: BufferedKpiStore | None = None
+    history: AlertHistory | None = None
     reports: dict[str, list[KpiReport]] = field(default_factory=dict)
     clock: Callable[[], float] = time.time
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
@@ -223,6 +226,18 @@ class Monitoring:
                 await self.buffer.flush()
             except Exception as exc:
                 log.warning("kpis.flush_failed", error=type(exc).__name__)
+        if self.history is not None:
+            self.history.close()
+
+
+def open_alert_history(settings: Settings) -> AlertHistory:
+    """Where alert firings and resolutions are kept: Redis when the replicas share one (the
+    evaluator can move), else ``alerts.sqlite3`` in the data directory."""
+    if settings.redis_url:
+        import redis
+
+        return RedisAlertHistory(redis.Redis.from_url(settings.redis_url), settings.redis_prefix)
+    return SqliteAlertHistory(settings.data_dir / "alerts.sqlite3")
 
 
 def file_clock(path: Path) -> Callable[[], float]:
@@ -260,10 +275,11 @@ def build_monitoring(
     interval_seconds: float,
     replica: str,
     clock: Callable[[], float] = time.time,
+    history: AlertHistory | None = None,
 ) -> Monitoring:
     retention = 2 * max(WINDOWS) + 2
-    history = kpi_history(config, bucket_seconds)
-    history_buckets = {t: n for t, (_, n) in history.items()}
+    kept = kpi_history(config, bucket_seconds)
+    history_buckets = {t: n for t, (_, n) in kept.items()}
     buffer = None
     store: KpiStore
     if redis is not None:
@@ -278,7 +294,7 @@ def build_monitoring(
         {t.id: {s.id: s.platform for s in t.sources} for t in config.tenants},
         bucket_seconds=bucket_seconds,
         clock=clock,
-        history=history,
+        history=kept,
     )
     states: StateStore
     if redis is not None:
@@ -292,6 +308,7 @@ def build_monitoring(
         lease,
         Notifier(config.alert_channels),
         bucket_seconds,
+        history,
     )
     return Monitoring(
         engine,
@@ -302,6 +319,7 @@ def build_monitoring(
         replica,
         config,
         buffer,
+        history,
         clock=clock,
     )
 

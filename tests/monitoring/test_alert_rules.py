@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from export.alert_history import ChannelDelivery
 from export.alerts import AlertEvaluator, AlertRule, LocalLease, MemoryStateStore, Notice, Notifier, evaluate
 from export.kpis import KpiReport, KpiWindow, WindowValue
 from gateway.config import ConfigProblems, parse_config
@@ -37,9 +38,9 @@ class Recorder(Notifier):
         super().__init__([], env={})
         self.sent: list[tuple[str, str]] = []
 
-    async def send(self, channel_id: str, notice: Notice) -> bool:
+    async def send(self, channel_id: str, notice: Notice) -> ChannelDelivery:
         self.sent.append((channel_id, notice.status))
-        return True
+        return ChannelDelivery(channel_id, "webhook", True, 1)
 
 
 def report(value: float | None, previous: float | None, volume: int = 20) -> dict[str, list[KpiReport]]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
+from export.alert_history import ChannelDelivery
 from export.alerts import AlertChannel, AlertRule, Notice, Notifier
 from tests.conftest import free_port
 from tests.monitoring.conftest import Mailbox, RobotReceiver
@@ -25,7 +26,7 @@ def test_wecom_and_webhook_messages() -> None:
         )
 
         async def run() -> list[bool]:
-            return [await notifier.send("wc", NOTICE), await notifier.send("wh", NOTICE)]
+            return [(await notifier.send(c, NOTICE)).delivered for c in ("wc", "wh")]
 
         assert asyncio.run(run()) == [True, True]
         (_, body), (_, payload) = wecom.posts[0], hook.posts[0]
@@ -73,10 +74,13 @@ def test_email_and_a_failing_channel() -> None:
             attempts=2,
         )
 
-        async def run() -> list[bool]:
+        async def run() -> list[ChannelDelivery]:
             return [await notifier.send("mail", NOTICE), await notifier.send("gone", NOTICE)]
 
-        assert asyncio.run(run()) == [True, False]
+        mailed, gone = asyncio.run(run())
+        assert mailed == ChannelDelivery("mail", "email", True, 1)
+        # retried, then reported with the failure's class (never its message)
+        assert gone == ChannelDelivery("gone", "webhook", False, 2, "ConnectError")
         (mail,) = box.messages
         assert mail["To"] == "a@mall.example, b@mall.example"
         assert mail["Subject"] == "[FIRING] mall/gmv-low (critical)"
