@@ -16,11 +16,13 @@ import hashlib
 import hmac
 import os
 import smtplib
+import string
 import time
 import urllib.parse
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from email.message import EmailMessage
+from pathlib import Path
 from typing import Any, Literal, Protocol
 
 import msgspec
@@ -28,6 +30,7 @@ import structlog
 
 from export.alert_history import AlertHistory, AlertRecord, ChannelDelivery
 from export.kpis import COMPARE_OFFSETS, WINDOWS, KpiDefinition, KpiReport, WindowValue
+from identity.key_files import key_file_mode_problem
 
 log = structlog.get_logger("idgate.alerts")
 
@@ -35,7 +38,10 @@ Condition = Literal["below", "above", "drop", "rise"]
 Compare = Literal["previous", "day_ago", "week_ago"]
 # How long a window lasts in config checks, which know no IDGATE_KPI_BUCKET_MS: the default.
 CHECK_BUCKET_SECONDS = 60
-ChannelKind = Literal["dingtalk", "feishu", "wecom", "webhook", "email"]
+ChannelKind = Literal["dingtalk", "feishu", "wecom", "webhook", "email", "sms"]
+# What an SMS provider template may say: the alert's short text, the numbers, the secret.
+SMS_PLACEHOLDERS = frozenset({"message", "recipients", "recipient_list", "secret"})
+SMS_MAX_CHARS = 300
 
 
 class AlertRule(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -63,15 +69,26 @@ class AlertRule(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
 
 
 class AlertChannel(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
-    """``[[alert_channels]]``: where notifications go. Secrets are named by env variable."""
+    """``[[alert_channels]]``: where notifications go. Secrets are named by env variable
+    (or, for an SMS provider, a secrets file), never written here."""
 
     id: str
     kind: ChannelKind
-    # dingtalk / feishu / wecom / webhook: the variable holding the URL (robot URLs carry
-    # their access token)
+    # dingtalk / feishu / wecom / webhook / sms: the variable holding the URL (robot URLs
+    # carry their access token)
     url_env: str = ""
-    # dingtalk / feishu: the variable holding the signing secret
+    # dingtalk / feishu: the variable holding the signing secret; sms: the provider's secret
+    # ($secret in headers and body)
     secret_env: str = ""
+    # sms: a file holding the provider's secret instead (owner-readable only)
+    secret_file: str = ""
+    # sms: the provider's HTTP request: method, headers and body, whose strings may say
+    # $message, $recipients (comma-separated), $secret; a body value "$recipient_list" is
+    # the numbers as a list. Sent as JSON or as a form (GET: in the query string).
+    method: Literal["POST", "PUT", "GET"] = "POST"
+    headers: dict[str, str] = {}
+    body: dict[str, Any] = {}
+    body_format: Literal["json", "form"] = "json"
     # email
     smtp_host: str = ""
     smtp_port: int = 25
@@ -79,7 +96,31 @@ class AlertChannel(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     smtp_user_env: str = ""
     smtp_password_env: str = ""
     sender: str = ""
+    # email: the To addresses; sms: the phone numbers
     recipients: list[str] = []
+
+
+def _template_strings(value: Any) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [s for v in value.values() for s in _template_strings(v)]
+    if isinstance(value, list):
+        return [s for v in value for s in _template_strings(v)]
+    return []
+
+
+def _fill(value: Any, values: Mapping[str, str], numbers: Sequence[str]) -> Any:
+    """The SMS template with its placeholders replaced (strings only; structure kept)."""
+    if isinstance(value, str):
+        if value == "$recipient_list":
+            return list(numbers)
+        return string.Template(value).substitute(values)
+    if isinstance(value, dict):
+        return {k: _fill(v, values, numbers) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_fill(v, values, numbers) for v in value]
+    return value
 
 
 def check_alerts(
@@ -132,6 +173,10 @@ def check_channels(channels: Sequence[AlertChannel], where: str) -> list[str]:
         if c.id in seen:
             problems.append(f"{w}.id: duplicate channel id {c.id!r}")
         seen.add(c.id)
+        if c.kind == "sms":
+            problems.extend(_check_sms(c, w))
+        elif c.secret_file or c.headers or c.body:
+            problems.append(f"{w}: secret_file, headers and body are for an sms channel")
         if c.kind == "email":
             if not c.smtp_host or not c.sender or not c.recipients:
                 problems.append(f"{w}: an email channel needs smtp_host, sender and recipients")
@@ -145,14 +190,52 @@ def check_channels(channels: Sequence[AlertChannel], where: str) -> list[str]:
     return problems
 
 
+def _check_sms(c: AlertChannel, w: str) -> list[str]:
+    problems = []
+    if not c.recipients:
+        problems.append(f"{w}.recipients: an sms channel needs the numbers to text")
+    if c.secret_env and c.secret_file:
+        problems.append(f"{w}: secret_env or secret_file, not both")
+    if not c.body:
+        problems.append(f"{w}.body: an sms channel needs the provider's body template")
+    for text in _template_strings(c.body) + _template_strings(c.headers):
+        template = string.Template(text)
+        if not template.is_valid():
+            problems.append(f"{w}: bad placeholder in {text!r} (write $$ for a dollar sign)")
+            continue
+        unknown = set(template.get_identifiers()) - SMS_PLACEHOLDERS
+        if unknown:
+            problems.append(
+                f"{w}: unknown placeholder(s) {', '.join(sorted(unknown))} in {text!r} "
+                f"(known: {', '.join(sorted(SMS_PLACEHOLDERS))})"
+            )
+        if "secret" in template.get_identifiers() and not (c.secret_env or c.secret_file):
+            problems.append(f"{w}: $secret needs secret_env or secret_file")
+    return problems
+
+
+def _read_secret_file(path: str) -> str:
+    return Path(path).read_text(encoding="utf-8").strip()
+
+
 def missing_secrets(channels: Sequence[AlertChannel], env: Mapping[str, str]) -> list[str]:
-    """The channel secrets absent from the environment (the gateway refuses to start)."""
+    """The channel secrets absent from the environment or unreadable (the gateway refuses
+    to start)."""
     out = []
     for c in channels:
         for name in ("url_env", "secret_env", "smtp_user_env", "smtp_password_env"):
             var = getattr(c, name)
             if var and not env.get(var):
                 out.append(f"alert_channels {c.id!r}: {name} {var} is not set")
+        if c.secret_file:
+            problem = key_file_mode_problem(Path(c.secret_file))
+            try:
+                if problem is None and not _read_secret_file(c.secret_file):
+                    problem = f"secret_file {c.secret_file} is empty"
+            except OSError as exc:
+                problem = f"secret_file {c.secret_file} cannot be read: {exc.strerror}"
+            if problem:
+                out.append(f"alert_channels {c.id!r}: {problem}")
     return out
 
 
@@ -285,6 +368,19 @@ class Notice:
     def title(self) -> str:
         return f"[{self.status.upper()}] {self.tenant}/{self.rule.id} ({self.rule.severity})"
 
+    def short_text(self) -> str:
+        """One line for an SMS: status, rule, the value against what it was compared with."""
+
+        def fmt(v: float | None) -> str:
+            return "n/a" if v is None else f"{v:.4g}"
+
+        r = self.rule
+        line = (
+            f"{self.title()}: {r.kpi} {fmt(self.value)} ({COMPARED_WITH[r.compare]}: {fmt(self.previous)}) "
+            f"over {self.window_minutes:g} min"
+        )
+        return line[:SMS_MAX_CHARS]
+
     def text(self) -> str:
         def fmt(v: float | None) -> str:
             return "n/a" if v is None else f"{v:.4g}"
@@ -365,6 +461,10 @@ class Notifier:
             return
         import httpx
 
+        if c.kind == "sms":
+            await self._sms(c, notice)
+            return
+
         url = self.env[c.url_env]
         text = notice.text()
         body: dict[str, Any]
@@ -403,6 +503,36 @@ class Notifier:
                 code = reply.get("errcode", reply.get("code", 0)) if isinstance(reply, dict) else 0
                 if code:
                     raise RuntimeError(f"{c.kind} refused the message: code {code}")
+
+    async def _sms(self, c: AlertChannel, notice: Notice) -> None:
+        """The provider's request from the channel's template; any 2xx is delivered."""
+        import httpx
+
+        secret = ""
+        if c.secret_env:
+            secret = self.env[c.secret_env]
+        elif c.secret_file:
+            secret = await asyncio.to_thread(_read_secret_file, c.secret_file)
+        values = {
+            "message": notice.short_text(),
+            "recipients": ",".join(c.recipients),
+            "recipient_list": ",".join(c.recipients),
+            "secret": secret,
+        }
+        headers = {k: string.Template(v).substitute(values) for k, v in c.headers.items()}
+        body = _fill(c.body, values, c.recipients)
+        request: dict[str, Any] = {"headers": headers}
+        if c.method == "GET":
+            request["params"] = {
+                k: v if isinstance(v, str) else msgspec.json.encode(v).decode() for k, v in body.items()
+            }
+        elif c.body_format == "form":
+            request["data"] = body
+        else:
+            request["json"] = body
+        async with httpx.AsyncClient(timeout=10) as client:
+            r = await client.request(c.method, self.env[c.url_env], **request)
+            r.raise_for_status()
 
     def _email(self, c: AlertChannel, notice: Notice) -> None:
         msg = EmailMessage()
