@@ -29,7 +29,16 @@ from typing import Any, Literal, Protocol
 
 import msgspec
 
-KpiKind = Literal["count", "sum", "distinct", "ratio"]
+from identity.scrub import looks_like_identifier
+
+KpiKind = Literal["count", "sum", "distinct", "ratio", "top", "new_persons", "returning_persons"]
+# Distinct persons split by whether they were seen on an earlier day (China Standard Time)
+# of the lookback, in one Bloom filter per tenant and day: bits of a digest, no identifier.
+PERSON_KINDS = frozenset({"new_persons", "returning_persons"})
+RETURNING_LOOKBACK_DAYS = 30
+SEEN_FILTER_BITS = 1 << 23  # 1 MiB a day: false "returning" about 0.05 % at 500,000 persons
+SEEN_FILTER_HASHES = 7  # seen in the lookback, 1.8 % at 1,000,000
+DAY_OFFSET_SECONDS = 8 * 3600  # Asia/Shanghai, no daylight saving
 WINDOWS: tuple[int, ...] = (1, 5, 10, 60)  # sliding windows, in buckets
 # The source of the history buckets: every source summed (source ids never are "*").
 ALL_SOURCES = "*"
@@ -37,6 +46,10 @@ DAY_SECONDS = 86_400
 # What a rule compares a window with, and how far back that is (seconds; 0: the window before).
 COMPARE_OFFSETS: dict[str, int] = {"previous": 0, "day_ago": DAY_SECONDS, "week_ago": 7 * DAY_SECONDS}
 PropertyValue = str | int | float | bool
+# top: the values kept per bucket and source (the largest; a bounded top-K, not every SKU),
+# and the longest value kept (longer ones, and values that look like identifiers, are not)
+TOP_KEPT_PER_BUCKET = 500
+TOP_MAX_VALUE_CHARS = 64
 
 
 class KpiDefinition(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -49,8 +62,15 @@ class KpiDefinition(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     # property -> the value it must have; "name" also matches a page or screen call's name
     # (a Sensors view event's $title, else $screen_name)
     where: dict[str, PropertyValue] = {}
-    # sum: the properties holding the amount, the first present one counts
+    # sum / top: the properties holding the amount, the first present one counts
     fields: list[str] = []
+    # top: the property naming what is ranked (first present: e.g. sku, product_id), inside
+    # each object of the ``items`` list property when set (e.g. an order's products), the
+    # amount multiplied by ``quantity_field`` when set, the ``top`` largest reported
+    group_by: list[str] = []
+    items: str = ""
+    quantity_field: str = ""
+    top: int = 10
     # ratio: numerator / denominator, ids of other KPIs of the tenant
     numerator: str = ""
     denominator: str = ""
@@ -83,6 +103,18 @@ _AMOUNT = ["revenue", "total", "amount"]
 DEFAULT_KPIS: tuple[KpiDefinition, ...] = (
     _count("pv_home", _PAGES, "analytics", "Home page views", where={"name": "Home"}),
     _distinct("uv_home", _PAGES, "Persons who viewed the home page", where={"name": "Home"}),
+    KpiDefinition(
+        id="new_persons",
+        kind="new_persons",
+        events=_PAGES,
+        description=f"Persons viewing a page not seen on any of the {RETURNING_LOOKBACK_DAYS} days before",
+    ),
+    KpiDefinition(
+        id="returning_persons",
+        kind="returning_persons",
+        events=_PAGES,
+        description=f"Persons viewing a page seen on one of the {RETURNING_LOOKBACK_DAYS} days before",
+    ),
     _count("pv_product", ["Product Viewed"], "analytics", "Product detail page views"),
     _distinct("uv_product", ["Product Viewed"], "Persons who viewed a product detail page"),
     _count("pv_cart", ["Cart Viewed"], "analytics", "Cart page views"),
@@ -108,6 +140,17 @@ DEFAULT_KPIS: tuple[KpiDefinition, ...] = (
         description="Gross merchandise value (properties.revenue, total or amount)",
     ),
     _ratio("average_order_value", "gmv", "orders", "Average order value"),
+    KpiDefinition(
+        id="top_skus",
+        kind="top",
+        events=["Order Completed"],
+        items="products",
+        group_by=["sku", "product_id"],
+        fields=["price"],
+        quantity_field="quantity",
+        purpose="necessary_service",
+        description="Top SKUs by sales (properties.products[]: sku or product_id, price x quantity)",
+    ),
 )
 
 
@@ -147,8 +190,15 @@ def check_kpis(
             problems.append(f"{w}.purpose: unknown purpose {k.purpose!r}")
         if k.kind == "sum" and not k.fields:
             problems.append(f"{w}.fields: a sum needs the properties holding the amount")
-        if k.kind != "sum" and k.fields:
-            problems.append(f"{w}.fields: only a sum takes fields")
+        if k.kind not in ("sum", "top") and k.fields:
+            problems.append(f"{w}.fields: only a sum or a top takes fields")
+        if k.kind == "top":
+            if not k.group_by:
+                problems.append(f"{w}.group_by: a top needs the property naming what is ranked")
+            if not 1 <= k.top <= 100:
+                problems.append(f"{w}.top: must be between 1 and 100")
+        elif k.group_by or k.items or k.quantity_field:
+            problems.append(f"{w}: group_by, items and quantity_field are for a top")
     return problems
 
 
@@ -181,6 +231,85 @@ def fold_cells(held: dict[tuple[str, str], Cell], cells: Mapping[tuple[str, str]
             cell[2] += s
 
 
+Tops = Mapping[tuple[str, str], Mapping[str, float]]
+# (KPI, source) -> (whether the KPI counts returning persons, the digests of its persons)
+Persons = Mapping[tuple[str, str], tuple[bool, set[bytes]]]
+
+
+def day_of(bucket: int, bucket_seconds: float) -> int:
+    return int((bucket * bucket_seconds + DAY_OFFSET_SECONDS) // DAY_SECONDS)
+
+
+def seen_positions(digest: bytes) -> list[int]:
+    """The filter bits of a person digest (double hashing over its two halves)."""
+    h1 = int.from_bytes(digest[:4], "big")
+    h2 = int.from_bytes(digest[4:8], "big") | 1
+    return [(h1 + i * h2) % SEEN_FILTER_BITS for i in range(SEEN_FILTER_HASHES)]
+
+
+def split_persons(persons: Persons, returning: Mapping[bytes, bool]) -> dict[tuple[str, str], set[bytes]]:
+    """The members each new / returning KPI adds to its sketch, once persons are classified."""
+    out: dict[tuple[str, str], set[bytes]] = {}
+    for key, (wants_returning, digests) in persons.items():
+        chosen = {d for d in digests if returning[d] == wants_returning}
+        if chosen:
+            out[key] = chosen
+    return out
+
+
+def fold_persons(held: dict[tuple[str, str], tuple[bool, set[bytes]]], persons: Persons) -> None:
+    for key, (wants_returning, digests) in persons.items():
+        held.setdefault(key, (wants_returning, set()))[1].update(digests)
+
+
+class MemorySeenFilter:
+    """The embedded registry: one bytearray Bloom filter per tenant and day, and the union of
+    the lookback's days before today (built once a day)."""
+
+    def __init__(self) -> None:
+        self._days: dict[tuple[str, int], bytearray] = {}
+        self._before: dict[tuple[str, int], bytes] = {}
+
+    def classify(self, tenant: str, day: int, digests: set[bytes]) -> dict[bytes, bool]:
+        before = self._before.get((tenant, day))
+        if before is None:
+            union = 0
+            for d in range(day - RETURNING_LOOKBACK_DAYS, day):
+                bits = self._days.get((tenant, d))
+                if bits is not None:
+                    union |= int.from_bytes(bits, "big")
+            before = self._before[(tenant, day)] = union.to_bytes(SEEN_FILTER_BITS // 8, "big")
+            for old in [k for k in self._before if k[0] == tenant and k[1] < day]:
+                del self._before[old]
+            for old in [k for k in self._days if k[0] == tenant and k[1] < day - RETURNING_LOOKBACK_DAYS]:
+                del self._days[old]
+        today = self._days.setdefault((tenant, day), bytearray(SEEN_FILTER_BITS // 8))
+        out = {}
+        for digest in digests:
+            positions = seen_positions(digest)
+            out[digest] = all(before[p >> 3] & (0x80 >> (p & 7)) for p in positions)
+            for p in positions:
+                today[p >> 3] |= 0x80 >> (p & 7)
+        return out
+
+
+def fold_tops(held: dict[tuple[str, str], dict[str, float]], tops: Tops) -> None:
+    """Add ``tops`` into ``held``, keeping at most TOP_KEPT_PER_BUCKET values per key (the
+    largest) once a key holds twice that."""
+    for key, values in tops.items():
+        kept = held.setdefault(key, {})
+        for value, amount in values.items():
+            kept[value] = kept.get(value, 0.0) + amount
+        if len(kept) > 2 * TOP_KEPT_PER_BUCKET:
+            largest = sorted(kept.items(), key=lambda kv: kv[1], reverse=True)[:TOP_KEPT_PER_BUCKET]
+            held[key] = dict(largest)
+
+
+def largest(totals: Mapping[str, float], k: int) -> list[TopValue]:
+    ranked = sorted(totals.items(), key=lambda kv: (-kv[1], kv[0]))[:k]
+    return [TopValue(name, round(amount, 6)) for name, amount in ranked]
+
+
 class KpiStore(Protocol):
     """Where the per-bucket aggregates live: memory (one process) or Redis (every replica)."""
 
@@ -190,7 +319,18 @@ class KpiStore(Protocol):
         bucket: int,
         cells: Mapping[tuple[str, str], Cell],
         members: Mapping[tuple[str, str], set[bytes]],
-    ) -> None: ...
+        tops: Tops | None = None,
+        persons: Persons | None = None,
+    ) -> None:
+        """``persons``: the digests of new / returning KPIs' persons, which the store
+        classifies against its seen filters and adds to the matching sketches."""
+        ...
+
+    async def top(
+        self, tenant: str, kpi: str, sources: Sequence[str], buckets: Sequence[int], k: int
+    ) -> list[TopValue]:
+        """The ``k`` largest values of a top KPI over these buckets and sources."""
+        ...
 
     async def cells(
         self, tenant: str, buckets: Sequence[int], source: str = ""
@@ -206,7 +346,12 @@ class KpiStore(Protocol):
 class MemoryKpiStore:
     """The embedded store: dicts and ``datasketch`` HyperLogLogs, pruned past retention."""
 
-    def __init__(self, retention_buckets: int, history_buckets: Mapping[str, int] | None = None) -> None:
+    def __init__(
+        self,
+        retention_buckets: int,
+        history_buckets: Mapping[str, int] | None = None,
+        bucket_seconds: float = 60.0,
+    ) -> None:
         # imported here, at start: datasketch pulls numpy and scipy (about a second), which
         # must not land on the first request
         from datasketch import HyperLogLog
@@ -217,7 +362,10 @@ class MemoryKpiStore:
         self.history = dict(history_buckets or {})
         self._cells: dict[tuple[str, int], dict[tuple[str, str], Cell]] = {}
         self._sketches: dict[tuple[str, int, str, str], Any] = {}
+        self._tops: dict[tuple[str, int], dict[tuple[str, str], dict[str, float]]] = {}
         self._newest = 0
+        self.bucket_seconds = bucket_seconds
+        self.seen = MemorySeenFilter()
 
     async def add(
         self,
@@ -225,11 +373,19 @@ class MemoryKpiStore:
         bucket: int,
         cells: Mapping[tuple[str, str], Cell],
         members: Mapping[tuple[str, str], set[bytes]],
+        tops: Tops | None = None,
+        persons: Persons | None = None,
     ) -> None:
         if bucket > self._newest:
             self._newest = bucket
             self._prune(bucket - self.retention)
         fold_cells(self._cells.setdefault((tenant, bucket), {}), cells)
+        if tops:
+            fold_tops(self._tops.setdefault((tenant, bucket), {}), tops)
+        if persons:
+            everyone = set().union(*(d for _, d in persons.values()))
+            returning = self.seen.classify(tenant, day_of(bucket, self.bucket_seconds), everyone)
+            members = {**members, **split_persons(persons, returning)}
         for (kpi, source), values in members.items():
             sketch = self._sketches.get((tenant, bucket, kpi, source))
             if sketch is None:
@@ -254,6 +410,19 @@ class MemoryKpiStore:
                 del self._cells[key]
         for skey in [k for k in self._sketches if k[1] < oldest and expired(k[0], k[1], k[3])]:
             del self._sketches[skey]
+        for tkey in [k for k in self._tops if k[1] < oldest]:
+            del self._tops[tkey]
+
+    async def top(
+        self, tenant: str, kpi: str, sources: Sequence[str], buckets: Sequence[int], k: int
+    ) -> list[TopValue]:
+        totals: dict[str, float] = {}
+        for b in buckets:
+            held = self._tops.get((tenant, b), {})
+            for s in sources:
+                for value, amount in held.get((kpi, s), {}).items():
+                    totals[value] = totals.get(value, 0.0) + amount
+        return largest(totals, k)
 
     async def cells(
         self, tenant: str, buckets: Sequence[int], source: str = ""
@@ -295,11 +464,49 @@ class RedisKpiStore:
         self.history_ttl = {
             t: max(self.ttl, int(n * bucket_seconds) + 60) for t, n in (history_buckets or {}).items()
         }
+        self.bucket_seconds = bucket_seconds
+        self._before_built: set[tuple[str, int]] = set()
+
+    def _seen(self, tenant: str, day: int) -> str:
+        return f"{self.prefix}:seen:{tenant}:{day}"
+
+    async def _classify(self, tenant: str, day: int, digests: set[bytes]) -> dict[bytes, bool]:
+        """One round trip (two on a day's first call): which persons the days before saw,
+        and today's filter marks them all."""
+        before = f"{self.prefix}:seen-before:{tenant}:{day}"
+        if (tenant, day) not in self._before_built:
+            days = [self._seen(tenant, d) for d in range(day - RETURNING_LOOKBACK_DAYS, day)]
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.delete(before)
+            pipe.bitop("OR", before, *days)  # missing days count as empty
+            pipe.expire(before, 2 * DAY_SECONDS)
+            await pipe.execute()
+            self._before_built.add((tenant, day))
+        ordered = list(digests)
+        positions = [seen_positions(d) for d in ordered]
+        read = self.redis.bitfield(before)
+        write = self.redis.bitfield(self._seen(tenant, day))
+        for ps in positions:
+            for p in ps:
+                read.get("u1", p)
+                write.set("u1", p, 1)
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.execute_command(*read.command)
+        pipe.execute_command(*write.command)
+        pipe.expire(self._seen(tenant, day), (RETURNING_LOOKBACK_DAYS + 2) * DAY_SECONDS)
+        bits, _, _ = await pipe.execute()
+        out = {}
+        for i, digest in enumerate(ordered):
+            out[digest] = all(bits[i * SEEN_FILTER_HASHES : (i + 1) * SEEN_FILTER_HASHES])
+        return out
 
     def _hash(self, tenant: str, bucket: int, source: str = "") -> str:
         # the history (every source summed) in a hash of its own, so it expires on its own
         where = "history:" if source == ALL_SOURCES else ""
         return f"{self.prefix}:{where}{tenant}:{bucket}"
+
+    def _top(self, tenant: str, bucket: int, kpi: str, source: str) -> str:
+        return f"{self.prefix}:top:{tenant}:{kpi}:{source}:{bucket}"
 
     def _ttl(self, tenant: str, source: str) -> int:
         return self.history_ttl.get(tenant, self.ttl) if source == ALL_SOURCES else self.ttl
@@ -313,8 +520,20 @@ class RedisKpiStore:
         bucket: int,
         cells: Mapping[tuple[str, str], Cell],
         members: Mapping[tuple[str, str], set[bytes]],
+        tops: Tops | None = None,
+        persons: Persons | None = None,
     ) -> None:
+        if persons:
+            everyone = set().union(*(d for _, d in persons.values()))
+            returning = await self._classify(tenant, day_of(bucket, self.bucket_seconds), everyone)
+            members = {**members, **split_persons(persons, returning)}
         pipe = self.redis.pipeline(transaction=False)
+        for (kpi, source), ranked in (tops or {}).items():
+            zkey = self._top(tenant, bucket, kpi, source)
+            for value, amount in ranked.items():
+                pipe.zincrby(zkey, amount, value)
+            pipe.zremrangebyrank(zkey, 0, -TOP_KEPT_PER_BUCKET - 1)  # keep the largest
+            pipe.expire(zkey, self.ttl)
         keys: set[tuple[str, str]] = set()
         for (kpi, source), (m, c, s) in cells.items():
             key = self._hash(tenant, bucket, source)
@@ -357,6 +576,15 @@ class RedisKpiStore:
             return 0
         return int(await self.redis.pfcount(*keys))
 
+    async def top(
+        self, tenant: str, kpi: str, sources: Sequence[str], buckets: Sequence[int], k: int
+    ) -> list[TopValue]:
+        keys = [self._top(tenant, b, kpi, s) for b in buckets for s in sources]
+        if not keys:
+            return []
+        union = await self.redis.zunion(keys, withscores=True)
+        return largest({(v.decode() if isinstance(v, bytes) else v): float(a) for v, a in union}, k)
+
 
 class BufferedKpiStore:
     """Write-behind in front of the shared store: a batch's increments merge in memory and
@@ -368,6 +596,8 @@ class BufferedKpiStore:
         self.inner = inner
         self._cells: dict[tuple[str, int], dict[tuple[str, str], Cell]] = {}
         self._members: dict[tuple[str, int], dict[tuple[str, str], set[bytes]]] = {}
+        self._tops: dict[tuple[str, int], dict[tuple[str, str], dict[str, float]]] = {}
+        self._persons: dict[tuple[str, int], dict[tuple[str, str], tuple[bool, set[bytes]]]] = {}
 
     async def add(
         self,
@@ -375,23 +605,38 @@ class BufferedKpiStore:
         bucket: int,
         cells: Mapping[tuple[str, str], Cell],
         members: Mapping[tuple[str, str], set[bytes]],
+        tops: Tops | None = None,
+        persons: Persons | None = None,
     ) -> None:
+        if persons:  # classified at flush: no round trip on the request's path
+            fold_persons(self._persons.setdefault((tenant, bucket), {}), persons)
         fold_cells(self._cells.setdefault((tenant, bucket), {}), cells)
         if members:
             sets = self._members.setdefault((tenant, bucket), {})
             for key, values in members.items():
                 sets.setdefault(key, set()).update(values)
+        if tops:
+            fold_tops(self._tops.setdefault((tenant, bucket), {}), tops)
 
     async def flush(self) -> None:
         cells, self._cells = self._cells, {}
         members, self._members = self._members, {}
+        tops, self._tops = self._tops, {}
+        persons, self._persons = self._persons, {}
         for (tenant, bucket), held in cells.items():
             sets = members.get((tenant, bucket), {})
+            ranked = tops.get((tenant, bucket), {})
+            who = persons.get((tenant, bucket), {})
             try:
-                await self.inner.add(tenant, bucket, held, sets)
+                await self.inner.add(tenant, bucket, held, sets, ranked, who)
             except Exception:
-                await self.add(tenant, bucket, held, sets)  # next time
+                await self.add(tenant, bucket, held, sets, ranked, who)  # next time
                 raise
+
+    async def top(
+        self, tenant: str, kpi: str, sources: Sequence[str], buckets: Sequence[int], k: int
+    ) -> list[TopValue]:
+        return await self.inner.top(tenant, kpi, sources, buckets, k)
 
     async def cells(
         self, tenant: str, buckets: Sequence[int], source: str = ""
@@ -420,6 +665,13 @@ class _TenantKpis:
     history_buckets: int = 0
 
 
+class TopValue(msgspec.Struct, rename="camel"):
+    """One ranked value of a top KPI (a SKU, product id ...) and its amount."""
+
+    name: str
+    amount: float
+
+
 class WindowValue(msgspec.Struct, rename="camel"):
     """A KPI over one sliding window (ending now), in total, per platform or per source."""
 
@@ -431,6 +683,8 @@ class WindowValue(msgspec.Struct, rename="camel"):
     # the same window a day / a week earlier: totals of KPIs kept in history only
     day_ago: float | None = None
     week_ago: float | None = None
+    # a top KPI's largest values (totals only)
+    top: list[TopValue] | None = None
 
     def compared(self, compare: str) -> float | None:
         """The value a rule compares with: ``previous``, ``day_ago`` or ``week_ago``."""
@@ -513,6 +767,8 @@ class KpiEngine:
         history = state.history
         cells: dict[tuple[str, str], Cell] = {}
         members: dict[tuple[str, str], set[bytes]] = {}
+        tops: dict[tuple[str, str], dict[str, float]] = {}
+        persons: dict[tuple[str, str], tuple[bool, set[bytes]]] = {}
         for ev in events:
             matching = by_event.get(ev.name)
             if not matching:
@@ -534,11 +790,21 @@ class KpiEngine:
                 if k.purpose not in purposes:
                     continue
                 cell[1] += 1
-                amount = _amount(ev.properties, k.fields) if k.kind == "sum" else 0.0
+                if k.kind == "top":
+                    amount = _rank(k, ev.properties, tops.setdefault(key, {}))
+                else:
+                    amount = _amount(ev.properties, k.fields) if k.kind == "sum" else 0.0
                 cell[2] += amount
-                digest = _person_digest(ev.person) if k.kind == "distinct" and ev.person else None
-                if digest is not None:
+                digest = None
+                if ev.person and k.kind == "distinct":
+                    digest = _person_digest(ev.person)
                     members.setdefault(key, set()).add(digest)
+                elif ev.person and k.kind in PERSON_KINDS:
+                    wanted = k.kind == "returning_persons"
+                    who = _person_digest(ev.person)
+                    persons.setdefault(key, (wanted, set()))[1].add(who)
+                    if k.id in history:
+                        persons.setdefault((k.id, ALL_SOURCES), (wanted, set()))[1].add(who)
                 if k.id in history:  # the totals kept for day / week comparisons
                     total = cells.get((k.id, ALL_SOURCES))
                     if total is None:
@@ -548,7 +814,7 @@ class KpiEngine:
                     if digest is not None:
                         members.setdefault((k.id, ALL_SOURCES), set()).add(digest)
         if cells:
-            await self.store.add(tenant, self.bucket(), cells, members)
+            await self.store.add(tenant, self.bucket(), cells, members, tops, persons)
 
     async def report(self, tenant: str, windows: Sequence[int] = WINDOWS) -> list[KpiReport]:
         """Every KPI of the tenant over each sliding window ending in the current bucket,
@@ -589,6 +855,8 @@ class KpiEngine:
                     prev = await self._value(tenant, k, defs, members, before, held, memo)
                     cur.previous = prev.value
                     values[(kind, name)] = cur
+                if k.kind == "top":
+                    values[("total", "")].top = await self.store.top(tenant, k.id, sources, current, k.top)
                 if history_parts([k], (k.id,), defs) <= state.history:
                     total = values[("total", "")]
                     for compare, n in back.items():
@@ -644,9 +912,9 @@ class KpiEngine:
                     total += cell[2]
         if k.kind == "count":
             value: float = counted
-        elif k.kind == "sum":
+        elif k.kind in ("sum", "top"):
             value = round(total, 6)
-        else:
+        else:  # distinct, new / returning persons
             value = await self.store.distinct(tenant, k.id, sources, buckets) if counted else 0
         found = WindowValue(value, matched, counted, counted / matched if matched else None)
         memo[memo_key] = found
@@ -681,6 +949,43 @@ def _matches(where: tuple[tuple[str, PropertyValue], ...], ev: KpiEvent) -> bool
         if have != want:
             return False
     return True
+
+
+def _rank_name(line: Mapping[str, Any], group_by: Sequence[str]) -> str | None:
+    """What a top KPI ranks for one line: a short value that is not personal data."""
+    for key in group_by:
+        v = line.get(key)
+        if isinstance(v, bool) or not isinstance(v, str | int):
+            continue
+        name = str(v).strip()
+        # product ids are not personal data, but a client can put anything there: a value
+        # that looks like an identifier (or holds a phone, an e-mail ...), or that the
+        # pipeline's scrubber already redacted, is not kept
+        if not name or len(name) > TOP_MAX_VALUE_CHARS or "[redacted:" in name or looks_like_identifier(name):
+            return None
+        return name
+    return None
+
+
+def _rank(k: KpiDefinition, props: Mapping[str, Any], into: dict[str, float]) -> float:
+    """Add one event's lines to a top KPI's ranking; the event's amount (every line's)."""
+    lines: Sequence[Any] = [props]
+    if k.items:
+        found = props.get(k.items)
+        lines = found if isinstance(found, list) else []
+    total = 0.0
+    for line in lines[:TOP_KEPT_PER_BUCKET]:
+        if not isinstance(line, Mapping):
+            continue
+        amount = _amount(line, k.fields) if k.fields else 1.0
+        if k.quantity_field:
+            quantity = _amount(line, (k.quantity_field,))
+            amount *= quantity if quantity else 1.0
+        total += amount
+        name = _rank_name(line, k.group_by)
+        if name is not None:
+            into[name] = into.get(name, 0.0) + amount
+    return total
 
 
 def _amount(props: Mapping[str, Any], fields: Sequence[str]) -> float:

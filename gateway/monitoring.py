@@ -287,7 +287,7 @@ def build_monitoring(
             RedisKpiStore(redis, prefix, retention, bucket_seconds, history_buckets)
         )
     else:
-        store = MemoryKpiStore(retention, history_buckets)
+        store = MemoryKpiStore(retention, history_buckets, bucket_seconds)
     engine = KpiEngine(
         store,
         {t.id: t.all_kpis() for t in config.tenants},
