@@ -42,10 +42,18 @@ SEED = [
     ("track", "Product Added", {"product_id": "sku-1"}),
     ("track", "Payment Requested", {"amount": 100}),
     ("track", "Payment Succeeded", {"amount": 100}),
-    ("track", "Order Completed", {"revenue": 99.5}),
+    (
+        "track",
+        "Order Completed",
+        {"revenue": 99.5, "products": [{"sku": "sku-1", "price": 49.75, "quantity": 2}]},
+    ),
 ]
 
+# rate limits off: one client sends everything (the limits have a benchmark of their own)
 CONFIG = """
+[rate_limits]
+enabled = false
+
 [[tenants]]
 id = "bench"
 consent = {{ enforce = false }}

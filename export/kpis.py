@@ -283,7 +283,9 @@ class MemorySeenFilter:
                 del self._before[old]
             for old in [k for k in self._days if k[0] == tenant and k[1] < day - RETURNING_LOOKBACK_DAYS]:
                 del self._days[old]
-        today = self._days.setdefault((tenant, day), bytearray(SEEN_FILTER_BITS // 8))
+        today = self._days.get((tenant, day))
+        if today is None:
+            today = self._days[(tenant, day)] = bytearray(SEEN_FILTER_BITS // 8)
         out = {}
         for digest in digests:
             positions = seen_positions(digest)
