@@ -61,6 +61,11 @@ class AlertRule(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     min_volume: int = 0
     # how long the condition must hold before the rule fires (pending until then)
     for_seconds: int = 0
+    # one source's window instead of the total (a source falling silent); previous only
+    source: str = ""
+    # "coverage": the share of matching events the KPI could count (below / above only):
+    # on a KPI of every event ("*") for analytics, the share not dropped for consent
+    measure: Literal["value", "coverage"] = "value"
     # after a notification, another firing one waits at least this long (no flapping spam)
     cooldown_seconds: int = 600
     severity: Literal["info", "warning", "critical"] = "warning"
@@ -129,6 +134,7 @@ def check_alerts(
     channels: Sequence[AlertChannel],
     where: str,
     history_seconds: float = 0,
+    sources: Sequence[str] = (),
 ) -> list[str]:
     """The problems of a tenant's rules; ``history_seconds``: how long the tenant keeps KPI
     history (``kpi_history_days``), which a day / week comparison must fit in."""
@@ -149,6 +155,12 @@ def check_alerts(
             problems.append(f"{w}.threshold: a relative change is a fraction between 0 and 1")
         if r.min_volume < 0 or r.cooldown_seconds < 0 or r.for_seconds < 0:
             problems.append(f"{w}: min_volume, for_seconds and cooldown_seconds cannot be negative")
+        if r.source and r.source not in sources:
+            problems.append(f"{w}.source: unknown source {r.source!r}")
+        if r.source and r.compare != "previous":
+            problems.append(f"{w}.source: a source's window compares with the window before only")
+        if r.measure == "coverage" and r.condition not in ("below", "above"):
+            problems.append(f"{w}.measure: coverage compares with a threshold (below / above)")
         if r.compare != "previous":
             if r.condition not in ("drop", "rise"):
                 problems.append(f"{w}.compare: only a drop or rise compares with {r.compare}")
@@ -368,6 +380,12 @@ class Notice:
     def title(self) -> str:
         return f"[{self.status.upper()}] {self.tenant}/{self.rule.id} ({self.rule.severity})"
 
+    def measured(self) -> str:
+        """What the rule watches: the KPI, its coverage, of one source."""
+        r = self.rule
+        what = f"{r.kpi} coverage" if r.measure == "coverage" else r.kpi
+        return f"{what} of source {r.source}" if r.source else what
+
     def short_text(self) -> str:
         """One line for an SMS: status, rule, the value against what it was compared with."""
 
@@ -375,8 +393,9 @@ class Notice:
             return "n/a" if v is None else f"{v:.4g}"
 
         r = self.rule
+        compared = f"{COMPARED_WITH[r.compare]}: {fmt(self.previous)}"
         line = (
-            f"{self.title()}: {r.kpi} {fmt(self.value)} ({COMPARED_WITH[r.compare]}: {fmt(self.previous)}) "
+            f"{self.title()}: {self.measured()} {fmt(self.value)} ({compared}) "
             f"over {self.window_minutes:g} min"
         )
         return line[:SMS_MAX_CHARS]
@@ -386,10 +405,10 @@ class Notice:
             return "n/a" if v is None else f"{v:.4g}"
 
         r = self.rule
-        line = f"{r.kpi} {r.condition} {r.threshold:g} over {self.window_minutes:g} min"
+        line = f"{self.measured()} {r.condition} {r.threshold:g} over {self.window_minutes:g} min"
         return (
             f"{self.title()}\n{r.description or line}\n"
-            f"{r.kpi}: {fmt(self.value)} ({COMPARED_WITH[r.compare]}: {fmt(self.previous)}), "
+            f"{self.measured()}: {fmt(self.value)} ({COMPARED_WITH[r.compare]}: {fmt(self.previous)}), "
             f"{self.volume} events; rule: {line}\n"
             f"dashboard: /admin/kpis?tenant={self.tenant}&kpi={r.kpi}"
         )
@@ -595,8 +614,13 @@ class AlertEvaluator:
                 )
                 if window is None:
                     continue
+                value = window.by_source.get(rule.source) if rule.source else window.total
+                if value is None:  # the source has no value in this report
+                    continue
+                if rule.measure == "coverage":  # its volume: every matching event
+                    value = WindowValue(value.coverage, value.matched, value.matched, value.coverage)
                 state = states.get(rule.id) or RuleState()
-                await self._step(tenant, rule, window.total, window.minutes, state, now)
+                await self._step(tenant, rule, value, window.minutes, state, now)
                 self.firing[(tenant, rule.id)] = state.state == "firing"
         return True
 

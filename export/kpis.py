@@ -57,7 +57,7 @@ class KpiDefinition(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
 
     id: str
     kind: KpiKind = "count"
-    # track event names; "$page" / "$screen" for page and screen calls
+    # track event names; "$page" / "$screen" for page and screen calls; "*" every event
     events: list[str] = []
     # property -> the value it must have; "name" also matches a page or screen call's name
     # (a Sensors view event's $title, else $screen_name)
@@ -659,7 +659,7 @@ class _Compiled:
 @dataclass
 class _TenantKpis:
     definitions: tuple[KpiDefinition, ...]
-    by_event: dict[str, list[_Compiled]]
+    by_event: dict[str, list[_Compiled]]  # "*": the KPIs of every event
     # source id -> platform
     sources: dict[str, str]
     # the KPIs kept (summed over sources) for day / week comparisons, and for how many buckets
@@ -766,6 +766,7 @@ class KpiEngine:
         if state is None or not state.by_event:
             return
         by_event = state.by_event
+        every = by_event.get("*")
         history = state.history
         cells: dict[tuple[str, str], Cell] = {}
         members: dict[tuple[str, str], set[bytes]] = {}
@@ -773,6 +774,8 @@ class KpiEngine:
         persons: dict[tuple[str, str], tuple[bool, set[bytes]]] = {}
         for ev in events:
             matching = by_event.get(ev.name)
+            if every:
+                matching = matching + every if matching and ev.name != "*" else every
             if not matching:
                 continue
             purposes: frozenset[str] | None = None

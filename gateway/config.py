@@ -597,6 +597,7 @@ def parse_config(text: str, *, path: str = "<config>", dev: bool = False) -> Con
                 channels,
                 f"{where}.alerts",
                 history_seconds=tenant.kpi_history_days * DAY_SECONDS,
+                sources=[s.id for s in tenant.sources],
             )
         )
         tenants.append(tenant)

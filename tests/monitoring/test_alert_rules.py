@@ -201,3 +201,35 @@ def test_the_dev_clock_is_refused_outside_dev(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setenv("IDGATE_DEV_CLOCK_FILE", "/tmp/clock")
     with pytest.raises(SettingsError, match="IDGATE_DEV_CLOCK_FILE is for tests"):
         Settings.from_env()
+
+
+def test_source_and_coverage_rules_are_checked() -> None:
+    bad = _with(
+        """
+[[tenants.alerts]]
+id = "silent"
+kpi = "orders"
+source = "nowhere"
+
+[[tenants.alerts]]
+id = "silent-vs-yesterday"
+kpi = "orders"
+source = "mall-web"
+condition = "drop"
+threshold = 0.5
+compare = "day_ago"
+
+[[tenants.alerts]]
+id = "coverage-drop"
+kpi = "orders"
+measure = "coverage"
+condition = "drop"
+threshold = 0.5
+"""
+    )
+    with pytest.raises(ConfigProblems) as err:
+        parse_config(bad, dev=True)
+    problems = err.value.problems
+    assert "tenants[1].alerts[0].source: unknown source 'nowhere'" in problems
+    assert "tenants[1].alerts[1].source: a source's window compares with the window before only" in problems
+    assert "tenants[1].alerts[2].measure: coverage compares with a threshold (below / above)" in problems
