@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -38,7 +39,7 @@ from gateway.identity_setup import notice_publisher, open_identity
 from gateway.ingest_http import INGEST_ROUTES, IngestContext, document_ingest_routes
 from gateway.logging import request_context
 from gateway.maintenance import keep_healthy
-from gateway.monitoring import build_monitoring, check_alert_secrets
+from gateway.monitoring import build_monitoring, check_alert_secrets, file_clock, open_alert_history
 from gateway.openapi import docs_assets_routers, finish_document, openapi_config
 from gateway.pipeline import Ingestor, IngestServices
 from gateway.plan_admin import PlanViolationsController
@@ -186,6 +187,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
             bucket_seconds=settings.kpi_bucket_seconds,
             interval_seconds=settings.alert_interval_seconds,
             replica=settings.replica_id,
+            clock=file_clock(settings.dev_clock_file) if settings.dev_clock_file else time.time,
+            history=open_alert_history(settings),
         )
         ingestor = Ingestor(
             IngestServices(

@@ -19,7 +19,7 @@ from typing import Any, Literal
 import msgspec
 
 from export.alerts import AlertChannel, AlertRule, check_alerts, check_channels
-from export.kpis import DEFAULT_KPIS, KpiDefinition, check_kpis
+from export.kpis import DAY_SECONDS, DEFAULT_KPIS, KpiDefinition, check_kpis
 
 Platform = Literal["app", "web", "miniprogram", "server"]
 LegalBasis = Literal["consent", "contract"]
@@ -232,6 +232,9 @@ class Tenant(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     # Alert rules over the KPIs (export.alerts), notifying [[alert_channels]].
     alerts: list[AlertRule] = []
     retention: RetentionConfig = RetentionConfig()
+    # How long the KPIs that rules compare with a day or a week earlier are kept (days):
+    # a week and a day of margin.
+    kpi_history_days: int = 8
 
     def all_kpis(self) -> list[KpiDefinition]:
         own = {k.id for k in self.kpis}
@@ -637,7 +640,18 @@ def parse_config(text: str, *, path: str = "<config>", dev: bool = False) -> Con
         _check_tenant(tenant, where, dev, problems, seen_keys)
         if tenant.tracking_plan_file:
             tenant = _load_tenant_plan(tenant, where, path, problems)
-        problems.extend(check_alerts(tenant.alerts, tenant.all_kpis(), channels, f"{where}.alerts"))
+        if not 0 <= tenant.kpi_history_days <= 35:
+            problems.append(f"{where}.kpi_history_days: must be between 0 and 35")
+        problems.extend(
+            check_alerts(
+                tenant.alerts,
+                tenant.all_kpis(),
+                channels,
+                f"{where}.alerts",
+                history_seconds=tenant.kpi_history_days * DAY_SECONDS,
+                sources=[s.id for s in tenant.sources],
+            )
+        )
         tenants.append(tenant)
     # Destinations name sink directories, outbox consumer groups and dead-letter streams:
     # unique across tenants, not only within one.
