@@ -145,6 +145,7 @@ def _banner(settings: Settings, config: Config, base: str) -> list[str]:
     lines = [
         f"idgate {settings.env} on {base}  (config {settings.config_path}, data {settings.data_dir})",
         f"  API docs      {base}/docs   (OpenAPI JSON: {base}/docs/openapi.json)",
+        f"  console       {base}/console   (the compliance console for officers)",
         f"  sink files    {settings.sink_dir}/<destination>/<date>.jsonl",
     ]
     if not settings.dev:

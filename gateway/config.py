@@ -255,7 +255,7 @@ class AdminToken(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     """A compliance officer's or operator's API token (stored as a hash)."""
 
     name: str
-    role: Literal["compliance", "operator"]
+    role: Literal["compliance", "operator", "auditor"]
     token_sha256: str = ""
     dev_token: str = ""  # accepted only with IDGATE_ENV=dev
     tenants: list[str] = []  # empty: every tenant

@@ -151,6 +151,11 @@ class Settings:
     # every replica within this period.
     consent_reconcile_seconds: float = 1.0
     http: HttpLimits = HttpLimits()
+    # The compliance console: a session ends after this many minutes without a request; its
+    # cookies are Secure over HTTPS, and always with console_secure_cookie (TLS ends at a
+    # proxy that does not say so).
+    console_session_minutes: int = 30
+    console_secure_cookie: bool = False
 
     @property
     def dev(self) -> bool:
@@ -238,4 +243,6 @@ class Settings:
                 4.0, max(0.1, _env_int("IDGATE_CONSENT_RECONCILE_MS", 1000) / 1000)
             ),
             http=HttpLimits.from_env(),
+            console_session_minutes=max(1, _env_int("IDGATE_CONSOLE_SESSION_MINUTES", 30)),
+            console_secure_cookie=_env_int("IDGATE_CONSOLE_SECURE_COOKIE", 0) == 1,
         )
