@@ -21,7 +21,7 @@ from litestar.testing import TestClient
 
 from gateway.app import create_app
 from gateway.console.sessions import SESSION_COOKIE, ConsoleSessions
-from tests.conftest import COMPLIANCE_TOKEN, MALL_SERVER_KEY, REDIS_URL
+from tests.conftest import COMPLIANCE_TOKEN, MALL_SERVER_KEY, REDIS_URL, ROOT
 from tests.console.conftest import CONSOLE_CONFIG, TOKENS, csrf_of, sign_in
 from tests.gateway.conftest import in_process_app, in_process_settings
 from tests.waiting import async_wait_until
@@ -345,3 +345,24 @@ def test_the_language_switch_changes_the_labels(client: TestClient[Litestar]) ->
     client.get("/console/language", params={"lang": "en", "next": "/console/sign-in"})
     assert ">Sign in<" in client.get("/console/sign-in").text
     client.get("/console/language", params={"lang": "zh"})
+
+
+@pytest.mark.parametrize(
+    ("token", "name", "role"),
+    [
+        ("compliance-demo-token", "dpo", "compliance"),
+        ("auditor-demo-token", "auditor", "auditor"),
+        ("operator-demo-token", "ops", "operator"),
+    ],
+)
+def test_the_readmes_demo_tokens_sign_in_to_the_console_of_make_run(
+    tmp_path: Path, token: str, name: str, role: str
+) -> None:
+    """README "Compliance console": `make run` (the example config, dev mode) and its tokens."""
+    settings = dataclasses.replace(in_process_settings(tmp_path), config_path=ROOT / "idgate.example.toml")
+    with TestClient(app=create_app(settings), base_url="http://127.0.0.1:8080") as c:
+        sign_in(c, token)
+        home = c.get("/console/")
+        assert f'id="officer">{name}<' in home.text and f"role_{role}" not in home.text
+        expected = {"compliance": 200, "auditor": 403, "operator": 403}[role]
+        assert c.get("/console/subject").status_code == expected
