@@ -134,6 +134,20 @@ LABELS: dict[str, tuple[str, str]] = {
     # quarantine
     "held_merges": ("被拦下的合并", "Held merges"),
     "no_quarantine": ("没有待审核的合并", "Nothing held for review"),
+    "decision": ("决定", "Decision"),
+    "approve": ("批准合并", "Approve"),
+    "reject": ("拒绝", "Reject"),
+    "review_note": (
+        "批准后按常规规则合并（每类标识的上限仍然适用），并通知下游；每个决定都记入访问日志。",
+        "Approving merges through the normal rules (the per-type limits still apply) and notifies "
+        "downstream; every decision is in the access log.",
+    ),
+    "review_linked": ("已合并", "Merged"),
+    "review_refused": (
+        "已批准，但超出每类标识的上限，未合并",
+        "Approved, but a per-type limit refuses the link",
+    ),
+    "review_rejected": ("已拒绝", "Rejected"),
     # errors
     "error": ("无法完成", "Could not do that"),
     "forbidden": ("您的角色不能打开此页面", "Your role may not open this page"),

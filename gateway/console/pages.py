@@ -38,7 +38,7 @@ from consent.rights import (
     VerificationMethod,
     VerificationOutcome,
 )
-from gateway.admin.deps import AdminServices, log_access, parse_time, provide_services
+from gateway.admin.deps import AdminServices, log_access, node_identifier, parse_time, provide_services
 from gateway.auth import AdminTokens, Officer, roles
 from gateway.console.access import (
     CONSOLE_PATH,
@@ -52,7 +52,7 @@ from gateway.console.access import (
 from gateway.console.sessions import LANGUAGE_COOKIE, SESSION_COOKIE, SIGN_IN_COOKIE, same_token
 from gateway.errors import InvalidRequest
 from identity.identifiers import IDENTIFIER_TYPES, Identifier
-from identity.service import IdentityResolutionOff
+from identity.service import IdentityResolutionOff, NotQuarantined
 
 EVERYONE = roles("compliance", "operator", "auditor")
 READERS = roles("compliance", "auditor")  # personal data, pseudonymised: no operators
@@ -177,6 +177,14 @@ class SubjectForm(msgspec.Struct):
     identifier: str = ""
     appid: str = ""
     at: str = ""
+
+
+class ReviewForm(msgspec.Struct):
+    csrf_token: str = ""
+    tenant: str = ""
+    a: str = ""
+    b: str = ""
+    decision: str = ""
 
 
 class LedgerRequest(msgspec.Struct):
@@ -407,20 +415,43 @@ class ConsoleController(Controller):
         tenant: FromQuery[str | None] = None,
     ) -> Template:
         chosen = chosen_tenant(services, officer, tenant)
+        context = self._quarantine_context(services, officer, chosen)
+        await log_access(services, officer, "console.quarantine", chosen, {}, len(context["held"]))
+        return page(request, "quarantine.html", **context, reviewed=None)
+
+    @staticmethod
+    def _quarantine_context(services: AdminServices, officer: Officer, tenant: str) -> dict[str, Any]:
         try:
-            held = services.identity.quarantine(chosen, 500)
-            resolution = True
+            held, resolution = services.identity.quarantine(tenant, 500), True
         except IdentityResolutionOff:
             held, resolution = [], False
-        await log_access(services, officer, "console.quarantine", chosen, {}, len(held))
-        return page(
-            request,
-            "quarantine.html",
-            tenants=visible_tenants(services, officer),
-            tenant=chosen,
-            held=held,
-            resolution=resolution,
-        )
+        tenants = visible_tenants(services, officer)
+        return {"tenants": tenants, "tenant": tenant, "held": held, "resolution": resolution}
+
+    @post("/quarantine/review", opt=COMPLIANCE, status_code=200)
+    async def review(
+        self,
+        request: Request[Any, Any, Any],
+        services: NamedDependency[AdminServices],
+        officer: NamedDependency[Officer],
+        data: Annotated[ReviewForm, Form],
+    ) -> Template:
+        """Approve (the merge is made through the per-type limits; its notice goes
+        downstream) or reject a held link; either way it is in the access log."""
+        tenant = chosen_tenant(services, officer, data.tenant or None)
+        if data.decision not in ("approve", "reject"):
+            raise InvalidRequest("invalid_field", "decision must be approve or reject", "decision")
+        a, b = node_identifier(data.a, "a").node, node_identifier(data.b, "b").node
+        try:
+            done = await services.identity.review(
+                tenant, a, b, approve=data.decision == "approve", officer=officer.name
+            )
+        except NotQuarantined:
+            raise NotFoundException(detail="no link between these identifiers is held for review") from None
+        params = {"a": a, "b": b, "decision": data.decision, "outcome": done.outcome}
+        await log_access(services, officer, "console.quarantine_review", tenant, params, 1)
+        context = self._quarantine_context(services, officer, tenant)
+        return page(request, "quarantine.html", **context, reviewed=done)
 
 
 # -- rights requests ---------------------------------------------------------------------------

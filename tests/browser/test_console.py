@@ -11,7 +11,6 @@ The subject test saves the README's screenshot, docs/console.png (1366x768).
 from __future__ import annotations
 
 import sqlite3
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -20,8 +19,8 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import COMPLIANCE_TOKEN, MALL_SERVER_KEY, ROOT, Gateway, make_gateway
-from tests.console.conftest import CONSOLE_CONFIG, TOKENS
+from tests.conftest import COMPLIANCE_TOKEN, ROOT, Gateway, make_gateway
+from tests.console.conftest import CONSOLE_CONFIG, TOKENS, held_merge, person_with_phone
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -88,38 +87,14 @@ def browser_page(chromium: Any) -> Iterator[tuple[Any, Recorder]]:
 
 
 def sign_in(page: Any, gw: Gateway, role: str) -> None:
-    """From any page: the console sends an anonymous browser to the sign-in form."""
+    """The console sends an anonymous browser to the sign-in form (cookies are dropped first:
+    a new officer at the same browser)."""
+    page.context.clear_cookies()
     page.goto(gw.url + "/console/")
     assert page.url.endswith("/console/sign-in")
     page.fill("#token", TOKENS[role])
     page.click("#sign-in")
     page.wait_for_selector("#officer")
-
-
-def person_with_phone(gw: Gateway) -> tuple[str, str]:
-    """A mall customer from the shop's backend: consent for user id, phone and device
-    (analytics, identity linking), an identify linking them, then a withdrawal of analytics;
-    returns the phone number and user id."""
-    tag = uuid.uuid4().int % 10**8
-    phone, user, device = f"139{tag:08d}", f"user-{tag}", f"device-{tag}"
-    with gw.client(MALL_SERVER_KEY) as c:
-        ids = [{"type": "phone", "id": phone}, {"type": "device_id", "id": device}]
-        body = {"userId": user, "identifiers": ids, "noticeId": "notice-v1", "sdk": "analytics-python"}
-        r = c.post("/v1/consent", json={**body, "grant": ["analytics", "identity_linking"]})
-        assert r.status_code == 200, r.text
-        r = c.post(
-            "/v1/identify",
-            json={
-                "userId": user,
-                "traits": {"phone": phone},
-                "context": {"device": {"id": device}},
-                "messageId": uuid.uuid4().hex,
-            },
-        )
-        assert r.status_code == 200 and r.json()["accepted"] == 1, r.text
-        r = c.post("/v1/consent", json={**body, "withdraw": ["analytics"]})
-        assert r.status_code == 200, r.text
-    return phone, user
 
 
 def raw_forms(phone: str) -> list[str]:
@@ -132,6 +107,7 @@ def test_sign_in_and_out_with_the_keyboard(gateway: Gateway, browser_page: tuple
     page.goto(gateway.url + "/console/ledger")
     assert page.url.endswith("/console/sign-in")
     # the token field has the focus: type, Enter
+    page.wait_for_function("document.activeElement && document.activeElement.id === 'token'")
     page.keyboard.type(TOKENS["auditor"])
     page.keyboard.press("Enter")
     page.wait_for_selector("#officer")
@@ -161,7 +137,8 @@ def test_a_compliance_officer_finds_a_person_by_phone_and_the_number_never_comes
     gateway: Gateway, browser_page: tuple[Any, Recorder]
 ) -> None:
     page, recorder = browser_page
-    phone, _ = person_with_phone(gateway)
+    with gateway.client() as c:
+        phone, _ = person_with_phone(c)
     sign_in(page, gateway, "compliance")
     page.click("text=English")
     page.click("nav >> text=Subject")
@@ -256,7 +233,8 @@ def test_an_auditor_can_verify_and_read_but_not_change(
     gateway: Gateway, browser_page: tuple[Any, Recorder]
 ) -> None:
     page, _ = browser_page
-    phone, _ = person_with_phone(gateway)
+    with gateway.client() as c:
+        phone, _ = person_with_phone(c)
     request_id = open_overdue_request(gateway, phone)
     sign_in(page, gateway, "auditor")
     page.goto(gateway.url + "/console/ledger")
@@ -282,12 +260,57 @@ def test_an_auditor_can_verify_and_read_but_not_change(
     assert page.inner_text("#request-status") == "open"
 
 
+# -- identity review ---------------------------------------------------------------------------
+def test_a_compliance_officer_approves_a_quarantined_merge_and_an_auditor_cannot(
+    gateway: Gateway, browser_page: tuple[Any, Recorder]
+) -> None:
+    page, _ = browser_page
+    with gateway.client() as c:
+        phone, _ = held_merge(c)
+    sign_in(page, gateway, "auditor")
+    page.goto(gateway.url + "/console/quarantine?tenant=mall")
+    page.wait_for_selector("#quarantine")
+    assert page.locator("button.approve, button.reject").count() == 0  # read-only
+    row = page.locator("#quarantine tbody tr").last
+    a, b = row.locator("td:nth-child(1)").inner_text(), row.locator("td:nth-child(2)").inner_text()
+    assert "component_too_large" in row.inner_text()
+    csrf = page.evaluate("document.querySelector('input[name=csrf_token]').value")
+    status = page.evaluate(
+        """async ([url, form]) => (await fetch(url, {method: "POST",
+              headers: {"Content-Type": "application/x-www-form-urlencoded"},
+              body: new URLSearchParams(form)})).status""",
+        [
+            gateway.url + "/console/quarantine/review",
+            {"csrf_token": csrf, "tenant": "mall", "a": a, "b": b, "decision": "approve"},
+        ],
+    )
+    assert status == 403
+
+    sign_in(page, gateway, "compliance")
+    page.goto(gateway.url + "/console/quarantine?tenant=mall")
+    held = page.locator("#quarantine tbody tr", has_text=b)
+    held.locator("button.approve").click()
+    page.wait_for_selector("#reviewed")
+    assert page.get_attribute("#reviewed", "data-outcome") == "linked"
+    assert page.locator("#quarantine tbody tr", has_text=b).count() == 0
+    # the person now has four identifiers: two devices
+    page.click("nav >> text=个人查询")
+    page.select_option("select[name=tenant]", "mall")
+    page.fill("#identifier", phone)
+    page.click("#search")
+    page.wait_for_selector("#subject-node")
+    types = page.locator("#identifiers tbody tr td:first-child").all_inner_texts()
+    assert sorted(types) == ["device_id", "device_id", "phone", "user_id"]
+    assert "review" in page.inner_text("#cluster")
+
+
 # -- rights requests ---------------------------------------------------------------------------
 def test_a_rights_request_moves_through_its_states(
     gateway: Gateway, browser_page: tuple[Any, Recorder]
 ) -> None:
     page, _ = browser_page
-    phone, _ = person_with_phone(gateway)
+    with gateway.client() as c:
+        phone, _ = person_with_phone(c)
     overdue = open_overdue_request(gateway, phone)
     sign_in(page, gateway, "compliance")
     page.goto(gateway.url + "/console/rights?tenant=mall")
@@ -350,7 +373,8 @@ def test_the_ledger_page_finds_a_record_tampered_in_the_database(
     page, _ = browser_page
     gw = make_gateway(tmp_path, config=CONSOLE_CONFIG).start()
     try:
-        person_with_phone(gw)
+        with gw.client() as c:
+            person_with_phone(c)
         sign_in(page, gw, "auditor")
         page.goto(gw.url + "/console/ledger?tenant=mall")
         seqs = [int(s) for s in page.locator("#records tbody td:first-child").all_inner_texts()]

@@ -22,7 +22,7 @@ from litestar.testing import TestClient
 from gateway.app import create_app
 from gateway.console.sessions import SESSION_COOKIE, ConsoleSessions
 from tests.conftest import COMPLIANCE_TOKEN, MALL_SERVER_KEY, REDIS_URL, ROOT
-from tests.console.conftest import CONSOLE_CONFIG, TOKENS, csrf_of, sign_in
+from tests.console.conftest import CONSOLE_CONFIG, TOKENS, csrf_of, held_merge, sign_in
 from tests.gateway.conftest import in_process_app, in_process_settings
 from tests.waiting import async_wait_until
 
@@ -41,6 +41,7 @@ ROUTES: list[tuple[str, str, frozenset[str]]] = [
     ("POST", "/console/ledger/verify", frozenset({C, OPS, A})),
     ("GET", "/console/ledger/export", frozenset({C, A})),
     ("GET", "/console/quarantine", frozenset({C, OPS, A})),
+    ("POST", "/console/quarantine/review", frozenset({C})),
     ("GET", "/console/rights", frozenset({C, A})),
     ("POST", "/console/rights", frozenset({C})),
     ("GET", "/console/rights/{request_id}", frozenset({C, A})),
@@ -366,3 +367,24 @@ def test_the_readmes_demo_tokens_sign_in_to_the_console_of_make_run(
         assert f'id="officer">{name}<' in home.text and f"role_{role}" not in home.text
         expected = {"compliance": 200, "auditor": 403, "operator": 403}[role]
         assert c.get("/console/subject").status_code == expected
+
+
+def test_a_rejected_merge_leaves_the_quarantine_and_is_logged(client: TestClient[Litestar]) -> None:
+    held_merge(client)
+    csrf = sign_in(client, TOKENS["compliance"])
+    page = client.get("/console/quarantine", params={"tenant": "mall"}).text
+    a, b = (
+        re.findall(r'name="a" value="([^"]+)"', page)[-1],
+        re.findall(r'name="b" value="([^"]+)"', page)[-1],
+    )
+    form = {"csrf_token": csrf, "tenant": "mall", "a": a, "b": b, "decision": "reject"}
+    r = client.post("/console/quarantine/review", data=form)
+    assert r.status_code == 200 and 'data-outcome="rejected"' in r.text
+    assert f'value="{b}"' not in r.text
+    entry = access_log(client)[0]
+    assert entry["action"] == "console.quarantine_review"
+    assert entry["params"] == {"a": a, "b": b, "decision": "reject", "outcome": "rejected"}
+    # decided once
+    assert client.post("/console/quarantine/review", data=form).status_code == 404
+    bad = client.post("/console/quarantine/review", data={**form, "a": "13800138000"})
+    assert bad.status_code == 400 and "13800138000" not in bad.text
