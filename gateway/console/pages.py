@@ -26,6 +26,7 @@ from litestar.exceptions import NotFoundException
 from litestar.params import Body, FromPath, FromQuery, QueryParameter
 from litestar.response import Redirect, Template
 
+from consent.audit import ledger_entry
 from consent.rights import (
     Channel,
     ExtensionReason,
@@ -347,12 +348,17 @@ class ConsoleController(Controller):
             if len(found) == limit
             else None
         )
+        # checkpoints cover every tenant's records: not for a tenant-scoped officer
+        checkpoints = (
+            [] if officer.tenants else (await asyncio.to_thread(services.audit.ledger.checkpoints))[-20:]
+        )
         return page(
             request,
             "ledger.html",
             tenants=visible_tenants(services, officer),
             tenant=chosen,
             records=found,
+            checkpoints=list(reversed(checkpoints)),
             filters=filters,
             next_query=next_query,
             verified=None,
@@ -403,6 +409,34 @@ class ConsoleController(Controller):
             text.encode(),
             media_type="application/x-ndjson" if fmt == "jsonl" else "text/csv",
             headers={"Content-Disposition": f'attachment; filename="{name}"'},
+        )
+
+    # notices and statistics ------------------------------------------------------------------
+    @get("/notices", opt=READERS)
+    async def notices(
+        self,
+        request: Request[Any, Any, Any],
+        services: NamedDependency[AdminServices],
+        officer: NamedDependency[Officer],
+        tenant: FromQuery[str | None] = None,
+        by: FromQuery[Literal["purpose", "notice", "platform"]] = "purpose",
+    ) -> Template:
+        """The tenant's privacy-notice versions (ledger records of type ``notice``) and its
+        consent rates (the API's ``/admin/consent/stats``)."""
+        chosen = chosen_tenant(services, officer, tenant)
+        published = await asyncio.to_thread(
+            services.audit.ledger.records, tenant=chosen, record_type="notice", limit=1000
+        )
+        stats = await asyncio.to_thread(services.audit.stats, tenant=chosen, by=by)
+        await log_access(services, officer, "console.notices", chosen, {"by": by}, len(stats.groups))
+        return page(
+            request,
+            "notices.html",
+            tenants=visible_tenants(services, officer),
+            tenant=chosen,
+            notices=[ledger_entry(r) for r in reversed(published)],
+            stats=stats,
+            by=by,
         )
 
     # identity review -------------------------------------------------------------------------

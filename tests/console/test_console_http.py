@@ -22,7 +22,7 @@ from litestar.testing import TestClient
 from gateway.app import create_app
 from gateway.console.sessions import SESSION_COOKIE, ConsoleSessions
 from tests.conftest import COMPLIANCE_TOKEN, MALL_SERVER_KEY, REDIS_URL, ROOT
-from tests.console.conftest import CONSOLE_CONFIG, TOKENS, csrf_of, held_merge, sign_in
+from tests.console.conftest import CONSOLE_CONFIG, TOKENS, csrf_of, held_merge, person_with_phone, sign_in
 from tests.gateway.conftest import in_process_app, in_process_settings
 from tests.waiting import async_wait_until
 
@@ -41,6 +41,7 @@ ROUTES: list[tuple[str, str, frozenset[str]]] = [
     ("POST", "/console/ledger/verify", frozenset({C, OPS, A})),
     ("GET", "/console/ledger/export", frozenset({C, A})),
     ("GET", "/console/quarantine", frozenset({C, OPS, A})),
+    ("GET", "/console/notices", frozenset({C, A})),
     ("POST", "/console/quarantine/review", frozenset({C})),
     ("GET", "/console/rights", frozenset({C, A})),
     ("POST", "/console/rights", frozenset({C})),
@@ -388,3 +389,28 @@ def test_a_rejected_merge_leaves_the_quarantine_and_is_logged(client: TestClient
     assert client.post("/console/quarantine/review", data=form).status_code == 404
     bad = client.post("/console/quarantine/review", data={**form, "a": "13800138000"})
     assert bad.status_code == 400 and "13800138000" not in bad.text
+
+
+def test_notices_and_consent_rates(client: TestClient[Litestar]) -> None:
+    person_with_phone(client)  # analytics given then withdrawn, identity linking given
+    sign_in(client, TOKENS["auditor"])
+    r = client.get("/console/notices", params={"tenant": "mall"})
+    assert r.status_code == 200
+    notices = r.text[r.text.index('id="notices"') : r.text.index("</table>", r.text.index('id="notices"'))]
+    assert "notice-v1" in notices and "1111111111111111" in notices
+    rows = dict(
+        re.findall(r"<tr><td>(\w+)</td><td>\d+</td><td>\d+</td>\s*<td><meter[^>]*value=\"([\d.]+)\"", r.text)
+    )
+    assert float(rows["identity_linking"]) > 0 and "analytics" in rows, rows
+    assert client.get("/console/notices", params={"tenant": "mall", "by": "platform"}).status_code == 200
+    assert client.get("/console/notices", params={"tenant": "mall", "by": "nonsense"}).status_code == 400
+
+
+def test_the_ledger_page_lists_signed_checkpoints(app: Litestar, client: TestClient[Litestar]) -> None:
+    person_with_phone(client)
+    checkpoint = app.state.services.audit.ledger.checkpoint()
+    assert checkpoint is not None
+    sign_in(client, TOKENS["auditor"])
+    r = client.get("/console/ledger", params={"tenant": "mall"})
+    assert 'id="checkpoints"' in r.text and f"{checkpoint.from_seq}–{checkpoint.to_seq}" in r.text
+    assert checkpoint.key_id in r.text
