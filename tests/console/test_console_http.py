@@ -414,3 +414,9 @@ def test_the_ledger_page_lists_signed_checkpoints(app: Litestar, client: TestCli
     r = client.get("/console/ledger", params={"tenant": "mall"})
     assert 'id="checkpoints"' in r.text and f"{checkpoint.from_seq}–{checkpoint.to_seq}" in r.text
     assert checkpoint.key_id in r.text
+
+
+@pytest.mark.parametrize("path", ["/admin/consent/verify", "/admin/rights/", "/admin/access-log"])
+def test_an_auditor_token_is_for_the_console_only(client: TestClient[Litestar], path: str) -> None:
+    r = client.get(path, headers={"Authorization": f"Bearer {TOKENS['auditor']}"})
+    assert r.status_code == 403 and r.json()["error"], r.text
