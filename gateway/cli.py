@@ -397,6 +397,23 @@ main.add_command(alerts)
 
 
 @main.group()
+def console() -> None:
+    """The compliance console (/console)."""
+
+
+@console.command("hash-password")
+def console_hash_password() -> None:
+    """Print the Argon2id hash of a console user's password (asked twice, never echoed),
+    for ``password_argon2`` of ``[[console_users]]``."""
+    from argon2 import PasswordHasher
+
+    password = click.prompt("Password", hide_input=True, confirmation_prompt=True)
+    if len(password) < 12:
+        fail("a console password needs at least 12 characters")
+    click.echo(PasswordHasher().hash(password))
+
+
+@main.group()
 def identity() -> None:
     """The identity graph."""
 

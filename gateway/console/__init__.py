@@ -23,6 +23,7 @@ from litestar.stores.redis import RedisStore
 from litestar.template import TemplateConfig
 
 from gateway.console.access import CONSOLE_EXCEPTION_HANDLERS, Console
+from gateway.console.accounts import ConsoleAccounts
 from gateway.console.pages import ConsoleController, RightsPagesController, SignInController
 from gateway.console.sessions import ConsoleSessions
 
@@ -72,6 +73,7 @@ def console_lifespan(*, idle_minutes: int, secure_cookie: bool) -> Any:
         )
         app.state.console = Console(
             sessions=ConsoleSessions(store, idle_seconds=idle_minutes * 60, absolute_seconds=12 * 3600),
+            accounts=ConsoleAccounts(app.state.gateway.config.console_users),
             secure_cookie=secure_cookie,
         )
         yield

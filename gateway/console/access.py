@@ -14,12 +14,18 @@ from typing import Any
 import structlog
 from litestar import Request, Response
 from litestar.connection import ASGIConnection
-from litestar.exceptions import HTTPException, NotAuthorizedException, PermissionDeniedException
+from litestar.exceptions import (
+    HTTPException,
+    NotAuthorizedException,
+    PermissionDeniedException,
+    TooManyRequestsException,
+)
 from litestar.handlers.base import BaseRouteHandler
 from litestar.response import Redirect, Template
 from litestar.types import ExceptionHandlersMap
 
 from gateway.auth import AdminTokens, Officer
+from gateway.console.accounts import ConsoleAccounts
 from gateway.console.i18n import labels_for
 from gateway.console.sessions import (
     LANGUAGE_COOKIE,
@@ -40,6 +46,7 @@ class Console:
     """What the console keeps on ``app.state.console``."""
 
     sessions: ConsoleSessions
+    accounts: ConsoleAccounts
     # Secure cookies always (a TLS proxy in front that does not say so); else when the
     # request came over HTTPS.
     secure_cookie: bool
@@ -63,7 +70,7 @@ async def console_guard(connection: ASGIConnection[Any, Any, Any, Any], handler:
     console = console_of(connection)
     session = await console.sessions.get(connection.cookies.get(SESSION_COOKIE, ""))
     tokens: AdminTokens = connection.app.state.admin_tokens
-    officer = tokens.index.get(session.token_sha256) if session is not None else None
+    officer = console.accounts.officer(session.principal, tokens) if session is not None else None
     if session is None or officer is None:
         raise NotAuthorizedException(detail="sign in to the console")
     connection.state.officer = officer
@@ -118,6 +125,8 @@ def _refused(request: Request[Any, Any, Any], exc: HTTPException) -> Response[An
         return page(request, "error.html", status=401, problem="sign_in_needed")
     if isinstance(exc, CsrfRefused):
         return page(request, "error.html", status=403, problem="csrf")
+    if isinstance(exc, TooManyRequestsException):
+        return page(request, "error.html", status=429, problem="too_many_attempts")
     if isinstance(exc, PermissionDeniedException):
         return page(request, "error.html", status=403, problem="forbidden")
     status = exc.status_code if 400 <= exc.status_code < 500 else 400

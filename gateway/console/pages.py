@@ -9,7 +9,6 @@ never in a URL); they are pseudonymised here and the pages show pseudonyms only.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import secrets
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ from litestar import Controller, Request, Response, get, post
 from litestar.datastructures import Cookie
 from litestar.di import NamedDependency, Provide
 from litestar.enums import RequestEncodingType
-from litestar.exceptions import NotFoundException
+from litestar.exceptions import NotFoundException, TooManyRequestsException
 from litestar.params import Body, FromPath, FromQuery, QueryParameter
 from litestar.response import Redirect, Template
 
@@ -50,8 +49,10 @@ from gateway.console.access import (
     officer_of,
     page,
 )
+from gateway.console.accounts import ConsoleAccounts, count_failure, may_try
 from gateway.console.sessions import LANGUAGE_COOKIE, SESSION_COOKIE, SIGN_IN_COOKIE, same_token
 from gateway.errors import InvalidRequest
+from gateway.rate_limits import client_ip
 from identity.identifiers import IDENTIFIER_TYPES, Identifier
 from identity.service import IdentityResolutionOff, NotQuarantined
 
@@ -102,6 +103,8 @@ def chosen_tenant(services: AdminServices, officer: Officer, tenant: str | None)
 # -- sign-in, sign-out, language ---------------------------------------------------------------
 class SignInForm(msgspec.Struct):
     token: str = ""
+    name: str = ""
+    password: str = ""
     csrf_token: str = ""
 
 
@@ -123,35 +126,52 @@ class SignInController(Controller):
     async def sign_in(
         self, request: Request[Any, Any, Any], data: Annotated[SignInForm, Form]
     ) -> Response[Any]:
+        """An admin token, or a console user's name and password. Failed attempts are
+        counted per name and client network; past the limit, 429 until the window ends."""
         if not same_token(request.cookies.get(SIGN_IN_COOKIE, ""), data.csrf_token):
             return page(request, "error.html", status=403, problem="csrf")
         console: Console = console_of(request)
-        tokens: AdminTokens = request.app.state.admin_tokens
-        token_sha256 = hashlib.sha256(data.token.strip().encode()).hexdigest()
-        officer = tokens.index.get(token_sha256)
         services: AdminServices = request.app.state.services
-        if officer is None or not data.token.strip():
+        store = request.app.state.rate_limiter.store
+        network = client_ip(request.scope, services.config.rate_limits.forwarded_hops)
+        name = data.name.strip()[:64]
+        if not await may_try(store, name or "(token)", network):
+            raise TooManyRequestsException(detail="too many failed sign-ins: wait a quarter of an hour")
+        officer, principal = await self._check(request, console, name, data)
+        if officer is None:
+            await count_failure(store, name or "(token)", network)
             await asyncio.to_thread(
                 services.access_log.write,
                 officer="(unauthenticated)",
                 role="",
                 action="console.sign_in_refused",
                 tenant=None,
-                params={},
+                params={"name": name} if name in console.accounts.by_name else {},
                 count=0,
             )
-            template = page(request, "sign_in.html", status=401, sign_in_csrf=data.csrf_token, failed=True)
-            return template
+            return page(request, "sign_in.html", status=401, sign_in_csrf=data.csrf_token, failed=True)
         # A new session id at every sign-in, whatever cookie came with the request.
         old = request.cookies.get(SESSION_COOKIE)
         if old:
             await console.sessions.end(old)
-        session_id, _ = await console.sessions.start(token_sha256)
-        await log_access(services, officer, "console.sign_in", None, {}, 1)
+        session_id, _ = await console.sessions.start(principal)
+        await log_access(services, officer, "console.sign_in", None, {"with": principal.partition(":")[0]}, 1)
         redirect = Redirect(CONSOLE_PATH, status_code=303)
         redirect.cookies.append(_cookie(request, SESSION_COOKIE, session_id))
         redirect.cookies.append(_cookie(request, SIGN_IN_COOKIE, "", max_age=0))
         return redirect
+
+    @staticmethod
+    async def _check(
+        request: Request[Any, Any, Any], console: Console, name: str, data: SignInForm
+    ) -> tuple[Officer | None, str]:
+        if name:
+            officer = await asyncio.to_thread(console.accounts.password, name, data.password)
+            return officer, f"user:{name}"
+        token = data.token.strip()
+        principal = ConsoleAccounts.token_principal(token)
+        tokens: AdminTokens = request.app.state.admin_tokens
+        return (console.accounts.officer(principal, tokens) if token else None), principal
 
     @get("/language")
     async def switch_language(

@@ -6,9 +6,10 @@ only in the officer's cookie. Sign-in always starts a new session (a session id 
 before sign-in is never promoted: no fixation); the session ends after ``idle_seconds``
 without a request, after ``absolute_seconds`` in any case, and at sign-out.
 
-The session holds the SHA-256 of the admin token the officer signed in with, not the
-officer: each request resolves it again through the configured tokens, so a token taken
-out of the config (and the gateway restarted) ends its sessions.
+The session holds who signed in (a principal: the SHA-256 of the admin token, or the
+console user's name), not the officer: each request resolves it again through the
+configuration, so a token or user taken out of it (and the gateway restarted) ends its
+sessions.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ LANGUAGE_COOKIE = "idgate_console_lang"
 
 
 class ConsoleSession(msgspec.Struct, frozen=True):
-    token_sha256: str
+    principal: str  # gateway.console.accounts
     csrf: str
     started_at: float
 
@@ -45,12 +46,10 @@ class ConsoleSessions:
         """The store key of a session: the hash of its id (a copy of the store holds no id)."""
         return "console-session:" + hashlib.sha256(session_id.encode()).hexdigest()
 
-    async def start(self, token_sha256: str) -> tuple[str, ConsoleSession]:
-        """A new session (new id, new CSRF token) for the officer of this token."""
+    async def start(self, principal: str) -> tuple[str, ConsoleSession]:
+        """A new session (new id, new CSRF token) for this principal."""
         session_id = secrets.token_urlsafe(32)
-        session = ConsoleSession(
-            token_sha256=token_sha256, csrf=secrets.token_urlsafe(32), started_at=time.time()
-        )
+        session = ConsoleSession(principal=principal, csrf=secrets.token_urlsafe(32), started_at=time.time())
         await self.store.set(self.key(session_id), msgspec.json.encode(session), expires_in=self.idle_seconds)
         return session_id, session
 
