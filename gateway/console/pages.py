@@ -9,7 +9,6 @@ never in a URL); they are pseudonymised here and the pages show pseudonyms only.
 from __future__ import annotations
 
 import asyncio
-import json
 import secrets
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -38,7 +37,9 @@ from consent.rights import (
     VerificationMethod,
     VerificationOutcome,
 )
+from gateway.admin.consent import export_download
 from gateway.admin.deps import AdminServices, log_access, node_identifier, parse_time, provide_services
+from gateway.admin.rights import bundle_download, provide_rights, rights_refusal
 from gateway.auth import AdminTokens, Officer, roles
 from gateway.console.access import (
     CONSOLE_PATH,
@@ -61,15 +62,10 @@ READERS = roles("compliance", "auditor")  # personal data, pseudonymised: no ope
 COMPLIANCE = roles("compliance")  # raw look-ups and every change
 
 
-def _rights(request: Request[Any, Any, Any]) -> RightsService:
-    service: RightsService = request.app.state.rights
-    return service
-
-
 DEPENDENCIES = {
     "services": Provide(provide_services, sync_to_thread=False),
     "officer": Provide(officer_of, sync_to_thread=False),
-    "rights": Provide(_rights, sync_to_thread=False),
+    "rights": Provide(provide_rights, sync_to_thread=False),
 }
 Form = Body(media_type=RequestEncodingType.URL_ENCODED)
 
@@ -176,6 +172,7 @@ class SignInController(Controller):
     @get("/language")
     async def switch_language(
         self,
+        request: Request[Any, Any, Any],
         lang: FromQuery[Literal["zh", "en"]] = "zh",
         back: Annotated[str, QueryParameter(name="next", max_length=500)] = CONSOLE_PATH,
     ) -> Redirect:
@@ -184,9 +181,7 @@ class SignInController(Controller):
             back if back.startswith(CONSOLE_PATH) and "//" not in back and "\\" not in back else CONSOLE_PATH
         )
         redirect = Redirect(target, status_code=303)
-        redirect.cookies.append(
-            Cookie(key=LANGUAGE_COOKIE, value=lang, path=CONSOLE_PATH, httponly=True, samesite="strict")
-        )
+        redirect.cookies.append(_cookie(request, LANGUAGE_COOKIE, lang, max_age=365 * 86400))
         return redirect
 
 
@@ -424,12 +419,7 @@ class ConsoleController(Controller):
             {"format": fmt, "part": part},
             text.count("\n"),
         )
-        name = f"consent-ledger-{chosen}{'-checkpoints' if part == 'checkpoints' else ''}.{fmt}"
-        return Response(
-            text.encode(),
-            media_type="application/x-ndjson" if fmt == "jsonl" else "text/csv",
-            headers={"Content-Disposition": f'attachment; filename="{name}"'},
-        )
+        return export_download(text, chosen, fmt, part)
 
     # notices and statistics ------------------------------------------------------------------
     @get("/notices", opt=READERS)
@@ -544,10 +534,6 @@ def _choice(value: str, allowed: Any, field: str) -> Any:
     return value
 
 
-def _rights_error(exc: RightsError) -> InvalidRequest:
-    return InvalidRequest(exc.error, exc.detail, exc.field, exc.status)
-
-
 CHOICES: dict[str, Any] = {
     "kinds": get_args(RightsKind),
     "requesters": get_args(Requester),
@@ -629,7 +615,7 @@ class RightsPagesController(Controller):
             )
         except RightsError as exc:
             await log_access(services, officer, "console.rights_refused", tenant, params, 0)
-            raise _rights_error(exc) from None
+            raise rights_refusal(exc) from None
         await log_access(
             services, officer, "console.rights_open", tenant, {**params, "request": opened.request_id}, 1
         )
@@ -668,7 +654,7 @@ class RightsPagesController(Controller):
         try:
             await done
         except RightsError as exc:
-            raise _rights_error(exc) from None
+            raise rights_refusal(exc) from None
         await log_access(
             services, officer, f"console.rights_{action}", tenant, {"request": request_id, **params}, 1
         )
@@ -738,10 +724,6 @@ class RightsPagesController(Controller):
         try:
             document = await rights.bundle(tenant=chosen, request_id=request_id, officer=officer.name)
         except RightsError as exc:
-            raise _rights_error(exc) from None
+            raise rights_refusal(exc) from None
         await log_access(services, officer, "console.rights_bundle", chosen, {"request": request_id}, 1)
-        return Response(
-            json.dumps(document, ensure_ascii=False, sort_keys=True).encode(),
-            media_type="application/json",
-            headers={"Content-Disposition": f'attachment; filename="{request_id}.json"'},
-        )
+        return bundle_download(document, request_id)
