@@ -24,7 +24,7 @@ from gateway.console.sessions import SESSION_COOKIE, ConsoleSessions
 from tests.conftest import COMPLIANCE_TOKEN, MALL_SERVER_KEY, REDIS_URL, ROOT
 from tests.console.conftest import CONSOLE_CONFIG, TOKENS, csrf_of, held_merge, person_with_phone, sign_in
 from tests.gateway.conftest import in_process_app, in_process_settings
-from tests.waiting import async_wait_until
+from tests.waiting import async_wait_until, wait_until
 
 DPO = {"Authorization": f"Bearer {COMPLIANCE_TOKEN}"}
 ROLES = ("compliance", "operator", "auditor")
@@ -420,3 +420,39 @@ def test_the_ledger_page_lists_signed_checkpoints(app: Litestar, client: TestCli
 def test_an_auditor_token_is_for_the_console_only(client: TestClient[Litestar], path: str) -> None:
     r = client.get(path, headers={"Authorization": f"Bearer {TOKENS['auditor']}"})
     assert r.status_code == 403 and r.json()["error"], r.text
+
+
+def test_the_subject_view_at_a_past_moment_shows_the_grant_and_the_deliveries_on_it(
+    client: TestClient[Litestar],
+) -> None:
+    phone, user = person_with_phone(client, withdraw=False)
+    csrf = sign_in(client, TOKENS["compliance"])
+    form = {"csrf_token": csrf, "tenant": "mall", "type": "phone", "identifier": phone}
+
+    def analytics_state(html: str) -> str:
+        found = re.search(r"<tr><td>analytics</td><td class=\"state-(\w+)\">", html)
+        assert found, html
+        return found.group(1)
+
+    # the identify event went to the mall's warehouse on the strength of the grant
+    delivered = wait_until(
+        lambda: (
+            (page := client.post("/console/subject", data=form).text) and 'id="deliveries"' in page and page
+        ),
+        10,
+        what="the delivery of the person's event, relying on the grant",
+    )
+    records = client.get(
+        "/admin/consent/records", params={"tenant": "mall", "type": "phone", "identifier": phone}, headers=DPO
+    ).json()["records"]
+    (grant,) = [r for r in records if r["state"] == "given"]
+    assert f"<td>{grant['seq']}</td><td>mall-warehouse</td>" in delivered
+    r = client.post(
+        "/v1/consent",
+        json={"userId": user, "identifiers": [{"type": "phone", "id": phone}], "withdraw": ["analytics"]},
+        auth=(MALL_SERVER_KEY, ""),
+    )
+    assert r.status_code == 200, r.text
+    assert analytics_state(client.post("/console/subject", data=form).text) == "withdrawn"
+    then = client.post("/console/subject", data={**form, "at": grant["at"]}).text
+    assert analytics_state(then) == "given" and f"<td>{grant['seq']}</td><td>mall-warehouse</td>" in then
