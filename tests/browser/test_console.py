@@ -97,6 +97,11 @@ def sign_in(page: Any, gw: Gateway, role: str) -> None:
     page.wait_for_selector("#officer")
 
 
+def assert_fits(page: Any) -> None:
+    """The page fits a 1366x768 laptop screen: nothing scrolls sideways."""
+    assert page.evaluate("document.documentElement.scrollWidth") <= VIEWPORT["width"], page.url
+
+
 def raw_forms(phone: str) -> list[str]:
     return [phone, "+86" + phone, phone[3:]]
 
@@ -170,8 +175,7 @@ def test_a_compliance_officer_finds_a_person_by_phone_and_the_number_never_comes
     assert "notice-v1" in timeline and "withdrawn" in timeline and "given" in timeline
     SCREENSHOT.parent.mkdir(exist_ok=True)
     page.screenshot(path=str(SCREENSHOT))
-    # the page fits a 1366-pixel-wide screen: no horizontal scrolling
-    assert page.evaluate("document.documentElement.scrollWidth") <= VIEWPORT["width"]
+    assert_fits(page)
 
     # browse on after the search; then look at everything the browser sent and received
     page.click("nav >> text=Ledger")
@@ -270,6 +274,7 @@ def test_a_compliance_officer_approves_a_quarantined_merge_and_an_auditor_cannot
     sign_in(page, gateway, "auditor")
     page.goto(gateway.url + "/console/quarantine?tenant=mall")
     page.wait_for_selector("#quarantine")
+    assert_fits(page)
     assert page.locator("button.approve, button.reject").count() == 0  # read-only
     row = page.locator("#quarantine tbody tr").last
     a, b = row.locator("td:nth-child(1)").inner_text(), row.locator("td:nth-child(2)").inner_text()
@@ -318,6 +323,7 @@ def test_a_rights_request_moves_through_its_states(
     rows = page.locator("#queue tbody tr")
     clocks = [rows.nth(i).get_attribute("data-clock") for i in range(rows.count())]
     assert clocks[0] == "overdue" and clocks == sorted(clocks, key=lambda c: c != "overdue"), clocks
+    assert_fits(page)
     row = page.locator("#queue tbody tr", has_text=overdue)
     assert row.get_attribute("data-clock") == "overdue"
     assert row.evaluate("row => getComputedStyle(row.cells[0]).backgroundColor") != "rgb(255, 255, 255)"
@@ -332,6 +338,7 @@ def test_a_rights_request_moves_through_its_states(
     page.wait_for_selector("#request-status")
     assert page.inner_text("#request-status") == "open"
     assert phone not in page.content() and "/console/rights/" in page.url
+    assert_fits(page)
 
     page.select_option("#extend-form select[name=reason]", "complex_request")
     page.fill("#extend-form input[name=working_days]", "10")
@@ -377,6 +384,7 @@ def test_the_ledger_page_finds_a_record_tampered_in_the_database(
             person_with_phone(c)
         sign_in(page, gw, "auditor")
         page.goto(gw.url + "/console/ledger?tenant=mall")
+        assert_fits(page)
         seqs = [int(s) for s in page.locator("#records tbody td:first-child").all_inner_texts()]
         assert len(seqs) >= 3
         page.click("#verify")
