@@ -32,6 +32,7 @@ from gateway.auth import AdminTokens, WriteKeys
 from gateway.config import Config, index_sensors_tokens, index_write_keys, load_config
 from gateway.consent_api import consent_controller
 from gateway.consent_setup import checkpoint_periodically, ledger_signer, open_consent
+from gateway.console import console_lifespan, console_routes, console_templates
 from gateway.cors import cors, document_cors
 from gateway.delivery_setup import build_delivery, open_dead_letters, open_outbox, redis_options, rekeyer
 from gateway.errors import exception_handlers
@@ -310,8 +311,15 @@ def create_app(settings: Settings | None = None) -> Litestar:
             readyz,
             prometheus_metrics,
             *docs_assets_routers(),
+            *console_routes(),
         ],
-        lifespan=[lifespan],
+        lifespan=[
+            lifespan,
+            console_lifespan(
+                idle_minutes=settings.console_session_minutes, secure_cookie=settings.console_secure_cookie
+            ),
+        ],
+        template_config=console_templates(),
         # Above this Litestar refuses the body before reading it; _read_body applies the exact limit.
         request_max_body_size=config.limits.max_batch_bytes + 1024,
         exception_handlers=exception_handlers(),

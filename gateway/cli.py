@@ -146,6 +146,7 @@ def _banner(settings: Settings, config: Config, base: str) -> list[str]:
     lines = [
         f"idgate {settings.env} on {base}  (config {settings.config_path}, data {settings.data_dir})",
         f"  API docs      {base}/docs   (OpenAPI JSON: {base}/docs/openapi.json)",
+        f"  console       {base}/console   (the compliance console for officers)",
         f"  sink files    {settings.sink_dir}/<destination>/<date>.jsonl",
     ]
     if not settings.dev:
@@ -396,6 +397,23 @@ main.add_command(plan)
 main.add_command(alerts)
 main.add_command(retention)
 main.add_command(breach)
+
+
+@main.group()
+def console() -> None:
+    """The compliance console (/console)."""
+
+
+@console.command("hash-password")
+def console_hash_password() -> None:
+    """Print the Argon2id hash of a console user's password (asked twice, never echoed),
+    for ``password_argon2`` of ``[[console_users]]``."""
+    from argon2 import PasswordHasher
+
+    password = click.prompt("Password", hide_input=True, confirmation_prompt=True)
+    if len(password) < 12:
+        fail("a console password needs at least 12 characters")
+    click.echo(PasswordHasher().hash(password))
 
 
 @main.group()

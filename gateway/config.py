@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import re
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
@@ -282,9 +282,19 @@ class AdminToken(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     """A compliance officer's or operator's API token (stored as a hash)."""
 
     name: str
-    role: Literal["compliance", "operator"]
+    role: Literal["compliance", "operator", "auditor"]
     token_sha256: str = ""
     dev_token: str = ""  # accepted only with IDGATE_ENV=dev
+    tenants: list[str] = []  # empty: every tenant
+
+
+class ConsoleUser(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """An officer who signs in to the compliance console with a name and a password
+    (stored as an Argon2id hash: ``idgate console hash-password``)."""
+
+    name: str
+    role: Literal["compliance", "operator", "auditor"]
+    password_argon2: str
     tenants: list[str] = []  # empty: every tenant
 
 
@@ -302,6 +312,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     tenants: list[Tenant]
     limits: Limits = Limits()
     admin_tokens: list[AdminToken] = []
+    console_users: list[ConsoleUser] = []
     rate_limits: RateLimits = RateLimits()
     rights: RightsConfig = RightsConfig()
     alert_channels: list[AlertChannel] = []
@@ -618,6 +629,7 @@ def parse_config(text: str, *, path: str = "<config>", dev: bool = False) -> Con
         if not token.token_sha256 and not token.dev_token:
             problems.append(f"{where}: needs token_sha256")
         admin_tokens.append(token)
+    console_users = _console_users(raw.pop("console_users", []), {t.name for t in admin_tokens}, problems)
     channels: list[AlertChannel] = []
     for i, rc in enumerate(raw.pop("alert_channels", [])):
         channel = _decode_part(rc, AlertChannel, f"alert_channels[{i}]", problems)
@@ -662,20 +674,52 @@ def parse_config(text: str, *, path: str = "<config>", dev: bool = False) -> Con
                 problems.append(f"destination {d.id!r}: used by tenants {owners[d.id]!r} and {t.id!r}")
             owners.setdefault(d.id, t.id)
     known_tenants = {t.id for t in tenants}
-    for i, token in enumerate(admin_tokens):
-        for tid in token.tenants:
-            if tid not in known_tenants:
-                problems.append(f"admin_tokens[{i}].tenants: unknown tenant {tid!r}")
+    holders_of: tuple[tuple[str, Sequence[AdminToken | ConsoleUser]], ...] = (
+        ("admin_tokens", admin_tokens),
+        ("console_users", console_users),
+    )
+    for part, holders in holders_of:
+        for i, holder in enumerate(holders):
+            for tid in holder.tenants:
+                if tid not in known_tenants:
+                    problems.append(f"{part}[{i}].tenants: unknown tenant {tid!r}")
     if problems:
         raise ConfigProblems(path, problems)
     return Config(
         tenants=tenants,
         limits=limits or Limits(),
         admin_tokens=admin_tokens,
+        console_users=console_users,
         rate_limits=rate_limits or RateLimits(),
         rights=rights or RightsConfig(),
         alert_channels=channels,
     )
+
+
+def _console_users(raw: Any, token_names: set[str], problems: list[str]) -> list[ConsoleUser]:
+    """The console's users: unique names (also against admin token names: the access log
+    names officers), an Argon2 hash each."""
+    from argon2 import extract_parameters
+    from argon2.exceptions import InvalidHashError
+
+    users: list[ConsoleUser] = []
+    seen: set[str] = set()
+    for i, ru in enumerate(raw):
+        where = f"console_users[{i}]"
+        user = _decode_part(ru, ConsoleUser, where, problems)
+        if user is None:
+            continue
+        if not user.name.strip() or len(user.name) > 64:
+            problems.append(f"{where}.name: 1 to 64 characters")
+        if user.name in seen or user.name in token_names:
+            problems.append(f"{where}.name: {user.name!r} names another console user or admin token")
+        seen.add(user.name)
+        try:
+            extract_parameters(user.password_argon2)
+        except InvalidHashError:
+            problems.append(f"{where}.password_argon2: not an Argon2 hash (idgate console hash-password)")
+        users.append(user)
+    return users
 
 
 def load_config(path: Path, *, dev: bool) -> Config:

@@ -155,6 +155,11 @@ class Settings:
     # How often the gateway enforces the tenants' retention periods (0: never; the CLI can).
     retention_interval_seconds: float = 3600.0
     http: HttpLimits = HttpLimits()
+    # The compliance console: a session ends after this many minutes without a request; its
+    # cookies are Secure over HTTPS, and always with console_secure_cookie (TLS ends at a
+    # proxy that does not say so).
+    console_session_minutes: int = 30
+    console_secure_cookie: bool = False
 
     @property
     def dev(self) -> bool:
@@ -247,4 +252,6 @@ class Settings:
             ),
             retention_interval_seconds=max(0, _env_int("IDGATE_RETENTION_INTERVAL_SECONDS", 3600)),
             http=HttpLimits.from_env(),
+            console_session_minutes=max(1, _env_int("IDGATE_CONSOLE_SESSION_MINUTES", 30)),
+            console_secure_cookie=_env_int("IDGATE_CONSOLE_SECURE_COOKIE", 0) == 1,
         )

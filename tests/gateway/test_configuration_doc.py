@@ -20,6 +20,7 @@ STRUCTS = (
     cfg.Limits,
     cfg.RateLimits,
     cfg.AdminToken,
+    cfg.ConsoleUser,
     cfg.Tenant,
     cfg.Source,
     cfg.Purpose,
