@@ -103,6 +103,11 @@ class Source(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     # Web pages (origins: scheme://host[:port]) allowed to call the Segment endpoints and
     # /v1/consent from a browser (CORS); never "*": the write key is a credential.
     allowed_origins: list[str] = []
+    # The tracking plan for this source (gateway.plan): "block", "omit" or "flag" an event
+    # that breaks its plan entry; "block", "allow" or "flag" one the plan does not list.
+    # Empty: the tenant's plan_mode (observe: flag and flag; enforce: block and block).
+    plan_validation: Literal["", "block", "omit", "flag"] = ""
+    plan_unplanned: Literal["", "block", "allow", "flag"] = ""
 
     @property
     def is_server(self) -> bool:
@@ -444,6 +449,8 @@ def _check_tenant(t: Tenant, where: str, dev: bool, problems: list[str], seen_ke
         _check_sensors_source(s, sw, dev, problems, seen_keys)
         _check_trust(s, sw, problems)
         _check_origins(s, sw, bool(hashes), problems)
+        if (s.plan_validation or s.plan_unplanned) and not t.tracking_plan_file:
+            problems.append(f"{sw}: plan_validation / plan_unplanned need the tenant's tracking_plan_file")
     dest_ids: set[str] = set()
     for j, d in enumerate(t.destinations):
         dw = f"{where}.destinations[{j}]"

@@ -172,7 +172,7 @@ class PlanViolationsController(Controller):
             if len(records) != len(data.ids):
                 raise InvalidRequest("invalid_field", "unknown violation record id for this tenant", "ids")
         elif data.all:
-            records = store.list(data.tenant, limit=1_000_000)
+            records = store.list(data.tenant, limit=1_000_000, action="kept")  # omitted ones went out
         else:
             raise InvalidRequest("invalid_field", "name record ids, or set all", "ids")
         outcome = await replay_records(request.app.state.ingest.ingestor, services.config, store, records)
