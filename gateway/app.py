@@ -42,6 +42,7 @@ from gateway.monitoring import build_monitoring, check_alert_secrets
 from gateway.openapi import docs_assets_routers, finish_document, openapi_config
 from gateway.pipeline import Ingestor, IngestServices
 from gateway.plan_admin import PlanViolationsController
+from gateway.plan_validate import VALIDATE_ROUTES, document_validate_routes
 from gateway.rate_limits import open_rate_limiter
 from gateway.rights_setup import open_rights, resume_open_requests
 from gateway.sensors_http import SENSORS_ROUTES, document_sensors_routes
@@ -288,6 +289,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         route_handlers=[
             *INGEST_ROUTES,
             *SENSORS_ROUTES,
+            *VALIDATE_ROUTES,
             consent_controller(config.limits),
             *ADMIN_CONTROLLERS,
             PlanViolationsController,
@@ -311,6 +313,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
     openapi = app.openapi_schema
     document_ingest_routes(openapi, config.limits)
     document_sensors_routes(openapi, config.limits)
+    document_validate_routes(openapi, config.limits)
     document_cors(openapi)
     finish_document(openapi)
     return app

@@ -6,7 +6,10 @@ each violation type; a client cannot forge ``context.idgate``."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import sqlite3
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,8 +19,8 @@ import pytest
 from segment.analytics import Client
 from sensorsanalytics import DefaultConsumer, SensorsAnalytics
 
-from tests.conftest import OPERATOR_TOKEN, TEST_CONFIG, WEB_KEY, Gateway, make_gateway, mid
-from tests.sensors.conftest import sensors_url
+from tests.conftest import APP_KEY, OPERATOR_TOKEN, TEST_CONFIG, WEB_KEY, Gateway, make_gateway, mid
+from tests.sensors.conftest import encode, sensors_event, sensors_url
 from tests.waiting import wait_until
 
 pytestmark = pytest.mark.slow
@@ -251,3 +254,147 @@ def test_a_client_cannot_forge_context_idgate(gw: Gateway) -> None:
     (event,) = gw.wait_for_sink({m})
     assert event["context"]["idgate"]["source"] == "shop-web"
     assert "violations" not in event["context"]["idgate"] and "verified" not in event["context"]["idgate"]
+
+
+# Written by the gateway's health probe (readyz), whatever requests come.
+PROBE_TABLES = frozenset({"probe"})
+
+
+def snapshot(gw: Gateway) -> dict[str, str]:
+    """Every store under the data dir (outbox and dedupe, violation store, consent, identity,
+    sinks...) by content: each SQLite database's rows table by table, every other file's
+    bytes."""
+    out: dict[str, str] = {}
+    for path in sorted(gw.data_dir.rglob("*")):
+        name = str(path.relative_to(gw.data_dir))
+        if not path.is_file() or path.name.endswith(("-wal", "-shm")):
+            continue
+        if path.suffix != ".sqlite3":
+            out[name] = hashlib.sha256(path.read_bytes()).hexdigest()
+            continue
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            tables = [t for (t,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+            for table in tables:
+                if table not in PROBE_TABLES:
+                    rows = sorted(map(repr, db.execute(f'SELECT * FROM "{table}"')))
+                    out[f"{name}:{table}"] = hashlib.sha256("\n".join(rows).encode()).hexdigest()
+        finally:
+            db.close()
+    return out
+
+
+def quiet_snapshot(gw: Gateway) -> dict[str, str]:
+    """The snapshot once everything sent before has been delivered to both destinations and
+    the data dir has not changed for a second (delivery acknowledges in the outbox after the
+    sink write)."""
+    sentinel = gw.wait_past()
+    wait_until(lambda: gw.wait_for_sink({sentinel["messageId"]}, "stream"), 20, what="the sentinel in stream")
+    last = (snapshot(gw), time.monotonic())
+
+    def unchanged() -> dict[str, str] | None:
+        nonlocal last
+        now = snapshot(gw)
+        if now != last[0]:
+            last = (now, time.monotonic())
+            return None
+        return now if time.monotonic() - last[1] >= 1.0 else None
+
+    return wait_until(unchanged, 20, what="a data dir that stopped changing", interval=0.2)
+
+
+def metric_total(gw: Gateway, prefix: str) -> float:
+    text = httpx.get(gw.url + "/metrics", timeout=10).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(prefix))
+
+
+def test_validate_answers_what_the_plan_would_do_and_stores_nothing(gw: Gateway) -> None:
+    before_records = records(gw)  # (an admin read is itself logged: before the file snapshot)
+    before_seen = metric_total(gw, "idgate_events_plan_seen_total{")
+    before_files = quiet_snapshot(gw)
+    anon = f"anon-{uuid.uuid4().hex[:8]}"
+
+    def track(event: str, props: dict) -> dict:
+        return {"type": "track", "event": event, "messageId": mid(), "anonymousId": anon, "properties": props}
+
+    valid = track("Product Added", {"product_id": "p", "quantity": 1})
+    fixable = track("Product Added", {"product_id": "p", "quantity": 1, "currency": "cny", "colour": "red"})
+    broken = track("Product Added", {"product_id": "p"})
+    unplanned = track("Wishlist Shared", {})
+    identify = {"type": "identify", "messageId": mid(), "anonymousId": anon, "traits": {"plan": "gold"}}
+    nobody = {"type": "track", "event": "Product Added", "messageId": mid(), "userId": "null"}
+    r = httpx.post(
+        gw.url + "/v1/validate",
+        json={"batch": [valid, fixable, broken, unplanned, identify, nobody]},
+        auth=(WEB_KEY, ""),  # the web source: omit, unplanned allowed
+        timeout=10,
+    )
+    assert r.status_code == 200, r.text
+    answer = r.json()
+    assert (answer["plan"], answer["planVersion"], answer["received"], answer["valid"]) == ("modes", 1, 6, 3)
+    assert [(x["index"], x["action"], x.get("event")) for x in answer["results"]] == [
+        (0, "deliver", "product_added"),
+        (1, "omit", "product_added"),
+        (2, "block", "product_added"),
+        (3, "deliver", "unplanned"),
+        (4, "deliver", None),
+    ]
+    assert answer["results"][1]["omitted"] == ["colour", "currency"]
+    assert [(v["rule"], v["path"]) for v in answer["results"][2]["violations"]] == [
+        ("required", "properties.quantity")
+    ]
+    assert [(x["index"], x["error"]) for x in answer["rejected"]] == [(5, "missing_identity")]
+
+    # the app source flags what the web source omits
+    r = httpx.post(
+        gw.url + "/v1/validate", json={"batch": [fixable, unplanned]}, auth=(APP_KEY, ""), timeout=10
+    )
+    assert [x["action"] for x in r.json()["results"]] == ["flag", "flag"]
+
+    # nothing stored, forwarded, recorded or counted; the message ids are not claimed
+    assert snapshot(gw) == before_files
+    assert records(gw) == before_records
+    assert metric_total(gw, "idgate_events_plan_seen_total{") == before_seen
+    out = httpx.post(gw.url + "/v1/batch", json={"batch": [valid]}, auth=(WEB_KEY, ""), timeout=10).json()
+    assert out["accepted"] == 1 and out["duplicates"] == 0
+
+
+def test_validate_needs_the_write_key_and_a_readable_batch(gw: Gateway) -> None:
+    body = {"batch": [{"type": "track", "event": "Product Added", "anonymousId": "a"}]}
+    assert httpx.post(gw.url + "/v1/validate", json=body, timeout=10).status_code == 401
+    assert httpx.post(gw.url + "/v1/validate", json=body, auth=("nope", ""), timeout=10).status_code == 401
+    bad = httpx.post(gw.url + "/v1/validate", content=b"{", auth=(WEB_KEY, ""), timeout=10)
+    assert bad.status_code == 400 and bad.json()["error"]
+    empty = httpx.post(gw.url + "/v1/validate", json={"batch": []}, auth=(WEB_KEY, ""), timeout=10)
+    assert empty.status_code == 400
+
+
+def test_sensors_validate_answers_for_the_app_source_and_stores_nothing(gw: Gateway) -> None:
+    before = quiet_snapshot(gw)
+    tag = uuid.uuid4().hex[:8]
+    events = [
+        sensors_event(f"v-{tag}", event="AddToShoppingCart", properties={"product_id": "p", "quantity": 0}),
+        sensors_event(f"v-{tag}", event="AddToShoppingCart", properties={"product_id": "p", "quantity": 2}),
+        sensors_event(f"v-{tag}", event="$AppStart"),  # not in ignore: unplanned
+    ]
+    r = httpx.post(
+        sensors_url(gw, path="/sa/validate"),
+        content=f"data_list={encode(events)}&gzip=1",
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+        timeout=10,
+    )
+    assert r.status_code == 200, r.text
+    answer = r.json()
+    assert [(x["index"], x["action"], x["event"]) for x in answer["results"]] == [
+        (0, "flag", "product_added"),
+        (1, "deliver", "product_added"),
+        (2, "flag", "unplanned"),
+    ]
+    assert [(v["rule"], v["path"]) for v in answer["results"][0]["violations"]] == [
+        ("minimum", "properties.quantity")
+    ]
+    assert snapshot(gw) == before
+    wrong = httpx.post(
+        gw.url + "/sa/validate?project=shop&token=nope", content=f"data_list={encode(events)}", timeout=10
+    )
+    assert wrong.status_code == 401
