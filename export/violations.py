@@ -88,7 +88,30 @@ CREATE TABLE IF NOT EXISTS plan_violation (
     UNIQUE (tenant, source, message_id)
 );
 CREATE INDEX IF NOT EXISTS plan_violation_tenant ON plan_violation (tenant, id);
+CREATE TABLE IF NOT EXISTS plan_seen (
+    tenant TEXT NOT NULL,
+    source TEXT NOT NULL,
+    event TEXT NOT NULL,
+    name TEXT NOT NULL,
+    seen INTEGER NOT NULL,
+    valid INTEGER NOT NULL,
+    last_seen_ms INTEGER NOT NULL,
+    PRIMARY KEY (tenant, source, event, name)
+) WITHOUT ROWID;
 """
+
+
+class SeenCount(msgspec.Struct, frozen=True):
+    """How often a source sent a plan event (``name``: "") or an unplanned name
+    (``event``: "unplanned"), and how many of them fit the plan."""
+
+    tenant: str
+    source: str
+    event: str
+    name: str
+    seen: int
+    valid: int
+    last_seen_ms: int
 
 
 class _Envelope(msgspec.Struct, frozen=True):
@@ -227,6 +250,35 @@ class SqliteViolations:
             before = self._conn.total_changes
             self._conn.executemany("DELETE FROM plan_violation WHERE id = ?", ids)
             return self._conn.total_changes - before
+
+    def add_seen(self, counts: Sequence[SeenCount]) -> None:
+        """Add to the coverage counts (``plan_seen``) in one transaction."""
+        rows = [(c.tenant, c.source, c.event, c.name, c.seen, c.valid, c.last_seen_ms) for c in counts]
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                self._conn.executemany(
+                    "INSERT INTO plan_seen (tenant, source, event, name, seen, valid, last_seen_ms)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (tenant, source, event, name) DO UPDATE"
+                    " SET seen = seen + excluded.seen, valid = valid + excluded.valid,"
+                    " last_seen_ms = max(last_seen_ms, excluded.last_seen_ms)",
+                    rows,
+                )
+                self._conn.execute("COMMIT")
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+
+    def seen(self, tenant: str | None = None) -> tuple[SeenCount, ...]:
+        """The coverage counts, per source, plan event and unplanned name."""
+        sql = "SELECT tenant, source, event, name, seen, valid, last_seen_ms FROM plan_seen"
+        args: tuple[str, ...] = ()
+        if tenant is not None:
+            sql += " WHERE tenant = ?"
+            args = (tenant,)
+        with self._lock:
+            rows = self._conn.execute(sql + " ORDER BY tenant, event, name, source", args).fetchall()
+        return tuple(SeenCount(*row) for row in rows)
 
     def counts(self, tenant: str | None = None) -> dict[str, int]:
         """Records kept per plan event (or "unplanned")."""

@@ -41,7 +41,8 @@ from gateway.maintenance import keep_healthy
 from gateway.monitoring import build_monitoring, check_alert_secrets
 from gateway.openapi import docs_assets_routers, finish_document, openapi_config
 from gateway.pipeline import Ingestor, IngestServices
-from gateway.plan_admin import PlanViolationsController
+from gateway.plan_admin import PlanMonitorController, PlanViolationsController
+from gateway.plan_monitor import PlanMonitor
 from gateway.plan_validate import VALIDATE_ROUTES, document_validate_routes
 from gateway.rate_limits import open_rate_limiter
 from gateway.rights_setup import open_rights, resume_open_requests
@@ -174,6 +175,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         outbox = open_outbox(settings, config.limits.dedupe_window_seconds, redis_client)
         dead_letters = open_dead_letters(settings)
         violations = SqliteViolations(settings.data_dir / "violations.sqlite3")  # tracking plan
+        plan_monitor = PlanMonitor(violations)
         consent = await open_consent(settings, config, redis_client, signer)
         delivery = build_delivery(settings, config, keyring, consent, outbox, dead_letters)
         resolver, identity, identity_engine = await open_identity(
@@ -197,6 +199,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
                 identity=identity,
                 assertions=verifiers,
                 violations=violations,
+                plan_monitor=plan_monitor,
                 kpis=monitoring.feed,
             ),
             on_appended=delivery.notify,
@@ -226,6 +229,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         state.sensors_tokens = index_sensors_tokens(config, dev=settings.dev)
         state.keyring = keyring
         state.violations = violations
+        state.plan_monitor = plan_monitor
         state.consent = consent.service
         state.assertions = verifiers
         state.admin_tokens = tokens
@@ -277,6 +281,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             await delivery.stop()
             outbox.close()
             dead_letters.close()
+            await plan_monitor.flush()
             violations.close()
             consent.close()
             if identity_engine is not None:
@@ -293,6 +298,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             consent_controller(config.limits),
             *ADMIN_CONTROLLERS,
             PlanViolationsController,
+            PlanMonitorController,
             healthz,
             readyz,
             prometheus_metrics,

@@ -53,6 +53,7 @@ from gateway.plan import (
     policy_for,
     sensitive_keys,
 )
+from gateway.plan_monitor import PlanMonitor, TailEntry
 from gateway.privacy import (
     SAFE_CONTEXT,
     clean_message_id,
@@ -525,6 +526,8 @@ class IngestServices:
     alias_cache: dict[str, tuple[str, ...]] = field(default_factory=dict)
     # where the tracking plan's blocked and omitted events are recorded
     violations: SqliteViolations | None = None
+    # the tracking plan's live tail and coverage counts (gateway.plan_monitor)
+    plan_monitor: PlanMonitor | None = None
     # business KPIs over the batch once appended (gateway.monitoring.KpiFeed)
     kpis: Callable[[IngestBatch], Awaitable[None]] | None = None
 
@@ -600,6 +603,9 @@ async def check_plan(s: IngestServices, batch: IngestBatch) -> None:
     policy = policy_for(tenant, src.source)
     add = metrics.INGEST.add
     labels = (tenant.id, src.source.id)
+    monitor = s.plan_monitor
+    now_ms = int(time.time() * 1000)
+    scrub_name = scrubber_for(tenant).name
     kept: list[Envelope] = []
     held: list[ViolationRecord] = []
     reports = batch.result.plan_violations
@@ -610,17 +616,26 @@ async def check_plan(s: IngestServices, batch: IngestBatch) -> None:
             kept.append(env)
             continue
         verdict = judge(plan, key, ev.properties, env.pseudonyms, policy)
+        unplanned = verdict.event == UNPLANNED
+        valid = verdict.action == "pass" and not unplanned
+        name = scrub_name(key) if unplanned and monitor is not None else ""
         if verdict.event:
             add("plan_seen", (*labels, verdict.event))
-        if verdict.action == "pass":
-            if verdict.event and verdict.event != UNPLANNED:
+            if valid:
                 add("plan_valid", (*labels, verdict.event))
+            if monitor is not None:
+                monitor.count(tenant.id, src.source.id, verdict.event, name, valid=valid, at_ms=now_ms)
+        if verdict.action == "pass":
             kept.append(env)
             continue
         found = verdict.violations
         for v in found:
             add("plan_violation", (*labels, verdict.event, v.rule))
-        reports.append(PlanReport(env.index, verdict.event, _REPORTED[verdict.action], found, ev.message_id))
+        action = _REPORTED[verdict.action]
+        reports.append(PlanReport(env.index, verdict.event, action, found, ev.message_id))
+        if monitor is not None:
+            tail = TailEntry(now_ms, src.source.id, verdict.event, action, found, name, ev.message_id)
+            monitor.note(tenant.id, tail)
         if verdict.action == "flag":
             env.plan_violations = found  # context.idgate.violations (encode_for_outbox)
             kept.append(env)
@@ -649,6 +664,8 @@ async def check_plan(s: IngestServices, batch: IngestBatch) -> None:
         if len(held) > blocked:
             add("plan_omitted", labels, len(held) - blocked)
     batch.envelopes = kept
+    if monitor is not None:
+        await monitor.flush_if_due()
 
 
 def _violation_record(

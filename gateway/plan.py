@@ -169,7 +169,7 @@ class PlanEvent:
             Violation(
                 IDENTIFIER_RULE,
                 f"properties.{name}",
-                f"identifier or personal data in a {classes.get(name, 'unclassified')} property",
+                "identifier or personal data in a property not of class identifier or contact",
             )
             for name, value in properties.items()
             if not name.startswith("$")

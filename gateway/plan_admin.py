@@ -1,4 +1,5 @@
-"""The tracking plan's violation records over the admin API: list, show, replay.
+"""The tracking plan over the admin API: violation records (list, show, replay), the live tail
+of the last violations per source, and the coverage report.
 
 Replay puts a kept event back through the pipeline after ``pseudonymise`` (the record holds
 the pseudonymised identifiers the first pass found): it is checked against the plan the
@@ -10,6 +11,7 @@ still breaks the plan keeps its record, updated.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Annotated, Any
 
 import msgspec
@@ -26,6 +28,9 @@ from gateway.errors import InvalidRequest
 from gateway.events import Envelope, Event
 from gateway.openapi import error_responses
 from gateway.pipeline import Ingestor, IngestResult, pseudonymise
+from gateway.plan import plan_for
+from gateway.plan_monitor import TAIL_SIZE, PlanMonitor, TailEntry
+from gateway.plan_monitor import coverage as plan_coverage
 from identity.assertions import CLIENT, SERVER
 
 _decode_event = msgspec.json.Decoder(Event).decode
@@ -185,3 +190,71 @@ class PlanViolationsController(Controller):
             len(records),
         )
         return outcome
+
+
+def _monitor(request: Request[Any, Any, Any]) -> PlanMonitor:
+    monitor: PlanMonitor = request.app.state.plan_monitor
+    return monitor
+
+
+class TailAnswer(msgspec.Struct):
+    tenant: str
+    violations: list[TailEntry]
+
+
+class PlanMonitorController(Controller):
+    """A team watching its plan at work: the live tail and the coverage report."""
+
+    path = "/admin/plan"
+    tags = ["tracking plan"]
+    guards = [admin_guard]
+    dependencies = ADMIN_DEPENDENCIES
+    security = [{"AdminToken": []}]
+
+    @get(
+        "/tail", responses=READ_ERRORS, summary="The last violations per source (live)", opt=roles("operator")
+    )
+    async def tail(
+        self,
+        request: Request[Any, Any, Any],
+        services: NamedDependency[AdminServices],
+        officer: NamedDependency[Officer],
+        tenant: FromQuery[str],
+        source: FromQuery[str | None] = None,
+        limit: Annotated[int, QueryParameter(ge=1, le=TAIL_SIZE)] = TAIL_SIZE,
+    ) -> TailAnswer:
+        """Operator role. Newest first: each message that broke the plan (flagged, omitted or
+        kept), its rules and property paths, never a value; the last 100 per source this
+        gateway process saw."""
+        services.tokens.check_tenant(officer, tenant)
+        entries = _monitor(request).tail(tenant, source, limit)
+        await log_access(services, officer, "plan.tail", tenant, {"source": source}, len(entries))
+        return TailAnswer(tenant=tenant, violations=entries)
+
+    @get(
+        "/coverage",
+        responses=_SHOW_ERRORS,
+        summary="Planned events never seen, seen events not planned",
+        opt=roles("operator"),
+    )
+    async def coverage(
+        self,
+        request: Request[Any, Any, Any],
+        services: NamedDependency[AdminServices],
+        officer: NamedDependency[Officer],
+        tenant: FromQuery[str],
+    ) -> dict[str, Any]:
+        """Operator role. From the counts the gateway keeps since its violation store was
+        created: per plan event how many were seen and fit, the planned events never seen,
+        and the unplanned names seen (with counts)."""
+        services.tokens.check_tenant(officer, tenant)
+        found = next((t for t in services.config.tenants if t.id == tenant), None)
+        plan = plan_for(found) if found is not None else None
+        if plan is None:
+            raise NotFoundException(detail=f"tenant {tenant!r} has no tracking plan")
+        monitor = _monitor(request)
+        await monitor.flush()
+        store = _store(request)
+        report = plan_coverage(plan, await asyncio.to_thread(store.seen, tenant))
+        await log_access(services, officer, "plan.coverage", tenant, {}, len(report["events"]))
+        return report

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sqlite3
+import subprocess
 import time
 import uuid
 from collections.abc import Iterator
@@ -19,7 +20,17 @@ import pytest
 from segment.analytics import Client
 from sensorsanalytics import DefaultConsumer, SensorsAnalytics
 
-from tests.conftest import APP_KEY, OPERATOR_TOKEN, TEST_CONFIG, WEB_KEY, Gateway, make_gateway, mid
+from tests.conftest import (
+    APP_KEY,
+    IDGATE,
+    OPERATOR_TOKEN,
+    ROOT,
+    TEST_CONFIG,
+    WEB_KEY,
+    Gateway,
+    make_gateway,
+    mid,
+)
 from tests.sensors.conftest import encode, sensors_event, sensors_url
 from tests.waiting import wait_until
 
@@ -46,6 +57,12 @@ events:
       currency: {class: financial, type: string, enum: [CNY, USD]}
       note: {class: none, type: string}
       buyer_phone: {class: contact, type: string}
+  order_completed:
+    description: An order was paid (never sent in these tests).
+    owner: checkout
+    purposes: [analytics]
+    legal_basis: consent
+    segment: ["Order Completed"]
 """
 
 
@@ -398,3 +415,78 @@ def test_sensors_validate_answers_for_the_app_source_and_stores_nothing(gw: Gate
         gw.url + "/sa/validate?project=shop&token=nope", content=f"data_list={encode(events)}", timeout=10
     )
     assert wrong.status_code == 401
+
+
+def admin_get(gw: Gateway, path: str, **params: object) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {OPERATOR_TOKEN}"}
+    return httpx.get(gw.url + path, params=params, headers=headers, timeout=10)  # type: ignore[arg-type]
+
+
+def test_counters_coverage_and_the_live_tail(gw: Gateway) -> None:
+    tag = uuid.uuid4().hex[:6]
+    names = [f"Unplanned {tag} {i}" for i in range(3)]
+    seen = metric_total(gw, 'idgate_events_plan_seen_total{event="unplanned",source="shop-server"')
+    valid = metric_total(gw, 'idgate_events_plan_valid_total{event="product_added",source="shop-server"')
+    bad = {"type": "track", "event": "Product Added", "messageId": mid(), "anonymousId": "anon-tail-0001"}
+    bad["properties"] = {"product_id": "p", "quantity": 0}
+    good = {**bad, "messageId": mid(), "properties": {"product_id": "p", "quantity": 1}}
+    unplanned = [
+        {"type": "track", "event": n, "messageId": mid(), "anonymousId": "anon-tail-0001"} for n in names
+    ]
+    r = httpx.post(
+        gw.url + "/v1/batch",
+        json={"batch": [good, bad, *unplanned]},
+        auth=("shop-server-secret-key-000000000000001", ""),
+        timeout=10,
+    )
+    assert r.status_code == 200, r.text
+    # Prometheus: per plan event and source; every unplanned name is one label value
+    text = httpx.get(gw.url + "/metrics", timeout=10).text
+    assert tag not in text
+    assert (
+        metric_total(gw, 'idgate_events_plan_seen_total{event="unplanned",source="shop-server"') == seen + 3
+    )
+    assert (
+        metric_total(gw, 'idgate_events_plan_valid_total{event="product_added",source="shop-server"')
+        == valid + 1
+    )
+    # the live tail: newest first, rules and paths, never a value
+    tail = admin_get(gw, "/admin/plan/tail", tenant="shop", source="shop-server", limit=4)
+    assert tail.status_code == 200, tail.text
+    entries = tail.json()["violations"]
+    assert [(e["event"], e.get("name"), e["action"]) for e in entries] == [
+        *((("unplanned", n, "kept")) for n in reversed(names)),
+        ("product_added", None, "kept"),
+    ][:4]
+    assert [(v["rule"], v["path"]) for v in entries[3]["violations"]] == [("minimum", "properties.quantity")]
+    assert entries[3]["messageId"] == bad["messageId"]
+    assert admin_get(gw, "/admin/plan/tail", tenant="shop", limit=101).status_code == 400
+    # coverage: the CLI reads the data dir beside the running gateway (new names are written at once)
+    out = subprocess.run(
+        [IDGATE, "plan", "coverage", "--config", str(gw.config_path), "--tenant", "shop", "--data-dir"]
+        + [str(gw.data_dir), "--json"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+    )
+    assert out.returncode == 1, out.stderr  # a planned event never seen, unplanned ones seen
+    report = json.loads(out.stdout)
+    assert report["neverSeen"] == ["order_completed"]
+    assert {n: report["notPlanned"][n] for n in names} == dict.fromkeys(names, 1)
+    assert report["events"]["product_added"]["seen"] >= 2
+    assert "shop-server" in report["events"]["product_added"]["sources"]
+    text_out = subprocess.run(
+        [IDGATE, "plan", "coverage", "--config", str(gw.config_path), "--data-dir", str(gw.data_dir)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+    )
+    assert "planned, never seen: order_completed" in text_out.stdout, text_out.stderr
+    # the admin API answers the same, with the counts written first
+    api = admin_get(gw, "/admin/plan/coverage", tenant="shop")
+    assert api.status_code == 200, api.text
+    assert api.json()["neverSeen"] == ["order_completed"]
+    assert api.json()["events"]["product_added"]["seen"] >= report["events"]["product_added"]["seen"]
+    assert admin_get(gw, "/admin/plan/coverage", tenant="mall").status_code == 404

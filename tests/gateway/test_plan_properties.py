@@ -92,7 +92,7 @@ def run_check(src: ResolvedSource, props: dict[str, Any], tmp_path: Path) -> tup
     before = msgspec.json.encode(envs[0].event)
     store = SqliteViolations(tmp_path / f"{uuid.uuid4().hex}.sqlite3")
     try:
-        services: Any = SimpleNamespace(encoder=msgspec.json.Encoder(), violations=store)
+        services: Any = SimpleNamespace(encoder=msgspec.json.Encoder(), violations=store, plan_monitor=None)
         batch = IngestBatch(src, list(envs), IngestResult(1), KEY)
         asyncio.run(check_plan(services, batch))
         return batch, before, store.list("prop")
