@@ -13,6 +13,7 @@ import click
 from export.violations import SqliteViolations
 from gateway.config import ConfigProblems, load_config
 from gateway.plan import SampleReport, TrackingPlan, plan_for
+from gateway.plan_import import FORMATS
 from gateway.plan_monitor import coverage, coverage_lines
 
 
@@ -131,3 +132,53 @@ def plan_coverage(config_path: Path, tenant: str | None, data_dir: Path | None, 
     else:
         click.echo("\n".join(coverage_lines(report)))
     sys.exit(1 if report["neverSeen"] or report["notPlanned"] else 0)
+
+
+@plan.command("import")
+@click.option(
+    "--from", "source", type=click.Choice(FORMATS), required=True, help="The tool the file comes from."
+)
+@click.argument("export", type=click.Path(path_type=Path, exists=True, dir_okay=False))
+@click.option(
+    "--out",
+    "out_path",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="Default: stdout.",
+)
+@click.option("--name", default=None, help="The plan's name (default: the export's).")
+@click.option("--owner", default="imported", show_default=True, help="Owner of every event (review them).")
+@click.option("--purpose", "purposes", multiple=True, default=("analytics",), show_default=True)
+def plan_import(
+    source: str, export: Path, out_path: Path | None, name: str | None, owner: str, purposes: tuple[str, ...]
+) -> None:
+    """Convert a Segment Protocols tracking plan (Public API rules or Config API export, JSON)
+    or a RudderStack tracking plan (Data Catalog API, JSON) into idgate's YAML plan. What was
+    left out or changed is listed on stderr; exit 2 when the file is not such a plan."""
+    from gateway.plan import PlanProblems
+    from gateway.plan_import import ImportProblem, convert
+
+    try:
+        raw = json.loads(export.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        click.echo(f"idgate: {export}: not JSON ({exc})", err=True)
+        sys.exit(2)
+    try:
+        imported = convert(raw, source, name=name, owner=owner, purposes=purposes)  # type: ignore[arg-type]
+    except ImportProblem as exc:
+        click.echo(f"idgate: {export}: not a {source} tracking plan: {exc}", err=True)
+        sys.exit(2)
+    except PlanProblems as exc:
+        click.echo(f"idgate: {export}: the converted plan is not valid: {'; '.join(exc.problems)}", err=True)
+        sys.exit(2)
+    for note in imported.notes:
+        click.echo(f"note: {note}", err=True)
+    text = (
+        f"# Imported from {source} ({export.name}): review owners, purposes and data classes.\n"
+        + imported.yaml()
+    )
+    if out_path is None:
+        click.echo(text, nl=False)
+    else:
+        out_path.write_text(text, encoding="utf-8")
+        click.echo(f"{len(imported.plan['events'])} events written to {out_path}", err=True)
