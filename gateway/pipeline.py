@@ -609,6 +609,8 @@ async def check_plan(s: IngestServices, batch: IngestBatch) -> None:
     kept: list[Envelope] = []
     held: list[ViolationRecord] = []
     reports = batch.result.plan_violations
+    # (plan event or unplanned, unplanned name) -> [seen, valid]: counted once per batch
+    counts: dict[tuple[str, str], list[int]] = {}
     for env in batch.envelopes:
         ev = env.event
         key = lookup_key(ev.type, ev.event, ev.name)
@@ -616,15 +618,13 @@ async def check_plan(s: IngestServices, batch: IngestBatch) -> None:
             kept.append(env)
             continue
         verdict = judge(plan, key, ev.properties, env.pseudonyms, policy)
-        unplanned = verdict.event == UNPLANNED
-        valid = verdict.action == "pass" and not unplanned
-        name = scrub_name(key) if unplanned and monitor is not None else ""
+        name = scrub_name(key) if verdict.event == UNPLANNED else ""
         if verdict.event:
-            add("plan_seen", (*labels, verdict.event))
-            if valid:
-                add("plan_valid", (*labels, verdict.event))
-            if monitor is not None:
-                monitor.count(tenant.id, src.source.id, verdict.event, name, valid=valid, at_ms=now_ms)
+            cell = counts.get((verdict.event, name))
+            if cell is None:
+                cell = counts[(verdict.event, name)] = [0, 0]
+            cell[0] += 1
+            cell[1] += verdict.action == "pass" and not name
         if verdict.action == "pass":
             kept.append(env)
             continue
@@ -644,9 +644,15 @@ async def check_plan(s: IngestServices, batch: IngestBatch) -> None:
         held.append(_violation_record(s, batch, env, verdict, plan.version))
         if verdict.action == "omit":
             props = ev.properties or {}
-            for name in verdict.omit:
-                props.pop(name, None)
+            for prop in verdict.omit:
+                props.pop(prop, None)
             kept.append(env)
+    for (event, name), (seen, valid) in counts.items():
+        add("plan_seen", (*labels, event), seen)
+        if valid:
+            add("plan_valid", (*labels, event), valid)
+        if monitor is not None:
+            monitor.count(tenant.id, src.source.id, event, name, seen=seen, valid=valid, at_ms=now_ms)
     if held and s.violations is None:  # nowhere to keep them (a bare pipeline): refused, the client knows
         for record in held:
             if record.action == "kept":

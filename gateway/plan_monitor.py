@@ -92,9 +92,10 @@ class PlanMonitor:
         return entries[:limit]
 
     # -- coverage counts -----------------------------------------------------------------------
-    def count(self, tenant: str, source: str, event: str, name: str, *, valid: bool, at_ms: int) -> None:
-        """One checked event: ``name`` is "" for a plan event, the (scrubbed) name for an
-        unplanned one."""
+    def count(
+        self, tenant: str, source: str, event: str, name: str, *, seen: int, valid: int, at_ms: int
+    ) -> None:
+        """Checked events of one plan event (``name`` "") or unplanned name (scrubbed)."""
         if event == UNPLANNED:
             names = self._unplanned.setdefault(tenant, set())
             name = name[:_NAME_LENGTH]
@@ -107,7 +108,7 @@ class PlanMonitor:
         cell = self._pending.get(key)
         if cell is None:
             cell = self._pending[key] = [0, 0, 0]
-        cell[0] += 1
+        cell[0] += seen
         cell[1] += valid
         cell[2] = max(cell[2], at_ms)
 
