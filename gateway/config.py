@@ -137,6 +137,11 @@ class Destination(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     pseudonym_domain: str = ""
     batch_size: int = 1000
     retry: RetryPolicy = RetryPolicy()
+    # Minimisation: when either is set, the destination receives only these event properties
+    # (names or globs such as "utm_*") and those the tenant's tracking plan gives one of
+    # these data classes; the rest are removed before delivery. Both empty: every property.
+    properties: list[str] = []
+    data_classes: list[str] = []
 
 
 class NoticeConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -473,6 +478,13 @@ def _check_tenant(t: Tenant, where: str, dev: bool, problems: list[str], seen_ke
             problems.append(f"{dw}.retry.max_attempts: must be at least 1")
         if d.retry.initial_backoff_ms < 1 or d.retry.max_backoff_ms < d.retry.initial_backoff_ms:
             problems.append(f"{dw}.retry: need 1 <= initial_backoff_ms <= max_backoff_ms")
+        from gateway.plan import DATA_CLASSES
+
+        for c in d.data_classes:
+            if c not in DATA_CLASSES:
+                problems.append(f"{dw}.data_classes: {c!r} is not one of {', '.join(DATA_CLASSES)}")
+        if d.data_classes and not t.tracking_plan_file:
+            problems.append(f"{dw}.data_classes: needs the tenant's tracking_plan_file")
         if d.pseudonym_domain and not _ID.match(d.pseudonym_domain):
             problems.append(f"{dw}.pseudonym_domain: {d.pseudonym_domain!r} must match {_ID.pattern}")
     for event_name, event_purposes in t.tracking_plan.items():

@@ -13,11 +13,12 @@ from export.deadletter import DeadLetterStore, RedisDeadLetters, SqliteDeadLette
 from export.dedupe import RedisDedupe
 from export.delivery import DeliveryService, DeliveryWorker, Retry
 from export.domains import DomainRekeyer
+from export.minimise import PropertyMinimiser
 from export.outbox import Outbox
 from export.redis_outbox import RedisStreamOutbox
 from export.sinks import build_sink
 from export.sqlite_outbox import SqliteOutbox
-from gateway.config import Config, Destination
+from gateway.config import Config, Destination, Tenant
 from gateway.consent_setup import (
     ConsentRuntime,
     delivery_recheck,
@@ -26,6 +27,7 @@ from gateway.consent_setup import (
     message_keys,
 )
 from gateway.pipeline import destination_specs
+from gateway.plan import keys_of_class
 from gateway.settings import Settings
 from identity.pseudonym import DOMAIN, KeyRing
 
@@ -107,6 +109,15 @@ def rekeyer(keyring: KeyRing, tenant: str, d: Destination) -> DomainRekeyer:
     return DomainRekeyer(keyring.anchor(tenant).internal(DOMAIN), d.pseudonym_domain or d.id)
 
 
+def minimiser(tenant: Tenant, d: Destination) -> PropertyMinimiser | None:
+    """What the destination may receive (``properties``, ``data_classes``), or None: all."""
+    if not d.properties and not d.data_classes:
+        return None
+    names = [p for p in d.properties if not any(c in p for c in "*?[")]
+    globs = [p for p in d.properties if p not in names]
+    return PropertyMinimiser([*names, *keys_of_class(tenant, *d.data_classes)], globs)
+
+
 def build_delivery(
     settings: Settings,
     config: Config,
@@ -132,6 +143,7 @@ def build_delivery(
             retry=retry_policy(d),
             dead_letters=dead_letters,
             rekey=rekeyer(keyring, t.id, d),
+            minimise=minimiser(t, d),
             recheck=recheck,
             on_delivered=trail,
             on_withheld=retraction,

@@ -11,7 +11,8 @@ data class:
   ``sensitive_pi`` consent (like ``tenants.sensitive_properties``);
 - ``identifier`` / ``contact``: pseudonymised wherever the key appears (fed into the
   tenant's identifier key patterns, ``gateway.privacy.scrubber_for``);
-- ``financial``, ``behavioural``, ``device``, ``none``: recorded, no extra handling yet.
+- ``financial``, ``behavioural``, ``device``, ``none``: recorded; a destination may ask for
+  properties by class (``data_classes``, per-destination minimisation).
 
 Each event's schema is compiled once per plan version with ``fastjsonschema`` (the
 per-event check); the error paths of a failing event come from ``jsonschema``. Validation

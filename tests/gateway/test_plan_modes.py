@@ -20,6 +20,7 @@ import pytest
 from segment.analytics import Client
 from sensorsanalytics import DefaultConsumer, SensorsAnalytics
 
+from gateway.config import ConfigProblems, parse_config
 from tests.conftest import (
     APP_KEY,
     IDGATE,
@@ -75,9 +76,16 @@ def modes_config(plan: Path) -> str:
         'dev_write_key = "web-test-key-0001"\nplan_validation = "omit"\nplan_unplanned = "allow"\n',
         1,
     )
-    return config.replace(
+    config = config.replace(
         'dev_write_key = "app-test-key-0001"\n',
         'dev_write_key = "app-test-key-0001"\nplan_validation = "flag"\nplan_unplanned = "flag"\n',
+        1,
+    )
+    # the stream destination may receive the financial properties and two named ones
+    return config.replace(
+        'id = "stream"\nsink = "jsonl"\npurposes = ["analytics"]\n',
+        'id = "stream"\nsink = "jsonl"\npurposes = ["analytics"]\n'
+        'data_classes = ["financial"]\nproperties = ["product_id", "qua*"]\n',
         1,
     )
 
@@ -490,3 +498,44 @@ def test_counters_coverage_and_the_live_tail(gw: Gateway) -> None:
     assert api.json()["neverSeen"] == ["order_completed"]
     assert api.json()["events"]["product_added"]["seen"] >= report["events"]["product_added"]["seen"]
     assert admin_get(gw, "/admin/plan/coverage", tenant="mall").status_code == 404
+
+
+def test_a_destination_receives_only_what_it_declares(gw: Gateway) -> None:
+    """stream: data_classes = ["financial"] (price, currency), properties = product_id and
+    the glob qua*; warehouse declares nothing and gets every property."""
+    m = mid()
+    props = {"product_id": "p-9", "quantity": 2, "price": 5.5, "currency": "USD", "note": "gift wrap"}
+    event = {"type": "track", "event": "Product Added", "messageId": m, "anonymousId": "anon-minimise"}
+    r = httpx.post(
+        gw.url + "/v1/batch", json={"batch": [{**event, "properties": props}]}, auth=(APP_KEY, ""), timeout=10
+    )
+    assert r.status_code == 200 and r.json()["accepted"] == 1, r.text
+    (full,) = gw.wait_for_sink({m})
+    (minimised,) = wait_until(lambda: gw.wait_for_sink({m}, "stream"), 20, what="the event at stream")
+    assert full["properties"] == props
+    assert minimised["properties"] == {k: props[k] for k in ("product_id", "quantity", "price", "currency")}
+    assert minimised["anonymousId"] != full["anonymousId"]  # still re-keyed for its own domain
+
+
+def test_config_check_names_plan_settings_that_cannot_work() -> None:
+    config = TEST_CONFIG.replace(
+        'dev_write_key = "web-test-key-0001"\n',
+        'dev_write_key = "web-test-key-0001"\nplan_validation = "omit"\n',
+        1,
+    ).replace(
+        'id = "stream"\nsink = "jsonl"\n', 'id = "stream"\nsink = "jsonl"\ndata_classes = ["money"]\n', 1
+    )
+    with pytest.raises(ConfigProblems) as caught:
+        parse_config(config, dev=True)
+    problems = "\n".join(caught.value.problems)
+    assert "sources[0]: plan_validation / plan_unplanned need the tenant's tracking_plan_file" in problems
+    assert "destinations[1].data_classes: 'money' is not one of" in problems
+    assert "destinations[1].data_classes: needs the tenant's tracking_plan_file" in problems
+    bad_mode = TEST_CONFIG.replace(
+        'dev_write_key = "web-test-key-0001"\n',
+        'dev_write_key = "web-test-key-0001"\nplan_validation = "drop"\n',
+        1,
+    )
+    with pytest.raises(ConfigProblems) as caught:
+        parse_config(bad_mode, dev=True)
+    assert "plan_validation" in "\n".join(caught.value.problems)
