@@ -19,6 +19,7 @@ Each stage is a named function of (dependencies, batch) that can be run alone in
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -41,7 +42,7 @@ from export.outbox import Claim, ClaimStatus, Outbox, OutboxRecord, notice_recor
 from export.violations import PlanFinding, SqliteViolations, ViolationRecord
 from gateway import metrics
 from gateway.config import Destination, ResolvedSource, Tenant
-from gateway.events import Envelope, Rejection, RejectMessage
+from gateway.events import Envelope, Event, Rejection, RejectMessage
 from gateway.plan import (
     UNPLANNED,
     PlanReport,
@@ -581,6 +582,7 @@ def _is_consent_event(env: Envelope) -> bool:
     return env.event.event == CONSENT_PREFERENCE_EVENT or "consent" in ctx or "consentManagement" in ctx
 
 
+_decode_event = msgspec.json.Decoder(Event).decode
 _REPORTED: Final[dict[str, Literal["delivered", "omitted", "kept"]]] = {
     "flag": "delivered",
     "omit": "omitted",
@@ -640,13 +642,21 @@ async def check_plan(s: IngestServices, batch: IngestBatch) -> None:
             env.plan_violations = found  # context.idgate.violations (encode_for_outbox)
             kept.append(env)
             continue
-        scrub_personal_data(env, tenant, batch.pseudonymiser)
-        held.append(_violation_record(s, batch, env, verdict, plan.version))
-        if verdict.action == "omit":
-            props = ev.properties or {}
-            for prop in verdict.omit:
-                props.pop(prop, None)
-            kept.append(env)
+        if verdict.action == "block":
+            scrub_personal_data(env, tenant, batch.pseudonymiser)
+            held.append(_violation_record(s, batch, env, verdict, plan.version))
+            continue
+        # omit: the record keeps the event as it came (scrubbed on a copy: the event goes on
+        # to the transform stage, which scrubs it once)
+        as_sent = dataclasses.replace(
+            env, event=_decode_event(s.encoder.encode(ev)), pseudonyms=set(env.pseudonyms)
+        )
+        scrub_personal_data(as_sent, tenant, batch.pseudonymiser)
+        held.append(_violation_record(s, batch, as_sent, verdict, plan.version))
+        props = ev.properties or {}
+        for prop in verdict.omit:
+            props.pop(prop, None)
+        kept.append(env)
     for (event, name), (seen, valid) in counts.items():
         add("plan_seen", (*labels, event), seen)
         if valid:

@@ -126,8 +126,11 @@ def test_omit_removes_exactly_the_bad_properties_and_records_them(gw: Gateway) -
     anon = f"anon-{uuid.uuid4().hex[:8]}"
     sent: dict[str, str] = {}
 
+    # an identifier inside a URL: pseudonymised once, the same in every event
+    page = {"page": {"url": "https://shop.example/cart?openid=oPq3x8Kd2LmN7vB4zR1sT6uW9yA0"}}
+
     def track(name: str, event: str, props: dict) -> None:
-        ok, msg = client.track(anonymous_id=anon, event=event, properties=props)
+        ok, msg = client.track(anonymous_id=anon, event=event, properties=props, context=page)
         assert ok
         sent[name] = msg["messageId"]
 
@@ -169,6 +172,9 @@ def test_omit_removes_exactly_the_bad_properties_and_records_them(gw: Gateway) -
     }
     assert valid["buyer_phone"].startswith("k1.")  # a contact property: pseudonymised, no violation
     assert delivered[sent["fixable"]]["properties"] == {"product_id": "sku-1", "quantity": 1}
+    url = delivered[sent["valid"]]["context"]["page"]["url"]
+    assert "oPq3x8Kd2LmN7vB4zR1sT6uW9yA0" not in url
+    assert delivered[sent["fixable"]]["context"]["page"]["url"] == url
     assert "violations" not in delivered[sent["unplanned"]]["context"]["idgate"]  # allowed, not flagged
 
     by_id = {r["messageId"]: r for r in records(gw)}
