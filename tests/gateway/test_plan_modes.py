@@ -545,3 +545,40 @@ def test_config_check_names_plan_settings_that_cannot_work() -> None:
     with pytest.raises(ConfigProblems) as caught:
         parse_config(bad_mode, dev=True)
     assert "plan_validation" in "\n".join(caught.value.problems)
+
+
+def test_a_replay_under_omit_keeps_the_record_of_what_it_removed(tmp_path: Path) -> None:
+    plan = tmp_path / "modes.yaml"
+    plan.write_text(MODES_PLAN)
+    blocking = TEST_CONFIG.replace(
+        'id = "shop"\n', f'id = "shop"\ntracking_plan_file = "{plan}"\nplan_mode = "enforce"\n', 1
+    )
+    gw = make_gateway(tmp_path, config=blocking).start()
+    try:
+        m = mid()
+        props = {"product_id": "p", "quantity": 1, "currency": "cny"}
+        event = {"type": "track", "event": "Product Added", "messageId": m, "anonymousId": "anon-replay-omit"}
+        out = httpx.post(
+            gw.url + "/v1/batch",
+            json={"batch": [{**event, "properties": props}]},
+            auth=(WEB_KEY, ""),
+            timeout=10,
+        ).json()
+        assert [v["action"] for v in out["planViolations"]] == ["kept"]
+        gw.stop()
+        gw.config_path.write_text(modes_config(plan))  # the web source omits now
+        gw.start()
+        replay = httpx.post(
+            gw.url + "/admin/plan/violations/replay",
+            json={"tenant": "shop", "all": True},
+            headers={"Authorization": f"Bearer {OPERATOR_TOKEN}"},
+            timeout=30,
+        )
+        assert replay.status_code == 200 and replay.json()["replayed"] == 1, replay.text
+        (delivered,) = gw.wait_for_sink({m})
+        assert delivered["properties"] == {"product_id": "p", "quantity": 1}
+        (record,) = records(gw)
+        assert (record["messageId"], record["action"]) == (m, "omitted")
+        assert rules(record) == [("enum", "properties.currency")]
+    finally:
+        gw.stop()
