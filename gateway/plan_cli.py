@@ -106,10 +106,11 @@ def plan_violations(
     if as_json:
         click.echo(json.dumps({"counts": counts, "violations": records}, sort_keys=True))
         return
-    click.echo(f"{sum(counts.values())} kept: " + ", ".join(f"{e} {n}" for e, n in sorted(counts.items())))
+    click.echo(f"{sum(counts.values())} records: " + ", ".join(f"{e} {n}" for e, n in sorted(counts.items())))
     for r in records:
         rules = "; ".join(f"{v['rule']} {v['path']}" for v in r["violations"])
-        click.echo(f"{r['id']:>8}  {r['tenant']}/{r['source']}  {r['event']}  {r['messageId']}  {rules}")
+        where = f"{r['tenant']}/{r['source']}"
+        click.echo(f"{r['id']:>8}  {where}  {r['event']}  {r['action']}  {r['messageId']}  {rules}")
 
 
 @plan.command("coverage")
