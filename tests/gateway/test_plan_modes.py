@@ -12,7 +12,7 @@ import sqlite3
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -32,6 +32,7 @@ from tests.conftest import (
     make_gateway,
     mid,
 )
+from tests.security.test_rate_limits import limited_config
 from tests.sensors.conftest import encode, sensors_event, sensors_url
 from tests.waiting import wait_until
 
@@ -580,5 +581,43 @@ def test_a_replay_under_omit_keeps_the_record_of_what_it_removed(tmp_path: Path)
         (record,) = records(gw)
         assert (record["messageId"], record["action"]) == (m, "omitted")
         assert rules(record) == [("enum", "properties.currency")]
+    finally:
+        gw.stop()
+
+
+def until_refused(send: Callable[[], httpx.Response]) -> list[httpx.Response]:
+    """Requests until one is refused (3 a second are allowed: a burst of 40 cannot all pass)."""
+    answers: list[httpx.Response] = []
+    for _ in range(40):
+        answers.append(send())
+        if answers[-1].status_code == 429:
+            break
+    return answers
+
+
+def test_validate_is_rate_limited_like_ingest(tmp_path: Path) -> None:
+    gw = make_gateway(
+        tmp_path, config=limited_config(ip_requests_per_second=3, ip_events_per_second=1000)
+    ).start()
+    try:
+        body = {"batch": [{"type": "track", "event": "Product Added", "anonymousId": "anon-flood-01"}]}
+        segment = until_refused(
+            lambda: httpx.post(gw.url + "/v1/validate", json=body, auth=(WEB_KEY, ""), timeout=10)
+        )
+        assert segment[0].status_code == 200 and segment[-1].status_code == 429, [
+            r.status_code for r in segment
+        ]
+        assert segment[-1].json()["field"] == "rate_limits.ip_requests_per_second"
+        assert segment[-1].headers["Retry-After"]
+        form = f"data_list={encode([sensors_event('flooder-01', event='AddToShoppingCart')])}&gzip=1"
+        sensors = until_refused(
+            lambda: httpx.post(
+                sensors_url(gw, path="/sa/validate"),
+                content=form,
+                headers={"Content-Type": "application/x-www-form-urlencoded"},
+                timeout=10,
+            )
+        )
+        assert sensors[-1].status_code == 429, [r.status_code for r in sensors]
     finally:
         gw.stop()
