@@ -581,6 +581,9 @@ def test_a_replay_under_omit_keeps_the_record_of_what_it_removed(tmp_path: Path)
         (record,) = records(gw)
         assert (record["messageId"], record["action"]) == (m, "omitted")
         assert rules(record) == [("enum", "properties.currency")]
+        # counted for coverage once, when it came; not again when replayed
+        coverage = admin_get(gw, "/admin/plan/coverage", tenant="shop").json()
+        assert coverage["events"]["product_added"]["seen"] == 1
     finally:
         gw.stop()
 
