@@ -624,3 +624,25 @@ def test_validate_is_rate_limited_like_ingest(tmp_path: Path) -> None:
         assert sensors[-1].status_code == 429, [r.status_code for r in sensors]
     finally:
         gw.stop()
+
+
+def test_config_check_warns_of_data_classes_a_destination_does_not_need(tmp_path: Path) -> None:
+    plan = tmp_path / "modes.yaml"
+    plan.write_text(MODES_PLAN)
+    config = tmp_path / "idgate.toml"
+    config.write_text(
+        modes_config(plan).replace(
+            'data_classes = ["financial"]', 'data_classes = ["financial", "sensitive"]', 1
+        )
+    )
+    done = subprocess.run(
+        [IDGATE, "config", "check", str(config)], capture_output=True, text=True, cwd=ROOT, timeout=60
+    )
+    assert done.returncode == 0, done.stderr  # warnings, not problems
+    warnings = [line for line in done.stderr.splitlines() if line.startswith("warning: ")]
+    assert warnings == [
+        "warning: tenants[0].destinations[1].data_classes: 'sensitive': no plan event for its purposes "
+        "(analytics) has one",
+        "warning: tenants[0].destinations[1].data_classes: 'sensitive' properties pass only with "
+        "sensitive_pi, not among its purposes",
+    ]
