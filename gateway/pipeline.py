@@ -57,6 +57,7 @@ from gateway.plan import (
 from gateway.plan_monitor import PlanMonitor, TailEntry
 from gateway.privacy import (
     SAFE_CONTEXT,
+    EventScrubber,
     clean_message_id,
     message_id_digest,
     scrubber_for,
@@ -607,7 +608,7 @@ async def check_plan(s: IngestServices, batch: IngestBatch) -> None:
     labels = (tenant.id, src.source.id)
     monitor = s.plan_monitor
     now_ms = int(time.time() * 1000)
-    scrub_name = scrubber_for(tenant).name
+    scrubber = scrubber_for(tenant)
     kept: list[Envelope] = []
     held: list[ViolationRecord] = []
     reports = batch.result.plan_violations
@@ -620,7 +621,7 @@ async def check_plan(s: IngestServices, batch: IngestBatch) -> None:
             kept.append(env)
             continue
         verdict = judge(plan, key, ev.properties, env.pseudonyms, policy)
-        name = scrub_name(key) if verdict.event == UNPLANNED else ""
+        name = _unplanned_name(ev, key, scrubber, batch.pseudonymiser) if verdict.event == UNPLANNED else ""
         if verdict.event:
             cell = counts.get((verdict.event, name))
             if cell is None:
@@ -682,6 +683,14 @@ async def check_plan(s: IngestServices, batch: IngestBatch) -> None:
     batch.envelopes = kept
     if monitor is not None:
         await monitor.flush_if_due()
+
+
+def _unplanned_name(ev: Event, key: str, scrubber: EventScrubber, pseudonymiser: Pseudonymiser) -> str:
+    """An unplanned event's name as counted and tailed, cleaned like the stored event's: a
+    track's name like a key, a page or screen name like free text (URLs included)."""
+    if ev.type == "track" or not ev.name:
+        return scrubber.name(key)
+    return f"{ev.type}:{scrubber.text(ev.name, url_pseudonymiser(pseudonymiser))}"
 
 
 def _violation_record(

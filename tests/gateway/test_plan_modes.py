@@ -507,6 +507,30 @@ def test_counters_coverage_and_the_live_tail(gw: Gateway) -> None:
     assert admin_get(gw, "/admin/plan/coverage", tenant="mall").status_code == 404
 
 
+def test_unplanned_page_names_are_counted_and_tailed_without_identifiers(gw: Gateway) -> None:
+    openid = "oPq3x8Kd2LmN7vB4zR1sT6uW9yA0"
+    page = {
+        "type": "page",
+        "name": f"Promo https://shop.example/p?openid={openid}&q=13812345678",
+        "messageId": mid(),
+        "anonymousId": "anon-page-0001",
+    }
+    r = httpx.post(
+        gw.url + "/v1/batch",
+        json={"batch": [page]},
+        auth=("shop-server-secret-key-000000000000001", ""),
+        timeout=10,
+    )
+    assert r.status_code == 200 and r.json()["planViolations"][0]["event"] == "unplanned", r.text
+    (entry,) = admin_get(gw, "/admin/plan/tail", tenant="shop", source="shop-server", limit=1).json()[
+        "violations"
+    ]
+    assert entry["name"].startswith("page:Promo https://shop.example/p?openid=")
+    coverage = admin_get(gw, "/admin/plan/coverage", tenant="shop").text
+    for shown in (json.dumps(entry), coverage):
+        assert openid not in shown and "13812345678" not in shown
+
+
 def test_a_destination_receives_only_what_it_declares(gw: Gateway) -> None:
     """stream: data_classes = ["financial"] (price, currency), properties = product_id and
     the glob qua*; warehouse declares nothing and gets every property."""
