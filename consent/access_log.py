@@ -76,3 +76,13 @@ class AccessLog:
                 )
                 for r in conn.execute(query).mappings()
             ]
+
+    # -- retention (consent.retention) ---------------------------------------------------
+    def expire(self, tenant: str, before: datetime, *, apply: bool) -> int:
+        """The entries of ``tenant`` written before ``before``: counted, and removed with ``apply``."""
+        t = _TABLE
+        where = (t.c.tenant == tenant, t.c.at < before)
+        with self.engine.begin() as conn:
+            if not apply:
+                return int(conn.scalar(sa.select(sa.func.count()).select_from(t).where(*where)) or 0)
+            return int(conn.execute(sa.delete(t).where(*where)).rowcount or 0)

@@ -16,7 +16,8 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Dialect
 from sqlmodel import Field, SQLModel
 
-RecordType = Literal["consent", "notice", "rights_request", "subject_flag"]
+# "retention_run": what one retention run removed from the stores (consent.retention).
+RecordType = Literal["consent", "notice", "rights_request", "subject_flag", "retention_run"]
 # "cleared" undoes a subject flag (a subject no longer flagged as a minor).
 RecordState = Literal[
     "given",
@@ -138,6 +139,8 @@ class DeliveryProof(SQLModel, table=True):
     sees the deliveries of all replicas."""
 
     __tablename__ = "consent_delivery"
+    # retention runs and breach queries select by destination and time
+    __table_args__ = (sa.Index("ix_consent_delivery_destination_at", "destination", "delivered_at"),)
 
     ledger_seq: int = Field(sa_column=sa.Column(sa.BigInteger(), primary_key=True))
     destination: str = Field(primary_key=True)

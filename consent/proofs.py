@@ -114,3 +114,29 @@ class DeliveryProofs:
                 .limit(limit)
             )
             return [Delivery(int(s), d, m, at) for s, d, m, at in rows]
+
+    # -- retention (consent.retention) ---------------------------------------------------
+    def expire(self, destination: str, before: datetime, *, apply: bool) -> int:
+        """The proofs of deliveries to ``destination`` made before ``before``: counted, and
+        removed with ``apply``. Returns how many there are (were)."""
+        t = _TABLE
+        where = (t.c.destination == destination, t.c.delivered_at < before)
+        with self.engine.begin() as conn:
+            if not apply:
+                return int(conn.scalar(sa.select(sa.func.count()).select_from(t).where(*where)) or 0)
+            return int(conn.execute(sa.delete(t).where(*where)).rowcount or 0)
+
+    def delivered_between(
+        self, destination: str, start: datetime, end: datetime, limit: int
+    ) -> list[tuple[str, int, datetime]]:
+        """(message id, ledger seq, delivered at) of the deliveries to ``destination`` in
+        [start, end), oldest first, at most ``limit`` rows (a breach query)."""
+        t = _TABLE
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(t.c.message_id, t.c.ledger_seq, t.c.delivered_at)
+                .where(t.c.destination == destination, t.c.delivered_at >= start, t.c.delivered_at < end)
+                .order_by(t.c.delivered_at, t.c.message_id)
+                .limit(limit)
+            )
+            return [(str(m), int(s), at) for m, s, at in rows]

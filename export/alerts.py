@@ -16,22 +16,32 @@ import hashlib
 import hmac
 import os
 import smtplib
+import string
 import time
 import urllib.parse
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from email.message import EmailMessage
+from pathlib import Path
 from typing import Any, Literal, Protocol
 
 import msgspec
 import structlog
 
-from export.kpis import WINDOWS, KpiDefinition, KpiReport, WindowValue
+from export.alert_history import AlertHistory, AlertRecord, ChannelDelivery
+from export.kpis import COMPARE_OFFSETS, WINDOWS, KpiDefinition, KpiReport, WindowValue
+from identity.key_files import key_file_mode_problem
 
 log = structlog.get_logger("idgate.alerts")
 
 Condition = Literal["below", "above", "drop", "rise"]
-ChannelKind = Literal["dingtalk", "feishu", "wecom", "webhook", "email"]
+Compare = Literal["previous", "day_ago", "week_ago"]
+# How long a window lasts in config checks, which know no IDGATE_KPI_BUCKET_MS: the default.
+CHECK_BUCKET_SECONDS = 60
+ChannelKind = Literal["dingtalk", "feishu", "wecom", "webhook", "email", "sms"]
+# What an SMS provider template may say: the alert's short text, the numbers, the secret.
+SMS_PLACEHOLDERS = frozenset({"message", "recipients", "recipient_list", "secret"})
+SMS_MAX_CHARS = 300
 
 
 class AlertRule(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -42,11 +52,20 @@ class AlertRule(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     # the sliding window, in KPI buckets (1, 5, 10 or 60)
     window: int = 10
     # below / above: the value against ``threshold``; drop / rise: the relative change
-    # against the window before (threshold 0.2: by 20 %)
+    # against ``compare`` (threshold 0.2: by 20 %)
     condition: Condition = "below"
     threshold: float = 0.0
+    # drop / rise: the window before, or the same window a day or a week earlier
+    compare: Compare = "previous"
     # fewer counted events than this in the window: the rule stays quiet
     min_volume: int = 0
+    # how long the condition must hold before the rule fires (pending until then)
+    for_seconds: int = 0
+    # one source's window instead of the total (a source falling silent); previous only
+    source: str = ""
+    # "coverage": the share of matching events the KPI could count (below / above only):
+    # on a KPI of every event ("*") for analytics, the share not dropped for consent
+    measure: Literal["value", "coverage"] = "value"
     # after a notification, another firing one waits at least this long (no flapping spam)
     cooldown_seconds: int = 600
     severity: Literal["info", "warning", "critical"] = "warning"
@@ -55,15 +74,26 @@ class AlertRule(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
 
 
 class AlertChannel(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
-    """``[[alert_channels]]``: where notifications go. Secrets are named by env variable."""
+    """``[[alert_channels]]``: where notifications go. Secrets are named by env variable
+    (or, for an SMS provider, a secrets file), never written here."""
 
     id: str
     kind: ChannelKind
-    # dingtalk / feishu / wecom / webhook: the variable holding the URL (robot URLs carry
-    # their access token)
+    # dingtalk / feishu / wecom / webhook / sms: the variable holding the URL (robot URLs
+    # carry their access token)
     url_env: str = ""
-    # dingtalk / feishu: the variable holding the signing secret
+    # dingtalk / feishu: the variable holding the signing secret; sms: the provider's secret
+    # ($secret in headers and body)
     secret_env: str = ""
+    # sms: a file holding the provider's secret instead (owner-readable only)
+    secret_file: str = ""
+    # sms: the provider's HTTP request: method, headers and body, whose strings may say
+    # $message, $recipients (comma-separated), $secret; a body value "$recipient_list" is
+    # the numbers as a list. Sent as JSON or as a form (GET: in the query string).
+    method: Literal["POST", "PUT", "GET"] = "POST"
+    headers: dict[str, str] = {}
+    body: dict[str, Any] = {}
+    body_format: Literal["json", "form"] = "json"
     # email
     smtp_host: str = ""
     smtp_port: int = 25
@@ -71,12 +101,43 @@ class AlertChannel(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     smtp_user_env: str = ""
     smtp_password_env: str = ""
     sender: str = ""
+    # email: the To addresses; sms: the phone numbers
     recipients: list[str] = []
 
 
+def _template_strings(value: Any) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [s for v in value.values() for s in _template_strings(v)]
+    if isinstance(value, list):
+        return [s for v in value for s in _template_strings(v)]
+    return []
+
+
+def _fill(value: Any, values: Mapping[str, str], numbers: Sequence[str]) -> Any:
+    """The SMS template with its placeholders replaced (strings only; structure kept)."""
+    if isinstance(value, str):
+        if value == "$recipient_list":
+            return list(numbers)
+        return string.Template(value).substitute(values)
+    if isinstance(value, dict):
+        return {k: _fill(v, values, numbers) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_fill(v, values, numbers) for v in value]
+    return value
+
+
 def check_alerts(
-    rules: Sequence[AlertRule], kpis: Sequence[KpiDefinition], channels: Sequence[AlertChannel], where: str
+    rules: Sequence[AlertRule],
+    kpis: Sequence[KpiDefinition],
+    channels: Sequence[AlertChannel],
+    where: str,
+    history_seconds: float = 0,
+    sources: Sequence[str] = (),
 ) -> list[str]:
+    """The problems of a tenant's rules; ``history_seconds``: how long the tenant keeps KPI
+    history (``kpi_history_days``), which a day / week comparison must fit in."""
     problems: list[str] = []
     kpi_ids = {k.id for k in kpis}
     channel_ids = {c.id for c in channels}
@@ -92,8 +153,24 @@ def check_alerts(
             problems.append(f"{w}.window: must be one of {', '.join(map(str, WINDOWS))} (buckets)")
         if r.condition in ("drop", "rise") and not 0 < r.threshold < 1:
             problems.append(f"{w}.threshold: a relative change is a fraction between 0 and 1")
-        if r.min_volume < 0 or r.cooldown_seconds < 0:
-            problems.append(f"{w}: min_volume and cooldown_seconds cannot be negative")
+        if r.min_volume < 0 or r.cooldown_seconds < 0 or r.for_seconds < 0:
+            problems.append(f"{w}: min_volume, for_seconds and cooldown_seconds cannot be negative")
+        if r.source and r.source not in sources:
+            problems.append(f"{w}.source: unknown source {r.source!r}")
+        if r.source and r.compare != "previous":
+            problems.append(f"{w}.source: a source's window compares with the window before only")
+        if r.measure == "coverage" and r.condition not in ("below", "above"):
+            problems.append(f"{w}.measure: coverage compares with a threshold (below / above)")
+        if r.compare != "previous":
+            if r.condition not in ("drop", "rise"):
+                problems.append(f"{w}.compare: only a drop or rise compares with {r.compare}")
+            reach = COMPARE_OFFSETS[r.compare] + r.window * CHECK_BUCKET_SECONDS
+            if reach > history_seconds:
+                problems.append(
+                    f"{w}.compare: {r.compare} over a {r.window}-bucket window reaches back "
+                    f"{reach / 86400:.2f} days, beyond the tenant's kpi_history_days "
+                    f"({history_seconds / 86400:g})"
+                )
         for c in r.channels:
             if c not in channel_ids:
                 problems.append(f"{w}.channels: unknown channel {c!r}")
@@ -108,6 +185,10 @@ def check_channels(channels: Sequence[AlertChannel], where: str) -> list[str]:
         if c.id in seen:
             problems.append(f"{w}.id: duplicate channel id {c.id!r}")
         seen.add(c.id)
+        if c.kind == "sms":
+            problems.extend(_check_sms(c, w))
+        elif c.secret_file or c.headers or c.body:
+            problems.append(f"{w}: secret_file, headers and body are for an sms channel")
         if c.kind == "email":
             if not c.smtp_host or not c.sender or not c.recipients:
                 problems.append(f"{w}: an email channel needs smtp_host, sender and recipients")
@@ -121,14 +202,52 @@ def check_channels(channels: Sequence[AlertChannel], where: str) -> list[str]:
     return problems
 
 
+def _check_sms(c: AlertChannel, w: str) -> list[str]:
+    problems = []
+    if not c.recipients:
+        problems.append(f"{w}.recipients: an sms channel needs the numbers to text")
+    if c.secret_env and c.secret_file:
+        problems.append(f"{w}: secret_env or secret_file, not both")
+    if not c.body:
+        problems.append(f"{w}.body: an sms channel needs the provider's body template")
+    for text in _template_strings(c.body) + _template_strings(c.headers):
+        template = string.Template(text)
+        if not template.is_valid():
+            problems.append(f"{w}: bad placeholder in {text!r} (write $$ for a dollar sign)")
+            continue
+        unknown = set(template.get_identifiers()) - SMS_PLACEHOLDERS
+        if unknown:
+            problems.append(
+                f"{w}: unknown placeholder(s) {', '.join(sorted(unknown))} in {text!r} "
+                f"(known: {', '.join(sorted(SMS_PLACEHOLDERS))})"
+            )
+        if "secret" in template.get_identifiers() and not (c.secret_env or c.secret_file):
+            problems.append(f"{w}: $secret needs secret_env or secret_file")
+    return problems
+
+
+def _read_secret_file(path: str) -> str:
+    return Path(path).read_text(encoding="utf-8").strip()
+
+
 def missing_secrets(channels: Sequence[AlertChannel], env: Mapping[str, str]) -> list[str]:
-    """The channel secrets absent from the environment (the gateway refuses to start)."""
+    """The channel secrets absent from the environment or unreadable (the gateway refuses
+    to start)."""
     out = []
     for c in channels:
         for name in ("url_env", "secret_env", "smtp_user_env", "smtp_password_env"):
             var = getattr(c, name)
             if var and not env.get(var):
                 out.append(f"alert_channels {c.id!r}: {name} {var} is not set")
+        if c.secret_file:
+            problem = key_file_mode_problem(Path(c.secret_file))
+            try:
+                if problem is None and not _read_secret_file(c.secret_file):
+                    problem = f"secret_file {c.secret_file} is empty"
+            except OSError as exc:
+                problem = f"secret_file {c.secret_file} cannot be read: {exc.strerror}"
+            if problem:
+                out.append(f"alert_channels {c.id!r}: {problem}")
     return out
 
 
@@ -146,7 +265,7 @@ def evaluate(rule: AlertRule, value: WindowValue) -> Verdict:
         return "firing" if v < rule.threshold else "ok"
     if rule.condition == "above":
         return "firing" if v > rule.threshold else "ok"
-    prev = value.previous
+    prev = value.compared(rule.compare)
     if not prev:  # nothing to compare with: no change can be seen
         return "ok"
     change = (v - prev) / abs(prev)
@@ -156,14 +275,15 @@ def evaluate(rule: AlertRule, value: WindowValue) -> Verdict:
 
 
 class RuleState(msgspec.Struct, rename="camel", omit_defaults=True):
-    state: Literal["ok", "firing"] = "ok"
+    # pending: the condition holds, for less than the rule's for_seconds yet
+    state: Literal["ok", "pending", "firing"] = "ok"
     since: float = 0.0
     last_notified: float = 0.0  # the last firing notification
     announced: bool = False  # this firing was notified (so its resolution is too)
     evaluated_at: float = 0.0
     evaluations: int = 0
     value: float | None = None
-    previous: float | None = None
+    previous: float | None = None  # what the value was compared with (the rule's compare)
     notifications: int = 0
     failures: int = 0
 
@@ -260,18 +380,45 @@ class Notice:
     def title(self) -> str:
         return f"[{self.status.upper()}] {self.tenant}/{self.rule.id} ({self.rule.severity})"
 
+    def measured(self) -> str:
+        """What the rule watches: the KPI, its coverage, of one source."""
+        r = self.rule
+        what = f"{r.kpi} coverage" if r.measure == "coverage" else r.kpi
+        return f"{what} of source {r.source}" if r.source else what
+
+    def short_text(self) -> str:
+        """One line for an SMS: status, rule, the value against what it was compared with."""
+
+        def fmt(v: float | None) -> str:
+            return "n/a" if v is None else f"{v:.4g}"
+
+        r = self.rule
+        compared = f"{COMPARED_WITH[r.compare]}: {fmt(self.previous)}"
+        line = (
+            f"{self.title()}: {self.measured()} {fmt(self.value)} ({compared}) "
+            f"over {self.window_minutes:g} min"
+        )
+        return line[:SMS_MAX_CHARS]
+
     def text(self) -> str:
         def fmt(v: float | None) -> str:
             return "n/a" if v is None else f"{v:.4g}"
 
         r = self.rule
-        line = f"{r.kpi} {r.condition} {r.threshold:g} over {self.window_minutes:g} min"
+        line = f"{self.measured()} {r.condition} {r.threshold:g} over {self.window_minutes:g} min"
         return (
             f"{self.title()}\n{r.description or line}\n"
-            f"{r.kpi}: {fmt(self.value)} (window before: {fmt(self.previous)}), "
+            f"{self.measured()}: {fmt(self.value)} ({COMPARED_WITH[r.compare]}: {fmt(self.previous)}), "
             f"{self.volume} events; rule: {line}\n"
             f"dashboard: /admin/kpis?tenant={self.tenant}&kpi={r.kpi}"
         )
+
+
+COMPARED_WITH: dict[str, str] = {
+    "previous": "window before",
+    "day_ago": "a day earlier",
+    "week_ago": "a week earlier",
+}
 
 
 def dingtalk_signed_url(url: str, secret: str, now_ms: int) -> str:
@@ -288,37 +435,54 @@ def feishu_sign(secret: str, now_s: int) -> str:
 
 
 class Notifier:
-    """Sends a notice to a channel, retrying a few times; True when it arrived."""
+    """Sends a notice to a channel, retrying with a bounded exponential backoff (``backoff``
+    seconds doubling between attempts, at most ``max_backoff``); the outcome says whether it
+    arrived, after how many attempts, and the last failure's exception class."""
 
     def __init__(
-        self, channels: Sequence[AlertChannel], env: Mapping[str, str] | None = None, attempts: int = 3
+        self,
+        channels: Sequence[AlertChannel],
+        env: Mapping[str, str] | None = None,
+        attempts: int = 3,
+        backoff: float = 0.5,
+        max_backoff: float = 5.0,
     ):
         self.channels = {c.id: c for c in channels}
         self.env = dict(os.environ if env is None else env)
         self.attempts = attempts
+        self.backoff = backoff
+        self.max_backoff = max_backoff
 
-    async def send(self, channel_id: str, notice: Notice) -> bool:
+    async def send(self, channel_id: str, notice: Notice) -> ChannelDelivery:
         channel = self.channels[channel_id]
+        error = None
         for attempt in range(self.attempts):
+            if attempt:
+                await asyncio.sleep(min(self.max_backoff, self.backoff * 2 ** (attempt - 1)))
             try:
                 await self._send(channel, notice)
-                return True
+                return ChannelDelivery(channel_id, channel.kind, True, attempt + 1)
             except Exception as exc:
+                error = type(exc).__name__
                 log.warning(
                     "alerts.notify_failed",
                     channel=channel_id,
                     rule=notice.rule.id,
                     attempt=attempt + 1,
-                    error=type(exc).__name__,
+                    error=error,
                 )
-                await asyncio.sleep(0.2 * 2**attempt)
-        return False
+        log.error("alerts.notify_gave_up", channel=channel_id, rule=notice.rule.id, attempts=self.attempts)
+        return ChannelDelivery(channel_id, channel.kind, False, self.attempts, error)
 
     async def _send(self, c: AlertChannel, notice: Notice) -> None:
         if c.kind == "email":
             await asyncio.to_thread(self._email, c, notice)
             return
         import httpx
+
+        if c.kind == "sms":
+            await self._sms(c, notice)
+            return
 
         url = self.env[c.url_env]
         text = notice.text()
@@ -359,6 +523,36 @@ class Notifier:
                 if code:
                     raise RuntimeError(f"{c.kind} refused the message: code {code}")
 
+    async def _sms(self, c: AlertChannel, notice: Notice) -> None:
+        """The provider's request from the channel's template; any 2xx is delivered."""
+        import httpx
+
+        secret = ""
+        if c.secret_env:
+            secret = self.env[c.secret_env]
+        elif c.secret_file:
+            secret = await asyncio.to_thread(_read_secret_file, c.secret_file)
+        values = {
+            "message": notice.short_text(),
+            "recipients": ",".join(c.recipients),
+            "recipient_list": ",".join(c.recipients),
+            "secret": secret,
+        }
+        headers = {k: string.Template(v).substitute(values) for k, v in c.headers.items()}
+        body = _fill(c.body, values, c.recipients)
+        request: dict[str, Any] = {"headers": headers}
+        if c.method == "GET":
+            request["params"] = {
+                k: v if isinstance(v, str) else msgspec.json.encode(v).decode() for k, v in body.items()
+            }
+        elif c.body_format == "form":
+            request["data"] = body
+        else:
+            request["json"] = body
+        async with httpx.AsyncClient(timeout=10) as client:
+            r = await client.request(c.method, self.env[c.url_env], **request)
+            r.raise_for_status()
+
     def _email(self, c: AlertChannel, notice: Notice) -> None:
         msg = EmailMessage()
         msg["Subject"] = notice.title()
@@ -384,12 +578,14 @@ class AlertEvaluator:
         lease: Lease,
         notifier: Notifier,
         bucket_seconds: float,
+        history: AlertHistory | None = None,
     ) -> None:
         self.rules = rules
         self.states = states
         self.lease = lease
         self.notifier = notifier
         self.bucket_seconds = bucket_seconds
+        self.history = history
         self.firing: dict[tuple[str, str], bool] = {}
 
     async def run(self, reports: Mapping[str, Sequence[KpiReport]], now: float | None = None) -> bool:
@@ -418,8 +614,13 @@ class AlertEvaluator:
                 )
                 if window is None:
                     continue
+                value = window.by_source.get(rule.source) if rule.source else window.total
+                if value is None:  # the source has no value in this report
+                    continue
+                if rule.measure == "coverage":  # its volume: every matching event
+                    value = WindowValue(value.coverage, value.matched, value.matched, value.coverage)
                 state = states.get(rule.id) or RuleState()
-                await self._step(tenant, rule, window.total, window.minutes, state, now)
+                await self._step(tenant, rule, value, window.minutes, state, now)
                 self.firing[(tenant, rule.id)] = state.state == "firing"
         return True
 
@@ -429,10 +630,16 @@ class AlertEvaluator:
         verdict = evaluate(rule, value)
         state.evaluated_at = now
         state.evaluations += 1
-        state.value, state.previous = value.value, value.previous
+        state.value, state.previous = value.value, value.compared(rule.compare)
         status: Literal["firing", "resolved"] | None = None
+        transition: Literal["firing", "resolved"] | None = None
         if verdict == "firing" and state.state == "ok":
-            state.state, state.since = "firing", now
+            state.state, state.since = "pending", now
+        if verdict == "ok" and state.state == "pending":  # did not hold for long enough
+            state.state, state.since = "ok", now
+        if verdict == "firing" and state.state == "pending" and now - state.since >= rule.for_seconds:
+            state.state = "firing"  # since: when the condition started to hold
+            transition = "firing"
             # within the cooldown of the last firing notification it fires silently (and
             # resolves silently): a flapping KPI pages once
             state.announced = not state.last_notified or now - state.last_notified >= rule.cooldown_seconds
@@ -442,15 +649,39 @@ class AlertEvaluator:
                 state.last_notified = now
         elif verdict == "ok" and state.state == "firing":
             state.state, state.since = "ok", now
+            transition = "resolved"
             if state.announced:
                 status = "resolved"
             state.announced = False
         await self.states.save(tenant, rule.id, state)
-        if status is None:
+        if transition is None:
             return
-        log.info("alerts.transition", tenant=tenant, rule=rule.id, status=status, value=value.value)
-        notice = Notice(tenant, rule, status, value.value, value.previous, value.counted, minutes)
-        sent = await asyncio.gather(*(self.notifier.send(c, notice) for c in rule.channels))
-        state.notifications += sum(sent)
-        state.failures += len(sent) - sum(sent)
-        await self.states.save(tenant, rule.id, state)
+        log.info("alerts.transition", tenant=tenant, rule=rule.id, status=transition, notified=bool(status))
+        deliveries: list[ChannelDelivery] = []
+        if status is not None:
+            notice = Notice(tenant, rule, status, value.value, state.previous, value.counted, minutes)
+            deliveries = list(await asyncio.gather(*(self.notifier.send(c, notice) for c in rule.channels)))
+            sent = sum(d.delivered for d in deliveries)
+            state.notifications += sent
+            state.failures += len(deliveries) - sent
+            await self.states.save(tenant, rule.id, state)
+        if self.history is not None:
+            record = AlertRecord(
+                tenant=tenant,
+                rule=rule.id,
+                kpi=rule.kpi,
+                status=transition,
+                severity=rule.severity,
+                at=now,
+                value=value.value,
+                compared=state.previous,
+                compare=rule.compare,
+                volume=value.counted,
+                window_minutes=minutes,
+                notified=status is not None,
+                deliveries=deliveries,
+            )
+            try:
+                await asyncio.to_thread(self.history.record, record)
+            except Exception as exc:  # the notification went out; only its record is lost
+                log.warning("alerts.history_failed", tenant=tenant, rule=rule.id, error=type(exc).__name__)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -96,6 +96,12 @@ class DeadLetterStore(Protocol):
     ) -> Sequence[DeadLetter]: ...
     def counts(self) -> dict[str, int]: ...
     def close(self) -> None: ...
+
+    # -- retention (export.retention) ------------------------------------------------
+    def expire(self, tenant: str, cutoffs: Mapping[str, int], *, apply: bool) -> int:
+        """Dead letters of ``tenant`` that died before their destination's cutoff (ms):
+        counted, deleted with ``apply``. A destination without a cutoff keeps its own."""
+        ...
 
 
 def _now_ms() -> int:
@@ -234,6 +240,21 @@ class SqliteDeadLetters:
                 "SELECT destination, COUNT(*) FROM dead_letter GROUP BY destination"
             ).fetchall()
         return {d: n for d, n in rows}
+
+    # -- retention (export.retention) --------------------------------------------------
+    def expire(self, tenant: str, cutoffs: Mapping[str, int], *, apply: bool) -> int:
+        """Dead letters of ``tenant`` that died before their destination's cutoff (ms)."""
+        where = "FROM dead_letter WHERE tenant = ? AND destination = ? AND dead_at_ms < ?"
+        found = 0
+        with self._lock, self._conn:
+            self._conn.execute("BEGIN IMMEDIATE")
+            for destination, cutoff in sorted(cutoffs.items()):
+                params = (tenant, destination, cutoff)
+                if apply:
+                    found += self._conn.execute(f"DELETE {where}", params).rowcount  # noqa: S608
+                else:
+                    found += int(self._conn.execute(f"SELECT count(*) {where}", params).fetchone()[0])  # noqa: S608
+        return found
 
 
 class RedisDeadLetters:
@@ -379,3 +400,26 @@ class RedisDeadLetters:
     def counts(self) -> dict[str, int]:
         counts = {d: int(self.client.xlen(self._key(d))) for d in self._destinations()}
         return {d: n for d, n in counts.items() if n}  # a stream stays behind, empty, after XDEL
+
+    # -- retention (export.retention) --------------------------------------------------
+    def expire(self, tenant: str, cutoffs: Mapping[str, int], *, apply: bool) -> int:
+        """Dead letters of ``tenant`` that died before their destination's cutoff (ms)."""
+        found = 0
+        for destination, cutoff in sorted(cutoffs.items()):
+            key, start = self._key(destination), "-"
+            while True:
+                rows = self.client.xrange(key, min=start, count=1000)
+                if not rows:
+                    break
+                doomed = [
+                    eid
+                    for eid, fields in rows
+                    if fields.get(b"tenant", b"").decode() == tenant and int(fields[b"dead_at_ms"]) < cutoff
+                ]
+                if doomed and apply:
+                    found += int(self.client.xdel(key, *doomed))
+                else:
+                    found += len(doomed)
+                last = rows[-1][0]
+                start = "(" + (last.decode() if isinstance(last, bytes) else str(last))
+        return found

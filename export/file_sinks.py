@@ -338,3 +338,40 @@ def build_file_sink(
         opts = with_defaults(options, FILE_OPTIONS["parquet"])
         return ParquetFileSink(root, destination, compression=opts["compression"])
     return JsonlFileSink(root, destination)
+
+
+# -- retention (export.retention) ------------------------------------------------------------
+def expired_sink_files(directory: Path, kind: str, before_day: str) -> list[Path]:
+    """The whole files of a file sink holding only days before ``before_day`` (YYYY-MM-DD):
+    JSONL day files ``<day>.jsonl``, Parquet partitions ``date=<day>/`` (every file in them)."""
+    if not directory.is_dir():
+        return []
+    if kind == "parquet":
+        return sorted(
+            path
+            for partition in directory.glob("date=*")
+            if partition.is_dir() and partition.name.removeprefix("date=") < before_day
+            for path in partition.glob("*.parquet")
+        )
+    return sorted(path for path in directory.glob("*.jsonl") if path.stem < before_day)
+
+
+def remove_sink_files(paths: Sequence[Path]) -> int:
+    """Delete the files (and the Parquet partitions they leave empty), durably; returns how
+    many files went."""
+    removed = 0
+    parents: set[Path] = set()
+    for path in paths:
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            continue
+        removed += 1
+        parents.add(path.parent)
+    for parent in sorted(parents):
+        if parent.name.startswith("date=") and not any(parent.iterdir()):
+            parent.rmdir()
+            fsync_path(parent.parent)
+        elif parent.exists():
+            fsync_path(parent)
+    return removed

@@ -11,6 +11,12 @@ Each KPI declares the purpose it serves: an event feeds it only with a lawful ba
 purpose (a contract purpose, or a destination the consent decision allowed that needs it).
 Every matching event is counted as "matched", so each KPI reports its consent coverage
 (counted / matched) and a dashboard never undercounts silently.
+
+Comparisons with the same window a day or a week earlier need the buckets of a week ago,
+which the per-source buckets (kept for two of the longest windows) do not reach. The KPIs
+a tenant compares that way (``history``) also go, summed over sources, into a second set
+of buckets kept for the tenant's history retention: totals only, one hash field (or one
+HyperLogLog) per KPI and bucket, so a week costs what one KPI needs, not every KPI.
 """
 
 from __future__ import annotations
@@ -23,9 +29,27 @@ from typing import Any, Literal, Protocol
 
 import msgspec
 
-KpiKind = Literal["count", "sum", "distinct", "ratio"]
+from identity.scrub import looks_like_identifier
+
+KpiKind = Literal["count", "sum", "distinct", "ratio", "top", "new_persons", "returning_persons"]
+# Distinct persons split by whether they were seen on an earlier day (China Standard Time)
+# of the lookback, in one Bloom filter per tenant and day: bits of a digest, no identifier.
+PERSON_KINDS = frozenset({"new_persons", "returning_persons"})
+RETURNING_LOOKBACK_DAYS = 30
+SEEN_FILTER_BITS = 1 << 23  # 1 MiB a day: false "returning" about 0.05 % at 500,000 persons
+SEEN_FILTER_HASHES = 7  # seen in the lookback, 1.8 % at 1,000,000
+DAY_OFFSET_SECONDS = 8 * 3600  # Asia/Shanghai, no daylight saving
 WINDOWS: tuple[int, ...] = (1, 5, 10, 60)  # sliding windows, in buckets
+# The source of the history buckets: every source summed (source ids never are "*").
+ALL_SOURCES = "*"
+DAY_SECONDS = 86_400
+# What a rule compares a window with, and how far back that is (seconds; 0: the window before).
+COMPARE_OFFSETS: dict[str, int] = {"previous": 0, "day_ago": DAY_SECONDS, "week_ago": 7 * DAY_SECONDS}
 PropertyValue = str | int | float | bool
+# top: the values kept per bucket and source (the largest; a bounded top-K, not every SKU),
+# and the longest value kept (longer ones, and values that look like identifiers, are not)
+TOP_KEPT_PER_BUCKET = 500
+TOP_MAX_VALUE_CHARS = 64
 
 
 class KpiDefinition(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -33,13 +57,20 @@ class KpiDefinition(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
 
     id: str
     kind: KpiKind = "count"
-    # track event names; "$page" / "$screen" for page and screen calls
+    # track event names; "$page" / "$screen" for page and screen calls; "*" every event
     events: list[str] = []
     # property -> the value it must have; "name" also matches a page or screen call's name
     # (a Sensors view event's $title, else $screen_name)
     where: dict[str, PropertyValue] = {}
-    # sum: the properties holding the amount, the first present one counts
+    # sum / top: the properties holding the amount, the first present one counts
     fields: list[str] = []
+    # top: the property naming what is ranked (first present: e.g. sku, product_id), inside
+    # each object of the ``items`` list property when set (e.g. an order's products), the
+    # amount multiplied by ``quantity_field`` when set, the ``top`` largest reported
+    group_by: list[str] = []
+    items: str = ""
+    quantity_field: str = ""
+    top: int = 10
     # ratio: numerator / denominator, ids of other KPIs of the tenant
     numerator: str = ""
     denominator: str = ""
@@ -72,6 +103,18 @@ _AMOUNT = ["revenue", "total", "amount"]
 DEFAULT_KPIS: tuple[KpiDefinition, ...] = (
     _count("pv_home", _PAGES, "analytics", "Home page views", where={"name": "Home"}),
     _distinct("uv_home", _PAGES, "Persons who viewed the home page", where={"name": "Home"}),
+    KpiDefinition(
+        id="new_persons",
+        kind="new_persons",
+        events=_PAGES,
+        description=f"Persons viewing a page not seen on any of the {RETURNING_LOOKBACK_DAYS} days before",
+    ),
+    KpiDefinition(
+        id="returning_persons",
+        kind="returning_persons",
+        events=_PAGES,
+        description=f"Persons viewing a page seen on one of the {RETURNING_LOOKBACK_DAYS} days before",
+    ),
     _count("pv_product", ["Product Viewed"], "analytics", "Product detail page views"),
     _distinct("uv_product", ["Product Viewed"], "Persons who viewed a product detail page"),
     _count("pv_cart", ["Cart Viewed"], "analytics", "Cart page views"),
@@ -97,6 +140,17 @@ DEFAULT_KPIS: tuple[KpiDefinition, ...] = (
         description="Gross merchandise value (properties.revenue, total or amount)",
     ),
     _ratio("average_order_value", "gmv", "orders", "Average order value"),
+    KpiDefinition(
+        id="top_skus",
+        kind="top",
+        events=["Order Completed"],
+        items="products",
+        group_by=["sku", "product_id"],
+        fields=["price"],
+        quantity_field="quantity",
+        purpose="necessary_service",
+        description="Top SKUs by sales (properties.products[]: sku or product_id, price x quantity)",
+    ),
 )
 
 
@@ -136,8 +190,15 @@ def check_kpis(
             problems.append(f"{w}.purpose: unknown purpose {k.purpose!r}")
         if k.kind == "sum" and not k.fields:
             problems.append(f"{w}.fields: a sum needs the properties holding the amount")
-        if k.kind != "sum" and k.fields:
-            problems.append(f"{w}.fields: only a sum takes fields")
+        if k.kind not in ("sum", "top") and k.fields:
+            problems.append(f"{w}.fields: only a sum or a top takes fields")
+        if k.kind == "top":
+            if not k.group_by:
+                problems.append(f"{w}.group_by: a top needs the property naming what is ranked")
+            if not 1 <= k.top <= 100:
+                problems.append(f"{w}.top: must be between 1 and 100")
+        elif k.group_by or k.items or k.quantity_field:
+            problems.append(f"{w}: group_by, items and quantity_field are for a top")
     return problems
 
 
@@ -170,6 +231,87 @@ def fold_cells(held: dict[tuple[str, str], Cell], cells: Mapping[tuple[str, str]
             cell[2] += s
 
 
+Tops = Mapping[tuple[str, str], Mapping[str, float]]
+# (KPI, source) -> (whether the KPI counts returning persons, the digests of its persons)
+Persons = Mapping[tuple[str, str], tuple[bool, set[bytes]]]
+
+
+def day_of(bucket: int, bucket_seconds: float) -> int:
+    return int((bucket * bucket_seconds + DAY_OFFSET_SECONDS) // DAY_SECONDS)
+
+
+def seen_positions(digest: bytes) -> list[int]:
+    """The filter bits of a person digest (double hashing over its two halves)."""
+    h1 = int.from_bytes(digest[:4], "big")
+    h2 = int.from_bytes(digest[4:8], "big") | 1
+    return [(h1 + i * h2) % SEEN_FILTER_BITS for i in range(SEEN_FILTER_HASHES)]
+
+
+def split_persons(persons: Persons, returning: Mapping[bytes, bool]) -> dict[tuple[str, str], set[bytes]]:
+    """The members each new / returning KPI adds to its sketch, once persons are classified."""
+    out: dict[tuple[str, str], set[bytes]] = {}
+    for key, (wants_returning, digests) in persons.items():
+        chosen = {d for d in digests if returning[d] == wants_returning}
+        if chosen:
+            out[key] = chosen
+    return out
+
+
+def fold_persons(held: dict[tuple[str, str], tuple[bool, set[bytes]]], persons: Persons) -> None:
+    for key, (wants_returning, digests) in persons.items():
+        held.setdefault(key, (wants_returning, set()))[1].update(digests)
+
+
+class MemorySeenFilter:
+    """The embedded registry: one bytearray Bloom filter per tenant and day, and the union of
+    the lookback's days before today (built once a day)."""
+
+    def __init__(self) -> None:
+        self._days: dict[tuple[str, int], bytearray] = {}
+        self._before: dict[tuple[str, int], bytes] = {}
+
+    def classify(self, tenant: str, day: int, digests: set[bytes]) -> dict[bytes, bool]:
+        before = self._before.get((tenant, day))
+        if before is None:
+            union = 0
+            for d in range(day - RETURNING_LOOKBACK_DAYS, day):
+                bits = self._days.get((tenant, d))
+                if bits is not None:
+                    union |= int.from_bytes(bits, "big")
+            before = self._before[(tenant, day)] = union.to_bytes(SEEN_FILTER_BITS // 8, "big")
+            for old in [k for k in self._before if k[0] == tenant and k[1] < day]:
+                del self._before[old]
+            for old in [k for k in self._days if k[0] == tenant and k[1] < day - RETURNING_LOOKBACK_DAYS]:
+                del self._days[old]
+        today = self._days.get((tenant, day))
+        if today is None:
+            today = self._days[(tenant, day)] = bytearray(SEEN_FILTER_BITS // 8)
+        out = {}
+        for digest in digests:
+            positions = seen_positions(digest)
+            out[digest] = all(before[p >> 3] & (0x80 >> (p & 7)) for p in positions)
+            for p in positions:
+                today[p >> 3] |= 0x80 >> (p & 7)
+        return out
+
+
+def fold_tops(held: dict[tuple[str, str], dict[str, float]], tops: Tops) -> None:
+    """Add ``tops`` into ``held``, keeping at most TOP_KEPT_PER_BUCKET values per key (the
+    largest) once a key holds twice that."""
+    for key, values in tops.items():
+        kept = held.setdefault(key, {})
+        for value, amount in values.items():
+            kept[value] = kept.get(value, 0.0) + amount
+        if len(kept) > 2 * TOP_KEPT_PER_BUCKET:
+            largest = sorted(kept.items(), key=lambda kv: kv[1], reverse=True)[:TOP_KEPT_PER_BUCKET]
+            held[key] = dict(largest)
+
+
+def largest(totals: Mapping[str, float], k: int) -> list[TopValue]:
+    ranked = sorted(totals.items(), key=lambda kv: (-kv[1], kv[0]))[:k]
+    return [TopValue(name, round(amount, 6)) for name, amount in ranked]
+
+
 class KpiStore(Protocol):
     """Where the per-bucket aggregates live: memory (one process) or Redis (every replica)."""
 
@@ -179,9 +321,24 @@ class KpiStore(Protocol):
         bucket: int,
         cells: Mapping[tuple[str, str], Cell],
         members: Mapping[tuple[str, str], set[bytes]],
-    ) -> None: ...
+        tops: Tops | None = None,
+        persons: Persons | None = None,
+    ) -> None:
+        """``persons``: the digests of new / returning KPIs' persons, which the store
+        classifies against its seen filters and adds to the matching sketches."""
+        ...
 
-    async def cells(self, tenant: str, buckets: Sequence[int]) -> dict[int, dict[tuple[str, str], Cell]]: ...
+    async def top(
+        self, tenant: str, kpi: str, sources: Sequence[str], buckets: Sequence[int], k: int
+    ) -> list[TopValue]:
+        """The ``k`` largest values of a top KPI over these buckets and sources."""
+        ...
+
+    async def cells(
+        self, tenant: str, buckets: Sequence[int], source: str = ""
+    ) -> dict[int, dict[tuple[str, str], Cell]]:
+        """The cells of these buckets: per source, or (``ALL_SOURCES``) the history."""
+        ...
 
     async def distinct(
         self, tenant: str, kpi: str, sources: Sequence[str], buckets: Sequence[int]
@@ -191,16 +348,26 @@ class KpiStore(Protocol):
 class MemoryKpiStore:
     """The embedded store: dicts and ``datasketch`` HyperLogLogs, pruned past retention."""
 
-    def __init__(self, retention_buckets: int) -> None:
+    def __init__(
+        self,
+        retention_buckets: int,
+        history_buckets: Mapping[str, int] | None = None,
+        bucket_seconds: float = 60.0,
+    ) -> None:
         # imported here, at start: datasketch pulls numpy and scipy (about a second), which
         # must not land on the first request
         from datasketch import HyperLogLog
 
         self._sketch = HyperLogLog
         self.retention = retention_buckets
+        # tenant -> how many buckets its history (source "*") is kept
+        self.history = dict(history_buckets or {})
         self._cells: dict[tuple[str, int], dict[tuple[str, str], Cell]] = {}
         self._sketches: dict[tuple[str, int, str, str], Any] = {}
+        self._tops: dict[tuple[str, int], dict[tuple[str, str], dict[str, float]]] = {}
         self._newest = 0
+        self.bucket_seconds = bucket_seconds
+        self.seen = MemorySeenFilter()
 
     async def add(
         self,
@@ -208,11 +375,19 @@ class MemoryKpiStore:
         bucket: int,
         cells: Mapping[tuple[str, str], Cell],
         members: Mapping[tuple[str, str], set[bytes]],
+        tops: Tops | None = None,
+        persons: Persons | None = None,
     ) -> None:
         if bucket > self._newest:
             self._newest = bucket
             self._prune(bucket - self.retention)
         fold_cells(self._cells.setdefault((tenant, bucket), {}), cells)
+        if tops:
+            fold_tops(self._tops.setdefault((tenant, bucket), {}), tops)
+        if persons:
+            everyone = set().union(*(d for _, d in persons.values()))
+            returning = self.seen.classify(tenant, day_of(bucket, self.bucket_seconds), everyone)
+            members = {**members, **split_persons(persons, returning)}
         for (kpi, source), values in members.items():
             sketch = self._sketches.get((tenant, bucket, kpi, source))
             if sketch is None:
@@ -221,13 +396,44 @@ class MemoryKpiStore:
                 sketch.update(v)
 
     def _prune(self, oldest: int) -> None:
-        for key in [k for k in self._cells if k[1] < oldest]:
-            del self._cells[key]
-        for skey in [k for k in self._sketches if k[1] < oldest]:
-            del self._sketches[skey]
+        newest = oldest + self.retention
 
-    async def cells(self, tenant: str, buckets: Sequence[int]) -> dict[int, dict[tuple[str, str], Cell]]:
-        return {b: dict(self._cells.get((tenant, b), {})) for b in buckets}
+        def expired(tenant: str, bucket: int, source: str) -> bool:
+            if source == ALL_SOURCES:
+                return bucket < newest - max(self.retention, self.history.get(tenant, 0))
+            return bucket < oldest
+
+        for key, cells in list(self._cells.items()):
+            if key[1] >= oldest:
+                continue
+            for cell in [c for c in cells if expired(key[0], key[1], c[1])]:
+                del cells[cell]
+            if not cells:
+                del self._cells[key]
+        for skey in [k for k in self._sketches if k[1] < oldest and expired(k[0], k[1], k[3])]:
+            del self._sketches[skey]
+        for tkey in [k for k in self._tops if k[1] < oldest]:
+            del self._tops[tkey]
+
+    async def top(
+        self, tenant: str, kpi: str, sources: Sequence[str], buckets: Sequence[int], k: int
+    ) -> list[TopValue]:
+        totals: dict[str, float] = {}
+        for b in buckets:
+            held = self._tops.get((tenant, b), {})
+            for s in sources:
+                for value, amount in held.get((kpi, s), {}).items():
+                    totals[value] = totals.get(value, 0.0) + amount
+        return largest(totals, k)
+
+    async def cells(
+        self, tenant: str, buckets: Sequence[int], source: str = ""
+    ) -> dict[int, dict[tuple[str, str], Cell]]:
+        history = source == ALL_SOURCES
+        return {
+            b: {k: c for k, c in self._cells.get((tenant, b), {}).items() if (k[1] == ALL_SOURCES) == history}
+            for b in buckets
+        }
 
     async def distinct(self, tenant: str, kpi: str, sources: Sequence[str], buckets: Sequence[int]) -> int:
         union = self._sketch(p=12)
@@ -245,13 +451,67 @@ class RedisKpiStore:
     """KPIs summed over every replica: one hash per tenant and bucket (``HINCRBY``) and one
     HyperLogLog per KPI, source and bucket (``PFADD``), both expiring after retention."""
 
-    def __init__(self, redis: Any, prefix: str, retention_buckets: int, bucket_seconds: float) -> None:
+    def __init__(
+        self,
+        redis: Any,
+        prefix: str,
+        retention_buckets: int,
+        bucket_seconds: float,
+        history_buckets: Mapping[str, int] | None = None,
+    ) -> None:
         self.redis = redis
         self.prefix = f"{prefix}:kpi"
         self.ttl = max(1, int(retention_buckets * bucket_seconds) + 60)
+        # tenant -> TTL of its history keys (source "*")
+        self.history_ttl = {
+            t: max(self.ttl, int(n * bucket_seconds) + 60) for t, n in (history_buckets or {}).items()
+        }
+        self.bucket_seconds = bucket_seconds
+        self._before_built: set[tuple[str, int]] = set()
 
-    def _hash(self, tenant: str, bucket: int) -> str:
-        return f"{self.prefix}:{tenant}:{bucket}"
+    def _seen(self, tenant: str, day: int) -> str:
+        return f"{self.prefix}:seen:{tenant}:{day}"
+
+    async def _classify(self, tenant: str, day: int, digests: set[bytes]) -> dict[bytes, bool]:
+        """One round trip (two on a day's first call): which persons the days before saw,
+        and today's filter marks them all."""
+        before = f"{self.prefix}:seen-before:{tenant}:{day}"
+        if (tenant, day) not in self._before_built:
+            days = [self._seen(tenant, d) for d in range(day - RETURNING_LOOKBACK_DAYS, day)]
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.delete(before)
+            pipe.bitop("OR", before, *days)  # missing days count as empty
+            pipe.expire(before, 2 * DAY_SECONDS)
+            await pipe.execute()
+            self._before_built.add((tenant, day))
+        ordered = list(digests)
+        positions = [seen_positions(d) for d in ordered]
+        read = self.redis.bitfield(before)
+        write = self.redis.bitfield(self._seen(tenant, day))
+        for ps in positions:
+            for p in ps:
+                read.get("u1", p)
+                write.set("u1", p, 1)
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.execute_command(*read.command)
+        pipe.execute_command(*write.command)
+        pipe.expire(self._seen(tenant, day), (RETURNING_LOOKBACK_DAYS + 2) * DAY_SECONDS)
+        bits, _, _ = await pipe.execute()
+        out = {}
+        for i, digest in enumerate(ordered):
+            out[digest] = all(bits[i * SEEN_FILTER_HASHES : (i + 1) * SEEN_FILTER_HASHES])
+        return out
+
+    def _hash(self, tenant: str, bucket: int, source: str = "") -> str:
+        # the history (every source summed) in a hash of its own, so it expires on its own
+        where = "history:" if source == ALL_SOURCES else ""
+        return f"{self.prefix}:{where}{tenant}:{bucket}"
+
+    def _top(self, tenant: str, bucket: int, kpi: str, source: str) -> str:
+        return f"{self.prefix}:top:{tenant}:{kpi}:{source}:{bucket}"
+
+    def _ttl(self, tenant: str, source: str) -> int:
+        return self.history_ttl.get(tenant, self.ttl) if source == ALL_SOURCES else self.ttl
 
     def _hll(self, tenant: str, bucket: int, kpi: str, source: str) -> str:
         return f"{self.prefix}:hll:{tenant}:{kpi}:{source}:{bucket}"
@@ -262,27 +522,45 @@ class RedisKpiStore:
         bucket: int,
         cells: Mapping[tuple[str, str], Cell],
         members: Mapping[tuple[str, str], set[bytes]],
+        tops: Tops | None = None,
+        persons: Persons | None = None,
     ) -> None:
+        if persons:
+            everyone = set().union(*(d for _, d in persons.values()))
+            returning = await self._classify(tenant, day_of(bucket, self.bucket_seconds), everyone)
+            members = {**members, **split_persons(persons, returning)}
         pipe = self.redis.pipeline(transaction=False)
-        key = self._hash(tenant, bucket)
+        for (kpi, source), ranked in (tops or {}).items():
+            zkey = self._top(tenant, bucket, kpi, source)
+            for value, amount in ranked.items():
+                pipe.zincrby(zkey, amount, value)
+            pipe.zremrangebyrank(zkey, 0, -TOP_KEPT_PER_BUCKET - 1)  # keep the largest
+            pipe.expire(zkey, self.ttl)
+        keys: set[tuple[str, str]] = set()
         for (kpi, source), (m, c, s) in cells.items():
+            key = self._hash(tenant, bucket, source)
+            keys.add((key, source))
             base = f"{kpi}\x1f{source}"
-            pipe.hincrby(key, base + "\x1fm", int(m))
+            if m:  # the history keeps no matched count
+                pipe.hincrby(key, base + "\x1fm", int(m))
             if c:
                 pipe.hincrby(key, base + "\x1fc", int(c))
             if s:
                 pipe.hincrbyfloat(key, base + "\x1fs", s)
-        pipe.expire(key, self.ttl)
+        for key, source in keys:
+            pipe.expire(key, self._ttl(tenant, source))
         for (kpi, source), values in members.items():
             hll = self._hll(tenant, bucket, kpi, source)
             pipe.pfadd(hll, *values)
-            pipe.expire(hll, self.ttl)
+            pipe.expire(hll, self._ttl(tenant, source))
         await pipe.execute()
 
-    async def cells(self, tenant: str, buckets: Sequence[int]) -> dict[int, dict[tuple[str, str], Cell]]:
+    async def cells(
+        self, tenant: str, buckets: Sequence[int], source: str = ""
+    ) -> dict[int, dict[tuple[str, str], Cell]]:
         pipe = self.redis.pipeline(transaction=False)
         for b in buckets:
-            pipe.hgetall(self._hash(tenant, b))
+            pipe.hgetall(self._hash(tenant, b, source))
         out: dict[int, dict[tuple[str, str], Cell]] = {}
         for b, raw in zip(buckets, await pipe.execute(), strict=True):
             held: dict[tuple[str, str], Cell] = {}
@@ -300,6 +578,15 @@ class RedisKpiStore:
             return 0
         return int(await self.redis.pfcount(*keys))
 
+    async def top(
+        self, tenant: str, kpi: str, sources: Sequence[str], buckets: Sequence[int], k: int
+    ) -> list[TopValue]:
+        keys = [self._top(tenant, b, kpi, s) for b in buckets for s in sources]
+        if not keys:
+            return []
+        union = await self.redis.zunion(keys, withscores=True)
+        return largest({(v.decode() if isinstance(v, bytes) else v): float(a) for v, a in union}, k)
+
 
 class BufferedKpiStore:
     """Write-behind in front of the shared store: a batch's increments merge in memory and
@@ -311,6 +598,8 @@ class BufferedKpiStore:
         self.inner = inner
         self._cells: dict[tuple[str, int], dict[tuple[str, str], Cell]] = {}
         self._members: dict[tuple[str, int], dict[tuple[str, str], set[bytes]]] = {}
+        self._tops: dict[tuple[str, int], dict[tuple[str, str], dict[str, float]]] = {}
+        self._persons: dict[tuple[str, int], dict[tuple[str, str], tuple[bool, set[bytes]]]] = {}
 
     async def add(
         self,
@@ -318,26 +607,43 @@ class BufferedKpiStore:
         bucket: int,
         cells: Mapping[tuple[str, str], Cell],
         members: Mapping[tuple[str, str], set[bytes]],
+        tops: Tops | None = None,
+        persons: Persons | None = None,
     ) -> None:
+        if persons:  # classified at flush: no round trip on the request's path
+            fold_persons(self._persons.setdefault((tenant, bucket), {}), persons)
         fold_cells(self._cells.setdefault((tenant, bucket), {}), cells)
         if members:
             sets = self._members.setdefault((tenant, bucket), {})
             for key, values in members.items():
                 sets.setdefault(key, set()).update(values)
+        if tops:
+            fold_tops(self._tops.setdefault((tenant, bucket), {}), tops)
 
     async def flush(self) -> None:
         cells, self._cells = self._cells, {}
         members, self._members = self._members, {}
+        tops, self._tops = self._tops, {}
+        persons, self._persons = self._persons, {}
         for (tenant, bucket), held in cells.items():
             sets = members.get((tenant, bucket), {})
+            ranked = tops.get((tenant, bucket), {})
+            who = persons.get((tenant, bucket), {})
             try:
-                await self.inner.add(tenant, bucket, held, sets)
+                await self.inner.add(tenant, bucket, held, sets, ranked, who)
             except Exception:
-                await self.add(tenant, bucket, held, sets)  # next time
+                await self.add(tenant, bucket, held, sets, ranked, who)  # next time
                 raise
 
-    async def cells(self, tenant: str, buckets: Sequence[int]) -> dict[int, dict[tuple[str, str], Cell]]:
-        return await self.inner.cells(tenant, buckets)
+    async def top(
+        self, tenant: str, kpi: str, sources: Sequence[str], buckets: Sequence[int], k: int
+    ) -> list[TopValue]:
+        return await self.inner.top(tenant, kpi, sources, buckets, k)
+
+    async def cells(
+        self, tenant: str, buckets: Sequence[int], source: str = ""
+    ) -> dict[int, dict[tuple[str, str], Cell]]:
+        return await self.inner.cells(tenant, buckets, source)
 
     async def distinct(self, tenant: str, kpi: str, sources: Sequence[str], buckets: Sequence[int]) -> int:
         return await self.inner.distinct(tenant, kpi, sources, buckets)
@@ -353,9 +659,19 @@ class _Compiled:
 @dataclass
 class _TenantKpis:
     definitions: tuple[KpiDefinition, ...]
-    by_event: dict[str, list[_Compiled]]
+    by_event: dict[str, list[_Compiled]]  # "*": the KPIs of every event
     # source id -> platform
     sources: dict[str, str]
+    # the KPIs kept (summed over sources) for day / week comparisons, and for how many buckets
+    history: frozenset[str] = frozenset()
+    history_buckets: int = 0
+
+
+class TopValue(msgspec.Struct, rename="camel"):
+    """One ranked value of a top KPI (a SKU, product id ...) and its amount."""
+
+    name: str
+    amount: float
 
 
 class WindowValue(msgspec.Struct, rename="camel"):
@@ -366,6 +682,16 @@ class WindowValue(msgspec.Struct, rename="camel"):
     counted: int
     coverage: float | None
     previous: float | None = None  # the same KPI over the window before
+    # the same window a day / a week earlier: totals of KPIs kept in history only
+    day_ago: float | None = None
+    week_ago: float | None = None
+    # a top KPI's largest values (totals only)
+    top: list[TopValue] | None = None
+
+    def compared(self, compare: str) -> float | None:
+        """The value a rule compares with: ``previous``, ``day_ago`` or ``week_ago``."""
+        value: float | None = getattr(self, compare)
+        return value
 
 
 class KpiWindow(msgspec.Struct, rename="camel"):
@@ -402,7 +728,10 @@ class KpiEngine:
         *,
         bucket_seconds: float = 60.0,
         clock: Callable[[], float] = time.time,
+        history: Mapping[str, tuple[Iterable[str], int]] | None = None,
     ) -> None:
+        """``history``: tenant -> (the KPIs to keep for day / week comparisons, ratios
+        standing for their parts; how many buckets)."""
         self.store = store
         self.bucket_seconds = bucket_seconds
         self.clock = clock
@@ -415,7 +744,18 @@ class KpiEngine:
                 compiled = _Compiled(k, tuple(k.where.items()))
                 for name in k.events:
                     by_event.setdefault(name, []).append(compiled)
-            self.tenants[tenant] = _TenantKpis(tuple(defs), by_event, dict(platforms.get(tenant, {})))
+            kept, kept_buckets = (history or {}).get(tenant, ((), 0))
+            self.tenants[tenant] = _TenantKpis(
+                tuple(defs),
+                by_event,
+                dict(platforms.get(tenant, {})),
+                history_parts(defs, kept),
+                kept_buckets,
+            )
+
+    def offset_buckets(self, compare: str) -> int:
+        """How many buckets back a comparison looks (``day_ago``, ``week_ago``)."""
+        return round(COMPARE_OFFSETS[compare] / self.bucket_seconds)
 
     def bucket(self, now: float | None = None) -> int:
         return int((self.clock() if now is None else now) // self.bucket_seconds)
@@ -426,10 +766,16 @@ class KpiEngine:
         if state is None or not state.by_event:
             return
         by_event = state.by_event
+        every = by_event.get("*")
+        history = state.history
         cells: dict[tuple[str, str], Cell] = {}
         members: dict[tuple[str, str], set[bytes]] = {}
+        tops: dict[tuple[str, str], dict[str, float]] = {}
+        persons: dict[tuple[str, str], tuple[bool, set[bytes]]] = {}
         for ev in events:
             matching = by_event.get(ev.name)
+            if every:
+                matching = matching + every if matching and ev.name != "*" else every
             if not matching:
                 continue
             purposes: frozenset[str] | None = None
@@ -449,12 +795,31 @@ class KpiEngine:
                 if k.purpose not in purposes:
                     continue
                 cell[1] += 1
-                if k.kind == "sum":
-                    cell[2] += _amount(ev.properties, k.fields)
-                elif k.kind == "distinct" and ev.person:
-                    members.setdefault(key, set()).add(_person_digest(ev.person))
+                if k.kind == "top":
+                    amount = _rank(k, ev.properties, tops.setdefault(key, {}))
+                else:
+                    amount = _amount(ev.properties, k.fields) if k.kind == "sum" else 0.0
+                cell[2] += amount
+                digest = None
+                if ev.person and k.kind == "distinct":
+                    digest = _person_digest(ev.person)
+                    members.setdefault(key, set()).add(digest)
+                elif ev.person and k.kind in PERSON_KINDS:
+                    wanted = k.kind == "returning_persons"
+                    who = _person_digest(ev.person)
+                    persons.setdefault(key, (wanted, set()))[1].add(who)
+                    if k.id in history:
+                        persons.setdefault((k.id, ALL_SOURCES), (wanted, set()))[1].add(who)
+                if k.id in history:  # the totals kept for day / week comparisons
+                    total = cells.get((k.id, ALL_SOURCES))
+                    if total is None:
+                        total = cells[(k.id, ALL_SOURCES)] = [0, 0, 0.0]
+                    total[1] += 1
+                    total[2] += amount
+                    if digest is not None:
+                        members.setdefault((k.id, ALL_SOURCES), set()).add(digest)
         if cells:
-            await self.store.add(tenant, self.bucket(), cells, members)
+            await self.store.add(tenant, self.bucket(), cells, members, tops, persons)
 
     async def report(self, tenant: str, windows: Sequence[int] = WINDOWS) -> list[KpiReport]:
         """Every KPI of the tenant over each sliding window ending in the current bucket,
@@ -473,6 +838,16 @@ class KpiEngine:
         groups += [("source", s, [s]) for s in sources]
         defs = {k.id: k for k in state.definitions}
         memo: _Memo = {}
+        # the history of a day and a week ago, where it is kept long enough
+        back = {
+            compare: self.offset_buckets(compare)
+            for compare in ("day_ago", "week_ago")
+            if state.history and self.offset_buckets(compare) + longest <= state.history_buckets
+        }
+        history_held = {
+            compare: await self.store.cells(tenant, range(now - n - longest + 1, now - n + 1), ALL_SOURCES)
+            for compare, n in back.items()
+        }
         out: list[KpiReport] = []
         for k in state.definitions:
             report_windows = []
@@ -485,6 +860,15 @@ class KpiEngine:
                     prev = await self._value(tenant, k, defs, members, before, held, memo)
                     cur.previous = prev.value
                     values[(kind, name)] = cur
+                if k.kind == "top":
+                    values[("total", "")].top = await self.store.top(tenant, k.id, sources, current, k.top)
+                if history_parts([k], (k.id,), defs) <= state.history:
+                    total = values[("total", "")]
+                    for compare, n in back.items():
+                        then = [b - n for b in current]
+                        held_then = history_held[compare]
+                        value = await self._value(tenant, k, defs, [ALL_SOURCES], then, held_then, memo)
+                        setattr(total, compare, value.value)
                 report_windows.append(
                     KpiWindow(
                         minutes=w * self.bucket_seconds / 60,
@@ -533,13 +917,29 @@ class KpiEngine:
                     total += cell[2]
         if k.kind == "count":
             value: float = counted
-        elif k.kind == "sum":
+        elif k.kind in ("sum", "top"):
             value = round(total, 6)
-        else:
+        else:  # distinct, new / returning persons
             value = await self.store.distinct(tenant, k.id, sources, buckets) if counted else 0
         found = WindowValue(value, matched, counted, counted / matched if matched else None)
         memo[memo_key] = found
         return WindowValue(value, matched, counted, found.coverage)
+
+
+def history_parts(
+    kpis: Iterable[KpiDefinition], ids: Iterable[str], defs: Mapping[str, KpiDefinition] | None = None
+) -> frozenset[str]:
+    """The KPIs whose buckets keep the history of ``ids``: a ratio's numerator and
+    denominator stand for it."""
+    by_id = dict(defs) if defs is not None else {}
+    by_id.update({k.id: k for k in kpis})
+    out: set[str] = set()
+    for i in ids:
+        k = by_id.get(i)
+        if k is None:
+            continue
+        out.update((k.numerator, k.denominator) if k.kind == "ratio" else (k.id,))
+    return frozenset(out)
 
 
 def _matches(where: tuple[tuple[str, PropertyValue], ...], ev: KpiEvent) -> bool:
@@ -554,6 +954,43 @@ def _matches(where: tuple[tuple[str, PropertyValue], ...], ev: KpiEvent) -> bool
         if have != want:
             return False
     return True
+
+
+def _rank_name(line: Mapping[str, Any], group_by: Sequence[str]) -> str | None:
+    """What a top KPI ranks for one line: a short value that is not personal data."""
+    for key in group_by:
+        v = line.get(key)
+        if isinstance(v, bool) or not isinstance(v, str | int):
+            continue
+        name = str(v).strip()
+        # product ids are not personal data, but a client can put anything there: a value
+        # that looks like an identifier (or holds a phone, an e-mail ...), or that the
+        # pipeline's scrubber already redacted, is not kept
+        if not name or len(name) > TOP_MAX_VALUE_CHARS or "[redacted:" in name or looks_like_identifier(name):
+            return None
+        return name
+    return None
+
+
+def _rank(k: KpiDefinition, props: Mapping[str, Any], into: dict[str, float]) -> float:
+    """Add one event's lines to a top KPI's ranking; the event's amount (every line's)."""
+    lines: Sequence[Any] = [props]
+    if k.items:
+        found = props.get(k.items)
+        lines = found if isinstance(found, list) else []
+    total = 0.0
+    for line in lines[:TOP_KEPT_PER_BUCKET]:
+        if not isinstance(line, Mapping):
+            continue
+        amount = _amount(line, k.fields) if k.fields else 1.0
+        if k.quantity_field:
+            quantity = _amount(line, (k.quantity_field,))
+            amount *= quantity if quantity else 1.0
+        total += amount
+        name = _rank_name(line, k.group_by)
+        if name is not None:
+            into[name] = into.get(name, 0.0) + amount
+    return total
 
 
 def _amount(props: Mapping[str, Any], fields: Sequence[str]) -> float:

@@ -20,7 +20,7 @@ destination's pseudonym domain). Delivery never parses payload bytes to find the
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from enum import IntEnum
 from typing import Literal, Protocol
 
@@ -241,3 +241,26 @@ class Outbox(Protocol):
 
     async def checkpoint(self) -> tuple[int, int]: ...
     def close(self) -> None: ...
+
+    # -- retention (export.retention) ------------------------------------------------
+    async def expire(self, tenant: str, cutoffs: Mapping[str, int], *, apply: bool) -> int:
+        """Records of ``tenant`` past retention (``past_retention``): counted, deleted with
+        ``apply``. Returns how many there are (were)."""
+        ...
+
+    async def expire_person_index(self, destination: str, cutoff_ms: int, *, apply: bool) -> int:
+        """Persons whose data last went to ``destination`` before ``cutoff_ms``: counted,
+        taken out of its person index with ``apply``."""
+        ...
+
+    async def expire_dedupe(self, *, apply: bool) -> int:
+        """Dedupe entries past the dedupe window not pruned yet: counted, deleted with ``apply``."""
+        ...
+
+
+def past_retention(received_at_ms: int, destinations: Iterable[str], cutoffs: Mapping[str, int]) -> bool:
+    """A record is past retention when it is older than the cutoff (ms) of every destination
+    it is for: while one of them still keeps data that old, the record stays. A destination
+    without a cutoff keeps it."""
+    dests = [d for d in destinations if d]
+    return bool(dests) and all(received_at_ms < cutoffs.get(d, 0) for d in dests)

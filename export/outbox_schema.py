@@ -12,6 +12,9 @@ written by version 2 carry none of it; the upgrade reads it off their payloads o
 the shapes version 2 used (notices begin with ``{"type":"identity.``, unified IDs are
 ``p_`` + 20-22 characters, pseudonyms ``k<version>.`` + 22), so delivery after the upgrade
 re-keys and routes them like new records. Nothing else reads payload bytes that way.
+
+Version 4 added when a person's data last went to a destination (``delivered_person.
+delivered_at_ms``, for retention); entries of older versions count from the upgrade.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from pathlib import Path
 
 from identity.db import sqlite_connect
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 _TABLES = """
 CREATE TABLE IF NOT EXISTS outbox (
@@ -51,6 +54,7 @@ CREATE TABLE IF NOT EXISTS delivery_cursor (
 CREATE TABLE IF NOT EXISTS delivered_person (
     destination TEXT NOT NULL,
     unified_id TEXT NOT NULL,
+    delivered_at_ms INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (destination, unified_id)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS sink_file (
@@ -161,6 +165,16 @@ def migrate_outbox_database(conn: sqlite3.Connection) -> int:
                     if column.split()[0] not in have:
                         conn.execute(f"ALTER TABLE {table} ADD COLUMN {column}")
                 _fill_v2_rows(conn, table)
+        if version < 4 and "delivered_person" in existing:
+            # 3 -> 4: the person index says when each person's data last went out
+            if "delivered_at_ms" not in _columns(conn, "delivered_person"):
+                conn.execute(
+                    "ALTER TABLE delivered_person ADD COLUMN delivered_at_ms INTEGER NOT NULL DEFAULT 0"
+                )
+            conn.execute(
+                "UPDATE delivered_person SET delivered_at_ms = CAST(unixepoch('subsec') * 1000 AS INTEGER) "
+                "WHERE delivered_at_ms = 0"
+            )
         for statement in _TABLES.split(";"):
             if statement.strip():
                 conn.execute(statement)

@@ -23,7 +23,7 @@ Entries every group has acknowledged are trimmed by ``prune``.
 from __future__ import annotations
 
 import time
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import Any
 
 import msgspec
@@ -39,6 +39,7 @@ from export.outbox import (
     OutboxUnavailable,
     StoredRecord,
     dedupe_key,
+    past_retention,
     stored,
 )
 from export.outbox_schema import v2_record_fields
@@ -372,6 +373,63 @@ class RedisStreamOutbox:
     async def checkpoint(self) -> tuple[int, int]:
         return 0, 0
 
+    # -- retention (export.retention) --------------------------------------------------
+    def received_at_key(self, destination: str) -> str:
+        """When each person's data last went to ``destination`` (a sorted set beside the
+        person index ``received:<destination>``, scored by ms)."""
+        return f"{self.prefix}:received-at:{destination}"
+
+    async def expire(self, tenant: str, cutoffs: Mapping[str, int], *, apply: bool) -> int:
+        """Entries of ``tenant`` (events and notices) past retention (export.outbox.
+        past_retention): counted, deleted with ``apply`` (each chunk one atomic script that
+        keeps the backlog counters exact, as ``purge_person``)."""
+        if not cutoffs:
+            return 0
+        groups = sorted(self.destinations)
+        found, start = 0, "-"
+        while True:
+            rows = await self.client.xrange(self.stream, min=start, count=1000)
+            if not rows:
+                return found
+            doomed = []
+            for eid, fields in rows:
+                entry = _decode_entry(fields[b"r"])
+                if entry.tenant == tenant and past_retention(
+                    entry.received_at_ms, entry.destinations, cutoffs
+                ):
+                    doomed.append(eid.decode() if isinstance(eid, bytes) else str(eid))
+            if doomed and apply:
+                found += int(
+                    await self._purge_script(
+                        keys=[self.stream, *(self.acked_key(d) for d in groups)],
+                        args=[len(groups), *groups, *doomed],
+                    )
+                )
+            else:
+                found += len(doomed)
+            last = rows[-1][0]
+            start = "(" + (last.decode() if isinstance(last, bytes) else str(last))
+
+    async def expire_person_index(self, destination: str, cutoff_ms: int, *, apply: bool) -> int:
+        """Persons whose data last went to ``destination`` before ``cutoff_ms``."""
+        at_key = self.received_at_key(destination)
+        if not apply:
+            return int(await self.client.zcount(at_key, "-inf", f"({cutoff_ms}"))
+        persons = await self.client.zrangebyscore(at_key, "-inf", f"({cutoff_ms}")
+        removed = 0
+        for start in range(0, len(persons), 1000):
+            chunk = persons[start : start + 1000]
+            pipe = self.client.pipeline(transaction=True)
+            pipe.srem(f"{self.prefix}:received:{destination}", *chunk)
+            pipe.zrem(at_key, *chunk)
+            _, dropped = await pipe.execute()
+            removed += int(dropped)
+        return removed
+
+    async def expire_dedupe(self, *, apply: bool) -> int:
+        """Nothing to do: dedupe keys expire in Redis at the end of the window (their TTL)."""
+        return 0
+
 
 class RedisDestinationQueue:
     """One destination's consumer group, read by this replica's consumer."""
@@ -447,6 +505,8 @@ class RedisDestinationQueue:
         people = list(persons)
         if people:
             pipe.sadd(self._persons_key, *people)
+            now_ms = int(time.time() * 1000)
+            pipe.zadd(self.outbox.received_at_key(self.destination), dict.fromkeys(people, now_ms))
         if len(pipe):
             await pipe.execute()
 

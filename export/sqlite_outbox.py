@@ -21,7 +21,7 @@ import asyncio
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from functools import partial
@@ -43,6 +43,7 @@ from export.outbox import (
     OutboxUnavailable,
     StoredRecord,
     dedupe_key,
+    past_retention,
 )
 from export.outbox_schema import migrate_outbox_database, open_outbox_database
 
@@ -59,6 +60,8 @@ GROUP_REQUESTS = Histogram(
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
 )
 T = TypeVar("T")
+# rows one retention transaction deletes (short transactions: the writer is the event loop's)
+_RETENTION_CHUNK = 5_000
 
 # One statement marks every message id a group confirms: a claimed id is inserted, or
 # revived when its earlier sighting has left the window. With ``dedupe`` (notices, replays
@@ -535,11 +538,14 @@ class SqliteOutbox:
         """Advance the cursor past ``last_seq``, record the sink sizes and the persons whose
         data the destination now holds (notices go only where a person's data went); one
         transaction."""
+        now_ms = int(self._clock() * 1000)
 
         def tx(conn: sqlite3.Connection) -> None:
             conn.executemany(
-                "INSERT OR IGNORE INTO delivered_person(destination, unified_id) VALUES (?, ?)",
-                [(destination, p) for p in persons],
+                "INSERT INTO delivered_person(destination, unified_id, delivered_at_ms) VALUES (?, ?, ?) "
+                "ON CONFLICT(destination, unified_id) "
+                "DO UPDATE SET delivered_at_ms = excluded.delivered_at_ms",
+                [(destination, p, now_ms) for p in persons],
             )
             conn.execute(
                 "INSERT INTO delivery_cursor(destination, last_seq, delivered) VALUES (?, ?, ?) "
@@ -665,6 +671,51 @@ class SqliteOutbox:
             return delivered, expired
 
         return await self._write(tx)
+
+    # -- retention (export.retention) --------------------------------------------------
+    async def expire(self, tenant: str, cutoffs: Mapping[str, int], *, apply: bool) -> int:
+        """Records of ``tenant`` (events and notices) past retention (export.outbox.
+        past_retention), delivered or not: counted, deleted with ``apply``. Found by a read
+        in a thread, deleted in short transactions of ``_RETENTION_CHUNK`` rows."""
+        if not cutoffs:
+            return 0
+        latest = max(cutoffs.values())
+
+        def q(conn: sqlite3.Connection) -> list[int]:
+            rows = conn.execute(
+                "SELECT seq, received_at_ms, destinations FROM outbox "
+                "WHERE tenant = ? AND received_at_ms < ?",
+                (tenant, latest),
+            )
+            return [seq for seq, at, dests in rows if past_retention(at, dests.split(","), cutoffs)]
+
+        doomed = await self._read(q)
+        if not apply:
+            return len(doomed)
+        removed = 0
+        for start in range(0, len(doomed), _RETENTION_CHUNK):
+            chunk = msgspec.json.encode(doomed[start : start + _RETENTION_CHUNK])
+            removed += await self._count_or_delete(
+                "FROM outbox WHERE seq IN (SELECT value FROM json_each(?))", (chunk.decode(),), apply=True
+            )
+        return removed
+
+    async def _count_or_delete(self, where: str, params: tuple[int | str, ...], *, apply: bool) -> int:
+        """``where`` is ``FROM <table> WHERE ...``: the rows it selects, counted or deleted."""
+        if not apply:
+            row = await self._read(lambda c: c.execute(f"SELECT count(*) {where}", params).fetchone())
+            return int(row[0])
+        return int(await self._write(lambda c: c.execute(f"DELETE {where}", params).rowcount))
+
+    async def expire_person_index(self, destination: str, cutoff_ms: int, *, apply: bool) -> int:
+        """Persons whose data last went to ``destination`` before ``cutoff_ms``."""
+        where = "FROM delivered_person WHERE destination = ? AND delivered_at_ms < ?"
+        return await self._count_or_delete(where, (destination, cutoff_ms), apply=apply)
+
+    async def expire_dedupe(self, *, apply: bool) -> int:
+        """Dedupe entries past the window that ``prune`` has not reached yet."""
+        cutoff = int(self._clock() * 1000) - self.dedupe_window_ms
+        return await self._count_or_delete("FROM dedupe WHERE seen_at_ms < ?", (cutoff,), apply=apply)
 
 
 class SqliteDestinationQueue:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ from gateway.auth import AdminTokens, WriteKeys
 from gateway.config import Config, index_sensors_tokens, index_write_keys, load_config
 from gateway.consent_api import consent_controller
 from gateway.consent_setup import checkpoint_periodically, ledger_signer, open_consent
+from gateway.console import console_lifespan, console_routes, console_templates
 from gateway.cors import cors, document_cors
 from gateway.delivery_setup import build_delivery, open_dead_letters, open_outbox, redis_options, rekeyer
 from gateway.errors import exception_handlers
@@ -38,13 +40,14 @@ from gateway.identity_setup import notice_publisher, open_identity
 from gateway.ingest_http import INGEST_ROUTES, IngestContext, document_ingest_routes
 from gateway.logging import request_context
 from gateway.maintenance import keep_healthy
-from gateway.monitoring import build_monitoring, check_alert_secrets
+from gateway.monitoring import build_monitoring, check_alert_secrets, file_clock, open_alert_history
 from gateway.openapi import docs_assets_routers, finish_document, openapi_config
 from gateway.pipeline import Ingestor, IngestServices
 from gateway.plan_admin import PlanMonitorController, PlanViolationsController
 from gateway.plan_monitor import PlanMonitor
 from gateway.plan_validate import VALIDATE_ROUTES, document_validate_routes
 from gateway.rate_limits import open_rate_limiter
+from gateway.retention_setup import RetentionStores, retention_periodically
 from gateway.rights_setup import open_rights, resume_open_requests
 from gateway.sensors_http import SENSORS_ROUTES, document_sensors_routes
 from gateway.settings import Settings
@@ -188,6 +191,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
             bucket_seconds=settings.kpi_bucket_seconds,
             interval_seconds=settings.alert_interval_seconds,
             replica=settings.replica_id,
+            clock=file_clock(settings.dev_clock_file) if settings.dev_clock_file else time.time,
+            history=open_alert_history(settings),
         )
         ingestor = Ingestor(
             IngestServices(
@@ -251,6 +256,16 @@ def create_app(settings: Settings | None = None) -> Litestar:
         await delivery.start()
         resumed = asyncio.create_task(resume_open_requests(state.rights), name="rights-resume")
         monitoring.start()
+        state.proofs = consent.proofs  # the breach query (gateway.admin.breach)
+        retention_stores = RetentionStores(
+            outbox, dead_letters, consent.proofs, consent.access_log, consent.ledger, settings.sink_dir
+        )
+        retention = asyncio.create_task(
+            retention_periodically(
+                config, retention_stores, settings.retention_interval_seconds, settings.replica_id
+            ),
+            name="retention",
+        )
         checkpoints = asyncio.create_task(
             checkpoint_periodically(consent.ledger, settings.checkpoint_seconds), name="ledger-checkpoint"
         )
@@ -274,6 +289,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             yield
         finally:
             checkpoints.cancel()
+            retention.cancel()
             health.cancel()
             resumed.cancel()
             await monitoring.stop()
@@ -303,8 +319,15 @@ def create_app(settings: Settings | None = None) -> Litestar:
             readyz,
             prometheus_metrics,
             *docs_assets_routers(),
+            *console_routes(),
         ],
-        lifespan=[lifespan],
+        lifespan=[
+            lifespan,
+            console_lifespan(
+                idle_minutes=settings.console_session_minutes, secure_cookie=settings.console_secure_cookie
+            ),
+        ],
+        template_config=console_templates(),
         # Above this Litestar refuses the body before reading it; _read_body applies the exact limit.
         request_max_body_size=config.limits.max_batch_bytes + 1024,
         exception_handlers=exception_handlers(),

@@ -27,8 +27,9 @@ from litestar.handlers.base import BaseRouteHandler
 from gateway.config import AdminToken, Config, ResolvedSource, hash_write_key
 from gateway.errors import InvalidRequest
 
-Role = Literal["compliance", "operator"]
-ROLES: tuple[Role, ...] = ("compliance", "operator")
+# auditor: reads and verifies (the compliance console), never changes anything
+Role = Literal["compliance", "operator", "auditor"]
+ROLES: tuple[Role, ...] = ("compliance", "operator", "auditor")
 AUTH_CACHE_SIZE = 1024
 
 

@@ -31,6 +31,7 @@ from gateway.dlq_cli import dlq
 from gateway.keys_cli import keys_retire, keys_rotate
 from gateway.logging import configure_logging
 from gateway.plan_cli import plan
+from gateway.retention_cli import breach, retention
 from gateway.rights_cli import rights
 from gateway.settings import (
     DEV_LEDGER_KEY_FILE,
@@ -145,6 +146,7 @@ def _banner(settings: Settings, config: Config, base: str) -> list[str]:
     lines = [
         f"idgate {settings.env} on {base}  (config {settings.config_path}, data {settings.data_dir})",
         f"  API docs      {base}/docs   (OpenAPI JSON: {base}/docs/openapi.json)",
+        f"  console       {base}/console   (the compliance console for officers)",
         f"  sink files    {settings.sink_dir}/<destination>/<date>.jsonl",
     ]
     if not settings.dev:
@@ -397,6 +399,25 @@ keys.add_command(keys_retire)
 main.add_command(rights)
 main.add_command(plan)
 main.add_command(alerts)
+main.add_command(retention)
+main.add_command(breach)
+
+
+@main.group()
+def console() -> None:
+    """The compliance console (/console)."""
+
+
+@console.command("hash-password")
+def console_hash_password() -> None:
+    """Print the Argon2id hash of a console user's password (asked twice, never echoed),
+    for ``password_argon2`` of ``[[console_users]]``."""
+    from argon2 import PasswordHasher
+
+    password = click.prompt("Password", hide_input=True, confirmation_prompt=True)
+    if len(password) < 12:
+        fail("a console password needs at least 12 characters")
+    click.echo(PasswordHasher().hash(password))
 
 
 @main.group()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import re
 import tomllib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
@@ -19,7 +19,7 @@ from typing import Any, Literal
 import msgspec
 
 from export.alerts import AlertChannel, AlertRule, check_alerts, check_channels
-from export.kpis import DEFAULT_KPIS, KpiDefinition, check_kpis
+from export.kpis import DAY_SECONDS, DEFAULT_KPIS, KpiDefinition, check_kpis
 
 Platform = Literal["app", "web", "miniprogram", "server"]
 LegalBasis = Literal["consent", "contract"]
@@ -185,6 +185,29 @@ class IdentityConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     client_links: Literal["verified", "unowned"] = "verified"
 
 
+class RetentionConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """``[tenants.retention]``: how long idgate keeps what it holds for delivery (outbox, dead
+    letters, file sinks, delivery proofs, person index), in days (export.retention). A
+    destination keeps data for the shortest of its own period and its purposes'; ``days``
+    applies when neither is set; 0 keeps data until delivered and pruned. The floors are
+    the law's (consent.retention): lower values are refused."""
+
+    days: int = 0
+    purposes: dict[str, int] = {}
+    destinations: dict[str, int] = {}
+    # The consent ledger and the rights-request records in it (never removed by idgate: the
+    # hash chain proves it); at least 3 years.
+    ledger_days: int = 3 * 365
+    rights_requests_days: int = 3 * 365
+    # The officers' access log: entries older than this are removed; 0 keeps them for good;
+    # otherwise at least 183 days (6 months).
+    access_log_days: int = 0
+
+    @property
+    def limits_data(self) -> bool:
+        return bool(self.days or self.purposes or self.destinations or self.access_log_days)
+
+
 class Tenant(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     id: str
     name: str = ""
@@ -218,6 +241,10 @@ class Tenant(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     kpis: list[KpiDefinition] = []
     # Alert rules over the KPIs (export.alerts), notifying [[alert_channels]].
     alerts: list[AlertRule] = []
+    retention: RetentionConfig = RetentionConfig()
+    # How long the KPIs that rules compare with a day or a week earlier are kept (days):
+    # a week and a day of margin.
+    kpi_history_days: int = 8
 
     def all_kpis(self) -> list[KpiDefinition]:
         own = {k.id for k in self.kpis}
@@ -265,9 +292,19 @@ class AdminToken(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     """A compliance officer's or operator's API token (stored as a hash)."""
 
     name: str
-    role: Literal["compliance", "operator"]
+    role: Literal["compliance", "operator", "auditor"]
     token_sha256: str = ""
     dev_token: str = ""  # accepted only with IDGATE_ENV=dev
+    tenants: list[str] = []  # empty: every tenant
+
+
+class ConsoleUser(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """An officer who signs in to the compliance console with a name and a password
+    (stored as an Argon2id hash: ``idgate console hash-password``)."""
+
+    name: str
+    role: Literal["compliance", "operator", "auditor"]
+    password_argon2: str
     tenants: list[str] = []  # empty: every tenant
 
 
@@ -285,6 +322,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     tenants: list[Tenant]
     limits: Limits = Limits()
     admin_tokens: list[AdminToken] = []
+    console_users: list[ConsoleUser] = []
     rate_limits: RateLimits = RateLimits()
     rights: RightsConfig = RightsConfig()
     alert_channels: list[AlertChannel] = []
@@ -503,6 +541,7 @@ def _check_tenant(t: Tenant, where: str, dev: bool, problems: list[str], seen_ke
             problems.append(f"{where}.notices[{j}].id: duplicate notice id {n.id!r}")
         notice_ids.add(n.id)
     problems.extend(check_kpis(t.kpis, purposes, f"{where}.kpis", t.all_kpis()))
+    _check_retention(t, f"{where}.retention", purposes, dest_ids, problems)
     if not t.consent.enforce and not dev:
         problems.append(f"{where}.consent.enforce: false is only allowed with IDGATE_ENV=dev")
     from identity.identifiers import IDENTIFIER_TYPES
@@ -519,6 +558,33 @@ def _check_tenant(t: Tenant, where: str, dev: bool, problems: list[str], seen_ke
                 section == "device_fields" and id_type == "advertising"
             ):
                 problems.append(f"{where}.identity.{section}.{key}: unknown identifier type {id_type!r}")
+
+
+def _check_retention(
+    t: Tenant, where: str, purposes: Mapping[str, Purpose], destinations: set[str], problems: list[str]
+) -> None:
+    from consent.retention import floor_problems
+
+    r = t.retention
+    if r.days < 0:
+        problems.append(f"{where}.days: must be 0 (no limit) or a number of days")
+    for section, periods, known in (
+        ("purposes", r.purposes, set(purposes)),
+        ("destinations", r.destinations, destinations),
+    ):
+        for name, days in periods.items():
+            if name not in known:
+                problems.append(f"{where}.{section}.{name}: unknown {section[:-1]} {name!r}")
+            if days < 1:
+                problems.append(f"{where}.{section}.{name}: must be at least 1 day")
+    problems.extend(
+        floor_problems(
+            ledger_days=r.ledger_days,
+            rights_requests_days=r.rights_requests_days,
+            access_log_days=r.access_log_days,
+            where=where,
+        )
+    )
 
 
 def _load_tenant_plan(tenant: Tenant, where: str, path: str, problems: list[str]) -> Tenant:
@@ -582,6 +648,7 @@ def parse_config(text: str, *, path: str = "<config>", dev: bool = False) -> Con
         if not token.token_sha256 and not token.dev_token:
             problems.append(f"{where}: needs token_sha256")
         admin_tokens.append(token)
+    console_users = _console_users(raw.pop("console_users", []), {t.name for t in admin_tokens}, problems)
     channels: list[AlertChannel] = []
     for i, rc in enumerate(raw.pop("alert_channels", [])):
         channel = _decode_part(rc, AlertChannel, f"alert_channels[{i}]", problems)
@@ -604,7 +671,18 @@ def parse_config(text: str, *, path: str = "<config>", dev: bool = False) -> Con
         _check_tenant(tenant, where, dev, problems, seen_keys)
         if tenant.tracking_plan_file:
             tenant = _load_tenant_plan(tenant, where, path, problems)
-        problems.extend(check_alerts(tenant.alerts, tenant.all_kpis(), channels, f"{where}.alerts"))
+        if not 0 <= tenant.kpi_history_days <= 35:
+            problems.append(f"{where}.kpi_history_days: must be between 0 and 35")
+        problems.extend(
+            check_alerts(
+                tenant.alerts,
+                tenant.all_kpis(),
+                channels,
+                f"{where}.alerts",
+                history_seconds=tenant.kpi_history_days * DAY_SECONDS,
+                sources=[s.id for s in tenant.sources],
+            )
+        )
         tenants.append(tenant)
     # Destinations name sink directories, outbox consumer groups and dead-letter streams:
     # unique across tenants, not only within one.
@@ -615,20 +693,52 @@ def parse_config(text: str, *, path: str = "<config>", dev: bool = False) -> Con
                 problems.append(f"destination {d.id!r}: used by tenants {owners[d.id]!r} and {t.id!r}")
             owners.setdefault(d.id, t.id)
     known_tenants = {t.id for t in tenants}
-    for i, token in enumerate(admin_tokens):
-        for tid in token.tenants:
-            if tid not in known_tenants:
-                problems.append(f"admin_tokens[{i}].tenants: unknown tenant {tid!r}")
+    holders_of: tuple[tuple[str, Sequence[AdminToken | ConsoleUser]], ...] = (
+        ("admin_tokens", admin_tokens),
+        ("console_users", console_users),
+    )
+    for part, holders in holders_of:
+        for i, holder in enumerate(holders):
+            for tid in holder.tenants:
+                if tid not in known_tenants:
+                    problems.append(f"{part}[{i}].tenants: unknown tenant {tid!r}")
     if problems:
         raise ConfigProblems(path, problems)
     return Config(
         tenants=tenants,
         limits=limits or Limits(),
         admin_tokens=admin_tokens,
+        console_users=console_users,
         rate_limits=rate_limits or RateLimits(),
         rights=rights or RightsConfig(),
         alert_channels=channels,
     )
+
+
+def _console_users(raw: Any, token_names: set[str], problems: list[str]) -> list[ConsoleUser]:
+    """The console's users: unique names (also against admin token names: the access log
+    names officers), an Argon2 hash each."""
+    from argon2 import extract_parameters
+    from argon2.exceptions import InvalidHashError
+
+    users: list[ConsoleUser] = []
+    seen: set[str] = set()
+    for i, ru in enumerate(raw):
+        where = f"console_users[{i}]"
+        user = _decode_part(ru, ConsoleUser, where, problems)
+        if user is None:
+            continue
+        if not user.name.strip() or len(user.name) > 64:
+            problems.append(f"{where}.name: 1 to 64 characters")
+        if user.name in seen or user.name in token_names:
+            problems.append(f"{where}.name: {user.name!r} names another console user or admin token")
+        seen.add(user.name)
+        try:
+            extract_parameters(user.password_argon2)
+        except InvalidHashError:
+            problems.append(f"{where}.password_argon2: not an Argon2 hash (idgate console hash-password)")
+        users.append(user)
+    return users
 
 
 def load_config(path: Path, *, dev: bool) -> Config:

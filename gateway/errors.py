@@ -10,6 +10,7 @@ and no input can end in a bare 500 page.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import msgspec
@@ -138,6 +139,9 @@ def _invalid_request(request: Request[Any, Any, Any], exc: InvalidRequest) -> Re
     return error_response(exc.status, exc.error, exc.detail, exc.field, request=request)
 
 
+_MISSING_PARAMETER = re.compile(r"^Missing required \w+ parameter '([^']{1,100})'")
+
+
 def _http_exception(request: Request[Any, Any, Any], exc: HTTPException) -> Response[Any]:
     error = _STATUS_ERRORS.get(exc.status_code, "invalid_request" if exc.status_code < 500 else "unavailable")
     # Litestar's validation names the offending parameter or body field in ``extra``.
@@ -148,6 +152,9 @@ def _http_exception(request: Request[Any, Any, Any], exc: HTTPException) -> Resp
         if field and extra[0].get("source") == "body":
             field = field.removeprefix("$.")
     detail = str(exc.detail)
+    missing = _MISSING_PARAMETER.match(detail)
+    if field is None and missing is not None:  # Litestar names it only in the text
+        field = missing.group(1)
     if isinstance(extra, list) and extra and isinstance(extra[0], dict) and extra[0].get("message"):
         detail = f"{detail}: {extra[0]['message']}"
     return error_response(exc.status_code, error, detail, field, headers=exc.headers, request=request)

@@ -10,14 +10,18 @@ count (consent coverage).
 from __future__ import annotations
 
 import asyncio
+import math
 import os
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import msgspec
 import structlog
 
+from export.alert_history import AlertHistory, RedisAlertHistory, SqliteAlertHistory
 from export.alerts import (
     AlertEvaluator,
     LocalLease,
@@ -29,6 +33,7 @@ from export.alerts import (
     missing_secrets,
 )
 from export.kpis import (
+    DAY_SECONDS,
     WINDOWS,
     BufferedKpiStore,
     KpiEngine,
@@ -40,6 +45,7 @@ from export.kpis import (
 )
 from gateway import metrics
 from gateway.config import Config, ConfigProblems, Tenant
+from gateway.settings import Settings
 
 if TYPE_CHECKING:
     from gateway.pipeline import IngestBatch
@@ -147,7 +153,9 @@ class Monitoring:
     replica: str
     config: Config
     buffer: BufferedKpiStore | None = None
+    history: AlertHistory | None = None
     reports: dict[str, list[KpiReport]] = field(default_factory=dict)
+    clock: Callable[[], float] = time.time
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     async def alert_states(self, tenant: str) -> list[AlertStatus]:
@@ -178,7 +186,7 @@ class Monitoring:
         for tenant in self.engine.tenants:
             self.reports[tenant] = await self.engine.report(tenant)
         metrics.KPIS.reports = self.reports
-        if await self.alerts.run(self.reports):
+        if await self.alerts.run(self.reports, now=self.clock()):
             metrics.KPIS.alerts = dict(self.alerts.firing)
         else:  # another replica evaluates: show the shared states
             firing = {}
@@ -218,23 +226,75 @@ class Monitoring:
                 await self.buffer.flush()
             except Exception as exc:
                 log.warning("kpis.flush_failed", error=type(exc).__name__)
+        if self.history is not None:
+            self.history.close()
+
+
+def open_alert_history(settings: Settings) -> AlertHistory:
+    """Where alert firings and resolutions are kept: Redis when the replicas share one (the
+    evaluator can move), else ``alerts.sqlite3`` in the data directory."""
+    if settings.redis_url:
+        import redis
+
+        return RedisAlertHistory(redis.Redis.from_url(settings.redis_url), settings.redis_prefix)
+    return SqliteAlertHistory(settings.data_dir / "alerts.sqlite3")
+
+
+def file_clock(path: Path) -> Callable[[], float]:
+    """``IDGATE_DEV_CLOCK_FILE`` (dev only): the KPIs' and alert rules' time is the epoch
+    seconds written in this file, the system's while the file is absent or empty, so a test
+    can put the gateway a week back and forth."""
+
+    def now() -> float:
+        try:
+            text = path.read_text().strip()
+            return float(text) if text else time.time()
+        except (OSError, ValueError):
+            return time.time()
+
+    return now
+
+
+def kpi_history(config: Config, bucket_seconds: float) -> dict[str, tuple[list[str], int]]:
+    """Per tenant: the KPIs its rules compare with a day or a week earlier, and how many
+    buckets they are kept (``kpi_history_days``). Tenants without such a rule keep none."""
+    out: dict[str, tuple[list[str], int]] = {}
+    for t in config.tenants:
+        kept = [r.kpi for r in t.alerts if r.compare != "previous"]
+        if kept and t.kpi_history_days:
+            out[t.id] = (kept, math.ceil(t.kpi_history_days * DAY_SECONDS / bucket_seconds))
+    return out
 
 
 def build_monitoring(
-    config: Config, redis: Any, *, prefix: str, bucket_seconds: float, interval_seconds: float, replica: str
+    config: Config,
+    redis: Any,
+    *,
+    prefix: str,
+    bucket_seconds: float,
+    interval_seconds: float,
+    replica: str,
+    clock: Callable[[], float] = time.time,
+    history: AlertHistory | None = None,
 ) -> Monitoring:
     retention = 2 * max(WINDOWS) + 2
+    kept = kpi_history(config, bucket_seconds)
+    history_buckets = {t: n for t, (_, n) in kept.items()}
     buffer = None
     store: KpiStore
     if redis is not None:
-        store = buffer = BufferedKpiStore(RedisKpiStore(redis, prefix, retention, bucket_seconds))
+        store = buffer = BufferedKpiStore(
+            RedisKpiStore(redis, prefix, retention, bucket_seconds, history_buckets)
+        )
     else:
-        store = MemoryKpiStore(retention)
+        store = MemoryKpiStore(retention, history_buckets, bucket_seconds)
     engine = KpiEngine(
         store,
         {t.id: t.all_kpis() for t in config.tenants},
         {t.id: {s.id: s.platform for s in t.sources} for t in config.tenants},
         bucket_seconds=bucket_seconds,
+        clock=clock,
+        history=kept,
     )
     states: StateStore
     if redis is not None:
@@ -248,9 +308,19 @@ def build_monitoring(
         lease,
         Notifier(config.alert_channels),
         bucket_seconds,
+        history,
     )
     return Monitoring(
-        engine, KpiFeed(engine, config), interval_seconds, evaluator, states, replica, config, buffer
+        engine,
+        KpiFeed(engine, config),
+        interval_seconds,
+        evaluator,
+        states,
+        replica,
+        config,
+        buffer,
+        history,
+        clock=clock,
     )
 
 

@@ -184,10 +184,10 @@ class EventScrubber:
                         out[nk] = v
                         continue
                     if kind is list and ids(k):  # a list of identifiers
+                        # only strings and integers are identifier values (a dict or a list
+                        # in the list is walked; it is not hashable, so never looked up in keep)
                         out[nk] = [
-                            x
-                            if x in keep or x == ""
-                            else opaque(x)
+                            (x if x == "" or x in keep else opaque(x))
                             if isinstance(x, str | int) and not isinstance(x, bool)
                             else self.clean(x, None, keep, opaque, url_pseudonym, on_key)
                             for x in v

@@ -146,11 +146,20 @@ class Settings:
     # often KPIs are re-read for /metrics and alert rules evaluated.
     kpi_bucket_seconds: float = 60.0
     alert_interval_seconds: float = 15.0
+    # dev only: the KPIs' and alert rules' clock read from this file (tests move it a week)
+    dev_clock_file: Path | None = None
     # How often each replica heals the consent state from the ledger: a withdrawal whose
     # immediate apply failed (Redis down), or that a restored Redis lost, takes effect on
     # every replica within this period.
     consent_reconcile_seconds: float = 1.0
+    # How often the gateway enforces the tenants' retention periods (0: never; the CLI can).
+    retention_interval_seconds: float = 3600.0
     http: HttpLimits = HttpLimits()
+    # The compliance console: a session ends after this many minutes without a request; its
+    # cookies are Secure over HTTPS, and always with console_secure_cookie (TLS ends at a
+    # proxy that does not say so).
+    console_session_minutes: int = 30
+    console_secure_cookie: bool = False
 
     @property
     def dev(self) -> bool:
@@ -201,6 +210,9 @@ class Settings:
         config = config_path or Path(os.environ.get("IDGATE_CONFIG", "idgate.example.toml"))
         data = data_dir_from_env(data_dir)
         redis_url = os.environ.get("REDIS_URL") or None
+        dev_clock_file = os.environ.get("IDGATE_DEV_CLOCK_FILE") or None
+        if dev_clock_file and env != "dev":
+            raise SettingsError("IDGATE_DEV_CLOCK_FILE is for tests: it needs IDGATE_ENV=dev")
         database_url = os.environ.get("DATABASE_URL") or None
         outbox_kind = os.environ.get("IDGATE_OUTBOX") or ("redis" if redis_url and database_url else "sqlite")
         if outbox_kind not in ("sqlite", "redis"):
@@ -234,8 +246,12 @@ class Settings:
             dedupe_claim_seconds=max(1, _env_int("IDGATE_DEDUPE_CLAIM_SECONDS", 30)),
             kpi_bucket_seconds=max(0.1, _env_int("IDGATE_KPI_BUCKET_MS", 60_000) / 1000),
             alert_interval_seconds=max(0.05, _env_int("IDGATE_ALERT_INTERVAL_MS", 15_000) / 1000),
+            dev_clock_file=Path(dev_clock_file) if dev_clock_file else None,
             consent_reconcile_seconds=min(
                 4.0, max(0.1, _env_int("IDGATE_CONSENT_RECONCILE_MS", 1000) / 1000)
             ),
+            retention_interval_seconds=max(0, _env_int("IDGATE_RETENTION_INTERVAL_SECONDS", 3600)),
             http=HttpLimits.from_env(),
+            console_session_minutes=max(1, _env_int("IDGATE_CONSOLE_SESSION_MINUTES", 30)),
+            console_secure_cookie=_env_int("IDGATE_CONSOLE_SECURE_COOKIE", 0) == 1,
         )

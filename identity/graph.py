@@ -159,6 +159,19 @@ class Quarantined(_Link, frozen=True):
     provenance: Provenance
 
 
+class Reviewed(_Change, frozen=True):
+    """An officer's decision on a quarantined link (``decision``: ``approved`` or
+    ``rejected``): it leaves the review list. An approval is followed by the link, decided
+    by the per-type limits (EdgeAdded and Merged, or EdgeRefused); the breaker and the size
+    bound, which held it back for a person to look at, do not apply again."""
+
+    a: str
+    b: str
+    decision: str
+    officer: str
+    at: datetime
+
+
 class EdgeRemoved(_Change, frozen=True):
     a: str
     b: str
@@ -198,6 +211,7 @@ GraphChange = (
     NodeAdded
     | EdgeAdded
     | Merged
+    | Reviewed
     | EdgeRefused
     | Quarantined
     | EdgeRemoved
@@ -261,6 +275,7 @@ class IdentityGraph:
             Merged: self._apply_merged,  # type: ignore[dict-item]
             EdgeRefused: self._apply_edge_refused,  # type: ignore[dict-item]
             Quarantined: self._apply_quarantined,  # type: ignore[dict-item]
+            Reviewed: self._apply_reviewed,  # type: ignore[dict-item]
             EdgeRemoved: self._apply_edge_removed,  # type: ignore[dict-item]
             NodeRemoved: self._apply_node_removed,  # type: ignore[dict-item]
             Split: self._apply_split,  # type: ignore[dict-item]
@@ -419,6 +434,31 @@ class IdentityGraph:
             changes.append(split)
         return changes
 
+    def review(self, a: str, b: str, *, approve: bool, officer: str, at: datetime) -> list[GraphChange]:
+        """An officer's decision on the quarantined link a-b (either order).
+
+        Returns ``[]`` when no such link is held. Rejected: it leaves the review list (and
+        is not proposed again until a merge or split, like any held link). Approved: it is
+        linked as an event would link it, except that the breaker and the size bound are
+        not asked again (an officer looked); a per-type limit still refuses it. The link's
+        provenance is the held proposal's, with rule ``review``."""
+        held = self._quarantine.get(_edge_key(a, b))
+        if held is None:
+            return []
+        decided = Reviewed(held.a, held.b, "approved" if approve else "rejected", officer, at)
+        self._apply_reviewed(decided)
+        changes: list[GraphChange] = [decided]
+        if not approve:
+            return changes
+        provenance = msgspec.structs.replace(held.provenance, rule="review")
+        if self._find(held.a) == self._find(held.b):
+            added = EdgeAdded(held.a, held.b, provenance)
+            self._apply_edge_added(added)
+            changes.append(added)
+        else:
+            self._join(held.a, held.b, provenance, changes, max_component=None)
+        return changes
+
     def remove(self, node: str, *, at: datetime) -> list[GraphChange]:
         """Erase an identifier: its links, itself, and its pending review items.
 
@@ -483,14 +523,28 @@ class IdentityGraph:
                 self._apply_quarantined(change)
                 changes.append(change)
                 return
+        self._join(anchor, other, provenance, changes, max_component=rules.max_component)
+
+    def _join(
+        self,
+        anchor: str,
+        other: str,
+        provenance: Provenance,
+        changes: list[GraphChange],
+        *,
+        max_component: int | None,
+    ) -> None:
+        """Link two persons unless a per-type limit refuses it, or (``max_component``) the
+        person would grow past the bound (then the link is quarantined)."""
         members_a, members_b = self._members(anchor), self._members(other)
         exceeded = self._exceeded_type(members_a, members_b)
+        change: GraphChange
         if exceeded is not None:
             change = EdgeRefused(anchor, other, f"limit:{exceeded}", provenance)
             self._apply_edge_refused(change)
             changes.append(change)
             return
-        if len(members_a) + len(members_b) > rules.max_component:
+        if max_component is not None and len(members_a) + len(members_b) > max_component:
             change = Quarantined(anchor, other, "component_too_large", provenance)
             self._apply_quarantined(change)
             changes.append(change)
@@ -598,6 +652,9 @@ class IdentityGraph:
     def _apply_quarantined(self, change: Quarantined) -> None:
         self._quarantine.setdefault(_edge_key(change.a, change.b), change)
         self._record_join(change.a, change.b, change.provenance)
+
+    def _apply_reviewed(self, change: Reviewed) -> None:
+        self._quarantine.pop(_edge_key(change.a, change.b), None)
 
     def _apply_edge_removed(self, change: EdgeRemoved) -> None:
         if _edge_key(change.a, change.b) in self._provenance:

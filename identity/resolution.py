@@ -55,6 +55,11 @@ class IdentityResolver(Protocol):
         ...
 
     async def unlink(self, tenant: str, a: str, b: str) -> list[GraphChange]: ...
+
+    async def review(self, tenant: str, a: str, b: str, *, approve: bool, officer: str) -> list[GraphChange]:
+        """An officer's decision on a quarantined link; ``[]`` when none is held."""
+        ...
+
     async def remove(self, tenant: str, node: str) -> list[GraphChange]: ...
 
     async def rekey(self, tenant: str, moves: Sequence[tuple[str, str]]) -> list[GraphChange]:
@@ -96,6 +101,9 @@ class NoResolution:
         return node
 
     async def unlink(self, tenant: str, a: str, b: str) -> list[GraphChange]:
+        return []
+
+    async def review(self, tenant: str, a: str, b: str, *, approve: bool, officer: str) -> list[GraphChange]:
         return []
 
     async def remove(self, tenant: str, node: str) -> list[GraphChange]:

@@ -349,6 +349,18 @@ class GraphResolver:
         await self._locked(decide)
         return out
 
+    async def review(self, tenant: str, a: str, b: str, *, approve: bool, officer: str) -> list[GraphChange]:
+        """An officer's decision on a quarantined link (``IdentityGraph.review``), in the
+        log like any change; a resulting merge goes downstream like an event's."""
+        out: list[GraphChange] = []
+
+        def decide() -> Decided:
+            out[:] = self.graphs[tenant].review(a, b, approve=approve, officer=officer, at=datetime.now(UTC))
+            return [(tenant, list(out), None)]
+
+        await self._locked(decide)
+        return out
+
     def unified_id(self, tenant: str, node: str) -> str:
         """The node's unified ID: its person's, or the derived one of a never-linked node."""
         uid = self.graphs[tenant].unified_id(node)

@@ -2,9 +2,9 @@
 
 ``IdentityService`` is what the admin API and the ingest pipeline call beyond resolution:
 explain a link, unlink a wrong bind, detach identifiers (a Sensors ``track_id_unbind``),
-erase identifiers (a deletion request), list the quarantine. Every merge, split and
-deletion it causes becomes a typed notice (identity.notices) handed to ``publish``, which
-the gateway wires to the durable outbox. Identifiers come in pseudonymised (as
+erase identifiers (a deletion request), list the quarantine and decide on what it holds.
+Every merge, split and deletion it causes becomes a typed notice (identity.notices) handed
+to ``publish``, which the gateway wires to the durable outbox. Identifiers come in pseudonymised (as
 ``Identifier`` values or node strings); raw identifiers never reach this module.
 """
 
@@ -14,7 +14,15 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from identity.graph import EdgeRemoved, GraphChange, IdentityGraph, Provenance, Quarantined, Split
+from identity.graph import (
+    EdgeRefused,
+    EdgeRemoved,
+    GraphChange,
+    IdentityGraph,
+    Provenance,
+    Quarantined,
+    Split,
+)
 from identity.identifiers import Identifier
 from identity.notices import Notice, deletion_notice, notices_for_changes
 from identity.resolution import IdentityResolver
@@ -33,6 +41,19 @@ class IdentityResolutionOff(Exception):
 
 class NotLinked(Exception):
     """There is no direct link between the two identifiers."""
+
+
+class NotQuarantined(Exception):
+    """No link between the two identifiers is held for review."""
+
+
+@dataclass(frozen=True)
+class ReviewOutcome:
+    """An officer's decision on a held link: ``linked`` (approved and merged or joined),
+    ``refused`` (approved, but a per-type limit refuses it) or ``rejected``."""
+
+    outcome: str
+    unified_id: str | None  # the person's ID after a link
 
 
 @dataclass(frozen=True)
@@ -125,6 +146,19 @@ class IdentityService:
             split=any(isinstance(c, Split) for c in changes),
             unified_ids={"a": self.unified_id(tenant, a), "b": self.unified_id(tenant, b)},
         )
+
+    async def review(self, tenant: str, a: str, b: str, *, approve: bool, officer: str) -> ReviewOutcome:
+        """Approve or reject the quarantined link a-b (``IdentityGraph.review``); an
+        approved merge sends its notice downstream. NotQuarantined when none is held."""
+        self.graph(tenant)
+        changes = await self.resolver.review(tenant, a, b, approve=approve, officer=officer)
+        if not changes:
+            raise NotQuarantined()
+        if not approve:
+            return ReviewOutcome("rejected", None)
+        if any(isinstance(c, EdgeRefused) for c in changes):
+            return ReviewOutcome("refused", None)
+        return ReviewOutcome("linked", self.unified_id(tenant, a))
 
     async def detach(self, tenant: str, identifiers: Sequence[Identifier]) -> int:
         """Remove every direct link of these identifiers (a Sensors ``track_id_unbind``):

@@ -1,5 +1,6 @@
 """The admin and compliance API: Litestar controllers behind role guards (gateway.auth)."""
 
+from gateway.admin.breach import BreachController
 from gateway.admin.consent import ConsentAuditController, NoticesController
 from gateway.admin.deps import AdminServices
 from gateway.admin.identity import IdentityController
@@ -12,6 +13,7 @@ ADMIN_CONTROLLERS = [
     IdentityController,
     RightsController,
     MonitoringController,
+    BreachController,
 ]
 
 __all__ = ["ADMIN_CONTROLLERS", "AdminServices"]

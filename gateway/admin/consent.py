@@ -49,6 +49,15 @@ AfterSeq = Annotated[
 ]
 
 
+def export_download(text: str, tenant: str | None, fmt: ExportFormat, part: ExportPart) -> Response[bytes]:
+    """A ledger export as a file to save (the API's and the console's)."""
+    media = "application/x-ndjson" if fmt == "jsonl" else "text/csv"
+    name = f"consent-ledger-{tenant or 'all'}{'-checkpoints' if part == 'checkpoints' else ''}.{fmt}"
+    return Response(
+        text.encode(), media_type=media, headers={"Content-Disposition": f'attachment; filename="{name}"'}
+    )
+
+
 class ConsentAuditController(Controller):
     path = "/admin"
     tags = ["compliance"]
@@ -175,11 +184,7 @@ class ConsentAuditController(Controller):
         )
         lines = text.count("\n")
         await log_access(services, officer, "consent.export", tenant, {"format": fmt, "part": part}, lines)
-        media = "application/x-ndjson" if fmt == "jsonl" else "text/csv"
-        name = f"consent-ledger-{tenant or 'all'}{'-checkpoints' if part == 'checkpoints' else ''}.{fmt}"
-        return Response(
-            text.encode(), media_type=media, headers={"Content-Disposition": f'attachment; filename="{name}"'}
-        )
+        return export_download(text, tenant, fmt, part)
 
     @get(
         "/consent/stats",

@@ -219,12 +219,12 @@ async def log_access(
 
 
 async def log_refused_admin_request(exc: Exception, scope: Scope) -> None:
-    """An app ``after_exception`` hook: every admin request refused 401 or 403 (no or an
+    """An app ``after_exception`` hook: every admin or console request refused 401 or 403 (no or an
     unknown token, the wrong role, another tenant, a raw look-up by an operator) is in the
     access log too, with who asked when known, the method and path (never the query
     string, which may hold raw identifiers) and the reason."""
     path = str(scope.get("path", ""))
-    if not path.startswith("/admin"):
+    if not path.startswith(("/admin", "/console")):
         return
     status = getattr(exc, "status_code", None) or getattr(exc, "status", None)
     if status not in (401, 403):

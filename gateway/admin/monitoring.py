@@ -1,14 +1,17 @@
-"""Operator API over the business KPIs: current values per window, with consent coverage."""
+"""Admin API over the business KPIs: current values per window, with consent coverage, and
+the alert history."""
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+from typing import Annotated, Any
 
 import msgspec
 from litestar import Controller, Request, get
 from litestar.di import NamedDependency, Provide
-from litestar.params import FromQuery
+from litestar.params import FromQuery, QueryParameter
 
+from export.alert_history import AlertRecord
 from export.kpis import KpiReport
 from gateway.admin.deps import ADMIN_DEPENDENCIES, READ_ERRORS, AdminServices
 from gateway.auth import Officer, admin_guard, roles
@@ -26,6 +29,18 @@ class KpiValues(msgspec.Struct, rename="camel"):
     alerts: list[AlertStatus]
     replica: str  # the replica that answered
     evaluator: str | None  # the replica evaluating the alert rules (holding the lease)
+
+
+class AlertHistoryPage(msgspec.Struct, rename="camel"):
+    """Firings and resolutions of a tenant's alert rules, newest first: the values, whether
+    it was notified (not within a cooldown), and per channel whether it arrived after its
+    retries (the failure's exception class when not)."""
+
+    tenant: str
+    records: list[AlertRecord]
+
+
+HistoryLimit = Annotated[int, QueryParameter(ge=1, le=1000, description="at most this many records")]
 
 
 def _monitoring(request: Request[Any, Any, Any]) -> Monitoring:
@@ -69,3 +84,32 @@ class MonitoringController(Controller):
             replica=monitoring.replica,
             evaluator=await monitoring.alerts.lease.holder(),
         )
+
+    @get(
+        "/alerts/history",
+        responses=READ_ERRORS,
+        summary="Alert history: firings and resolutions, where they were notified, failures",
+        opt=roles("operator", "compliance"),
+    )
+    async def alert_history(
+        self,
+        services: NamedDependency[AdminServices],
+        officer: NamedDependency[Officer],
+        monitoring: NamedDependency[Monitoring],
+        tenant: FromQuery[str],
+        rule: FromQuery[str | None] = None,
+        limit: HistoryLimit = 100,
+    ) -> AlertHistoryPage:
+        """Operator and compliance roles. ``rule`` narrows the answer to one alert rule."""
+        services.tokens.check_tenant(officer, tenant)
+        if rule is not None and rule not in {
+            a.id for t in services.config.tenants if t.id == tenant for a in t.alerts
+        }:
+            raise InvalidRequest("invalid_field", f"unknown alert rule {rule!r}", "rule")
+        history = monitoring.history
+        records = (
+            await asyncio.to_thread(history.list, tenant, rule=rule, limit=limit)
+            if history is not None
+            else []
+        )
+        return AlertHistoryPage(tenant=tenant, records=records)

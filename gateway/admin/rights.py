@@ -89,20 +89,30 @@ ONE_ERRORS = error_responses(400, 401, 403, 404, 503, described=_DESCRIBED)
 ACT_ERRORS = error_responses(400, 401, 403, 404, 409, 413, 503, described=_DESCRIBED)
 
 
-def _rights(state: State) -> RightsService:
+def provide_rights(state: State) -> RightsService:
     service: RightsService = state.rights
     return service
 
 
-def _domain(exc: RightsError) -> InvalidRequest:
+def rights_refusal(exc: RightsError) -> InvalidRequest:
+    """A rights domain error as the 4xx it answers."""
     return InvalidRequest(exc.error, exc.detail, exc.field, exc.status)
+
+
+def bundle_download(document: dict[str, Any], request_id: str) -> Response[bytes]:
+    """A signed access bundle as a file to save (the API's and the console's)."""
+    return Response(
+        json.dumps(document, ensure_ascii=False, sort_keys=True).encode(),
+        media_type="application/json",
+        headers={"Content-Disposition": f'attachment; filename="{request_id}.json"'},
+    )
 
 
 class RightsController(Controller):
     path = "/admin/rights"
     tags = ["compliance"]
     guards = [admin_guard]
-    dependencies = {**ADMIN_DEPENDENCIES, "rights": Provide(_rights, sync_to_thread=False)}
+    dependencies = {**ADMIN_DEPENDENCIES, "rights": Provide(provide_rights, sync_to_thread=False)}
     security = [{"AdminToken": []}]
 
     @post(
@@ -147,7 +157,7 @@ class RightsController(Controller):
             )
         except RightsError as exc:
             await log_access(services, officer, "rights.refused", data.tenant, params, 0)
-            raise _domain(exc) from None
+            raise rights_refusal(exc) from None
         await log_access(
             services, officer, "rights.open", data.tenant, {**params, "request": request.request_id}, 1
         )
@@ -193,7 +203,7 @@ class RightsController(Controller):
         try:
             request = await rights.get(tenant, request_id)
         except RightsError as exc:
-            raise _domain(exc) from None
+            raise rights_refusal(exc) from None
         await log_access(services, officer, "rights.get", tenant, {"request": request_id}, 1)
         return request
 
@@ -218,7 +228,7 @@ class RightsController(Controller):
                 tenant=data.tenant, request_id=request_id, outcome=data.outcome, officer=officer.name
             )
         except RightsError as exc:
-            raise _domain(exc) from None
+            raise rights_refusal(exc) from None
         await log_access(
             services,
             officer,
@@ -255,7 +265,7 @@ class RightsController(Controller):
         try:
             document = await rights.bundle(tenant=data.tenant, request_id=request_id, officer=officer.name)
         except RightsError as exc:
-            raise _domain(exc) from None
+            raise rights_refusal(exc) from None
         await log_access(
             services,
             officer,
@@ -274,11 +284,7 @@ class RightsController(Controller):
                     "X-Bundle-SHA256": digest,
                 },
             )
-        return Response(
-            json.dumps(document, ensure_ascii=False, sort_keys=True).encode(),
-            media_type="application/json",
-            headers={"Content-Disposition": f'attachment; filename="{request_id}.json"'},
-        )
+        return bundle_download(document, request_id)
 
     @post(
         "/{request_id:str}/extend",
@@ -307,7 +313,7 @@ class RightsController(Controller):
                 officer=officer.name,
             )
         except RightsError as exc:
-            raise _domain(exc) from None
+            raise rights_refusal(exc) from None
         await log_access(
             services,
             officer,

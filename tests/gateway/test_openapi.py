@@ -41,8 +41,9 @@ from tests.gateway.conftest import in_process_app
 
 # Routes that are deliberately not in the document, and why.
 NOT_IN_DOCUMENT = {"/metrics": "Prometheus' text format, read by scrapers, not API clients"}
-# The document's own pages and their scripts and styles.
-DOCS_PATHS = ("/docs", "/static/vendor/")
+# The document's own pages and their scripts and styles; the compliance console's HTML pages
+# (a browser's, not an API client's: tests/console covers every one of them).
+DOCS_PATHS = ("/docs", "/static/vendor/", "/console", "/static/console")
 # Error answers that are not an ErrorBody, and why: (path, method, status).
 NOT_ERROR_BODIES = {("/readyz", "get", "503"): "a Readiness, for load balancers, like its 200"}
 # The security scheme each group of operations uses (by path prefix; None: public).

@@ -394,3 +394,17 @@ def test_an_out_of_range_timestamp_rejects_that_message_only(gateway: Gateway) -
     [rejected] = body["rejected"]
     assert (rejected["index"], rejected["field"], rejected["messageId"]) == (1, "batch[1].timestamp", bad)
     assert gateway.wait_for_sink({good})
+
+
+def test_objects_inside_an_identifier_list_are_walked_not_looked_up(gateway: Gateway) -> None:
+    """A list under an identifier key may hold objects and lists, not only values: they are
+    scrubbed like any nested value (fuzzing found a 500 here: an object is not hashable)."""
+    message_id = mid()
+    context = {"phonenumber": [{"home": "13912340020", "n": [None, -156851131161161236480]}, [False, 11211]]}
+    with gateway.client() as c:
+        r = c.post("/v1/track", json={**track(message_id), "context": context})
+    assert r.status_code == 200, r.text
+    (event,) = gateway.wait_for_sink({message_id})
+    sent = event["context"]["phonenumber"]
+    assert "13912340020" not in json.dumps(event)
+    assert sent[0]["n"][0] is None and sent[1][0] is False

@@ -461,3 +461,55 @@ def test_apply_is_idempotent_for_redelivered_changes_and_strict_for_foreign_ones
         replica.apply(Merged("p1", "p9", T0))
     with pytest.raises(ValueError):
         replica.apply(Split("p9", {"user_id:u": "p9", "phone:p": "p10"}, T0))
+
+
+# -- review of the quarantine ------------------------------------------------------------------
+
+
+def _held_merge(r: Recorder) -> Quarantined:
+    """Two persons of two identifiers each, held apart by a bound of three."""
+    r.link("user_id:u", "device_id:d1")
+    r.link("phone:p", "device_id:d2", at=1)
+    _, changes = r.link("user_id:u", "phone:p", at=2)
+    (held,) = changes
+    assert isinstance(held, Quarantined) and held.reason == "component_too_large"
+    return held
+
+
+def test_an_approved_merge_is_linked_past_the_bound_and_replays() -> None:
+    r = Recorder(IdentityRules(max_component=3))
+    held = _held_merge(r)
+    survivor = r.graph.unified_id("user_id:u")
+    changes = r.graph.review(held.b, held.a, approve=True, officer="dpo", at=T0)
+    r.log += changes
+    assert kinds(changes) == ["Reviewed", "EdgeAdded", "Merged"]
+    assert changes[1].provenance == msgspec.structs.replace(held.provenance, rule="review")  # type: ignore[union-attr]
+    assert r.graph.quarantine() == []
+    assert len(r.graph.component("phone:p")) == 4
+    assert r.graph.unified_id("phone:p") == r.graph.unified_id("user_id:u") == survivor
+    assert partition(replay(r.log, r.rules)) == partition(r.graph)
+    assert replay(r.log, r.rules).quarantine() == []
+    # decided once: nothing is held any more
+    assert r.graph.review(held.a, held.b, approve=True, officer="dpo", at=T0) == []
+
+
+def test_a_rejected_merge_leaves_the_review_list_and_the_persons_apart() -> None:
+    r = Recorder(IdentityRules(max_component=3))
+    held = _held_merge(r)
+    changes = r.graph.review(held.a, held.b, approve=False, officer="dpo", at=T0)
+    r.log += changes
+    assert kinds(changes) == ["Reviewed"] and changes[0].decision == "rejected"  # type: ignore[union-attr]
+    assert r.graph.quarantine() == []
+    assert r.graph.unified_id("phone:p") != r.graph.unified_id("user_id:u")
+    replica = replay(r.log, r.rules)
+    assert replica.quarantine() == [] and partition(replica) == partition(r.graph)
+
+
+def test_an_approval_still_obeys_the_per_type_limits() -> None:
+    r = Recorder(IdentityRules(max_component=3))
+    held = _held_merge(r)
+    r.link("phone:p", "user_id:v", at=3)  # meanwhile the other person got a user id of its own
+    changes = r.graph.review(held.a, held.b, approve=True, officer="dpo", at=T0)
+    assert kinds(changes) == ["Reviewed", "EdgeRefused"]
+    assert changes[1].reason == "limit:user_id"  # type: ignore[union-attr]
+    assert r.graph.quarantine() == [] and r.graph.unified_id("user_id:u") != r.graph.unified_id("user_id:v")

@@ -21,17 +21,27 @@ FEISHU_SECRET = "feishu-test-secret"
 
 
 class RobotReceiver:
-    """A DingTalk / Feishu robot endpoint: records each POST with its query and JSON body."""
+    """A DingTalk / Feishu robot (or webhook, or SMS provider) endpoint: records each POST
+    with its query and JSON body, and every request (method, path, headers, raw body)."""
 
     def __init__(self) -> None:
         self.posts: list[tuple[dict[str, list[str]], dict[str, Any]]] = []
+        self.requests: list[tuple[str, str, dict[str, str], bytes]] = []
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                self.do_POST()
+
+            def do_PUT(self) -> None:
+                self.do_POST()
+
             def do_POST(self) -> None:
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                receiver.requests.append((self.command, self.path, dict(self.headers), raw))
                 query = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)
-                receiver.posts.append((query, body))
+                if self.headers.get("Content-Type") == "application/json":
+                    receiver.posts.append((query, json.loads(raw)))
                 reply = b'{"errcode":0,"code":0}'
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")

@@ -26,6 +26,10 @@ def test_operator_only_and_bad_parameters_are_named(tmp_path: Path) -> None:
             "counted": 0,
             "coverage": None,
             "previous": 0,
+            # kept only for KPIs a rule compares with a day or a week earlier
+            "dayAgo": None,
+            "weekAgo": None,
+            "top": None,  # a top KPI's largest values
         }
         r = client.get(
             "/admin/kpis", params={"tenant": "mall"}, headers={"Authorization": f"Bearer {COMPLIANCE_TOKEN}"}

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from export.alert_history import ChannelDelivery
 from export.alerts import AlertEvaluator, AlertRule, LocalLease, MemoryStateStore, Notice, Notifier, evaluate
 from export.kpis import KpiReport, KpiWindow, WindowValue
 from gateway.config import ConfigProblems, parse_config
@@ -37,9 +38,9 @@ class Recorder(Notifier):
         super().__init__([], env={})
         self.sent: list[tuple[str, str]] = []
 
-    async def send(self, channel_id: str, notice: Notice) -> bool:
+    async def send(self, channel_id: str, notice: Notice) -> ChannelDelivery:
         self.sent.append((channel_id, notice.status))
-        return True
+        return ChannelDelivery(channel_id, "webhook", True, 1)
 
 
 def report(value: float | None, previous: float | None, volume: int = 20) -> dict[str, list[KpiReport]]:
@@ -115,3 +116,120 @@ url_env = "IDGATE_TEST_UNSET_WECOM_URL"
     with pytest.raises(ConfigProblems) as err:
         in_process_app(tmp_path, config)
     assert err.value.problems == ["alert_channels 'robot': url_env IDGATE_TEST_UNSET_WECOM_URL is not set"]
+
+
+def test_a_rule_fires_only_after_holding_for_its_duration() -> None:
+    rule = AlertRule(
+        id="drop",
+        kpi="payment_success_rate",
+        window=10,
+        condition="drop",
+        threshold=0.2,
+        for_seconds=60,
+        channels=["a"],
+    )
+    notifier = Recorder()
+    states = MemoryStateStore()
+    evaluator = AlertEvaluator({"mall": [rule]}, states, LocalLease("me"), notifier, 60)
+
+    async def run() -> None:
+        await evaluator.run(report(0.7, 0.95), now=1000)
+        assert states.states["mall"]["drop"].state == "pending" and not evaluator.firing[("mall", "drop")]
+        await evaluator.run(report(0.9, 0.95), now=1030)  # recovered before 60 s: never paged
+        assert states.states["mall"]["drop"].state == "ok" and notifier.sent == []
+        await evaluator.run(report(0.7, 0.95), now=1100)
+        await evaluator.run(report(0.0, 0.95, volume=3), now=1130)  # quiet: keeps pending
+        await evaluator.run(report(0.7, 0.95), now=1159)
+        assert notifier.sent == []
+        await evaluator.run(report(0.7, 0.95), now=1160)  # held 60 s since 1100
+        assert notifier.sent == [("a", "firing")] and states.states["mall"]["drop"].since == 1100
+
+    asyncio.run(run())
+
+
+def test_day_and_week_comparisons() -> None:
+    week = AlertRule(id="w", kpi="orders", condition="drop", threshold=0.5, compare="week_ago")
+    assert evaluate(week, WindowValue(40, 40, 40, 1.0, previous=100, week_ago=100)) == "firing"
+    assert evaluate(week, WindowValue(40, 40, 40, 1.0, previous=100, week_ago=60)) == "ok"
+    assert evaluate(week, WindowValue(40, 40, 40, 1.0, previous=100)) == "ok"  # not kept: no change seen
+    day = AlertRule(id="d", kpi="orders", condition="rise", threshold=0.5, compare="day_ago")
+    assert evaluate(day, WindowValue(40, 40, 40, 1.0, previous=40, day_ago=20)) == "firing"
+
+
+def test_comparisons_beyond_the_kpi_history_are_refused() -> None:
+    rules = """
+[[tenants.alerts]]
+id = "vs-last-week"
+kpi = "orders"
+window = 60
+condition = "drop"
+threshold = 0.3
+compare = "week_ago"
+
+[[tenants.alerts]]
+id = "below-vs-day"
+kpi = "orders"
+condition = "below"
+compare = "day_ago"
+for_seconds = -1
+"""
+    # the mall (second tenant) keeps a week minus a day
+    config = _with(rules).replace('id = "mall"', 'id = "mall"\nkpi_history_days = 6', 1)
+    with pytest.raises(ConfigProblems) as err:
+        parse_config(config, dev=True)
+    problems = err.value.problems
+    assert (
+        "tenants[1].alerts[0].compare: week_ago over a 60-bucket window reaches back 7.04 days, "
+        "beyond the tenant's kpi_history_days (6)"
+    ) in problems
+    assert "tenants[1].alerts[1].compare: only a drop or rise compares with day_ago" in problems
+    assert "tenants[1].alerts[1]: min_volume, for_seconds and cooldown_seconds cannot be negative" in problems
+    assert not [p for p in problems if "alerts[0]" in p and "week_ago" not in p]
+    # the default (8 days) holds a week and an hour
+    parse_config(_with(rules.split('[[tenants.alerts]]\nid = "below')[0]), dev=True)
+    huge = _with("").replace('id = "mall"', 'id = "mall"\nkpi_history_days = 400', 1)
+    with pytest.raises(ConfigProblems, match="kpi_history_days: must be between 0 and 35"):
+        parse_config(huge, dev=True)
+
+
+def test_the_dev_clock_is_refused_outside_dev(monkeypatch: pytest.MonkeyPatch) -> None:
+    from gateway.settings import Settings, SettingsError
+
+    monkeypatch.setenv("IDGATE_ENV", "production")
+    monkeypatch.setenv("IDGATE_KEYS", "{}")
+    monkeypatch.setenv("IDGATE_LEDGER_KEY", "x")
+    monkeypatch.setenv("IDGATE_DEV_CLOCK_FILE", "/tmp/clock")
+    with pytest.raises(SettingsError, match="IDGATE_DEV_CLOCK_FILE is for tests"):
+        Settings.from_env()
+
+
+def test_source_and_coverage_rules_are_checked() -> None:
+    bad = _with(
+        """
+[[tenants.alerts]]
+id = "silent"
+kpi = "orders"
+source = "nowhere"
+
+[[tenants.alerts]]
+id = "silent-vs-yesterday"
+kpi = "orders"
+source = "mall-web"
+condition = "drop"
+threshold = 0.5
+compare = "day_ago"
+
+[[tenants.alerts]]
+id = "coverage-drop"
+kpi = "orders"
+measure = "coverage"
+condition = "drop"
+threshold = 0.5
+"""
+    )
+    with pytest.raises(ConfigProblems) as err:
+        parse_config(bad, dev=True)
+    problems = err.value.problems
+    assert "tenants[1].alerts[0].source: unknown source 'nowhere'" in problems
+    assert "tenants[1].alerts[1].source: a source's window compares with the window before only" in problems
+    assert "tenants[1].alerts[2].measure: coverage compares with a threshold (below / above)" in problems

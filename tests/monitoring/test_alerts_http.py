@@ -1,6 +1,7 @@
 """Alert rules over real HTTP: a payment success rate drop notifies DingTalk, Feishu and an
 SMTP server exactly once from two replicas sharing Redis; the other replica takes over the
-evaluation when the lease holder dies, and sends the resolved notification."""
+evaluation when the lease holder dies, and sends the resolved notification; the alert
+history (in Redis) lists both, with their channels."""
 
 from __future__ import annotations
 
@@ -72,6 +73,13 @@ def state(gw: Gateway) -> dict[str, Any]:
         "replica": body["replica"],
         "evaluator": body["evaluator"],
     }
+
+
+def history(gw: Gateway) -> list[dict[str, Any]]:
+    r = httpx.get(f"{gw.url}/admin/alerts/history", params={"tenant": "mall"}, headers=ADMIN, timeout=10)
+    assert r.status_code == 200, r.text
+    records: list[dict[str, Any]] = r.json()["records"]
+    return records
 
 
 def test_a_payment_success_drop_notifies_once_and_survives_the_evaluator(
@@ -156,6 +164,19 @@ def test_a_payment_success_drop_notifies_once_and_survives_the_evaluator(
         assert "[RESOLVED] mall/payment-success-drop" in ding.posts[1][1]["markdown"]["title"]
         assert sum("[FIRING]" in t for t in ding.texts() + feishu.texts()) == 2  # one per robot
         assert state(survivor)["alert"]["state"] == "ok"
+        # the history is shared: the firing (recorded by whichever replica evaluated then)
+        # and the resolution, each notified on the three channels
+        records = wait_until(
+            lambda: r if len(r := history(survivor)) == 2 else None, what="two alert history records"
+        )
+        assert [r["status"] for r in records] == ["resolved", "firing"]
+        for r in records:
+            assert r["notified"] and [(d["channel"], d["delivered"]) for d in r["deliveries"]] == [
+                ("oncall-dingtalk", True),
+                ("oncall-feishu", True),
+                ("oncall-mail", True),
+            ]
+        assert records[1]["value"] == 0.7 and records[1]["compared"] == 0.95
 
         # no identifier, raw or pseudonymous, in any notification or alert state
         pseudonymiser = survivor.keyring().pseudonymiser("mall")
@@ -164,6 +185,7 @@ def test_a_payment_success_drop_notifies_once_and_survives_the_evaluator(
         }
         sent = json.dumps([ding.posts, feishu.posts]) + "".join(m.as_string() for m in mailbox.messages)
         sent += json.dumps(state(survivor)) + httpx.get(f"{survivor.url}/metrics").text
+        sent += json.dumps(history(survivor))
         assert not [c for c in canaries if c in sent]
     finally:
         for gw in gateways:

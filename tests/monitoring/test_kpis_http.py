@@ -142,6 +142,10 @@ def test_consent_coverage_on_a_tenant_that_enforces_consent(tmp_path: Path) -> N
             "counted": 1,
             "coverage": 0.5,
             "previous": 0,
+            # kept only for KPIs a rule compares with a day or a week earlier
+            "dayAgo": None,
+            "weekAgo": None,
+            "top": None,  # a top KPI's largest values
         }
         assert got["uv_home"]["total"]["value"] == 1
         # transactions run on the contract basis (necessary_service): both orders count

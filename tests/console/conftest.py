@@ -1,0 +1,99 @@
+"""The compliance console's tests: the tests' config with an auditor token, and signing in
+over plain HTTP (a ``TestClient`` or ``httpx.Client``: both keep cookies)."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from typing import Any
+
+from tests.conftest import MALL_SERVER_KEY, TEST_CONFIG
+
+AUDITOR_TOKEN = "auditor-test-token"
+TOKENS = {
+    "compliance": "compliance-test-token",
+    "operator": "operator-test-token",
+    "auditor": AUDITOR_TOKEN,
+}
+_AUDITOR = f"""
+[[admin_tokens]]
+name = "audit"
+role = "auditor"
+dev_token = "{AUDITOR_TOKEN}"
+"""
+_FIRST_TENANT = "\n[[tenants]]\n"
+assert TEST_CONFIG.count(_FIRST_TENANT) >= 1
+# The mall holds a person back past three identifiers (quarantine to review).
+_MALL_IDENTITY = "[tenants.identity.trait_types]\nunionid"
+assert TEST_CONFIG.count(_MALL_IDENTITY) == 1
+CONSOLE_CONFIG = TEST_CONFIG.replace(_FIRST_TENANT, _AUDITOR + _FIRST_TENANT, 1).replace(
+    _MALL_IDENTITY, "[tenants.identity]\nmax_component = 3\n\n" + _MALL_IDENTITY
+)
+
+_CSRF = re.compile(r'name="csrf_token" value="([^"]*)"')
+
+
+def csrf_of(html: str) -> str:
+    found = _CSRF.search(html)
+    assert found, "no CSRF field in the page"
+    return found.group(1)
+
+
+def sign_in(client: Any, token: str) -> str:
+    """Sign ``client`` in with an admin token (through the sign-in form); returns the
+    session's CSRF token. The client's earlier cookies are dropped first."""
+    client.cookies.clear()
+    form = client.get("/console/sign-in")
+    assert form.status_code == 200, form.text
+    r = client.post(
+        "/console/sign-in",
+        data={"token": token, "csrf_token": csrf_of(form.text)},
+        follow_redirects=False,
+    )
+    assert r.status_code == 303 and r.headers["location"] == "/console", r.text
+    home = client.get("/console/")
+    assert home.status_code == 200, home.text
+    return csrf_of(home.text)
+
+
+def person_with_phone(client: Any, *, withdraw: bool = True) -> tuple[str, str]:
+    """A mall customer from the shop's backend (``client`` posts to the gateway): consent
+    for user id, phone and device (analytics, identity linking), an identify linking them,
+    then (``withdraw``) a withdrawal of analytics; returns the phone number and user id."""
+    tag = uuid.uuid4().int % 10**8
+    phone, user, device = f"139{tag:08d}", f"user-{tag}", f"device-{tag}"
+    ids = [{"type": "phone", "id": phone}, {"type": "device_id", "id": device}]
+    body = {"userId": user, "identifiers": ids, "noticeId": "notice-v1", "sdk": "analytics-python"}
+    auth = (MALL_SERVER_KEY, "")
+    r = client.post("/v1/consent", json={**body, "grant": ["analytics", "identity_linking"]}, auth=auth)
+    assert r.status_code == 200, r.text
+    identify(client, user, phone, device)
+    if withdraw:
+        r = client.post("/v1/consent", json={**body, "withdraw": ["analytics"]}, auth=auth)
+        assert r.status_code == 200, r.text
+    return phone, user
+
+
+def identify(client: Any, user: str, phone: str | None, device: str) -> None:
+    body = {"userId": user, "context": {"device": {"id": device}}, "messageId": uuid.uuid4().hex}
+    if phone is not None:
+        body["traits"] = {"phone": phone}
+    r = client.post("/v1/identify", json=body, auth=(MALL_SERVER_KEY, ""))
+    assert r.status_code == 200 and r.json()["accepted"] == 1, r.text
+
+
+def held_merge(client: Any) -> tuple[str, str]:
+    """A person of three identifiers (the mall's bound) seen with a fourth, a second
+    device: the link is quarantined. Returns the phone number and the new device id."""
+    phone, user = person_with_phone(client, withdraw=False)
+    device = f"device-{uuid.uuid4().hex[:10]}"
+    body = {
+        "userId": user,
+        "identifiers": [{"type": "device_id", "id": device}],
+        "grant": ["analytics", "identity_linking"],
+        "noticeId": "notice-v1",
+    }
+    r = client.post("/v1/consent", json=body, auth=(MALL_SERVER_KEY, ""))
+    assert r.status_code == 200, r.text
+    identify(client, user, None, device)
+    return phone, device
