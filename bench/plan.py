@@ -42,6 +42,7 @@ from gateway.pipeline import (  # noqa: E402
     scrub_personal_data,
 )
 from gateway.plan import plan_for  # noqa: E402
+from gateway.plan_monitor import PlanMonitor  # noqa: E402
 from gateway.segment import decode_batch  # noqa: E402
 from identity.pseudonym import Pseudonymiser  # noqa: E402
 
@@ -102,7 +103,10 @@ def time_scrub(body: bytes, n: int) -> float:
 
 
 def time_check(envs: list[Envelope], batch_size: int) -> float:
-    services: Any = SimpleNamespace(encoder=msgspec.json.Encoder(), violations=None)
+    # the gateway's plan monitor counts each event (coverage, live tail); no store: in memory
+    services: Any = SimpleNamespace(
+        encoder=msgspec.json.Encoder(), violations=None, plan_monitor=PlanMonitor(None)
+    )
     batches = [envs[k : k + batch_size] for k in range(0, len(envs), batch_size)]
 
     async def run() -> float:

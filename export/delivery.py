@@ -6,7 +6,9 @@ For each batch the worker:
 
 1. asks consent again (a withdrawal that landed while the events waited stops them);
 2. drops identity notices about persons the destination never received data of;
-3. re-keys pseudonyms and unified IDs for the destination's pseudonym domain;
+3. removes the event properties the destination may not receive, when it declares what it
+   may (``export.minimise``), and re-keys pseudonyms and unified IDs for the destination's
+   pseudonym domain;
 4. writes to the sink, retrying with exponential backoff and jitter, and asking consent
    again before every retry (a withdrawal that lands while a destination is down stops
    the events still waiting for it); a batch the receiver refuses
@@ -38,6 +40,7 @@ from prometheus_client import Counter, Gauge
 
 from export.deadletter import DeadLetterStore
 from export.domains import DomainRekeyer
+from export.minimise import PropertyMinimiser
 from export.outbox import DestinationQueue, Outbox, StoredRecord
 from export.sink import PermanentSinkError, Sink
 from identity.notices import decode_notice
@@ -112,6 +115,7 @@ class DeliveryWorker:
         retry: Retry | None = None,
         dead_letters: DeadLetterStore | None = None,
         rekey: DomainRekeyer | None = None,
+        minimise: PropertyMinimiser | None = None,
         recheck: Recheck | None = None,
         on_delivered: OnDelivered | None = None,
         on_withheld: OnWithheld | None = None,
@@ -125,6 +129,7 @@ class DeliveryWorker:
         self.retry = retry or Retry()
         self.dead_letters = dead_letters
         self.rekey = rekey
+        self.minimise = minimise
         self.recheck = recheck
         self.on_delivered = on_delivered
         self.on_withheld = on_withheld
@@ -189,9 +194,12 @@ class DeliveryWorker:
     async def _deliver(self, records: list[StoredRecord]) -> tuple[list[StoredRecord], dict[str, int]]:
         """Write with retries; returns (the records written, sink file sizes)."""
         outgoing = records
+        if self.minimise is not None:
+            minimise = self.minimise.payload
+            outgoing = [msgspec.structs.replace(r, payload=minimise(r)) for r in outgoing]
         if self.rekey is not None:
             rekey = self.rekey.payload
-            outgoing = [msgspec.structs.replace(r, payload=rekey(r)) for r in records]
+            outgoing = [msgspec.structs.replace(r, payload=rekey(r)) for r in outgoing]
         original = {r.seq: r for r in records}
         dead: set[int] = set()
         attempt = 0

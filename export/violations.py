@@ -1,6 +1,6 @@
-"""The violation store: events a tenant's tracking plan kept from delivery (``plan_mode =
-"enforce"``), so that nothing is lost and each can be replayed once the plan or the client
-is fixed.
+"""The violation store: events a tenant's tracking plan kept from delivery (``block``) or
+delivered without some of their properties (``omit``), so that nothing is lost and each
+kept one can be replayed once the plan or the client is fixed.
 
 A record holds the event as it would have been stored in the outbox (identifiers
 pseudonymised, properties and context scrubbed: never raw), the pseudonymised identifiers
@@ -51,6 +51,9 @@ class ViolationRecord(msgspec.Struct, frozen=True, kw_only=True):
     server: bool = False  # sent by a server source (it proves its identifiers)
     id: str = ""
     kept_at_ms: int = 0
+    # "kept": not delivered (replayable); "omitted": delivered without the properties the
+    # findings name (the record holds them)
+    action: str = "kept"
 
     def summary(self) -> dict[str, Any]:
         """What a listing shows: no payload."""
@@ -63,6 +66,7 @@ class ViolationRecord(msgspec.Struct, frozen=True, kw_only=True):
             "planVersion": self.plan_version,
             "receivedAtMs": self.received_at_ms,
             "keptAtMs": self.kept_at_ms,
+            "action": self.action,
             "violations": [msgspec.structs.asdict(f) for f in self.findings],
         }
 
@@ -80,10 +84,34 @@ CREATE TABLE IF NOT EXISTS plan_violation (
     findings BLOB NOT NULL,
     payload BLOB NOT NULL,
     envelope BLOB NOT NULL,
+    action TEXT NOT NULL DEFAULT 'kept',
     UNIQUE (tenant, source, message_id)
 );
 CREATE INDEX IF NOT EXISTS plan_violation_tenant ON plan_violation (tenant, id);
+CREATE TABLE IF NOT EXISTS plan_seen (
+    tenant TEXT NOT NULL,
+    source TEXT NOT NULL,
+    event TEXT NOT NULL,
+    name TEXT NOT NULL,
+    seen INTEGER NOT NULL,
+    valid INTEGER NOT NULL,
+    last_seen_ms INTEGER NOT NULL,
+    PRIMARY KEY (tenant, source, event, name)
+) WITHOUT ROWID;
 """
+
+
+class SeenCount(msgspec.Struct, frozen=True):
+    """How often a source sent a plan event (``name``: "") or an unplanned name
+    (``event``: "unplanned"), and how many of them fit the plan."""
+
+    tenant: str
+    source: str
+    event: str
+    name: str
+    seen: int
+    valid: int
+    last_seen_ms: int
 
 
 class _Envelope(msgspec.Struct, frozen=True):
@@ -103,7 +131,7 @@ class SqliteViolations:
 
     _COLUMNS = (
         "id, tenant, source, message_id, event, plan_version, received_at_ms, kept_at_ms, findings, payload,"
-        " envelope"
+        " envelope, action"
     )
 
     def __init__(self, path: Path) -> None:
@@ -114,6 +142,9 @@ class SqliteViolations:
         self._conn.execute("PRAGMA synchronous=FULL")
         self._conn.execute("PRAGMA busy_timeout=5000")
         self._conn.executescript(_SCHEMA)
+        columns = {row[1] for row in self._conn.execute("PRAGMA table_info(plan_violation)")}
+        if "action" not in columns:  # a store from before omit
+            self._conn.execute("ALTER TABLE plan_violation ADD COLUMN action TEXT NOT NULL DEFAULT 'kept'")
         self._lock = threading.Lock()
 
     def close(self) -> None:
@@ -134,6 +165,7 @@ class SqliteViolations:
                 _encode(r.findings),
                 r.payload,
                 _encode(_Envelope(r.identifiers, r.unproven, r.pseudonyms, r.server)),
+                r.action,
             )
             for r in records
         ]
@@ -142,11 +174,12 @@ class SqliteViolations:
             try:
                 self._conn.executemany(
                     "INSERT INTO plan_violation (tenant, source, message_id, event, plan_version,"
-                    " received_at_ms, kept_at_ms, findings, payload, envelope)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                    " received_at_ms, kept_at_ms, findings, payload, envelope, action)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
                     " ON CONFLICT (tenant, source, message_id) DO UPDATE SET event = excluded.event,"
                     " plan_version = excluded.plan_version, kept_at_ms = excluded.kept_at_ms,"
-                    " findings = excluded.findings, payload = excluded.payload, envelope = excluded.envelope",
+                    " findings = excluded.findings, payload = excluded.payload, envelope = excluded.envelope,"
+                    " action = excluded.action",
                     rows,
                 )
                 self._conn.execute("COMMIT")
@@ -156,7 +189,7 @@ class SqliteViolations:
 
     @staticmethod
     def _row(row: tuple[Any, ...]) -> ViolationRecord:
-        i, tenant, source, mid, event, version, received, kept, findings, payload, envelope = row
+        i, tenant, source, mid, event, version, received, kept, findings, payload, envelope, action = row
         env = _decode_envelope(envelope)
         return ViolationRecord(
             id=str(i),
@@ -173,12 +206,21 @@ class SqliteViolations:
             unproven=env.unproven,
             pseudonyms=env.pseudonyms,
             server=env.server,
+            action=action,
         )
 
     def list(
-        self, tenant: str | None = None, limit: int = 100, event: str | None = None
+        self,
+        tenant: str | None = None,
+        limit: int = 100,
+        event: str | None = None,
+        action: str | None = None,
     ) -> list[ViolationRecord]:
-        where, args = [], []
+        where: list[str] = []
+        args: list[Any] = []
+        if action is not None:
+            where.append("action = ?")
+            args.append(action)
         if tenant is not None:
             where.append("tenant = ?")
             args.append(tenant)
@@ -208,6 +250,35 @@ class SqliteViolations:
             before = self._conn.total_changes
             self._conn.executemany("DELETE FROM plan_violation WHERE id = ?", ids)
             return self._conn.total_changes - before
+
+    def add_seen(self, counts: Sequence[SeenCount]) -> None:
+        """Add to the coverage counts (``plan_seen``) in one transaction."""
+        rows = [(c.tenant, c.source, c.event, c.name, c.seen, c.valid, c.last_seen_ms) for c in counts]
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                self._conn.executemany(
+                    "INSERT INTO plan_seen (tenant, source, event, name, seen, valid, last_seen_ms)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (tenant, source, event, name) DO UPDATE"
+                    " SET seen = seen + excluded.seen, valid = valid + excluded.valid,"
+                    " last_seen_ms = max(last_seen_ms, excluded.last_seen_ms)",
+                    rows,
+                )
+                self._conn.execute("COMMIT")
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+
+    def seen(self, tenant: str | None = None) -> tuple[SeenCount, ...]:
+        """The coverage counts, per source, plan event and unplanned name."""
+        sql = "SELECT tenant, source, event, name, seen, valid, last_seen_ms FROM plan_seen"
+        args: tuple[str, ...] = ()
+        if tenant is not None:
+            sql += " WHERE tenant = ?"
+            args = (tenant,)
+        with self._lock:
+            rows = self._conn.execute(sql + " ORDER BY tenant, event, name, source", args).fetchall()
+        return tuple(SeenCount(*row) for row in rows)
 
     def counts(self, tenant: str | None = None) -> dict[str, int]:
         """Records kept per plan event (or "unplanned")."""

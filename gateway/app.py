@@ -43,7 +43,9 @@ from gateway.maintenance import keep_healthy
 from gateway.monitoring import build_monitoring, check_alert_secrets, file_clock, open_alert_history
 from gateway.openapi import docs_assets_routers, finish_document, openapi_config
 from gateway.pipeline import Ingestor, IngestServices
-from gateway.plan_admin import PlanViolationsController
+from gateway.plan_admin import PlanMonitorController, PlanViolationsController
+from gateway.plan_monitor import PlanMonitor
+from gateway.plan_validate import VALIDATE_ROUTES, document_validate_routes
 from gateway.rate_limits import open_rate_limiter
 from gateway.retention_setup import RetentionStores, retention_periodically
 from gateway.rights_setup import open_rights, resume_open_requests
@@ -176,6 +178,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         outbox = open_outbox(settings, config.limits.dedupe_window_seconds, redis_client)
         dead_letters = open_dead_letters(settings)
         violations = SqliteViolations(settings.data_dir / "violations.sqlite3")  # tracking plan
+        plan_monitor = PlanMonitor(violations)
         consent = await open_consent(settings, config, redis_client, signer)
         delivery = build_delivery(settings, config, keyring, consent, outbox, dead_letters)
         resolver, identity, identity_engine = await open_identity(
@@ -201,6 +204,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
                 identity=identity,
                 assertions=verifiers,
                 violations=violations,
+                plan_monitor=plan_monitor,
                 kpis=monitoring.feed,
             ),
             on_appended=delivery.notify,
@@ -230,6 +234,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         state.sensors_tokens = index_sensors_tokens(config, dev=settings.dev)
         state.keyring = keyring
         state.violations = violations
+        state.plan_monitor = plan_monitor
         state.consent = consent.service
         state.assertions = verifiers
         state.admin_tokens = tokens
@@ -292,6 +297,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             await delivery.stop()
             outbox.close()
             dead_letters.close()
+            await plan_monitor.flush()
             violations.close()
             consent.close()
             if identity_engine is not None:
@@ -304,9 +310,11 @@ def create_app(settings: Settings | None = None) -> Litestar:
         route_handlers=[
             *INGEST_ROUTES,
             *SENSORS_ROUTES,
+            *VALIDATE_ROUTES,
             consent_controller(config.limits),
             *ADMIN_CONTROLLERS,
             PlanViolationsController,
+            PlanMonitorController,
             healthz,
             readyz,
             prometheus_metrics,
@@ -334,6 +342,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
     openapi = app.openapi_schema
     document_ingest_routes(openapi, config.limits)
     document_sensors_routes(openapi, config.limits)
+    document_validate_routes(openapi, config.limits)
     document_cors(openapi)
     finish_document(openapi)
     return app

@@ -383,6 +383,10 @@ def config_check(path: Path, production: bool) -> None:
     except ConfigProblems as exc:
         click.echo(str(exc), err=True)
         sys.exit(1)
+    from gateway.delivery_setup import minimisation_warnings
+
+    for warning in minimisation_warnings(cfg):
+        click.echo(f"warning: {warning}", err=True)
     sources = sum(len(t.sources) for t in cfg.tenants)
     dests = sum(len(t.destinations) for t in cfg.tenants)
     click.echo(f"{path}: OK ({len(cfg.tenants)} tenant(s), {sources} source(s), {dests} destination(s))")

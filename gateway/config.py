@@ -103,6 +103,11 @@ class Source(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     # Web pages (origins: scheme://host[:port]) allowed to call the Segment endpoints and
     # /v1/consent from a browser (CORS); never "*": the write key is a credential.
     allowed_origins: list[str] = []
+    # The tracking plan for this source (gateway.plan): "block", "omit" or "flag" an event
+    # that breaks its plan entry; "block", "allow" or "flag" one the plan does not list.
+    # Empty: the tenant's plan_mode (observe: flag and flag; enforce: block and block).
+    plan_validation: Literal["", "block", "omit", "flag"] = ""
+    plan_unplanned: Literal["", "block", "allow", "flag"] = ""
 
     @property
     def is_server(self) -> bool:
@@ -132,6 +137,11 @@ class Destination(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     pseudonym_domain: str = ""
     batch_size: int = 1000
     retry: RetryPolicy = RetryPolicy()
+    # Minimisation: when either is set, the destination receives only these event properties
+    # (names or globs such as "utm_*") and those the tenant's tracking plan gives one of
+    # these data classes; the rest are removed before delivery. Both empty: every property.
+    properties: list[str] = []
+    data_classes: list[str] = []
 
 
 class NoticeConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -482,6 +492,8 @@ def _check_tenant(t: Tenant, where: str, dev: bool, problems: list[str], seen_ke
         _check_sensors_source(s, sw, dev, problems, seen_keys)
         _check_trust(s, sw, problems)
         _check_origins(s, sw, bool(hashes), problems)
+        if (s.plan_validation or s.plan_unplanned) and not t.tracking_plan_file:
+            problems.append(f"{sw}: plan_validation / plan_unplanned need the tenant's tracking_plan_file")
     dest_ids: set[str] = set()
     for j, d in enumerate(t.destinations):
         dw = f"{where}.destinations[{j}]"
@@ -504,6 +516,13 @@ def _check_tenant(t: Tenant, where: str, dev: bool, problems: list[str], seen_ke
             problems.append(f"{dw}.retry.max_attempts: must be at least 1")
         if d.retry.initial_backoff_ms < 1 or d.retry.max_backoff_ms < d.retry.initial_backoff_ms:
             problems.append(f"{dw}.retry: need 1 <= initial_backoff_ms <= max_backoff_ms")
+        from gateway.plan import DATA_CLASSES
+
+        for c in d.data_classes:
+            if c not in DATA_CLASSES:
+                problems.append(f"{dw}.data_classes: {c!r} is not one of {', '.join(DATA_CLASSES)}")
+        if d.data_classes and not t.tracking_plan_file:
+            problems.append(f"{dw}.data_classes: needs the tenant's tracking_plan_file")
         if d.pseudonym_domain and not _ID.match(d.pseudonym_domain):
             problems.append(f"{dw}.pseudonym_domain: {d.pseudonym_domain!r} must match {_ID.pattern}")
     for event_name, event_purposes in t.tracking_plan.items():

@@ -13,11 +13,12 @@ from export.deadletter import DeadLetterStore, RedisDeadLetters, SqliteDeadLette
 from export.dedupe import RedisDedupe
 from export.delivery import DeliveryService, DeliveryWorker, Retry
 from export.domains import DomainRekeyer
+from export.minimise import PropertyMinimiser
 from export.outbox import Outbox
 from export.redis_outbox import RedisStreamOutbox
 from export.sinks import build_sink
 from export.sqlite_outbox import SqliteOutbox
-from gateway.config import Config, Destination
+from gateway.config import Config, Destination, Tenant
 from gateway.consent_setup import (
     ConsentRuntime,
     delivery_recheck,
@@ -26,6 +27,7 @@ from gateway.consent_setup import (
     message_keys,
 )
 from gateway.pipeline import destination_specs
+from gateway.plan import keys_of_class, plan_for
 from gateway.settings import Settings
 from identity.pseudonym import DOMAIN, KeyRing
 
@@ -107,6 +109,42 @@ def rekeyer(keyring: KeyRing, tenant: str, d: Destination) -> DomainRekeyer:
     return DomainRekeyer(keyring.anchor(tenant).internal(DOMAIN), d.pseudonym_domain or d.id)
 
 
+def minimiser(tenant: Tenant, d: Destination) -> PropertyMinimiser | None:
+    """What the destination may receive (``properties``, ``data_classes``), or None: all."""
+    if not d.properties and not d.data_classes:
+        return None
+    names = [p for p in d.properties if not any(c in p for c in "*?[")]
+    globs = [p for p in d.properties if p not in names]
+    return PropertyMinimiser([*names, *keys_of_class(tenant, *d.data_classes)], globs)
+
+
+def minimisation_warnings(config: Config) -> list[str]:
+    """Destinations asking for a data class their purposes do not need: no plan event that
+    serves one of their purposes carries a property of it, or (``sensitive``) they lack the
+    ``sensitive_pi`` purpose such properties pass with. ``idgate config check`` prints them."""
+    found: list[str] = []
+    for i, t in enumerate(config.tenants):
+        plan = plan_for(t)
+        for j, d in enumerate(t.destinations):
+            if not d.data_classes or plan is None:
+                continue
+            where = f"tenants[{i}].destinations[{j}].data_classes"
+            purposes = set(d.purposes)
+            carried = {
+                c for e in plan.events.values() if purposes & set(e.spec.purposes) for c in e.classes.values()
+            }
+            found.extend(
+                f"{where}: {c!r}: no plan event for its purposes ({', '.join(d.purposes)}) has one"
+                for c in d.data_classes
+                if c not in carried
+            )
+            if "sensitive" in d.data_classes and "sensitive_pi" not in purposes:
+                found.append(
+                    f"{where}: 'sensitive' properties pass only with sensitive_pi, not among its purposes"
+                )
+    return found
+
+
 def build_delivery(
     settings: Settings,
     config: Config,
@@ -132,6 +170,7 @@ def build_delivery(
             retry=retry_policy(d),
             dead_letters=dead_letters,
             rekey=rekeyer(keyring, t.id, d),
+            minimise=minimiser(t, d),
             recheck=recheck,
             on_delivered=trail,
             on_withheld=retraction,

@@ -76,6 +76,9 @@ class Envelope:
     unproven: list[Identifier] = field(default_factory=list)
     # The raw identity assertion (a JWT), taken out of the event before anything is stored.
     assertion_token: object = None
+    # What the tracking plan found in a flagged event: delivered in context.idgate.violations
+    # (gateway.plan.Violation items; idgate writes context.idgate, a client's is replaced).
+    plan_violations: list[Any] = field(default_factory=list)
 
 
 class Rejection(msgspec.Struct, omit_defaults=True):

@@ -28,8 +28,20 @@ _FAMILIES: dict[str, tuple[str, tuple[str, ...]]] = {
         ("tenant", "source", "event", "rule"),
     ),
     "plan_kept": (
-        "Events kept as violation records instead of delivered (plan_mode enforce)",
+        "Events kept as violation records instead of delivered (plan validation block)",
         ("tenant", "source"),
+    ),
+    "plan_omitted": (
+        "Events delivered without the properties that broke the plan (plan validation omit), recorded",
+        ("tenant", "source"),
+    ),
+    "plan_seen": (
+        "Events checked against the tracking plan by plan event (or unplanned)",
+        ("tenant", "source", "event"),
+    ),
+    "plan_valid": (
+        "Events that fit their tracking plan entry, by plan event",
+        ("tenant", "source", "event"),
     ),
     "refused_assertion": (
         "Assertions a sender could not back (unproven identifiers, bad identity assertions, "

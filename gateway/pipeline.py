@@ -19,11 +19,12 @@ Each stage is a named function of (dependencies, batch) that can be run alone in
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final, Literal
 
 import msgspec
 import structlog
@@ -41,10 +42,22 @@ from export.outbox import Claim, ClaimStatus, Outbox, OutboxRecord, notice_recor
 from export.violations import PlanFinding, SqliteViolations, ViolationRecord
 from gateway import metrics
 from gateway.config import Destination, ResolvedSource, Tenant
-from gateway.events import Envelope, Rejection, RejectMessage
-from gateway.plan import UNPLANNED, PlanReport, lookup_key, plan_for, planned_purposes, sensitive_keys
+from gateway.events import Envelope, Event, Rejection, RejectMessage
+from gateway.plan import (
+    UNPLANNED,
+    PlanReport,
+    PlanVerdict,
+    judge,
+    lookup_key,
+    plan_for,
+    planned_purposes,
+    policy_for,
+    sensitive_keys,
+)
+from gateway.plan_monitor import PlanMonitor, TailEntry
 from gateway.privacy import (
     SAFE_CONTEXT,
+    EventScrubber,
     clean_message_id,
     message_id_digest,
     scrubber_for,
@@ -397,6 +410,8 @@ def encode_for_outbox(
         "purposes": list(env.purposes),
         "consentProof": list(env.consent_proof),
     }
+    if env.plan_violations:  # flagged by check_plan
+        ctx["idgate"]["violations"] = env.plan_violations
     pseudonyms = env.pseudonyms
     if env.unified_id is not None:
         ctx["unified_id"] = env.unified_id
@@ -511,8 +526,10 @@ class IngestServices:
     assertions: Mapping[tuple[str, str], AssertionVerifier] = field(default_factory=dict)
     # key rotation: active pseudonym -> its pseudonyms under the older live versions
     alias_cache: dict[str, tuple[str, ...]] = field(default_factory=dict)
-    # where plan_mode "enforce" keeps the events that broke the tracking plan
+    # where the tracking plan's blocked and omitted events are recorded
     violations: SqliteViolations | None = None
+    # the tracking plan's live tail and coverage counts (gateway.plan_monitor)
+    plan_monitor: PlanMonitor | None = None
     # business KPIs over the batch once appended (gateway.monitoring.KpiFeed)
     kpis: Callable[[IngestBatch], Awaitable[None]] | None = None
 
@@ -566,67 +583,136 @@ def _is_consent_event(env: Envelope) -> bool:
     return env.event.event == CONSENT_PREFERENCE_EVENT or "consent" in ctx or "consentManagement" in ctx
 
 
+_decode_event = msgspec.json.Decoder(Event).decode
+_REPORTED: Final[dict[str, Literal["delivered", "omitted", "kept"]]] = {
+    "flag": "delivered",
+    "omit": "omitted",
+    "block": "kept",
+}
+
+
 async def check_plan(s: IngestServices, batch: IngestBatch) -> None:
-    """The tenant's tracking plan (gateway.plan): each violation counted by event and rule and
-    reported per message; with plan_mode "enforce" a violating event is kept as a violation
-    record (scrubbed like a stored event) instead of going on. Before the dedupe claim, so a
+    """The tenant's tracking plan (gateway.plan) under the source's policy: each event counted
+    (seen, valid, violations by event and rule) and each violation reported per message.
+    ``flag`` forwards the event with ``context.idgate.violations``; ``omit`` removes the bad
+    properties and forwards it; ``block`` keeps it as a violation record instead. Omitted and
+    blocked events are recorded (scrubbed like a stored event). Before the dedupe claim, so a
     replay after a fix is not taken for a duplicate."""
     src = batch.src
     tenant = src.tenant
     plan = plan_for(tenant)
     if plan is None or not batch.envelopes:
         return
-    enforce = tenant.plan_mode == "enforce"
+    policy = policy_for(tenant, src.source)
+    add = metrics.INGEST.add
+    labels = (tenant.id, src.source.id)
+    monitor = s.plan_monitor
+    now_ms = int(time.time() * 1000)
+    scrubber = scrubber_for(tenant)
     kept: list[Envelope] = []
     held: list[ViolationRecord] = []
     reports = batch.result.plan_violations
+    # (plan event or unplanned, unplanned name) -> [seen, valid]: counted once per batch
+    counts: dict[tuple[str, str], list[int]] = {}
     for env in batch.envelopes:
         ev = env.event
         key = lookup_key(ev.type, ev.event, ev.name)
         if key is None:
             kept.append(env)
             continue
-        entry, found = plan.check(key, ev.properties)
-        if not found:
+        verdict = judge(plan, key, ev.properties, env.pseudonyms, policy)
+        name = _unplanned_name(ev, key, scrubber, batch.pseudonymiser) if verdict.event == UNPLANNED else ""
+        if verdict.event:
+            cell = counts.get((verdict.event, name))
+            if cell is None:
+                cell = counts[(verdict.event, name)] = [0, 0]
+            cell[0] += 1
+            cell[1] += verdict.action == "pass" and not name
+        if verdict.action == "pass":
             kept.append(env)
             continue
-        label = entry.id if entry is not None else UNPLANNED
+        found = verdict.violations
         for v in found:
-            metrics.INGEST.add("plan_violation", (tenant.id, src.source.id, label, v.rule))
-        if not enforce:
-            reports.append(PlanReport(env.index, label, "delivered", found, ev.message_id))
+            add("plan_violation", (*labels, verdict.event, v.rule))
+        action = _REPORTED[verdict.action]
+        reports.append(PlanReport(env.index, verdict.event, action, found, ev.message_id))
+        if monitor is not None:
+            tail = TailEntry(now_ms, src.source.id, verdict.event, action, found, name, ev.message_id)
+            monitor.note(tenant.id, tail)
+        if verdict.action == "flag":
+            env.plan_violations = found  # context.idgate.violations (encode_for_outbox)
             kept.append(env)
             continue
-        scrub_personal_data(env, tenant, batch.pseudonymiser)
-        reports.append(PlanReport(env.index, label, "kept", found, ev.message_id))
-        held.append(
-            ViolationRecord(
-                tenant=tenant.id,
-                source=src.source.id,
-                message_id=ev.message_id,
-                event=label,
-                plan_version=plan.version,
-                received_at_ms=int(ev.received_at.timestamp() * 1000),
-                findings=tuple(PlanFinding(v.rule, v.path, v.detail) for v in found),
-                payload=s.encoder.encode(ev),
-                identifiers=tuple(env.identifiers),
-                unproven=tuple(env.unproven),
-                pseudonyms=tuple(sorted(env.pseudonyms)),
-                server=env.standing.server,
-            )
+        if verdict.action == "block":
+            scrub_personal_data(env, tenant, batch.pseudonymiser)
+            held.append(_violation_record(s, batch, env, verdict, plan.version))
+            continue
+        # omit: the record keeps the event as it came (scrubbed on a copy: the event goes on
+        # to the transform stage, which scrubs it once)
+        as_sent = dataclasses.replace(
+            env, event=_decode_event(s.encoder.encode(ev)), pseudonyms=set(env.pseudonyms)
         )
+        scrub_personal_data(as_sent, tenant, batch.pseudonymiser)
+        held.append(_violation_record(s, batch, as_sent, verdict, plan.version))
+        props = ev.properties or {}
+        for prop in verdict.omit:
+            props.pop(prop, None)
+        kept.append(env)
+    for (event, name), (seen, valid) in counts.items():
+        add("plan_seen", (*labels, event), seen)
+        if valid:
+            add("plan_valid", (*labels, event), valid)
+        if monitor is not None:
+            monitor.count(tenant.id, src.source.id, event, name, seen=seen, valid=valid, at_ms=now_ms)
     if held and s.violations is None:  # nowhere to keep them (a bare pipeline): refused, the client knows
         for record in held:
-            index = next(r.index for r in reports if r.message_id == record.message_id)
-            batch.result.rejected.append(
-                Rejection(
-                    index, "plan_violation", "breaks the tracking plan", "properties", record.message_id
+            if record.action == "kept":
+                index = next(r.index for r in reports if r.message_id == record.message_id)
+                batch.result.rejected.append(
+                    Rejection(
+                        index, "plan_violation", "breaks the tracking plan", "properties", record.message_id
+                    )
                 )
-            )
     elif held and s.violations is not None:
         await asyncio.to_thread(s.violations.keep, held)
-        metrics.INGEST.add("plan_kept", (tenant.id, src.source.id), len(held))
+        blocked = sum(1 for r in held if r.action == "kept")
+        if blocked:
+            add("plan_kept", labels, blocked)
+        if len(held) > blocked:
+            add("plan_omitted", labels, len(held) - blocked)
     batch.envelopes = kept
+    if monitor is not None:
+        await monitor.flush_if_due()
+
+
+def _unplanned_name(ev: Event, key: str, scrubber: EventScrubber, pseudonymiser: Pseudonymiser) -> str:
+    """An unplanned event's name as counted and tailed, cleaned like the stored event's: a
+    track's name like a key, a page or screen name like free text (URLs included)."""
+    if ev.type == "track" or not ev.name:
+        return scrubber.name(key)
+    return f"{ev.type}:{scrubber.text(ev.name, url_pseudonymiser(pseudonymiser))}"
+
+
+def _violation_record(
+    s: IngestServices, batch: IngestBatch, env: Envelope, verdict: PlanVerdict, version: int
+) -> ViolationRecord:
+    """The event as it arrived (pseudonymised, scrubbed) and what the plan said about it."""
+    ev = env.event
+    return ViolationRecord(
+        tenant=batch.src.tenant.id,
+        source=batch.src.source.id,
+        message_id=ev.message_id,
+        event=verdict.event,
+        plan_version=version,
+        received_at_ms=int(ev.received_at.timestamp() * 1000),
+        findings=tuple(PlanFinding(v.rule, v.path, v.detail) for v in verdict.violations),
+        payload=s.encoder.encode(ev),
+        identifiers=tuple(env.identifiers),
+        unproven=tuple(env.unproven),
+        pseudonyms=tuple(sorted(env.pseudonyms)),
+        server=env.standing.server,
+        action="omitted" if verdict.action == "omit" else "kept",
+    )
 
 
 async def claim_message_ids(s: IngestServices, batch: IngestBatch) -> None:

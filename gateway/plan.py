@@ -11,7 +11,8 @@ data class:
   ``sensitive_pi`` consent (like ``tenants.sensitive_properties``);
 - ``identifier`` / ``contact``: pseudonymised wherever the key appears (fed into the
   tenant's identifier key patterns, ``gateway.privacy.scrubber_for``);
-- ``financial``, ``behavioural``, ``device``, ``none``: recorded, no extra handling yet.
+- ``financial``, ``behavioural``, ``device``, ``none``: recorded; a destination may ask for
+  properties by class (``data_classes``, per-destination minimisation).
 
 Each event's schema is compiled once per plan version with ``fastjsonschema`` (the
 per-event check); the error paths of a failing event come from ``jsonschema``. Validation
@@ -29,15 +30,17 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence, Set
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, NamedTuple
 
 import fastjsonschema
 import jsonschema
 import msgspec
 import yaml
+
+from identity.scrub import REDACTION_MARK
 
 DATA_CLASSES: Final = ("identifier", "contact", "sensitive", "financial", "behavioural", "device", "none")
 # PIPL Art. 13: the lawful bases for processing personal information.
@@ -52,9 +55,21 @@ LEGAL_BASES: Final = (
     "other_law",
 )
 PlanMode = Literal["observe", "enforce"]
+# What a source does with an event that breaks its plan entry (``plan_validation``):
+# refuse it (kept as a violation record), remove the bad properties (recorded) and forward
+# it, or forward it with the violations in ``context.idgate.violations``.
+Validation = Literal["block", "omit", "flag"]
+# What a source does with an event its plan does not list (``plan_unplanned``).
+UnplannedPolicy = Literal["block", "allow", "flag"]
 # Keywords that would be matched against a pseudonym for identifier/contact properties.
 _VALUE_KEYWORDS: Final = ("pattern", "format", "enum", "const")
 UNPLANNED: Final = "unplanned"
+# The rule of an identifier or other personal data in a property whose class is not
+# ``identifier`` or ``contact`` (found pseudonymised or redacted by the ingest scrubber).
+IDENTIFIER_RULE: Final = "identifier"
+_CARRIES_IDENTIFIERS: Final = frozenset({"identifier", "contact"})
+_REDACTION_MARK: Final = REDACTION_MARK.encode()
+_encode_json = msgspec.json.Encoder().encode
 
 
 class PlanEventSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -144,6 +159,54 @@ class PlanEvent:
                 found.append(Violation(rule, where, f"must satisfy {rule}: {wanted!r}"[:200]))
         return found or [Violation("schema", "properties", "does not fit the plan")]
 
+    def identifier_violations(
+        self, properties: Mapping[str, Any] | None, pseudonyms: Set[str]
+    ) -> list[Violation]:
+        """Properties not classed ``identifier``/``contact`` that hold one anyway: a value the
+        ingest scrubber pseudonymised (an identifier key) or redacted (a phone, ID card, bank
+        card or email in free text), at any depth. SDK presets (``$...``) are the SDK's."""
+        if not properties:
+            return []
+        # the common case, found in C: nothing pseudonymised or redacted anywhere in them
+        blob = _encode_json(properties)
+        if _REDACTION_MARK not in blob and not any(p.encode() in blob for p in pseudonyms):
+            return []
+        classes = self.classes
+        return [
+            Violation(
+                IDENTIFIER_RULE,
+                f"properties.{name}",
+                "identifier or personal data in a property not of class identifier or contact",
+            )
+            for name, value in properties.items()
+            if not name.startswith("$")
+            and classes.get(name) not in _CARRIES_IDENTIFIERS
+            and _holds_identifier(value, pseudonyms)
+        ]
+
+    def omittable(
+        self, found: Sequence[Violation], properties: Mapping[str, Any] | None
+    ) -> tuple[str, ...] | None:
+        """The top-level properties whose removal leaves an event that fits, or None when
+        removal cannot fix it (a required property missing or broken, a violation not tied
+        to one property)."""
+        names: dict[str, None] = {}
+        required = self.spec.required
+        present = properties or {}
+        for v in found:
+            if v.rule == "required" or not v.path.startswith("properties."):
+                return None
+            rest = v.path[len("properties.") :]
+            # the property the path starts with (a key may itself hold a ".")
+            name = next(
+                (k for k in present if rest == k or rest.startswith(f"{k}.")),
+                None,
+            )
+            if name is None or name in required:
+                return None
+            names[name] = None
+        return tuple(names)
+
 
 @dataclass(frozen=True)
 class TrackingPlan:
@@ -173,6 +236,85 @@ class TrackingPlan:
                 return None, []
             return None, [Violation(UNPLANNED, "event", "event not in the tracking plan")]
         return event, event.violations(properties)
+
+
+def _holds_identifier(value: Any, pseudonyms: Set[str]) -> bool:
+    if isinstance(value, str):
+        return value in pseudonyms or REDACTION_MARK in value
+    if isinstance(value, dict):
+        return any(_holds_identifier(v, pseudonyms) for v in value.values())
+    if isinstance(value, list):
+        return any(_holds_identifier(v, pseudonyms) for v in value)
+    return False
+
+
+@dataclass(frozen=True, slots=True)
+class PlanPolicy:
+    """What one source does with events that break the plan, or that it does not list."""
+
+    validation: Validation
+    unplanned: UnplannedPolicy
+
+
+# The tenant-level plan_mode, where a source sets nothing: observe flags, enforce blocks.
+_MODE_POLICIES: Final[dict[str, PlanPolicy]] = {
+    "observe": PlanPolicy("flag", "flag"),
+    "enforce": PlanPolicy("block", "block"),
+}
+
+
+def policy_for(tenant: Any, source: Any) -> PlanPolicy:
+    """The source's ``plan_validation`` / ``plan_unplanned``, else its tenant's ``plan_mode``."""
+    default = _MODE_POLICIES[tenant.plan_mode]
+    validation = source.plan_validation or default.validation
+    unplanned = source.plan_unplanned or default.unplanned
+    if validation == default.validation and unplanned == default.unplanned:
+        return default
+    return PlanPolicy(validation, unplanned)
+
+
+class PlanVerdict(NamedTuple):
+    """What the plan does to one event: ``pass`` (fits, an ignored name, or an unplanned
+    event a source allows), ``flag``, ``omit`` (``omit`` names the properties removed) or
+    ``block``. ``event`` is the plan event id, ``unplanned``, or "" for an ignored name."""
+
+    event: str
+    action: Literal["pass", "flag", "omit", "block"]
+    violations: list[Violation]
+    omit: tuple[str, ...] = ()
+
+
+_IGNORED: Final = PlanVerdict("", "pass", [])
+
+
+def judge(
+    plan: TrackingPlan,
+    key: str,
+    properties: Mapping[str, Any] | None,
+    pseudonyms: Set[str],
+    policy: PlanPolicy,
+) -> PlanVerdict:
+    """The plan's verdict on one (pseudonymised) event under a source's policy. In ``omit``,
+    an event that removing properties cannot fix is blocked."""
+    entry = plan.by_name.get(key)
+    if entry is None:
+        if plan.ignored(key):
+            return _IGNORED
+        if policy.unplanned == "allow":
+            return PlanVerdict(UNPLANNED, "pass", [])
+        return PlanVerdict(
+            UNPLANNED, policy.unplanned, [Violation(UNPLANNED, "event", "event not in the tracking plan")]
+        )
+    found = entry.violations(properties)
+    found += entry.identifier_violations(properties, pseudonyms)
+    if not found:
+        return PlanVerdict(entry.id, "pass", found)
+    if policy.validation == "omit":
+        names = entry.omittable(found, properties)
+        if names is not None:
+            return PlanVerdict(entry.id, "omit", found, names)
+        return PlanVerdict(entry.id, "block", found)
+    return PlanVerdict(entry.id, policy.validation, found)
 
 
 def lookup_key(event_type: str, event_name: str | None, page_name: str | None) -> str | None:
@@ -368,12 +510,14 @@ def planned_purposes(tenant: Any, key: str | None) -> tuple[str, ...] | None:
 
 class PlanReport(msgspec.Struct, frozen=True, rename="camel", omit_defaults=True):
     """What the ingest response says about one message that broke the plan (like ``rejected``):
-    ``action`` is ``delivered`` (plan_mode observe) or ``kept`` (enforce: a violation record,
-    replayable, instead of a delivery)."""
+    ``action`` is ``delivered`` (flag: with ``context.idgate.violations``), ``omitted`` (the
+    bad properties removed, then delivered; a violation record keeps them), ``kept`` (block:
+    a violation record, replayable, instead of a delivery) or ``rejected`` (block with
+    nowhere to keep it)."""
 
     index: int
     event: str
-    action: Literal["delivered", "kept", "rejected"]
+    action: Literal["delivered", "omitted", "kept", "rejected"]
     violations: list[Violation]
     message_id: str | None = None
 

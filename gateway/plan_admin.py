@@ -1,4 +1,5 @@
-"""The tracking plan's violation records over the admin API: list, show, replay.
+"""The tracking plan over the admin API: violation records (list, show, replay), the live tail
+of the last violations per source, and the coverage report.
 
 Replay puts a kept event back through the pipeline after ``pseudonymise`` (the record holds
 the pseudonymised identifiers the first pass found): it is checked against the plan the
@@ -10,6 +11,8 @@ still breaks the plan keeps its record, updated.
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 from typing import Annotated, Any
 
 import msgspec
@@ -26,6 +29,9 @@ from gateway.errors import InvalidRequest
 from gateway.events import Envelope, Event
 from gateway.openapi import error_responses
 from gateway.pipeline import Ingestor, IngestResult, pseudonymise
+from gateway.plan import plan_for
+from gateway.plan_monitor import TAIL_SIZE, PlanMonitor, TailEntry
+from gateway.plan_monitor import coverage as plan_coverage
 from identity.assertions import CLIENT, SERVER
 
 _decode_event = msgspec.json.Decoder(Event).decode
@@ -60,7 +66,8 @@ async def replay_records(
     ingestor: Ingestor, config: Config, store: SqliteViolations, records: list[ViolationRecord]
 ) -> ReplayOutcome:
     runner = Ingestor(
-        ingestor.services,
+        # a replayed event was counted for coverage when it first came
+        dataclasses.replace(ingestor.services, plan_monitor=None),
         stages=tuple(st for st in ingestor.stages if st is not pseudonymise),
         on_appended=ingestor.on_appended,
     )
@@ -80,6 +87,9 @@ async def replay_records(
             standing=SERVER if record.server else CLIENT,
         )
         result = await runner.ingest(src, [env], IngestResult(received=1))
+        if result.accepted and any(r.action == "omitted" for r in result.plan_violations):
+            outcome.replayed += 1  # went out without some properties: the record (updated) keeps them
+            continue
         if result.accepted:
             outcome.replayed += 1
         elif result.duplicates:
@@ -172,7 +182,7 @@ class PlanViolationsController(Controller):
             if len(records) != len(data.ids):
                 raise InvalidRequest("invalid_field", "unknown violation record id for this tenant", "ids")
         elif data.all:
-            records = store.list(data.tenant, limit=1_000_000)
+            records = store.list(data.tenant, limit=1_000_000, action="kept")  # omitted ones went out
         else:
             raise InvalidRequest("invalid_field", "name record ids, or set all", "ids")
         outcome = await replay_records(request.app.state.ingest.ingestor, services.config, store, records)
@@ -185,3 +195,71 @@ class PlanViolationsController(Controller):
             len(records),
         )
         return outcome
+
+
+def _monitor(request: Request[Any, Any, Any]) -> PlanMonitor:
+    monitor: PlanMonitor = request.app.state.plan_monitor
+    return monitor
+
+
+class TailAnswer(msgspec.Struct):
+    tenant: str
+    violations: list[TailEntry]
+
+
+class PlanMonitorController(Controller):
+    """A team watching its plan at work: the live tail and the coverage report."""
+
+    path = "/admin/plan"
+    tags = ["tracking plan"]
+    guards = [admin_guard]
+    dependencies = ADMIN_DEPENDENCIES
+    security = [{"AdminToken": []}]
+
+    @get(
+        "/tail", responses=READ_ERRORS, summary="The last violations per source (live)", opt=roles("operator")
+    )
+    async def tail(
+        self,
+        request: Request[Any, Any, Any],
+        services: NamedDependency[AdminServices],
+        officer: NamedDependency[Officer],
+        tenant: FromQuery[str],
+        source: FromQuery[str | None] = None,
+        limit: Annotated[int, QueryParameter(ge=1, le=TAIL_SIZE)] = TAIL_SIZE,
+    ) -> TailAnswer:
+        """Operator role. Newest first: each message that broke the plan (flagged, omitted or
+        kept), its rules and property paths, never a value; the last 100 per source this
+        gateway process saw."""
+        services.tokens.check_tenant(officer, tenant)
+        entries = _monitor(request).tail(tenant, source, limit)
+        await log_access(services, officer, "plan.tail", tenant, {"source": source}, len(entries))
+        return TailAnswer(tenant=tenant, violations=entries)
+
+    @get(
+        "/coverage",
+        responses=_SHOW_ERRORS,
+        summary="Planned events never seen, seen events not planned",
+        opt=roles("operator"),
+    )
+    async def coverage(
+        self,
+        request: Request[Any, Any, Any],
+        services: NamedDependency[AdminServices],
+        officer: NamedDependency[Officer],
+        tenant: FromQuery[str],
+    ) -> dict[str, Any]:
+        """Operator role. From the counts the gateway keeps since its violation store was
+        created: per plan event how many were seen and fit, the planned events never seen,
+        and the unplanned names seen (with counts)."""
+        services.tokens.check_tenant(officer, tenant)
+        found = next((t for t in services.config.tenants if t.id == tenant), None)
+        plan = plan_for(found) if found is not None else None
+        if plan is None:
+            raise NotFoundException(detail=f"tenant {tenant!r} has no tracking plan")
+        monitor = _monitor(request)
+        await monitor.flush()
+        store = _store(request)
+        report = plan_coverage(plan, await asyncio.to_thread(store.seen, tenant))
+        await log_access(services, officer, "plan.coverage", tenant, {}, len(report["events"]))
+        return report

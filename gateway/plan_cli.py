@@ -1,4 +1,6 @@
-"""``idgate plan check``: a launch check of a sample of events against a tenant's plan."""
+"""``idgate plan``: a launch check of a sample of events against a tenant's plan (``check``),
+the events it blocked or altered (``violations``), its coverage (``coverage``) and plans
+brought from other tools (``import``)."""
 
 from __future__ import annotations
 
@@ -8,13 +10,49 @@ from pathlib import Path
 
 import click
 
+from export.violations import SqliteViolations
 from gateway.config import ConfigProblems, load_config
-from gateway.plan import SampleReport, plan_for
+from gateway.plan import SampleReport, TrackingPlan, plan_for
+from gateway.plan_import import FORMATS
+from gateway.plan_monitor import coverage, coverage_lines
 
 
 @click.group("plan")
 def plan() -> None:
-    """Tracking plans: launch checks."""
+    """Tracking plans: launch checks, violations, coverage, imports."""
+
+
+def _tenant_plan(config_path: Path, tenant: str | None) -> tuple[str, TrackingPlan]:
+    """The tenant (default: the first with a plan) and its plan; exit 2 with one line if none."""
+    try:
+        cfg = load_config(config_path, dev=True)
+    except ConfigProblems as exc:
+        click.echo(str(exc), err=True)
+        sys.exit(2)
+    tenants = [t for t in cfg.tenants if t.tracking_plan_file and (tenant is None or t.id == tenant)]
+    found = plan_for(tenants[0]) if tenants else None
+    if found is None:
+        click.echo(
+            f"idgate: no tenant {'named ' + repr(tenant) + ' ' if tenant else ''}with a tracking_plan_file",
+            err=True,
+        )
+        sys.exit(2)
+    return tenants[0].id, found
+
+
+def _violation_store(data_dir: Path | None) -> SqliteViolations:
+    from gateway.settings import data_dir_from_env
+
+    path = data_dir_from_env(data_dir) / "violations.sqlite3"
+    if not path.exists():
+        click.echo(f"idgate: no violation store at {path} (set IDGATE_DATA_DIR)", err=True)
+        sys.exit(2)
+    return SqliteViolations(path)
+
+
+DATA_DIR = click.option(
+    "--data-dir", type=click.Path(path_type=Path), default=None, help="Default: $IDGATE_DATA_DIR, else ./var."
+)
 
 
 @plan.command("check")
@@ -31,20 +69,7 @@ def plan() -> None:
 def plan_check(config_path: Path, tenant: str | None, events_path: Path, as_json: bool) -> None:
     """Validate a sample of events against the plan: which events and properties are missing,
     of the wrong type, out of range, or not planned. Exit status 1 when any event violates."""
-    try:
-        cfg = load_config(config_path, dev=True)
-    except ConfigProblems as exc:
-        click.echo(str(exc), err=True)
-        sys.exit(2)
-    tenants = [t for t in cfg.tenants if t.tracking_plan_file and (tenant is None or t.id == tenant)]
-    if not tenants:
-        click.echo(
-            f"idgate: no tenant {'named ' + repr(tenant) + ' ' if tenant else ''}with a tracking_plan_file",
-            err=True,
-        )
-        sys.exit(2)
-    found = plan_for(tenants[0])
-    assert found is not None
+    _, found = _tenant_plan(config_path, tenant)
     report = SampleReport(plan=found)
     with events_path.open(encoding="utf-8") as lines:
         for line in lines:
@@ -62,9 +87,7 @@ def plan_check(config_path: Path, tenant: str | None, events_path: Path, as_json
 
 
 @plan.command("violations")
-@click.option(
-    "--data-dir", type=click.Path(path_type=Path), default=None, help="Default: $IDGATE_DATA_DIR, else ./var."
-)
+@DATA_DIR
 @click.option("--tenant", default=None)
 @click.option("--event", default=None, help="A plan event id, or unplanned.")
 @click.option("--limit", type=click.IntRange(1, 1_000_000), default=100)
@@ -72,16 +95,9 @@ def plan_check(config_path: Path, tenant: str | None, events_path: Path, as_json
 def plan_violations(
     data_dir: Path | None, tenant: str | None, event: str | None, limit: int, as_json: bool
 ) -> None:
-    """List the events plan_mode "enforce" kept (replay them with POST
-    /admin/plan/violations/replay on the running gateway after a fix)."""
-    from export.violations import SqliteViolations
-    from gateway.settings import data_dir_from_env
-
-    path = data_dir_from_env(data_dir) / "violations.sqlite3"
-    if not path.exists():
-        click.echo(f"idgate: no violation store at {path} (set IDGATE_DATA_DIR)", err=True)
-        sys.exit(2)
-    store = SqliteViolations(path)
+    """List the events the plan blocked (replay them with POST /admin/plan/violations/replay
+    on the running gateway after a fix) or omitted properties of."""
+    store = _violation_store(data_dir)
     try:
         counts = store.counts(tenant)
         records = [r.summary() for r in store.list(tenant, limit, event)]
@@ -90,7 +106,80 @@ def plan_violations(
     if as_json:
         click.echo(json.dumps({"counts": counts, "violations": records}, sort_keys=True))
         return
-    click.echo(f"{sum(counts.values())} kept: " + ", ".join(f"{e} {n}" for e, n in sorted(counts.items())))
+    click.echo(f"{sum(counts.values())} records: " + ", ".join(f"{e} {n}" for e, n in sorted(counts.items())))
     for r in records:
         rules = "; ".join(f"{v['rule']} {v['path']}" for v in r["violations"])
-        click.echo(f"{r['id']:>8}  {r['tenant']}/{r['source']}  {r['event']}  {r['messageId']}  {rules}")
+        where = f"{r['tenant']}/{r['source']}"
+        click.echo(f"{r['id']:>8}  {where}  {r['event']}  {r['action']}  {r['messageId']}  {rules}")
+
+
+@plan.command("coverage")
+@click.option("--config", "config_path", type=click.Path(path_type=Path), default=Path("idgate.toml"))
+@click.option("--tenant", default=None, help="Whose plan (default: the first tenant with one).")
+@DATA_DIR
+@click.option("--json", "as_json", is_flag=True, help="The report as JSON.")
+def plan_coverage(config_path: Path, tenant: str | None, data_dir: Path | None, as_json: bool) -> None:
+    """Planned events never seen and seen events not planned, from the counts the gateway
+    keeps in its data directory (a running gateway writes them within seconds). Exit status 1
+    when a planned event was never seen or an unplanned one was."""
+    tenant_id, found = _tenant_plan(config_path, tenant)
+    store = _violation_store(data_dir)
+    try:
+        report = coverage(found, store.seen(tenant_id))
+    finally:
+        store.close()
+    if as_json:
+        click.echo(json.dumps(report, indent=2, sort_keys=True))
+    else:
+        click.echo("\n".join(coverage_lines(report)))
+    sys.exit(1 if report["neverSeen"] or report["notPlanned"] else 0)
+
+
+@plan.command("import")
+@click.option(
+    "--from", "source", type=click.Choice(FORMATS), required=True, help="The tool the file comes from."
+)
+@click.argument("export", type=click.Path(path_type=Path, exists=True, dir_okay=False))
+@click.option(
+    "--out",
+    "out_path",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="Default: stdout.",
+)
+@click.option("--name", default=None, help="The plan's name (default: the export's).")
+@click.option("--owner", default="imported", show_default=True, help="Owner of every event (review them).")
+@click.option("--purpose", "purposes", multiple=True, default=("analytics",), show_default=True)
+def plan_import(
+    source: str, export: Path, out_path: Path | None, name: str | None, owner: str, purposes: tuple[str, ...]
+) -> None:
+    """Convert a Segment Protocols tracking plan (Public API rules or Config API export, JSON)
+    or a RudderStack tracking plan (Data Catalog API, JSON) into idgate's YAML plan. What was
+    left out or changed is listed on stderr; exit 2 when the file is not such a plan."""
+    from gateway.plan import PlanProblems
+    from gateway.plan_import import ImportProblem, convert
+
+    try:
+        raw = json.loads(export.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        click.echo(f"idgate: {export}: not JSON ({exc})", err=True)
+        sys.exit(2)
+    try:
+        imported = convert(raw, source, name=name, owner=owner, purposes=purposes)  # type: ignore[arg-type]
+    except ImportProblem as exc:
+        click.echo(f"idgate: {export}: not a {source} tracking plan: {exc}", err=True)
+        sys.exit(2)
+    except PlanProblems as exc:
+        click.echo(f"idgate: {export}: the converted plan is not valid: {'; '.join(exc.problems)}", err=True)
+        sys.exit(2)
+    for note in imported.notes:
+        click.echo(f"note: {note}", err=True)
+    text = (
+        f"# Imported from {source} ({export.name}): review owners, purposes and data classes.\n"
+        + imported.yaml()
+    )
+    if out_path is None:
+        click.echo(text, nl=False)
+    else:
+        out_path.write_text(text, encoding="utf-8")
+        click.echo(f"{len(imported.plan['events'])} events written to {out_path}", err=True)

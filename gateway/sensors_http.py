@@ -48,6 +48,7 @@ from litestar.types import HTTPScope, Receive, Scope, Send
 
 from gateway.config import Limits, ResolvedSource, hash_write_key
 from gateway.errors import InvalidRequest
+from gateway.events import Rejection
 from gateway.ingest_http import IngestContext, IngestHeaders, ingest_response, log_rejections, read_body
 from gateway.logging import bind_source
 from gateway.openapi import JSON, error_response, limits_text, ref, register_structs
@@ -151,18 +152,15 @@ async def ingest_in_order(
         start = end
 
 
-async def _sensors(scope: HTTPScope, receive: Receive, send: Send) -> None:
-    method = scope["method"]
-    if method == "OPTIONS":
-        await _send(send, 204, b"", PREFLIGHT)
-        return
-    if method not in ("GET", "POST"):
-        raise MethodNotAllowedException(detail="/sa accepts GET and POST")
-    ctx: IngestContext = scope["app"].state.ingest
+async def read_sensors_request(
+    scope: HTTPScope, receive: Receive, ctx: IngestContext
+) -> tuple[ResolvedSource, SensorsBatch, bool]:
+    """The source (token), rate limits, and the decoded events of a Sensors request; ``single``:
+    the events came as ``data=`` (one event, or a list)."""
     limits = ctx.config.limits
     headers = IngestHeaders.from_scope(scope)
     form = parse_form(scope.get("query_string", b""))
-    if method == "POST":
+    if scope["method"] == "POST":
         body = await read_form(receive, headers, FORM_OVERHEAD * limits.max_batch_bytes)
         form = {**form, **parse_form(body)}
     src = authenticate_sensors(_token_index(scope), form)
@@ -178,16 +176,31 @@ async def _sensors(scope: HTTPScope, receive: Receive, send: Send) -> None:
         project=src.source.sensors_project,
     )
     await ctx.check_rate(scope, src, batch.received)
-    result = IngestResult(received=batch.received, rejected=batch.rejected)
-    await ingest_in_order(ctx, src, batch, result)
-    for r in result.rejected:  # the pipeline names the Segment fields
+    return src, batch, single
+
+
+def name_sensors_fields(rejected: list[Rejection], *, single: bool, received: int) -> None:
+    """The pipeline names the Segment fields of a rejected event: the Sensors ones instead."""
+    for r in rejected:
         if r.field in PIPELINE_FIELDS:
             where = (
-                "data."
-                if single and batch.received == 1
-                else f"{'data' if single else 'data_list'}[{r.index}]."
+                "data." if single and received == 1 else f"{'data' if single else 'data_list'}[{r.index}]."
             )
             r.field = where + PIPELINE_FIELDS[r.field]
+
+
+async def _sensors(scope: HTTPScope, receive: Receive, send: Send) -> None:
+    method = scope["method"]
+    if method == "OPTIONS":
+        await _send(send, 204, b"", PREFLIGHT)
+        return
+    if method not in ("GET", "POST"):
+        raise MethodNotAllowedException(detail="/sa accepts GET and POST")
+    ctx: IngestContext = scope["app"].state.ingest
+    src, batch, single = await read_sensors_request(scope, receive, ctx)
+    result = IngestResult(received=batch.received, rejected=batch.rejected)
+    await ingest_in_order(ctx, src, batch, result)
+    name_sensors_fields(result.rejected, single=single, received=batch.received)
     log_rejections(result, protocol="sensors")
     status, body, extra = sensors_response(result, batch=not single)
     if method == "GET" and status == 200:
@@ -205,10 +218,9 @@ SENSORS_ROUTES = [
 ]
 
 
-def document_sensors_routes(openapi: OpenAPI, limits: Limits) -> None:
-    """ASGI handlers are not in the generated document: describe them there: the form fields,
-    the events they carry (``SensorsEvent``), the answer (``IngestResponse``) and the limits of
-    the running configuration."""
+def sensors_form(openapi: OpenAPI, limits: Limits) -> tuple[Schema, dict[str, Schema | Reference], Parameter]:
+    """The documented form of a Sensors request: its schema, its event fields (``data``,
+    ``data_list``, ``gzip``, ``ext``) and the ``project`` query parameter."""
     (event,) = register_structs(openapi, SensorsEvent)
     events = Schema(
         type=OpenAPIType.ARRAY,
@@ -257,6 +269,30 @@ def document_sensors_routes(openapi: OpenAPI, limits: Limits) -> None:
         schema=Schema(type=OpenAPIType.STRING),
         description="Sensors project; when given, it must be the token's",
     )
+    return form, fields, project
+
+
+def sensors_form_body(form: Schema) -> RequestBody:
+    """A POSTed Sensors form: urlencoded, or the same as text/plain."""
+    return RequestBody(
+        content={
+            "application/x-www-form-urlencoded": MediaType(schema=form),
+            "text/plain": MediaType(
+                schema=Schema(
+                    type=OpenAPIType.STRING,
+                    description="The same form as text/plain (the mini-program SDK, sendBeacon)",
+                )
+            ),
+        },
+        required=True,
+    )
+
+
+def document_sensors_routes(openapi: OpenAPI, limits: Limits) -> None:
+    """ASGI handlers are not in the generated document: describe them there: the form fields,
+    the events they carry (``SensorsEvent``), the answer (``IngestResponse``) and the limits of
+    the running configuration."""
+    form, fields, project = sensors_form(openapi, limits)
     query_fields = [
         Parameter(name=name, param_in="query", required=False, schema=schema, description=schema.description)
         for name, schema in fields.items()
@@ -312,20 +348,7 @@ def document_sensors_routes(openapi: OpenAPI, limits: Limits) -> None:
             description=description,
             operation_id=f"ingest_sensors_{method.lower()}_{path.strip('/').replace('.', '_')}",
             parameters=[project] if post else [project, *query_fields],
-            request_body=RequestBody(
-                content={
-                    "application/x-www-form-urlencoded": MediaType(schema=form),
-                    "text/plain": MediaType(
-                        schema=Schema(
-                            type=OpenAPIType.STRING,
-                            description="The same form as text/plain (the mini-program SDK, sendBeacon)",
-                        )
-                    ),
-                },
-                required=True,
-            )
-            if post
-            else None,
+            request_body=sensors_form_body(form) if post else None,
             responses={"200": json_answer if post else gif_answer, **errors},
             security=[{"SensorsToken": []}],
         )

@@ -170,8 +170,12 @@ def _sub(text: str, replace: Callable[[str], str], whole_tokens: bool = False) -
     return "".join(out)
 
 
+# What every redaction in a value starts with.
+REDACTION_MARK: Final = "[redacted:"
+
+
 def _value_mark(kind: str) -> str:
-    return f"[redacted:{kind}]"
+    return f"{REDACTION_MARK}{kind}]"
 
 
 def _key_mark(kind: str) -> str:

@@ -159,7 +159,7 @@ def steer(case: Case[Any], data: st.DataObject) -> None:
             for ref in refs if isinstance(refs, list) else [refs]:
                 if isinstance(ref, dict) and "type" in ref:
                     ref["type"] = data.draw(st.sampled_from(["user_id", "anonymous_id", "phone", "email"]))
-    if case.operation.path in ("/sa", "/sa.gif"):
+    if case.operation.path in ("/sa", "/sa.gif", "/sa/validate"):
         form = data.draw(sensors_form())
         if case.method.upper() == "GET":
             case.query = {k: v for k, v in (case.query or {}).items() if k not in ("data", "data_list")}

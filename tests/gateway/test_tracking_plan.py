@@ -406,7 +406,8 @@ def test_plan_check_reports_a_sample_of_events(tmp_path: Path) -> None:
 
 def test_violation_records_and_reports_pass_the_canary_scan(enforcing: tuple[Gateway, Path]) -> None:
     """Events full of personal data in every field, kept as violations: the records, the
-    ingest response and the log hold none of it."""
+    ingest response, the live tail, the coverage counts, /v1/validate's answer and the log
+    hold none of it."""
     gw, _ = enforcing
     c = Canaries()
     messages = c.segment_batch(uuid.uuid4().hex[:8])
@@ -422,6 +423,21 @@ def test_violation_records_and_reports_pass_the_canary_scan(enforcing: tuple[Gat
     for record in listed["violations"]:
         shown = admin(gw, "GET", f"/admin/plan/violations/{record['id']}")
         c.assert_nowhere(shown.text, "a violation record")
+    # the live tail, the coverage report, and /v1/validate's answer to the same events
+    tail = admin(gw, "GET", "/admin/plan/tail", params={"tenant": "shop"})
+    assert tail.status_code == 200 and tail.json()["violations"], tail.text
+    c.assert_nowhere(tail.text, "the live tail")
+    coverage = admin(gw, "GET", "/admin/plan/coverage", params={"tenant": "shop"})
+    assert coverage.status_code == 200 and coverage.json()["notPlanned"], coverage.text
+    c.assert_nowhere(coverage.text, "the coverage report")
+    validated = httpx.post(
+        gw.url + "/v1/validate",
+        json={"batch": c.segment_batch(uuid.uuid4().hex[:8])},
+        auth=(WEB_KEY, ""),
+        timeout=10,
+    )
+    assert validated.status_code == 200 and validated.json()["results"], validated.text
+    c.assert_nowhere(validated.text, "the /v1/validate answer")
     store = gw.data_dir / "violations.sqlite3"
     raw = b"".join(p.read_bytes() for p in store.parent.glob("violations.sqlite3*"))
     c.assert_nowhere(raw.decode("latin-1"), "violations.sqlite3")
