@@ -41,6 +41,7 @@ from consent.proofs import DeliveryProofs
 from consent.rights_bundle import build_bundle, bundle_digest, sign_bundle
 from consent.rights_clock import RightsClock, local_day
 from consent.service import ConsentService
+from consent.suppression import SUPPRESSED_STEP
 from identity.identifiers import Identifier, node_type, node_value
 from identity.scrub import looks_like_identifier
 
@@ -378,9 +379,14 @@ class RightsService:
         await self._step(tenant, request_id, wrong.node, [*nodes, right.node], officer, step)
 
     async def _delete(self, tenant: str, request_id: str, subject: str, officer: str) -> None:
-        """Withdraw everything (the withdrawals stay in the ledger: they are what keeps the
-        person's re-sent events out), then every deletion step (graph, outbox, dead letters)."""
+        """Withdraw everything (the withdrawals stay in the ledger), put every identifier of
+        the person on the suppression list (consent.suppression: their re-sent events are
+        dropped before anything is stored, so nothing purged next can come back), then
+        every deletion step of the other domains, in order."""
         nodes = await self._withdraw_all(tenant, request_id, subject, officer)
+        await self._step(
+            tenant, request_id, subject, nodes, officer, {"step": SUPPRESSED_STEP, "identifiers": len(nodes)}
+        )
         for name, run in self.deletion_steps.items():
             counts = await run(tenant, nodes)
             await self._step(tenant, request_id, subject, nodes, officer, {"step": name, **dict(counts)})

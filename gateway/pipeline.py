@@ -1,6 +1,6 @@
 """The ingest pipeline: an explicit, ordered list of named stages over one batch.
 
-    pseudonymise -> check_plan -> claim_message_ids -> rekey_on_sight -> record_consent_signals
+    pseudonymise -> drop_erased -> check_plan -> claim_message_ids -> rekey_on_sight -> record_consent_signals
     -> decide_consent -> limit_new_identifiers -> resolve_identity -> transform -> encode -> append
     -> detach_identifiers -> observe_kpis
 
@@ -555,6 +555,27 @@ async def pseudonymise(s: IngestServices, batch: IngestBatch) -> None:
     batch.envelopes = kept
 
 
+async def drop_erased(s: IngestServices, batch: IngestBatch) -> None:
+    """The suppression list (consent.suppression): an event naming an identifier a deletion
+    request erased is dropped (``erased``) before anything of it is stored, whatever the
+    consent state of its purposes."""
+    envs = batch.envelopes
+    if not envs:
+        return
+    erased = await s.consent.erased(
+        batch.src.tenant.id, list(dict.fromkeys(i.value for e in envs for i in e.identifiers))
+    )
+    if not erased:
+        return
+    kept = []
+    for env in envs:
+        if any(i.value in erased for i in env.identifiers):
+            batch.drop("erased")
+        else:
+            kept.append(env)
+    batch.envelopes = kept
+
+
 def _proven(env: Envelope) -> list[Identifier]:
     if not env.unproven:
         return env.identifiers
@@ -908,6 +929,7 @@ async def observe_kpis(s: IngestServices, batch: IngestBatch) -> None:
 
 STAGES: tuple[Stage, ...] = (
     pseudonymise,
+    drop_erased,
     check_plan,
     claim_message_ids,
     rekey_on_sight,
