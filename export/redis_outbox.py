@@ -22,6 +22,7 @@ Entries every group has acknowledged are trimmed by ``prune``.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Collection, Iterable, Sequence
 from typing import Any
@@ -37,8 +38,12 @@ from export.outbox import (
     OutboxFull,
     OutboxRecord,
     OutboxUnavailable,
+    PersonPurge,
     StoredRecord,
+    claimed_as,
     dedupe_key,
+    names_person,
+    person_pattern,
     stored,
 )
 from export.outbox_schema import v2_record_fields
@@ -268,18 +273,23 @@ class RedisStreamOutbox:
             start = "(" + (last.decode() if isinstance(last, bytes) else str(last))
         return found[:limit]
 
-    async def purge_person(self, tenant: str, pseudonyms: Collection[str]) -> int:
+    async def purge_person(self, tenant: str, pseudonyms: Collection[str]) -> PersonPurge:
         """Delete the events of a person still in the stream (a deletion request): every
-        event of ``tenant`` whose person or pseudonyms include one of ``pseudonyms``.
-        Notices stay. Each chunk's deletions and counter moves are one atomic script."""
+        event of ``tenant`` whose person or pseudonyms include one of ``pseudonyms``, and
+        the dedupe entries of their message ids first (the keys are digests: only the events
+        lead to them), and the merge and split notices naming the person (their
+        deletion notice supersedes them; it stays). Each chunk's deletions and counter moves
+        are one atomic script."""
         wanted = set(pseudonyms)
+        pattern = re.compile(person_pattern(wanted).pattern.encode()) if wanted else None
         groups = sorted(self.destinations)
-        removed, start = 0, "-"
+        removed, forgotten, start = 0, 0, "-"
         while True:
             rows = await self.client.xrange(self.stream, min=start, count=1000)
             if not rows:
-                return removed
+                return PersonPurge(events=removed, dedupe_keys=forgotten)
             doomed = []
+            claims = []
             for eid, fields in rows:
                 entry = _decode_entry(fields[b"r"])
                 if entry.kind == "event" and entry.tenant == tenant:
@@ -287,6 +297,10 @@ class RedisStreamOutbox:
                         entry = _record(eid, entry).to_outbox()
                     if entry.person in wanted or wanted & set(entry.pseudonyms):
                         doomed.append(eid.decode() if isinstance(eid, bytes) else str(eid))
+                        claims.append(self.dedupe.key(entry.source, claimed_as(entry)))
+                elif entry.tenant == tenant and pattern is not None and names_person(entry.payload, pattern):
+                    doomed.append(eid.decode() if isinstance(eid, bytes) else str(eid))
+            forgotten += await self.dedupe.forget(claims)
             if doomed:
                 removed += int(
                     await self._purge_script(
@@ -434,7 +448,12 @@ class RedisDestinationQueue:
         return self._batch(got[0][1] if got else [])
 
     async def commit(
-        self, batch: DeliveryBatch, delivered: int, sink_files: dict[str, int], persons: Iterable[str]
+        self,
+        batch: DeliveryBatch,
+        delivered: int,
+        sink_files: dict[str, int],
+        persons: Iterable[str],
+        released: Iterable[str] = (),
     ) -> None:
         ids = batch.token
         assert isinstance(ids, list)
@@ -447,8 +466,15 @@ class RedisDestinationQueue:
         people = list(persons)
         if people:
             pipe.sadd(self._persons_key, *people)
+        forgotten = list(released)
+        if forgotten:
+            pipe.srem(self._persons_key, *forgotten)
         if len(pipe):
             await pipe.execute()
+
+    async def commit_files(self, sink_files: dict[str, int]) -> None:
+        if sink_files:
+            await self.client.hset(self._files_key, mapping=sink_files)
 
     async def received(self, persons: Iterable[str]) -> set[str]:
         wanted = sorted(set(persons))

@@ -43,7 +43,7 @@ from gateway.openapi import docs_assets_routers, finish_document, openapi_config
 from gateway.pipeline import Ingestor, IngestServices
 from gateway.plan_admin import PlanViolationsController
 from gateway.rate_limits import open_rate_limiter
-from gateway.rights_setup import open_rights, resume_open_requests
+from gateway.rights_setup import DeletionReceipts, open_rights, resume_open_requests
 from gateway.sensors_http import SENSORS_ROUTES, document_sensors_routes
 from gateway.settings import Settings
 from gateway.trust import assertion_verifiers
@@ -174,7 +174,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
         dead_letters = open_dead_letters(settings)
         violations = SqliteViolations(settings.data_dir / "violations.sqlite3")  # tracking plan
         consent = await open_consent(settings, config, redis_client, signer)
-        delivery = build_delivery(settings, config, keyring, consent, outbox, dead_letters)
+        receipts = DeletionReceipts(config)
+        delivery = build_delivery(settings, config, keyring, consent, outbox, dead_letters, receipts)
         resolver, identity, identity_engine = await open_identity(
             settings, config, keyring, notice_publisher(config, outbox, delivery.notify)
         )
@@ -242,7 +243,17 @@ def create_app(settings: Settings | None = None) -> Litestar:
             },
             verify_ledger=lambda: verify_database(consent.ledger),
         )
-        state.rights = open_rights(config, consent.service, consent.proofs, identity, outbox, dead_letters)
+        state.rights = open_rights(
+            config,
+            consent.service,
+            consent.proofs,
+            identity,
+            outbox,
+            dead_letters,
+            delivery,
+            rate_limiter,
+            receipts,
+        )
         await delivery.start()
         resumed = asyncio.create_task(resume_open_requests(state.rights), name="rights-resume")
         monitoring.start()

@@ -55,7 +55,11 @@ class IdentityResolver(Protocol):
         ...
 
     async def unlink(self, tenant: str, a: str, b: str) -> list[GraphChange]: ...
-    async def remove(self, tenant: str, node: str) -> list[GraphChange]: ...
+    async def remove(
+        self, tenant: str, node: str, collect: list[GraphChange] | None = None
+    ) -> list[GraphChange]:
+        """Erase a node; its person's splits go to ``collect`` when given, else downstream."""
+        ...
 
     async def rekey(self, tenant: str, moves: Sequence[tuple[str, str]]) -> list[GraphChange]:
         """Key rotation: (old node, new node) pairs, the same identifier under two versions."""
@@ -98,7 +102,9 @@ class NoResolution:
     async def unlink(self, tenant: str, a: str, b: str) -> list[GraphChange]:
         return []
 
-    async def remove(self, tenant: str, node: str) -> list[GraphChange]:
+    async def remove(
+        self, tenant: str, node: str, collect: list[GraphChange] | None = None
+    ) -> list[GraphChange]:
         return []
 
     async def rekey(self, tenant: str, moves: Sequence[tuple[str, str]]) -> list[GraphChange]:

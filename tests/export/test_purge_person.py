@@ -1,6 +1,9 @@
 """Purging a person's held events (a deletion request, issue 13) from both outbox backends and
 both dead-letter stores: only that person's events of that tenant go, notices stay, the other
-events are still delivered in order, and the Redis backlog counters stay exact."""
+events are still delivered in order, and the Redis backlog counters stay exact; the dedupe
+entries of the purged events go with them, and a destination's person index forgets a
+person once it was sent their deletion notice. The file sinks rewrite their files without
+the person's lines."""
 
 from __future__ import annotations
 
@@ -8,7 +11,7 @@ import asyncio
 
 import msgspec
 
-from export.outbox import stored
+from export.outbox import ClaimStatus, claimed_as, scoped_message_id, stored
 from tests.export import test_delivery as base
 from tests.export.test_delivery import Backend, event, merged_notice, person
 
@@ -33,9 +36,9 @@ def test_purge_removes_only_the_persons_events_and_keeps_notices(backend: Backen
         first = await qa.fetch(4)  # "a" has taken m0..m3, "b" nothing yet
         await qa.commit(first, len(first.records), {}, ())
 
-        assert await box.purge_person("t", {gone}) == 5
-        assert await box.purge_person("t", {"k1.user1"}) == 5  # by an identifier pseudonym too
-        assert await box.purge_person("t", {gone, "k1.user1"}) == 0
+        assert (await box.purge_person("t", {gone})).events == 5
+        assert (await box.purge_person("t", {"k1.user1"})).events == 5  # by an identifier pseudonym too
+        assert (await box.purge_person("t", {gone, "k1.user1"})).events == 0
 
         async def rest(queue: object) -> list[str]:
             out: list[str] = []
@@ -64,3 +67,49 @@ def test_dead_letters_of_a_person_are_purged(backend: Backend) -> None:
     assert backend.dead_letters.purge_person("t", {"k1.u3"}) == 1
     left = sorted((d.destination, d.message_id) for d in backend.dead_letters.list(limit=100))
     assert left == [("a", "m4"), ("a", "m5"), ("a", "m7")]
+
+
+def test_purge_removes_the_dedupe_entries_of_the_persons_events(backend: Backend) -> None:
+    """Dedupe keys are digests of the message id scoped by the sender's pseudonyms: only the
+    events lead to them, so the purge removes them with the events. The same message id can
+    then be stored again (once the person is no longer suppressed), the others' cannot."""
+
+    async def go() -> None:
+        box = backend.outbox
+        await box.register_destinations(["a"])
+        gone, kept = person(1), person(2)
+        records = [event(1, person=gone, user="k1.gone"), event(2, person=kept, user="k1.kept")]
+        scoped = [claimed_as(r) for r in records]
+        assert scoped[0] == scoped_message_id("m1", None, "k1.gone")
+        claim = await box.claim("web", scoped)
+        assert claim.statuses == [ClaimStatus.NEW, ClaimStatus.NEW]
+        await box.append(records, claim=claim)
+        assert (await box.claim("web", scoped)).statuses == [ClaimStatus.DUPLICATE] * 2
+
+        purged = await box.purge_person("t", {gone})
+        assert (purged.events, purged.dedupe_keys) == (1, 1)
+        again = await box.claim("web", scoped)
+        assert again.statuses == [ClaimStatus.NEW, ClaimStatus.DUPLICATE]
+        await box.release(again)
+        assert (await box.purge_person("t", {gone})).dedupe_keys == 0
+
+    asyncio.run(go())
+
+
+def test_the_person_index_forgets_a_person_released_at_commit(backend: Backend) -> None:
+    async def go() -> None:
+        box = backend.outbox
+        await box.register_destinations(["a"])
+        gone, kept = person(1), person(2)
+        await backend.append([event(1, person=gone), event(2, person=kept)])
+        queue = box.queue("a")
+        await queue.open()
+        batch = await queue.fetch(10)
+        await queue.commit(batch, len(batch.records), {}, (gone, kept))
+        assert await queue.received([gone, kept]) == {gone, kept}
+        await backend.append([event(3, person=kept)])
+        batch = await queue.fetch(10)
+        await queue.commit(batch, len(batch.records), {}, (kept,), (gone,))
+        assert await queue.received([gone, kept]) == {kept}
+
+    asyncio.run(go())
