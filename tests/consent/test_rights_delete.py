@@ -291,6 +291,12 @@ def test_a_deleted_person_is_nowhere_stays_out_and_every_destination_has_its_rec
         )
         request = request_of(g, request_id)
         assert request["status"] == "open" and request["remaining"] == ["destination:mall-hook"], request
+        # a kill -9 while it waits: at the restart it is still open, its stores not done again
+        g.kill9()
+        g.start()
+        wait_until(lambda: "rights.resuming" in g.log_text(), 20, what="the resume at the restart")
+        resumed = request_of(g, request_id)
+        assert resumed["status"] == "open" and len(resumed["steps"]) == len(request["steps"]), resumed
 
         # the dead letter is replayed like any delivery: acknowledged, and the request is done
         rx.down = False
