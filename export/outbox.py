@@ -179,11 +179,13 @@ def claimed_as(record: OutboxRecord | StoredRecord) -> str:
 
 
 class PersonPurge(msgspec.Struct):
-    """What purging a person's held events removed: the events, and the dedupe entries of
-    their message ids (found through the events, so removed before them)."""
+    """What purging a person's held events removed: the events, the dedupe entries of their
+    message ids (found through the events, so removed before them), and the merge and split
+    notices naming the person."""
 
     events: int = 0
     dedupe_keys: int = 0
+    notices: int = 0
 
 
 class ClaimStatus(IntEnum):

@@ -283,11 +283,11 @@ class RedisStreamOutbox:
         wanted = set(pseudonyms)
         pattern = re.compile(person_pattern(wanted).pattern.encode()) if wanted else None
         groups = sorted(self.destinations)
-        removed, forgotten, start = 0, 0, "-"
+        removed, forgotten, notices, start = 0, 0, 0, "-"
         while True:
             rows = await self.client.xrange(self.stream, min=start, count=1000)
             if not rows:
-                return PersonPurge(events=removed, dedupe_keys=forgotten)
+                return PersonPurge(events=removed - notices, dedupe_keys=forgotten, notices=notices)
             doomed = []
             claims = []
             for eid, fields in rows:
@@ -300,6 +300,7 @@ class RedisStreamOutbox:
                         claims.append(self.dedupe.key(entry.source, claimed_as(entry)))
                 elif entry.tenant == tenant and pattern is not None and names_person(entry.payload, pattern):
                     doomed.append(eid.decode() if isinstance(eid, bytes) else str(eid))
+                    notices += 1
             forgotten += await self.dedupe.forget(claims)
             if doomed:
                 removed += int(

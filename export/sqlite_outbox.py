@@ -673,8 +673,15 @@ class SqliteOutbox:
                 conn.execute("DELETE FROM dedupe WHERE key = ?", (dedupe_key(*c).hex(),)).rowcount
                 for c in claims
             )
-            events = sum(conn.execute("DELETE FROM outbox WHERE seq = ?", (r.seq,)).rowcount for r in doomed)
-            return PersonPurge(events=events, dedupe_keys=forgotten + shared)
+            gone = {
+                kind: sum(
+                    conn.execute("DELETE FROM outbox WHERE seq = ?", (r.seq,)).rowcount
+                    for r in doomed
+                    if r.kind == kind
+                )
+                for kind in ("event", "notice")
+            }
+            return PersonPurge(events=gone["event"], dedupe_keys=forgotten + shared, notices=gone["notice"])
 
         return await self._write(tx)
 

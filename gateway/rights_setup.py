@@ -79,7 +79,12 @@ def event_purge(identity: IdentityService, outbox: Outbox, dead_letters: DeadLet
         keys = person_keys(identity, tenant, nodes)
         held = await outbox.purge_person(tenant, keys)
         dead = await asyncio.to_thread(dead_letters.purge_person, tenant, keys)
-        return {"outbox_events": held.events, "dedupe_keys": held.dedupe_keys, "dead_letters": dead}
+        return {
+            "outbox_events": held.events,
+            "outbox_notices": held.notices,
+            "dedupe_keys": held.dedupe_keys,
+            "dead_letters": dead,
+        }
 
     return purge
 

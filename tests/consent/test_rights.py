@@ -602,7 +602,13 @@ retry = {{ max_attempts = 1000, initial_backoff_ms = 30000, max_backoff_ms = 600
         assert second.status_code == 201 and second.json()["status"] == "completed", second.text
         steps = {s["step"]: s for s in second.json()["steps"]}
         assert steps["recipients"]["destinations"] == [], steps
-        assert steps["events"] == {"step": "events", "outbox_events": 0, "dedupe_keys": 0, "dead_letters": 0}
+        assert steps["events"] == {
+            "step": "events",
+            "outbox_events": 0,
+            "outbox_notices": 0,
+            "dedupe_keys": 0,
+            "dead_letters": 0,
+        }, steps
         assert steps["identity_graph"]["erased"] == 0, steps
     finally:
         g.stop()

@@ -8,10 +8,12 @@ the person's lines."""
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime
 
 import msgspec
 
-from export.outbox import ClaimStatus, claimed_as, scoped_message_id, stored
+from export.outbox import ClaimStatus, claimed_as, notice_record, scoped_message_id, stored
+from identity.notices import deletion_notice
 from tests.export import test_delivery as base
 from tests.export.test_delivery import Backend, event, merged_notice, person
 
@@ -28,15 +30,18 @@ def test_purge_removes_only_the_persons_events_and_keeps_notices(backend: Backen
             for i in range(10)
         ]
         other_tenant = msgspec.structs.replace(event(99, person=gone, destinations=("a", "b")), tenant="u")
-        notice = merged_notice(gone, person(3), ("a", "b"))
-        await backend.append([*records, other_tenant, notice])
+        merged = merged_notice(gone, person(3), ("a", "b"))  # names the person: it goes too
+        notice = merged_notice(kept, person(4), ("a", "b"))
+        deleted = notice_record(deletion_notice("t", gone, [], datetime.now(UTC)), ("a", "b"))  # it stays
+        await backend.append([*records, other_tenant, merged, notice, deleted])
         qa, qb = box.queue("a"), box.queue("b")
         await qa.open()
         await qb.open()
         first = await qa.fetch(4)  # "a" has taken m0..m3, "b" nothing yet
         await qa.commit(first, len(first.records), {}, ())
 
-        assert (await box.purge_person("t", {gone})).events == 5
+        purged = await box.purge_person("t", {gone})
+        assert (purged.events, purged.notices) == (5, 1)
         assert (await box.purge_person("t", {"k1.user1"})).events == 5  # by an identifier pseudonym too
         assert (await box.purge_person("t", {gone, "k1.user1"})).events == 0
 
@@ -49,8 +54,8 @@ def test_purge_removes_only_the_persons_events_and_keeps_notices(backend: Backen
                 out += [r.message_id for r in batch.records]
                 await queue.commit(batch, len(batch.records), {}, ())  # type: ignore[attr-defined]
 
-        assert await rest(qa) == ["m99", notice.message_id]
-        assert await rest(qb) == ["m99", notice.message_id]
+        assert await rest(qa) == ["m99", notice.message_id, deleted.message_id]
+        assert await rest(qb) == ["m99", notice.message_id, deleted.message_id]
         if hasattr(box, "exact_backlog") and asyncio.iscoroutinefunction(box.exact_backlog):
             assert await box.exact_backlog() == 0  # the deleted entries count as acknowledged
 
