@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
 from collections.abc import Collection, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -29,7 +28,7 @@ from typing import IO, Any
 
 import msgspec
 
-from export.outbox import DELETION_NOTICE_MARK, StoredRecord, person_pattern
+from export.outbox import DELETION_NOTICE_MARK, StoredRecord
 from export.sink import (
     Option,
     check_options,
@@ -41,6 +40,22 @@ from export.sink import (
 )
 
 _PURGE_SUFFIX = ".purge.tmp"
+
+
+def _lines_naming(data: bytes, needles: Sequence[bytes], spared: bytes) -> list[tuple[int, int]]:
+    """(start, end) of each line of ``data`` holding one of ``needles`` but not ``spared``,
+    in order: found with ``bytes.find`` (memchr speed), not by splitting every line."""
+    spans: set[tuple[int, int]] = set()
+    for needle in needles:
+        at = data.find(needle)
+        while at != -1:
+            start = data.rfind(b"\n", 0, at) + 1
+            end = data.find(b"\n", at)
+            end = len(data) if end == -1 else end + 1
+            if spared not in data[start:end]:
+                spans.add((start, end))
+            at = data.find(needle, end)
+    return sorted(spans)
 
 
 class JsonlFileSink:
@@ -71,7 +86,7 @@ class JsonlFileSink:
         self._close()
         if not keys or not self.directory.is_dir():
             return 0, {}
-        pattern = re.compile(person_pattern(keys).pattern.encode())
+        needles = [f'"{k}"'.encode() for k in sorted(keys)]
         notice = DELETION_NOTICE_MARK.encode()
         removed = 0
         sizes: dict[str, int] = {}
@@ -79,13 +94,17 @@ class JsonlFileSink:
             keep = committed.get(path.name, 0)
             with open(path, "rb") as fh:
                 data = fh.read(keep)
-            lines = data.splitlines(keepends=True)
-            kept = [line for line in lines if notice in line or not pattern.search(line)]
-            if len(kept) == len(lines):
+            doomed = _lines_naming(data, needles, notice)
+            if not doomed:
                 if path.stat().st_size < keep:  # an earlier purge renamed, then crashed
                     sizes[path.name] = path.stat().st_size
                 continue
-            body = b"".join(kept)
+            parts, at = [], 0
+            for start, end in doomed:
+                parts.append(data[at:start])
+                at = end
+            parts.append(data[at:])
+            body = b"".join(parts)
             temp = path.with_name(f".{path.name}{_PURGE_SUFFIX}")
             try:
                 with open(temp, "wb") as fh:
@@ -97,7 +116,7 @@ class JsonlFileSink:
                 temp.unlink(missing_ok=True)
                 raise
             fsync_path(self.directory)
-            removed += len(lines) - len(kept)
+            removed += len(doomed)
             sizes[path.name] = len(body)
         return removed, sizes
 
@@ -262,18 +281,22 @@ class ParquetFileSink:
         import pyarrow.compute as pc
         import pyarrow.parquet as pq
 
-        pattern = person_pattern(keys).pattern
+        needles = [f'"{k}"' for k in sorted(keys)]
         removed = 0
         staging = self.directory / _STAGING
         for path in sorted(self.directory.glob("date=*/part-*.parquet")):
-            table = pq.read_table(path, schema=self._schema)
-            person = pc.fill_null(pc.match_substring_regex(table["payload"], pattern), False)
-            notice = pc.fill_null(pc.equal(table["type"], "identity.deleted"), False)
+            # the payload column first (it holds every value of the record); the whole file
+            # only when it names the person
+            columns = pq.read_table(path, columns=["payload", "type"])
+            person = pc.fill_null(pc.match_substring(columns["payload"], needles[0]), False)
+            for needle in needles[1:]:
+                person = pc.or_(person, pc.fill_null(pc.match_substring(columns["payload"], needle), False))
+            notice = pc.fill_null(pc.equal(columns["type"], "identity.deleted"), False)
             doomed = pc.and_(person, pc.invert(notice))
             count = pc.sum(doomed).as_py() or 0
             if not count:
                 continue
-            kept = table.filter(pc.invert(doomed))
+            kept = pq.read_table(path, schema=self._schema).filter(pc.invert(doomed))
             if kept.num_rows == 0:
                 path.unlink()
             else:

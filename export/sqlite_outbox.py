@@ -627,12 +627,15 @@ class SqliteOutbox:
     ) -> list[StoredRecord]:
         """The event rows of ``tenant`` whose person or pseudonyms include one of ``wanted``
         (and with ``notices`` the merge and split notices that name one of them)."""
-        # the matching is done on two short columns; whole rows only for the matches
+        # the matching is done in SQLite on two short columns (a pseudonym is a whole item of
+        # the comma-separated list); whole rows only for the matches
         rows = conn.execute(
-            "SELECT seq, person, pseudonyms FROM outbox WHERE tenant = ? AND kind = 'event' ORDER BY seq",
-            (tenant,),
+            "SELECT seq FROM outbox, (SELECT value FROM json_each(?)) AS k "
+            "WHERE tenant = ? AND kind = 'event' "
+            "AND (person = k.value OR instr(',' || pseudonyms || ',', ',' || k.value || ',') > 0)",
+            (msgspec.json.encode(sorted(wanted)), tenant),
         )
-        seqs = [seq for seq, person, names in rows if person in wanted or wanted & set(names.split(","))]
+        seqs = sorted({seq for (seq,) in rows})
         if notices and wanted:  # merges and splits naming the person (not their deletion)
             pattern = re.compile(person_pattern(wanted).pattern.encode())
             rows = conn.execute(
