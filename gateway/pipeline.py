@@ -562,14 +562,20 @@ async def drop_erased(s: IngestServices, batch: IngestBatch) -> None:
     envs = batch.envelopes
     if not envs:
         return
+
+    def named(env: Envelope) -> list[str]:
+        # while older key versions are live, an identifier erased under one of them counts
+        values = [i.value for i in env.identifiers]
+        return values + [old for v in values for old in env.aliases.get(v, ())] if env.aliases else values
+
     erased = await s.consent.erased(
-        batch.src.tenant.id, list(dict.fromkeys(i.value for e in envs for i in e.identifiers))
+        batch.src.tenant.id, list(dict.fromkeys(v for e in envs for v in named(e)))
     )
     if not erased:
         return
     kept = []
     for env in envs:
-        if any(i.value in erased for i in env.identifiers):
+        if any(v in erased for v in named(env)):
             batch.drop("erased")
         else:
             kept.append(env)
