@@ -370,12 +370,20 @@ class RightsService:
         )
 
     async def _withdraw_all(
-        self, tenant: str, request_id: str, subject: str, officer: str, step: str = "withdraw_all"
+        self,
+        tenant: str,
+        request_id: str,
+        subject: str,
+        officer: str,
+        step: str = "withdraw_all",
+        known: Sequence[str] = (),
     ) -> list[str]:
         """Withdraw every purpose that rests on consent, for every identifier of the person
         (``restrict`` locks processing the same way: nothing that needs consent is forwarded
-        until the person grants again; only contract-necessary processing goes on)."""
-        nodes = list(dict.fromkeys([subject, *self.people.person(tenant, subject)]))
+        until the person grants again; only contract-necessary processing goes on).
+        ``known``: identifiers the request named before (a resumed deletion whose graph step
+        had already run)."""
+        nodes = list(dict.fromkeys([subject, *self.people.person(tenant, subject), *known]))
         rules = self.consent.rules[tenant]
         purposes = sorted(rules.known - rules.contract)
         receipts = await self.consent.record(
@@ -412,7 +420,9 @@ class RightsService:
         the person on the suppression list (consent.suppression: their re-sent events are
         dropped before anything is stored, so nothing purged next can come back), then
         every deletion step of the other domains, in order."""
-        nodes = await self._withdraw_all(tenant, request_id, subject, officer)
+        # resumed: the person as the request's earlier records named them (the graph may be gone)
+        known = await asyncio.to_thread(self._request_nodes, tenant, request_id)
+        nodes = await self._withdraw_all(tenant, request_id, subject, officer, known=known)
         await self._step(
             tenant, request_id, subject, nodes, officer, {"step": SUPPRESSED_STEP, "identifiers": len(nodes)}
         )
@@ -637,6 +647,15 @@ class RightsService:
         return [by_seq[s] for s in sorted(by_seq)]
 
     # -- reading -------------------------------------------------------------------------
+    def _request_nodes(self, tenant: str, request_id: str) -> list[str]:
+        """Every identifier the records of one request name (blocking)."""
+        named = (
+            r.identifiers or []
+            for r in self._records(tenant)
+            if (r.detail or {}).get("request_id") == request_id
+        )
+        return list(dict.fromkeys(n for identifiers in named for n in identifiers))
+
     def _records(self, tenant: str | None) -> list[Any]:
         out: list[Any] = []
         after = 0

@@ -340,7 +340,9 @@ def test_a_deleted_person_is_nowhere_stays_out_and_every_destination_has_its_rec
         resent = {"anonymousId": web_device, "userId": user, "event": "Product Viewed"}
         refused = send(g, MALL_WEB_KEY, "track", messageId=first["messageId"], **resent)
         assert refused["accepted"] == 0 and refused["dropped"] == {"erased": 1}, refused
-        assert 'idgate_events_dropped_total{reason="erased",tenant="mall"}' in httpx.get(f"{g.url}/metrics").text
+        assert (
+            'idgate_events_dropped_total{reason="erased",tenant="mall"}' in httpx.get(f"{g.url}/metrics").text
+        )
 
         # the ledger still verifies (the CLI, offline, from the export)
         export = httpx.get(f"{g.url}/admin/consent/export", params={"tenant": "mall"}, headers=bearer())
