@@ -43,7 +43,7 @@ from gateway.openapi import docs_assets_routers, finish_document, openapi_config
 from gateway.pipeline import Ingestor, IngestServices
 from gateway.plan_admin import PlanViolationsController
 from gateway.rate_limits import open_rate_limiter
-from gateway.rights_setup import DeletionReceipts, open_rights, resume_open_requests
+from gateway.rights_setup import DeletionReceipts, follow_sink_purges, open_rights, resume_open_requests
 from gateway.sensors_http import SENSORS_ROUTES, document_sensors_routes
 from gateway.settings import Settings
 from gateway.trust import assertion_verifiers
@@ -260,6 +260,17 @@ def create_app(settings: Settings | None = None) -> Litestar:
         checkpoints = asyncio.create_task(
             checkpoint_periodically(consent.ledger, settings.checkpoint_seconds), name="ledger-checkpoint"
         )
+        # distributed mode: each replica's own sink files follow the deletions of all of them
+        follow = (
+            asyncio.create_task(
+                follow_sink_purges(
+                    consent.service, delivery, config, settings.sink_dir / ".idgate-sink-purges"
+                ),
+                name="rights-sink-purges",
+            )
+            if redis_client is not None
+            else None
+        )
         health = asyncio.create_task(
             keep_healthy(consent.service, outbox, settings.consent_reconcile_seconds), name="keep-healthy"
         )
@@ -281,6 +292,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
         finally:
             checkpoints.cancel()
             health.cancel()
+            if follow is not None:
+                follow.cancel()
             resumed.cancel()
             await monitoring.stop()
             await resolver.stop()

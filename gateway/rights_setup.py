@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from collections.abc import Iterator, Mapping, Sequence
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -97,9 +99,51 @@ def file_sink_purge(config: Config, identity: IdentityService, delivery: Deliver
         removed = await delivery.purge_person(
             destinations.get(tenant, []), person_keys(identity, tenant, nodes)
         )
-        return {"lines_removed": removed}
+        # what the other replicas purge their own files by (follow_sink_purges)
+        return {"lines_removed": removed, "unified_ids": identity.unified_ids(tenant, nodes)}
 
     return purge
+
+
+async def follow_sink_purges(
+    consent: ConsentService, delivery: DeliveryService, config: Config, marker: Path, seconds: float = 2.0
+) -> None:
+    """Distributed mode: every replica writes its own sink files, so each applies the
+    ``file_sinks`` steps of deletions carried out on any replica (the ledger's records after
+    this replica's ``marker``, a file beside its sinks) to its own files. Idempotent: the
+    replica that carried out the request finds nothing more."""
+    destinations = tenant_destinations(config)
+    after = int(marker.read_text()) if marker.exists() else 0
+    while True:
+        full = False
+        try:
+            page = await asyncio.to_thread(
+                consent.ledger.records, tenant=None, record_type="rights_request", after_seq=after, limit=1000
+            )
+            for r in page:
+                detail = r.detail or {}
+                if detail.get("step") == "file_sinks":
+                    keys = {node_value(n) for n in r.identifiers or ()} | set(detail.get("unified_ids") or ())
+                    removed = await delivery.purge_person(destinations.get(r.tenant, []), keys)
+                    if any(removed.values()):
+                        log.info(
+                            "rights.sink_purge_followed", request_id=detail.get("request_id"), lines=removed
+                        )
+            if page:
+                after = page[-1].seq
+                await asyncio.to_thread(_save_marker, marker, after)
+            full = len(page) == 1000
+        except Exception as exc:  # the next round tries again from the same marker
+            log.error("rights.sink_purge_follow_failed", error=type(exc).__name__)
+        if not full:
+            await asyncio.sleep(seconds)
+
+
+def _save_marker(marker: Path, seq: int) -> None:
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    temp = marker.with_name(marker.name + ".tmp")
+    temp.write_text(str(seq))
+    os.replace(temp, marker)
 
 
 def rate_limit_purge(identity: IdentityService, limiter: RateLimiter) -> DeletionStep:

@@ -31,6 +31,7 @@ from tests.conftest import (
     TEST_CONFIG,
     Gateway,
     RedisNamespace,
+    assertion,
     make_gateway,
     postgres_schema,
 )
@@ -371,3 +372,64 @@ def test_a_deleted_person_is_nowhere_stays_out_and_every_destination_has_its_rec
         assert r.status_code == 200, r.text
         still = send(g, MALL_APP_KEY, "track", anonymousId=app_device, event="Product Viewed")
         assert still["dropped"] == {"erased": 1}, still
+
+
+@pytest.mark.postgres
+@pytest.mark.redis
+def test_every_replica_purges_its_own_sink_files(tmp_path: Path, redis_ns: RedisNamespace) -> None:
+    """Distributed mode: two replicas share the ledger (PostgreSQL) and the outbox (Redis)
+    but each writes its own sink files; a deletion carried out on one is applied by the
+    other to its files too (it follows the deletions' ``file_sinks`` steps in the ledger)."""
+    with ExitStack() as stack:
+        schema = stack.enter_context(postgres_schema("rdel2"))
+        env = {"DATABASE_URL": schema.url, **SHARED_KEYS, **redis_ns.env()}
+        a = make_gateway(tmp_path / "a", extra_env=env).start()
+        stack.callback(a.stop)
+        b = make_gateway(tmp_path / "b", extra_env=env).start()
+        stack.callback(b.stop)
+        t = tag()
+        user, device = f"canary-rep-{t}", f"canary-rep-web-{t}"
+        token = assertion(user, device)
+        granted = httpx.post(
+            f"{b.url}/v1/consent",
+            auth=(MALL_WEB_KEY, ""),
+            json={
+                "anonymousId": device,
+                "userId": user,
+                "grant": ["analytics", "identity_linking"],
+                "noticeId": "notice-v1",
+                "identityAssertion": token,
+            },
+            timeout=10,
+        )
+        assert granted.status_code == 200, granted.text
+        send(
+            b, MALL_WEB_KEY, "identify", anonymousId=device, userId=user, context={"identityAssertion": token}
+        )
+
+        def lines() -> list[dict[str, Any]]:  # either replica may deliver any event
+            return [*a.sink_lines("mall-warehouse"), *b.sink_lines("mall-warehouse")]
+
+        sent = {
+            send(b, MALL_WEB_KEY, "track", anonymousId=device, userId=user, event="Viewed")["messageId"]
+            for _ in range(20)
+        }
+        wait_until(lambda: sent <= {e["messageId"] for e in lines()}, 30, what="the events in the sinks")
+        held_by_b = [e for e in b.sink_lines("mall-warehouse") if e["messageId"] in sent]
+        values = {v for e in lines() if e["messageId"] in sent for v in domain_values(e)}
+
+        r = open_request(a, kind="delete", subject={"type": "user_id", "id": user})
+        assert r.status_code == 201, r.text
+
+        def named(gw: Gateway) -> list[dict[str, Any]]:
+            return [
+                e
+                for e in gw.sink_lines("mall-warehouse")
+                if e.get("type") != "identity.deleted" and domain_values(e) & values
+            ]
+
+        wait_until(
+            lambda: not named(a) and not named(b), 30, what="the person gone from both replicas' files"
+        )
+        if held_by_b:  # b rewrote its files itself, following a's deletion
+            wait_until(lambda: "rights.sink_purge_followed" in b.log_text(), 10, what="b's log line")
