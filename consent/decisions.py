@@ -283,3 +283,7 @@ class ConsentPolicy(Protocol):
         *,
         want_linking: bool = True,
     ) -> list[ConsentDecision]: ...
+
+    async def erased(self, tenant: str, identifiers: Sequence[str]) -> set[str]:
+        """Which of these pseudonyms are on the suppression list (consent.suppression)."""
+        ...

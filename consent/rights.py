@@ -27,8 +27,9 @@ event); ``access`` and ``copy`` are answered with a signed bundle (``bundle``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal, Protocol
 
@@ -41,6 +42,7 @@ from consent.proofs import DeliveryProofs
 from consent.rights_bundle import build_bundle, bundle_digest, sign_bundle
 from consent.rights_clock import RightsClock, local_day
 from consent.service import ConsentService
+from consent.suppression import SUPPRESSED_STEP
 from identity.identifiers import Identifier, node_type, node_value
 from identity.scrub import looks_like_identifier
 
@@ -61,6 +63,19 @@ Outcome = Literal["done", "partly_done", "declined"]
 ClockStatus = Literal["on_time", "nearly_due", "overdue", "closed"]
 # Why a due date was moved: no free text (it would invite personal data into the ledger).
 ExtensionReason = Literal["complex_request", "many_requests", "awaiting_subject", "awaiting_third_party"]
+# A destination's receipt of a deletion (the ``identity.deleted`` notice): ``pending`` until
+# delivery reports it; ``delivered`` (written to a file or stream), ``acknowledged`` (an HTTP
+# receiver answered 2xx) or ``failed`` (dead-lettered: a replay delivers it later).
+ReceiptStatus = Literal["pending", "delivered", "acknowledged", "failed"]
+RECEIVED: frozenset[str] = frozenset({"delivered", "acknowledged"})
+# The step of a deletion that names the destinations holding the person's data (their
+# person index, read before anything is deleted) and the person's unified IDs.
+RECIPIENTS_STEP = "recipients"
+RECEIPT_STEP = "receipt"
+
+
+# Who records the receipts delivery reports (the ledger record's source is ``admin:<officer>``).
+RECEIPT_OFFICER = "idgate-delivery"
 
 
 class Verification(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -103,8 +118,13 @@ class RightsRequest(msgspec.Struct, rename="camel"):
     completed_at: datetime | None = None
     outcome: str | None = None
     correction: str | None = None  # a correct request: the right identifier ("<type>:<pseudonym>")
-    # what a partly done request could not reach (e.g. stores a deletion does not cover yet)
+    # what a request could not reach (partly done), or a deletion still waits for (open):
+    # ``destination:<id>`` for each destination whose receipt is not in
     remaining: list[str] = []
+    # a deletion: the receipt of each destination that held the person's data
+    receipts: dict[str, str] = {}
+    # a deletion: the person's unified IDs (what the destinations' deletion notices name)
+    unified_ids: list[str] = []
     seconds_to_complete: float | None = None
     working_days_to_complete: int | None = None
     # filled in by the listing at the time it answers
@@ -136,9 +156,9 @@ class Holdings(msgspec.Struct):
 
 # (tenant, nodes of the person, their unified IDs) -> what is held on them
 HoldingsOf = Callable[[str, Sequence[str], Sequence[str]], Awaitable[Holdings]]
-# A step of a deletion carried out by another domain (identity graph, outbox, dead letters):
-# (tenant, nodes of the person) -> counts to record.
-DeletionStep = Callable[[str, Sequence[str]], Awaitable[Mapping[str, int]]]
+# A step of a deletion carried out by another domain (identity graph, outbox, dead letters,
+# file sinks): (tenant, nodes of the person) -> what to record (counts, per-store figures).
+DeletionStep = Callable[[str, Sequence[str]], Awaitable[Mapping[str, Any]]]
 
 
 def _refusal(v: Verification) -> str | None:
@@ -184,8 +204,15 @@ def fold_requests(records: Sequence[Any], clock: RightsClock, now: datetime) -> 
         request.records.append(r.seq)
         if event == "step":
             request.steps.append({k: v for k, v in d.items() if k not in ("request_id", "event")})
-            if d.get("step") == "extended":
+            step = d.get("step")
+            if step == "extended":
                 request.due_at = datetime.fromisoformat(d["due_at"])
+            elif step == RECIPIENTS_STEP:  # a resumed deletion adds to what it found first
+                for destination in d.get("destinations") or ():
+                    request.receipts.setdefault(destination, "pending")
+                request.unified_ids = sorted({*request.unified_ids, *(d.get("unified_ids") or ())})
+            elif step == RECEIPT_STEP:
+                request.receipts[d["destination"]] = d["status"]
         elif event == "completed":
             request.status = "completed"
             request.outcome = d.get("outcome")
@@ -195,6 +222,9 @@ def fold_requests(records: Sequence[Any], clock: RightsClock, now: datetime) -> 
             request.remaining = list(d.get("remaining") or [])
     for request in by_id.values():
         if request.status == "open":
+            request.remaining = [
+                f"destination:{k}" for k, v in sorted(request.receipts.items()) if v not in RECEIVED
+            ]
             request.clock = clock.status(request.due_at, now)
             request.working_days_left = clock.working_days_left(request.due_at, now)
         else:
@@ -340,12 +370,20 @@ class RightsService:
         )
 
     async def _withdraw_all(
-        self, tenant: str, request_id: str, subject: str, officer: str, step: str = "withdraw_all"
+        self,
+        tenant: str,
+        request_id: str,
+        subject: str,
+        officer: str,
+        step: str = "withdraw_all",
+        known: Sequence[str] = (),
     ) -> list[str]:
         """Withdraw every purpose that rests on consent, for every identifier of the person
         (``restrict`` locks processing the same way: nothing that needs consent is forwarded
-        until the person grants again; only contract-necessary processing goes on)."""
-        nodes = list(dict.fromkeys([subject, *self.people.person(tenant, subject)]))
+        until the person grants again; only contract-necessary processing goes on).
+        ``known``: identifiers the request named before (a resumed deletion whose graph step
+        had already run)."""
+        nodes = list(dict.fromkeys([subject, *self.people.person(tenant, subject), *known]))
         rules = self.consent.rules[tenant]
         purposes = sorted(rules.known - rules.contract)
         receipts = await self.consent.record(
@@ -378,9 +416,16 @@ class RightsService:
         await self._step(tenant, request_id, wrong.node, [*nodes, right.node], officer, step)
 
     async def _delete(self, tenant: str, request_id: str, subject: str, officer: str) -> None:
-        """Withdraw everything (the withdrawals stay in the ledger: they are what keeps the
-        person's re-sent events out), then every deletion step (graph, outbox, dead letters)."""
-        nodes = await self._withdraw_all(tenant, request_id, subject, officer)
+        """Withdraw everything (the withdrawals stay in the ledger), put every identifier of
+        the person on the suppression list (consent.suppression: their re-sent events are
+        dropped before anything is stored, so nothing purged next can come back), then
+        every deletion step of the other domains, in order."""
+        # resumed: the person as the request's earlier records named them (the graph may be gone)
+        known = await asyncio.to_thread(self._request_nodes, tenant, request_id)
+        nodes = await self._withdraw_all(tenant, request_id, subject, officer, known=known)
+        await self._step(
+            tenant, request_id, subject, nodes, officer, {"step": SUPPRESSED_STEP, "identifiers": len(nodes)}
+        )
         for name, run in self.deletion_steps.items():
             counts = await run(tenant, nodes)
             await self._step(tenant, request_id, subject, nodes, officer, {"step": name, **dict(counts)})
@@ -407,8 +452,15 @@ class RightsService:
         return await self.get(tenant, request_id)
 
     async def _complete_deletion(self, tenant: str, request_id: str, officer: str) -> RightsRequest:
-        """A deletion is ``done`` only when no store it should reach is left out: the stores
-        this deployment cannot delete from yet (``deletion_gaps``) make it ``partly_done``."""
+        """A deletion is answered once every store was reached (its steps) and every
+        destination that held the person's data has its receipt; until then it stays open,
+        ``remaining`` naming the destinations it waits for (a failed one is retried from
+        the dead letters like any delivery). It is ``done`` only when no store is left out:
+        the stores this deployment cannot delete from (``deletion_gaps``) make it
+        ``partly_done``, naming them."""
+        request = await self.get(tenant, request_id)
+        if request.status != "open" or request.remaining:
+            return request
         outcome: Outcome = "partly_done" if self.deletion_gaps else "done"
         return await self.complete(
             tenant=tenant,
@@ -417,6 +469,36 @@ class RightsService:
             officer=officer,
             remaining=self.deletion_gaps,
         )
+
+    async def deletion_receipt(
+        self, *, tenant: str, destination: str, unified_ids: Collection[str], status: ReceiptStatus
+    ) -> set[str]:
+        """Delivery reports that ``destination`` was sent (or gave up on) the deletion notices
+        of these persons: the receipt is recorded on each open deletion of theirs, which
+        completes once every destination's receipt is in. Returns every unified ID of the
+        persons of those deletion requests, earlier merged ones included (erased whole: the
+        destination's person index forgets them once it received the notice)."""
+        wanted = set(unified_ids)
+        matched: set[str] = set()
+        for request in await self.list(tenant=tenant):
+            ids = wanted.intersection(request.unified_ids) if request.kind == "delete" else set()
+            if not ids:
+                continue
+            matched.update(request.unified_ids)  # the IDs merged into the person's too
+            if request.status != "open" or request.receipts.get(destination, status) == status:
+                continue  # not a destination it waits for, or a redelivery already recorded
+            step = {"step": RECEIPT_STEP, "destination": destination, "status": status}
+            await self._step(tenant, request.request_id, request.subject, [], RECEIPT_OFFICER, step)
+            log.info(
+                "rights.receipt",
+                tenant=tenant,
+                request_id=request.request_id,
+                destination=destination,
+                status=status,
+            )
+            with contextlib.suppress(RightsError):  # another replica completed it first
+                await self._complete_deletion(tenant, request.request_id, request.officer)
+        return matched if status in RECEIVED else set()
 
     async def complete(
         self, *, tenant: str, request_id: str, outcome: Outcome, officer: str, remaining: Sequence[str] = ()
@@ -453,8 +535,9 @@ class RightsService:
     async def resume(self) -> list[str]:
         """Carry out the ``withdraw_all`` and ``delete`` requests left open (the process died
         between their records): every step again (each is idempotent: a second withdrawal,
-        purge or erasure finds nothing more), then complete them. Run at start; returns the
-        ids completed. Another replica completing one first is not an error."""
+        purge or erasure finds nothing more), then complete them; a deletion that reached
+        every store before stays open for its destinations' receipts. Run at start; returns
+        the ids completed. Another replica completing one first is not an error."""
         done: list[str] = []
         for request in await self.list(tenant=None, status="open"):
             if request.kind not in ("withdraw_all", "restrict", "delete", "correct"):
@@ -475,11 +558,16 @@ class RightsService:
                 await self._withdraw_all(
                     request.tenant, request.request_id, request.subject, request.officer, step=request.kind
                 )
-            else:
+            elif not set(self.deletion_steps) <= {s.get("step") for s in request.steps}:
                 await self._delete(request.tenant, request.request_id, request.subject, request.officer)
+            # else: every store was reached before; only receipts may be outstanding
             try:
                 if request.kind == "delete":
-                    await self._complete_deletion(request.tenant, request.request_id, request.officer)
+                    finished = await self._complete_deletion(
+                        request.tenant, request.request_id, request.officer
+                    )
+                    if finished.status == "open":
+                        continue  # waiting for destinations' receipts: delivery completes it
                 else:
                     await self.complete(
                         tenant=request.tenant,
@@ -559,6 +647,15 @@ class RightsService:
         return [by_seq[s] for s in sorted(by_seq)]
 
     # -- reading -------------------------------------------------------------------------
+    def _request_nodes(self, tenant: str, request_id: str) -> list[str]:
+        """Every identifier the records of one request name (blocking)."""
+        named = (
+            r.identifiers or []
+            for r in self._records(tenant)
+            if (r.detail or {}).get("request_id") == request_id
+        )
+        return list(dict.fromkeys(n for identifiers in named for n in identifiers))
+
     def _records(self, tenant: str | None) -> list[Any]:
         out: list[Any] = []
         after = 0
@@ -604,6 +701,7 @@ class RightsService:
 
 
 __all__ = [
+    "RECEIVED",
     "RIGHTS_KINDS",
     "Channel",
     "DeletionStep",
@@ -611,6 +709,7 @@ __all__ = [
     "Holdings",
     "HoldingsOf",
     "People",
+    "ReceiptStatus",
     "Requester",
     "RightsError",
     "RightsKind",

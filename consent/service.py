@@ -426,6 +426,11 @@ class LedgerPolicy:
     async def restrictive_seq(self) -> int:
         return await self.state.restrictive_seq()
 
+    async def erased(self, tenant: str, identifiers: Sequence[str]) -> set[str]:
+        if self.state.rebuilding:
+            raise ConsentStateUnavailable("the consent state is being rebuilt from the ledger")
+        return await self.state.erased(tenant, identifiers) if identifiers else set()
+
     async def still_allowed(self, destination: DestinationSpec, tickets: Sequence[bytes]) -> list[bool]:
         """Consent asked again at send time: may each event (by the consent ticket it was
         routed with; empty: no consent was asked) still go to ``destination``? Events decided

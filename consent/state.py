@@ -29,6 +29,7 @@ import sqlalchemy as sa
 
 from consent.decisions import MINOR_FLAG, StateEntry
 from consent.models import ConsentStateRow, NoticeRow, ProjectionRow
+from consent.suppression import ERASED_FLAG, is_erased, suppression_entries
 from identity.db import sqlite_connect
 from identity.identifiers import node_value
 
@@ -90,6 +91,9 @@ class ConsentStateStore(Protocol):
     async def lookup(self, tenant: str, identifiers: Sequence[str]) -> dict[str, dict[str, StateEntry]]: ...
     async def snapshot(self, tenant: str, identifiers: Sequence[str]) -> Snapshot: ...
     async def notices(self, tenant: str) -> dict[str, Notice]: ...
+    async def erased(self, tenant: str, identifiers: Sequence[str]) -> set[str]:
+        """Which of ``identifiers`` are on the suppression list (consent.suppression)."""
+        ...
 
     # True while the projection is being rebuilt after it lost records it had (a restored
     # or emptied Redis): decisions are refused meanwhile rather than made on partial state.
@@ -126,10 +130,16 @@ ALWAYS_RECHECK = 2**62
 
 def _entries_from_record(r: RecordView, notices: Mapping[str, Notice]) -> list[tuple[str, str, StateEntry]]:
     """(identifier pseudonym, purpose, entry) for every state change a record makes."""
+    erased = [
+        (node_value(n), ERASED_FLAG, e)
+        for n, e in suppression_entries(r.record_type, r.state, r.detail, r.identifiers, r.seq)
+    ]
     if r.record_type == "consent":
         notice_seq = notices[r.notice_id].seq if r.notice_id and r.notice_id in notices else 0
         entry = StateEntry(r.state, r.seq, notice_seq, r.consent_kind)
-        return [(node_value(i), p, entry) for i in r.identifiers for p in r.purposes]
+        return [(node_value(i), p, entry) for i in r.identifiers for p in r.purposes] + erased
+    if erased:
+        return erased
     if r.record_type == "subject_flag":
         entry = StateEntry(r.state, r.seq)
         return [(node_value(i), MINOR_FLAG, entry) for i in r.identifiers]
@@ -215,6 +225,10 @@ class SqlConsentState:
                 self._remember(tenant, ident, entries)
                 found[ident] = entries
         return found
+
+    async def erased(self, tenant: str, identifiers: Sequence[str]) -> set[str]:
+        """Which of ``identifiers`` are on the suppression list (consent.suppression)."""
+        return {i for i, entries in (await self.lookup(tenant, identifiers)).items() if is_erased(entries)}
 
     def _remember(self, tenant: str, ident: str, entries: dict[str, StateEntry]) -> None:
         self._cache[(tenant, ident)] = entries
@@ -423,6 +437,20 @@ class RedisConsentState:
         return {
             ident: {k.decode(): self._decode(v) for k, v in raw.items()}
             for ident, raw in zip(identifiers, results, strict=True)
+        }
+
+    async def erased(self, tenant: str, identifiers: Sequence[str]) -> set[str]:
+        """Which of ``identifiers`` are on the suppression list: one round trip, one field each."""
+        if not identifiers:
+            return set()
+        async with self.client.pipeline(transaction=False) as pipe:
+            for ident in identifiers:
+                pipe.hget(self._key(tenant, ident), ERASED_FLAG)
+            flags = await pipe.execute()
+        return {
+            i
+            for i, raw in zip(identifiers, flags, strict=True)
+            if raw is not None and self._decode(raw).state == "flagged"
         }
 
     async def notices(self, tenant: str) -> dict[str, Notice]:

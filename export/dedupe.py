@@ -78,3 +78,7 @@ class RedisDedupe:
     async def release(self, keys: Sequence[str]) -> None:
         if keys:
             await self.client.delete(*keys)
+
+    async def forget(self, keys: Sequence[str]) -> int:
+        """Remove confirmed entries (a deletion request); returns how many there were."""
+        return int(await self.client.delete(*keys)) if keys else 0

@@ -31,7 +31,7 @@ import asyncio
 import contextlib
 import random
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass
 
 import msgspec
@@ -42,8 +42,8 @@ from export.deadletter import DeadLetterStore
 from export.domains import DomainRekeyer
 from export.minimise import PropertyMinimiser
 from export.outbox import DestinationQueue, Outbox, StoredRecord
-from export.sink import PermanentSinkError, Sink
-from identity.notices import decode_notice
+from export.sink import FileSink, PermanentSinkError, Sink
+from identity.notices import IdentityDeleted, decode_notice
 
 log = structlog.get_logger(__name__)
 
@@ -70,6 +70,11 @@ Recheck = Callable[[str, Sequence[StoredRecord]], Awaitable[list[bool]]]
 # idempotent, and a crash after the write redelivers); and what a retry then withheld.
 OnDelivered = Callable[[str, Sequence[StoredRecord]], Awaitable[None]]
 OnWithheld = Callable[[str, Sequence[StoredRecord]], Awaitable[None]]
+# Told which person deletions (``identity.deleted`` notices) a destination was sent
+# ("delivered": after the sink write, before the commit, so a failure retries the batch) or
+# gave up on ("failed": dead-lettered; a replay delivers it later): deletion receipts.
+# Returns the unified IDs erased whole (a deletion request): the person index forgets them.
+OnDeletionNotices = Callable[[str, Sequence[IdentityDeleted], str], Awaitable[set[str]]]
 
 
 @dataclass(frozen=True)
@@ -99,6 +104,17 @@ def persons_held(written: Sequence[StoredRecord]) -> set[str]:
     return held
 
 
+def deletion_notices(records: Sequence[StoredRecord]) -> list[IdentityDeleted]:
+    """The ``identity.deleted`` notices among these records."""
+    found = []
+    for r in records:
+        if r.kind == "notice":
+            notice = decode_notice(r.payload)
+            if isinstance(notice, IdentityDeleted):
+                found.append(notice)
+    return found
+
+
 class _GaveUp(Exception):
     """The retry policy ran out for the records still pending."""
 
@@ -119,6 +135,7 @@ class DeliveryWorker:
         recheck: Recheck | None = None,
         on_delivered: OnDelivered | None = None,
         on_withheld: OnWithheld | None = None,
+        on_deletion_notices: OnDeletionNotices | None = None,
     ) -> None:
         self.queue = queue
         self.sink = sink
@@ -133,19 +150,49 @@ class DeliveryWorker:
         self.recheck = recheck
         self.on_delivered = on_delivered
         self.on_withheld = on_withheld
+        self.on_deletion_notices = on_deletion_notices
         self.wakeup = asyncio.Event()
         self.committed_files: dict[str, int] = {}
         self.healthy = True
+        # one writer of the sink's files: a batch, a recovery or a purge at a time
+        self._files = asyncio.Lock()
+        self._recovered = False
 
     async def _recover(self) -> None:
+        async with self._files:
+            await self._recover_files()
+
+    async def _recover_files(self) -> None:
         self.committed_files = dict(await self.queue.open())
         removed = await self.sink.recover(self.committed_files)
+        self._recovered = True
         if removed:
             log.warning("delivery.recovered", destination=self.destination, truncated_bytes=removed)
+
+    async def purge_person(self, keys: Collection[str]) -> int | None:
+        """Remove a person's records from the files this destination's sink keeps (a
+        deletion request), between batches; ``keys`` are the person's pseudonyms and unified
+        IDs as stored (re-keyed here for the destination). None: the sink keeps no files."""
+        if not isinstance(self.sink, FileSink):
+            return None
+        held = set(keys)
+        if self.rekey is not None:
+            held |= {self.rekey.value(k) for k in keys}
+        async with self._files:
+            if not self._recovered:  # the files as committed, nothing past them
+                await self._recover_files()
+            removed, sizes = await self.sink.purge(self.committed_files, held)
+            await self.queue.commit_files(sizes)
+            self.committed_files.update(sizes)
+        return removed
 
     # -- one batch ---------------------------------------------------------------------
     async def step(self) -> int:
         """Deliver one batch; returns how many queue entries it moved past."""
+        async with self._files:
+            return await self._step()
+
+    async def _step(self) -> int:
         batch = await self.queue.fetch(self.batch_size)
         if not batch.scanned:
             return 0
@@ -153,7 +200,11 @@ class DeliveryWorker:
         if records:
             records = await self._concerned(records)
         written, sizes = await self._deliver(records) if records else ([], {})
-        await self.queue.commit(batch, len(written), sizes, persons_held(written))
+        released: set[str] = set()
+        deleted = deletion_notices(written)
+        if deleted and self.on_deletion_notices is not None:
+            released = await self.on_deletion_notices(self.destination, deleted, "delivered")
+        await self.queue.commit(batch, len(written), sizes, persons_held(written), released)
         self.committed_files.update(sizes)
         DELIVERED.labels(self.destination).inc(len(written))
         return batch.scanned
@@ -274,6 +325,12 @@ class DeliveryWorker:
             raise _GaveUp(f"{len(records)} records failed and no dead-letter store is configured")
         await asyncio.to_thread(self.dead_letters.add, self.destination, records, reason, attempts)
         DEAD_LETTERED.labels(self.destination, reason.split(":", 1)[0]).inc(len(records))
+        deleted = deletion_notices(records)
+        if deleted and self.on_deletion_notices is not None:
+            try:
+                await self.on_deletion_notices(self.destination, deleted, "failed")
+            except Exception as exc:  # the notice is in the dead letters; its replay records it
+                log.error("delivery.receipt_failed", destination=self.destination, error=type(exc).__name__)
         log.error(
             "delivery.dead_lettered",
             destination=self.destination,
@@ -384,6 +441,17 @@ class DeliveryService:
     def notify(self) -> None:
         for w in self.workers:
             w.wakeup.set()
+
+    async def purge_person(self, destinations: Collection[str], keys: Collection[str]) -> dict[str, int]:
+        """Remove a person's records from the files of these destinations' sinks (those that
+        keep files): records removed per destination."""
+        removed: dict[str, int] = {}
+        for w in self.workers:
+            if w.destination in destinations:
+                count = await w.purge_person(keys)
+                if count is not None:
+                    removed[w.destination] = count
+        return removed
 
     async def _checkpoint_loop(self) -> None:
         while True:

@@ -21,15 +21,41 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
 import msgspec
 
-from export.outbox import StoredRecord
-from export.sink import Option, check_options, day_of_ms, fsync_path, message_id_of, one_of, with_defaults
+from export.outbox import DELETION_NOTICE_MARK, StoredRecord
+from export.sink import (
+    Option,
+    check_options,
+    day_of_ms,
+    fsync_path,
+    message_id_of,
+    one_of,
+    with_defaults,
+)
+
+_PURGE_SUFFIX = ".purge.tmp"
+
+
+def _lines_naming(data: bytes, needles: Sequence[bytes], spared: bytes) -> list[tuple[int, int]]:
+    """(start, end) of each line of ``data`` holding one of ``needles`` but not ``spared``,
+    in order: found with ``bytes.find`` (memchr speed), not by splitting every line."""
+    spans: set[tuple[int, int]] = set()
+    for needle in needles:
+        at = data.find(needle)
+        while at != -1:
+            start = data.rfind(b"\n", 0, at) + 1
+            end = data.find(b"\n", at)
+            end = len(data) if end == -1 else end + 1
+            if spared not in data[start:end]:
+                spans.add((start, end))
+            at = data.find(needle, end)
+    return sorted(spans)
 
 
 class JsonlFileSink:
@@ -49,11 +75,58 @@ class JsonlFileSink:
     async def close(self) -> None:
         self._close()
 
+    async def purge(self, committed: Mapping[str, int], keys: Collection[str]) -> tuple[int, dict[str, int]]:
+        return await asyncio.to_thread(self._purge, committed, keys)
+
+    def _purge(self, committed: Mapping[str, int], keys: Collection[str]) -> tuple[int, dict[str, int]]:
+        """Rewrite each file without the person's lines: a temp file beside it, fsynced, then
+        renamed over it. A crash leaves the old file or the new one (and at worst a temp
+        file, removed on recovery); a committed size left larger than the file is set right
+        here or by the next write's commit."""
+        self._close()
+        if not keys or not self.directory.is_dir():
+            return 0, {}
+        needles = [f'"{k}"'.encode() for k in sorted(keys)]
+        notice = DELETION_NOTICE_MARK.encode()
+        removed = 0
+        sizes: dict[str, int] = {}
+        for path in sorted(self.directory.glob("*.jsonl")):
+            keep = committed.get(path.name, 0)
+            with open(path, "rb") as fh:
+                data = fh.read(keep)
+            doomed = _lines_naming(data, needles, notice)
+            if not doomed:
+                if path.stat().st_size < keep:  # an earlier purge renamed, then crashed
+                    sizes[path.name] = path.stat().st_size
+                continue
+            parts, at = [], 0
+            for start, end in doomed:
+                parts.append(data[at:start])
+                at = end
+            parts.append(data[at:])
+            body = b"".join(parts)
+            temp = path.with_name(f".{path.name}{_PURGE_SUFFIX}")
+            try:
+                with open(temp, "wb") as fh:
+                    fh.write(body)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                os.replace(temp, path)
+            except BaseException:
+                temp.unlink(missing_ok=True)
+                raise
+            fsync_path(self.directory)
+            removed += len(doomed)
+            sizes[path.name] = len(body)
+        return removed, sizes
+
     def _recover(self, committed: Mapping[str, int]) -> int:
         """Cut every file back to its committed size; returns the bytes removed."""
         self._close()
         self.directory.mkdir(parents=True, exist_ok=True)
         removed = 0
+        for temp in self.directory.glob(f".*{_PURGE_SUFFIX}"):  # a purge cut short
+            temp.unlink()
         for path in self.directory.glob("*.jsonl"):
             size = path.stat().st_size
             keep = committed.get(path.name, 0)
@@ -195,6 +268,50 @@ class ParquetFileSink:
 
     async def close(self) -> None:
         return None
+
+    async def purge(self, committed: Mapping[str, int], keys: Collection[str]) -> tuple[int, dict[str, int]]:
+        return await asyncio.to_thread(self._purge, keys), {}
+
+    def _purge(self, keys: Collection[str]) -> int:
+        """Rewrite each part file holding the person's rows without them (staged, fsynced,
+        renamed over it: readers see the old file or the new one; a file left empty is
+        removed). The files of committed writes only: the worker purges between batches."""
+        if not keys or not self.directory.is_dir():
+            return 0
+        import pyarrow.compute as pc
+        import pyarrow.parquet as pq
+
+        needles = [f'"{k}"' for k in sorted(keys)]
+        removed = 0
+        staging = self.directory / _STAGING
+        for path in sorted(self.directory.glob("date=*/part-*.parquet")):
+            # the payload column first (it holds every value of the record); the whole file
+            # only when it names the person
+            columns = pq.read_table(path, columns=["payload", "type"])
+            person = pc.fill_null(pc.match_substring(columns["payload"], needles[0]), False)
+            for needle in needles[1:]:
+                person = pc.or_(person, pc.fill_null(pc.match_substring(columns["payload"], needle), False))
+            notice = pc.fill_null(pc.equal(columns["type"], "identity.deleted"), False)
+            doomed = pc.and_(person, pc.invert(notice))
+            count = pc.sum(doomed).as_py() or 0
+            if not count:
+                continue
+            kept = pq.read_table(path, schema=self._schema).filter(pc.invert(doomed))
+            if kept.num_rows == 0:
+                path.unlink()
+            else:
+                staging.mkdir(parents=True, exist_ok=True)
+                temp = staging / f"{path.name}.{os.getpid()}.tmp"
+                try:
+                    pq.write_table(kept, temp, compression=self.compression)
+                    fsync_path(temp)
+                    os.replace(temp, path)
+                except BaseException:
+                    temp.unlink(missing_ok=True)
+                    raise
+            fsync_path(path.parent)
+            removed += count
+        return removed
 
     def _recover(self, committed: Mapping[str, int]) -> int:
         """Delete the files of uncommitted writes and staged temp files; returns the bytes removed."""

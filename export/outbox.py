@@ -20,6 +20,7 @@ destination's pseudonym domain). Delivery never parses payload bytes to find the
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from enum import IntEnum
 from typing import Literal, Protocol
@@ -127,6 +128,21 @@ def notice_record(notice: Notice, destinations: tuple[str, ...]) -> OutboxRecord
     )
 
 
+# How an ``identity.deleted`` notice starts (msgspec's compact JSON, the tag first): the
+# notice is the destination's deletion request, kept where a person's other records go.
+DELETION_NOTICE_MARK = '"type":"identity.deleted"'
+
+
+def person_pattern(keys: Collection[str]) -> re.Pattern[str]:
+    """One regular expression for any of a person's values, each a whole JSON string."""
+    return re.compile("|".join(re.escape(f'"{k}"') for k in sorted(keys)))
+
+
+def names_person(payload: bytes, pattern: re.Pattern[bytes]) -> bool:
+    """Whether a notice's payload names the person (a deletion notice never counts)."""
+    return DELETION_NOTICE_MARK.encode() not in payload and pattern.search(payload) is not None
+
+
 def scoped_message_id(message_id: str, *subjects: str | None) -> str:
     """What a message id is claimed as: the id within the subject that sent it.
 
@@ -142,6 +158,34 @@ def scoped_message_id(message_id: str, *subjects: str | None) -> str:
 def dedupe_key(source: str, message_id: str) -> bytes:
     """Message ids are hashed with their source so no dedupe store holds anything readable."""
     return hashlib.blake2b(f"{source}\x1f{message_id}".encode(), digest_size=16).digest()
+
+
+class _Sender(msgspec.Struct, rename="camel"):
+    anonymous_id: str | None = None
+    user_id: str | None = None
+
+
+_sender = msgspec.json.Decoder(_Sender).decode
+
+
+def claimed_as(record: OutboxRecord | StoredRecord) -> str:
+    """The message id an event was claimed as at ingest (``scoped_message_id`` by its
+    sender's pseudonyms, as its payload holds them): what its dedupe entry is keyed by."""
+    try:
+        sender = _sender(record.payload)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        sender = _Sender()
+    return scoped_message_id(record.message_id, sender.anonymous_id, sender.user_id)
+
+
+class PersonPurge(msgspec.Struct):
+    """What purging a person's held events removed: the events, the dedupe entries of their
+    message ids (found through the events, so removed before them), and the merge and split
+    notices naming the person."""
+
+    events: int = 0
+    dedupe_keys: int = 0
+    notices: int = 0
 
 
 class ClaimStatus(IntEnum):
@@ -185,10 +229,24 @@ class DestinationQueue(Protocol):
 
     async def fetch(self, limit: int) -> DeliveryBatch: ...
     async def commit(
-        self, batch: DeliveryBatch, delivered: int, sink_files: dict[str, int], persons: Iterable[str]
-    ) -> None: ...
+        self,
+        batch: DeliveryBatch,
+        delivered: int,
+        sink_files: dict[str, int],
+        persons: Iterable[str],
+        released: Iterable[str] = (),
+    ) -> None:
+        """Commit a read as delivered, with the persons the destination now holds data of
+        and those it was told to delete (``released``: the person index forgets them)."""
+        ...
+
     async def received(self, persons: Iterable[str]) -> set[str]:
         """Which of ``persons`` the destination has been sent data of."""
+        ...
+
+    async def commit_files(self, sink_files: dict[str, int]) -> None:
+        """Record the committed state of the destination's sink files after they were
+        rewritten outside a batch (a person's lines removed)."""
         ...
 
 
@@ -229,8 +287,9 @@ class Outbox(Protocol):
         ...
 
     async def prune(self, chunk: int = 5_000) -> tuple[int, int]: ...
-    async def purge_person(self, tenant: str, pseudonyms: Collection[str]) -> int:
-        """Delete the events held for a person (a deletion request); notices stay."""
+    async def purge_person(self, tenant: str, pseudonyms: Collection[str]) -> PersonPurge:
+        """Delete the events held for a person (a deletion request) and the dedupe entries
+        of their message ids; notices stay."""
         ...
 
     async def find_person(

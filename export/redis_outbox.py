@@ -22,6 +22,7 @@ Entries every group has acknowledged are trimmed by ``prune``.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import Any
@@ -37,9 +38,13 @@ from export.outbox import (
     OutboxFull,
     OutboxRecord,
     OutboxUnavailable,
+    PersonPurge,
     StoredRecord,
+    claimed_as,
     dedupe_key,
+    names_person,
     past_retention,
+    person_pattern,
     stored,
 )
 from export.outbox_schema import v2_record_fields
@@ -269,18 +274,23 @@ class RedisStreamOutbox:
             start = "(" + (last.decode() if isinstance(last, bytes) else str(last))
         return found[:limit]
 
-    async def purge_person(self, tenant: str, pseudonyms: Collection[str]) -> int:
+    async def purge_person(self, tenant: str, pseudonyms: Collection[str]) -> PersonPurge:
         """Delete the events of a person still in the stream (a deletion request): every
-        event of ``tenant`` whose person or pseudonyms include one of ``pseudonyms``.
-        Notices stay. Each chunk's deletions and counter moves are one atomic script."""
+        event of ``tenant`` whose person or pseudonyms include one of ``pseudonyms``, and
+        the dedupe entries of their message ids first (the keys are digests: only the events
+        lead to them), and the merge and split notices naming the person (their
+        deletion notice supersedes them; it stays). Each chunk's deletions and counter moves
+        are one atomic script."""
         wanted = set(pseudonyms)
+        pattern = re.compile(person_pattern(wanted).pattern.encode()) if wanted else None
         groups = sorted(self.destinations)
-        removed, start = 0, "-"
+        removed, forgotten, notices, start = 0, 0, 0, "-"
         while True:
             rows = await self.client.xrange(self.stream, min=start, count=1000)
             if not rows:
-                return removed
+                return PersonPurge(events=removed - notices, dedupe_keys=forgotten, notices=notices)
             doomed = []
+            claims = []
             for eid, fields in rows:
                 entry = _decode_entry(fields[b"r"])
                 if entry.kind == "event" and entry.tenant == tenant:
@@ -288,6 +298,11 @@ class RedisStreamOutbox:
                         entry = _record(eid, entry).to_outbox()
                     if entry.person in wanted or wanted & set(entry.pseudonyms):
                         doomed.append(eid.decode() if isinstance(eid, bytes) else str(eid))
+                        claims.append(self.dedupe.key(entry.source, claimed_as(entry)))
+                elif entry.tenant == tenant and pattern is not None and names_person(entry.payload, pattern):
+                    doomed.append(eid.decode() if isinstance(eid, bytes) else str(eid))
+                    notices += 1
+            forgotten += await self.dedupe.forget(claims)
             if doomed:
                 removed += int(
                     await self._purge_script(
@@ -492,7 +507,12 @@ class RedisDestinationQueue:
         return self._batch(got[0][1] if got else [])
 
     async def commit(
-        self, batch: DeliveryBatch, delivered: int, sink_files: dict[str, int], persons: Iterable[str]
+        self,
+        batch: DeliveryBatch,
+        delivered: int,
+        sink_files: dict[str, int],
+        persons: Iterable[str],
+        released: Iterable[str] = (),
     ) -> None:
         ids = batch.token
         assert isinstance(ids, list)
@@ -507,8 +527,17 @@ class RedisDestinationQueue:
             pipe.sadd(self._persons_key, *people)
             now_ms = int(time.time() * 1000)
             pipe.zadd(self.outbox.received_at_key(self.destination), dict.fromkeys(people, now_ms))
+        forgotten = list(released)
+        if forgotten:
+            # a person released by a deletion leaves the index and its retention clock
+            pipe.srem(self._persons_key, *forgotten)
+            pipe.zrem(self.outbox.received_at_key(self.destination), *forgotten)
         if len(pipe):
             await pipe.execute()
+
+    async def commit_files(self, sink_files: dict[str, int]) -> None:
+        if sink_files:
+            await self.client.hset(self._files_key, mapping=sink_files)
 
     async def received(self, persons: Iterable[str]) -> set[str]:
         wanted = sorted(set(persons))

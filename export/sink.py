@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 from urllib.parse import urlsplit
 
 import msgspec
@@ -40,6 +40,20 @@ class Sink(Protocol):
     async def recover(self, committed: Mapping[str, int]) -> int: ...
     async def write(self, records: Sequence[StoredRecord]) -> dict[str, int]: ...
     async def close(self) -> None: ...
+
+
+@runtime_checkable
+class FileSink(Protocol):
+    """A sink that keeps files idgate owns (JSONL, Parquet): a person's records can be
+    removed from them (a deletion request)."""
+
+    async def purge(self, committed: Mapping[str, int], keys: Collection[str]) -> tuple[int, dict[str, int]]:
+        """Remove every record naming one of ``keys`` (the person's values as this
+        destination holds them; ``identity.deleted`` notices stay: they are the destination's
+        deletion request), rewriting each file atomically (temp, fsync, rename). Only the
+        ``committed`` part of a file is kept. Returns the records removed and the files'
+        new committed state (to commit with the cursor)."""
+        ...
 
 
 class SinkError(Exception):

@@ -18,6 +18,7 @@ sink exactly-once across crashes (see export.file_sinks).
 from __future__ import annotations
 
 import asyncio
+import re
 import sqlite3
 import threading
 import time
@@ -41,9 +42,13 @@ from export.outbox import (
     OutboxFull,
     OutboxRecord,
     OutboxUnavailable,
+    PersonPurge,
     StoredRecord,
+    claimed_as,
     dedupe_key,
+    names_person,
     past_retention,
+    person_pattern,
 )
 from export.outbox_schema import migrate_outbox_database, open_outbox_database
 
@@ -534,10 +539,11 @@ class SqliteOutbox:
         delivered: int,
         sink_files: dict[str, int],
         persons: Iterable[str] = (),
+        released: Iterable[str] = (),
     ) -> None:
         """Advance the cursor past ``last_seq``, record the sink sizes and the persons whose
-        data the destination now holds (notices go only where a person's data went); one
-        transaction."""
+        data the destination now holds (notices go only where a person's data went) or was
+        told to delete (``released``); one transaction."""
         now_ms = int(self._clock() * 1000)
 
         def tx(conn: sqlite3.Connection) -> None:
@@ -546,6 +552,10 @@ class SqliteOutbox:
                 "ON CONFLICT(destination, unified_id) "
                 "DO UPDATE SET delivered_at_ms = excluded.delivered_at_ms",
                 [(destination, p, now_ms) for p in persons],
+            )
+            conn.executemany(
+                "DELETE FROM delivered_person WHERE destination = ? AND unified_id = ?",
+                [(destination, p) for p in released],
             )
             conn.execute(
                 "INSERT INTO delivery_cursor(destination, last_seq, delivered) VALUES (?, ?, ?) "
@@ -612,44 +622,75 @@ class SqliteOutbox:
 
         return await self._read(q)
 
+    @staticmethod
+    def _person_rows(
+        conn: sqlite3.Connection,
+        tenant: str,
+        wanted: set[str],
+        limit: int | None = None,
+        *,
+        notices: bool = False,
+    ) -> list[StoredRecord]:
+        """The event rows of ``tenant`` whose person or pseudonyms include one of ``wanted``
+        (and with ``notices`` the merge and split notices that name one of them)."""
+        # the matching is done in SQLite on two short columns (a pseudonym is a whole item of
+        # the comma-separated list); whole rows only for the matches
+        rows = conn.execute(
+            "SELECT seq FROM outbox, (SELECT value FROM json_each(?)) AS k "
+            "WHERE tenant = ? AND kind = 'event' "
+            "AND (person = k.value OR instr(',' || pseudonyms || ',', ',' || k.value || ',') > 0)",
+            (msgspec.json.encode(sorted(wanted)), tenant),
+        )
+        seqs = sorted({seq for (seq,) in rows})
+        if notices and wanted:  # merges and splits naming the person (not their deletion)
+            pattern = re.compile(person_pattern(wanted).pattern.encode())
+            rows = conn.execute(
+                "SELECT seq, payload FROM outbox WHERE tenant = ? AND kind = 'notice'", (tenant,)
+            )
+            seqs += [seq for seq, payload in rows if names_person(bytes(payload), pattern)]
+        found = []
+        for seq in seqs[:limit]:
+            row = conn.execute(f"SELECT {_COLUMNS} FROM outbox WHERE seq = ?", (seq,)).fetchone()
+            if row is not None:
+                found.append(_row_record(row))
+        return found
+
     async def find_person(
         self, tenant: str, pseudonyms: Collection[str], limit: int = 10_000
     ) -> list[StoredRecord]:
         """The events of a person still held (an access request), as ``purge_person`` finds them."""
         wanted = set(pseudonyms)
+        return await self._read(lambda conn: self._person_rows(conn, tenant, wanted, limit))
 
-        def q(conn: sqlite3.Connection) -> list[StoredRecord]:
-            # the matching is done on two short columns; whole rows only for the matches
-            rows = conn.execute(
-                "SELECT seq, person, pseudonyms FROM outbox WHERE tenant = ? AND kind = 'event' ORDER BY seq",
-                (tenant,),
-            )
-            seqs = [seq for seq, person, names in rows if person in wanted or wanted & set(names.split(","))]
-            found = []
-            for seq in seqs[:limit]:
-                row = conn.execute(f"SELECT {_COLUMNS} FROM outbox WHERE seq = ?", (seq,)).fetchone()
-                if row is not None:
-                    found.append(_row_record(row))
-            return found
-
-        return await self._read(q)
-
-    async def purge_person(self, tenant: str, pseudonyms: Collection[str]) -> int:
+    async def purge_person(self, tenant: str, pseudonyms: Collection[str]) -> PersonPurge:
         """Delete the events of a person still held (a deletion request): every event row of
-        ``tenant`` whose person or pseudonyms include one of ``pseudonyms``, delivered or not.
-        Notices (merges, splits, deletions) stay: downstream needs them. Sequence numbers
-        are never reused (AUTOINCREMENT), so delivery cursors stay right."""
+        ``tenant`` whose person or pseudonyms include one of ``pseudonyms``, delivered or not,
+        with the dedupe entries of their message ids (the keys are digests: only the events
+        lead to them, so the entries go first, or in the same transaction), and the merge
+        and split notices naming the person (their deletion notice supersedes them; it
+        stays). Sequence numbers are never reused (AUTOINCREMENT), so delivery cursors stay
+        right."""
         wanted = set(pseudonyms)
+        doomed = await self._read(lambda conn: self._person_rows(conn, tenant, wanted, notices=True))
+        claims = [(r.source, claimed_as(r)) for r in doomed if r.kind == "event"]
+        shared = 0
+        if self.shared_dedupe is not None and claims:
+            shared = await self.shared_dedupe.forget([self.shared_dedupe.key(*c) for c in claims])
 
-        def tx(conn: sqlite3.Connection) -> int:
-            rows = conn.execute(
-                "SELECT seq, person, pseudonyms FROM outbox WHERE tenant = ? AND kind = 'event'", (tenant,)
-            ).fetchall()
-            doomed = [
-                (seq,) for seq, person, names in rows if person in wanted or wanted & set(names.split(","))
-            ]
-            conn.executemany("DELETE FROM outbox WHERE seq = ?", doomed)
-            return len(doomed)
+        def tx(conn: sqlite3.Connection) -> PersonPurge:
+            forgotten = sum(
+                conn.execute("DELETE FROM dedupe WHERE key = ?", (dedupe_key(*c).hex(),)).rowcount
+                for c in claims
+            )
+            gone = {
+                kind: sum(
+                    conn.execute("DELETE FROM outbox WHERE seq = ?", (r.seq,)).rowcount
+                    for r in doomed
+                    if r.kind == kind
+                )
+                for kind in ("event", "notice")
+            }
+            return PersonPurge(events=gone["event"], dedupe_keys=forgotten + shared, notices=gone["notice"])
 
         return await self._write(tx)
 
@@ -744,13 +785,21 @@ class SqliteDestinationQueue:
         return DeliveryBatch(mine, scanned, upper)
 
     async def commit(
-        self, batch: DeliveryBatch, delivered: int, sink_files: dict[str, int], persons: Iterable[str]
+        self,
+        batch: DeliveryBatch,
+        delivered: int,
+        sink_files: dict[str, int],
+        persons: Iterable[str],
+        released: Iterable[str] = (),
     ) -> None:
         upper = int(batch.token)  # type: ignore[call-overload]
         now = time.monotonic()
         persons = list(persons)
-        if delivered or sink_files or persons or now - self._saved_at > 1.0:
-            await self.outbox.commit_delivery(self.destination, upper, delivered, sink_files, persons)
+        released = list(released)
+        if delivered or sink_files or persons or released or now - self._saved_at > 1.0:
+            await self.outbox.commit_delivery(
+                self.destination, upper, delivered, sink_files, persons, released
+            )
             self._saved_at = now
             self._saved_seq = upper
         self.last_seq = upper
@@ -758,3 +807,7 @@ class SqliteDestinationQueue:
 
     async def received(self, persons: Iterable[str]) -> set[str]:
         return await self.outbox.received(self.destination, persons)
+
+    async def commit_files(self, sink_files: dict[str, int]) -> None:
+        if sink_files:
+            await self.outbox.commit_delivery(self.destination, self.last_seq, 0, sink_files)

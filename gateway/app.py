@@ -48,7 +48,7 @@ from gateway.plan_monitor import PlanMonitor
 from gateway.plan_validate import VALIDATE_ROUTES, document_validate_routes
 from gateway.rate_limits import open_rate_limiter
 from gateway.retention_setup import RetentionStores, retention_periodically
-from gateway.rights_setup import open_rights, resume_open_requests
+from gateway.rights_setup import DeletionReceipts, follow_sink_purges, open_rights, resume_open_requests
 from gateway.sensors_http import SENSORS_ROUTES, document_sensors_routes
 from gateway.settings import Settings
 from gateway.trust import assertion_verifiers
@@ -180,7 +180,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
         violations = SqliteViolations(settings.data_dir / "violations.sqlite3")  # tracking plan
         plan_monitor = PlanMonitor(violations)
         consent = await open_consent(settings, config, redis_client, signer)
-        delivery = build_delivery(settings, config, keyring, consent, outbox, dead_letters)
+        receipts = DeletionReceipts(config)
+        delivery = build_delivery(settings, config, keyring, consent, outbox, dead_letters, receipts)
         resolver, identity, identity_engine = await open_identity(
             settings, config, keyring, notice_publisher(config, outbox, delivery.notify)
         )
@@ -252,7 +253,17 @@ def create_app(settings: Settings | None = None) -> Litestar:
             },
             verify_ledger=lambda: verify_database(consent.ledger),
         )
-        state.rights = open_rights(config, consent.service, consent.proofs, identity, outbox, dead_letters)
+        state.rights = open_rights(
+            config,
+            consent.service,
+            consent.proofs,
+            identity,
+            outbox,
+            dead_letters,
+            delivery,
+            rate_limiter,
+            receipts,
+        )
         await delivery.start()
         resumed = asyncio.create_task(resume_open_requests(state.rights), name="rights-resume")
         monitoring.start()
@@ -268,6 +279,17 @@ def create_app(settings: Settings | None = None) -> Litestar:
         )
         checkpoints = asyncio.create_task(
             checkpoint_periodically(consent.ledger, settings.checkpoint_seconds), name="ledger-checkpoint"
+        )
+        # distributed mode: each replica's own sink files follow the deletions of all of them
+        follow = (
+            asyncio.create_task(
+                follow_sink_purges(
+                    consent.service, delivery, config, settings.sink_dir / ".idgate-sink-purges"
+                ),
+                name="rights-sink-purges",
+            )
+            if redis_client is not None
+            else None
         )
         health = asyncio.create_task(
             keep_healthy(consent.service, outbox, settings.consent_reconcile_seconds), name="keep-healthy"
@@ -291,6 +313,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
             checkpoints.cancel()
             retention.cancel()
             health.cancel()
+            if follow is not None:
+                follow.cancel()
             resumed.cancel()
             await monitoring.stop()
             await resolver.stop()

@@ -11,7 +11,7 @@ from typing import Any
 
 from export.deadletter import DeadLetterStore, RedisDeadLetters, SqliteDeadLetters
 from export.dedupe import RedisDedupe
-from export.delivery import DeliveryService, DeliveryWorker, Retry
+from export.delivery import DeliveryService, DeliveryWorker, OnDeletionNotices, Retry
 from export.domains import DomainRekeyer
 from export.minimise import PropertyMinimiser
 from export.outbox import Outbox
@@ -152,6 +152,7 @@ def build_delivery(
     consent: ConsentRuntime,
     outbox: Outbox,
     dead_letters: DeadLetterStore,
+    on_deletion_notices: OnDeletionNotices | None = None,
 ) -> DeliveryService:
     specs = {
         d.id: spec
@@ -174,6 +175,7 @@ def build_delivery(
             recheck=recheck,
             on_delivered=trail,
             on_withheld=retraction,
+            on_deletion_notices=on_deletion_notices,
         )
         for t in config.tenants
         for d in t.destinations

@@ -22,7 +22,10 @@ _FAMILIES: dict[str, tuple[str, tuple[str, ...]]] = {
     "accepted": ("Messages durably accepted", ("tenant", "source")),
     "duplicate": ("Messages dropped as duplicates of an earlier messageId", ("tenant", "source")),
     "rejected": ("Messages rejected as invalid", ("tenant", "source", "error")),
-    "dropped": ("Messages not stored for lack of a lawful basis or destination", ("tenant", "reason")),
+    "dropped": (
+        "Messages not stored: no lawful basis or destination, or an erased subject (erased)",
+        ("tenant", "reason"),
+    ),
     "plan_violation": (
         "Tracking plan violations by plan event (or unplanned) and rule",
         ("tenant", "source", "event", "rule"),

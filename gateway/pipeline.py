@@ -1,6 +1,6 @@
 """The ingest pipeline: an explicit, ordered list of named stages over one batch.
 
-    pseudonymise -> check_plan -> claim_message_ids -> rekey_on_sight -> record_consent_signals
+    pseudonymise -> drop_erased -> check_plan -> claim_message_ids -> rekey_on_sight -> record_consent_signals
     -> decide_consent -> limit_new_identifiers -> resolve_identity -> transform -> encode -> append
     -> detach_identifiers -> observe_kpis
 
@@ -572,6 +572,33 @@ async def pseudonymise(s: IngestServices, batch: IngestBatch) -> None:
     batch.envelopes = kept
 
 
+async def drop_erased(s: IngestServices, batch: IngestBatch) -> None:
+    """The suppression list (consent.suppression): an event naming an identifier a deletion
+    request erased is dropped (``erased``) before anything of it is stored, whatever the
+    consent state of its purposes."""
+    envs = batch.envelopes
+    if not envs:
+        return
+
+    def named(env: Envelope) -> list[str]:
+        # while older key versions are live, an identifier erased under one of them counts
+        values = [i.value for i in env.identifiers]
+        return values + [old for v in values for old in env.aliases.get(v, ())] if env.aliases else values
+
+    erased = await s.consent.erased(
+        batch.src.tenant.id, list(dict.fromkeys(v for e in envs for v in named(e)))
+    )
+    if not erased:
+        return
+    kept = []
+    for env in envs:
+        if any(v in erased for v in named(env)):
+            batch.drop("erased")
+        else:
+            kept.append(env)
+    batch.envelopes = kept
+
+
 def _proven(env: Envelope) -> list[Identifier]:
     if not env.unproven:
         return env.identifiers
@@ -994,6 +1021,7 @@ async def observe_kpis(s: IngestServices, batch: IngestBatch) -> None:
 
 STAGES: tuple[Stage, ...] = (
     pseudonymise,
+    drop_erased,
     check_plan,
     claim_message_ids,
     rekey_on_sight,

@@ -21,7 +21,7 @@ from __future__ import annotations
 import functools
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -81,6 +81,11 @@ class CounterStore(Protocol):
         hold more than ``allowed``; True when added (or nothing new)."""
         ...
 
+    async def forget(self, values: Collection[str]) -> int:
+        """Drop every counter and identifier set naming one of ``values`` (an erased person's
+        pseudonyms: a deletion request); returns how many."""
+        ...
+
 
 @dataclass
 class MemoryCounters:
@@ -108,6 +113,19 @@ class MemoryCounters:
             if n > h.allowed and over is None:
                 over = (i, max(1, math.ceil(h.window - now % h.window)))
         return over
+
+    async def forget(self, values: Collection[str]) -> int:
+        wanted = set(values)
+        gone = 0
+        for _, table in self._windows.values():
+            for key in [k for k in table if any(v in k for v in wanted)]:
+                del table[key]
+                gone += 1
+        sets = self._members[1]
+        for subject in [s for s, m in sets.items() if m & wanted or any(v in s for v in wanted)]:
+            del sets[subject]
+            gone += 1
+        return gone
 
     async def add_members(self, subjects: Sequence[tuple[str, Sequence[str]]], allowed: int) -> list[bool]:
         day = int(self.clock() // DAY)
@@ -175,6 +193,7 @@ class RedisCounters:
 
     def __init__(self, client: Any, prefix: str) -> None:
         self.prefix = prefix
+        self.client = client
         self._hit = client.register_script(_HIT)
         self._members = client.register_script(_MEMBERS)
 
@@ -188,6 +207,27 @@ class RedisCounters:
         if not over:
             return None
         return int(over) - 1, max(1, int(ttl))
+
+    async def forget(self, values: Collection[str]) -> int:
+        """A scan of the counters (they expire within a day: a bounded set), the identifier
+        sets asked in pipelined chunks."""
+        wanted = sorted(set(values))
+        doomed: list[bytes] = []
+        sets: list[bytes] = []
+        async for key in self.client.scan_iter(match=f"{self.prefix}:rl:*", count=1000):
+            name = key.decode(errors="replace")
+            if any(v in name for v in wanted):
+                doomed.append(key)
+            elif name.startswith(f"{self.prefix}:rl:ids:"):
+                sets.append(key)
+        for lo in range(0, len(sets), 500):
+            chunk = sets[lo : lo + 500]
+            async with self.client.pipeline(transaction=False) as pipe:
+                for key in chunk:
+                    pipe.smismember(key, wanted)
+                found = await pipe.execute()
+            doomed += [k for k, flags in zip(chunk, found, strict=True) if any(flags)]
+        return int(await self.client.delete(*doomed)) if doomed else 0
 
     async def add_members(self, subjects: Sequence[tuple[str, Sequence[str]]], allowed: int) -> list[bool]:
         if not subjects:

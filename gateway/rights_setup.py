@@ -1,12 +1,15 @@
 """Wiring of data-subject rights requests for the app: the clock from config, the person
-lookup and the deletion steps of the other domains, and the ``/metrics`` gauge."""
+lookup and the deletion steps of the other domains, the destinations' deletion receipts
+(reported by delivery), and the ``/metrics`` gauge."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 from collections.abc import Iterator, Mapping, Sequence
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -16,13 +19,16 @@ from prometheus_client.registry import Collector
 
 from consent.ledger_format import rfc3339
 from consent.proofs import DeliveryProofs
-from consent.rights import DeletionStep, Holdings, HoldingsOf, RightsService
+from consent.rights import DeletionStep, Holdings, HoldingsOf, ReceiptStatus, RightsService
 from consent.rights_clock import RightsClock, WorkingCalendar
 from consent.service import ConsentService
 from export.deadletter import DeadLetterStore
+from export.delivery import DeliveryService
 from export.outbox import Outbox
 from gateway.config import Config, RightsConfig
+from gateway.rate_limits import RateLimiter
 from identity.identifiers import Identifier, node_type, node_value
+from identity.notices import IdentityDeleted
 from identity.service import IdentityService
 
 log = structlog.get_logger(__name__)
@@ -43,17 +49,114 @@ def identity_erasure(identity: IdentityService) -> DeletionStep:
     return erase
 
 
+def person_keys(identity: IdentityService, tenant: str, nodes: Sequence[str]) -> set[str]:
+    """The values a person's records are found by: their pseudonyms and every unified ID
+    they have had (read before the graph is erased)."""
+    return {node_value(n) for n in nodes} | set(identity.unified_ids(tenant, nodes))
+
+
+async def recipients_of(outbox: Outbox, destinations: Sequence[str], unified_ids: Sequence[str]) -> list[str]:
+    """The destinations that received data of these persons (their person index)."""
+    return [d for d in destinations if await outbox.queue(d).received(unified_ids)]
+
+
+def deletion_recipients(config: Config, identity: IdentityService, outbox: Outbox) -> DeletionStep:
+    """The destinations holding the person's data, read before anything is deleted: each
+    owes a receipt of the ``identity.deleted`` notice the graph step sends them."""
+    destinations = tenant_destinations(config)
+
+    async def recipients(tenant: str, nodes: Sequence[str]) -> Mapping[str, Any]:
+        unified = identity.unified_ids(tenant, nodes)
+        held = await recipients_of(outbox, destinations.get(tenant, []), unified)
+        return {"destinations": held, "unified_ids": unified}
+
+    return recipients
+
+
 def event_purge(identity: IdentityService, outbox: Outbox, dead_letters: DeadLetterStore) -> DeletionStep:
-    """The person's events still held: in the outbox (delivered or not) and in the dead
-    letters, found by their pseudonyms and unified ID (read before the graph is erased)."""
+    """The person's events still held: in the outbox (delivered or not, with the dedupe
+    entries of their message ids) and in the dead letters."""
 
     async def purge(tenant: str, nodes: Sequence[str]) -> Mapping[str, int]:
-        keys = {node_value(n) for n in nodes} | {identity.unified_id(tenant, n) for n in nodes}
+        keys = person_keys(identity, tenant, nodes)
         held = await outbox.purge_person(tenant, keys)
         dead = await asyncio.to_thread(dead_letters.purge_person, tenant, keys)
-        return {"outbox_events": held, "dead_letters": dead}
+        return {
+            "outbox_events": held.events,
+            "outbox_notices": held.notices,
+            "dedupe_keys": held.dedupe_keys,
+            "dead_letters": dead,
+        }
 
     return purge
+
+
+def file_sink_purge(config: Config, identity: IdentityService, delivery: DeliveryService) -> DeletionStep:
+    """The person's lines in the files idgate writes (JSONL, Parquet sinks), per sink."""
+    destinations = tenant_destinations(config)
+
+    async def purge(tenant: str, nodes: Sequence[str]) -> Mapping[str, Any]:
+        removed = await delivery.purge_person(
+            destinations.get(tenant, []), person_keys(identity, tenant, nodes)
+        )
+        # what the other replicas purge their own files by (follow_sink_purges)
+        return {"lines_removed": removed, "unified_ids": identity.unified_ids(tenant, nodes)}
+
+    return purge
+
+
+async def follow_sink_purges(
+    consent: ConsentService, delivery: DeliveryService, config: Config, marker: Path, seconds: float = 2.0
+) -> None:
+    """Distributed mode: every replica writes its own sink files, so each applies the
+    ``file_sinks`` steps of deletions carried out on any replica (the ledger's records after
+    this replica's ``marker``, a file beside its sinks) to its own files. Idempotent: the
+    replica that carried out the request finds nothing more."""
+    destinations = tenant_destinations(config)
+    after = int(marker.read_text()) if marker.exists() else 0
+    while True:
+        full = False
+        try:
+            page = await asyncio.to_thread(
+                consent.ledger.records, tenant=None, record_type="rights_request", after_seq=after, limit=1000
+            )
+            for r in page:
+                detail = r.detail or {}
+                if detail.get("step") == "file_sinks":
+                    keys = {node_value(n) for n in r.identifiers or ()} | set(detail.get("unified_ids") or ())
+                    removed = await delivery.purge_person(destinations.get(r.tenant, []), keys)
+                    if any(removed.values()):
+                        log.info(
+                            "rights.sink_purge_followed", request_id=detail.get("request_id"), lines=removed
+                        )
+            if page:
+                after = page[-1].seq
+                await asyncio.to_thread(_save_marker, marker, after)
+            full = len(page) == 1000
+        except Exception as exc:  # the next round tries again from the same marker
+            log.error("rights.sink_purge_follow_failed", error=type(exc).__name__)
+        if not full:
+            await asyncio.sleep(seconds)
+
+
+def _save_marker(marker: Path, seq: int) -> None:
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    temp = marker.with_name(marker.name + ".tmp")
+    temp.write_text(str(seq))
+    os.replace(temp, marker)
+
+
+def rate_limit_purge(identity: IdentityService, limiter: RateLimiter) -> DeletionStep:
+    """The person's rate-limit counters and per-day identifier sets (keyed by pseudonyms)."""
+
+    async def purge(tenant: str, nodes: Sequence[str]) -> Mapping[str, int]:
+        return {"counters": await limiter.store.forget(person_keys(identity, tenant, nodes))}
+
+    return purge
+
+
+def tenant_destinations(config: Config) -> dict[str, list[str]]:
+    return {t.id: [d.id for d in t.destinations] for t in config.tenants}
 
 
 def _event(payload: bytes) -> Any:
@@ -70,7 +173,7 @@ def _ms(ms: int) -> str:
 def holdings_of(config: Config, outbox: Outbox, dead_letters: DeadLetterStore) -> HoldingsOf:
     """The events held on a person (outbox and dead letters) and the destinations that
     received their data (the per-destination person index), for access bundles."""
-    destinations = {t.id: [d.id for d in t.destinations] for t in config.tenants}
+    destinations = tenant_destinations(config)
 
     async def holdings(tenant: str, nodes: Sequence[str], unified_ids: Sequence[str]) -> Holdings:
         keys = {node_value(n) for n in nodes} | set(unified_ids)
@@ -96,14 +199,49 @@ def holdings_of(config: Config, outbox: Outbox, dead_letters: DeadLetterStore) -
                     "event": _event(d.payload),
                 }
             )
-        recipients = [d for d in destinations.get(tenant, []) if await outbox.queue(d).received(unified_ids)]
+        recipients = await recipients_of(outbox, destinations.get(tenant, []), unified_ids)
         return Holdings(events, recipients)
 
     return holdings
 
 
-# What a deletion does not reach yet (issue 13): it completes as ``partly_done`` naming them.
-DELETION_GAPS = ("dedupe_keys", "person_index", "file_sink_lines", "destination_receipts")
+# What a deletion does not reach yet: it completes as ``partly_done`` naming it. The
+# identity graph's change log (identity.store) is a replicated state machine log that every
+# replica replays in order; it keeps the erased nodes' earlier link records (pseudonyms and
+# unified IDs) beside the removal records that prove the erasure. Dropping them needs a
+# compaction that keeps the replay valid (merges follow their links, splits name parts).
+DELETION_GAPS = ("identity_log",)
+
+# Sinks whose receiver answers each delivery (2xx): their receipts are ``acknowledged``.
+ACKNOWLEDGING_SINKS = frozenset({"webhook", "segment", "sensors"})
+
+
+class DeletionReceipts:
+    """What delivery reports of ``identity.deleted`` notices (export.delivery's
+    ``on_deletion_notices``), recorded as receipts on the rights requests; built before the
+    rights service, which ``open_rights`` attaches."""
+
+    def __init__(self, config: Config) -> None:
+        self.service: RightsService | None = None
+        self.acknowledging = {
+            d.id for t in config.tenants for d in t.destinations if d.sink in ACKNOWLEDGING_SINKS
+        }
+
+    async def __call__(self, destination: str, notices: Sequence[IdentityDeleted], status: str) -> set[str]:
+        if self.service is None:  # delivery retries the batch
+            raise RuntimeError("rights requests are not open yet")
+        receipt: ReceiptStatus = "failed"
+        if status == "delivered":
+            receipt = "acknowledged" if destination in self.acknowledging else "delivered"
+        by_tenant: dict[str, set[str]] = {}
+        for n in notices:
+            by_tenant.setdefault(n.tenant, set()).add(n.unified_id)
+        released: set[str] = set()
+        for tenant, unified_ids in by_tenant.items():
+            released |= await self.service.deletion_receipt(
+                tenant=tenant, destination=destination, unified_ids=unified_ids, status=receipt
+            )
+        return released
 
 
 def open_rights(
@@ -113,12 +251,20 @@ def open_rights(
     identity: IdentityService,
     outbox: Outbox,
     dead_letters: DeadLetterStore,
+    delivery: DeliveryService,
+    limiter: RateLimiter,
+    receipts: DeletionReceipts | None = None,
 ) -> RightsService:
-    # In this order: consent is withdrawn first (by the service: events in flight are then
-    # withheld at delivery), the held events go while the unified ID is still known, and
-    # the graph last (its deletion notices go to the outbox after the purge).
+    # In this order (consent is withdrawn and the person suppressed first, by the service):
+    # the destinations holding the person are read from their person index; the held events
+    # (and their dedupe entries) and the sink files' lines go while the unified ID is still
+    # known; the graph last: its deletion notices go to the outbox after the purge, and
+    # each destination's person index forgets the person once it received its notice.
     steps: dict[str, DeletionStep] = {
+        "recipients": deletion_recipients(config, identity, outbox),
         "events": event_purge(identity, outbox, dead_letters),
+        "file_sinks": file_sink_purge(config, identity, delivery),
+        "rate_limits": rate_limit_purge(identity, limiter),
         "identity_graph": identity_erasure(identity),
     }
     service = RightsService(
@@ -130,6 +276,8 @@ def open_rights(
         deletion_steps=steps,
         deletion_gaps=DELETION_GAPS,
     )
+    if receipts is not None:
+        receipts.service = service
     RIGHTS_GAUGE.service = service
     return service
 

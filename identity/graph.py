@@ -316,6 +316,10 @@ class IdentityGraph:
             unified_id = aliases[unified_id]
         return unified_id
 
+    def aliases_of(self, unified_id: str) -> list[str]:
+        """Every earlier ID merged into ``unified_id`` (a scan: for erasures, which are rare)."""
+        return sorted(a for a in self._aliases if self.resolve_alias(a) == unified_id)
+
     def has_links(self, node: str) -> bool:
         """Whether the node's person has more than this identifier (cheap)."""
         n = self._nodes.get(node)

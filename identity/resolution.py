@@ -60,7 +60,11 @@ class IdentityResolver(Protocol):
         """An officer's decision on a quarantined link; ``[]`` when none is held."""
         ...
 
-    async def remove(self, tenant: str, node: str) -> list[GraphChange]: ...
+    async def remove(
+        self, tenant: str, node: str, collect: list[GraphChange] | None = None
+    ) -> list[GraphChange]:
+        """Erase a node; its person's splits go to ``collect`` when given, else downstream."""
+        ...
 
     async def rekey(self, tenant: str, moves: Sequence[tuple[str, str]]) -> list[GraphChange]:
         """Key rotation: (old node, new node) pairs, the same identifier under two versions."""
@@ -106,7 +110,9 @@ class NoResolution:
     async def review(self, tenant: str, a: str, b: str, *, approve: bool, officer: str) -> list[GraphChange]:
         return []
 
-    async def remove(self, tenant: str, node: str) -> list[GraphChange]:
+    async def remove(
+        self, tenant: str, node: str, collect: list[GraphChange] | None = None
+    ) -> list[GraphChange]:
         return []
 
     async def rekey(self, tenant: str, moves: Sequence[tuple[str, str]]) -> list[GraphChange]:

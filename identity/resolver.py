@@ -387,12 +387,16 @@ class GraphResolver:
         await self._locked(decide)
         return out
 
-    async def remove(self, tenant: str, node: str) -> list[GraphChange]:
+    async def remove(
+        self, tenant: str, node: str, collect: list[GraphChange] | None = None
+    ) -> list[GraphChange]:
+        """Erase a node; its person's splits go to ``collect`` when given (the caller
+        decides which to announce), else to ``on_changes``."""
         out: list[GraphChange] = []
 
         def decide() -> Decided:
             out[:] = self.graphs[tenant].remove(node, at=datetime.now(UTC))
-            return [(tenant, list(out), None)]
+            return [(tenant, list(out), collect)]
 
         await self._locked(decide)
         return out

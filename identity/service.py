@@ -113,6 +113,14 @@ class IdentityService:
     def unified_id(self, tenant: str, node: str) -> str:
         return self.resolver.unified_id(tenant, node)
 
+    def unified_ids(self, tenant: str, nodes: Sequence[str]) -> list[str]:
+        """Every unified ID these nodes' persons have had: the current ones and the IDs
+        merged into them (what downstream may have received)."""
+        current = {self.resolver.unified_id(tenant, n) for n in nodes}
+        graph = self.resolver.graph(tenant)
+        earlier = {a for uid in current for a in graph.aliases_of(uid)} if graph is not None else set()
+        return sorted(current | earlier)
+
     def person(self, tenant: str, node: str) -> list[str]:
         """Every identifier node of the person ``node`` belongs to (its identity-graph
         component), itself included; only itself when the graph does not hold it or the
@@ -188,15 +196,23 @@ class IdentityService:
         removed: list[str] = []
         missing: list[str] = []
         changes = 0
+        # the persons' other identifiers: the parts of a split that outlive the erasure
+        others = {n for i in unique if i.node in graph for n in graph.component(i.node)}
+        splits: list[GraphChange] = []
         for ident in unique:
             if ident.node in graph:
-                changes += len(await self.resolver.remove(tenant, ident.node))
+                changes += len(await self.resolver.remove(tenant, ident.node, splits))
                 removed.append(ident.node)
             else:
                 missing.append(ident.node)
+        # a split is announced only when a part of it is still held: an erased whole
+        # person's intermediate splits would name IDs nobody keeps
+        kept = {uid for n in others - set(removed) if (uid := graph.unified_id(n)) is not None}
+        announced = [c for c in splits if not isinstance(c, Split) or kept & set(c.parts.values())]
         now = datetime.now(UTC)
         notices: list[Notice] = [deletion_notice(tenant, uid, ids, now) for uid, ids in by_person.items()]
-        await self.publish(tenant, notices)
+        # the splits first: a destination then learns the surviving parts' IDs before the deletion
+        await self.publish(tenant, [*notices_for_changes(tenant, announced), *notices])
         return Erasure(
             removed=removed,
             not_in_graph=missing,

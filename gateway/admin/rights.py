@@ -131,7 +131,9 @@ class RightsController(Controller):
     ) -> RightsRequest:
         """Compliance role. The subject is named by a raw identifier, pseudonymised here. A
         request whose subject's identity is not verified is refused (422) and recorded with
-        its reason; ``withdraw_all`` and ``delete`` are carried out before the answer."""
+        its reason; ``withdraw_all`` and ``delete`` are carried out before the answer (a
+        ``delete`` then stays open until every destination that held the person's data has
+        its receipt: ``receipts`` and ``remaining`` show what it waits for)."""
         services.tokens.check_tenant(officer, data.tenant)
         subject = services.subject_of(officer, data.tenant, data.subject, "subject")
         correction = (
