@@ -138,6 +138,12 @@ LABELS: dict[str, tuple[str, str]] = {
     "bundle": ("下载访问数据包（签名 JSON）", "Download the access bundle (signed JSON)"),
     "no_requests": ("没有请求", "No requests"),
     "remaining": ("未覆盖", "Not reached"),
+    "receipts": ("各接收方的删除回执", "Deletion receipts per destination"),
+    "receipt": ("回执", "Receipt"),
+    "receipt_pending": ("等待中", "pending"),
+    "receipt_delivered": ("已送达", "delivered"),
+    "receipt_acknowledged": ("已确认", "acknowledged"),
+    "receipt_failed": ("失败（在死信队列中，重放后重试）", "failed (dead-lettered; retried on replay)"),
     "back": ("返回", "Back"),
     # quarantine
     "held_merges": ("被拦下的合并", "Held merges"),

@@ -456,3 +456,55 @@ def test_the_subject_view_at_a_past_moment_shows_the_grant_and_the_deliveries_on
     assert analytics_state(client.post("/console/subject", data=form).text) == "withdrawn"
     then = client.post("/console/subject", data={**form, "at": grant["at"]}).text
     assert analytics_state(then) == "given" and f"<td>{grant['seq']}</td><td>mall-warehouse</td>" in then
+
+
+def test_a_deletion_request_shows_each_destinations_receipt(
+    app: Litestar, client: TestClient[Litestar]
+) -> None:
+    """The request page follows a deletion per destination: the receipt each destination that
+    held the person's data gave for the ``identity.deleted`` notice, as the rights API has it."""
+    phone, user = person_with_phone(client, withdraw=False)
+    message_id = uuid.uuid4().hex
+    r = client.post(
+        "/v1/track",
+        json={"userId": user, "event": "Product Viewed", "messageId": message_id},
+        auth=(MALL_SERVER_KEY, ""),
+    )
+    assert r.status_code == 200, r.text
+    sinks = app.state.gateway.settings.data_dir / "sinks" / "mall-warehouse"
+    wait_until(
+        lambda: any(message_id in p.read_text() for p in sinks.glob("*.jsonl")),
+        30,
+        what="the person's event in the warehouse (the index of who holds their data)",
+    )
+    admin = {"Authorization": f"Bearer {COMPLIANCE_TOKEN}"}
+    opened = client.post(
+        "/admin/rights",
+        json={
+            "tenant": "mall",
+            "kind": "delete",
+            "subject": {"type": "phone", "id": phone},
+            "requestedBy": "subject",
+            "channel": "app",
+            "verification": {"method": "account_login", "outcome": "verified"},
+        },
+        headers=admin,
+    )
+    assert opened.status_code in (200, 201), opened.text
+    request_id = opened.json()["requestId"]
+
+    def received() -> dict[str, str] | None:
+        got = client.get(f"/admin/rights/{request_id}", params={"tenant": "mall"}, headers=admin).json()
+        receipts: dict[str, str] = got["receipts"]
+        return receipts if receipts and "pending" not in receipts.values() else None
+
+    receipts = wait_until(received, 30, what="the deletion receipts")
+    assert receipts.get("mall-warehouse") == "delivered", receipts
+    sign_in(client, TOKENS["compliance"])
+    page = client.get(f"/console/rights/{request_id}", params={"tenant": "mall"})
+    assert page.status_code == 200, page.text
+    table = re.search(r'<table id="receipts">(.*?)</table>', page.text, re.S)
+    assert table, page.text
+    shown = dict(re.findall(r'<tr><td>([\w-]+)</td><td class="receipt-(\w+)">', table.group(1)))
+    assert shown == receipts, (shown, receipts)
+    assert phone not in page.text
