@@ -21,7 +21,7 @@ from litestar.params import FromQuery
 from litestar.response import Template
 
 from export.alert_history import AlertRecord
-from export.kpis import WINDOWS, KpiReport, WindowValue
+from export.kpis import WINDOWS, KpiDefinition, KpiReport, WindowValue
 from gateway.admin.deps import AdminServices, log_access
 from gateway.auth import Officer
 from gateway.console.access import CONSOLE_PATH, console_guard, page
@@ -71,15 +71,30 @@ class FunnelStep:
     share: float  # of the first step
 
 
-def shown(kind: str, value: float | None) -> str:
-    """A KPI value as the page shows it: ratios in percent, sums with two decimals."""
+def shown(unit: str, value: float | None) -> str:
+    """A KPI value as the page shows it: shares in percent, amounts with two decimals."""
     if value is None:
         return "—"
-    if kind == "ratio":
+    if unit == "share":
         return f"{value * 100:.1f}%"
-    if kind == "sum":
+    if unit == "amount":
         return f"{value:,.2f}"
     return f"{value:,.0f}"
+
+
+def units(definitions: Sequence[KpiDefinition]) -> dict[str, str]:
+    """KPI id -> how its value reads: an amount (a sum, a top KPI's sales, a ratio of an
+    amount such as the average order value), a share (a ratio of counts) or a count."""
+    kinds = {k.id: k.kind for k in definitions}
+    out = {}
+    for k in definitions:
+        if k.kind in ("sum", "top") or (k.kind == "ratio" and kinds.get(k.numerator) == "sum"):
+            out[k.id] = "amount"
+        elif k.kind == "ratio":
+            out[k.id] = "share"
+        else:
+            out[k.id] = "count"
+    return out
 
 
 def _scaled(values: Sequence[float]) -> list[float]:
@@ -87,7 +102,7 @@ def _scaled(values: Sequence[float]) -> list[float]:
     return [v / top if top > 0 else 0.0 for v in values]
 
 
-def kpi_rows(reports: Sequence[KpiReport]) -> list[KpiRow]:
+def kpi_rows(reports: Sequence[KpiReport], unit: dict[str, str]) -> list[KpiRow]:
     rows = []
     for r in reports:
         windows = r.windows
@@ -103,7 +118,7 @@ def kpi_rows(reports: Sequence[KpiReport]) -> list[KpiRow]:
                 kind=r.kind,
                 purpose=r.purpose,
                 description=r.description,
-                values=[shown(r.kind, w.total.value) for w in windows],
+                values=[shown(unit.get(r.id, "count"), w.total.value) for w in windows],
                 coverage=[w.total.coverage for w in windows],
                 spark=_scaled(rates) if r.kind != "top" else [],
             )
@@ -136,7 +151,7 @@ def top_bars(reports: dict[str, KpiReport], index: int) -> list[Bar]:
     total = _total(reports, TOP_SKUS, index)
     top = (total.top or []) if total is not None else []
     scaled = _scaled([t.amount for t in top])
-    return [Bar(t.name, shown("sum", t.amount), s) for t, s in zip(top, scaled, strict=True)]
+    return [Bar(t.name, shown("amount", t.amount), s) for t, s in zip(top, scaled, strict=True)]
 
 
 def persons_split(reports: dict[str, KpiReport], index: int) -> list[Bar]:
@@ -150,14 +165,14 @@ def persons_split(reports: dict[str, KpiReport], index: int) -> list[Bar]:
     return [Bar(k, shown("count", v), (v or 0.0) / whole if whole else 0.0) for k, v in values.items()]
 
 
-def history_rows(records: Sequence[AlertRecord], kinds: dict[str, str]) -> list[dict[str, Any]]:
+def history_rows(records: Sequence[AlertRecord], unit: dict[str, str]) -> list[dict[str, Any]]:
     """Alert firings and resolutions, newest first, their values shown like the KPI's."""
     return [
         {
             "record": r,
             "at": datetime.fromtimestamp(r.at, UTC),
-            "value": shown(kinds.get(r.kpi, "sum"), r.value),
-            "compared": shown(kinds.get(r.kpi, "sum"), r.compared),
+            "value": shown(unit.get(r.kpi, "amount"), r.value),
+            "compared": shown(unit.get(r.kpi, "amount"), r.compared),
             "failures": [d for d in r.deliveries if not d.delivered],
         }
         for r in records
@@ -195,7 +210,8 @@ class MonitoringPagesController(Controller):
         records = (
             await asyncio.to_thread(history.list, chosen, limit=HISTORY_SHOWN) if history is not None else []
         )
-        rows = kpi_rows(reports)
+        unit = units(next(t for t in services.config.tenants if t.id == chosen).all_kpis())
+        rows = kpi_rows(reports, unit)
         await log_access(services, officer, "console.monitoring", chosen, {"window": window}, len(reports))
         return page(
             request,
@@ -211,5 +227,5 @@ class MonitoringPagesController(Controller):
             top=top_bars(by_id, index),
             persons=persons_split(by_id, index),
             alerts=await monitoring.alert_states(chosen),
-            history=history_rows(records, {r.id: r.kind for r in reports}),
+            history=history_rows(records, unit),
         )

@@ -14,14 +14,12 @@ from litestar.testing import TestClient
 
 from export.alert_history import AlertRecord, ChannelDelivery
 from identity.pseudonym import pseudonymise_identifier
-from tests.conftest import COMPLIANCE_TOKEN, MALL_WEB_KEY, WEB_KEY, mid
-from tests.console.conftest import CONSOLE_CONFIG, TOKENS, sign_in
+from tests.conftest import COMPLIANCE_TOKEN, MALL_WEB_KEY
+from tests.console.conftest import CONSOLE_CONFIG, HOSTILE_SKU, TOKENS, page_call, send, shop_funnel, sign_in
 from tests.gateway.conftest import in_process_app
 from tests.waiting import wait_until
 
 PAGE = "/console/monitoring"
-# a SKU name a client chose: it must come back as text, never as markup
-HOSTILE_SKU = '<img src=x onerror="alert(1)">'
 
 
 @pytest.fixture(scope="module")
@@ -33,42 +31,6 @@ def app(tmp_path_factory: pytest.TempPathFactory) -> Litestar:
 def client(app: Litestar) -> Iterator[TestClient[Litestar]]:
     with TestClient(app=app, raise_server_exceptions=True) as test_client:
         yield test_client
-
-
-def page_call(anon: str, name: str) -> dict[str, Any]:
-    return {"type": "page", "anonymousId": anon, "name": name, "messageId": mid()}
-
-
-def track(anon: str, event: str, **props: Any) -> dict[str, Any]:
-    return {"type": "track", "anonymousId": anon, "event": event, "properties": props, "messageId": mid()}
-
-
-def send(client: TestClient[Litestar], key: str, batch: list[dict[str, Any]]) -> dict[str, Any]:
-    r = client.post("/v1/batch", json={"batch": batch}, auth=(key, ""))
-    assert r.status_code == 200, r.text
-    body: dict[str, Any] = r.json()
-    return body
-
-
-def shop_funnel(client: TestClient[Litestar]) -> list[str]:
-    """Three persons see the home page, two a product, one adds it and pays (two SKUs, one
-    named by a hostile client). Returns their anonymous ids."""
-    a, b, c = (f"mon-{n}-{uuid.uuid4().hex[:10]}" for n in "abc")
-    products = [
-        {"sku": "sku-tea", "price": 30, "quantity": 2},
-        {"sku": HOSTILE_SKU, "price": 5, "quantity": 1},
-    ]
-    batch = [
-        *(page_call(x, "Home") for x in (a, b, c)),
-        track(a, "Product Viewed", product_id="sku-tea"),
-        track(b, "Product Viewed", product_id="sku-tea"),
-        track(a, "Product Added", product_id="sku-tea"),
-        track(a, "Payment Requested", amount=65),
-        track(a, "Payment Succeeded", amount=65),
-        track(a, "Order Completed", revenue=65, order_id="o-1", products=products),
-    ]
-    assert send(client, WEB_KEY, batch)["accepted"] == len(batch)
-    return [a, b, c]
 
 
 def monitoring(client: TestClient[Litestar], **params: Any) -> str:
@@ -90,6 +52,9 @@ def test_the_page_shows_kpis_funnel_and_top_skus_without_identifiers(
     assert 'data-window="60">1</td>' in orders
     gmv = html.split('id="kpi-gmv"', 1)[1].split("</tr>", 1)[0]
     assert "65.00" in gmv
+    # a ratio of an amount reads as an amount, a ratio of counts as a share
+    average = html.split('id="kpi-average_order_value"', 1)[1].split("</tr>", 1)[0]
+    assert 'data-window="60">65.00</td>' in average
     rate = html.split('id="kpi-payment_success_rate"', 1)[1].split("</tr>", 1)[0]
     assert "100.0%" in rate and "<svg" in rate  # a server-side sparkline
     funnel = html.split('id="funnel"', 1)[1].split("</table>", 1)[0]
