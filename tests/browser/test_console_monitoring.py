@@ -39,7 +39,7 @@ def test_the_monitoring_page_in_chromium(
 
     def orders_counted() -> bool:
         page.goto(gateway.url + "/console/monitoring?tenant=shop")
-        return page.inner_text("#kpi-orders td[data-window='60']") == "1"
+        return bool(page.inner_text("#kpi-orders td[data-window='60']") == "1")
 
     wait_until(orders_counted, what="the order on the monitoring page")
     steps = page.locator("#funnel td[data-persons]").all_inner_texts()
