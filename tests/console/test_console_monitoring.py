@@ -143,3 +143,13 @@ def test_anonymous_is_sent_to_sign_in_and_a_bad_window_is_a_400(client: TestClie
     sign_in(client, TOKENS["operator"])
     r = client.get(PAGE, params={"window": 7})
     assert r.status_code == 400 and 'data-problem="bad_request"' in r.text
+
+
+def test_a_tenant_scoped_officer_sees_only_its_tenant(client: TestClient[Litestar]) -> None:
+    sign_in(client, "other-compliance-token")  # compliance, shop only
+    html = monitoring(client)
+    assert 'name="tenant" value="shop"' in html  # no picker: one tenant
+    r = client.get(PAGE, params={"tenant": "mall"})
+    assert r.status_code == 403 and "pv_home" not in r.text
+    r = client.get(PAGE, params={"tenant": "no-such-tenant"})
+    assert r.status_code == 400 and "tenant" in r.text and "pv_home" not in r.text
