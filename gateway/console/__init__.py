@@ -24,6 +24,7 @@ from litestar.template import TemplateConfig
 
 from gateway.console.access import CONSOLE_EXCEPTION_HANDLERS, Console
 from gateway.console.accounts import ConsoleAccounts
+from gateway.console.monitoring import MonitoringPagesController
 from gateway.console.pages import ConsoleController, RightsPagesController, SignInController
 from gateway.console.sessions import ConsoleSessions
 
@@ -44,7 +45,12 @@ SECURITY_HEADERS = {
 def console_routes() -> list[Router]:
     pages = Router(
         path="/",
-        route_handlers=[SignInController, ConsoleController, RightsPagesController],
+        route_handlers=[
+            SignInController,
+            ConsoleController,
+            RightsPagesController,
+            MonitoringPagesController,
+        ],
         exception_handlers=CONSOLE_EXCEPTION_HANDLERS,
         response_headers=SECURITY_HEADERS,
         include_in_schema=False,

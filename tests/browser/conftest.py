@@ -15,14 +15,15 @@ import shutil
 import subprocess
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import free_port, missing, require_marker
+from tests.conftest import Gateway, free_port, missing, require_marker
+from tests.console.conftest import TOKENS
 
 ANALYTICS = Path(__file__).resolve().parent / "analytics"
 UMD = ANALYTICS / "node_modules" / "@segment" / "analytics-next" / "dist" / "umd"
@@ -118,3 +119,74 @@ def shop_site(tmp_path: Path, analytics_js: Path) -> Iterator[Any]:
     yield make
     for site in sites:
         site.stop()
+
+
+# -- the console in a browser --------------------------------------------------------------
+VIEWPORT = {"width": 1366, "height": 768}
+
+
+@dataclass
+class Exchange:
+    method: str
+    url: str
+    request_body: str
+    status: int
+    body: str
+
+
+@dataclass
+class Recorder:
+    """Every request of a browser context, with its answer (redirects followed too);
+    nothing outside 127.0.0.1."""
+
+    exchanges: list[Exchange] = field(default_factory=list)
+    outside: list[str] = field(default_factory=list)
+
+    def route(self, route: Any) -> None:
+        if route.request.url.startswith("http://127.0.0.1:"):
+            route.continue_()
+        else:
+            self.outside.append(route.request.url)
+            route.abort()
+
+    def response(self, response: Any) -> None:
+        request = response.request
+        try:
+            body = response.body().decode("utf-8", errors="replace")
+        except Exception:  # a redirect has no body
+            body = ""
+        self.exchanges.append(
+            Exchange(request.method, request.url, request.post_data or "", response.status, body)
+        )
+
+    def mark(self) -> int:
+        return len(self.exchanges)
+
+
+@pytest.fixture
+def browser_page(chromium: Any) -> Iterator[tuple[Any, Recorder]]:
+    context = chromium.new_context(viewport=VIEWPORT, accept_downloads=True)
+    recorder = Recorder()
+    context.route("**/*", recorder.route)
+    context.on("response", recorder.response)
+    page = context.new_page()
+    page.set_default_timeout(20_000)
+    yield page, recorder
+    assert recorder.outside == [], f"the console asked for {recorder.outside}"
+    context.close()
+
+
+def sign_in(page: Any, gw: Gateway, role: str) -> None:
+    """The console sends an anonymous browser to the sign-in form (cookies are dropped first:
+    a new officer at the same browser)."""
+    page.context.clear_cookies()
+    page.goto(gw.url + "/console/")
+    assert page.url.endswith("/console/sign-in")
+    page.fill("#token", TOKENS[role])
+    page.click("#sign-in")
+    page.wait_for_selector("#officer")
+
+
+def assert_fits(page: Any) -> None:
+    """The page fits a 1366x768 laptop screen: nothing scrolls sideways."""
+    assert page.evaluate("document.documentElement.scrollWidth") <= VIEWPORT["width"], page.url

@@ -7,7 +7,7 @@ import re
 import uuid
 from typing import Any
 
-from tests.conftest import MALL_SERVER_KEY, TEST_CONFIG
+from tests.conftest import MALL_SERVER_KEY, TEST_CONFIG, WEB_KEY, mid
 
 AUDITOR_TOKEN = "auditor-test-token"
 TOKENS = {
@@ -97,3 +97,44 @@ def held_merge(client: Any) -> tuple[str, str]:
     assert r.status_code == 200, r.text
     identify(client, user, None, device)
     return phone, device
+
+
+# -- KPIs for the monitoring page --------------------------------------------------------------
+# a SKU name a client chose: it must come back as text, never as markup
+HOSTILE_SKU = '<img src=x onerror="alert(1)">'
+
+
+def page_call(anon: str, name: str) -> dict[str, Any]:
+    return {"type": "page", "anonymousId": anon, "name": name, "messageId": mid()}
+
+
+def track(anon: str, event: str, **props: Any) -> dict[str, Any]:
+    return {"type": "track", "anonymousId": anon, "event": event, "properties": props, "messageId": mid()}
+
+
+def send(client: Any, key: str, batch: list[dict[str, Any]]) -> dict[str, Any]:
+    r = client.post("/v1/batch", json={"batch": batch}, auth=(key, ""))
+    assert r.status_code == 200, r.text
+    body: dict[str, Any] = r.json()
+    return body
+
+
+def shop_funnel(client: Any) -> list[str]:
+    """Three persons see the home page, two a product, one adds it and pays (two SKUs, one
+    named by a hostile client). Returns their anonymous ids."""
+    a, b, c = (f"mon-{n}-{uuid.uuid4().hex[:10]}" for n in "abc")
+    products = [
+        {"sku": "sku-tea", "price": 30, "quantity": 2},
+        {"sku": HOSTILE_SKU, "price": 5, "quantity": 1},
+    ]
+    batch = [
+        *(page_call(x, "Home") for x in (a, b, c)),
+        track(a, "Product Viewed", product_id="sku-tea"),
+        track(b, "Product Viewed", product_id="sku-tea"),
+        track(a, "Product Added", product_id="sku-tea"),
+        track(a, "Payment Requested", amount=65),
+        track(a, "Payment Succeeded", amount=65),
+        track(a, "Order Completed", revenue=65, order_id="o-1", products=products),
+    ]
+    assert send(client, WEB_KEY, batch)["accepted"] == len(batch)
+    return [a, b, c]

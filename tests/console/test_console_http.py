@@ -42,6 +42,7 @@ ROUTES: list[tuple[str, str, frozenset[str]]] = [
     ("GET", "/console/ledger/export", frozenset({C, A})),
     ("GET", "/console/quarantine", frozenset({C, OPS, A})),
     ("GET", "/console/notices", frozenset({C, A})),
+    ("GET", "/console/monitoring", frozenset({C, OPS, A})),
     ("POST", "/console/quarantine/review", frozenset({C})),
     ("GET", "/console/rights", frozenset({C, A})),
     ("POST", "/console/rights", frozenset({C})),
