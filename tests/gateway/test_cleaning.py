@@ -19,6 +19,7 @@ from sensorsanalytics import DefaultConsumer, SensorsAnalytics
 
 from gateway.config import ConfigProblems, parse_config
 from tests.conftest import APP_KEY, SHOP_SERVER_KEY, TEST_CONFIG, WEB_KEY, Gateway, make_gateway, mid
+from tests.gateway.test_config import run_cli
 from tests.sensors.conftest import sensors_url
 from tests.waiting import wait_until
 
@@ -257,3 +258,11 @@ def test_config_check_names_the_bad_field(tmp_path: Path) -> None:
     assert "tenants[0].cleaning.blocked_identifier_patterns[0]" in text, text
     assert "tenants[0].cleaning.internal_ids[0]: placeholder value" in text, text
     assert "198.51.100.0/33" in text and QA_USER not in text
+    # the same through `idgate config check`
+    path = tmp_path / "broken.toml"
+    path.write_text(broken)
+    check = run_cli("config", "check", str(path))
+    assert check.returncode == 1 and "tenants[0].cleaning.internal_networks[0]" in check.stderr
+    good = tmp_path / "good.toml"
+    good.write_text(cleaning_config())
+    assert run_cli("config", "check", str(good)).returncode == 0
