@@ -208,6 +208,39 @@ class RetentionConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
         return bool(self.days or self.purposes or self.destinations or self.access_log_days)
 
 
+class InternalId(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """A QA or staff account's identifier, as the team chose it (e.g. ``qa-001``): never
+    personal data of a customer, and pseudonymised at load; events naming it are dropped."""
+
+    type: str
+    value: str
+    # a WeChat openid's mini-program appid
+    scope: str = ""
+
+
+class CleaningConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """``[tenants.cleaning]``: traffic dropped or flagged before anything is stored
+    (gateway.cleaning, docs/configuration.md)."""
+
+    # Events whose user agent is a known bot or crawler (crawlerdetect) are dropped ("bot").
+    drop_bots: bool = True
+    # Extra user-agent regular expressions (case-insensitive) that count as bots.
+    bot_patterns: list[str] = []
+    # Internal / QA traffic, dropped ("internal"): events naming one of these identifiers,
+    # or sent from one of these networks (CIDR, IPv4 or IPv6).
+    internal_ids: list[InternalId] = []
+    internal_networks: list[str] = []
+    # Identifier values (exact, case-insensitive) and regular expressions (full match on
+    # the normalised value) never linked, beside the fixed junk list
+    # (identity.identifiers.JUNK_VALUES).
+    blocked_identifiers: list[str] = []
+    blocked_identifier_patterns: list[str] = []
+    # Event timestamps further ahead of / behind the receipt time are flagged
+    # (context.idgate.flags: timestamp_skew); 0 turns a bound off.
+    max_future_seconds: int = 24 * 3600
+    max_past_seconds: int = 30 * 24 * 3600
+
+
 class Tenant(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     id: str
     name: str = ""
@@ -242,6 +275,7 @@ class Tenant(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     # Alert rules over the KPIs (export.alerts), notifying [[alert_channels]].
     alerts: list[AlertRule] = []
     retention: RetentionConfig = RetentionConfig()
+    cleaning: CleaningConfig = CleaningConfig()
     # How long the KPIs that rules compare with a day or a week earlier are kept (days):
     # a week and a day of margin.
     kpi_history_days: int = 8
@@ -525,6 +559,9 @@ def _check_tenant(t: Tenant, where: str, dev: bool, problems: list[str], seen_ke
             problems.append(f"{dw}.data_classes: needs the tenant's tracking_plan_file")
         if d.pseudonym_domain and not _ID.match(d.pseudonym_domain):
             problems.append(f"{dw}.pseudonym_domain: {d.pseudonym_domain!r} must match {_ID.pattern}")
+    from gateway.cleaning import cleaning_problems
+
+    problems.extend(f"{where}.cleaning.{problem}" for problem in cleaning_problems(t.cleaning))
     for event_name, event_purposes in t.tracking_plan.items():
         for p in event_purposes:
             if p not in purposes:

@@ -79,6 +79,11 @@ class Envelope:
     # What the tracking plan found in a flagged event: delivered in context.idgate.violations
     # (gateway.plan.Violation items; idgate writes context.idgate, a client's is replaced).
     plan_violations: list[Any] = field(default_factory=list)
+    # What data cleaning (gateway.cleaning) found in a kept event: delivered in
+    # context.idgate.flags (e.g. timestamp_skew).
+    flags: list[str] = field(default_factory=list)
+    # How many identifiers the tenant's blocked values and patterns left out.
+    blocked: int = 0
 
 
 class Rejection(msgspec.Struct, omit_defaults=True):

@@ -27,6 +27,7 @@ from litestar.openapi.spec import OpenAPIMediaType as MediaType
 from litestar.types import HTTPScope, Receive, Scope, Send
 
 from gateway.auth import WriteKeys
+from gateway.cleaning import RequestOrigin
 from gateway.config import Config, Limits, ResolvedSource
 from gateway.cors import check_origin
 from gateway.errors import InvalidRequest, error_body
@@ -42,7 +43,7 @@ from gateway.openapi import (
     struct_components,
 )
 from gateway.pipeline import Ingestor, IngestResult
-from gateway.rate_limits import RateLimiter, client_ip
+from gateway.rate_limits import RateLimiter, client_address, client_ip
 from gateway.segment import (
     MESSAGE_TYPES,
     BatchEnvelope,
@@ -74,6 +75,13 @@ class IngestContext:
         if limiter is not None and limiter.limits.enabled:
             ip = client_ip(scope, self.config.rate_limits.forwarded_hops)
             limiter.refuse_early(src.tenant.id, src.source.id, ip)
+
+    def origin(self, scope: Scope) -> RequestOrigin:
+        """The request's User-Agent and client address, for data cleaning only (never stored)."""
+        agent = next((v for k, v in scope["headers"] if k == b"user-agent"), b"")
+        return RequestOrigin(
+            agent.decode("latin-1"), client_address(scope, self.config.rate_limits.forwarded_hops)
+        )
 
     async def check_rate(self, scope: Scope, src: ResolvedSource, events: int) -> None:
         """Count the request against its source's and client network's limits (429 over)."""
@@ -235,7 +243,7 @@ def _ingest_handler(path: str, decode: Decoder) -> Any:
         ctx.refuse_early(scope, src)
         envs, result = decode(body, ctx.config, datetime.now(UTC))
         await ctx.check_rate(scope, src, result.received)
-        await ctx.ingestor.ingest(src, envs, result)
+        await ctx.ingestor.ingest(src, envs, result, origin=ctx.origin(scope))
         log_rejections(result)
         await send_json(send, *ingest_response(result))
 

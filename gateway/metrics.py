@@ -23,7 +23,8 @@ _FAMILIES: dict[str, tuple[str, tuple[str, ...]]] = {
     "duplicate": ("Messages dropped as duplicates of an earlier messageId", ("tenant", "source")),
     "rejected": ("Messages rejected as invalid", ("tenant", "source", "error")),
     "dropped": (
-        "Messages not stored: no lawful basis or destination, or an erased subject (erased)",
+        "Messages not stored: no lawful basis or destination, an erased subject (erased), "
+        "a bot or crawler (bot), internal or QA traffic (internal)",
         ("tenant", "reason"),
     ),
     "plan_violation": (
@@ -45,6 +46,11 @@ _FAMILIES: dict[str, tuple[str, tuple[str, ...]]] = {
     "plan_valid": (
         "Events that fit their tracking plan entry, by plan event",
         ("tenant", "source", "event"),
+    ),
+    "flagged": ("Messages kept with a data-cleaning flag (e.g. timestamp_skew)", ("tenant", "flag")),
+    "identifier_blocked": (
+        "Identifiers not linked because the tenant blocks their value or pattern",
+        ("tenant",),
     ),
     "refused_assertion": (
         "Assertions a sender could not back (unproven identifiers, bad identity assertions, "

@@ -1,8 +1,8 @@
 """The ingest pipeline: an explicit, ordered list of named stages over one batch.
 
-    pseudonymise -> drop_erased -> check_plan -> claim_message_ids -> rekey_on_sight -> record_consent_signals
-    -> decide_consent -> limit_new_identifiers -> resolve_identity -> transform -> encode -> append
-    -> detach_identifiers -> observe_kpis
+    clean_traffic -> pseudonymise -> drop_erased -> check_plan -> claim_message_ids -> rekey_on_sight
+    -> record_consent_signals -> decide_consent -> limit_new_identifiers -> resolve_identity
+    -> transform -> encode -> append -> detach_identifiers -> observe_kpis
 
 Protocol adapters (gateway.segment, gateway.sensors) decode a request into envelopes of the
 one internal ``Event``; ``Ingestor.ingest`` then runs ``STAGES`` in order over the batch.
@@ -41,6 +41,7 @@ from consent.signals import (
 from export.outbox import Claim, ClaimStatus, Outbox, OutboxRecord, notice_record, scoped_message_id
 from export.violations import PlanFinding, SqliteViolations, ViolationRecord
 from gateway import metrics
+from gateway.cleaning import TIMESTAMP_SKEW, RequestOrigin, cleaner_for, drop_reason
 from gateway.config import Destination, ResolvedSource, Tenant
 from gateway.events import Envelope, Event, Rejection, RejectMessage
 from gateway.plan import (
@@ -107,6 +108,7 @@ def pseudonymise_identifiers(
     older: tuple[Pseudonymiser, ...] = (),
     alias_cache: dict[str, tuple[str, ...]] | None = None,
     message_ids: Pseudonymiser | None = None,
+    blocked: Callable[[object], bool] | None = None,
 ) -> None:
     """Normalise every identifier field, replace it by its pseudonym, collect the linkable ones.
 
@@ -118,6 +120,9 @@ def pseudonymise_identifiers(
     While older key versions are live (``older``), each linkable identifier's pseudonyms
     under them are recorded in ``env.aliases`` (consent and identity look-ups use them; they
     are never written into the event).
+
+    ``blocked`` (the tenant's blocked identifier values and patterns, gateway.cleaning):
+    such an identifier is left out like junk, and counted in ``env.blocked``.
     """
     ev = env.event
     found = env.identifiers
@@ -126,6 +131,9 @@ def pseudonymise_identifiers(
     ev.message_id = clean_message_id(ev.message_id, message_ids or pseudonymiser)
 
     def link(id_type: str, raw: Any, scope: str | None = None) -> str | None:
+        if blocked is not None and blocked(raw):
+            env.blocked += 1
+            return None
         try:
             if older:
                 ident, aliases = pseudonymise_identifier_aliases(
@@ -412,6 +420,8 @@ def encode_for_outbox(
     }
     if env.plan_violations:  # flagged by check_plan
         ctx["idgate"]["violations"] = env.plan_violations
+    if env.flags:  # flagged by clean_traffic
+        ctx["idgate"]["flags"] = env.flags
     pseudonyms = env.pseudonyms
     if env.unified_id is not None:
         ctx["unified_id"] = env.unified_id
@@ -494,6 +504,8 @@ class IngestBatch:
     changes: list[GraphChange] = field(default_factory=list)
     records: list[OutboxRecord] = field(default_factory=list)
     appended: bool = False
+    # the request's User-Agent and client address (gateway.cleaning): checked, never stored
+    origin: RequestOrigin | None = None
 
     def reject(self, env: Envelope, error: str, detail: str, field_name: str | None) -> None:
         self.result.rejected.append(Rejection(env.index, error, detail, field_name, env.event.message_id))
@@ -537,6 +549,25 @@ class IngestServices:
 Stage = Callable[[IngestServices, IngestBatch], Awaitable[None]]
 
 
+async def clean_traffic(s: IngestServices, batch: IngestBatch) -> None:
+    """Data cleaning before anything else (gateway.cleaning): bots and crawlers (``bot``) and
+    events from internal networks (``internal``) dropped and counted; timestamps far from
+    the receipt time flagged (``timestamp_skew``)."""
+    tenant = batch.src.tenant
+    cleaner = cleaner_for(tenant)
+    kept = []
+    for env in batch.envelopes:
+        reason = drop_reason(env.event, batch.src, batch.origin, cleaner)
+        if reason is not None:
+            batch.drop(reason)
+            continue
+        if cleaner.has_skewed_timestamp(env.event):
+            env.flags.append(TIMESTAMP_SKEW)
+            metrics.INGEST.add("flagged", (tenant.id, TIMESTAMP_SKEW))
+        kept.append(env)
+    batch.envelopes = kept
+
+
 async def pseudonymise(s: IngestServices, batch: IngestBatch) -> None:
     """Identifiers replaced by pseudonyms, and what the sender proved about them."""
     kept = []
@@ -545,14 +576,24 @@ async def pseudonymise(s: IngestServices, batch: IngestBatch) -> None:
     # with the tenant's "unowned" rule, an unproven claim may still link (the graph decides)
     unowned = src.tenant.identity.client_links == "unowned"
     now = time.time()
+    cleaner = cleaner_for(src.tenant)
+    blocked = cleaner.is_blocked_identifier if cleaner.blocks_identifiers else None
+    internal = cleaner.internal_pseudonyms(batch.pseudonymiser) if cleaner.config.internal_ids else None
     for env in batch.envelopes:
         take_assertion(env)
         try:
             pseudonymise_identifiers(
-                env, src.tenant, batch.pseudonymiser, batch.older, s.alias_cache, batch.message_ids
+                env, src.tenant, batch.pseudonymiser, batch.older, s.alias_cache, batch.message_ids, blocked
             )
         except RejectMessage as exc:
+            if env.blocked:
+                metrics.INGEST.add("identifier_blocked", (src.tenant.id,), env.blocked)
             batch.reject(env, exc.error, exc.detail, exc.field)
+            continue
+        if env.blocked:
+            metrics.INGEST.add("identifier_blocked", (src.tenant.id,), env.blocked)
+        if internal and any(i.value in internal for i in env.identifiers):
+            batch.drop("internal")  # a QA account's event (gateway.cleaning)
             continue
         establish_standing(env, src, verifier, batch.pseudonymiser, now)
         refused = env.standing.refused
@@ -1020,6 +1061,7 @@ async def observe_kpis(s: IngestServices, batch: IngestBatch) -> None:
 
 
 STAGES: tuple[Stage, ...] = (
+    clean_traffic,
     pseudonymise,
     drop_erased,
     check_plan,
@@ -1051,7 +1093,14 @@ class Ingestor:
         self.stages = tuple(stages)
         self.on_appended = on_appended
 
-    async def ingest(self, src: ResolvedSource, envs: list[Envelope], result: IngestResult) -> IngestResult:
+    async def ingest(
+        self,
+        src: ResolvedSource,
+        envs: list[Envelope],
+        result: IngestResult,
+        *,
+        origin: RequestOrigin | None = None,
+    ) -> IngestResult:
         counts = metrics.INGEST
         labels = (src.tenant.id, src.source.id)
         counts.add("received", labels, result.received)
@@ -1064,6 +1113,7 @@ class Ingestor:
             keyring.pseudonymiser(tenant),
             keyring.older_pseudonymisers(tenant),
             keyring.anchor(tenant).internal(MESSAGE_ID),
+            origin=origin,
         )
         try:
             for stage in self.stages:

@@ -243,6 +243,11 @@ class RedisCounters:
 def client_ip(scope: Any, forwarded_hops: int) -> str:
     """The caller's network, truncated: the peer address, or with ``forwarded_hops`` proxies
     in front (each appends one X-Forwarded-For entry) the entry they saw the request from."""
+    return _network(client_address(scope, forwarded_hops))
+
+
+def client_address(scope: Any, forwarded_hops: int) -> str:
+    """The caller's full address (see ``client_ip``), for checks only: never stored or logged."""
     raw = ""
     if forwarded_hops:
         for name, value in scope["headers"]:
@@ -254,7 +259,7 @@ def client_ip(scope: Any, forwarded_hops: int) -> str:
     if not raw:
         client = scope.get("client")
         raw = client[0] if client else ""
-    return _network(raw)
+    return raw
 
 
 @functools.lru_cache(maxsize=4096)

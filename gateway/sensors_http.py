@@ -46,6 +46,7 @@ from litestar.openapi.spec import (
 from litestar.openapi.spec import OpenAPIMediaType as MediaType
 from litestar.types import HTTPScope, Receive, Scope, Send
 
+from gateway.cleaning import RequestOrigin
 from gateway.config import Limits, ResolvedSource, hash_write_key
 from gateway.errors import InvalidRequest
 from gateway.events import Rejection
@@ -132,13 +133,17 @@ def sensors_response(result: IngestResult, *, batch: bool) -> tuple[int, bytes, 
 
 
 async def ingest_in_order(
-    ctx: IngestContext, src: ResolvedSource, batch: SensorsBatch, result: IngestResult
+    ctx: IngestContext,
+    src: ResolvedSource,
+    batch: SensorsBatch,
+    result: IngestResult,
+    origin: RequestOrigin | None = None,
 ) -> None:
     """Run the pipeline over the batch; an unbind takes effect where it stands in it: the
     events before it are resolved first, the events after it see the person split (the
     batch is cut after each unbind, and the pipeline detaches at the end of each part)."""
     if not batch.unbind:
-        await ctx.ingestor.ingest(src, batch.envelopes, result)
+        await ctx.ingestor.ingest(src, batch.envelopes, result, origin=origin)
         return
     cuts = set(batch.unbind)
     start = 0
@@ -146,7 +151,7 @@ async def ingest_in_order(
         if env.index not in cuts and end < len(batch.envelopes):
             continue
         part = result if start == 0 else IngestResult(received=0)
-        await ctx.ingestor.ingest(src, batch.envelopes[start:end], part)
+        await ctx.ingestor.ingest(src, batch.envelopes[start:end], part, origin=origin)
         if part is not result:
             result.merge(part)
         start = end
@@ -199,7 +204,7 @@ async def _sensors(scope: HTTPScope, receive: Receive, send: Send) -> None:
     ctx: IngestContext = scope["app"].state.ingest
     src, batch, single = await read_sensors_request(scope, receive, ctx)
     result = IngestResult(received=batch.received, rejected=batch.rejected)
-    await ingest_in_order(ctx, src, batch, result)
+    await ingest_in_order(ctx, src, batch, result, ctx.origin(scope))
     name_sensors_fields(result.rejected, single=single, received=batch.received)
     log_rejections(result, protocol="sensors")
     status, body, extra = sensors_response(result, batch=not single)

@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from tests.browser.conftest import Site
@@ -64,11 +65,20 @@ def gateway_for(tmp: Path, origin: str) -> Gateway:
     return make_gateway(tmp, config=config)
 
 
+# A shopper's desktop Chrome: headless Chromium's own user agent ("HeadlessChrome") is a
+# bot's, whose events idgate drops (gateway.cleaning; the last test below).
+SHOPPER_AGENT = (
+    "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/120.0.0.0 Safari/537.36"
+)
+
+
 @pytest.fixture
-def page(chromium: Any) -> Iterator[Any]:
+def page(chromium: Any, request: pytest.FixtureRequest) -> Iterator[Any]:
     """A fresh browser context and page; requests to anywhere but 127.0.0.1 are aborted and
-    listed in ``page.outside`` (analytics.js must not need Segment's CDN)."""
-    context = chromium.new_context()
+    listed in ``page.outside`` (analytics.js must not need Segment's CDN). The user agent is
+    a shopper's, unless the test is parametrised indirectly with ``None`` (headless Chromium's)."""
+    agent = getattr(request, "param", SHOPPER_AGENT)
+    context = chromium.new_context(**({"user_agent": agent} if agent else {}))
     p = context.new_page()
     p.set_default_timeout(30_000)
     p.outside = []
@@ -149,5 +159,26 @@ def test_a_page_of_an_origin_no_source_allows_can_send_nothing(
         assert sentinel["event"] == "Sentinel"
         ids = {e["messageId"] for e in gw.sink_lines("mall-warehouse")}
         assert out["messageId"] not in ids
+    finally:
+        gw.stop()
+
+
+@pytest.mark.parametrize("page", [None], indirect=True)
+def test_headless_chromium_is_a_bot_whose_events_are_dropped_and_counted(
+    tmp_path: Path, shop_site: Callable[[str], Site], page: Any
+) -> None:
+    shop = shop_site(SHOP_PAGE)
+    gw = gateway_for(tmp_path / "gw", shop.origin).start()
+    try:
+        page.goto(shop.origin + "/index.html")
+        out = page.evaluate(
+            SHOP_SCRIPT, {"gateway": gw.url, "writeKey": MALL_WEB_KEY, "grant": ["analytics"]}
+        )
+        assert out["failed"] == [], (out, page.console)  # answered 200, with the drop counted
+        gw.wait_past("mall-warehouse", write_key=MALL_WEB_KEY, grant=["analytics"])
+        ids = {e["messageId"] for e in gw.sink_lines("mall-warehouse")}
+        assert not {out["messageId"], out["pageId"]} & ids
+        metrics = httpx.get(gw.url + "/metrics", timeout=10).text
+        assert 'idgate_events_dropped_total{reason="bot",tenant="mall"} 2.0' in metrics, metrics
     finally:
         gw.stop()

@@ -27,6 +27,8 @@ STRUCTS = (
     cfg.NoticeConfig,
     cfg.ConsentConfig,
     cfg.IdentityConfig,
+    cfg.CleaningConfig,
+    cfg.InternalId,
     cfg.Destination,
     cfg.Recipient,
     cfg.RetryPolicy,

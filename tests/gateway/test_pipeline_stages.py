@@ -28,6 +28,9 @@ from tests.conftest import COMPLIANCE_TOKEN, MALL_WEB_KEY, Gateway, mid
 def test_the_stages_run_in_the_documented_order() -> None:
     names = [s.__name__ for s in STAGES]
     assert names == [
+        # data cleaning (gateway.cleaning): bots and internal networks leave before their
+        # identifiers are even pseudonymised
+        "clean_traffic",
         "pseudonymise",
         # the suppression list: an erased person's event leaves before anything is stored
         "drop_erased",
