@@ -547,7 +547,8 @@ def sensors_event(
         elif isinstance(notice, ConsentWithdrawn):
             record.update(type="track", event="idgate_consent_withdrawn", distinct_id=notice.unified_id)
             properties["idgate_purposes"] = list(notice.purposes)
-            properties["idgate_ledger_seqs"] = list(notice.ledger_seqs)
+            # a Sensors list property holds strings
+            properties["idgate_ledger_seqs"] = [str(s) for s in notice.ledger_seqs]
         else:
             record.update(type="track", event="idgate_identity_deleted", distinct_id=notice.unified_id)
         time_source: Any = notice.received_at.isoformat()

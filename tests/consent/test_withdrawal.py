@@ -22,7 +22,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import MALL_SERVER_KEY, MALL_WEB_KEY, TEST_CONFIG, Gateway, make_gateway
+from tests.conftest import MALL_SERVER_KEY, MALL_WEB_KEY, TEST_CONFIG, Gateway, assertion, make_gateway
 from tests.consent.test_consent_http import consent, delivered, ids, track
 from tests.consent.test_rights import bearer, ledger_records
 from tests.receivers import Receiver
@@ -103,6 +103,8 @@ def test_a_withdrawal_of_personalisation_flags_the_next_events(mall: Gateway) ->
     _, anon, _ = ids()
     assert consent(mall, anonymousId=anon, grant=["analytics", "personalisation"]).status_code == 200
     m, _ = track(mall, RECOMMENDED, anonymousId=anon, context=forged(False))
+    # delivered before the withdrawal (after it, delivery asks again and withholds it)
+    assert delivered(mall, m, "mall-recs") is not None
     assert consent(mall, anonymousId=anon, withdraw=["personalisation"]).status_code == 200
     m2, out = track(mall, RECOMMENDED, anonymousId=anon)
     assert out["accepted"] == 1, out
@@ -111,7 +113,6 @@ def test_a_withdrawal_of_personalisation_flags_the_next_events(mall: Gateway) ->
     # granted: an explicit true (the client's forged false was replaced)
     assert before["context"]["idgate"]["personalisation"] is True
     assert after["context"]["idgate"]["personalisation"] is False
-    assert delivered(mall, m, "mall-recs") is not None
     mall.wait_past("mall-recs", write_key=MALL_WEB_KEY, grant=["analytics", "personalisation"])
     assert delivered(mall, m2, "mall-recs", timeout=0) is None
 
@@ -240,6 +241,19 @@ def test_delete_mode_a_person_wide_withdrawal_of_everything_deletes_the_person(d
         if x["type"] == "rights_request" and x["state"] == "requested"
     ]
     assert opened, "the request is in the ledger"
+
+
+def test_delete_mode_a_client_with_an_identity_assertion_speaks_for_the_person(deleting: Gateway) -> None:
+    user, anon, _ = ids()
+    signed = assertion(user, anon)
+    r = consent(deleting, userId=user, anonymousId=anon, grant=["analytics"], identityAssertion=signed)
+    assert r.status_code == 200, r.text
+    before = {x["requestId"] for x in delete_requests(deleting)}
+    r = consent(deleting, userId=user, anonymousId=anon, withdraw=EVERY_PURPOSE, identityAssertion=signed)
+    assert r.status_code == 200, r.text
+    (request,) = [x for x in delete_requests(deleting) if x["requestId"] not in before]
+    assert request["requestedBy"] == "subject" and request["channel"] == "web", request
+    assert request["subject"].startswith("user_id:") and user not in json.dumps(request)
 
 
 def test_delete_mode_a_client_withdrawing_for_its_own_device_deletes_nobody(deleting: Gateway) -> None:
