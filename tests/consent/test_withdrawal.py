@@ -24,7 +24,7 @@ import pytest
 
 from tests.conftest import MALL_SERVER_KEY, MALL_WEB_KEY, TEST_CONFIG, Gateway, assertion, make_gateway
 from tests.consent.test_consent_http import consent, delivered, ids, track
-from tests.consent.test_rights import bearer, ledger_records
+from tests.consent.test_rights import bearer, ledger_records, open_request
 from tests.receivers import Receiver
 from tests.waiting import wait_until
 
@@ -266,3 +266,36 @@ def test_delete_mode_a_client_withdrawing_for_its_own_device_deletes_nobody(dele
     deleting.wait_past("mall-warehouse", write_key=MALL_WEB_KEY, grant=["analytics"])
     assert {x["requestId"] for x in delete_requests(deleting)} == before
     assert delivered(deleting, m, "mall-warehouse", timeout=0) is not None  # kept
+
+
+def test_a_withdraw_all_request_tells_the_destinations_too(mall: Gateway) -> None:
+    user, anon, _ = ids()
+    server(mall, "consent", userId=user, anonymousId=anon, grant=["analytics"], noticeId="notice-v1")
+    m, _ = track(mall, userId=user, anonymousId=anon, key=MALL_SERVER_KEY)
+    event = delivered(mall, m, "mall-warehouse")
+    assert event is not None
+    r = open_request(mall, kind="withdraw_all", subject={"type": "user_id", "id": user}, channel="email")
+    assert r.status_code == 201 and r.json()["status"] == "completed", r.text
+    (notice,) = wait_until(
+        lambda: withdrawal_notices(mall.sink_lines("mall-warehouse"), event["context"]["unified_id"]),
+        20,
+        what="the notice of the request's withdrawal",
+    )
+    assert "analytics" in notice["purposes"] and user not in json.dumps(notice)
+
+
+def test_a_consent_signal_on_an_event_tells_the_destinations_too(mall: Gateway) -> None:
+    _, anon, _ = ids()
+    on = {"consent": {"categoryPreferences": {"Analytics": True}}}
+    m, out = track(mall, anonymousId=anon, context=on)
+    assert out["accepted"] == 1, out
+    event = delivered(mall, m, "mall-warehouse")
+    assert event is not None
+    _, out = track(mall, anonymousId=anon, context={"consent": {"categoryPreferences": {"Analytics": False}}})
+    assert out["dropped"] == {"refused_in_event": 1}, out
+    (notice,) = wait_until(
+        lambda: withdrawal_notices(mall.sink_lines("mall-warehouse"), event["context"]["unified_id"]),
+        20,
+        what="the notice of the signalled withdrawal",
+    )
+    assert notice["purposes"] == ["analytics"] and anon not in json.dumps(notice)
