@@ -16,13 +16,22 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from contextlib import ExitStack
 from datetime import UTC, datetime
 from typing import Any
 
 import httpx
 import pytest
 
-from tests.conftest import MALL_SERVER_KEY, MALL_WEB_KEY, TEST_CONFIG, Gateway, assertion, make_gateway
+from tests.conftest import (
+    MALL_SERVER_KEY,
+    MALL_WEB_KEY,
+    TEST_CONFIG,
+    Gateway,
+    assertion,
+    backend_env,
+    make_gateway,
+)
 from tests.consent.test_consent_http import consent, delivered, ids, track
 from tests.consent.test_rights import bearer, ledger_records, open_request
 from tests.receivers import Receiver
@@ -71,11 +80,20 @@ options = {{ url = "{url}", timeout_seconds = 2 }}
 """
 
 
-@pytest.fixture(scope="module")
-def mall(tmp_path_factory: pytest.TempPathFactory, hook: Receiver) -> Iterator[Gateway]:
-    gw = make_gateway(tmp_path_factory.mktemp("withdrawal"), config=config(webhook(hook.webhook_url))).start()
-    yield gw
-    gw.stop()
+@pytest.fixture(scope="module", params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def mall(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, hook: Receiver
+) -> Iterator[Gateway]:
+    """The embedded gateway (SQLite) and one on PostgreSQL."""
+    with ExitStack() as stack:
+        env = backend_env(request.param, stack)
+        gw = make_gateway(
+            tmp_path_factory.mktemp(f"withdrawal-{request.param}"),
+            config=config(webhook(hook.webhook_url)),
+            extra_env=env,
+        ).start()
+        yield gw
+        gw.stop()
 
 
 def forged(personalisation: bool = True) -> dict[str, Any]:
