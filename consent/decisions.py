@@ -32,6 +32,8 @@ import msgspec
 
 CONTRACT_PURPOSES_DEFAULT = frozenset({"necessary_service"})
 MINOR_FLAG = "__minor__"
+# The purpose whose absence idgate flags on every forwarded event (PIPL Art. 24).
+PERSONALISATION = "personalisation"
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +105,9 @@ class ConsentDecision(msgspec.Struct, frozen=True):
     # The store's restrictive epoch when the state was read: delivery asks again only if a
     # restricting record has been applied since.
     epoch: int = 0
+    # Whether the subject has a basis for ``personalisation`` (PIPL Art. 24): forwarded as
+    # ``context.idgate.personalisation`` so recipients know not to personalise.
+    personalised: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -264,12 +269,14 @@ def decide(
     if not allowed:
         reason = first_reason or "no_destination"
         return ConsentDecision((), dropped_reason=reason, linking_allowed=linking, epoch=epoch)
+    personalised = cache.get(PERSONALISATION) or subject.basis(PERSONALISATION, contract_purposes, floor)
     return ConsentDecision(
         tuple(allowed),
         tuple(sorted(proof)) if len(proof) > 1 else tuple(proof),
         linking_allowed=linking,
         strip_sensitive=strip,
         epoch=epoch,
+        personalised=personalised.ok,
     )
 
 

@@ -53,7 +53,11 @@ RIGHTS_KINDS: tuple[str, ...] = RightsKind.__args__  # type: ignore[attr-defined
 # Who made the request: the person, a guardian (a minor, Art. 31), an authorised agent, or a
 # next of kin exercising a deceased person's rights (Art. 49).
 Requester = Literal["subject", "guardian", "agent", "next_of_kin"]
-Channel = Literal["app", "web", "miniprogram", "email", "phone", "letter", "in_person", "customer_service"]
+# ``backend``: the shop's backend relayed the subject's own request (a server source's
+# withdrawal of every purpose, under on_withdraw_all = "delete").
+Channel = Literal[
+    "app", "web", "miniprogram", "backend", "email", "phone", "letter", "in_person", "customer_service"
+]
 VerificationMethod = Literal[
     "account_login", "sms_code", "id_document", "in_person", "notarised_letter", "none"
 ]
@@ -377,12 +381,14 @@ class RightsService:
         officer: str,
         step: str = "withdraw_all",
         known: Sequence[str] = (),
+        deleting: bool = False,
     ) -> list[str]:
         """Withdraw every purpose that rests on consent, for every identifier of the person
         (``restrict`` locks processing the same way: nothing that needs consent is forwarded
         until the person grants again; only contract-necessary processing goes on).
         ``known``: identifiers the request named before (a resumed deletion whose graph step
-        had already run)."""
+        had already run). ``deleting``: a deletion's first step; its ``identity.deleted``
+        notice tells downstream, not a ``consent.withdrawn`` one the purge would catch."""
         nodes = list(dict.fromkeys([subject, *self.people.person(tenant, subject), *known]))
         rules = self.consent.rules[tenant]
         purposes = sorted(rules.known - rules.contract)
@@ -393,6 +399,7 @@ class RightsService:
             notice_id=None,
             source=f"rights:{request_id}",
             platform="admin",
+            consequences=not deleting,
         )
         record = {
             "step": step,
@@ -422,7 +429,7 @@ class RightsService:
         every deletion step of the other domains, in order."""
         # resumed: the person as the request's earlier records named them (the graph may be gone)
         known = await asyncio.to_thread(self._request_nodes, tenant, request_id)
-        nodes = await self._withdraw_all(tenant, request_id, subject, officer, known=known)
+        nodes = await self._withdraw_all(tenant, request_id, subject, officer, known=known, deleting=True)
         await self._step(
             tenant, request_id, subject, nodes, officer, {"step": SUPPRESSED_STEP, "identifiers": len(nodes)}
         )

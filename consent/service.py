@@ -16,7 +16,7 @@ and decisions are refused (503) while it has less than it had.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -80,6 +80,10 @@ class Receipt(msgspec.Struct, frozen=True):
     pending: bool = False
 
 
+# Told of the withdrawal records of each consent call once they are in the ledger (the
+# gateway sends the ``consent.withdrawn`` notices and applies the tenant's on_withdraw_all).
+OnWithdrawn = Callable[[str, Sequence[Any]], Awaitable[None]]
+
 # A reconcile keeps track of this many records it need not apply again (applied here first).
 _APPLIED_HERE_LIMIT = 1_000_000
 
@@ -109,6 +113,7 @@ class ConsentService:
         # seqs this process applied at once after appending: a reconcile skips them
         self._applied_here: set[int] = set()
         self._watermark = 0  # the projection's watermark as last seen by reconcile
+        self.on_withdrawn: OnWithdrawn | None = None
 
     async def _append(self, drafts: list[RecordDraft]) -> tuple[list[Any], bool]:
         """Append to the ledger, then apply to the projection at once; returns the records
@@ -283,9 +288,12 @@ class ConsentService:
         evidence_hash: str | None = None,
         guardian: bool = False,
         minor: bool | None = None,
+        consequences: bool = True,
     ) -> list[Receipt]:
         """Record grants and withdrawals for the subject known by ``identifiers``
-        (``(type, pseudonym)`` pairs, already pseudonymised)."""
+        (``(type, pseudonym)`` pairs, already pseudonymised). ``consequences`` False: the
+        withdrawals are a step of a deletion, which tells downstream itself (``on_withdrawn``
+        is not called)."""
         rules = self.rules[tenant]
         if not identifiers:
             raise ConsentRefused("no usable identifier for the subject", "userId")
@@ -367,6 +375,12 @@ class ConsentService:
             for kind, ps in by_kind.items():
                 drafts.append(draft("consent", state, sorted(ps), kind, {}))
         records, applied = await self._append(drafts)
+        withdrawn = [r for r in records if r.record_type == "consent" and r.state == "withdrawn"]
+        if withdrawn and consequences and self.on_withdrawn is not None:
+            try:
+                await self.on_withdrawn(tenant, withdrawn)
+            except Exception as exc:  # the withdrawal stands (it is in the ledger) whatever follows
+                log.error("consent.withdrawal_consequences_failed", tenant=tenant, error=type(exc).__name__)
         return [Receipt(r.record_id, r.seq, tuple(r.purposes), r.state, r.at, not applied) for r in records]
 
 

@@ -61,7 +61,14 @@ from export.sink import (
     url_check,
     with_defaults,
 )
-from identity.notices import IdentityMerged, IdentityRekeyed, IdentitySplit, Notice, decode_notice
+from identity.notices import (
+    ConsentWithdrawn,
+    IdentityMerged,
+    IdentityRekeyed,
+    IdentitySplit,
+    Notice,
+    decode_notice,
+)
 
 try:
     IDGATE_VERSION = metadata.version("idgate")
@@ -303,6 +310,7 @@ class WebhookSink(HttpSink):
 SPLIT_EVENT = "idgate Identity Split"
 DELETED_EVENT = "idgate Identity Deleted"
 REKEYED_EVENT = "idgate Identity Rekeyed"
+WITHDRAWN_EVENT = "idgate Consent Withdrawn"
 NOTICE_EVENT = "idgate Identity Notice"
 
 
@@ -334,6 +342,18 @@ def segment_notice(notice: Notice, message_id: str) -> dict[str, Any]:
                 "unifiedId": notice.unified_id,
                 "oldIdentifier": msgspec.to_builtins(notice.old_identifier),
                 "newIdentifier": msgspec.to_builtins(notice.new_identifier),
+            },
+        }
+    if isinstance(notice, ConsentWithdrawn):
+        return {
+            **base,
+            "type": "track",
+            "event": WITHDRAWN_EVENT,
+            "userId": notice.unified_id,
+            "properties": {
+                "unifiedId": notice.unified_id,
+                "purposes": list(notice.purposes),
+                "ledgerSeqs": list(notice.ledger_seqs),
             },
         }
     properties = {"unifiedId": notice.unified_id}
@@ -524,6 +544,11 @@ def sensors_event(
             record.update(type="track", event="idgate_identity_rekeyed", distinct_id=notice.unified_id)
             properties["idgate_old_identifier"] = notice.old_identifier.id
             properties["idgate_new_identifier"] = notice.new_identifier.id
+        elif isinstance(notice, ConsentWithdrawn):
+            record.update(type="track", event="idgate_consent_withdrawn", distinct_id=notice.unified_id)
+            properties["idgate_purposes"] = list(notice.purposes)
+            # a Sensors list property holds strings
+            properties["idgate_ledger_seqs"] = [str(s) for s in notice.ledger_seqs]
         else:
             record.update(type="track", event="idgate_identity_deleted", distinct_id=notice.unified_id)
         time_source: Any = notice.received_at.isoformat()

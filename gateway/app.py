@@ -52,6 +52,7 @@ from gateway.rights_setup import DeletionReceipts, follow_sink_purges, open_righ
 from gateway.sensors_http import SENSORS_ROUTES, document_sensors_routes
 from gateway.settings import Settings
 from gateway.trust import assertion_verifiers
+from gateway.withdrawal_setup import WithdrawalConsequences
 from identity.key_files import key_file_mode_problem
 from identity.pseudonym import InvalidKeyMaterial, KeyRing, new_key_document, write_private_file
 
@@ -264,6 +265,9 @@ def create_app(settings: Settings | None = None) -> Litestar:
             rate_limiter,
             receipts,
         )
+        withdrawals = WithdrawalConsequences(config, identity, outbox, consent.service.rules, delivery.notify)
+        withdrawals.rights = state.rights
+        consent.service.on_withdrawn = withdrawals
         await delivery.start()
         resumed = asyncio.create_task(resume_open_requests(state.rights), name="rights-resume")
         monitoring.start()

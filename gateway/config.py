@@ -152,10 +152,18 @@ class NoticeConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     url: str = ""
 
 
+# What a person-wide withdrawal of every consent-based purpose does beyond stopping the
+# forwarding (PIPL Art. 15, 47): nothing more (``keep``: what was received stays, within
+# retention), ``lock`` (the same effect, stated: nothing needing consent is processed until
+# a new grant), or ``delete`` (a ``delete`` rights request is opened for the person).
+WithdrawAllAction = Literal["keep", "lock", "delete"]
+
+
 class ConsentConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     # false routes every event without consent checks: allowed only with IDGATE_ENV=dev
     # (benchmarks, local experiments), never in production.
     enforce: bool = True
+    on_withdraw_all: WithdrawAllAction = "keep"
 
 
 class IdentityConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):

@@ -66,6 +66,9 @@ class Envelope:
     destinations: tuple[str, ...] = ()
     # Ledger sequence numbers of the consent records that allowed the forward.
     consent_proof: tuple[int, ...] = ()
+    # Whether the subject may be personalised for (PIPL Art. 24): None where consent is not
+    # enforced (a dev tenant), else written to context.idgate.personalisation.
+    personalised: bool | None = None
     unified_id: str | None = None
     # What the consent decision was asked (and when), kept so delivery can ask again.
     consent_ticket: ConsentTicket | None = None

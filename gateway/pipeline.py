@@ -418,6 +418,8 @@ def encode_for_outbox(
         "purposes": list(env.purposes),
         "consentProof": list(env.consent_proof),
     }
+    if env.personalised is not None:  # decide_consent: PIPL Art. 24
+        ctx["idgate"]["personalisation"] = env.personalised
     if env.plan_violations:  # flagged by check_plan
         ctx["idgate"]["violations"] = env.plan_violations
     if env.flags:  # flagged by clean_traffic
@@ -938,6 +940,7 @@ async def decide_consent(s: IngestServices, batch: IngestBatch) -> None:
         env.consent_proof = decision.proof
         if query is not None:
             env.consent_ticket = ConsentTicket(decision.epoch, query)
+            env.personalised = decision.personalised
         if decision.strip_sensitive:
             strip_sensitive(env, tenant)
         allowed.append(env)

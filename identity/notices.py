@@ -1,4 +1,4 @@
-"""Notices about persons that go downstream: merges, splits and deletions.
+"""Notices about persons that go downstream: merges, splits, deletions and withdrawals.
 
 A notice tells a destination that the person it knows by a unified ID changed: two persons
 became one (``identity.merged``), one fell apart (``identity.split``), or identifiers of a
@@ -146,8 +146,33 @@ class IdentityRekeyed(_Notice, frozen=True, tag="identity.rekeyed"):
         )
 
 
-Notice = IdentityMerged | IdentitySplit | IdentityDeleted | IdentityRekeyed
-NOTICE_TYPES: tuple[str, ...] = ("identity.merged", "identity.split", "identity.deleted", "identity.rekeyed")
+class ConsentWithdrawn(_Notice, frozen=True, tag="consent.withdrawn"):
+    """The person ``unified_id`` withdrew these purposes at ``received_at`` (the ledger
+    records ``ledger_seqs``): recipients stop processing their data for them (PIPL Art. 15,
+    47). Not retroactive: what was received before stays lawfully received."""
+
+    unified_id: str
+    purposes: tuple[str, ...]
+    ledger_seqs: tuple[int, ...]
+
+    def subjects(self) -> tuple[str, ...]:
+        return (self.unified_id,)
+
+    def named(self) -> tuple[str, ...]:
+        return (self.unified_id,)
+
+    def rekeyed(self, value: Callable[[str], str]) -> Self:
+        return msgspec.structs.replace(self, unified_id=value(self.unified_id))
+
+
+Notice = IdentityMerged | IdentitySplit | IdentityDeleted | IdentityRekeyed | ConsentWithdrawn
+NOTICE_TYPES: tuple[str, ...] = (
+    "identity.merged",
+    "identity.split",
+    "identity.deleted",
+    "identity.rekeyed",
+    "consent.withdrawn",
+)
 
 _encode = msgspec.json.Encoder().encode
 _decode = msgspec.json.Decoder(Notice).decode
@@ -228,4 +253,19 @@ def deletion_notice(
         context=_context(tenant),
         unified_id=unified_id,
         identifiers=tuple(NoticeIdentifier(i.type, i.value) for i in ordered),
+    )
+
+
+def withdrawal_notice(
+    tenant: str, unified_id: str, purposes: Sequence[str], ledger_seqs: Sequence[int], at: datetime
+) -> ConsentWithdrawn:
+    """``consent.withdrawn`` for one person's withdrawal (one ledger call, its records)."""
+    seqs = tuple(sorted(ledger_seqs))
+    return ConsentWithdrawn(
+        message_id=notice_message_id("consent.withdrawn", unified_id, *map(str, seqs)),
+        received_at=at.astimezone(UTC),
+        context=_context(tenant),
+        unified_id=unified_id,
+        purposes=tuple(sorted(set(purposes))),
+        ledger_seqs=seqs,
     )

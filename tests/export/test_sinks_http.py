@@ -10,7 +10,7 @@ import gzip
 import json
 import time
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -18,6 +18,7 @@ import pytest
 from export.http_sinks import (
     DELETED_EVENT,
     SPLIT_EVENT,
+    WITHDRAWN_EVENT,
     HttpSink,
     idempotency_key,
     raise_for_status,
@@ -30,7 +31,7 @@ from export.http_sinks import (
 from export.outbox import StoredRecord
 from export.sink import PermanentSinkError, RetryableSinkError
 from export.sinks import build_sink
-from identity.notices import decode_notice
+from identity.notices import decode_notice, encode_notice, withdrawal_notice
 from tests.conftest import free_port
 from tests.receivers import Receiver, decode_sensors_form, sample_records
 
@@ -446,3 +447,26 @@ def test_a_slow_receiver_times_out_within_the_configured_timeout() -> None:
             return time.monotonic() - started
 
         assert asyncio.run(main()) < 0.8
+
+
+def test_a_withdrawal_notice_becomes_a_segment_track_and_a_sensors_event() -> None:
+    at = datetime(2025, 11, 21, 5, tzinfo=UTC)
+    notice = withdrawal_notice("shop", "p_w", ["marketing", "analytics"], [12, 11], at)
+    record = StoredRecord(1, T0, ("d",), encode_notice(notice), b"", notice.message_id, (), kind="notice")
+    with Receiver(write_key=WRITE_KEY) as seg, Receiver() as sa:
+        segment = build_sink(
+            "segment", root=NO_ROOT, destination="seg", options={"url": seg.url, "write_key": WRITE_KEY}
+        )
+        sensors = build_sink("sensors", root=NO_ROOT, destination="sa", options={"url": sa.sensors_url})
+        asyncio.run(_deliver(segment, [[record]]))
+        asyncio.run(_deliver(sensors, [[record]]))
+    (track,) = seg.events
+    assert (track["type"], track["event"], track["userId"]) == ("track", WITHDRAWN_EVENT, "p_w")
+    assert track["properties"] == {
+        "unifiedId": "p_w",
+        "purposes": ["analytics", "marketing"],
+        "ledgerSeqs": [11, 12],
+    }
+    (event,) = sa.events
+    assert (event["event"], event["distinct_id"]) == ("idgate_consent_withdrawn", "p_w")
+    assert event["properties"]["idgate_purposes"] == ["analytics", "marketing"]

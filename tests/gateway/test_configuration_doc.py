@@ -66,7 +66,14 @@ def test_every_config_key_is_documented_with_its_default() -> None:
 
 
 def test_the_choices_purposes_and_identity_defaults_are_the_codes() -> None:
-    for literal in (cfg.Platform, cfg.LegalBasis, cfg.ConsentKind, cfg.Region, cfg.SinkKind):
+    for literal in (
+        cfg.Platform,
+        cfg.LegalBasis,
+        cfg.ConsentKind,
+        cfg.Region,
+        cfg.SinkKind,
+        cfg.WithdrawAllAction,
+    ):
         for value in literal.__args__:
             assert f"`{value}`" in DOC, value
     for name, purpose in cfg.DEFAULT_PURPOSES.items():
