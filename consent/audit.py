@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import io
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 import msgspec
 import sqlalchemy as sa
 
 from consent.ledger import Ledger
-from consent.models import LedgerRecord
+from consent.models import LedgerRecord, UTCDateTime
 from consent.proofs import Delivery, DeliveryProofs
 from consent.rotation import SubjectAliases
 
@@ -111,6 +111,8 @@ class ConsentStats(msgspec.Struct, frozen=True):
     by: StatsGroup
     subjects: int
     groups: dict[str, RateGroup]
+    # as the rates stood at this time (None: now)
+    at: datetime | None = None
 
 
 class ConsentAudit:
@@ -201,9 +203,10 @@ class ConsentAudit:
             records=len(found),
         )
 
-    def stats(self, *, tenant: str, by: StatsGroup) -> ConsentStats:
+    def stats(self, *, tenant: str, by: StatsGroup, at: datetime | None = None) -> ConsentStats:
         """Consent rates: per subject and purpose the latest consent record counts, grouped
-        by purpose, by the notice it was given under, or by platform."""
+        by purpose, by the notice it was given under, or by platform; ``at``: as they stood
+        then (only records written by that time count)."""
         engine = self.ledger.engine
         if engine.dialect.name == "postgresql":
             purposes = sa.func.json_array_elements_text(sa.column("purposes")).table_valued("value")
@@ -219,8 +222,12 @@ class ConsentAudit:
             sa.column("state"),
             sa.column("notice_id"),
             sa.column("platform"),
+            sa.column("at", UTCDateTime()),
         )
         purpose = purposes.c.value
+        scope = [ledger.c.tenant == tenant, ledger.c.record_type == "consent"]
+        if at is not None:
+            scope.append(ledger.c.at <= at)
         latest = (
             sa.select(
                 ledger.c.subject.label("subject"),
@@ -233,7 +240,7 @@ class ConsentAudit:
                 .label("rank"),
             )
             .select_from(ledger.join(purposes, sa.true()))
-            .where(ledger.c.tenant == tenant, ledger.c.record_type == "consent")
+            .where(*scope)
             .subquery()
         )
         current = sa.select(latest).where(latest.c.rank == 1).subquery()
@@ -250,7 +257,19 @@ class ConsentAudit:
             given, withdrawn = states.get("given", 0), states.get("withdrawn", 0)
             rate = round(given / (given + withdrawn), 4) if given + withdrawn else None
             groups[group] = RateGroup(given, withdrawn, rate)
-        return ConsentStats(tenant=tenant, by=by, subjects=total, groups=groups)
+        return ConsentStats(tenant=tenant, by=by, subjects=total, groups=groups, at=at)
+
+    def stats_trend(
+        self, *, tenant: str, by: StatsGroup, until: datetime, days: int
+    ) -> dict[str, list[float | None]]:
+        """Each group's consent rate as it stood at the end of each of the ``days`` days up
+        to ``until`` (oldest first; None where the group had no record yet)."""
+        points = [until - timedelta(days=days - 1 - i) for i in range(days)]
+        series: dict[str, list[float | None]] = {}
+        for i, moment in enumerate(points):
+            for group, rates in self.stats(tenant=tenant, by=by, at=moment).groups.items():
+                series.setdefault(group, [None] * days)[i] = rates.rate
+        return series
 
     def export(
         self, *, tenant: str | None, fmt: ExportFormat, part: ExportPart, tenant_only: bool = False

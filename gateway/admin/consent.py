@@ -198,10 +198,14 @@ class ConsentAuditController(Controller):
         officer: NamedDependency[Officer],
         tenant: FromQuery[str],
         by: FromQuery[StatsGroup] = "purpose",
+        at: Time = None,
     ) -> ConsentStats:
+        """``at``: the rates as they stood then (only records written by that time count)."""
         services.tokens.check_tenant(officer, tenant)
-        result = await asyncio.to_thread(services.audit.stats, tenant=tenant, by=by)
-        await log_access(services, officer, "consent.stats", tenant, {"by": by}, len(result.groups))
+        moment = parse_time(at, "at")
+        result = await asyncio.to_thread(services.audit.stats, tenant=tenant, by=by, at=moment)
+        params = {"by": by} if moment is None else {"by": by, "at": moment.isoformat()}
+        await log_access(services, officer, "consent.stats", tenant, params, len(result.groups))
         return result
 
     @get(

@@ -221,6 +221,7 @@ LABELS: dict[str, tuple[str, str]] = {
     "new_persons": ("新用户", "New"),
     "returning_persons": ("回访用户", "Returning"),
     "kpis": ("全部 KPI", "Every KPI"),
+    "rate_trend": ("近 14 天（每天结束时的同意率）", "Last 14 days (the rate at the end of each day)"),
     "trend": ("趋势（每分钟，60→1 分钟窗口）", "Trend (per minute, 60 → 1 min window)"),
     "coverage": ("同意覆盖率", "Consent coverage"),
     "alert_rules": ("告警规则", "Alert rules"),

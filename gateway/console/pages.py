@@ -60,6 +60,7 @@ from identity.service import IdentityResolutionOff, NotQuarantined
 EVERYONE = roles("compliance", "operator", "auditor")
 READERS = roles("compliance", "auditor")  # personal data, pseudonymised: no operators
 COMPLIANCE = roles("compliance")  # raw look-ups and every change
+RATE_TREND_DAYS = 14  # the notices page's consent-rate trend: the rate at the end of each day
 
 
 DEPENDENCIES = {
@@ -438,6 +439,9 @@ class ConsoleController(Controller):
             services.audit.ledger.records, tenant=chosen, record_type="notice", limit=1000
         )
         stats = await asyncio.to_thread(services.audit.stats, tenant=chosen, by=by)
+        trend = await asyncio.to_thread(
+            services.audit.stats_trend, tenant=chosen, by=by, until=datetime.now(UTC), days=RATE_TREND_DAYS
+        )
         await log_access(services, officer, "console.notices", chosen, {"by": by}, len(stats.groups))
         return page(
             request,
@@ -446,6 +450,7 @@ class ConsoleController(Controller):
             tenant=chosen,
             notices=[ledger_entry(r) for r in reversed(published)],
             stats=stats,
+            trend=trend,
             by=by,
         )
 

@@ -179,6 +179,30 @@ def test_stats_by_purpose_notice_platform(gw: Gateway) -> None:
     assert by_platform["web"]["given"] >= 1
 
 
+def test_stats_as_they_stood_at_a_past_time(gw: Gateway) -> None:
+    """``at``: only records written by then count, so a rate can be followed over time; a bad
+    time is a 400 naming the field."""
+
+    def stats(**params: str) -> httpx.Response:
+        return httpx.get(
+            gw.url + "/admin/consent/stats",
+            headers=bearer(COMPLIANCE_TOKEN),
+            params={"tenant": "mall", "by": "platform", **params},
+        )
+
+    before = datetime.now(UTC)
+    given_before = stats(at=before.isoformat()).json()["groups"].get("web", {}).get("given", 0)
+    grant_and_send(gw, f"stats-{uuid.uuid4().hex[:6]}", f"anon-{uuid.uuid4().hex[:8]}")
+    then = stats(at=before.isoformat())
+    assert then.status_code == 200, then.text
+    assert then.json()["at"] is not None
+    assert then.json()["groups"].get("web", {}).get("given", 0) == given_before  # the grant came later
+    now = stats().json()
+    assert now["at"] is None and now["groups"]["web"]["given"] > given_before
+    bad = stats(at="yesterday")
+    assert bad.status_code == 400 and bad.json()["field"] == "at"
+
+
 def test_roles_and_tenant_scope(gw: Gateway) -> None:
     params = {"tenant": "mall", "identifier": "someone"}
     assert httpx.get(gw.url + "/admin/consent/records", params=params).status_code == 401

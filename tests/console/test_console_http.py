@@ -403,6 +403,11 @@ def test_notices_and_consent_rates(client: TestClient[Litestar]) -> None:
         re.findall(r"<tr><td>(\w+)</td><td>\d+</td><td>\d+</td>\s*<td><meter[^>]*value=\"([\d.]+)\"", r.text)
     )
     assert float(rows["identity_linking"]) > 0 and "analytics" in rows, rows
+    # the trend: the rate at the end of each of the last 14 days, today's is today's rate
+    trends = dict(re.findall(r"<tr><td>(\w+)</td>.*?<td data-trend=\"([^\"]*)\"", r.text, re.S))
+    linking = trends["identity_linking"].split(" ")
+    assert len(linking) == 14 and float(linking[-1]) == float(rows["identity_linking"]), trends
+    assert '<svg class="spark"' in r.text
     assert client.get("/console/notices", params={"tenant": "mall", "by": "platform"}).status_code == 200
     assert client.get("/console/notices", params={"tenant": "mall", "by": "nonsense"}).status_code == 400
 
