@@ -15,6 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from identity import redaction
 from identity.db import make_engine
 from identity.graph import IdentityGraph, IdentityRules
 from identity.identifiers import Identifier
@@ -201,6 +202,42 @@ def test_redacted_log_converges_on_a_second_postgres_replica(pg_schema: Postgres
         finally:
             await other.stop()
             await first.stop()
+            engine.dispose()
+
+    asyncio.run(run())
+
+
+def test_a_redaction_that_would_change_the_replay_is_refused_and_writes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The rewrite is replayed before it commits: when the replay differs (here: a
+    renaming that forgets the erasure records' tombstones), nothing is written."""
+
+    async def run() -> None:
+        engine = make_engine(f"sqlite:///{tmp_path / 'identity.sqlite3'}")
+        migrate_identity(engine)
+        store = IdentityLogStore(engine)
+        resolver = GraphResolver(store, RULES)
+        await resolver.start()
+        try:
+            nodes = ["user_id:k1.P", "anonymous_id:k1.pa"]
+            await resolver.resolve_batch("t", [[ident(n) for n in nodes]], [True], [("s", "e1")])
+            for node in nodes:
+                await resolver.remove("t", node)
+            before = log_text(store)
+            real = redaction.rename
+            monkeypatch.setattr(
+                redaction,
+                "rename",
+                lambda v, names: (
+                    v if isinstance(v, dict) and v.get("kind") == "NodeRemoved" else real(v, names)
+                ),
+            )
+            with pytest.raises(redaction.RedactionUnsafe):
+                await resolver.redact("t", nodes)
+            assert log_text(store) == before
+        finally:
+            await resolver.stop()
             engine.dispose()
 
     asyncio.run(run())
