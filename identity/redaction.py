@@ -19,6 +19,14 @@ guards keep it to what is the person's alone:
 - the plan replays the rewritten records and compares the whole graph with the original
   one renamed: any difference refuses the redaction (``RedactionUnsafe``), nothing changes.
 
+Replicas: a replica that had already applied the rewritten records keeps its graph (the
+same one, holding the erased person's IDs in its aliases and breaker history until it
+restarts); one that had not reads a record naming a tombstone it does not hold
+(``names_unknown_tombstone``) and replays the whole log again (identity.resolver). A
+rekey (NodeRekeyed) names tombstones it brings itself, so it cannot tell: a replica
+lagging behind an erased identifier's rekey and its redaction at once would keep the old
+pseudonym until it restarts.
+
 Every record type can be renamed this way (``Quarantined.reason`` ``breaker:<node>``
 included); what is not a pseudonym or a unified ID (sources, event ids, times, officers)
 is kept. Idempotent: once redacted, the log names none of the person's strings, and a

@@ -126,7 +126,7 @@ async def scenario(db: str, seed: int, steps: int) -> None:
         engine.dispose()
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(seed=st.integers(0, 2**32 - 1), steps=st.integers(5, 60))
 def test_redaction_keeps_everyone_elses_replay_on_sqlite(
     tmp_path_factory: pytest.TempPathFactory, seed: int, steps: int
