@@ -1,9 +1,10 @@
 """Deleting one person (a rights request of kind ``delete``) from the embedded stores: how long
 each store's part takes when the outbox holds 1M events of 100k persons (with their dedupe
 entries and person index), the dead letters 100k more, and a JSONL and a Parquet sink the
-same 1M events.
+same 1M events, and the identity change log about 210k records (30k persons).
 
     .venv/bin/python bench/rights_delete.py [--events 1000000] [--persons 100000] [--dead 100000]
+        [--log-persons 30000]
 
 Prints the time to fill (not measured work), then per store: the time to find the person's
 events (an access bundle) and to purge them (the deletion), and what was removed. The
@@ -19,7 +20,10 @@ import sqlite3
 import sys
 import tempfile
 import time
+from datetime import UTC, datetime
 from pathlib import Path
+
+import msgspec
 
 # bench/identity.py would shadow the identity package with bench/ first on sys.path
 sys.path[0] = str(Path(__file__).resolve().parent.parent)
@@ -33,6 +37,39 @@ from export.outbox import OutboxRecord, claimed_as, dedupe_key, stored  # noqa: 
 from export.sqlite_outbox import SqliteOutbox  # noqa: E402
 from gateway.rate_limits import MemoryCounters  # noqa: E402
 from identity.db import make_engine  # noqa: E402
+from identity.graph import IdentityGraph, IdentityRules, Provenance  # noqa: E402
+from identity.resolver import GraphResolver  # noqa: E402
+from identity.store import IdentityLogStore, migrate_identity  # noqa: E402
+
+LOG_TYPES = ("user_id", "device_id", "anonymous_id")
+
+
+async def identity_log(tmp: Path, log_persons: int, target: int) -> tuple[float, str]:
+    """The identity change log of ``log_persons`` persons (3 linked identifiers each: about
+    7 records a person), the target erased from the graph; the time to redact it."""
+    engine = make_engine(f"sqlite:///{tmp / 'identity.sqlite3'}")
+    migrate_identity(engine)
+    store = IdentityLogStore(engine)
+    graph = IdentityGraph()
+    prov = Provenance("bench", "e", datetime(2026, 1, 1, tzinfo=UTC), "event")
+    rows = []
+    for p in range(log_persons):
+        _, changes = graph.resolve([f"{k}:k1.{k}{p:012d}" for k in LOG_TYPES], link=True, provenance=prov)
+        rows += [("acme", type(c).__name__, msgspec.json.encode(c), 0) for c in changes]
+    conn, tx = store.begin_locked()
+    store.insert_and_commit(conn, tx, rows)
+    resolver = GraphResolver(store, {"acme": IdentityRules()})
+    await resolver.start()
+    nodes = [f"{k}:k1.{k}{target:012d}" for k in LOG_TYPES]
+    for node in nodes:
+        await resolver.remove("acme", node)
+    t = time.perf_counter()
+    plan = await resolver.redact("acme", nodes)
+    seconds = time.perf_counter() - t
+    total = resolver.applied_seq
+    await resolver.stop()
+    engine.dispose()
+    return seconds, f"{len(plan.updates)} of {total} records rewritten"
 
 
 def record(i: int, persons: int) -> OutboxRecord:
@@ -66,7 +103,7 @@ def suppression_record(keys: set[str]) -> RecordView:
     )
 
 
-async def main(events: int, persons: int, dead: int) -> None:
+async def main(events: int, persons: int, dead: int, log_persons: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "outbox.sqlite3"
         box = SqliteOutbox(path)
@@ -144,6 +181,7 @@ async def main(events: int, persons: int, dead: int) -> None:
         for destination in ("warehouse", "stream"):  # at each destination's deletion receipt
             await box.commit_delivery(destination, 0, 0, {}, (), [f"p_{target:022d}"])
         times["person index"] = time.perf_counter() - t
+        times["identity change log"], redacted = await identity_log(Path(tmp), log_persons, target)
         left = fill.execute(
             "SELECT count(*) FROM delivered_person WHERE unified_id = ?", (f"p_{target:022d}",)
         ).fetchone()[0]
@@ -158,6 +196,7 @@ async def main(events: int, persons: int, dead: int) -> None:
             "Parquet sink": f"{parquet_rows_removed} rows",
             "rate-limit counters": f"{counters} counters",
             "person index": f"2 destinations, {left} entries left",
+            "identity change log": redacted,
         }
         for name, seconds in times.items():
             print(f"  {name:24s} {seconds:6.2f} s  ({removed[name]})")
@@ -172,5 +211,6 @@ if __name__ == "__main__":
     parser.add_argument("--events", type=int, default=1_000_000)
     parser.add_argument("--persons", type=int, default=100_000)
     parser.add_argument("--dead", type=int, default=100_000)
+    parser.add_argument("--log-persons", type=int, default=30_000, help="identity log: ~7 records each")
     args = parser.parse_args()
-    asyncio.run(main(args.events, args.persons, args.dead))
+    asyncio.run(main(args.events, args.persons, args.dead, args.log_persons))

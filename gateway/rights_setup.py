@@ -49,6 +49,21 @@ def identity_erasure(identity: IdentityService) -> DeletionStep:
     return erase
 
 
+def identity_log_redaction(identity: IdentityService) -> DeletionStep:
+    """The erased identifiers and unified IDs leave the identity change log's past records
+    (renamed to tombstones; the log still replays to the same graph for everyone else)."""
+
+    async def redact(tenant: str, nodes: Sequence[str]) -> Mapping[str, int]:
+        done = await identity.redact_log(tenant, nodes)
+        return {
+            "records": len(done.updates),
+            "identifiers": done.identifiers,
+            "unified_ids": done.unified_ids,
+        }
+
+    return redact
+
+
 def person_keys(identity: IdentityService, tenant: str, nodes: Sequence[str]) -> set[str]:
     """The values a person's records are found by: their pseudonyms and every unified ID
     they have had (read before the graph is erased)."""
@@ -205,12 +220,9 @@ def holdings_of(config: Config, outbox: Outbox, dead_letters: DeadLetterStore) -
     return holdings
 
 
-# What a deletion does not reach yet: it completes as ``partly_done`` naming it. The
-# identity graph's change log (identity.store) is a replicated state machine log that every
-# replica replays in order; it keeps the erased nodes' earlier link records (pseudonyms and
-# unified IDs) beside the removal records that prove the erasure. Dropping them needs a
-# compaction that keeps the replay valid (merges follow their links, splits name parts).
-DELETION_GAPS = ("identity_log",)
+# What a deletion does not reach: it completes as ``partly_done`` naming it (none left: the
+# identity change log is redacted by the ``identity_log`` step).
+DELETION_GAPS: tuple[str, ...] = ()
 
 # Sinks whose receiver answers each delivery (2xx): their receipts are ``acknowledged``.
 ACKNOWLEDGING_SINKS = frozenset({"webhook", "segment", "sensors"})
@@ -259,13 +271,15 @@ def open_rights(
     # the destinations holding the person are read from their person index; the held events
     # (and their dedupe entries) and the sink files' lines go while the unified ID is still
     # known; the graph last: its deletion notices go to the outbox after the purge, and
-    # each destination's person index forgets the person once it received its notice.
+    # each destination's person index forgets the person once it received its notice; then
+    # the erased person's strings leave the identity change log's past records.
     steps: dict[str, DeletionStep] = {
         "recipients": deletion_recipients(config, identity, outbox),
         "events": event_purge(identity, outbox, dead_letters),
         "file_sinks": file_sink_purge(config, identity, delivery),
         "rate_limits": rate_limit_purge(identity, limiter),
         "identity_graph": identity_erasure(identity),
+        "identity_log": identity_log_redaction(identity),
     }
     service = RightsService(
         consent,

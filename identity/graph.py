@@ -356,6 +356,27 @@ class IdentityGraph:
             "refused": self._refused,
         }
 
+    def state(self) -> dict[str, object]:
+        """The whole replayed state by identifier (for comparing two replays): creation
+        order, person (ID and its age), links with provenance, recent joins; the review
+        list (each pair under both ends), the aliases and the refusal count."""
+        nodes: dict[str, object] = {}
+        for node, s in self._nodes.items():
+            person = self._persons[self._find(node)]
+            links = {other: self._provenance[_edge_key(node, other)] for other in s.adj}
+            nodes[node] = {
+                "seq": s.seq,
+                "uid": person.uid,
+                "age": person.seq,
+                "links": links,
+                "joins": s.joins,
+            }
+        held: dict[str, dict[str, Quarantined]] = {}
+        for (a, b), q in self._quarantine.items():
+            held.setdefault(a, {})[b] = q
+            held.setdefault(b, {})[a] = q
+        return {"nodes": nodes, "quarantine": held, "aliases": dict(self._aliases), "refused": self._refused}
+
     # -- decisions ---------------------------------------------------------------------------------
 
     def resolve(

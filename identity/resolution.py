@@ -14,6 +14,7 @@ from typing import Protocol
 
 from identity.graph import GraphChange, IdentityGraph
 from identity.identifiers import Identifier
+from identity.redaction import RedactionPlan
 
 
 class IdentityResolver(Protocol):
@@ -70,6 +71,10 @@ class IdentityResolver(Protocol):
         """Key rotation: (old node, new node) pairs, the same identifier under two versions."""
         ...
 
+    async def redact(self, tenant: str, nodes: Sequence[str]) -> RedactionPlan:
+        """Rename erased nodes and their person's unified IDs in the past log records."""
+        ...
+
 
 class NoResolution:
     """No identity graph: events keep their own identifiers and carry no unified ID."""
@@ -117,3 +122,6 @@ class NoResolution:
 
     async def rekey(self, tenant: str, moves: Sequence[tuple[str, str]]) -> list[GraphChange]:
         return []
+
+    async def redact(self, tenant: str, nodes: Sequence[str]) -> RedactionPlan:
+        return RedactionPlan()

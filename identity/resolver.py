@@ -22,6 +22,7 @@ from functools import partial
 from typing import Any, TypeVar
 
 import msgspec
+import sqlalchemy as sa
 import structlog
 
 from identity.graph import (
@@ -37,6 +38,7 @@ from identity.graph import (
     Split,
 )
 from identity.identifiers import DEVICE_TYPES, Identifier, node_type, node_value
+from identity.redaction import ERASED_MARK, RedactionPlan, names_unknown_tombstone, plan_redaction
 from identity.store import IdentityLogStore, LogRow
 
 log = structlog.get_logger(__name__)
@@ -110,17 +112,39 @@ class GraphResolver:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     # -- lifecycle -------------------------------------------------------------------
-    def _apply_rows(self, rows: Sequence[LogRow]) -> None:
+    def _apply_rows(self, rows: Sequence[LogRow], *, check: bool = True) -> bool:
+        """Apply rows after ``applied_seq``; False (and nothing more applied) at a record
+        that names a tombstone this graph does not hold: a redaction (identity.redaction)
+        rewrote records this replica had not read yet, so it must replay the log again."""
         for seq, tenant, raw in rows:
             if seq <= self.applied_seq:  # already in the graph (our own append, read again)
                 continue
             graph = self.graphs.get(tenant)
             if graph is not None:
                 change = _decode(raw)
+                if check and ERASED_MARK in raw and names_unknown_tombstone(graph, change):
+                    return False
                 graph.apply(change)
                 if isinstance(change, Merged | Split | EdgeRemoved | NodeRemoved):
                     self._settled[tenant].clear()
             self.applied_seq = seq
+        return True
+
+    async def _catch_up_with(self, conn: sa.Connection | None = None) -> list[LogRow]:
+        """Read and apply what others appended (with ``conn``: inside its transaction);
+        replay the whole log again (once: read in one statement, it is consistent) after a
+        redaction rewrote records not read yet."""
+        rows = await self._io(self.store.read_after, self.applied_seq, 10_000_000, conn)
+        if self._apply_rows(rows):
+            return rows
+        log.info("identity.log_redacted_replaying")
+        self.graphs = self._fresh_graphs()
+        for settled in self._settled.values():
+            settled.clear()
+        self.applied_seq = 0
+        rows = await self._io(self.store.read_after, 0, 10_000_000, conn)
+        self._apply_rows(rows, check=False)
+        return rows
 
     async def catch_up(self) -> int:
         """Apply what was appended since the last look (other replicas' changes). Holds the
@@ -128,10 +152,9 @@ class GraphResolver:
         applied = 0
         async with self._write_lock:
             while True:
-                rows = await self._io(self.store.read_after, self.applied_seq)
+                rows = await self._catch_up_with()
                 if not rows:
                     return applied
-                self._apply_rows(rows)
                 applied += len(rows)
 
     async def flush(self) -> None:
@@ -267,8 +290,7 @@ class GraphResolver:
         async with self._write_lock:
             conn, tx = await self._io(self.store.begin_locked)
             try:
-                rows = await self._io(self.store.read_after, self.applied_seq, 10_000_000, conn)
-                self._apply_rows(rows)
+                await self._catch_up_with(conn)
                 decided = decide()
                 now_ms = int(time.time() * 1000)
                 encoded = [
@@ -400,3 +422,25 @@ class GraphResolver:
 
         await self._locked(decide)
         return out
+
+    async def redact(self, tenant: str, nodes: Sequence[str]) -> RedactionPlan:
+        """Rename the erased ``nodes`` and their person's unified IDs in the tenant's past
+        log records to tombstones (``identity.redaction``), in one transaction under the
+        log's lock; this replica's graph becomes the replay of the rewritten log (the same
+        graph, without the person's strings). Other replicas hold the old strings in memory
+        for the erased person only (aliases, breaker history) until they restart."""
+        async with self._write_lock:
+            conn, tx = await self._io(self.store.begin_locked)
+            try:
+                await self._catch_up_with(conn)
+                records = await self._io(self.store.tenant_changes, conn, tenant)
+                rules = self.rules.get(tenant)
+                plan = await self._io(plan_redaction, records, nodes, rules, self.node_ids.get(tenant))
+            except BaseException:
+                await self._io(self.store.abandon, conn, tx)
+                raise
+            await self._io(self.store.rewrite_and_commit, conn, tx, plan.updates)
+            if plan.graph is not None and tenant in self.graphs:
+                self.graphs[tenant] = plan.graph
+                self._settled[tenant].clear()
+        return plan

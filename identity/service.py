@@ -25,6 +25,7 @@ from identity.graph import (
 )
 from identity.identifiers import Identifier
 from identity.notices import Notice, deletion_notice, notices_for_changes
+from identity.redaction import RedactionPlan
 from identity.resolution import IdentityResolver
 
 # (tenant, notices) -> stored durably for delivery
@@ -221,3 +222,9 @@ class IdentityService:
             changes=changes,
             notice_ids=[n.message_id for n in notices],
         )
+
+    async def redact_log(self, tenant: str, nodes: Sequence[str]) -> RedactionPlan:
+        """After ``erase``: the erased identifiers and their person's unified IDs leave the
+        past records of the change log (renamed to tombstones, ``identity.redaction``).
+        Idempotent: a second call finds nothing to rename."""
+        return await self.resolver.redact(tenant, nodes)

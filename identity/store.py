@@ -87,6 +87,26 @@ class IdentityLogStore:
         finally:
             conn.close()
 
+    def tenant_changes(self, conn: sa.Connection, tenant: str) -> list[tuple[int, bytes]]:
+        """(seq, change) of every record of one tenant, in order (under the writer's lock)."""
+        stmt = sa.select(LOG.c.seq, LOG.c.change).where(LOG.c.tenant == tenant).order_by(LOG.c.seq)
+        return [(int(s), bytes(c)) for s, c in conn.execute(stmt)]
+
+    def rewrite_and_commit(
+        self, conn: sa.Connection, tx: sa.RootTransaction, updates: Sequence[tuple[int, bytes]]
+    ) -> None:
+        """Replace the change of these (seq, change) records in place, commit (a redaction:
+        the caller holds the writer's lock, so the rewrite is one step of the log's history)."""
+        try:
+            if updates:
+                conn.execute(
+                    LOG.update().where(LOG.c.seq == sa.bindparam("s")).values(change=sa.bindparam("c")),
+                    [{"s": seq, "c": change} for seq, change in updates],
+                )
+            tx.commit()
+        finally:
+            conn.close()
+
     def abandon(self, conn: sa.Connection, tx: sa.RootTransaction) -> None:
         try:
             tx.rollback()

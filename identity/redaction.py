@@ -1,0 +1,180 @@
+"""Redaction of an erased person from the identity change log (PIPL Art. 47).
+
+The graph erases a person with removal records appended at the end of the log; the
+earlier records (their identifiers' links, merges, splits, refusals, quarantines, rekeys)
+still name their pseudonyms and unified IDs. ``plan_redaction`` renames every occurrence
+of those strings in the tenant's records to tombstones that are random per deletion and
+carry nothing (``erased:<hex>`` for an identifier, one per identifier; a fresh ``p_``
+unified ID for each of the person's IDs, so parsers still accept it), the erasure records
+included.
+
+Why replay stays exact: replaying the log only compares these strings for equality (and
+takes ``min`` of node strings to pick an internal union-find root, which no reader sees).
+A consistent renaming over the tenant's whole log therefore replays to the same graph
+with the names changed, and the erased identifiers are gone at its end as before. Two
+guards keep it to what is the person's alone:
+
+- an identifier the graph still holds at the end of the log (not erased, or seen again
+  since) is not renamed, nor a unified ID some remaining identifier carries or resolves to;
+- the plan replays the rewritten records and compares the whole graph with the original
+  one renamed: any difference refuses the redaction (``RedactionUnsafe``), nothing changes.
+
+Replicas: a replica that had already applied the rewritten records keeps its graph (the
+same one, holding the erased person's IDs in its aliases and breaker history until it
+restarts); one that had not reads a record naming a tombstone it does not hold
+(``names_unknown_tombstone``) and replays the whole log again (identity.resolver). A
+rekey (NodeRekeyed) names tombstones it brings itself, so it cannot tell: a replica
+lagging behind an erased identifier's rekey and its redaction at once would keep the old
+pseudonym until it restarts.
+
+Every record type can be renamed this way (``Quarantined.reason`` ``breaker:<node>``
+included); what is not a pseudonym or a unified ID (sources, event ids, times, officers)
+is kept. Idempotent: once redacted, the log names none of the person's strings, and a
+second plan finds nothing to do.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from collections.abc import Callable, Collection, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import msgspec
+
+from identity.graph import (
+    GraphChange,
+    IdentityGraph,
+    IdentityRules,
+    NodeAdded,
+    NodeRekeyed,
+    NodeRemoved,
+)
+
+ERASED_TYPE: Final = "erased"
+ERASED_MARK: Final = b'"erased:'  # in an encoded change that names a tombstone node
+_TOMBSTONE = re.compile(r"erased:[0-9a-f]{32}")
+_BREAKER: Final = "breaker:"
+
+_encode = msgspec.json.Encoder().encode
+_decode = msgspec.json.Decoder(GraphChange).decode
+
+
+class RedactionUnsafe(Exception):
+    """The rewritten log would not replay to the same graph: nothing was changed."""
+
+
+def names_unknown_tombstone(graph: IdentityGraph, change: GraphChange) -> bool:
+    """Whether ``change`` names a tombstone node the graph does not hold (other than the
+    NodeAdded or NodeRekeyed that brings it): the graph read the records before a
+    redaction renamed them."""
+    if isinstance(change, NodeAdded | NodeRekeyed):
+        return False
+    return any(t not in graph for t in _TOMBSTONE.findall(_encode(change).decode()))
+
+
+def tombstone_node() -> str:
+    return f"{ERASED_TYPE}:{secrets.token_hex(16)}"
+
+
+def tombstone_unified_id() -> str:
+    return "p_" + secrets.token_hex(10)  # shaped like identity.graph.new_unified_id
+
+
+@dataclass
+class RedactionPlan:
+    """What to write back: (seq, new encoded change) per record naming the person."""
+
+    updates: list[tuple[int, bytes]] = field(default_factory=list)
+    identifiers: int = 0  # erased identifiers found in the log
+    unified_ids: int = 0  # the person's unified IDs found in the log
+    graph: IdentityGraph | None = None  # the replay of the rewritten log (None: nothing to do)
+
+
+def rename(value: Any, names: Mapping[str, str]) -> Any:
+    """``value`` (msgspec builtins: dicts, lists, strings...) with every string found in
+    ``names`` replaced, dict keys included, and the node of a ``breaker:<node>`` reason."""
+    if isinstance(value, str):
+        found = names.get(value)
+        if found is not None:
+            return found
+        if value.startswith(_BREAKER) and (node := names.get(value[len(_BREAKER) :])) is not None:
+            return _BREAKER + node
+        return value
+    if isinstance(value, dict):
+        return {rename(k, names): rename(v, names) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [rename(v, names) for v in value]
+    return value
+
+
+def _replay(changes: Iterable[GraphChange], rules: IdentityRules | None) -> IdentityGraph:
+    graph = IdentityGraph(rules)
+    for change in changes:
+        graph.apply(change)
+    return graph
+
+
+def plan_redaction(
+    rows: Iterable[tuple[int, bytes]],
+    nodes: Collection[str],
+    rules: IdentityRules | None = None,
+    node_id: Callable[[str], str] | None = None,
+) -> RedactionPlan:
+    """Plan the redaction of the erased ``nodes`` from one tenant's log ``rows`` (seq,
+    encoded change, in order). The person's unified IDs are those their identifiers had
+    when the log removed them, with the IDs merged into those."""
+    records = [(seq, raw, _decode(raw)) for seq, raw in rows]
+    targets = set(nodes)
+    for _, _, change in reversed(records):  # an earlier key version of an erased identifier
+        if isinstance(change, NodeRekeyed) and change.new in targets:
+            targets.add(change.old)
+    graph = IdentityGraph(rules)
+    unified: set[str] = set()
+    for _, _, change in records:
+        if isinstance(change, NodeRemoved) and change.node in targets and change.node in graph:
+            uid = graph.unified_id(change.node)
+            if uid is not None:
+                unified.add(uid)
+                unified.update(graph.aliases_of(uid))
+        graph.apply(change)
+    # what the graph still holds is not the erased person's alone
+    targets = {n for n in targets if n not in graph}
+    live = {uid for n in graph.nodes() if (uid := graph.unified_id(n)) is not None}
+    unified = {u for u in unified if u not in live and graph.resolve_alias(u) not in live}
+    names = {n: tombstone_node() for n in sorted(targets)} | {u: tombstone_unified_id() for u in unified}
+    needles = [s.encode() for s in names]
+    plan = RedactionPlan()
+    if not needles:
+        return plan
+    rewritten: list[GraphChange] = []
+    seen: set[str] = set()
+    for seq, raw, change in records:
+        if any(n in raw for n in needles):
+            builtins = msgspec.to_builtins(change)
+            seen.update(s for s in names if s.encode() in raw)
+            change = msgspec.convert(rename(builtins, names), GraphChange)
+            plan.updates.append((seq, _encode(change)))
+        rewritten.append(change)
+    if not plan.updates:
+        return plan
+    plan.identifiers = len(seen & targets)
+    plan.unified_ids = len(seen & unified)
+    after = IdentityGraph(rules, node_id=node_id)
+    for change in rewritten:
+        after.apply(change)
+    if _encode(after.state()) != renamed(_encode(graph.state()), names):
+        raise RedactionUnsafe("the redacted log would replay to a different graph")
+    plan.graph = after
+    return plan
+
+
+def renamed(encoded: bytes, names: Mapping[str, str]) -> bytes:
+    """``rename`` on JSON text, the fast way for a whole graph's state: an exact string is
+    always quoted in JSON (pseudonyms and unified IDs hold no character JSON escapes), and
+    both replays list everything in the same order, so the texts compare byte for byte."""
+    for old, new in names.items():
+        for prefix in ("", _BREAKER):
+            encoded = encoded.replace(f'"{prefix}{old}"'.encode(), f'"{prefix}{new}"'.encode())
+    return encoded
