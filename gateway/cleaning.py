@@ -43,7 +43,6 @@ from crawlerdetect.providers.exclusions import data as BROWSER_TOKEN_PATTERNS
 
 from gateway.config import CleaningConfig, ResolvedSource, Tenant
 from gateway.events import Event
-from identity.identifiers import InvalidIdentifier
 from identity.pseudonym import Pseudonymiser, pseudonymise_identifier
 
 BOT: Final = "bot"
@@ -126,36 +125,6 @@ def _address(ip: str) -> tuple[int, int] | None:
         except (OSError, ValueError):
             continue
     return None
-
-
-def cleaning_problems(c: CleaningConfig) -> list[str]:
-    """What ``idgate config check`` reports about one tenant's cleaning config (field named)."""
-    problems = []
-    for name, patterns in (
-        ("bot_patterns", c.bot_patterns),
-        ("blocked_identifier_patterns", c.blocked_identifier_patterns),
-    ):
-        for i, pattern in enumerate(patterns):
-            try:
-                re.compile(pattern)
-            except re.error as exc:
-                problems.append(f"{name}[{i}]: not a regular expression ({exc})")
-    for i, net in enumerate(c.internal_networks):
-        try:
-            ipaddress.ip_network(net.strip(), strict=False)
-        except ValueError:
-            problems.append(f"internal_networks[{i}]: {net[:60]!r} is not a CIDR network")
-    for i, ident in enumerate(c.internal_ids):
-        try:
-            pseudonymise_identifier(_PROBE, ident.type, ident.value, scope=ident.scope or None)
-        except InvalidIdentifier as exc:  # the reason never holds the value
-            problems.append(f"internal_ids[{i}]: {exc.reason}")
-    if c.max_future_seconds < 0 or c.max_past_seconds < 0:
-        problems.append("max_future_seconds / max_past_seconds: must be 0 (off) or more")
-    return problems
-
-
-_PROBE = Pseudonymiser(b"\0" * 32, 0)  # validates identifiers; its pseudonyms are thrown away
 
 
 @dataclass(slots=True)

@@ -8,6 +8,7 @@ its location instead of stopping at the first one.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import re
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
@@ -20,6 +21,8 @@ import msgspec
 
 from export.alerts import AlertChannel, AlertRule, check_alerts, check_channels
 from export.kpis import DAY_SECONDS, DEFAULT_KPIS, KpiDefinition, check_kpis
+from identity.identifiers import InvalidIdentifier
+from identity.pseudonym import Pseudonymiser, pseudonymise_identifier
 
 Platform = Literal["app", "web", "miniprogram", "server"]
 LegalBasis = Literal["consent", "contract"]
@@ -567,8 +570,6 @@ def _check_tenant(t: Tenant, where: str, dev: bool, problems: list[str], seen_ke
             problems.append(f"{dw}.data_classes: needs the tenant's tracking_plan_file")
         if d.pseudonym_domain and not _ID.match(d.pseudonym_domain):
             problems.append(f"{dw}.pseudonym_domain: {d.pseudonym_domain!r} must match {_ID.pattern}")
-    from gateway.cleaning import cleaning_problems
-
     problems.extend(f"{where}.cleaning.{problem}" for problem in cleaning_problems(t.cleaning))
     for event_name, event_purposes in t.tracking_plan.items():
         for p in event_purposes:
@@ -827,3 +828,33 @@ def index_sensors_tokens(config: Config, *, dev: bool) -> dict[str, ResolvedSour
         config,
         lambda s: _accepted(s.sensors_token_sha256, s.sensors_dev_token, dev) if s.sensors_project else [],
     )
+
+
+def cleaning_problems(c: CleaningConfig) -> list[str]:
+    """What ``idgate config check`` reports about one tenant's cleaning config (field named)."""
+    problems = []
+    for name, patterns in (
+        ("bot_patterns", c.bot_patterns),
+        ("blocked_identifier_patterns", c.blocked_identifier_patterns),
+    ):
+        for i, pattern in enumerate(patterns):
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                problems.append(f"{name}[{i}]: not a regular expression ({exc})")
+    for i, net in enumerate(c.internal_networks):
+        try:
+            ipaddress.ip_network(net.strip(), strict=False)
+        except ValueError:
+            problems.append(f"internal_networks[{i}]: {net[:60]!r} is not a CIDR network")
+    for i, ident in enumerate(c.internal_ids):
+        try:
+            pseudonymise_identifier(_PROBE, ident.type, ident.value, scope=ident.scope or None)
+        except InvalidIdentifier as exc:  # the reason never holds the value
+            problems.append(f"internal_ids[{i}]: {exc.reason}")
+    if c.max_future_seconds < 0 or c.max_past_seconds < 0:
+        problems.append("max_future_seconds / max_past_seconds: must be 0 (off) or more")
+    return problems
+
+
+_PROBE = Pseudonymiser(b"\0" * 32, 0)  # validates identifiers; its pseudonyms are thrown away

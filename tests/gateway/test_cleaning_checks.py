@@ -10,8 +10,8 @@ import msgspec
 import pytest
 from crawlerdetect import CrawlerDetect
 
-from gateway.cleaning import TrafficCleaner, cleaning_problems, is_crawler
-from gateway.config import CleaningConfig, InternalId
+from gateway.cleaning import TrafficCleaner, is_crawler
+from gateway.config import CleaningConfig, InternalId, cleaning_problems
 from gateway.events import Event
 from tests.gateway.test_cleaning import BOTS, HUMAN
 
