@@ -15,6 +15,8 @@ from tests.conftest import (
     MALL_WEB_KEY,
     OPERATOR_TOKEN,
     Gateway,
+    PostgresSchema,
+    RedisNamespace,
     assertion,
     make_gateway,
 )
@@ -152,3 +154,38 @@ def test_identity_health_metrics_move_by_what_the_events_did(gw: Gateway) -> Non
 def found_unified(gw: Gateway, message_ids: list[str]) -> list[str]:
     events = gw.wait_for_sink(set(message_ids), "mall-warehouse")
     return [e["context"]["unified_id"] for e in events]
+
+
+def test_a_change_counts_on_the_replica_that_made_it_not_on_replay(
+    tmp_path, pg_schema: PostgresSchema, redis_ns: RedisNamespace
+) -> None:
+    env = {**redis_ns.env(), "DATABASE_URL": pg_schema.url}
+    a = make_gateway(tmp_path / "a", extra_env=env).start()
+    b = make_gateway(tmp_path / "b", extra_env=env).start()
+    try:
+        before_a, before_b = scrape(a)[1], scrape(b)[1]
+        t = uuid.uuid4().hex[:8]
+        cookie, user = f"cookie-{t}", f"user-{t}"
+        grant(a, MALL_WEB_KEY, LINKING, anonymousId=cookie)
+        context = {"identityAssertion": assertion(user, cookie)}
+        send(a, MALL_WEB_KEY, "identify", anonymousId=cookie, userId=user, context=context)
+        moved(
+            a,
+            before_a,
+            {
+                "idgate_identity_persons_created": 2,
+                "idgate_identity_merges": 1,
+                "person_sizes": 1,
+                "person_identifiers": 2,
+            },
+        )
+        # b replays the merge from the log: it knows the person, and counts nothing
+        params = {"tenant": "mall", "a": user, "a_type": "user_id", "b": cookie, "b_type": "anonymous_id"}
+        wait_until(
+            lambda: httpx.get(f"{b.url}/admin/identity/explain", headers=DPO, params=params).json()["linked"],
+            what="replica b to replay the merge",
+        )
+        moved(b, before_b, {})
+    finally:
+        a.stop()
+        b.stop()
