@@ -98,6 +98,10 @@ REGISTRY.register(QUARANTINE)
 
 
 def watch(resolver: GraphResolver) -> None:
-    """Count what ``resolver`` commits and export its quarantine size."""
+    """Count what ``resolver`` commits and export its quarantine size. Every tenant's
+    series starts at zero, so the first change shows in ``increase()``."""
+    for tenant in resolver.rules:
+        for metric in (PERSONS_CREATED, MERGES, SPLITS, QUARANTINED, BREAKER_TRIPS, PERSON_SIZE):
+            metric.labels(tenant)
     resolver.on_committed = record_changes
     QUARANTINE.resolver = resolver
