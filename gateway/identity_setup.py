@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 import sqlalchemy as sa
 
 from export.outbox import Outbox, notice_record
+from gateway import identity_metrics
 from gateway.config import Config, Tenant
 from gateway.settings import Settings
 from identity.db import make_engine
@@ -66,5 +67,6 @@ async def open_identity(
     )
     service = IdentityService(graph_resolver, publish)
     graph_resolver.on_changes = service.on_changes
+    identity_metrics.watch(graph_resolver)
     await graph_resolver.start()
     return graph_resolver, service, engine

@@ -45,6 +45,9 @@ log = structlog.get_logger(__name__)
 T = TypeVar("T")
 
 OnChanges = Callable[[str, Sequence[GraphChange]], Awaitable[None]]
+# (tenant, changes this replica decided and committed, the tenant's graph after them):
+# every change once, on the replica that made it, never for a replay (health metrics)
+OnCommitted = Callable[[str, Sequence[GraphChange], IdentityGraph], None]
 
 _encode = msgspec.json.Encoder().encode
 _decode = msgspec.json.Decoder(GraphChange).decode
@@ -93,6 +96,7 @@ class GraphResolver:
         # Links the rules refused or quarantined: not proposed again until a merge or split.
         self._settled: dict[str, set[frozenset[str]]] = {t: set() for t in rules}
         self.on_changes = on_changes
+        self.on_committed: OnCommitted | None = None
         self.follow_seconds = follow_seconds
         self.applied_seq = 0
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="identity-log")
@@ -310,6 +314,10 @@ class GraphResolver:
                 self.applied_seq = 0
                 await self.catch_up()
                 raise
+        if self.on_committed is not None:
+            for tenant, changes, _ in decided:
+                if changes:
+                    self.on_committed(tenant, changes, self.graphs[tenant])
         for tenant, changes, collect in decided:
             notable = [c for c in changes if isinstance(c, Merged | Split)]
             if not notable:
