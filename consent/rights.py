@@ -27,7 +27,6 @@ event); ``access`` and ``copy`` are answered with a signed bundle (``bundle``).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import uuid
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from datetime import UTC, datetime
@@ -469,13 +468,20 @@ class RightsService:
         if request.status != "open" or request.remaining:
             return request
         outcome: Outcome = "partly_done" if self.deletion_gaps else "done"
-        return await self.complete(
-            tenant=tenant,
-            request_id=request_id,
-            outcome=outcome,
-            officer=officer,
-            remaining=self.deletion_gaps,
-        )
+        try:
+            return await self.complete(
+                tenant=tenant,
+                request_id=request_id,
+                outcome=outcome,
+                officer=officer,
+                remaining=self.deletion_gaps,
+            )
+        except RightsError as error:
+            if error.error != "not_open":
+                raise
+            # the last receipt came in meanwhile and its delivery worker (here or on another
+            # replica) completed the request first: it is answered, which is what was asked
+            return await self.get(tenant, request_id)
 
     async def deletion_receipt(
         self, *, tenant: str, destination: str, unified_ids: Collection[str], status: ReceiptStatus
@@ -503,8 +509,7 @@ class RightsService:
                 destination=destination,
                 status=status,
             )
-            with contextlib.suppress(RightsError):  # another replica completed it first
-                await self._complete_deletion(tenant, request.request_id, request.officer)
+            await self._complete_deletion(tenant, request.request_id, request.officer)
         return matched if status in RECEIVED else set()
 
     async def complete(
