@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import threading
 import urllib.parse
+import uuid
 from collections.abc import Iterator
 from email import message_from_bytes
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -14,7 +15,7 @@ from typing import Any
 import pytest
 from aiosmtpd.controller import Controller
 
-from tests.conftest import TEST_CONFIG, free_port
+from tests.conftest import TEST_CONFIG, free_port, mid
 
 DINGTALK_SECRET = "SEC-dingtalk-test-secret"
 FEISHU_SECRET = "feishu-test-secret"
@@ -134,3 +135,18 @@ sender = "idgate@shop.example"
 recipients = ["oncall@shop.example"]
 """
     )
+
+
+def payment_batch(requested: int, succeeded: int, prefix: str, sent: list[str]) -> list[dict[str, Any]]:
+    """A Segment batch: ``requested`` people request a payment, the first ``succeeded`` of them
+    succeed; each person's anonymousId (``prefix``-...) is appended to ``sent`` (canaries)."""
+    batch = []
+    for i in range(requested):
+        anon = f"{prefix}-{uuid.uuid4().hex[:10]}"
+        sent.append(anon)
+        batch.append({"type": "track", "anonymousId": anon, "event": "Payment Requested", "messageId": mid()})
+        if i < succeeded:
+            batch.append(
+                {"type": "track", "anonymousId": anon, "event": "Payment Succeeded", "messageId": mid()}
+            )
+    return batch

@@ -6,7 +6,6 @@ is paged (pending until then), and it resolves when the rate recovers."""
 from __future__ import annotations
 
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +19,8 @@ from tests.conftest import (
     Gateway,
     RedisNamespace,
     make_gateway,
-    mid,
 )
-from tests.monitoring.conftest import RobotReceiver
+from tests.monitoring.conftest import RobotReceiver, payment_batch
 from tests.waiting import wait_until
 
 pytestmark = pytest.mark.slow
@@ -55,16 +53,7 @@ url_env = "TEST_HOOK_URL"
 
 
 def payments(requested: int, succeeded: int) -> list[dict[str, Any]]:
-    batch = []
-    for i in range(requested):
-        anon = f"wk-{uuid.uuid4().hex[:10]}"
-        SENT.append(anon)
-        batch.append({"type": "track", "anonymousId": anon, "event": "Payment Requested", "messageId": mid()})
-        if i < succeeded:
-            batch.append(
-                {"type": "track", "anonymousId": anon, "event": "Payment Succeeded", "messageId": mid()}
-            )
-    return batch
+    return payment_batch(requested, succeeded, "wk", SENT)
 
 
 def send(gw: Gateway, batch: list[dict[str, Any]]) -> None:

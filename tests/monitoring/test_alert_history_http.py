@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +22,8 @@ from tests.conftest import (
     Gateway,
     free_port,
     make_gateway,
-    mid,
 )
-from tests.monitoring.conftest import RobotReceiver
+from tests.monitoring.conftest import RobotReceiver, payment_batch
 from tests.waiting import wait_until
 
 pytestmark = pytest.mark.slow
@@ -58,16 +56,7 @@ url_env = "TEST_DEAD_URL"
 
 
 def payments(requested: int, succeeded: int) -> list[dict[str, Any]]:
-    batch = []
-    for i in range(requested):
-        anon = f"hist-{uuid.uuid4().hex[:10]}"
-        SENT.append(anon)
-        batch.append({"type": "track", "anonymousId": anon, "event": "Payment Requested", "messageId": mid()})
-        if i < succeeded:
-            batch.append(
-                {"type": "track", "anonymousId": anon, "event": "Payment Succeeded", "messageId": mid()}
-            )
-    return batch
+    return payment_batch(requested, succeeded, "hist", SENT)
 
 
 def send(gw: Gateway, batch: list[dict[str, Any]]) -> None:

@@ -9,7 +9,6 @@ import base64
 import hashlib
 import hmac
 import json
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +22,15 @@ from tests.conftest import (
     Gateway,
     RedisNamespace,
     make_gateway,
-    mid,
 )
-from tests.monitoring.conftest import DINGTALK_SECRET, FEISHU_SECRET, Mailbox, RobotReceiver, alert_config
+from tests.monitoring.conftest import (
+    DINGTALK_SECRET,
+    FEISHU_SECRET,
+    Mailbox,
+    RobotReceiver,
+    alert_config,
+    payment_batch,
+)
 from tests.waiting import wait_until
 
 pytestmark = pytest.mark.slow
@@ -35,16 +40,7 @@ SENT_IDS: list[str] = []  # every anonymousId sent: canaries for the notificatio
 
 
 def payments(requested: int, succeeded: int) -> list[dict[str, Any]]:
-    batch = []
-    for i in range(requested):
-        anon = f"pay-{uuid.uuid4().hex[:10]}"
-        SENT_IDS.append(anon)
-        batch.append({"type": "track", "anonymousId": anon, "event": "Payment Requested", "messageId": mid()})
-        if i < succeeded:
-            batch.append(
-                {"type": "track", "anonymousId": anon, "event": "Payment Succeeded", "messageId": mid()}
-            )
-    return batch
+    return payment_batch(requested, succeeded, "pay", SENT_IDS)
 
 
 def send(gw: Gateway, batch: list[dict[str, Any]]) -> None:
