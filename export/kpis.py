@@ -21,6 +21,7 @@ HyperLogLog) per KPI and bucket, so a week costs what one KPI needs, not every K
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -358,7 +359,9 @@ class MemoryKpiStore:
         # must not land on the first request
         from datasketch import HyperLogLog
 
-        self._sketch = HyperLogLog
+        # the members are already keyed BLAKE2b digests (_person_digest): their first four
+        # bytes are the sketch's hash, not a SHA-1 of them again
+        self._sketch = functools.partial(HyperLogLog, hashfunc=_digest_hash32)
         self.retention = retention_buckets
         # tenant -> how many buckets its history (source "*") is kept
         self.history = dict(history_buckets or {})
@@ -712,6 +715,10 @@ class KpiReport(msgspec.Struct, rename="camel"):
 _Memo = dict[tuple[str, tuple[str, ...], int, int], WindowValue]
 
 
+def _digest_hash32(digest: bytes) -> int:
+    return int.from_bytes(digest[:4], "little")
+
+
 def _person_digest(person: str) -> bytes:
     # the sketch sees a digest of the (already pseudonymous) unified ID, never the ID itself
     return hashlib.blake2b(person.encode(), digest_size=8, person=b"idgate-kpi-uv").digest()
@@ -779,6 +786,7 @@ class KpiEngine:
             if not matching:
                 continue
             purposes: frozenset[str] | None = None
+            who: bytes | None = None  # the person's digest, made once per event
             for c in matching:
                 if c.where and not _matches(c.where, ev):
                     continue
@@ -802,11 +810,11 @@ class KpiEngine:
                 cell[2] += amount
                 digest = None
                 if ev.person and k.kind == "distinct":
-                    digest = _person_digest(ev.person)
+                    digest = who = who or _person_digest(ev.person)
                     members.setdefault(key, set()).add(digest)
                 elif ev.person and k.kind in PERSON_KINDS:
                     wanted = k.kind == "returning_persons"
-                    who = _person_digest(ev.person)
+                    who = who or _person_digest(ev.person)
                     persons.setdefault(key, (wanted, set()))[1].add(who)
                     if k.id in history:
                         persons.setdefault((k.id, ALL_SOURCES), (wanted, set()))[1].add(who)

@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import msgspec
 import structlog
@@ -67,6 +67,11 @@ GROUP_REQUESTS = Histogram(
 T = TypeVar("T")
 # rows one retention transaction deletes (short transactions: the writer is the event loop's)
 _RETENTION_CHUNK = 5_000
+# A person's row in the person index (delivered_person) is written again at most this often
+# per destination: its time serves retention, which counts in days, and rewriting it for
+# every event of a returning person cost one upsert per event.
+_PERSON_REFRESH_MS = 10 * 60 * 1000
+_PERSONS_REMEMBERED = 200_000
 
 # One statement marks every message id a group confirms: a claimed id is inserted, or
 # revived when its earlier sighting has left the window. With ``dedupe`` (notices, replays
@@ -87,21 +92,23 @@ _COLUMNS = (
 )
 
 
-def _row_record(row: tuple[object, ...]) -> StoredRecord:
+def _row_record(row: tuple[Any, ...]) -> StoredRecord:
+    # SQLite hands back the column types as written (int, str, bytes): built positionally,
+    # on the delivery path's every row.
     s, r, d, p, c, m, pr, kind, person, pseudonyms, tenant, source = row
     return StoredRecord(
-        seq=int(s),  # type: ignore[call-overload]
-        received_at_ms=int(r),  # type: ignore[call-overload]
-        destinations=tuple(str(d).split(",")),
-        payload=bytes(p),  # type: ignore[call-overload]
-        consent=bytes(c),  # type: ignore[call-overload]
-        message_id=str(m),
-        proof=tuple(int(x) for x in str(pr).split(",") if x),
-        kind="notice" if kind == "notice" else "event",
-        person=str(person),
-        pseudonyms=tuple(x for x in str(pseudonyms).split(",") if x),
-        tenant=str(tenant),
-        source=str(source),
+        s,
+        r,
+        tuple(d.split(",")),
+        p,
+        c,
+        m,
+        tuple(map(int, pr.split(","))) if pr else (),
+        "notice" if kind == "notice" else "event",
+        person,
+        tuple(x for x in pseudonyms.split(",") if x) if pseudonyms else (),
+        tenant,
+        source,
     )
 
 
@@ -168,6 +175,8 @@ class SqliteOutbox:
         self._reserved = 0
         self._cursors: dict[str, int] = {}
         self._written_top = 0
+        # destination -> person -> when its person-index row was last written (ms)
+        self._persons_written: dict[str, dict[str, int]] = {}
 
     # -- lifecycle -------------------------------------------------------------------
     def open(self) -> None:
@@ -545,13 +554,18 @@ class SqliteOutbox:
         data the destination now holds (notices go only where a person's data went) or was
         told to delete (``released``); one transaction."""
         now_ms = int(self._clock() * 1000)
+        written = self._persons_written.setdefault(destination, {})
+        if len(written) > _PERSONS_REMEMBERED:
+            written.clear()
+        fresh = [p for p in set(persons) if now_ms - written.get(p, -_PERSON_REFRESH_MS) >= _PERSON_REFRESH_MS]
+        released = list(released)
 
         def tx(conn: sqlite3.Connection) -> None:
             conn.executemany(
                 "INSERT INTO delivered_person(destination, unified_id, delivered_at_ms) VALUES (?, ?, ?) "
                 "ON CONFLICT(destination, unified_id) "
                 "DO UPDATE SET delivered_at_ms = excluded.delivered_at_ms",
-                [(destination, p, now_ms) for p in persons],
+                [(destination, p, now_ms) for p in fresh],
             )
             conn.executemany(
                 "DELETE FROM delivered_person WHERE destination = ? AND unified_id = ?",
@@ -570,6 +584,9 @@ class SqliteOutbox:
             )
 
         await self._write(tx)
+        written.update(dict.fromkeys(fresh, now_ms))
+        for p in released:
+            written.pop(p, None)
         self.note_cursor(destination, last_seq)
 
     async def received(self, destination: str, persons: Iterable[str]) -> set[str]:
@@ -751,6 +768,8 @@ class SqliteOutbox:
     async def expire_person_index(self, destination: str, cutoff_ms: int, *, apply: bool) -> int:
         """Persons whose data last went to ``destination`` before ``cutoff_ms``."""
         where = "FROM delivered_person WHERE destination = ? AND delivered_at_ms < ?"
+        if apply:  # the rows it removes are written again at the person's next delivery
+            self._persons_written.pop(destination, None)
         return await self._count_or_delete(where, (destination, cutoff_ms), apply=apply)
 
     async def expire_dedupe(self, *, apply: bool) -> int:
