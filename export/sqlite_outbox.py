@@ -557,7 +557,8 @@ class SqliteOutbox:
         written = self._persons_written.setdefault(destination, {})
         if len(written) > _PERSONS_REMEMBERED:
             written.clear()
-        fresh = [p for p in set(persons) if now_ms - written.get(p, -_PERSON_REFRESH_MS) >= _PERSON_REFRESH_MS]
+        stale = now_ms - _PERSON_REFRESH_MS
+        fresh = [p for p in set(persons) if written.get(p, stale) <= stale]
         released = list(released)
 
         def tx(conn: sqlite3.Connection) -> None:
