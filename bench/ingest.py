@@ -38,9 +38,13 @@ the events sent in 2xx requests.
 
 ``--scenario all`` runs gateway vs bare, then the consent set (with fresh gateways).
 
-Targets checked: batches of 100 reach >= 20,000 events/s end to end on the gateway; the
-gateway's single-event rate is >= 60 % of the bare app's; consent enforcement loses at most
-15 % of the events/s, for single events and for batches of 100.
+Targets checked (issue 17, printed together at the end with this machine's bare ceilings):
+batches of 100 reach >= 50,000 events/s end to end (acknowledged events over the load time
+plus the delivery lag after it) with the backlog at the end of the load under one second's
+worth of ingest, on the full pipeline (the enforced gateway when the consent set runs); the
+gateway's single-event rate is >= 70 % of the bare app's; consent writes >= 5,000 grants/s
+(the grant phase of the consent set). Also: consent enforcement loses at most 15 % of the
+events/s, for single events and for batches of 100.
 """
 
 from __future__ import annotations
@@ -81,8 +85,13 @@ WRITE_KEY = "acme-server-demo-key-0000000000000001"
 AUTH = "Basic " + base64.b64encode(f"{WRITE_KEY}:".encode()).decode()
 HOST = "127.0.0.1"
 BATCH_SIZE = 100
-TARGET_BATCH_EVENTS_PER_S = 20_000
-TARGET_SINGLE_RATIO = 0.60
+# Issue 17's targets, on this 2-core machine: batches of 100 at >= 50,000 events/s end to end
+# (acknowledged events over the load time plus the time delivery then took to drain them),
+# sustained (the backlog when the load stops is under one second's worth of ingest); single
+# events >= 70 % of the bare app's rate; consent writes >= 5,000 grants/s.
+TARGET_BATCH_EVENTS_PER_S = 50_000
+TARGET_SINGLE_RATIO = 0.70
+TARGET_GRANTS_PER_S = 5_000
 DELIVERY_TIMEOUT_S = 60.0
 # Consent comparison
 TENANT = "acme"  # the tenant of WRITE_KEY
@@ -1041,27 +1050,85 @@ def print_report(results: list[PhaseResult]) -> dict[str, Any]:
 
     single_ratio = ratio("gateway single", "bare single", "eps")
     batch_ratio = ratio("gateway batch100", "bare batch100", "eps")
-    gw_batch = by.get("gateway batch100")
-    batch_ok = None
-    if gw_batch is not None:
-        batch_ok = gw_batch.eps >= TARGET_BATCH_EVENTS_PER_S and gw_batch.non2xx == 0
-    single_ok = None if single_ratio is None else single_ratio >= TARGET_SINGLE_RATIO
 
     print()
     print(f"gateway/bare, single events: {fmt(single_ratio and 100 * single_ratio, '.1f')} %")
     print(f"gateway/bare, batches of {BATCH_SIZE}: {fmt(batch_ratio and 100 * batch_ratio, '.1f')} %")
-    print(
-        f"target batches of {BATCH_SIZE} >= {TARGET_BATCH_EVENTS_PER_S:,} events/s on the gateway: "
-        f"{verdict(batch_ok)}" + (f" ({gw_batch.eps:,.0f} events/s)" if gw_batch else "")
-    )
-    print(
-        f"target gateway single-event rate >= {TARGET_SINGLE_RATIO:.0%} of bare: {verdict(single_ok)}"
-        + (f" ({100 * single_ratio:.1f} %)" if single_ratio is not None else "")
-    )
     delivery_ok = print_delivery(results)
+    return {"ratios": {"single": single_ratio, "batch100": batch_ratio}, "targets": {"delivery": delivery_ok}}
+
+
+def end_to_end(res: PhaseResult) -> tuple[float | None, bool | None]:
+    """(events/s end to end: acknowledged events over the load time plus the lag until the
+    sink held them all; whether the run was sustained: the backlog when the load stopped
+    under one second's worth of ingest). None when delivery never caught up."""
+    d = res.delivery
+    if d is None or d["lag_s"] is None or not res.elapsed_s:
+        return None, None
+    return d["expected"] / (res.elapsed_s + d["lag_s"]), d["backlog_at_load_end"] <= res.eps
+
+
+def print_targets(
+    results: list[PhaseResult], consent_results: list[PhaseResult], grants: dict[str, Any] | None
+) -> dict[str, Any]:
+    """Issue 17's targets in one table, each figure beside this machine's bare ceiling.
+
+    The end-to-end target is read from the full pipeline (the enforced gateway's batch
+    phase: consent enforced for users who granted it) when the consent set ran, else from
+    the gateway with enforcement off."""
+    by = {r.scenario: r for r in results + consent_results}
+    bare_single, bare_batch = by.get("bare single"), by.get(f"bare batch{BATCH_SIZE}")
+    full = by.get(phase_name("enforced", "batch")) or by.get(f"gateway batch{BATCH_SIZE}")
+    rows: list[tuple[str, str, str, bool | None]] = []
+    e2e: float | None = None
+    sustained: bool | None = None
+    if full is not None:
+        e2e, sustained = end_to_end(full)
+        backlog = full.delivery["backlog_at_load_end"] if full.delivery else None
+        met = (
+            None if e2e is None else e2e >= TARGET_BATCH_EVENTS_PER_S and bool(sustained) and not full.non2xx
+        )
+        rows.append(
+            (
+                f"batches of {BATCH_SIZE} end to end >= {TARGET_BATCH_EVENTS_PER_S:,} events/s, "
+                "backlog at load end < 1 s of ingest",
+                f"{fmt(e2e, ',.0f')} events/s ({full.scenario}: ingest {full.eps:,.0f}/s, backlog "
+                f"{fmt(backlog, ',')})",
+                f"{bare_batch.eps:,.0f} events/s" if bare_batch else "not run",
+                met,
+            )
+        )
+    gw_single = by.get("gateway single")
+    if gw_single is not None and bare_single is not None and bare_single.eps:
+        ratio = gw_single.eps / bare_single.eps
+        rows.append(
+            (
+                f"single events >= {TARGET_SINGLE_RATIO:.0%} of bare",
+                f"{gw_single.rps:,.0f} req/s = {100 * ratio:.1f} %",
+                f"{bare_single.rps:,.0f} req/s",
+                ratio >= TARGET_SINGLE_RATIO and not gw_single.non2xx,
+            )
+        )
+    if grants is not None:
+        rows.append(
+            (
+                f"consent writes >= {TARGET_GRANTS_PER_S:,} grants/s",
+                f"{fmt(grants['per_s'], ',.0f')} grants/s ({grants['concurrency']} connections, "
+                "Python client; bench/consent_writes.py drives wrk)",
+                "",
+                None if grants["per_s"] is None else grants["per_s"] >= TARGET_GRANTS_PER_S,
+            )
+        )
+    if rows:
+        print()
+        print(f"issue 17 targets (this machine: {NCPU} CPUs)")
+        for name, figure, ceiling, met in rows:
+            print(f"  {name}: {verdict(met)}")
+            print(f"      {figure}" + (f"; bare ceiling {ceiling}" if ceiling else ""))
     return {
-        "ratios": {"single": single_ratio, "batch100": batch_ratio},
-        "targets": {"batch100_events_per_s": batch_ok, "single_ratio": single_ok, "delivery": delivery_ok},
+        "end_to_end_events_per_s": e2e,
+        "sustained": sustained,
+        "met": {name: met for name, _, _, met in rows},
     }
 
 
@@ -1341,6 +1408,7 @@ def main(argv: list[str] | None = None) -> int:
             summary["consent"] = c
             summary["ratios"]["consent_loss"] = c["loss"]
             summary["targets"]["consent_loss"] = c["target_met"]
+        summary["issue17"] = print_targets(results, consent_results, grants)
         for s in servers:
             log = s.log_path.read_text(errors="replace").splitlines()
             bad = [line for line in log if '"level":"error"' in line or '"level":"critical"' in line]
