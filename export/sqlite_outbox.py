@@ -73,15 +73,28 @@ _RETENTION_CHUNK = 5_000
 _PERSON_REFRESH_MS = 10 * 60 * 1000
 _PERSONS_REMEMBERED = 200_000
 
-# One statement marks every message id a group confirms: a claimed id is inserted, or
-# revived when its earlier sighting has left the window. With ``dedupe`` (notices, replays
-# of stored records) the ids come back only when they were new: the rest are duplicates.
-_CLAIM_SQL = (
-    "INSERT INTO dedupe(key, seen_at_ms) SELECT value, ? FROM json_each(?) WHERE true "
-    "ON CONFLICT(key) DO UPDATE SET seen_at_ms = excluded.seen_at_ms WHERE dedupe.seen_at_ms < ? "
-    "RETURNING key"
+# Marks the message ids a group confirms: a claimed id is inserted, or revived when its
+# earlier sighting has left the window (a sighting within the window keeps its time: the
+# window counts from the first). Keys are the 16-byte digests (export.outbox.dedupe_key).
+_MARK_SQL = (
+    "INSERT INTO dedupe(key, seen_at_ms) VALUES (?, ?) "
+    "ON CONFLICT(key) DO UPDATE SET seen_at_ms = excluded.seen_at_ms WHERE dedupe.seen_at_ms < ?"
 )
-_SEEN_SQL = "SELECT key FROM dedupe WHERE seen_at_ms >= ? AND key IN (SELECT value FROM json_each(?))"
+# ids looked up per statement (well under SQLite's limit on bound parameters)
+_LOOKUP_CHUNK = 500
+
+
+def _seen(conn: sqlite3.Connection, keys: Sequence[bytes], cutoff_ms: int) -> set[bytes]:
+    """Which of ``keys`` were marked within the window."""
+    found: set[bytes] = set()
+    for start in range(0, len(keys), _LOOKUP_CHUNK):
+        chunk = keys[start : start + _LOOKUP_CHUNK]
+        marks = ",".join("?" * len(chunk))
+        sql = f"SELECT key FROM dedupe WHERE seen_at_ms >= ? AND key IN ({marks})"  # noqa: S608
+        found.update(k for (k,) in conn.execute(sql, (cutoff_ms, *chunk)))
+    return found
+
+
 _INSERT_SQL = (
     "INSERT INTO outbox(tenant, source, message_id, received_at_ms, destinations, payload, consent, proof, "
     "kind, person, pseudonyms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
@@ -325,15 +338,12 @@ class SqliteOutbox:
         conn = self._claims
         if conn is None:
             raise OutboxUnavailable("outbox is not open")
-        keys = [dedupe_key(source, m).hex() for m in message_ids]
+        digests = [dedupe_key(source, m) for m in message_ids]
+        keys = [d.hex() for d in digests]
         cutoff = int(self._clock() * 1000) - self.dedupe_window_ms
-        asked = sorted(set(keys) - self._in_flight)
+        asked = sorted({d for d, k in zip(digests, keys, strict=True) if k not in self._in_flight})
         try:
-            seen = (
-                {k for (k,) in conn.execute(_SEEN_SQL, (cutoff, msgspec.json.encode(asked)))}
-                if asked
-                else set()
-            )
+            seen = {k.hex() for k in _seen(conn, asked, cutoff)} if asked else set()
         except sqlite3.Error as exc:
             raise OutboxUnavailable(f"dedupe lookup failed: {exc}") from exc
         statuses: list[ClaimStatus] = []
@@ -373,8 +383,12 @@ class SqliteOutbox:
         marked = sorted({k for k in keys if k} | {k for p in groups for k in p.claimed})
         fresh: set[str] = set()
         if marked:
-            params = (now_ms, msgspec.json.encode(marked), now_ms - self.dedupe_window_ms)
-            fresh = {k for (k,) in conn.execute(_CLAIM_SQL, params)}
+            cutoff = now_ms - self.dedupe_window_ms
+            digests = [bytes.fromhex(k) for k in marked]
+            if any(p.dedupe for p in groups):  # which ids are new (the rest are duplicates)
+                seen = _seen(conn, digests, cutoff)
+                fresh = {k for k, d in zip(marked, digests, strict=True) if d not in seen}
+            conn.executemany(_MARK_SQL, [(d, now_ms, cutoff) for d in digests])
         results: list[list[bool]] = []
         rows = []
         position = 0
@@ -697,8 +711,7 @@ class SqliteOutbox:
 
         def tx(conn: sqlite3.Connection) -> PersonPurge:
             forgotten = sum(
-                conn.execute("DELETE FROM dedupe WHERE key = ?", (dedupe_key(*c).hex(),)).rowcount
-                for c in claims
+                conn.execute("DELETE FROM dedupe WHERE key = ?", (dedupe_key(*c),)).rowcount for c in claims
             )
             gone = {
                 kind: sum(

@@ -133,3 +133,47 @@ def test_claims_dedupe_within_a_request_and_across_requests_in_flight(outbox: Sq
         assert third.statuses == [ClaimStatus.DUPLICATE, ClaimStatus.NEW]
 
     asyncio.run(go())
+
+
+def test_dedupe_marks_of_a_version_4_database_still_count_after_the_upgrade(tmp_path: Path) -> None:
+    """Version 5 keys the marks by the digest's bytes: the hex marks an older idgate wrote
+    are converted at open, so a retry of an event acknowledged before the upgrade is still a
+    duplicate, and a new id is still new."""
+    import sqlite3
+
+    from export.outbox import dedupe_key
+    from export.outbox_schema import SCHEMA_VERSION
+
+    path = tmp_path / "outbox.sqlite3"
+    old = sqlite3.connect(path)
+    old.execute("CREATE TABLE dedupe (key TEXT PRIMARY KEY, seen_at_ms INTEGER NOT NULL) WITHOUT ROWID")
+    old.execute(
+        "INSERT INTO dedupe(key, seen_at_ms) VALUES (?, ?)", (dedupe_key("s", "m1").hex(), 1_763_700_000_000)
+    )
+    old.execute("PRAGMA user_version=4")
+    old.commit()
+    old.close()
+    box = SqliteOutbox(path, dedupe_window_seconds=3600, clock=lambda: 1_763_700_060.0)
+    box.open()
+    try:
+        claim = asyncio.run(box.claim("s", ["m1", "m2"]))
+        assert claim.statuses == [ClaimStatus.DUPLICATE, ClaimStatus.NEW]
+        assert box.append_sync([record(1), record(3)], dedupe=True) == [False, True]
+        db = sqlite3.connect(path)
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        kinds = {type(k) for (k,) in db.execute("SELECT key FROM dedupe")}
+        assert kinds == {bytes}
+        assert not db.execute("SELECT name FROM sqlite_master WHERE name = 'dedupe_v4'").fetchall()
+        db.close()
+    finally:
+        box.close()
+
+
+def test_a_group_with_many_ids_dedupes_them_all(outbox: SqliteOutbox) -> None:
+    """More ids than one lookup statement takes (they are looked up in chunks)."""
+    first = outbox.append_sync([record(i) for i in range(1_200)], dedupe=True)
+    assert first == [True] * 1_200
+    again = outbox.append_sync([record(i) for i in range(1_100, 1_300)], dedupe=True)
+    assert again == [False] * 100 + [True] * 100
+    claim = asyncio.run(outbox.claim("s", [f"m{i}" for i in range(1_250, 1_350)]))
+    assert claim.statuses == [ClaimStatus.DUPLICATE] * 50 + [ClaimStatus.NEW] * 50
