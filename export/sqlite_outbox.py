@@ -10,6 +10,13 @@ Dedupe (export.outbox's claim / append / release): a claim checks the ``dedupe``
 keys are inserted in the same transaction as the records. With ``REDIS_URL`` set, replicas
 that each keep an embedded outbox share their claims in Redis instead (export.dedupe).
 
+A filter of the marks made within the window (two rotating Bloom filters, ``RecentMarks``)
+answers most claims without SQLite: an id it has never seen is new; only the ids it may
+have seen (about 1 % of new ones, plus real retries) are looked up. It is filled from the
+table in the background at open (claims look every id up until it is), and from every mark
+this process makes: the serving process is the only one that marks (``idgate serve`` holds
+the data directory's lock; ``idgate dlq replay`` appends without dedupe).
+
 Each destination has a delivery cursor (last delivered sequence number) and the committed
 byte sizes of its sink files, updated in one transaction, which is what makes the file
 sink exactly-once across crashes (see export.file_sinks).
@@ -32,6 +39,7 @@ from typing import Any, TypeVar
 import msgspec
 import structlog
 from prometheus_client import Histogram
+from rbloom import Bloom
 
 from export.dedupe import RedisDedupe
 from export.outbox import (
@@ -82,6 +90,71 @@ _MARK_SQL = (
 )
 # ids looked up per statement (well under SQLite's limit on bound parameters)
 _LOOKUP_CHUNK = 500
+
+
+class RecentMarks:
+    """Which dedupe keys may have been marked within the window: a Bloom filter (rbloom)
+    for the current window and one for the previous, swapped every window, so a mark is
+    remembered for at least a whole window and then forgotten. No false negatives for the
+    marks it was given; false positives (``error_rate`` at ``capacity`` marks per window,
+    more past it) only cost a lookup. Deleted marks (a person's erasure, expiry) stay in it
+    until it rotates: also a lookup, never a wrong answer."""
+
+    def __init__(self, window_ms: int, now_ms: int, capacity: int, error_rate: float = 0.01) -> None:
+        self._new = partial(Bloom, capacity, error_rate)
+        self.window_ms = window_ms
+        self._current = self._new()
+        self._previous = self._new()
+        self._rotate_at = now_ms + window_ms
+        self.ready = False  # until the marks already in the table are in
+        self._loaded: Bloom | None = None
+        self._loader: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    def load(self, path: Path, cutoff_ms: int) -> None:
+        """Read the table's marks within the window in a background thread (its own
+        connection); ``ready`` once they are merged in by ``maybe`` / ``add``."""
+
+        def run() -> None:
+            bloom = self._new()
+            conn = open_outbox_database(path)
+            try:
+                cursor = conn.execute("SELECT key FROM dedupe WHERE seen_at_ms >= ?", (cutoff_ms,))
+                while not self._stop.is_set() and (rows := cursor.fetchmany(50_000)):
+                    bloom.update(k for (k,) in rows if isinstance(k, bytes))
+            except sqlite3.Error as exc:  # the filter stays unready: every claim is looked up
+                log.warning("outbox.mark_filter_unavailable", error=type(exc).__name__)
+                return
+            finally:
+                conn.close()
+            if not self._stop.is_set():
+                self._loaded = bloom
+
+        self._loader = threading.Thread(target=run, name="outbox-marks", daemon=True)
+        self._loader.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._loader is not None:
+            self._loader.join()
+
+    def _settle(self, now_ms: int) -> None:
+        if not self.ready and self._loaded is not None:
+            self._current.update(self._loaded)
+            self._loaded = None
+            self.ready = True
+        while now_ms >= self._rotate_at:
+            self._previous, self._current = self._current, self._new()
+            self._rotate_at += self.window_ms
+
+    def maybe(self, key: bytes, now_ms: int) -> bool:
+        """False only when ``key`` was certainly not marked within the window."""
+        self._settle(now_ms)
+        return not self.ready or key in self._current or key in self._previous
+
+    def add(self, keys: Iterable[bytes], now_ms: int) -> None:
+        self._settle(now_ms)
+        self._current.update(keys)
 
 
 def _seen(conn: sqlite3.Connection, keys: Sequence[bytes], cutoff_ms: int) -> set[bytes]:
@@ -161,7 +234,10 @@ class SqliteOutbox:
         clock: Callable[[], float] = time.time,
         shared_dedupe: RedisDedupe | None = None,
         max_pending: int = 0,
+        mark_filter_capacity: int = 4_000_000,
     ) -> None:
+        """``mark_filter_capacity``: marks per window the filter of recent marks is sized
+        for (about 1.2 bytes each, twice; 0: no filter, every claim is looked up)."""
         self.path = path
         self.dedupe_window_ms = dedupe_window_seconds * 1000
         self._clock = clock
@@ -175,6 +251,8 @@ class SqliteOutbox:
         self._flushing = False
         self._write_lock = asyncio.Lock()
         self._committer: ThreadPoolExecutor | None = None
+        self._mark_filter_capacity = mark_filter_capacity
+        self.marks: RecentMarks | None = None
         # message-id keys claimed by requests of this process that have not appended yet
         self._in_flight: set[str] = set()
         self.commits = 0
@@ -207,8 +285,14 @@ class SqliteOutbox:
         self._reader = open_outbox_database(self.path)
         self._claims = open_outbox_database(self.path)
         self._committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="outbox-commit")
+        if self._mark_filter_capacity and self.shared_dedupe is None:
+            now_ms = int(self._clock() * 1000)
+            self.marks = RecentMarks(self.dedupe_window_ms, now_ms, self._mark_filter_capacity)
+            self.marks.load(self.path, now_ms - self.dedupe_window_ms)
 
     def close(self) -> None:
+        if self.marks is not None:
+            self.marks.close()
         if self._committer is not None:
             self._committer.shutdown(wait=True)
             self._committer = None
@@ -340,8 +424,16 @@ class SqliteOutbox:
             raise OutboxUnavailable("outbox is not open")
         digests = [dedupe_key(source, m) for m in message_ids]
         keys = [d.hex() for d in digests]
-        cutoff = int(self._clock() * 1000) - self.dedupe_window_ms
-        asked = sorted({d for d, k in zip(digests, keys, strict=True) if k not in self._in_flight})
+        now_ms = int(self._clock() * 1000)
+        cutoff = now_ms - self.dedupe_window_ms
+        marks = self.marks
+        asked = sorted(
+            {
+                d
+                for d, k in zip(digests, keys, strict=True)
+                if k not in self._in_flight and (marks is None or marks.maybe(d, now_ms))
+            }
+        )
         try:
             seen = {k.hex() for k in _seen(conn, asked, cutoff)} if asked else set()
         except sqlite3.Error as exc:
@@ -385,10 +477,14 @@ class SqliteOutbox:
         if marked:
             cutoff = now_ms - self.dedupe_window_ms
             digests = [bytes.fromhex(k) for k in marked]
+            marks = self.marks
             if any(p.dedupe for p in groups):  # which ids are new (the rest are duplicates)
-                seen = _seen(conn, digests, cutoff)
+                maybe = [d for d in digests if marks is None or marks.maybe(d, now_ms)]
+                seen = _seen(conn, maybe, cutoff) if maybe else set()
                 fresh = {k for k, d in zip(marked, digests, strict=True) if d not in seen}
             conn.executemany(_MARK_SQL, [(d, now_ms, cutoff) for d in digests])
+            if marks is not None:  # before the commit: a failed one leaves a false positive only
+                marks.add(digests, now_ms)
         results: list[list[bool]] = []
         rows = []
         position = 0

@@ -177,3 +177,61 @@ def test_a_group_with_many_ids_dedupes_them_all(outbox: SqliteOutbox) -> None:
     assert again == [False] * 100 + [True] * 100
     claim = asyncio.run(outbox.claim("s", [f"m{i}" for i in range(1_250, 1_350)]))
     assert claim.statuses == [ClaimStatus.DUPLICATE] * 50 + [ClaimStatus.NEW] * 50
+
+
+def _lookups(box: SqliteOutbox) -> list[str]:
+    """The dedupe lookups the claims connection runs from now on."""
+    statements: list[str] = []
+    box._claims.set_trace_callback(  # type: ignore[union-attr]
+        lambda sql: statements.append(sql) if sql.startswith("SELECT key FROM dedupe") else None
+    )
+    return statements
+
+
+def test_recent_marks_answer_new_ids_without_a_lookup_and_retries_with_one(tmp_path: Path) -> None:
+    """The filter of recent marks: before it has read the table every id is looked up (a
+    mark from before the restart is a duplicate all the same); once ready, new ids cost no
+    lookup, and a retry of a marked id, made before or after the restart, is looked up and
+    is a duplicate."""
+    from tests.waiting import wait_until
+
+    clock = {"now": 1_763_700_000.0}
+    path = tmp_path / "outbox.sqlite3"
+    first = SqliteOutbox(path, dedupe_window_seconds=3600, clock=lambda: clock["now"])
+    first.open()
+    assert first.append_sync([record(i) for i in range(50)], dedupe=True) == [True] * 50
+    first.close()
+
+    box = SqliteOutbox(path, dedupe_window_seconds=3600, clock=lambda: clock["now"])
+    box.open()
+    try:
+        assert box.marks is not None
+        lookups = _lookups(box)
+        claim = asyncio.run(box.claim("s", ["m1", "m1000"]))
+        assert claim.statuses == [ClaimStatus.DUPLICATE, ClaimStatus.NEW]
+        asyncio.run(box.release(claim))
+        marks = box.marks
+        wait_until(lambda: marks.maybe(b"x" * 16, int(clock["now"] * 1000)) is not None and marks.ready)
+        lookups.clear()
+        fresh = asyncio.run(box.claim("s", [f"new-{i}" for i in range(200)]))
+        assert fresh.statuses == [ClaimStatus.NEW] * 200
+        # a false positive now and then is looked up; 200 new ids at 1 % make a few at most
+        assert sum(sql.count("?") - 1 for sql in lookups) <= 10
+        asyncio.run(box.append([record(2000 + i) for i in range(3)], claim=fresh))  # confirms the 200
+        lookups.clear()
+        again = asyncio.run(box.claim("s", ["m3", "new-7", "new-199"]))
+        assert again.statuses == [ClaimStatus.DUPLICATE] * 3
+        assert lookups  # the ids the filter may have seen were asked
+    finally:
+        box.close()
+
+
+def test_recent_marks_forget_a_mark_only_after_a_whole_window() -> None:
+    from export.sqlite_outbox import RecentMarks
+
+    marks = RecentMarks(window_ms=1_000, now_ms=0, capacity=1_000)
+    marks.ready = True  # nothing to read from a table here
+    marks.add([b"a" * 16], now_ms=900)
+    assert marks.maybe(b"a" * 16, now_ms=1_899)  # rotated at 1,000: in the previous filter
+    assert not marks.maybe(b"b" * 16, now_ms=1_899)
+    assert not marks.maybe(b"a" * 16, now_ms=2_000)  # two rotations later: forgotten
