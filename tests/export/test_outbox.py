@@ -235,3 +235,37 @@ def test_recent_marks_forget_a_mark_only_after_a_whole_window() -> None:
     assert marks.maybe(b"a" * 16, now_ms=1_899)  # rotated at 1,000: in the previous filter
     assert not marks.maybe(b"b" * 16, now_ms=1_899)
     assert not marks.maybe(b"a" * 16, now_ms=2_000)  # two rotations later: forgotten
+
+
+def test_person_index_notes_a_delivery_at_most_every_ten_minutes(outbox: SqliteOutbox) -> None:
+    """A returning person's row is not rewritten for every event; a released person (a
+    deletion's receipt) or an expired row is written again at their next delivery."""
+    import sqlite3
+
+    def at(person: str) -> int | None:
+        db = sqlite3.connect(outbox.path)
+        row = db.execute(
+            "SELECT delivered_at_ms FROM delivered_person WHERE destination = 'd' AND unified_id = ?", (person,)
+        ).fetchone()
+        db.close()
+        return None if row is None else int(row[0])
+
+    async def deliver(person: str, released: tuple[str, ...] = ()) -> None:
+        await outbox.commit_delivery("d", 0, 1, {}, persons=[person], released=released)
+
+    start = int(outbox.clock["now"] * 1000)  # type: ignore[attr-defined]
+    asyncio.run(deliver("p_a"))
+    assert at("p_a") == start
+    outbox.clock["now"] += 599  # type: ignore[attr-defined]
+    asyncio.run(deliver("p_a"))
+    assert at("p_a") == start  # within ten minutes: not written again
+    outbox.clock["now"] += 1  # type: ignore[attr-defined]
+    asyncio.run(deliver("p_a"))
+    assert at("p_a") == start + 600_000
+    asyncio.run(deliver("p_b", released=("p_a",)))
+    assert at("p_a") is None
+    asyncio.run(deliver("p_a"))  # sent again after its release: known again at once
+    assert at("p_a") == start + 600_000
+    assert asyncio.run(outbox.expire_person_index("d", start + 600_001, apply=True)) == 2
+    asyncio.run(deliver("p_a"))
+    assert at("p_a") == start + 600_000
