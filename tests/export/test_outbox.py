@@ -245,7 +245,8 @@ def test_person_index_notes_a_delivery_at_most_every_ten_minutes(outbox: SqliteO
     def at(person: str) -> int | None:
         db = sqlite3.connect(outbox.path)
         row = db.execute(
-            "SELECT delivered_at_ms FROM delivered_person WHERE destination = 'd' AND unified_id = ?", (person,)
+            "SELECT delivered_at_ms FROM delivered_person WHERE destination = 'd' AND unified_id = ?",
+            (person,),
         ).fetchone()
         db.close()
         return None if row is None else int(row[0])
