@@ -192,7 +192,7 @@ def _row_record(row: tuple[Any, ...]) -> StoredRecord:
         tuple(map(int, pr.split(","))) if pr else (),
         "notice" if kind == "notice" else "event",
         person,
-        tuple(x for x in pseudonyms.split(",") if x) if pseudonyms else (),
+        tuple(filter(None, pseudonyms.split(","))) if pseudonyms else (),
         tenant,
         source,
     )
