@@ -393,6 +393,7 @@ def run_count(n: int, args: argparse.Namespace, load_config: str) -> dict[str, A
                     raise RuntimeError(f"{r.name} died:\n{r.log_tail()}")
             load_seconds = load_ended - started
             e2e = acked / (delivered_at - started)
+            cpu = cpu_after.shares(cpu_before, cpu_seconds)
             result: dict[str, Any] = {
                 "replicas": n,
                 "load_seconds": round(load_seconds, 2),
@@ -409,7 +410,12 @@ def run_count(n: int, args: argparse.Namespace, load_config: str) -> dict[str, A
                 "duplicates": lines - distinct,
                 "delivery_lag_s": round(delivered_at - load_ended, 2),
                 "end_to_end_events_per_s": round(e2e),
-                "cpu_pct": cpu_after.shares(cpu_before, cpu_seconds),
+                "cpu_pct": cpu,
+                # on a shared machine the replicas get what the other work leaves them: their
+                # events per CPU-second says whether more replicas cost more per event
+                "ingest_events_per_replica_cpu_s": round(100 * acked / load_seconds / cpu["replicas"])
+                if cpu["replicas"]
+                else 0,
                 "load_average_before": [round(v, 2) for v in load_avg_before],
                 "load_average_after": [round(v, 2) for v in os.getloadavg()],
             }
@@ -463,8 +469,8 @@ def print_curve(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "the replicas share cores, so those points show crowding, not scaling)"
     )
     header = (
-        f"{'replicas':>8}{'load s':>8}{'ingest ev/s':>13}{'e2e ev/s':>11}{'p50 ms':>9}{'p99 ms':>9}"
-        f"{'lag s':>8}{'missing':>9}{'dups':>7}{'non2xx':>8}{'loadavg':>9}"
+        f"{'replicas':>8}{'load s':>8}{'ingest ev/s':>13}{'e2e ev/s':>11}{'ev/CPU-s':>10}{'p50 ms':>9}"
+        f"{'p99 ms':>9}{'lag s':>8}{'missing':>9}{'dups':>7}{'non2xx':>8}{'loadavg':>9}"
         f"  CPU% replicas/wrk/pg+redis/other/host"
     )
     print(header)
@@ -472,19 +478,27 @@ def print_curve(runs: list[dict[str, Any]]) -> dict[str, Any]:
     for r in runs:
         print(
             f"{r['replicas']:>8}{r['load_seconds']:>8.1f}{r['ingest_events_per_s']:>13,}"
-            f"{r['end_to_end_events_per_s']:>11,}{r['p50_ms']:>9.1f}{r['p99_ms']:>9.1f}"
+            f"{r['end_to_end_events_per_s']:>11,}{r['ingest_events_per_replica_cpu_s']:>10,}"
+            f"{r['p50_ms']:>9.1f}{r['p99_ms']:>9.1f}"
             f"{r['delivery_lag_s']:>8.2f}{r['missing']:>9,}{r['duplicates']:>7,}{r['non2xx']:>8,}"
             f"{r['load_average_after'][0]:>9.2f}  "
             + "/".join(str(r["cpu_pct"][k]) for k in ("replicas", "wrk", "postgres_redis", "other", "host"))
         )
     print(
-        "(p50/p99: the batch requests' latency, all wrks together; lag: from the end of the load to the "
-        "last acknowledged event in a sink;\n loadavg: 1 min, after the load; CPU% while the load ran, "
+        "(ev/CPU-s: ingest events per CPU-second of the replicas; p50/p99: the batch requests' latency, "
+        "all wrks together;\n lag: from the end of the load to the last acknowledged event in a sink; "
+        "loadavg: 1 min, after the load; CPU% while the load ran, "
         f"100 = one core: the replicas, the wrks, every postgres and redis-server process, the rest "
         f"(the probe, the kernel, other work), the machine (max {NCPU * 100}))"
     )
-    print(f"relative to {base['replicas']} replica(s) (ideal scaling: the ratio of the counts)")
-    header = f"{'replicas':>8}{'ingest':>9}{'e2e':>9}{'p50':>9}{'p99':>9}{'lag':>9}{'missing':>9}{'dups':>7}"
+    print(
+        f"relative to {base['replicas']} replica(s) (ideal scaling: the ratio of the counts for "
+        "events/s, 1.00x for ev/CPU-s)"
+    )
+    header = (
+        f"{'replicas':>8}{'ingest':>9}{'e2e':>9}{'ev/CPU-s':>10}{'p50':>9}{'p99':>9}{'lag':>9}"
+        f"{'missing':>9}{'dups':>7}"
+    )
     print(header)
     print("-" * len(header))
     for r in runs:
@@ -492,6 +506,7 @@ def print_curve(runs: list[dict[str, Any]]) -> dict[str, Any]:
             f"{r['replicas']:>8}"
             f"{_relative(r['ingest_events_per_s'], base['ingest_events_per_s']):>9}"
             f"{_relative(r['end_to_end_events_per_s'], base['end_to_end_events_per_s']):>9}"
+            f"{_relative(r['ingest_events_per_replica_cpu_s'], base['ingest_events_per_replica_cpu_s']):>10}"
             f"{_relative(r['p50_ms'], base['p50_ms']):>9}{_relative(r['p99_ms'], base['p99_ms']):>9}"
             f"{_relative(r['delivery_lag_s'], base['delivery_lag_s']):>9}"
             f"{_relative(r['missing'], base['missing']):>9}"
