@@ -52,7 +52,7 @@ bench-sinks: $(STAMP)
 
 ## The distributed mode's scaling curve (1, 2 and 4 replicas on PostgreSQL + Redis, each on fresh
 ## state) and how fast a withdrawal through one replica takes effect on another under load (needs
-## wrk; about 7 minutes). Options: make bench-distributed ARGS="--duration 10 --probes 50 --json".
+## wrk; about 10 minutes on 2 cores). Options: make bench-distributed ARGS="--duration 10 --probes 50 --json".
 bench-distributed: $(STAMP)
 	$(VENV)/bin/python bench/distributed.py --replicas 1,2,4 $(ARGS)
 

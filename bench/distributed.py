@@ -14,14 +14,19 @@ Per count:
 * end-to-end events/s: acknowledged events / (load start -> last one in a sink);
 * the delivery lag after the load stopped, acknowledged events missing from the sinks, and
   duplicates (lines in the sinks past the distinct message ids);
+* where the CPU went (the replicas, the wrks, PostgreSQL + Redis, the rest) and ingest events
+  per CPU-second of the replicas: on a shared machine the replicas get what other work
+  leaves them, and this figure says whether more replicas cost more per event;
 * each figure relative to the first count (1 replica).
 
 With 2 replicas or more, while the load runs, the withdrawal probe (bench/withdrawal_probe.py)
 grants ``analytics`` to a fresh subject through replica A, checks that replica B accepts the
 subject's event, withdraws through A and posts the subject's events to B until B drops one,
-``--probes`` times (A and B move round the replicas): the time from the withdrawal's 2xx to
-B's drop, p50 / p99 / max. The load goes on past ``--duration`` until the probe is done (at
-most ``--max-extra`` seconds more), so the probe always runs under load.
+``--probes`` times, ``--probe-workers`` rounds at once (A and B move round the replicas):
+the time from the withdrawal's 2xx to B's dropping answer, p50 / p99 / max, and the events B
+still accepted after the 2xx. The load goes on past ``--duration`` until the probe is done (at
+most ``--max-extra`` seconds more), so the probe always runs under load. ``--idle-probes``
+rounds, one at a time before the load, give the floor.
 
 Targets: 2 replicas >= 30,000 events/s end to end (none missing); a withdrawal effective on
 another replica < 100 ms at p99. The replicas, wrk, PostgreSQL and Redis share this machine's
@@ -29,7 +34,8 @@ cores: past as many replicas as cores, the replicas share cores, so the curve th
 the mode degrades, not how it scales.
 
     .venv/bin/python bench/distributed.py [--replicas 1,2,4] [--duration 15] [--connections 8]
-                                          [--probes 200] [--json]
+                                          [--probes 200] [--probe-workers 8] [--idle-probes 50]
+                                          [--max-extra 300] [--json]
 
 Needs PostgreSQL and Redis on localhost (like the test suite) and wrk.
 """
