@@ -52,9 +52,11 @@ bench-front-end: $(STAMP)
 bench-sinks: $(STAMP)
 	$(VENV)/bin/python bench/sinks.py
 
-## End to end with 2 replicas on PostgreSQL + Redis (needs wrk).
+## The distributed mode's scaling curve (1, 2 and 4 replicas on PostgreSQL + Redis, each on fresh
+## state) and how fast a withdrawal through one replica takes effect on another under load (needs
+## wrk; about 10 minutes on 2 cores). Options: make bench-distributed ARGS="--duration 10 --probes 50 --json".
 bench-distributed: $(STAMP)
-	$(VENV)/bin/python bench/distributed.py
+	$(VENV)/bin/python bench/distributed.py --replicas 1,2,4 $(ARGS)
 
 clean:
 	rm -rf $(VENV) var .pytest_cache
