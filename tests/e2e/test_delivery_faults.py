@@ -220,6 +220,7 @@ class Load:
         self.acked: list[str] = []
         self.errors = 0
         self.stop = threading.Event()
+        self._lock = threading.Lock()  # several sender threads share one Load
 
     def post(self, ids: list[str], turn: int) -> None:
         deadline = time.monotonic() + 90
@@ -229,32 +230,71 @@ class Load:
             try:
                 r = send(gw, ids, [f"person-{i % 7}" for i in range(len(ids))])
             except httpx.HTTPError:
-                self.errors += 1
+                with self._lock:
+                    self.errors += 1
                 continue
             if r.status_code == 200:
                 body = r.json()
                 assert body["accepted"] + body["duplicates"] == len(ids), body
-                self.acked += ids
+                with self._lock:
+                    self.acked += ids
                 return
-            self.errors += 1
+            with self._lock:
+                self.errors += 1
             # A client's pause before it sends again (what an SDK does on a 503), part of the
             # load simulated here; nothing waits on the gateway reaching some state.
             time.sleep(0.2)
         raise AssertionError("a batch was never acknowledged")
 
 
-def test_kill9_of_a_replica_loses_no_acknowledged_event(
-    tmp_path: Path, pg_schema: PostgresSchema, redis_ns: RedisNamespace
-) -> None:
-    env = {
+def replica_env(pg_schema: PostgresSchema, redis_ns: RedisNamespace) -> dict[str, str]:
+    """Two replicas on PostgreSQL + Redis that take over a dead one's work within seconds."""
+    return {
         **redis_ns.env(),
         "DATABASE_URL": pg_schema.url,
         "IDGATE_CLAIM_IDLE_MS": "1500",
         "IDGATE_DEDUPE_CLAIM_SECONDS": "3",
     }
-    dest = config('[[tenants.destinations]]\nid = "warehouse"\nsink = "jsonl"\npurposes = ["analytics"]\n')
-    a = make_gateway(tmp_path / "a", config=dest, extra_env={**env, "IDGATE_REPLICA_ID": "a"}).start()
-    b = make_gateway(tmp_path / "b", config=dest, extra_env={**env, "IDGATE_REPLICA_ID": "b"}).start()
+
+
+WAREHOUSE = config('[[tenants.destinations]]\nid = "warehouse"\nsink = "jsonl"\npurposes = ["analytics"]\n')
+
+
+def two_replicas(tmp_path: Path, env: dict[str, str]) -> tuple[Gateway, Gateway]:
+    a = make_gateway(tmp_path / "a", config=WAREHOUSE, extra_env={**env, "IDGATE_REPLICA_ID": "a"}).start()
+    b = make_gateway(tmp_path / "b", config=WAREHOUSE, extra_env={**env, "IDGATE_REPLICA_ID": "b"}).start()
+    return a, b
+
+
+def assert_delivered_exactly(
+    replicas: tuple[Gateway, Gateway], redis_url: str, stream: str, expected: set[str]
+) -> None:
+    """Every acknowledged id reaches the warehouse once, across both replicas' sink files,
+    once the warehouse group has read and acknowledged the whole stream (nothing left that a
+    worker or a takeover could write again)."""
+    import redis
+
+    def delivered() -> list[str]:
+        return [e["messageId"] for gw in replicas for e in gw.sink_lines("warehouse")]
+
+    wait_until(lambda: set(delivered()) >= expected, timeout=60, what="every acknowledged event")
+
+    def nothing_in_flight() -> bool:
+        with redis.Redis.from_url(redis_url) as client:
+            last = client.xinfo_stream(stream)["last-generated-id"]
+            (group,) = [g for g in client.xinfo_groups(stream) if g["name"] == b"warehouse"]
+        return group["pending"] == 0 and group["last-delivered-id"] == last
+
+    wait_until(nothing_in_flight, timeout=30, what="the outbox stream to be read and acknowledged")
+    got = delivered()
+    assert set(got) == expected
+    assert len(got) == len(expected), f"{len(got) - len(expected)} duplicates"
+
+
+def test_kill9_of_a_replica_loses_no_acknowledged_event(
+    tmp_path: Path, pg_schema: PostgresSchema, redis_ns: RedisNamespace
+) -> None:
+    a, b = two_replicas(tmp_path, replica_env(pg_schema, redis_ns))
     try:
         load = Load([a, b])
         batches = [[f"k-{n:03d}-{i:02d}-{uuid.uuid4().hex[:6]}" for i in range(40)] for n in range(150)]
@@ -282,25 +322,60 @@ def test_kill9_of_a_replica_loses_no_acknowledged_event(
             load.post(ids, n)
         expected = set(load.acked)
         assert len(expected) == 150 * 40
-
-        def delivered() -> list[str]:
-            return [e["messageId"] for gw in (a, b) for e in gw.sink_lines("warehouse")]
-
-        wait_until(lambda: set(delivered()) >= expected, timeout=60, what="every acknowledged event")
-
-        def nothing_in_flight() -> bool:
-            # The warehouse group has read the whole stream and acknowledged every entry
-            # (after writing it): nothing left that a worker or a takeover could write again.
-            with redis.Redis.from_url(redis_ns.url) as client:
-                last = client.xinfo_stream(stream)["last-generated-id"]
-                (group,) = [g for g in client.xinfo_groups(stream) if g["name"] == b"warehouse"]
-            return group["pending"] == 0 and group["last-delivered-id"] == last
-
-        wait_until(nothing_in_flight, timeout=30, what="the outbox stream to be read and acknowledged")
-        got = delivered()
-        assert set(got) == expected
-        assert len(got) == len(expected), f"{len(got) - len(expected)} duplicates"
+        assert_delivered_exactly((a, b), redis_ns.url, stream, expected)
         assert "outbox.claimed" in b.log_text() or "outbox.claimed" in a.log_text()
     finally:
+        a.stop()
+        b.stop()
+
+
+def test_kill9_of_a_replica_under_concurrent_load_loses_and_duplicates_nothing(
+    tmp_path: Path, pg_schema: PostgresSchema, redis_ns: RedisNamespace
+) -> None:
+    """Four clients send batches as fast as the replicas answer; one replica is killed
+    while requests are in flight to it. A request the killed replica never answered is sent
+    again to the other one (what an SDK does): if the dead replica had stored it, dedupe
+    answers duplicate; if it held only the claim, the retry is told to come back (503) until
+    the claim lapses. Every acknowledged event is delivered, none twice."""
+    a, b = two_replicas(tmp_path, replica_env(pg_schema, redis_ns))
+    load = Load([a, b])
+    senders_done = threading.Event()
+    failures: list[BaseException] = []
+
+    def sender(worker: int) -> None:
+        n = 0
+        try:
+            while not senders_done.is_set():
+                ids = [f"c-{worker}-{n:04d}-{i:02d}-{uuid.uuid4().hex[:6]}" for i in range(40)]
+                load.post(ids, worker + n)
+                n += 1
+        except BaseException as error:  # noqa: BLE001 - reported by the test thread below
+            failures.append(error)
+            raise
+
+    threads = [threading.Thread(target=sender, args=(w,), daemon=True) for w in range(4)]
+    try:
+        for t in threads:
+            t.start()
+        wait_until(lambda: len(load.acked) >= 100 * 40, timeout=120, what="100 batches acknowledged")
+        errors_before = load.errors
+        a.kill9()  # four senders are mid-request: some of them on a
+        at_kill = len(load.acked)
+        wait_until(lambda: len(load.acked) >= at_kill + 60 * 40, timeout=120, what="60 batches on b alone")
+        assert load.errors > errors_before  # requests to the dead replica failed and were sent again
+        a.start()
+        restarted = len(load.acked)
+        wait_until(
+            lambda: len(load.acked) >= restarted + 40 * 40, timeout=120, what="40 batches after the restart"
+        )
+        senders_done.set()
+        for t in threads:
+            t.join(timeout=120)
+        assert not any(t.is_alive() for t in threads) and not failures, failures
+        expected = set(load.acked)
+        assert len(expected) == len(load.acked)  # no batch was acknowledged twice by the senders
+        assert_delivered_exactly((a, b), redis_ns.url, f"{redis_ns.prefix}:outbox", expected)
+    finally:
+        senders_done.set()
         a.stop()
         b.stop()
