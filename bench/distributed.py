@@ -63,6 +63,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import ingest  # noqa: E402 - the single-gateway benchmark: processes, wrk script, sink counting
 import withdrawal_probe as probe  # noqa: E402
+from tables import Column, print_table  # noqa: E402
 
 TARGET_REPLICAS = 2
 TARGET_EVENTS_PER_S = 30_000  # end to end, with TARGET_REPLICAS replicas
@@ -474,22 +475,42 @@ def print_curve(runs: list[dict[str, Any]]) -> dict[str, Any]:
         f"(the replicas, the wrks, PostgreSQL and Redis share those {NCPU} cores: past {NCPU} replicas "
         "the replicas share cores, so those points show crowding, not scaling)"
     )
-    header = (
-        f"{'replicas':>8}{'load s':>8}{'ingest ev/s':>13}{'e2e ev/s':>11}{'ev/CPU-s':>10}{'p50 ms':>9}"
-        f"{'p99 ms':>9}{'lag s':>8}{'missing':>9}{'dups':>7}{'non2xx':>8}{'loadavg':>9}"
-        f"  CPU% replicas/wrk/pg+redis/other/host"
+    cpu = ("replicas", "wrk", "postgres_redis", "other", "host")
+    print_table(
+        [
+            Column("replicas", 8),
+            Column("load s", 8, ".1f"),
+            Column("ingest ev/s", 13, ","),
+            Column("e2e ev/s", 11, ","),
+            Column("ev/CPU-s", 10, ","),
+            Column("p50 ms", 9, ".1f"),
+            Column("p99 ms", 9, ".1f"),
+            Column("lag s", 8, ".2f"),
+            Column("missing", 9, ","),
+            Column("dups", 7, ","),
+            Column("non2xx", 8, ","),
+            Column("loadavg", 9, ".2f"),
+            Column("  CPU% replicas/wrk/pg+redis/other/host", 0, left=True),
+        ],
+        [
+            [
+                r["replicas"],
+                r["load_seconds"],
+                r["ingest_events_per_s"],
+                r["end_to_end_events_per_s"],
+                r["ingest_events_per_replica_cpu_s"],
+                r["p50_ms"],
+                r["p99_ms"],
+                r["delivery_lag_s"],
+                r["missing"],
+                r["duplicates"],
+                r["non2xx"],
+                r["load_average_after"][0],
+                "  " + "/".join(str(r["cpu_pct"][k]) for k in cpu),
+            ]
+            for r in runs
+        ],
     )
-    print(header)
-    print("-" * len(header))
-    for r in runs:
-        print(
-            f"{r['replicas']:>8}{r['load_seconds']:>8.1f}{r['ingest_events_per_s']:>13,}"
-            f"{r['end_to_end_events_per_s']:>11,}{r['ingest_events_per_replica_cpu_s']:>10,}"
-            f"{r['p50_ms']:>9.1f}{r['p99_ms']:>9.1f}"
-            f"{r['delivery_lag_s']:>8.2f}{r['missing']:>9,}{r['duplicates']:>7,}{r['non2xx']:>8,}"
-            f"{r['load_average_after'][0]:>9.2f}  "
-            + "/".join(str(r["cpu_pct"][k]) for k in ("replicas", "wrk", "postgres_redis", "other", "host"))
-        )
     print(
         "(ev/CPU-s: ingest events per CPU-second of the replicas; p50/p99: the batch requests' latency, "
         "all wrks together;\n lag: from the end of the load to the last acknowledged event in a sink; "
@@ -501,23 +522,20 @@ def print_curve(runs: list[dict[str, Any]]) -> dict[str, Any]:
         f"relative to {base['replicas']} replica(s) (ideal scaling: the ratio of the counts for "
         "events/s, 1.00x for ev/CPU-s)"
     )
-    header = (
-        f"{'replicas':>8}{'ingest':>9}{'e2e':>9}{'ev/CPU-s':>10}{'p50':>9}{'p99':>9}{'lag':>9}"
-        f"{'missing':>9}{'dups':>7}"
+    relative = [
+        ("ingest", 9, "ingest_events_per_s"),
+        ("e2e", 9, "end_to_end_events_per_s"),
+        ("ev/CPU-s", 10, "ingest_events_per_replica_cpu_s"),
+        ("p50", 9, "p50_ms"),
+        ("p99", 9, "p99_ms"),
+        ("lag", 9, "delivery_lag_s"),
+        ("missing", 9, "missing"),
+        ("dups", 7, "duplicates"),
+    ]
+    print_table(
+        [Column("replicas", 8), *(Column(title, width) for title, width, _ in relative)],
+        [[r["replicas"], *(_relative(r[key], base[key]) for _, _, key in relative)] for r in runs],
     )
-    print(header)
-    print("-" * len(header))
-    for r in runs:
-        print(
-            f"{r['replicas']:>8}"
-            f"{_relative(r['ingest_events_per_s'], base['ingest_events_per_s']):>9}"
-            f"{_relative(r['end_to_end_events_per_s'], base['end_to_end_events_per_s']):>9}"
-            f"{_relative(r['ingest_events_per_replica_cpu_s'], base['ingest_events_per_replica_cpu_s']):>10}"
-            f"{_relative(r['p50_ms'], base['p50_ms']):>9}{_relative(r['p99_ms'], base['p99_ms']):>9}"
-            f"{_relative(r['delivery_lag_s'], base['delivery_lag_s']):>9}"
-            f"{_relative(r['missing'], base['missing']):>9}"
-            f"{_relative(r['duplicates'], base['duplicates']):>7}"
-        )
     for r in runs:
         for note in r.get("log_errors", []):
             print(f"note: {r['replicas']} replica(s): {note}")
@@ -586,12 +604,19 @@ def print_withdrawal(runs: list[dict[str, Any]]) -> bool | None:
         "withdrawal through replica A, then events of the subject to replica B until B drops one "
         "(A and B move round the replicas)"
     )
-    header = (
-        f"{'replicas':>8}{'load':>7}{'rounds':>8}{'void':>6}{'p50 ms':>9}{'p99 ms':>9}{'max ms':>9}"
-        f"{'B accepted after':>18}{'B request ms':>14}  reasons"
-    )
-    print(header)
-    print("-" * len(header))
+    columns = [
+        Column("replicas", 8),
+        Column("load", 7),
+        Column("rounds", 8),
+        Column("void", 6),
+        Column("p50 ms", 9),
+        Column("p99 ms", 9),
+        Column("max ms", 9),
+        Column("B accepted after", 18),
+        Column("B request ms", 14),
+        Column("  reasons", 0, left=True),
+    ]
+    rows: list[list[object]] = []
     verdicts: list[bool] = []
     loud: list[str] = []
     for r in probed:
@@ -603,9 +628,19 @@ def print_withdrawal(runs: list[dict[str, Any]]) -> bool | None:
             after = f"{w['events_accepted_after_withdrawal']} in {w['rounds_with_accepts_after_withdrawal']}"
             reasons = ",".join(f"{k}:{v}" for k, v in sorted(w["drop_reasons"].items())) or "-"
             latency = w["drop_request_latency_ms_median"]
-            print(
-                f"{r['replicas']:>8}{label:>7}{w['rounds']:>8}{w['void_rounds']:>6}{_ms(t['p50']):>9}"
-                f"{_ms(t['p99']):>9}{_ms(t['max']):>9}{after:>18}{_ms(latency):>14}  {reasons}"
+            rows.append(
+                [
+                    r["replicas"],
+                    label,
+                    w["rounds"],
+                    w["void_rounds"],
+                    _ms(t["p50"]),
+                    _ms(t["p99"]),
+                    _ms(t["max"]),
+                    after,
+                    _ms(latency),
+                    f"  {reasons}",
+                ]
             )
             if key == "withdrawal" and w["target_met"] is not None:
                 verdicts.append(bool(w["target_met"]))
@@ -613,6 +648,7 @@ def print_withdrawal(runs: list[dict[str, Any]]) -> bool | None:
                 f"{r['replicas']} replicas, {'under' if key == 'withdrawal' else 'without'} load: {m}"
                 for m in _probe_problems(w, key == "withdrawal")
             ]
+    print_table(columns, rows)
     print(
         "(ms: from the withdrawal's 2xx on A to B's answer that dropped the event; B request ms: how long "
         "that request took on B, median;\n B accepted after: events B accepted after the withdrawal's 2xx, "

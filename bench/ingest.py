@@ -75,6 +75,8 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from tables import Column, print_table
+
 REPO = Path(__file__).resolve().parent.parent
 BENCH = Path(__file__).resolve().parent
 CONFIG = REPO / "idgate.example.toml"
@@ -1023,22 +1025,35 @@ def print_delivery(results: list[PhaseResult]) -> bool | None:
     return delivery_ok
 
 
+# The columns every phase table starts with (after its name), and a phase's values for them.
+RATE_COLUMNS = (
+    Column("req/s", 10, ",.0f"),
+    Column("events/s", 11, ",.0f"),
+    Column("p50 ms", 9, ".2f"),
+    Column("p99 ms", 9, ".2f"),
+    Column("errors", 8),
+)
+
+
+def rates(r: PhaseResult) -> list[object]:
+    return [r.rps, r.eps, r.p50_ms, r.p99_ms, r.non2xx]
+
+
 def print_report(results: list[PhaseResult]) -> dict[str, Any]:
     """Gateway vs bare: the table, the ratios and their targets."""
     by = {r.scenario: r for r in results}
     print()
     print("gateway vs bare (gateway with consent enforcement off: the ingest path itself)")
-    header = (
-        f"{'scenario':<18}{'req/s':>10}{'events/s':>11}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}"
-        f"{'server%':>9}{'loadgen%':>10}{'host%':>7}"
+    print_table(
+        [
+            Column("scenario", 18, left=True),
+            *RATE_COLUMNS,
+            Column("server%", 9, ".0f"),
+            Column("loadgen%", 10, ".0f"),
+            Column("host%", 7, ".0f"),
+        ],
+        [[r.scenario, *rates(r), r.server_cpu_pct, r.loadgen_cpu_pct, r.host_cpu_pct] for r in results],
     )
-    print(header)
-    print("-" * len(header))
-    for r in results:
-        print(
-            f"{r.scenario:<18}{r.rps:>10,.0f}{r.eps:>11,.0f}{r.p50_ms:>9.2f}{r.p99_ms:>9.2f}{r.non2xx:>8}"
-            f"{r.server_cpu_pct:>9.0f}{r.loadgen_cpu_pct:>10.0f}{r.host_cpu_pct:>7.0f}"
-        )
     print(f"(server%/loadgen%: CPU of that process, 100 = one core; host%: whole machine, max {NCPU * 100})")
     print_notes(results)
 
@@ -1146,18 +1161,25 @@ def print_consent_report(
             f"{CONSENT_NOTICE} in {grants['seconds']:.2f} s, {fmt(grants['per_s'], ',.0f')} grants/s "
             f"with {grants['concurrency']} connections)"
         )
-    header = (
-        f"{'phase':<20}{'req/s':>10}{'events/s':>11}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}"
-        f"{'dropped':>9}{'in sink':>9}{'server%':>9}"
+    print_table(
+        [
+            Column("phase", 20, left=True),
+            *RATE_COLUMNS,
+            Column("dropped", 9, ","),
+            Column("in sink", 9),
+            Column("server%", 9, ".0f"),
+        ],
+        [
+            [
+                r.scenario,
+                *rates(r),
+                r.dropped,
+                "n/a" if r.forwarded is None else f"{100 * r.forwarded:.1f}%",
+                r.server_cpu_pct,
+            ]
+            for r in results
+        ],
     )
-    print(header)
-    print("-" * len(header))
-    for r in results:
-        fwd = "n/a" if r.forwarded is None else f"{100 * r.forwarded:.1f}%"
-        print(
-            f"{r.scenario:<20}{r.rps:>10,.0f}{r.eps:>11,.0f}{r.p50_ms:>9.2f}{r.p99_ms:>9.2f}{r.non2xx:>8}"
-            f"{r.dropped:>9,}{fwd:>9}{r.server_cpu_pct:>9.0f}"
-        )
     print(
         "(dropped: events the responses counted as dropped; in sink: events in the sink files / events "
         "sent in 2xx requests,\n above 100 % by what was in flight when the load stopped: stored, "
