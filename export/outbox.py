@@ -197,11 +197,16 @@ class ClaimStatus(IntEnum):
 class Claim(msgspec.Struct):
     """What a request holds between claiming its message ids and appending its records:
     the status of each id asked, the keys it claimed (NEW ones), opaque to the caller, and
-    the room it reserved in the outbox's bound for them."""
+    the room it reserved in the outbox's bound for them.
+
+    The keys are the claiming store's own: names of the shared Redis dedupe in ``keys``, or
+    the embedded outbox's 16-byte digests in ``digests`` (kept as bytes from the claim to the
+    mark, with no text form in between)."""
 
     statuses: list[ClaimStatus]
     keys: list[str]
     reserved: int = 0
+    digests: list[bytes] = msgspec.field(default_factory=list)
 
 
 class DeliveryState(msgspec.Struct):

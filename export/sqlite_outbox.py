@@ -205,7 +205,7 @@ class _PendingAppend:
         self,
         records: list[OutboxRecord],
         dedupe: bool,
-        claimed: list[str],
+        claimed: list[bytes],
         future: asyncio.Future[list[bool]] | None,
     ) -> None:
         self.records = records
@@ -254,7 +254,7 @@ class SqliteOutbox:
         self._mark_filter_capacity = mark_filter_capacity
         self.marks: RecentMarks | None = None
         # message-id keys claimed by requests of this process that have not appended yet
-        self._in_flight: set[str] = set()
+        self._in_flight: set[bytes] = set()
         self.commits = 0
         self.appends_committed = 0
         self.accepting = True
@@ -423,25 +423,21 @@ class SqliteOutbox:
         if conn is None:
             raise OutboxUnavailable("outbox is not open")
         digests = [dedupe_key(source, m) for m in message_ids]
-        keys = [d.hex() for d in digests]
         now_ms = int(self._clock() * 1000)
         cutoff = now_ms - self.dedupe_window_ms
         marks = self.marks
+        in_flight = self._in_flight
         asked = sorted(
-            {
-                d
-                for d, k in zip(digests, keys, strict=True)
-                if k not in self._in_flight and (marks is None or marks.maybe(d, now_ms))
-            }
+            {d for d in digests if d not in in_flight and (marks is None or marks.maybe(d, now_ms))}
         )
         try:
-            seen = {k.hex() for k in _seen(conn, asked, cutoff)} if asked else set()
+            seen = _seen(conn, asked, cutoff) if asked else set()
         except sqlite3.Error as exc:
             raise OutboxUnavailable(f"dedupe lookup failed: {exc}") from exc
         statuses: list[ClaimStatus] = []
-        claimed: list[str] = []
-        mine: set[str] = set()
-        for key in keys:
+        claimed: list[bytes] = []
+        mine: set[bytes] = set()
+        for key in digests:
             if key in mine:  # earlier in this same request
                 statuses.append(ClaimStatus.DUPLICATE)
             elif key in self._in_flight:  # claimed by another request still in flight
@@ -454,7 +450,7 @@ class SqliteOutbox:
                 mine.add(key)
         reserved = self._reserve(len(claimed))  # before anything is marked in flight
         self._in_flight.update(claimed)
-        return Claim(statuses, claimed, reserved)
+        return Claim(statuses, [], reserved, digests=claimed)
 
     async def release(self, claim: Claim) -> None:
         """Give claimed ids back (the request failed before its append): a retry is new."""
@@ -463,28 +459,25 @@ class SqliteOutbox:
         if self.shared_dedupe is not None:
             await self.shared_dedupe.release(claim.keys)
             return
-        self._in_flight.difference_update(claim.keys)
+        self._in_flight.difference_update(claim.digests)
 
     # -- appends ---------------------------------------------------------------------
     def _append_group(self, groups: list[_PendingAppend], conn: sqlite3.Connection) -> list[list[bool]]:
         """Mark the message ids of the group and insert its rows: one statement each."""
         now_ms = int(self._clock() * 1000)
-        keys = [
-            dedupe_key(r.source, r.message_id).hex() if p.dedupe else "" for p in groups for r in p.records
-        ]
+        keys = [dedupe_key(r.source, r.message_id) if p.dedupe else b"" for p in groups for r in p.records]
         marked = sorted({k for k in keys if k} | {k for p in groups for k in p.claimed})
-        fresh: set[str] = set()
+        fresh: set[bytes] = set()
         if marked:
             cutoff = now_ms - self.dedupe_window_ms
-            digests = [bytes.fromhex(k) for k in marked]
             marks = self.marks
             if any(p.dedupe for p in groups):  # which ids are new (the rest are duplicates)
-                maybe = [d for d in digests if marks is None or marks.maybe(d, now_ms)]
+                maybe = [d for d in marked if marks is None or marks.maybe(d, now_ms)]
                 seen = _seen(conn, maybe, cutoff) if maybe else set()
-                fresh = {k for k, d in zip(marked, digests, strict=True) if d not in seen}
-            conn.executemany(_MARK_SQL, [(d, now_ms, cutoff) for d in digests])
+                fresh = {d for d in marked if d not in seen}
+            conn.executemany(_MARK_SQL, [(d, now_ms, cutoff) for d in marked])
             if marks is not None:  # before the commit: a failed one leaves a false positive only
-                marks.add(digests, now_ms)
+                marks.add(marked, now_ms)
         results: list[list[bool]] = []
         rows = []
         position = 0
@@ -534,7 +527,7 @@ class SqliteOutbox:
         """
         if self._writer is None:
             raise OutboxUnavailable("outbox is not open")
-        local = list(claim.keys) if claim is not None and self.shared_dedupe is None else []
+        local = list(claim.digests) if claim is not None and self.shared_dedupe is None else []
         if claim is not None:
             self._reserved -= claim.reserved  # the rows themselves count from now on
             claim.reserved = 0
