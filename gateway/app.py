@@ -36,6 +36,7 @@ from gateway.console import console_lifespan, console_routes, console_templates
 from gateway.cors import cors, document_cors
 from gateway.delivery_setup import build_delivery, open_dead_letters, open_outbox, redis_options, rekeyer
 from gateway.errors import exception_handlers
+from gateway.exposures import open_exposures
 from gateway.identity_setup import notice_publisher, open_identity
 from gateway.ingest_http import INGEST_ROUTES, IngestContext, document_ingest_routes
 from gateway.logging import request_context
@@ -208,6 +209,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
                 violations=violations,
                 plan_monitor=plan_monitor,
                 kpis=monitoring.feed,
+                exposures=open_exposures(redis_client, settings.redis_prefix),
             ),
             on_appended=delivery.notify,
         )

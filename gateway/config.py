@@ -250,6 +250,9 @@ class CleaningConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     # (context.idgate.flags: timestamp_skew); 0 turns a bound off.
     max_future_seconds: int = 24 * 3600
     max_past_seconds: int = 30 * 24 * 3600
+    # An exposure event's item (the plan's ``exposure``) shown again to the same person on
+    # the same page view within this many seconds counts once (gateway.exposures); 0: off.
+    exposure_window_seconds: int = 1800
 
 
 class Tenant(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -854,6 +857,8 @@ def cleaning_problems(c: CleaningConfig) -> list[str]:
             problems.append(f"internal_ids[{i}]: {exc.reason}")
     if c.max_future_seconds < 0 or c.max_past_seconds < 0:
         problems.append("max_future_seconds / max_past_seconds: must be 0 (off) or more")
+    if not 0 <= c.exposure_window_seconds <= 7 * 24 * 3600:
+        problems.append("exposure_window_seconds: must be 0 (off) to 604800 (a week)")
     return problems
 
 

@@ -87,6 +87,9 @@ class Envelope:
     flags: list[str] = field(default_factory=list)
     # How many identifiers the tenant's blocked values and patterns left out.
     blocked: int = 0
+    # The tracking plan's event id it matched ("" when unplanned or without a plan): one name
+    # across protocols, delivered in context.idgate.event.
+    plan_event: str = ""
 
 
 class Rejection(msgspec.Struct, omit_defaults=True):

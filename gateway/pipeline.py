@@ -2,7 +2,7 @@
 
     clean_traffic -> pseudonymise -> drop_erased -> check_plan -> claim_message_ids -> rekey_on_sight
     -> record_consent_signals -> decide_consent -> limit_new_identifiers -> resolve_identity
-    -> transform -> encode -> append -> detach_identifiers -> observe_kpis
+    -> collapse_exposures -> transform -> encode -> append -> detach_identifiers -> observe_kpis
 
 Protocol adapters (gateway.segment, gateway.sensors) decode a request into envelopes of the
 one internal ``Event``; ``Ingestor.ingest`` then runs ``STAGES`` in order over the batch.
@@ -44,6 +44,8 @@ from gateway import metrics
 from gateway.cleaning import TIMESTAMP_SKEW, RequestOrigin, cleaner_for, drop_reason
 from gateway.config import Destination, ResolvedSource, Tenant
 from gateway.events import Envelope, Event, Rejection, RejectMessage
+from gateway.exposures import EXPOSURE_REPEAT, EXPOSURE_REPEAT_ITEMS, ExposureStore, sighting_keys
+from gateway.exposures import message_digest as exposure_message
 from gateway.plan import (
     UNPLANNED,
     PlanReport,
@@ -422,8 +424,10 @@ def encode_for_outbox(
         ctx["idgate"]["personalisation"] = env.personalised
     if env.plan_violations:  # flagged by check_plan
         ctx["idgate"]["violations"] = env.plan_violations
-    if env.flags:  # flagged by clean_traffic
+    if env.flags:  # flagged by clean_traffic, collapse_exposures
         ctx["idgate"]["flags"] = env.flags
+    if env.plan_event:  # the tracking plan's name for it, whichever SDK sent it (check_plan)
+        ctx["idgate"]["event"] = env.plan_event
     pseudonyms = env.pseudonyms
     if env.unified_id is not None:
         ctx["unified_id"] = env.unified_id
@@ -546,6 +550,8 @@ class IngestServices:
     plan_monitor: PlanMonitor | None = None
     # business KPIs over the batch once appended (gateway.monitoring.KpiFeed)
     kpis: Callable[[IngestBatch], Awaitable[None]] | None = None
+    # exposure sightings (gateway.exposures); None: exposures are not deduplicated
+    exposures: ExposureStore | None = None
 
 
 Stage = Callable[[IngestServices, IngestBatch], Awaitable[None]]
@@ -691,6 +697,8 @@ async def check_plan(s: IngestServices, batch: IngestBatch) -> None:
             kept.append(env)
             continue
         verdict = judge(plan, key, ev.properties, env.pseudonyms, policy)
+        if verdict.event != UNPLANNED:
+            env.plan_event = verdict.event  # "" for an ignored name
         name = _unplanned_name(ev, key, scrubber, batch.pseudonymiser) if verdict.event == UNPLANNED else ""
         if verdict.event:
             cell = counts.get((verdict.event, name))
@@ -1020,6 +1028,66 @@ async def resolve_identity(s: IngestServices, batch: IngestBatch) -> None:
         env.unified_id = uid
 
 
+async def collapse_exposures(s: IngestServices, batch: IngestBatch) -> None:
+    """Exposure dedupe (gateway.exposures): an item the same person already saw on the same
+    page view within the tenant's window is taken out; an exposure with nothing left is
+    dropped (``exposure_repeat``). After resolve_identity: the person is the unified one."""
+    store = s.exposures
+    tenant = batch.src.tenant
+    window_ms = tenant.cleaning.exposure_window_seconds * 1000
+    if store is None or not window_ms or not batch.envelopes:
+        return
+    plan = plan_for(tenant)
+    if plan is None:
+        return
+    asked: list[tuple[Envelope, int]] = []
+    sightings: list[tuple[bytes, bytes]] = []
+    for env in batch.envelopes:
+        entry = plan.events.get(env.plan_event) if env.plan_event else None
+        spec = entry.spec.exposure if entry is not None else None
+        ev = env.event
+        props = ev.properties
+        if spec is None or not props:
+            continue
+        person = env.unified_id or ev.user_id or ev.anonymous_id or ""
+        message = exposure_message(message_id_digest(ev.message_id, batch.message_ids or batch.pseudonymiser))
+        for position, key in sighting_keys(spec, props, tenant.id, person, env.plan_event):
+            asked.append((env, position))
+            sightings.append((key, message))
+    if not sightings:
+        return
+    first = await store.first_sightings(sightings, window_ms)
+    repeats: dict[int, list[int]] = {}  # id(envelope) -> positions seen before
+    for (env, position), new in zip(asked, first, strict=True):
+        if not new:
+            repeats.setdefault(id(env), []).append(position)
+    if not repeats:
+        return
+    kept: list[Envelope] = []
+    linking: list[bool] = []
+    for env, links in zip(batch.envelopes, batch.linking, strict=True):
+        seen = repeats.get(id(env))
+        if seen is not None:
+            entry = plan.events[env.plan_event]
+            spec = entry.spec.exposure
+            assert spec is not None
+            props = env.event.properties or {}
+            if spec.list_key is None:
+                batch.drop(EXPOSURE_REPEAT)
+                continue
+            items = props[spec.list_key]
+            gone = set(seen)
+            props[spec.list_key] = [item for i, item in enumerate(items) if i not in gone]
+            if not props[spec.list_key]:
+                batch.drop(EXPOSURE_REPEAT)
+                continue
+            env.flags.append(EXPOSURE_REPEAT_ITEMS)
+        kept.append(env)
+        linking.append(links)
+    batch.envelopes = kept
+    batch.linking = linking
+
+
 async def transform(s: IngestServices, batch: IngestBatch) -> None:
     """PII scrubbing and IP truncation on what is about to be stored."""
     tenant, pseudonymiser = batch.src.tenant, batch.pseudonymiser
@@ -1074,6 +1142,7 @@ STAGES: tuple[Stage, ...] = (
     decide_consent,
     limit_new_identifiers,
     resolve_identity,
+    collapse_exposures,
     transform,
     encode,
     append,

@@ -72,6 +72,28 @@ _REDACTION_MARK: Final = REDACTION_MARK.encode()
 _encode_json = msgspec.json.Encoder().encode
 
 
+class ExposureSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """An exposure event's repeat rule (gateway.exposures): the item it shows, a property
+    (``promotion_id``), each value of a list (``product_ids[]``, as Sensors SDKs send lists)
+    or each item's property in a list of objects (``products[].product_id``); and the
+    properties that tell one page view from another, first present wins (none: any page)."""
+
+    item: str
+    page: list[str] = []
+
+    @property
+    def list_key(self) -> str | None:
+        """``products`` for ``products[].product_id`` or ``products[]``; None for one item."""
+        head, sep, _ = self.item.partition("[]")
+        return head if sep else None
+
+    @property
+    def item_key(self) -> str:
+        """The property of the item (a list's entry itself: "")."""
+        head, sep, tail = self.item.partition("[]")
+        return tail.removeprefix(".") if sep else head
+
+
 class PlanEventSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     description: str
     owner: str
@@ -84,6 +106,9 @@ class PlanEventSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     properties: dict[str, dict[str, Any]] = {}
     # false: a property the plan does not list is a violation ("additionalProperties")
     additional_properties: bool = True
+    # an exposure: the same item shown to the same person on the same page counts once
+    # within the tenant's cleaning.exposure_window_seconds
+    exposure: ExposureSpec | None = None
 
 
 class PlanSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -369,6 +394,8 @@ def _compile_event(
     for name in spec.required:
         if name not in spec.properties:
             problems.append(f"{here}.required: {name!r} is not among the event's properties")
+    if spec.exposure is not None:
+        problems.extend(_exposure_problems(f"{here}.exposure", spec.exposure, spec.properties))
     schema: dict[str, Any] = {
         "type": "object",
         "properties": properties,
@@ -394,6 +421,29 @@ def _compile_event(
         explain=jsonschema.Draft202012Validator(schema),
         classes=classes,
     )
+
+
+_EXPOSURE_ITEM = re.compile(r"[^\[\].]+(\[\](\.[^\[\].]+)?)?")
+
+
+def _exposure_problems(here: str, exposure: ExposureSpec, properties: Mapping[str, Any]) -> list[str]:
+    problems = []
+    head = exposure.list_key or exposure.item_key
+    if not _EXPOSURE_ITEM.fullmatch(exposure.item):
+        problems.append(
+            f"{here}.item: a property (promotion_id), a list (product_ids[]) or a list's item "
+            "property (products[].product_id)"
+        )
+    elif head not in properties:
+        problems.append(f"{here}.item: {head!r} is not among the event's properties")
+    elif exposure.list_key is not None and properties[head].get("type") != "array":
+        problems.append(f"{here}.item: {head!r} must be declared type: array")
+    problems.extend(
+        f"{here}.page: {name!r} is not among the event's properties"
+        for name in exposure.page
+        if name not in properties
+    )
+    return problems
 
 
 def parse_plan(text: str, *, path: str = "<plan>", purposes: Iterable[str] | None = None) -> TrackingPlan:

@@ -15,6 +15,7 @@ from gateway.pipeline import (
     STAGES,
     append,
     claim_message_ids,
+    collapse_exposures,
     decide_consent,
     detach_identifiers,
     pseudonymise,
@@ -44,6 +45,8 @@ def test_the_stages_run_in_the_documented_order() -> None:
         "decide_consent",
         "limit_new_identifiers",
         "resolve_identity",
+        # after resolution: an exposure is counted once per unified person, not per device
+        "collapse_exposures",
         "transform",
         "encode",
         "append",
@@ -53,11 +56,13 @@ def test_the_stages_run_in_the_documented_order() -> None:
     order = {s: i for i, s in enumerate(STAGES)}
     # nothing that records, links or stores runs before the claim; pseudonymising changes nothing
     assert order[pseudonymise] < order[claim_message_ids]
+    assert order[resolve_identity] < order[collapse_exposures]
     for side_effect in (
         rekey_on_sight,
         record_consent_signals,
         decide_consent,
         resolve_identity,
+        collapse_exposures,
         append,
         detach_identifiers,
     ):

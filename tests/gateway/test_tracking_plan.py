@@ -294,8 +294,12 @@ def test_enforce_keeps_violations_then_replays_them_after_the_plan_is_fixed(
     head, tail = plan.read_text().split("  product_added:\n", 1)
     fixed = '      price: {class: financial, type: [number, string], pattern: "^[0-9]+(\\\\.[0-9]+)?$"}\n'
     assert PRICE_RULE in tail
-    text = (head + "  product_added:\n" + tail.replace(PRICE_RULE, fixed, 1)).replace(
-        "version: 1\n", "version: 2\n", 1
+    text = re.sub(  # raise the version, as a fix must
+        r"^version: (\d+)$",
+        lambda m: f"version: {int(m[1]) + 1}",
+        head + "  product_added:\n" + tail.replace(PRICE_RULE, fixed, 1),
+        count=1,
+        flags=re.M,
     )
     text += (
         "  wishlist_shared:\n    description: A wishlist was shared.\n    owner: growth\n"
