@@ -10,6 +10,9 @@ covers, per tenant:
   data that old) and dead letters (by time dead-lettered);
 - file sinks: whole JSONL day files and Parquet date partitions before the cutoff's day;
 - the per-destination person index (persons whose data last went out before the cutoff);
+- the tracking plan's violation records (by time received): kept no longer than the
+  longest period of the tenant's destinations (a replay could send the event to any of
+  them), and kept while one destination has no period;
 - dedupe entries past the dedupe window (shared by every tenant; Redis lets them expire).
 
 A dry run counts what an applied run would remove and changes nothing.
@@ -26,10 +29,11 @@ from pathlib import Path
 from export.deadletter import DeadLetterStore
 from export.file_sinks import expired_sink_files, remove_sink_files
 from export.outbox import Outbox
+from export.violations import SqliteViolations
 
 FILE_SINKS = frozenset({"jsonl", "parquet"})
 # the stores a run goes through for each tenant, in order (progress bars count these)
-EXPORT_STORES = ("outbox", "dead_letters", "sink_files", "person_index")
+EXPORT_STORES = ("outbox", "dead_letters", "sink_files", "person_index", "plan_violations")
 
 
 @dataclass(frozen=True)
@@ -74,6 +78,8 @@ async def expire_export_side(
     sink_dir: Path,
     apply: bool,
     step: Callable[[str], None] = lambda store: None,
+    violations: SqliteViolations | None = None,
+    destinations: int | None = None,
 ) -> dict[str, int]:
     """One tenant's export stores past retention: counted, removed with ``apply``. ``step``
     is called after each store of ``EXPORT_STORES``."""
@@ -97,4 +103,12 @@ async def expire_export_side(
         person_index += await outbox.expire_person_index(destination, ms, apply=apply)
     removed["person_index"] = person_index
     step("person_index")
+    # violation records: the longest period, once every destination has one
+    limited = destinations is None or len(periods) >= destinations
+    if violations is not None and periods and limited:
+        oldest = cutoff_ms(cutoff(now, max(p.days for p in periods)))
+        removed["plan_violations"] = await asyncio.to_thread(violations.expire, tenant, oldest, apply=apply)
+    else:
+        removed["plan_violations"] = 0
+    step("plan_violations")
     return removed

@@ -18,7 +18,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +54,15 @@ class ViolationRecord(msgspec.Struct, frozen=True, kw_only=True):
     # "kept": not delivered (replayable); "omitted": delivered without the properties the
     # findings name (the record holds them)
     action: str = "kept"
+
+    def names_any(self, pseudonyms: Collection[str]) -> bool:
+        """Whether the record holds one of ``pseudonyms`` (an identifier it names, proven or
+        not, or any pseudonym written into its event)."""
+        wanted = set(pseudonyms)
+        return bool(
+            wanted.intersection(self.pseudonyms)
+            or any(i.value in wanted for i in (*self.identifiers, *self.unproven))
+        )
 
     def summary(self) -> dict[str, Any]:
         """What a listing shows: no payload."""
@@ -250,6 +259,33 @@ class SqliteViolations:
             before = self._conn.total_changes
             self._conn.executemany("DELETE FROM plan_violation WHERE id = ?", ids)
             return self._conn.total_changes - before
+
+    # -- a person's records (rights requests) and retention ---------------------------
+    def _scan(self, tenant: str) -> Sequence[ViolationRecord]:
+        with self._lock:
+            rows = self._conn.execute(
+                f"SELECT {self._COLUMNS} FROM plan_violation WHERE tenant = ? ORDER BY id", (tenant,)
+            ).fetchall()
+        return [self._row(r) for r in rows]
+
+    def find_person(
+        self, tenant: str, pseudonyms: Collection[str], limit: int = 10_000
+    ) -> Sequence[ViolationRecord]:
+        """The records of a person (an access request): those naming one of ``pseudonyms``."""
+        return [r for r in self._scan(tenant) if r.names_any(pseudonyms)][:limit]
+
+    def purge_person(self, tenant: str, pseudonyms: Collection[str]) -> int:
+        """Delete the records of a person (a deletion request); how many went."""
+        ids = [r.id for r in self._scan(tenant) if r.names_any(pseudonyms)]
+        return self.delete(ids)
+
+    def expire(self, tenant: str, before_ms: int, *, apply: bool) -> int:
+        """Records of ``tenant`` received before ``before_ms``: counted, deleted with ``apply``."""
+        where = "FROM plan_violation WHERE tenant = ? AND received_at_ms < ?"
+        with self._lock:
+            if not apply:
+                return int(self._conn.execute(f"SELECT count(*) {where}", (tenant, before_ms)).fetchone()[0])
+            return self._conn.execute(f"DELETE {where}", (tenant, before_ms)).rowcount
 
     def add_seen(self, counts: Sequence[SeenCount]) -> None:
         """Add to the coverage counts (``plan_seen``) in one transaction."""

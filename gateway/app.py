@@ -266,6 +266,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             delivery,
             rate_limiter,
             receipts,
+            violations,
         )
         withdrawals = WithdrawalConsequences(config, identity, outbox, consent.service.rules, delivery.notify)
         withdrawals.rights = state.rights
@@ -275,7 +276,13 @@ def create_app(settings: Settings | None = None) -> Litestar:
         monitoring.start()
         state.proofs = consent.proofs  # the breach query (gateway.admin.breach)
         retention_stores = RetentionStores(
-            outbox, dead_letters, consent.proofs, consent.access_log, consent.ledger, settings.sink_dir
+            outbox,
+            dead_letters,
+            consent.proofs,
+            consent.access_log,
+            consent.ledger,
+            settings.sink_dir,
+            violations,
         )
         retention = asyncio.create_task(
             retention_periodically(
@@ -290,7 +297,11 @@ def create_app(settings: Settings | None = None) -> Litestar:
         follow = (
             asyncio.create_task(
                 follow_sink_purges(
-                    consent.service, delivery, config, settings.sink_dir / ".idgate-sink-purges"
+                    consent.service,
+                    delivery,
+                    config,
+                    settings.sink_dir / ".idgate-sink-purges",
+                    violations=violations,
                 ),
                 name="rights-sink-purges",
             )

@@ -51,6 +51,7 @@ async def _stores(settings: Settings, config: Config, *, signing: bool) -> Async
     from consent.ledger import Ledger
     from consent.proofs import DeliveryProofs
     from consent.signing import InvalidLedgerKey
+    from export.violations import SqliteViolations
     from gateway.delivery_setup import open_dead_letters, open_outbox, redis_options
 
     if settings.outbox_kind == "sqlite" and not settings.outbox_path.exists():
@@ -70,6 +71,8 @@ async def _stores(settings: Settings, config: Config, *, signing: bool) -> Async
     outbox = open_outbox(settings, config.limits.dedupe_window_seconds, redis_client)
     dead_letters = open_dead_letters(settings)
     proofs = DeliveryProofs(engine)
+    violations_path = settings.data_dir / "violations.sqlite3"  # the tracking plan's (gateway.app)
+    violations = SqliteViolations(violations_path) if violations_path.exists() else None
     try:
         if settings.outbox_kind == "redis":
             # the backlog counters of every destination move with what is deleted
@@ -81,8 +84,11 @@ async def _stores(settings: Settings, config: Config, *, signing: bool) -> Async
             access_log=AccessLog(engine),
             ledger=Ledger(engine, signer),
             sink_dir=settings.sink_dir,
+            violations=violations,
         )
     finally:
+        if violations is not None:
+            violations.close()
         proofs.close()
         dead_letters.close()
         outbox.close()

@@ -21,6 +21,7 @@ from consent.retention import RetentionRun, expire_consent_side, record_run
 from export.deadletter import DeadLetterStore
 from export.outbox import Outbox
 from export.retention import EXPORT_STORES, DestinationPeriod, cutoff, destination_days, expire_export_side
+from export.violations import SqliteViolations
 from gateway.config import Config, Tenant
 
 log = structlog.get_logger(__name__)
@@ -44,6 +45,8 @@ class RetentionStores:
     access_log: AccessLog
     ledger: Ledger
     sink_dir: Path
+    # the tracking plan's violation records (this replica's store)
+    violations: SqliteViolations | None = None
 
 
 def tenant_periods(tenant: Tenant) -> list[DestinationPeriod]:
@@ -97,6 +100,8 @@ async def run_retention(
             sink_dir=stores.sink_dir,
             apply=apply,
             step=step,
+            violations=stores.violations,
+            destinations=len(tenant.destinations),
         )
         cutoffs = {p.destination: cutoff(started, p.days) for p in periods}
         days = tenant.retention.access_log_days

@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import structlog
 from prometheus_client import REGISTRY
 from prometheus_client.core import GaugeMetricFamily
@@ -25,6 +26,7 @@ from consent.service import ConsentService
 from export.deadletter import DeadLetterStore
 from export.delivery import DeliveryService
 from export.outbox import Outbox
+from export.violations import SqliteViolations
 from gateway.config import Config, RightsConfig
 from gateway.rate_limits import RateLimiter
 from identity.identifiers import Identifier, node_type, node_value
@@ -106,6 +108,18 @@ def event_purge(identity: IdentityService, outbox: Outbox, dead_letters: DeadLet
     return purge
 
 
+def violation_purge(identity: IdentityService, violations: SqliteViolations) -> DeletionStep:
+    """The person's events the tracking plan kept (``block``) or trimmed (``omit``): the
+    violation records naming their pseudonyms. Each replica keeps its own store: the others
+    follow this step in the ledger (``follow_sink_purges``)."""
+
+    async def purge(tenant: str, nodes: Sequence[str]) -> Mapping[str, int]:
+        keys = {node_value(n) for n in nodes}
+        return {"records_removed": await asyncio.to_thread(violations.purge_person, tenant, keys)}
+
+    return purge
+
+
 def file_sink_purge(config: Config, identity: IdentityService, delivery: DeliveryService) -> DeletionStep:
     """The person's lines in the files idgate writes (JSONL, Parquet sinks), per sink."""
     destinations = tenant_destinations(config)
@@ -121,12 +135,18 @@ def file_sink_purge(config: Config, identity: IdentityService, delivery: Deliver
 
 
 async def follow_sink_purges(
-    consent: ConsentService, delivery: DeliveryService, config: Config, marker: Path, seconds: float = 2.0
+    consent: ConsentService,
+    delivery: DeliveryService,
+    config: Config,
+    marker: Path,
+    seconds: float = 2.0,
+    violations: SqliteViolations | None = None,
 ) -> None:
-    """Distributed mode: every replica writes its own sink files, so each applies the
-    ``file_sinks`` steps of deletions carried out on any replica (the ledger's records after
-    this replica's ``marker``, a file beside its sinks) to its own files. Idempotent: the
-    replica that carried out the request finds nothing more."""
+    """Distributed mode: every replica writes its own sink files and keeps its own violation
+    records, so each applies the ``file_sinks`` and ``plan_violations`` steps of deletions
+    carried out on any replica (the ledger's records after this replica's ``marker``, a file
+    beside its sinks) to its own. Idempotent: the replica that carried out the request finds
+    nothing more."""
     destinations = tenant_destinations(config)
     after = int(marker.read_text()) if marker.exists() else 0
     while True:
@@ -137,6 +157,12 @@ async def follow_sink_purges(
             )
             for r in page:
                 detail = r.detail or {}
+                if detail.get("step") == VIOLATIONS_STEP and violations is not None:
+                    nodes = {node_value(n) for n in r.identifiers or ()}
+                    gone = await asyncio.to_thread(violations.purge_person, r.tenant, nodes)
+                    if gone:
+                        request_id = detail.get("request_id")
+                        log.info("rights.violation_purge_followed", request_id=request_id, records=gone)
                 if detail.get("step") == "file_sinks":
                     keys = {node_value(n) for n in r.identifiers or ()} | set(detail.get("unified_ids") or ())
                     removed = await delivery.purge_person(destinations.get(r.tenant, []), keys)
@@ -185,9 +211,12 @@ def _ms(ms: int) -> str:
     return rfc3339(datetime.fromtimestamp(ms / 1000, UTC))
 
 
-def holdings_of(config: Config, outbox: Outbox, dead_letters: DeadLetterStore) -> HoldingsOf:
-    """The events held on a person (outbox and dead letters) and the destinations that
-    received their data (the per-destination person index), for access bundles."""
+def holdings_of(
+    config: Config, outbox: Outbox, dead_letters: DeadLetterStore, violations: SqliteViolations | None = None
+) -> HoldingsOf:
+    """The events held on a person (outbox, dead letters, the tracking plan's violation
+    records) and the destinations that received their data (the per-destination person
+    index), for access bundles."""
     destinations = tenant_destinations(config)
 
     async def holdings(tenant: str, nodes: Sequence[str], unified_ids: Sequence[str]) -> Holdings:
@@ -214,11 +243,28 @@ def holdings_of(config: Config, outbox: Outbox, dead_letters: DeadLetterStore) -
                     "event": _event(d.payload),
                 }
             )
+        if violations is not None:
+            for v in await asyncio.to_thread(violations.find_person, tenant, keys):
+                events.append(
+                    {
+                        "store": "plan_violation",
+                        "messageId": v.message_id,
+                        "receivedAt": _ms(v.received_at_ms),
+                        "destinations": [],
+                        "planEvent": v.event,
+                        "action": v.action,
+                        "violations": [msgspec.structs.asdict(f) for f in v.findings],
+                        "event": _event(v.payload),
+                    }
+                )
         recipients = await recipients_of(outbox, destinations.get(tenant, []), unified_ids)
         return Holdings(events, recipients)
 
     return holdings
 
+
+# The deletion step of the tracking plan's violation records (each replica follows it).
+VIOLATIONS_STEP = "plan_violations"
 
 # What a deletion does not reach: it completes as ``partly_done`` naming it (none left: the
 # identity change log is redacted by the ``identity_log`` step).
@@ -266,6 +312,7 @@ def open_rights(
     delivery: DeliveryService,
     limiter: RateLimiter,
     receipts: DeletionReceipts | None = None,
+    violations: SqliteViolations | None = None,
 ) -> RightsService:
     # In this order (consent is withdrawn and the person suppressed first, by the service):
     # the destinations holding the person are read from their person index; the held events
@@ -276,6 +323,7 @@ def open_rights(
     steps: dict[str, DeletionStep] = {
         "recipients": deletion_recipients(config, identity, outbox),
         "events": event_purge(identity, outbox, dead_letters),
+        **({VIOLATIONS_STEP: violation_purge(identity, violations)} if violations is not None else {}),
         "file_sinks": file_sink_purge(config, identity, delivery),
         "rate_limits": rate_limit_purge(identity, limiter),
         "identity_graph": identity_erasure(identity),
@@ -286,7 +334,7 @@ def open_rights(
         rights_clock(config.rights),
         people=identity,
         proofs=proofs,
-        holdings=holdings_of(config, outbox, dead_letters),
+        holdings=holdings_of(config, outbox, dead_letters, violations),
         deletion_steps=steps,
         deletion_gaps=DELETION_GAPS,
     )

@@ -27,6 +27,7 @@ import sqlalchemy as sa
 
 from consent.models import AccessLogEntry, DeliveryProof
 from export.outbox import OutboxRecord
+from export.violations import PlanFinding, SqliteViolations, ViolationRecord
 from identity.db import make_engine
 from tests.conftest import (
     COMPLIANCE_TOKEN,
@@ -61,7 +62,15 @@ access_log_days = 183
 OLD = datetime.now(UTC) - timedelta(days=60)
 OLD_DAY = OLD.date().isoformat()
 OLD_ACCESS = datetime.now(UTC) - timedelta(days=200)  # the access log's period is 183 days
-STORES = ("outbox", "dead_letters", "sink_files", "person_index", "delivery_proofs", "access_log")
+STORES = (
+    "outbox",
+    "dead_letters",
+    "sink_files",
+    "person_index",
+    "plan_violations",
+    "delivery_proofs",
+    "access_log",
+)
 
 
 def bearer(token: str = COMPLIANCE_TOKEN) -> dict[str, str]:
@@ -126,6 +135,7 @@ class Planted:
             )
             self._plant_outbox_and_dead_letter(record, ms)
             self._plant_person_index(f"p_{name}", ms)
+            self._plant_violation(record)
             with self.consent_engine().begin() as conn:
                 conn.execute(
                     sa.insert(DeliveryProof.__table__),  # type: ignore[attr-defined]
@@ -191,6 +201,27 @@ class Planted:
             )
             db.execute("INSERT INTO dedupe(key, seen_at_ms) VALUES (?, ?)", (record.message_id, ms))
 
+    def _plant_violation(self, record: OutboxRecord) -> None:
+        """An event the tracking plan kept (each replica's own store)."""
+        store = SqliteViolations(self.gw.data_dir / "violations.sqlite3")
+        found = (PlanFinding("required", "properties.sku", "required property missing"),)
+        store.keep(
+            [
+                ViolationRecord(
+                    tenant="mall",
+                    source="mall-web",
+                    message_id=record.message_id,
+                    event="product_added",
+                    plan_version=1,
+                    received_at_ms=record.received_at_ms,
+                    findings=found,
+                    payload=record.payload,
+                    pseudonyms=record.pseudonyms,
+                )
+            ]
+        )
+        store.close()
+
     def _plant_person_index(self, person: str, ms: int) -> None:
         if self.distributed:
             client = self.redis()
@@ -233,6 +264,9 @@ class Planted:
                     p for (p,) in db.execute("SELECT unified_id FROM delivered_person")
                 )
                 held["dedupe"] = found(k for (k,) in db.execute("SELECT key FROM dedupe"))
+        kept = SqliteViolations(self.gw.data_dir / "violations.sqlite3")
+        held["plan_violations"] = found(v.message_id for v in kept.list("mall", limit=1000))
+        kept.close()
         with self.consent_engine().connect() as conn:
             proofs = conn.execute(sa.text("SELECT message_id FROM consent_delivery"))
             held["delivery_proofs"] = found(m for (m,) in proofs)
@@ -350,6 +384,7 @@ def retention_end_to_end(tmp_path: Path, env: dict[str, str]) -> None:
     removed = run["removed"]
     assert removed["outbox"] == 1 and removed["dead_letters"] == 1 and removed["person_index"] == 1, removed
     assert removed["sink_files"] == 2 and removed["delivery_proofs"] == 1 and removed["access_log"] == 1
+    assert removed["plan_violations"] == 1, removed  # the longest period of mall's destinations: 30 days
     assert removed["dedupe_entries"] == (0 if planted.distributed else 1), removed
     assert planted.held() == before  # a dry run changes nothing
 

@@ -27,8 +27,10 @@ from tests.conftest import (
     IDGATE,
     MALL_APP_KEY,
     MALL_WEB_KEY,
+    OPERATOR_TOKEN,
     SHARED_KEYS,
     TEST_CONFIG,
+    WEB_KEY,
     Gateway,
     RedisNamespace,
     assertion,
@@ -36,6 +38,7 @@ from tests.conftest import (
     postgres_schema,
 )
 from tests.consent.test_rights import bearer, ledger_records, login, open_request, send, tag
+from tests.gateway.test_tracking_plan import plan_config, seed_plan
 from tests.receivers import Receiver
 from tests.waiting import wait_until
 
@@ -430,3 +433,89 @@ def test_every_replica_purges_its_own_sink_files(tmp_path: Path, redis_ns: Redis
         )
         if held_by_b:  # b rewrote its files itself, following a's deletion
             wait_until(lambda: "rights.sink_purge_followed" in b.log_text(), 10, what="b's log line")
+
+
+def test_the_tracking_plans_records_of_a_person_are_in_the_bundle_and_go_with_the_deletion(
+    tmp_path: Path,
+) -> None:
+    """Events the plan kept (``block``) hold the person's pseudonyms: an access request lists
+    them, a deletion removes them (step ``plan_violations``) and leaves other persons'."""
+    plan = seed_plan(tmp_path)
+    g = make_gateway(tmp_path, config=plan_config(plan, "enforce")).start()
+    try:
+        t = tag()
+        user, other = f"canary-plan-{t}", f"keep-plan-{t}"
+
+        def bad_price(who: str) -> dict[str, Any]:  # price as a string: blocked, kept as a record
+            props = {"product_id": "sku-1", "price": "12", "quantity": 1}
+            return send(g, WEB_KEY, "track", userId=who, event="Product Added", properties=props)
+
+        mine, theirs = bad_price(user), bad_price(other)
+        assert mine["accepted"] == 0 and theirs["accepted"] == 0, mine
+
+        def kept() -> set[str]:
+            operator = bearer(OPERATOR_TOKEN)  # the plan's records are the data team's
+            r = httpx.get(f"{g.url}/admin/plan/violations", params={"tenant": "shop"}, headers=operator)
+            assert r.status_code == 200, r.text
+            return {v["messageId"] for v in r.json()["violations"]}
+
+        assert {mine["messageId"], theirs["messageId"]} <= kept()
+        subject = {"type": "user_id", "id": user}
+        access = open_request(g, tenant="shop", kind="access", subject=subject).json()
+        bundle = httpx.post(
+            f"{g.url}/admin/rights/{access['requestId']}/bundle", json={"tenant": "shop"}, headers=bearer()
+        ).json()["bundle"]
+        held = [e for e in bundle["heldEvents"] if e["store"] == "plan_violation"]
+        assert [e["messageId"] for e in held] == [mine["messageId"]], bundle["heldEvents"]
+        assert held[0]["planEvent"] == "product_added" and held[0]["violations"][0]["rule"] == "type"
+
+        r = open_request(g, tenant="shop", kind="delete", subject=subject)
+        assert r.status_code == 201, r.text
+        steps = {s["step"]: s for s in r.json()["steps"]}
+        assert steps["plan_violations"]["records_removed"] == 1, steps
+        assert mine["messageId"] not in kept() and theirs["messageId"] in kept()
+        pseudonyms = {i["pseudonym"] for i in bundle["identifiers"]}
+        assert pseudonyms
+        store = sqlite3.connect(g.data_dir / "violations.sqlite3")
+        rows = store.execute("SELECT message_id, envelope, payload FROM plan_violation").fetchall()
+        store.close()
+        assert theirs["messageId"] in {m for m, _, _ in rows}
+        left = [m for m, e, p in rows for x in pseudonyms if x.encode() in bytes(e) + bytes(p)]
+        assert left == [] and user not in g.log_text()
+    finally:
+        g.stop()
+
+
+@pytest.mark.postgres
+@pytest.mark.redis
+def test_every_replica_purges_its_own_plan_violation_records(
+    tmp_path: Path, redis_ns: RedisNamespace
+) -> None:
+    """Each replica keeps the events its plan blocked in its own store: a deletion carried out
+    on one is followed by the other (its ``plan_violations`` step in the shared ledger)."""
+    with ExitStack() as stack:
+        schema = stack.enter_context(postgres_schema("rdelv"))
+        env = {"DATABASE_URL": schema.url, **SHARED_KEYS, **redis_ns.env()}
+        config = plan_config(seed_plan(tmp_path), "enforce")
+        a = make_gateway(tmp_path / "a", config=config, extra_env=env).start()
+        stack.callback(a.stop)
+        b = make_gateway(tmp_path / "b", config=config, extra_env=env).start()
+        stack.callback(b.stop)
+        user = f"canary-planrep-{tag()}"
+        props = {"product_id": "sku-1", "price": "12", "quantity": 1}
+        blocked = send(b, WEB_KEY, "track", userId=user, event="Product Added", properties=props)
+        assert blocked["accepted"] == 0, blocked
+
+        def held_by_b() -> list[str]:
+            store = sqlite3.connect(b.data_dir / "violations.sqlite3")
+            try:
+                return [m for (m,) in store.execute("SELECT message_id FROM plan_violation")]
+            finally:
+                store.close()
+
+        assert held_by_b() == [blocked["messageId"]]
+        r = open_request(a, tenant="shop", kind="delete", subject={"type": "user_id", "id": user})
+        assert r.status_code == 201, r.text
+        assert {s["step"]: s for s in r.json()["steps"]}["plan_violations"]["records_removed"] == 0  # a's own
+        wait_until(lambda: held_by_b() == [], 30, what="b's record of the person gone")
+        assert "rights.violation_purge_followed" in b.log_text()
