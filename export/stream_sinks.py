@@ -50,6 +50,7 @@ from export.sink import (
     url_check,
     with_defaults,
 )
+from identity.redis_client import URL_SCHEMES, open_async_redis
 
 log = structlog.get_logger(__name__)
 
@@ -78,8 +79,8 @@ STREAM_OPTIONS: dict[str, dict[str, Option]] = {
     "redis_stream": {
         "url": Option(
             (str,),
-            "Redis server (default: $REDIS_URL, else redis://127.0.0.1:6379/0)",
-            check=url_check("redis", "rediss", "unix"),
+            "Redis server or cluster (redis+cluster://; default: $REDIS_URL, else redis://127.0.0.1:6379/0)",
+            check=url_check(*URL_SCHEMES),
         ),
         "stream": Option((str,), "stream key", required=True, check=non_empty),
         "maxlen": Option(
@@ -199,9 +200,7 @@ class RedisStreamSink:
 
     def _redis(self) -> Any:
         if self._client is None:
-            import redis.asyncio as aioredis
-
-            self._client = aioredis.from_url(
+            self._client = open_async_redis(
                 self.url, socket_timeout=self.timeout_seconds, socket_connect_timeout=self.timeout_seconds
             )
         return self._client
