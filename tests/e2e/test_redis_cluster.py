@@ -50,13 +50,13 @@ def test_distributed_gateway_on_a_redis_cluster(
         assert send(gw, WEB_KEY, web)["accepted"] == len(web)
         assert send(gw, APP_KEY, app)["accepted"] == len(app)
         assert send(gw, WEB_KEY, web)["duplicates"] == len(web)
+
         # (the replicas' increments reach Redis write-behind, within a flush period)
-        total = wait_until(
-            lambda: (
-                t if (t := {k: w["total"]["value"] for k, w in kpis(gw, "shop").items()})["uv_home"] else None
-            ),
-            what="the KPIs in Redis",
-        )
+        def totals() -> dict[str, float] | None:
+            t = {k: w["total"]["value"] for k, w in kpis(gw, "shop").items()}
+            return t if t["uv_home"] == 3 and t["pv_home"] == 3 else None
+
+        total = wait_until(totals, what="the KPIs in Redis")
         # (u-1 paid above: 20 orders)
         assert total["uv_product"] == 2 and total["paying_persons"] == 2 and total["orders"] == 21
 
