@@ -12,7 +12,8 @@ destination is a consumer group and each replica a consumer in it, so:
 
 An append is one Lua script (atomic): the XADDs, each entry one msgpack field, and the
 confirmation of the request's message-id claims (export.dedupe), so a message id counts as
-seen exactly when its event is in the stream.
+seen exactly when its event is in the stream. (On a Redis Cluster the claims live in their
+sources' slots: they are confirmed right after the script; see ``append``.)
 
 A batch is committed with one MULTI/EXEC: XACK of every entry it spanned, the committed
 sizes of this replica's sink files (file sinks cut back to them on restart, so they stay

@@ -50,7 +50,7 @@ from export.sink import (
     url_check,
     with_defaults,
 )
-from identity.redis_client import URL_SCHEMES, open_async_redis
+from identity.redis_client import URL_SCHEMES, is_cluster, open_async_redis
 
 log = structlog.get_logger(__name__)
 
@@ -211,7 +211,7 @@ class RedisStreamSink:
         for attempt in (1, 2):
             if self._sha is None:
                 self._sha = await client.script_load(_XADD_ONCE)
-            pipe = client.pipeline(transaction=False)
+            calls: list[list[Any]] = []
             for start in range(0, len(records), _SCRIPT_RECORDS):
                 keys: list[Any] = [self.stream]
                 args: list[Any] = [self.dedupe_seconds, self.maxlen]
@@ -219,8 +219,14 @@ class RedisStreamSink:
                     message_id = message_id_of(r)
                     keys.append(self.dedupe_key(message_id))
                     args += (message_id, r.payload)
-                pipe.evalsha(self._sha, len(keys), *keys, *args)
+                calls.append([self._sha, len(keys), *keys, *args])
             try:
+                if is_cluster(client):
+                    # a cluster pipeline refuses EVALSHA: one call per chunk, in order
+                    return [flag for call in calls for flag in await client.evalsha(*call)]
+                pipe = client.pipeline(transaction=False)
+                for call in calls:
+                    pipe.evalsha(*call)
                 return [flag for chunk in await pipe.execute() for flag in chunk]
             except redis.exceptions.NoScriptError:
                 # the server lost its scripts (restart, SCRIPT FLUSH): load it again; the
