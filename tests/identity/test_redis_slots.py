@@ -102,3 +102,14 @@ def test_stream_sink_keys_share_the_stream_slot() -> None:
 def test_cluster_urls() -> None:
     assert is_cluster_url("redis+cluster://h:7000") and is_cluster_url("rediss+cluster://h:7000")
     assert not is_cluster_url("redis://h:6379/0")
+
+
+def test_a_cluster_url_naming_another_database_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    from gateway.settings import Settings, SettingsError
+
+    monkeypatch.setenv("IDGATE_ENV", "dev")
+    monkeypatch.setenv("REDIS_URL", "redis+cluster://127.0.0.1:7000/9")
+    with pytest.raises(SettingsError, match="REDIS_URL: a Redis Cluster has only database 0"):
+        Settings.from_env()
+    monkeypatch.setenv("REDIS_URL", "redis+cluster://127.0.0.1:7000/0")
+    assert Settings.from_env().redis_url == "redis+cluster://127.0.0.1:7000/0"
