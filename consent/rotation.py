@@ -27,6 +27,7 @@ import sqlalchemy as sa
 
 from consent.models import ConsentStateRow, ProjectionRow, SubjectAliasRow
 from consent.state import _dialect_insert
+from identity.redis_client import is_cluster
 
 _ALIAS = SubjectAliasRow.__table__  # type: ignore[attr-defined]
 _STATE = ConsentStateRow.__table__  # type: ignore[attr-defined]
@@ -181,6 +182,18 @@ return moved
 """
 
 
+# KEYS: the new hash; ARGV: field, value pairs of the old one.
+_MOVE_FORWARD_LUA = """
+for j = 1, #ARGV, 2 do
+  local seq = tonumber(string.match(ARGV[j + 1], '^%[[^,]*,(%d+)'))
+  local cur = redis.call('HGET', KEYS[1], ARGV[j])
+  local cur_seq = cur and tonumber(string.match(cur, '^%[[^,]*,(%d+)')) or -1
+  if seq > cur_seq then redis.call('HSET', KEYS[1], ARGV[j], ARGV[j + 1]) end
+end
+return #ARGV / 2
+"""
+
+
 def rekey_redis_state(client: Any, prefix: str, tenant: str, aliases: Sequence[Alias]) -> int:
     """The same move in the Redis projection (a sync ``redis.Redis``); the caller advances
     the cursor after it (a repeat after a crash moves nothing twice)."""
@@ -189,7 +202,21 @@ def rekey_redis_state(client: Any, prefix: str, tenant: str, aliases: Sequence[A
     keys: list[str] = []
     for alias in aliases:
         keys += [f"{prefix}:consent:{tenant}:{alias.old}", f"{prefix}:consent:{tenant}:{alias.new}"]
-    return int(client.eval(_REKEY_LUA, len(keys), *keys))
+    if not is_cluster(client):
+        return int(client.eval(_REKEY_LUA, len(keys), *keys))
+    # A cluster: the old and new pseudonym's hashes lie in different slots, so no script
+    # takes both. Per alias: read the old one, move its entries forward into the new one
+    # (one script), then drop the old one; a repeat after a crash in between moves nothing
+    # twice (entries only move forward).
+    moved = 0
+    for old_key, new_key in zip(keys[::2], keys[1::2], strict=True):
+        entries = client.hgetall(old_key)
+        if entries:
+            flat = [x for field, value in entries.items() for x in (field, value)]
+            client.eval(_MOVE_FORWARD_LUA, 1, new_key, *flat)
+            moved += len(entries)
+        client.delete(old_key)
+    return moved
 
 
 def advance_cursor(engine: sa.Engine, tenant: str, value: int) -> None:

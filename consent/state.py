@@ -18,6 +18,7 @@ Two stores, one interface:
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
@@ -32,6 +33,7 @@ from consent.models import ConsentStateRow, NoticeRow, ProjectionRow
 from consent.suppression import ERASED_FLAG, is_erased, suppression_entries
 from identity.db import sqlite_connect
 from identity.identifiers import node_value
+from identity.redis_client import is_cluster, slot_groups
 
 ALL_PURPOSES = "*"
 
@@ -401,6 +403,8 @@ for i = 1, #KEYS do
 end
 return #KEYS
 """
+# On a cluster the keys of one apply fall in many slots: calls per slot in flight at once.
+_APPLY_CONCURRENCY = 64
 _ADVANCE_LUA = """
 local cur = tonumber(redis.call('GET', KEYS[1]) or '0')
 if tonumber(ARGV[1]) > cur then redis.call('SET', KEYS[1], ARGV[1]) end
@@ -415,6 +419,8 @@ class RedisConsentState:
         self.client = client
         self.prefix = prefix
         self._apply = client.register_script(_APPLY_LUA)
+        # a cluster: one apply call per slot (each key's move forward stands on its own)
+        self.cluster = is_cluster(client)
         self._advance = client.register_script(_ADVANCE_LUA)
         self._encode = msgspec.json.Encoder().encode
         self._decode = msgspec.json.Decoder(StateEntry).decode
@@ -485,6 +491,11 @@ class RedisConsentState:
     async def advance(self, seq: int) -> None:
         await self._advance(keys=[f"{self.prefix}:consent:applied"], args=[seq])
 
+    async def _apply_some(self, keys: list[str], args: list[Any], which: list[int]) -> None:
+        """The apply script over the keys at ``which`` (one slot) and their three args each."""
+        some = [a for i in which for a in args[3 * i : 3 * i + 3]]
+        await self._apply(keys=[keys[i] for i in which], args=some)
+
     async def apply(self, records: Sequence[RecordView], *, advance: bool = True) -> None:
         if not records:
             return
@@ -501,8 +512,10 @@ class RedisConsentState:
             for ident, purpose, e in _entries_from_record(r, notices):
                 keys.append(self._key(r.tenant, ident))
                 args += [purpose, self._encode(e), e.seq]
-        if keys:
-            await self._apply(keys=keys, args=args)
+        groups = slot_groups(self.cluster, keys)
+        for lo in range(0, len(groups), _APPLY_CONCURRENCY):
+            chunk = groups[lo : lo + _APPLY_CONCURRENCY]
+            await asyncio.gather(*(self._apply_some(keys, args, g) for g in chunk))
         restrictive = [r.seq for r in records if is_restrictive(r)]
         if restrictive:
             await self._advance(keys=[f"{self.prefix}:consent:restrictive"], args=[max(restrictive)])

@@ -30,6 +30,7 @@ from typing import Any, Literal, Protocol
 
 import msgspec
 
+from identity.redis_client import hash_tag, is_cluster
 from identity.scrub import looks_like_identifier
 
 KpiKind = Literal["count", "sum", "distinct", "ratio", "top", "new_persons", "returning_persons"]
@@ -464,6 +465,10 @@ class RedisKpiStore:
     ) -> None:
         self.redis = redis
         self.prefix = f"{prefix}:kpi"
+        # Multi-key commands (BITOP over a tenant's days, PFCOUNT and ZUNION over a KPI's
+        # buckets and sources) take one slot on a cluster: the tenant, or tenant and KPI, is
+        # the hash tag there; on one server the names are unchanged.
+        self.cluster = is_cluster(redis)
         self.ttl = max(1, int(retention_buckets * bucket_seconds) + 60)
         # tenant -> TTL of its history keys (source "*")
         self.history_ttl = {
@@ -473,19 +478,24 @@ class RedisKpiStore:
         self._before_built: set[tuple[str, int]] = set()
 
     def _seen(self, tenant: str, day: int) -> str:
-        return f"{self.prefix}:seen:{tenant}:{day}"
+        return f"{self.prefix}:seen:{hash_tag(self.cluster, tenant)}:{day}"
 
     async def _classify(self, tenant: str, day: int, digests: set[bytes]) -> dict[bytes, bool]:
         """One round trip (two on a day's first call): which persons the days before saw,
         and today's filter marks them all."""
-        before = f"{self.prefix}:seen-before:{tenant}:{day}"
+        before = f"{self.prefix}:seen-before:{hash_tag(self.cluster, tenant)}:{day}"
         if (tenant, day) not in self._before_built:
             days = [self._seen(tenant, d) for d in range(day - RETURNING_LOOKBACK_DAYS, day)]
-            pipe = self.redis.pipeline(transaction=False)
-            pipe.delete(before)
-            pipe.bitop("OR", before, *days)  # missing days count as empty
-            pipe.expire(before, 2 * DAY_SECONDS)
-            await pipe.execute()
+            if self.cluster:  # a cluster pipeline refuses BITOP (its keys share a slot here)
+                await self.redis.delete(before)
+                await self.redis.bitop("OR", before, *days)
+                await self.redis.expire(before, 2 * DAY_SECONDS)
+            else:
+                pipe = self.redis.pipeline(transaction=False)
+                pipe.delete(before)
+                pipe.bitop("OR", before, *days)  # missing days count as empty
+                pipe.expire(before, 2 * DAY_SECONDS)
+                await pipe.execute()
             self._before_built.add((tenant, day))
         ordered = list(digests)
         positions = [seen_positions(d) for d in ordered]
@@ -511,13 +521,13 @@ class RedisKpiStore:
         return f"{self.prefix}:{where}{tenant}:{bucket}"
 
     def _top(self, tenant: str, bucket: int, kpi: str, source: str) -> str:
-        return f"{self.prefix}:top:{tenant}:{kpi}:{source}:{bucket}"
+        return f"{self.prefix}:top:{hash_tag(self.cluster, f'{tenant}:{kpi}')}:{source}:{bucket}"
 
     def _ttl(self, tenant: str, source: str) -> int:
         return self.history_ttl.get(tenant, self.ttl) if source == ALL_SOURCES else self.ttl
 
     def _hll(self, tenant: str, bucket: int, kpi: str, source: str) -> str:
-        return f"{self.prefix}:hll:{tenant}:{kpi}:{source}:{bucket}"
+        return f"{self.prefix}:hll:{hash_tag(self.cluster, f'{tenant}:{kpi}')}:{source}:{bucket}"
 
     async def add(
         self,

@@ -12,7 +12,8 @@ destination is a consumer group and each replica a consumer in it, so:
 
 An append is one Lua script (atomic): the XADDs, each entry one msgpack field, and the
 confirmation of the request's message-id claims (export.dedupe), so a message id counts as
-seen exactly when its event is in the stream.
+seen exactly when its event is in the stream. (On a Redis Cluster the claims live in their
+sources' slots: they are confirmed right after the script; see ``append``.)
 
 A batch is committed with one MULTI/EXEC: XACK of every entry it spanned, the committed
 sizes of this replica's sink files (file sinks cut back to them on restart, so they stay
@@ -48,6 +49,7 @@ from export.outbox import (
     stored,
 )
 from export.outbox_schema import v2_record_fields
+from identity.redis_client import hash_tag, is_cluster
 
 log = structlog.get_logger(__name__)
 
@@ -172,9 +174,14 @@ class RedisStreamOutbox:
         self.client = client  # redis.asyncio.Redis
         self.dedupe = dedupe
         self.max_pending = max_pending
-        self._appended_key = f"{prefix}:outbox:appended"
         self.prefix = prefix
-        self.stream = f"{prefix}:outbox"
+        # On a cluster every key of the outbox (the stream, its counters, the per-destination
+        # sink files and person index) shares the stream's slot, so each script and MULTI
+        # takes one slot; on one server the names are the ones they always were.
+        self.cluster = is_cluster(client)
+        self.stream = hash_tag(self.cluster, f"{prefix}:outbox")
+        self.home = self.stream if self.cluster else prefix
+        self._appended_key = f"{self.stream}:appended"
         self.replica = replica
         self.dedupe_window_seconds = dedupe_window_seconds
         self.claim_idle_ms = claim_idle_ms
@@ -190,7 +197,7 @@ class RedisStreamOutbox:
 
     # -- claims and appends -------------------------------------------------------------
     def acked_key(self, destination: str) -> str:
-        return f"{self.prefix}:outbox:acked:{destination}"
+        return f"{self.stream}:acked:{destination}"
 
     def _counter_keys(self) -> list[str]:
         return [self._appended_key, *(self.acked_key(d) for d in sorted(self.destinations))]
@@ -236,15 +243,22 @@ class RedisStreamOutbox:
                 _encode_entry(r) for r, fresh in zip(records, stored, strict=True) if fresh and r.destinations
             ]
             refused: list[int] | None = None
-            if entries or confirm:
+            # On a cluster the claims lie in their sources' slots, not the stream's: they are
+            # confirmed right after the append instead of by it. A replica that dies between
+            # the two leaves pending claims that expire, so the client's retry is appended
+            # again (delivered at least once; sinks dedupe by message id).
+            together = [] if self.cluster else confirm
+            if entries or together:
                 counters = self._counter_keys()
                 bound = self.max_pending if claim is not None else 0  # internal appends: unbounded
                 done, backlog = await self._append_script(
-                    keys=[self.stream, *counters, *confirm],
+                    keys=[self.stream, *counters, *together],
                     args=[self.dedupe.window_seconds, len(counters) - 1, bound, *entries],
                 )
                 if int(done) < 0:
                     refused = [int(backlog)]
+            if self.cluster and confirm and refused is None:
+                await self.dedupe.confirm(confirm)
         except Exception as exc:
             self.accepting = False
             raise OutboxUnavailable(f"outbox append failed: {type(exc).__name__}") from exc
@@ -392,7 +406,7 @@ class RedisStreamOutbox:
     def received_at_key(self, destination: str) -> str:
         """When each person's data last went to ``destination`` (a sorted set beside the
         person index ``received:<destination>``, scored by ms)."""
-        return f"{self.prefix}:received-at:{destination}"
+        return f"{self.home}:received-at:{destination}"
 
     async def expire(self, tenant: str, cutoffs: Mapping[str, int], *, apply: bool) -> int:
         """Entries of ``tenant`` (events and notices) past retention (export.outbox.
@@ -435,7 +449,7 @@ class RedisStreamOutbox:
         for start in range(0, len(persons), 1000):
             chunk = persons[start : start + 1000]
             pipe = self.client.pipeline(transaction=True)
-            pipe.srem(f"{self.prefix}:received:{destination}", *chunk)
+            pipe.srem(f"{self.home}:received:{destination}", *chunk)
             pipe.zrem(at_key, *chunk)
             _, dropped = await pipe.execute()
             removed += int(dropped)
@@ -454,8 +468,8 @@ class RedisDestinationQueue:
         self.client = outbox.client
         self.destination = destination
         self.consumer = outbox.replica
-        self._files_key = f"{outbox.prefix}:sinkfile:{destination}:{outbox.replica}"
-        self._persons_key = f"{outbox.prefix}:received:{destination}"
+        self._files_key = f"{outbox.home}:sinkfile:{destination}:{outbox.replica}"
+        self._persons_key = f"{outbox.home}:received:{destination}"
         self._own_pending = True
         self._next_claim = 0.0
         self._claim_cursor = "0-0"

@@ -50,6 +50,7 @@ from export.sink import (
     url_check,
     with_defaults,
 )
+from identity.redis_client import URL_SCHEMES, is_cluster, open_async_redis
 
 log = structlog.get_logger(__name__)
 
@@ -78,8 +79,8 @@ STREAM_OPTIONS: dict[str, dict[str, Option]] = {
     "redis_stream": {
         "url": Option(
             (str,),
-            "Redis server (default: $REDIS_URL, else redis://127.0.0.1:6379/0)",
-            check=url_check("redis", "rediss", "unix"),
+            "Redis server or cluster (redis+cluster://; default: $REDIS_URL, else redis://127.0.0.1:6379/0)",
+            check=url_check(*URL_SCHEMES),
         ),
         "stream": Option((str,), "stream key", required=True, check=non_empty),
         "maxlen": Option(
@@ -199,9 +200,7 @@ class RedisStreamSink:
 
     def _redis(self) -> Any:
         if self._client is None:
-            import redis.asyncio as aioredis
-
-            self._client = aioredis.from_url(
+            self._client = open_async_redis(
                 self.url, socket_timeout=self.timeout_seconds, socket_connect_timeout=self.timeout_seconds
             )
         return self._client
@@ -212,7 +211,7 @@ class RedisStreamSink:
         for attempt in (1, 2):
             if self._sha is None:
                 self._sha = await client.script_load(_XADD_ONCE)
-            pipe = client.pipeline(transaction=False)
+            calls: list[list[Any]] = []
             for start in range(0, len(records), _SCRIPT_RECORDS):
                 keys: list[Any] = [self.stream]
                 args: list[Any] = [self.dedupe_seconds, self.maxlen]
@@ -220,8 +219,14 @@ class RedisStreamSink:
                     message_id = message_id_of(r)
                     keys.append(self.dedupe_key(message_id))
                     args += (message_id, r.payload)
-                pipe.evalsha(self._sha, len(keys), *keys, *args)
+                calls.append([self._sha, len(keys), *keys, *args])
             try:
+                if is_cluster(client):
+                    # a cluster pipeline refuses EVALSHA: one call per chunk, in order
+                    return [flag for call in calls for flag in await client.evalsha(*call)]
+                pipe = client.pipeline(transaction=False)
+                for call in calls:
+                    pipe.evalsha(*call)
                 return [flag for chunk in await pipe.execute() for flag in chunk]
             except redis.exceptions.NoScriptError:
                 # the server lost its scripts (restart, SCRIPT FLUSH): load it again; the

@@ -173,9 +173,9 @@ def create_app(settings: Settings | None = None) -> Litestar:
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         redis_client = None
         if settings.redis_url:
-            import redis.asyncio as aioredis
+            from identity.redis_client import open_async_redis
 
-            redis_client = aioredis.from_url(settings.redis_url, **redis_options())
+            redis_client = open_async_redis(settings.redis_url, **redis_options())
             await redis_client.ping()
         outbox = open_outbox(settings, config.limits.dedupe_window_seconds, redis_client)
         dead_letters = open_dead_letters(settings)

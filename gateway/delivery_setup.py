@@ -87,10 +87,10 @@ def open_outbox(settings: Settings, dedupe_window_seconds: int, redis_client: An
 def open_dead_letters(settings: Settings) -> DeadLetterStore:
     """The dead-letter store beside the deployment's outbox."""
     if settings.outbox_kind == "redis":
-        import redis
+        from identity.redis_client import open_redis
 
         assert settings.redis_url
-        return RedisDeadLetters(redis.Redis.from_url(settings.redis_url), settings.redis_prefix)
+        return RedisDeadLetters(open_redis(settings.redis_url), settings.redis_prefix)
     return SqliteDeadLetters(settings.dead_letter_path)
 
 

@@ -62,9 +62,9 @@ def _appender(settings: Settings) -> Iterator[Callable[[list[OutboxRecord]], obj
     loop = asyncio.new_event_loop()
     client = None
     if settings.outbox_kind == "redis":
-        import redis.asyncio as aioredis
+        from identity.redis_client import open_async_redis
 
-        client = aioredis.from_url(settings.redis_url or "")
+        client = open_async_redis(settings.redis_url or "")
     outbox = open_outbox(settings, 24 * 3600, client)
     try:
         yield lambda records: loop.run_until_complete(outbox.append(records, dedupe=False))

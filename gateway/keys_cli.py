@@ -84,9 +84,9 @@ def _open() -> _Stores:
     migrate_consent(engine)
     client = None
     if settings.redis_url:
-        import redis
+        from identity.redis_client import open_redis
 
-        client = redis.Redis.from_url(settings.redis_url)
+        client = open_redis(settings.redis_url)
     return _Stores(settings, config, keyring, engine, client)
 
 

@@ -234,9 +234,9 @@ def open_alert_history(settings: Settings) -> AlertHistory:
     """Where alert firings and resolutions are kept: Redis when the replicas share one (the
     evaluator can move), else ``alerts.sqlite3`` in the data directory."""
     if settings.redis_url:
-        import redis
+        from identity.redis_client import open_redis
 
-        return RedisAlertHistory(redis.Redis.from_url(settings.redis_url), settings.redis_prefix)
+        return RedisAlertHistory(open_redis(settings.redis_url), settings.redis_prefix)
     return SqliteAlertHistory(settings.data_dir / "alerts.sqlite3")
 
 

@@ -65,9 +65,9 @@ async def _stores(settings: Settings, config: Config, *, signing: bool) -> Async
     engine = _consent_engine(settings)
     redis_client = None
     if settings.redis_url:
-        import redis.asyncio as aioredis
+        from identity.redis_client import open_async_redis
 
-        redis_client = aioredis.from_url(settings.redis_url, **redis_options())
+        redis_client = open_async_redis(settings.redis_url, **redis_options())
     outbox = open_outbox(settings, config.limits.dedupe_window_seconds, redis_client)
     dead_letters = open_dead_letters(settings)
     proofs = DeliveryProofs(engine)

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from identity.redis_client import RedisUrlError, cluster_seed, is_cluster_url
+
 Environment = Literal["dev", "production"]
 LogFormat = Literal["json", "console"]
 
@@ -210,6 +212,11 @@ class Settings:
         config = config_path or Path(os.environ.get("IDGATE_CONFIG", "idgate.example.toml"))
         data = data_dir_from_env(data_dir)
         redis_url = os.environ.get("REDIS_URL") or None
+        if redis_url and is_cluster_url(redis_url):
+            try:
+                cluster_seed(redis_url)
+            except RedisUrlError as exc:
+                raise SettingsError(f"REDIS_URL: {exc}") from None
         dev_clock_file = os.environ.get("IDGATE_DEV_CLOCK_FILE") or None
         if dev_clock_file and env != "dev":
             raise SettingsError("IDGATE_DEV_CLOCK_FILE is for tests: it needs IDGATE_ENV=dev")

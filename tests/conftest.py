@@ -60,6 +60,8 @@ OPTED_OUT = "opted out with IDGATE_TEST_ALLOW_MISSING"
 # A test that uses one of these fixtures (directly or through another fixture) gets the markers.
 MARKERS_BY_FIXTURE: dict[str, tuple[str, ...]] = {
     "redis_ns": ("redis",),
+    "redis_cluster": ("redis",),
+    "cluster_ns": ("redis",),
     "pg_schema": ("postgres",),
     "nats_url": ("nats",),
     "miniprogram": ("node",),
@@ -525,6 +527,117 @@ def redis_ns() -> Iterator[RedisNamespace]:
     if keys:
         client.delete(*keys)
     client.close()
+
+
+REDIS_SERVER = os.environ.get("IDGATE_TEST_REDIS_SERVER", "/usr/bin/redis-server")
+REDIS_CLI = os.environ.get("IDGATE_TEST_REDIS_CLI", "/usr/bin/redis-cli")
+
+
+@dataclass(frozen=True)
+class RedisCluster:
+    """A Redis Cluster of three masters started for the session (``redis_cluster``)."""
+
+    ports: tuple[int, ...]
+
+    @property
+    def url(self) -> str:
+        return f"redis+cluster://127.0.0.1:{self.ports[0]}"
+
+
+def _cluster_ok(port: int) -> bool:
+    import redis
+
+    client = redis.Redis(port=port, socket_timeout=1)
+    try:
+        info = client.execute_command("CLUSTER INFO")
+    except redis.RedisError:
+        return False
+    finally:
+        client.close()
+    # redis-py parses the reply into a dict
+    return bool(info.get("cluster_state") == "ok" and int(info.get("cluster_known_nodes", 0)) == 3)
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisCluster]:
+    """Three ``redis-server`` masters (no persistence) joined with ``redis-cli --cluster
+    create``, for the whole session; stopped at its end."""
+    require_marker("redis", "Redis")
+    if not (Path(REDIS_SERVER).exists() and Path(REDIS_CLI).exists()):
+        missing("redis", f"a Redis Cluster needs {REDIS_SERVER} and {REDIS_CLI} (IDGATE_TEST_REDIS_SERVER)")
+    root = tmp_path_factory.mktemp("redis-cluster")
+    ports = tuple(free_port() for _ in range(3))
+    processes: list[subprocess.Popen[bytes]] = []
+    try:
+        for port in ports:
+            node = root / str(port)
+            node.mkdir()
+            processes.append(
+                subprocess.Popen(
+                    [
+                        REDIS_SERVER,
+                        "--port", str(port),
+                        "--bind", "127.0.0.1",
+                        "--cluster-enabled", "yes",
+                        "--cluster-port", str(free_port()),
+                        "--cluster-config-file", str(node / "nodes.conf"),
+                        "--dir", str(node),
+                        "--appendonly", "no",
+                        "--save", "",
+                    ],
+                    stdout=(node / "log").open("wb"),
+                    stderr=subprocess.STDOUT,
+                )
+            )  # fmt: skip
+        wait_until(
+            lambda: all(_ping(p) for p in ports), timeout=20, what="the cluster's redis-server processes"
+        )
+        created = subprocess.run(
+            [REDIS_CLI, "--cluster", "create", *(f"127.0.0.1:{p}" for p in ports)]
+            + ["--cluster-replicas", "0", "--cluster-yes"],
+            capture_output=True,
+            timeout=60,
+        )
+        assert created.returncode == 0, created.stdout.decode() + created.stderr.decode()
+        wait_until(lambda: all(_cluster_ok(p) for p in ports), timeout=30, what="cluster_state:ok")
+        yield RedisCluster(ports)
+    finally:
+        for proc in processes:
+            proc.terminate()
+        for proc in processes:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def _ping(port: int) -> bool:
+    import redis
+
+    client = redis.Redis(port=port, socket_timeout=1)
+    try:
+        return bool(client.ping())
+    except redis.RedisError:
+        return False
+    finally:
+        client.close()
+
+
+@pytest.fixture
+def cluster_ns(redis_cluster: RedisCluster) -> Iterator[RedisNamespace]:
+    """A key prefix of the test's own on the session's Redis Cluster, its keys removed
+    afterwards (from every master)."""
+    from identity.redis_client import open_redis
+
+    ns = RedisNamespace(redis_cluster.url, f"idgate-test-{uuid.uuid4().hex[:12]}")
+    yield ns
+    client = open_redis(ns.url)
+    try:
+        for key in list(client.scan_iter(match=f"*{ns.prefix}*")):
+            client.delete(key)
+    finally:
+        client.close()
 
 
 @dataclass(frozen=True)
