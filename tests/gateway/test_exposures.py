@@ -19,6 +19,7 @@ from sensorsanalytics import DefaultConsumer, SensorsAnalytics
 
 from gateway.exposures import MemoryExposures, RedisExposures, sighting_keys
 from gateway.plan import ExposureSpec, PlanProblems, parse_plan
+from identity.redis_client import key_slot, open_async_redis
 from tests.conftest import (
     WEB_KEY,
     Gateway,
@@ -73,6 +74,23 @@ def test_redis_sightings_are_shared_and_expire(redis_ns: RedisNamespace) -> None
         keys = [k async for k in client.scan_iter(match=f"{redis_ns.prefix}:exposure:*")]
         ttls = [await client.pttl(k) for k in keys]
         assert len(keys) == 2 and all(0 < t <= 60 * SECOND for t in ttls), ttls
+        await client.aclose()
+
+    asyncio.run(go())
+
+
+@pytest.mark.redis
+def test_redis_sightings_on_a_cluster_spread_over_the_masters(cluster_ns: RedisNamespace) -> None:
+    """One single-key SET per item: any slot, so a cluster takes them in one pipeline."""
+
+    async def go() -> None:
+        client = open_async_redis(cluster_ns.url)
+        store = RedisExposures(client, cluster_ns.prefix)
+        keys = [bytes([i]) * 16 for i in range(40)]
+        assert await store.first_sightings([(k, b"m1") for k in keys], 60 * SECOND) == [True] * 40
+        assert await store.first_sightings([(k, b"m2") for k in keys], 60 * SECOND) == [False] * 40
+        slots = {key_slot(f"{cluster_ns.prefix}:exposure:{k.hex()}".encode()) for k in keys}
+        assert len(slots) > 30
         await client.aclose()
 
     asyncio.run(go())
