@@ -76,6 +76,11 @@ _LEDGER: sa.Table = LedgerRecord.__table__  # type: ignore[attr-defined]
 _CHECKPOINTS: sa.Table = LedgerCheckpoint.__table__  # type: ignore[attr-defined]
 
 
+# Writes of the same transaction as an append: (connection, seq before the first record,
+# the records of each caller in chain order).
+InTransaction = Callable[[sa.Connection, int, list[list[LedgerRecord]]], None]
+
+
 class InvalidRecord(ValueError):
     """A draft that cannot become a ledger record (unknown type or state, naive time, non-JSON detail)."""
 
@@ -211,26 +216,56 @@ class Ledger:
         """Append the drafts as consecutive records, in one transaction (and one checkpoint when due)."""
         if not drafts:
             return []
+        (records,) = self.append_prepared([self.prepare(drafts)])
+        return records
+
+    def prepare(self, drafts: Sequence[RecordDraft]) -> list[dict[str, Any]]:
+        """The stored form of the drafts, checked (``InvalidRecord``) before any transaction:
+        a draft that cannot be a record fails its own caller, never a group it would join."""
         self._require_signer()
         now = datetime.now(UTC)
-        prepared = [_draft_fields(d, now) for d in drafts]
+        return [_draft_fields(d, now) for d in drafts]
+
+    def append_prepared(
+        self,
+        groups: Sequence[Sequence[dict[str, Any]]],
+        *,
+        in_transaction: InTransaction | None = None,
+    ) -> list[list[LedgerRecord]]:
+        """Append several callers' prepared drafts (``prepare``) in one locked transaction,
+        chained in the order given; returns each caller's records. ``in_transaction(conn,
+        prev_seq, records_per_caller)`` runs before the commit, in the same transaction (the
+        state projection writes there): what it writes commits with the records or not at all."""
+        self._require_signer()
+        out: list[list[LedgerRecord]] = []
         rows: list[dict[str, Any]] = []
         with self._locked_transaction() as conn:
             last = conn.execute(
                 sa.select(_LEDGER.c.seq, _LEDGER.c.hash).order_by(_LEDGER.c.seq.desc()).limit(1)
             ).first()
             seq, prev_hash = (int(last.seq), str(last.hash)) if last is not None else (0, GENESIS_HASH)
-            for fields in prepared:
-                seq += 1
-                row = {"seq": seq, "record_id": uuid.uuid4().hex, **fields, "prev_hash": prev_hash}
-                row["hash"] = prev_hash = record_hash(row)
-                rows.append(row)
+            first_prev = seq
+            for prepared in groups:
+                mine = []
+                for fields in prepared:
+                    seq += 1
+                    row = {"seq": seq, "record_id": uuid.uuid4().hex, **fields, "prev_hash": prev_hash}
+                    row["hash"] = prev_hash = record_hash(row)
+                    rows.append(row)
+                    mine.append(row)
+                out.append([LedgerRecord(**row) for row in mine])
+            if not rows:
+                return out
             conn.execute(sa.insert(_LEDGER), rows)
+            if in_transaction is not None:
+                in_transaction(conn, first_prev, out)
             checkpoint = self._checkpoint_locked(conn, last_seq=seq, force=False)
-        log.debug("ledger.appended", first_seq=rows[0]["seq"], last_seq=seq, count=len(rows))
+        log.debug(
+            "ledger.appended", first_seq=rows[0]["seq"], last_seq=seq, count=len(rows), groups=len(groups)
+        )
         if checkpoint is not None:
             self._log_checkpoint(checkpoint)
-        return [LedgerRecord(**row) for row in rows]
+        return out
 
     def checkpoint(self) -> LedgerCheckpoint | None:
         """Sign a checkpoint over every record not yet covered; None when there is none."""
