@@ -28,8 +28,7 @@ from typing import Any
 import sqlalchemy as sa
 import structlog
 
-from consent.ledger import Ledger, RecordDraft
-from consent.models import LedgerRecord
+from consent.ledger import AppendedRecord, Ledger, RecordDraft
 
 log = structlog.get_logger(__name__)
 
@@ -38,10 +37,10 @@ MAX_GROUP_RECORDS = 2_000
 
 # (connection, seq before the group, each caller's records) -> per caller, whether its
 # records' state was written; runs in the append's transaction, in the writer's thread.
-WriteInTransaction = Callable[[sa.Connection, int, list[list[LedgerRecord]]], list[bool]]
+WriteInTransaction = Callable[[sa.Connection, int, list[list[AppendedRecord]]], list[bool]]
 # After the commit, before any caller is answered: (each caller's records, written in the
 # transaction) -> per caller, whether its records' state is now applied.
-AfterCommit = Callable[[list[list[LedgerRecord]], list[bool]], Awaitable[list[bool]]]
+AfterCommit = Callable[[list[list[AppendedRecord]], list[bool]], Awaitable[list[bool]]]
 
 
 class GroupCommitFailed(Exception):
@@ -53,7 +52,7 @@ class GroupCommitFailed(Exception):
 class Appended:
     """One caller's records, and whether the state projection already shows them."""
 
-    records: list[LedgerRecord]
+    records: list[AppendedRecord]
     applied: bool
 
 
@@ -140,7 +139,7 @@ class GroupCommitter:
     async def _commit(self, group: list[_Call]) -> None:
         written: list[bool] = []
 
-        def in_transaction(conn: sa.Connection, prev_seq: int, records: list[list[LedgerRecord]]) -> None:
+        def in_transaction(conn: sa.Connection, prev_seq: int, records: list[list[AppendedRecord]]) -> None:
             if self.in_transaction is not None:
                 written.extend(self.in_transaction(conn, prev_seq, records))
 

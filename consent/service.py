@@ -36,8 +36,8 @@ from consent.decisions import (
     decide,
 )
 from consent.group_commit import GroupCommitter
-from consent.ledger import Ledger, RecordDraft
-from consent.models import ConsentKind, LedgerRecord, RecordState, RecordType
+from consent.ledger import AppendedRecord, Ledger, RecordDraft
+from consent.models import ConsentKind, RecordState, RecordType
 from consent.rotation import SubjectAliases
 from consent.state import (
     ConsentStateStore,
@@ -139,7 +139,7 @@ class ConsentService:
         return appended.records, appended.applied
 
     def _write_in_transaction(
-        self, conn: sa.Connection, prev_seq: int, per_call: list[list[LedgerRecord]]
+        self, conn: sa.Connection, prev_seq: int, per_call: list[list[AppendedRecord]]
     ) -> list[bool]:
         """The projection beside the ledger: written in the append's own transaction, in one
         savepoint for the group, else one per caller (a caller whose write fails is pending)."""
@@ -168,7 +168,7 @@ class ConsentService:
         self._committed_changes = changes
         return written
 
-    async def _after_commit(self, per_call: list[list[LedgerRecord]], written: list[bool]) -> list[bool]:
+    async def _after_commit(self, per_call: list[list[AppendedRecord]], written: list[bool]) -> list[bool]:
         """Once a group is committed and before its callers are answered: the in-process
         caches take what was written beside the ledger, or Redis gets the group's records."""
         if isinstance(self.state, SqlConsentState):

@@ -21,8 +21,7 @@ import pytest
 import sqlalchemy as sa
 
 from consent.group_commit import Appended, GroupCommitFailed, GroupCommitter
-from consent.ledger import InvalidRecord, Ledger, verify_database
-from consent.models import LedgerRecord
+from consent.ledger import AppendedRecord, InvalidRecord, Ledger, verify_database
 from identity.db import make_engine
 from tests.conftest import WEB_KEY, Gateway, backend_env, make_gateway
 
@@ -85,7 +84,7 @@ def test_a_failed_transaction_fails_only_the_callers_of_its_group(
     callers get GroupCommitFailed and none of their records is stored; the other groups,
     before and after, are committed and chain on."""
 
-    def in_transaction(conn: sa.Connection, prev_seq: int, per_call: list[list[LedgerRecord]]) -> list[bool]:
+    def in_transaction(conn: sa.Connection, prev: int, per_call: list[list[AppendedRecord]]) -> list[bool]:
         if any(r.subject == "k1.poison" for records in per_call for r in records):
             raise RuntimeError("the disk said no")
         return [True] * len(per_call)
