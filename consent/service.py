@@ -43,6 +43,7 @@ from consent.state import (
     ConsentStateStore,
     ProjectionChanges,
     RecordView,
+    RedisConsentState,
     SqlConsentState,
     UnknownNotice,
     notice_floor,
@@ -178,8 +179,12 @@ class ConsentService:
             applied = written
         else:
             try:
+                records = [r for rs in per_call for r in rs]
                 async with self._lock:
-                    await self.state.apply([view(r) for rs in per_call for r in rs], advance=False)
+                    await self.state.apply([view(r) for r in records], advance=False)
+                    if isinstance(self.state, RedisConsentState) and records:
+                        # the group is contiguous: the reconcile need not read it back
+                        await self.state.advance_from(records[0].seq - 1, records[-1].seq)
                 applied = [True] * len(per_call)
             except Exception as exc:
                 log.error("consent.projection_apply_failed", error=type(exc).__name__, calls=len(per_call))

@@ -441,6 +441,15 @@ for i = 1, #KEYS do
 end
 return #KEYS
 """
+# The watermark moves from exactly ARGV[1] to ARGV[2]: a group applied right after the
+# records already applied (a group of another replica in between leaves it to the reconcile).
+_ADVANCE_FROM_LUA = """
+if tonumber(redis.call('GET', KEYS[1]) or '0') == tonumber(ARGV[1]) then
+  redis.call('SET', KEYS[1], ARGV[2])
+  return 1
+end
+return 0
+"""
 _ADVANCE_LUA = """
 local cur = tonumber(redis.call('GET', KEYS[1]) or '0')
 if tonumber(ARGV[1]) > cur then redis.call('SET', KEYS[1], ARGV[1]) end
@@ -456,6 +465,7 @@ class RedisConsentState:
         self.prefix = prefix
         self._apply = client.register_script(_APPLY_LUA)
         self._advance = client.register_script(_ADVANCE_LUA)
+        self._advance_from = client.register_script(_ADVANCE_FROM_LUA)
         self._encode = msgspec.json.Encoder().encode
         self._decode = msgspec.json.Decoder(StateEntry).decode
         self._notice_decode = msgspec.json.Decoder(Notice).decode
@@ -525,19 +535,32 @@ class RedisConsentState:
     async def advance(self, seq: int) -> None:
         await self._advance(keys=[f"{self.prefix}:consent:applied"], args=[seq])
 
+    async def advance_from(self, expected: int, seq: int) -> bool:
+        """Move the watermark to ``seq`` only if it is at ``expected`` (records
+        ``expected + 1 .. seq`` were just applied); True when it moved."""
+        return bool(await self._advance_from(keys=[f"{self.prefix}:consent:applied"], args=[expected, seq]))
+
     async def apply(self, records: Sequence[RecordView], *, advance: bool = True) -> None:
         if not records:
             return
         keys: list[str] = []
         args: list[Any] = []
+        # one read of a tenant's notices per apply (a group of consent calls), kept current
+        # with the notices published in the same group
+        known: dict[str, dict[str, Notice]] = {}
         for r in sorted(records, key=lambda x: x.seq):
             notice = _notice_from_record(r)
             if notice is not None:
                 await self.client.hset(
                     f"{self.prefix}:notices:{r.tenant}", notice.notice_id, self._encode(notice)
                 )
+                known.pop(r.tenant, None)
                 continue
-            notices = await self.notices(r.tenant) if r.record_type == "consent" else {}
+            notices: dict[str, Notice] = {}
+            if r.record_type == "consent":
+                if r.tenant not in known:
+                    known[r.tenant] = await self.notices(r.tenant)
+                notices = known[r.tenant]
             for ident, purpose, e in _entries_from_record(r, notices):
                 keys.append(self._key(r.tenant, ident))
                 args += [purpose, self._encode(e), e.seq]
