@@ -10,7 +10,7 @@ acknowledged grant. Backends: ``sqlite`` (embedded: SQLite ledger and state) and
 at main) with this venv, and prints both side by side. Target: 5,000 grants/s (MET / NOT MET).
 
     .venv/bin/python bench/consent_writes.py [--backend sqlite,postgres] [--duration 15]
-                                             [--connections 32] [--baseline /path/to/main]
+                                             [--connections 64] [--baseline /path/to/main]
 
 Needs wrk; the postgres backend needs PostgreSQL and Redis on localhost (like the tests).
 """
@@ -282,7 +282,7 @@ def main() -> None:
     )
     parser.add_argument("--backend", default="sqlite", help="comma-separated: sqlite, postgres")
     parser.add_argument("--duration", type=float, default=15)
-    parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--baseline", type=Path, help="a checkout of main to measure side by side")
     parser.add_argument("--profile", type=Path, help="py-spy each measured run into this directory")
     parser.add_argument("--json", action="store_true", help="also print the results as one JSON line")

@@ -13,6 +13,8 @@ Exports (JSONL) carry everything a verifier needs offline: the records, the chec
 digest of every exported record hash; signed when the exporting process holds the key).
 The encoding lives in ``consent.ledger_format``; the offline verifier, which needs no
 database, in ``consent.verify``. ``verify_database`` runs that verifier over the store.
+Consent calls append through ``consent.group_commit``: the concurrent calls of a process in
+one transaction (``append_prepared``), chained in the order they were queued.
 """
 
 from __future__ import annotations
