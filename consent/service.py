@@ -22,6 +22,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
+import sqlalchemy as sa
 import structlog
 
 from consent.client_text import is_digest, ledger_sdk
@@ -34,10 +35,19 @@ from consent.decisions import (
     StateEntry,
     decide,
 )
-from consent.ledger import Ledger, RecordDraft
+from consent.group_commit import GroupCommitter
+from consent.ledger import AppendedRecord, Ledger, RecordDraft
 from consent.models import ConsentKind, RecordState, RecordType
 from consent.rotation import SubjectAliases
-from consent.state import ConsentStateStore, RecordView, UnknownNotice, notice_floor
+from consent.state import (
+    ConsentStateStore,
+    ProjectionChanges,
+    RecordView,
+    RedisConsentState,
+    SqlConsentState,
+    UnknownNotice,
+    notice_floor,
+)
 from identity.identifiers import Identifier
 
 log = structlog.get_logger(__name__)
@@ -114,23 +124,78 @@ class ConsentService:
         self._applied_here: set[int] = set()
         self._watermark = 0  # the projection's watermark as last seen by reconcile
         self.on_withdrawn: OnWithdrawn | None = None
+        self._committed_changes: list[ProjectionChanges] = []
+        self.committer = GroupCommitter(
+            ledger,
+            in_transaction=self._write_in_transaction if isinstance(state, SqlConsentState) else None,
+            after_commit=self._after_commit,
+        )
 
     async def _append(self, drafts: list[RecordDraft]) -> tuple[list[Any], bool]:
-        """Append to the ledger, then apply to the projection at once; returns the records
-        and whether the apply succeeded (when not, the next reconcile applies them: the
-        records are in the ledger, so the call is acknowledged all the same)."""
-        records = await asyncio.to_thread(self.ledger.append, drafts)
+        """Append to the ledger (grouped with the other calls of this moment) and apply to the
+        projection before returning; returns the records and whether the apply succeeded
+        (when not, the next reconcile applies them: the records are in the ledger, so the
+        call is acknowledged all the same)."""
+        appended = await self.committer.append(drafts)
+        return appended.records, appended.applied
+
+    def _write_in_transaction(
+        self, conn: sa.Connection, prev_seq: int, per_call: list[list[AppendedRecord]]
+    ) -> list[bool]:
+        """The projection beside the ledger: written in the append's own transaction, in one
+        savepoint for the group, else one per caller (a caller whose write fails is pending)."""
+        store = self.state
+        assert isinstance(store, SqlConsentState)
+        views = [[view(r) for r in records] for records in per_call]
+        changes: list[ProjectionChanges] = []
         try:
-            async with self._lock:
-                await self.state.apply([view(r) for r in records], advance=False)
+            with conn.begin_nested():
+                changes.append(store.write(conn, [v for vs in views for v in vs]))
+            written = [True] * len(views)
         except Exception as exc:
-            log.error("consent.projection_apply_failed", error=type(exc).__name__, records=len(records))
-            return records, False
+            log.error("consent.projection_group_write_failed", error=type(exc).__name__, calls=len(views))
+            written = []
+            for vs in views:
+                try:
+                    with conn.begin_nested():
+                        changes.append(store.write(conn, vs))
+                    written.append(True)
+                except Exception as one:
+                    log.error("consent.projection_apply_failed", error=type(one).__name__, records=len(vs))
+                    written.append(False)
+        last = per_call[-1][-1].seq if per_call and per_call[-1] else prev_seq
+        if all(written):
+            store.advance_in(conn, last, expected=prev_seq)
+        self._committed_changes = changes
+        return written
+
+    async def _after_commit(self, per_call: list[list[AppendedRecord]], written: list[bool]) -> list[bool]:
+        """Once a group is committed and before its callers are answered: the in-process
+        caches take what was written beside the ledger, or Redis gets the group's records."""
+        if isinstance(self.state, SqlConsentState):
+            changes, self._committed_changes = self._committed_changes, []
+            for change in changes:
+                self.state.written(change)
+            applied = written
+        else:
+            try:
+                records = [r for rs in per_call for r in rs]
+                async with self._lock:
+                    await self.state.apply([view(r) for r in records], advance=False)
+                    if isinstance(self.state, RedisConsentState) and records:
+                        # the group is contiguous: the reconcile need not read it back
+                        await self.state.advance_from(records[0].seq - 1, records[-1].seq)
+                applied = [True] * len(per_call)
+            except Exception as exc:
+                log.error("consent.projection_apply_failed", error=type(exc).__name__, calls=len(per_call))
+                applied = [False] * len(per_call)
         if self.state.beside_ledger:
             if len(self._applied_here) > _APPLIED_HERE_LIMIT:
                 self._applied_here.clear()  # a reconcile then applies them again: harmless
-            self._applied_here.update(r.seq for r in records)
-        return records, True
+            self._applied_here.update(
+                r.seq for rs, ok in zip(per_call, applied, strict=True) if ok for r in rs
+            )
+        return applied
 
     async def catch_up(self, batch: int = 5_000) -> int:
         """Apply, in seq order, the ledger records after the projection's watermark and move

@@ -309,79 +309,119 @@ class SqlConsentState:
     async def apply(self, records: Sequence[RecordView], *, advance: bool = True) -> None:
         if not records:
             return
-        state_t = ConsentStateRow.__table__  # type: ignore[attr-defined]
+        with self.engine.connect() as plain, plain.execution_options(sqlite_begin="IMMEDIATE").begin():
+            changes = self.write(plain, records)
+            if advance:
+                self.advance_in(plain, max(r.seq for r in records))
+        self.written(changes)
+
+    def write(self, conn: sa.Connection, records: Sequence[RecordView]) -> ProjectionChanges:
+        """Write the records' state changes in ``conn``'s transaction (the ledger append's
+        own, from ``consent.group_commit``); ``written`` then brings the in-process caches up
+        to date, once the transaction has committed."""
         notice_t = NoticeRow.__table__  # type: ignore[attr-defined]
-        proj_t = ProjectionRow.__table__  # type: ignore[attr-defined]
         insert = _dialect_insert(self.engine)
         # notices as of each record, including ones published earlier in this same batch
         known: dict[str, dict[str, Notice]] = {}
         changed: list[tuple[str, str, str, StateEntry]] = []
-        with self.engine.connect() as plain, plain.execution_options(sqlite_begin="IMMEDIATE").begin():
-            conn = plain
-            for r in sorted(records, key=lambda x: x.seq):
-                if r.tenant not in known:
-                    known[r.tenant] = dict(await self.notices(r.tenant))
-                notice = _notice_from_record(r)
-                if notice is not None:
-                    stmt = insert(notice_t).values(
-                        tenant=r.tenant,
-                        notice_id=notice.notice_id,
-                        content_hash=notice.content_hash,
-                        seq=notice.seq,
-                        material=notice.material,
-                        purposes=list(notice.purposes),
-                        at=r.at,
-                    )
-                    conn.execute(stmt.on_conflict_do_nothing())
-                    known[r.tenant].setdefault(notice.notice_id, notice)
-                    continue
-                entries = _entries_from_record(r, known[r.tenant])
-                changed += [(r.tenant, ident, purpose, e) for ident, purpose, e in entries]
-                rows = [
-                    {
-                        "tenant": r.tenant,
-                        "identifier": ident,
-                        "purpose": purpose,
-                        "state": e.state,
-                        "seq": e.seq,
-                        "notice_seq": e.notice_seq,
-                        "kind": e.kind,
-                    }
-                    for ident, purpose, e in entries
-                ]
-                if not rows:
-                    continue
-                stmt = insert(state_t).values(rows)
-                stmt = stmt.on_conflict_do_update(
-                    index_elements=["tenant", "identifier", "purpose"],
-                    set_={c: stmt.excluded[c] for c in ("state", "seq", "notice_seq", "kind")},
-                    where=state_t.c.seq < stmt.excluded.seq,
+        rows: list[tuple[str, str, str, str, int, int, str]] = []
+        for r in sorted(records, key=lambda x: x.seq):
+            if r.tenant not in known:
+                known[r.tenant] = dict(self._notices_in(conn, r.tenant))
+            notice = _notice_from_record(r)
+            if notice is not None:
+                stmt = insert(notice_t).values(
+                    tenant=r.tenant,
+                    notice_id=notice.notice_id,
+                    content_hash=notice.content_hash,
+                    seq=notice.seq,
+                    material=notice.material,
+                    purposes=list(notice.purposes),
+                    at=r.at,
                 )
-                conn.execute(stmt)
-            if advance:
-                last = max(r.seq for r in records)
-                stmt = insert(proj_t).values(name="consent_state", applied_seq=last)
-                conn.execute(
-                    stmt.on_conflict_do_update(
-                        index_elements=["name"],
-                        set_={"applied_seq": stmt.excluded.applied_seq},
-                        where=proj_t.c.applied_seq < stmt.excluded.applied_seq,
-                    )
-                )
-        for tenant, notices in known.items():
+                conn.execute(stmt.on_conflict_do_nothing())
+                known[r.tenant].setdefault(notice.notice_id, notice)
+                continue
+            for ident, purpose, e in _entries_from_record(r, known[r.tenant]):
+                changed.append((r.tenant, ident, purpose, e))
+                rows.append((r.tenant, ident, purpose, e.state, e.seq, e.notice_seq, e.kind))
+        if rows:
+            # One driver-level executemany for the whole group: compiling an ORM upsert per
+            # record cost more than the writes themselves.
+            mark = "?" if self.engine.dialect.paramstyle == "qmark" else "%s"
+            conn.exec_driver_sql(_UPSERT_STATE.replace("?", mark), rows)
+        restrictive = [r.seq for r in records if is_restrictive(r)]
+        return ProjectionChanges(known, changed, max(restrictive, default=0))
+
+    def advance_in(self, conn: sa.Connection, seq: int, *, expected: int | None = None) -> None:
+        """Move the watermark to ``seq`` in ``conn``'s transaction; with ``expected``, only
+        from exactly there (a group appended right after the records already applied)."""
+        proj_t = ProjectionRow.__table__  # type: ignore[attr-defined]
+        if expected is not None:
+            moved = conn.execute(
+                sa.update(proj_t)
+                .where(proj_t.c.name == "consent_state", proj_t.c.applied_seq == expected)
+                .values(applied_seq=seq)
+            ).rowcount
+            if moved or expected != 0:
+                return
+        insert = _dialect_insert(self.engine)
+        stmt = insert(proj_t).values(name="consent_state", applied_seq=seq)
+        conn.execute(
+            stmt.on_conflict_do_update(
+                index_elements=["name"],
+                set_={"applied_seq": stmt.excluded.applied_seq},
+                where=proj_t.c.applied_seq < stmt.excluded.applied_seq,
+            )
+            if expected is None
+            else stmt.on_conflict_do_nothing()
+        )
+
+    def written(self, changes: ProjectionChanges) -> None:
+        """After the commit of ``write``'s transaction: the caches take the changes."""
+        for tenant, notices in changes.notices.items():
             self._notices[tenant] = notices
         # Write-through: cached subjects take the new entries (a later seq wins); the others
         # are read on their next lookup.
-        for tenant, ident, purpose, entry in changed:
+        for tenant, ident, purpose, entry in changes.entries:
             cached = self._cache.get((tenant, ident))
             if cached is None and self._complete:
                 cached = {}
                 self._remember(tenant, ident, cached)
             if cached is not None and (purpose not in cached or cached[purpose].seq < entry.seq):
                 cached[purpose] = entry
-        restrictive = [r.seq for r in records if is_restrictive(r)]
-        if restrictive and self._restrictive is not None:
-            self._restrictive = max(self._restrictive, *restrictive)
+        if changes.restrictive and self._restrictive is not None:
+            self._restrictive = max(self._restrictive, changes.restrictive)
+
+    def _notices_in(self, conn: sa.Connection, tenant: str) -> dict[str, Notice]:
+        cached = self._notices.get(tenant) if self.single_writer else None
+        if cached is not None:
+            return cached
+        t = NoticeRow.__table__  # type: ignore[attr-defined]
+        rows = conn.execute(sa.select(t).where(t.c.tenant == tenant)).mappings()
+        return {
+            r["notice_id"]: Notice(
+                r["notice_id"], r["content_hash"], r["seq"], r["material"], tuple(r["purposes"])
+            )
+            for r in rows
+        }
+
+
+class ProjectionChanges(msgspec.Struct):
+    """What ``SqlConsentState.write`` wrote, for the caches once it is committed."""
+
+    notices: dict[str, dict[str, Notice]]
+    entries: list[tuple[str, str, str, StateEntry]]
+    restrictive: int
+
+
+# A field moves forward only (a record never overwrites a later one).
+_UPSERT_STATE = (
+    "INSERT INTO consent_state (tenant, identifier, purpose, state, seq, notice_seq, kind) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (tenant, identifier, purpose) DO UPDATE SET "
+    "state = excluded.state, seq = excluded.seq, notice_seq = excluded.notice_seq, kind = excluded.kind "
+    "WHERE consent_state.seq < excluded.seq"
+)
 
 
 def _dialect_insert(engine: sa.Engine) -> Any:
@@ -405,6 +445,15 @@ return #KEYS
 """
 # On a cluster the keys of one apply fall in many slots: calls per slot in flight at once.
 _APPLY_CONCURRENCY = 64
+# The watermark moves from exactly ARGV[1] to ARGV[2]: a group applied right after the
+# records already applied (a group of another replica in between leaves it to the reconcile).
+_ADVANCE_FROM_LUA = """
+if tonumber(redis.call('GET', KEYS[1]) or '0') == tonumber(ARGV[1]) then
+  redis.call('SET', KEYS[1], ARGV[2])
+  return 1
+end
+return 0
+"""
 _ADVANCE_LUA = """
 local cur = tonumber(redis.call('GET', KEYS[1]) or '0')
 if tonumber(ARGV[1]) > cur then redis.call('SET', KEYS[1], ARGV[1]) end
@@ -422,6 +471,7 @@ class RedisConsentState:
         # a cluster: one apply call per slot (each key's move forward stands on its own)
         self.cluster = is_cluster(client)
         self._advance = client.register_script(_ADVANCE_LUA)
+        self._advance_from = client.register_script(_ADVANCE_FROM_LUA)
         self._encode = msgspec.json.Encoder().encode
         self._decode = msgspec.json.Decoder(StateEntry).decode
         self._notice_decode = msgspec.json.Decoder(Notice).decode
@@ -496,19 +546,32 @@ class RedisConsentState:
         some = [a for i in which for a in args[3 * i : 3 * i + 3]]
         await self._apply(keys=[keys[i] for i in which], args=some)
 
+    async def advance_from(self, expected: int, seq: int) -> bool:
+        """Move the watermark to ``seq`` only if it is at ``expected`` (records
+        ``expected + 1 .. seq`` were just applied); True when it moved."""
+        return bool(await self._advance_from(keys=[f"{self.prefix}:consent:applied"], args=[expected, seq]))
+
     async def apply(self, records: Sequence[RecordView], *, advance: bool = True) -> None:
         if not records:
             return
         keys: list[str] = []
         args: list[Any] = []
+        # one read of a tenant's notices per apply (a group of consent calls), kept current
+        # with the notices published in the same group
+        known: dict[str, dict[str, Notice]] = {}
         for r in sorted(records, key=lambda x: x.seq):
             notice = _notice_from_record(r)
             if notice is not None:
                 await self.client.hset(
                     f"{self.prefix}:notices:{r.tenant}", notice.notice_id, self._encode(notice)
                 )
+                known.pop(r.tenant, None)
                 continue
-            notices = await self.notices(r.tenant) if r.record_type == "consent" else {}
+            notices: dict[str, Notice] = {}
+            if r.record_type == "consent":
+                if r.tenant not in known:
+                    known[r.tenant] = await self.notices(r.tenant)
+                notices = known[r.tenant]
             for ident, purpose, e in _entries_from_record(r, notices):
                 keys.append(self._key(r.tenant, ident))
                 args += [purpose, self._encode(e), e.seq]

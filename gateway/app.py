@@ -340,6 +340,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             dead_letters.close()
             await plan_monitor.flush()
             violations.close()
+            await consent.service.committer.close()
             consent.close()
             if identity_engine is not None:
                 identity_engine.dispose()

@@ -22,6 +22,7 @@ from litestar.exceptions import HTTPException
 from litestar.types import ExceptionHandlersMap
 from prometheus_client import Counter
 
+from consent.group_commit import GroupCommitFailed
 from consent.service import ConsentRefused, ConsentStateUnavailable
 from consent.trust import ConsentForbidden
 from export.outbox import OutboxFull, OutboxUnavailable
@@ -94,6 +95,8 @@ def dependency_of(exc: BaseException) -> str | None:
         return "outbox"
     if isinstance(exc, ConsentStateUnavailable):
         return "consent-state"
+    if isinstance(exc, GroupCommitFailed):
+        return "database"
     return None
 
 
@@ -232,6 +235,7 @@ def exception_handlers() -> ExceptionHandlersMap:
         InvalidRequest: _invalid_request,
         OutboxUnavailable: unavailable,
         ConsentStateUnavailable: unavailable,
+        GroupCommitFailed: unavailable,
         redis.exceptions.ConnectionError: unavailable,
         redis.exceptions.TimeoutError: unavailable,
         sqlalchemy.exc.OperationalError: unavailable,
