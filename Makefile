@@ -4,7 +4,7 @@ VENV ?= .venv
 STAMP := $(VENV)/.installed-stamp
 PORT ?= 8080
 
-.PHONY: run run-distributed test lint bench bench-front-end bench-sinks bench-distributed venv clean
+.PHONY: run run-distributed test lint bench bench-consent bench-front-end bench-sinks bench-distributed venv clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "idgate needs Python >= 3.11")'
@@ -44,6 +44,11 @@ lint: $(STAMP)
 BENCH_ARGS ?= --duration 30
 bench: $(STAMP)
 	$(VENV)/bin/python bench/ingest.py $(BENCH_ARGS)
+
+## Consent writes: POST /v1/consent grants/s on the embedded ledger (wrk); ARGS="--backend sqlite,postgres
+## --baseline DIR" adds PostgreSQL + Redis and another checkout side by side.
+bench-consent: $(STAMP)
+	$(VENV)/bin/python bench/consent_writes.py $(ARGS)
 
 ## Records/s of every sink kind (needs Redis and NATS on localhost).
 bench-front-end: $(STAMP)
