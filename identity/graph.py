@@ -27,19 +27,18 @@ erasure, explain), never for the whole tenant.
 
 from __future__ import annotations
 
-import base64
 import binascii
 import secrets
 from array import array
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import datetime
 from itertools import pairwise
-from typing import Final, cast
+from typing import Any, Final, cast
 
 import msgspec
 import networkx as nx
 
-from identity.identifiers import is_node, node_type
+from identity.identifiers import Identifier, is_node, node_type
 
 DEVICE_LIKE_LIMIT: Final = 10
 DEFAULT_MAX_PER_TYPE: Final[dict[str, int]] = {
@@ -226,16 +225,54 @@ GraphChange = (
 # -- state ---------------------------------------------------------------------------------------------
 
 _MASK64: Final = (1 << 64) - 1
-_NO_JOIN: Final = float("nan")
+_NO_ALIAS: Final = 255
+
+
+# The index key of a node of a known type is one byte for the type, then the pseudonym in
+# UTF-8: 8 to 13 bytes smaller than "<type>:" in front. The bytes 0xF5-0xFF never occur in
+# UTF-8, so these keys cannot collide with the plain UTF-8 key of a node of any other type.
+_TYPE_CODES: Final[dict[str, bytes]] = {
+    name: bytes([0xF5 + i])
+    for i, name in enumerate(
+        (
+            "user_id",
+            "phone",
+            "email",
+            "wechat_unionid",
+            "wechat_openid",
+            "oaid",
+            "idfv",
+            "idfa",
+            "android_id",
+            "device_id",
+            "anonymous_id",
+        )
+    )
+}
+_CODE_TYPES: Final = {code[0]: name + ":" for name, code in _TYPE_CODES.items()}
+
+
+def _identifier_key(kind: str, value: str) -> bytes:
+    code = _TYPE_CODES.get(kind)
+    if code is None:
+        return f"{kind}:{value}".encode("utf-8", "surrogatepass")
+    return code + value.encode("utf-8", "surrogatepass")
 
 
 def _key(node: str) -> bytes:
-    """The index key of a node: its UTF-8 bytes (16 bytes smaller than the str object)."""
-    return node.encode("utf-8", "surrogatepass")
+    kind, _, value = node.partition(":")
+    return _identifier_key(kind, value)
 
 
 def _text(key: bytes) -> str:
-    return key.decode("utf-8", "surrogatepass")
+    prefix = _CODE_TYPES.get(key[0])
+    if prefix is None:
+        return key.decode("utf-8", "surrogatepass")
+    return prefix + key[1:].decode("utf-8", "surrogatepass")
+
+
+_TO_STANDARD: Final = bytes.maketrans(b"-_", b"+/")
+_TO_URLSAFE: Final = bytes.maketrans(b"+/", b"-_")
 
 
 def _pack_uid(uid: str, texts: list[str]) -> tuple[int, int]:
@@ -244,12 +281,15 @@ def _pack_uid(uid: str, texts: list[str]) -> tuple[int, int]:
     its index). Exact: ``_unpack_uid`` gives the same string back."""
     if uid.startswith("p_"):
         body = uid[2:]
-        if len(body) == 22:
+        # canonical base64url of 16 bytes: the last character carries 2 bits, the rest zero
+        if len(body) == 22 and body[-1] in "AQgw" and "+" not in body and "/" not in body:
             try:
-                raw = base64.urlsafe_b64decode(body + "==")
-            except (ValueError, binascii.Error):
+                raw = binascii.a2b_base64(
+                    body.encode("ascii").translate(_TO_STANDARD) + b"==", strict_mode=True
+                )
+            except (binascii.Error, UnicodeEncodeError):
                 raw = b""
-            if len(raw) == 16 and base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii") == body:
+            if len(raw) == 16:
                 return 1, int.from_bytes(raw, "big")
         elif len(body) == 20 and body.isascii():
             try:
@@ -264,10 +304,27 @@ def _pack_uid(uid: str, texts: list[str]) -> tuple[int, int]:
 
 def _unpack_uid(kind: int, number: int, texts: list[str]) -> str:
     if kind == 1:
-        return "p_" + base64.urlsafe_b64encode(number.to_bytes(16, "big")).rstrip(b"=").decode("ascii")
+        encoded = binascii.b2a_base64(number.to_bytes(16, "big"), newline=False)[:22]
+        return "p_" + encoded.translate(_TO_URLSAFE).decode("ascii")
     if kind == 2:
         return f"p_{number:020x}"
     return texts[number]
+
+
+def _reserve(columns: Sequence[tuple[array[Any] | list[Any], object]], size: int) -> None:
+    """Grow every column to at least ``size`` slots, doubling: a column that grew one slot at
+    a time would be copied hundreds of times, and the blocks it left behind stay in the
+    process (the allocator cannot give back holes between live blocks)."""
+    have = len(columns[0][0])
+    if size <= have:
+        return
+    target = max(size, 2 * have, 1024)
+    for column, fill in columns:
+        missing = target - len(column)
+        if isinstance(column, array):
+            column.extend(array(column.typecode, [fill]) * missing)
+        else:
+            column.extend([fill] * missing)
 
 
 class _Person(msgspec.Struct, frozen=True, gc=False):
@@ -308,34 +365,37 @@ class IdentityGraph:
         self._keys: list[bytes | None] = [None]
         self._head = array("i", [-1])  # first half-link
         self._uid: list[str | None] = [None]  # at a root: the person's unified ID
-        self._age = array("q", [0])  # at a root: the person's creation number
-        # breaker history: one entry inline, more in _joins_more (flattened triples)
-        self._join_at = array("d", [_NO_JOIN])
+        self._age = array("i", [0])  # at a root: the person's creation number
+        # breaker history: one entry that came with a link inline (the link gives its time and
+        # event, the other person's ID is packed), any other in _joins_more (flattened triples)
+        self._join_link = array("i", [-1])
         self._join_kind = array("B", [0])
         self._join_hi = array("Q", [0])
         self._join_lo = array("Q", [0])
-        self._join_event: list[str | None] = [None]
         self._joins_more: dict[int, tuple[float | str, ...]] = {}
         # links: link e has half-links 2e (towards _to[2e]) and 2e+1; removed links stay as holes
         self._to = array("i")
         self._next = array("i")
         self._link_source = array("I")
         self._link_rule = array("I")
+        # a removed link keeps its provenance (breaker history may point at it); _to says -1
         self._link_event: list[str | None] = []
         self._link_at: list[datetime | None] = []
         self._names: list[str] = []  # interned sources and rules
         self._name_ids: dict[str, int] = {}
         # aliases, in the order they were made: merged ID (packed) -> the ID it merged into
-        self._alias_kind = array("B")
+        self._alias_kind = array("B")  # _NO_ALIAS: room for one
         self._alias_hi = array("Q")
         self._alias_lo = array("Q")
-        self._alias_to: list[str] = []
+        self._alias_to: list[str | None] = []
+        self._aliases = 0
         self._uid_texts: list[str] = []  # unified IDs of no known shape (kind 0)
         self._quarantine: dict[tuple[str, str], Quarantined] = {}  # first proposal per pair
         self._refused = 0
         self._seq = 0
         self._persons = 0
         self._links = 0
+        self._link_slots = 0
         # set by an EdgeAdded that joined two persons, consumed by the Merged that follows it
         self._pending_join: tuple[str, _Person, _Person] | None = None
         self._appliers: dict[type, Callable[[GraphChange], None]] = {
@@ -365,20 +425,41 @@ class IdentityGraph:
 
     def edges(self) -> Iterator[tuple[str, str, Provenance]]:
         """Every accepted link (endpoints ordered), with its provenance."""
-        for link, event in enumerate(self._link_event):
-            if event is not None:
+        for link in range(self._link_slots):
+            if self._to[2 * link] >= 0:
                 a, b = self._name_of(self._to[2 * link + 1]), self._name_of(self._to[2 * link])
                 yield (*_edge_key(a, b), self._provenance(link))
 
     def unified_id(self, node: str) -> str | None:
         """The current unified ID of the node's person; None for an unknown node."""
-        root = self._index.get(node.encode("utf-8", "surrogatepass"))
+        root = self._index.get(_key(node))
         return None if root is None else self._uid[root]
+
+    def common_unified_id(self, identifiers: Iterable[Identifier]) -> str | None:
+        """The unified ID every one of ``identifiers`` has; None when one is unknown or they
+        are not one person. The hot path of resolution: one index hit per identifier, its
+        key built straight from type and pseudonym (``Identifier.node``, encoded)."""
+        index, uids, codes = self._index, self._uid, _TYPE_CODES
+        common = None
+        for identifier in identifiers:
+            code = codes.get(identifier.type)
+            if code is None:
+                root = index.get(_identifier_key(identifier.type, identifier.value))
+            else:
+                root = index.get(code + identifier.value.encode("utf-8", "surrogatepass"))
+            if root is None:
+                return None
+            uid = uids[root]
+            if common is None:
+                common = uid
+            elif uid != common:
+                return None
+        return common
 
     def resolve_alias(self, unified_id: str) -> str:
         """Follow merges from an ID handed out earlier to the ID its person has now."""
         seen = 0
-        while (target := self._alias_target(unified_id)) is not None and seen <= len(self._alias_to):
+        while (target := self._alias_target(unified_id)) is not None and seen <= self._aliases:
             unified_id, seen = target, seen + 1
         return unified_id
 
@@ -430,7 +511,7 @@ class IdentityGraph:
             "nodes": len(self._index),
             "edges": self._links,
             "persons": self._persons,
-            "aliases": len(self._alias_to),
+            "aliases": self._aliases,
             "quarantined": len(self._quarantine),
             "refused": self._refused,
         }
@@ -709,26 +790,33 @@ class IdentityGraph:
             return
         self._seq += 1
         seq = self._seq
-        self._grow(seq)
+        if seq >= len(self._keys):
+            self._grow(seq)
         self._keys[seq] = key
         self._index[key] = seq
         self._put_person(seq, change.unified_id, seq)
 
     def _apply_edge_added(self, change: EdgeAdded) -> None:
         a, b = change.a, change.b
-        if self._linked(a, b):
-            return
+        key_a, key_b = _key(a), _key(b)
+        index = self._index
+        root_a, root_b = index.get(key_a), index.get(key_b)
+        id_a = id_b = -1
+        if root_a is not None and root_b is not None:
+            id_a, id_b = self._id_in(key_a, root_a), self._id_in(key_b, root_b)
+            if self._head[id_a] >= 0 and self._link_between(id_a, id_b) >= 0:
+                return
         if a == b:
             raise ValueError("a link needs two different nodes")
-        id_a, id_b = self._need(a), self._need(b)
-        root_a, root_b = self._find(a), self._find(b)
+        if root_a is None or root_b is None:
+            raise KeyError(a if root_a is None else b)
         if root_a != root_b:
-            self._record_join(a, b, change.provenance)
+            self._join_ids(id_a, id_b, root_a, root_b, change.provenance, self._link_slots)
             person_a, person_b = self._drop_person(root_a), self._drop_person(root_b)
             # union by size: the smaller side is relabelled to the larger side's root
             side_a, side_b = self._member_ids(id_a), self._member_ids(id_b)
             root, small = (root_a, side_b) if len(side_a) >= len(side_b) else (root_b, side_a)
-            keys, index = self._keys, self._index
+            keys = self._keys
             shared = index[cast(bytes, keys[root])]
             for member in small:
                 index[cast(bytes, keys[member])] = shared
@@ -736,7 +824,8 @@ class IdentityGraph:
             self._put_person(root, older.uid, older.seq)
             self._pending_join = (a, older, newer)
         self._add_link(id_a, id_b, change.provenance)
-        self._quarantine.pop(_edge_key(a, b), None)
+        if self._quarantine:
+            self._quarantine.pop(_edge_key(a, b), None)
 
     def _apply_merged(self, change: Merged) -> None:
         pending = self._pending_join
@@ -753,10 +842,19 @@ class IdentityGraph:
         self._drop_person(root)
         self._put_person(root, survivor.uid, survivor.seq)
         kind, number = _pack_uid(change.merged, self._uid_texts)
-        self._alias_kind.append(kind)
-        self._alias_hi.append(number >> 64)
-        self._alias_lo.append(number & _MASK64)
-        self._alias_to.append(change.survivor)
+        i = self._aliases
+        columns = (
+            (self._alias_kind, _NO_ALIAS),
+            (self._alias_hi, 0),
+            (self._alias_lo, 0),
+            (self._alias_to, None),
+        )
+        _reserve(columns, i + 1)
+        self._alias_kind[i] = kind
+        self._alias_hi[i] = number >> 64
+        self._alias_lo[i] = number & _MASK64
+        self._alias_to[i] = change.survivor
+        self._aliases += 1
         self._pending_join = None
 
     def _apply_edge_refused(self, change: EdgeRefused) -> None:
@@ -842,18 +940,17 @@ class IdentityGraph:
 
     def _grow(self, seq: int) -> None:
         """Make room in the per-node arrays for ids up to ``seq``."""
-        missing = seq + 1 - len(self._keys)
-        if missing <= 0:
-            return
-        self._keys.extend([None] * missing)
-        self._head.extend([-1] * missing)
-        self._uid.extend([None] * missing)
-        self._age.extend([0] * missing)
-        self._join_at.extend([_NO_JOIN] * missing)
-        self._join_kind.extend([0] * missing)
-        self._join_hi.extend([0] * missing)
-        self._join_lo.extend([0] * missing)
-        self._join_event.extend([None] * missing)
+        columns = (
+            (self._keys, None),
+            (self._head, -1),
+            (self._uid, None),
+            (self._age, 0),
+            (self._join_link, -1),
+            (self._join_kind, 0),
+            (self._join_hi, 0),
+            (self._join_lo, 0),
+        )
+        _reserve(columns, seq + 1)
 
     def _find(self, node: str) -> int:
         """The root id of the node's component (KeyError for an unknown node)."""
@@ -947,15 +1044,24 @@ class IdentityGraph:
         return found
 
     def _add_link(self, id_a: int, id_b: int, provenance: Provenance) -> None:
-        link = len(self._link_event)
-        self._to.extend((id_b, id_a))
-        self._next.extend((-1, -1))
+        link = self._link_slots
+        self._link_slots += 1
+        if 2 * link + 2 > len(self._to):
+            _reserve(((self._to, -1), (self._next, -1)), 2 * link + 2)
+        columns = (
+            (self._link_source, 0),
+            (self._link_rule, 0),
+            (self._link_event, None),
+            (self._link_at, None),
+        )
+        _reserve(columns, link + 1)
+        self._to[2 * link], self._to[2 * link + 1] = id_b, id_a
         self._append_half(id_a, 2 * link)
         self._append_half(id_b, 2 * link + 1)
-        self._link_source.append(self._name_id(provenance.source))
-        self._link_rule.append(self._name_id(provenance.rule))
-        self._link_event.append(provenance.event_id)
-        self._link_at.append(provenance.at)
+        self._link_source[link] = self._name_id(provenance.source)
+        self._link_rule[link] = self._name_id(provenance.rule)
+        self._link_event[link] = provenance.event_id
+        self._link_at[link] = provenance.at
         self._links += 1
 
     def _append_half(self, seq: int, half: int) -> None:
@@ -1010,8 +1116,7 @@ class IdentityGraph:
         link = self._link_between(id_a, id_b)
         self._unhook_half(id_a, 2 * link if self._to[2 * link] == id_b else 2 * link + 1)
         self._unhook_half(id_b, 2 * link if self._to[2 * link] == id_a else 2 * link + 1)
-        self._link_event[link] = None
-        self._link_at[link] = None
+        self._to[2 * link] = self._to[2 * link + 1] = -1
         self._links -= 1
         parts = list(nx.connected_components(self._subgraph(members)))
         if len(parts) == 1:
@@ -1030,26 +1135,26 @@ class IdentityGraph:
         more = self._joins_more.get(seq)
         if more is not None:
             return more
-        at = self._join_at[seq]
-        if at != at:  # NaN: none
+        link = self._join_link[seq]
+        if link < 0:
             return ()
         number = (self._join_hi[seq] << 64) | self._join_lo[seq]
         uid = _unpack_uid(self._join_kind[seq], number, self._uid_texts)
-        return (at, uid, cast(str, self._join_event[seq]))
+        at = cast(datetime, self._link_at[link]).timestamp()
+        return (at, uid, cast(str, self._link_event[link]))
 
-    def _set_joins(self, seq: int, joins: tuple[float | str, ...]) -> None:
+    def _set_joins(self, seq: int, joins: tuple[float | str, ...], link: int = -1) -> None:
+        """Keep the node's joins; ``link``: the link whose provenance the only entry has."""
         self._joins_more.pop(seq, None)
-        self._join_at[seq] = _NO_JOIN
-        self._join_event[seq] = None
-        if len(joins) > 3:
-            self._joins_more[seq] = joins
-        elif joins:
+        self._join_link[seq] = -1
+        if len(joins) == 3 and link >= 0:
             kind, number = _pack_uid(cast(str, joins[1]), self._uid_texts)
-            self._join_at[seq] = cast(float, joins[0])
+            self._join_link[seq] = link
             self._join_kind[seq] = kind
             self._join_hi[seq] = number >> 64
             self._join_lo[seq] = number & _MASK64
-            self._join_event[seq] = cast(str, joins[2])
+        elif joins:
+            self._joins_more[seq] = joins
 
     def _alias_target(self, unified_id: str) -> str | None:
         """The ID ``unified_id`` merged into, or None (a scan of the packed aliases)."""
@@ -1071,31 +1176,37 @@ class IdentityGraph:
 
     def _alias_map(self) -> dict[str, str]:
         texts = self._uid_texts
+        n = self._aliases
         return {
-            _unpack_uid(kind, (hi << 64) | lo, texts): to
+            _unpack_uid(kind, (hi << 64) | lo, texts): cast(str, to)
             for kind, hi, lo, to in zip(
-                self._alias_kind, self._alias_hi, self._alias_lo, self._alias_to, strict=True
+                self._alias_kind[:n], self._alias_hi[:n], self._alias_lo[:n], self._alias_to[:n], strict=True
             )
         }
 
     def _record_join(self, a: str, b: str, provenance: Provenance) -> None:
         """Count a proposal joining two persons against both identifiers' breaker history."""
-        if a not in self or b not in self:
+        key_a, key_b = _key(a), _key(b)
+        root_a, root_b = self._index.get(key_a), self._index.get(key_b)
+        if root_a is None or root_b is None or root_a == root_b:
             return
-        root_a, root_b = self._find(a), self._find(b)
-        if root_a == root_b:
-            return
+        self._join_ids(self._id_in(key_a, root_a), self._id_in(key_b, root_b), root_a, root_b, provenance, -1)
+
+    def _join_ids(
+        self, id_a: int, id_b: int, root_a: int, root_b: int, provenance: Provenance, link: int
+    ) -> None:
+        """``_record_join`` by ids; ``link``: the id of the link this proposal is about to
+        add (with this provenance), or -1."""
         now = provenance.at.timestamp()
         uid_a, uid_b = self._uid_of_root(root_a), self._uid_of_root(root_b)
-        self._remember_join(a, now, uid_b, provenance.event_id)
+        self._remember_join(id_a, now, uid_b, provenance.event_id, link)
         if provenance.rule != UNVERIFIED:  # an unproven claim never counts against the claimed
-            self._remember_join(b, now, uid_a, provenance.event_id)
+            self._remember_join(id_b, now, uid_a, provenance.event_id, link)
 
-    def _remember_join(self, node: str, now: float, other_uid: str, event_id: str) -> None:
-        seq = self._need(node)
+    def _remember_join(self, seq: int, now: float, other_uid: str, event_id: str, link: int) -> None:
         joins = self._joins(seq)
         if not joins:
-            self._set_joins(seq, (now, other_uid, event_id))
+            self._set_joins(seq, (now, other_uid, event_id), link)
             return
         entries = _join_entries(joins)
         # one event is one occasion, however many new identifiers it brings
@@ -1107,7 +1218,10 @@ class IdentityGraph:
         entries.sort(key=lambda e: e[0])
         # enough to tell whether breaker_max_merges persons other than the next one are in the window
         keep = max(self.rules.breaker_max_merges, 0) + 1
-        self._set_joins(seq, tuple(x for e in entries[-keep:] for x in e))
+        kept = entries[-keep:]
+        # the only entry kept is this proposal's: inline, like a first one
+        inline = link if kept == [(now, other_uid, event_id)] else -1
+        self._set_joins(seq, tuple(x for e in kept for x in e), inline)
 
 
 def _join_entries(joins: tuple[float | str, ...]) -> list[tuple[float, str, str]]:

@@ -259,15 +259,21 @@ class GraphResolver:
             return results
         slow: list[tuple[int, list[str], Provenance, frozenset[str]]] = []
         now = datetime.now(UTC)
+        common_unified_id = self.graphs[tenant].common_unified_id
         for i, (ids, link) in enumerate(zip(identifier_sets, linking_allowed, strict=True)):
+            # the common case: every identifier known, one person (nothing to link)
+            known = common_unified_id(ids)
+            if known is not None:
+                results[i] = known
+                continue
             nodes = [x.node for x in ids]
             if not nodes:
                 continue
-            source, event_id = provenance[i] if provenance else ("", "")
-            prov = Provenance(source=source, event_id=event_id, at=now, rule="event")
             guard = guarded[i] if guarded else _NO_GUARD
             known = self._fast_answer(tenant, nodes, link, guard)
             if known is None:
+                source, event_id = provenance[i] if provenance else ("", "")
+                prov = Provenance(source=source, event_id=event_id, at=now, rule="event")
                 slow.append((i, nodes, prov, guard))
             else:
                 results[i] = known
