@@ -311,7 +311,7 @@ def _unpack_uid(kind: int, number: int, texts: list[str]) -> str:
     return texts[number]
 
 
-def _reserve(columns: Sequence[tuple[array[Any] | list[Any], object]], size: int) -> None:
+def _reserve(columns: Sequence[tuple[array[Any] | list[Any], Any]], size: int) -> None:
     """Grow every column to at least ``size`` slots, doubling: a column that grew one slot at
     a time would be copied hundreds of times, and the blocks it left behind stay in the
     process (the allocator cannot give back holes between live blocks)."""
@@ -662,7 +662,7 @@ class IdentityGraph:
         gone = NodeRemoved(node, at)
         self._apply_node_removed(gone)
         changes.append(gone)
-        parts: dict[str, set[str]] = {}
+        parts: dict[int, set[str]] = {}
         for other in neighbours:
             root = self._find(other)
             if root not in parts:
@@ -1158,7 +1158,7 @@ class IdentityGraph:
 
     def _alias_target(self, unified_id: str) -> str | None:
         """The ID ``unified_id`` merged into, or None (a scan of the packed aliases)."""
-        kind, number = _pack_uid(unified_id, texts := [])
+        kind, number = _pack_uid(unified_id, [])
         if kind == 0:
             for i, alias_kind in enumerate(self._alias_kind):
                 if alias_kind == 0 and self._uid_texts[self._alias_lo[i]] == unified_id:
