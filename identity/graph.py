@@ -250,6 +250,7 @@ _TYPE_CODES: Final[dict[str, bytes]] = {
     )
 }
 _CODE_TYPES: Final = {code[0]: name + ":" for name, code in _TYPE_CODES.items()}
+_TYPE_NAMES: Final = {code[0]: name for name, code in _TYPE_CODES.items()}
 
 
 def _identifier_key(kind: str, value: str) -> bytes:
@@ -262,6 +263,11 @@ def _identifier_key(kind: str, value: str) -> bytes:
 def _key(node: str) -> bytes:
     kind, _, value = node.partition(":")
     return _identifier_key(kind, value)
+
+
+def _key_type(key: bytes) -> str:
+    name = _TYPE_NAMES.get(key[0])
+    return name if name is not None else node_type(_text(key))
 
 
 def _text(key: bytes) -> str:
@@ -390,6 +396,7 @@ class IdentityGraph:
         self._alias_to: list[str | None] = []
         self._aliases = 0
         self._uid_texts: list[str] = []  # unified IDs of no known shape (kind 0)
+        self._packed: dict[str, tuple[int, int]] = {}
         self._quarantine: dict[tuple[str, str], Quarantined] = {}  # first proposal per pair
         self._refused = 0
         self._seq = 0
@@ -721,7 +728,7 @@ class IdentityGraph:
     ) -> None:
         """Link two persons unless a per-type limit refuses it, or (``max_component``) the
         person would grow past the bound (then the link is quarantined)."""
-        members_a, members_b = self._members(anchor), self._members(other)
+        members_a, members_b = self._member_types(anchor), self._member_types(other)
         exceeded = self._exceeded_type(members_a, members_b)
         change: GraphChange
         if exceeded is not None:
@@ -751,11 +758,15 @@ class IdentityGraph:
         others = sum(1 for at, uid, _ in _join_entries(joins) if at > since and uid != other_uid)
         return others >= self.rules.breaker_max_merges
 
+    def _member_types(self, node: str) -> list[str]:
+        """The type of every identifier of the node's person."""
+        keys = self._keys
+        return [_key_type(cast(bytes, keys[m])) for m in self._member_ids(self._need(node))]
+
     def _exceeded_type(self, *parts: Iterable[str]) -> str | None:
         counts: dict[str, int] = {}
         for part in parts:
-            for node in part:
-                kind = node_type(node)
+            for kind in part:
                 counts[kind] = counts.get(kind, 0) + 1
         limit = self.rules.limit
         for kind in sorted(counts, key=self._type_key):
@@ -839,17 +850,18 @@ class IdentityGraph:
             raise ValueError("Merged does not name the two persons its EdgeAdded joined")
         survivor = persons[change.survivor]
         root = self._find(node)
-        self._drop_person(root)
-        self._put_person(root, survivor.uid, survivor.seq)
-        kind, number = _pack_uid(change.merged, self._uid_texts)
+        self._uid[root] = survivor.uid  # the root holds a person: the count stays
+        self._age[root] = survivor.seq
+        kind, number = self._pack(change.merged)
         i = self._aliases
-        columns = (
-            (self._alias_kind, _NO_ALIAS),
-            (self._alias_hi, 0),
-            (self._alias_lo, 0),
-            (self._alias_to, None),
-        )
-        _reserve(columns, i + 1)
+        if i >= len(self._alias_to):
+            columns = (
+                (self._alias_kind, _NO_ALIAS),
+                (self._alias_hi, 0),
+                (self._alias_lo, 0),
+                (self._alias_to, None),
+            )
+            _reserve(columns, i + 1)
         self._alias_kind[i] = kind
         self._alias_hi[i] = number >> 64
         self._alias_lo[i] = number & _MASK64
@@ -1048,13 +1060,14 @@ class IdentityGraph:
         self._link_slots += 1
         if 2 * link + 2 > len(self._to):
             _reserve(((self._to, -1), (self._next, -1)), 2 * link + 2)
-        columns = (
-            (self._link_source, 0),
-            (self._link_rule, 0),
-            (self._link_event, None),
-            (self._link_at, None),
-        )
-        _reserve(columns, link + 1)
+        if link >= len(self._link_event):
+            columns = (
+                (self._link_source, 0),
+                (self._link_rule, 0),
+                (self._link_event, None),
+                (self._link_at, None),
+            )
+            _reserve(columns, link + 1)
         self._to[2 * link], self._to[2 * link + 1] = id_b, id_a
         self._append_half(id_a, 2 * link)
         self._append_half(id_b, 2 * link + 1)
@@ -1065,13 +1078,13 @@ class IdentityGraph:
         self._links += 1
 
     def _append_half(self, seq: int, half: int) -> None:
-        last = -1
-        for current in self._halves(seq):
-            last = current
+        last, nxt = self._head[seq], self._next
         if last < 0:
             self._head[seq] = half
-        else:
-            self._next[last] = half
+            return
+        while nxt[last] >= 0:
+            last = nxt[last]
+        nxt[last] = half
 
     def _unhook_half(self, seq: int, half: int) -> None:
         previous = -1
@@ -1145,16 +1158,27 @@ class IdentityGraph:
 
     def _set_joins(self, seq: int, joins: tuple[float | str, ...], link: int = -1) -> None:
         """Keep the node's joins; ``link``: the link whose provenance the only entry has."""
-        self._joins_more.pop(seq, None)
+        if self._joins_more:
+            self._joins_more.pop(seq, None)
         self._join_link[seq] = -1
         if len(joins) == 3 and link >= 0:
-            kind, number = _pack_uid(cast(str, joins[1]), self._uid_texts)
+            kind, number = self._pack(cast(str, joins[1]))
             self._join_link[seq] = link
             self._join_kind[seq] = kind
             self._join_hi[seq] = number >> 64
             self._join_lo[seq] = number & _MASK64
         elif joins:
             self._joins_more[seq] = joins
+
+    def _pack(self, uid: str) -> tuple[int, int]:
+        """``_pack_uid`` into this graph's texts; the last few answers are remembered (a merge
+        packs the same two IDs for both breaker histories and the alias)."""
+        packed = self._packed.get(uid)
+        if packed is None:
+            if len(self._packed) >= 4:
+                self._packed.clear()
+            packed = self._packed[uid] = _pack_uid(uid, self._uid_texts)
+        return packed
 
     def _alias_target(self, unified_id: str) -> str | None:
         """The ID ``unified_id`` merged into, or None (a scan of the packed aliases)."""
