@@ -442,26 +442,35 @@ class IdentityGraph:
         root = self._index.get(_key(node))
         return None if root is None else self._uid[root]
 
-    def common_unified_id(self, identifiers: Iterable[Identifier]) -> str | None:
-        """The unified ID every one of ``identifiers`` has; None when one is unknown or they
-        are not one person. The hot path of resolution: one index hit per identifier, its
-        key built straight from type and pseudonym (``Identifier.node``, encoded)."""
+    def common_unified_ids(self, identifier_sets: Iterable[Iterable[Identifier]]) -> list[str | None]:
+        """For each set, the unified ID every one of its identifiers has; None when one is
+        unknown or they are not one person (or the set is empty). The hot path of
+        resolution: per identifier one index hit and one list slot, the key built straight
+        from type and pseudonym (``Identifier.node``, encoded as ``_key`` does)."""
         index, uids, codes = self._index, self._uid, _TYPE_CODES
-        common = None
-        for identifier in identifiers:
-            code = codes.get(identifier.type)
-            if code is None:
-                root = index.get(_identifier_key(identifier.type, identifier.value))
-            else:
-                root = index.get(code + identifier.value.encode("utf-8", "surrogatepass"))
-            if root is None:
-                return None
-            uid = uids[root]
-            if common is None:
-                common = uid
-            elif uid != common:
-                return None
-        return common
+        out: list[str | None] = []
+        for identifiers in identifier_sets:
+            common = None
+            for identifier in identifiers:
+                code = codes.get(identifier.type)
+                if code is None:
+                    root = index.get(_identifier_key(identifier.type, identifier.value))
+                else:
+                    try:
+                        root = index.get(code + identifier.value.encode())
+                    except UnicodeEncodeError:  # a lone surrogate: the key _key makes of it
+                        root = index.get(_identifier_key(identifier.type, identifier.value))
+                if root is None:
+                    common = None
+                    break
+                uid = uids[root]
+                if common is None:
+                    common = uid
+                elif uid != common:
+                    common = None
+                    break
+            out.append(common)
+        return out
 
     def resolve_alias(self, unified_id: str) -> str:
         """Follow merges from an ID handed out earlier to the ID its person has now."""
