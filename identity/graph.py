@@ -372,13 +372,13 @@ class IdentityGraph:
         self._head = array("i", [-1])  # first half-link
         self._uid: list[str | None] = [None]  # at a root: the person's unified ID
         self._age = array("i", [0])  # at a root: the person's creation number
-        # breaker history: one entry that came with a link inline (the link gives its time and
-        # event, the other person's ID is packed), any other in _joins_more (flattened triples)
+        # breaker history: a single entry that came with a link that merged two persons is
+        # inline (the link gives its time and event; the other person's ID is that merge's
+        # alias i, or ~i for the ID it merged into); any other in _joins_more (flattened triples)
         self._join_link = array("i", [-1])
-        self._join_kind = array("B", [0])
-        self._join_hi = array("Q", [0])
-        self._join_lo = array("Q", [0])
+        self._join_alias = array("i", [0])
         self._joins_more: dict[int, tuple[float | str, ...]] = {}
+        self._inline_candidates: list[tuple[int, int]] = []  # (node id, link) until the Merged
         # links: link e has half-links 2e (towards _to[2e]) and 2e+1; removed links stay as holes
         self._to = array("i")
         self._next = array("i")
@@ -831,6 +831,7 @@ class IdentityGraph:
         if root_a is None or root_b is None:
             raise KeyError(a if root_a is None else b)
         if root_a != root_b:
+            self._inline_candidates.clear()
             self._join_ids(id_a, id_b, root_a, root_b, change.provenance, self._link_slots)
             person_a, person_b = self._drop_person(root_a), self._drop_person(root_b)
             # union by size: the smaller side is relabelled to the larger side's root
@@ -876,6 +877,8 @@ class IdentityGraph:
         self._alias_lo[i] = number & _MASK64
         self._alias_to[i] = change.survivor
         self._aliases += 1
+        if self._inline_candidates:
+            self._inline_joins(i, change.merged, change.survivor)
         self._pending_join = None
 
     def _apply_edge_refused(self, change: EdgeRefused) -> None:
@@ -967,9 +970,7 @@ class IdentityGraph:
             (self._uid, None),
             (self._age, 0),
             (self._join_link, -1),
-            (self._join_kind, 0),
-            (self._join_hi, 0),
-            (self._join_lo, 0),
+            (self._join_alias, 0),
         )
         _reserve(columns, seq + 1)
 
@@ -1160,24 +1161,43 @@ class IdentityGraph:
         link = self._join_link[seq]
         if link < 0:
             return ()
-        number = (self._join_hi[seq] << 64) | self._join_lo[seq]
-        uid = _unpack_uid(self._join_kind[seq], number, self._uid_texts)
+        ref = self._join_alias[seq]
+        if ref >= 0:
+            number = (self._alias_hi[ref] << 64) | self._alias_lo[ref]
+            uid = _unpack_uid(self._alias_kind[ref], number, self._uid_texts)
+        else:
+            uid = cast(str, self._alias_to[~ref])
         at = cast(datetime, self._link_at[link]).timestamp()
         return (at, uid, cast(str, self._link_event[link]))
 
     def _set_joins(self, seq: int, joins: tuple[float | str, ...], link: int = -1) -> None:
-        """Keep the node's joins; ``link``: the link whose provenance the only entry has."""
+        """Keep the node's joins; ``link``: the link whose provenance the only entry has (it
+        moves inline when the Merged of that link names the other person's ID)."""
         if self._joins_more:
             self._joins_more.pop(seq, None)
         self._join_link[seq] = -1
-        if len(joins) == 3 and link >= 0:
-            kind, number = self._pack(cast(str, joins[1]))
-            self._join_link[seq] = link
-            self._join_kind[seq] = kind
-            self._join_hi[seq] = number >> 64
-            self._join_lo[seq] = number & _MASK64
-        elif joins:
+        if joins:
             self._joins_more[seq] = joins
+            if len(joins) == 3 and link >= 0:
+                self._inline_candidates.append((seq, link))
+
+    def _inline_joins(self, alias: int, merged: str, survivor: str) -> None:
+        """After the Merged that made ``alias``: the joins its link recorded move inline."""
+        more = self._joins_more
+        for seq, link in self._inline_candidates:
+            joins = more.get(seq)
+            if joins is None or len(joins) != 3:
+                continue
+            if joins[1] == merged:
+                ref = alias
+            elif joins[1] == survivor:
+                ref = ~alias
+            else:
+                continue
+            del more[seq]
+            self._join_link[seq] = link
+            self._join_alias[seq] = ref
+        self._inline_candidates.clear()
 
     def _pack(self, uid: str) -> tuple[int, int]:
         """``_pack_uid`` into this graph's texts; the last few answers are remembered (a merge
