@@ -19,10 +19,14 @@ Rules against over-merging (design section 6), checked for every link that would
 2. per-type maxima: ``EdgeRefused("limit:<type>")``;
 3. component bound: ``Quarantined("component_too_large")``.
 
-Memory: per identifier one small ``_Node`` (creation number, neighbours, recent joins) plus
-its union-find entries; links are kept only as neighbours inside their component and one
-provenance per link. networkx graphs are built for a single component at a time (unlink,
-erasure, explain), never for the whole tenant.
+Memory (issue 17: at most 250 B per linked identifier at 1M, see bench/identity.py): the
+union-find is flat. One dict maps each node's key (a type byte and the pseudonym's bytes) to
+the id of its component's root, the same int object for every member, so a lookup is one
+index hit and one list slot; a merge relabels the smaller side (components are bounded by
+``max_component``). Everything else per node, per link and per alias is in typed arrays
+indexed by int ids (a node's id is its creation number); unified IDs other than a person's
+current one are packed to 128-bit numbers. networkx graphs are built for a single component
+at a time (splits on unlink and erasure, explain), never for the whole tenant.
 """
 
 from __future__ import annotations
