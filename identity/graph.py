@@ -266,7 +266,10 @@ def _identifier_key(kind: str, value: str) -> bytes:
 
 def _key(node: str) -> bytes:
     kind, _, value = node.partition(":")
-    return _identifier_key(kind, value)
+    code = _TYPE_CODES.get(kind)
+    if code is None:
+        return node.encode("utf-8", "surrogatepass")
+    return code + value.encode("utf-8", "surrogatepass")
 
 
 def _key_type(key: bytes) -> str:
