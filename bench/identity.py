@@ -15,7 +15,12 @@ Identity resolution has no Redis part (NO_REDIS); with ``--backend both`` each b
 its own process so the RSS figures do not mix.
 
     .venv/bin/python bench/identity.py [--identifiers 1000000] [--backend both] [--batch 100]
-                                       [--seconds 5] [--json]
+                                       [--seconds 5] [--json] [--baseline ../main]
+
+Targets (issue 17): at most 250 B of RSS per linked identifier at 1M identifiers, and at least
+500k lookups/s; each is printed MET or NOT MET. ``--baseline DIR`` runs this same benchmark on
+another checkout (e.g. a worktree of main) first, in its own process, and prints its figures
+in a column beside these.
 """
 
 from __future__ import annotations
@@ -184,9 +189,14 @@ async def run_backend(backend: str, args: argparse.Namespace) -> dict:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def in_child(backend: str, args: argparse.Namespace) -> dict:
+TARGET_BYTES_PER_ID = 250
+TARGET_LOOKUPS_PER_S = 500_000
+TARGET_AT_IDENTIFIERS = 1_000_000
+
+
+def in_child(backend: str, args: argparse.Namespace, script: str = __file__) -> dict:
     """One backend in its own process, so the RSS figures of one do not leak into the other."""
-    cmd = [sys.executable, __file__, "--backend", backend, "--json", "--identifiers", str(args.identifiers)]
+    cmd = [sys.executable, script, "--backend", backend, "--json", "--identifiers", str(args.identifiers)]
     cmd += ["--batch", str(args.batch), "--seconds", str(args.seconds)]
     out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])[0]
@@ -198,9 +208,34 @@ def table(results: list[dict]) -> str:
             return "-"
         return f"{v:,.0f}" if v >= 100 else f"{v:.2f}"
 
-    lines = [f"{'':36}" + "".join(f"{r['backend']:>14}" for r in results)]
-    lines += [f"{label:36}" + "".join(f"{fmt(r.get(key)):>14}" for r in results) for key, label in ROWS]
+    lines = [f"{'':36}" + "".join(f"{r.get('label', r['backend']):>16}" for r in results)]
+    lines += [f"{label:36}" + "".join(f"{fmt(r.get(key)):>16}" for r in results) for key, label in ROWS]
     return "\n".join(lines)
+
+
+def targets(results: list[dict], baselines: list[dict], identifiers: int) -> list[str]:
+    """The issue 17 target lines, MET or NOT MET, with the baseline's figure beside."""
+    at = (
+        "" if identifiers == TARGET_AT_IDENTIFIERS else f" (measured at {identifiers:,}; the target is at 1M)"
+    )
+    base = {b["backend"]: b for b in baselines}
+    lines = []
+    for r in results:
+        b = base.get(r["backend"], {})
+        per_id, lookups = r["rss_bytes_per_id"], r["lookup_ids_per_s"]
+        was_id = f", baseline {b['rss_bytes_per_id']:,.0f}" if b else ""
+        was_lookups = f", baseline {b['lookup_ids_per_s']:,.0f}" if b else ""
+        met = "MET" if per_id <= TARGET_BYTES_PER_ID else "NOT MET"
+        lines.append(
+            f"[{r['backend']}] target <= {TARGET_BYTES_PER_ID} B per linked identifier at 1M: {met} "
+            f"({per_id:,.0f} B{was_id}){at}"
+        )
+        met = "MET" if lookups >= TARGET_LOOKUPS_PER_S else "NOT MET"
+        lines.append(
+            f"[{r['backend']}] target >= {TARGET_LOOKUPS_PER_S:,} lookups/s: {met} "
+            f"({lookups:,.0f}/s{was_lookups})"
+        )
+    return lines
 
 
 def main() -> None:
@@ -210,17 +245,28 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=100)
     p.add_argument("--seconds", type=float, default=5.0)
     p.add_argument("--json", action="store_true", help="also print the results as one JSON line")
+    p.add_argument(
+        "--baseline", type=Path, help="a checkout (e.g. a worktree of main) to run first, for comparison"
+    )
     args = p.parse_args()
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     backends = ["sqlite", "postgres"] if args.backend == "both" else [args.backend]
-    if len(backends) > 1:
+    baselines = []
+    if args.baseline is not None:
+        script = str(args.baseline.resolve() / "bench" / "identity.py")
+        for b in backends:
+            say(f"baseline ({args.baseline}): {b}")
+            baselines.append(in_child(b, args, script) | {"label": f"{b} (base)"})
+    if len(backends) > 1 or baselines:
         results = [in_child(b, args) for b in backends]
     else:
         results = [asyncio.run(run_backend(backends[0], args))]
     print(
         f"identity resolution, {args.identifiers:,} identifiers, batch {args.batch}, {args.seconds:g} s/phase"
     )
-    print(table(results))
+    print(table([x for r in results for x in (r, *[b for b in baselines if b["backend"] == r["backend"]])]))
+    for line in targets(results, baselines, args.identifiers):
+        print(line)
     if "postgres" in backends:
         print(NO_REDIS)
     for r in results:

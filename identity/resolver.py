@@ -254,20 +254,27 @@ class GraphResolver:
         notices: list[GraphChange] | None = None,
         guarded: Sequence[frozenset[str]] | None = None,
     ) -> list[str | None]:
-        results: list[str | None] = [None] * len(identifier_sets)
-        if tenant not in self.graphs:  # identity resolution is off for this tenant
-            return results
+        graph = self.graphs.get(tenant)
+        if graph is None:  # identity resolution is off for this tenant
+            return [None] * len(identifier_sets)
+        if len(linking_allowed) != len(identifier_sets):
+            raise ValueError("one linking_allowed per identifier set")
         slow: list[tuple[int, list[str], Provenance, frozenset[str]]] = []
         now = datetime.now(UTC)
-        for i, (ids, link) in enumerate(zip(identifier_sets, linking_allowed, strict=True)):
-            nodes = [x.node for x in ids]
+        # the common case: every identifier known, one person (nothing to link)
+        results = graph.common_unified_ids(identifier_sets)
+        for i, known in enumerate(results):
+            if known is not None:
+                continue
+            nodes = [x.node for x in identifier_sets[i]]
             if not nodes:
                 continue
-            source, event_id = provenance[i] if provenance else ("", "")
-            prov = Provenance(source=source, event_id=event_id, at=now, rule="event")
+            link = linking_allowed[i]
             guard = guarded[i] if guarded else _NO_GUARD
             known = self._fast_answer(tenant, nodes, link, guard)
             if known is None:
+                source, event_id = provenance[i] if provenance else ("", "")
+                prov = Provenance(source=source, event_id=event_id, at=now, rule="event")
                 slow.append((i, nodes, prov, guard))
             else:
                 results[i] = known
