@@ -21,7 +21,7 @@ What is remembered is a 16-byte digest of (tenant, person, plan event, page, ite
 the message id: no identifier, and only for the window (a Redis TTL, or expiry in memory).
 
 Stores: ``MemoryExposures`` (embedded; per process, forgotten at restart, at most
-``capacity`` sightings) and ``RedisExposures`` (distributed: one ``SET NX GET PX`` per
+``MEMORY_CAPACITY`` sightings) and ``RedisExposures`` (distributed: one ``SET NX GET PX`` per
 item, single-key, so any Redis Cluster slot; needs Redis 7).
 """
 
@@ -38,6 +38,9 @@ import msgspec
 from gateway.plan import ExposureSpec
 
 EXPOSURE_REPEAT: Final = "exposure_repeat"
+# Sightings one embedded process remembers (about 240 B each in CPython: ~50 MB at most);
+# past it the oldest go first, and an item shown again after that counts again.
+MEMORY_CAPACITY: Final = 200_000
 EXPOSURE_REPEAT_ITEMS: Final = "exposure_repeat_items"
 _encode = msgspec.json.Encoder().encode
 
@@ -54,7 +57,7 @@ class MemoryExposures:
     """Sightings in this process: insertion-ordered, expired from the oldest end, and at
     most ``capacity`` of them (the oldest go first past it)."""
 
-    def __init__(self, capacity: int = 1_000_000, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, capacity: int = MEMORY_CAPACITY, clock: Callable[[], float] = time.monotonic) -> None:
         self.capacity = capacity
         self._clock = clock
         self._seen: OrderedDict[bytes, tuple[int, bytes]] = OrderedDict()
