@@ -22,7 +22,8 @@ the message id: no identifier, and only for the window (a Redis TTL, or expiry i
 
 Stores: ``MemoryExposures`` (embedded; per process, forgotten at restart, at most
 ``MEMORY_CAPACITY`` sightings) and ``RedisExposures`` (distributed: one ``SET NX GET PX`` per
-item, single-key, so any Redis Cluster slot; needs Redis 7).
+item, single-key, so any Redis Cluster slot; needs Redis 7; while Redis is unreachable every
+sighting counts as new: the dedupe fails open, no exposure is lost).
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ from collections.abc import Callable, Sequence
 from typing import Any, Final, Protocol
 
 import msgspec
+import structlog
+from redis.exceptions import RedisError
 
 from gateway.plan import ExposureSpec
 
@@ -43,6 +46,7 @@ EXPOSURE_REPEAT: Final = "exposure_repeat"
 MEMORY_CAPACITY: Final = 200_000
 EXPOSURE_REPEAT_ITEMS: Final = "exposure_repeat_items"
 _encode = msgspec.json.Encoder().encode
+log = structlog.get_logger(__name__)
 
 
 class ExposureStore(Protocol):
@@ -96,10 +100,16 @@ class RedisExposures:
         self.prefix = f"{prefix}:exposure:"
 
     async def first_sightings(self, sightings: Sequence[tuple[bytes, bytes]], window_ms: int) -> list[bool]:
-        pipe = self.client.pipeline(transaction=False)
-        for key, message in sightings:
-            pipe.set(self.prefix + key.hex(), message, nx=True, px=window_ms, get=True)
-        before = await pipe.execute()
+        """While Redis is unreachable every sighting counts as new (fails open: a repeat
+        delivered beats an exposure lost), with one log line per failed request."""
+        try:
+            pipe = self.client.pipeline(transaction=False)
+            for key, message in sightings:
+                pipe.set(self.prefix + key.hex(), message, nx=True, px=window_ms, get=True)
+            before = await pipe.execute()
+        except RedisError as exc:
+            log.warning("exposures.unavailable", error=type(exc).__name__, sightings=len(sightings))
+            return [True] * len(sightings)
         return [old is None or old == message for old, (_, message) in zip(before, sightings, strict=True)]
 
 

@@ -25,6 +25,7 @@ from tests.conftest import (
     Gateway,
     PostgresSchema,
     RedisNamespace,
+    free_port,
     make_gateway,
     mid,
 )
@@ -77,6 +78,19 @@ def test_redis_sightings_are_shared_and_expire(redis_ns: RedisNamespace) -> None
         await client.aclose()
 
     asyncio.run(go())
+
+
+def test_redis_sightings_fail_open_while_redis_is_unreachable() -> None:
+    async def go() -> list[bool]:
+        client = aioredis.from_url(f"redis://127.0.0.1:{free_port()}", socket_connect_timeout=0.5)
+        try:
+            return await RedisExposures(client, "x").first_sightings(
+                [(b"a" * 16, b"m"), (b"b" * 16, b"m")], 1000
+            )
+        finally:
+            await client.aclose()
+
+    assert asyncio.run(go()) == [True, True]  # counted as new: nothing is dropped
 
 
 @pytest.mark.redis
