@@ -171,9 +171,11 @@ def start_replica(tmp: Path, config: Path, name: str, shared_env: dict[str, str]
 
 
 def start_load(
-    replicas: list[ingest.Server], seconds: float, connections: int, tmp: Path
+    replicas: list[ingest.Server], seconds: float, connections: int, tmp: Path, rate: float = 0
 ) -> list[subprocess.Popen[bytes]]:
-    """One wrk per replica, at once, for at most ``seconds`` (stop_load ends them earlier)."""
+    """One wrk per replica, at once, for at most ``seconds`` (stop_load ends them earlier).
+    ``rate`` > 0: paced at about that many events/s in all (each connection waits between
+    its requests, wrk's ``delay``), instead of as fast as the replicas answer."""
     grid = ",".join(f"{p:g}" for p in LATENCY_GRID)
     lua = (
         ingest.WRK_LUA.replace("@PATH@", "/v1/batch")
@@ -181,6 +183,9 @@ def start_load(
         .replace("@AUTH@", ingest.AUTH)
         .replace("@USERS@", "20000")
     ) + LATENCY_LUA.replace("@GRID@", grid)
+    if rate > 0:
+        pause_ms = 1000 * connections * len(replicas) * ingest.BATCH_SIZE / rate
+        lua += f"\nfunction delay()\n  return {pause_ms:.0f}\nend\n"
     script = tmp / "wrk-distributed.lua"
     script.write_text(lua)
     procs = []
@@ -349,7 +354,9 @@ def run_count(n: int, args: argparse.Namespace, load_config: str) -> dict[str, A
             )
             load_avg_before = os.getloadavg()
             started = time.monotonic()
-            load = start_load(replicas, args.duration + args.max_extra + 5, args.connections, tmp)
+            load = start_load(
+                replicas, args.duration + args.max_extra + 5, args.connections, tmp, args.load_rate
+            )
             cpu_before = CpuSnapshot.take(replicas, load)
             prober: probe.WithdrawalProbe | None = None
             stop_probe = threading.Event()
@@ -403,6 +410,7 @@ def run_count(n: int, args: argparse.Namespace, load_config: str) -> dict[str, A
             cpu = cpu_after.shares(cpu_before, cpu_seconds)
             result: dict[str, Any] = {
                 "replicas": n,
+                "load_rate": args.load_rate,  # 0: as fast as the replicas answer
                 "load_seconds": round(load_seconds, 2),
                 "requests": sum(p.requests for p in parts),
                 "non2xx": sum(p.non2xx for p in parts),
@@ -620,7 +628,11 @@ def print_withdrawal(runs: list[dict[str, Any]]) -> bool | None:
     verdicts: list[bool] = []
     loud: list[str] = []
     for r in probed:
-        for key, label in (("withdrawal_without_load", "none"), ("withdrawal", "yes")):
+        paced = r.get("load_rate") or 0
+        for key, label in (
+            ("withdrawal_without_load", "none"),
+            ("withdrawal", f"{paced:g}/s" if paced else "full"),
+        ):
             w = r.get(key)
             if w is None:
                 continue
@@ -710,8 +722,17 @@ def main() -> None:
         default=300.0,
         help="seconds the load may go on past --duration while the probe finishes its rounds",
     )
+    parser.add_argument(
+        "--load-rate",
+        type=float,
+        default=0,
+        help="pace the load at about this many events/s in all (0: as fast as the replicas answer); "
+        "the withdrawal probe then runs under a load the replicas can carry",
+    )
     parser.add_argument("--json", action="store_true", help="also print the figures as one JSON object")
     args = parser.parse_args()
+    if args.load_rate < 0:
+        parser.error("--load-rate must be >= 0")
     if shutil.which("wrk") is None:
         sys.exit("bench/distributed.py needs wrk (apt-get install wrk), one per replica")
     if args.duration <= 0 or args.connections < 1 or args.probe_workers < 1:
