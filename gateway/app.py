@@ -180,7 +180,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         outbox = open_outbox(settings, config.limits.dedupe_window_seconds, redis_client)
         dead_letters = open_dead_letters(settings)
         violations = SqliteViolations(settings.data_dir / "violations.sqlite3")  # tracking plan
-        plan_monitor = PlanMonitor(violations)
+        plan_monitor = PlanMonitor(violations, redis=redis_client, prefix=settings.redis_prefix)
         consent = await open_consent(settings, config, redis_client, signer)
         receipts = DeletionReceipts(config)
         delivery = build_delivery(settings, config, keyring, consent, outbox, dead_letters, receipts)

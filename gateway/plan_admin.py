@@ -11,7 +11,6 @@ still breaks the plan keeps its record, updated.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 from typing import Annotated, Any
 
@@ -230,9 +229,9 @@ class PlanMonitorController(Controller):
     ) -> TailAnswer:
         """Operator role. Newest first: each message that broke the plan (flagged, omitted or
         kept), its rules and property paths, never a value; the last 100 per source this
-        gateway process saw."""
+        gateway process saw (with Redis: that every replica saw)."""
         services.tokens.check_tenant(officer, tenant)
-        entries = _monitor(request).tail(tenant, source, limit)
+        entries = await _monitor(request).read_tail(tenant, source, limit)
         await log_access(services, officer, "plan.tail", tenant, {"source": source}, len(entries))
         return TailAnswer(tenant=tenant, violations=entries)
 
@@ -250,16 +249,13 @@ class PlanMonitorController(Controller):
         tenant: FromQuery[str],
     ) -> dict[str, Any]:
         """Operator role. From the counts the gateway keeps since its violation store was
-        created: per plan event how many were seen and fit, the planned events never seen,
-        and the unplanned names seen (with counts)."""
+        created (with Redis: every replica's, shared): per plan event how many were seen and
+        fit, the planned events never seen, and the unplanned names seen (with counts)."""
         services.tokens.check_tenant(officer, tenant)
         found = next((t for t in services.config.tenants if t.id == tenant), None)
         plan = plan_for(found) if found is not None else None
         if plan is None:
             raise NotFoundException(detail=f"tenant {tenant!r} has no tracking plan")
-        monitor = _monitor(request)
-        await monitor.flush()
-        store = _store(request)
-        report = plan_coverage(plan, await asyncio.to_thread(store.seen, tenant))
+        report = plan_coverage(plan, await _monitor(request).read_seen(tenant))
         await log_access(services, officer, "plan.coverage", tenant, {}, len(report["events"]))
         return report

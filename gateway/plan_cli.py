@@ -5,6 +5,7 @@ brought from other tools (``import``)."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -120,14 +121,28 @@ def plan_violations(
 @click.option("--json", "as_json", is_flag=True, help="The report as JSON.")
 def plan_coverage(config_path: Path, tenant: str | None, data_dir: Path | None, as_json: bool) -> None:
     """Planned events never seen and seen events not planned, from the counts the gateway
-    keeps in its data directory (a running gateway writes them within seconds). Exit status 1
+    keeps in its data directory, or with REDIS_URL those every replica shares (a running
+    gateway writes them within seconds). Exit status 1
     when a planned event was never seen or an unplanned one was."""
     tenant_id, found = _tenant_plan(config_path, tenant)
-    store = _violation_store(data_dir)
-    try:
-        report = coverage(found, store.seen(tenant_id))
-    finally:
-        store.close()
+    redis_url = os.environ.get("REDIS_URL")
+    if redis_url:  # distributed: the counts every replica shares
+        from gateway.plan_monitor import seen_from_hash
+        from identity.redis_client import open_redis
+
+        client = open_redis(redis_url)
+        try:
+            prefix = os.environ.get("IDGATE_REDIS_PREFIX", "idgate")
+            counts = seen_from_hash(tenant_id, client.hgetall(f"{prefix}:plan:seen:{tenant_id}"))
+        finally:
+            client.close()
+    else:
+        store = _violation_store(data_dir)
+        try:
+            counts = store.seen(tenant_id)
+        finally:
+            store.close()
+    report = coverage(found, counts)
     if as_json:
         click.echo(json.dumps(report, indent=2, sort_keys=True))
     else:

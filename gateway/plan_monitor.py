@@ -3,11 +3,16 @@ and the coverage counts behind ``idgate plan coverage`` (planned events never se
 events not planned).
 
 ``check_plan`` notes every event it checks here. The tail is a bounded ring per (tenant,
-source) in memory (per gateway process; what a team watches while a new build's events
-arrive). The coverage counts go to the ``plan_seen`` table of the violation store
-(``export.violations``): buffered in memory, written when a (source, event, name) shows up
-for the first time (so coverage is always current) and otherwise at most every few seconds
-(so the hot path does not write per batch), and at shutdown.
+source): what a team watches while a new build's events arrive. The coverage counts are
+buffered in memory and written when a (source, event, name) shows up for the first time (so
+coverage is always current) and otherwise at most every few seconds (so the hot path does not
+write per batch), and at shutdown.
+
+Embedded, both live in this process: the tail in memory, the counts in the ``plan_seen``
+table of the violation store (``export.violations``). With Redis (distributed mode) every
+replica shares them, so a team sees every replica's violations and counts from any one: the
+tail is a capped list per (tenant, source) (``LPUSH`` + ``LTRIM``, written with the counts),
+the counts one hash per tenant added to by a script (one key: any cluster slot).
 
 Labels stay bounded: a plan event is counted under its plan id; an unplanned event under
 its name as sent (scrubbed like a stored event name), the first ``UNPLANNED_NAMES`` distinct
@@ -58,17 +63,23 @@ class PlanMonitor:
         *,
         tail_size: int = TAIL_SIZE,
         flush_seconds: float = FLUSH_SECONDS,
+        redis: Any = None,
+        prefix: str = "idgate",
     ) -> None:
         self.store = store
         self.tail_size = tail_size
         self.flush_seconds = flush_seconds
+        self.redis = redis  # shared by the replicas (redis.asyncio client), else None
+        self.prefix = prefix
+        self._add_seen = redis.register_script(_ADD_SEEN) if redis is not None else None
+        self._tail_out: list[tuple[str, TailEntry]] = []  # noted, not yet in Redis
         self._tails: dict[tuple[str, str], deque[TailEntry]] = {}
         self._pending: dict[_Key, list[int]] = {}  # seen, valid, last seen (ms)
         self._known: set[_Key] = set()
         self._unplanned: dict[str, set[str]] = {}
         self._new = False
         self._last_flush = time.monotonic()
-        if store is not None:
+        if store is not None and redis is None:
             for c in store.seen():
                 self._remember((c.tenant, c.source, c.event, c.name))
 
@@ -83,13 +94,56 @@ class PlanMonitor:
         if ring is None:
             ring = self._tails[(tenant, entry.source)] = deque(maxlen=self.tail_size)
         ring.append(entry)
+        if self.redis is not None:
+            self._tail_out.append((tenant, entry))
 
     def tail(self, tenant: str, source: str | None = None, limit: int = TAIL_SIZE) -> list[TailEntry]:
-        """The last violations, newest first: of one source, or of every source of the tenant."""
+        """The last violations this process saw, newest first: of one source, or of every
+        source of the tenant."""
         rings = [r for (t, s), r in self._tails.items() if t == tenant and (source is None or s == source)]
         entries = [e for ring in rings for e in reversed(ring)]
         entries.sort(key=lambda e: e.at_ms, reverse=True)  # stable: one batch's stay newest first
         return entries[:limit]
+
+    async def read_tail(
+        self, tenant: str, source: str | None = None, limit: int = TAIL_SIZE
+    ) -> list[TailEntry]:
+        """The last violations of every replica (Redis), else of this process; newest first."""
+        if self.redis is None:
+            return self.tail(tenant, source, limit)
+        await self._push_tail()
+        if source is None:
+            sources = sorted(s.decode() for s in await self.redis.smembers(self._sources_key(tenant)))
+        else:
+            sources = [source]
+        entries: list[TailEntry] = []
+        for name in sources:
+            raw = await self.redis.lrange(self._tail_key(tenant, name), 0, limit - 1)
+            entries += [_decode_tail(r) for r in raw]  # each list newest first
+        entries.sort(key=lambda e: e.at_ms, reverse=True)
+        return entries[:limit]
+
+    def _tail_key(self, tenant: str, source: str) -> str:
+        return f"{self.prefix}:plan:tail:{tenant}:{source}"
+
+    def _sources_key(self, tenant: str) -> str:
+        return f"{self.prefix}:plan:tail-sources:{tenant}"
+
+    def _seen_key(self, tenant: str) -> str:
+        return f"{self.prefix}:plan:seen:{tenant}"
+
+    async def _push_tail(self) -> None:
+        out, self._tail_out = self._tail_out, []
+        if not out or self.redis is None:
+            return
+        by_key: dict[tuple[str, str], list[bytes]] = {}
+        for tenant, entry in out:
+            by_key.setdefault((tenant, entry.source), []).append(_encode(entry))
+        for (tenant, source), entries in by_key.items():  # single-key commands: any cluster slot
+            key = self._tail_key(tenant, source)
+            await self.redis.lpush(key, *entries)
+            await self.redis.ltrim(key, 0, self.tail_size - 1)
+            await self.redis.sadd(self._sources_key(tenant), source)
 
     # -- coverage counts -----------------------------------------------------------------------
     def count(
@@ -119,15 +173,72 @@ class PlanMonitor:
         return [SeenCount(*key, seen, valid, last) for key, (seen, valid, last) in pending.items()]
 
     async def flush_if_due(self) -> None:
-        """Write the counts when a new (source, event, name) appeared or the interval passed."""
-        if self.store is None or not self._pending:
-            return
-        if self._new or time.monotonic() - self._last_flush >= self.flush_seconds:
-            await asyncio.to_thread(self.store.add_seen, self._take())
+        """Write the counts when a new (source, event, name) appeared or the interval passed
+        (and, shared, the tail noted since the last write)."""
+        due = self._new or time.monotonic() - self._last_flush >= self.flush_seconds
+        if self._tail_out and (due or len(self._tail_out) >= self.tail_size):
+            await self._push_tail()
+        if self._pending and due:
+            await self._write(self._take())
 
     async def flush(self) -> None:
-        if self.store is not None and self._pending:
-            await asyncio.to_thread(self.store.add_seen, self._take())
+        await self._push_tail()
+        if self._pending:
+            await self._write(self._take())
+
+    async def _write(self, counts: list[SeenCount]) -> None:
+        if self._add_seen is not None:
+            by_tenant: dict[str, list[SeenCount]] = {}
+            for c in counts:
+                by_tenant.setdefault(c.tenant, []).append(c)
+            for tenant, cs in by_tenant.items():
+                args = [
+                    a
+                    for c in cs
+                    for a in (_field(c.source, c.event, c.name), c.seen, c.valid, c.last_seen_ms)
+                ]
+                await self._add_seen(keys=[self._seen_key(tenant)], args=args)
+        elif self.store is not None:
+            await asyncio.to_thread(self.store.add_seen, counts)
+
+    async def read_seen(self, tenant: str) -> tuple[SeenCount, ...]:
+        """The coverage counts of every replica (Redis), else of this gateway's store."""
+        await self.flush()
+        if self.redis is None:
+            return await asyncio.to_thread(self.store.seen, tenant) if self.store is not None else ()
+        return seen_from_hash(tenant, await self.redis.hgetall(self._seen_key(tenant)))
+
+
+# Adds (seen, valid) and keeps the latest time per "source<US>event<US>name": fields +"<US>s",
+# +"<US>v", +"<US>l" of one hash per tenant.
+_ADD_SEEN = """
+for i = 1, #ARGV, 4 do
+  local f = ARGV[i]
+  redis.call('HINCRBY', KEYS[1], f .. '\31s', ARGV[i + 1])
+  redis.call('HINCRBY', KEYS[1], f .. '\31v', ARGV[i + 2])
+  local last = tonumber(redis.call('HGET', KEYS[1], f .. '\31l') or '0')
+  if tonumber(ARGV[i + 3]) > last then redis.call('HSET', KEYS[1], f .. '\31l', ARGV[i + 3]) end
+end
+return 1
+"""
+_US = "\x1f"
+_encode = msgspec.json.Encoder().encode
+_decode_tail = msgspec.json.Decoder(TailEntry).decode
+
+
+def _field(source: str, event: str, name: str) -> str:
+    return _US.join((source, event, name))
+
+
+def seen_from_hash(tenant: str, raw: dict[bytes, bytes]) -> tuple[SeenCount, ...]:
+    """The counts of one tenant's shared hash (``_ADD_SEEN``), ordered like the store's."""
+    cells: dict[tuple[str, str, str], list[int]] = {}
+    for k, v in raw.items():
+        source, event, name, part = k.decode().split(_US)
+        cell = cells.setdefault((source, event, name), [0, 0, 0])
+        cell["svl".index(part)] = int(v)
+    counts = [SeenCount(tenant, s, e, n, *cell) for (s, e, n), cell in cells.items()]
+    return tuple(sorted(counts, key=lambda c: (c.event, c.name, c.source)))
 
 
 def coverage(plan: TrackingPlan, counts: Sequence[SeenCount]) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from tests.conftest import (
     TEST_CONFIG,
     WEB_KEY,
     Gateway,
+    RedisNamespace,
     make_gateway,
     mid,
 )
@@ -446,3 +447,39 @@ def test_violation_records_and_reports_pass_the_canary_scan(enforcing: tuple[Gat
     raw = b"".join(p.read_bytes() for p in store.parent.glob("violations.sqlite3*"))
     c.assert_nowhere(raw.decode("latin-1"), "violations.sqlite3")
     c.assert_nowhere(gw.log_text(), "the gateway log")
+
+
+@pytest.mark.redis
+def test_replicas_share_the_live_tail_and_the_coverage_counts(
+    tmp_path: Path, redis_ns: RedisNamespace
+) -> None:
+    """With Redis, a team watching the plan sees every replica's violations and counts from
+    any one of them (the API and the CLI), not only what the replica it reached saw."""
+    config = plan_config(seed_plan(tmp_path), "observe")
+    a = make_gateway(tmp_path / "a", config=config, extra_env=redis_ns.env()).start()
+    b = make_gateway(tmp_path / "b", config=config, extra_env=redis_ns.env()).start()
+    try:
+        tag = uuid.uuid4().hex[:8]
+        sent = {
+            gw.url: batch(gw, product_added("12", run=tag))["planViolations"][0]["messageId"] for gw in (a, b)
+        }
+        batch(b, {**product_added(3), "event": f"Unplanned {tag}"})
+        tail = admin(a, "GET", "/admin/plan/tail", params={"tenant": "shop"})
+        assert tail.status_code == 200, tail.text
+        assert set(sent.values()) <= {v["messageId"] for v in tail.json()["violations"]}, tail.text
+        coverage = admin(a, "GET", "/admin/plan/coverage", params={"tenant": "shop"}).json()
+        assert coverage["events"]["product_added"]["seen"] >= 2, coverage
+        assert f"Unplanned {tag}" in coverage["notPlanned"], coverage  # counted on b, read on a
+        cli = subprocess.run(
+            [IDGATE, "plan", "coverage", "--config", str(a.config_path), "--tenant", "shop", "--json"],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            timeout=60,
+            env={**a.env},
+        )
+        assert cli.returncode == 1, cli.stderr  # an unplanned name was seen
+        assert f"Unplanned {tag}" in json.loads(cli.stdout)["notPlanned"], cli.stdout
+    finally:
+        a.stop()
+        b.stop()
