@@ -28,9 +28,13 @@ from collections.abc import Sequence
 from typing import Any, Final
 
 import msgspec
+import structlog
+from redis.exceptions import RedisError
 
 from export.violations import SeenCount, SqliteViolations
 from gateway.plan import UNPLANNED, TrackingPlan, Violation
+
+log = structlog.get_logger(__name__)
 
 TAIL_SIZE: Final = 100
 UNPLANNED_NAMES: Final = 200
@@ -139,11 +143,14 @@ class PlanMonitor:
         by_key: dict[tuple[str, str], list[bytes]] = {}
         for tenant, entry in out:
             by_key.setdefault((tenant, entry.source), []).append(_encode(entry))
-        for (tenant, source), entries in by_key.items():  # single-key commands: any cluster slot
-            key = self._tail_key(tenant, source)
-            await self.redis.lpush(key, *entries)
-            await self.redis.ltrim(key, 0, self.tail_size - 1)
-            await self.redis.sadd(self._sources_key(tenant), source)
+        try:
+            for (tenant, source), entries in by_key.items():  # single-key commands: any cluster slot
+                key = self._tail_key(tenant, source)
+                await self.redis.lpush(key, *entries)
+                await self.redis.ltrim(key, 0, self.tail_size - 1)
+                await self.redis.sadd(self._sources_key(tenant), source)
+        except RedisError as exc:  # the tail is a view: what Redis missed is in this process's
+            log.warning("plan.tail_unshared", error=type(exc).__name__, entries=len(out))
 
     # -- coverage counts -----------------------------------------------------------------------
     def count(
@@ -191,15 +198,26 @@ class PlanMonitor:
             by_tenant: dict[str, list[SeenCount]] = {}
             for c in counts:
                 by_tenant.setdefault(c.tenant, []).append(c)
-            for tenant, cs in by_tenant.items():
-                args = [
-                    a
-                    for c in cs
-                    for a in (_field(c.source, c.event, c.name), c.seen, c.valid, c.last_seen_ms)
-                ]
-                await self._add_seen(keys=[self._seen_key(tenant)], args=args)
+            try:
+                await self._write_shared(by_tenant)
+            except RedisError as exc:  # kept for the next write: an ingest never fails on this
+                log.warning("plan.counts_unshared", error=type(exc).__name__, counts=len(counts))
+                for c in counts:
+                    cell = self._pending.setdefault((c.tenant, c.source, c.event, c.name), [0, 0, 0])
+                    cell[0] += c.seen
+                    cell[1] += c.valid
+                    cell[2] = max(cell[2], c.last_seen_ms)
         elif self.store is not None:
             await asyncio.to_thread(self.store.add_seen, counts)
+
+    async def _write_shared(self, by_tenant: dict[str, list[SeenCount]]) -> None:
+        """One script call per tenant (a tenant's counts are one hash: one slot)."""
+        assert self._add_seen is not None
+        for tenant, cs in by_tenant.items():
+            args = [
+                a for c in cs for a in (_field(c.source, c.event, c.name), c.seen, c.valid, c.last_seen_ms)
+            ]
+            await self._add_seen(keys=[self._seen_key(tenant)], args=args)
 
     async def read_seen(self, tenant: str) -> tuple[SeenCount, ...]:
         """The coverage counts of every replica (Redis), else of this gateway's store."""
