@@ -232,10 +232,10 @@ class PlanMonitor:
 _ADD_SEEN = """
 for i = 1, #ARGV, 4 do
   local f = ARGV[i]
-  redis.call('HINCRBY', KEYS[1], f .. '\31s', ARGV[i + 1])
-  redis.call('HINCRBY', KEYS[1], f .. '\31v', ARGV[i + 2])
-  local last = tonumber(redis.call('HGET', KEYS[1], f .. '\31l') or '0')
-  if tonumber(ARGV[i + 3]) > last then redis.call('HSET', KEYS[1], f .. '\31l', ARGV[i + 3]) end
+  redis.call('HINCRBY', KEYS[1], f .. '\x1fs', ARGV[i + 1])
+  redis.call('HINCRBY', KEYS[1], f .. '\x1fv', ARGV[i + 2])
+  local last = tonumber(redis.call('HGET', KEYS[1], f .. '\x1fl') or '0')
+  if tonumber(ARGV[i + 3]) > last then redis.call('HSET', KEYS[1], f .. '\x1fl', ARGV[i + 3]) end
 end
 return 1
 """
