@@ -345,6 +345,11 @@ ip_consent_calls_per_hour = 100000000
 """
 
 
+def without_plan(config_text: str) -> str:
+    """The same config without its tracking plan (what validation costs)."""
+    return re.sub(r"(?m)^tracking_plan_file = .*\n", "", config_text)
+
+
 def write_configs(tmp: Path, *, plan: bool = True) -> tuple[Path, Path]:
     """(unenforced, enforced): copies of the example config, one snapshot of it, with every
     tenant, source and destination as shipped, and rate limits with room for the load
@@ -369,7 +374,7 @@ def write_configs(tmp: Path, *, plan: bool = True) -> tuple[Path, Path]:
     unenforced, enforced = tmp / "idgate-unenforced.toml", tmp / "idgate-enforced.toml"
     shutil.copytree(REPO / "plans", tmp / "plans", dirs_exist_ok=True)  # tracking_plan_file, relative
     if not plan:  # --no-plan: the same configs without the tracking plan, to see what it costs
-        off_text, text = (re.sub(r"(?m)^tracking_plan_file = .*\n", "", t) for t in (off_text, text))
+        off_text, text = without_plan(off_text), without_plan(text)
     unenforced.write_text(off_text, encoding="utf-8")
     enforced.write_text(text, encoding="utf-8")
     return unenforced, enforced
@@ -1405,9 +1410,7 @@ def run_plan(
     """What validation on the seed plan costs: the consent-off gateway with the example's
     tracking plan against the same config without it, the same load, phases alternating."""
     planless_config = tmp / "idgate-unenforced-planless.toml"
-    planless_config.write_text(
-        re.sub(r"(?m)^tracking_plan_file = .*\n", "", config.read_text(encoding="utf-8")), encoding="utf-8"
-    )
+    planless_config.write_text(without_plan(config.read_text(encoding="utf-8")), encoding="utf-8")
     planless = start_gateway(tmp, planless_config, "planless")
     planned = start_gateway(tmp, config, "plan")
     servers += [planless, planned]

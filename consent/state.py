@@ -294,17 +294,8 @@ class SqlConsentState:
 
     # -- writes ----------------------------------------------------------------------
     async def advance(self, seq: int) -> None:
-        proj_t = ProjectionRow.__table__  # type: ignore[attr-defined]
-        insert = _dialect_insert(self.engine)
         with self.engine.begin() as conn:
-            stmt = insert(proj_t).values(name="consent_state", applied_seq=seq)
-            conn.execute(
-                stmt.on_conflict_do_update(
-                    index_elements=["name"],
-                    set_={"applied_seq": stmt.excluded.applied_seq},
-                    where=proj_t.c.applied_seq < stmt.excluded.applied_seq,
-                )
-            )
+            self.advance_in(conn, seq)
 
     async def apply(self, records: Sequence[RecordView], *, advance: bool = True) -> None:
         if not records:

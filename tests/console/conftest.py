@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import re
 import uuid
+from pathlib import Path
 from typing import Any
 
-from tests.conftest import MALL_SERVER_KEY, TEST_CONFIG, WEB_KEY, mid
+import httpx
+
+from gateway.console.sessions import SESSION_COOKIE
+from tests.conftest import MALL_SERVER_KEY, TEST_CONFIG, WEB_KEY, make_gateway, mid
 
 AUDITOR_TOKEN = "auditor-test-token"
 TOKENS = {
@@ -138,3 +142,28 @@ def shop_funnel(client: Any) -> list[str]:
     ]
     assert send(client, WEB_KEY, batch)["accepted"] == len(batch)
     return [a, b, c]
+
+
+def assert_replicas_share_sessions(tmp: Path, env: dict[str, str]) -> None:
+    """Two replicas on ``env``'s shared stores: an officer signed in on A searches on B (the
+    load balancer sent the request there), sees pseudonyms only, and signing out on B signs
+    them out of A too."""
+    a = make_gateway(tmp / "a", config=CONSOLE_CONFIG, extra_env=env).start()
+    b = make_gateway(tmp / "b", config=CONSOLE_CONFIG, extra_env=env).start()
+    try:
+        with httpx.Client(base_url=a.url) as on_a, httpx.Client(base_url=b.url) as on_b:
+            phone, _ = person_with_phone(on_a)
+            csrf = sign_in(on_a, TOKENS["compliance"])
+            on_b.cookies.set(SESSION_COOKIE, on_a.cookies[SESSION_COOKIE], path="/console")
+            r = on_b.post(
+                "/console/subject",
+                data={"csrf_token": csrf, "tenant": "mall", "type": "phone", "identifier": phone},
+            )
+            assert r.status_code == 200 and 'id="subject-node">phone:k' in r.text, r.text
+            assert phone not in r.text
+            r = on_b.post("/console/sign-out", data={"csrf_token": csrf_of(r.text)})
+            assert r.status_code == 303
+            assert on_a.get("/console/").status_code == 303
+    finally:
+        a.stop()
+        b.stop()

@@ -11,7 +11,6 @@ from pathlib import Path
 import httpx
 import pytest
 
-from gateway.console.sessions import SESSION_COOKIE
 from identity.redis_client import open_redis
 from tests.conftest import (
     APP_KEY,
@@ -22,7 +21,7 @@ from tests.conftest import (
     make_gateway,
     mid,
 )
-from tests.console.conftest import CONSOLE_CONFIG, TOKENS, csrf_of, person_with_phone, sign_in
+from tests.console.conftest import assert_replicas_share_sessions
 from tests.monitoring.test_kpis_http import kpis, seed_events, send
 from tests.security.test_rate_limits import limited_config
 from tests.waiting import wait_until
@@ -125,22 +124,4 @@ def test_console_sessions_on_a_redis_cluster(
     tmp_path: Path, pg_schema: PostgresSchema, cluster_ns: RedisNamespace
 ) -> None:
     """Two replicas share an officer's console session through the cluster."""
-    env = {**cluster_ns.env(), "DATABASE_URL": pg_schema.url}
-    a = make_gateway(tmp_path / "a", config=CONSOLE_CONFIG, extra_env=env).start()
-    b = make_gateway(tmp_path / "b", config=CONSOLE_CONFIG, extra_env=env).start()
-    try:
-        with httpx.Client(base_url=a.url) as on_a, httpx.Client(base_url=b.url) as on_b:
-            phone, _ = person_with_phone(on_a)
-            csrf = sign_in(on_a, TOKENS["compliance"])
-            on_b.cookies.set(SESSION_COOKIE, on_a.cookies[SESSION_COOKIE], path="/console")
-            r = on_b.post(
-                "/console/subject",
-                data={"csrf_token": csrf, "tenant": "mall", "type": "phone", "identifier": phone},
-            )
-            assert r.status_code == 200 and 'id="subject-node">phone:k' in r.text, r.text
-            r = on_b.post("/console/sign-out", data={"csrf_token": csrf_of(r.text)})
-            assert r.status_code == 303
-            assert on_a.get("/console/").status_code == 303
-    finally:
-        a.stop()
-        b.stop()
+    assert_replicas_share_sessions(tmp_path, {**cluster_ns.env(), "DATABASE_URL": pg_schema.url})
