@@ -28,7 +28,7 @@ from typing import Any
 import sqlalchemy as sa
 import structlog
 
-from consent.ledger import AppendedRecord, Ledger, RecordDraft
+from consent.ledger import AppendedRecord, AppendRefused, Ledger, Precondition, RecordDraft
 
 log = structlog.get_logger(__name__)
 
@@ -60,6 +60,23 @@ class Appended:
 class _Call:
     prepared: list[dict[str, Any]]
     future: asyncio.Future[Appended]
+    precondition: Precondition | None = None
+    refused: AppendRefused | None = None
+
+    def checked(self) -> Precondition | None:
+        """The precondition, remembering its refusal for this caller."""
+        precondition = self.precondition
+        if precondition is None:
+            return None
+
+        def check(conn: sa.Connection, rows: Sequence[dict[str, Any]]) -> None:
+            try:
+                precondition(conn, rows)
+            except AppendRefused as exc:
+                self.refused = exc
+                raise
+
+        return check
 
 
 class GroupCommitter:
@@ -83,13 +100,17 @@ class GroupCommitter:
         self.groups = 0  # committed groups, for the benchmark and the tests
         self.largest_group = 0
 
-    async def append(self, drafts: Sequence[RecordDraft]) -> Appended:
-        """Append the drafts as consecutive records; returns once they are committed."""
+    async def append(
+        self, drafts: Sequence[RecordDraft], *, precondition: Precondition | None = None
+    ) -> Appended:
+        """Append the drafts as consecutive records; returns once they are committed.
+        ``precondition`` is checked under the ledger's lock just before they are chained
+        (``Ledger.append_prepared``); its ``AppendRefused`` is raised here, nothing appended."""
         prepared = self.ledger.prepare(drafts)  # InvalidRecord: this caller only
         if not prepared:
             return Appended([], True)
         loop = asyncio.get_running_loop()
-        call = _Call(prepared, loop.create_future())
+        call = _Call(prepared, loop.create_future(), precondition)
         self._queue.append(call)
         self._ensure_writer()
         assert self._wakeup is not None
@@ -145,7 +166,10 @@ class GroupCommitter:
 
         try:
             per_call = await asyncio.to_thread(
-                self.ledger.append_prepared, [c.prepared for c in group], in_transaction=in_transaction
+                self.ledger.append_prepared,
+                [c.prepared for c in group],
+                in_transaction=in_transaction,
+                preconditions=[c.checked() for c in group],
             )
         except Exception as exc:
             log.error("ledger.group_commit_failed", calls=len(group), error=type(exc).__name__)
@@ -167,5 +191,9 @@ class GroupCommitter:
             except Exception as exc:  # recorded all the same: the reconcile applies them
                 log.error("consent.projection_apply_failed", error=type(exc).__name__, calls=len(group))
         for call, records, ok in zip(group, per_call, applied, strict=True):
-            if not call.future.done():
+            if call.future.done():
+                continue
+            if call.refused is not None:
+                call.future.set_exception(call.refused)
+            else:
                 call.future.set_result(Appended(records, ok))

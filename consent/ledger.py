@@ -109,6 +109,17 @@ class AppendedRecord(msgspec.Struct, frozen=True, kw_only=True):
 InTransaction = Callable[[sa.Connection, int, list[list[AppendedRecord]]], None]
 
 
+class AppendRefused(Exception):
+    """A caller's precondition did not hold when its turn came in the locked transaction:
+    none of that caller's drafts was appended (the other callers' were)."""
+
+
+# (connection, the rows chained before it in this transaction) -> None, or raise
+# AppendRefused: checked under the ledger's lock, so a check-then-append cannot race another
+# process or another caller of the same group.
+Precondition = Callable[[sa.Connection, Sequence[dict[str, Any]]], None]
+
+
 class InvalidRecord(ValueError):
     """A draft that cannot become a ledger record (unknown type or state, naive time, non-JSON detail)."""
 
@@ -260,11 +271,16 @@ class Ledger:
         groups: Sequence[Sequence[dict[str, Any]]],
         *,
         in_transaction: InTransaction | None = None,
+        preconditions: Sequence[Precondition | None] = (),
     ) -> list[list[AppendedRecord]]:
         """Append several callers' prepared drafts (``prepare``) in one locked transaction,
         chained in the order given; returns each caller's records. ``in_transaction(conn,
         prev_seq, records_per_caller)`` runs before the commit, in the same transaction (the
-        state projection writes there): what it writes commits with the records or not at all."""
+        state projection writes there): what it writes commits with the records or not at all.
+
+        ``preconditions[i]``, when given, is checked for caller ``i`` just before its drafts
+        are chained; one that raises ``AppendRefused`` leaves that caller out (its list is
+        empty; the precondition keeps its own refusal for its caller)."""
         self._require_signer()
         out: list[list[AppendedRecord]] = []
         rows: list[dict[str, Any]] = []
@@ -274,8 +290,15 @@ class Ledger:
             ).first()
             seq, prev_hash = (int(last.seq), str(last.hash)) if last is not None else (0, GENESIS_HASH)
             first_prev = seq
-            for prepared in groups:
+            for i, prepared in enumerate(groups):
                 mine = []
+                check = preconditions[i] if i < len(preconditions) else None
+                if check is not None:
+                    try:
+                        check(conn, rows)
+                    except AppendRefused:
+                        out.append([])
+                        continue
                 for fields in prepared:
                     seq += 1
                     row = {"seq": seq, "record_id": uuid.uuid4().hex, **fields, "prev_hash": prev_hash}
@@ -373,6 +396,22 @@ class Ledger:
             return sa.cast(column, JSONB).contains(sa.cast(sa.literal(json.dumps([value])), JSONB))
         elements = sa.func.json_each(column).table_valued("value")
         return sa.exists(sa.select(sa.literal(1)).select_from(elements).where(elements.c.value == value))
+
+    def holds(
+        self, conn: sa.Connection, *, tenant: str, record_type: str, subject: str, detail: dict[str, str]
+    ) -> bool:
+        """Whether ``conn`` sees a ``record_type`` record of ``subject`` whose detail has every
+        item of ``detail`` (a check under the append lock, see ``Precondition``)."""
+        query = sa.select(sa.literal(1)).where(
+            _LEDGER.c.tenant == tenant, _LEDGER.c.record_type == record_type, _LEDGER.c.subject == subject
+        )
+        if is_postgres(self.engine):
+            wanted = sa.cast(sa.literal(json.dumps(detail)), JSONB)
+            query = query.where(sa.cast(_LEDGER.c.detail, JSONB).contains(wanted))
+        else:
+            for key, value in detail.items():
+                query = query.where(sa.func.json_extract(_LEDGER.c.detail, f"$.{key}") == value)
+        return conn.execute(query.limit(1)).first() is not None
 
     def records(
         self,

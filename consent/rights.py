@@ -33,9 +33,10 @@ from datetime import UTC, datetime
 from typing import Annotated, Any, Literal, Protocol
 
 import msgspec
+import sqlalchemy as sa
 import structlog
 
-from consent.ledger import RecordDraft
+from consent.ledger import AppendRefused, Precondition, RecordDraft
 from consent.models import RecordState
 from consent.proofs import DeliveryProofs
 from consent.rights_bundle import build_bundle, bundle_digest, sign_bundle
@@ -268,7 +269,13 @@ class RightsService:
         state: RecordState,
         detail: dict[str, Any],
         officer: str,
+        *,
+        while_open: str | None = None,
     ) -> int:
+        """Append one ``rights_request`` record. With ``while_open`` (a request id), only
+        while that request has no completion, checked under the ledger's lock: two replicas
+        answering one request at once record one completion, and the other is told
+        ``not_open`` (409)."""
         draft = RecordDraft(
             tenant=tenant,
             record_type="rights_request",
@@ -280,8 +287,29 @@ class RightsService:
             at=self.now(),
             detail=detail,
         )
-        (record,), _ = await self.consent._append([draft])
+        guard = None if while_open is None else self._still_open(tenant, node_value(subject), while_open)
+        try:
+            (record,), _ = await self.consent._append([draft], precondition=guard)
+        except AppendRefused:
+            raise RightsError("not_open", f"request {while_open} is completed", "requestId", 409) from None
         return int(record.seq)
+
+    def _still_open(self, tenant: str, subject: str, request_id: str) -> Precondition:
+        completion = {"request_id": request_id, "event": "completed"}
+
+        def check(conn: sa.Connection, rows: Sequence[dict[str, Any]]) -> None:
+            pending = any(
+                r["tenant"] == tenant
+                and r["record_type"] == "rights_request"
+                and completion.items() <= r["detail"].items()
+                for r in rows
+            )
+            if pending or self.consent.ledger.holds(
+                conn, tenant=tenant, record_type="rights_request", subject=subject, detail=completion
+            ):
+                raise AppendRefused(request_id)
+
+        return check
 
     async def open(
         self,
@@ -367,9 +395,17 @@ class RightsService:
         nodes: Sequence[str],
         officer: str,
         step: dict[str, Any],
+        *,
+        while_open: bool = False,
     ) -> None:
         await self._write(
-            tenant, subject, nodes, "requested", {"request_id": request_id, "event": "step", **step}, officer
+            tenant,
+            subject,
+            nodes,
+            "requested",
+            {"request_id": request_id, "event": "step", **step},
+            officer,
+            while_open=request_id if while_open else None,
         )
 
     async def _withdraw_all(
@@ -454,7 +490,7 @@ class RightsService:
             "due_at": due.isoformat(),
             "previous_due_at": request.due_at.isoformat(),
         }
-        await self._step(tenant, request_id, request.subject, [], officer, step)
+        await self._step(tenant, request_id, request.subject, [], officer, step, while_open=True)
         return await self.get(tenant, request_id)
 
     async def _complete_deletion(self, tenant: str, request_id: str, officer: str) -> RightsRequest:
@@ -501,7 +537,12 @@ class RightsService:
             if request.status != "open" or request.receipts.get(destination, status) == status:
                 continue  # not a destination it waits for, or a redelivery already recorded
             step = {"step": RECEIPT_STEP, "destination": destination, "status": status}
-            await self._step(tenant, request.request_id, request.subject, [], RECEIPT_OFFICER, step)
+            try:
+                await self._step(
+                    tenant, request.request_id, request.subject, [], RECEIPT_OFFICER, step, while_open=True
+                )
+            except RightsError:  # completed meanwhile (another replica): nothing left to wait for
+                continue
             log.info(
                 "rights.receipt",
                 tenant=tenant,
@@ -534,7 +575,7 @@ class RightsService:
         }
         if remaining:
             detail["remaining"] = list(remaining)
-        await self._write(tenant, request.subject, [], "completed", detail, officer)
+        await self._write(tenant, request.subject, [], "completed", detail, officer, while_open=request_id)
         log.info(
             "rights.completed",
             tenant=tenant,

@@ -36,7 +36,7 @@ from consent.decisions import (
     decide,
 )
 from consent.group_commit import GroupCommitter
-from consent.ledger import AppendedRecord, Ledger, RecordDraft
+from consent.ledger import AppendedRecord, Ledger, Precondition, RecordDraft
 from consent.models import ConsentKind, RecordState, RecordType
 from consent.rotation import SubjectAliases
 from consent.state import (
@@ -131,12 +131,15 @@ class ConsentService:
             after_commit=self._after_commit,
         )
 
-    async def _append(self, drafts: list[RecordDraft]) -> tuple[list[Any], bool]:
+    async def _append(
+        self, drafts: list[RecordDraft], *, precondition: Precondition | None = None
+    ) -> tuple[list[Any], bool]:
         """Append to the ledger (grouped with the other calls of this moment) and apply to the
         projection before returning; returns the records and whether the apply succeeded
         (when not, the next reconcile applies them: the records are in the ledger, so the
-        call is acknowledged all the same)."""
-        appended = await self.committer.append(drafts)
+        call is acknowledged all the same). A ``precondition`` that fails under the ledger's
+        lock raises ``AppendRefused`` here, nothing appended."""
+        appended = await self.committer.append(drafts, precondition=precondition)
         return appended.records, appended.applied
 
     def _write_in_transaction(
@@ -163,7 +166,7 @@ class ConsentService:
                 except Exception as one:
                     log.error("consent.projection_apply_failed", error=type(one).__name__, records=len(vs))
                     written.append(False)
-        last = per_call[-1][-1].seq if per_call and per_call[-1] else prev_seq
+        last = max((records[-1].seq for records in per_call if records), default=prev_seq)
         if all(written):
             store.advance_in(conn, last, expected=prev_seq)
         self._committed_changes = changes

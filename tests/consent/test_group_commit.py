@@ -21,7 +21,7 @@ import pytest
 import sqlalchemy as sa
 
 from consent.group_commit import Appended, GroupCommitFailed, GroupCommitter
-from consent.ledger import AppendedRecord, InvalidRecord, Ledger, verify_database
+from consent.ledger import AppendedRecord, AppendRefused, InvalidRecord, Ledger, verify_database
 from identity.db import make_engine
 from tests.conftest import WEB_KEY, Gateway, backend_env, make_gateway
 
@@ -211,3 +211,60 @@ def test_an_acknowledged_grant_survives_kill_9_right_after_its_2xx(tmp_path: Pat
             engine.dispose()
     finally:
         gw.stop()
+
+
+def _once(ledger: Ledger, token: str) -> Callable[[sa.Connection, Any], None]:
+    """A precondition: no record of subject ``k1.once`` with this token yet, neither in the
+    ledger nor chained earlier in the same transaction."""
+
+    def check(conn: sa.Connection, rows: Any) -> None:
+        pending = any(r["subject"] == "k1.once" and r["detail"].get("token") == token for r in rows)
+        if pending or ledger.holds(
+            conn, tenant="shop", record_type="consent", subject="k1.once", detail={"token": token}
+        ):
+            raise AppendRefused(token)
+
+    return check
+
+
+def test_a_precondition_holds_under_the_lock_within_a_group_and_across_writers(
+    ledger: Ledger, database: Any, signer: Any, make_draft: Callable[..., Any]
+) -> None:
+    """Callers whose precondition fails (a record they must not repeat is there already,
+    or chained before them in the same transaction) append nothing and get ``AppendRefused``;
+    the others of the group are appended. Two writers (replicas) on one database racing
+    the same conditional append: exactly one record."""
+    other = Ledger(database.engine(), signer)  # another process's engine (own pool)
+    one, two = GroupCommitter(ledger), GroupCommitter(other)
+
+    async def main() -> tuple[list[Any], list[Any]]:
+        draft = make_draft(subject="k1.once", detail={"token": "group"})
+        calls = []
+        for i in range(6):  # queued together: one group, the first conditional call wins
+            calls.append(one.append([draft], precondition=_once(ledger, "group")))
+            calls.append(one.append([make_draft(subject=f"k1.free{i}")]))
+        grouped = await asyncio.gather(*calls, return_exceptions=True)
+        racing = make_draft(subject="k1.once", detail={"token": "race"})
+        raced = await asyncio.gather(
+            *(
+                committer.append([racing], precondition=_once(lg, "race"))
+                for _ in range(4)
+                for committer, lg in ((one, ledger), (two, other))
+            ),
+            return_exceptions=True,
+        )
+        await one.close()
+        await two.close()
+        return grouped, raced
+
+    grouped, raced = asyncio.run(main())
+    conditional, free = grouped[0::2], grouped[1::2]
+    assert isinstance(conditional[0], Appended) and len(conditional[0].records) == 1
+    assert all(isinstance(r, AppendRefused) for r in conditional[1:]), conditional
+    assert all(isinstance(r, Appended) and len(r.records) == 1 for r in free), free
+    assert sum(isinstance(r, Appended) for r in raced) == 1, raced
+    assert all(isinstance(r, (Appended, AppendRefused)) for r in raced), raced
+    assert [r.detail["token"] for r in ledger.records(subject="k1.once")] == ["group", "race"]
+    assert ledger.count() == 8
+    result = verify_database(ledger)
+    assert result.ok, result

@@ -879,3 +879,48 @@ def test_access_and_delete_on_postgresql_and_redis(tmp_path: Any, redis_ns: Any)
             "delete": "completed",
         }
         assert "idgate_rights_requests_open" in httpx.get(f"{g.url}/metrics").text
+
+
+@pytest.mark.postgres
+@pytest.mark.redis
+def test_two_replicas_answering_one_request_at_once_record_one_completion(
+    tmp_path: Any, redis_ns: Any
+) -> None:
+    """Officers (or a replica's delivery worker) answering the same request on two replicas
+    at the same moment: one completion is recorded and answered 200, the other 409
+    ``not_open``; an extension racing the completion lands before it or not at all."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ExitStack() as stack:
+        env = {**backend_env("postgres", stack), **redis_ns.env()}
+        a = make_gateway(tmp_path / "a", extra_env=env).start()
+        stack.callback(a.stop)
+        b = make_gateway(tmp_path / "b", extra_env=env).start()
+        stack.callback(b.stop)
+        users = [f"rights-race-{tag()}" for _ in range(6)]
+        requests = []
+        for user in users:
+            r = open_request(a, kind="access", subject={"type": "user_id", "id": user})
+            assert r.status_code == 201, r.text
+            requests.append(r.json()["requestId"])
+
+        def act(gw: Gateway, request_id: str, action: str) -> int:
+            body: dict[str, Any] = {"tenant": "mall", "outcome": "done"}
+            if action == "extend":
+                body = {"tenant": "mall", "workingDays": 5, "reason": "complex_request"}
+            r = httpx.post(
+                f"{gw.url}/admin/rights/{request_id}/{action}", json=body, headers=bearer(), timeout=30
+            )
+            assert r.status_code in (200, 409), r.text
+            assert r.status_code == 200 or r.json()["error"] == "not_open", r.text
+            return r.status_code
+
+        with ThreadPoolExecutor(max_workers=12) as pool:
+            plans = [(a, "complete"), (b, "complete"), (b, "extend")]
+            futures = {rid: [pool.submit(act, gw, rid, action) for gw, action in plans] for rid in requests}
+            answers = {rid: [f.result() for f in fs] for rid, fs in futures.items()}
+        for user, request_id in zip(users, requests, strict=True):
+            assert sorted(answers[request_id][:2]) == [200, 409], answers[request_id]
+            records = [x for x in ledger_records(a, identifier=user) if x["type"] == "rights_request"]
+            assert [x["state"] for x in records].count("completed") == 1, records
+            assert records[-1]["state"] == "completed", records  # nothing after the completion
