@@ -216,9 +216,15 @@ class KpiEvent:
     # the purposes the event has a lawful basis for; None: not accepted (dropped)
     purposes: frozenset[str] | Callable[[], frozenset[str]] | None
     person: str | None
+    # whether ``person`` is a linked person (identity_linking consent let the graph join the
+    # event's identifiers); False: the device or account alone, which UV then counts apart
+    linked: bool = True
 
 
-Cell = list[float]  # [matched, counted, sum]
+# [matched, counted, sum]; a distinct-person KPI has no amount: its third figure counts the
+# counted events whose person was a device or account alone (not linked, no
+# identity_linking consent), so each window says how much of its UV is by person
+Cell = list[float]
 
 
 def fold_cells(held: dict[tuple[str, str], Cell], cells: Mapping[tuple[str, str], Cell]) -> None:
@@ -700,6 +706,10 @@ class WindowValue(msgspec.Struct, rename="camel"):
     week_ago: float | None = None
     # a top KPI's largest values (totals only)
     top: list[TopValue] | None = None
+    # a distinct-person KPI: how many of the counted events were keyed by a device or account
+    # alone (no identity_linking consent: the same person counts once per device); the rest
+    # by a linked person. None for the other kinds.
+    by_device: int | None = None
 
     def compared(self, compare: str) -> float | None:
         """The value a rule compares with: ``previous``, ``day_ago`` or ``week_ago``."""
@@ -813,21 +823,25 @@ class KpiEngine:
                 if k.purpose not in purposes:
                     continue
                 cell[1] += 1
+                digest = None
                 if k.kind == "top":
                     amount = _rank(k, ev.properties, tops.setdefault(key, {}))
-                else:
-                    amount = _amount(ev.properties, k.fields) if k.kind == "sum" else 0.0
+                elif k.kind == "sum":
+                    amount = _amount(ev.properties, k.fields)
+                elif k.kind == "count":
+                    amount = 0.0
+                else:  # distinct persons: the amount counts the events keyed by a device alone
+                    amount = 0.0 if ev.linked or not ev.person else 1.0
+                    if ev.person and k.kind == "distinct":
+                        digest = who = who or _person_digest(ev.person)
+                        members.setdefault(key, set()).add(digest)
+                    elif ev.person:
+                        wanted = k.kind == "returning_persons"
+                        who = who or _person_digest(ev.person)
+                        persons.setdefault(key, (wanted, set()))[1].add(who)
+                        if k.id in history:
+                            persons.setdefault((k.id, ALL_SOURCES), (wanted, set()))[1].add(who)
                 cell[2] += amount
-                digest = None
-                if ev.person and k.kind == "distinct":
-                    digest = who = who or _person_digest(ev.person)
-                    members.setdefault(key, set()).add(digest)
-                elif ev.person and k.kind in PERSON_KINDS:
-                    wanted = k.kind == "returning_persons"
-                    who = who or _person_digest(ev.person)
-                    persons.setdefault(key, (wanted, set()))[1].add(who)
-                    if k.id in history:
-                        persons.setdefault((k.id, ALL_SOURCES), (wanted, set()))[1].add(who)
                 if k.id in history:  # the totals kept for day / week comparisons
                     total = cells.get((k.id, ALL_SOURCES))
                     if total is None:
@@ -920,7 +934,9 @@ class KpiEngine:
         memo_key = (k.id, tuple(sources), buckets[0], buckets[-1])
         known = memo.get(memo_key)
         if known is not None:
-            return WindowValue(known.value, known.matched, known.counted, known.coverage)
+            return WindowValue(
+                known.value, known.matched, known.counted, known.coverage, by_device=known.by_device
+            )
         matched = counted = 0
         total = 0.0
         for b in buckets:
@@ -933,15 +949,18 @@ class KpiEngine:
                     matched += int(cell[0])
                     counted += int(cell[1])
                     total += cell[2]
+        by_device = None
         if k.kind == "count":
             value: float = counted
         elif k.kind in ("sum", "top"):
             value = round(total, 6)
         else:  # distinct, new / returning persons
             value = await self.store.distinct(tenant, k.id, sources, buckets) if counted else 0
-        found = WindowValue(value, matched, counted, counted / matched if matched else None)
+            by_device = round(total)
+        coverage = counted / matched if matched else None
+        found = WindowValue(value, matched, counted, coverage, by_device=by_device)
         memo[memo_key] = found
-        return WindowValue(value, matched, counted, found.coverage)
+        return WindowValue(value, matched, counted, coverage, by_device=by_device)
 
 
 def history_parts(

@@ -45,6 +45,7 @@ from export.kpis import (
 )
 from gateway import metrics
 from gateway.config import Config, ConfigProblems, Tenant
+from gateway.health import HealthHistory
 from gateway.settings import Settings
 
 if TYPE_CHECKING:
@@ -118,6 +119,7 @@ class KpiFeed:
                     props,
                     purposes,
                     env.unified_id or ev.user_id or ev.anonymous_id,
+                    env.linkable,
                 )
             )
         try:
@@ -156,7 +158,14 @@ class Monitoring:
     history: AlertHistory | None = None
     reports: dict[str, list[KpiReport]] = field(default_factory=dict)
     clock: Callable[[], float] = time.time
+    # snapshots of the identity and pipeline counters, for the last hour's figures
+    health: HealthHistory = field(default_factory=HealthHistory)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    @property
+    def distributed(self) -> bool:
+        """Whether the KPIs are shared through Redis (several replicas may answer)."""
+        return self.buffer is not None
 
     async def alert_states(self, tenant: str) -> list[AlertStatus]:
         held = await self.states.load(tenant)
@@ -183,6 +192,7 @@ class Monitoring:
         return out
 
     async def refresh(self) -> None:
+        self.health.note(self.engine.tenants)
         for tenant in self.engine.tenants:
             self.reports[tenant] = await self.engine.report(tenant)
         metrics.KPIS.reports = self.reports
