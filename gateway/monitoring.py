@@ -265,14 +265,34 @@ def file_clock(path: Path) -> Callable[[], float]:
     return now
 
 
-def kpi_history(config: Config, bucket_seconds: float) -> dict[str, tuple[list[str], int]]:
-    """Per tenant: the KPIs its rules compare with a day or a week earlier, and how many
-    buckets they are kept (``kpi_history_days``). Tenants without such a rule keep none."""
-    out: dict[str, tuple[list[str], int]] = {}
+@dataclass(frozen=True)
+class KeptHistory:
+    """What a tenant's rules compare with a day or a week earlier: the KPIs in total, the
+    KPIs of each source a rule watches alone, and how many buckets they are kept."""
+
+    totals: list[str]
+    by_source: dict[str, list[str]]
+    buckets: int
+
+
+def kpi_history(config: Config, bucket_seconds: float) -> dict[str, KeptHistory]:
+    """Per tenant: the KPIs its rules compare with a day or a week earlier (in total, or of
+    the one source a rule watches), kept ``kpi_history_days``. Tenants without such a rule
+    keep none."""
+    out: dict[str, KeptHistory] = {}
     for t in config.tenants:
-        kept = [r.kpi for r in t.alerts if r.compare != "previous"]
-        if kept and t.kpi_history_days:
-            out[t.id] = (kept, math.ceil(t.kpi_history_days * DAY_SECONDS / bucket_seconds))
+        back = [r for r in t.alerts if r.compare != "previous"]
+        if not back or not t.kpi_history_days:
+            continue
+        by_source: dict[str, list[str]] = {}
+        for r in back:
+            if r.source:
+                by_source.setdefault(r.source, []).append(r.kpi)
+        out[t.id] = KeptHistory(
+            [r.kpi for r in back if not r.source],
+            by_source,
+            math.ceil(t.kpi_history_days * DAY_SECONDS / bucket_seconds),
+        )
     return out
 
 
@@ -289,7 +309,7 @@ def build_monitoring(
 ) -> Monitoring:
     retention = 2 * max(WINDOWS) + 2
     kept = kpi_history(config, bucket_seconds)
-    history_buckets = {t: n for t, (_, n) in kept.items()}
+    history_buckets = {t: h.buckets for t, h in kept.items()}
     buffer = None
     store: KpiStore
     if redis is not None:
@@ -304,7 +324,8 @@ def build_monitoring(
         {t.id: {s.id: s.platform for s in t.sources} for t in config.tenants},
         bucket_seconds=bucket_seconds,
         clock=clock,
-        history=kept,
+        history={t: (h.totals, h.buckets) for t, h in kept.items()},
+        source_history={t: h.by_source for t, h in kept.items()},
     )
     states: StateStore
     if redis is not None:
