@@ -61,7 +61,8 @@ class AlertRule(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     min_volume: int = 0
     # how long the condition must hold before the rule fires (pending until then)
     for_seconds: int = 0
-    # one source's window instead of the total (a source falling silent); previous only
+    # one source's window instead of the total (a source falling silent); a day or a week
+    # back keeps that source's KPI history (export.kpis source_history)
     source: str = ""
     # "coverage": the share of matching events the KPI could count (below / above only):
     # on a KPI of every event ("*") for analytics, the share not dropped for consent
@@ -157,8 +158,6 @@ def check_alerts(
             problems.append(f"{w}: min_volume, for_seconds and cooldown_seconds cannot be negative")
         if r.source and r.source not in sources:
             problems.append(f"{w}.source: unknown source {r.source!r}")
-        if r.source and r.compare != "previous":
-            problems.append(f"{w}.source: a source's window compares with the window before only")
         if r.measure == "coverage" and r.condition not in ("below", "above"):
             problems.append(f"{w}.measure: coverage compares with a threshold (below / above)")
         if r.compare != "previous":

@@ -31,12 +31,14 @@ import asyncio
 import contextlib
 import random
 import time
-from collections.abc import Awaitable, Callable, Collection, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 
 import msgspec
 import structlog
-from prometheus_client import Counter, Gauge
+from prometheus_client import REGISTRY, Counter, Gauge
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from export.deadletter import DeadLetterStore
 from export.domains import DomainRekeyer
@@ -154,6 +156,11 @@ class DeliveryWorker:
         self.wakeup = asyncio.Event()
         self.committed_files: dict[str, int] = {}
         self.healthy = True
+        # the delivery lag: receipt to delivery of the last delivered batch (its oldest
+        # event), and the oldest event of the batch in hand (a retry makes it grow)
+        self.last_lag: float | None = None
+        self.delivered_at: float | None = None
+        self._waiting_ms: int | None = None
         # one writer of the sink's files: a batch, a recovery or a purge at a time
         self._files = asyncio.Lock()
         self._recovered = False
@@ -196,6 +203,9 @@ class DeliveryWorker:
         batch = await self.queue.fetch(self.batch_size)
         if not batch.scanned:
             return 0
+        oldest = min((r.received_at_ms for r in batch.records), default=None)
+        if self._waiting_ms is None:
+            self._waiting_ms = oldest
         records = await self._still_allowed(batch.records)
         if records:
             records = await self._concerned(records)
@@ -207,7 +217,19 @@ class DeliveryWorker:
         await self.queue.commit(batch, len(written), sizes, persons_held(written), released)
         self.committed_files.update(sizes)
         DELIVERED.labels(self.destination).inc(len(written))
+        if written and self._waiting_ms is not None:
+            self.delivered_at = time.time()
+            self.last_lag = max(0.0, self.delivered_at - self._waiting_ms / 1000)
+        self._waiting_ms = None
         return batch.scanned
+
+    def lag_seconds(self, now: float) -> float | None:
+        """How far behind this destination is: the lag of the last delivered batch, or the
+        age of the oldest event in hand when that is more (a destination that is down)."""
+        waiting = self._waiting_ms
+        if waiting is None:
+            return self.last_lag
+        return max(self.last_lag or 0.0, now - waiting / 1000)
 
     async def _still_allowed(self, records: list[StoredRecord]) -> list[StoredRecord]:
         """The records consent still allows for this destination (asked again now)."""
@@ -389,6 +411,31 @@ class DeliveryWorker:
                 await asyncio.sleep(self.retry.backoff(min(attempt, 12)))
 
 
+class DeliveryLag(Collector):
+    """``idgate_delivery_lag_seconds`` per destination: this replica's workers' lag."""
+
+    def __init__(self) -> None:
+        self.workers: Sequence[DeliveryWorker] = ()
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily(
+            "idgate_delivery_lag_seconds",
+            "Receipt to delivery of the last delivered batch's oldest event, or the age of the "
+            "oldest event waiting when more (this replica's worker)",
+            labels=["destination"],
+        )
+        now = time.time()
+        for w in list(self.workers):
+            lag = w.lag_seconds(now)
+            if lag is not None:
+                family.add_metric([w.destination], lag)
+        yield family
+
+
+LAG = DeliveryLag()
+REGISTRY.register(LAG)
+
+
 class DeliveryService:
     """Runs the destination workers, outbox pruning and the backlog watch as background tasks.
 
@@ -480,6 +527,7 @@ class DeliveryService:
 
     async def start(self) -> None:
         await self.outbox.register_destinations(w.destination for w in self.workers)
+        LAG.workers = self.workers
         for w in self.workers:
             self._tasks.append(asyncio.create_task(w.run(), name=f"deliver-{w.destination}"))
         self._tasks.append(asyncio.create_task(self._prune_loop(), name="outbox-prune"))

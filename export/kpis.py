@@ -16,7 +16,9 @@ Comparisons with the same window a day or a week earlier need the buckets of a w
 which the per-source buckets (kept for two of the longest windows) do not reach. The KPIs
 a tenant compares that way (``history``) also go, summed over sources, into a second set
 of buckets kept for the tenant's history retention: totals only, one hash field (or one
-HyperLogLog) per KPI and bucket, so a week costs what one KPI needs, not every KPI.
+HyperLogLog) per KPI and bucket, so a week costs what one KPI needs, not every KPI. A rule
+watching one source that way keeps that KPI of that source only (``source_history``), under
+the history source ``*<source id>``, in the same buckets and for as long.
 """
 
 from __future__ import annotations
@@ -42,8 +44,20 @@ SEEN_FILTER_BITS = 1 << 23  # 1 MiB a day: false "returning" about 0.05 % at 500
 SEEN_FILTER_HASHES = 7  # seen in the lookback, 1.8 % at 1,000,000
 DAY_OFFSET_SECONDS = 8 * 3600  # Asia/Shanghai, no daylight saving
 WINDOWS: tuple[int, ...] = (1, 5, 10, 60)  # sliding windows, in buckets
-# The source of the history buckets: every source summed (source ids never are "*").
+# The source of the history buckets: every source summed (source ids never start with
+# "*"); "*<source id>": one source's history, for a rule watching that source
 ALL_SOURCES = "*"
+
+
+def source_history(source: str) -> str:
+    """The history source keeping one source's KPIs (a rule comparing it a day or a week back)."""
+    return ALL_SOURCES + source
+
+
+def is_history(source: str) -> bool:
+    return source.startswith(ALL_SOURCES)
+
+
 DAY_SECONDS = 86_400
 # What a rule compares a window with, and how far back that is (seconds; 0: the window before).
 COMPARE_OFFSETS: dict[str, int] = {"previous": 0, "day_ago": DAY_SECONDS, "week_ago": 7 * DAY_SECONDS}
@@ -216,9 +230,15 @@ class KpiEvent:
     # the purposes the event has a lawful basis for; None: not accepted (dropped)
     purposes: frozenset[str] | Callable[[], frozenset[str]] | None
     person: str | None
+    # whether ``person`` is a linked person (identity_linking consent let the graph join the
+    # event's identifiers); False: the device or account alone, which UV then counts apart
+    linked: bool = True
 
 
-Cell = list[float]  # [matched, counted, sum]
+# [matched, counted, sum]; a distinct-person KPI has no amount: its third figure counts the
+# counted events whose person was a device or account alone (not linked, no
+# identity_linking consent), so each window says how much of its UV is by person
+Cell = list[float]
 
 
 def fold_cells(held: dict[tuple[str, str], Cell], cells: Mapping[tuple[str, str], Cell]) -> None:
@@ -403,7 +423,7 @@ class MemoryKpiStore:
         newest = oldest + self.retention
 
         def expired(tenant: str, bucket: int, source: str) -> bool:
-            if source == ALL_SOURCES:
+            if is_history(source):
                 return bucket < newest - max(self.retention, self.history.get(tenant, 0))
             return bucket < oldest
 
@@ -433,9 +453,9 @@ class MemoryKpiStore:
     async def cells(
         self, tenant: str, buckets: Sequence[int], source: str = ""
     ) -> dict[int, dict[tuple[str, str], Cell]]:
-        history = source == ALL_SOURCES
+        history = is_history(source)
         return {
-            b: {k: c for k, c in self._cells.get((tenant, b), {}).items() if (k[1] == ALL_SOURCES) == history}
+            b: {k: c for k, c in self._cells.get((tenant, b), {}).items() if is_history(k[1]) == history}
             for b in buckets
         }
 
@@ -517,14 +537,14 @@ class RedisKpiStore:
 
     def _hash(self, tenant: str, bucket: int, source: str = "") -> str:
         # the history (every source summed) in a hash of its own, so it expires on its own
-        where = "history:" if source == ALL_SOURCES else ""
+        where = "history:" if is_history(source) else ""
         return f"{self.prefix}:{where}{tenant}:{bucket}"
 
     def _top(self, tenant: str, bucket: int, kpi: str, source: str) -> str:
         return f"{self.prefix}:top:{hash_tag(self.cluster, f'{tenant}:{kpi}')}:{source}:{bucket}"
 
     def _ttl(self, tenant: str, source: str) -> int:
-        return self.history_ttl.get(tenant, self.ttl) if source == ALL_SOURCES else self.ttl
+        return self.history_ttl.get(tenant, self.ttl) if is_history(source) else self.ttl
 
     def _hll(self, tenant: str, bucket: int, kpi: str, source: str) -> str:
         return f"{self.prefix}:hll:{hash_tag(self.cluster, f'{tenant}:{kpi}')}:{source}:{bucket}"
@@ -678,6 +698,8 @@ class _TenantKpis:
     # the KPIs kept (summed over sources) for day / week comparisons, and for how many buckets
     history: frozenset[str] = frozenset()
     history_buckets: int = 0
+    # source id -> the KPIs kept for that source alone (rules watching one source)
+    source_history: dict[str, frozenset[str]] = field(default_factory=dict)
 
 
 class TopValue(msgspec.Struct, rename="camel"):
@@ -700,6 +722,10 @@ class WindowValue(msgspec.Struct, rename="camel"):
     week_ago: float | None = None
     # a top KPI's largest values (totals only)
     top: list[TopValue] | None = None
+    # a distinct-person KPI: how many of the counted events were keyed by a device or account
+    # alone (no identity_linking consent: the same person counts once per device); the rest
+    # by a linked person. None for the other kinds.
+    by_device: int | None = None
 
     def compared(self, compare: str) -> float | None:
         """The value a rule compares with: ``previous``, ``day_ago`` or ``week_ago``."""
@@ -746,9 +772,11 @@ class KpiEngine:
         bucket_seconds: float = 60.0,
         clock: Callable[[], float] = time.time,
         history: Mapping[str, tuple[Iterable[str], int]] | None = None,
+        source_history: Mapping[str, Mapping[str, Iterable[str]]] | None = None,
     ) -> None:
         """``history``: tenant -> (the KPIs to keep for day / week comparisons, ratios
-        standing for their parts; how many buckets)."""
+        standing for their parts; how many buckets); ``source_history``: tenant -> source
+        -> the KPIs to keep for one source's comparisons (as long as the tenant's history)."""
         self.store = store
         self.bucket_seconds = bucket_seconds
         self.clock = clock
@@ -762,12 +790,14 @@ class KpiEngine:
                 for name in k.events:
                     by_event.setdefault(name, []).append(compiled)
             kept, kept_buckets = (history or {}).get(tenant, ((), 0))
+            by_source = (source_history or {}).get(tenant, {})
             self.tenants[tenant] = _TenantKpis(
                 tuple(defs),
                 by_event,
                 dict(platforms.get(tenant, {})),
                 history_parts(defs, kept),
                 kept_buckets,
+                {src: history_parts(defs, ids) for src, ids in by_source.items() if ids},
             )
 
     def offset_buckets(self, compare: str) -> int:
@@ -785,6 +815,9 @@ class KpiEngine:
         by_event = state.by_event
         every = by_event.get("*")
         history = state.history
+        # this source's own history (rules watching it a day or a week back), if any
+        own = state.source_history.get(source)
+        kept_as = source_history(source)
         cells: dict[tuple[str, str], Cell] = {}
         members: dict[tuple[str, str], set[bytes]] = {}
         tops: dict[tuple[str, str], dict[str, float]] = {}
@@ -813,29 +846,31 @@ class KpiEngine:
                 if k.purpose not in purposes:
                     continue
                 cell[1] += 1
+                digest = None
                 if k.kind == "top":
                     amount = _rank(k, ev.properties, tops.setdefault(key, {}))
-                else:
-                    amount = _amount(ev.properties, k.fields) if k.kind == "sum" else 0.0
+                elif k.kind == "sum":
+                    amount = _amount(ev.properties, k.fields)
+                elif k.kind == "count":
+                    amount = 0.0
+                else:  # distinct persons: the amount counts the events keyed by a device alone
+                    amount = 0.0 if ev.linked or not ev.person else 1.0
+                    if ev.person and k.kind == "distinct":
+                        digest = who = who or _person_digest(ev.person)
+                        members.setdefault(key, set()).add(digest)
+                    elif ev.person:
+                        wanted = k.kind == "returning_persons"
+                        who = who or _person_digest(ev.person)
+                        persons.setdefault(key, (wanted, set()))[1].add(who)
+                        if k.id in history:
+                            persons.setdefault((k.id, ALL_SOURCES), (wanted, set()))[1].add(who)
+                        if own and k.id in own:
+                            persons.setdefault((k.id, kept_as), (wanted, set()))[1].add(who)
                 cell[2] += amount
-                digest = None
-                if ev.person and k.kind == "distinct":
-                    digest = who = who or _person_digest(ev.person)
-                    members.setdefault(key, set()).add(digest)
-                elif ev.person and k.kind in PERSON_KINDS:
-                    wanted = k.kind == "returning_persons"
-                    who = who or _person_digest(ev.person)
-                    persons.setdefault(key, (wanted, set()))[1].add(who)
-                    if k.id in history:
-                        persons.setdefault((k.id, ALL_SOURCES), (wanted, set()))[1].add(who)
                 if k.id in history:  # the totals kept for day / week comparisons
-                    total = cells.get((k.id, ALL_SOURCES))
-                    if total is None:
-                        total = cells[(k.id, ALL_SOURCES)] = [0, 0, 0.0]
-                    total[1] += 1
-                    total[2] += amount
-                    if digest is not None:
-                        members.setdefault((k.id, ALL_SOURCES), set()).add(digest)
+                    _keep(cells, members, (k.id, ALL_SOURCES), amount, digest)
+                if own and k.id in own:  # this source's, for a rule watching it
+                    _keep(cells, members, (k.id, kept_as), amount, digest)
         if cells:
             await self.store.add(tenant, self.bucket(), cells, members, tops, persons)
 
@@ -862,6 +897,14 @@ class KpiEngine:
             for compare in ("day_ago", "week_ago")
             if state.history and self.offset_buckets(compare) + longest <= state.history_buckets
         }
+        if state.source_history:
+            back.update(
+                {
+                    compare: self.offset_buckets(compare)
+                    for compare in ("day_ago", "week_ago")
+                    if self.offset_buckets(compare) + longest <= state.history_buckets
+                }
+            )
         history_held = {
             compare: await self.store.cells(tenant, range(now - n - longest + 1, now - n + 1), ALL_SOURCES)
             for compare, n in back.items()
@@ -880,13 +923,19 @@ class KpiEngine:
                     values[(kind, name)] = cur
                 if k.kind == "top":
                     values[("total", "")].top = await self.store.top(tenant, k.id, sources, current, k.top)
-                if history_parts([k], (k.id,), defs) <= state.history:
-                    total = values[("total", "")]
+                parts = history_parts([k], (k.id,), defs)
+                kept = [("total", "", ALL_SOURCES)] if state.history and parts <= state.history else []
+                kept += [
+                    ("source", s, source_history(s))
+                    for s, ids in state.source_history.items()
+                    if parts <= ids and ("source", s) in values
+                ]
+                for kind, name, kept_as in kept:
                     for compare, n in back.items():
                         then = [b - n for b in current]
                         held_then = history_held[compare]
-                        value = await self._value(tenant, k, defs, [ALL_SOURCES], then, held_then, memo)
-                        setattr(total, compare, value.value)
+                        value = await self._value(tenant, k, defs, [kept_as], then, held_then, memo)
+                        setattr(values[(kind, name)], compare, value.value)
                 report_windows.append(
                     KpiWindow(
                         minutes=w * self.bucket_seconds / 60,
@@ -920,7 +969,9 @@ class KpiEngine:
         memo_key = (k.id, tuple(sources), buckets[0], buckets[-1])
         known = memo.get(memo_key)
         if known is not None:
-            return WindowValue(known.value, known.matched, known.counted, known.coverage)
+            return WindowValue(
+                known.value, known.matched, known.counted, known.coverage, by_device=known.by_device
+            )
         matched = counted = 0
         total = 0.0
         for b in buckets:
@@ -933,15 +984,35 @@ class KpiEngine:
                     matched += int(cell[0])
                     counted += int(cell[1])
                     total += cell[2]
+        by_device = None
         if k.kind == "count":
             value: float = counted
         elif k.kind in ("sum", "top"):
             value = round(total, 6)
         else:  # distinct, new / returning persons
             value = await self.store.distinct(tenant, k.id, sources, buckets) if counted else 0
-        found = WindowValue(value, matched, counted, counted / matched if matched else None)
+            by_device = round(total)
+        coverage = counted / matched if matched else None
+        found = WindowValue(value, matched, counted, coverage, by_device=by_device)
         memo[memo_key] = found
-        return WindowValue(value, matched, counted, found.coverage)
+        return WindowValue(value, matched, counted, coverage, by_device=by_device)
+
+
+def _keep(
+    cells: dict[tuple[str, str], Cell],
+    members: dict[tuple[str, str], set[bytes]],
+    key: tuple[str, str],
+    amount: float,
+    digest: bytes | None,
+) -> None:
+    """One counted event into a history cell (no matched count: the history keeps none)."""
+    cell = cells.get(key)
+    if cell is None:
+        cell = cells[key] = [0, 0, 0.0]
+    cell[1] += 1
+    cell[2] += amount
+    if digest is not None:
+        members.setdefault(key, set()).add(digest)
 
 
 def history_parts(

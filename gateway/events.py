@@ -70,6 +70,9 @@ class Envelope:
     # enforced (a dev tenant), else written to context.idgate.personalisation.
     personalised: bool | None = None
     unified_id: str | None = None
+    # Whether consent let the identity graph link the event's identifiers (identity_linking):
+    # without it the event's person is its own device or account alone (the KPIs say so).
+    linkable: bool = False
     # What the consent decision was asked (and when), kept so delivery can ask again.
     consent_ticket: ConsentTicket | None = None
     # What the sender proved (server source, or a client with a signed identity assertion),

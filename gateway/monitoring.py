@@ -45,6 +45,7 @@ from export.kpis import (
 )
 from gateway import metrics
 from gateway.config import Config, ConfigProblems, Tenant
+from gateway.health import HealthHistory
 from gateway.settings import Settings
 
 if TYPE_CHECKING:
@@ -118,6 +119,7 @@ class KpiFeed:
                     props,
                     purposes,
                     env.unified_id or ev.user_id or ev.anonymous_id,
+                    env.linkable,
                 )
             )
         try:
@@ -156,7 +158,14 @@ class Monitoring:
     history: AlertHistory | None = None
     reports: dict[str, list[KpiReport]] = field(default_factory=dict)
     clock: Callable[[], float] = time.time
+    # snapshots of the identity and pipeline counters, for the last hour's figures
+    health: HealthHistory = field(default_factory=HealthHistory)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    @property
+    def distributed(self) -> bool:
+        """Whether the KPIs are shared through Redis (several replicas may answer)."""
+        return self.buffer is not None
 
     async def alert_states(self, tenant: str) -> list[AlertStatus]:
         held = await self.states.load(tenant)
@@ -183,6 +192,7 @@ class Monitoring:
         return out
 
     async def refresh(self) -> None:
+        self.health.note(self.engine.tenants)
         for tenant in self.engine.tenants:
             self.reports[tenant] = await self.engine.report(tenant)
         metrics.KPIS.reports = self.reports
@@ -255,14 +265,34 @@ def file_clock(path: Path) -> Callable[[], float]:
     return now
 
 
-def kpi_history(config: Config, bucket_seconds: float) -> dict[str, tuple[list[str], int]]:
-    """Per tenant: the KPIs its rules compare with a day or a week earlier, and how many
-    buckets they are kept (``kpi_history_days``). Tenants without such a rule keep none."""
-    out: dict[str, tuple[list[str], int]] = {}
+@dataclass(frozen=True)
+class KeptHistory:
+    """What a tenant's rules compare with a day or a week earlier: the KPIs in total, the
+    KPIs of each source a rule watches alone, and how many buckets they are kept."""
+
+    totals: list[str]
+    by_source: dict[str, list[str]]
+    buckets: int
+
+
+def kpi_history(config: Config, bucket_seconds: float) -> dict[str, KeptHistory]:
+    """Per tenant: the KPIs its rules compare with a day or a week earlier (in total, or of
+    the one source a rule watches), kept ``kpi_history_days``. Tenants without such a rule
+    keep none."""
+    out: dict[str, KeptHistory] = {}
     for t in config.tenants:
-        kept = [r.kpi for r in t.alerts if r.compare != "previous"]
-        if kept and t.kpi_history_days:
-            out[t.id] = (kept, math.ceil(t.kpi_history_days * DAY_SECONDS / bucket_seconds))
+        back = [r for r in t.alerts if r.compare != "previous"]
+        if not back or not t.kpi_history_days:
+            continue
+        by_source: dict[str, list[str]] = {}
+        for r in back:
+            if r.source:
+                by_source.setdefault(r.source, []).append(r.kpi)
+        out[t.id] = KeptHistory(
+            [r.kpi for r in back if not r.source],
+            by_source,
+            math.ceil(t.kpi_history_days * DAY_SECONDS / bucket_seconds),
+        )
     return out
 
 
@@ -279,7 +309,7 @@ def build_monitoring(
 ) -> Monitoring:
     retention = 2 * max(WINDOWS) + 2
     kept = kpi_history(config, bucket_seconds)
-    history_buckets = {t: n for t, (_, n) in kept.items()}
+    history_buckets = {t: h.buckets for t, h in kept.items()}
     buffer = None
     store: KpiStore
     if redis is not None:
@@ -294,7 +324,8 @@ def build_monitoring(
         {t.id: {s.id: s.platform for s in t.sources} for t in config.tenants},
         bucket_seconds=bucket_seconds,
         clock=clock,
-        history=kept,
+        history={t: (h.totals, h.buckets) for t, h in kept.items()},
+        source_history={t: h.by_source for t, h in kept.items()},
     )
     states: StateStore
     if redis is not None:

@@ -951,6 +951,7 @@ async def decide_consent(s: IngestServices, batch: IngestBatch) -> None:
             env.personalised = decision.personalised
         if decision.strip_sensitive:
             strip_sensitive(env, tenant)
+        env.linkable = decision.linking_allowed and s.resolver.links
         allowed.append(env)
         batch.linking.append(decision.linking_allowed)
     batch.envelopes = allowed

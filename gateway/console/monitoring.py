@@ -1,6 +1,8 @@
 """The console's monitoring page: a tenant's business KPIs per sliding window with their
 consent coverage, the core funnel, top SKUs, new vs returning persons and the alert history,
-read from the same ``Monitoring`` (``app.state.monitoring``) as ``GET /admin/kpis``.
+read from the same ``Monitoring`` (``app.state.monitoring``) as ``GET /admin/kpis``; how much
+of each distinct-person KPI was counted by linked person rather than by device alone; and the
+identity and pipeline health (gateway.health: the figures ``/metrics`` exports).
 
 Charts are inline SVG built here on the server (no script, no CDN). KPIs hold aggregates
 only, so the page shows no identifier; SKU names are client strings and go through the
@@ -26,6 +28,7 @@ from gateway.admin.deps import AdminServices, log_access
 from gateway.auth import Officer
 from gateway.console.access import CONSOLE_PATH, console_guard, page
 from gateway.console.pages import DEPENDENCIES, EVERYONE, chosen_tenant, visible_tenants
+from gateway.health import health_report
 from gateway.monitoring import Monitoring
 
 # The core funnel, home -> product detail -> cart -> payment success: persons per step
@@ -60,6 +63,9 @@ class KpiRow:
     values: list[str]  # per window, shortest first
     coverage: list[float | None]
     spark: list[float]  # per window, oldest-reaching first, scaled to 0-1: the rate per minute
+    # a distinct-person KPI: the share of its counted events keyed by a device or account
+    # alone (no identity_linking consent), per window; None elsewhere or nothing counted
+    by_device: list[float | None]
 
 
 @dataclass(frozen=True)
@@ -121,9 +127,28 @@ def kpi_rows(reports: Sequence[KpiReport], unit: dict[str, str]) -> list[KpiRow]
                 values=[shown(unit.get(r.id, "count"), w.total.value) for w in windows],
                 coverage=[w.total.coverage for w in windows],
                 spark=_scaled(rates) if r.kind != "top" else [],
+                by_device=[_device_share(w.total) for w in windows],
             )
         )
     return rows
+
+
+def _device_share(value: WindowValue) -> float | None:
+    if value.by_device is None or not value.counted:
+        return None
+    return value.by_device / value.counted
+
+
+def uv_basis(reports: Sequence[KpiReport], index: int) -> float | None:
+    """Over the chosen window, the share of the distinct-person KPIs' counted events keyed
+    by a device or account alone (None: none counted)."""
+    counted = by_device = 0
+    for r in reports:
+        total = r.windows[index].total if len(r.windows) > index else None
+        if total is not None and total.by_device is not None:
+            counted += total.counted
+            by_device += total.by_device
+    return by_device / counted if counted else None
 
 
 def _total(reports: dict[str, KpiReport], kpi: str, index: int) -> WindowValue | None:
@@ -210,8 +235,12 @@ class MonitoringPagesController(Controller):
         records = (
             await asyncio.to_thread(history.list, chosen, limit=HISTORY_SHOWN) if history is not None else []
         )
-        unit = units(next(t for t in services.config.tenants if t.id == chosen).all_kpis())
+        config = next(t for t in services.config.tenants if t.id == chosen)
+        unit = units(config.all_kpis())
         rows = kpi_rows(reports, unit)
+        destinations = [d.id for d in config.destinations]
+        workers = request.app.state.gateway.delivery.workers
+        health = health_report(chosen, monitoring.health, destinations, workers)
         await log_access(services, officer, "console.monitoring", chosen, {"window": window}, len(reports))
         return page(
             request,
@@ -228,4 +257,15 @@ class MonitoringPagesController(Controller):
             persons=persons_split(by_id, index),
             alerts=await monitoring.alert_states(chosen),
             history=history_rows(records, unit),
+            by_device=uv_basis(reports, index),
+            health=health,
+            sizes=[
+                Bar(label, f"{n:,}", share)
+                for (label, n), share in zip(
+                    health.person_sizes, _scaled([n for _, n in health.person_sizes]), strict=True
+                )
+                if n
+            ],
+            distributed=monitoring.distributed,
+            replica=monitoring.replica,
         )

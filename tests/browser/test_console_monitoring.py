@@ -51,8 +51,14 @@ def test_the_monitoring_page_in_chromium(
     assert HOSTILE_SKU in page.inner_text("#top-skus")
     assert page.locator("#top-skus img").count() == 0
     assert page.evaluate("document.scripts.length") == 0
+    # the shop links its visitors' identifiers: every UV is by person
+    assert page.get_attribute("#uv-basis", "data-by-device") == "0.0000"
+    # identity and pipeline health, with a row per destination of the shop
+    assert page.locator("#identity-health tr[data-figure]").count() == 6
+    assert page.locator("#delivery-lag tr[data-destination]").count() == 2
     assert_fits(page)
     page.screenshot(path=str(tmp_path / "monitoring.png"), full_page=True)  # to look at
+    page.screenshot(path="/tmp/monitor-page.png", full_page=True)
     # the window switch, from the keyboard: the funnel is now over the last minute
     page.focus("select[name='window']")
     page.keyboard.press("Home")

@@ -30,6 +30,8 @@ def test_operator_only_and_bad_parameters_are_named(tmp_path: Path) -> None:
             "dayAgo": None,
             "weekAgo": None,
             "top": None,  # a top KPI's largest values
+            # distinct-person KPIs: counted events keyed by a device alone
+            "byDevice": None,
         }
         r = client.get(
             "/admin/kpis", params={"tenant": "mall"}, headers={"Authorization": f"Bearer {COMPLIANCE_TOKEN}"}

@@ -14,6 +14,7 @@ import pytest
 
 from tests.conftest import (
     MALL_SERVER_KEY,
+    MALL_WEB_KEY,
     OPERATOR_TOKEN,
     TEST_CONFIG,
     Gateway,
@@ -137,6 +138,94 @@ def test_a_drop_against_last_week_fires_after_holding_and_resolves(
                 seen += str(keys) + str([client.hgetall(k) for k in keys if client.type(k) == b"hash"])
             finally:
                 client.close()
+        assert not [a for a in SENT if a in seen]
+    finally:
+        gw.stop()
+        hook.close()
+
+
+SOURCE_CONFIG = (
+    TEST_CONFIG
+    + """
+[[tenants.alerts]]
+id = "web-payments-vs-last-week"
+kpi = "payments_requested"
+source = "mall-web"
+window = 5
+condition = "drop"
+compare = "week_ago"
+threshold = 0.5
+severity = "warning"
+channels = ["oncall-hook"]
+
+[[alert_channels]]
+id = "oncall-hook"
+kind = "webhook"
+url_env = "TEST_HOOK_URL"
+"""
+)
+
+
+def payment_requests(gw: Gateway, key: str, n: int) -> None:
+    """``n`` payment requests from the source of ``key`` (necessary_service: no consent needed)."""
+    with gw.client(key) as c:
+        r = c.post("/v1/batch", json={"batch": payment_batch(n, 0, "src", SENT)})
+    assert r.status_code == 200 and r.json()["accepted"] == n, r.text
+
+
+def web_payments(gw: Gateway) -> dict[str, Any]:
+    r = httpx.get(
+        f"{gw.url}/admin/kpis",
+        params={"tenant": "mall", "kpi": "payments_requested"},
+        headers=ADMIN,
+        timeout=10,
+    )
+    assert r.status_code == 200, r.text
+    (kpi,) = r.json()["kpis"]
+    window = next(w for w in kpi["windows"] if round(w["minutes"] * 60) == 5)
+    return {"web": window["bySource"]["mall-web"], "total": window["total"], "text": r.text}
+
+
+@pytest.mark.parametrize("mode", ["embedded", pytest.param("redis", marks=pytest.mark.redis)])
+def test_a_rule_on_one_source_compares_it_with_its_own_last_week(
+    tmp_path: Path, request: pytest.FixtureRequest, mode: str
+) -> None:
+    """The website's payment requests fall silent while the server's double: the total is
+    what it was a week ago, the website's own history is not, and only it is kept."""
+    hook = RobotReceiver()
+    clock = tmp_path / "clock"
+    env = {
+        "IDGATE_KPI_BUCKET_MS": "1000",
+        "IDGATE_ALERT_INTERVAL_MS": "200",
+        "IDGATE_DEV_CLOCK_FILE": str(clock),
+        "TEST_HOOK_URL": hook.url,
+    }
+    if mode == "redis":
+        env.update(request.getfixturevalue("redis_ns").env())
+    gw = make_gateway(tmp_path / "gw", config=SOURCE_CONFIG, extra_env=env).start()
+    try:
+        now = int(time.time()) + 0.5
+        clock.write_text(str(now - WEEK))
+        payment_requests(gw, MALL_WEB_KEY, 10)
+        payment_requests(gw, MALL_SERVER_KEY, 10)
+        clock.write_text(str(now))
+        payment_requests(gw, MALL_SERVER_KEY, 20)  # the total is what it was a week ago
+        got = wait_until(
+            lambda: g if (g := web_payments(gw))["total"]["value"] == 20 else None,
+            what="the server's payments in the current window",
+        )
+        # only the watched source is kept: the total (no rule on it) has no week-old value
+        assert got["total"]["weekAgo"] is None
+        assert got["web"]["value"] == 0 and got["web"]["weekAgo"] == 10, got["web"]
+        assert got["web"]["dayAgo"] == 0  # kept a day back too: nothing then
+        wait_until(lambda: hook.posts, what="the firing notification")
+        firing = hook.posts[0][1]
+        assert firing["status"] == "firing" and firing["value"] == 0 and firing["previous"] == 10, firing
+        assert "mall-web" in firing["text"], firing["text"]
+        payment_requests(gw, MALL_WEB_KEY, 9)  # -10 %: resolved
+        wait_until(lambda: len(hook.posts) == 2, what="the resolved notification")
+        assert hook.posts[1][1]["status"] == "resolved"
+        seen = str(hook.posts) + web_payments(gw)["text"]
         assert not [a for a in SENT if a in seen]
     finally:
         gw.stop()
