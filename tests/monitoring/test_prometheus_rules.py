@@ -22,9 +22,10 @@ def test_the_rules_use_exported_series_and_labels(tmp_path: Path) -> None:
     with TestClient(create_app(settings)) as client:
         event = {"type": "track", "anonymousId": "rules-a1", "event": "Order Completed", "messageId": mid()}
         assert client.post("/v1/track", json=event, auth=(WEB_KEY, "")).status_code == 200
+        samples = ("idgate_kpi_coverage{", "idgate_delivery_lag_seconds{")  # once the event is delivered
         exposition = wait_until(
-            lambda: t if "idgate_kpi_coverage{" in (t := client.get("/metrics").text) else None,
-            what="KPI samples in /metrics",
+            lambda: t if all(s in (t := client.get("/metrics").text) for s in samples) else None,
+            what="KPI and delivery lag samples in /metrics",
         )
     exported: dict[str, set[str]] = {}
     for name in re.findall(r"^# TYPE (idgate_[a-z_]+) ", exposition, flags=re.MULTILINE):
