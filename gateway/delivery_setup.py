@@ -18,6 +18,7 @@ from export.outbox import Outbox
 from export.redis_outbox import RedisStreamOutbox
 from export.sinks import build_sink
 from export.sqlite_outbox import SqliteOutbox
+from export.violations import RedisViolations, SqliteViolations, ViolationStore
 from gateway.config import Config, Destination, Tenant
 from gateway.consent_setup import (
     ConsentRuntime,
@@ -92,6 +93,18 @@ def open_dead_letters(settings: Settings) -> DeadLetterStore:
         assert settings.redis_url
         return RedisDeadLetters(open_redis(settings.redis_url), settings.redis_prefix)
     return SqliteDeadLetters(settings.dead_letter_path)
+
+
+def open_violations(settings: Settings) -> ViolationStore:
+    """The tracking plan's violation records: with Redis one store every replica shares (like
+    the plan's live tail and coverage counts), else ``violations.sqlite3`` in the data dir."""
+    if settings.redis_url:
+        from identity.redis_client import open_redis
+
+        return RedisViolations(
+            open_redis(settings.redis_url), settings.redis_prefix, max_records=settings.violations_max_records
+        )
+    return SqliteViolations(settings.data_dir / "violations.sqlite3")
 
 
 def retry_policy(d: Destination) -> Retry:

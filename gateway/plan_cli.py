@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from export.violations import SqliteViolations
+from export.violations import RedisViolations, SqliteViolations, ViolationStore
 from gateway.config import ConfigProblems, load_config
 from gateway.plan import SampleReport, TrackingPlan, plan_for
 from gateway.plan_import import FORMATS
@@ -39,6 +39,16 @@ def _tenant_plan(config_path: Path, tenant: str | None) -> tuple[str, TrackingPl
         )
         sys.exit(2)
     return tenants[0].id, found
+
+
+def _shared_violations() -> RedisViolations | None:
+    """With REDIS_URL (distributed mode): the violation records every replica shares."""
+    redis_url = os.environ.get("REDIS_URL")
+    if not redis_url:
+        return None
+    from identity.redis_client import open_redis
+
+    return RedisViolations(open_redis(redis_url), os.environ.get("IDGATE_REDIS_PREFIX", "idgate"))
 
 
 def _violation_store(data_dir: Path | None) -> SqliteViolations:
@@ -97,8 +107,9 @@ def plan_violations(
     data_dir: Path | None, tenant: str | None, event: str | None, limit: int, as_json: bool
 ) -> None:
     """List the events the plan blocked (replay them with POST /admin/plan/violations/replay
-    on the running gateway after a fix) or omitted properties of."""
-    store = _violation_store(data_dir)
+    on the running gateway after a fix) or omitted properties of: from the data directory, or
+    with REDIS_URL those every replica shares."""
+    store: ViolationStore = _shared_violations() or _violation_store(data_dir)
     try:
         counts = store.counts(tenant)
         records = [r.summary() for r in store.list(tenant, limit, event)]

@@ -291,22 +291,7 @@ def test_enforce_keeps_violations_then_replays_them_after_the_plan_is_fixed(
     assert again.status_code == 200, again.text
     assert again.json()["stillViolating"] == 2
 
-    # product_added's price may be a decimal string now; the unplanned event is planned
-    head, tail = plan.read_text().split("  product_added:\n", 1)
-    fixed = '      price: {class: financial, type: [number, string], pattern: "^[0-9]+(\\\\.[0-9]+)?$"}\n'
-    assert PRICE_RULE in tail
-    text = re.sub(  # raise the version, as a fix must
-        r"^version: (\d+)$",
-        lambda m: f"version: {int(m[1]) + 1}",
-        head + "  product_added:\n" + tail.replace(PRICE_RULE, fixed, 1),
-        count=1,
-        flags=re.M,
-    )
-    text += (
-        "  wishlist_shared:\n    description: A wishlist was shared.\n    owner: growth\n"
-        '    purposes: [analytics]\n    legal_basis: consent\n    segment: ["Wishlist Shared"]\n'
-    )
-    plan.write_text(text)
+    fix_plan(plan)
     gw.stop()
     gw.start()
     replayed = admin(gw, "POST", "/admin/plan/violations/replay", json={"tenant": "shop", "all": True})
@@ -323,6 +308,26 @@ def test_enforce_keeps_violations_then_replays_them_after_the_plan_is_fixed(
     assert admin(gw, "GET", "/admin/plan/violations/", params={"tenant": "shop"}).json()["counts"] == {}
     # the client's retry after the replay is a duplicate, not a second delivery
     assert batch(gw, bad)["duplicates"] == 1
+
+
+def fix_plan(plan: Path) -> None:
+    """The fix a team ships: product_added's price may be a decimal string now, the
+    unplanned "Wishlist Shared" is planned, and the version is raised, as a fix must."""
+    head, tail = plan.read_text().split("  product_added:\n", 1)
+    fixed = '      price: {class: financial, type: [number, string], pattern: "^[0-9]+(\\\\.[0-9]+)?$"}\n'
+    assert PRICE_RULE in tail
+    text = re.sub(
+        r"^version: (\d+)$",
+        lambda m: f"version: {int(m[1]) + 1}",
+        head + "  product_added:\n" + tail.replace(PRICE_RULE, fixed, 1),
+        count=1,
+        flags=re.M,
+    )
+    text += (
+        "  wishlist_shared:\n    description: A wishlist was shared.\n    owner: growth\n"
+        '    purposes: [analytics]\n    legal_basis: consent\n    segment: ["Wishlist Shared"]\n'
+    )
+    plan.write_text(text)
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -483,3 +488,27 @@ def test_replicas_share_the_live_tail_and_the_coverage_counts(
     finally:
         a.stop()
         b.stop()
+
+
+@pytest.mark.redis
+def test_past_the_shared_stores_bound_a_blocked_event_is_rejected_to_its_client(
+    tmp_path: Path, redis_ns: RedisNamespace
+) -> None:
+    """With Redis a tenant's violation records are bounded (IDGATE_VIOLATIONS_MAX_RECORDS):
+    past it a blocked event is not lost silently but rejected, so its client still holds it;
+    a retry of a record already kept replaces it as before."""
+    env = {**redis_ns.env(), "IDGATE_VIOLATIONS_MAX_RECORDS": "1"}
+    gw = make_gateway(tmp_path, config=plan_config(seed_plan(tmp_path), "enforce"), extra_env=env).start()
+    try:
+        first, second = product_added("1"), product_added("2")
+        out = batch(gw, first, second, product_added(3))
+        assert out["accepted"] == 1
+        assert [(r["index"], r["messageId"]) for r in out["rejected"]] == [(1, second["messageId"])], out
+        assert out["rejected"][0]["error"] == "plan_violation"
+        assert "violation store is full" in out["rejected"][0]["detail"]
+        listed = admin(gw, "GET", "/admin/plan/violations/", params={"tenant": "shop"}).json()
+        assert [v["messageId"] for v in listed["violations"]] == [first["messageId"]]
+        assert batch(gw, first)["rejected"] == []
+        assert "plan.violation_store_full" in gw.log_text()
+    finally:
+        gw.stop()
