@@ -585,3 +585,18 @@ class RedisViolations:
             for e, n in self.client.hgetall(self._keys(t)[4]).items():
                 total[e.decode()] = total.get(e.decode(), 0) + int(n)
         return {e: n for e, n in total.items() if n > 0}
+
+
+def move_records(source: ViolationStore, target: ViolationStore, *, page: int = _PAGE) -> tuple[int, int]:
+    """Move every record of ``source`` into ``target`` (a replica's own file into the store the
+    replicas share, when it joins the distributed mode), so no record is left where listing,
+    replay, deletions and retention no longer look. Each page is kept in ``target`` before it
+    leaves ``source``; records ``target`` refuses (its bound) stay. Answers (moved, left)."""
+    moved = 0
+    while records := source.list(limit=page):
+        refused = target.keep(records)
+        refused_ids = {r.id for r in refused}
+        moved += source.delete([r.id for r in records if r.id not in refused_ids])
+        if refused:
+            return moved, len(source.list(limit=1_000_000_000))
+    return moved, 0

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -17,6 +18,7 @@ from export.violations import (
     SqliteViolations,
     ViolationRecord,
     ViolationStore,
+    move_records,
 )
 from identity.identifiers import Identifier
 from identity.redis_client import key_slot, open_redis
@@ -218,3 +220,25 @@ def test_on_a_cluster_a_tenants_keys_share_a_slot_and_tenants_spread(cluster_ns:
         assert store.expire("t11", 2_000_000_000_000, apply=True) == 12
     finally:
         store.close()
+
+
+@pytest.mark.redis
+def test_a_replicas_own_records_move_into_the_shared_store(tmp_path: Path, redis_ns: RedisNamespace) -> None:
+    """A replica joining the distributed mode brings the records its file held: kept in
+    Redis before they leave the file; what the shared store refuses (its bound) stays."""
+    own = SqliteViolations(tmp_path / "violations.sqlite3")
+    shared = RedisViolations(open_redis(redis_ns.url), redis_ns.prefix, max_records=7)
+    try:
+        own.keep([record(f"m-{i}", pseudonyms=(f"p_{i}",)) for i in range(5)])
+        own.keep([record("mall-1", tenant="mall", source="mall-web")])
+        assert move_records(own, shared, page=2) == (6, 0)
+        assert own.list() == []
+        moved = shared.list("shop")
+        assert [r.message_id for r in moved] == [f"m-{i}" for i in range(5)]
+        assert moved[3].pseudonyms == ("p_3",) and len(shared.list("mall")) == 1
+        own.keep([record(f"n-{i}") for i in range(4)])
+        assert move_records(own, shared, page=2) == (2, 2)  # shop is at 7 now
+        assert [r.message_id for r in own.list()] == ["n-2", "n-3"]
+    finally:
+        own.close()
+        shared.close()

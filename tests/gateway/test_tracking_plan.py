@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import sqlite3
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -21,6 +22,7 @@ from tests.conftest import (
     MALL_WEB_KEY,
     OPERATOR_TOKEN,
     ROOT,
+    SHARED_KEYS,
     TEST_CONFIG,
     WEB_KEY,
     Gateway,
@@ -510,5 +512,37 @@ def test_past_the_shared_stores_bound_a_blocked_event_is_rejected_to_its_client(
         assert [v["messageId"] for v in listed["violations"]] == [first["messageId"]]
         assert batch(gw, first)["rejected"] == []
         assert "plan.violation_store_full" in gw.log_text()
+    finally:
+        gw.stop()
+
+
+@pytest.mark.redis
+def test_a_gateway_joining_the_distributed_mode_moves_its_records_into_redis(
+    tmp_path: Path, redis_ns: RedisNamespace
+) -> None:
+    """Records a gateway kept in its own file before it had REDIS_URL are moved into the
+    shared store at its next start, not left where listing, replay and deletions no longer
+    look."""
+    config = plan_config(seed_plan(tmp_path), "enforce")
+    gw = make_gateway(tmp_path, config=config, extra_env=SHARED_KEYS)
+    gw.start()
+    try:
+        bad = product_added("9.90")
+        assert batch(gw, bad)["planViolations"][0]["action"] == "kept"
+    finally:
+        gw.stop()
+    gw.env.update(redis_ns.env())
+    gw.start()
+    try:
+        listed = admin(gw, "GET", "/admin/plan/violations/", params={"tenant": "shop"}).json()
+        assert [(v["messageId"], v["id"].startswith("shop.")) for v in listed["violations"]] == [
+            (bad["messageId"], True)
+        ]
+        assert "plan.violations_moved" in gw.log_text()
+        left = sqlite3.connect(gw.data_dir / "violations.sqlite3")
+        try:
+            assert left.execute("SELECT count(*) FROM plan_violation").fetchone() == (0,)
+        finally:
+            left.close()
     finally:
         gw.stop()
