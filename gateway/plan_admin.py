@@ -49,6 +49,15 @@ class ReplayRequest(msgspec.Struct, forbid_unknown_fields=True):
     all: bool = False  # every record of the tenant
 
 
+class ReplayedRecord(msgspec.Struct, rename="camel"):
+    """What became of one record: ``outcome`` names the ``ReplayOutcome`` count it went to."""
+
+    id: str
+    message_id: str
+    event: str
+    outcome: str
+
+
 class ReplayOutcome(msgspec.Struct):
     replayed: int = 0  # went through: stored for delivery
     duplicates: int = 0  # already delivered under the same message id
@@ -56,6 +65,13 @@ class ReplayOutcome(msgspec.Struct):
     still_violating: int = msgspec.field(default=0, name="stillViolating")
     rejected: int = 0  # refused by another stage: record kept
     unknown_source: int = msgspec.field(default=0, name="unknownSource")
+    records: list[ReplayedRecord] = []  # per record, in the order replayed
+
+    def count(self, record: ViolationRecord, outcome: str) -> None:
+        """One more record with ``outcome`` (a count's JSON name)."""
+        field = {"stillViolating": "still_violating", "unknownSource": "unknown_source"}.get(outcome, outcome)
+        setattr(self, field, getattr(self, field) + 1)
+        self.records.append(ReplayedRecord(record.id, record.message_id, record.event, outcome))
 
 
 def _source(config: Config, tenant: str, source: str) -> ResolvedSource | None:
@@ -81,7 +97,7 @@ async def replay_records(
     for record in records:
         src = _source(config, record.tenant, record.source)
         if src is None:
-            outcome.unknown_source += 1
+            outcome.count(record, "unknownSource")
             continue
         env = Envelope(
             event=_decode_event(record.payload),
@@ -93,19 +109,20 @@ async def replay_records(
         )
         result = await runner.ingest(src, [env], IngestResult(received=1))
         if result.accepted and any(r.action == "omitted" for r in result.plan_violations):
-            outcome.replayed += 1  # went out without some properties: the record (updated) keeps them
+            # went out without some properties: the record (updated) keeps them
+            outcome.count(record, "replayed")
             continue
         if result.accepted:
-            outcome.replayed += 1
+            outcome.count(record, "replayed")
         elif result.duplicates:
-            outcome.duplicates += 1
+            outcome.count(record, "duplicates")
         elif result.dropped:
-            outcome.dropped += 1
+            outcome.count(record, "dropped")
         elif any(r.action == "kept" for r in result.plan_violations):
-            outcome.still_violating += 1
+            outcome.count(record, "stillViolating")
             continue
         else:
-            outcome.rejected += 1
+            outcome.count(record, "rejected")
             continue
         done.append(record.id)
     await asyncio.to_thread(store.delete, done)

@@ -304,7 +304,12 @@ def test_enforce_keeps_violations_then_replays_them_after_the_plan_is_fixed(
         "stillViolating": 0,
         "rejected": 0,
         "unknownSource": 0,
+        "records": [  # what became of each, in id order
+            {"id": v["id"], "messageId": v["messageId"], "event": v["event"], "outcome": "replayed"}
+            for v in body["violations"]
+        ],
     }
+    assert [r["messageId"] for r in replayed.json()["records"]] == [bad["messageId"], unplanned["messageId"]]
     found = gw.wait_for_sink({bad["messageId"], unplanned["messageId"]})
     assert {e["messageId"] for e in found} == {bad["messageId"], unplanned["messageId"]}
     assert admin(gw, "GET", "/admin/plan/violations/", params={"tenant": "shop"}).json()["counts"] == {}
