@@ -29,7 +29,7 @@ from pathlib import Path
 from export.deadletter import DeadLetterStore
 from export.file_sinks import expired_sink_files, remove_sink_files
 from export.outbox import Outbox
-from export.violations import SqliteViolations
+from export.violations import ViolationStore
 
 FILE_SINKS = frozenset({"jsonl", "parquet"})
 # the stores a run goes through for each tenant, in order (progress bars count these)
@@ -78,7 +78,7 @@ async def expire_export_side(
     sink_dir: Path,
     apply: bool,
     step: Callable[[str], None] = lambda store: None,
-    violations: SqliteViolations | None = None,
+    violations: ViolationStore | None = None,
     destinations: int | None = None,
 ) -> dict[str, int]:
     """One tenant's export stores past retention: counted, removed with ``apply``. ``step``

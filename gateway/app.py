@@ -34,7 +34,14 @@ from gateway.consent_api import consent_controller
 from gateway.consent_setup import checkpoint_periodically, ledger_signer, open_consent
 from gateway.console import console_lifespan, console_routes, console_templates
 from gateway.cors import cors, document_cors
-from gateway.delivery_setup import build_delivery, open_dead_letters, open_outbox, redis_options, rekeyer
+from gateway.delivery_setup import (
+    build_delivery,
+    open_dead_letters,
+    open_outbox,
+    open_violations,
+    redis_options,
+    rekeyer,
+)
 from gateway.errors import exception_handlers
 from gateway.exposures import open_exposures
 from gateway.identity_setup import notice_publisher, open_identity
@@ -179,8 +186,13 @@ def create_app(settings: Settings | None = None) -> Litestar:
             await redis_client.ping()
         outbox = open_outbox(settings, config.limits.dedupe_window_seconds, redis_client)
         dead_letters = open_dead_letters(settings)
-        violations = SqliteViolations(settings.data_dir / "violations.sqlite3")  # tracking plan
-        plan_monitor = PlanMonitor(violations, redis=redis_client, prefix=settings.redis_prefix)
+        violations = open_violations(settings)  # tracking plan
+        plan_monitor = PlanMonitor(
+            # embedded, the coverage counts live in the violation store's file; with Redis, in Redis
+            violations if isinstance(violations, SqliteViolations) else None,
+            redis=redis_client,
+            prefix=settings.redis_prefix,
+        )
         consent = await open_consent(settings, config, redis_client, signer)
         receipts = DeletionReceipts(config)
         delivery = build_delivery(settings, config, keyring, consent, outbox, dead_letters, receipts)

@@ -15,7 +15,6 @@ import secrets
 import socket
 import stat
 import sys
-from collections.abc import Sequence
 from pathlib import Path
 from typing import IO
 
@@ -25,7 +24,7 @@ import structlog
 from consent.cli import DEV_LEDGER_KEY_META, ledger, load_cli_signer
 from consent.signing import InvalidLedgerKey, new_ledger_key_b64
 from gateway.alerts_cli import alerts
-from gateway.cli_support import fail, settings_and_config, tenant_of
+from gateway.cli_support import fail, settings_and_config, table, tenant_of
 from gateway.config import Config, ConfigProblems, hash_write_key, load_config
 from gateway.dlq_cli import dlq
 from gateway.keys_cli import keys_retire, keys_rotate
@@ -41,6 +40,7 @@ from gateway.settings import (
     data_dir_from_env,
     environment_from_env,
 )
+from gateway.violations_cli import violations
 from identity.pseudonym import InvalidKeyMaterial, KeyRing, MissingKey, new_key_document
 
 LOCK_FILE = "idgate.lock"
@@ -174,20 +174,16 @@ def _banner(settings: Settings, config: Config, base: str) -> list[str]:
         if a.dev_token
     ]
 
-    def table(rows: Sequence[tuple[str, str, str]]) -> list[str]:
-        w0 = max(len(r[0]) for r in rows)
-        w1 = max(len(r[1]) for r in rows)
-        return [f"    {a:<{w0}}  {b:<{w1}}  {c}" for a, b, c in rows]
-
     if write_keys:
         lines.append("  write keys (HTTP Basic user, e.g. curl -u KEY: ...):")
-        lines += table(write_keys)
+        lines += table(write_keys, "    ")
     if sensors:
         lines.append(f"  Sensors SDKs ({base}/sa?project=PROJECT&token=TOKEN):")
-        lines += table([(src, f"project {project}", f"token {token}") for src, project, token in sensors])
+        rows = [(src, f"project {project}", f"token {token}") for src, project, token in sensors]
+        lines += table(rows, "    ")
     if admins:
         lines.append("  admin tokens (Authorization: Bearer TOKEN):")
-        lines += table(admins)
+        lines += table(admins, "    ")
     if write_keys or sensors or admins:
         lines.append("  (demo keys and tokens from the config: accepted with IDGATE_ENV=dev only)")
     return lines
@@ -398,6 +394,7 @@ keys.add_command(keys_rotate)
 keys.add_command(keys_retire)
 main.add_command(rights)
 main.add_command(plan)
+main.add_command(violations)
 main.add_command(alerts)
 main.add_command(retention)
 main.add_command(breach)

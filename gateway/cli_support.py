@@ -1,9 +1,10 @@
 """What every `idgate` command that reads the deployment needs: its settings and tenant
-config, or a one-line error and exit code 2 (never a traceback)."""
+config, or a one-line error and exit code 2 (never a traceback); and aligned text tables."""
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
@@ -32,3 +33,14 @@ def tenant_of(config: Config, tenant: str) -> Tenant:
     if found is None:
         fail(f"unknown tenant {tenant!r}")
     return found
+
+
+def table(rows: Sequence[Sequence[str]], indent: str = "") -> list[str]:
+    """Lines of ``rows`` with every column but the last padded to its widest cell."""
+    if not rows:
+        return []
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    return [
+        indent + "  ".join([*(f"{c:<{w}}" for c, w in zip(r, widths, strict=False)), r[-1]]).rstrip()
+        for r in rows
+    ]

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import structlog
+
 from export.deadletter import DeadLetterStore, RedisDeadLetters, SqliteDeadLetters
 from export.dedupe import RedisDedupe
 from export.delivery import DeliveryService, DeliveryWorker, OnDeletionNotices, Retry
@@ -18,6 +20,7 @@ from export.outbox import Outbox
 from export.redis_outbox import RedisStreamOutbox
 from export.sinks import build_sink
 from export.sqlite_outbox import SqliteOutbox
+from export.violations import RedisViolations, SqliteViolations, ViolationStore, move_records
 from gateway.config import Config, Destination, Tenant
 from gateway.consent_setup import (
     ConsentRuntime,
@@ -30,6 +33,8 @@ from gateway.pipeline import destination_specs
 from gateway.plan import keys_of_class, plan_for
 from gateway.settings import Settings
 from identity.pseudonym import DOMAIN, KeyRing
+
+log = structlog.get_logger(__name__)
 
 
 def redis_options() -> dict[str, Any]:
@@ -92,6 +97,30 @@ def open_dead_letters(settings: Settings) -> DeadLetterStore:
         assert settings.redis_url
         return RedisDeadLetters(open_redis(settings.redis_url), settings.redis_prefix)
     return SqliteDeadLetters(settings.dead_letter_path)
+
+
+def open_violations(settings: Settings) -> ViolationStore:
+    """The tracking plan's violation records: with Redis one store every replica shares (like
+    the plan's live tail and coverage counts), else ``violations.sqlite3`` in the data dir."""
+    local = settings.data_dir / "violations.sqlite3"
+    if settings.redis_url:
+        from identity.redis_client import open_redis
+
+        shared = RedisViolations(
+            open_redis(settings.redis_url), settings.redis_prefix, max_records=settings.violations_max_records
+        )
+        if local.exists():  # kept by this replica before it shared them: moved, not orphaned
+            own = SqliteViolations(local)
+            try:
+                moved, left = move_records(own, shared)
+            finally:
+                own.close()
+            if left:  # the shared store is at its bound: the rest waits for the next start
+                log.warning("plan.violations_not_moved", moved=moved, left=left)
+            elif moved:
+                log.info("plan.violations_moved", records=moved)
+        return shared
+    return SqliteViolations(local)
 
 
 def retry_policy(d: Destination) -> Retry:

@@ -39,7 +39,7 @@ from consent.signals import (
     signalled,
 )
 from export.outbox import Claim, ClaimStatus, Outbox, OutboxRecord, notice_record, scoped_message_id
-from export.violations import PlanFinding, SqliteViolations, ViolationRecord
+from export.violations import PlanFinding, ViolationRecord, ViolationStore
 from gateway import metrics
 from gateway.cleaning import TIMESTAMP_SKEW, RequestOrigin, cleaner_for, drop_reason
 from gateway.config import Destination, ResolvedSource, Tenant
@@ -545,7 +545,7 @@ class IngestServices:
     # key rotation: active pseudonym -> its pseudonyms under the older live versions
     alias_cache: dict[str, tuple[str, ...]] = field(default_factory=dict)
     # where the tracking plan's blocked and omitted events are recorded
-    violations: SqliteViolations | None = None
+    violations: ViolationStore | None = None
     # the tracking plan's live tail and coverage counts (gateway.plan_monitor)
     plan_monitor: PlanMonitor | None = None
     # business KPIs over the batch once appended (gateway.monitoring.KpiFeed)
@@ -743,16 +743,13 @@ async def check_plan(s: IngestServices, batch: IngestBatch) -> None:
         if monitor is not None:
             monitor.count(tenant.id, src.source.id, event, name, seen=seen, valid=valid, at_ms=now_ms)
     if held and s.violations is None:  # nowhere to keep them (a bare pipeline): refused, the client knows
-        for record in held:
-            if record.action == "kept":
-                index = next(r.index for r in reports if r.message_id == record.message_id)
-                batch.result.rejected.append(
-                    Rejection(
-                        index, "plan_violation", "breaks the tracking plan", "properties", record.message_id
-                    )
-                )
+        _refuse_unkept(batch, held, "breaks the tracking plan")
     elif held and s.violations is not None:
-        await asyncio.to_thread(s.violations.keep, held)
+        unkept = await asyncio.to_thread(s.violations.keep, held)
+        if unkept:  # the store is at its bound: the client is told, nothing is lost silently
+            log.warning("plan.violation_store_full", tenant=tenant.id, records=len(unkept))
+            _refuse_unkept(batch, unkept, "breaks the tracking plan; the violation store is full")
+            held = [r for r in held if r not in unkept]
         blocked = sum(1 for r in held if r.action == "kept")
         if blocked:
             add("plan_kept", labels, blocked)
@@ -761,6 +758,17 @@ async def check_plan(s: IngestServices, batch: IngestBatch) -> None:
     batch.envelopes = kept
     if monitor is not None:
         await monitor.flush_if_due()
+
+
+def _refuse_unkept(batch: IngestBatch, records: Sequence[ViolationRecord], detail: str) -> None:
+    """Blocked events no store kept: rejected to the client (which may send them again)."""
+    reports = batch.result.plan_violations
+    for record in records:
+        if record.action == "kept":
+            index = next(r.index for r in reports if r.message_id == record.message_id)
+            batch.result.rejected.append(
+                Rejection(index, "plan_violation", detail, "properties", record.message_id)
+            )
 
 
 def _unplanned_name(ev: Event, key: str, scrubber: EventScrubber, pseudonymiser: Pseudonymiser) -> str:

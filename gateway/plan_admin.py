@@ -7,10 +7,16 @@ gateway runs now, claims its message id (a replay of an event already delivered 
 duplicate), asks consent again and is stored for delivery. A record is deleted once its
 event went through (accepted, a duplicate, or dropped for lack of consent); an event that
 still breaks the plan keeps its record, updated.
+
+With Redis the records are one store every replica shares: any replica lists, shows and
+replays any replica's records. Two replays of one record (two replicas, or a retry) claim
+the same message id in the shared dedupe window, so the event is delivered once; the
+record's deletion counts once.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from typing import Annotated, Any
 
@@ -20,7 +26,7 @@ from litestar.di import NamedDependency
 from litestar.exceptions import NotFoundException
 from litestar.params import FromPath, FromQuery, JSONBody, QueryParameter
 
-from export.violations import SqliteViolations, ViolationRecord
+from export.violations import ViolationRecord, ViolationStore
 from gateway.admin.deps import ADMIN_DEPENDENCIES, READ_ERRORS, WRITE_ERRORS, AdminServices, log_access
 from gateway.auth import Officer, admin_guard, roles
 from gateway.config import Config, ResolvedSource
@@ -43,6 +49,15 @@ class ReplayRequest(msgspec.Struct, forbid_unknown_fields=True):
     all: bool = False  # every record of the tenant
 
 
+class ReplayedRecord(msgspec.Struct, rename="camel"):
+    """What became of one record: ``outcome`` names the ``ReplayOutcome`` count it went to."""
+
+    id: str
+    message_id: str
+    event: str
+    outcome: str
+
+
 class ReplayOutcome(msgspec.Struct):
     replayed: int = 0  # went through: stored for delivery
     duplicates: int = 0  # already delivered under the same message id
@@ -50,6 +65,13 @@ class ReplayOutcome(msgspec.Struct):
     still_violating: int = msgspec.field(default=0, name="stillViolating")
     rejected: int = 0  # refused by another stage: record kept
     unknown_source: int = msgspec.field(default=0, name="unknownSource")
+    records: list[ReplayedRecord] = []  # per record, in the order replayed
+
+    def count(self, record: ViolationRecord, outcome: str) -> None:
+        """One more record with ``outcome`` (a count's JSON name)."""
+        field = {"stillViolating": "still_violating", "unknownSource": "unknown_source"}.get(outcome, outcome)
+        setattr(self, field, getattr(self, field) + 1)
+        self.records.append(ReplayedRecord(record.id, record.message_id, record.event, outcome))
 
 
 def _source(config: Config, tenant: str, source: str) -> ResolvedSource | None:
@@ -62,7 +84,7 @@ def _source(config: Config, tenant: str, source: str) -> ResolvedSource | None:
 
 
 async def replay_records(
-    ingestor: Ingestor, config: Config, store: SqliteViolations, records: list[ViolationRecord]
+    ingestor: Ingestor, config: Config, store: ViolationStore, records: list[ViolationRecord]
 ) -> ReplayOutcome:
     runner = Ingestor(
         # a replayed event was counted for coverage when it first came
@@ -75,7 +97,7 @@ async def replay_records(
     for record in records:
         src = _source(config, record.tenant, record.source)
         if src is None:
-            outcome.unknown_source += 1
+            outcome.count(record, "unknownSource")
             continue
         env = Envelope(
             event=_decode_event(record.payload),
@@ -87,27 +109,28 @@ async def replay_records(
         )
         result = await runner.ingest(src, [env], IngestResult(received=1))
         if result.accepted and any(r.action == "omitted" for r in result.plan_violations):
-            outcome.replayed += 1  # went out without some properties: the record (updated) keeps them
+            # went out without some properties: the record (updated) keeps them
+            outcome.count(record, "replayed")
             continue
         if result.accepted:
-            outcome.replayed += 1
+            outcome.count(record, "replayed")
         elif result.duplicates:
-            outcome.duplicates += 1
+            outcome.count(record, "duplicates")
         elif result.dropped:
-            outcome.dropped += 1
+            outcome.count(record, "dropped")
         elif any(r.action == "kept" for r in result.plan_violations):
-            outcome.still_violating += 1
+            outcome.count(record, "stillViolating")
             continue
         else:
-            outcome.rejected += 1
+            outcome.count(record, "rejected")
             continue
         done.append(record.id)
-    store.delete(done)
+    await asyncio.to_thread(store.delete, done)
     return outcome
 
 
-def _store(request: Request[Any, Any, Any]) -> SqliteViolations:
-    store: SqliteViolations = request.app.state.violations
+def _store(request: Request[Any, Any, Any]) -> ViolationStore:
+    store: ViolationStore = request.app.state.violations
     return store
 
 
@@ -136,9 +159,9 @@ class PlanViolationsController(Controller):
         """Operator role. Summaries (rule, property path, detail; no payload) and counts per event."""
         services.tokens.check_tenant(officer, tenant)
         store = _store(request)
-        records = [r.summary() for r in store.list(tenant, limit, event)]
+        records = [r.summary() for r in await asyncio.to_thread(store.list, tenant, limit, event)]
         await log_access(services, officer, "plan.violations.list", tenant, {"event": event}, len(records))
-        return {"counts": store.counts(tenant), "violations": records}
+        return {"counts": await asyncio.to_thread(store.counts, tenant), "violations": records}
 
     @get("/{record_id:str}", responses=_SHOW_ERRORS, summary="One kept event", opt=roles("operator"))
     async def show_violation(
@@ -149,7 +172,7 @@ class PlanViolationsController(Controller):
         record_id: FromPath[str],
     ) -> dict[str, Any]:
         """Operator role. The record with its event as stored (pseudonymised, scrubbed)."""
-        record = _store(request).get(record_id)
+        record = await asyncio.to_thread(_store(request).get, record_id)
         if record is None:
             raise NotFoundException(detail=f"no violation record {record_id!r}")
         services.tokens.check_tenant(officer, record.tenant)
@@ -175,13 +198,13 @@ class PlanViolationsController(Controller):
         services.tokens.check_tenant(officer, data.tenant)
         store = _store(request)
         if data.ids:
-            records = [
-                r for r in (store.get(i) for i in data.ids) if r is not None and r.tenant == data.tenant
-            ]
+            found = await asyncio.to_thread(lambda: [store.get(i) for i in data.ids])
+            records = [r for r in found if r is not None and r.tenant == data.tenant]
             if len(records) != len(data.ids):
                 raise InvalidRequest("invalid_field", "unknown violation record id for this tenant", "ids")
         elif data.all:
-            records = store.list(data.tenant, limit=1_000_000, action="kept")  # omitted ones went out
+            # omitted ones went out
+            records = await asyncio.to_thread(store.list, data.tenant, 1_000_000, None, "kept")
         else:
             raise InvalidRequest("invalid_field", "name record ids, or set all", "ids")
         outcome = await replay_records(request.app.state.ingest.ingestor, services.config, store, records)

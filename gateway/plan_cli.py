@@ -1,6 +1,6 @@
 """``idgate plan``: a launch check of a sample of events against a tenant's plan (``check``),
-the events it blocked or altered (``violations``), its coverage (``coverage``) and plans
-brought from other tools (``import``)."""
+the events it blocked or altered (``violations``, the same command as ``idgate violations
+list``), its coverage (``coverage``) and plans brought from other tools (``import``)."""
 
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ from pathlib import Path
 
 import click
 
-from export.violations import SqliteViolations
 from gateway.config import ConfigProblems, load_config
 from gateway.plan import SampleReport, TrackingPlan, plan_for
 from gateway.plan_import import FORMATS
 from gateway.plan_monitor import coverage, coverage_lines
+from gateway.violations_cli import DATA_DIR, violation_file, violations_list
 
 
 @click.group("plan")
@@ -39,21 +39,6 @@ def _tenant_plan(config_path: Path, tenant: str | None) -> tuple[str, TrackingPl
         )
         sys.exit(2)
     return tenants[0].id, found
-
-
-def _violation_store(data_dir: Path | None) -> SqliteViolations:
-    from gateway.settings import data_dir_from_env
-
-    path = data_dir_from_env(data_dir) / "violations.sqlite3"
-    if not path.exists():
-        click.echo(f"idgate: no violation store at {path} (set IDGATE_DATA_DIR)", err=True)
-        sys.exit(2)
-    return SqliteViolations(path)
-
-
-DATA_DIR = click.option(
-    "--data-dir", type=click.Path(path_type=Path), default=None, help="Default: $IDGATE_DATA_DIR, else ./var."
-)
 
 
 @plan.command("check")
@@ -87,31 +72,8 @@ def plan_check(config_path: Path, tenant: str | None, events_path: Path, as_json
     sys.exit(1 if report.valid < report.checked else 0)
 
 
-@plan.command("violations")
-@DATA_DIR
-@click.option("--tenant", default=None)
-@click.option("--event", default=None, help="A plan event id, or unplanned.")
-@click.option("--limit", type=click.IntRange(1, 1_000_000), default=100)
-@click.option("--json", "as_json", is_flag=True, help="One JSON object: counts and records.")
-def plan_violations(
-    data_dir: Path | None, tenant: str | None, event: str | None, limit: int, as_json: bool
-) -> None:
-    """List the events the plan blocked (replay them with POST /admin/plan/violations/replay
-    on the running gateway after a fix) or omitted properties of."""
-    store = _violation_store(data_dir)
-    try:
-        counts = store.counts(tenant)
-        records = [r.summary() for r in store.list(tenant, limit, event)]
-    finally:
-        store.close()
-    if as_json:
-        click.echo(json.dumps({"counts": counts, "violations": records}, sort_keys=True))
-        return
-    click.echo(f"{sum(counts.values())} records: " + ", ".join(f"{e} {n}" for e, n in sorted(counts.items())))
-    for r in records:
-        rules = "; ".join(f"{v['rule']} {v['path']}" for v in r["violations"])
-        where = f"{r['tenant']}/{r['source']}"
-        click.echo(f"{r['id']:>8}  {where}  {r['event']}  {r['action']}  {r['messageId']}  {rules}")
+# the listing's older name, the same command
+plan.add_command(violations_list, "violations")
 
 
 @plan.command("coverage")
@@ -137,7 +99,7 @@ def plan_coverage(config_path: Path, tenant: str | None, data_dir: Path | None, 
         finally:
             client.close()
     else:
-        store = _violation_store(data_dir)
+        store = violation_file(data_dir)
         try:
             counts = store.seen(tenant_id)
         finally:

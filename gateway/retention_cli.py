@@ -51,8 +51,7 @@ async def _stores(settings: Settings, config: Config, *, signing: bool) -> Async
     from consent.ledger import Ledger
     from consent.proofs import DeliveryProofs
     from consent.signing import InvalidLedgerKey
-    from export.violations import SqliteViolations
-    from gateway.delivery_setup import open_dead_letters, open_outbox, redis_options
+    from gateway.delivery_setup import open_dead_letters, open_outbox, open_violations, redis_options
 
     if settings.outbox_kind == "sqlite" and not settings.outbox_path.exists():
         fail(f"no outbox at {settings.outbox_path} (set IDGATE_DATA_DIR)")
@@ -71,8 +70,9 @@ async def _stores(settings: Settings, config: Config, *, signing: bool) -> Async
     outbox = open_outbox(settings, config.limits.dedupe_window_seconds, redis_client)
     dead_letters = open_dead_letters(settings)
     proofs = DeliveryProofs(engine)
-    violations_path = settings.data_dir / "violations.sqlite3"  # the tracking plan's (gateway.app)
-    violations = SqliteViolations(violations_path) if violations_path.exists() else None
+    # the tracking plan's (gateway.app): shared in Redis, else this data dir's file if any
+    has_store = settings.redis_url or (settings.data_dir / "violations.sqlite3").exists()
+    violations = open_violations(settings) if has_store else None
     try:
         if settings.outbox_kind == "redis":
             # the backlog counters of every destination move with what is deleted

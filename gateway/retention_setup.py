@@ -21,7 +21,7 @@ from consent.retention import RetentionRun, expire_consent_side, record_run
 from export.deadletter import DeadLetterStore
 from export.outbox import Outbox
 from export.retention import EXPORT_STORES, DestinationPeriod, cutoff, destination_days, expire_export_side
-from export.violations import SqliteViolations
+from export.violations import ViolationStore
 from gateway.config import Config, Tenant
 
 log = structlog.get_logger(__name__)
@@ -45,8 +45,8 @@ class RetentionStores:
     access_log: AccessLog
     ledger: Ledger
     sink_dir: Path
-    # the tracking plan's violation records (this replica's store)
-    violations: SqliteViolations | None = None
+    # the tracking plan's violation records (this replica's file, or Redis: shared)
+    violations: ViolationStore | None = None
 
 
 def tenant_periods(tenant: Tenant) -> list[DestinationPeriod]:

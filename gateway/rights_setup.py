@@ -26,7 +26,7 @@ from consent.service import ConsentService
 from export.deadletter import DeadLetterStore
 from export.delivery import DeliveryService
 from export.outbox import Outbox
-from export.violations import SqliteViolations
+from export.violations import ViolationStore
 from gateway.config import Config, RightsConfig
 from gateway.rate_limits import RateLimiter
 from identity.identifiers import Identifier, node_type, node_value
@@ -108,10 +108,11 @@ def event_purge(identity: IdentityService, outbox: Outbox, dead_letters: DeadLet
     return purge
 
 
-def violation_purge(identity: IdentityService, violations: SqliteViolations) -> DeletionStep:
+def violation_purge(identity: IdentityService, violations: ViolationStore) -> DeletionStep:
     """The person's events the tracking plan kept (``block``) or trimmed (``omit``): the
-    violation records naming their pseudonyms. Each replica keeps its own store: the others
-    follow this step in the ledger (``follow_sink_purges``)."""
+    violation records naming their pseudonyms. With a shared store (Redis) this removes them
+    for every replica; a replica's own store (SQLite) is followed by the others from the
+    ledger (``follow_sink_purges``)."""
 
     async def purge(tenant: str, nodes: Sequence[str]) -> Mapping[str, int]:
         keys = {node_value(n) for n in nodes}
@@ -140,14 +141,16 @@ async def follow_sink_purges(
     config: Config,
     marker: Path,
     seconds: float = 2.0,
-    violations: SqliteViolations | None = None,
+    violations: ViolationStore | None = None,
 ) -> None:
-    """Distributed mode: every replica writes its own sink files and keeps its own violation
-    records, so each applies the ``file_sinks`` and ``plan_violations`` steps of deletions
-    carried out on any replica (the ledger's records after this replica's ``marker``, a file
-    beside its sinks) to its own. Idempotent: the replica that carried out the request finds
-    nothing more."""
+    """Distributed mode: every replica writes its own sink files, so each applies the
+    ``file_sinks`` steps of deletions carried out on any replica (the ledger's records after
+    this replica's ``marker``, a file beside its sinks) to its own; likewise the
+    ``plan_violations`` steps when its violation store is its own (a shared one lost the
+    records in the step itself: following it again would only scan it on every replica).
+    Idempotent: the replica that carried out the request finds nothing more."""
     destinations = tenant_destinations(config)
+    own_violations = violations if violations is not None and not violations.shared else None
     after = int(marker.read_text()) if marker.exists() else 0
     while True:
         full = False
@@ -157,9 +160,9 @@ async def follow_sink_purges(
             )
             for r in page:
                 detail = r.detail or {}
-                if detail.get("step") == VIOLATIONS_STEP and violations is not None:
+                if detail.get("step") == VIOLATIONS_STEP and own_violations is not None:
                     nodes = {node_value(n) for n in r.identifiers or ()}
-                    gone = await asyncio.to_thread(violations.purge_person, r.tenant, nodes)
+                    gone = await asyncio.to_thread(own_violations.purge_person, r.tenant, nodes)
                     if gone:
                         request_id = detail.get("request_id")
                         log.info("rights.violation_purge_followed", request_id=request_id, records=gone)
@@ -212,7 +215,7 @@ def _ms(ms: int) -> str:
 
 
 def holdings_of(
-    config: Config, outbox: Outbox, dead_letters: DeadLetterStore, violations: SqliteViolations | None = None
+    config: Config, outbox: Outbox, dead_letters: DeadLetterStore, violations: ViolationStore | None = None
 ) -> HoldingsOf:
     """The events held on a person (outbox, dead letters, the tracking plan's violation
     records) and the destinations that received their data (the per-destination person
@@ -263,7 +266,8 @@ def holdings_of(
     return holdings
 
 
-# The deletion step of the tracking plan's violation records (each replica follows it).
+# The deletion step of the tracking plan's violation records (followed by each replica that
+# keeps its own).
 VIOLATIONS_STEP = "plan_violations"
 
 # What a deletion does not reach: it completes as ``partly_done`` naming it (none left: the
@@ -312,7 +316,7 @@ def open_rights(
     delivery: DeliveryService,
     limiter: RateLimiter,
     receipts: DeletionReceipts | None = None,
-    violations: SqliteViolations | None = None,
+    violations: ViolationStore | None = None,
 ) -> RightsService:
     # In this order (consent is withdrawn and the person suppressed first, by the service):
     # the destinations holding the person are read from their person index; the held events

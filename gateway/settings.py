@@ -134,6 +134,9 @@ class Settings:
     checkpoint_seconds: float
     # Backpressure: past this many undelivered events ingest answers 503 with Retry-After.
     outbox_max_pending: int = 1_000_000
+    # With Redis: the tracking plan's violation records one tenant may keep there (past it a
+    # blocked event is rejected to its client instead of kept).
+    violations_max_records: int = 100_000
     # "sqlite" (embedded) or "redis" (a Redis stream shared by every replica).
     outbox_kind: Literal["sqlite", "redis"] = "sqlite"
     # This process's consumer name on the shared outbox: unique and stable per replica.
@@ -247,6 +250,7 @@ class Settings:
             gil_switch_interval_seconds=_env_int("IDGATE_GIL_SWITCH_US", 200) / 1_000_000,
             checkpoint_seconds=max(1, _env_int("IDGATE_CHECKPOINT_SECONDS", 300)),
             outbox_max_pending=max(1, _env_int("IDGATE_OUTBOX_MAX_PENDING", 1_000_000)),
+            violations_max_records=max(1, _env_int("IDGATE_VIOLATIONS_MAX_RECORDS", 100_000)),
             outbox_kind=outbox_kind,  # type: ignore[arg-type]
             replica_id=replica_id,
             claim_idle_ms=max(100, _env_int("IDGATE_CLAIM_IDLE_MS", 30_000)),

@@ -27,7 +27,7 @@ import sqlalchemy as sa
 
 from consent.models import AccessLogEntry, DeliveryProof
 from export.outbox import OutboxRecord
-from export.violations import PlanFinding, SqliteViolations, ViolationRecord
+from export.violations import PlanFinding, RedisViolations, SqliteViolations, ViolationRecord, ViolationStore
 from identity.db import make_engine
 from tests.conftest import (
     COMPLIANCE_TOKEN,
@@ -201,9 +201,15 @@ class Planted:
             )
             db.execute("INSERT INTO dedupe(key, seen_at_ms) VALUES (?, ?)", (record.message_id, ms))
 
+    def violations(self) -> ViolationStore:
+        """The tracking plan's records: shared in Redis, else the gateway's file."""
+        if self.distributed:
+            return RedisViolations(self.redis(), self.prefix)
+        return SqliteViolations(self.gw.data_dir / "violations.sqlite3")
+
     def _plant_violation(self, record: OutboxRecord) -> None:
-        """An event the tracking plan kept (each replica's own store)."""
-        store = SqliteViolations(self.gw.data_dir / "violations.sqlite3")
+        """An event the tracking plan kept."""
+        store = self.violations()
         found = (PlanFinding("required", "properties.sku", "required property missing"),)
         store.keep(
             [
@@ -264,7 +270,7 @@ class Planted:
                     p for (p,) in db.execute("SELECT unified_id FROM delivered_person")
                 )
                 held["dedupe"] = found(k for (k,) in db.execute("SELECT key FROM dedupe"))
-        kept = SqliteViolations(self.gw.data_dir / "violations.sqlite3")
+        kept = self.violations()
         held["plan_violations"] = found(v.message_id for v in kept.list("mall", limit=1000))
         kept.close()
         with self.consent_engine().connect() as conn:

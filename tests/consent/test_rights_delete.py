@@ -38,7 +38,7 @@ from tests.conftest import (
     postgres_schema,
 )
 from tests.consent.test_rights import bearer, ledger_records, login, open_request, send, tag
-from tests.gateway.test_tracking_plan import plan_config, seed_plan
+from tests.gateway.test_tracking_plan import fix_plan, plan_config, product_added, seed_plan
 from tests.receivers import Receiver
 from tests.waiting import wait_until
 
@@ -488,34 +488,93 @@ def test_the_tracking_plans_records_of_a_person_are_in_the_bundle_and_go_with_th
 
 @pytest.mark.postgres
 @pytest.mark.redis
-def test_every_replica_purges_its_own_plan_violation_records(
-    tmp_path: Path, redis_ns: RedisNamespace
-) -> None:
-    """Each replica keeps the events its plan blocked in its own store: a deletion carried out
-    on one is followed by the other (its ``plan_violations`` step in the shared ledger)."""
+def test_replicas_share_the_plan_violation_records(tmp_path: Path, redis_ns: RedisNamespace) -> None:
+    """Distributed mode: the events the plan blocked are one store in Redis. A record kept on
+    replica a is listed (API and CLI) and replayed from replica b; replaying the same message
+    id again, from any replica, is a duplicate; a deletion carried out on b removes the
+    record a kept, in its own step (per-replica stores found none there)."""
     with ExitStack() as stack:
         schema = stack.enter_context(postgres_schema("rdelv"))
         env = {"DATABASE_URL": schema.url, **SHARED_KEYS, **redis_ns.env()}
-        config = plan_config(seed_plan(tmp_path), "enforce")
+        plan = seed_plan(tmp_path)
+        config = plan_config(plan, "enforce")
         a = make_gateway(tmp_path / "a", config=config, extra_env=env).start()
         stack.callback(a.stop)
         b = make_gateway(tmp_path / "b", config=config, extra_env=env).start()
         stack.callback(b.stop)
+        operator = bearer(OPERATOR_TOKEN)
+
+        def listed(gw: Gateway) -> dict[str, Any]:
+            r = httpx.get(f"{gw.url}/admin/plan/violations/", params={"tenant": "shop"}, headers=operator)
+            assert r.status_code == 200, r.text
+            return dict(r.json())
+
+        def replay(gw: Gateway, ids: list[str]) -> dict[str, Any]:
+            r = httpx.post(
+                f"{gw.url}/admin/plan/violations/replay",
+                json={"tenant": "shop", "ids": ids},
+                headers=operator,
+                timeout=30,
+            )
+            assert r.status_code == 200, r.text
+            return dict(r.json())
+
+        bad = product_added("9.90")
+        sent = httpx.post(f"{a.url}/v1/batch", json={"batch": [bad]}, auth=(WEB_KEY, ""), timeout=10).json()
+        assert sent["accepted"] == 0 and sent["planViolations"][0]["action"] == "kept", sent
+        on_b = listed(b)
+        assert on_b["counts"] == {"product_added": 1}
+        [record] = on_b["violations"]
+        assert record["messageId"] == bad["messageId"]
+        shown = httpx.get(f"{b.url}/admin/plan/violations/{record['id']}", headers=operator)
+        assert shown.status_code == 200 and shown.json()["event"]["properties"]["price"] == "9.90"
+        cli = idgate(b, "plan", "violations", "--tenant", "shop", "--json")
+        assert cli.returncode == 0, cli.stderr
+        assert [v["messageId"] for v in json.loads(cli.stdout)["violations"]] == [bad["messageId"]]
+        assert not (b.data_dir / "violations.sqlite3").exists()  # nothing kept per replica
+
+        fix_plan(plan)
+        b.stop()
+        b.start()  # b runs the fixed plan; a still the old one
+        assert replay(b, [record["id"]])["replayed"] == 1
+
+        def delivered() -> list[str]:  # either replica may deliver (one shared outbox)
+            return [
+                e["messageId"] for gw in (a, b) for e in gw.sink_lines() if e["messageId"] == bad["messageId"]
+            ]
+
+        wait_until(lambda: delivered() == [bad["messageId"]], 30, what="the replayed event delivered")
+        assert listed(a)["counts"] == {}  # gone for a too
+        # the client retries the bad event to a (old plan): kept again; replayed from b it is
+        # a duplicate of the event delivered, and its record goes
+        retried = httpx.post(f"{a.url}/v1/batch", json={"batch": [bad]}, auth=(WEB_KEY, ""), timeout=10)
+        assert retried.json()["planViolations"][0]["action"] == "kept", retried.text
+        [again] = listed(b)["violations"]
+        assert replay(b, [again["id"]])["duplicates"] == 1
+        assert listed(a)["counts"] == {}
+        later = product_added(1)  # the duplicate was never appended; delivery went on past it
+        httpx.post(f"{b.url}/v1/batch", json={"batch": [later]}, auth=(WEB_KEY, ""), timeout=10)
+        wait_until(
+            lambda: later["messageId"] in {e["messageId"] for gw in (a, b) for e in gw.sink_lines()},
+            30,
+            what="a later event delivered",
+        )
+        assert delivered() == [bad["messageId"]]  # once
+        unknown = httpx.post(
+            f"{a.url}/admin/plan/violations/replay",
+            json={"tenant": "shop", "ids": [again["id"]]},
+            headers=operator,
+            timeout=30,
+        )
+        assert unknown.status_code == 400 and unknown.json()["field"] == "ids", unknown.text
+
+        # a person's record kept on a, deleted by a request carried out on b: once
         user = f"canary-planrep-{tag()}"
         props = {"product_id": "sku-1", "price": "12", "quantity": 1}
-        blocked = send(b, WEB_KEY, "track", userId=user, event="Product Added", properties=props)
+        blocked = send(a, WEB_KEY, "track", userId=user, event="Product Added", properties=props)
         assert blocked["accepted"] == 0, blocked
-
-        def held_by_b() -> list[str]:
-            store = sqlite3.connect(b.data_dir / "violations.sqlite3")
-            try:
-                return [m for (m,) in store.execute("SELECT message_id FROM plan_violation")]
-            finally:
-                store.close()
-
-        assert held_by_b() == [blocked["messageId"]]
-        r = open_request(a, tenant="shop", kind="delete", subject={"type": "user_id", "id": user})
+        assert [v["messageId"] for v in listed(b)["violations"]] == [blocked["messageId"]]
+        r = open_request(b, tenant="shop", kind="delete", subject={"type": "user_id", "id": user})
         assert r.status_code == 201, r.text
-        assert {s["step"]: s for s in r.json()["steps"]}["plan_violations"]["records_removed"] == 0  # a's own
-        wait_until(lambda: held_by_b() == [], 30, what="b's record of the person gone")
-        assert "rights.violation_purge_followed" in b.log_text()
+        assert {s["step"]: s for s in r.json()["steps"]}["plan_violations"]["records_removed"] == 1
+        assert listed(a)["counts"] == {} and listed(b)["counts"] == {}

@@ -1,7 +1,8 @@
 """The distributed mode on a Redis Cluster (three masters, tests.conftest.redis_cluster) and
 PostgreSQL, over real HTTP: dedupe, consent, KPI sketches, the Redis outbox to a sink, rate
-limits, console sessions. The cluster client refuses any script or MULTI whose keys are not
-in one slot, so each of these paths passing is the layout checked end to end."""
+limits, console sessions, the tracking plan's violation records. The cluster client refuses
+any script or MULTI whose keys are not in one slot, so each of these paths passing is the
+layout checked end to end."""
 
 from __future__ import annotations
 
@@ -15,13 +16,16 @@ from identity.redis_client import open_redis
 from tests.conftest import (
     APP_KEY,
     MALL_WEB_KEY,
+    OPERATOR_TOKEN,
     WEB_KEY,
     PostgresSchema,
     RedisNamespace,
     make_gateway,
     mid,
 )
+from tests.consent.test_rights import open_request
 from tests.console.conftest import assert_replicas_share_sessions
+from tests.gateway.test_tracking_plan import plan_config, product_added, seed_plan
 from tests.monitoring.test_kpis_http import kpis, seed_events, send
 from tests.security.test_rate_limits import limited_config
 from tests.waiting import wait_until
@@ -125,3 +129,41 @@ def test_console_sessions_on_a_redis_cluster(
 ) -> None:
     """Two replicas share an officer's console session through the cluster."""
     assert_replicas_share_sessions(tmp_path, {**cluster_ns.env(), "DATABASE_URL": pg_schema.url})
+
+
+def test_tracking_plan_violation_records_on_a_redis_cluster(
+    tmp_path: Path, pg_schema: PostgresSchema, cluster_ns: RedisNamespace
+) -> None:
+    """The shared violation store's scripts (keep, replace, delete) each in one slot: a
+    blocked event is kept, listed, shown, replayed while still violating (its record
+    replaced), and removed by a deletion request."""
+    env = {**cluster_ns.env(), "DATABASE_URL": pg_schema.url}
+    gw = make_gateway(tmp_path, config=plan_config(seed_plan(tmp_path), "enforce"), extra_env=env).start()
+    operator = {"Authorization": f"Bearer {OPERATOR_TOKEN}"}
+    try:
+        user = f"canary-cluster-{uuid.uuid4().hex[:8]}"
+        blocked = {**product_added("12"), "userId": user}
+        sent = httpx.post(gw.url + "/v1/batch", json={"batch": [blocked]}, auth=(WEB_KEY, ""), timeout=10)
+        assert sent.json()["planViolations"][0]["action"] == "kept", sent.text
+        listed = httpx.get(gw.url + "/admin/plan/violations/", params={"tenant": "shop"}, headers=operator)
+        assert listed.json()["counts"] == {"product_added": 1}, listed.text
+        [record] = listed.json()["violations"]
+        shown = httpx.get(f"{gw.url}/admin/plan/violations/{record['id']}", headers=operator)
+        assert shown.status_code == 200 and shown.json()["messageId"] == blocked["messageId"], shown.text
+        replayed = httpx.post(
+            gw.url + "/admin/plan/violations/replay",
+            json={"tenant": "shop", "ids": [record["id"]]},
+            headers=operator,
+            timeout=30,
+        )
+        assert replayed.json()["stillViolating"] == 1, replayed.text
+        again = httpx.get(gw.url + "/admin/plan/violations/", params={"tenant": "shop"}, headers=operator)
+        assert [v["id"] for v in again.json()["violations"]] == [record["id"]]  # replaced, same id
+        deleted = open_request(gw, tenant="shop", kind="delete", subject={"type": "user_id", "id": user})
+        assert deleted.status_code == 201, deleted.text
+        assert {s["step"]: s for s in deleted.json()["steps"]}["plan_violations"]["records_removed"] == 1
+        left = httpx.get(gw.url + "/admin/plan/violations/", params={"tenant": "shop"}, headers=operator)
+        assert left.json()["counts"] == {}, left.text
+    finally:
+        gw.stop()
+    assert "CROSSSLOT" not in gw.log_text() and "same slot" not in gw.log_text()

@@ -90,10 +90,8 @@ def test_the_choices_purposes_and_identity_defaults_are_the_codes() -> None:
 
 
 def test_every_environment_variable_is_documented() -> None:
-    code = "".join(
-        (ROOT / p).read_text(encoding="utf-8")
-        for p in ("gateway/settings.py", "gateway/cli.py", "consent/cli.py")
-    )
+    paths = [ROOT / "gateway/settings.py", ROOT / "consent/cli.py", *(ROOT / "gateway").glob("*cli.py")]
+    code = "".join(p.read_text(encoding="utf-8") for p in paths)
     read = set(re.findall(r'"((?:IDGATE_|REDIS_|DATABASE_)[A-Z_]*)"', code))
     assert "IDGATE_ENV" in read and "DATABASE_URL" in read
     table = {m for m in re.findall(r"^\| `([A-Z_]+)` \|", DOC, flags=re.MULTILINE)}

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import sqlite3
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -21,6 +22,7 @@ from tests.conftest import (
     MALL_WEB_KEY,
     OPERATOR_TOKEN,
     ROOT,
+    SHARED_KEYS,
     TEST_CONFIG,
     WEB_KEY,
     Gateway,
@@ -291,11 +293,37 @@ def test_enforce_keeps_violations_then_replays_them_after_the_plan_is_fixed(
     assert again.status_code == 200, again.text
     assert again.json()["stillViolating"] == 2
 
-    # product_added's price may be a decimal string now; the unplanned event is planned
+    fix_plan(plan)
+    gw.stop()
+    gw.start()
+    replayed = admin(gw, "POST", "/admin/plan/violations/replay", json={"tenant": "shop", "all": True})
+    assert replayed.json() == {
+        "replayed": 2,
+        "duplicates": 0,
+        "dropped": 0,
+        "stillViolating": 0,
+        "rejected": 0,
+        "unknownSource": 0,
+        "records": [  # what became of each, in id order
+            {"id": v["id"], "messageId": v["messageId"], "event": v["event"], "outcome": "replayed"}
+            for v in body["violations"]
+        ],
+    }
+    assert [r["messageId"] for r in replayed.json()["records"]] == [bad["messageId"], unplanned["messageId"]]
+    found = gw.wait_for_sink({bad["messageId"], unplanned["messageId"]})
+    assert {e["messageId"] for e in found} == {bad["messageId"], unplanned["messageId"]}
+    assert admin(gw, "GET", "/admin/plan/violations/", params={"tenant": "shop"}).json()["counts"] == {}
+    # the client's retry after the replay is a duplicate, not a second delivery
+    assert batch(gw, bad)["duplicates"] == 1
+
+
+def fix_plan(plan: Path) -> None:
+    """The fix a team ships: product_added's price may be a decimal string now, the
+    unplanned "Wishlist Shared" is planned, and the version is raised, as a fix must."""
     head, tail = plan.read_text().split("  product_added:\n", 1)
     fixed = '      price: {class: financial, type: [number, string], pattern: "^[0-9]+(\\\\.[0-9]+)?$"}\n'
     assert PRICE_RULE in tail
-    text = re.sub(  # raise the version, as a fix must
+    text = re.sub(
         r"^version: (\d+)$",
         lambda m: f"version: {int(m[1]) + 1}",
         head + "  product_added:\n" + tail.replace(PRICE_RULE, fixed, 1),
@@ -307,22 +335,6 @@ def test_enforce_keeps_violations_then_replays_them_after_the_plan_is_fixed(
         '    purposes: [analytics]\n    legal_basis: consent\n    segment: ["Wishlist Shared"]\n'
     )
     plan.write_text(text)
-    gw.stop()
-    gw.start()
-    replayed = admin(gw, "POST", "/admin/plan/violations/replay", json={"tenant": "shop", "all": True})
-    assert replayed.json() == {
-        "replayed": 2,
-        "duplicates": 0,
-        "dropped": 0,
-        "stillViolating": 0,
-        "rejected": 0,
-        "unknownSource": 0,
-    }
-    found = gw.wait_for_sink({bad["messageId"], unplanned["messageId"]})
-    assert {e["messageId"] for e in found} == {bad["messageId"], unplanned["messageId"]}
-    assert admin(gw, "GET", "/admin/plan/violations/", params={"tenant": "shop"}).json()["counts"] == {}
-    # the client's retry after the replay is a duplicate, not a second delivery
-    assert batch(gw, bad)["duplicates"] == 1
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -483,3 +495,59 @@ def test_replicas_share_the_live_tail_and_the_coverage_counts(
     finally:
         a.stop()
         b.stop()
+
+
+@pytest.mark.redis
+def test_past_the_shared_stores_bound_a_blocked_event_is_rejected_to_its_client(
+    tmp_path: Path, redis_ns: RedisNamespace
+) -> None:
+    """With Redis a tenant's violation records are bounded (IDGATE_VIOLATIONS_MAX_RECORDS):
+    past it a blocked event is not lost silently but rejected, so its client still holds it;
+    a retry of a record already kept replaces it as before."""
+    env = {**redis_ns.env(), "IDGATE_VIOLATIONS_MAX_RECORDS": "1"}
+    gw = make_gateway(tmp_path, config=plan_config(seed_plan(tmp_path), "enforce"), extra_env=env).start()
+    try:
+        first, second = product_added("1"), product_added("2")
+        out = batch(gw, first, second, product_added(3))
+        assert out["accepted"] == 1
+        assert [(r["index"], r["messageId"]) for r in out["rejected"]] == [(1, second["messageId"])], out
+        assert out["rejected"][0]["error"] == "plan_violation"
+        assert "violation store is full" in out["rejected"][0]["detail"]
+        listed = admin(gw, "GET", "/admin/plan/violations/", params={"tenant": "shop"}).json()
+        assert [v["messageId"] for v in listed["violations"]] == [first["messageId"]]
+        assert batch(gw, first)["rejected"] == []
+        assert "plan.violation_store_full" in gw.log_text()
+    finally:
+        gw.stop()
+
+
+@pytest.mark.redis
+def test_a_gateway_joining_the_distributed_mode_moves_its_records_into_redis(
+    tmp_path: Path, redis_ns: RedisNamespace
+) -> None:
+    """Records a gateway kept in its own file before it had REDIS_URL are moved into the
+    shared store at its next start, not left where listing, replay and deletions no longer
+    look."""
+    config = plan_config(seed_plan(tmp_path), "enforce")
+    gw = make_gateway(tmp_path, config=config, extra_env=SHARED_KEYS)
+    gw.start()
+    try:
+        bad = product_added("9.90")
+        assert batch(gw, bad)["planViolations"][0]["action"] == "kept"
+    finally:
+        gw.stop()
+    gw.env.update(redis_ns.env())
+    gw.start()
+    try:
+        listed = admin(gw, "GET", "/admin/plan/violations/", params={"tenant": "shop"}).json()
+        assert [(v["messageId"], v["id"].startswith("shop.")) for v in listed["violations"]] == [
+            (bad["messageId"], True)
+        ]
+        assert "plan.violations_moved" in gw.log_text()
+        left = sqlite3.connect(gw.data_dir / "violations.sqlite3")
+        try:
+            assert left.execute("SELECT count(*) FROM plan_violation").fetchone() == (0,)
+        finally:
+            left.close()
+    finally:
+        gw.stop()
