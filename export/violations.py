@@ -22,6 +22,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Set as AbstractSet
 from pathlib import Path
 from typing import Any, Final, Protocol
 
@@ -59,13 +60,11 @@ class ViolationRecord(msgspec.Struct, frozen=True, kw_only=True):
     # findings name (the record holds them)
     action: str = "kept"
 
-    def names_any(self, pseudonyms: Collection[str]) -> bool:
-        """Whether the record holds one of ``pseudonyms`` (an identifier it names, proven or
-        not, or any pseudonym written into its event)."""
-        wanted = set(pseudonyms)
-        return bool(
-            wanted.intersection(self.pseudonyms)
-            or any(i.value in wanted for i in (*self.identifiers, *self.unproven))
+    def names_any(self, wanted: AbstractSet[str]) -> bool:
+        """Whether the record holds one of the ``wanted`` pseudonyms (an identifier it names,
+        proven or not, or any pseudonym written into its event); a scan builds the set once."""
+        return not wanted.isdisjoint(self.pseudonyms) or any(
+            i.value in wanted for i in (*self.identifiers, *self.unproven)
         )
 
     def summary(self) -> dict[str, Any]:
@@ -319,11 +318,13 @@ class SqliteViolations:
         self, tenant: str, pseudonyms: Collection[str], limit: int = 10_000
     ) -> Sequence[ViolationRecord]:
         """The records of a person (an access request): those naming one of ``pseudonyms``."""
-        return [r for r in self._scan(tenant) if r.names_any(pseudonyms)][:limit]
+        wanted = set(pseudonyms)
+        return [r for r in self._scan(tenant) if r.names_any(wanted)][:limit]
 
     def purge_person(self, tenant: str, pseudonyms: Collection[str]) -> int:
         """Delete the records of a person (a deletion request); how many went."""
-        ids = [r.id for r in self._scan(tenant) if r.names_any(pseudonyms)]
+        wanted = set(pseudonyms)
+        ids = [r.id for r in self._scan(tenant) if r.names_any(wanted)]
         return self.delete(ids)
 
     def expire(self, tenant: str, before_ms: int, *, apply: bool) -> int:
@@ -566,7 +567,8 @@ class RedisViolations:
     def find_person(
         self, tenant: str, pseudonyms: Collection[str], limit: int = 10_000
     ) -> Sequence[ViolationRecord]:
-        found = [r for page in self._pages(tenant) for r in page if r.names_any(pseudonyms)]
+        wanted = set(pseudonyms)
+        found = [r for page in self._pages(tenant) for r in page if r.names_any(wanted)]
         return found[:limit]
 
     def purge_person(self, tenant: str, pseudonyms: Collection[str]) -> int:
