@@ -10,6 +10,7 @@ import uuid
 from collections.abc import Iterator
 from email import message_from_bytes
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -97,6 +98,15 @@ def smtp() -> Iterator[tuple[Mailbox, int]]:
     controller.start()
     yield box, port
     controller.stop()
+
+
+def fast_alert_env(clock: Path | None = None, **extra: str) -> dict[str, str]:
+    """Environment for alert tests on compressed time: one-second KPI buckets, rules
+    evaluated every 200 ms and, with ``clock``, the dev clock file the test moves."""
+    env = {"IDGATE_KPI_BUCKET_MS": "1000", "IDGATE_ALERT_INTERVAL_MS": "200", **extra}
+    if clock is not None:
+        env["IDGATE_DEV_CLOCK_FILE"] = str(clock)
+    return env
 
 
 def alert_config(smtp_port: int) -> str:

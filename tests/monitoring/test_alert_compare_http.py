@@ -21,7 +21,7 @@ from tests.conftest import (
     RedisNamespace,
     make_gateway,
 )
-from tests.monitoring.conftest import RobotReceiver, payment_batch
+from tests.monitoring.conftest import RobotReceiver, fast_alert_env, payment_batch
 from tests.waiting import wait_until
 
 pytestmark = pytest.mark.slow
@@ -63,19 +63,19 @@ def send(gw: Gateway, batch: list[dict[str, Any]]) -> None:
     assert r.status_code == 200 and r.json()["received"] == len(batch), r.text
 
 
-def state(gw: Gateway) -> dict[str, Any]:
-    r = httpx.get(
-        f"{gw.url}/admin/kpis",
-        params={"tenant": "mall", "kpi": "payment_success_rate"},
-        headers=ADMIN,
-        timeout=10,
-    )
+def five_seconds(gw: Gateway, kpi_id: str) -> tuple[dict[str, Any], dict[str, Any], str]:
+    """``/admin/kpis`` for one KPI: its 5-bucket (5 s) window, the whole answer, its text."""
+    r = httpx.get(f"{gw.url}/admin/kpis", params={"tenant": "mall", "kpi": kpi_id}, headers=ADMIN, timeout=10)
     assert r.status_code == 200, r.text
     body = r.json()
     (kpi,) = body["kpis"]
+    return next(w for w in kpi["windows"] if round(w["minutes"] * 60) == 5), body, r.text
+
+
+def state(gw: Gateway) -> dict[str, Any]:
+    window, body, text = five_seconds(gw, "payment_success_rate")
     (alert,) = body["alerts"]
-    window = next(w for w in kpi["windows"] if round(w["minutes"] * 60) == 5)
-    return {"window": window["total"], "alert": alert, "text": r.text}
+    return {"window": window["total"], "alert": alert, "text": text}
 
 
 @pytest.mark.parametrize("mode", ["embedded", pytest.param("redis", marks=pytest.mark.redis)])
@@ -84,12 +84,7 @@ def test_a_drop_against_last_week_fires_after_holding_and_resolves(
 ) -> None:
     hook = RobotReceiver()
     clock = tmp_path / "clock"
-    env = {
-        "IDGATE_KPI_BUCKET_MS": "1000",
-        "IDGATE_ALERT_INTERVAL_MS": "200",
-        "IDGATE_DEV_CLOCK_FILE": str(clock),
-        "TEST_HOOK_URL": hook.url,
-    }
+    env = fast_alert_env(clock, TEST_HOOK_URL=hook.url)
     ns: RedisNamespace | None = None
     if mode == "redis":
         ns = request.getfixturevalue("redis_ns")
@@ -174,16 +169,8 @@ def payment_requests(gw: Gateway, key: str, n: int) -> None:
 
 
 def web_payments(gw: Gateway) -> dict[str, Any]:
-    r = httpx.get(
-        f"{gw.url}/admin/kpis",
-        params={"tenant": "mall", "kpi": "payments_requested"},
-        headers=ADMIN,
-        timeout=10,
-    )
-    assert r.status_code == 200, r.text
-    (kpi,) = r.json()["kpis"]
-    window = next(w for w in kpi["windows"] if round(w["minutes"] * 60) == 5)
-    return {"web": window["bySource"]["mall-web"], "total": window["total"], "text": r.text}
+    window, _, text = five_seconds(gw, "payments_requested")
+    return {"web": window["bySource"]["mall-web"], "total": window["total"], "text": text}
 
 
 @pytest.mark.parametrize("mode", ["embedded", pytest.param("redis", marks=pytest.mark.redis)])
@@ -194,12 +181,7 @@ def test_a_rule_on_one_source_compares_it_with_its_own_last_week(
     what it was a week ago, the website's own history is not, and only it is kept."""
     hook = RobotReceiver()
     clock = tmp_path / "clock"
-    env = {
-        "IDGATE_KPI_BUCKET_MS": "1000",
-        "IDGATE_ALERT_INTERVAL_MS": "200",
-        "IDGATE_DEV_CLOCK_FILE": str(clock),
-        "TEST_HOOK_URL": hook.url,
-    }
+    env = fast_alert_env(clock, TEST_HOOK_URL=hook.url)
     if mode == "redis":
         env.update(request.getfixturevalue("redis_ns").env())
     gw = make_gateway(tmp_path / "gw", config=SOURCE_CONFIG, extra_env=env).start()

@@ -23,7 +23,7 @@ from tests.conftest import (
     free_port,
     make_gateway,
 )
-from tests.monitoring.conftest import RobotReceiver, payment_batch
+from tests.monitoring.conftest import RobotReceiver, fast_alert_env, payment_batch
 from tests.waiting import wait_until
 
 pytestmark = pytest.mark.slow
@@ -77,13 +77,11 @@ def history(gw: Gateway, token: str = COMPLIANCE_TOKEN, **params: Any) -> httpx.
 def test_firings_resolutions_and_failed_channels_are_recorded(tmp_path: Path) -> None:
     hook = RobotReceiver()
     clock = tmp_path / "clock"
-    env = {
-        "IDGATE_KPI_BUCKET_MS": "1000",
-        "IDGATE_ALERT_INTERVAL_MS": "200",
-        "IDGATE_DEV_CLOCK_FILE": str(clock),
-        "TEST_HOOK_URL": hook.url,
-        "TEST_DEAD_URL": f"http://127.0.0.1:{free_port()}/hook",  # nothing listens
-    }
+    env = fast_alert_env(
+        clock,
+        TEST_HOOK_URL=hook.url,
+        TEST_DEAD_URL=f"http://127.0.0.1:{free_port()}/hook",  # nothing listens
+    )
     gw = make_gateway(tmp_path / "gw", config=CONFIG, extra_env=env).start()
     try:
         clock.write_text(str(int(time.time()) + 0.5))  # one bucket, standing still

@@ -29,6 +29,7 @@ from tests.monitoring.conftest import (
     Mailbox,
     RobotReceiver,
     alert_config,
+    fast_alert_env,
     payment_batch,
 )
 from tests.waiting import wait_until
@@ -86,15 +87,13 @@ def test_a_payment_success_drop_notifies_once_and_survives_the_evaluator(
 ) -> None:
     ding, feishu = robots
     mailbox, smtp_port = smtp
-    env = {
+    env = fast_alert_env(
         **redis_ns.env(),
-        "IDGATE_KPI_BUCKET_MS": "1000",
-        "IDGATE_ALERT_INTERVAL_MS": "200",
-        "TEST_DINGTALK_URL": ding.url,
-        "TEST_DINGTALK_SECRET": DINGTALK_SECRET,
-        "TEST_FEISHU_URL": feishu.url,
-        "TEST_FEISHU_SECRET": FEISHU_SECRET,
-    }
+        TEST_DINGTALK_URL=ding.url,
+        TEST_DINGTALK_SECRET=DINGTALK_SECRET,
+        TEST_FEISHU_URL=feishu.url,
+        TEST_FEISHU_SECRET=FEISHU_SECRET,
+    )
     config = alert_config(smtp_port)
     gateways = [make_gateway(tmp_path / n, config=config, extra_env=env).start() for n in ("one", "two")]
     one, two = gateways

@@ -13,6 +13,7 @@ import httpx
 import pytest
 
 from tests.conftest import COMPLIANCE_TOKEN, MALL_WEB_KEY, TEST_CONFIG, Gateway, make_gateway, mid
+from tests.monitoring.conftest import fast_alert_env
 from tests.waiting import wait_until
 
 pytestmark = pytest.mark.slow
@@ -68,11 +69,7 @@ def statuses(gw: Gateway, rule: str) -> list[str]:
 
 def test_a_silent_source_and_a_collapse_of_the_analytics_basis(tmp_path: Path) -> None:
     clock = tmp_path / "clock"
-    env = {
-        "IDGATE_KPI_BUCKET_MS": "1000",
-        "IDGATE_ALERT_INTERVAL_MS": "200",
-        "IDGATE_DEV_CLOCK_FILE": str(clock),
-    }
+    env = fast_alert_env(clock)
     gw = make_gateway(tmp_path / "gw", config=CONFIG, extra_env=env).start()
     try:
         clock.write_text(str(int(time.time()) + 0.5))
