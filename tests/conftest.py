@@ -35,7 +35,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -327,6 +327,16 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def jsonl_records(paths: Iterable[Path]) -> list[dict]:
+    """The complete records of JSONL files that a running gateway may be appending to:
+    a last line without its newline is still being written and is left for the next read."""
+    out: list[dict] = []
+    for path in paths:
+        text = path.read_text()
+        out.extend(json.loads(line) for line in text[: text.rfind("\n") + 1].splitlines() if line)
+    return out
+
+
 @dataclass
 class Gateway:
     """A real `idgate serve` process with its own data directory and captured log."""
@@ -403,10 +413,7 @@ class Gateway:
         return r.json()
 
     def sink_lines(self, destination: str = "warehouse") -> list[dict]:
-        out = []
-        for path in sorted((self.data_dir / "sinks" / destination).glob("*.jsonl")):
-            out.extend(json.loads(line) for line in path.read_text().splitlines() if line)
-        return out
+        return jsonl_records(sorted((self.data_dir / "sinks" / destination).glob("*.jsonl")))
 
     def wait_for_sink(
         self, message_ids: set[str], destination: str = "warehouse", timeout: float = 20

@@ -18,7 +18,7 @@ import httpx
 
 from consent.signing import new_ledger_key_b64
 from tests.cli.conftest import Served, ServeFactory, clean_env, idgate
-from tests.conftest import IDGATE, PostgresSchema, RedisNamespace
+from tests.conftest import IDGATE, PostgresSchema, RedisNamespace, jsonl_records
 from tests.waiting import wait_until
 
 APP = ("acme-app-demo-key", "")
@@ -66,10 +66,7 @@ def track(gw: Served, message_id: str, **ids: Any) -> dict[str, Any]:
 
 
 def sink_events(data_dir: Path) -> list[dict[str, Any]]:
-    out = []
-    for path in sorted((data_dir / "sinks" / "warehouse").glob("*.jsonl")):
-        out += [json.loads(line) for line in path.read_text().splitlines() if line]
-    return out
+    return jsonl_records(sorted((data_dir / "sinks" / "warehouse").glob("*.jsonl")))
 
 
 def delivered(data_dir: Path, message_id: str, timeout: float = 20) -> dict[str, Any]:

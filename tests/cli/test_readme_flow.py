@@ -6,14 +6,13 @@ across the anonymous browsing and the login."""
 
 from __future__ import annotations
 
-import json
 import re
 import subprocess
 import time
 from pathlib import Path
 
 from tests.cli.conftest import ServeFactory
-from tests.conftest import ROOT
+from tests.conftest import ROOT, jsonl_records
 
 README = ROOT / "README.md"
 
@@ -40,10 +39,7 @@ def expected_lines(block: str) -> list[re.Pattern[str]]:
 
 
 def sink_events(data_dir: Path) -> list[dict]:
-    out = []
-    for path in sorted((data_dir / "sinks" / "warehouse").glob("*.jsonl")):
-        out += [json.loads(line) for line in path.read_text().splitlines() if line]
-    return out
+    return jsonl_records(sorted((data_dir / "sinks" / "warehouse").glob("*.jsonl")))
 
 
 def test_the_readme_happy_path_shows_one_person_across_the_login(tmp_path: Path, serve: ServeFactory) -> None:

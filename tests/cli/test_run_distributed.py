@@ -3,7 +3,6 @@ and Redis that share consent, dedupe and the outbox, started and stopped by one 
 
 from __future__ import annotations
 
-import json
 import signal
 import subprocess
 import sys
@@ -16,7 +15,7 @@ import pytest
 import sqlalchemy as sa
 
 from tests.cli.conftest import clean_env
-from tests.conftest import DATABASE_URL, ROOT, RedisNamespace, free_port
+from tests.conftest import DATABASE_URL, ROOT, RedisNamespace, free_port, jsonl_records
 
 SCRIPT = ROOT / "deploy" / "run_distributed.py"
 pytestmark = [pytest.mark.postgres, pytest.mark.redis, pytest.mark.slow]
@@ -66,8 +65,7 @@ def test_two_local_replicas_share_consent_dedupe_and_delivery(
         deadline = time.monotonic() + 30
         delivered: list[dict] = []
         while not delivered and time.monotonic() < deadline:
-            files = sorted(data.glob("replica-*/sinks/warehouse/*.jsonl"))
-            delivered = [json.loads(line) for f in files for line in f.read_text().splitlines() if line]
+            delivered = jsonl_records(sorted(data.glob("replica-*/sinks/warehouse/*.jsonl")))
             time.sleep(0.1)
         assert [e["messageId"] for e in delivered] == ["d-1"]
 
