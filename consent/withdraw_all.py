@@ -27,6 +27,7 @@ import sqlalchemy as sa
 
 from consent.ledger import AppendRefused, Ledger, Precondition
 from consent.models import ProjectionRow
+from consent.rotation import SubjectAliases
 
 _PROJECTION = ProjectionRow.__table__  # type: ignore[attr-defined]
 SWEEP_MARK = "withdraw_all"
@@ -38,14 +39,19 @@ def withdrawal_reference(seq: int) -> str:
     return f"ledger:{seq}"
 
 
-def latest_states(records: Iterable[Any], upto_seq: int) -> dict[str, dict[str, tuple[int, str]]]:
-    """Identifier -> purpose -> (seq, state) of the latest consent record up to ``upto_seq``."""
+def latest_states(
+    records: Iterable[Any], upto_seq: int, same: Mapping[str, str] | None = None
+) -> dict[str, dict[str, tuple[int, str]]]:
+    """Identifier -> purpose -> (seq, state) of the latest consent record up to ``upto_seq``;
+    ``same``: an earlier pseudonym (key rotation) -> the identifier it is, whose state it
+    shares (the later record wins, as the decisions fold aliases)."""
+    same = same or {}
     latest: dict[str, dict[str, tuple[int, str]]] = {}
     for r in records:
         if r.record_type != "consent" or r.seq > upto_seq:
             continue
         for node in r.identifiers or ():
-            entries = latest.setdefault(node, {})
+            entries = latest.setdefault(same.get(node, node), {})
             for purpose in r.purposes or ():
                 if purpose not in entries or entries[purpose][0] < r.seq:
                     entries[purpose] = (r.seq, r.state)
@@ -63,18 +69,38 @@ def granted(latest: Mapping[str, Mapping[str, tuple[int, str]]], purposes: Colle
     return out
 
 
-def leaves_nothing(history: Iterable[Any], call: Sequence[Any], consent_purposes: Collection[str]) -> bool:
+def leaves_nothing(
+    history: Iterable[Any],
+    call: Sequence[Any],
+    consent_purposes: Collection[str],
+    same: Mapping[str, str] | None = None,
+) -> bool:
     """Whether the withdrawal records of one ``call`` leave the person (``history``: the
-    consent records naming any of their identifiers, up to the call's at least) with no
-    consent-based purpose granted, taking away the last grant (module docstring)."""
+    consent records naming any of their identifiers, up to the call's at least; ``same``:
+    as ``latest_states``) with no consent-based purpose granted, taking away the last grant
+    (module docstring)."""
     history = list(history)
     first, last = min(r.seq for r in call), max(r.seq for r in call)
     withdrawn = {p for r in call for p in r.purposes or ()}
-    if granted(latest_states(history, last), consent_purposes):
+    if granted(latest_states(history, last, same), consent_purposes):
         return False
     if set(consent_purposes) <= withdrawn:
         return True
-    return bool(granted(latest_states(history, first - 1), consent_purposes) & withdrawn)
+    return bool(granted(latest_states(history, first - 1, same), consent_purposes) & withdrawn)
+
+
+def earlier_nodes(aliases: SubjectAliases, tenant: str, nodes: Sequence[str]) -> dict[str, str]:
+    """The earlier pseudonyms remembered for ``nodes`` (key rotation), as nodes: earlier
+    node -> the node it became (blocking)."""
+    out: dict[str, str] = {}
+    by_type: dict[str, list[str]] = {}
+    for node in nodes:
+        kind, _, value = node.partition(":")
+        by_type.setdefault(kind, []).append(value)
+    for kind, values in by_type.items():
+        for old, new in aliases.earlier(tenant, values).items():
+            out[f"{kind}:{old}"] = f"{kind}:{new}"
+    return out
 
 
 def person_history(ledger: Ledger, tenant: str, nodes: Sequence[str], upto_seq: int) -> list[Any]:
@@ -171,6 +197,7 @@ def _insert(engine: sa.Engine) -> Any:
 __all__ = [
     "SweepMark",
     "already_opened",
+    "earlier_nodes",
     "granted",
     "latest_states",
     "leaves_nothing",

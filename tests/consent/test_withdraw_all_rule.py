@@ -8,7 +8,15 @@ from dataclasses import dataclass
 from sqlalchemy.engine import Engine
 
 from consent.ledger import Ledger, RecordDraft
-from consent.withdraw_all import SweepMark, granted, latest_states, leaves_nothing, not_yet_opened
+from consent.rotation import SubjectAliases
+from consent.withdraw_all import (
+    SweepMark,
+    earlier_nodes,
+    granted,
+    latest_states,
+    leaves_nothing,
+    not_yet_opened,
+)
 
 CONSENT_PURPOSES = frozenset({"analytics", "marketing", "personalisation"})
 USER, WEB, APP = "user_id:u", "anonymous_id:w", "anonymous_id:a"
@@ -117,3 +125,28 @@ def test_the_sweep_mark_starts_at_the_end_once_and_only_moves_forward(engine: En
     mark.advance(55)
     mark.advance(50)
     assert mark.get() == 55
+
+
+def test_a_grant_under_an_earlier_key_version_counts_as_the_identifier_s_own() -> None:
+    """Key rotation: the same user under an older pseudonym (``same``) shares its state."""
+    old_user = "user_id:u-old"
+    history = [
+        Rec(1, (old_user,), ("analytics", "marketing"), "given"),
+        Rec(2, (USER,), ("analytics",), "withdrawn"),
+    ]
+    assert not leaves_nothing(history, [history[1]], CONSENT_PURPOSES, {old_user: USER})
+    later = [*history, Rec(3, (USER,), ("marketing",), "withdrawn")]
+    assert leaves_nothing(later, [later[2]], CONSENT_PURPOSES, {old_user: USER})
+    # an older withdrawal under the old pseudonym gives way to a later grant under the new one
+    regranted = [Rec(1, (old_user,), ("analytics",), "withdrawn"), Rec(2, (USER,), ("analytics",), "given")]
+    assert granted(latest_states(regranted, 2, {old_user: USER}), CONSENT_PURPOSES) == {"analytics"}
+
+
+def test_earlier_pseudonyms_are_followed_back_through_rotations(engine: Engine) -> None:
+    aliases = SubjectAliases(engine)
+    aliases._insert("shop", [("v1.a", "v2.a"), ("v2.a", "v3.a"), ("v1.b", "v2.b")])
+    assert earlier_nodes(aliases, "shop", ["user_id:v3.a", "anonymous_id:v2.b"]) == {
+        "user_id:v2.a": "user_id:v3.a",
+        "user_id:v1.a": "user_id:v3.a",
+        "anonymous_id:v1.b": "anonymous_id:v2.b",
+    }
