@@ -281,7 +281,13 @@ def create_app(settings: Settings | None = None) -> Litestar:
             violations,
         )
         withdrawals = WithdrawalConsequences(
-            config, identity, outbox, consent.service.rules, delivery.notify, consent.ledger
+            config,
+            identity,
+            outbox,
+            consent.service.rules,
+            delivery.notify,
+            consent.ledger,
+            consent.policy.aliases,
         )
         withdrawals.rights = state.rights
         consent.service.on_withdrawn = withdrawals

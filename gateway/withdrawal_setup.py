@@ -35,10 +35,12 @@ import structlog
 
 from consent.ledger import Ledger
 from consent.rights import Channel, RightsError, RightsService, Verification
+from consent.rotation import SubjectAliases
 from consent.service import PurposeRules
 from consent.withdraw_all import (
     SweepMark,
     already_opened,
+    earlier_nodes,
     leaves_nothing,
     not_yet_opened,
     person_history,
@@ -73,9 +75,11 @@ class WithdrawalConsequences:
         rules: Mapping[str, PurposeRules],
         notify: Callable[[], None],
         ledger: Ledger,
+        aliases: SubjectAliases | None = None,
     ) -> None:
         self.identity = identity
         self.ledger = ledger
+        self.aliases = aliases  # key rotation: a person's earlier pseudonyms
         self.mark = SweepMark(ledger.engine)
         self.outbox = outbox
         self.rules = rules
@@ -140,8 +144,9 @@ class WithdrawalConsequences:
         person = list(dict.fromkeys(m for n in nodes for m in self.identity.person(tenant, n)))
         rules = self.rules[tenant]
         last = max(int(r.seq) for r in records)
-        history = await asyncio.to_thread(person_history, self.ledger, tenant, person, last)
-        if not leaves_nothing(history, records, rules.known - rules.contract):
+        same = await asyncio.to_thread(earlier_nodes, self.aliases, tenant, person) if self.aliases else {}
+        history = await asyncio.to_thread(person_history, self.ledger, tenant, [*person, *same], last)
+        if not leaves_nothing(history, records, rules.known - rules.contract, same):
             return None
         subject = (person_level or nodes)[0]
         try:
