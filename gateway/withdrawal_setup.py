@@ -90,6 +90,7 @@ class WithdrawalConsequences:
             (t.id, s.id): s for t in config.tenants for s in t.sources
         }
         self._deleting = frozenset(t.id for t in config.tenants if t.consent.on_withdraw_all == "delete")
+        self._seen_to = 0  # the mark as this process's sweeps last saw it (for the log)
 
     async def __call__(self, tenant: str, records: Sequence[Any]) -> None:
         nodes = list(dict.fromkeys(n for r in records for n in r.identifiers or ()))
@@ -214,7 +215,9 @@ class WithdrawalConsequences:
                 opened.append(request_id)
         if upto > mark:
             await asyncio.to_thread(self.mark.advance, upto)
-            log.debug("consent.withdraw_all_swept_to", seq=upto, opened=len(opened))
+        if max(upto, mark) > self._seen_to:  # moved here, or by another replica's sweep
+            self._seen_to = max(upto, mark)
+            log.debug("consent.withdraw_all_swept_to", seq=self._seen_to, opened=len(opened))
         return opened
 
 

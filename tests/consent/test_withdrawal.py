@@ -475,11 +475,13 @@ def test_delete_mode_a_crash_before_the_deletion_opened_is_made_good_at_restart(
             b = make_gateway(tmp_path / "b", config=config(on_withdraw_all="delete"), extra_env=env)
             replicas.append(b.start())
             stack.callback(b.stop)
-        (opened,) = wait_until(
+        found = wait_until(
             lambda: [x for x in delete_requests(g) if x["requestId"] not in before],
             30,
             what="the deletion opened after the restart",
         )
+        assert len(found) == 1, found
+        (opened,) = found
         assert opened["verification"]["reference"] == f"ledger:{seq}", opened
         assert opened["requestedBy"] == "subject" and opened["channel"] == "backend", opened
         assert completed(g, opened["requestId"])["outcome"] in ("done", "partly_done")
