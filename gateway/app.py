@@ -288,6 +288,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             delivery.notify,
             consent.ledger,
             consent.policy.aliases,
+            hold=settings.dev_withdraw_all_hold,
         )
         withdrawals.rights = state.rights
         consent.service.on_withdrawn = withdrawals

@@ -76,10 +76,13 @@ class WithdrawalConsequences:
         notify: Callable[[], None],
         ledger: Ledger,
         aliases: SubjectAliases | None = None,
+        *,
+        hold: bool = False,
     ) -> None:
         self.identity = identity
         self.ledger = ledger
         self.aliases = aliases  # key rotation: a person's earlier pseudonyms
+        self.hold = hold  # tests only (IDGATE_DEV_WITHDRAW_ALL_HOLD)
         self.mark = SweepMark(ledger.engine)
         self.outbox = outbox
         self.rules = rules
@@ -150,6 +153,9 @@ class WithdrawalConsequences:
         if not leaves_nothing(history, records, rules.known - rules.contract, same):
             return None
         subject = (person_level or nodes)[0]
+        if self.hold:  # a crash test kills the process here: recorded, not yet opened
+            log.warning("consent.withdraw_all_held", tenant=tenant, withdrawal=reference)
+            await asyncio.Event().wait()
         try:
             request = await rights.open(
                 tenant=tenant,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import pytest
 from sqlalchemy.engine import Engine
 
 from consent.ledger import Ledger, RecordDraft
@@ -150,3 +151,15 @@ def test_earlier_pseudonyms_are_followed_back_through_rotations(engine: Engine) 
         "user_id:v1.a": "user_id:v3.a",
         "anonymous_id:v1.b": "anonymous_id:v2.b",
     }
+
+
+def test_the_withdraw_all_hold_is_refused_outside_dev(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The crash tests' fault hook cannot be switched on in production."""
+    from gateway.settings import Settings, SettingsError
+
+    monkeypatch.setenv("IDGATE_ENV", "production")
+    monkeypatch.setenv("IDGATE_KEYS", "{}")
+    monkeypatch.setenv("IDGATE_LEDGER_KEY", "x")
+    monkeypatch.setenv("IDGATE_DEV_WITHDRAW_ALL_HOLD", "1")
+    with pytest.raises(SettingsError, match="IDGATE_DEV_WITHDRAW_ALL_HOLD is for tests"):
+        Settings.from_env()
