@@ -18,7 +18,9 @@ sweeps."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import threading
 from collections.abc import Iterator
 from contextlib import ExitStack
 from datetime import UTC, datetime
@@ -405,38 +407,20 @@ def test_delete_mode_a_client_withdrawing_one_by_one_for_its_own_device_deletes_
     assert delivered(deleting, m, "mall-warehouse", timeout=0) is not None  # kept
 
 
-def append_withdrawal(gw: Gateway, model: dict[str, Any], purposes: list[str]) -> int:
-    """What a gateway killed right after a withdrawal's ledger append left behind: the
-    record (like ``model``, another withdrawal of the same call's kind), and no deletion.
-    Written while the gateway is down, with its ledger key; returns its seq."""
-    from consent.ledger import Ledger, RecordDraft
-    from consent.signing import LedgerSigner
-    from identity.db import make_engine
+HOLD = "IDGATE_DEV_WITHDRAW_ALL_HOLD"
 
-    key = gw.env.get("IDGATE_LEDGER_KEY") or (gw.data_dir / "dev-ledger-key").read_text()
-    url = gw.env.get("DATABASE_URL") or f"sqlite:///{gw.data_dir / 'consent.sqlite3'}"
-    ledger = Ledger(make_engine(url), LedgerSigner.from_b64(key))
-    try:
-        (record,) = ledger.append(
-            [
-                RecordDraft(
-                    tenant="mall",
-                    record_type="consent",
-                    subject=model["subject"],
-                    identifiers=model["identifiers"],
-                    purposes=purposes,
-                    state="withdrawn",
-                    consent_kind="general",
-                    legal_basis="consent",
-                    source=model["source"],
-                    platform=model["platform"],
-                    at=datetime.now(UTC),
-                )
-            ]
-        )
-    finally:
-        ledger.engine.dispose()
-    return int(record.seq)
+
+def held_withdrawal(gw: Gateway, timeout: float = 30) -> int:
+    """The seq of the withdrawal whose deletion the gateway holds (``IDGATE_DEV_WITHDRAW_ALL_HOLD``):
+    recorded in the ledger, its deletion not opened."""
+
+    def held() -> int | None:
+        for line in gw.log_text().splitlines():
+            if '"consent.withdraw_all_held"' in line:
+                return int(json.loads(line)["withdrawal"].removeprefix("ledger:"))
+        return None
+
+    return int(wait_until(held, timeout, what="the withdrawal's deletion held"))
 
 
 @pytest.mark.parametrize(
@@ -445,31 +429,44 @@ def append_withdrawal(gw: Gateway, model: dict[str, Any], purposes: list[str]) -
 def test_delete_mode_a_crash_before_the_deletion_opened_is_made_good_at_restart(
     backend: str, tmp_path: Any, request: pytest.FixtureRequest
 ) -> None:
-    """kill -9 after the withdrawal is in the ledger, before its deletion opened: the
-    restarted gateway opens it. On PostgreSQL two replicas restart and sweep; one opens it."""
+    """kill -9 while the call that withdrew the last purpose is between the withdrawal's
+    ledger record and the opening of its deletion (held there by the dev-only fault hook):
+    the restarted gateway opens it. On PostgreSQL two replicas restart and sweep; one opens it."""
     with ExitStack() as stack:
         env = backend_env(backend, stack)
         if backend == "postgres":
             env.update(request.getfixturevalue("redis_ns").env())
-        g = make_gateway(tmp_path / "a", config=config(on_withdraw_all="delete"), extra_env=env).start()
+        g = make_gateway(
+            tmp_path / "a", config=config(on_withdraw_all="delete"), extra_env={**env, HOLD: "1"}
+        ).start()
         stack.callback(g.stop)
         user, anon, _ = ids()
-        server(
-            g,
-            "consent",
-            userId=user,
-            anonymousId=anon,
-            grant=["analytics", "marketing"],
-            noticeId="notice-v1",
-        )
+        granted = ["analytics", "marketing"]
+        server(g, "consent", userId=user, anonymousId=anon, grant=granted, noticeId="notice-v1")
         m, _ = track(g, userId=user, anonymousId=anon, key=MALL_SERVER_KEY)
         assert delivered(g, m, "mall-warehouse") is not None
-        (first,) = server(g, "consent", userId=user, withdraw=["marketing"])["recorded"]
-        (model,) = [x for x in ledger_records(g, identifier=user) if x["seq"] == first["seq"]]
+        server(g, "consent", userId=user, withdraw=["marketing"])  # analytics still granted: no hold
         before = {x["requestId"] for x in delete_requests(g)}
-        g.kill9()
 
-        seq = append_withdrawal(g, model, ["analytics"])
+        def withdraw_the_last() -> None:  # its answer never comes: the process dies first
+            with contextlib.suppress(httpx.HTTPError):
+                httpx.post(
+                    f"{g.url}/v1/consent",
+                    auth=(MALL_SERVER_KEY, ""),
+                    json={"userId": user, "withdraw": ["analytics"]},
+                    timeout=60,
+                )
+
+        call = threading.Thread(target=withdraw_the_last, daemon=True)
+        call.start()
+        seq = held_withdrawal(g)
+        (withdrawal,) = [x for x in ledger_records(g, identifier=user) if x["seq"] == seq]
+        assert withdrawal["state"] == "withdrawn" and withdrawal["purposes"] == ["analytics"], withdrawal
+        assert {x["requestId"] for x in delete_requests(g)} == before  # not opened
+        g.kill9()
+        call.join(timeout=30)
+
+        del g.env[HOLD]
         replicas = [g.start()]
         if backend == "postgres":
             b = make_gateway(tmp_path / "b", config=config(on_withdraw_all="delete"), extra_env=env)
