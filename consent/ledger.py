@@ -24,7 +24,7 @@ import csv
 import hashlib
 import json
 import uuid
-from collections.abc import Callable, Collection, Generator, Iterator, Sequence
+from collections.abc import Callable, Collection, Generator, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import IO, Any
@@ -398,20 +398,44 @@ class Ledger:
         return sa.exists(sa.select(sa.literal(1)).select_from(elements).where(elements.c.value == value))
 
     def holds(
-        self, conn: sa.Connection, *, tenant: str, record_type: str, subject: str, detail: dict[str, str]
+        self, conn: sa.Connection, *, tenant: str, record_type: str, subject: str, detail: Mapping[str, Any]
     ) -> bool:
         """Whether ``conn`` sees a ``record_type`` record of ``subject`` whose detail has every
         item of ``detail`` (a check under the append lock, see ``Precondition``)."""
-        query = sa.select(sa.literal(1)).where(
-            _LEDGER.c.tenant == tenant, _LEDGER.c.record_type == record_type, _LEDGER.c.subject == subject
+        return bool(
+            self.details(
+                conn, tenant=tenant, record_type=record_type, subject=subject, detail=detail, limit=1
+            )
         )
+
+    def details(
+        self,
+        conn: sa.Connection,
+        *,
+        tenant: str,
+        record_type: str,
+        detail: Mapping[str, Any],
+        subject: str | None = None,
+        any_identifier: Sequence[str] = (),
+        limit: int = 1000,
+    ) -> list[dict[str, Any]]:
+        """The details of the ``record_type`` records ``conn`` sees whose detail has every item
+        of ``detail`` (a nested mapping matches the items it names), of ``subject`` or naming
+        one of ``any_identifier`` when given (checks under the append lock, ``Precondition``)."""
+        query = sa.select(_LEDGER.c.detail).where(
+            _LEDGER.c.tenant == tenant, _LEDGER.c.record_type == record_type
+        )
+        if subject is not None:
+            query = query.where(_LEDGER.c.subject == subject)
+        if any_identifier:
+            query = query.where(sa.or_(*(self._contains(_LEDGER.c.identifiers, i) for i in any_identifier)))
         if is_postgres(self.engine):
             wanted = sa.cast(sa.literal(json.dumps(detail)), JSONB)
             query = query.where(sa.cast(_LEDGER.c.detail, JSONB).contains(wanted))
         else:
-            for key, value in detail.items():
-                query = query.where(sa.func.json_extract(_LEDGER.c.detail, f"$.{key}") == value)
-        return conn.execute(query.limit(1)).first() is not None
+            for path, value in _json_paths(detail, "$"):
+                query = query.where(sa.func.json_extract(_LEDGER.c.detail, path) == value)
+        return [dict(d or {}) for d in conn.execute(query.order_by(_LEDGER.c.seq).limit(limit)).scalars()]
 
     def records(
         self,
@@ -424,6 +448,7 @@ class Ledger:
         purpose: str | None = None,
         notice_id: str | None = None,
         record_type: str | None = None,
+        state: str | None = None,
         any_identifier: Sequence[str] | None = None,
         after_seq: int = 0,
         limit: int = 1000,
@@ -442,6 +467,8 @@ class Ledger:
             query = query.where(_LEDGER.c.notice_id == notice_id)
         if record_type is not None:
             query = query.where(_LEDGER.c.record_type == record_type)
+        if state is not None:
+            query = query.where(_LEDGER.c.state == state)
         if since is not None:
             query = query.where(_LEDGER.c.at >= since)
         if until is not None:
@@ -640,6 +667,15 @@ def _csv_cell(value: Any) -> str:
     if isinstance(value, list | dict):
         return json.dumps(value, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
     return str(value)
+
+
+def _json_paths(detail: Mapping[str, Any], prefix: str) -> Iterator[tuple[str, Any]]:
+    """SQLite JSON paths of the leaves of ``detail`` (``$.verification.reference``)."""
+    for key, value in detail.items():
+        if isinstance(value, Mapping):
+            yield from _json_paths(value, f"{prefix}.{key}")
+        else:
+            yield f"{prefix}.{key}", value
 
 
 def verify_database(ledger: Ledger, *, trusted_keys: Collection[str] | None = None) -> VerifyResult:

@@ -271,11 +271,12 @@ class RightsService:
         officer: str,
         *,
         while_open: str | None = None,
+        unless: Precondition | None = None,
     ) -> int:
         """Append one ``rights_request`` record. With ``while_open`` (a request id), only
         while that request has no completion, checked under the ledger's lock: two replicas
         answering one request at once record one completion, and the other is told
-        ``not_open`` (409)."""
+        ``not_open`` (409). ``unless``: a precondition of the caller's (``open``)."""
         draft = RecordDraft(
             tenant=tenant,
             record_type="rights_request",
@@ -287,10 +288,12 @@ class RightsService:
             at=self.now(),
             detail=detail,
         )
-        guard = None if while_open is None else self._still_open(tenant, node_value(subject), while_open)
+        guard = unless if while_open is None else self._still_open(tenant, node_value(subject), while_open)
         try:
             (record,), _ = await self.consent._append([draft], precondition=guard)
         except AppendRefused:
+            if while_open is None:
+                raise RightsError("already_open", "the request was already opened", None, 409) from None
             raise RightsError("not_open", f"request {while_open} is completed", "requestId", 409) from None
         return int(record.seq)
 
@@ -323,11 +326,14 @@ class RightsService:
         officer: str,
         received_at: datetime | None = None,
         correction: Identifier | None = None,
+        unless: Precondition | None = None,
     ) -> RightsRequest:
         """Take a request: refused (and recorded) when the subject's identity is not verified;
         otherwise opened with its due date, and carried out at once for ``withdraw_all``,
         ``restrict``, ``delete`` and ``correct`` (which needs ``correction``: the right value
-        of the subject identifier, pseudonymised)."""
+        of the subject identifier, pseudonymised). ``unless``: checked under the ledger's
+        lock before the request is opened; when it refuses, nothing is recorded and
+        ``RightsError("already_open")`` (409) is raised (a withdrawal's deletion opened once)."""
         now = self.now()
         if (kind == "correct") != (correction is not None):
             raise RightsError(
@@ -374,7 +380,7 @@ class RightsService:
                 "verification",
                 422,
             )
-        await self._write(tenant, subject.node, [], "requested", detail, officer)
+        await self._write(tenant, subject.node, [], "requested", detail, officer, unless=unless)
         log.info("rights.opened", tenant=tenant, request_id=request_id, kind=kind, due_at=due.isoformat())
         if kind in ("withdraw_all", "restrict"):
             await self._withdraw_all(tenant, request_id, subject.node, officer, step=kind)

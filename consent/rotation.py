@@ -97,6 +97,23 @@ class SubjectAliases:
                 found += frontier
         return found
 
+    def earlier(self, tenant: str, values: Sequence[str]) -> dict[str, str]:
+        """Every earlier pseudonym remembered for these, each with the one of ``values`` it
+        became (followed back through rotations): one identifier's state across versions."""
+        became: dict[str, str] = {}
+        frontier = {v: v for v in values}
+        with self.engine.connect() as conn:
+            while frontier and len(became) < 1000:
+                rows = conn.execute(
+                    sa.select(_ALIAS.c.old, _ALIAS.c.new).where(
+                        _ALIAS.c.tenant == tenant, _ALIAS.c.new.in_(list(frontier))
+                    )
+                )
+                step = {r.old: frontier[r.new] for r in rows if r.old not in became and r.old not in values}
+                became.update(step)
+                frontier = step
+        return became
+
     def count_after(self, tenant: str, after_id: int) -> int:
         query = sa.select(sa.func.count()).where(_ALIAS.c.tenant == tenant, _ALIAS.c.id > after_id)
         with self.engine.connect() as conn:

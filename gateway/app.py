@@ -60,7 +60,7 @@ from gateway.rights_setup import DeletionReceipts, follow_sink_purges, open_righ
 from gateway.sensors_http import SENSORS_ROUTES, document_sensors_routes
 from gateway.settings import Settings
 from gateway.trust import assertion_verifiers
-from gateway.withdrawal_setup import WithdrawalConsequences
+from gateway.withdrawal_setup import WithdrawalConsequences, sweep_periodically
 from identity.key_files import key_file_mode_problem
 from identity.pseudonym import InvalidKeyMaterial, KeyRing, new_key_document, write_private_file
 
@@ -280,11 +280,23 @@ def create_app(settings: Settings | None = None) -> Litestar:
             receipts,
             violations,
         )
-        withdrawals = WithdrawalConsequences(config, identity, outbox, consent.service.rules, delivery.notify)
+        withdrawals = WithdrawalConsequences(
+            config,
+            identity,
+            outbox,
+            consent.service.rules,
+            delivery.notify,
+            consent.ledger,
+            consent.policy.aliases,
+            hold=settings.dev_withdraw_all_hold,
+        )
         withdrawals.rights = state.rights
         consent.service.on_withdrawn = withdrawals
+        await withdrawals.start_sweep()
         await delivery.start()
         resumed = asyncio.create_task(resume_open_requests(state.rights), name="rights-resume")
+        # on_withdraw_all = "delete": the deletions a withdrawal should have opened, opened
+        swept = asyncio.create_task(sweep_periodically(withdrawals), name="withdraw-all-sweep")
         monitoring.start()
         state.proofs = consent.proofs  # the breach query (gateway.admin.breach)
         retention_stores = RetentionStores(
@@ -345,6 +357,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             if follow is not None:
                 follow.cancel()
             resumed.cancel()
+            swept.cancel()
             await monitoring.stop()
             await resolver.stop()
             await delivery.stop()

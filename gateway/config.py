@@ -155,10 +155,11 @@ class NoticeConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     url: str = ""
 
 
-# What a person-wide withdrawal of every consent-based purpose does beyond stopping the
-# forwarding (PIPL Art. 15, 47): nothing more (``keep``: what was received stays, within
-# retention), ``lock`` (the same effect, stated: nothing needing consent is processed until
-# a new grant), or ``delete`` (a ``delete`` rights request is opened for the person).
+# What a person-wide withdrawal that leaves no consent-based purpose granted (in one call or
+# the last of several: consent.withdraw_all) does beyond stopping the forwarding (PIPL Art.
+# 15, 47): nothing more (``keep``: what was received stays, within retention), ``lock``
+# (the same effect, stated: nothing needing consent is processed until a new grant), or
+# ``delete`` (a ``delete`` rights request is opened for the person).
 WithdrawAllAction = Literal["keep", "lock", "delete"]
 
 

@@ -153,6 +153,9 @@ class Settings:
     alert_interval_seconds: float = 15.0
     # dev only: the KPIs' and alert rules' clock read from this file (tests move it a week)
     dev_clock_file: Path | None = None
+    # dev only, a fault for the crash tests: a withdrawal's deletion under on_withdraw_all =
+    # "delete" is held just before it opens (the call and the sweep wait there for ever)
+    dev_withdraw_all_hold: bool = False
     # How often each replica heals the consent state from the ledger: a withdrawal whose
     # immediate apply failed (Redis down), or that a restored Redis lost, takes effect on
     # every replica within this period.
@@ -223,6 +226,9 @@ class Settings:
         dev_clock_file = os.environ.get("IDGATE_DEV_CLOCK_FILE") or None
         if dev_clock_file and env != "dev":
             raise SettingsError("IDGATE_DEV_CLOCK_FILE is for tests: it needs IDGATE_ENV=dev")
+        withdraw_all_hold = os.environ.get("IDGATE_DEV_WITHDRAW_ALL_HOLD", "") not in ("", "0")
+        if withdraw_all_hold and env != "dev":
+            raise SettingsError("IDGATE_DEV_WITHDRAW_ALL_HOLD is for tests: it needs IDGATE_ENV=dev")
         database_url = os.environ.get("DATABASE_URL") or None
         outbox_kind = os.environ.get("IDGATE_OUTBOX") or ("redis" if redis_url and database_url else "sqlite")
         if outbox_kind not in ("sqlite", "redis"):
@@ -258,6 +264,7 @@ class Settings:
             kpi_bucket_seconds=max(0.1, _env_int("IDGATE_KPI_BUCKET_MS", 60_000) / 1000),
             alert_interval_seconds=max(0.05, _env_int("IDGATE_ALERT_INTERVAL_MS", 15_000) / 1000),
             dev_clock_file=Path(dev_clock_file) if dev_clock_file else None,
+            dev_withdraw_all_hold=withdraw_all_hold,
             consent_reconcile_seconds=min(
                 4.0, max(0.1, _env_int("IDGATE_CONSENT_RECONCILE_MS", 1000) / 1000)
             ),

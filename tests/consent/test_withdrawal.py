@@ -9,12 +9,18 @@ a destination that declares only ``personalisation`` gets nothing of theirs.
 A withdrawal sends a ``consent.withdrawn`` notice (unified ID, purposes, time, ledger seqs;
 no raw identifier) to the destinations that received the person's data and declare a
 withdrawn purpose, and to no other; deliveries made before it stay valid in the ledger's
-point-in-time view. Under ``on_withdraw_all = "delete"`` a person-wide withdrawal of every
-purpose opens and completes a deletion; a client withdrawing for its own device does not."""
+point-in-time view. Under ``on_withdraw_all = "delete"`` a person-wide withdrawal that leaves
+the person with no consent-based purpose granted (in one call or the last of several) opens
+and completes one deletion; an opt-out of a purpose never granted, or a client withdrawing
+for its own device, does not. A process killed between the withdrawal's record and the
+opening of its deletion opens it at the next start (the sweep), once, whichever replica
+sweeps."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import threading
 from collections.abc import Iterator
 from contextlib import ExitStack
 from datetime import UTC, datetime
@@ -204,13 +210,16 @@ def test_a_withdrawal_notice_reaches_the_destinations_that_held_the_person_and_n
     assert {d["destination"] for d in view["deliveries"]} >= {"mall-warehouse", "mall-hook"}
 
 
-@pytest.fixture(scope="module")
-def deleting(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    gw = make_gateway(
-        tmp_path_factory.mktemp("withdraw-delete"), config=config(on_withdraw_all="delete")
-    ).start()
-    yield gw
-    gw.stop()
+@pytest.fixture(scope="module", params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def deleting(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    with ExitStack() as stack:
+        gw = make_gateway(
+            tmp_path_factory.mktemp(f"withdraw-delete-{request.param}"),
+            config=config(on_withdraw_all="delete"),
+            extra_env=backend_env(request.param, stack),
+        ).start()
+        yield gw
+        gw.stop()
 
 
 # Every default purpose that rests on consent (what a withdraw-all names).
@@ -317,3 +326,169 @@ def test_a_consent_signal_on_an_event_tells_the_destinations_too(mall: Gateway) 
         what="the notice of the signalled withdrawal",
     )
     assert notice["purposes"] == ["analytics"] and anon not in json.dumps(notice)
+
+
+def swept_past(gw: Gateway, seq: int, timeout: float = 30) -> None:
+    """Wait until the gateway's withdraw-all sweep has looked at every withdrawal up to ``seq``."""
+
+    def past() -> bool:
+        for line in gw.log_text().splitlines():
+            if '"consent.withdraw_all_swept_to"' in line and json.loads(line)["seq"] >= seq:
+                return True
+        return False
+
+    wait_until(past, timeout, what=f"the withdraw-all sweep past seq {seq}")
+
+
+def completed(gw: Gateway, request_id: str) -> dict[str, Any]:
+    (done,) = wait_until(
+        lambda: [
+            x for x in delete_requests(gw) if x["requestId"] == request_id and x["status"] == "completed"
+        ],
+        60,
+        what="the deletion to complete",
+    )
+    return dict(done)
+
+
+def test_delete_mode_withdrawals_one_by_one_delete_the_person_once(deleting: Gateway) -> None:
+    user, anon, _ = ids()
+    granted = ["analytics", "marketing"]
+    server(deleting, "consent", userId=user, anonymousId=anon, grant=granted, noticeId="notice-v1")
+    m, _ = track(deleting, userId=user, anonymousId=anon, key=MALL_SERVER_KEY)
+    assert delivered(deleting, m, "mall-warehouse") is not None
+    before = {x["requestId"] for x in delete_requests(deleting)}
+
+    (first,) = server(deleting, "consent", userId=user, withdraw=["marketing"])["recorded"]
+    swept_past(deleting, first["seq"])
+    assert {x["requestId"] for x in delete_requests(deleting)} == before, "analytics is still granted"
+
+    (last,) = server(deleting, "consent", userId=user, withdraw=["analytics"])["recorded"]
+    (request,) = [x for x in delete_requests(deleting) if x["requestId"] not in before]
+    assert request["verification"]["reference"] == f"ledger:{last['seq']}", request
+    assert request["requestedBy"] == "subject" and request["channel"] == "backend", request
+    assert completed(deleting, request["requestId"])["outcome"] in ("done", "partly_done")
+    assert not [e for e in deleting.sink_lines("mall-warehouse") if e["messageId"] == m]  # the line is gone
+    # the sweep looks at the same withdrawal again: the deletion it opened is the only one
+    swept_past(deleting, last["seq"])
+    assert [x["requestId"] for x in delete_requests(deleting) if x["requestId"] not in before] == [
+        request["requestId"]
+    ]
+
+
+def test_delete_mode_an_opt_out_of_a_purpose_never_granted_deletes_nobody(deleting: Gateway) -> None:
+    user, anon, _ = ids()
+    server(deleting, "consent", userId=user, anonymousId=anon, grant=["analytics"], noticeId="notice-v1")
+    before = {x["requestId"] for x in delete_requests(deleting)}
+    fresh, _, _ = ids()
+    # a sign-up that opts out of marketing: nothing was granted, nothing is taken away
+    (opt_out,) = server(deleting, "consent", userId=fresh, withdraw=["marketing"])["recorded"]
+    # a person who still has analytics withdraws marketing, never granted either
+    (other,) = server(deleting, "consent", userId=user, withdraw=["marketing"])["recorded"]
+    swept_past(deleting, max(opt_out["seq"], other["seq"]))
+    assert {x["requestId"] for x in delete_requests(deleting)} == before
+
+
+def test_delete_mode_a_client_withdrawing_one_by_one_for_its_own_device_deletes_nobody(
+    deleting: Gateway,
+) -> None:
+    _, anon, _ = ids()
+    assert consent(deleting, anonymousId=anon, grant=["analytics", "marketing"]).status_code == 200
+    m, _ = track(deleting, anonymousId=anon)
+    assert delivered(deleting, m, "mall-warehouse") is not None
+    before = {x["requestId"] for x in delete_requests(deleting)}
+    seqs = []
+    for purpose in ("marketing", "analytics"):
+        r = consent(deleting, anonymousId=anon, withdraw=[purpose])
+        assert r.status_code == 200, r.text
+        seqs += [x["seq"] for x in r.json()["recorded"]]
+    swept_past(deleting, max(seqs))
+    assert {x["requestId"] for x in delete_requests(deleting)} == before
+    assert delivered(deleting, m, "mall-warehouse", timeout=0) is not None  # kept
+
+
+HOLD = "IDGATE_DEV_WITHDRAW_ALL_HOLD"
+
+
+def held_withdrawal(gw: Gateway, timeout: float = 30) -> int:
+    """The seq of the withdrawal whose deletion the gateway holds (``IDGATE_DEV_WITHDRAW_ALL_HOLD``):
+    recorded in the ledger, its deletion not opened."""
+
+    def held() -> int | None:
+        for line in gw.log_text().splitlines():
+            if '"consent.withdraw_all_held"' in line:
+                return int(json.loads(line)["withdrawal"].removeprefix("ledger:"))
+        return None
+
+    return int(wait_until(held, timeout, what="the withdrawal's deletion held"))
+
+
+@pytest.mark.parametrize(
+    "backend", ["sqlite", pytest.param("postgres", marks=[pytest.mark.postgres, pytest.mark.redis])]
+)
+def test_delete_mode_a_crash_before_the_deletion_opened_is_made_good_at_restart(
+    backend: str, tmp_path: Any, request: pytest.FixtureRequest
+) -> None:
+    """kill -9 while the call that withdrew the last purpose is between the withdrawal's
+    ledger record and the opening of its deletion (held there by the dev-only fault hook):
+    the restarted gateway opens it. On PostgreSQL two replicas restart and sweep; one opens it."""
+    with ExitStack() as stack:
+        env = backend_env(backend, stack)
+        if backend == "postgres":
+            env.update(request.getfixturevalue("redis_ns").env())
+        g = make_gateway(
+            tmp_path / "a", config=config(on_withdraw_all="delete"), extra_env={**env, HOLD: "1"}
+        ).start()
+        stack.callback(g.stop)
+        user, anon, _ = ids()
+        granted = ["analytics", "marketing"]
+        server(g, "consent", userId=user, anonymousId=anon, grant=granted, noticeId="notice-v1")
+        m, _ = track(g, userId=user, anonymousId=anon, key=MALL_SERVER_KEY)
+        assert delivered(g, m, "mall-warehouse") is not None
+        server(g, "consent", userId=user, withdraw=["marketing"])  # analytics still granted: no hold
+        before = {x["requestId"] for x in delete_requests(g)}
+
+        def withdraw_the_last() -> None:  # its answer never comes: the process dies first
+            with contextlib.suppress(httpx.HTTPError):
+                httpx.post(
+                    f"{g.url}/v1/consent",
+                    auth=(MALL_SERVER_KEY, ""),
+                    json={"userId": user, "withdraw": ["analytics"]},
+                    timeout=60,
+                )
+
+        call = threading.Thread(target=withdraw_the_last, daemon=True)
+        call.start()
+        seq = held_withdrawal(g)
+        (withdrawal,) = [x for x in ledger_records(g, identifier=user) if x["seq"] == seq]
+        assert withdrawal["state"] == "withdrawn" and withdrawal["purposes"] == ["analytics"], withdrawal
+        assert {x["requestId"] for x in delete_requests(g)} == before  # not opened
+        g.kill9()
+        call.join(timeout=30)
+
+        del g.env[HOLD]
+        replicas = [g.start()]
+        if backend == "postgres":
+            b = make_gateway(tmp_path / "b", config=config(on_withdraw_all="delete"), extra_env=env)
+            replicas.append(b.start())
+            stack.callback(b.stop)
+        found = wait_until(
+            lambda: [x for x in delete_requests(g) if x["requestId"] not in before],
+            30,
+            what="the deletion opened after the restart",
+        )
+        assert len(found) == 1, found
+        (opened,) = found
+        assert opened["verification"]["reference"] == f"ledger:{seq}", opened
+        assert opened["requestedBy"] == "subject" and opened["channel"] == "backend", opened
+        assert completed(g, opened["requestId"])["outcome"] in ("done", "partly_done")
+        wait_until(
+            lambda: not [e for e in g.sink_lines("mall-warehouse") if e["messageId"] == m],
+            30,
+            what="the person's line gone from the sink",
+        )
+        for replica in replicas:
+            swept_past(replica, seq)
+        assert [x["requestId"] for x in delete_requests(g) if x["requestId"] not in before] == [
+            opened["requestId"]
+        ]
