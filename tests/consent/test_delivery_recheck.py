@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import Sequence
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import msgspec
 import pytest
 
 from consent.db import migrate_consent
-from consent.decisions import ConsentQuery, ConsentTicket
+from consent.decisions import ConsentQuery, ConsentTicket, DestinationSpec
 from consent.ledger import Ledger
 from consent.service import ConsentService, LedgerPolicy
 from consent.signing import load_signer
@@ -109,6 +110,112 @@ def test_withdrawal_between_ingest_and_delivery_withholds_the_event(tmp_path: Pa
         return [msgspec.json.decode(line)["messageId"] for f in files for line in f.read_bytes().splitlines()]
 
     assert asyncio.run(main()) == ["m0"]
+    outbox.close()
+    engine.dispose()
+
+
+def test_a_withdrawal_of_personalisation_before_delivery_flags_the_event(tmp_path: Path) -> None:
+    """PIPL Art. 24 at delivery: an event accepted as personalised whose subject withdraws
+    ``personalisation`` before its first delivery goes out flagged non-personalised, and not
+    at all to a destination that declares only ``personalisation``; an event accepted as
+    non-personalised stays so after a later grant (a grant does not reach back)."""
+    config = parse_config(TEST_CONFIG, dev=True)
+    mall = next(t for t in config.tenants if t.id == "mall")
+    engine = make_engine(f"sqlite:///{tmp_path / 'consent.sqlite3'}")
+    migrate_consent(engine)
+    ledger = Ledger(engine, load_signer(env_value=None, key_file=None, dev_file=tmp_path / "ledger-key"))
+    store = SqlConsentState(engine)
+    rules = {"mall": purpose_rules(mall)}
+    service = ConsentService(ledger, store, rules)
+    policy = LedgerPolicy(store, rules)
+    recs = DestinationSpec("mall-recs", ("personalisation",), overseas=False, third_party=False)
+    specs = {s.id: s for s in [*destination_specs(mall.destinations), recs]}
+    outbox = SqliteOutbox(tmp_path / "outbox.sqlite3")
+    outbox.open()
+
+    async def consent(subject: str, grant: Sequence[str] = (), withdraw: Sequence[str] = ()) -> None:
+        await service.record(
+            tenant="mall",
+            identifiers=[("anonymous_id", subject)],
+            grant=grant,
+            withdraw=withdraw,
+            notice_id="notice-v1" if grant else None,
+            source="mall-web",
+            platform="web",
+        )
+
+    async def main() -> dict[str, list[tuple[str, bool, bool]]]:
+        await service.publish_notice("mall", "notice-v1", "1" * 64)
+        both = ["analytics", "personalisation"]
+        await consent("k1.stays", grant=both)
+        await consent("k1.optout", grant=both)
+        await consent("k1.later", grant=["analytics"])
+        for subject in ("k1.stays", "k1.optout", "k1.later"):
+            query = ConsentQuery(tenant="mall", device_ids=(subject,), user_ids=(), purposes=tuple(both))
+            (decision,) = await policy.decide_batch([query], list(specs.values()))
+            ticket = ConsentTicket(decision.epoch, query, decision.personalised)
+            idgate = {"tenant": "mall", "personalisation": decision.personalised}
+            # a property of the same name is the client's, not idgate's flag: left alone
+            event = {
+                "messageId": subject,
+                "context": {"idgate": idgate},
+                "properties": {"personalisation": True},
+            }
+            await outbox.append(
+                [
+                    OutboxRecord(
+                        "mall",
+                        "mall-web",
+                        subject,
+                        1_763_700_000_000,
+                        decision.destinations,
+                        msgspec.json.encode(event),
+                        msgspec.json.encode(ticket),
+                    )
+                ],
+                dedupe=True,
+            )
+        # while the events wait in the outbox: one withdraws personalisation, one grants it
+        await consent("k1.optout", withdraw=["personalisation"])
+        await consent("k1.later", grant=["personalisation"])
+        workers = [
+            DeliveryWorker(
+                outbox.queue(destination),
+                JsonlFileSink(tmp_path / "sinks", destination),
+                poll_seconds=0.01,
+                recheck=delivery_recheck(policy, specs),
+            )
+            for destination in ("mall-warehouse", "mall-recs")
+        ]
+        delivery = DeliveryService(outbox, workers)
+        await delivery.start()
+
+        async def drained() -> bool:  # delivered, or withheld by the recheck
+            return await outbox.pending() == 0
+
+        await async_wait_until(drained, what="the outbox to drain")
+        await delivery.stop()
+        received: dict[str, list[tuple[str, bool, bool]]] = {}
+        for destination in ("mall-warehouse", "mall-recs"):
+            files = sorted((tmp_path / "sinks" / destination).glob("*.jsonl"))
+            events = [msgspec.json.decode(line) for f in files for line in f.read_bytes().splitlines()]
+            received[destination] = [
+                (
+                    e["messageId"],
+                    e["context"]["idgate"]["personalisation"],
+                    e["properties"]["personalisation"],
+                )
+                for e in events
+            ]
+        return received
+
+    received = asyncio.run(main())
+    assert received["mall-warehouse"] == [
+        ("k1.stays", True, True),
+        ("k1.optout", False, True),
+        ("k1.later", False, True),
+    ]
+    assert received["mall-recs"] == [("k1.stays", True, True)]
     outbox.close()
     engine.dispose()
 
