@@ -4,6 +4,7 @@ lands is not sent for the withdrawn purpose."""
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from collections.abc import Sequence
 from contextlib import ExitStack
@@ -28,6 +29,7 @@ from gateway.consent_setup import delivery_recheck, purpose_rules
 from gateway.pipeline import destination_specs
 from identity.db import make_engine
 from tests.conftest import MALL_WEB_KEY, TEST_CONFIG, RedisNamespace, backend_env, make_gateway, mid
+from tests.e2e.test_delivery_faults import idgate
 from tests.receivers import Receiver
 from tests.waiting import async_wait_until, wait_until
 
@@ -297,3 +299,142 @@ def test_a_withdrawal_while_the_destination_is_down_stops_its_waiting_events(
         assert not set(gone) & set(rx.message_ids)
         metrics = httpx.get(gw.url + "/metrics").text
         assert 'idgate_delivery_withheld_total{destination="hook"} 3.0' in metrics
+
+
+PERSONALISATION_CONFIG = """
+[[tenants]]
+id = "mall"
+
+[[tenants.sources]]
+id = "mall-web"
+platform = "web"
+dev_write_key = "{key}"
+
+[[tenants.notices]]
+id = "notice-v1"
+content_sha256 = "{sha}"
+
+[tenants.tracking_plan]
+"*" = ["analytics", "personalisation"]
+
+[[tenants.destinations]]
+id = "hook"
+sink = "webhook"
+purposes = ["analytics"]
+options = {{ url = "{hook}", timeout_seconds = 1 }}
+retry = {{ max_attempts = 1000, initial_backoff_ms = 20, max_backoff_ms = 200 }}
+
+[[tenants.destinations]]
+id = "recs"
+sink = "webhook"
+purposes = ["personalisation"]
+options = {{ url = "{recs}", timeout_seconds = 1 }}
+retry = {{ max_attempts = 1000, initial_backoff_ms = 20, max_backoff_ms = 200 }}
+
+# gives up at once: its events wait in the dead-letter store until `idgate dlq replay`
+[[tenants.destinations]]
+id = "parked"
+sink = "webhook"
+purposes = ["analytics"]
+options = {{ url = "{parked}", timeout_seconds = 1 }}
+retry = {{ max_attempts = 2, initial_backoff_ms = 20, max_backoff_ms = 50 }}
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "backend", ["sqlite", pytest.param("distributed", marks=[pytest.mark.postgres, pytest.mark.redis])]
+)
+def test_a_withdrawal_of_personalisation_while_events_wait_flags_every_delivery_of_them(
+    backend: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """PIPL Art. 24 asked again at delivery, over real HTTP: the person's events were
+    accepted as personalised and are waiting (being retried against receivers that are
+    down, or in the dead-letter store) when they withdraw ``personalisation``. The retried
+    copies reach the analytics receiver flagged ``personalisation: false``, the
+    personalisation-only receiver gets none of them, and a dead-letter replay after the
+    withdrawal is flagged too; another person's events keep ``true``. On the embedded outbox
+    and on the Redis stream outbox."""
+    with ExitStack() as stack:
+        hook, recs, parked = (stack.enter_context(Receiver(seed=s)) for s in (3, 4, 5))
+        for rx in (hook, recs, parked):
+            rx.down = True
+        env: dict[str, str] = {}
+        if backend == "distributed":
+            redis_ns: RedisNamespace = request.getfixturevalue("redis_ns")
+            env = {**backend_env("postgres", stack), **redis_ns.env()}
+        config = PERSONALISATION_CONFIG.format(
+            key=MALL_WEB_KEY,
+            sha="1" * 64,
+            hook=hook.webhook_url,
+            recs=recs.webhook_url,
+            parked=parked.webhook_url,
+        )
+        gw = make_gateway(tmp_path, config=config, extra_env=env).start()
+        stack.callback(gw.stop)
+        web = stack.enter_context(httpx.Client(base_url=gw.url, auth=(MALL_WEB_KEY, ""), timeout=10))
+        tag = uuid.uuid4().hex[:8]
+        leaving, staying = f"anon-leaving-{tag}", f"anon-staying-{tag}"
+        for anon in (leaving, staying):
+            r = web.post(
+                "/v1/consent",
+                json={
+                    "anonymousId": anon,
+                    "grant": ["analytics", "personalisation"],
+                    "noticeId": "notice-v1",
+                },
+            )
+            assert r.status_code == 200, r.text
+
+        def send(anon: str, count: int) -> list[str]:
+            ids = [mid() for _ in range(count)]
+            batch = [{"type": "track", "anonymousId": anon, "event": "Viewed", "messageId": m} for m in ids]
+            r = web.post("/v1/batch", json={"batch": batch})
+            assert r.status_code == 200 and r.json()["accepted"] == count, r.text
+            return ids
+
+        def dead_letters() -> list[str]:
+            listed = idgate(gw, "dlq", "list", "--json", "--destination", "parked")
+            assert listed.returncode == 0, listed.stderr
+            return [json.loads(line)["messageId"] for line in listed.stdout.splitlines()]
+
+        def flags(rx: Receiver) -> dict[str, bool]:
+            return {e["messageId"]: e["context"]["idgate"]["personalisation"] for e in rx.events}
+
+        gone, kept = send(leaving, 3), send(staying, 3)
+        wait_until(
+            lambda: hook.statuses[503] >= 3 and recs.statuses[503] >= 3,
+            what="the gateway retrying the down receivers",
+        )
+        wait_until(lambda: sorted(dead_letters()) == sorted(gone + kept), timeout=30, what="the dead letters")
+        r = web.post("/v1/consent", json={"anonymousId": leaving, "withdraw": ["personalisation"]})
+        assert r.status_code == 200, r.text
+        # An attempt already past its consent check when the withdrawal was acknowledged may
+        # still be on its way; the second refusal from now on was asked after it.
+        refused = hook.statuses[503], recs.statuses[503]
+        wait_until(
+            lambda: hook.statuses[503] >= refused[0] + 2 and recs.statuses[503] >= refused[1] + 2,
+            what="two more attempts after the withdrawal",
+        )
+        hook.down = recs.down = False
+        wait_until(lambda: set(gone + kept) <= set(hook.message_ids), timeout=30, what="the retried events")
+        assert {m: flags(hook)[m] for m in gone + kept} == {
+            **dict.fromkeys(gone, False),
+            **dict.fromkeys(kept, True),
+        }
+        # everything queued before this one has been through delivery by the time it arrives
+        marker = send(staying, 1)
+        wait_until(lambda: set(kept + marker) <= set(recs.message_ids), timeout=30, what="the marker event")
+        assert not set(gone) & set(recs.message_ids)
+        assert all(flags(recs).values())
+
+        parked.down = False
+        replay = idgate(gw, "dlq", "replay", "--destination", "parked")
+        assert replay.returncode == 0, replay.stderr
+        wait_until(
+            lambda: set(gone + kept) <= set(parked.message_ids), timeout=30, what="the replayed events"
+        )
+        assert {m: flags(parked)[m] for m in gone + kept} == {
+            **dict.fromkeys(gone, False),
+            **dict.fromkeys(kept, True),
+        }
