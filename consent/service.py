@@ -516,13 +516,14 @@ class LedgerPolicy:
 
     async def ask_again(
         self, destination: DestinationSpec, tickets: Sequence[bytes]
-    ) -> list[DeliveryVerdict]:
+    ) -> dict[int, DeliveryVerdict]:
         """Consent asked again at send time: may each event (by the consent ticket it was
         routed with; empty: no consent was asked) still go to ``destination``, and still as
-        personalised (PIPL Art. 24)? One decision answers both. Events decided after the
+        personalised (PIPL Art. 24)? One decision answers both. Only the events whose answer
+        is not ``SEND`` are returned, by position (usually none). Events decided after the
         last restricting record (a withdrawal, a minor flag, a material notice) cannot have
         lost a basis and are not asked again."""
-        verdicts = [DeliveryVerdict.SEND] * len(tickets)
+        changed: dict[int, DeliveryVerdict] = {}
         current = await self.restrictive_seq()
         by_tenant: dict[str, list[tuple[int, ConsentTicket]]] = {}
         for i, raw in enumerate(tickets):
@@ -536,10 +537,10 @@ class LedgerPolicy:
             decisions = await self.decide_batch([t.query for _, t in items], [destination])
             for (i, ticket), decision in zip(items, decisions, strict=True):
                 if destination.id not in decision.destinations:
-                    verdicts[i] = DeliveryVerdict.WITHHOLD
+                    changed[i] = DeliveryVerdict.WITHHOLD
                 elif ticket.personalised and not decision.personalised:
-                    verdicts[i] = DeliveryVerdict.SEND_NON_PERSONALISED
-        return verdicts
+                    changed[i] = DeliveryVerdict.SEND_NON_PERSONALISED
+        return changed
 
 
 def non_personalised_ticket(raw: bytes) -> bytes:

@@ -35,6 +35,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import msgspec
 import structlog
@@ -240,11 +241,12 @@ class DeliveryWorker:
         consent allows it now (a rewritten copy where that changed)."""
         if not records or self.recheck is None:
             return records
-        still = [r for r in await self.recheck(self.destination, records) if r is not None]
-        withheld = len(records) - len(still)
-        if withheld:
-            WITHHELD.labels(self.destination).inc(withheld)
-        return still
+        answers = await self.recheck(self.destination, records)
+        withheld = answers.count(None)
+        if not withheld:
+            return cast(list[StoredRecord], answers)  # no None in it
+        WITHHELD.labels(self.destination).inc(withheld)
+        return [r for r in answers if r is not None]
 
     async def _concerned(self, records: list[StoredRecord]) -> list[StoredRecord]:
         """Drop notices about persons this destination never got data of (nor gets now)."""

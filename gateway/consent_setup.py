@@ -112,18 +112,15 @@ def delivery_recheck(policy: LedgerPolicy, specs: Mapping[str, DestinationSpec])
     so a retry or a dead-letter replay does not ask to rewrite it again)."""
 
     async def recheck(destination: str, records: Sequence[StoredRecord]) -> list[StoredRecord | None]:
-        verdicts = await policy.ask_again(specs[destination], [r.consent for r in records])
-        answers: list[StoredRecord | None] = []
-        for r, verdict in zip(records, verdicts, strict=True):
-            if verdict is DeliveryVerdict.SEND:
-                answers.append(r)
-            elif verdict is DeliveryVerdict.WITHHOLD:
-                answers.append(None)
-            else:
-                answers.append(
-                    msgspec.structs.replace(
-                        r, payload=non_personalised(r.payload), consent=non_personalised_ticket(r.consent)
-                    )
+        answers: list[StoredRecord | None] = list(records)
+        changed = await policy.ask_again(specs[destination], [r.consent for r in records])
+        for i, verdict in changed.items():
+            if verdict is DeliveryVerdict.WITHHOLD:
+                answers[i] = None
+            elif verdict is DeliveryVerdict.SEND_NON_PERSONALISED:
+                r = records[i]
+                answers[i] = msgspec.structs.replace(
+                    r, payload=non_personalised(r.payload), consent=non_personalised_ticket(r.consent)
                 )
         return answers
 
