@@ -24,6 +24,7 @@ relied on (the proof), so every forward can be justified later.
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -92,6 +93,21 @@ class ConsentTicket(msgspec.Struct, frozen=True, array_like=True):
 
     epoch: int
     query: ConsentQuery
+    # Whether the event is forwarded as personalised (``context.idgate.personalisation``):
+    # delivery turns it to false when the basis is gone by then, never back to true (a
+    # later grant does not reach events received without one). True for a ticket written
+    # before the field existed, so such an event is asked too.
+    personalised: bool = True
+
+
+class DeliveryVerdict(enum.IntEnum):
+    """Consent asked again at send time, for one event and one destination."""
+
+    WITHHOLD = 0
+    SEND = 1
+    # still allowed, but the subject lost the ``personalisation`` basis since the event
+    # was accepted: it goes with ``context.idgate.personalisation = false`` (PIPL Art. 24)
+    SEND_NON_PERSONALISED = 2
 
 
 class ConsentDecision(msgspec.Struct, frozen=True):

@@ -31,6 +31,7 @@ from consent.decisions import (
     ConsentDecision,
     ConsentQuery,
     ConsentTicket,
+    DeliveryVerdict,
     DestinationSpec,
     StateEntry,
     decide,
@@ -513,29 +514,42 @@ class LedgerPolicy:
             raise ConsentStateUnavailable("the consent state is being rebuilt from the ledger")
         return await self.state.erased(tenant, identifiers) if identifiers else set()
 
-    async def still_allowed(self, destination: DestinationSpec, tickets: Sequence[bytes]) -> list[bool]:
+    async def ask_again(
+        self, destination: DestinationSpec, tickets: Sequence[bytes]
+    ) -> dict[int, DeliveryVerdict]:
         """Consent asked again at send time: may each event (by the consent ticket it was
-        routed with; empty: no consent was asked) still go to ``destination``? Events decided
-        after the last restricting record (a withdrawal, a minor flag, a material notice)
-        cannot have lost their basis and are not asked again."""
-        still = [True] * len(tickets)
+        routed with; empty: no consent was asked) still go to ``destination``, and still as
+        personalised (PIPL Art. 24)? One decision answers both. Only the events whose answer
+        is not ``SEND`` are returned, by position (usually none). Events decided after the
+        last restricting record (a withdrawal, a minor flag, a material notice) cannot have
+        lost a basis and are not asked again."""
+        changed: dict[int, DeliveryVerdict] = {}
         current = await self.restrictive_seq()
-        by_tenant: dict[str, list[tuple[int, ConsentQuery]]] = {}
+        by_tenant: dict[str, list[tuple[int, ConsentTicket]]] = {}
         for i, raw in enumerate(tickets):
             if not raw:
                 continue
             ticket = _decode_ticket(raw)
             if ticket.epoch >= current:
                 continue
-            by_tenant.setdefault(ticket.query.tenant, []).append((i, ticket.query))
+            by_tenant.setdefault(ticket.query.tenant, []).append((i, ticket))
         for items in by_tenant.values():
-            decisions = await self.decide_batch([q for _, q in items], [destination])
-            for (i, _), decision in zip(items, decisions, strict=True):
-                still[i] = destination.id in decision.destinations
-        return still
+            decisions = await self.decide_batch([t.query for _, t in items], [destination])
+            for (i, ticket), decision in zip(items, decisions, strict=True):
+                if destination.id not in decision.destinations:
+                    changed[i] = DeliveryVerdict.WITHHOLD
+                elif ticket.personalised and not decision.personalised:
+                    changed[i] = DeliveryVerdict.SEND_NON_PERSONALISED
+        return changed
+
+
+def non_personalised_ticket(raw: bytes) -> bytes:
+    """The consent ticket of an event from now on forwarded as non-personalised."""
+    return _encode_ticket(msgspec.structs.replace(_decode_ticket(raw), personalised=False))
 
 
 _decode_ticket = msgspec.json.Decoder(ConsentTicket).decode
+_encode_ticket = msgspec.json.Encoder().encode
 
 
 def _consent_kind(value: str) -> ConsentKind:
@@ -554,4 +568,5 @@ __all__ = [
     "PurposeRules",
     "Receipt",
     "UnknownNotice",
+    "non_personalised_ticket",
 ]

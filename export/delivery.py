@@ -4,14 +4,16 @@ Each destination reads its own queue (a cursor on the embedded outbox, a consume
 the Redis Streams outbox), so a slow or failing destination never holds back the others.
 For each batch the worker:
 
-1. asks consent again (a withdrawal that landed while the events waited stops them);
+1. asks consent again (a withdrawal that landed while the events waited stops them, and
+   one of ``personalisation`` has them sent flagged non-personalised: the recheck hands
+   back each record as consent allows it now);
 2. drops identity notices about persons the destination never received data of;
 3. removes the event properties the destination may not receive, when it declares what it
    may (``export.minimise``), and re-keys pseudonyms and unified IDs for the destination's
    pseudonym domain;
 4. writes to the sink, retrying with exponential backoff and jitter, and asking consent
    again before every retry (a withdrawal that lands while a destination is down stops
-   the events still waiting for it); a batch the receiver refuses
+   the events still waiting for it, or flags them non-personalised); a batch the receiver refuses
    (``PermanentSinkError``) is bisected so only the refused events are set aside; events
    still failing after ``Retry.max_attempts`` attempts or ``Retry.max_age_seconds`` since
    they were received go to the dead-letter store (never silently dropped; a replay puts
@@ -33,6 +35,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import msgspec
 import structlog
@@ -66,8 +69,10 @@ NOTICES_SKIPPED = Counter(
 )
 BACKLOG = Gauge("idgate_outbox_backlog", "Events in the outbox not yet delivered everywhere")
 
-# Asked again at send time: which of these records may still go to this destination?
-Recheck = Callable[[str, Sequence[StoredRecord]], Awaitable[list[bool]]]
+# Asked again at send time: may each of these records still go to this destination, and as
+# what? None: withheld; else the record itself, or a copy rewritten for what consent allows
+# now (its payload flagged non-personalised). Only a changed record is a new object.
+Recheck = Callable[[str, Sequence[StoredRecord]], Awaitable[list[StoredRecord | None]]]
 # Told before each sink attempt what is about to be delivered (the audit trail of proofs;
 # idempotent, and a crash after the write redelivers); and what a retry then withheld.
 OnDelivered = Callable[[str, Sequence[StoredRecord]], Awaitable[None]]
@@ -232,15 +237,16 @@ class DeliveryWorker:
         return max(self.last_lag or 0.0, now - waiting / 1000)
 
     async def _still_allowed(self, records: list[StoredRecord]) -> list[StoredRecord]:
-        """The records consent still allows for this destination (asked again now)."""
+        """The records consent still allows for this destination (asked again now), each as
+        consent allows it now (a rewritten copy where that changed)."""
         if not records or self.recheck is None:
             return records
-        still = await self.recheck(self.destination, records)
-        withheld = len(records) - sum(still)
+        answers = await self.recheck(self.destination, records)
+        withheld = answers.count(None)
         if not withheld:
-            return records
+            return cast(list[StoredRecord], answers)  # no None in it
         WITHHELD.labels(self.destination).inc(withheld)
-        return [r for r, ok in zip(records, still, strict=True) if ok]
+        return [r for r in answers if r is not None]
 
     async def _concerned(self, records: list[StoredRecord]) -> list[StoredRecord]:
         """Drop notices about persons this destination never got data of (nor gets now)."""
@@ -264,8 +270,8 @@ class DeliveryWorker:
             kept.append(r)
         return kept
 
-    async def _deliver(self, records: list[StoredRecord]) -> tuple[list[StoredRecord], dict[str, int]]:
-        """Write with retries; returns (the records written, sink file sizes)."""
+    def _outgoing(self, records: list[StoredRecord]) -> list[StoredRecord]:
+        """The records as this destination receives them: minimised and re-keyed."""
         outgoing = records
         if self.minimise is not None:
             minimise = self.minimise.payload
@@ -273,20 +279,32 @@ class DeliveryWorker:
         if self.rekey is not None:
             rekey = self.rekey.payload
             outgoing = [msgspec.structs.replace(r, payload=rekey(r)) for r in outgoing]
+        return outgoing
+
+    async def _deliver(self, records: list[StoredRecord]) -> tuple[list[StoredRecord], dict[str, int]]:
+        """Write with retries; returns (the records written, sink file sizes)."""
+        outgoing = self._outgoing(records)
         original = {r.seq: r for r in records}
         dead: set[int] = set()
         attempt = 0
         while True:
             pending = [r for r in outgoing if r.seq not in dead]
             if attempt:
-                # a retry: what the destination may still receive is asked again
-                allowed = {r.seq for r in await self._still_allowed([original[r.seq] for r in pending])}
+                # a retry: what the destination may still receive, and as what, is asked again
+                asked = await self._still_allowed([original[r.seq] for r in pending])
+                allowed = {r.seq for r in asked}
                 withheld = [original[r.seq] for r in pending if r.seq not in allowed]
                 if withheld:
                     dead.update(r.seq for r in withheld)  # set aside like refused ones
                     pending = [r for r in pending if r.seq in allowed]
                     if self.on_withheld is not None:
                         await self.on_withheld(self.destination, withheld)
+                changed = [r for r in asked if r is not original[r.seq]]
+                if changed:  # e.g. flagged non-personalised: what is sent (and dead-lettered)
+                    original.update((r.seq, r) for r in changed)
+                    rewritten = {r.seq: r for r in self._outgoing(changed)}
+                    outgoing = [rewritten.get(r.seq, r) for r in outgoing]
+                    pending = [rewritten.get(r.seq, r) for r in pending]
             if not pending:
                 return [], {}
             if self.on_delivered is not None:

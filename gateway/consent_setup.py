@@ -7,17 +7,18 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
 import sqlalchemy as sa
 import structlog
 
 from consent.access_log import AccessLog
 from consent.audit import ConsentAudit
 from consent.db import migrate_consent
-from consent.decisions import DestinationSpec
+from consent.decisions import DeliveryVerdict, DestinationSpec
 from consent.ledger import Ledger
 from consent.proofs import DeliveryProofs
 from consent.rotation import SubjectAliases
-from consent.service import ConsentService, LedgerPolicy, PurposeRules
+from consent.service import ConsentService, LedgerPolicy, PurposeRules, non_personalised_ticket
 from consent.signing import InvalidLedgerKey, LedgerSigner, load_signer
 from consent.state import ConsentStateStore, RedisConsentState, SqlConsentState
 from export.delivery import OnDelivered, OnWithheld, Recheck
@@ -105,12 +106,42 @@ async def open_consent(
 
 
 def delivery_recheck(policy: LedgerPolicy, specs: Mapping[str, DestinationSpec]) -> Recheck:
-    """Consent asked again at send time, for the delivery workers."""
+    """Consent asked again at send time, for the delivery workers: each record withheld
+    (None), as it is, or flagged non-personalised when the subject lost the
+    ``personalisation`` basis since it was accepted (PIPL Art. 24; its ticket says so too,
+    so a retry or a dead-letter replay does not ask to rewrite it again)."""
 
-    async def recheck(destination: str, records: Sequence[StoredRecord]) -> list[bool]:
-        return await policy.still_allowed(specs[destination], [r.consent for r in records])
+    async def recheck(destination: str, records: Sequence[StoredRecord]) -> list[StoredRecord | None]:
+        answers: list[StoredRecord | None] = list(records)
+        changed = await policy.ask_again(specs[destination], [r.consent for r in records])
+        for i, verdict in changed.items():
+            if verdict is DeliveryVerdict.WITHHOLD:
+                answers[i] = None
+            elif verdict is DeliveryVerdict.SEND_NON_PERSONALISED:
+                r = records[i]
+                answers[i] = msgspec.structs.replace(
+                    r, payload=non_personalised(r.payload), consent=non_personalised_ticket(r.consent)
+                )
+        return answers
 
     return recheck
+
+
+_decode_event = msgspec.json.Decoder(dict[str, Any]).decode
+_encode_event = msgspec.json.Encoder().encode
+
+
+def non_personalised(payload: bytes) -> bytes:
+    """An outbox event's payload with ``context.idgate.personalisation`` false (the flag
+    gateway.pipeline.encode_for_outbox writes); idgate's own context only, so a property
+    that happens to be called ``personalisation`` is left alone."""
+    event = _decode_event(payload)
+    context = event.get("context")
+    idgate = context.get("idgate") if isinstance(context, dict) else None
+    if not isinstance(idgate, dict) or idgate.get("personalisation") is not True:
+        return payload
+    idgate["personalisation"] = False
+    return _encode_event(event)
 
 
 # (tenant, message id) -> how the proofs table keeps it: a keyed hash

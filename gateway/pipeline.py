@@ -955,7 +955,7 @@ async def decide_consent(s: IngestServices, batch: IngestBatch) -> None:
         env.destinations = decision.destinations
         env.consent_proof = decision.proof
         if query is not None:
-            env.consent_ticket = ConsentTicket(decision.epoch, query)
+            env.consent_ticket = ConsentTicket(decision.epoch, query, decision.personalised)
             env.personalised = decision.personalised
         if decision.strip_sensitive:
             strip_sensitive(env, tenant)

@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 
 from export.deadletter import DeadLetterStore, RedisDeadLetters, SqliteDeadLetters
@@ -380,3 +381,53 @@ def test_a_failing_audit_trail_holds_the_batch_back_instead_of_dead_lettering_it
     asyncio.run(go())
     assert sink.ids() == [f"m{i}" for i in range(10)]  # more failures than max_attempts, none lost
     assert backend.dead_letters.list() == []
+
+
+@pytest.mark.parametrize("recovers", [True, False], ids=["sent", "dead-lettered"])
+def test_a_retry_sends_the_records_as_the_recheck_hands_them_back(backend: Backend, recovers: bool) -> None:
+    """Consent asked again before a retry may hand a record back rewritten (at the gateway:
+    flagged non-personalised): that copy is what is re-keyed and sent on every later
+    attempt, or what the dead-letter store keeps when the retries run out."""
+    rekey = DomainRekeyer(PRF, "warehouse")
+    asked_again = {"changed": False}
+
+    def fail(_: list[StoredRecord]) -> Exception | None:
+        asked_again["changed"] = True  # lands while the first attempt fails
+        return RetryableSinkError("503") if not recovers or sink.writes <= 3 else None
+
+    sink = MemorySink("a", fail)
+
+    def flagged(r: StoredRecord) -> StoredRecord:
+        body = json.loads(r.payload)
+        body["context"]["flag"] = True
+        return msgspec.structs.replace(r, payload=json.dumps(body).encode(), consent=b"flagged")
+
+    async def recheck(destination: str, records: Sequence[StoredRecord]) -> list[StoredRecord | None]:
+        if not asked_again["changed"]:
+            return list(records)
+        answers: list[StoredRecord | None] = []
+        for r in records:  # m0 changes (once: its ticket then says so), m1 is withheld
+            if r.message_id == "m0" and r.consent != b"flagged":
+                answers.append(flagged(r))
+            else:
+                answers.append(None if r.message_id == "m1" else r)
+        return answers
+
+    async def go() -> None:
+        await backend.append([event(i, person(i), user=PRF(f"u{i}")) for i in range(3)])
+        async with running(backend, [worker(backend, sink, rekey=rekey, recheck=recheck)]):
+            if recovers:
+                await until(lambda: len(sink.received) == 2)
+            else:
+                await until(lambda: len(backend.dead_letters.list()) == 2)
+
+    asyncio.run(go())
+    if recovers:
+        assert sink.writes == 4  # three failed attempts, the last two after the rewrite
+        sent = {e["messageId"]: e for e in sink.received}
+        assert sent["m0"]["userId"] == rekey.value(PRF("u0"))  # re-keyed after the rewrite
+    else:
+        sent = {d.message_id: json.loads(d.payload) for d in backend.dead_letters.list()}
+        assert {d.consent for d in backend.dead_letters.list()} == {b"flagged", b""}
+    assert sorted(sent) == ["m0", "m2"]
+    assert sent["m0"]["context"]["flag"] is True and "flag" not in sent["m2"]["context"]
