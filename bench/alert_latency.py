@@ -2,18 +2,23 @@
 
 Issue 15's target: "the alert fires within 15 s of the window in which the drop happened".
 
-One gateway per evaluation interval (``--intervals 15000,1000``: ``IDGATE_ALERT_INTERVAL_MS``),
-each ``idgate serve`` in embedded mode (in-memory KPIs, SQLite outbox and alert history) with
-the default KPIs and one alert rule: the seed's payment-success-rate drop rule ("falls by
-20 %", ``min_volume = 50``) over a one-minute window (``window = 1``: the seed's is 10, which
-by design pages 7-8 minutes after a step drop, see the README) against the minute before,
-``cooldown_seconds = 0``, notifying a generic webhook: a small HTTP receiver in this script
-that notes when each notification arrives. The gateways get the same load side by side, so
-they see the same drops at the same moments: every 100 ms a batch of ``--per-tick`` payment
-requests (40/s by default) and their successes, exactly 95 % of them, then, at a chosen
-offset into a minute (``--offsets``), exactly 70 % until every gateway paged (or the
-window's end plus ``--timeout``), then 95 % again until every gateway resolved and a full
-minute at 95 % has passed, before the next drop.
+One gateway per evaluation interval (``--intervals 15000,2000``: ``IDGATE_ALERT_INTERVAL_MS``,
+the old default and the current one), each ``idgate serve`` in embedded mode (in-memory
+KPIs, SQLite outbox and alert history) with the default KPIs and one alert rule: the seed's
+payment-success-rate drop rule ("falls by 20 %", ``min_volume = 50``) over a one-minute
+window (``window = 1``: the seed's is 10, which by design pages about 7 minutes after a step
+drop, see the README) against the minute before, ``cooldown_seconds = 0``, notifying a
+generic webhook: a small HTTP receiver in this script that notes when each notification
+arrives. The gateways get the same load side by side, so they see the same drops at the
+same moments: every 100 ms a batch of ``--per-tick`` payment requests (40/s by default) and
+their successes, exactly 95 % of them, then, at a chosen offset into a minute
+(``--offsets``), exactly 70 % until every gateway paged (or the window's end plus
+``--timeout``), then 95 % again until every gateway resolved and a full minute at 95 % has
+passed, before the next drop.
+
+``--phases`` gateways per interval (3), started an interval / 3 apart: the drops are
+minute-aligned and a 15 s round period divides the minute, so one gateway would meet every
+drop at the same moment of its cycle, lucky or not; three sample the cycle.
 
 Per drop and gateway the script reports, against W, the end of the KPI minute (bucket) in
 which the drop happened:
@@ -28,13 +33,15 @@ which the drop happened:
 Target: ``paged - W <= 15 s`` for every drop the rule can see. A drop mid-minute that the
 one-minute comparison cannot see at all (95 % -> 70 % between about 14 s and 42 s into the
 minute: neither that minute nor the next falls 20 % below the one before) is reported as
-``blind`` and not counted; the replay tells which. Also printed: each gateway's CPU (share
+``blind`` and not counted; the replay tells which. A drop whose condition held (for a few
+seconds only, near that band's edges, before the minute turned) but that no evaluation
+caught is ``MISSED`` and fails the target. Also printed: each gateway's CPU (share
 of one core) idle and under the load, the load average, and what one refresh + evaluation
 round costs in process on the example config (the KPIs of every tenant re-read, the rules
 evaluated), in memory and, with ``--redis URL``, in Redis.
 
-    .venv/bin/python bench/alert_latency.py [--intervals 15000,1000] [--offsets 5,30,45,55]
-        [--bucket-ms 60000] [--per-tick 4] [--idle-seconds 10] [--redis URL] [--json]
+    .venv/bin/python bench/alert_latency.py [--intervals 15000,2000] [--offsets 5,12,30,50,55]
+        [--phases 3] [--bucket-ms 60000] [--per-tick 4] [--idle-seconds 10] [--redis URL] [--json]
 
 About 3 minutes per drop (the gateways run side by side, so more intervals cost no time).
 """
@@ -237,6 +244,37 @@ class Load(threading.Thread):
             c.close()
 
 
+class Loads:
+    """One Load thread per gateway (a slow answer from one delays no other), one rate."""
+
+    def __init__(self, gateways: list[ingest.Server], per_tick: int) -> None:
+        self.threads = [Load([g], per_tick) for g in gateways]
+        self.acks = {g.name: t.acks[g.name] for g, t in zip(gateways, self.threads, strict=True)}
+
+    @property
+    def rate(self) -> float:
+        return self.threads[0].rate
+
+    @rate.setter
+    def rate(self, value: float) -> None:
+        for t in self.threads:
+            t.rate = value
+
+    @property
+    def failures(self) -> int:
+        return sum(t.failures for t in self.threads)
+
+    def start(self) -> None:
+        for t in self.threads:
+            t.start()
+
+    def stop(self) -> None:
+        for t in self.threads:
+            t.stopping.set()
+        for t in self.threads:
+            t.join(timeout=15)
+
+
 def condition_span(
     acks: list[Ack], after: float, bucket_s: float, until: float
 ) -> tuple[float, float] | None:
@@ -291,6 +329,7 @@ class Outcome:
 class GatewayRun:
     server: ingest.Server
     interval_ms: int
+    phase: int = 0
     idle_cpu: float = 0.0
     load_cpu: float = 0.0
     outcomes: list[Outcome] = field(default_factory=list)
@@ -311,7 +350,7 @@ def next_drop(offset: float, bucket_s: float, calm_since: float) -> float:
 
 
 def run_drops(
-    runs: list[GatewayRun], load: Load, receiver: Receiver, args: argparse.Namespace, bucket_s: float
+    runs: list[GatewayRun], load: Loads, receiver: Receiver, args: argparse.Namespace, bucket_s: float
 ) -> None:
     calm_since = time.time()
     for n, offset in enumerate(args.offsets, 1):
@@ -421,32 +460,37 @@ async def evaluation_cost(redis_url: str | None, rounds: int = 30) -> dict[str, 
 
 
 # -- report ----------------------------------------------------------------------------------
-def summarise(r: GatewayRun) -> dict[str, Any]:
-    seen = [o for o in r.outcomes if not o.blind]
+def summarise(interval_ms: int, runs: list[GatewayRun]) -> dict[str, Any]:
+    """The drops of every gateway (phase) of one interval."""
+    outcomes = [o for r in runs for o in r.outcomes]
+    seen = [o for o in outcomes if not o.blind]
     paged = [o.paged for o in seen if o.paged is not None]
     delays = [o.delay for o in seen if o.delay is not None]
     missed = [o for o in seen if o.paged is None]
     met = bool(seen) and not missed and max(paged) <= TARGET_SECONDS
     return {
-        "interval_ms": r.interval_ms,
+        "interval_ms": interval_ms,
+        "gateways": len(runs),
         "drops": [
             {
+                "gateway": o.gateway,
                 "offset_s": o.offset,
                 "holds_s": o.holds,
                 "held_for_s": o.held_for,
+                "stopped_holding": o.stopped,
                 "paged_s": o.paged,
                 "delay_s": o.delay,
             }
-            for o in r.outcomes
+            for o in outcomes
         ],
-        "blind": sum(o.blind for o in r.outcomes),
+        "blind": sum(o.blind for o in outcomes),
         "missed": len(missed),
         "paged_max_s": max(paged) if paged else None,
         "paged_p50_s": statistics.median(paged) if paged else None,
         "delay_max_s": max(delays) if delays else None,
         "delay_p50_s": statistics.median(delays) if delays else None,
-        "idle_cpu_pct": r.idle_cpu,
-        "load_cpu_pct": r.load_cpu,
+        "idle_cpu_pct": statistics.mean(r.idle_cpu for r in runs),
+        "load_cpu_pct": statistics.mean(r.load_cpu for r in runs),
         "target_met": met,
     }
 
@@ -463,11 +507,11 @@ def report(
     )
     print("Seconds after W, the end of the bucket in which the drop happened (negative: before it ended):")
     rows = []
-    for r in runs:
+    for r in sorted(runs, key=lambda r: (-r.interval_ms, r.phase)):
         for o in r.outcomes:
             rows.append(
                 [
-                    f"{r.interval_ms / 1000:g} s",
+                    f"{r.interval_ms / 1000:g} s #{r.phase}",
                     o.offset,
                     "blind" if o.blind else fmt(o.holds),
                     held(o),
@@ -477,7 +521,7 @@ def report(
             )
     print_table(
         [
-            Column("interval", 10, left=True),
+            Column("interval", 12, left=True),
             Column("offset s", 9, "g"),
             Column("holds", 8),
             Column("held for", 9),
@@ -486,7 +530,12 @@ def report(
         ],
         rows,
     )
-    out = {"runs": [summarise(r) for r in runs], "evaluation_cost": costs, "loadavg": loads}
+    intervals = sorted({r.interval_ms for r in runs}, reverse=True)
+    out = {
+        "runs": [summarise(ms, [r for r in runs if r.interval_ms == ms]) for ms in intervals],
+        "evaluation_cost": costs,
+        "loadavg": loads,
+    }
     print()
     print_table(
         [
@@ -497,6 +546,7 @@ def report(
             Column("p50", 7),
             Column("CPU idle %", 11),
             Column("CPU load %", 11),
+            Column("drops", 6),
             Column("target", 9),
         ],
         [
@@ -508,6 +558,7 @@ def report(
                 fmt(s["delay_p50_s"], ".2f"),
                 f"{s['idle_cpu_pct']:.2f}",
                 f"{s['load_cpu_pct']:.2f}",
+                len(s["drops"]) - s["blind"],
                 "MET" if s["target_met"] else "NOT MET",
             ]
             for s in out["runs"]
@@ -537,9 +588,12 @@ def report(
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument(
-        "--intervals", default="15000,1000", help="IDGATE_ALERT_INTERVAL_MS values, one gateway each"
+        "--intervals", default="15000,2000", help="IDGATE_ALERT_INTERVAL_MS values, one gateway each"
     )
-    p.add_argument("--offsets", default="5,30,45,55", help="seconds into a bucket at which each drop starts")
+    p.add_argument(
+        "--offsets", default="5,12,30,50,55", help="seconds into a bucket at which each drop starts"
+    )
+    p.add_argument("--phases", type=int, default=3, help="gateways per interval, started interval/N apart")
     p.add_argument("--bucket-ms", type=int, default=60_000, help="IDGATE_KPI_BUCKET_MS")
     p.add_argument("--per-tick", type=int, default=4, help="payment requests per 100 ms")
     p.add_argument("--timeout", type=float, default=45.0, help="after the window's end, a drop gives up")
@@ -562,7 +616,7 @@ def main(argv: list[str] | None = None) -> int:
     bucket_s = args.bucket_ms / 1000
     tmp = Path(tempfile.mkdtemp(prefix="idgate-bench-alerts-"))
     receiver = Receiver()
-    load: Load | None = None
+    load: Loads | None = None
     try:
         costs = [asyncio.run(evaluation_cost(None))]
         if args.redis:
@@ -570,14 +624,22 @@ def main(argv: list[str] | None = None) -> int:
         config = tmp / "idgate.toml"
         config.write_text(CONFIG)
         runs = []
-        for ms in args.intervals:
-            name = f"interval-{ms}ms"
+        # --phases gateways per interval, started interval/phases apart: the evaluation
+        # rounds of each fall at another moment of the minute, so the drops (minute-aligned)
+        # meet the rounds at different phases
+        starts = sorted(
+            (ms * k / args.phases / 1000, ms, k) for ms in args.intervals for k in range(args.phases)
+        )
+        t0 = time.monotonic()
+        for delay, ms, k in starts:
+            time.sleep(max(0.0, t0 + delay - time.monotonic()))
+            name = f"interval-{ms}ms-{k}"
             env = {
                 "IDGATE_ALERT_INTERVAL_MS": str(ms),
                 "IDGATE_KPI_BUCKET_MS": str(args.bucket_ms),
                 "BENCH_WEBHOOK_URL": receiver.url(name),
             }
-            runs.append(GatewayRun(ingest.start_gateway(tmp, config, name=name, extra_env=env), ms))
+            runs.append(GatewayRun(ingest.start_gateway(tmp, config, name=name, extra_env=env), ms, k))
         for r in runs:
             r.server.wait_healthy()
         loads = [os.getloadavg()[0]]
@@ -586,7 +648,7 @@ def main(argv: list[str] | None = None) -> int:
         for r in runs:
             used = ingest.proc_cpu_seconds(r.server.proc.pid) - cpu0[r.server.name]
             r.idle_cpu = used / args.idle_seconds * 100
-        load = Load([r.server for r in runs], args.per_tick)
+        load = Loads([r.server for r in runs], args.per_tick)
         started = time.time()
         cpu0 = {r.server.name: ingest.proc_cpu_seconds(r.server.proc.pid) for r in runs}
         load.start()
@@ -613,8 +675,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     finally:
         if load is not None:
-            load.stopping.set()
-            load.join(timeout=15)
+            load.stop()
         for proc in list(reversed(ingest._children)):
             ingest.stop(proc)
         receiver.close()
