@@ -4,7 +4,7 @@ VENV ?= .venv
 STAMP := $(VENV)/.installed-stamp
 PORT ?= 8080
 
-.PHONY: run run-distributed test lint bench bench-consent bench-front-end bench-sinks bench-distributed venv clean
+.PHONY: run run-distributed test lint bench bench-consent bench-front-end bench-sinks bench-distributed bench-alerts venv clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "idgate needs Python >= 3.11")'
@@ -62,6 +62,13 @@ bench-sinks: $(STAMP)
 ## wrk; about 10 minutes on 2 cores). Options: make bench-distributed ARGS="--duration 10 --probes 50 --json".
 bench-distributed: $(STAMP)
 	$(VENV)/bin/python bench/distributed.py --replicas 1,2,4 $(ARGS)
+
+## Alert latency (issue 15): how long after the minute in which a payment-success drop happened
+## the page reaches a webhook, for the old (15 s) and the current (2 s) evaluation interval side
+## by side, with each gateway's CPU (about 3 minutes per drop). Options:
+## make bench-alerts ARGS="--intervals 15000,5000,2000 --offsets 5,50,55 --redis redis://127.0.0.1:6379/9 --json".
+bench-alerts: $(STAMP)
+	$(VENV)/bin/python bench/alert_latency.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) var .pytest_cache

@@ -260,14 +260,18 @@ class Server:
             conn.close()
 
 
-def start_gateway(tmp: Path, config: Path, name: str = "gateway") -> Server:
+def start_gateway(
+    tmp: Path, config: Path, name: str = "gateway", extra_env: dict[str, str] | None = None
+) -> Server:
     """``idgate serve`` with ``config``, its own data dir (outbox, sinks, consent.sqlite3, dev
-    keys) and log file under ``tmp``."""
+    keys) and log file under ``tmp``; ``extra_env`` adds or overrides variables (e.g.
+    ``IDGATE_ALERT_INTERVAL_MS``, or the secrets an alert channel names)."""
     port = free_port()
     data_dir = tmp / f"{name}-data"
     env = {k: v for k, v in os.environ.items() if k not in STRIPPED_ENV}
     # JSON logs (dev defaults to console lines): the report scans them for error lines
     env.update(IDGATE_ENV="dev", IDGATE_LOG_LEVEL="WARNING", IDGATE_LOG_FORMAT="json", PYTHONUNBUFFERED="1")
+    env.update(extra_env or {})
     log_path = tmp / f"{name}.log"
     with open(log_path, "wb") as log:
         proc = spawn(

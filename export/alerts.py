@@ -321,6 +321,9 @@ class RedisStateStore:
 
 
 class Lease(Protocol):
+    # how often a holder renews the lease while a round runs; None: it never expires
+    renew_seconds: float | None
+
     async def hold(self) -> bool: ...
 
     async def holder(self) -> str | None: ...
@@ -328,6 +331,8 @@ class Lease(Protocol):
 
 class LocalLease:
     """One process: it always holds the lease."""
+
+    renew_seconds = None
 
     def __init__(self, owner: str) -> None:
         self.owner = owner
@@ -348,13 +353,15 @@ return redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) and 1 or 0
 
 
 class RedisLease:
-    """The evaluator's lease: taken with SET NX PX, extended only by its holder."""
+    """The evaluator's lease: taken with SET NX PX, extended only by its holder, three
+    times per TTL while a round runs (a notification may take longer than the TTL)."""
 
     def __init__(self, redis: Any, prefix: str, owner: str, ttl_ms: int) -> None:
         self.redis = redis
         self.key = f"{prefix}:alerts:lease"
         self.owner = owner
         self.ttl_ms = ttl_ms
+        self.renew_seconds: float | None = ttl_ms / 3000
         self._renew = redis.register_script(_RENEW)
 
     async def hold(self) -> bool:
@@ -588,16 +595,47 @@ class AlertEvaluator:
         self.firing: dict[tuple[str, str], bool] = {}
 
     async def run(self, reports: Mapping[str, Sequence[KpiReport]], now: float | None = None) -> bool:
-        """One evaluation round; False when another replica holds the lease."""
+        """One evaluation round; False when another replica holds the lease (or took it
+        while this round ran: the round stops before its next rule)."""
         if not await self.lease.hold():
             return False
-        now = time.time() if now is None else now
+        lost = asyncio.Event()
+        renew = self.lease.renew_seconds
+        # A round can outlive the lease's TTL (a channel timing out and retried for half a
+        # minute): renewed meanwhile, another replica cannot take over mid-round and
+        # evaluate the same rules from states this round is about to change.
+        keeper = asyncio.create_task(self._keep_lease(renew, lost)) if renew else None
+        try:
+            return await self._round(reports, time.time() if now is None else now, lost)
+        finally:
+            if keeper is not None:
+                keeper.cancel()
+                await asyncio.gather(keeper, return_exceptions=True)
+
+    async def _keep_lease(self, every: float, lost: asyncio.Event) -> None:
+        while True:
+            await asyncio.sleep(every)
+            try:
+                held = await self.lease.hold()
+            except Exception as exc:  # cannot tell: act as if another replica holds it
+                log.warning("alerts.lease_renew_failed", error=type(exc).__name__)
+                held = False
+            if not held:
+                lost.set()
+                return
+
+    async def _round(
+        self, reports: Mapping[str, Sequence[KpiReport]], now: float, lost: asyncio.Event
+    ) -> bool:
         for tenant, rules in self.rules.items():
             if not rules:
                 continue
             by_kpi = {r.id: r for r in reports.get(tenant, ())}
             states = await self.states.load(tenant)
             for rule in rules:
+                if lost.is_set():
+                    log.warning("alerts.lease_lost", tenant=tenant, rule=rule.id)
+                    return False
                 report = by_kpi.get(rule.kpi)
                 window = (
                     next(
