@@ -6,8 +6,9 @@ One gateway per evaluation interval (``--intervals 15000,2000``: ``IDGATE_ALERT_
 the old default and the current one), each ``idgate serve`` in embedded mode (in-memory
 KPIs, SQLite outbox and alert history) with the default KPIs and one alert rule: the seed's
 payment-success-rate drop rule ("falls by 20 %", ``min_volume = 50``) over a one-minute
-window (``window = 1``: the seed's is 10, which by design pages about 7 minutes after a step
-drop, see the README) against the minute before, ``cooldown_seconds = 0``, notifying a
+window (``window = 1``) against the ten minutes before it (``--baseline 10``, the seed's
+rule; ``--baseline 0``: against the minute before, which is blind to a step in the middle of
+a minute, see below), ``cooldown_seconds = 0``, notifying a
 generic webhook: a small HTTP receiver in this script that notes when each notification
 arrives. The gateways get the same load side by side, so they see the same drops at the
 same moments: every 100 ms a batch of ``--per-tick`` payment requests (40/s by default) and
@@ -30,18 +31,19 @@ which the drop happened:
 * ``paged``: when the firing notification reached the receiver, and ``paged - holds``,
   what the evaluation interval adds (one interval at most, plus the round and the POST).
 
-Target: ``paged - W <= 15 s`` for every drop the rule can see. A drop mid-minute that the
-one-minute comparison cannot see at all (95 % -> 70 % between about 14 s and 42 s into the
-minute: neither that minute nor the next falls 20 % below the one before) is reported as
-``blind`` and not counted; the replay tells which. A drop whose condition held (for a few
-seconds only, near that band's edges, before the minute turned) but that no evaluation
-caught is ``MISSED`` and fails the target. Also printed: each gateway's CPU (share
-of one core) idle and under the load, the load average, and what one refresh + evaluation
-round costs in process on the example config (the KPIs of every tenant re-read, the rules
-evaluated), in memory and, with ``--redis URL``, in Redis.
+Target: ``paged - W <= 15 s`` for every drop the rule can see. With ``--baseline 0``, a drop
+mid-minute that the one-minute comparison cannot see at all (95 % -> 70 % between about 14 s
+and 42 s into the minute: neither that minute nor the next falls 20 % below the one before)
+is reported as ``blind`` and not counted; the replay tells which. A drop whose condition
+held (for a few seconds only, near that band's edges, before the minute turned) but that no
+evaluation caught is ``MISSED`` and fails the target. Also printed: each gateway's CPU
+(share of one core) idle and under the load, the load average, and what one refresh +
+evaluation round costs in process on the example config (the KPIs of every tenant re-read,
+the rules evaluated), in memory and, with ``--redis URL``, in Redis.
 
     .venv/bin/python bench/alert_latency.py [--intervals 15000,2000] [--offsets 5,12,30,50,55]
-        [--phases 3] [--bucket-ms 60000] [--per-tick 4] [--idle-seconds 10] [--redis URL] [--json]
+        [--baseline 10] [--phases 3] [--bucket-ms 60000] [--per-tick 4] [--idle-seconds 10]
+        [--redis URL] [--json]
 
 About 3 minutes per drop (the gateways run side by side, so more intervals cost no time).
 """
@@ -103,6 +105,7 @@ purposes = ["analytics"]
 id = "payment-success-drop"
 kpi = "payment_success_rate"
 window = 1
+baseline = @BASELINE@
 condition = "drop"
 threshold = {THRESHOLD}
 min_volume = {MIN_VOLUME}
@@ -276,12 +279,13 @@ class Loads:
 
 
 def condition_span(
-    acks: list[Ack], after: float, bucket_s: float, until: float
-) -> tuple[float, float] | None:
+    acks: list[Ack], after: float, bucket_s: float, until: float, baseline: int = 0
+) -> tuple[float, float, bool] | None:
     """When the rule's condition first held after ``after`` (before ``until``) on the
     acknowledged events, and when it stopped holding (the first acknowledgement at which it
     no longer did, or ``until``): the current bucket so far at least MIN_VOLUME requests and
-    its success rate at least THRESHOLD below the whole bucket before's. None: it never did."""
+    its success rate at least THRESHOLD below the whole bucket before's (with ``baseline``:
+    the ``baseline`` buckets before's, those that hold events). None: it never did."""
     per_bucket: dict[int, list[int]] = {}
     first = None
     for a in acks:
@@ -293,7 +297,8 @@ def condition_span(
         cur[1] += a.succeeded
         if a.at < after:
             continue
-        prev = per_bucket.get(b - 1)
+        before = [per_bucket.get(b - k) for k in range(1, max(1, baseline) + 1)]
+        prev = [sum(x[0] for x in before if x), sum(x[1] for x in before if x)]
         holds = False
         if prev and prev[0] and prev[1] and cur[0] >= MIN_VOLUME:
             holds = (cur[1] / cur[0]) / (prev[1] / prev[0]) - 1 <= -THRESHOLD
@@ -372,7 +377,7 @@ def run_drops(
         load.rate = HIGH
         for r in runs:
             o = Outcome(r.server.name, offset, drop, window_end)
-            span = condition_span(load.acks[r.server.name], drop, bucket_s, recovered)
+            span = condition_span(load.acks[r.server.name], drop, bucket_s, recovered, args.baseline)
             if span is not None:
                 o.holds, o.held_for, o.stopped = span[0] - window_end, span[1] - span[0], span[2]
             fired = receiver.first(r.server.name, "firing", drop)
@@ -498,10 +503,12 @@ def summarise(interval_ms: int, runs: list[GatewayRun]) -> dict[str, Any]:
 def report(
     runs: list[GatewayRun], costs: list[dict[str, Any]], args: argparse.Namespace, loads: list[float]
 ) -> dict[str, Any]:
+    against = f"the {args.baseline} buckets before" if args.baseline else "the bucket before"
     print()
     print(
         f"Alert latency: rule payment-success-drop (window 1 bucket of {args.bucket_ms / 1000:g} s, "
-        f"drop {THRESHOLD:.0%} vs the bucket before, min_volume {MIN_VOLUME}), "
+        f"drop {THRESHOLD:.0%} vs {against}, "
+        f"min_volume {MIN_VOLUME}), "
         f"{args.per_tick / TICK_SECONDS:g} payment requests/s, {HIGH:.0%} -> {LOW:.0%}; "
         f"load average {min(loads):.2f}-{max(loads):.2f} on {ingest.NCPU} CPUs"
     )
@@ -593,6 +600,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--offsets", default="5,12,30,50,55", help="seconds into a bucket at which each drop starts"
     )
+    p.add_argument(
+        "--baseline",
+        type=int,
+        default=10,
+        help="the rule's baseline in buckets (0: the bucket before; 10: the seed rule's ten before)",
+    )
     p.add_argument("--phases", type=int, default=3, help="gateways per interval, started interval/N apart")
     p.add_argument("--bucket-ms", type=int, default=60_000, help="IDGATE_KPI_BUCKET_MS")
     p.add_argument("--per-tick", type=int, default=4, help="payment requests per 100 ms")
@@ -622,7 +635,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.redis:
             costs.append(asyncio.run(evaluation_cost(args.redis)))
         config = tmp / "idgate.toml"
-        config.write_text(CONFIG)
+        config.write_text(CONFIG.replace("@BASELINE@", str(args.baseline)))
         runs = []
         # --phases gateways per interval, started interval/phases apart: the evaluation
         # rounds of each fall at another moment of the minute, so the drops (minute-aligned)

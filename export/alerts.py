@@ -57,6 +57,10 @@ class AlertRule(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     threshold: float = 0.0
     # drop / rise: the window before, or the same window a day or a week earlier
     compare: Compare = "previous"
+    # drop / rise against the window before: compare with this many buckets just before the
+    # window instead of a window of its own length (0). A short window against a longer
+    # baseline (1 against 10) pages within a minute of a step and has no blind spot.
+    baseline: int = 0
     # fewer counted events than this in the window: the rule stays quiet
     min_volume: int = 0
     # how long the condition must hold before the rule fires (pending until then)
@@ -160,6 +164,13 @@ def check_alerts(
             problems.append(f"{w}.source: unknown source {r.source!r}")
         if r.measure == "coverage" and r.condition not in ("below", "above"):
             problems.append(f"{w}.measure: coverage compares with a threshold (below / above)")
+        if r.baseline:
+            if r.condition not in ("drop", "rise") or r.compare != "previous":
+                problems.append(f"{w}.baseline: only a drop or rise against the window before has a baseline")
+            if not 0 < r.baseline <= max(WINDOWS):
+                problems.append(
+                    f"{w}.baseline: must be 1 to {max(WINDOWS)} buckets (0: a window of its own length)"
+                )
         if r.compare != "previous":
             if r.condition not in ("drop", "rise"):
                 problems.append(f"{w}.compare: only a drop or rise compares with {r.compare}")
@@ -264,7 +275,7 @@ def evaluate(rule: AlertRule, value: WindowValue) -> Verdict:
         return "firing" if v < rule.threshold else "ok"
     if rule.condition == "above":
         return "firing" if v > rule.threshold else "ok"
-    prev = value.compared(rule.compare)
+    prev = value.compared(rule.compare, rule.baseline)
     if not prev:  # nothing to compare with: no change can be seen
         return "ok"
     change = (v - prev) / abs(prev)
@@ -392,14 +403,20 @@ class Notice:
         what = f"{r.kpi} coverage" if r.measure == "coverage" else r.kpi
         return f"{what} of source {r.source}" if r.source else what
 
+    def compared_with(self) -> str:
+        """What the value was compared with, in words."""
+        r = self.rule
+        if r.baseline:
+            return f"the {r.baseline * self.window_minutes / r.window:g} min before"
+        return COMPARED_WITH[r.compare]
+
     def short_text(self) -> str:
         """One line for an SMS: status, rule, the value against what it was compared with."""
 
         def fmt(v: float | None) -> str:
             return "n/a" if v is None else f"{v:.4g}"
 
-        r = self.rule
-        compared = f"{COMPARED_WITH[r.compare]}: {fmt(self.previous)}"
+        compared = f"{self.compared_with()}: {fmt(self.previous)}"
         line = (
             f"{self.title()}: {self.measured()} {fmt(self.value)} ({compared}) "
             f"over {self.window_minutes:g} min"
@@ -414,7 +431,7 @@ class Notice:
         line = f"{self.measured()} {r.condition} {r.threshold:g} over {self.window_minutes:g} min"
         return (
             f"{self.title()}\n{r.description or line}\n"
-            f"{self.measured()}: {fmt(self.value)} ({COMPARED_WITH[r.compare]}: {fmt(self.previous)}), "
+            f"{self.measured()}: {fmt(self.value)} ({self.compared_with()}: {fmt(self.previous)}), "
             f"{self.volume} events; rule: {line}\n"
             f"dashboard: /admin/kpis?tenant={self.tenant}&kpi={r.kpi}"
         )
@@ -594,6 +611,15 @@ class AlertEvaluator:
         self.history = history
         self.firing: dict[tuple[str, str], bool] = {}
 
+    def baselines(self, tenant: str) -> dict[str, set[tuple[int, int]]]:
+        """KPI id -> (window, baseline) pairs the tenant's rules compare with: what the KPI
+        report must compute beside its windows."""
+        out: dict[str, set[tuple[int, int]]] = {}
+        for rule in self.rules.get(tenant, ()):
+            if rule.baseline:
+                out.setdefault(rule.kpi, set()).add((rule.window, rule.baseline))
+        return out
+
     async def run(self, reports: Mapping[str, Sequence[KpiReport]], now: float | None = None) -> bool:
         """One evaluation round; False when another replica holds the lease (or took it
         while this round ran: the round stops before its next rule)."""
@@ -667,7 +693,7 @@ class AlertEvaluator:
         verdict = evaluate(rule, value)
         state.evaluated_at = now
         state.evaluations += 1
-        state.value, state.previous = value.value, value.compared(rule.compare)
+        state.value, state.previous = value.value, value.compared(rule.compare, rule.baseline)
         status: Literal["firing", "resolved"] | None = None
         transition: Literal["firing", "resolved"] | None = None
         if verdict == "firing" and state.state == "ok":

@@ -26,7 +26,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -726,9 +726,15 @@ class WindowValue(msgspec.Struct, rename="camel"):
     # alone (no identity_linking consent: the same person counts once per device); the rest
     # by a linked person. None for the other kinds.
     by_device: int | None = None
+    # the same KPI over N buckets just before the window, for the rules that compare with
+    # such a baseline (N -> value; only the lengths a rule asks for)
+    baselines: dict[int, float | None] | None = None
 
-    def compared(self, compare: str) -> float | None:
-        """The value a rule compares with: ``previous``, ``day_ago`` or ``week_ago``."""
+    def compared(self, compare: str, baseline: int = 0) -> float | None:
+        """The value a rule compares with: ``previous``, ``day_ago`` or ``week_ago``; with
+        ``baseline`` (``previous`` only), the ``baseline`` buckets before the window."""
+        if baseline:
+            return (self.baselines or {}).get(baseline)
         value: float | None = getattr(self, compare)
         return value
 
@@ -874,15 +880,22 @@ class KpiEngine:
         if cells:
             await self.store.add(tenant, self.bucket(), cells, members, tops, persons)
 
-    async def report(self, tenant: str, windows: Sequence[int] = WINDOWS) -> list[KpiReport]:
+    async def report(
+        self,
+        tenant: str,
+        windows: Sequence[int] = WINDOWS,
+        baselines: Mapping[str, Collection[tuple[int, int]]] | None = None,
+    ) -> list[KpiReport]:
         """Every KPI of the tenant over each sliding window ending in the current bucket,
-        with the window before it (for relative-change alerts)."""
+        with the window before it (for relative-change alerts); ``baselines``: KPI id ->
+        (window, N) pairs whose window also gets the value over the N buckets before it."""
         state = self.tenants.get(tenant)
         if state is None:
             return []
         now = self.bucket()
         longest = max(windows)
-        buckets = list(range(now - 2 * longest + 1, now + 1))
+        reach = max([2 * longest] + [w + n for pairs in (baselines or {}).values() for w, n in pairs])
+        buckets = list(range(now - reach + 1, now + 1))
         held = await self.store.cells(tenant, buckets)
         sources = sorted(state.sources)
         groups: list[tuple[str, str, list[str]]] = [("total", "", sources)]
@@ -916,10 +929,17 @@ class KpiEngine:
                 current = list(range(now - w + 1, now + 1))
                 before = list(range(now - 2 * w + 1, now - w + 1))
                 values: dict[tuple[str, str], WindowValue] = {}
+                lengths = sorted({n for window, n in (baselines or {}).get(k.id, ()) if window == w})
                 for kind, name, members in groups:
                     cur = await self._value(tenant, k, defs, members, current, held, memo)
                     prev = await self._value(tenant, k, defs, members, before, held, memo)
                     cur.previous = prev.value
+                    if lengths:
+                        cur.baselines = {}
+                        for n in lengths:
+                            span = list(range(now - w - n + 1, now - w + 1))
+                            base = await self._value(tenant, k, defs, members, span, held, memo)
+                            cur.baselines[n] = base.value
                     values[(kind, name)] = cur
                 if k.kind == "top":
                     values[("total", "")].top = await self.store.top(tenant, k.id, sources, current, k.top)

@@ -194,7 +194,7 @@ class Monitoring:
     async def refresh(self) -> None:
         self.health.note(self.engine.tenants)
         for tenant in self.engine.tenants:
-            self.reports[tenant] = await self.engine.report(tenant)
+            self.reports[tenant] = await self.engine.report(tenant, baselines=self.alerts.baselines(tenant))
         metrics.KPIS.reports = self.reports
         if await self.alerts.run(self.reports, now=self.clock()):
             metrics.KPIS.alerts = dict(self.alerts.firing)

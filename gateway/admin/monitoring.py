@@ -71,7 +71,8 @@ class MonitoringController(Controller):
     ) -> KpiValues:
         """Operator role. ``kpi`` narrows the answer to one KPI."""
         services.tokens.check_tenant(officer, tenant)
-        reports = await monitoring.engine.report(tenant)
+        # with the baselines the tenant's rules compare with (what a page was measured against)
+        reports = await monitoring.engine.report(tenant, baselines=monitoring.alerts.baselines(tenant))
         if kpi is not None:
             reports = [r for r in reports if r.id == kpi]
             if not reports:

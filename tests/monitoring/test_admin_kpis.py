@@ -32,6 +32,8 @@ def test_operator_only_and_bad_parameters_are_named(tmp_path: Path) -> None:
             "top": None,  # a top KPI's largest values
             # distinct-person KPIs: counted events keyed by a device alone
             "byDevice": None,
+            # buckets -> value just before the window, for KPIs a rule compares with a baseline
+            "baselines": None,
         }
         r = client.get(
             "/admin/kpis", params={"tenant": "mall"}, headers={"Authorization": f"Bearer {COMPLIANCE_TOKEN}"}

@@ -10,7 +10,7 @@ import pytest
 
 from export.alert_history import ChannelDelivery
 from export.alerts import AlertEvaluator, AlertRule, LocalLease, MemoryStateStore, Notice, Notifier, evaluate
-from export.kpis import KpiReport, KpiWindow, WindowValue
+from export.kpis import DEFAULT_KPIS, KpiEngine, KpiEvent, KpiReport, KpiWindow, MemoryKpiStore, WindowValue
 from gateway.config import ConfigProblems, parse_config
 from tests.conftest import TEST_CONFIG
 from tests.gateway.conftest import in_process_app
@@ -234,3 +234,87 @@ threshold = 0.5
     # a source compared with its own day or week earlier: kept for it (export.kpis)
     assert not [p for p in problems if p.startswith("tenants[1].alerts[1].")], problems
     assert "tenants[1].alerts[2].measure: coverage compares with a threshold (below / above)" in problems
+
+
+def test_a_short_window_against_a_longer_baseline_pages_on_a_step_drop_mid_minute() -> None:
+    """95 % -> 70 % half way through a minute: against the minute before, neither that
+    minute (half at 95 %) nor the next (against the mixed one) falls 20 %; the next minute
+    against the ten before it does, 5 s in (as soon as it holds ``min_volume`` payments)."""
+    start = 600_000.0  # a minute boundary
+    now = [start]
+    kpis = [d for d in DEFAULT_KPIS if d.id.startswith("payment")]
+    engine = KpiEngine(MemoryKpiStore(122), {"mall": kpis}, {"mall": {"web": "web"}}, clock=lambda: now[0])
+    rules = [
+        AlertRule(
+            id="own", kpi="payment_success_rate", window=1, condition="drop", threshold=0.2, min_volume=50
+        ),
+        AlertRule(
+            id="base",
+            kpi="payment_success_rate",
+            window=1,
+            condition="drop",
+            threshold=0.2,
+            min_volume=50,
+            baseline=10,
+        ),
+    ]
+    evaluator = AlertEvaluator({"mall": rules}, MemoryStateStore(), LocalLease("me"), Recorder(), 60)
+    assert evaluator.baselines("mall") == {"payment_success_rate": {(1, 10)}}
+
+    def payments(rate: float, n: int) -> list[KpiEvent]:
+        basis = frozenset({"necessary_service"})
+        requested = [KpiEvent("Payment Requested", None, {}, basis, None) for _ in range(n)]
+        return requested + [
+            KpiEvent("Payment Succeeded", None, {}, basis, None) for _ in range(round(n * rate))
+        ]
+
+    async def at(second: float, rate: float, n: int) -> dict[str, str]:
+        """``n`` payments at ``rate``, ``second`` s after the start; the verdicts then."""
+        now[0] = start + second
+        await engine.observe("mall", "web", payments(rate, n))
+        value = (await engine.report("mall", windows=(1,), baselines=evaluator.baselines("mall")))[-1]
+        return {r.id: evaluate(r, value.windows[0].total) for r in rules}
+
+    async def run() -> None:
+        for m in range(10):
+            await at(60 * m + 1, 0.95, 40)
+            assert await at(60 * m + 31, 0.95, 40) == {"own": "ok", "base": "ok"}
+        assert await at(601, 0.95, 40) == {"own": "quiet", "base": "quiet"}  # under min_volume
+        assert await at(631, 0.70, 40) == {"own": "ok", "base": "ok"}  # the drop: -13 % so far
+        # 5 s into the next minute: 70 % against the mixed minute (82.5 %) is -15 %, against
+        # the ten minutes before (93.75 %) -25 %
+        assert await at(665, 0.70, 60) == {"own": "ok", "base": "firing"}
+
+    asyncio.run(run())
+
+
+def test_a_baseline_is_checked() -> None:
+    bad = _with(
+        """
+[[tenants.alerts]]
+id = "b1"
+kpi = "payment_success_rate"
+window = 1
+condition = "below"
+threshold = 0.5
+baseline = 10
+
+[[tenants.alerts]]
+id = "b2"
+kpi = "payment_success_rate"
+window = 1
+condition = "drop"
+threshold = 0.2
+baseline = 61
+"""
+    )
+    with pytest.raises(ConfigProblems) as err:
+        parse_config(bad, dev=True)
+    problems = err.value.problems
+    assert (
+        "tenants[1].alerts[0].baseline: only a drop or rise against the window before has a baseline"
+        in problems
+    )
+    assert (
+        "tenants[1].alerts[1].baseline: must be 1 to 60 buckets (0: a window of its own length)" in problems
+    )

@@ -148,6 +148,7 @@ def test_consent_coverage_on_a_tenant_that_enforces_consent(tmp_path: Path) -> N
             "top": None,  # a top KPI's largest values
             # distinct-person KPIs: counted events keyed by a device alone
             "byDevice": None,
+            "baselines": None,  # no rule compares pv_home with a baseline
         }
         assert got["uv_home"]["total"]["value"] == 1
         # transactions run on the contract basis (necessary_service): both orders count
