@@ -38,7 +38,15 @@ from identity.graph import (
     Split,
 )
 from identity.identifiers import DEVICE_TYPES, Identifier, node_type, node_value
-from identity.redaction import ERASED_MARK, RedactionPlan, names_unknown_tombstone, plan_redaction
+from identity.redaction import (
+    ERASED_MARK,
+    RedactionPlan,
+    count_expiring_aliases,
+    merged_before,
+    names_unknown_tombstone,
+    plan_alias_expiry,
+    plan_redaction,
+)
 from identity.store import IdentityLogStore, LogRow
 
 log = structlog.get_logger(__name__)
@@ -459,3 +467,35 @@ class GraphResolver:
                 self.graphs[tenant] = plan.graph
                 self._settled[tenant].clear()
         return plan
+
+    async def expire_aliases(self, tenant: str, before: datetime, *, apply: bool = True) -> int:
+        """Retention of aliases: the unified IDs merged into another person before
+        ``before`` (and no person's current ID) are renamed to tombstones in the tenant's
+        log records (``identity.redaction.plan_alias_expiry``), in one transaction under
+        the log's lock like ``redact``; this replica's graph becomes the replay of the
+        rewritten log. Returns how many expired (``apply`` False: how many would, counted
+        on a replay outside the lock, nothing written). A cheap read of the tenant's merges
+        comes first: when none is old enough, no lock is taken and nothing is read again."""
+        if tenant not in self.rules:
+            return 0
+        merges = await self._io(self.store.tenant_changes, None, tenant, Merged.__name__)
+        if not merged_before((_decode(raw) for _, raw in merges), before):
+            return 0
+        rules = self.rules.get(tenant)
+        if not apply:
+            rows = await self._io(self.store.tenant_changes, None, tenant)
+            return await self._io(count_expiring_aliases, rows, before, rules)
+        async with self._write_lock:
+            conn, tx = await self._io(self.store.begin_locked)
+            try:
+                await self._catch_up_with(conn)
+                records = await self._io(self.store.tenant_changes, conn, tenant)
+                plan = await self._io(plan_alias_expiry, records, before, rules, self.node_ids.get(tenant))
+            except BaseException:
+                await self._io(self.store.abandon, conn, tx)
+                raise
+            await self._io(self.store.rewrite_and_commit, conn, tx, plan.updates)
+            if plan.graph is not None and tenant in self.graphs:
+                self.graphs[tenant] = plan.graph
+                self._settled[tenant].clear()
+        return plan.aliases
