@@ -46,7 +46,7 @@ import secrets
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 import msgspec
 
@@ -67,6 +67,9 @@ _BREAKER: Final = "breaker:"
 # a unified ID tombstone: ``p_x`` + 20 hex digits (23 characters: a derived ID has 24, a
 # random one 22, so none is ever taken for one)
 _UID_TOMBSTONE_PREFIX: Final = "p_x"
+_JSON_STRING = re.compile(rb'"((?:[^"\\]|\\.)*)"')  # a JSON string's content, escapes kept
+_T = TypeVar("_T")
+_FEW: Final = 16  # more names than this: one pass over each text's strings
 
 _encode = msgspec.json.Encoder().encode
 _decode = msgspec.json.Decoder(GraphChange).decode
@@ -232,15 +235,14 @@ def _rewrite(
     plan and the names found. ``RedactionUnsafe`` when the replay differs."""
     plan = RedactionPlan()
     seen: set[str] = set()
-    needles = [s.encode() for s in names]
-    if not needles:
+    if not names:
         return plan, seen
+    found_in = _finder(names)
     rewritten: list[GraphChange] = []
     for seq, raw, change in records:
-        if any(n in raw for n in needles):
-            builtins = msgspec.to_builtins(change)
-            seen.update(s for s in names if s.encode() in raw)
-            change = msgspec.convert(rename(builtins, names), GraphChange)
+        if found := found_in(raw):
+            seen.update(found)
+            change = msgspec.convert(rename(msgspec.to_builtins(change), names), GraphChange)
             plan.updates.append((seq, _encode(change)))
         rewritten.append(change)
     if not plan.updates:
@@ -257,8 +259,39 @@ def _rewrite(
 def renamed(encoded: bytes, names: Mapping[str, str]) -> bytes:
     """``rename`` on JSON text, the fast way for a whole graph's state: an exact string is
     always quoted in JSON (pseudonyms and unified IDs hold no character JSON escapes), and
-    both replays list everything in the same order, so the texts compare byte for byte."""
+    both replays list everything in the same order, so the texts compare byte for byte.
+    A few names (a redaction) are replaced one by one; many (an alias expiry) in one pass
+    over the text's strings."""
+    if len(names) <= _FEW:
+        for old, new in names.items():
+            for prefix in ("", _BREAKER):
+                encoded = encoded.replace(f'"{prefix}{old}"'.encode(), f'"{prefix}{new}"'.encode())
+        return encoded
+    table = _byte_table(names, lambda old, new: b'"' + new + b'"')
+    pieces = _JSON_STRING.split(encoded)  # text, string content, text, ...
+    pieces[1::2] = [table.get(p) or b'"' + p + b'"' for p in pieces[1::2]]
+    return b"".join(pieces)
+
+
+def _byte_table(names: Mapping[str, str], value: Callable[[str, bytes], _T]) -> dict[bytes, _T]:
+    """``names`` keyed by their JSON string content, plain and as ``breaker:<name>``; each
+    value made by ``value`` from the old name and the new content."""
+    table: dict[bytes, _T] = {}
     for old, new in names.items():
         for prefix in ("", _BREAKER):
-            encoded = encoded.replace(f'"{prefix}{old}"'.encode(), f'"{prefix}{new}"'.encode())
-    return encoded
+            table[(prefix + old).encode()] = value(old, (prefix + new).encode())
+    return table
+
+
+def _finder(names: Mapping[str, str]) -> Callable[[bytes], set[str]]:
+    """A function giving the ``names`` an encoded record holds: a substring search per name
+    when there are few, else one pass over the record's strings (a set look-up each)."""
+    if len(names) <= _FEW:
+        needles = [(s, s.encode()) for s in names]
+        return lambda raw: {s for s, needle in needles if needle in raw}
+    table = _byte_table(names, lambda old, new: old)
+
+    def found_in(raw: bytes) -> set[str]:
+        return {table[t] for t in _JSON_STRING.findall(raw) if t in table}
+
+    return found_in

@@ -13,6 +13,7 @@ from typing import Any
 import msgspec
 import pytest
 
+from identity import redaction
 from identity.db import make_engine
 from identity.graph import GraphChange, IdentityGraph, Merged
 from identity.redaction import is_tombstone_unified_id
@@ -20,6 +21,7 @@ from identity.resolver import GraphResolver
 from identity.store import IdentityLogStore, migrate_identity
 from tests.conftest import PostgresSchema
 from tests.identity.test_log_redaction import RULES, ident, log_text, replayed
+from tests.identity.test_log_redaction import scenario as redaction_scenario
 
 
 def state_text(graph: IdentityGraph) -> bytes:
@@ -54,7 +56,6 @@ async def scenario(url: str) -> None:
         await link(resolver, ["anonymous_id:k1.sa"], "e5")
         await link(resolver, ["anonymous_id:k1.ra", "anonymous_id:k1.sa"], "e6")
         news = merges(store)[len(olds) :]
-        new = news[-1]  # sa's ID into R's
         assert all(m.at >= cutoff for m in news)
         graph = resolver.graphs["t"]
         assert graph.resolve_alias(old.merged) == old.survivor
@@ -101,8 +102,20 @@ async def scenario(url: str) -> None:
         engine.dispose()
 
 
-def test_old_aliases_expire_on_sqlite(tmp_path: Path) -> None:
+@pytest.mark.parametrize("few", [16, 0], ids=["search-per-name", "one-pass"])
+def test_old_aliases_expire_on_sqlite(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, few: int) -> None:
+    """Both ways of finding the names (a search per name for a few, one pass over the
+    strings for many: an expiry usually renames many)."""
+    monkeypatch.setattr(redaction, "_FEW", few)
     asyncio.run(scenario(f"sqlite:///{tmp_path / 'identity.sqlite3'}"))
+
+
+@pytest.mark.parametrize("seed", [3, 11, 29, 42])
+def test_a_redaction_is_the_same_with_the_one_pass_renaming(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, seed: int
+) -> None:
+    monkeypatch.setattr(redaction, "_FEW", 0)
+    asyncio.run(redaction_scenario(f"sqlite:///{tmp_path / 'identity.sqlite3'}", seed, 60))
 
 
 @pytest.mark.postgres
