@@ -6,7 +6,7 @@ outbox and dead letters under ``$IDGATE_DATA_DIR`` or on the shared Redis, the c
 store and the identity change log (``DATABASE_URL``, else the embedded SQLite files).
 ``retention run --apply`` needs the ledger signing key: each tenant's run is a
 ``retention_run`` ledger record. Aliases it expires leave the log at once; a gateway running
-beside it keeps them in memory until it restarts (docs/configuration.md).
+beside it keeps them in memory until its own retention job next runs (docs/configuration.md).
 """
 
 from __future__ import annotations

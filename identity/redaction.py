@@ -31,7 +31,8 @@ Retention uses the same rewrite for aliases (``plan_alias_expiry``): a unified I
 into another person before the cutoff, and no person's current ID, is renamed to a
 tombstone in every record; the alias then reads tombstone -> survivor, so the old ID no
 longer resolves and neither the log nor the graph names it. A replica that had already read
-the records keeps the old alias in memory until it restarts.
+the records keeps the old alias in memory until its own next expiry run sees that the log
+no longer names it (``GraphResolver.expire_aliases``) or it restarts.
 
 Every record type can be renamed this way (``Quarantined.reason`` ``breaker:<node>``
 included); what is not a pseudonym or a unified ID (sources, event ids, times, officers)

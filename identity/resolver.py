@@ -475,11 +475,18 @@ class GraphResolver:
         the log's lock like ``redact``; this replica's graph becomes the replay of the
         rewritten log. Returns how many expired (``apply`` False: how many would, counted
         on a replay outside the lock, nothing written). A cheap read of the tenant's merges
-        comes first: when none is old enough, no lock is taken and nothing is read again."""
+        comes first: when none is old enough, no lock is taken and nothing is written, and
+        a graph still holding aliases the log no longer names (another replica expired
+        them) is replayed again from the log.
+        """
         if tenant not in self.rules:
             return 0
+        applied = self.applied_seq
         merges = await self._io(self.store.tenant_changes, None, tenant, Merged.__name__)
-        if not merged_before((_decode(raw) for _, raw in merges), before):
+        changes = [_decode(raw) for _, raw in merges]
+        if not merged_before(changes, before):
+            if self.applied_seq == applied:  # else the graph may hold merges newer than the read
+                await self._reload_if_renamed(tenant, changes)
             return 0
         rules = self.rules.get(tenant)
         if not apply:
@@ -499,3 +506,26 @@ class GraphResolver:
                 self.graphs[tenant] = plan.graph
                 self._settled[tenant].clear()
         return plan.aliases
+
+    async def _reload_if_renamed(self, tenant: str, merges: Sequence[GraphChange]) -> None:
+        """Another process expired (or redacted) aliases this graph still holds: the log's
+        merges no longer name them. Replay the whole log again, off the event loop, and
+        swap the graphs in at once (readers keep the old ones meanwhile)."""
+        graph = self.graphs.get(tenant)
+        named = {m.merged for m in merges if isinstance(m, Merged)}
+        if graph is None or all(a in named for a in graph.aliases()):
+            return
+        async with self._write_lock:
+            rows = await self._io(self.store.read_after, 0, 10_000_000)
+            self.graphs = await self._io(self._replayed, rows)
+            self.applied_seq = rows[-1][0] if rows else 0
+            for settled in self._settled.values():
+                settled.clear()
+        log.info("identity.aliases_renamed_replayed", tenant=tenant)
+
+    def _replayed(self, rows: Sequence[LogRow]) -> dict[str, IdentityGraph]:
+        graphs = self._fresh_graphs()
+        for _, tenant, raw in rows:
+            if (graph := graphs.get(tenant)) is not None:
+                graph.apply(_decode(raw))
+        return graphs
