@@ -88,6 +88,8 @@ class RetentionRun(msgspec.Struct, frozen=True, rename="camel"):
     # store -> entries (files for the file sinks) removed, or found by a dry run
     removed: dict[str, int]
     access_log_cutoff: datetime | None = None
+    # identity-graph aliases made before this time expire (``aliases_days``; None: kept)
+    aliases_cutoff: datetime | None = None
     ledger_seq: int | None = None
 
 
@@ -99,6 +101,7 @@ def record_run(ledger: Ledger, run: RetentionRun, *, started_at: datetime, by: s
         "periods_days": dict(sorted(run.periods_days.items())),
         "removed": dict(sorted(run.removed.items())),
         "access_log_cutoff": rfc3339(run.access_log_cutoff) if run.access_log_cutoff else None,
+        "aliases_cutoff": rfc3339(run.aliases_cutoff) if run.aliases_cutoff else None,
     }
     draft = RecordDraft(
         tenant=run.tenant,

@@ -307,6 +307,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             consent.ledger,
             settings.sink_dir,
             violations,
+            identity,
         )
         retention = asyncio.create_task(
             retention_periodically(

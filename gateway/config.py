@@ -214,10 +214,15 @@ class RetentionConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     # The officers' access log: entries older than this are removed; 0 keeps them for good;
     # otherwise at least 183 days (6 months).
     access_log_days: int = 0
+    # Aliases in the identity graph (unified IDs merged into another person): older than
+    # this, they leave the change log and the graph (identity.redaction); 0 keeps them for good.
+    aliases_days: int = 0
 
     @property
     def limits_data(self) -> bool:
-        return bool(self.days or self.purposes or self.destinations or self.access_log_days)
+        return bool(
+            self.days or self.purposes or self.destinations or self.access_log_days or self.aliases_days
+        )
 
 
 class InternalId(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -618,6 +623,8 @@ def _check_retention(
     r = t.retention
     if r.days < 0:
         problems.append(f"{where}.days: must be 0 (no limit) or a number of days")
+    if r.aliases_days < 0:
+        problems.append(f"{where}.aliases_days: must be 0 (kept for good) or at least 1 day")
     for section, periods, known in (
         ("purposes", r.purposes, set(purposes)),
         ("destinations", r.destinations, destinations),

@@ -3,8 +3,10 @@
 
 Both work beside a running gateway, on the deployment's stores (like ``idgate dlq``): the
 outbox and dead letters under ``$IDGATE_DATA_DIR`` or on the shared Redis, the consent
-store (``DATABASE_URL``, else the embedded SQLite). ``retention run --apply`` needs the
-ledger signing key: each tenant's run is a ``retention_run`` ledger record.
+store and the identity change log (``DATABASE_URL``, else the embedded SQLite files).
+``retention run --apply`` needs the ledger signing key: each tenant's run is a
+``retention_run`` ledger record. Aliases it expires leave the log at once; a gateway running
+beside it keeps them in memory until its own retention job next runs (docs/configuration.md).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ if TYPE_CHECKING:
     import sqlalchemy as sa
 
     from consent.retention import RetentionRun
+    from identity.service import IdentityService
 
 _CONFIG = click.option(
     "--config", "config_path", type=click.Path(path_type=Path), default=None, help="Tenant config TOML."
@@ -42,6 +45,29 @@ def _consent_engine(settings: Settings) -> sa.Engine:
     if settings.database_url is None and not embedded.exists():
         fail(f"no consent store at {embedded} (set IDGATE_DATA_DIR or DATABASE_URL)")
     return make_engine(settings.consent_database_url)
+
+
+def _identity(settings: Settings, config: Config) -> tuple[IdentityService, sa.Engine] | None:
+    """The identity change log, when a tenant with a graph expires its aliases (None: no
+    tenant does, or the embedded log was never made). Not started: an applied expiry
+    catches up with the log under its lock, then rewrites it (identity.resolver)."""
+    from gateway.identity_setup import identity_database_url, identity_rules
+    from identity.db import make_engine
+    from identity.resolver import GraphResolver
+    from identity.service import IdentityService
+    from identity.store import IdentityLogStore
+
+    tenants = [t for t in config.tenants if t.identity.enabled and t.retention.aliases_days]
+    embedded = settings.data_dir / "identity.sqlite3"
+    if not tenants or (settings.database_url is None and not embedded.exists()):
+        return None
+    engine = make_engine(identity_database_url(settings))
+    resolver = GraphResolver(IdentityLogStore(engine), {t.id: identity_rules(t) for t in tenants})
+
+    async def no_notices(tenant: str, notices: object) -> None:  # an expiry sends none
+        return None
+
+    return IdentityService(resolver, no_notices), engine
 
 
 @asynccontextmanager
@@ -73,6 +99,7 @@ async def _stores(settings: Settings, config: Config, *, signing: bool) -> Async
     # the tracking plan's (gateway.app): shared in Redis, else this data dir's file if any
     has_store = settings.redis_url or (settings.data_dir / "violations.sqlite3").exists()
     violations = open_violations(settings) if has_store else None
+    identity = _identity(settings, config)
     try:
         if settings.outbox_kind == "redis":
             # the backlog counters of every destination move with what is deleted
@@ -85,8 +112,12 @@ async def _stores(settings: Settings, config: Config, *, signing: bool) -> Async
             ledger=Ledger(engine, signer),
             sink_dir=settings.sink_dir,
             violations=violations,
+            identity=identity[0] if identity is not None else None,
         )
     finally:
+        if identity is not None:
+            await identity[0].resolver.stop()
+            identity[1].dispose()
         if violations is not None:
             violations.close()
         proofs.close()

@@ -1,6 +1,7 @@
 """Wiring of retention (PIPL Art. 19): the periods from ``[tenants.retention]``, one run over
-the export stores (export.retention) and the consent stores (consent.retention), its ledger
-record, and the gateway's periodic job. ``idgate retention run`` calls the same run."""
+the export stores (export.retention), the consent stores (consent.retention) and the
+identity graph's aliases (identity.redaction), its ledger record, and the gateway's
+periodic job. ``idgate retention run`` calls the same run."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from export.outbox import Outbox
 from export.retention import EXPORT_STORES, DestinationPeriod, cutoff, destination_days, expire_export_side
 from export.violations import ViolationStore
 from gateway.config import Config, Tenant
+from identity.service import IdentityService
 
 log = structlog.get_logger(__name__)
 
@@ -34,7 +36,7 @@ REMOVED = Counter(
 )
 
 # what one tenant's run goes through, in order (a progress bar counts these)
-RUN_STEPS = (*EXPORT_STORES, "consent")
+RUN_STEPS = (*EXPORT_STORES, "consent", "aliases")
 
 
 @dataclass
@@ -47,6 +49,8 @@ class RetentionStores:
     sink_dir: Path
     # the tracking plan's violation records (this replica's file, or Redis: shared)
     violations: ViolationStore | None = None
+    # the identity graph and its change log (aliases past ``aliases_days``); None: not kept
+    identity: IdentityService | None = None
 
 
 def tenant_periods(tenant: Tenant) -> list[DestinationPeriod]:
@@ -118,6 +122,12 @@ async def run_retention(
         # dedupe entries are shared by the tenants: each run's record names them
         removed["dedupe_entries"] = dedupe
         step("consent")
+        aliases_cutoff = None
+        if tenant.retention.aliases_days and stores.identity is not None:
+            # rewrites the identity log under its lock when something expires (identity.resolver)
+            aliases_cutoff = cutoff(started, tenant.retention.aliases_days)
+            removed["aliases"] = await stores.identity.expire_aliases(tenant.id, aliases_cutoff, apply=apply)
+        step("aliases")
         run = RetentionRun(
             tenant=tenant.id,
             apply=apply,
@@ -125,6 +135,7 @@ async def run_retention(
             periods_days={p.destination: p.days for p in periods},
             removed=removed,
             access_log_cutoff=access_cutoff,
+            aliases_cutoff=aliases_cutoff,
         )
         if apply:
             for store, n in removed.items():

@@ -497,6 +497,10 @@ class IdentityGraph:
 
         return sorted(a for a in aliases if resolve(a) == unified_id)
 
+    def aliases(self) -> dict[str, str]:
+        """Every earlier ID -> the ID it merged into (a scan: for retention runs)."""
+        return self._alias_map()
+
     def has_links(self, node: str) -> bool:
         """Whether the node's person has more than this identifier (cheap)."""
         key = _key(node)

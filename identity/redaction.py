@@ -5,8 +5,8 @@ earlier records (their identifiers' links, merges, splits, refusals, quarantines
 still name their pseudonyms and unified IDs. ``plan_redaction`` renames every occurrence
 of those strings in the tenant's records to tombstones that are random per deletion and
 carry nothing (``erased:<hex>`` for an identifier, one per identifier; a fresh ``p_``
-unified ID for each of the person's IDs, so parsers still accept it), the erasure records
-included.
+unified ID for each of the person's IDs, ``p_x`` + 20 hex digits, so parsers still accept
+it and it is never taken for a real one), the erasure records included.
 
 Why replay stays exact: replaying the log only compares these strings for equality (and
 takes ``min`` of node strings to pick an internal union-find root, which no reader sees).
@@ -27,6 +27,13 @@ rekey (NodeRekeyed) names tombstones it brings itself, so it cannot tell: a repl
 lagging behind an erased identifier's rekey and its redaction at once would keep the old
 pseudonym until it restarts.
 
+Retention uses the same rewrite for aliases (``plan_alias_expiry``): a unified ID merged
+into another person before the cutoff, and no person's current ID, is renamed to a
+tombstone in every record; the alias then reads tombstone -> survivor, so the old ID no
+longer resolves and neither the log nor the graph names it. A replica that had already read
+the records keeps the old alias in memory until its own next expiry run sees that the log
+no longer names it (``GraphResolver.expire_aliases``) or it restarts.
+
 Every record type can be renamed this way (``Quarantined.reason`` ``breaker:<node>``
 included); what is not a pseudonym or a unified ID (sources, event ids, times, officers)
 is kept. Idempotent: once redacted, the log names none of the person's strings, and a
@@ -37,9 +44,10 @@ from __future__ import annotations
 
 import re
 import secrets
-from collections.abc import Callable, Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final
+from datetime import datetime
+from typing import Any, Final, TypeVar
 
 import msgspec
 
@@ -47,6 +55,7 @@ from identity.graph import (
     GraphChange,
     IdentityGraph,
     IdentityRules,
+    Merged,
     NodeAdded,
     NodeRekeyed,
     NodeRemoved,
@@ -56,6 +65,12 @@ ERASED_TYPE: Final = "erased"
 ERASED_MARK: Final = b'"erased:'  # in an encoded change that names a tombstone node
 _TOMBSTONE = re.compile(r"erased:[0-9a-f]{32}")
 _BREAKER: Final = "breaker:"
+# a unified ID tombstone: ``p_x`` + 20 hex digits (23 characters: a derived ID has 24, a
+# random one 22, so none is ever taken for one)
+_UID_TOMBSTONE_PREFIX: Final = "p_x"
+_JSON_STRING = re.compile(rb'"((?:[^"\\]|\\.)*)"')  # a JSON string's content, escapes kept
+_T = TypeVar("_T")
+_FEW: Final = 16  # more names than this: one pass over each text's strings
 
 _encode = msgspec.json.Encoder().encode
 _decode = msgspec.json.Decoder(GraphChange).decode
@@ -79,7 +94,9 @@ def tombstone_node() -> str:
 
 
 def tombstone_unified_id() -> str:
-    return "p_" + secrets.token_hex(10)  # shaped like identity.graph.new_unified_id
+    """A unified ID that carries nothing, shaped so parsers accept it (``p_`` and
+    base64url characters) and ``is_tombstone_unified_id`` tells it from any real one."""
+    return _UID_TOMBSTONE_PREFIX + secrets.token_hex(10)
 
 
 @dataclass
@@ -89,6 +106,7 @@ class RedactionPlan:
     updates: list[tuple[int, bytes]] = field(default_factory=list)
     identifiers: int = 0  # erased identifiers found in the log
     unified_ids: int = 0  # the person's unified IDs found in the log
+    aliases: int = 0  # expired aliases found in the log (plan_alias_expiry)
     graph: IdentityGraph | None = None  # the replay of the rewritten log (None: nothing to do)
 
 
@@ -141,40 +159,140 @@ def plan_redaction(
         graph.apply(change)
     # what the graph still holds is not the erased person's alone
     targets = {n for n in targets if n not in graph}
-    live = {uid for n in graph.nodes() if (uid := graph.unified_id(n)) is not None}
+    live = _live_ids(graph)
     unified = {u for u in unified if u not in live and graph.resolve_alias(u) not in live}
     names = {n: tombstone_node() for n in sorted(targets)} | {u: tombstone_unified_id() for u in unified}
-    needles = [s.encode() for s in names]
+    plan, seen = _rewrite(records, graph, names, rules, node_id)
+    plan.identifiers = len(seen & targets)
+    plan.unified_ids = len(seen & unified)
+    return plan
+
+
+def _live_ids(graph: IdentityGraph) -> set[str]:
+    """The current unified IDs of the persons the graph holds."""
+    return {uid for n in graph.nodes() if (uid := graph.unified_id(n)) is not None}
+
+
+def is_tombstone_unified_id(uid: str) -> bool:
+    """Whether ``uid`` is a tombstone (``tombstone_unified_id``): no derived (``p_`` + 22
+    characters) or random (``p_`` + 20 hex digits) ID has this shape."""
+    return len(uid) == len(_UID_TOMBSTONE_PREFIX) + 20 and uid.startswith(_UID_TOMBSTONE_PREFIX)
+
+
+def expiring_aliases(records: Iterable[GraphChange], graph: IdentityGraph, before: datetime) -> list[str]:
+    """The unified IDs merged into another person before ``before`` (every ``Merged`` that
+    names them as ``merged`` is older; ``records``: the tenant's changes, ``graph``: their
+    replay) that are no person's current ID and not tombstones already, in log order."""
+    live = _live_ids(graph)
+    return [uid for uid in merged_before(records, before) if uid not in live]
+
+
+def merged_before(records: Iterable[GraphChange], before: datetime) -> list[str]:
+    """The unified IDs every ``Merged`` of ``records`` naming them as ``merged`` made
+    before ``before``, tombstones left out, in log order (a cheap look: no replay)."""
+    last_merge: dict[str, datetime] = {}
+    for change in records:
+        if isinstance(change, Merged):
+            last_merge[change.merged] = max(change.at, last_merge.get(change.merged, change.at))
+    return [uid for uid, at in last_merge.items() if at < before and not is_tombstone_unified_id(uid)]
+
+
+def count_expiring_aliases(
+    rows: Iterable[tuple[int, bytes]], before: datetime, rules: IdentityRules | None = None
+) -> int:
+    """How many aliases ``plan_alias_expiry`` would expire (a replay, nothing rewritten)."""
+    changes = [_decode(raw) for _, raw in rows]
+    return len(expiring_aliases(changes, _replay(changes, rules), before))
+
+
+def plan_alias_expiry(
+    rows: Iterable[tuple[int, bytes]],
+    before: datetime,
+    rules: IdentityRules | None = None,
+    node_id: Callable[[str], str] | None = None,
+) -> RedactionPlan:
+    """Plan the expiry of the aliases made before ``before`` (retention, PIPL Art. 19) in
+    one tenant's log ``rows``: each unified ID merged into another person by then (and no
+    person's current ID) is renamed to a tombstone in every record, by the same rewrite
+    and check as a redaction. The graph's alias entry then reads tombstone -> survivor:
+    the old ID no longer resolves, and the log and the graph no longer name it."""
+    records = [(seq, raw, _decode(raw)) for seq, raw in rows]
+    graph = _replay((change for _, _, change in records), rules)
+    expired = expiring_aliases((change for _, _, change in records), graph, before)
+    plan, seen = _rewrite(records, graph, {u: tombstone_unified_id() for u in expired}, rules, node_id)
+    plan.aliases = len(seen)
+    return plan
+
+
+def _rewrite(
+    records: Sequence[tuple[int, bytes, GraphChange]],
+    graph: IdentityGraph,
+    names: Mapping[str, str],
+    rules: IdentityRules | None,
+    node_id: Callable[[str], str] | None,
+) -> tuple[RedactionPlan, set[str]]:
+    """Rename ``names`` (old -> tombstone) in every record that holds one, and check that
+    the rewritten log replays to ``graph`` (the replay of ``records``) renamed; returns the
+    plan and the names found. ``RedactionUnsafe`` when the replay differs."""
     plan = RedactionPlan()
-    if not needles:
-        return plan
-    rewritten: list[GraphChange] = []
     seen: set[str] = set()
+    if not names:
+        return plan, seen
+    found_in = _finder(names)
+    rewritten: list[GraphChange] = []
     for seq, raw, change in records:
-        if any(n in raw for n in needles):
-            builtins = msgspec.to_builtins(change)
-            seen.update(s for s in names if s.encode() in raw)
-            change = msgspec.convert(rename(builtins, names), GraphChange)
+        if found := found_in(raw):
+            seen.update(found)
+            change = msgspec.convert(rename(msgspec.to_builtins(change), names), GraphChange)
             plan.updates.append((seq, _encode(change)))
         rewritten.append(change)
     if not plan.updates:
-        return plan
-    plan.identifiers = len(seen & targets)
-    plan.unified_ids = len(seen & unified)
+        return plan, seen
     after = IdentityGraph(rules, node_id=node_id)
     for change in rewritten:
         after.apply(change)
     if _encode(after.state()) != renamed(_encode(graph.state()), names):
-        raise RedactionUnsafe("the redacted log would replay to a different graph")
+        raise RedactionUnsafe("the rewritten log would replay to a different graph")
     plan.graph = after
-    return plan
+    return plan, seen
 
 
 def renamed(encoded: bytes, names: Mapping[str, str]) -> bytes:
     """``rename`` on JSON text, the fast way for a whole graph's state: an exact string is
     always quoted in JSON (pseudonyms and unified IDs hold no character JSON escapes), and
-    both replays list everything in the same order, so the texts compare byte for byte."""
+    both replays list everything in the same order, so the texts compare byte for byte.
+    A few names (a redaction) are replaced one by one; many (an alias expiry) in one pass
+    over the text's strings."""
+    if len(names) <= _FEW:
+        for old, new in names.items():
+            for prefix in ("", _BREAKER):
+                encoded = encoded.replace(f'"{prefix}{old}"'.encode(), f'"{prefix}{new}"'.encode())
+        return encoded
+    table = _byte_table(names, lambda old, new: b'"' + new + b'"')
+    pieces = _JSON_STRING.split(encoded)  # text, string content, text, ...
+    pieces[1::2] = [table.get(p) or b'"' + p + b'"' for p in pieces[1::2]]
+    return b"".join(pieces)
+
+
+def _byte_table(names: Mapping[str, str], value: Callable[[str, bytes], _T]) -> dict[bytes, _T]:
+    """``names`` keyed by their JSON string content, plain and as ``breaker:<name>``; each
+    value made by ``value`` from the old name and the new content."""
+    table: dict[bytes, _T] = {}
     for old, new in names.items():
         for prefix in ("", _BREAKER):
-            encoded = encoded.replace(f'"{prefix}{old}"'.encode(), f'"{prefix}{new}"'.encode())
-    return encoded
+            table[(prefix + old).encode()] = value(old, (prefix + new).encode())
+    return table
+
+
+def _finder(names: Mapping[str, str]) -> Callable[[bytes], set[str]]:
+    """A function giving the ``names`` an encoded record holds: a substring search per name
+    when there are few, else one pass over the record's strings (a set look-up each)."""
+    if len(names) <= _FEW:
+        needles = [(s, s.encode()) for s in names]
+        return lambda raw: {s for s, needle in needles if needle in raw}
+    table = _byte_table(names, lambda old, new: old)
+
+    def found_in(raw: bytes) -> set[str]:
+        return {table[t] for t in _JSON_STRING.findall(raw) if t in table}
+
+    return found_in

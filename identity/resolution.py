@@ -10,6 +10,7 @@ contract, so callers never reach past it.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Protocol
 
 from identity.graph import GraphChange, IdentityGraph
@@ -75,6 +76,11 @@ class IdentityResolver(Protocol):
         """Rename erased nodes and their person's unified IDs in the past log records."""
         ...
 
+    async def expire_aliases(self, tenant: str, before: datetime, *, apply: bool = True) -> int:
+        """Rename the unified IDs merged into others before ``before`` to tombstones in the
+        log (retention); returns how many expired (or would, without ``apply``)."""
+        ...
+
 
 class NoResolution:
     """No identity graph: events keep their own identifiers and carry no unified ID."""
@@ -125,3 +131,6 @@ class NoResolution:
 
     async def redact(self, tenant: str, nodes: Sequence[str]) -> RedactionPlan:
         return RedactionPlan()
+
+    async def expire_aliases(self, tenant: str, before: datetime, *, apply: bool = True) -> int:
+        return 0

@@ -38,7 +38,15 @@ from identity.graph import (
     Split,
 )
 from identity.identifiers import DEVICE_TYPES, Identifier, node_type, node_value
-from identity.redaction import ERASED_MARK, RedactionPlan, names_unknown_tombstone, plan_redaction
+from identity.redaction import (
+    ERASED_MARK,
+    RedactionPlan,
+    count_expiring_aliases,
+    merged_before,
+    names_unknown_tombstone,
+    plan_alias_expiry,
+    plan_redaction,
+)
 from identity.store import IdentityLogStore, LogRow
 
 log = structlog.get_logger(__name__)
@@ -459,3 +467,65 @@ class GraphResolver:
                 self.graphs[tenant] = plan.graph
                 self._settled[tenant].clear()
         return plan
+
+    async def expire_aliases(self, tenant: str, before: datetime, *, apply: bool = True) -> int:
+        """Retention of aliases: the unified IDs merged into another person before
+        ``before`` (and no person's current ID) are renamed to tombstones in the tenant's
+        log records (``identity.redaction.plan_alias_expiry``), in one transaction under
+        the log's lock like ``redact``; this replica's graph becomes the replay of the
+        rewritten log. Returns how many expired (``apply`` False: how many would, counted
+        on a replay outside the lock, nothing written). A cheap read of the tenant's merges
+        comes first: when none is old enough, no lock is taken and nothing is written, and
+        a graph still holding aliases the log no longer names (another replica expired
+        them) is replayed again from the log.
+        """
+        if tenant not in self.rules:
+            return 0
+        applied = self.applied_seq
+        merges = await self._io(self.store.tenant_changes, None, tenant, Merged.__name__)
+        changes = [_decode(raw) for _, raw in merges]
+        if not merged_before(changes, before):
+            if self.applied_seq == applied:  # else the graph may hold merges newer than the read
+                await self._reload_if_renamed(tenant, changes)
+            return 0
+        rules = self.rules.get(tenant)
+        if not apply:
+            rows = await self._io(self.store.tenant_changes, None, tenant)
+            return await self._io(count_expiring_aliases, rows, before, rules)
+        async with self._write_lock:
+            conn, tx = await self._io(self.store.begin_locked)
+            try:
+                await self._catch_up_with(conn)
+                records = await self._io(self.store.tenant_changes, conn, tenant)
+                plan = await self._io(plan_alias_expiry, records, before, rules, self.node_ids.get(tenant))
+            except BaseException:
+                await self._io(self.store.abandon, conn, tx)
+                raise
+            await self._io(self.store.rewrite_and_commit, conn, tx, plan.updates)
+            if plan.graph is not None and tenant in self.graphs:
+                self.graphs[tenant] = plan.graph
+                self._settled[tenant].clear()
+        return plan.aliases
+
+    async def _reload_if_renamed(self, tenant: str, merges: Sequence[GraphChange]) -> None:
+        """Another process expired (or redacted) aliases this graph still holds: the log's
+        merges no longer name them. Replay the whole log again, off the event loop, and
+        swap the graphs in at once (readers keep the old ones meanwhile)."""
+        graph = self.graphs.get(tenant)
+        named = {m.merged for m in merges if isinstance(m, Merged)}
+        if graph is None or all(a in named for a in graph.aliases()):
+            return
+        async with self._write_lock:
+            rows = await self._io(self.store.read_after, 0, 10_000_000)
+            self.graphs = await self._io(self._replayed, rows)
+            self.applied_seq = rows[-1][0] if rows else 0
+            for settled in self._settled.values():
+                settled.clear()
+        log.info("identity.aliases_renamed_replayed", tenant=tenant)
+
+    def _replayed(self, rows: Sequence[LogRow]) -> dict[str, IdentityGraph]:
+        graphs = self._fresh_graphs()
+        for _, tenant, raw in rows:
+            if (graph := graphs.get(tenant)) is not None:
+                graph.apply(_decode(raw))
+        return graphs

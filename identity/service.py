@@ -228,3 +228,11 @@ class IdentityService:
         past records of the change log (renamed to tombstones, ``identity.redaction``).
         Idempotent: a second call finds nothing to rename."""
         return await self.resolver.redact(tenant, nodes)
+
+    async def expire_aliases(self, tenant: str, before: datetime, *, apply: bool = True) -> int:
+        """Retention (PIPL Art. 19): the unified IDs merged into another person before
+        ``before`` leave the change log and the graph (renamed to tombstones,
+        ``identity.redaction.plan_alias_expiry``), so they no longer resolve. Returns how
+        many expired (``apply`` False: how many would; nothing changes). No notice goes
+        downstream: the merge notice told destinations long ago which ID the person keeps."""
+        return await self.resolver.expire_aliases(tenant, before, apply=apply)

@@ -87,10 +87,19 @@ class IdentityLogStore:
         finally:
             conn.close()
 
-    def tenant_changes(self, conn: sa.Connection, tenant: str) -> list[tuple[int, bytes]]:
-        """(seq, change) of every record of one tenant, in order (under the writer's lock)."""
+    def tenant_changes(
+        self, conn: sa.Connection | None, tenant: str, kind: str | None = None
+    ) -> list[tuple[int, bytes]]:
+        """(seq, change) of every record of one tenant (``kind``: of that change type only),
+        in order; under the writer's lock with its ``conn``, else a read on a connection
+        of its own."""
         stmt = sa.select(LOG.c.seq, LOG.c.change).where(LOG.c.tenant == tenant).order_by(LOG.c.seq)
-        return [(int(s), bytes(c)) for s, c in conn.execute(stmt)]
+        if kind is not None:
+            stmt = stmt.where(LOG.c.kind == kind)
+        if conn is not None:
+            return [(int(s), bytes(c)) for s, c in conn.execute(stmt)]
+        with self.engine.connect() as own:
+            return [(int(s), bytes(c)) for s, c in own.execute(stmt)]
 
     def rewrite_and_commit(
         self, conn: sa.Connection, tx: sa.RootTransaction, updates: Sequence[tuple[int, bytes]]

@@ -32,6 +32,7 @@ from identity.db import make_engine
 from tests.conftest import (
     COMPLIANCE_TOKEN,
     IDGATE,
+    MALL_SERVER_KEY,
     MALL_WEB_KEY,
     OPERATOR_TOKEN,
     TEST_CONFIG,
@@ -469,7 +470,9 @@ def test_the_gateway_enforces_retention_on_its_own(old_sink_file_gateway: Gatewa
 def test_config_check_refuses_periods_under_the_legal_floors(tmp_path: Path) -> None:
     config = tmp_path / "idgate.toml"
     config.write_text(
-        RETENTION_CONFIG.replace("access_log_days = 183", "access_log_days = 30\nledger_days = 365")
+        RETENTION_CONFIG.replace(
+            "access_log_days = 183", "access_log_days = 30\nledger_days = 365\naliases_days = -1"
+        )
         + "purposes = { nosuch = 3 }\n"
     )
     done = subprocess.run(
@@ -479,3 +482,96 @@ def test_config_check_refuses_periods_under_the_legal_floors(tmp_path: Path) -> 
     assert "tenants[1].retention.ledger_days: 365 is under the legal minimum of 1095 days" in done.stderr
     assert "tenants[1].retention.access_log_days: 30 is under the legal minimum of 183 days" in done.stderr
     assert "tenants[1].retention.purposes.nosuch: unknown purpose" in done.stderr
+    assert "tenants[1].retention.aliases_days: must be 0 (kept for good) or at least 1 day" in done.stderr
+
+
+def test_old_aliases_leave_the_identity_graph_with_a_retention_run(tmp_path: Path) -> None:
+    """A shopper's identifiers merge through the gateway; their merges are then aged past
+    ``aliases_days`` (the gateway stopped, like the planted data above). ``idgate retention
+    run`` counts them, then expires them: the old unified IDs leave the identity change log
+    and no longer resolve, the person keeps their ID, the run's ledger record counts them and
+    the ledger still verifies. A second run finds nothing and writes nothing."""
+    from identity.graph import GraphChange, Merged
+    from identity.rebuild import replay
+    from identity.store import IdentityLogStore
+    from tests.identity.test_identity_http import shopper_journey, unified_ids
+
+    gw = make_gateway(
+        tmp_path,
+        config=RETENTION_CONFIG + "aliases_days = 30\n",
+        extra_env={"IDGATE_RETENTION_INTERVAL_SECONDS": "0"},
+    )
+    gw.start()
+    try:
+        sent, user = shopper_journey(gw, with_linking=True)
+        before = unified_ids(gw, sent)
+    finally:
+        gw.stop()
+    log_path = gw.data_dir / "identity.sqlite3"
+
+    def merges() -> list[tuple[int, Merged]]:
+        with sqlite3.connect(log_path) as db:
+            rows = db.execute(
+                "SELECT seq, change FROM identity_log WHERE tenant = 'mall' AND kind = 'Merged'"
+            )
+            return [(seq, msgspec.json.decode(raw, type=GraphChange)) for seq, raw in rows]  # type: ignore[misc]
+
+    made = merges()
+    assert made, "the journey merged nothing"
+    with sqlite3.connect(log_path) as db:  # the merges happened 60 days ago
+        for seq, m in made:
+            aged = msgspec.structs.replace(m, at=OLD)
+            db.execute("UPDATE identity_log SET change = ? WHERE seq = ?", (msgspec.json.encode(aged), seq))
+    old_ids = {m.merged for _, m in made}
+    log_text = lambda: "\n".join(  # noqa: E731
+        raw.decode() for _, _, raw in IdentityLogStore(make_engine(f"sqlite:///{log_path}")).all_rows()
+    )
+    assert all(u in log_text() for u in old_ids)
+
+    dry = idgate(gw, "retention", "run", "--dry-run", "--json")
+    assert dry.returncode == 0, dry.stderr
+    assert json.loads(dry.stdout)["removed"]["aliases"] == len(old_ids), dry.stdout
+    assert all(u in log_text() for u in old_ids)  # a dry run changes nothing
+
+    applied = idgate(gw, "retention", "run", "--apply")
+    assert applied.returncode == 0, applied.stderr
+    assert f"aliases {len(old_ids)}" in applied.stdout, applied.stdout
+    text = log_text()
+    assert not [u for u in old_ids if u in text]
+    store = IdentityLogStore(make_engine(f"sqlite:///{log_path}"))
+    graph = replay(store.all_rows())[0]["mall"].graph
+    assert all(graph.resolve_alias(u) == u for u in old_ids)  # no longer resolves
+    person = {graph.unified_id(n) for n in graph.nodes()}
+    assert all(m.survivor in text for _, m in made if m.survivor in person)
+
+    again = idgate(gw, "retention", "run", "--dry-run", "--json")
+    assert json.loads(again.stdout)["removed"]["aliases"] == 0, again.stdout
+    rerun = idgate(gw, "retention", "run", "--apply", "--json")
+    assert json.loads(rerun.stdout)["removed"]["aliases"] == 0 and log_text() == text
+
+    public = idgate(gw, "keys", "ledger-public-key")
+    exported = idgate(gw, "ledger", "export", "--out", "-")
+    assert exported.returncode == 0, exported.stderr
+    records = [json.loads(line) for line in exported.stdout.splitlines()]
+    runs = [r for r in records if r.get("record_type") == "retention_run"]
+    assert [r["detail"]["removed"]["aliases"] for r in runs] == [len(old_ids), 0], runs
+    assert runs[0]["detail"]["aliases_cutoff"] is not None
+    verified = idgate(
+        gw, "ledger", "verify", "-", "--public-key", public.stdout.strip(), stdin=exported.stdout
+    )
+    assert verified.returncode == 0 and verified.stdout.startswith("OK: "), verified.stdout + verified.stderr
+
+    # the gateway starts from the rewritten log; the person keeps their ID downstream
+    gw.start()
+    try:
+        m = mid()
+        r = httpx.post(
+            f"{gw.url}/v1/track",
+            auth=(MALL_SERVER_KEY, ""),
+            json={"messageId": m, "userId": user, "event": "Order Completed"},
+            timeout=10,
+        )
+        assert r.status_code == 200 and r.json()["accepted"] == 1, r.text
+        assert unified_ids(gw, [m]) == [before[-1]]
+    finally:
+        gw.stop()

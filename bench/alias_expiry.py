@@ -1,0 +1,80 @@
+"""Retention of identity-graph aliases (``aliases_days``) on the embedded identity change log:
+how long a run takes, and so how long it holds the log's write lock (identity writes wait
+that long), when the log holds ``--persons`` persons of 3 linked identifiers each (about 7
+records and 2 aliases a person; 30k persons: about 210k records).
+
+    .venv/bin/python bench/alias_expiry.py [--persons 30000] [--old 1.0]
+
+``--old``: the share of persons whose merges are past the cutoff. Prints the time of a run
+with nothing to expire (the lock-free look at the merges), of the dry run (a replay outside
+the lock), of the applied run (under the lock: the plan's two replays and the rewrite), and
+of a second run (nothing left).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import msgspec
+
+# bench/identity.py would shadow the identity package with bench/ first on sys.path
+sys.path[0] = str(Path(__file__).resolve().parent.parent)
+
+from identity.db import make_engine  # noqa: E402
+from identity.graph import IdentityGraph, IdentityRules, Provenance  # noqa: E402
+from identity.resolver import GraphResolver  # noqa: E402
+from identity.store import IdentityLogStore, migrate_identity  # noqa: E402
+
+LOG_TYPES = ("user_id", "device_id", "anonymous_id")
+OLD = datetime(2026, 1, 1, tzinfo=UTC)
+NEW = datetime(2026, 11, 1, tzinfo=UTC)
+CUTOFF = datetime(2026, 6, 1, tzinfo=UTC)
+
+
+async def main(persons: int, old_share: float) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        engine = make_engine(f"sqlite:///{Path(tmp) / 'identity.sqlite3'}")
+        migrate_identity(engine)
+        store = IdentityLogStore(engine)
+        graph = IdentityGraph()
+        rows = []
+        old_persons = int(persons * old_share)
+        for p in range(persons):
+            prov = Provenance("bench", "e", OLD if p < old_persons else NEW, "event")
+            nodes = [f"{k}:k1.{k}{p:012d}" for k in LOG_TYPES]
+            _, changes = graph.resolve(nodes, link=True, provenance=prov)
+            rows += [("acme", type(c).__name__, msgspec.json.encode(c), 0) for c in changes]
+        conn, tx = store.begin_locked()
+        store.insert_and_commit(conn, tx, rows)
+        resolver = GraphResolver(store, {"acme": IdentityRules()})
+        await resolver.start()
+        print(f"log: {len(rows)} records, {graph.stats()['aliases']} aliases, {persons} persons")
+
+        def timed(label: str, seconds: float, result: int) -> None:
+            print(f"{label:<40} {seconds:7.2f} s  ({result} aliases)")
+
+        for label, before, apply in (
+            ("nothing old (lock-free look)", OLD - timedelta(days=1), True),
+            ("dry run (replay, no lock)", CUTOFF, False),
+            ("applied (under the log's lock)", CUTOFF, True),
+            ("second run (nothing left)", CUTOFF, True),
+        ):
+            t = time.perf_counter()
+            n = await resolver.expire_aliases("acme", before, apply=apply)
+            timed(label, time.perf_counter() - t, n)
+        await resolver.stop()
+        engine.dispose()
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--persons", type=int, default=30_000)
+    parser.add_argument("--old", type=float, default=1.0)
+    args = parser.parse_args()
+    asyncio.run(main(args.persons, args.old))
