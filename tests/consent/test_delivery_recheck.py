@@ -8,6 +8,7 @@ import json
 import uuid
 from collections.abc import Sequence
 from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -28,7 +29,7 @@ from gateway.config import parse_config
 from gateway.consent_setup import delivery_recheck, purpose_rules
 from gateway.pipeline import destination_specs
 from identity.db import make_engine
-from tests.conftest import MALL_WEB_KEY, TEST_CONFIG, RedisNamespace, backend_env, make_gateway, mid
+from tests.conftest import MALL_WEB_KEY, TEST_CONFIG, Gateway, RedisNamespace, backend_env, make_gateway, mid
 from tests.e2e.test_delivery_faults import idgate
 from tests.receivers import Receiver
 from tests.waiting import async_wait_until, wait_until
@@ -222,6 +223,50 @@ def test_a_withdrawal_of_personalisation_before_delivery_flags_the_event(tmp_pat
     engine.dispose()
 
 
+@dataclass
+class TwoShoppers:
+    """A gateway (embedded, or distributed on PostgreSQL and Redis) and two shoppers on the
+    mall's web source who granted ``purposes``: one about to withdraw, one staying."""
+
+    gw: Gateway
+    web: httpx.Client
+    leaving: str
+    staying: str
+
+    @classmethod
+    def start(
+        cls,
+        stack: ExitStack,
+        request: pytest.FixtureRequest,
+        tmp_path: Path,
+        backend: str,
+        config: str,
+        purposes: Sequence[str],
+    ) -> TwoShoppers:
+        env: dict[str, str] = {}
+        if backend == "distributed":
+            redis_ns: RedisNamespace = request.getfixturevalue("redis_ns")
+            env = {**backend_env("postgres", stack), **redis_ns.env()}
+        gw = make_gateway(tmp_path, config=config, extra_env=env).start()
+        stack.callback(gw.stop)
+        web = stack.enter_context(httpx.Client(base_url=gw.url, auth=(MALL_WEB_KEY, ""), timeout=10))
+        tag = uuid.uuid4().hex[:8]
+        shoppers = cls(gw, web, f"anon-leaving-{tag}", f"anon-staying-{tag}")
+        for anon in (shoppers.leaving, shoppers.staying):
+            body = {"anonymousId": anon, "grant": list(purposes), "noticeId": "notice-v1"}
+            r = web.post("/v1/consent", json=body)
+            assert r.status_code == 200, r.text
+        return shoppers
+
+    def send(self, anon: str, count: int) -> list[str]:
+        """``count`` events of ``anon`` in one batch, all accepted; their message ids."""
+        ids = [mid() for _ in range(count)]
+        batch = [{"type": "track", "anonymousId": anon, "event": "Viewed", "messageId": m} for m in ids]
+        r = self.web.post("/v1/batch", json={"batch": batch})
+        assert r.status_code == 200 and r.json()["accepted"] == count, r.text
+        return ids
+
+
 HOOK_CONFIG = """
 [[tenants]]
 id = "mall"
@@ -259,29 +304,9 @@ def test_a_withdrawal_while_the_destination_is_down_stops_its_waiting_events(
     every attempt), on the embedded outbox and on the Redis stream outbox."""
     with ExitStack() as stack, Receiver(seed=3) as rx:
         rx.down = True
-        env: dict[str, str] = {}
-        if backend == "distributed":
-            redis_ns: RedisNamespace = request.getfixturevalue("redis_ns")
-            env = {**backend_env("postgres", stack), **redis_ns.env()}
         config = HOOK_CONFIG.format(key=MALL_WEB_KEY, sha="1" * 64, url=rx.webhook_url)
-        gw = make_gateway(tmp_path, config=config, extra_env=env).start()
-        stack.callback(gw.stop)
-        web = stack.enter_context(httpx.Client(base_url=gw.url, auth=(MALL_WEB_KEY, ""), timeout=10))
-        tag = uuid.uuid4().hex[:8]
-        leaving, staying = f"anon-leaving-{tag}", f"anon-staying-{tag}"
-        for anon in (leaving, staying):
-            r = web.post(
-                "/v1/consent", json={"anonymousId": anon, "grant": ["analytics"], "noticeId": "notice-v1"}
-            )
-            assert r.status_code == 200, r.text
-
-        def send(anon: str, count: int) -> list[str]:
-            ids = [mid() for _ in range(count)]
-            batch = [{"type": "track", "anonymousId": anon, "event": "Viewed", "messageId": m} for m in ids]
-            r = web.post("/v1/batch", json={"batch": batch})
-            assert r.status_code == 200 and r.json()["accepted"] == count, r.text
-            return ids
-
+        shop = TwoShoppers.start(stack, request, tmp_path, backend, config, ["analytics"])
+        gw, web, leaving, staying, send = shop.gw, shop.web, shop.leaving, shop.staying, shop.send
         gone, kept = send(leaving, 3), send(staying, 3)
         wait_until(lambda: rx.statuses[503] >= 3, what="the gateway retrying the down receiver")
         r = web.post("/v1/consent", json={"anonymousId": leaving, "withdraw": ["analytics"]})
@@ -359,10 +384,6 @@ def test_a_withdrawal_of_personalisation_while_events_wait_flags_every_delivery_
         hook, recs, parked = (stack.enter_context(Receiver(seed=s)) for s in (3, 4, 5))
         for rx in (hook, recs, parked):
             rx.down = True
-        env: dict[str, str] = {}
-        if backend == "distributed":
-            redis_ns: RedisNamespace = request.getfixturevalue("redis_ns")
-            env = {**backend_env("postgres", stack), **redis_ns.env()}
         config = PERSONALISATION_CONFIG.format(
             key=MALL_WEB_KEY,
             sha="1" * 64,
@@ -370,28 +391,8 @@ def test_a_withdrawal_of_personalisation_while_events_wait_flags_every_delivery_
             recs=recs.webhook_url,
             parked=parked.webhook_url,
         )
-        gw = make_gateway(tmp_path, config=config, extra_env=env).start()
-        stack.callback(gw.stop)
-        web = stack.enter_context(httpx.Client(base_url=gw.url, auth=(MALL_WEB_KEY, ""), timeout=10))
-        tag = uuid.uuid4().hex[:8]
-        leaving, staying = f"anon-leaving-{tag}", f"anon-staying-{tag}"
-        for anon in (leaving, staying):
-            r = web.post(
-                "/v1/consent",
-                json={
-                    "anonymousId": anon,
-                    "grant": ["analytics", "personalisation"],
-                    "noticeId": "notice-v1",
-                },
-            )
-            assert r.status_code == 200, r.text
-
-        def send(anon: str, count: int) -> list[str]:
-            ids = [mid() for _ in range(count)]
-            batch = [{"type": "track", "anonymousId": anon, "event": "Viewed", "messageId": m} for m in ids]
-            r = web.post("/v1/batch", json={"batch": batch})
-            assert r.status_code == 200 and r.json()["accepted"] == count, r.text
-            return ids
+        shop = TwoShoppers.start(stack, request, tmp_path, backend, config, ["analytics", "personalisation"])
+        gw, web, leaving, staying, send = shop.gw, shop.web, shop.leaving, shop.staying, shop.send
 
         def dead_letters() -> list[str]:
             listed = idgate(gw, "dlq", "list", "--json", "--destination", "parked")

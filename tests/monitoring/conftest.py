@@ -13,10 +13,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from aiosmtpd.controller import Controller
 
-from tests.conftest import TEST_CONFIG, free_port, mid
+from tests.conftest import OPERATOR_TOKEN, TEST_CONFIG, Gateway, free_port, mid
 
 DINGTALK_SECRET = "SEC-dingtalk-test-secret"
 FEISHU_SECRET = "feishu-test-secret"
@@ -160,3 +161,19 @@ def payment_batch(requested: int, succeeded: int, prefix: str, sent: list[str]) 
                 {"type": "track", "anonymousId": anon, "event": "Payment Succeeded", "messageId": mid()}
             )
     return batch
+
+
+def kpi_answer(gw: Gateway, kpi: str, buckets: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``GET /admin/kpis`` for one KPI of the mall (operator token): its total over the
+    window of ``buckets`` one-second buckets, and the whole answer (alerts, replicas)."""
+    r = httpx.get(
+        f"{gw.url}/admin/kpis",
+        params={"tenant": "mall", "kpi": kpi},
+        headers={"Authorization": f"Bearer {OPERATOR_TOKEN}"},
+        timeout=10,
+    )
+    assert r.status_code == 200, r.text
+    body: dict[str, Any] = r.json()
+    (answer,) = body["kpis"]
+    window = next(w for w in answer["windows"] if round(w["minutes"] * 60) == buckets)
+    return window["total"], body

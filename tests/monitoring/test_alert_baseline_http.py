@@ -7,16 +7,19 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
-from tests.conftest import MALL_SERVER_KEY, OPERATOR_TOKEN, TEST_CONFIG, Gateway, make_gateway
-from tests.monitoring.conftest import DINGTALK_SECRET, RobotReceiver, fast_alert_env, payment_batch
+from tests.conftest import MALL_SERVER_KEY, TEST_CONFIG, Gateway, make_gateway
+from tests.monitoring.conftest import (
+    DINGTALK_SECRET,
+    RobotReceiver,
+    fast_alert_env,
+    kpi_answer,
+    payment_batch,
+)
 from tests.waiting import wait_until
 
 pytestmark = pytest.mark.slow
-
-ADMIN = {"Authorization": f"Bearer {OPERATOR_TOKEN}"}
 
 CONFIG = (
     TEST_CONFIG
@@ -57,19 +60,8 @@ def send(gw: Gateway, requested: int, succeeded: int) -> None:
 
 
 def kpis(gw: Gateway) -> dict[str, Any]:
-    r = httpx.get(
-        f"{gw.url}/admin/kpis",
-        params={"tenant": "mall", "kpi": "payment_success_rate"},
-        headers=ADMIN,
-        timeout=10,
-    )
-    assert r.status_code == 200, r.text
-    body: dict[str, Any] = r.json()
-    (kpi,) = body["kpis"]
-    return {
-        "window": next(w for w in kpi["windows"] if round(w["minutes"] * 60) == 1)["total"],
-        "alerts": {a["rule"]: a for a in body["alerts"]},
-    }
+    window, body = kpi_answer(gw, "payment_success_rate", 1)
+    return {"window": window, "alerts": {a["rule"]: a for a in body["alerts"]}}
 
 
 def test_a_drop_against_the_baseline_pages_where_the_bucket_before_is_empty(

@@ -30,6 +30,7 @@ from tests.monitoring.conftest import (
     RobotReceiver,
     alert_config,
     fast_alert_env,
+    kpi_answer,
     payment_batch,
 )
 from tests.waiting import wait_until
@@ -53,19 +54,10 @@ def send(gw: Gateway, batch: list[dict[str, Any]]) -> None:
 
 
 def state(gw: Gateway) -> dict[str, Any]:
-    r = httpx.get(
-        f"{gw.url}/admin/kpis",
-        params={"tenant": "mall", "kpi": "payment_success_rate"},
-        headers=ADMIN,
-        timeout=10,
-    )
-    assert r.status_code == 200, r.text
-    body: dict[str, Any] = r.json()
-    (kpi,) = body["kpis"]
+    window, body = kpi_answer(gw, "payment_success_rate", 5)
     (alert,) = body["alerts"]
-    window = next(w for w in kpi["windows"] if round(w["minutes"] * 60) == 5)  # 5 one-second buckets
     return {
-        "window": window["total"],
+        "window": window,
         "alert": alert,
         "replica": body["replica"],
         "evaluator": body["evaluator"],
