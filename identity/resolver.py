@@ -452,13 +452,20 @@ class GraphResolver:
         log's lock; this replica's graph becomes the replay of the rewritten log (the same
         graph, without the person's strings). Other replicas hold the old strings in memory
         for the erased person only (aliases, breaker history) until they restart."""
+        return await self._rewrite_log(
+            tenant, lambda records, rules, node_id: plan_redaction(records, nodes, rules, node_id)
+        )
+
+    async def _rewrite_log(self, tenant: str, plan_for: Callable[..., RedactionPlan]) -> RedactionPlan:
+        """Under the log's lock: catch up, plan a rewrite of the tenant's records with
+        ``plan_for(records, rules, node_id)`` (off the loop), write it in the same
+        transaction, and swap in the plan's graph (the replay of the rewritten log)."""
         async with self._write_lock:
             conn, tx = await self._io(self.store.begin_locked)
             try:
                 await self._catch_up_with(conn)
                 records = await self._io(self.store.tenant_changes, conn, tenant)
-                rules = self.rules.get(tenant)
-                plan = await self._io(plan_redaction, records, nodes, rules, self.node_ids.get(tenant))
+                plan = await self._io(plan_for, records, self.rules.get(tenant), self.node_ids.get(tenant))
             except BaseException:
                 await self._io(self.store.abandon, conn, tx)
                 raise
@@ -488,23 +495,12 @@ class GraphResolver:
             if self.applied_seq == applied:  # else the graph may hold merges newer than the read
                 await self._reload_if_renamed(tenant, changes)
             return 0
-        rules = self.rules.get(tenant)
         if not apply:
             rows = await self._io(self.store.tenant_changes, None, tenant)
-            return await self._io(count_expiring_aliases, rows, before, rules)
-        async with self._write_lock:
-            conn, tx = await self._io(self.store.begin_locked)
-            try:
-                await self._catch_up_with(conn)
-                records = await self._io(self.store.tenant_changes, conn, tenant)
-                plan = await self._io(plan_alias_expiry, records, before, rules, self.node_ids.get(tenant))
-            except BaseException:
-                await self._io(self.store.abandon, conn, tx)
-                raise
-            await self._io(self.store.rewrite_and_commit, conn, tx, plan.updates)
-            if plan.graph is not None and tenant in self.graphs:
-                self.graphs[tenant] = plan.graph
-                self._settled[tenant].clear()
+            return await self._io(count_expiring_aliases, rows, before, self.rules.get(tenant))
+        plan = await self._rewrite_log(
+            tenant, lambda records, rules, node_id: plan_alias_expiry(records, before, rules, node_id)
+        )
         return plan.aliases
 
     async def _reload_if_renamed(self, tenant: str, merges: Sequence[GraphChange]) -> None:
