@@ -16,6 +16,8 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Dialect
 from sqlmodel import Field, SQLModel
 
+from identity.db import dialect_insert
+
 # "retention_run": what one retention run removed from the stores (consent.retention).
 RecordType = Literal["consent", "notice", "rights_request", "subject_flag", "retention_run"]
 # "cleared" undoes a subject flag (a subject no longer flagged as a minor).
@@ -188,6 +190,27 @@ class ProjectionRow(SQLModel, table=True):
 
     name: str = Field(primary_key=True)
     applied_seq: int = Field(default=0, sa_column=sa.Column(sa.BigInteger(), nullable=False))
+
+
+def projection_mark(conn: sa.Connection, name: str) -> int | None:
+    """The ``consent_projection`` row ``name``'s seq; None while there is none."""
+    table = ProjectionRow.__table__  # type: ignore[attr-defined]
+    value = conn.execute(sa.select(table.c.applied_seq).where(table.c.name == name)).scalar()
+    return None if value is None else int(value)
+
+
+def advance_projection_mark(conn: sa.Connection, name: str, seq: int) -> None:
+    """Move the ``consent_projection`` row ``name`` forward to ``seq`` in ``conn``'s
+    transaction (created at ``seq`` when missing; never moved back)."""
+    table = ProjectionRow.__table__  # type: ignore[attr-defined]
+    stmt = dialect_insert(conn.engine)(table).values(name=name, applied_seq=seq)
+    conn.execute(
+        stmt.on_conflict_do_update(
+            index_elements=["name"],
+            set_={"applied_seq": stmt.excluded.applied_seq},
+            where=table.c.applied_seq < stmt.excluded.applied_seq,
+        )
+    )
 
 
 class SubjectAliasRow(SQLModel, table=True):

@@ -19,7 +19,7 @@ import msgspec
 import sqlalchemy as sa
 
 from consent.models import DeliveryProof
-from identity.db import sqlite_connect
+from identity.db import dialect_insert, sqlite_connect
 
 _TABLE: sa.Table = DeliveryProof.__table__  # type: ignore[attr-defined]
 
@@ -59,12 +59,9 @@ class DeliveryProofs:
         if engine.dialect.name == "sqlite" and engine.url.database not in (None, "", ":memory:"):
             self._record_sqlite(rows)
             return len(rows)
-        from sqlalchemy.dialects import postgresql, sqlite
-
-        insert = postgresql.insert if engine.dialect.name == "postgresql" else sqlite.insert
         with engine.begin() as conn:
             # executemany with one compiled statement, not one giant VALUES list per call
-            conn.execute(insert(_TABLE).on_conflict_do_nothing(), rows)
+            conn.execute(dialect_insert(engine)(_TABLE).on_conflict_do_nothing(), rows)
         return len(rows)
 
     def _record_sqlite(self, rows: list[dict[str, Any]]) -> None:

@@ -25,13 +25,12 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from consent.models import ConsentStateRow, ProjectionRow, SubjectAliasRow
-from consent.state import _dialect_insert
+from consent.models import ConsentStateRow, SubjectAliasRow, advance_projection_mark, projection_mark
+from identity.db import dialect_insert
 from identity.redis_client import is_cluster
 
 _ALIAS = SubjectAliasRow.__table__  # type: ignore[attr-defined]
 _STATE = ConsentStateRow.__table__  # type: ignore[attr-defined]
-_PROJECTION = ProjectionRow.__table__  # type: ignore[attr-defined]
 _SEEN_LIMIT = 200_000
 
 
@@ -65,7 +64,7 @@ class SubjectAliases:
 
     def _insert(self, tenant: str, pairs: Sequence[tuple[str, str]]) -> None:
         now = datetime.now(UTC)
-        stmt = _dialect_insert(self.engine)(_ALIAS).values(
+        stmt = dialect_insert(self.engine)(_ALIAS).values(
             [{"tenant": tenant, "old": old, "new": new, "at": now} for old, new in pairs]
         )
         with self.engine.begin() as conn:
@@ -120,27 +119,15 @@ class SubjectAliases:
             return int(conn.scalar(query) or 0)
 
     def cursor(self, tenant: str) -> int:
-        query = sa.select(_PROJECTION.c.applied_seq).where(_PROJECTION.c.name == cursor_name(tenant))
         with self.engine.connect() as conn:
-            return int(conn.scalar(query) or 0)
-
-
-def _set_cursor(conn: sa.Connection, engine: sa.Engine, tenant: str, value: int) -> None:
-    stmt = _dialect_insert(engine)(_PROJECTION).values(name=cursor_name(tenant), applied_seq=value)
-    conn.execute(
-        stmt.on_conflict_do_update(
-            index_elements=["name"],
-            set_={"applied_seq": stmt.excluded.applied_seq},
-            where=_PROJECTION.c.applied_seq < stmt.excluded.applied_seq,
-        )
-    )
+            return projection_mark(conn, cursor_name(tenant)) or 0
 
 
 def rekey_sql_state(engine: sa.Engine, tenant: str, aliases: Sequence[Alias]) -> int:
     """Move the SQL projection's entries of each alias's old pseudonym to its new one (per
     purpose the later record wins) and advance the cursor, in one transaction. Returns how
     many entries moved."""
-    insert = _dialect_insert(engine)
+    insert = dialect_insert(engine)
     new_of = {a.old: a.new for a in aliases}
 
     def final(pseudonym: str) -> str:  # a chain of rotations in one batch: A -> B -> C
@@ -175,7 +162,7 @@ def rekey_sql_state(engine: sa.Engine, tenant: str, aliases: Sequence[Alias]) ->
                 sa.delete(_STATE).where(_STATE.c.tenant == tenant, _STATE.c.identifier.in_(list(new_of)))
             )
         if aliases:
-            _set_cursor(conn, engine, tenant, aliases[-1].id)
+            advance_projection_mark(conn, cursor_name(tenant), aliases[-1].id)
     return moved
 
 
@@ -238,7 +225,7 @@ def rekey_redis_state(client: Any, prefix: str, tenant: str, aliases: Sequence[A
 
 def advance_cursor(engine: sa.Engine, tenant: str, value: int) -> None:
     with engine.begin() as conn:
-        _set_cursor(conn, engine, tenant, value)
+        advance_projection_mark(conn, cursor_name(tenant), value)
 
 
 def sql_subjects_under(engine: sa.Engine, tenant: str, version: int) -> int:

@@ -29,13 +29,15 @@ import msgspec
 import sqlalchemy as sa
 
 from consent.decisions import MINOR_FLAG, StateEntry
-from consent.models import ConsentStateRow, NoticeRow, ProjectionRow
+from consent.models import ConsentStateRow, NoticeRow, ProjectionRow, advance_projection_mark, projection_mark
 from consent.suppression import ERASED_FLAG, is_erased, suppression_entries
-from identity.db import sqlite_connect
+from identity.db import dialect_insert, sqlite_connect
 from identity.identifiers import node_value
 from identity.redis_client import is_cluster, slot_groups
 
 ALL_PURPOSES = "*"
+# the SQL projection's watermark: its consent_projection row
+_WATERMARK = "consent_state"
 
 
 class RecordView(msgspec.Struct, frozen=True):
@@ -288,9 +290,7 @@ class SqlConsentState:
 
     async def applied_seq(self) -> int:
         with self.engine.connect() as conn:
-            t = ProjectionRow.__table__  # type: ignore[attr-defined]
-            value = conn.execute(sa.select(t.c.applied_seq).where(t.c.name == "consent_state")).scalar()
-        return int(value or 0)
+            return projection_mark(conn, _WATERMARK) or 0
 
     # -- writes ----------------------------------------------------------------------
     async def advance(self, seq: int) -> None:
@@ -311,7 +311,7 @@ class SqlConsentState:
         own, from ``consent.group_commit``); ``written`` then brings the in-process caches up
         to date, once the transaction has committed."""
         notice_t = NoticeRow.__table__  # type: ignore[attr-defined]
-        insert = _dialect_insert(self.engine)
+        insert = dialect_insert(self.engine)
         # notices as of each record, including ones published earlier in this same batch
         known: dict[str, dict[str, Notice]] = {}
         changed: list[tuple[str, str, str, StateEntry]] = []
@@ -348,25 +348,18 @@ class SqlConsentState:
         """Move the watermark to ``seq`` in ``conn``'s transaction; with ``expected``, only
         from exactly there (a group appended right after the records already applied)."""
         proj_t = ProjectionRow.__table__  # type: ignore[attr-defined]
-        if expected is not None:
-            moved = conn.execute(
-                sa.update(proj_t)
-                .where(proj_t.c.name == "consent_state", proj_t.c.applied_seq == expected)
-                .values(applied_seq=seq)
-            ).rowcount
-            if moved or expected != 0:
-                return
-        insert = _dialect_insert(self.engine)
-        stmt = insert(proj_t).values(name="consent_state", applied_seq=seq)
-        conn.execute(
-            stmt.on_conflict_do_update(
-                index_elements=["name"],
-                set_={"applied_seq": stmt.excluded.applied_seq},
-                where=proj_t.c.applied_seq < stmt.excluded.applied_seq,
-            )
-            if expected is None
-            else stmt.on_conflict_do_nothing()
-        )
+        if expected is None:
+            advance_projection_mark(conn, _WATERMARK, seq)
+            return
+        moved = conn.execute(
+            sa.update(proj_t)
+            .where(proj_t.c.name == _WATERMARK, proj_t.c.applied_seq == expected)
+            .values(applied_seq=seq)
+        ).rowcount
+        if moved or expected != 0:
+            return
+        stmt = dialect_insert(self.engine)(proj_t).values(name=_WATERMARK, applied_seq=seq)
+        conn.execute(stmt.on_conflict_do_nothing())
 
     def written(self, changes: ProjectionChanges) -> None:
         """After the commit of ``write``'s transaction: the caches take the changes."""
@@ -413,13 +406,6 @@ _UPSERT_STATE = (
     "state = excluded.state, seq = excluded.seq, notice_seq = excluded.notice_seq, kind = excluded.kind "
     "WHERE consent_state.seq < excluded.seq"
 )
-
-
-def _dialect_insert(engine: sa.Engine) -> Any:
-    """The dialect's INSERT (both have ON CONFLICT)."""
-    from sqlalchemy.dialects import postgresql, sqlite
-
-    return postgresql.insert if engine.dialect.name == "postgresql" else sqlite.insert
 
 
 # A field moves forward only: the stored entry keeps its seq as the second element.

@@ -26,8 +26,10 @@ from typing import Any
 import sqlalchemy as sa
 
 from consent.ledger import AppendRefused, Ledger, Precondition
-from consent.models import ProjectionRow
+from consent.models import ProjectionRow, advance_projection_mark, projection_mark
 from consent.rotation import SubjectAliases
+from identity.db import dialect_insert
+from identity.identifiers import node_type, node_value
 
 _PROJECTION = ProjectionRow.__table__  # type: ignore[attr-defined]
 SWEEP_MARK = "withdraw_all"
@@ -95,8 +97,7 @@ def earlier_nodes(aliases: SubjectAliases, tenant: str, nodes: Sequence[str]) ->
     out: dict[str, str] = {}
     by_type: dict[str, list[str]] = {}
     for node in nodes:
-        kind, _, value = node.partition(":")
-        by_type.setdefault(kind, []).append(value)
+        by_type.setdefault(node_type(node), []).append(node_value(node))
     for kind, values in by_type.items():
         for old, new in aliases.earlier(tenant, values).items():
             out[f"{kind}:{old}"] = f"{kind}:{new}"
@@ -166,32 +167,19 @@ class SweepMark:
     def get(self) -> int | None:
         """The mark; None before the first sweep of this database (blocking)."""
         with self.engine.connect() as conn:
-            value = conn.execute(
-                sa.select(_PROJECTION.c.applied_seq).where(_PROJECTION.c.name == SWEEP_MARK)
-            ).scalar()
-        return None if value is None else int(value)
+            return projection_mark(conn, SWEEP_MARK)
 
     def start(self, seq: int) -> int:
         """The mark, set to ``seq`` when there is none yet (the withdrawals before the
         feature's first start are not swept: no retroactive deletion); returns it."""
         with self.engine.begin() as conn:
-            stmt = _insert(self.engine)(_PROJECTION).values(name=SWEEP_MARK, applied_seq=seq)
+            stmt = dialect_insert(self.engine)(_PROJECTION).values(name=SWEEP_MARK, applied_seq=seq)
             conn.execute(stmt.on_conflict_do_nothing())
         return self.get() or 0
 
     def advance(self, seq: int) -> None:
         with self.engine.begin() as conn:
-            conn.execute(
-                sa.update(_PROJECTION)
-                .where(_PROJECTION.c.name == SWEEP_MARK, _PROJECTION.c.applied_seq < seq)
-                .values(applied_seq=seq)
-            )
-
-
-def _insert(engine: sa.Engine) -> Any:
-    from sqlalchemy.dialects import postgresql, sqlite
-
-    return postgresql.insert if engine.dialect.name == "postgresql" else sqlite.insert
+            advance_projection_mark(conn, SWEEP_MARK, seq)
 
 
 __all__ = [

@@ -49,6 +49,13 @@ def is_sqlite(engine: Engine) -> bool:
     return engine.dialect.name == "sqlite"
 
 
+def dialect_insert(engine: Engine) -> Any:
+    """The dialect's INSERT construct (PostgreSQL's or SQLite's: both have ON CONFLICT)."""
+    from sqlalchemy.dialects import postgresql, sqlite
+
+    return postgresql.insert if is_postgres(engine) else sqlite.insert
+
+
 # -- raw sqlite3 ------------------------------------------------------------------------------
 
 
