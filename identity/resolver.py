@@ -150,12 +150,17 @@ class GraphResolver:
         if self._apply_rows(rows):
             return rows
         log.info("identity.log_redacted_replaying")
-        self.graphs = self._fresh_graphs()
+        return await self._replay_all(conn)
+
+    async def _replay_all(self, conn: sa.Connection | None = None) -> list[LogRow]:
+        """Rebuild every graph from the whole log (with ``conn``: inside its transaction),
+        off the event loop, and swap them in at once: readers keep the old graphs until
+        then. The caller holds the write lock."""
+        rows = await self._io(self.store.read_after, 0, 10_000_000, conn)
+        self.graphs = await self._io(self._replayed, rows)
+        self.applied_seq = rows[-1][0] if rows else 0
         for settled in self._settled.values():
             settled.clear()
-        self.applied_seq = 0
-        rows = await self._io(self.store.read_after, 0, 10_000_000, conn)
-        self._apply_rows(rows, check=False)
         return rows
 
     async def catch_up(self) -> int:
@@ -323,11 +328,10 @@ class GraphResolver:
             try:
                 self.applied_seq = await self._io(self.store.insert_and_commit, conn, tx, encoded)
             except BaseException:
-                # the graph holds changes the log does not: rebuild it from the log
+                # the graph holds changes the log does not: rebuild it from the log (the
+                # write lock is held: catch_up, which takes it, would wait for ever)
                 log.error("identity.commit_failed_rebuilding")
-                self.graphs = self._fresh_graphs()
-                self.applied_seq = 0
-                await self.catch_up()
+                await self._replay_all()
                 raise
         if self.on_committed is not None:
             for tenant, changes, _ in decided:
@@ -512,11 +516,7 @@ class GraphResolver:
         if graph is None or all(a in named for a in graph.aliases()):
             return
         async with self._write_lock:
-            rows = await self._io(self.store.read_after, 0, 10_000_000)
-            self.graphs = await self._io(self._replayed, rows)
-            self.applied_seq = rows[-1][0] if rows else 0
-            for settled in self._settled.values():
-                settled.clear()
+            await self._replay_all()
         log.info("identity.aliases_renamed_replayed", tenant=tenant)
 
     def _replayed(self, rows: Sequence[LogRow]) -> dict[str, IdentityGraph]:
