@@ -516,7 +516,8 @@ class GraphResolver:
         """Replay the whole log again in the background (after a redaction), unless a
         rebuild is already under way: it sees the rewrite and reads the log again."""
         if self._rebuilding is None or self._rebuilding.done():
-            self._rebuilding = asyncio.get_running_loop().create_task(self._rebuild(), name="identity-rebuild")
+            loop = asyncio.get_running_loop()
+            self._rebuilding = loop.create_task(self._rebuild(), name="identity-rebuild")
 
     async def _rebuild(self) -> None:
         """Read and replay the whole log on a thread of its own, without the write lock

@@ -118,11 +118,12 @@ class IdentityLogStore:
         found: dict[int, bytes] = {}
         for start in range(0, len(needles), _NEEDLES_PER_SCAN):
             chunk = needles[start : start + _NEEDLES_PER_SCAN]
-            holds = (
-                [LOG.c.change.op("LIKE", is_comparison=True)(sa.literal(_like(n), sa.LargeBinary())) for n in chunk]
-                if (conn or self.engine).dialect.name == "postgresql"
-                else [sa.func.instr(LOG.c.change, sa.literal(n, sa.LargeBinary())) > 0 for n in chunk]
-            )
+            holds: list[sa.ColumnElement[bool]]
+            if (conn or self.engine).dialect.name == "postgresql":
+                like = LOG.c.change.op("LIKE", is_comparison=True)
+                holds = [like(sa.literal(_like(n), sa.LargeBinary())) for n in chunk]
+            else:
+                holds = [sa.func.instr(LOG.c.change, sa.literal(n, sa.LargeBinary())) > 0 for n in chunk]
             stmt = sa.select(LOG.c.seq, LOG.c.change).where(LOG.c.tenant == tenant, sa.or_(*holds))
             if conn is not None:
                 found.update((int(s), bytes(c)) for s, c in conn.execute(stmt))
