@@ -168,6 +168,62 @@ def plan_redaction(
     return plan
 
 
+_NOT_NAMES: Final = frozenset({"kind", "at", "provenance", "decision", "officer", "reason"})
+
+
+def names_in(change: GraphChange) -> set[str]:
+    """The node strings and unified IDs ``change`` names (the node of a quarantine reason
+    ``breaker:<node>`` included; sources, events, officers and times are not names)."""
+    found: set[str] = set()
+
+    def walk(value: Any) -> None:
+        if isinstance(value, str):
+            found.add(value)
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                walk(k)
+                walk(v)
+        elif isinstance(value, list | tuple):
+            for v in value:
+                walk(v)
+
+    for key, value in msgspec.structs.asdict(change).items():
+        if key == "reason":
+            if isinstance(value, str) and value.startswith(_BREAKER):
+                found.add(value[len(_BREAKER) :])
+        elif key not in _NOT_NAMES:
+            walk(value)
+    return found
+
+
+def history(
+    search: Callable[[Sequence[bytes]], Iterable[tuple[int, bytes]]], nodes: Collection[str]
+) -> list[tuple[int, bytes]]:
+    """The history of ``nodes`` in one tenant's log: every record (seq, encoded change)
+    that names one of them and, transitively, every record that names a string such a
+    record names (``names_in``), in log order. ``search(needles)`` gives the records whose
+    encoding holds one of the byte strings: a name's JSON encoding without its opening
+    quote, which finds ``"name"`` and ``"breaker:name"`` alike; a record it gives that
+    names none of the strings looked for is left out.
+
+    Why the history is enough for a redaction: replaying the log only compares these
+    strings for equality, and no record outside the history names a string inside it, so
+    the history replays to the same persons, IDs, links, aliases and review items for its
+    strings alone as the whole log does; the rest of the log is never read."""
+    found: dict[int, bytes] = {}
+    seen: set[str] = set()
+    frontier = set(nodes)
+    while frontier:
+        seen |= frontier
+        named: set[str] = set()
+        for seq, raw in search([_encode(name)[1:] for name in sorted(frontier)]):
+            if seq not in found and (names := names_in(_decode(raw))) & seen:
+                found[seq] = raw
+                named |= names
+        frontier = named - seen
+    return sorted(found.items())
+
+
 def _live_ids(graph: IdentityGraph) -> set[str]:
     """The current unified IDs of the persons the graph holds."""
     return {uid for n in graph.nodes() if (uid := graph.unified_id(n)) is not None}

@@ -42,6 +42,7 @@ from identity.redaction import (
     ERASED_MARK,
     RedactionPlan,
     count_expiring_aliases,
+    history,
     merged_before,
     names_unknown_tombstone,
     plan_alias_expiry,
@@ -112,6 +113,8 @@ class GraphResolver:
         self._flushing = False
         self._write_lock = asyncio.Lock()
         self._follower: asyncio.Task[None] | None = None
+        self._rebuilding: asyncio.Task[None] | None = None
+        self._rewrites = 0  # log rewrites this process committed (a rebuild checks it did not miss one)
         self._priority = {t: {name: i for i, name in enumerate(r.priority)} for t, r in rules.items()}
 
     def graph(self, tenant: str) -> IdentityGraph | None:
@@ -128,19 +131,27 @@ class GraphResolver:
         """Apply rows after ``applied_seq``; False (and nothing more applied) at a record
         that names a tombstone this graph does not hold: a redaction (identity.redaction)
         rewrote records this replica had not read yet, so it must replay the log again."""
+        self.applied_seq, complete = self._apply_to(self.graphs, rows, self.applied_seq, check=check)
+        return complete
+
+    def _apply_to(
+        self, graphs: Mapping[str, IdentityGraph], rows: Sequence[LogRow], after: int, *, check: bool = True
+    ) -> tuple[int, bool]:
+        """Apply to ``graphs`` the rows after seq ``after``; the last seq applied, and False
+        when it stopped at a record naming a tombstone the graph does not hold."""
         for seq, tenant, raw in rows:
-            if seq <= self.applied_seq:  # already in the graph (our own append, read again)
+            if seq <= after:  # already in the graph (our own append, read again)
                 continue
-            graph = self.graphs.get(tenant)
+            graph = graphs.get(tenant)
             if graph is not None:
                 change = _decode(raw)
                 if check and ERASED_MARK in raw and names_unknown_tombstone(graph, change):
-                    return False
+                    return after, False
                 graph.apply(change)
                 if isinstance(change, Merged | Split | EdgeRemoved | NodeRemoved):
                     self._settled[tenant].clear()
-            self.applied_seq = seq
-        return True
+            after = seq
+        return after, True
 
     async def _catch_up_with(self, conn: sa.Connection | None = None) -> list[LogRow]:
         """Read and apply what others appended (with ``conn``: inside its transaction);
@@ -195,9 +206,10 @@ class GraphResolver:
             await self.flush()
         except Exception as exc:  # derived IDs come back the same when the identifiers are seen again
             log.error("identity.flush_on_stop_failed", error=type(exc).__name__)
-        if self._follower is not None:
-            self._follower.cancel()
-            await asyncio.gather(self._follower, return_exceptions=True)
+        for task in (self._follower, self._rebuilding):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         self._executor.shutdown(wait=True)
 
     async def _follow(self) -> None:
@@ -453,31 +465,92 @@ class GraphResolver:
     async def redact(self, tenant: str, nodes: Sequence[str]) -> RedactionPlan:
         """Rename the erased ``nodes`` and their person's unified IDs in the tenant's past
         log records to tombstones (``identity.redaction``), in one transaction under the
-        log's lock; this replica's graph becomes the replay of the rewritten log (the same
-        graph, without the person's strings). Other replicas hold the old strings in memory
-        for the erased person only (aliases, breaker history) until they restart."""
-        return await self._rewrite_log(
-            tenant, lambda records, rules, node_id: plan_redaction(records, nodes, rules, node_id)
-        )
+        log's lock. Only the person's history is read (``identity.redaction.history``:
+        the database finds the records that name their strings), never the whole log.
 
-    async def _rewrite_log(self, tenant: str, plan_for: Callable[..., RedactionPlan]) -> RedactionPlan:
-        """Under the log's lock: catch up, plan a rewrite of the tenant's records with
-        ``plan_for(records, rules, node_id)`` (off the loop), write it in the same
-        transaction, and swap in the plan's graph (the replay of the rewritten log)."""
+        This replica's graph no longer holds the erased identifiers (their removal came
+        first) but still holds the person's old unified IDs among its aliases: it is
+        replaced by a replay of the rewritten log in the background (``rebuilt``), and
+        answers as before meanwhile. Other replicas replay the log when they read a record
+        naming a tombstone they do not hold, or at their next start."""
+        plan = await self._rewrite_log(
+            tenant,
+            lambda conn: history(partial(self.store.naming, conn, tenant), nodes),
+            lambda records, rules, node_id: plan_redaction(records, nodes, rules, node_id),
+            swap=False,
+        )
+        if plan.updates:
+            self._rebuild_soon()
+        return plan
+
+    async def _rewrite_log(
+        self,
+        tenant: str,
+        read: Callable[[sa.Connection], list[tuple[int, bytes]]],
+        plan_for: Callable[..., RedactionPlan],
+        *,
+        swap: bool,
+    ) -> RedactionPlan:
+        """Under the log's lock: catch up, ``read(conn)`` the tenant's records to rewrite,
+        plan the rewrite with ``plan_for(records, rules, node_id)`` (off the loop), and
+        write it in the same transaction; with ``swap``, the plan's graph (the replay of
+        the rewritten records: the whole log) replaces the tenant's graph."""
         async with self._write_lock:
             conn, tx = await self._io(self.store.begin_locked)
             try:
                 await self._catch_up_with(conn)
-                records = await self._io(self.store.tenant_changes, conn, tenant)
+                records = await self._io(read, conn)
                 plan = await self._io(plan_for, records, self.rules.get(tenant), self.node_ids.get(tenant))
             except BaseException:
                 await self._io(self.store.abandon, conn, tx)
                 raise
             await self._io(self.store.rewrite_and_commit, conn, tx, plan.updates)
-            if plan.graph is not None and tenant in self.graphs:
+            if plan.updates:
+                self._rewrites += 1
+            if swap and plan.graph is not None and tenant in self.graphs:
                 self.graphs[tenant] = plan.graph
                 self._settled[tenant].clear()
         return plan
+
+    def _rebuild_soon(self) -> None:
+        """Replay the whole log again in the background (after a redaction), unless a
+        rebuild is already under way: it sees the rewrite and reads the log again."""
+        if self._rebuilding is None or self._rebuilding.done():
+            loop = asyncio.get_running_loop()
+            self._rebuilding = loop.create_task(self._rebuild(), name="identity-rebuild")
+
+    async def _rebuild(self) -> None:
+        """Read and replay the whole log on a thread of its own, without the write lock
+        (appends go on meanwhile), then under the lock apply what was appended since and
+        swap the graphs in at once. A rewrite in between (``_rewrites`` moved) reads the
+        log again; one by another process (a record naming an unknown tombstone) replays
+        it under the lock."""
+        try:
+            while True:
+                rewrites = self._rewrites
+                rows = await asyncio.to_thread(self.store.read_after, 0, 10_000_000)
+                graphs = await asyncio.to_thread(self._replayed, rows)
+                read = rows[-1][0] if rows else 0
+                async with self._write_lock:
+                    if self._rewrites != rewrites:
+                        continue
+                    newer = await self._io(self.store.read_after, read, 10_000_000)
+                    upto, complete = self._apply_to(graphs, newer, read)
+                    if not complete:
+                        await self._replay_all()
+                        return
+                    self.graphs, self.applied_seq = graphs, upto
+                    for settled in self._settled.values():
+                        settled.clear()
+                    log.info("identity.rebuilt", changes=upto)
+                    return
+        except Exception as exc:  # the graph stays as it was; the next start replays the log
+            log.error("identity.rebuild_failed", error=type(exc).__name__)
+
+    async def rebuilt(self) -> None:
+        """Wait until a background rebuild (after a redaction) has swapped its graphs in."""
+        while self._rebuilding is not None and not self._rebuilding.done():
+            await asyncio.shield(self._rebuilding)
 
     async def expire_aliases(self, tenant: str, before: datetime, *, apply: bool = True) -> int:
         """Retention of aliases: the unified IDs merged into another person before
@@ -503,7 +576,10 @@ class GraphResolver:
             rows = await self._io(self.store.tenant_changes, None, tenant)
             return await self._io(count_expiring_aliases, rows, before, self.rules.get(tenant))
         plan = await self._rewrite_log(
-            tenant, lambda records, rules, node_id: plan_alias_expiry(records, before, rules, node_id)
+            tenant,
+            lambda conn: self.store.tenant_changes(conn, tenant),
+            lambda records, rules, node_id: plan_alias_expiry(records, before, rules, node_id),
+            swap=True,
         )
         return plan.aliases
 

@@ -26,11 +26,18 @@ APPEND_LOCK_KEY = 0x6964_6761_7465_0101
 LOG: sa.Table = IdentityLogEntry.__table__  # type: ignore[attr-defined]
 
 LogRow = tuple[int, str, bytes]  # seq, tenant, encoded change
+_NEEDLES_PER_SCAN = 200
 
 
 def migrate_identity(engine: sa.Engine, *, revision: str = "head") -> None:
     """Create or upgrade the identity tables; safe at every start and from many processes at once."""
     migrate(engine, script_location=MIGRATIONS_DIR, revision=revision)
+
+
+def _like(needle: bytes) -> bytes:
+    """A LIKE pattern for bytes holding ``needle`` (its ``\\``, ``%`` and ``_`` escaped)."""
+    escaped = needle.replace(b"\\", b"\\\\").replace(b"%", b"\\%").replace(b"_", b"\\_")
+    return b"%" + escaped + b"%"
 
 
 class IdentityLogStore:
@@ -100,6 +107,30 @@ class IdentityLogStore:
             return [(int(s), bytes(c)) for s, c in conn.execute(stmt)]
         with self.engine.connect() as own:
             return [(int(s), bytes(c)) for s, c in own.execute(stmt)]
+
+    def naming(
+        self, conn: sa.Connection | None, tenant: str, needles: Sequence[bytes]
+    ) -> list[tuple[int, bytes]]:
+        """(seq, change) of the tenant's records whose encoded change holds one of the byte
+        strings ``needles``, in order: the database scans the records (one statement per
+        few hundred needles), and only those found are read (``instr`` on SQLite, ``LIKE``
+        with its wildcards escaped on PostgreSQL)."""
+        found: dict[int, bytes] = {}
+        for start in range(0, len(needles), _NEEDLES_PER_SCAN):
+            chunk = needles[start : start + _NEEDLES_PER_SCAN]
+            holds: list[sa.ColumnElement[bool]]
+            if (conn or self.engine).dialect.name == "postgresql":
+                like = LOG.c.change.op("LIKE", is_comparison=True)
+                holds = [like(sa.literal(_like(n), sa.LargeBinary())) for n in chunk]
+            else:
+                holds = [sa.func.instr(LOG.c.change, sa.literal(n, sa.LargeBinary())) > 0 for n in chunk]
+            stmt = sa.select(LOG.c.seq, LOG.c.change).where(LOG.c.tenant == tenant, sa.or_(*holds))
+            if conn is not None:
+                found.update((int(s), bytes(c)) for s, c in conn.execute(stmt))
+            else:
+                with self.engine.connect() as own:
+                    found.update((int(s), bytes(c)) for s, c in own.execute(stmt))
+        return sorted(found.items())
 
     def rewrite_and_commit(
         self, conn: sa.Connection, tx: sa.RootTransaction, updates: Sequence[tuple[int, bytes]]
