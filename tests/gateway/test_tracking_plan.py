@@ -603,3 +603,38 @@ def test_violation_records_in_redis_pass_the_canary_scan(tmp_path: Path, redis_n
     finally:
         a.stop()
         b.stop()
+
+
+def redis_state(r: redis.Redis, prefix: str) -> dict[str, str]:
+    """Every key of the namespace and its value, but the rate limits' counters (a validation
+    is rate limited like ingest)."""
+    return {
+        key.decode(): redis_value(r, key) for key in r.scan_iter(match=f"{prefix}:*") if b":rl:" not in key
+    }
+
+
+@pytest.mark.redis
+def test_validate_stores_nothing_in_redis_either(tmp_path: Path, redis_ns: RedisNamespace) -> None:
+    """Distributed, the violation records, tail, coverage counts and dedupe claims are in
+    Redis: /v1/validate writes none of them; the same events sent for real afterwards are
+    not duplicates and are kept."""
+    gw = make_gateway(tmp_path, config=plan_config(seed_plan(tmp_path), "enforce"), extra_env=redis_ns.env())
+    gw.start()
+    try:
+        r = redis.Redis.from_url(redis_ns.url)
+        gw.wait_past()
+        before = redis_state(r, redis_ns.prefix)
+        bad, unplanned = product_added("9.90"), {**product_added(3), "event": "Wishlist Shared"}
+        answer = httpx.post(
+            gw.url + "/v1/validate", json={"batch": [bad, unplanned]}, auth=(WEB_KEY, ""), timeout=10
+        )
+        assert answer.status_code == 200, answer.text
+        assert [x["action"] for x in answer.json()["results"]] == ["block", "block"]
+        gw.stop()  # the coverage counts are written at shutdown at the latest
+        after = redis_state(r, redis_ns.prefix)
+        assert {k: v for k, v in after.items() if before.get(k) != v} == {}
+        gw.start()
+        out = batch(gw, bad, unplanned)
+        assert out["duplicates"] == 0 and [v["action"] for v in out["planViolations"]] == ["kept", "kept"]
+    finally:
+        gw.stop()
