@@ -15,6 +15,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import redis
 
 from tests.canaries import Canaries
 from tests.conftest import (
@@ -30,6 +31,7 @@ from tests.conftest import (
     make_gateway,
     mid,
 )
+from tests.e2e.test_canary_every_field import redis_value
 from tests.sensors.conftest import encode, sensors_event, sensors_url
 
 pytestmark = pytest.mark.slow
@@ -549,5 +551,90 @@ def test_a_gateway_joining_the_distributed_mode_moves_its_records_into_redis(
             assert left.execute("SELECT count(*) FROM plan_violation").fetchone() == (0,)
         finally:
             left.close()
+    finally:
+        gw.stop()
+
+
+@pytest.mark.redis
+def test_violation_records_in_redis_pass_the_canary_scan(tmp_path: Path, redis_ns: RedisNamespace) -> None:
+    """Distributed, the records, the live tail and the coverage counts live in Redis, shared
+    by the replicas: events full of personal data, kept by one replica and flagged by
+    another, leave none of it in any Redis key or value (each read by type, the records'
+    msgpack as stored), in what either replica answers, or in their logs."""
+    a = make_gateway(
+        tmp_path / "a", config=plan_config(seed_plan(tmp_path), "enforce"), extra_env=redis_ns.env()
+    ).start()
+    b = make_gateway(
+        tmp_path / "b", config=plan_config(seed_plan(tmp_path), "observe"), extra_env=redis_ns.env()
+    ).start()
+    try:
+        c = Canaries()
+        for gw in (a, b):
+            messages = c.segment_batch(uuid.uuid4().hex[:8])
+            for m in messages:  # every track breaks the plan: a phone number as the price
+                if m.get("type") == "track":
+                    m["properties"] = {**m.get("properties", {}), "price": c.forms["phone"]}
+            out = batch(gw, *messages)
+            assert out["planViolations"], out
+            c.assert_nowhere(json.dumps(out, ensure_ascii=False), "the ingest response")
+        listed = admin(b, "GET", "/admin/plan/violations/", params={"tenant": "shop"}).json()
+        assert listed["violations"] and all(v["id"].startswith("shop.") for v in listed["violations"])
+        for record in listed["violations"]:  # kept on a, shown by b
+            c.assert_nowhere(admin(b, "GET", f"/admin/plan/violations/{record['id']}").text, "a record")
+        for path in ("/admin/plan/tail", "/admin/plan/coverage"):
+            answer = admin(a, "GET", path, params={"tenant": "shop"})
+            assert answer.status_code == 200, answer.text
+            c.assert_nowhere(answer.text, path)
+        a.stop()  # the coverage counts are written at shutdown at the latest
+        b.stop()
+        r = redis.Redis.from_url(redis_ns.url)
+        keys = list(r.scan_iter(match=f"{redis_ns.prefix}:*"))
+        assert any(b":plan:violations:" in k for k in keys), keys
+        for key in keys:
+            c.assert_nowhere(key.decode("utf-8", "replace"), "a Redis key")
+            c.assert_nowhere(redis_value(r, key), f"the Redis value of {key!r}")
+        assert (
+            not (a.data_dir / "violations.sqlite3").exists()
+            or not sqlite3.connect(a.data_dir / "violations.sqlite3")
+            .execute("SELECT count(*) FROM plan_violation")
+            .fetchone()[0]
+        )
+        c.assert_nowhere(a.log_text() + b.log_text(), "the gateway logs")
+    finally:
+        a.stop()
+        b.stop()
+
+
+def redis_state(r: redis.Redis, prefix: str) -> dict[str, str]:
+    """Every key of the namespace and its value, but the rate limits' counters (a validation
+    is rate limited like ingest)."""
+    return {
+        key.decode(): redis_value(r, key) for key in r.scan_iter(match=f"{prefix}:*") if b":rl:" not in key
+    }
+
+
+@pytest.mark.redis
+def test_validate_stores_nothing_in_redis_either(tmp_path: Path, redis_ns: RedisNamespace) -> None:
+    """Distributed, the violation records, tail, coverage counts and dedupe claims are in
+    Redis: /v1/validate writes none of them; the same events sent for real afterwards are
+    not duplicates and are kept."""
+    gw = make_gateway(tmp_path, config=plan_config(seed_plan(tmp_path), "enforce"), extra_env=redis_ns.env())
+    gw.start()
+    try:
+        r = redis.Redis.from_url(redis_ns.url)
+        gw.wait_past()
+        before = redis_state(r, redis_ns.prefix)
+        bad, unplanned = product_added("9.90"), {**product_added(3), "event": "Wishlist Shared"}
+        answer = httpx.post(
+            gw.url + "/v1/validate", json={"batch": [bad, unplanned]}, auth=(WEB_KEY, ""), timeout=10
+        )
+        assert answer.status_code == 200, answer.text
+        assert [x["action"] for x in answer.json()["results"]] == ["block", "block"]
+        gw.stop()  # the coverage counts are written at shutdown at the latest
+        after = redis_state(r, redis_ns.prefix)
+        assert {k: v for k, v in after.items() if before.get(k) != v} == {}
+        gw.start()
+        out = batch(gw, bad, unplanned)
+        assert out["duplicates"] == 0 and [v["action"] for v in out["planViolations"]] == ["kept", "kept"]
     finally:
         gw.stop()
