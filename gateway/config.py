@@ -405,6 +405,33 @@ def hash_write_key(write_key: str) -> str:
     return hashlib.sha256(write_key.encode("utf-8")).hexdigest()
 
 
+# The demo secrets idgate publishes (idgate.example.toml, the README, deploy/): accepted in
+# plain with IDGATE_ENV=dev. Outside dev their hashes are refused too: a production config
+# that stored the hash of one (copied from the README) would take a key anyone can read.
+PUBLISHED_DEMO_SECRETS = frozenset(
+    {
+        "acme-app-demo-key",
+        "acme-web-demo-key",
+        "acme-server-demo-key-0000000000000001",
+        "acme-mp-demo-key",
+        "acme-sensors-demo-token",
+        "compliance-demo-token",
+        "operator-demo-token",
+        "auditor-demo-token",
+    }
+)
+_PUBLISHED_DEMO_HASHES = frozenset(hash_write_key(s) for s in PUBLISHED_DEMO_SECRETS)
+
+
+def _published_demo(where: str, hashed: str, dev: bool, problems: list[str]) -> None:
+    """Outside dev: refuse the hash of a secret idgate's own docs publish."""
+    if not dev and hashed in _PUBLISHED_DEMO_HASHES:
+        problems.append(
+            f"{where}: the hash of a demo secret published with idgate (accepted only with "
+            "IDGATE_ENV=dev); create a secret one with `idgate keys write-key`"
+        )
+
+
 def _decode_part(data: Any, type_: type, where: str, problems: list[str]) -> Any:
     try:
         return msgspec.convert(data, type_)
@@ -427,6 +454,7 @@ def _secret_hashes(
     if hashed_value:
         if not _SHA256_HEX.match(hashed_value):
             problems.append(f"{where}.{hashed_name}: must be 64 lowercase hex characters")
+        _published_demo(f"{where}.{hashed_name}", hashed_value, dev, problems)
         hashes.append(hashed_value)
     if plain_value:
         if not dev:
@@ -698,6 +726,7 @@ def parse_config(text: str, *, path: str = "<config>", dev: bool = False) -> Con
         where = f"admin_tokens[{i}]"
         if token.token_sha256 and not _SHA256_HEX.match(token.token_sha256):
             problems.append(f"{where}.token_sha256: must be 64 lowercase hex characters")
+        _published_demo(f"{where}.token_sha256", token.token_sha256, dev, problems)
         if token.dev_token and not dev:
             problems.append(f"{where}.dev_token: plain tokens are only allowed with IDGATE_ENV=dev")
         if token.dev_token and len(token.dev_token) < 12:
