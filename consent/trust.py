@@ -64,6 +64,15 @@ def screen(
     for ident, where in named:
         if standing.proves(ident):
             proven.append(ident)
+        elif standing.is_foreign(ident):
+            refused.append(
+                Refusal(
+                    f"{where}.appid",
+                    "foreign_appid",
+                    "an openid of an appid this source does not list in wechat_appids is another "
+                    "app's user: a client source records consent only for its own device",
+                )
+            )
         else:
             refused.append(
                 Refusal(
@@ -79,7 +88,8 @@ def screen(
         )
     if not proven:
         first = refused[-1] if refused else Refusal("userId", "unproven_identifier", "no identifier")
-        raise ConsentForbidden("assertion_required", first.detail, first.field)
+        error = "foreign_appid" if first.reason == "foreign_appid" else "assertion_required"
+        raise ConsentForbidden(error, first.detail, first.field)
     if guardian and not standing.guardian:
         raise ConsentForbidden(
             "guardian_assertion_required",

@@ -117,6 +117,22 @@ def subject_identifiers(req: ConsentRequest, pseudonymiser: Pseudonymiser) -> li
     return out
 
 
+def foreign_openids(
+    req: ConsentRequest, named: list[tuple[Identifier, str]], own_appids: frozenset[str] | None
+) -> frozenset[str]:
+    """Pseudonyms of the openids ``identifiers[]`` names of an appid the client source does
+    not hold (``wechat_appids``): another app's users."""
+    if own_appids is None:
+        return frozenset()
+    # subject_identifiers keeps the order: userId, anonymousId, then identifiers[i]
+    by_field = {where: ident for ident, where in named}
+    return frozenset(
+        by_field[f"identifiers[{i}]"].value
+        for i, item in enumerate(req.identifiers)
+        if item.type in SCOPED_TYPES and item.appid not in own_appids
+    )
+
+
 def provide_source(
     request: Request[Any, Any, Any], state: State, data: JSONBody[ConsentRequest]
 ) -> ResolvedSource:
@@ -195,6 +211,7 @@ def consent_controller(limits: Limits) -> type[Controller]:
                 identifiers=[i for i, _ in named],
                 pseudonymiser=pseudonymiser,
                 now=time.time(),
+                foreign=foreign_openids(data, named, source.source.own_appids),
             )
             screened = screen(
                 sender,

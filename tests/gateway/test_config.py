@@ -226,6 +226,37 @@ assertions = { hs256_secret_env = "X", ed25519_public_key = "pem" }
     assert not web.is_server and backend.is_server and not app.is_server
 
 
+def test_wechat_appids_are_checked() -> None:
+    """A client source's own appids: valid appids, and not on a server source (it proves
+    every openid)."""
+    text = """
+[[tenants]]
+id = "t1"
+[[tenants.sources]]
+id = "mp"
+platform = "miniprogram"
+dev_write_key = "mp-demo-key-1"
+wechat_appids = ["wx0123456789abcdef", "not an appid"]
+[[tenants.sources]]
+id = "backend"
+platform = "server"
+dev_write_key = "s-0000000000000000000000000000000000000001"
+wechat_appids = ["wx0123456789abcdef"]
+"""
+    with pytest.raises(ConfigProblems) as info:
+        parse_config(text, dev=True)
+    assert info.value.problems == [
+        "tenants[0].sources[0].wechat_appids[1]: 'not an appid' must match ^[A-Za-z0-9_-]{1,64}$",
+        "tenants[0].sources[1].wechat_appids: a server source asserts every openid itself",
+    ], info.value.problems
+    ok = parse_config(
+        text.replace(', "not an appid"', "").replace('01"\nwechat_appids = ["wx0123456789abcdef"]', '01"'),
+        dev=True,
+    )
+    mp, backend = ok.tenants[0].sources
+    assert mp.own_appids == frozenset({"wx0123456789abcdef"}) and backend.own_appids is None
+
+
 def test_hashes_of_the_published_demo_secrets_are_refused_outside_dev() -> None:
     """A production config that stored the hash of a README demo key or token (anyone can
     read the value) is refused; dev accepts it like the plain demo values."""
