@@ -20,7 +20,7 @@ from litestar.di import NamedDependency, Provide
 from litestar.params import JSONBody
 
 from consent.service import ConsentService
-from consent.trust import screen
+from consent.trust import ConsentForbidden, screen
 from gateway import metrics
 from gateway.auth import WriteKeys
 from gateway.config import Limits, ResolvedSource
@@ -213,13 +213,18 @@ def consent_controller(limits: Limits) -> type[Controller]:
                 now=time.time(),
                 foreign=foreign_openids(data, named, source.source.own_appids),
             )
-            screened = screen(
-                sender,
-                named,
-                minor=data.subject_is_minor,
-                guardian=data.consent_kind == "guardian",
-                asks_consent=bool(data.grant or data.withdraw),
-            )
+            try:
+                screened = screen(
+                    sender,
+                    named,
+                    minor=data.subject_is_minor,
+                    guardian=data.consent_kind == "guardian",
+                    asks_consent=bool(data.grant or data.withdraw),
+                )
+            except ConsentForbidden as exc:  # refused whole: counted like the partial refusals
+                for reason in exc.reasons:
+                    metrics.INGEST.add("refused_assertion", (source.tenant.id, reason))
+                raise
             for part in screened.refused:
                 metrics.INGEST.add("refused_assertion", (source.tenant.id, part.reason))
             receipts = await consent.record(
