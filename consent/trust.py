@@ -18,13 +18,15 @@ from identity.identifiers import Identifier
 
 
 class ConsentForbidden(Exception):
-    """Nothing of a consent call can be recorded on the sender's standing (maps to 403)."""
+    """Nothing of a consent call can be recorded on the sender's standing (maps to 403).
+    ``reasons``: every part refused, by reason (what the refusal metric counts)."""
 
-    def __init__(self, error: str, detail: str, field: str | None) -> None:
+    def __init__(self, error: str, detail: str, field: str | None, reasons: Sequence[str] = ()) -> None:
         super().__init__(detail)
         self.error = error
         self.detail = detail
         self.field = field
+        self.reasons = tuple(reasons) or (error,)
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +66,15 @@ def screen(
     for ident, where in named:
         if standing.proves(ident):
             proven.append(ident)
+        elif standing.is_foreign(ident):
+            refused.append(
+                Refusal(
+                    f"{where}.appid",
+                    "foreign_appid",
+                    "an openid of an appid this source does not list in wechat_appids is another "
+                    "app's user: a client source records consent only for its own device",
+                )
+            )
         else:
             refused.append(
                 Refusal(
@@ -79,12 +90,14 @@ def screen(
         )
     if not proven:
         first = refused[-1] if refused else Refusal("userId", "unproven_identifier", "no identifier")
-        raise ConsentForbidden("assertion_required", first.detail, first.field)
+        error = "foreign_appid" if first.reason == "foreign_appid" else "assertion_required"
+        raise ConsentForbidden(error, first.detail, first.field, [r.reason for r in refused])
     if guardian and not standing.guardian:
         raise ConsentForbidden(
             "guardian_assertion_required",
             "guardian consent from a client source needs an identity assertion with guardian: true",
             "consentKind",
+            [r.reason for r in refused] + ["guardian_assertion_required"],
         )
     if minor is False and not standing.guardian:
         refused.append(
@@ -97,5 +110,10 @@ def screen(
         )
         minor = None
         if not asks_consent:
-            raise ConsentForbidden("guardian_assertion_required", refused[-1].detail, "subjectIsMinor")
+            raise ConsentForbidden(
+                "guardian_assertion_required",
+                refused[-1].detail,
+                "subjectIsMinor",
+                [r.reason for r in refused],
+            )
     return Screened([(i.type, i.value) for i in proven], minor, guardian, refused)

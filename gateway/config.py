@@ -32,6 +32,7 @@ SinkKind = Literal["jsonl", "parquet", "webhook", "segment", "sensors", "redis_s
 
 _ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 _SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+_APPID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # a WeChat appid as wechat_appids lists it
 _SENSORS_PROJECT = re.compile(r"^[a-zA-Z][a-zA-Z0-9_]{0,99}$")
 # A browser's Origin header: scheme://host[:port], lowercase, nothing after (gateway.cors).
 _ORIGIN = re.compile(
@@ -93,6 +94,11 @@ class Source(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     trust: Trust | Literal[""] = ""
     # Signed identity assertions from the shop's backend (client sources).
     assertions: AssertionKeys | None = None
+    # The WeChat appids (mini-program, or the official account of a web page in WeChat)
+    # whose openids this client source's users hold. Listed, an openid of another appid is
+    # another app's user: a claim it cannot back (no consent, no link, no unbind). Empty:
+    # an openid of any appid counts as the device's own.
+    wechat_appids: list[str] = []
     write_key_sha256: str = ""
     # Accepted only when IDGATE_ENV=dev, so the shipped example runs with known demo keys.
     dev_write_key: str = ""
@@ -116,6 +122,14 @@ class Source(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     def is_server(self) -> bool:
         """May assert anything for its tenant (its key is a secret)."""
         return (self.trust or ("server" if self.platform == "server" else "client")) == "server"
+
+    @property
+    def own_appids(self) -> frozenset[str] | None:
+        """The appids whose openids are this client source's own; None: any (a server
+        source, or none listed)."""
+        if self.is_server or not self.wechat_appids:
+            return None
+        return frozenset(self.wechat_appids)
 
 
 class RetryPolicy(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -405,6 +419,33 @@ def hash_write_key(write_key: str) -> str:
     return hashlib.sha256(write_key.encode("utf-8")).hexdigest()
 
 
+# The demo secrets idgate publishes (idgate.example.toml, the README, deploy/): accepted in
+# plain with IDGATE_ENV=dev. Outside dev their hashes are refused too: a production config
+# that stored the hash of one (copied from the README) would take a key anyone can read.
+PUBLISHED_DEMO_SECRETS = frozenset(
+    {
+        "acme-app-demo-key",
+        "acme-web-demo-key",
+        "acme-server-demo-key-0000000000000001",
+        "acme-mp-demo-key",
+        "acme-sensors-demo-token",
+        "compliance-demo-token",
+        "operator-demo-token",
+        "auditor-demo-token",
+    }
+)
+_PUBLISHED_DEMO_HASHES = frozenset(hash_write_key(s) for s in PUBLISHED_DEMO_SECRETS)
+
+
+def _published_demo(where: str, hashed: str, dev: bool, problems: list[str]) -> None:
+    """Outside dev: refuse the hash of a secret idgate's own docs publish."""
+    if not dev and hashed in _PUBLISHED_DEMO_HASHES:
+        problems.append(
+            f"{where}: the hash of a demo secret published with idgate (accepted only with "
+            "IDGATE_ENV=dev); create a secret one with `idgate keys write-key`"
+        )
+
+
 def _decode_part(data: Any, type_: type, where: str, problems: list[str]) -> Any:
     try:
         return msgspec.convert(data, type_)
@@ -427,6 +468,7 @@ def _secret_hashes(
     if hashed_value:
         if not _SHA256_HEX.match(hashed_value):
             problems.append(f"{where}.{hashed_name}: must be 64 lowercase hex characters")
+        _published_demo(f"{where}.{hashed_name}", hashed_value, dev, problems)
         hashes.append(hashed_value)
     if plain_value:
         if not dev:
@@ -481,6 +523,11 @@ def _check_trust(s: Source, sw: str, problems: list[str]) -> None:
             )
         if s.assertions is not None:
             problems.append(f"{sw}.assertions: a server source asserts identities itself")
+        if s.wechat_appids:
+            problems.append(f"{sw}.wechat_appids: a server source asserts every openid itself")
+    for k, appid in enumerate(s.wechat_appids):
+        if not _APPID.match(appid):
+            problems.append(f"{sw}.wechat_appids[{k}]: {appid[:80]!r} must match {_APPID.pattern}")
     a = s.assertions
     if a is not None:
         keys = [k for k in (a.hs256_secret_env, a.hs256_secret_file, a.ed25519_public_key) if k]
@@ -698,6 +745,7 @@ def parse_config(text: str, *, path: str = "<config>", dev: bool = False) -> Con
         where = f"admin_tokens[{i}]"
         if token.token_sha256 and not _SHA256_HEX.match(token.token_sha256):
             problems.append(f"{where}.token_sha256: must be 64 lowercase hex characters")
+        _published_demo(f"{where}.token_sha256", token.token_sha256, dev, problems)
         if token.dev_token and not dev:
             problems.append(f"{where}.dev_token: plain tokens are only allowed with IDGATE_ENV=dev")
         if token.dev_token and len(token.dev_token) < 12:

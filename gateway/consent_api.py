@@ -20,7 +20,7 @@ from litestar.di import NamedDependency, Provide
 from litestar.params import JSONBody
 
 from consent.service import ConsentService
-from consent.trust import screen
+from consent.trust import ConsentForbidden, screen
 from gateway import metrics
 from gateway.auth import WriteKeys
 from gateway.config import Limits, ResolvedSource
@@ -117,6 +117,22 @@ def subject_identifiers(req: ConsentRequest, pseudonymiser: Pseudonymiser) -> li
     return out
 
 
+def foreign_openids(
+    req: ConsentRequest, named: list[tuple[Identifier, str]], own_appids: frozenset[str] | None
+) -> frozenset[str]:
+    """Pseudonyms of the openids ``identifiers[]`` names of an appid the client source does
+    not hold (``wechat_appids``): another app's users."""
+    if own_appids is None:
+        return frozenset()
+    # subject_identifiers keeps the order: userId, anonymousId, then identifiers[i]
+    by_field = {where: ident for ident, where in named}
+    return frozenset(
+        by_field[f"identifiers[{i}]"].value
+        for i, item in enumerate(req.identifiers)
+        if item.type in SCOPED_TYPES and item.appid not in own_appids
+    )
+
+
 def provide_source(
     request: Request[Any, Any, Any], state: State, data: JSONBody[ConsentRequest]
 ) -> ResolvedSource:
@@ -195,14 +211,20 @@ def consent_controller(limits: Limits) -> type[Controller]:
                 identifiers=[i for i, _ in named],
                 pseudonymiser=pseudonymiser,
                 now=time.time(),
+                foreign=foreign_openids(data, named, source.source.own_appids),
             )
-            screened = screen(
-                sender,
-                named,
-                minor=data.subject_is_minor,
-                guardian=data.consent_kind == "guardian",
-                asks_consent=bool(data.grant or data.withdraw),
-            )
+            try:
+                screened = screen(
+                    sender,
+                    named,
+                    minor=data.subject_is_minor,
+                    guardian=data.consent_kind == "guardian",
+                    asks_consent=bool(data.grant or data.withdraw),
+                )
+            except ConsentForbidden as exc:  # refused whole: counted like the partial refusals
+                for reason in exc.reasons:
+                    metrics.INGEST.add("refused_assertion", (source.tenant.id, reason))
+                raise
             for part in screened.refused:
                 metrics.INGEST.add("refused_assertion", (source.tenant.id, part.reason))
             receipts = await consent.record(

@@ -80,6 +80,9 @@ class Envelope:
     # those never carry consent, never set flags, and never link (by default).
     standing: Standing = CLIENT
     unproven: list[Identifier] = field(default_factory=list)
+    # Pseudonyms of the openids the event names of an appid its client source does not hold
+    # (Source.wechat_appids): another app's users, never the sender's own device.
+    foreign: set[str] = field(default_factory=set)
     # The raw identity assertion (a JWT), taken out of the event before anything is stored.
     assertion_token: object = None
     # What the tracking plan found in a flagged event: delivered in context.idgate.violations

@@ -111,6 +111,7 @@ def pseudonymise_identifiers(
     alias_cache: dict[str, tuple[str, ...]] | None = None,
     message_ids: Pseudonymiser | None = None,
     blocked: Callable[[object], bool] | None = None,
+    own_appids: frozenset[str] | None = None,
 ) -> None:
     """Normalise every identifier field, replace it by its pseudonym, collect the linkable ones.
 
@@ -125,10 +126,14 @@ def pseudonymise_identifiers(
 
     ``blocked`` (the tenant's blocked identifier values and patterns, gateway.cleaning):
     such an identifier is left out like junk, and counted in ``env.blocked``.
+
+    ``own_appids`` (a client source's ``wechat_appids``): an openid of another appid is
+    recorded in ``env.foreign`` (another app's user, not the sender's device).
     """
     ev = env.event
     found = env.identifiers
     written = env.pseudonyms
+    foreign = env.foreign
     # before dedupe claims it: a message id is stored (claims, proofs) and forwarded
     ev.message_id = clean_message_id(ev.message_id, message_ids or pseudonymiser)
 
@@ -148,6 +153,8 @@ def pseudonymise_identifiers(
             return None
         found.append(ident)
         written.add(ident.value)
+        if own_appids is not None and scope is not None and scope not in own_appids:
+            foreign.add(ident.value)
         return ident.value
 
     def opaque(raw: Any) -> str:
@@ -238,6 +245,8 @@ def pseudonymise_identifiers(
                 continue
             detached.append(ident)
             written.add(ident.value)
+            if own_appids is not None and raw.scope is not None and raw.scope not in own_appids:
+                foreign.add(ident.value)
         env.detach = detached
         sensors = ctx.get("sensors")
         if isinstance(sensors, dict):
@@ -281,6 +290,7 @@ def establish_standing(
         identifiers=env.identifiers,
         pseudonymiser=pseudonymiser,
         now=now,
+        foreign=frozenset(env.foreign),
     )
     env.assertion_token = None
     if env.standing.server:
@@ -288,7 +298,8 @@ def establish_standing(
     _, env.unproven = env.standing.split(env.identifiers)
     if env.detach:
         own = set(env.identifiers)
-        kept = [i for i in env.detach if (i in own if i.type in DEVICE_TYPES else env.standing.proves(i))]
+        proves = env.standing.proves
+        kept = [i for i in env.detach if proves(i) and (i.type not in DEVICE_TYPES or i in own)]
         if len(kept) != len(env.detach):
             env.unproven.extend(i for i in env.detach if i not in kept)
             env.detach = kept
@@ -370,9 +381,11 @@ def consent_query(env: Envelope, tenant: Tenant, linked: tuple[str, ...] = ()) -
     person: list[str] = []
     unproven = env.unproven
     for ident in env.identifiers:
+        if unproven and ident in unproven:
+            continue
         if ident.type in DEVICE_TYPES:
             device.append(ident.value)
-        elif not unproven or ident not in unproven:
+        else:
             person.append(ident.value)
     if unproven:  # named without proof: their withdrawals count, their grants do not
         linked = linked + tuple(i.value for i in unproven)
@@ -576,6 +589,29 @@ async def clean_traffic(s: IngestServices, batch: IngestBatch) -> None:
     batch.envelopes = kept
 
 
+def refuse_unproven(batch: IngestBatch, env: Envelope) -> None:
+    """Answer (and count) what the event asked for identifiers its client source cannot
+    back: person-level ones without an assertion, openids of an appid it does not hold."""
+    foreign = [i for i in env.unproven if env.standing.is_foreign(i)]
+    if foreign:
+        batch.refuse_assertion(
+            env,
+            "foreign_appid",
+            "wechat_openid: an openid of an appid this source does not list in wechat_appids is "
+            "another app's user: this client cannot link, unbind or record consent for it",
+            "context.externalIds",
+        )
+    if len(foreign) < len(env.unproven):
+        types = sorted({i.type for i in env.unproven if not env.standing.is_foreign(i)})
+        batch.refuse_assertion(
+            env,
+            "unproven_identifier",
+            f"{', '.join(types)}: a client source needs a signed identity assertion to link, "
+            "unbind or record consent for a person-level identifier",
+            "userId",
+        )
+
+
 async def pseudonymise(s: IngestServices, batch: IngestBatch) -> None:
     """Identifiers replaced by pseudonyms, and what the sender proved about them."""
     kept = []
@@ -587,11 +623,19 @@ async def pseudonymise(s: IngestServices, batch: IngestBatch) -> None:
     cleaner = cleaner_for(src.tenant)
     blocked = cleaner.is_blocked_identifier if cleaner.blocks_identifiers else None
     internal = cleaner.internal_pseudonyms(batch.pseudonymiser) if cleaner.config.internal_ids else None
+    own_appids = src.source.own_appids
     for env in batch.envelopes:
         take_assertion(env)
         try:
             pseudonymise_identifiers(
-                env, src.tenant, batch.pseudonymiser, batch.older, s.alias_cache, batch.message_ids, blocked
+                env,
+                src.tenant,
+                batch.pseudonymiser,
+                batch.older,
+                s.alias_cache,
+                batch.message_ids,
+                blocked,
+                own_appids=own_appids,
             )
         except RejectMessage as exc:
             if env.blocked:
@@ -610,13 +654,7 @@ async def pseudonymise(s: IngestServices, batch: IngestBatch) -> None:
         if env.unproven and (
             (env.event.type in _ASSERTING_TYPES and not unowned) or env.unbind or _is_consent_event(env)
         ):
-            batch.refuse_assertion(
-                env,
-                "unproven_identifier",
-                f"{', '.join(sorted({i.type for i in env.unproven}))}: a client source needs a signed "
-                "identity assertion to link, unbind or record consent for a person-level identifier",
-                "userId",
-            )
+            refuse_unproven(batch, env)
         kept.append(env)
     batch.envelopes = kept
 

@@ -204,19 +204,25 @@ class Standing:
     """What the sender of one event (or consent call) has proven about its identifiers.
 
     A server source proves everything for its tenant. A client source proves its own
-    device identifiers (anonymous id, device ids, its openid), and the person-level ones a
-    valid assertion bound to that device names."""
+    device identifiers (anonymous id, device ids, an openid of its own appid), and the
+    person-level ones a valid assertion bound to that device names. ``foreign``: pseudonyms
+    of openids of an appid the source does not hold (another app's users): never its own."""
 
     server: bool
     assertion: Assertion | None = None
     refused: AssertionRefused | None = None
+    foreign: frozenset[str] = frozenset()
 
     def proves(self, identifier: Identifier) -> bool:
-        return (
-            self.server
-            or identifier.type in DEVICE_TYPES
-            or (self.assertion is not None and identifier in self.assertion.person)
-        )
+        if self.server:
+            return True
+        if identifier.type in DEVICE_TYPES:
+            return not self.foreign or identifier.value not in self.foreign
+        return self.assertion is not None and identifier in self.assertion.person
+
+    def is_foreign(self, identifier: Identifier) -> bool:
+        """An openid of an appid the client source does not hold."""
+        return bool(self.foreign) and identifier.value in self.foreign
 
     @property
     def guardian(self) -> bool:
@@ -244,30 +250,35 @@ def standing(
     identifiers: Iterable[Identifier],
     pseudonymiser: Pseudonymiser,
     now: float,
+    foreign: frozenset[str] = frozenset(),
 ) -> Standing:
     """The standing of a sender: server, or client with or without a valid assertion bound
-    to one of ``identifiers`` (the device it sends from)."""
+    to one of ``identifiers`` (the device it sends from). ``foreign``: pseudonyms of the
+    openids it names of an appid it does not hold (see Standing)."""
     if server:
         return SERVER
     if token is None or token == "":
-        return CLIENT
+        return Standing(False, foreign=foreign) if foreign else CLIENT
     if verifier is None:
         return Standing(
             False,
             refused=AssertionRefused("assertion_not_configured", "this source takes no identity assertions"),
+            foreign=foreign,
         )
     try:
         assertion = verifier.verify(token, pseudonymiser, now=now)
     except AssertionRefused as exc:
-        return Standing(False, refused=exc)
-    if not assertion.binds(identifiers):
+        return Standing(False, refused=exc, foreign=foreign)
+    own = [i for i in identifiers if i.value not in foreign] if foreign else identifiers
+    if not assertion.binds(own):
         return Standing(
             False,
             refused=AssertionRefused(
                 "assertion_device_mismatch", "the identity assertion was issued for another device"
             ),
+            foreign=foreign,
         )
-    return Standing(False, assertion=assertion)
+    return Standing(False, assertion=assertion, foreign=foreign)
 
 
 __all__ = [

@@ -13,7 +13,7 @@ from litestar.params import FromQuery, QueryParameter
 
 from export.alert_history import AlertRecord
 from export.kpis import KpiReport
-from gateway.admin.deps import ADMIN_DEPENDENCIES, READ_ERRORS, AdminServices
+from gateway.admin.deps import ADMIN_DEPENDENCIES, READ_ERRORS, AdminServices, log_access
 from gateway.auth import Officer, admin_guard, roles
 from gateway.errors import InvalidRequest
 from gateway.monitoring import AlertStatus, Monitoring
@@ -77,6 +77,9 @@ class MonitoringController(Controller):
             reports = [r for r in reports if r.id == kpi]
             if not reports:
                 raise InvalidRequest("invalid_field", f"unknown KPI {kpi!r}", "kpi")
+        await log_access(
+            services, officer, "monitoring.kpis", tenant, {"kpi": kpi} if kpi else {}, len(reports)
+        )
         return KpiValues(
             tenant=tenant,
             bucket_seconds=monitoring.engine.bucket_seconds,
@@ -113,4 +116,6 @@ class MonitoringController(Controller):
             if history is not None
             else []
         )
+        params: dict[str, str | int] = {"limit": limit, **({"rule": rule} if rule else {})}
+        await log_access(services, officer, "monitoring.alert_history", tenant, params, len(records))
         return AlertHistoryPage(tenant=tenant, records=records)

@@ -1,12 +1,19 @@
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from gateway.config import ConfigProblems, hash_write_key, index_write_keys, parse_config
+from gateway.config import (
+    PUBLISHED_DEMO_SECRETS,
+    ConfigProblems,
+    hash_write_key,
+    index_write_keys,
+    parse_config,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 IDGATE = str(Path(sys.executable).with_name("idgate"))
@@ -217,3 +224,78 @@ assertions = { hs256_secret_env = "X", ed25519_public_key = "pem" }
     )
     web, backend, app = ok.tenants[0].sources
     assert not web.is_server and backend.is_server and not app.is_server
+
+
+def test_wechat_appids_are_checked() -> None:
+    """A client source's own appids: valid appids, and not on a server source (it proves
+    every openid)."""
+    text = """
+[[tenants]]
+id = "t1"
+[[tenants.sources]]
+id = "mp"
+platform = "miniprogram"
+dev_write_key = "mp-demo-key-1"
+wechat_appids = ["wx0123456789abcdef", "not an appid"]
+[[tenants.sources]]
+id = "backend"
+platform = "server"
+dev_write_key = "s-0000000000000000000000000000000000000001"
+wechat_appids = ["wx0123456789abcdef"]
+"""
+    with pytest.raises(ConfigProblems) as info:
+        parse_config(text, dev=True)
+    assert info.value.problems == [
+        "tenants[0].sources[0].wechat_appids[1]: 'not an appid' must match ^[A-Za-z0-9_-]{1,64}$",
+        "tenants[0].sources[1].wechat_appids: a server source asserts every openid itself",
+    ], info.value.problems
+    ok = parse_config(
+        text.replace(', "not an appid"', "").replace('01"\nwechat_appids = ["wx0123456789abcdef"]', '01"'),
+        dev=True,
+    )
+    mp, backend = ok.tenants[0].sources
+    assert mp.own_appids == frozenset({"wx0123456789abcdef"}) and backend.own_appids is None
+
+
+def test_hashes_of_the_published_demo_secrets_are_refused_outside_dev() -> None:
+    """A production config that stored the hash of a README demo key or token (anyone can
+    read the value) is refused; dev accepts it like the plain demo values."""
+    example = (ROOT / "idgate.example.toml").read_text()
+    shipped = set(re.findall(r'^(?:dev_write_key|sensors_dev_token|dev_token) = "([^"]+)"', example, re.M))
+    assert shipped and shipped <= PUBLISHED_DEMO_SECRETS, shipped - PUBLISHED_DEMO_SECRETS
+    text = f"""
+[[admin_tokens]]
+name = "ops"
+role = "operator"
+token_sha256 = "{hash_write_key("operator-demo-token")}"
+[[tenants]]
+id = "t1"
+[[tenants.sources]]
+id = "backend"
+platform = "server"
+write_key_sha256 = "{hash_write_key("acme-server-demo-key-0000000000000001")}"
+[[tenants.sources]]
+id = "mp"
+platform = "miniprogram"
+write_key_sha256 = "{hash_write_key("a-real-secret-from-idgate-keys-0001")}"
+sensors_project = "t1"
+sensors_token_sha256 = "{hash_write_key("acme-sensors-demo-token")}"
+"""
+    with pytest.raises(ConfigProblems) as info:
+        parse_config(text)
+    problems = [p for p in info.value.problems if "demo secret" in p]
+    assert sorted(p.partition(":")[0] for p in problems) == [
+        "admin_tokens[0].token_sha256",
+        "tenants[0].sources[0].write_key_sha256",
+        "tenants[0].sources[1].sensors_token_sha256",
+    ], info.value.problems
+    assert all("IDGATE_ENV=dev" in p for p in problems)
+    assert "demo secret" not in "\n".join(_problems_or_none(text, dev=True))
+
+
+def _problems_or_none(text: str, *, dev: bool) -> list[str]:
+    try:
+        parse_config(text, dev=dev)
+    except ConfigProblems as exc:
+        return list(exc.problems)
+    return []

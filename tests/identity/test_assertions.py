@@ -122,3 +122,43 @@ def test_a_secret_file_others_can_read_is_refused(tmp_path) -> None:
         load_key(hs256_secret_file=str(secret))
     secret.chmod(0o600)
     assert load_key(hs256_secret_file=str(secret)).algorithm == "HS256"
+
+
+def test_an_openid_of_an_appid_the_source_does_not_hold_is_never_its_own() -> None:
+    mine = pseudonymise_identifier(P, "wechat_openid", "o-mine-0001", scope="wxmine")
+    theirs = pseudonymise_identifier(P, "wechat_openid", "o-theirs-01", scope="wxtheirs")
+    device = ident("anonymous_id", "dev-1")
+    s = standing(
+        server=False,
+        verifier=None,
+        token=None,
+        identifiers=[device, mine, theirs],
+        pseudonymiser=P,
+        now=time.time(),
+        foreign=frozenset({theirs.value}),
+    )
+    assert s.proves(device) and s.proves(mine) and not s.proves(theirs)
+    assert s.is_foreign(theirs) and not s.is_foreign(mine)
+    assert s.split([device, theirs]) == ([device], [theirs])
+    # an assertion cannot be bound to another app's openid either
+    t = token({"sub": "u-1", "device": "o-theirs-01"})
+    bound = standing(
+        server=False,
+        verifier=hs256(),
+        token=t,
+        identifiers=[theirs],
+        pseudonymiser=P,
+        now=time.time(),
+        foreign=frozenset({theirs.value}),
+    )
+    assert bound.refused is not None and bound.refused.reason == "assertion_device_mismatch"
+    # a server source proves every openid
+    assert standing(
+        server=True,
+        verifier=None,
+        token=None,
+        identifiers=[],
+        pseudonymiser=P,
+        now=0,
+        foreign=frozenset({theirs.value}),
+    ).proves(theirs)

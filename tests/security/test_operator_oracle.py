@@ -4,25 +4,41 @@
 an operator, and said whether two raw identifiers were one person; refused attempts left no
 trace. Now operators work on node ids (``<type>:<pseudonym>``, as the quarantine list and
 explain's path give them); raw identifiers are looked up by the compliance role only, and
-every admin read and write, refusals (401/403) included, is in the access log.
+every admin read and write, refusals (401/403) included, is in the access log. Played over
+real HTTP against an `idgate serve` process.
 """
 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from litestar.testing import TestClient
+import httpx
+import pytest
 
-from tests.conftest import COMPLIANCE_TOKEN, MALL_SERVER_KEY, OPERATOR_TOKEN
-from tests.gateway.conftest import in_process_app
+from tests.conftest import COMPLIANCE_TOKEN, MALL_SERVER_KEY, OPERATOR_TOKEN, make_gateway
+
+pytestmark = pytest.mark.slow
 
 OPS = {"Authorization": f"Bearer {OPERATOR_TOKEN}"}
 DPO = {"Authorization": f"Bearer {COMPLIANCE_TOKEN}"}
 
 
-def linked_person(client: TestClient[Any]) -> tuple[str, str]:
+@contextmanager
+def served(tmp_path: Path) -> Iterator[httpx.Client]:
+    """A real gateway and an HTTP client for it (no write key: each call says its own)."""
+    gw = make_gateway(tmp_path).start()
+    try:
+        with httpx.Client(base_url=gw.url, timeout=10) as client:
+            yield client
+    finally:
+        gw.stop()
+
+
+def linked_person(client: httpx.Client) -> tuple[str, str]:
     """A user and a device of one person (consent to link, then an event with both), from
     the shop's server source (a client source needs the backend's assertion for a user id)."""
     tag = uuid.uuid4().hex[:8]
@@ -52,14 +68,14 @@ def linked_person(client: TestClient[Any]) -> tuple[str, str]:
     return user, device
 
 
-def access_log(client: TestClient[Any]) -> list[dict[str, Any]]:
+def access_log(client: httpx.Client) -> list[dict[str, Any]]:
     r = client.get("/admin/access-log", headers=DPO, params={"limit": 100})
     assert r.status_code == 200, r.text
     return list(r.json()["entries"])
 
 
 def test_operator_cannot_turn_raw_identifiers_into_pseudonyms(tmp_path: Path) -> None:
-    with TestClient(in_process_app(tmp_path)) as client:
+    with served(tmp_path) as client:
         user, device = linked_person(client)
         raw = {"tenant": "mall", "a": user, "a_type": "user_id", "b": device, "b_type": "device_id"}
 
@@ -113,7 +129,7 @@ def test_operator_cannot_turn_raw_identifiers_into_pseudonyms(tmp_path: Path) ->
 
 
 def test_every_admin_call_and_refusal_is_in_the_access_log(tmp_path: Path) -> None:
-    with TestClient(in_process_app(tmp_path)) as client:
+    with served(tmp_path) as client:
         # refused: no token, an unknown token, the wrong role
         assert client.get("/admin/consent/stats", params={"tenant": "mall"}).status_code == 401
         bad = {"Authorization": "Bearer guessed-token-123456"}
@@ -132,6 +148,10 @@ def test_every_admin_call_and_refusal_is_in_the_access_log(tmp_path: Path) -> No
             json={"tenant": "mall", "id": f"notice-{uuid.uuid4().hex[:6]}", "contentSha256": "2" * 64},
         )
         assert r.status_code == 201, r.text
+        # monitoring reads: the KPIs and the alert history
+        assert client.get("/admin/kpis", params={"tenant": "mall"}, headers=OPS).status_code == 200
+        r = client.get("/admin/alerts/history", params={"tenant": "mall", "limit": 5}, headers=DPO)
+        assert r.status_code == 200, r.text
         # a limit over its bound is a 400 naming the parameter
         r = client.get("/admin/identity/quarantine", params={"tenant": "mall", "limit": 100_000}, headers=OPS)
         assert r.status_code == 400 and r.json()["field"] == "limit", r.text
@@ -144,6 +164,8 @@ def test_every_admin_call_and_refusal_is_in_the_access_log(tmp_path: Path) -> No
             ("ops", "identity.quarantine"),
             ("ops", "consent.verify"),
             ("ops", "notice.publish"),
+            ("ops", "monitoring.kpis"),
+            ("dpo", "monitoring.alert_history"),
             ("(unauthenticated)", "admin.refused"),
             ("ops", "admin.refused"),
         } <= actions, actions

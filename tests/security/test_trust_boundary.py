@@ -100,6 +100,14 @@ def explain(gw: Gateway, a: tuple[str, str], b: tuple[str, str]) -> dict[str, An
     return dict(r.json())
 
 
+def refused_count(gw: Gateway, reason: str) -> float:
+    """idgate_events_refused_assertion_total for the mall and one reason (0 before the first)."""
+    metrics = httpx.get(f"{gw.url}/metrics", timeout=10).text
+    series = f'idgate_events_refused_assertion_total{{reason="{reason}",tenant="mall"}} '
+    line = next((x for x in metrics.splitlines() if x.startswith(series)), None)
+    return float(line.removeprefix(series)) if line else 0.0
+
+
 def test_forged_grant_cannot_override_a_withdrawal(gw: Gateway) -> None:
     t = tag()
     user, device, attacker = f"user-{t}", f"dev-{t}", f"evil-{t}"
@@ -112,9 +120,12 @@ def test_forged_grant_cannot_override_a_withdrawal(gw: Gateway) -> None:
     assert r.status_code == 200, r.text
 
     # a stranger with the public key names only the user id: nothing is recorded
+    before = refused_count(gw, "unproven_identifier")
     forged = consent(gw, MALL_WEB_KEY, userId=user, grant=["analytics"])
     assert forged.status_code == 403, forged.text
     assert forged.json()["error"] == "assertion_required" and forged.json()["field"] == "userId"
+    # refused whole, and counted like a partial refusal
+    assert refused_count(gw, "unproven_identifier") == before + 1
     # ... or names it beside a device of their own: only their own device gets the grant
     mixed = consent(gw, MALL_WEB_KEY, anonymousId=attacker, userId=user, grant=["analytics"])
     assert mixed.status_code == 200, mixed.text
@@ -138,10 +149,12 @@ def test_forged_minor_flag_clearing_is_refused(gw: Gateway) -> None:
     held = send(gw, MALL_SERVER_KEY, "track", userId=child, event="Product Viewed")
     assert held["dropped"] == {"minor_without_guardian": 1}, held
 
+    before = refused_count(gw, "guardian_assertion_required")
     for body in ({"userId": child}, {"userId": child, "anonymousId": attacker}, {"anonymousId": attacker}):
         r = consent(gw, MALL_WEB_KEY, subjectIsMinor=False, **body)
         assert r.status_code == 403, r.text
         assert r.json()["error"] in {"assertion_required", "guardian_assertion_required"}
+    assert refused_count(gw, "guardian_assertion_required") == before + 2
     still = send(gw, MALL_SERVER_KEY, "track", userId=child, event="Product Viewed")
     assert still["dropped"] == {"minor_without_guardian": 1}, still
 
