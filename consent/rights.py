@@ -15,7 +15,10 @@ Records of one request, in order:
 - ``refused``: the subject's identity could not be verified (Art. 50: a refusal is recorded
   with its reason); the request ends there;
 - ``requested`` / ``step``: a part of the work done (consents withdrawn, graph erased, events
-  purged), with counts and the ledger seqs it wrote;
+  purged), with counts and the ledger seqs it wrote; or a change of the clock: ``extended``
+  (the due date moved, with a reason), ``paused`` (the clock stopped while the handler waits
+  on the subject, with a reason) and ``resumed`` (the due date moved by the working days the
+  pause took: ``consent.rights_clock``);
 - ``completed`` / ``completed``: the outcome, the completion time and how long it took (seconds
   and working days).
 
@@ -64,9 +67,11 @@ VerificationMethod = Literal[
 VerificationOutcome = Literal["verified", "failed", "not_possible"]
 RequestStatus = Literal["open", "refused", "completed"]
 Outcome = Literal["done", "partly_done", "declined"]
-ClockStatus = Literal["on_time", "nearly_due", "overdue", "closed"]
+ClockStatus = Literal["on_time", "nearly_due", "overdue", "paused", "closed"]
 # Why a due date was moved: no free text (it would invite personal data into the ledger).
 ExtensionReason = Literal["complex_request", "many_requests", "awaiting_subject", "awaiting_third_party"]
+# Why a request's clock was stopped: the handler waits on the subject (no free text either).
+PauseReason = Literal["awaiting_identity_proof", "awaiting_clarification"]
 # A destination's receipt of a deletion (the ``identity.deleted`` notice): ``pending`` until
 # delivery reports it; ``delivered`` (written to a file or stream), ``acknowledged`` (an HTTP
 # receiver answered 2xx) or ``failed`` (dead-lettered: a replay delivers it later).
@@ -76,6 +81,8 @@ RECEIVED: frozenset[str] = frozenset({"delivered", "acknowledged"})
 # person index, read before anything is deleted) and the person's unified IDs.
 RECIPIENTS_STEP = "recipients"
 RECEIPT_STEP = "receipt"
+PAUSED_STEP = "paused"
+RESUMED_STEP = "resumed"
 
 
 # Who records the receipts delivery reports (the ledger record's source is ``admin:<officer>``).
@@ -89,6 +96,10 @@ class Verification(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     method: VerificationMethod
     outcome: VerificationOutcome
     reference: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9._:-]{1,64}$")] | None = None
+
+
+class ClockChanged(AppendRefused):
+    """Another officer (or replica) paused or resumed the request's clock first."""
 
 
 class RightsError(Exception):
@@ -131,7 +142,13 @@ class RightsRequest(msgspec.Struct, rename="camel"):
     unified_ids: list[str] = []
     seconds_to_complete: float | None = None
     working_days_to_complete: int | None = None
-    # filled in by the listing at the time it answers
+    # the clock stopped (``clock`` is ``paused``): since when, and why
+    paused_at: datetime | None = None
+    pause_reason: str | None = None
+    # working days given back by the pauses resumed so far (the due date moved by them)
+    paused_working_days: int = 0
+    # filled in by the listing at the time it answers; a paused request's working days left
+    # are those it had when paused
     clock: str = "on_time"
     working_days_left: int | None = None
 
@@ -163,6 +180,14 @@ HoldingsOf = Callable[[str, Sequence[str], Sequence[str]], Awaitable[Holdings]]
 # A step of a deletion carried out by another domain (identity graph, outbox, dead letters,
 # file sinks): (tenant, nodes of the person) -> what to record (counts, per-store figures).
 DeletionStep = Callable[[str, Sequence[str]], Awaitable[Mapping[str, Any]]]
+
+
+def _both(first: Precondition, second: Precondition) -> Precondition:
+    def check(conn: sa.Connection, rows: Sequence[dict[str, Any]]) -> None:
+        first(conn, rows)
+        second(conn, rows)
+
+    return check
 
 
 def _refusal(v: Verification) -> str | None:
@@ -211,6 +236,13 @@ def fold_requests(records: Sequence[Any], clock: RightsClock, now: datetime) -> 
             step = d.get("step")
             if step == "extended":
                 request.due_at = datetime.fromisoformat(d["due_at"])
+            elif step == PAUSED_STEP:
+                request.paused_at = datetime.fromisoformat(d["paused_at"])
+                request.pause_reason = d.get("reason")
+            elif step == RESUMED_STEP:
+                request.due_at = datetime.fromisoformat(d["due_at"])
+                request.paused_at = request.pause_reason = None
+                request.paused_working_days += int(d.get("working_days") or 0)
             elif step == RECIPIENTS_STEP:  # a resumed deletion adds to what it found first
                 for destination in d.get("destinations") or ():
                     request.receipts.setdefault(destination, "pending")
@@ -229,8 +261,12 @@ def fold_requests(records: Sequence[Any], clock: RightsClock, now: datetime) -> 
             request.remaining = [
                 f"destination:{k}" for k, v in sorted(request.receipts.items()) if v not in RECEIVED
             ]
-            request.clock = clock.status(request.due_at, now)
-            request.working_days_left = clock.working_days_left(request.due_at, now)
+            if request.paused_at is not None:  # stopped: not late, nothing counts down
+                request.clock = "paused"
+                request.working_days_left = clock.working_days_left(request.due_at, request.paused_at)
+            else:
+                request.clock = clock.status(request.due_at, now)
+                request.working_days_left = clock.working_days_left(request.due_at, now)
         else:
             request.clock = "closed"
     return list(by_id.values())
@@ -288,9 +324,14 @@ class RightsService:
             at=self.now(),
             detail=detail,
         )
-        guard = unless if while_open is None else self._still_open(tenant, node_value(subject), while_open)
+        guard = unless
+        if while_open is not None:
+            still_open = self._still_open(tenant, node_value(subject), while_open)
+            guard = still_open if unless is None else _both(still_open, unless)
         try:
             (record,), _ = await self.consent._append([draft], precondition=guard)
+        except ClockChanged as changed:
+            raise RightsError("clock_changed", str(changed), "requestId", 409) from None
         except AppendRefused:
             if while_open is None:
                 raise RightsError("already_open", "the request was already opened", None, 409) from None
@@ -403,6 +444,7 @@ class RightsService:
         step: dict[str, Any],
         *,
         while_open: bool = False,
+        unless: Precondition | None = None,
     ) -> None:
         await self._write(
             tenant,
@@ -412,6 +454,7 @@ class RightsService:
             {"request_id": request_id, "event": "step", **step},
             officer,
             while_open=request_id if while_open else None,
+            unless=unless,
         )
 
     async def _withdraw_all(
@@ -499,6 +542,99 @@ class RightsService:
         await self._step(tenant, request_id, request.subject, [], officer, step, while_open=True)
         return await self.get(tenant, request_id)
 
+    async def pause_clock(
+        self, *, tenant: str, request_id: str, reason: PauseReason, officer: str
+    ) -> RightsRequest:
+        """Stop an open request's clock while the handler waits on the subject (``reason``):
+        until ``resume_clock`` it is neither overdue nor nearly due and its working days left do not
+        count down. Recorded with who, when, why, and the due date and working days left at
+        that moment. A request already paused, completed or refused: ``RightsError`` (409)."""
+        request = await self.get(tenant, request_id)
+        if request.status != "open":
+            raise RightsError("not_open", f"request {request_id} is {request.status}", "requestId", 409)
+        if request.paused_at is not None:
+            raise RightsError(
+                "already_paused",
+                f"request {request_id}'s clock is already paused (since {request.paused_at.isoformat()}):"
+                " resume it first",
+                "requestId",
+                409,
+            )
+        now = self.now()
+        number = sum(1 for s in request.steps if s.get("step") == PAUSED_STEP) + 1
+        step = {
+            "step": PAUSED_STEP,
+            "pause": number,
+            "reason": reason,
+            "paused_at": now.isoformat(),
+            "due_at": request.due_at.isoformat(),
+            "working_days_left": self.clock.working_days_left(request.due_at, now),
+        }
+        unless = self._not_yet(tenant, request, {"step": PAUSED_STEP, "pause": number}, "paused")
+        await self._step(
+            tenant, request_id, request.subject, [], officer, step, while_open=True, unless=unless
+        )
+        log.info("rights.paused", tenant=tenant, request_id=request_id, reason=reason)
+        return await self.get(tenant, request_id)
+
+    async def resume_clock(self, *, tenant: str, request_id: str, officer: str) -> RightsRequest:
+        """Start a paused request's clock again: its due date moves by the working days the
+        pause took (``RightsClock.paused_working_days``: after the day of the pause, up to and
+        including today), recorded with the previous due date. A request whose clock is not
+        paused, or that is completed or refused: ``RightsError`` (409)."""
+        request = await self.get(tenant, request_id)
+        if request.status != "open":
+            raise RightsError("not_open", f"request {request_id} is {request.status}", "requestId", 409)
+        if request.paused_at is None:
+            raise RightsError(
+                "not_paused",
+                f"request {request_id}'s clock is not paused: nothing to resume",
+                "requestId",
+                409,
+            )
+        now = self.now()
+        number = sum(1 for s in request.steps if s.get("step") == PAUSED_STEP)
+        days = self.clock.paused_working_days(request.paused_at, now)
+        due = self.clock.extend(request.due_at, days)
+        step = {
+            "step": RESUMED_STEP,
+            "pause": number,
+            "paused_at": request.paused_at.isoformat(),
+            "resumed_at": now.isoformat(),
+            "working_days": days,
+            "due_at": due.isoformat(),
+            "previous_due_at": request.due_at.isoformat(),
+        }
+        unless = self._not_yet(tenant, request, {"step": RESUMED_STEP, "pause": number}, "resumed")
+        await self._step(
+            tenant, request_id, request.subject, [], officer, step, while_open=True, unless=unless
+        )
+        log.info("rights.resumed", tenant=tenant, request_id=request_id, working_days=days)
+        return await self.get(tenant, request_id)
+
+    def _not_yet(
+        self, tenant: str, request: RightsRequest, marker: dict[str, Any], done: str
+    ) -> Precondition:
+        """Refuses (``ClockChanged``) when a step with ``marker`` (the n-th pause, or its resume)
+        is already recorded: two officers pausing at once record one pause, checked under the
+        ledger's lock like a completion."""
+        wanted = {"request_id": request.request_id, "event": "step", **marker}
+        subject = node_value(request.subject)
+
+        def check(conn: sa.Connection, rows: Sequence[dict[str, Any]]) -> None:
+            pending = any(
+                r["tenant"] == tenant
+                and r["record_type"] == "rights_request"
+                and wanted.items() <= r["detail"].items()
+                for r in rows
+            )
+            if pending or self.consent.ledger.holds(
+                conn, tenant=tenant, record_type="rights_request", subject=subject, detail=wanted
+            ):
+                raise ClockChanged(f"request {request.request_id}'s clock was just {done} by someone else")
+
+        return check
+
     async def _complete_deletion(self, tenant: str, request_id: str, officer: str) -> RightsRequest:
         """A deletion is answered once every store was reached (its steps) and every
         destination that held the person's data has its receipt; until then it stays open,
@@ -568,6 +704,9 @@ class RightsService:
         if request.status != "open":
             raise RightsError("not_open", f"request {request_id} is {request.status}", "requestId", 409)
         done = self.now()
+        due = request.due_at
+        if request.paused_at is not None:  # answered while paused: the pause ends here
+            due = self.clock.extend(due, self.clock.paused_working_days(request.paused_at, done))
         seconds = (done - request.received_at).total_seconds()
         days = self.clock.calendar.working_days_between(local_day(request.received_at), local_day(done))
         detail: dict[str, Any] = {
@@ -577,7 +716,7 @@ class RightsService:
             "completed_at": done.isoformat(),
             "seconds_to_complete": round(seconds, 3),
             "working_days_to_complete": days,
-            "on_time": done <= request.due_at,
+            "on_time": done <= due,
         }
         if remaining:
             detail["remaining"] = list(remaining)
@@ -767,6 +906,7 @@ __all__ = [
     "ExtensionReason",
     "Holdings",
     "HoldingsOf",
+    "PauseReason",
     "People",
     "ReceiptStatus",
     "Requester",

@@ -12,6 +12,18 @@ Counting: the day of receipt does not count; the request is due at the end (23:5
 Asia/Shanghai) of the N-th working day after it. A request is *nearly due* when at most
 ``nearly_due_working_days`` working days are left, and *overdue* once its due time has passed
 while it is still open.
+
+Stopping the clock: while the handler waits on the subject (proof of identity, a request to
+clarify), an officer may pause the request's clock and resume it when the answer comes. A
+paused request is neither overdue nor nearly due, and its working days left stay what they
+were when it was paused. On resume the due date moves by the working days the pause took
+(``paused_working_days``): every working day *after* the day of the pause, up to and
+*including* the day of the resume. The day of the pause counts as used (the clock ran part
+of it); the day of the resume is given back whole, as the day of receipt does not count. So a
+pause resumed the same day moves nothing; paused on Wednesday and resumed on Thursday, one
+day; paused on Friday and resumed on Monday, one day (the weekend was not working days).
+Counted that way, the working days left right after the resume are exactly those left when
+the clock was paused.
 """
 
 from __future__ import annotations
@@ -95,6 +107,11 @@ class RightsClock:
         """A due time moved ``working_days`` working days later (end of that day)."""
         day = self.calendar.add_working_days(local_day(due), working_days)
         return datetime.combine(day, time.max, tzinfo=SHANGHAI).astimezone(UTC)
+
+    def paused_working_days(self, paused_at: datetime, resumed_at: datetime) -> int:
+        """The working days a pause gives back: after the day of the pause, up to and including
+        the day of the resume (none when resumed the same day)."""
+        return max(0, self.calendar.working_days_between(local_day(paused_at), local_day(resumed_at)))
 
     def working_days_left(self, due: datetime, now: datetime) -> int:
         """Working days from today to the due day (0 on the due day itself, negative when late)."""

@@ -143,6 +143,10 @@ def _invalid_request(request: Request[Any, Any, Any], exc: InvalidRequest) -> Re
 
 
 _MISSING_PARAMETER = re.compile(r"^Missing required \w+ parameter '([^']{1,100})'")
+# msgspec names a missing or unknown body field only in the text (Litestar's key is then the body, "data")
+_MISSING_FIELD = re.compile(
+    r"Object (?:missing required|contains unknown) field `([^`]{1,100})`(?: - at `\$\.?([^`]{0,200})`)?"
+)
 
 
 def _http_exception(request: Request[Any, Any, Any], exc: HTTPException) -> Response[Any]:
@@ -158,6 +162,9 @@ def _http_exception(request: Request[Any, Any, Any], exc: HTTPException) -> Resp
     missing = _MISSING_PARAMETER.match(detail)
     if field is None and missing is not None:  # Litestar names it only in the text
         field = missing.group(1)
+    absent = _MISSING_FIELD.search(detail if extra is None else f"{detail} {extra}")
+    if absent is not None and field in (None, "data", "$"):
+        field = f"{absent.group(2)}.{absent.group(1)}" if absent.group(2) else absent.group(1)
     if isinstance(extra, list) and extra and isinstance(extra[0], dict) and extra[0].get("message"):
         detail = f"{detail}: {extra[0]['message']}"
     return error_response(exc.status_code, error, detail, field, headers=exc.headers, request=request)

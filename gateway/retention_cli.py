@@ -7,6 +7,10 @@ store and the identity change log (``DATABASE_URL``, else the embedded SQLite fi
 ``retention run --apply`` needs the ledger signing key: each tenant's run is a
 ``retention_run`` ledger record. Aliases it expires leave the log at once; a gateway running
 beside it keeps them in memory until its own retention job next runs (docs/configuration.md).
+
+Like a gateway at start, both create or upgrade the consent and identity schemas they read
+(``idgate migrate``; safe beside running gateways), so they also work on a PostgreSQL
+database no gateway has used yet. A dry run changes no data, but may create those tables.
 """
 
 from __future__ import annotations
@@ -39,29 +43,36 @@ _CONFIG = click.option(
 
 
 def _consent_engine(settings: Settings) -> sa.Engine:
+    """The consent store, its schema created or upgraded as a gateway does at start."""
+    from consent.db import migrate_consent
     from identity.db import make_engine
 
     embedded = settings.data_dir / "consent.sqlite3"
     if settings.database_url is None and not embedded.exists():
         fail(f"no consent store at {embedded} (set IDGATE_DATA_DIR or DATABASE_URL)")
-    return make_engine(settings.consent_database_url)
+    engine = make_engine(settings.consent_database_url)
+    migrate_consent(engine)
+    return engine
 
 
 def _identity(settings: Settings, config: Config) -> tuple[IdentityService, sa.Engine] | None:
     """The identity change log, when a tenant with a graph expires its aliases (None: no
     tenant does, or the embedded log was never made). Not started: an applied expiry
-    catches up with the log under its lock, then rewrites it (identity.resolver)."""
+    catches up with the log under its lock, then rewrites it (identity.resolver). The log's
+    tables are created or upgraded first, as a gateway does at start: on a PostgreSQL database
+    no gateway has used yet, the run finds an empty log rather than no table."""
     from gateway.identity_setup import identity_database_url, identity_rules
     from identity.db import make_engine
     from identity.resolver import GraphResolver
     from identity.service import IdentityService
-    from identity.store import IdentityLogStore
+    from identity.store import IdentityLogStore, migrate_identity
 
     tenants = [t for t in config.tenants if t.identity.enabled and t.retention.aliases_days]
     embedded = settings.data_dir / "identity.sqlite3"
     if not tenants or (settings.database_url is None and not embedded.exists()):
         return None
     engine = make_engine(identity_database_url(settings))
+    migrate_identity(engine)
     resolver = GraphResolver(IdentityLogStore(engine), {t.id: identity_rules(t) for t in tenants})
 
     async def no_notices(tenant: str, notices: object) -> None:  # an expiry sends none

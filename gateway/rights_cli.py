@@ -28,7 +28,7 @@ def rights() -> None:
 @click.option("--status", type=click.Choice(["open", "refused", "completed"]), default=None)
 @click.option(
     "--clock",
-    type=click.Choice(["on_time", "nearly_due", "overdue", "closed"]),
+    type=click.Choice(["on_time", "nearly_due", "overdue", "paused", "closed"]),
     default=None,
     help="Only requests in this state of their clock.",
 )
@@ -39,7 +39,8 @@ def rights() -> None:
 def rights_list(
     tenant: str | None, status: str | None, clock: str | None, as_json: bool, config_path: Path | None
 ) -> None:
-    """Rights requests with their due dates; overdue ones first. Exits 1 when any is overdue."""
+    """Rights requests with their due dates; overdue ones first. Exits 1 when any is overdue
+    (a request whose clock is paused is not)."""
     import sqlalchemy as sa
 
     from consent.ledger import Ledger
@@ -66,7 +67,7 @@ def rights_list(
         found = [r for r in found if r.status == status]
     if clock:
         found = [r for r in found if r.clock == clock]
-    order = {"overdue": 0, "nearly_due": 1, "on_time": 2, "closed": 3}
+    order = {"overdue": 0, "nearly_due": 1, "on_time": 2, "paused": 3, "closed": 4}
     found.sort(key=lambda r: (order.get(r.clock, 9), r.due_at))
     if as_json:
         for r in found:
@@ -75,13 +76,18 @@ def rights_list(
         click.echo(f"{'request':<40} {'tenant':<10} {'kind':<12} {'status':<9} {'due (UTC)':<16} clock")
         for r in found:
             left = "" if r.working_days_left is None else f" ({r.working_days_left} working days left)"
+            if r.paused_at is not None and r.status == "open":  # stopped: the days left do not count down
+                left += f" since {r.paused_at.strftime('%Y-%m-%d %H:%M')} UTC, {r.pause_reason}"
             click.echo(
                 f"{r.request_id:<40} {r.tenant:<10} {r.kind:<12} {r.status:<9} "
                 f"{r.due_at.strftime('%Y-%m-%d %H:%M'):<16} {r.clock}{left}"
             )
         overdue = sum(1 for r in found if r.clock == "overdue")
         nearly = sum(1 for r in found if r.clock == "nearly_due")
-        click.echo(f"{len(found)} request(s): {overdue} overdue, {nearly} nearly due", err=True)
+        paused = sum(1 for r in found if r.clock == "paused")
+        click.echo(
+            f"{len(found)} request(s): {overdue} overdue, {nearly} nearly due, {paused} paused", err=True
+        )
     if any(r.clock == "overdue" for r in found):
         sys.exit(1)
 

@@ -361,7 +361,8 @@ async def resume_open_requests(service: RightsService) -> None:
 
 class RightsGauge(Collector):
     """``idgate_rights_requests_open{tenant,kind,clock}``: open requests by their clock
-    (``on_time``, ``nearly_due``, ``overdue``), read from the ledger at each scrape."""
+    (``on_time``, ``nearly_due``, ``overdue``, ``paused``: a paused one is never counted as
+    overdue or nearly due), read from the ledger at each scrape."""
 
     def __init__(self) -> None:
         self.service: RightsService | None = None
@@ -369,7 +370,8 @@ class RightsGauge(Collector):
     def collect(self) -> Iterator[GaugeMetricFamily]:
         family = GaugeMetricFamily(
             "idgate_rights_requests_open",
-            "Open data-subject rights requests by tenant, kind and clock (on_time, nearly_due, overdue)",
+            "Open data-subject rights requests by tenant, kind and clock "
+            "(on_time, nearly_due, overdue, paused)",
             labels=["tenant", "kind", "clock"],
         )
         if self.service is not None:

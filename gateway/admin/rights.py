@@ -22,6 +22,7 @@ from consent.rights import (
     Channel,
     ExtensionReason,
     Outcome,
+    PauseReason,
     Requester,
     RightsError,
     RightsKind,
@@ -63,6 +64,15 @@ class ExtendRequest(msgspec.Struct, rename="camel", forbid_unknown_fields=True):
     reason: ExtensionReason
 
 
+class PauseClockRequest(msgspec.Struct, rename="camel", forbid_unknown_fields=True):
+    tenant: TenantId
+    reason: PauseReason
+
+
+class ResumeClockRequest(msgspec.Struct, rename="camel", forbid_unknown_fields=True):
+    tenant: TenantId
+
+
 class BundleRequest(msgspec.Struct, rename="camel", forbid_unknown_fields=True):
     tenant: TenantId
     # json: the signed bundle; csv: one tabular part of it (``part``), derived from the signed
@@ -76,12 +86,14 @@ class RightsList(msgspec.Struct, rename="camel"):
     open: int
     overdue: int
     nearly_due: int
+    paused: int
 
 
 _DESCRIBED = {
     503: "The database or Redis is unavailable: nothing was done; retry after `Retry-After` seconds",
     404: "No rights request with this id for this tenant",
-    409: "The request is not open (already completed or refused), or not of the kind this needs",
+    409: "The request is not open (already completed or refused), not of the kind this needs, or its "
+    "clock is already paused (pause) or not paused (resume)",
     422: "The subject's identity is not verified: the request is refused and recorded (PIPL Art. 50)",
 }
 OPEN_ERRORS = error_responses(400, 401, 403, 413, 422, 503, described=_DESCRIBED)
@@ -173,10 +185,11 @@ class RightsController(Controller):
         officer: NamedDependency[Officer],
         tenant: FromQuery[str | None] = None,
         status: FromQuery[Literal["open", "refused", "completed"] | None] = None,
-        clock: FromQuery[Literal["on_time", "nearly_due", "overdue", "closed"] | None] = None,
+        clock: FromQuery[Literal["on_time", "nearly_due", "overdue", "paused", "closed"] | None] = None,
     ) -> RightsList:
         """``clock`` of an open request: ``overdue`` past its due time, ``nearly_due`` within
-        ``[rights] nearly_due_working_days`` working days of it."""
+        ``[rights] nearly_due_working_days`` working days of it, ``paused`` while its clock is
+        stopped (neither overdue nor nearly due; ``workingDaysLeft`` as when it was paused)."""
         if tenant is None and officer.tenants:
             raise PermissionDeniedException(detail="a tenant-scoped officer must name the tenant")
         if tenant is not None:
@@ -190,6 +203,7 @@ class RightsController(Controller):
             open=sum(1 for r in found if r.status == "open"),
             overdue=sum(1 for r in found if r.clock == "overdue"),
             nearly_due=sum(1 for r in found if r.clock == "nearly_due"),
+            paused=sum(1 for r in found if r.clock == "paused"),
         )
 
     @get("/{request_id:str}", responses=ONE_ERRORS, summary="One rights request", opt=roles("compliance"))
@@ -324,4 +338,63 @@ class RightsController(Controller):
             {"request": request_id, "working_days": data.working_days, "reason": data.reason},
             1,
         )
+        return request
+
+    @post(
+        "/{request_id:str}/pause",
+        status_code=200,
+        responses=ACT_ERRORS,
+        summary="Stop an open request's clock while waiting on the subject",
+        opt=roles("compliance"),
+    )
+    async def pause(
+        self,
+        services: NamedDependency[AdminServices],
+        rights: NamedDependency[RightsService],
+        officer: NamedDependency[Officer],
+        request_id: FromPath[str],
+        data: JSONBody[PauseClockRequest],
+    ) -> RightsRequest:
+        """``reason``: ``awaiting_identity_proof`` or ``awaiting_clarification``. Until it is
+        resumed the request's ``clock`` is ``paused``: not overdue, not nearly due, its
+        ``workingDaysLeft`` as they were. 409 ``already_paused`` when it is paused,
+        ``not_open`` when it is completed or refused."""
+        services.tokens.check_tenant(officer, data.tenant)
+        try:
+            request = await rights.pause_clock(
+                tenant=data.tenant, request_id=request_id, reason=data.reason, officer=officer.name
+            )
+        except RightsError as exc:
+            raise rights_refusal(exc) from None
+        await log_access(
+            services, officer, "rights.pause", data.tenant, {"request": request_id, "reason": data.reason}, 1
+        )
+        return request
+
+    @post(
+        "/{request_id:str}/resume",
+        status_code=200,
+        responses=ACT_ERRORS,
+        summary="Start a paused request's clock again (its due date moves by the days paused)",
+        opt=roles("compliance"),
+    )
+    async def resume(
+        self,
+        services: NamedDependency[AdminServices],
+        rights: NamedDependency[RightsService],
+        officer: NamedDependency[Officer],
+        request_id: FromPath[str],
+        data: JSONBody[ResumeClockRequest],
+    ) -> RightsRequest:
+        """The due date moves by the working days after the day of the pause, up to and
+        including today (none when resumed the day it was paused); the step records them and
+        the previous due date. 409 ``not_paused`` when the clock is running."""
+        services.tokens.check_tenant(officer, data.tenant)
+        try:
+            request = await rights.resume_clock(
+                tenant=data.tenant, request_id=request_id, officer=officer.name
+            )
+        except RightsError as exc:
+            raise rights_refusal(exc) from None
+        await log_access(services, officer, "rights.resume", data.tenant, {"request": request_id}, 1)
         return request

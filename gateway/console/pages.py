@@ -29,6 +29,7 @@ from consent.rights import (
     Channel,
     ExtensionReason,
     Outcome,
+    PauseReason,
     Requester,
     RightsError,
     RightsKind,
@@ -529,7 +530,16 @@ class ExtendForm(msgspec.Struct):
     reason: str = ""
 
 
+class PauseForm(msgspec.Struct):
+    csrf_token: str = ""
+    reason: str = ""
+
+
 class BundleForm(msgspec.Struct):
+    csrf_token: str = ""
+
+
+class ResumeForm(msgspec.Struct):
     csrf_token: str = ""
 
 
@@ -547,6 +557,7 @@ CHOICES: dict[str, Any] = {
     "verification_outcomes": get_args(VerificationOutcome),
     "outcomes": get_args(Outcome),
     "extension_reasons": get_args(ExtensionReason),
+    "pause_reasons": get_args(PauseReason),
 }
 
 
@@ -713,6 +724,37 @@ class RightsPagesController(Controller):
             working_days=data.working_days,
             reason=reason,
         )
+
+    @post("/{request_id:str}/pause", opt=COMPLIANCE, status_code=303)
+    async def pause(
+        self,
+        services: NamedDependency[AdminServices],
+        rights: NamedDependency[RightsService],
+        officer: NamedDependency[Officer],
+        request_id: FromPath[str],
+        data: Annotated[PauseForm, Form],
+        tenant: FromQuery[str | None] = None,
+    ) -> Redirect:
+        """Stop the request's clock (``POST /admin/rights/{id}/pause``)."""
+        chosen = chosen_tenant(services, officer, tenant)
+        reason = _choice(data.reason, PauseReason, "reason")
+        done = rights.pause_clock(tenant=chosen, request_id=request_id, reason=reason, officer=officer.name)
+        return await self._act(services, officer, chosen, request_id, "pause", done, reason=reason)
+
+    @post("/{request_id:str}/resume", opt=COMPLIANCE, status_code=303)
+    async def resume(
+        self,
+        services: NamedDependency[AdminServices],
+        rights: NamedDependency[RightsService],
+        officer: NamedDependency[Officer],
+        request_id: FromPath[str],
+        data: Annotated[ResumeForm, Form],
+        tenant: FromQuery[str | None] = None,
+    ) -> Redirect:
+        """Start the request's clock again (``POST /admin/rights/{id}/resume``)."""
+        chosen = chosen_tenant(services, officer, tenant)
+        done = rights.resume_clock(tenant=chosen, request_id=request_id, officer=officer.name)
+        return await self._act(services, officer, chosen, request_id, "resume", done)
 
     @post("/{request_id:str}/bundle", opt=COMPLIANCE, status_code=200)
     async def bundle(

@@ -287,6 +287,19 @@ def test_a_rights_request_moves_through_its_states(
     assert page.inner_text("#request-status") == "open"
     assert "complex_request" in page.inner_text("#steps")
 
+    # the clock stops while the officer waits on the subject, and starts again
+    page.select_option("#pause-form select[name=reason]", "awaiting_clarification")
+    page.click("#pause")
+    page.wait_for_selector("#resume-form")
+    assert page.get_attribute("#request-due", "data-clock") == "paused"
+    assert "awaiting_clarification" in page.inner_text("#request-paused")
+    assert page.locator("#pause-form").count() == 0
+    assert_fits(page)
+    page.click("#resume")
+    page.wait_for_selector("#pause-form")
+    assert page.get_attribute("#request-due", "data-clock") != "paused"
+    assert page.locator("#request-paused").count() == 0
+
     with page.expect_download() as download:
         page.click("#bundle")
     bundle = download.value.path().read_text()

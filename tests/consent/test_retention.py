@@ -575,3 +575,54 @@ def test_old_aliases_leave_the_identity_graph_with_a_retention_run(tmp_path: Pat
         assert unified_ids(gw, [m]) == [before[-1]]
     finally:
         gw.stop()
+
+
+@pytest.mark.postgres
+@pytest.mark.redis
+def test_a_retention_run_on_a_postgresql_database_no_gateway_has_used(tmp_path: Path, redis_ns: Any) -> None:
+    """``idgate retention run`` before any gateway ever started on the database (a fresh
+    schema of the test's own, dropped afterwards): it creates the consent and identity
+    tables as a gateway does at start, instead of failing on a missing table; the aliases
+    step finds an empty identity log, and the applied run is the ledger's first record."""
+    from tests.conftest import postgres_schema
+
+    with postgres_schema("retention_fresh") as schema:
+        engine = make_engine(schema.server_url, connect_args=schema.connect_args)
+        try:
+            assert sa.inspect(engine).get_table_names() == []  # nothing made the tables yet
+            config = tmp_path / "idgate.toml"
+            config.write_text(RETENTION_CONFIG + "aliases_days = 30\n")
+            env = {**make_gateway(tmp_path / "no-gateway").env}  # never started
+            env.update(
+                {
+                    "DATABASE_URL": schema.url,
+                    "IDGATE_DATA_DIR": str(tmp_path / "var"),
+                    "IDGATE_CONFIG": str(config),
+                    **redis_ns.env(),
+                }
+            )
+
+            def run(mode: str) -> dict[str, Any]:
+                done = subprocess.run(
+                    [str(IDGATE), "retention", "run", mode, "--json"],
+                    env=env,
+                    capture_output=True,
+                    text=True,
+                    timeout=120,
+                    check=False,
+                )
+                assert done.returncode == 0, done.stderr
+                (report,) = [json.loads(line) for line in done.stdout.splitlines()]
+                return report  # type: ignore[no-any-return]
+
+            dry = run("--dry-run")
+            assert dry["removed"]["aliases"] == 0 and dry["ledgerSeq"] is None, dry
+            tables = set(sa.inspect(engine).get_table_names())
+            assert {"identity_log", "consent_ledger"} <= tables, tables
+            applied = run("--apply")
+            assert applied["ledgerSeq"] == 1 and all(n == 0 for n in applied["removed"].values()), applied
+            with engine.connect() as conn:
+                kinds = conn.execute(sa.text("SELECT record_type FROM consent_ledger")).scalars().all()
+            assert kinds == ["retention_run"], kinds
+        finally:
+            engine.dispose()

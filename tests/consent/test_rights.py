@@ -287,6 +287,104 @@ def test_overdue_requests_show_in_the_listing_and_in_metrics(gw: Gateway) -> Non
     assert moved.json()["steps"][-1]["previous_due_at"].startswith(r.json()["dueAt"][:10])
 
 
+def pause_and_resume_on_the_real_clock(g: Gateway, replica: Gateway | None = None) -> None:
+    """A request already past its due date (a letter received 40 days ago), paused: it is not
+    overdue in the API, the listing, ``/metrics`` or the CLI, and its working days left stand
+    still; resumed, it is late by as many working days as when it was paused (the days paused
+    moved its due date). With ``replica``, both replicas pause it at the same moment: one
+    pause is recorded, the other officer is told 409. (The fake clock's arithmetic:
+    tests/consent/test_rights_pause.py.)"""
+    user = f"rights-pause-{tag()}"
+    received = (datetime.now(UTC) - timedelta(days=40)).isoformat()
+    r = open_request(
+        g, kind="access", subject={"type": "user_id", "id": user}, channel="letter", receivedAt=received
+    )
+    assert r.status_code == 201 and r.json()["clock"] == "overdue", r.text
+    rid = r.json()["requestId"]
+
+    def act(on: Gateway, action: str, **body: Any) -> httpx.Response:
+        return httpx.post(
+            f"{on.url}/admin/rights/{rid}/{action}",
+            json={"tenant": "mall", **body},
+            headers=bearer(),
+            timeout=30,
+        )
+
+    if replica is None:
+        paused = act(g, "pause", reason="awaiting_identity_proof")
+        assert paused.status_code == 200, paused.text
+    else:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            both = list(pool.map(lambda on: act(on, "pause", reason="awaiting_identity_proof"), [g, replica]))
+        assert sorted(x.status_code for x in both) == [200, 409], [x.text for x in both]
+        (paused,) = [x for x in both if x.status_code == 200]
+        (refused,) = [x for x in both if x.status_code == 409]
+        assert refused.json()["error"] in ("already_paused", "clock_changed"), refused.text
+    assert paused.json()["clock"] == "paused" and paused.json()["status"] == "open", paused.text
+    left = paused.json()["workingDaysLeft"]
+    assert left < 0 and paused.json()["pauseReason"] == "awaiting_identity_proof"
+    twice = act(g, "pause", reason="awaiting_clarification")
+    assert twice.status_code == 409 and twice.json()["error"] == "already_paused", twice.text
+
+    overdue = httpx.get(
+        f"{g.url}/admin/rights", params={"tenant": "mall", "clock": "overdue"}, headers=bearer()
+    )
+    assert rid not in {x["requestId"] for x in overdue.json()["requests"]}
+    listed = httpx.get(
+        f"{g.url}/admin/rights", params={"tenant": "mall", "clock": "paused"}, headers=bearer()
+    )
+    assert [x["requestId"] for x in listed.json()["requests"]] == [rid] and listed.json()["paused"] == 1
+    metrics = httpx.get(f"{g.url}/metrics").text
+    (line,) = [
+        m
+        for m in metrics.splitlines()
+        if m.startswith('idgate_rights_requests_open{clock="paused",kind="access",tenant="mall"}')
+    ]
+    assert float(line.split()[-1]) == 1
+    env = {**g.env, "IDGATE_DATA_DIR": str(g.data_dir)}
+    args = [str(IDGATE), "rights", "list", "--tenant", "mall", "--config", str(g.config_path)]
+    table = subprocess.run(args, env=env, capture_output=True, text=True, timeout=60)
+    (row,) = [x for x in table.stdout.splitlines() if x.startswith(rid)]
+    assert f" paused ({left} working days left) since " in row and "awaiting_identity_proof" in row, row
+    assert " paused" in table.stderr and user not in table.stdout, table.stderr
+    as_json = subprocess.run([*args, "--json", "--clock", "paused"], env=env, capture_output=True, text=True)
+    assert [json.loads(x)["requestId"] for x in as_json.stdout.splitlines()] == [rid], as_json.stderr
+
+    resumed = act(replica or g, "resume")
+    assert resumed.status_code == 200, resumed.text
+    assert resumed.json()["clock"] == "overdue" and resumed.json()["workingDaysLeft"] == left, resumed.text
+    assert act(g, "resume").json()["error"] == "not_paused"
+    steps = [
+        (x["detail"]["step"], x["source"])
+        for x in ledger_records(g, identifier=user)
+        if x["type"] == "rights_request" and x["detail"]["event"] == "step"
+    ]
+    assert steps == [("paused", "admin:dpo"), ("resumed", "admin:dpo")], steps
+    assert act(g, "complete", outcome="done").status_code == 200
+    closed = act(g, "pause", reason="awaiting_clarification")
+    assert closed.status_code == 409 and closed.json()["error"] == "not_open", closed.text
+
+
+def test_a_paused_clock_is_not_overdue_anywhere_until_resumed(gw: Gateway) -> None:
+    pause_and_resume_on_the_real_clock(gw)
+
+
+@pytest.mark.postgres
+@pytest.mark.redis
+def test_pausing_the_clock_on_two_postgresql_replicas_at_once_records_one_pause(
+    tmp_path: Any, redis_ns: Any
+) -> None:
+    with ExitStack() as stack:
+        env = {**backend_env("postgres", stack), **redis_ns.env()}
+        a = make_gateway(tmp_path / "a", extra_env=env).start()
+        stack.callback(a.stop)
+        b = make_gateway(tmp_path / "b", extra_env=env).start()
+        stack.callback(b.stop)
+        pause_and_resume_on_the_real_clock(a, replica=b)
+
+
 def test_due_dates_skip_cn_public_holidays_and_count_make_up_days(gw: Gateway) -> None:
     # received on 30 September 2026 (Shanghai): 1-7 October are the National Day holidays,
     # Saturday 10 October is a make-up working day -> due at the end of Tuesday 27 October

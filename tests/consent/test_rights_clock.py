@@ -63,3 +63,21 @@ def test_a_request_becomes_nearly_due_then_overdue() -> None:
 @pytest.mark.parametrize("days", [0, -3])
 def test_no_working_days_to_add_is_the_day_itself(days: int) -> None:
     assert OFFICIAL.add_working_days(date(2026, 10, 1), days) == date(2026, 10, 1)
+
+
+def test_a_pause_gives_back_the_working_days_after_its_day_up_to_the_day_of_the_resume() -> None:
+    clock = RightsClock(OFFICIAL)
+    at = lambda text: datetime.fromisoformat(f"{text}+08:00")  # noqa: E731 - Shanghai local time
+    # the same day, however long: nothing
+    assert clock.paused_working_days(at("2026-11-25T00:01:00"), at("2026-11-25T23:59:00")) == 0
+    # Wednesday to Thursday: one; Friday evening to Monday morning: one (the weekend is not worked)
+    assert clock.paused_working_days(at("2026-11-25T17:00:00"), at("2026-11-26T09:00:00")) == 1
+    assert clock.paused_working_days(at("2026-11-27T17:00:00"), at("2026-11-30T09:00:00")) == 1
+    # across National Day: 30 September to 8 October gives back 8 October only
+    assert clock.paused_working_days(at("2026-09-30T10:00:00"), at("2026-10-08T10:00:00")) == 1
+    # the days left after the resume are the days left at the pause
+    due = clock.due(at("2026-11-02T10:00:00"))
+    paused, resumed = at("2026-11-04T10:00:00"), at("2026-11-24T14:00:00")
+    moved = clock.extend(due, clock.paused_working_days(paused, resumed))
+    assert local_day(moved) == date(2026, 12, 11)
+    assert clock.working_days_left(moved, resumed) == clock.working_days_left(due, paused) == 13

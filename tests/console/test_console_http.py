@@ -21,6 +21,7 @@ from litestar.testing import TestClient
 
 from gateway.app import create_app
 from gateway.console.sessions import SESSION_COOKIE, ConsoleSessions
+from gateway.rate_limits import MemoryCounters
 from tests.conftest import COMPLIANCE_TOKEN, MALL_SERVER_KEY, REDIS_URL, ROOT
 from tests.console.conftest import CONSOLE_CONFIG, TOKENS, csrf_of, held_merge, person_with_phone, sign_in
 from tests.gateway.conftest import in_process_app, in_process_settings
@@ -49,6 +50,8 @@ ROUTES: list[tuple[str, str, frozenset[str]]] = [
     ("GET", "/console/rights/{request_id}", frozenset({C, A})),
     ("POST", "/console/rights/{request_id}/complete", frozenset({C})),
     ("POST", "/console/rights/{request_id}/extend", frozenset({C})),
+    ("POST", "/console/rights/{request_id}/pause", frozenset({C})),
+    ("POST", "/console/rights/{request_id}/resume", frozenset({C})),
     ("POST", "/console/rights/{request_id}/bundle", frozenset({C})),
 ]
 # Open to anyone: the sign-in form and the language switch.
@@ -270,8 +273,11 @@ async def _gone(store: Any, session_id: str) -> bool:
 # -- CSRF --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("token", [None, "", "wrong-token"])
 def test_a_form_without_the_sessions_csrf_token_is_refused(
-    client: TestClient[Litestar], token: str | None
+    app: Litestar, client: TestClient[Litestar], token: str | None
 ) -> None:
+    # The refusals the route tables above provoke (every route, every role) use up this
+    # client's budget of refusals logged per minute (REFUSALS_LOGGED_PER_MINUTE): a fresh one.
+    app.state.rate_limiter.store = MemoryCounters()
     sign_in(client, TOKENS["compliance"])
     data = {"tenant": "mall", "kind": "access", "type": "phone", "identifier": "13800138000"}
     if token is not None:
@@ -514,3 +520,79 @@ def test_a_deletion_request_shows_each_destinations_receipt(
     shown = dict(re.findall(r'<tr><td>([\w-]+)</td><td class="receipt-(\w+)">', table.group(1)))
     assert shown == receipts, (shown, receipts)
     assert phone not in page.text
+
+
+def test_the_rights_page_pauses_and_resumes_a_requests_clock(client: TestClient[Litestar]) -> None:
+    """Compliance only, with the session's CSRF token like every form: the request page offers
+    to pause the clock (with a reason) while the request runs, then to resume it; the API
+    shows the same clock; pausing twice is a 409 page naming the problem."""
+    opened = client.post(
+        "/admin/rights",
+        json={
+            "tenant": "mall",
+            "kind": "access",
+            "subject": {"type": "user_id", "id": f"console-pause-{uuid.uuid4().hex[:8]}"},
+            "requestedBy": "subject",
+            "channel": "email",
+            "verification": {"method": "account_login", "outcome": "verified"},
+        },
+        headers=DPO,
+    )
+    assert opened.status_code == 201, opened.text
+    request_id = opened.json()["requestId"]
+    page_path = f"/console/rights/{request_id}?tenant=mall"
+
+    sign_in(client, TOKENS["auditor"])
+    seen = client.get(page_path)
+    assert seen.status_code == 200 and 'id="pause-form"' not in seen.text  # auditors read only
+
+    csrf = sign_in(client, TOKENS["compliance"])
+    before = client.get(page_path).text
+    assert 'id="pause-form"' in before and 'id="resume-form"' not in before
+    forged = client.post(
+        f"/console/rights/{request_id}/pause?tenant=mall",
+        data={"csrf_token": "forged", "reason": "awaiting_identity_proof"},
+        follow_redirects=False,
+    )
+    assert forged.status_code == 403 and 'data-problem="csrf"' in forged.text
+    r = client.post(
+        f"/console/rights/{request_id}/pause?tenant=mall",
+        data={"csrf_token": csrf, "reason": "awaiting_identity_proof"},
+        follow_redirects=False,
+    )
+    assert r.status_code == 303 and r.headers["location"] == page_path, r.text
+    paused = client.get(page_path).text
+    assert 'data-clock="paused"' in paused and 'id="request-paused"' in paused
+    assert (
+        "awaiting_identity_proof" in paused
+        and 'id="resume-form"' in paused
+        and 'id="pause-form"' not in paused
+    )
+    api = client.get(f"/admin/rights/{request_id}", params={"tenant": "mall"}, headers=DPO).json()
+    assert api["clock"] == "paused" and api["pauseReason"] == "awaiting_identity_proof", api
+    queue = client.get("/console/rights", params={"tenant": "mall"}).text
+    assert re.search(rf'data-clock="paused"><td><a href="[^"]*{request_id}', queue), "not paused in the queue"
+
+    twice = client.post(
+        f"/console/rights/{request_id}/pause?tenant=mall",
+        data={"csrf_token": csrf, "reason": "awaiting_clarification"},
+        follow_redirects=False,
+    )
+    assert twice.status_code == 409 and "already paused" in twice.text, twice.text
+    bad = client.post(
+        f"/console/rights/{request_id}/pause?tenant=mall",
+        data={"csrf_token": csrf, "reason": "because"},
+        follow_redirects=False,
+    )
+    assert bad.status_code == 400 and "reason" in bad.text
+
+    r = client.post(
+        f"/console/rights/{request_id}/resume?tenant=mall", data={"csrf_token": csrf}, follow_redirects=False
+    )
+    assert r.status_code == 303, r.text
+    running = client.get(page_path).text
+    assert 'data-clock="paused"' not in running and 'id="pause-form"' in running
+    actions = [e["action"] for e in access_log(client)[:20]]
+    assert "console.rights_resume" in actions and "console.rights_pause" in actions, actions
+    steps = client.get(f"/admin/rights/{request_id}", params={"tenant": "mall"}, headers=DPO).json()["steps"]
+    assert [s["step"] for s in steps] == ["paused", "resumed"], steps
