@@ -107,6 +107,7 @@ class RedactionPlan:
     identifiers: int = 0  # erased identifiers found in the log
     unified_ids: int = 0  # the person's unified IDs found in the log
     aliases: int = 0  # expired aliases found in the log (plan_alias_expiry)
+    renamed: frozenset[str] = frozenset()  # the strings the updates rename
     graph: IdentityGraph | None = None  # the replay of the rewritten log (None: nothing to do)
 
 
@@ -294,6 +295,7 @@ def _rewrite(
     seen: set[str] = set()
     if not names:
         return plan, seen
+    plan.renamed = frozenset(names)
     found_in = _finder(names)
     rewritten: list[GraphChange] = []
     for seq, raw, change in records:
@@ -311,6 +313,12 @@ def _rewrite(
         raise RedactionUnsafe("the rewritten log would replay to a different graph")
     plan.graph = after
     return plan, seen
+
+
+def names_any(rows: Iterable[tuple[int, bytes]], names: Collection[str]) -> bool:
+    """Whether any of these encoded records names one of ``names``."""
+    found_in = _finder(dict.fromkeys(names, ""))
+    return any(found_in(raw) for _, raw in rows)
 
 
 def renamed(encoded: bytes, names: Mapping[str, str]) -> bytes:

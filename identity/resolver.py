@@ -44,6 +44,7 @@ from identity.redaction import (
     count_expiring_aliases,
     history,
     merged_before,
+    names_any,
     names_unknown_tombstone,
     plan_alias_expiry,
     plan_redaction,
@@ -68,6 +69,7 @@ Decided = list[tuple[str, list[GraphChange], list[GraphChange] | None]]
 
 
 _NO_GUARD: frozenset[str] = frozenset()
+_EXPIRY_TRIES = 3  # alias expiries planned without the log's lock before one planned under it
 
 
 class _Pending:
@@ -555,44 +557,84 @@ class GraphResolver:
     async def expire_aliases(self, tenant: str, before: datetime, *, apply: bool = True) -> int:
         """Retention of aliases: the unified IDs merged into another person before
         ``before`` (and no person's current ID) are renamed to tombstones in the tenant's
-        log records (``identity.redaction.plan_alias_expiry``), in one transaction under
-        the log's lock like ``redact``; this replica's graph becomes the replay of the
-        rewritten log. Returns how many expired (``apply`` False: how many would, counted
-        on a replay outside the lock, nothing written). A cheap read of the tenant's merges
-        comes first: when none is old enough, no lock is taken and nothing is written, and
-        a graph still holding aliases the log no longer names (another replica expired
-        them) is replayed again from the log.
-        """
+        log records (``identity.redaction.plan_alias_expiry``); this replica's graph then
+        becomes the replay of the rewritten log. Returns how many expired (``apply``
+        False: how many would, nothing written).
+
+        A cheap read of the tenant's merges comes first: when none is old enough, nothing
+        is written, and a graph still holding aliases the log no longer names (another
+        replica expired them) is replayed again from the log. Otherwise the rewrite is
+        planned on a read of the log without the log's lock (links go on meanwhile) and
+        written under it only if the records it rewrites are unchanged and nothing
+        appended since names an expiring alias; else planned again, and after a third
+        try under the lock. The graph is replayed again off the lock too."""
         if tenant not in self.rules:
             return 0
         applied = self.applied_seq
-        merges = await self._io(self.store.tenant_changes, None, tenant, Merged.__name__)
+        merges = await asyncio.to_thread(self.store.tenant_changes, None, tenant, Merged.__name__)
         changes = [_decode(raw) for _, raw in merges]
         if not merged_before(changes, before):
             if self.applied_seq == applied:  # else the graph may hold merges newer than the read
                 await self._reload_if_renamed(tenant, changes)
             return 0
+        rules, node_id = self.rules.get(tenant), self.node_ids.get(tenant)
         if not apply:
-            rows = await self._io(self.store.tenant_changes, None, tenant)
-            return await self._io(count_expiring_aliases, rows, before, self.rules.get(tenant))
-        plan = await self._rewrite_log(
-            tenant,
-            lambda conn: self.store.tenant_changes(conn, tenant),
-            lambda records, rules, node_id: plan_alias_expiry(records, before, rules, node_id),
-            swap=True,
-        )
+            rows = await asyncio.to_thread(self.store.tenant_changes, None, tenant)
+            return await asyncio.to_thread(count_expiring_aliases, rows, before, rules)
+        for _ in range(_EXPIRY_TRIES):
+            rows = await asyncio.to_thread(self.store.tenant_changes, None, tenant)
+            plan = await asyncio.to_thread(plan_alias_expiry, rows, before, rules, node_id)
+            if not plan.updates or await self._commit_planned(tenant, rows, plan):
+                break
+            log.info("identity.alias_expiry_replanned", tenant=tenant)
+        else:
+            plan = await self._rewrite_log(
+                tenant,
+                lambda conn: self.store.tenant_changes(conn, tenant),
+                lambda records, rules, node_id: plan_alias_expiry(records, before, rules, node_id),
+                swap=True,
+            )
+            return plan.aliases
+        if plan.updates:
+            self._rebuild_soon()
+            await self.rebuilt()
         return plan.aliases
+
+    async def _commit_planned(
+        self, tenant: str, rows: Sequence[tuple[int, bytes]], plan: RedactionPlan
+    ) -> bool:
+        """Under the log's lock, write a rewrite planned on ``rows`` (the tenant's records
+        read without the lock) if it still holds: every record it rewrites is as read, and
+        no record appended since names a string it renames. False: nothing written."""
+        read = dict(rows)
+        last = rows[-1][0] if rows else 0
+        async with self._write_lock:
+            conn, tx = await self._io(self.store.begin_locked)
+            try:
+                await self._catch_up_with(conn)
+                now = await self._io(self.store.changes_at, conn, [seq for seq, _ in plan.updates])
+                newer = await self._io(self.store.tenant_changes, conn, tenant, None, last)
+                moved = any(now.get(seq) != read[seq] for seq, _ in plan.updates)
+                if moved or names_any(newer, plan.renamed):
+                    await self._io(self.store.abandon, conn, tx)
+                    return False
+            except BaseException:
+                await self._io(self.store.abandon, conn, tx)
+                raise
+            await self._io(self.store.rewrite_and_commit, conn, tx, plan.updates)
+            self._rewrites += 1
+        return True
 
     async def _reload_if_renamed(self, tenant: str, merges: Sequence[GraphChange]) -> None:
         """Another process expired (or redacted) aliases this graph still holds: the log's
-        merges no longer name them. Replay the whole log again, off the event loop, and
-        swap the graphs in at once (readers keep the old ones meanwhile)."""
+        merges no longer name them. Replay the whole log again without the log's lock,
+        and swap the graphs in at once (readers keep the old ones meanwhile)."""
         graph = self.graphs.get(tenant)
         named = {m.merged for m in merges if isinstance(m, Merged)}
         if graph is None or all(a in named for a in graph.aliases()):
             return
-        async with self._write_lock:
-            await self._replay_all()
+        self._rebuild_soon()
+        await self.rebuilt()
         log.info("identity.aliases_renamed_replayed", tenant=tenant)
 
     def _replayed(self, rows: Sequence[LogRow]) -> dict[str, IdentityGraph]:

@@ -95,18 +95,30 @@ class IdentityLogStore:
             conn.close()
 
     def tenant_changes(
-        self, conn: sa.Connection | None, tenant: str, kind: str | None = None
+        self, conn: sa.Connection | None, tenant: str, kind: str | None = None, after: int = 0
     ) -> list[tuple[int, bytes]]:
-        """(seq, change) of every record of one tenant (``kind``: of that change type only),
-        in order; under the writer's lock with its ``conn``, else a read on a connection
-        of its own."""
-        stmt = sa.select(LOG.c.seq, LOG.c.change).where(LOG.c.tenant == tenant).order_by(LOG.c.seq)
+        """(seq, change) of every record of one tenant after seq ``after`` (``kind``: of
+        that change type only), in order; under the writer's lock with its ``conn``, else a
+        read on a connection of its own."""
+        stmt = (
+            sa.select(LOG.c.seq, LOG.c.change)
+            .where(LOG.c.tenant == tenant, LOG.c.seq > after)
+            .order_by(LOG.c.seq)
+        )
         if kind is not None:
             stmt = stmt.where(LOG.c.kind == kind)
         if conn is not None:
             return [(int(s), bytes(c)) for s, c in conn.execute(stmt)]
         with self.engine.connect() as own:
             return [(int(s), bytes(c)) for s, c in own.execute(stmt)]
+
+    def changes_at(self, conn: sa.Connection, seqs: Sequence[int]) -> dict[int, bytes]:
+        """The change of each of these records as it is now (seq -> encoded change)."""
+        found: dict[int, bytes] = {}
+        for start in range(0, len(seqs), 500):
+            stmt = sa.select(LOG.c.seq, LOG.c.change).where(LOG.c.seq.in_(seqs[start : start + 500]))
+            found.update((int(s), bytes(c)) for s, c in conn.execute(stmt))
+        return found
 
     def naming(
         self, conn: sa.Connection | None, tenant: str, needles: Sequence[bytes]
