@@ -22,7 +22,7 @@ from identity.redaction import is_tombstone_unified_id
 from identity.resolver import GraphResolver
 from identity.store import IdentityLogStore, migrate_identity
 from tests.conftest import PostgresSchema
-from tests.identity.test_log_redaction import RULES, ident, log_text, replayed
+from tests.identity.test_log_redaction import RULES, ident, log_text, opened, replayed
 from tests.identity.test_log_redaction import scenario as redaction_scenario
 
 
@@ -148,50 +148,44 @@ def test_links_go_on_while_an_expiry_is_planned_and_a_stale_plan_is_made_again(
     survive it."""
 
     async def run() -> None:
-        engine = make_engine(f"sqlite:///{tmp_path / 'identity.sqlite3'}")
-        migrate_identity(engine)
-        store = IdentityLogStore(engine)
-        resolver = GraphResolver(store, RULES)
-        await resolver.start()
-        planning, release = threading.Event(), threading.Event()
-        plans = 0
-        real = resolver_module.plan_alias_expiry
+        async with opened(f"sqlite:///{tmp_path / 'identity.sqlite3'}") as (store, resolver):
+            planning, release = threading.Event(), threading.Event()
+            plans = 0
+            real = resolver_module.plan_alias_expiry
 
-        def held(*args: Any) -> Any:
-            nonlocal plans
-            plans += 1
-            if plans == 1:
-                planning.set()
-                release.wait(30)
-            return real(*args)
+            def held(*args: Any) -> Any:
+                nonlocal plans
+                plans += 1
+                if plans == 1:
+                    planning.set()
+                    release.wait(30)
+                return real(*args)
 
-        monkeypatch.setattr(resolver_module, "plan_alias_expiry", held)
-        try:
-            await link(resolver, ["user_id:k1.P", "anonymous_id:k1.pa"], "e1")
-            await link(resolver, ["anonymous_id:k1.qa"], "e2")
-            await link(resolver, ["anonymous_id:k1.pa", "anonymous_id:k1.qa"], "e3")
-            olds = merges(store)
-            cutoff = max(m.at for m in olds) + timedelta(microseconds=1)
-            expiry = asyncio.create_task(resolver.expire_aliases("t", cutoff))
-            assert await asyncio.to_thread(planning.wait, 30)
-            # the lock is free: a link and a whole erasure of P commit while the plan waits
-            await asyncio.wait_for(link(resolver, ["user_id:k1.S", "anonymous_id:k1.sa"], "e4"), 10)
-            person = ["user_id:k1.P", "anonymous_id:k1.pa", "anonymous_id:k1.qa"]
-            for node in person:
-                await resolver.remove("t", node)
-            await resolver.redact("t", person)
-            release.set()
-            await expiry
-            assert plans == 2  # the first plan's records had changed: planned again
-            text = log_text(store)
-            assert "k1.P" not in text and "k1.pa" not in text and "erased:" in text
-            assert all(m.merged not in text for m in olds)
-            graph = resolver.graphs["t"]
-            assert graph.unified_id("anonymous_id:k1.sa") == graph.unified_id("user_id:k1.S")
-            assert state_text(replayed(store)) == state_text(graph)
-        finally:
-            release.set()
-            await resolver.stop()
-            engine.dispose()
+            monkeypatch.setattr(resolver_module, "plan_alias_expiry", held)
+            try:
+                await link(resolver, ["user_id:k1.P", "anonymous_id:k1.pa"], "e1")
+                await link(resolver, ["anonymous_id:k1.qa"], "e2")
+                await link(resolver, ["anonymous_id:k1.pa", "anonymous_id:k1.qa"], "e3")
+                olds = merges(store)
+                cutoff = max(m.at for m in olds) + timedelta(microseconds=1)
+                expiry = asyncio.create_task(resolver.expire_aliases("t", cutoff))
+                assert await asyncio.to_thread(planning.wait, 30)
+                # the lock is free: a link and a whole erasure of P commit while the plan waits
+                await asyncio.wait_for(link(resolver, ["user_id:k1.S", "anonymous_id:k1.sa"], "e4"), 10)
+                person = ["user_id:k1.P", "anonymous_id:k1.pa", "anonymous_id:k1.qa"]
+                for node in person:
+                    await resolver.remove("t", node)
+                await resolver.redact("t", person)
+                release.set()
+                await expiry
+                assert plans == 2  # the first plan's records had changed: planned again
+                text = log_text(store)
+                assert "k1.P" not in text and "k1.pa" not in text and "erased:" in text
+                assert all(m.merged not in text for m in olds)
+                graph = resolver.graphs["t"]
+                assert graph.unified_id("anonymous_id:k1.sa") == graph.unified_id("user_id:k1.S")
+                assert state_text(replayed(store)) == state_text(graph)
+            finally:
+                release.set()
 
     asyncio.run(run())

@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import random
 import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -87,17 +89,27 @@ async def erase(resolver: GraphResolver, rnd: random.Random) -> tuple[set[str], 
     return person, uids
 
 
-def log_text(store: IdentityLogStore) -> str:
-    return "\n".join(raw.decode() for _, _, raw in store.all_rows())
-
-
-async def scenario(db: str, seed: int, steps: int) -> None:
+@asynccontextmanager
+async def opened(db: str) -> AsyncIterator[tuple[IdentityLogStore, GraphResolver]]:
+    """A migrated identity log at ``db`` and a started resolver over it (tenant ``t``)."""
     engine = make_engine(db)
     migrate_identity(engine)
     store = IdentityLogStore(engine)
     resolver = GraphResolver(store, RULES)
     await resolver.start()
     try:
+        yield store, resolver
+    finally:
+        await resolver.stop()
+        engine.dispose()
+
+
+def log_text(store: IdentityLogStore) -> str:
+    return "\n".join(raw.decode() for _, _, raw in store.all_rows())
+
+
+async def scenario(db: str, seed: int, steps: int) -> None:
+    async with opened(db) as (store, resolver):
         rnd = random.Random(seed)
         await build(resolver, rnd, steps)
         if not len(resolver.graphs["t"]):
@@ -126,9 +138,6 @@ async def scenario(db: str, seed: int, steps: int) -> None:
         # idempotent: a second run (a resume after a crash) finds nothing to rename
         again = await resolver.redact("t", sorted(person))
         assert again.updates == []
-    finally:
-        await resolver.stop()
-        engine.dispose()
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -145,12 +154,7 @@ def test_redaction_of_a_merged_then_split_person(tmp_path: Path) -> None:
     only the erased person's strings change, the other keeps their ID and links."""
 
     async def run() -> None:
-        engine = make_engine(f"sqlite:///{tmp_path / 'identity.sqlite3'}")
-        migrate_identity(engine)
-        store = IdentityLogStore(engine)
-        resolver = GraphResolver(store, RULES)
-        await resolver.start()
-        try:
+        async with opened(f"sqlite:///{tmp_path / 'identity.sqlite3'}") as (store, resolver):
             p, q = ["user_id:k1.P", "anonymous_id:k1.pa"], ["user_id:k1.Q", "anonymous_id:k1.qa"]
             for i, nodes in enumerate(
                 [p, q, ["anonymous_id:k1.pa", "anonymous_id:k1.qa"], ["user_id:k1.P", "user_id:k1.Q"]]
@@ -168,9 +172,6 @@ def test_redaction_of_a_merged_then_split_person(tmp_path: Path) -> None:
             assert replayed(store).unified_id("user_id:k1.Q") == q_id
             text = log_text(store)
             assert "k1.P" not in text and "k1.pa" not in text and "erased:" in text
-        finally:
-            await resolver.stop()
-            engine.dispose()
 
     asyncio.run(run())
 
@@ -219,12 +220,7 @@ def test_a_redaction_that_would_change_the_replay_is_refused_and_writes_nothing(
     renaming that forgets the erasure records' tombstones), nothing is written."""
 
     async def run() -> None:
-        engine = make_engine(f"sqlite:///{tmp_path / 'identity.sqlite3'}")
-        migrate_identity(engine)
-        store = IdentityLogStore(engine)
-        resolver = GraphResolver(store, RULES)
-        await resolver.start()
-        try:
+        async with opened(f"sqlite:///{tmp_path / 'identity.sqlite3'}") as (store, resolver):
             nodes = ["user_id:k1.P", "anonymous_id:k1.pa"]
             await resolver.resolve_batch("t", [[ident(n) for n in nodes]], [True], [("s", "e1")])
             for node in nodes:
@@ -241,9 +237,6 @@ def test_a_redaction_that_would_change_the_replay_is_refused_and_writes_nothing(
             with pytest.raises(redaction.RedactionUnsafe):
                 await resolver.redact("t", nodes)
             assert log_text(store) == before
-        finally:
-            await resolver.stop()
-            engine.dispose()
 
     asyncio.run(run())
 
@@ -271,12 +264,7 @@ def closure(rows: list[tuple[int, bytes]], nodes: set[str]) -> list[int]:
 
 
 async def history_matches_a_full_decode(db: str, seed: int) -> None:
-    engine = make_engine(db)
-    migrate_identity(engine)
-    store = IdentityLogStore(engine)
-    resolver = GraphResolver(store, RULES)
-    await resolver.start()
-    try:
+    async with opened(db) as (store, resolver):
         rnd = random.Random(seed)
         universe = [*UNIVERSE, *ODD]
         for i in range(80):
@@ -289,9 +277,6 @@ async def history_matches_a_full_decode(db: str, seed: int) -> None:
             found = redaction.history(lambda needles: store.naming(None, "t", needles), [node])
             assert [seq for seq, _ in found] == closure(rows, {node}), node
             assert all(raw == dict(rows)[seq] for seq, raw in found)
-    finally:
-        await resolver.stop()
-        engine.dispose()
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
@@ -311,39 +296,33 @@ def test_changes_made_while_the_graph_is_rebuilt_are_kept(tmp_path: Path) -> Non
     while that replay runs are in the graph it swaps in, which is the log's replay."""
 
     async def run() -> None:
-        engine = make_engine(f"sqlite:///{tmp_path / 'identity.sqlite3'}")
-        migrate_identity(engine)
-        store = IdentityLogStore(engine)
-        resolver = GraphResolver(store, RULES)
-        await resolver.start()
-        replaying, release = threading.Event(), threading.Event()
-        real = resolver._replayed
+        async with opened(f"sqlite:///{tmp_path / 'identity.sqlite3'}") as (store, resolver):
+            replaying, release = threading.Event(), threading.Event()
+            real = resolver._replayed
 
-        def held(rows: Any) -> Any:
-            replaying.set()
-            release.wait(30)
-            return real(rows)
+            def held(rows: Any) -> Any:
+                replaying.set()
+                release.wait(30)
+                return real(rows)
 
-        resolver._replayed = held  # type: ignore[method-assign]
-        try:
-            p = ["user_id:k1.P", "anonymous_id:k1.pa"]
-            await resolver.resolve_batch("t", [[ident(n) for n in p]], [True], [("s", "e1")])
-            for node in p:
-                await resolver.remove("t", node)
-            await resolver.redact("t", p)
-            assert await asyncio.to_thread(replaying.wait, 30)
-            later = ["user_id:k1.Q", "anonymous_id:k1.qa"]
-            await resolver.resolve_batch("t", [[ident(n) for n in later]], [True], [("s", "e2")])
-            q_id = resolver.graphs["t"].unified_id("user_id:k1.Q")
-            release.set()
-            await resolver.rebuilt()
-            graph = resolver.graphs["t"]
-            assert graph.unified_id("anonymous_id:k1.qa") == q_id
-            assert graph.state() == replayed(store).state()
-            assert "k1.P" not in log_text(store)
-        finally:
-            release.set()
-            await resolver.stop()
-            engine.dispose()
+            resolver._replayed = held  # type: ignore[method-assign]
+            try:
+                p = ["user_id:k1.P", "anonymous_id:k1.pa"]
+                await resolver.resolve_batch("t", [[ident(n) for n in p]], [True], [("s", "e1")])
+                for node in p:
+                    await resolver.remove("t", node)
+                await resolver.redact("t", p)
+                assert await asyncio.to_thread(replaying.wait, 30)
+                later = ["user_id:k1.Q", "anonymous_id:k1.qa"]
+                await resolver.resolve_batch("t", [[ident(n) for n in later]], [True], [("s", "e2")])
+                q_id = resolver.graphs["t"].unified_id("user_id:k1.Q")
+                release.set()
+                await resolver.rebuilt()
+                graph = resolver.graphs["t"]
+                assert graph.unified_id("anonymous_id:k1.qa") == q_id
+                assert graph.state() == replayed(store).state()
+                assert "k1.P" not in log_text(store)
+            finally:
+                release.set()
 
     asyncio.run(run())
