@@ -8,10 +8,12 @@ does not slow another source's events.
    ``flood-web`` and ``quiet-app``, behind a pretend proxy (``forwarded_hops = 1``: the
    client networks come from ``X-Forwarded-For``). The quiet source sends batches of 10
    events at a steady rate from its network; the flood source sends batches of 100 as fast
-   as ``--flood-connections`` connections can from another. Three phases: quiet alone;
-   quiet + flood with the limits on; quiet + flood with ``enabled = false`` (what the flood
-   does without them). Printed: the quiet source's p50/p99/max latency and errors, and the
-   flood's answers (2xx, 429) and accepted events/s.
+   as ``--flood-connections`` connections can from another. Four phases: quiet alone;
+   quiet beside a process that only burns the CPU the flood's client would (no request:
+   what the load generator's own CPU costs the gateway on this machine); quiet + flood with
+   the limits on; quiet + flood with ``enabled = false`` (what the flood does without
+   them). Printed: the quiet source's p50/p99/max latency and errors, and the flood's
+   answers (2xx, 429) and accepted events/s.
 
     .venv/bin/python bench/rate_limits.py [--seconds 10] [--quiet-rate 50] [--flood-connections 8]
                                           [--calls 20000] [--json]
@@ -212,21 +214,34 @@ async def flood_client(url: str, seconds: float, connections: int) -> dict[str, 
     return {**counts, "accepted_events_per_s": counts["events"] / seconds}
 
 
+def burn(seconds: float, out: Any) -> None:
+    """The control: a process as busy as the flood's client, sending nothing."""
+    end = time.monotonic() + seconds
+    spins = 0
+    while time.monotonic() < end:
+        spins += 1
+    out.put(None)
+
+
 def run_flood(url: str, seconds: float, connections: int, out: Any) -> None:
     """In a process of its own, so the flood's client work does not delay the quiet
     client's event loop (its latencies would then measure this script, not the gateway)."""
     out.put(asyncio.run(flood_client(url, seconds, connections)))
 
 
-def phase(url: str, args: argparse.Namespace, flood: bool) -> dict[str, Any]:
+def phase(url: str, args: argparse.Namespace, flood: bool | None) -> dict[str, Any]:
+    """``flood``: True, the flood; None, the CPU burner instead; False, the quiet source alone."""
     import multiprocessing
 
     flooder = None
-    if flood:
+    if flood is not False:
         results: Any = multiprocessing.get_context("spawn").Queue()
-        flooder = multiprocessing.get_context("spawn").Process(
-            target=run_flood, args=(url, args.seconds + 1, args.flood_connections, results)
+        work: tuple[Any, tuple[Any, ...]] = (
+            (run_flood, (url, args.seconds + 1, args.flood_connections, results))
+            if flood
+            else (burn, (args.seconds + 1, results))
         )
+        flooder = multiprocessing.get_context("spawn").Process(target=work[0], args=work[1])
         flooder.start()
         time.sleep(1)  # the flood is under way when the quiet source starts
     quiet = asyncio.run(quiet_client(url, args.seconds, args.quiet_rate))
@@ -266,13 +281,16 @@ def main() -> None:
     results: dict[str, Any] = {"cost_us": cost}
     with tempfile.TemporaryDirectory(prefix="idgate-bench-rl-") as tmp_name:
         tmp = Path(tmp_name)
-        for enabled, phases in ((True, (False, True)), (False, (True,))):
+        kinds_by_limits: tuple[tuple[bool, tuple[bool | None, ...]], ...] = (
+            (True, (False, None, True)),
+            (False, (True,)),
+        )
+        names = {False: "quiet alone", None: "quiet + CPU burner", True: "quiet + flood"}
+        for enabled, kinds in kinds_by_limits:
             proc, url = start_gateway(tmp, enabled)
             try:
-                for flood in phases:
-                    name = ("quiet + flood" if flood else "quiet alone") + (
-                        " (limits on)" if enabled else " (limits off)"
-                    )
+                for flood in kinds:
+                    name = names[flood] + (" (limits on)" if enabled else " (limits off)")
                     print(f"running {name} for {args.seconds:g} s ...", flush=True)
                     results[name] = phase(url, args, flood)
             finally:
