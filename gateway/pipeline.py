@@ -180,12 +180,9 @@ def pseudonymise_identifiers(
 
     trait_types, device_types = field_maps(tenant)
 
-    def link_trait(key: str, value: str | int) -> str | None:
-        """Trait and property keys that name an identifier type: linked (or, when not a
-        valid identifier of that type, pseudonymised)."""
-        id_type = trait_types.get(key.lower())
-        if id_type is None:
-            return None
+    def link_trait(id_type: str, value: str | int) -> str:
+        """Trait and property keys that name an identifier type (``trait_types``): linked
+        (or, when not a valid identifier of that type, pseudonymised)."""
         return link(id_type, value) or opaque(value)
 
     ctx = ev.context
@@ -231,11 +228,11 @@ def pseudonymise_identifiers(
     clean = scrubber_for(tenant).clean
     in_url = url_pseudonymiser(pseudonymiser)
     if ev.traits is not None:
-        ev.traits = clean(ev.traits, None, written, opaque, in_url, link_trait)
+        ev.traits = clean(ev.traits, None, written, opaque, in_url, trait_types, link_trait)
     if isinstance(ctx.get("traits"), dict):
-        ctx["traits"] = clean(ctx["traits"], None, written, opaque, in_url, link_trait)
+        ctx["traits"] = clean(ctx["traits"], None, written, opaque, in_url, trait_types, link_trait)
     if ev.properties is not None:
-        ev.properties = clean(ev.properties, None, written, opaque, in_url, link_trait)
+        ev.properties = clean(ev.properties, None, written, opaque, in_url, trait_types, link_trait)
     if env.unbind:
         detached = []
         for raw in env.unbind:
