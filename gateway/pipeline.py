@@ -24,7 +24,7 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, overload
 
 import msgspec
 import structlog
@@ -1025,6 +1025,31 @@ async def limit_new_identifiers(s: IngestServices, batch: IngestBatch) -> None:
             batch.linking[i] = False
 
 
+class LinkProvenance(Sequence[tuple[str, str]]):
+    """(source, message id) of each event, for the links the resolver records. Provenance
+    outlives the outbox: the message id only as a keyed hash, made when the resolver asks
+    for it (the common event, whose person is known, links nothing and needs none)."""
+
+    __slots__ = ("_envs", "_key", "_source")
+
+    def __init__(self, source: str, envs: Sequence[Envelope], key: Pseudonymiser) -> None:
+        self._source = source
+        self._envs = envs
+        self._key = key
+
+    def __len__(self) -> int:
+        return len(self._envs)
+
+    @overload
+    def __getitem__(self, index: int) -> tuple[str, str]: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[tuple[str, str]]: ...
+    def __getitem__(self, index: int | slice) -> tuple[str, str] | list[tuple[str, str]]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        return (self._source, message_id_digest(self._envs[index].event.message_id, self._key))
+
+
 async def resolve_identity(s: IngestServices, batch: IngestBatch) -> None:
     """The unified person of each event; links its identifiers where consent allows."""
     envs = batch.envelopes
@@ -1057,14 +1082,7 @@ async def resolve_identity(s: IngestServices, batch: IngestBatch) -> None:
         tenant.id,
         sets,
         linking,
-        # provenance outlives the outbox: the message id only as a keyed hash
-        [
-            (
-                batch.src.source.id,
-                message_id_digest(e.event.message_id, batch.message_ids or batch.pseudonymiser),
-            )
-            for e in envs
-        ],
+        LinkProvenance(batch.src.source.id, envs, batch.message_ids or batch.pseudonymiser),
         notices=batch.changes,
         guarded=guarded,
     )
