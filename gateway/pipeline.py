@@ -24,7 +24,7 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, overload
 
 import msgspec
 import structlog
@@ -180,12 +180,9 @@ def pseudonymise_identifiers(
 
     trait_types, device_types = field_maps(tenant)
 
-    def link_trait(key: str, value: str | int) -> str | None:
-        """Trait and property keys that name an identifier type: linked (or, when not a
-        valid identifier of that type, pseudonymised)."""
-        id_type = trait_types.get(key.lower())
-        if id_type is None:
-            return None
+    def link_trait(id_type: str, value: str | int) -> str:
+        """Trait and property keys that name an identifier type (``trait_types``): linked
+        (or, when not a valid identifier of that type, pseudonymised)."""
         return link(id_type, value) or opaque(value)
 
     ctx = ev.context
@@ -231,11 +228,11 @@ def pseudonymise_identifiers(
     clean = scrubber_for(tenant).clean
     in_url = url_pseudonymiser(pseudonymiser)
     if ev.traits is not None:
-        ev.traits = clean(ev.traits, None, written, opaque, in_url, link_trait)
+        ev.traits = clean(ev.traits, None, written, opaque, in_url, trait_types, link_trait)
     if isinstance(ctx.get("traits"), dict):
-        ctx["traits"] = clean(ctx["traits"], None, written, opaque, in_url, link_trait)
+        ctx["traits"] = clean(ctx["traits"], None, written, opaque, in_url, trait_types, link_trait)
     if ev.properties is not None:
-        ev.properties = clean(ev.properties, None, written, opaque, in_url, link_trait)
+        ev.properties = clean(ev.properties, None, written, opaque, in_url, trait_types, link_trait)
     if env.unbind:
         detached = []
         for raw in env.unbind:
@@ -1028,6 +1025,31 @@ async def limit_new_identifiers(s: IngestServices, batch: IngestBatch) -> None:
             batch.linking[i] = False
 
 
+class LinkProvenance(Sequence[tuple[str, str]]):
+    """(source, message id) of each event, for the links the resolver records. Provenance
+    outlives the outbox: the message id only as a keyed hash, made when the resolver asks
+    for it (the common event, whose person is known, links nothing and needs none)."""
+
+    __slots__ = ("_envs", "_key", "_source")
+
+    def __init__(self, source: str, envs: Sequence[Envelope], key: Pseudonymiser) -> None:
+        self._source = source
+        self._envs = envs
+        self._key = key
+
+    def __len__(self) -> int:
+        return len(self._envs)
+
+    @overload
+    def __getitem__(self, index: int) -> tuple[str, str]: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[tuple[str, str]]: ...
+    def __getitem__(self, index: int | slice) -> tuple[str, str] | list[tuple[str, str]]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        return (self._source, message_id_digest(self._envs[index].event.message_id, self._key))
+
+
 async def resolve_identity(s: IngestServices, batch: IngestBatch) -> None:
     """The unified person of each event; links its identifiers where consent allows."""
     envs = batch.envelopes
@@ -1060,14 +1082,7 @@ async def resolve_identity(s: IngestServices, batch: IngestBatch) -> None:
         tenant.id,
         sets,
         linking,
-        # provenance outlives the outbox: the message id only as a keyed hash
-        [
-            (
-                batch.src.source.id,
-                message_id_digest(e.event.message_id, batch.message_ids or batch.pseudonymiser),
-            )
-            for e in envs
-        ],
+        LinkProvenance(batch.src.source.id, envs, batch.message_ids or batch.pseudonymiser),
         notices=batch.changes,
         guarded=guarded,
     )

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import glob
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Final
 
 from gateway.config import Tenant
@@ -94,23 +94,29 @@ def _safe(shape: Any, value: str) -> bool:
 
 _MAX_CLEAN = 16384
 _MAX_REMEMBERED = 512
+_MAX_KEYS = 8192
 
 
 class EventScrubber:
     """One tenant's rules: which keys hold identifiers (properties, traits, URL query
     parameters). Built once per tenant; ``clean`` is the walk every client value takes."""
 
-    __slots__ = ("_clean", "_names", "identifier_keys", "url_keys")
+    __slots__ = ("_clean", "_keys", "_names", "_safe", "identifier_keys", "url_keys")
 
     def __init__(self, patterns: Iterable[str] = ()) -> None:
         patterns = tuple(patterns)
         self.identifier_keys = IdentifierKeys(patterns)
         self.url_keys = IdentifierKeys((*patterns, *URL_IDENTIFIER_KEY_PATTERNS))
         self._names: dict[str, str] = {}
+        # what the walk needs to know of a key, found once per key (keys repeat from event to
+        # event): its cleaned name, whether it names an identifier, its lower case (trait types)
+        self._keys: dict[str, tuple[str, bool, str]] = {}
         # strings already found free of personal data (user agents, library names, URLs
         # without identifiers repeat from event to event): not scanned again. Only clean
         # strings are remembered, never one that held personal data.
         self._clean: set[str] = set()
+        # (shape, value) pairs found safe: a locale, a time zone, a library version repeat
+        self._safe: set[tuple[Any, str]] = set()
 
     def name(self, key: str) -> str:
         """A key or event name with personal data replaced (memoised: keys repeat)."""
@@ -120,6 +126,12 @@ class EventScrubber:
             if len(self._names) < 8192:
                 self._names[key] = out
         return out
+
+    def _key(self, key: str) -> tuple[str, bool, str]:
+        entry = (self.name(key), self.identifier_keys(key), key.lower())
+        if len(self._keys) < _MAX_KEYS:
+            self._keys[key] = entry
+        return entry
 
     def text(self, value: str, url_pseudonym: Callable[[str], str]) -> str:
         """Free text: identifier-like query parameters pseudonymised, then the scrubber."""
@@ -137,66 +149,90 @@ class EventScrubber:
         keep: set[str],
         opaque: Callable[[Any], str],
         url_pseudonym: Callable[[str], str],
-        on_key: Callable[[str, Any], str | None] | None = None,
+        trait_types: Mapping[str, str] | None = None,
+        link_trait: Callable[[str, Any], str] | None = None,
     ) -> Any:
         """``value`` with every key and string cleaned: strings in ``keep`` (pseudonyms
-        idgate wrote) and values of the shape ``schema`` allows pass; ``on_key`` may claim a
-        scalar under a key first (returns its replacement, or None); identifier-like keys
-        get their value pseudonymised with ``opaque``; the rest is scrubbed."""
+        idgate wrote) and values of the shape ``schema`` allows pass; a scalar under a key
+        whose lower case ``trait_types`` names is claimed by ``link_trait(type, value)``
+        first; identifier-like keys get their value pseudonymised with ``opaque``; the rest
+        is scrubbed."""
+        return self._walk(value, schema, keep, opaque, url_pseudonym, trait_types, link_trait)
+
+    def _walk(
+        self,
+        value: Any,
+        schema: Any,
+        keep: set[str],
+        opaque: Callable[[Any], str],
+        url_pseudonym: Callable[[str], str],
+        trait_types: Mapping[str, str] | None,
+        link_trait: Callable[[str, Any], str] | None,
+    ) -> Any:
         if isinstance(value, str):
-            if value in keep or (schema is not None and _safe(schema, value)):
+            if value in keep:
+                return value
+            if schema is not None and _safe(schema, value):
+                if len(self._safe) < _MAX_CLEAN and len(value) <= _MAX_REMEMBERED:
+                    self._safe.add((schema, value))
                 return value
             if schema is PSEUDONYMISE and value:
                 return opaque(value)
             return self.text(value, url_pseudonym)
         if isinstance(value, dict):
             out: dict[str, Any] = {}
-            ids = self.identifier_keys
-            names = self._names
             nodes = schema if isinstance(schema, dict) else None
+            keys = self._keys
+            known_clean = self._clean
             for k, v in value.items():
-                nk = names.get(k)
-                if nk is None:
-                    nk = self.name(k)
-                node = nodes.get(k) if nodes is not None else None
-                if node is None:
-                    # the common case, inline: a scalar under an ordinary key
-                    kind = v.__class__
-                    if kind is str or kind is int:
-                        if v == "":
-                            out[nk] = v
-                            continue
-                        if on_key is not None:
-                            claimed = on_key(k, v)
-                            if claimed is not None:
-                                out[nk] = claimed
-                                continue
-                        if v in keep:
-                            out[nk] = v
-                        elif ids(k):
-                            out[nk] = opaque(v)
-                        elif kind is int:
+                entry = keys.get(k)
+                if entry is None:
+                    entry = self._key(k)
+                nk = entry[0]
+                if nodes is not None:
+                    node = nodes.get(k)
+                    if node is not None:
+                        # a value of a shape already found safe (a dict node is no shape)
+                        if v.__class__ is str and node.__class__ is not dict and (node, v) in self._safe:
                             out[nk] = v
                         else:
-                            out[nk] = self.text(v, url_pseudonym)
+                            out[nk] = self._walk(
+                                v, node, keep, opaque, url_pseudonym, trait_types, link_trait
+                            )
                         continue
-                    if kind is float or kind is bool or v is None:
+                # the common case, inline: a scalar under an ordinary key
+                kind = v.__class__
+                if kind is str or kind is int:
+                    if v == "":
                         out[nk] = v
-                        continue
-                    if kind is list and ids(k):  # a list of identifiers
-                        # only strings and integers are identifier values (a dict or a list
-                        # in the list is walked; it is not hashable, so never looked up in keep)
-                        out[nk] = [
-                            (x if x == "" or x in keep else opaque(x))
-                            if isinstance(x, str | int) and not isinstance(x, bool)
-                            else self.clean(x, None, keep, opaque, url_pseudonym, on_key)
-                            for x in v
-                        ]
-                        continue
-                out[nk] = self.clean(v, node, keep, opaque, url_pseudonym, on_key)
+                    elif trait_types is not None and (id_type := trait_types.get(entry[2])) is not None:
+                        out[nk] = link_trait(id_type, v)  # type: ignore[misc]  # given with trait_types
+                    elif v in keep:
+                        out[nk] = v
+                    elif entry[1]:
+                        out[nk] = opaque(v)
+                    elif kind is int or v in known_clean:
+                        out[nk] = v
+                    else:
+                        out[nk] = self.text(v, url_pseudonym)
+                elif kind is float or kind is bool or v is None:
+                    out[nk] = v
+                elif kind is list and entry[1]:  # a list of identifiers
+                    # only strings and integers are identifier values (a dict or a list in
+                    # the list is walked; it is not hashable, so never looked up in keep)
+                    out[nk] = [
+                        (x if x == "" or x in keep else opaque(x))
+                        if isinstance(x, str | int) and not isinstance(x, bool)
+                        else self._walk(x, None, keep, opaque, url_pseudonym, trait_types, link_trait)
+                        for x in v
+                    ]
+                else:
+                    out[nk] = self._walk(v, None, keep, opaque, url_pseudonym, trait_types, link_trait)
             return out
         if isinstance(value, list):
-            return [self.clean(v, schema, keep, opaque, url_pseudonym, on_key) for v in value]
+            return [
+                self._walk(v, schema, keep, opaque, url_pseudonym, trait_types, link_trait) for v in value
+            ]
         return value
 
 

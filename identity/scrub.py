@@ -146,14 +146,30 @@ def classify(candidate: str) -> str | None:
     return _kind(m) if m is not None else None
 
 
+# Digit runs that stand on their own (no ASCII letter or digit either side; an ID card's
+# check letter included). Under ``whole_tokens`` every digit group of a number that counts is
+# such a run (its separators and its ends touch no letter or digit), so fewer than 11 digits
+# in them all rule a number out: a random token (a UUID, ``ajs-next-`` + hex) is passed
+# without the full scan.
+_LONE_DIGITS: Final = re.compile(r"(?<![0-9A-Za-z])[0-9]+[Xx]?(?![0-9A-Za-z])", re.ASCII)
+
+
 def _sub(text: str, replace: Callable[[str], str], whole_tokens: bool = False) -> str:
     folded = text if text.isascii() else text.translate(_FOLD)
     if "@" in folded:
         pattern = _CANDIDATES
     elif len(folded) >= 11 and _ENOUGH_DIGITS.match(folded) is not None:
+        if whole_tokens and sum(map(len, _LONE_DIGITS.findall(folded))) < 11:
+            return text
         pattern = _NUMBERS
     else:
         return text
+    return _scan(text, folded, pattern, replace, whole_tokens)
+
+
+def _scan(
+    text: str, folded: str, pattern: re.Pattern[str], replace: Callable[[str], str], whole_tokens: bool
+) -> str:
     out: list[str] = []
     last = 0
     for m in pattern.finditer(folded):
@@ -270,8 +286,17 @@ _KEEP = object()
 KEEP = _KEEP  # sentinel: ``on_key`` returns it to let scrub_value handle the key normally
 
 
+# A dotted-quad IPv4 address as ``ipaddress`` accepts it (four decimal octets 0-255, no
+# leading zero): the common case, truncated without building address objects.
+_OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+_IPV4: Final = re.compile(rf"({_OCTET}\.{_OCTET}\.{_OCTET})\.{_OCTET}", re.ASCII)
+
+
 def truncate_ip(value: str) -> str | None:
     """IPv4 to /24, IPv6 to /48; None for anything that is not an IP address."""
+    v4 = _IPV4.fullmatch(value.strip())
+    if v4 is not None:
+        return v4.group(1) + ".0"
     try:
         ip = ipaddress.ip_address(value.strip())
     except ValueError:
