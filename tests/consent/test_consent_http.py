@@ -42,7 +42,7 @@ def track(
     return m, r.json()
 
 
-def delivered(gw: Gateway, m: str, destination: str, timeout: float = 3) -> dict | None:
+def delivered(gw: Gateway, m: str, destination: str, timeout: float = 20) -> dict | None:
     """The event as ``destination`` received it, waiting up to ``timeout``; None if absent.
     To show an event is NOT delivered, look with timeout=0 after ``gw.wait_past``."""
     found = gw.wait_for_sink({m}, destination, timeout=timeout)

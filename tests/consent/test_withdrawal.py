@@ -287,6 +287,8 @@ def test_delete_mode_a_client_withdrawing_for_its_own_device_deletes_nobody(dele
     _, anon, _ = ids()
     assert consent(deleting, anonymousId=anon, grant=["analytics"]).status_code == 200
     m, _ = track(deleting, anonymousId=anon)
+    # delivered before the withdrawal (after it, delivery would withhold it: consent is asked again)
+    assert delivered(deleting, m, "mall-warehouse") is not None
     before = {x["requestId"] for x in delete_requests(deleting)}
     r = consent(deleting, anonymousId=anon, withdraw=EVERY_PURPOSE)
     assert r.status_code == 200, r.text
