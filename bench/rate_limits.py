@@ -12,8 +12,10 @@ does not slow another source's events.
    quiet beside a process that only burns the CPU the flood's client would (no request:
    what the load generator's own CPU costs the gateway on this machine); quiet + flood with
    the limits on; quiet + flood with ``enabled = false`` (what the flood does without
-   them). Printed: the quiet source's p50/p99/max latency and errors, and the flood's
-   answers (2xx, 429) and accepted events/s.
+   them). Printed: the quiet source's p50/p99/max latency and errors, the flood's answers
+   (2xx, 429) and accepted events/s, and the gateway's durable outbox commits in the phase
+   (``idgate_outbox_commit_seconds``: how many, their mean, and how many took over 25 ms):
+   every acknowledged request, the quiet source's too, waits for one.
 
     .venv/bin/python bench/rate_limits.py [--seconds 10] [--quiet-rate 50] [--flood-connections 8]
                                           [--calls 20000] [--json]
@@ -229,6 +231,24 @@ def run_flood(url: str, seconds: float, connections: int, out: Any) -> None:
     out.put(asyncio.run(flood_client(url, seconds, connections)))
 
 
+def commits(url: str) -> tuple[float, float, float]:
+    """The gateway's outbox commits so far: (count, seconds in all, count over 25 ms)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    count = total = fast = 0.0
+    for family in text_string_to_metric_families(httpx.get(url + "/metrics", timeout=10).text):
+        if family.name != "idgate_outbox_commit_seconds":
+            continue
+        for sample in family.samples:
+            if sample.name.endswith("_count"):
+                count = sample.value
+            elif sample.name.endswith("_sum"):
+                total = sample.value
+            elif sample.name.endswith("_bucket") and sample.labels.get("le") == "0.025":
+                fast = sample.value
+    return count, total, count - fast
+
+
 def phase(url: str, args: argparse.Namespace, flood: bool | None) -> dict[str, Any]:
     """``flood``: True, the flood; None, the CPU burner instead; False, the quiet source alone."""
     import multiprocessing
@@ -244,12 +264,16 @@ def phase(url: str, args: argparse.Namespace, flood: bool | None) -> dict[str, A
         flooder = multiprocessing.get_context("spawn").Process(target=work[0], args=work[1])
         flooder.start()
         time.sleep(1)  # the flood is under way when the quiet source starts
+    before = commits(url)
     quiet = asyncio.run(quiet_client(url, args.seconds, args.quiet_rate))
+    after = commits(url)
     flooded = None
     if flooder is not None:
         flooded = results.get(timeout=120)
         flooder.join()
-    return {"quiet": quiet, "flood": flooded}
+    n, seconds, slow = (a - b for a, b in zip(after, before, strict=True))
+    outbox = {"commits": n, "mean_ms": seconds / n * 1000 if n else 0.0, "over_25ms": slow}
+    return {"quiet": quiet, "flood": flooded, "commits": outbox}
 
 
 def stop(proc: subprocess.Popen[bytes]) -> None:
@@ -301,15 +325,27 @@ def main() -> None:
         f"quiet source: {args.quiet_rate:g} req/s of 10 events; "
         f"flood: {args.flood_connections} connections of 100-event batches"
     )
-    columns = ("quiet p50", "quiet p99", "quiet max", "q.errors", "flood 2xx", "flood 429", "flood ev/s")
+    columns = (
+        "quiet p50",
+        "quiet p99",
+        "quiet max",
+        "q.errors",
+        "flood 2xx",
+        "flood 429",
+        "flood ev/s",
+        "commits",
+        "commit ms",
+        "> 25 ms",
+    )
     print(f"{'phase':<30} " + " ".join(f"{c:>10}" for c in columns))
     for name, r in results.items():
         if name == "cost_us":
             continue
-        q, f = r["quiet"], r["flood"] or {}
+        q, f, c = r["quiet"], r["flood"] or {}, r["commits"]
         print(
             f"{name:<30} {q['p50_ms']:>8.1f}ms {q['p99_ms']:>8.1f}ms {q['max_ms']:>8.1f}ms {q['errors']:>10} "
             f"{f.get('ok', '-'):>10} {f.get('limited', '-'):>10} {f.get('accepted_events_per_s', 0):>11,.0f}"
+            f" {c['commits']:>10,.0f} {c['mean_ms']:>8.1f}ms {c['over_25ms']:>10,.0f}"
         )
     if args.json:
         print(json.dumps(results))
