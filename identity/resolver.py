@@ -72,6 +72,10 @@ _NO_GUARD: frozenset[str] = frozenset()
 _EXPIRY_TRIES = 3  # alias expiries planned without the log's lock before one planned under it
 
 
+class _PlanStale(Exception):
+    """A rewrite planned without the log's lock no longer fits the log (nothing written)."""
+
+
 class _Pending:
     __slots__ = ("tenant", "items", "future", "notices")
 
@@ -170,11 +174,14 @@ class GraphResolver:
         off the event loop, and swap them in at once: readers keep the old graphs until
         then. The caller holds the write lock."""
         rows = await self._io(self.store.read_after, 0, 10_000_000, conn)
-        self.graphs = await self._io(self._replayed, rows)
-        self.applied_seq = rows[-1][0] if rows else 0
+        self._swap_in(await self._io(self._replayed, rows), rows[-1][0] if rows else 0)
+        return rows
+
+    def _swap_in(self, graphs: dict[str, IdentityGraph], applied_seq: int) -> None:
+        """Replace every graph with ``graphs`` (the log's replay up to ``applied_seq``)."""
+        self.graphs, self.applied_seq = graphs, applied_seq
         for settled in self._settled.values():
             settled.clear()
-        return rows
 
     async def catch_up(self) -> int:
         """Apply what was appended since the last look (other replicas' changes). Holds the
@@ -541,9 +548,7 @@ class GraphResolver:
                     if not complete:
                         await self._replay_all()
                         return
-                    self.graphs, self.applied_seq = graphs, upto
-                    for settled in self._settled.values():
-                        settled.clear()
+                    self._swap_in(graphs, upto)
                     log.info("identity.rebuilt", changes=upto)
                     return
         except Exception as exc:  # the graph stays as it was; the next start replays the log
@@ -608,21 +613,18 @@ class GraphResolver:
         no record appended since names a string it renames. False: nothing written."""
         read = dict(rows)
         last = rows[-1][0] if rows else 0
-        async with self._write_lock:
-            conn, tx = await self._io(self.store.begin_locked)
-            try:
-                await self._catch_up_with(conn)
-                now = await self._io(self.store.changes_at, conn, [seq for seq, _ in plan.updates])
-                newer = await self._io(self.store.tenant_changes, conn, tenant, None, last)
-                moved = any(now.get(seq) != read[seq] for seq, _ in plan.updates)
-                if moved or names_any(newer, plan.renamed):
-                    await self._io(self.store.abandon, conn, tx)
-                    return False
-            except BaseException:
-                await self._io(self.store.abandon, conn, tx)
-                raise
-            await self._io(self.store.rewrite_and_commit, conn, tx, plan.updates)
-            self._rewrites += 1
+
+        def still_holds(conn: sa.Connection) -> list[tuple[int, bytes]]:
+            now = self.store.changes_at(conn, [seq for seq, _ in plan.updates])
+            moved = any(now.get(seq) != read[seq] for seq, _ in plan.updates)
+            if moved or names_any(self.store.tenant_changes(conn, tenant, None, last), plan.renamed):
+                raise _PlanStale
+            return []
+
+        try:
+            await self._rewrite_log(tenant, still_holds, lambda *_: plan, swap=False)
+        except _PlanStale:
+            return False
         return True
 
     async def _reload_if_renamed(self, tenant: str, merges: Sequence[GraphChange]) -> None:

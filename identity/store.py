@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import sqlalchemy as sa
 
@@ -53,10 +54,7 @@ class IdentityLogStore:
             .order_by(LOG.c.seq)
             .limit(limit)
         )
-        if conn is not None:
-            return [(int(s), t, bytes(c)) for s, t, c in conn.execute(stmt)]
-        with self.engine.connect() as own:
-            return [(int(s), t, bytes(c)) for s, t, c in own.execute(stmt)]
+        return [(int(s), t, bytes(c)) for s, t, c in self._rows(conn, stmt)]
 
     def all_rows(self, page: int = 50_000) -> Iterator[LogRow]:
         """The whole log in order, read page by page (for offline replays)."""
@@ -107,18 +105,23 @@ class IdentityLogStore:
         )
         if kind is not None:
             stmt = stmt.where(LOG.c.kind == kind)
-        if conn is not None:
-            return [(int(s), bytes(c)) for s, c in conn.execute(stmt)]
-        with self.engine.connect() as own:
-            return [(int(s), bytes(c)) for s, c in own.execute(stmt)]
+        return [(int(s), bytes(c)) for s, c in self._rows(conn, stmt)]
 
     def changes_at(self, conn: sa.Connection, seqs: Sequence[int]) -> dict[int, bytes]:
         """The change of each of these records as it is now (seq -> encoded change)."""
         found: dict[int, bytes] = {}
         for start in range(0, len(seqs), 500):
             stmt = sa.select(LOG.c.seq, LOG.c.change).where(LOG.c.seq.in_(seqs[start : start + 500]))
-            found.update((int(s), bytes(c)) for s, c in conn.execute(stmt))
+            found.update((int(s), bytes(c)) for s, c in self._rows(conn, stmt))
         return found
+
+    def _rows(self, conn: sa.Connection | None, stmt: sa.Select[Any]) -> list[Any]:
+        """``stmt``'s rows: on ``conn`` (inside the writer's transaction), else on a
+        connection of its own."""
+        if conn is not None:
+            return list(conn.execute(stmt))
+        with self.engine.connect() as own:
+            return list(own.execute(stmt))
 
     def naming(
         self, conn: sa.Connection | None, tenant: str, needles: Sequence[bytes]
@@ -137,11 +140,7 @@ class IdentityLogStore:
             else:
                 holds = [sa.func.instr(LOG.c.change, sa.literal(n, sa.LargeBinary())) > 0 for n in chunk]
             stmt = sa.select(LOG.c.seq, LOG.c.change).where(LOG.c.tenant == tenant, sa.or_(*holds))
-            if conn is not None:
-                found.update((int(s), bytes(c)) for s, c in conn.execute(stmt))
-            else:
-                with self.engine.connect() as own:
-                    found.update((int(s), bytes(c)) for s, c in own.execute(stmt))
+            found.update((int(s), bytes(c)) for s, c in self._rows(conn, stmt))
         return sorted(found.items())
 
     def rewrite_and_commit(
