@@ -345,6 +345,10 @@ class RateLimits(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     source_events_per_second: int = 50_000
     ip_requests_per_second: int = 200
     ip_events_per_second: int = 2_000
+    # the per-second limits are paced: a client may send this many seconds' worth of its
+    # budget at once, then no faster than the rate (a flood is admitted evenly, not as one
+    # burst at the start of every second)
+    burst_seconds: float = 1.0
     # identifiers one person (by its event's user id or anonymous id pseudonym) may link per day
     new_identifiers_per_person_per_day: int = 30
     # consent calls (API or consent events) naming one identifier per day
@@ -726,6 +730,9 @@ def parse_config(text: str, *, path: str = "<config>", dev: bool = False) -> Con
             if name == "forwarded_hops":
                 if not 0 <= value <= 10:
                     problems.append("rate_limits.forwarded_hops: must be between 0 and 10")
+            elif name == "burst_seconds":
+                if not 0.01 <= value <= 60:
+                    problems.append("rate_limits.burst_seconds: must be between 0.01 and 60")
             elif name != "enabled" and value < 1:
                 problems.append(f"rate_limits.{name}: must be at least 1")
     rights = _decode_part(raw.pop("rights", {}), RightsConfig, "rights", problems)

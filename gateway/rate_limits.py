@@ -10,10 +10,16 @@ A request over a rate limit is answered 429 with ``Retry-After`` (``RateLimited`
 in gateway.errors) before anything of it is stored. An event over the identifier quota is
 still processed but not linked: what the quota bounds is what the graph can grow by.
 
-Counters are fixed windows (one per second, one per day). They live in memory in the
-embedded mode and in Redis in the distributed mode, so N replicas share one budget: one
-Lua script per request checks every counter the request touches in one round trip (the
-``limits`` library would cost one round trip per limit, four on every ingest request).
+The per-second limits are paced (GCRA, the generic cell rate algorithm): each key has a
+theoretical arrival time that every admitted request moves on by its cost (amount / rate
+seconds) and that may run at most ``burst_seconds`` ahead of the clock. A client may send
+that much of its budget at once and then no faster than its rate, so a flood held to its
+limit is admitted evenly instead of as one burst at the start of every second, which the
+other sources' requests would queue behind. The quotas (per hour, per day) are fixed
+windows. Both live in memory in the embedded mode and in Redis in the distributed mode, so
+N replicas share one budget: one Lua script per request checks every key the request
+touches in one round trip (the ``limits`` library would cost one round trip per limit,
+four on every ingest request).
 """
 
 from __future__ import annotations
@@ -76,6 +82,12 @@ class CounterStore(Protocol):
         window ends, or None."""
         ...
 
+    async def pace(self, hits: Sequence[Hit], burst: float) -> tuple[int, float] | None:
+        """Admit the request when every hit has room (``paced``): then move each key's
+        arrival time on by its cost; else change nothing and return the index of the first
+        hit without room and the seconds until it has."""
+        ...
+
     async def add_members(self, subjects: Sequence[tuple[str, Sequence[str]]], allowed: int) -> list[bool]:
         """Per subject: add the members to its set for the day unless the set would then
         hold more than ``allowed``; True when added (or nothing new)."""
@@ -87,6 +99,19 @@ class CounterStore(Protocol):
         ...
 
 
+def paced(tat: float, now: float, cost: float, burst: float) -> tuple[float, float]:
+    """GCRA for one key: (its arrival time after admitting a request of ``cost`` seconds,
+    the seconds to wait first: 0 when admitted now). A key may run ``burst`` seconds ahead of
+    the clock; a request costing more than that is admitted once the key is at rest."""
+    start = max(tat, now)
+    return start + cost, max(0.0, start - now + cost - max(burst, cost))
+
+
+def _cost(hit: Hit) -> float:
+    """Seconds of its key's budget the hit takes (``inf`` when nothing is allowed)."""
+    return hit.amount / hit.allowed if hit.allowed > 0 else math.inf
+
+
 @dataclass
 class MemoryCounters:
     """Counters of one process (embedded mode). Each window's table is replaced when the
@@ -95,6 +120,9 @@ class MemoryCounters:
     clock: Callable[[], float] = time.time
     _windows: dict[int, tuple[int, dict[str, int]]] = field(default_factory=dict)
     _members: tuple[int, dict[str, set[str]]] = (-1, {})
+    # paced keys -> arrival time (a key whose time has passed is at rest: it is dropped)
+    _arrivals: dict[str, float] = field(default_factory=dict)
+    _swept: float = 0.0
 
     def _table(self, window: int, now: float) -> dict[str, int]:
         wid = int(now // window)
@@ -113,6 +141,22 @@ class MemoryCounters:
             if n > h.allowed and over is None:
                 over = (i, max(1, math.ceil(h.window - now % h.window)))
         return over
+
+    async def pace(self, hits: Sequence[Hit], burst: float) -> tuple[int, float] | None:
+        now = self.clock()
+        arrivals = self._arrivals
+        if now - self._swept >= 1.0:  # memory: what one second's requests can name
+            self._arrivals = arrivals = {k: t for k, t in arrivals.items() if t > now}
+            self._swept = now
+        admitted = []
+        for i, h in enumerate(hits):
+            tat, wait = paced(arrivals.get(h.key, now), now, _cost(h), burst)
+            if wait > 0:
+                return i, wait
+            admitted.append(tat)
+        for h, tat in zip(hits, admitted, strict=True):
+            arrivals[h.key] = tat
+        return None
 
     async def forget(self, values: Collection[str]) -> int:
         wanted = set(values)
@@ -159,6 +203,27 @@ end
 return {over, ttl}
 """
 
+# KEYS: one arrival time (ms) per hit; ARGV: burst (ms), then per hit its cost (ms). The same
+# rule as ``paced``, on Redis's clock (one clock for every replica). Returns {index, wait ms}
+# of the first hit without room (nothing changed), or {0, 0} (every key moved on).
+_PACE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+local burst = tonumber(ARGV[1])
+local moved = {}
+for i, key in ipairs(KEYS) do
+  local cost = tonumber(ARGV[i + 1])
+  local start = math.max(tonumber(redis.call('GET', key) or 0), now)
+  local wait = start - now + cost - math.max(burst, cost)
+  if wait > 0 then return {i, math.ceil(wait)} end
+  moved[i] = start + cost
+end
+for i, key in ipairs(KEYS) do
+  redis.call('SET', key, string.format('%.3f', moved[i]), 'PX', math.ceil(moved[i] - now) + 1000)
+end
+return {0, 0}
+"""
+
 # KEYS: one set per subject; ARGV: allowed, window, then per subject a count and its members.
 _MEMBERS = """
 local allowed = tonumber(ARGV[1])
@@ -195,6 +260,7 @@ class RedisCounters:
         self.prefix = prefix
         self.client = client
         self._hit = client.register_script(_HIT)
+        self._pace = client.register_script(_PACE)
         self._members = client.register_script(_MEMBERS)
 
     async def hit(self, hits: Sequence[Hit]) -> tuple[int, int] | None:
@@ -207,6 +273,17 @@ class RedisCounters:
         if not over:
             return None
         return int(over) - 1, max(1, int(ttl))
+
+    async def pace(self, hits: Sequence[Hit], burst: float) -> tuple[int, float] | None:
+        costs = [_cost(h) for h in hits]
+        closed = next((i for i, c in enumerate(costs) if math.isinf(c)), None)
+        if closed is not None:
+            return closed, 1.0
+        keys = [f"{self.prefix}:rl:pace:{h.key}" for h in hits]
+        over, wait = await self._pace(keys=keys, args=[burst * 1000, *(c * 1000 for c in costs)])
+        if not over:
+            return None
+        return int(over) - 1, int(wait) / 1000
 
     async def forget(self, values: Collection[str]) -> int:
         """A scan of the counters (they expire within a day: a bounded set), the identifier
@@ -283,10 +360,10 @@ class RateLimiter:
 
     limits: RateLimits
     store: CounterStore
-    # per-second limits known to be used up in this window: (src, net) key -> (monotonic
-    # end of the window, the hit). Counters only grow within a window, so every later
-    # request of that source or network is refused there too: without the round trip, and
-    # before its body is decoded (a flood costs little more than its bytes).
+    # paced budgets known to have no room: (src, net) key -> (monotonic time it has room
+    # again, the hit). Until then every request of that source or network is refused
+    # without the round trip and before its body is decoded (a flood costs little more than
+    # its bytes).
     _spent: dict[str, tuple[float, Hit]] = field(default_factory=dict)
     # The counters' store (Redis) is unreachable: limits fail open (they protect capacity;
     # what must not be lost, a withdrawal above all, must not wait on them), one log line
@@ -307,8 +384,8 @@ class RateLimiter:
         return result
 
     def refuse_early(self, tenant: str, source: str, ip: str) -> None:
-        """``RateLimited`` at once when the source's or network's per-second budget of this
-        window is known to be spent."""
+        """``RateLimited`` at once while the source's or network's paced budget is known to
+        have no room (a refusal said how long until it has)."""
         spent = self._spent
         if not spent:
             return
@@ -321,13 +398,11 @@ class RateLimiter:
                     raise self._refuse(tenant, source, hit, max(1, math.ceil(until - now)))
                 del spent[key]
 
-    def _remember_spent(self, hit: Hit, retry_after: int) -> None:
-        if hit.window != SECOND:
-            return
+    def _remember_spent(self, hit: Hit, wait: float) -> None:
+        now = time.monotonic()
         if len(self._spent) >= 10_000:  # a flood from many networks: forget the expired
-            now = time.monotonic()
             self._spent = {k: v for k, v in self._spent.items() if v[0] > now}
-        self._spent[hit.key.rsplit(":", 1)[0]] = (time.monotonic() + retry_after, hit)
+        self._spent[hit.key.rsplit(":", 1)[0]] = (now + wait, hit)
 
     def _refuse(self, tenant: str, source: str, hit: Hit, retry_after: int) -> RateLimited:
         RATE_LIMITED.labels(tenant, source, hit.limit).inc()
@@ -352,11 +427,11 @@ class RateLimiter:
             Hit("ip_requests_per_second", net + ":req", 1, lim.ip_requests_per_second, SECOND),
             Hit("ip_events_per_second", net + ":ev", events, lim.ip_events_per_second, SECOND),
         )
-        over = await self._counted(self.store.hit(hits))
-        if over is not None:
-            hit = hits[over[0]]
-            self._remember_spent(hit, over[1])
-            raise self._refuse(tenant, source, hit, over[1])
+        paced_out = await self._counted(self.store.pace(hits, lim.burst_seconds))
+        if paced_out is not None:
+            hit, wait = hits[paced_out[0]], paced_out[1]
+            self._remember_spent(hit, wait)
+            raise self._refuse(tenant, source, hit, max(1, math.ceil(wait)))
 
     async def check_consent(self, tenant: str, source: str, subjects: Sequence[str]) -> None:
         """Count one consent call for its client network (per hour: what bounds how many

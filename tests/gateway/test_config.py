@@ -299,3 +299,24 @@ def _problems_or_none(text: str, *, dev: bool) -> list[str]:
     except ConfigProblems as exc:
         return list(exc.problems)
     return []
+
+
+@pytest.mark.parametrize(
+    ("table", "expected"),
+    [
+        ("burst_seconds = 0", "rate_limits.burst_seconds: must be between 0.01 and 60"),
+        ("burst_seconds = 120.5", "rate_limits.burst_seconds: must be between 0.01 and 60"),
+        ("forwarded_hops = 11", "rate_limits.forwarded_hops: must be between 0 and 10"),
+        ("source_events_per_second = 0", "rate_limits.source_events_per_second: must be at least 1"),
+    ],
+)
+def test_rate_limits_out_of_range_are_named(table: str, expected: str) -> None:
+    from tests.conftest import TEST_CONFIG
+
+    with pytest.raises(ConfigProblems) as info:
+        parse_config(TEST_CONFIG.replace("[rate_limits]\n", f"[rate_limits]\n{table}\n"), dev=True)
+    assert expected in "\n".join(info.value.problems)
+    config = parse_config(
+        TEST_CONFIG.replace("[rate_limits]\n", "[rate_limits]\nburst_seconds = 0.25\n"), dev=True
+    )
+    assert config.rate_limits.burst_seconds == 0.25

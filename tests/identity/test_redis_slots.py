@@ -79,6 +79,7 @@ def test_rate_limit_scripts_take_one_slot_per_tenant(cluster: RedisCluster, tena
     counters = RedisCounters(cluster, "p")
     hits = [f"{{{tenant}}}:src:web:req", f"{{{tenant}}}:ip:10.0.0.0:ev", f"{{{tenant}}}:consent:k1.a"]
     assert one_slot([f"{counters.prefix}:rl:{h}:123" for h in hits])
+    assert one_slot([f"{counters.prefix}:rl:pace:{h}" for h in hits])  # the paced per-second keys
     assert one_slot([f"p:rl:ids:{{{tenant}}}:{p}:9" for p in PERSONS])
 
 
