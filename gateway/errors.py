@@ -214,6 +214,16 @@ def _overloaded(request: Request[Any, Any, Any], exc: OutboxFull) -> Response[An
     )
 
 
+def rate_limited_answer(exc: RateLimited, path: str) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
+    """The 429 of ``_rate_limited`` as the raw ASGI ingest handlers send it themselves:
+    status, JSON body and headers (a flood is answered without Litestar's exception layers)."""
+    metrics.REQUESTS_REFUSED.labels("rate_limited").inc()
+    headers = [(b"retry-after", str(exc.retry_after).encode())]
+    if path in CORS_ERROR_PATHS:
+        headers.append((b"access-control-allow-origin", b"*"))
+    return 429, msgspec.json.encode(error_body("rate_limited", exc.detail, exc.limit)), headers
+
+
 def _rate_limited(request: Request[Any, Any, Any], exc: RateLimited) -> Response[Any]:
     return error_response(
         429,

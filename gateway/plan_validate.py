@@ -28,6 +28,7 @@ from gateway.events import Envelope, Rejection, RejectMessage
 from gateway.ingest_http import (
     IngestContext,
     IngestHeaders,
+    answering_rate_limits,
     authenticate,
     read_body,
     send_json,
@@ -164,8 +165,10 @@ async def _validate_sensors(scope: HTTPScope, receive: Receive, send: Send) -> N
 
 # The handlers answer the request themselves (no mounted app): the scope is passed as is.
 VALIDATE_ROUTES = [
-    asgi(VALIDATE_PATH, name="validate_batch", copy_scope=False)(_validate),
-    asgi(SENSORS_VALIDATE_PATH, name="validate_sensors", copy_scope=False)(_validate_sensors),
+    asgi(VALIDATE_PATH, name="validate_batch", copy_scope=False)(answering_rate_limits(_validate)),
+    asgi(SENSORS_VALIDATE_PATH, name="validate_sensors", copy_scope=False)(
+        answering_rate_limits(_validate_sensors)
+    ),
 ]
 
 

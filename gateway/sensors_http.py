@@ -50,7 +50,14 @@ from gateway.cleaning import RequestOrigin
 from gateway.config import Limits, ResolvedSource, hash_write_key
 from gateway.errors import InvalidRequest
 from gateway.events import Rejection
-from gateway.ingest_http import IngestContext, IngestHeaders, ingest_response, log_rejections, read_body
+from gateway.ingest_http import (
+    IngestContext,
+    IngestHeaders,
+    answering_rate_limits,
+    ingest_response,
+    log_rejections,
+    read_body,
+)
 from gateway.logging import bind_source
 from gateway.openapi import JSON, error_response, limits_text, ref, register_structs
 from gateway.pipeline import IngestResult
@@ -218,8 +225,8 @@ async def _sensors(scope: HTTPScope, receive: Receive, send: Send) -> None:
 
 # The handler answers the request itself (no mounted app): the scope is passed as is.
 SENSORS_ROUTES = [
-    asgi("/sa", name="ingest_sensors", copy_scope=False)(_sensors),
-    asgi("/sa.gif", name="ingest_sensors_gif", copy_scope=False)(_sensors),
+    asgi("/sa", name="ingest_sensors", copy_scope=False)(answering_rate_limits(_sensors)),
+    asgi("/sa.gif", name="ingest_sensors_gif", copy_scope=False)(answering_rate_limits(_sensors)),
 ]
 
 
