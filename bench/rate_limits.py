@@ -8,20 +8,25 @@ does not slow another source's events.
    ``flood-web`` and ``quiet-app``, behind a pretend proxy (``forwarded_hops = 1``: the
    client networks come from ``X-Forwarded-For``). The quiet source sends batches of 10
    events at a steady rate from its network; the flood source sends batches of 100 as fast
-   as ``--flood-connections`` connections can from another. Four phases: quiet alone;
+   as ``--flood-connections`` connections can from another. Five phases: quiet alone;
    quiet beside a process that only burns the CPU the flood's client would (no request:
-   what the load generator's own CPU costs the gateway on this machine); quiet + flood with
-   the limits on; quiet + flood with ``enabled = false`` (what the flood does without
-   them). Printed: the quiet source's p50/p99/max latency and errors, the flood's answers
-   (2xx, 429) and accepted events/s, and the gateway's durable outbox commits in the phase
-   (``idgate_outbox_commit_seconds``: how many, their mean, and how many took over 25 ms):
-   every acknowledged request, the quiet source's too, waits for one.
+   what the load generator's own CPU costs the gateway on this machine); quiet beside the
+   flood source sending only its allowed share (its ``source_events_per_second``, 2,000,
+   as 20 batches of 100 a second, evenly: the work the limits let any flood make); quiet +
+   flood with the limits on; quiet + flood with ``enabled = false`` (what the flood does
+   without them). What the flood itself costs the quiet source is its latency under the
+   flood against its latency beside the allowed share. Printed: the quiet source's
+   p50/p99/max latency and errors, the flood's answers (2xx, 429) and accepted events/s,
+   and the gateway's durable outbox commits in the phase (``idgate_outbox_commit_seconds``:
+   how many, their mean, and how many took over 25 ms): every acknowledged request, the
+   quiet source's too, waits for one.
 
     .venv/bin/python bench/rate_limits.py [--seconds 10] [--quiet-rate 50] [--flood-connections 8]
                                           [--calls 20000] [--json]
 
-The flood and the quiet client run in this process, beside the gateway, on the same
-machine: on two cores they compete with it for CPU, so compare the phases with each other.
+The flood's client runs in a process of its own and the quiet client in this one, beside
+the gateway, on the same machine: on two cores they compete with it for CPU, so compare
+the phases with each other.
 """
 
 from __future__ import annotations
@@ -50,13 +55,14 @@ from gateway.rate_limits import MemoryCounters, RateLimiter, RedisCounters  # no
 REPO = Path(__file__).resolve().parent.parent
 REDIS_URL = os.environ.get("IDGATE_BENCH_REDIS_URL", "redis://127.0.0.1:6379/8")
 FLOOD_KEY, QUIET_KEY = "flood-key-0001", "quiet-key-0001"
+SOURCE_EVENTS_PER_SECOND = 2000  # the flood source's limit; its allowed share
 
 CONFIG = """
 [rate_limits]
 enabled = {enabled}
 forwarded_hops = 1
 source_requests_per_second = 200
-source_events_per_second = 2000
+source_events_per_second = {source_events}
 ip_requests_per_second = 100
 ip_events_per_second = 2000
 
@@ -130,7 +136,14 @@ def free_port() -> int:
 
 def start_gateway(tmp: Path, enabled: bool) -> tuple[subprocess.Popen[bytes], str]:
     config = tmp / f"idgate-{enabled}.toml"
-    config.write_text(CONFIG.format(enabled=str(enabled).lower(), flood=FLOOD_KEY, quiet=QUIET_KEY))
+    config.write_text(
+        CONFIG.format(
+            enabled=str(enabled).lower(),
+            flood=FLOOD_KEY,
+            quiet=QUIET_KEY,
+            source_events=SOURCE_EVENTS_PER_SECOND,
+        )
+    )
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("IDGATE_") and k != "REDIS_URL"}
     env.update(IDGATE_ENV="dev", IDGATE_LOG_LEVEL="WARNING", IDGATE_LOG_FORMAT="json")
@@ -216,6 +229,34 @@ async def flood_client(url: str, seconds: float, connections: int) -> dict[str, 
     return {**counts, "accepted_events_per_s": counts["events"] / seconds}
 
 
+async def polite_client(url: str, seconds: float, rate: float) -> dict[str, Any]:
+    """The flood source sending only what its limit admits: batches of 100 at ``rate`` a
+    second, evenly (one connection, from the flood's first network)."""
+    counts = {"ok": 0, "limited": 0, "other": 0, "events": 0}
+    body = json.dumps(batch(100)).encode()
+    headers = {"X-Forwarded-For": "203.0.113.1", "Content-Type": "application/json"}
+    async with httpx.AsyncClient(base_url=url, auth=(FLOOD_KEY, ""), timeout=30) as client:
+        start = time.monotonic()
+        n = 0
+        while (now := time.monotonic()) < start + seconds:
+            due = start + n / rate
+            if due > now:
+                await asyncio.sleep(due - now)
+            n += 1
+            fresh = body.replace(b'"messageId": "', f'"messageId": "{uuid.uuid4().hex[:6]}'.encode())
+            r = await client.post("/v1/batch", content=fresh, headers=headers)
+            if r.status_code == 200:
+                counts["ok"] += 1
+                counts["events"] += r.json().get("accepted", 0)
+            else:
+                counts["limited" if r.status_code == 429 else "other"] += 1
+    return {**counts, "accepted_events_per_s": counts["events"] / seconds}
+
+
+def run_polite(url: str, seconds: float, rate: float, out: Any) -> None:
+    out.put(asyncio.run(polite_client(url, seconds, rate)))
+
+
 def burn(seconds: float, out: Any) -> None:
     """The control: a process as busy as the flood's client, sending nothing."""
     end = time.monotonic() + seconds
@@ -249,16 +290,20 @@ def commits(url: str) -> tuple[float, float, float]:
     return count, total, count - fast
 
 
-def phase(url: str, args: argparse.Namespace, flood: bool | None) -> dict[str, Any]:
-    """``flood``: True, the flood; None, the CPU burner instead; False, the quiet source alone."""
+def phase(url: str, args: argparse.Namespace, flood: bool | str | None) -> dict[str, Any]:
+    """``flood``: True, the flood; "share", the flood source sending only its allowed share;
+    None, the CPU burner instead; False, the quiet source alone."""
     import multiprocessing
 
     flooder = None
     if flood is not False:
         results: Any = multiprocessing.get_context("spawn").Queue()
+        share = SOURCE_EVENTS_PER_SECOND / 100  # batches of 100 a second
         work: tuple[Any, tuple[Any, ...]] = (
             (run_flood, (url, args.seconds + 1, args.flood_connections, results))
-            if flood
+            if flood is True
+            else (run_polite, (url, args.seconds + 1, share, results))
+            if flood == "share"
             else (burn, (args.seconds + 1, results))
         )
         flooder = multiprocessing.get_context("spawn").Process(target=work[0], args=work[1])
@@ -305,11 +350,16 @@ def main() -> None:
     results: dict[str, Any] = {"cost_us": cost}
     with tempfile.TemporaryDirectory(prefix="idgate-bench-rl-") as tmp_name:
         tmp = Path(tmp_name)
-        kinds_by_limits: tuple[tuple[bool, tuple[bool | None, ...]], ...] = (
-            (True, (False, None, True)),
+        kinds_by_limits: tuple[tuple[bool, tuple[bool | str | None, ...]], ...] = (
+            (True, (False, None, "share", True)),
             (False, (True,)),
         )
-        names = {False: "quiet alone", None: "quiet + CPU burner", True: "quiet + flood"}
+        names = {
+            False: "quiet alone",
+            None: "quiet + CPU burner",
+            "share": "quiet + allowed share",
+            True: "quiet + flood",
+        }
         for enabled, kinds in kinds_by_limits:
             proc, url = start_gateway(tmp, enabled)
             try:
@@ -337,13 +387,13 @@ def main() -> None:
         "commit ms",
         "> 25 ms",
     )
-    print(f"{'phase':<30} " + " ".join(f"{c:>10}" for c in columns))
+    print(f"{'phase':<34} " + " ".join(f"{c:>10}" for c in columns))
     for name, r in results.items():
         if name == "cost_us":
             continue
         q, f, c = r["quiet"], r["flood"] or {}, r["commits"]
         print(
-            f"{name:<30} {q['p50_ms']:>8.1f}ms {q['p99_ms']:>8.1f}ms {q['max_ms']:>8.1f}ms {q['errors']:>10} "
+            f"{name:<34} {q['p50_ms']:>8.1f}ms {q['p99_ms']:>8.1f}ms {q['max_ms']:>8.1f}ms {q['errors']:>10} "
             f"{f.get('ok', '-'):>10} {f.get('limited', '-'):>10} {f.get('accepted_events_per_s', 0):>11,.0f}"
             f" {c['commits']:>10,.0f} {c['mean_ms']:>8.1f}ms {c['over_25ms']:>10,.0f}"
         )
