@@ -338,22 +338,31 @@ class RightsService:
             raise RightsError("not_open", f"request {while_open} is completed", "requestId", 409) from None
         return int(record.seq)
 
-    def _still_open(self, tenant: str, subject: str, request_id: str) -> Precondition:
-        completion = {"request_id": request_id, "event": "completed"}
+    def _unrecorded(
+        self, tenant: str, subject: str, wanted: dict[str, Any], refusal: Callable[[], Exception]
+    ) -> Precondition:
+        """A precondition, checked under the ledger's lock, that raises ``refusal()`` when a
+        ``rights_request`` record of ``subject`` whose detail holds ``wanted`` is in the ledger
+        or among the rows being appended with it."""
 
         def check(conn: sa.Connection, rows: Sequence[dict[str, Any]]) -> None:
             pending = any(
                 r["tenant"] == tenant
                 and r["record_type"] == "rights_request"
-                and completion.items() <= r["detail"].items()
+                and wanted.items() <= r["detail"].items()
                 for r in rows
             )
             if pending or self.consent.ledger.holds(
-                conn, tenant=tenant, record_type="rights_request", subject=subject, detail=completion
+                conn, tenant=tenant, record_type="rights_request", subject=subject, detail=wanted
             ):
-                raise AppendRefused(request_id)
+                raise refusal()
 
         return check
+
+    def _still_open(self, tenant: str, subject: str, request_id: str) -> Precondition:
+        """Refuses (``AppendRefused``) once the request has a completion."""
+        completion = {"request_id": request_id, "event": "completed"}
+        return self._unrecorded(tenant, subject, completion, lambda: AppendRefused(request_id))
 
     async def open(
         self,
@@ -619,21 +628,8 @@ class RightsService:
         is already recorded: two officers pausing at once record one pause, checked under the
         ledger's lock like a completion."""
         wanted = {"request_id": request.request_id, "event": "step", **marker}
-        subject = node_value(request.subject)
-
-        def check(conn: sa.Connection, rows: Sequence[dict[str, Any]]) -> None:
-            pending = any(
-                r["tenant"] == tenant
-                and r["record_type"] == "rights_request"
-                and wanted.items() <= r["detail"].items()
-                for r in rows
-            )
-            if pending or self.consent.ledger.holds(
-                conn, tenant=tenant, record_type="rights_request", subject=subject, detail=wanted
-            ):
-                raise ClockChanged(f"request {request.request_id}'s clock was just {done} by someone else")
-
-        return check
+        changed = f"request {request.request_id}'s clock was just {done} by someone else"
+        return self._unrecorded(tenant, node_value(request.subject), wanted, lambda: ClockChanged(changed))
 
     async def _complete_deletion(self, tenant: str, request_id: str, officer: str) -> RightsRequest:
         """A deletion is answered once every store was reached (its steps) and every
