@@ -11,6 +11,7 @@ replicas through Redis.
 from __future__ import annotations
 
 import re
+import time
 import uuid
 from pathlib import Path
 
@@ -169,6 +170,38 @@ def test_limits_hold_across_two_replicas(tmp_path: Path, redis_ns: RedisNamespac
         assert r.json()["field"] == "rate_limits.consent_records_per_subject_per_day"
         assert int(r.headers["Retry-After"]) >= 1
         assert 'limit="consent_records_per_subject_per_day"' in httpx.get(b.url + "/metrics").text
+    finally:
+        a.stop()
+        b.stop()
+
+
+@pytest.mark.slow
+def test_per_second_pacing_holds_across_two_replicas(tmp_path: Path, redis_ns: RedisNamespace) -> None:
+    """The paced per-second budget of one client network is one budget in Redis: what replica
+    A admitted, replica B does not admit again (2 a second with 1 s of burst: 2 at once)."""
+    config = limited_config(ip_requests_per_second=2, ip_events_per_second=1000)
+    a = make_gateway(tmp_path / "a", config=config, extra_env=redis_ns.env()).start()
+    b = make_gateway(tmp_path / "b", config=config, extra_env=redis_ns.env()).start()
+    try:
+        with a.client(MALL_WEB_KEY) as ca, b.client(MALL_WEB_KEY) as cb:
+
+            def track(client: httpx.Client) -> httpx.Response:
+                event = {"anonymousId": "pacer", "event": "Viewed", "messageId": uuid.uuid4().hex}
+                return client.post("/v1/track", json=event)
+
+            assert [track(ca).status_code, track(ca).status_code] == [200, 200]
+            refused = track(cb)
+            assert refused.status_code == 429, refused.text
+            assert refused.json()["field"] == "rate_limits.ip_requests_per_second"
+            assert refused.headers["Retry-After"] == "1"
+            # the budget refills at the rate, on one clock for both: B's turn comes within
+            # about half a second, not at the end of a window
+            deadline = time.monotonic() + 5
+            while (r := track(cb)).status_code == 429:
+                assert time.monotonic() < deadline, r.text
+                time.sleep(0.05)
+            assert r.status_code == 200
+            assert track(ca).status_code == 429  # and it was taken from A's budget too
     finally:
         a.stop()
         b.stop()
