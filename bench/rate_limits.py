@@ -42,6 +42,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -180,18 +181,33 @@ def batch(n: int) -> dict[str, Any]:
     }
 
 
+async def at_rate(seconds: float, rate: float) -> AsyncIterator[None]:
+    """Yields ``rate`` times a second, evenly, for ``seconds``."""
+    start = time.monotonic()
+    n = 0
+    while (now := time.monotonic()) < start + seconds:
+        due = start + n / rate
+        if due > now:
+            await asyncio.sleep(due - now)
+        n += 1
+        yield
+
+
+def count(r: httpx.Response, counts: dict[str, int]) -> None:
+    """One answer to the flood source: accepted (with its events), limited, or other."""
+    if r.status_code == 200:
+        counts["ok"] += 1
+        counts["events"] += r.json().get("accepted", 0)
+    else:
+        counts["limited" if r.status_code == 429 else "other"] += 1
+
+
 async def quiet_client(url: str, seconds: float, rate: float) -> dict[str, Any]:
     latencies: list[float] = []
     errors = 0
     headers = {"X-Forwarded-For": "198.51.100.10"}
     async with httpx.AsyncClient(base_url=url, auth=(QUIET_KEY, ""), timeout=30) as client:
-        start = time.monotonic()
-        n = 0
-        while (now := time.monotonic()) < start + seconds:
-            due = start + n / rate
-            if due > now:
-                await asyncio.sleep(due - now)
-            n += 1
+        async for _ in at_rate(seconds, rate):
             t0 = time.perf_counter()
             r = await client.post("/v1/batch", json=batch(10), headers=headers)
             latencies.append((time.perf_counter() - t0) * 1000)
@@ -216,14 +232,7 @@ async def flood_client(url: str, seconds: float, connections: int) -> dict[str, 
             end = time.monotonic() + seconds
             while time.monotonic() < end:
                 fresh = body.replace(b'"messageId": "', f'"messageId": "{uuid.uuid4().hex[:6]}'.encode())
-                r = await client.post("/v1/batch", content=fresh, headers=headers)
-                if r.status_code == 200:
-                    counts["ok"] += 1
-                    counts["events"] += r.json().get("accepted", 0)
-                elif r.status_code == 429:
-                    counts["limited"] += 1
-                else:
-                    counts["other"] += 1
+                count(await client.post("/v1/batch", content=fresh, headers=headers), counts)
 
     await asyncio.gather(*(one(i) for i in range(connections)))
     return {**counts, "accepted_events_per_s": counts["events"] / seconds}
@@ -236,20 +245,9 @@ async def polite_client(url: str, seconds: float, rate: float) -> dict[str, Any]
     body = json.dumps(batch(100)).encode()
     headers = {"X-Forwarded-For": "203.0.113.1", "Content-Type": "application/json"}
     async with httpx.AsyncClient(base_url=url, auth=(FLOOD_KEY, ""), timeout=30) as client:
-        start = time.monotonic()
-        n = 0
-        while (now := time.monotonic()) < start + seconds:
-            due = start + n / rate
-            if due > now:
-                await asyncio.sleep(due - now)
-            n += 1
+        async for _ in at_rate(seconds, rate):
             fresh = body.replace(b'"messageId": "', f'"messageId": "{uuid.uuid4().hex[:6]}'.encode())
-            r = await client.post("/v1/batch", content=fresh, headers=headers)
-            if r.status_code == 200:
-                counts["ok"] += 1
-                counts["events"] += r.json().get("accepted", 0)
-            else:
-                counts["limited" if r.status_code == 429 else "other"] += 1
+            count(await client.post("/v1/batch", content=fresh, headers=headers), counts)
     return {**counts, "accepted_events_per_s": counts["events"] / seconds}
 
 

@@ -25,6 +25,17 @@ T = TypeVar("T")
 POLL_SECONDS = 0.02
 
 
+class ManualClock:
+    """A ``time.time``-like clock the test moves by hand (``clock.now += 2``), for code that
+    takes its clock as a parameter: never a sleep."""
+
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
 class WaitTimeout(AssertionError):
     """The awaited condition did not hold before the deadline."""
 

@@ -5,18 +5,11 @@ ago; one snapshot a minute, a bounded number kept."""
 from __future__ import annotations
 
 from gateway.health import HealthHistory
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.waiting import ManualClock
 
 
 def test_the_last_hour_is_since_start_then_the_increase_over_an_hour() -> None:
-    clock = Clock()
+    clock = ManualClock()
     history = HealthHistory(clock)
     merges = 0.0
 
@@ -38,7 +31,7 @@ def test_the_last_hour_is_since_start_then_the_increase_over_an_hour() -> None:
 
 
 def test_a_tenant_or_figure_new_since_the_snapshot_counts_from_zero() -> None:
-    clock = Clock()
+    clock = ManualClock()
     history = HealthHistory(clock)
     history.note(["mall"], lambda t: {"merges": 5.0})
     clock.now += 3700

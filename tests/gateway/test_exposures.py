@@ -31,21 +31,14 @@ from tests.conftest import (
 )
 from tests.gateway.test_tracking_plan import metric, plan_config, seed_plan
 from tests.sensors.conftest import sensors_url
+from tests.waiting import ManualClock
 
 SECOND = 1000
 
 
 # -- the stores ---------------------------------------------------------------------------------
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def test_memory_sightings_repeat_within_the_window_and_a_retry_is_not_its_own_repeat() -> None:
-    clock = Clock()
+    clock = ManualClock()
     store = MemoryExposures(capacity=3, clock=clock)
 
     async def ask(*sightings: tuple[bytes, bytes]) -> list[bool]:

@@ -20,22 +20,15 @@ from tests.conftest import SHOP_SENSORS_TOKEN, RedisNamespace
 from tests.gateway.conftest import in_process_app
 from tests.security.test_rate_limits import limited_config
 from tests.sensors.conftest import encode, sensors_event
+from tests.waiting import ManualClock
 
 
 def per_second(key: str, amount: int = 1, allowed: int = 2) -> Hit:
     return Hit("ip_requests_per_second", key, amount, allowed, SECOND)
 
 
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def test_memory_pacing_admits_the_burst_then_the_rate() -> None:
-    clock = FakeClock()
+    clock = ManualClock()
     store = MemoryCounters(clock=clock)
 
     async def main() -> None:
@@ -55,7 +48,7 @@ def test_memory_pacing_admits_the_burst_then_the_rate() -> None:
 
 
 def test_memory_pacing_is_all_or_nothing_and_lets_a_large_request_through_at_rest() -> None:
-    clock = FakeClock()
+    clock = ManualClock()
     store = MemoryCounters(clock=clock)
 
     async def main() -> None:
@@ -78,7 +71,7 @@ def test_memory_pacing_is_all_or_nothing_and_lets_a_large_request_through_at_res
 
 
 def test_memory_pacing_forgets_keys_at_rest() -> None:
-    clock = FakeClock()
+    clock = ManualClock()
     store = MemoryCounters(clock=clock)
 
     async def main() -> None:
