@@ -15,7 +15,7 @@ from urllib.parse import quote
 import pytest
 from litestar.testing import TestClient
 
-from gateway.rate_limits import SECOND, CounterStore, Hit, MemoryCounters, RedisCounters
+from gateway.rate_limits import SECOND, CounterStore, Hit, MemoryCounters, RateLimited, RedisCounters
 from tests.conftest import SHOP_SENSORS_TOKEN, RedisNamespace
 from tests.gateway.conftest import in_process_app
 from tests.security.test_rate_limits import limited_config
@@ -147,3 +147,37 @@ def test_sensors_flood_is_refused_with_an_answer_the_browser_can_read(tmp_path) 
         assert "ip_requests_per_second = 2" in r.json()["detail"]
         metrics = client.get("/metrics").text
         assert 'idgate_requests_refused_total{error="rate_limited"}' in metrics
+
+
+@pytest.mark.redis
+def test_limits_fail_open_while_redis_is_unreachable_with_one_log_line(redis_ns: RedisNamespace) -> None:
+    """The README's promise: the limits protect capacity, so while their store is down every
+    request passes (a withdrawal never waits on them), logged once per outage."""
+    import redis.asyncio as aioredis
+    from structlog.testing import capture_logs
+
+    from gateway.config import RateLimits
+    from gateway.rate_limits import RateLimiter
+
+    limits = RateLimits(ip_requests_per_second=1, source_requests_per_second=1)
+
+    async def main() -> None:
+        down = aioredis.from_url("redis://127.0.0.1:1/0", socket_connect_timeout=0.5)
+        up = aioredis.from_url(redis_ns.url)
+        limiter = RateLimiter(limits, RedisCounters(down, redis_ns.prefix))
+        try:
+            with capture_logs() as logs:
+                for _ in range(5):  # over 1 a second: all pass while the store is down
+                    await limiter.check_request("shop", "web", "203.0.113.0", 1)
+                limiter.store = RedisCounters(up, redis_ns.prefix)
+                await limiter.check_request("shop", "web", "203.0.113.0", 1)
+                with pytest.raises(RateLimited):  # back: the limit holds again
+                    for _ in range(3):
+                        await limiter.check_request("shop", "web", "203.0.113.0", 1)
+            events = [e["event"] for e in logs if e["event"].startswith("rate_limits.")]
+            assert events == ["rate_limits.store_unavailable", "rate_limits.store_back"]
+        finally:
+            await down.aclose()
+            await up.aclose()
+
+    asyncio.run(main())
