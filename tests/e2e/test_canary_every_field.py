@@ -20,6 +20,7 @@ import sqlite3
 import uuid
 from contextlib import ExitStack
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
 import httpx
@@ -216,7 +217,13 @@ def test_no_personal_data_in_any_field_reaches_any_store_or_sink(
                         lambda: r.xlen(f"{redis_ns.prefix}:events") >= 6, timeout=30, what="the Redis stream"
                     )
                     r.close()
-                sensors = [e for e in gw.sink_lines() if "sensors" in e.get("context", {})]
+
+                def sensors_lines() -> list[dict[str, Any]] | None:
+                    found = [e for e in gw.sink_lines() if "sensors" in e.get("context", {})]
+                    return found if len(found) >= 2 else None
+
+                # sent after the Segment batch, they may reach the sink in a later delivery
+                sensors = wait_until(sensors_lines, timeout=30, what="both Sensors events in the JSONL sink")
                 assert len(sensors) == 2
             finally:
                 gw.stop()
