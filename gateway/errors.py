@@ -225,13 +225,12 @@ def rate_limited_answer(exc: RateLimited, path: str) -> tuple[int, bytes, list[t
 
 
 def _rate_limited(request: Request[Any, Any, Any], exc: RateLimited) -> Response[Any]:
-    return error_response(
-        429,
-        "rate_limited",
-        exc.detail,
-        exc.limit,
-        headers={"Retry-After": str(exc.retry_after)},
-        request=request,
+    status, body, headers = rate_limited_answer(exc, request.scope["path"])
+    return Response(
+        body,
+        status_code=status,
+        headers={k.decode(): v.decode() for k, v in headers},
+        media_type="application/json",
     )
 
 

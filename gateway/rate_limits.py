@@ -107,15 +107,17 @@ def paced(tat: float, now: float, cost: float, burst: float) -> tuple[float, flo
     return start + cost, max(0.0, start - now + cost - max(burst, cost))
 
 
-def _cost(hit: Hit) -> float:
-    """Seconds of its key's budget the hit takes (``inf`` when nothing is allowed)."""
-    return hit.amount / hit.allowed if hit.allowed > 0 else math.inf
+def _closed(hits: Sequence[Hit]) -> tuple[int, float] | None:
+    """The first hit whose key allows nothing (refused, retry in a second), or None: every
+    hit then has a finite cost, ``amount / allowed`` seconds of its key's budget."""
+    return next(((i, 1.0) for i, h in enumerate(hits) if h.allowed <= 0), None)
 
 
 @dataclass
 class MemoryCounters:
     """Counters of one process (embedded mode). Each window's table is replaced when the
-    window ends, so memory is bounded by what one window can see."""
+    window ends, and paced keys are dropped once at rest, so memory is bounded by what one
+    window (or one burst) can see."""
 
     clock: Callable[[], float] = time.time
     _windows: dict[int, tuple[int, dict[str, int]]] = field(default_factory=dict)
@@ -143,6 +145,8 @@ class MemoryCounters:
         return over
 
     async def pace(self, hits: Sequence[Hit], burst: float) -> tuple[int, float] | None:
+        if (closed := _closed(hits)) is not None:
+            return closed
         now = self.clock()
         arrivals = self._arrivals
         if now - self._swept >= 1.0:  # memory: what one second's requests can name
@@ -150,7 +154,7 @@ class MemoryCounters:
             self._swept = now
         admitted = []
         for i, h in enumerate(hits):
-            tat, wait = paced(arrivals.get(h.key, now), now, _cost(h), burst)
+            tat, wait = paced(arrivals.get(h.key, now), now, h.amount / h.allowed, burst)
             if wait > 0:
                 return i, wait
             admitted.append(tat)
@@ -275,12 +279,11 @@ class RedisCounters:
         return int(over) - 1, max(1, int(ttl))
 
     async def pace(self, hits: Sequence[Hit], burst: float) -> tuple[int, float] | None:
-        costs = [_cost(h) for h in hits]
-        closed = next((i for i, c in enumerate(costs) if math.isinf(c)), None)
-        if closed is not None:
-            return closed, 1.0
+        if (closed := _closed(hits)) is not None:
+            return closed
         keys = [f"{self.prefix}:rl:pace:{h.key}" for h in hits]
-        over, wait = await self._pace(keys=keys, args=[burst * 1000, *(c * 1000 for c in costs)])
+        costs = [h.amount * 1000 / h.allowed for h in hits]
+        over, wait = await self._pace(keys=keys, args=[burst * 1000, *costs])
         if not over:
             return None
         return int(over) - 1, int(wait) / 1000

@@ -181,3 +181,15 @@ def test_limits_fail_open_while_redis_is_unreachable_with_one_log_line(redis_ns:
             await up.aclose()
 
     asyncio.run(main())
+
+
+def test_a_key_that_allows_nothing_admits_nothing() -> None:
+    store = MemoryCounters(clock=ManualClock())
+
+    async def main() -> None:
+        closed = per_second("{t}:src:off:req", allowed=0)
+        for _ in range(3):
+            assert await store.pace([per_second("{t}:ip:a:req"), closed], 1.0) == (1, 1.0)
+        assert store._arrivals == {}  # and charged nothing to the other key
+
+    asyncio.run(main())
