@@ -1257,12 +1257,10 @@ class Ingestor:
             origin=origin,
         )
         try:
-            if len(envs) < YIELD_FROM_EVENTS:
-                for stage in self.stages:
-                    await stage(self.services, batch)
-            else:
-                for stage in self.stages:
-                    await stage(self.services, batch)
+            yielding = len(envs) >= YIELD_FROM_EVENTS
+            for stage in self.stages:
+                await stage(self.services, batch)
+                if yielding:
                     await asyncio.sleep(0)
         finally:
             if batch.claim is not None and not batch.appended:
