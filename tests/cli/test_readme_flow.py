@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import re
 import subprocess
-import time
 from pathlib import Path
 
 from tests.cli.conftest import ServeFactory
 from tests.conftest import ROOT, jsonl_records
+from tests.waiting import wait_until
 
 README = ROOT / "README.md"
 
@@ -49,10 +49,13 @@ def test_the_readme_happy_path_shows_one_person_across_the_login(tmp_path: Path,
     outputs = []
     for i, block in enumerate(blocks):
         if i == len(blocks) - 1:  # "a moment later": delivery runs in the background
-            deadline = time.monotonic() + 20
-            while len([e for e in sink_events(gw.data_dir) if "unified_id" in e.get("context", {})]) < 3:
-                assert time.monotonic() < deadline, sink_events(gw.data_dir)
-                time.sleep(0.1)
+            wait_until(
+                lambda: (
+                    len([e for e in sink_events(gw.data_dir) if "unified_id" in e.get("context", {})]) >= 3
+                ),
+                timeout=20,
+                what="three events with their unified ID in the sink",
+            )
         script = block.replace("127.0.0.1:8080", f"127.0.0.1:{gw.port}")
         done = subprocess.run(
             ["bash", "-euo", "pipefail", "-c", script],

@@ -16,6 +16,7 @@ import sqlalchemy as sa
 
 from tests.cli.conftest import clean_env
 from tests.conftest import DATABASE_URL, ROOT, RedisNamespace, free_port, jsonl_records
+from tests.waiting import wait_until
 
 SCRIPT = ROOT / "deploy" / "run_distributed.py"
 pytestmark = [pytest.mark.postgres, pytest.mark.redis, pytest.mark.slow]
@@ -62,11 +63,11 @@ def test_two_local_replicas_share_consent_dedupe_and_delivery(
         again = httpx.post(f"{one}/v1/track", auth=auth, json=event, timeout=10).json()
         assert (again["accepted"], again["duplicates"]) == (0, 1)  # one dedupe window
 
-        deadline = time.monotonic() + 30
-        delivered: list[dict] = []
-        while not delivered and time.monotonic() < deadline:
-            delivered = jsonl_records(sorted(data.glob("replica-*/sinks/warehouse/*.jsonl")))
-            time.sleep(0.1)
+        delivered = wait_until(
+            lambda: jsonl_records(sorted(data.glob("replica-*/sinks/warehouse/*.jsonl"))),
+            timeout=30,
+            what="the event in a replica's sink",
+        )
         assert [e["messageId"] for e in delivered] == ["d-1"]
 
         proc.send_signal(signal.SIGINT)  # Ctrl-C
