@@ -418,12 +418,14 @@ class Gateway:
     def wait_for_sink(
         self, message_ids: set[str], destination: str = "warehouse", timeout: float = 20
     ) -> list[dict]:
-        deadline = time.monotonic() + timeout
-        while True:
-            lines = [e for e in self.sink_lines(destination) if e["messageId"] in message_ids]
-            if {e["messageId"] for e in lines} >= message_ids or time.monotonic() > deadline:
-                return lines
-            time.sleep(0.05)
+        """The sink lines of ``message_ids`` once every one of them is there; fails at the
+        timeout naming how many are missing."""
+
+        def lines() -> list[dict]:
+            found = [e for e in self.sink_lines(destination) if e["messageId"] in message_ids]
+            return found if {e["messageId"] for e in found} >= message_ids else []
+
+        return wait_until(lines, timeout, f"{len(message_ids)} message id(s) in the {destination!r} sink")
 
     def wait_past(
         self,

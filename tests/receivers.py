@@ -174,15 +174,6 @@ class Receiver:
         self.stop()
 
     # -- reading -----------------------------------------------------------------------------
-    def wait_for(self, count: int, timeout: float = 10.0) -> bool:
-        """Wait until ``count`` distinct message ids arrived; False on timeout."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if len(self.message_ids) >= count:
-                return True
-            time.sleep(0.02)
-        return len(self.message_ids) >= count
-
     def stats(self) -> dict[str, Any]:
         with self._lock:
             return {

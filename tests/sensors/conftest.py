@@ -24,6 +24,7 @@ from tests.conftest import (
     missing,
     require_marker,
 )
+from tests.waiting import wait_until
 
 MINIPROGRAM = Path(__file__).resolve().parent / "miniprogram"
 
@@ -69,13 +70,14 @@ def wait_for(
     destination: str = "warehouse",
     timeout: float = 20,
 ) -> list[dict[str, Any]]:
-    """The sink lines matching ``predicate``, once there are ``count`` of them (or at the timeout)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        lines = [e for e in gw.sink_lines(destination) if predicate(e)]
-        if len(lines) >= count or time.monotonic() > deadline:
-            return lines
-        time.sleep(0.05)
+    """The sink lines matching ``predicate`` once there are at least ``count`` of them; fails
+    at the timeout."""
+
+    def lines() -> list[dict[str, Any]]:
+        found = [e for e in gw.sink_lines(destination) if predicate(e)]
+        return found if len(found) >= count else []
+
+    return wait_until(lines, timeout, f"{count} matching line(s) in the {destination!r} sink")
 
 
 def current_persons(unified: list[str], lines: list[dict[str, Any]]) -> set[str]:
