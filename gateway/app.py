@@ -224,6 +224,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
                 exposures=open_exposures(redis_client, settings.redis_prefix),
             ),
             on_appended=delivery.notify,
+            coalesce=settings.ingest_coalesce,
         )
         rate_limiter = open_rate_limiter(config.rate_limits, redis_client, settings.redis_prefix)
         ingestor.services.rate_limiter = rate_limiter

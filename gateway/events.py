@@ -96,6 +96,9 @@ class Envelope:
     # The tracking plan's event id it matched ("" when unplanned or without a plan): one name
     # across protocols, delivered in context.idgate.event.
     plan_event: str = ""
+    # Which request of a coalesced batch the event came in (IngestBatch.results): 0 for a
+    # batch of one request. ``index`` is its position within that request.
+    request: int = 0
 
 
 class Rejection(msgspec.Struct, omit_defaults=True):

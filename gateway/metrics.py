@@ -22,6 +22,11 @@ _FAMILIES: dict[str, tuple[str, tuple[str, ...]]] = {
     "accepted": ("Messages durably accepted", ("tenant", "source")),
     "duplicate": ("Messages dropped as duplicates of an earlier messageId", ("tenant", "source")),
     "rejected": ("Messages rejected as invalid", ("tenant", "source", "error")),
+    "coalesced": (
+        "Requests (not messages) run as one batch with other small requests of their source "
+        "that arrived together; each is still answered with its own counts",
+        ("tenant", "source"),
+    ),
     "dropped": (
         "Messages not stored: no lawful basis or destination, an erased subject (erased), "
         "a bot or crawler (bot), internal or QA traffic (internal)",

@@ -501,7 +501,9 @@ class IngestResult:
 
 @dataclass
 class IngestBatch:
-    """One request's events on their way through the stages."""
+    """One request's events on their way through the stages, or several small requests' of
+    one source run as one batch (``Ingestor``): each event's ``request`` names whose result
+    and origin are its own."""
 
     src: ResolvedSource
     envelopes: list[Envelope]
@@ -522,17 +524,30 @@ class IngestBatch:
     appended: bool = False
     # the request's User-Agent and client address (gateway.cleaning): checked, never stored
     origin: RequestOrigin | None = None
+    # per request of a coalesced batch (by Envelope.request): its result and origin; a batch
+    # of one request has [result] and [origin]
+    results: list[IngestResult] = field(default_factory=list)
+    origins: list[RequestOrigin | None] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.results:
+            self.results = [self.result]
+            self.origins = [self.origin]
 
     def reject(self, env: Envelope, error: str, detail: str, field_name: str | None) -> None:
-        self.result.rejected.append(Rejection(env.index, error, detail, field_name, env.event.message_id))
+        self.results[env.request].rejected.append(
+            Rejection(env.index, error, detail, field_name, env.event.message_id)
+        )
 
     def refuse_assertion(self, env: Envelope, reason: str, detail: str, field_name: str | None) -> None:
         """An assertion the sender could not back (the event itself goes on)."""
-        self.result.refused.append(Rejection(env.index, reason, detail, field_name, env.event.message_id))
+        self.results[env.request].refused.append(
+            Rejection(env.index, reason, detail, field_name, env.event.message_id)
+        )
         metrics.INGEST.add("refused_assertion", (self.src.tenant.id, reason))
 
-    def drop(self, reason: str) -> None:
-        self.result.dropped[reason] += 1
+    def drop(self, env: Envelope, reason: str) -> None:
+        self.results[env.request].dropped[reason] += 1
         metrics.INGEST.add("dropped", (self.src.tenant.id, reason))
 
 
@@ -575,9 +590,9 @@ async def clean_traffic(s: IngestServices, batch: IngestBatch) -> None:
     cleaner = cleaner_for(tenant)
     kept = []
     for env in batch.envelopes:
-        reason = drop_reason(env.event, batch.src, batch.origin, cleaner)
+        reason = drop_reason(env.event, batch.src, batch.origins[env.request], cleaner)
         if reason is not None:
-            batch.drop(reason)
+            batch.drop(env, reason)
             continue
         if cleaner.has_skewed_timestamp(env.event):
             env.flags.append(TIMESTAMP_SKEW)
@@ -642,7 +657,7 @@ async def pseudonymise(s: IngestServices, batch: IngestBatch) -> None:
         if env.blocked:
             metrics.INGEST.add("identifier_blocked", (src.tenant.id,), env.blocked)
         if internal and any(i.value in internal for i in env.identifiers):
-            batch.drop("internal")  # a QA account's event (gateway.cleaning)
+            batch.drop(env, "internal")  # a QA account's event (gateway.cleaning)
             continue
         establish_standing(env, src, verifier, batch.pseudonymiser, now)
         refused = env.standing.refused
@@ -677,7 +692,7 @@ async def drop_erased(s: IngestServices, batch: IngestBatch) -> None:
     kept = []
     for env in envs:
         if any(v in erased for v in named(env)):
-            batch.drop("erased")
+            batch.drop(env, "erased")
         else:
             kept.append(env)
     batch.envelopes = kept
@@ -722,7 +737,8 @@ async def check_plan(s: IngestServices, batch: IngestBatch) -> None:
     scrubber = scrubber_for(tenant)
     kept: list[Envelope] = []
     held: list[ViolationRecord] = []
-    reports = batch.result.plan_violations
+    # each held record's event (whose request is told when no store keeps it)
+    held_from: dict[int, Envelope] = {}
     # (plan event or unplanned, unplanned name) -> [seen, valid]: counted once per batch
     counts: dict[tuple[str, str], list[int]] = {}
     for env in batch.envelopes:
@@ -748,7 +764,9 @@ async def check_plan(s: IngestServices, batch: IngestBatch) -> None:
         for v in found:
             add("plan_violation", (*labels, verdict.event, v.rule))
         action = _REPORTED[verdict.action]
-        reports.append(PlanReport(env.index, verdict.event, action, found, ev.message_id))
+        batch.results[env.request].plan_violations.append(
+            PlanReport(env.index, verdict.event, action, found, ev.message_id)
+        )
         if monitor is not None:
             tail = TailEntry(now_ms, src.source.id, verdict.event, action, found, name, ev.message_id)
             monitor.note(tenant.id, tail)
@@ -758,7 +776,8 @@ async def check_plan(s: IngestServices, batch: IngestBatch) -> None:
             continue
         if verdict.action == "block":
             scrub_personal_data(env, tenant, batch.pseudonymiser)
-            held.append(_violation_record(s, batch, env, verdict, plan.version))
+            held.append(record := _violation_record(s, batch, env, verdict, plan.version))
+            held_from[id(record)] = env
             continue
         # omit: the record keeps the event as it came (scrubbed on a copy: the event goes on
         # to the transform stage, which scrubs it once)
@@ -766,7 +785,8 @@ async def check_plan(s: IngestServices, batch: IngestBatch) -> None:
             env, event=_decode_event(s.encoder.encode(ev)), pseudonyms=set(env.pseudonyms)
         )
         scrub_personal_data(as_sent, tenant, batch.pseudonymiser)
-        held.append(_violation_record(s, batch, as_sent, verdict, plan.version))
+        held.append(record := _violation_record(s, batch, as_sent, verdict, plan.version))
+        held_from[id(record)] = env
         props = ev.properties or {}
         for prop in verdict.omit:
             props.pop(prop, None)
@@ -778,12 +798,12 @@ async def check_plan(s: IngestServices, batch: IngestBatch) -> None:
         if monitor is not None:
             monitor.count(tenant.id, src.source.id, event, name, seen=seen, valid=valid, at_ms=now_ms)
     if held and s.violations is None:  # nowhere to keep them (a bare pipeline): refused, the client knows
-        _refuse_unkept(batch, held, "breaks the tracking plan")
+        _refuse_unkept(batch, held, held_from, "breaks the tracking plan")
     elif held and s.violations is not None:
         unkept = await asyncio.to_thread(s.violations.keep, held)
         if unkept:  # the store is at its bound: the client is told, nothing is lost silently
             log.warning("plan.violation_store_full", tenant=tenant.id, records=len(unkept))
-            _refuse_unkept(batch, unkept, "breaks the tracking plan; the violation store is full")
+            _refuse_unkept(batch, unkept, held_from, "breaks the tracking plan; the violation store is full")
             held = [r for r in held if r not in unkept]
         blocked = sum(1 for r in held if r.action == "kept")
         if blocked:
@@ -795,15 +815,13 @@ async def check_plan(s: IngestServices, batch: IngestBatch) -> None:
         await monitor.flush_if_due()
 
 
-def _refuse_unkept(batch: IngestBatch, records: Sequence[ViolationRecord], detail: str) -> None:
+def _refuse_unkept(
+    batch: IngestBatch, records: Sequence[ViolationRecord], held_from: Mapping[int, Envelope], detail: str
+) -> None:
     """Blocked events no store kept: rejected to the client (which may send them again)."""
-    reports = batch.result.plan_violations
     for record in records:
         if record.action == "kept":
-            index = next(r.index for r in reports if r.message_id == record.message_id)
-            batch.result.rejected.append(
-                Rejection(index, "plan_violation", detail, "properties", record.message_id)
-            )
+            batch.reject(held_from[id(record)], "plan_violation", detail, "properties")
 
 
 def _unplanned_name(ev: Event, key: str, scrubber: EventScrubber, pseudonymiser: Pseudonymiser) -> str:
@@ -851,9 +869,9 @@ async def claim_message_ids(s: IngestServices, batch: IngestBatch) -> None:
         if status is ClaimStatus.NEW:
             kept.append(env)
         elif status is ClaimStatus.DUPLICATE:
-            batch.result.duplicates += 1
+            batch.results[env.request].duplicates += 1
         else:  # another request is storing this message id right now: the client retries
-            batch.result.in_flight += 1
+            batch.results[env.request].in_flight += 1
     batch.envelopes = kept
     batch.claimed = list(kept)
 
@@ -985,7 +1003,7 @@ async def decide_consent(s: IngestServices, batch: IngestBatch) -> None:
     batch.linking = []
     for env, query, decision in zip(envs, queries, decisions, strict=True):
         if decision.dropped_reason is not None or not decision.destinations:
-            batch.drop(decision.dropped_reason or "no_destination")
+            batch.drop(env, decision.dropped_reason or "no_destination")
             continue
         env.destinations = decision.destinations
         env.consent_proof = decision.proof
@@ -1135,13 +1153,13 @@ async def collapse_exposures(s: IngestServices, batch: IngestBatch) -> None:
             assert spec is not None
             props = env.event.properties or {}
             if spec.list_key is None:
-                batch.drop(EXPOSURE_REPEAT)
+                batch.drop(env, EXPOSURE_REPEAT)
                 continue
             items = props[spec.list_key]
             gone = set(seen)
             props[spec.list_key] = [item for i, item in enumerate(items) if i not in gone]
             if not props[spec.list_key]:
-                batch.drop(EXPOSURE_REPEAT)
+                batch.drop(env, EXPOSURE_REPEAT)
                 continue
             env.flags.append(EXPOSURE_REPEAT_ITEMS)
         kept.append(env)
@@ -1175,7 +1193,8 @@ async def append(s: IngestServices, batch: IngestBatch) -> None:
         return
     await s.outbox.append(batch.records, claim=batch.claim)
     batch.appended = True
-    batch.result.accepted += len(batch.envelopes)
+    for env in batch.envelopes:
+        batch.results[env.request].accepted += 1
 
 
 async def detach_identifiers(s: IngestServices, batch: IngestBatch) -> None:
@@ -1219,9 +1238,43 @@ STAGES: tuple[Stage, ...] = (
 # costs about as much as a stage does on one event).
 YIELD_FROM_EVENTS = 20
 
+# Requests of fewer events than this, of one source, that reach the pipeline in the same
+# turn of the event loop run as one batch (Ingestor): each stage's fixed cost, the dedupe
+# claim and the identity and KPI round trips are paid once for the lot.
+COALESCE_BELOW_EVENTS = YIELD_FROM_EVENTS
+# ... up to this many events in one coalesced batch
+COALESCE_MAX_EVENTS = 500
+
+
+@dataclass
+class IngestRequest:
+    """One request's part of a batch: its events, the result it answers, its origin."""
+
+    envelopes: list[Envelope]
+    result: IngestResult
+    origin: RequestOrigin | None = None
+
+
+@dataclass(eq=False)
+class _Coalesced:
+    """Small requests of one source gathered for one run (``Ingestor._join``)."""
+
+    src: ResolvedSource
+    requests: list[IngestRequest]
+    events: int
+    run: asyncio.Task[None] | None = None
+
+
+def _coalescable(envs: Sequence[Envelope]) -> bool:
+    """Consent events are recorded with their request's client network (the per-network
+    consent limit reads it from the request's context): they run in their own batch."""
+    return not any(_is_consent_event(e) for e in envs)
+
 
 class Ingestor:
-    """Runs ``STAGES`` over one request's events."""
+    """Runs ``STAGES`` over one request's events; with ``coalesce``, small requests of one
+    source that arrive in the same turn of the event loop run as one batch, each request
+    answered with exactly its own counts, rejections and findings."""
 
     def __init__(
         self,
@@ -1229,10 +1282,16 @@ class Ingestor:
         *,
         stages: Sequence[Stage] = STAGES,
         on_appended: Callable[[], None] | None = None,
+        coalesce: bool = False,
     ) -> None:
         self.services = services
         self.stages = tuple(stages)
         self.on_appended = on_appended
+        self.coalesce = coalesce
+        # (tenant, source) -> the batch still taking requests (its run has not started)
+        self._open: dict[tuple[str, str], _Coalesced] = {}
+        # runs in progress, held until done (the loop keeps only weak references to tasks)
+        self._runs: set[asyncio.Task[None]] = set()
 
     async def ingest(
         self,
@@ -1242,19 +1301,74 @@ class Ingestor:
         *,
         origin: RequestOrigin | None = None,
     ) -> IngestResult:
+        request = IngestRequest(envs, result, origin)
+        if self.coalesce and 0 < len(envs) < COALESCE_BELOW_EVENTS and _coalescable(envs):
+            await self._join(src, request)
+        else:
+            await self._run(src, [request])
+        return result
+
+    async def _join(self, src: ResolvedSource, request: IngestRequest) -> None:
+        """Join the source's open batch, or open one: its run is a task that starts once the
+        requests already waiting for the event loop have had their turn (each joins it when
+        it gets here). Every member awaits the run shielded, so a client that goes away
+        cancels its own wait, never the others' events."""
+        key = (src.tenant.id, src.source.id)
+        group = self._open.get(key)
+        size = len(request.envelopes)
+        if group is not None and group.src is src and group.events + size <= COALESCE_MAX_EVENTS:
+            group.requests.append(request)
+            group.events += size
+        else:
+            group = _Coalesced(src, [request], len(request.envelopes))
+            self._open[key] = group
+            group.run = asyncio.create_task(self._run_group(key, group))
+            self._runs.add(group.run)
+            group.run.add_done_callback(self._ran)
+        assert group.run is not None
+        await asyncio.shield(group.run)
+
+    def _ran(self, task: asyncio.Task[None]) -> None:
+        self._runs.discard(task)
+        # the error is its members' to answer; when every one of them went away first, it
+        # is read here, so asyncio does not report it as never retrieved
+        if not task.cancelled():
+            task.exception()
+
+    async def _run_group(self, key: tuple[str, str], group: _Coalesced) -> None:
+        if self._open.get(key) is group:
+            del self._open[key]  # later requests open the next batch
+        if len(group.requests) > 1:
+            metrics.INGEST.add("coalesced", key, len(group.requests))
+            # the lines this run logs are every member's: no one request's id
+            structlog.contextvars.bind_contextvars(request_id=f"coalesced-{len(group.requests)}")
+        await self._run(group.src, group.requests)
+
+    async def _run(self, src: ResolvedSource, requests: list[IngestRequest]) -> None:
         counts = metrics.INGEST
         labels = (src.tenant.id, src.source.id)
-        counts.add("received", labels, result.received)
         keyring = self.services.keyring
         tenant = src.tenant.id
+        if len(requests) == 1:
+            envs = requests[0].envelopes
+        else:
+            envs = []
+            for i, request in enumerate(requests):
+                for env in request.envelopes:
+                    env.request = i
+                envs += request.envelopes
+        for request in requests:
+            counts.add("received", labels, request.result.received)
         batch = IngestBatch(
             src,
             envs,
-            result,
+            requests[0].result,
             keyring.pseudonymiser(tenant),
             keyring.older_pseudonymisers(tenant),
             keyring.anchor(tenant).internal(MESSAGE_ID),
-            origin=origin,
+            origin=requests[0].origin,
+            results=[r.result for r in requests],
+            origins=[r.origin for r in requests],
         )
         try:
             yielding = len(envs) >= YIELD_FROM_EVENTS
@@ -1266,15 +1380,18 @@ class Ingestor:
             if batch.claim is not None and not batch.appended:
                 # nothing acknowledged: the client's retry must not be taken for a duplicate
                 await self._release(batch.claim)
-        for r in result.rejected:
-            counts.add("rejected", (*labels, r.error))
-        if result.accepted:
-            counts.add("accepted", labels, result.accepted)
-            if self.on_appended is not None:
-                self.on_appended()
-        if result.duplicates:
-            counts.add("duplicate", labels, result.duplicates)
-        return result
+        appended = False
+        for request in requests:
+            result = request.result
+            for r in result.rejected:
+                counts.add("rejected", (*labels, r.error))
+            if result.accepted:
+                counts.add("accepted", labels, result.accepted)
+                appended = True
+            if result.duplicates:
+                counts.add("duplicate", labels, result.duplicates)
+        if appended and self.on_appended is not None:
+            self.on_appended()
 
     async def _release(self, claim: Claim) -> None:
         """Best effort: when the store that holds the claims is down, they expire on their

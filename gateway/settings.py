@@ -171,6 +171,9 @@ class Settings:
     # proxy that does not say so).
     console_session_minutes: int = 30
     console_secure_cookie: bool = False
+    # Small ingest requests (under 20 events) of one source arriving together run as one
+    # batch through the pipeline, each answered with its own counts (gateway.pipeline.Ingestor).
+    ingest_coalesce: bool = True
 
     @property
     def dev(self) -> bool:
@@ -275,4 +278,5 @@ class Settings:
             http=HttpLimits.from_env(),
             console_session_minutes=max(1, _env_int("IDGATE_CONSOLE_SESSION_MINUTES", 30)),
             console_secure_cookie=_env_int("IDGATE_CONSOLE_SECURE_COOKIE", 0) == 1,
+            ingest_coalesce=_env_int("IDGATE_INGEST_COALESCE", 1) == 1,
         )
