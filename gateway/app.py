@@ -44,6 +44,7 @@ from gateway.delivery_setup import (
 )
 from gateway.errors import exception_handlers
 from gateway.exposures import open_exposures
+from gateway.hot_routes import IdgateApp
 from gateway.identity_setup import notice_publisher, open_identity
 from gateway.ingest_http import INGEST_ROUTES, IngestContext, document_ingest_routes
 from gateway.logging import request_context
@@ -375,7 +376,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
                 await redis_client.aclose()
             log.info("gateway.stopped")
 
-    app = Litestar(
+    app = IdgateApp(
         route_handlers=[
             *INGEST_ROUTES,
             *SENSORS_ROUTES,
@@ -407,6 +408,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
         debug=False,
         logging_config=None,  # gateway.logging configures structlog JSON for everything
     )
+    if settings.hot_routes:
+        app.route_hot([*INGEST_ROUTES, *SENSORS_ROUTES, *VALIDATE_ROUTES])
     # The document is built now, from this configuration (its limits), not on the first request.
     openapi = app.openapi_schema
     document_ingest_routes(openapi, config.limits)

@@ -174,6 +174,9 @@ class Settings:
     # Small ingest requests (under 20 events) of one source arriving together run as one
     # batch through the pipeline, each answered with its own counts (gateway.pipeline.Ingestor).
     ingest_coalesce: bool = True
+    # The ingest endpoints' requests go straight to their handlers, in the app's middleware
+    # and exception handling, instead of through Litestar's router (gateway.hot_routes).
+    hot_routes: bool = True
 
     @property
     def dev(self) -> bool:
@@ -279,4 +282,5 @@ class Settings:
             console_session_minutes=max(1, _env_int("IDGATE_CONSOLE_SESSION_MINUTES", 30)),
             console_secure_cookie=_env_int("IDGATE_CONSOLE_SECURE_COOKIE", 0) == 1,
             ingest_coalesce=_env_int("IDGATE_INGEST_COALESCE", 1) == 1,
+            hot_routes=_env_int("IDGATE_HOT_ROUTES", 1) == 1,
         )
