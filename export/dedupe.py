@@ -65,7 +65,20 @@ class RedisDedupe:
         if not keys:
             return []
         result = await self._claim(keys=list(keys), args=[self.claim_seconds])
-        return [ClaimStatus(int(x)) for x in result]
+        statuses = [ClaimStatus(int(x)) for x in result]
+        if len(set(keys)) < len(keys):
+            # A message id twice in one call (a batch, or requests run as one): a later copy
+            # is a duplicate of the first when that one is new (the script saw its own
+            # pending mark: "in flight"), else whatever the first is. The embedded outbox
+            # answers the same.
+            first: dict[str, ClaimStatus] = {}
+            for i, key in enumerate(keys):
+                if key not in first:
+                    first[key] = statuses[i]
+                else:
+                    status = first[key]
+                    statuses[i] = ClaimStatus.DUPLICATE if status is ClaimStatus.NEW else status
+        return statuses
 
     async def confirm(self, keys: Sequence[str]) -> None:
         if not keys:

@@ -27,6 +27,13 @@ def test_claim_confirm_release(redis_ns: RedisNamespace) -> None:
         await d.release([k2])
         assert await d.claim([k1, k2]) == [ClaimStatus.DUPLICATE, ClaimStatus.NEW]
         assert 55 <= await client.ttl(k1) <= 60
+        # one id twice in one call: the later copy is the first's duplicate (as embedded), or
+        # in flight / a duplicate like the first when another request holds it / stored it
+        k4 = d.key("src", "m4")
+        assert await d.claim([k4, k3, k4]) == [ClaimStatus.NEW, ClaimStatus.IN_FLIGHT, ClaimStatus.DUPLICATE]
+        assert await d.claim([k3, k3]) == [ClaimStatus.IN_FLIGHT, ClaimStatus.IN_FLIGHT]
+        assert await d.claim([k1, k1]) == [ClaimStatus.DUPLICATE, ClaimStatus.DUPLICATE]
+        await d.release([k4])
 
         # A claim whose owner died expires, and the retry is then accepted. The claim's TTL
         # must really run out (1 s, the shortest claim_seconds takes): poll Redis for it.
@@ -71,11 +78,18 @@ def test_two_replicas_share_dedupe_and_in_flight_is_retryable(tmp_path, redis_ns
             )
             assert r.status_code == 503 and r.headers["Retry-After"]
             assert r.json()["inFlight"] == 1 and r.json()["accepted"] == 1
+            # One id twice in one batch: stored once, the copy answered as its duplicate
+            # (it was "in flight" behind its own first copy: a 503 the client could only
+            # resolve by retrying)
+            twice = mid()
+            r = ca.post("/v1/batch", json={"batch": [{**event, "type": "track", "messageId": twice}] * 2})
+            assert r.status_code == 200 and (r.json()["accepted"], r.json()["duplicates"]) == (1, 1), r.text
         # Had either replica stored m twice, the copy would be delivered before a later
         # event of its own: wait for one through each replica, then count.
         a.wait_past()
         b.wait_past()
-        assert [e["messageId"] for e in a.sink_lines() + b.sink_lines()].count(m) == 1
+        delivered = [e["messageId"] for e in a.sink_lines() + b.sink_lines()]
+        assert delivered.count(m) == 1 and delivered.count(twice) == 1
     finally:
         a.stop()
         b.stop()
