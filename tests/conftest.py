@@ -420,6 +420,8 @@ class Gateway:
     ) -> list[dict]:
         """The sink lines of ``message_ids`` once every one of them is there; fails at the
         timeout naming how many are missing."""
+        if not message_ids:
+            raise ValueError("wait_for_sink needs the message ids to wait for")
 
         def lines() -> list[dict]:
             found = [e for e in self.sink_lines(destination) if e["messageId"] in message_ids]

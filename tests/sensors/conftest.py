@@ -73,6 +73,9 @@ def wait_for(
     """The sink lines matching ``predicate`` once there are at least ``count`` of them; fails
     at the timeout."""
 
+    if count < 1:
+        raise ValueError("wait_for needs at least one line to wait for")
+
     def lines() -> list[dict[str, Any]]:
         found = [e for e in gw.sink_lines(destination) if predicate(e)]
         return found if len(found) >= count else []
