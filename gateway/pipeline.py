@@ -522,17 +522,16 @@ class IngestBatch:
     changes: list[GraphChange] = field(default_factory=list)
     records: list[OutboxRecord] = field(default_factory=list)
     appended: bool = False
-    # the request's User-Agent and client address (gateway.cleaning): checked, never stored
-    origin: RequestOrigin | None = None
-    # per request of a coalesced batch (by Envelope.request): its result and origin; a batch
-    # of one request has [result] and [origin]
+    # per request (by Envelope.request; a batch of one request has [result]): its result,
+    # and its User-Agent and client address (gateway.cleaning: checked, never stored)
     results: list[IngestResult] = field(default_factory=list)
     origins: list[RequestOrigin | None] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.results:
             self.results = [self.result]
-            self.origins = [self.origin]
+        if not self.origins:
+            self.origins = [None] * len(self.results)
 
     def reject(self, env: Envelope, error: str, detail: str, field_name: str | None) -> None:
         self.results[env.request].rejected.append(
@@ -1320,7 +1319,7 @@ class Ingestor:
             group.requests.append(request)
             group.events += size
         else:
-            group = _Coalesced(src, [request], len(request.envelopes))
+            group = _Coalesced(src, [request], size)
             self._open[key] = group
             group.run = asyncio.create_task(self._run_group(key, group))
             self._runs.add(group.run)
@@ -1366,7 +1365,6 @@ class Ingestor:
             keyring.pseudonymiser(tenant),
             keyring.older_pseudonymisers(tenant),
             keyring.anchor(tenant).internal(MESSAGE_ID),
-            origin=requests[0].origin,
             results=[r.result for r in requests],
             origins=[r.origin for r in requests],
         )
