@@ -35,7 +35,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -337,6 +337,21 @@ def jsonl_records(paths: Iterable[Path]) -> list[dict]:
     return out
 
 
+def wait_ready(proc: subprocess.Popen[bytes], url: str, timeout: float, exited: Callable[[], str]) -> None:
+    """Poll ``url``'s /readyz until it answers 200; fail at once, with ``exited()``, when
+    ``proc`` ends first, and at the deadline otherwise."""
+
+    def ready() -> bool:
+        if proc.poll() is not None:
+            raise AssertionError(exited())
+        try:
+            return httpx.get(url + "/readyz", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    wait_until(ready, timeout, f"{url}/readyz to answer 200", interval=0.1)
+
+
 @dataclass
 class Gateway:
     """A real `idgate serve` process with its own data directory and captured log."""
@@ -373,17 +388,8 @@ class Gateway:
             env=self.env,
             cwd=ROOT,
         )
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"gateway exited: {self.log_path.read_text()}")
-            try:
-                if httpx.get(self.url + "/readyz", timeout=1).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        raise RuntimeError("gateway did not become ready")
+        wait_ready(self.proc, self.url, 30, lambda: f"gateway exited: {self.log_path.read_text()}")
+        return self
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -7,15 +7,14 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx
 import pytest
 
-from tests.conftest import IDGATE, ROOT, free_port
+from tests.conftest import IDGATE, ROOT, free_port, wait_ready
+from tests.waiting import WaitTimeout
 
 EXAMPLE_CONFIG = ROOT / "idgate.example.toml"
 
@@ -67,17 +66,16 @@ class Served:
         return self.err_path.read_text(errors="replace")
 
     def wait_ready(self, timeout: float = 30) -> Served:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"idgate serve exited {self.proc.returncode}:\n{self.stderr()}")
-            try:
-                if httpx.get(self.url + "/readyz", timeout=1).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        raise AssertionError(f"idgate serve did not become ready:\n{self.stderr()}")
+        try:
+            wait_ready(
+                self.proc,
+                self.url,
+                timeout,
+                lambda: f"idgate serve exited {self.proc.returncode}:\n{self.stderr()}",
+            )
+        except WaitTimeout as exc:
+            raise AssertionError(f"idgate serve did not become ready:\n{self.stderr()}") from exc
+        return self
 
     def wait_exit(self, timeout: float = 30) -> int:
         return self.proc.wait(timeout=timeout)

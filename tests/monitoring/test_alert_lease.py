@@ -15,6 +15,7 @@ from export.alert_history import ChannelDelivery
 from export.alerts import AlertEvaluator, AlertRule, Notice, Notifier, RedisLease, RedisStateStore
 from export.kpis import KpiReport, KpiWindow, WindowValue
 from tests.conftest import RedisNamespace
+from tests.waiting import async_wait_until
 
 TTL_MS = 300
 
@@ -88,13 +89,12 @@ def evaluator(
 async def within(
     seconds: float, check: asyncio.Event | None = None, answers: list[bool] | None = None
 ) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + seconds
-    while loop.time() < deadline:
-        if (check is not None and check.is_set()) or (answers is not None and False in answers):
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"not within {seconds} s")
+    """Until ``check`` is set, or a lease renewal in ``answers`` found the lease taken."""
+    await async_wait_until(
+        lambda: (check is not None and check.is_set()) or (answers is not None and False in answers),
+        seconds,
+        "the notification to begin" if check is not None else "a renewal to find the lease taken",
+    )
 
 
 def test_a_round_longer_than_the_lease_keeps_it(redis_ns: RedisNamespace) -> None:
