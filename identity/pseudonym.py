@@ -21,6 +21,7 @@ IDs keep resolving, and rotating to a new version is the migration to derivation
 from __future__ import annotations
 
 import base64
+import binascii
 import hashlib
 import hmac
 import json
@@ -41,6 +42,7 @@ DOMAIN = "domain"
 MESSAGE_ID = "message-id"
 INTERNAL_PURPOSES = (UNIFIED_ID, DOMAIN, MESSAGE_ID)
 ALIAS_CACHE_LIMIT = 200_000
+_URLSAFE = bytes.maketrans(b"+/", b"-_")
 
 
 class KeyError_(Exception):
@@ -60,20 +62,24 @@ class InvalidKeyMaterial(KeyError_):
 class Pseudonymiser:
     """Maps a normalised identifier value to an opaque, stable pseudonym."""
 
-    __slots__ = ("_base", "_prefix", "version")
+    __slots__ = ("_copy", "_prefix", "version")
 
     def __init__(self, key: bytes, version: int) -> None:
         if len(key) < MIN_KEY_BYTES:
             raise InvalidKeyMaterial(f"pseudonymisation keys need at least {MIN_KEY_BYTES} bytes")
-        # Keying the HMAC once and copying it per value skips the key schedule on the hot path.
-        self._base = hmac.new(key, digestmod=hashlib.sha256)
+        # Keying the HMAC once and copying it per value skips the key schedule on the hot
+        # path. With OpenSSL, hmac.HMAC wraps a C object with the same copy/update/digest:
+        # copying that one skips the wrapper's Python-level copy (about 0.7 us a value).
+        base = hmac.new(key, digestmod=hashlib.sha256)
+        self._copy = (getattr(base, "_hmac", None) or base).copy
         self._prefix = f"k{version}."
         self.version = version
 
     def __call__(self, value: str) -> str:
-        mac = self._base.copy()
+        mac = self._copy()
         mac.update(value.encode("utf-8", "surrogatepass"))
-        return self._prefix + base64.urlsafe_b64encode(mac.digest()[:16]).rstrip(b"=").decode("ascii")
+        # 16 bytes are 22 base64 characters and two "=" of padding
+        return self._prefix + binascii.b2a_base64(mac.digest()[:16])[:22].translate(_URLSAFE).decode("ascii")
 
     def __repr__(self) -> str:  # never show key material
         return f"Pseudonymiser(version={self.version})"

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import base64
+import hashlib
+import hmac
 import json
 
 import pytest
@@ -15,6 +17,24 @@ def test_pseudonyms_are_stable_keyed_and_versioned() -> None:
     assert p("user-1").startswith("k3.") and len(p("user-1")) == 3 + 22
     assert p("user-1") != p("user-2")
     assert Pseudonymiser(b"j" * 32, 3)("user-1") != p("user-1")  # another tenant's key
+
+
+def test_pseudonyms_are_the_documented_hmac() -> None:
+    """What stored data and every replica depend on: ``k<v>.`` + the first 16 bytes of
+    HMAC-SHA-256(key, the value's UTF-8) in unpadded base64url, whichever way it is computed."""
+    key = b"k" * 32
+    p = Pseudonymiser(key, 3)
+    values = ["user-1", "13800138000", "微信用户", "\udcff-lone-surrogate", "x" * 5000] + [
+        f"u-{n}" for n in range(200)
+    ]
+    outputs = []
+    for value in values:
+        mac = hmac.new(key, value.encode("utf-8", "surrogatepass"), hashlib.sha256).digest()[:16]
+        expected = "k3." + base64.urlsafe_b64encode(mac).rstrip(b"=").decode("ascii")
+        assert p(value) == expected
+        outputs.append(expected)
+    # the URL-safe alphabet's own two characters were among them
+    assert any("-" in o for o in outputs) and any("_" in o for o in outputs)
 
 
 def test_short_keys_refused_and_keys_never_in_repr() -> None:
