@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import gc
 import json
 import os
 import secrets
@@ -189,6 +190,15 @@ def _banner(settings: Settings, config: Config, base: str) -> list[str]:
     return lines
 
 
+def tune_runtime(settings: Settings) -> None:
+    """The interpreter settings ``serve`` runs with: the GIL switch interval and the cycle
+    collector's young-generation threshold (each left at CPython's default when 0)."""
+    if settings.gil_switch_interval_seconds > 0:
+        sys.setswitchinterval(settings.gil_switch_interval_seconds)
+    if settings.gc_gen0_threshold > 0:
+        gc.set_threshold(settings.gc_gen0_threshold, *gc.get_threshold()[1:])
+
+
 @main.command()
 @click.option(
     "--config",
@@ -224,8 +234,7 @@ def serve(config_path: Path | None, host: str, port: int, data_dir: Path | None)
         config = load_config(settings.config_path, dev=settings.dev)
     except (SettingsError, ConfigProblems, InvalidKeyMaterial, MissingKey, InvalidLedgerKey) as exc:
         fail(f"cannot start: {exc}")
-    if settings.gil_switch_interval_seconds > 0:
-        sys.setswitchinterval(settings.gil_switch_interval_seconds)
+    tune_runtime(settings)
     shown_host = f"[{host}]" if ":" in host else host
     for line in _banner(settings, config, f"http://{shown_host}:{port}"):
         click.echo(line)

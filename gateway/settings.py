@@ -130,6 +130,11 @@ class Settings:
     # loop shares the GIL with the outbox commit thread and the delivery threads; a short
     # interval lets a finished fsync hand its result back without waiting 5 ms.
     gil_switch_interval_seconds: float
+    # Allocations between two young-generation collections of CPython's cycle collector
+    # (CPython default 700). A batch of 100 events keeps a few thousand containers alive at
+    # once, so at 700 the collector runs several times per batch and traverses them all;
+    # almost none of them are cyclic garbage (reference counting frees them).
+    gc_gen0_threshold: int
     # How often to sign a checkpoint over new consent-ledger records.
     checkpoint_seconds: float
     # Backpressure: past this many undelivered events ingest answers 503 with Retry-After.
@@ -263,6 +268,7 @@ class Settings:
             delivery_batch_size=_env_int("IDGATE_DELIVERY_BATCH", 2000),
             delivery_poll_seconds=_env_int("IDGATE_DELIVERY_POLL_MS", 200) / 1000,
             gil_switch_interval_seconds=_env_int("IDGATE_GIL_SWITCH_US", 200) / 1_000_000,
+            gc_gen0_threshold=max(0, _env_int("IDGATE_GC_GEN0_THRESHOLD", 50_000)),
             checkpoint_seconds=max(1, _env_int("IDGATE_CHECKPOINT_SECONDS", 300)),
             outbox_max_pending=max(1, _env_int("IDGATE_OUTBOX_MAX_PENDING", 1_000_000)),
             violations_max_records=max(1, _env_int("IDGATE_VIOLATIONS_MAX_RECORDS", 100_000)),

@@ -4,14 +4,20 @@ and logs that read well on a console in dev and are JSON elsewhere."""
 
 from __future__ import annotations
 
+import gc
 import json
+import os
 import socket
+import sys
 from pathlib import Path
 
 import httpx
+import pytest
 
 from consent.signing import new_ledger_key_b64
+from gateway.cli import tune_runtime
 from gateway.config import hash_write_key, load_config
+from gateway.settings import Settings
 from identity.pseudonym import new_key_document
 from tests.cli.conftest import EXAMPLE_CONFIG, ServeFactory, clean_env
 
@@ -134,3 +140,36 @@ def test_a_busy_port_is_refused_before_touching_the_data_directory(
     (message,) = gw.stderr().splitlines()
     assert f"127.0.0.1:{port}" in message and "in use" in message
     assert not (tmp_path / "var").exists()
+
+
+def test_serve_tunes_the_interpreter_from_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``IDGATE_GC_GEN0_THRESHOLD`` and ``IDGATE_GIL_SWITCH_US`` reach the interpreter (only
+    the collector's young generation changes); 0 leaves CPython's own values."""
+    saved_interval, saved_threshold = sys.getswitchinterval(), gc.get_threshold()
+    for name in [k for k in os.environ if k.startswith("IDGATE_")] + ["REDIS_URL", "DATABASE_URL"]:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("IDGATE_ENV", "dev")
+
+    def tuned(gc_threshold: str, switch_us: str) -> tuple[float, tuple[int, int, int]]:
+        monkeypatch.setenv("IDGATE_GC_GEN0_THRESHOLD", gc_threshold)
+        monkeypatch.setenv("IDGATE_GIL_SWITCH_US", switch_us)
+        tune_runtime(Settings.from_env(config_path=EXAMPLE_CONFIG, data_dir=tmp_path))
+        return sys.getswitchinterval(), gc.get_threshold()
+
+    try:
+        gc.set_threshold(700, 10, 10)
+        sys.setswitchinterval(0.005)
+        interval, threshold = tuned("12345", "300")
+        assert threshold == (12345, 10, 10)
+        assert interval == pytest.approx(0.0003)
+        gc.set_threshold(700, 10, 10)
+        sys.setswitchinterval(0.005)
+        assert tuned("0", "0") == (pytest.approx(0.005), (700, 10, 10))
+    finally:
+        gc.set_threshold(*saved_threshold)
+        sys.setswitchinterval(saved_interval)
+    assert Settings.from_env(config_path=EXAMPLE_CONFIG, data_dir=tmp_path).gc_gen0_threshold == 0
+    monkeypatch.delenv("IDGATE_GC_GEN0_THRESHOLD")
+    assert Settings.from_env(config_path=EXAMPLE_CONFIG, data_dir=tmp_path).gc_gen0_threshold == 50_000
