@@ -112,7 +112,7 @@ def time_check(envs: list[Envelope], batch_size: int) -> float:
     async def run() -> float:
         start = time.perf_counter()
         for part in batches:
-            await check_plan(services, IngestBatch(SOURCE, list(part), IngestResult(len(part)), KEY))
+            await check_plan(services, IngestBatch(SOURCE, list(part), [IngestResult(len(part))], KEY))
         return time.perf_counter() - start
 
     return asyncio.run(run()) / len(envs)

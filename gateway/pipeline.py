@@ -507,7 +507,8 @@ class IngestBatch:
 
     src: ResolvedSource
     envelopes: list[Envelope]
-    result: IngestResult
+    # per request (by Envelope.request; one request: [its result]): what it is answered
+    results: list[IngestResult]
     pseudonymiser: Pseudonymiser
     # the older live key versions, newest first (empty: one version, no alias look-ups)
     older: tuple[Pseudonymiser, ...] = ()
@@ -522,14 +523,10 @@ class IngestBatch:
     changes: list[GraphChange] = field(default_factory=list)
     records: list[OutboxRecord] = field(default_factory=list)
     appended: bool = False
-    # per request (by Envelope.request; a batch of one request has [result]): its result,
-    # and its User-Agent and client address (gateway.cleaning: checked, never stored)
-    results: list[IngestResult] = field(default_factory=list)
+    # per request: its User-Agent and client address (gateway.cleaning: checked, never stored)
     origins: list[RequestOrigin | None] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        if not self.results:
-            self.results = [self.result]
         if not self.origins:
             self.origins = [None] * len(self.results)
 
@@ -1361,11 +1358,10 @@ class Ingestor:
         batch = IngestBatch(
             src,
             envs,
-            requests[0].result,
+            [r.result for r in requests],
             keyring.pseudonymiser(tenant),
             keyring.older_pseudonymisers(tenant),
             keyring.anchor(tenant).internal(MESSAGE_ID),
-            results=[r.result for r in requests],
             origins=[r.origin for r in requests],
         )
         try:

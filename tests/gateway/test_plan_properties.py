@@ -95,7 +95,7 @@ def run_check(src: ResolvedSource, props: dict[str, Any], tmp_path: Path) -> tup
     store = SqliteViolations(tmp_path / f"{uuid.uuid4().hex}.sqlite3")
     try:
         services: Any = SimpleNamespace(encoder=msgspec.json.Encoder(), violations=store, plan_monitor=None)
-        batch = IngestBatch(src, list(envs), IngestResult(1), KEY)
+        batch = IngestBatch(src, list(envs), [IngestResult(1)], KEY)
         asyncio.run(check_plan(services, batch))
         return batch, before, store.list("prop")
     finally:
@@ -128,14 +128,14 @@ def test_omit_forwards_with_exactly_the_bad_properties_removed(
         return
     batch, before, kept = run_check(OMITTING, props, tmp_path)
     if fits(props):
-        assert len(batch.envelopes) == 1 and not kept and not batch.result.plan_violations
+        assert len(batch.envelopes) == 1 and not kept and not batch.results[0].plan_violations
         assert msgspec.json.encode(batch.envelopes[0].event) == before
         return
     required_ok = fits({k: v for k, v in props.items() if k not in ("sku", "name", "currency")})
     (record,) = kept
     if not required_ok:  # removing cannot fix a required property: blocked
         assert batch.envelopes == [] and record.action == "kept"
-        assert batch.result.plan_violations[0].action == "kept"
+        assert batch.results[0].plan_violations[0].action == "kept"
         return
     bad = bad_optional(props)
     (env,) = batch.envelopes
@@ -143,7 +143,7 @@ def test_omit_forwards_with_exactly_the_bad_properties_removed(
     assert record.action == "omitted"
     assert {f.path.removeprefix("properties.") for f in record.findings} == bad
     assert msgspec.json.decode(record.payload)["properties"] == props  # the record keeps them
-    assert batch.result.plan_violations[0].action == "omitted"
+    assert batch.results[0].plan_violations[0].action == "omitted"
 
 
 @settings(
@@ -164,14 +164,14 @@ def test_valid_events_pass_unchanged_and_violating_ones_are_kept(
         return
     batch, before, kept = run_check(SOURCE, props, tmp_path)
     if fits(props):
-        assert len(batch.envelopes) == 1 and not kept and not batch.result.plan_violations
+        assert len(batch.envelopes) == 1 and not kept and not batch.results[0].plan_violations
         assert msgspec.json.encode(batch.envelopes[0].event) == before  # unchanged
     else:
         assert batch.envelopes == []
-        assert [r.message_id for r in kept] == [batch.result.plan_violations[0].message_id]
+        assert [r.message_id for r in kept] == [batch.results[0].plan_violations[0].message_id]
         assert kept[0].findings and all(f.path.startswith("properties") for f in kept[0].findings)
         assert kept[0].action == "kept"
-        assert batch.result.plan_violations[0].action == "kept"
+        assert batch.results[0].plan_violations[0].action == "kept"
 
 
 def test_a_closed_event_refuses_unplanned_properties_but_not_sdk_presets() -> None:
@@ -282,7 +282,7 @@ def run_message(
     store = SqliteViolations(tmp_path / f"{uuid.uuid4().hex}.sqlite3")
     try:
         services: Any = SimpleNamespace(encoder=msgspec.json.Encoder(), violations=store, plan_monitor=None)
-        batch = IngestBatch(src, [env], IngestResult(1), KEY)
+        batch = IngestBatch(src, [env], [IngestResult(1)], KEY)
         asyncio.run(check_plan(services, batch))
         return batch, event_before, before, store.list("prop")
     finally:
@@ -306,7 +306,7 @@ PROPERTY_SETTINGS = settings(
 def test_any_event_valid_under_the_seed_plan_passes_block_unchanged(tmp_path: Path, drawn: Any) -> None:
     event, name, props = drawn
     batch, before, encoded, kept = run_message(SOURCE, segment_message(name, props), tmp_path)
-    assert not kept and not batch.result.plan_violations, [r.findings for r in kept]
+    assert not kept and not batch.results[0].plan_violations, [r.findings for r in kept]
     (env,) = batch.envelopes
     assert msgspec.json.encode(env.event) == encoded  # unchanged
     assert env.plan_event == event.id
@@ -346,7 +346,7 @@ def test_any_event_breaking_the_seed_plan_is_kept_or_trimmed_of_exactly_its_bad_
     event, message, how, key = drawn
     batch, before, _, kept = run_message(OMITTING if omitting else SOURCE, message, tmp_path)
     (record,) = kept
-    [report] = batch.result.plan_violations
+    [report] = batch.results[0].plan_violations
     assert report.message_id == record.message_id
     if how == "unplanned":
         assert [(f.rule, f.path) for f in record.findings] == [("unplanned", "event")]
