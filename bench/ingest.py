@@ -989,8 +989,13 @@ def fmt(v: float | None, spec: str) -> str:
     return "n/a" if v is None else format(v, spec)
 
 
+def kind_label(kind: str) -> str:
+    """``single`` or ``batch100``: how a kind of load is named in phases and reports."""
+    return "single" if kind == "single" else f"batch{BATCH_SIZE}"
+
+
 def phase_name(prefix: str, kind: str) -> str:
-    return f"{prefix} {'single' if kind == 'single' else f'batch{BATCH_SIZE}'}"
+    return f"{prefix} {kind_label(kind)}"
 
 
 def new_result(name: str, target: str, kind: str, args: argparse.Namespace, users: int = 0) -> PhaseResult:
@@ -1111,13 +1116,13 @@ def print_targets(
     phase, the round with the median rate: consent enforced for users who granted it) when
     the consent set ran, else from the gateway with enforcement off."""
     by = {r.scenario: r for r in results + consent_results}
-    bare_single, bare_batch = by.get("bare single"), by.get(f"bare batch{BATCH_SIZE}")
+    bare_single, bare_batch = by.get(phase_name("bare", "single")), by.get(phase_name("bare", "batch"))
     # over several rounds, the enforced batch phase with the median end-to-end rate
     enforced = sorted(
         (r for r in consent_results if r.scenario == phase_name("enforced", "batch")),
         key=lambda r: end_to_end(r)[0] or 0.0,
     )
-    full = enforced[len(enforced) // 2] if enforced else by.get(f"gateway batch{BATCH_SIZE}")
+    full = enforced[len(enforced) // 2] if enforced else by.get(phase_name("gateway", "batch"))
     rows: list[tuple[str, str, str, bool | None]] = []
     e2e: float | None = None
     sustained: bool | None = None
@@ -1432,7 +1437,7 @@ def median_losses(
     side did not run."""
     out: dict[str, tuple[float | None, float, float, float | None]] = {}
     for kind in ("single", "batch"):
-        key = "single" if kind == "single" else f"batch{BATCH_SIZE}"
+        key = kind_label(kind)
         runs = {
             name: [r for r in results if r.scenario == phase_name(name, kind)] for name in (base, variant)
         }
