@@ -11,6 +11,11 @@ client is a cluster (``hash_tag``), so a single server's keys stay exactly as th
 where the keys of one script cannot share a slot (one per pseudonym, say) the store runs the
 script once per slot (``slot_groups``), which is fine wherever each key's change stands on
 its own.
+
+The asyncio client packs commands with hiredis (``packed_connection_class``), as redis-py's
+synchronous client already does: redis-py's asyncio connections pack each argument in
+Python (about 1.7 us each), which put a sixth of a distributed replica's CPU into packing
+the delivery commits' and the erasure checks' arguments. The bytes are the same.
 """
 
 from __future__ import annotations
@@ -18,6 +23,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
+
+import hiredis
+from redis.exceptions import DataError
 
 CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
 URL_SCHEMES = ("redis", "rediss", "unix", *CLUSTER_SCHEMES)
@@ -52,14 +60,56 @@ def open_redis(url: str, **options: Any) -> Any:
 
 
 def open_async_redis(url: str, **options: Any) -> Any:
-    """An asyncio client: redis.asyncio.Redis, or redis.asyncio.cluster.RedisCluster."""
+    """An asyncio client: redis.asyncio.Redis, or redis.asyncio.cluster.RedisCluster.
+
+    A single server's connections pack commands with hiredis (the URL still chooses TCP,
+    TLS or a Unix socket); a cluster's keep redis-py's packing (its nodes' connection class
+    is fixed by redis-py)."""
     if is_cluster_url(url):
         from redis.asyncio.cluster import RedisCluster
 
         return RedisCluster.from_url(cluster_seed(url), **options)
     import redis.asyncio as aioredis
 
-    return aioredis.from_url(url, **options)
+    client = aioredis.from_url(url, **options)
+    pool = client.connection_pool
+    pool.connection_class = packed_connection_class(pool.connection_class)
+    return client
+
+
+def _hiredis_pack(args: tuple[Any, ...]) -> bytes:
+    """One command in the Redis protocol, as redis-py's synchronous hiredis serializer packs
+    it: a command name with spaces (``"CONFIG GET"``) split into words, buffers as bytes."""
+    head = args[0]
+    if isinstance(head, str):
+        args = (*head.encode().split(), *args[1:])
+    elif b" " in head:
+        args = (*head.split(), *args[1:])
+    items: Any = tuple(bytes(a) if isinstance(a, bytearray | memoryview) else a for a in args)
+    try:
+        packed: bytes = hiredis.pack_command(items)
+    except TypeError as exc:  # None, bool, ...: redis-py's error for what it cannot send
+        raise DataError(str(exc)) from exc
+    return packed
+
+
+_PACKED: dict[type, type] = {}
+
+
+def packed_connection_class(base: type) -> type:
+    """``base`` (a redis.asyncio connection class) packing its commands with hiredis, one
+    subclass per base, made once."""
+    if base not in _PACKED:
+
+        def pack_command(self: Any, *args: Any) -> list[bytes]:
+            return [_hiredis_pack(args)]
+
+        def pack_commands(self: Any, commands: Any) -> list[bytes]:
+            return [b"".join(_hiredis_pack(tuple(cmd)) for cmd in commands)]
+
+        methods = {"pack_command": pack_command, "pack_commands": pack_commands}
+        _PACKED[base] = type(f"Hiredis{base.__name__}", (base,), methods)
+    return _PACKED[base]
 
 
 def is_cluster(client: Any) -> bool:
