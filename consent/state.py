@@ -437,6 +437,13 @@ if tonumber(ARGV[1]) > cur then redis.call('SET', KEYS[1], ARGV[1]) end
 return 1
 """
 
+# One field of each key, in order (nil where a key lacks it): HMGET across keys.
+_FIELDS_LUA = """
+local out = {}
+for i = 1, #KEYS do out[i] = redis.call('HGET', KEYS[i], ARGV[1]) end
+return out
+"""
+
 
 class RedisConsentState:
     """The projection in Redis, shared by every replica (used when REDIS_URL is set)."""
@@ -448,6 +455,7 @@ class RedisConsentState:
         # a cluster: one apply call per slot (each key's move forward stands on its own)
         self.cluster = is_cluster(client)
         self._advance = client.register_script(_ADVANCE_LUA)
+        self._fields = client.register_script(_FIELDS_LUA)
         self._advance_from = client.register_script(_ADVANCE_FROM_LUA)
         self._encode = msgspec.json.Encoder().encode
         self._decode = msgspec.json.Decoder(StateEntry).decode
@@ -476,10 +484,14 @@ class RedisConsentState:
         """Which of ``identifiers`` are on the suppression list: one round trip, one field each."""
         if not identifiers:
             return set()
-        async with self.client.pipeline(transaction=False) as pipe:
-            for ident in identifiers:
-                pipe.hget(self._key(tenant, ident), ERASED_FLAG)
-            flags = await pipe.execute()
+        keys = [self._key(tenant, ident) for ident in identifiers]
+        if self.cluster:  # the keys fall in many slots: one HGET each, pipelined per node
+            async with self.client.pipeline(transaction=False) as pipe:
+                for key in keys:
+                    pipe.hget(key, ERASED_FLAG)
+                flags = await pipe.execute()
+        else:  # one command, however many identifiers (a batch names several hundred)
+            flags = await self._fields(keys=keys, args=[ERASED_FLAG])
         return {
             i
             for i, raw in zip(identifiers, flags, strict=True)

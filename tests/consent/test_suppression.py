@@ -17,10 +17,17 @@ from consent.db import migrate_consent
 from consent.state import RecordView, RedisConsentState, SqlConsentState
 from consent.suppression import SUPPRESSED_STEP
 from identity.db import make_engine
+from identity.redis_client import open_async_redis
 from tests.conftest import RedisNamespace
 
 
-@pytest.fixture(params=["sqlite", pytest.param("redis", marks=pytest.mark.redis)])
+@pytest.fixture(
+    params=[
+        "sqlite",
+        pytest.param("redis", marks=pytest.mark.redis),
+        pytest.param("cluster", marks=pytest.mark.redis),
+    ]
+)
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Any]:
     if request.param == "sqlite":
         engine = make_engine(f"sqlite:///{tmp_path / 'consent.sqlite3'}")
@@ -28,10 +35,9 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Any]:
         yield SqlConsentState(engine)
         engine.dispose()
         return
-    import redis.asyncio as aioredis
-
-    ns: RedisNamespace = request.getfixturevalue("redis_ns")
-    client = aioredis.from_url(ns.url)
+    # one server answers the check with one script; a cluster with one HGET per key
+    ns: RedisNamespace = request.getfixturevalue("redis_ns" if request.param == "redis" else "cluster_ns")
+    client = open_async_redis(ns.url)
     yield RedisConsentState(client, prefix=ns.prefix)
 
 
