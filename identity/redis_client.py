@@ -85,11 +85,15 @@ def _hiredis_pack(args: tuple[Any, ...]) -> bytes:
         args = (*head.encode().split(), *args[1:])
     elif b" " in head:
         args = (*head.split(), *args[1:])
-    items: Any = tuple(bytes(a) if isinstance(a, bytearray | memoryview) else a for a in args)
+    items: Any = args
     try:
         packed: bytes = hiredis.pack_command(items)
-    except TypeError as exc:  # None, bool, ...: redis-py's error for what it cannot send
-        raise DataError(str(exc)) from exc
+    except TypeError:  # buffers go as bytes; anything else (None, bool) is refused
+        items = tuple(bytes(a) if isinstance(a, bytearray | memoryview) else a for a in args)
+        try:
+            packed = hiredis.pack_command(items)
+        except TypeError as exc:
+            raise DataError(str(exc)) from exc
     return packed
 
 
