@@ -18,19 +18,26 @@ import redis.asyncio as aioredis
 
 from export.outbox import ClaimStatus, dedupe_key
 
-_CLAIM = """
-local out = {}
-for i, key in ipairs(KEYS) do
-  if redis.call('SET', key, 'p', 'NX', 'EX', ARGV[1]) then
-    out[i] = 1
-  elseif redis.call('GET', key) == 'p' then
-    out[i] = 2
-  else
-    out[i] = 0
+# claim(first, seconds): a pending mark on KEYS[first..] that have none; per key 1 (new),
+# 2 (pending: in flight) or 0 (confirmed: a duplicate). Also part of the outbox's script
+# that claims and measures the backlog in one call (export.redis_outbox).
+CLAIM_FUNCTION = """
+local function claim(first, seconds)
+  local out = {}
+  for i = first, #KEYS do
+    local key = KEYS[i]
+    if redis.call('SET', key, 'p', 'NX', 'EX', seconds) then
+      out[i - first + 1] = 1
+    elseif redis.call('GET', key) == 'p' then
+      out[i - first + 1] = 2
+    else
+      out[i - first + 1] = 0
+    end
   end
+  return out
 end
-return out
 """
+_CLAIM = CLAIM_FUNCTION + "return claim(1, ARGV[1])\n"
 
 
 DEFAULT_PREFIX = "idgate:dedupe"
@@ -41,6 +48,23 @@ def redis_dedupe_key(source: str, message_id: str, prefix: str = DEFAULT_PREFIX)
     # The hash tag keeps one source's keys in one cluster slot, so the claim script can
     # touch a whole batch at once.
     return f"{prefix}:{{{source}}}:{digest}"
+
+
+def claim_statuses(keys: Sequence[str], answers: Sequence[int | bytes]) -> list[ClaimStatus]:
+    """What the claim script's answers for ``keys`` mean. A message id twice in one call (a
+    batch, or requests run as one): a later copy is a duplicate of the first when that one
+    is new (the script saw its own pending mark: "in flight"), else whatever the first is.
+    The embedded outbox answers the same."""
+    statuses = [ClaimStatus(int(x)) for x in answers]
+    if len(set(keys)) < len(keys):
+        first: dict[str, ClaimStatus] = {}
+        for i, key in enumerate(keys):
+            if key not in first:
+                first[key] = statuses[i]
+            else:
+                status = first[key]
+                statuses[i] = ClaimStatus.DUPLICATE if status is ClaimStatus.NEW else status
+    return statuses
 
 
 class RedisDedupe:
@@ -64,21 +88,7 @@ class RedisDedupe:
     async def claim(self, keys: Sequence[str]) -> list[ClaimStatus]:
         if not keys:
             return []
-        result = await self._claim(keys=list(keys), args=[self.claim_seconds])
-        statuses = [ClaimStatus(int(x)) for x in result]
-        if len(set(keys)) < len(keys):
-            # A message id twice in one call (a batch, or requests run as one): a later copy
-            # is a duplicate of the first when that one is new (the script saw its own
-            # pending mark: "in flight"), else whatever the first is. The embedded outbox
-            # answers the same.
-            first: dict[str, ClaimStatus] = {}
-            for i, key in enumerate(keys):
-                if key not in first:
-                    first[key] = statuses[i]
-                else:
-                    status = first[key]
-                    statuses[i] = ClaimStatus.DUPLICATE if status is ClaimStatus.NEW else status
-        return statuses
+        return claim_statuses(keys, await self._claim(keys=list(keys), args=[self.claim_seconds]))
 
     async def confirm(self, keys: Sequence[str]) -> None:
         if not keys:

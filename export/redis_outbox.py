@@ -31,7 +31,7 @@ from typing import Any
 import msgspec
 import structlog
 
-from export.dedupe import RedisDedupe
+from export.dedupe import CLAIM_FUNCTION, RedisDedupe, claim_statuses
 from export.outbox import (
     Claim,
     ClaimStatus,
@@ -95,6 +95,17 @@ _MEASURE = (
     _BACKLOG
     + """
 return backlog(2, #KEYS - 1)
+"""
+)
+# KEYS: the appended counter, k acked counters, then the message-id keys to claim; ARGV: k,
+# the claim's seconds. One server only (on a cluster the claims lie in their sources' slots):
+# the claim and the backlog the bound is checked against, in one round trip.
+_CLAIM_AND_MEASURE = (
+    _BACKLOG
+    + CLAIM_FUNCTION
+    + """
+local k = tonumber(ARGV[1])
+return {backlog(2, k), claim(2 + k, ARGV[2])}
 """
 )
 # KEYS: the stream, then the acked counter of each destination; ARGV: the number of
@@ -190,6 +201,7 @@ class RedisStreamOutbox:
         self.accepting = True
         self._append_script = client.register_script(_APPEND)
         self._measure_script = client.register_script(_MEASURE)
+        self._claim_and_measure = client.register_script(_CLAIM_AND_MEASURE)
         self._purge_script = client.register_script(_PURGE)
 
     def close(self) -> None:
@@ -211,10 +223,19 @@ class RedisStreamOutbox:
         request when the new ones would take the backlog past the bound (checked again,
         atomically, by the append)."""
         keys = [self.dedupe.key(source, m) for m in message_ids]
-        statuses = await self.dedupe.claim(keys)
+        backlog: int | None = None
+        if self.max_pending and keys and not self.cluster:
+            counters = self._counter_keys()
+            measured, answers = await self._claim_and_measure(
+                keys=[*counters, *keys], args=[len(counters) - 1, self.dedupe.claim_seconds]
+            )
+            backlog, statuses = int(measured), claim_statuses(keys, answers)
+        else:
+            statuses = await self.dedupe.claim(keys)
         claim = Claim(statuses, [k for k, s in zip(keys, statuses, strict=True) if s is ClaimStatus.NEW])
         if self.max_pending and claim.keys:
-            backlog = await self.exact_backlog()
+            if backlog is None:
+                backlog = await self.exact_backlog()
             if backlog + len(claim.keys) > self.max_pending:
                 await self.dedupe.release(claim.keys)
                 raise OutboxFull(backlog, self.max_pending)
