@@ -47,6 +47,14 @@ class OutboxFull(Exception):
         self.retry_after = retry_after
 
 
+# The person index (which persons' data a destination holds: where deletion notices go, and
+# its retention clock) is written for a person at most this often per destination: its time
+# serves retention, which counts in days, and rewriting it for every event of a returning
+# person cost a write per event. Each destination's writer remembers up to this many persons.
+PERSON_REFRESH_MS = 10 * 60 * 1000
+PERSONS_REMEMBERED = 200_000
+
+
 class OutboxRecord(msgspec.Struct, frozen=True, array_like=True):  # compact in the Redis outbox
     tenant: str
     source: str

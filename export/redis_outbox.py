@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from typing import Any
 
 import msgspec
@@ -33,6 +33,8 @@ import structlog
 
 from export.dedupe import CLAIM_FUNCTION, RedisDedupe, claim_statuses
 from export.outbox import (
+    PERSON_REFRESH_MS,
+    PERSONS_REMEMBERED,
     Claim,
     ClaimStatus,
     DeliveryBatch,
@@ -181,8 +183,10 @@ class RedisStreamOutbox:
         dedupe_window_seconds: int = 24 * 3600,
         claim_idle_ms: int = 30_000,
         max_pending: int = 0,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.client = client  # redis.asyncio.Redis
+        self.clock = clock
         self.dedupe = dedupe
         self.max_pending = max_pending
         self.prefix = prefix
@@ -472,7 +476,8 @@ class RedisStreamOutbox:
             pipe = self.client.pipeline(transaction=True)
             pipe.srem(f"{self.home}:received:{destination}", *chunk)
             pipe.zrem(at_key, *chunk)
-            _, dropped = await pipe.execute()
+            pipe.incr(f"{self.home}:received-epoch:{destination}")
+            _, dropped, _ = await pipe.execute()
             removed += int(dropped)
         return removed
 
@@ -491,6 +496,12 @@ class RedisDestinationQueue:
         self.consumer = outbox.replica
         self._files_key = f"{outbox.home}:sinkfile:{destination}:{outbox.replica}"
         self._persons_key = f"{outbox.home}:received:{destination}"
+        # Moved on (INCR) by everything that takes persons out of the index, on any replica:
+        # a deletion's receipt, a retention run. While it stays where it was, the persons
+        # this queue noted are still in the index and need not be written again.
+        self._epoch_key = f"{outbox.home}:received-epoch:{destination}"
+        self._noted: dict[str, int] = {}  # person -> when this queue wrote them (ms)
+        self._noted_epoch: int | None = None
         self._own_pending = True
         self._next_claim = 0.0
         self._claim_cursor = "0-0"
@@ -549,26 +560,62 @@ class RedisDestinationQueue:
         persons: Iterable[str],
         released: Iterable[str] = (),
     ) -> None:
+        """One MULTI: acknowledge the batch, record the sink sizes, and note in the person
+        index (the set and its retention clock) the persons it sent data of, or forget those
+        a deletion's receipt ``released``.
+
+        A person this queue wrote less than ten minutes ago (as the embedded outbox) is not
+        written again, as long as nothing took anyone out of the index since (the epoch
+        key, read in the same MULTI): when something did, the persons skipped are written
+        again at once, so a person whose data just went out is always in the index."""
         ids = batch.token
         assert isinstance(ids, list)
+        now_ms = int(self.outbox.clock() * 1000)
+        forgotten = list(released)
+        # noted then released in the same MULTI would leave the person out: same as not noted
+        people = set(persons).difference(forgotten)
+        stale = now_ms - PERSON_REFRESH_MS
+        fresh = [p for p in people if self._noted.get(p, stale) <= stale]
+        skipped = people.difference(fresh)
         pipe = self.client.pipeline(transaction=True)
         if ids:
             pipe.xack(self.outbox.stream, self.destination, *ids)
             pipe.incrby(self.outbox.acked_key(self.destination), len(ids))
         if sink_files:
             pipe.hset(self._files_key, mapping=sink_files)
-        people = list(persons)
-        if people:
-            pipe.sadd(self._persons_key, *people)
-            now_ms = int(time.time() * 1000)
-            pipe.zadd(self.outbox.received_at_key(self.destination), dict.fromkeys(people, now_ms))
-        forgotten = list(released)
+        self._note(pipe, fresh, now_ms)
         if forgotten:
             # a person released by a deletion leaves the index and its retention clock
             pipe.srem(self._persons_key, *forgotten)
             pipe.zrem(self.outbox.received_at_key(self.destination), *forgotten)
-        if len(pipe):
-            await pipe.execute()
+            pipe.incr(self._epoch_key)
+        if not len(pipe) and not skipped:
+            return
+        pipe.get(self._epoch_key)
+        *_, epoch = await pipe.execute()
+        if self._noted_at(int(epoch or 0), fresh, now_ms) or not skipped:
+            return
+        # persons left the index since this queue noted the skipped ones: note them again
+        pipe = self.client.pipeline(transaction=True)
+        self._note(pipe, skipped, now_ms)
+        pipe.get(self._epoch_key)
+        *_, epoch = await pipe.execute()
+        self._noted_at(int(epoch or 0), skipped, now_ms)
+
+    def _note(self, pipe: Any, persons: Collection[str], now_ms: int) -> None:
+        if persons:
+            pipe.sadd(self._persons_key, *persons)
+            pipe.zadd(self.outbox.received_at_key(self.destination), dict.fromkeys(persons, now_ms))
+
+    def _noted_at(self, epoch: int, persons: Collection[str], now_ms: int) -> bool:
+        """Remember ``persons`` as written at ``epoch``; True when the epoch had not moved
+        (what was remembered before still holds), False when the memory was dropped."""
+        held = epoch == self._noted_epoch
+        if not held or len(self._noted) > PERSONS_REMEMBERED:
+            self._noted.clear()
+            self._noted_epoch = epoch
+        self._noted.update(dict.fromkeys(persons, now_ms))
+        return held
 
     async def commit_files(self, sink_files: dict[str, int]) -> None:
         if sink_files:

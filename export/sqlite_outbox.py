@@ -43,6 +43,8 @@ from rbloom import Bloom
 
 from export.dedupe import RedisDedupe
 from export.outbox import (
+    PERSON_REFRESH_MS,
+    PERSONS_REMEMBERED,
     Claim,
     ClaimStatus,
     DeliveryBatch,
@@ -75,12 +77,6 @@ GROUP_REQUESTS = Histogram(
 T = TypeVar("T")
 # rows one retention transaction deletes (short transactions: the writer is the event loop's)
 _RETENTION_CHUNK = 5_000
-# A person's row in the person index (delivered_person) is written again at most this often
-# per destination: its time serves retention, which counts in days, and rewriting it for
-# every event of a returning person cost one upsert per event.
-_PERSON_REFRESH_MS = 10 * 60 * 1000
-_PERSONS_REMEMBERED = 200_000
-
 # Marks the message ids a group confirms: a claimed id is inserted, or revived when its
 # earlier sighting has left the window (a sighting within the window keeps its time: the
 # window counts from the first). Keys are the 16-byte digests (export.outbox.dedupe_key).
@@ -658,9 +654,9 @@ class SqliteOutbox:
         told to delete (``released``); one transaction."""
         now_ms = int(self._clock() * 1000)
         written = self._persons_written.setdefault(destination, {})
-        if len(written) > _PERSONS_REMEMBERED:
+        if len(written) > PERSONS_REMEMBERED:
             written.clear()
-        stale = now_ms - _PERSON_REFRESH_MS
+        stale = now_ms - PERSON_REFRESH_MS
         fresh = [p for p in set(persons) if written.get(p, stale) <= stale]
         released = list(released)
 
