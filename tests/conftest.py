@@ -62,6 +62,7 @@ MARKERS_BY_FIXTURE: dict[str, tuple[str, ...]] = {
     "redis_ns": ("redis",),
     "redis_cluster": ("redis",),
     "cluster_ns": ("redis",),
+    "any_redis_ns": ("redis",),
     "pg_schema": ("postgres",),
     "nats_url": ("nats",),
     "miniprogram": ("node",),
@@ -639,6 +640,14 @@ def _ping(port: int) -> bool:
         return False
     finally:
         client.close()
+
+
+@pytest.fixture(params=["redis_ns", "cluster_ns"], ids=["server", "cluster"])
+def any_redis_ns(request: pytest.FixtureRequest) -> RedisNamespace:
+    """The test once on one Redis server and once on the Redis Cluster, for stores whose
+    calls differ between the two (a script per call on one server, per slot on a cluster)."""
+    ns: RedisNamespace = request.getfixturevalue(request.param)
+    return ns
 
 
 @pytest.fixture

@@ -25,18 +25,14 @@ def records(source: str, ids: list[str]) -> list[OutboxRecord]:
     return [OutboxRecord("t", source, m, 0, ("warehouse",), b'{"m":"%s"}' % m.encode()) for m in ids]
 
 
-@pytest.mark.redis
-@pytest.mark.parametrize("server", ["redis_ns", "cluster_ns"])
-def test_claim_answers_and_bound_on_one_server_and_on_a_cluster(
-    server: str, request: pytest.FixtureRequest
-) -> None:
-    ns: RedisNamespace = request.getfixturevalue(server)
+def test_claim_answers_and_bound_on_one_server_and_on_a_cluster(any_redis_ns: RedisNamespace) -> None:
+    ns = any_redis_ns
 
     async def main() -> None:
         client = open_async_redis(ns.url)
         dedupe = RedisDedupe(client, window_seconds=60, claim_seconds=30, prefix=f"{ns.prefix}:dedupe")
         outbox = RedisStreamOutbox(client, prefix=ns.prefix, replica="r1", dedupe=dedupe, max_pending=5)
-        assert outbox.cluster is (server == "cluster_ns")
+        assert outbox.cluster is ns.url.startswith("redis+cluster")
         await outbox.register_destinations(["warehouse"])
         try:
             first = await outbox.claim("web", ["m1", "m2", "m1"])

@@ -11,8 +11,6 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-import pytest
-
 from export.dedupe import RedisDedupe
 from export.outbox import DeliveryBatch
 from export.redis_outbox import RedisDestinationQueue, RedisStreamOutbox
@@ -30,12 +28,10 @@ def replica(client: Any, ns: RedisNamespace, name: str, clock: ManualClock) -> R
     return outbox.queue(DEST)
 
 
-@pytest.mark.redis
-@pytest.mark.parametrize("server", ["redis_ns", "cluster_ns"])
 def test_person_index_writes_a_returning_person_at_most_every_ten_minutes_unless_someone_left(
-    server: str, request: pytest.FixtureRequest
+    any_redis_ns: RedisNamespace,
 ) -> None:
-    ns: RedisNamespace = request.getfixturevalue(server)
+    ns = any_redis_ns
     clock = ManualClock(START)
 
     async def main() -> None:
