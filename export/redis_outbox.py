@@ -24,6 +24,7 @@ Entries every group has acknowledged are trimmed by ``prune``.
 from __future__ import annotations
 
 import re
+import secrets
 import time
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from typing import Any
@@ -588,19 +589,26 @@ class RedisDestinationQueue:
             # a person released by a deletion leaves the index and its retention clock
             pipe.srem(self._persons_key, *forgotten)
             pipe.zrem(self.outbox.received_at_key(self.destination), *forgotten)
-            pipe.incr(self._epoch_key)
         if not len(pipe) and not skipped:
             return
-        pipe.get(self._epoch_key)
-        *_, epoch = await pipe.execute()
-        if self._noted_at(int(epoch or 0), fresh, now_ms) or not skipped:
+        epoch = await self._execute_reading_epoch(pipe, moved=bool(forgotten))
+        if self._noted_at(epoch, fresh, now_ms) or not skipped:
             return
         # persons left the index since this queue noted the skipped ones: note them again
         pipe = self.client.pipeline(transaction=True)
         self._note(pipe, skipped, now_ms)
+        self._noted_at(await self._execute_reading_epoch(pipe, moved=False), skipped, now_ms)
+
+    async def _execute_reading_epoch(self, pipe: Any, *, moved: bool) -> int:
+        """Run the MULTI with the epoch read at its end (moved on first when ``moved``). A
+        missing epoch key starts at a random value: a Redis that lost its data (and with it
+        the index) shows another epoch than the one this queue remembers."""
+        pipe.set(self._epoch_key, secrets.randbelow(2**62) + 1, nx=True)
+        if moved:
+            pipe.incr(self._epoch_key)
         pipe.get(self._epoch_key)
         *_, epoch = await pipe.execute()
-        self._noted_at(int(epoch or 0), skipped, now_ms)
+        return int(epoch)
 
     def _note(self, pipe: Any, persons: Collection[str], now_ms: int) -> None:
         if persons:

@@ -81,6 +81,17 @@ def test_person_index_writes_a_returning_person_at_most_every_ten_minutes_unless
             assert await a.received(["p_a", "p_c"]) == {"p_c"}
             await deliver(a, "p_a")
             assert await a.received(["p_a"]) == {"p_a"}
+
+            # Redis lost its data (a restart without persistence), the index and the epoch
+            # with it, for a destination nothing was ever released from: a person noted a
+            # minute ago is written again at their next delivery
+            c = a.outbox.queue("archive")
+            await c.open()
+            await deliver(c, "p_a")
+            await client.delete(c._persons_key, c.outbox.received_at_key("archive"), c._epoch_key)
+            clock.now += 60
+            await deliver(c, "p_a")
+            assert await c.received(["p_a"]) == {"p_a"}
         finally:
             await client.aclose()
 
