@@ -55,6 +55,32 @@ PERSON_REFRESH_MS = 10 * 60 * 1000
 PERSONS_REMEMBERED = 200_000
 
 
+class NotedPersons:
+    """The persons one destination's writer put into the person index, and when (ms): a
+    person written less than ``PERSON_REFRESH_MS`` ago is not due again. Holds up to
+    ``PERSONS_REMEMBERED`` persons, then starts over."""
+
+    def __init__(self) -> None:
+        self._at: dict[str, int] = {}
+
+    def due(self, persons: Iterable[str], now_ms: int) -> list[str]:
+        """The ``persons`` to write now."""
+        stale = now_ms - PERSON_REFRESH_MS
+        return [p for p in persons if self._at.get(p, stale) <= stale]
+
+    def note(self, persons: Iterable[str], now_ms: int) -> None:
+        if len(self._at) > PERSONS_REMEMBERED:
+            self._at.clear()
+        self._at.update(dict.fromkeys(persons, now_ms))
+
+    def forget(self, persons: Iterable[str] | None = None) -> None:
+        """``persons`` left the index (every one noted: None)."""
+        if persons is None:
+            self._at.clear()
+        for p in persons or ():
+            self._at.pop(p, None)
+
+
 class OutboxRecord(msgspec.Struct, frozen=True, array_like=True):  # compact in the Redis outbox
     tenant: str
     source: str

@@ -34,11 +34,10 @@ import structlog
 
 from export.dedupe import CLAIM_FUNCTION, RedisDedupe, claim_statuses
 from export.outbox import (
-    PERSON_REFRESH_MS,
-    PERSONS_REMEMBERED,
     Claim,
     ClaimStatus,
     DeliveryBatch,
+    NotedPersons,
     OutboxFull,
     OutboxRecord,
     OutboxUnavailable,
@@ -429,6 +428,15 @@ class RedisStreamOutbox:
         return 0, 0
 
     # -- retention (export.retention) --------------------------------------------------
+    def received_key(self, destination: str) -> str:
+        """The person index: the persons whose data went to ``destination`` (a set)."""
+        return f"{self.home}:received:{destination}"
+
+    def received_epoch_key(self, destination: str) -> str:
+        """Moved on (INCR) by everything that takes persons out of ``destination``'s index,
+        on any replica: a deletion's receipt, a retention run."""
+        return f"{self.home}:received-epoch:{destination}"
+
     def received_at_key(self, destination: str) -> str:
         """When each person's data last went to ``destination`` (a sorted set beside the
         person index ``received:<destination>``, scored by ms)."""
@@ -475,9 +483,9 @@ class RedisStreamOutbox:
         for start in range(0, len(persons), 1000):
             chunk = persons[start : start + 1000]
             pipe = self.client.pipeline(transaction=True)
-            pipe.srem(f"{self.home}:received:{destination}", *chunk)
+            pipe.srem(self.received_key(destination), *chunk)
             pipe.zrem(at_key, *chunk)
-            pipe.incr(f"{self.home}:received-epoch:{destination}")
+            pipe.incr(self.received_epoch_key(destination))
             _, dropped, _ = await pipe.execute()
             removed += int(dropped)
         return removed
@@ -496,12 +504,11 @@ class RedisDestinationQueue:
         self.destination = destination
         self.consumer = outbox.replica
         self._files_key = f"{outbox.home}:sinkfile:{destination}:{outbox.replica}"
-        self._persons_key = f"{outbox.home}:received:{destination}"
-        # Moved on (INCR) by everything that takes persons out of the index, on any replica:
-        # a deletion's receipt, a retention run. While it stays where it was, the persons
-        # this queue noted are still in the index and need not be written again.
-        self._epoch_key = f"{outbox.home}:received-epoch:{destination}"
-        self._noted: dict[str, int] = {}  # person -> when this queue wrote them (ms)
+        self._persons_key = outbox.received_key(destination)
+        # While the epoch stays where it was, the persons this queue noted are still in the
+        # index and need not be written again.
+        self._epoch_key = outbox.received_epoch_key(destination)
+        self._noted = NotedPersons()
         self._noted_epoch: int | None = None
         self._own_pending = True
         self._next_claim = 0.0
@@ -575,8 +582,7 @@ class RedisDestinationQueue:
         forgotten = list(released)
         # noted then released in the same MULTI would leave the person out: same as not noted
         people = set(persons).difference(forgotten)
-        stale = now_ms - PERSON_REFRESH_MS
-        fresh = [p for p in people if self._noted.get(p, stale) <= stale]
+        fresh = self._noted.due(people, now_ms)
         skipped = people.difference(fresh)
         pipe = self.client.pipeline(transaction=True)
         if ids:
@@ -619,10 +625,10 @@ class RedisDestinationQueue:
         """Remember ``persons`` as written at ``epoch``; True when the epoch had not moved
         (what was remembered before still holds), False when the memory was dropped."""
         held = epoch == self._noted_epoch
-        if not held or len(self._noted) > PERSONS_REMEMBERED:
-            self._noted.clear()
+        if not held:
+            self._noted.forget()
             self._noted_epoch = epoch
-        self._noted.update(dict.fromkeys(persons, now_ms))
+        self._noted.note(persons, now_ms)
         return held
 
     async def commit_files(self, sink_files: dict[str, int]) -> None:

@@ -43,12 +43,11 @@ from rbloom import Bloom
 
 from export.dedupe import RedisDedupe
 from export.outbox import (
-    PERSON_REFRESH_MS,
-    PERSONS_REMEMBERED,
     Claim,
     ClaimStatus,
     DeliveryBatch,
     DeliveryState,
+    NotedPersons,
     OutboxFull,
     OutboxRecord,
     OutboxUnavailable,
@@ -262,8 +261,8 @@ class SqliteOutbox:
         self._reserved = 0
         self._cursors: dict[str, int] = {}
         self._written_top = 0
-        # destination -> person -> when its person-index row was last written (ms)
-        self._persons_written: dict[str, dict[str, int]] = {}
+        # destination -> the persons whose person-index rows it wrote, and when
+        self._persons_written: dict[str, NotedPersons] = {}
 
     # -- lifecycle -------------------------------------------------------------------
     def open(self) -> None:
@@ -653,11 +652,8 @@ class SqliteOutbox:
         data the destination now holds (notices go only where a person's data went) or was
         told to delete (``released``); one transaction."""
         now_ms = int(self._clock() * 1000)
-        written = self._persons_written.setdefault(destination, {})
-        if len(written) > PERSONS_REMEMBERED:
-            written.clear()
-        stale = now_ms - PERSON_REFRESH_MS
-        fresh = [p for p in set(persons) if written.get(p, stale) <= stale]
+        written = self._persons_written.setdefault(destination, NotedPersons())
+        fresh = written.due(set(persons), now_ms)
         released = list(released)
 
         def tx(conn: sqlite3.Connection) -> None:
@@ -684,9 +680,8 @@ class SqliteOutbox:
             )
 
         await self._write(tx)
-        written.update(dict.fromkeys(fresh, now_ms))
-        for p in released:
-            written.pop(p, None)
+        written.note(fresh, now_ms)
+        written.forget(released)
         self.note_cursor(destination, last_seq)
 
     async def received(self, destination: str, persons: Iterable[str]) -> set[str]:
