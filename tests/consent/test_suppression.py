@@ -24,8 +24,8 @@ from tests.conftest import RedisNamespace
 @pytest.fixture(
     params=[
         "sqlite",
-        pytest.param("redis", marks=pytest.mark.redis),
-        pytest.param("cluster", marks=pytest.mark.redis),
+        pytest.param("redis_ns", marks=pytest.mark.redis),
+        pytest.param("cluster_ns", marks=pytest.mark.redis),
     ]
 )
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Any]:
@@ -36,7 +36,7 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Any]:
         engine.dispose()
         return
     # one server answers the check with one script; a cluster with one HGET per key
-    ns: RedisNamespace = request.getfixturevalue("redis_ns" if request.param == "redis" else "cluster_ns")
+    ns: RedisNamespace = request.getfixturevalue(request.param)
     client = open_async_redis(ns.url)
     yield RedisConsentState(client, prefix=ns.prefix)
 
