@@ -452,6 +452,11 @@ class PhaseResult:
     host_cpu_pct: float = 0.0
     first_error: str | None = None
     delivery: dict[str, Any] | None = field(default=None)
+    server_cpu_at_start: float = 0.0  # the server's CPU seconds when the load started
+    # the server's CPU seconds from the start of the load until the sinks held every
+    # acknowledged event: ingest and delivery of this phase's events (gateway phases)
+    server_cpu_s_e2e: float | None = None
+    events_e2e: int = 0  # the phase's events in the sinks at that moment (>= events)
 
     @property
     def rps(self) -> float:
@@ -473,8 +478,18 @@ class PhaseResult:
             return None
         return self.sink_events / self.sent_events
 
+    @property
+    def cpu_us_per_event(self) -> float | None:
+        """The server's CPU per acknowledged event end to end (ingest, durable outbox,
+        delivery to the sinks), in microseconds; None when delivery never caught up."""
+        if self.server_cpu_s_e2e is None or not self.events_e2e:
+            return None
+        return 1e6 * self.server_cpu_s_e2e / self.events_e2e
+
     def summary(self) -> dict[str, Any]:
         d = asdict(self)
+        us = self.cpu_us_per_event
+        d["cpu_us_per_event"] = None if us is None else round(us, 1)
         d["requests_per_s"] = round(self.rps, 1)
         d["events_per_s"] = round(self.eps, 1)
         d["sent_events"] = self.sent_events
@@ -794,8 +809,15 @@ class SinkCounter:
         return self.lines
 
 
-def wait_delivery(counter: SinkCounter, expected: int, load_ended: float, max_extra: int) -> dict[str, Any]:
-    """Wait until the sinks hold ``expected`` lines, then until they stop growing."""
+def wait_delivery(
+    counter: SinkCounter,
+    expected: int,
+    load_ended: float,
+    max_extra: int,
+    on_reached: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
+    """Wait until the sinks hold ``expected`` lines (``on_reached`` is called then, with the
+    count), then until they stop growing."""
     at_end = counter.count()
     deadline = load_ended + DELIVERY_TIMEOUT_S
     reached: float | None = None
@@ -807,6 +829,8 @@ def wait_delivery(counter: SinkCounter, expected: int, load_ended: float, max_ex
             last, last_change = n, now
         if reached is None and n >= expected:
             reached = now
+            if on_reached is not None:
+                on_reached(n)
         # Requests still in flight when the load generator stopped may be stored after it
         # stopped counting: wait for the count to settle before the next phase.
         if reached is not None and now - last_change >= 1.0:
@@ -829,6 +853,7 @@ def wait_delivery(counter: SinkCounter, expected: int, load_ended: float, max_ex
 def run_phase(server: Server, res: PhaseResult, args: argparse.Namespace, tmp: Path) -> float:
     """Runs one phase; returns the monotonic time the load ended."""
     cpu0, busy0 = proc_cpu_seconds(server.proc.pid), host_cpu()
+    res.server_cpu_at_start = cpu0
     self0 = resource.getrusage(resource.RUSAGE_SELF)
     kids0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     wall0 = time.monotonic()
@@ -963,8 +988,17 @@ def gateway_phase(
     before = counter.count()
     print(f"running {res.scenario} for {args.duration:g} s ...", file=sys.stderr)
     ended = run_phase(server, res, args, tmp)
+
+    def caught_up(in_sinks: int) -> None:
+        res.server_cpu_s_e2e = proc_cpu_seconds(server.proc.pid) - res.server_cpu_at_start
+        res.events_e2e = in_sinks - before
+
     res.delivery = wait_delivery(
-        counter, before + res.events, ended, max_extra=args.connections * res.events_per_request
+        counter,
+        before + res.events,
+        ended,
+        max_extra=args.connections * res.events_per_request,
+        on_reached=caught_up,
     )
     res.sink_events = res.delivery["delivered"] - before
 
@@ -1044,6 +1078,12 @@ def print_delivery(results: list[PhaseResult]) -> bool | None:
         )
         if d["unacknowledged_extra"] and d["extra_within_bound"]:
             print("  (extra: requests in flight when the load generator stopped, stored, not acknowledged)")
+        us = r.cpu_us_per_event
+        if us is not None:
+            print(
+                f"  server CPU {us:,.0f} us per event end to end (from the load's start until the sinks "
+                f"held them all): with all {NCPU} cores busy, at most {NCPU * 1e6 / us:,.0f} events/s"
+            )
     return delivery_ok
 
 
@@ -1107,6 +1147,21 @@ def end_to_end(res: PhaseResult) -> tuple[float | None, bool | None]:
     return res.events / (res.elapsed_s + d["lag_s"]), d["backlog_at_load_end"] <= res.eps
 
 
+def cpu_ceiling(res: PhaseResult) -> str:
+    """What the phase's CPU per event allows on this machine: the rate with every core busy
+    on this gateway's work alone, however the work were spread over processes."""
+    us = res.cpu_us_per_event
+    if us is None:
+        return "CPU per event unknown: delivery never caught up"
+    return f"{us:,.0f} us of server CPU per event: at most {NCPU * 1e6 / us:,.0f}/s on {NCPU} busy cores"
+
+
+def bare_cpu_per_request(bare: PhaseResult) -> str:
+    if not bare.rps:
+        return "no request answered"
+    return f"{1e4 * bare.server_cpu_pct / bare.rps:,.0f} us of CPU per request"
+
+
 def print_targets(
     results: list[PhaseResult], consent_results: list[PhaseResult], grants: dict[str, Any] | None
 ) -> dict[str, Any]:
@@ -1137,7 +1192,7 @@ def print_targets(
                 f"batches of {BATCH_SIZE} end to end >= {TARGET_BATCH_EVENTS_PER_S:,} events/s, "
                 "backlog at load end < 1 s of ingest",
                 f"{fmt(e2e, ',.0f')} events/s ({full.scenario}: ingest {full.eps:,.0f}/s, backlog "
-                f"{fmt(backlog, ',')})",
+                f"{fmt(backlog, ',')}; {cpu_ceiling(full)})",
                 f"{bare_batch.eps:,.0f} events/s" if bare_batch else "not run",
                 met,
             )
@@ -1148,8 +1203,8 @@ def print_targets(
         rows.append(
             (
                 f"single events >= {TARGET_SINGLE_RATIO:.0%} of bare",
-                f"{gw_single.rps:,.0f} req/s = {100 * ratio:.1f} %",
-                f"{bare_single.rps:,.0f} req/s",
+                f"{gw_single.rps:,.0f} req/s = {100 * ratio:.1f} % ({cpu_ceiling(gw_single)})",
+                f"{bare_single.rps:,.0f} req/s ({bare_cpu_per_request(bare_single)})",
                 ratio >= TARGET_SINGLE_RATIO and not gw_single.non2xx,
             )
         )
