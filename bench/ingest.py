@@ -486,6 +486,13 @@ class PhaseResult:
             return None
         return 1e6 * self.server_cpu_s_e2e / self.events_e2e
 
+    @property
+    def cpu_bound_per_s(self) -> float | None:
+        """The events/s that CPU per event allows with every core of the machine busy on
+        it: a ceiling no spreading of the same work over processes could pass."""
+        us = self.cpu_us_per_event
+        return None if us is None else NCPU * 1e6 / us
+
     def summary(self) -> dict[str, Any]:
         d = asdict(self)
         us = self.cpu_us_per_event
@@ -1078,11 +1085,11 @@ def print_delivery(results: list[PhaseResult]) -> bool | None:
         )
         if d["unacknowledged_extra"] and d["extra_within_bound"]:
             print("  (extra: requests in flight when the load generator stopped, stored, not acknowledged)")
-        us = r.cpu_us_per_event
-        if us is not None:
+        us, bound = r.cpu_us_per_event, r.cpu_bound_per_s
+        if us is not None and bound is not None:
             print(
                 f"  server CPU {us:,.0f} us per event end to end (from the load's start until the sinks "
-                f"held them all): with all {NCPU} cores busy, at most {NCPU * 1e6 / us:,.0f} events/s"
+                f"held them all): with all {NCPU} cores busy, at most {bound:,.0f} events/s"
             )
     return delivery_ok
 
@@ -1148,12 +1155,11 @@ def end_to_end(res: PhaseResult) -> tuple[float | None, bool | None]:
 
 
 def cpu_ceiling(res: PhaseResult) -> str:
-    """What the phase's CPU per event allows on this machine: the rate with every core busy
-    on this gateway's work alone, however the work were spread over processes."""
-    us = res.cpu_us_per_event
-    if us is None:
+    """What the phase's CPU per event allows on this machine (``cpu_bound_per_s``)."""
+    us, bound = res.cpu_us_per_event, res.cpu_bound_per_s
+    if us is None or bound is None:
         return "CPU per event unknown: delivery never caught up"
-    return f"{us:,.0f} us of server CPU per event: at most {NCPU * 1e6 / us:,.0f}/s on {NCPU} busy cores"
+    return f"{us:,.0f} us of server CPU per event: at most {bound:,.0f}/s on {NCPU} busy cores"
 
 
 def bare_cpu_per_request(bare: PhaseResult) -> str:
